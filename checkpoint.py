@@ -1,0 +1,165 @@
+"""Run directories and checkpoints.
+
+A run writes into <checkpoint_dir>/run_YYYYMMDD_HHMMSS/, created only when the first checkpoint
+is saved. Every file is written to a temporary name in the same folder, fsynced and renamed, so a
+crash leaves each checkpoint either complete or absent. Checkpoints hold only tensors, numbers,
+strings, lists and dicts, and are read with torch.load(weights_only=True): loading one cannot run
+code.
+"""
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+PROJECT_VERSION = "0.1.0"
+CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def atomic_write(path: Path, write):
+    """Call write(file) on a temporary file next to path, fsync it, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def checkpoints_in(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary files are never matched)."""
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(spec: str, checkpoint_dir: str) -> Path:
+    """training.resume_from_checkpoint: a checkpoint file, a run directory (its newest
+    checkpoint) or `latest` (the newest checkpoint of the newest run in checkpoint_dir)."""
+    if spec == "latest":
+        root = Path(checkpoint_dir)
+        runs = sorted(p for p in root.glob("run_*") if p.is_dir() and checkpoints_in(p)) if root.is_dir() else []
+        if not runs:
+            raise CheckpointError(f"training.resume_from_checkpoint: latest: no run with a "
+                                  f"checkpoint in {root}/")
+        return checkpoints_in(runs[-1])[-1]
+    path = Path(spec)
+    if path.is_dir():
+        found = checkpoints_in(path)
+        if not found:
+            raise CheckpointError(f"training.resume_from_checkpoint: {path} holds no "
+                                  f"checkpoint_<step>.pt")
+        return found[-1]
+    if not path.is_file():
+        raise CheckpointError(f"training.resume_from_checkpoint: {path} does not exist; give a "
+                              f"checkpoint file, a run directory or `latest`")
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holds code
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first})")
+    missing = [k for k in ("model", "model_config", "step") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (missing {', '.join(missing)})")
+    ckpt["model"] = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    return ckpt
+
+
+def model_config_mismatch(ckpt_model_config: dict, model_config: dict, path) -> None:
+    differing = [f"{k}: checkpoint {ckpt_model_config.get(k)!r}, config {v!r}"
+                 for k, v in model_config.items()
+                 if k != "dropout" and ckpt_model_config.get(k) != v]
+    if differing:
+        raise CheckpointError(f"{path}: the checkpoint is from a different model shape; set "
+                              f"model.* to match it or start a new run. Differences: "
+                              + "; ".join(differing))
+
+
+def flat_diff(old: dict, new: dict, ignore=()) -> list[str]:
+    lines = []
+    for section in new:
+        for key, value in new[section].items():
+            before = old.get(section, {}).get(key)
+            if f"{section}.{key}" not in ignore and before != value:
+                lines.append(f"{section}.{key}: {before!r} -> {value!r}")
+    return lines
+
+
+class RunDir:
+    """The run's folder, created lazily by the first save(). Metrics logged before it exists are
+    kept in memory and written when it is created."""
+
+    def __init__(self, checkpoint_dir: str, path: Path | None = None):
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.name = time.strftime("run_%Y%m%d_%H%M%S")
+        self.path = path
+        self.pending = []
+
+    def log(self, record: dict):
+        if self.path is None:
+            self.pending.append(record)
+        else:
+            self._append_metrics([record])
+
+    def _append_metrics(self, records):
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _create(self, config_yaml: str):
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 1000):
+            path = self.checkpoint_dir / (self.name if n == 1 else f"{self.name}_{n}")
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                continue
+        self.path = path
+        atomic_write(path / "config.yaml", lambda f: f.write(config_yaml.encode()))
+
+    def save(self, step: int, state: dict, config_yaml: str) -> Path:
+        try:
+            if self.path is None:
+                self._create(config_yaml)
+            if self.pending:
+                self._append_metrics(self.pending)
+                self.pending = []
+            target = self.path / f"checkpoint_{step}.pt"
+            atomic_write(target, lambda f: torch.save(state, f))
+        except OSError as e:
+            raise CheckpointError(f"cannot write checkpoint for step {step} in "
+                                  f"{self.path or self.checkpoint_dir}: {e.strerror or e}; "
+                                  f"earlier checkpoints are intact")
+        return target
+
+    def record_resumed_config(self, step: int, config: dict, config_yaml: str) -> list[str]:
+        """Keep the run's original config.yaml; if the resumed config differs, save it beside
+        as config_resume_<step>.yaml and return the differences."""
+        import yaml
+        original_path = self.path / "config.yaml"
+        original = yaml.safe_load(original_path.read_text()) if original_path.exists() else {}
+        diff = flat_diff(original or {}, config, ignore=("training.resume_from_checkpoint",))
+        if diff:
+            atomic_write(self.path / f"config_resume_{step}.yaml", lambda f: f.write(config_yaml.encode()))
+        return diff

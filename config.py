@@ -1,0 +1,293 @@
+"""Typed configuration: dataclasses, strict YAML loading, command-line overrides.
+
+Every problem in a config file is reported at once, one line each, as
+`<section.key>: <what is wrong>`; train.py prints them and exits with status 2.
+"""
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 6
+    n_embd: int = 256
+    dropout: float = 0.1
+    n_head: int = 4
+    mlp_internal_dim_multiplier: int = 128
+    vocab_size: int = 256
+
+
+@dataclass
+class TrainingConfig:
+    block_size: int = 512
+    batch_size: int = 8
+    max_iters: int = 3000
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.1
+    log_freq: int = 100
+    test_freq: int = 500
+    checkpoint_freq: int = 500
+    checkpoint_dir: str = "checkpoints"
+    resume_from_checkpoint: typing.Optional[str] = None
+    debug: bool = False
+    warmup_iters: int = 100
+    min_lr: float = 1e-4
+    grad_clip: float = 1.0
+    gradient_accumulation_steps: int = 1
+    eval_iters: int = 20
+    seed: int = 1337
+    device: str = "auto"
+    compile: typing.Union[bool, str] = "auto"
+
+
+@dataclass
+class DataloaderConfig:
+    num_workers: int = 2
+    pin_memory: bool = True
+    prefetch_factor: int = 2
+
+
+@dataclass
+class DatasetConfig:
+    parquet_dir: str = "data/stdlib"
+    max_cached_files: int = 8
+    text_column: str = "text"
+    val_fraction: float = 0.05
+
+
+@dataclass
+class LowPrecisionConfig:
+    use_fp8: bool = False
+    use_4bit: bool = False
+    use_4bit_optimizer: bool = False
+    quantization_type: str = "nf4"
+    use_double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+
+
+@dataclass
+class FP8Config:
+    format: str = "hybrid"
+    amax_history_len: int = 16
+    amax_compute_algo: str = "max"
+
+
+CHOICES = {
+    "training.device": ("auto", "cpu", "cuda", "mps"),
+    "low_precision.quantization_type": ("nf4", "fp4"),
+    "low_precision.compute_dtype": ("bfloat16", "float16", "float32"),
+    "fp8.format": ("hybrid", "e4m3"),
+    "fp8.amax_compute_algo": ("max", "most_recent"),
+}
+POSITIVE = (
+    "model.n_layer", "model.n_embd", "model.n_head", "model.mlp_internal_dim_multiplier",
+    "model.vocab_size", "training.block_size", "training.batch_size", "training.max_iters",
+    "training.learning_rate", "training.log_freq", "training.test_freq",
+    "training.checkpoint_freq", "training.gradient_accumulation_steps", "training.eval_iters",
+    "dataloader.prefetch_factor", "dataset.max_cached_files", "fp8.amax_history_len",
+)
+NON_NEGATIVE = ("training.weight_decay", "training.warmup_iters", "training.min_lr",
+                "training.grad_clip", "training.seed", "dataloader.num_workers")
+NOT_YET_IMPLEMENTED = ("low_precision.use_fp8", "low_precision.use_4bit",
+                       "low_precision.use_4bit_optimizer")
+DEFAULT_SAMPLE_DIR = DatasetConfig.parquet_dir
+
+# PyYAML (YAML 1.1) reads 1e-3 and 1.0e5 as strings; a float field accepts exactly these.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+class ConfigError(Exception):
+    """One or more configuration problems; .problems holds one line per problem."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    dataloader: DataloaderConfig = field(default_factory=DataloaderConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    low_precision: LowPrecisionConfig = field(default_factory=LowPrecisionConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+
+    @classmethod
+    def from_yaml(cls, path, overrides=()) -> "Config":
+        """Load `path`, apply `section.key=value` overrides, validate; raises ConfigError."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError([f"{path}: config file not found; pass an existing file with --config"])
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError([f"{path}: cannot read config file: {e}"])
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError([f"{where}: YAML syntax error: {problem}"])
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping of sections "
+                               f"({', '.join(_sections())}), got {type(raw).__name__}"])
+        return cls.from_dict(raw, overrides)
+
+    @classmethod
+    def from_dict(cls, raw: dict, overrides=()) -> "Config":
+        raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+        problems = []
+        for item in overrides:
+            problems += _apply_override(raw, item)
+        sections = {}
+        for name, value in raw.items():
+            if name not in _sections():
+                problems.append(f"{name}: unknown section"
+                                + _suggest(str(name), list(_sections()) + _all_paths(), _sections()))
+            elif value is not None and not isinstance(value, dict):
+                problems.append(f"{name}: must be a mapping of keys, got {type(value).__name__} {value!r}")
+        for name, section_cls in _sections().items():
+            values, section_problems = _build_section(name, section_cls, raw.get(name) or {})
+            problems += section_problems
+            sections[name] = section_cls(**values)
+        config = cls(**sections)
+        reported = {p.split(":", 1)[0] for p in problems}
+        problems += [p for p in config._check_values() if p.split(":", 1)[0] not in reported]
+        if problems:
+            raise ConfigError(problems)
+        return config
+
+    def _check_values(self):
+        problems = []
+        for path in POSITIVE:
+            if self._get(path) <= 0:
+                problems.append(f"{path}: must be > 0, got {self._get(path)}")
+        for path in NON_NEGATIVE:
+            if self._get(path) < 0:
+                problems.append(f"{path}: must be >= 0, got {self._get(path)}")
+        for path, allowed in CHOICES.items():
+            if self._get(path) not in allowed:
+                problems.append(f"{path}: must be one of {', '.join(allowed)}; got {self._get(path)!r}")
+        m, t = self.model, self.training
+        if not 0 <= m.dropout < 1:
+            problems.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+        if m.n_head > 0 and (m.n_embd * m.mlp_internal_dim_multiplier) % m.n_head:
+            problems.append(f"model.n_head: n_embd * mlp_internal_dim_multiplier = "
+                            f"{m.n_embd * m.mlp_internal_dim_multiplier} must be divisible by "
+                            f"n_head = {m.n_head}")
+        elif m.n_head > 0 and (m.n_embd * m.mlp_internal_dim_multiplier // m.n_head) % 2:
+            problems.append("model.mlp_internal_dim_multiplier: the latent size n_embd * "
+                            "mlp_internal_dim_multiplier / n_head must be even (RoPE rotates pairs)")
+        if m.vocab_size < 256:
+            problems.append(f"model.vocab_size: tokens are bytes 0..255, so it must be >= 256, "
+                            f"got {m.vocab_size}")
+        if t.min_lr > t.learning_rate:
+            problems.append(f"training.min_lr: must be <= training.learning_rate "
+                            f"({t.learning_rate}), got {t.min_lr}")
+        if isinstance(t.compile, str) and t.compile != "auto":
+            problems.append(f"training.compile: must be true, false or auto; got {t.compile!r}")
+        if not 0 < self.dataset.val_fraction < 1:
+            problems.append(f"dataset.val_fraction: must be in (0, 1), got {self.dataset.val_fraction}")
+        for path in NOT_YET_IMPLEMENTED:
+            if self._get(path):
+                problems.append(f"{path}: not implemented yet in this version (it would be "
+                                f"silently ignored); set it to false")
+        return problems
+
+    def _get(self, path):
+        section, key = path.split(".")
+        return getattr(getattr(self, section), key)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def to_bdh_config(self):
+        from model import BDHConfig
+        return BDHConfig(**dataclasses.asdict(self.model))
+
+
+def _sections():
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def _all_paths():
+    return [f"{name}.{f.name}" for name, cls in _sections().items() for f in dataclasses.fields(cls)]
+
+
+def _suggest(name, candidates, known):
+    moved = [c for c in candidates if c.split(".")[-1] == name.split(".")[-1] and c != name]
+    match = moved or difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else f"; known: {', '.join(known)}"
+
+
+def _apply_override(raw, item):
+    """Apply one `section.key=value` override (value parsed as a YAML scalar) to raw."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        return [f"{item}: an override must look like section.key=value "
+                f"(for example training.batch_size=16)"]
+    path, text = item.split("=", 1)
+    section, key = path.split(".", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    if section in raw and not isinstance(raw[section], dict):
+        return [f"{section}: must be a mapping of keys"]
+    raw.setdefault(section, {})
+    if raw[section] is None:
+        raw[section] = {}
+    raw[section][key] = value
+    return []
+
+
+def _build_section(name, section_cls, values):
+    if not isinstance(values, dict):
+        return {}, []  # reported by the caller
+    known = {f.name: f for f in dataclasses.fields(section_cls)}
+    hints = typing.get_type_hints(section_cls)
+    result, problems = {}, []
+    for key, value in values.items():
+        path = f"{name}.{key}"
+        if key not in known:
+            problems.append(f"{path}: unknown key" + _suggest(path, _all_paths(), known))
+            continue
+        ok, converted, expected = _check_type(value, hints[key])
+        if ok:
+            result[key] = converted
+        else:
+            problems.append(f"{path}: expected {expected}, got {type(value).__name__} {value!r}")
+    return result, problems
+
+
+def _check_type(value, hint):
+    """(ok, value, expected type name). Strict: no str->number, no bool->number coercion."""
+    if hint is bool:
+        return isinstance(value, bool), value, "bool (true or false)"
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value, "int"
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value), "float"
+        if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
+            return True, float(value), "float"
+        return False, value, "float"
+    if hint is str:
+        return isinstance(value, str), value, "str"
+    if hint == typing.Optional[str]:
+        return value is None or isinstance(value, str), value, "str or null"
+    if hint == typing.Union[bool, str]:
+        return isinstance(value, (bool, str)), value, "true, false or auto"
+    raise TypeError(f"unsupported config type {hint}")

@@ -1,0 +1,402 @@
+"""Streaming byte-level data from parquet shards.
+
+Layout: every `*.parquet` file under dataset.parquet_dir (recursively, sorted), one string
+column (dataset.text_column) holding one document per row: the Hugging Face datasets layout.
+
+Tokens are the UTF-8 bytes of each document. Each document is followed by the separator byte
+0x00 (SEPARATOR), which also serves as "start of document" when sampling without a prompt.
+Null and empty documents are skipped; invalid UTF-8 is taken byte for byte.
+
+A unit of work is one (file, row group). Each epoch the units are shuffled from the seed and the
+epoch number, then dealt to the (rank, worker) readers, balancing their bytes; together the
+readers cover every unit exactly once per epoch. A reader joins its documents into one stream and
+cuts windows of block_size + 1 tokens with stride block_size (consecutive windows share one token,
+so every token is a target exactly once). Windows are shuffled within each unit and packed into
+batches. Nothing is padded or truncated; per reader and epoch only the tail that does not fill a
+last batch is dropped.
+
+Train/validation split: each document goes to validation with probability dataset.val_fraction,
+decided by a hash of (seed, file, row group, row): fixed by the seed, independent of workers.
+
+    python data.py --from-text FILE [FILE ...] --out DIR   # text files -> parquet shards
+    python data.py --bench [--config X] [overrides]         # loader throughput
+"""
+import argparse
+import hashlib
+import itertools
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+SEPARATOR = 0
+TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary(), pa.string_view())
+
+
+class DataError(Exception):
+    """A problem with the user's data, with a one-line message naming the file."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    path: str
+    row_group: int
+    num_rows: int
+    num_bytes: int
+    file_key: int  # hash of the path relative to parquet_dir: seeds the split and the shuffle
+
+
+def list_units(parquet_dir, text_column: str) -> list[Unit]:
+    """Validate every shard's footer and schema up front and list its (file, row group) units."""
+    root = Path(parquet_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset.parquet_dir does not exist or is not a directory; "
+                        f"create it with `python data.py --from-text FILE --out {root}`")
+    files = sorted(p for p in root.rglob("*.parquet") if p.is_file())
+    if not files:
+        raise DataError(f"{root}: no .parquet files found (searched recursively); "
+                        f"convert text with `python data.py --from-text FILE --out {root}`")
+    units = []
+    for path in files:
+        try:
+            meta = pq.read_metadata(path)
+            schema = pq.read_schema(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable parquet file ({_first_line(e)}); "
+                            f"remove or re-create it")
+        if text_column not in schema.names:
+            raise DataError(f"{path}: no column {text_column!r}; columns are {schema.names}; "
+                            f"set dataset.text_column to one of them")
+        column_type = schema.field(text_column).type
+        if column_type not in TEXT_TYPES:
+            raise DataError(f"{path}: column {text_column!r} has type {column_type}, expected a "
+                            f"string column")
+        relative = path.relative_to(root).as_posix().encode()
+        file_key = int.from_bytes(hashlib.blake2b(relative, digest_size=8).digest(), "little")
+        for rg in range(meta.num_row_groups):
+            info = meta.row_group(rg)
+            if info.num_rows:
+                units.append(Unit(str(path), rg, info.num_rows, info.total_byte_size, file_key))
+    if not units:
+        raise DataError(f"{root}: the parquet files hold no rows")
+    return units
+
+
+class ParquetFileCache:
+    """Keeps at most `capacity` parquet files open; the least recently used is closed first."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.files = OrderedDict()
+
+    def get(self, path: str) -> pq.ParquetFile:
+        if path in self.files:
+            self.files.move_to_end(path)
+            return self.files[path]
+        while len(self.files) >= self.capacity:
+            _, oldest = self.files.popitem(last=False)
+            oldest.close()
+        self.files[path] = pq.ParquetFile(path)
+        return self.files[path]
+
+    def close(self):
+        while self.files:
+            self.files.popitem()[1].close()
+
+
+def validation_mask(unit: Unit, seed: int, fraction: float):
+    """Which rows of a unit belong to validation: a splitmix64 hash of (seed, file, rg, row)."""
+    with np.errstate(over="ignore"):
+        h = (np.uint64(unit.file_key) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
+             ^ (np.uint64(unit.row_group) << np.uint64(40))) + np.arange(unit.num_rows, dtype=np.uint64)
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        h = h ^ (h >> np.uint64(31))
+    return (h >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
+
+
+def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
+                     seed: int, val_fraction: float) -> np.ndarray:
+    """The unit's documents of `split`, each followed by SEPARATOR, as one uint8 array."""
+    try:
+        table = cache.get(unit.path).read_row_group(unit.row_group, columns=[text_column])
+        docs = table.column(0).combine_chunks().cast(pa.large_binary())
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{unit.path}: row group {unit.row_group} cannot be read "
+                        f"({_first_line(e)}); the file is corrupt or truncated: re-create it")
+    in_split = validation_mask(unit, seed, val_fraction)
+    if split == "train":
+        in_split = ~in_split
+    keep = pc.and_(pc.and_(pc.is_valid(docs), pc.greater(pc.binary_length(docs), 0)),
+                   pa.array(in_split))
+    docs = pc.filter(docs, keep)
+    if len(docs) == 0:
+        return np.empty(0, dtype=np.uint8)
+    offsets = np.frombuffer(docs.buffers()[1], dtype=np.int64)[docs.offset:docs.offset + len(docs) + 1]
+    data = np.frombuffer(docs.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+    ends = offsets[1:] - offsets[0] + np.arange(len(docs))  # where each separator lands
+    out = np.empty(len(data) + len(docs), dtype=np.uint8)
+    is_text = np.ones(len(out), dtype=bool)
+    is_text[ends] = False
+    out[is_text] = data
+    out[ends] = SEPARATOR
+    return out
+
+
+def assign_units(units: list[Unit], epoch: int, seed: int, n_readers: int, shuffle: bool):
+    """Deal the units to n_readers: shuffled per epoch, each next unit to the least loaded reader."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else range(len(units))
+    loads, assigned = [0] * n_readers, [[] for _ in range(n_readers)]
+    for i in order:
+        reader = loads.index(min(loads))
+        assigned[reader].append(units[i])
+        loads[reader] += units[i].num_bytes
+    return assigned
+
+
+class ParquetBatches(IterableDataset):
+    """Yields (x, y) int64 batches of shape (batch_size, block_size). Train: endless epochs,
+    shuffled. Validation: one pass in file order, unshuffled."""
+
+    def __init__(self, units, split, block_size, batch_size, seed, val_fraction, text_column,
+                 max_cached_files, rank=0, world_size=1):
+        self.units, self.split = units, split
+        self.block_size, self.batch_size = block_size, batch_size
+        self.seed, self.val_fraction, self.text_column = seed, val_fraction, text_column
+        self.max_cached_files = max_cached_files
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self):
+        worker = get_worker_info()
+        num_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        reader = self.rank * num_workers + worker_id
+        n_readers = self.world_size * num_workers
+        cache = ParquetFileCache(self.max_cached_files)
+        try:
+            for epoch in itertools.count() if self.split == "train" else [0]:
+                yield from self.epoch_batches(cache, reader, n_readers, epoch)
+        finally:
+            cache.close()
+
+    def epoch_batches(self, cache, reader, n_readers, epoch):
+        """One epoch of one reader: its units, joined into a stream, cut into windows."""
+        T, B, train = self.block_size, self.batch_size, self.split == "train"
+        units = assign_units(self.units, epoch, self.seed, n_readers, shuffle=train)[reader]
+        carry = np.empty(0, dtype=np.uint8)
+        pending = []
+        for unit in units:
+            tokens = read_unit_tokens(cache, unit, self.text_column, self.split, self.seed,
+                                      self.val_fraction)
+            stream = np.concatenate([carry, tokens])
+            n_windows = max(0, (len(stream) - 1) // T)
+            carry = stream[n_windows * T:]
+            if n_windows == 0:
+                continue
+            windows = np.lib.stride_tricks.sliding_window_view(stream, T + 1)[::T][:n_windows]
+            if train:
+                rng = np.random.default_rng([self.seed, epoch, unit.file_key, unit.row_group])
+                windows = windows[rng.permutation(n_windows)]
+            pending.extend(windows)
+            while len(pending) >= B:
+                batch = torch.from_numpy(np.stack(pending[:B]).astype(np.int64))
+                del pending[:B]
+                yield batch[:, :-1], batch[:, 1:]
+
+
+def _ignore_sigint(_worker_id):
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides how to stop
+
+
+def train_loader(cfg, units, pin_memory=False, rank=0, world_size=1) -> DataLoader:
+    t, d = cfg.training, cfg.dataset
+    dataset = ParquetBatches(units, "train", t.block_size, t.batch_size, t.seed, d.val_fraction,
+                             d.text_column, d.max_cached_files, rank, world_size)
+    workers = cfg.dataloader.num_workers
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=cfg.dataloader.prefetch_factor if workers else None,
+                      worker_init_fn=_ignore_sigint if workers else None)
+
+
+def validation_batches(cfg, units) -> list:
+    """The first eval_iters validation batches, read once: the same set at every evaluation."""
+    t, d = cfg.training, cfg.dataset
+    dataset = ParquetBatches(units, "val", t.block_size, t.batch_size, t.seed, d.val_fraction,
+                             d.text_column, d.max_cached_files)
+    batches = []
+    for batch in dataset:
+        batches.append(batch)
+        if len(batches) == t.eval_iters:
+            break
+    if not batches:
+        raise DataError(f"{d.parquet_dir}: the validation split (val_fraction {d.val_fraction}) "
+                        f"holds less than one batch of {t.batch_size} x {t.block_size + 1} "
+                        f"tokens; raise dataset.val_fraction or add documents")
+    return batches
+
+
+def decode(tokens) -> str:
+    return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+
+
+def _first_line(e):
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+# ---------------------------------------------------------------- writing parquet shards
+
+def split_text(text: str, chunk_bytes: int) -> list[str]:
+    """Cut a long text at line boundaries into pieces of about chunk_bytes (0: keep whole).
+    Nothing is lost: the pieces concatenate back to the text."""
+    if chunk_bytes <= 0 or len(text) <= chunk_bytes:
+        return [text] if text else []
+    pieces, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + chunk_bytes)
+        end = len(text) if end < 0 else end + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def write_shards(documents, out_dir, docs_per_shard=16384, row_group_bytes=128 * 1024) -> int:
+    """Write an iterable of strings as parquet shards part-00000.parquet, ... with a `text`
+    column and row groups of about row_group_bytes. Returns the number of documents."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shard, n_docs, n_shards = [], 0, 0
+
+    def flush():
+        nonlocal shard, n_shards
+        if not shard:
+            return
+        writer = pq.ParquetWriter(out_dir / f"part-{n_shards:05d}.parquet", pa.schema([("text", pa.string())]))
+        group, size = [], 0
+        for doc in shard + [None]:
+            if doc is None or (group and size + len(doc) > row_group_bytes):
+                writer.write_table(pa.table({"text": pa.array(group, pa.string())}))
+                group, size = [], 0
+            if doc is not None:
+                group.append(doc)
+                size += len(doc)
+        writer.close()
+        shard, n_shards = [], n_shards + 1
+
+    for doc in documents:
+        shard.append(doc)
+        n_docs += 1
+        if len(shard) == docs_per_shard:
+            flush()
+    flush()
+    return n_docs
+
+
+def text_files_to_parquet(files, out_dir, chunk_bytes=8192) -> int:
+    def documents():
+        for f in files:
+            try:
+                raw = Path(f).read_bytes()
+            except OSError as e:
+                raise DataError(f"{f}: cannot read ({e.strerror})")
+            yield from split_text(raw.decode("utf-8", errors="replace"), chunk_bytes)
+    return write_shards(documents(), out_dir)
+
+
+def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int:
+    """The built-in sample corpus: this machine's Python standard library sources (tests
+    excluded), in sorted order, up to max_bytes. Built into a temporary folder then renamed."""
+    import os
+    import sysconfig
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"}
+    sources = sorted(p for p in stdlib.rglob("*.py")
+                     if not skip.intersection(p.relative_to(stdlib).parts))
+    docs, total = [], 0
+    for p in sources:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        if total + len(text) > max_bytes:
+            break
+        docs.extend(split_text(text, 8192))
+        total += len(text)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")
+    n = write_shards(docs, tmp)
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # another process built it first
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return n
+
+
+# ---------------------------------------------------------------- command line
+
+def _bench(cfg, seconds=10.0):
+    units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
+    loader = train_loader(cfg, units)
+    it = iter(loader)
+    next(it)  # workers started
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        next(it)
+        n += 1
+    elapsed = time.perf_counter() - start
+    tokens = n * cfg.training.batch_size * cfg.training.block_size
+    print(f"loader: {n / elapsed:,.0f} batches/s, {tokens / elapsed / 1e6:,.1f} M tokens/s "
+          f"(batch {cfg.training.batch_size} x {cfg.training.block_size}, "
+          f"num_workers {cfg.dataloader.num_workers})")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--from-text", nargs="+", metavar="FILE", help="text files to convert")
+    parser.add_argument("--out", help="output directory for --from-text")
+    parser.add_argument("--chunk-bytes", type=int, default=8192,
+                        help="cut long files at line boundaries into documents of about this "
+                             "many bytes (0: one document per file)")
+    parser.add_argument("--bench", action="store_true", help="measure loader throughput")
+    parser.add_argument("--config", default="config.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        if args.from_text:
+            if not args.out:
+                parser.error("--from-text needs --out DIR")
+            n = text_files_to_parquet(args.from_text, args.out, args.chunk_bytes)
+            print(f"wrote {n} documents to {args.out}")
+        elif args.bench:
+            from config import Config, ConfigError
+            try:
+                cfg = Config.from_yaml(args.config, args.overrides)
+            except ConfigError as e:
+                print(e, file=sys.stderr)
+                return 2
+            ensure_sample_corpus(cfg)
+            _bench(cfg)
+        else:
+            parser.print_help()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def ensure_sample_corpus(cfg):
+    from config import DEFAULT_SAMPLE_DIR
+    d = cfg.dataset.parquet_dir
+    if d == DEFAULT_SAMPLE_DIR and not Path(d).exists():
+        print(f"building the sample corpus in {d} from the Python standard library ...")
+        n = build_stdlib_corpus(d)
+        print(f"  {n} documents")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

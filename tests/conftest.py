@@ -1,0 +1,49 @@
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def write_parquet(path, docs, rows_per_group=4, column="text", type_=pa.string()):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({column: pa.array(docs, type_)}), path, row_group_size=rows_per_group)
+    return path
+
+
+def make_corpus(root, n_files=3, docs_per_file=12, rows_per_group=4, doc_len=40):
+    """Documents 'doc-<file>-<row>|' padded with letters: every document is recognisable."""
+    for f in range(n_files):
+        docs = []
+        for r in range(docs_per_file):
+            head = f"<{f:02d}-{r:03d}>"
+            docs.append(head + "abcdefghij" * (doc_len // 10))
+        write_parquet(Path(root) / f"shard-{f}.parquet", docs, rows_per_group)
+    return Path(root)
+
+
+def tiny_config_dict(tmp_path, data_dir, **training):
+    """A model small enough that a few steps take well under a second on CPU."""
+    t = {"block_size": 16, "batch_size": 4, "max_iters": 4, "learning_rate": 1e-2,
+         "log_freq": 1, "test_freq": 2, "checkpoint_freq": 2, "eval_iters": 2,
+         "warmup_iters": 1, "min_lr": 1e-3, "checkpoint_dir": str(tmp_path / "ck"),
+         "device": "cpu", "compile": False}
+    t.update(training)
+    return {
+        "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "mlp_internal_dim_multiplier": 4,
+                  "dropout": 0.1},
+        "training": t,
+        "dataloader": {"num_workers": 0},
+        "dataset": {"parquet_dir": str(data_dir), "val_fraction": 0.2},
+        "low_precision": {"compute_dtype": "float32"},
+    }
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return make_corpus(tmp_path / "data", n_files=3, docs_per_file=40, rows_per_group=8, doc_len=60)

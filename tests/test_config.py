@@ -1,0 +1,175 @@
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from config import Config, ConfigError
+from model import BDHConfig
+
+
+def problems(raw, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict(raw, overrides)
+    return info.value.problems
+
+
+def test_defaults_follow_the_configuration_guide():
+    c = Config()
+    assert (c.model.n_layer, c.model.n_embd, c.model.dropout, c.model.n_head,
+            c.model.mlp_internal_dim_multiplier, c.model.vocab_size) == (6, 256, 0.1, 4, 128, 256)
+    t = c.training
+    assert (t.block_size, t.batch_size, t.max_iters, t.learning_rate, t.weight_decay) == (512, 8, 3000, 1e-3, 0.1)
+    assert (t.log_freq, t.test_freq, t.checkpoint_freq, t.checkpoint_dir) == (100, 500, 500, "checkpoints")
+    assert t.resume_from_checkpoint is None and t.debug is False
+    lp = c.low_precision
+    assert (lp.use_fp8, lp.use_4bit, lp.use_4bit_optimizer) == (False, False, False)
+    assert (lp.quantization_type, lp.use_double_quant, lp.compute_dtype) == ("nf4", True, "bfloat16")
+    assert c.dataset.text_column == "text"
+
+
+def test_shipped_config_yaml_holds_the_defaults_and_documents_every_field():
+    assert Config.from_yaml(ROOT / "config.yaml") == Config()
+    lines = (ROOT / "config.yaml").read_text().splitlines()
+    fields = [l for l in lines if re.match(r"^\s+\w+:", l)]
+    assert len(fields) == sum(len(v) for v in Config().to_dict().values())
+    undocumented = [l for l in fields if "#" not in l]
+    assert not undocumented
+
+
+def test_shipped_configs_load():
+    for path in (ROOT / "configs").glob("*.yaml"):
+        Config.from_yaml(path)
+
+
+def test_unknown_key_suggests_the_closest_name():
+    assert problems({"training": {"learnig_rate": 1e-3}}) == [
+        "training.learnig_rate: unknown key; did you mean training.learning_rate?"]
+
+
+def test_key_in_the_wrong_section_points_to_the_right_one():
+    [p] = problems({"training": {"dropout": 0.2}})
+    assert "did you mean model.dropout?" in p
+
+
+def test_unknown_section():
+    [p] = problems({"trainng": {}})
+    assert p.startswith("trainng: unknown section; did you mean training?")
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("training", "batch_size", "8", "expected int, got str '8'"),
+    ("training", "batch_size", 8.5, "expected int, got float 8.5"),
+    ("training", "batch_size", True, "expected int, got bool True"),
+    ("training", "learning_rate", "fast", "expected float, got str 'fast'"),
+    ("training", "learning_rate", "0.001", "expected float, got str '0.001'"),
+    ("training", "debug", "true", "expected bool (true or false), got str 'true'"),
+    ("training", "debug", 1, "expected bool (true or false), got int 1"),
+    ("training", "checkpoint_dir", 5, "expected str, got int 5"),
+])
+def test_wrong_types_name_path_expected_type_and_value(section, key, value, expected):
+    assert problems({section: {key: value}}) == [f"{section}.{key}: {expected}"]
+
+
+def test_exponent_floats_that_pyyaml_reads_as_strings_are_accepted():
+    raw = yaml.safe_load("training:\n  learning_rate: 3e-4\n  min_lr: 1e-5\n")
+    assert isinstance(raw["training"]["learning_rate"], str)  # the PyYAML quirk itself
+    c = Config.from_dict(raw)
+    assert c.training.learning_rate == 3e-4 and c.training.min_lr == 1e-5
+
+
+def test_int_is_accepted_for_float():
+    assert Config.from_dict({"training": {"weight_decay": 0}}).training.weight_decay == 0.0
+
+
+@pytest.mark.parametrize("raw,fragment", [
+    ({"model": {"n_layer": 0}}, "model.n_layer: must be > 0"),
+    ({"training": {"batch_size": -1}}, "training.batch_size: must be > 0"),
+    ({"model": {"dropout": 1.0}}, "model.dropout: must be in [0, 1)"),
+    ({"model": {"n_head": 3}}, "must be divisible by n_head = 3"),
+    ({"training": {"min_lr": 0.1}}, "training.min_lr: must be <= training.learning_rate"),
+    ({"training": {"device": "tpu"}}, "training.device: must be one of auto, cpu, cuda, mps"),
+    ({"training": {"compile": "yes please"}}, "training.compile: must be true, false or auto"),
+    ({"low_precision": {"compute_dtype": "fp8"}}, "low_precision.compute_dtype: must be one of"),
+    ({"low_precision": {"quantization_type": "int4"}}, "low_precision.quantization_type: must be one of"),
+    ({"fp8": {"format": "e5m2"}}, "fp8.format: must be one of hybrid, e4m3"),
+    ({"fp8": {"amax_compute_algo": "mean"}}, "fp8.amax_compute_algo: must be one of"),
+    ({"model": {"vocab_size": 100}}, "model.vocab_size: tokens are bytes"),
+    ({"dataset": {"val_fraction": 0.0}}, "dataset.val_fraction: must be in (0, 1)"),
+])
+def test_value_checks(raw, fragment):
+    assert any(fragment in p for p in problems(raw)), problems(raw)
+
+
+@pytest.mark.parametrize("flag", ["use_fp8", "use_4bit", "use_4bit_optimizer"])
+def test_unimplemented_low_precision_modes_are_refused(flag):
+    [p] = problems({"low_precision": {flag: True}})
+    assert p.startswith(f"low_precision.{flag}: not implemented yet")
+
+
+def test_every_problem_is_reported_at_once():
+    ps = problems({"training": {"learnig_rate": 1, "batch_size": "8"}, "model": {"n_layer": -2},
+                   "bogus": {}})
+    assert len(ps) == 4
+
+
+def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  n_layer: 4\n training: [\n")
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(path)
+    [p] = info.value.problems
+    assert p.startswith(f"{path}:3:") and "YAML syntax error" in p and "\n" not in p
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        Config.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_overrides_are_parsed_as_yaml_scalars_and_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  batch_size: 4\n")
+    c = Config.from_yaml(path, ["training.batch_size=16", "model.dropout=0.0",
+                                "training.resume_from_checkpoint=latest", "training.compile=true"])
+    assert (c.training.batch_size, c.model.dropout) == (16, 0.0)
+    assert c.training.resume_from_checkpoint == "latest" and c.training.compile is True
+    with pytest.raises(ConfigError, match="training.batch_sise: unknown key; did you mean training.batch_size"):
+        Config.from_yaml(path, ["training.batch_sise=16"])
+    with pytest.raises(ConfigError, match="expected int"):
+        Config.from_yaml(path, ["training.batch_size=big"])
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        Config.from_yaml(path, ["batch_size=16"])
+
+
+def test_yaml_round_trip():
+    c = Config.from_dict({"training": {"min_lr": 1e-5, "compile": True, "resume_from_checkpoint": "x.pt"},
+                          "model": {"dropout": 0.0}})
+    again = Config.from_dict(yaml.safe_load(c.to_yaml()))
+    assert again == c and again.training.min_lr == 1e-5
+
+
+def test_to_bdh_config():
+    b = Config.from_dict({"model": {"n_layer": 3}}).to_bdh_config()
+    assert isinstance(b, BDHConfig) and b.n_layer == 3 and b.n_latent == 128 * 256 // 4
+
+
+def run_train(*args):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_cli_bad_config_exits_2_without_traceback(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  learnig_rate: 0.1\n  batch_size: '8'\n")
+    r = run_train("--config", str(path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "training.learnig_rate: unknown key; did you mean training.learning_rate?" in r.stderr
+    assert "training.batch_size: expected int, got str '8'" in r.stderr
+
+
+def test_cli_print_config_shows_overrides():
+    r = run_train("--print-config", "training.batch_size=16")
+    assert r.returncode == 0
+    assert yaml.safe_load(r.stdout)["training"]["batch_size"] == 16

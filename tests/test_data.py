@@ -1,0 +1,237 @@
+import collections
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import data
+from conftest import make_corpus, write_parquet
+from data import (SEPARATOR, DataError, ParquetBatches, ParquetFileCache, assign_units, list_units,
+                  read_unit_tokens, validation_mask)
+
+
+def batches_of(units, split="train", T=16, B=2, seed=0, val_fraction=0.2, max_cached=4):
+    return ParquetBatches(units, split, T, B, seed, val_fraction, "text", max_cached)
+
+
+def split_stream(units, split, seed=0, val_fraction=0.2):
+    cache = ParquetFileCache(8)
+    return np.concatenate([read_unit_tokens(cache, u, "text", split, seed, val_fraction) for u in units])
+
+
+def window_text(x, y):
+    return bytes(torch.cat([x, y[-1:]]).tolist())
+
+
+def test_units_are_listed_recursively_and_sorted(tmp_path):
+    write_parquet(tmp_path / "b" / "z.parquet", ["x"] * 5, 2)
+    write_parquet(tmp_path / "a.parquet", ["y"] * 3, 2)
+    units = list_units(tmp_path, "text")
+    assert [(Path(u.path).relative_to(tmp_path).as_posix(), u.row_group) for u in units] == [
+        ("a.parquet", 0), ("a.parquet", 1), ("b/z.parquet", 0), ("b/z.parquet", 1), ("b/z.parquet", 2)]
+
+
+@pytest.mark.parametrize("n_readers", [1, 2, 3, 5])
+def test_every_unit_once_per_epoch_disjoint_across_readers(corpus, n_readers):
+    units = list_units(corpus, "text")
+    orders = []
+    for epoch in range(3):
+        assigned = assign_units(units, epoch, seed=7, n_readers=n_readers, shuffle=True)
+        flat = [u for reader in assigned for u in reader]
+        assert sorted(flat, key=lambda u: (u.path, u.row_group)) == units
+        assert assigned == assign_units(units, epoch, seed=7, n_readers=n_readers, shuffle=True)
+        orders.append(flat)
+    assert orders[0] != orders[1]  # reshuffled each epoch
+
+
+def test_stream_joins_documents_with_the_separator(tmp_path):
+    write_parquet(tmp_path / "a.parquet", ["héllo", None, "", "wörld"], 4)
+    units = list_units(tmp_path, "text")
+    tokens = split_stream(units, "train", val_fraction=1e-9)
+    assert bytes(tokens) == "héllo".encode() + bytes([SEPARATOR]) + "wörld".encode() + bytes([SEPARATOR])
+
+
+def test_invalid_utf8_bytes_are_taken_as_they_are(tmp_path):
+    write_parquet(tmp_path / "a.parquet", [b"ok\xff\xfe"], 4, type_=pa.binary())
+    tokens = split_stream(list_units(tmp_path, "text"), "train", val_fraction=1e-9)
+    assert bytes(tokens) == b"ok\xff\xfe\x00"
+
+
+def test_epoch_windows_partition_the_reader_stream(corpus):
+    units = list_units(corpus, "text")
+    T, B = 16, 2
+    ds = batches_of(units, T=T, B=B)
+    total = collections.Counter()
+    dropped = 0
+    for reader in range(2):
+        mine = assign_units(units, 0, 0, 2, shuffle=True)[reader]
+        stream = split_stream(mine, "train")
+        got = collections.Counter()
+        n = 0
+        for x, y in ds.epoch_batches(ParquetFileCache(4), reader, 2, epoch=0):
+            assert x.shape == (B, T) and torch.equal(x[:, 1:], y[:, :-1])
+            for row in x:
+                got.update(row.tolist())
+                n += 1
+        # the windows' inputs are stream[kT:(k+1)T] for consecutive k: a partition of the
+        # stream up to a tail shorter than one batch of windows plus one window
+        assert n * T > len(stream) - (B + 1) * T - 1
+        assert not (got - collections.Counter(stream[: n * T + T].tolist()))
+        total += got
+        dropped += len(stream) - n * T
+    assert dropped < 2 * ((B + 1) * T + 1)
+
+
+def test_validation_stream_is_exact_and_repeatable(corpus):
+    units = list_units(corpus, "text")
+    T = 16
+    stream = split_stream(units, "val")
+    first = list(batches_of(units, split="val", T=T, B=1))
+    rebuilt = np.concatenate([x[0].numpy() for x, _ in first] + [first[-1][1][0, -1:].numpy()])
+    assert np.array_equal(rebuilt, stream[: len(rebuilt)])
+    assert len(stream) - len(rebuilt) < T + 1
+    second = list(batches_of(units, split="val", T=T, B=1))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
+
+
+def test_validation_documents_never_appear_in_training(corpus):
+    units = list_units(corpus, "text")
+    val_heads = set(re.findall(rb"<\d\d-\d\d\d>", bytes(split_stream(units, "val"))))
+    train_heads = set(re.findall(rb"<\d\d-\d\d\d>", bytes(split_stream(units, "train"))))
+    assert val_heads and train_heads and not (val_heads & train_heads)
+    assert len(val_heads | train_heads) == 3 * 40
+    assert 0.05 < len(val_heads) / 120 < 0.4  # val_fraction 0.2
+    ds = batches_of(units, T=32, B=1)
+    seen = b"".join(window_text(x[0], y[0]) for x, y in ds.epoch_batches(ParquetFileCache(4), 0, 1, 0))
+    assert not (set(re.findall(rb"<\d\d-\d\d\d>", seen)) & val_heads)
+
+
+def test_split_depends_on_the_seed_only():
+    u = data.Unit("x.parquet", 3, 1000, 0, file_key=12345)
+    assert np.array_equal(validation_mask(u, 1, 0.1), validation_mask(u, 1, 0.1))
+    assert not np.array_equal(validation_mask(u, 1, 0.1), validation_mask(u, 2, 0.1))
+    assert 50 < validation_mask(u, 1, 0.1).sum() < 150
+
+
+def loader_batches(units, num_workers, n):
+    loader = DataLoader(batches_of(units), batch_size=None, num_workers=num_workers)
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_dataloader_workers_read_their_assigned_units_deterministically(corpus):
+    units = list_units(corpus, "text")
+    got = loader_batches(units, 2, 8)
+    again = loader_batches(units, 2, 8)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got, again))
+    ds = batches_of(units)
+    for reader in range(2):  # the DataLoader deals batches round-robin from its workers
+        expected = list(ds.epoch_batches(ParquetFileCache(4), reader, 2, 0))[:4]
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(got[reader::2], expected))
+
+
+def test_single_process_loader_covers_epochs_in_order(corpus):
+    units = list_units(corpus, "text")
+    ds = batches_of(units)
+    epoch0 = list(ds.epoch_batches(ParquetFileCache(4), 0, 1, 0))
+    epoch1 = list(ds.epoch_batches(ParquetFileCache(4), 0, 1, 1))
+    got = loader_batches(units, 0, len(epoch0) + 2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got, epoch0 + epoch1[:2]))
+
+
+def open_parquet_fds(root):
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(root)) and target.endswith(".parquet"):
+            fds.append(target)
+    return fds
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc")
+def test_at_most_max_cached_files_are_open(tmp_path):
+    root = make_corpus(tmp_path / "many", n_files=6, docs_per_file=8, rows_per_group=2)
+    units = list_units(root, "text")
+    ds = batches_of(units, max_cached=2, B=1)
+    most = 0
+    for _ in ds.epoch_batches(cache := ParquetFileCache(2), 0, 1, 0):
+        most = max(most, len(open_parquet_fds(root)))
+    assert most == 2
+    cache.close()
+    assert open_parquet_fds(root) == []
+
+
+def test_missing_or_empty_directory(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        list_units(tmp_path / "nope", "text")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    with pytest.raises(DataError, match="no .parquet files found"):
+        list_units(tmp_path / "empty", "text")
+
+
+def test_file_that_is_not_parquet(tmp_path):
+    (tmp_path / "bad.parquet").write_text("this is not parquet at all")
+    with pytest.raises(DataError, match=r"bad.parquet: not a readable parquet file"):
+        list_units(tmp_path, "text")
+
+
+def test_truncated_file(tmp_path):
+    path = write_parquet(tmp_path / "t.parquet", ["some text"] * 50, 10)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match=r"t.parquet: not a readable parquet file"):
+        list_units(tmp_path, "text")
+
+
+def test_corrupt_row_group_names_file_and_row_group(tmp_path):
+    path = write_parquet(tmp_path / "c.parquet", ["x" * 100] * 40, 10)
+    units = list_units(tmp_path, "text")
+    raw = bytearray(path.read_bytes())
+    raw[4:200] = b"\x00" * 196  # destroy the first pages, keep the footer
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"c.parquet: row group 0 cannot be read"):
+        split_stream(units[:1], "train")
+
+
+def test_missing_text_column_lists_the_columns(tmp_path):
+    write_parquet(tmp_path / "a.parquet", ["x"], column="content")
+    with pytest.raises(DataError, match=r"no column 'text'; columns are \['content'\]"):
+        list_units(tmp_path, "text")
+
+
+def test_non_string_column_is_refused(tmp_path):
+    write_parquet(tmp_path / "a.parquet", [1, 2], type_=pa.int64())
+    with pytest.raises(DataError, match="expected a string column"):
+        list_units(tmp_path, "text")
+
+
+def test_from_text_round_trip(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("line one\nline two\n" * 20000)
+    b.write_text("short file")
+    assert data.main(["--from-text", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    units = list_units(tmp_path / "out", "text")
+    assert len(units) > 1  # long files become several documents and row groups
+    cache = ParquetFileCache(2)
+    docs = [d.as_py() for u in units
+            for d in cache.get(u.path).read_row_group(u.row_group, columns=["text"]).column(0)]
+    assert "".join(docs) == a.read_text() + b.read_text()
+
+
+def test_sample_corpus_is_deterministic(tmp_path):
+    data.build_stdlib_corpus(tmp_path / "one", max_bytes=200_000)
+    data.build_stdlib_corpus(tmp_path / "two", max_bytes=200_000)
+    one = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert one and one == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in one:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert len(list_units(tmp_path / "one", "text")) >= 1

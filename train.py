@@ -1,0 +1,267 @@
+"""Train BDH.
+
+    python train.py [--config config.yaml] [--print-config] [section.key=value ...]
+"""
+import argparse
+import dataclasses
+import math
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from checkpoint import (PROJECT_VERSION, CheckpointError, RunDir, load_checkpoint,
+                        model_config_mismatch, resolve_resume)
+from config import Config, ConfigError
+from data import (DataError, decode, ensure_sample_corpus, list_units, train_loader,
+                  validation_batches)
+from model import BDH
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SAMPLE_TOKENS = 200
+
+
+class SetupError(Exception):
+    pass
+
+
+def pick_device(requested: str) -> torch.device:
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if requested == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (requested == "cuda" and not cuda) or (requested == "mps" and not mps):
+        raise SetupError(f"training.device: {requested} requested but not available to this "
+                         f"torch {torch.__version__}; set training.device to auto or cpu")
+    return torch.device(requested)
+
+
+def learning_rate(step: int, t) -> float:
+    """Linear warmup over warmup_iters, then cosine decay to min_lr at max_iters."""
+    if step <= t.warmup_iters:
+        return t.learning_rate * step / max(1, t.warmup_iters)
+    progress = (step - t.warmup_iters) / max(1, t.max_iters - t.warmup_iters)
+    return t.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (t.learning_rate - t.min_lr)
+
+
+def make_optimizer(model: BDH, t, device) -> torch.optim.AdamW:
+    """Weight decay on the four matmul weights; none on the embedding table."""
+    decay = [model.encoder, model.encoder_v, model.decoder, model.lm_head]
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": [model.embed.weight], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(0.9, 0.95),
+                             fused=device.type == "cuda")
+
+
+def rng_state(device) -> dict:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, device):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM: finish the current step, checkpoint, exit 0. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signal_name = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, _frame):
+        if self.signal_name:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name}: finishing this step and saving a checkpoint "
+              f"(Ctrl-C again to stop at once)", flush=True)
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@torch.no_grad()
+def evaluate(model, forward, val_batches, device, autocast, generator) -> tuple[float, str]:
+    """Mean validation loss and a sample continuing the first validation window."""
+    model.eval()
+    losses = []
+    for x, y in val_batches:
+        with autocast:
+            _, loss = forward(x.to(device), y.to(device))
+        losses.append(loss.item())
+    prompt = val_batches[0][0][:1, :32].to(device)
+    generator.manual_seed(0)
+    with autocast:
+        out = model.generate(prompt, SAMPLE_TOKENS, temperature=0.8, top_k=None, generator=generator)
+    model.train()
+    return sum(losses) / len(losses), decode(out[0].tolist())
+
+
+def train(cfg: Config, config_path: str) -> int:
+    t = cfg.training
+    device = pick_device(t.device)
+    dtype = DTYPES[cfg.low_precision.compute_dtype]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    log_freq = 1 if t.debug else t.log_freq
+    use_compile = (t.compile is True or (t.compile == "auto" and device.type == "cuda")) and not t.debug
+    if t.debug:
+        torch.autograd.set_detect_anomaly(True)
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    torch.manual_seed(t.seed)
+
+    ensure_sample_corpus(cfg)
+    units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
+    val_batches = validation_batches(cfg, units)
+
+    model = BDH(cfg.to_bdh_config()).to(device)
+    optimizer = make_optimizer(model, t, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    run = RunDir(t.checkpoint_dir)
+    step = 0
+    if t.resume_from_checkpoint:
+        path = resolve_resume(t.resume_from_checkpoint, t.checkpoint_dir)
+        ckpt = load_checkpoint(path)
+        model_config_mismatch(ckpt["model_config"], dataclasses.asdict(cfg.to_bdh_config()), path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], device)
+        step = ckpt["step"]
+        run = RunDir(t.checkpoint_dir, path=path.parent)
+        print(f"resuming from {path} at step {step + 1}")
+        for line in run.record_resumed_config(step, cfg.to_dict(), cfg.to_yaml()):
+            print(f"  config changed: {line}")
+        if step >= t.max_iters:
+            print(f"nothing to do: the checkpoint is at step {step} and training.max_iters is "
+                  f"{t.max_iters}; raise max_iters to train further")
+            return 0
+    forward = torch.compile(model) if use_compile else model
+
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_step = t.batch_size * t.block_size * t.gradient_accumulation_steps
+    print(f"BDH {n_params / 1e6:.2f}M parameters | device {device} | {cfg.low_precision.compute_dtype}"
+          f" | compile {use_compile} | {len(units)} data units | {tokens_per_step:,} tokens/step"
+          + (" | DEBUG: anomaly detection, per-step logs and finiteness checks" if t.debug else ""))
+
+    loader = iter(train_loader(cfg, units, pin_memory=cfg.dataloader.pin_memory and device.type == "cuda"))
+    sample_generator = torch.Generator(device=device)
+    stop = GracefulStop()
+    model.train()
+    start = last_log = time.perf_counter()
+    loss_sum, loss_count, steps_since_log, last_saved = 0.0, 0, 0, None
+
+    def save(step):
+        state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(cfg.to_bdh_config()),
+                 "config": cfg.to_dict(), "rng": rng_state(device),
+                 "versions": {"torch": torch.__version__, "project": PROJECT_VERSION}}
+        return run.save(step, state, cfg.to_yaml())
+
+    while step < t.max_iters:
+        step += 1
+        lr = learning_rate(step, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(t.gradient_accumulation_steps):
+            x, y = next(loader)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if t.debug and step == 1 and loss_count == 0:
+                print(f"first batch {tuple(x.shape)}: {decode(x[0, :80].tolist())!r}")
+            with autocast:
+                _, loss = forward(x, y)
+            scaler.scale(loss / t.gradient_accumulation_steps).backward()
+            loss_sum += loss.detach()
+            loss_count += 1
+        if t.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        steps_since_log += 1
+
+        if step % log_freq == 0 or step == t.max_iters:
+            train_loss = float(loss_sum) / loss_count
+            if not math.isfinite(train_loss):
+                where = f"; last good checkpoint: {last_saved}" if last_saved else ""
+                raise SetupError(f"training loss is {train_loss} at step {step}: lower "
+                                 f"training.learning_rate or set training.grad_clip{where}")
+            now = time.perf_counter()
+            ms = (now - last_log) * 1000 / steps_since_log
+            record = {"step": step, "train_loss": round(train_loss, 5), "lr": lr,
+                      "tokens_per_s": round(tokens_per_step * 1000 / ms), "ms_per_step": round(ms, 2),
+                      "elapsed_s": round(now - start, 2)}
+            print(f"step {step}/{t.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                  f"{record['tokens_per_s']:,} tok/s | {ms:.1f} ms/step | elapsed "
+                  f"{fmt_time(now - start)} | eta {fmt_time(ms * (t.max_iters - step) / 1000)}", flush=True)
+            run.log(record)
+            loss_sum, loss_count, steps_since_log, last_log = 0.0, 0, 0, time.perf_counter()
+
+        if step % t.test_freq == 0 or step == t.max_iters:
+            val_loss, sample = evaluate(model, forward, val_batches, device, autocast, sample_generator)
+            print(f"step {step}: val loss {val_loss:.4f}\n--- sample ---\n{sample}\n--------------", flush=True)
+            run.log({"step": step, "val_loss": round(val_loss, 5), "sample": sample})
+            last_log = time.perf_counter()  # evaluation time is not training time
+
+        if step % t.checkpoint_freq == 0 or step == t.max_iters or stop.signal_name:
+            last_saved = save(step)
+            print(f"saved {last_saved}", flush=True)
+            last_log = time.perf_counter()
+        if stop.signal_name:
+            print(f"stopped by {stop.signal_name} after step {step}. Resume with:\n  python train.py "
+                  f"--config {config_path} training.resume_from_checkpoint={last_saved}")
+            return 0
+    print(f"done: {step} steps in {fmt_time(time.perf_counter() - start)}; final checkpoint {last_saved}")
+    return 0
+
+
+def one_line(e: Exception) -> str:
+    """DataLoader workers re-raise errors with their traceback in the message: keep the last line."""
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return text.split("DataError: ", 1)[-1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Train BDH on parquet shards.")
+    parser.add_argument("--config", default="config.yaml", help="YAML config (default config.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = Config.from_yaml(args.config, args.overrides)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    try:
+        return train(cfg, args.config)
+    except (DataError, CheckpointError, SetupError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopped at once without saving; the run's earlier checkpoints are intact",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
