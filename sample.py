@@ -14,7 +14,7 @@ import torch
 from checkpoint import CheckpointError, load_checkpoint, resolve_resume
 from data import SEPARATOR, decode
 from model import BDH, BDHConfig
-from train import SetupError, pick_device
+from train import TrainingError, pick_device
 
 
 def main(argv=None) -> int:
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
         device = pick_device(args.device)
         path = resolve_resume(args.checkpoint, args.checkpoint_dir)
         ckpt = load_checkpoint(path)
-    except (CheckpointError, SetupError) as e:
+    except (CheckpointError, TrainingError) as e:
         print(f"error: {str(e).replace('training.resume_from_checkpoint', '--checkpoint')}", file=sys.stderr)
         return 1
     model = BDH(BDHConfig(**ckpt["model_config"]))

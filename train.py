@@ -26,7 +26,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 SAMPLE_TOKENS = 200
 
 
-class SetupError(Exception):
+class TrainingError(Exception):
     pass
 
 
@@ -35,7 +35,7 @@ def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
     if (requested == "cuda" and not cuda) or (requested == "mps" and not mps):
-        raise SetupError(f"training.device: {requested} requested but not available to this "
+        raise TrainingError(f"training.device: {requested} requested but not available to this "
                          f"torch {torch.__version__}; set training.device to auto or cpu")
     return torch.device(requested)
 
@@ -96,13 +96,14 @@ def fmt_time(seconds: float) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, forward, val_batches, device, autocast, generator) -> tuple[float, str]:
-    """Mean validation loss and a sample continuing the first validation window."""
+def evaluate(model, val_batches, device, autocast, generator) -> tuple[float, str]:
+    """Mean validation loss and a sample continuing the first validation window. Runs the
+    uncompiled model: eval mode and generation lengths would each trigger a recompile."""
     model.eval()
     losses = []
     for x, y in val_batches:
         with autocast:
-            _, loss = forward(x.to(device), y.to(device))
+            _, loss = model(x.to(device), y.to(device))
         losses.append(loss.item())
     prompt = val_batches[0][0][:1, :32].to(device)
     generator.manual_seed(0)
@@ -170,7 +171,7 @@ def train(cfg: Config, config_path: str) -> int:
         state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(cfg.to_bdh_config()),
                  "config": cfg.to_dict(), "rng": rng_state(device),
-                 "versions": {"torch": torch.__version__, "project": PROJECT_VERSION}}
+                 "versions": {"torch": str(torch.__version__), "project": PROJECT_VERSION}}
         return run.save(step, state, cfg.to_yaml())
 
     while step < t.max_iters:
@@ -199,9 +200,7 @@ def train(cfg: Config, config_path: str) -> int:
         if step % log_freq == 0 or step == t.max_iters:
             train_loss = float(loss_sum) / loss_count
             if not math.isfinite(train_loss):
-                where = f"; last good checkpoint: {last_saved}" if last_saved else ""
-                raise SetupError(f"training loss is {train_loss} at step {step}: lower "
-                                 f"training.learning_rate or set training.grad_clip{where}")
+                raise non_finite("the training loss", step, last_saved)
             now = time.perf_counter()
             ms = (now - last_log) * 1000 / steps_since_log
             record = {"step": step, "train_loss": round(train_loss, 5), "lr": lr,
@@ -214,12 +213,14 @@ def train(cfg: Config, config_path: str) -> int:
             loss_sum, loss_count, steps_since_log, last_log = 0.0, 0, 0, time.perf_counter()
 
         if step % t.test_freq == 0 or step == t.max_iters:
-            val_loss, sample = evaluate(model, forward, val_batches, device, autocast, sample_generator)
+            val_loss, sample = evaluate(model, val_batches, device, autocast, sample_generator)
             print(f"step {step}: val loss {val_loss:.4f}\n--- sample ---\n{sample}\n--------------", flush=True)
             run.log({"step": step, "val_loss": round(val_loss, 5), "sample": sample})
             last_log = time.perf_counter()  # evaluation time is not training time
 
         if step % t.checkpoint_freq == 0 or step == t.max_iters or stop.signal_name:
+            if not all(p.isfinite().all() for p in model.parameters()):
+                raise non_finite("a weight", step, last_saved)
             last_saved = save(step)
             print(f"saved {last_saved}", flush=True)
             last_log = time.perf_counter()
@@ -229,6 +230,13 @@ def train(cfg: Config, config_path: str) -> int:
             return 0
     print(f"done: {step} steps in {fmt_time(time.perf_counter() - start)}; final checkpoint {last_saved}")
     return 0
+
+
+def non_finite(what: str, step: int, last_saved) -> TrainingError:
+    where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
+    return TrainingError(f"{what} is not finite at step {step} (nothing saved; {where}): lower "
+                      f"training.learning_rate, set training.grad_clip, or use training.debug=true "
+                      f"to find the operation")
 
 
 def one_line(e: Exception) -> str:
@@ -252,15 +260,19 @@ def main(argv=None) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return train(cfg, args.config)
-    except (DataError, CheckpointError, SetupError) as e:
+    except (DataError, CheckpointError, TrainingError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: stopped at once without saving; the run's earlier checkpoints are intact",
               file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
