@@ -7,6 +7,7 @@ strings, lists and dicts, and are read with torch.load(weights_only=True): loadi
 code.
 """
 import json
+import math
 import os
 import re
 import time
@@ -141,14 +142,15 @@ class RunDir:
         self.path = path
         atomic_write(path / "config.yaml", lambda f: f.write(config_yaml.encode()))
 
-    def save(self, step: int, state: dict, config_yaml: str) -> Path:
+    def save(self, step: int, state: dict, config_yaml: str, name: str | None = None) -> Path:
+        """Write checkpoint_<step>.pt (or `name`) atomically; create the run directory first."""
         try:
             if self.path is None:
                 self._create(config_yaml)
             if self.pending:
                 self._append_metrics(self.pending)
                 self.pending = []
-            target = self.path / f"checkpoint_{step}.pt"
+            target = self.path / (name or f"checkpoint_{step}.pt")
             atomic_write(target, lambda f: torch.save(state, f))
         except OSError as e:
             raise CheckpointError(f"cannot write checkpoint for step {step} in "
@@ -166,3 +168,46 @@ class RunDir:
         if diff:
             atomic_write(self.path / f"config_resume_{step}.yaml", lambda f: f.write(config_yaml.encode()))
         return diff
+
+    def prune(self, keep_last_n: int):
+        """Delete all but the newest keep_last_n checkpoint_<step>.pt (0 keeps all); best.pt stays."""
+        if keep_last_n > 0 and self.path is not None:
+            for old in checkpoints_in(self.path)[:-keep_last_n]:
+                old.unlink(missing_ok=True)
+
+    def truncate_metrics(self, step: int):
+        """On resume: drop records of steps after the checkpoint, which the run will redo."""
+        path = self.path / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if _record_step(line) <= step]
+            atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics line; a line torn by a kill mid-append counts as infinitely late."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def clean_stale_temporaries(checkpoint_dir) -> int:
+    """Remove temporary files left by a process killed mid-write (never a live process's)."""
+    removed = 0
+    for tmp in Path(checkpoint_dir).glob("run_*/.*.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

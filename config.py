@@ -36,6 +36,7 @@ class TrainingConfig:
     checkpoint_dir: str = "checkpoints"
     resume_from_checkpoint: typing.Optional[str] = None
     debug: bool = False
+    keep_last_n: int = 3
     warmup_iters: int = 100
     min_lr: float = 1e-4
     grad_clip: float = 1.0
@@ -92,7 +93,7 @@ POSITIVE = (
     "training.checkpoint_freq", "training.gradient_accumulation_steps", "training.eval_iters",
     "dataloader.prefetch_factor", "dataset.max_cached_files", "fp8.amax_history_len",
 )
-NON_NEGATIVE = ("training.weight_decay", "training.warmup_iters", "training.min_lr",
+NON_NEGATIVE = ("training.keep_last_n", "training.weight_decay", "training.warmup_iters", "training.min_lr",
                 "training.grad_clip", "training.seed", "dataloader.num_workers")
 NOT_YET_IMPLEMENTED = ("low_precision.use_fp8", "low_precision.use_4bit",
                        "low_precision.use_4bit_optimizer")

@@ -163,39 +163,65 @@ def assign_units(units: list[Unit], epoch: int, seed: int, n_readers: int, shuff
 
 
 class ParquetBatches(IterableDataset):
-    """Yields (x, y) int64 batches of shape (batch_size, block_size). Train: endless epochs,
-    shuffled. Validation: one pass in file order, unshuffled."""
+    """Yields (x, y, position): int64 batches of shape (batch_size, block_size) and the reader's
+    position after the batch. Train: endless epochs, shuffled. Validation: one pass in file order.
+
+    A position {reader, epoch, unit, consumed, carry} says: in this epoch the reader is at unit
+    number `unit` of its assignment, `consumed` of that unit's shuffled windows are used, and
+    `carry` holds the stream tokens that precede the unit. Passing the positions back as
+    `positions` continues the exact same sequence of batches; `rotation` makes DataLoader worker i
+    play reader (i + rotation) % num_workers, so that the reader whose batch was due next comes
+    first again.
+    """
 
     def __init__(self, units, split, block_size, batch_size, seed, val_fraction, text_column,
-                 max_cached_files, rank=0, world_size=1):
+                 max_cached_files, rank=0, world_size=1, positions=(), rotation=0, first_epoch=0):
         self.units, self.split = units, split
         self.block_size, self.batch_size = block_size, batch_size
         self.seed, self.val_fraction, self.text_column = seed, val_fraction, text_column
         self.max_cached_files = max_cached_files
         self.rank, self.world_size = rank, world_size
+        self.positions = {p["reader"]: p for p in positions}
+        self.rotation, self.first_epoch = rotation, first_epoch
 
     def __iter__(self):
         worker = get_worker_info()
         num_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
-        reader = self.rank * num_workers + worker_id
+        reader = self.rank * num_workers + (worker_id + self.rotation) % num_workers
         n_readers = self.world_size * num_workers
+        start = self.positions.get(reader)
+        epoch = start["epoch"] if start else self.first_epoch
         cache = ParquetFileCache(self.max_cached_files)
         try:
-            for epoch in itertools.count() if self.split == "train" else [0]:
-                yield from self.epoch_batches(cache, reader, n_readers, epoch)
+            while True:
+                produced = False
+                for batch in self.epoch_batches(cache, reader, n_readers, epoch, start):
+                    produced = True
+                    yield batch
+                if self.split != "train":
+                    return
+                if not produced and start is None:  # would otherwise spin forever
+                    raise DataError(f"reader {reader} of {n_readers} got no complete batch of "
+                                    f"{self.batch_size} x {self.block_size + 1} tokens in epoch "
+                                    f"{epoch}: too little training data for this many readers; "
+                                    f"lower dataloader.num_workers, training.batch_size or "
+                                    f"training.block_size, or add data")
+                epoch, start = epoch + 1, None
         finally:
             cache.close()
 
-    def epoch_batches(self, cache, reader, n_readers, epoch):
-        """One epoch of one reader: its units, joined into a stream, cut into windows."""
+    def epoch_batches(self, cache, reader, n_readers, epoch, start=None):
+        """One epoch of one reader (from `start` if given): its units joined into a stream,
+        cut into windows, shuffled within each unit, packed into batches."""
         T, B, train = self.block_size, self.batch_size, self.split == "train"
         units = assign_units(self.units, epoch, self.seed, n_readers, shuffle=train)[reader]
-        carry = np.empty(0, dtype=np.uint8)
+        first = start["unit"] if start else 0
+        carry = np.array(start["carry"] if start else [], dtype=np.uint8)
         pending = []
-        for unit in units:
-            tokens = read_unit_tokens(cache, unit, self.text_column, self.split, self.seed,
-                                      self.val_fraction)
-            stream = np.concatenate([carry, tokens])
+        for k in range(first, len(units)):
+            unit, carry_in = units[k], carry
+            stream = np.concatenate([carry_in, read_unit_tokens(
+                cache, unit, self.text_column, self.split, self.seed, self.val_fraction)])
             n_windows = max(0, (len(stream) - 1) // T)
             carry = stream[n_windows * T:]
             if n_windows == 0:
@@ -204,26 +230,76 @@ class ParquetBatches(IterableDataset):
             if train:
                 rng = np.random.default_rng([self.seed, epoch, unit.file_key, unit.row_group])
                 windows = windows[rng.permutation(n_windows)]
-            pending.extend(windows)
-            while len(pending) >= B:
-                batch = torch.from_numpy(np.stack(pending[:B]).astype(np.int64))
-                del pending[:B]
-                yield batch[:, :-1], batch[:, 1:]
+            used = start["consumed"] if start and k == first else 0
+            while n_windows - used >= B - len(pending):
+                take = B - len(pending)
+                pending.extend(windows[used:used + take])
+                used += take
+                batch = torch.from_numpy(np.stack(pending).astype(np.int64))
+                pending = []
+                position = {"reader": reader, "epoch": epoch, "unit": k, "consumed": used,
+                            "carry": carry_in.tolist()}
+                yield batch[:, :-1], batch[:, 1:], position
+            pending.extend(windows[used:])
 
 
-def _ignore_sigint(_worker_id):
+def _leave_signals_to_main(_worker_id):
+    """Ctrl-C and SIGTERM reach the whole process group; the main process decides how to stop
+    (finish the step, checkpoint) and then shuts the workers down itself."""
     import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides how to stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def train_loader(cfg, units, pin_memory=False, rank=0, world_size=1) -> DataLoader:
+# Settings that decide the order of the training batches: resuming with other values cannot
+# continue the same sequence.
+DATA_ORDER_FIELDS = ("training.batch_size", "training.block_size", "training.seed",
+                     "dataset.parquet_dir", "dataset.text_column", "dataset.val_fraction")
+
+
+def data_order(cfg, num_workers, world_size=1) -> dict:
+    order = {path: getattr(getattr(cfg, path.split(".")[0]), path.split(".")[1])
+             for path in DATA_ORDER_FIELDS}
+    order.update({"dataloader.num_workers (effective)": num_workers, "world_size": world_size})
+    return order
+
+
+def loader_workers(cfg, units, world_size=1) -> int:
+    workers = min(cfg.dataloader.num_workers, len(units) // world_size)
+    if workers < cfg.dataloader.num_workers:
+        print(f"dataloader.num_workers {cfg.dataloader.num_workers} -> {workers}: only "
+              f"{len(units)} (file, row group) units to share")
+    return workers
+
+
+def resume_point(cfg, workers, resume, world_size=1):
+    """Where the training stream starts: (reader positions, batches consumed, first epoch).
+    `resume` is a checkpoint's data state {"order", "positions", "batches"}. With the same data
+    order the stream continues exactly; otherwise it starts afresh at the epoch after the furthest
+    one reached, and says so."""
+    if not resume:
+        return [], 0, 0
+    changed = [f"{k}: {resume['order'].get(k)!r} -> {v!r}"
+               for k, v in data_order(cfg, workers, world_size).items() if resume["order"].get(k) != v]
+    if not changed:
+        return resume["positions"], resume["batches"], 0
+    first_epoch = 1 + max((p["epoch"] for p in resume["positions"]), default=-1)
+    print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): training "
+          f"continues on freshly shuffled data from epoch {first_epoch}")
+    return [], 0, first_epoch
+
+
+def train_loader(cfg, units, workers, positions=(), batches_consumed=0, first_epoch=0,
+                 pin_memory=False, rank=0, world_size=1) -> DataLoader:
+    """The endless training stream, yielding (x, y, position), from a resume_point()."""
     t, d = cfg.training, cfg.dataset
     dataset = ParquetBatches(units, "train", t.block_size, t.batch_size, t.seed, d.val_fraction,
-                             d.text_column, d.max_cached_files, rank, world_size)
-    workers = cfg.dataloader.num_workers
+                             d.text_column, d.max_cached_files, rank, world_size, positions,
+                             batches_consumed % max(1, workers), first_epoch)
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=cfg.dataloader.prefetch_factor if workers else None,
-                      worker_init_fn=_ignore_sigint if workers else None)
+                      worker_init_fn=_leave_signals_to_main if workers else None,
+                      generator=torch.Generator())  # keeps the global RNG (dropout) untouched
 
 
 def validation_batches(cfg, units) -> list:
@@ -232,8 +308,8 @@ def validation_batches(cfg, units) -> list:
     dataset = ParquetBatches(units, "val", t.block_size, t.batch_size, t.seed, d.val_fraction,
                              d.text_column, d.max_cached_files)
     batches = []
-    for batch in dataset:
-        batches.append(batch)
+    for x, y, _ in dataset:
+        batches.append((x, y))
         if len(batches) == t.eval_iters:
             break
     if not batches:
@@ -340,19 +416,37 @@ def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int:
 # ---------------------------------------------------------------- command line
 
 def _bench(cfg, seconds=10.0):
+    """Loader throughput against the rate at which the configured model consumes batches
+    (forward, backward and AdamW step on CPU, float32), measured in the same run."""
+    from model import BDH
+    t = cfg.training
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
-    loader = train_loader(cfg, units)
-    it = iter(loader)
+    it = iter(train_loader(cfg, units, loader_workers(cfg, units)))
     next(it)  # workers started
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         next(it)
         n += 1
-    elapsed = time.perf_counter() - start
-    tokens = n * cfg.training.batch_size * cfg.training.block_size
-    print(f"loader: {n / elapsed:,.0f} batches/s, {tokens / elapsed / 1e6:,.1f} M tokens/s "
-          f"(batch {cfg.training.batch_size} x {cfg.training.block_size}, "
-          f"num_workers {cfg.dataloader.num_workers})")
+    loader_rate = n / (time.perf_counter() - start)
+    del it
+    torch.manual_seed(t.seed)
+    model = BDH(cfg.to_bdh_config())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate)
+    x = torch.randint(0, 256, (t.batch_size, t.block_size))
+    steps, start = -2, None  # two warm-up steps
+    while start is None or time.perf_counter() - start < seconds:
+        _, loss = model(x, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+        if steps == 0:
+            start = time.perf_counter()
+    model_rate = steps / (time.perf_counter() - start)
+    print(f"loader: {loader_rate:,.0f} batches/s ({loader_rate * t.batch_size * t.block_size / 1e6:,.1f} M "
+          f"tokens/s, num_workers {cfg.dataloader.num_workers}) | model training: {model_rate:,.2f} "
+          f"batches/s | loader / model = {loader_rate / model_rate:,.0f}x "
+          f"(batch {t.batch_size} x {t.block_size}, {torch.get_num_threads()} threads)")
 
 
 def main(argv=None):

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import (PROJECT_VERSION, CheckpointError, RunDir, load_checkpoint,
-                        model_config_mismatch, resolve_resume)
+from checkpoint import (PROJECT_VERSION, CheckpointError, RunDir, clean_stale_temporaries,
+                        load_checkpoint, model_config_mismatch, resolve_resume)
 from config import Config, ConfigError
-from data import (DataError, decode, ensure_sample_corpus, list_units, train_loader,
-                  validation_batches)
+from data import (DataError, data_order, decode, ensure_sample_corpus, list_units, loader_workers,
+                  resume_point, train_loader, validation_batches)
 from model import BDH
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -133,8 +133,10 @@ def train(cfg: Config, config_path: str) -> int:
     model = BDH(cfg.to_bdh_config()).to(device)
     optimizer = make_optimizer(model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if removed := clean_stale_temporaries(t.checkpoint_dir):
+        print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
     run = RunDir(t.checkpoint_dir)
-    step = 0
+    step, data_resume, best_val_loss, last_saved = 0, None, math.inf, None
     if t.resume_from_checkpoint:
         path = resolve_resume(t.resume_from_checkpoint, t.checkpoint_dir)
         ckpt = load_checkpoint(path)
@@ -143,8 +145,10 @@ def train(cfg: Config, config_path: str) -> int:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], device)
-        step = ckpt["step"]
-        run = RunDir(t.checkpoint_dir, path=path.parent)
+        step, data_resume = ckpt["step"], ckpt.get("data")
+        best_val_loss = ckpt.get("best_val_loss", math.inf)
+        run, last_saved = RunDir(t.checkpoint_dir, path=path.parent), path
+        run.truncate_metrics(step)
         print(f"resuming from {path} at step {step + 1}")
         for line in run.record_resumed_config(step, cfg.to_dict(), cfg.to_yaml()):
             print(f"  config changed: {line}")
@@ -160,19 +164,27 @@ def train(cfg: Config, config_path: str) -> int:
           f" | compile {use_compile} | {len(units)} data units | {tokens_per_step:,} tokens/step"
           + (" | DEBUG: anomaly detection, per-step logs and finiteness checks" if t.debug else ""))
 
-    loader = iter(train_loader(cfg, units, pin_memory=cfg.dataloader.pin_memory and device.type == "cuda"))
+    workers = loader_workers(cfg, units)
+    start_positions, batches_consumed, first_epoch = resume_point(cfg, workers, data_resume)
+    loader = iter(train_loader(cfg, units, workers, start_positions, batches_consumed, first_epoch,
+                               pin_memory=cfg.dataloader.pin_memory and device.type == "cuda"))
+    # each reader's position after the batches consumed so far: the checkpoint's data position
+    positions = {p["reader"]: p for p in start_positions}
     sample_generator = torch.Generator(device=device)
     stop = GracefulStop()
     model.train()
     start = last_log = time.perf_counter()
-    loss_sum, loss_count, steps_since_log, last_saved = 0.0, 0, 0, None
+    loss_sum, loss_count, steps_since_log = 0.0, 0, 0
 
-    def save(step):
-        state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "model_config": dataclasses.asdict(cfg.to_bdh_config()),
+    def save(step, name=None):
+        state = {"step": step, "best_val_loss": best_val_loss, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "model_config": dataclasses.asdict(cfg.to_bdh_config()),
                  "config": cfg.to_dict(), "rng": rng_state(device),
+                 "data": {"order": data_order(cfg, workers), "batches": batches_consumed,
+                          "positions": [positions[r] for r in sorted(positions)]},
                  "versions": {"torch": str(torch.__version__), "project": PROJECT_VERSION}}
-        return run.save(step, state, cfg.to_yaml())
+        return run.save(step, state, cfg.to_yaml(), name)
 
     while step < t.max_iters:
         step += 1
@@ -180,7 +192,9 @@ def train(cfg: Config, config_path: str) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         for _ in range(t.gradient_accumulation_steps):
-            x, y = next(loader)
+            x, y, position = next(loader)
+            positions[position["reader"]] = position
+            batches_consumed += 1
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if t.debug and step == 1 and loss_count == 0:
                 print(f"first batch {tuple(x.shape)}: {decode(x[0, :80].tolist())!r}")
@@ -203,7 +217,7 @@ def train(cfg: Config, config_path: str) -> int:
                 raise non_finite("the training loss", step, last_saved)
             now = time.perf_counter()
             ms = (now - last_log) * 1000 / steps_since_log
-            record = {"step": step, "train_loss": round(train_loss, 5), "lr": lr,
+            record = {"step": step, "train_loss": train_loss, "lr": lr,
                       "tokens_per_s": round(tokens_per_step * 1000 / ms), "ms_per_step": round(ms, 2),
                       "elapsed_s": round(now - start, 2)}
             print(f"step {step}/{t.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | "
@@ -215,13 +229,17 @@ def train(cfg: Config, config_path: str) -> int:
         if step % t.test_freq == 0 or step == t.max_iters:
             val_loss, sample = evaluate(model, val_batches, device, autocast, sample_generator)
             print(f"step {step}: val loss {val_loss:.4f}\n--- sample ---\n{sample}\n--------------", flush=True)
-            run.log({"step": step, "val_loss": round(val_loss, 5), "sample": sample})
+            run.log({"step": step, "val_loss": val_loss, "sample": sample})
+            if val_loss < best_val_loss:
+                best_val_loss = val_loss
+                print(f"saved {save(step, name='best.pt')} (best validation loss so far)", flush=True)
             last_log = time.perf_counter()  # evaluation time is not training time
 
         if step % t.checkpoint_freq == 0 or step == t.max_iters or stop.signal_name:
             if not all(p.isfinite().all() for p in model.parameters()):
                 raise non_finite("a weight", step, last_saved)
             last_saved = save(step)
+            run.prune(t.keep_last_n)
             print(f"saved {last_saved}", flush=True)
             last_log = time.perf_counter()
         if stop.signal_name:
@@ -235,8 +253,8 @@ def train(cfg: Config, config_path: str) -> int:
 def non_finite(what: str, step: int, last_saved) -> TrainingError:
     where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
     return TrainingError(f"{what} is not finite at step {step} (nothing saved; {where}): lower "
-                      f"training.learning_rate, set training.grad_clip, or use training.debug=true "
-                      f"to find the operation")
+                         f"training.learning_rate, set training.grad_clip, or use "
+                         f"training.debug=true to find the operation")
 
 
 def one_line(e: Exception) -> str:

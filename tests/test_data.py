@@ -73,7 +73,7 @@ def test_epoch_windows_partition_the_reader_stream(corpus):
         stream = split_stream(mine, "train")
         got = collections.Counter()
         n = 0
-        for x, y in ds.epoch_batches(ParquetFileCache(4), reader, 2, epoch=0):
+        for x, y, _ in ds.epoch_batches(ParquetFileCache(4), reader, 2, epoch=0):
             assert x.shape == (B, T) and torch.equal(x[:, 1:], y[:, :-1])
             for row in x:
                 got.update(row.tolist())
@@ -92,7 +92,7 @@ def test_validation_stream_is_exact_and_repeatable(corpus):
     T = 16
     stream = split_stream(units, "val")
     first = list(batches_of(units, split="val", T=T, B=1))
-    rebuilt = np.concatenate([x[0].numpy() for x, _ in first] + [first[-1][1][0, -1:].numpy()])
+    rebuilt = np.concatenate([x[0].numpy() for x, _, _ in first] + [first[-1][1][0, -1:].numpy()])
     assert np.array_equal(rebuilt, stream[: len(rebuilt)])
     assert len(stream) - len(rebuilt) < T + 1
     second = list(batches_of(units, split="val", T=T, B=1))
@@ -107,7 +107,7 @@ def test_validation_documents_never_appear_in_training(corpus):
     assert len(val_heads | train_heads) == 3 * 40
     assert 0.05 < len(val_heads) / 120 < 0.4  # val_fraction 0.2
     ds = batches_of(units, T=32, B=1)
-    seen = b"".join(window_text(x[0], y[0]) for x, y in ds.epoch_batches(ParquetFileCache(4), 0, 1, 0))
+    seen = b"".join(window_text(x[0], y[0]) for x, y, _ in ds.epoch_batches(ParquetFileCache(4), 0, 1, 0))
     assert not (set(re.findall(rb"<\d\d-\d\d\d>", seen)) & val_heads)
 
 
@@ -235,3 +235,37 @@ def test_sample_corpus_is_deterministic(tmp_path):
     for name in one:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
     assert len(list_units(tmp_path / "one", "text")) >= 1
+
+
+def test_too_little_training_data_is_an_error_not_a_hang(tmp_path):
+    write_parquet(tmp_path / "a.parquet", ["tiny"] * 3, 4)
+    ds = batches_of(list_units(tmp_path, "text"), T=64, B=4, val_fraction=1e-9)
+    with pytest.raises(DataError, match="got no complete batch"):
+        next(iter(ds))
+
+
+def test_a_saved_position_continues_the_same_batches(corpus):
+    units = list_units(corpus, "text")
+    ds = batches_of(units, T=16, B=3)
+    cache = ParquetFileCache(4)
+    full = list(ds.epoch_batches(cache, 1, 2, epoch=2))
+    assert len(full) > 6
+    for k in (0, 3, len(full) - 1):
+        position = full[k][2]
+        rest = list(ds.epoch_batches(cache, 1, 2, epoch=2, start=position))
+        assert len(rest) == len(full) - k - 1
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, full[k + 1:]))
+
+
+def test_dataloader_resumes_with_the_worker_whose_batch_was_due(corpus):
+    units = list_units(corpus, "text")
+    straight = loader_batches(units, 2, 10)
+    consumed = 5  # the next batch comes from reader 5 % 2 = 1
+    positions = {}
+    for _, _, p in straight[:consumed]:
+        positions[p["reader"]] = p
+    ds = ParquetBatches(units, "train", 16, 2, 0, 0.2, "text", 4, positions=list(positions.values()),
+                        rotation=consumed % 2)
+    it = iter(DataLoader(ds, batch_size=None, num_workers=2))
+    resumed = [next(it) for _ in range(5)]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed, straight[consumed:]))

@@ -44,7 +44,7 @@ def test_run_directory_holds_resolved_config_checkpoints_and_metrics(tmp_path, c
 
 
 def test_no_run_directory_before_the_first_checkpoint(tmp_path, corpus, monkeypatch, capsys):
-    path = write_config(tmp_path, corpus, checkpoint_freq=100, max_iters=50)
+    path = write_config(tmp_path, corpus, checkpoint_freq=100, test_freq=100, max_iters=50)
     real = train.learning_rate
 
     def interrupt_at_step_3(step, t):
