@@ -45,6 +45,7 @@ class TrainingConfig:
     seed: int = 1337
     device: str = "auto"
     compile: typing.Union[bool, str] = "auto"
+    activation_checkpointing: bool = False
 
 
 @dataclass

@@ -19,13 +19,11 @@ Train/validation split: each document goes to validation with probability datase
 decided by a hash of (seed, file, row group, row): fixed by the seed, independent of workers.
 
     python data.py --from-text FILE [FILE ...] --out DIR   # text files -> parquet shards
-    python data.py --bench [--config X] [overrides]         # loader throughput
 """
 import argparse
 import hashlib
 import itertools
 import sys
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -415,40 +413,6 @@ def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int:
 
 # ---------------------------------------------------------------- command line
 
-def _bench(cfg, seconds=10.0):
-    """Loader throughput against the rate at which the configured model consumes batches
-    (forward, backward and AdamW step on CPU, float32), measured in the same run."""
-    from model import BDH
-    t = cfg.training
-    units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
-    it = iter(train_loader(cfg, units, loader_workers(cfg, units)))
-    next(it)  # workers started
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        next(it)
-        n += 1
-    loader_rate = n / (time.perf_counter() - start)
-    del it
-    torch.manual_seed(t.seed)
-    model = BDH(cfg.to_bdh_config())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate)
-    x = torch.randint(0, 256, (t.batch_size, t.block_size))
-    steps, start = -2, None  # two warm-up steps
-    while start is None or time.perf_counter() - start < seconds:
-        _, loss = model(x, x)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        steps += 1
-        if steps == 0:
-            start = time.perf_counter()
-    model_rate = steps / (time.perf_counter() - start)
-    print(f"loader: {loader_rate:,.0f} batches/s ({loader_rate * t.batch_size * t.block_size / 1e6:,.1f} M "
-          f"tokens/s, num_workers {cfg.dataloader.num_workers}) | model training: {model_rate:,.2f} "
-          f"batches/s | loader / model = {loader_rate / model_rate:,.0f}x "
-          f"(batch {t.batch_size} x {t.block_size}, {torch.get_num_threads()} threads)")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--from-text", nargs="+", metavar="FILE", help="text files to convert")
@@ -456,9 +420,6 @@ def main(argv=None):
     parser.add_argument("--chunk-bytes", type=int, default=8192,
                         help="cut long files at line boundaries into documents of about this "
                              "many bytes (0: one document per file)")
-    parser.add_argument("--bench", action="store_true", help="measure loader throughput")
-    parser.add_argument("--config", default="config.yaml")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     try:
         if args.from_text:
@@ -466,15 +427,6 @@ def main(argv=None):
                 parser.error("--from-text needs --out DIR")
             n = text_files_to_parquet(args.from_text, args.out, args.chunk_bytes)
             print(f"wrote {n} documents to {args.out}")
-        elif args.bench:
-            from config import Config, ConfigError
-            try:
-                cfg = Config.from_yaml(args.config, args.overrides)
-            except ConfigError as e:
-                print(e, file=sys.stderr)
-                return 2
-            ensure_sample_corpus(cfg)
-            _bench(cfg)
         else:
             parser.print_help()
     except DataError as e:

@@ -3,7 +3,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model import BDH, BDHConfig
+from model import BDH, TILE, BDHConfig, LayerStack, rope_cos_sin, rope_frequencies
+from reference import reference_forward, reference_generate
 
 
 def reference_logits(params, cfg: BDHConfig, idx):
@@ -136,15 +137,65 @@ def test_loss_is_cross_entropy_of_the_logits():
     assert torch.allclose(loss, F.cross_entropy(logits.reshape(-1, 256), tgt.reshape(-1)))
 
 
-def test_generate_greedy_and_sampling():
-    model, _ = small_model()
-    prompt = torch.randint(0, 256, (1, 5))
-    greedy = model.generate(prompt, 8, temperature=0)
-    assert greedy.shape == (1, 13) and torch.equal(greedy[:, :5], prompt)
-    expected = prompt
-    for _ in range(8):  # full recompute, argmax at each step
-        expected = torch.cat([expected, model(expected)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(greedy, expected)
-    assert torch.equal(model.generate(prompt, 8, top_k=1), greedy)
+def gradients(model, forward, idx, tgt):
+    model.zero_grad()
+    logits, loss = forward(idx, tgt)
+    loss.backward()
+    return logits, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def test_fast_path_matches_the_straightforward_implementation_forward_and_gradients():
+    for checkpointing in (False, True):
+        for T in (1, 7, TILE, TILE + 1, 2 * TILE + 37):  # ragged last tiles included
+            model, _ = small_model(std=0.1)
+            model.activation_checkpointing = checkpointing
+            idx, tgt = torch.randint(0, 256, (2, T)), torch.randint(0, 256, (2, T))
+            fast_logits, fast = gradients(model, model, idx, tgt)
+            ref_logits, ref = gradients(model, lambda i, t: reference_forward(model, i, t), idx, tgt)
+            assert torch.allclose(fast_logits, ref_logits, rtol=1e-5, atol=1e-5 * ref_logits.abs().max().item())
+            for name in ref:
+                scale = ref[name].abs().max()
+                assert (fast[name] - ref[name]).abs().max() <= 1e-5 * scale, (checkpointing, T, name)
+
+
+def test_layer_stack_backward_passes_gradcheck_with_dropout_and_checkpointing():
+    torch.manual_seed(0)
+    B, T, D, H, N = 2, TILE + 6, 8, 2, 6
+    x = torch.randn(B, T, D, dtype=torch.double, requires_grad=True)
+    weights = [(torch.randn(*shape, dtype=torch.double) * 0.5).requires_grad_()
+               for shape in ((H, D, N), (H, D, N), (H * N, D))]
+    cos, sin = (t.double() for t in rope_cos_sin(rope_frequencies(N), torch.arange(T)))
+    for dropout in (0.0, 0.3):
+        for checkpoint in (False, True):
+            def stack(x, encoder, encoder_v, decoder):
+                torch.manual_seed(1)  # the same dropout mask at every evaluation
+                return LayerStack.apply(x, encoder, encoder_v, decoder, cos, sin, 2, dropout, checkpoint)
+            assert torch.autograd.gradcheck(stack, (x, *weights), fast_mode=True)
+
+
+def test_recurrent_generation_matches_full_recompute():
+    model, _ = small_model(std=0.1)
+    prompt = torch.randint(0, 256, (2, 9))
+    greedy = model.generate(prompt, 20, temperature=0, prompt_chunk=4)  # several prompt chunks
+    assert greedy.shape == (2, 29) and torch.equal(greedy[:, :9], prompt)
+    assert torch.equal(greedy, reference_generate(model, prompt, 20, temperature=0))
+    assert torch.equal(model.generate(prompt, 20, top_k=1), greedy)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(model.generate(prompt, 8, generator=g1), model.generate(prompt, 8, generator=g2))
+    assert torch.equal(model.generate(prompt, 20, generator=g1), model.generate(prompt, 20, generator=g2))
+
+
+@torch.no_grad()
+def test_recurrent_state_gives_the_parallel_logits():
+    model, cfg = small_model(std=0.1)
+    idx = torch.randint(0, 256, (1, 2 * TILE + 3))
+    states = [torch.zeros(cfg.n_head, 1, cfg.n_latent, cfg.n_embd) for _ in range(cfg.n_layer)]
+    x = model._advance(layer_norm_of_embedding(model, idx[:, :50]), states, 0)
+    steps = [model._advance(layer_norm_of_embedding(model, idx[:, t:t + 1]), states, t)
+             for t in range(50, idx.size(1))]
+    recurrent = torch.cat([x] + steps, dim=1) @ model.lm_head
+    parallel = model(idx)[0]
+    assert torch.allclose(recurrent, parallel, atol=1e-5 * parallel.abs().max().item())
+
+
+def layer_norm_of_embedding(model, idx):
+    return F.layer_norm(model.embed(idx), (model.config.n_embd,), eps=1e-5)

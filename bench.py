@@ -1,0 +1,257 @@
+"""Benchmark: model.py against the straightforward implementation (reference.py), side by side.
+
+    python bench.py [--config config.yaml] [--steps 10] [--json out.json] [section.key=value ...]
+
+Training step (forward, backward, AdamW) of both implementations, alternating on the same inputs:
+median ms/step, tokens/s, peak memory (CUDA: max allocated; CPU: peak RSS of a fresh process
+running the step, and that peak above the process's RSS before the first step), and on CUDA the
+MFU against a peak FLOP/s measured here with a large matmul in the same dtype. Also the data
+loader alone (against the rate the model consumes batches) and generation: 1,000 new tokens after
+a 256-token prompt, recurrent (model.py) against full recompute (reference.py).
+"""
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from config import Config, ConfigError
+from data import ensure_sample_corpus, list_units, loader_workers, train_loader
+from model import BDH
+from reference import reference_forward, reference_generate
+from train import DTYPES, pick_device, steady_host_memory
+
+IMPLEMENTATIONS = ("model.py", "reference")
+
+
+def flops_per_token(cfg: Config) -> float:
+    """Training FLOPs per token from BDH_SPEC.md: 3 x forward."""
+    m, T = cfg.model, cfg.training.block_size
+    D, H, V, L = m.n_embd, m.n_head, m.vocab_size, m.n_layer
+    N = m.mlp_internal_dim_multiplier * D // H
+    forward = L * 3 * (2 * H * N * D) + L * 2 * H * (T / 2) * (N + D) + 2 * D * V
+    return 3 * forward
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_step(cfg, device, implementation):
+    """A training step closure of one implementation, on its own copy of the same weights."""
+    torch.manual_seed(cfg.training.seed)
+    model = BDH(cfg.to_bdh_config()).to(device)
+    model.activation_checkpointing = cfg.training.activation_checkpointing
+    forward = model if implementation == "model.py" else (lambda idx, tgt: reference_forward(model, idx, tgt))
+    if device.type == "cuda" and cfg.training.compile is not False:
+        forward = torch.compile(forward)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate,
+                                  fused=device.type == "cuda")
+    dtype = DTYPES[cfg.low_precision.compute_dtype]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    def step(x, y):
+        with autocast:
+            _, loss = forward(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def peak_matmul_flops(device, dtype, n=8192, reps=10) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def bench_training(cfg, device, steps, warmup=2) -> dict:
+    t = cfg.training
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (t.batch_size, t.block_size), generator=gen).to(device)
+    y = torch.randint(0, 256, (t.batch_size, t.block_size), generator=gen).to(device)
+    results = {}
+    for name in IMPLEMENTATIONS:
+        results[name] = {"times": []}
+        results[name]["step"] = make_step(cfg, device, name)
+    for i in range(warmup + steps):  # alternate, so drift in machine speed hits both alike
+        for name in IMPLEMENTATIONS:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync(device)
+            start = time.perf_counter()
+            results[name]["step"](x, y)
+            sync(device)
+            if i >= warmup:
+                results[name]["times"].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                results[name]["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    tokens = t.batch_size * t.block_size
+    out = {}
+    for name in IMPLEMENTATIONS:
+        ms = statistics.median(results[name]["times"]) * 1000
+        out[name] = {"ms_per_step": ms, "tokens_per_s": tokens / ms * 1000}
+        if device.type == "cuda":
+            out[name]["peak_memory_bytes"] = results[name]["peak_memory_bytes"]
+    return out
+
+
+def cpu_memory_probe(args, implementation) -> dict:
+    """Peak RSS of a fresh process that runs two training steps of one implementation."""
+    cmd = [sys.executable, __file__, "--config", args.config, "--memory-probe", implementation,
+           *args.overrides]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_memory_probe(cfg, implementation):
+    t = cfg.training
+    step = make_step(cfg, torch.device("cpu"), implementation)
+    x = torch.randint(0, 256, (t.batch_size, t.block_size))
+    baseline = _current_rss()
+    for _ in range(2):
+        step(x, x)
+    print(json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": _status_kib("VmHWM") * 1024}))
+
+
+def _current_rss() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def _status_kib(field: str) -> int:
+    """From /proc/self/status (ru_maxrss would carry over the parent's peak across exec)."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
+
+
+def bench_generation(cfg, device, prompt_len=256, new_tokens=1000, samples=5) -> dict:
+    """Recurrent generation (model.py) of new_tokens after a prompt, timed whole, against full
+    recompute (reference.py), which re-runs the whole sequence for every token: its time for the
+    same tokens is the integral of one forward pass over the growing context, measured at
+    `samples` evenly spaced context lengths (trapezoid rule): running it for 1,000 tokens would
+    take an hour on a CPU."""
+    torch.manual_seed(cfg.training.seed)
+    model = BDH(cfg.to_bdh_config()).to(device).eval()
+    prompt = torch.randint(0, 256, (1, prompt_len), device=device)
+    model.generate(prompt[:, :8], 2, temperature=0)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    model.generate(prompt, new_tokens, temperature=0)
+    sync(device)
+    recurrent = time.perf_counter() - start
+    lengths = [round(prompt_len + i * (new_tokens - 1) / (samples - 1)) for i in range(samples)]
+    seconds = []
+    with torch.no_grad():
+        for T in lengths:
+            idx = torch.randint(0, 256, (1, T), device=device)
+            sync(device)
+            start = time.perf_counter()
+            reference_forward(model, idx)
+            sync(device)
+            seconds.append(time.perf_counter() - start)
+    step = (new_tokens - 1) / (samples - 1)
+    full = sum((s0 + s1) / 2 * step for s0, s1 in zip(seconds, seconds[1:])) + (seconds[0] + seconds[-1]) / 2
+    return {"prompt": prompt_len, "new_tokens": new_tokens,
+            "recurrent_tokens_per_s": new_tokens / recurrent,
+            "full_recompute_tokens_per_s": new_tokens / full,
+            "full_recompute_forward_s": dict(zip(lengths, seconds))}
+
+
+def bench_loader(cfg, model_ms_per_step, seconds=5.0) -> dict:
+    units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
+    workers = loader_workers(cfg, units)
+    it = iter(train_loader(cfg, units, workers))
+    next(it)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        next(it)
+        n += 1
+    rate = n / (time.perf_counter() - start)
+    return {"num_workers": workers, "batches_per_s": rate,
+            "model_batches_per_s": 1000 / model_ms_per_step,
+            "loader_over_model": rate * model_ms_per_step / 1000}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark model.py against reference.py.")
+    parser.add_argument("--config", default="config.yaml")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per implementation")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--skip", nargs="+", action="extend", default=[],
+                        choices=("memory", "loader", "generation"), help="parts not to measure")
+    parser.add_argument("--memory-probe", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    steady_host_memory()  # as train.py does, for both implementations
+    try:
+        cfg = Config.from_yaml(args.config, args.overrides)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    if args.memory_probe:
+        run_memory_probe(cfg, args.memory_probe)
+        return 0
+    device = pick_device(cfg.training.device)
+    t, m = cfg.training, cfg.model
+    print(f"device {device} ({torch.get_num_threads()} threads) | {cfg.low_precision.compute_dtype} | "
+          f"L{m.n_layer} D{m.n_embd} H{m.n_head} N{m.mlp_internal_dim_multiplier * m.n_embd // m.n_head} "
+          f"| batch {t.batch_size} x T {t.block_size} | torch {torch.__version__}")
+    results = {"device": str(device), "config": cfg.to_dict(), "torch": str(torch.__version__)}
+    results["training"] = training = bench_training(cfg, device, args.steps)
+    if device.type == "cuda":
+        peak = peak_matmul_flops(device, DTYPES[cfg.low_precision.compute_dtype])
+        results["peak_flops"] = peak
+        for r in training.values():
+            r["mfu"] = r["tokens_per_s"] * flops_per_token(cfg) / peak
+    elif "memory" not in args.skip:
+        for name in IMPLEMENTATIONS:
+            training[name].update(cpu_memory_probe(args, name))
+            training[name]["peak_memory_bytes"] = training[name]["peak_rss_bytes"]
+
+    fast, ref = training["model.py"], training["reference"]
+    print(f"{'training step':<16}{'model.py':>14}{'reference':>14}{'ratio':>10}")
+    print(f"{'tokens/s':<16}{fast['tokens_per_s']:>14,.0f}{ref['tokens_per_s']:>14,.0f}"
+          f"{fast['tokens_per_s'] / ref['tokens_per_s']:>9.2f}x")
+    print(f"{'ms/step':<16}{fast['ms_per_step']:>14.1f}{ref['ms_per_step']:>14.1f}")
+    if "peak_memory_bytes" in fast:
+        label = "peak MiB" if device.type == "cuda" else "peak RSS MiB"
+        print(f"{label:<16}{fast['peak_memory_bytes'] / 2**20:>14,.0f}{ref['peak_memory_bytes'] / 2**20:>14,.0f}"
+              f"{fast['peak_memory_bytes'] / ref['peak_memory_bytes']:>9.2f}x")
+    if "baseline_rss_bytes" in fast:
+        above = {n: training[n]["peak_rss_bytes"] - training[n]["baseline_rss_bytes"] for n in IMPLEMENTATIONS}
+        print(f"{'step MiB':<16}{above['model.py'] / 2**20:>14,.0f}{above['reference'] / 2**20:>14,.0f}"
+              f"{above['model.py'] / above['reference']:>9.2f}x   (peak RSS above RSS before the first step)")
+    if "mfu" in fast:
+        print(f"{'MFU':<16}{fast['mfu']:>14.1%}{ref['mfu']:>14.1%}   (peak {results['peak_flops'] / 1e12:,.0f} TFLOP/s measured)")
+
+    if "loader" not in args.skip:
+        ensure_sample_corpus(cfg)
+        results["loader"] = loader = bench_loader(cfg, fast["ms_per_step"])
+        print(f"loader: {loader['batches_per_s']:,.0f} batches/s with {loader['num_workers']} workers; the "
+              f"model consumes {loader['model_batches_per_s']:,.2f}/s: {loader['loader_over_model']:,.0f}x")
+    if "generation" not in args.skip:
+        results["generation"] = gen = bench_generation(cfg, device)
+        rec, full = gen["recurrent_tokens_per_s"], gen["full_recompute_tokens_per_s"]
+        print(f"generation, {gen['new_tokens']} tokens after a {gen['prompt']}-token prompt: recurrent "
+              f"{rec:,.2f} tokens/s, full recompute {full:,.3f} tokens/s: {rec / full:,.0f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=lambda o: None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
