@@ -195,16 +195,16 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-probe", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
-    steady_host_memory()  # as train.py does, for both implementations
     try:
         cfg = Config.from_yaml(args.config, args.overrides)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
+    device = pick_device(cfg.training.device)
+    steady_host_memory(cfg, device)  # as train.py does, for both implementations
     if args.memory_probe:
         run_memory_probe(cfg, args.memory_probe)
         return 0
-    device = pick_device(cfg.training.device)
     t, m = cfg.training, cfg.model
     print(f"device {device} ({torch.get_num_threads()} threads) | {cfg.low_precision.compute_dtype} | "
           f"L{m.n_layer} D{m.n_embd} H{m.n_head} N{m.mlp_internal_dim_multiplier * m.n_embd // m.n_head} "

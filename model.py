@@ -3,13 +3,15 @@
 Parameter names and shapes are the checkpoint format: embed.weight, encoder, encoder_v,
 decoder, lm_head. The same encoder / encoder_v / decoder are used by every layer.
 
-Training runs each layer as one autograd Function with a hand-written backward (see Layer):
+Training runs the layer stack as one autograd Function with a hand-written backward (LayerStack):
 - the attention r·rᵀ is computed only in tiles on or below the diagonal, forward and backward;
-- between forward and backward a layer keeps one (B, H, T, N) activation (a = relu(x @ encoder)),
-  the dropout mask as bits, and (B, H, T, T) / (B, T, D)-sized tensors; everything else is
-  recomputed. With activation_checkpointing it keeps only its input and recomputes the layer.
+- between forward and backward a layer keeps one (H, B, T, N) activation (a = relu(x @ encoder)),
+  its dropout mask as bits, and (H, B, T, T) / (B, T, D)-sized tensors; everything else is
+  recomputed. With activation_checkpointing it keeps only its input and recomputes the layer;
+- the weights are shared by all layers, so their gradients accumulate in place across layers.
+reference.py holds the straightforward implementation that the tests compare this one against.
 Generation uses the recurrent form: a state of size N x D per layer and head, so each new token
-costs the same whatever the context (see BDH.generate).
+costs the same whatever the context (BDH.generate).
 """
 import math
 from dataclasses import dataclass
@@ -131,6 +133,15 @@ def layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop, dropout):
     return layer_norm(s), (a, scores, y_kv, m_pre, s)
 
 
+def accumulate(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor):
+    """total += left @ right (batched). Under autocast the product is low precision and the
+    sum float32, as autograd would accumulate a shared weight's gradient."""
+    if left.dtype == right.dtype == total.dtype:
+        total.baddbmm_(left, right)
+    else:
+        total += torch.bmm(left, right)
+
+
 def layer_backward(grad_out, x, encoder, encoder_v, decoder, cos, sin, drop, dropout, saved, grads):
     """Gradient of layer_forward: returns the gradient for x, adds the weight gradients into
     grads (encoder, encoder_v, decoder-shaped (H, N, D) buffers) in place."""
@@ -152,7 +163,7 @@ def layer_backward(grad_out, x, encoder, encoder_v, decoder, cos, sin, drop, dro
         z_slice = torch.mul(a[..., n0:n1], b[..., n0:n1], out=z[..., :n1 - n0])
         if drop is not None:
             z_slice.masked_fill_(drop[..., n0:n1], 0.0)
-        grad_decoder[:, n0:n1].baddbmm_(z_slice.transpose(-1, -2), grad_m_pre)
+        accumulate(grad_decoder[:, n0:n1], z_slice.transpose(-1, -2), grad_m_pre)
     del z, z_slice
     grad_z = torch.bmm(grad_m_pre, decoder.view(H, N, D).transpose(-1, -2))  # (H, B*T, N)
     if drop is not None:
@@ -161,7 +172,7 @@ def layer_backward(grad_out, x, encoder, encoder_v, decoder, cos, sin, drop, dro
     grad_a = b.mul_(grad_z)  # b is not needed after this: reuse its memory
     grad_v = grad_z.mul_(a).masked_fill_(b_zero, 0.0)  # through b = relu(v), v = y @ encoder_v
     del b, b_zero
-    grad_encoder_v.baddbmm_(y.transpose(-1, -2), grad_v)
+    accumulate(grad_encoder_v, y.transpose(-1, -2), grad_v)
     grad_y_kv = layer_norm_backward(y_kv, (grad_v @ encoder_v.transpose(-1, -2)).view(H, B, T, D))
     del grad_v
 
@@ -182,7 +193,7 @@ def layer_backward(grad_out, x, encoder, encoder_v, decoder, cos, sin, drop, dro
             rotate_pairs(g, out=rotated[:, :i1 - i0]).view(H, B, i1 - i0, N), sin[i0:i1], value=-1)
     del r, grad_r, rotated
     grad_u = grad_a.masked_fill_(a == 0, 0.0)  # through a = relu(x @ encoder)
-    grad_encoder.baddbmm_(x.view(1, B * T, D).transpose(-1, -2).expand(H, -1, -1), grad_u)
+    accumulate(grad_encoder, x.view(1, B * T, D).transpose(-1, -2).expand(H, -1, -1), grad_u)
     return grad_x + (grad_u @ encoder.transpose(-1, -2)).sum(0).view(B, T, D)
 
 
@@ -199,7 +210,8 @@ class LayerStack(torch.autograd.Function):
         for _ in range(n_layer):
             drop = torch.rand(H, B * T, N, device=x.device) < dropout if dropout > 0 else None
             out, layer_saved = layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop, dropout)
-            saved += [x, None if drop is None else pack_bits(drop), *((None,) * 5 if checkpoint else layer_saved)]
+            saved += [x, None if drop is None else pack_bits(drop),
+                      *((None,) * 5 if checkpoint else layer_saved)]  # 7 entries per layer
             x = out
         ctx.n_layer, ctx.dropout, ctx.checkpoint = n_layer, dropout, checkpoint
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
@@ -212,7 +224,8 @@ class LayerStack(torch.autograd.Function):
         device_type, autocast_enabled, autocast_dtype = ctx.autocast
         encoder, encoder_v, decoder, cos, sin, *saved = ctx.saved_tensors
         (H, D, N), dropout = encoder.shape, ctx.dropout
-        grads = [torch.zeros_like(encoder), torch.zeros_like(encoder_v), torch.zeros(H, N, D, dtype=decoder.dtype, device=decoder.device)]
+        grads = [torch.zeros_like(encoder), torch.zeros_like(encoder_v),
+                 decoder.new_zeros(H, N, D)]  # decoder's gradient, per head
         grad_x = grad_out
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
             for layer in reversed(range(ctx.n_layer)):
@@ -237,7 +250,7 @@ class BDH(nn.Module):
         self.encoder_v = nn.Parameter(torch.empty(H, D, N))
         self.decoder = nn.Parameter(torch.empty(H * N, D))
         self.lm_head = nn.Parameter(torch.empty(D, V))
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = nn.Dropout(config.dropout)  # reference.py's dropout; LayerStack draws its own masks
         self.activation_checkpointing = False  # set by train.py from training.activation_checkpointing
         self.register_buffer("rope_freqs", rope_frequencies(N), persistent=False)
         # The original implementation stored its RoPE table as "attn.freqs"; it is derived

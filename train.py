@@ -41,15 +41,19 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def steady_host_memory():
-    """glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed; after that
-    the 16-32 MiB masks of a training step are carved from the heap and fragment it, adding
-    hundreds of MiB of peak RSS on CPU. A fixed 16 MiB threshold gives such tensors their own
-    mappings, returned to the system when freed. No effect on other C libraries."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+def steady_host_memory(cfg: Config, device: torch.device):
+    """CPU training of a model whose (H, B, T, N) latents exceed glibc's dynamic mmap range
+    (32 MiB): those are mmapped anyway, but glibc then raises its mmap threshold and carves the
+    step's 4-32 MiB masks and tiles from the heap, which fragments it: peak RSS grows by hundreds
+    of MiB. A fixed 4 MiB threshold gives them their own mappings. Smaller models keep glibc's
+    default, which reuses their tensors without page faults."""
+    m, t = cfg.model, cfg.training
+    latent_bytes = 4 * t.batch_size * t.block_size * m.mlp_internal_dim_multiplier * m.n_embd
+    if device.type == "cpu" and latent_bytes > 32 << 20:
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass  # not glibc
 
 
 def learning_rate(step: int, t) -> float:
@@ -128,6 +132,7 @@ def evaluate(model, val_batches, device, autocast, generator) -> tuple[float, st
 def train(cfg: Config, config_path: str) -> int:
     t = cfg.training
     device = pick_device(t.device)
+    steady_host_memory(cfg, device)
     dtype = DTYPES[cfg.low_precision.compute_dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     log_freq = 1 if t.debug else t.log_freq
@@ -292,7 +297,6 @@ def main(argv=None) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    steady_host_memory()
     try:
         return train(cfg, args.config)
     except (DataError, CheckpointError, TrainingError) as e:

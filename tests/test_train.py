@@ -191,3 +191,17 @@ def test_non_finite_loss_stops_without_saving_a_nan_model(tmp_path, corpus, monk
     assert "not finite at step 4" in err and "checkpoint_2.pt" in err
     [run] = run_dirs(tmp_path)
     assert [p.name for p in run.glob("checkpoint_*.pt")] == ["checkpoint_2.pt"]
+
+
+def test_activation_checkpointing_reaches_the_model(tmp_path, corpus, monkeypatch):
+    seen = []
+    real_apply = train.BDH.forward
+
+    def spy(self, idx, targets=None):
+        seen.append(self.activation_checkpointing)
+        return real_apply(self, idx, targets)
+
+    monkeypatch.setattr(train.BDH, "forward", spy)
+    path = write_config(tmp_path, corpus, max_iters=1, test_freq=100)
+    assert train.main(["--config", str(path), "training.activation_checkpointing=true"]) == 0
+    assert seen and all(seen)
