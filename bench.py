@@ -10,7 +10,6 @@ loader alone (against the rate the model consumes batches) and generation: 1,000
 a 256-token prompt, recurrent (model.py) against full recompute (reference.py).
 """
 import argparse
-import copy
 import json
 import statistics
 import subprocess
@@ -23,7 +22,7 @@ import torch
 from config import Config, ConfigError
 from data import ensure_sample_corpus, list_units, loader_workers, train_loader
 from model import BDH
-from reference import reference_forward, reference_generate
+from reference import reference_forward
 from train import DTYPES, pick_device, steady_host_memory
 
 IMPLEMENTATIONS = ("model.py", "reference")

@@ -22,7 +22,6 @@ decided by a hash of (seed, file, row group, row): fixed by the seed, independen
 """
 import argparse
 import hashlib
-import itertools
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass

@@ -11,7 +11,6 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -4,6 +4,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -42,6 +43,14 @@ def tiny_config_dict(tmp_path, data_dir, **training):
         "dataset": {"parquet_dir": str(data_dir), "val_fraction": 0.2},
         "low_precision": {"compute_dtype": "float32"},
     }
+
+
+def write_config(tmp_path, corpus, name="exp.yaml", model=None, **training):
+    raw = tiny_config_dict(tmp_path, corpus, **training)
+    raw["model"].update(model or {})
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 @pytest.fixture

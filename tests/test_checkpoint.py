@@ -9,20 +9,11 @@ import time
 
 import pytest
 import torch
-import yaml
 
 import checkpoint
 import train
 from checkpoint import checkpoints_in, clean_stale_temporaries, load_checkpoint
-from conftest import ROOT, tiny_config_dict
-
-
-def write_config(tmp_path, corpus, name="exp.yaml", model=None, **training):
-    raw = tiny_config_dict(tmp_path, corpus, **training)
-    raw["model"].update(model or {})
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
-    return path
+from conftest import ROOT, write_config
 
 
 def start(config, *overrides):

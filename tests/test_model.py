@@ -9,7 +9,7 @@ from reference import reference_forward, reference_generate
 
 def reference_logits(params, cfg: BDHConfig, idx):
     """BDH_SPEC.md written out directly: per head, explicit phases and pair rotation, float64."""
-    D, H, N, L = cfg.n_embd, cfg.n_head, cfg.n_latent, cfg.n_layer
+    H, N, L = cfg.n_head, cfg.n_latent, cfg.n_layer
     B, T = idx.shape
     p = {k: v.double() for k, v in params.items()}
 

@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -12,13 +11,7 @@ import yaml
 import train
 from checkpoint import RunDir, load_checkpoint, resolve_resume
 from config import Config
-from conftest import ROOT, tiny_config_dict
-
-
-def write_config(tmp_path, corpus, **training):
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path, corpus, **training)))
-    return path
+from conftest import ROOT, tiny_config_dict, write_config
 
 
 def run_dirs(tmp_path):
