@@ -114,9 +114,15 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path, co
     assert kills_inside_a_write >= 1
     finish(config, "training.resume_from_checkpoint=latest")  # also removes leftover temporaries
     run = only_run(ck)
-    assert load_checkpoint(checkpoints_in(run)[-1])["step"] == 30
+    final = load_checkpoint(checkpoints_in(run)[-1])
+    assert final["step"] == 30
     assert not [p for p in run.iterdir() if ".tmp" in p.name]
     assert len(checkpoints_in(run)) == 2  # keep_last_n
+    # and the interrupted run ends exactly where one that was never interrupted does
+    finish(config, f"training.checkpoint_dir={tmp_path / 'straight'}")
+    straight = load_checkpoint(checkpoints_in(only_run(tmp_path / "straight"))[-1])
+    assert all(torch.equal(final["model"][k], straight["model"][k]) for k in straight["model"])
+    assert losses(run)[30] == losses(only_run(tmp_path / "straight"))[30]
 
 
 def test_a_failed_write_is_reported_and_earlier_checkpoints_survive(tmp_path, corpus, monkeypatch, capsys):
