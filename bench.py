@@ -20,9 +20,10 @@ from contextlib import nullcontext
 import torch
 
 from config import Config, ConfigError
-from data import ensure_sample_corpus, list_units, loader_workers, train_loader
+from data import list_units, loader_workers, train_loader
 from model import BDH
 from reference import reference_forward
+from shards import ensure_sample_corpus
 from train import DTYPES, pick_device, steady_host_memory
 
 IMPLEMENTATIONS = ("model.py", "reference")

@@ -324,92 +324,6 @@ def _first_line(e):
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-# ---------------------------------------------------------------- writing parquet shards
-
-def split_text(text: str, chunk_bytes: int) -> list[str]:
-    """Cut a long text at line boundaries into pieces of about chunk_bytes (0: keep whole).
-    Nothing is lost: the pieces concatenate back to the text."""
-    if chunk_bytes <= 0 or len(text) <= chunk_bytes:
-        return [text] if text else []
-    pieces, start = [], 0
-    while start < len(text):
-        end = text.find("\n", start + chunk_bytes)
-        end = len(text) if end < 0 else end + 1
-        pieces.append(text[start:end])
-        start = end
-    return pieces
-
-
-def write_shards(documents, out_dir, docs_per_shard=16384, row_group_bytes=128 * 1024) -> int:
-    """Write an iterable of strings as parquet shards part-00000.parquet, ... with a `text`
-    column and row groups of about row_group_bytes. Returns the number of documents."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shard, n_docs, n_shards = [], 0, 0
-
-    def flush():
-        nonlocal shard, n_shards
-        if not shard:
-            return
-        writer = pq.ParquetWriter(out_dir / f"part-{n_shards:05d}.parquet", pa.schema([("text", pa.string())]))
-        group, size = [], 0
-        for doc in shard + [None]:
-            if doc is None or (group and size + len(doc) > row_group_bytes):
-                writer.write_table(pa.table({"text": pa.array(group, pa.string())}))
-                group, size = [], 0
-            if doc is not None:
-                group.append(doc)
-                size += len(doc)
-        writer.close()
-        shard, n_shards = [], n_shards + 1
-
-    for doc in documents:
-        shard.append(doc)
-        n_docs += 1
-        if len(shard) == docs_per_shard:
-            flush()
-    flush()
-    return n_docs
-
-
-def text_files_to_parquet(files, out_dir, chunk_bytes=8192) -> int:
-    def documents():
-        for f in files:
-            try:
-                raw = Path(f).read_bytes()
-            except OSError as e:
-                raise DataError(f"{f}: cannot read ({e.strerror})")
-            yield from split_text(raw.decode("utf-8", errors="replace"), chunk_bytes)
-    return write_shards(documents(), out_dir)
-
-
-def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int:
-    """The built-in sample corpus: this machine's Python standard library sources (tests
-    excluded), in sorted order, up to max_bytes. Built into a temporary folder then renamed."""
-    import os
-    import sysconfig
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"}
-    sources = sorted(p for p in stdlib.rglob("*.py")
-                     if not skip.intersection(p.relative_to(stdlib).parts))
-    docs, total = [], 0
-    for p in sources:
-        text = p.read_text(encoding="utf-8", errors="replace")
-        if total + len(text) > max_bytes:
-            break
-        docs.extend(split_text(text, 8192))
-        total += len(text)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")
-    n = write_shards(docs, tmp)
-    try:
-        tmp.rename(out_dir)
-    except OSError:  # another process built it first
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-    return n
-
-
 # ---------------------------------------------------------------- command line
 
 def main(argv=None):
@@ -424,6 +338,7 @@ def main(argv=None):
         if args.from_text:
             if not args.out:
                 parser.error("--from-text needs --out DIR")
+            from shards import text_files_to_parquet
             n = text_files_to_parquet(args.from_text, args.out, args.chunk_bytes)
             print(f"wrote {n} documents to {args.out}")
         else:
@@ -432,15 +347,6 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-def ensure_sample_corpus(cfg):
-    from config import DEFAULT_SAMPLE_DIR
-    d = cfg.dataset.parquet_dir
-    if d == DEFAULT_SAMPLE_DIR and not Path(d).exists():
-        print(f"building the sample corpus in {d} from the Python standard library ...")
-        n = build_stdlib_corpus(d)
-        print(f"  {n} documents")
 
 
 if __name__ == "__main__":

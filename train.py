@@ -18,9 +18,10 @@ import torch
 from checkpoint import (PROJECT_VERSION, CheckpointError, RunDir, clean_stale_temporaries,
                         load_checkpoint, model_config_mismatch, resolve_resume)
 from config import Config, ConfigError
-from data import (DataError, data_order, decode, ensure_sample_corpus, list_units, loader_workers,
-                  resume_point, train_loader, validation_batches)
+from data import (DataError, data_order, decode, list_units, loader_workers, resume_point,
+                  train_loader, validation_batches)
 from model import BDH
+from shards import ensure_sample_corpus
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SAMPLE_TOKENS = 200
