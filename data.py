@@ -22,6 +22,7 @@ decided by a hash of (seed, file, row group, row): fixed by the seed, independen
 """
 import argparse
 import hashlib
+import signal
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -243,7 +244,6 @@ class ParquetBatches(IterableDataset):
 def _leave_signals_to_main(_worker_id):
     """Ctrl-C and SIGTERM reach the whole process group; the main process decides how to stop
     (finish the step, checkpoint) and then shuts the workers down itself."""
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
