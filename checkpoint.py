@@ -109,15 +109,19 @@ def flat_diff(old: dict, new: dict, ignore=()) -> list[str]:
 
 class RunDir:
     """The run's folder, created lazily by the first save(). Metrics logged before it exists are
-    kept in memory and written when it is created."""
+    kept in memory and written when it is created. Only one process of a run writes
+    (writer=True); for the others every method does nothing."""
 
-    def __init__(self, checkpoint_dir: str, path: Path | None = None):
+    def __init__(self, checkpoint_dir: str, path: Path | None = None, writer: bool = True):
         self.checkpoint_dir = Path(checkpoint_dir)
+        self.writer = writer
         self.name = time.strftime("run_%Y%m%d_%H%M%S")
         self.path = path
         self.pending = []
 
     def log(self, record: dict):
+        if not self.writer:
+            return
         if self.path is None:
             self.pending.append(record)
         else:
@@ -142,8 +146,10 @@ class RunDir:
         self.path = path
         atomic_write(path / "config.yaml", lambda f: f.write(config_yaml.encode()))
 
-    def save(self, step: int, state: dict, config_yaml: str, name: str | None = None) -> Path:
+    def save(self, step: int, state: dict, config_yaml: str, name: str | None = None) -> Path | None:
         """Write checkpoint_<step>.pt (or `name`) atomically; create the run directory first."""
+        if not self.writer:
+            return None
         try:
             if self.path is None:
                 self._create(config_yaml)
@@ -162,6 +168,8 @@ class RunDir:
         """Keep the run's original config.yaml; if the resumed config differs, save it beside
         as config_resume_<step>.yaml and return the differences."""
         import yaml
+        if not self.writer:
+            return []
         original_path = self.path / "config.yaml"
         original = yaml.safe_load(original_path.read_text()) if original_path.exists() else {}
         diff = flat_diff(original or {}, config, ignore=("training.resume_from_checkpoint",))
@@ -171,14 +179,14 @@ class RunDir:
 
     def prune(self, keep_last_n: int):
         """Delete all but the newest keep_last_n checkpoint_<step>.pt (0 keeps all); best.pt stays."""
-        if keep_last_n > 0 and self.path is not None:
+        if self.writer and keep_last_n > 0 and self.path is not None:
             for old in checkpoints_in(self.path)[:-keep_last_n]:
                 old.unlink(missing_ok=True)
 
     def truncate_metrics(self, step: int):
         """On resume: drop records of steps after the checkpoint, which the run will redo."""
         path = self.path / "metrics.jsonl"
-        if path.exists():
+        if self.writer and path.exists():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if _record_step(line) <= step]
             atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))

@@ -46,6 +46,8 @@ class TrainingConfig:
     device: str = "auto"
     compile: typing.Union[bool, str] = "auto"
     activation_checkpointing: bool = False
+    distributed: str = "ddp"
+    distributed_timeout_s: int = 600
 
 
 @dataclass
@@ -82,6 +84,7 @@ class FP8Config:
 
 CHOICES = {
     "training.device": ("auto", "cpu", "cuda", "mps"),
+    "training.distributed": ("ddp", "fsdp"),
     "low_precision.quantization_type": ("nf4", "fp4"),
     "low_precision.compute_dtype": ("bfloat16", "float16", "float32"),
     "fp8.format": ("hybrid", "e4m3"),
@@ -93,6 +96,7 @@ POSITIVE = (
     "training.learning_rate", "training.log_freq", "training.test_freq",
     "training.checkpoint_freq", "training.gradient_accumulation_steps", "training.eval_iters",
     "dataloader.prefetch_factor", "dataset.max_cached_files", "fp8.amax_history_len",
+    "training.distributed_timeout_s",
 )
 NON_NEGATIVE = ("training.keep_last_n", "training.weight_decay", "training.warmup_iters", "training.min_lr",
                 "training.grad_clip", "training.seed", "dataloader.num_workers")
@@ -198,6 +202,10 @@ class Config:
                             f"({t.learning_rate}), got {t.min_lr}")
         if isinstance(t.compile, str) and t.compile != "auto":
             problems.append(f"training.compile: must be true, false or auto; got {t.compile!r}")
+        if t.distributed == "fsdp" and self.low_precision.compute_dtype == "float16":
+            problems.append("training.distributed: fsdp with compute_dtype float16 is not supported "
+                            "(the GradScaler would skip steps on some ranks only, from their own "
+                            "gradient shards); use low_precision.compute_dtype=bfloat16")
         if not 0 < self.dataset.val_fraction < 1:
             problems.append(f"dataset.val_fraction: must be in (0, 1), got {self.dataset.val_fraction}")
         for path in NOT_YET_IMPLEMENTED:

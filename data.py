@@ -201,8 +201,9 @@ class ParquetBatches(IterableDataset):
                 if not produced and start is None:  # would otherwise spin forever
                     raise DataError(f"reader {reader} of {n_readers} got no complete batch of "
                                     f"{self.batch_size} x {self.block_size + 1} tokens in epoch "
-                                    f"{epoch}: too little training data for this many readers; "
-                                    f"lower dataloader.num_workers, training.batch_size or "
+                                    f"{epoch}: too little training data for this many readers "
+                                    f"(processes x workers); lower dataloader.num_workers, the "
+                                    f"number of processes, training.batch_size or "
                                     f"training.block_size, or add data")
                 epoch, start = epoch + 1, None
         finally:

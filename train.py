@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import dataclasses
 import math
+import os
 import random
 import signal
 import sys
@@ -20,6 +21,8 @@ from checkpoint import (PROJECT_VERSION, CheckpointError, RunDir, clean_stale_te
 from config import Config, ConfigError
 from data import (DataError, data_order, decode, list_units, loader_workers, resume_point,
                   train_loader, validation_batches)
+from distributed import (DistributedError, Ranks, communication_failure, full_state, full_weights,
+                         gradient_sync, load_full_state, local_tensor, shutdown, start, wrap)
 from model import BDH
 from shards import ensure_sample_corpus
 
@@ -91,19 +94,22 @@ def set_rng_state(state: dict, device):
 
 
 class GracefulStop:
-    """SIGINT/SIGTERM: finish the current step, checkpoint, exit 0. A second Ctrl-C stops at once."""
+    """SIGINT/SIGTERM: finish the current step, checkpoint, exit 0. In a single process a second
+    Ctrl-C stops at once; under torchrun the agent forwards the signal it got itself, so repeats
+    are expected and ignored (the agent kills the ranks 30 s later anyway). The handler only
+    records the signal: printing from it could re-enter a print the loop is in."""
 
-    def __init__(self):
+    def __init__(self, second_signal_stops: bool):
         self.signal_name = None
+        self.second_signal_stops = second_signal_stops
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, _frame):
-        if self.signal_name:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+        elif self.second_signal_stops:
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name}: finishing this step and saving a checkpoint "
-              f"(Ctrl-C again to stop at once)", flush=True)
 
 
 def fmt_time(seconds: float) -> str:
@@ -112,26 +118,31 @@ def fmt_time(seconds: float) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, val_batches, device, autocast, generator) -> tuple[float, str]:
-    """Mean validation loss and a sample continuing the first validation window. Runs the
+def evaluate(model, val_batches, device, autocast, generator, ranks: Ranks) -> tuple[float, str]:
+    """Mean validation loss and a sample continuing the first validation window. Rank r takes
+    batches r, r + world_size, ...; every rank runs as many forwards (FSDP gathers weights in
+    each), a rank short of a batch repeats the first one and does not count it. Runs the
     uncompiled model: eval mode and generation lengths would each trigger a recompile."""
     model.eval()
-    losses = []
-    for x, y in val_batches:
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, batches
+    for i in range(math.ceil(len(val_batches) / ranks.world_size)):
+        k = ranks.rank + i * ranks.world_size
+        x, y = val_batches[k if k < len(val_batches) else 0]
         with autocast:
             _, loss = model(x.to(device), y.to(device))
-        losses.append(loss.item())
+        if k < len(val_batches):
+            totals += torch.stack([loss.double(), loss.new_ones((), dtype=torch.float64)])
+    loss_sum, count = ranks.total(totals).tolist()
     prompt = val_batches[0][0][:1, :32].to(device)
     generator.manual_seed(0)
-    with autocast:
+    with autocast, full_weights(model, ranks):
         out = model.generate(prompt, SAMPLE_TOKENS, temperature=0.8, top_k=None, generator=generator)
     model.train()
-    return sum(losses) / len(losses), decode(out[0].tolist())
+    return loss_sum / count, decode(out[0].tolist())
 
 
-def train(cfg: Config, config_path: str) -> int:
+def train(cfg: Config, config_path: str, ranks: Ranks, device: torch.device) -> int:
     t = cfg.training
-    device = pick_device(t.device)
     steady_host_memory(cfg, device)
     dtype = DTYPES[cfg.low_precision.compute_dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -143,29 +154,36 @@ def train(cfg: Config, config_path: str) -> int:
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
 
-    ensure_sample_corpus(cfg)
+    if ranks.local_rank == 0:
+        ensure_sample_corpus(cfg)
+    ranks.barrier()
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
     val_batches = validation_batches(cfg, units)
 
-    model = BDH(cfg.to_bdh_config()).to(device)
+    model = BDH(cfg.to_bdh_config()).to(device)  # the same weights on every rank: same seed
     model.activation_checkpointing = t.activation_checkpointing
+    wrapped = wrap(model, ranks, device)
     optimizer = make_optimizer(model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if removed := clean_stale_temporaries(t.checkpoint_dir):
+    if ranks.enabled:  # dropout masks differ between ranks
+        torch.manual_seed(t.seed + ranks.rank)
+    if ranks.main and (removed := clean_stale_temporaries(t.checkpoint_dir)):
         print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
-    run = RunDir(t.checkpoint_dir)
+    run = RunDir(t.checkpoint_dir, writer=ranks.main)
     step, data_resume, best_val_loss, last_saved = 0, None, math.inf, None
     if t.resume_from_checkpoint:
         path = resolve_resume(t.resume_from_checkpoint, t.checkpoint_dir)
         ckpt = load_checkpoint(path)
         model_config_mismatch(ckpt["model_config"], dataclasses.asdict(cfg.to_bdh_config()), path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"], device)
+        if len(ckpt["rng"]) == ranks.world_size:
+            set_rng_state(ckpt["rng"][ranks.rank], device)
+        else:  # another world size: the data order changes too (resume_point says so)
+            torch.manual_seed(t.seed + ranks.rank + 1000 * ckpt["step"])
         step, data_resume = ckpt["step"], ckpt.get("data")
         best_val_loss = ckpt.get("best_val_loss", math.inf)
-        run, last_saved = RunDir(t.checkpoint_dir, path=path.parent), path
+        run, last_saved = RunDir(t.checkpoint_dir, path=path.parent, writer=ranks.main), path
         run.truncate_metrics(step)
         print(f"resuming from {path} at step {step + 1}")
         for line in run.record_resumed_config(step, cfg.to_dict(), cfg.to_yaml()):
@@ -174,33 +192,42 @@ def train(cfg: Config, config_path: str) -> int:
             print(f"nothing to do: the checkpoint is at step {step} and training.max_iters is "
                   f"{t.max_iters}; raise max_iters to train further")
             return 0
-    forward = torch.compile(model) if use_compile else model
+    forward = torch.compile(wrapped) if use_compile else wrapped
 
     n_params = sum(p.numel() for p in model.parameters())
-    tokens_per_step = t.batch_size * t.block_size * t.gradient_accumulation_steps
+    tokens_per_step = t.batch_size * t.block_size * t.gradient_accumulation_steps * ranks.world_size
+    processes = (f" | {ranks.world_size} processes ({ranks.mode}), global batch {t.batch_size} x "
+                 f"{t.gradient_accumulation_steps} x {ranks.world_size}" if ranks.enabled else "")
     print(f"BDH {n_params / 1e6:.2f}M parameters | device {device} | {cfg.low_precision.compute_dtype}"
           f" | compile {use_compile} | {len(units)} data units | {tokens_per_step:,} tokens/step"
+          + processes
           + (" | DEBUG: anomaly detection, per-step logs and finiteness checks" if t.debug else ""))
 
-    workers = loader_workers(cfg, units)
-    start_positions, batches_consumed, first_epoch = resume_point(cfg, workers, data_resume)
+    workers = loader_workers(cfg, units, ranks.world_size)
+    start_positions, batches_consumed, first_epoch = resume_point(cfg, workers, data_resume, ranks.world_size)
     loader = iter(train_loader(cfg, units, workers, start_positions, batches_consumed, first_epoch,
-                               pin_memory=cfg.dataloader.pin_memory and device.type == "cuda"))
-    # each reader's position after the batches consumed so far: the checkpoint's data position
-    positions = {p["reader"]: p for p in start_positions}
+                               pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
+                               rank=ranks.rank, world_size=ranks.world_size))
+    # this rank's readers' positions after the batches consumed so far: the checkpoint's data position
+    positions = {p["reader"]: p for p in start_positions if p["reader"] // max(1, workers) == ranks.rank}
     sample_generator = torch.Generator(device=device)
-    stop = GracefulStop()
+    stop = GracefulStop(second_signal_stops=not ranks.enabled)
     model.train()
     start = last_log = time.perf_counter()
-    loss_sum, loss_count, steps_since_log = 0.0, 0, 0
+    loss_sum, loss_count, steps_since_log = torch.zeros((), device=device), 0, 0
 
     def save(step, name=None):
-        state = {"step": step, "best_val_loss": best_val_loss, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        """Every rank takes part (positions and RNG states are gathered, FSDP gathers weights);
+        rank 0 writes."""
+        model_state, optimizer_state = full_state(model, optimizer)
+        all_positions = sorted((p for rank_positions in ranks.gather(positions)
+                                for p in rank_positions.values()), key=lambda p: p["reader"])
+        state = {"step": step, "best_val_loss": best_val_loss, "model": model_state,
+                 "optimizer": optimizer_state, "scaler": scaler.state_dict(),
                  "model_config": dataclasses.asdict(cfg.to_bdh_config()),
-                 "config": cfg.to_dict(), "rng": rng_state(device),
-                 "data": {"order": data_order(cfg, workers), "batches": batches_consumed,
-                          "positions": [positions[r] for r in sorted(positions)]},
+                 "config": cfg.to_dict(), "rng": ranks.gather(rng_state(device)),
+                 "data": {"order": data_order(cfg, workers, ranks.world_size),
+                          "batches": batches_consumed, "positions": all_positions},
                  "versions": {"torch": str(torch.__version__), "project": PROJECT_VERSION}}
         return run.save(step, state, cfg.to_yaml(), name)
 
@@ -209,16 +236,17 @@ def train(cfg: Config, config_path: str) -> int:
         lr = learning_rate(step, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for _ in range(t.gradient_accumulation_steps):
+        for micro in range(t.gradient_accumulation_steps):
             x, y, position = next(loader)
             positions[position["reader"]] = position
             batches_consumed += 1
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if t.debug and step == 1 and loss_count == 0:
                 print(f"first batch {tuple(x.shape)}: {decode(x[0, :80].tolist())!r}")
-            with autocast:
-                _, loss = forward(x, y)
-            scaler.scale(loss / t.gradient_accumulation_steps).backward()
+            with gradient_sync(wrapped, ranks, sync=micro == t.gradient_accumulation_steps - 1):
+                with autocast:
+                    _, loss = forward(x, y)
+                scaler.scale(loss / t.gradient_accumulation_steps).backward()
             loss_sum += loss.detach()
             loss_count += 1
         if t.grad_clip > 0:
@@ -228,9 +256,13 @@ def train(cfg: Config, config_path: str) -> int:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         steps_since_log += 1
+        stopping = ranks.any(stop.signal_name is not None, device)
+        if stopping:
+            print(f"{stop.signal_name or 'a signal to another rank'}: saving a checkpoint after step {step}"
+                  + (" (Ctrl-C again to stop at once)" if stop.second_signal_stops else ""), flush=True)
 
         if step % log_freq == 0 or step == t.max_iters:
-            train_loss = float(loss_sum) / loss_count
+            train_loss = float(ranks.mean(loss_sum / loss_count))
             if not math.isfinite(train_loss):
                 raise non_finite("the training loss", step, last_saved)
             now = time.perf_counter()
@@ -242,27 +274,36 @@ def train(cfg: Config, config_path: str) -> int:
                   f"{record['tokens_per_s']:,} tok/s | {ms:.1f} ms/step | elapsed "
                   f"{fmt_time(now - start)} | eta {fmt_time(ms * (t.max_iters - step) / 1000)}", flush=True)
             run.log(record)
-            loss_sum, loss_count, steps_since_log, last_log = 0.0, 0, 0, time.perf_counter()
+            loss_count, steps_since_log, last_log = 0, 0, time.perf_counter()
+            loss_sum.zero_()
 
         if step % t.test_freq == 0 or step == t.max_iters:
-            val_loss, sample = evaluate(model, val_batches, device, autocast, sample_generator)
+            val_loss, sample = evaluate(model, val_batches, device, autocast, sample_generator, ranks)
             print(f"step {step}: val loss {val_loss:.4f}\n--- sample ---\n{sample}\n--------------", flush=True)
             run.log({"step": step, "val_loss": val_loss, "sample": sample})
             if val_loss < best_val_loss:
                 best_val_loss = val_loss
-                print(f"saved {save(step, name='best.pt')} (best validation loss so far)", flush=True)
+                if saved := save(step, name="best.pt"):
+                    print(f"saved {saved} (best validation loss so far)", flush=True)
             last_log = time.perf_counter()  # evaluation time is not training time
 
-        if step % t.checkpoint_freq == 0 or step == t.max_iters or stop.signal_name:
-            if not all(p.isfinite().all() for p in model.parameters()):
+        if step % t.checkpoint_freq == 0 or step == t.max_iters or stopping:
+            finite = all(local_tensor(p).isfinite().all() for p in model.parameters())
+            if ranks.any(not finite, device):
                 raise non_finite("a weight", step, last_saved)
             last_saved = save(step)
             run.prune(t.keep_last_n)
             print(f"saved {last_saved}", flush=True)
             last_log = time.perf_counter()
-        if stop.signal_name:
-            print(f"stopped by {stop.signal_name} after step {step}. Resume with:\n  python train.py "
-                  f"--config {config_path} training.resume_from_checkpoint={last_saved}")
+        if stopping:
+            launcher = "python "
+            if ranks.enabled:
+                one_node = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size)) == ranks.world_size
+                launcher = (f"torchrun --standalone --nproc_per_node={ranks.world_size} " if one_node
+                            else "torchrun <the same rendezvous flags> ")
+            print(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. "
+                  f"Resume with:\n  {launcher}train.py --config {config_path} "
+                  f"training.resume_from_checkpoint={last_saved}")
             return 0
     print(f"done: {step} steps in {fmt_time(time.perf_counter() - start)}; final checkpoint {last_saved}")
     return 0
@@ -297,19 +338,30 @@ def main(argv=None) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    ranks = Ranks()
     try:
-        return train(cfg, args.config)
-    except (DataError, CheckpointError, TrainingError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        ranks, device = start(cfg.training, pick_device(cfg.training.device))
+        return train(cfg, args.config, ranks, device)
+    except (DataError, CheckpointError, TrainingError, DistributedError) as e:
+        print(f"error{rank_tag(ranks)}: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: stopped at once without saving; the run's earlier checkpoints are intact",
               file=sys.stderr)
         return 130
+    except Exception as e:
+        if (failure := communication_failure(e, ranks, cfg.training.distributed_timeout_s)) is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        shutdown()
 
+
+def rank_tag(ranks: Ranks) -> str:
+    return f" (rank {ranks.rank})" if ranks.enabled else ""
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -98,6 +98,10 @@ def test_int_is_accepted_for_float():
     ({"fp8": {"amax_compute_algo": "mean"}}, "fp8.amax_compute_algo: must be one of"),
     ({"model": {"vocab_size": 100}}, "model.vocab_size: tokens are bytes"),
     ({"dataset": {"val_fraction": 0.0}}, "dataset.val_fraction: must be in (0, 1)"),
+    ({"training": {"distributed": "deepspeed"}}, "training.distributed: must be one of ddp, fsdp"),
+    ({"training": {"distributed_timeout_s": 0}}, "training.distributed_timeout_s: must be > 0"),
+    ({"training": {"distributed": "fsdp"}, "low_precision": {"compute_dtype": "float16"}},
+     "fsdp with compute_dtype float16 is not supported"),
 ])
 def test_value_checks(raw, fragment):
     assert any(fragment in p for p in problems(raw)), problems(raw)

@@ -1,0 +1,172 @@
+"""Several processes under torchrun: DistributedDataParallel or FSDP2, NCCL on CUDA, gloo on CPU.
+
+    torchrun --standalone --nproc_per_node=N train.py --config X
+
+`python train.py` is one process and none of this applies. Under torchrun every rank builds the
+same model from the same seed; with `training.distributed: ddp` each holds all of it and gradients
+are averaged, with `fsdp` (torch.distributed.fsdp.fully_shard) each holds 1/N of every weight,
+gradient and AdamW state and weights are gathered for each forward. Either way a rank reads only
+its own readers' part of the data, and rank 0 alone prints and writes the run directory.
+Checkpoints hold full, unsharded tensors (the layout of BDH_SPEC.md), so any world size, a
+single process and sample.py read them.
+"""
+import datetime
+import os
+import sys
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+
+class DistributedError(Exception):
+    pass
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    mode: str = "single"  # single | ddp | fsdp
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.world_size
+        return values
+
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            values = values.clone()
+            dist.all_reduce(values)
+        return values
+
+    def any(self, flag: bool, device) -> bool:
+        return bool(self.total(torch.tensor([float(flag)], device=device)).item()) if self.enabled else flag
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start(t, device: torch.device) -> tuple[Ranks, torch.device]:
+    """Join the process group torchrun describes in the environment; (ranks, this rank's device)."""
+    if not launched_by_torchrun():
+        if t.distributed == "fsdp":
+            print("note: training.distributed=fsdp shards across processes; a single process "
+                  "trains unsharded (launch with torchrun --nproc_per_node=N to shard)")
+        return Ranks(), device
+    ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                  int(os.environ.get("LOCAL_RANK", 0)), t.distributed)
+    if device.type == "mps":
+        raise DistributedError("torchrun with training.device mps: no distributed backend runs "
+                               "on mps; set training.device=cpu or use CUDA GPUs")
+    if device.type == "cuda":
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise DistributedError(f"local rank {ranks.local_rank} has no GPU: this node has "
+                                   f"{torch.cuda.device_count()}; lower --nproc_per_node")
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=t.distributed_timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    if not ranks.main:  # only rank 0 prints; errors (stderr) still come from every rank
+        sys.stdout = open(os.devnull, "w")
+    return ranks, device
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:
+    """The module the training step calls. FSDP shards `model` in place (its parameters become
+    DTensors: build the optimizer afterwards); DDP wraps it and keeps `model` as the inner module.
+    The shared encoder/encoder_v/decoder stay one parameter each, used by every layer."""
+    if ranks.mode == "fsdp" and ranks.enabled:
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(model)
+        return model
+    if ranks.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def gradient_sync(wrapped: torch.nn.Module, ranks: Ranks, sync: bool):
+    """Context for one micro-step: gradients are reduced across ranks only when `sync` (the last
+    micro-step of an optimizer step); the others accumulate locally."""
+    if ranks.enabled and ranks.mode == "fsdp":
+        wrapped.set_requires_gradient_sync(sync)
+        return nullcontext()
+    if ranks.enabled and not sync:
+        return wrapped.no_sync()
+    return nullcontext()
+
+
+@contextmanager
+def full_weights(model: torch.nn.Module, ranks: Ranks):
+    """Whole weights on every rank for code that reads them outside forward() (generation)."""
+    if ranks.enabled and ranks.mode == "fsdp":
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+    else:
+        yield
+
+
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def full_state(model, optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state on the CPU (all ranks must call; with FSDP only rank 0
+    gets it). The optimizer state is keyed by parameter name, the same in every mode, so a
+    checkpoint moves between a single process, DDP and FSDP of any world size."""
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict):
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def communication_failure(e: BaseException, ranks: Ranks, timeout_s: int) -> str | None:
+    """A clear line for a collective that timed out or lost its peer; None for other errors."""
+    text = str(e)
+    if not ranks.enabled or not isinstance(e, (RuntimeError, dist.DistError)):
+        return None
+    if not any(s in text for s in ("Timed out", "timed out", "Connection closed", "Connection reset",
+                                   "NCCL", "Broken pipe", "ProcessGroup")):
+        return None
+    last = text.strip().splitlines()[-1] if text.strip() else type(e).__name__
+    return (f"rank {ranks.rank}: communication with the other ranks failed ({last.strip()[:200]}): "
+            f"another rank died or hangs (a collective waits at most training.distributed_timeout_s "
+            f"= {timeout_s} s); see the other ranks' errors above, then resume from the last checkpoint")

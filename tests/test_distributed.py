@@ -1,0 +1,163 @@
+"""torchrun on CPU with gloo: DDP and FSDP against one process, exact resume, a hung rank."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_checkpoint
+from conftest import ROOT, write_config
+from model import BDH, BDHConfig
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(n, config, *overrides):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "train.py", "--config", str(config), *overrides]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def the_run(checkpoint_dir):
+    [run] = checkpoint_dir.iterdir()
+    return run
+
+
+def train_losses(run):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}, \
+        {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpus, capsys):
+    """1 process x 2 micro-steps x 2 loader workers reads the same batches as 2 processes x 1
+    worker: reader r is worker r in the first, rank r in the second."""
+    config = write_config(tmp_path, corpus, model={"dropout": 0.0}, max_iters=4, checkpoint_freq=4)
+    assert train.main(["--config", str(config), "training.checkpoint_dir=" + str(tmp_path / "one"),
+                       "training.gradient_accumulation_steps=2", "dataloader.num_workers=2"]) == 0
+    capsys.readouterr()
+    one_train, one_val = train_losses(the_run(tmp_path / "one"))
+    common = ["dataloader.num_workers=1"]
+    out = torchrun(2, config, "training.checkpoint_dir=" + str(tmp_path / "ddp"), *common)
+    assert "2 processes (ddp), global batch 4 x 1 x 2" in out and "128 tokens/step" in out
+    assert [out.count(f"step {s}/4 |") for s in (1, 2, 3, 4)] == [1, 1, 1, 1]  # rank 0 alone logs
+    run = the_run(tmp_path / "ddp")
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best.pt", "checkpoint_4.pt", "config.yaml", "metrics.jsonl"]
+    ddp_train, ddp_val = train_losses(run)
+    assert ddp_train.keys() == one_train.keys() == {1, 2, 3, 4}
+    for step in one_train:
+        assert ddp_train[step] == pytest.approx(one_train[step], rel=1e-5, abs=1e-6)
+    for step in one_val:  # validation averaged over the ranks' halves of the same batches
+        assert ddp_val[step] == pytest.approx(one_val[step], rel=1e-5)
+
+    out = torchrun(2, config, "training.checkpoint_dir=" + str(tmp_path / "fsdp"),
+                   "training.distributed=fsdp", *common)
+    assert "2 processes (fsdp)" in out
+    fsdp_run = the_run(tmp_path / "fsdp")
+    fsdp_train, _ = train_losses(fsdp_run)
+    for step in one_train:
+        assert fsdp_train[step] == pytest.approx(one_train[step], rel=1e-5, abs=1e-6)
+    # FSDP's checkpoint is gathered into the canonical single-file layout
+    fsdp_ckpt = load_checkpoint(fsdp_run / "checkpoint_4.pt")
+    ddp_ckpt = load_checkpoint(run / "checkpoint_4.pt")
+    model = BDH(BDHConfig(**fsdp_ckpt["model_config"]))
+    model.load_state_dict(fsdp_ckpt["model"])
+    for name, tensor in ddp_ckpt["model"].items():
+        torch.testing.assert_close(fsdp_ckpt["model"][name], tensor, rtol=1e-4, atol=1e-6)
+    assert set(fsdp_ckpt["optimizer"]["state"]) == set(ddp_ckpt["optimizer"]["state"])
+    # ... that one process resumes (another world size: the data order restarts, with a warning)
+    assert train.main(["--config", str(config), "training.checkpoint_dir=" + str(tmp_path / "fsdp"),
+                       "training.resume_from_checkpoint=latest", "training.max_iters=5"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: the data order changes" in out and "world_size: 2 -> 1" in out
+    assert load_checkpoint(fsdp_run / "checkpoint_5.pt")["step"] == 5
+
+
+def test_resume_of_a_two_process_run_is_exact(tmp_path, corpus):
+    config = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=3, test_freq=3, keep_last_n=0)
+    common = ["dataloader.num_workers=1", "training.gradient_accumulation_steps=2"]
+    torchrun(2, config, *common)
+    run = the_run(tmp_path / "ck")
+    straight = load_checkpoint(run / "checkpoint_6.pt")
+    straight_train, straight_val = train_losses(run)
+    out = torchrun(2, config, *common, f"training.resume_from_checkpoint={run / 'checkpoint_3.pt'}")
+    assert out.count("resuming from") == 1 and "at step 4" in out
+    assert the_run(tmp_path / "ck") == run
+    resumed = load_checkpoint(run / "checkpoint_6.pt")
+    for name, tensor in straight["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    assert train_losses(run) == (straight_train, straight_val)
+    assert len(resumed["rng"]) == 2 and len(resumed["data"]["positions"]) == 2
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_hung_rank_stops_the_others_with_a_clear_error(tmp_path, corpus):
+    config = write_config(tmp_path, corpus, max_iters=100000, test_freq=100000,
+                          checkpoint_freq=100000, distributed_timeout_s=6)
+    ranks = spawn_ranks(config)
+    try:
+        for line in ranks[0].stdout:
+            if line.startswith("step 2/"):
+                ranks[1].send_signal(signal.SIGSTOP)
+                stopped_at = time.monotonic()
+                break
+        out, err = ranks[0].communicate(timeout=120)
+        assert ranks[0].returncode == 1, err[-3000:]
+        assert time.monotonic() - stopped_at < 60
+        assert "rank 0: communication with the other ranks failed" in err
+        assert "training.distributed_timeout_s = 6 s" in err and "Traceback" not in err
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_two_gpus_with_nccl(tmp_path, corpus):
+    config = write_config(tmp_path, corpus, model={"dropout": 0.0}, device="cuda")
+    out = torchrun(2, config, "dataloader.num_workers=1")
+    assert "device cuda:0" in out and "2 processes (ddp)" in out
+    assert load_checkpoint(the_run(tmp_path / "ck") / "checkpoint_4.pt")["step"] == 4
+
+
+def spawn_ranks(config, n=2):
+    """The processes torchrun would start, without the agent: signals reach exactly one rank."""
+    env = {**ENV, "WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    return [subprocess.Popen([sys.executable, "train.py", "--config", str(config)], cwd=ROOT, text=True,
+                             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(n)]
+
+
+def test_a_signal_to_one_rank_stops_all_of_them_at_the_same_step(tmp_path, corpus):
+    config = write_config(tmp_path, corpus, max_iters=100000, test_freq=100000, checkpoint_freq=100000)
+    ranks = spawn_ranks(config)
+    try:
+        for line in ranks[0].stdout:
+            if line.startswith("step 3/"):
+                ranks[1].send_signal(signal.SIGTERM)
+                break
+        out, err = ranks[0].communicate(timeout=120)
+        _, err1 = ranks[1].communicate(timeout=60)
+        assert (ranks[0].returncode, ranks[1].returncode) == (0, 0), err[-2000:] + err1[-2000:]
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.communicate()
+    [ckpt] = the_run(tmp_path / "ck").glob("checkpoint_*.pt")
+    step = load_checkpoint(ckpt)["step"]
+    assert f"stopped by a signal to another rank after step {step}" in out
+    assert "torchrun --standalone --nproc_per_node=2 train.py" in out
