@@ -9,10 +9,12 @@ code.
 import json
 import math
 import os
+import random
 import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 PROJECT_VERSION = "0.1.0"
@@ -40,6 +42,23 @@ def atomic_write(path: Path, write):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def rng_state(device) -> dict:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, device):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:

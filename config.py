@@ -80,6 +80,8 @@ class FP8Config:
     format: str = "hybrid"
     amax_history_len: int = 16
     amax_compute_algo: str = "max"
+    backend: str = "auto"
+    torchao_recipe: str = "tensorwise"
 
 
 CHOICES = {
@@ -89,6 +91,8 @@ CHOICES = {
     "low_precision.compute_dtype": ("bfloat16", "float16", "float32"),
     "fp8.format": ("hybrid", "e4m3"),
     "fp8.amax_compute_algo": ("max", "most_recent"),
+    "fp8.backend": ("auto", "torchao", "transformer_engine"),
+    "fp8.torchao_recipe": ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
 }
 POSITIVE = (
     "model.n_layer", "model.n_embd", "model.n_head", "model.mlp_internal_dim_multiplier",
@@ -100,8 +104,6 @@ POSITIVE = (
 )
 NON_NEGATIVE = ("training.keep_last_n", "training.weight_decay", "training.warmup_iters", "training.min_lr",
                 "training.grad_clip", "training.seed", "dataloader.num_workers")
-NOT_YET_IMPLEMENTED = ("low_precision.use_fp8", "low_precision.use_4bit",
-                       "low_precision.use_4bit_optimizer")
 DEFAULT_SAMPLE_DIR = DatasetConfig.parquet_dir
 
 # PyYAML (YAML 1.1) reads 1e-3 and 1.0e5 as strings; a float field accepts exactly these.
@@ -202,16 +204,46 @@ class Config:
                             f"({t.learning_rate}), got {t.min_lr}")
         if isinstance(t.compile, str) and t.compile != "auto":
             problems.append(f"training.compile: must be true, false or auto; got {t.compile!r}")
+        lp = self.low_precision
+        for flag in ("use_4bit", "use_4bit_optimizer"):
+            if t.distributed == "fsdp" and getattr(lp, flag):
+                problems.append(f"low_precision.{flag}: not supported with training.distributed=fsdp "
+                                f"(it would quantize each rank's shard, not whole blocks of the "
+                                f"tensor); use training.distributed=ddp")
         if t.distributed == "fsdp" and self.low_precision.compute_dtype == "float16":
             problems.append("training.distributed: fsdp with compute_dtype float16 is not supported "
                             "(the GradScaler would skip steps on some ranks only, from their own "
                             "gradient shards); use low_precision.compute_dtype=bfloat16")
         if not 0 < self.dataset.val_fraction < 1:
             problems.append(f"dataset.val_fraction: must be in (0, 1), got {self.dataset.val_fraction}")
-        for path in NOT_YET_IMPLEMENTED:
-            if self._get(path):
-                problems.append(f"{path}: not implemented yet in this version (it would be "
-                                f"silently ignored); set it to false")
+        if lp.use_fp8:
+            problems += self._check_fp8()
+        return problems
+
+    def _check_fp8(self):
+        m, t, lp, f = self.model, self.training, self.low_precision, self.fp8
+        problems = []
+        latent = m.mlp_internal_dim_multiplier * m.n_embd // max(1, m.n_head)
+        for name, size in (("model.n_embd", m.n_embd), ("the latent size N", latent),
+                           ("training.batch_size * training.block_size", t.batch_size * t.block_size)):
+            if size % 16:
+                problems.append(f"low_precision.use_fp8: {name} = {size} must be a multiple of 16 "
+                                f"(a dimension of the FP8 GEMMs, which torch._scaled_mm requires)")
+        if lp.use_4bit:
+            problems.append("low_precision.use_fp8: cannot be combined with use_4bit (both replace "
+                            "the weight matmuls: FP8 would round the 4-bit values again); pick one")
+        if t.distributed == "fsdp":
+            problems.append("low_precision.use_fp8: not supported with training.distributed=fsdp in "
+                            "this version; use training.distributed=ddp")
+        defaults = FP8Config()
+        for key in ("amax_history_len", "amax_compute_algo"):
+            if getattr(f, key) != getattr(defaults, key):
+                problems.append(f"fp8.{key}: configures TransformerEngine's delayed scaling, which "
+                                f"this version does not implement; torchao scales each tensor by "
+                                f"its current amax. Remove the setting")
+        if f.torchao_recipe != "tensorwise" and f.format == "hybrid":
+            problems.append(f"fp8.format: torchao's {f.torchao_recipe} recipe uses E4M3 for "
+                            f"gradients too; set fp8.format=e4m3 (or fp8.torchao_recipe=tensorwise)")
         return problems
 
     def _get(self, path):

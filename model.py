@@ -252,6 +252,9 @@ class BDH(nn.Module):
         self.lm_head = nn.Parameter(torch.empty(D, V))
         self.drop = nn.Dropout(config.dropout)  # reference.py's dropout; LayerStack draws its own masks
         self.activation_checkpointing = False  # set by train.py from training.activation_checkpointing
+        # What the matmuls see of (encoder, encoder_v, decoder): None uses them as they are;
+        # lowbit.py sets a 4-bit round trip (quantization-aware training) or 4-bit storage.
+        self.weight_view = None
         self.register_buffer("rope_freqs", rope_frequencies(N), persistent=False)
         # The original implementation stored its RoPE table as "attn.freqs"; it is derived
         # from the config, so drop it and let such state_dicts load unchanged.
@@ -263,14 +266,17 @@ class BDH(nn.Module):
     def _drop_derived_buffers(module, state_dict, prefix, *args):
         state_dict.pop(prefix + "attn.freqs", None)
 
+    def matmul_weights(self):
+        weights = (self.encoder, self.encoder_v, self.decoder)
+        return weights if self.weight_view is None else self.weight_view(weights)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         C = self.config
         B, T = idx.shape
         cos, sin = rope_cos_sin(self.rope_freqs, torch.arange(T, device=idx.device))
         p = C.dropout if self.training else 0.0
         x = layer_norm(self.embed(idx))  # (B, T, D): one stream shared by all heads
-        x = LayerStack.apply(x, self.encoder, self.encoder_v, self.decoder, cos, sin, C.n_layer, p,
-                             self.activation_checkpointing)
+        x = LayerStack.apply(x, *self.matmul_weights(), cos, sin, C.n_layer, p, self.activation_checkpointing)
         logits = x @ self.lm_head
         if targets is None:
             return logits, None
@@ -286,13 +292,14 @@ class BDH(nn.Module):
         C = self.config
         (B, c, D), H, N = x.shape, C.n_head, C.n_latent
         cos, sin = rope_cos_sin(self.rope_freqs, torch.arange(t0, t0 + c, device=x.device))
+        encoder, encoder_v, decoder = self.matmul_weights()
         for layer in range(C.n_layer):
-            a = (x.reshape(B * c, D) @ self.encoder).relu_().view(H, B, c, N)
+            a = (x.reshape(B * c, D) @ encoder).relu_().view(H, B, c, N)
             r = rope(a, cos.to(a.dtype), sin.to(a.dtype))
             y_kv = r @ states[layer] + causal_scores(r) @ x  # earlier positions + this chunk
             states[layer] += r.transpose(-1, -2) @ x
-            z = (layer_norm(y_kv).view(H, B * c, D) @ self.encoder_v).relu_().mul_(a.view(H, B * c, N))
-            x = layer_norm(x + layer_norm((z @ self.decoder.view(H, N, D)).sum(0).view(B, c, D)))
+            z = (layer_norm(y_kv).view(H, B * c, D) @ encoder_v).relu_().mul_(a.view(H, B * c, N))
+            x = layer_norm(x + layer_norm((z @ decoder.view(H, N, D)).sum(0).view(B, c, D)))
         return x
 
     @staticmethod

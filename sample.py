@@ -1,10 +1,12 @@
 """Generate text from a checkpoint.
 
     python sample.py --checkpoint PATH [--prompt TEXT] [--max-new-tokens N] [--temperature T]
-                     [--top-k K] [--seed S] [--device auto|cpu|cuda|mps]
+                     [--top-k K] [--seed S] [--device auto|cpu|cuda|mps] [--4bit]
 
 The model shape comes from the checkpoint. Without a prompt, generation starts at a document
-boundary (the separator byte).
+boundary (the separator byte). --4bit keeps encoder, encoder_v and decoder as 4-bit codes (the
+checkpoint's low_precision.quantization_type and use_double_quant) and dequantizes them at each
+use: the model a use_4bit run trained for.
 """
 import argparse
 import sys
@@ -13,6 +15,7 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint, resolve_resume
 from data import SEPARATOR, decode
+from lowbit import to_4bit
 from model import BDH, BDHConfig
 from train import TrainingError, pick_device
 
@@ -28,6 +31,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    parser.add_argument("--4bit", dest="four_bit", action="store_true",
+                        help="generate from 4-bit weights (encoder, encoder_v, decoder)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
         parser.error("--max-new-tokens and --temperature must be >= 0 and --top-k >= 1")
@@ -40,6 +45,13 @@ def main(argv=None) -> int:
         return 1
     model = BDH(BDHConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
+    if args.four_bit:
+        lp = ckpt.get("config", {}).get("low_precision", {})
+        quant_type, double_quant = lp.get("quantization_type", "nf4"), lp.get("use_double_quant", True)
+        before, after = to_4bit(model, quant_type, double_quant)
+        print(f"4-bit weights ({quant_type}{', double quant' if double_quant else ''}): model "
+              f"{after / 2**20:.2f} MiB, float32 {before / 2**20:.2f} MiB (1/{before / after:.1f})",
+              file=sys.stderr)
     model.to(device).eval()
 
     prompt = list(args.prompt.encode("utf-8")) or [SEPARATOR]

@@ -17,12 +17,14 @@ import numpy as np
 import torch
 
 from checkpoint import (PROJECT_VERSION, CheckpointError, RunDir, clean_stale_temporaries,
-                        load_checkpoint, model_config_mismatch, resolve_resume)
+                        load_checkpoint, model_config_mismatch, resolve_resume, rng_state, set_rng_state)
 from config import Config, ConfigError
 from data import (DataError, data_order, decode, list_units, loader_workers, resume_point,
                   train_loader, validation_batches)
 from distributed import (DistributedError, Ranks, communication_failure, full_state, full_weights,
                          gradient_sync, load_full_state, local_tensor, shutdown, start, wrap)
+from fp8 import FP8Error, fp8_model
+from lowbit import AdamW4bit, adamw_state_bytes, convert_adamw_state, quantization_aware
 from model import BDH
 from shards import ensure_sample_corpus
 
@@ -67,30 +69,25 @@ def learning_rate(step: int, t) -> float:
     return t.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (t.learning_rate - t.min_lr)
 
 
-def make_optimizer(model: BDH, t, device) -> torch.optim.AdamW:
-    """Weight decay on the four matmul weights; none on the embedding table."""
+def make_optimizer(model: BDH, t, lp, device) -> torch.optim.Optimizer:
+    """AdamW, or AdamW4bit with low_precision.use_4bit_optimizer. Weight decay on the four matmul
+    weights; none on the embedding table."""
     decay = [model.encoder, model.encoder_v, model.decoder, model.lm_head]
     groups = [{"params": decay, "weight_decay": t.weight_decay},
               {"params": [model.embed.weight], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(0.9, 0.95),
-                             fused=device.type == "cuda")
+    if lp.use_4bit_optimizer:
+        return AdamW4bit(groups, lr=t.learning_rate, betas=(0.9, 0.95), quant_type=lp.quantization_type,
+                         double_quant=lp.use_double_quant)
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def rng_state(device) -> dict:
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-             "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict, device):
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
+def describe_optimizer(optimizer, model, lp) -> str:
+    full = adamw_state_bytes(model.parameters())
+    if not isinstance(optimizer, AdamW4bit):
+        return f"AdamW, state {full / 2**20:.2f} MiB"
+    state = optimizer.state_bytes()
+    return (f"AdamW4bit ({lp.quantization_type}{', double quant' if lp.use_double_quant else ''}), "
+            f"state {state / 2**20:.2f} MiB = {state / full:.3f} x AdamW's {full / 2**20:.2f} MiB")
 
 
 class GracefulStop:
@@ -162,8 +159,12 @@ def train(cfg: Config, config_path: str, ranks: Ranks, device: torch.device) -> 
 
     model = BDH(cfg.to_bdh_config()).to(device)  # the same weights on every rank: same seed
     model.activation_checkpointing = t.activation_checkpointing
-    wrapped = wrap(model, ranks, device)
-    optimizer = make_optimizer(model, t, device)
+    lp = cfg.low_precision
+    if lp.use_4bit:
+        quantization_aware(model, lp.quantization_type, lp.use_double_quant)
+    trainable, fp8_recipe = fp8_model(model, cfg, device) if lp.use_fp8 else (model, None)
+    wrapped = wrap(trainable, ranks, device)
+    optimizer = make_optimizer(model, t, lp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if ranks.enabled:  # dropout masks differ between ranks
         torch.manual_seed(t.seed + ranks.rank)
@@ -175,6 +176,12 @@ def train(cfg: Config, config_path: str, ranks: Ranks, device: torch.device) -> 
         path = resolve_resume(t.resume_from_checkpoint, t.checkpoint_dir)
         ckpt = load_checkpoint(path)
         model_config_mismatch(ckpt["model_config"], dataclasses.asdict(cfg.to_bdh_config()), path)
+        if ckpt["config"]["low_precision"]["use_4bit_optimizer"] != lp.use_4bit_optimizer:
+            print(f"converting the checkpoint's optimizer state to "
+                  f"{'4-bit' if lp.use_4bit_optimizer else 'float32'} moments (use_4bit_optimizer changed)")
+            shapes = {name: p.shape for name, p in model.named_parameters()}
+            convert_adamw_state(ckpt["optimizer"], optimizer, shapes, lp.use_4bit_optimizer,
+                                lp.quantization_type, lp.use_double_quant)
         load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         if len(ckpt["rng"]) == ranks.world_size:
@@ -200,7 +207,10 @@ def train(cfg: Config, config_path: str, ranks: Ranks, device: torch.device) -> 
                  f"{t.gradient_accumulation_steps} x {ranks.world_size}" if ranks.enabled else "")
     print(f"BDH {n_params / 1e6:.2f}M parameters | device {device} | {cfg.low_precision.compute_dtype}"
           f" | compile {use_compile} | {len(units)} data units | {tokens_per_step:,} tokens/step"
-          + processes
+          + processes + f"\noptimizer {describe_optimizer(optimizer, model, lp)}"
+          + (f" | 4-bit quantization-aware training ({lp.quantization_type}) of encoder, encoder_v, "
+             f"decoder" if lp.use_4bit else "")
+          + (f" | FP8 GEMMs for encoder, encoder_v, decoder: {fp8_recipe}" if fp8_recipe else "")
           + (" | DEBUG: anomaly detection, per-step logs and finiteness checks" if t.debug else ""))
 
     workers = loader_workers(cfg, units, ranks.world_size)
@@ -342,7 +352,7 @@ def main(argv=None) -> int:
     try:
         ranks, device = start(cfg.training, pick_device(cfg.training.device))
         return train(cfg, args.config, ranks, device)
-    except (DataError, CheckpointError, TrainingError, DistributedError) as e:
+    except (DataError, CheckpointError, TrainingError, DistributedError, FP8Error) as e:
         print(f"error{rank_tag(ranks)}: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

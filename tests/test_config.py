@@ -102,15 +102,31 @@ def test_int_is_accepted_for_float():
     ({"training": {"distributed_timeout_s": 0}}, "training.distributed_timeout_s: must be > 0"),
     ({"training": {"distributed": "fsdp"}, "low_precision": {"compute_dtype": "float16"}},
      "fsdp with compute_dtype float16 is not supported"),
+    ({"training": {"distributed": "fsdp"}, "low_precision": {"use_4bit_optimizer": True}},
+     "low_precision.use_4bit_optimizer: not supported with training.distributed=fsdp"),
+    ({"training": {"distributed": "fsdp"}, "low_precision": {"use_4bit": True}},
+     "low_precision.use_4bit: not supported with training.distributed=fsdp"),
 ])
 def test_value_checks(raw, fragment):
     assert any(fragment in p for p in problems(raw)), problems(raw)
 
 
-@pytest.mark.parametrize("flag", ["use_fp8", "use_4bit", "use_4bit_optimizer"])
-def test_unimplemented_low_precision_modes_are_refused(flag):
-    [p] = problems({"low_precision": {flag: True}})
-    assert p.startswith(f"low_precision.{flag}: not implemented yet")
+@pytest.mark.parametrize("raw,fragment", [
+    ({"model": {"n_embd": 72, "n_head": 1}}, "model.n_embd = 72 must be a multiple of 16"),
+    ({"training": {"batch_size": 3, "block_size": 10}}, "training.batch_size * training.block_size = 30"),
+    ({"low_precision": {"use_4bit": True}}, "cannot be combined with use_4bit"),
+    ({"training": {"distributed": "fsdp"}}, "not supported with training.distributed=fsdp"),
+    ({"fp8": {"amax_history_len": 32}}, "fp8.amax_history_len: configures TransformerEngine"),
+    ({"fp8": {"torchao_recipe": "rowwise"}}, "fp8.format: torchao's rowwise recipe uses E4M3"),
+])
+def test_fp8_combinations_that_cannot_work_are_refused(raw, fragment):
+    raw = {**raw, "low_precision": {"use_fp8": True, **raw.get("low_precision", {})}}
+    assert any(fragment in p for p in problems(raw)), problems(raw)
+
+
+def test_fp8_settings_that_work_are_accepted():
+    lp = {"use_fp8": True, "use_4bit_optimizer": True}
+    Config.from_dict({"low_precision": lp, "fp8": {"torchao_recipe": "rowwise", "format": "e4m3"}})
 
 
 def test_every_problem_is_reported_at_once():

@@ -84,7 +84,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpu
 
 def test_resume_of_a_two_process_run_is_exact(tmp_path, corpus):
     config = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=3, test_freq=3, keep_last_n=0)
-    common = ["dataloader.num_workers=1", "training.gradient_accumulation_steps=2"]
+    common = ["dataloader.num_workers=1", "training.gradient_accumulation_steps=2",
+              "low_precision.use_4bit_optimizer=true", "low_precision.use_4bit=true"]  # they work under DDP
     torchrun(2, config, *common)
     run = the_run(tmp_path / "ck")
     straight = load_checkpoint(run / "checkpoint_6.pt")
@@ -97,6 +98,7 @@ def test_resume_of_a_two_process_run_is_exact(tmp_path, corpus):
         assert torch.equal(resumed["model"][name], tensor), name
     assert train_losses(run) == (straight_train, straight_val)
     assert len(resumed["rng"]) == 2 and len(resumed["data"]["positions"]) == 2
+    assert "exp_avg_4bit" in resumed["optimizer"]["state"]["encoder"]
 
 
 def free_port():

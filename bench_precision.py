@@ -1,0 +1,113 @@
+"""Low-precision benchmarks: variants trained side by side in one run, with train.py.
+
+    python bench_precision.py --config configs/tiny.yaml [--json out.json] [section.key=value ...]
+    python bench_precision.py --set fp8 --config config.yaml [model.n_embd=512 ...]    (CUDA)
+
+--set 4bit (default): AdamW; AdamW4bit; AdamW with use_4bit quantization-aware training; and the
+plain AdamW model quantized to 4 bits after training (post-training quantization). Reports the
+optimizer state bytes of AdamW and AdamW4bit, and each model's final validation loss.
+--set fp8: bf16 against bf16 + FP8 GEMMs: training tokens/s (median of the logged intervals after
+the first) and final validation loss.
+Every variant trains the same config for the same steps and is evaluated on the same validation
+batches (train.py's evaluation at max_iters).
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from checkpoint import checkpoints_in, load_checkpoint
+from config import Config, ConfigError
+from data import list_units, validation_batches
+from lowbit import AdamW4bit, adamw_state_bytes, to_4bit
+from model import BDH, BDHConfig
+from train import DTYPES
+
+BF16 = ["low_precision.compute_dtype=bfloat16"]
+VARIANT_SETS = {
+    "4bit": {"AdamW": [], "AdamW4bit": ["low_precision.use_4bit_optimizer=true"],
+             "4-bit QAT": ["low_precision.use_4bit=true"]},
+    "fp8": {"bf16": BF16, "bf16 + FP8": BF16 + ["low_precision.use_fp8=true"]},
+}
+PTQ = "AdamW, then 4-bit weights (post-training)"
+
+
+def train_variant(config_path, overrides, extra, workdir) -> dict:
+    checkpoint_dir = Path(workdir) / "checkpoints"
+    cmd = [sys.executable, "train.py", "--config", config_path, *overrides, *extra,
+           f"training.checkpoint_dir={checkpoint_dir}", "training.keep_last_n=1"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    [run] = checkpoint_dir.iterdir()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # the first holds warm-up
+    return {"run": run, "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1],
+            "tokens_per_s": statistics.median(rates) if rates else None}
+
+
+@torch.no_grad()
+def post_training_4bit_loss(cfg, run) -> float:
+    ckpt = load_checkpoint(checkpoints_in(run)[-1])
+    model = BDH(BDHConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    lp = cfg.low_precision
+    to_4bit(model, lp.quantization_type, lp.use_double_quant)
+    model.eval()
+    dtype = DTYPES[lp.compute_dtype]
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
+    batches = validation_batches(cfg, list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column))
+    with autocast:
+        return sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--set", default="4bit", choices=VARIANT_SETS, help="which variants to compare")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = Config.from_yaml(args.config, args.overrides)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    lp = cfg.low_precision
+    results = {"config": cfg.to_dict(), "set": args.set, "variants": {}}
+    if args.set == "4bit":
+        model = BDH(cfg.to_bdh_config())
+        state = {"AdamW": adamw_state_bytes(model.parameters()),
+                 "AdamW4bit": AdamW4bit(model.parameters(), quant_type=lp.quantization_type,
+                                        double_quant=lp.use_double_quant).state_bytes()}
+        results["optimizer_state_bytes"] = state
+        print(f"optimizer state: AdamW {state['AdamW'] / 2**20:.2f} MiB, AdamW4bit ({lp.quantization_type}, "
+              f"double quant {lp.use_double_quant}) {state['AdamW4bit'] / 2**20:.2f} MiB = "
+              f"{state['AdamW4bit'] / state['AdamW']:.3f}x")
+    variants = results["variants"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in VARIANT_SETS[args.set].items():
+            variants[name] = train_variant(args.config, args.overrides, extra, Path(tmp) / name.replace(" ", "_"))
+            if name == "AdamW":
+                variants[PTQ] = {"val_loss": post_training_4bit_loss(cfg, variants[name]["run"])}
+        for v in variants.values():
+            v.pop("run", None)
+    base_name, base = next(iter(variants.items()))
+    print(f"after {cfg.training.max_iters} steps, {cfg.training.eval_iters} validation batches:")
+    for name, v in variants.items():
+        rate = (f"{v['tokens_per_s']:>12,.0f} tok/s ({v['tokens_per_s'] / base['tokens_per_s']:.2f}x)"
+                if v.get("tokens_per_s") and args.set == "fp8" else "")
+        print(f"  {name:<44} val loss {v['val_loss']:.4f} ({(v['val_loss'] / base['val_loss'] - 1) * 100:+.2f}% "
+              f"vs {base_name}){rate}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

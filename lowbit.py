@@ -1,0 +1,218 @@
+"""4-bit: an AdamW whose moments are stored in 4 bits, and 4-bit weights (training and serving).
+
+Both use bitsandbytes' blockwise 4-bit quantization (quantize_4bit / dequantize_4bit): each block
+of BLOCKSIZE consecutive values is divided by its absolute maximum and rounded to the nearest of
+16 levels, the nf4 or fp4 code book (low_precision.quantization_type). With use_double_quant the
+per-block maxima are themselves quantized to 8 bits.
+
+AdamW4bit (low_precision.use_4bit_optimizer) keeps, per parameter, the first moment m and the
+square root of the second moment, s = sqrt(v), each as 4-bit codes, and does every update in
+float32: dequantize, update, requantize. Why sqrt(v), and why a floor:
+- v spans many orders of magnitude within a block; s spans half as many (in log scale), and the
+  update divides by s, so a relative error in s is a relative error in the step.
+- A value below half the smallest non-zero level of its block (for nf4, 0.08 x the block maximum)
+  rounds to 0, and m / (0 + eps) would be a step a million times too large. So a dequantized s is
+  never taken below the smallest non-zero level times its block's maximum: a small s is
+  overestimated, which shortens that element's step instead of exploding it.
+Parameters with fewer than MIN_QUANTIZED_NUMEL elements keep float32 moments (their states are too
+small to matter), which makes the update exactly torch's AdamW for them.
+
+use_4bit (quantization-aware training): the forward pass uses the 4-bit round trip of encoder,
+encoder_v and decoder (the weights that hold nearly all parameters), with a straight-through
+gradient to the float32 master weights. to_4bit() packs those weights for serving.
+"""
+import logging
+import math
+
+import torch
+
+BLOCKSIZE = 64
+MIN_QUANTIZED_NUMEL = 4096
+QUANTIZED_WEIGHTS = ("encoder", "encoder_v", "decoder")
+
+
+def _bnb():
+    # its CPU backend warns at import about an optional kernel package for 4-bit matmuls; this
+    # module dequantizes and never calls those
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError as e:
+        raise ImportError(f"the 4-bit modes need bitsandbytes ({e}); pip install -r requirements.txt")
+    return bnb_functional
+
+
+def quantize(x: torch.Tensor, quant_type: str, double_quant: bool) -> dict:
+    """4-bit codes and the bitsandbytes quantization state, as a dict of tensors only (the
+    checkpoint format: loadable with weights_only=True)."""
+    codes, state = _bnb().quantize_4bit(x.detach().float().contiguous(), blocksize=BLOCKSIZE,
+                                        compress_statistics=double_quant, quant_type=quant_type)
+    return {"codes": codes, **state.as_dict(packed=True)}
+
+
+def dequantize(q: dict, device=None) -> torch.Tensor:
+    """The float32 values of quantize(x), flattened."""
+    F = _bnb()
+    state = F.QuantState.from_dict({k: v for k, v in q.items() if k != "codes"}, device or q["codes"].device)
+    return F.dequantize_4bit(q["codes"], state).flatten()
+
+
+def nbytes(q) -> int:
+    if isinstance(q, dict):
+        return sum(nbytes(v) for v in q.values())
+    return q.numel() * q.element_size() if torch.is_tensor(q) else 0
+
+
+def smallest_level(quant_type: str) -> float:
+    """The smallest positive level of the code book (nf4: 0.0796, fp4: 0.0052)."""
+    codes = quantize(torch.linspace(-1, 1, 4 * BLOCKSIZE), quant_type, False)
+    levels = codes["quant_map"]
+    return float(levels[levels > 0].min())
+
+
+def floor_to_smallest_level(s: torch.Tensor, level: float) -> torch.Tensor:
+    """max(s, level x the maximum of s's block): no dequantized value is 0 unless its whole
+    block is 0 (then m is 0 there too, up to the same rounding)."""
+    flat = s.flatten()
+    pad = (-flat.numel()) % BLOCKSIZE
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCKSIZE)
+    floor = blocks.amax(dim=1, keepdim=True) * level
+    return torch.maximum(blocks, floor).flatten()[:flat.numel()].view_as(s)
+
+
+class AdamW4bit(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias-corrected) with 4-bit moment storage."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 quant_type="nf4", double_quant=True):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.quant_type, self.double_quant = quant_type, double_quant
+        self.level = smallest_level(quant_type)
+        for group in self.param_groups:  # eagerly, so that state_bytes() is known before step 1
+            for p in group["params"]:
+                self._init_state(p)
+
+    def _init_state(self, p):
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0)
+        zeros = torch.zeros_like(p, dtype=torch.float32)
+        if p.numel() >= MIN_QUANTIZED_NUMEL:
+            state["exp_avg_4bit"] = self._pack(zeros)
+            state["exp_avg_sqrt_4bit"] = self._pack(zeros)
+        else:
+            state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
+
+    def _pack(self, x):
+        return quantize(x, self.quant_type, self.double_quant)
+
+    def load_state_dict(self, state_dict):
+        """torch casts every loaded state tensor to its parameter's dtype; give the 4-bit codes,
+        the packed quantization state and double-quantized block maxima back their uint8."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for q in (state.get("exp_avg_4bit"), state.get("exp_avg_sqrt_4bit")):
+                if q is None:
+                    continue
+                uint8_keys = {"codes", "absmax"} if "nested_absmax" in q else {"codes"}
+                for key in q:
+                    if key in uint8_keys or key.startswith("quant_state."):
+                        q[key] = q[key].to(torch.uint8)
+
+    def state_bytes(self) -> int:
+        return sum(nbytes(s) for s in self.state.values())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "step" not in state:  # e.g. state dropped by a load
+                    self._init_state(p)
+                state["step"] += 1
+                t = float(state["step"])
+                grad = p.grad.float()
+                quantized = "exp_avg_4bit" in state
+                if quantized:
+                    m = dequantize(state["exp_avg_4bit"], p.device).view_as(p)
+                    s = dequantize(state["exp_avg_sqrt_4bit"], p.device).view_as(p)
+                    v = floor_to_smallest_level(s, self.level).square_()
+                else:
+                    m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                s = v.sqrt()
+                denominator = (s / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(m.to(p.dtype), denominator.to(p.dtype), value=-group["lr"] / (1 - beta1 ** t))
+                if quantized:
+                    state["exp_avg_4bit"] = self._pack(m)
+                    state["exp_avg_sqrt_4bit"] = self._pack(s)
+        return loss
+
+
+def convert_adamw_state(optimizer_state: dict, optimizer, shapes: dict, to_4bit: bool, quant_type: str,
+                        double_quant: bool) -> dict:
+    """A saved optimizer state (keyed by parameter name) in the format of `optimizer`: torch
+    AdamW's float32 moments <-> AdamW4bit's 4-bit codes, so that a resumed run may switch
+    use_4bit_optimizer. The groups take `optimizer`'s settings (the two keep different keys)."""
+    optimizer_state["param_groups"] = [
+        {**{k: v for k, v in current.items() if k != "params"}, "params": saved["params"]}
+        for current, saved in zip(optimizer.param_groups, optimizer_state["param_groups"])]
+    for name, state in optimizer_state["state"].items():
+        if to_4bit and "exp_avg" in state and state["exp_avg"].numel() >= MIN_QUANTIZED_NUMEL:
+            state["exp_avg_4bit"] = quantize(state.pop("exp_avg"), quant_type, double_quant)
+            state["exp_avg_sqrt_4bit"] = quantize(state.pop("exp_avg_sq").sqrt(), quant_type, double_quant)
+        elif not to_4bit and "exp_avg_4bit" in state:
+            state["exp_avg"] = dequantize(state.pop("exp_avg_4bit")).view(shapes[name])
+            state["exp_avg_sq"] = dequantize(state.pop("exp_avg_sqrt_4bit")).view(shapes[name]).square()
+    return optimizer_state
+
+
+def adamw_state_bytes(params) -> int:
+    """What torch.optim.AdamW keeps: two float32 moments per parameter (and a step count)."""
+    return sum(2 * 4 * p.numel() + 4 for p in params)
+
+
+class FakeQuantize4bit(torch.autograd.Function):
+    """Forward: the weight after a 4-bit round trip. Backward: the gradient unchanged (straight
+    through) to the float32 master weight."""
+
+    @staticmethod
+    def forward(ctx, w, quant_type, double_quant):
+        F = _bnb()
+        codes, state = F.quantize_4bit(w.detach().float().contiguous(), blocksize=BLOCKSIZE,
+                                       compress_statistics=double_quant, quant_type=quant_type)
+        return F.dequantize_4bit(codes, state).view_as(w).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+def quantization_aware(model, quant_type: str, double_quant: bool):
+    """Make the model's matmuls use the 4-bit round trip of encoder, encoder_v and decoder."""
+    model.weight_view = lambda weights: tuple(FakeQuantize4bit.apply(w, quant_type, double_quant)
+                                              for w in weights)
+
+
+def to_4bit(model, quant_type: str, double_quant: bool) -> tuple[int, int]:
+    """Replace encoder, encoder_v and decoder by their 4-bit codes; each use dequantizes them.
+    Returns (bytes of the model's weights before, after)."""
+    before = sum(p.numel() * p.element_size() for p in model.parameters())
+    packed = {}
+    for name in QUANTIZED_WEIGHTS:
+        weight = getattr(model, name)
+        packed[name] = (quantize(weight, quant_type, double_quant), weight.shape)
+        setattr(model, name, torch.nn.Parameter(weight.new_empty(0), requires_grad=False))
+    model.weight_view = lambda _: tuple(dequantize(q).view(shape) for q, shape in packed.values())
+    after = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        nbytes(q) for q, _ in packed.values())
+    return before, after

@@ -1,0 +1,122 @@
+"""FP8 GEMMs through torchao. torch._scaled_mm runs on CPU with the pinned torch, so the FP8 path
+itself is tested here; training refuses devices without FP8 tensor cores, and the CUDA tests run
+only where there is one."""
+import pytest
+import torch
+
+import fp8
+import sample
+import train
+from checkpoint import load_checkpoint
+from config import Config
+from conftest import write_config
+from model import BDH, BDHConfig
+from reference import reference_forward
+
+SMALL = BDHConfig(n_layer=2, n_embd=64, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.0)
+FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= fp8.MIN_CAPABILITY
+
+
+def relative(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def forward_backward(forward, model, idx, dtype):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        logits, loss = forward(idx, torch.roll(idx, -1, 1))
+    loss.backward()
+    return logits, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_fp8_layer_math_is_the_spec_when_the_gemm_is_exact():
+    torch.manual_seed(0)
+    model = BDH(SMALL)
+    idx = torch.randint(0, 256, (2, 32))
+    exact, _ = fp8.FP8BDH(model, torch.matmul)(idx)
+    expected, _ = reference_forward(model, idx)
+    torch.testing.assert_close(exact, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe,fmt", [("tensorwise", "hybrid"), ("tensorwise", "e4m3"),
+                                        ("rowwise", "e4m3"), ("rowwise_with_gw_hp", "e4m3")])
+def test_fp8_forward_and_backward_against_bf16(monkeypatch, recipe, fmt):
+    """Tolerance: FP8 (3 mantissa bits) against float32 within 10% on the logits and 35% on the
+    weight gradients of this untrained 2-layer model; bf16 is ~10x closer, so the FP8 error must
+    also be at least 3x bf16's: a path that silently ran in bf16 fails."""
+    cfg = Config().fp8
+    cfg.torchao_recipe, cfg.format = recipe, fmt
+    matmul, description = fp8.torchao_matmul(cfg)
+    assert description.startswith(f"torchao {recipe}")
+    gemms = []
+    real_scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, *args, **kw: gemms.append(
+        (a.dtype, b.dtype)) or real_scaled_mm(a, b, *args, **kw))
+    torch.manual_seed(0)
+    model = BDH(SMALL)
+    idx = torch.randint(0, 256, (2, 32))
+    logits8, grads8 = forward_backward(fp8.FP8BDH(model, matmul), model, idx, torch.bfloat16)
+    gemms_per_step = len(gemms)
+    logits16, grads16 = forward_backward(lambda *a: reference_forward(model, *a), model, idx, torch.bfloat16)
+    logits32, grads32 = forward_backward(lambda *a: reference_forward(model, *a), model, idx, torch.float32)
+    # per layer: encoder (1), encoder_v (one per head), decoder (1), each forward + 2 backward,
+    # except where rowwise_with_gw_hp computes the weight gradient in high precision
+    per_layer = SMALL.n_head + 2
+    expected = SMALL.n_layer * per_layer * (2 if recipe == "rowwise_with_gw_hp" else 3)
+    assert gemms_per_step == expected
+    assert all(a in (torch.float8_e4m3fn, torch.float8_e5m2) for a, _ in gemms)
+    assert relative(logits8, logits32) < 0.10
+    assert relative(logits8, logits32) > 3 * relative(logits16, logits32)
+    for name in ("encoder", "encoder_v", "decoder"):
+        assert relative(grads8[name], grads32[name]) < 0.35, name
+
+
+def test_fp8_training_is_refused_without_an_fp8_gpu(tmp_path, corpus, capsys):
+    if FP8_GPU:
+        pytest.skip("this machine has an FP8 GPU")
+    path = write_config(tmp_path, corpus, batch_size=4, block_size=16)
+    assert train.main(["--config", str(path), "low_precision.use_fp8=true"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a CUDA GPU with compute capability >= 8.9" in err
+    assert not (tmp_path / "ck").exists()
+
+
+def test_transformer_engine_backend_is_refused_with_the_reason(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.setattr(fp8, "check_device", lambda device: None)
+    path = write_config(tmp_path, corpus)
+    assert train.main(["--config", str(path), "low_precision.use_fp8=true",
+                       "fp8.backend=transformer_engine"]) == 1
+    assert "fp8.backend transformer_engine: not implemented" in capsys.readouterr().err
+
+
+def test_fp8_run_trains_and_its_checkpoint_loads_in_bf16_and_sample(tmp_path, corpus, capsys, monkeypatch):
+    """The whole training loop on the FP8 path (the device check lifted: CPU runs the FP8 GEMMs
+    too, only slowly), with activation checkpointing and the 4-bit optimizer."""
+    monkeypatch.setattr(fp8, "check_device", lambda device: None)
+    path = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=6, test_freq=6)
+    flags = ["low_precision.use_fp8=true", "low_precision.compute_dtype=bfloat16",
+             "training.activation_checkpointing=true", "low_precision.use_4bit_optimizer=true"]
+    assert train.main(["--config", str(path), *flags]) == 0
+    out = capsys.readouterr().out
+    assert "FP8 GEMMs for encoder, encoder_v, decoder: torchao tensorwise" in out
+    [ckpt] = (tmp_path / "ck").glob("run_*/checkpoint_6.pt")
+    state = load_checkpoint(ckpt)
+    assert set(state["model"]) == {"embed.weight", "encoder", "encoder_v", "decoder", "lm_head"}
+    assert all(t.dtype == torch.float32 for t in state["model"].values())
+    assert train.main(["--config", str(path), "low_precision.compute_dtype=bfloat16",
+                       "low_precision.use_4bit_optimizer=true", "training.max_iters=7",
+                       f"training.resume_from_checkpoint={ckpt}"]) == 0
+    assert sample.main(["--checkpoint", str(ckpt), "--max-new-tokens", "5", "--device", "cpu"]) == 0
+
+
+@pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA GPU with compute capability >= 8.9")
+def test_fp8_trains_on_the_gpu(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, device="cuda", batch_size=16, block_size=64, max_iters=20,
+                        checkpoint_freq=20, test_freq=20, model={"n_embd": 64, "dropout": 0.0})
+    assert train.main(["--config", str(path), "low_precision.use_fp8=true",
+                       "low_precision.compute_dtype=bfloat16", "training.compile=true"]) == 0
+    out = capsys.readouterr().out
+    assert "FP8 GEMMs" in out
+    losses = [float(line.split("loss ")[1].split()[0]) for line in out.splitlines() if line.startswith("step ")
+              and "| loss" in line]
+    assert losses[-1] < losses[0]
