@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PROJECT_VERSION = "0.1.0"
+PROJECT_VERSION = "0.2.0"
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
 
 
@@ -104,6 +104,22 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"{path}: not a checkpoint of this project (missing {', '.join(missing)})")
     ckpt["model"] = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     return ckpt
+
+
+def optimizer_state_for(optimizer, saved: dict, names: dict) -> dict:
+    """The saved optimizer state (keyed by parameter name) ready to load into `optimizer`: its
+    parameter groups take the current settings (betas, weight decay, ...; the config decides
+    them, as it does the learning rate), keeping only the saved parameter lists. `names` maps each
+    parameter to its name. Checkpoints of version 0.1 keyed the state by position instead."""
+    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    if all(isinstance(k, int) for k in saved["state"]):
+        saved = {"state": {order[k]: v for k, v in saved["state"].items()},
+                 "param_groups": [{**g, "params": [order[k] for k in g["params"]]}
+                                  for g in saved["param_groups"]]}
+    saved["param_groups"] = [
+        {**{k: v for k, v in current.items() if k != "params"}, "params": old["params"]}
+        for current, old in zip(optimizer.param_groups, saved["param_groups"])]
+    return saved
 
 
 def model_config_mismatch(ckpt_model_config: dict, model_config: dict, path) -> None:

@@ -205,15 +205,6 @@ class Config:
         if isinstance(t.compile, str) and t.compile != "auto":
             problems.append(f"training.compile: must be true, false or auto; got {t.compile!r}")
         lp = self.low_precision
-        for flag in ("use_4bit", "use_4bit_optimizer"):
-            if t.distributed == "fsdp" and getattr(lp, flag):
-                problems.append(f"low_precision.{flag}: not supported with training.distributed=fsdp "
-                                f"(it would quantize each rank's shard, not whole blocks of the "
-                                f"tensor); use training.distributed=ddp")
-        if t.distributed == "fsdp" and self.low_precision.compute_dtype == "float16":
-            problems.append("training.distributed: fsdp with compute_dtype float16 is not supported "
-                            "(the GradScaler would skip steps on some ranks only, from their own "
-                            "gradient shards); use low_precision.compute_dtype=bfloat16")
         if not 0 < self.dataset.val_fraction < 1:
             problems.append(f"dataset.val_fraction: must be in (0, 1), got {self.dataset.val_fraction}")
         if lp.use_fp8:
@@ -232,9 +223,6 @@ class Config:
         if lp.use_4bit:
             problems.append("low_precision.use_fp8: cannot be combined with use_4bit (both replace "
                             "the weight matmuls: FP8 would round the 4-bit values again); pick one")
-        if t.distributed == "fsdp":
-            problems.append("low_precision.use_fp8: not supported with training.distributed=fsdp in "
-                            "this version; use training.distributed=ddp")
         defaults = FP8Config()
         for key in ("amax_history_len", "amax_compute_algo"):
             if getattr(f, key) != getattr(defaults, key):

@@ -285,14 +285,15 @@ class BDH(nn.Module):
 
     # ------------------------------------------------------------------ generation
 
-    def _advance(self, x, states, t0):
+    def _advance(self, x, states, t0, weights=None):
         """Run c tokens at positions t0.. (x: (B, c, D), embeddings after LN) through all layers,
         given each layer's state S = sum_s r_s x_sᵀ (H, B, N, D) over the earlier positions, and
-        update the states. Returns the final hidden states (B, c, D)."""
+        update the states. Returns the final hidden states (B, c, D). `weights`: matmul_weights(),
+        taken once per generate() call."""
         C = self.config
         (B, c, D), H, N = x.shape, C.n_head, C.n_latent
         cos, sin = rope_cos_sin(self.rope_freqs, torch.arange(t0, t0 + c, device=x.device))
-        encoder, encoder_v, decoder = self.matmul_weights()
+        encoder, encoder_v, decoder = weights or self.matmul_weights()
         for layer in range(C.n_layer):
             a = (x.reshape(B * c, D) @ encoder).relu_().view(H, B, c, N)
             r = rope(a, cos.to(a.dtype), sin.to(a.dtype))
@@ -325,13 +326,14 @@ class BDH(nn.Module):
         states = [torch.zeros(C.n_head, B, C.n_latent, C.n_embd, device=idx.device,
                               dtype=self.encoder.dtype) for _ in range(C.n_layer)]
         x = layer_norm(self.embed(idx))
+        weights = self.matmul_weights()  # 4-bit modes: quantized or dequantized once per call
         for t0 in range(0, T, prompt_chunk):
-            h = self._advance(x[:, t0:t0 + prompt_chunk], states, t0)
+            h = self._advance(x[:, t0:t0 + prompt_chunk], states, t0, weights)
         out = [idx]
         for t in range(T, T + max_new_tokens):
             logits = h[:, -1] @ self.lm_head
             token = self.sample_next(logits, temperature, top_k, generator)
             out.append(token)
             if t + 1 < T + max_new_tokens:
-                h = self._advance(layer_norm(self.embed(token)), states, t)
+                h = self._advance(layer_norm(self.embed(token)), states, t, weights)
         return torch.cat(out, dim=1)

@@ -5,8 +5,8 @@
 
 The model shape comes from the checkpoint. Without a prompt, generation starts at a document
 boundary (the separator byte). --4bit keeps encoder, encoder_v and decoder as 4-bit codes (the
-checkpoint's low_precision.quantization_type and use_double_quant) and dequantizes them at each
-use: the model a use_4bit run trained for.
+checkpoint's low_precision.quantization_type and use_double_quant) and dequantizes them once per
+generate call: the model a use_4bit run trained for.
 """
 import argparse
 import sys
@@ -15,7 +15,7 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint, resolve_resume
 from data import SEPARATOR, decode
-from lowbit import to_4bit
+from lowbit import LowBitError, to_4bit
 from model import BDH, BDHConfig
 from train import TrainingError, pick_device
 
@@ -38,6 +38,9 @@ def main(argv=None) -> int:
         parser.error("--max-new-tokens and --temperature must be >= 0 and --top-k >= 1")
     try:
         device = pick_device(args.device)
+        if args.four_bit and device.type == "mps":
+            raise TrainingError("--4bit: bitsandbytes' 4-bit quantization runs on cpu or cuda; "
+                                "add --device cpu")
         path = resolve_resume(args.checkpoint, args.checkpoint_dir)
         ckpt = load_checkpoint(path)
     except (CheckpointError, TrainingError) as e:
@@ -45,14 +48,18 @@ def main(argv=None) -> int:
         return 1
     model = BDH(BDHConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
     if args.four_bit:
         lp = ckpt.get("config", {}).get("low_precision", {})
         quant_type, double_quant = lp.get("quantization_type", "nf4"), lp.get("use_double_quant", True)
-        before, after = to_4bit(model, quant_type, double_quant)
+        try:
+            before, after = to_4bit(model, quant_type, double_quant)
+        except LowBitError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(f"4-bit weights ({quant_type}{', double quant' if double_quant else ''}): model "
               f"{after / 2**20:.2f} MiB, float32 {before / 2**20:.2f} MiB (1/{before / after:.1f})",
               file=sys.stderr)
-    model.to(device).eval()
 
     prompt = list(args.prompt.encode("utf-8")) or [SEPARATOR]
     idx = torch.tensor([prompt], dtype=torch.long, device=device)

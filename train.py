@@ -17,14 +17,15 @@ import numpy as np
 import torch
 
 from checkpoint import (PROJECT_VERSION, CheckpointError, RunDir, clean_stale_temporaries,
-                        load_checkpoint, model_config_mismatch, resolve_resume, rng_state, set_rng_state)
+                        load_checkpoint, model_config_mismatch, optimizer_state_for, resolve_resume,
+                        rng_state, set_rng_state)
 from config import Config, ConfigError
 from data import (DataError, data_order, decode, list_units, loader_workers, resume_point,
                   train_loader, validation_batches)
 from distributed import (DistributedError, Ranks, communication_failure, full_state, full_weights,
                          gradient_sync, load_full_state, local_tensor, shutdown, start, wrap)
 from fp8 import FP8Error, fp8_model
-from lowbit import AdamW4bit, adamw_state_bytes, convert_adamw_state, quantization_aware
+from lowbit import AdamW4bit, LowBitError, adamw_state_bytes, convert_adamw_state, quantization_aware
 from model import BDH
 from shards import ensure_sample_corpus
 
@@ -176,16 +177,19 @@ def train(cfg: Config, config_path: str, ranks: Ranks, device: torch.device) -> 
         path = resolve_resume(t.resume_from_checkpoint, t.checkpoint_dir)
         ckpt = load_checkpoint(path)
         model_config_mismatch(ckpt["model_config"], dataclasses.asdict(cfg.to_bdh_config()), path)
+        optimizer_state = optimizer_state_for(optimizer, ckpt["optimizer"],
+                                              {p: name for name, p in model.named_parameters()})
         if ckpt["config"]["low_precision"]["use_4bit_optimizer"] != lp.use_4bit_optimizer:
             print(f"converting the checkpoint's optimizer state to "
                   f"{'4-bit' if lp.use_4bit_optimizer else 'float32'} moments (use_4bit_optimizer changed)")
             shapes = {name: p.shape for name, p in model.named_parameters()}
-            convert_adamw_state(ckpt["optimizer"], optimizer, shapes, lp.use_4bit_optimizer,
-                                lp.quantization_type, lp.use_double_quant)
-        load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
+            convert_adamw_state(optimizer_state, shapes, lp.use_4bit_optimizer, lp.quantization_type,
+                                lp.use_double_quant)
+        load_full_state(model, optimizer, ckpt["model"], optimizer_state)
         scaler.load_state_dict(ckpt["scaler"])
-        if len(ckpt["rng"]) == ranks.world_size:
-            set_rng_state(ckpt["rng"][ranks.rank], device)
+        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # version 0.1: one process
+        if len(rngs) == ranks.world_size:
+            set_rng_state(rngs[ranks.rank], device)
         else:  # another world size: the data order changes too (resume_point says so)
             torch.manual_seed(t.seed + ranks.rank + 1000 * ckpt["step"])
         step, data_resume = ckpt["step"], ckpt.get("data")
@@ -239,7 +243,7 @@ def train(cfg: Config, config_path: str, ranks: Ranks, device: torch.device) -> 
                  "data": {"order": data_order(cfg, workers, ranks.world_size),
                           "batches": batches_consumed, "positions": all_positions},
                  "versions": {"torch": str(torch.__version__), "project": PROJECT_VERSION}}
-        return run.save(step, state, cfg.to_yaml(), name)
+        return ranks.gather(run.save(step, state, cfg.to_yaml(), name))[0]  # rank 0's path, for all
 
     while step < t.max_iters:
         step += 1
@@ -293,8 +297,7 @@ def train(cfg: Config, config_path: str, ranks: Ranks, device: torch.device) -> 
             run.log({"step": step, "val_loss": val_loss, "sample": sample})
             if val_loss < best_val_loss:
                 best_val_loss = val_loss
-                if saved := save(step, name="best.pt"):
-                    print(f"saved {saved} (best validation loss so far)", flush=True)
+                print(f"saved {save(step, name='best.pt')} (best validation loss so far)", flush=True)
             last_log = time.perf_counter()  # evaluation time is not training time
 
         if step % t.checkpoint_freq == 0 or step == t.max_iters or stopping:
@@ -350,9 +353,9 @@ def main(argv=None) -> int:
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     ranks = Ranks()
     try:
-        ranks, device = start(cfg.training, pick_device(cfg.training.device))
+        ranks, device = start(cfg, pick_device(cfg.training.device))
         return train(cfg, args.config, ranks, device)
-    except (DataError, CheckpointError, TrainingError, DistributedError, FP8Error) as e:
+    except (DataError, CheckpointError, TrainingError, DistributedError, FP8Error, LowBitError) as e:
         print(f"error{rank_tag(ranks)}: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -100,12 +100,6 @@ def test_int_is_accepted_for_float():
     ({"dataset": {"val_fraction": 0.0}}, "dataset.val_fraction: must be in (0, 1)"),
     ({"training": {"distributed": "deepspeed"}}, "training.distributed: must be one of ddp, fsdp"),
     ({"training": {"distributed_timeout_s": 0}}, "training.distributed_timeout_s: must be > 0"),
-    ({"training": {"distributed": "fsdp"}, "low_precision": {"compute_dtype": "float16"}},
-     "fsdp with compute_dtype float16 is not supported"),
-    ({"training": {"distributed": "fsdp"}, "low_precision": {"use_4bit_optimizer": True}},
-     "low_precision.use_4bit_optimizer: not supported with training.distributed=fsdp"),
-    ({"training": {"distributed": "fsdp"}, "low_precision": {"use_4bit": True}},
-     "low_precision.use_4bit: not supported with training.distributed=fsdp"),
 ])
 def test_value_checks(raw, fragment):
     assert any(fragment in p for p in problems(raw)), problems(raw)
@@ -115,7 +109,6 @@ def test_value_checks(raw, fragment):
     ({"model": {"n_embd": 72, "n_head": 1}}, "model.n_embd = 72 must be a multiple of 16"),
     ({"training": {"batch_size": 3, "block_size": 10}}, "training.batch_size * training.block_size = 30"),
     ({"low_precision": {"use_4bit": True}}, "cannot be combined with use_4bit"),
-    ({"training": {"distributed": "fsdp"}}, "not supported with training.distributed=fsdp"),
     ({"fp8": {"amax_history_len": 32}}, "fp8.amax_history_len: configures TransformerEngine"),
     ({"fp8": {"torchao_recipe": "rowwise"}}, "fp8.format: torchao's rowwise recipe uses E4M3"),
 ])

@@ -12,6 +12,8 @@ import torch
 
 import train
 from checkpoint import load_checkpoint
+from config import Config
+from distributed import fsdp_problems
 from conftest import ROOT, write_config
 from model import BDH, BDHConfig
 
@@ -163,3 +165,27 @@ def test_a_signal_to_one_rank_stops_all_of_them_at_the_same_step(tmp_path, corpu
     step = load_checkpoint(ckpt)["step"]
     assert f"stopped by a signal to another rank after step {step}" in out
     assert "torchrun --standalone --nproc_per_node=2 train.py" in out
+
+
+@pytest.mark.parametrize("low_precision,fragment", [
+    ({"use_4bit": True}, "low_precision.use_4bit with training.distributed=fsdp"),
+    ({"use_4bit_optimizer": True}, "low_precision.use_4bit_optimizer with training.distributed=fsdp"),
+    ({"use_fp8": True}, "low_precision.use_fp8 with training.distributed=fsdp"),
+    ({"compute_dtype": "float16"}, "float16 with training.distributed=fsdp"),
+])
+def test_what_fsdp_cannot_run_is_refused_under_torchrun(low_precision, fragment):
+    cfg = Config.from_dict({"training": {"distributed": "fsdp"}, "low_precision": low_precision})
+    [problem] = fsdp_problems(cfg)
+    assert fragment in problem
+    assert fsdp_problems(Config.from_dict({"training": {"distributed": "fsdp"}})) == []
+
+
+def test_fsdp_refusal_is_one_line_before_training(tmp_path, corpus):
+    config = write_config(tmp_path, corpus)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", "--config", str(config), "training.distributed=fsdp",
+                             "low_precision.use_4bit_optimizer=true"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode != 0
+    assert "error: low_precision.use_4bit_optimizer with training.distributed=fsdp" in result.stderr
+    assert not (tmp_path / "ck").exists()

@@ -50,21 +50,22 @@ def test_small_tensors_keep_float32_state_and_match_torch_adamw():
 
 
 def test_second_moment_quantized_to_zero_cannot_blow_up_the_step():
-    """A block whose sqrt(v) holds one large value and small ones: the small ones round to code 0.
-    Where m survives quantization, m / (0 + eps) would be a step of millions; the floor at the
-    smallest non-zero level keeps it below the learning rate times a few."""
+    """A block whose second moment holds one large value and small ones: the small ones round to
+    code 0. Where m survives quantization, m / (0 + eps) would be a step of millions; the floor at
+    the smallest non-zero level keeps it below the learning rate."""
     p = torch.nn.Parameter(torch.zeros(MIN_QUANTIZED_NUMEL))
     optimizer = AdamW4bit([p], lr=1.0, betas=(0.9, 0.999), weight_decay=0.0)
-    m, s = torch.full_like(p, 0.5), torch.full_like(p, 0.01)
-    m[::64], s[::64] = 1.0, 100.0  # one large second moment per block of 64
+    m, v = torch.full_like(p, 0.5), torch.full_like(p, 1e-8)
+    m[::32], v[::32] = 1.0, 1.0  # one large second moment per block of 32
     state = optimizer.state[p]
     state["step"].fill_(1000)  # bias corrections ~1: the step is m / sqrt(v)
-    state["exp_avg_4bit"], state["exp_avg_sqrt_4bit"] = optimizer._pack(m), optimizer._pack(s)
-    naive = dequantize(state["exp_avg_4bit"]) / (dequantize(state["exp_avg_sqrt_4bit"]) + 1e-8)
-    assert naive.abs().max() > 1e6  # what storing plain 4-bit moments would do
+    state["exp_avg_4bit"], state["exp_avg_sq_root4_4bit"] = optimizer._pack(m), optimizer._pack(v.pow(0.25))
+    naive = dequantize(state["exp_avg_4bit"]) / (dequantize(state["exp_avg_sq_root4_4bit"]).pow(2) + 1e-8)
+    assert naive.abs().max() > 1e6  # what the plain 4-bit values would do
     p.grad = torch.zeros_like(p)
     optimizer.step()
-    assert p.detach().abs().max() < 1.0 / smallest_level("nf4")
+    # floor: v^(1/4) >= 0.0796 x 1 for nf4, so sqrt(v) >= 0.0063 and a step <= 0.5 / 0.0063 = 79
+    assert p.detach().abs().max() < 0.5 / smallest_level("nf4") ** 2 * 1.01
     assert torch.isfinite(p).all()
 
 
@@ -76,7 +77,7 @@ def test_4bit_optimizer_trains_and_resumes_exactly(tmp_path, corpus, capsys):
     assert "optimizer AdamW4bit (nf4), state" in out and "x AdamW's" in out
     [run] = (tmp_path / "ck").iterdir()
     straight = load_checkpoint(run / "checkpoint_4.pt")
-    assert straight["optimizer"]["state"]["encoder"]["exp_avg_4bit"]["codes"].dtype == torch.uint8
+    assert straight["optimizer"]["state"]["encoder"]["exp_avg_sq_root4_4bit"]["codes"].dtype == torch.uint8
     assert train.main(["--config", str(path), *flags,
                        f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}"]) == 0
     resumed = load_checkpoint(run / "checkpoint_4.pt")

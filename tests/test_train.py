@@ -198,3 +198,20 @@ def test_activation_checkpointing_reaches_the_model(tmp_path, corpus, monkeypatc
     path = write_config(tmp_path, corpus, max_iters=1, test_freq=100)
     assert train.main(["--config", str(path), "training.activation_checkpointing=true"]) == 0
     assert seen and all(seen)
+
+
+def test_checkpoint_of_version_0_1_still_resumes(tmp_path, corpus):
+    """Version 0.1 keyed the optimizer state by position and kept one RNG state."""
+    path = write_config(tmp_path, corpus, max_iters=2, test_freq=100)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    old = torch.load(run / "checkpoint_2.pt", weights_only=True)
+    order = [name for group in old["optimizer"]["param_groups"] for name in group["params"]]
+    old["optimizer"] = {"state": {order.index(n): s for n, s in old["optimizer"]["state"].items()},
+                        "param_groups": [{**g, "params": [order.index(n) for n in g["params"]]}
+                                         for g in old["optimizer"]["param_groups"]]}
+    old["rng"] = old["rng"][0]
+    torch.save(old, run / "checkpoint_2.pt")
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest",
+                       "training.max_iters=3"]) == 0
+    assert load_checkpoint(run / "checkpoint_3.pt")["step"] == 3
