@@ -204,10 +204,9 @@ class Config:
                             f"({t.learning_rate}), got {t.min_lr}")
         if isinstance(t.compile, str) and t.compile != "auto":
             problems.append(f"training.compile: must be true, false or auto; got {t.compile!r}")
-        lp = self.low_precision
         if not 0 < self.dataset.val_fraction < 1:
             problems.append(f"dataset.val_fraction: must be in (0, 1), got {self.dataset.val_fraction}")
-        if lp.use_fp8:
+        if self.low_precision.use_fp8:
             problems += self._check_fp8()
         return problems
 

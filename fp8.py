@@ -26,7 +26,6 @@ from model import layer_norm, rope_cos_sin
 from reference import rope  # the autograd-friendly form; model.rope writes into reused buffers
 
 MIN_CAPABILITY = (8, 9)  # Ada, Hopper, Blackwell: FP8 tensor cores
-GEMM_MULTIPLE = 16  # torch._scaled_mm needs every GEMM dimension divisible by 16
 
 
 class FP8Error(Exception):
