@@ -3,8 +3,9 @@
     python bench_precision.py --config configs/tiny.yaml [--json out.json] [section.key=value ...]
     python bench_precision.py --set fp8 --config config.yaml [model.n_embd=512 ...]    (CUDA)
 
---set 4bit (default): AdamW; AdamW4bit; AdamW with use_4bit quantization-aware training; and the
-plain AdamW model quantized to 4 bits after training (post-training quantization). Reports the
+--set 4bit (default): AdamW; AdamW4bit; AdamW with use_4bit quantization-aware training (from
+low_precision.qat_start_fraction of the steps, and from step 1); and the plain AdamW model
+quantized to 4 bits after training (post-training quantization). Reports the
 optimizer state bytes of AdamW and AdamW4bit, and each model's final validation loss.
 --set fp8: bf16 against bf16 + FP8 GEMMs: training tokens/s (median of the logged intervals after
 the first) and final validation loss.
@@ -32,7 +33,8 @@ from train import DTYPES
 BF16 = ["low_precision.compute_dtype=bfloat16"]
 VARIANT_SETS = {
     "4bit": {"AdamW": [], "AdamW4bit": ["low_precision.use_4bit_optimizer=true"],
-             "4-bit QAT": ["low_precision.use_4bit=true"]},
+             "4-bit QAT": ["low_precision.use_4bit=true"],
+             "4-bit QAT from step 1": ["low_precision.use_4bit=true", "low_precision.qat_start_fraction=0"]},
     "fp8": {"bf16": BF16, "bf16 + FP8": BF16 + ["low_precision.use_fp8=true"]},
 }
 PTQ = "AdamW, then 4-bit weights (post-training)"
@@ -52,12 +54,15 @@ def train_variant(config_path, overrides, extra, workdir) -> dict:
 
 
 @torch.no_grad()
-def post_training_4bit_loss(cfg, run) -> float:
+def final_checkpoint_loss(cfg, run, four_bit: bool) -> float:
+    """The validation loss of the run's last checkpoint: its weights as trained, or with encoder,
+    encoder_v and decoder quantized to 4 bits (what sample.py --4bit serves)."""
     ckpt = load_checkpoint(checkpoints_in(run)[-1])
     model = BDH(BDHConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     lp = cfg.low_precision
-    to_4bit(model, lp.quantization_type, lp.use_double_quant)
+    if four_bit:
+        to_4bit(model, lp.quantization_type, lp.use_double_quant)
     model.eval()
     dtype = DTYPES[lp.compute_dtype]
     autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -94,16 +99,21 @@ def main(argv=None) -> int:
         for name, extra in VARIANT_SETS[args.set].items():
             variants[name] = train_variant(args.config, args.overrides, extra, Path(tmp) / name.replace(" ", "_"))
             if name == "AdamW":
-                variants[PTQ] = {"val_loss": post_training_4bit_loss(cfg, variants[name]["run"])}
+                variants[PTQ] = {"val_loss": final_checkpoint_loss(cfg, variants[name]["run"], four_bit=True)}
+            elif name.startswith("4-bit QAT"):  # train.py evaluated its 4-bit weights; these are as trained
+                variants[name]["full_precision_val_loss"] = final_checkpoint_loss(cfg, variants[name]["run"],
+                                                                                  four_bit=False)
         for v in variants.values():
             v.pop("run", None)
     base_name, base = next(iter(variants.items()))
     print(f"after {cfg.training.max_iters} steps, {cfg.training.eval_iters} validation batches:")
     for name, v in variants.items():
-        rate = (f"{v['tokens_per_s']:>12,.0f} tok/s ({v['tokens_per_s'] / base['tokens_per_s']:.2f}x)"
+        extra = (f"{v['tokens_per_s']:>12,.0f} tok/s ({v['tokens_per_s'] / base['tokens_per_s']:.2f}x)"
                 if v.get("tokens_per_s") and args.set == "fp8" else "")
+        if "full_precision_val_loss" in v:
+            extra = f"; its weights unquantized: {v['full_precision_val_loss']:.4f}"
         print(f"  {name:<44} val loss {v['val_loss']:.4f} ({(v['val_loss'] / base['val_loss'] - 1) * 100:+.2f}% "
-              f"vs {base_name}){rate}")
+              f"vs {base_name}){extra}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

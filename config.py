@@ -73,6 +73,7 @@ class LowPrecisionConfig:
     quantization_type: str = "nf4"
     use_double_quant: bool = True
     compute_dtype: str = "bfloat16"
+    qat_start_fraction: float = 0.9
 
 
 @dataclass
@@ -204,6 +205,9 @@ class Config:
                             f"({t.learning_rate}), got {t.min_lr}")
         if isinstance(t.compile, str) and t.compile != "auto":
             problems.append(f"training.compile: must be true, false or auto; got {t.compile!r}")
+        if not 0 <= self.low_precision.qat_start_fraction < 1:
+            problems.append(f"low_precision.qat_start_fraction: must be in [0, 1) (0: quantization-aware "
+                            f"training from the first step), got {self.low_precision.qat_start_fraction}")
         if not 0 < self.dataset.val_fraction < 1:
             problems.append(f"dataset.val_fraction: must be in (0, 1), got {self.dataset.val_fraction}")
         if self.low_precision.use_fp8:

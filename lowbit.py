@@ -21,9 +21,11 @@ and why a floor:
 Parameters with fewer than MIN_QUANTIZED_NUMEL elements keep float32 moments (their states are too
 small to matter), which makes the update exactly torch's AdamW for them.
 
-use_4bit (quantization-aware training): the forward pass uses the 4-bit round trip of encoder,
-encoder_v and decoder (the weights that hold nearly all parameters), with a straight-through
-gradient to the float32 master weights. to_4bit() packs those weights for serving.
+use_4bit (quantization-aware training): under quantization_aware_view the forward pass uses the
+4-bit round trip of encoder, encoder_v and decoder (the weights that hold nearly all parameters),
+with a straight-through gradient to the float32 master weights. train.py applies it to the steps
+after low_precision.qat_start_fraction x max_iters and to every evaluation. to_4bit() packs those
+weights for serving.
 """
 import logging
 import math
@@ -205,10 +207,10 @@ class FakeQuantize4bit(torch.autograd.Function):
         return grad, None, None
 
 
-def quantization_aware(model, quant_type: str, double_quant: bool):
-    """Make the model's matmuls use the 4-bit round trip of encoder, encoder_v and decoder."""
-    model.weight_view = lambda weights: tuple(FakeQuantize4bit.apply(w, quant_type, double_quant)
-                                              for w in weights)
+def quantization_aware_view(quant_type: str, double_quant: bool):
+    """A BDH.weight_view under which the model's matmuls use the 4-bit round trip of encoder,
+    encoder_v and decoder."""
+    return lambda weights: tuple(FakeQuantize4bit.apply(w, quant_type, double_quant) for w in weights)
 
 
 def to_4bit(model, quant_type: str, double_quant: bool) -> tuple[int, int]:

@@ -25,7 +25,7 @@ from data import (DataError, data_order, decode, list_units, loader_workers, res
 from distributed import (DistributedError, Ranks, communication_failure, full_state, full_weights,
                          gradient_sync, load_full_state, local_tensor, shutdown, start, wrap)
 from fp8 import FP8Error, fp8_model
-from lowbit import AdamW4bit, LowBitError, adamw_state_bytes, convert_adamw_state, quantization_aware
+from lowbit import AdamW4bit, LowBitError, adamw_state_bytes, convert_adamw_state, quantization_aware_view
 from model import BDH
 from shards import ensure_sample_corpus
 
@@ -161,8 +161,10 @@ def train(cfg: Config, config_path: str, ranks: Ranks, device: torch.device) -> 
     model = BDH(cfg.to_bdh_config()).to(device)  # the same weights on every rank: same seed
     model.activation_checkpointing = t.activation_checkpointing
     lp = cfg.low_precision
-    if lp.use_4bit:
-        quantization_aware(model, lp.quantization_type, lp.use_double_quant)
+    # use_4bit: the steps after qat_start train through the 4-bit round trip; every evaluation
+    # measures the 4-bit model (before qat_start: the current weights quantized after the fact)
+    qat_view = quantization_aware_view(lp.quantization_type, lp.use_double_quant) if lp.use_4bit else None
+    qat_start = round(lp.qat_start_fraction * t.max_iters)
     trainable, fp8_recipe = fp8_model(model, cfg, device) if lp.use_fp8 else (model, None)
     wrapped = wrap(trainable, ranks, device)
     optimizer = make_optimizer(model, t, lp, device)
@@ -213,7 +215,7 @@ def train(cfg: Config, config_path: str, ranks: Ranks, device: torch.device) -> 
           f" | compile {use_compile} | {len(units)} data units | {tokens_per_step:,} tokens/step"
           + processes + f"\noptimizer {describe_optimizer(optimizer, model, lp)}"
           + (f" | 4-bit quantization-aware training ({lp.quantization_type}) of encoder, encoder_v, "
-             f"decoder" if lp.use_4bit else "")
+             f"decoder from step {qat_start + 1}; validation losses are the 4-bit model's" if lp.use_4bit else "")
           + (f" | FP8 GEMMs for encoder, encoder_v, decoder: {fp8_recipe}" if fp8_recipe else "")
           + (" | DEBUG: anomaly detection, per-step logs and finiteness checks" if t.debug else ""))
 
@@ -250,6 +252,9 @@ def train(cfg: Config, config_path: str, ranks: Ranks, device: torch.device) -> 
         lr = learning_rate(step, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        model.weight_view = qat_view if step > qat_start else None
+        if qat_view and step == qat_start + 1 and step > 1:
+            print(f"step {step}: quantization-aware training starts (4-bit forward from here on)")
         for micro in range(t.gradient_accumulation_steps):
             x, y, position = next(loader)
             positions[position["reader"]] = position
@@ -292,6 +297,7 @@ def train(cfg: Config, config_path: str, ranks: Ranks, device: torch.device) -> 
             loss_sum.zero_()
 
         if step % t.test_freq == 0 or step == t.max_iters:
+            model.weight_view = qat_view
             val_loss, sample = evaluate(model, val_batches, device, autocast, sample_generator, ranks)
             print(f"step {step}: val loss {val_loss:.4f}\n--- sample ---\n{sample}\n--------------", flush=True)
             run.log({"step": step, "val_loss": val_loss, "sample": sample})

@@ -25,6 +25,7 @@ def test_defaults_follow_the_configuration_guide():
     assert (t.log_freq, t.test_freq, t.checkpoint_freq, t.checkpoint_dir) == (100, 500, 500, "checkpoints")
     assert t.resume_from_checkpoint is None and t.debug is False
     lp = c.low_precision
+    # the guide's use_4bit default is true; off here: it makes every validation loss the 4-bit model's
     assert (lp.use_fp8, lp.use_4bit, lp.use_4bit_optimizer) == (False, False, False)
     assert (lp.quantization_type, lp.use_double_quant, lp.compute_dtype) == ("nf4", True, "bfloat16")
     assert c.dataset.text_column == "text"
@@ -98,6 +99,7 @@ def test_int_is_accepted_for_float():
     ({"fp8": {"amax_compute_algo": "mean"}}, "fp8.amax_compute_algo: must be one of"),
     ({"model": {"vocab_size": 100}}, "model.vocab_size: tokens are bytes"),
     ({"dataset": {"val_fraction": 0.0}}, "dataset.val_fraction: must be in (0, 1)"),
+    ({"low_precision": {"qat_start_fraction": 1.0}}, "low_precision.qat_start_fraction: must be in [0, 1)"),
     ({"training": {"distributed": "deepspeed"}}, "training.distributed: must be one of ddp, fsdp"),
     ({"training": {"distributed_timeout_s": 0}}, "training.distributed_timeout_s: must be > 0"),
 ])

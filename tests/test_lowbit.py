@@ -1,4 +1,6 @@
 """4-bit AdamW states, quantization-aware training and 4-bit serving (bitsandbytes on CPU)."""
+import json
+
 import pytest
 import torch
 
@@ -6,7 +8,7 @@ import sample
 import train
 from checkpoint import load_checkpoint
 from conftest import write_config
-from lowbit import (MIN_QUANTIZED_NUMEL, AdamW4bit, adamw_state_bytes, dequantize, quantization_aware,
+from lowbit import (MIN_QUANTIZED_NUMEL, AdamW4bit, adamw_state_bytes, dequantize, quantization_aware_view,
                     quantize, smallest_level, to_4bit)
 from model import BDH, BDHConfig
 
@@ -88,7 +90,7 @@ def test_4bit_optimizer_trains_and_resumes_exactly(tmp_path, corpus, capsys):
 def test_quantization_aware_forward_uses_4bit_weights_and_passes_gradients_straight_through():
     torch.manual_seed(0)
     qat, plain = BDH(SMALL), BDH(SMALL)
-    quantization_aware(qat, "nf4", True)
+    qat.weight_view = quantization_aware_view("nf4", True)
     with torch.no_grad():  # plain holds the 4-bit round trip of qat's weights as its own weights
         plain.load_state_dict(qat.state_dict())
         for name in ("encoder", "encoder_v", "decoder"):
@@ -102,9 +104,37 @@ def test_quantization_aware_forward_uses_4bit_weights_and_passes_gradients_strai
         torch.testing.assert_close(getattr(qat, name).grad, getattr(plain, name).grad)
 
 
+def metrics(checkpoint_dir, key):
+    [run] = checkpoint_dir.iterdir()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in records if key in r]
+
+
+def test_quantization_aware_training_starts_at_qat_start_fraction_and_evaluates_in_4bit(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, test_freq=2)
+    runs = {"plain": [], "from step 3": ["low_precision.use_4bit=true", "low_precision.qat_start_fraction=0.5"],
+            "from step 1": ["low_precision.use_4bit=true", "low_precision.qat_start_fraction=0"]}
+    train_loss, val_loss = {}, {}
+    for name, flags in runs.items():
+        assert train.main(["--config", str(path), f"training.checkpoint_dir={tmp_path / name}", *flags]) == 0
+        train_loss[name], val_loss[name] = metrics(tmp_path / name, "train_loss"), metrics(tmp_path / name, "val_loss")
+    assert "from step 3; validation losses are the 4-bit model's" in capsys.readouterr().out
+    assert train_loss["from step 3"][:2] == train_loss["plain"][:2]  # steps 1-2 in full precision
+    assert train_loss["from step 3"][2] != train_loss["plain"][2]
+    assert train_loss["from step 1"][0] != train_loss["plain"][0]
+    # at step 2 both hold the same weights; use_4bit evaluates them after a 4-bit round trip
+    assert val_loss["from step 3"][0] != val_loss["plain"][0]
+    # resuming across the start of quantization-aware training is exact
+    [run] = (tmp_path / "from step 3").iterdir()
+    assert train.main(["--config", str(path), f"training.checkpoint_dir={tmp_path / 'from step 3'}", *runs["from step 3"],
+                       f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}"]) == 0
+    assert "step 3: quantization-aware training starts" in capsys.readouterr().out
+    assert metrics(tmp_path / "from step 3", "train_loss") == train_loss["from step 3"]
+
+
 def test_quantization_aware_training_run_and_4bit_sampling(tmp_path, corpus, capsys):
     path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2, test_freq=100)
-    assert train.main(["--config", str(path), "low_precision.use_4bit=true"]) == 0
+    assert train.main(["--config", str(path), "low_precision.use_4bit=true", "low_precision.qat_start_fraction=0"]) == 0
     assert "4-bit quantization-aware training (nf4)" in capsys.readouterr().out
     [ckpt] = (tmp_path / "ck").glob("run_*/checkpoint_2.pt")
     assert set(load_checkpoint(ckpt)["model"]) == {"embed.weight", "encoder", "encoder_v", "decoder", "lm_head"}
@@ -116,7 +146,7 @@ def test_quantization_aware_training_run_and_4bit_sampling(tmp_path, corpus, cap
     ck = load_checkpoint(ckpt)
     model = BDH(BDHConfig(**ck["model_config"]))
     model.load_state_dict(ck["model"])
-    quantization_aware(model, "nf4", True)
+    model.weight_view = quantization_aware_view("nf4", True)
     prompt = torch.tensor([list(b"<00-")])
     expected = model.eval().generate(prompt, 20, temperature=0)
     assert four_bit.out.strip() == bytes(expected[0].tolist()).decode("utf-8", "replace").strip()
