@@ -253,7 +253,7 @@ class BDH(nn.Module):
         self.drop = nn.Dropout(config.dropout)  # reference.py's dropout; LayerStack draws its own masks
         self.activation_checkpointing = False  # set by train.py from training.activation_checkpointing
         # What the matmuls see of (encoder, encoder_v, decoder): None uses them as they are;
-        # lowbit.py sets a 4-bit round trip (quantization-aware training) or 4-bit storage.
+        # train.py sets lowbit.quantization_aware_view (4-bit round trip), lowbit.to_4bit 4-bit storage.
         self.weight_view = None
         self.register_buffer("rope_freqs", rope_frequencies(N), persistent=False)
         # The original implementation stored its RoPE table as "attn.freqs"; it is derived

@@ -116,6 +116,12 @@ def fmt_time(seconds: float) -> str:
 
 
 @torch.no_grad()
+def evaluated_weights(low_precision: dict):
+    """What a validation loss measures: the weights as trained, or their 4-bit round trip."""
+    lp = low_precision
+    return (lp["quantization_type"], lp["use_double_quant"]) if lp["use_4bit"] else "as trained"
+
+
 def evaluate(model, val_batches, device, autocast, generator, ranks: Ranks) -> tuple[float, str]:
     """Mean validation loss and a sample continuing the first validation window. Rank r takes
     batches r, r + world_size, ...; every rank runs as many forwards (FSDP gathers weights in
@@ -164,7 +170,7 @@ def train(cfg: Config, config_path: str, ranks: Ranks, device: torch.device) -> 
     # use_4bit: the steps after qat_start train through the 4-bit round trip; every evaluation
     # measures the 4-bit model (before qat_start: the current weights quantized after the fact)
     qat_view = quantization_aware_view(lp.quantization_type, lp.use_double_quant) if lp.use_4bit else None
-    qat_start = round(lp.qat_start_fraction * t.max_iters)
+    qat_start = min(round(lp.qat_start_fraction * t.max_iters), t.max_iters - 1)  # at least the last step
     trainable, fp8_recipe = fp8_model(model, cfg, device) if lp.use_fp8 else (model, None)
     wrapped = wrap(trainable, ranks, device)
     optimizer = make_optimizer(model, t, lp, device)
@@ -196,6 +202,10 @@ def train(cfg: Config, config_path: str, ranks: Ranks, device: torch.device) -> 
             torch.manual_seed(t.seed + ranks.rank + 1000 * ckpt["step"])
         step, data_resume = ckpt["step"], ckpt.get("data")
         best_val_loss = ckpt.get("best_val_loss", math.inf)
+        if evaluated_weights(ckpt["config"]["low_precision"]) != evaluated_weights(dataclasses.asdict(lp)):
+            best_val_loss = math.inf
+            print("validation losses now measure other weights (use_4bit or its code book changed): "
+                  "best.pt starts afresh")
         run, last_saved = RunDir(t.checkpoint_dir, path=path.parent, writer=ranks.main), path
         run.truncate_metrics(step)
         print(f"resuming from {path} at step {step + 1}")

@@ -87,7 +87,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpu
 def test_resume_of_a_two_process_run_is_exact(tmp_path, corpus):
     config = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=3, test_freq=3, keep_last_n=0)
     common = ["dataloader.num_workers=1", "training.gradient_accumulation_steps=2",
-              "low_precision.use_4bit_optimizer=true", "low_precision.use_4bit=true"]  # they work under DDP
+              "low_precision.use_4bit_optimizer=true", "low_precision.use_4bit=true",
+              "low_precision.qat_start_fraction=0.5"]  # they work under DDP; QAT from step 4
     torchrun(2, config, *common)
     run = the_run(tmp_path / "ck")
     straight = load_checkpoint(run / "checkpoint_6.pt")

@@ -111,25 +111,43 @@ def metrics(checkpoint_dir, key):
 
 
 def test_quantization_aware_training_starts_at_qat_start_fraction_and_evaluates_in_4bit(tmp_path, corpus, capsys):
-    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, test_freq=2)
-    runs = {"plain": [], "from step 3": ["low_precision.use_4bit=true", "low_precision.qat_start_fraction=0.5"],
+    path = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=2, test_freq=2)
+    runs = {"plain": [], "from step 4": ["low_precision.use_4bit=true", "low_precision.qat_start_fraction=0.5"],
             "from step 1": ["low_precision.use_4bit=true", "low_precision.qat_start_fraction=0"]}
     train_loss, val_loss = {}, {}
     for name, flags in runs.items():
         assert train.main(["--config", str(path), f"training.checkpoint_dir={tmp_path / name}", *flags]) == 0
         train_loss[name], val_loss[name] = metrics(tmp_path / name, "train_loss"), metrics(tmp_path / name, "val_loss")
-    assert "from step 3; validation losses are the 4-bit model's" in capsys.readouterr().out
-    assert train_loss["from step 3"][:2] == train_loss["plain"][:2]  # steps 1-2 in full precision
-    assert train_loss["from step 3"][2] != train_loss["plain"][2]
+    assert "from step 4; validation losses are the 4-bit model's" in capsys.readouterr().out
+    # steps 1-3 in full precision, step 3 after an evaluation in 4 bits; from step 4 in 4 bits
+    assert train_loss["from step 4"][:3] == train_loss["plain"][:3]
+    assert train_loss["from step 4"][3] != train_loss["plain"][3]
     assert train_loss["from step 1"][0] != train_loss["plain"][0]
     # at step 2 both hold the same weights; use_4bit evaluates them after a 4-bit round trip
-    assert val_loss["from step 3"][0] != val_loss["plain"][0]
+    assert val_loss["from step 4"][0] != val_loss["plain"][0]
     # resuming across the start of quantization-aware training is exact
-    [run] = (tmp_path / "from step 3").iterdir()
-    assert train.main(["--config", str(path), f"training.checkpoint_dir={tmp_path / 'from step 3'}", *runs["from step 3"],
+    [run] = (tmp_path / "from step 4").iterdir()
+    assert train.main(["--config", str(path), f"training.checkpoint_dir={tmp_path / 'from step 4'}", *runs["from step 4"],
                        f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}"]) == 0
-    assert "step 3: quantization-aware training starts" in capsys.readouterr().out
-    assert metrics(tmp_path / "from step 3", "train_loss") == train_loss["from step 3"]
+    assert "step 4: quantization-aware training starts" in capsys.readouterr().out
+    assert metrics(tmp_path / "from step 4", "train_loss") == train_loss["from step 4"]
+
+
+def test_at_least_the_last_step_trains_in_4bit(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2, test_freq=100)
+    assert train.main(["--config", str(path), "low_precision.use_4bit=true"]) == 0  # round(0.9 x 2) = 2
+    assert "step 2: quantization-aware training starts" in capsys.readouterr().out
+
+
+def test_switching_use_4bit_on_resume_starts_best_checkpoint_afresh(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2, test_freq=2)
+    assert train.main(["--config", str(path)]) == 0
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3",
+                       "low_precision.use_4bit=true", "low_precision.qat_start_fraction=0", "training.test_freq=3"]) == 0
+    out = capsys.readouterr().out
+    assert "best.pt starts afresh" in out
+    [run] = (tmp_path / "ck").iterdir()
+    assert load_checkpoint(run / "best.pt")["step"] == 3  # a 4-bit loss is not compared with a full-precision one
 
 
 def test_quantization_aware_training_run_and_4bit_sampling(tmp_path, corpus, capsys):
