@@ -115,13 +115,13 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-@torch.no_grad()
 def evaluated_weights(low_precision: dict):
     """What a validation loss measures: the weights as trained, or their 4-bit round trip."""
     lp = low_precision
     return (lp["quantization_type"], lp["use_double_quant"]) if lp["use_4bit"] else "as trained"
 
 
+@torch.no_grad()
 def evaluate(model, val_batches, device, autocast, generator, ranks: Ranks) -> tuple[float, str]:
     """Mean validation loss and a sample continuing the first validation window. Rank r takes
     batches r, r + world_size, ...; every rank runs as many forwards (FSDP gathers weights in

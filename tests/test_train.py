@@ -215,3 +215,14 @@ def test_checkpoint_of_version_0_1_still_resumes(tmp_path, corpus):
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest",
                        "training.max_iters=3"]) == 0
     assert load_checkpoint(run / "checkpoint_3.pt")["step"] == 3
+
+
+def test_evaluation_builds_no_autograd_graph():
+    from distributed import Ranks
+    from model import BDH, BDHConfig
+    model = BDH(BDHConfig(n_layer=1, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4))
+    grad_modes = []
+    model.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
+    batches = [(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8)))]
+    loss, _ = train.evaluate(model, batches, torch.device("cpu"), train.nullcontext(), torch.Generator(), Ranks())
+    assert grad_modes == [False] and loss > 0 and model.training
