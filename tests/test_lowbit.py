@@ -147,7 +147,7 @@ def test_switching_use_4bit_on_resume_starts_best_checkpoint_afresh(tmp_path, co
     out = capsys.readouterr().out
     assert "best.pt starts afresh" in out
     [run] = (tmp_path / "ck").iterdir()
-    assert load_checkpoint(run / "best.pt")["step"] == 3  # a 4-bit loss is not compared with a full-precision one
+    assert load_checkpoint(run / "best.pt")["step"] == 3  # the first 4-bit validation loss is the best so far
 
 
 def test_quantization_aware_training_run_and_4bit_sampling(tmp_path, corpus, capsys):
