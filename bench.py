@@ -15,27 +15,18 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
-from config import Config, ConfigError
+from config import add_config_arguments, load_config
 from data import list_units, loader_workers, train_loader
 from model import BDH
 from reference import reference_forward
+from runtime import DTYPES, DeviceError, autocast, pick_device, steady_host_memory
 from shards import ensure_sample_corpus
-from train import DTYPES, pick_device, steady_host_memory
+from tokenizer import ByteTokenizer
 
 IMPLEMENTATIONS = ("model.py", "reference")
-
-
-def flops_per_token(cfg: Config) -> float:
-    """Training FLOPs per token from BDH_SPEC.md: 3 x forward."""
-    m, T = cfg.model, cfg.training.block_size
-    D, H, V, L = m.n_embd, m.n_head, m.vocab_size, m.n_layer
-    N = m.mlp_internal_dim_multiplier * D // H
-    forward = L * 3 * (2 * H * N * D) + L * 2 * H * (T / 2) * (N + D) + 2 * D * V
-    return 3 * forward
 
 
 def sync(device):
@@ -46,18 +37,17 @@ def sync(device):
 def make_step(cfg, device, implementation):
     """A training step closure of one implementation, on its own copy of the same weights."""
     torch.manual_seed(cfg.training.seed)
-    model = BDH(cfg.to_bdh_config()).to(device)
+    model = BDH(cfg.model).to(device)
     model.activation_checkpointing = cfg.training.activation_checkpointing
     forward = model if implementation == "model.py" else (lambda idx, tgt: reference_forward(model, idx, tgt))
     if device.type == "cuda" and cfg.training.compile is not False:
         forward = torch.compile(forward)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate,
                                   fused=device.type == "cuda")
-    dtype = DTYPES[cfg.low_precision.compute_dtype]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    compute = autocast(device, cfg.low_precision.compute_dtype)
 
     def step(x, y):
-        with autocast:
+        with compute:
             _, loss = forward(x, y)
         loss.backward()
         optimizer.step()
@@ -79,10 +69,10 @@ def peak_matmul_flops(device, dtype, n=8192, reps=10) -> float:
 
 
 def bench_training(cfg, device, steps, warmup=2) -> dict:
-    t = cfg.training
+    shape, vocab = (cfg.training.batch_size, cfg.training.block_size), cfg.model.vocab_size
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (t.batch_size, t.block_size), generator=gen).to(device)
-    y = torch.randint(0, 256, (t.batch_size, t.block_size), generator=gen).to(device)
+    x = torch.randint(0, vocab, shape, generator=gen).to(device)
+    y = torch.randint(0, vocab, shape, generator=gen).to(device)
     results = {}
     for name in IMPLEMENTATIONS:
         results[name] = {"times": []}
@@ -99,7 +89,7 @@ def bench_training(cfg, device, steps, warmup=2) -> dict:
                 results[name]["times"].append(time.perf_counter() - start)
             if device.type == "cuda":
                 results[name]["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    tokens = t.batch_size * t.block_size
+    tokens = shape[0] * shape[1]
     out = {}
     for name in IMPLEMENTATIONS:
         ms = statistics.median(results[name]["times"]) * 1000
@@ -118,9 +108,8 @@ def cpu_memory_probe(args, implementation) -> dict:
 
 
 def run_memory_probe(cfg, implementation):
-    t = cfg.training
     step = make_step(cfg, torch.device("cpu"), implementation)
-    x = torch.randint(0, 256, (t.batch_size, t.block_size))
+    x = torch.randint(0, cfg.model.vocab_size, (cfg.training.batch_size, cfg.training.block_size))
     baseline = _current_rss()
     for _ in range(2):
         step(x, x)
@@ -144,8 +133,9 @@ def bench_generation(cfg, device, prompt_len=256, new_tokens=1000, samples=5) ->
     `samples` evenly spaced context lengths (trapezoid rule): running it for 1,000 tokens would
     take an hour on a CPU."""
     torch.manual_seed(cfg.training.seed)
-    model = BDH(cfg.to_bdh_config()).to(device).eval()
-    prompt = torch.randint(0, 256, (1, prompt_len), device=device)
+    model = BDH(cfg.model).to(device).eval()
+    vocab = cfg.model.vocab_size
+    prompt = torch.randint(0, vocab, (1, prompt_len), device=device)
     model.generate(prompt[:, :8], 2, temperature=0)  # warm-up
     sync(device)
     start = time.perf_counter()
@@ -156,7 +146,7 @@ def bench_generation(cfg, device, prompt_len=256, new_tokens=1000, samples=5) ->
     seconds = []
     with torch.no_grad():
         for T in lengths:
-            idx = torch.randint(0, 256, (1, T), device=device)
+            idx = torch.randint(0, vocab, (1, T), device=device)
             sync(device)
             start = time.perf_counter()
             reference_forward(model, idx)
@@ -173,7 +163,7 @@ def bench_generation(cfg, device, prompt_len=256, new_tokens=1000, samples=5) ->
 def bench_loader(cfg, model_ms_per_step, seconds=5.0) -> dict:
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
     workers = loader_workers(cfg, units)
-    it = iter(train_loader(cfg, units, workers))
+    it = iter(train_loader(cfg, units, ByteTokenizer(), workers))
     next(it)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -187,35 +177,34 @@ def bench_loader(cfg, model_ms_per_step, seconds=5.0) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark model.py against reference.py.")
-    parser.add_argument("--config", default="config.yaml")
+    add_config_arguments(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per implementation")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--skip", nargs="+", action="extend", default=[],
                         choices=("memory", "loader", "generation"), help="parts not to measure")
     parser.add_argument("--memory-probe", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
+    cfg = load_config(args)
     try:
-        cfg = Config.from_yaml(args.config, args.overrides)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
-    device = pick_device(cfg.training.device)
+        device = pick_device(cfg.training.device)
+    except DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     steady_host_memory(cfg, device)  # as train.py does, for both implementations
     if args.memory_probe:
         run_memory_probe(cfg, args.memory_probe)
         return 0
-    t, m = cfg.training, cfg.model
+    training, model = cfg.training, cfg.model
     print(f"device {device} ({torch.get_num_threads()} threads) | {cfg.low_precision.compute_dtype} | "
-          f"L{m.n_layer} D{m.n_embd} H{m.n_head} N{m.mlp_internal_dim_multiplier * m.n_embd // m.n_head} "
-          f"| batch {t.batch_size} x T {t.block_size} | torch {torch.__version__}")
+          f"L{model.n_layer} D{model.n_embd} H{model.n_head} N{model.n_latent} "
+          f"| batch {training.batch_size} x T {training.block_size} | torch {torch.__version__}")
     results = {"device": str(device), "config": cfg.to_dict(), "torch": str(torch.__version__)}
     results["training"] = training = bench_training(cfg, device, args.steps)
     if device.type == "cuda":
         peak = peak_matmul_flops(device, DTYPES[cfg.low_precision.compute_dtype])
         results["peak_flops"] = peak
         for r in training.values():
-            r["mfu"] = r["tokens_per_s"] * flops_per_token(cfg) / peak
+            r["mfu"] = r["tokens_per_s"] * cfg.model.training_flops_per_token(cfg.training.block_size) / peak
     elif "memory" not in args.skip:
         for name in IMPLEMENTATIONS:
             training[name].update(cpu_memory_probe(args, name))

@@ -18,17 +18,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from checkpoint import checkpoints_in, load_checkpoint
-from config import Config, ConfigError
+from checkpoint import checkpoints_in, load_checkpoint, model_from_checkpoint
+from config import add_config_arguments, load_config
 from data import list_units, validation_batches
 from lowbit import AdamW4bit, adamw_state_bytes, to_4bit
-from model import BDH, BDHConfig
-from train import DTYPES
+from model import BDH
+from runtime import autocast
+from tokenizer import ByteTokenizer
 
 BF16 = ["low_precision.compute_dtype=bfloat16"]
 VARIANT_SETS = {
@@ -57,42 +57,34 @@ def train_variant(config_path, overrides, extra, workdir) -> dict:
 def final_checkpoint_loss(cfg, run, four_bit: bool) -> float:
     """The validation loss of the run's last checkpoint: its weights as trained, or with encoder,
     encoder_v and decoder quantized to 4 bits (what sample.py --4bit serves)."""
-    ckpt = load_checkpoint(checkpoints_in(run)[-1])
-    model = BDH(BDHConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    lp = cfg.low_precision
+    model = model_from_checkpoint(load_checkpoint(checkpoints_in(run)[-1]))
+    low_precision = cfg.low_precision
     if four_bit:
-        to_4bit(model, lp.quantization_type, lp.use_double_quant)
+        to_4bit(model, low_precision.quantization_type, low_precision.use_double_quant)
     model.eval()
-    dtype = DTYPES[lp.compute_dtype]
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
-    batches = validation_batches(cfg, list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column))
-    with autocast:
+    units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
+    batches = validation_batches(cfg, units, ByteTokenizer())
+    with autocast(torch.device("cpu"), low_precision.compute_dtype):
         return sum(model(x, y)[1].item() for x, y in batches) / len(batches)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/tiny.yaml")
+    add_config_arguments(parser, default="configs/tiny.yaml")
     parser.add_argument("--set", default="4bit", choices=VARIANT_SETS, help="which variants to compare")
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
-    try:
-        cfg = Config.from_yaml(args.config, args.overrides)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
-    lp = cfg.low_precision
+    cfg = load_config(args)
+    low_precision = cfg.low_precision
     results = {"config": cfg.to_dict(), "set": args.set, "variants": {}}
     if args.set == "4bit":
-        model = BDH(cfg.to_bdh_config())
+        model = BDH(cfg.model)
         state = {"AdamW": adamw_state_bytes(model.parameters()),
-                 "AdamW4bit": AdamW4bit(model.parameters(), quant_type=lp.quantization_type,
-                                        double_quant=lp.use_double_quant).state_bytes()}
+                 "AdamW4bit": AdamW4bit(model.parameters(), quant_type=low_precision.quantization_type,
+                                        double_quant=low_precision.use_double_quant).state_bytes()}
         results["optimizer_state_bytes"] = state
-        print(f"optimizer state: AdamW {state['AdamW'] / 2**20:.2f} MiB, AdamW4bit ({lp.quantization_type}, "
-              f"double quant {lp.use_double_quant}) {state['AdamW4bit'] / 2**20:.2f} MiB = "
+        print(f"optimizer state: AdamW {state['AdamW'] / 2**20:.2f} MiB, AdamW4bit ({low_precision.quantization_type}, "
+              f"double quant {low_precision.use_double_quant}) {state['AdamW4bit'] / 2**20:.2f} MiB = "
               f"{state['AdamW4bit'] / state['AdamW']:.3f}x")
     variants = results["variants"]
     with tempfile.TemporaryDirectory() as tmp:

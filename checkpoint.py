@@ -1,21 +1,28 @@
-"""Run directories and checkpoints.
+"""Checkpoints and run directories.
+
+A checkpoint is one file (torch.save of Checkpoint.to_dict()) holding only tensors, numbers,
+strings, lists and dicts; it is read with torch.load(weights_only=True), so loading one cannot run
+code. Checkpoint is the one place that knows its layout.
 
 A run writes into <checkpoint_dir>/run_YYYYMMDD_HHMMSS/, created only when the first checkpoint
 is saved. Every file is written to a temporary name in the same folder, fsynced and renamed, so a
-crash leaves each checkpoint either complete or absent. Checkpoints hold only tensors, numbers,
-strings, lists and dicts, and are read with torch.load(weights_only=True): loading one cannot run
-code.
+crash leaves each checkpoint either complete or absent.
 """
+import dataclasses
 import json
 import math
 import os
 import random
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+
+from model import BDH, BDHConfig
 
 PROJECT_VERSION = "0.2.0"
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
@@ -24,6 +31,113 @@ CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
 class CheckpointError(Exception):
     pass
 
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds. Weights are the canonical float32 tensors of MODEL.md, whatever
+    trained them; the optimizer state is keyed by parameter name (version 0.1: by position);
+    rng and data_positions hold every rank's and every reader's part."""
+    step: int
+    model: dict
+    model_config: dict
+    config: dict = field(default_factory=dict)
+    optimizer: dict | None = None
+    scaler: dict | None = None
+    best_val_loss: float = math.inf
+    rng: list = field(default_factory=list)
+    data_order: dict | None = None  # the settings that decide the batch order (data.data_order)
+    data_positions: list = field(default_factory=list)  # every reader's position after batches_consumed
+    batches_consumed: int = 0
+    versions: dict = field(default_factory=lambda: {"torch": str(torch.__version__), "project": PROJECT_VERSION})
+
+    def to_dict(self) -> dict:
+        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name not in ("data_order", "data_positions", "batches_consumed")}
+        state["data"] = {"order": self.data_order, "batches": self.batches_consumed,
+                         "positions": self.data_positions}
+        return state
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "Checkpoint":
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in state.items() if k in names}
+        values["model"] = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
+        if isinstance(values.get("rng"), dict):  # version 0.1: one process, one RNG state
+            values["rng"] = [values["rng"]]
+        data = state.get("data") or {}
+        values.update(data_order=data.get("order"), data_positions=data.get("positions", []),
+                      batches_consumed=data.get("batches", 0))
+        return cls(**values)
+
+    def low_precision(self) -> dict:
+        return self.config.get("low_precision", {})
+
+
+def load_checkpoint(path) -> Checkpoint:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holds code
+        if "Weights only load failed" in str(e):
+            why = "it holds Python objects, not only tensors and plain data; loading it could run code"
+        else:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({why})")
+    missing = [k for k in ("model", "model_config", "step") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (missing {', '.join(missing)})")
+    return Checkpoint.from_dict(state)
+
+
+def model_from_checkpoint(ckpt: Checkpoint) -> BDH:
+    model = BDH(BDHConfig(**ckpt.model_config))
+    model.load_state_dict(ckpt.model)
+    return model
+
+
+def check_same_model(ckpt: Checkpoint, model_config: BDHConfig, path):
+    """Refuses a checkpoint of another model shape (dropout may differ: it is not a shape)."""
+    differing = [f"{k}: checkpoint {ckpt.model_config.get(k)!r}, config {v!r}"
+                 for k, v in dataclasses.asdict(model_config).items()
+                 if k != "dropout" and ckpt.model_config.get(k) != v]
+    if differing:
+        raise CheckpointError(f"{path}: the checkpoint is from a different model shape; set "
+                              f"model.* to match it or start a new run. Differences: " + "; ".join(differing))
+
+
+def optimizer_state_for(optimizer, saved: dict, names: dict) -> dict:
+    """The saved optimizer state (keyed by parameter name) ready to load into `optimizer`: its
+    parameter groups take the current settings (betas, weight decay, ...; the config decides
+    them, as it does the learning rate), keeping only the saved parameter lists. `names` maps each
+    parameter to its name. Checkpoints of version 0.1 keyed the state by position instead."""
+    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    if all(isinstance(k, int) for k in saved["state"]):
+        saved = {"state": {order[k]: v for k, v in saved["state"].items()},
+                 "param_groups": [{**g, "params": [order[k] for k in g["params"]]}
+                                  for g in saved["param_groups"]]}
+    saved["param_groups"] = [
+        {**{k: v for k, v in current.items() if k != "params"}, "params": old["params"]}
+        for current, old in zip(optimizer.param_groups, saved["param_groups"])]
+    return saved
+
+
+def rng_state(device) -> dict:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, device):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------- files
 
 def atomic_write(path: Path, write):
     """Call write(file) on a temporary file next to path, fsync it, then rename it into place."""
@@ -44,92 +158,31 @@ def atomic_write(path: Path, write):
         os.close(dir_fd)
 
 
-def rng_state(device) -> dict:
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-             "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict, device):
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def checkpoints_in(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary files are never matched)."""
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(spec: str, checkpoint_dir: str) -> Path:
-    """training.resume_from_checkpoint: a checkpoint file, a run directory (its newest
-    checkpoint) or `latest` (the newest checkpoint of the newest run in checkpoint_dir)."""
+def resolve_checkpoint(spec: str, checkpoint_dir: str, setting: str = "training.resume_from_checkpoint") -> Path:
+    """A checkpoint file, a run directory (its newest checkpoint) or `latest` (the newest
+    checkpoint of the newest run in checkpoint_dir). `setting` names the option in errors."""
     if spec == "latest":
         root = Path(checkpoint_dir)
         runs = sorted(p for p in root.glob("run_*") if p.is_dir() and checkpoints_in(p)) if root.is_dir() else []
         if not runs:
-            raise CheckpointError(f"training.resume_from_checkpoint: latest: no run with a "
-                                  f"checkpoint in {root}/")
+            raise CheckpointError(f"{setting}: latest: no run with a checkpoint in {root}/")
         return checkpoints_in(runs[-1])[-1]
     path = Path(spec)
     if path.is_dir():
         found = checkpoints_in(path)
         if not found:
-            raise CheckpointError(f"training.resume_from_checkpoint: {path} holds no "
-                                  f"checkpoint_<step>.pt")
+            raise CheckpointError(f"{setting}: {path} holds no checkpoint_<step>.pt")
         return found[-1]
     if not path.is_file():
-        raise CheckpointError(f"training.resume_from_checkpoint: {path} does not exist; give a "
-                              f"checkpoint file, a run directory or `latest`")
+        raise CheckpointError(f"{setting}: {path} does not exist; give a checkpoint file, a run "
+                              f"directory or `latest`")
     return path
-
-
-def load_checkpoint(path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holds code
-        if "Weights only load failed" in str(e):
-            why = "it holds Python objects, not only tensors and plain data; loading it could run code"
-        else:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({why})")
-    missing = [k for k in ("model", "model_config", "step") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: not a checkpoint of this project (missing {', '.join(missing)})")
-    ckpt["model"] = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-    return ckpt
-
-
-def optimizer_state_for(optimizer, saved: dict, names: dict) -> dict:
-    """The saved optimizer state (keyed by parameter name) ready to load into `optimizer`: its
-    parameter groups take the current settings (betas, weight decay, ...; the config decides
-    them, as it does the learning rate), keeping only the saved parameter lists. `names` maps each
-    parameter to its name. Checkpoints of version 0.1 keyed the state by position instead."""
-    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
-    if all(isinstance(k, int) for k in saved["state"]):
-        saved = {"state": {order[k]: v for k, v in saved["state"].items()},
-                 "param_groups": [{**g, "params": [order[k] for k in g["params"]]}
-                                  for g in saved["param_groups"]]}
-    saved["param_groups"] = [
-        {**{k: v for k, v in current.items() if k != "params"}, "params": old["params"]}
-        for current, old in zip(optimizer.param_groups, saved["param_groups"])]
-    return saved
-
-
-def model_config_mismatch(ckpt_model_config: dict, model_config: dict, path) -> None:
-    differing = [f"{k}: checkpoint {ckpt_model_config.get(k)!r}, config {v!r}"
-                 for k, v in model_config.items()
-                 if k != "dropout" and ckpt_model_config.get(k) != v]
-    if differing:
-        raise CheckpointError(f"{path}: the checkpoint is from a different model shape; set "
-                              f"model.* to match it or start a new run. Differences: "
-                              + "; ".join(differing))
 
 
 def flat_diff(old: dict, new: dict, ignore=()) -> list[str]:
@@ -181,7 +234,7 @@ class RunDir:
         self.path = path
         atomic_write(path / "config.yaml", lambda f: f.write(config_yaml.encode()))
 
-    def save(self, step: int, state: dict, config_yaml: str, name: str | None = None) -> Path | None:
+    def save(self, ckpt: Checkpoint, config_yaml: str, name: str | None = None) -> Path | None:
         """Write checkpoint_<step>.pt (or `name`) atomically; create the run directory first."""
         if not self.writer:
             return None
@@ -191,10 +244,10 @@ class RunDir:
             if self.pending:
                 self._append_metrics(self.pending)
                 self.pending = []
-            target = self.path / (name or f"checkpoint_{step}.pt")
-            atomic_write(target, lambda f: torch.save(state, f))
+            target = self.path / (name or f"checkpoint_{ckpt.step}.pt")
+            atomic_write(target, lambda f: torch.save(ckpt.to_dict(), f))
         except OSError as e:
-            raise CheckpointError(f"cannot write checkpoint for step {step} in "
+            raise CheckpointError(f"cannot write checkpoint for step {ckpt.step} in "
                                   f"{self.path or self.checkpoint_dir}: {e.strerror or e}; "
                                   f"earlier checkpoints are intact")
         return target
@@ -202,7 +255,6 @@ class RunDir:
     def record_resumed_config(self, step: int, config: dict, config_yaml: str) -> list[str]:
         """Keep the run's original config.yaml; if the resumed config differs, save it beside
         as config_resume_<step>.yaml and return the differences."""
-        import yaml
         if not self.writer:
             return []
         original_path = self.path / "config.yaml"

@@ -1,26 +1,20 @@
 """Typed configuration: dataclasses, strict YAML loading, command-line overrides.
 
 Every problem in a config file is reported at once, one line each, as
-`<section.key>: <what is wrong>`; train.py prints them and exits with status 2.
+`<section.key>: <what is wrong>`; the scripts print them and exit with status 2. The model
+section is model.BDHConfig itself.
 """
 import dataclasses
 import difflib
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-
-@dataclass
-class ModelConfig:
-    n_layer: int = 6
-    n_embd: int = 256
-    dropout: float = 0.1
-    n_head: int = 4
-    mlp_internal_dim_multiplier: int = 128
-    vocab_size: int = 256
+from model import BDHConfig
 
 
 @dataclass
@@ -121,7 +115,7 @@ class ConfigError(Exception):
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: BDHConfig = field(default_factory=BDHConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     dataloader: DataloaderConfig = field(default_factory=DataloaderConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -187,53 +181,52 @@ class Config:
         for path, allowed in CHOICES.items():
             if self._get(path) not in allowed:
                 problems.append(f"{path}: must be one of {', '.join(allowed)}; got {self._get(path)!r}")
-        m, t = self.model, self.training
-        if not 0 <= m.dropout < 1:
-            problems.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
-        if m.n_head > 0 and (m.n_embd * m.mlp_internal_dim_multiplier) % m.n_head:
-            problems.append(f"model.n_head: n_embd * mlp_internal_dim_multiplier = "
-                            f"{m.n_embd * m.mlp_internal_dim_multiplier} must be divisible by "
-                            f"n_head = {m.n_head}")
-        elif m.n_head > 0 and (m.n_embd * m.mlp_internal_dim_multiplier // m.n_head) % 2:
+        model, training = self.model, self.training
+        if not 0 <= model.dropout < 1:
+            problems.append(f"model.dropout: must be in [0, 1), got {model.dropout}")
+        latent_total = model.n_embd * model.mlp_internal_dim_multiplier
+        if model.n_head > 0 and latent_total % model.n_head:
+            problems.append(f"model.n_head: n_embd * mlp_internal_dim_multiplier = {latent_total} must be "
+                            f"divisible by n_head = {model.n_head}")
+        elif model.n_head > 0 and model.n_latent % 2:
             problems.append("model.mlp_internal_dim_multiplier: the latent size n_embd * "
                             "mlp_internal_dim_multiplier / n_head must be even (RoPE rotates pairs)")
-        if m.vocab_size < 256:
+        if model.vocab_size < 256:
             problems.append(f"model.vocab_size: tokens are bytes 0..255, so it must be >= 256, "
-                            f"got {m.vocab_size}")
-        if t.min_lr > t.learning_rate:
+                            f"got {model.vocab_size}")
+        if training.min_lr > training.learning_rate:
             problems.append(f"training.min_lr: must be <= training.learning_rate "
-                            f"({t.learning_rate}), got {t.min_lr}")
-        if isinstance(t.compile, str) and t.compile != "auto":
-            problems.append(f"training.compile: must be true, false or auto; got {t.compile!r}")
+                            f"({training.learning_rate}), got {training.min_lr}")
+        if isinstance(training.compile, str) and training.compile != "auto":
+            problems.append(f"training.compile: must be true, false or auto; got {training.compile!r}")
         if not 0 <= self.low_precision.qat_start_fraction < 1:
             problems.append(f"low_precision.qat_start_fraction: must be in [0, 1) (0: quantization-aware "
                             f"training from the first step), got {self.low_precision.qat_start_fraction}")
         if not 0 < self.dataset.val_fraction < 1:
             problems.append(f"dataset.val_fraction: must be in (0, 1), got {self.dataset.val_fraction}")
-        if self.low_precision.use_fp8:
+        if self.low_precision.use_fp8 and model.n_head > 0:
             problems += self._check_fp8()
         return problems
 
     def _check_fp8(self):
-        m, t, lp, f = self.model, self.training, self.low_precision, self.fp8
         problems = []
-        latent = m.mlp_internal_dim_multiplier * m.n_embd // max(1, m.n_head)
-        for name, size in (("model.n_embd", m.n_embd), ("the latent size N", latent),
-                           ("training.batch_size * training.block_size", t.batch_size * t.block_size)):
+        training, fp8 = self.training, self.fp8
+        for name, size in (("model.n_embd", self.model.n_embd), ("the latent size N", self.model.n_latent),
+                           ("training.batch_size * training.block_size", training.batch_size * training.block_size)):
             if size % 16:
                 problems.append(f"low_precision.use_fp8: {name} = {size} must be a multiple of 16 "
                                 f"(a dimension of the FP8 GEMMs, which torch._scaled_mm requires)")
-        if lp.use_4bit:
+        if self.low_precision.use_4bit:
             problems.append("low_precision.use_fp8: cannot be combined with use_4bit (both replace "
                             "the weight matmuls: FP8 would round the 4-bit values again); pick one")
         defaults = FP8Config()
         for key in ("amax_history_len", "amax_compute_algo"):
-            if getattr(f, key) != getattr(defaults, key):
+            if getattr(fp8, key) != getattr(defaults, key):
                 problems.append(f"fp8.{key}: configures TransformerEngine's delayed scaling, which "
                                 f"this version does not implement; torchao scales each tensor by "
                                 f"its current amax. Remove the setting")
-        if f.torchao_recipe != "tensorwise" and f.format == "hybrid":
-            problems.append(f"fp8.format: torchao's {f.torchao_recipe} recipe uses E4M3 for "
+        if fp8.torchao_recipe != "tensorwise" and fp8.format == "hybrid":
+            problems.append(f"fp8.format: torchao's {fp8.torchao_recipe} recipe uses E4M3 for "
                             f"gradients too; set fp8.format=e4m3 (or fp8.torchao_recipe=tensorwise)")
         return problems
 
@@ -247,9 +240,26 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
-    def to_bdh_config(self):
-        from model import BDHConfig
-        return BDHConfig(**dataclasses.asdict(self.model))
+    def to_bdh_config(self) -> BDHConfig:
+        return self.model
+
+
+def add_config_arguments(parser, default: str = "config.yaml"):
+    """--config and the section.key=value overrides, as every script takes them."""
+    parser.add_argument("--config", default=default, help=f"YAML config (default {default})")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override any config field, e.g. training.batch_size=16")
+
+
+def load_config(args) -> Config:
+    """The config of parsed add_config_arguments; on problems, prints them one per line and exits
+    with status 2, as argparse does for bad arguments."""
+    try:
+        return Config.from_yaml(args.config, args.overrides)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _sections():

@@ -1,11 +1,10 @@
-"""Streaming byte-level data from parquet shards.
+"""Streaming tokens from parquet shards.
 
 Layout: every `*.parquet` file under dataset.parquet_dir (recursively, sorted), one string
 column (dataset.text_column) holding one document per row: the Hugging Face datasets layout.
 
-Tokens are the UTF-8 bytes of each document. Each document is followed by the separator byte
-0x00 (SEPARATOR), which also serves as "start of document" when sampling without a prompt.
-Null and empty documents are skipped; invalid UTF-8 is taken byte for byte.
+Each document becomes its tokens (tokenizer.py) followed by the separator token. Null and empty
+documents are skipped.
 
 A unit of work is one (file, row group). Each epoch the units are shuffled from the seed and the
 epoch number, then dealt to the (rank, worker) readers, balancing their bytes; together the
@@ -18,7 +17,7 @@ last batch is dropped.
 Train/validation split: each document goes to validation with probability dataset.val_fraction,
 decided by a hash of (seed, file, row group, row): fixed by the seed, independent of workers.
 
-    python data.py --from-text FILE [FILE ...] --out DIR   # text files -> parquet shards
+    python data.py --from-text FILE [FILE ...] --out DIR   # text files -> parquet shards (shards.py)
 """
 import argparse
 import hashlib
@@ -35,7 +34,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-SEPARATOR = 0
+from shards import ShardError, text_files_to_parquet
+
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary(), pa.string_view())
 
 
@@ -122,8 +122,8 @@ def validation_mask(unit: Unit, seed: int, fraction: float):
 
 
 def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
-                     seed: int, val_fraction: float) -> np.ndarray:
-    """The unit's documents of `split`, each followed by SEPARATOR, as one uint8 array."""
+                     seed: int, val_fraction: float, tokenizer) -> np.ndarray:
+    """The unit's documents of `split`, each followed by the separator, as one token array."""
     try:
         table = cache.get(unit.path).read_row_group(unit.row_group, columns=[text_column])
         docs = table.column(0).combine_chunks().cast(pa.large_binary())
@@ -137,16 +137,8 @@ def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, spli
                    pa.array(in_split))
     docs = pc.filter(docs, keep)
     if len(docs) == 0:
-        return np.empty(0, dtype=np.uint8)
-    offsets = np.frombuffer(docs.buffers()[1], dtype=np.int64)[docs.offset:docs.offset + len(docs) + 1]
-    data = np.frombuffer(docs.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
-    ends = offsets[1:] - offsets[0] + np.arange(len(docs))  # where each separator lands
-    out = np.empty(len(data) + len(docs), dtype=np.uint8)
-    is_text = np.ones(len(out), dtype=bool)
-    is_text[ends] = False
-    out[is_text] = data
-    out[ends] = SEPARATOR
-    return out
+        return np.empty(0, dtype=tokenizer.dtype)
+    return tokenizer.encode_documents(docs)
 
 
 def assign_units(units: list[Unit], epoch: int, seed: int, n_readers: int, shuffle: bool):
@@ -173,8 +165,8 @@ class ParquetBatches(IterableDataset):
     """
 
     def __init__(self, units, split, block_size, batch_size, seed, val_fraction, text_column,
-                 max_cached_files, rank=0, world_size=1, positions=(), rotation=0, first_epoch=0):
-        self.units, self.split = units, split
+                 max_cached_files, tokenizer, rank=0, world_size=1, positions=(), rotation=0, first_epoch=0):
+        self.units, self.split, self.tokenizer = units, split, tokenizer
         self.block_size, self.batch_size = block_size, batch_size
         self.seed, self.val_fraction, self.text_column = seed, val_fraction, text_column
         self.max_cached_files = max_cached_files
@@ -215,12 +207,12 @@ class ParquetBatches(IterableDataset):
         T, B, train = self.block_size, self.batch_size, self.split == "train"
         units = assign_units(self.units, epoch, self.seed, n_readers, shuffle=train)[reader]
         first = start["unit"] if start else 0
-        carry = np.array(start["carry"] if start else [], dtype=np.uint8)
+        carry = np.array(start["carry"] if start else [], dtype=self.tokenizer.dtype)
         pending = []
         for k in range(first, len(units)):
             unit, carry_in = units[k], carry
             stream = np.concatenate([carry_in, read_unit_tokens(
-                cache, unit, self.text_column, self.split, self.seed, self.val_fraction)])
+                cache, unit, self.text_column, self.split, self.seed, self.val_fraction, self.tokenizer)])
             n_windows = max(0, (len(stream) - 1) // T)
             carry = stream[n_windows * T:]
             if n_windows == 0:
@@ -270,55 +262,53 @@ def loader_workers(cfg, units, world_size=1) -> int:
     return workers
 
 
-def resume_point(cfg, workers, resume, world_size=1):
-    """Where the training stream starts: (reader positions, batches consumed, first epoch).
-    `resume` is a checkpoint's data state {"order", "positions", "batches"}. With the same data
-    order the stream continues exactly; otherwise it starts afresh at the epoch after the furthest
-    one reached, and says so."""
-    if not resume:
+def resume_point(cfg, workers, world_size=1, saved_order=None, saved_positions=(), batches_consumed=0):
+    """Where the training stream starts: (reader positions, batches consumed, first epoch), from
+    a checkpoint's data order, reader positions and batch count (none: the start). With the same
+    data order the stream continues exactly; otherwise it starts afresh at the epoch after the
+    furthest one reached, and says so."""
+    if saved_order is None:
         return [], 0, 0
-    changed = [f"{k}: {resume['order'].get(k)!r} -> {v!r}"
-               for k, v in data_order(cfg, workers, world_size).items() if resume["order"].get(k) != v]
+    changed = [f"{k}: {saved_order.get(k)!r} -> {v!r}"
+               for k, v in data_order(cfg, workers, world_size).items() if saved_order.get(k) != v]
     if not changed:
-        return resume["positions"], resume["batches"], 0
-    first_epoch = 1 + max((p["epoch"] for p in resume["positions"]), default=-1)
+        return saved_positions, batches_consumed, 0
+    first_epoch = 1 + max((p["epoch"] for p in saved_positions), default=-1)
     print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): training "
           f"continues on freshly shuffled data from epoch {first_epoch}")
     return [], 0, first_epoch
 
 
-def train_loader(cfg, units, workers, positions=(), batches_consumed=0, first_epoch=0,
+def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=0, first_epoch=0,
                  pin_memory=False, rank=0, world_size=1) -> DataLoader:
     """The endless training stream, yielding (x, y, position), from a resume_point()."""
-    t, d = cfg.training, cfg.dataset
-    dataset = ParquetBatches(units, "train", t.block_size, t.batch_size, t.seed, d.val_fraction,
-                             d.text_column, d.max_cached_files, rank, world_size, positions,
-                             batches_consumed % max(1, workers), first_epoch)
+    training, dataset_cfg = cfg.training, cfg.dataset
+    dataset = ParquetBatches(units, "train", training.block_size, training.batch_size, training.seed,
+                             dataset_cfg.val_fraction, dataset_cfg.text_column, dataset_cfg.max_cached_files,
+                             tokenizer, rank, world_size, positions, batches_consumed % max(1, workers),
+                             first_epoch)
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=cfg.dataloader.prefetch_factor if workers else None,
                       worker_init_fn=_leave_signals_to_main if workers else None,
                       generator=torch.Generator())  # keeps the global RNG (dropout) untouched
 
 
-def validation_batches(cfg, units) -> list:
+def validation_batches(cfg, units, tokenizer) -> list:
     """The first eval_iters validation batches, read once: the same set at every evaluation."""
-    t, d = cfg.training, cfg.dataset
-    dataset = ParquetBatches(units, "val", t.block_size, t.batch_size, t.seed, d.val_fraction,
-                             d.text_column, d.max_cached_files)
+    training, dataset_cfg = cfg.training, cfg.dataset
+    dataset = ParquetBatches(units, "val", training.block_size, training.batch_size, training.seed,
+                             dataset_cfg.val_fraction, dataset_cfg.text_column, dataset_cfg.max_cached_files,
+                             tokenizer)
     batches = []
     for x, y, _ in dataset:
         batches.append((x, y))
-        if len(batches) == t.eval_iters:
+        if len(batches) == training.eval_iters:
             break
     if not batches:
-        raise DataError(f"{d.parquet_dir}: the validation split (val_fraction {d.val_fraction}) "
-                        f"holds less than one batch of {t.batch_size} x {t.block_size + 1} "
-                        f"tokens; raise dataset.val_fraction or add documents")
+        raise DataError(f"{dataset_cfg.parquet_dir}: the validation split (val_fraction "
+                        f"{dataset_cfg.val_fraction}) holds less than one batch of {training.batch_size} x "
+                        f"{training.block_size + 1} tokens; raise dataset.val_fraction or add documents")
     return batches
-
-
-def decode(tokens) -> str:
-    return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
 
 
 def _first_line(e):
@@ -339,12 +329,11 @@ def main(argv=None):
         if args.from_text:
             if not args.out:
                 parser.error("--from-text needs --out DIR")
-            from shards import text_files_to_parquet
             n = text_files_to_parquet(args.from_text, args.out, args.chunk_bytes)
             print(f"wrote {n} documents to {args.out}")
         else:
             parser.print_help()
-    except DataError as e:
+    except ShardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -7,8 +7,8 @@ same model from the same seed; with `training.distributed: ddp` each holds all o
 are averaged, with `fsdp` (torch.distributed.fsdp.fully_shard) each holds 1/N of every weight,
 gradient and AdamW state and weights are gathered for each forward. Either way a rank reads only
 its own readers' part of the data, and rank 0 alone prints and writes the run directory.
-Checkpoints hold full, unsharded tensors (the layout of BDH_SPEC.md), so any world size, a
-single process and sample.py read them.
+Checkpoints hold full, unsharded tensors (the layout of MODEL.md), so any world size, a single
+process and sample.py read them.
 """
 import datetime
 import os
@@ -75,14 +75,14 @@ def launched_by_torchrun() -> bool:
 
 def fsdp_problems(cfg) -> list[str]:
     """What FSDP cannot run in this version, one line each."""
-    lp, problems = cfg.low_precision, []
+    low_precision, problems = cfg.low_precision, []
     for flag, why in (("use_4bit", "it would quantize each rank's shard, not whole blocks of the tensor"),
                       ("use_4bit_optimizer", "it would quantize each rank's shard, not whole blocks of the tensor"),
                       ("use_fp8", "not implemented for sharded weights in this version")):
-        if getattr(lp, flag):
+        if getattr(low_precision, flag):
             problems.append(f"low_precision.{flag} with training.distributed=fsdp: {why}; use "
                             f"training.distributed=ddp")
-    if lp.compute_dtype == "float16":
+    if low_precision.compute_dtype == "float16":
         problems.append("low_precision.compute_dtype float16 with training.distributed=fsdp: the "
                         "GradScaler would skip steps on some ranks only, from their own gradient "
                         "shards; use low_precision.compute_dtype=bfloat16")
@@ -91,16 +91,16 @@ def fsdp_problems(cfg) -> list[str]:
 
 def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
     """Join the process group torchrun describes in the environment; (ranks, this rank's device)."""
-    t = cfg.training
+    training = cfg.training
     if not launched_by_torchrun():
-        if t.distributed == "fsdp":
+        if training.distributed == "fsdp":
             print("note: training.distributed=fsdp shards across processes; a single process "
                   "trains unsharded (launch with torchrun --nproc_per_node=N to shard)")
         return Ranks(), device
-    if t.distributed == "fsdp" and (problems := fsdp_problems(cfg)):
+    if training.distributed == "fsdp" and (problems := fsdp_problems(cfg)):
         raise DistributedError(problems[0])
     ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                  int(os.environ.get("LOCAL_RANK", 0)), t.distributed)
+                  int(os.environ.get("LOCAL_RANK", 0)), training.distributed)
     if device.type == "mps":
         raise DistributedError("torchrun with training.device mps: no distributed backend runs "
                                "on mps; set training.device=cpu or use CUDA GPUs")
@@ -111,7 +111,7 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=t.distributed_timeout_s),
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=training.distributed_timeout_s),
                             device_id=device if device.type == "cuda" else None)
     if not ranks.main:  # only rank 0 prints; errors (stderr) still come from every rank
         sys.stdout = open(os.devnull, "w")

@@ -64,9 +64,9 @@ def quantize(x: torch.Tensor, quant_type: str, double_quant: bool, blocksize: in
 
 def dequantize(q: dict, device=None) -> torch.Tensor:
     """The float32 values of quantize(x), flattened."""
-    F = _bnb()
-    state = F.QuantState.from_dict({k: v for k, v in q.items() if k != "codes"}, device or q["codes"].device)
-    return F.dequantize_4bit(q["codes"], state).flatten()
+    bnb = _bnb()
+    state = bnb.QuantState.from_dict({k: v for k, v in q.items() if k != "codes"}, device or q["codes"].device)
+    return bnb.dequantize_4bit(q["codes"], state).flatten()
 
 
 def nbytes(q) -> int:
@@ -197,10 +197,10 @@ class FakeQuantize4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, quant_type, double_quant):
-        F = _bnb()
-        codes, state = F.quantize_4bit(w.detach().float().contiguous(), blocksize=BLOCKSIZE,
-                                       compress_statistics=double_quant, quant_type=quant_type)
-        return F.dequantize_4bit(codes, state).view_as(w).to(w.dtype)
+        bnb = _bnb()
+        codes, state = bnb.quantize_4bit(w.detach().float().contiguous(), blocksize=BLOCKSIZE,
+                                         compress_statistics=double_quant, quant_type=quant_type)
+        return bnb.dequantize_4bit(codes, state).view_as(w).to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad):

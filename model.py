@@ -1,17 +1,22 @@
-"""BDH ("Baby Dragon Hatchling", arXiv 2509.26507): the model, exactly as ../shared/BDH_SPEC.md.
+"""BDH ("Baby Dragon Hatchling", arXiv 2509.26507). MODEL.md states the math, the parameter names and
+shapes, and the FLOP count that this file implements.
 
-Parameter names and shapes are the checkpoint format: embed.weight, encoder, encoder_v,
-decoder, lm_head. The same encoder / encoder_v / decoder are used by every layer.
+Parameter names and shapes are the checkpoint format: embed.weight, encoder, encoder_v, decoder,
+lm_head. The same encoder / encoder_v / decoder are used by every layer.
 
-Training runs the layer stack as one autograd Function with a hand-written backward (LayerStack):
-- the attention r·rᵀ is computed only in tiles on or below the diagonal, forward and backward;
-- between forward and backward a layer keeps one (H, B, T, N) activation (a = relu(x @ encoder)),
-  its dropout mask as bits, and (H, B, T, T) / (B, T, D)-sized tensors; everything else is
-  recomputed. With activation_checkpointing it keeps only its input and recomputes the layer;
-- the weights are shared by all layers, so their gradients accumulate in place across layers.
+The layer is written once (layer_forward) and serves training, the recomputation of checkpointed
+layers, generation and the low-precision paths:
+- training runs the layer stack as one autograd Function with a hand-written backward (LayerStack):
+  the attention r·rᵀ is computed only in tiles on or below the diagonal, forward and backward;
+  between forward and backward a layer keeps one (H, B, T, N) activation (a = relu(x @ encoder)),
+  its dropout mask as bits and (H, B, T, T) / (B, T, D)-sized tensors, and recomputes the rest
+  (with activation_checkpointing it keeps only its input); the shared weights' gradients
+  accumulate in place across layers;
+- generation uses the recurrent form: a state of size N x D per layer and head carries the earlier
+  positions, so each new token costs the same whatever the context (BDH.generate);
+- the weight products go through a Matmuls object: FP8 training plugs in its own
+  (fp8.FP8Matmuls), and the 4-bit modes replace the weights they read (BDH.weight_view).
 reference.py holds the straightforward implementation that the tests compare this one against.
-Generation uses the recurrent form: a state of size N x D per layer and head, so each new token
-costs the same whatever the context (BDH.generate).
 """
 import math
 from dataclasses import dataclass
@@ -36,8 +41,16 @@ class BDHConfig:
     vocab_size: int = 256
 
     @property
-    def n_latent(self) -> int:  # N in the spec: latent neurons per head
+    def n_latent(self) -> int:
+        """N: latent neurons per head."""
         return self.mlp_internal_dim_multiplier * self.n_embd // self.n_head
+
+    def training_flops_per_token(self, block_size: int) -> float:
+        """Forward + backward = 3 x forward (MODEL.md): the three weight GEMMs per layer, the causal
+        half of the attention at sequence length block_size, and lm_head."""
+        L, D, H, N, V = self.n_layer, self.n_embd, self.n_head, self.n_latent, self.vocab_size
+        forward = L * 3 * (2 * H * N * D) + L * 2 * H * (block_size / 2) * (N + D) + 2 * D * V
+        return 3 * forward
 
 
 def rope_frequencies(n_latent: int) -> torch.Tensor:
@@ -109,40 +122,59 @@ def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
     return bits.view(-1)[:math.prod(shape)].view(shape).bool()
 
 
-def layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop, dropout):
+class Matmuls:
+    """The layer's weight products, batched over heads: a (H, M, K) @ b (H, K, N) -> (H, M, N).
+    `role` names the GEMM as a linear layer's would be named: "output" (forward), "grad_input"
+    and "grad_weight" (backward), for backends that treat them differently (fp8.FP8Matmuls).
+    This one runs torch.bmm in the autocast dtype."""
+
+    def product(self, a, b, role="output"):
+        return torch.bmm(a, b)
+
+    def accumulate(self, total, a, b):
+        """total += a @ b, a weight gradient. Under autocast the product is low precision and the
+        sum float32, as autograd would accumulate a shared weight's gradient."""
+        if a.dtype == b.dtype == total.dtype:
+            total.baddbmm_(a, b)
+        else:
+            total += self.product(a, b, "grad_weight")
+
+
+PLAIN = Matmuls()
+
+
+def layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop=None, dropout=0.0, matmuls=PLAIN,
+                  state=None):
     """One BDH layer on x (B, T, D), computed head-first: per-head tensors are laid out
-    (H, B*T, N), so every weight matmul and weight gradient is one batched matmul.
+    (H, B*T, N), so every weight product is one batched matmul.
 
         a = relu(x @ encoder)                                  (H, B, T, N)
         y_kv = strictly_lower(rope(a) rope(a)ᵀ) @ x            (H, B, T, D)
         b = relu(LN(y_kv) @ encoder_v)                         (H, B, T, N)
         out = LN(x + LN(sum_h dropout(a * b)_h @ decoder_h))   (B, T, D)
 
+    `state` (H, B, N, D), for generation: sum_s rope(a_s) x_sᵀ over the positions before this
+    chunk; they add rope(a) @ state to y_kv, and the chunk's own positions are added to the state.
     Returns out and what backward needs: a and small tensors."""
     (B, T, D), (H, _, N) = x.shape, encoder.shape
-    a = torch.bmm(x.view(1, B * T, D).expand(H, -1, -1), encoder).relu_().view(H, B, T, N)
-    scores = causal_scores(rope(a, cos.to(a.dtype), sin.to(a.dtype)))  # (H, B, T, T)
+    a = matmuls.product(x.view(1, B * T, D).expand(H, -1, -1), encoder).relu_().view(H, B, T, N)
+    r = rope(a, cos.to(a.dtype), sin.to(a.dtype))
+    scores = causal_scores(r)  # (H, B, T, T)
     y_kv = scores @ x
-    z = (layer_norm(y_kv).view(H, B * T, D) @ encoder_v).relu_().mul_(a.view(H, B * T, N))
+    if state is not None:
+        y_kv += r @ state
+        state += r.transpose(-1, -2) @ x
+    z = matmuls.product(layer_norm(y_kv).view(H, B * T, D), encoder_v).relu_().mul_(a.view(H, B * T, N))
     if drop is not None:
         z.masked_fill_(drop, 0.0)
-    m_pre = (z @ decoder.view(H, N, D)).sum(0).view(B, T, D)  # concat_heads(z) @ decoder
+    m_pre = matmuls.product(z, decoder.view(H, N, D)).sum(0).view(B, T, D)  # concat_heads(z) @ decoder
     if drop is not None:
         m_pre = m_pre * (1.0 / (1.0 - dropout))  # dropout's rescaling, on the small side
     s = x + layer_norm(m_pre)
     return layer_norm(s), (a, scores, y_kv, m_pre, s)
 
 
-def accumulate(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor):
-    """total += left @ right (batched). Under autocast the product is low precision and the
-    sum float32, as autograd would accumulate a shared weight's gradient."""
-    if left.dtype == right.dtype == total.dtype:
-        total.baddbmm_(left, right)
-    else:
-        total += torch.bmm(left, right)
-
-
-def layer_backward(grad_out, x, encoder, encoder_v, decoder, cos, sin, drop, dropout, saved, grads):
+def layer_backward(grad_out, x, encoder, encoder_v, decoder, cos, sin, drop, dropout, matmuls, saved, grads):
     """Gradient of layer_forward: returns the gradient for x, adds the weight gradients into
     grads (encoder, encoder_v, decoder-shaped (H, N, D) buffers) in place."""
     a4, scores, y_kv, m_pre, s = saved
@@ -156,25 +188,26 @@ def layer_backward(grad_out, x, encoder, encoder_v, decoder, cos, sin, drop, dro
     if drop is not None:
         grad_m_pre = grad_m_pre * (1.0 / (1.0 - dropout))
     y = layer_norm(y_kv).view(H, B * T, D)
-    b = (y @ encoder_v).relu_()  # recomputed: cheaper in memory than keeping it
+    b = matmuls.product(y, encoder_v).relu_()  # recomputed: cheaper in memory than keeping it
     z = a.new_empty(H, B * T, min(CHUNK, N))
     for n0 in range(0, N, CHUNK):  # grad_decoder += zᵀ grad_m_pre, z = a * b made a slice at a time
         n1 = min(n0 + CHUNK, N)
         z_slice = torch.mul(a[..., n0:n1], b[..., n0:n1], out=z[..., :n1 - n0])
         if drop is not None:
             z_slice.masked_fill_(drop[..., n0:n1], 0.0)
-        accumulate(grad_decoder[:, n0:n1], z_slice.transpose(-1, -2), grad_m_pre)
+        matmuls.accumulate(grad_decoder[:, n0:n1], z_slice.transpose(-1, -2), grad_m_pre)
     del z, z_slice
-    grad_z = torch.bmm(grad_m_pre, decoder.view(H, N, D).transpose(-1, -2))  # (H, B*T, N)
+    grad_z = matmuls.product(grad_m_pre, decoder.view(H, N, D).transpose(-1, -2), "grad_input")  # (H, B*T, N)
     if drop is not None:
         grad_z.masked_fill_(drop, 0.0)
     b_zero = b == 0
     grad_a = b.mul_(grad_z)  # b is not needed after this: reuse its memory
     grad_v = grad_z.mul_(a).masked_fill_(b_zero, 0.0)  # through b = relu(v), v = y @ encoder_v
     del b, b_zero
-    accumulate(grad_encoder_v, y.transpose(-1, -2), grad_v)
-    grad_y_kv = layer_norm_backward(y_kv, (grad_v @ encoder_v.transpose(-1, -2)).view(H, B, T, D))
-    del grad_v
+    matmuls.accumulate(grad_encoder_v, y.transpose(-1, -2), grad_v)
+    grad_y = matmuls.product(grad_v, encoder_v.transpose(-1, -2), "grad_input")
+    grad_y_kv = layer_norm_backward(y_kv, grad_y.view(H, B, T, D))
+    del grad_v, grad_y
 
     # y_kv = scores @ x with scores = strictly_lower(r rᵀ), r = rope(a)
     grad_scores = (grad_y_kv @ x.transpose(-1, -2)).tril_(-1)  # (H, B, T, T)
@@ -193,8 +226,8 @@ def layer_backward(grad_out, x, encoder, encoder_v, decoder, cos, sin, drop, dro
             rotate_pairs(g, out=rotated[:, :i1 - i0]).view(H, B, i1 - i0, N), sin[i0:i1], value=-1)
     del r, grad_r, rotated
     grad_u = grad_a.masked_fill_(a == 0, 0.0)  # through a = relu(x @ encoder)
-    accumulate(grad_encoder, x.view(1, B * T, D).transpose(-1, -2).expand(H, -1, -1), grad_u)
-    return grad_x + (grad_u @ encoder.transpose(-1, -2)).sum(0).view(B, T, D)
+    matmuls.accumulate(grad_encoder, x.view(1, B * T, D).transpose(-1, -2).expand(H, -1, -1), grad_u)
+    return grad_x + matmuls.product(grad_u, encoder.transpose(-1, -2), "grad_input").sum(0).view(B, T, D)
 
 
 class LayerStack(torch.autograd.Function):
@@ -204,16 +237,16 @@ class LayerStack(torch.autograd.Function):
     mask as bits and small tensors; with checkpoint, only its input."""
 
     @staticmethod
-    def forward(ctx, x, encoder, encoder_v, decoder, cos, sin, n_layer, dropout, checkpoint):
+    def forward(ctx, x, encoder, encoder_v, decoder, cos, sin, n_layer, dropout, checkpoint, matmuls):
         (B, T, _), (H, _, N) = x.shape, encoder.shape
         saved = []
         for _ in range(n_layer):
             drop = torch.rand(H, B * T, N, device=x.device) < dropout if dropout > 0 else None
-            out, layer_saved = layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop, dropout)
+            out, layer_saved = layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop, dropout, matmuls)
             saved += [x, None if drop is None else pack_bits(drop),
                       *((None,) * 5 if checkpoint else layer_saved)]  # 7 entries per layer
             x = out
-        ctx.n_layer, ctx.dropout, ctx.checkpoint = n_layer, dropout, checkpoint
+        ctx.n_layer, ctx.dropout, ctx.checkpoint, ctx.matmuls = n_layer, dropout, checkpoint, matmuls
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
                         torch.get_autocast_dtype(x.device.type))
         ctx.save_for_backward(encoder, encoder_v, decoder, cos, sin, *saved)
@@ -223,7 +256,7 @@ class LayerStack(torch.autograd.Function):
     def backward(ctx, grad_out):
         device_type, autocast_enabled, autocast_dtype = ctx.autocast
         encoder, encoder_v, decoder, cos, sin, *saved = ctx.saved_tensors
-        (H, D, N), dropout = encoder.shape, ctx.dropout
+        (H, D, N), dropout, matmuls = encoder.shape, ctx.dropout, ctx.matmuls
         grads = [torch.zeros_like(encoder), torch.zeros_like(encoder_v),
                  decoder.new_zeros(H, N, D)]  # decoder's gradient, per head
         grad_x = grad_out
@@ -233,11 +266,11 @@ class LayerStack(torch.autograd.Function):
                 B, T, _ = x.shape
                 drop = None if drop_bits is None else unpack_bits(drop_bits, (H, B * T, N))
                 if ctx.checkpoint:
-                    _, layer_saved = layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop, dropout)
-                grad_x = layer_backward(grad_x, x, encoder, encoder_v, decoder, cos, sin, drop,
-                                        dropout, layer_saved, grads)
+                    _, layer_saved = layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop, dropout, matmuls)
+                grad_x = layer_backward(grad_x, x, encoder, encoder_v, decoder, cos, sin, drop, dropout,
+                                        matmuls, layer_saved, grads)
                 del layer_saved
-        return grad_x, grads[0], grads[1], grads[2].view(H * N, D), None, None, None, None, None
+        return grad_x, grads[0], grads[1], grads[2].view(H * N, D), None, None, None, None, None, None
 
 
 class BDH(nn.Module):
@@ -250,10 +283,12 @@ class BDH(nn.Module):
         self.encoder_v = nn.Parameter(torch.empty(H, D, N))
         self.decoder = nn.Parameter(torch.empty(H * N, D))
         self.lm_head = nn.Parameter(torch.empty(D, V))
-        self.drop = nn.Dropout(config.dropout)  # reference.py's dropout; LayerStack draws its own masks
         self.activation_checkpointing = False  # set by train.py from training.activation_checkpointing
-        # What the matmuls see of (encoder, encoder_v, decoder): None uses them as they are;
-        # train.py sets lowbit.quantization_aware_view (4-bit round trip), lowbit.to_4bit 4-bit storage.
+        # The weight products of training steps; fp8.FP8Matmuls runs them as FP8 GEMMs. Evaluation
+        # and generation always use PLAIN, in the compute dtype.
+        self.matmuls = PLAIN
+        # What the layers see of (encoder, encoder_v, decoder): None uses them as they are;
+        # lowbit.quantization_aware_view gives their 4-bit round trip, lowbit.to_4bit 4-bit storage.
         self.weight_view = None
         self.register_buffer("rope_freqs", rope_frequencies(N), persistent=False)
         # The original implementation stored its RoPE table as "attn.freqs"; it is derived
@@ -266,17 +301,18 @@ class BDH(nn.Module):
     def _drop_derived_buffers(module, state_dict, prefix, *args):
         state_dict.pop(prefix + "attn.freqs", None)
 
-    def matmul_weights(self):
+    def layer_weights(self):
         weights = (self.encoder, self.encoder_v, self.decoder)
         return weights if self.weight_view is None else self.weight_view(weights)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        C = self.config
+        config = self.config
         B, T = idx.shape
         cos, sin = rope_cos_sin(self.rope_freqs, torch.arange(T, device=idx.device))
-        p = C.dropout if self.training else 0.0
+        dropout, matmuls = (config.dropout, self.matmuls) if self.training else (0.0, PLAIN)
         x = layer_norm(self.embed(idx))  # (B, T, D): one stream shared by all heads
-        x = LayerStack.apply(x, *self.matmul_weights(), cos, sin, C.n_layer, p, self.activation_checkpointing)
+        x = LayerStack.apply(x, *self.layer_weights(), cos, sin, config.n_layer, dropout,
+                             self.activation_checkpointing, matmuls)
         logits = x @ self.lm_head
         if targets is None:
             return logits, None
@@ -284,24 +320,6 @@ class BDH(nn.Module):
         return logits, loss
 
     # ------------------------------------------------------------------ generation
-
-    def _advance(self, x, states, t0, weights=None):
-        """Run c tokens at positions t0.. (x: (B, c, D), embeddings after LN) through all layers,
-        given each layer's state S = sum_s r_s x_sᵀ (H, B, N, D) over the earlier positions, and
-        update the states. Returns the final hidden states (B, c, D). `weights`: matmul_weights(),
-        taken once per generate() call."""
-        C = self.config
-        (B, c, D), H, N = x.shape, C.n_head, C.n_latent
-        cos, sin = rope_cos_sin(self.rope_freqs, torch.arange(t0, t0 + c, device=x.device))
-        encoder, encoder_v, decoder = weights or self.matmul_weights()
-        for layer in range(C.n_layer):
-            a = (x.reshape(B * c, D) @ encoder).relu_().view(H, B, c, N)
-            r = rope(a, cos.to(a.dtype), sin.to(a.dtype))
-            y_kv = r @ states[layer] + causal_scores(r) @ x  # earlier positions + this chunk
-            states[layer] += r.transpose(-1, -2) @ x
-            z = (layer_norm(y_kv).view(H, B * c, D) @ encoder_v).relu_().mul_(a.view(H, B * c, N))
-            x = layer_norm(x + layer_norm((z @ decoder.view(H, N, D)).sum(0).view(B, c, D)))
-        return x
 
     @staticmethod
     def sample_next(logits, temperature, top_k, generator):
@@ -321,19 +339,26 @@ class BDH(nn.Module):
                  prompt_chunk: int = 256) -> torch.Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T). The prompt is consumed in parallel
         chunks, then each new token costs one recurrent step, whatever the context length."""
-        C = self.config
+        config = self.config
         B, T = idx.shape
-        states = [torch.zeros(C.n_head, B, C.n_latent, C.n_embd, device=idx.device,
-                              dtype=self.encoder.dtype) for _ in range(C.n_layer)]
-        x = layer_norm(self.embed(idx))
-        weights = self.matmul_weights()  # 4-bit modes: quantized or dequantized once per call
+        states = [torch.zeros(config.n_head, B, config.n_latent, config.n_embd, device=idx.device,
+                              dtype=self.encoder.dtype) for _ in range(config.n_layer)]
+        weights = self.layer_weights()  # 4-bit modes: quantized or dequantized once per call
+
+        def advance(tokens, t0):
+            """The final hidden states (B, c, D) of tokens at positions t0.., updating the states."""
+            cos, sin = rope_cos_sin(self.rope_freqs, torch.arange(t0, t0 + tokens.size(1), device=idx.device))
+            x = layer_norm(self.embed(tokens))
+            for state in states:
+                x, _ = layer_forward(x, *weights, cos, sin, state=state)
+            return x
+
         for t0 in range(0, T, prompt_chunk):
-            h = self._advance(x[:, t0:t0 + prompt_chunk], states, t0, weights)
+            h = advance(idx[:, t0:t0 + prompt_chunk], t0)
         out = [idx]
         for t in range(T, T + max_new_tokens):
-            logits = h[:, -1] @ self.lm_head
-            token = self.sample_next(logits, temperature, top_k, generator)
+            token = self.sample_next(h[:, -1] @ self.lm_head, temperature, top_k, generator)
             out.append(token)
             if t + 1 < T + max_new_tokens:
-                h = self._advance(layer_norm(self.embed(token)), states, t, weights)
+                h = advance(token, t)
         return torch.cat(out, dim=1)

@@ -1,6 +1,6 @@
-"""The straightforward implementation of ../shared/BDH_SPEC.md, as the original BDH code writes it:
-the full T x T attention product masked afterwards, autograd keeping every intermediate, and
-generation that re-runs the whole sequence for every new token.
+"""The straightforward implementation of BDH (MODEL.md), as the original BDH code writes it: the
+full T x T attention product masked afterwards, autograd keeping every intermediate, and generation
+that re-runs the whole sequence for every new token.
 
 It is the yardstick: the tests check model.py against it (forward and gradients), and bench.py
 measures model.py against it side by side. It shares model.BDH's parameters.
@@ -17,18 +17,18 @@ def rope(a, cos, sin):
 
 
 def reference_forward(model: BDH, idx, targets=None):
-    C = model.config
+    config = model.config
     B, T = idx.shape
-    D, H, N = C.n_embd, C.n_head, C.n_latent
+    D, H, N = config.n_embd, config.n_head, config.n_latent
     cos, sin = rope_cos_sin(model.rope_freqs, torch.arange(T, device=idx.device))
     x = layer_norm(model.embed(idx).unsqueeze(1))
-    for _ in range(C.n_layer):
+    for _ in range(config.n_layer):
         a = F.relu(x @ model.encoder)
         r = rope(a, cos, sin)
         scores = (r @ r.transpose(-1, -2)).tril(diagonal=-1)
         y = layer_norm(scores @ x)
         b = F.relu(y @ model.encoder_v)
-        z = model.drop(a * b)
+        z = F.dropout(a * b, config.dropout, training=model.training)
         z = z.transpose(1, 2).reshape(B, 1, T, H * N)
         x = layer_norm(x + layer_norm(z @ model.decoder))
     logits = x.view(B, T, D) @ model.lm_head

@@ -9,7 +9,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data import DataError
+from config import DEFAULT_SAMPLE_DIR
+
+
+class ShardError(Exception):
+    """A problem writing shards, with a one-line message naming the file."""
 
 
 def split_text(text: str, chunk_bytes: int) -> list[str]:
@@ -64,7 +68,7 @@ def text_files_to_parquet(files, out_dir, chunk_bytes=8192) -> int:
             try:
                 raw = Path(f).read_bytes()
             except OSError as e:
-                raise DataError(f"{f}: cannot read ({e.strerror})")
+                raise ShardError(f"{f}: cannot read ({e.strerror})")
             yield from split_text(raw.decode("utf-8", errors="replace"), chunk_bytes)
     return write_shards(documents(), out_dir)
 
@@ -95,9 +99,8 @@ def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int:
 
 def ensure_sample_corpus(cfg):
     """Build the built-in corpus when dataset.parquet_dir is its default place and is missing."""
-    from config import DEFAULT_SAMPLE_DIR
-    d = cfg.dataset.parquet_dir
-    if d == DEFAULT_SAMPLE_DIR and not Path(d).exists():
-        print(f"building the sample corpus in {d} from the Python standard library ...")
-        n = build_stdlib_corpus(d)
+    folder = cfg.dataset.parquet_dir
+    if folder == DEFAULT_SAMPLE_DIR and not Path(folder).exists():
+        print(f"building the sample corpus in {folder} from the Python standard library ...")
+        n = build_stdlib_corpus(folder)
         print(f"  {n} documents")

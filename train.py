@@ -1,35 +1,38 @@
 """Train BDH.
 
     python train.py [--config config.yaml] [--print-config] [section.key=value ...]
+
+main() loads the config and joins the processes torchrun started (if any); train() sets up the
+data, the model and the optimizer, resumes from a checkpoint, describes the run, then loops:
+step, log, evaluate, checkpoint.
 """
 import argparse
-import ctypes
-import dataclasses
 import math
 import os
 import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from checkpoint import (PROJECT_VERSION, CheckpointError, RunDir, clean_stale_temporaries,
-                        load_checkpoint, model_config_mismatch, optimizer_state_for, resolve_resume,
-                        rng_state, set_rng_state)
-from config import Config, ConfigError
-from data import (DataError, data_order, decode, list_units, loader_workers, resume_point,
-                  train_loader, validation_batches)
+from checkpoint import (Checkpoint, CheckpointError, RunDir, check_same_model, clean_stale_temporaries,
+                        load_checkpoint, optimizer_state_for, resolve_checkpoint, rng_state, set_rng_state)
+from config import add_config_arguments, load_config
+from data import (DataError, data_order, list_units, loader_workers, resume_point, train_loader,
+                  validation_batches)
 from distributed import (DistributedError, Ranks, communication_failure, full_state, full_weights,
                          gradient_sync, load_full_state, local_tensor, shutdown, start, wrap)
-from fp8 import FP8Error, fp8_model
+from fp8 import FP8Error, fp8_matmuls
 from lowbit import AdamW4bit, LowBitError, adamw_state_bytes, convert_adamw_state, quantization_aware_view
 from model import BDH
-from shards import ensure_sample_corpus
+from runtime import DeviceError, autocast, pick_device, steady_host_memory
+from shards import ShardError, ensure_sample_corpus
+from tokenizer import ByteTokenizer
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SAMPLE_TOKENS = 200
 
 
@@ -37,58 +40,246 @@ class TrainingError(Exception):
     pass
 
 
-def pick_device(requested: str) -> torch.device:
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if requested == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if (requested == "cuda" and not cuda) or (requested == "mps" and not mps):
-        raise TrainingError(f"training.device: {requested} requested but not available to this "
-                         f"torch {torch.__version__}; set training.device to auto or cpu")
-    return torch.device(requested)
+@dataclass
+class Progress:
+    """Where the run stands, beyond weights and optimizer state: what a checkpoint records."""
+    step: int = 0
+    best_val_loss: float = math.inf
+    last_saved: Path | None = None
+    batches_consumed: int = 0
+    positions: dict = field(default_factory=dict)  # this rank's readers' positions after those batches
 
 
-def steady_host_memory(cfg: Config, device: torch.device):
-    """CPU training of a model whose (H, B, T, N) latents exceed glibc's dynamic mmap range
-    (32 MiB): those are mmapped anyway, but glibc then raises its mmap threshold and carves the
-    step's 4-32 MiB masks and tiles from the heap, which fragments it: peak RSS grows by hundreds
-    of MiB. A fixed 4 MiB threshold gives them their own mappings. Smaller models keep glibc's
-    default, which reuses their tensors without page faults."""
-    m, t = cfg.model, cfg.training
-    latent_bytes = 4 * t.batch_size * t.block_size * m.mlp_internal_dim_multiplier * m.n_embd
-    if device.type == "cpu" and latent_bytes > 32 << 20:
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):
-            pass  # not glibc
+def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
+    training, low_precision = cfg.training, cfg.low_precision
+    compute = autocast(device, low_precision.compute_dtype)
+    log_freq = 1 if training.debug else training.log_freq
+    compile_model = (training.compile is True or (training.compile == "auto" and device.type == "cuda")) \
+        and not training.debug
+    torch.autograd.set_detect_anomaly(training.debug)
+    steady_host_memory(cfg, device)
+    random.seed(training.seed)
+    np.random.seed(training.seed)
+    torch.manual_seed(training.seed)
+
+    # ---- data
+    tokenizer = ByteTokenizer()
+    if ranks.local_rank == 0:
+        ensure_sample_corpus(cfg)
+    ranks.barrier()
+    units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
+    val_batches = validation_batches(cfg, units, tokenizer)
+    workers = loader_workers(cfg, units, ranks.world_size)
+
+    # ---- model and optimizer
+    raw_model = BDH(cfg.model).to(device)  # the same weights on every rank: the same seed
+    raw_model.activation_checkpointing = training.activation_checkpointing
+    fp8_recipe = None
+    if low_precision.use_fp8:
+        raw_model.matmuls, fp8_recipe = fp8_matmuls(cfg.fp8, device)
+    # use_4bit: the steps after qat_start train through the 4-bit round trip; every evaluation
+    # measures the 4-bit model (before qat_start: the current weights quantized after the fact)
+    qat_view = None
+    if low_precision.use_4bit:
+        qat_view = quantization_aware_view(low_precision.quantization_type, low_precision.use_double_quant)
+    qat_start = min(round(low_precision.qat_start_fraction * training.max_iters), training.max_iters - 1)
+    model = wrap(raw_model, ranks, device)  # DDP or FSDP under torchrun; the model itself otherwise
+    optimizer = make_optimizer(raw_model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=low_precision.compute_dtype == "float16")
+    if ranks.enabled:  # dropout masks differ between ranks
+        torch.manual_seed(training.seed + ranks.rank)
+
+    # ---- resume
+    if ranks.main and (removed := clean_stale_temporaries(training.checkpoint_dir)):
+        print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
+    run, progress, start_positions, first_epoch = RunDir(training.checkpoint_dir, writer=ranks.main), Progress(), [], 0
+    if training.resume_from_checkpoint:
+        run, progress, start_positions, first_epoch = resume(cfg, raw_model, optimizer, scaler, workers, ranks, device)
+        if progress.step >= training.max_iters:
+            print(f"nothing to do: the checkpoint is at step {progress.step} and training.max_iters is "
+                  f"{training.max_iters}; raise max_iters to train further")
+            return 0
+    if compile_model:
+        model = torch.compile(model)
+
+    # ---- describe the run
+    print(describe_run(cfg, raw_model, optimizer, ranks, device, len(units), compile_model, fp8_recipe, qat_start))
+
+    # ---- the training stream
+    loader = iter(train_loader(cfg, units, tokenizer, workers, start_positions, progress.batches_consumed,
+                               first_epoch, pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
+                               rank=ranks.rank, world_size=ranks.world_size))
+    progress.positions = {p["reader"]: p for p in start_positions if p["reader"] // max(1, workers) == ranks.rank}
+    order = data_order(cfg, workers, ranks.world_size)
+    sample_generator = torch.Generator(device=device)
+    stop = GracefulStop(second_signal_stops=not ranks.enabled)
+    model.train()
+    start = last_log = time.perf_counter()
+    loss_sum, loss_count, steps_since_log = torch.zeros((), device=device), 0, 0
+    tokens_per_step = training.batch_size * training.block_size * training.gradient_accumulation_steps * ranks.world_size
+
+    while progress.step < training.max_iters:
+        # ---- one optimizer step: gradient accumulation over micro-batches
+        step = progress.step = progress.step + 1
+        lr = learning_rate(step, training)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        raw_model.weight_view = qat_view if step > qat_start else None
+        if qat_view and step == qat_start + 1 and step > 1:
+            print(f"step {step}: quantization-aware training starts (4-bit forward from here on)")
+        for micro in range(training.gradient_accumulation_steps):
+            x, y, position = next(loader)
+            progress.positions[position["reader"]] = position
+            progress.batches_consumed += 1
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if training.debug and step == 1 and loss_count == 0:
+                print(f"first batch {tuple(x.shape)}: {tokenizer.decode(x[0, :80].tolist())!r}")
+            with gradient_sync(model, ranks, sync=micro == training.gradient_accumulation_steps - 1):
+                with compute:
+                    _, loss = model(x, y)
+                scaler.scale(loss / training.gradient_accumulation_steps).backward()
+            loss_sum += loss.detach()
+            loss_count += 1
+        if training.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), training.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        steps_since_log += 1
+        stopping = ranks.any(stop.signal_name is not None, device)
+        if stopping:
+            print(f"{stop.signal_name or 'a signal to another rank'}: saving a checkpoint after step {step}"
+                  + (" (Ctrl-C again to stop at once)" if stop.second_signal_stops else ""), flush=True)
+
+        # ---- log
+        if step % log_freq == 0 or step == training.max_iters:
+            train_loss = float(ranks.mean(loss_sum / loss_count))
+            if not math.isfinite(train_loss):
+                raise non_finite("the training loss", step, progress.last_saved)
+            now = time.perf_counter()
+            ms = (now - last_log) * 1000 / steps_since_log
+            record = {"step": step, "train_loss": train_loss, "lr": lr,
+                      "tokens_per_s": round(tokens_per_step * 1000 / ms), "ms_per_step": round(ms, 2),
+                      "elapsed_s": round(now - start, 2)}
+            print(f"step {step}/{training.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                  f"{record['tokens_per_s']:,} tok/s | {ms:.1f} ms/step | elapsed "
+                  f"{format_duration(now - start)} | eta {format_duration(ms * (training.max_iters - step) / 1000)}",
+                  flush=True)
+            run.log(record)
+            loss_count, steps_since_log, last_log = 0, 0, time.perf_counter()
+            loss_sum.zero_()
+
+        # ---- evaluate
+        if step % training.test_freq == 0 or step == training.max_iters:
+            raw_model.weight_view = qat_view
+            val_loss, sample = evaluate(raw_model, val_batches, device, compute, sample_generator, ranks, tokenizer)
+            print(f"step {step}: val loss {val_loss:.4f}\n--- sample ---\n{sample}\n--------------", flush=True)
+            run.log({"step": step, "val_loss": val_loss, "sample": sample})
+            if val_loss < progress.best_val_loss:
+                progress.best_val_loss = val_loss
+                path = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, name="best.pt")
+                print(f"saved {path} (best validation loss so far)", flush=True)
+            last_log = time.perf_counter()  # evaluation time is not training time
+
+        # ---- checkpoint
+        if step % training.checkpoint_freq == 0 or step == training.max_iters or stopping:
+            finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
+            if ranks.any(not finite, device):
+                raise non_finite("a weight", step, progress.last_saved)
+            progress.last_saved = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device)
+            run.prune(training.keep_last_n)
+            print(f"saved {progress.last_saved}", flush=True)
+            last_log = time.perf_counter()
+        if stopping:
+            print(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. Resume "
+                  f"with:\n  {launcher(ranks)}train.py --config {config_path} "
+                  f"training.resume_from_checkpoint={progress.last_saved}")
+            return 0
+    print(f"done: {progress.step} steps in {format_duration(time.perf_counter() - start)}; "
+          f"final checkpoint {progress.last_saved}")
+    return 0
 
 
-def learning_rate(step: int, t) -> float:
-    """Linear warmup over warmup_iters, then cosine decay to min_lr at max_iters."""
-    if step <= t.warmup_iters:
-        return t.learning_rate * step / max(1, t.warmup_iters)
-    progress = (step - t.warmup_iters) / max(1, t.max_iters - t.warmup_iters)
-    return t.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (t.learning_rate - t.min_lr)
-
-
-def make_optimizer(model: BDH, t, lp, device) -> torch.optim.Optimizer:
+def make_optimizer(model: BDH, cfg, device) -> torch.optim.Optimizer:
     """AdamW, or AdamW4bit with low_precision.use_4bit_optimizer. Weight decay on the four matmul
     weights; none on the embedding table."""
+    training, low_precision = cfg.training, cfg.low_precision
     decay = [model.encoder, model.encoder_v, model.decoder, model.lm_head]
-    groups = [{"params": decay, "weight_decay": t.weight_decay},
+    groups = [{"params": decay, "weight_decay": training.weight_decay},
               {"params": [model.embed.weight], "weight_decay": 0.0}]
-    if lp.use_4bit_optimizer:
-        return AdamW4bit(groups, lr=t.learning_rate, betas=(0.9, 0.95), quant_type=lp.quantization_type,
-                         double_quant=lp.use_double_quant)
-    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
+    if low_precision.use_4bit_optimizer:
+        return AdamW4bit(groups, lr=training.learning_rate, betas=(0.9, 0.95),
+                         quant_type=low_precision.quantization_type, double_quant=low_precision.use_double_quant)
+    return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def describe_optimizer(optimizer, model, lp) -> str:
+def resume(cfg, model, optimizer, scaler, workers, ranks, device):
+    """Load the checkpoint of training.resume_from_checkpoint into the model, optimizer and
+    scaler; returns (its run directory, Progress, the data stream's start positions, first epoch)."""
+    low_precision = cfg.low_precision
+    path = resolve_checkpoint(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir)
+    ckpt = load_checkpoint(path)
+    check_same_model(ckpt, cfg.model, path)
+    optimizer_state = optimizer_state_for(optimizer, ckpt.optimizer, {p: name for name, p in model.named_parameters()})
+    if ckpt.low_precision()["use_4bit_optimizer"] != low_precision.use_4bit_optimizer:
+        print(f"converting the checkpoint's optimizer state to "
+              f"{'4-bit' if low_precision.use_4bit_optimizer else 'float32'} moments (use_4bit_optimizer changed)")
+        convert_adamw_state(optimizer_state, {name: p.shape for name, p in model.named_parameters()},
+                            low_precision.use_4bit_optimizer, low_precision.quantization_type,
+                            low_precision.use_double_quant)
+    load_full_state(model, optimizer, ckpt.model, optimizer_state)
+    scaler.load_state_dict(ckpt.scaler)
+    if len(ckpt.rng) == ranks.world_size:
+        set_rng_state(ckpt.rng[ranks.rank], device)
+    else:  # another world size: the data order changes too (resume_point says so)
+        torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
+    progress = Progress(step=ckpt.step, best_val_loss=ckpt.best_val_loss, last_saved=path)
+    if evaluated_weights(ckpt.low_precision()) != evaluated_weights(asdict(low_precision)):
+        progress.best_val_loss = math.inf
+        print("validation losses now measure other weights (use_4bit or its code book changed): best.pt starts afresh")
+    run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
+    run.truncate_metrics(ckpt.step)
+    print(f"resuming from {path} at step {ckpt.step + 1}")
+    for line in run.record_resumed_config(ckpt.step, cfg.to_dict(), cfg.to_yaml()):
+        print(f"  config changed: {line}")
+    positions, progress.batches_consumed, first_epoch = resume_point(
+        cfg, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
+    return run, progress, positions, first_epoch
+
+
+def evaluated_weights(low_precision: dict) -> str:
+    """What a validation loss measures: the weights as trained, or their 4-bit round trip."""
+    if not low_precision["use_4bit"]:
+        return "as trained"
+    return f"4-bit {low_precision['quantization_type']}, double quant {low_precision['use_double_quant']}"
+
+
+def describe_run(cfg, model, optimizer, ranks, device, n_units, compiled, fp8_recipe, qat_start) -> str:
+    training, low_precision = cfg.training, cfg.low_precision
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_step = training.batch_size * training.block_size * training.gradient_accumulation_steps * ranks.world_size
+    lines = [f"BDH {n_params / 1e6:.2f}M parameters | device {device} | {low_precision.compute_dtype} | "
+             f"compile {compiled} | {n_units} data units | {tokens_per_step:,} tokens/step"]
+    if ranks.enabled:
+        lines[0] += (f" | {ranks.world_size} processes ({ranks.mode}), global batch {training.batch_size} x "
+                     f"{training.gradient_accumulation_steps} x {ranks.world_size}")
     full = adamw_state_bytes(model.parameters())
-    if not isinstance(optimizer, AdamW4bit):
-        return f"AdamW, state {full / 2**20:.2f} MiB"
-    state = optimizer.state_bytes()
-    return (f"AdamW4bit ({lp.quantization_type}{', double quant' if lp.use_double_quant else ''}), "
-            f"state {state / 2**20:.2f} MiB = {state / full:.3f} x AdamW's {full / 2**20:.2f} MiB")
+    if isinstance(optimizer, AdamW4bit):
+        state = optimizer.state_bytes()
+        double_quant = ", double quant" if low_precision.use_double_quant else ""
+        lines.append(f"optimizer AdamW4bit ({low_precision.quantization_type}{double_quant}), state "
+                     f"{state / 2**20:.2f} MiB = {state / full:.3f} x AdamW's {full / 2**20:.2f} MiB")
+    else:
+        lines.append(f"optimizer AdamW, state {full / 2**20:.2f} MiB")
+    if low_precision.use_4bit:
+        lines[-1] += (f" | 4-bit quantization-aware training ({low_precision.quantization_type}) of encoder, "
+                      f"encoder_v, decoder from step {qat_start + 1}; validation losses are the 4-bit model's")
+    if fp8_recipe:
+        lines[-1] += f" | FP8 GEMMs for encoder, encoder_v, decoder: {fp8_recipe}"
+    if training.debug:
+        lines[-1] += " | DEBUG: anomaly detection, per-step logs and finiteness checks"
+    return "\n".join(lines)
 
 
 class GracefulStop:
@@ -110,19 +301,17 @@ class GracefulStop:
             raise KeyboardInterrupt
 
 
-def fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def evaluated_weights(low_precision: dict):
-    """What a validation loss measures: the weights as trained, or their 4-bit round trip."""
-    lp = low_precision
-    return (lp["quantization_type"], lp["use_double_quant"]) if lp["use_4bit"] else "as trained"
+def learning_rate(step: int, training) -> float:
+    """Linear warmup over warmup_iters, then cosine decay to min_lr at max_iters."""
+    if step <= training.warmup_iters:
+        return training.learning_rate * step / max(1, training.warmup_iters)
+    progress = (step - training.warmup_iters) / max(1, training.max_iters - training.warmup_iters)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return training.min_lr + cosine * (training.learning_rate - training.min_lr)
 
 
 @torch.no_grad()
-def evaluate(model, val_batches, device, autocast, generator, ranks: Ranks) -> tuple[float, str]:
+def evaluate(model, val_batches, device, compute, generator, ranks: Ranks, tokenizer) -> tuple[float, str]:
     """Mean validation loss and a sample continuing the first validation window. Rank r takes
     batches r, r + world_size, ...; every rank runs as many forwards (FSDP gathers weights in
     each), a rank short of a batch repeats the first one and does not count it. Runs the
@@ -132,210 +321,44 @@ def evaluate(model, val_batches, device, autocast, generator, ranks: Ranks) -> t
     for i in range(math.ceil(len(val_batches) / ranks.world_size)):
         k = ranks.rank + i * ranks.world_size
         x, y = val_batches[k if k < len(val_batches) else 0]
-        with autocast:
+        with compute:
             _, loss = model(x.to(device), y.to(device))
         if k < len(val_batches):
             totals += torch.stack([loss.double(), loss.new_ones((), dtype=torch.float64)])
     loss_sum, count = ranks.total(totals).tolist()
     prompt = val_batches[0][0][:1, :32].to(device)
     generator.manual_seed(0)
-    with autocast, full_weights(model, ranks):
+    with compute, full_weights(model, ranks):
         out = model.generate(prompt, SAMPLE_TOKENS, temperature=0.8, top_k=None, generator=generator)
     model.train()
-    return loss_sum / count, decode(out[0].tolist())
+    return loss_sum / count, tokenizer.decode(out[0].tolist())
 
 
-def train(cfg: Config, config_path: str, ranks: Ranks, device: torch.device) -> int:
-    t = cfg.training
-    steady_host_memory(cfg, device)
-    dtype = DTYPES[cfg.low_precision.compute_dtype]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    log_freq = 1 if t.debug else t.log_freq
-    use_compile = (t.compile is True or (t.compile == "auto" and device.type == "cuda")) and not t.debug
-    if t.debug:
-        torch.autograd.set_detect_anomaly(True)
-    random.seed(t.seed)
-    np.random.seed(t.seed)
-    torch.manual_seed(t.seed)
+def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, name=None) -> Path:
+    """Every rank takes part (positions and RNG states are gathered, FSDP gathers weights); rank 0
+    writes. Returns rank 0's path on every rank."""
+    model_state, optimizer_state = full_state(model, optimizer)
+    positions = sorted((p for rank_positions in ranks.gather(progress.positions) for p in rank_positions.values()),
+                       key=lambda p: p["reader"])
+    ckpt = Checkpoint(step=progress.step, model=model_state, model_config=asdict(cfg.model), config=cfg.to_dict(),
+                      optimizer=optimizer_state, scaler=scaler.state_dict(), best_val_loss=progress.best_val_loss,
+                      rng=ranks.gather(rng_state(device)), data_order=order, data_positions=positions,
+                      batches_consumed=progress.batches_consumed)
+    return ranks.gather(run.save(ckpt, cfg.to_yaml(), name))[0]
 
-    if ranks.local_rank == 0:
-        ensure_sample_corpus(cfg)
-    ranks.barrier()
-    units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
-    val_batches = validation_batches(cfg, units)
 
-    model = BDH(cfg.to_bdh_config()).to(device)  # the same weights on every rank: same seed
-    model.activation_checkpointing = t.activation_checkpointing
-    lp = cfg.low_precision
-    # use_4bit: the steps after qat_start train through the 4-bit round trip; every evaluation
-    # measures the 4-bit model (before qat_start: the current weights quantized after the fact)
-    qat_view = quantization_aware_view(lp.quantization_type, lp.use_double_quant) if lp.use_4bit else None
-    qat_start = min(round(lp.qat_start_fraction * t.max_iters), t.max_iters - 1)  # at least the last step
-    trainable, fp8_recipe = fp8_model(model, cfg, device) if lp.use_fp8 else (model, None)
-    wrapped = wrap(trainable, ranks, device)
-    optimizer = make_optimizer(model, t, lp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if ranks.enabled:  # dropout masks differ between ranks
-        torch.manual_seed(t.seed + ranks.rank)
-    if ranks.main and (removed := clean_stale_temporaries(t.checkpoint_dir)):
-        print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
-    run = RunDir(t.checkpoint_dir, writer=ranks.main)
-    step, data_resume, best_val_loss, last_saved = 0, None, math.inf, None
-    if t.resume_from_checkpoint:
-        path = resolve_resume(t.resume_from_checkpoint, t.checkpoint_dir)
-        ckpt = load_checkpoint(path)
-        model_config_mismatch(ckpt["model_config"], dataclasses.asdict(cfg.to_bdh_config()), path)
-        optimizer_state = optimizer_state_for(optimizer, ckpt["optimizer"],
-                                              {p: name for name, p in model.named_parameters()})
-        if ckpt["config"]["low_precision"]["use_4bit_optimizer"] != lp.use_4bit_optimizer:
-            print(f"converting the checkpoint's optimizer state to "
-                  f"{'4-bit' if lp.use_4bit_optimizer else 'float32'} moments (use_4bit_optimizer changed)")
-            shapes = {name: p.shape for name, p in model.named_parameters()}
-            convert_adamw_state(optimizer_state, shapes, lp.use_4bit_optimizer, lp.quantization_type,
-                                lp.use_double_quant)
-        load_full_state(model, optimizer, ckpt["model"], optimizer_state)
-        scaler.load_state_dict(ckpt["scaler"])
-        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # version 0.1: one process
-        if len(rngs) == ranks.world_size:
-            set_rng_state(rngs[ranks.rank], device)
-        else:  # another world size: the data order changes too (resume_point says so)
-            torch.manual_seed(t.seed + ranks.rank + 1000 * ckpt["step"])
-        step, data_resume = ckpt["step"], ckpt.get("data")
-        best_val_loss = ckpt.get("best_val_loss", math.inf)
-        if evaluated_weights(ckpt["config"]["low_precision"]) != evaluated_weights(dataclasses.asdict(lp)):
-            best_val_loss = math.inf
-            print("validation losses now measure other weights (use_4bit or its code book changed): "
-                  "best.pt starts afresh")
-        run, last_saved = RunDir(t.checkpoint_dir, path=path.parent, writer=ranks.main), path
-        run.truncate_metrics(step)
-        print(f"resuming from {path} at step {step + 1}")
-        for line in run.record_resumed_config(step, cfg.to_dict(), cfg.to_yaml()):
-            print(f"  config changed: {line}")
-        if step >= t.max_iters:
-            print(f"nothing to do: the checkpoint is at step {step} and training.max_iters is "
-                  f"{t.max_iters}; raise max_iters to train further")
-            return 0
-    forward = torch.compile(wrapped) if use_compile else wrapped
+def launcher(ranks: Ranks) -> str:
+    """How this run was started, for the resume command."""
+    if not ranks.enabled:
+        return "python "
+    if int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size)) == ranks.world_size:
+        return f"torchrun --standalone --nproc_per_node={ranks.world_size} "
+    return "torchrun <the same rendezvous flags> "
 
-    n_params = sum(p.numel() for p in model.parameters())
-    tokens_per_step = t.batch_size * t.block_size * t.gradient_accumulation_steps * ranks.world_size
-    processes = (f" | {ranks.world_size} processes ({ranks.mode}), global batch {t.batch_size} x "
-                 f"{t.gradient_accumulation_steps} x {ranks.world_size}" if ranks.enabled else "")
-    print(f"BDH {n_params / 1e6:.2f}M parameters | device {device} | {cfg.low_precision.compute_dtype}"
-          f" | compile {use_compile} | {len(units)} data units | {tokens_per_step:,} tokens/step"
-          + processes + f"\noptimizer {describe_optimizer(optimizer, model, lp)}"
-          + (f" | 4-bit quantization-aware training ({lp.quantization_type}) of encoder, encoder_v, "
-             f"decoder from step {qat_start + 1}; validation losses are the 4-bit model's" if lp.use_4bit else "")
-          + (f" | FP8 GEMMs for encoder, encoder_v, decoder: {fp8_recipe}" if fp8_recipe else "")
-          + (" | DEBUG: anomaly detection, per-step logs and finiteness checks" if t.debug else ""))
 
-    workers = loader_workers(cfg, units, ranks.world_size)
-    start_positions, batches_consumed, first_epoch = resume_point(cfg, workers, data_resume, ranks.world_size)
-    loader = iter(train_loader(cfg, units, workers, start_positions, batches_consumed, first_epoch,
-                               pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
-                               rank=ranks.rank, world_size=ranks.world_size))
-    # this rank's readers' positions after the batches consumed so far: the checkpoint's data position
-    positions = {p["reader"]: p for p in start_positions if p["reader"] // max(1, workers) == ranks.rank}
-    sample_generator = torch.Generator(device=device)
-    stop = GracefulStop(second_signal_stops=not ranks.enabled)
-    model.train()
-    start = last_log = time.perf_counter()
-    loss_sum, loss_count, steps_since_log = torch.zeros((), device=device), 0, 0
-
-    def save(step, name=None):
-        """Every rank takes part (positions and RNG states are gathered, FSDP gathers weights);
-        rank 0 writes."""
-        model_state, optimizer_state = full_state(model, optimizer)
-        all_positions = sorted((p for rank_positions in ranks.gather(positions)
-                                for p in rank_positions.values()), key=lambda p: p["reader"])
-        state = {"step": step, "best_val_loss": best_val_loss, "model": model_state,
-                 "optimizer": optimizer_state, "scaler": scaler.state_dict(),
-                 "model_config": dataclasses.asdict(cfg.to_bdh_config()),
-                 "config": cfg.to_dict(), "rng": ranks.gather(rng_state(device)),
-                 "data": {"order": data_order(cfg, workers, ranks.world_size),
-                          "batches": batches_consumed, "positions": all_positions},
-                 "versions": {"torch": str(torch.__version__), "project": PROJECT_VERSION}}
-        return ranks.gather(run.save(step, state, cfg.to_yaml(), name))[0]  # rank 0's path, for all
-
-    while step < t.max_iters:
-        step += 1
-        lr = learning_rate(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.weight_view = qat_view if step > qat_start else None
-        if qat_view and step == qat_start + 1 and step > 1:
-            print(f"step {step}: quantization-aware training starts (4-bit forward from here on)")
-        for micro in range(t.gradient_accumulation_steps):
-            x, y, position = next(loader)
-            positions[position["reader"]] = position
-            batches_consumed += 1
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if t.debug and step == 1 and loss_count == 0:
-                print(f"first batch {tuple(x.shape)}: {decode(x[0, :80].tolist())!r}")
-            with gradient_sync(wrapped, ranks, sync=micro == t.gradient_accumulation_steps - 1):
-                with autocast:
-                    _, loss = forward(x, y)
-                scaler.scale(loss / t.gradient_accumulation_steps).backward()
-            loss_sum += loss.detach()
-            loss_count += 1
-        if t.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        steps_since_log += 1
-        stopping = ranks.any(stop.signal_name is not None, device)
-        if stopping:
-            print(f"{stop.signal_name or 'a signal to another rank'}: saving a checkpoint after step {step}"
-                  + (" (Ctrl-C again to stop at once)" if stop.second_signal_stops else ""), flush=True)
-
-        if step % log_freq == 0 or step == t.max_iters:
-            train_loss = float(ranks.mean(loss_sum / loss_count))
-            if not math.isfinite(train_loss):
-                raise non_finite("the training loss", step, last_saved)
-            now = time.perf_counter()
-            ms = (now - last_log) * 1000 / steps_since_log
-            record = {"step": step, "train_loss": train_loss, "lr": lr,
-                      "tokens_per_s": round(tokens_per_step * 1000 / ms), "ms_per_step": round(ms, 2),
-                      "elapsed_s": round(now - start, 2)}
-            print(f"step {step}/{t.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | "
-                  f"{record['tokens_per_s']:,} tok/s | {ms:.1f} ms/step | elapsed "
-                  f"{fmt_time(now - start)} | eta {fmt_time(ms * (t.max_iters - step) / 1000)}", flush=True)
-            run.log(record)
-            loss_count, steps_since_log, last_log = 0, 0, time.perf_counter()
-            loss_sum.zero_()
-
-        if step % t.test_freq == 0 or step == t.max_iters:
-            model.weight_view = qat_view
-            val_loss, sample = evaluate(model, val_batches, device, autocast, sample_generator, ranks)
-            print(f"step {step}: val loss {val_loss:.4f}\n--- sample ---\n{sample}\n--------------", flush=True)
-            run.log({"step": step, "val_loss": val_loss, "sample": sample})
-            if val_loss < best_val_loss:
-                best_val_loss = val_loss
-                print(f"saved {save(step, name='best.pt')} (best validation loss so far)", flush=True)
-            last_log = time.perf_counter()  # evaluation time is not training time
-
-        if step % t.checkpoint_freq == 0 or step == t.max_iters or stopping:
-            finite = all(local_tensor(p).isfinite().all() for p in model.parameters())
-            if ranks.any(not finite, device):
-                raise non_finite("a weight", step, last_saved)
-            last_saved = save(step)
-            run.prune(t.keep_last_n)
-            print(f"saved {last_saved}", flush=True)
-            last_log = time.perf_counter()
-        if stopping:
-            launcher = "python "
-            if ranks.enabled:
-                one_node = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size)) == ranks.world_size
-                launcher = (f"torchrun --standalone --nproc_per_node={ranks.world_size} " if one_node
-                            else "torchrun <the same rendezvous flags> ")
-            print(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. "
-                  f"Resume with:\n  {launcher}train.py --config {config_path} "
-                  f"training.resume_from_checkpoint={last_saved}")
-            return 0
-    print(f"done: {step} steps in {fmt_time(time.perf_counter() - start)}; final checkpoint {last_saved}")
-    return 0
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def non_finite(what: str, step: int, last_saved) -> TrainingError:
@@ -353,16 +376,10 @@ def one_line(e: Exception) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train BDH on parquet shards.")
-    parser.add_argument("--config", default="config.yaml", help="YAML config (default config.yaml)")
+    add_config_arguments(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
-    try:
-        cfg = Config.from_yaml(args.config, args.overrides)
-    except ConfigError as e:
-        for problem in e.problems:
-            print(f"config error: {problem}", file=sys.stderr)
-        return 2
+    cfg = load_config(args)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
@@ -371,8 +388,10 @@ def main(argv=None) -> int:
     try:
         ranks, device = start(cfg, pick_device(cfg.training.device))
         return train(cfg, args.config, ranks, device)
-    except (DataError, CheckpointError, TrainingError, DistributedError, FP8Error, LowBitError) as e:
-        print(f"error{rank_tag(ranks)}: {one_line(e)}", file=sys.stderr)
+    except (DataError, ShardError, CheckpointError, TrainingError, DeviceError, DistributedError, FP8Error,
+            LowBitError) as e:
+        rank = f" (rank {ranks.rank})" if ranks.enabled else ""
+        print(f"error{rank}: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: stopped at once without saving; the run's earlier checkpoints are intact",
@@ -388,9 +407,6 @@ def main(argv=None) -> int:
             signal.signal(sig, handler)
         shutdown()
 
-
-def rank_tag(ranks: Ranks) -> str:
-    return f" (rank {ranks.rank})" if ranks.enabled else ""
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,7 @@ def write_parquet(path, docs, rows_per_group=4, column="text", type_=pa.string()
 
 
 def make_corpus(root, n_files=3, docs_per_file=12, rows_per_group=4, doc_len=40):
-    """Documents 'doc-<file>-<row>|' padded with letters: every document is recognisable."""
+    """Documents '<ff-rrr>' (file and row number) followed by letters: every document is recognisable."""
     for f in range(n_files):
         docs = []
         for r in range(docs_per_file):

@@ -11,17 +11,20 @@ from torch.utils.data import DataLoader
 
 import data
 from conftest import make_corpus, write_parquet
-from data import (SEPARATOR, DataError, ParquetBatches, ParquetFileCache, assign_units, list_units,
-                  read_unit_tokens, validation_mask)
+from data import (DataError, ParquetBatches, ParquetFileCache, assign_units, list_units, read_unit_tokens,
+                  validation_mask)
+from tokenizer import ByteTokenizer
+
+BYTES = ByteTokenizer()
 
 
 def batches_of(units, split="train", T=16, B=2, seed=0, val_fraction=0.2, max_cached=4):
-    return ParquetBatches(units, split, T, B, seed, val_fraction, "text", max_cached)
+    return ParquetBatches(units, split, T, B, seed, val_fraction, "text", max_cached, BYTES)
 
 
 def split_stream(units, split, seed=0, val_fraction=0.2):
     cache = ParquetFileCache(8)
-    return np.concatenate([read_unit_tokens(cache, u, "text", split, seed, val_fraction) for u in units])
+    return np.concatenate([read_unit_tokens(cache, u, "text", split, seed, val_fraction, BYTES) for u in units])
 
 
 def window_text(x, y):
@@ -53,7 +56,7 @@ def test_stream_joins_documents_with_the_separator(tmp_path):
     write_parquet(tmp_path / "a.parquet", ["héllo", None, "", "wörld"], 4)
     units = list_units(tmp_path, "text")
     tokens = split_stream(units, "train", val_fraction=1e-9)
-    assert bytes(tokens) == "héllo".encode() + bytes([SEPARATOR]) + "wörld".encode() + bytes([SEPARATOR])
+    assert bytes(tokens) == "héllo".encode() + bytes([BYTES.separator]) + "wörld".encode() + bytes([BYTES.separator])
 
 
 def test_invalid_utf8_bytes_are_taken_as_they_are(tmp_path):
@@ -66,7 +69,6 @@ def test_epoch_windows_partition_the_reader_stream(corpus):
     units = list_units(corpus, "text")
     T, B = 16, 2
     ds = batches_of(units, T=T, B=B)
-    total = collections.Counter()
     dropped = 0
     for reader in range(2):
         mine = assign_units(units, 0, 0, 2, shuffle=True)[reader]
@@ -82,7 +84,6 @@ def test_epoch_windows_partition_the_reader_stream(corpus):
         # stream up to a tail shorter than one batch of windows plus one window
         assert n * T > len(stream) - (B + 1) * T - 1
         assert not (got - collections.Counter(stream[: n * T + T].tolist()))
-        total += got
         dropped += len(stream) - n * T
     assert dropped < 2 * ((B + 1) * T + 1)
 
@@ -241,8 +242,21 @@ def test_dataloader_resumes_with_the_worker_whose_batch_was_due(corpus):
     positions = {}
     for _, _, p in straight[:consumed]:
         positions[p["reader"]] = p
-    ds = ParquetBatches(units, "train", 16, 2, 0, 0.2, "text", 4, positions=list(positions.values()),
+    ds = ParquetBatches(units, "train", 16, 2, 0, 0.2, "text", 4, BYTES, positions=list(positions.values()),
                         rotation=consumed % 2)
     it = iter(DataLoader(ds, batch_size=None, num_workers=2))
     resumed = [next(it) for _ in range(5)]
     assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed, straight[consumed:]))
+
+
+def test_from_text_command_writes_shards_that_read_back_to_the_files(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("line one\nline two\n" * 20000)
+    b.write_text("short file")
+    assert data.main(["--from-text", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    units = list_units(tmp_path / "out", "text")
+    assert len(units) > 1  # long files become several documents and row groups
+    cache = ParquetFileCache(2)
+    docs = [d.as_py() for u in units
+            for d in cache.get(u.path).read_row_group(u.row_group, columns=["text"]).column(0)]
+    assert "".join(docs) == a.read_text() + b.read_text()

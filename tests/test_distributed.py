@@ -71,17 +71,17 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpu
     # FSDP's checkpoint is gathered into the canonical single-file layout
     fsdp_ckpt = load_checkpoint(fsdp_run / "checkpoint_4.pt")
     ddp_ckpt = load_checkpoint(run / "checkpoint_4.pt")
-    model = BDH(BDHConfig(**fsdp_ckpt["model_config"]))
-    model.load_state_dict(fsdp_ckpt["model"])
-    for name, tensor in ddp_ckpt["model"].items():
-        torch.testing.assert_close(fsdp_ckpt["model"][name], tensor, rtol=1e-4, atol=1e-6)
-    assert set(fsdp_ckpt["optimizer"]["state"]) == set(ddp_ckpt["optimizer"]["state"])
+    model = BDH(BDHConfig(**fsdp_ckpt.model_config))
+    model.load_state_dict(fsdp_ckpt.model)
+    for name, tensor in ddp_ckpt.model.items():
+        torch.testing.assert_close(fsdp_ckpt.model[name], tensor, rtol=1e-4, atol=1e-6)
+    assert set(fsdp_ckpt.optimizer["state"]) == set(ddp_ckpt.optimizer["state"])
     # ... that one process resumes (another world size: the data order restarts, with a warning)
     assert train.main(["--config", str(config), "training.checkpoint_dir=" + str(tmp_path / "fsdp"),
                        "training.resume_from_checkpoint=latest", "training.max_iters=5"]) == 0
     out = capsys.readouterr().out
     assert "WARNING: the data order changes" in out and "world_size: 2 -> 1" in out
-    assert load_checkpoint(fsdp_run / "checkpoint_5.pt")["step"] == 5
+    assert load_checkpoint(fsdp_run / "checkpoint_5.pt").step == 5
 
 
 def test_resume_of_a_two_process_run_is_exact(tmp_path, corpus):
@@ -97,11 +97,11 @@ def test_resume_of_a_two_process_run_is_exact(tmp_path, corpus):
     assert out.count("resuming from") == 1 and "at step 4" in out
     assert the_run(tmp_path / "ck") == run
     resumed = load_checkpoint(run / "checkpoint_6.pt")
-    for name, tensor in straight["model"].items():
-        assert torch.equal(resumed["model"][name], tensor), name
+    for name, tensor in straight.model.items():
+        assert torch.equal(resumed.model[name], tensor), name
     assert train_losses(run) == (straight_train, straight_val)
-    assert len(resumed["rng"]) == 2 and len(resumed["data"]["positions"]) == 2
-    assert "exp_avg_4bit" in resumed["optimizer"]["state"]["encoder"]
+    assert len(resumed.rng) == 2 and len(resumed.data_positions) == 2
+    assert "exp_avg_4bit" in resumed.optimizer["state"]["encoder"]
 
 
 def free_port():
@@ -136,7 +136,7 @@ def test_two_gpus_with_nccl(tmp_path, corpus):
     config = write_config(tmp_path, corpus, model={"dropout": 0.0}, device="cuda")
     out = torchrun(2, config, "dataloader.num_workers=1")
     assert "device cuda:0" in out and "2 processes (ddp)" in out
-    assert load_checkpoint(the_run(tmp_path / "ck") / "checkpoint_4.pt")["step"] == 4
+    assert load_checkpoint(the_run(tmp_path / "ck") / "checkpoint_4.pt").step == 4
 
 
 def spawn_ranks(config, n=2):
@@ -163,7 +163,7 @@ def test_a_signal_to_one_rank_stops_all_of_them_at_the_same_step(tmp_path, corpu
             proc.kill()
             proc.communicate()
     [ckpt] = the_run(tmp_path / "ck").glob("checkpoint_*.pt")
-    step = load_checkpoint(ckpt)["step"]
+    step = load_checkpoint(ckpt).step
     assert f"stopped by a signal to another rank after step {step}" in out
     assert "torchrun --standalone --nproc_per_node=2 train.py" in out
 

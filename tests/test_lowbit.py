@@ -79,12 +79,12 @@ def test_4bit_optimizer_trains_and_resumes_exactly(tmp_path, corpus, capsys):
     assert "optimizer AdamW4bit (nf4), state" in out and "x AdamW's" in out
     [run] = (tmp_path / "ck").iterdir()
     straight = load_checkpoint(run / "checkpoint_4.pt")
-    assert straight["optimizer"]["state"]["encoder"]["exp_avg_sq_root4_4bit"]["codes"].dtype == torch.uint8
+    assert straight.optimizer["state"]["encoder"]["exp_avg_sq_root4_4bit"]["codes"].dtype == torch.uint8
     assert train.main(["--config", str(path), *flags,
                        f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}"]) == 0
     resumed = load_checkpoint(run / "checkpoint_4.pt")
-    for name, tensor in straight["model"].items():
-        assert torch.equal(resumed["model"][name], tensor), name
+    for name, tensor in straight.model.items():
+        assert torch.equal(resumed.model[name], tensor), name
 
 
 def test_quantization_aware_forward_uses_4bit_weights_and_passes_gradients_straight_through():
@@ -147,7 +147,7 @@ def test_switching_use_4bit_on_resume_starts_best_checkpoint_afresh(tmp_path, co
     out = capsys.readouterr().out
     assert "best.pt starts afresh" in out
     [run] = (tmp_path / "ck").iterdir()
-    assert load_checkpoint(run / "best.pt")["step"] == 3  # the first 4-bit validation loss is the best so far
+    assert load_checkpoint(run / "best.pt").step == 3  # the first 4-bit validation loss is the best so far
 
 
 def test_quantization_aware_training_run_and_4bit_sampling(tmp_path, corpus, capsys):
@@ -155,15 +155,15 @@ def test_quantization_aware_training_run_and_4bit_sampling(tmp_path, corpus, cap
     assert train.main(["--config", str(path), "low_precision.use_4bit=true", "low_precision.qat_start_fraction=0"]) == 0
     assert "4-bit quantization-aware training (nf4)" in capsys.readouterr().out
     [ckpt] = (tmp_path / "ck").glob("run_*/checkpoint_2.pt")
-    assert set(load_checkpoint(ckpt)["model"]) == {"embed.weight", "encoder", "encoder_v", "decoder", "lm_head"}
+    assert set(load_checkpoint(ckpt).model) == {"embed.weight", "encoder", "encoder_v", "decoder", "lm_head"}
     argv = ["--checkpoint", str(ckpt), "--prompt", "<00-", "--max-new-tokens", "20", "--temperature", "0"]
     assert sample.main(argv + ["--4bit"]) == 0
     four_bit = capsys.readouterr()
     assert "4-bit weights (nf4, double quant): model" in four_bit.err
     # the served 4-bit model is the one quantization-aware training evaluated
     ck = load_checkpoint(ckpt)
-    model = BDH(BDHConfig(**ck["model_config"]))
-    model.load_state_dict(ck["model"])
+    model = BDH(BDHConfig(**ck.model_config))
+    model.load_state_dict(ck.model)
     model.weight_view = quantization_aware_view("nf4", True)
     prompt = torch.tensor([list(b"<00-")])
     expected = model.eval().generate(prompt, 20, temperature=0)
@@ -187,5 +187,5 @@ def test_resume_may_switch_between_adamw_and_the_4bit_optimizer(tmp_path, corpus
     assert "converting the checkpoint's optimizer state to 4-bit moments" in out
     assert "converting the checkpoint's optimizer state to float32 moments" in out
     [run] = (tmp_path / "ck").iterdir()
-    assert "exp_avg_4bit" in load_checkpoint(run / "checkpoint_3.pt")["optimizer"]["state"]["encoder"]
-    assert "exp_avg" in load_checkpoint(run / "checkpoint_4.pt")["optimizer"]["state"]["encoder"]
+    assert "exp_avg_4bit" in load_checkpoint(run / "checkpoint_3.pt").optimizer["state"]["encoder"]
+    assert "exp_avg" in load_checkpoint(run / "checkpoint_4.pt").optimizer["state"]["encoder"]

@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model import BDH, TILE, BDHConfig, LayerStack, rope_cos_sin, rope_frequencies
+from model import PLAIN, BDH, TILE, BDHConfig, LayerStack, layer_forward, layer_norm, rope_cos_sin, rope_frequencies
 from reference import reference_forward, reference_generate
 
 
@@ -169,7 +169,7 @@ def test_layer_stack_backward_passes_gradcheck_with_dropout_and_checkpointing():
         for checkpoint in (False, True):
             def stack(x, encoder, encoder_v, decoder):
                 torch.manual_seed(1)  # the same dropout mask at every evaluation
-                return LayerStack.apply(x, encoder, encoder_v, decoder, cos, sin, 2, dropout, checkpoint)
+                return LayerStack.apply(x, encoder, encoder_v, decoder, cos, sin, 2, dropout, checkpoint, PLAIN)
             assert torch.autograd.gradcheck(stack, (x, *weights), fast_mode=True)
 
 
@@ -186,19 +186,22 @@ def test_recurrent_generation_matches_full_recompute():
 
 @torch.no_grad()
 def test_recurrent_state_gives_the_parallel_logits():
+    """layer_forward with a state: a chunk of 50 positions, then one position at a time."""
     model, cfg = small_model(std=0.1)
     idx = torch.randint(0, 256, (1, 2 * TILE + 3))
     states = [torch.zeros(cfg.n_head, 1, cfg.n_latent, cfg.n_embd) for _ in range(cfg.n_layer)]
-    x = model._advance(layer_norm_of_embedding(model, idx[:, :50]), states, 0)
-    steps = [model._advance(layer_norm_of_embedding(model, idx[:, t:t + 1]), states, t)
-             for t in range(50, idx.size(1))]
-    recurrent = torch.cat([x] + steps, dim=1) @ model.lm_head
+
+    def advance(t0, t1):
+        cos, sin = rope_cos_sin(model.rope_freqs, torch.arange(t0, t1))
+        x = layer_norm(model.embed(idx[:, t0:t1]))
+        for state in states:
+            x, _ = layer_forward(x, model.encoder, model.encoder_v, model.decoder, cos, sin, state=state)
+        return x
+
+    hidden = [advance(0, 50)] + [advance(t, t + 1) for t in range(50, idx.size(1))]
+    recurrent = torch.cat(hidden, dim=1) @ model.lm_head
     parallel = model(idx)[0]
     assert torch.allclose(recurrent, parallel, atol=1e-5 * parallel.abs().max().item())
-
-
-def layer_norm_of_embedding(model, idx):
-    return F.layer_norm(model.embed(idx), (model.config.n_embd,), eps=1e-5)
 
 
 def test_fast_path_under_low_precision_autocast_is_as_accurate_as_the_reference():

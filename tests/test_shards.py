@@ -1,19 +1,26 @@
-import data
+"""Writing shards: text files and the built-in corpus."""
+import pyarrow.parquet as pq
+import pytest
+
 import shards
-from data import ParquetFileCache, list_units
+from data import list_units
 
 
-def test_from_text_round_trip(tmp_path):
-    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
-    a.write_text("line one\nline two\n" * 20000)
-    b.write_text("short file")
-    assert data.main(["--from-text", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
-    units = list_units(tmp_path / "out", "text")
-    assert len(units) > 1  # long files become several documents and row groups
-    cache = ParquetFileCache(2)
-    docs = [d.as_py() for u in units
-            for d in cache.get(u.path).read_row_group(u.row_group, columns=["text"]).column(0)]
-    assert "".join(docs) == a.read_text() + b.read_text()
+def test_text_files_become_documents_in_row_groups_of_bounded_size(tmp_path):
+    text = "".join(f"line {i}\n" for i in range(20000))
+    (tmp_path / "a.txt").write_text(text)
+    n = shards.text_files_to_parquet([tmp_path / "a.txt"], tmp_path / "out", chunk_bytes=1000)
+    [shard] = (tmp_path / "out").iterdir()
+    table = pq.read_table(shard)
+    assert n == table.num_rows > 100 and "".join(table.column("text").to_pylist()) == text
+    meta = pq.read_metadata(shard)
+    assert meta.num_row_groups > 1
+    assert all(meta.row_group(i).num_rows <= 128 * 1024 // 1000 + 1 for i in range(meta.num_row_groups))
+
+
+def test_an_unreadable_text_file_is_a_shard_error(tmp_path):
+    with pytest.raises(shards.ShardError, match=r"nope.txt: cannot read"):
+        shards.text_files_to_parquet([tmp_path / "nope.txt"], tmp_path / "out")
 
 
 def test_sample_corpus_is_deterministic(tmp_path):
