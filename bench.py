@@ -24,7 +24,7 @@ from model import BDH
 from reference import reference_forward
 from runtime import DTYPES, DeviceError, autocast, pick_device, steady_host_memory
 from shards import ensure_sample_corpus
-from tokenizer import ByteTokenizer
+from tokenizer import load_tokenizer
 
 IMPLEMENTATIONS = ("model.py", "reference")
 
@@ -163,7 +163,7 @@ def bench_generation(cfg, device, prompt_len=256, new_tokens=1000, samples=5) ->
 def bench_loader(cfg, model_ms_per_step, seconds=5.0) -> dict:
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
     workers = loader_workers(cfg, units)
-    it = iter(train_loader(cfg, units, ByteTokenizer(), workers))
+    it = iter(train_loader(cfg, units, load_tokenizer(cfg.dataset.tokenizer), workers))
     next(it)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

@@ -28,7 +28,7 @@ from data import list_units, validation_batches
 from lowbit import AdamW4bit, adamw_state_bytes, to_4bit
 from model import BDH
 from runtime import autocast
-from tokenizer import ByteTokenizer
+from tokenizer import load_tokenizer
 
 BF16 = ["low_precision.compute_dtype=bfloat16"]
 VARIANT_SETS = {
@@ -63,7 +63,7 @@ def final_checkpoint_loss(cfg, run, four_bit: bool) -> float:
         to_4bit(model, low_precision.quantization_type, low_precision.use_double_quant)
     model.eval()
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
-    batches = validation_batches(cfg, units, ByteTokenizer())
+    batches = validation_batches(cfg, units, load_tokenizer(cfg.dataset.tokenizer))
     with autocast(torch.device("cpu"), low_precision.compute_dtype):
         return sum(model(x, y)[1].item() for x, y in batches) / len(batches)
 

@@ -24,7 +24,7 @@ import yaml
 
 from model import BDH, BDHConfig
 
-PROJECT_VERSION = "0.2.0"
+PROJECT_VERSION = "0.3.0"
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
 
 
@@ -48,6 +48,7 @@ class Checkpoint:
     data_order: dict | None = None  # the settings that decide the batch order (data.data_order)
     data_positions: list = field(default_factory=list)  # every reader's position after batches_consumed
     batches_consumed: int = 0
+    tokenizer: str = "bytes"  # tokenizer.py's to_str(): "bytes" or a tokenizer.json
     versions: dict = field(default_factory=lambda: {"torch": str(torch.__version__), "project": PROJECT_VERSION})
 
     def to_dict(self) -> dict:

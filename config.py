@@ -57,6 +57,7 @@ class DatasetConfig:
     max_cached_files: int = 8
     text_column: str = "text"
     val_fraction: float = 0.05
+    tokenizer: str = "bytes"
 
 
 @dataclass
@@ -191,7 +192,7 @@ class Config:
         elif model.n_head > 0 and model.n_latent % 2:
             problems.append("model.mlp_internal_dim_multiplier: the latent size n_embd * "
                             "mlp_internal_dim_multiplier / n_head must be even (RoPE rotates pairs)")
-        if model.vocab_size < 256:
+        if model.vocab_size < 256 and self.dataset.tokenizer == "bytes":
             problems.append(f"model.vocab_size: tokens are bytes 0..255, so it must be >= 256, "
                             f"got {model.vocab_size}")
         if training.min_lr > training.learning_rate:

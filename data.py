@@ -18,11 +18,13 @@ Train/validation split: each document goes to validation with probability datase
 decided by a hash of (seed, file, row group, row): fixed by the seed, independent of workers.
 
     python data.py --from-text FILE [FILE ...] --out DIR   # text files -> parquet shards (shards.py)
+    python data.py --train-tokenizer --vocab-size N --out tokenizer.json [--config X] [overrides]
 """
 import argparse
 import hashlib
 import signal
 import sys
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,10 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards import ShardError, text_files_to_parquet
+from checkpoint import atomic_write
+from config import add_config_arguments, load_config
+from shards import ShardError, ensure_sample_corpus, text_files_to_parquet
+from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, train_bpe
 
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary(), pa.string_view())
 
@@ -121,9 +126,9 @@ def validation_mask(unit: Unit, seed: int, fraction: float):
     return (h >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
 
 
-def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
-                     seed: int, val_fraction: float, tokenizer) -> np.ndarray:
-    """The unit's documents of `split`, each followed by the separator, as one token array."""
+def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, split: str, seed: int,
+                        val_fraction: float) -> pa.Array:
+    """The unit's non-empty documents of `split`, as a large_binary array."""
     try:
         table = cache.get(unit.path).read_row_group(unit.row_group, columns=[text_column])
         docs = table.column(0).combine_chunks().cast(pa.large_binary())
@@ -135,7 +140,13 @@ def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, spli
         in_split = ~in_split
     keep = pc.and_(pc.and_(pc.is_valid(docs), pc.greater(pc.binary_length(docs), 0)),
                    pa.array(in_split))
-    docs = pc.filter(docs, keep)
+    return pc.filter(docs, keep)
+
+
+def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
+                     seed: int, val_fraction: float, tokenizer) -> np.ndarray:
+    """The unit's documents of `split`, each followed by the separator, as one token array."""
+    docs = read_unit_documents(cache, unit, text_column, split, seed, val_fraction)
     if len(docs) == 0:
         return np.empty(0, dtype=tokenizer.dtype)
     return tokenizer.encode_documents(docs)
@@ -317,23 +328,70 @@ def _first_line(e):
 
 # ---------------------------------------------------------------- command line
 
+def training_texts(cfg, units, report_every_s=5.0):
+    """The documents of the training split, in file order, as strings; a progress line every
+    report_every_s seconds."""
+    cache, n_docs, n_bytes = ParquetFileCache(cfg.dataset.max_cached_files), 0, 0
+    started = last = time.time()
+    try:
+        for k, unit in enumerate(units):
+            docs = read_unit_documents(cache, unit, cfg.dataset.text_column, "train", cfg.training.seed,
+                                       cfg.dataset.val_fraction)
+            for doc in docs.to_pylist():
+                yield doc.decode("utf-8", errors="replace")
+            n_docs += len(docs)
+            n_bytes += pc.sum(pc.binary_length(docs)).as_py() or 0
+            if time.time() - last > report_every_s or k == len(units) - 1:
+                last = time.time()
+                print(f"  read {n_bytes / 2**20:,.1f} MiB, {n_docs:,} documents, row group {k + 1:,} of "
+                      f"{len(units):,} ({(k + 1) / len(units):.0%}) in {last - started:.0f} s", flush=True)
+    finally:
+        cache.close()
+
+
+def train_tokenizer(cfg, vocab_size: int, out: Path, config_path: str) -> str:
+    """Train a byte-level BPE on the training split of the configured shards; write it to out."""
+    if vocab_size < 258:
+        raise DataError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least 258 tokens (256 bytes, "
+                        f"{SEPARATOR_TOKEN} and a merge)")
+    ensure_sample_corpus(cfg)
+    units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
+    print(f"training a {vocab_size:,}-token byte-level BPE on the training split of {cfg.dataset.parquet_dir} "
+          f"({len(units):,} row groups)", flush=True)
+    tokenizer = HFTokenizer(train_bpe(training_texts(cfg, units), vocab_size), str(out))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda f: f.write(tokenizer.to_str().encode()))
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot write ({e.strerror or e})")
+    rounded = -(-tokenizer.vocab_size // 64) * 64
+    return (f"wrote {out}: {tokenizer.vocab_size:,} tokens. Train with it:\n  python train.py --config "
+            f"{config_path} dataset.tokenizer={out} model.vocab_size={rounded}")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--from-text", nargs="+", metavar="FILE", help="text files to convert")
-    parser.add_argument("--out", help="output directory for --from-text")
+    parser = argparse.ArgumentParser(description="Prepare data: text files to parquet shards, or a tokenizer.")
+    parser.add_argument("--from-text", nargs="+", metavar="FILE", help="text files to convert into shards in --out")
     parser.add_argument("--chunk-bytes", type=int, default=8192,
-                        help="cut long files at line boundaries into documents of about this "
+                        help="--from-text: cut long files at line boundaries into documents of about this "
                              "many bytes (0: one document per file)")
+    parser.add_argument("--train-tokenizer", action="store_true",
+                        help="train a byte-level BPE on the training split of the config's shards, write it to --out")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="--train-tokenizer: tokens in the vocabulary")
+    parser.add_argument("--out", help="output: a directory for --from-text, a tokenizer.json for --train-tokenizer")
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
+    if bool(args.from_text) == args.train_tokenizer or not args.out:
+        parser.error("give --from-text FILE ... --out DIR, or --train-tokenizer --out FILE.json")
+    if args.from_text and args.overrides:
+        parser.error(f"--from-text takes no config overrides (got {' '.join(args.overrides)})")
     try:
         if args.from_text:
-            if not args.out:
-                parser.error("--from-text needs --out DIR")
             n = text_files_to_parquet(args.from_text, args.out, args.chunk_bytes)
             print(f"wrote {n} documents to {args.out}")
         else:
-            parser.print_help()
-    except ShardError as e:
+            print(train_tokenizer(load_config(args), args.vocab_size, Path(args.out), args.config))
+    except (DataError, ShardError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

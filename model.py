@@ -336,9 +336,10 @@ class BDH(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 prompt_chunk: int = 256) -> torch.Tensor:
+                 prompt_chunk: int = 256, vocab_limit: int | None = None) -> torch.Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T). The prompt is consumed in parallel
-        chunks, then each new token costs one recurrent step, whatever the context length."""
+        chunks, then each new token costs one recurrent step, whatever the context length.
+        vocab_limit: sample only ids below it (the tokenizer's; vocab_size may be padded)."""
         config = self.config
         B, T = idx.shape
         states = [torch.zeros(config.n_head, B, config.n_latent, config.n_embd, device=idx.device,
@@ -357,7 +358,7 @@ class BDH(nn.Module):
             h = advance(idx[:, t0:t0 + prompt_chunk], t0)
         out = [idx]
         for t in range(T, T + max_new_tokens):
-            token = self.sample_next(h[:, -1] @ self.lm_head, temperature, top_k, generator)
+            token = self.sample_next(h[:, -1] @ self.lm_head[:, :vocab_limit], temperature, top_k, generator)
             out.append(token)
             if t + 1 < T + max_new_tokens:
                 h = advance(token, t)

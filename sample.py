@@ -3,7 +3,7 @@
     python sample.py --checkpoint PATH [--prompt TEXT] [--max-new-tokens N] [--temperature T]
                      [--top-k K] [--seed S] [--device auto|cpu|cuda|mps] [--4bit]
 
-The model shape comes from the checkpoint. Without a prompt, generation starts at a document
+The model shape and the tokenizer come from the checkpoint. Without a prompt, generation starts at a document
 boundary (the separator token). --4bit keeps encoder, encoder_v and decoder as 4-bit codes (the
 checkpoint's low_precision.quantization_type and use_double_quant) and dequantizes them once per
 generate call: the model a use_4bit run trained for.
@@ -16,7 +16,7 @@ import torch
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from lowbit import LowBitError, to_4bit
 from runtime import DeviceError, pick_device
-from tokenizer import ByteTokenizer
+from tokenizer import TokenizerError, tokenizer_from_string
 
 
 def main(argv=None) -> int:
@@ -41,6 +41,7 @@ def main(argv=None) -> int:
             raise DeviceError("--4bit: bitsandbytes' 4-bit quantization runs on cpu or cuda; add --device cpu")
         ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint, args.checkpoint_dir, setting="--checkpoint"))
         model = model_from_checkpoint(ckpt).to(device).eval()
+        tokenizer = tokenizer_from_string(ckpt.tokenizer)
         if args.four_bit:
             low_precision = ckpt.low_precision()
             quant_type = low_precision.get("quantization_type", "nf4")
@@ -49,16 +50,15 @@ def main(argv=None) -> int:
             print(f"4-bit weights ({quant_type}{', double quant' if double_quant else ''}): model "
                   f"{after / 2**20:.2f} MiB, float32 {before / 2**20:.2f} MiB (1/{before / after:.1f})",
                   file=sys.stderr)
-    except (CheckpointError, DeviceError, LowBitError) as e:
+    except (CheckpointError, DeviceError, LowBitError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-    tokenizer = ByteTokenizer()
     prompt = tokenizer.encode(args.prompt) or [tokenizer.separator]
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         generator=generator)
+                         generator=generator, vocab_limit=tokenizer.vocab_size)
     start = len(prompt) if not args.prompt else 0  # don't print the synthetic separator
     print(tokenizer.decode(out[0, start:].tolist()))
     return 0

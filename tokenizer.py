@@ -1,12 +1,32 @@
-"""What a token is: the one place that turns text into token ids and back.
+"""What a token is: the one place that turns text into token ids and back (dataset.tokenizer).
 
-ByteTokenizer: the tokens are the UTF-8 bytes of the text (vocabulary 256), BDH's reference
-choice. Each document is followed by the separator token (byte 0x00), which marks document
-boundaries and starts generation when there is no prompt. Invalid UTF-8 in the data is taken byte
-for byte; decoding replaces what is not valid UTF-8.
+- `bytes` (the default, BDH's reference choice): the tokens are the UTF-8 bytes of the text,
+  vocabulary 256, and the separator is the byte 0x00.
+- the path of a Hugging Face tokenizer.json, for example the byte-level BPE that
+  `python data.py --train-tokenizer` trains on the user's shards. Its separator is the special
+  token <|endoftext|>, which the tokenizer must have.
+
+Each document is followed by the separator, which marks document boundaries and starts generation
+when there is no prompt. Document text never produces the separator (a literal "<|endoftext|>"
+in the text is encoded as ordinary text). Invalid UTF-8 in the data is taken byte for byte by
+`bytes` and replaced by U+FFFD for a tokenizer.json; decoding replaces what is not valid UTF-8.
+
+Bits per byte: every token has a byte length (token_bytes): the number of UTF-8 bytes it decodes
+to, and 1 for the separator, as for the separator byte of `bytes`. So a model's validation loss in
+bits per byte compares across vocabularies, and for `bytes` it is the loss / ln 2.
 """
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+
+SEPARATOR_TOKEN = "<|endoftext|>"
+
+
+class TokenizerError(Exception):
+    pass
 
 
 class ByteTokenizer:
@@ -14,6 +34,7 @@ class ByteTokenizer:
     vocab_size = 256
     separator = 0
     dtype = np.uint8  # of the token streams
+    token_bytes = np.ones(256, dtype=np.int64)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -33,3 +54,108 @@ class ByteTokenizer:
         out[is_text] = data
         out[ends] = self.separator
         return out
+
+    def to_str(self) -> str:
+        return "bytes"
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json (the `tokenizers` library). Encodes in batches
+    (encode_batch_fast), one thread per process: the DataLoader workers are the parallelism, and
+    tokenizers' thread pool would not survive their fork."""
+
+    def __init__(self, json_text: str, name: str):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from tokenizers import Tokenizer
+        try:
+            self.tok = Tokenizer.from_str(json_text)
+        except Exception as e:
+            raise TokenizerError(f"{name}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})")
+        self.json, self.name = self.tok.to_str(), name
+        self.tok.encode_special_tokens = True  # text never turns into special tokens (not saved in the json)
+        self.separator = self.tok.token_to_id(SEPARATOR_TOKEN)
+        if self.separator is None:
+            raise TokenizerError(f"{name}: the tokenizer has no {SEPARATOR_TOKEN} token, which separates "
+                                 f"documents; add it as a special token, or train one with "
+                                 f"python data.py --train-tokenizer")
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1
+        self.dtype = np.uint16 if self.vocab_size <= 2**16 else np.uint32
+        self.token_bytes = self._byte_lengths(vocab)
+
+    def __reduce__(self):  # DataLoader workers started by spawn rebuild it from the json
+        return HFTokenizer, (self.json, self.name)
+
+    def _byte_lengths(self, vocab: dict) -> np.ndarray:
+        """A byte-level BPE writes each byte of a token as one character of its 256-character
+        alphabet, so its length is its number of characters; other tokens are decoded."""
+        from tokenizers.pre_tokenizers import ByteLevel
+        alphabet = set(ByteLevel.alphabet())
+        byte_level = json.loads(self.json).get("decoder", {}) or {}
+        byte_level = byte_level.get("type") == "ByteLevel"
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, i in vocab.items():
+            if byte_level and alphabet.issuperset(token):
+                lengths[i] = len(token)
+            else:
+                lengths[i] = len(self.tok.decode([i], skip_special_tokens=False).encode("utf-8"))
+        lengths[self.separator] = 1
+        return lengths
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(t) for t in ids], skip_special_tokens=False)
+
+    def encode_documents(self, docs: pa.Array) -> np.ndarray:
+        texts = [doc.decode("utf-8", errors="replace") for doc in docs.to_pylist()]
+        encodings = self.tok.encode_batch_fast(texts, add_special_tokens=False)
+        ends = np.cumsum([len(e.ids) + 1 for e in encodings])
+        out = np.empty(ends[-1] if len(ends) else 0, dtype=self.dtype)
+        for encoding, end in zip(encodings, ends):
+            out[end - 1 - len(encoding.ids):end - 1] = encoding.ids
+        out[ends - 1] = self.separator
+        return out
+
+    def to_str(self) -> str:
+        return self.json
+
+
+def load_tokenizer(spec: str, setting: str = "dataset.tokenizer"):
+    """`bytes`, or the path of a tokenizer.json."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    try:
+        text = Path(spec).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise TokenizerError(f"{setting}: cannot read {spec} ({why}); give the path of a tokenizer.json "
+                             f"(python data.py --train-tokenizer writes one) or bytes")
+    return HFTokenizer(text, spec)
+
+
+def tokenizer_from_string(saved: str):
+    """The tokenizer a checkpoint carries (Tokenizer.to_str())."""
+    return ByteTokenizer() if saved == "bytes" else HFTokenizer(saved, "the checkpoint's tokenizer")
+
+
+def check_vocab_size(tokenizer, vocab_size: int):
+    if vocab_size < tokenizer.vocab_size:
+        rounded = -(-tokenizer.vocab_size // 64) * 64
+        raise TokenizerError(f"model.vocab_size {vocab_size} is smaller than the {tokenizer.vocab_size:,} tokens "
+                             f"of dataset.tokenizer {tokenizer.name}; set model.vocab_size={rounded} (its size "
+                             f"rounded up to a multiple of 64)")
+
+
+def train_bpe(texts, vocab_size: int) -> str:
+    """A byte-level BPE of vocab_size tokens (the 256 bytes, <|endoftext|>, merges) trained on
+    the texts (an iterator of strings); returns its tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[SEPARATOR_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok.to_str()

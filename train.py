@@ -31,7 +31,7 @@ from lowbit import AdamW4bit, LowBitError, adamw_state_bytes, convert_adamw_stat
 from model import BDH
 from runtime import DeviceError, autocast, pick_device, steady_host_memory
 from shards import ShardError, ensure_sample_corpus
-from tokenizer import ByteTokenizer
+from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
 
 SAMPLE_TOKENS = 200
 
@@ -63,12 +63,16 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
     torch.manual_seed(training.seed)
 
     # ---- data
-    tokenizer = ByteTokenizer()
+    tokenizer = load_tokenizer(cfg.dataset.tokenizer)
+    check_vocab_size(tokenizer, cfg.model.vocab_size)
     if ranks.local_rank == 0:
         ensure_sample_corpus(cfg)
     ranks.barrier()
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
     val_batches = validation_batches(cfg, units, tokenizer)
+    # bits per byte: the validation targets' total nats / ln 2 / the UTF-8 bytes they decode to
+    val_tokens = sum(y.numel() for _, y in val_batches)
+    val_bytes = sum(int(tokenizer.token_bytes[y.numpy()].sum()) for _, y in val_batches)
     workers = loader_workers(cfg, units, ranks.world_size)
 
     # ---- model and optimizer
@@ -94,7 +98,8 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
         print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
     run, progress, start_positions, first_epoch = RunDir(training.checkpoint_dir, writer=ranks.main), Progress(), [], 0
     if training.resume_from_checkpoint:
-        run, progress, start_positions, first_epoch = resume(cfg, raw_model, optimizer, scaler, workers, ranks, device)
+        run, progress, start_positions, first_epoch = resume(cfg, raw_model, optimizer, scaler, tokenizer, workers,
+                                                             ranks, device)
         if progress.step >= training.max_iters:
             print(f"nothing to do: the checkpoint is at step {progress.step} and training.max_iters is "
                   f"{training.max_iters}; raise max_iters to train further")
@@ -174,11 +179,14 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
         if step % training.test_freq == 0 or step == training.max_iters:
             raw_model.weight_view = qat_view
             val_loss, sample = evaluate(raw_model, val_batches, device, compute, sample_generator, ranks, tokenizer)
-            print(f"step {step}: val loss {val_loss:.4f}\n--- sample ---\n{sample}\n--------------", flush=True)
-            run.log({"step": step, "val_loss": val_loss, "sample": sample})
+            bits_per_byte = val_loss * val_tokens / val_bytes / math.log(2)
+            print(f"step {step}: val loss {val_loss:.4f} | {bits_per_byte:.4f} bits/byte\n--- sample ---\n{sample}\n"
+                  f"--------------", flush=True)
+            run.log({"step": step, "val_loss": val_loss, "val_bits_per_byte": bits_per_byte, "sample": sample})
             if val_loss < progress.best_val_loss:
                 progress.best_val_loss = val_loss
-                path = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, name="best.pt")
+                path = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer,
+                            name="best.pt")
                 print(f"saved {path} (best validation loss so far)", flush=True)
             last_log = time.perf_counter()  # evaluation time is not training time
 
@@ -187,7 +195,7 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
             finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
             if ranks.any(not finite, device):
                 raise non_finite("a weight", step, progress.last_saved)
-            progress.last_saved = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device)
+            progress.last_saved = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer)
             run.prune(training.keep_last_n)
             print(f"saved {progress.last_saved}", flush=True)
             last_log = time.perf_counter()
@@ -214,13 +222,17 @@ def make_optimizer(model: BDH, cfg, device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def resume(cfg, model, optimizer, scaler, workers, ranks, device):
+def resume(cfg, model, optimizer, scaler, tokenizer, workers, ranks, device):
     """Load the checkpoint of training.resume_from_checkpoint into the model, optimizer and
     scaler; returns (its run directory, Progress, the data stream's start positions, first epoch)."""
     low_precision = cfg.low_precision
     path = resolve_checkpoint(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir)
     ckpt = load_checkpoint(path)
     check_same_model(ckpt, cfg.model, path)
+    if ckpt.tokenizer != tokenizer.to_str():
+        trained_with = "bytes" if ckpt.tokenizer == "bytes" else "another tokenizer.json"
+        raise CheckpointError(f"{path}: the checkpoint was trained with {trained_with}, not dataset.tokenizer "
+                              f"{tokenizer.name}; set dataset.tokenizer as in the run's config.yaml, or start a new run")
     optimizer_state = optimizer_state_for(optimizer, ckpt.optimizer, {p: name for name, p in model.named_parameters()})
     if ckpt.low_precision()["use_4bit_optimizer"] != low_precision.use_4bit_optimizer:
         print(f"converting the checkpoint's optimizer state to "
@@ -329,12 +341,13 @@ def evaluate(model, val_batches, device, compute, generator, ranks: Ranks, token
     prompt = val_batches[0][0][:1, :32].to(device)
     generator.manual_seed(0)
     with compute, full_weights(model, ranks):
-        out = model.generate(prompt, SAMPLE_TOKENS, temperature=0.8, top_k=None, generator=generator)
+        out = model.generate(prompt, SAMPLE_TOKENS, temperature=0.8, top_k=None, generator=generator,
+                             vocab_limit=tokenizer.vocab_size)
     model.train()
     return loss_sum / count, tokenizer.decode(out[0].tolist())
 
 
-def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, name=None) -> Path:
+def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=None) -> Path:
     """Every rank takes part (positions and RNG states are gathered, FSDP gathers weights); rank 0
     writes. Returns rank 0's path on every rank."""
     model_state, optimizer_state = full_state(model, optimizer)
@@ -343,7 +356,7 @@ def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, nam
     ckpt = Checkpoint(step=progress.step, model=model_state, model_config=asdict(cfg.model), config=cfg.to_dict(),
                       optimizer=optimizer_state, scaler=scaler.state_dict(), best_val_loss=progress.best_val_loss,
                       rng=ranks.gather(rng_state(device)), data_order=order, data_positions=positions,
-                      batches_consumed=progress.batches_consumed)
+                      batches_consumed=progress.batches_consumed, tokenizer=tokenizer.to_str())
     return ranks.gather(run.save(ckpt, cfg.to_yaml(), name))[0]
 
 
@@ -388,8 +401,8 @@ def main(argv=None) -> int:
     try:
         ranks, device = start(cfg, pick_device(cfg.training.device))
         return train(cfg, args.config, ranks, device)
-    except (DataError, ShardError, CheckpointError, TrainingError, DeviceError, DistributedError, FP8Error,
-            LowBitError) as e:
+    except (DataError, ShardError, TokenizerError, CheckpointError, TrainingError, DeviceError, DistributedError,
+            FP8Error, LowBitError) as e:
         rank = f" (rank {ranks.rank})" if ranks.enabled else ""
         print(f"error{rank}: {one_line(e)}", file=sys.stderr)
         return 1

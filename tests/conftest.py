@@ -45,9 +45,10 @@ def tiny_config_dict(tmp_path, data_dir, **training):
     }
 
 
-def write_config(tmp_path, corpus, name="exp.yaml", model=None, **training):
+def write_config(tmp_path, corpus, name="exp.yaml", model=None, dataset=None, **training):
     raw = tiny_config_dict(tmp_path, corpus, **training)
     raw["model"].update(model or {})
+    raw["dataset"].update(dataset or {})
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -56,3 +57,18 @@ def write_config(tmp_path, corpus, name="exp.yaml", model=None, **training):
 @pytest.fixture
 def corpus(tmp_path):
     return make_corpus(tmp_path / "data", n_files=3, docs_per_file=40, rows_per_group=8, doc_len=60)
+
+
+@pytest.fixture(scope="session")
+def bpe_json():
+    """A 320-token byte-level BPE trained on text like make_corpus's documents."""
+    from tokenizer import train_bpe
+    texts = [f"<{f:02d}-{r:03d}>" + "abcdefghij" * 6 + " some words, and more words." for f in range(3) for r in range(40)]
+    return train_bpe(iter(texts), 320)
+
+
+@pytest.fixture
+def bpe_file(tmp_path, bpe_json):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(bpe_json)
+    return path

@@ -10,25 +10,36 @@ import torch
 from torch.utils.data import DataLoader
 
 import data
-from conftest import make_corpus, write_parquet
+from config import Config
+from conftest import make_corpus, write_config, write_parquet
 from data import (DataError, ParquetBatches, ParquetFileCache, assign_units, list_units, read_unit_tokens,
                   validation_mask)
-from tokenizer import ByteTokenizer
+from tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 BYTES = ByteTokenizer()
 
 
-def batches_of(units, split="train", T=16, B=2, seed=0, val_fraction=0.2, max_cached=4):
-    return ParquetBatches(units, split, T, B, seed, val_fraction, "text", max_cached, BYTES)
+@pytest.fixture(params=["bytes", "bpe"])
+def tokenizer(request, bpe_json):
+    """The tests that take it run with byte tokens and with a byte-level BPE."""
+    return BYTES if request.param == "bytes" else HFTokenizer(bpe_json, "bpe")
 
 
-def split_stream(units, split, seed=0, val_fraction=0.2):
+def batches_of(units, split="train", T=16, B=2, seed=0, val_fraction=0.2, max_cached=4, tokenizer=BYTES):
+    return ParquetBatches(units, split, T, B, seed, val_fraction, "text", max_cached, tokenizer)
+
+
+def split_stream(units, split, seed=0, val_fraction=0.2, tokenizer=BYTES):
     cache = ParquetFileCache(8)
-    return np.concatenate([read_unit_tokens(cache, u, "text", split, seed, val_fraction, BYTES) for u in units])
+    return np.concatenate([read_unit_tokens(cache, u, "text", split, seed, val_fraction, tokenizer) for u in units])
 
 
-def window_text(x, y):
-    return bytes(torch.cat([x, y[-1:]]).tolist())
+def window_text(x, y, tokenizer):
+    return text_of(torch.cat([x, y[-1:]]).tolist(), tokenizer)
+
+
+def text_of(tokens, tokenizer):
+    return tokenizer.decode(tokens).encode()
 
 
 def test_units_are_listed_recursively_and_sorted(tmp_path):
@@ -65,14 +76,14 @@ def test_invalid_utf8_bytes_are_taken_as_they_are(tmp_path):
     assert bytes(tokens) == b"ok\xff\xfe\x00"
 
 
-def test_epoch_windows_partition_the_reader_stream(corpus):
+def test_epoch_windows_partition_the_reader_stream(corpus, tokenizer):
     units = list_units(corpus, "text")
     T, B = 16, 2
-    ds = batches_of(units, T=T, B=B)
+    ds = batches_of(units, T=T, B=B, tokenizer=tokenizer)
     dropped = 0
     for reader in range(2):
         mine = assign_units(units, 0, 0, 2, shuffle=True)[reader]
-        stream = split_stream(mine, "train")
+        stream = split_stream(mine, "train", tokenizer=tokenizer)
         got = collections.Counter()
         n = 0
         for x, y, _ in ds.epoch_batches(ParquetFileCache(4), reader, 2, epoch=0):
@@ -88,27 +99,27 @@ def test_epoch_windows_partition_the_reader_stream(corpus):
     assert dropped < 2 * ((B + 1) * T + 1)
 
 
-def test_validation_stream_is_exact_and_repeatable(corpus):
+def test_validation_stream_is_exact_and_repeatable(corpus, tokenizer):
     units = list_units(corpus, "text")
     T = 16
-    stream = split_stream(units, "val")
-    first = list(batches_of(units, split="val", T=T, B=1))
+    stream = split_stream(units, "val", tokenizer=tokenizer)
+    first = list(batches_of(units, split="val", T=T, B=1, tokenizer=tokenizer))
     rebuilt = np.concatenate([x[0].numpy() for x, _, _ in first] + [first[-1][1][0, -1:].numpy()])
     assert np.array_equal(rebuilt, stream[: len(rebuilt)])
     assert len(stream) - len(rebuilt) < T + 1
-    second = list(batches_of(units, split="val", T=T, B=1))
+    second = list(batches_of(units, split="val", T=T, B=1, tokenizer=tokenizer))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
 
 
-def test_validation_documents_never_appear_in_training(corpus):
+def test_validation_documents_never_appear_in_training(corpus, tokenizer):
     units = list_units(corpus, "text")
-    val_heads = set(re.findall(rb"<\d\d-\d\d\d>", bytes(split_stream(units, "val"))))
-    train_heads = set(re.findall(rb"<\d\d-\d\d\d>", bytes(split_stream(units, "train"))))
+    val_heads = set(re.findall(rb"<\d\d-\d\d\d>", text_of(split_stream(units, "val", tokenizer=tokenizer), tokenizer)))
+    train_heads = set(re.findall(rb"<\d\d-\d\d\d>", text_of(split_stream(units, "train", tokenizer=tokenizer), tokenizer)))
     assert val_heads and train_heads and not (val_heads & train_heads)
     assert len(val_heads | train_heads) == 3 * 40
     assert 0.05 < len(val_heads) / 120 < 0.4  # val_fraction 0.2
-    ds = batches_of(units, T=32, B=1)
-    seen = b"".join(window_text(x[0], y[0]) for x, y, _ in ds.epoch_batches(ParquetFileCache(4), 0, 1, 0))
+    ds = batches_of(units, T=32, B=1, tokenizer=tokenizer)
+    seen = b"".join(window_text(x[0], y[0], tokenizer) for x, y, _ in ds.epoch_batches(ParquetFileCache(4), 0, 1, 0))
     assert not (set(re.findall(rb"<\d\d-\d\d\d>", seen)) & val_heads)
 
 
@@ -119,8 +130,8 @@ def test_split_depends_on_the_seed_only():
     assert 50 < validation_mask(u, 1, 0.1).sum() < 150
 
 
-def loader_batches(units, num_workers, n):
-    loader = DataLoader(batches_of(units), batch_size=None, num_workers=num_workers)
+def loader_batches(units, num_workers, n, tokenizer=BYTES):
+    loader = DataLoader(batches_of(units, tokenizer=tokenizer), batch_size=None, num_workers=num_workers)
     it = iter(loader)
     return [next(it) for _ in range(n)]
 
@@ -222,9 +233,9 @@ def test_too_little_training_data_is_an_error_not_a_hang(tmp_path):
         next(iter(ds))
 
 
-def test_a_saved_position_continues_the_same_batches(corpus):
+def test_a_saved_position_continues_the_same_batches(corpus, tokenizer):
     units = list_units(corpus, "text")
-    ds = batches_of(units, T=16, B=3)
+    ds = batches_of(units, T=16, B=2, tokenizer=tokenizer)
     cache = ParquetFileCache(4)
     full = list(ds.epoch_batches(cache, 1, 2, epoch=2))
     assert len(full) > 6
@@ -235,14 +246,14 @@ def test_a_saved_position_continues_the_same_batches(corpus):
         assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, full[k + 1:]))
 
 
-def test_dataloader_resumes_with_the_worker_whose_batch_was_due(corpus):
+def test_dataloader_resumes_with_the_worker_whose_batch_was_due(corpus, tokenizer):
     units = list_units(corpus, "text")
-    straight = loader_batches(units, 2, 10)
+    straight = loader_batches(units, 2, 10, tokenizer)
     consumed = 5  # the next batch comes from reader 5 % 2 = 1
     positions = {}
     for _, _, p in straight[:consumed]:
         positions[p["reader"]] = p
-    ds = ParquetBatches(units, "train", 16, 2, 0, 0.2, "text", 4, BYTES, positions=list(positions.values()),
+    ds = ParquetBatches(units, "train", 16, 2, 0, 0.2, "text", 4, tokenizer, positions=list(positions.values()),
                         rotation=consumed % 2)
     it = iter(DataLoader(ds, batch_size=None, num_workers=2))
     resumed = [next(it) for _ in range(5)]
@@ -260,3 +271,26 @@ def test_from_text_command_writes_shards_that_read_back_to_the_files(tmp_path):
     docs = [d.as_py() for u in units
             for d in cache.get(u.path).read_row_group(u.row_group, columns=["text"]).column(0)]
     assert "".join(docs) == a.read_text() + b.read_text()
+
+
+def test_train_tokenizer_command_learns_from_the_training_split_only(tmp_path, corpus, capsys):
+    config = write_config(tmp_path, corpus)
+    out = tmp_path / "tok" / "tokenizer.json"
+    assert data.main(["--train-tokenizer", "--vocab-size", "300", "--out", str(out), "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "read " in printed and "(100%)" in printed  # the progress line
+    assert f"dataset.tokenizer={out} model.vocab_size=320" in printed
+    tokenizer = load_tokenizer(str(out))
+    assert tokenizer.vocab_size == 300 and tokenizer.decode(tokenizer.encode("<01-002>abc")) == "<01-002>abc"
+    cfg = Config.from_yaml(config)
+    units = list_units(corpus, "text")
+    heads = {text[:8] for text in data.training_texts(cfg, units)}
+    train_heads = set(re.findall(r"<\d\d-\d\d\d>", BYTES.decode(split_stream(units, "train", 1337, 0.2))))
+    assert heads == train_heads and len(heads) < 120
+
+
+def test_train_tokenizer_refuses_a_vocabulary_without_merges(tmp_path, corpus, capsys):
+    config = write_config(tmp_path, corpus)
+    assert data.main(["--train-tokenizer", "--vocab-size", "257", "--out", str(tmp_path / "t.json"),
+                      "--config", str(config)]) == 1
+    assert "--vocab-size 257: a byte-level BPE needs at least 258 tokens" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """train.py end to end: the run directory, resume (exact, also after kill -9), signals, errors."""
 import contextlib
 import json
+import math
 import random
 import signal
 import subprocess
@@ -12,11 +13,13 @@ import torch
 import yaml
 
 import checkpoint
+import sample
 import train
 from checkpoint import checkpoints_in, load_checkpoint, resolve_checkpoint
 from config import Config
 from conftest import ROOT, write_config
-from tokenizer import ByteTokenizer
+from data import list_units, validation_batches
+from tokenizer import ByteTokenizer, load_tokenizer
 
 
 def run_dirs(tmp_path):
@@ -207,6 +210,58 @@ def test_evaluation_builds_no_autograd_graph():
     assert grad_modes == [False] and loss > 0 and model.training
 
 
+
+def validation_bytes_and_tokens(path):
+    cfg = Config.from_yaml(path)
+    tokenizer = load_tokenizer(cfg.dataset.tokenizer)
+    batches = validation_batches(cfg, list_units(cfg.dataset.parquet_dir, "text"), tokenizer)
+    targets = [row.tolist() for _, y in batches for row in y]
+    separators = sum(t.count(tokenizer.separator) for t in targets)  # one byte each, as 0x00 is for bytes
+    text = [[token for token in t if token != tokenizer.separator] for t in targets]
+    return sum(len(tokenizer.decode(t).encode()) for t in text) + separators, sum(len(t) for t in targets)
+
+
+def test_bits_per_byte_is_the_loss_over_the_bytes_of_the_targets(tmp_path, corpus, bpe_file):
+    for tokens, extra in (("bytes", {}), ("bpe", {"tokenizer": str(bpe_file)})):
+        path = write_config(tmp_path, corpus, f"{tokens}.yaml", max_iters=2, test_freq=2,
+                            checkpoint_dir=str(tmp_path / tokens), model={"vocab_size": 320}, dataset=extra)
+        assert train.main(["--config", str(path)]) == 0
+        [run] = (tmp_path / tokens).iterdir()
+        [record] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+        n_bytes, n_tokens = validation_bytes_and_tokens(path)  # ASCII text: decoding counts the bytes exactly
+        expected = record["val_loss"] * n_tokens / n_bytes / math.log(2)
+        assert record["val_bits_per_byte"] == pytest.approx(expected, rel=1e-9)
+        if tokens == "bytes":
+            assert n_tokens == n_bytes
+        else:
+            assert n_bytes > 1.5 * n_tokens
+
+
+def test_a_bpe_run_resumes_samples_with_its_tokenizer_and_refuses_another(tmp_path, corpus, bpe_file, capsys):
+    path = write_config(tmp_path, corpus, max_iters=2, model={"vocab_size": 320}, dataset={"tokenizer": str(bpe_file)})
+    assert train.main(["--config", str(path)]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    assert load_checkpoint(run / "checkpoint_2.pt").tokenizer == load_tokenizer(str(bpe_file)).to_str()
+    bpe_file.unlink()  # the checkpoint carries its tokenizer
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(run), "--prompt", "<00-", "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out.startswith("<00-")
+    assert train.main(["--config", str(path), "dataset.tokenizer=bytes", "training.resume_from_checkpoint=latest",
+                       "training.max_iters=3"]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint_2.pt: the checkpoint was trained with another tokenizer.json, not dataset.tokenizer bytes" in err
+
+
+@pytest.mark.parametrize("problem,overrides,message", [
+    ("missing", ["dataset.tokenizer=nope.json"], "error: dataset.tokenizer: cannot read nope.json"),
+    ("too small", ["model.vocab_size=256"], "set model.vocab_size=320"),
+])
+def test_tokenizer_problems_stop_before_training_in_one_line(tmp_path, corpus, bpe_file, capsys, problem, overrides, message):
+    path = write_config(tmp_path, corpus, model={"vocab_size": 320}, dataset={"tokenizer": str(bpe_file)})
+    assert train.main(["--config", str(path), *overrides]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "ck").exists()
+
 # ---- exact resume and crash safety, with real processes killed by real signals
 
 def start(config, *overrides):
@@ -235,27 +290,28 @@ def only_run(checkpoint_dir):
 
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_after_sigkill_is_bit_identical(tmp_path, corpus, num_workers):
+@pytest.mark.parametrize("num_workers,tokens", [(0, "bytes"), (2, "bytes"), (2, "bpe")])
+def test_resume_after_sigkill_is_bit_identical(tmp_path, corpus, bpe_file, num_workers, tokens):
     common = dict(max_iters=8, checkpoint_freq=4, test_freq=4, keep_last_n=0)
-    workers = f"dataloader.num_workers={num_workers}"
+    workers = [f"dataloader.num_workers={num_workers}"]
+    if tokens == "bpe":
+        workers += [f"dataset.tokenizer={bpe_file}", "model.vocab_size=320"]
     straight = write_config(tmp_path, corpus, "straight.yaml", checkpoint_dir=str(tmp_path / "a"), **common)
-    finish(straight, workers)
+    finish(straight, *workers)
     killed = write_config(tmp_path, corpus, "killed.yaml", checkpoint_dir=str(tmp_path / "b"), **common)
-    proc = start(killed, workers)
+    proc = start(killed, *workers)
     for line in proc.stdout:
         if line.startswith("saved") and "checkpoint_4.pt" in line:
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    out = finish(killed, workers, "training.resume_from_checkpoint=latest")
+    out = finish(killed, *workers, "training.resume_from_checkpoint=latest")
     assert "resuming from" in out and "at step 5" in out and "WARNING" not in out
     a, b = only_run(tmp_path / "a"), only_run(tmp_path / "b")
     assert losses(a) == losses(b) and sorted(losses(b)) == list(range(1, 9))
     wa, wb = load_checkpoint(a / "checkpoint_8.pt").model, load_checkpoint(b / "checkpoint_8.pt").model
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
 
 
 def test_changing_the_data_order_on_resume_warns(tmp_path, corpus, capsys):
