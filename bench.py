@@ -22,7 +22,8 @@ from config import add_config_arguments, load_config
 from data import list_units, loader_workers, train_loader
 from model import BDH
 from reference import reference_forward
-from runtime import DTYPES, DeviceError, autocast, pick_device, steady_host_memory
+from runtime import (DTYPES, DeviceError, autocast, measured_matmul_flops, peak_memory_bytes, pick_device,
+                     steady_host_memory)
 from shards import ensure_sample_corpus
 from tokenizer import load_tokenizer
 
@@ -53,19 +54,6 @@ def make_step(cfg, device, implementation):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
-
-
-def peak_matmul_flops(device, dtype, n=8192, reps=10) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def bench_training(cfg, device, steps, warmup=2) -> dict:
@@ -113,7 +101,7 @@ def run_memory_probe(cfg, implementation):
     baseline = _current_rss()
     for _ in range(2):
         step(x, x)
-    print(json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": _status_kib("VmHWM") * 1024}))
+    print(json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": peak_memory_bytes(torch.device("cpu"))}))
 
 
 def _current_rss() -> int:
@@ -201,7 +189,7 @@ def main(argv=None) -> int:
     results = {"device": str(device), "config": cfg.to_dict(), "torch": str(torch.__version__)}
     results["training"] = training = bench_training(cfg, device, args.steps)
     if device.type == "cuda":
-        peak = peak_matmul_flops(device, DTYPES[cfg.low_precision.compute_dtype])
+        peak = measured_matmul_flops(device, DTYPES[cfg.low_precision.compute_dtype])
         results["peak_flops"] = peak
         for r in training.values():
             r["mfu"] = r["tokens_per_s"] * cfg.model.training_flops_per_token(cfg.training.block_size) / peak

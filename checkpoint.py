@@ -9,7 +9,6 @@ is saved. Every file is written to a temporary name in the same folder, fsynced 
 crash leaves each checkpoint either complete or absent.
 """
 import dataclasses
-import json
 import math
 import os
 import random
@@ -197,31 +196,14 @@ def flat_diff(old: dict, new: dict, ignore=()) -> list[str]:
 
 
 class RunDir:
-    """The run's folder, created lazily by the first save(). Metrics logged before it exists are
-    kept in memory and written when it is created. Only one process of a run writes
-    (writer=True); for the others every method does nothing."""
+    """The run's folder, created lazily by the first save() (metrics.py writes its records there).
+    Only one process of a run writes (writer=True); for the others every method does nothing."""
 
     def __init__(self, checkpoint_dir: str, path: Path | None = None, writer: bool = True):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.writer = writer
         self.name = time.strftime("run_%Y%m%d_%H%M%S")
         self.path = path
-        self.pending = []
-
-    def log(self, record: dict):
-        if not self.writer:
-            return
-        if self.path is None:
-            self.pending.append(record)
-        else:
-            self._append_metrics([record])
-
-    def _append_metrics(self, records):
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
 
     def _create(self, config_yaml: str):
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -242,9 +224,6 @@ class RunDir:
         try:
             if self.path is None:
                 self._create(config_yaml)
-            if self.pending:
-                self._append_metrics(self.pending)
-                self.pending = []
             target = self.path / (name or f"checkpoint_{ckpt.step}.pt")
             atomic_write(target, lambda f: torch.save(ckpt.to_dict(), f))
         except OSError as e:
@@ -270,22 +249,6 @@ class RunDir:
         if self.writer and keep_last_n > 0 and self.path is not None:
             for old in checkpoints_in(self.path)[:-keep_last_n]:
                 old.unlink(missing_ok=True)
-
-    def truncate_metrics(self, step: int):
-        """On resume: drop records of steps after the checkpoint, which the run will redo."""
-        path = self.path / "metrics.jsonl"
-        if self.writer and path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if _record_step(line) <= step]
-            atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
-
-
-def _record_step(line: str) -> float:
-    """The step of a metrics line; a line torn by a kill mid-append counts as infinitely late."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
 
 
 def clean_stale_temporaries(checkpoint_dir) -> int:

@@ -72,6 +72,15 @@ class LowPrecisionConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "bdh"
+    wandb_entity: typing.Optional[str] = None
+    wandb_run_name: typing.Optional[str] = None
+
+
+@dataclass
 class FP8Config:
     format: str = "hybrid"
     amax_history_len: int = 16
@@ -122,6 +131,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     low_precision: LowPrecisionConfig = field(default_factory=LowPrecisionConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @classmethod
     def from_yaml(cls, path, overrides=()) -> "Config":

@@ -67,8 +67,13 @@ def list_units(parquet_dir, text_column: str) -> list[Unit]:
     if not files:
         raise DataError(f"{root}: no .parquet files found (searched recursively); "
                         f"convert text with `python data.py --from-text FILE --out {root}`")
-    units = []
-    for path in files:
+    units, last_report = [], time.time()
+    if len(files) >= 1000:
+        print(f"checking the footers and schemas of {len(files):,} parquet files in {root} ...", flush=True)
+    for k, path in enumerate(files):
+        if time.time() - last_report > 5:
+            print(f"  {k:,} of {len(files):,} files checked", flush=True)
+            last_report = time.time()
         try:
             meta = pq.read_metadata(path)
             schema = pq.read_schema(path)

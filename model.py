@@ -144,7 +144,7 @@ PLAIN = Matmuls()
 
 
 def layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop=None, dropout=0.0, matmuls=PLAIN,
-                  state=None):
+                  state=None, observe=None):
     """One BDH layer on x (B, T, D), computed head-first: per-head tensors are laid out
     (H, B*T, N), so every weight product is one batched matmul.
 
@@ -155,6 +155,7 @@ def layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop=None, dropout=0
 
     `state` (H, B, N, D), for generation: sum_s rope(a_s) x_sᵀ over the positions before this
     chunk; they add rope(a) @ state to y_kv, and the chunk's own positions are added to the state.
+    `observe(a, b)`, if given, sees the two sparse latents: a (H, B, T, N) and b (H, B*T, N).
     Returns out and what backward needs: a and small tensors."""
     (B, T, D), (H, _, N) = x.shape, encoder.shape
     a = matmuls.product(x.view(1, B * T, D).expand(H, -1, -1), encoder).relu_().view(H, B, T, N)
@@ -164,7 +165,10 @@ def layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop=None, dropout=0
     if state is not None:
         y_kv += r @ state
         state += r.transpose(-1, -2) @ x
-    z = matmuls.product(layer_norm(y_kv).view(H, B * T, D), encoder_v).relu_().mul_(a.view(H, B * T, N))
+    b = matmuls.product(layer_norm(y_kv).view(H, B * T, D), encoder_v).relu_()
+    if observe is not None:
+        observe(a, b)
+    z = b.mul_(a.view(H, B * T, N))
     if drop is not None:
         z.masked_fill_(drop, 0.0)
     m_pre = matmuls.product(z, decoder.view(H, N, D)).sum(0).view(B, T, D)  # concat_heads(z) @ decoder
@@ -237,12 +241,13 @@ class LayerStack(torch.autograd.Function):
     mask as bits and small tensors; with checkpoint, only its input."""
 
     @staticmethod
-    def forward(ctx, x, encoder, encoder_v, decoder, cos, sin, n_layer, dropout, checkpoint, matmuls):
+    def forward(ctx, x, encoder, encoder_v, decoder, cos, sin, n_layer, dropout, checkpoint, matmuls, observe):
         (B, T, _), (H, _, N) = x.shape, encoder.shape
         saved = []
         for _ in range(n_layer):
             drop = torch.rand(H, B * T, N, device=x.device) < dropout if dropout > 0 else None
-            out, layer_saved = layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop, dropout, matmuls)
+            out, layer_saved = layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop, dropout, matmuls,
+                                             observe=observe)
             saved += [x, None if drop is None else pack_bits(drop),
                       *((None,) * 5 if checkpoint else layer_saved)]  # 7 entries per layer
             x = out
@@ -270,7 +275,7 @@ class LayerStack(torch.autograd.Function):
                 grad_x = layer_backward(grad_x, x, encoder, encoder_v, decoder, cos, sin, drop, dropout,
                                         matmuls, layer_saved, grads)
                 del layer_saved
-        return grad_x, grads[0], grads[1], grads[2].view(H * N, D), None, None, None, None, None, None
+        return grad_x, grads[0], grads[1], grads[2].view(H * N, D), None, None, None, None, None, None, None
 
 
 class BDH(nn.Module):
@@ -305,14 +310,16 @@ class BDH(nn.Module):
         weights = (self.encoder, self.encoder_v, self.decoder)
         return weights if self.weight_view is None else self.weight_view(weights)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, observe=None):
+        """Logits (B, T, V) and the loss against targets (None without). observe(a, b) is called
+        by every layer in turn with its sparse latents (layer_forward)."""
         config = self.config
         B, T = idx.shape
         cos, sin = rope_cos_sin(self.rope_freqs, torch.arange(T, device=idx.device))
         dropout, matmuls = (config.dropout, self.matmuls) if self.training else (0.0, PLAIN)
         x = layer_norm(self.embed(idx))  # (B, T, D): one stream shared by all heads
         x = LayerStack.apply(x, *self.layer_weights(), cos, sin, config.n_layer, dropout,
-                             self.activation_checkpointing, matmuls)
+                             self.activation_checkpointing, matmuls, observe)
         logits = x @ self.lm_head
         if targets is None:
             return logits, None

@@ -1,5 +1,8 @@
-"""What every script needs to run on this machine: the device, the compute dtype, host memory."""
+"""What every script needs to run on this machine: the device, the compute dtype, memory, peak FLOP/s."""
 import ctypes
+import resource
+import sys
+import time
 from contextlib import nullcontext
 
 import torch
@@ -40,3 +43,48 @@ def steady_host_memory(cfg, device: torch.device):
             ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
         except (OSError, AttributeError):
             pass  # not glibc
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the most memory tensors have held (max_memory_allocated). Elsewhere: the process's peak
+    resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by a piece of the device name.
+# The first match wins, so the more specific names come first.
+BF16_PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("GH200", 989.4), ("B200", 2250.0),
+                    ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10G", 70.0), ("RTX 4090", 165.2),
+                    ("RTX 3090", 71.0), ("A6000", 154.8))
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s for MFU, where it comes from): the datasheet's dense bf16 figure for a known GPU
+    running bf16 or fp16; otherwise measured once here with large matmuls in that dtype."""
+    name = torch.cuda.get_device_name(device)
+    if dtype in (torch.bfloat16, torch.float16):
+        for key, tflops in BF16_PEAK_TFLOPS:
+            if key in name:
+                return tflops * 1e12, f"{name} datasheet dense bf16 peak {tflops:,.0f} TFLOP/s"
+    measured = measured_matmul_flops(device, dtype)
+    return measured, f"{name} {str(dtype).removeprefix('torch.')} matmul measured at {measured / 1e12:,.0f} TFLOP/s"
+
+
+def measured_matmul_flops(device, dtype, n=8192, reps=10) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)

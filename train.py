@@ -28,8 +28,9 @@ from distributed import (DistributedError, Ranks, communication_failure, full_st
                          gradient_sync, load_full_state, local_tensor, shutdown, start, wrap)
 from fp8 import FP8Error, fp8_matmuls
 from lowbit import AdamW4bit, LowBitError, adamw_state_bytes, convert_adamw_state, quantization_aware_view
+from metrics import MetricsError, MetricsLog
 from model import BDH
-from runtime import DeviceError, autocast, pick_device, steady_host_memory
+from runtime import DTYPES, DeviceError, autocast, peak_flops, peak_memory_bytes, pick_device, steady_host_memory
 from shards import ShardError, ensure_sample_corpus
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
 
@@ -108,7 +109,14 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
         model = torch.compile(model)
 
     # ---- describe the run
+    metrics = MetricsLog(run, cfg, resumed_step=progress.step if training.resume_from_checkpoint else None)
+    flops_per_token = cfg.model.training_flops_per_token(training.block_size)
+    peak, peak_source = peak_flops(device, DTYPES[low_precision.compute_dtype]) if device.type == "cuda" else (0, "")
     print(describe_run(cfg, raw_model, optimizer, ranks, device, len(units), compile_model, fp8_recipe, qat_start))
+    if peak:
+        print(f"MFU against the {peak_source}")
+    if compile_model:
+        print("torch.compile: the first step compiles the model and takes longer", flush=True)
 
     # ---- the training stream
     loader = iter(train_loader(cfg, units, tokenizer, workers, start_positions, progress.batches_consumed,
@@ -118,10 +126,12 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
     order = data_order(cfg, workers, ranks.world_size)
     sample_generator = torch.Generator(device=device)
     stop = GracefulStop(second_signal_stops=not ranks.enabled)
-    model.train()
-    start = last_log = time.perf_counter()
-    loss_sum, loss_count, steps_since_log = torch.zeros((), device=device), 0, 0
     tokens_per_step = training.batch_size * training.block_size * training.gradient_accumulation_steps * ranks.world_size
+    loss_sum, grad_norm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    loss_count, steps_since_log = 0, 0
+    start = interval_start = time.perf_counter()
+    paused = 0.0  # evaluation and checkpoint seconds in this log interval: not training time
+    model.train()
 
     while progress.step < training.max_iters:
         # ---- one optimizer step: gradient accumulation over micro-batches
@@ -145,9 +155,10 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
                 scaler.scale(loss / training.gradient_accumulation_steps).backward()
             loss_sum += loss.detach()
             loss_count += 1
-        if training.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), training.grad_clip)
+        scaler.unscale_(optimizer)
+        # the norm before clipping; max_norm inf leaves the gradients as they are
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), training.grad_clip or math.inf)
+        grad_norm_sum += grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -159,51 +170,65 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
 
         # ---- log
         if step % log_freq == 0 or step == training.max_iters:
-            train_loss = float(ranks.mean(loss_sum / loss_count))
+            train_loss, grad_norm = ranks.mean(torch.stack([loss_sum / loss_count, grad_norm_sum / steps_since_log])).tolist()
             if not math.isfinite(train_loss):
                 raise non_finite("the training loss", step, progress.last_saved)
             now = time.perf_counter()
-            ms = (now - last_log) * 1000 / steps_since_log
-            record = {"step": step, "train_loss": train_loss, "lr": lr,
-                      "tokens_per_s": round(tokens_per_step * 1000 / ms), "ms_per_step": round(ms, 2),
-                      "elapsed_s": round(now - start, 2)}
-            print(f"step {step}/{training.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | "
-                  f"{record['tokens_per_s']:,} tok/s | {ms:.1f} ms/step | elapsed "
-                  f"{format_duration(now - start)} | eta {format_duration(ms * (training.max_iters - step) / 1000)}",
+            seconds_per_step = (now - interval_start - paused) / steps_since_log
+            record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss, "lr": lr,
+                      "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_step / seconds_per_step),
+                      "ms_per_step": round(seconds_per_step * 1000, 2),
+                      "peak_memory_mib": round(peak_memory_bytes(device) / 2**20, 1), "elapsed_s": round(now - start, 2)}
+            mfu = f" | MFU {record.setdefault('mfu', flops_per_token * tokens_per_step / seconds_per_step / peak):.1%}" \
+                if peak else ""
+            print(f"step {step}/{training.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                  f"{record['tokens_per_s']:,} tok/s | {record['ms_per_step']:.1f} ms/step{mfu} | elapsed "
+                  f"{format_duration(now - start)} | eta {format_duration(seconds_per_step * (training.max_iters - step))}",
                   flush=True)
-            run.log(record)
-            loss_count, steps_since_log, last_log = 0, 0, time.perf_counter()
+            metrics.log(record)
+            loss_count, steps_since_log, interval_start, paused = 0, 0, time.perf_counter(), 0.0
             loss_sum.zero_()
+            grad_norm_sum.zero_()
 
         # ---- evaluate
         if step % training.test_freq == 0 or step == training.max_iters:
+            evaluation_start = time.perf_counter()
             raw_model.weight_view = qat_view
-            val_loss, sample = evaluate(raw_model, val_batches, device, compute, sample_generator, ranks, tokenizer)
+            val_loss, sample, sparsity = evaluate(raw_model, val_batches, device, compute, sample_generator, ranks,
+                                                  tokenizer)
             bits_per_byte = val_loss * val_tokens / val_bytes / math.log(2)
-            print(f"step {step}: val loss {val_loss:.4f} | {bits_per_byte:.4f} bits/byte\n--- sample ---\n{sample}\n"
-                  f"--------------", flush=True)
-            run.log({"step": step, "val_loss": val_loss, "val_bits_per_byte": bits_per_byte, "sample": sample})
+            x_active, y_active = (sum(fractions) / len(fractions) for fractions in sparsity)
+            print(f"step {step}: val loss {val_loss:.4f} | {bits_per_byte:.4f} bits/byte | active latents: x "
+                  f"{x_active:.1%}, y {y_active:.1%} (mean over layers)\n--- sample ---\n{sample}\n--------------",
+                  flush=True)
+            metrics.log({"step": step, "tokens": step * tokens_per_step, "val_loss": val_loss,
+                         "val_bits_per_byte": bits_per_byte, "sparsity_x": sparsity[0], "sparsity_y": sparsity[1],
+                         "sample": sample})
             if val_loss < progress.best_val_loss:
                 progress.best_val_loss = val_loss
                 path = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer,
                             name="best.pt")
                 print(f"saved {path} (best validation loss so far)", flush=True)
-            last_log = time.perf_counter()  # evaluation time is not training time
+            paused += time.perf_counter() - evaluation_start
 
         # ---- checkpoint
         if step % training.checkpoint_freq == 0 or step == training.max_iters or stopping:
+            checkpoint_start = time.perf_counter()
             finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
             if ranks.any(not finite, device):
                 raise non_finite("a weight", step, progress.last_saved)
             progress.last_saved = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer)
             run.prune(training.keep_last_n)
+            metrics.flush()  # the first checkpoint creates the run directory: what waited is written now
             print(f"saved {progress.last_saved}", flush=True)
-            last_log = time.perf_counter()
+            paused += time.perf_counter() - checkpoint_start
         if stopping:
+            metrics.close()
             print(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. Resume "
                   f"with:\n  {launcher(ranks)}train.py --config {config_path} "
                   f"training.resume_from_checkpoint={progress.last_saved}")
             return 0
+    metrics.close()
     print(f"done: {progress.step} steps in {format_duration(time.perf_counter() - start)}; "
           f"final checkpoint {progress.last_saved}")
     return 0
@@ -251,7 +276,6 @@ def resume(cfg, model, optimizer, scaler, tokenizer, workers, ranks, device):
         progress.best_val_loss = math.inf
         print("validation losses now measure other weights (use_4bit or its code book changed): best.pt starts afresh")
     run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
-    run.truncate_metrics(ckpt.step)
     print(f"resuming from {path} at step {ckpt.step + 1}")
     for line in run.record_resumed_config(ckpt.step, cfg.to_dict(), cfg.to_yaml()):
         print(f"  config changed: {line}")
@@ -323,28 +347,41 @@ def learning_rate(step: int, training) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, val_batches, device, compute, generator, ranks: Ranks, tokenizer) -> tuple[float, str]:
-    """Mean validation loss and a sample continuing the first validation window. Rank r takes
-    batches r, r + world_size, ...; every rank runs as many forwards (FSDP gathers weights in
-    each), a rank short of a batch repeats the first one and does not count it. Runs the
-    uncompiled model: eval mode and generation lengths would each trigger a recompile."""
+def evaluate(model, val_batches, device, compute, generator, ranks: Ranks, tokenizer):
+    """(mean validation loss, a sample continuing the first validation window, the fractions of
+    the x and y latents that are non-zero, per layer). Rank r takes batches r, r + world_size, ...;
+    every rank runs as many forwards (FSDP gathers weights in each), a rank short of a batch
+    repeats the first one and does not count it. Runs the uncompiled model: eval mode and
+    generation lengths would each trigger a recompile."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, batches
+    active = torch.zeros(model.config.n_layer, 3, dtype=torch.float64, device=device)  # x, y non-zero; elements
+    layers = []
+
+    def count_active(a, b):  # called by each layer in turn
+        layer = active[len(layers) % len(active)]
+        layer[0] += (a > 0).sum()
+        layer[1] += (b > 0).sum()
+        layer[2] += a.numel()
+        layers.append(layer)
+
     for i in range(math.ceil(len(val_batches) / ranks.world_size)):
         k = ranks.rank + i * ranks.world_size
         x, y = val_batches[k if k < len(val_batches) else 0]
         with compute:
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(x.to(device), y.to(device), observe=count_active if k < len(val_batches) else None)
         if k < len(val_batches):
             totals += torch.stack([loss.double(), loss.new_ones((), dtype=torch.float64)])
     loss_sum, count = ranks.total(totals).tolist()
+    active = ranks.total(active)
+    sparsity = ((active[:, 0] / active[:, 2]).tolist(), (active[:, 1] / active[:, 2]).tolist())
     prompt = val_batches[0][0][:1, :32].to(device)
     generator.manual_seed(0)
     with compute, full_weights(model, ranks):
         out = model.generate(prompt, SAMPLE_TOKENS, temperature=0.8, top_k=None, generator=generator,
                              vocab_limit=tokenizer.vocab_size)
     model.train()
-    return loss_sum / count, tokenizer.decode(out[0].tolist())
+    return loss_sum / count, tokenizer.decode(out[0].tolist()), sparsity
 
 
 def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=None) -> Path:
@@ -401,8 +438,8 @@ def main(argv=None) -> int:
     try:
         ranks, device = start(cfg, pick_device(cfg.training.device))
         return train(cfg, args.config, ranks, device)
-    except (DataError, ShardError, TokenizerError, CheckpointError, TrainingError, DeviceError, DistributedError,
-            FP8Error, LowBitError) as e:
+    except (DataError, ShardError, TokenizerError, CheckpointError, MetricsError, TrainingError, DeviceError,
+            DistributedError, FP8Error, LowBitError) as e:
         rank = f" (rank {ranks.rank})" if ranks.enabled else ""
         print(f"error{rank}: {one_line(e)}", file=sys.stderr)
         return 1

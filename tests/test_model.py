@@ -169,7 +169,7 @@ def test_layer_stack_backward_passes_gradcheck_with_dropout_and_checkpointing():
         for checkpoint in (False, True):
             def stack(x, encoder, encoder_v, decoder):
                 torch.manual_seed(1)  # the same dropout mask at every evaluation
-                return LayerStack.apply(x, encoder, encoder_v, decoder, cos, sin, 2, dropout, checkpoint, PLAIN)
+                return LayerStack.apply(x, encoder, encoder_v, decoder, cos, sin, 2, dropout, checkpoint, PLAIN, None)
             assert torch.autograd.gradcheck(stack, (x, *weights), fast_mode=True)
 
 

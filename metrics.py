@@ -1,0 +1,130 @@
+"""Where a run's numbers go: metrics.jsonl in the run directory (always), TensorBoard event files
+beside it (logging.tensorboard), and Weights & Biases (logging.wandb). Only the process that writes
+the run directory logs (rank 0 under torchrun).
+
+The run directory appears with the first checkpoint: records made before wait in memory and are
+written to metrics.jsonl and TensorBoard then (flush). W&B starts with the run, its files under
+<checkpoint_dir>/wandb/, and its run id is kept in the run directory (wandb_run_id), so a resumed
+run continues the same W&B run. A resume also cuts metrics.jsonl and the TensorBoard curves back to
+the checkpoint's step: the steps after it are trained again and logged once.
+"""
+import importlib.util
+import json
+import math
+import os
+import secrets
+
+from checkpoint import atomic_write
+
+# metrics.jsonl key -> TensorBoard and W&B tag; the per-layer lists get one tag per layer and a mean
+TAGS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+        "tokens_per_s": "speed/tokens_per_s", "ms_per_step": "speed/ms_per_step", "mfu": "speed/mfu",
+        "peak_memory_mib": "memory/peak_mib", "val_loss": "val/loss", "val_bits_per_byte": "val/bits_per_byte"}
+PER_LAYER = {"sparsity_x": "sparsity/x", "sparsity_y": "sparsity/y"}
+
+
+class MetricsError(Exception):
+    pass
+
+
+class MetricsLog:
+    def __init__(self, run, cfg, resumed_step: int | None = None):
+        self.run, self.settings, self.resumed_step = run, cfg.logging, resumed_step
+        self.pending, self.tensorboard, self.wandb = [], None, None
+        if not run.writer:
+            return
+        for enabled, package, setting in ((self.settings.tensorboard, "tensorboard", "logging.tensorboard"),
+                                          (self.settings.wandb, "wandb", "logging.wandb")):
+            if enabled and importlib.util.find_spec(package) is None:
+                raise MetricsError(f"{setting}: the {package} package is not installed; pip install {package} "
+                                   f"(or -r requirements-dev.txt), or set {setting}=false")
+        if resumed_step is not None:
+            self._truncate(resumed_step)
+        if self.settings.wandb:
+            self._start_wandb(cfg)
+
+    def log(self, record: dict):
+        """One record: a step, scalars, per-layer lists, the generated sample."""
+        if self.run.writer:
+            self.pending.append(record)
+            if self.wandb is not None:
+                self.wandb.log(wandb_values(record), step=record["step"])
+            self.flush()
+
+    def flush(self):
+        """Write what waits, once the run directory exists."""
+        if not self.pending or self.run.path is None:
+            return
+        if self.settings.tensorboard and self.tensorboard is None:
+            from torch.utils.tensorboard import SummaryWriter
+            purge = None if self.resumed_step is None else self.resumed_step + 1
+            self.tensorboard = SummaryWriter(str(self.run.path), purge_step=purge)
+        if self.wandb is not None and not (self.run.path / "wandb_run_id").exists():
+            atomic_write(self.run.path / "wandb_run_id", lambda f: f.write(self.wandb.id.encode()))
+        with open(self.run.path / "metrics.jsonl", "a", encoding="utf-8") as f:
+            for record in self.pending:
+                f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tensorboard is not None:
+            for record in self.pending:
+                for tag, value in scalars(record).items():
+                    self.tensorboard.add_scalar(tag, value, record["step"])
+                if "sample" in record:
+                    self.tensorboard.add_text("sample", "    " + record["sample"].replace("\n", "\n    "),
+                                              record["step"])
+            self.tensorboard.flush()
+        self.pending = []
+
+    def close(self):
+        self.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    def _truncate(self, step: int):
+        """Drop the records of steps after `step`, which the resumed run trains again."""
+        path = self.run.path / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _record_step(line) <= step]
+            atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
+
+    def _start_wandb(self, cfg):
+        import wandb
+        id_file = None if self.run.path is None else self.run.path / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file is not None and id_file.exists() else secrets.token_hex(6)
+        folder = self.run.checkpoint_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.wandb = wandb.init(project=self.settings.wandb_project, entity=self.settings.wandb_entity,
+                                    name=self.settings.wandb_run_name or self.run.name, id=run_id, resume="allow",
+                                    dir=str(folder), config=cfg.to_dict())
+        except Exception as e:  # no API key, no network, a bad entity: before training, not hours in
+            raise MetricsError(f"logging.wandb: W&B did not start ({str(e).strip().splitlines()[0]}); run "
+                               f"`wandb login`, set WANDB_MODE=offline, or set logging.wandb=false")
+
+
+def scalars(record: dict) -> dict:
+    """TensorBoard/W&B tag -> number for one record."""
+    out = {tag: record[key] for key, tag in TAGS.items() if record.get(key) is not None}
+    for key, tag in PER_LAYER.items():
+        if key in record:
+            out.update({f"{tag}_layer{i}": v for i, v in enumerate(record[key])})
+            out[f"{tag}_mean"] = sum(record[key]) / len(record[key])
+    return out
+
+
+def wandb_values(record: dict) -> dict:
+    values = scalars(record)
+    if "sample" in record:
+        values["val/sample"] = record["sample"]
+    return values
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics line; a line torn by a kill mid-append counts as infinitely late."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf

@@ -1,0 +1,84 @@
+"""Which latent neurons fire for each token of a prompt, layer by layer: BDH's sparse, positive
+activations as a picture.
+
+    python neurons.py --checkpoint X --prompt TEXT [--out neurons.png] [--max-neurons 400]
+
+One panel per layer shows the x latent a = relu(x @ encoder) of every prompt token (rows) over the
+neurons that fire for at least one of them (columns, the most often active first, at most
+--max-neurons; H*N neurons in all, head-major): white where a neuron is silent, darker the stronger it
+fires. It prints, per layer, the share of the x and y latents (y: b = relu(LN(A x) @ encoder_v)) that is
+non-zero and how many distinct neurons the prompt used.
+"""
+import argparse
+import sys
+
+import torch
+
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from tokenizer import TokenizerError, tokenizer_from_string
+
+
+@torch.no_grad()
+def latents(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the x and y latents of each token, each (T, H*N)."""
+    found = []
+
+    def keep(a, b):  # a: (H, 1, T, N); b: (H, T, N), which the layer then changes in place
+        H, _, T, N = a.shape
+        found.append((a[:, 0].permute(1, 0, 2).reshape(T, H * N).float(),
+                      b.view(H, T, N).permute(1, 0, 2).reshape(T, H * N).float().clone()))
+
+    model.eval()(torch.tensor([ids]), observe=keep)
+    return found
+
+
+def draw(found, labels, out, max_neurons: int):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(found), 1, figsize=(14, 1.2 + 0.22 * len(labels) * len(found)), squeeze=False)
+    for layer, ((a, b), ax) in enumerate(zip(found, axes[:, 0])):
+        firing = (a > 0).sum(0)
+        columns = torch.argsort(firing, descending=True, stable=True)[:min(max_neurons, int((firing > 0).sum()))]
+        ax.imshow(a[:, columns].numpy(), aspect="auto", cmap="Greys", interpolation="nearest")
+        ax.set_yticks(range(len(labels)), labels, fontsize=7, family="monospace")
+        ax.set_xticks([])
+        ax.set_title(f"layer {layer + 1}: x latent {float((a > 0).float().mean()):.1%} active, y latent "
+                     f"{float((b > 0).float().mean()):.1%}; {int((firing > 0).sum()):,} of {a.shape[1]:,} neurons fire "
+                     f"for some token (showing {len(columns):,}, most active first)", fontsize=9, loc="left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint_<step>.pt, a run directory, or latest")
+    parser.add_argument("--checkpoint-dir", default="checkpoints", help="where `latest` looks")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--out", default="neurons.png", help="the PNG to write (default neurons.png)")
+    parser.add_argument("--max-neurons", type=int, default=400, help="columns per layer (default 400)")
+    args = parser.parse_args(argv)
+    try:
+        ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint, args.checkpoint_dir, setting="--checkpoint"))
+        tokenizer = tokenizer_from_string(ckpt.tokenizer)
+    except (CheckpointError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        parser.error("--prompt is empty")
+    found = latents(model_from_checkpoint(ckpt), ids)
+    print(f"{len(ids)} tokens, {found[0][0].shape[1]:,} latent neurons per layer (H*N)")
+    print(f"{'layer':>5} {'x active':>9} {'y active':>9} {'neurons used':>13}")
+    for layer, (a, b) in enumerate(found):
+        print(f"{layer + 1:>5} {float((a > 0).float().mean()):>9.2%} {float((b > 0).float().mean()):>9.2%} "
+              f"{int(((a > 0).sum(0) > 0).sum()):>13,}")
+    labels = [repr(tokenizer.decode([i]))[1:-1].replace(" ", "␣") for i in ids]
+    draw(found, labels, args.out, args.max_neurons)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

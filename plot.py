@@ -1,0 +1,90 @@
+"""Plot runs from their metrics.jsonl: losses against steps and tokens, bits per byte, learning
+rate, activation sparsity. Several runs are overlaid, each under its directory's name.
+
+    python plot.py RUN_DIR [RUN_DIR ...] [--out curves.png]
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class PlotError(Exception):
+    pass
+
+
+def read_metrics(run_dir: Path) -> tuple[list, list]:
+    """(training records, evaluation records) of a run."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise PlotError(f"{run_dir}: no metrics.jsonl; give a run directory (checkpoints/run_YYYYMMDD_HHMMSS)")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            print(f"note: {path}:{n} is not a JSON record (a write cut short?); skipped", file=sys.stderr)
+    train = [r for r in records if "train_loss" in r]
+    evaluations = [r for r in records if "val_loss" in r]
+    if not train and not evaluations:
+        raise PlotError(f"{path}: holds no training or validation records yet")
+    return train, evaluations
+
+
+def plot(run_dirs, out: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [read_metrics(d) for d in run_dirs]
+    names = [Path(d).resolve().name for d in run_dirs]
+    if len(set(names)) < len(names):  # same names in different folders: say which
+        names = [f"{Path(d).resolve().parent.name}/{Path(d).resolve().name}" for d in run_dirs]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    (loss_steps, loss_tokens, bpb), (lr, sparsity, speed) = axes
+    for (train, evaluations), name, color in zip(runs, names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
+        steps = [r["step"] for r in train]
+        val_steps = [r["step"] for r in evaluations]
+        for ax, x, val_x in ((loss_steps, steps, val_steps),
+                             (loss_tokens, [r.get("tokens") for r in train], [r.get("tokens") for r in evaluations])):
+            ax.plot(x, [r["train_loss"] for r in train], color=color, alpha=0.8, label=f"{name} train")
+            ax.plot(val_x, [r["val_loss"] for r in evaluations], "o--", color=color, label=f"{name} validation")
+        if any("val_bits_per_byte" in r for r in evaluations):
+            bpb.plot(val_steps, [r.get("val_bits_per_byte") for r in evaluations], "o-", color=color, label=name)
+        lr.plot(steps, [r["lr"] for r in train], color=color, label=name)
+        speed.plot(steps, [r.get("tokens_per_s") for r in train], color=color, label=name)
+        with_sparsity = [r for r in evaluations if r.get("sparsity_x")]
+        for key, style in (("sparsity_x", "o-"), ("sparsity_y", "s:")):
+            sparsity.plot([r["step"] for r in with_sparsity], [sum(r[key]) / len(r[key]) for r in with_sparsity],
+                          style, color=color, label=f"{name} {key[-1]} latent")
+    titles = (("loss against steps", "step", "loss (nats per token)"),
+              ("loss against tokens", "tokens", "loss (nats per token)"),
+              ("validation bits per byte", "step", "bits per byte"),
+              ("learning rate", "step", "learning rate"),
+              ("active latent neurons (mean over layers)", "step", "fraction non-zero"),
+              ("training speed", "step", "tokens/s"))
+    for ax, (title, xlabel, ylabel) in zip(axes.flat, titles):
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    parser.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
+    args = parser.parse_args(argv)
+    try:
+        plot(args.runs, Path(args.out))
+    except PlotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

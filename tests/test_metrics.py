@@ -1,0 +1,91 @@
+"""metrics.jsonl, TensorBoard and W&B (offline): what a run logs, on resume too, and that logging
+changes nothing about training."""
+import json
+
+import pytest
+import torch
+
+import metrics
+import train
+from checkpoint import load_checkpoint
+from conftest import write_config
+
+TRAIN_TAGS = {"train/loss", "train/lr", "train/grad_norm", "speed/tokens_per_s", "speed/ms_per_step",
+              "memory/peak_mib"}
+VAL_TAGS = {"val/loss", "val/bits_per_byte", "sparsity/x_layer0", "sparsity/x_layer1", "sparsity/y_layer0",
+            "sparsity/y_layer1", "sparsity/x_mean", "sparsity/y_mean"}
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def events(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_tensorboard_holds_the_scalars_and_samples_of_metrics_jsonl(tmp_path, corpus):
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=4)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    logged = events(run)
+    assert TRAIN_TAGS | VAL_TAGS <= set(logged.Tags()["scalars"])
+    train_records = [r for r in records(run) if "train_loss" in r]
+    assert [e.step for e in logged.Scalars("train/loss")] == [1, 2, 3, 4]  # logged before the directory existed too
+    for event, record in zip(logged.Scalars("train/grad_norm"), train_records):
+        assert event.value == pytest.approx(record["grad_norm"], rel=1e-6) and record["grad_norm"] > 0
+    val_records = [r for r in records(run) if "val_loss" in r]
+    assert [e.step for e in logged.Scalars("val/loss")] == [2, 4]
+    for event, record in zip(logged.Scalars("sparsity/x_layer1"), val_records):
+        assert event.value == pytest.approx(record["sparsity_x"][1], rel=1e-6) and 0 < event.value < 1
+    assert [e.step for e in logged.Tensors("sample/text_summary")] == [2, 4]
+    assert all(0 < r["val_bits_per_byte"] and r["tokens"] == r["step"] * 4 * 16 for r in val_records)
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path, corpus):
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, keep_last_n=0)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    first = records(run)
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}"]) == 0
+    assert [r["step"] for r in records(run) if "train_loss" in r] == [1, 2, 3, 4]
+    assert [(r["step"], r["train_loss"]) for r in records(run) if "train_loss" in r] == \
+        [(r["step"], r["train_loss"]) for r in first if "train_loss" in r]  # exact resume
+    assert [e.step for e in events(run).Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_logging_changes_no_loss_and_wandb_offline_holds_the_run(tmp_path, corpus, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, keep_last_n=0)
+    assert train.main(["--config", str(path), "training.checkpoint_dir=" + str(tmp_path / "off"),
+                       "logging.tensorboard=false"]) == 0
+    assert train.main(["--config", str(path), "logging.wandb=true", "logging.wandb_run_name=tiny"]) == 0
+    [off], [on] = (tmp_path / "off").iterdir(), [p for p in (tmp_path / "ck").iterdir() if p.name.startswith("run_")]
+    assert not list(off.glob("events.out.tfevents*")) and list(on.glob("events.out.tfevents*"))
+    assert [r.get("train_loss") for r in records(off)] == [r.get("train_loss") for r in records(on)]
+    weights_off, weights_on = load_checkpoint(off / "checkpoint_4.pt").model, load_checkpoint(on / "checkpoint_4.pt").model
+    assert all(torch.equal(weights_off[k], weights_on[k]) for k in weights_off)
+    run_id = (on / "wandb_run_id").read_text()
+    [offline] = (tmp_path / "ck" / "wandb").glob(f"offline-run-*-{run_id}")
+    # W&B's offline record log (what `wandb sync` uploads) holds each key and its value as JSON text
+    logged = (offline / f"run-{run_id}.wandb").read_bytes()
+    assert all(tag.encode() in logged for tag in TRAIN_TAGS | VAL_TAGS | {"val/sample"})
+    assert json.dumps(records(on)[-1]["val_loss"]).encode() in logged
+    # a resume continues the same W&B run
+    assert train.main(["--config", str(path), "logging.wandb=true", f"training.resume_from_checkpoint={on}",
+                       "training.max_iters=5"]) == 0
+    assert len(list((tmp_path / "ck" / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+
+def test_a_missing_logging_package_stops_before_training(tmp_path, corpus, monkeypatch, capsys):
+    real = metrics.importlib.util.find_spec
+    monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    path = write_config(tmp_path, corpus)
+    assert train.main(["--config", str(path), "logging.wandb=true"]) == 1
+    err = capsys.readouterr().err
+    assert "logging.wandb: the wandb package is not installed; pip install wandb" in err and err.count("\n") == 1
+    assert not (tmp_path / "ck").exists()

@@ -1,0 +1,26 @@
+"""neurons.py: which latent neurons fire for each prompt token."""
+import torch
+
+import neurons
+import train
+from checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import write_config
+
+
+def test_picture_and_figures_of_the_active_neurons(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=2)
+    assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    capsys.readouterr()
+    out = tmp_path / "n.png"
+    assert neurons.main(["--checkpoint", str(run), "--prompt", "<00-001>abc", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.read_bytes().startswith(b"\x89PNG") and "x active" in printed and f"wrote {out}" in printed
+    # the figures are the fractions of non-zero latents: against a direct computation of layer 1
+    model = model_from_checkpoint(load_checkpoint(run / "checkpoint_2.pt")).eval()
+    found = neurons.latents(model, list(b"<00-001>abc"))
+    with torch.no_grad():
+        x = torch.nn.functional.layer_norm(model.embed(torch.tensor(list(b"<00-001>abc"))), (32,), eps=1e-5)
+        a = torch.relu(x @ model.encoder)  # (H, T, N)
+    assert torch.allclose(found[0][0], a.permute(1, 0, 2).reshape(len(x), -1), atol=1e-6)
+    assert f"{float((a > 0).float().mean()):.2%}" in printed.splitlines()[2]

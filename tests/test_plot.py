@@ -1,0 +1,20 @@
+"""plot.py: curves of one or several runs from metrics.jsonl."""
+import plot
+import train
+from conftest import write_config
+
+
+def test_plots_one_and_two_runs_and_refuses_a_folder_without_metrics(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=4)
+    for seed in (1, 2):
+        assert train.main(["--config", str(path), f"training.seed={seed}", "logging.tensorboard=false"]) == 0
+    runs = sorted((tmp_path / "ck").iterdir())
+    assert len(runs) == 2
+    for chosen, out in ((runs[:1], tmp_path / "one.png"), (runs, tmp_path / "two.png")):
+        assert plot.main([*map(str, chosen), "--out", str(out)]) == 0
+        assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 20_000
+    capsys.readouterr()
+    assert plot.main([str(tmp_path), "--out", str(tmp_path / "none.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}: no metrics.jsonl") and err.count("\n") == 1
+    assert not (tmp_path / "none.png").exists()
