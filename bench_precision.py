@@ -40,7 +40,7 @@ VARIANT_SETS = {
 PTQ = "AdamW, then 4-bit weights (post-training)"
 
 
-def train_variant(config_path, overrides, extra, workdir) -> dict:
+def train_variant(config_path, overrides, extra, workdir, log_freq) -> dict:
     checkpoint_dir = Path(workdir) / "checkpoints"
     cmd = [sys.executable, "train.py", "--config", config_path, *overrides, *extra,
            f"training.checkpoint_dir={checkpoint_dir}", "training.keep_last_n=1"]
@@ -48,7 +48,8 @@ def train_variant(config_path, overrides, extra, workdir) -> dict:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     [run] = checkpoint_dir.iterdir()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # the first holds warm-up
+    # full log intervals only (train.py also logs its first steps), and not the first: it holds warm-up
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] % log_freq == 0][1:]
     return {"run": run, "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1],
             "tokens_per_s": statistics.median(rates) if rates else None}
 
@@ -89,7 +90,8 @@ def main(argv=None) -> int:
     variants = results["variants"]
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in VARIANT_SETS[args.set].items():
-            variants[name] = train_variant(args.config, args.overrides, extra, Path(tmp) / name.replace(" ", "_"))
+            variants[name] = train_variant(args.config, args.overrides, extra, Path(tmp) / name.replace(" ", "_"),
+                                           cfg.training.log_freq)
             if name == "AdamW":
                 variants[PTQ] = {"val_loss": final_checkpoint_loss(cfg, variants[name]["run"], four_bit=True)}
             elif name.startswith("4-bit QAT"):  # train.py evaluated its 4-bit weights; these are as trained

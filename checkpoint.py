@@ -13,6 +13,8 @@ import math
 import os
 import random
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch
 import yaml
 
 from model import BDH, BDHConfig
+from runtime import pid_alive
 
 PROJECT_VERSION = "0.3.0"
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
@@ -74,9 +77,16 @@ class Checkpoint:
 
 
 def load_checkpoint(path) -> Checkpoint:
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not magic:
+        raise CheckpointError(f"{path}: not a checkpoint (the file is empty)")
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip, or its legacy pickle format
+        raise CheckpointError(f"{path}: not a checkpoint (not a file written by torch.save)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holds code
+    except Exception as e:  # truncated, or holds code
         if "Weights only load failed" in str(e):
             why = "it holds Python objects, not only tensors and plain data; loading it could run code"
         else:
@@ -86,6 +96,22 @@ def load_checkpoint(path) -> Checkpoint:
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of this project (missing {', '.join(missing)})")
     return Checkpoint.from_dict(state)
+
+
+def open_checkpoint(spec: str, checkpoint_dir: str, setting: str = "training.resume_from_checkpoint"):
+    """(path, Checkpoint) of spec: a checkpoint file, a run directory (its newest checkpoint) or
+    `latest` (the newest checkpoint of the newest run in checkpoint_dir). For a run directory and
+    `latest`, a checkpoint that cannot be read is skipped, with a line saying why, for the next
+    newest. `setting` names the option in errors."""
+    candidates = checkpoint_candidates(spec, checkpoint_dir, setting)
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as e:
+            if len(candidates) == 1 and Path(spec).is_file():
+                raise
+            print(f"skipped {e}")
+    raise CheckpointError(f"{setting}: {spec}: none of its {len(candidates)} checkpoint(s) can be read (see above)")
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> BDH:
@@ -164,25 +190,40 @@ def checkpoints_in(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_checkpoint(spec: str, checkpoint_dir: str, setting: str = "training.resume_from_checkpoint") -> Path:
-    """A checkpoint file, a run directory (its newest checkpoint) or `latest` (the newest
-    checkpoint of the newest run in checkpoint_dir). `setting` names the option in errors."""
+def checkpoint_candidates(spec: str, checkpoint_dir: str, setting: str) -> list[Path]:
+    """The checkpoints spec may mean, newest first (open_checkpoint)."""
     if spec == "latest":
         root = Path(checkpoint_dir)
         runs = sorted(p for p in root.glob("run_*") if p.is_dir() and checkpoints_in(p)) if root.is_dir() else []
         if not runs:
             raise CheckpointError(f"{setting}: latest: no run with a checkpoint in {root}/")
-        return checkpoints_in(runs[-1])[-1]
+        return [path for run in reversed(runs) for path in reversed(checkpoints_in(run))]
     path = Path(spec)
     if path.is_dir():
         found = checkpoints_in(path)
         if not found:
             raise CheckpointError(f"{setting}: {path} holds no checkpoint_<step>.pt")
-        return found[-1]
+        return found[::-1]
     if not path.is_file():
         raise CheckpointError(f"{setting}: {path} does not exist; give a checkpoint file, a run "
                               f"directory or `latest`")
-    return path
+    return [path]
+
+
+def check_writable(checkpoint_dir: str):
+    """Fail now, not at the first checkpoint hours later, if run directories cannot be created in
+    training.checkpoint_dir: a file of that name, a folder without write permission, a read-only disk."""
+    folder = Path(checkpoint_dir)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise CheckpointError(f"training.checkpoint_dir: {existing} is a file, not a folder; set "
+                              f"training.checkpoint_dir to a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"training.checkpoint_dir: cannot create files in {existing} "
+                              f"({e.strerror or e}); set training.checkpoint_dir to a folder you can write")
 
 
 def flat_diff(old: dict, new: dict, ignore=()) -> list[str]:
@@ -226,9 +267,14 @@ class RunDir:
                 self._create(config_yaml)
             target = self.path / (name or f"checkpoint_{ckpt.step}.pt")
             atomic_write(target, lambda f: torch.save(ckpt.to_dict(), f))
-        except OSError as e:
-            raise CheckpointError(f"cannot write checkpoint for step {ckpt.step} in "
-                                  f"{self.path or self.checkpoint_dir}: {e.strerror or e}; "
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            folder = self.path or self.checkpoint_dir
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+            try:
+                why += f"; {shutil.disk_usage(folder).free / 2**20:,.0f} MiB free on its disk"
+            except OSError:
+                pass
+            raise CheckpointError(f"cannot write checkpoint for step {ckpt.step} in {folder}: {why}; "
                                   f"earlier checkpoints are intact")
         return target
 
@@ -244,6 +290,28 @@ class RunDir:
             atomic_write(self.path / f"config_resume_{step}.yaml", lambda f: f.write(config_yaml.encode()))
         return diff
 
+    def set_aside_after(self, step: int) -> tuple[list[str], Path | None]:
+        """A resume from an earlier step starts a new branch: the checkpoints after `step` (and a
+        best.pt from after it) belong to the abandoned one. They move to a subfolder, so that
+        `latest` and keep_last_n see only this branch. Returns (what moved, where)."""
+        if not self.writer:
+            return [], None
+        later = [p for p in checkpoints_in(self.path) if int(CHECKPOINT_RE.match(p.name).group(1)) > step]
+        best = self.path / "best.pt"
+        if best.exists() and _saved_step(best) > step:
+            later.append(best)
+        if not later:
+            return [], None
+        folder = self.path / f"abandoned_after_step_{step}"
+        for n in range(2, 1000):
+            if not folder.exists():
+                break
+            folder = self.path / f"abandoned_after_step_{step}_{n}"
+        folder.mkdir()
+        for path in later:
+            path.rename(folder / path.name)
+        return [p.name for p in later], folder
+
     def prune(self, keep_last_n: int):
         """Delete all but the newest keep_last_n checkpoint_<step>.pt (0 keeps all); best.pt stays."""
         if self.writer and keep_last_n > 0 and self.path is not None:
@@ -251,22 +319,20 @@ class RunDir:
                 old.unlink(missing_ok=True)
 
 
+def _saved_step(path: Path) -> float:
+    """The step of a checkpoint file, read without loading its tensors (inf: unreadable)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:
+        return math.inf
+
+
 def clean_stale_temporaries(checkpoint_dir) -> int:
     """Remove temporary files left by a process killed mid-write (never a live process's)."""
     removed = 0
     for tmp in Path(checkpoint_dir).glob("run_*/.*.tmp*"):
         pid = tmp.name.rsplit(".tmp", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

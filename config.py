@@ -144,12 +144,19 @@ class Config:
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError([f"{path}: cannot read config file: {e}"])
         try:
-            raw = yaml.safe_load(text)
+            loader = _UniqueKeyLoader(text)
+            raw = loader.get_single_data()
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError([f"{where}: YAML syntax error: {problem}"])
+        finally:
+            loader.dispose()
+        if loader.duplicates:
+            raise ConfigError([f"{path}:{line}: {key!r} appears again (first at line {first}); YAML would keep only "
+                               f"the last{', replacing the whole section' if section else ''}: keep one"
+                               for key, first, line, section in sorted(loader.duplicates, key=lambda d: d[2])])
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -273,6 +280,25 @@ def load_config(args) -> Config:
         raise SystemExit(2)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, noting every key that appears twice in one mapping (PyYAML keeps the
+    last silently): (key, first line, line, whether it is a section)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.duplicates = []
+
+    def construct_mapping(self, node, deep=False):
+        first_line = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                self.duplicates.append((key, first_line[key], line, isinstance(value_node, yaml.MappingNode)))
+            first_line.setdefault(key, line)
+        return super().construct_mapping(node, deep)
+
+
 def _sections():
     return {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
@@ -281,9 +307,25 @@ def _all_paths():
     return [f"{name}.{f.name}" for name, cls in _sections().items() for f in dataclasses.fields(cls)]
 
 
+# Names that other trainers use for these settings.
+ALIASES = {"lr": "training.learning_rate", "bs": "training.batch_size", "batch": "training.batch_size",
+           "micro_batch_size": "training.batch_size", "iters": "training.max_iters", "steps": "training.max_iters",
+           "max_steps": "training.max_iters", "num_steps": "training.max_iters", "seq_len": "training.block_size",
+           "context_length": "training.block_size", "warmup": "training.warmup_iters",
+           "warmup_steps": "training.warmup_iters", "wd": "training.weight_decay", "clip": "training.grad_clip",
+           "n_embed": "model.n_embd", "d_model": "model.n_embd", "layers": "model.n_layer", "heads": "model.n_head",
+           "grad_accum": "training.gradient_accumulation_steps"}
+EPOCHS = ("epochs", "num_epochs", "max_epochs")
+
+
 def _suggest(name, candidates, known):
-    moved = [c for c in candidates if c.split(".")[-1] == name.split(".")[-1] and c != name]
-    match = moved or difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    key = name.split(".")[-1]
+    if key in EPOCHS:
+        return ("; training has no epochs setting: it runs training.max_iters optimizer steps of batch_size x "
+                "block_size x gradient_accumulation_steps tokens each; set training.max_iters")
+    moved = [c for c in candidates if c.split(".")[-1] == key and c != name]
+    match = moved or ([ALIASES[key]] if key in ALIASES else []) or difflib.get_close_matches(name, candidates, n=1,
+                                                                                              cutoff=0.6)
     return f"; did you mean {match[0]}?" if match else f"; known: {', '.join(known)}"
 
 

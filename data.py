@@ -22,6 +22,8 @@ decided by a hash of (seed, file, row group, row): fixed by the seed, independen
 """
 import argparse
 import hashlib
+import multiprocessing
+import os
 import signal
 import sys
 import time
@@ -63,7 +65,10 @@ def list_units(parquet_dir, text_column: str) -> list[Unit]:
     if not root.is_dir():
         raise DataError(f"{root}: dataset.parquet_dir does not exist or is not a directory; "
                         f"create it with `python data.py --from-text FILE --out {root}`")
-    files = sorted(p for p in root.rglob("*.parquet") if p.is_file())
+    files, skipped = parquet_files(root)
+    if skipped:
+        print(f"{root}: skipped {skipped} file(s) or folder(s) whose names start with '.' or '_' (not data, as for "
+              f"pyarrow datasets, Spark and Hugging Face)")
     if not files:
         raise DataError(f"{root}: no .parquet files found (searched recursively); "
                         f"convert text with `python data.py --from-text FILE --out {root}`")
@@ -84,6 +89,8 @@ def list_units(parquet_dir, text_column: str) -> list[Unit]:
             raise DataError(f"{path}: no column {text_column!r}; columns are {schema.names}; "
                             f"set dataset.text_column to one of them")
         column_type = schema.field(text_column).type
+        if pa.types.is_dictionary(column_type):  # pandas categoricals: read decoded
+            column_type = column_type.value_type
         if column_type not in TEXT_TYPES:
             raise DataError(f"{path}: column {text_column!r} has type {column_type}, expected a "
                             f"string column")
@@ -96,6 +103,27 @@ def list_units(parquet_dir, text_column: str) -> list[Unit]:
     if not units:
         raise DataError(f"{root}: the parquet files hold no rows")
     return units
+
+
+def parquet_files(root: Path) -> tuple[list[Path], int]:
+    """(every *.parquet file under root, sorted; how many names were skipped). Symbolic links to
+    folders are followed, each real folder once; names starting with '.' or '_' are not data (a
+    macOS ._ copy, Spark's _SUCCESS and _temporary/) and are skipped."""
+    found, skipped, seen = [], 0, set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or a second link to the same folder
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        skipped += sum(name.startswith((".", "_")) for name in subfolders)
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith((".", "_")))
+        for name in names:
+            if name.endswith(".parquet") and name.startswith((".", "_")):
+                skipped += 1
+            elif name.endswith(".parquet") and os.path.isfile(os.path.join(folder, name)):
+                found.append(Path(folder) / name)
+    return sorted(found, key=lambda p: p.relative_to(root).parts), skipped  # as sorted(Path) orders them
 
 
 class ParquetFileCache:
@@ -112,7 +140,8 @@ class ParquetFileCache:
         while len(self.files) >= self.capacity:
             _, oldest = self.files.popitem(last=False)
             oldest.close()
-        self.files[path] = pq.ParquetFile(path)
+        # stream column chunks rather than read them whole: memory bounded whatever the row-group size
+        self.files[path] = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
         return self.files[path]
 
     def close(self):
@@ -131,30 +160,42 @@ def validation_mask(unit: Unit, seed: int, fraction: float):
     return (h >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
 
 
+READ_BYTES = 8 << 20  # a row group is read in parts of about this much text
+
+
 def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, split: str, seed: int,
-                        val_fraction: float) -> pa.Array:
-    """The unit's non-empty documents of `split`, as a large_binary array."""
+                        val_fraction: float):
+    """The unit's non-empty documents of `split` (train, val or all), one large_binary array per
+    part: the row group is read in record batches of about READ_BYTES, so memory does not grow with
+    the row-group size its writer chose. The parts are the same on every read (they follow from
+    the file's metadata)."""
+    if split == "all":
+        in_split = np.ones(unit.num_rows, dtype=bool)
+    else:
+        in_split = validation_mask(unit, seed, val_fraction)
+        in_split = ~in_split if split == "train" else in_split
+    rows = max(1, READ_BYTES * unit.num_rows // max(1, unit.num_bytes))
+    first_row = 0
     try:
-        table = cache.get(unit.path).read_row_group(unit.row_group, columns=[text_column])
-        docs = table.column(0).combine_chunks().cast(pa.large_binary())
+        for batch in cache.get(unit.path).iter_batches(batch_size=rows, row_groups=[unit.row_group],
+                                                       columns=[text_column], use_threads=False):
+            docs = batch.column(0).cast(pa.large_binary())  # string, binary, views, dictionaries
+            keep = pc.and_(pc.and_(pc.is_valid(docs), pc.greater(pc.binary_length(docs), 0)),
+                           pa.array(in_split[first_row:first_row + len(docs)]))
+            first_row += len(docs)
+            yield pc.filter(docs, keep)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{unit.path}: row group {unit.row_group} cannot be read "
                         f"({_first_line(e)}); the file is corrupt or truncated: re-create it")
-    in_split = validation_mask(unit, seed, val_fraction)
-    if split == "train":
-        in_split = ~in_split
-    keep = pc.and_(pc.and_(pc.is_valid(docs), pc.greater(pc.binary_length(docs), 0)),
-                   pa.array(in_split))
-    return pc.filter(docs, keep)
 
 
 def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
-                     seed: int, val_fraction: float, tokenizer) -> np.ndarray:
-    """The unit's documents of `split`, each followed by the separator, as one token array."""
-    docs = read_unit_documents(cache, unit, text_column, split, seed, val_fraction)
-    if len(docs) == 0:
-        return np.empty(0, dtype=tokenizer.dtype)
-    return tokenizer.encode_documents(docs)
+                     seed: int, val_fraction: float, tokenizer, skip: int = 0):
+    """The unit's parts as token arrays: each part's documents of `split`, each followed by the
+    separator. The first `skip` parts are read but not tokenized (a resume within the unit)."""
+    for part, docs in enumerate(read_unit_documents(cache, unit, text_column, split, seed, val_fraction)):
+        if part >= skip:
+            yield tokenizer.encode_documents(docs) if len(docs) else np.empty(0, dtype=tokenizer.dtype)
 
 
 def assign_units(units: list[Unit], epoch: int, seed: int, n_readers: int, shuffle: bool):
@@ -172,9 +213,9 @@ class ParquetBatches(IterableDataset):
     """Yields (x, y, position): int64 batches of shape (batch_size, block_size) and the reader's
     position after the batch. Train: endless epochs, shuffled. Validation: one pass in file order.
 
-    A position {reader, epoch, unit, consumed, carry} says: in this epoch the reader is at unit
-    number `unit` of its assignment, `consumed` of that unit's shuffled windows are used, and
-    `carry` holds the stream tokens that precede the unit. Passing the positions back as
+    A position {reader, epoch, unit, part, consumed, carry} says: in this epoch the reader is at
+    part `part` of unit number `unit` of its assignment, `consumed` of that part's shuffled windows
+    are used, and `carry` holds the stream tokens that precede the part. Passing the positions back as
     `positions` continues the exact same sequence of batches; `rotation` makes DataLoader worker i
     play reader (i + rotation) % num_workers, so that the reader whose batch was due next comes
     first again.
@@ -218,36 +259,41 @@ class ParquetBatches(IterableDataset):
             cache.close()
 
     def epoch_batches(self, cache, reader, n_readers, epoch, start=None):
-        """One epoch of one reader (from `start` if given): its units joined into a stream,
-        cut into windows, shuffled within each unit, packed into batches."""
+        """One epoch of one reader (from `start` if given): its units joined into a stream, cut
+        into windows, shuffled within each part of a unit, packed into batches."""
         T, B, train = self.block_size, self.batch_size, self.split == "train"
         units = assign_units(self.units, epoch, self.seed, n_readers, shuffle=train)[reader]
         first = start["unit"] if start else 0
         carry = np.array(start["carry"] if start else [], dtype=self.tokenizer.dtype)
         pending = []
         for k in range(first, len(units)):
-            unit, carry_in = units[k], carry
-            stream = np.concatenate([carry_in, read_unit_tokens(
-                cache, unit, self.text_column, self.split, self.seed, self.val_fraction, self.tokenizer)])
-            n_windows = max(0, (len(stream) - 1) // T)
-            carry = stream[n_windows * T:]
-            if n_windows == 0:
-                continue
-            windows = np.lib.stride_tricks.sliding_window_view(stream, T + 1)[::T][:n_windows]
-            if train:
-                rng = np.random.default_rng([self.seed, epoch, unit.file_key, unit.row_group])
-                windows = windows[rng.permutation(n_windows)]
-            used = start["consumed"] if start and k == first else 0
-            while n_windows - used >= B - len(pending):
-                take = B - len(pending)
-                pending.extend(windows[used:used + take])
-                used += take
-                batch = torch.from_numpy(np.stack(pending).astype(np.int64))
-                pending = []
-                position = {"reader": reader, "epoch": epoch, "unit": k, "consumed": used,
-                            "carry": carry_in.tolist()}
-                yield batch[:, :-1], batch[:, 1:], position
-            pending.extend(windows[used:])
+            unit = units[k]
+            skip = start.get("part", 0) if start and k == first else 0
+            parts = read_unit_tokens(cache, unit, self.text_column, self.split, self.seed, self.val_fraction,
+                                     self.tokenizer, skip)
+            for part, tokens in enumerate(parts, start=skip):
+                carry_in = carry
+                stream = np.concatenate([carry_in, tokens])
+                n_windows = max(0, (len(stream) - 1) // T)
+                carry = stream[n_windows * T:].copy()
+                if n_windows == 0:
+                    continue
+                windows = np.lib.stride_tricks.sliding_window_view(stream, T + 1)[::T][:n_windows]
+                order = np.arange(n_windows)  # windows are copied a batch at a time, in this order
+                if train:
+                    order = np.random.default_rng([self.seed, epoch, unit.file_key, unit.row_group, part]).permutation(
+                        n_windows)
+                used = start["consumed"] if start and k == first and part == skip else 0
+                while n_windows - used >= B - len(pending):
+                    take = B - len(pending)
+                    pending.extend(windows[order[used:used + take]])
+                    used += take
+                    batch = torch.from_numpy(np.stack(pending).astype(np.int64))
+                    pending = []
+                    position = {"reader": reader, "epoch": epoch, "unit": k, "part": part, "consumed": used,
+                                "carry": carry_in.tolist()}
+                    yield batch[:, :-1], batch[:, 1:], position
+                pending.extend(windows[order[used:]])
 
 
 def _leave_signals_to_main(_worker_id):
@@ -255,6 +301,21 @@ def _leave_signals_to_main(_worker_id):
     (finish the step, checkpoint) and then shuts the workers down itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_loader_workers():
+    """Kill the DataLoader workers still running. After an error the loader can outlive train():
+    the exception's traceback holds it in a reference cycle that is collected only after
+    multiprocessing's exit handler, which sends the workers SIGTERM, which they ignore (above),
+    and then waits for them forever. Their state is not needed: the checkpoint has the data
+    position. The DataLoader's SIGCHLD handler would report each killed worker as an error: it
+    goes first."""
+    children = multiprocessing.active_children()
+    if children and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+        child.join(timeout=10)
 
 
 # Settings that decide the order of the training batches: resuming with other values cannot
@@ -266,7 +327,8 @@ DATA_ORDER_FIELDS = ("training.batch_size", "training.block_size", "training.see
 def data_order(cfg, num_workers, world_size=1) -> dict:
     order = {path: getattr(getattr(cfg, path.split(".")[0]), path.split(".")[1])
              for path in DATA_ORDER_FIELDS}
-    order.update({"dataloader.num_workers (effective)": num_workers, "world_size": world_size})
+    order.update({"dataloader.num_workers (effective)": num_workers, "world_size": world_size,
+                  "data.READ_BYTES (windows are shuffled within parts of this many bytes)": READ_BYTES})
     return order
 
 
@@ -321,9 +383,15 @@ def validation_batches(cfg, units, tokenizer) -> list:
         if len(batches) == training.eval_iters:
             break
     if not batches:
+        if not any(len(docs) for unit in units for docs in read_unit_documents(
+                ParquetFileCache(1), unit, dataset_cfg.text_column, "all", training.seed, dataset_cfg.val_fraction)):
+            raise DataError(f"{dataset_cfg.parquet_dir}: column {dataset_cfg.text_column!r} holds no documents: every "
+                            f"row of the {len({u.path for u in units})} file(s) is null or empty; set "
+                            f"dataset.text_column to the column with the text")
         raise DataError(f"{dataset_cfg.parquet_dir}: the validation split (val_fraction "
                         f"{dataset_cfg.val_fraction}) holds less than one batch of {training.batch_size} x "
-                        f"{training.block_size + 1} tokens; raise dataset.val_fraction or add documents")
+                        f"{training.block_size + 1} tokens; raise dataset.val_fraction, lower training.block_size "
+                        f"or training.batch_size, or add documents")
     return batches
 
 
@@ -340,12 +408,12 @@ def training_texts(cfg, units, report_every_s=5.0):
     started = last = time.time()
     try:
         for k, unit in enumerate(units):
-            docs = read_unit_documents(cache, unit, cfg.dataset.text_column, "train", cfg.training.seed,
-                                       cfg.dataset.val_fraction)
-            for doc in docs.to_pylist():
-                yield doc.decode("utf-8", errors="replace")
-            n_docs += len(docs)
-            n_bytes += pc.sum(pc.binary_length(docs)).as_py() or 0
+            for docs in read_unit_documents(cache, unit, cfg.dataset.text_column, "train", cfg.training.seed,
+                                            cfg.dataset.val_fraction):
+                for doc in docs.to_pylist():
+                    yield doc.decode("utf-8", errors="replace")
+                n_docs += len(docs)
+                n_bytes += pc.sum(pc.binary_length(docs)).as_py() or 0
             if time.time() - last > report_every_s or k == len(units) - 1:
                 last = time.time()
                 print(f"  read {n_bytes / 2**20:,.1f} MiB, {n_docs:,} documents, row group {k + 1:,} of "
@@ -377,6 +445,8 @@ def train_tokenizer(cfg, vocab_size: int, out: Path, config_path: str) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare data: text files to parquet shards, or a tokenizer.")
     parser.add_argument("--from-text", nargs="+", metavar="FILE", help="text files to convert into shards in --out")
+    parser.add_argument("--replace", action="store_true",
+                        help="--from-text: replace the shards of an --out folder that holds some")
     parser.add_argument("--chunk-bytes", type=int, default=8192,
                         help="--from-text: cut long files at line boundaries into documents of about this "
                              "many bytes (0: one document per file)")
@@ -392,7 +462,7 @@ def main(argv=None):
         parser.error(f"--from-text takes no config overrides (got {' '.join(args.overrides)})")
     try:
         if args.from_text:
-            n = text_files_to_parquet(args.from_text, args.out, args.chunk_bytes)
+            n = text_files_to_parquet(args.from_text, args.out, args.chunk_bytes, replace=args.replace)
             print(f"wrote {n} documents to {args.out}")
         else:
             print(train_tokenizer(load_config(args), args.vocab_size, Path(args.out), args.config))

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from checkpoint import CheckpointError, model_from_checkpoint, open_checkpoint
 from tokenizer import TokenizerError, tokenizer_from_string
 
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-neurons", type=int, default=400, help="columns per layer (default 400)")
     args = parser.parse_args(argv)
     try:
-        ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint, args.checkpoint_dir, setting="--checkpoint"))
+        _, ckpt = open_checkpoint(args.checkpoint, args.checkpoint_dir, setting="--checkpoint")
         tokenizer = tokenizer_from_string(ckpt.tokenizer)
     except (CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)

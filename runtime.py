@@ -1,5 +1,6 @@
 """What every script needs to run on this machine: the device, the compute dtype, memory, peak FLOP/s."""
 import ctypes
+import os
 import resource
 import sys
 import time
@@ -23,6 +24,17 @@ def pick_device(requested: str, setting: str = "training.device") -> torch.devic
         raise DeviceError(f"{setting}: {requested} requested but not available to this torch "
                           f"{torch.__version__}; use auto or cpu")
     return torch.device(requested)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs (for temporary files named after their writer)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def autocast(device: torch.device, compute_dtype: str):

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from checkpoint import CheckpointError, model_from_checkpoint, open_checkpoint
 from lowbit import LowBitError, to_4bit
 from runtime import DeviceError, pick_device
 from tokenizer import TokenizerError, tokenizer_from_string
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         device = pick_device(args.device, setting="--device")
         if args.four_bit and device.type == "mps":
             raise DeviceError("--4bit: bitsandbytes' 4-bit quantization runs on cpu or cuda; add --device cpu")
-        ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint, args.checkpoint_dir, setting="--checkpoint"))
+        _, ckpt = open_checkpoint(args.checkpoint, args.checkpoint_dir, setting="--checkpoint")
         model = model_from_checkpoint(ckpt).to(device).eval()
         tokenizer = tokenizer_from_string(ckpt.tokenizer)
         if args.four_bit:

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from config import DEFAULT_SAMPLE_DIR
+from runtime import pid_alive
 
 
 class ShardError(Exception):
@@ -62,7 +63,37 @@ def write_shards(documents, out_dir, docs_per_shard=16384, row_group_bytes=128 *
     return n_docs
 
 
-def text_files_to_parquet(files, out_dir, chunk_bytes=8192) -> int:
+def write_folder(out_dir, write, replace=False, keep_existing=False):
+    """write(folder) into a temporary sibling of out_dir, then move it into place: out_dir appears
+    whole or not at all, and a failure leaves nothing. An out_dir that holds files is refused,
+    replaced (replace) or kept (keep_existing: another process built it first). Temporary folders
+    of processes that died (killed mid-build) are removed first."""
+    out_dir = Path(out_dir)
+    for stale in (*out_dir.parent.glob(f"{out_dir.name}.tmp*"), *out_dir.parent.glob(f".{out_dir.name}.tmp*")):
+        pid = stale.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not replace:
+        raise ShardError(f"{out_dir}: the folder holds files already, which training would read too; choose "
+                         f"another --out, or add --replace to replace them")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    try:
+        result = write(tmp)
+        if out_dir.is_dir() and any(out_dir.iterdir()) and keep_existing:
+            shutil.rmtree(tmp)
+            return result
+        old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def text_files_to_parquet(files, out_dir, chunk_bytes=8192, replace=False) -> int:
     def documents():
         for f in files:
             try:
@@ -70,12 +101,15 @@ def text_files_to_parquet(files, out_dir, chunk_bytes=8192) -> int:
             except OSError as e:
                 raise ShardError(f"{f}: cannot read ({e.strerror})")
             yield from split_text(raw.decode("utf-8", errors="replace"), chunk_bytes)
-    return write_shards(documents(), out_dir)
+    try:
+        return write_folder(out_dir, lambda folder: write_shards(documents(), folder), replace=replace)
+    except OSError as e:
+        raise ShardError(f"{out_dir}: cannot write ({e.strerror or e})")
 
 
 def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int:
     """The built-in sample corpus: this machine's Python standard library sources (tests
-    excluded), in sorted order, up to max_bytes. Built into a temporary folder then renamed."""
+    excluded), in sorted order, up to max_bytes."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"}
     sources = sorted(p for p in stdlib.rglob("*.py")
@@ -87,14 +121,7 @@ def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int:
             break
         docs.extend(split_text(text, 8192))
         total += len(text)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")
-    n = write_shards(docs, tmp)
-    try:
-        tmp.rename(out_dir)
-    except OSError:  # another process built it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return n
+    return write_folder(out_dir, lambda folder: write_shards(docs, folder), keep_existing=True)
 
 
 def ensure_sample_corpus(cfg):

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import (Checkpoint, CheckpointError, RunDir, check_same_model, clean_stale_temporaries,
-                        load_checkpoint, optimizer_state_for, resolve_checkpoint, rng_state, set_rng_state)
+from checkpoint import (Checkpoint, CheckpointError, RunDir, check_same_model, check_writable,
+                        clean_stale_temporaries, open_checkpoint, optimizer_state_for, rng_state, set_rng_state)
 from config import add_config_arguments, load_config
-from data import (DataError, data_order, list_units, loader_workers, resume_point, train_loader,
-                  validation_batches)
+from data import (DataError, data_order, list_units, loader_workers, resume_point, stop_loader_workers,
+                  train_loader, validation_batches)
 from distributed import (DistributedError, Ranks, communication_failure, full_state, full_weights,
                          gradient_sync, load_full_state, local_tensor, shutdown, start, wrap)
 from fp8 import FP8Error, fp8_matmuls
@@ -35,6 +35,7 @@ from shards import ShardError, ensure_sample_corpus
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
 
 SAMPLE_TOKENS = 200
+FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # whatever log_freq says: whether a run is viable shows in a minute
 
 
 class TrainingError(Exception):
@@ -64,6 +65,8 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
     torch.manual_seed(training.seed)
 
     # ---- data
+    if ranks.main:
+        check_writable(training.checkpoint_dir)
     tokenizer = load_tokenizer(cfg.dataset.tokenizer)
     check_vocab_size(tokenizer, cfg.model.vocab_size)
     if ranks.local_rank == 0:
@@ -125,7 +128,7 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
     progress.positions = {p["reader"]: p for p in start_positions if p["reader"] // max(1, workers) == ranks.rank}
     order = data_order(cfg, workers, ranks.world_size)
     sample_generator = torch.Generator(device=device)
-    stop = GracefulStop(second_signal_stops=not ranks.enabled)
+    stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main)
     tokens_per_step = training.batch_size * training.block_size * training.gradient_accumulation_steps * ranks.world_size
     loss_sum, grad_norm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     loss_count, steps_since_log = 0, 0
@@ -165,11 +168,10 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
         steps_since_log += 1
         stopping = ranks.any(stop.signal_name is not None, device)
         if stopping:
-            print(f"{stop.signal_name or 'a signal to another rank'}: saving a checkpoint after step {step}"
-                  + (" (Ctrl-C again to stop at once)" if stop.second_signal_stops else ""), flush=True)
+            print(f"{stop.signal_name or 'a signal to another rank'}: saving a checkpoint after step {step}", flush=True)
 
         # ---- log
-        if step % log_freq == 0 or step == training.max_iters:
+        if step % log_freq == 0 or step == training.max_iters or step in FIRST_STEPS_LOGGED:
             train_loss, grad_norm = ranks.mean(torch.stack([loss_sum / loss_count, grad_norm_sum / steps_since_log])).tolist()
             if not math.isfinite(train_loss):
                 raise non_finite("the training loss", step, progress.last_saved)
@@ -192,7 +194,7 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
 
         # ---- evaluate
         if step % training.test_freq == 0 or step == training.max_iters:
-            evaluation_start = time.perf_counter()
+            evaluation_start, stop.doing = time.perf_counter(), "the evaluation"
             raw_model.weight_view = qat_view
             val_loss, sample, sparsity = evaluate(raw_model, val_batches, device, compute, sample_generator, ranks,
                                                   tokenizer)
@@ -209,7 +211,7 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
                 path = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer,
                             name="best.pt")
                 print(f"saved {path} (best validation loss so far)", flush=True)
-            paused += time.perf_counter() - evaluation_start
+            paused, stop.doing = paused + time.perf_counter() - evaluation_start, "the step"
 
         # ---- checkpoint
         if step % training.checkpoint_freq == 0 or step == training.max_iters or stopping:
@@ -251,8 +253,7 @@ def resume(cfg, model, optimizer, scaler, tokenizer, workers, ranks, device):
     """Load the checkpoint of training.resume_from_checkpoint into the model, optimizer and
     scaler; returns (its run directory, Progress, the data stream's start positions, first epoch)."""
     low_precision = cfg.low_precision
-    path = resolve_checkpoint(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir)
-    ckpt = load_checkpoint(path)
+    path, ckpt = open_checkpoint(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir)
     check_same_model(ckpt, cfg.model, path)
     if ckpt.tokenizer != tokenizer.to_str():
         trained_with = "bytes" if ckpt.tokenizer == "bytes" else "another tokenizer.json"
@@ -277,6 +278,11 @@ def resume(cfg, model, optimizer, scaler, tokenizer, workers, ranks, device):
         print("validation losses now measure other weights (use_4bit or its code book changed): best.pt starts afresh")
     run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
     print(f"resuming from {path} at step {ckpt.step + 1}")
+    if ckpt.step < cfg.training.max_iters:
+        moved, folder = run.set_aside_after(ckpt.step)
+        if moved:
+            print(f"  a new branch from step {ckpt.step}: the abandoned branch's {', '.join(moved)} moved to {folder} "
+                  f"(`latest` and keep_last_n see this branch only)")
     for line in run.record_resumed_config(ckpt.step, cfg.to_dict(), cfg.to_yaml()):
         print(f"  config changed: {line}")
     positions, progress.batches_consumed, first_epoch = resume_point(
@@ -319,20 +325,24 @@ def describe_run(cfg, model, optimizer, ranks, device, n_units, compiled, fp8_re
 
 
 class GracefulStop:
-    """SIGINT/SIGTERM: finish the current step, checkpoint, exit 0. In a single process a second
-    Ctrl-C stops at once; under torchrun the agent forwards the signal it got itself, so repeats
-    are expected and ignored (the agent kills the ranks 30 s later anyway). The handler only
-    records the signal: printing from it could re-enter a print the loop is in."""
+    """SIGINT/SIGTERM: finish what runs (`doing`: the step, the evaluation), checkpoint, exit 0.
+    In a single process a second Ctrl-C stops at once; under torchrun the agent forwards the
+    signal it got itself, so repeats are expected and ignored (the agent kills the ranks 30 s later
+    anyway). The handler says at once that it heard, with os.write: print() could re-enter a print
+    the loop is in."""
 
-    def __init__(self, second_signal_stops: bool):
-        self.signal_name = None
-        self.second_signal_stops = second_signal_stops
+    def __init__(self, second_signal_stops: bool, announce: bool):
+        self.signal_name, self.doing = None, "the step"
+        self.second_signal_stops, self.announce = second_signal_stops, announce
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, _frame):
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
+            if self.announce:
+                again = " (Ctrl-C again to stop at once)" if self.second_signal_stops else ""
+                os.write(2, f"\n{self.signal_name}: finishing {self.doing}, then saving a checkpoint{again}\n".encode())
         elif self.second_signal_stops:
             raise KeyboardInterrupt
 
@@ -455,6 +465,7 @@ def main(argv=None) -> int:
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        stop_loader_workers()
         shutdown()
 
 

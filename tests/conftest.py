@@ -13,7 +13,8 @@ sys.path.insert(0, str(ROOT))
 def write_parquet(path, docs, rows_per_group=4, column="text", type_=pa.string()):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({column: pa.array(docs, type_)}), path, row_group_size=rows_per_group)
+    column_data = docs if isinstance(docs, pa.Array) else pa.array(docs, type_)
+    pq.write_table(pa.table({column: column_data}), path, row_group_size=rows_per_group)
     return path
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from checkpoint import (Checkpoint, CheckpointError, RunDir, checkpoints_in, clean_stale_temporaries,
-                        load_checkpoint, resolve_checkpoint)
+                        load_checkpoint, open_checkpoint)
 from config import Config
 from conftest import tiny_config_dict
 from model import BDH
@@ -65,14 +65,30 @@ def test_stale_temporary_files_are_removed_but_not_a_live_writers(tmp_path):
     assert not dead.exists() and live.exists()
 
 
-def test_resolve_checkpoint_names_the_setting_it_resolves(tmp_path):
+def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_path, capsys):
     run = tmp_path / "run_20260101_000000"
     run.mkdir()
     with pytest.raises(CheckpointError, match=r"^--checkpoint: latest: no run with a checkpoint in"):
-        resolve_checkpoint("latest", str(tmp_path), setting="--checkpoint")
+        open_checkpoint("latest", str(tmp_path), setting="--checkpoint")
     with pytest.raises(CheckpointError, match=r"^training.resume_from_checkpoint: .* holds no checkpoint_<step>.pt"):
-        resolve_checkpoint(str(run), str(tmp_path))
+        open_checkpoint(str(run), str(tmp_path))
     for step in (2, 10):
-        (run / f"checkpoint_{step}.pt").write_bytes(b"")
-    assert resolve_checkpoint(str(run), str(tmp_path)) == run / "checkpoint_10.pt"  # by step, not by name
-    assert resolve_checkpoint("latest", str(tmp_path)) == run / "checkpoint_10.pt"
+        torch.save(Checkpoint(step=step, model={}, model_config={}).to_dict(), run / f"checkpoint_{step}.pt")
+    assert open_checkpoint(str(run), str(tmp_path))[0] == run / "checkpoint_10.pt"  # by step, not by name
+    good = (run / "checkpoint_10.pt").read_bytes()
+    (run / "checkpoint_10.pt").write_bytes(good[: len(good) // 2])  # truncated: a disk that filled up, say
+    for spec in ("latest", str(run)):
+        path, ckpt = open_checkpoint(spec, str(tmp_path))
+        assert (path, ckpt.step) == (run / "checkpoint_2.pt", 2)
+        assert capsys.readouterr().out.startswith(f"skipped {run / 'checkpoint_10.pt'}: not a readable checkpoint")
+    with pytest.raises(CheckpointError, match="checkpoint_10.pt: not a readable checkpoint"):
+        open_checkpoint(str(run / "checkpoint_10.pt"), str(tmp_path))  # asked for by name: no other
+
+
+def test_a_file_that_is_not_a_checkpoint_is_called_so(tmp_path):
+    (tmp_path / "README.md").write_text("# a project\n")
+    with pytest.raises(CheckpointError, match=r"README.md: not a checkpoint \(not a file written by torch.save\)$"):
+        load_checkpoint(tmp_path / "README.md")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty.pt: not a checkpoint \(the file is empty\)$"):
+        load_checkpoint(tmp_path / "empty.pt")

@@ -188,3 +188,28 @@ def test_cli_print_config_shows_overrides():
     r = run_train("--print-config", "training.batch_size=16")
     assert r.returncode == 0
     assert yaml.safe_load(r.stdout)["training"]["batch_size"] == 16
+
+
+def test_a_key_or_section_given_twice_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  learning_rate: 1.0e-3\n  batch_size: 4\n  learning_rate: 2.0e-3\n"
+                    "model:\n  n_layer: 2\ntraining:\n  max_iters: 5\n")
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(path)
+    assert info.value.problems == [
+        f"{path}:4: 'learning_rate' appears again (first at line 2); YAML would keep only the last: keep one",
+        f"{path}:7: 'training' appears again (first at line 1); YAML would keep only the last, replacing the "
+        f"whole section: keep one"]
+
+
+@pytest.mark.parametrize("override,hint", [
+    ("training.lr=1", "did you mean training.learning_rate?"),
+    ("training.bs=8", "did you mean training.batch_size?"),
+    ("training.iters=10", "did you mean training.max_iters?"),
+    ("training.max_steps=10", "did you mean training.max_iters?"),
+    ("model.n_embed=64", "did you mean model.n_embd?"),
+    ("training.epochs=3", "training has no epochs setting: it runs training.max_iters optimizer steps"),
+])
+def test_names_from_other_trainers_point_at_the_right_field(override, hint):
+    [problem] = problems({}, [override])
+    assert problem.startswith(f"{override.split('=')[0]}: unknown key; ") and hint in problem

@@ -1,6 +1,8 @@
 import collections
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ from torch.utils.data import DataLoader
 
 import data
 from config import Config
-from conftest import make_corpus, write_config, write_parquet
+from conftest import ROOT, make_corpus, write_config, write_parquet
 from data import (DataError, ParquetBatches, ParquetFileCache, assign_units, list_units, read_unit_tokens,
                   validation_mask)
 from tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -31,7 +33,8 @@ def batches_of(units, split="train", T=16, B=2, seed=0, val_fraction=0.2, max_ca
 
 def split_stream(units, split, seed=0, val_fraction=0.2, tokenizer=BYTES):
     cache = ParquetFileCache(8)
-    return np.concatenate([read_unit_tokens(cache, u, "text", split, seed, val_fraction, tokenizer) for u in units])
+    return np.concatenate([part for u in units for part in read_unit_tokens(cache, u, "text", split, seed, val_fraction,
+                                                                             tokenizer)])
 
 
 def window_text(x, y, tokenizer):
@@ -76,7 +79,9 @@ def test_invalid_utf8_bytes_are_taken_as_they_are(tmp_path):
     assert bytes(tokens) == b"ok\xff\xfe\x00"
 
 
-def test_epoch_windows_partition_the_reader_stream(corpus, tokenizer):
+@pytest.mark.parametrize("read_bytes", [8 << 20, 300])  # one part per row group, or several
+def test_epoch_windows_partition_the_reader_stream(corpus, tokenizer, read_bytes, monkeypatch):
+    monkeypatch.setattr(data, "READ_BYTES", read_bytes)
     units = list_units(corpus, "text")
     T, B = 16, 2
     ds = batches_of(units, T=T, B=B, tokenizer=tokenizer)
@@ -233,13 +238,15 @@ def test_too_little_training_data_is_an_error_not_a_hang(tmp_path):
         next(iter(ds))
 
 
-def test_a_saved_position_continues_the_same_batches(corpus, tokenizer):
+@pytest.mark.parametrize("read_bytes", [8 << 20, 300])  # one part per row group, or several
+def test_a_saved_position_continues_the_same_batches(corpus, tokenizer, read_bytes, monkeypatch):
+    monkeypatch.setattr(data, "READ_BYTES", read_bytes)
     units = list_units(corpus, "text")
     ds = batches_of(units, T=16, B=2, tokenizer=tokenizer)
     cache = ParquetFileCache(4)
     full = list(ds.epoch_batches(cache, 1, 2, epoch=2))
-    assert len(full) > 6
-    for k in (0, 3, len(full) - 1):
+    assert len(full) > 6 and any(b[2]["part"] > 0 for b in full) == (read_bytes == 300)
+    for k in range(len(full)):
         position = full[k][2]
         rest = list(ds.epoch_batches(cache, 1, 2, epoch=2, start=position))
         assert len(rest) == len(full) - k - 1
@@ -294,3 +301,92 @@ def test_train_tokenizer_refuses_a_vocabulary_without_merges(tmp_path, corpus, c
     assert data.main(["--train-tokenizer", "--vocab-size", "257", "--out", str(tmp_path / "t.json"),
                       "--config", str(config)]) == 1
     assert "--vocab-size 257: a byte-level BPE needs at least 258 tokens" in capsys.readouterr().err
+
+
+def test_symlinked_folders_are_followed_once_and_names_starting_with_dot_or_underscore_skipped(tmp_path, capsys):
+    root = tmp_path / "data"
+    write_parquet(root / "a" / "x.parquet", ["a"] * 3, 2)
+    write_parquet(tmp_path / "elsewhere" / "y.parquet", ["b"] * 3, 2)
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)  # followed once, not forever
+    (root / "._x.parquet").write_bytes(b"\0\5\0macOS resource fork")
+    write_parquet(root / "_temporary" / "z.parquet", ["c"] * 3, 2)
+    write_parquet(root / ".cache" / "w.parquet", ["d"] * 3, 2)
+    units = list_units(root, "text")
+    assert sorted({Path(u.path).relative_to(root).as_posix() for u in units}) == ["a/x.parquet", "linked/y.parquet"]
+    assert "skipped 3 file(s) or folder(s) whose names start with '.' or '_'" in capsys.readouterr().out
+    only_links = tmp_path / "links"
+    only_links.mkdir()
+    (only_links / "x.parquet").symlink_to(root / "a" / "x.parquet")
+    assert len(list_units(only_links, "text")) == 2
+
+
+def test_from_text_refuses_a_folder_with_shards_unless_told_to_replace(tmp_path, capsys):
+    text = tmp_path / "a.txt"
+    text.write_text("first version\n" * 100)
+    out = tmp_path / "out"
+    assert data.main(["--from-text", str(text), "--out", str(out)]) == 0
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    text.write_text("second\n")
+    assert data.main(["--from-text", str(text), "--out", str(out)]) == 1
+    assert "the folder holds files already" in capsys.readouterr().err
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+    assert data.main(["--from-text", str(text), "--out", str(out), "--replace"]) == 0
+    docs = [d for u in list_units(out, "text")
+            for d in ParquetFileCache(1).get(u.path).read_row_group(u.row_group).column(0).to_pylist()]
+    assert docs == ["second\n"] and not [p for p in tmp_path.iterdir() if ".tmp" in p.name or ".old" in p.name]
+
+
+def test_from_text_on_a_missing_file_is_one_line_and_leaves_no_folder(tmp_path):
+    r = subprocess.run([sys.executable, "data.py", "--from-text", str(tmp_path / "missing.txt"), "--out",
+                        str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr == f"error: {tmp_path / 'missing.txt'}: cannot read (No such file or directory)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+MEMORY_PROBE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import data
+from data import ParquetBatches, ParquetFileCache, list_units
+from tokenizer import ByteTokenizer
+data.READ_BYTES = 1 << 20
+def kib(field):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])
+units = list_units(sys.argv[2], "text")
+start = kib("VmRSS")
+dataset = ParquetBatches(units, "train", 256, 16, 0, 0.01, "text", 4, ByteTokenizer())
+sum(1 for _ in dataset.epoch_batches(ParquetFileCache(4), 0, 1, 0))
+print(kib("VmHWM") - start)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak RSS from /proc")
+def test_memory_does_not_grow_with_the_row_group_size(tmp_path):
+    """One row group of 8 MB and one of 32 MB (low-entropy text, so the files stay small): a reader
+    whose memory followed the row group would need about 4x more for the second."""
+    peaks = {}
+    for mib in (8, 32):
+        docs = [(f"{i:06d} " + "abcdefgh" * 1024)[:8192] for i in range(mib * 128)]
+        write_parquet(tmp_path / f"{mib}" / "a.parquet", docs, rows_per_group=len(docs))
+        r = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(ROOT), str(tmp_path / f"{mib}")],
+                           capture_output=True, text=True, check=True)
+        peaks[mib] = int(r.stdout.split()[-1]) / 1024  # MiB above the start
+    assert peaks[32] < 1.5 * peaks[8], peaks  # before reading in parts: 77 and 214 MiB
+
+
+def test_a_column_without_documents_says_so(tmp_path):
+    write_parquet(tmp_path / "d" / "a.parquet", [None, "", None, ""] * 10, 4)
+    cfg = Config.from_dict({"dataset": {"parquet_dir": str(tmp_path / "d")}, "training": {"block_size": 8}})
+    with pytest.raises(DataError, match=r"column 'text' holds no documents: every row of the 1 file\(s\) is null or empty"):
+        data.validation_batches(cfg, list_units(tmp_path / "d", "text"), BYTES)
+    write_parquet(tmp_path / "e" / "a.parquet", ["short text"] * 40, 4)
+    cfg = Config.from_dict({"dataset": {"parquet_dir": str(tmp_path / "e")}, "training": {"block_size": 4096}})
+    with pytest.raises(DataError, match=r"raise dataset.val_fraction, lower training.block_size or training.batch_size"):
+        data.validation_batches(cfg, list_units(tmp_path / "e", "text"), BYTES)
+
+
+def test_a_dictionary_encoded_string_column_is_read(tmp_path):
+    write_parquet(tmp_path / "a.parquet", pa.array(["cat", "dog", "cat", None, "ému"]).dictionary_encode(), 2)
+    tokens = split_stream(list_units(tmp_path, "text"), "train", val_fraction=1e-9)
+    assert BYTES.decode(tokens) == "cat\0dog\0cat\0ému\0"

@@ -1,4 +1,6 @@
 """Writing shards: text files and the built-in corpus."""
+import os
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -39,3 +41,13 @@ def test_split_text_keeps_every_character():
     assert "".join(pieces) == text and len(pieces) > 10
     assert all(p.endswith("\n") for p in pieces)
     assert shards.split_text(text, 0) == [text] and shards.split_text("", 100) == []
+
+
+def test_a_build_killed_midway_leaves_a_folder_that_the_next_build_removes(tmp_path):
+    dead, live = tmp_path / "stdlib.tmp999999999", tmp_path / f".stdlib.tmp{os.getppid()}"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "part-00000.parquet").write_bytes(b"half")
+    shards.build_stdlib_corpus(tmp_path / "stdlib", max_bytes=100_000)
+    assert not dead.exists() and live.exists()  # a running build's folder is left alone
+    assert list_units(tmp_path / "stdlib", "text")

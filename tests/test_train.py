@@ -2,6 +2,7 @@
 import contextlib
 import json
 import math
+import os
 import random
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import yaml
 import checkpoint
 import sample
 import train
-from checkpoint import checkpoints_in, load_checkpoint, resolve_checkpoint
+from checkpoint import checkpoints_in, load_checkpoint, open_checkpoint
 from config import Config
 from conftest import ROOT, write_config
 from data import list_units, validation_batches
@@ -78,8 +79,8 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
     assert yaml.safe_load((run / "config_resume_2.yaml").read_text())["training"]["max_iters"] == 6
     assert load_checkpoint(run / "checkpoint_6.pt").step == 6
     # a run directory and `latest` resolve to the newest checkpoint
-    assert resolve_checkpoint(str(run), str(tmp_path / "ck")) == run / "checkpoint_6.pt"
-    assert resolve_checkpoint("latest", str(tmp_path / "ck")) == run / "checkpoint_6.pt"
+    assert open_checkpoint(str(run), str(tmp_path / "ck"))[0] == run / "checkpoint_6.pt"
+    assert open_checkpoint("latest", str(tmp_path / "ck"))[0] == run / "checkpoint_6.pt"
 
 
 def test_resume_restores_model_optimizer_and_step(tmp_path, corpus, capsys):
@@ -441,3 +442,140 @@ def test_evaluation_sparsity_is_the_share_of_non_zero_latents_per_layer():
     assert x_active == pytest.approx((x_count / total).tolist(), abs=1e-12)
     assert y_active == pytest.approx((y_count / total).tolist(), abs=1e-12)
     assert all(0 < f < 1 for f in x_active + y_active)
+
+
+# ---- every error path ends the process within seconds, whatever the workers
+
+def corrupt_last_shard(corpus):
+    """shard-2's pages destroyed, its footer intact: the run starts, and a loader reading it fails."""
+    path = corpus / "shard-2.parquet"
+    raw = bytearray(path.read_bytes())
+    raw[4:400] = b"\0" * 396
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+def test_a_data_error_in_the_loader_exits_at_once(tmp_path, corpus, num_workers):
+    corrupt_last_shard(corpus)  # validation (eval_iters 1) reads shard-0 only; training reaches shard-2
+    config = write_config(tmp_path, corpus, max_iters=1000, eval_iters=1, test_freq=1000, checkpoint_freq=1000)
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "train.py", "--config", str(config), f"dataloader.num_workers={num_workers}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 30
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: {corpus / 'shard-2.parquet'}: row group 0 cannot be read (Couldn't deserialize thrift: "
+        f"TProtocolException: Invalid data); the file is corrupt or truncated: re-create it"]
+
+
+def test_a_data_error_under_torchrun_ends_every_rank(tmp_path, corpus):
+    corrupt_last_shard(corpus)
+    config = write_config(tmp_path, corpus, max_iters=1000, eval_iters=1, test_freq=1000, checkpoint_freq=1000)
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", "--config", str(config), "dataloader.num_workers=1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0 and time.monotonic() - started < 60
+    assert "shard-2.parquet: row group 0 cannot be read" in r.stderr
+
+
+DISK_FULL_AT_STEP_4 = """
+import sys
+sys.path.insert(0, sys.argv.pop(1))
+import torch, train
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    if obj["step"] == 4:
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_while_saving_is_one_line_and_exits(tmp_path, corpus):
+    config = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=2, test_freq=100)
+    r = subprocess.run([sys.executable, "-c", DISK_FULL_AT_STEP_4, str(ROOT), "--config", str(config),
+                        "dataloader.num_workers=1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("error: cannot write checkpoint for step 4 in ") and "unexpected pos 64 vs 0" in line
+    assert "MiB free on its disk; earlier checkpoints are intact" in line
+    [run] = (tmp_path / "ck").iterdir()
+    assert [p.name for p in checkpoints_in(run)] == ["checkpoint_2.pt"] and not list(run.glob(".*tmp*"))
+
+
+# ---- mistakes and states that used to show only hours in
+
+def test_a_checkpoint_dir_that_cannot_be_written_stops_before_training(tmp_path, corpus, capsys):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    for where in ("taken", "taken/runs"):
+        path = write_config(tmp_path, corpus, checkpoint_dir=str(tmp_path / where))
+        assert train.main(["--config", str(path)]) == 1
+        captured = capsys.readouterr()
+        assert captured.err == (f"error: training.checkpoint_dir: {tmp_path / 'taken'} is a file, not a folder; "
+                                f"set training.checkpoint_dir to a folder\n")
+        assert "step 1/" not in captured.out
+
+
+def test_the_first_steps_are_logged_whatever_log_freq_says(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=12, log_freq=100, test_freq=100, checkpoint_freq=100)
+    assert train.main(["--config", str(path)]) == 0
+    logged = [int(line.split()[1].split("/")[0]) for line in capsys.readouterr().out.splitlines()
+              if line.startswith("step ") and "| loss" in line]
+    assert logged == [1, 2, 5, 10, 12]
+
+
+SLOW_EVALUATION = """
+import sys, time
+sys.path.insert(0, sys.argv.pop(1))
+import train
+real_evaluate = train.evaluate
+def evaluate(*args):
+    print("EVALUATING", flush=True)
+    time.sleep(4)
+    return real_evaluate(*args)
+train.evaluate = evaluate
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once(tmp_path, corpus):
+    path = write_config(tmp_path, corpus, max_iters=100, test_freq=3, checkpoint_freq=100)
+    proc = subprocess.Popen([sys.executable, "-u", "-c", SLOW_EVALUATION, str(ROOT), "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("EVALUATING"):
+            proc.send_signal(signal.SIGINT)
+            sent = time.monotonic()
+            break
+    acknowledged = None
+    for line in proc.stdout:
+        lines.append(line)
+        if "SIGINT: finishing the evaluation, then saving a checkpoint (Ctrl-C again to stop at once)" in line:
+            acknowledged = time.monotonic() - sent
+            break
+    proc.communicate(timeout=60)
+    assert acknowledged is not None and acknowledged < 2, "".join(lines)
+    assert proc.returncode == 0
+
+
+def test_a_resume_from_an_earlier_step_sets_the_abandoned_branch_aside(tmp_path, corpus, capsys):
+    """The workflow 'it diverged late: go back to an earlier checkpoint': afterwards `latest` and
+    keep_last_n see the new branch only, and metrics.jsonl matches the checkpoints on disk."""
+    path = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=2, test_freq=2, keep_last_n=2)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    best_step = load_checkpoint(run / "best.pt").step
+    capsys.readouterr()
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run / 'checkpoint_4.pt'}",
+                       "training.max_iters=5"]) == 0
+    out = capsys.readouterr().out
+    set_aside = sorted(p.name for p in (run / "abandoned_after_step_4").iterdir())
+    assert set_aside == (["best.pt", "checkpoint_6.pt"] if best_step > 4 else ["checkpoint_6.pt"])
+    assert "a new branch from step 4: the abandoned branch's checkpoint_6.pt" in out
+    assert open_checkpoint("latest", str(tmp_path / "ck"))[0] == run / "checkpoint_5.pt"
+    assert [p.name for p in checkpoints_in(run)] == ["checkpoint_4.pt", "checkpoint_5.pt"]
+    assert max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()) == 5
