@@ -9,6 +9,7 @@ is saved. Every file is written to a temporary name in the same folder, fsynced 
 crash leaves each checkpoint either complete or absent.
 """
 import dataclasses
+import json
 import math
 import os
 import random
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import yaml
 
-from model import BDH, BDHConfig
+from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import pid_alive
 
 PROJECT_VERSION = "0.3.0"
@@ -120,11 +121,56 @@ def model_from_checkpoint(ckpt: Checkpoint) -> BDH:
     return model
 
 
-def check_same_model(ckpt: Checkpoint, model_config: BDHConfig, path):
-    """Refuses a checkpoint of another model shape (dropout may differ: it is not a shape)."""
-    differing = [f"{k}: checkpoint {ckpt.model_config.get(k)!r}, config {v!r}"
+# ---------------------------------------------------------------- exported models (export.py)
+
+EXPORT_VERSION = 1
+
+
+def is_export(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "model.safetensors").is_file() and (Path(path) / "config.json").is_file()
+
+
+def load_export(folder) -> tuple[BDH, str, dict]:
+    """(the model, its tokenizer as tokenizer.to_str() gives it, config.json) of a folder that
+    export.py wrote; 4-bit weights are unpacked to float32."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        export = config["bdh_export"]
+        tensors = load_file(folder / "model.safetensors")
+        tokenizer = "bytes" if export["tokenizer"] == "bytes" else (folder / "tokenizer.json").read_text()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}: not a model exported by this project's export.py ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})")
+    model = BDH(BDHConfig(**{k: config[k] for k in BDHConfig.__dataclass_fields__}))
+    if config.get("weights_4bit"):
+        blocksize = config["weights_4bit"]["blocksize"]
+        for name in LAYER_WEIGHTS:
+            shape = getattr(model, name).shape
+            tensors[name] = unpack_4bit(tensors.pop(f"{name}_nf4"), tensors.pop(f"{name}_absmax"),
+                                        tensors["quant_map"], shape, blocksize)
+        tensors.pop("quant_map")
+    model.load_state_dict(tensors)
+    return model, tokenizer, config
+
+
+def load_model(spec: str, checkpoint_dir: str, setting: str) -> tuple[BDH, str, dict]:
+    """(model, tokenizer as tokenizer.to_str() gives it, the low_precision settings it was trained
+    with) of a checkpoint (open_checkpoint) or of a folder that export.py wrote."""
+    if is_export(spec):
+        model, tokenizer, config = load_export(spec)
+        four_bit = config.get("weights_4bit") or {}
+        return model, tokenizer, {"quantization_type": four_bit.get("quant_type", "nf4"), "use_double_quant": True}
+    _, ckpt = open_checkpoint(spec, checkpoint_dir, setting)
+    return model_from_checkpoint(ckpt), ckpt.tokenizer, ckpt.low_precision()
+
+
+def check_same_model(saved_config: dict, model_config: BDHConfig, path):
+    """Refuses weights of another model shape (dropout may differ: it is not a shape)."""
+    differing = [f"{k}: checkpoint {saved_config.get(k)!r}, config {v!r}"
                  for k, v in dataclasses.asdict(model_config).items()
-                 if k != "dropout" and ckpt.model_config.get(k) != v]
+                 if k != "dropout" and saved_config.get(k) != v]
     if differing:
         raise CheckpointError(f"{path}: the checkpoint is from a different model shape; set "
                               f"model.* to match it or start a new run. Differences: " + "; ".join(differing))
@@ -182,6 +228,36 @@ def atomic_write(path: Path, write):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_folder(out_dir, write, replace=False, keep_existing=False):
+    """write(folder) into a temporary sibling of out_dir, then move it into place: out_dir appears
+    whole or not at all, and a failure leaves nothing. An out_dir that holds files is refused,
+    replaced (replace) or kept (keep_existing: another process built it first). Temporary folders
+    of processes that died (killed mid-build) are removed first."""
+    out_dir = Path(out_dir)
+    for stale in (*out_dir.parent.glob(f"{out_dir.name}.tmp*"), *out_dir.parent.glob(f".{out_dir.name}.tmp*")):
+        pid = stale.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not replace:
+        raise FileExistsError(f"{out_dir}: the folder holds files already; choose another --out, or add "
+                              f"--replace to replace them")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    try:
+        result = write(tmp)
+        if out_dir.is_dir() and any(out_dir.iterdir()) and keep_existing:
+            shutil.rmtree(tmp)
+            return result
+        old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:

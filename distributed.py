@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 
 class DistributedError(Exception):
@@ -175,6 +176,10 @@ def full_state(model, optimizer) -> tuple[dict, dict]:
 def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict):
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
                    options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_weights(model, model_state: dict):
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
 
 
 def communication_failure(e: BaseException, ranks: Ranks, timeout_s: int) -> str | None:

@@ -32,10 +32,11 @@ import math
 
 import torch
 
+from model import LAYER_WEIGHTS
+
 BLOCKSIZE = 64  # weights (use_4bit, sample.py --4bit): the usual bitsandbytes block
 OPTIMIZER_BLOCKSIZE = 32
 MIN_QUANTIZED_NUMEL = 4096
-QUANTIZED_WEIGHTS = ("encoder", "encoder_v", "decoder")
 
 
 class LowBitError(Exception):
@@ -213,12 +214,25 @@ def quantization_aware_view(quant_type: str, double_quant: bool):
     return lambda weights: tuple(FakeQuantize4bit.apply(w, quant_type, double_quant) for w in weights)
 
 
+def export_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool) -> dict:
+    """The layout of an export's 4-bit weights (model.unpack_4bit reads it without bitsandbytes):
+    the packed codes, each block's scale in float32 (double quantization undone, so the values are
+    exactly those of the 4-bit round trip) and the 16-level code book."""
+    bnb = _bnb()
+    codes, state = bnb.quantize_4bit(weight.detach().float().contiguous(), blocksize=BLOCKSIZE,
+                                     compress_statistics=double_quant, quant_type=quant_type)
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return {"nf4": codes.view(-1), "absmax": absmax.float(), "quant_map": state.code.float()}
+
+
 def to_4bit(model, quant_type: str, double_quant: bool) -> tuple[int, int]:
     """Replace encoder, encoder_v and decoder by their 4-bit codes; each use dequantizes them.
     Returns (bytes of the model's weights before, after)."""
     before = sum(p.numel() * p.element_size() for p in model.parameters())
     packed = {}
-    for name in QUANTIZED_WEIGHTS:
+    for name in LAYER_WEIGHTS:
         weight = getattr(model, name)
         packed[name] = (quantize(weight, quant_type, double_quant), weight.shape)
         setattr(model, name, torch.nn.Parameter(weight.new_empty(0), requires_grad=False))

@@ -29,6 +29,7 @@ ROPE_THETA = 2.0**16
 LN_EPS = 1e-5
 TILE = 64  # rows per tile of the causal attention
 CHUNK = 1024  # latent columns per slice where backward avoids a full (H, B*T, N) temporary
+LAYER_WEIGHTS = ("encoder", "encoder_v", "decoder")  # shared by all layers; the 4-bit modes quantize these
 
 
 @dataclass
@@ -120,6 +121,16 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
     bits = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
     return bits.view(-1)[:math.prod(shape)].view(shape).bool()
+
+
+def unpack_4bit(codes: torch.Tensor, absmax: torch.Tensor, code_book: torch.Tensor, shape, blocksize: int):
+    """Weights stored in 4 bits (an export with --4bit): codes two per byte, the first in the high
+    nibble; a float32 scale per block of `blocksize` values; value = code_book[code] x its block's
+    scale. The same arithmetic as bitsandbytes' dequantize_4bit, so the same values."""
+    numel = math.prod(shape)
+    index = torch.stack([codes.view(-1) >> 4, codes.view(-1) & 15], dim=-1).view(-1)[:numel].long()
+    values = nn.functional.pad(code_book[index], (0, (-numel) % blocksize)).view(-1, blocksize)
+    return (values * absmax.float()[:, None]).view(-1)[:numel].view(shape)
 
 
 class Matmuls:
@@ -307,7 +318,7 @@ class BDH(nn.Module):
         state_dict.pop(prefix + "attn.freqs", None)
 
     def layer_weights(self):
-        weights = (self.encoder, self.encoder_v, self.decoder)
+        weights = tuple(getattr(self, name) for name in LAYER_WEIGHTS)
         return weights if self.weight_view is None else self.weight_view(weights)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, observe=None):
@@ -352,21 +363,24 @@ class BDH(nn.Module):
         states = [torch.zeros(config.n_head, B, config.n_latent, config.n_embd, device=idx.device,
                               dtype=self.encoder.dtype) for _ in range(config.n_layer)]
         weights = self.layer_weights()  # 4-bit modes: quantized or dequantized once per call
-
-        def advance(tokens, t0):
-            """The final hidden states (B, c, D) of tokens at positions t0.., updating the states."""
-            cos, sin = rope_cos_sin(self.rope_freqs, torch.arange(t0, t0 + tokens.size(1), device=idx.device))
-            x = layer_norm(self.embed(tokens))
-            for state in states:
-                x, _ = layer_forward(x, *weights, cos, sin, state=state)
-            return x
-
         for t0 in range(0, T, prompt_chunk):
-            h = advance(idx[:, t0:t0 + prompt_chunk], t0)
+            h = recurrent_forward(self, idx[:, t0:t0 + prompt_chunk], states, t0, weights)
         out = [idx]
         for t in range(T, T + max_new_tokens):
             token = self.sample_next(h[:, -1] @ self.lm_head[:, :vocab_limit], temperature, top_k, generator)
             out.append(token)
             if t + 1 < T + max_new_tokens:
-                h = advance(token, t)
+                h = recurrent_forward(self, token, states, t, weights)
         return torch.cat(out, dim=1)
+
+
+def recurrent_forward(model, tokens: torch.Tensor, states: list, t0: int, weights=None) -> torch.Tensor:
+    """The final hidden states (B, c, D) of tokens (B, c) at positions t0.., given each layer's
+    state (H, B, N, D) = sum of rope(a_s) x_sᵀ over the earlier positions, which it updates: the
+    recurrent form, a chunk at a time. `model` holds BDH's parameters (a BDH, or the Hugging Face
+    export's model); `weights` (encoder, encoder_v, decoder) default to its own."""
+    cos, sin = rope_cos_sin(model.rope_freqs, torch.arange(t0, t0 + tokens.size(1), device=tokens.device))
+    x = layer_norm(model.embed(tokens))
+    for state in states:
+        x, _ = layer_forward(x, *(weights or (model.encoder, model.encoder_v, model.decoder)), cos, sin, state=state)
+    return x

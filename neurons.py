@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from checkpoint import CheckpointError, model_from_checkpoint, open_checkpoint
+from checkpoint import CheckpointError, load_model
 from tokenizer import TokenizerError, tokenizer_from_string
 
 
@@ -53,22 +53,23 @@ def draw(found, labels, out, max_neurons: int):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint_<step>.pt, a run directory, or latest")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint_<step>.pt, a run directory, latest, or a folder export.py wrote")
     parser.add_argument("--checkpoint-dir", default="checkpoints", help="where `latest` looks")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--out", default="neurons.png", help="the PNG to write (default neurons.png)")
     parser.add_argument("--max-neurons", type=int, default=400, help="columns per layer (default 400)")
     args = parser.parse_args(argv)
     try:
-        _, ckpt = open_checkpoint(args.checkpoint, args.checkpoint_dir, setting="--checkpoint")
-        tokenizer = tokenizer_from_string(ckpt.tokenizer)
+        model, saved_tokenizer, _ = load_model(args.checkpoint, args.checkpoint_dir, "--checkpoint")
+        tokenizer = tokenizer_from_string(saved_tokenizer)
     except (CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     ids = tokenizer.encode(args.prompt)
     if not ids:
         parser.error("--prompt is empty")
-    found = latents(model_from_checkpoint(ckpt), ids)
+    found = latents(model, ids)
     print(f"{len(ids)} tokens, {found[0][0].shape[1]:,} latent neurons per layer (H*N)")
     print(f"{'layer':>5} {'x active':>9} {'y active':>9} {'neurons used':>13}")
     for layer, (a, b) in enumerate(found):

@@ -3,7 +3,7 @@
     python sample.py --checkpoint PATH [--prompt TEXT] [--max-new-tokens N] [--temperature T]
                      [--top-k K] [--seed S] [--device auto|cpu|cuda|mps] [--4bit]
 
-The model shape and the tokenizer come from the checkpoint. Without a prompt, generation starts at a document
+The model shape and the tokenizer come from the checkpoint (or an exported folder). Without a prompt, generation starts at a document
 boundary (the separator token). --4bit keeps encoder, encoder_v and decoder as 4-bit codes (the
 checkpoint's low_precision.quantization_type and use_double_quant) and dequantizes them once per
 generate call: the model a use_4bit run trained for.
@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from checkpoint import CheckpointError, model_from_checkpoint, open_checkpoint
+from checkpoint import CheckpointError, load_model
 from lowbit import LowBitError, to_4bit
 from runtime import DeviceError, pick_device
 from tokenizer import TokenizerError, tokenizer_from_string
@@ -22,7 +22,7 @@ from tokenizer import TokenizerError, tokenizer_from_string
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Generate text from a BDH checkpoint.")
     parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint_<step>.pt, a run directory, or latest")
+                        help="checkpoint_<step>.pt, a run directory, latest, or a folder export.py wrote")
     parser.add_argument("--checkpoint-dir", default="checkpoints", help="where `latest` looks")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=500)
@@ -39,11 +39,10 @@ def main(argv=None) -> int:
         device = pick_device(args.device, setting="--device")
         if args.four_bit and device.type == "mps":
             raise DeviceError("--4bit: bitsandbytes' 4-bit quantization runs on cpu or cuda; add --device cpu")
-        _, ckpt = open_checkpoint(args.checkpoint, args.checkpoint_dir, setting="--checkpoint")
-        model = model_from_checkpoint(ckpt).to(device).eval()
-        tokenizer = tokenizer_from_string(ckpt.tokenizer)
+        model, saved_tokenizer, low_precision = load_model(args.checkpoint, args.checkpoint_dir, "--checkpoint")
+        model = model.to(device).eval()
+        tokenizer = tokenizer_from_string(saved_tokenizer)
         if args.four_bit:
-            low_precision = ckpt.low_precision()
             quant_type = low_precision.get("quantization_type", "nf4")
             double_quant = low_precision.get("use_double_quant", True)
             before, after = to_4bit(model, quant_type, double_quant)

@@ -1,16 +1,14 @@
 """Writing parquet shards in the layout data.py reads (one `text` column, one document per row):
 from the user's text files (python data.py --from-text) and the built-in sample corpus.
 """
-import os
-import shutil
 import sysconfig
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from checkpoint import write_folder
 from config import DEFAULT_SAMPLE_DIR
-from runtime import pid_alive
 
 
 class ShardError(Exception):
@@ -63,36 +61,6 @@ def write_shards(documents, out_dir, docs_per_shard=16384, row_group_bytes=128 *
     return n_docs
 
 
-def write_folder(out_dir, write, replace=False, keep_existing=False):
-    """write(folder) into a temporary sibling of out_dir, then move it into place: out_dir appears
-    whole or not at all, and a failure leaves nothing. An out_dir that holds files is refused,
-    replaced (replace) or kept (keep_existing: another process built it first). Temporary folders
-    of processes that died (killed mid-build) are removed first."""
-    out_dir = Path(out_dir)
-    for stale in (*out_dir.parent.glob(f"{out_dir.name}.tmp*"), *out_dir.parent.glob(f".{out_dir.name}.tmp*")):
-        pid = stale.name.rsplit(".tmp", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not replace:
-        raise ShardError(f"{out_dir}: the folder holds files already, which training would read too; choose "
-                         f"another --out, or add --replace to replace them")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    try:
-        result = write(tmp)
-        if out_dir.is_dir() and any(out_dir.iterdir()) and keep_existing:
-            shutil.rmtree(tmp)
-            return result
-        old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return result
-
-
 def text_files_to_parquet(files, out_dir, chunk_bytes=8192, replace=False) -> int:
     def documents():
         for f in files:
@@ -103,6 +71,8 @@ def text_files_to_parquet(files, out_dir, chunk_bytes=8192, replace=False) -> in
             yield from split_text(raw.decode("utf-8", errors="replace"), chunk_bytes)
     try:
         return write_folder(out_dir, lambda folder: write_shards(documents(), folder), replace=replace)
+    except FileExistsError as e:
+        raise ShardError(str(e))
     except OSError as e:
         raise ShardError(f"{out_dir}: cannot write ({e.strerror or e})")
 

@@ -29,6 +29,17 @@ class TokenizerError(Exception):
     pass
 
 
+def byte_level_alphabet() -> list[str]:
+    """The character a byte-level BPE writes for each byte 0..255 (GPT-2's scheme): the printable
+    bytes stand for themselves, the others, in order, for the characters from U+0100 on."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    chars, others = [], 0
+    for byte in range(256):
+        chars.append(chr(byte) if byte in printable else chr(0x100 + others))
+        others += byte not in printable
+    return chars
+
+
 class ByteTokenizer:
     name = "bytes"
     vocab_size = 256
@@ -57,6 +68,18 @@ class ByteTokenizer:
 
     def to_str(self) -> str:
         return "bytes"
+
+    def to_hf_json(self) -> str:
+        """These byte tokens as a Hugging Face tokenizer.json: a byte-level BPE without merges whose
+        id for each byte is the byte."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        tok = Tokenizer(models.BPE(vocab={char: byte for byte, char in enumerate(byte_level_alphabet())}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok.to_str()
+
+    def separator_text(self) -> str:
+        return byte_level_alphabet()[self.separator]
 
 
 class HFTokenizer:
@@ -89,8 +112,7 @@ class HFTokenizer:
     def _byte_lengths(self, vocab: dict) -> np.ndarray:
         """A byte-level BPE writes each byte of a token as one character of its 256-character
         alphabet, so its length is its number of characters; other tokens are decoded."""
-        from tokenizers.pre_tokenizers import ByteLevel
-        alphabet = set(ByteLevel.alphabet())
+        alphabet = set(byte_level_alphabet())
         byte_level = json.loads(self.json).get("decoder", {}) or {}
         byte_level = byte_level.get("type") == "ByteLevel"
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
@@ -120,6 +142,11 @@ class HFTokenizer:
 
     def to_str(self) -> str:
         return self.json
+
+    to_hf_json = to_str
+
+    def separator_text(self) -> str:
+        return SEPARATOR_TOKEN
 
 
 def load_tokenizer(spec: str, setting: str = "dataset.tokenizer"):

@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from checkpoint import (Checkpoint, CheckpointError, RunDir, check_same_model, check_writable,
-                        clean_stale_temporaries, open_checkpoint, optimizer_state_for, rng_state, set_rng_state)
+                        clean_stale_temporaries, is_export, load_export, open_checkpoint, optimizer_state_for,
+                        rng_state, set_rng_state)
 from config import add_config_arguments, load_config
 from data import (DataError, data_order, list_units, loader_workers, resume_point, stop_loader_workers,
                   train_loader, validation_batches)
 from distributed import (DistributedError, Ranks, communication_failure, full_state, full_weights,
-                         gradient_sync, load_full_state, local_tensor, shutdown, start, wrap)
+                         gradient_sync, load_full_state, load_full_weights, local_tensor, shutdown, start, wrap)
 from fp8 import FP8Error, fp8_matmuls
 from lowbit import AdamW4bit, LowBitError, adamw_state_bytes, convert_adamw_state, quantization_aware_view
 from metrics import MetricsError, MetricsLog
@@ -112,7 +113,7 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
         model = torch.compile(model)
 
     # ---- describe the run
-    metrics = MetricsLog(run, cfg, resumed_step=progress.step if training.resume_from_checkpoint else None)
+    metrics = MetricsLog(run, cfg, resumed_step=progress.step if run.path is not None else None)
     flops_per_token = cfg.model.training_flops_per_token(training.block_size)
     peak, peak_source = peak_flops(device, DTYPES[low_precision.compute_dtype]) if device.type == "cuda" else (0, "")
     print(describe_run(cfg, raw_model, optimizer, ranks, device, len(units), compile_model, fp8_recipe, qat_start))
@@ -253,12 +254,11 @@ def resume(cfg, model, optimizer, scaler, tokenizer, workers, ranks, device):
     """Load the checkpoint of training.resume_from_checkpoint into the model, optimizer and
     scaler; returns (its run directory, Progress, the data stream's start positions, first epoch)."""
     low_precision = cfg.low_precision
+    if is_export(cfg.training.resume_from_checkpoint):
+        return fine_tune_from_export(cfg, model, tokenizer, ranks)
     path, ckpt = open_checkpoint(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir)
-    check_same_model(ckpt, cfg.model, path)
-    if ckpt.tokenizer != tokenizer.to_str():
-        trained_with = "bytes" if ckpt.tokenizer == "bytes" else "another tokenizer.json"
-        raise CheckpointError(f"{path}: the checkpoint was trained with {trained_with}, not dataset.tokenizer "
-                              f"{tokenizer.name}; set dataset.tokenizer as in the run's config.yaml, or start a new run")
+    check_same_model(ckpt.model_config, cfg.model, path)
+    check_same_tokenizer(ckpt.tokenizer, tokenizer, path)
     optimizer_state = optimizer_state_for(optimizer, ckpt.optimizer, {p: name for name, p in model.named_parameters()})
     if ckpt.low_precision()["use_4bit_optimizer"] != low_precision.use_4bit_optimizer:
         print(f"converting the checkpoint's optimizer state to "
@@ -288,6 +288,26 @@ def resume(cfg, model, optimizer, scaler, tokenizer, workers, ranks, device):
     positions, progress.batches_consumed, first_epoch = resume_point(
         cfg, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
     return run, progress, positions, first_epoch
+
+
+def fine_tune_from_export(cfg, model, tokenizer, ranks):
+    """training.resume_from_checkpoint names a folder that export.py wrote: its weights, with a
+    fresh optimizer, from step 1, in a new run directory (an export holds no optimizer or data state)."""
+    folder = cfg.training.resume_from_checkpoint
+    exported, saved_tokenizer, config = load_export(folder)
+    check_same_model(config, cfg.model, folder)
+    check_same_tokenizer(saved_tokenizer, tokenizer, folder)
+    load_full_weights(model, exported.state_dict())
+    print(f"fine-tuning the model exported to {folder} (step {config['bdh_export']['step']} of its run): its weights, "
+          f"a fresh optimizer, from step 1, in a new run directory")
+    return RunDir(cfg.training.checkpoint_dir, writer=ranks.main), Progress(), [], 0
+
+
+def check_same_tokenizer(saved: str, tokenizer, path):
+    if saved != tokenizer.to_str():
+        trained_with = "bytes" if saved == "bytes" else "another tokenizer.json"
+        raise CheckpointError(f"{path}: the model was trained with {trained_with}, not dataset.tokenizer "
+                              f"{tokenizer.name}; set dataset.tokenizer as in the run's config.yaml, or start a new run")
 
 
 def evaluated_weights(low_precision: dict) -> str:

@@ -250,7 +250,7 @@ def test_a_bpe_run_resumes_samples_with_its_tokenizer_and_refuses_another(tmp_pa
     assert train.main(["--config", str(path), "dataset.tokenizer=bytes", "training.resume_from_checkpoint=latest",
                        "training.max_iters=3"]) == 1
     err = capsys.readouterr().err
-    assert "checkpoint_2.pt: the checkpoint was trained with another tokenizer.json, not dataset.tokenizer bytes" in err
+    assert "checkpoint_2.pt: the model was trained with another tokenizer.json, not dataset.tokenizer bytes" in err
 
 
 @pytest.mark.parametrize("problem,overrides,message", [

@@ -1,0 +1,146 @@
+"""Export a trained model to share it: the weights in safetensors, the model's shape, its tokenizer and a
+model card; with --hf, also a Hugging Face Transformers folder.
+
+    python export.py --checkpoint X --out DIR [--hf] [--4bit] [--replace]
+
+DIR holds model.safetensors (the weights only, under their checkpoint names and shapes), config.json,
+tokenizer.json (and tokenizer_config.json) and README.md. --hf adds the configuration and modeling
+files, and model.py, that AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) loads.
+--4bit stores encoder, encoder_v and decoder as the 4-bit weights a use_4bit run trained for (the
+model sample.py --4bit serves): per weight W, W_nf4 (uint8, two codes per byte, high nibble first),
+W_absmax (float32, one scale per block of 64 values) and one quant_map (the 16 levels); a value is
+quant_map[code] x its block's scale (model.unpack_4bit).
+"""
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from checkpoint import EXPORT_VERSION, CheckpointError, open_checkpoint, write_folder
+from lowbit import BLOCKSIZE, LowBitError, export_4bit
+from model import LAYER_WEIGHTS
+from tokenizer import TokenizerError, tokenizer_from_string
+
+ROOT = Path(__file__).resolve().parent
+HF_FILES = {ROOT / "hf" / "configuration_bdh.py": "configuration_bdh.py", ROOT / "hf" / "modeling_bdh.py": "modeling_bdh.py",
+            ROOT / "model.py": "model.py"}
+
+
+def weights(ckpt, four_bit: bool) -> dict:
+    if not four_bit:
+        return {name: tensor.contiguous() for name, tensor in ckpt.model.items()}
+    low_precision = ckpt.low_precision()
+    tensors = {name: ckpt.model[name].contiguous() for name in ckpt.model if name not in LAYER_WEIGHTS}
+    for name in LAYER_WEIGHTS:
+        packed = export_4bit(ckpt.model[name], low_precision.get("quantization_type", "nf4"),
+                             low_precision.get("use_double_quant", True))
+        tensors[f"{name}_nf4"], tensors[f"{name}_absmax"], tensors["quant_map"] = (
+            packed["nf4"], packed["absmax"], packed["quant_map"])
+    return tensors
+
+
+def model_config(ckpt, tokenizer, source: Path, hf: bool, four_bit: bool) -> dict:
+    quant_type = ckpt.low_precision().get("quantization_type", "nf4")
+    config = {**ckpt.model_config, "tokenizer_vocab_size": tokenizer.vocab_size,
+              "separator_token_id": tokenizer.separator,
+              "weights_4bit": {"quant_type": quant_type, "blocksize": BLOCKSIZE} if four_bit else None,
+              "bdh_export": {"version": EXPORT_VERSION, "tokenizer": "bytes" if tokenizer.to_str() == "bytes"
+                             else "tokenizer.json", "step": ckpt.step, "checkpoint": str(source)}}
+    if hf:
+        config.update(model_type="bdh", architectures=["BDHForCausalLM"], torch_dtype="float32",
+                      auto_map={"AutoConfig": "configuration_bdh.BDHConfig",
+                                "AutoModelForCausalLM": "modeling_bdh.BDHForCausalLM"})
+    return config
+
+
+def evaluations(source: Path, step: int) -> dict:
+    """The last evaluation at or before `step` in the run's metrics.jsonl (empty if none)."""
+    path = source.parent / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    found = [r for r in records if "val_loss" in r and r["step"] <= step]
+    return found[-1] if found else {}
+
+
+def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool) -> str:
+    config, shape = ckpt.config, ckpt.model_config
+    training = config.get("training", {})
+    n_latent = shape["mlp_internal_dim_multiplier"] * shape["n_embd"] // shape["n_head"]
+    n_params = sum(t.numel() for t in ckpt.model.values())
+    evaluated = evaluations(source, ckpt.step)
+    result = (f"validation loss {evaluated['val_loss']:.4f} nats per token, "
+              f"{evaluated['val_bits_per_byte']:.4f} bits per byte, at step {evaluated['step']}"
+              if "val_bits_per_byte" in evaluated else f"best validation loss {ckpt.best_val_loss:.4f} nats per token")
+    tokens = "UTF-8 bytes" if tokenizer.to_str() == "bytes" else f"a {tokenizer.vocab_size:,}-token tokenizer.json"
+    weights_note = "float32"
+    if four_bit:
+        weights_note = (f"encoder, encoder_v, decoder in 4 bits ({ckpt.low_precision().get('quantization_type', 'nf4')}, "
+                        f"blocks of {BLOCKSIZE}), the rest float32")
+    dataset = config.get("dataset", {})
+    lines = [f"# BDH ({source.parent.name}, step {ckpt.step})", "",
+             "A BDH language model (\"Baby Dragon Hatchling\", arXiv 2509.26507) trained with the BDH training "
+             "script; MODEL.md of that repository states its exact function.", "",
+             f"- model: {shape['n_layer']} layers, n_embd {shape['n_embd']}, {shape['n_head']} heads, "
+             f"{n_latent:,} latent neurons per head, vocabulary {shape['vocab_size']:,}; {n_params / 1e6:.2f}M parameters",
+             f"- weights: {weights_note}",
+             f"- tokens: {tokens}",
+             f"- data: {dataset.get('parquet_dir')} (column {dataset.get('text_column')!r}), "
+             f"validation fraction {dataset.get('val_fraction')}",
+             f"- training: step {ckpt.step} of {training.get('max_iters')}, batch {training.get('batch_size')} x "
+             f"block {training.get('block_size')} x accumulation {training.get('gradient_accumulation_steps')}",
+             f"- result: {result}", "",
+             "## Use", "", "With the training repository:", "",
+             f"    python sample.py --checkpoint {out} --prompt \"...\"", ""]
+    if hf:
+        lines += ["With Hugging Face Transformers:", "",
+                  "    from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f"    model = AutoModelForCausalLM.from_pretrained(\"{out}\", trust_remote_code=True)",
+                  f"    tokenizer = AutoTokenizer.from_pretrained(\"{out}\")",
+                  "    ids = model.generate(**tokenizer(\"...\", return_tensors=\"pt\"), max_new_tokens=100, do_sample=False)",
+                  "    print(tokenizer.decode(ids[0]))", ""]
+    lines += ["## The run's configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def write_export(folder: Path, ckpt, source: Path, out: str, hf: bool, four_bit: bool):
+    from safetensors.torch import save
+    tokenizer = tokenizer_from_string(ckpt.tokenizer)
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(save(weights(ckpt, four_bit), metadata={"format": "pt"}))
+    config = model_config(ckpt, tokenizer, source, hf, four_bit)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "tokenizer.json").write_text(tokenizer.to_hf_json())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.separator_text(),
+         "eos_token": tokenizer.separator_text(), "clean_up_tokenization_spaces": False}, indent=2) + "\n")
+    (folder / "README.md").write_text(model_card(ckpt, tokenizer, source, out, hf, four_bit))
+    if hf:
+        for source_file, name in HF_FILES.items():
+            shutil.copyfile(source_file, folder / name)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint_<step>.pt, best.pt, a run directory, or latest")
+    parser.add_argument("--checkpoint-dir", default="checkpoints", help="where `latest` looks")
+    parser.add_argument("--out", required=True, help="the folder to write")
+    parser.add_argument("--hf", action="store_true", help="also a Hugging Face Transformers folder (trust_remote_code)")
+    parser.add_argument("--4bit", dest="four_bit", action="store_true",
+                        help="encoder, encoder_v, decoder as 4-bit weights (for models trained with use_4bit)")
+    parser.add_argument("--replace", action="store_true", help="replace an --out folder that holds files")
+    args = parser.parse_args(argv)
+    try:
+        source, ckpt = open_checkpoint(args.checkpoint, args.checkpoint_dir, setting="--checkpoint")
+        write_folder(args.out, lambda folder: write_export(folder, ckpt, source, args.out, args.hf, args.four_bit),
+                     replace=args.replace)
+    except (CheckpointError, TokenizerError, LowBitError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"exported step {ckpt.step} of {source} to {args.out}" + (" (a Hugging Face folder too)" if args.hf else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""BDH for Hugging Face Transformers (AutoModelForCausalLM with trust_remote_code=True): inference
+and generation. The layers are computed by model.py beside this file, the training repository's
+own; generation carries BDH's recurrent state as its cache, so each new token costs the same
+whatever the context."""
+import torch
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_bdh import BDHConfig
+from .model import LAYER_WEIGHTS, BDH, recurrent_forward, rope_frequencies, unpack_4bit
+from .model import BDHConfig as Shape
+
+
+class BDHState:
+    """The generation cache: each layer's state (H, B, N, D) and the number of positions it holds."""
+
+    def __init__(self, states, seen=0):
+        self.states, self.seen = states, seen
+
+    def get_seq_length(self, layer_idx=0) -> int:
+        return self.seen
+
+
+class BDHForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = BDHConfig
+
+    def __init__(self, config: BDHConfig):
+        super().__init__(config)
+        shape = Shape(**{k: getattr(config, k) for k in Shape.__dataclass_fields__})
+        core = BDH(shape)  # the parameters, under the names of the training checkpoints
+        self.shape, self.embed, self.lm_head = shape, core.embed, core.lm_head
+        self.weight_shapes = {name: getattr(core, name).shape for name in LAYER_WEIGHTS}
+        if config.weights_4bit:  # 4-bit codes and per-block scales, unpacked at every forward
+            for name in LAYER_WEIGHTS:
+                numel = getattr(core, name).numel()
+                self.register_buffer(f"{name}_nf4", torch.zeros((numel + 1) // 2, dtype=torch.uint8))
+                self.register_buffer(f"{name}_absmax", torch.zeros(-(-numel // config.weights_4bit["blocksize"])))
+            self.register_buffer("quant_map", torch.zeros(16))
+        else:
+            self.encoder, self.encoder_v, self.decoder = core.encoder, core.encoder_v, core.decoder
+        self.post_init()
+
+    def _init_weights(self, module):
+        pass  # BDH() initialised them; loading replaces them
+
+    @property
+    def rope_freqs(self):  # derived from the shape: computed here, as Transformers loads only saved tensors
+        return rope_frequencies(self.shape.n_latent).to(self.embed.weight.device)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the cache is BDHState, made by forward
+
+    def layer_weights(self):
+        if not self.config.weights_4bit:
+            return self.encoder, self.encoder_v, self.decoder
+        return tuple(unpack_4bit(getattr(self, f"{name}_nf4"), getattr(self, f"{name}_absmax"), self.quant_map,
+                                 self.weight_shapes[name], self.config.weights_4bit["blocksize"])
+                     for name in LAYER_WEIGHTS)
+
+    def forward(self, input_ids, past_key_values=None, labels=None, use_cache=None, attention_mask=None, **kwargs):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("BDH has no padding mask: give prompts of equal length (or one at a time)")
+        cache = past_key_values
+        if cache is None:
+            B, dtype = input_ids.size(0), self.embed.weight.dtype
+            cache = BDHState([torch.zeros(self.shape.n_head, B, self.shape.n_latent, self.shape.n_embd,
+                                          device=input_ids.device, dtype=dtype) for _ in range(self.shape.n_layer)])
+        hidden = recurrent_forward(self, input_ids, cache.states, cache.seen, self.layer_weights())
+        cache.seen += input_ids.size(1)
+        logits = hidden @ self.lm_head
+        logits[..., self.config.tokenizer_vocab_size:] = float("-inf")  # ids no tokenizer produces
+        loss = None
+        if labels is not None:  # the Transformers convention: labels are the inputs, shifted here
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache is not False else None)

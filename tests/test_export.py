@@ -1,0 +1,125 @@
+"""export.py: safetensors, a Hugging Face Transformers folder that generates what sample.py does, 4-bit
+weights, and what sample.py and train.py do with an exported folder."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import export
+import sample
+import train
+from checkpoint import load_checkpoint, load_export, model_from_checkpoint
+from conftest import write_config
+from lowbit import dequantize, quantize
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def trained(tmp_path, corpus, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=4)
+    assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    return run / "checkpoint_4.pt"
+
+
+def hf_model(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True)
+    model.generation_config.eos_token_id = None  # run the full length, as sample.py does, not stop at a separator
+    return model.eval(), AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+
+
+def sample_text(capsys, *args):
+    capsys.readouterr()
+    assert sample.main(["--max-new-tokens", "100", *args, "--temperature", "0", "--device", "cpu"]) == 0
+    return capsys.readouterr().out.rstrip("\n")
+
+
+def test_export_holds_the_checkpoint_weights_and_transformers_generates_what_sample_does(trained, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert export.main(["--checkpoint", str(trained.parent), "--out", str(out), "--hf"]) == 0
+    ckpt = load_checkpoint(trained)
+    weights = load_file(out / "model.safetensors")
+    assert weights.keys() == ckpt.model.keys()
+    assert all(torch.equal(weights[k], ckpt.model[k]) for k in weights)
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config[k] for k in ckpt.model_config} == ckpt.model_config and config["bdh_export"]["step"] == 4
+    card = (out / "README.md").read_text()
+    assert "step 4 of 4" in card and "bits per byte" in card and "trust_remote_code=True" in card
+    model, tokenizer = hf_model(out)
+    # the same function as model.py: the logits of a whole sequence (the modeling file cannot drift)
+    idx = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        expected = model_from_checkpoint(ckpt).eval()(idx)[0]
+        assert torch.allclose(model(idx).logits, expected, atol=1e-5)
+    # greedy generation of 100 tokens, token for token that of sample.py at temperature 0
+    inputs = tokenizer("<00-", return_tensors="pt")
+    assert inputs["input_ids"].tolist() == [list(b"<00-")]
+    ids = model.generate(**inputs, max_new_tokens=100, do_sample=False)
+    reference = model_from_checkpoint(ckpt).eval().generate(inputs["input_ids"], 100, temperature=0)
+    assert torch.equal(ids, reference)
+    assert tokenizer.decode(ids[0]) == sample_text(capsys, "--checkpoint", str(trained), "--prompt", "<00-")
+    torch.manual_seed(0)
+    assert model.generate(**inputs, max_new_tokens=20, do_sample=True, top_k=20).shape == (1, 24)
+
+
+def test_a_bpe_model_exports_its_tokenizer(tmp_path, corpus, bpe_file, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = write_config(tmp_path, corpus, max_iters=2, model={"vocab_size": 384}, dataset={"tokenizer": str(bpe_file)})
+    assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
+    out = tmp_path / "export"
+    assert export.main(["--checkpoint", "latest", "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(out), "--hf"]) == 0
+    model, tokenizer = hf_model(out)
+    inputs = tokenizer("<00-0", return_tensors="pt")
+    ids = model.generate(**inputs, max_new_tokens=30, do_sample=False)
+    assert ids.max() < 320  # padded ids (vocab_size 384) are never produced
+    assert tokenizer.decode(ids[0]) == sample_text(capsys, "--checkpoint", str(out), "--prompt", "<00-0",
+                                                   "--max-new-tokens", "30")
+
+
+def test_4bit_export_is_the_model_sample_4bit_serves(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = write_config(tmp_path, corpus, max_iters=2, model={"n_embd": 64, "mlp_internal_dim_multiplier": 8})
+    assert train.main(["--config", str(path), "logging.tensorboard=false", "low_precision.use_4bit=true"]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    out = tmp_path / "export4"
+    assert export.main(["--checkpoint", str(run), "--out", str(out), "--hf", "--4bit"]) == 0
+    tensors = load_file(out / "model.safetensors")
+    assert tensors["encoder_nf4"].dtype == torch.uint8 and "encoder" not in tensors
+    ckpt = load_checkpoint(run / "checkpoint_2.pt")
+    unpacked, _, _ = load_export(out)
+    for name in ("encoder", "encoder_v", "decoder"):  # exactly the 4-bit round trip the run evaluated
+        expected = dequantize(quantize(ckpt.model[name], "nf4", True)).view_as(ckpt.model[name])
+        assert torch.equal(getattr(unpacked, name), expected)
+    float_size = sum(t.numel() * 4 for t in ckpt.model.values())
+    assert (out / "model.safetensors").stat().st_size < 0.5 * float_size
+    model, tokenizer = hf_model(out)
+    ids = model.generate(**tokenizer("<01-", return_tensors="pt"), max_new_tokens=100, do_sample=False)
+    assert tokenizer.decode(ids[0]) == sample_text(capsys, "--checkpoint", str(run), "--prompt", "<01-", "--4bit")
+
+
+def test_an_export_fine_tunes_with_a_fresh_optimizer(trained, tmp_path, corpus, capsys):
+    out = tmp_path / "export"
+    assert export.main(["--checkpoint", str(trained), "--out", str(out)]) == 0
+    assert not (out / "modeling_bdh.py").exists()  # without --hf: weights, config, tokenizer, card
+    path = write_config(tmp_path, corpus, "tune.yaml", max_iters=2, checkpoint_freq=2, checkpoint_dir=str(tmp_path / "tune"))
+    capsys.readouterr()
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={out}"]) == 0
+    assert "fine-tuning the model exported to" in capsys.readouterr().out
+    [run] = (tmp_path / "tune").iterdir()
+    first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][0]
+    assert first["step"] == 1 and first["train_loss"] < 5.0  # trained weights: far below ln 256 = 5.5
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={out}", "model.n_layer=3"]) == 1
+    assert "different model shape" in capsys.readouterr().err
+
+
+def test_what_is_not_this_projects_is_refused_in_one_line(tmp_path, capsys):
+    other = tmp_path / "pytorch_model.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, other)
+    assert export.main(["--checkpoint", str(other), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {other}: not a checkpoint of this project (missing model, model_config, step)\n"
+    assert not (tmp_path / "out").exists()
