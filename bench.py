@@ -23,7 +23,7 @@ from data import list_units, loader_workers, train_loader
 from model import BDH
 from reference import reference_forward
 from runtime import (DTYPES, DeviceError, autocast, measured_matmul_flops, peak_memory_bytes, pick_device,
-                     steady_host_memory)
+                     resolve_compute_dtype, steady_host_memory)
 from shards import ensure_sample_corpus
 from tokenizer import load_tokenizer
 
@@ -183,13 +183,14 @@ def main(argv=None) -> int:
         run_memory_probe(cfg, args.memory_probe)
         return 0
     training, model = cfg.training, cfg.model
-    print(f"device {device} ({torch.get_num_threads()} threads) | {cfg.low_precision.compute_dtype} | "
+    compute_dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
+    print(f"device {device} ({torch.get_num_threads()} threads) | {compute_dtype} | "
           f"L{model.n_layer} D{model.n_embd} H{model.n_head} N{model.n_latent} "
           f"| batch {training.batch_size} x T {training.block_size} | torch {torch.__version__}")
     results = {"device": str(device), "config": cfg.to_dict(), "torch": str(torch.__version__)}
     results["training"] = training = bench_training(cfg, device, args.steps)
     if device.type == "cuda":
-        peak = measured_matmul_flops(device, DTYPES[cfg.low_precision.compute_dtype])
+        peak = measured_matmul_flops(device, DTYPES[compute_dtype])
         results["peak_flops"] = peak
         for r in training.values():
             r["mfu"] = r["tokens_per_s"] * cfg.model.training_flops_per_token(cfg.training.block_size) / peak

@@ -57,6 +57,7 @@ class DatasetConfig:
     max_cached_files: int = 8
     text_column: str = "text"
     val_fraction: float = 0.05
+    val_parquet_dir: typing.Optional[str] = None
     tokenizer: str = "bytes"
 
 
@@ -93,7 +94,7 @@ CHOICES = {
     "training.device": ("auto", "cpu", "cuda", "mps"),
     "training.distributed": ("ddp", "fsdp"),
     "low_precision.quantization_type": ("nf4", "fp4"),
-    "low_precision.compute_dtype": ("bfloat16", "float16", "float32"),
+    "low_precision.compute_dtype": ("bfloat16", "float16", "float32", "auto"),
     "fp8.format": ("hybrid", "e4m3"),
     "fp8.amax_compute_algo": ("max", "most_recent"),
     "fp8.backend": ("auto", "torchao", "transformer_engine"),

@@ -211,7 +211,8 @@ def assign_units(units: list[Unit], epoch: int, seed: int, n_readers: int, shuff
 
 class ParquetBatches(IterableDataset):
     """Yields (x, y, position): int64 batches of shape (batch_size, block_size) and the reader's
-    position after the batch. Train: endless epochs, shuffled. Validation: one pass in file order.
+    position after the batch, from the documents of `split` (train, val or all: read_unit_documents).
+    shuffle (training): endless epochs, shuffled; otherwise (validation) one pass in file order.
 
     A position {reader, epoch, unit, part, consumed, carry} says: in this epoch the reader is at
     part `part` of unit number `unit` of its assignment, `consumed` of that part's shuffled windows
@@ -222,8 +223,10 @@ class ParquetBatches(IterableDataset):
     """
 
     def __init__(self, units, split, block_size, batch_size, seed, val_fraction, text_column,
-                 max_cached_files, tokenizer, rank=0, world_size=1, positions=(), rotation=0, first_epoch=0):
+                 max_cached_files, tokenizer, rank=0, world_size=1, positions=(), rotation=0, first_epoch=0,
+                 shuffle=None):
         self.units, self.split, self.tokenizer = units, split, tokenizer
+        self.shuffle = split == "train" if shuffle is None else shuffle
         self.block_size, self.batch_size = block_size, batch_size
         self.seed, self.val_fraction, self.text_column = seed, val_fraction, text_column
         self.max_cached_files = max_cached_files
@@ -245,7 +248,7 @@ class ParquetBatches(IterableDataset):
                 for batch in self.epoch_batches(cache, reader, n_readers, epoch, start):
                     produced = True
                     yield batch
-                if self.split != "train":
+                if not self.shuffle:
                     return
                 if not produced and start is None:  # would otherwise spin forever
                     raise DataError(f"reader {reader} of {n_readers} got no complete batch of "
@@ -261,7 +264,7 @@ class ParquetBatches(IterableDataset):
     def epoch_batches(self, cache, reader, n_readers, epoch, start=None):
         """One epoch of one reader (from `start` if given): its units joined into a stream, cut
         into windows, shuffled within each part of a unit, packed into batches."""
-        T, B, train = self.block_size, self.batch_size, self.split == "train"
+        T, B, train = self.block_size, self.batch_size, self.shuffle
         units = assign_units(self.units, epoch, self.seed, n_readers, shuffle=train)[reader]
         first = start["unit"] if start else 0
         carry = np.array(start["carry"] if start else [], dtype=self.tokenizer.dtype)
@@ -321,7 +324,12 @@ def stop_loader_workers():
 # Settings that decide the order of the training batches: resuming with other values cannot
 # continue the same sequence.
 DATA_ORDER_FIELDS = ("training.batch_size", "training.block_size", "training.seed",
-                     "dataset.parquet_dir", "dataset.text_column", "dataset.val_fraction")
+                     "dataset.parquet_dir", "dataset.text_column", "dataset.val_fraction", "dataset.val_parquet_dir")
+
+
+def training_split(cfg) -> str:
+    """The documents training reads: all of parquet_dir's when validation has its own folder."""
+    return "all" if cfg.dataset.val_parquet_dir else "train"
 
 
 def data_order(cfg, num_workers, world_size=1) -> dict:
@@ -361,10 +369,10 @@ def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=
                  pin_memory=False, rank=0, world_size=1) -> DataLoader:
     """The endless training stream, yielding (x, y, position), from a resume_point()."""
     training, dataset_cfg = cfg.training, cfg.dataset
-    dataset = ParquetBatches(units, "train", training.block_size, training.batch_size, training.seed,
+    dataset = ParquetBatches(units, training_split(cfg), training.block_size, training.batch_size, training.seed,
                              dataset_cfg.val_fraction, dataset_cfg.text_column, dataset_cfg.max_cached_files,
                              tokenizer, rank, world_size, positions, batches_consumed % max(1, workers),
-                             first_epoch)
+                             first_epoch, shuffle=True)
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=cfg.dataloader.prefetch_factor if workers else None,
                       worker_init_fn=_leave_signals_to_main if workers else None,
@@ -372,26 +380,35 @@ def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=
 
 
 def validation_batches(cfg, units, tokenizer) -> list:
-    """The first eval_iters validation batches, read once: the same set at every evaluation."""
+    """The first eval_iters validation batches, read once: the same set at every evaluation. They
+    come from the validation documents of `units`, or from dataset.val_parquet_dir."""
     training, dataset_cfg = cfg.training, cfg.dataset
-    dataset = ParquetBatches(units, "val", training.block_size, training.batch_size, training.seed,
+    split, folder = "val", dataset_cfg.parquet_dir
+    if dataset_cfg.val_parquet_dir:
+        split, folder = "all", dataset_cfg.val_parquet_dir
+        units = list_units(folder, dataset_cfg.text_column)
+    dataset = ParquetBatches(units, split, training.block_size, training.batch_size, training.seed,
                              dataset_cfg.val_fraction, dataset_cfg.text_column, dataset_cfg.max_cached_files,
-                             tokenizer)
+                             tokenizer, shuffle=False)
     batches = []
     for x, y, _ in dataset:
         batches.append((x, y))
         if len(batches) == training.eval_iters:
             break
     if not batches:
-        if not any(len(docs) for unit in units for docs in read_unit_documents(
-                ParquetFileCache(1), unit, dataset_cfg.text_column, "all", training.seed, dataset_cfg.val_fraction)):
-            raise DataError(f"{dataset_cfg.parquet_dir}: column {dataset_cfg.text_column!r} holds no documents: every "
+        cache = ParquetFileCache(1)
+        documents = any(len(docs) for unit in units for docs in read_unit_documents(
+            cache, unit, dataset_cfg.text_column, "all", training.seed, dataset_cfg.val_fraction))
+        cache.close()
+        if not documents:
+            raise DataError(f"{folder}: column {dataset_cfg.text_column!r} holds no documents: every "
                             f"row of the {len({u.path for u in units})} file(s) is null or empty; set "
                             f"dataset.text_column to the column with the text")
-        raise DataError(f"{dataset_cfg.parquet_dir}: the validation split (val_fraction "
-                        f"{dataset_cfg.val_fraction}) holds less than one batch of {training.batch_size} x "
-                        f"{training.block_size + 1} tokens; raise dataset.val_fraction, lower training.block_size "
-                        f"or training.batch_size, or add documents")
+        what = "holds" if dataset_cfg.val_parquet_dir else f"split (val_fraction {dataset_cfg.val_fraction}) holds"
+        more = "add validation documents" if dataset_cfg.val_parquet_dir else "raise dataset.val_fraction, or add documents"
+        raise DataError(f"{folder}: the validation {what} less than one batch of {training.batch_size} x "
+                        f"{training.block_size + 1} tokens; lower training.block_size or training.batch_size, or "
+                        f"{more}")
     return batches
 
 
@@ -408,8 +425,8 @@ def training_texts(cfg, units, report_every_s=5.0):
     started = last = time.time()
     try:
         for k, unit in enumerate(units):
-            for docs in read_unit_documents(cache, unit, cfg.dataset.text_column, "train", cfg.training.seed,
-                                            cfg.dataset.val_fraction):
+            for docs in read_unit_documents(cache, unit, cfg.dataset.text_column, training_split(cfg),
+                                            cfg.training.seed, cfg.dataset.val_fraction):
                 for doc in docs.to_pylist():
                     yield doc.decode("utf-8", errors="replace")
                 n_docs += len(docs)

@@ -55,7 +55,7 @@ class FP8Matmuls(Matmuls):
             dtype = torch.get_autocast_dtype(a.device.type)
             a, b = a.to(dtype), b.to(dtype)
         config, mm_config = self.roles[role]
-        return torch.stack([matmul_with_hp_or_float8_args.apply(a[h], b[h], mm_config, config)
+        return torch.stack([matmul_with_hp_or_float8_args.apply(a[h if len(a) > 1 else 0], b[h], mm_config, config)
                             for h in range(b.size(0))])
 
     def accumulate(self, total, a, b):

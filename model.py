@@ -66,24 +66,25 @@ def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor):
     return phases.cos(), phases.sin()
 
 
-def rotate_pairs(a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(a_0, a_1, a_2, a_3, ...) -> (-a_1, a_0, -a_3, a_2, ...)"""
-    out = torch.empty_like(a) if out is None else out
-    torch.neg(a[..., 1::2], out=out[..., 0::2])
-    out[..., 1::2] = a[..., 0::2]
-    return out
+def rope_phases(freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(T, N/2) complex64: e^(i p) for each position and pair (2i, 2i+1), which share a frequency."""
+    cos, sin = rope_cos_sin(freqs[0::2], positions)
+    return torch.complex(cos, sin)
 
 
-def rope(a, cos, sin):
-    """a*cos + rotate_pairs(a)*sin: each pair (a_2i, a_2i+1) rotated by its position's phase. The
-    rotated copy is made one tile of positions at a time, and the tables are cast to the
-    activation dtype first, so no extra full-size or float32 copy of a is made."""
-    r = a * cos
-    rotated = a.new_empty(*a.shape[:-2], min(TILE, a.size(-2)), a.size(-1))  # reused by every tile
+def rope(a, phases):
+    """Each pair (a_2i, a_2i+1), as the complex number a_2i + i a_2i+1, times its position's
+    e^(i p): a_2i cos p - a_2i+1 sin p, a_2i+1 cos p + a_2i sin p, in float32 (float64 for
+    float64), then in a's dtype. A low-precision a is rotated a tile of positions at a time, so
+    that it makes no full-size float32 copy."""
+    if a.dtype in (torch.float32, torch.float64):
+        return torch.view_as_real(torch.view_as_complex(a.unflatten(-1, (-1, 2))) * phases).flatten(-2)
+    r = torch.empty_like(a)
     for t0 in range(0, a.size(-2), TILE):
         t1 = min(t0 + TILE, a.size(-2))
-        tile = rotate_pairs(a[..., t0:t1, :], out=rotated[..., :t1 - t0, :])
-        r[..., t0:t1, :].addcmul_(tile, sin[t0:t1])
+        tile = a[..., t0:t1, :].to(torch.promote_types(a.dtype, torch.float32))
+        pairs = torch.view_as_complex(tile.unflatten(-1, (-1, 2)))
+        r[..., t0:t1, :] = torch.view_as_real(pairs * phases[t0:t1]).flatten(-2)
     return r
 
 
@@ -92,13 +93,12 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def layer_norm_backward(inp: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Gradient through y = LN(inp): rstd * (g - mean(g) - y * mean(g * y)), in float32."""
+    """Gradient through y = LN(inp): rstd * (g - mean(g) - y * mean(g * y)), in float32, by
+    PyTorch's fused kernels (the statistics recomputed, rather than kept from forward)."""
     dtype = torch.promote_types(inp.dtype, torch.float32)
-    inp, grad = inp.to(dtype), grad.to(dtype)
-    var, mean = torch.var_mean(inp, dim=-1, keepdim=True, correction=0)
-    rstd = (var + LN_EPS).rsqrt()
-    y = (inp - mean) * rstd
-    return rstd * (grad - grad.mean(-1, keepdim=True) - y * (grad * y).mean(-1, keepdim=True))
+    inp, grad, shape = inp.to(dtype), grad.to(dtype), (inp.size(-1),)
+    _, mean, rstd = torch.native_layer_norm(inp, shape, None, None, LN_EPS)
+    return torch.ops.aten.native_layer_norm_backward(grad, inp, shape, mean, rstd, None, None, [True, False, False])[0]
 
 
 def causal_scores(r: torch.Tensor) -> torch.Tensor:
@@ -134,13 +134,13 @@ def unpack_4bit(codes: torch.Tensor, absmax: torch.Tensor, code_book: torch.Tens
 
 
 class Matmuls:
-    """The layer's weight products, batched over heads: a (H, M, K) @ b (H, K, N) -> (H, M, N).
+    """The layer's weight products, batched over heads: a (H or 1, M, K) @ b (H, K, N) -> (H, M, N).
     `role` names the GEMM as a linear layer's would be named: "output" (forward), "grad_input"
     and "grad_weight" (backward), for backends that treat them differently (fp8.FP8Matmuls).
     This one runs torch.bmm in the autocast dtype."""
 
     def product(self, a, b, role="output"):
-        return torch.bmm(a, b)
+        return torch.matmul(a, b)
 
     def accumulate(self, total, a, b):
         """total += a @ b, a weight gradient. Under autocast the product is low precision and the
@@ -154,7 +154,7 @@ class Matmuls:
 PLAIN = Matmuls()
 
 
-def layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop=None, dropout=0.0, matmuls=PLAIN,
+def layer_forward(x, encoder, encoder_v, decoder, phases, drop=None, dropout=0.0, matmuls=PLAIN,
                   state=None, observe=None):
     """One BDH layer on x (B, T, D), computed head-first: per-head tensors are laid out
     (H, B*T, N), so every weight product is one batched matmul.
@@ -169,8 +169,8 @@ def layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop=None, dropout=0
     `observe(a, b)`, if given, sees the two sparse latents: a (H, B, T, N) and b (H, B*T, N).
     Returns out and what backward needs: a and small tensors."""
     (B, T, D), (H, _, N) = x.shape, encoder.shape
-    a = matmuls.product(x.view(1, B * T, D).expand(H, -1, -1), encoder).relu_().view(H, B, T, N)
-    r = rope(a, cos.to(a.dtype), sin.to(a.dtype))
+    a = matmuls.product(x.view(1, B * T, D), encoder).relu_().view(H, B, T, N)  # x is shared by the heads
+    r = rope(a, phases)
     scores = causal_scores(r)  # (H, B, T, T)
     y_kv = scores @ x
     if state is not None:
@@ -189,7 +189,7 @@ def layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop=None, dropout=0
     return layer_norm(s), (a, scores, y_kv, m_pre, s)
 
 
-def layer_backward(grad_out, x, encoder, encoder_v, decoder, cos, sin, drop, dropout, matmuls, saved, grads):
+def layer_backward(grad_out, x, encoder, encoder_v, decoder, phases, drop, dropout, matmuls, saved, grads):
     """Gradient of layer_forward: returns the gradient for x, adds the weight gradients into
     grads (encoder, encoder_v, decoder-shaped (H, N, D) buffers) in place."""
     a4, scores, y_kv, m_pre, s = saved
@@ -215,10 +215,10 @@ def layer_backward(grad_out, x, encoder, encoder_v, decoder, cos, sin, drop, dro
     grad_z = matmuls.product(grad_m_pre, decoder.view(H, N, D).transpose(-1, -2), "grad_input")  # (H, B*T, N)
     if drop is not None:
         grad_z.masked_fill_(drop, 0.0)
-    b_zero = b == 0
+    grad_v = grad_z * a  # through z = a * b ...
+    torch.ops.aten.threshold_backward.grad_input(grad_v, b, 0.0, grad_input=grad_v)  # ... and b = relu(v), v = y @ encoder_v
     grad_a = b.mul_(grad_z)  # b is not needed after this: reuse its memory
-    grad_v = grad_z.mul_(a).masked_fill_(b_zero, 0.0)  # through b = relu(v), v = y @ encoder_v
-    del b, b_zero
+    del b, grad_z
     matmuls.accumulate(grad_encoder_v, y.transpose(-1, -2), grad_v)
     grad_y = matmuls.product(grad_v, encoder_v.transpose(-1, -2), "grad_input")
     grad_y_kv = layer_norm_backward(y_kv, grad_y.view(H, B, T, D))
@@ -227,20 +227,18 @@ def layer_backward(grad_out, x, encoder, encoder_v, decoder, cos, sin, drop, dro
     # y_kv = scores @ x with scores = strictly_lower(r rᵀ), r = rope(a)
     grad_scores = (grad_y_kv @ x.transpose(-1, -2)).tril_(-1)  # (H, B, T, T)
     grad_x = grad_s + (scores.transpose(-1, -2) @ grad_y_kv).sum(0)
-    cos, sin = cos.to(a.dtype), sin.to(a.dtype)
-    r = rope(a4, cos, sin).view(H * B, T, N)
+    r = rope(a4, phases).view(H * B, T, N)
     grad_scores = grad_scores.view(H * B, T, T)
     grad_a4 = grad_a.view(H, B, T, N)
-    grad_r, rotated = (a.new_empty(H * B, min(TILE, T), N) for _ in range(2))  # reused by every tile
+    grad_r = a.new_empty(H * B, min(TILE, T), N)  # reused by every tile
     for i0 in range(0, T, TILE):  # grad_r = grad_scores @ r + grad_scoresᵀ @ r, by row tile
         i1 = min(i0 + TILE, T)
         g = torch.bmm(grad_scores[:, i0:i1, :i1], r[:, :i1], out=grad_r[:, :i1 - i0])
         g.baddbmm_(grad_scores[:, i0:, i0:i1].transpose(-1, -2), r[:, i0:])
         # rope is a rotation: its transpose rotates by the opposite phase
-        grad_a4[..., i0:i1, :].addcmul_(g.view(H, B, i1 - i0, N), cos[i0:i1]).addcmul_(
-            rotate_pairs(g, out=rotated[:, :i1 - i0]).view(H, B, i1 - i0, N), sin[i0:i1], value=-1)
-    del r, grad_r, rotated
-    grad_u = grad_a.masked_fill_(a == 0, 0.0)  # through a = relu(x @ encoder)
+        grad_a4[..., i0:i1, :] += rope(g, phases[i0:i1].conj()).view(H, B, i1 - i0, N)
+    del r, grad_r
+    grad_u = torch.ops.aten.threshold_backward.grad_input(grad_a, a, 0.0, grad_input=grad_a)  # a = relu(x @ encoder)
     matmuls.accumulate(grad_encoder, x.view(1, B * T, D).transpose(-1, -2).expand(H, -1, -1), grad_u)
     return grad_x + matmuls.product(grad_u, encoder.transpose(-1, -2), "grad_input").sum(0).view(B, T, D)
 
@@ -252,12 +250,12 @@ class LayerStack(torch.autograd.Function):
     mask as bits and small tensors; with checkpoint, only its input."""
 
     @staticmethod
-    def forward(ctx, x, encoder, encoder_v, decoder, cos, sin, n_layer, dropout, checkpoint, matmuls, observe):
+    def forward(ctx, x, encoder, encoder_v, decoder, phases, n_layer, dropout, checkpoint, matmuls, observe):
         (B, T, _), (H, _, N) = x.shape, encoder.shape
         saved = []
         for _ in range(n_layer):
             drop = torch.rand(H, B * T, N, device=x.device) < dropout if dropout > 0 else None
-            out, layer_saved = layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop, dropout, matmuls,
+            out, layer_saved = layer_forward(x, encoder, encoder_v, decoder, phases, drop, dropout, matmuls,
                                              observe=observe)
             saved += [x, None if drop is None else pack_bits(drop),
                       *((None,) * 5 if checkpoint else layer_saved)]  # 7 entries per layer
@@ -265,13 +263,13 @@ class LayerStack(torch.autograd.Function):
         ctx.n_layer, ctx.dropout, ctx.checkpoint, ctx.matmuls = n_layer, dropout, checkpoint, matmuls
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
                         torch.get_autocast_dtype(x.device.type))
-        ctx.save_for_backward(encoder, encoder_v, decoder, cos, sin, *saved)
+        ctx.save_for_backward(encoder, encoder_v, decoder, phases, *saved)
         return x
 
     @staticmethod
     def backward(ctx, grad_out):
         device_type, autocast_enabled, autocast_dtype = ctx.autocast
-        encoder, encoder_v, decoder, cos, sin, *saved = ctx.saved_tensors
+        encoder, encoder_v, decoder, phases, *saved = ctx.saved_tensors
         (H, D, N), dropout, matmuls = encoder.shape, ctx.dropout, ctx.matmuls
         grads = [torch.zeros_like(encoder), torch.zeros_like(encoder_v),
                  decoder.new_zeros(H, N, D)]  # decoder's gradient, per head
@@ -282,11 +280,11 @@ class LayerStack(torch.autograd.Function):
                 B, T, _ = x.shape
                 drop = None if drop_bits is None else unpack_bits(drop_bits, (H, B * T, N))
                 if ctx.checkpoint:
-                    _, layer_saved = layer_forward(x, encoder, encoder_v, decoder, cos, sin, drop, dropout, matmuls)
-                grad_x = layer_backward(grad_x, x, encoder, encoder_v, decoder, cos, sin, drop, dropout,
+                    _, layer_saved = layer_forward(x, encoder, encoder_v, decoder, phases, drop, dropout, matmuls)
+                grad_x = layer_backward(grad_x, x, encoder, encoder_v, decoder, phases, drop, dropout,
                                         matmuls, layer_saved, grads)
                 del layer_saved
-        return grad_x, grads[0], grads[1], grads[2].view(H * N, D), None, None, None, None, None, None, None
+        return grad_x, grads[0], grads[1], grads[2].view(H * N, D), None, None, None, None, None, None
 
 
 class BDH(nn.Module):
@@ -326,10 +324,10 @@ class BDH(nn.Module):
         by every layer in turn with its sparse latents (layer_forward)."""
         config = self.config
         B, T = idx.shape
-        cos, sin = rope_cos_sin(self.rope_freqs, torch.arange(T, device=idx.device))
+        phases = rope_phases(self.rope_freqs, torch.arange(T, device=idx.device))
         dropout, matmuls = (config.dropout, self.matmuls) if self.training else (0.0, PLAIN)
         x = layer_norm(self.embed(idx))  # (B, T, D): one stream shared by all heads
-        x = LayerStack.apply(x, *self.layer_weights(), cos, sin, config.n_layer, dropout,
+        x = LayerStack.apply(x, *self.layer_weights(), phases, config.n_layer, dropout,
                              self.activation_checkpointing, matmuls, observe)
         logits = x @ self.lm_head
         if targets is None:
@@ -379,8 +377,8 @@ def recurrent_forward(model, tokens: torch.Tensor, states: list, t0: int, weight
     state (H, B, N, D) = sum of rope(a_s) x_sᵀ over the earlier positions, which it updates: the
     recurrent form, a chunk at a time. `model` holds BDH's parameters (a BDH, or the Hugging Face
     export's model); `weights` (encoder, encoder_v, decoder) default to its own."""
-    cos, sin = rope_cos_sin(model.rope_freqs, torch.arange(t0, t0 + tokens.size(1), device=tokens.device))
+    phases = rope_phases(model.rope_freqs, torch.arange(t0, t0 + tokens.size(1), device=tokens.device))
     x = layer_norm(model.embed(tokens))
     for state in states:
-        x, _ = layer_forward(x, *(weights or (model.encoder, model.encoder_v, model.decoder)), cos, sin, state=state)
+        x, _ = layer_forward(x, *(weights or (model.encoder, model.encoder_v, model.decoder)), phases, state=state)
     return x

@@ -37,9 +37,20 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def resolve_compute_dtype(device: torch.device, setting: str) -> str:
+    """low_precision.compute_dtype, with auto made concrete: bfloat16 where the device computes
+    it fast (CUDA with bf16; a CPU with AVX512-BF16 or AMX, whose bf16 matmuls are several times
+    faster than float32 ones), float32 elsewhere (other CPUs emulate bf16, slowly; mps)."""
+    if setting != "auto":
+        return setting
+    fast_bf16 = ((device.type == "cuda" and torch.cuda.is_bf16_supported())
+                 or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()))
+    return "bfloat16" if fast_bf16 else "float32"
+
+
 def autocast(device: torch.device, compute_dtype: str):
-    """The autocast context of low_precision.compute_dtype (float32: none)."""
-    dtype = DTYPES[compute_dtype]
+    """The autocast context of a compute dtype (float32: none; auto: resolve_compute_dtype)."""
+    dtype = DTYPES[resolve_compute_dtype(device, compute_dtype)]
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 

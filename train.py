@@ -31,7 +31,8 @@ from fp8 import FP8Error, fp8_matmuls
 from lowbit import AdamW4bit, LowBitError, adamw_state_bytes, convert_adamw_state, quantization_aware_view
 from metrics import MetricsError, MetricsLog
 from model import BDH
-from runtime import DTYPES, DeviceError, autocast, peak_flops, peak_memory_bytes, pick_device, steady_host_memory
+from runtime import (DTYPES, DeviceError, autocast, peak_flops, peak_memory_bytes, pick_device, resolve_compute_dtype,
+                     steady_host_memory)
 from shards import ShardError, ensure_sample_corpus
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
 
@@ -55,7 +56,8 @@ class Progress:
 
 def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
     training, low_precision = cfg.training, cfg.low_precision
-    compute = autocast(device, low_precision.compute_dtype)
+    compute_dtype = resolve_compute_dtype(device, low_precision.compute_dtype)
+    compute = autocast(device, compute_dtype)
     log_freq = 1 if training.debug else training.log_freq
     compile_model = (training.compile is True or (training.compile == "auto" and device.type == "cuda")) \
         and not training.debug
@@ -94,7 +96,7 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
     qat_start = min(round(low_precision.qat_start_fraction * training.max_iters), training.max_iters - 1)
     model = wrap(raw_model, ranks, device)  # DDP or FSDP under torchrun; the model itself otherwise
     optimizer = make_optimizer(raw_model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=low_precision.compute_dtype == "float16")
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == "float16")
     if ranks.enabled:  # dropout masks differ between ranks
         torch.manual_seed(training.seed + ranks.rank)
 
@@ -115,7 +117,7 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
     # ---- describe the run
     metrics = MetricsLog(run, cfg, resumed_step=progress.step if run.path is not None else None)
     flops_per_token = cfg.model.training_flops_per_token(training.block_size)
-    peak, peak_source = peak_flops(device, DTYPES[low_precision.compute_dtype]) if device.type == "cuda" else (0, "")
+    peak, peak_source = peak_flops(device, DTYPES[compute_dtype]) if device.type == "cuda" else (0, "")
     print(describe_run(cfg, raw_model, optimizer, ranks, device, len(units), compile_model, fp8_recipe, qat_start))
     if peak:
         print(f"MFU against the {peak_source}")
@@ -321,7 +323,10 @@ def describe_run(cfg, model, optimizer, ranks, device, n_units, compiled, fp8_re
     training, low_precision = cfg.training, cfg.low_precision
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = training.batch_size * training.block_size * training.gradient_accumulation_steps * ranks.world_size
-    lines = [f"BDH {n_params / 1e6:.2f}M parameters | device {device} | {low_precision.compute_dtype} | "
+    compute_dtype = resolve_compute_dtype(device, low_precision.compute_dtype)
+    if low_precision.compute_dtype == "auto":
+        compute_dtype += " (auto)"
+    lines = [f"BDH {n_params / 1e6:.2f}M parameters | device {device} | {compute_dtype} | "
              f"compile {compiled} | {n_units} data units | {tokens_per_step:,} tokens/step"]
     if ranks.enabled:
         lines[0] += (f" | {ranks.world_size} processes ({ranks.mode}), global batch {training.batch_size} x "

@@ -382,7 +382,7 @@ def test_a_column_without_documents_says_so(tmp_path):
         data.validation_batches(cfg, list_units(tmp_path / "d", "text"), BYTES)
     write_parquet(tmp_path / "e" / "a.parquet", ["short text"] * 40, 4)
     cfg = Config.from_dict({"dataset": {"parquet_dir": str(tmp_path / "e")}, "training": {"block_size": 4096}})
-    with pytest.raises(DataError, match=r"raise dataset.val_fraction, lower training.block_size or training.batch_size"):
+    with pytest.raises(DataError, match=r"lower training.block_size or training.batch_size, or raise dataset.val_fraction"):
         data.validation_batches(cfg, list_units(tmp_path / "e", "text"), BYTES)
 
 
@@ -390,3 +390,20 @@ def test_a_dictionary_encoded_string_column_is_read(tmp_path):
     write_parquet(tmp_path / "a.parquet", pa.array(["cat", "dog", "cat", None, "ému"]).dictionary_encode(), 2)
     tokens = split_stream(list_units(tmp_path, "text"), "train", val_fraction=1e-9)
     assert BYTES.decode(tokens) == "cat\0dog\0cat\0ému\0"
+
+
+def test_a_validation_folder_is_read_whole_and_training_reads_all_of_the_training_folder(tmp_path):
+    train_dir, val_dir = make_corpus(tmp_path / "train", n_files=2), tmp_path / "val"
+    write_parquet(val_dir / "v.parquet", [f"<90-{r:03d}>" + "zyxwvutsrq" * 4 for r in range(12)], 4)
+    cfg = Config.from_dict({"dataset": {"parquet_dir": str(train_dir), "val_parquet_dir": str(val_dir)},
+                            "training": {"block_size": 16, "batch_size": 2, "eval_iters": 1000}})
+    units = list_units(train_dir, "text")
+    validation = data.validation_batches(cfg, units, BYTES)
+    seen = b"".join(bytes(x.flatten().tolist()) for x, _ in validation)  # consecutive windows: the stream
+    assert set(re.findall(rb"<\d\d-\d\d\d>", seen)) <= {f"<90-{r:03d}>".encode() for r in range(12)}
+    assert len(set(re.findall(rb"<90-\d\d\d>", seen))) >= 11  # all of it but the tail short of a batch
+    assert data.training_split(cfg) == "all"  # no document of parquet_dir is held back for validation
+    loader = data.train_loader(cfg, units, BYTES, 0).dataset
+    trained = sum(x.numel() for x, _, _ in loader.epoch_batches(ParquetFileCache(4), 0, 1, 0))
+    everything = len(split_stream(units, "all"))
+    assert everything - 3 * 16 < trained <= everything

@@ -3,7 +3,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model import PLAIN, BDH, TILE, BDHConfig, LayerStack, layer_forward, layer_norm, rope_cos_sin, rope_frequencies
+from model import (PLAIN, BDH, TILE, BDHConfig, LayerStack, layer_forward, layer_norm, rope_frequencies,
+                   rope_phases)
 from reference import reference_forward, reference_generate
 
 
@@ -164,12 +165,12 @@ def test_layer_stack_backward_passes_gradcheck_with_dropout_and_checkpointing():
     x = torch.randn(B, T, D, dtype=torch.double, requires_grad=True)
     weights = [(torch.randn(*shape, dtype=torch.double) * 0.5).requires_grad_()
                for shape in ((H, D, N), (H, D, N), (H * N, D))]
-    cos, sin = (t.double() for t in rope_cos_sin(rope_frequencies(N), torch.arange(T)))
+    phases = rope_phases(rope_frequencies(N), torch.arange(T)).to(torch.complex128)
     for dropout in (0.0, 0.3):
         for checkpoint in (False, True):
             def stack(x, encoder, encoder_v, decoder):
                 torch.manual_seed(1)  # the same dropout mask at every evaluation
-                return LayerStack.apply(x, encoder, encoder_v, decoder, cos, sin, 2, dropout, checkpoint, PLAIN, None)
+                return LayerStack.apply(x, encoder, encoder_v, decoder, phases, 2, dropout, checkpoint, PLAIN, None)
             assert torch.autograd.gradcheck(stack, (x, *weights), fast_mode=True)
 
 
@@ -192,10 +193,10 @@ def test_recurrent_state_gives_the_parallel_logits():
     states = [torch.zeros(cfg.n_head, 1, cfg.n_latent, cfg.n_embd) for _ in range(cfg.n_layer)]
 
     def advance(t0, t1):
-        cos, sin = rope_cos_sin(model.rope_freqs, torch.arange(t0, t1))
+        phases = rope_phases(model.rope_freqs, torch.arange(t0, t1))
         x = layer_norm(model.embed(idx[:, t0:t1]))
         for state in states:
-            x, _ = layer_forward(x, model.encoder, model.encoder_v, model.decoder, cos, sin, state=state)
+            x, _ = layer_forward(x, model.encoder, model.encoder_v, model.decoder, phases, state=state)
         return x
 
     hidden = [advance(0, 50)] + [advance(t, t + 1) for t in range(50, idx.size(1))]
@@ -205,17 +206,25 @@ def test_recurrent_state_gives_the_parallel_logits():
 
 
 def test_fast_path_under_low_precision_autocast_is_as_accurate_as_the_reference():
-    # The CUDA path runs under bf16/fp16 autocast; CPU autocast exercises the same dtype logic.
-    # Both implementations are compared with float32 gradients: the fast path must not lose more.
-    model, _ = small_model(std=0.1)
-    idx, tgt = torch.randint(0, 256, (2, TILE + 9)), torch.randint(0, 256, (2, TILE + 9))
-    _, exact = gradients(model, model, idx, tgt)
-    for dtype in (torch.bfloat16, torch.float16):
-        with torch.autocast("cpu", dtype=dtype):
-            _, fast = gradients(model, model, idx, tgt)
-            _, ref = gradients(model, lambda i, t: reference_forward(model, i, t), idx, tgt)
-        for name in exact:
-            assert fast[name].dtype == torch.float32
-            fast_error = (fast[name] - exact[name]).norm() / exact[name].norm()
-            ref_error = (ref[name] - exact[name]).norm() / exact[name].norm()
-            assert fast_error < 2 * ref_error + 1e-3, (dtype, name, fast_error, ref_error)
+    """The CUDA path runs under bf16/fp16 autocast; CPU autocast exercises the same dtype logic.
+    Both implementations are compared with float32 gradients: the fast path must not lose more.
+    The error of one draw depends on how its roundings happen to fall, so the mean over 4 models
+    and inputs is compared."""
+    errors = {}  # (dtype, weight, fast or reference) -> relative errors
+    for seed in range(4):
+        model, _ = small_model(seed=seed, std=0.1)
+        idx, tgt = torch.randint(0, 256, (2, TILE + 9)), torch.randint(0, 256, (2, TILE + 9))
+        _, exact = gradients(model, model, idx, tgt)
+        for dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", dtype=dtype):
+                _, fast = gradients(model, model, idx, tgt)
+                _, ref = gradients(model, lambda i, t: reference_forward(model, i, t), idx, tgt)
+            for name in exact:
+                assert fast[name].dtype == torch.float32
+                for kind, grads in (("fast", fast), ("reference", ref)):
+                    error = float((grads[name] - exact[name]).norm() / exact[name].norm())
+                    errors.setdefault((dtype, name, kind), []).append(error)
+    for (dtype, name, kind), values in errors.items():
+        if kind == "fast":
+            fast_error, ref_error = sum(values) / 4, sum(errors[dtype, name, "reference"]) / 4
+            assert fast_error < 1.5 * ref_error + 1e-3, (dtype, name, fast_error, ref_error)

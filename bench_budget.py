@@ -1,0 +1,128 @@
+"""Learning per second: train for a fixed wall-clock budget on the first 90% of a text file and
+measure the loss on the last 10%, for one or several configurations side by side.
+
+    python bench_budget.py --text tinyshakespeare.txt --seconds 240 --config configs/tiny.yaml \
+        [--variant NAME section.key=value ...] ... [--json results.json]
+
+The text is cut at 90% of its characters: the first part becomes one training document, the rest is
+the held-out text. For each variant a short calibration run measures the loop's start-up (torch.compile
+included) and its seconds per step; the real run then gets the max_iters that fill the budget, so that
+its learning-rate schedule ends with it, and saves 8 checkpoints on the way. Each checkpoint's loss is
+then measured on all of the held-out text, in non-overlapping windows of the training block size
+(the last, shorter window included), in float32: the loss against wall-clock. The budget counts the
+training loop (compilation, evaluations and checkpoint writes included), not the interpreter start.
+"""
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from checkpoint import checkpoints_in, load_checkpoint, model_from_checkpoint
+from config import add_config_arguments, load_config
+from shards import text_files_to_parquet
+from tokenizer import tokenizer_from_string
+
+CALIBRATION_STEPS = 40
+CURVE_POINTS = 8
+
+
+def run_train(config, overrides, workdir: Path) -> list:
+    """train.py with these overrides in workdir; its metrics.jsonl records."""
+    checkpoint_dir = workdir / "checkpoints"
+    cmd = [sys.executable, "train.py", "--config", config, *overrides, f"training.checkpoint_dir={checkpoint_dir}"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    [run] = checkpoint_dir.iterdir()
+    return run, [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def calibrate(config, overrides, workdir: Path) -> tuple[float, float]:
+    """(start-up seconds of the training loop, seconds per step after it)."""
+    steps = CALIBRATION_STEPS
+    _, records = run_train(config, [*overrides, f"training.max_iters={steps}", "training.log_freq=10",
+                                    f"training.test_freq={steps}", f"training.checkpoint_freq={steps}",
+                                    "training.warmup_iters=1"], workdir)
+    elapsed = {r["step"]: r["elapsed_s"] for r in records if "elapsed_s" in r}
+    per_step = (elapsed[steps] - elapsed[steps // 2]) / (steps - steps // 2)
+    return elapsed[steps] - steps * per_step, per_step
+
+
+@torch.no_grad()
+def heldout_loss(checkpoint: Path, text: str) -> float:
+    """Mean loss over every token of `text` after the first, in windows of block_size tokens."""
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt).eval()
+    tokens = torch.tensor(tokenizer_from_string(ckpt.tokenizer).encode(text))
+    T = ckpt.config["training"]["block_size"]
+    total, count = 0.0, 0
+    starts = list(range(0, len(tokens) - 1, T))
+    for i in range(0, len(starts), 32):
+        windows = [tokens[s:s + T + 1] for s in starts[i:i + 32]]
+        full = [w for w in windows if len(w) == T + 1]
+        for batch in ([torch.stack(full)] if full else []) + [w[None] for w in windows if len(w) < T + 1]:
+            logits, _ = model(batch[:, :-1])
+            total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(),
+                                                       reduction="sum").item()
+            count += batch[:, 1:].numel()
+    return total / count
+
+
+def run_variant(config, overrides, seconds, data: Path, heldout: str, workdir: Path) -> dict:
+    common = [f"dataset.parquet_dir={data / 'train'}", f"dataset.val_parquet_dir={data / 'heldout'}",
+              "training.eval_iters=1", "training.keep_last_n=0", *overrides]
+    startup, per_step = calibrate(config, common, workdir / "calibration")
+    max_iters = max(CURVE_POINTS, int((seconds - startup) / per_step))
+    every = max(1, max_iters // CURVE_POINTS)
+    run, records = run_train(config, [*common, f"training.max_iters={max_iters}", f"training.checkpoint_freq={every}",
+                                      f"training.test_freq={max_iters}", f"training.log_freq={every}"], workdir / "run")
+    elapsed = {r["step"]: r["elapsed_s"] for r in records if "elapsed_s" in r}
+    curve = [(elapsed[load_checkpoint(path).step], heldout_loss(path, heldout)) for path in checkpoints_in(run)]
+    ckpt = load_checkpoint(checkpoints_in(run)[-1])
+    training = ckpt.config["training"]
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] % every == 0][1:]
+    return {"overrides": overrides, "max_iters": max_iters, "startup_s": round(startup, 1),
+            "ms_per_step": round(per_step * 1000, 1), "tokens_per_s": statistics.median(rates) if rates else None,
+            "parameters": sum(t.numel() for t in ckpt.model.values()),
+            "tokens": max_iters * training["batch_size"] * training["block_size"] * training["gradient_accumulation_steps"],
+            "curve": [(round(t, 1), round(loss, 4)) for t, loss in curve], "heldout_loss": round(curve[-1][1], 4),
+            "seconds": round(curve[-1][0], 1)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_arguments(parser, default="configs/tiny.yaml")
+    parser.add_argument("--text", required=True, help="a text file: the first 90%% trains, the rest is held out")
+    parser.add_argument("--seconds", type=float, default=240, help="the wall-clock budget of each run (default 240)")
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
+                        help="a named set of section.key=value overrides on top of the config; repeatable")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    load_config(args)  # config errors now, not after minutes of the first variant
+    text = Path(args.text).read_text(encoding="utf-8")
+    cut = math.floor(len(text) * 0.9)
+    variants = {name: [*args.overrides, *extra] for name, *extra in args.variant} or {"config": list(args.overrides)}
+    results = {"text": args.text, "seconds": args.seconds, "config": args.config, "variants": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        for part, piece in (("train", text[:cut]), ("heldout", text[cut:])):
+            (Path(tmp) / f"{part}.txt").write_text(piece, encoding="utf-8")
+            text_files_to_parquet([Path(tmp) / f"{part}.txt"], data / part, chunk_bytes=0)
+        for name, overrides in variants.items():
+            result = run_variant(args.config, overrides, args.seconds, data, text[cut:], Path(tmp) / name)
+            results["variants"][name] = result
+            print(f"{name}: held-out loss {result['heldout_loss']:.4f} after {result['seconds']:.0f} s, "
+                  f"{result['max_iters']} steps, {result['tokens']:,} tokens, {result['tokens_per_s']:,} tok/s; "
+                  f"curve {result['curve']}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
