@@ -7,7 +7,8 @@ measure the loss on the last 10%, for one or several configurations side by side
 The text is cut at 90% of its characters: the first part becomes one training document, the rest is
 the held-out text. For each variant a short calibration run measures the loop's start-up (torch.compile
 included) and its seconds per step; the real run then gets the max_iters that fill the budget, so that
-its learning-rate schedule ends with it, and saves 8 checkpoints on the way. Each checkpoint's loss is
+its learning-rate schedule ends with it (with --seconds 0 it keeps the config's max_iters), and saves 8
+checkpoints on the way. Each checkpoint's loss is
 then measured on all of the held-out text, in non-overlapping windows of the training block size
 (the last, shorter window included), in float32: the loss against wall-clock. The budget counts the
 training loop (compilation, evaluations and checkpoint writes included), not the interpreter start.
@@ -28,7 +29,7 @@ from config import add_config_arguments, load_config
 from shards import text_files_to_parquet
 from tokenizer import tokenizer_from_string
 
-CALIBRATION_STEPS = 40
+CALIBRATION_STEPS = 60  # the per-step time is measured over the second half: compilation settles
 CURVE_POINTS = 8
 
 
@@ -45,7 +46,7 @@ def run_train(config, overrides, workdir: Path) -> list:
 def calibrate(config, overrides, workdir: Path) -> tuple[float, float]:
     """(start-up seconds of the training loop, seconds per step after it)."""
     steps = CALIBRATION_STEPS
-    _, records = run_train(config, [*overrides, f"training.max_iters={steps}", "training.log_freq=10",
+    _, records = run_train(config, [*overrides, f"training.max_iters={steps}", f"training.log_freq={steps // 6}",
                                     f"training.test_freq={steps}", f"training.checkpoint_freq={steps}",
                                     "training.warmup_iters=1"], workdir)
     elapsed = {r["step"]: r["elapsed_s"] for r in records if "elapsed_s" in r}
@@ -76,8 +77,12 @@ def heldout_loss(checkpoint: Path, text: str) -> float:
 def run_variant(config, overrides, seconds, data: Path, heldout: str, workdir: Path) -> dict:
     common = [f"dataset.parquet_dir={data / 'train'}", f"dataset.val_parquet_dir={data / 'heldout'}",
               "training.eval_iters=1", "training.keep_last_n=0", *overrides]
-    startup, per_step = calibrate(config, common, workdir / "calibration")
-    max_iters = max(CURVE_POINTS, int((seconds - startup) / per_step))
+    if seconds:
+        startup, per_step = calibrate(config, common, workdir / "calibration")
+        max_iters = max(CURVE_POINTS, int((seconds - startup) / per_step))
+    else:  # the config's own max_iters
+        startup, per_step = None, None
+        max_iters = load_config(argparse.Namespace(config=config, overrides=common)).training.max_iters
     every = max(1, max_iters // CURVE_POINTS)
     run, records = run_train(config, [*common, f"training.max_iters={max_iters}", f"training.checkpoint_freq={every}",
                                       f"training.test_freq={max_iters}", f"training.log_freq={every}"], workdir / "run")
@@ -86,8 +91,9 @@ def run_variant(config, overrides, seconds, data: Path, heldout: str, workdir: P
     ckpt = load_checkpoint(checkpoints_in(run)[-1])
     training = ckpt.config["training"]
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] % every == 0][1:]
-    return {"overrides": overrides, "max_iters": max_iters, "startup_s": round(startup, 1),
-            "ms_per_step": round(per_step * 1000, 1), "tokens_per_s": statistics.median(rates) if rates else None,
+    return {"overrides": overrides, "max_iters": max_iters, "startup_s": startup and round(startup, 1),
+            "ms_per_step": per_step and round(per_step * 1000, 1),
+            "tokens_per_s": statistics.median(rates) if rates else None,
             "parameters": sum(t.numel() for t in ckpt.model.values()),
             "tokens": max_iters * training["batch_size"] * training["block_size"] * training["gradient_accumulation_steps"],
             "curve": [(round(t, 1), round(loss, 4)) for t, loss in curve], "heldout_loss": round(curve[-1][1], 4),
@@ -98,7 +104,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, default="configs/tiny.yaml")
     parser.add_argument("--text", required=True, help="a text file: the first 90%% trains, the rest is held out")
-    parser.add_argument("--seconds", type=float, default=240, help="the wall-clock budget of each run (default 240)")
+    parser.add_argument("--seconds", type=float, default=240,
+                        help="the wall-clock budget of each run (default 240; 0: the config's own max_iters)")
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
                         help="a named set of section.key=value overrides on top of the config; repeatable")
     parser.add_argument("--json", help="also write the results to this file")

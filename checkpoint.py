@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
-from runtime import pid_alive
+from runtime import first_line, left_by_a_dead_process, temporary_suffix
 
 PROJECT_VERSION = "0.3.0"
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
@@ -91,7 +91,7 @@ def load_checkpoint(path) -> Checkpoint:
         if "Weights only load failed" in str(e):
             why = "it holds Python objects, not only tensors and plain data; loading it could run code"
         else:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why = first_line(e)
         raise CheckpointError(f"{path}: not a readable checkpoint ({why})")
     missing = [k for k in ("model", "model_config", "step") if not isinstance(state, dict) or k not in state]
     if missing:
@@ -140,28 +140,28 @@ def load_export(folder) -> tuple[BDH, str, dict]:
         export = config["bdh_export"]
         tensors = load_file(folder / "model.safetensors")
         tokenizer = "bytes" if export["tokenizer"] == "bytes" else (folder / "tokenizer.json").read_text()
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        model = BDH(BDHConfig(**{k: config[k] for k in BDHConfig.__dataclass_fields__}))
+        if config.get("weights_4bit"):
+            blocksize = config["weights_4bit"]["blocksize"]
+            for name in LAYER_WEIGHTS:
+                shape = getattr(model, name).shape
+                tensors[name] = unpack_4bit(tensors.pop(f"{name}_nf4"), tensors.pop(f"{name}_absmax"),
+                                            tensors["quant_map"], shape, blocksize)
+            tensors.pop("quant_map")
+        model.load_state_dict(tensors)
+    except Exception as e:  # a missing file or key, not JSON, not safetensors, other shapes
         raise CheckpointError(f"{folder}: not a model exported by this project's export.py ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})")
-    model = BDH(BDHConfig(**{k: config[k] for k in BDHConfig.__dataclass_fields__}))
-    if config.get("weights_4bit"):
-        blocksize = config["weights_4bit"]["blocksize"]
-        for name in LAYER_WEIGHTS:
-            shape = getattr(model, name).shape
-            tensors[name] = unpack_4bit(tensors.pop(f"{name}_nf4"), tensors.pop(f"{name}_absmax"),
-                                        tensors["quant_map"], shape, blocksize)
-        tensors.pop("quant_map")
-    model.load_state_dict(tensors)
+                              f"{first_line(e)})")
     return model, tokenizer, config
 
 
 def load_model(spec: str, checkpoint_dir: str, setting: str) -> tuple[BDH, str, dict]:
     """(model, tokenizer as tokenizer.to_str() gives it, the low_precision settings it was trained
-    with) of a checkpoint (open_checkpoint) or of a folder that export.py wrote."""
+    with; exported_in_4bit if its weights are 4-bit already) of a checkpoint (open_checkpoint) or
+    of a folder that export.py wrote."""
     if is_export(spec):
         model, tokenizer, config = load_export(spec)
-        four_bit = config.get("weights_4bit") or {}
-        return model, tokenizer, {"quantization_type": four_bit.get("quant_type", "nf4"), "use_double_quant": True}
+        return model, tokenizer, {**config["low_precision"], "exported_in_4bit": bool(config.get("weights_4bit"))}
     _, ckpt = open_checkpoint(spec, checkpoint_dir, setting)
     return model_from_checkpoint(ckpt), ckpt.tokenizer, ckpt.low_precision()
 
@@ -213,7 +213,7 @@ def set_rng_state(state: dict, device):
 
 def atomic_write(path: Path, write):
     """Call write(file) on a temporary file next to path, fsync it, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{temporary_suffix()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -237,13 +237,15 @@ def write_folder(out_dir, write, replace=False, keep_existing=False):
     of processes that died (killed mid-build) are removed first."""
     out_dir = Path(out_dir)
     for stale in (*out_dir.parent.glob(f"{out_dir.name}.tmp*"), *out_dir.parent.glob(f".{out_dir.name}.tmp*")):
-        pid = stale.name.rsplit(".tmp", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
+        if left_by_a_dead_process(stale.name):
             shutil.rmtree(stale, ignore_errors=True)
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not replace:
-        raise FileExistsError(f"{out_dir}: the folder holds files already; choose another --out, or add "
-                              f"--replace to replace them")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if keep_existing:
+            return None
+        if not replace:
+            raise FileExistsError(f"{out_dir}: the folder holds files already; choose another --out, or add "
+                                  f"--replace to replace them")
+    tmp = out_dir.with_name(f".{out_dir.name}{temporary_suffix()}")
     try:
         result = write(tmp)
         if out_dir.is_dir() and any(out_dir.iterdir()) and keep_existing:
@@ -345,7 +347,7 @@ class RunDir:
             atomic_write(target, lambda f: torch.save(ckpt.to_dict(), f))
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             folder = self.path or self.checkpoint_dir
-            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+            why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
             try:
                 why += f"; {shutil.disk_usage(folder).free / 2**20:,.0f} MiB free on its disk"
             except OSError:
@@ -407,8 +409,7 @@ def clean_stale_temporaries(checkpoint_dir) -> int:
     """Remove temporary files left by a process killed mid-write (never a live process's)."""
     removed = 0
     for tmp in Path(checkpoint_dir).glob("run_*/.*.tmp*"):
-        pid = tmp.name.rsplit(".tmp", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
+        if left_by_a_dead_process(tmp.name):
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed

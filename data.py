@@ -41,7 +41,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from checkpoint import atomic_write
 from config import add_config_arguments, load_config
 from shards import ShardError, ensure_sample_corpus, text_files_to_parquet
-from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, train_bpe
+from runtime import first_line
+from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
 
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary(), pa.string_view())
 
@@ -83,7 +84,7 @@ def list_units(parquet_dir, text_column: str) -> list[Unit]:
             meta = pq.read_metadata(path)
             schema = pq.read_schema(path)
         except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: not a readable parquet file ({_first_line(e)}); "
+            raise DataError(f"{path}: not a readable parquet file ({first_line(e)}); "
                             f"remove or re-create it")
         if text_column not in schema.names:
             raise DataError(f"{path}: no column {text_column!r}; columns are {schema.names}; "
@@ -186,7 +187,7 @@ def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, s
             yield pc.filter(docs, keep)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{unit.path}: row group {unit.row_group} cannot be read "
-                        f"({_first_line(e)}); the file is corrupt or truncated: re-create it")
+                        f"({first_line(e)}); the file is corrupt or truncated: re-create it")
 
 
 def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
@@ -332,11 +333,17 @@ def training_split(cfg) -> str:
     return "all" if cfg.dataset.val_parquet_dir else "train"
 
 
-def data_order(cfg, num_workers, world_size=1) -> dict:
+def data_order(cfg, units, num_workers, world_size=1) -> dict:
+    """What decides the order of the training batches: settings, and the shards themselves (a
+    fingerprint of every unit's file, row group, rows and bytes: shards added, removed or rewritten
+    in the same folder change it)."""
     order = {path: getattr(getattr(cfg, path.split(".")[0]), path.split(".")[1])
              for path in DATA_ORDER_FIELDS}
+    shards = hashlib.blake2b(repr([(u.file_key, u.row_group, u.num_rows, u.num_bytes) for u in units]).encode(),
+                             digest_size=8).hexdigest()
     order.update({"dataloader.num_workers (effective)": num_workers, "world_size": world_size,
-                  "data.READ_BYTES (windows are shuffled within parts of this many bytes)": READ_BYTES})
+                  "data.READ_BYTES (windows are shuffled within parts of this many bytes)": READ_BYTES,
+                  "the shards (files, row groups, rows, bytes)": shards})
     return order
 
 
@@ -348,7 +355,7 @@ def loader_workers(cfg, units, world_size=1) -> int:
     return workers
 
 
-def resume_point(cfg, workers, world_size=1, saved_order=None, saved_positions=(), batches_consumed=0):
+def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_positions=(), batches_consumed=0):
     """Where the training stream starts: (reader positions, batches consumed, first epoch), from
     a checkpoint's data order, reader positions and batch count (none: the start). With the same
     data order the stream continues exactly; otherwise it starts afresh at the epoch after the
@@ -356,7 +363,7 @@ def resume_point(cfg, workers, world_size=1, saved_order=None, saved_positions=(
     if saved_order is None:
         return [], 0, 0
     changed = [f"{k}: {saved_order.get(k)!r} -> {v!r}"
-               for k, v in data_order(cfg, workers, world_size).items() if saved_order.get(k) != v]
+               for k, v in data_order(cfg, units, workers, world_size).items() if saved_order.get(k) != v]
     if not changed:
         return saved_positions, batches_consumed, 0
     first_epoch = 1 + max((p["epoch"] for p in saved_positions), default=-1)
@@ -412,10 +419,6 @@ def validation_batches(cfg, units, tokenizer) -> list:
     return batches
 
 
-def _first_line(e):
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
 # ---------------------------------------------------------------- command line
 
 def training_texts(cfg, units, report_every_s=5.0):
@@ -454,9 +457,8 @@ def train_tokenizer(cfg, vocab_size: int, out: Path, config_path: str) -> str:
         atomic_write(out, lambda f: f.write(tokenizer.to_str().encode()))
     except OSError as e:
         raise DataError(f"--out {out}: cannot write ({e.strerror or e})")
-    rounded = -(-tokenizer.vocab_size // 64) * 64
     return (f"wrote {out}: {tokenizer.vocab_size:,} tokens. Train with it:\n  python train.py --config "
-            f"{config_path} dataset.tokenizer={out} model.vocab_size={rounded}")
+            f"{config_path} dataset.tokenizer={out} model.vocab_size={model_vocab_size(tokenizer)}")
 
 
 def main(argv=None):

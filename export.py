@@ -21,8 +21,8 @@ import yaml
 
 from checkpoint import EXPORT_VERSION, CheckpointError, open_checkpoint, write_folder
 from lowbit import BLOCKSIZE, LowBitError, export_4bit
-from model import LAYER_WEIGHTS
-from tokenizer import TokenizerError, tokenizer_from_string
+from model import LAYER_WEIGHTS, BDHConfig
+from tokenizer import SEPARATOR_TOKEN, TokenizerError, tokenizer_from_string
 
 ROOT = Path(__file__).resolve().parent
 HF_FILES = {ROOT / "hf" / "configuration_bdh.py": "configuration_bdh.py", ROOT / "hf" / "modeling_bdh.py": "modeling_bdh.py",
@@ -44,8 +44,11 @@ def weights(ckpt, four_bit: bool) -> dict:
 
 def model_config(ckpt, tokenizer, source: Path, hf: bool, four_bit: bool) -> dict:
     quant_type = ckpt.low_precision().get("quantization_type", "nf4")
+    low_precision = ckpt.low_precision()
     config = {**ckpt.model_config, "tokenizer_vocab_size": tokenizer.vocab_size,
               "separator_token_id": tokenizer.separator,
+              "low_precision": {"quantization_type": low_precision.get("quantization_type", "nf4"),
+                                "use_double_quant": low_precision.get("use_double_quant", True)},
               "weights_4bit": {"quant_type": quant_type, "blocksize": BLOCKSIZE} if four_bit else None,
               "bdh_export": {"version": EXPORT_VERSION, "tokenizer": "bytes" if tokenizer.to_str() == "bytes"
                              else "tokenizer.json", "step": ckpt.step, "checkpoint": str(source)}}
@@ -59,15 +62,21 @@ def model_config(ckpt, tokenizer, source: Path, hf: bool, four_bit: bool) -> dic
 def evaluations(source: Path, step: int) -> dict:
     """The last evaluation at or before `step` in the run's metrics.jsonl (empty if none)."""
     path = source.parent / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    found = [r for r in records if "val_loss" in r and r["step"] <= step]
-    return found[-1] if found else {}
+    found = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if "val_loss" in record and record["step"] <= step:
+            found = record
+    return found
 
 
 def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool) -> str:
     config, shape = ckpt.config, ckpt.model_config
     training = config.get("training", {})
-    n_latent = shape["mlp_internal_dim_multiplier"] * shape["n_embd"] // shape["n_head"]
+    n_latent = BDHConfig(**shape).n_latent
     n_params = sum(t.numel() for t in ckpt.model.values())
     evaluated = evaluations(source, ckpt.step)
     result = (f"validation loss {evaluated['val_loss']:.4f} nats per token, "
@@ -112,9 +121,10 @@ def write_export(folder: Path, ckpt, source: Path, out: str, hf: bool, four_bit:
     config = model_config(ckpt, tokenizer, source, hf, four_bit)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "tokenizer.json").write_text(tokenizer.to_hf_json())
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.separator_text(),
-         "eos_token": tokenizer.separator_text(), "clean_up_tokenization_spaces": False}, indent=2) + "\n")
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    if tokenizer.to_str() != "bytes":  # its separator is a special token; the byte 0x00 is an ordinary one
+        tokenizer_config.update(bos_token=SEPARATOR_TOKEN, eos_token=SEPARATOR_TOKEN)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (folder / "README.md").write_text(model_card(ckpt, tokenizer, source, out, hf, four_bit))
     if hf:
         for source_file, name in HF_FILES.items():
@@ -137,6 +147,9 @@ def main(argv=None) -> int:
                      replace=args.replace)
     except (CheckpointError, TokenizerError, LowBitError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: --out {args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
         return 1
     print(f"exported step {ckpt.step} of {source} to {args.out}" + (" (a Hugging Face folder too)" if args.hf else ""))
     return 0

@@ -55,11 +55,16 @@ def _bnb():
     return bnb_functional
 
 
+def quantize_4bit(x: torch.Tensor, quant_type: str, double_quant: bool, blocksize: int = BLOCKSIZE):
+    """bitsandbytes' (codes, QuantState) of x, in float32."""
+    return _bnb().quantize_4bit(x.detach().float().contiguous(), blocksize=blocksize,
+                                compress_statistics=double_quant, quant_type=quant_type)
+
+
 def quantize(x: torch.Tensor, quant_type: str, double_quant: bool, blocksize: int = BLOCKSIZE) -> dict:
     """4-bit codes and the bitsandbytes quantization state, as a dict of tensors only (the
     checkpoint format: loadable with weights_only=True)."""
-    codes, state = _bnb().quantize_4bit(x.detach().float().contiguous(), blocksize=blocksize,
-                                        compress_statistics=double_quant, quant_type=quant_type)
+    codes, state = quantize_4bit(x, quant_type, double_quant, blocksize)
     return {"codes": codes, **state.as_dict(packed=True)}
 
 
@@ -198,10 +203,8 @@ class FakeQuantize4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, quant_type, double_quant):
-        bnb = _bnb()
-        codes, state = bnb.quantize_4bit(w.detach().float().contiguous(), blocksize=BLOCKSIZE,
-                                         compress_statistics=double_quant, quant_type=quant_type)
-        return bnb.dequantize_4bit(codes, state).view_as(w).to(w.dtype)
+        codes, state = quantize_4bit(w, quant_type, double_quant)
+        return _bnb().dequantize_4bit(codes, state).view_as(w).to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -218,12 +221,10 @@ def export_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool) -> di
     """The layout of an export's 4-bit weights (model.unpack_4bit reads it without bitsandbytes):
     the packed codes, each block's scale in float32 (double quantization undone, so the values are
     exactly those of the 4-bit round trip) and the 16-level code book."""
-    bnb = _bnb()
-    codes, state = bnb.quantize_4bit(weight.detach().float().contiguous(), blocksize=BLOCKSIZE,
-                                     compress_statistics=double_quant, quant_type=quant_type)
+    codes, state = quantize_4bit(weight, quant_type, double_quant)
     absmax = state.absmax
     if state.nested:
-        absmax = bnb.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        absmax = _bnb().dequantize_blockwise(state.absmax, state.state2) + state.offset
     return {"nf4": codes.view(-1), "absmax": absmax.float(), "quant_map": state.code.float()}
 
 

@@ -15,6 +15,7 @@ import os
 import secrets
 
 from checkpoint import atomic_write
+from runtime import first_line
 
 # metrics.jsonl key -> TensorBoard and W&B tag; the per-layer lists get one tag per layer and a mean
 TAGS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
@@ -101,7 +102,7 @@ class MetricsLog:
                                     name=self.settings.wandb_run_name or self.run.name, id=run_id, resume="allow",
                                     dir=str(folder), config=cfg.to_dict())
         except Exception as e:  # no API key, no network, a bad entity: before training, not hours in
-            raise MetricsError(f"logging.wandb: W&B did not start ({str(e).strip().splitlines()[0]}); run "
+            raise MetricsError(f"logging.wandb: W&B did not start ({first_line(e)}); run "
                                f"`wandb login`, set WANDB_MODE=offline, or set logging.wandb=false")
 
 

@@ -1,7 +1,9 @@
 """What every script needs to run on this machine: the device, the compute dtype, memory, peak FLOP/s."""
 import ctypes
 import os
+import re
 import resource
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -26,15 +28,30 @@ def pick_device(requested: str, setting: str = "training.device") -> torch.devic
     return torch.device(requested)
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this id runs (for temporary files named after their writer)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none)."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def temporary_suffix() -> str:
+    """.tmp<host>-<pid>: a temporary file or folder named after its writer, so that one a killed
+    process left behind can be told from one being written (by this host: folders may be shared)."""
+    return f".tmp{socket.gethostname()}-{os.getpid()}"
+
+
+def left_by_a_dead_process(name: str) -> bool:
+    """Whether a name with temporary_suffix() (or the .tmp<pid> of earlier versions) was written
+    by a process of this host that no longer runs."""
+    host, _, pid = name.rsplit(".tmp", 1)[-1].rpartition("-")
+    if not pid.isdigit() or host not in ("", socket.gethostname()):
         return False
-    except PermissionError:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
         return True
-    return True
+    except PermissionError:
+        return False
+    return False
 
 
 def resolve_compute_dtype(device: torch.device, setting: str) -> str:
@@ -81,11 +98,11 @@ def peak_memory_bytes(device: torch.device) -> int:
         return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
-# Dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by a piece of the device name.
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by words of the device name.
 # The first match wins, so the more specific names come first.
 BF16_PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("GH200", 989.4), ("B200", 2250.0),
-                    ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10G", 70.0), ("RTX 4090", 165.2),
-                    ("RTX 3090", 71.0), ("A6000", 154.8))
+                    ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0),
+                    ("RTX 4090", 165.2), ("RTX 3090", 71.0), ("A6000", 154.8))
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
@@ -94,9 +111,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     name = torch.cuda.get_device_name(device)
     if dtype in (torch.bfloat16, torch.float16):
         for key, tflops in BF16_PEAK_TFLOPS:
-            if key in name:
+            if re.search(rf"\b{re.escape(key)}\b", name):
                 return tflops * 1e12, f"{name} datasheet dense bf16 peak {tflops:,.0f} TFLOP/s"
     measured = measured_matmul_flops(device, dtype)
+    torch.cuda.reset_peak_memory_stats(device)  # the measurement's matrices are not the run's memory
     return measured, f"{name} {str(dtype).removeprefix('torch.')} matmul measured at {measured / 1e12:,.0f} TFLOP/s"
 
 

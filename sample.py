@@ -42,6 +42,9 @@ def main(argv=None) -> int:
         model, saved_tokenizer, low_precision = load_model(args.checkpoint, args.checkpoint_dir, "--checkpoint")
         model = model.to(device).eval()
         tokenizer = tokenizer_from_string(saved_tokenizer)
+        if args.four_bit and low_precision.get("exported_in_4bit"):
+            raise CheckpointError(f"--4bit: {args.checkpoint} holds 4-bit weights already (export.py --4bit): "
+                                  f"drop --4bit")
         if args.four_bit:
             quant_type = low_precision.get("quantization_type", "nf4")
             double_quant = low_precision.get("use_double_quant", True)

@@ -79,7 +79,8 @@ def text_files_to_parquet(files, out_dir, chunk_bytes=8192, replace=False) -> in
 
 def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int:
     """The built-in sample corpus: this machine's Python standard library sources (tests
-    excluded), in sorted order, up to max_bytes."""
+    excluded), in sorted order, up to max_bytes. Returns the number of documents, or None if
+    another process (another node's first rank) built the folder meanwhile."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"}
     sources = sorted(p for p in stdlib.rglob("*.py")
@@ -100,4 +101,4 @@ def ensure_sample_corpus(cfg):
     if folder == DEFAULT_SAMPLE_DIR and not Path(folder).exists():
         print(f"building the sample corpus in {folder} from the Python standard library ...")
         n = build_stdlib_corpus(folder)
-        print(f"  {n} documents")
+        print(f"  {n} documents" if n is not None else "  another process built it meanwhile")

@@ -7,13 +7,16 @@
   token <|endoftext|>, which the tokenizer must have.
 
 Each document is followed by the separator, which marks document boundaries and starts generation
-when there is no prompt. Document text never produces the separator (a literal "<|endoftext|>"
-in the text is encoded as ordinary text). Invalid UTF-8 in the data is taken byte for byte by
-`bytes` and replaced by U+FFFD for a tokenizer.json; decoding replaces what is not valid UTF-8.
+when there is no prompt. With a tokenizer.json, document text never produces the separator (a
+literal "<|endoftext|>" in the text is encoded as ordinary text); with bytes, a NUL byte in the text
+is the separator byte. Invalid UTF-8 in the data is taken byte for byte by `bytes` and replaced by
+U+FFFD for a tokenizer.json; decoding replaces what is not valid UTF-8.
 
 Bits per byte: every token has a byte length (token_bytes): the number of UTF-8 bytes it decodes
 to, and 1 for the separator, as for the separator byte of `bytes`. So a model's validation loss in
-bits per byte compares across vocabularies, and for `bytes` it is the loss / ln 2.
+bits per byte compares across vocabularies, and for `bytes` it is the loss / ln 2. The lengths are
+exact for bytes and byte-level BPEs (exact_bytes); for other tokenizers (SentencePiece-style) a
+token's bytes are those it decodes to alone, which can differ from its bytes inside a text.
 """
 import json
 import os
@@ -42,6 +45,7 @@ def byte_level_alphabet() -> list[str]:
 
 class ByteTokenizer:
     name = "bytes"
+    exact_bytes = True
     vocab_size = 256
     separator = 0
     dtype = np.uint8  # of the token streams
@@ -78,8 +82,6 @@ class ByteTokenizer:
         tok.decoder = decoders.ByteLevel()
         return tok.to_str()
 
-    def separator_text(self) -> str:
-        return byte_level_alphabet()[self.separator]
 
 
 class HFTokenizer:
@@ -93,7 +95,7 @@ class HFTokenizer:
         try:
             self.tok = Tokenizer.from_str(json_text)
         except Exception as e:
-            raise TokenizerError(f"{name}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})")
+            raise TokenizerError(f"{name}: not a Hugging Face tokenizer.json ({str(e).strip().splitlines()[0]})")
         self.json, self.name = self.tok.to_str(), name
         self.tok.encode_special_tokens = True  # text never turns into special tokens (not saved in the json)
         self.separator = self.tok.token_to_id(SEPARATOR_TOKEN)
@@ -103,6 +105,7 @@ class HFTokenizer:
                                  f"python data.py --train-tokenizer")
         vocab = self.tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1
+        self.exact_bytes = (json.loads(self.json).get("decoder") or {}).get("type") == "ByteLevel"
         self.dtype = np.uint16 if self.vocab_size <= 2**16 else np.uint32
         self.token_bytes = self._byte_lengths(vocab)
 
@@ -113,8 +116,7 @@ class HFTokenizer:
         """A byte-level BPE writes each byte of a token as one character of its 256-character
         alphabet, so its length is its number of characters; other tokens are decoded."""
         alphabet = set(byte_level_alphabet())
-        byte_level = json.loads(self.json).get("decoder", {}) or {}
-        byte_level = byte_level.get("type") == "ByteLevel"
+        byte_level = self.exact_bytes
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
         for token, i in vocab.items():
             if byte_level and alphabet.issuperset(token):
@@ -145,9 +147,6 @@ class HFTokenizer:
 
     to_hf_json = to_str
 
-    def separator_text(self) -> str:
-        return SEPARATOR_TOKEN
-
 
 def load_tokenizer(spec: str, setting: str = "dataset.tokenizer"):
     """`bytes`, or the path of a tokenizer.json."""
@@ -167,9 +166,14 @@ def tokenizer_from_string(saved: str):
     return ByteTokenizer() if saved == "bytes" else HFTokenizer(saved, "the checkpoint's tokenizer")
 
 
+def model_vocab_size(tokenizer) -> int:
+    """The tokenizer's vocabulary rounded up to a multiple of 64, which GEMMs prefer."""
+    return -(-tokenizer.vocab_size // 64) * 64
+
+
 def check_vocab_size(tokenizer, vocab_size: int):
     if vocab_size < tokenizer.vocab_size:
-        rounded = -(-tokenizer.vocab_size // 64) * 64
+        rounded = model_vocab_size(tokenizer)
         raise TokenizerError(f"model.vocab_size {vocab_size} is smaller than the {tokenizer.vocab_size:,} tokens "
                              f"of dataset.tokenizer {tokenizer.name}; set model.vocab_size={rounded} (its size "
                              f"rounded up to a multiple of 64)")

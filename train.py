@@ -10,6 +10,8 @@ import argparse
 import math
 import os
 import random
+import re
+import shlex
 import signal
 import sys
 import time
@@ -38,6 +40,7 @@ from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
 
 SAMPLE_TOKENS = 200
 FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # whatever log_freq says: whether a run is viable shows in a minute
+STOP_CHECK_STEPS = 10  # under torchrun, a signal to a rank is acted on within this many steps
 
 
 class TrainingError(Exception):
@@ -54,7 +57,8 @@ class Progress:
     positions: dict = field(default_factory=dict)  # this rank's readers' positions after those batches
 
 
-def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
+def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
+    """`arguments`: the command line's, for the resume command printed when a signal stops the run."""
     training, low_precision = cfg.training, cfg.low_precision
     compute_dtype = resolve_compute_dtype(device, low_precision.compute_dtype)
     compute = autocast(device, compute_dtype)
@@ -63,6 +67,10 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
         and not training.debug
     torch.autograd.set_detect_anomaly(training.debug)
     steady_host_memory(cfg, device)
+    # MFU's peak, before the seeds: a measured peak draws random matrices (peak_flops resets the
+    # memory statistics after it)
+    peak, peak_source = peak_flops(device, DTYPES[compute_dtype]) if device.type == "cuda" else (0, "")
+    tokens_per_step = training.batch_size * training.block_size * training.gradient_accumulation_steps * ranks.world_size
     random.seed(training.seed)
     np.random.seed(training.seed)
     torch.manual_seed(training.seed)
@@ -72,6 +80,9 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
         check_writable(training.checkpoint_dir)
     tokenizer = load_tokenizer(cfg.dataset.tokenizer)
     check_vocab_size(tokenizer, cfg.model.vocab_size)
+    if not tokenizer.exact_bytes:
+        print(f"note: {tokenizer.name} is not a byte-level BPE: bits per byte counts each token's bytes as it "
+              f"decodes alone, an approximation")
     if ranks.local_rank == 0:
         ensure_sample_corpus(cfg)
     ranks.barrier()
@@ -105,8 +116,8 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
         print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
     run, progress, start_positions, first_epoch = RunDir(training.checkpoint_dir, writer=ranks.main), Progress(), [], 0
     if training.resume_from_checkpoint:
-        run, progress, start_positions, first_epoch = resume(cfg, raw_model, optimizer, scaler, tokenizer, workers,
-                                                             ranks, device)
+        run, progress, start_positions, first_epoch = resume(cfg, raw_model, optimizer, scaler, tokenizer, units,
+                                                             workers, ranks, device)
         if progress.step >= training.max_iters:
             print(f"nothing to do: the checkpoint is at step {progress.step} and training.max_iters is "
                   f"{training.max_iters}; raise max_iters to train further")
@@ -117,8 +128,8 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
     # ---- describe the run
     metrics = MetricsLog(run, cfg, resumed_step=progress.step if run.path is not None else None)
     flops_per_token = cfg.model.training_flops_per_token(training.block_size)
-    peak, peak_source = peak_flops(device, DTYPES[compute_dtype]) if device.type == "cuda" else (0, "")
-    print(describe_run(cfg, raw_model, optimizer, ranks, device, len(units), compile_model, fp8_recipe, qat_start))
+    print(describe_run(cfg, raw_model, optimizer, ranks, device, len(units), tokens_per_step, compile_model, fp8_recipe,
+                       qat_start))
     if peak:
         print(f"MFU against the {peak_source}")
     if compile_model:
@@ -129,10 +140,9 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
                                first_epoch, pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
                                rank=ranks.rank, world_size=ranks.world_size))
     progress.positions = {p["reader"]: p for p in start_positions if p["reader"] // max(1, workers) == ranks.rank}
-    order = data_order(cfg, workers, ranks.world_size)
+    order = data_order(cfg, units, workers, ranks.world_size)
     sample_generator = torch.Generator(device=device)
     stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main)
-    tokens_per_step = training.batch_size * training.block_size * training.gradient_accumulation_steps * ranks.world_size
     loss_sum, grad_norm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     loss_count, steps_since_log = 0, 0
     start = interval_start = time.perf_counter()
@@ -169,9 +179,7 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         steps_since_log += 1
-        stopping = ranks.any(stop.signal_name is not None, device)
-        if stopping:
-            print(f"{stop.signal_name or 'a signal to another rank'}: saving a checkpoint after step {step}", flush=True)
+        stopping = stop_requested(stop, ranks, step, device)
 
         # ---- log
         if step % log_freq == 0 or step == training.max_iters or step in FIRST_STEPS_LOGGED:
@@ -184,8 +192,10 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
                       "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_step / seconds_per_step),
                       "ms_per_step": round(seconds_per_step * 1000, 2),
                       "peak_memory_mib": round(peak_memory_bytes(device) / 2**20, 1), "elapsed_s": round(now - start, 2)}
-            mfu = f" | MFU {record.setdefault('mfu', flops_per_token * tokens_per_step / seconds_per_step / peak):.1%}" \
-                if peak else ""
+            mfu = ""
+            if peak:  # tokens_per_step counts every rank; peak is one GPU's
+                record["mfu"] = flops_per_token * tokens_per_step / ranks.world_size / seconds_per_step / peak
+                mfu = f" | MFU {record['mfu']:.1%}"
             print(f"step {step}/{training.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
                   f"{record['tokens_per_s']:,} tok/s | {record['ms_per_step']:.1f} ms/step{mfu} | elapsed "
                   f"{format_duration(now - start)} | eta {format_duration(seconds_per_step * (training.max_iters - step))}",
@@ -215,8 +225,11 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
                             name="best.pt")
                 print(f"saved {path} (best validation loss so far)", flush=True)
             paused, stop.doing = paused + time.perf_counter() - evaluation_start, "the step"
+            stopping = stopping or ranks.any(stop.signal_name is not None, device)  # heard during the evaluation
 
         # ---- checkpoint
+        if stopping:
+            print(f"{stop.signal_name or 'a signal to another rank'}: saving a checkpoint after step {step}", flush=True)
         if step % training.checkpoint_freq == 0 or step == training.max_iters or stopping:
             checkpoint_start = time.perf_counter()
             finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
@@ -230,8 +243,8 @@ def train(cfg, config_path: str, ranks: Ranks, device: torch.device) -> int:
         if stopping:
             metrics.close()
             print(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. Resume "
-                  f"with:\n  {launcher(ranks)}train.py --config {config_path} "
-                  f"training.resume_from_checkpoint={progress.last_saved}")
+                  f"with:\n  {launcher(ranks)}train.py {arguments} "
+                  f"{shlex.quote(f'training.resume_from_checkpoint={progress.last_saved}')}")
             return 0
     metrics.close()
     print(f"done: {progress.step} steps in {format_duration(time.perf_counter() - start)}; "
@@ -252,7 +265,7 @@ def make_optimizer(model: BDH, cfg, device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def resume(cfg, model, optimizer, scaler, tokenizer, workers, ranks, device):
+def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, device):
     """Load the checkpoint of training.resume_from_checkpoint into the model, optimizer and
     scaler; returns (its run directory, Progress, the data stream's start positions, first epoch)."""
     low_precision = cfg.low_precision
@@ -269,7 +282,8 @@ def resume(cfg, model, optimizer, scaler, tokenizer, workers, ranks, device):
                             low_precision.use_4bit_optimizer, low_precision.quantization_type,
                             low_precision.use_double_quant)
     load_full_state(model, optimizer, ckpt.model, optimizer_state)
-    scaler.load_state_dict(ckpt.scaler)
+    if ckpt.scaler:  # empty when the checkpoint's run did not use float16
+        scaler.load_state_dict(ckpt.scaler)
     if len(ckpt.rng) == ranks.world_size:
         set_rng_state(ckpt.rng[ranks.rank], device)
     else:  # another world size: the data order changes too (resume_point says so)
@@ -288,7 +302,7 @@ def resume(cfg, model, optimizer, scaler, tokenizer, workers, ranks, device):
     for line in run.record_resumed_config(ckpt.step, cfg.to_dict(), cfg.to_yaml()):
         print(f"  config changed: {line}")
     positions, progress.batches_consumed, first_epoch = resume_point(
-        cfg, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
+        cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
     return run, progress, positions, first_epoch
 
 
@@ -319,10 +333,9 @@ def evaluated_weights(low_precision: dict) -> str:
     return f"4-bit {low_precision['quantization_type']}, double quant {low_precision['use_double_quant']}"
 
 
-def describe_run(cfg, model, optimizer, ranks, device, n_units, compiled, fp8_recipe, qat_start) -> str:
+def describe_run(cfg, model, optimizer, ranks, device, n_units, tokens_per_step, compiled, fp8_recipe, qat_start) -> str:
     training, low_precision = cfg.training, cfg.low_precision
     n_params = sum(p.numel() for p in model.parameters())
-    tokens_per_step = training.batch_size * training.block_size * training.gradient_accumulation_steps * ranks.world_size
     compute_dtype = resolve_compute_dtype(device, low_precision.compute_dtype)
     if low_precision.compute_dtype == "auto":
         compute_dtype += " (auto)"
@@ -389,8 +402,9 @@ def evaluate(model, val_batches, device, compute, generator, ranks: Ranks, token
     repeats the first one and does not count it. Runs the uncompiled model: eval mode and
     generation lengths would each trigger a recompile."""
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, batches
-    active = torch.zeros(model.config.n_layer, 3, dtype=torch.float64, device=device)  # x, y non-zero; elements
+    total_dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
+    totals = torch.zeros(2, dtype=total_dtype, device=device)  # loss sum, batches
+    active = torch.zeros(model.config.n_layer, 3, dtype=total_dtype, device=device)  # x, y non-zero; elements
     layers = []
 
     def count_active(a, b):  # called by each layer in turn
@@ -406,7 +420,7 @@ def evaluate(model, val_batches, device, compute, generator, ranks: Ranks, token
         with compute:
             _, loss = model(x.to(device), y.to(device), observe=count_active if k < len(val_batches) else None)
         if k < len(val_batches):
-            totals += torch.stack([loss.double(), loss.new_ones((), dtype=torch.float64)])
+            totals += torch.stack([loss.to(total_dtype), loss.new_ones((), dtype=total_dtype)])
     loss_sum, count = ranks.total(totals).tolist()
     active = ranks.total(active)
     sparsity = ((active[:, 0] / active[:, 2]).tolist(), (active[:, 1] / active[:, 2]).tolist())
@@ -432,6 +446,14 @@ def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tok
     return ranks.gather(run.save(ckpt, cfg.to_yaml(), name))[0]
 
 
+def stop_requested(stop, ranks: Ranks, step: int, device) -> bool:
+    """Whether a signal asks to stop, on any rank. Under torchrun this is a collective and waits for
+    the GPU, so it is asked every STOP_CHECK_STEPS steps only."""
+    if ranks.enabled and step % STOP_CHECK_STEPS:
+        return False
+    return ranks.any(stop.signal_name is not None, device)
+
+
 def launcher(ranks: Ranks) -> str:
     """How this run was started, for the resume command."""
     if not ranks.enabled:
@@ -454,9 +476,10 @@ def non_finite(what: str, step: int, last_saved) -> TrainingError:
 
 
 def one_line(e: Exception) -> str:
-    """DataLoader workers re-raise errors with their traceback in the message: keep the last line."""
+    """DataLoader workers re-raise errors with their traceback in the message: keep its last line,
+    without the error's module and class name."""
     text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    return text.split("DataError: ", 1)[-1]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", text)
 
 
 def main(argv=None) -> int:
@@ -472,7 +495,9 @@ def main(argv=None) -> int:
     ranks = Ranks()
     try:
         ranks, device = start(cfg, pick_device(cfg.training.device))
-        return train(cfg, args.config, ranks, device)
+        arguments = shlex.join(["--config", args.config, *(o for o in args.overrides
+                                                             if not o.startswith("training.resume_from_checkpoint="))])
+        return train(cfg, arguments, ranks, device)
     except (DataError, ShardError, TokenizerError, CheckpointError, MetricsError, TrainingError, DeviceError,
             DistributedError, FP8Error, LowBitError) as e:
         rank = f" (rank {ranks.rank})" if ranks.enabled else ""

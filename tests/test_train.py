@@ -128,7 +128,7 @@ def test_data_loader_workers_train(tmp_path, corpus):
 
 def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, corpus):
     path = write_config(tmp_path, corpus, max_iters=100000, checkpoint_freq=100000, test_freq=100000)
-    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(path)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(path), "model.dropout=0.0"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("step 3/"):
@@ -140,7 +140,8 @@ def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, co
     [ckpt] = run.glob("checkpoint_*.pt")
     step = load_checkpoint(ckpt).step
     assert step >= 3 and f"stopped by SIGTERM after step {step}" in out
-    assert f"training.resume_from_checkpoint={ckpt}" in out
+    # the resume command keeps the run's overrides
+    assert f"train.py --config {path} model.dropout=0.0 training.resume_from_checkpoint={ckpt}" in out
 
 
 def test_checkpoints_move_between_compiled_and_plain_runs(tmp_path, corpus, capsys):
@@ -557,9 +558,9 @@ def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once(tmp_path, corpus):
         if "SIGINT: finishing the evaluation, then saving a checkpoint (Ctrl-C again to stop at once)" in line:
             acknowledged = time.monotonic() - sent
             break
-    proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=60)
     assert acknowledged is not None and acknowledged < 2, "".join(lines)
-    assert proc.returncode == 0
+    assert proc.returncode == 0 and "stopped by SIGINT after step 3." in out  # no step after the evaluation
 
 
 def test_a_resume_from_an_earlier_step_sets_the_abandoned_branch_aside(tmp_path, corpus, capsys):
@@ -579,3 +580,21 @@ def test_a_resume_from_an_earlier_step_sets_the_abandoned_branch_aside(tmp_path,
     assert open_checkpoint("latest", str(tmp_path / "ck"))[0] == run / "checkpoint_5.pt"
     assert [p.name for p in checkpoints_in(run)] == ["checkpoint_4.pt", "checkpoint_5.pt"]
     assert max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def test_a_resume_may_switch_to_float16(tmp_path, corpus):
+    """A float32 run's checkpoint holds no GradScaler state; a float16 resume starts a fresh scaler."""
+    path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2)
+    assert train.main(["--config", str(path)]) == 0
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3",
+                       "low_precision.compute_dtype=float16"]) == 0
+
+
+def test_shards_changed_in_the_same_folder_change_the_data_order(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2)
+    assert train.main(["--config", str(path)]) == 0
+    (corpus / "shard-1.parquet").unlink()
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: the data order changes on this resume (the shards (files, row groups, rows, bytes):" in out

@@ -1,0 +1,42 @@
+"""runtime.py: the device, the compute dtype, the GPU peak table, temporary names."""
+import os
+import socket
+
+import pytest
+import torch
+
+import runtime
+
+
+def test_auto_compute_dtype_is_bfloat16_only_where_bf16_is_fast(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert runtime.resolve_compute_dtype(cpu, "auto") == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert runtime.resolve_compute_dtype(cpu, "auto") == "float32"
+    assert runtime.resolve_compute_dtype(cpu, "float16") == "float16"  # an explicit choice stays
+    assert runtime.resolve_compute_dtype(torch.device("mps"), "auto") == "float32"
+
+
+@pytest.mark.parametrize("name,tflops", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
+                                         ("NVIDIA L4", 121.0), ("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.1),
+                                         ("NVIDIA A100-SXM4-40GB", 312.0)])
+def test_the_datasheet_peak_is_found_by_whole_words(monkeypatch, name, tflops):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    peak, source = runtime.peak_flops(torch.device("cuda"), torch.bfloat16)
+    assert peak == tflops * 1e12 and source.startswith(f"{name} datasheet")
+
+
+def test_temporaries_of_dead_processes_on_this_host_only(monkeypatch):
+    dead = 2**22 + 12345  # above the usual pid_max, so no such process
+    host = socket.gethostname()
+    assert runtime.temporary_suffix() == f".tmp{host}-{os.getpid()}"
+    assert runtime.left_by_a_dead_process(f".ckpt.pt.tmp{host}-{dead}")
+    assert runtime.left_by_a_dead_process(f".ckpt.pt.tmp{dead}")  # the name earlier versions used
+    assert not runtime.left_by_a_dead_process(f".ckpt.pt{runtime.temporary_suffix()}")  # alive: this one
+    assert not runtime.left_by_a_dead_process(f".ckpt.pt.tmpother-node-{dead}")  # another host's: unknowable
+
+
+def test_first_line_of_an_error():
+    assert runtime.first_line(ValueError("first\nsecond")) == "first"
+    assert runtime.first_line(KeyError()) == "KeyError"
