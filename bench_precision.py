@@ -2,11 +2,19 @@
 
     python bench_precision.py --config configs/tiny.yaml [--json out.json] [section.key=value ...]
     python bench_precision.py --set fp8 --config config.yaml [model.n_embd=512 ...]    (CUDA)
+    python bench_precision.py --set optimizer --seeds 1337,1,2 [dataset.parquet_dir=data/shakespeare]
+    python bench_precision.py --set optimizer-ablation [training.max_iters=600 ...]
 
 --set 4bit (default): AdamW; AdamW4bit; AdamW with use_4bit quantization-aware training (from
 low_precision.qat_start_fraction of the steps, and from step 1); and the plain AdamW model
 quantized to 4 bits after training (post-training quantization). Reports the
-optimizer state bytes of AdamW and AdamW4bit, and each model's final validation loss.
+optimizer state bytes, and each model's final validation loss.
+--set optimizer: AdamW; AdamW4bit (adamw4bit.py); torchao.optim.AdamW4bit with its defaults (the
+format of Li et al. as torchao implements it). Also times the optimizer step alone. With --seeds
+1337,1,2 every variant runs once per seed, and each loss is compared with AdamW's of the same seed
+(mean and worst).
+--set optimizer-ablation: AdamW4bit with one choice of its MomentFormat changed at a time.
+Variants with another optimizer run train.py through `launch` below, in their own process.
 --set fp8: bf16 against bf16 + FP8 GEMMs: training tokens/s (median of the logged intervals after
 the first) and final validation loss.
 Every variant trains the same config for the same steps and is evaluated on the same validation
@@ -14,10 +22,12 @@ batches (train.py's evaluation at max_iters).
 """
 import argparse
 import json
+import runpy
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -25,33 +35,98 @@ import torch
 from checkpoint import checkpoints_in, load_checkpoint, model_from_checkpoint
 from config import add_config_arguments, load_config
 from data import list_units, validation_batches
-from lowbit import AdamW4bit, adamw_state_bytes, to_4bit
+import adamw4bit
+from adamw4bit import AdamW4bit, MomentFormat, adamw_state_bytes
+from lowbit import to_4bit
 from model import BDH
 from runtime import autocast
 from tokenizer import load_tokenizer
 
 BF16 = ["low_precision.compute_dtype=bfloat16"]
+FOUR_BIT_OPTIMIZER = ["low_precision.use_4bit_optimizer=true"]
+EARLIER = {"m_code": "nf4", "v_code": "nf4", "v_form": "root4", "floor": True, "block_size": 32}
+# a variant: its overrides, or (overrides, the optimizer: a MomentFormat's fields or "torchao")
 VARIANT_SETS = {
-    "4bit": {"AdamW": [], "AdamW4bit": ["low_precision.use_4bit_optimizer=true"],
+    "4bit": {"AdamW": [], "AdamW4bit": FOUR_BIT_OPTIMIZER,
              "4-bit QAT": ["low_precision.use_4bit=true"],
              "4-bit QAT from step 1": ["low_precision.use_4bit=true", "low_precision.qat_start_fraction=0"]},
     "fp8": {"bf16": BF16, "bf16 + FP8": BF16 + ["low_precision.use_fp8=true"]},
+    "optimizer": {"AdamW": [], "AdamW4bit": FOUR_BIT_OPTIMIZER,
+                  "torchao AdamW4bit": (FOUR_BIT_OPTIMIZER, "torchao")},
+    "optimizer-ablation": {"AdamW": [], **{name: (FOUR_BIT_OPTIMIZER, fields) for name, fields in {
+        "AdamW4bit (m dynamic, v linear, blocks of 128)": {},
+        "only m in 4 bits": {"v_code": None},
+        "only v in 4 bits": {"m_code": None},
+        "blocks of 32": {"block_size": 32},
+        "blocks of 64": {"block_size": 64},
+        "m in nf4": {"m_code": "nf4"},
+        "m in fp4": {"m_code": "fp4"},
+        "v in nf4, floor": {"v_code": "nf4", "floor": True},
+        "v stored as sqrt(v)": {"v_form": "sqrt"},
+        "v stored as v^(1/4)": {"v_form": "root4"},
+        "v^(1/4) in nf4, no floor": {"v_code": "nf4", "v_form": "root4"},
+        "v^(1/4) in nf4, floor": {"v_code": "nf4", "v_form": "root4", "floor": True},
+        "v rank-1 scales": {"rank1": True},
+        "earlier format: m nf4, v^(1/4) nf4, floor, blocks of 32": EARLIER,
+        "earlier format, only m": {**EARLIER, "v_code": None},
+        "earlier format, only v": {**EARLIER, "m_code": None},
+    }.items()}, "torchao AdamW4bit": (FOUR_BIT_OPTIMIZER, "torchao")},
 }
 PTQ = "AdamW, then 4-bit weights (post-training)"
 
 
-def train_variant(config_path, overrides, extra, workdir, log_freq) -> dict:
+def torchao_adamw4bit():
+    """torchao.optim.AdamW4bit (its defaults) as train.py uses AdamW4bit: train.py sets each
+    group's lr to a float, torchao wants its tensor; state_bytes() is known before its lazily made
+    state; `format` is its format, for train.py's description."""
+    from torchao.optim import AdamW4bit as Torchao
+
+    class TorchaoAdamW4bit(Torchao):
+        format = MomentFormat(v_form="v")
+
+        def step(self, closure=None):
+            for group in self.param_groups:
+                if not torch.is_tensor(group["lr"]):
+                    group["lr"] = torch.tensor(group["lr"])
+            return super().step(closure)
+
+        def state_bytes(self):  # 4-bit codes and a float32 scale per 128 where numel >= 4096 and divides
+            params = [p for group in self.param_groups for p in group["params"]]
+            return sum(2 * (p.numel() // 2 + p.numel() // 128 * 4) if p.numel() >= 4096 and p.numel() % 128 == 0
+                       else 8 * p.numel() for p in params)
+    return TorchaoAdamW4bit
+
+
+def launch(argv):
+    """python -c 'import bench_precision, sys; bench_precision.launch(sys.argv[1:])' OPTIMIZER ARGS...:
+    train.py with ARGS, its AdamW4bit replaced by torchao's ("torchao") or given another format (a
+    JSON object of MomentFormat fields)."""
+    optimizer = json.loads(argv[0])
+    if optimizer == "torchao":
+        adamw4bit.AdamW4bit = torchao_adamw4bit()
+    else:
+        adamw4bit.DEFAULT_FORMAT = MomentFormat(**optimizer)
+    sys.argv = ["train.py", *argv[1:]]
+    runpy.run_path("train.py", run_name="__main__")
+
+
+def train_variant(config_path, overrides, variant, workdir, log_freq) -> dict:
+    extra, optimizer = variant if isinstance(variant, tuple) else (variant, None)
     checkpoint_dir = Path(workdir) / "checkpoints"
-    cmd = [sys.executable, "train.py", "--config", config_path, *overrides, *extra,
-           f"training.checkpoint_dir={checkpoint_dir}", "training.keep_last_n=1"]
-    print("$", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    arguments = ["--config", config_path, *overrides, *extra, f"training.checkpoint_dir={checkpoint_dir}",
+                 "training.keep_last_n=1"]
+    print("$", " ".join(["train.py", *arguments]), f"(optimizer: {json.dumps(optimizer)})" if optimizer else "",
+          flush=True)
+    launcher = ["-c", "import bench_precision, sys; bench_precision.launch(sys.argv[1:])", json.dumps(optimizer)]
+    subprocess.run([sys.executable, *(launcher if optimizer else ["train.py"]), *arguments], check=True,
+                   stdout=subprocess.DEVNULL)
     [run] = checkpoint_dir.iterdir()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # full log intervals only (train.py also logs its first steps), and not the first: it holds warm-up
-    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] % log_freq == 0][1:]
+    logged = [r for r in records if "ms_per_step" in r and r["step"] % log_freq == 0][1:]
     return {"run": run, "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1],
-            "tokens_per_s": statistics.median(rates) if rates else None}
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in logged) if logged else None,
+            "ms_per_step": statistics.median(r["ms_per_step"] for r in logged) if logged else None}
 
 
 @torch.no_grad()
@@ -69,45 +144,92 @@ def final_checkpoint_loss(cfg, run, four_bit: bool) -> float:
         return sum(model(x, y)[1].item() for x, y in batches) / len(batches)
 
 
+def state_bytes_line(cfg) -> tuple[dict, str]:
+    model = BDH(cfg.model)
+    state = {"AdamW": adamw_state_bytes(model.parameters()), "AdamW4bit": AdamW4bit(model.parameters()).state_bytes(),
+             "torchao AdamW4bit": torchao_adamw4bit()(model.parameters(), betas=(0.9, 0.95)).state_bytes()}
+    return state, "optimizer state: " + ", ".join(
+        f"{name} {size / 2**20:.2f} MiB ({size / state['AdamW']:.3f}x)" for name, size in state.items())
+
+
+def optimizer_step_ms(cfg, steps=20) -> dict:
+    """The optimizer step alone on the config's model (random gradients): median ms of each
+    optimizer, the three alternating step by step."""
+    model = BDH(cfg.model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizers = {"AdamW": torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95)),
+                  "AdamW4bit": AdamW4bit(model.parameters(), lr=1e-4, betas=(0.9, 0.95)),
+                  "torchao AdamW4bit": torchao_adamw4bit()(model.parameters(), lr=1e-4, betas=(0.9, 0.95))}
+    for optimizer in optimizers.values():
+        for _ in range(3):  # warm-up (torchao compiles its step)
+            optimizer.step()
+    times = {name: [] for name in optimizers}
+    for _ in range(steps):
+        for name, optimizer in optimizers.items():
+            start = time.perf_counter()
+            optimizer.step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1000 for name, t in times.items()}
+
+
+def run_seed(args, cfg, seed, workdir) -> dict:
+    """Every variant of the set, trained with this seed: name -> its results."""
+    variants = {}
+    overrides = [*args.overrides, f"training.seed={seed}"]
+    for name, variant in VARIANT_SETS[args.set].items():
+        variants[name] = train_variant(args.config, overrides, variant, workdir / f"{seed}_{name}".replace(" ", "_"),
+                                       cfg.training.log_freq)
+        if args.set == "4bit" and name == "AdamW":
+            variants[PTQ] = {"val_loss": final_checkpoint_loss(cfg, variants[name]["run"], four_bit=True)}
+        elif name.startswith("4-bit QAT"):  # train.py evaluated its 4-bit weights; these are as trained
+            variants[name]["full_precision_val_loss"] = final_checkpoint_loss(cfg, variants[name]["run"],
+                                                                              four_bit=False)
+    for v in variants.values():
+        v.pop("run", None)
+    return variants
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, default="configs/tiny.yaml")
     parser.add_argument("--set", default="4bit", choices=VARIANT_SETS, help="which variants to compare")
+    parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")],
+                        help="comma-separated: train every variant once per seed (default: the config's "
+                             "training.seed)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     cfg = load_config(args)
-    low_precision = cfg.low_precision
-    results = {"config": cfg.to_dict(), "set": args.set, "variants": {}}
-    if args.set == "4bit":
-        model = BDH(cfg.model)
-        state = {"AdamW": adamw_state_bytes(model.parameters()),
-                 "AdamW4bit": AdamW4bit(model.parameters(), quant_type=low_precision.quantization_type,
-                                        double_quant=low_precision.use_double_quant).state_bytes()}
-        results["optimizer_state_bytes"] = state
-        print(f"optimizer state: AdamW {state['AdamW'] / 2**20:.2f} MiB, AdamW4bit ({low_precision.quantization_type}, "
-              f"double quant {low_precision.use_double_quant}) {state['AdamW4bit'] / 2**20:.2f} MiB = "
-              f"{state['AdamW4bit'] / state['AdamW']:.3f}x")
-    variants = results["variants"]
+    seeds = args.seeds or [cfg.training.seed]
+    results = {"config": cfg.to_dict(), "set": args.set, "seeds": {}}
+    if args.set != "fp8":
+        results["optimizer_state_bytes"], line = state_bytes_line(cfg)
+        print(line, flush=True)
+    if args.set == "optimizer":
+        results["optimizer_step_ms"] = optimizer_step_ms(cfg)
+        print("optimizer step alone: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in
+                                                   results["optimizer_step_ms"].items()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, extra in VARIANT_SETS[args.set].items():
-            variants[name] = train_variant(args.config, args.overrides, extra, Path(tmp) / name.replace(" ", "_"),
-                                           cfg.training.log_freq)
-            if name == "AdamW":
-                variants[PTQ] = {"val_loss": final_checkpoint_loss(cfg, variants[name]["run"], four_bit=True)}
-            elif name.startswith("4-bit QAT"):  # train.py evaluated its 4-bit weights; these are as trained
-                variants[name]["full_precision_val_loss"] = final_checkpoint_loss(cfg, variants[name]["run"],
-                                                                                  four_bit=False)
-        for v in variants.values():
-            v.pop("run", None)
-    base_name, base = next(iter(variants.items()))
-    print(f"after {cfg.training.max_iters} steps, {cfg.training.eval_iters} validation batches:")
-    for name, v in variants.items():
-        extra = (f"{v['tokens_per_s']:>12,.0f} tok/s ({v['tokens_per_s'] / base['tokens_per_s']:.2f}x)"
-                if v.get("tokens_per_s") and args.set == "fp8" else "")
-        if "full_precision_val_loss" in v:
-            extra = f"; its weights unquantized: {v['full_precision_val_loss']:.4f}"
-        print(f"  {name:<44} val loss {v['val_loss']:.4f} ({(v['val_loss'] / base['val_loss'] - 1) * 100:+.2f}% "
-              f"vs {base_name}){extra}")
+        for seed in seeds:
+            results["seeds"][seed] = run_seed(args, cfg, seed, Path(tmp))
+            if args.json:  # after each seed: a long run that stops early keeps what it measured
+                Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"after {cfg.training.max_iters} steps, {cfg.training.eval_iters} validation batches, seeds "
+          f"{', '.join(map(str, seeds))} (change: against the first variant with the same seed):")
+    runs = list(results["seeds"].values())
+    base_name = next(iter(runs[0]))
+    for name in runs[0]:
+        losses = [run[name]["val_loss"] for run in runs]
+        changes = [(run[name]["val_loss"] / run[base_name]["val_loss"] - 1) * 100 for run in runs]
+        line = f"  {name:<58} val loss {statistics.mean(losses):.4f} ({statistics.mean(changes):+.2f}%"
+        line += f", worst {max(changes):+.2f}%)" if len(runs) > 1 else ")"
+        speeds = [run[name]["ms_per_step"] for run in runs if run[name].get("ms_per_step")]
+        if speeds:
+            base_speed = statistics.mean(run[base_name]["ms_per_step"] for run in runs)
+            line += f" | {statistics.mean(speeds):.1f} ms/step ({statistics.mean(speeds) / base_speed:.2f}x)"
+        if "full_precision_val_loss" in runs[0][name]:
+            line += f" | its weights unquantized: {statistics.mean(r[name]['full_precision_val_loss'] for r in runs):.4f}"
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

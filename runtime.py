@@ -3,6 +3,7 @@ import ctypes
 import os
 import re
 import resource
+import shutil
 import socket
 import sys
 import time
@@ -52,6 +53,18 @@ def left_by_a_dead_process(name: str) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def check_can_compile(device: torch.device, setting: str = "training.compile"):
+    """torch.compile on CPU writes C++ and needs a compiler: say so before the first step fails
+    with a long traceback."""
+    if device.type != "cpu":
+        return
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
+    if not any(shutil.which(c) for c in candidates):
+        raise DeviceError(f"{setting}: torch.compile on CPU needs a C++ compiler and none of "
+                          f"{', '.join(candidates)} is on PATH; install one (g++, or Xcode's command line tools) "
+                          f"or set {setting}=false")
 
 
 def resolve_compute_dtype(device: torch.device, setting: str) -> str:

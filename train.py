@@ -30,11 +30,12 @@ from data import (DataError, data_order, list_units, loader_workers, resume_poin
 from distributed import (DistributedError, Ranks, communication_failure, full_state, full_weights,
                          gradient_sync, load_full_state, load_full_weights, local_tensor, shutdown, start, wrap)
 from fp8 import FP8Error, fp8_matmuls
-from lowbit import AdamW4bit, LowBitError, adamw_state_bytes, convert_adamw_state, quantization_aware_view
+from adamw4bit import AdamW4bit, adamw_state_bytes, convert_adamw_state
+from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog
 from model import BDH
-from runtime import (DTYPES, DeviceError, autocast, peak_flops, peak_memory_bytes, pick_device, resolve_compute_dtype,
-                     steady_host_memory)
+from runtime import (DTYPES, DeviceError, autocast, check_can_compile, peak_flops, peak_memory_bytes, pick_device,
+                     resolve_compute_dtype, steady_host_memory)
 from shards import ShardError, ensure_sample_corpus
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
 
@@ -65,6 +66,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     log_freq = 1 if training.debug else training.log_freq
     compile_model = (training.compile is True or (training.compile == "auto" and device.type == "cuda")) \
         and not training.debug
+    if compile_model:
+        check_can_compile(device)
     torch.autograd.set_detect_anomaly(training.debug)
     steady_host_memory(cfg, device)
     # MFU's peak, before the seeds: a measured peak draws random matrices (peak_flops resets the
@@ -260,8 +263,7 @@ def make_optimizer(model: BDH, cfg, device) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": training.weight_decay},
               {"params": [model.embed.weight], "weight_decay": 0.0}]
     if low_precision.use_4bit_optimizer:
-        return AdamW4bit(groups, lr=training.learning_rate, betas=(0.9, 0.95),
-                         quant_type=low_precision.quantization_type, double_quant=low_precision.use_double_quant)
+        return AdamW4bit(groups, lr=training.learning_rate, betas=(0.9, 0.95))
     return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
@@ -278,9 +280,8 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
     if ckpt.low_precision()["use_4bit_optimizer"] != low_precision.use_4bit_optimizer:
         print(f"converting the checkpoint's optimizer state to "
               f"{'4-bit' if low_precision.use_4bit_optimizer else 'float32'} moments (use_4bit_optimizer changed)")
-        convert_adamw_state(optimizer_state, {name: p.shape for name, p in model.named_parameters()},
-                            low_precision.use_4bit_optimizer, low_precision.quantization_type,
-                            low_precision.use_double_quant)
+    convert_adamw_state(optimizer_state, {name: p.shape for name, p in model.named_parameters()},
+                        low_precision.use_4bit_optimizer)
     load_full_state(model, optimizer, ckpt.model, optimizer_state)
     if ckpt.scaler:  # empty when the checkpoint's run did not use float16
         scaler.load_state_dict(ckpt.scaler)
@@ -347,9 +348,11 @@ def describe_run(cfg, model, optimizer, ranks, device, n_units, tokens_per_step,
     full = adamw_state_bytes(model.parameters())
     if isinstance(optimizer, AdamW4bit):
         state = optimizer.state_bytes()
-        double_quant = ", double quant" if low_precision.use_double_quant else ""
-        lines.append(f"optimizer AdamW4bit ({low_precision.quantization_type}{double_quant}), state "
-                     f"{state / 2**20:.2f} MiB = {state / full:.3f} x AdamW's {full / 2**20:.2f} MiB")
+        f = optimizer.format
+        v = {"v": "v", "sqrt": "sqrt(v)", "root4": "v^(1/4)"}[f.v_form]
+        lines.append(f"optimizer {type(optimizer).__name__} (m: {f.m_code}, {v}: {f.v_code}, blocks of "
+                     f"{f.block_size}), state {state / 2**20:.2f} MiB = {state / full:.3f} x AdamW's "
+                     f"{full / 2**20:.2f} MiB")
     else:
         lines.append(f"optimizer AdamW, state {full / 2**20:.2f} MiB")
     if low_precision.use_4bit:

@@ -1,4 +1,4 @@
-"""4-bit AdamW states, quantization-aware training and 4-bit serving (bitsandbytes on CPU)."""
+"""lowbit.py: 4-bit weights, quantization-aware training and 4-bit serving (bitsandbytes on CPU)."""
 import json
 
 import pytest
@@ -8,8 +8,7 @@ import sample
 import train
 from checkpoint import load_checkpoint
 from conftest import write_config
-from lowbit import (MIN_QUANTIZED_NUMEL, AdamW4bit, adamw_state_bytes, dequantize, quantization_aware_view,
-                    quantize, smallest_level, to_4bit)
+from lowbit import dequantize, quantization_aware_view, quantize, to_4bit
 from model import BDH, BDHConfig
 
 SMALL = BDHConfig(n_layer=2, n_embd=64, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.0)
@@ -27,64 +26,6 @@ def test_blockwise_round_trip(quant_type, double_quant):
     error = (y[:9984].view(-1, 64) - blocks).abs().amax(1) / blocks.abs().amax(1)
     assert error.max() < 0.21  # half the widest gap between levels, relative to the block maximum
     assert all(torch.is_tensor(v) for v in q.values())  # checkpointable with weights_only=True
-
-
-def test_optimizer_state_is_at_most_a_sixth_of_adamw():
-    model = BDH(BDHConfig(n_layer=2, n_embd=128, n_head=4, mlp_internal_dim_multiplier=16))
-    for double_quant in (True, False):
-        optimizer = AdamW4bit(model.parameters(), double_quant=double_quant)
-        assert optimizer.state_bytes() <= adamw_state_bytes(model.parameters()) / 6
-
-
-def test_small_tensors_keep_float32_state_and_match_torch_adamw():
-    torch.manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(MIN_QUANTIZED_NUMEL - 1))
-    b = torch.nn.Parameter(a.detach().clone())
-    ours = AdamW4bit([a], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
-    theirs = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
-    assert "exp_avg" in ours.state[a] and "exp_avg_4bit" not in ours.state[a]
-    for _ in range(5):
-        g = torch.randn_like(a)
-        a.grad, b.grad = g.clone(), g.clone()
-        ours.step()
-        theirs.step()
-    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-
-def test_second_moment_quantized_to_zero_cannot_blow_up_the_step():
-    """A block whose second moment holds one large value and small ones: the small ones round to
-    code 0. Where m survives quantization, m / (0 + eps) would be a step of millions; the floor at
-    the smallest non-zero level keeps it below the learning rate."""
-    p = torch.nn.Parameter(torch.zeros(MIN_QUANTIZED_NUMEL))
-    optimizer = AdamW4bit([p], lr=1.0, betas=(0.9, 0.999), weight_decay=0.0)
-    m, v = torch.full_like(p, 0.5), torch.full_like(p, 1e-8)
-    m[::32], v[::32] = 1.0, 1.0  # one large second moment per block of 32
-    state = optimizer.state[p]
-    state["step"].fill_(1000)  # bias corrections ~1: the step is m / sqrt(v)
-    state["exp_avg_4bit"], state["exp_avg_sq_root4_4bit"] = optimizer._pack(m), optimizer._pack(v.pow(0.25))
-    naive = dequantize(state["exp_avg_4bit"]) / (dequantize(state["exp_avg_sq_root4_4bit"]).pow(2) + 1e-8)
-    assert naive.abs().max() > 1e6  # what the plain 4-bit values would do
-    p.grad = torch.zeros_like(p)
-    optimizer.step()
-    # floor: v^(1/4) >= 0.0796 x 1 for nf4, so sqrt(v) >= 0.0063 and a step <= 0.5 / 0.0063 = 79
-    assert p.detach().abs().max() < 0.5 / smallest_level("nf4") ** 2 * 1.01
-    assert torch.isfinite(p).all()
-
-
-def test_4bit_optimizer_trains_and_resumes_exactly(tmp_path, corpus, capsys):
-    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, test_freq=100, keep_last_n=0)
-    flags = ["low_precision.use_4bit_optimizer=true", "low_precision.use_double_quant=false"]
-    assert train.main(["--config", str(path), *flags]) == 0
-    out = capsys.readouterr().out
-    assert "optimizer AdamW4bit (nf4), state" in out and "x AdamW's" in out
-    [run] = (tmp_path / "ck").iterdir()
-    straight = load_checkpoint(run / "checkpoint_4.pt")
-    assert straight.optimizer["state"]["encoder"]["exp_avg_sq_root4_4bit"]["codes"].dtype == torch.uint8
-    assert train.main(["--config", str(path), *flags,
-                       f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}"]) == 0
-    resumed = load_checkpoint(run / "checkpoint_4.pt")
-    for name, tensor in straight.model.items():
-        assert torch.equal(resumed.model[name], tensor), name
 
 
 def test_quantization_aware_forward_uses_4bit_weights_and_passes_gradients_straight_through():
@@ -175,17 +116,3 @@ def test_4bit_weights_take_about_a_seventh_of_float32_at_the_default_size():
     before, after = to_4bit(model, "nf4", True)
     assert 6.5 < before / after < 8
     assert model.encoder.numel() == 0  # the float32 copies are gone
-
-
-def test_resume_may_switch_between_adamw_and_the_4bit_optimizer(tmp_path, corpus, capsys):
-    path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2, test_freq=100)
-    assert train.main(["--config", str(path)]) == 0
-    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3",
-                       "low_precision.use_4bit_optimizer=true"]) == 0
-    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=4"]) == 0
-    out = capsys.readouterr().out
-    assert "converting the checkpoint's optimizer state to 4-bit moments" in out
-    assert "converting the checkpoint's optimizer state to float32 moments" in out
-    [run] = (tmp_path / "ck").iterdir()
-    assert "exp_avg_4bit" in load_checkpoint(run / "checkpoint_3.pt").optimizer["state"]["encoder"]
-    assert "exp_avg" in load_checkpoint(run / "checkpoint_4.pt").optimizer["state"]["encoder"]

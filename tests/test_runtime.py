@@ -40,3 +40,15 @@ def test_temporaries_of_dead_processes_on_this_host_only(monkeypatch):
 def test_first_line_of_an_error():
     assert runtime.first_line(ValueError("first\nsecond")) == "first"
     assert runtime.first_line(KeyError()) == "KeyError"
+
+
+def test_compiling_on_cpu_without_a_cxx_compiler_is_one_clear_line(monkeypatch, tmp_path):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on it
+    with pytest.raises(runtime.DeviceError, match=r"training.compile: torch.compile on CPU needs a C\+\+ compiler"
+                                                  r".*or set training.compile=false"):
+        runtime.check_can_compile(torch.device("cpu"))
+    runtime.check_can_compile(torch.device("cuda"))  # Triton brings its own
+    (tmp_path / "g++").write_text("#!/bin/sh\n")
+    (tmp_path / "g++").chmod(0o755)
+    runtime.check_can_compile(torch.device("cpu"))

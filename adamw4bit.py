@@ -1,0 +1,218 @@
+"""AdamW with its two moments stored in 4 bits (low_precision.use_4bit_optimizer).
+
+Each moment is kept as 4-bit codes: the tensor is cut into blocks of `block_size` consecutive
+values, each block is divided by a scale (its absolute maximum, kept in float32), and each value is
+rounded to the nearest of 16 levels of a code book. Every update runs in float32: decode, update,
+encode. The format is a MomentFormat; the default is the one the ablations in BENCHMARKS.md
+("4-bit optimizer: what costs, what helps") chose:
+- the first moment m in blocks of 128 with a signed dynamic code book (levels spaced by decades:
+  dense near 0, where most of a block's m lies next to its maximum);
+- the fourth root of the second moment, w = v^(1/4), in blocks of 128 with the zero-free linear code
+  book 1/16, 2/16, ..., 1. Stored as w, v's values far below their block's maximum keep their size
+  (w spans a quarter of v's range in log scale), and as no level is 0, w is never decoded as 0:
+  sqrt(v) = w^2 is at least 1/256 of its block's largest, so m / (sqrt(v) + eps) cannot blow up.
+Li et al. 2023 ("Memory Efficient Optimizers with 4-bit States"), and torchao.optim.AdamW4bit after
+them, store v itself with that code book, which rounds every v below 1/32 of its block's maximum up
+and shortens those steps: on configs/tiny.yaml it was behind this format on every seed (BENCHMARKS.md).
+Parameters with fewer than MIN_QUANTIZED_NUMEL elements keep float32 moments (their states are too
+small to matter), which makes the update exactly torch's AdamW for them.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+MIN_QUANTIZED_NUMEL = 4096
+
+
+@dataclass(frozen=True)
+class MomentFormat:
+    """How AdamW4bit stores its moments. A code of None keeps that moment in float32."""
+    m_code: str | None = "dynamic"  # dynamic (signed) | nf4 | fp4
+    v_code: str | None = "linear"  # linear or log (zero-free, unsigned) | nf4 | fp4 | dynamic
+    v_form: str = "root4"  # what is stored of the second moment: v, sqrt (v^1/2) or root4 (v^1/4)
+    block_size: int = 128
+    floor: bool = False  # decode v's form no lower than the code book's smallest positive level x the block scale
+    rank1: bool = False  # v's scale: min(row max, column max) of the (-1, last dim) matrix, not per block
+
+
+DEFAULT_FORMAT = MomentFormat()  # what train.py's AdamW4bit uses (bench_precision's ablations set another)
+
+
+@torch.no_grad()
+def code_book(name: str) -> torch.Tensor:
+    """The 16 levels of a code book, ascending, in [-1, 1]."""
+    if name == "linear":  # zero-free: 1/16, 2/16, ..., 1
+        return torch.linspace(0, 1, 17)[1:]
+    if name == "log":  # zero-free, the same relative precision at every magnitude: 2^-15, 2^-14, ..., 1
+        return torch.pow(2.0, torch.arange(-15, 1, dtype=torch.float32))
+    if name == "dynamic":  # Dettmers' dynamic map in 4 bits: a decade, then linear steps within it
+        positive = []
+        for k, decade in enumerate((0.01, 0.1, 1.0)):  # 1, 2 and 4 levels: midpoints of equal parts of [0.1, 1]
+            edges = torch.linspace(0.1, 1, 2 ** k + 1)
+            positive += ((edges[:-1] + edges[1:]) / 2 * decade).tolist()
+        return torch.tensor(sorted([0.0, 1.0, *positive, *(-x for x in positive)]))
+    if name in ("nf4", "fp4"):
+        from lowbit import quantize  # bitsandbytes' code books
+        return quantize(torch.linspace(-1, 1, 256), name, False)["quant_map"].float().sort().values
+    raise ValueError(f"unknown code book {name!r}: use linear, log, dynamic, nf4 or fp4")
+
+
+def blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """x flattened, zero-padded and cut into rows of block_size."""
+    flat = x.flatten()
+    return torch.nn.functional.pad(flat, (0, (-flat.numel()) % block_size)).view(-1, block_size)
+
+
+def element_scales(q: dict) -> torch.Tensor:
+    """The scale of each element, as (-1, block_size) rows (blocks) or as the (-1, last dim) matrix (rank1)."""
+    if "row" in q:
+        return torch.minimum(q["row"][:, None], q["column"][None, :])
+    return q["block"][:, None]
+
+
+def encode(x: torch.Tensor, levels: torch.Tensor, block_size: int, rank1: bool = False) -> dict:
+    """x as packed 4-bit codes (two per byte) and its scales: each block's absolute maximum, or
+    with rank1 (for a tensor of 2 or more dimensions) the row and column maxima of x seen as a
+    (-1, last dim) matrix, each element's scale being the smaller of its row's and its column's."""
+    if rank1 and x.dim() >= 2:
+        matrix = x.abs().reshape(-1, x.shape[-1])
+        scale = {"row": matrix.amax(dim=1), "column": matrix.amax(dim=0)}
+        values = x.reshape(-1, x.shape[-1])
+    else:
+        values = blocks(x, block_size)
+        scale = {"block": values.abs().amax(dim=1)}
+    normalized = values / element_scales(scale).clamp_min(torch.finfo(torch.float32).tiny)
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    codes = torch.bucketize(normalized.flatten()[:x.numel()], midpoints).to(torch.uint8)  # the nearest level
+    codes = torch.nn.functional.pad(codes, (0, codes.numel() % 2))
+    return {"codes": codes[0::2] << 4 | codes[1::2], **scale}
+
+
+def decode(q: dict, levels: torch.Tensor, shape: torch.Size, block_size: int) -> torch.Tensor:
+    n = math.prod(shape)
+    codes = torch.stack([q["codes"] >> 4, q["codes"] & 15], dim=1).flatten()
+    if "row" in q:
+        return (levels[codes[:n].long()].view(-1, shape[-1]) * element_scales(q)).view(shape)
+    codes = torch.nn.functional.pad(codes, (0, q["block"].numel() * block_size - codes.numel()))
+    return (levels[codes.long()].view(-1, block_size) * q["block"][:, None]).flatten()[:n].view(shape)
+
+
+def nbytes(q) -> int:
+    if isinstance(q, dict):
+        return sum(nbytes(v) for v in q.values())
+    return q.numel() * q.element_size() if torch.is_tensor(q) else 0
+
+
+class AdamW4bit(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias-corrected) with 4-bit moment storage."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 moment_format: MomentFormat | None = None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.format = moment_format or DEFAULT_FORMAT
+        self.m_levels = code_book(self.format.m_code) if self.format.m_code else None
+        self.v_levels = code_book(self.format.v_code) if self.format.v_code else None
+        for group in self.param_groups:  # eagerly, so that state_bytes() is known before step 1
+            for p in group["params"]:
+                self._init_state(p)
+
+    def _init_state(self, p):
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0)
+        zeros = torch.zeros_like(p, dtype=torch.float32)
+        large = p.numel() >= MIN_QUANTIZED_NUMEL
+        if large and self.m_levels is not None:
+            state["exp_avg_4bit"] = self._encode_m(zeros)
+        else:
+            state["exp_avg"] = zeros.clone()
+        if large and self.v_levels is not None:
+            state["exp_avg_sq_4bit"] = self._encode_v(zeros)
+        else:
+            state["exp_avg_sq"] = zeros.clone()
+
+    def _encode_m(self, m):
+        return encode(m, self.m_levels.to(m.device), self.format.block_size)
+
+    def _encode_v(self, v):
+        form = {"v": v, "sqrt": v.sqrt(), "root4": v.sqrt().sqrt()}[self.format.v_form]
+        return encode(form, self.v_levels.to(v.device), self.format.block_size, self.format.rank1)
+
+    def _decode_v(self, q, shape):
+        levels = self.v_levels.to(q["codes"].device)
+        form = decode(q, levels, shape, self.format.block_size)
+        if self.format.floor:
+            floor = decode({**q, "codes": torch.full_like(q["codes"], 0x11 * int((levels > 0).nonzero()[0]))},
+                           levels, shape, self.format.block_size)  # every element at the smallest positive level
+            form = torch.maximum(form, floor)
+        return {"v": form, "sqrt": form.square(), "root4": form.square().square()}[self.format.v_form]
+
+    def load_state_dict(self, state_dict):
+        """torch casts every loaded state tensor to its parameter's dtype; give the codes back their uint8."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg_4bit", "exp_avg_sq_4bit"):
+                if key in state:
+                    state[key]["codes"] = state[key]["codes"].to(torch.uint8)
+
+    def state_bytes(self) -> int:
+        return sum(nbytes(s) for s in self.state.values())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "step" not in state:  # e.g. state dropped by a load
+                    self._init_state(p)
+                state["step"] += 1
+                t = float(state["step"])
+                grad = p.grad.float()
+                m = decode(state["exp_avg_4bit"], self.m_levels.to(p.device), p.shape, self.format.block_size) \
+                    if "exp_avg_4bit" in state else state["exp_avg"]
+                v = self._decode_v(state["exp_avg_sq_4bit"], p.shape) if "exp_avg_sq_4bit" in state \
+                    else state["exp_avg_sq"]
+                m.lerp_(grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denominator = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(m.to(p.dtype), denominator.to(p.dtype), value=-group["lr"] / (1 - beta1 ** t))
+                if "exp_avg_4bit" in state:
+                    state["exp_avg_4bit"] = self._encode_m(m)
+                if "exp_avg_sq_4bit" in state:
+                    state["exp_avg_sq_4bit"] = self._encode_v(v)
+        return loss
+
+
+def convert_adamw_state(optimizer_state: dict, shapes: dict, to_4bit: bool) -> dict:
+    """A saved optimizer state (keyed by parameter name) in the format of the optimizer about to
+    load it: torch AdamW's float32 moments <-> AdamW4bit's codes, so that a resumed run may switch
+    use_4bit_optimizer. Checkpoints of earlier versions stored bitsandbytes nf4 codes of m and of
+    v^(1/4) in blocks of 32: they are decoded, and re-encoded when the run stays 4-bit."""
+    optimizer = AdamW4bit([torch.nn.Parameter(torch.zeros(1))])  # for its encoders
+    for name, state in optimizer_state["state"].items():
+        shape = shapes[name]
+        if "exp_avg_sq_root4_4bit" in state:  # earlier versions
+            from lowbit import dequantize
+            state["exp_avg"] = dequantize(state.pop("exp_avg_4bit")).view(shape)
+            state["exp_avg_sq"] = dequantize(state.pop("exp_avg_sq_root4_4bit")).view(shape).pow(4)
+        if to_4bit and "exp_avg" in state and state["exp_avg"].numel() >= MIN_QUANTIZED_NUMEL:
+            state["exp_avg_4bit"] = optimizer._encode_m(state.pop("exp_avg").float())
+            state["exp_avg_sq_4bit"] = optimizer._encode_v(state.pop("exp_avg_sq").float())
+        elif not to_4bit and "exp_avg_4bit" in state:
+            state["exp_avg"] = decode(state.pop("exp_avg_4bit"), optimizer.m_levels, shape, optimizer.format.block_size)
+            state["exp_avg_sq"] = optimizer._decode_v(state.pop("exp_avg_sq_4bit"), shape)
+    return optimizer_state
+
+
+def adamw_state_bytes(params) -> int:
+    """What torch.optim.AdamW keeps: two float32 moments per parameter (and a step count)."""
+    return sum(2 * 4 * p.numel() + 4 for p in params)

@@ -1,0 +1,158 @@
+"""adamw4bit.py: the 4-bit moment format, the optimizer's update, resume and conversions."""
+import pytest
+import torch
+
+import train
+from adamw4bit import (MIN_QUANTIZED_NUMEL, AdamW4bit, MomentFormat, adamw_state_bytes, code_book, decode,
+                       encode)
+from checkpoint import load_checkpoint
+from conftest import write_config
+from lowbit import quantize
+from model import BDH, BDHConfig
+
+
+@pytest.mark.parametrize("name", ["linear", "log", "dynamic", "nf4", "fp4"])
+def test_code_books_have_16_ascending_levels_within_one(name):
+    levels = code_book(name)
+    assert levels.shape == (16,) and (levels.diff() >= 0).all()
+    assert levels.abs().max() == 1.0
+    assert (levels > 0).all() == (name in ("linear", "log"))  # the zero-free ones: v never decodes to 0
+
+
+def test_dynamic_code_book_is_the_one_of_torchao_adamw4bit():
+    from torchao.optim.quant_utils import create_dynamic_map
+    torch.testing.assert_close(code_book("dynamic"), torch.tensor(create_dynamic_map(True, 3, 4)))
+
+
+@pytest.mark.parametrize("name,rank1", [("dynamic", False), ("nf4", False), ("linear", False), ("linear", True)])
+def test_encode_decode_is_nearest_level_times_scale(name, rank1):
+    torch.manual_seed(0)
+    x = torch.randn(96, 80)
+    if name == "linear":
+        x = x.abs()
+    levels = code_book(name)
+    q = encode(x, levels, 128, rank1)
+    assert q["codes"].dtype == torch.uint8 and q["codes"].numel() == x.numel() // 2
+    y = decode(q, levels, x.shape, 128)
+    if rank1:
+        scale = torch.minimum(x.amax(1, keepdim=True), x.amax(0, keepdim=True))
+        assert set(q) == {"codes", "row", "column"}
+    else:
+        scale = x.flatten().view(-1, 128).abs().amax(1, keepdim=True).expand(-1, 128).reshape(x.shape)
+    exact = levels[((x / scale)[..., None] - levels).abs().argmin(-1)] * scale  # nearest level, brute force
+    torch.testing.assert_close(y, exact)
+
+
+def test_optimizer_state_is_at_most_a_sixth_of_adamw():
+    model = BDH(BDHConfig(n_layer=3, n_embd=128, n_head=4, mlp_internal_dim_multiplier=16))
+    optimizer = AdamW4bit(model.parameters())
+    assert optimizer.state_bytes() <= adamw_state_bytes(model.parameters()) / 6
+    assert "exp_avg_4bit" in optimizer.state[model.encoder] and "exp_avg_sq_4bit" in optimizer.state[model.decoder]
+
+
+def test_small_tensors_keep_float32_state_and_match_torch_adamw():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(MIN_QUANTIZED_NUMEL - 1))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = AdamW4bit([a], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    theirs = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    assert "exp_avg" in ours.state[a] and "exp_avg_4bit" not in ours.state[a]
+    for _ in range(5):
+        g = torch.randn_like(a)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_quantized_updates_follow_adamw_closely():
+    """Same gradients into AdamW and AdamW4bit for 50 steps: each step of the 4-bit one points
+    the way AdamW's does (the moments' rounding changes its size element by element)."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(64, 128))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = AdamW4bit([a], lr=1e-3, betas=(0.9, 0.95))
+    theirs = torch.optim.AdamW([b], lr=1e-3, betas=(0.9, 0.95))
+    for _ in range(50):
+        g = torch.randn_like(a) * 0.1 + 0.05 * a.detach()
+        before_a, before_b = a.detach().clone(), b.detach().clone()
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+        cosine = torch.nn.functional.cosine_similarity((a - before_a).flatten(), (b - before_b).flatten(), dim=0)
+        assert cosine > 0.9
+    assert (a - b).norm() < 0.1 * (b.detach() - torch.zeros_like(b)).norm()
+
+
+def test_a_second_moment_far_below_its_block_maximum_cannot_blow_up_the_step():
+    """A block whose second moment holds one large value and tiny ones. A code book with a 0 would
+    round the tiny ones to 0, and m / (0 + eps) would be a step of millions; the zero-free linear
+    code book decodes v^(1/4) as at least 1/16 of the block's maximum, so sqrt(v) >= 1/256 of it."""
+    p = torch.nn.Parameter(torch.zeros(MIN_QUANTIZED_NUMEL))
+    m, v = torch.full_like(p, 0.5), torch.full_like(p, 1e-12)
+    m[::128], v[::128] = 1.0, 1.0  # one large second moment per block of 128
+    steps = {}
+    for name, moment_format in (("default", MomentFormat()), ("nf4 v", MomentFormat(v_code="nf4"))):
+        q = p.detach().clone().requires_grad_()
+        optimizer = AdamW4bit([q], lr=1.0, betas=(0.9, 0.999), weight_decay=0.0, moment_format=moment_format)
+        state = optimizer.state[q]
+        state["step"].fill_(1000)  # bias corrections ~1: the step is m / sqrt(v)
+        state["exp_avg_4bit"], state["exp_avg_sq_4bit"] = optimizer._encode_m(m), optimizer._encode_v(v)
+        q.grad = torch.zeros_like(q)
+        optimizer.step()
+        steps[name] = q.detach().abs().max()
+    assert steps["nf4 v"] > 1e4  # what a code book with a 0 does
+    assert steps["default"] <= 0.5 * 256 * 1.01
+
+
+def test_4bit_optimizer_trains_and_resumes_exactly(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, test_freq=100, keep_last_n=0)
+    flags = ["low_precision.use_4bit_optimizer=true"]
+    assert train.main(["--config", str(path), *flags]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer AdamW4bit (m: dynamic, v^(1/4): linear, blocks of 128), state" in out and "x AdamW's" in out
+    [run] = (tmp_path / "ck").iterdir()
+    straight = load_checkpoint(run / "checkpoint_4.pt")
+    assert straight.optimizer["state"]["encoder"]["exp_avg_sq_4bit"]["codes"].dtype == torch.uint8
+    assert train.main(["--config", str(path), *flags,
+                       f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}"]) == 0
+    resumed = load_checkpoint(run / "checkpoint_4.pt")
+    for name, tensor in straight.model.items():
+        assert torch.equal(resumed.model[name], tensor), name
+
+
+def test_resume_may_switch_between_adamw_and_the_4bit_optimizer(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2, test_freq=100)
+    assert train.main(["--config", str(path)]) == 0
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3",
+                       "low_precision.use_4bit_optimizer=true"]) == 0
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=4"]) == 0
+    out = capsys.readouterr().out
+    assert "converting the checkpoint's optimizer state to 4-bit moments" in out
+    assert "converting the checkpoint's optimizer state to float32 moments" in out
+    [run] = (tmp_path / "ck").iterdir()
+    assert "exp_avg_4bit" in load_checkpoint(run / "checkpoint_3.pt").optimizer["state"]["encoder"]
+    assert "exp_avg" in load_checkpoint(run / "checkpoint_4.pt").optimizer["state"]["encoder"]
+
+
+def test_a_checkpoint_of_the_earlier_bitsandbytes_format_resumes(tmp_path, corpus):
+    """Earlier versions stored nf4 codes of m and v^(1/4) in blocks of 32 (bitsandbytes dicts)."""
+    path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2, test_freq=100)
+    assert train.main(["--config", str(path), "low_precision.use_4bit_optimizer=true"]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    old = torch.load(run / "checkpoint_2.pt", weights_only=True)
+    moments = {}
+    for name, state in old["optimizer"]["state"].items():
+        if "exp_avg_4bit" in state:
+            shape = old["model"][name].shape
+            m = decode(state.pop("exp_avg_4bit"), code_book("dynamic"), shape, 128)
+            v = decode(state.pop("exp_avg_sq_4bit"), code_book("linear"), shape, 128)
+            moments[name] = m, v
+            state["exp_avg_4bit"] = quantize(m, "nf4", True, 32)
+            state["exp_avg_sq_root4_4bit"] = quantize(v.pow(0.25), "nf4", True, 32)
+    torch.save(old, run / "checkpoint_2.pt")
+    for use_4bit in ("true", "false"):  # stays 4-bit in the new format, or turns float32
+        assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}",
+                           "training.max_iters=3", f"low_precision.use_4bit_optimizer={use_4bit}"]) == 0
+        state = load_checkpoint(run / "checkpoint_3.pt").optimizer["state"]["encoder"]
+        assert ("exp_avg_sq_4bit" in state) == (use_4bit == "true") and "exp_avg_sq_root4_4bit" not in state
