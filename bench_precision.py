@@ -44,6 +44,7 @@ from tokenizer import load_tokenizer
 
 BF16 = ["low_precision.compute_dtype=bfloat16"]
 FOUR_BIT_OPTIMIZER = ["low_precision.use_4bit_optimizer=true"]
+PAPER = {"v_form": "v"}  # with the other MomentFormat defaults: Li et al.'s format, as torchao implements it
 EARLIER = {"m_code": "nf4", "v_code": "nf4", "v_form": "root4", "floor": True, "block_size": 32}
 # a variant: its overrides, or (overrides, the optimizer: a MomentFormat's fields or "torchao")
 VARIANT_SETS = {
@@ -54,19 +55,23 @@ VARIANT_SETS = {
     "optimizer": {"AdamW": [], "AdamW4bit": FOUR_BIT_OPTIMIZER,
                   "torchao AdamW4bit": (FOUR_BIT_OPTIMIZER, "torchao")},
     "optimizer-ablation": {"AdamW": [], **{name: (FOUR_BIT_OPTIMIZER, fields) for name, fields in {
-        "AdamW4bit (m dynamic, v linear, blocks of 128)": {},
-        "only m in 4 bits": {"v_code": None},
-        "only v in 4 bits": {"m_code": None},
-        "blocks of 32": {"block_size": 32},
-        "blocks of 64": {"block_size": 64},
-        "m in nf4": {"m_code": "nf4"},
-        "m in fp4": {"m_code": "fp4"},
-        "v in nf4, floor": {"v_code": "nf4", "floor": True},
-        "v stored as sqrt(v)": {"v_form": "sqrt"},
-        "v stored as v^(1/4)": {"v_form": "root4"},
-        "v^(1/4) in nf4, no floor": {"v_code": "nf4", "v_form": "root4"},
-        "v^(1/4) in nf4, floor": {"v_code": "nf4", "v_form": "root4", "floor": True},
-        "v rank-1 scales": {"rank1": True},
+        "the paper's format (m dynamic, v linear, blocks of 128)": PAPER,
+        "only m in 4 bits": {**PAPER, "v_code": None},
+        "only v in 4 bits": {**PAPER, "m_code": None},
+        "blocks of 32": {**PAPER, "block_size": 32},
+        "blocks of 64": {**PAPER, "block_size": 64},
+        "m in nf4": {**PAPER, "m_code": "nf4"},
+        "m in fp4": {**PAPER, "m_code": "fp4"},
+        "v in nf4, floor": {**PAPER, "v_code": "nf4", "floor": True},
+        "v stored as sqrt(v)": {**PAPER, "v_form": "sqrt"},
+        "v rank-1 scales": {**PAPER, "rank1": True},
+        "v log2 code book": {**PAPER, "v_code": "log"},
+        "v stored as v^(1/4) (the default)": {},
+        "v^(1/4), only v in 4 bits": {"m_code": None},
+        "v^(1/4), rank-1 scales": {"rank1": True},
+        "v^(1/4), log2 code book": {"v_code": "log"},
+        "v^(1/4) in nf4, no floor": {"v_code": "nf4"},
+        "v^(1/4) in nf4, floor": {"v_code": "nf4", "floor": True},
         "earlier format: m nf4, v^(1/4) nf4, floor, blocks of 32": EARLIER,
         "earlier format, only m": {**EARLIER, "v_code": None},
         "earlier format, only v": {**EARLIER, "m_code": None},
