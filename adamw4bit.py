@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit import nbytes, quantize
+
 MIN_QUANTIZED_NUMEL = 4096
 
 
@@ -53,8 +55,8 @@ def code_book(name: str) -> torch.Tensor:
             positive += ((edges[:-1] + edges[1:]) / 2 * decade).tolist()
         return torch.tensor(sorted([0.0, 1.0, *positive, *(-x for x in positive)]))
     if name in ("nf4", "fp4"):
-        from lowbit import quantize  # bitsandbytes' code books
-        return quantize(torch.linspace(-1, 1, 256), name, False)["quant_map"].float().sort().values
+        levels = quantize(torch.linspace(-1, 1, 256), name, False)["quant_map"]  # bitsandbytes' code books
+        return levels.float().sort().values
     raise ValueError(f"unknown code book {name!r}: use linear, log, dynamic, nf4 or fp4")
 
 
@@ -96,12 +98,6 @@ def decode(q: dict, levels: torch.Tensor, shape: torch.Size, block_size: int) ->
         return (levels[codes[:n].long()].view(-1, shape[-1]) * element_scales(q)).view(shape)
     codes = torch.nn.functional.pad(codes, (0, q["block"].numel() * block_size - codes.numel()))
     return (levels[codes.long()].view(-1, block_size) * q["block"][:, None]).flatten()[:n].view(shape)
-
-
-def nbytes(q) -> int:
-    if isinstance(q, dict):
-        return sum(nbytes(v) for v in q.values())
-    return q.numel() * q.element_size() if torch.is_tensor(q) else 0
 
 
 class AdamW4bit(torch.optim.Optimizer):
