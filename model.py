@@ -60,16 +60,24 @@ def rope_frequencies(n_latent: int) -> torch.Tensor:
     return 1.0 / (ROPE_THETA ** (q / n_latent)) / (2 * math.pi)
 
 
+def rope_angles(freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(T, len(freqs)) float32: p_{t,j} = 2*pi*frac(t*f_j)."""
+    return (positions.to(torch.float32).unsqueeze(1) * freqs) % 1.0 * (2 * math.pi)
+
+
 def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor):
-    """(T, N) float32 tables of cos and sin of p_{t,j} = 2*pi*frac(t*f_j), shared by all layers."""
-    phases = (positions.to(torch.float32).unsqueeze(1) * freqs) % 1.0 * (2 * math.pi)
-    return phases.cos(), phases.sin()
+    """(T, N) float32 tables of cos and sin of the angles, shared by all layers (reference.py)."""
+    angles = rope_angles(freqs, positions)
+    return angles.cos(), angles.sin()
 
 
 def rope_phases(freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """(T, N/2) complex64: e^(i p) for each position and pair (2i, 2i+1), which share a frequency."""
-    cos, sin = rope_cos_sin(freqs[0::2], positions)
-    return torch.complex(cos, sin)
+    """(T, N/2) complex64: e^(i p) for each position and pair (2i, 2i+1), which share a frequency.
+    By torch.polar, not cos and sin: on CPU those run in MKL's vector math library, whose first
+    call in a process now and then rounds some values differently (about one process in five,
+    measured), so that a run, or its resume, would not repeat bit for bit in another process."""
+    angles = rope_angles(freqs[0::2], positions)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
 def rope(a, phases):

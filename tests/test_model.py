@@ -3,13 +3,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model import (PLAIN, BDH, TILE, BDHConfig, LayerStack, layer_forward, layer_norm, rope_frequencies,
+from model import (PLAIN, BDH, TILE, BDHConfig, LayerStack, layer_forward, layer_norm, rope_angles, rope_frequencies,
                    rope_phases)
 from reference import reference_forward, reference_generate
 
 
 def reference_logits(params, cfg: BDHConfig, idx):
-    """BDH_SPEC.md written out directly: per head, explicit phases and pair rotation, float64."""
+    """MODEL.md written out directly: per head, explicit phases and pair rotation, float64."""
     H, N, L = cfg.n_head, cfg.n_latent, cfg.n_layer
     B, T = idx.shape
     p = {k: v.double() for k, v in params.items()}
@@ -228,3 +228,22 @@ def test_fast_path_under_low_precision_autocast_is_as_accurate_as_the_reference(
         if kind == "fast":
             fast_error, ref_error = sum(values) / 4, sum(errors[dtype, name, "reference"]) / 4
             assert fast_error < 1.5 * ref_error + 1e-3, (dtype, name, fast_error, ref_error)
+
+
+def test_the_rope_table_is_built_without_cpu_cos_and_sin(monkeypatch):
+    """On CPU torch.cos and torch.sin run in MKL's vector math, whose first call in a process now
+    and then computes its second thread's half of the output by another code path (measured: about
+    one fresh process in six; up to 7e-9 off in float64): a run would not repeat bit for bit in
+    another process, and exact resume rests on that. rope_phases takes torch.polar instead."""
+    freqs, positions = rope_frequencies(64), torch.arange(300)
+    angles = rope_angles(freqs[0::2], positions).double()
+    expected = torch.complex(angles.cos(), angles.sin())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("cos or sin called")
+
+    for name in ("cos", "sin"):
+        monkeypatch.setattr(torch, name, refuse)
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    phases = rope_phases(freqs, positions)
+    assert phases.dtype == torch.complex64 and (phases - expected).abs().max() < 1e-7
