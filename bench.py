@@ -19,12 +19,12 @@ import time
 import torch
 
 from config import add_config_arguments, load_config
-from data import list_units, loader_workers, train_loader
+from data import loader_workers, train_loader
 from model import BDH
 from reference import reference_forward
 from runtime import (DTYPES, DeviceError, autocast, measured_matmul_flops, peak_memory_bytes, pick_device,
                      resolve_compute_dtype, steady_host_memory)
-from shards import ensure_sample_corpus
+from shards import ensure_sample_corpus, list_units
 from tokenizer import load_tokenizer
 
 IMPLEMENTATIONS = ("model.py", "reference")

@@ -34,12 +34,13 @@ import torch
 
 from checkpoint import checkpoints_in, load_checkpoint, model_from_checkpoint
 from config import add_config_arguments, load_config
-from data import list_units, validation_batches
+from data import validation_batches
 import adamw4bit
 from adamw4bit import AdamW4bit, MomentFormat, adamw_state_bytes
 from lowbit import to_4bit
 from model import BDH
 from runtime import autocast
+from shards import list_units
 from tokenizer import load_tokenizer
 
 BF16 = ["low_precision.compute_dtype=bfloat16"]

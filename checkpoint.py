@@ -5,13 +5,12 @@ strings, lists and dicts; it is read with torch.load(weights_only=True), so load
 code. Checkpoint is the one place that knows its layout.
 
 A run writes into <checkpoint_dir>/run_YYYYMMDD_HHMMSS/, created only when the first checkpoint
-is saved. Every file is written to a temporary name in the same folder, fsynced and renamed, so a
-crash leaves each checkpoint either complete or absent.
+is saved. Every file is written with files.atomic_write, so a crash leaves each checkpoint either
+complete or absent.
 """
 import dataclasses
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -25,7 +24,8 @@ import torch
 import yaml
 
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
-from runtime import first_line, left_by_a_dead_process, temporary_suffix
+from files import atomic_write, left_by_a_dead_process
+from runtime import first_line
 
 PROJECT_VERSION = "0.3.0"
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
@@ -207,59 +207,6 @@ def set_rng_state(state: dict, device):
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
-
-
-# ---------------------------------------------------------------- files
-
-def atomic_write(path: Path, write):
-    """Call write(file) on a temporary file next to path, fsync it, then rename it into place."""
-    tmp = path.with_name(f".{path.name}{temporary_suffix()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def write_folder(out_dir, write, replace=False, keep_existing=False):
-    """write(folder) into a temporary sibling of out_dir, then move it into place: out_dir appears
-    whole or not at all, and a failure leaves nothing. An out_dir that holds files is refused,
-    replaced (replace) or kept (keep_existing: another process built it first). Temporary folders
-    of processes that died (killed mid-build) are removed first."""
-    out_dir = Path(out_dir)
-    for stale in (*out_dir.parent.glob(f"{out_dir.name}.tmp*"), *out_dir.parent.glob(f".{out_dir.name}.tmp*")):
-        if left_by_a_dead_process(stale.name):
-            shutil.rmtree(stale, ignore_errors=True)
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if keep_existing:
-            return None
-        if not replace:
-            raise FileExistsError(f"{out_dir}: the folder holds files already; choose another --out, or add "
-                                  f"--replace to replace them")
-    tmp = out_dir.with_name(f".{out_dir.name}{temporary_suffix()}")
-    try:
-        result = write(tmp)
-        if out_dir.is_dir() and any(out_dir.iterdir()) and keep_existing:
-            shutil.rmtree(tmp)
-            return result
-        old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return result
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:

@@ -1,21 +1,15 @@
-"""Streaming tokens from parquet shards.
-
-Layout: every `*.parquet` file under dataset.parquet_dir (recursively, sorted), one string
-column (dataset.text_column) holding one document per row: the Hugging Face datasets layout.
+"""Streaming token batches from parquet shards (shards.py lists the (file, row group) units and
+reads their documents).
 
 Each document becomes its tokens (tokenizer.py) followed by the separator token. Null and empty
 documents are skipped.
 
-A unit of work is one (file, row group). Each epoch the units are shuffled from the seed and the
-epoch number, then dealt to the (rank, worker) readers, balancing their bytes; together the
-readers cover every unit exactly once per epoch. A reader joins its documents into one stream and
-cuts windows of block_size + 1 tokens with stride block_size (consecutive windows share one token,
-so every token is a target exactly once). Windows are shuffled within each unit and packed into
-batches. Nothing is padded or truncated; per reader and epoch only the tail that does not fill a
-last batch is dropped.
-
-Train/validation split: each document goes to validation with probability dataset.val_fraction,
-decided by a hash of (seed, file, row group, row): fixed by the seed, independent of workers.
+Each epoch the units are shuffled from the seed and the epoch number, then dealt to the (rank,
+worker) readers, balancing their bytes; together the readers cover every unit exactly once per
+epoch. A reader joins its documents into one stream and cuts windows of block_size + 1 tokens with
+stride block_size (consecutive windows share one token, so every token is a target exactly once).
+Windows are shuffled within each part of a unit and packed into batches. Nothing is padded or
+truncated; per reader and epoch only the tail that does not fill a last batch is dropped.
 
     python data.py --from-text FILE [FILE ...] --out DIR   # text files -> parquet shards (shards.py)
     python data.py --train-tokenizer --vocab-size N --out tokenizer.json [--config X] [overrides]
@@ -23,171 +17,21 @@ decided by a hash of (seed, file, row group, row): fixed by the seed, independen
 import argparse
 import hashlib
 import multiprocessing
-import os
 import signal
 import sys
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from checkpoint import atomic_write
 from config import add_config_arguments, load_config
-from shards import ShardError, ensure_sample_corpus, text_files_to_parquet
-from runtime import first_line
+from files import atomic_write
+from shards import (READ_BYTES, DataError, ParquetFileCache, Unit, ensure_sample_corpus, list_units,
+                    read_unit_documents, text_files_to_parquet)
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
-
-TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary(), pa.string_view())
-
-
-class DataError(Exception):
-    """A problem with the user's data, with a one-line message naming the file."""
-
-
-@dataclass(frozen=True)
-class Unit:
-    path: str
-    row_group: int
-    num_rows: int
-    num_bytes: int
-    file_key: int  # hash of the path relative to parquet_dir: seeds the split and the shuffle
-
-
-def list_units(parquet_dir, text_column: str) -> list[Unit]:
-    """Validate every shard's footer and schema up front and list its (file, row group) units."""
-    root = Path(parquet_dir)
-    if not root.is_dir():
-        raise DataError(f"{root}: dataset.parquet_dir does not exist or is not a directory; "
-                        f"create it with `python data.py --from-text FILE --out {root}`")
-    files, skipped = parquet_files(root)
-    if skipped:
-        print(f"{root}: skipped {skipped} file(s) or folder(s) whose names start with '.' or '_' (not data, as for "
-              f"pyarrow datasets, Spark and Hugging Face)")
-    if not files:
-        raise DataError(f"{root}: no .parquet files found (searched recursively); "
-                        f"convert text with `python data.py --from-text FILE --out {root}`")
-    units, last_report = [], time.time()
-    if len(files) >= 1000:
-        print(f"checking the footers and schemas of {len(files):,} parquet files in {root} ...", flush=True)
-    for k, path in enumerate(files):
-        if time.time() - last_report > 5:
-            print(f"  {k:,} of {len(files):,} files checked", flush=True)
-            last_report = time.time()
-        try:
-            meta = pq.read_metadata(path)
-            schema = pq.read_schema(path)
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: not a readable parquet file ({first_line(e)}); "
-                            f"remove or re-create it")
-        if text_column not in schema.names:
-            raise DataError(f"{path}: no column {text_column!r}; columns are {schema.names}; "
-                            f"set dataset.text_column to one of them")
-        column_type = schema.field(text_column).type
-        if pa.types.is_dictionary(column_type):  # pandas categoricals: read decoded
-            column_type = column_type.value_type
-        if column_type not in TEXT_TYPES:
-            raise DataError(f"{path}: column {text_column!r} has type {column_type}, expected a "
-                            f"string column")
-        relative = path.relative_to(root).as_posix().encode()
-        file_key = int.from_bytes(hashlib.blake2b(relative, digest_size=8).digest(), "little")
-        for rg in range(meta.num_row_groups):
-            info = meta.row_group(rg)
-            if info.num_rows:
-                units.append(Unit(str(path), rg, info.num_rows, info.total_byte_size, file_key))
-    if not units:
-        raise DataError(f"{root}: the parquet files hold no rows")
-    return units
-
-
-def parquet_files(root: Path) -> tuple[list[Path], int]:
-    """(every *.parquet file under root, sorted; how many names were skipped). Symbolic links to
-    folders are followed, each real folder once; names starting with '.' or '_' are not data (a
-    macOS ._ copy, Spark's _SUCCESS and _temporary/) and are skipped."""
-    found, skipped, seen = [], 0, set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:  # a link back up the tree, or a second link to the same folder
-            subfolders[:] = []
-            continue
-        seen.add(real)
-        skipped += sum(name.startswith((".", "_")) for name in subfolders)
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith((".", "_")))
-        for name in names:
-            if name.endswith(".parquet") and name.startswith((".", "_")):
-                skipped += 1
-            elif name.endswith(".parquet") and os.path.isfile(os.path.join(folder, name)):
-                found.append(Path(folder) / name)
-    return sorted(found, key=lambda p: p.relative_to(root).parts), skipped  # as sorted(Path) orders them
-
-
-class ParquetFileCache:
-    """Keeps at most `capacity` parquet files open; the least recently used is closed first."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.files = OrderedDict()
-
-    def get(self, path: str) -> pq.ParquetFile:
-        if path in self.files:
-            self.files.move_to_end(path)
-            return self.files[path]
-        while len(self.files) >= self.capacity:
-            _, oldest = self.files.popitem(last=False)
-            oldest.close()
-        # stream column chunks rather than read them whole: memory bounded whatever the row-group size
-        self.files[path] = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
-        return self.files[path]
-
-    def close(self):
-        while self.files:
-            self.files.popitem()[1].close()
-
-
-def validation_mask(unit: Unit, seed: int, fraction: float):
-    """Which rows of a unit belong to validation: a splitmix64 hash of (seed, file, rg, row)."""
-    with np.errstate(over="ignore"):
-        h = (np.uint64(unit.file_key) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
-             ^ (np.uint64(unit.row_group) << np.uint64(40))) + np.arange(unit.num_rows, dtype=np.uint64)
-        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        h = h ^ (h >> np.uint64(31))
-    return (h >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
-
-
-READ_BYTES = 8 << 20  # a row group is read in parts of about this much text
-
-
-def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, split: str, seed: int,
-                        val_fraction: float):
-    """The unit's non-empty documents of `split` (train, val or all), one large_binary array per
-    part: the row group is read in record batches of about READ_BYTES, so memory does not grow with
-    the row-group size its writer chose. The parts are the same on every read (they follow from
-    the file's metadata)."""
-    if split == "all":
-        in_split = np.ones(unit.num_rows, dtype=bool)
-    else:
-        in_split = validation_mask(unit, seed, val_fraction)
-        in_split = ~in_split if split == "train" else in_split
-    rows = max(1, READ_BYTES * unit.num_rows // max(1, unit.num_bytes))
-    first_row = 0
-    try:
-        for batch in cache.get(unit.path).iter_batches(batch_size=rows, row_groups=[unit.row_group],
-                                                       columns=[text_column], use_threads=False):
-            docs = batch.column(0).cast(pa.large_binary())  # string, binary, views, dictionaries
-            keep = pc.and_(pc.and_(pc.is_valid(docs), pc.greater(pc.binary_length(docs), 0)),
-                           pa.array(in_split[first_row:first_row + len(docs)]))
-            first_row += len(docs)
-            yield pc.filter(docs, keep)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{unit.path}: row group {unit.row_group} cannot be read "
-                        f"({first_line(e)}); the file is corrupt or truncated: re-create it")
 
 
 def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
@@ -485,7 +329,7 @@ def main(argv=None):
             print(f"wrote {n} documents to {args.out}")
         else:
             print(train_tokenizer(load_config(args), args.vocab_size, Path(args.out), args.config))
-    except (DataError, ShardError, TokenizerError) as e:
+    except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

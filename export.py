@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from checkpoint import EXPORT_VERSION, CheckpointError, open_checkpoint, write_folder
+from checkpoint import EXPORT_VERSION, CheckpointError, open_checkpoint
+from files import write_folder
 from lowbit import BLOCKSIZE, LowBitError, export_4bit
 from model import LAYER_WEIGHTS, BDHConfig
 from tokenizer import SEPARATOR_TOKEN, TokenizerError, tokenizer_from_string

@@ -14,7 +14,7 @@ import math
 import os
 import secrets
 
-from checkpoint import atomic_write
+from files import atomic_write
 from runtime import first_line
 
 # metrics.jsonl key -> TensorBoard and W&B tag; the per-layer lists get one tag per layer and a mean

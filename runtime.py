@@ -4,7 +4,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -32,27 +31,6 @@ def pick_device(requested: str, setting: str = "training.device") -> torch.devic
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type's name if it has none)."""
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-def temporary_suffix() -> str:
-    """.tmp<host>-<pid>: a temporary file or folder named after its writer, so that one a killed
-    process left behind can be told from one being written (by this host: folders may be shared)."""
-    return f".tmp{socket.gethostname()}-{os.getpid()}"
-
-
-def left_by_a_dead_process(name: str) -> bool:
-    """Whether a name with temporary_suffix() (or the .tmp<pid> of earlier versions) was written
-    by a process of this host that no longer runs."""
-    host, _, pid = name.rsplit(".tmp", 1)[-1].rpartition("-")
-    if not pid.isdigit() or host not in ("", socket.gethostname()):
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def check_can_compile(device: torch.device, setting: str = "training.compile"):

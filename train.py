@@ -3,8 +3,8 @@
     python train.py [--config config.yaml] [--print-config] [section.key=value ...]
 
 main() loads the config and joins the processes torchrun started (if any); train() sets up the
-data, the model and the optimizer, resumes from a checkpoint, describes the run, then loops:
-step, log, evaluate, checkpoint.
+data, the model and the optimizer, resumes from a checkpoint (resume.py), describes the run, then
+loops: step, log, evaluate, checkpoint.
 """
 import argparse
 import math
@@ -15,28 +15,24 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from checkpoint import (Checkpoint, CheckpointError, RunDir, check_same_model, check_writable,
-                        clean_stale_temporaries, is_export, load_export, open_checkpoint, optimizer_state_for,
-                        rng_state, set_rng_state)
+from adamw4bit import AdamW4bit, adamw_state_bytes
+from checkpoint import CheckpointError, RunDir, check_writable, clean_stale_temporaries
 from config import add_config_arguments, load_config
-from data import (DataError, data_order, list_units, loader_workers, resume_point, stop_loader_workers,
-                  train_loader, validation_batches)
-from distributed import (DistributedError, Ranks, communication_failure, full_state, full_weights,
-                         gradient_sync, load_full_state, load_full_weights, local_tensor, shutdown, start, wrap)
+from data import data_order, loader_workers, stop_loader_workers, train_loader, validation_batches
+from distributed import (DistributedError, Ranks, communication_failure, full_weights, gradient_sync, local_tensor,
+                         shutdown, start, wrap)
 from fp8 import FP8Error, fp8_matmuls
-from adamw4bit import AdamW4bit, adamw_state_bytes, convert_adamw_state
 from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog
 from model import BDH
+from resume import Progress, resume, save
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, peak_flops, peak_memory_bytes, pick_device,
                      resolve_compute_dtype, steady_host_memory)
-from shards import ShardError, ensure_sample_corpus
+from shards import DataError, ensure_sample_corpus, list_units
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
 
 SAMPLE_TOKENS = 200
@@ -46,16 +42,6 @@ STOP_CHECK_STEPS = 10  # under torchrun, a signal to a rank is acted on within t
 
 class TrainingError(Exception):
     pass
-
-
-@dataclass
-class Progress:
-    """Where the run stands, beyond weights and optimizer state: what a checkpoint records."""
-    step: int = 0
-    best_val_loss: float = math.inf
-    last_saved: Path | None = None
-    batches_consumed: int = 0
-    positions: dict = field(default_factory=dict)  # this rank's readers' positions after those batches
 
 
 def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
@@ -81,19 +67,10 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     # ---- data
     if ranks.main:
         check_writable(training.checkpoint_dir)
-    tokenizer = load_tokenizer(cfg.dataset.tokenizer)
-    check_vocab_size(tokenizer, cfg.model.vocab_size)
-    if not tokenizer.exact_bytes:
-        print(f"note: {tokenizer.name} is not a byte-level BPE: bits per byte counts each token's bytes as it "
-              f"decodes alone, an approximation")
-    if ranks.local_rank == 0:
-        ensure_sample_corpus(cfg)
-    ranks.barrier()
-    units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
-    val_batches = validation_batches(cfg, units, tokenizer)
+    tokenizer, units, val_batches = prepare_data(cfg, ranks)
     # bits per byte: the validation targets' total nats / ln 2 / the UTF-8 bytes they decode to
-    val_tokens = sum(y.numel() for _, y in val_batches)
-    val_bytes = sum(int(tokenizer.token_bytes[y.numpy()].sum()) for _, y in val_batches)
+    val_tokens_per_byte = (sum(y.numel() for _, y in val_batches)
+                           / sum(int(tokenizer.token_bytes[y.numpy()].sum()) for _, y in val_batches))
     workers = loader_workers(cfg, units, ranks.world_size)
 
     # ---- model and optimizer
@@ -195,14 +172,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                       "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_step / seconds_per_step),
                       "ms_per_step": round(seconds_per_step * 1000, 2),
                       "peak_memory_mib": round(peak_memory_bytes(device) / 2**20, 1), "elapsed_s": round(now - start, 2)}
-            mfu = ""
             if peak:  # tokens_per_step counts every rank; peak is one GPU's
                 record["mfu"] = flops_per_token * tokens_per_step / ranks.world_size / seconds_per_step / peak
-                mfu = f" | MFU {record['mfu']:.1%}"
-            print(f"step {step}/{training.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
-                  f"{record['tokens_per_s']:,} tok/s | {record['ms_per_step']:.1f} ms/step{mfu} | elapsed "
-                  f"{format_duration(now - start)} | eta {format_duration(seconds_per_step * (training.max_iters - step))}",
-                  flush=True)
+            print(step_line(record, training.max_iters, seconds_per_step), flush=True)
             metrics.log(record)
             loss_count, steps_since_log, interval_start, paused = 0, 0, time.perf_counter(), 0.0
             loss_sum.zero_()
@@ -214,7 +186,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             raw_model.weight_view = qat_view
             val_loss, sample, sparsity = evaluate(raw_model, val_batches, device, compute, sample_generator, ranks,
                                                   tokenizer)
-            bits_per_byte = val_loss * val_tokens / val_bytes / math.log(2)
+            bits_per_byte = val_loss * val_tokens_per_byte / math.log(2)
             x_active, y_active = (sum(fractions) / len(fractions) for fractions in sparsity)
             print(f"step {step}: val loss {val_loss:.4f} | {bits_per_byte:.4f} bits/byte | active latents: x "
                   f"{x_active:.1%}, y {y_active:.1%} (mean over layers)\n--- sample ---\n{sample}\n--------------",
@@ -255,6 +227,22 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     return 0
 
 
+def prepare_data(cfg, ranks: Ranks):
+    """(tokenizer, the training shards' units, the validation batches), checked before any training:
+    the tokenizer against model.vocab_size, every shard's footer and schema, enough validation data.
+    Builds the sample corpus first if the config points at it and it is missing."""
+    tokenizer = load_tokenizer(cfg.dataset.tokenizer)
+    check_vocab_size(tokenizer, cfg.model.vocab_size)
+    if not tokenizer.exact_bytes:
+        print(f"note: {tokenizer.name} is not a byte-level BPE: bits per byte counts each token's bytes as it "
+              f"decodes alone, an approximation")
+    if ranks.local_rank == 0:
+        ensure_sample_corpus(cfg)
+    ranks.barrier()
+    units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
+    return tokenizer, units, validation_batches(cfg, units, tokenizer)
+
+
 def make_optimizer(model: BDH, cfg, device) -> torch.optim.Optimizer:
     """AdamW, or AdamW4bit with low_precision.use_4bit_optimizer. Weight decay on the four matmul
     weights; none on the embedding table."""
@@ -265,73 +253,6 @@ def make_optimizer(model: BDH, cfg, device) -> torch.optim.Optimizer:
     if low_precision.use_4bit_optimizer:
         return AdamW4bit(groups, lr=training.learning_rate, betas=(0.9, 0.95))
     return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
-
-
-def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, device):
-    """Load the checkpoint of training.resume_from_checkpoint into the model, optimizer and
-    scaler; returns (its run directory, Progress, the data stream's start positions, first epoch)."""
-    low_precision = cfg.low_precision
-    if is_export(cfg.training.resume_from_checkpoint):
-        return fine_tune_from_export(cfg, model, tokenizer, ranks)
-    path, ckpt = open_checkpoint(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir)
-    check_same_model(ckpt.model_config, cfg.model, path)
-    check_same_tokenizer(ckpt.tokenizer, tokenizer, path)
-    optimizer_state = optimizer_state_for(optimizer, ckpt.optimizer, {p: name for name, p in model.named_parameters()})
-    if ckpt.low_precision()["use_4bit_optimizer"] != low_precision.use_4bit_optimizer:
-        print(f"converting the checkpoint's optimizer state to "
-              f"{'4-bit' if low_precision.use_4bit_optimizer else 'float32'} moments (use_4bit_optimizer changed)")
-    convert_adamw_state(optimizer_state, {name: p.shape for name, p in model.named_parameters()},
-                        low_precision.use_4bit_optimizer)
-    load_full_state(model, optimizer, ckpt.model, optimizer_state)
-    if ckpt.scaler:  # empty when the checkpoint's run did not use float16
-        scaler.load_state_dict(ckpt.scaler)
-    if len(ckpt.rng) == ranks.world_size:
-        set_rng_state(ckpt.rng[ranks.rank], device)
-    else:  # another world size: the data order changes too (resume_point says so)
-        torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
-    progress = Progress(step=ckpt.step, best_val_loss=ckpt.best_val_loss, last_saved=path)
-    if evaluated_weights(ckpt.low_precision()) != evaluated_weights(asdict(low_precision)):
-        progress.best_val_loss = math.inf
-        print("validation losses now measure other weights (use_4bit or its code book changed): best.pt starts afresh")
-    run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
-    print(f"resuming from {path} at step {ckpt.step + 1}")
-    if ckpt.step < cfg.training.max_iters:
-        moved, folder = run.set_aside_after(ckpt.step)
-        if moved:
-            print(f"  a new branch from step {ckpt.step}: the abandoned branch's {', '.join(moved)} moved to {folder} "
-                  f"(`latest` and keep_last_n see this branch only)")
-    for line in run.record_resumed_config(ckpt.step, cfg.to_dict(), cfg.to_yaml()):
-        print(f"  config changed: {line}")
-    positions, progress.batches_consumed, first_epoch = resume_point(
-        cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
-    return run, progress, positions, first_epoch
-
-
-def fine_tune_from_export(cfg, model, tokenizer, ranks):
-    """training.resume_from_checkpoint names a folder that export.py wrote: its weights, with a
-    fresh optimizer, from step 1, in a new run directory (an export holds no optimizer or data state)."""
-    folder = cfg.training.resume_from_checkpoint
-    exported, saved_tokenizer, config = load_export(folder)
-    check_same_model(config, cfg.model, folder)
-    check_same_tokenizer(saved_tokenizer, tokenizer, folder)
-    load_full_weights(model, exported.state_dict())
-    print(f"fine-tuning the model exported to {folder} (step {config['bdh_export']['step']} of its run): its weights, "
-          f"a fresh optimizer, from step 1, in a new run directory")
-    return RunDir(cfg.training.checkpoint_dir, writer=ranks.main), Progress(), [], 0
-
-
-def check_same_tokenizer(saved: str, tokenizer, path):
-    if saved != tokenizer.to_str():
-        trained_with = "bytes" if saved == "bytes" else "another tokenizer.json"
-        raise CheckpointError(f"{path}: the model was trained with {trained_with}, not dataset.tokenizer "
-                              f"{tokenizer.name}; set dataset.tokenizer as in the run's config.yaml, or start a new run")
-
-
-def evaluated_weights(low_precision: dict) -> str:
-    """What a validation loss measures: the weights as trained, or their 4-bit round trip."""
-    if not low_precision["use_4bit"]:
-        return "as trained"
-    return f"4-bit {low_precision['quantization_type']}, double quant {low_precision['use_double_quant']}"
 
 
 def describe_run(cfg, model, optimizer, ranks, device, n_units, tokens_per_step, compiled, fp8_recipe, qat_start) -> str:
@@ -363,6 +284,14 @@ def describe_run(cfg, model, optimizer, ranks, device, n_units, tokens_per_step,
     if training.debug:
         lines[-1] += " | DEBUG: anomaly detection, per-step logs and finiteness checks"
     return "\n".join(lines)
+
+
+def step_line(record: dict, max_iters: int, seconds_per_step: float) -> str:
+    mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
+    eta = format_duration(seconds_per_step * (max_iters - record["step"]))
+    return (f"step {record['step']}/{max_iters} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | grad norm "
+            f"{record['grad_norm']:.3f} | {record['tokens_per_s']:,} tok/s | {record['ms_per_step']:.1f} ms/step{mfu} | "
+            f"elapsed {format_duration(record['elapsed_s'])} | eta {eta}")
 
 
 class GracefulStop:
@@ -436,19 +365,6 @@ def evaluate(model, val_batches, device, compute, generator, ranks: Ranks, token
     return loss_sum / count, tokenizer.decode(out[0].tolist()), sparsity
 
 
-def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=None) -> Path:
-    """Every rank takes part (positions and RNG states are gathered, FSDP gathers weights); rank 0
-    writes. Returns rank 0's path on every rank."""
-    model_state, optimizer_state = full_state(model, optimizer)
-    positions = sorted((p for rank_positions in ranks.gather(progress.positions) for p in rank_positions.values()),
-                       key=lambda p: p["reader"])
-    ckpt = Checkpoint(step=progress.step, model=model_state, model_config=asdict(cfg.model), config=cfg.to_dict(),
-                      optimizer=optimizer_state, scaler=scaler.state_dict(), best_val_loss=progress.best_val_loss,
-                      rng=ranks.gather(rng_state(device)), data_order=order, data_positions=positions,
-                      batches_consumed=progress.batches_consumed, tokenizer=tokenizer.to_str())
-    return ranks.gather(run.save(ckpt, cfg.to_yaml(), name))[0]
-
-
 def stop_requested(stop, ranks: Ranks, step: int, device) -> bool:
     """Whether a signal asks to stop, on any rank. Under torchrun this is a collective and waits for
     the GPU, so it is asked every STOP_CHECK_STEPS steps only."""
@@ -501,7 +417,7 @@ def main(argv=None) -> int:
         arguments = shlex.join(["--config", args.config, *(o for o in args.overrides
                                                              if not o.startswith("training.resume_from_checkpoint="))])
         return train(cfg, arguments, ranks, device)
-    except (DataError, ShardError, TokenizerError, CheckpointError, MetricsError, TrainingError, DeviceError,
+    except (DataError, TokenizerError, CheckpointError, MetricsError, TrainingError, DeviceError,
             DistributedError, FP8Error, LowBitError) as e:
         rank = f" (rank {ranks.rank})" if ranks.enabled else ""
         print(f"error{rank}: {one_line(e)}", file=sys.stderr)

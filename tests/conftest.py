@@ -1,3 +1,5 @@
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,3 +75,32 @@ def bpe_file(tmp_path, bpe_json):
     path = tmp_path / "tokenizer.json"
     path.write_text(bpe_json)
     return path
+
+
+# ---- train.py runs: their run directories, and runs in a process of their own
+
+def run_dirs(tmp_path):
+    root = tmp_path / "ck"
+    return sorted(p for p in root.iterdir()) if root.exists() else []
+
+
+def start(config, *overrides):
+    return subprocess.Popen([sys.executable, "train.py", "--config", str(config), *overrides], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(config, *overrides):
+    r = subprocess.run([sys.executable, "train.py", "--config", str(config), *overrides], cwd=ROOT,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+
+
+def only_run(checkpoint_dir):
+    [run] = [p for p in checkpoint_dir.iterdir() if p.name.startswith("run_")]
+    return run

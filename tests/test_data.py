@@ -12,10 +12,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import data
+import shards
 from config import Config
 from conftest import ROOT, make_corpus, write_config, write_parquet
-from data import (DataError, ParquetBatches, ParquetFileCache, assign_units, list_units, read_unit_tokens,
-                  validation_mask)
+from data import ParquetBatches, assign_units, read_unit_tokens
+from shards import DataError, ParquetFileCache, list_units
 from tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 BYTES = ByteTokenizer()
@@ -43,14 +44,6 @@ def window_text(x, y, tokenizer):
 
 def text_of(tokens, tokenizer):
     return tokenizer.decode(tokens).encode()
-
-
-def test_units_are_listed_recursively_and_sorted(tmp_path):
-    write_parquet(tmp_path / "b" / "z.parquet", ["x"] * 5, 2)
-    write_parquet(tmp_path / "a.parquet", ["y"] * 3, 2)
-    units = list_units(tmp_path, "text")
-    assert [(Path(u.path).relative_to(tmp_path).as_posix(), u.row_group) for u in units] == [
-        ("a.parquet", 0), ("a.parquet", 1), ("b/z.parquet", 0), ("b/z.parquet", 1), ("b/z.parquet", 2)]
 
 
 @pytest.mark.parametrize("n_readers", [1, 2, 3, 5])
@@ -81,7 +74,7 @@ def test_invalid_utf8_bytes_are_taken_as_they_are(tmp_path):
 
 @pytest.mark.parametrize("read_bytes", [8 << 20, 300])  # one part per row group, or several
 def test_epoch_windows_partition_the_reader_stream(corpus, tokenizer, read_bytes, monkeypatch):
-    monkeypatch.setattr(data, "READ_BYTES", read_bytes)
+    monkeypatch.setattr(shards, "READ_BYTES", read_bytes)
     units = list_units(corpus, "text")
     T, B = 16, 2
     ds = batches_of(units, T=T, B=B, tokenizer=tokenizer)
@@ -126,13 +119,6 @@ def test_validation_documents_never_appear_in_training(corpus, tokenizer):
     ds = batches_of(units, T=32, B=1, tokenizer=tokenizer)
     seen = b"".join(window_text(x[0], y[0], tokenizer) for x, y, _ in ds.epoch_batches(ParquetFileCache(4), 0, 1, 0))
     assert not (set(re.findall(rb"<\d\d-\d\d\d>", seen)) & val_heads)
-
-
-def test_split_depends_on_the_seed_only():
-    u = data.Unit("x.parquet", 3, 1000, 0, file_key=12345)
-    assert np.array_equal(validation_mask(u, 1, 0.1), validation_mask(u, 1, 0.1))
-    assert not np.array_equal(validation_mask(u, 1, 0.1), validation_mask(u, 2, 0.1))
-    assert 50 < validation_mask(u, 1, 0.1).sum() < 150
 
 
 def loader_batches(units, num_workers, n, tokenizer=BYTES):
@@ -186,29 +172,6 @@ def test_at_most_max_cached_files_are_open(tmp_path):
     assert open_parquet_fds(root) == []
 
 
-def test_missing_or_empty_directory(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
-        list_units(tmp_path / "nope", "text")
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("hi")
-    with pytest.raises(DataError, match="no .parquet files found"):
-        list_units(tmp_path / "empty", "text")
-
-
-def test_file_that_is_not_parquet(tmp_path):
-    (tmp_path / "bad.parquet").write_text("this is not parquet at all")
-    with pytest.raises(DataError, match=r"bad.parquet: not a readable parquet file"):
-        list_units(tmp_path, "text")
-
-
-def test_truncated_file(tmp_path):
-    path = write_parquet(tmp_path / "t.parquet", ["some text"] * 50, 10)
-    raw = path.read_bytes()
-    path.write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(DataError, match=r"t.parquet: not a readable parquet file"):
-        list_units(tmp_path, "text")
-
-
 def test_corrupt_row_group_names_file_and_row_group(tmp_path):
     path = write_parquet(tmp_path / "c.parquet", ["x" * 100] * 40, 10)
     units = list_units(tmp_path, "text")
@@ -217,18 +180,6 @@ def test_corrupt_row_group_names_file_and_row_group(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(DataError, match=r"c.parquet: row group 0 cannot be read"):
         split_stream(units[:1], "train")
-
-
-def test_missing_text_column_lists_the_columns(tmp_path):
-    write_parquet(tmp_path / "a.parquet", ["x"], column="content")
-    with pytest.raises(DataError, match=r"no column 'text'; columns are \['content'\]"):
-        list_units(tmp_path, "text")
-
-
-def test_non_string_column_is_refused(tmp_path):
-    write_parquet(tmp_path / "a.parquet", [1, 2], type_=pa.int64())
-    with pytest.raises(DataError, match="expected a string column"):
-        list_units(tmp_path, "text")
 
 
 def test_too_little_training_data_is_an_error_not_a_hang(tmp_path):
@@ -240,7 +191,7 @@ def test_too_little_training_data_is_an_error_not_a_hang(tmp_path):
 
 @pytest.mark.parametrize("read_bytes", [8 << 20, 300])  # one part per row group, or several
 def test_a_saved_position_continues_the_same_batches(corpus, tokenizer, read_bytes, monkeypatch):
-    monkeypatch.setattr(data, "READ_BYTES", read_bytes)
+    monkeypatch.setattr(shards, "READ_BYTES", read_bytes)
     units = list_units(corpus, "text")
     ds = batches_of(units, T=16, B=2, tokenizer=tokenizer)
     cache = ParquetFileCache(4)
@@ -303,24 +254,6 @@ def test_train_tokenizer_refuses_a_vocabulary_without_merges(tmp_path, corpus, c
     assert "--vocab-size 257: a byte-level BPE needs at least 258 tokens" in capsys.readouterr().err
 
 
-def test_symlinked_folders_are_followed_once_and_names_starting_with_dot_or_underscore_skipped(tmp_path, capsys):
-    root = tmp_path / "data"
-    write_parquet(root / "a" / "x.parquet", ["a"] * 3, 2)
-    write_parquet(tmp_path / "elsewhere" / "y.parquet", ["b"] * 3, 2)
-    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
-    (root / "a" / "loop").symlink_to(root, target_is_directory=True)  # followed once, not forever
-    (root / "._x.parquet").write_bytes(b"\0\5\0macOS resource fork")
-    write_parquet(root / "_temporary" / "z.parquet", ["c"] * 3, 2)
-    write_parquet(root / ".cache" / "w.parquet", ["d"] * 3, 2)
-    units = list_units(root, "text")
-    assert sorted({Path(u.path).relative_to(root).as_posix() for u in units}) == ["a/x.parquet", "linked/y.parquet"]
-    assert "skipped 3 file(s) or folder(s) whose names start with '.' or '_'" in capsys.readouterr().out
-    only_links = tmp_path / "links"
-    only_links.mkdir()
-    (only_links / "x.parquet").symlink_to(root / "a" / "x.parquet")
-    assert len(list_units(only_links, "text")) == 2
-
-
 def test_from_text_refuses_a_folder_with_shards_unless_told_to_replace(tmp_path, capsys):
     text = tmp_path / "a.txt"
     text.write_text("first version\n" * 100)
@@ -347,10 +280,11 @@ def test_from_text_on_a_missing_file_is_one_line_and_leaves_no_folder(tmp_path):
 MEMORY_PROBE = """
 import sys
 sys.path.insert(0, sys.argv[1])
-import data
-from data import ParquetBatches, ParquetFileCache, list_units
+import shards
+from data import ParquetBatches
+from shards import ParquetFileCache, list_units
 from tokenizer import ByteTokenizer
-data.READ_BYTES = 1 << 20
+shards.READ_BYTES = 1 << 20
 def kib(field):
     return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])
 units = list_units(sys.argv[2], "text")

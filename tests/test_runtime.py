@@ -1,7 +1,4 @@
-"""runtime.py: the device, the compute dtype, the GPU peak table, temporary names."""
-import os
-import socket
-
+"""runtime.py: the device, the compute dtype, the GPU peak table."""
 import pytest
 import torch
 
@@ -25,16 +22,6 @@ def test_the_datasheet_peak_is_found_by_whole_words(monkeypatch, name, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
     peak, source = runtime.peak_flops(torch.device("cuda"), torch.bfloat16)
     assert peak == tflops * 1e12 and source.startswith(f"{name} datasheet")
-
-
-def test_temporaries_of_dead_processes_on_this_host_only(monkeypatch):
-    dead = 2**22 + 12345  # above the usual pid_max, so no such process
-    host = socket.gethostname()
-    assert runtime.temporary_suffix() == f".tmp{host}-{os.getpid()}"
-    assert runtime.left_by_a_dead_process(f".ckpt.pt.tmp{host}-{dead}")
-    assert runtime.left_by_a_dead_process(f".ckpt.pt.tmp{dead}")  # the name earlier versions used
-    assert not runtime.left_by_a_dead_process(f".ckpt.pt{runtime.temporary_suffix()}")  # alive: this one
-    assert not runtime.left_by_a_dead_process(f".ckpt.pt.tmpother-node-{dead}")  # another host's: unknowable
 
 
 def test_first_line_of_an_error():

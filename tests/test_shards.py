@@ -1,11 +1,15 @@
-"""Writing shards: text files and the built-in corpus."""
+"""Parquet shards: listing and checking them, the split, writing text files and the built-in corpus."""
 import os
+from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import shards
-from data import list_units
+from conftest import write_parquet
+from shards import DataError, list_units, validation_mask
 
 
 def test_text_files_become_documents_in_row_groups_of_bounded_size(tmp_path):
@@ -21,7 +25,7 @@ def test_text_files_become_documents_in_row_groups_of_bounded_size(tmp_path):
 
 
 def test_an_unreadable_text_file_is_a_shard_error(tmp_path):
-    with pytest.raises(shards.ShardError, match=r"nope.txt: cannot read"):
+    with pytest.raises(DataError, match=r"nope.txt: cannot read"):
         shards.text_files_to_parquet([tmp_path / "nope.txt"], tmp_path / "out")
 
 
@@ -51,3 +55,71 @@ def test_a_build_killed_midway_leaves_a_folder_that_the_next_build_removes(tmp_p
     shards.build_stdlib_corpus(tmp_path / "stdlib", max_bytes=100_000)
     assert not dead.exists() and live.exists()  # a running build's folder is left alone
     assert list_units(tmp_path / "stdlib", "text")
+
+
+def test_units_are_listed_recursively_and_sorted(tmp_path):
+    write_parquet(tmp_path / "b" / "z.parquet", ["x"] * 5, 2)
+    write_parquet(tmp_path / "a.parquet", ["y"] * 3, 2)
+    units = list_units(tmp_path, "text")
+    assert [(Path(u.path).relative_to(tmp_path).as_posix(), u.row_group) for u in units] == [
+        ("a.parquet", 0), ("a.parquet", 1), ("b/z.parquet", 0), ("b/z.parquet", 1), ("b/z.parquet", 2)]
+
+
+def test_split_depends_on_the_seed_only():
+    u = shards.Unit("x.parquet", 3, 1000, 0, file_key=12345)
+    assert np.array_equal(validation_mask(u, 1, 0.1), validation_mask(u, 1, 0.1))
+    assert not np.array_equal(validation_mask(u, 1, 0.1), validation_mask(u, 2, 0.1))
+    assert 50 < validation_mask(u, 1, 0.1).sum() < 150
+
+
+def test_missing_or_empty_directory(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        list_units(tmp_path / "nope", "text")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    with pytest.raises(DataError, match="no .parquet files found"):
+        list_units(tmp_path / "empty", "text")
+
+
+def test_file_that_is_not_parquet(tmp_path):
+    (tmp_path / "bad.parquet").write_text("this is not parquet at all")
+    with pytest.raises(DataError, match=r"bad.parquet: not a readable parquet file"):
+        list_units(tmp_path, "text")
+
+
+def test_truncated_file(tmp_path):
+    path = write_parquet(tmp_path / "t.parquet", ["some text"] * 50, 10)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match=r"t.parquet: not a readable parquet file"):
+        list_units(tmp_path, "text")
+
+
+def test_missing_text_column_lists_the_columns(tmp_path):
+    write_parquet(tmp_path / "a.parquet", ["x"], column="content")
+    with pytest.raises(DataError, match=r"no column 'text'; columns are \['content'\]"):
+        list_units(tmp_path, "text")
+
+
+def test_non_string_column_is_refused(tmp_path):
+    write_parquet(tmp_path / "a.parquet", [1, 2], type_=pa.int64())
+    with pytest.raises(DataError, match="expected a string column"):
+        list_units(tmp_path, "text")
+
+
+def test_symlinked_folders_are_followed_once_and_names_starting_with_dot_or_underscore_skipped(tmp_path, capsys):
+    root = tmp_path / "data"
+    write_parquet(root / "a" / "x.parquet", ["a"] * 3, 2)
+    write_parquet(tmp_path / "elsewhere" / "y.parquet", ["b"] * 3, 2)
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)  # followed once, not forever
+    (root / "._x.parquet").write_bytes(b"\0\5\0macOS resource fork")
+    write_parquet(root / "_temporary" / "z.parquet", ["c"] * 3, 2)
+    write_parquet(root / ".cache" / "w.parquet", ["d"] * 3, 2)
+    units = list_units(root, "text")
+    assert sorted({Path(u.path).relative_to(root).as_posix() for u in units}) == ["a/x.parquet", "linked/y.parquet"]
+    assert "skipped 3 file(s) or folder(s) whose names start with '.' or '_'" in capsys.readouterr().out
+    only_links = tmp_path / "links"
+    only_links.mkdir()
+    (only_links / "x.parquet").symlink_to(root / "a" / "x.parquet")
+    assert len(list_units(only_links, "text")) == 2

@@ -1,0 +1,108 @@
+"""Carrying a run across processes. save() writes what an exact continuation needs: the weights,
+the optimizer and scaler state, every rank's RNG state, every reader's data position, the step and
+the best validation loss. resume() loads it back, so that a run stopped at step k (by a signal, a
+crash or kill -9) continues with the same batches, dropout masks and updates as one that never
+stopped; it also continues across changed settings, and says what changed. A folder that export.py
+wrote starts a fine-tuning run instead: its weights only.
+"""
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from adamw4bit import convert_adamw_state
+from checkpoint import (Checkpoint, CheckpointError, RunDir, check_same_model, is_export, load_export, open_checkpoint,
+                        optimizer_state_for, rng_state, set_rng_state)
+from data import resume_point
+from distributed import full_state, load_full_state, load_full_weights
+
+
+@dataclass
+class Progress:
+    """Where the run stands, beyond weights and optimizer state: what a checkpoint records."""
+    step: int = 0
+    best_val_loss: float = math.inf
+    last_saved: Path | None = None
+    batches_consumed: int = 0
+    positions: dict = field(default_factory=dict)  # this rank's readers' positions after those batches
+
+
+def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=None) -> Path:
+    """Every rank takes part (positions and RNG states are gathered, FSDP gathers weights); rank 0
+    writes. Returns rank 0's path on every rank."""
+    model_state, optimizer_state = full_state(model, optimizer)
+    positions = sorted((p for rank_positions in ranks.gather(progress.positions) for p in rank_positions.values()),
+                       key=lambda p: p["reader"])
+    ckpt = Checkpoint(step=progress.step, model=model_state, model_config=asdict(cfg.model), config=cfg.to_dict(),
+                      optimizer=optimizer_state, scaler=scaler.state_dict(), best_val_loss=progress.best_val_loss,
+                      rng=ranks.gather(rng_state(device)), data_order=order, data_positions=positions,
+                      batches_consumed=progress.batches_consumed, tokenizer=tokenizer.to_str())
+    return ranks.gather(run.save(ckpt, cfg.to_yaml(), name))[0]
+
+
+def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, device):
+    """Load the checkpoint of training.resume_from_checkpoint into the model, optimizer and
+    scaler; returns (its run directory, Progress, the data stream's start positions, first epoch)."""
+    low_precision = cfg.low_precision
+    if is_export(cfg.training.resume_from_checkpoint):
+        return fine_tune_from_export(cfg, model, tokenizer, ranks)
+    path, ckpt = open_checkpoint(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir)
+    check_same_model(ckpt.model_config, cfg.model, path)
+    check_same_tokenizer(ckpt.tokenizer, tokenizer, path)
+    optimizer_state = optimizer_state_for(optimizer, ckpt.optimizer, {p: name for name, p in model.named_parameters()})
+    if ckpt.low_precision()["use_4bit_optimizer"] != low_precision.use_4bit_optimizer:
+        print(f"converting the checkpoint's optimizer state to "
+              f"{'4-bit' if low_precision.use_4bit_optimizer else 'float32'} moments (use_4bit_optimizer changed)")
+    convert_adamw_state(optimizer_state, {name: p.shape for name, p in model.named_parameters()},
+                        low_precision.use_4bit_optimizer)
+    load_full_state(model, optimizer, ckpt.model, optimizer_state)
+    if ckpt.scaler:  # empty when the checkpoint's run did not use float16
+        scaler.load_state_dict(ckpt.scaler)
+    if len(ckpt.rng) == ranks.world_size:
+        set_rng_state(ckpt.rng[ranks.rank], device)
+    else:  # another world size: the data order changes too (resume_point says so)
+        torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
+    progress = Progress(step=ckpt.step, best_val_loss=ckpt.best_val_loss, last_saved=path)
+    if evaluated_weights(ckpt.low_precision()) != evaluated_weights(asdict(low_precision)):
+        progress.best_val_loss = math.inf
+        print("validation losses now measure other weights (use_4bit or its code book changed): best.pt starts afresh")
+    run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
+    print(f"resuming from {path} at step {ckpt.step + 1}")
+    if ckpt.step < cfg.training.max_iters:
+        moved, folder = run.set_aside_after(ckpt.step)
+        if moved:
+            print(f"  a new branch from step {ckpt.step}: the abandoned branch's {', '.join(moved)} moved to {folder} "
+                  f"(`latest` and keep_last_n see this branch only)")
+    for line in run.record_resumed_config(ckpt.step, cfg.to_dict(), cfg.to_yaml()):
+        print(f"  config changed: {line}")
+    positions, progress.batches_consumed, first_epoch = resume_point(
+        cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
+    return run, progress, positions, first_epoch
+
+
+def fine_tune_from_export(cfg, model, tokenizer, ranks):
+    """training.resume_from_checkpoint names a folder that export.py wrote: its weights, with a
+    fresh optimizer, from step 1, in a new run directory (an export holds no optimizer or data state)."""
+    folder = cfg.training.resume_from_checkpoint
+    exported, saved_tokenizer, config = load_export(folder)
+    check_same_model(config, cfg.model, folder)
+    check_same_tokenizer(saved_tokenizer, tokenizer, folder)
+    load_full_weights(model, exported.state_dict())
+    print(f"fine-tuning the model exported to {folder} (step {config['bdh_export']['step']} of its run): its weights, "
+          f"a fresh optimizer, from step 1, in a new run directory")
+    return RunDir(cfg.training.checkpoint_dir, writer=ranks.main), Progress(), [], 0
+
+
+def check_same_tokenizer(saved: str, tokenizer, path):
+    if saved != tokenizer.to_str():
+        trained_with = "bytes" if saved == "bytes" else "another tokenizer.json"
+        raise CheckpointError(f"{path}: the model was trained with {trained_with}, not dataset.tokenizer "
+                              f"{tokenizer.name}; set dataset.tokenizer as in the run's config.yaml, or start a new run")
+
+
+def evaluated_weights(low_precision: dict) -> str:
+    """What a validation loss measures: the weights as trained, or their 4-bit round trip."""
+    if not low_precision["use_4bit"]:
+        return "as trained"
+    return f"4-bit {low_precision['quantization_type']}, double quant {low_precision['use_double_quant']}"

@@ -1,0 +1,236 @@
+"""resume.py through train.py: a run continues where its checkpoint left it, exactly (also after
+kill -9 at any moment), across changed settings it names, and refuses what cannot continue."""
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+import sample
+import train
+from checkpoint import checkpoints_in, load_checkpoint, open_checkpoint
+from conftest import ROOT, finish, losses, only_run, run_dirs, start, write_config
+from tokenizer import load_tokenizer
+
+
+def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    original = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    ckpt2 = run / "checkpoint_2.pt"
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={ckpt2}",
+                       "training.max_iters=6"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {ckpt2} at step 3" in out
+    assert "step 3/6" in out and "step 1/6" not in out and "step 2/6" not in out
+    assert "config changed: training.max_iters: 4 -> 6" in out
+    assert run_dirs(tmp_path) == [run]
+    assert (run / "config.yaml").read_text() == original
+    assert yaml.safe_load((run / "config_resume_2.yaml").read_text())["training"]["max_iters"] == 6
+    assert load_checkpoint(run / "checkpoint_6.pt").step == 6
+    # a run directory and `latest` resolve to the newest checkpoint
+    assert open_checkpoint(str(run), str(tmp_path / "ck"))[0] == run / "checkpoint_6.pt"
+    assert open_checkpoint("latest", str(tmp_path / "ck"))[0] == run / "checkpoint_6.pt"
+
+
+def test_resume_restores_model_optimizer_and_step(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=2)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    ckpt = load_checkpoint(run / "checkpoint_2.pt")
+    assert set(ckpt.model) == {"embed.weight", "encoder", "encoder_v", "decoder", "lm_head"}
+    assert ckpt.optimizer["state"] and ckpt.versions["torch"] == torch.__version__
+    assert ckpt.config["training"]["max_iters"] == 2
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest",
+                       "training.max_iters=2"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_different_model_shape(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=2)
+    assert train.main(["--config", str(path)]) == 0
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest",
+                       "model.n_embd=64", "model.n_layer=3"]) == 1
+    err = capsys.readouterr().err
+    assert "different model shape" in err and "n_embd: checkpoint 32, config 64" in err
+    assert "n_layer: checkpoint 2, config 3" in err and len(err.strip().splitlines()) == 1
+
+
+def test_checkpoints_move_between_compiled_and_plain_runs(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=2, test_freq=100)
+    assert train.main(["--config", str(path)]) == 0
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest",
+                       "training.max_iters=3", "training.compile=true"]) == 0
+    assert "compile True" in capsys.readouterr().out
+    [run] = run_dirs(tmp_path)
+    assert set(load_checkpoint(run / "checkpoint_3.pt").model) == {
+        "embed.weight", "encoder", "encoder_v", "decoder", "lm_head"}
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest",
+                       "training.max_iters=4"]) == 0
+    assert load_checkpoint(run / "checkpoint_4.pt").step == 4
+
+
+def test_checkpoint_of_version_0_1_still_resumes(tmp_path, corpus):
+    """Version 0.1 keyed the optimizer state by position and kept one RNG state."""
+    path = write_config(tmp_path, corpus, max_iters=2, test_freq=100)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    old = torch.load(run / "checkpoint_2.pt", weights_only=True)
+    order = [name for group in old["optimizer"]["param_groups"] for name in group["params"]]
+    old["optimizer"] = {"state": {order.index(n): s for n, s in old["optimizer"]["state"].items()},
+                        "param_groups": [{**g, "params": [order.index(n) for n in g["params"]]}
+                                         for g in old["optimizer"]["param_groups"]]}
+    old["rng"] = old["rng"][0]
+    torch.save(old, run / "checkpoint_2.pt")
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest",
+                       "training.max_iters=3"]) == 0
+    assert load_checkpoint(run / "checkpoint_3.pt").step == 3
+
+
+def test_a_bpe_run_resumes_samples_with_its_tokenizer_and_refuses_another(tmp_path, corpus, bpe_file, capsys):
+    path = write_config(tmp_path, corpus, max_iters=2, model={"vocab_size": 320}, dataset={"tokenizer": str(bpe_file)})
+    assert train.main(["--config", str(path)]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    assert load_checkpoint(run / "checkpoint_2.pt").tokenizer == load_tokenizer(str(bpe_file)).to_str()
+    bpe_file.unlink()  # the checkpoint carries its tokenizer
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(run), "--prompt", "<00-", "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out.startswith("<00-")
+    assert train.main(["--config", str(path), "dataset.tokenizer=bytes", "training.resume_from_checkpoint=latest",
+                       "training.max_iters=3"]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint_2.pt: the model was trained with another tokenizer.json, not dataset.tokenizer bytes" in err
+
+
+@pytest.mark.parametrize("num_workers,tokens", [(0, "bytes"), (2, "bytes"), (2, "bpe")])
+def test_resume_after_sigkill_is_bit_identical(tmp_path, corpus, bpe_file, num_workers, tokens):
+    common = dict(max_iters=8, checkpoint_freq=4, test_freq=4, keep_last_n=0)
+    workers = [f"dataloader.num_workers={num_workers}"]
+    if tokens == "bpe":
+        workers += [f"dataset.tokenizer={bpe_file}", "model.vocab_size=320"]
+    straight = write_config(tmp_path, corpus, "straight.yaml", checkpoint_dir=str(tmp_path / "a"), **common)
+    finish(straight, *workers)
+    killed = write_config(tmp_path, corpus, "killed.yaml", checkpoint_dir=str(tmp_path / "b"), **common)
+    proc = start(killed, *workers)
+    for line in proc.stdout:
+        if line.startswith("saved") and "checkpoint_4.pt" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    out = finish(killed, *workers, "training.resume_from_checkpoint=latest")
+    assert "resuming from" in out and "at step 5" in out and "WARNING" not in out
+    a, b = only_run(tmp_path / "a"), only_run(tmp_path / "b")
+    assert losses(a) == losses(b) and sorted(losses(b)) == list(range(1, 9))
+    wa, wb = load_checkpoint(a / "checkpoint_8.pt").model, load_checkpoint(b / "checkpoint_8.pt").model
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_changing_the_data_order_on_resume_warns(tmp_path, corpus, capsys):
+    config = write_config(tmp_path, corpus, max_iters=2)
+    assert train.main(["--config", str(config)]) == 0
+    capsys.readouterr()
+    assert train.main(["--config", str(config), "training.resume_from_checkpoint=latest",
+                       "training.max_iters=3", "training.batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: the data order changes" in out and "training.batch_size: 4 -> 2" in out
+
+
+# train.py with a slow disk: torch.save's bytes are written in small chunks with pauses, so that a
+# checkpoint write takes about 0.4 s and random kills land inside writes.
+SLOW_DISK_TRAIN = """
+import io, sys, time
+sys.path.insert(0, sys.argv.pop(1))
+import torch, train
+real_save = torch.save
+def slow_save(obj, f, *args, **kwargs):
+    buffer = io.BytesIO()
+    real_save(obj, buffer, *args, **kwargs)
+    data = buffer.getvalue()
+    for i in range(0, len(data), 1 << 18):
+        f.write(data[i:i + (1 << 18)])
+        time.sleep(0.01)
+torch.save = slow_save
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path, corpus):
+    config = write_config(tmp_path, corpus, model={"n_layer": 1, "n_embd": 64, "n_head": 2,
+                                                   "mlp_internal_dim_multiplier": 64},
+                          max_iters=30, checkpoint_freq=1, log_freq=1, test_freq=1000, keep_last_n=2)
+    rng = random.Random(0)
+    ck, kills_inside_a_write = tmp_path / "ck", 0
+    for attempt in range(5):
+        resume = ["training.resume_from_checkpoint=latest"] if attempt else []
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_DISK_TRAIN, str(ROOT), "--config", str(config),
+                                 *resume], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            if line.startswith("step "):
+                break
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        run = only_run(ck)
+        kills_inside_a_write += any(".tmp" in p.name for p in run.iterdir())
+        found = checkpoints_in(run)
+        assert found
+        for path in found:
+            load_checkpoint(path)  # every checkpoint_<step>.pt is complete
+    assert kills_inside_a_write >= 1
+    finish(config, "training.resume_from_checkpoint=latest")  # also removes leftover temporaries
+    run = only_run(ck)
+    final = load_checkpoint(checkpoints_in(run)[-1])
+    assert final.step == 30
+    assert not [p for p in run.iterdir() if ".tmp" in p.name]
+    assert len(checkpoints_in(run)) == 2  # keep_last_n
+    # and the interrupted run ends exactly where one that was never interrupted does
+    finish(config, f"training.checkpoint_dir={tmp_path / 'straight'}")
+    straight = load_checkpoint(checkpoints_in(only_run(tmp_path / "straight"))[-1])
+    assert all(torch.equal(final.model[k], straight.model[k]) for k in straight.model)
+    assert losses(run)[30] == losses(only_run(tmp_path / "straight"))[30]
+
+
+def test_a_resume_from_an_earlier_step_sets_the_abandoned_branch_aside(tmp_path, corpus, capsys):
+    """The workflow 'it diverged late: go back to an earlier checkpoint': afterwards `latest` and
+    keep_last_n see the new branch only, and metrics.jsonl matches the checkpoints on disk."""
+    path = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=2, test_freq=2, keep_last_n=2)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    best_step = load_checkpoint(run / "best.pt").step
+    capsys.readouterr()
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run / 'checkpoint_4.pt'}",
+                       "training.max_iters=5"]) == 0
+    out = capsys.readouterr().out
+    set_aside = sorted(p.name for p in (run / "abandoned_after_step_4").iterdir())
+    assert set_aside == (["best.pt", "checkpoint_6.pt"] if best_step > 4 else ["checkpoint_6.pt"])
+    assert "a new branch from step 4: the abandoned branch's checkpoint_6.pt" in out
+    assert open_checkpoint("latest", str(tmp_path / "ck"))[0] == run / "checkpoint_5.pt"
+    assert [p.name for p in checkpoints_in(run)] == ["checkpoint_4.pt", "checkpoint_5.pt"]
+    assert max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def test_a_resume_may_switch_to_float16(tmp_path, corpus):
+    """A float32 run's checkpoint holds no GradScaler state; a float16 resume starts a fresh scaler."""
+    path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2)
+    assert train.main(["--config", str(path)]) == 0
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3",
+                       "low_precision.compute_dtype=float16"]) == 0
+
+
+def test_shards_changed_in_the_same_folder_change_the_data_order(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2)
+    assert train.main(["--config", str(path)]) == 0
+    (corpus / "shard-1.parquet").unlink()
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: the data order changes on this resume (the shards (files, row groups, rows, bytes):" in out
