@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import yaml
 
-from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from files import atomic_write, left_by_a_dead_process
+from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line
 
 PROJECT_VERSION = "0.3.0"

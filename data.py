@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from config import add_config_arguments, load_config
 from files import atomic_write
-from shards import (READ_BYTES, DataError, ParquetFileCache, Unit, ensure_sample_corpus, list_units,
-                    read_unit_documents, text_files_to_parquet)
+import shards
+from shards import (DataError, ParquetFileCache, Unit, ensure_sample_corpus, list_units, read_unit_documents,
+                    text_files_to_parquet)
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
 
 
@@ -183,11 +184,12 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
     in the same folder change it)."""
     order = {path: getattr(getattr(cfg, path.split(".")[0]), path.split(".")[1])
              for path in DATA_ORDER_FIELDS}
-    shards = hashlib.blake2b(repr([(u.file_key, u.row_group, u.num_rows, u.num_bytes) for u in units]).encode(),
+    fingerprint = hashlib.blake2b(repr([(u.file_key, u.row_group, u.num_rows, u.num_bytes) for u in units]).encode(),
                              digest_size=8).hexdigest()
     order.update({"dataloader.num_workers (effective)": num_workers, "world_size": world_size,
-                  "data.READ_BYTES (windows are shuffled within parts of this many bytes)": READ_BYTES,
-                  "the shards (files, row groups, rows, bytes)": shards})
+                  # the key keeps its old module's name: checkpoints hold it
+                  "data.READ_BYTES (windows are shuffled within parts of this many bytes)": shards.READ_BYTES,
+                  "the shards (files, row groups, rows, bytes)": fingerprint})
     return order
 
 

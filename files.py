@@ -10,8 +10,7 @@ from pathlib import Path
 
 
 def temporary_suffix() -> str:
-    """.tmp<host>-<pid>: a temporary file or folder named after its writer, so that one a killed
-    process left behind can be told from one being written (by this host: folders may be shared)."""
+    """.tmp<host>-<pid>: the host too, as folders may be shared between machines."""
     return f".tmp{socket.gethostname()}-{os.getpid()}"
 
 

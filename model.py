@@ -74,7 +74,7 @@ def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor):
 def rope_phases(freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """(T, N/2) complex64: e^(i p) for each position and pair (2i, 2i+1), which share a frequency.
     By torch.polar, not cos and sin: on CPU those run in MKL's vector math library, whose first
-    call in a process now and then rounds some values differently (about one process in five,
+    call in a process now and then rounds some values differently (about one process in six,
     measured), so that a run, or its resume, would not repeat bit for bit in another process."""
     angles = rope_angles(freqs[0::2], positions)
     return torch.polar(torch.ones_like(angles), angles)

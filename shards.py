@@ -177,7 +177,6 @@ def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, s
                         f"({first_line(e)}); the file is corrupt or truncated: re-create it")
 
 
-
 # ---------------------------------------------------------------- writing
 
 def split_text(text: str, chunk_bytes: int) -> list[str]:

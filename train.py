@@ -174,7 +174,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                       "peak_memory_mib": round(peak_memory_bytes(device) / 2**20, 1), "elapsed_s": round(now - start, 2)}
             if peak:  # tokens_per_step counts every rank; peak is one GPU's
                 record["mfu"] = flops_per_token * tokens_per_step / ranks.world_size / seconds_per_step / peak
-            print(step_line(record, training.max_iters, seconds_per_step), flush=True)
+            print(step_line(record, training.max_iters, seconds_per_step, now - start), flush=True)
             metrics.log(record)
             loss_count, steps_since_log, interval_start, paused = 0, 0, time.perf_counter(), 0.0
             loss_sum.zero_()
@@ -286,12 +286,13 @@ def describe_run(cfg, model, optimizer, ranks, device, n_units, tokens_per_step,
     return "\n".join(lines)
 
 
-def step_line(record: dict, max_iters: int, seconds_per_step: float) -> str:
+def step_line(record: dict, max_iters: int, seconds_per_step: float, elapsed: float) -> str:
+    """The printed line of a step's metrics record."""
     mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
     eta = format_duration(seconds_per_step * (max_iters - record["step"]))
     return (f"step {record['step']}/{max_iters} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | grad norm "
             f"{record['grad_norm']:.3f} | {record['tokens_per_s']:,} tok/s | {record['ms_per_step']:.1f} ms/step{mfu} | "
-            f"elapsed {format_duration(record['elapsed_s'])} | eta {eta}")
+            f"elapsed {format_duration(elapsed)} | eta {eta}")
 
 
 class GracefulStop:

@@ -1,4 +1,4 @@
-"""Checkpoint files and run directories: the format, safe loading, atomic writes."""
+"""Checkpoint files and run directories: the format, safe loading, temporaries left by a kill."""
 import os
 
 import pytest

@@ -24,7 +24,7 @@ def test_text_files_become_documents_in_row_groups_of_bounded_size(tmp_path):
     assert all(meta.row_group(i).num_rows <= 128 * 1024 // 1000 + 1 for i in range(meta.num_row_groups))
 
 
-def test_an_unreadable_text_file_is_a_shard_error(tmp_path):
+def test_an_unreadable_text_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match=r"nope.txt: cannot read"):
         shards.text_files_to_parquet([tmp_path / "nope.txt"], tmp_path / "out")
 

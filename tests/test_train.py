@@ -117,6 +117,14 @@ def test_activation_checkpointing_reaches_the_model(tmp_path, corpus, monkeypatc
     assert seen and all(seen)
 
 
+def test_the_step_line_says_what_the_record_holds():
+    record = {"step": 40, "train_loss": 2.34567, "lr": 3e-4, "grad_norm": 0.5, "tokens_per_s": 12345, "ms_per_step": 81.0}
+    line = train.step_line(record, 100, 0.081, elapsed=59.996)
+    assert line == ("step 40/100 | loss 2.3457 | lr 3.00e-04 | grad norm 0.500 | 12,345 tok/s | 81.0 ms/step | "
+                    "elapsed 0:00:59 | eta 0:00:04")
+    assert " | MFU 41.0% | " in train.step_line({**record, "mfu": 0.41}, 100, 0.081, elapsed=1)
+
+
 def test_evaluation_builds_no_autograd_graph():
     from distributed import Ranks
     from model import BDH, BDHConfig
@@ -127,6 +135,35 @@ def test_evaluation_builds_no_autograd_graph():
     loss, _, _ = train.evaluate(model, batches, torch.device("cpu"), contextlib.nullcontext(), torch.Generator(),
                                 Ranks(), ByteTokenizer())
     assert grad_modes == [False] and loss > 0 and model.training
+
+
+def test_evaluation_sparsity_is_the_share_of_non_zero_latents_per_layer():
+    from distributed import Ranks
+    from model import BDH, BDHConfig, layer_norm, rope_cos_sin
+    from reference import rope
+    torch.manual_seed(0)
+    model = BDH(BDHConfig(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4, dropout=0.0))
+    batches = [(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))) for _ in range(3)]
+    _, _, (x_active, y_active) = train.evaluate(model, batches, torch.device("cpu"), contextlib.nullcontext(),
+                                                torch.Generator(), Ranks(), ByteTokenizer())
+    # the same fractions counted directly, with the straightforward formulation of the layers
+    x_count, y_count, total = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), 0
+    with torch.no_grad():
+        cos, sin = rope_cos_sin(model.rope_freqs, torch.arange(8))
+        for idx, _ in batches:
+            x = layer_norm(model.embed(idx).unsqueeze(1))
+            for layer in range(2):
+                a = torch.relu(x @ model.encoder)
+                r = rope(a, cos, sin)
+                b = torch.relu(layer_norm((r @ r.transpose(-1, -2)).tril(-1) @ x) @ model.encoder_v)
+                x_count[layer] += (a > 0).sum()
+                y_count[layer] += (b > 0).sum()
+                z = (a * b).transpose(1, 2).reshape(2, 1, 8, -1)
+                x = layer_norm(x + layer_norm(z @ model.decoder))
+            total += a.numel()
+    assert x_active == pytest.approx((x_count / total).tolist(), abs=1e-12)
+    assert y_active == pytest.approx((y_count / total).tolist(), abs=1e-12)
+    assert all(0 < f < 1 for f in x_active + y_active)
 
 
 def validation_bytes_and_tokens(path):
@@ -196,35 +233,6 @@ def test_keep_last_n_and_best_checkpoint(tmp_path, corpus):
     val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
     best = load_checkpoint(run / "best.pt")
     assert best.best_val_loss == min(val.values()) and val[best.step] == min(val.values())
-
-
-def test_evaluation_sparsity_is_the_share_of_non_zero_latents_per_layer():
-    from distributed import Ranks
-    from model import BDH, BDHConfig, layer_norm, rope_cos_sin
-    from reference import rope
-    torch.manual_seed(0)
-    model = BDH(BDHConfig(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4, dropout=0.0))
-    batches = [(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))) for _ in range(3)]
-    _, _, (x_active, y_active) = train.evaluate(model, batches, torch.device("cpu"), contextlib.nullcontext(),
-                                                torch.Generator(), Ranks(), ByteTokenizer())
-    # the same fractions counted directly, with the straightforward formulation of the layers
-    x_count, y_count, total = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), 0
-    with torch.no_grad():
-        cos, sin = rope_cos_sin(model.rope_freqs, torch.arange(8))
-        for idx, _ in batches:
-            x = layer_norm(model.embed(idx).unsqueeze(1))
-            for layer in range(2):
-                a = torch.relu(x @ model.encoder)
-                r = rope(a, cos, sin)
-                b = torch.relu(layer_norm((r @ r.transpose(-1, -2)).tril(-1) @ x) @ model.encoder_v)
-                x_count[layer] += (a > 0).sum()
-                y_count[layer] += (b > 0).sum()
-                z = (a * b).transpose(1, 2).reshape(2, 1, 8, -1)
-                x = layer_norm(x + layer_norm(z @ model.decoder))
-            total += a.numel()
-    assert x_active == pytest.approx((x_count / total).tolist(), abs=1e-12)
-    assert y_active == pytest.approx((y_count / total).tolist(), abs=1e-12)
-    assert all(0 < f < 1 for f in x_active + y_active)
 
 
 # ---- every error path ends the process within seconds, whatever the workers
