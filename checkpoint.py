@@ -268,7 +268,7 @@ class RunDir:
     def __init__(self, checkpoint_dir: str, path: Path | None = None, writer: bool = True):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.writer = writer
-        self.name = time.strftime("run_%Y%m%d_%H%M%S")
+        self.name = path.name if path is not None else time.strftime("run_%Y%m%d_%H%M%S")
         self.path = path
 
     def _create(self, config_yaml: str):

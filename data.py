@@ -184,8 +184,10 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
     in the same folder change it)."""
     order = {path: getattr(getattr(cfg, path.split(".")[0]), path.split(".")[1])
              for path in DATA_ORDER_FIELDS}
+    if cfg.dataset.val_parquet_dir:  # validation has a folder of its own: val_fraction splits nothing
+        del order["dataset.val_fraction"]
     fingerprint = hashlib.blake2b(repr([(u.file_key, u.row_group, u.num_rows, u.num_bytes) for u in units]).encode(),
-                             digest_size=8).hexdigest()
+                                  digest_size=8).hexdigest()
     order.update({"dataloader.num_workers (effective)": num_workers, "world_size": world_size,
                   # the key keeps its old module's name: checkpoints hold it
                   "data.READ_BYTES (windows are shuffled within parts of this many bytes)": shards.READ_BYTES,
@@ -239,7 +241,7 @@ def validation_batches(cfg, units, tokenizer) -> list:
     split, folder = "val", dataset_cfg.parquet_dir
     if dataset_cfg.val_parquet_dir:
         split, folder = "all", dataset_cfg.val_parquet_dir
-        units = list_units(folder, dataset_cfg.text_column)
+        units = list_units(folder, dataset_cfg.text_column, setting="dataset.val_parquet_dir")
     dataset = ParquetBatches(units, split, training.block_size, training.batch_size, training.seed,
                              dataset_cfg.val_fraction, dataset_cfg.text_column, dataset_cfg.max_cached_files,
                              tokenizer, shuffle=False)
@@ -248,6 +250,9 @@ def validation_batches(cfg, units, tokenizer) -> list:
         batches.append((x, y))
         if len(batches) == training.eval_iters:
             break
+    if 0 < len(batches) < training.eval_iters:
+        print(f"note: the validation documents of {folder} fill {len(batches)} batches, fewer than training.eval_iters "
+              f"{training.eval_iters}: every evaluation measures those {len(batches)}")
     if not batches:
         cache = ParquetFileCache(1)
         documents = any(len(docs) for unit in units for docs in read_unit_documents(

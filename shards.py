@@ -47,11 +47,12 @@ class Unit:
     file_key: int  # hash of the path relative to parquet_dir: seeds the split and the shuffle
 
 
-def list_units(parquet_dir, text_column: str) -> list[Unit]:
-    """Validate every shard's footer and schema up front and list its (file, row group) units."""
+def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_dir") -> list[Unit]:
+    """Validate every shard's footer and schema up front and list its (file, row group) units.
+    `setting` names the folder's option in errors."""
     root = Path(parquet_dir)
     if not root.is_dir():
-        raise DataError(f"{root}: dataset.parquet_dir does not exist or is not a directory; "
+        raise DataError(f"{root}: {setting} does not exist or is not a directory; "
                         f"create it with `python data.py --from-text FILE --out {root}`")
     files, skipped = parquet_files(root)
     if skipped:

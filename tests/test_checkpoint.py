@@ -37,6 +37,7 @@ def test_two_runs_started_in_the_same_second_get_different_directories(tmp_path)
     pa = a.save(ckpt, "model: {}\n").parent
     pb = b.save(ckpt, "model: {}\n").parent
     assert pa != pb and pa.exists() and pb.exists()
+    assert RunDir(str(tmp_path), path=pb).name == pb.name  # a resumed run keeps its name (W&B's run name)
 
 
 def test_checkpoint_file_round_trip_and_version_0_1_layout(tmp_path):

@@ -326,13 +326,14 @@ def test_a_dictionary_encoded_string_column_is_read(tmp_path):
     assert BYTES.decode(tokens) == "cat\0dog\0cat\0ému\0"
 
 
-def test_a_validation_folder_is_read_whole_and_training_reads_all_of_the_training_folder(tmp_path):
+def test_a_validation_folder_is_read_whole_and_training_reads_all_of_the_training_folder(tmp_path, capsys):
     train_dir, val_dir = make_corpus(tmp_path / "train", n_files=2), tmp_path / "val"
     write_parquet(val_dir / "v.parquet", [f"<90-{r:03d}>" + "zyxwvutsrq" * 4 for r in range(12)], 4)
     cfg = Config.from_dict({"dataset": {"parquet_dir": str(train_dir), "val_parquet_dir": str(val_dir)},
                             "training": {"block_size": 16, "batch_size": 2, "eval_iters": 1000}})
     units = list_units(train_dir, "text")
     validation = data.validation_batches(cfg, units, BYTES)
+    assert f"fill {len(validation)} batches, fewer than training.eval_iters 1000" in capsys.readouterr().out
     seen = b"".join(bytes(x.flatten().tolist()) for x, _ in validation)  # consecutive windows: the stream
     assert set(re.findall(rb"<\d\d-\d\d\d>", seen)) <= {f"<90-{r:03d}>".encode() for r in range(12)}
     assert len(set(re.findall(rb"<90-\d\d\d>", seen))) >= 11  # all of it but the tail short of a batch
@@ -341,3 +342,17 @@ def test_a_validation_folder_is_read_whole_and_training_reads_all_of_the_trainin
     trained = sum(x.numel() for x, _, _ in loader.epoch_batches(ParquetFileCache(4), 0, 1, 0))
     everything = len(split_stream(units, "all"))
     assert everything - 3 * 16 < trained <= everything
+
+
+def test_a_validation_folder_is_named_in_its_errors_and_val_fraction_leaves_the_data_order(tmp_path):
+    train_dir = make_corpus(tmp_path / "train", n_files=2)
+    raw = {"dataset": {"parquet_dir": str(train_dir), "val_parquet_dir": str(tmp_path / "nope")}}
+    with pytest.raises(DataError, match=r"nope: dataset.val_parquet_dir does not exist"):
+        data.validation_batches(Config.from_dict(raw), list_units(train_dir, "text"), BYTES)
+    units = list_units(train_dir, "text")
+    order = data.data_order(Config.from_dict(raw), units, 0)
+    raw["dataset"]["val_fraction"] = 0.5  # splits nothing while validation has its own folder
+    assert data.data_order(Config.from_dict(raw), units, 0) == order and "dataset.val_fraction" not in order
+    del raw["dataset"]["val_parquet_dir"]
+    assert data.data_order(Config.from_dict(raw), units, 0)["dataset.val_fraction"] == 0.5
+
