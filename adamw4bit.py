@@ -13,7 +13,8 @@ encode. The format is a MomentFormat; the default is the one the ablations in BE
   sqrt(v) = w^2 is at least 1/256 of its block's largest, so m / (sqrt(v) + eps) cannot blow up.
 Li et al. 2023 ("Memory Efficient Optimizers with 4-bit States"), and torchao.optim.AdamW4bit after
 them, store v itself with that code book, which rounds every v below 1/32 of its block's maximum up
-and shortens those steps: on configs/tiny.yaml it was behind this format on every seed (BENCHMARKS.md).
+and shortens those steps: on configs/tiny.yaml it was behind this format on every seed of the built-in
+corpus and level with it on tinyshakespeare (BENCHMARKS.md).
 Parameters with fewer than MIN_QUANTIZED_NUMEL elements keep float32 moments (their states are too
 small to matter), which makes the update exactly torch's AdamW for them.
 """
@@ -62,8 +63,12 @@ def code_book(name: str) -> torch.Tensor:
 
 def blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """x flattened, zero-padded and cut into rows of block_size."""
-    flat = x.flatten()
-    return torch.nn.functional.pad(flat, (0, (-flat.numel()) % block_size)).view(-1, block_size)
+    return pad_to_multiple(x.flatten(), block_size).view(-1, block_size)
+
+
+def pad_to_multiple(flat: torch.Tensor, multiple: int) -> torch.Tensor:
+    padding = (-flat.numel()) % multiple
+    return torch.nn.functional.pad(flat, (0, padding)) if padding else flat  # pad copies even when it adds nothing
 
 
 def element_scales(q: dict) -> torch.Tensor:
@@ -71,6 +76,25 @@ def element_scales(q: dict) -> torch.Tensor:
     if "row" in q:
         return torch.minimum(q["row"][:, None], q["column"][None, :])
     return q["block"][:, None]
+
+
+def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """The index (uint8) of the level nearest to each value of x, a tie going to the lower level:
+    the number of midpoints between levels that lie below x. `levels` on the CPU. An evenly spaced
+    code book (linear) in closed form, exact in float32 (its levels and midpoints are multiples of
+    1/32); any other by bucketize, whose binary search on CPU is slower than counting the midpoints
+    one at a time (half the time there; on a GPU bucketize is one kernel where counting takes 30)."""
+    step = levels[1] - levels[0]
+    if torch.allclose(levels.diff(), step):
+        index = torch.ceil((x - levels[0].item()) / step.item() - 0.5)  # (x - first) / step, rounded half down
+        return index.clamp_(0, len(levels) - 1).to(torch.uint8)
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    if x.device.type != "cpu":
+        return torch.bucketize(x, midpoints.to(x.device)).to(torch.uint8)
+    index = torch.zeros(x.shape, dtype=torch.uint8)
+    for midpoint in midpoints.tolist():
+        index += x > midpoint
+    return index
 
 
 def encode(x: torch.Tensor, levels: torch.Tensor, block_size: int, rank1: bool = False) -> dict:
@@ -85,19 +109,19 @@ def encode(x: torch.Tensor, levels: torch.Tensor, block_size: int, rank1: bool =
         values = blocks(x, block_size)
         scale = {"block": values.abs().amax(dim=1)}
     normalized = values / element_scales(scale).clamp_min(torch.finfo(torch.float32).tiny)
-    midpoints = (levels[1:] + levels[:-1]) / 2
-    codes = torch.bucketize(normalized.flatten()[:x.numel()], midpoints).to(torch.uint8)  # the nearest level
-    codes = torch.nn.functional.pad(codes, (0, codes.numel() % 2))
+    codes = nearest_level(normalized.flatten()[:x.numel()], levels)
+    codes = pad_to_multiple(codes, 2)
     return {"codes": codes[0::2] << 4 | codes[1::2], **scale}
 
 
 def decode(q: dict, levels: torch.Tensor, shape: torch.Size, block_size: int) -> torch.Tensor:
     n = math.prod(shape)
-    codes = torch.stack([q["codes"] >> 4, q["codes"] & 15], dim=1).flatten()
+    byte_levels = torch.cartesian_prod(levels, levels).to(q["codes"].device)  # a byte's two levels: high, low nibble
+    values = torch.nn.functional.embedding(q["codes"].int(), byte_levels).flatten()
     if "row" in q:
-        return (levels[codes[:n].long()].view(-1, shape[-1]) * element_scales(q)).view(shape)
-    codes = torch.nn.functional.pad(codes, (0, q["block"].numel() * block_size - codes.numel()))
-    return (levels[codes.long()].view(-1, block_size) * q["block"][:, None]).flatten()[:n].view(shape)
+        return (values[:n].view(-1, shape[-1]) * element_scales(q)).view(shape)
+    values = pad_to_multiple(values, block_size)
+    return (values.view(-1, block_size) * q["block"][:, None]).flatten()[:n].view(shape)
 
 
 class AdamW4bit(torch.optim.Optimizer):
@@ -129,14 +153,14 @@ class AdamW4bit(torch.optim.Optimizer):
             state["exp_avg_sq"] = zeros.clone()
 
     def _encode_m(self, m):
-        return encode(m, self.m_levels.to(m.device), self.format.block_size)
+        return encode(m, self.m_levels, self.format.block_size)
 
     def _encode_v(self, v):
         form = {"v": v, "sqrt": v.sqrt(), "root4": v.sqrt().sqrt()}[self.format.v_form]
-        return encode(form, self.v_levels.to(v.device), self.format.block_size, self.format.rank1)
+        return encode(form, self.v_levels, self.format.block_size, self.format.rank1)
 
     def _decode_v(self, q, shape):
-        levels = self.v_levels.to(q["codes"].device)
+        levels = self.v_levels
         form = decode(q, levels, shape, self.format.block_size)
         if self.format.floor:
             floor = decode({**q, "codes": torch.full_like(q["codes"], 0x11 * int((levels > 0).nonzero()[0]))},
@@ -172,7 +196,7 @@ class AdamW4bit(torch.optim.Optimizer):
                 state["step"] += 1
                 t = float(state["step"])
                 grad = p.grad.float()
-                m = decode(state["exp_avg_4bit"], self.m_levels.to(p.device), p.shape, self.format.block_size) \
+                m = decode(state["exp_avg_4bit"], self.m_levels, p.shape, self.format.block_size) \
                     if "exp_avg_4bit" in state else state["exp_avg"]
                 v = self._decode_v(state["exp_avg_sq_4bit"], p.shape) if "exp_avg_sq_4bit" in state \
                     else state["exp_avg_sq"]

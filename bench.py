@@ -22,8 +22,8 @@ from config import add_config_arguments, load_config
 from data import loader_workers, train_loader
 from model import BDH
 from reference import reference_forward
-from runtime import (DTYPES, DeviceError, autocast, measured_matmul_flops, peak_memory_bytes, pick_device,
-                     resolve_compute_dtype, steady_host_memory)
+from runtime import (DTYPES, DeviceError, autocast, check_can_compile, measured_matmul_flops, peak_memory_bytes,
+                     pick_device, resolve_compute_dtype, steady_host_memory, wants_compile)
 from shards import ensure_sample_corpus, list_units
 from tokenizer import load_tokenizer
 
@@ -41,7 +41,8 @@ def make_step(cfg, device, implementation):
     model = BDH(cfg.model).to(device)
     model.activation_checkpointing = cfg.training.activation_checkpointing
     forward = model if implementation == "model.py" else (lambda idx, tgt: reference_forward(model, idx, tgt))
-    if device.type == "cuda" and cfg.training.compile is not False:
+    if wants_compile(cfg.training.compile, device):  # as train.py does
+        check_can_compile(device)
         forward = torch.compile(forward)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate,
                                   fused=device.type == "cuda")

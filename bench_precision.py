@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import checkpoints_in, load_checkpoint, model_from_checkpoint
-from config import add_config_arguments, load_config
+from config import Config, add_config_arguments, load_config
 from data import validation_batches
 import adamw4bit
 from adamw4bit import AdamW4bit, MomentFormat, adamw_state_bytes
@@ -179,10 +179,11 @@ def optimizer_step_ms(cfg, steps=20) -> dict:
     return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
-def run_seed(args, cfg, seed, workdir) -> dict:
+def run_seed(args, seed, workdir) -> dict:
     """Every variant of the set, trained with this seed: name -> its results."""
     variants = {}
     overrides = [*args.overrides, f"training.seed={seed}"]
+    cfg = Config.from_yaml(args.config, overrides)  # the seed's validation split, for final_checkpoint_loss
     for name, variant in VARIANT_SETS[args.set].items():
         variants[name] = train_variant(args.config, overrides, variant, workdir / f"{seed}_{name}".replace(" ", "_"),
                                        cfg.training.log_freq)
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
                                                    results["optimizer_step_ms"].items()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            results["seeds"][seed] = run_seed(args, cfg, seed, Path(tmp))
+            results["seeds"][seed] = run_seed(args, seed, Path(tmp))
             if args.json:  # after each seed: a long run that stops early keeps what it measured
                 Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"after {cfg.training.max_iters} steps, {cfg.training.eval_iters} validation batches, seeds "

@@ -33,6 +33,11 @@ def first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def wants_compile(setting, device: torch.device) -> bool:
+    """training.compile: true compiles on any device, auto on CUDA only."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
 def check_can_compile(device: torch.device, setting: str = "training.compile"):
     """torch.compile on CPU writes C++ and needs a compiler: say so before the first step fails
     with a long traceback."""
@@ -47,7 +52,7 @@ def check_can_compile(device: torch.device, setting: str = "training.compile"):
 
 def resolve_compute_dtype(device: torch.device, setting: str) -> str:
     """low_precision.compute_dtype, with auto made concrete: bfloat16 where the device computes
-    it fast (CUDA with bf16; a CPU with AVX512-BF16 or AMX, whose bf16 matmuls are several times
+    it fast (CUDA with bf16; a CPU with AVX512-BF16 (AMX CPUs have it too), whose bf16 matmuls are several times
     faster than float32 ones), float32 elsewhere (other CPUs emulate bf16, slowly; mps)."""
     if setting != "auto":
         return setting

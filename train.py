@@ -31,7 +31,7 @@ from metrics import MetricsError, MetricsLog
 from model import BDH
 from resume import Progress, resume, save
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, peak_flops, peak_memory_bytes, pick_device,
-                     resolve_compute_dtype, steady_host_memory)
+                     resolve_compute_dtype, steady_host_memory, wants_compile)
 from shards import DataError, ensure_sample_corpus, list_units
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
 
@@ -50,8 +50,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     compute_dtype = resolve_compute_dtype(device, low_precision.compute_dtype)
     compute = autocast(device, compute_dtype)
     log_freq = 1 if training.debug else training.log_freq
-    compile_model = (training.compile is True or (training.compile == "auto" and device.type == "cuda")) \
-        and not training.debug
+    compile_model = wants_compile(training.compile, device) and not training.debug
     if compile_model:
         check_can_compile(device)
     torch.autograd.set_detect_anomaly(training.debug)

@@ -4,7 +4,7 @@ import torch
 
 import train
 from adamw4bit import (MIN_QUANTIZED_NUMEL, AdamW4bit, MomentFormat, adamw_state_bytes, code_book, decode,
-                       encode)
+                       encode, nearest_level)
 from checkpoint import load_checkpoint
 from conftest import write_config
 from lowbit import quantize
@@ -41,6 +41,22 @@ def test_encode_decode_is_nearest_level_times_scale(name, rank1):
         scale = x.flatten().view(-1, 128).abs().amax(1, keepdim=True).expand(-1, 128).reshape(x.shape)
     exact = levels[((x / scale)[..., None] - levels).abs().argmin(-1)] * scale  # nearest level, brute force
     torch.testing.assert_close(y, exact)
+
+
+@pytest.mark.parametrize("name", ["linear", "log", "dynamic", "nf4", "fp4"])
+def test_nearest_level_is_bucketize_on_the_midpoints_ties_included(name):
+    """nearest_level counts midpoints (CPU) or computes the index in closed form (linear): the
+    codes of torch.bucketize on the midpoints, the search it replaces, on random values, on the
+    levels themselves and exactly on the midpoints (a tie goes to the lower level)."""
+    torch.manual_seed(0)
+    levels = code_book(name)
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    lowest = 0.0 if name in ("linear", "log") else -1.0
+    x = torch.cat([torch.rand(10_000) * (1 - lowest) + lowest, levels, midpoints,
+                   torch.nextafter(midpoints, torch.tensor(2.0)), torch.tensor([lowest, 1.0])])
+    expected = torch.bucketize(x, midpoints)
+    assert torch.equal(nearest_level(x, levels), expected.to(torch.uint8))
+    assert torch.equal(nearest_level(midpoints, levels), torch.arange(15, dtype=torch.uint8))
 
 
 def test_optimizer_state_is_at_most_a_sixth_of_adamw():
