@@ -90,8 +90,8 @@ def load_checkpoint(path) -> Checkpoint:
     except Exception as e:  # truncated, or holds code
         if "Weights only load failed" in str(e):
             why = "it holds Python objects, not only tensors and plain data; loading it could run code"
-        else:
-            why = first_line(e)
+        else:  # a zip cut short (a full disk, a copy interrupted): torch's own words are cryptic
+            why = f"cut short or corrupt: {first_line(e)[:120]}"
         raise CheckpointError(f"{path}: not a readable checkpoint ({why})")
     missing = [k for k in ("model", "model_config", "step") if not isinstance(state, dict) or k not in state]
     if missing:

@@ -17,6 +17,7 @@ truncated; per reader and epoch only the tail that does not fill a last batch is
 import argparse
 import hashlib
 import multiprocessing
+import os
 import signal
 import sys
 import time
@@ -272,6 +273,22 @@ def validation_batches(cfg, units, tokenizer) -> list:
 
 # ---------------------------------------------------------------- command line
 
+def check_can_write_file(out: Path, replace: bool):
+    """--out of a file: refused if it is a folder, or exists (unless replace), or its folder cannot
+    be made or written."""
+    if out.is_dir():
+        raise DataError(f"--out {out}: is a folder; give the path of the file to write, e.g. {out / 'tokenizer.json'}")
+    if out.exists() and not replace:
+        raise DataError(f"--out {out}: exists already (runs trained with it need it unchanged); choose another "
+                        f"--out, or add --replace to overwrite it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot make its folder {out.parent} ({e.strerror or e})")
+    if not os.access(out.parent, os.W_OK):
+        raise DataError(f"--out {out}: its folder {out.parent} is not writable")
+
+
 def training_texts(cfg, units, report_every_s=5.0):
     """The documents of the training split, in file order, as strings; a progress line every
     report_every_s seconds."""
@@ -293,18 +310,25 @@ def training_texts(cfg, units, report_every_s=5.0):
         cache.close()
 
 
-def train_tokenizer(cfg, vocab_size: int, out: Path, config_path: str) -> str:
+def train_tokenizer(cfg, vocab_size: int, out: Path, config_path: str, replace: bool = False) -> str:
     """Train a byte-level BPE on the training split of the configured shards; write it to out."""
     if vocab_size < 258:
         raise DataError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least 258 tokens (256 bytes, "
                         f"{SEPARATOR_TOKEN} and a merge)")
+    check_can_write_file(out, replace)  # before the training, not after it
     ensure_sample_corpus(cfg)
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
     print(f"training a {vocab_size:,}-token byte-level BPE on the training split of {cfg.dataset.parquet_dir} "
           f"({len(units):,} row groups)", flush=True)
     tokenizer = HFTokenizer(train_bpe(training_texts(cfg, units), vocab_size), str(out))
+    if tokenizer.vocab_size < 258:
+        raise DataError(f"{cfg.dataset.parquet_dir}: its training split holds too little text to learn a single "
+                        f"merge; add documents (nothing was written)")
+    if tokenizer.vocab_size < vocab_size:
+        merges = tokenizer.vocab_size - 257
+        print(f"note: the training text yields only {merges:,} merge{'s' if merges > 1 else ''}, so the vocabulary "
+              f"has {tokenizer.vocab_size:,} tokens, fewer than --vocab-size {vocab_size:,}")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, lambda f: f.write(tokenizer.to_str().encode()))
     except OSError as e:
         raise DataError(f"--out {out}: cannot write ({e.strerror or e})")
@@ -316,10 +340,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare data: text files to parquet shards, or a tokenizer.")
     parser.add_argument("--from-text", nargs="+", metavar="FILE", help="text files to convert into shards in --out")
     parser.add_argument("--replace", action="store_true",
-                        help="--from-text: replace the shards of an --out folder that holds some")
-    parser.add_argument("--chunk-bytes", type=int, default=8192,
+                        help="replace the shards of an --out folder that holds only shards (--from-text), or "
+                             "an existing --out file (--train-tokenizer)")
+    parser.add_argument("--chunk-bytes", type=int,
                         help="--from-text: cut long files at line boundaries into documents of about this "
-                             "many bytes (0: one document per file)")
+                             "many bytes (default 8192; 0: one document per file)")
     parser.add_argument("--train-tokenizer", action="store_true",
                         help="train a byte-level BPE on the training split of the config's shards, write it to --out")
     parser.add_argument("--vocab-size", type=int, default=4096, help="--train-tokenizer: tokens in the vocabulary")
@@ -330,12 +355,15 @@ def main(argv=None):
         parser.error("give --from-text FILE ... --out DIR, or --train-tokenizer --out FILE.json")
     if args.from_text and args.overrides:
         parser.error(f"--from-text takes no config overrides (got {' '.join(args.overrides)})")
+    if args.train_tokenizer and args.chunk_bytes is not None:
+        parser.error("--chunk-bytes applies to --from-text only")
     try:
         if args.from_text:
-            n = text_files_to_parquet(args.from_text, args.out, args.chunk_bytes, replace=args.replace)
+            n = text_files_to_parquet(args.from_text, args.out, 8192 if args.chunk_bytes is None else args.chunk_bytes,
+                                      replace=args.replace)
             print(f"wrote {n} documents to {args.out}")
         else:
-            print(train_tokenizer(load_config(args), args.vocab_size, Path(args.out), args.config))
+            print(train_tokenizer(load_config(args), args.vocab_size, Path(args.out), args.config, args.replace))
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

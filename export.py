@@ -28,6 +28,8 @@ from tokenizer import SEPARATOR_TOKEN, TokenizerError, tokenizer_from_string
 ROOT = Path(__file__).resolve().parent
 HF_FILES = {ROOT / "hf" / "configuration_bdh.py": "configuration_bdh.py", ROOT / "hf" / "modeling_bdh.py": "modeling_bdh.py",
             ROOT / "model.py": "model.py"}
+EXPORT_FILES = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
+                *HF_FILES.values()}  # what write_export writes: all that --replace may delete
 
 
 def weights(ckpt, four_bit: bool) -> dict:
@@ -144,8 +146,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         source, ckpt = open_checkpoint(args.checkpoint, args.checkpoint_dir, setting="--checkpoint")
+        if args.four_bit and not ckpt.low_precision().get("use_4bit"):
+            print(f"note: {source} was not trained with low_precision.use_4bit: its weights are quantized after "
+                  f"training (post-training quantization), which costs more loss than quantization-aware training",
+                  file=sys.stderr)
         write_folder(args.out, lambda folder: write_export(folder, ckpt, source, args.out, args.hf, args.four_bit),
-                     replace=args.replace)
+                     replace=args.replace, written_here=lambda path: path.is_file() and path.name in EXPORT_FILES)
     except (CheckpointError, TokenizerError, LowBitError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

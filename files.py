@@ -48,12 +48,18 @@ def atomic_write(path: Path, write):
         os.close(dir_fd)
 
 
-def write_folder(out_dir, write, replace=False, keep_existing=False):
+def write_folder(out_dir, write, replace=False, keep_existing=False, written_here=lambda path: False):
     """write(folder) into a temporary sibling of out_dir, then move it into place: out_dir appears
     whole or not at all, and a failure leaves nothing. An out_dir that holds files is refused,
-    replaced (replace) or kept (keep_existing: another process built it first). Temporary folders
-    of processes that died (killed mid-build) are removed first."""
+    replaced (replace; only when every entry is one this command writes, by written_here(path): an
+    input file or a run's checkpoints in it are never deleted) or kept (keep_existing: another
+    process built it first). Temporary folders of processes that died (killed mid-build) are
+    removed first."""
     out_dir = Path(out_dir)
+    if out_dir.name in ("", ".", ".."):
+        raise FileExistsError(f"{out_dir}: give a new folder's name, not the current or a parent folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir}: is a file, not a folder; choose another --out")
     for stale in (*out_dir.parent.glob(f"{out_dir.name}.tmp*"), *out_dir.parent.glob(f".{out_dir.name}.tmp*")):
         if left_by_a_dead_process(stale.name):
             shutil.rmtree(stale, ignore_errors=True)
@@ -63,6 +69,11 @@ def write_folder(out_dir, write, replace=False, keep_existing=False):
         if not replace:
             raise FileExistsError(f"{out_dir}: the folder holds files already; choose another --out, or add "
                                   f"--replace to replace them")
+        others = sorted(p.name for p in out_dir.iterdir() if not written_here(p))
+        if others:
+            raise FileExistsError(f"{out_dir}: --replace replaces only what this command writes, and the folder "
+                                  f"also holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}; "
+                                  f"choose another --out")
     tmp = out_dir.with_name(f".{out_dir.name}{temporary_suffix()}")
     try:
         result = write(tmp)
@@ -78,3 +89,20 @@ def write_folder(out_dir, write, replace=False, keep_existing=False):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def picture_path(out: str) -> Path:
+    """The --out of a picture (plot.py, neurons.py), checked before any work: a file name whose
+    extension matplotlib writes (it would add .png to a name without one); its folder is made."""
+    from matplotlib.figure import Figure
+    formats = Figure().canvas.get_supported_filetypes()
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a file name, e.g. {path / 'picture.png'}")
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(f"--out {out}: give a file name ending in .png (or .{', .'.join(sorted(set(formats) - {'png'}))})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot make its folder {path.parent} ({e.strerror or e})")
+    return path

@@ -368,9 +368,17 @@ class BDH(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
                  prompt_chunk: int = 256, vocab_limit: int | None = None) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T). The prompt is consumed in parallel
-        chunks, then each new token costs one recurrent step, whatever the context length.
-        vocab_limit: sample only ids below it (the tokenizer's; vocab_size may be padded)."""
+        """idx (B, T) with max_new_tokens sampled tokens appended (see stream)."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, generator, prompt_chunk,
+                                            vocab_limit)], dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+               top_k: int | None = None, generator: torch.Generator | None = None,
+               prompt_chunk: int = 256, vocab_limit: int | None = None):
+        """The max_new_tokens tokens sampled after idx (B, T), each (B, 1) as soon as it is drawn. The
+        prompt is consumed in parallel chunks, then each new token costs one recurrent step, whatever
+        the context length. vocab_limit: sample only ids below it (the tokenizer's; vocab_size may be padded)."""
         config = self.config
         B, T = idx.shape
         states = [torch.zeros(config.n_head, B, config.n_latent, config.n_embd, device=idx.device,
@@ -378,13 +386,11 @@ class BDH(nn.Module):
         weights = self.layer_weights()  # 4-bit modes: quantized or dequantized once per call
         for t0 in range(0, T, prompt_chunk):
             h = recurrent_forward(self, idx[:, t0:t0 + prompt_chunk], states, t0, weights)
-        out = [idx]
         for t in range(T, T + max_new_tokens):
             token = self.sample_next(h[:, -1] @ self.lm_head[:, :vocab_limit], temperature, top_k, generator)
-            out.append(token)
+            yield token
             if t + 1 < T + max_new_tokens:
                 h = recurrent_forward(self, token, states, t, weights)
-        return torch.cat(out, dim=1)
 
 
 def recurrent_forward(model, tokens: torch.Tensor, states: list, t0: int, weights=None) -> torch.Tensor:

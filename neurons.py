@@ -15,6 +15,7 @@ import sys
 import torch
 
 from checkpoint import CheckpointError, load_model
+from files import picture_path
 from tokenizer import TokenizerError, tokenizer_from_string
 
 
@@ -57,13 +58,16 @@ def main(argv=None) -> int:
                         help="checkpoint_<step>.pt, a run directory, latest, or a folder export.py wrote")
     parser.add_argument("--checkpoint-dir", default="checkpoints", help="where `latest` looks")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--out", default="neurons.png", help="the PNG to write (default neurons.png)")
+    parser.add_argument("--out", default="neurons.png", help="the picture to write (default neurons.png)")
     parser.add_argument("--max-neurons", type=int, default=400, help="columns per layer (default 400)")
     args = parser.parse_args(argv)
+    if args.max_neurons < 1:
+        parser.error("--max-neurons must be at least 1")
     try:
+        out = picture_path(args.out)
         model, saved_tokenizer, _ = load_model(args.checkpoint, args.checkpoint_dir, "--checkpoint")
         tokenizer = tokenizer_from_string(saved_tokenizer)
-    except (CheckpointError, TokenizerError) as e:
+    except (CheckpointError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     ids = tokenizer.encode(args.prompt)
@@ -76,7 +80,7 @@ def main(argv=None) -> int:
         print(f"{layer + 1:>5} {float((a > 0).float().mean()):>9.2%} {float((b > 0).float().mean()):>9.2%} "
               f"{int(((a > 0).sum(0) > 0).sum()):>13,}")
     labels = [repr(tokenizer.decode([i]))[1:-1].replace(" ", "␣") for i in ids]
-    draw(found, labels, args.out, args.max_neurons)
+    draw(found, labels, out, args.max_neurons)
     print(f"wrote {args.out}")
     return 0
 

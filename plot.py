@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from files import picture_path
+
 
 class PlotError(Exception):
     pass
@@ -16,14 +18,20 @@ class PlotError(Exception):
 def read_metrics(run_dir: Path) -> tuple[list, list]:
     """(training records, evaluation records) of a run."""
     path = Path(run_dir) / "metrics.jsonl"
+    if not Path(run_dir).exists():
+        raise PlotError(f"{run_dir}: does not exist; give a run directory (checkpoints/run_YYYYMMDD_HHMMSS)")
     if not path.is_file():
         raise PlotError(f"{run_dir}: no metrics.jsonl; give a run directory (checkpoints/run_YYYYMMDD_HHMMSS)")
     records = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            print(f"note: {path}:{n} is not a JSON record (a write cut short?); skipped", file=sys.stderr)
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            print(f"note: {path}:{n} is not a metrics record (a write cut short?); skipped", file=sys.stderr)
     train = [r for r in records if "train_loss" in r]
     evaluations = [r for r in records if "val_loss" in r]
     if not train and not evaluations:
@@ -35,6 +43,7 @@ def plot(run_dirs, out: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    run_dirs = [Path(d).parent if Path(d).name == "metrics.jsonl" else Path(d) for d in run_dirs]
     runs = [read_metrics(d) for d in run_dirs]
     names = [Path(d).resolve().name for d in run_dirs]
     if len(set(names)) < len(names):  # same names in different folders: say which
@@ -74,12 +83,12 @@ def plot(run_dirs, out: Path):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    parser.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or their metrics.jsonl)")
+    parser.add_argument("--out", default="curves.png", help="the picture to write (default curves.png)")
     args = parser.parse_args(argv)
     try:
-        plot(args.runs, Path(args.out))
-    except PlotError as e:
+        plot(args.runs, picture_path(args.out))
+    except (PlotError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}")

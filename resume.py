@@ -67,15 +67,20 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
     if evaluated_weights(ckpt.low_precision()) != evaluated_weights(asdict(low_precision)):
         progress.best_val_loss = math.inf
         print("validation losses now measure other weights (use_4bit or its code book changed): best.pt starts afresh")
-    run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
     print(f"resuming from {path} at step {ckpt.step + 1}")
-    if ckpt.step < cfg.training.max_iters:
-        moved, folder = run.set_aside_after(ckpt.step)
-        if moved:
-            print(f"  a new branch from step {ckpt.step}: the abandoned branch's {', '.join(moved)} moved to {folder} "
-                  f"(`latest` and keep_last_n see this branch only)")
-    for line in run.record_resumed_config(ckpt.step, cfg.to_dict(), cfg.to_yaml()):
-        print(f"  config changed: {line}")
+    if (path.parent / "config.yaml").exists():
+        run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
+        if ckpt.step < cfg.training.max_iters:
+            moved, folder = run.set_aside_after(ckpt.step)
+            if moved:
+                print(f"  a new branch from step {ckpt.step}: the abandoned branch's {', '.join(moved)} moved to "
+                      f"{folder} (`latest` and keep_last_n see this branch only)")
+        for line in run.record_resumed_config(ckpt.step, cfg.to_dict(), cfg.to_yaml()):
+            print(f"  config changed: {line}")
+    else:  # a checkpoint copied elsewhere (a download, a backup): its folder is not a run to write into or prune
+        run = RunDir(cfg.training.checkpoint_dir, writer=ranks.main)
+        print(f"  {path.parent} is not a run directory (no config.yaml): the run continues in a new one in "
+              f"{cfg.training.checkpoint_dir}")
     positions, progress.batches_consumed, first_epoch = resume_point(
         cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
     return run, progress, positions, first_epoch

@@ -6,9 +6,11 @@
 The model shape and the tokenizer come from the checkpoint (or an exported folder). Without a prompt, generation starts at a document
 boundary (the separator token). --4bit keeps encoder, encoder_v and decoder as 4-bit codes (the
 checkpoint's low_precision.quantization_type and use_double_quant) and dequantizes them once per
-generate call: the model a use_4bit run trained for.
+generate call: the model a use_4bit run trained for. The text is printed as it is generated; Ctrl-C
+stops there, keeping what was printed.
 """
 import argparse
+import itertools
 import sys
 
 import torch
@@ -17,6 +19,20 @@ from checkpoint import CheckpointError, load_model
 from lowbit import LowBitError, to_4bit
 from runtime import DeviceError, pick_device
 from tokenizer import TokenizerError, tokenizer_from_string
+
+
+def text_as_it_comes(tokenizer, ids):
+    """The text of ids (an iterable, consumed as it comes) in pieces to print one after the other. Each
+    line is decoded whole, so a character split between tokens, or a tokenizer's spacing, comes out
+    as decode() gives it; a piece waits while its text ends in a character cut short (U+FFFD)."""
+    line, printed = [], 0
+    for token in ids:
+        line.append(token)
+        text = tokenizer.decode(line)
+        if not text.endswith("\ufffd"):
+            yield text[printed:]
+            line, printed = ([], 0) if text.endswith("\n") else (line, len(text))
+    yield tokenizer.decode(line)[printed:]
 
 
 def main(argv=None) -> int:
@@ -33,8 +49,10 @@ def main(argv=None) -> int:
     parser.add_argument("--4bit", dest="four_bit", action="store_true",
                         help="generate from 4-bit weights (encoder, encoder_v, decoder)")
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
-        parser.error("--max-new-tokens and --temperature must be >= 0 and --top-k >= 1")
+    if args.max_new_tokens < 0 or (args.top_k is not None and args.top_k < 1):
+        parser.error("--max-new-tokens must be >= 0 and --top-k >= 1")
+    if not 0 <= args.temperature < float("inf"):  # nan too
+        parser.error(f"--temperature must be a number >= 0 (0 picks the likeliest token), got {args.temperature}")
     try:
         device = pick_device(args.device, setting="--device")
         if args.four_bit and device.type == "mps":
@@ -59,10 +77,17 @@ def main(argv=None) -> int:
     prompt = tokenizer.encode(args.prompt) or [tokenizer.separator]
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         generator=generator, vocab_limit=tokenizer.vocab_size)
-    start = len(prompt) if not args.prompt else 0  # don't print the synthetic separator
-    print(tokenizer.decode(out[0, start:].tolist()))
+    tokens = (int(token) for token in model.stream(idx, args.max_new_tokens, temperature=args.temperature,
+                                                    top_k=args.top_k, generator=generator,
+                                                    vocab_limit=tokenizer.vocab_size))
+    shown = prompt if args.prompt else []  # not the synthetic separator
+    try:
+        for piece in text_as_it_comes(tokenizer, itertools.chain(shown, tokens)):
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        print("\n(stopped by Ctrl-C)", file=sys.stderr)
+        return 130
+    print()
     return 0
 
 

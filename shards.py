@@ -180,16 +180,17 @@ def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, s
 
 # ---------------------------------------------------------------- writing
 
-def split_text(text: str, chunk_bytes: int) -> list[str]:
-    """Cut a long text at line boundaries into pieces of about chunk_bytes (0: keep whole).
-    Nothing is lost: the pieces concatenate back to the text."""
-    if chunk_bytes <= 0 or len(text) <= chunk_bytes:
-        return [text] if text else []
+def split_text(raw: bytes | str, chunk: int) -> list:
+    """Cut a file's bytes (or a text) at line ends into pieces of about `chunk` bytes (characters),
+    0: keep whole. Nothing is lost: the pieces concatenate back to the file, and none cuts a UTF-8
+    character (a line end, 0x0A, is never part of one)."""
+    if chunk <= 0 or len(raw) <= chunk:
+        return [raw] if raw else []
     pieces, start = [], 0
-    while start < len(text):
-        end = text.find("\n", start + chunk_bytes)
-        end = len(text) if end < 0 else end + 1
-        pieces.append(text[start:end])
+    while start < len(raw):
+        end = raw.find(b"\n" if isinstance(raw, bytes) else "\n", start + chunk)
+        end = len(raw) if end < 0 else end + 1
+        pieces.append(raw[start:end])
         start = end
     return pieces
 
@@ -233,9 +234,22 @@ def text_files_to_parquet(files, out_dir, chunk_bytes=8192, replace=False) -> in
                 raw = Path(f).read_bytes()
             except OSError as e:
                 raise DataError(f"{f}: cannot read ({e.strerror})")
-            yield from split_text(raw.decode("utf-8", errors="replace"), chunk_bytes)
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                print(f"note: {f} is not UTF-8 (byte {e.start:,}: {raw[e.start:e.start + 1]!r}): its invalid bytes "
+                      f"become U+FFFD; if it is text in another encoding, convert it first (iconv -f <encoding> "
+                      f"-t utf-8); if it is not text, leave it out")
+            yield from (piece.decode("utf-8", errors="replace") for piece in split_text(raw, chunk_bytes))
+
+    def write(folder):
+        n = write_shards(documents(), folder)
+        if n == 0:
+            raise DataError(f"{' '.join(map(str, files))}: no text (empty files); nothing was written")
+        return n
     try:
-        return write_folder(out_dir, lambda folder: write_shards(documents(), folder), replace=replace)
+        return write_folder(out_dir, write, replace=replace,
+                            written_here=lambda path: path.is_file() and path.suffix == ".parquet")
     except FileExistsError as e:
         raise DataError(str(e))
     except OSError as e:
@@ -255,7 +269,7 @@ def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int:
         text = p.read_text(encoding="utf-8", errors="replace")
         if total + len(text) > max_bytes:
             break
-        docs.extend(split_text(text, 8192))
+        docs.extend(split_text(text, 8192))  # in characters: the corpus stays as it was built before
         total += len(text)
     return write_folder(out_dir, lambda folder: write_shards(docs, folder), keep_existing=True)
 

@@ -231,6 +231,15 @@ def test_from_text_command_writes_shards_that_read_back_to_the_files(tmp_path):
     assert "".join(docs) == a.read_text() + b.read_text()
 
 
+def test_from_text_names_a_file_that_is_not_utf8(tmp_path, capsys):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    assert data.main(["--from-text", str(latin1), "--out", str(tmp_path / "out")]) == 0
+    assert f"note: {latin1} is not UTF-8 (byte 3: b'\\xe9'): its invalid bytes become U+FFFD" in capsys.readouterr().out
+    [unit] = list_units(tmp_path / "out", "text")
+    assert ParquetFileCache(1).get(unit.path).read().column("text")[0].as_py() == "caf\ufffd cr\ufffdme\n"
+
+
 def test_train_tokenizer_command_learns_from_the_training_split_only(tmp_path, corpus, capsys):
     config = write_config(tmp_path, corpus)
     out = tmp_path / "tok" / "tokenizer.json"
@@ -245,6 +254,29 @@ def test_train_tokenizer_command_learns_from_the_training_split_only(tmp_path, c
     heads = {text[:8] for text in data.training_texts(cfg, units)}
     train_heads = set(re.findall(r"<\d\d-\d\d\d>", BYTES.decode(split_stream(units, "train", 1337, 0.2))))
     assert heads == train_heads and len(heads) < 120
+
+
+def test_train_tokenizer_checks_out_before_training_and_never_overwrites_unasked(tmp_path, corpus, capsys):
+    config = write_config(tmp_path, corpus)
+    command = ["--train-tokenizer", "--vocab-size", "300", "--config", str(config), "--out"]
+    assert data.main([*command, str(tmp_path)]) == 1
+    assert f"--out {tmp_path}: is a folder; give the path of the file to write" in capsys.readouterr().err
+    existing = tmp_path / "tokenizer.json"
+    existing.write_text("a tokenizer some run uses")
+    assert data.main([*command, str(existing)]) == 1
+    printed = capsys.readouterr()
+    assert "exists already" in printed.err and "--replace to overwrite it" in printed.err
+    assert "training a" not in printed.out and existing.read_text() == "a tokenizer some run uses"
+    assert data.main([*command, str(existing), "--replace"]) == 0
+    assert load_tokenizer(str(existing)).vocab_size == 300
+
+
+def test_train_tokenizer_refuses_text_too_short_for_a_merge(tmp_path, capsys):
+    write_parquet(tmp_path / "data" / "a.parquet", [None, "", "a"])
+    config = write_config(tmp_path, tmp_path / "data", dataset={"val_fraction": 0.01})
+    assert data.main(["--train-tokenizer", "--out", str(tmp_path / "t.json"), "--config", str(config)]) == 1
+    assert "holds too little text to learn a single merge" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
 
 
 def test_train_tokenizer_refuses_a_vocabulary_without_merges(tmp_path, corpus, capsys):
@@ -268,6 +300,20 @@ def test_from_text_refuses_a_folder_with_shards_unless_told_to_replace(tmp_path,
     docs = [d for u in list_units(out, "text")
             for d in ParquetFileCache(1).get(u.path).read_row_group(u.row_group).column(0).to_pylist()]
     assert docs == ["second\n"] and not [p for p in tmp_path.iterdir() if ".tmp" in p.name or ".old" in p.name]
+
+
+def test_from_text_replace_keeps_an_input_file_in_the_out_folder_and_refuses_empty_input(tmp_path, capsys):
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    (folder / "corpus.txt").write_text("some text\n")
+    assert data.main(["--from-text", str(folder / "corpus.txt"), "--out", str(folder), "--replace"]) == 1
+    assert "--replace replaces only what this command writes, and the folder also holds corpus.txt" in \
+        capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["corpus.txt"]
+    (tmp_path / "empty.txt").write_text("")
+    assert data.main(["--from-text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "out")]) == 1
+    assert f"{tmp_path / 'empty.txt'}: no text (empty files); nothing was written" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_from_text_on_a_missing_file_is_one_line_and_leaves_no_folder(tmp_path):

@@ -86,7 +86,9 @@ def test_4bit_export_is_the_model_sample_4bit_serves(tmp_path, corpus, capsys, m
     assert train.main(["--config", str(path), "logging.tensorboard=false", "low_precision.use_4bit=true"]) == 0
     [run] = (tmp_path / "ck").iterdir()
     out = tmp_path / "export4"
+    capsys.readouterr()
     assert export.main(["--checkpoint", str(run), "--out", str(out), "--hf", "--4bit"]) == 0
+    assert "post-training quantization" not in capsys.readouterr().err  # it was trained for 4 bits
     tensors = load_file(out / "model.safetensors")
     assert tensors["encoder_nf4"].dtype == torch.uint8 and "encoder" not in tensors
     ckpt = load_checkpoint(run / "checkpoint_2.pt")
@@ -123,3 +125,18 @@ def test_what_is_not_this_projects_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == f"error: {other}: not a checkpoint of this project (missing model, model_config, step)\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_replace_replaces_an_earlier_export_but_never_a_run_directory(trained, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert export.main(["--checkpoint", str(trained), "--out", str(out), "--hf"]) == 0
+    assert {p.name for p in out.iterdir()} <= export.EXPORT_FILES
+    assert export.main(["--checkpoint", str(trained), "--out", str(out), "--replace"]) == 0
+    assert not (out / "modeling_bdh.py").exists()
+    run = trained.parent
+    before = sorted(p.name for p in run.iterdir())
+    assert export.main(["--checkpoint", str(trained), "--out", str(run), "--replace"]) == 1
+    assert "--replace replaces only what this command writes, and the folder also holds" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert export.main(["--checkpoint", str(trained), "--out", str(tmp_path / "export4"), "--4bit"]) == 0
+    assert "was not trained with low_precision.use_4bit" in capsys.readouterr().err

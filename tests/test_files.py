@@ -45,7 +45,8 @@ def test_write_folder_refuses_replaces_or_keeps_a_folder_that_holds_files(tmp_pa
         files.write_folder(out, write("two"))
     assert files.write_folder(out, write("two"), keep_existing=True) is None
     assert (out / "a.txt").read_text() == "one"
-    files.write_folder(out, write("three"), replace=True)
+    ours = lambda path: path.suffix == ".txt"  # noqa: E731
+    files.write_folder(out, write("three"), replace=True, written_here=ours)
     assert (out / "a.txt").read_text() == "three" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
     def fail_midway(folder):
@@ -53,5 +54,30 @@ def test_write_folder_refuses_replaces_or_keeps_a_folder_that_holds_files(tmp_pa
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        files.write_folder(out, fail_midway, replace=True)
+        files.write_folder(out, fail_midway, replace=True, written_here=ours)
     assert (out / "a.txt").read_text() == "three" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_write_folder_replaces_only_what_its_command_writes_and_only_folders(tmp_path, monkeypatch):
+    """--replace never deletes an input file or a run's checkpoints sitting in --out, never turns a
+    file into a folder, and never replaces the current or a parent folder."""
+    def write(folder):
+        folder.mkdir()
+        (folder / "part-0.parquet").write_text("new")
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part-0.parquet").write_text("old")
+    (out / "corpus.txt").write_text("the input")
+    with pytest.raises(FileExistsError, match="also holds corpus.txt; choose another --out"):
+        files.write_folder(out, write, replace=True, written_here=lambda path: path.suffix == ".parquet")
+    assert sorted(p.name for p in out.iterdir()) == ["corpus.txt", "part-0.parquet"]
+    (tmp_path / "a_file").write_text("keep")
+    with pytest.raises(FileExistsError, match="a_file: is a file, not a folder"):
+        files.write_folder(tmp_path / "a_file", write, replace=True, written_here=lambda path: True)
+    assert (tmp_path / "a_file").read_text() == "keep"
+    monkeypatch.chdir(out)
+    for name in (".", "..", "sub/.."):
+        with pytest.raises(FileExistsError, match="give a new folder's name"):
+            files.write_folder(name, write, replace=True, written_here=lambda path: True)
+    assert sorted(p.name for p in out.iterdir()) == ["corpus.txt", "part-0.parquet"]

@@ -18,3 +18,22 @@ def test_plots_one_and_two_runs_and_refuses_a_folder_without_metrics(tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path}: no metrics.jsonl") and err.count("\n") == 1
     assert not (tmp_path / "none.png").exists()
+
+
+def test_out_is_checked_first_and_damaged_records_are_skipped(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=2)
+    assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"train_loss": 1.0, "lr": 0.1}\n[1, 2]\n{"step": 3, "train_l')
+    capsys.readouterr()
+    for out, message in ((tmp_path / "curves", "give a file name ending in .png (or"),
+                         (tmp_path, "is a folder; give a file name")):
+        assert plot.main([str(run), "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "curves").exists() and not (tmp_path / "curves.png").exists()
+    out = tmp_path / "new" / "folder" / "curves.svg"  # a folder that does not exist yet; another format
+    assert plot.main([str(run / "metrics.jsonl"), "--out", str(out)]) == 0  # the file itself is accepted too
+    assert out.read_text().lstrip().startswith("<?xml")
+    assert capsys.readouterr().err.count("is not a metrics record") == 3

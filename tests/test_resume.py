@@ -40,6 +40,30 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
     assert open_checkpoint("latest", str(tmp_path / "ck"))[0] == run / "checkpoint_6.pt"
 
 
+def test_a_checkpoint_outside_a_run_directory_continues_in_a_new_one(tmp_path, corpus, capsys):
+    """A checkpoint copied elsewhere (downloads/, beside other files): the run continues exactly,
+    but in a new run directory of checkpoint_dir; nothing is written into or pruned from that folder."""
+    path = write_config(tmp_path, corpus, keep_last_n=0)
+    assert train.main(["--config", str(path)]) == 0
+    [straight] = run_dirs(tmp_path)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "notes.txt").write_text("mine")
+    (downloads / "checkpoint_1.pt").write_bytes(b"an older download")
+    (downloads / "checkpoint_2.pt").write_bytes((straight / "checkpoint_2.pt").read_bytes())
+    before = {p.name: p.read_bytes() for p in downloads.iterdir()}
+    capsys.readouterr()
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={downloads / 'checkpoint_2.pt'}",
+                       "training.keep_last_n=1"]) == 0
+    out = capsys.readouterr().out
+    assert f"{downloads} is not a run directory (no config.yaml): the run continues in a new one in" in out
+    assert "config changed" not in out
+    assert {p.name: p.read_bytes() for p in downloads.iterdir()} == before
+    [new] = [run for run in run_dirs(tmp_path) if run != straight]
+    resumed, expected = load_checkpoint(new / "checkpoint_4.pt"), load_checkpoint(straight / "checkpoint_4.pt")
+    assert all(torch.equal(resumed.model[name], tensor) for name, tensor in expected.model.items())
+
+
 def test_resume_restores_model_optimizer_and_step(tmp_path, corpus, capsys):
     path = write_config(tmp_path, corpus, max_iters=2)
     assert train.main(["--config", str(path)]) == 0

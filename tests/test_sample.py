@@ -1,4 +1,5 @@
 import pytest
+import torch
 import yaml
 
 import sample
@@ -40,3 +41,51 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert sample.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 1
     err = capsys.readouterr().err
     assert "--checkpoint" in err and "does not exist" in err
+
+
+def test_text_comes_out_as_generated_and_whole_characters(bpe_file):
+    """The pieces printed one after the other are decode() of all the tokens, and a character whose
+    bytes arrive in two tokens is printed once it is whole, never as U+FFFD."""
+    from tokenizer import ByteTokenizer, load_tokenizer
+    text = "naïve — 東京\nline two ü\n\nend"
+    for tokenizer in (ByteTokenizer(), load_tokenizer(str(bpe_file))):
+        ids = tokenizer.encode(text)
+        pieces = list(sample.text_as_it_comes(tokenizer, iter(ids)))
+        assert "".join(pieces) == tokenizer.decode(ids) == text
+        assert not any("\ufffd" in piece for piece in pieces) and len(pieces) > 3
+    invalid = list(sample.text_as_it_comes(ByteTokenizer(), iter([0xE6, 0x9D])))  # cut short for good: shown at the end
+    assert "".join(invalid) == ByteTokenizer().decode([0xE6, 0x9D])
+
+
+def test_streamed_text_is_what_generate_gives(checkpoint, capsys):
+    from checkpoint import load_model
+    from tokenizer import tokenizer_from_string
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "<01-", "--max-new-tokens", "60", "--seed", "3",
+                        "--top-k", "20", "--device", "cpu"]) == 0
+    model, saved, _ = load_model(str(checkpoint), "", "--checkpoint")
+    tokenizer = tokenizer_from_string(saved)
+    out = model.eval().generate(torch.tensor([tokenizer.encode("<01-")]), 60, temperature=0.8, top_k=20,
+                                generator=torch.Generator().manual_seed(3), vocab_limit=tokenizer.vocab_size)
+    assert capsys.readouterr().out == tokenizer.decode(out[0].tolist()) + "\n"
+
+
+@pytest.mark.parametrize("temperature", ["nan", "inf", "-1"])
+def test_a_temperature_that_is_not_a_number_from_zero_up_is_refused(checkpoint, capsys, temperature):
+    with pytest.raises(SystemExit) as stop:
+        sample.main(["--checkpoint", str(checkpoint), "--temperature", temperature])
+    assert stop.value.code == 2 and "--temperature must be a number >= 0" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_what_was_printed(checkpoint, capsys, monkeypatch):
+    from model import BDH
+
+    def interrupted(self, idx, *args, **kwargs):
+        yield from (torch.tensor([[byte]]) for byte in b"abc")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BDH, "stream", interrupted)
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "x", "--device", "cpu"]) == 130
+    printed = capsys.readouterr()
+    assert printed.out == "xabc" and "(stopped by Ctrl-C)" in printed.err

@@ -39,12 +39,13 @@ def test_sample_corpus_is_deterministic(tmp_path):
     assert len(list_units(tmp_path / "one", "text")) >= 1
 
 
-def test_split_text_keeps_every_character():
-    text = "".join(f"line {i}\n" for i in range(3000))
-    pieces = shards.split_text(text, 1000)
-    assert "".join(pieces) == text and len(pieces) > 10
-    assert all(p.endswith("\n") for p in pieces)
-    assert shards.split_text(text, 0) == [text] and shards.split_text("", 100) == []
+def test_split_text_keeps_every_byte_and_cuts_by_bytes_at_line_ends():
+    raw = "".join(f"línea {i} — ü\n" for i in range(3000)).encode()
+    pieces = shards.split_text(raw, 1000)
+    assert b"".join(pieces) == raw and len(pieces) > 10
+    assert all(p.endswith(b"\n") and 1000 <= len(p) < 1030 for p in pieces[:-1])
+    assert all(p.decode() for p in pieces)  # no UTF-8 character cut
+    assert shards.split_text(raw, 0) == [raw] and shards.split_text(b"", 100) == []
 
 
 def test_a_build_killed_midway_leaves_a_folder_that_the_next_build_removes(tmp_path):
