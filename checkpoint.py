@@ -227,7 +227,10 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str, setting: str) -> list[
     if path.is_dir():
         found = checkpoints_in(path)
         if not found:
-            raise CheckpointError(f"{setting}: {path} holds no checkpoint_<step>.pt")
+            runs = sorted(p.name for p in path.glob("run_*") if p.is_dir() and checkpoints_in(p))
+            hint = (f": it holds runs; give one (e.g. {path / runs[-1]}), or `latest` with it as the checkpoint "
+                    f"folder" if runs else ": export.py's output, not a checkpoint" if is_export(path) else "")
+            raise CheckpointError(f"{setting}: {path} holds no checkpoint_<step>.pt{hint}")
         return found[::-1]
     if not path.is_file():
         raise CheckpointError(f"{setting}: {path} does not exist; give a checkpoint file, a run "

@@ -365,7 +365,9 @@ def _build_section(name, section_cls, values):
         if ok:
             result[key] = converted
         else:
-            problems.append(f"{path}: expected {expected}, got {type(value).__name__} {value!r}")
+            quote = ("; quote it to give it as text" if expected.startswith("str")
+                     and isinstance(value, (int, float, bool)) else "")
+            problems.append(f"{path}: expected {expected}, got {type(value).__name__} {value!r}{quote}")
     return result, problems
 
 

@@ -357,6 +357,8 @@ def main(argv=None):
         parser.error(f"--from-text takes no config overrides (got {' '.join(args.overrides)})")
     if args.train_tokenizer and args.chunk_bytes is not None:
         parser.error("--chunk-bytes applies to --from-text only")
+    if args.chunk_bytes is not None and args.chunk_bytes < 0:
+        parser.error(f"--chunk-bytes must be >= 0 (0: one document per file), got {args.chunk_bytes}")
     try:
         if args.from_text:
             n = text_files_to_parquet(args.from_text, args.out, 8192 if args.chunk_bytes is None else args.chunk_bytes,

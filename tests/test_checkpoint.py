@@ -76,6 +76,8 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
     for step in (2, 10):
         torch.save(Checkpoint(step=step, model={}, model_config={}).to_dict(), run / f"checkpoint_{step}.pt")
     assert open_checkpoint(str(run), str(tmp_path))[0] == run / "checkpoint_10.pt"  # by step, not by name
+    with pytest.raises(CheckpointError, match=f"holds no checkpoint_<step>.pt: it holds runs; give one .e.g. {run}."):
+        open_checkpoint(str(tmp_path), str(tmp_path))  # the folder of the runs
     good = (run / "checkpoint_10.pt").read_bytes()
     (run / "checkpoint_10.pt").write_bytes(good[: len(good) // 2])  # truncated: a disk that filled up, say
     for spec in ("latest", str(run)):

@@ -316,6 +316,16 @@ def test_from_text_replace_keeps_an_input_file_in_the_out_folder_and_refuses_emp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("arguments,message", [
+    (["--from-text", "a.txt", "--out", "o", "--chunk-bytes", "-5"], "--chunk-bytes must be >= 0"),
+    (["--train-tokenizer", "--out", "t.json", "--chunk-bytes", "100"], "--chunk-bytes applies to --from-text only"),
+])
+def test_data_command_refuses_arguments_it_would_ignore_or_misread(arguments, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        data.main(arguments)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_from_text_on_a_missing_file_is_one_line_and_leaves_no_folder(tmp_path):
     r = subprocess.run([sys.executable, "data.py", "--from-text", str(tmp_path / "missing.txt"), "--out",
                         str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
