@@ -62,6 +62,8 @@ class MetricsLog:
             self.tensorboard = SummaryWriter(str(self.run.path), purge_step=purge)
         if self.wandb is not None and not (self.run.path / "wandb_run_id").exists():
             atomic_write(self.run.path / "wandb_run_id", lambda f: f.write(self.wandb.id.encode()))
+            if not self.settings.wandb_run_name and self.wandb.name != self.run.path.name:
+                self.wandb.name = self.run.path.name  # run_X_2: another run took run_X in the same second
         with open(self.run.path / "metrics.jsonl", "a", encoding="utf-8") as f:
             for record in self.pending:
                 f.write(json.dumps(record) + "\n")

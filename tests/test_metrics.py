@@ -1,14 +1,17 @@
 """metrics.jsonl, TensorBoard and W&B (offline): what a run logs, on resume too, and that logging
 changes nothing about training."""
 import json
+import shutil
 
 import pytest
 import torch
 
 import metrics
 import train
-from checkpoint import load_checkpoint
+from checkpoint import RunDir, load_checkpoint
+from config import Config
 from conftest import write_config
+from metrics import MetricsLog
 
 TRAIN_TAGS = {"train/loss", "train/lr", "train/grad_norm", "speed/tokens_per_s", "speed/ms_per_step",
               "memory/peak_mib"}
@@ -89,3 +92,19 @@ def test_a_missing_logging_package_stops_before_training(tmp_path, corpus, monke
     err = capsys.readouterr().err
     assert "logging.wandb: the wandb package is not installed; pip install wandb" in err and err.count("\n") == 1
     assert not (tmp_path / "ck").exists()
+
+
+def test_wandb_names_the_run_after_its_directory_when_another_run_took_the_name(tmp_path, corpus):
+    """Two runs started in the same second: the second's directory becomes run_X_2 when it is made
+    (after W&B started under run_X), and its W&B run is renamed to match; a name set in the config stays."""
+    from types import SimpleNamespace
+    for name_setting, expected in ((None, "{run}_2"), ("mine", "mine")):
+        cfg = Config.from_yaml(write_config(tmp_path, corpus), [f"logging.wandb_run_name={name_setting or 'null'}"])
+        run = RunDir(str(tmp_path / "ck"))
+        log = MetricsLog(run, cfg)
+        log.wandb = SimpleNamespace(id="abc123", name=name_setting or run.name, log=lambda *args, **kwargs: None)
+        run.path = tmp_path / "ck" / f"{run.name}_2"  # what RunDir._create does when run_X exists
+        run.path.mkdir(parents=True, exist_ok=True)
+        log.log({"step": 1, "train_loss": 1.0})
+        assert log.wandb.name == expected.format(run=run.name)
+        shutil.rmtree(run.path)
