@@ -83,7 +83,8 @@ def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     the number of midpoints between levels that lie below x. `levels` on the CPU. An evenly spaced
     code book (linear) in closed form, exact in float32 (its levels and midpoints are multiples of
     1/32); any other by bucketize, whose binary search on CPU is slower than counting the midpoints
-    one at a time (half the time there; on a GPU bucketize is one kernel where counting takes 30)."""
+    one at a time (half the time there; on a GPU bucketize is one kernel where counting takes 30).
+    Non-finite values (a step that diverged) get other codes than bucketize would give them."""
     step = levels[1] - levels[0]
     if torch.allclose(levels.diff(), step):
         index = torch.ceil((x - levels[0].item()) / step.item() - 0.5)  # (x - first) / step, rounded half down
@@ -120,8 +121,8 @@ def decode(q: dict, levels: torch.Tensor, shape: torch.Size, block_size: int) ->
     values = torch.nn.functional.embedding(q["codes"].int(), byte_levels).flatten()
     if "row" in q:
         return (values[:n].view(-1, shape[-1]) * element_scales(q)).view(shape)
-    values = pad_to_multiple(values, block_size)
-    return (values.view(-1, block_size) * q["block"][:, None]).flatten()[:n].view(shape)
+    values = pad_to_multiple(values[:n], block_size)
+    return (values.view(-1, block_size) * q["block"][:, None]).view(-1)[:n].view(shape)
 
 
 class AdamW4bit(torch.optim.Optimizer):

@@ -365,8 +365,8 @@ def _build_section(name, section_cls, values):
         if ok:
             result[key] = converted
         else:
-            quote = ("; quote it to give it as text" if expected.startswith("str")
-                     and isinstance(value, (int, float, bool)) else "")
+            quote = (f"; quote it to give it as text: \"{value}\" in the file, '{path}=\"{value}\"' on the command line"
+                     if expected.startswith("str") and isinstance(value, (int, float, bool)) else "")
             problems.append(f"{path}: expected {expected}, got {type(value).__name__} {value!r}{quote}")
     return result, problems
 

@@ -8,6 +8,8 @@ import shutil
 import socket
 from pathlib import Path
 
+DESKTOP_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}  # what a file browser leaves in a folder it showed
+
 
 def temporary_suffix() -> str:
     """.tmp<host>-<pid>: the host too, as folders may be shared between machines."""
@@ -51,13 +53,15 @@ def atomic_write(path: Path, write):
 def write_folder(out_dir, write, replace=False, keep_existing=False, written_here=lambda path: False):
     """write(folder) into a temporary sibling of out_dir, then move it into place: out_dir appears
     whole or not at all, and a failure leaves nothing. An out_dir that holds files is refused,
-    replaced (replace; only when every entry is one this command writes, by written_here(path): an
-    input file or a run's checkpoints in it are never deleted) or kept (keep_existing: another
+    replaced (replace; only when every entry is one this command writes, by written_here(path), or
+    a file browser's: an input file or a run's checkpoints in it are never deleted) or kept (keep_existing: another
     process built it first). Temporary folders of processes that died (killed mid-build) are
     removed first."""
     out_dir = Path(out_dir)
     if out_dir.name in ("", ".", ".."):
         raise FileExistsError(f"{out_dir}: give a new folder's name, not the current or a parent folder")
+    if out_dir.is_symlink():
+        raise FileExistsError(f"{out_dir}: is a symbolic link; give the folder it points to ({out_dir.resolve()})")
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir}: is a file, not a folder; choose another --out")
     for stale in (*out_dir.parent.glob(f"{out_dir.name}.tmp*"), *out_dir.parent.glob(f".{out_dir.name}.tmp*")):
@@ -69,11 +73,12 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
         if not replace:
             raise FileExistsError(f"{out_dir}: the folder holds files already; choose another --out, or add "
                                   f"--replace to replace them")
-        others = sorted(p.name for p in out_dir.iterdir() if not written_here(p))
+        others = sorted(p.name for p in out_dir.iterdir()
+                        if not written_here(p) and not (p.name in DESKTOP_FILES and p.is_file()))
         if others:
             raise FileExistsError(f"{out_dir}: --replace replaces only what this command writes, and the folder "
                                   f"also holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}; "
-                                  f"choose another --out")
+                                  f"move them out or choose another --out")
     tmp = out_dir.with_name(f".{out_dir.name}{temporary_suffix()}")
     try:
         result = write(tmp)

@@ -79,8 +79,10 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
             print(f"  config changed: {line}")
     else:  # a checkpoint copied elsewhere (a download, a backup): its folder is not a run to write into or prune
         run = RunDir(cfg.training.checkpoint_dir, writer=ranks.main)
-        print(f"  {path.parent} is not a run directory (no config.yaml): the run continues in a new one in "
-              f"{cfg.training.checkpoint_dir}")
+        progress.best_val_loss = math.inf  # so that the new run directory gets its own best.pt
+        if ckpt.step < cfg.training.max_iters:
+            print(f"  {path.parent} is not a run directory (no config.yaml): the run continues in a new one in "
+                  f"{cfg.training.checkpoint_dir}")
     positions, progress.batches_consumed, first_epoch = resume_point(
         cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
     return run, progress, positions, first_epoch

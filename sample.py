@@ -23,15 +23,16 @@ from tokenizer import TokenizerError, tokenizer_from_string
 
 def text_as_it_comes(tokenizer, ids):
     """The text of ids (an iterable, consumed as it comes) in pieces to print one after the other. Each
-    line is decoded whole, so a character split between tokens, or a tokenizer's spacing, comes out
-    as decode() gives it; a piece waits while its text ends in a character cut short (U+FFFD)."""
+    line is decoded whole, from the token that ended the line before, so a character split between
+    tokens, or a tokenizer's spacing (SentencePiece's at the start of a text), comes out as decode()
+    gives it; a piece waits while its text ends in a character cut short (U+FFFD)."""
     line, printed = [], 0
     for token in ids:
         line.append(token)
         text = tokenizer.decode(line)
         if not text.endswith("\ufffd"):
             yield text[printed:]
-            line, printed = ([], 0) if text.endswith("\n") else (line, len(text))
+            line, printed = ([token], len(tokenizer.decode([token]))) if text.endswith("\n") else (line, len(text))
     yield tokenizer.decode(line)[printed:]
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import train
-from adamw4bit import (MIN_QUANTIZED_NUMEL, AdamW4bit, MomentFormat, adamw_state_bytes, code_book, decode,
-                       encode, nearest_level)
+from adamw4bit import (MIN_QUANTIZED_NUMEL, AdamW4bit, MomentFormat, adamw_state_bytes, blocks, code_book,
+                       decode, encode, nearest_level)
 from checkpoint import load_checkpoint
 from conftest import write_config
 from lowbit import quantize
@@ -57,6 +57,15 @@ def test_nearest_level_is_bucketize_on_the_midpoints_ties_included(name):
     expected = torch.bucketize(x, midpoints)
     assert torch.equal(nearest_level(x, levels), expected.to(torch.uint8))
     assert torch.equal(nearest_level(midpoints, levels), torch.arange(15, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("numel,block_size", [(9, 3), (1, 32), (31, 64), (4097, 128)])
+def test_encode_decode_at_any_length_and_block_size(numel, block_size):
+    torch.manual_seed(0)
+    x, levels = torch.randn(numel), code_book("dynamic")
+    y = decode(encode(x, levels, block_size), levels, x.shape, block_size)
+    scale = blocks(x, block_size).abs().amax(1, keepdim=True).expand(-1, block_size).flatten()[:numel]
+    torch.testing.assert_close(y, levels[((x / scale)[:, None] - levels).abs().argmin(-1)] * scale)
 
 
 def test_optimizer_state_is_at_most_a_sixth_of_adamw():

@@ -68,7 +68,8 @@ def test_unknown_section():
     ("training", "learning_rate", "0.001", "expected float, got str '0.001'"),
     ("training", "debug", "true", "expected bool (true or false), got str 'true'"),
     ("training", "debug", 1, "expected bool (true or false), got int 1"),
-    ("training", "checkpoint_dir", 5, "expected str, got int 5; quote it to give it as text"),
+    ("training", "checkpoint_dir", 5, "expected str, got int 5; quote it to give it as text: \"5\" in the file, "
+                                      "'training.checkpoint_dir=\"5\"' on the command line"),
 ])
 def test_wrong_types_name_path_expected_type_and_value(section, key, value, expected):
     assert problems({section: {key: value}}) == [f"{section}.{key}: {expected}"]

@@ -69,9 +69,17 @@ def test_write_folder_replaces_only_what_its_command_writes_and_only_folders(tmp
     out.mkdir()
     (out / "part-0.parquet").write_text("old")
     (out / "corpus.txt").write_text("the input")
-    with pytest.raises(FileExistsError, match="also holds corpus.txt; choose another --out"):
+    (out / ".DS_Store").write_bytes(b"Finder's")  # no reason to refuse
+    with pytest.raises(FileExistsError, match="also holds corpus.txt; move them out or choose another --out"):
         files.write_folder(out, write, replace=True, written_here=lambda path: path.suffix == ".parquet")
-    assert sorted(p.name for p in out.iterdir()) == ["corpus.txt", "part-0.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [".DS_Store", "corpus.txt", "part-0.parquet"]
+    (tmp_path / "link").symlink_to(out)
+    with pytest.raises(FileExistsError, match="link: is a symbolic link; give the folder it points to"):
+        files.write_folder(tmp_path / "link", write, replace=True, written_here=lambda path: True)
+    (out / "corpus.txt").unlink()
+    files.write_folder(out, write, replace=True, written_here=lambda path: path.suffix == ".parquet")
+    assert sorted(p.name for p in out.iterdir()) == ["part-0.parquet"] and (out / "part-0.parquet").read_text() == "new"
+    (out / "corpus.txt").write_text("the input")
     (tmp_path / "a_file").write_text("keep")
     with pytest.raises(FileExistsError, match="a_file: is a file, not a folder"):
         files.write_folder(tmp_path / "a_file", write, replace=True, written_here=lambda path: True)

@@ -60,6 +60,7 @@ def test_a_checkpoint_outside_a_run_directory_continues_in_a_new_one(tmp_path, c
     assert "config changed" not in out
     assert {p.name: p.read_bytes() for p in downloads.iterdir()} == before
     [new] = [run for run in run_dirs(tmp_path) if run != straight]
+    assert (new / "best.pt").exists() and (new / "config.yaml").exists()
     resumed, expected = load_checkpoint(new / "checkpoint_4.pt"), load_checkpoint(straight / "checkpoint_4.pt")
     assert all(torch.equal(resumed.model[name], tensor) for name, tensor in expected.model.items())
 

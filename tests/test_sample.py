@@ -53,6 +53,10 @@ def test_text_comes_out_as_generated_and_whole_characters(bpe_file):
         pieces = list(sample.text_as_it_comes(tokenizer, iter(ids)))
         assert "".join(pieces) == tokenizer.decode(ids) == text
         assert not any("\ufffd" in piece for piece in pieces) and len(pieces) > 3
+    from tokenizers import Tokenizer, decoders, models  # SentencePiece-style: decode drops a text's leading space
+    words = Tokenizer(models.WordLevel({"\u2581Hello": 0, "\n": 1, "\u2581world": 2, "\u2581the": 3}, unk_token="\n"))
+    words.decoder = decoders.Metaspace()
+    assert "".join(sample.text_as_it_comes(words, iter([0, 1, 2, 3, 1, 3]))) == words.decode([0, 1, 2, 3, 1, 3])
     invalid = list(sample.text_as_it_comes(ByteTokenizer(), iter([0xE6, 0x9D])))  # cut short for good: shown at the end
     assert "".join(invalid) == ByteTokenizer().decode([0xE6, 0x9D])
 
@@ -77,15 +81,18 @@ def test_a_temperature_that_is_not_a_number_from_zero_up_is_refused(checkpoint, 
     assert stop.value.code == 2 and "--temperature must be a number >= 0" in capsys.readouterr().err
 
 
-def test_ctrl_c_keeps_what_was_printed(checkpoint, capsys, monkeypatch):
+def test_text_is_printed_token_by_token_and_ctrl_c_keeps_it(checkpoint, capsys, monkeypatch):
     from model import BDH
+    printed_before_next_token = []
 
     def interrupted(self, idx, *args, **kwargs):
-        yield from (torch.tensor([[byte]]) for byte in b"abc")
+        for byte in b"abc":
+            yield torch.tensor([[byte]])
+            printed_before_next_token.append(capsys.readouterr().out)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(BDH, "stream", interrupted)
     capsys.readouterr()
     assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "x", "--device", "cpu"]) == 130
-    printed = capsys.readouterr()
-    assert printed.out == "xabc" and "(stopped by Ctrl-C)" in printed.err
+    assert printed_before_next_token == ["xa", "b", "c"]
+    assert "(stopped by Ctrl-C)" in capsys.readouterr().err
