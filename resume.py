@@ -72,9 +72,11 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
         run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
         if ckpt.step < cfg.training.max_iters:
             moved, folder = run.set_aside_after(ckpt.step)
-            if moved:
-                print(f"  a new branch from step {ckpt.step}: the abandoned branch's {', '.join(moved)} moved to "
-                      f"{folder} (`latest` and keep_last_n see this branch only)")
+            if moved:  # asked for by name: an older checkpoint; else the later ones could not be read
+                what = (f"a new branch from step {ckpt.step}: the abandoned branch's"
+                        if Path(cfg.training.resume_from_checkpoint).is_file() else
+                        f"step {ckpt.step} is the newest checkpoint that can be read: the later")
+                print(f"  {what} {', '.join(moved)} moved to {folder} (`latest` and keep_last_n see this branch only)")
         for line in run.record_resumed_config(ckpt.step, cfg.to_dict(), cfg.to_yaml()):
             print(f"  config changed: {line}")
     else:  # a checkpoint copied elsewhere (a download, a backup): its folder is not a run to write into or prune

@@ -224,6 +224,20 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path, co
     assert losses(run)[30] == losses(only_run(tmp_path / "straight"))[30]
 
 
+def test_latest_past_an_unreadable_checkpoint_says_why_it_is_set_aside(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, keep_last_n=0, test_freq=100)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    cut = (run / "checkpoint_4.pt").read_bytes()[:5000]  # a disk that filled up
+    (run / "checkpoint_4.pt").write_bytes(cut)
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest"]) == 0
+    out = capsys.readouterr().out
+    assert "step 2 is the newest checkpoint that can be read: the later checkpoint_4.pt" in out
+    assert (run / "abandoned_after_step_2" / "checkpoint_4.pt").read_bytes() == cut
+    assert load_checkpoint(run / "checkpoint_4.pt").step == 4  # trained again
+
+
 def test_a_resume_from_an_earlier_step_sets_the_abandoned_branch_aside(tmp_path, corpus, capsys):
     """The workflow 'it diverged late: go back to an earlier checkpoint': afterwards `latest` and
     keep_last_n see the new branch only, and metrics.jsonl matches the checkpoints on disk."""
