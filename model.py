@@ -72,12 +72,6 @@ def rope_angles(freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return (positions.to(torch.float32).unsqueeze(1) * freqs) % 1.0 * (2 * math.pi)
 
 
-def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor):
-    """(T, N) float32 tables of cos and sin of the angles, shared by all layers (reference.py)."""
-    angles = rope_angles(freqs, positions)
-    return angles.cos(), angles.sin()
-
-
 def rope_phases(freqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """(T, N/2) complex64: e^(i p) for each position and pair (2i, 2i+1), which share a frequency.
     By torch.polar, not cos and sin: on CPU those run in MKL's vector math library, whose first

@@ -8,7 +8,13 @@ measures model.py against it side by side. It shares model.BDH's parameters.
 import torch
 import torch.nn.functional as F
 
-from model import BDH, layer_norm, rope_cos_sin
+from model import BDH, layer_norm, rope_angles
+
+
+def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor):
+    """(T, N) float32 tables of cos and sin of the angles, shared by all layers."""
+    angles = rope_angles(freqs, positions)
+    return angles.cos(), angles.sin()
 
 
 def rope(a, cos, sin):

@@ -126,6 +126,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     loss_count, steps_since_log = 0, 0
     start = interval_start = time.perf_counter()
     paused = 0.0  # evaluation and checkpoint seconds in this log interval: not training time
+    data_wait = 0.0  # seconds of this log interval spent waiting for the loader's next batch
     model.train()
 
     while progress.step < training.max_iters:
@@ -138,7 +139,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         if qat_view and step == qat_start + 1 and step > 1:
             print(f"step {step}: quantization-aware training starts (4-bit forward from here on)")
         for micro in range(training.gradient_accumulation_steps):
+            wait_start = time.perf_counter()
             x, y, position = next(loader)
+            data_wait += time.perf_counter() - wait_start
             progress.positions[position["reader"]] = position
             progress.batches_consumed += 1
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -170,12 +173,13 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss, "lr": lr,
                       "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_step / seconds_per_step),
                       "ms_per_step": round(seconds_per_step * 1000, 2),
+                      "data_wait": round(data_wait / (seconds_per_step * steps_since_log), 4),
                       "peak_memory_mib": round(peak_memory_bytes(device) / 2**20, 1), "elapsed_s": round(now - start, 2)}
             if peak:  # tokens_per_step counts every rank; peak is one GPU's
                 record["mfu"] = flops_per_token * tokens_per_step / ranks.world_size / seconds_per_step / peak
             print(step_line(record, training.max_iters, seconds_per_step, now - start), flush=True)
             metrics.log(record)
-            loss_count, steps_since_log, interval_start, paused = 0, 0, time.perf_counter(), 0.0
+            loss_count, steps_since_log, interval_start, paused, data_wait = 0, 0, time.perf_counter(), 0.0, 0.0
             loss_sum.zero_()
             grad_norm_sum.zero_()
 
@@ -288,6 +292,8 @@ def describe_run(cfg, model, optimizer, ranks, device, n_units, tokens_per_step,
 def step_line(record: dict, max_iters: int, seconds_per_step: float, elapsed: float) -> str:
     """The printed line of a step's metrics record."""
     mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
+    if record.get("data_wait", 0) >= 0.05:  # the loader does not keep up (below, it is handing batches over)
+        mfu += f" | waiting for data {record['data_wait']:.0%}"
     eta = format_duration(seconds_per_step * (max_iters - record["step"]))
     return (f"step {record['step']}/{max_iters} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | grad norm "
             f"{record['grad_norm']:.3f} | {record['tokens_per_s']:,} tok/s | {record['ms_per_step']:.1f} ms/step{mfu} | "

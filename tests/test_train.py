@@ -123,6 +123,8 @@ def test_the_step_line_says_what_the_record_holds():
     assert line == ("step 40/100 | loss 2.3457 | lr 3.00e-04 | grad norm 0.500 | 12,345 tok/s | 81.0 ms/step | "
                     "elapsed 0:00:59 | eta 0:00:04")
     assert " | MFU 41.0% | " in train.step_line({**record, "mfu": 0.41}, 100, 0.081, elapsed=1)
+    assert " | waiting for data 12% | " in train.step_line({**record, "data_wait": 0.123}, 100, 0.081, elapsed=1)
+    assert "waiting" not in train.step_line({**record, "data_wait": 0.04}, 100, 0.081, elapsed=1)
 
 
 def test_evaluation_builds_no_autograd_graph():
@@ -139,8 +141,8 @@ def test_evaluation_builds_no_autograd_graph():
 
 def test_evaluation_sparsity_is_the_share_of_non_zero_latents_per_layer():
     from distributed import Ranks
-    from model import BDH, BDHConfig, layer_norm, rope_cos_sin
-    from reference import rope
+    from model import BDH, BDHConfig, layer_norm
+    from reference import rope, rope_cos_sin
     torch.manual_seed(0)
     model = BDH(BDHConfig(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4, dropout=0.0))
     batches = [(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))) for _ in range(3)]
@@ -353,3 +355,20 @@ def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once(tmp_path, corpus):
     assert proc.returncode == 0 and "stopped by SIGINT after step 3." in out  # no step after the evaluation
 
 
+
+
+def test_the_share_of_time_spent_waiting_for_batches_is_logged(tmp_path, corpus, capsys, monkeypatch):
+    real = train.train_loader
+
+    def slow_loader(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            time.sleep(0.2)  # far longer than a step of the tiny model
+            yield batch
+
+    monkeypatch.setattr(train, "train_loader", slow_loader)
+    path = write_config(tmp_path, corpus, max_iters=2, test_freq=100)
+    assert train.main(["--config", str(path)]) == 0
+    assert "waiting for data" in capsys.readouterr().out
+    [run] = (tmp_path / "ck").iterdir()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.5 < r["data_wait"] <= 1 for r in records if "data_wait" in r) and len(records) >= 2
