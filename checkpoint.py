@@ -110,7 +110,7 @@ def open_checkpoint(spec: str, checkpoint_dir: str, setting: str = "training.res
             return path, load_checkpoint(path)
         except CheckpointError as e:
             if len(candidates) == 1 and Path(spec).is_file():
-                raise
+                raise CheckpointError(f"{setting}: {e}") from None
             print(f"skipped {e}")
     raise CheckpointError(f"{setting}: {spec}: none of its {len(candidates)} checkpoint(s) can be read (see above)")
 

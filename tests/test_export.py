@@ -123,7 +123,7 @@ def test_what_is_not_this_projects_is_refused_in_one_line(tmp_path, capsys):
     torch.save({"state_dict": {"w": torch.zeros(2)}}, other)
     assert export.main(["--checkpoint", str(other), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert err == f"error: {other}: not a checkpoint of this project (missing model, model_config, step)\n"
+    assert err == f"error: --checkpoint: {other}: not a checkpoint of this project (missing model, model_config, step)\n"
     assert not (tmp_path / "out").exists()
 
 
