@@ -6,7 +6,8 @@ The run directory appears with the first checkpoint: records made before wait in
 written to metrics.jsonl and TensorBoard then (flush). W&B starts with the run, its files under
 <checkpoint_dir>/wandb/, and its run id is kept in the run directory (wandb_run_id), so a resumed
 run continues the same W&B run. A resume also cuts metrics.jsonl and the TensorBoard curves back to
-the checkpoint's step: the steps after it are trained again and logged once.
+the checkpoint's step: the steps after it are trained again and logged once. step_line is the
+console's line of a training record.
 """
 import importlib.util
 import json
@@ -132,3 +133,20 @@ def _record_step(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+
+
+def step_line(record: dict, max_iters: int, seconds_per_step: float | None, elapsed: float) -> str:
+    """The printed line of a step's metrics record (seconds_per_step None: no estimate yet)."""
+    extra = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
+    if record.get("data_wait", 0) >= 0.05:  # the loader does not keep up (below, it is handing batches over)
+        extra += f" | waiting for data {record['data_wait']:.0%}"
+    eta = ("after compilation" if seconds_per_step is None
+           else format_duration(seconds_per_step * (max_iters - record["step"])))
+    return (f"step {record['step']}/{max_iters} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | grad norm "
+            f"{record['grad_norm']:.3f} | {record['tokens_per_s']:,} tok/s | {record['ms_per_step']:.1f} ms/step{extra} | "
+            f"elapsed {format_duration(elapsed)} | eta {eta}")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

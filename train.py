@@ -27,7 +27,7 @@ from distributed import (DistributedError, Ranks, communication_failure, full_we
                          shutdown, start, wrap)
 from fp8 import FP8Error, fp8_matmuls
 from lowbit import LowBitError, quantization_aware_view
-from metrics import MetricsError, MetricsLog
+from metrics import MetricsError, MetricsLog, format_duration, step_line
 from model import BDH
 from resume import Progress, resume, save
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, peak_flops, peak_memory_bytes, pick_device,
@@ -177,7 +177,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                       "peak_memory_mib": round(peak_memory_bytes(device) / 2**20, 1), "elapsed_s": round(now - start, 2)}
             if peak:  # tokens_per_step counts every rank; peak is one GPU's
                 record["mfu"] = flops_per_token * tokens_per_step / ranks.world_size / seconds_per_step / peak
-            print(step_line(record, training.max_iters, seconds_per_step, now - start), flush=True)
+            compiling = compile_model and step == 1  # its time is mostly compilation: no ETA from it
+            print(step_line(record, training.max_iters, None if compiling else seconds_per_step, now - start),
+                  flush=True)
             metrics.log(record)
             loss_count, steps_since_log, interval_start, paused, data_wait = 0, 0, time.perf_counter(), 0.0, 0.0
             loss_sum.zero_()
@@ -289,17 +291,6 @@ def describe_run(cfg, model, optimizer, ranks, device, n_units, tokens_per_step,
     return "\n".join(lines)
 
 
-def step_line(record: dict, max_iters: int, seconds_per_step: float, elapsed: float) -> str:
-    """The printed line of a step's metrics record."""
-    mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
-    if record.get("data_wait", 0) >= 0.05:  # the loader does not keep up (below, it is handing batches over)
-        mfu += f" | waiting for data {record['data_wait']:.0%}"
-    eta = format_duration(seconds_per_step * (max_iters - record["step"]))
-    return (f"step {record['step']}/{max_iters} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | grad norm "
-            f"{record['grad_norm']:.3f} | {record['tokens_per_s']:,} tok/s | {record['ms_per_step']:.1f} ms/step{mfu} | "
-            f"elapsed {format_duration(elapsed)} | eta {eta}")
-
-
 class GracefulStop:
     """SIGINT/SIGTERM: finish what runs (`doing`: the step, the evaluation), checkpoint, exit 0.
     In a single process a second Ctrl-C stops at once; under torchrun the agent forwards the
@@ -386,11 +377,6 @@ def launcher(ranks: Ranks) -> str:
     if int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size)) == ranks.world_size:
         return f"torchrun --standalone --nproc_per_node={ranks.world_size} "
     return "torchrun <the same rendezvous flags> "
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def non_finite(what: str, step: int, last_saved) -> TrainingError:

@@ -108,3 +108,14 @@ def test_wandb_names_the_run_after_its_directory_when_another_run_took_the_name(
         log.log({"step": 1, "train_loss": 1.0})
         assert log.wandb.name == expected.format(run=run.name)
         shutil.rmtree(run.path)
+
+
+def test_the_step_line_says_what_the_record_holds():
+    record = {"step": 40, "train_loss": 2.34567, "lr": 3e-4, "grad_norm": 0.5, "tokens_per_s": 12345, "ms_per_step": 81.0}
+    line = metrics.step_line(record, 100, 0.081, elapsed=59.996)
+    assert line == ("step 40/100 | loss 2.3457 | lr 3.00e-04 | grad norm 0.500 | 12,345 tok/s | 81.0 ms/step | "
+                    "elapsed 0:00:59 | eta 0:00:04")
+    assert " | MFU 41.0% | " in metrics.step_line({**record, "mfu": 0.41}, 100, 0.081, elapsed=1)
+    assert " | waiting for data 12% | " in metrics.step_line({**record, "data_wait": 0.123}, 100, 0.081, elapsed=1)
+    assert "waiting" not in metrics.step_line({**record, "data_wait": 0.04}, 100, 0.081, elapsed=1)
+    assert metrics.step_line(record, 100, None, elapsed=5).endswith("| eta after compilation")

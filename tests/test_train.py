@@ -117,16 +117,6 @@ def test_activation_checkpointing_reaches_the_model(tmp_path, corpus, monkeypatc
     assert seen and all(seen)
 
 
-def test_the_step_line_says_what_the_record_holds():
-    record = {"step": 40, "train_loss": 2.34567, "lr": 3e-4, "grad_norm": 0.5, "tokens_per_s": 12345, "ms_per_step": 81.0}
-    line = train.step_line(record, 100, 0.081, elapsed=59.996)
-    assert line == ("step 40/100 | loss 2.3457 | lr 3.00e-04 | grad norm 0.500 | 12,345 tok/s | 81.0 ms/step | "
-                    "elapsed 0:00:59 | eta 0:00:04")
-    assert " | MFU 41.0% | " in train.step_line({**record, "mfu": 0.41}, 100, 0.081, elapsed=1)
-    assert " | waiting for data 12% | " in train.step_line({**record, "data_wait": 0.123}, 100, 0.081, elapsed=1)
-    assert "waiting" not in train.step_line({**record, "data_wait": 0.04}, 100, 0.081, elapsed=1)
-
-
 def test_evaluation_builds_no_autograd_graph():
     from distributed import Ranks
     from model import BDH, BDHConfig
