@@ -124,7 +124,7 @@ def bench_generation(cfg, device, prompt_len=256, new_tokens=1000, samples=5) ->
     recompute (reference.py), which re-runs the whole sequence for every token: its time for the
     same tokens is the integral of one forward pass over the growing context, measured at
     `samples` evenly spaced context lengths (trapezoid rule): running it for 1,000 tokens would
-    take an hour on a CPU."""
+    take about 100 minutes on 2 CPU cores at the default size (BENCHMARKS.md)."""
     torch.manual_seed(cfg.training.seed)
     model = BDH(cfg.model).to(device).eval()
     vocab = cfg.model.vocab_size
