@@ -196,6 +196,18 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
     return order
 
 
+def epochs_read(positions, units: list[Unit], seed: int, n_readers: int) -> float:
+    """About how many passes over the training units the readers have made: each reader's epoch
+    plus the share, by bytes, of that epoch's units it has finished; the mean over the readers whose
+    positions are given (a rank knows its own; the units are dealt to balance the readers' bytes)."""
+    passes = []
+    for position in positions:
+        assigned = assign_units(units, position["epoch"], seed, n_readers, shuffle=True)[position["reader"]]
+        done = sum(unit.num_bytes for unit in assigned[:position["unit"]])
+        passes.append(position["epoch"] + done / max(1, sum(unit.num_bytes for unit in assigned)))
+    return sum(passes) / len(passes) if passes else 0.0
+
+
 def loader_workers(cfg, units, world_size=1) -> int:
     workers = min(cfg.dataloader.num_workers, len(units) // world_size)
     if workers < cfg.dataloader.num_workers:

@@ -21,7 +21,7 @@ from runtime import first_line
 # metrics.jsonl key -> TensorBoard and W&B tag; the per-layer lists get one tag per layer and a mean
 TAGS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
         "tokens_per_s": "speed/tokens_per_s", "ms_per_step": "speed/ms_per_step", "mfu": "speed/mfu",
-        "data_wait": "speed/data_wait",
+        "data_wait": "speed/data_wait", "epochs": "data/epochs",
         "peak_memory_mib": "memory/peak_mib", "val_loss": "val/loss", "val_bits_per_byte": "val/bits_per_byte"}
 PER_LAYER = {"sparsity_x": "sparsity/x", "sparsity_y": "sparsity/y"}
 

@@ -22,7 +22,7 @@ import torch
 from adamw4bit import AdamW4bit, adamw_state_bytes
 from checkpoint import CheckpointError, RunDir, check_writable, clean_stale_temporaries
 from config import add_config_arguments, load_config
-from data import data_order, loader_workers, stop_loader_workers, train_loader, validation_batches
+from data import data_order, epochs_read, loader_workers, stop_loader_workers, train_loader, validation_batches
 from distributed import (DistributedError, Ranks, communication_failure, full_weights, gradient_sync, local_tensor,
                          shutdown, start, wrap)
 from fp8 import FP8Error, fp8_matmuls
@@ -127,6 +127,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     start = interval_start = time.perf_counter()
     paused = 0.0  # evaluation and checkpoint seconds in this log interval: not training time
     data_wait = 0.0  # seconds of this log interval spent waiting for the loader's next batch
+    n_readers = ranks.world_size * max(1, workers)
+    epochs = epochs_read(progress.positions.values(), units, training.seed, n_readers)
     model.train()
 
     while progress.step < training.max_iters:
@@ -170,7 +172,10 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                 raise non_finite("the training loss", step, progress.last_saved)
             now = time.perf_counter()
             seconds_per_step = (now - interval_start - paused) / steps_since_log
-            record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss, "lr": lr,
+            passes_before = int(epochs)
+            epochs = epochs_read(progress.positions.values(), units, training.seed, n_readers)
+            record = {"step": step, "tokens": step * tokens_per_step, "epochs": round(epochs, 3),
+                      "train_loss": train_loss, "lr": lr,
                       "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_step / seconds_per_step),
                       "ms_per_step": round(seconds_per_step * 1000, 2),
                       "data_wait": round(data_wait / (seconds_per_step * steps_since_log), 4),
@@ -180,6 +185,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             compiling = compile_model and step == 1  # its time is mostly compilation: no ETA from it
             print(step_line(record, training.max_iters, None if compiling else seconds_per_step, now - start),
                   flush=True)
+            if int(epochs) > passes_before:
+                print(f"  about {int(epochs)} pass{'es' if int(epochs) > 1 else ''} over the training data done: its "
+                      f"documents are read again from here, reshuffled", flush=True)
             metrics.log(record)
             loss_count, steps_since_log, interval_start, paused, data_wait = 0, 0, time.perf_counter(), 0.0, 0.0
             loss_sum.zero_()
@@ -227,8 +235,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                   f"{shlex.quote(f'training.resume_from_checkpoint={progress.last_saved}')}")
             return 0
     metrics.close()
-    print(f"done: {progress.step} steps in {format_duration(time.perf_counter() - start)}; "
-          f"final checkpoint {progress.last_saved}")
+    print(f"done: {progress.step} steps ({epochs:.2f} passes over the training data) in "
+          f"{format_duration(time.perf_counter() - start)}; final checkpoint {progress.last_saved}")
     return 0
 
 

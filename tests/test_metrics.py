@@ -14,7 +14,7 @@ from conftest import write_config
 from metrics import MetricsLog
 
 TRAIN_TAGS = {"train/loss", "train/lr", "train/grad_norm", "speed/tokens_per_s", "speed/ms_per_step", "speed/data_wait",
-              "memory/peak_mib"}
+              "memory/peak_mib", "data/epochs"}
 VAL_TAGS = {"val/loss", "val/bits_per_byte", "sparsity/x_layer0", "sparsity/x_layer1", "sparsity/y_layer0",
             "sparsity/y_layer1", "sparsity/x_mean", "sparsity/y_mean"}
 

@@ -362,3 +362,21 @@ def test_the_share_of_time_spent_waiting_for_batches_is_logged(tmp_path, corpus,
     [run] = (tmp_path / "ck").iterdir()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(0.5 < r["data_wait"] <= 1 for r in records if "data_wait" in r) and len(records) >= 2
+
+
+def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys):
+    """The corpus's training split holds about 5,300 tokens: 64 per step, so a pass takes about 80 steps."""
+    from data import ParquetBatches
+    from shards import list_units
+    from tokenizer import ByteTokenizer
+    path = write_config(tmp_path, corpus, max_iters=200, log_freq=10, test_freq=1000, checkpoint_freq=1000)
+    assert train.main(["--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    [run] = (tmp_path / "ck").iterdir()
+    epochs = [r["epochs"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "epochs" in r]
+    assert epochs == sorted(epochs) and epochs[0] < 0.2
+    cfg = Config.from_yaml(path)
+    one_pass = sum(1 for _ in ParquetBatches(list_units(corpus, "text"), "train", 16, 4, cfg.training.seed, 0.2, "text",
+                                             2, ByteTokenizer(), shuffle=False))  # batches in one pass
+    assert abs(epochs[-1] - 200 / one_pass) < 0.5
+    assert "passes over the training data done: its documents are read again" in out and f"done: 200 steps ({epochs[-1]:.2f} passes" in out
