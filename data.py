@@ -196,16 +196,26 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
     return order
 
 
-def epochs_read(positions, units: list[Unit], seed: int, n_readers: int) -> float:
+def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: dict) -> float:
     """About how many passes over the training units the readers have made: each reader's epoch
     plus the share, by bytes, of that epoch's units it has finished; the mean over the readers whose
-    positions are given (a rank knows its own; the units are dealt to balance the readers' bytes)."""
+    positions are given (a rank knows its own; the units are dealt to balance the readers' bytes).
+    `dealt` keeps each epoch's dealing (cumulative bytes per reader) from call to call."""
+    positions = list(positions)
+    if not positions:
+        return 0.0
+    oldest = min(position["epoch"] for position in positions)
+    for epoch in [epoch for epoch in dealt if epoch < oldest]:
+        del dealt[epoch]  # no reader is in it any more
     passes = []
     for position in positions:
-        assigned = assign_units(units, position["epoch"], seed, n_readers, shuffle=True)[position["reader"]]
-        done = sum(unit.num_bytes for unit in assigned[:position["unit"]])
-        passes.append(position["epoch"] + done / max(1, sum(unit.num_bytes for unit in assigned)))
-    return sum(passes) / len(passes) if passes else 0.0
+        epoch = position["epoch"]
+        if epoch not in dealt:
+            dealt[epoch] = [np.cumsum([0] + [unit.num_bytes for unit in assigned])
+                            for assigned in assign_units(units, epoch, seed, n_readers, shuffle=True)]
+        cumulative = dealt[epoch][position["reader"]]
+        passes.append(epoch + cumulative[position["unit"]] / max(1, cumulative[-1]))
+    return float(sum(passes) / len(passes))
 
 
 def loader_workers(cfg, units, world_size=1) -> int:

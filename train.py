@@ -127,8 +127,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     start = interval_start = time.perf_counter()
     paused = 0.0  # evaluation and checkpoint seconds in this log interval: not training time
     data_wait = 0.0  # seconds of this log interval spent waiting for the loader's next batch
-    n_readers = ranks.world_size * max(1, workers)
-    epochs = epochs_read(progress.positions.values(), units, training.seed, n_readers)
+    n_readers, dealt = ranks.world_size * max(1, workers), {}
+    epochs = epochs_read(progress.positions.values(), units, training.seed, n_readers, dealt)
     model.train()
 
     while progress.step < training.max_iters:
@@ -173,7 +173,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             now = time.perf_counter()
             seconds_per_step = (now - interval_start - paused) / steps_since_log
             passes_before = int(epochs)
-            epochs = epochs_read(progress.positions.values(), units, training.seed, n_readers)
+            epochs = epochs_read(progress.positions.values(), units, training.seed, n_readers, dealt)
             record = {"step": step, "tokens": step * tokens_per_step, "epochs": round(epochs, 3),
                       "train_loss": train_loss, "lr": lr,
                       "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_step / seconds_per_step),
