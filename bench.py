@@ -35,18 +35,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def compiles(cfg, device) -> bool:
-    """Whether train.py would compile the model: both implementations are measured so."""
-    return wants_compile(cfg.training.compile, device) and not cfg.training.debug
-
-
 def make_step(cfg, device, implementation):
     """A training step closure of one implementation, on its own copy of the same weights."""
     torch.manual_seed(cfg.training.seed)
     model = BDH(cfg.model).to(device)
     model.activation_checkpointing = cfg.training.activation_checkpointing
     forward = model if implementation == "model.py" else (lambda idx, tgt: reference_forward(model, idx, tgt))
-    if compiles(cfg, device):
+    if wants_compile(cfg.training, device):  # as train.py: both implementations are measured so
         forward = torch.compile(forward)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate,
                                   fused=device.type == "cuda")
@@ -180,7 +175,7 @@ def main(argv=None) -> int:
     cfg = load_config(args)
     try:
         device = pick_device(cfg.training.device)
-        if compiles(cfg, device):
+        if wants_compile(cfg.training, device):
             check_can_compile(device)
     except DeviceError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -191,8 +186,8 @@ def main(argv=None) -> int:
         return 0
     training, model = cfg.training, cfg.model
     compute_dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
-    print(f"device {device} ({torch.get_num_threads()} threads) | {compute_dtype} | compiled {compiles(cfg, device)} | "
-          f"L{model.n_layer} D{model.n_embd} H{model.n_head} N{model.n_latent} "
+    print(f"device {device} ({torch.get_num_threads()} threads) | {compute_dtype} | "
+          f"compiled {wants_compile(training, device)} | L{model.n_layer} D{model.n_embd} H{model.n_head} N{model.n_latent} "
           f"| batch {training.batch_size} x T {training.block_size} | torch {torch.__version__}")
     results = {"device": str(device), "config": cfg.to_dict(), "torch": str(torch.__version__)}
     results["training"] = training = bench_training(cfg, device, args.steps)

@@ -33,9 +33,9 @@ def first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def wants_compile(setting, device: torch.device) -> bool:
-    """training.compile: true compiles on any device, auto on CUDA only."""
-    return setting is True or (setting == "auto" and device.type == "cuda")
+def wants_compile(training, device: torch.device) -> bool:
+    """training.compile: true compiles on any device, auto on CUDA only; never with training.debug."""
+    return not training.debug and (training.compile is True or (training.compile == "auto" and device.type == "cuda"))
 
 
 def check_can_compile(device: torch.device, setting: str = "training.compile"):

@@ -50,7 +50,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     compute_dtype = resolve_compute_dtype(device, low_precision.compute_dtype)
     compute = autocast(device, compute_dtype)
     log_freq = 1 if training.debug else training.log_freq
-    compile_model = wants_compile(training.compile, device) and not training.debug
+    compile_model = wants_compile(training, device)
     if compile_model:
         check_can_compile(device)
     torch.autograd.set_detect_anomaly(training.debug)

@@ -39,3 +39,12 @@ def test_compiling_on_cpu_without_a_cxx_compiler_is_one_clear_line(monkeypatch, 
     (tmp_path / "g++").write_text("#!/bin/sh\n")
     (tmp_path / "g++").chmod(0o755)
     runtime.check_can_compile(torch.device("cpu"))
+
+
+def test_compile_follows_the_setting_and_never_under_debug():
+    from types import SimpleNamespace
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    wants = lambda setting, device, debug=False: runtime.wants_compile(  # noqa: E731
+        SimpleNamespace(compile=setting, debug=debug), device)
+    assert wants(True, cpu) and wants("auto", cuda) and wants(True, cuda)
+    assert not wants("auto", cpu) and not wants(False, cuda) and not wants(True, cuda, debug=True)
