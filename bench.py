@@ -22,8 +22,8 @@ from config import add_config_arguments, load_config
 from data import loader_workers, train_loader
 from model import BDH
 from reference import reference_forward
-from runtime import (DTYPES, DeviceError, autocast, check_can_compile, measured_matmul_flops, peak_memory_bytes,
-                     pick_device, resolve_compute_dtype, steady_host_memory, wants_compile)
+from runtime import (DTYPES, DeviceError, autocast, check_can_compile, compile_repeatably, measured_matmul_flops,
+                     peak_memory_bytes, pick_device, resolve_compute_dtype, steady_host_memory, wants_compile)
 from shards import ensure_sample_corpus, list_units
 from tokenizer import load_tokenizer
 
@@ -177,6 +177,7 @@ def main(argv=None) -> int:
         device = pick_device(cfg.training.device)
         if wants_compile(cfg.training, device):
             check_can_compile(device)
+            compile_repeatably(device)
     except DeviceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

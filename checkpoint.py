@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import yaml
 
-from files import atomic_write, left_by_a_dead_process
+from files import atomic_write, left_by_a_dead_process, relative_to_here
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line
 
@@ -233,7 +233,7 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str, setting: str) -> list[
             raise CheckpointError(f"{setting}: {path} holds no checkpoint_<step>.pt{hint}")
         return found[::-1]
     if not path.is_file():
-        raise CheckpointError(f"{setting}: {path} does not exist; give a checkpoint file, a run "
+        raise CheckpointError(f"{setting}: {path} does not exist{relative_to_here(path)}; give a checkpoint file, a run "
                               f"directory or `latest`")
     return [path]
 

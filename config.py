@@ -6,6 +6,7 @@ section is model.BDHConfig itself.
 """
 import dataclasses
 import difflib
+import os
 import re
 import sys
 import typing
@@ -110,6 +111,8 @@ POSITIVE = (
 )
 NON_NEGATIVE = ("training.keep_last_n", "training.weight_decay", "training.warmup_iters", "training.min_lr",
                 "training.grad_clip", "training.seed", "dataloader.num_workers")
+PATHS = ("training.checkpoint_dir", "training.resume_from_checkpoint", "dataset.parquet_dir", "dataset.val_parquet_dir",
+         "dataset.tokenizer")  # ~ is expanded: the shell leaves it as it is in section.key=~/...
 DEFAULT_SAMPLE_DIR = DatasetConfig.parquet_dir
 
 # PyYAML (YAML 1.1) reads 1e-3 and 1.0e5 as strings; a float field accepts exactly these.
@@ -183,6 +186,10 @@ class Config:
             problems += section_problems
             sections[name] = section_cls(**values)
         config = cls(**sections)
+        for path in PATHS:
+            if isinstance(config._get(path), str):
+                section, key = path.split(".")
+                setattr(getattr(config, section), key, os.path.expanduser(config._get(path)))
         reported = {p.split(":", 1)[0] for p in problems}
         problems += [p for p in config._check_values() if p.split(":", 1)[0] not in reported]
         if problems:
@@ -333,6 +340,8 @@ def _suggest(name, candidates, known):
 def _apply_override(raw, item):
     """Apply one `section.key=value` override (value parsed as a YAML scalar) to raw."""
     if "=" not in item or "." not in item.split("=", 1)[0]:
+        if item.endswith((".yaml", ".yml")):
+            return [f"{item}: an override must look like section.key=value; to train with this file: --config {item}"]
         return [f"{item}: an override must look like section.key=value "
                 f"(for example training.batch_size=16)"]
     path, text = item.split("=", 1)
@@ -372,15 +381,19 @@ def _build_section(name, section_cls, values):
 
 
 def _check_type(value, hint):
-    """(ok, value, expected type name). Strict: no str->number, no bool->number coercion."""
+    """(ok, value, expected type name). Strict: no bool->number coercion, no str->number except
+    exponent notation (1e-3, 1e5), which YAML 1.1 reads as text; an int may be written as a whole
+    float (1e5, 3000.0)."""
     if hint is bool:
         return isinstance(value, bool), value, "bool (true or false)"
+    if isinstance(value, str) and hint in (int, float) and _EXPONENT_FLOAT.match(value.strip()):
+        value = float(value)
     if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value), "int"
         return isinstance(value, int) and not isinstance(value, bool), value, "int"
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value), "float"
-        if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
             return True, float(value), "float"
         return False, value, "float"
     if hint is str:

@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import multiprocessing
 import os
+import shlex
 import signal
 import sys
 import time
@@ -98,12 +99,12 @@ class ParquetBatches(IterableDataset):
                 if not self.shuffle:
                     return
                 if not produced and start is None:  # would otherwise spin forever
+                    readers = ("" if n_readers == 1 else " for this many readers (processes x workers); lower "
+                               "dataloader.num_workers, the number of processes,")
                     raise DataError(f"reader {reader} of {n_readers} got no complete batch of "
                                     f"{self.batch_size} x {self.block_size + 1} tokens in epoch "
-                                    f"{epoch}: too little training data for this many readers "
-                                    f"(processes x workers); lower dataloader.num_workers, the "
-                                    f"number of processes, training.batch_size or "
-                                    f"training.block_size, or add data")
+                                    f"{epoch}: too little training data{readers or '; lower'} "
+                                    f"training.batch_size or training.block_size, or add data")
                 epoch, start = epoch + 1, None
         finally:
             cache.close()
@@ -332,8 +333,9 @@ def training_texts(cfg, units, report_every_s=5.0):
         cache.close()
 
 
-def train_tokenizer(cfg, vocab_size: int, out: Path, config_path: str, replace: bool = False) -> str:
-    """Train a byte-level BPE on the training split of the configured shards; write it to out."""
+def train_tokenizer(cfg, vocab_size: int, out: Path, config_arguments: list, replace: bool = False) -> str:
+    """Train a byte-level BPE on the training split of the configured shards; write it to out.
+    Returns the command to train with it: train.py with config_arguments (--config and the overrides)."""
     if vocab_size < 258:
         raise DataError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least 258 tokens (256 bytes, "
                         f"{SEPARATOR_TOKEN} and a merge)")
@@ -354,8 +356,10 @@ def train_tokenizer(cfg, vocab_size: int, out: Path, config_path: str, replace: 
         atomic_write(out, lambda f: f.write(tokenizer.to_str().encode()))
     except OSError as e:
         raise DataError(f"--out {out}: cannot write ({e.strerror or e})")
-    return (f"wrote {out}: {tokenizer.vocab_size:,} tokens. Train with it:\n  python train.py --config "
-            f"{config_path} dataset.tokenizer={out} model.vocab_size={model_vocab_size(tokenizer)}")
+    replaced = ("dataset.tokenizer=", "model.vocab_size=")
+    command = [*(a for a in config_arguments if not a.startswith(replaced)), f"dataset.tokenizer={out}",
+               f"model.vocab_size={model_vocab_size(tokenizer)}"]
+    return f"wrote {out}: {tokenizer.vocab_size:,} tokens. Train with it:\n  python train.py {shlex.join(command)}"
 
 
 def main(argv=None):
@@ -387,7 +391,8 @@ def main(argv=None):
                                       replace=args.replace)
             print(f"wrote {n} documents to {args.out}")
         else:
-            print(train_tokenizer(load_config(args), args.vocab_size, Path(args.out), args.config, args.replace))
+            print(train_tokenizer(load_config(args), args.vocab_size, Path(args.out), ["--config", args.config, *args.overrides],
+                                  args.replace))
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ Checkpoints hold full, unsharded tensors (the layout of MODEL.md), so any world 
 process and sample.py read them.
 """
 import datetime
+import logging
 import os
 import sys
 from contextlib import contextmanager, nullcontext
@@ -134,6 +135,9 @@ def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn
         return model
     if ranks.enabled:
         from torch.nn.parallel import DistributedDataParallel
+        # torch.compile of DDP's forward skips its profiler label and warns, once per rank: not a problem
+        logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(
+            lambda record: "Profiler record function" not in record.getMessage())
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
 

@@ -111,3 +111,8 @@ def picture_path(out: str) -> Path:
     except OSError as e:
         raise ValueError(f"--out {out}: cannot make its folder {path.parent} ({e.strerror or e})")
     return path
+
+
+def relative_to_here(path) -> str:
+    """For a message saying that `path` is missing: where a relative path was looked for."""
+    return "" if Path(path).is_absolute() else f" (relative paths start from the current directory, {Path.cwd()})"

@@ -2,6 +2,8 @@
 rate, activation sparsity. Several runs are overlaid, each under its directory's name.
 
     python plot.py RUN_DIR [RUN_DIR ...] [--out curves.png]
+
+A folder of runs (checkpoints/) stands for every run in it.
 """
 import argparse
 import json
@@ -21,7 +23,8 @@ def read_metrics(run_dir: Path) -> tuple[list, list]:
     if not Path(run_dir).exists():
         raise PlotError(f"{run_dir}: does not exist; give a run directory (checkpoints/run_YYYYMMDD_HHMMSS)")
     if not path.is_file():
-        raise PlotError(f"{run_dir}: no metrics.jsonl; give a run directory (checkpoints/run_YYYYMMDD_HHMMSS)")
+        raise PlotError(f"{run_dir}: no metrics.jsonl, nor a run directory with one in it; give a run directory "
+                        f"(checkpoints/run_YYYYMMDD_HHMMSS) or a folder of runs")
     records = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
@@ -39,11 +42,22 @@ def read_metrics(run_dir: Path) -> tuple[list, list]:
     return train, evaluations
 
 
+def runs_in(arg) -> list[Path]:
+    """The run directories an argument stands for: a run directory, its metrics.jsonl, or a folder
+    of runs (each folder in it that holds a metrics.jsonl)."""
+    path = Path(arg)
+    if path.name == "metrics.jsonl":
+        return [path.parent]
+    if path.is_dir() and not (path / "metrics.jsonl").exists():
+        return sorted(p for p in path.iterdir() if (p / "metrics.jsonl").is_file()) or [path]
+    return [path]
+
+
 def plot(run_dirs, out: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    run_dirs = [Path(d).parent if Path(d).name == "metrics.jsonl" else Path(d) for d in run_dirs]
+    run_dirs = [run for arg in run_dirs for run in runs_in(arg)]
     runs = [read_metrics(d) for d in run_dirs]
     names = [Path(d).resolve().name for d in run_dirs]
     if len(set(names)) < len(names):  # same names in different folders: say which
@@ -83,7 +97,7 @@ def plot(run_dirs, out: Path):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or their metrics.jsonl)")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or their metrics.jsonl), or folders of runs")
     parser.add_argument("--out", default="curves.png", help="the picture to write (default curves.png)")
     args = parser.parse_args(argv)
     try:

@@ -48,8 +48,9 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
     if is_export(cfg.training.resume_from_checkpoint):
         return fine_tune_from_export(cfg, model, tokenizer, ranks)
     path, ckpt = open_checkpoint(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir)
+    check_same_tokenizer(ckpt.tokenizer, tokenizer, path, ckpt.config.get("dataset", {}).get("tokenizer"),
+                         ckpt.model_config, cfg.model)
     check_same_model(ckpt.model_config, cfg.model, path)
-    check_same_tokenizer(ckpt.tokenizer, tokenizer, path)
     optimizer_state = optimizer_state_for(optimizer, ckpt.optimizer, {p: name for name, p in model.named_parameters()})
     if ckpt.low_precision()["use_4bit_optimizer"] != low_precision.use_4bit_optimizer:
         print(f"converting the checkpoint's optimizer state to "
@@ -95,19 +96,25 @@ def fine_tune_from_export(cfg, model, tokenizer, ranks):
     fresh optimizer, from step 1, in a new run directory (an export holds no optimizer or data state)."""
     folder = cfg.training.resume_from_checkpoint
     exported, saved_tokenizer, config = load_export(folder)
+    check_same_tokenizer(saved_tokenizer, tokenizer, folder, str(Path(folder) / "tokenizer.json"), config, cfg.model)
     check_same_model(config, cfg.model, folder)
-    check_same_tokenizer(saved_tokenizer, tokenizer, folder)
     load_full_weights(model, exported.state_dict())
     print(f"fine-tuning the model exported to {folder} (step {config['bdh_export']['step']} of its run): its weights, "
           f"a fresh optimizer, from step 1, in a new run directory")
     return RunDir(cfg.training.checkpoint_dir, writer=ranks.main), Progress(), [], 0
 
 
-def check_same_tokenizer(saved: str, tokenizer, path):
-    if saved != tokenizer.to_str():
-        trained_with = "bytes" if saved == "bytes" else "another tokenizer.json"
-        raise CheckpointError(f"{path}: the model was trained with {trained_with}, not dataset.tokenizer "
-                              f"{tokenizer.name}; set dataset.tokenizer as in the run's config.yaml, or start a new run")
+def check_same_tokenizer(saved: str, tokenizer, path, saved_setting, saved_model: dict, model_config):
+    """Refuses another tokenizer than the one the weights were trained with, naming the settings
+    to give (`saved_setting`: the tokenizer file it came from; its vocab_size if that differs too)."""
+    if saved == tokenizer.to_str():
+        return
+    trained_with = "bytes" if saved == "bytes" else "another tokenizer.json"
+    fix = [f"dataset.tokenizer={'bytes' if saved == 'bytes' else saved_setting}"]
+    if saved_model.get("vocab_size") != model_config.vocab_size:
+        fix.append(f"model.vocab_size={saved_model.get('vocab_size')}")
+    raise CheckpointError(f"{path}: the model was trained with {trained_with}, not dataset.tokenizer "
+                          f"{tokenizer.name}; set {' '.join(fix)} (the tokenizer it was trained with), or start a new run")
 
 
 def evaluated_weights(low_precision: dict) -> str:

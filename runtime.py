@@ -50,6 +50,17 @@ def check_can_compile(device: torch.device, setting: str = "training.compile"):
                           f"or set {setting}=false")
 
 
+def compile_repeatably(device: torch.device):
+    """On CPU, torch.compile's code adds the embedding's gradient rows with atomic additions from
+    several threads, in an order that changes from run to run: two runs, or a run and its resume,
+    would differ in the last bits. PyTorch's deterministic mode makes inductor use the ordered
+    kernel instead (the tiny config's step measured no slower). Its filling of new tensors with
+    NaN is left off: it costs time and guards against nothing here. (CUDA: not applied, untested.)"""
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+
+
 def resolve_compute_dtype(device: torch.device, setting: str) -> str:
     """low_precision.compute_dtype, with auto made concrete: bfloat16 where the device computes
     it fast (CUDA with bf16; a CPU with AVX512-BF16 (AMX CPUs have it too), whose bf16 matmuls are several times

@@ -44,14 +44,16 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=500)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the likeliest token")
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens (0: all)")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     parser.add_argument("--4bit", dest="four_bit", action="store_true",
                         help="generate from 4-bit weights (encoder, encoder_v, decoder)")
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 0 or (args.top_k is not None and args.top_k < 1):
-        parser.error("--max-new-tokens must be >= 0 and --top-k >= 1")
+    if args.max_new_tokens < 0:
+        parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.top_k < 0:
+        parser.error(f"--top-k must be >= 0 (0: sample among all tokens), got {args.top_k}")
     if not 0 <= args.temperature < float("inf"):  # nan too
         parser.error(f"--temperature must be a number >= 0 (0 picks the likeliest token), got {args.temperature}")
     try:
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     tokens = (int(token) for token in model.stream(idx, args.max_new_tokens, temperature=args.temperature,
-                                                    top_k=args.top_k, generator=generator,
+                                                    top_k=args.top_k or None, generator=generator,
                                                     vocab_limit=tokenizer.vocab_size))
     shown = prompt if args.prompt else []  # not the synthetic separator
     try:

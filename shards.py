@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from config import DEFAULT_SAMPLE_DIR
-from files import write_folder
+from files import relative_to_here, write_folder
 from runtime import first_line
 
 
@@ -52,7 +52,7 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
     `setting` names the folder's option in errors."""
     root = Path(parquet_dir)
     if not root.is_dir():
-        raise DataError(f"{root}: {setting} does not exist or is not a directory; "
+        raise DataError(f"{root}: {setting} does not exist or is not a directory{relative_to_here(root)}; "
                         f"create it with `python data.py --from-text FILE --out {root}`")
     files, skipped = parquet_files(root)
     if skipped:
@@ -232,6 +232,8 @@ def text_files_to_parquet(files, out_dir, chunk_bytes=8192, replace=False) -> in
         for f in files:
             try:
                 raw = Path(f).read_bytes()
+            except IsADirectoryError:
+                raise DataError(f"{f}: a folder; give the text files in it, e.g. {Path(f) / '*.txt'}")
             except OSError as e:
                 raise DataError(f"{f}: cannot read ({e.strerror})")
             try:

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from files import relative_to_here
+
 SEPARATOR_TOKEN = "<|endoftext|>"
 
 
@@ -156,7 +158,8 @@ def load_tokenizer(spec: str, setting: str = "dataset.tokenizer"):
         text = Path(spec).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise TokenizerError(f"{setting}: cannot read {spec} ({why}); give the path of a tokenizer.json "
+        where = relative_to_here(spec) if isinstance(e, FileNotFoundError) else ""
+        raise TokenizerError(f"{setting}: cannot read {spec} ({why}){where}; give the path of a tokenizer.json "
                              f"(python data.py --train-tokenizer writes one) or bytes")
     return HFTokenizer(text, spec)
 

@@ -30,8 +30,8 @@ from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog, format_duration, step_line
 from model import BDH
 from resume import Progress, resume, save
-from runtime import (DTYPES, DeviceError, autocast, check_can_compile, peak_flops, peak_memory_bytes, pick_device,
-                     resolve_compute_dtype, steady_host_memory, wants_compile)
+from runtime import (DTYPES, DeviceError, autocast, check_can_compile, compile_repeatably, peak_flops,
+                     peak_memory_bytes, pick_device, resolve_compute_dtype, steady_host_memory, wants_compile)
 from shards import DataError, ensure_sample_corpus, list_units
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
 
@@ -53,6 +53,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     compile_model = wants_compile(training, device)
     if compile_model:
         check_can_compile(device)
+        compile_repeatably(device)
     torch.autograd.set_detect_anomaly(training.debug)
     steady_host_memory(cfg, device)
     # MFU's peak, before the seeds: a measured peak draws random matrices (peak_flops resets the
@@ -87,8 +88,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     model = wrap(raw_model, ranks, device)  # DDP or FSDP under torchrun; the model itself otherwise
     optimizer = make_optimizer(raw_model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == "float16")
-    if ranks.enabled:  # dropout masks differ between ranks
-        torch.manual_seed(training.seed + ranks.rank)
+    if ranks.enabled:  # dropout masks differ between ranks, and from the numbers the weights were drawn from
+        torch.manual_seed(training.seed + 1 + ranks.rank)
 
     # ---- resume
     if ranks.main and (removed := clean_stale_temporaries(training.checkpoint_dir)):
@@ -296,6 +297,10 @@ def describe_run(cfg, model, optimizer, ranks, device, n_units, tokens_per_step,
         lines[-1] += f" | FP8 GEMMs for encoder, encoder_v, decoder: {fp8_recipe}"
     if training.debug:
         lines[-1] += " | DEBUG: anomaly detection, per-step logs and finiteness checks"
+    if training.warmup_iters >= training.max_iters:
+        lines.append(f"note: training.warmup_iters {training.warmup_iters} >= max_iters {training.max_iters}: the "
+                     f"learning rate rises to {learning_rate(training.max_iters, training):.3g} of "
+                     f"{training.learning_rate:.3g} and never decays; lower warmup_iters for a full schedule")
     return "\n".join(lines)
 
 
@@ -316,7 +321,8 @@ class GracefulStop:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
             if self.announce:
-                again = " (Ctrl-C again to stop at once)" if self.second_signal_stops else ""
+                again = "" if not self.second_signal_stops else (
+                    " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else " (a second one stops at once)")
                 os.write(2, f"\n{self.signal_name}: finishing {self.doing}, then saving a checkpoint{again}\n".encode())
         elif self.second_signal_stops:
             raise KeyboardInterrupt

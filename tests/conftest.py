@@ -6,6 +6,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +56,14 @@ def write_config(tmp_path, corpus, name="exp.yaml", model=None, dataset=None, **
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+@pytest.fixture(autouse=True)
+def process_wide_torch_settings():
+    """train.main runs in this process: what a compiled CPU run sets for the whole process
+    (runtime.compile_repeatably) ends with its test."""
+    yield
+    torch.use_deterministic_algorithms(False)
 
 
 @pytest.fixture

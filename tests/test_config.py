@@ -82,6 +82,22 @@ def test_exponent_floats_that_pyyaml_reads_as_strings_are_accepted():
     assert c.training.learning_rate == 3e-4 and c.training.min_lr == 1e-5
 
 
+def test_whole_numbers_in_exponent_notation_are_accepted_for_ints():
+    raw = yaml.safe_load("training:\n  max_iters: 1e5\n  eval_iters: 2.0e1\n  seed: 7.0\n")
+    t = Config.from_dict(raw).training
+    assert (t.max_iters, t.eval_iters, t.seed) == (100000, 20, 7) and type(t.max_iters) is int
+    assert problems({"training": {"max_iters": "1.5e0"}}) == ["training.max_iters: expected int, got str '1.5e0'"]
+
+
+def test_a_home_directory_in_paths_is_expanded(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/someone")
+    c = Config.from_dict({"training": {"checkpoint_dir": "~/ck", "resume_from_checkpoint": "latest"},
+                          "dataset": {"parquet_dir": "~/data", "tokenizer": "~/tok.json"}})
+    assert (c.training.checkpoint_dir, c.dataset.parquet_dir, c.dataset.tokenizer) == (
+        "/home/someone/ck", "/home/someone/data", "/home/someone/tok.json")
+    assert c.training.resume_from_checkpoint == "latest" and c.dataset.val_parquet_dir is None
+
+
 def test_int_is_accepted_for_float():
     assert Config.from_dict({"training": {"weight_decay": 0}}).training.weight_decay == 0.0
 
@@ -158,6 +174,9 @@ def test_overrides_are_parsed_as_yaml_scalars_and_validated(tmp_path):
         Config.from_yaml(path, ["training.batch_size=big"])
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         Config.from_yaml(path, ["batch_size=16"])
+    with pytest.raises(ConfigError, match="my.yaml: an override must look like section.key=value; to train with this "
+                                          "file: --config my.yaml"):
+        Config.from_yaml(path, ["my.yaml"])
 
 
 def test_yaml_round_trip():

@@ -185,7 +185,8 @@ def test_corrupt_row_group_names_file_and_row_group(tmp_path):
 def test_too_little_training_data_is_an_error_not_a_hang(tmp_path):
     write_parquet(tmp_path / "a.parquet", ["tiny"] * 3, 4)
     ds = batches_of(list_units(tmp_path, "text"), T=64, B=4, val_fraction=1e-9)
-    with pytest.raises(DataError, match="got no complete batch"):
+    with pytest.raises(DataError, match=r"got no complete batch of 4 x 65 tokens in epoch 0: too little training "
+                                        r"data; lower training.batch_size or training.block_size, or add data$"):
         next(iter(ds))
 
 
@@ -243,10 +244,12 @@ def test_from_text_names_a_file_that_is_not_utf8(tmp_path, capsys):
 def test_train_tokenizer_command_learns_from_the_training_split_only(tmp_path, corpus, capsys):
     config = write_config(tmp_path, corpus)
     out = tmp_path / "tok" / "tokenizer.json"
-    assert data.main(["--train-tokenizer", "--vocab-size", "300", "--out", str(out), "--config", str(config)]) == 0
+    assert data.main(["--train-tokenizer", "--vocab-size", "300", "--out", str(out), "--config", str(config),
+                      "training.seed=1337", "model.vocab_size=1024"]) == 0
     printed = capsys.readouterr().out
     assert "read " in printed and "(100%)" in printed  # the progress line
-    assert f"dataset.tokenizer={out} model.vocab_size=320" in printed
+    # the command to train with it keeps the overrides that chose the data, and replaces the vocabulary's
+    assert f"python train.py --config {config} training.seed=1337 dataset.tokenizer={out} model.vocab_size=320\n" in printed
     tokenizer = load_tokenizer(str(out))
     assert tokenizer.vocab_size == 300 and tokenizer.decode(tokenizer.encode("<01-002>abc")) == "<01-002>abc"
     cfg = Config.from_yaml(config)
@@ -331,6 +334,13 @@ def test_from_text_on_a_missing_file_is_one_line_and_leaves_no_folder(tmp_path):
                         str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr == f"error: {tmp_path / 'missing.txt'}: cannot read (No such file or directory)\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_from_text_on_a_folder_says_to_give_its_files(tmp_path, capsys):
+    (tmp_path / "books").mkdir()
+    assert data.main(["--from-text", str(tmp_path / "books"), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'books'}: a folder; give the text files in it, e.g. " \
+                                      f"{tmp_path / 'books' / '*.txt'}\n"
 
 
 MEMORY_PROBE = """

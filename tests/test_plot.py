@@ -16,8 +16,10 @@ def test_plots_one_and_two_runs_and_refuses_a_folder_without_metrics(tmp_path, c
     capsys.readouterr()
     assert plot.main([str(tmp_path), "--out", str(tmp_path / "none.png")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {tmp_path}: no metrics.jsonl") and err.count("\n") == 1
+    assert err.startswith(f"error: {tmp_path}: no metrics.jsonl, nor a run directory") and err.count("\n") == 1
     assert not (tmp_path / "none.png").exists()
+    assert plot.main([str(tmp_path / "ck"), "--out", str(tmp_path / "all.png")]) == 0  # a folder of runs: all of them
+    assert [p.name for p in plot.runs_in(tmp_path / "ck")] == [run.name for run in runs]
 
 
 def test_out_is_checked_first_and_damaged_records_are_skipped(tmp_path, corpus, capsys):

@@ -81,6 +81,17 @@ def test_a_temperature_that_is_not_a_number_from_zero_up_is_refused(checkpoint, 
     assert stop.value.code == 2 and "--temperature must be a number >= 0" in capsys.readouterr().err
 
 
+def test_top_k_0_samples_among_all_tokens_and_a_negative_one_is_refused(checkpoint, capsys):
+    args = ["--checkpoint", str(checkpoint), "--max-new-tokens", "30", "--device", "cpu"]
+    assert sample.main(args) == 0
+    unrestricted = capsys.readouterr().out
+    assert sample.main(args + ["--top-k", "0"]) == 0
+    assert capsys.readouterr().out == unrestricted
+    with pytest.raises(SystemExit) as stop:
+        sample.main(args + ["--top-k", "-1"])
+    assert stop.value.code == 2 and "--top-k must be >= 0 (0: sample among all tokens), got -1" in capsys.readouterr().err
+
+
 def test_text_is_printed_token_by_token_and_ctrl_c_keeps_it(checkpoint, capsys, monkeypatch):
     from model import BDH
     printed_before_next_token = []

@@ -88,6 +88,7 @@ def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, co
     [ckpt] = run.glob("checkpoint_*.pt")
     step = load_checkpoint(ckpt).step
     assert step >= 3 and f"stopped by SIGTERM after step {step}" in out
+    assert "SIGTERM: finishing the step, then saving a checkpoint (a second one stops at once)" in err
     # the resume command keeps the run's overrides
     assert f"train.py --config {path} model.dropout=0.0 training.resume_from_checkpoint={ckpt}" in out
 
@@ -307,6 +308,14 @@ def test_the_first_steps_are_logged_whatever_log_freq_says(tmp_path, corpus, cap
     logged = [int(line.split()[1].split("/")[0]) for line in capsys.readouterr().out.splitlines()
               if line.startswith("step ") and "| loss" in line]
     assert logged == [1, 2, 5, 10, 12]
+
+
+def test_a_warmup_as_long_as_the_run_is_noted(tmp_path, corpus, capsys):
+    assert train.main(["--config", str(write_config(tmp_path, corpus, max_iters=2, warmup_iters=4))]) == 0
+    assert ("note: training.warmup_iters 4 >= max_iters 2: the learning rate rises to 0.005 of 0.01 and never "
+            "decays") in capsys.readouterr().out
+    assert train.main(["--config", str(write_config(tmp_path, corpus, max_iters=5, warmup_iters=4))]) == 0
+    assert "warmup_iters" not in capsys.readouterr().out
 
 
 SLOW_EVALUATION = """
