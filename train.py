@@ -4,7 +4,7 @@
 
 main() loads the config and joins the processes torchrun started (if any); train() sets up the
 data, the model and the optimizer, resumes from a checkpoint (resume.py), describes the run, then
-loops: step, log, evaluate, checkpoint.
+loops: step, log, evaluate (evaluation.py), checkpoint.
 """
 import argparse
 import math
@@ -23,8 +23,9 @@ from adamw4bit import AdamW4bit, adamw_state_bytes
 from checkpoint import CheckpointError, RunDir, check_writable, clean_stale_temporaries
 from config import add_config_arguments, load_config
 from data import data_order, epochs_read, loader_workers, stop_loader_workers, train_loader, validation_batches
-from distributed import (DistributedError, Ranks, communication_failure, full_weights, gradient_sync, local_tensor,
-                         shutdown, start, wrap)
+from distributed import (DistributedError, Ranks, communication_failure, gradient_sync, local_tensor, shutdown, start,
+                         wrap)
+from evaluation import evaluate, tokens_per_byte
 from fp8 import FP8Error, fp8_matmuls
 from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog, format_duration, step_line
@@ -35,7 +36,6 @@ from runtime import (DTYPES, DeviceError, autocast, check_can_compile, compile_r
 from shards import DataError, ensure_sample_corpus, list_units
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
 
-SAMPLE_TOKENS = 200
 FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # whatever log_freq says: whether a run is viable shows in a minute
 STOP_CHECK_STEPS = 10  # under torchrun, a signal to a rank is acted on within this many steps
 
@@ -68,9 +68,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     if ranks.main:
         check_writable(training.checkpoint_dir)
     tokenizer, units, val_batches = prepare_data(cfg, ranks)
-    # bits per byte: the validation targets' total nats / ln 2 / the UTF-8 bytes they decode to
-    val_tokens_per_byte = (sum(y.numel() for _, y in val_batches)
-                           / sum(int(tokenizer.token_bytes[y.numpy()].sum()) for _, y in val_batches))
+    val_tokens_per_byte = tokens_per_byte(val_batches, tokenizer)
     workers = loader_workers(cfg, units, ranks.world_size)
 
     # ---- model and optimizer
@@ -186,6 +184,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             compiling = compile_model and step == 1  # its time is mostly compilation: no ETA from it
             print(step_line(record, training.max_iters, None if compiling else seconds_per_step, now - start),
                   flush=True)
+            if step == 2 and device.type == "cpu" and seconds_per_step * (training.max_iters - step) > 3600:
+                print(f"  note: at this speed the run takes about {seconds_per_step * training.max_iters / 3600:.1f} "
+                      f"hours on this CPU; configs/tiny.yaml is sized for a CPU (minutes)", flush=True)
             if int(epochs) > passes_before:
                 print(f"  about {int(epochs)} pass{'es' if int(epochs) > 1 else ''} over the training data done: its "
                       f"documents are read again from here, reshuffled", flush=True)
@@ -335,45 +336,6 @@ def learning_rate(step: int, training) -> float:
     progress = (step - training.warmup_iters) / max(1, training.max_iters - training.warmup_iters)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return training.min_lr + cosine * (training.learning_rate - training.min_lr)
-
-
-@torch.no_grad()
-def evaluate(model, val_batches, device, compute, generator, ranks: Ranks, tokenizer):
-    """(mean validation loss, a sample continuing the first validation window, the fractions of
-    the x and y latents that are non-zero, per layer). Rank r takes batches r, r + world_size, ...;
-    every rank runs as many forwards (FSDP gathers weights in each), a rank short of a batch
-    repeats the first one and does not count it. Runs the uncompiled model: eval mode and
-    generation lengths would each trigger a recompile."""
-    model.eval()
-    total_dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
-    totals = torch.zeros(2, dtype=total_dtype, device=device)  # loss sum, batches
-    active = torch.zeros(model.config.n_layer, 3, dtype=total_dtype, device=device)  # x, y non-zero; elements
-    layers = []
-
-    def count_active(a, b):  # called by each layer in turn
-        layer = active[len(layers) % len(active)]
-        layer[0] += (a > 0).sum()
-        layer[1] += (b > 0).sum()
-        layer[2] += a.numel()
-        layers.append(layer)
-
-    for i in range(math.ceil(len(val_batches) / ranks.world_size)):
-        k = ranks.rank + i * ranks.world_size
-        x, y = val_batches[k if k < len(val_batches) else 0]
-        with compute:
-            _, loss = model(x.to(device), y.to(device), observe=count_active if k < len(val_batches) else None)
-        if k < len(val_batches):
-            totals += torch.stack([loss.to(total_dtype), loss.new_ones((), dtype=total_dtype)])
-    loss_sum, count = ranks.total(totals).tolist()
-    active = ranks.total(active)
-    sparsity = ((active[:, 0] / active[:, 2]).tolist(), (active[:, 1] / active[:, 2]).tolist())
-    prompt = val_batches[0][0][:1, :32].to(device)
-    generator.manual_seed(0)
-    with compute, full_weights(model, ranks):
-        out = model.generate(prompt, SAMPLE_TOKENS, temperature=0.8, top_k=None, generator=generator,
-                             vocab_limit=tokenizer.vocab_size)
-    model.train()
-    return loss_sum / count, tokenizer.decode(out[0].tolist()), sparsity
 
 
 def stop_requested(stop, ranks: Ranks, step: int, device) -> bool:

@@ -1,8 +1,8 @@
 """train.py end to end: the run directory, logging, signals, errors (resume: test_resume.py)."""
-import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +19,7 @@ from config import Config
 from conftest import ROOT, only_run, run_dirs, write_config
 from data import validation_batches
 from shards import list_units
-from tokenizer import ByteTokenizer, load_tokenizer
+from tokenizer import load_tokenizer
 
 
 def test_run_directory_holds_resolved_config_checkpoints_and_metrics(tmp_path, corpus, capsys):
@@ -116,47 +116,6 @@ def test_activation_checkpointing_reaches_the_model(tmp_path, corpus, monkeypatc
     path = write_config(tmp_path, corpus, max_iters=1, test_freq=100)
     assert train.main(["--config", str(path), "training.activation_checkpointing=true"]) == 0
     assert seen and all(seen)
-
-
-def test_evaluation_builds_no_autograd_graph():
-    from distributed import Ranks
-    from model import BDH, BDHConfig
-    model = BDH(BDHConfig(n_layer=1, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4))
-    grad_modes = []
-    model.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
-    batches = [(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8)))]
-    loss, _, _ = train.evaluate(model, batches, torch.device("cpu"), contextlib.nullcontext(), torch.Generator(),
-                                Ranks(), ByteTokenizer())
-    assert grad_modes == [False] and loss > 0 and model.training
-
-
-def test_evaluation_sparsity_is_the_share_of_non_zero_latents_per_layer():
-    from distributed import Ranks
-    from model import BDH, BDHConfig, layer_norm
-    from reference import rope, rope_cos_sin
-    torch.manual_seed(0)
-    model = BDH(BDHConfig(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4, dropout=0.0))
-    batches = [(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))) for _ in range(3)]
-    _, _, (x_active, y_active) = train.evaluate(model, batches, torch.device("cpu"), contextlib.nullcontext(),
-                                                torch.Generator(), Ranks(), ByteTokenizer())
-    # the same fractions counted directly, with the straightforward formulation of the layers
-    x_count, y_count, total = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), 0
-    with torch.no_grad():
-        cos, sin = rope_cos_sin(model.rope_freqs, torch.arange(8))
-        for idx, _ in batches:
-            x = layer_norm(model.embed(idx).unsqueeze(1))
-            for layer in range(2):
-                a = torch.relu(x @ model.encoder)
-                r = rope(a, cos, sin)
-                b = torch.relu(layer_norm((r @ r.transpose(-1, -2)).tril(-1) @ x) @ model.encoder_v)
-                x_count[layer] += (a > 0).sum()
-                y_count[layer] += (b > 0).sum()
-                z = (a * b).transpose(1, 2).reshape(2, 1, 8, -1)
-                x = layer_norm(x + layer_norm(z @ model.decoder))
-            total += a.numel()
-    assert x_active == pytest.approx((x_count / total).tolist(), abs=1e-12)
-    assert y_active == pytest.approx((y_count / total).tolist(), abs=1e-12)
-    assert all(0 < f < 1 for f in x_active + y_active)
 
 
 def validation_bytes_and_tokens(path):
@@ -371,6 +330,24 @@ def test_the_share_of_time_spent_waiting_for_batches_is_logged(tmp_path, corpus,
     [run] = (tmp_path / "ck").iterdir()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(0.5 < r["data_wait"] <= 1 for r in records if "data_wait" in r) and len(records) >= 2
+
+
+def test_a_cpu_run_of_many_hours_points_at_the_cpu_config(tmp_path, corpus, capsys, monkeypatch):
+    real = train.train_loader
+
+    def slow_loader(*args, **kwargs):  # 0.2 s a step: 20,000 steps take 67 minutes
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt  # seen what we came for: stop
+            time.sleep(0.2)
+            yield batch
+
+    monkeypatch.setattr(train, "train_loader", slow_loader)
+    path = write_config(tmp_path, corpus, max_iters=20000, test_freq=100000)
+    assert train.main(["--config", str(path)]) == 130
+    out = capsys.readouterr().out
+    assert "step 2/20000" in out
+    assert re.search(r"note: at this speed the run takes about 1\.\d hours on this CPU; configs/tiny.yaml", out)
 
 
 def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys):
