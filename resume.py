@@ -16,6 +16,7 @@ from checkpoint import (Checkpoint, CheckpointError, RunDir, check_same_model, i
                         optimizer_state_for, rng_state, set_rng_state)
 from data import resume_point
 from distributed import full_state, load_full_state, load_full_weights
+from tokenizer import TokenizerError, load_tokenizer
 
 
 @dataclass
@@ -106,15 +107,26 @@ def fine_tune_from_export(cfg, model, tokenizer, ranks):
 
 def check_same_tokenizer(saved: str, tokenizer, path, saved_setting, saved_model: dict, model_config):
     """Refuses another tokenizer than the one the weights were trained with, naming the settings
-    to give (`saved_setting`: the tokenizer file it came from; its vocab_size if that differs too)."""
+    to give: `saved_setting`, the tokenizer file it came from, if that file still holds it; its
+    vocab_size if that differs too."""
     if saved == tokenizer.to_str():
         return
     trained_with = "bytes" if saved == "bytes" else "another tokenizer.json"
-    fix = [f"dataset.tokenizer={'bytes' if saved == 'bytes' else saved_setting}"]
+    written_out = saved != "bytes" and not holds_tokenizer(saved_setting, saved)
+    fix = ["dataset.tokenizer=" + ("bytes" if saved == "bytes" else "DIR/tokenizer.json" if written_out else saved_setting)]
     if saved_model.get("vocab_size") != model_config.vocab_size:
         fix.append(f"model.vocab_size={saved_model.get('vocab_size')}")
+    how = (f", DIR being where `python export.py --checkpoint {path} --out DIR` writes the one the checkpoint "
+           f"carries ({saved_setting} no longer holds it)" if written_out else "")
     raise CheckpointError(f"{path}: the model was trained with {trained_with}, not dataset.tokenizer "
-                          f"{tokenizer.name}; set {' '.join(fix)} (the tokenizer it was trained with), or start a new run")
+                          f"{tokenizer.name}; set {' '.join(fix)}{how}; or start a new run")
+
+
+def holds_tokenizer(file, saved: str) -> bool:
+    try:
+        return file is not None and load_tokenizer(file).to_str() == saved
+    except TokenizerError:
+        return False
 
 
 def evaluated_weights(low_precision: dict) -> str:

@@ -38,6 +38,7 @@ from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
 
 FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # whatever log_freq says: whether a run is viable shows in a minute
 STOP_CHECK_STEPS = 10  # under torchrun, a signal to a rank is acted on within this many steps
+GPU_SIZED_CPU_STEP_S = 5  # a fresh CPU run this slow a step (tiny.yaml: about 0.1 s) and hours long is pointed at tiny.yaml
 
 
 class TrainingError(Exception):
@@ -127,6 +128,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     paused = 0.0  # evaluation and checkpoint seconds in this log interval: not training time
     data_wait = 0.0  # seconds of this log interval spent waiting for the loader's next batch
     n_readers, dealt = ranks.world_size * max(1, workers), {}
+    first_step = progress.step + 1  # this process's: a compiled run compiles in it
     epochs = epochs_read(progress.positions.values(), units, training.seed, n_readers, dealt)
     model.train()
 
@@ -181,12 +183,14 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                       "peak_memory_mib": round(peak_memory_bytes(device) / 2**20, 1), "elapsed_s": round(now - start, 2)}
             if peak:  # tokens_per_step counts every rank; peak is one GPU's
                 record["mfu"] = flops_per_token * tokens_per_step / ranks.world_size / seconds_per_step / peak
-            compiling = compile_model and step == 1  # its time is mostly compilation: no ETA from it
+            compiling = compile_model and step == first_step  # its time is mostly compilation: no ETA from it
             print(step_line(record, training.max_iters, None if compiling else seconds_per_step, now - start),
                   flush=True)
-            if step == 2 and device.type == "cpu" and seconds_per_step * (training.max_iters - step) > 3600:
+            if (step == first_step + 1 == 2 and device.type == "cpu" and seconds_per_step > GPU_SIZED_CPU_STEP_S
+                    and seconds_per_step * training.max_iters > 3600):
                 print(f"  note: at this speed the run takes about {seconds_per_step * training.max_iters / 3600:.1f} "
-                      f"hours on this CPU; configs/tiny.yaml is sized for a CPU (minutes)", flush=True)
+                      f"hours on this CPU: model and batch are sized for a GPU; configs/tiny.yaml is sized for a CPU "
+                      f"(minutes)", flush=True)
             if int(epochs) > passes_before:
                 print(f"  about {int(epochs)} pass{'es' if int(epochs) > 1 else ''} over the training data done: its "
                       f"documents are read again from here, reshuffled", flush=True)

@@ -64,6 +64,7 @@ def process_wide_torch_settings():
     (runtime.compile_repeatably) ends with its test."""
     yield
     torch.use_deterministic_algorithms(False)
+    torch.utils.deterministic.fill_uninitialized_memory = True
 
 
 @pytest.fixture

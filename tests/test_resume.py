@@ -146,11 +146,18 @@ def test_a_bpe_run_resumes_samples_with_its_tokenizer_and_refuses_another(tmp_pa
     capsys.readouterr()
     assert sample.main(["--checkpoint", str(run), "--prompt", "<00-", "--max-new-tokens", "20"]) == 0
     assert capsys.readouterr().out.startswith("<00-")
-    assert train.main(["--config", str(path), "dataset.tokenizer=bytes", "model.vocab_size=256",
-                       "training.resume_from_checkpoint=latest", "training.max_iters=3"]) == 1
+    bytes_run = [str(path), "dataset.tokenizer=bytes", "model.vocab_size=256", "training.resume_from_checkpoint=latest",
+                 "training.max_iters=3"]
+    assert train.main(["--config", *bytes_run]) == 1
     err = capsys.readouterr().err  # one message naming both settings, not the model shape first
     assert (f"checkpoint_2.pt: the model was trained with another tokenizer.json, not dataset.tokenizer bytes; set "
-            f"dataset.tokenizer={bpe_file} model.vocab_size=320 (the tokenizer it was trained with)") in err
+            f"dataset.tokenizer=DIR/tokenizer.json model.vocab_size=320, DIR being where `python export.py "
+            f"--checkpoint {run / 'checkpoint_2.pt'} --out DIR` writes the one the checkpoint carries ({bpe_file} no "
+            f"longer holds it); or start a new run") in err
+    bpe_file.write_text(load_checkpoint(run / "checkpoint_2.pt").tokenizer)  # the file is back: it is named
+    assert train.main(["--config", *bytes_run]) == 1
+    assert (f"not dataset.tokenizer bytes; set dataset.tokenizer={bpe_file} model.vocab_size=320; or start a new "
+            f"run") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("num_workers,tokens", [(0, "bytes"), (2, "bytes"), (2, "bpe")])

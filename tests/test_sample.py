@@ -83,9 +83,11 @@ def test_a_temperature_that_is_not_a_number_from_zero_up_is_refused(checkpoint, 
 
 def test_top_k_0_samples_among_all_tokens_and_a_negative_one_is_refused(checkpoint, capsys):
     args = ["--checkpoint", str(checkpoint), "--max-new-tokens", "30", "--device", "cpu"]
-    assert sample.main(args) == 0
+    assert sample.main(args + ["--top-k", "256"]) == 0  # every byte: no restriction
     unrestricted = capsys.readouterr().out
     assert sample.main(args + ["--top-k", "0"]) == 0
+    assert capsys.readouterr().out == unrestricted
+    assert sample.main(args) == 0  # the default
     assert capsys.readouterr().out == unrestricted
     with pytest.raises(SystemExit) as stop:
         sample.main(args + ["--top-k", "-1"])

@@ -335,6 +335,8 @@ def test_the_share_of_time_spent_waiting_for_batches_is_logged(tmp_path, corpus,
 def test_a_cpu_run_of_many_hours_points_at_the_cpu_config(tmp_path, corpus, capsys, monkeypatch):
     real = train.train_loader
 
+    monkeypatch.setattr(train, "GPU_SIZED_CPU_STEP_S", 0.1)
+
     def slow_loader(*args, **kwargs):  # 0.2 s a step: 20,000 steps take 67 minutes
         for i, batch in enumerate(real(*args, **kwargs)):
             if i == 3:
@@ -347,7 +349,8 @@ def test_a_cpu_run_of_many_hours_points_at_the_cpu_config(tmp_path, corpus, caps
     assert train.main(["--config", str(path)]) == 130
     out = capsys.readouterr().out
     assert "step 2/20000" in out
-    assert re.search(r"note: at this speed the run takes about 1\.\d hours on this CPU; configs/tiny.yaml", out)
+    assert re.search(r"note: at this speed the run takes about [12]\.\d hours on this CPU: model and batch are sized "
+                     r"for a GPU; configs/tiny.yaml", out)
 
 
 def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys):
