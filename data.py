@@ -112,8 +112,8 @@ class ParquetBatches(IterableDataset):
     def epoch_batches(self, cache, reader, n_readers, epoch, start=None):
         """One epoch of one reader (from `start` if given): its units joined into a stream, cut
         into windows, shuffled within each part of a unit, packed into batches."""
-        T, B, train = self.block_size, self.batch_size, self.shuffle
-        units = assign_units(self.units, epoch, self.seed, n_readers, shuffle=train)[reader]
+        T, B, shuffle = self.block_size, self.batch_size, self.shuffle
+        units = assign_units(self.units, epoch, self.seed, n_readers, shuffle=shuffle)[reader]
         first = start["unit"] if start else 0
         carry = np.array(start["carry"] if start else [], dtype=self.tokenizer.dtype)
         pending = []
@@ -131,7 +131,7 @@ class ParquetBatches(IterableDataset):
                     continue
                 windows = np.lib.stride_tricks.sliding_window_view(stream, T + 1)[::T][:n_windows]
                 order = np.arange(n_windows)  # windows are copied a batch at a time, in this order
-                if train:
+                if shuffle:
                     order = np.random.default_rng([self.seed, epoch, unit.file_key, unit.row_group, part]).permutation(
                         n_windows)
                 used = start["consumed"] if start and k == first and part == skip else 0
@@ -250,8 +250,8 @@ def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=
     training, dataset_cfg = cfg.training, cfg.dataset
     dataset = ParquetBatches(units, training_split(cfg), training.block_size, training.batch_size, training.seed,
                              dataset_cfg.val_fraction, dataset_cfg.text_column, dataset_cfg.max_cached_files,
-                             tokenizer, rank, world_size, positions, batches_consumed % max(1, workers),
-                             first_epoch, shuffle=True)
+                             tokenizer, rank=rank, world_size=world_size, positions=positions,
+                             rotation=batches_consumed % max(1, workers), first_epoch=first_epoch, shuffle=True)
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=cfg.dataloader.prefetch_factor if workers else None,
                       worker_init_fn=_leave_signals_to_main if workers else None,
@@ -391,8 +391,8 @@ def main(argv=None):
                                       replace=args.replace)
             print(f"wrote {n} documents to {args.out}")
         else:
-            print(train_tokenizer(load_config(args), args.vocab_size, Path(args.out), ["--config", args.config, *args.overrides],
-                                  args.replace))
+            config_arguments = ["--config", args.config, *args.overrides]
+            print(train_tokenizer(load_config(args), args.vocab_size, Path(args.out), config_arguments, args.replace))
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -9,9 +9,9 @@ layers, generation and the low-precision paths:
 - training runs the layer stack as one autograd Function with a hand-written backward (LayerStack):
   the attention r·rᵀ is computed only in tiles on or below the diagonal, forward and backward;
   between forward and backward a layer keeps one (H, B, T, N) activation (a = relu(x @ encoder)),
-  its dropout mask as bits and (H, B, T, T) / (B, T, D)-sized tensors, and recomputes the rest
-  (with activation_checkpointing it keeps only its input); the shared weights' gradients
-  accumulate in place across layers;
+  its dropout mask as bits and (H, B, T, T)-, (H, B, T, D)- and (B, T, D)-sized tensors, and
+  recomputes the rest (with activation_checkpointing it keeps only its input); the shared weights'
+  gradients accumulate in place across layers;
 - generation uses the recurrent form: a state of size N x D per layer and head carries the earlier
   positions, so each new token costs the same whatever the context (BDH.generate);
 - the weight products go through a Matmuls object: FP8 training plugs in its own
@@ -37,6 +37,7 @@ LN_EPS = 1e-5
 TILE = 64  # rows per tile of the causal attention
 CHUNK = 1024  # latent columns per slice where backward avoids a full (H, B*T, N) temporary
 LAYER_WEIGHTS = ("encoder", "encoder_v", "decoder")  # shared by all layers; the 4-bit modes quantize these
+SAVED_PER_LAYER = 7  # LayerStack keeps x, the dropout bits and layer_forward's 5 tensors of each layer
 
 
 @dataclass
@@ -135,7 +136,8 @@ def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
 def unpack_4bit(codes: torch.Tensor, absmax: torch.Tensor, code_book: torch.Tensor, shape, blocksize: int):
     """Weights stored in 4 bits (an export with --4bit): codes two per byte, the first in the high
     nibble; a float32 scale per block of `blocksize` values; value = code_book[code] x its block's
-    scale. The same arithmetic as bitsandbytes' dequantize_4bit, so the same values."""
+    scale. The same arithmetic as bitsandbytes' dequantize_4bit, so the same values. It lives here
+    because the Hugging Face export ships model.py alone (hf/modeling_bdh.py), without bitsandbytes."""
     numel = math.prod(shape)
     index = torch.stack([codes.view(-1) >> 4, codes.view(-1) & 15], dim=-1).view(-1)[:numel].long()
     values = nn.functional.pad(code_book[index], (0, (-numel) % blocksize)).view(-1, blocksize)
@@ -146,7 +148,7 @@ class Matmuls:
     """The layer's weight products, batched over heads: a (H or 1, M, K) @ b (H, K, N) -> (H, M, N).
     `role` names the GEMM as a linear layer's would be named: "output" (forward), "grad_input"
     and "grad_weight" (backward), for backends that treat them differently (fp8.FP8Matmuls).
-    This one runs torch.bmm in the autocast dtype."""
+    This one runs torch.matmul (which broadcasts the shared 1 of a over the heads) in the autocast dtype."""
 
     def product(self, a, b, role="output"):
         return torch.matmul(a, b)
@@ -174,7 +176,8 @@ def layer_forward(x, encoder, encoder_v, decoder, phases, drop=None, dropout=0.0
         out = LN(x + LN(sum_h dropout(a * b)_h @ decoder_h))   (B, T, D)
 
     `state` (H, B, N, D), for generation: sum_s rope(a_s) x_sᵀ over the positions before this
-    chunk; they add rope(a) @ state to y_kv, and the chunk's own positions are added to the state.
+    chunk. rope(a) @ state is added to y_kv (the earlier positions' part of the attention), then
+    the chunk's own rope(a)ᵀ x is added to the state.
     `observe(a, b)`, if given, sees the two sparse latents: a (H, B, T, N) and b (H, B*T, N).
     Returns out and what backward needs: a and small tensors."""
     (B, T, D), (H, _, N) = x.shape, encoder.shape
@@ -267,7 +270,7 @@ class LayerStack(torch.autograd.Function):
             out, layer_saved = layer_forward(x, encoder, encoder_v, decoder, phases, drop, dropout, matmuls,
                                              observe=observe)
             saved += [x, None if drop is None else pack_bits(drop),
-                      *((None,) * 5 if checkpoint else layer_saved)]  # 7 entries per layer
+                      *((None,) * 5 if checkpoint else layer_saved)]
             x = out
         ctx.n_layer, ctx.dropout, ctx.checkpoint, ctx.matmuls = n_layer, dropout, checkpoint, matmuls
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
@@ -285,7 +288,7 @@ class LayerStack(torch.autograd.Function):
         grad_x = grad_out
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
             for layer in reversed(range(ctx.n_layer)):
-                x, drop_bits, *layer_saved = saved[layer * 7:(layer + 1) * 7]
+                x, drop_bits, *layer_saved = saved[layer * SAVED_PER_LAYER:(layer + 1) * SAVED_PER_LAYER]
                 B, T, _ = x.shape
                 drop = None if drop_bits is None else unpack_bits(drop_bits, (H, B * T, N))
                 if ctx.checkpoint:

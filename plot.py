@@ -97,7 +97,8 @@ def plot(run_dirs, out: Path):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or their metrics.jsonl), or folders of runs")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="run directories (or their metrics.jsonl), or folders of runs")
     parser.add_argument("--out", default="curves.png", help="the picture to write (default curves.png)")
     args = parser.parse_args(argv)
     try:

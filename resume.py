@@ -113,7 +113,8 @@ def check_same_tokenizer(saved: str, tokenizer, path, saved_setting, saved_model
         return
     trained_with = "bytes" if saved == "bytes" else "another tokenizer.json"
     written_out = saved != "bytes" and not holds_tokenizer(saved_setting, saved)
-    fix = ["dataset.tokenizer=" + ("bytes" if saved == "bytes" else "DIR/tokenizer.json" if written_out else saved_setting)]
+    file = "DIR/tokenizer.json" if written_out else saved_setting
+    fix = ["dataset.tokenizer=" + ("bytes" if saved == "bytes" else file)]
     if saved_model.get("vocab_size") != model_config.vocab_size:
         fix.append(f"model.vocab_size={saved_model.get('vocab_size')}")
     how = (f", DIR being where `python export.py --checkpoint {path} --out DIR` writes the one the checkpoint "

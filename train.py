@@ -25,7 +25,7 @@ from config import add_config_arguments, load_config
 from data import data_order, epochs_read, loader_workers, stop_loader_workers, train_loader, validation_batches
 from distributed import (DistributedError, Ranks, communication_failure, gradient_sync, local_tensor, shutdown, start,
                          wrap)
-from evaluation import evaluate, tokens_per_byte
+from evaluation import generate_sample, tokens_per_byte, validation_loss
 from fp8 import FP8Error, fp8_matmuls
 from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog, format_duration, step_line
@@ -38,7 +38,7 @@ from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
 
 FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # whatever log_freq says: whether a run is viable shows in a minute
 STOP_CHECK_STEPS = 10  # under torchrun, a signal to a rank is acted on within this many steps
-GPU_SIZED_CPU_STEP_S = 5  # a fresh CPU run this slow a step (tiny.yaml: about 0.1 s) and hours long is pointed at tiny.yaml
+SLOW_CPU_STEP_S = 5  # seconds a step on CPU (tiny.yaml: about 0.1) above which an hours-long run suggests tiny.yaml
 
 
 class TrainingError(Exception):
@@ -93,7 +93,6 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     # ---- resume
     if ranks.main and (removed := clean_stale_temporaries(training.checkpoint_dir)):
         print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
-    run, progress, start_positions, first_epoch = RunDir(training.checkpoint_dir, writer=ranks.main), Progress(), [], 0
     if training.resume_from_checkpoint:
         run, progress, start_positions, first_epoch = resume(cfg, raw_model, optimizer, scaler, tokenizer, units,
                                                              workers, ranks, device)
@@ -101,11 +100,14 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             print(f"nothing to do: the checkpoint is at step {progress.step} and training.max_iters is "
                   f"{training.max_iters}; raise max_iters to train further")
             return 0
+    else:  # a new run, whose directory the first checkpoint creates
+        run, progress, start_positions, first_epoch = RunDir(training.checkpoint_dir, writer=ranks.main), Progress(), [], 0
     if compile_model:
         model = torch.compile(model)
 
     # ---- describe the run
-    metrics = MetricsLog(run, cfg, resumed_step=progress.step if run.path is not None else None)
+    continues_run_dir = run.path is not None
+    metrics = MetricsLog(run, cfg, resumed_step=progress.step if continues_run_dir else None)
     flops_per_token = cfg.model.training_flops_per_token(training.block_size)
     print(describe_run(cfg, raw_model, optimizer, ranks, device, len(units), tokens_per_step, compile_model, fp8_recipe,
                        qat_start))
@@ -122,13 +124,14 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     order = data_order(cfg, units, workers, ranks.world_size)
     sample_generator = torch.Generator(device=device)
     stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main)
+    # summed on the device, read at log lines only: no wait for the GPU at every step
     loss_sum, grad_norm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     loss_count, steps_since_log = 0, 0
     start = interval_start = time.perf_counter()
-    paused = 0.0  # evaluation and checkpoint seconds in this log interval: not training time
-    data_wait = 0.0  # seconds of this log interval spent waiting for the loader's next batch
+    paused_s = 0.0  # evaluation and checkpoint seconds in this log interval: not training time
+    data_wait_s = 0.0  # seconds of this log interval spent waiting for the loader's next batch
     n_readers, dealt = ranks.world_size * max(1, workers), {}
-    first_step = progress.step + 1  # this process's: a compiled run compiles in it
+    first_step = progress.step + 1  # the first step of this process: a compiled run compiles in it
     epochs = epochs_read(progress.positions.values(), units, training.seed, n_readers, dealt)
     model.train()
 
@@ -144,7 +147,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         for micro in range(training.gradient_accumulation_steps):
             wait_start = time.perf_counter()
             x, y, position = next(loader)
-            data_wait += time.perf_counter() - wait_start
+            data_wait_s += time.perf_counter() - wait_start
             progress.positions[position["reader"]] = position
             progress.batches_consumed += 1
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -168,26 +171,27 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
 
         # ---- log
         if step % log_freq == 0 or step == training.max_iters or step in FIRST_STEPS_LOGGED:
-            train_loss, grad_norm = ranks.mean(torch.stack([loss_sum / loss_count, grad_norm_sum / steps_since_log])).tolist()
+            train_loss, mean_grad_norm = ranks.mean(torch.stack([loss_sum / loss_count,
+                                                                 grad_norm_sum / steps_since_log])).tolist()
             if not math.isfinite(train_loss):
                 raise non_finite("the training loss", step, progress.last_saved)
             now = time.perf_counter()
-            seconds_per_step = (now - interval_start - paused) / steps_since_log
+            seconds_per_step = (now - interval_start - paused_s) / steps_since_log
             passes_before = int(epochs)
             epochs = epochs_read(progress.positions.values(), units, training.seed, n_readers, dealt)
             record = {"step": step, "tokens": step * tokens_per_step, "epochs": round(epochs, 3),
                       "train_loss": train_loss, "lr": lr,
-                      "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_step / seconds_per_step),
+                      "grad_norm": mean_grad_norm, "tokens_per_s": round(tokens_per_step / seconds_per_step),
                       "ms_per_step": round(seconds_per_step * 1000, 2),
-                      "data_wait": round(data_wait / (seconds_per_step * steps_since_log), 4),
+                      "data_wait": round(data_wait_s / (seconds_per_step * steps_since_log), 4),
                       "peak_memory_mib": round(peak_memory_bytes(device) / 2**20, 1), "elapsed_s": round(now - start, 2)}
             if peak:  # tokens_per_step counts every rank; peak is one GPU's
                 record["mfu"] = flops_per_token * tokens_per_step / ranks.world_size / seconds_per_step / peak
             compiling = compile_model and step == first_step  # its time is mostly compilation: no ETA from it
             print(step_line(record, training.max_iters, None if compiling else seconds_per_step, now - start),
                   flush=True)
-            if (step == first_step + 1 == 2 and device.type == "cpu" and seconds_per_step > GPU_SIZED_CPU_STEP_S
-                    and seconds_per_step * training.max_iters > 3600):
+            if (first_step == 1 and step == 2 and device.type == "cpu" and seconds_per_step > SLOW_CPU_STEP_S
+                    and seconds_per_step * training.max_iters > 3600):  # a fresh run's first step not compiling
                 print(f"  note: at this speed the run takes about {seconds_per_step * training.max_iters / 3600:.1f} "
                       f"hours on this CPU: model and batch are sized for a GPU; configs/tiny.yaml is sized for a CPU "
                       f"(minutes)", flush=True)
@@ -195,30 +199,34 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                 print(f"  about {int(epochs)} pass{'es' if int(epochs) > 1 else ''} over the training data done: its "
                       f"documents are read again from here, reshuffled", flush=True)
             metrics.log(record)
-            loss_count, steps_since_log, interval_start, paused, data_wait = 0, 0, time.perf_counter(), 0.0, 0.0
+            loss_count, steps_since_log, interval_start, paused_s, data_wait_s = 0, 0, time.perf_counter(), 0.0, 0.0
             loss_sum.zero_()
             grad_norm_sum.zero_()
 
         # ---- evaluate
         if step % training.test_freq == 0 or step == training.max_iters:
-            evaluation_start, stop.doing = time.perf_counter(), "the evaluation"
-            raw_model.weight_view = qat_view
-            val_loss, sample, sparsity = evaluate(raw_model, val_batches, device, compute, sample_generator, ranks,
-                                                  tokenizer)
+            evaluation_start = time.perf_counter()
+            stop.doing = "the evaluation"
+            raw_model.weight_view = qat_view  # use_4bit: the 4-bit model is measured (each step sets its own view)
+            raw_model.eval()
+            val_loss, active = validation_loss(raw_model, val_batches, device, compute, ranks)
+            sample = generate_sample(raw_model, val_batches, device, compute, sample_generator, ranks, tokenizer)
+            raw_model.train()
             bits_per_byte = val_loss * val_tokens_per_byte / math.log(2)
-            x_active, y_active = (sum(fractions) / len(fractions) for fractions in sparsity)
+            x_active, y_active = (sum(fractions) / len(fractions) for fractions in active)
             print(f"step {step}: val loss {val_loss:.4f} | {bits_per_byte:.4f} bits/byte | active latents: x "
                   f"{x_active:.1%}, y {y_active:.1%} (mean over layers)\n--- sample ---\n{sample}\n--------------",
                   flush=True)
             metrics.log({"step": step, "tokens": step * tokens_per_step, "val_loss": val_loss,
-                         "val_bits_per_byte": bits_per_byte, "sparsity_x": sparsity[0], "sparsity_y": sparsity[1],
+                         "val_bits_per_byte": bits_per_byte, "sparsity_x": active[0], "sparsity_y": active[1],
                          "sample": sample})
             if val_loss < progress.best_val_loss:
                 progress.best_val_loss = val_loss
                 path = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer,
                             name="best.pt")
                 print(f"saved {path} (best validation loss so far)", flush=True)
-            paused, stop.doing = paused + time.perf_counter() - evaluation_start, "the step"
+            paused_s += time.perf_counter() - evaluation_start
+            stop.doing = "the step"
             stopping = stopping or ranks.any(stop.signal_name is not None, device)  # heard during the evaluation
 
         # ---- checkpoint
@@ -233,7 +241,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             run.prune(training.keep_last_n)
             metrics.flush()  # the first checkpoint creates the run directory: what waited is written now
             print(f"saved {progress.last_saved}", flush=True)
-            paused += time.perf_counter() - checkpoint_start
+            paused_s += time.perf_counter() - checkpoint_start
         if stopping:
             metrics.close()
             print(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. Resume "

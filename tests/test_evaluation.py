@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distributed import Ranks
-from evaluation import evaluate
+from evaluation import generate_sample, validation_loss
 from model import BDH, BDHConfig, layer_norm
 from reference import rope, rope_cos_sin
 from tokenizer import ByteTokenizer
@@ -16,17 +16,26 @@ def test_evaluation_builds_no_autograd_graph():
     grad_modes = []
     model.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
     batches = [(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8)))]
-    loss, _, _ = evaluate(model, batches, torch.device("cpu"), contextlib.nullcontext(), torch.Generator(), Ranks(),
-                          ByteTokenizer())
-    assert grad_modes == [False] and loss > 0 and model.training
+    loss, _ = validation_loss(model.eval(), batches, torch.device("cpu"), contextlib.nullcontext(), Ranks())
+    assert grad_modes == [False] and loss > 0
+
+
+def test_the_sample_continues_the_first_validation_window_with_the_same_draws_each_time():
+    model = BDH(BDHConfig(n_layer=1, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4)).eval()
+    batches = [(torch.randint(0, 256, (2, 40)), torch.randint(0, 256, (2, 40)))]
+    generator = torch.Generator()
+    texts = [generate_sample(model, batches, torch.device("cpu"), contextlib.nullcontext(), generator, Ranks(),
+                             ByteTokenizer()) for _ in range(2)]
+    prompt = ByteTokenizer().decode(batches[0][0][0, :32].tolist())
+    assert texts[0] == texts[1] and texts[0].startswith(prompt) and len(texts[0]) > len(prompt)
 
 
 def test_evaluation_sparsity_is_the_share_of_non_zero_latents_per_layer():
     torch.manual_seed(0)
     model = BDH(BDHConfig(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4, dropout=0.0))
     batches = [(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))) for _ in range(3)]
-    _, _, (x_active, y_active) = evaluate(model, batches, torch.device("cpu"), contextlib.nullcontext(),
-                                          torch.Generator(), Ranks(), ByteTokenizer())
+    _, (x_active, y_active) = validation_loss(model.eval(), batches, torch.device("cpu"), contextlib.nullcontext(),
+                                              Ranks())
     # the same fractions counted directly, with the straightforward formulation of the layers
     x_count, y_count, total = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), 0
     with torch.no_grad():

@@ -281,12 +281,12 @@ SLOW_EVALUATION = """
 import sys, time
 sys.path.insert(0, sys.argv.pop(1))
 import train
-real_evaluate = train.evaluate
-def evaluate(*args):
+real_validation_loss = train.validation_loss
+def validation_loss(*args):
     print("EVALUATING", flush=True)
     time.sleep(4)
-    return real_evaluate(*args)
-train.evaluate = evaluate
+    return real_validation_loss(*args)
+train.validation_loss = validation_loss
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -335,7 +335,7 @@ def test_the_share_of_time_spent_waiting_for_batches_is_logged(tmp_path, corpus,
 def test_a_cpu_run_of_many_hours_points_at_the_cpu_config(tmp_path, corpus, capsys, monkeypatch):
     real = train.train_loader
 
-    monkeypatch.setattr(train, "GPU_SIZED_CPU_STEP_S", 0.1)
+    monkeypatch.setattr(train, "SLOW_CPU_STEP_S", 0.1)
 
     def slow_loader(*args, **kwargs):  # 0.2 s a step: 20,000 steps take 67 minutes
         for i, batch in enumerate(real(*args, **kwargs)):
