@@ -279,13 +279,19 @@ def validation_batches(cfg, units, tokenizer) -> list:
               f"{training.eval_iters}: every evaluation measures those {len(batches)}")
     if not batches:
         cache = ParquetFileCache(1)
-        documents = any(len(docs) for unit in units for docs in read_unit_documents(
-            cache, unit, dataset_cfg.text_column, "all", training.seed, dataset_cfg.val_fraction))
+        documents, val_documents = ([sum(len(docs) for unit in units for docs in read_unit_documents(
+            cache, unit, dataset_cfg.text_column, part, training.seed, dataset_cfg.val_fraction))
+            for part in ("all", "val")])
         cache.close()
         if not documents:
             raise DataError(f"{folder}: column {dataset_cfg.text_column!r} holds no documents: every "
                             f"row of the {len({u.path for u in units})} file(s) is null or empty; set "
                             f"dataset.text_column to the column with the text")
+        if not val_documents and not dataset_cfg.val_parquet_dir:
+            raise DataError(f"{folder}: none of its {documents:,} documents went to validation (each goes with "
+                            f"probability dataset.val_fraction {dataset_cfg.val_fraction}); cut long documents into "
+                            f"more (python data.py --from-text does, about 8 KB each), raise dataset.val_fraction, or "
+                            f"set dataset.val_parquet_dir")
         what = "holds" if dataset_cfg.val_parquet_dir else f"split (val_fraction {dataset_cfg.val_fraction}) holds"
         more = "add validation documents" if dataset_cfg.val_parquet_dir else "raise dataset.val_fraction, or add documents"
         raise DataError(f"{folder}: the validation {what} less than one batch of {training.batch_size} x "

@@ -384,6 +384,11 @@ def test_a_column_without_documents_says_so(tmp_path):
     cfg = Config.from_dict({"dataset": {"parquet_dir": str(tmp_path / "e")}, "training": {"block_size": 4096}})
     with pytest.raises(DataError, match=r"lower training.block_size or training.batch_size, or raise dataset.val_fraction"):
         data.validation_batches(cfg, list_units(tmp_path / "e", "text"), BYTES)
+    write_parquet(tmp_path / "f" / "a.parquet", ["a whole book " * 5000] * 3, 4)  # few, long documents
+    cfg = Config.from_dict({"dataset": {"parquet_dir": str(tmp_path / "f"), "val_fraction": 1e-6}})
+    with pytest.raises(DataError, match=r"none of its 3 documents went to validation \(each goes with probability "
+                                        r"dataset.val_fraction 1e-06\); cut long documents into more"):
+        data.validation_batches(cfg, list_units(tmp_path / "f", "text"), BYTES)
 
 
 def test_a_dictionary_encoded_string_column_is_read(tmp_path):
