@@ -1,7 +1,7 @@
 """Which latent neurons fire for each token of a prompt, layer by layer: BDH's sparse, positive
 activations as a picture.
 
-    python neurons.py --checkpoint X --prompt TEXT [--out neurons.png] [--max-neurons 400]
+    python neurons.py [--checkpoint X] --prompt TEXT [--out neurons.png] [--max-neurons 400]
 
 One panel per layer shows the x latent a = relu(x @ encoder) of every prompt token (rows) over the
 neurons that fire for at least one of them (columns, the most often active first, at most
@@ -54,8 +54,9 @@ def draw(found, labels, out, max_neurons: int):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint_<step>.pt, a run directory, latest, or a folder export.py wrote")
+    parser.add_argument("--checkpoint", default="latest",
+                        help="checkpoint_<step>.pt, a run directory, a folder export.py wrote, or latest (the default: "
+                             "the newest checkpoint of the newest run in --checkpoint-dir)")
     parser.add_argument("--checkpoint-dir", default="checkpoints", help="where `latest` looks")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--out", default="neurons.png", help="the picture to write (default neurons.png)")

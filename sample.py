@@ -1,6 +1,6 @@
 """Generate text from a checkpoint.
 
-    python sample.py --checkpoint PATH [--prompt TEXT] [--max-new-tokens N] [--temperature T]
+    python sample.py [--checkpoint PATH] [--prompt TEXT] [--max-new-tokens N] [--temperature T]
                      [--top-k K] [--seed S] [--device auto|cpu|cuda|mps] [--4bit]
 
 The model shape and the tokenizer come from the checkpoint (or an exported folder). Without a prompt, generation starts at a document
@@ -38,8 +38,9 @@ def text_as_it_comes(tokenizer, ids):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Generate text from a BDH checkpoint.")
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint_<step>.pt, a run directory, latest, or a folder export.py wrote")
+    parser.add_argument("--checkpoint", default="latest",
+                        help="checkpoint_<step>.pt, a run directory, a folder export.py wrote, or latest (the default: "
+                             "the newest checkpoint of the newest run in --checkpoint-dir)")
     parser.add_argument("--checkpoint-dir", default="checkpoints", help="where `latest` looks")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=500)

@@ -34,6 +34,8 @@ def test_sample_without_prompt_and_from_run_directory(checkpoint, capsys):
     first = capsys.readouterr().out
     assert sample.main(greedy + ["--seed", "99"]) == 0
     assert capsys.readouterr().out == first  # greedy ignores the seed
+    assert sample.main(greedy[2:] + ["--checkpoint-dir", str(checkpoint.parent.parent)]) == 0  # latest, by default
+    assert capsys.readouterr().out == first
     assert sample.main(["--checkpoint", str(checkpoint.parent), "--max-new-tokens", "10", "--top-k", "5"]) == 0
 
 
