@@ -15,6 +15,7 @@ import shlex
 import signal
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -289,10 +290,15 @@ def describe_run(cfg, model, optimizer, ranks, device, n_units, tokens_per_step,
     if low_precision.compute_dtype == "auto":
         compute_dtype += " (auto)"
     lines = [f"BDH {n_params / 1e6:.2f}M parameters | device {device} | {compute_dtype} | "
-             f"compile {compiled} | {n_units} data units | {tokens_per_step:,} tokens/step"]
+             f"compile {compiled} | {tokens_per_step:,} tokens/step"]
     if ranks.enabled:
         lines[0] += (f" | {ranks.world_size} processes ({ranks.mode}), global batch {training.batch_size} x "
                      f"{training.gradient_accumulation_steps} x {ranks.world_size}")
+    dataset = cfg.dataset
+    validation = (f"validation {Path(dataset.val_parquet_dir).resolve()}" if dataset.val_parquet_dir
+                  else f"validation {dataset.val_fraction * 100:g}% of its documents")
+    lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({n_units} row groups; {validation}) | tokenizer "
+                 f"{dataset.tokenizer} | runs in {Path(training.checkpoint_dir).resolve()}")
     full = adamw_state_bytes(model.parameters())
     if isinstance(optimizer, AdamW4bit):
         state = optimizer.state_bytes()
