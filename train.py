@@ -121,6 +121,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     loader = iter(train_loader(cfg, units, tokenizer, workers, start_positions, progress.batches_consumed,
                                first_epoch, pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
                                rank=ranks.rank, world_size=ranks.world_size))
+    # this rank's readers' positions: readers are numbered rank x max(1, workers) + worker (ParquetBatches)
     progress.positions = {p["reader"]: p for p in start_positions if p["reader"] // max(1, workers) == ranks.rank}
     order = data_order(cfg, units, workers, ranks.world_size)
     sample_generator = torch.Generator(device=device)
