@@ -33,7 +33,7 @@ from config import add_config_arguments, load_config
 from files import atomic_write
 import shards
 from shards import (DataError, ParquetFileCache, Unit, ensure_sample_corpus, list_units, read_unit_documents,
-                    text_files_to_parquet)
+                    rows_per_part, text_files_to_parquet)
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
 
 
@@ -199,9 +199,10 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
 
 def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: dict) -> float:
     """About how many passes over the training units the readers have made: each reader's epoch
-    plus the share, by bytes, of that epoch's units it has finished; the mean over the readers whose
-    positions are given (a rank knows its own; the units are dealt to balance the readers' bytes).
-    `dealt` keeps each epoch's dealing (cumulative bytes per reader) from call to call."""
+    plus the share, by bytes, of that epoch's units it has finished (the unit it is in counted by the
+    parts it has begun: a row group may hold gigabytes); the mean over the readers whose positions
+    are given (a rank knows its own; the units are dealt to balance the readers' bytes). `dealt`
+    keeps each epoch's dealing (units and cumulative bytes per reader) from call to call."""
     positions = list(positions)
     if not positions:
         return 0.0
@@ -212,10 +213,14 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: 
     for position in positions:
         epoch = position["epoch"]
         if epoch not in dealt:
-            dealt[epoch] = [np.cumsum([0] + [unit.num_bytes for unit in assigned])
+            dealt[epoch] = [(assigned, np.cumsum([0] + [unit.num_bytes for unit in assigned]))
                             for assigned in assign_units(units, epoch, seed, n_readers, shuffle=True)]
-        cumulative = dealt[epoch][position["reader"]]
-        passes.append(epoch + cumulative[position["unit"]] / max(1, cumulative[-1]))
+        assigned, cumulative = dealt[epoch][position["reader"]]
+        done = cumulative[position["unit"]]
+        if position["unit"] < len(assigned):  # the parts before the one being read
+            unit = assigned[position["unit"]]
+            done += unit.num_bytes * min(1.0, position.get("part", 0) * rows_per_part(unit) / max(1, unit.num_rows))
+        passes.append(epoch + done / max(1, cumulative[-1]))
     return float(sum(passes) / len(passes))
 
 

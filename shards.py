@@ -152,6 +152,11 @@ def validation_mask(unit: Unit, seed: int, fraction: float):
 READ_BYTES = 8 << 20  # a row group is read in parts of about this much text
 
 
+def rows_per_part(unit: Unit) -> int:
+    """The rows of each part that read_unit_documents reads of the unit (about READ_BYTES of text)."""
+    return max(1, READ_BYTES * unit.num_rows // max(1, unit.num_bytes))
+
+
 def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, split: str, seed: int,
                         val_fraction: float):
     """The unit's non-empty documents of `split` (train, val or all), one large_binary array per
@@ -163,7 +168,7 @@ def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, s
     else:
         in_split = validation_mask(unit, seed, val_fraction)
         in_split = ~in_split if split == "train" else in_split
-    rows = max(1, READ_BYTES * unit.num_rows // max(1, unit.num_bytes))
+    rows = rows_per_part(unit)
     first_row = 0
     try:
         for batch in cache.get(unit.path).iter_batches(batch_size=rows, row_groups=[unit.row_group],

@@ -147,6 +147,15 @@ def test_single_process_loader_covers_epochs_in_order(corpus):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(got, epoch0 + epoch1[:2]))
 
 
+def test_passes_count_the_parts_begun_of_a_large_row_group():
+    from shards import READ_BYTES, Unit
+    units = [Unit(f"{name}.parquet", 0, 1000, 4 * READ_BYTES, k) for k, name in enumerate("ab")]  # 4 parts each
+    passes = lambda **position: data.epochs_read([{"reader": 0, **position}], units, 0, 1, {})  # noqa: E731
+    assert passes(epoch=0, unit=0, part=0) == 0.0
+    assert passes(epoch=0, unit=0, part=2) == 0.25  # half of the first of two units
+    assert passes(epoch=1, unit=1, part=1) == 1.625
+
+
 def open_parquet_fds(root):
     fds = []
     for fd in os.listdir("/proc/self/fd"):
