@@ -200,7 +200,7 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
 def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: dict) -> float:
     """About how many passes over the training units the readers have made: each reader's epoch
     plus the share, by bytes, of that epoch's units it has finished (the unit it is in counted by the
-    parts it has begun: a row group may hold gigabytes); the mean over the readers whose positions
+    parts of it finished: a row group may hold gigabytes); the mean over the readers whose positions
     are given (a rank knows its own; the units are dealt to balance the readers' bytes). `dealt`
     keeps each epoch's dealing (units and cumulative bytes per reader) from call to call."""
     positions = list(positions)

@@ -147,7 +147,7 @@ def test_single_process_loader_covers_epochs_in_order(corpus):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(got, epoch0 + epoch1[:2]))
 
 
-def test_passes_count_the_parts_begun_of_a_large_row_group():
+def test_passes_count_the_finished_parts_of_a_large_row_group():
     from shards import READ_BYTES, Unit
     units = [Unit(f"{name}.parquet", 0, 1000, 4 * READ_BYTES, k) for k, name in enumerate("ab")]  # 4 parts each
     passes = lambda **position: data.epochs_read([{"reader": 0, **position}], units, 0, 1, {})  # noqa: E731
