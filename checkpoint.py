@@ -221,7 +221,8 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str, setting: str) -> list[
         root = Path(checkpoint_dir)
         runs = sorted(p for p in root.glob("run_*") if p.is_dir() and checkpoints_in(p)) if root.is_dir() else []
         if not runs:
-            raise CheckpointError(f"{setting}: latest: no run with a checkpoint in {root}/")
+            raise CheckpointError(f"{setting}: latest: no run with a checkpoint in {root}/{relative_to_here(root)}; "
+                                  f"train one first, or name the folder that holds the runs")
         return [path for run in reversed(runs) for path in reversed(checkpoints_in(run))]
     path = Path(spec)
     if path.is_dir():

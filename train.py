@@ -110,8 +110,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     continues_run_dir = run.path is not None
     metrics = MetricsLog(run, cfg, resumed_step=progress.step if continues_run_dir else None)
     flops_per_token = cfg.model.training_flops_per_token(training.block_size)
-    print(describe_run(cfg, raw_model, optimizer, ranks, device, len(units), tokens_per_step, compile_model, fp8_recipe,
-                       qat_start))
+    print(describe_run(cfg, raw_model, optimizer, ranks, device, len(units), run, tokens_per_step, compile_model,
+                       fp8_recipe, qat_start))
     if peak:
         print(f"MFU against the {peak_source}")
     if compile_model:
@@ -284,7 +284,8 @@ def make_optimizer(model: BDH, cfg, device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def describe_run(cfg, model, optimizer, ranks, device, n_units, tokens_per_step, compiled, fp8_recipe, qat_start) -> str:
+def describe_run(cfg, model, optimizer, ranks, device, n_units, run, tokens_per_step, compiled, fp8_recipe,
+                 qat_start) -> str:
     training, low_precision = cfg.training, cfg.low_precision
     n_params = sum(p.numel() for p in model.parameters())
     compute_dtype = resolve_compute_dtype(device, low_precision.compute_dtype)
@@ -298,8 +299,11 @@ def describe_run(cfg, model, optimizer, ranks, device, n_units, tokens_per_step,
     dataset = cfg.dataset
     validation = (f"validation {Path(dataset.val_parquet_dir).resolve()}" if dataset.val_parquet_dir
                   else f"validation {dataset.val_fraction * 100:g}% of its documents")
+    tokenizer = "bytes" if dataset.tokenizer == "bytes" else Path(dataset.tokenizer).resolve()
+    writes_to = (f"continues in {run.path.resolve()}" if run.path is not None
+                 else f"runs in {Path(training.checkpoint_dir).resolve()}")
     lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({n_units} row groups; {validation}) | tokenizer "
-                 f"{dataset.tokenizer} | runs in {Path(training.checkpoint_dir).resolve()}")
+                 f"{tokenizer} | {writes_to}")
     full = adamw_state_bytes(model.parameters())
     if isinstance(optimizer, AdamW4bit):
         state = optimizer.state_bytes()

@@ -29,7 +29,7 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={ckpt2}",
                        "training.max_iters=6"]) == 0
     out = capsys.readouterr().out
-    assert f"resuming from {ckpt2} at step 3" in out
+    assert f"resuming from {ckpt2} at step 3" in out and f"| continues in {run.resolve()}\n" in out
     assert "step 3/6" in out and "step 1/6" not in out and "step 2/6" not in out
     assert "config changed: training.max_iters: 4 -> 6" in out
     assert run_dirs(tmp_path) == [run]
