@@ -115,7 +115,7 @@ PATHS = ("training.checkpoint_dir", "training.resume_from_checkpoint", "dataset.
          "dataset.tokenizer")  # ~ is expanded: the shell leaves it as it is in section.key=~/...
 DEFAULT_SAMPLE_DIR = DatasetConfig.parquet_dir
 
-# PyYAML (YAML 1.1) reads 1e-3 and 1.0e5 as strings; a float field accepts exactly these.
+# PyYAML (YAML 1.1) reads 1e-3 and 1e5 as strings; a number field accepts exactly these (an int one if whole).
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 

@@ -102,7 +102,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                   f"{training.max_iters}; raise max_iters to train further")
             return 0
     else:  # a new run, whose directory the first checkpoint creates
-        run, progress, start_positions, first_epoch = RunDir(training.checkpoint_dir, writer=ranks.main), Progress(), [], 0
+        run, progress = RunDir(training.checkpoint_dir, writer=ranks.main), Progress()
+        start_positions, first_epoch = [], 0
     if compile_model:
         model = torch.compile(model)
 
