@@ -10,31 +10,18 @@ epoch. A reader joins its documents into one stream and cuts windows of block_si
 stride block_size (consecutive windows share one token, so every token is a target exactly once).
 Windows are shuffled within each part of a unit and packed into batches. Nothing is padded or
 truncated; per reader and epoch only the tail that does not fill a last batch is dropped.
-
-    python data.py --from-text FILE [FILE ...] --out DIR   # text files -> parquet shards (shards.py)
-    python data.py --train-tokenizer --vocab-size N --out tokenizer.json [--config X] [overrides]
 """
-import argparse
 import hashlib
 import multiprocessing
-import os
-import shlex
 import signal
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from config import add_config_arguments, load_config
-from files import atomic_write
 import shards
-from shards import (DataError, ParquetFileCache, Unit, ensure_sample_corpus, list_units, read_unit_documents,
-                    rows_per_part, text_files_to_parquet)
-from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
+from shards import DataError, ParquetFileCache, Unit, list_units, read_unit_documents, rows_per_part
 
 
 def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
@@ -295,7 +282,7 @@ def validation_batches(cfg, units, tokenizer) -> list:
         if not val_documents and not dataset_cfg.val_parquet_dir:
             raise DataError(f"{folder}: none of its {documents:,} documents went to validation (each goes with "
                             f"probability dataset.val_fraction {dataset_cfg.val_fraction}); cut long documents into "
-                            f"more (python data.py --from-text does, about 8 KB each), raise dataset.val_fraction, or "
+                            f"more (python prepare.py --from-text does, about 8 KB each), raise dataset.val_fraction, or "
                             f"set dataset.val_parquet_dir")
         what = "holds" if dataset_cfg.val_parquet_dir else f"split (val_fraction {dataset_cfg.val_fraction}) holds"
         more = "add validation documents" if dataset_cfg.val_parquet_dir else "raise dataset.val_fraction, or add documents"
@@ -305,110 +292,5 @@ def validation_batches(cfg, units, tokenizer) -> list:
     return batches
 
 
-# ---------------------------------------------------------------- command line
-
-def check_can_write_file(out: Path, replace: bool):
-    """--out of a file: refused if it is a folder, or exists (unless replace), or its folder cannot
-    be made or written."""
-    if out.is_dir():
-        raise DataError(f"--out {out}: is a folder; give the path of the file to write, e.g. {out / 'tokenizer.json'}")
-    if out.exists() and not replace:
-        raise DataError(f"--out {out}: exists already (runs trained with it need it unchanged); choose another "
-                        f"--out, or add --replace to overwrite it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"--out {out}: cannot make its folder {out.parent} ({e.strerror or e})")
-    if not os.access(out.parent, os.W_OK):
-        raise DataError(f"--out {out}: its folder {out.parent} is not writable")
-
-
-def training_texts(cfg, units, report_every_s=5.0):
-    """The documents of the training split, in file order, as strings; a progress line every
-    report_every_s seconds."""
-    cache, n_docs, n_bytes = ParquetFileCache(cfg.dataset.max_cached_files), 0, 0
-    started = last = time.time()
-    try:
-        for k, unit in enumerate(units):
-            for docs in read_unit_documents(cache, unit, cfg.dataset.text_column, training_split(cfg),
-                                            cfg.training.seed, cfg.dataset.val_fraction):
-                for doc in docs.to_pylist():
-                    yield doc.decode("utf-8", errors="replace")
-                n_docs += len(docs)
-                n_bytes += pc.sum(pc.binary_length(docs)).as_py() or 0
-            if time.time() - last > report_every_s or k == len(units) - 1:
-                last = time.time()
-                print(f"  read {n_bytes / 2**20:,.1f} MiB, {n_docs:,} documents, row group {k + 1:,} of "
-                      f"{len(units):,} ({(k + 1) / len(units):.0%}) in {last - started:.0f} s", flush=True)
-    finally:
-        cache.close()
-
-
-def train_tokenizer(cfg, vocab_size: int, out: Path, config_arguments: list, replace: bool = False) -> str:
-    """Train a byte-level BPE on the training split of the configured shards; write it to out.
-    Returns the command to train with it: train.py with config_arguments (--config and the overrides)."""
-    if vocab_size < 258:
-        raise DataError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least 258 tokens (256 bytes, "
-                        f"{SEPARATOR_TOKEN} and a merge)")
-    check_can_write_file(out, replace)  # before the training, not after it
-    ensure_sample_corpus(cfg)
-    units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
-    print(f"training a {vocab_size:,}-token byte-level BPE on the training split of {cfg.dataset.parquet_dir} "
-          f"({len(units):,} row groups)", flush=True)
-    tokenizer = HFTokenizer(train_bpe(training_texts(cfg, units), vocab_size), str(out))
-    if tokenizer.vocab_size < 258:
-        raise DataError(f"{cfg.dataset.parquet_dir}: its training split holds too little text to learn a single "
-                        f"merge; add documents (nothing was written)")
-    if tokenizer.vocab_size < vocab_size:
-        merges = tokenizer.vocab_size - 257
-        print(f"note: the training text yields only {merges:,} merge{'s' if merges > 1 else ''}, so the vocabulary "
-              f"has {tokenizer.vocab_size:,} tokens, fewer than --vocab-size {vocab_size:,}")
-    try:
-        atomic_write(out, lambda f: f.write(tokenizer.to_str().encode()))
-    except OSError as e:
-        raise DataError(f"--out {out}: cannot write ({e.strerror or e})")
-    replaced = ("dataset.tokenizer=", "model.vocab_size=")
-    command = [*(a for a in config_arguments if not a.startswith(replaced)), f"dataset.tokenizer={out}",
-               f"model.vocab_size={model_vocab_size(tokenizer)}"]
-    return f"wrote {out}: {tokenizer.vocab_size:,} tokens. Train with it:\n  python train.py {shlex.join(command)}"
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Prepare data: text files to parquet shards, or a tokenizer.")
-    parser.add_argument("--from-text", nargs="+", metavar="FILE", help="text files to convert into shards in --out")
-    parser.add_argument("--replace", action="store_true",
-                        help="replace the shards of an --out folder that holds only shards (--from-text), or "
-                             "an existing --out file (--train-tokenizer)")
-    parser.add_argument("--chunk-bytes", type=int,
-                        help="--from-text: cut long files at line boundaries into documents of about this "
-                             "many bytes (default 8192; 0: one document per file)")
-    parser.add_argument("--train-tokenizer", action="store_true",
-                        help="train a byte-level BPE on the training split of the config's shards, write it to --out")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="--train-tokenizer: tokens in the vocabulary")
-    parser.add_argument("--out", help="output: a directory for --from-text, a tokenizer.json for --train-tokenizer")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    if bool(args.from_text) == args.train_tokenizer or not args.out:
-        parser.error("give --from-text FILE ... --out DIR, or --train-tokenizer --out FILE.json")
-    if args.from_text and args.overrides:
-        parser.error(f"--from-text takes no config overrides (got {' '.join(args.overrides)})")
-    if args.train_tokenizer and args.chunk_bytes is not None:
-        parser.error("--chunk-bytes applies to --from-text only")
-    if args.chunk_bytes is not None and args.chunk_bytes < 0:
-        parser.error(f"--chunk-bytes must be >= 0 (0: one document per file), got {args.chunk_bytes}")
-    try:
-        if args.from_text:
-            n = text_files_to_parquet(args.from_text, args.out, 8192 if args.chunk_bytes is None else args.chunk_bytes,
-                                      replace=args.replace)
-            print(f"wrote {n} documents to {args.out}")
-        else:
-            config_arguments = ["--config", args.config, *args.overrides]
-            print(train_tokenizer(load_config(args), args.vocab_size, Path(args.out), config_arguments, args.replace))
-    except (DataError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("data.py is the training data loader; the data commands are in prepare.py (python prepare.py --help)")

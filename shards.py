@@ -9,7 +9,7 @@ READ_BYTES. Train/validation split: each document goes to validation with probab
 dataset.val_fraction, decided by a hash of (seed, file, row group, row): fixed by the seed,
 independent of workers.
 
-Writing: the user's text files (python data.py --from-text) and the built-in sample corpus.
+Writing: the user's text files (python prepare.py --from-text) and the built-in sample corpus.
 """
 import hashlib
 import os
@@ -53,14 +53,14 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
     root = Path(parquet_dir)
     if not root.is_dir():
         raise DataError(f"{root}: {setting} does not exist or is not a directory{relative_to_here(root)}; "
-                        f"create it with `python data.py --from-text FILE --out {root}`")
+                        f"create it with `python prepare.py --from-text FILE --out {root}`")
     files, skipped = parquet_files(root)
     if skipped:
         print(f"{root}: skipped {skipped} file(s) or folder(s) whose names start with '.' or '_' (not data, as for "
               f"pyarrow datasets, Spark and Hugging Face)")
     if not files:
         raise DataError(f"{root}: no .parquet files found (searched recursively); "
-                        f"convert text with `python data.py --from-text FILE --out {root}`")
+                        f"convert text with `python prepare.py --from-text FILE --out {root}`")
     units, last_report = [], time.time()
     if len(files) >= 1000:
         print(f"checking the footers and schemas of {len(files):,} parquet files in {root} ...", flush=True)

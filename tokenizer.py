@@ -3,7 +3,7 @@
 - `bytes` (the default, BDH's reference choice): the tokens are the UTF-8 bytes of the text,
   vocabulary 256, and the separator is the byte 0x00.
 - the path of a Hugging Face tokenizer.json, for example the byte-level BPE that
-  `python data.py --train-tokenizer` trains on the user's shards. Its separator is the special
+  `python prepare.py --train-tokenizer` trains on the user's shards. Its separator is the special
   token <|endoftext|>, which the tokenizer must have.
 
 Each document is followed by the separator, which marks document boundaries and starts generation
@@ -104,7 +104,7 @@ class HFTokenizer:
         if self.separator is None:
             raise TokenizerError(f"{name}: the tokenizer has no {SEPARATOR_TOKEN} token, which separates "
                                  f"documents; add it as a special token, or train one with "
-                                 f"python data.py --train-tokenizer")
+                                 f"python prepare.py --train-tokenizer")
         vocab = self.tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1
         self.exact_bytes = (json.loads(self.json).get("decoder") or {}).get("type") == "ByteLevel"
@@ -160,7 +160,7 @@ def load_tokenizer(spec: str, setting: str = "dataset.tokenizer"):
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         where = relative_to_here(spec) if isinstance(e, FileNotFoundError) else ""
         raise TokenizerError(f"{setting}: cannot read {spec} ({why}){where}; give the path of a tokenizer.json "
-                             f"(python data.py --train-tokenizer writes one) or bytes")
+                             f"(python prepare.py --train-tokenizer writes one) or bytes")
     return HFTokenizer(text, spec)
 
 

@@ -1,0 +1,142 @@
+import subprocess
+import sys
+
+import pytest
+
+import prepare
+from config import Config
+from conftest import ROOT, write_config, write_parquet
+from shards import ParquetFileCache, list_units, read_unit_documents
+from tokenizer import load_tokenizer
+
+
+def test_from_text_command_writes_shards_that_read_back_to_the_files(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("line one\nline two\n" * 20000)
+    b.write_text("short file")
+    assert prepare.main(["--from-text", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    units = list_units(tmp_path / "out", "text")
+    assert len(units) > 1  # long files become several documents and row groups
+    cache = ParquetFileCache(2)
+    docs = [d.as_py() for u in units
+            for d in cache.get(u.path).read_row_group(u.row_group, columns=["text"]).column(0)]
+    assert "".join(docs) == a.read_text() + b.read_text()
+
+
+def test_from_text_names_a_file_that_is_not_utf8(tmp_path, capsys):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    assert prepare.main(["--from-text", str(latin1), "--out", str(tmp_path / "out")]) == 0
+    assert f"note: {latin1} is not UTF-8 (byte 3: b'\\xe9'): its invalid bytes become U+FFFD" in capsys.readouterr().out
+    [unit] = list_units(tmp_path / "out", "text")
+    assert ParquetFileCache(1).get(unit.path).read().column("text")[0].as_py() == "caf\ufffd cr\ufffdme\n"
+
+
+def test_train_tokenizer_command_learns_from_the_training_split_only(tmp_path, corpus, capsys):
+    config = write_config(tmp_path, corpus)
+    out = tmp_path / "tok" / "tokenizer.json"
+    assert prepare.main(["--train-tokenizer", "--vocab-size", "300", "--out", str(out), "--config", str(config),
+                         "training.seed=1337", "model.vocab_size=1024"]) == 0
+    printed = capsys.readouterr().out
+    assert "read " in printed and "(100%)" in printed  # the progress line
+    # the command to train with it keeps the overrides that chose the data, and replaces the vocabulary's
+    assert f"python train.py --config {config} training.seed=1337 dataset.tokenizer={out} model.vocab_size=320\n" in printed
+    tokenizer = load_tokenizer(str(out))
+    assert tokenizer.vocab_size == 300 and tokenizer.decode(tokenizer.encode("<01-002>abc")) == "<01-002>abc"
+    cfg = Config.from_yaml(config)
+    units = list_units(corpus, "text")
+    heads = {text[:8] for text in prepare.training_texts(cfg, units)}
+    cache = ParquetFileCache(8)
+    train_heads = {doc[:8].decode() for unit in units
+                   for docs in read_unit_documents(cache, unit, "text", "train", 1337, 0.2) for doc in docs.to_pylist()}
+    assert heads == train_heads and len(heads) < 120
+
+
+def test_train_tokenizer_checks_out_before_training_and_never_overwrites_unasked(tmp_path, corpus, capsys):
+    config = write_config(tmp_path, corpus)
+    command = ["--train-tokenizer", "--vocab-size", "300", "--config", str(config), "--out"]
+    assert prepare.main([*command, str(tmp_path)]) == 1
+    assert f"--out {tmp_path}: is a folder; give the path of the file to write" in capsys.readouterr().err
+    existing = tmp_path / "tokenizer.json"
+    existing.write_text("a tokenizer some run uses")
+    assert prepare.main([*command, str(existing)]) == 1
+    printed = capsys.readouterr()
+    assert "exists already" in printed.err and "--replace to overwrite it" in printed.err
+    assert "training a" not in printed.out and existing.read_text() == "a tokenizer some run uses"
+    assert prepare.main([*command, str(existing), "--replace"]) == 0
+    assert load_tokenizer(str(existing)).vocab_size == 300
+
+
+def test_train_tokenizer_refuses_text_too_short_for_a_merge(tmp_path, capsys):
+    write_parquet(tmp_path / "data" / "a.parquet", [None, "", "a"])
+    config = write_config(tmp_path, tmp_path / "data", dataset={"val_fraction": 0.01})
+    assert prepare.main(["--train-tokenizer", "--out", str(tmp_path / "t.json"), "--config", str(config)]) == 1
+    assert "holds too little text to learn a single merge" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_train_tokenizer_refuses_a_vocabulary_without_merges(tmp_path, corpus, capsys):
+    config = write_config(tmp_path, corpus)
+    assert prepare.main(["--train-tokenizer", "--vocab-size", "257", "--out", str(tmp_path / "t.json"),
+                         "--config", str(config)]) == 1
+    assert "--vocab-size 257: a byte-level BPE needs at least 258 tokens" in capsys.readouterr().err
+
+
+def test_from_text_refuses_a_folder_with_shards_unless_told_to_replace(tmp_path, capsys):
+    text = tmp_path / "a.txt"
+    text.write_text("first version\n" * 100)
+    out = tmp_path / "out"
+    assert prepare.main(["--from-text", str(text), "--out", str(out)]) == 0
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    text.write_text("second\n")
+    assert prepare.main(["--from-text", str(text), "--out", str(out)]) == 1
+    assert "the folder holds files already" in capsys.readouterr().err
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+    assert prepare.main(["--from-text", str(text), "--out", str(out), "--replace"]) == 0
+    docs = [d for u in list_units(out, "text")
+            for d in ParquetFileCache(1).get(u.path).read_row_group(u.row_group).column(0).to_pylist()]
+    assert docs == ["second\n"] and not [p for p in tmp_path.iterdir() if ".tmp" in p.name or ".old" in p.name]
+
+
+def test_from_text_replace_keeps_an_input_file_in_the_out_folder_and_refuses_empty_input(tmp_path, capsys):
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    (folder / "corpus.txt").write_text("some text\n")
+    assert prepare.main(["--from-text", str(folder / "corpus.txt"), "--out", str(folder), "--replace"]) == 1
+    assert "--replace replaces only what this command writes, and the folder also holds corpus.txt" in \
+        capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["corpus.txt"]
+    (tmp_path / "empty.txt").write_text("")
+    assert prepare.main(["--from-text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "out")]) == 1
+    assert f"{tmp_path / 'empty.txt'}: no text (empty files); nothing was written" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["--from-text", "a.txt", "--out", "o", "--chunk-bytes", "-5"], "--chunk-bytes must be >= 0"),
+    (["--train-tokenizer", "--out", "t.json", "--chunk-bytes", "100"], "--chunk-bytes applies to --from-text only"),
+])
+def test_prepare_command_refuses_arguments_it_would_ignore_or_misread(arguments, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        prepare.main(arguments)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_from_text_on_a_missing_file_is_one_line_and_leaves_no_folder(tmp_path):
+    r = subprocess.run([sys.executable, "prepare.py", "--from-text", str(tmp_path / "missing.txt"), "--out",
+                        str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr == f"error: {tmp_path / 'missing.txt'}: cannot read (No such file or directory)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_from_text_on_a_folder_says_to_give_its_files(tmp_path, capsys):
+    (tmp_path / "books").mkdir()
+    assert prepare.main(["--from-text", str(tmp_path / "books"), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'books'}: a folder; give the text files in it, e.g. " \
+                                      f"{tmp_path / 'books' / '*.txt'}\n"
+
+
+def test_data_py_run_as_a_command_points_at_prepare_py():
+    r = subprocess.run([sys.executable, "data.py", "--from-text", "notes.txt", "--out", "data/notes"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "the data commands are in prepare.py" in r.stderr
