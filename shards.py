@@ -1,8 +1,9 @@
 """Parquet shards: the layout the data lives in, read and written.
 
 Layout: every `*.parquet` file under a folder (recursively, sorted; names that start with '.' or
-'_' are not data), one string column holding one document per row: the Hugging Face datasets
-layout. A unit of work is one (file, row group); list_units checks every footer and schema up front.
+'_' are not data) or matched by a glob pattern, one string column holding one document per row: the
+Hugging Face datasets layout. A unit of work is one (file, row group); list_units checks every footer
+and schema up front, and refuses a training folder that mixes a held-out split's files with others.
 
 Reading: read_unit_documents streams one unit's non-empty documents of a split, in parts of about
 READ_BYTES. Train/validation split: each document goes to validation with probability
@@ -11,8 +12,11 @@ independent of workers.
 
 Writing: the user's text files (python prepare.py --from-text) and the built-in sample corpus.
 """
+import glob
 import hashlib
 import os
+import re
+import shlex
 import sysconfig
 import time
 from collections import OrderedDict
@@ -27,6 +31,12 @@ import pyarrow.parquet as pq
 from config import DEFAULT_SAMPLE_DIR
 from files import relative_to_here, write_folder
 from runtime import first_line
+
+
+PATTERN_CHARACTERS = "*?["  # dataset.parquet_dir with one of these (and no such folder) is a glob pattern
+SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "dev": "validation", "test": "test", "testing": "test", "eval": "test",
+               "evaluation": "test"}  # the Hugging Face Hub's split keywords in file and folder names
 
 
 class DataError(Exception):
@@ -49,18 +59,11 @@ class Unit:
 
 def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_dir") -> list[Unit]:
     """Validate every shard's footer and schema up front and list its (file, row group) units.
-    `setting` names the folder's option in errors."""
-    root = Path(parquet_dir)
-    if not root.is_dir():
-        raise DataError(f"{root}: {setting} does not exist or is not a directory{relative_to_here(root)}; "
-                        f"create it with `python prepare.py --from-text FILE --out {root}`")
-    files, skipped = parquet_files(root)
-    if skipped:
-        print(f"{root}: skipped {skipped} file(s) or folder(s) whose names start with '.' or '_' (not data, as for "
-              f"pyarrow datasets, Spark and Hugging Face)")
-    if not files:
-        raise DataError(f"{root}: no .parquet files found (searched recursively); "
-                        f"convert text with `python prepare.py --from-text FILE --out {root}`")
+    `parquet_dir`: a folder, or a glob pattern of files or folders. `setting` names the option in
+    errors; a training folder whose files are named for several Hugging Face splits is refused."""
+    root, files = shard_files(parquet_dir, setting)
+    if setting == "dataset.parquet_dir" and Path(parquet_dir).is_dir() and (mixed := mixed_splits(root, files)):
+        raise DataError(mixed)
     units, last_report = [], time.time()
     if len(files) >= 1000:
         print(f"checking the footers and schemas of {len(files):,} parquet files in {root} ...", flush=True)
@@ -92,6 +95,87 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
     if not units:
         raise DataError(f"{root}: the parquet files hold no rows")
     return units
+
+
+def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
+    """(the folder that the files' keys are relative to, the parquet files) of a folder or a pattern."""
+    root = Path(location)
+    if root.is_dir():
+        files, skipped = parquet_files(root)
+    elif any(c in str(location) for c in PATTERN_CHARACTERS):
+        root, files, skipped = pattern_files(str(location), setting)
+    else:
+        raise DataError(f"{root}: {setting} does not exist or is not a directory{relative_to_here(root)}; "
+                        f"create it with `python prepare.py --from-text FILE --out {root}`")
+    if skipped:
+        print(f"{location}: skipped {skipped} file(s) or folder(s) whose names start with '.' or '_' (not data, as "
+              f"for pyarrow datasets, Spark and Hugging Face)")
+    if not files:
+        raise DataError(f"{root}: no .parquet files found (searched recursively); "
+                        f"convert text with `python prepare.py --from-text FILE --out {root}`")
+    return root, files
+
+
+def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], int]:
+    """(the folder before the first wildcard, the .parquet files the glob pattern matches, sorted,
+    the files of the folders it matches included; how many names were skipped). `**` spans folders."""
+    parts = Path(pattern).parts
+    root = Path(*parts[:next(i for i, part in enumerate(parts) if any(c in part for c in PATTERN_CHARACTERS))])
+    found, skipped = set(), 0
+    for match in map(Path, glob.glob(pattern, recursive=True)):
+        if match.is_dir():
+            inside, hidden = parquet_files(match)
+            found.update(inside)
+            skipped += hidden
+        elif match.name.endswith(".parquet") and match.is_file():
+            skipped += match.name.startswith((".", "_"))
+            if not match.name.startswith((".", "_")):
+                found.add(match)
+    if not found:
+        there = parquet_files(root)[0] if root.is_dir() else []
+        holds = (f"{root} holds {len(there):,} .parquet file(s), such as "
+                 f"{', '.join(p.relative_to(root).as_posix() for p in there[:3])}" if there
+                 else f"{root} holds no .parquet file" if root.is_dir() else f"{root} does not exist")
+        raise DataError(f"{pattern}: {setting} matches no .parquet file{relative_to_here(root)}; {holds}")
+    return root, sorted(found, key=lambda p: p.relative_to(root).parts), skipped
+
+
+def split_of(root: Path, path: Path) -> tuple:
+    """(the Hugging Face split a file's path names: train, validation, test or None; the folder or the
+    pattern that selects that split's files beside it). As the Hub reads names: the first word of
+    the folders' or the file's name that is a split keyword, words being runs of letters."""
+    relative = path.relative_to(root)
+    for depth, part in enumerate(relative.parts):
+        for word in re.finditer(r"[a-z]+", part.lower()):
+            if word.group() in SPLIT_WORDS:
+                folder = root.joinpath(*relative.parts[:depth])
+                is_file = depth == len(relative.parts) - 1
+                return SPLIT_WORDS[word.group()], folder / (f"{part[:word.end()]}*.parquet" if is_file else part)
+    return None, None
+
+
+def mixed_splits(root: Path, files: list[Path]) -> str | None:
+    """The error for a training folder that holds a held-out split's files beside others' (a Hugging
+    Face dataset's train-*, validation-*, test-* files), or None."""
+    counts, selects = {}, {}
+    for path in files:
+        split, selector = split_of(root, path)
+        counts[split] = counts.get(split, 0) + 1
+        selects.setdefault(split, selector)
+    if len(counts) == 1 or not {"validation", "test"} & counts.keys():
+        return None
+    found = ", ".join(f"{split or 'no split'}: {n:,}" for split, n in sorted(counts.items(), key=lambda kv: str(kv[0])))
+
+    def override(name, value):  # as the command line wants it: a pattern in quotes, or the shell expands it
+        return shlex.quote(f"dataset.{name}={value}")
+    if "train" in counts:
+        fix = f"set {override('parquet_dir', selects['train'])}"
+        if "validation" in counts:
+            fix += f" and {override('val_parquet_dir', selects['validation'])}"
+    else:
+        fix = "give dataset.parquet_dir a folder or a pattern of the training files only"
+    return (f"{root}: its files are named for several Hugging Face splits ({found} files), and training would read "
+            f"them all, held-out ones too; {fix} (to train on every file anyway: {override('parquet_dir', root / '**' / '*.parquet')})")
 
 
 def parquet_files(root: Path) -> tuple[list[Path], int]:

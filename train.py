@@ -303,8 +303,9 @@ def describe_run(cfg, model, optimizer, ranks, device, n_units, run, tokens_per_
     tokenizer = "bytes" if dataset.tokenizer == "bytes" else Path(dataset.tokenizer).resolve()
     writes_to = (f"continues in {run.path.resolve()}" if run.path is not None
                  else f"runs in {Path(training.checkpoint_dir).resolve()}")
-    lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({n_units} row groups; {validation}) | tokenizer "
-                 f"{tokenizer} | {writes_to}")
+    row_groups = f"{n_units} row group{'s' * (n_units != 1)}"
+    lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({row_groups}; {validation}) | tokenizer {tokenizer} | "
+                 f"{writes_to}")
     full = adamw_state_bytes(model.parameters())
     if isinstance(optimizer, AdamW4bit):
         state = optimizer.state_bytes()

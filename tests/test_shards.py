@@ -124,3 +124,61 @@ def test_symlinked_folders_are_followed_once_and_names_starting_with_dot_or_unde
     only_links.mkdir()
     (only_links / "x.parquet").symlink_to(root / "a" / "x.parquet")
     assert len(list_units(only_links, "text")) == 2
+
+
+def hub_layout(root):
+    """A Hugging Face dataset's files: two configurations, each with train, validation and test files."""
+    for config in ("wikitext-103-raw-v1", "wikitext-2-raw-v1"):
+        for name in ("train-00000-of-00002", "train-00001-of-00002", "validation-00000-of-00001", "test-00000-of-00001"):
+            write_parquet(root / config / f"{name}.parquet", [f"{config} {name} doc {i}" for i in range(3)])
+
+
+def test_a_training_folder_holding_held_out_splits_is_refused_with_the_patterns_that_fix_it(tmp_path):
+    root = tmp_path / "wikitext"
+    hub_layout(root)
+    with pytest.raises(DataError) as e:
+        list_units(root, "text")
+    train, val = root / "wikitext-103-raw-v1" / "train*.parquet", root / "wikitext-103-raw-v1" / "validation*.parquet"
+    assert str(e.value) == (f"{root}: its files are named for several Hugging Face splits (test: 2, train: 4, "
+                            f"validation: 2 files), and training would read them all, held-out ones too; set "
+                            f"'dataset.parquet_dir={train}' and 'dataset.val_parquet_dir={val}' (to train on every "
+                            f"file anyway: 'dataset.parquet_dir={root / '**' / '*.parquet'}')")
+    assert {Path(u.path).name for u in list_units(train, "text")} == {"train-00000-of-00002.parquet",
+                                                                      "train-00001-of-00002.parquet"}
+    assert {Path(u.path).name for u in list_units(val, "text", setting="dataset.val_parquet_dir")} == {
+        "validation-00000-of-00001.parquet"}
+    assert len(list_units(root / "**" / "*.parquet", "text")) == 8
+    # the same files listed by a pattern keep their keys: the split and the shuffle do not change
+    folder = root / "wikitext-2-raw-v1"
+    by_folder = {u.path: u.file_key for u in list_units(folder, "text", setting="dataset.val_parquet_dir")}
+    by_pattern = {u.path: u.file_key for u in list_units(folder / "*.parquet", "text", setting="dataset.val_parquet_dir")}
+    assert by_folder == by_pattern
+    # a validation folder is not a training folder: reading its test files too is no leak into training
+    assert len(list_units(root, "text", setting="dataset.val_parquet_dir")) == 8
+
+
+def test_splits_in_folders_and_names_that_only_contain_a_keyword(tmp_path):
+    write_parquet(tmp_path / "a" / "train" / "0000.parquet", ["x"])
+    write_parquet(tmp_path / "a" / "dev" / "0000.parquet", ["x"])
+    with pytest.raises(DataError, match=r"\(train: 1, validation: 1 files\).*; set dataset.parquet_dir=\S+/a/train "):
+        list_units(tmp_path / "a", "text")
+    for name in ("interval-0.parquet", "latest.parquet", "train-0.parquet", "training_1.parquet"):
+        write_parquet(tmp_path / "b" / name, ["x"])  # words, not substrings: one split (train) and none
+    assert len(list_units(tmp_path / "b", "text")) == 4
+    write_parquet(tmp_path / "c" / "part-0.parquet", ["x"])
+    write_parquet(tmp_path / "c" / "eval" / "part-0.parquet", ["x"])  # no train split named: no pattern to give
+    with pytest.raises(DataError, match=r"\(no split: 1, test: 1 files\).*; give dataset.parquet_dir a folder or a "
+                                        r"pattern of the training files only"):
+        list_units(tmp_path / "c", "text")
+
+
+def test_a_pattern_that_matches_nothing_says_what_the_folder_holds(tmp_path):
+    hub_layout(tmp_path / "w")
+    folder = tmp_path / "w" / "wikitext-2-raw-v1"
+    with pytest.raises(DataError) as e:
+        list_units(folder / "trian-*.parquet", "text")
+    assert str(e.value) == (f"{folder / 'trian-*.parquet'}: dataset.parquet_dir matches no .parquet file; {folder} "
+                            f"holds 4 .parquet file(s), such as test-00000-of-00001.parquet, "
+                            f"train-00000-of-00002.parquet, train-00001-of-00002.parquet")
+    with pytest.raises(DataError, match=f"{tmp_path / 'nowhere'} does not exist"):
+        list_units(tmp_path / "nowhere" / "*.parquet", "text")
