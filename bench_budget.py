@@ -26,7 +26,7 @@ import torch
 
 from checkpoint import checkpoints_in, load_checkpoint, model_from_checkpoint
 from config import add_config_arguments, load_config
-from shards import text_files_to_parquet
+from corpus import text_files_to_parquet
 from tokenizer import tokenizer_from_string
 
 CALIBRATION_STEPS = 60  # the per-step time is measured over the second half: compilation settles

@@ -154,6 +154,9 @@ class Config:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+            if re.search(r":\s+[*&!\[{]", line):  # YAML syntax, unless quoted
+                problem += ' (a value that starts with *, &, !, [ or {, such as a glob pattern, needs quotes: "*.parquet")'
             raise ConfigError([f"{where}: YAML syntax error: {problem}"])
         finally:
             loader.dispose()

@@ -4,7 +4,7 @@ your shards.
     python prepare.py --from-text FILE [FILE ...] --out DIR   # text files -> parquet shards
     python prepare.py --train-tokenizer --vocab-size N --out tokenizer.json [--config X] [overrides]
 
---from-text cuts long files at line boundaries into documents (shards.py writes them); the
+--from-text cuts long files at line boundaries into documents (corpus.py writes them); the
 tokenizer is a byte-level BPE (Hugging Face tokenizers) trained on the training split of the
 config's shards, validation documents excluded.
 """
@@ -18,10 +18,12 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from config import add_config_arguments, load_config
+from corpus import ensure_sample_corpus, text_files_to_parquet
 from data import training_split
 from files import atomic_write
-from shards import DataError, ParquetFileCache, ensure_sample_corpus, list_units, read_unit_documents, text_files_to_parquet
+from shards import DataError, ParquetFileCache, list_units, read_unit_documents
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
+
 
 def check_can_write_file(out: Path, replace: bool):
     """--out of a file: refused if it is a folder, or exists (unless replace), or its folder cannot

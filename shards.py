@@ -1,4 +1,4 @@
-"""Parquet shards: the layout the data lives in, read and written.
+"""Parquet shards: the layout the data lives in, and reading it.
 
 Layout: every `*.parquet` file under a folder (recursively, sorted; names that start with '.' or
 '_' are not data) or matched by a glob pattern, one string column holding one document per row: the
@@ -10,14 +10,14 @@ READ_BYTES. Train/validation split: each document goes to validation with probab
 dataset.val_fraction, decided by a hash of (seed, file, row group, row): fixed by the seed,
 independent of workers.
 
-Writing: the user's text files (python prepare.py --from-text) and the built-in sample corpus.
+Writing them: corpus.py.
 """
+import fnmatch
 import glob
 import hashlib
 import os
 import re
 import shlex
-import sysconfig
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,8 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from config import DEFAULT_SAMPLE_DIR
-from files import relative_to_here, write_folder
+from files import relative_to_here
 from runtime import first_line
 
 
@@ -98,46 +97,72 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
 
 
 def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
-    """(the folder that the files' keys are relative to, the parquet files) of a folder or a pattern."""
+    """(the folder that the files' keys are relative to, the parquet files) of a folder, a glob
+    pattern, or one .parquet file (its folder is the root)."""
     root = Path(location)
     if root.is_dir():
         files, skipped = parquet_files(root)
+    elif root.is_file() and root.name.endswith(".parquet"):
+        root, files, skipped = root.parent, [root], []
     elif any(c in str(location) for c in PATTERN_CHARACTERS):
         root, files, skipped = pattern_files(str(location), setting)
+    elif root.exists():
+        raise DataError(f"{root}: {setting} is a file, not a folder of .parquet shards; give their folder, a .parquet "
+                        f"file or a glob pattern")
     else:
         raise DataError(f"{root}: {setting} does not exist or is not a directory{relative_to_here(root)}; "
                         f"create it with `python prepare.py --from-text FILE --out {root}`")
     if skipped:
-        print(f"{location}: skipped {skipped} file(s) or folder(s) whose names start with '.' or '_' (not data, as "
-              f"for pyarrow datasets, Spark and Hugging Face)")
+        print(f"{location}: skipped {len(skipped)} file(s) or folder(s) whose names start with '.' or '_' (not data, "
+              f"as for pyarrow datasets, Spark and Hugging Face)")
     if not files:
         raise DataError(f"{root}: no .parquet files found (searched recursively); "
                         f"convert text with `python prepare.py --from-text FILE --out {root}`")
     return root, files
 
 
-def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], int]:
-    """(the folder before the first wildcard, the .parquet files the glob pattern matches, sorted,
-    the files of the folders it matches included; how many names were skipped). `**` spans folders."""
+def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], list[Path]]:
+    """(the root: the folder before the first wildcard, or the one folder the pattern matches; the
+    .parquet files below it that the glob pattern matches, with the files of the folders it
+    matches, found as in a folder (sorted, links followed, each real folder once); the names
+    skipped). `**` matches any number of folders."""
     parts = Path(pattern).parts
-    root = Path(*parts[:next(i for i, part in enumerate(parts) if any(c in part for c in PATTERN_CHARACTERS))])
-    found, skipped = set(), 0
-    for match in map(Path, glob.glob(pattern, recursive=True)):
-        if match.is_dir():
-            inside, hidden = parquet_files(match)
-            found.update(inside)
-            skipped += hidden
-        elif match.name.endswith(".parquet") and match.is_file():
-            skipped += match.name.startswith((".", "_"))
-            if not match.name.startswith((".", "_")):
-                found.add(match)
-    if not found:
+    first_wildcard = next(i for i, part in enumerate(parts) if any(c in part for c in PATTERN_CHARACTERS))
+    root, segments = Path(*parts[:first_wildcard]), parts[first_wildcard:]
+    files, skipped = parquet_files(root, lambda folder: may_hold(segments, folder)) if root.is_dir() else ([], [])
+    matched = {path: matched_prefix(segments, path.relative_to(root).parts) for path in files}
+    files = [path for path in files if matched[path] is not None]
+    skipped = [path for path in skipped if (may_hold(segments, path.relative_to(root).parts) if path.is_dir() else
+                                            matched_prefix(segments, path.relative_to(root).parts) is not None)]
+    if not files:
         there = parquet_files(root)[0] if root.is_dir() else []
         holds = (f"{root} holds {len(there):,} .parquet file(s), such as "
                  f"{', '.join(p.relative_to(root).as_posix() for p in there[:3])}" if there
                  else f"{root} holds no .parquet file" if root.is_dir() else f"{root} does not exist")
         raise DataError(f"{pattern}: {setting} matches no .parquet file{relative_to_here(root)}; {holds}")
-    return root, sorted(found, key=lambda p: p.relative_to(root).parts), skipped
+    if len(points := {matched[path] for path in files}) == 1 and points.pop() != files[0].relative_to(root).parts:
+        root = root.joinpath(*matched[files[0]])  # one folder matched: its files' keys, as when it is named
+    return root, files, skipped
+
+
+def matched_prefix(segments: tuple, parts: tuple, depth: int = 0):
+    """The shortest leading folders of `parts` (or all of it) that the glob segments match, or None."""
+    if not segments:
+        return parts[:depth]
+    if segments[0] == "**":  # no folder first, else one more
+        if (shorter := matched_prefix(segments[1:], parts, depth)) is not None:
+            return shorter
+        return matched_prefix(segments, parts, depth + 1) if depth < len(parts) else None
+    if depth < len(parts) and fnmatch.fnmatchcase(parts[depth], segments[0]):
+        return matched_prefix(segments[1:], parts, depth + 1)
+    return None
+
+
+def may_hold(segments: tuple, folder: tuple) -> bool:
+    """Whether something inside `folder` (its parts) can match the glob segments."""
+    if not segments or not folder or segments[0] == "**":
+        return True
+    return fnmatch.fnmatchcase(folder[0], segments[0]) and may_hold(segments[1:], folder[1:])
 
 
 def split_of(root: Path, path: Path) -> tuple:
@@ -148,20 +173,22 @@ def split_of(root: Path, path: Path) -> tuple:
     for depth, part in enumerate(relative.parts):
         for word in re.finditer(r"[a-z]+", part.lower()):
             if word.group() in SPLIT_WORDS:
-                folder = root.joinpath(*relative.parts[:depth])
-                is_file = depth == len(relative.parts) - 1
-                return SPLIT_WORDS[word.group()], folder / (f"{part[:word.end()]}*.parquet" if is_file else part)
+                folder, split = root.joinpath(*relative.parts[:depth]), SPLIT_WORDS[word.group()]
+                if depth < len(relative.parts) - 1:  # a folder of the split
+                    return split, folder / part
+                return split, Path(glob.escape(str(folder))) / f"{glob.escape(part[:word.end()])}*.parquet"
     return None, None
 
 
 def mixed_splits(root: Path, files: list[Path]) -> str | None:
     """The error for a training folder that holds a held-out split's files beside others' (a Hugging
     Face dataset's train-*, validation-*, test-* files), or None."""
-    counts, selects = {}, {}
+    counts, selectors = {}, {}
     for path in files:
         split, selector = split_of(root, path)
         counts[split] = counts.get(split, 0) + 1
-        selects.setdefault(split, selector)
+        if selector not in selectors.setdefault(split, []):
+            selectors[split].append(selector)
     if len(counts) == 1 or not {"validation", "test"} & counts.keys():
         return None
     found = ", ".join(f"{split or 'no split'}: {n:,}" for split, n in sorted(counts.items(), key=lambda kv: str(kv[0])))
@@ -169,31 +196,42 @@ def mixed_splits(root: Path, files: list[Path]) -> str | None:
     def override(name, value):  # as the command line wants it: a pattern in quotes, or the shell expands it
         return shlex.quote(f"dataset.{name}={value}")
     if "train" in counts:
-        fix = f"set {override('parquet_dir', selects['train'])}"
+        train = selectors["train"]
+        fix = f"set {override('parquet_dir', train[0])}"
         if "validation" in counts:
-            fix += f" and {override('val_parquet_dir', selects['validation'])}"
+            fix += f" and {override('val_parquet_dir', selectors['validation'][0])}"
+        if len(train) > 1:
+            fix += f" (the train split of one of {len(train)} folders"
+            fix += (f"; of all of them: {override('parquet_dir', Path(glob.escape(str(root))) / '**' / train[0].name)})"
+                    if len({t.name for t in train}) == 1 else ")")
     else:
-        fix = "give dataset.parquet_dir a folder or a pattern of the training files only"
+        held_out = [str(selector) for split in ("validation", "test") for selector in selectors.get(split, [])]
+        fix = (f"{', '.join(held_out[:3])}{' ...' if len(held_out) > 3 else ''} look like held-out splits (by their "
+               f"names): move them out of the folder, or give dataset.parquet_dir a pattern of the training files only")
+    everything = override("parquet_dir", Path(glob.escape(str(root))) / "**" / "*.parquet")
     return (f"{root}: its files are named for several Hugging Face splits ({found} files), and training would read "
-            f"them all, held-out ones too; {fix} (to train on every file anyway: {override('parquet_dir', root / '**' / '*.parquet')})")
+            f"them all, held-out ones too; {fix}; to train on every file anyway: {everything}")
 
 
-def parquet_files(root: Path) -> tuple[list[Path], int]:
-    """(every *.parquet file under root, sorted; how many names were skipped). Symbolic links to
-    folders are followed, each real folder once; names starting with '.' or '_' are not data (a
-    macOS ._ copy, Spark's _SUCCESS and _temporary/) and are skipped."""
-    found, skipped, seen = [], 0, set()
+def parquet_files(root: Path, may_hold=lambda folder: True) -> tuple[list[Path], list[Path]]:
+    """(every *.parquet file under root, sorted; the names skipped). Symbolic links to folders are
+    followed, each real folder once; names starting with '.' or '_' are not data (a macOS ._ copy,
+    Spark's _SUCCESS and _temporary/) and are skipped. may_hold(the folder's parts below root): whether
+    to look into a folder at all."""
+    found, skipped, seen = [], [], set()
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:  # a link back up the tree, or a second link to the same folder
             subfolders[:] = []
             continue
         seen.add(real)
-        skipped += sum(name.startswith((".", "_")) for name in subfolders)
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith((".", "_")))
+        below = Path(folder).relative_to(root).parts
+        subfolders[:] = sorted(name for name in subfolders if may_hold(below + (name,)))
+        skipped += [Path(folder) / name for name in subfolders if name.startswith((".", "_"))]
+        subfolders[:] = [name for name in subfolders if not name.startswith((".", "_"))]
         for name in names:
             if name.endswith(".parquet") and name.startswith((".", "_")):
-                skipped += 1
+                skipped.append(Path(folder) / name)
             elif name.endswith(".parquet") and os.path.isfile(os.path.join(folder, name)):
                 found.append(Path(folder) / name)
     return sorted(found, key=lambda p: p.relative_to(root).parts), skipped  # as sorted(Path) orders them
@@ -265,110 +303,3 @@ def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, s
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{unit.path}: row group {unit.row_group} cannot be read "
                         f"({first_line(e)}); the file is corrupt or truncated: re-create it")
-
-
-# ---------------------------------------------------------------- writing
-
-def split_text(raw: bytes | str, chunk: int) -> list:
-    """Cut a file's bytes (or a text) at line ends into pieces of about `chunk` bytes (characters),
-    0: keep whole. Nothing is lost: the pieces concatenate back to the file, and none cuts a UTF-8
-    character (a line end, 0x0A, is never part of one)."""
-    if chunk <= 0 or len(raw) <= chunk:
-        return [raw] if raw else []
-    pieces, start = [], 0
-    while start < len(raw):
-        end = raw.find(b"\n" if isinstance(raw, bytes) else "\n", start + chunk)
-        end = len(raw) if end < 0 else end + 1
-        pieces.append(raw[start:end])
-        start = end
-    return pieces
-
-
-def write_shards(documents, out_dir, docs_per_shard=16384, row_group_bytes=128 * 1024) -> int:
-    """Write an iterable of strings as parquet shards part-00000.parquet, ... with a `text`
-    column and row groups of about row_group_bytes. Returns the number of documents."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shard, n_docs, n_shards = [], 0, 0
-
-    def flush():
-        nonlocal shard, n_shards
-        if not shard:
-            return
-        writer = pq.ParquetWriter(out_dir / f"part-{n_shards:05d}.parquet", pa.schema([("text", pa.string())]))
-        group, size = [], 0
-        for doc in shard + [None]:
-            if doc is None or (group and size + len(doc) > row_group_bytes):
-                writer.write_table(pa.table({"text": pa.array(group, pa.string())}))
-                group, size = [], 0
-            if doc is not None:
-                group.append(doc)
-                size += len(doc)
-        writer.close()
-        shard, n_shards = [], n_shards + 1
-
-    for doc in documents:
-        shard.append(doc)
-        n_docs += 1
-        if len(shard) == docs_per_shard:
-            flush()
-    flush()
-    return n_docs
-
-
-def text_files_to_parquet(files, out_dir, chunk_bytes=8192, replace=False) -> int:
-    def documents():
-        for f in files:
-            try:
-                raw = Path(f).read_bytes()
-            except IsADirectoryError:
-                raise DataError(f"{f}: a folder; give the text files in it, e.g. {Path(f) / '*.txt'}")
-            except OSError as e:
-                raise DataError(f"{f}: cannot read ({e.strerror})")
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                print(f"note: {f} is not UTF-8 (byte {e.start:,}: {raw[e.start:e.start + 1]!r}): its invalid bytes "
-                      f"become U+FFFD; if it is text in another encoding, convert it first (iconv -f <encoding> "
-                      f"-t utf-8); if it is not text, leave it out")
-            yield from (piece.decode("utf-8", errors="replace") for piece in split_text(raw, chunk_bytes))
-
-    def write(folder):
-        n = write_shards(documents(), folder)
-        if n == 0:
-            raise DataError(f"{' '.join(map(str, files))}: no text (empty files); nothing was written")
-        return n
-    try:
-        return write_folder(out_dir, write, replace=replace,
-                            written_here=lambda path: path.is_file() and path.suffix == ".parquet")
-    except FileExistsError as e:
-        raise DataError(str(e))
-    except OSError as e:
-        raise DataError(f"{out_dir}: cannot write ({e.strerror or e})")
-
-
-def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int:
-    """The built-in sample corpus: this machine's Python standard library sources (tests
-    excluded), in sorted order, up to max_bytes. Returns the number of documents, or None if
-    another process (another node's first rank) built the folder meanwhile."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"}
-    sources = sorted(p for p in stdlib.rglob("*.py")
-                     if not skip.intersection(p.relative_to(stdlib).parts))
-    docs, total = [], 0
-    for p in sources:
-        text = p.read_text(encoding="utf-8", errors="replace")
-        if total + len(text) > max_bytes:
-            break
-        docs.extend(split_text(text, 8192))  # in characters: the corpus stays as it was built before
-        total += len(text)
-    return write_folder(out_dir, lambda folder: write_shards(docs, folder), keep_existing=True)
-
-
-def ensure_sample_corpus(cfg):
-    """Build the built-in corpus when dataset.parquet_dir is its default place and is missing."""
-    folder = cfg.dataset.parquet_dir
-    if folder == DEFAULT_SAMPLE_DIR and not Path(folder).exists():
-        print(f"building the sample corpus in {folder} from the Python standard library ...")
-        n = build_stdlib_corpus(folder)
-        print(f"  {n} documents" if n is not None else "  another process built it meanwhile")

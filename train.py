@@ -23,6 +23,7 @@ import torch
 from adamw4bit import AdamW4bit, adamw_state_bytes
 from checkpoint import CheckpointError, RunDir, check_writable, clean_stale_temporaries
 from config import add_config_arguments, load_config
+from corpus import ensure_sample_corpus
 from data import data_order, epochs_read, loader_workers, stop_loader_workers, train_loader, validation_batches
 from distributed import (DistributedError, Ranks, communication_failure, gradient_sync, local_tensor, shutdown, start,
                          wrap)
@@ -34,7 +35,7 @@ from model import BDH
 from resume import Progress, resume, save
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, compile_repeatably, peak_flops,
                      peak_memory_bytes, pick_device, resolve_compute_dtype, steady_host_memory, wants_compile)
-from shards import DataError, ensure_sample_corpus, list_units
+from shards import DataError, list_units
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
 
 FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # whatever log_freq says: whether a run is viable shows in a minute
@@ -111,7 +112,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     continues_run_dir = run.path is not None
     metrics = MetricsLog(run, cfg, resumed_step=progress.step if continues_run_dir else None)
     flops_per_token = cfg.model.training_flops_per_token(training.block_size)
-    print(describe_run(cfg, raw_model, optimizer, ranks, device, len(units), run, tokens_per_step, compile_model,
+    print(describe_run(cfg, raw_model, optimizer, ranks, device, units, run, tokens_per_step, compile_model,
                        fp8_recipe, qat_start))
     if peak:
         print(f"MFU against the {peak_source}")
@@ -285,7 +286,7 @@ def make_optimizer(model: BDH, cfg, device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def describe_run(cfg, model, optimizer, ranks, device, n_units, run, tokens_per_step, compiled, fp8_recipe,
+def describe_run(cfg, model, optimizer, ranks, device, units, run, tokens_per_step, compiled, fp8_recipe,
                  qat_start) -> str:
     training, low_precision = cfg.training, cfg.low_precision
     n_params = sum(p.numel() for p in model.parameters())
@@ -303,8 +304,9 @@ def describe_run(cfg, model, optimizer, ranks, device, n_units, run, tokens_per_
     tokenizer = "bytes" if dataset.tokenizer == "bytes" else Path(dataset.tokenizer).resolve()
     writes_to = (f"continues in {run.path.resolve()}" if run.path is not None
                  else f"runs in {Path(training.checkpoint_dir).resolve()}")
-    row_groups = f"{n_units} row group{'s' * (n_units != 1)}"
-    lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({row_groups}; {validation}) | tokenizer {tokenizer} | "
+    n_files = len({unit.path for unit in units})
+    shards = f"{n_files} file{'s' * (n_files != 1)}, {len(units)} row group{'s' * (len(units) != 1)}"
+    lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({shards}; {validation}) | tokenizer {tokenizer} | "
                  f"{writes_to}")
     full = adamw_state_bytes(model.parameters())
     if isinstance(optimizer, AdamW4bit):

@@ -156,6 +156,15 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
     assert p.startswith(f"{path}:3:") and "YAML syntax error" in p and "\n" not in p
 
 
+def test_an_unquoted_glob_pattern_is_told_to_take_quotes(tmp_path):
+    path = tmp_path / "glob.yaml"
+    path.write_text("dataset:\n  parquet_dir: **/train-*.parquet\n")
+    with pytest.raises(ConfigError, match=r"glob.yaml:2:.*such as a glob pattern, needs quotes"):
+        Config.from_yaml(path)
+    path.write_text('dataset:\n  parquet_dir: "**/train-*.parquet"\n')
+    assert Config.from_yaml(path).dataset.parquet_dir == "**/train-*.parquet"
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         Config.from_yaml(tmp_path / "nope.yaml")

@@ -1,61 +1,14 @@
-"""Parquet shards: listing and checking them, the split, writing text files and the built-in corpus."""
+"""Parquet shards: listing and checking them (folders, patterns, split names), the split, reading."""
 import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 import shards
 from conftest import write_parquet
 from shards import DataError, list_units, validation_mask
-
-
-def test_text_files_become_documents_in_row_groups_of_bounded_size(tmp_path):
-    text = "".join(f"line {i}\n" for i in range(20000))
-    (tmp_path / "a.txt").write_text(text)
-    n = shards.text_files_to_parquet([tmp_path / "a.txt"], tmp_path / "out", chunk_bytes=1000)
-    [shard] = (tmp_path / "out").iterdir()
-    table = pq.read_table(shard)
-    assert n == table.num_rows > 100 and "".join(table.column("text").to_pylist()) == text
-    meta = pq.read_metadata(shard)
-    assert meta.num_row_groups > 1
-    assert all(meta.row_group(i).num_rows <= 128 * 1024 // 1000 + 1 for i in range(meta.num_row_groups))
-
-
-def test_an_unreadable_text_file_is_a_data_error(tmp_path):
-    with pytest.raises(DataError, match=r"nope.txt: cannot read"):
-        shards.text_files_to_parquet([tmp_path / "nope.txt"], tmp_path / "out")
-
-
-def test_sample_corpus_is_deterministic(tmp_path):
-    shards.build_stdlib_corpus(tmp_path / "one", max_bytes=200_000)
-    shards.build_stdlib_corpus(tmp_path / "two", max_bytes=200_000)
-    one = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert one and one == sorted(p.name for p in (tmp_path / "two").iterdir())
-    for name in one:
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
-    assert len(list_units(tmp_path / "one", "text")) >= 1
-
-
-def test_split_text_keeps_every_byte_and_cuts_by_bytes_at_line_ends():
-    raw = "".join(f"línea {i} — ü\n" for i in range(3000)).encode()
-    pieces = shards.split_text(raw, 1000)
-    assert b"".join(pieces) == raw and len(pieces) > 10
-    assert all(p.endswith(b"\n") and 1000 <= len(p) < 1030 for p in pieces[:-1])
-    assert all(p.decode() for p in pieces)  # no UTF-8 character cut
-    assert shards.split_text(raw, 0) == [raw] and shards.split_text(b"", 100) == []
-
-
-def test_a_build_killed_midway_leaves_a_folder_that_the_next_build_removes(tmp_path):
-    dead, live = tmp_path / "stdlib.tmp999999999", tmp_path / f".stdlib.tmp{os.getppid()}"
-    for folder in (dead, live):
-        folder.mkdir()
-        (folder / "part-00000.parquet").write_bytes(b"half")
-    shards.build_stdlib_corpus(tmp_path / "stdlib", max_bytes=100_000)
-    assert not dead.exists() and live.exists()  # a running build's folder is left alone
-    assert list_units(tmp_path / "stdlib", "text")
 
 
 def test_units_are_listed_recursively_and_sorted(tmp_path):
@@ -141,34 +94,66 @@ def test_a_training_folder_holding_held_out_splits_is_refused_with_the_patterns_
     train, val = root / "wikitext-103-raw-v1" / "train*.parquet", root / "wikitext-103-raw-v1" / "validation*.parquet"
     assert str(e.value) == (f"{root}: its files are named for several Hugging Face splits (test: 2, train: 4, "
                             f"validation: 2 files), and training would read them all, held-out ones too; set "
-                            f"'dataset.parquet_dir={train}' and 'dataset.val_parquet_dir={val}' (to train on every "
-                            f"file anyway: 'dataset.parquet_dir={root / '**' / '*.parquet'}')")
-    assert {Path(u.path).name for u in list_units(train, "text")} == {"train-00000-of-00002.parquet",
-                                                                      "train-00001-of-00002.parquet"}
-    assert {Path(u.path).name for u in list_units(val, "text", setting="dataset.val_parquet_dir")} == {
-        "validation-00000-of-00001.parquet"}
-    assert len(list_units(root / "**" / "*.parquet", "text")) == 8
-    # the same files listed by a pattern keep their keys: the split and the shuffle do not change
-    folder = root / "wikitext-2-raw-v1"
-    by_folder = {u.path: u.file_key for u in list_units(folder, "text", setting="dataset.val_parquet_dir")}
-    by_pattern = {u.path: u.file_key for u in list_units(folder / "*.parquet", "text", setting="dataset.val_parquet_dir")}
-    assert by_folder == by_pattern
-    # a validation folder is not a training folder: reading its test files too is no leak into training
-    assert len(list_units(root, "text", setting="dataset.val_parquet_dir")) == 8
+                            f"'dataset.parquet_dir={train}' and 'dataset.val_parquet_dir={val}' (the train split of "
+                            f"one of 2 folders; of all of them: 'dataset.parquet_dir={root / '**' / 'train*.parquet'}'); "
+                            f"to train on every file anyway: 'dataset.parquet_dir={root / '**' / '*.parquet'}'")
+    assert [Path(u.path).name for u in list_units(train, "text")] == ["train-00000-of-00002.parquet",
+                                                                      "train-00001-of-00002.parquet"]
+    assert [Path(u.path).name for u in list_units(val, "text", setting="dataset.val_parquet_dir")] == [
+        "validation-00000-of-00001.parquet"]
+    assert [Path(u.path).relative_to(root).as_posix() for u in list_units(root / "**" / "train*.parquet", "text")] == [
+        f"{config}/train-0000{k}-of-00002.parquet" for config in ("wikitext-103-raw-v1", "wikitext-2-raw-v1")
+        for k in (0, 1)]  # sorted as a folder's files are, in every process
+    # every file, each once, in the folder's order, with the folder's keys (they seed the split and the shuffle)
+    as_folder = [(u.path, u.file_key) for u in list_units(root, "text", setting="dataset.val_parquet_dir")]
+    assert [(u.path, u.file_key) for u in list_units(root / "**" / "*.parquet", "text")] == as_folder
+    assert [(u.path, u.file_key) for u in list_units(root / "**", "text")] == as_folder
+    only = root / "wikitext-2-raw-v1"
+    by_folder = [(u.path, u.file_key) for u in list_units(only, "text", setting="dataset.val_parquet_dir")]
+    assert [(u.path, u.file_key) for u in list_units(root / "*-2-*", "text")] == by_folder  # one folder matched
+    assert [(u.path, u.file_key) for u in list_units(only / "*.parquet", "text")] == by_folder
+
+
+def test_a_pattern_skips_what_a_folder_skips_and_lists_each_real_file_once(tmp_path, capsys):
+    write_parquet(tmp_path / "d" / "part-0.parquet", ["a"])
+    write_parquet(tmp_path / "d" / "_temporary" / "0" / "part-0.parquet", ["b"])
+    write_parquet(tmp_path / "d" / "sub" / "part-1.parquet", ["c"])
+    os.symlink(tmp_path / "d" / "sub", tmp_path / "d" / "link")
+    os.symlink(tmp_path / "d", tmp_path / "d" / "sub" / "loop")  # a link back up the tree
+    for pattern in ("**/*.parquet", "*", "**"):
+        units = list_units(tmp_path / "d" / pattern, "text")
+        assert [Path(u.path).relative_to(tmp_path / "d").as_posix() for u in units] == ["link/part-1.parquet",
+                                                                                       "part-0.parquet"], pattern
+        assert "skipped 1 file(s) or folder(s) whose names start with '.' or '_'" in capsys.readouterr().out
+
+
+def test_one_parquet_file_is_read_and_another_file_is_refused(tmp_path):
+    write_parquet(tmp_path / "one.parquet", ["a", "b"])
+    [unit] = list_units(tmp_path / "one.parquet", "text")
+    assert unit.num_rows == 2 and unit.file_key == list_units(tmp_path, "text")[0].file_key
+    (tmp_path / "notes.txt").write_text("text")
+    with pytest.raises(DataError, match="is a file, not a folder of .parquet shards; give their folder, a .parquet "
+                                        "file or a glob pattern"):
+        list_units(tmp_path / "notes.txt", "text")
 
 
 def test_splits_in_folders_and_names_that_only_contain_a_keyword(tmp_path):
     write_parquet(tmp_path / "a" / "train" / "0000.parquet", ["x"])
     write_parquet(tmp_path / "a" / "dev" / "0000.parquet", ["x"])
-    with pytest.raises(DataError, match=r"\(train: 1, validation: 1 files\).*; set dataset.parquet_dir=\S+/a/train "):
+    with pytest.raises(DataError, match=r"\(train: 1, validation: 1 files\).*; set dataset.parquet_dir=\S+/a/train "
+                                        r"and dataset.val_parquet_dir=\S+/a/dev; to train"):
         list_units(tmp_path / "a", "text")
+    write_parquet(tmp_path / "v" / "train.parquet", ["x"])
+    write_parquet(tmp_path / "v" / "book_val_01.parquet", ["x"])
+    with pytest.raises(DataError, match=r"\(train: 1, validation: 1 files\)"):
+        list_units(tmp_path / "v", "text")
     for name in ("interval-0.parquet", "latest.parquet", "train-0.parquet", "training_1.parquet"):
         write_parquet(tmp_path / "b" / name, ["x"])  # words, not substrings: one split (train) and none
     assert len(list_units(tmp_path / "b", "text")) == 4
     write_parquet(tmp_path / "c" / "part-0.parquet", ["x"])
-    write_parquet(tmp_path / "c" / "eval" / "part-0.parquet", ["x"])  # no train split named: no pattern to give
-    with pytest.raises(DataError, match=r"\(no split: 1, test: 1 files\).*; give dataset.parquet_dir a folder or a "
-                                        r"pattern of the training files only"):
+    write_parquet(tmp_path / "c" / "eval" / "part-0.parquet", ["x"])  # no train split named: the held-out one is
+    with pytest.raises(DataError, match=r"\(no split: 1, test: 1 files\).*; \S+/c/eval look like held-out splits \(by "
+                                        r"their names\): move them out of the folder"):
         list_units(tmp_path / "c", "text")
 
 

@@ -28,7 +28,7 @@ def test_run_directory_holds_resolved_config_checkpoints_and_metrics(tmp_path, c
     out = capsys.readouterr().out
     assert "step 4/4" in out and "val loss" in out and "--- sample ---" in out
     units = len(list_units(corpus, "text"))  # where the data comes from and where the runs go, resolved
-    assert (f"data {corpus.resolve()} ({units} row groups; validation 20% of its documents) | tokenizer bytes | "
+    assert (f"data {corpus.resolve()} (3 files, {units} row groups; validation 20% of its documents) | tokenizer bytes | "
             f"runs in {(tmp_path / 'ck').resolve()}\n") in out
     [run] = run_dirs(tmp_path)
     assert run.name.startswith("run_")

@@ -1,0 +1,117 @@
+"""Writing parquet shards: the user's text files (python prepare.py --from-text) and the built-in
+sample corpus, both in the layout shards.py reads (one `text` column, one document per row).
+"""
+import sysconfig
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from config import DEFAULT_SAMPLE_DIR
+from files import write_folder
+from shards import DataError
+
+
+def split_text(raw: bytes | str, chunk: int) -> list:
+    """Cut a file's bytes (or a text) at line ends into pieces of about `chunk` bytes (characters),
+    0: keep whole. Nothing is lost: the pieces concatenate back to the file, and none cuts a UTF-8
+    character (a line end, 0x0A, is never part of one)."""
+    if chunk <= 0 or len(raw) <= chunk:
+        return [raw] if raw else []
+    pieces, start = [], 0
+    while start < len(raw):
+        end = raw.find(b"\n" if isinstance(raw, bytes) else "\n", start + chunk)
+        end = len(raw) if end < 0 else end + 1
+        pieces.append(raw[start:end])
+        start = end
+    return pieces
+
+
+def write_shards(documents, out_dir, docs_per_shard=16384, row_group_bytes=128 * 1024) -> int:
+    """Write an iterable of strings as parquet shards part-00000.parquet, ... with a `text`
+    column and row groups of about row_group_bytes. Returns the number of documents."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shard, n_docs, n_shards = [], 0, 0
+
+    def flush():
+        nonlocal shard, n_shards
+        if not shard:
+            return
+        writer = pq.ParquetWriter(out_dir / f"part-{n_shards:05d}.parquet", pa.schema([("text", pa.string())]))
+        group, size = [], 0
+        for doc in shard + [None]:
+            if doc is None or (group and size + len(doc) > row_group_bytes):
+                writer.write_table(pa.table({"text": pa.array(group, pa.string())}))
+                group, size = [], 0
+            if doc is not None:
+                group.append(doc)
+                size += len(doc)
+        writer.close()
+        shard, n_shards = [], n_shards + 1
+
+    for doc in documents:
+        shard.append(doc)
+        n_docs += 1
+        if len(shard) == docs_per_shard:
+            flush()
+    flush()
+    return n_docs
+
+
+def text_files_to_parquet(files, out_dir, chunk_bytes=8192, replace=False) -> int:
+    def documents():
+        for f in files:
+            try:
+                raw = Path(f).read_bytes()
+            except IsADirectoryError:
+                raise DataError(f"{f}: a folder; give the text files in it, e.g. {Path(f) / '*.txt'}")
+            except OSError as e:
+                raise DataError(f"{f}: cannot read ({e.strerror})")
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                print(f"note: {f} is not UTF-8 (byte {e.start:,}: {raw[e.start:e.start + 1]!r}): its invalid bytes "
+                      f"become U+FFFD; if it is text in another encoding, convert it first (iconv -f <encoding> "
+                      f"-t utf-8); if it is not text, leave it out")
+            yield from (piece.decode("utf-8", errors="replace") for piece in split_text(raw, chunk_bytes))
+
+    def write(folder):
+        n = write_shards(documents(), folder)
+        if n == 0:
+            raise DataError(f"{' '.join(map(str, files))}: no text (empty files); nothing was written")
+        return n
+    try:
+        return write_folder(out_dir, write, replace=replace,
+                            written_here=lambda path: path.is_file() and path.suffix == ".parquet")
+    except FileExistsError as e:
+        raise DataError(str(e))
+    except OSError as e:
+        raise DataError(f"{out_dir}: cannot write ({e.strerror or e})")
+
+
+def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int:
+    """The built-in sample corpus: this machine's Python standard library sources (tests
+    excluded), in sorted order, up to max_bytes. Returns the number of documents, or None if
+    another process (another node's first rank) built the folder meanwhile."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"}
+    sources = sorted(p for p in stdlib.rglob("*.py")
+                     if not skip.intersection(p.relative_to(stdlib).parts))
+    docs, total = [], 0
+    for p in sources:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        if total + len(text) > max_bytes:
+            break
+        docs.extend(split_text(text, 8192))  # in characters: the corpus stays as it was built before
+        total += len(text)
+    return write_folder(out_dir, lambda folder: write_shards(docs, folder), keep_existing=True)
+
+
+def ensure_sample_corpus(cfg):
+    """Build the built-in corpus when dataset.parquet_dir is its default place and is missing."""
+    folder = cfg.dataset.parquet_dir
+    if folder == DEFAULT_SAMPLE_DIR and not Path(folder).exists():
+        print(f"building the sample corpus in {folder} from the Python standard library ...")
+        n = build_stdlib_corpus(folder)
+        print(f"  {n} documents" if n is not None else "  another process built it meanwhile")

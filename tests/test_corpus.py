@@ -1,0 +1,54 @@
+"""Writing parquet shards: text files and the built-in corpus."""
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+import corpus
+from shards import DataError, list_units
+
+
+def test_text_files_become_documents_in_row_groups_of_bounded_size(tmp_path):
+    text = "".join(f"line {i}\n" for i in range(20000))
+    (tmp_path / "a.txt").write_text(text)
+    n = corpus.text_files_to_parquet([tmp_path / "a.txt"], tmp_path / "out", chunk_bytes=1000)
+    [shard] = (tmp_path / "out").iterdir()
+    table = pq.read_table(shard)
+    assert n == table.num_rows > 100 and "".join(table.column("text").to_pylist()) == text
+    meta = pq.read_metadata(shard)
+    assert meta.num_row_groups > 1
+    assert all(meta.row_group(i).num_rows <= 128 * 1024 // 1000 + 1 for i in range(meta.num_row_groups))
+
+
+def test_an_unreadable_text_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match=r"nope.txt: cannot read"):
+        corpus.text_files_to_parquet([tmp_path / "nope.txt"], tmp_path / "out")
+
+
+def test_sample_corpus_is_deterministic(tmp_path):
+    corpus.build_stdlib_corpus(tmp_path / "one", max_bytes=200_000)
+    corpus.build_stdlib_corpus(tmp_path / "two", max_bytes=200_000)
+    one = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert one and one == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in one:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert len(list_units(tmp_path / "one", "text")) >= 1
+
+
+def test_split_text_keeps_every_byte_and_cuts_by_bytes_at_line_ends():
+    raw = "".join(f"línea {i} — ü\n" for i in range(3000)).encode()
+    pieces = corpus.split_text(raw, 1000)
+    assert b"".join(pieces) == raw and len(pieces) > 10
+    assert all(p.endswith(b"\n") and 1000 <= len(p) < 1030 for p in pieces[:-1])
+    assert all(p.decode() for p in pieces)  # no UTF-8 character cut
+    assert corpus.split_text(raw, 0) == [raw] and corpus.split_text(b"", 100) == []
+
+
+def test_a_build_killed_midway_leaves_a_folder_that_the_next_build_removes(tmp_path):
+    dead, live = tmp_path / "stdlib.tmp999999999", tmp_path / f".stdlib.tmp{os.getppid()}"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "part-00000.parquet").write_bytes(b"half")
+    corpus.build_stdlib_corpus(tmp_path / "stdlib", max_bytes=100_000)
+    assert not dead.exists() and live.exists()  # a running build's folder is left alone
+    assert list_units(tmp_path / "stdlib", "text")
