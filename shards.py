@@ -47,6 +47,13 @@ class DataError(Exception):
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary(), pa.string_view())
 
 
+def text_type(column_type) -> bool:
+    """Whether a column of this type holds text (pandas categoricals are read decoded)."""
+    if pa.types.is_dictionary(column_type):
+        column_type = column_type.value_type
+    return column_type in TEXT_TYPES
+
+
 @dataclass(frozen=True)
 class Unit:
     path: str
@@ -76,15 +83,15 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: not a readable parquet file ({first_line(e)}); "
                             f"remove or re-create it")
+        strings = [field.name for field in schema if text_type(field.type)]
+        has = (f"its string columns are {strings}" if strings else "it has no string column") + (
+            f" (all: {schema.names})" if len(schema.names) > len(strings) else "")
         if text_column not in schema.names:
-            raise DataError(f"{path}: no column {text_column!r}; columns are {schema.names}; "
-                            f"set dataset.text_column to one of them")
-        column_type = schema.field(text_column).type
-        if pa.types.is_dictionary(column_type):  # pandas categoricals: read decoded
-            column_type = column_type.value_type
-        if column_type not in TEXT_TYPES:
-            raise DataError(f"{path}: column {text_column!r} has type {column_type}, expected a "
-                            f"string column")
+            raise DataError(f"{path}: no column {text_column!r}; {has}; set dataset.text_column to the one that holds "
+                            f"the documents")
+        if not text_type(schema.field(text_column).type):
+            raise DataError(f"{path}: column {text_column!r} has type {schema.field(text_column).type}, expected a "
+                            f"string column; {has}")
         relative = path.relative_to(root).as_posix().encode()
         file_key = int.from_bytes(hashlib.blake2b(relative, digest_size=8).digest(), "little")
         for rg in range(meta.num_row_groups):

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import shards
@@ -49,15 +50,21 @@ def test_truncated_file(tmp_path):
         list_units(tmp_path, "text")
 
 
-def test_missing_text_column_lists_the_columns(tmp_path):
-    write_parquet(tmp_path / "a.parquet", ["x"], column="content")
-    with pytest.raises(DataError, match=r"no column 'text'; columns are \['content'\]"):
+def test_missing_text_column_names_the_string_columns(tmp_path):
+    pq.write_table(pa.table({"id": [1], "content": ["x"], "lang": pa.array(["en"]).dictionary_encode()}),
+                   tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"no column 'text'; its string columns are \['content', 'lang'\] \(all: "
+                                        r"\['id', 'content', 'lang'\]\); set dataset.text_column to the one that holds"):
         list_units(tmp_path, "text")
+    with pytest.raises(DataError, match=r"column 'id' has type int64, expected a string column; its string columns "
+                                        r"are \['content', 'lang'\]"):
+        list_units(tmp_path, "id")
+    assert len(list_units(tmp_path, "lang")) == 1
 
 
 def test_non_string_column_is_refused(tmp_path):
     write_parquet(tmp_path / "a.parquet", [1, 2], type_=pa.int64())
-    with pytest.raises(DataError, match="expected a string column"):
+    with pytest.raises(DataError, match=r"has type int64, expected a string column; it has no string column \(all: \[.text.\]\)$"):
         list_units(tmp_path, "text")
 
 
