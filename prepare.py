@@ -72,7 +72,7 @@ def train_tokenizer(cfg, vocab_size: int, out: Path, config_arguments: list, rep
     ensure_sample_corpus(cfg)
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
     print(f"training a {vocab_size:,}-token byte-level BPE on the training split of {cfg.dataset.parquet_dir} "
-          f"({len(units):,} row groups)", flush=True)
+          f"({len(units):,} row group{'s' * (len(units) != 1)})", flush=True)
     tokenizer = HFTokenizer(train_bpe(training_texts(cfg, units), vocab_size), str(out))
     if tokenizer.vocab_size < 258:
         raise DataError(f"{cfg.dataset.parquet_dir}: its training split holds too little text to learn a single "
