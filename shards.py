@@ -68,8 +68,6 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
     `parquet_dir`: a folder, or a glob pattern of files or folders. `setting` names the option in
     errors; a training folder whose files are named for several Hugging Face splits is refused."""
     root, files = shard_files(parquet_dir, setting)
-    if setting == "dataset.parquet_dir" and Path(parquet_dir).is_dir() and (mixed := mixed_splits(root, files)):
-        raise DataError(mixed)
     units, last_report = [], time.time()
     if len(files) >= 1000:
         print(f"checking the footers and schemas of {len(files):,} parquet files in {root} ...", flush=True)
@@ -109,6 +107,7 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
     root = Path(location)
     if root.is_dir():
         files, skipped = parquet_files(root)
+        check_splits(root, files, setting)
     elif root.is_file() and root.name.endswith(".parquet"):
         root, files, skipped = root.parent, [root], []
     elif any(c in str(location) for c in PATTERN_CHARACTERS):
@@ -129,27 +128,45 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
 
 
 def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], list[Path]]:
-    """(the root: the folder before the first wildcard, or the one folder the pattern matches; the
-    .parquet files below it that the glob pattern matches, with the files of the folders it
-    matches, found as in a folder (sorted, links followed, each real folder once); the names
-    skipped). `**` matches any number of folders."""
+    """(the root: the folder before the first wildcard; the .parquet files below it that the glob
+    pattern matches, with the files of the folders it matches (a pattern that ends in / matches
+    folders only), sorted, each real file once; the names skipped). `**` matches any number of
+    folders. Folders the pattern matches are checked for split names as a folder given directly is."""
     parts = Path(pattern).parts
-    first_wildcard = next(i for i, part in enumerate(parts) if any(c in part for c in PATTERN_CHARACTERS))
-    root, segments = Path(*parts[:first_wildcard]), parts[first_wildcard:]
+    literal = [unescaped(part) for part in parts] + [None]
+    first_wildcard = literal.index(None)
+    root, segments = Path(*literal[:first_wildcard]), parts[first_wildcard:]
     files, skipped = parquet_files(root, lambda folder: may_hold(segments, folder)) if root.is_dir() else ([], [])
     matched = {path: matched_prefix(segments, path.relative_to(root).parts) for path in files}
-    files = [path for path in files if matched[path] is not None]
+    in_folder = {path: matched[path] is not None and len(matched[path]) < len(path.relative_to(root).parts)
+                 for path in files}
+    taken, seen = [], set()
+    for path in files:
+        if in_folder[path] or (matched[path] is not None and not pattern.endswith(("/", os.sep))):
+            if os.path.realpath(path) not in seen:  # the same file through a link
+                seen.add(os.path.realpath(path))
+                taken.append(path)
     skipped = [path for path in skipped if (may_hold(segments, path.relative_to(root).parts) if path.is_dir() else
                                             matched_prefix(segments, path.relative_to(root).parts) is not None)]
-    if not files:
+    if not taken:
         there = parquet_files(root)[0] if root.is_dir() else []
         holds = (f"{root} holds {len(there):,} .parquet file(s), such as "
                  f"{', '.join(p.relative_to(root).as_posix() for p in there[:3])}" if there
                  else f"{root} holds no .parquet file" if root.is_dir() else f"{root} does not exist")
-        raise DataError(f"{pattern}: {setting} matches no .parquet file{relative_to_here(root)}; {holds}")
-    if len(points := {matched[path] for path in files}) == 1 and points.pop() != files[0].relative_to(root).parts:
-        root = root.joinpath(*matched[files[0]])  # one folder matched: its files' keys, as when it is named
-    return root, files, skipped
+        hidden = f" ({len(skipped)} name(s) starting with '.' or '_' skipped)" if skipped else ""
+        raise DataError(f"{pattern}: {setting} matches no .parquet file{hidden}{relative_to_here(root)}; {holds}")
+    for folder in sorted({matched[path] for path in taken if in_folder[path]}):
+        check_splits(root.joinpath(*folder), [p for p in taken if p.relative_to(root).parts[:len(folder)] == folder],
+                     setting)
+    return root, taken, skipped
+
+
+def unescaped(part: str):
+    """A path part as a literal name (glob.escape's [*], [?] and [[] read back), or None if it holds a
+    wildcard."""
+    if any(c in re.sub(r"\[[*?[]\]", "", part) for c in PATTERN_CHARACTERS):
+        return None
+    return re.sub(r"\[([*?[])\]", r"\1", part)
 
 
 def matched_prefix(segments: tuple, parts: tuple, depth: int = 0):
@@ -187,6 +204,12 @@ def split_of(root: Path, path: Path) -> tuple:
     return None, None
 
 
+def check_splits(root: Path, files: list[Path], setting: str):
+    """Refuse a training folder that mixes a held-out split's files with others."""
+    if setting == "dataset.parquet_dir" and (mixed := mixed_splits(root, files)):
+        raise DataError(mixed)
+
+
 def mixed_splits(root: Path, files: list[Path]) -> str | None:
     """The error for a training folder that holds a held-out split's files beside others' (a Hugging
     Face dataset's train-*, validation-*, test-* files), or None."""
@@ -220,20 +243,24 @@ def mixed_splits(root: Path, files: list[Path]) -> str | None:
             f"them all, held-out ones too; {fix}; to train on every file anyway: {everything}")
 
 
-def parquet_files(root: Path, may_hold=lambda folder: True) -> tuple[list[Path], list[Path]]:
+def parquet_files(root: Path, may_hold=None) -> tuple[list[Path], list[Path]]:
     """(every *.parquet file under root, sorted; the names skipped). Symbolic links to folders are
     followed, each real folder once; names starting with '.' or '_' are not data (a macOS ._ copy,
-    Spark's _SUCCESS and _temporary/) and are skipped. may_hold(the folder's parts below root): whether
-    to look into a folder at all."""
+    Spark's _SUCCESS and _temporary/) and are skipped. may_hold(the folder's parts below root), for a
+    pattern: whether to look into a folder at all; then a link is followed unless it leads back up
+    its own path (a folder skipped as seen might be the one the pattern wants)."""
     found, skipped, seen = [], [], set()
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen:  # a link back up the tree, or a second link to the same folder
+        below = Path(folder).relative_to(root).parts
+        if may_hold is None and real in seen:  # a link back up the tree, or a second link to the same folder
             subfolders[:] = []
             continue
+        if may_hold is not None and real in {os.path.realpath(p) for p in Path(folder).parents[:len(below)]}:
+            subfolders[:] = []  # a link back up its own path
+            continue
         seen.add(real)
-        below = Path(folder).relative_to(root).parts
-        subfolders[:] = sorted(name for name in subfolders if may_hold(below + (name,)))
+        subfolders[:] = sorted(name for name in subfolders if may_hold is None or may_hold(below + (name,)))
         skipped += [Path(folder) / name for name in subfolders if name.startswith((".", "_"))]
         subfolders[:] = [name for name in subfolders if not name.startswith((".", "_"))]
         for name in names:

@@ -1,4 +1,5 @@
 """Parquet shards: listing and checking them (folders, patterns, split names), the split, reading."""
+import glob
 import os
 from pathlib import Path
 
@@ -114,11 +115,13 @@ def test_a_training_folder_holding_held_out_splits_is_refused_with_the_patterns_
     # every file, each once, in the folder's order, with the folder's keys (they seed the split and the shuffle)
     as_folder = [(u.path, u.file_key) for u in list_units(root, "text", setting="dataset.val_parquet_dir")]
     assert [(u.path, u.file_key) for u in list_units(root / "**" / "*.parquet", "text")] == as_folder
-    assert [(u.path, u.file_key) for u in list_units(root / "**", "text")] == as_folder
     only = root / "wikitext-2-raw-v1"
     by_folder = [(u.path, u.file_key) for u in list_units(only, "text", setting="dataset.val_parquet_dir")]
-    assert [(u.path, u.file_key) for u in list_units(root / "*-2-*", "text")] == by_folder  # one folder matched
     assert [(u.path, u.file_key) for u in list_units(only / "*.parquet", "text")] == by_folder
+    for folders in (root / "**", root / "*-2-*"):  # a folder the pattern matches is checked as a folder given
+        with pytest.raises(DataError, match="named for several Hugging Face splits"):
+            list_units(folders, "text")
+    assert len(list_units(root / "*-2-*", "text", setting="dataset.val_parquet_dir")) == 4
 
 
 def test_a_pattern_skips_what_a_folder_skips_and_lists_each_real_file_once(tmp_path, capsys):
@@ -132,6 +135,34 @@ def test_a_pattern_skips_what_a_folder_skips_and_lists_each_real_file_once(tmp_p
         assert [Path(u.path).relative_to(tmp_path / "d").as_posix() for u in units] == ["link/part-1.parquet",
                                                                                        "part-0.parquet"], pattern
         assert "skipped 1 file(s) or folder(s) whose names start with '.' or '_'" in capsys.readouterr().out
+
+
+def test_a_pattern_finds_a_folder_also_reached_through_links(tmp_path):
+    for version in ("v1", "v2"):
+        for name in ("a", "b"):
+            write_parquet(tmp_path / "data" / version / "train" / f"{name}.parquet", [f"{version} {name}"])
+    os.symlink(tmp_path / "data" / "v2" / "train", tmp_path / "data" / "current")
+    os.symlink(tmp_path / "data" / "v2", tmp_path / "data" / "latest")  # walked before v2, not matched by v*
+    units = list_units(tmp_path / "data" / "v*" / "train" / "*.parquet", "text")
+    assert [Path(u.path).relative_to(tmp_path / "data").as_posix() for u in units] == [
+        "v1/train/a.parquet", "v1/train/b.parquet", "v2/train/a.parquet", "v2/train/b.parquet"]
+    units = list_units(tmp_path / "data" / "*" / "train" / "*.parquet", "text")  # latest/train is v2/train
+    assert [Path(u.path).relative_to(tmp_path / "data").as_posix() for u in units] == [
+        "latest/train/a.parquet", "latest/train/b.parquet", "v1/train/a.parquet", "v1/train/b.parquet"]
+    assert len(list_units(tmp_path / "data" / "**" / "train" / "*.parquet", "text")) == 4  # each real file once
+    write_parquet(tmp_path / "data" / "loose.parquet", ["c"])
+    assert len(list_units(tmp_path / "data" / "*", "text")) == 5
+    assert len(list_units(f"{tmp_path / 'data'}/*/", "text")) == 4  # a trailing / matches folders only
+
+
+def test_an_escaped_folder_name_keeps_the_folder_s_keys(tmp_path):
+    folder = tmp_path / "x[1]"
+    write_parquet(folder / "train-0.parquet", ["a"])
+    write_parquet(folder / "notes.parquet", ["b"])
+    by_folder = [(u.path, u.file_key) for u in list_units(folder, "text")]
+    escaped = Path(glob.escape(str(folder)))
+    assert [(u.path, u.file_key) for u in list_units(escaped / "*.parquet", "text")] == by_folder
+    assert [(u.path, u.file_key) for u in list_units(escaped / "train*.parquet", "text")] == by_folder[1:]
 
 
 def test_one_parquet_file_is_read_and_another_file_is_refused(tmp_path):
