@@ -136,7 +136,7 @@ def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], list[Pa
     literal = [unescaped(part) for part in parts] + [None]
     first_wildcard = literal.index(None)
     root, segments = Path(*literal[:first_wildcard]), parts[first_wildcard:]
-    files, skipped = parquet_files(root, lambda folder: may_hold(segments, folder)) if root.is_dir() else ([], [])
+    files, skipped = ([], []) if not root.is_dir() else parquet_files(root, look_in=lambda f: may_hold(segments, f))
     matched = {path: matched_prefix(segments, path.relative_to(root).parts) for path in files}
     in_folder = {path: matched[path] is not None and len(matched[path]) < len(path.relative_to(root).parts)
                  for path in files}
@@ -243,24 +243,24 @@ def mixed_splits(root: Path, files: list[Path]) -> str | None:
             f"them all, held-out ones too; {fix}; to train on every file anyway: {everything}")
 
 
-def parquet_files(root: Path, may_hold=None) -> tuple[list[Path], list[Path]]:
+def parquet_files(root: Path, look_in=None) -> tuple[list[Path], list[Path]]:
     """(every *.parquet file under root, sorted; the names skipped). Symbolic links to folders are
     followed, each real folder once; names starting with '.' or '_' are not data (a macOS ._ copy,
-    Spark's _SUCCESS and _temporary/) and are skipped. may_hold(the folder's parts below root), for a
+    Spark's _SUCCESS and _temporary/) and are skipped. look_in(the folder's parts below root), for a
     pattern: whether to look into a folder at all; then a link is followed unless it leads back up
     its own path (a folder skipped as seen might be the one the pattern wants)."""
     found, skipped, seen = [], [], set()
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         below = Path(folder).relative_to(root).parts
-        if may_hold is None and real in seen:  # a link back up the tree, or a second link to the same folder
+        if look_in is None and real in seen:  # a link back up the tree, or a second link to the same folder
             subfolders[:] = []
             continue
-        if may_hold is not None and real in {os.path.realpath(p) for p in Path(folder).parents[:len(below)]}:
+        if look_in is not None and real in {os.path.realpath(p) for p in Path(folder).parents[:len(below)]}:
             subfolders[:] = []  # a link back up its own path
             continue
         seen.add(real)
-        subfolders[:] = sorted(name for name in subfolders if may_hold is None or may_hold(below + (name,)))
+        subfolders[:] = sorted(name for name in subfolders if look_in is None or look_in(below + (name,)))
         skipped += [Path(folder) / name for name in subfolders if name.startswith((".", "_"))]
         subfolders[:] = [name for name in subfolders if not name.startswith((".", "_"))]
         for name in names:

@@ -305,8 +305,8 @@ def describe_run(cfg, model, optimizer, ranks, device, units, run, tokens_per_st
     writes_to = (f"continues in {run.path.resolve()}" if run.path is not None
                  else f"runs in {Path(training.checkpoint_dir).resolve()}")
     n_files = len({unit.path for unit in units})
-    shards = f"{n_files} file{'s' * (n_files != 1)}, {len(units)} row group{'s' * (len(units) != 1)}"
-    lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({shards}; {validation}) | tokenizer {tokenizer} | "
+    data_size = f"{n_files} file{'s' * (n_files != 1)}, {len(units)} row group{'s' * (len(units) != 1)}"
+    lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({data_size}; {validation}) | tokenizer {tokenizer} | "
                  f"{writes_to}")
     full = adamw_state_bytes(model.parameters())
     if isinstance(optimizer, AdamW4bit):
