@@ -253,11 +253,10 @@ def parquet_files(root: Path, look_in=None) -> tuple[list[Path], list[Path]]:
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         below = Path(folder).relative_to(root).parts
-        if look_in is None and real in seen:  # a link back up the tree, or a second link to the same folder
+        # a folder: a link back up the tree, or a second way to the same folder; a pattern: back up its own path
+        visited = seen if look_in is None else {os.path.realpath(p) for p in Path(folder).parents[:len(below)]}
+        if real in visited:
             subfolders[:] = []
-            continue
-        if look_in is not None and real in {os.path.realpath(p) for p in Path(folder).parents[:len(below)]}:
-            subfolders[:] = []  # a link back up its own path
             continue
         seen.add(real)
         subfolders[:] = sorted(name for name in subfolders if look_in is None or look_in(below + (name,)))
