@@ -27,7 +27,7 @@ from files import atomic_write, left_by_a_dead_process, relative_to_here
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line
 
-PROJECT_VERSION = "0.3.0"
+PROJECT_VERSION = "0.4.0"
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
 
 
@@ -52,6 +52,7 @@ class Checkpoint:
     data_positions: list = field(default_factory=list)  # every reader's position after batches_consumed
     batches_consumed: int = 0
     tokenizer: str = "bytes"  # tokenizer.py's to_str(): "bytes" or a tokenizer.json
+    tokens: int | None = None  # trained on up to this step (None: written before version 0.4.0)
     versions: dict = field(default_factory=lambda: {"torch": str(torch.__version__), "project": PROJECT_VERSION})
 
     def to_dict(self) -> dict:
@@ -251,8 +252,9 @@ def check_writable(checkpoint_dir: str):
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise CheckpointError(f"training.checkpoint_dir: cannot create files in {existing} "
-                              f"({e.strerror or e}); set training.checkpoint_dir to a folder you can write")
+        what = f"files in {existing}" if existing == folder else f"{folder} inside {existing}"
+        raise CheckpointError(f"training.checkpoint_dir: cannot create {what} ({e.strerror or e}); set "
+                              f"training.checkpoint_dir to a folder you can write")
 
 
 def flat_diff(old: dict, new: dict, ignore=()) -> list[str]:

@@ -224,8 +224,8 @@ class Config:
             problems.append(f"model.vocab_size: tokens are bytes 0..255, so it must be >= 256, "
                             f"got {model.vocab_size}")
         if training.min_lr > training.learning_rate:
-            problems.append(f"training.min_lr: must be <= training.learning_rate "
-                            f"({training.learning_rate}), got {training.min_lr}")
+            problems.append(f"training.min_lr: must be <= training.learning_rate ({training.learning_rate}), got "
+                            f"{training.min_lr}; set it too, e.g. training.min_lr={training.learning_rate / 10:g}")
         if isinstance(training.compile, str) and training.compile != "auto":
             problems.append(f"training.compile: must be true, false or auto; got {training.compile!r}")
         if not 0 <= self.low_precision.qat_start_fraction < 1:

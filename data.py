@@ -13,6 +13,7 @@ truncated; per reader and epoch only the tail that does not fill a last batch is
 """
 import hashlib
 import multiprocessing
+import os
 import signal
 import sys
 
@@ -257,7 +258,7 @@ def validation_batches(cfg, units, tokenizer) -> list:
     split, folder = "val", dataset_cfg.parquet_dir
     if dataset_cfg.val_parquet_dir:
         split, folder = "all", dataset_cfg.val_parquet_dir
-        units = list_units(folder, dataset_cfg.text_column, setting="dataset.val_parquet_dir")
+        units = check_held_out(list_units(folder, dataset_cfg.text_column, setting="dataset.val_parquet_dir"), units)
     dataset = ParquetBatches(units, split, training.block_size, training.batch_size, training.seed,
                              dataset_cfg.val_fraction, dataset_cfg.text_column, dataset_cfg.max_cached_files,
                              tokenizer, shuffle=False)
@@ -290,6 +291,18 @@ def validation_batches(cfg, units, tokenizer) -> list:
                         f"{training.block_size + 1} tokens; lower training.block_size or training.batch_size, or "
                         f"{more}")
     return batches
+
+
+def check_held_out(val_units: list, train_units: list) -> list:
+    """dataset.val_parquet_dir's units, refused if any of its files is a training file too."""
+    training_files = {os.path.realpath(unit.path) for unit in train_units}
+    shared = sorted({unit.path for unit in val_units if os.path.realpath(unit.path) in training_files})
+    if shared:
+        raise DataError(f"dataset.val_parquet_dir: {len(shared)} of its {len({u.path for u in val_units})} file(s) "
+                        f"are training files too ({shared[0]}{', ...' if len(shared) > 1 else ''}): validation would "
+                        f"measure documents the model trains on; point it at held-out files only, or set "
+                        f"dataset.val_parquet_dir=null to hold out dataset.val_fraction of the training documents")
+    return val_units
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
+from runtime import first_line
+
 
 class DistributedError(Exception):
     pass
@@ -33,6 +35,7 @@ class Ranks:
     world_size: int = 1
     local_rank: int = 0
     mode: str = "single"  # single | ddp | fsdp
+    cpu_group: object = None  # gloo beside NCCL, for collectives of CPU tensors (None: the default group is gloo)
 
     @property
     def main(self) -> bool:
@@ -113,8 +116,15 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=training.distributed_timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+    timeout = datetime.timedelta(seconds=training.distributed_timeout_s)
+    dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    if backend == "nccl":
+        try:
+            ranks.cpu_group = dist.new_group(backend="gloo", timeout=timeout)
+        except Exception as e:  # gloo connects every pair of ranks now, by the address of each hostname
+            raise DistributedError(f"rank {ranks.rank}: gloo (which carries the stop signal's vote between the ranks) "
+                                   f"could not connect them ({first_line(e)[:200]}); set GLOO_SOCKET_IFNAME to the "
+                                   f"network interface between the nodes (`ip addr` lists them)")
     if not ranks.main:  # only rank 0 prints; errors (stderr) still come from every rank
         sys.stdout = open(os.devnull, "w")
     return ranks, device
@@ -191,8 +201,8 @@ def communication_failure(e: BaseException, ranks: Ranks, timeout_s: int) -> str
     text = str(e)
     if not ranks.enabled or not isinstance(e, (RuntimeError, dist.DistError)):
         return None
-    if not any(s in text for s in ("Timed out", "timed out", "Connection closed", "Connection reset",
-                                   "NCCL", "Broken pipe", "ProcessGroup")):
+    if not any(s in text.lower() for s in ("timed out", "timeout", "connection closed", "connection reset",
+                                           "nccl", "broken pipe", "processgroup")):
         return None
     last = text.strip().splitlines()[-1] if text.strip() else type(e).__name__
     return (f"rank {ranks.rank}: communication with the other ranks failed ({last.strip()[:200]}): "

@@ -5,8 +5,9 @@ the run directory logs (rank 0 under torchrun).
 The run directory appears with the first checkpoint: records made before wait in memory and are
 written to metrics.jsonl and TensorBoard then (flush). W&B starts with the run, its files under
 <checkpoint_dir>/wandb/, and its run id is kept in the run directory (wandb_run_id), so a resumed
-run continues the same W&B run. A resume also cuts metrics.jsonl and the TensorBoard curves back to
-the checkpoint's step: the steps after it are trained again and logged once. step_line is the
+run continues the same W&B run (or a new one, when W&B has logged past the checkpoint's step). A
+resume also cuts metrics.jsonl and the TensorBoard curves back to the checkpoint's step: the steps
+after it are trained again and logged once. step_line is the
 console's line of a training record.
 """
 import importlib.util
@@ -41,8 +42,9 @@ class MetricsLog:
             if enabled and importlib.util.find_spec(package) is None:
                 raise MetricsError(f"{setting}: the {package} package is not installed; pip install {package} "
                                    f"(or -r requirements-dev.txt), or set {setting}=false")
+        self.logged_to = -1  # the last step the run's earlier processes logged (a resume redoes those after it)
         if resumed_step is not None:
-            self._truncate(resumed_step)
+            self.logged_to = self._truncate(resumed_step)
         if self.settings.wandb:
             self._start_wandb(cfg)
 
@@ -88,12 +90,16 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.finish()
 
-    def _truncate(self, step: int):
-        """Drop the records of steps after `step`, which the resumed run trains again."""
+    def _truncate(self, step: int) -> int:
+        """Drop the records of steps after `step`, which the resumed run trains again; returns the
+        last step there was a record of (-1: none)."""
         path = self.run.path / "metrics.jsonl"
-        if path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _record_step(line) <= step]
-            atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
+        if not path.exists():
+            return -1
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if _record_step(line) <= step]
+        atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
+        return max((s for s in map(_record_step, lines) if s < math.inf), default=-1)
 
     def _start_wandb(self, cfg):
         import wandb
@@ -101,13 +107,24 @@ class MetricsLog:
         run_id = id_file.read_text().strip() if id_file is not None and id_file.exists() else secrets.token_hex(6)
         folder = self.run.checkpoint_dir
         folder.mkdir(parents=True, exist_ok=True)
+        settings = dict(project=self.settings.wandb_project, entity=self.settings.wandb_entity,
+                        name=self.settings.wandb_run_name or self.run.name, dir=str(folder), config=cfg.to_dict())
         try:
-            self.wandb = wandb.init(project=self.settings.wandb_project, entity=self.settings.wandb_entity,
-                                    name=self.settings.wandb_run_name or self.run.name, id=run_id, resume="allow",
-                                    dir=str(folder), config=cfg.to_dict())
+            self.wandb = wandb.init(id=run_id, resume="allow", **settings)
+            # what W&B holds: its server says (starting_step), offline only metrics.jsonl does
+            logged_to = max(self.wandb.starting_step - 1, self.logged_to)
+            if self.resumed_step is not None and logged_to > self.resumed_step:
+                # W&B ignores a step below one the run has logged: the steps after the checkpoint, trained
+                # again, would be lost. They go to a new W&B run of the same name.
+                self.wandb.finish()
+                self.wandb = wandb.init(id=secrets.token_hex(6), **settings)
         except Exception as e:  # no API key, no network, a bad entity: before training, not hours in
             raise MetricsError(f"logging.wandb: W&B did not start ({first_line(e)}); run "
                                f"`wandb login`, set WANDB_MODE=offline, or set logging.wandb=false")
+        if self.wandb.id != run_id and id_file is not None and id_file.exists():
+            atomic_write(id_file, lambda f: f.write(self.wandb.id.encode()))
+            print(f"W&B run {run_id} has logged up to step {logged_to}, past the checkpoint's step "
+                  f"{self.resumed_step}: the resumed run logs to a new W&B run of the same name, {self.wandb.id}")
 
 
 def scalars(record: dict) -> dict:

@@ -118,7 +118,7 @@ def main(argv=None):
         if args.from_text:
             n = text_files_to_parquet(args.from_text, args.out, 8192 if args.chunk_bytes is None else args.chunk_bytes,
                                       replace=args.replace)
-            print(f"wrote {n} documents to {args.out}")
+            print(f"wrote {n:,} document{'s' * (n != 1)} to {args.out}")
         else:
             config_arguments = ["--config", args.config, *args.overrides]
             print(train_tokenizer(load_config(args), args.vocab_size, Path(args.out), config_arguments, args.replace))

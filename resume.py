@@ -8,6 +8,7 @@ wrote starts a fine-tuning run instead: its weights only.
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -23,6 +24,7 @@ from tokenizer import TokenizerError, load_tokenizer
 class Progress:
     """Where the run stands, beyond weights and optimizer state: what a checkpoint records."""
     step: int = 0
+    tokens: int = 0  # trained on so far: the sum of each step's tokens, which a resume may change
     best_val_loss: float = math.inf
     last_saved: Path | None = None
     batches_consumed: int = 0
@@ -35,10 +37,10 @@ def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tok
     model_state, optimizer_state = full_state(model, optimizer)
     positions = sorted((p for rank_positions in ranks.gather(progress.positions) for p in rank_positions.values()),
                        key=lambda p: p["reader"])
-    ckpt = Checkpoint(step=progress.step, model=model_state, model_config=asdict(cfg.model), config=cfg.to_dict(),
-                      optimizer=optimizer_state, scaler=scaler.state_dict(), best_val_loss=progress.best_val_loss,
-                      rng=ranks.gather(rng_state(device)), data_order=order, data_positions=positions,
-                      batches_consumed=progress.batches_consumed, tokenizer=tokenizer.to_str())
+    ckpt = Checkpoint(step=progress.step, tokens=progress.tokens, model=model_state, model_config=asdict(cfg.model),
+                      config=cfg.to_dict(), optimizer=optimizer_state, scaler=scaler.state_dict(),
+                      best_val_loss=progress.best_val_loss, rng=ranks.gather(rng_state(device)), data_order=order,
+                      data_positions=positions, batches_consumed=progress.batches_consumed, tokenizer=tokenizer.to_str())
     return ranks.gather(run.save(ckpt, cfg.to_yaml(), name))[0]
 
 
@@ -65,7 +67,8 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
         set_rng_state(ckpt.rng[ranks.rank], device)
     else:  # another world size: the data order changes too (resume_point says so)
         torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
-    progress = Progress(step=ckpt.step, best_val_loss=ckpt.best_val_loss, last_saved=path)
+    tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
+    progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=ckpt.best_val_loss, last_saved=path)
     if evaluated_weights(ckpt.low_precision()) != evaluated_weights(asdict(low_precision)):
         progress.best_val_loss = math.inf
         print("validation losses now measure other weights (use_4bit or its code book changed): best.pt starts afresh")
@@ -90,6 +93,17 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
     positions, progress.batches_consumed, first_epoch = resume_point(
         cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
     return run, progress, positions, first_epoch
+
+
+def step_tokens(training, world_size: int) -> int:
+    return training.batch_size * training.block_size * training.gradient_accumulation_steps * world_size
+
+
+def tokens_before(ckpt, training) -> int:
+    """The tokens trained on up to a checkpoint written before they were counted (version 0.4.0):
+    its steps times its own tokens per step, as far as it recorded them."""
+    saved = SimpleNamespace(**{**asdict(training), **ckpt.config.get("training", {})})
+    return ckpt.step * step_tokens(saved, max(1, len(ckpt.rng)))
 
 
 def fine_tune_from_export(cfg, model, tokenizer, ranks):

@@ -136,3 +136,26 @@ def measured_matmul_flops(device, dtype, n=8192, reps=10) -> float:
         a @ b
     torch.cuda.synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def device_clock(device) -> float:
+    """time.perf_counter() once the device has done the work queued so far: a pause in training
+    (an evaluation, a checkpoint) timed from here does not take the step's GPU time with it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    return time.perf_counter()
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """What an allocation that failed asked for ('78.1 GiB'), or None if `e` is not one: CUDA's
+    OutOfMemoryError, the CPU allocator's and MPS's RuntimeErrors."""
+    text = str(e)
+    if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text):
+        return None
+    if found := re.search(r"allocate (\d+) bytes", text):
+        return f"{int(found[1]) / 2**30:.1f} GiB"
+    if found := re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B)", text):
+        return found[1]
+    return "memory"

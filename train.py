@@ -8,7 +8,6 @@ loops: step, log, evaluate (evaluation.py), checkpoint.
 """
 import argparse
 import math
-import os
 import random
 import re
 import shlex
@@ -32,14 +31,15 @@ from fp8 import FP8Error, fp8_matmuls
 from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog, format_duration, step_line
 from model import BDH
-from resume import Progress, resume, save
-from runtime import (DTYPES, DeviceError, autocast, check_can_compile, compile_repeatably, peak_flops,
-                     peak_memory_bytes, pick_device, resolve_compute_dtype, steady_host_memory, wants_compile)
+from resume import Progress, resume, save, step_tokens
+from runtime import (DTYPES, DeviceError, autocast, check_can_compile, compile_repeatably, device_clock, out_of_memory,
+                     peak_flops, peak_memory_bytes, pick_device, resolve_compute_dtype, steady_host_memory,
+                     wants_compile)
 from shards import DataError, list_units
+from stopping import GracefulStop, StepVote, launcher
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
 
-FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # whatever log_freq says: whether a run is viable shows in a minute
-STOP_CHECK_STEPS = 10  # under torchrun, a signal to a rank is acted on within this many steps
+FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # of each process, whatever log_freq says: whether it is viable shows in a minute
 SLOW_CPU_STEP_S = 5  # seconds a step on CPU (tiny.yaml: about 0.1) above which an hours-long run suggests tiny.yaml
 
 
@@ -62,7 +62,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     # MFU's peak, before the seeds: a measured peak draws random matrices (peak_flops resets the
     # memory statistics after it)
     peak, peak_source = peak_flops(device, DTYPES[compute_dtype]) if device.type == "cuda" else (0, "")
-    tokens_per_step = training.batch_size * training.block_size * training.gradient_accumulation_steps * ranks.world_size
+    tokens_per_step = step_tokens(training, ranks.world_size)
     random.seed(training.seed)
     np.random.seed(training.seed)
     torch.manual_seed(training.seed)
@@ -128,6 +128,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     order = data_order(cfg, units, workers, ranks.world_size)
     sample_generator = torch.Generator(device=device)
     stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main)
+    stop_vote = StepVote(ranks)  # whether any rank heard a signal, one step late
     # summed on the device, read at log lines only: no wait for the GPU at every step
     loss_sum, grad_norm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     loss_count, steps_since_log = 0, 0
@@ -142,6 +143,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     while progress.step < training.max_iters:
         # ---- one optimizer step: gradient accumulation over micro-batches
         step = progress.step = progress.step + 1
+        progress.tokens += tokens_per_step
         lr = learning_rate(step, training)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -171,10 +173,10 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         steps_since_log += 1
-        stopping = stop_requested(stop, ranks, step, device)
+        stopping = stop_vote.ask(stop.signal_name is not None)
 
         # ---- log
-        if step % log_freq == 0 or step == training.max_iters or step in FIRST_STEPS_LOGGED:
+        if step % log_freq == 0 or step == training.max_iters or step - first_step + 1 in FIRST_STEPS_LOGGED:
             train_loss, mean_grad_norm = ranks.mean(torch.stack([loss_sum / loss_count,
                                                                  grad_norm_sum / steps_since_log])).tolist()
             if not math.isfinite(train_loss):
@@ -183,7 +185,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             seconds_per_step = (now - interval_start - paused_s) / steps_since_log
             passes_before = int(epochs)
             epochs = epochs_read(progress.positions.values(), units, training.seed, n_readers, dealt)
-            record = {"step": step, "tokens": step * tokens_per_step, "epochs": round(epochs, 3),
+            record = {"step": step, "tokens": progress.tokens, "epochs": round(epochs, 3),
                       "train_loss": train_loss, "lr": lr,
                       "grad_norm": mean_grad_norm, "tokens_per_s": round(tokens_per_step / seconds_per_step),
                       "ms_per_step": round(seconds_per_step * 1000, 2),
@@ -209,7 +211,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
 
         # ---- evaluate
         if step % training.test_freq == 0 or step == training.max_iters:
-            evaluation_start = time.perf_counter()
+            evaluation_start = device_clock(device)
             stop.doing = "the evaluation"
             raw_model.weight_view = qat_view  # use_4bit: the 4-bit model is measured (each step sets its own view)
             raw_model.eval()
@@ -221,23 +223,26 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             print(f"step {step}: val loss {val_loss:.4f} | {bits_per_byte:.4f} bits/byte | active latents: x "
                   f"{x_active:.1%}, y {y_active:.1%} (mean over layers)\n--- sample ---\n{sample}\n--------------",
                   flush=True)
-            metrics.log({"step": step, "tokens": step * tokens_per_step, "val_loss": val_loss,
+            metrics.log({"step": step, "tokens": progress.tokens, "val_loss": val_loss,
                          "val_bits_per_byte": bits_per_byte, "sparsity_x": active[0], "sparsity_y": active[1],
                          "sample": sample})
             if val_loss < progress.best_val_loss:
                 progress.best_val_loss = val_loss
+                stop.doing = "the checkpoint"
                 path = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer,
                             name="best.pt")
                 print(f"saved {path} (best validation loss so far)", flush=True)
             paused_s += time.perf_counter() - evaluation_start
             stop.doing = "the step"
-            stopping = stopping or ranks.any(stop.signal_name is not None, device)  # heard during the evaluation
+            # heard during the evaluation? (`stopping` is the same on every rank: all skip this collective, or none)
+            stopping = stopping or ranks.any(stop.signal_name is not None, device)
 
         # ---- checkpoint
         if stopping:
             print(f"{stop.signal_name or 'a signal to another rank'}: saving a checkpoint after step {step}", flush=True)
         if step % training.checkpoint_freq == 0 or step == training.max_iters or stopping:
-            checkpoint_start = time.perf_counter()
+            checkpoint_start = device_clock(device)
+            stop.doing = "the checkpoint"
             finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
             if ranks.any(not finite, device):
                 raise non_finite("a weight", step, progress.last_saved)
@@ -246,12 +251,16 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             metrics.flush()  # the first checkpoint creates the run directory: what waited is written now
             print(f"saved {progress.last_saved}", flush=True)
             paused_s += time.perf_counter() - checkpoint_start
-        if stopping:
+            stop.doing = "the step"
+            stopping = stopping or ranks.any(stop.signal_name is not None, device)  # heard while saving: that one
+        if stopping and step < training.max_iters:  # (at max_iters: done, as planned)
+            stop_vote.settle()
             metrics.close()
             print(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. Resume "
                   f"with:\n  {launcher(ranks)}train.py {arguments} "
                   f"{shlex.quote(f'training.resume_from_checkpoint={progress.last_saved}')}")
             return 0
+    stop_vote.settle()
     metrics.close()
     print(f"done: {progress.step} steps ({epochs:.2f} passes over the training data) in "
           f"{format_duration(time.perf_counter() - start)}; final checkpoint {progress.last_saved}")
@@ -332,30 +341,6 @@ def describe_run(cfg, model, optimizer, ranks, device, units, run, tokens_per_st
     return "\n".join(lines)
 
 
-class GracefulStop:
-    """SIGINT/SIGTERM: finish what runs (`doing`: the step, the evaluation), checkpoint, exit 0.
-    In a single process a second Ctrl-C stops at once; under torchrun the agent forwards the
-    signal it got itself, so repeats are expected and ignored (the agent kills the ranks 30 s later
-    anyway). The handler says at once that it heard, with os.write: print() could re-enter a print
-    the loop is in."""
-
-    def __init__(self, second_signal_stops: bool, announce: bool):
-        self.signal_name, self.doing = None, "the step"
-        self.second_signal_stops, self.announce = second_signal_stops, announce
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, _frame):
-        if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
-            if self.announce:
-                again = "" if not self.second_signal_stops else (
-                    " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else " (a second one stops at once)")
-                os.write(2, f"\n{self.signal_name}: finishing {self.doing}, then saving a checkpoint{again}\n".encode())
-        elif self.second_signal_stops:
-            raise KeyboardInterrupt
-
-
 def learning_rate(step: int, training) -> float:
     """Linear warmup over warmup_iters, then cosine decay to min_lr at max_iters."""
     if step <= training.warmup_iters:
@@ -363,23 +348,6 @@ def learning_rate(step: int, training) -> float:
     progress = (step - training.warmup_iters) / max(1, training.max_iters - training.warmup_iters)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return training.min_lr + cosine * (training.learning_rate - training.min_lr)
-
-
-def stop_requested(stop, ranks: Ranks, step: int, device) -> bool:
-    """Whether a signal asks to stop, on any rank. Under torchrun this is a collective and waits for
-    the GPU, so it is asked every STOP_CHECK_STEPS steps only."""
-    if ranks.enabled and step % STOP_CHECK_STEPS:
-        return False
-    return ranks.any(stop.signal_name is not None, device)
-
-
-def launcher(ranks: Ranks) -> str:
-    """How this run was started, for the resume command."""
-    if not ranks.enabled:
-        return "python "
-    if int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size)) == ranks.world_size:
-        return f"torchrun --standalone --nproc_per_node={ranks.world_size} "
-    return "torchrun <the same rendezvous flags> "
 
 
 def non_finite(what: str, step: int, last_saved) -> TrainingError:
@@ -396,6 +364,20 @@ def one_line(e: Exception) -> str:
     return re.sub(r"^[\w.]+(Error|Exception): ", "", text)
 
 
+def rank_of(ranks: Ranks) -> str:
+    return f" (rank {ranks.rank})" if ranks.enabled else ""
+
+
+def memory_fix(cfg) -> str:
+    training = cfg.training
+    fixes = [f"lower training.batch_size {training.batch_size} (raising training.gradient_accumulation_steps keeps the "
+             f"tokens per step)", f"training.block_size {training.block_size}", "or the model"]
+    if not training.activation_checkpointing:
+        fixes[-1] = "the model"
+        fixes.append("or set training.activation_checkpointing=true")
+    return ", ".join(fixes)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train BDH on parquet shards.")
     add_config_arguments(parser)
@@ -406,7 +388,7 @@ def main(argv=None) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    ranks = Ranks()
+    ranks, device = Ranks(), cfg.training.device
     try:
         ranks, device = start(cfg, pick_device(cfg.training.device))
         arguments = shlex.join(["--config", args.config, *(o for o in args.overrides
@@ -414,14 +396,16 @@ def main(argv=None) -> int:
         return train(cfg, arguments, ranks, device)
     except (DataError, TokenizerError, CheckpointError, MetricsError, TrainingError, DeviceError,
             DistributedError, FP8Error, LowBitError) as e:
-        rank = f" (rank {ranks.rank})" if ranks.enabled else ""
-        print(f"error{rank}: {one_line(e)}", file=sys.stderr)
+        print(f"error{rank_of(ranks)}: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: stopped at once without saving; the run's earlier checkpoints are intact",
-              file=sys.stderr)
+        print("\ninterrupted: stopped at once, without saving; checkpoints written before are intact", file=sys.stderr)
         return 130
     except Exception as e:
+        if (request := out_of_memory(e)) is not None:
+            print(f"error{rank_of(ranks)}: out of memory on {device} (asked for {request}): {memory_fix(cfg)}; "
+                  f"checkpoints written before are intact", file=sys.stderr)
+            return 1
         if (failure := communication_failure(e, ranks, cfg.training.distributed_timeout_s)) is None:
             raise
         print(f"error: {failure}", file=sys.stderr)

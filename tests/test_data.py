@@ -312,3 +312,14 @@ def test_a_validation_folder_is_named_in_its_errors_and_val_fraction_leaves_the_
     del raw["dataset"]["val_parquet_dir"]
     assert data.data_order(Config.from_dict(raw), units, 0)["dataset.val_fraction"] == 0.5
 
+
+
+def test_a_validation_folder_that_holds_training_files_is_refused(tmp_path):
+    train_dir = make_corpus(tmp_path / "train", n_files=2)
+    units = list_units(train_dir, "text")
+    (tmp_path / "link").symlink_to(train_dir)
+    for val in (train_dir, sorted(train_dir.glob("*.parquet"))[1], tmp_path / "link"):
+        cfg = Config.from_dict({"dataset": {"parquet_dir": str(train_dir), "val_parquet_dir": str(val)}})
+        with pytest.raises(DataError, match=r"^dataset.val_parquet_dir: \d of its \d file\(s\) are training files too "
+                                            r".*: validation would measure documents the model trains on"):
+            data.validation_batches(cfg, units, BYTES)

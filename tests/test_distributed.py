@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import train
 from checkpoint import load_checkpoint
 from config import Config
 from distributed import fsdp_problems
-from conftest import ROOT, write_config
+from conftest import ROOT, free_port, write_config
 from model import BDH, BDHConfig
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -103,12 +102,6 @@ def test_resume_of_a_two_process_run_is_exact(tmp_path, corpus):
     assert train_losses(run) == (straight_train, straight_val)
     assert len(resumed.rng) == 2 and len(resumed.data_positions) == 2
     assert "exp_avg_4bit" in resumed.optimizer["state"]["encoder"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_hung_rank_stops_the_others_with_a_clear_error(tmp_path, corpus):

@@ -60,6 +60,18 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, corpus):
     assert [e.step for e in events(run).Scalars("train/loss")] == [1, 2, 3, 4]
 
 
+def test_tokens_count_what_each_step_trained_on_when_a_resume_changes_the_batch(tmp_path, corpus):
+    path = write_config(tmp_path, corpus, max_iters=3, checkpoint_freq=2, keep_last_n=0)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    per_step = load_checkpoint(run / "checkpoint_2.pt").tokens // 2
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}",
+                       "training.gradient_accumulation_steps=2"]) == 0
+    assert [(r["step"], r["tokens"]) for r in records(run) if "train_loss" in r] == [
+        (1, per_step), (2, 2 * per_step), (3, 4 * per_step)]
+    assert load_checkpoint(run / "checkpoint_3.pt").tokens == 4 * per_step
+
+
 def test_logging_changes_no_loss_and_wandb_offline_holds_the_run(tmp_path, corpus, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -82,6 +94,40 @@ def test_logging_changes_no_loss_and_wandb_offline_holds_the_run(tmp_path, corpu
     assert train.main(["--config", str(path), "logging.wandb=true", f"training.resume_from_checkpoint={on}",
                        "training.max_iters=5"]) == 0
     assert len(list((tmp_path / "ck" / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+
+def test_a_resume_behind_what_wandb_logged_goes_to_a_new_wandb_run(tmp_path, corpus, monkeypatch, capsys):
+    """W&B drops steps below the last one it logged: after a crash at step 7 with the checkpoint at
+    step 4, steps 5-7 are trained again and must go to a new W&B run; after a stop at the checkpoint's
+    own step, the same W&B run goes on. Online W&B's starting_step says how far it got; offline (0)
+    the run's metrics.jsonl does."""
+    import sys
+    from types import SimpleNamespace
+    started = []
+
+    def init(id, resume=None, **settings):
+        started.append((id, resume))
+        return SimpleNamespace(id=id, name=settings["name"], starting_step=logged.get(id, -1) + 1,
+                               finish=lambda: None, log=lambda *args, **kwargs: None)
+    from importlib.machinery import ModuleSpec
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init, __spec__=ModuleSpec("wandb", None)))
+    cfg = Config.from_yaml(write_config(tmp_path, corpus), ["logging.wandb=true"])
+    run = RunDir(str(tmp_path / "ck"), path=tmp_path / "ck" / "run_1")
+    run.path.mkdir(parents=True)
+    (run.path / "wandb_run_id").write_text("first")
+    logged = {"first": 4}
+    MetricsLog(run, cfg, resumed_step=4)
+    assert started == [("first", "allow")] and "W&B" not in capsys.readouterr().out
+    logged["first"] = 7
+    log = MetricsLog(run, cfg, resumed_step=4)
+    [(_, resume), (new_id, fresh)] = started[1:]
+    assert resume == "allow" and fresh is None and log.wandb.id == new_id != "first" and (run.path / "wandb_run_id").read_text() == new_id
+    assert (f"W&B run first has logged up to step 7, past the checkpoint's step 4: the resumed run logs to a new "
+            f"W&B run of the same name, {new_id}") in capsys.readouterr().out
+    logged.clear()  # offline
+    (run.path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)))
+    assert MetricsLog(run, cfg, resumed_step=4).wandb.id not in ("first", new_id)
+    assert [json.loads(line)["step"] for line in (run.path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_a_missing_logging_package_stops_before_training(tmp_path, corpus, monkeypatch, capsys):

@@ -131,10 +131,12 @@ def test_checkpoint_of_version_0_1_still_resumes(tmp_path, corpus):
                         "param_groups": [{**g, "params": [order.index(n) for n in g["params"]]}
                                          for g in old["optimizer"]["param_groups"]]}
     old["rng"] = old["rng"][0]
+    tokens = old.pop("tokens")  # counted from version 0.4.0 on
     torch.save(old, run / "checkpoint_2.pt")
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest",
-                       "training.max_iters=3"]) == 0
+                       "training.max_iters=3", "training.gradient_accumulation_steps=2"]) == 0
     assert load_checkpoint(run / "checkpoint_3.pt").step == 3
+    assert load_checkpoint(run / "checkpoint_3.pt").tokens == 2 * tokens  # 2 steps at its batch, one of 2 batches
 
 
 def test_a_bpe_run_resumes_samples_with_its_tokenizer_and_refuses_another(tmp_path, corpus, bpe_file, capsys):

@@ -32,8 +32,13 @@ def test_missing_or_empty_directory(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         list_units(tmp_path / "nope", "text")
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("hi")
-    with pytest.raises(DataError, match="no .parquet files found"):
+    with pytest.raises(DataError, match=r"no .parquet files found \(searched recursively\); convert text with "
+                                        r"`python prepare.py --from-text FILE ... --out .*empty`$"):
+        list_units(tmp_path / "empty", "text")
+    (tmp_path / "empty" / "notes.txt").write_text("hi")  # prepare.py would refuse to write beside it
+    with pytest.raises(DataError, match=r"no .parquet files found \(searched recursively\); convert its text with "
+                                        r"`python prepare.py --from-text .*empty/\*.txt --out .*empty_parquet` and set "
+                                        r"dataset.parquet_dir=.*empty_parquet$"):
         list_units(tmp_path / "empty", "text")
 
 

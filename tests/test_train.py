@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from checkpoint import checkpoints_in, load_checkpoint
 from config import Config
 from conftest import ROOT, only_run, run_dirs, write_config
 from data import validation_batches
+from model import BDH
 from shards import list_units
 from tokenizer import load_tokenizer
 
@@ -105,6 +107,30 @@ def test_non_finite_loss_stops_without_saving_a_nan_model(tmp_path, corpus, monk
     assert "not finite at step 4" in err and "checkpoint_2.pt" in err
     [run] = run_dirs(tmp_path)
     assert [p.name for p in run.glob("checkpoint_*.pt")] == ["checkpoint_2.pt"]
+
+
+@pytest.mark.parametrize("error,asked", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 83886080000 bytes. Error code 12 (Cannot allocate memory)"), "78.1 GiB"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139.8 GiB"),
+     "20.00 GiB"),
+])
+def test_out_of_memory_is_one_line_naming_the_settings(tmp_path, corpus, monkeypatch, capsys, error, asked):
+    path = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=2)
+    real, modes = BDH.forward, []
+
+    def forward(self, *args, **kwargs):  # the third training step's forward fails
+        modes.append(self.training)
+        if modes.count(True) == 3:
+            raise error
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(BDH, "forward", forward)
+    assert train.main(["--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: out of memory on cpu (asked for {asked}): lower training.batch_size 4 (raising "
+                   f"training.gradient_accumulation_steps keeps the tokens per step), training.block_size 16, the "
+                   f"model, or set training.activation_checkpointing=true; checkpoints written before are intact\n")
+    assert [p.name for p in run_dirs(tmp_path)[0].glob("checkpoint_*.pt")] == ["checkpoint_2.pt"]
 
 
 def test_activation_checkpointing_reaches_the_model(tmp_path, corpus, monkeypatch):
@@ -262,14 +288,23 @@ def test_a_checkpoint_dir_that_cannot_be_written_stops_before_training(tmp_path,
         assert captured.err == (f"error: training.checkpoint_dir: {tmp_path / 'taken'} is a file, not a folder; "
                                 f"set training.checkpoint_dir to a folder\n")
         assert "step 1/" not in captured.out
+    if Path("/proc/self").is_dir():  # a folder no one can create files in, even root
+        assert train.main(["--config", str(path), "training.checkpoint_dir=/proc/bdh/runs"]) == 1
+        assert capsys.readouterr().err.startswith("error: training.checkpoint_dir: cannot create /proc/bdh/runs inside "
+                                                  "/proc (")
 
 
 def test_the_first_steps_are_logged_whatever_log_freq_says(tmp_path, corpus, capsys):
+    """Of a resumed run too: its first step compiles, and is logged alone."""
     path = write_config(tmp_path, corpus, max_iters=12, log_freq=100, test_freq=100, checkpoint_freq=100)
+
+    def logged():
+        return [int(line.split()[1].split("/")[0]) for line in capsys.readouterr().out.splitlines()
+                if line.startswith("step ") and "| loss" in line]
     assert train.main(["--config", str(path)]) == 0
-    logged = [int(line.split()[1].split("/")[0]) for line in capsys.readouterr().out.splitlines()
-              if line.startswith("step ") and "| loss" in line]
-    assert logged == [1, 2, 5, 10, 12]
+    assert logged() == [1, 2, 5, 10, 12]
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=30"]) == 0
+    assert logged() == [13, 14, 17, 22, 30]
 
 
 def test_a_warmup_as_long_as_the_run_is_noted(tmp_path, corpus, capsys):
@@ -316,6 +351,54 @@ def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once(tmp_path, corpus):
     assert proc.returncode == 0 and "stopped by SIGINT after step 3." in out  # no step after the evaluation
 
 
+
+
+HELD_SAVE = """
+import os, sys, time
+sys.path.insert(0, sys.argv.pop(1))
+release = sys.argv.pop(1)
+import train
+real_save = train.save
+def save(*args, **kwargs):  # the first save waits for the test to send its signals (30 s at most)
+    print("SAVING", flush=True)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return real_save(*args, **kwargs)
+train.save = save
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("checkpoint_freq", [2, 1000])
+def test_ctrl_c_while_saving_stops_after_the_checkpoint_even_twice(tmp_path, corpus, checkpoint_freq):
+    """A periodic checkpoint (a Ctrl-C while it is written: it is the one, the run stops after it),
+    or the one a first Ctrl-C asked for (a second Ctrl-C waits for it instead of losing it)."""
+    path = write_config(tmp_path, corpus, max_iters=1000, test_freq=1000, checkpoint_freq=checkpoint_freq)
+    release = tmp_path / "release"
+    proc = subprocess.Popen([sys.executable, "-u", "-c", HELD_SAVE, str(ROOT), str(release), "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    signals = ["step 2/", "SAVING", "still saving"] if checkpoint_freq == 1000 else ["SAVING", "SIGINT: finishing"]
+    lines = []
+    for line in proc.stdout:  # a signal at each of these lines; the last one acknowledges the last signal
+        lines.append(line)
+        if line.strip().startswith(signals[0]):
+            signals.pop(0)
+            if not signals:
+                break
+            proc.send_signal(signal.SIGINT)
+    release.touch()
+    out, _ = proc.communicate(timeout=60)
+    out = "".join(lines) + out
+    assert proc.returncode == 0 and not signals, out
+    step = int(re.search(r"stopped by SIGINT after step (\d+)\.", out)[1])
+    [run] = run_dirs(tmp_path)
+    assert [p.name for p in run.glob("checkpoint_*.pt")] == [f"checkpoint_{step}.pt"]
+    assert max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()) == step
+    if checkpoint_freq == 2:
+        assert step == 2 and "SIGINT: finishing the checkpoint, then stopping\n" in out
+    else:
+        assert "still saving the checkpoint; the run stops right after it (kill -9 stops at once)" in out
 
 
 def test_the_share_of_time_spent_waiting_for_batches_is_logged(tmp_path, corpus, capsys, monkeypatch):

@@ -1,0 +1,77 @@
+"""Stopping a run when asked: SIGINT or SIGTERM (what schedulers send before they kill) to any
+process finishes what runs, saves a checkpoint and prints the command that resumes the run.
+GracefulStop hears the signal; under torchrun StepVote tells every rank at the same step.
+"""
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+from distributed import Ranks
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM: finish what runs (`doing`: the step, the evaluation, the checkpoint), save
+    a checkpoint, exit 0. In a single process a second Ctrl-C stops at once, except while a
+    checkpoint is written (that would lose it); under torchrun the agent forwards the signal it got
+    itself, so repeats are expected and ignored (the agent kills the ranks 30 s later anyway). The
+    handler says at once that it heard, with os.write: print() could re-enter a print the loop is in."""
+
+    def __init__(self, second_signal_stops: bool, announce: bool):
+        self.signal_name, self.doing = None, "the step"
+        self.second_signal_stops, self.announce = second_signal_stops, announce
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, _frame):
+        saving = self.doing == "the checkpoint"
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            if self.announce:
+                again = "" if not self.second_signal_stops or saving else (
+                    " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else " (a second one stops at once)")
+                then = "stopping" if saving else "saving a checkpoint"
+                os.write(2, f"\n{self.signal_name}: finishing {self.doing}, then {then}{again}\n".encode())
+        elif saving:  # stopping now would lose the checkpoint the first signal asked for, and the records after it
+            if self.announce and self.second_signal_stops:
+                os.write(2, b"\nstill saving the checkpoint; the run stops right after it (kill -9 stops at once)\n")
+        elif self.second_signal_stops:
+            raise KeyboardInterrupt
+
+
+class StepVote:
+    """Whether a flag is set on any rank, asked at every step without waiting for the GPU: ask()
+    starts the all-reduce of this step's flag and returns the answer for the previous step's. Every
+    rank gets the same answer at the same step, one step late. The votes are CPU tensors, reduced
+    over gloo (ranks.cpu_group beside NCCL): a GPU tensor would be read behind the step's queued
+    kernels. Every rank must ask at every step, and settle() at the end."""
+
+    def __init__(self, ranks: Ranks):
+        self.enabled, self.group, self.pending = ranks.enabled, ranks.cpu_group, None
+
+    def ask(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        previous = self.settle()
+        votes = torch.tensor([float(flag)])
+        self.pending = votes, dist.all_reduce(votes, group=self.group, async_op=True)
+        return previous
+
+    def settle(self) -> bool:
+        """The answer of the vote in flight, if any (False if none)."""
+        if self.pending is None:
+            return False
+        votes, work = self.pending
+        self.pending = None
+        work.wait()
+        return bool(votes.item())
+
+
+def launcher(ranks: Ranks) -> str:
+    """How this run was started, for the resume command."""
+    if not ranks.enabled:
+        return "python "
+    if int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size)) == ranks.world_size:
+        return f"torchrun --standalone --nproc_per_node={ranks.world_size} "
+    return "torchrun <the same rendezvous flags> "
