@@ -213,9 +213,9 @@ class AdamW4bit(torch.optim.Optimizer):
         return loss
 
 
-def convert_adamw_state(optimizer_state: dict, shapes: dict, to_4bit: bool) -> dict:
-    """A saved optimizer state (keyed by parameter name) in the format of the optimizer about to
-    load it: torch AdamW's float32 moments <-> AdamW4bit's codes, so that a resumed run may switch
+def convert_adamw_state(optimizer_state: dict, shapes: dict, to_4bit: bool):
+    """Convert a saved optimizer state (keyed by parameter name), in place, to the format of the
+    optimizer about to load it: torch AdamW's float32 moments <-> AdamW4bit's codes, so that a resumed run may switch
     use_4bit_optimizer. Checkpoints of earlier versions stored bitsandbytes nf4 codes of m and of
     v^(1/4) in blocks of 32: they are decoded, and re-encoded when the run stays 4-bit."""
     optimizer = AdamW4bit([torch.nn.Parameter(torch.zeros(1))])  # for its encoders
@@ -231,7 +231,6 @@ def convert_adamw_state(optimizer_state: dict, shapes: dict, to_4bit: bool) -> d
         elif not to_4bit and "exp_avg_4bit" in state:
             state["exp_avg"] = decode(state.pop("exp_avg_4bit"), optimizer.m_levels, shape, optimizer.format.block_size)
             state["exp_avg_sq"] = optimizer._decode_v(state.pop("exp_avg_sq_4bit"), shape)
-    return optimizer_state
 
 
 def adamw_state_bytes(params) -> int:

@@ -27,20 +27,21 @@ import torch
 from checkpoint import checkpoints_in, load_checkpoint, model_from_checkpoint
 from config import add_config_arguments, load_config
 from corpus import text_files_to_parquet
+from files import read_records
 from tokenizer import tokenizer_from_string
 
 CALIBRATION_STEPS = 60  # the per-step time is measured over the second half: compilation settles
 CURVE_POINTS = 8
 
 
-def run_train(config, overrides, workdir: Path) -> list:
-    """train.py with these overrides in workdir; its metrics.jsonl records."""
+def run_train(config, overrides, workdir: Path) -> tuple[Path, list]:
+    """train.py with these overrides in workdir; (its run directory, its metrics.jsonl records)."""
     checkpoint_dir = workdir / "checkpoints"
     cmd = [sys.executable, "train.py", "--config", config, *overrides, f"training.checkpoint_dir={checkpoint_dir}"]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     [run] = checkpoint_dir.iterdir()
-    return run, [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return run, read_records(run / "metrics.jsonl")[0]
 
 
 def calibrate(config, overrides, workdir: Path) -> tuple[float, float]:

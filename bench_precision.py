@@ -35,11 +35,14 @@ import torch
 from checkpoint import checkpoints_in, load_checkpoint, model_from_checkpoint
 from config import Config, add_config_arguments, load_config
 from data import validation_batches
+from distributed import Ranks
+from evaluation import validation_loss
+from files import read_records
 import adamw4bit
 from adamw4bit import AdamW4bit, MomentFormat, adamw_state_bytes
 from lowbit import to_4bit
 from model import BDH
-from runtime import autocast
+from runtime import autocast, pick_device
 from shards import list_units
 from tokenizer import load_tokenizer
 
@@ -127,7 +130,7 @@ def train_variant(config_path, overrides, variant, workdir, log_freq) -> dict:
     subprocess.run([sys.executable, *(launcher if optimizer else ["train.py"]), *arguments], check=True,
                    stdout=subprocess.DEVNULL)
     [run] = checkpoint_dir.iterdir()
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(run / "metrics.jsonl")[0]
     # full log intervals only (train.py also logs its first steps), and not the first: it holds warm-up
     logged = [r for r in records if "ms_per_step" in r and r["step"] % log_freq == 0][1:]
     return {"run": run, "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1],
@@ -135,19 +138,19 @@ def train_variant(config_path, overrides, variant, workdir, log_freq) -> dict:
             "ms_per_step": statistics.median(r["ms_per_step"] for r in logged) if logged else None}
 
 
-@torch.no_grad()
 def final_checkpoint_loss(cfg, run, four_bit: bool) -> float:
-    """The validation loss of the run's last checkpoint: its weights as trained, or with encoder,
-    encoder_v and decoder quantized to 4 bits (what sample.py --4bit serves)."""
-    model = model_from_checkpoint(load_checkpoint(checkpoints_in(run)[-1]))
+    """The validation loss of the run's last checkpoint, measured as train.py measures it (on the
+    run's device, in its compute dtype): its weights as trained, or with encoder, encoder_v and
+    decoder quantized to 4 bits (what sample.py --4bit serves)."""
+    device = pick_device(cfg.training.device)
+    model = model_from_checkpoint(load_checkpoint(checkpoints_in(run)[-1])).to(device)
     low_precision = cfg.low_precision
     if four_bit:
         to_4bit(model, low_precision.quantization_type, low_precision.use_double_quant)
     model.eval()
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
     batches = validation_batches(cfg, units, load_tokenizer(cfg.dataset.tokenizer))
-    with autocast(torch.device("cpu"), low_precision.compute_dtype):
-        return sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+    return validation_loss(model, batches, device, autocast(device, low_precision.compute_dtype), Ranks())[0]
 
 
 def state_bytes_line(cfg) -> tuple[dict, str]:

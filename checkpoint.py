@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import yaml
 
+from config import LowPrecisionConfig
 from files import atomic_write, left_by_a_dead_process, relative_to_here
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line
@@ -75,7 +76,8 @@ class Checkpoint:
         return cls(**values)
 
     def low_precision(self) -> dict:
-        return self.config.get("low_precision", {})
+        """The run's low_precision settings; the defaults for those an older version did not record."""
+        return {**dataclasses.asdict(LowPrecisionConfig()), **self.config.get("low_precision", {})}
 
 
 def load_checkpoint(path) -> Checkpoint:

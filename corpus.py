@@ -12,6 +12,9 @@ from files import write_folder
 from shards import DataError
 
 
+DOCUMENT_BYTES = 8192  # long files are cut into documents of about this size, for the split and the shuffle
+
+
 def split_text(raw: bytes | str, chunk: int) -> list:
     """Cut a file's bytes (or a text) at line ends into pieces of about `chunk` bytes (characters),
     0: keep whole. Nothing is lost: the pieces concatenate back to the file, and none cuts a UTF-8
@@ -59,7 +62,7 @@ def write_shards(documents, out_dir, docs_per_shard=16384, row_group_bytes=128 *
     return n_docs
 
 
-def text_files_to_parquet(files, out_dir, chunk_bytes=8192, replace=False) -> int:
+def text_files_to_parquet(files, out_dir, chunk_bytes=DOCUMENT_BYTES, replace=False) -> int:
     def documents():
         for f in files:
             try:
@@ -90,7 +93,7 @@ def text_files_to_parquet(files, out_dir, chunk_bytes=8192, replace=False) -> in
         raise DataError(f"{out_dir}: cannot write ({e.strerror or e})")
 
 
-def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int:
+def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int | None:
     """The built-in sample corpus: this machine's Python standard library sources (tests
     excluded), in sorted order, up to max_bytes. Returns the number of documents, or None if
     another process (another node's first rank) built the folder meanwhile."""
@@ -103,7 +106,7 @@ def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int:
         text = p.read_text(encoding="utf-8", errors="replace")
         if total + len(text) > max_bytes:
             break
-        docs.extend(split_text(text, 8192))  # in characters: the corpus stays as it was built before
+        docs.extend(split_text(text, DOCUMENT_BYTES))  # in characters: the corpus stays as it was built before
         total += len(text)
     return write_folder(out_dir, lambda folder: write_shards(docs, folder), keep_existing=True)
 

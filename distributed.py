@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
-from runtime import first_line
+from runtime import first_line, last_line
 
 
 class DistributedError(Exception):
@@ -204,7 +204,6 @@ def communication_failure(e: BaseException, ranks: Ranks, timeout_s: int) -> str
     if not any(s in text.lower() for s in ("timed out", "timeout", "connection closed", "connection reset",
                                            "nccl", "broken pipe", "processgroup")):
         return None
-    last = text.strip().splitlines()[-1] if text.strip() else type(e).__name__
-    return (f"rank {ranks.rank}: communication with the other ranks failed ({last.strip()[:200]}): "
+    return (f"rank {ranks.rank}: communication with the other ranks failed ({last_line(e)[:200]}): "
             f"another rank died or hangs (a collective waits at most training.distributed_timeout_s "
             f"= {timeout_s} s); see the other ranks' errors above, then resume from the last checkpoint")

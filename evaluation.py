@@ -61,3 +61,12 @@ def generate_sample(model, val_batches, device, compute, generator, ranks: Ranks
         out = model.generate(prompt, SAMPLE_TOKENS, temperature=0.8, top_k=None, generator=generator,
                              vocab_limit=tokenizer.vocab_size)
     return tokenizer.decode(out[0].tolist())
+
+
+def evaluate(model, val_batches, device, compute, generator, ranks: Ranks, tokenizer, val_tokens_per_byte) -> dict:
+    """One evaluation's metrics record (without its step): validation loss, bits per byte, active
+    latents per layer, the sample. `model` in eval mode; val_tokens_per_byte from tokens_per_byte."""
+    val_loss, (active_x, active_y) = validation_loss(model, val_batches, device, compute, ranks)
+    return {"val_loss": val_loss, "val_bits_per_byte": val_loss * val_tokens_per_byte / math.log(2),
+            "sparsity_x": active_x, "sparsity_y": active_y,
+            "sample": generate_sample(model, val_batches, device, compute, generator, ranks, tokenizer)}

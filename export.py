@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from checkpoint import EXPORT_VERSION, CheckpointError, open_checkpoint
-from files import write_folder
+from files import read_records, write_folder
 from lowbit import BLOCKSIZE, LowBitError, export_4bit
 from model import LAYER_WEIGHTS, BDHConfig
 from tokenizer import SEPARATOR_TOKEN, TokenizerError, tokenizer_from_string
@@ -38,20 +38,18 @@ def weights(ckpt, four_bit: bool) -> dict:
     low_precision = ckpt.low_precision()
     tensors = {name: ckpt.model[name].contiguous() for name in ckpt.model if name not in LAYER_WEIGHTS}
     for name in LAYER_WEIGHTS:
-        packed = export_4bit(ckpt.model[name], low_precision.get("quantization_type", "nf4"),
-                             low_precision.get("use_double_quant", True))
+        packed = export_4bit(ckpt.model[name], low_precision["quantization_type"], low_precision["use_double_quant"])
         tensors[f"{name}_nf4"], tensors[f"{name}_absmax"], tensors["quant_map"] = (
             packed["nf4"], packed["absmax"], packed["quant_map"])
     return tensors
 
 
-def model_config(ckpt, tokenizer, source: Path, hf: bool, four_bit: bool) -> dict:
-    quant_type = ckpt.low_precision().get("quantization_type", "nf4")
+def config_json(ckpt, tokenizer, source: Path, hf: bool, four_bit: bool) -> dict:
     low_precision = ckpt.low_precision()
+    quant_type = low_precision["quantization_type"]
     config = {**ckpt.model_config, "tokenizer_vocab_size": tokenizer.vocab_size,
               "separator_token_id": tokenizer.separator,
-              "low_precision": {"quantization_type": low_precision.get("quantization_type", "nf4"),
-                                "use_double_quant": low_precision.get("use_double_quant", True)},
+              "low_precision": {"quantization_type": quant_type, "use_double_quant": low_precision["use_double_quant"]},
               "weights_4bit": {"quant_type": quant_type, "blocksize": BLOCKSIZE} if four_bit else None,
               "bdh_export": {"version": EXPORT_VERSION, "tokenizer": "bytes" if tokenizer.to_str() == "bytes"
                              else "tokenizer.json", "step": ckpt.step, "checkpoint": str(source)}}
@@ -62,18 +60,11 @@ def model_config(ckpt, tokenizer, source: Path, hf: bool, four_bit: bool) -> dic
     return config
 
 
-def evaluations(source: Path, step: int) -> dict:
+def last_evaluation(source: Path, step: int) -> dict:
     """The last evaluation at or before `step` in the run's metrics.jsonl (empty if none)."""
     path = source.parent / "metrics.jsonl"
-    found = {}
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut short by a kill
-            continue
-        if "val_loss" in record and record["step"] <= step:
-            found = record
-    return found
+    records = read_records(path)[0] if path.exists() else []
+    return ([r for r in records if "val_loss" in r and r["step"] <= step] or [{}])[-1]
 
 
 def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool) -> str:
@@ -81,14 +72,14 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
     training = config.get("training", {})
     n_latent = BDHConfig(**shape).n_latent
     n_params = sum(t.numel() for t in ckpt.model.values())
-    evaluated = evaluations(source, ckpt.step)
+    evaluated = last_evaluation(source, ckpt.step)
     result = (f"validation loss {evaluated['val_loss']:.4f} nats per token, "
               f"{evaluated['val_bits_per_byte']:.4f} bits per byte, at step {evaluated['step']}"
               if "val_bits_per_byte" in evaluated else f"best validation loss {ckpt.best_val_loss:.4f} nats per token")
     tokens = "UTF-8 bytes" if tokenizer.to_str() == "bytes" else f"a {tokenizer.vocab_size:,}-token tokenizer.json"
     weights_note = "float32"
     if four_bit:
-        weights_note = (f"encoder, encoder_v, decoder in 4 bits ({ckpt.low_precision().get('quantization_type', 'nf4')}, "
+        weights_note = (f"encoder, encoder_v, decoder in 4 bits ({ckpt.low_precision()['quantization_type']}, "
                         f"blocks of {BLOCKSIZE}), the rest float32")
     dataset = config.get("dataset", {})
     lines = [f"# BDH ({source.parent.name}, step {ckpt.step})", "",
@@ -121,7 +112,7 @@ def write_export(folder: Path, ckpt, source: Path, out: str, hf: bool, four_bit:
     tokenizer = tokenizer_from_string(ckpt.tokenizer)
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(save(weights(ckpt, four_bit), metadata={"format": "pt"}))
-    config = model_config(ckpt, tokenizer, source, hf, four_bit)
+    config = config_json(ckpt, tokenizer, source, hf, four_bit)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "tokenizer.json").write_text(tokenizer.to_hf_json())
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
@@ -146,7 +137,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         source, ckpt = open_checkpoint(args.checkpoint, args.checkpoint_dir, setting="--checkpoint")
-        if args.four_bit and not ckpt.low_precision().get("use_4bit"):
+        if args.four_bit and not ckpt.low_precision()["use_4bit"]:
             print(f"note: {source} was not trained with low_precision.use_4bit: its weights are quantized after "
                   f"training (post-training quantization), which costs more loss than quantization-aware training",
                   file=sys.stderr)

@@ -2,7 +2,11 @@
 into place; a folder is built under a temporary name and renamed. A kill at any moment leaves the
 old version or the new one, never part of one. Temporaries are named after their writer (host and
 pid), so that one a killed process left behind can be told from one still being written.
+
+Appended files (metrics.jsonl) cannot be written that way: read_records skips a line that a kill
+cut short.
 """
+import json
 import os
 import shutil
 import socket
@@ -94,6 +98,22 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def read_records(path) -> tuple[list[dict], list[int]]:
+    """The records of a JSON-lines file with a `step` (metrics.jsonl), and the numbers of the lines
+    that are not one (a write cut short by a kill)."""
+    records, skipped = [], []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            skipped.append(n)
+    return records, skipped
 
 
 def picture_path(out: str) -> Path:

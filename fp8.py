@@ -27,7 +27,7 @@ class FP8Error(Exception):
 
 
 def check_device(device: torch.device):
-    """One line naming what was found, if this device cannot run FP8 GEMMs in hardware."""
+    """Raises FP8Error, one line naming what was found, if this device cannot run FP8 GEMMs in hardware."""
     if device.type != "cuda":
         raise FP8Error(f"low_precision.use_fp8 needs a CUDA GPU with compute capability >= 8.9 (Ada, "
                        f"Hopper, Blackwell); this run's device is {device.type}. Set "

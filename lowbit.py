@@ -49,10 +49,10 @@ def quantize(x: torch.Tensor, quant_type: str, double_quant: bool, blocksize: in
     return {"codes": codes, **state.as_dict(packed=True)}
 
 
-def dequantize(q: dict, device=None) -> torch.Tensor:
+def dequantize(q: dict) -> torch.Tensor:
     """The float32 values of quantize(x), flattened."""
     bnb = _bnb()
-    state = bnb.QuantState.from_dict({k: v for k, v in q.items() if k != "codes"}, device or q["codes"].device)
+    state = bnb.QuantState.from_dict({k: v for k, v in q.items() if k != "codes"}, q["codes"].device)
     return bnb.dequantize_4bit(q["codes"], state).flatten()
 
 

@@ -164,6 +164,14 @@ def step_line(record: dict, max_iters: int, seconds_per_step: float | None, elap
             f"elapsed {format_duration(elapsed)} | eta {eta}")
 
 
+def evaluation_lines(record: dict) -> str:
+    """The printed lines of an evaluation's metrics record: its figures and the sample."""
+    x_active, y_active = (sum(record[key]) / len(record[key]) for key in ("sparsity_x", "sparsity_y"))
+    return (f"step {record['step']}: val loss {record['val_loss']:.4f} | {record['val_bits_per_byte']:.4f} bits/byte | "
+            f"active latents: x {x_active:.1%}, y {y_active:.1%} (mean over layers)\n--- sample ---\n"
+            f"{record['sample']}\n--------------")
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -6,11 +6,10 @@ rate, activation sparsity. Several runs are overlaid, each under its directory's
 A folder of runs (checkpoints/) stands for every run in it.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from files import picture_path
+from files import picture_path, read_records
 
 
 class PlotError(Exception):
@@ -25,16 +24,9 @@ def read_metrics(run_dir: Path) -> tuple[list, list]:
     if not path.is_file():
         raise PlotError(f"{run_dir}: no metrics.jsonl, nor a run directory with one in it; give a run directory "
                         f"(checkpoints/run_YYYYMMDD_HHMMSS) or a folder of runs")
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-        else:
-            print(f"note: {path}:{n} is not a metrics record (a write cut short?); skipped", file=sys.stderr)
+    records, skipped = read_records(path)
+    for n in skipped:
+        print(f"note: {path}:{n} is not a metrics record (a write cut short?); skipped", file=sys.stderr)
     train = [r for r in records if "train_loss" in r]
     evaluations = [r for r in records if "val_loss" in r]
     if not train and not evaluations:

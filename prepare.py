@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from config import add_config_arguments, load_config
-from corpus import ensure_sample_corpus, text_files_to_parquet
+from corpus import DOCUMENT_BYTES, ensure_sample_corpus, text_files_to_parquet
 from data import training_split
 from files import atomic_write
 from shards import DataError, ParquetFileCache, list_units, read_unit_documents
@@ -99,7 +99,7 @@ def main(argv=None):
                              "an existing --out file (--train-tokenizer)")
     parser.add_argument("--chunk-bytes", type=int,
                         help="--from-text: cut long files at line boundaries into documents of about this "
-                             "many bytes (default 8192; 0: one document per file)")
+                             f"many bytes (default {DOCUMENT_BYTES}; 0: one document per file)")
     parser.add_argument("--train-tokenizer", action="store_true",
                         help="train a byte-level BPE on the training split of the config's shards, write it to --out")
     parser.add_argument("--vocab-size", type=int, default=4096, help="--train-tokenizer: tokens in the vocabulary")
@@ -116,8 +116,8 @@ def main(argv=None):
         parser.error(f"--chunk-bytes must be >= 0 (0: one document per file), got {args.chunk_bytes}")
     try:
         if args.from_text:
-            n = text_files_to_parquet(args.from_text, args.out, 8192 if args.chunk_bytes is None else args.chunk_bytes,
-                                      replace=args.replace)
+            chunk_bytes = DOCUMENT_BYTES if args.chunk_bytes is None else args.chunk_bytes
+            n = text_files_to_parquet(args.from_text, args.out, chunk_bytes, replace=args.replace)
             print(f"wrote {n:,} document{'s' * (n != 1)} to {args.out}")
         else:
             config_arguments = ["--config", args.config, *args.overrides]

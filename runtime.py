@@ -33,6 +33,12 @@ def first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def last_line(e: BaseException) -> str:
+    """The last line of an exception's message (its type's name if it has none): where a DataLoader
+    worker's or a collective's error puts what happened, after a traceback."""
+    return str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+
+
 def wants_compile(training, device: torch.device) -> bool:
     """training.compile: true compiles on any device, auto on CUDA only; never with training.debug."""
     return not training.debug and (training.compile is True or (training.compile == "auto" and device.type == "cuda"))

@@ -68,8 +68,7 @@ def main(argv=None) -> int:
             raise CheckpointError(f"--4bit: {args.checkpoint} holds 4-bit weights already (export.py --4bit): "
                                   f"drop --4bit")
         if args.four_bit:
-            quant_type = low_precision.get("quantization_type", "nf4")
-            double_quant = low_precision.get("use_double_quant", True)
+            quant_type, double_quant = low_precision["quantization_type"], low_precision["use_double_quant"]
             before, after = to_4bit(model, quant_type, double_quant)
             print(f"4-bit weights ({quant_type}{', double quant' if double_quant else ''}): model "
                   f"{after / 2**20:.2f} MiB, float32 {before / 2**20:.2f} MiB (1/{before / after:.1f})",

@@ -26,15 +26,15 @@ from corpus import ensure_sample_corpus
 from data import data_order, epochs_read, loader_workers, stop_loader_workers, train_loader, validation_batches
 from distributed import (DistributedError, Ranks, communication_failure, gradient_sync, local_tensor, shutdown, start,
                          wrap)
-from evaluation import generate_sample, tokens_per_byte, validation_loss
+from evaluation import evaluate, tokens_per_byte
 from fp8 import FP8Error, fp8_matmuls
 from lowbit import LowBitError, quantization_aware_view
-from metrics import MetricsError, MetricsLog, format_duration, step_line
+from metrics import MetricsError, MetricsLog, evaluation_lines, format_duration, step_line
 from model import BDH
 from resume import Progress, resume, save, step_tokens
-from runtime import (DTYPES, DeviceError, autocast, check_can_compile, compile_repeatably, device_clock, out_of_memory,
-                     peak_flops, peak_memory_bytes, pick_device, resolve_compute_dtype, steady_host_memory,
-                     wants_compile)
+from runtime import (DTYPES, DeviceError, autocast, check_can_compile, compile_repeatably, device_clock, last_line,
+                     out_of_memory, peak_flops, peak_memory_bytes, pick_device, resolve_compute_dtype,
+                     steady_host_memory, wants_compile)
 from shards import DataError, list_units
 from stopping import GracefulStop, StepVote, launcher
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
@@ -215,19 +215,13 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             stop.doing = "the evaluation"
             raw_model.weight_view = qat_view  # use_4bit: the 4-bit model is measured (each step sets its own view)
             raw_model.eval()
-            val_loss, active = validation_loss(raw_model, val_batches, device, compute, ranks)
-            sample = generate_sample(raw_model, val_batches, device, compute, sample_generator, ranks, tokenizer)
+            record = {"step": step, "tokens": progress.tokens, **evaluate(
+                raw_model, val_batches, device, compute, sample_generator, ranks, tokenizer, val_tokens_per_byte)}
             raw_model.train()
-            bits_per_byte = val_loss * val_tokens_per_byte / math.log(2)
-            x_active, y_active = (sum(fractions) / len(fractions) for fractions in active)
-            print(f"step {step}: val loss {val_loss:.4f} | {bits_per_byte:.4f} bits/byte | active latents: x "
-                  f"{x_active:.1%}, y {y_active:.1%} (mean over layers)\n--- sample ---\n{sample}\n--------------",
-                  flush=True)
-            metrics.log({"step": step, "tokens": progress.tokens, "val_loss": val_loss,
-                         "val_bits_per_byte": bits_per_byte, "sparsity_x": active[0], "sparsity_y": active[1],
-                         "sample": sample})
-            if val_loss < progress.best_val_loss:
-                progress.best_val_loss = val_loss
+            print(evaluation_lines(record), flush=True)
+            metrics.log(record)
+            if record["val_loss"] < progress.best_val_loss:
+                progress.best_val_loss = record["val_loss"]
                 stop.doing = "the checkpoint"
                 path = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer,
                             name="best.pt")
@@ -358,10 +352,9 @@ def non_finite(what: str, step: int, last_saved) -> TrainingError:
 
 
 def one_line(e: Exception) -> str:
-    """DataLoader workers re-raise errors with their traceback in the message: keep its last line,
-    without the error's module and class name."""
-    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    return re.sub(r"^[\w.]+(Error|Exception): ", "", text)
+    """The error's line. DataLoader workers re-raise errors with their traceback in the message:
+    its last line, without the error's module and class name."""
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", last_line(e))
 
 
 def rank_of(ranks: Ranks) -> str:

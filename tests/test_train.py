@@ -318,13 +318,13 @@ def test_a_warmup_as_long_as_the_run_is_noted(tmp_path, corpus, capsys):
 SLOW_EVALUATION = """
 import sys, time
 sys.path.insert(0, sys.argv.pop(1))
-import train
-real_validation_loss = train.validation_loss
+import evaluation, train
+real_validation_loss = evaluation.validation_loss
 def validation_loss(*args):
     print("EVALUATING", flush=True)
     time.sleep(4)
     return real_validation_loss(*args)
-train.validation_loss = validation_loss
+evaluation.validation_loss = validation_loss
 sys.exit(train.main(sys.argv[1:]))
 """
 
