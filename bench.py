@@ -173,6 +173,8 @@ def main(argv=None) -> int:
                         choices=("memory", "loader", "generation"), help="parts not to measure")
     parser.add_argument("--memory-probe", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     cfg = load_config(args)
     try:
         device = pick_device(cfg.training.device)

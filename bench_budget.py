@@ -28,6 +28,7 @@ from checkpoint import checkpoints_in, load_checkpoint, model_from_checkpoint
 from config import add_config_arguments, load_config
 from corpus import text_files_to_parquet
 from files import read_records
+from runtime import first_line
 from tokenizer import tokenizer_from_string
 
 CALIBRATION_STEPS = 60  # the per-step time is measured over the second half: compilation settles
@@ -111,10 +112,18 @@ def main(argv=None) -> int:
                         help="a named set of section.key=value overrides on top of the config; repeatable")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    load_config(args)  # config errors now, not after minutes of the first variant
-    text = Path(args.text).read_text(encoding="utf-8")
-    cut = math.floor(len(text) * 0.9)
+    if args.seconds < 0:
+        parser.error(f"--seconds must be >= 0 (0: the config's own max_iters), got {args.seconds:g}")
     variants = {name: [*args.overrides, *extra] for name, *extra in args.variant} or {"config": list(args.overrides)}
+    for overrides in variants.values():  # config errors now, not after minutes of the first variant
+        load_config(argparse.Namespace(config=args.config, overrides=overrides))
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        parser.error(f"--text {args.text}: cannot read it as UTF-8 text ({first_line(e)})")
+    if len(text.strip()) < 100:
+        parser.error(f"--text {args.text}: {len(text)} characters; give a text to train on (tinyshakespeare: 1 MB)")
+    cut = math.floor(len(text) * 0.9)
     results = {"text": args.text, "seconds": args.seconds, "config": args.config, "variants": {}}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
@@ -122,7 +131,12 @@ def main(argv=None) -> int:
             (Path(tmp) / f"{part}.txt").write_text(piece, encoding="utf-8")
             text_files_to_parquet([Path(tmp) / f"{part}.txt"], data / part, chunk_bytes=0)
         for name, overrides in variants.items():
-            result = run_variant(args.config, overrides, args.seconds, data, text[cut:], Path(tmp) / name)
+            try:
+                result = run_variant(args.config, overrides, args.seconds, data, text[cut:], Path(tmp) / name)
+            except subprocess.CalledProcessError as e:
+                print(f"error: variant {name}: train.py stopped with status {e.returncode} (its error is above)",
+                      file=sys.stderr)
+                return 1
             results["variants"][name] = result
             print(f"{name}: held-out loss {result['heldout_loss']:.4f} after {result['seconds']:.0f} s, "
                   f"{result['max_iters']} steps, {result['tokens']:,} tokens, {result['tokens_per_s']:,} tok/s; "

@@ -210,6 +210,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     cfg = load_config(args)
+    if args.set == "fp8" and not torch.cuda.is_available():
+        parser.error("--set fp8 trains with FP8 GEMMs, which need a CUDA GPU (compute capability >= 8.9)")
     seeds = args.seeds or [cfg.training.seed]
     results = {"config": cfg.to_dict(), "set": args.set, "seeds": {}}
     if args.set != "fp8":
@@ -221,7 +223,12 @@ def main(argv=None) -> int:
                                                    results["optimizer_step_ms"].items()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            results["seeds"][seed] = run_seed(args, seed, Path(tmp))
+            try:
+                results["seeds"][seed] = run_seed(args, seed, Path(tmp))
+            except subprocess.CalledProcessError as e:
+                print(f"error: seed {seed}: train.py stopped with status {e.returncode} (its error is above)",
+                      file=sys.stderr)
+                return 1
             if args.json:  # after each seed: a long run that stops early keeps what it measured
                 Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"after {cfg.training.max_iters} steps, {cfg.training.eval_iters} validation batches, seeds "

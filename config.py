@@ -282,11 +282,11 @@ def add_config_arguments(parser, default: str = "config.yaml"):
 
 def load_config(args) -> Config:
     """The config of parsed add_config_arguments; on problems, prints them one per line and exits
-    with status 2, as argparse does for bad arguments."""
+    with status 2, as argparse does for bad arguments (under torchrun, rank 0 alone prints them)."""
     try:
         return Config.from_yaml(args.config, args.overrides)
     except ConfigError as e:
-        for problem in e.problems:
+        for problem in e.problems if os.environ.get("RANK", "0") == "0" else ():
             print(f"config error: {problem}", file=sys.stderr)
         raise SystemExit(2)
 

@@ -130,6 +130,14 @@ def picture_path(out: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out}: cannot make its folder {path.parent} ({e.strerror or e})")
+    existed = path.exists()
+    try:
+        with open(path, "ab"):  # can it be written? (a read-only folder, /proc, ...)
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write it ({e.strerror or e})")
+    if not existed:
+        path.unlink()
     return path
 
 

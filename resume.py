@@ -92,6 +92,9 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
                   f"{cfg.training.checkpoint_dir}")
     positions, progress.batches_consumed, first_epoch = resume_point(
         cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
+    if warning := validation_change(ckpt.config, cfg.to_dict()):
+        print(warning)
+        progress.best_val_loss = math.inf
     return run, progress, positions, first_epoch
 
 
@@ -142,6 +145,29 @@ def holds_tokenizer(file, saved: str) -> bool:
         return file is not None and load_tokenizer(file).to_str() == saved
     except TokenizerError:
         return False
+
+
+def validation_change(saved: dict, now: dict) -> str | None:
+    """A warning if the validation documents differ from those of the checkpoint's run; None if
+    they are the same. Without val_parquet_dir they are a share of parquet_dir's documents drawn
+    from the seed: another seed or val_fraction holds out documents the run has trained on."""
+    def setting(config, path):
+        section, key = path.split(".")
+        return config.get(section, {}).get(key)
+    by_fraction = not setting(now, "dataset.val_parquet_dir")
+    paths = ["dataset.parquet_dir", "dataset.val_parquet_dir"] + (
+        ["dataset.val_fraction", "training.seed"] if by_fraction else [])
+    changed = [path for path in paths if setting(saved, path) != setting(now, path)]
+    if not changed:
+        return None
+    what = "; ".join(f"{path}: {setting(saved, path)!r} -> {setting(now, path)!r}" for path in changed)
+    if by_fraction and "dataset.parquet_dir" not in changed:  # the same documents, held out anew
+        keep = " ".join(f"{path}={setting(saved, path)}" for path in changed)
+        return (f"WARNING: the validation documents change on this resume ({what}): some of those held out now were "
+                f"trained on, so the validation loss reads low from here, and best.pt starts afresh; keep {keep} "
+                f"to keep the same ones")
+    return (f"WARNING: the validation documents change on this resume ({what}): losses from here on are not "
+            f"comparable with the earlier ones, and best.pt starts afresh")
 
 
 def evaluated_weights(low_precision: dict) -> str:

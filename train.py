@@ -137,7 +137,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     data_wait_s = 0.0  # seconds of this log interval spent waiting for the loader's next batch
     n_readers, dealt = ranks.world_size * max(1, workers), {}
     first_step = progress.step + 1  # the first step of this process: a compiled run compiles in it
-    epochs = epochs_read(progress.positions.values(), units, training.seed, n_readers, dealt)
+    # a resume that changed the data order starts at first_epoch: not a pass read
+    epochs = max(first_epoch, epochs_read(progress.positions.values(), units, training.seed, n_readers, dealt))
     model.train()
 
     while progress.step < training.max_iters:

@@ -242,3 +242,15 @@ def test_a_key_or_section_given_twice_is_refused_naming_both_lines(tmp_path):
 def test_names_from_other_trainers_point_at_the_right_field(override, hint):
     [problem] = problems({}, [override])
     assert problem.startswith(f"{override.split('=')[0]}: unknown key; ") and hint in problem
+
+
+def test_config_errors_are_printed_once_under_torchrun(tmp_path, monkeypatch, capsys):
+    import argparse
+    from config import load_config
+    arguments = argparse.Namespace(config=str(ROOT / "configs" / "tiny.yaml"), overrides=["training.lr=1"])
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_status:
+            load_config(arguments)
+        assert exit_status.value.code == 2
+        assert ("config error: training.lr: unknown key" in capsys.readouterr().err) == printed

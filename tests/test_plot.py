@@ -1,4 +1,6 @@
 """plot.py: curves of one or several runs from metrics.jsonl."""
+from pathlib import Path
+
 import plot
 import train
 from conftest import write_config
@@ -29,8 +31,11 @@ def test_out_is_checked_first_and_damaged_records_are_skipped(tmp_path, corpus, 
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"train_loss": 1.0, "lr": 0.1}\n[1, 2]\n{"step": 3, "train_l')
     capsys.readouterr()
+    (tmp_path / "taken").write_text("a file")
     for out, message in ((tmp_path / "curves", "give a file name ending in .png (or"),
-                         (tmp_path, "is a folder; give a file name")):
+                         (tmp_path, "is a folder; give a file name"),
+                         (tmp_path / "taken" / "curves.png", "cannot make its folder"),
+                         *[("/proc/curves.png", "cannot write it (")] * Path("/proc/self").is_dir()):
         assert plot.main([str(run), "--out", str(out)]) == 1
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1

@@ -16,6 +16,7 @@ import sample
 import train
 from checkpoint import checkpoints_in, load_checkpoint, open_checkpoint
 from conftest import ROOT, finish, losses, only_run, run_dirs, start, write_config
+from resume import validation_change
 from tokenizer import load_tokenizer
 
 
@@ -300,3 +301,19 @@ def test_shards_changed_in_the_same_folder_change_the_data_order(tmp_path, corpu
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3"]) == 0
     out = capsys.readouterr().out
     assert "WARNING: the data order changes on this resume (the shards (files, row groups, rows, bytes):" in out
+
+
+def test_a_resume_that_changes_the_validation_documents_says_so():
+    by_fraction = {"training": {"seed": 1}, "dataset": {"parquet_dir": "d", "val_parquet_dir": None, "val_fraction": 0.05}}
+    assert validation_change(by_fraction, by_fraction) is None
+    assert validation_change(by_fraction, {**by_fraction, "training": {"seed": 1, "batch_size": 8}}) is None
+    reseeded = {**by_fraction, "training": {"seed": 5}}
+    assert validation_change(by_fraction, reseeded) == (
+        "WARNING: the validation documents change on this resume (training.seed: 1 -> 5): some of those held out now "
+        "were trained on, so the validation loss reads low from here, and best.pt starts afresh; keep "
+        "training.seed=1 to keep the same ones")
+    folder = {"training": {"seed": 1}, "dataset": {"parquet_dir": "d", "val_parquet_dir": "v", "val_fraction": 0.05}}
+    assert validation_change(folder, {**folder, "training": {"seed": 5}}) is None  # the seed splits nothing
+    assert "were trained on" in validation_change(folder, by_fraction)  # training read all of d
+    assert validation_change(by_fraction, {**by_fraction, "dataset": {**by_fraction["dataset"], "parquet_dir": "e"}}) \
+        .endswith("losses from here on are not comparable with the earlier ones, and best.pt starts afresh")
