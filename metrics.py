@@ -7,8 +7,8 @@ written to metrics.jsonl and TensorBoard then (flush). W&B starts with the run, 
 <checkpoint_dir>/wandb/, and its run id is kept in the run directory (wandb_run_id), so a resumed
 run continues the same W&B run (or a new one, when W&B has logged past the checkpoint's step). A
 resume also cuts metrics.jsonl and the TensorBoard curves back to the checkpoint's step: the steps
-after it are trained again and logged once. step_line is the
-console's line of a training record.
+after it are trained again and logged once. step_line and evaluation_lines are the console's
+lines of a record.
 """
 import importlib.util
 import json
