@@ -55,6 +55,8 @@ rank = dist.get_rank()
 vote = StepVote(Ranks(rank, 2, cpu_group=dist.new_group(backend="gloo") if sys.argv[1] == "cpu_group" else None))
 answers = [vote.ask(rank == 1 and step == 3) for step in range(6)]
 print([*answers, vote.settle()])
+dist.barrier()
+dist.destroy_process_group()  # as train.py ends: both groups (gloo's threads abort an exit that skips this)
 """
 
 
