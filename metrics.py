@@ -12,11 +12,10 @@ lines of a record.
 """
 import importlib.util
 import json
-import math
 import os
 import secrets
 
-from files import atomic_write
+from files import atomic_write, read_records
 from runtime import first_line
 
 # metrics.jsonl key -> TensorBoard and W&B tag; the per-layer lists get one tag per layer and a mean
@@ -96,15 +95,16 @@ class MetricsLog:
         path = self.run.path / "metrics.jsonl"
         if not path.exists():
             return -1
-        lines = path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if _record_step(line) <= step]
-        atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
-        return max((s for s in map(_record_step, lines) if s < math.inf), default=-1)
+        records = read_records(path)[0]  # a line a kill cut short goes
+        kept = [record for record in records if record["step"] <= step]
+        atomic_write(path, lambda f: f.write("".join(json.dumps(record) + "\n" for record in kept).encode()))
+        return max((record["step"] for record in records), default=-1)
 
     def _start_wandb(self, cfg):
         import wandb
         id_file = None if self.run.path is None else self.run.path / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file is not None and id_file.exists() else secrets.token_hex(6)
+        continues = id_file is not None and id_file.exists()  # a resumed run that logged to W&B before
+        run_id = id_file.read_text().strip() if continues else secrets.token_hex(6)
         folder = self.run.checkpoint_dir
         folder.mkdir(parents=True, exist_ok=True)
         settings = dict(project=self.settings.wandb_project, entity=self.settings.wandb_entity,
@@ -113,7 +113,7 @@ class MetricsLog:
             self.wandb = wandb.init(id=run_id, resume="allow", **settings)
             # what W&B holds: its server says (starting_step), offline only metrics.jsonl does
             logged_to = max(self.wandb.starting_step - 1, self.logged_to)
-            if self.resumed_step is not None and logged_to > self.resumed_step:
+            if continues and logged_to > self.resumed_step:
                 # W&B ignores a step below one the run has logged: the steps after the checkpoint, trained
                 # again, would be lost. They go to a new W&B run of the same name.
                 self.wandb.finish()
@@ -121,7 +121,7 @@ class MetricsLog:
         except Exception as e:  # no API key, no network, a bad entity: before training, not hours in
             raise MetricsError(f"logging.wandb: W&B did not start ({first_line(e)}); run "
                                f"`wandb login`, set WANDB_MODE=offline, or set logging.wandb=false")
-        if self.wandb.id != run_id and id_file is not None and id_file.exists():
+        if self.wandb.id != run_id:
             atomic_write(id_file, lambda f: f.write(self.wandb.id.encode()))
             print(f"W&B run {run_id} has logged up to step {logged_to}, past the checkpoint's step "
                   f"{self.resumed_step}: the resumed run logs to a new W&B run of the same name, {self.wandb.id}")
@@ -142,14 +142,6 @@ def wandb_values(record: dict) -> dict:
     if "sample" in record:
         values["val/sample"] = record["sample"]
     return values
-
-
-def _record_step(line: str) -> float:
-    """The step of a metrics line; a line torn by a kill mid-append counts as infinitely late."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
 
 
 def step_line(record: dict, max_iters: int, seconds_per_step: float | None, elapsed: float) -> str:
