@@ -23,17 +23,13 @@ from corpus import ensure_sample_corpus
 from data import loader_workers, train_loader
 from model import BDH
 from reference import reference_forward
-from runtime import (DTYPES, DeviceError, autocast, check_can_compile, compile_repeatably, measured_matmul_flops,
-                     peak_memory_bytes, pick_device, resolve_compute_dtype, steady_host_memory, wants_compile)
+from runtime import (DTYPES, DeviceError, autocast, check_can_compile, compile_repeatably, device_clock,
+                     measured_matmul_flops, peak_memory_bytes, pick_device, process_status_bytes, resolve_compute_dtype,
+                     steady_host_memory, wants_compile)
 from shards import list_units
 from tokenizer import load_tokenizer
 
 IMPLEMENTATIONS = ("model.py", "reference")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_step(cfg, device, implementation):
@@ -70,12 +66,11 @@ def bench_training(cfg, device, steps, warmup=2) -> dict:
         for name in IMPLEMENTATIONS:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            sync(device)
-            start = time.perf_counter()
+            start = device_clock(device)
             results[name]["step"](x, y)
-            sync(device)
+            seconds = device_clock(device) - start
             if i >= warmup:
-                results[name]["times"].append(time.perf_counter() - start)
+                results[name]["times"].append(seconds)
             if device.type == "cuda":
                 results[name]["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     tokens = shape[0] * shape[1]
@@ -99,20 +94,10 @@ def cpu_memory_probe(args, implementation) -> dict:
 def run_memory_probe(cfg, implementation):
     step = make_step(cfg, torch.device("cpu"), implementation)
     x = torch.randint(0, cfg.model.vocab_size, (cfg.training.batch_size, cfg.training.block_size))
-    baseline = _current_rss()
+    baseline = process_status_bytes("VmRSS")
     for _ in range(2):
         step(x, x)
     print(json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": peak_memory_bytes(torch.device("cpu"))}))
-
-
-def _current_rss() -> int:
-    return _status_kib("VmRSS") * 1024
-
-
-def _status_kib(field: str) -> int:
-    """From /proc/self/status (ru_maxrss would carry over the parent's peak across exec)."""
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
 
 
 def bench_generation(cfg, device, prompt_len=256, new_tokens=1000, samples=5) -> dict:
@@ -126,21 +111,17 @@ def bench_generation(cfg, device, prompt_len=256, new_tokens=1000, samples=5) ->
     vocab = cfg.model.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_len), device=device)
     model.generate(prompt[:, :8], 2, temperature=0)  # warm-up
-    sync(device)
-    start = time.perf_counter()
+    start = device_clock(device)
     model.generate(prompt, new_tokens, temperature=0)
-    sync(device)
-    recurrent = time.perf_counter() - start
+    recurrent = device_clock(device) - start
     lengths = [round(prompt_len + i * (new_tokens - 1) / (samples - 1)) for i in range(samples)]
     seconds = []
     with torch.no_grad():
         for T in lengths:
             idx = torch.randint(0, vocab, (1, T), device=device)
-            sync(device)
-            start = time.perf_counter()
+            start = device_clock(device)
             reference_forward(model, idx)
-            sync(device)
-            seconds.append(time.perf_counter() - start)
+            seconds.append(device_clock(device) - start)
     step = (new_tokens - 1) / (samples - 1)
     full = sum((s0 + s1) / 2 * step for s0, s1 in zip(seconds, seconds[1:])) + (seconds[0] + seconds[-1]) / 2
     return {"prompt": prompt_len, "new_tokens": new_tokens,

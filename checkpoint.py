@@ -28,7 +28,7 @@ from files import atomic_write, left_by_a_dead_process, relative_to_here
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line
 
-PROJECT_VERSION = "0.4.0"
+PROJECT_VERSION = "0.4.1"
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
 
 
@@ -82,8 +82,11 @@ class Checkpoint:
 
 def load_checkpoint(path) -> Checkpoint:
     path = Path(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:  # no permission, removed meanwhile
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or first_line(e)})") from None
     if not magic:
         raise CheckpointError(f"{path}: not a checkpoint (the file is empty)")
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip, or its legacy pickle format
@@ -218,24 +221,36 @@ def checkpoints_in(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def resumable_in(run_dir: Path) -> list[Path]:
+    """The checkpoints a run continues from, newest first: its checkpoint_<step>.pt, and before them
+    best.pt when it is newer (saved after the evaluation of a step that a kill kept from its
+    checkpoint, or test_freq below checkpoint_freq): it holds the whole training state too."""
+    found = checkpoints_in(run_dir)[::-1]
+    best_step = saved_progress(run_dir / "best.pt")[0] if (run_dir / "best.pt").is_file() else math.inf
+    if best_step < math.inf and (not found or best_step > int(CHECKPOINT_RE.match(found[0].name).group(1))):
+        found.insert(0, run_dir / "best.pt")
+    return found
+
+
 def checkpoint_candidates(spec: str, checkpoint_dir: str, setting: str) -> list[Path]:
     """The checkpoints spec may mean, newest first (open_checkpoint)."""
     if spec == "latest":
         root = Path(checkpoint_dir)
-        runs = sorted(p for p in root.glob("run_*") if p.is_dir() and checkpoints_in(p)) if root.is_dir() else []
-        if not runs:
+        runs = [p for p in sorted(root.glob("run_*")) if p.is_dir()] if root.is_dir() else []
+        found = [path for run in reversed(runs) for path in resumable_in(run)]
+        if not found:
             raise CheckpointError(f"{setting}: latest: no run with a checkpoint in {root}/{relative_to_here(root)}; "
                                   f"train one first, or name the folder that holds the runs")
-        return [path for run in reversed(runs) for path in reversed(checkpoints_in(run))]
+        return found
     path = Path(spec)
     if path.is_dir():
-        found = checkpoints_in(path)
+        found = resumable_in(path)
         if not found:
-            runs = sorted(p.name for p in path.glob("run_*") if p.is_dir() and checkpoints_in(p))
+            runs = sorted(p.name for p in path.glob("run_*") if p.is_dir() and resumable_in(p))
             hint = (f": it holds runs; give one (e.g. {path / runs[-1]}), or `latest` with it as the checkpoint "
                     f"folder" if runs else ": export.py's output, not a checkpoint" if is_export(path) else "")
             raise CheckpointError(f"{setting}: {path} holds no checkpoint_<step>.pt{hint}")
-        return found[::-1]
+        return found
     if not path.is_file():
         raise CheckpointError(f"{setting}: {path} does not exist{relative_to_here(path)}; give a checkpoint file, a run "
                               f"directory or `latest`")
@@ -331,7 +346,7 @@ class RunDir:
             return [], None
         later = [p for p in checkpoints_in(self.path) if int(CHECKPOINT_RE.match(p.name).group(1)) > step]
         best = self.path / "best.pt"
-        if best.exists() and _saved_step(best) > step:
+        if best.exists() and saved_progress(best)[0] > step:
             later.append(best)
         if not later:
             return [], None
@@ -352,12 +367,14 @@ class RunDir:
                 old.unlink(missing_ok=True)
 
 
-def _saved_step(path: Path) -> float:
-    """The step of a checkpoint file, read without loading its tensors (inf: unreadable)."""
+def saved_progress(path: Path) -> tuple[float, float]:
+    """(step, best validation loss) of a checkpoint file, read without loading its tensors;
+    (inf, inf) if it cannot be read."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return saved["step"], saved["best_val_loss"]
     except Exception:
-        return math.inf
+        return math.inf, math.inf
 
 
 def clean_stale_temporaries(checkpoint_dir) -> int:

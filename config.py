@@ -6,6 +6,7 @@ section is model.BDHConfig itself.
 """
 import dataclasses
 import difflib
+import math
 import os
 import re
 import sys
@@ -179,7 +180,11 @@ class Config:
             problems += _apply_override(raw, item)
         sections = {}
         for name, value in raw.items():
-            if name not in _sections():
+            if name in _all_paths():  # `training.seed: 3` at the top of a file
+                section, key = name.split(".")
+                problems.append(f"{name}: a dotted key belongs on the command line; in a YAML file write "
+                                f"`{key}:` indented under `{section}:`")
+            elif name not in _sections():
                 problems.append(f"{name}: unknown section"
                                 + _suggest(str(name), list(_sections()) + _all_paths(), _sections()))
             elif value is not None and not isinstance(value, dict):
@@ -200,7 +205,10 @@ class Config:
         return config
 
     def _check_values(self):
-        problems = []
+        problems = [f"{path}: must be a finite number, got {self._get(path)}" for path in _all_paths()
+                    if isinstance(self._get(path), float) and not math.isfinite(self._get(path))]
+        if problems:  # the checks below would misread them
+            return problems
         for path in POSITIVE:
             if self._get(path) <= 0:
                 problems.append(f"{path}: must be > 0, got {self._get(path)}")
@@ -211,6 +219,8 @@ class Config:
             if self._get(path) not in allowed:
                 problems.append(f"{path}: must be one of {', '.join(allowed)}; got {self._get(path)!r}")
         model, training = self.model, self.training
+        if training.seed >= 2**32:
+            problems.append(f"training.seed: must be below 2**32 = {2**32} (NumPy's seeds), got {training.seed}")
         if not 0 <= model.dropout < 1:
             problems.append(f"model.dropout: must be in [0, 1), got {model.dropout}")
         latent_total = model.n_embd * model.mlp_internal_dim_multiplier
@@ -271,6 +281,16 @@ class Config:
 
     def to_bdh_config(self) -> BDHConfig:
         return self.model
+
+
+def learning_rate(step: int, training) -> float:
+    """The learning rate of a step: linear warmup over warmup_iters, then cosine decay to min_lr
+    at max_iters (training: a TrainingConfig, or anything with its fields)."""
+    if step <= training.warmup_iters:
+        return training.learning_rate * step / max(1, training.warmup_iters)
+    progress = (step - training.warmup_iters) / max(1, training.max_iters - training.warmup_iters)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return training.min_lr + cosine * (training.learning_rate - training.min_lr)
 
 
 def add_config_arguments(parser, default: str = "config.yaml"):

@@ -16,15 +16,26 @@ DOCUMENT_BYTES = 8192  # long files are cut into documents of about this size, f
 
 
 def split_text(raw: bytes | str, chunk: int) -> list:
-    """Cut a file's bytes (or a text) at line ends into pieces of about `chunk` bytes (characters),
-    0: keep whole. Nothing is lost: the pieces concatenate back to the file, and none cuts a UTF-8
-    character (a line end, 0x0A, is never part of one)."""
+    """Cut a file's bytes (or a text) into pieces of about `chunk` bytes (characters), 0: keep whole:
+    at the first line end (\n) past `chunk`; in a line longer than another `chunk` (text without
+    line ends, or with old Mac \r ones), at a \r, else a space, else any character boundary. Nothing
+    is lost: the pieces concatenate back to the file, and none cuts a UTF-8 character (\n, \r and a
+    space are never part of one; a boundary is a byte that does not continue one)."""
     if chunk <= 0 or len(raw) <= chunk:
         return [raw] if raw else []
+    symbol = (lambda c: c.encode()) if isinstance(raw, bytes) else (lambda c: c)
     pieces, start = [], 0
     while start < len(raw):
-        end = raw.find(b"\n" if isinstance(raw, bytes) else "\n", start + chunk)
-        end = len(raw) if end < 0 else end + 1
+        lo, hi = start + chunk, start + 2 * chunk
+        end = -1
+        for separator in ("\n", "\r", " "):
+            if (end := raw.find(symbol(separator), lo, hi)) >= 0:
+                end += 1
+                break
+        if end < 0:  # no separator in the window: a character boundary at its end
+            end = hi
+            while isinstance(raw, bytes) and end < len(raw) and 0x80 <= raw[end] < 0xC0:
+                end += 1
         pieces.append(raw[start:end])
         start = end
     return pieces

@@ -59,8 +59,7 @@ class ParquetBatches(IterableDataset):
     """
 
     def __init__(self, units, split, block_size, batch_size, seed, val_fraction, text_column,
-                 max_cached_files, tokenizer, rank=0, world_size=1, positions=(), rotation=0, first_epoch=0,
-                 shuffle=None):
+                 max_cached_files, tokenizer, rank=0, world_size=1, positions=(), rotation=0, shuffle=None):
         self.units, self.split, self.tokenizer = units, split, tokenizer
         self.shuffle = split == "train" if shuffle is None else shuffle
         self.block_size, self.batch_size = block_size, batch_size
@@ -68,7 +67,7 @@ class ParquetBatches(IterableDataset):
         self.max_cached_files = max_cached_files
         self.rank, self.world_size = rank, world_size
         self.positions = {p["reader"]: p for p in positions}
-        self.rotation, self.first_epoch = rotation, first_epoch
+        self.rotation = rotation
 
     def __iter__(self):
         worker = get_worker_info()
@@ -76,7 +75,7 @@ class ParquetBatches(IterableDataset):
         reader = self.rank * num_workers + (worker_id + self.rotation) % num_workers
         n_readers = self.world_size * num_workers
         start = self.positions.get(reader)
-        epoch = start["epoch"] if start else self.first_epoch
+        epoch = start["epoch"] if start else 0
         cache = ParquetFileCache(self.max_cached_files)
         try:
             while True:
@@ -157,10 +156,14 @@ def stop_loader_workers():
         child.join(timeout=10)
 
 
-# Settings that decide the order of the training batches: resuming with other values cannot
-# continue the same sequence.
-DATA_ORDER_FIELDS = ("training.batch_size", "training.block_size", "training.seed",
-                     "dataset.parquet_dir", "dataset.text_column", "dataset.val_fraction", "dataset.val_parquet_dir")
+# Settings that decide the order of the training windows: resuming with other values cannot
+# continue the same sequence. The batch size is not one (the windows continue, in batches of the
+# new size), nor is the folder's name: the shards' fingerprint (data_order) stands for them,
+# wherever they are and however the path is written.
+DATA_ORDER_FIELDS = ("training.block_size", "training.seed", "dataset.text_column", "dataset.val_fraction")
+
+
+SHARDS = "the shards (files, row groups, rows, bytes)"  # data_order's key of their fingerprint
 
 
 def training_split(cfg) -> str:
@@ -176,12 +179,13 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
              for path in DATA_ORDER_FIELDS}
     if cfg.dataset.val_parquet_dir:  # validation has a folder of its own: val_fraction splits nothing
         del order["dataset.val_fraction"]
+    order["documents trained on"] = training_split(cfg)
     fingerprint = hashlib.blake2b(repr([(u.file_key, u.row_group, u.num_rows, u.num_bytes) for u in units]).encode(),
                                   digest_size=8).hexdigest()
     order.update({"dataloader.num_workers (effective)": num_workers, "world_size": world_size,
                   # the key keeps its old module's name: checkpoints hold it
                   "data.READ_BYTES (windows are shuffled within parts of this many bytes)": shards.READ_BYTES,
-                  "the shards (files, row groups, rows, bytes)": fingerprint})
+                  SHARDS: fingerprint})
     return order
 
 
@@ -221,30 +225,35 @@ def loader_workers(cfg, units, world_size=1) -> int:
 
 
 def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_positions=(), batches_consumed=0):
-    """Where the training stream starts: (reader positions, batches consumed, first epoch), from
-    a checkpoint's data order, reader positions and batch count (none: the start). With the same
-    data order the stream continues exactly; otherwise it starts afresh at the epoch after the
-    furthest one reached, and says so."""
+    """Where the training stream starts: (reader positions, batches consumed), from a checkpoint's
+    data order, reader positions and batch count (none: the start). With the same data order the
+    stream continues exactly; otherwise every reader starts afresh at the epoch after the furthest
+    one reached, and it says so. Those start positions are saved with the next checkpoint like any
+    other: a reader that has not yet handed over a batch then still resumes in that epoch."""
     if saved_order is None:
-        return [], 0, 0
+        return [], 0
+    if "documents trained on" not in saved_order:  # written before 0.4.1: it named the folders instead
+        saved_order = {**saved_order, "documents trained on": "all" if saved_order.get("dataset.val_parquet_dir")
+                       else "train"}
     changed = [f"{k}: {saved_order.get(k)!r} -> {v!r}"
                for k, v in data_order(cfg, units, workers, world_size).items() if saved_order.get(k) != v]
     if not changed:
-        return saved_positions, batches_consumed, 0
+        return saved_positions, batches_consumed
     first_epoch = 1 + max((p["epoch"] for p in saved_positions), default=-1)
     print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): training "
           f"continues on freshly shuffled data from epoch {first_epoch}")
-    return [], 0, first_epoch
+    return [{"reader": reader, "epoch": first_epoch, "unit": 0, "part": 0, "consumed": 0, "carry": []}
+            for reader in range(world_size * max(1, workers))], 0
 
 
-def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=0, first_epoch=0,
-                 pin_memory=False, rank=0, world_size=1) -> DataLoader:
+def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=0, pin_memory=False, rank=0,
+                 world_size=1) -> DataLoader:
     """The endless training stream, yielding (x, y, position), from a resume_point()."""
     training, dataset_cfg = cfg.training, cfg.dataset
     dataset = ParquetBatches(units, training_split(cfg), training.block_size, training.batch_size, training.seed,
                              dataset_cfg.val_fraction, dataset_cfg.text_column, dataset_cfg.max_cached_files,
                              tokenizer, rank=rank, world_size=world_size, positions=positions,
-                             rotation=batches_consumed % max(1, workers), first_epoch=first_epoch, shuffle=True)
+                             rotation=batches_consumed % max(1, workers), shuffle=True)
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=cfg.dataloader.prefetch_factor if workers else None,
                       worker_init_fn=_leave_signals_to_main if workers else None,

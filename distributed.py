@@ -205,5 +205,5 @@ def communication_failure(e: BaseException, ranks: Ranks, timeout_s: int) -> str
                                            "nccl", "broken pipe", "processgroup")):
         return None
     return (f"rank {ranks.rank}: communication with the other ranks failed ({last_line(e)[:200]}): "
-            f"another rank died or hangs (a collective waits at most training.distributed_timeout_s "
-            f"= {timeout_s} s); see the other ranks' errors above, then resume from the last checkpoint")
+            f"if another rank died or hangs, its error is above (a collective waits at most "
+            f"training.distributed_timeout_s = {timeout_s} s); resume from the last checkpoint")

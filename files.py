@@ -71,6 +71,12 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
     for stale in (*out_dir.parent.glob(f"{out_dir.name}.tmp*"), *out_dir.parent.glob(f".{out_dir.name}.tmp*")):
         if left_by_a_dead_process(stale.name):
             shutil.rmtree(stale, ignore_errors=True)
+    for old in out_dir.parent.glob(f".{out_dir.name}.old.tmp*"):  # a replace killed between its two renames
+        if left_by_a_dead_process(old.name):
+            if out_dir.exists():  # the new folder is in place
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.rename(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if keep_existing:
             return None
@@ -86,10 +92,10 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
     tmp = out_dir.with_name(f".{out_dir.name}{temporary_suffix()}")
     try:
         result = write(tmp)
-        if out_dir.is_dir() and any(out_dir.iterdir()) and keep_existing:
+        if out_dir.is_dir() and any(out_dir.iterdir()) and keep_existing:  # another process was faster
             shutil.rmtree(tmp)
-            return result
-        old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+            return None
+        old = out_dir.with_name(f".{out_dir.name}.old{temporary_suffix()}")
         if out_dir.exists():
             out_dir.rename(old)
         tmp.rename(out_dir)

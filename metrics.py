@@ -21,7 +21,7 @@ from runtime import first_line
 # metrics.jsonl key -> TensorBoard and W&B tag; the per-layer lists get one tag per layer and a mean
 TAGS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
         "tokens_per_s": "speed/tokens_per_s", "ms_per_step": "speed/ms_per_step", "mfu": "speed/mfu",
-        "data_wait": "speed/data_wait", "epochs": "data/epochs",
+        "data_wait": "speed/data_wait", "epochs": "data/epochs", "skipped_steps": "train/skipped_steps",
         "peak_memory_mib": "memory/peak_mib", "val_loss": "val/loss", "val_bits_per_byte": "val/bits_per_byte"}
 PER_LAYER = {"sparsity_x": "sparsity/x", "sparsity_y": "sparsity/y"}
 
@@ -36,11 +36,6 @@ class MetricsLog:
         self.pending, self.tensorboard, self.wandb = [], None, None
         if not run.writer:
             return
-        for enabled, package, setting in ((self.settings.tensorboard, "tensorboard", "logging.tensorboard"),
-                                          (self.settings.wandb, "wandb", "logging.wandb")):
-            if enabled and importlib.util.find_spec(package) is None:
-                raise MetricsError(f"{setting}: the {package} package is not installed; pip install {package} "
-                                   f"(or -r requirements-dev.txt), or set {setting}=false")
         self.logged_to = -1  # the last step the run's earlier processes logged (a resume redoes those after it)
         if resumed_step is not None:
             self.logged_to = self._truncate(resumed_step)
@@ -127,6 +122,15 @@ class MetricsLog:
                   f"{self.resumed_step}: the resumed run logs to a new W&B run of the same name, {self.wandb.id}")
 
 
+def check_installed(settings):
+    """The packages the logging settings ask for: before anything is trained or written."""
+    for enabled, package, setting in ((settings.tensorboard, "tensorboard", "logging.tensorboard"),
+                                      (settings.wandb, "wandb", "logging.wandb")):
+        if enabled and importlib.util.find_spec(package) is None:
+            raise MetricsError(f"{setting}: the {package} package is not installed; pip install {package} "
+                               f"(or -r requirements-dev.txt), or set {setting}=false")
+
+
 def scalars(record: dict) -> dict:
     """TensorBoard/W&B tag -> number for one record."""
     out = {tag: record[key] for key, tag in TAGS.items() if record.get(key) is not None}
@@ -147,12 +151,15 @@ def wandb_values(record: dict) -> dict:
 def step_line(record: dict, max_iters: int, seconds_per_step: float | None, elapsed: float) -> str:
     """The printed line of a step's metrics record (seconds_per_step None: no estimate yet)."""
     extra = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
+    if record.get("skipped_steps"):  # float16: gradients overflowed, the scaler skipped those updates
+        extra += f" | {record['skipped_steps']} step(s) skipped by the float16 loss scaler"
     if record.get("data_wait", 0) >= 0.05:  # the loader does not keep up (below, it is handing batches over)
         extra += f" | waiting for data {record['data_wait']:.0%}"
     eta = ("after compilation" if seconds_per_step is None
            else format_duration(seconds_per_step * (max_iters - record["step"])))
+    grad_norm = "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
     return (f"step {record['step']}/{max_iters} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | grad norm "
-            f"{record['grad_norm']:.3f} | {record['tokens_per_s']:,} tok/s | {record['ms_per_step']:.1f} ms/step{extra} | "
+            f"{grad_norm} | {record['tokens_per_s']:,} tok/s | {record['ms_per_step']:.1f} ms/step{extra} | "
             f"elapsed {format_duration(elapsed)} | eta {eta}")
 
 

@@ -355,7 +355,7 @@ class BDH(nn.Module):
         logits = logits.float()
         if temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)
-        logits = logits / temperature
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # tiny temperatures: -inf, not nan
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))

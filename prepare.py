@@ -102,14 +102,18 @@ def main(argv=None):
                              f"many bytes (default {DOCUMENT_BYTES}; 0: one document per file)")
     parser.add_argument("--train-tokenizer", action="store_true",
                         help="train a byte-level BPE on the training split of the config's shards, write it to --out")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="--train-tokenizer: tokens in the vocabulary")
+    parser.add_argument("--vocab-size", type=int, help="--train-tokenizer: tokens in the vocabulary (default 4096)")
     parser.add_argument("--out", help="output: a directory for --from-text, a tokenizer.json for --train-tokenizer")
     add_config_arguments(parser)
+    parser.set_defaults(config=None)  # config.yaml, for --train-tokenizer; given with --from-text: refused
     args = parser.parse_args(argv)
     if bool(args.from_text) == args.train_tokenizer or not args.out:
         parser.error("give --from-text FILE ... --out DIR, or --train-tokenizer --out FILE.json")
-    if args.from_text and args.overrides:
-        parser.error(f"--from-text takes no config overrides (got {' '.join(args.overrides)})")
+    if args.from_text and (args.overrides or args.config or args.vocab_size is not None):
+        given = " ".join([*(["--config"] * bool(args.config)), *(["--vocab-size"] * (args.vocab_size is not None)),
+                          *args.overrides])
+        parser.error(f"--from-text takes no config, vocabulary or overrides (got {given}): they are for "
+                     f"--train-tokenizer")
     if args.train_tokenizer and args.chunk_bytes is not None:
         parser.error("--chunk-bytes applies to --from-text only")
     if args.chunk_bytes is not None and args.chunk_bytes < 0:
@@ -120,8 +124,10 @@ def main(argv=None):
             n = text_files_to_parquet(args.from_text, args.out, chunk_bytes, replace=args.replace)
             print(f"wrote {n:,} document{'s' * (n != 1)} to {args.out}")
         else:
+            args.config = args.config or "config.yaml"
             config_arguments = ["--config", args.config, *args.overrides]
-            print(train_tokenizer(load_config(args), args.vocab_size, Path(args.out), config_arguments, args.replace))
+            vocab_size = 4096 if args.vocab_size is None else args.vocab_size
+            print(train_tokenizer(load_config(args), vocab_size, Path(args.out), config_arguments, args.replace))
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

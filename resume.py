@@ -6,6 +6,7 @@ stopped; it also continues across changed settings, and says what changed. A fol
 wrote starts a fine-tuning run instead: its weights only.
 """
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +16,8 @@ import torch
 from adamw4bit import convert_adamw_state
 from checkpoint import (Checkpoint, CheckpointError, RunDir, check_same_model, is_export, load_export, open_checkpoint,
                         optimizer_state_for, rng_state, set_rng_state)
-from data import resume_point
+from config import learning_rate
+from data import SHARDS, data_order, resume_point
 from distributed import full_state, load_full_state, load_full_weights
 from tokenizer import TokenizerError, load_tokenizer
 
@@ -46,7 +48,7 @@ def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tok
 
 def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, device):
     """Load the checkpoint of training.resume_from_checkpoint into the model, optimizer and
-    scaler; returns (its run directory, Progress, the data stream's start positions, first epoch)."""
+    scaler; returns (its run directory, Progress, the data stream's start positions)."""
     low_precision = cfg.low_precision
     if is_export(cfg.training.resume_from_checkpoint):
         return fine_tune_from_export(cfg, model, tokenizer, ranks)
@@ -69,33 +71,56 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
         torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
     tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
     progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=ckpt.best_val_loss, last_saved=path)
+    print(f"resuming from {path} at step {ckpt.step + 1}")
+    run = reopen_run(cfg, path, ckpt, progress, ranks)
+    if ckpt.step < cfg.training.max_iters and (note := schedule_jump(ckpt, cfg.training)):
+        print(note)
     if evaluated_weights(ckpt.low_precision()) != evaluated_weights(asdict(low_precision)):
         progress.best_val_loss = math.inf
         print("validation losses now measure other weights (use_4bit or its code book changed): best.pt starts afresh")
-    print(f"resuming from {path} at step {ckpt.step + 1}")
-    if (path.parent / "config.yaml").exists():
-        run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
-        if ckpt.step < cfg.training.max_iters:
-            moved, folder = run.set_aside_after(ckpt.step)
-            if moved:  # asked for by name: an older checkpoint; else the later ones could not be read
-                what = (f"a new branch from step {ckpt.step}: the abandoned branch's"
-                        if Path(cfg.training.resume_from_checkpoint).is_file() else
-                        f"step {ckpt.step} is the newest checkpoint that can be read: the later")
-                print(f"  {what} {', '.join(moved)} moved to {folder} (`latest` and keep_last_n see this branch only)")
-        for line in run.record_resumed_config(ckpt.step, cfg.to_dict(), cfg.to_yaml()):
-            print(f"  config changed: {line}")
-    else:  # a checkpoint copied elsewhere (a download, a backup): its folder is not a run to write into or prune
-        run = RunDir(cfg.training.checkpoint_dir, writer=ranks.main)
+    positions, progress.batches_consumed = resume_point(
+        cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
+    if warning := validation_change(ckpt.config, cfg.to_dict(), (ckpt.data_order or {}).get(SHARDS),
+                                    data_order(cfg, units, workers, ranks.world_size)[SHARDS]):
+        print(warning)
+        progress.best_val_loss = math.inf
+    return run, progress, positions
+
+
+def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks) -> RunDir:
+    """The run directory a resumed run writes into: the checkpoint's own, or a new one when the
+    checkpoint lies outside a run directory (a download, a backup: not a run to write into or prune)."""
+    if not (path.parent / "config.yaml").exists():
         progress.best_val_loss = math.inf  # so that the new run directory gets its own best.pt
         if ckpt.step < cfg.training.max_iters:
             print(f"  {path.parent} is not a run directory (no config.yaml): the run continues in a new one in "
                   f"{cfg.training.checkpoint_dir}")
-    positions, progress.batches_consumed, first_epoch = resume_point(
-        cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
-    if warning := validation_change(ckpt.config, cfg.to_dict()):
-        print(warning)
-        progress.best_val_loss = math.inf
-    return run, progress, positions, first_epoch
+        return RunDir(cfg.training.checkpoint_dir, writer=ranks.main)
+    run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
+    if ckpt.step >= cfg.training.max_iters:  # nothing to train: nothing to move or record
+        return run
+    moved, folder = run.set_aside_after(ckpt.step)
+    if moved:  # asked for by name: an older checkpoint; else the later ones could not be read
+        what = (f"a new branch from step {ckpt.step}: the abandoned branch's"
+                if Path(cfg.training.resume_from_checkpoint).is_file() else
+                f"step {ckpt.step} is the newest checkpoint that can be read: the later")
+        print(f"  {what} {', '.join(moved)} moved to {folder} (`latest` and keep_last_n see this branch only)")
+    for line in run.record_resumed_config(ckpt.step, cfg.to_dict(), cfg.to_yaml()):
+        print(f"  config changed: {line}")
+    return run
+
+
+def schedule_jump(ckpt, training) -> str | None:
+    """A note when the learning rate of the next step differs from the checkpoint's schedule: a
+    finished run extended with more max_iters goes back up the cosine."""
+    step = ckpt.step + 1
+    saved = SimpleNamespace(**{**asdict(training), **ckpt.config.get("training", {})})
+    before, now = learning_rate(step, saved), learning_rate(step, training)
+    if math.isclose(before, now, rel_tol=0.01):
+        return None
+    return (f"  note: the learning-rate schedule changed: step {step} runs at lr {now:.2e}, {before:.2e} in the "
+            f"checkpoint's schedule (max_iters, warmup_iters, learning_rate, min_lr); the loss may rise for a "
+            f"while after a jump up")
 
 
 def step_tokens(training, world_size: int) -> int:
@@ -119,7 +144,7 @@ def fine_tune_from_export(cfg, model, tokenizer, ranks):
     load_full_weights(model, exported.state_dict())
     print(f"fine-tuning the model exported to {folder} (step {config['bdh_export']['step']} of its run): its weights, "
           f"a fresh optimizer, from step 1, in a new run directory")
-    return RunDir(cfg.training.checkpoint_dir, writer=ranks.main), Progress(), [], 0
+    return RunDir(cfg.training.checkpoint_dir, writer=ranks.main), Progress(), []
 
 
 def check_same_tokenizer(saved: str, tokenizer, path, saved_setting, saved_model: dict, model_config):
@@ -147,26 +172,41 @@ def holds_tokenizer(file, saved: str) -> bool:
         return False
 
 
-def validation_change(saved: dict, now: dict) -> str | None:
-    """A warning if the validation documents differ from those of the checkpoint's run; None if
-    they are the same. Without val_parquet_dir they are a share of parquet_dir's documents drawn
-    from the seed: another seed or val_fraction holds out documents the run has trained on."""
+VALIDATION_BATCHES = ("training.batch_size", "training.block_size", "training.eval_iters")  # what they measure
+
+
+def validation_change(saved: dict, now: dict, saved_shards: str | None = None, shards: str | None = None) -> str | None:
+    """A warning if the validation documents or batches differ from those of the checkpoint's run
+    (configs `saved` and `now`); None if they are the same. Without val_parquet_dir they are a share of
+    parquet_dir's documents drawn from the seed: another seed or val_fraction holds out documents the
+    run has trained on. `saved_shards` and `shards`: the fingerprints of parquet_dir's shards
+    (data_order), which decide whether it holds the same documents wherever it is."""
     def setting(config, path):
         section, key = path.split(".")
         return config.get(section, {}).get(key)
+
+    def same(path):
+        before, after = setting(saved, path), setting(now, path)
+        if path == "dataset.parquet_dir" and saved_shards and shards:
+            return saved_shards == shards
+        if path.endswith("_dir") and before and after:  # the folders they name: data/x/ is ./data/x
+            return os.path.realpath(before) == os.path.realpath(after)
+        return before == after
     by_fraction = not setting(now, "dataset.val_parquet_dir")
-    paths = ["dataset.parquet_dir", "dataset.val_parquet_dir"] + (
-        ["dataset.val_fraction", "training.seed"] if by_fraction else [])
-    changed = [path for path in paths if setting(saved, path) != setting(now, path)]
-    if not changed:
+    held_out = ["dataset.val_parquet_dir"] + (["dataset.val_fraction", "training.seed"] if by_fraction else [])
+    documents = [path for path in held_out + ["dataset.parquet_dir"] * by_fraction if not same(path)]
+    batches = [path for path in VALIDATION_BATCHES if not same(path)]  # the first eval_iters batches of that shape
+    if not documents and not batches:
         return None
-    what = "; ".join(f"{path}: {setting(saved, path)!r} -> {setting(now, path)!r}" for path in changed)
-    if by_fraction and "dataset.parquet_dir" not in changed:  # the same documents, held out anew
-        keep = " ".join(f"{path}={setting(saved, path)}" for path in changed)
-        return (f"WARNING: the validation documents change on this resume ({what}): some of those held out now were "
+    what = "; ".join(f"{path} {setting(now, path)!r}: its shards changed" if setting(saved, path) == setting(now, path)
+                     else f"{path}: {setting(saved, path)!r} -> {setting(now, path)!r}" for path in documents + batches)
+    changes = "documents" if documents else "batches"
+    if by_fraction and documents and "dataset.parquet_dir" not in documents:  # the same documents, held out anew
+        keep = " ".join(f"{path}={setting(saved, path)}" for path in documents)
+        return (f"WARNING: the validation {changes} change on this resume ({what}): some of those held out now were "
                 f"trained on, so the validation loss reads low from here, and best.pt starts afresh; keep {keep} "
                 f"to keep the same ones")
-    return (f"WARNING: the validation documents change on this resume ({what}): losses from here on are not "
+    return (f"WARNING: the validation {changes} change on this resume ({what}): losses from here on are not "
             f"comparable with the earlier ones, and best.pt starts afresh")
 
 

@@ -104,11 +104,17 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     try:
-        with open("/proc/self/status") as f:
-            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
+        return process_status_bytes("VmHWM")
     except (OSError, StopIteration):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def process_status_bytes(field: str) -> int:
+    """A memory field of Linux's /proc/self/status (VmRSS, VmHWM), in bytes. (ru_maxrss would carry
+    a parent's peak over across exec.)"""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1]) * 1024
 
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by words of the device name.

@@ -21,19 +21,24 @@ from runtime import DeviceError, pick_device
 from tokenizer import TokenizerError, tokenizer_from_string
 
 
+DECODE_WINDOW = 64  # tokens decoded together at most: decoding a whole long line per token is quadratic
+
+
 def text_as_it_comes(tokenizer, ids):
-    """The text of ids (an iterable, consumed as it comes) in pieces to print one after the other. Each
-    line is decoded whole, from the token that ended the line before, so a character split between
-    tokens, or a tokenizer's spacing (SentencePiece's at the start of a text), comes out as decode()
-    gives it; a piece waits while its text ends in a character cut short (U+FFFD)."""
-    line, printed = [], 0
+    """The text of ids (an iterable, consumed as it comes) in pieces to print one after the other. A
+    window of tokens is decoded whole, starting from the last token of the window before, so a
+    character split between tokens, or a tokenizer's spacing (SentencePiece's at the start of a
+    text), comes out as decode() gives it; a piece waits while its text ends in a character cut short
+    (U+FFFD). A window ends at a line end or after DECODE_WINDOW tokens."""
+    window, printed = [], 0
     for token in ids:
-        line.append(token)
-        text = tokenizer.decode(line)
+        window.append(token)
+        text = tokenizer.decode(window)
         if not text.endswith("\ufffd"):
             yield text[printed:]
-            line, printed = ([token], len(tokenizer.decode([token]))) if text.endswith("\n") else (line, len(text))
-    yield tokenizer.decode(line)[printed:]
+            window, printed = (([token], len(tokenizer.decode([token]))) if text.endswith("\n")
+                               or len(window) >= DECODE_WINDOW else (window, len(text)))
+    yield tokenizer.decode(window)[printed:]
 
 
 def main(argv=None) -> int:

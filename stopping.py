@@ -37,6 +37,8 @@ class GracefulStop:
             if self.announce and self.second_signal_stops:
                 os.write(2, b"\nstill saving the checkpoint; the run stops right after it (kill -9 stops at once)\n")
         elif self.second_signal_stops:
+            # torch may swallow the KeyboardInterrupt (raised in a finalizer, say): a third one kills
+            signal.signal(signum, signal.SIG_DFL)
             raise KeyboardInterrupt
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from files import relative_to_here
+from runtime import first_line
 
 SEPARATOR_TOKEN = "<|endoftext|>"
 
@@ -85,7 +86,6 @@ class ByteTokenizer:
         return tok.to_str()
 
 
-
 class HFTokenizer:
     """A Hugging Face tokenizer.json (the `tokenizers` library). Encodes in batches
     (encode_batch_fast), one thread per process: the DataLoader workers are the parallelism, and
@@ -97,7 +97,7 @@ class HFTokenizer:
         try:
             self.tok = Tokenizer.from_str(json_text)
         except Exception as e:
-            raise TokenizerError(f"{name}: not a Hugging Face tokenizer.json ({str(e).strip().splitlines()[0]})")
+            raise TokenizerError(f"{name}: not a Hugging Face tokenizer.json ({first_line(e)})")
         self.json, self.name = self.tok.to_str(), name
         self.tok.encode_special_tokens = True  # text never turns into special tokens (not saved in the json)
         self.separator = self.tok.token_to_id(SEPARATOR_TOKEN)

@@ -21,7 +21,7 @@ import torch
 
 from adamw4bit import AdamW4bit, adamw_state_bytes
 from checkpoint import CheckpointError, RunDir, check_writable, clean_stale_temporaries
-from config import add_config_arguments, load_config
+from config import add_config_arguments, learning_rate, load_config
 from corpus import ensure_sample_corpus
 from data import data_order, epochs_read, loader_workers, stop_loader_workers, train_loader, validation_batches
 from distributed import (DistributedError, Ranks, communication_failure, gradient_sync, local_tensor, shutdown, start,
@@ -29,7 +29,7 @@ from distributed import (DistributedError, Ranks, communication_failure, gradien
 from evaluation import evaluate, tokens_per_byte
 from fp8 import FP8Error, fp8_matmuls
 from lowbit import LowBitError, quantization_aware_view
-from metrics import MetricsError, MetricsLog, evaluation_lines, format_duration, step_line
+from metrics import MetricsError, MetricsLog, check_installed, evaluation_lines, format_duration, step_line
 from model import BDH
 from resume import Progress, resume, save, step_tokens
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, compile_repeatably, device_clock, last_line,
@@ -70,6 +70,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     # ---- data
     if ranks.main:
         check_writable(training.checkpoint_dir)
+        check_installed(cfg.logging)
     tokenizer, units, val_batches = prepare_data(cfg, ranks)
     val_tokens_per_byte = tokens_per_byte(val_batches, tokenizer)
     workers = loader_workers(cfg, units, ranks.world_size)
@@ -96,15 +97,15 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     if ranks.main and (removed := clean_stale_temporaries(training.checkpoint_dir)):
         print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
     if training.resume_from_checkpoint:
-        run, progress, start_positions, first_epoch = resume(cfg, raw_model, optimizer, scaler, tokenizer, units,
-                                                             workers, ranks, device)
+        run, progress, start_positions = resume(cfg, raw_model, optimizer, scaler, tokenizer, units, workers, ranks,
+                                                device)
         if progress.step >= training.max_iters:
             print(f"nothing to do: the checkpoint is at step {progress.step} and training.max_iters is "
                   f"{training.max_iters}; raise max_iters to train further")
             return 0
     else:  # a new run, whose directory the first checkpoint creates
         run, progress = RunDir(training.checkpoint_dir, writer=ranks.main), Progress()
-        start_positions, first_epoch = [], 0
+        start_positions = []
     if compile_model:
         model = torch.compile(model)
 
@@ -121,7 +122,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
 
     # ---- the training stream
     loader = iter(train_loader(cfg, units, tokenizer, workers, start_positions, progress.batches_consumed,
-                               first_epoch, pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
+                               pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
                                rank=ranks.rank, world_size=ranks.world_size))
     # this rank's readers' positions: readers are numbered rank x max(1, workers) + worker (ParquetBatches)
     progress.positions = {p["reader"]: p for p in start_positions if p["reader"] // max(1, workers) == ranks.rank}
@@ -130,15 +131,14 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main)
     stop_vote = StepVote(ranks)  # whether any rank heard a signal, one step late
     # summed on the device, read at log lines only: no wait for the GPU at every step
-    loss_sum, grad_norm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    loss_sum, grad_norm_sum, skipped_sum = (torch.zeros((), device=device) for _ in range(3))
     loss_count, steps_since_log = 0, 0
     start = interval_start = time.perf_counter()
     paused_s = 0.0  # evaluation and checkpoint seconds in this log interval: not training time
     data_wait_s = 0.0  # seconds of this log interval spent waiting for the loader's next batch
     n_readers, dealt = ranks.world_size * max(1, workers), {}
     first_step = progress.step + 1  # the first step of this process: a compiled run compiles in it
-    # a resume that changed the data order starts at first_epoch: not a pass read
-    epochs = max(first_epoch, epochs_read(progress.positions.values(), units, training.seed, n_readers, dealt))
+    epochs = epochs_read(progress.positions.values(), units, training.seed, n_readers, dealt)
     model.train()
 
     while progress.step < training.max_iters:
@@ -169,7 +169,10 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         scaler.unscale_(optimizer)
         # the norm before clipping; max_norm inf leaves the gradients as they are
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), training.grad_clip or math.inf)
-        grad_norm_sum += grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        skipped = ~grad_norm.isfinite()  # float16: the scaler skips the step (and lowers its scale)
+        grad_norm_sum += torch.where(skipped, 0.0, grad_norm)
+        skipped_sum += skipped
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -177,9 +180,12 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         stopping = stop_vote.ask(stop.signal_name is not None)
 
         # ---- log
-        if step % log_freq == 0 or step == training.max_iters or step - first_step + 1 in FIRST_STEPS_LOGGED:
-            train_loss, mean_grad_norm = ranks.mean(torch.stack([loss_sum / loss_count,
-                                                                 grad_norm_sum / steps_since_log])).tolist()
+        if (step % log_freq == 0 or step == training.max_iters or step - first_step + 1 in FIRST_STEPS_LOGGED
+                or stopping):  # a stop logs the steps since the last line
+            train_loss, grad_norm_total, skipped_steps = ranks.mean(torch.stack([loss_sum / loss_count, grad_norm_sum,
+                                                                                 skipped_sum])).tolist()
+            skipped_steps = round(skipped_steps)
+            counted = steps_since_log - skipped_steps  # the steps whose gradients were finite
             if not math.isfinite(train_loss):
                 raise non_finite("the training loss", step, progress.last_saved)
             now = time.perf_counter()
@@ -187,11 +193,13 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             passes_before = int(epochs)
             epochs = epochs_read(progress.positions.values(), units, training.seed, n_readers, dealt)
             record = {"step": step, "tokens": progress.tokens, "epochs": round(epochs, 3),
-                      "train_loss": train_loss, "lr": lr,
-                      "grad_norm": mean_grad_norm, "tokens_per_s": round(tokens_per_step / seconds_per_step),
+                      "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm_total / counted if counted else None,
+                      "tokens_per_s": round(tokens_per_step / seconds_per_step),
                       "ms_per_step": round(seconds_per_step * 1000, 2),
                       "data_wait": round(data_wait_s / (seconds_per_step * steps_since_log), 4),
                       "peak_memory_mib": round(peak_memory_bytes(device) / 2**20, 1), "elapsed_s": round(now - start, 2)}
+            if scaler.is_enabled():
+                record["skipped_steps"] = skipped_steps
             if peak:  # tokens_per_step counts every rank; peak is one GPU's
                 record["mfu"] = flops_per_token * tokens_per_step / ranks.world_size / seconds_per_step / peak
             compiling = compile_model and step == first_step  # its time is mostly compilation: no ETA from it
@@ -207,8 +215,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                       f"documents are read again from here, reshuffled", flush=True)
             metrics.log(record)
             loss_count, steps_since_log, interval_start, paused_s, data_wait_s = 0, 0, time.perf_counter(), 0.0, 0.0
-            loss_sum.zero_()
-            grad_norm_sum.zero_()
+            for total in (loss_sum, grad_norm_sum, skipped_sum):
+                total.zero_()
 
         # ---- evaluate
         if step % training.test_freq == 0 or step == training.max_iters:
@@ -336,15 +344,6 @@ def describe_run(cfg, model, optimizer, ranks, device, units, run, tokens_per_st
     return "\n".join(lines)
 
 
-def learning_rate(step: int, training) -> float:
-    """Linear warmup over warmup_iters, then cosine decay to min_lr at max_iters."""
-    if step <= training.warmup_iters:
-        return training.learning_rate * step / max(1, training.warmup_iters)
-    progress = (step - training.warmup_iters) / max(1, training.max_iters - training.warmup_iters)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return training.min_lr + cosine * (training.learning_rate - training.min_lr)
-
-
 def non_finite(what: str, step: int, last_saved) -> TrainingError:
     where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
     return TrainingError(f"{what} is not finite at step {step} (nothing saved; {where}): lower "
@@ -356,6 +355,20 @@ def one_line(e: Exception) -> str:
     """The error's line. DataLoader workers re-raise errors with their traceback in the message:
     its last line, without the error's module and class name."""
     return re.sub(r"^[\w.]+(Error|Exception): ", "", last_line(e))
+
+
+STOPPED_AT_ONCE = "\ninterrupted: stopped at once, without saving; checkpoints written before are intact"
+
+
+def interrupted(e: BaseException) -> bool:
+    """Whether a KeyboardInterrupt caused the error (torch re-raises some as its own errors)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def rank_of(ranks: Ranks) -> str:
@@ -393,9 +406,12 @@ def main(argv=None) -> int:
         print(f"error{rank_of(ranks)}: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: stopped at once, without saving; checkpoints written before are intact", file=sys.stderr)
+        print(STOPPED_AT_ONCE, file=sys.stderr)
         return 130
     except Exception as e:
+        if interrupted(e):  # torch.compile wraps a KeyboardInterrupt raised while it compiles
+            print(STOPPED_AT_ONCE, file=sys.stderr)
+            return 130
         if (request := out_of_memory(e)) is not None:
             print(f"error{rank_of(ranks)}: out of memory on {device} (asked for {request}): {memory_fix(cfg)}; "
                   f"checkpoints written before are intact", file=sys.stderr)

@@ -60,6 +60,19 @@ def test_unknown_section():
     assert p.startswith("trainng: unknown section; did you mean training?")
 
 
+def test_a_dotted_key_in_a_file_says_how_to_write_it():
+    assert problems({"training.batch_size": 4}) == [
+        "training.batch_size: a dotted key belongs on the command line; in a YAML file write `batch_size:` indented "
+        "under `training:`"]
+
+
+def test_numbers_that_cannot_train_are_refused():
+    assert problems({"training": {"learning_rate": float("nan"), "grad_clip": float("-inf")}}) == [
+        "training.learning_rate: must be a finite number, got nan", "training.grad_clip: must be a finite number, got -inf"]
+    assert problems({"training": {"seed": 2**32}}) == [
+        "training.seed: must be below 2**32 = 4294967296 (NumPy's seeds), got 4294967296"]
+
+
 @pytest.mark.parametrize("section,key,value,expected", [
     ("training", "batch_size", "8", "expected int, got str '8'"),
     ("training", "batch_size", 8.5, "expected int, got float 8.5"),

@@ -44,6 +44,17 @@ def test_split_text_keeps_every_byte_and_cuts_by_bytes_at_line_ends():
     assert corpus.split_text(raw, 0) == [raw] and corpus.split_text(b"", 100) == []
 
 
+@pytest.mark.parametrize("raw,ends", [
+    (("some words " * 3000).encode(), b" "),  # one line (text8-style)
+    ("línea ü\r".encode() * 3000, b"\r"),  # old Mac line ends
+    ("ü€".encode() * 6000, None),  # no separator at all: cut between characters
+])
+def test_split_text_cuts_text_without_line_ends_too(raw, ends):
+    pieces = corpus.split_text(raw, 1000)
+    assert b"".join(pieces) == raw and len(pieces) > 10 and all(len(p) <= 2003 for p in pieces)
+    assert all(p.decode() for p in pieces) and (ends is None or all(p.endswith(ends) for p in pieces[:-1]))
+
+
 def test_a_build_killed_midway_leaves_a_folder_that_the_next_build_removes(tmp_path):
     dead, live = tmp_path / "stdlib.tmp999999999", tmp_path / f".stdlib.tmp{os.getppid()}"
     for folder in (dead, live):

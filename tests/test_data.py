@@ -313,7 +313,6 @@ def test_a_validation_folder_is_named_in_its_errors_and_val_fraction_leaves_the_
     assert data.data_order(Config.from_dict(raw), units, 0)["dataset.val_fraction"] == 0.5
 
 
-
 def test_a_validation_folder_that_holds_training_files_is_refused(tmp_path):
     train_dir = make_corpus(tmp_path / "train", n_files=2)
     units = list_units(train_dir, "text")

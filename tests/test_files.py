@@ -58,6 +58,21 @@ def test_write_folder_refuses_replaces_or_keeps_a_folder_that_holds_files(tmp_pa
     assert (out / "a.txt").read_text() == "three" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_write_folder_after_a_replace_killed_between_its_renames_puts_the_old_folder_back(tmp_path):
+    dead = f"{socket.gethostname()}-{2**22 + 12345}"  # above the usual pid_max, so no such process
+    out, old = tmp_path / "out", tmp_path / f".out.old.tmp{dead}"
+    old.mkdir()
+    (old / "a.txt").write_text("before")
+    with pytest.raises(FileExistsError, match="holds files already"):  # the old shards are back, and count
+        files.write_folder(out, lambda folder: folder.mkdir())
+    assert (out / "a.txt").read_text() == "before" and not old.exists()
+    old.mkdir()  # killed after the new folder was in place: the old one goes
+    files.write_folder(tmp_path / "other", lambda folder: folder.mkdir())
+    assert old.exists()  # another folder's
+    files.write_folder(out, lambda folder: folder.mkdir(), keep_existing=True)
+    assert not old.exists() and (out / "a.txt").read_text() == "before"
+
+
 def test_write_folder_replaces_only_what_its_command_writes_and_only_folders(tmp_path, monkeypatch):
     """--replace never deletes an input file or a run's checkpoints sitting in --out, never turns a
     file into a folder, and never replaces the current or a parent folder."""

@@ -133,13 +133,19 @@ def test_a_resume_behind_what_wandb_logged_goes_to_a_new_wandb_run(tmp_path, cor
 
 
 def test_a_missing_logging_package_stops_before_training(tmp_path, corpus, monkeypatch, capsys):
+    path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=1, keep_last_n=0)
     real = metrics.importlib.util.find_spec
     monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
-    path = write_config(tmp_path, corpus)
     assert train.main(["--config", str(path), "logging.wandb=true"]) == 1
     err = capsys.readouterr().err
     assert "logging.wandb: the wandb package is not installed; pip install wandb" in err and err.count("\n") == 1
     assert not (tmp_path / "ck").exists()
+    assert train.main(["--config", str(path)]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    before = sorted(p.name for p in run.iterdir())
+    branch = ["training.resume_from_checkpoint=" + str(run / "checkpoint_1.pt"), "training.learning_rate=0.001"]
+    assert train.main(["--config", str(path), *branch, "logging.wandb=true"]) == 1
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing moved aside, no config_resume_1.yaml
 
 
 def test_wandb_names_the_run_after_its_directory_when_another_run_took_the_name(tmp_path, corpus):

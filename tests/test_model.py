@@ -181,6 +181,7 @@ def test_recurrent_generation_matches_full_recompute():
     assert greedy.shape == (2, 29) and torch.equal(greedy[:, :9], prompt)
     assert torch.equal(greedy, reference_generate(model, prompt, 20, temperature=0))
     assert torch.equal(model.generate(prompt, 20, top_k=1), greedy)
+    assert torch.equal(model.generate(prompt, 20, temperature=1e-45), greedy)  # no nan from logits / 1e-45
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(model.generate(prompt, 20, generator=g1), model.generate(prompt, 20, generator=g2))
 

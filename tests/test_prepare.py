@@ -115,6 +115,9 @@ def test_from_text_replace_keeps_an_input_file_in_the_out_folder_and_refuses_emp
 @pytest.mark.parametrize("arguments,message", [
     (["--from-text", "a.txt", "--out", "o", "--chunk-bytes", "-5"], "--chunk-bytes must be >= 0"),
     (["--train-tokenizer", "--out", "t.json", "--chunk-bytes", "100"], "--chunk-bytes applies to --from-text only"),
+    (["--from-text", "a.txt", "--out", "o", "--vocab-size", "999", "--config", "my.yaml"],
+     "--from-text takes no config, vocabulary or overrides (got --config --vocab-size): they are for --train-tokenizer"),
+    (["--from-text", "a.txt", "--out", "o", "training.seed=3"], "(got training.seed=3)"),
 ])
 def test_prepare_command_refuses_arguments_it_would_ignore_or_misread(arguments, message, capsys):
     with pytest.raises(SystemExit) as stop:

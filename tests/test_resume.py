@@ -2,6 +2,7 @@
 kill -9 at any moment), across changed settings it names, and refuses what cannot continue."""
 import json
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -192,9 +193,59 @@ def test_changing_the_data_order_on_resume_warns(tmp_path, corpus, capsys):
     assert train.main(["--config", str(config)]) == 0
     capsys.readouterr()
     assert train.main(["--config", str(config), "training.resume_from_checkpoint=latest",
-                       "training.max_iters=3", "training.batch_size=2"]) == 0
+                       "training.max_iters=3", "training.block_size=8"]) == 0
     out = capsys.readouterr().out
-    assert "WARNING: the data order changes" in out and "training.batch_size: 4 -> 2" in out
+    assert "WARNING: the data order changes" in out and "training.block_size: 16 -> 8" in out
+
+
+def test_another_batch_size_continues_the_same_windows(tmp_path, corpus, capsys):
+    """Batches of 4, 4, then 2, 2 read the windows that batches of 4, 4, 4 read."""
+    for name, steps in (("resumed", 2), ("straight", 3)):
+        config = write_config(tmp_path, corpus, f"{name}.yaml", checkpoint_dir=str(tmp_path / name), max_iters=steps,
+                              checkpoint_freq=1, test_freq=100)
+        assert train.main(["--config", str(config)]) == 0
+    capsys.readouterr()
+    assert train.main(["--config", str(tmp_path / "resumed.yaml"), "training.resume_from_checkpoint=latest",
+                       "training.max_iters=4", "training.batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert "data order" not in out and "WARNING: the validation batches change" in out  # the first 2 x 4, now 2 x 2
+    resumed = load_checkpoint(only_run(tmp_path / "resumed") / "checkpoint_4.pt")
+    straight = load_checkpoint(only_run(tmp_path / "straight") / "checkpoint_3.pt")
+    assert resumed.data_positions == straight.data_positions and resumed.tokens == straight.tokens
+
+
+def test_a_second_resume_after_a_changed_data_order_continues_exactly(tmp_path, corpus, capsys):
+    """A resume that changes the data order starts every reader in the next epoch. A checkpoint
+    written before one of them handed over a batch (here: one step, two workers) must still start
+    it there, as the same run without that checkpoint does."""
+    common = dict(max_iters=2, checkpoint_freq=1, test_freq=100, keep_last_n=0)
+    workers = "dataloader.num_workers=2"
+    for name in ("once", "twice"):
+        config = write_config(tmp_path, corpus, f"{name}.yaml", checkpoint_dir=str(tmp_path / name), **common)
+        assert train.main(["--config", str(config), workers]) == 0
+    smaller = ["training.block_size=8", "training.max_iters=5", workers]
+    for name in ("once", "twice"):
+        assert train.main(["--config", str(tmp_path / f"{name}.yaml"), *smaller,
+                           "training.resume_from_checkpoint=latest"]) == 0
+    capsys.readouterr()
+    step_3 = only_run(tmp_path / "twice") / "checkpoint_3.pt"  # one step after the change
+    assert train.main(["--config", str(tmp_path / "twice.yaml"), *smaller,
+                       f"training.resume_from_checkpoint={step_3}"]) == 0
+    assert "WARNING" not in capsys.readouterr().out
+    once, twice = (load_checkpoint(only_run(tmp_path / name) / "checkpoint_5.pt") for name in ("once", "twice"))
+    assert sorted(p["epoch"] for p in twice.data_positions) == [1, 1]
+    assert once.data_positions == twice.data_positions
+    assert all(torch.equal(once.model[k], twice.model[k]) for k in once.model)
+
+
+def test_the_same_folder_written_another_way_is_the_same_data(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=2)
+    assert train.main(["--config", str(path)]) == 0
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3",
+                       f"dataset.parquet_dir={corpus}/"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "WARNING" not in out
 
 
 # train.py with a slow disk: torch.save's bytes are written in small chunks with pauses, so that a
@@ -266,6 +317,22 @@ def test_latest_past_an_unreadable_checkpoint_says_why_it_is_set_aside(tmp_path,
     assert load_checkpoint(run / "checkpoint_4.pt").step == 4  # trained again
 
 
+def test_latest_resumes_from_a_best_pt_newer_than_the_newest_checkpoint(tmp_path, corpus, capsys):
+    """Killed between the evaluation's best.pt and the step's checkpoint (or test_freq below
+    checkpoint_freq): best.pt holds the whole state of a later step, and `latest` continues from it."""
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, test_freq=4, keep_last_n=0)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    (run / "checkpoint_4.pt").unlink()
+    assert open_checkpoint("latest", str(tmp_path / "ck"))[0] == open_checkpoint(str(run), "")[0] == run / "best.pt"
+    (run / "checkpoint_2.pt").unlink()  # killed before its first periodic checkpoint
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=5"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {run / 'best.pt'} at step 5" in out and not list(run.glob("abandoned*"))
+    assert [p.name for p in checkpoints_in(run)] == ["checkpoint_5.pt"] and (run / "best.pt").exists()
+
+
 def test_a_resume_from_an_earlier_step_sets_the_abandoned_branch_aside(tmp_path, corpus, capsys):
     """The workflow 'it diverged late: go back to an earlier checkpoint': afterwards `latest` and
     keep_last_n see the new branch only, and metrics.jsonl matches the checkpoints on disk."""
@@ -291,6 +358,9 @@ def test_a_resume_may_switch_to_float16(tmp_path, corpus):
     assert train.main(["--config", str(path)]) == 0
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3",
                        "low_precision.compute_dtype=float16"]) == 0
+    [run] = run_dirs(tmp_path)
+    assert not load_checkpoint(run / "checkpoint_2.pt").scaler
+    assert load_checkpoint(run / "checkpoint_3.pt").scaler["scale"] > 0  # a fresh scaler, kept from here on
 
 
 def test_shards_changed_in_the_same_folder_change_the_data_order(tmp_path, corpus, capsys):
@@ -301,12 +371,18 @@ def test_shards_changed_in_the_same_folder_change_the_data_order(tmp_path, corpu
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3"]) == 0
     out = capsys.readouterr().out
     assert "WARNING: the data order changes on this resume (the shards (files, row groups, rows, bytes):" in out
+    assert (f"WARNING: the validation documents change on this resume (dataset.parquet_dir {str(corpus)!r}: its "
+            f"shards changed): losses from here on are not comparable") in out
 
 
 def test_a_resume_that_changes_the_validation_documents_says_so():
     by_fraction = {"training": {"seed": 1}, "dataset": {"parquet_dir": "d", "val_parquet_dir": None, "val_fraction": 0.05}}
     assert validation_change(by_fraction, by_fraction) is None
-    assert validation_change(by_fraction, {**by_fraction, "training": {"seed": 1, "batch_size": 8}}) is None
+    assert validation_change(by_fraction, {**by_fraction, "training": {"seed": 1, "learning_rate": 0.1}}) is None
+    assert validation_change({**by_fraction, "training": {"seed": 1, "batch_size": 8}},
+                             {**by_fraction, "training": {"seed": 1, "batch_size": 16}}) == (
+        "WARNING: the validation batches change on this resume (training.batch_size: 8 -> 16): losses from here on "
+        "are not comparable with the earlier ones, and best.pt starts afresh")
     reseeded = {**by_fraction, "training": {"seed": 5}}
     assert validation_change(by_fraction, reseeded) == (
         "WARNING: the validation documents change on this resume (training.seed: 1 -> 5): some of those held out now "
@@ -317,3 +393,23 @@ def test_a_resume_that_changes_the_validation_documents_says_so():
     assert "were trained on" in validation_change(folder, by_fraction)  # training read all of d
     assert validation_change(by_fraction, {**by_fraction, "dataset": {**by_fraction["dataset"], "parquet_dir": "e"}}) \
         .endswith("losses from here on are not comparable with the earlier ones, and best.pt starts afresh")
+    more_training_data = {**folder, "dataset": {**folder["dataset"], "parquet_dir": "d_more"}}
+    assert validation_change(folder, more_training_data, "shards", "more shards") is None  # validation is v's
+    moved = {**by_fraction, "dataset": {**by_fraction["dataset"], "parquet_dir": "elsewhere/d"}}
+    assert validation_change(by_fraction, moved, "shards", "shards") is None  # the same shards, moved
+    assert validation_change(by_fraction, moved, "shards", "other shards") is not None
+    written_otherwise = {**folder, "dataset": {**folder["dataset"], "val_parquet_dir": "./v/"}}
+    assert validation_change(folder, written_otherwise) is None
+
+
+def test_extending_a_finished_run_says_that_the_learning_rate_jumps(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, test_freq=100, warmup_iters=0, min_lr=0.001)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    capsys.readouterr()
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}"]) == 0
+    assert "learning-rate schedule changed" not in capsys.readouterr().out  # the same schedule
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=8"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"note: the learning-rate schedule changed: step 5 runs at lr 3\.78e-03, 1\.00e-03 in the "
+                     r"checkpoint's schedule", out)

@@ -63,6 +63,19 @@ def test_text_comes_out_as_generated_and_whole_characters(bpe_file):
     assert "".join(invalid) == ByteTokenizer().decode([0xE6, 0x9D])
 
 
+def test_a_long_line_is_decoded_a_window_at_a_time(bpe_file, monkeypatch):
+    """Decoding the whole line for every token would take minutes for a long line without line ends."""
+    from tokenizer import ByteTokenizer, load_tokenizer
+    text = "東京 naïve words without a line end, " * 200
+    for tokenizer in (ByteTokenizer(), load_tokenizer(str(bpe_file))):
+        decoded = []
+        real = tokenizer.decode
+        monkeypatch.setattr(tokenizer, "decode", lambda ids: decoded.append(len(ids)) or real(ids))
+        ids = tokenizer.encode(text)
+        assert "".join(sample.text_as_it_comes(tokenizer, iter(ids))) == text
+        assert max(decoded) <= sample.DECODE_WINDOW + 4  # + a character's bytes waiting to be whole
+
+
 def test_streamed_text_is_what_generate_gives(checkpoint, capsys):
     from checkpoint import load_model
     from tokenizer import tokenizer_from_string

@@ -77,14 +77,17 @@ def test_unavailable_device_is_refused(tmp_path, corpus, capsys):
 def test_data_loader_workers_train(tmp_path, corpus):
     path = write_config(tmp_path, corpus, max_iters=3, checkpoint_freq=3)
     assert train.main(["--config", str(path), "dataloader.num_workers=2"]) == 0
+    [run] = run_dirs(tmp_path)
+    ckpt = load_checkpoint(run / "checkpoint_3.pt")
+    assert [p["reader"] for p in ckpt.data_positions] == [0, 1] and ckpt.batches_consumed == 3  # both took turns
 
 
 def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, corpus):
-    path = write_config(tmp_path, corpus, max_iters=100000, checkpoint_freq=100000, test_freq=100000)
+    path = write_config(tmp_path, corpus, max_iters=100000, checkpoint_freq=100000, test_freq=100000, log_freq=1000)
     proc = subprocess.Popen([sys.executable, "train.py", "--config", str(path), "model.dropout=0.0"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
-        if line.startswith("step 3/"):
+        if line.startswith("step 2/"):
             proc.send_signal(signal.SIGTERM)
             break
     out, err = proc.communicate(timeout=60)
@@ -92,7 +95,9 @@ def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, co
     [run] = run_dirs(tmp_path)
     [ckpt] = run.glob("checkpoint_*.pt")
     step = load_checkpoint(ckpt).step
-    assert step >= 3 and f"stopped by SIGTERM after step {step}" in out
+    assert step >= 2 and f"stopped by SIGTERM after step {step}" in out
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == step and f"step {step}/100000 | loss" in out  # the steps since the last line are logged
     assert "SIGTERM: finishing the step, then saving a checkpoint (a second one stops at once)" in err
     # the resume command keeps the run's overrides
     assert f"train.py --config {path} model.dropout=0.0 training.resume_from_checkpoint={ckpt}" in out
@@ -351,8 +356,6 @@ def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once(tmp_path, corpus):
     assert proc.returncode == 0 and "stopped by SIGINT after step 3." in out  # no step after the evaluation
 
 
-
-
 HELD_SAVE = """
 import os, sys, time
 sys.path.insert(0, sys.argv.pop(1))
@@ -434,9 +437,10 @@ def test_a_cpu_run_of_many_hours_points_at_the_cpu_config(tmp_path, corpus, caps
     path = write_config(tmp_path, corpus, max_iters=20000, test_freq=100000)
     assert train.main(["--config", str(path)]) == 130
     out = capsys.readouterr().out
-    assert "step 2/20000" in out
-    assert re.search(r"note: at this speed the run takes about [12]\.\d hours on this CPU: model and batch are sized "
-                     r"for a GPU; configs/tiny.yaml", out)
+    ms_per_step = float(re.search(r"step 2/20000 .*\| ([\d.]+) ms/step", out).group(1))
+    hours = re.search(r"note: at this speed the run takes about ([\d.]+) hours on this CPU: model and batch are sized "
+                      r"for a GPU; configs/tiny.yaml", out).group(1)
+    assert abs(float(hours) - ms_per_step / 1000 * 20000 / 3600) < 0.051 and ms_per_step >= 200  # the loader's 0.2 s
 
 
 def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys):
@@ -455,3 +459,34 @@ def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys)
                                              2, ByteTokenizer(), shuffle=False))  # batches in one pass
     assert abs(epochs[-1] - 200 / one_pass) < 0.5
     assert "passes over the training data done: its documents are read again" in out and f"done: 200 steps ({epochs[-1]:.2f} passes" in out
+
+
+def test_float16_steps_the_loss_scaler_skips_are_counted_not_averaged_into_the_grad_norm(tmp_path, corpus, capsys,
+                                                                                         monkeypatch):
+    """A scale of 2^40 overflows float16 gradients: the scaler skips the step and halves the scale,
+    until about step 22. The skipped steps' infinite norms must not turn the logged mean into NaN."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *args, **kwargs: real(*args, init_scale=2.0 ** 40, **kwargs))
+    path = write_config(tmp_path, corpus, max_iters=40, log_freq=20, checkpoint_freq=40, test_freq=40)
+    assert train.main(["--config", str(path), "low_precision.compute_dtype=float16"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"step 1/40 \| .* grad norm - \| .* \| 1 step\(s\) skipped by the float16 loss scaler", out)
+    [run] = run_dirs(tmp_path)
+    records = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+               for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in records if "train_loss" in r}
+    assert steps[1]["grad_norm"] is None and steps[1]["skipped_steps"] == 1
+    assert 0 < steps[40]["skipped_steps"] < 20 and math.isfinite(steps[40]["grad_norm"])  # steps 21 to 40
+
+
+def test_a_ctrl_c_that_torch_wraps_in_its_own_error_still_stops_in_one_line(tmp_path, corpus, capsys, monkeypatch):
+    def compiling(*args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:  # as torch._dynamo does: InternalTorchDynamoError from the interrupt
+            raise RuntimeError("UnboundLocalError: cannot access local variable 'prior'") from e
+
+    monkeypatch.setattr(train, "train", compiling)
+    assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 130
+    assert capsys.readouterr().err == train.STOPPED_AT_ONCE + "\n"
+    assert not train.interrupted(RuntimeError("another error"))
