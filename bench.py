@@ -1,10 +1,11 @@
 """Benchmark: model.py against the straightforward implementation (reference.py), side by side.
 
-    python bench.py [--config config.yaml] [--steps 10] [--json out.json] [section.key=value ...]
+    python bench.py [--config config.yaml] [--steps 10] [--json out.json] [--profile table.txt] [section.key=value ...]
 
 Training step (forward, backward, AdamW) of both implementations, alternating on the same inputs:
 median ms/step, tokens/s, peak memory (CUDA: max allocated; CPU: peak RSS of a fresh process
-running the step, and that peak above the process's RSS before the first step), and on CUDA the
+running the step, and that peak above the process's RSS before the first step; each implementation
+alone, in a fresh process), and on CUDA the
 MFU against a peak FLOP/s measured here with a large matmul in the same dtype. Also the data
 loader alone (against the rate the model consumes batches) and generation: 1,000 new tokens after
 a 256-token prompt, recurrent (model.py) against full recompute (reference.py).
@@ -64,40 +65,39 @@ def bench_training(cfg, device, steps, warmup=2) -> dict:
         results[name]["step"] = make_step(cfg, device, name)
     for i in range(warmup + steps):  # alternate, so drift in machine speed hits both alike
         for name in IMPLEMENTATIONS:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
             start = device_clock(device)
             results[name]["step"](x, y)
             seconds = device_clock(device) - start
             if i >= warmup:
                 results[name]["times"].append(seconds)
-            if device.type == "cuda":
-                results[name]["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     tokens = shape[0] * shape[1]
     out = {}
     for name in IMPLEMENTATIONS:
         ms = statistics.median(results[name]["times"]) * 1000
         out[name] = {"ms_per_step": ms, "tokens_per_s": tokens / ms * 1000}
-        if device.type == "cuda":
-            out[name]["peak_memory_bytes"] = results[name]["peak_memory_bytes"]
     return out
 
 
-def cpu_memory_probe(args, implementation) -> dict:
-    """Peak RSS of a fresh process that runs two training steps of one implementation."""
+def memory_probe(args, implementation) -> dict:
+    """Peak memory of a fresh process that runs two training steps of one implementation alone
+    (CUDA: max allocated; CPU: peak RSS, and RSS before the first step): in the timing process
+    the other implementation's weights and AdamW state would count too."""
     cmd = [sys.executable, __file__, "--config", args.config, "--memory-probe", implementation,
            *args.overrides]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run_memory_probe(cfg, implementation):
-    step = make_step(cfg, torch.device("cpu"), implementation)
-    x = torch.randint(0, cfg.model.vocab_size, (cfg.training.batch_size, cfg.training.block_size))
+def run_memory_probe(cfg, device, implementation):
+    step = make_step(cfg, device, implementation)
+    x = torch.randint(0, cfg.model.vocab_size, (cfg.training.batch_size, cfg.training.block_size), device=device)
     baseline = process_status_bytes("VmRSS")
     for _ in range(2):
         step(x, x)
-    print(json.dumps({"baseline_rss_bytes": baseline, "peak_rss_bytes": peak_memory_bytes(torch.device("cpu"))}))
+    peak = {"peak_memory_bytes": peak_memory_bytes(device)}
+    if device.type == "cpu":
+        peak.update(baseline_rss_bytes=baseline, peak_rss_bytes=peak["peak_memory_bytes"])
+    print(json.dumps(peak))
 
 
 def bench_generation(cfg, device, prompt_len=256, new_tokens=1000, samples=5) -> dict:
@@ -130,6 +130,39 @@ def bench_generation(cfg, device, prompt_len=256, new_tokens=1000, samples=5) ->
             "full_recompute_forward_s": dict(zip(lengths, seconds))}
 
 
+def profile_training(cfg, device, path, steps=3, warmup=2) -> dict:
+    """torch.profiler over `steps` training steps of model.py: the table of operators and kernels by
+    time goes to `path`; returned, per step: wall time and, on CUDA, the device time in GEMMs, in
+    Triton kernels (what torch.compile fused), in other kernels, and the device idle time (launch
+    overhead and host work)."""
+    from torch.profiler import ProfilerActivity, profile
+    step = make_step(cfg, device, "model.py")
+    x = torch.randint(0, cfg.model.vocab_size, (cfg.training.batch_size, cfg.training.block_size), device=device)
+    for _ in range(warmup):
+        step(x, x)
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        start = device_clock(device)
+        for _ in range(steps):
+            step(x, x)
+        wall = (device_clock(device) - start) / steps
+    events = prof.key_averages()
+    with open(path, "w") as f:
+        f.write(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=60))
+    out = {"wall_ms": wall * 1000}
+    if cuda:
+        kernels = {"gemm_ms": 0.0, "triton_ms": 0.0, "other_kernels_ms": 0.0}
+        for e in events:
+            if e.device_type != torch.autograd.DeviceType.CUDA or e.self_device_time_total <= 0:
+                continue
+            name = e.key.lower()
+            kind = ("gemm_ms" if any(k in name for k in ("gemm", "nvjet", "xmma", "cutlass", "cublas"))
+                    else "triton_ms" if name.startswith("triton") else "other_kernels_ms")
+            kernels[kind] += e.self_device_time_total / 1000 / steps
+        out.update(kernels, idle_ms=out["wall_ms"] - sum(kernels.values()))
+    return out
+
+
 def bench_loader(cfg, model_ms_per_step, seconds=5.0) -> dict:
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
     workers = loader_workers(cfg, units)
@@ -152,6 +185,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--skip", nargs="+", action="extend", default=[],
                         choices=("memory", "loader", "generation"), help="parts not to measure")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="also profile model.py's training step (torch.profiler): its table to FILE")
     parser.add_argument("--memory-probe", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1:
@@ -167,7 +202,7 @@ def main(argv=None) -> int:
         return 1
     steady_host_memory(cfg, device)  # as train.py does, for both implementations
     if args.memory_probe:
-        run_memory_probe(cfg, args.memory_probe)
+        run_memory_probe(cfg, device, args.memory_probe)
         return 0
     training, model = cfg.training, cfg.model
     compute_dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
@@ -181,10 +216,9 @@ def main(argv=None) -> int:
         results["peak_flops"] = peak
         for r in training.values():
             r["mfu"] = r["tokens_per_s"] * cfg.model.training_flops_per_token(cfg.training.block_size) / peak
-    elif "memory" not in args.skip:
+    if "memory" not in args.skip:
         for name in IMPLEMENTATIONS:
-            training[name].update(cpu_memory_probe(args, name))
-            training[name]["peak_memory_bytes"] = training[name]["peak_rss_bytes"]
+            training[name].update(memory_probe(args, name))
 
     fast, ref = training["model.py"], training["reference"]
     print(f"{'training step':<16}{'model.py':>14}{'reference':>14}{'ratio':>10}")
@@ -202,6 +236,10 @@ def main(argv=None) -> int:
     if "mfu" in fast:
         print(f"{'MFU':<16}{fast['mfu']:>14.1%}{ref['mfu']:>14.1%}   (peak {results['peak_flops'] / 1e12:,.0f} TFLOP/s measured)")
 
+    if args.profile:
+        results["profile"] = prof = profile_training(cfg, device, args.profile)
+        print("profile of a model.py step: " + ", ".join(f"{k[:-3]} {v:.1f} ms" for k, v in prof.items())
+              + f" (table: {args.profile})")
     if "loader" not in args.skip:
         ensure_sample_corpus(cfg)
         results["loader"] = loader = bench_loader(cfg, fast["ms_per_step"])

@@ -127,13 +127,16 @@ def train_variant(config_path, overrides, variant, workdir, log_freq) -> dict:
     print("$", " ".join(["train.py", *arguments]), f"(optimizer: {json.dumps(optimizer)})" if optimizer else "",
           flush=True)
     launcher = ["-c", "import bench_precision, sys; bench_precision.launch(sys.argv[1:])", json.dumps(optimizer)]
+    start = time.perf_counter()
     subprocess.run([sys.executable, *(launcher if optimizer else ["train.py"]), *arguments], check=True,
                    stdout=subprocess.DEVNULL)
+    wall_s = time.perf_counter() - start
+    print(f"  {wall_s:.0f} s, start-up, compilation and evaluation included", flush=True)
     [run] = checkpoint_dir.iterdir()
     records = read_records(run / "metrics.jsonl")[0]
     # full log intervals only (train.py also logs its first steps), and not the first: it holds warm-up
     logged = [r for r in records if "ms_per_step" in r and r["step"] % log_freq == 0][1:]
-    return {"run": run, "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1],
+    return {"run": run, "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1], "wall_s": wall_s,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in logged) if logged else None,
             "ms_per_step": statistics.median(r["ms_per_step"] for r in logged) if logged else None}
 

@@ -140,8 +140,10 @@ def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn
     DTensors: build the optimizer afterwards); DDP wraps it and keeps `model` as the inner module.
     The shared encoder/encoder_v/decoder stay one parameter each, used by every layer."""
     if ranks.mode == "fsdp" and ranks.enabled:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-        fully_shard(model)
+        # an explicit mesh: FSDP's default is a CUDA one whenever a GPU exists, even for a CPU run
+        fully_shard(model, mesh=init_device_mesh(device.type, (ranks.world_size,)))
         return model
     if ranks.enabled:
         from torch.nn.parallel import DistributedDataParallel

@@ -352,9 +352,11 @@ class BDH(nn.Module):
     @staticmethod
     def sample_next(logits, temperature, top_k, generator):
         """One token per row from (B, V) logits; temperature 0 means greedy."""
-        logits = logits.float()
         if temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)
+        logits = logits.float()
+        # at most float32's smallest normal: CUDA flushes a smaller (denormal) divisor to zero, 0/0 = nan
+        temperature = max(temperature, torch.finfo(torch.float32).tiny)
         logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # tiny temperatures: -inf, not nan
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]

@@ -13,6 +13,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]  # a test parametrized so runs on CUDA where there is one
+
 
 def free_port() -> int:
     with socket.socket() as s:

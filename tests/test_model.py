@@ -1,10 +1,12 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from model import (PLAIN, BDH, TILE, BDHConfig, LayerStack, layer_forward, layer_norm, rope_angles, rope_frequencies,
                    rope_phases)
+from conftest import DEVICES, NEEDS_CUDA
 from reference import reference_forward, reference_generate
 
 
@@ -52,14 +54,14 @@ def reference_logits(params, cfg: BDHConfig, idx):
     return torch.stack(logits)
 
 
-def small_model(seed=0, std=0.3, **kw):
+def small_model(seed=0, std=0.3, device="cpu", **kw):
     torch.manual_seed(seed)
     cfg = BDHConfig(n_layer=3, n_embd=32, n_head=4, mlp_internal_dim_multiplier=8, dropout=0.0, **kw)
     model = BDH(cfg)
     with torch.no_grad():  # larger random weights than the init, so every term matters
         for prm in model.parameters():
             prm.normal_(0.0, std)
-    return model.eval(), cfg
+    return model.to(device).eval(), cfg
 
 
 def test_parameter_names_and_shapes_are_the_checkpoint_format():
@@ -145,12 +147,13 @@ def gradients(model, forward, idx, tgt):
     return logits, {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
-def test_fast_path_matches_the_straightforward_implementation_forward_and_gradients():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_path_matches_the_straightforward_implementation_forward_and_gradients(device):
     for checkpointing in (False, True):
         for T in (1, 7, TILE, TILE + 1, 2 * TILE + 37):  # ragged last tiles included
-            model, _ = small_model(std=0.1)
+            model, _ = small_model(std=0.1, device=device)
             model.activation_checkpointing = checkpointing
-            idx, tgt = torch.randint(0, 256, (2, T)), torch.randint(0, 256, (2, T))
+            idx, tgt = torch.randint(0, 256, (2, T), device=device), torch.randint(0, 256, (2, T), device=device)
             fast_logits, fast = gradients(model, model, idx, tgt)
             ref_logits, ref = gradients(model, lambda i, t: reference_forward(model, i, t), idx, tgt)
             assert torch.allclose(fast_logits, ref_logits, rtol=1e-5, atol=1e-5 * ref_logits.abs().max().item())
@@ -174,27 +177,29 @@ def test_layer_stack_backward_passes_gradcheck_with_dropout_and_checkpointing():
             assert torch.autograd.gradcheck(stack, (x, *weights), fast_mode=True)
 
 
-def test_recurrent_generation_matches_full_recompute():
-    model, _ = small_model(std=0.1)
-    prompt = torch.randint(0, 256, (2, 9))
+@pytest.mark.parametrize("device", DEVICES)
+def test_recurrent_generation_matches_full_recompute(device):
+    model, _ = small_model(std=0.1, device=device)
+    prompt = torch.randint(0, 256, (2, 9), device=device)
     greedy = model.generate(prompt, 20, temperature=0, prompt_chunk=4)  # several prompt chunks
     assert greedy.shape == (2, 29) and torch.equal(greedy[:, :9], prompt)
     assert torch.equal(greedy, reference_generate(model, prompt, 20, temperature=0))
     assert torch.equal(model.generate(prompt, 20, top_k=1), greedy)
     assert torch.equal(model.generate(prompt, 20, temperature=1e-45), greedy)  # no nan from logits / 1e-45
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    g1, g2 = torch.Generator(device).manual_seed(3), torch.Generator(device).manual_seed(3)
     assert torch.equal(model.generate(prompt, 20, generator=g1), model.generate(prompt, 20, generator=g2))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @torch.no_grad()
-def test_recurrent_state_gives_the_parallel_logits():
+def test_recurrent_state_gives_the_parallel_logits(device):
     """layer_forward with a state: a chunk of 50 positions, then one position at a time."""
-    model, cfg = small_model(std=0.1)
-    idx = torch.randint(0, 256, (1, 2 * TILE + 3))
-    states = [torch.zeros(cfg.n_head, 1, cfg.n_latent, cfg.n_embd) for _ in range(cfg.n_layer)]
+    model, cfg = small_model(std=0.1, device=device)
+    idx = torch.randint(0, 256, (1, 2 * TILE + 3), device=device)
+    states = [torch.zeros(cfg.n_head, 1, cfg.n_latent, cfg.n_embd, device=device) for _ in range(cfg.n_layer)]
 
     def advance(t0, t1):
-        phases = rope_phases(model.rope_freqs, torch.arange(t0, t1))
+        phases = rope_phases(model.rope_freqs, torch.arange(t0, t1, device=device))
         x = layer_norm(model.embed(idx[:, t0:t1]))
         for state in states:
             x, _ = layer_forward(x, model.encoder, model.encoder_v, model.decoder, phases, state=state)
@@ -206,18 +211,19 @@ def test_recurrent_state_gives_the_parallel_logits():
     assert torch.allclose(recurrent, parallel, atol=1e-5 * parallel.abs().max().item())
 
 
-def test_fast_path_under_low_precision_autocast_is_as_accurate_as_the_reference():
-    """The CUDA path runs under bf16/fp16 autocast; CPU autocast exercises the same dtype logic.
-    Both implementations are compared with float32 gradients: the fast path must not lose more.
-    The error of one draw depends on how its roundings happen to fall, so the mean over 4 models
-    and inputs is compared."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_path_under_low_precision_autocast_is_as_accurate_as_the_reference(device):
+    """Training runs under bf16/fp16 autocast. Both implementations are compared with float32
+    gradients: the fast path must not lose more. The error of one draw depends on how its
+    roundings happen to fall, so the mean over 4 models and inputs is compared."""
     errors = {}  # (dtype, weight, fast or reference) -> relative errors
     for seed in range(4):
-        model, _ = small_model(seed=seed, std=0.1)
-        idx, tgt = torch.randint(0, 256, (2, TILE + 9)), torch.randint(0, 256, (2, TILE + 9))
+        model, _ = small_model(seed=seed, std=0.1, device=device)
+        idx = torch.randint(0, 256, (2, TILE + 9), device=device)
+        tgt = torch.randint(0, 256, (2, TILE + 9), device=device)
         _, exact = gradients(model, model, idx, tgt)
         for dtype in (torch.bfloat16, torch.float16):
-            with torch.autocast("cpu", dtype=dtype):
+            with torch.autocast(device, dtype=dtype):
                 _, fast = gradients(model, model, idx, tgt)
                 _, ref = gradients(model, lambda i, t: reference_forward(model, i, t), idx, tgt)
             for name in exact:
@@ -248,3 +254,18 @@ def test_the_rope_table_is_built_without_cpu_cos_and_sin(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, refuse)
     phases = rope_phases(freqs, positions)
     assert phases.dtype == torch.complex64 and (phases - expected).abs().max() < 1e-7
+
+
+@NEEDS_CUDA
+def test_the_compiled_training_step_computes_what_the_eager_one_does_on_cuda(device="cuda"):
+    """torch.compile of the model (the LayerStack Function, its hand-written backward inside) under
+    bf16 autocast, as train.py runs it: logits and gradients as eager's within bf16 rounding."""
+    model, _ = small_model(std=0.1, device=device)
+    idx = torch.randint(0, 256, (2, TILE + 9), device=device)
+    tgt = torch.randint(0, 256, (2, TILE + 9), device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        eager_logits, eager = gradients(model, model, idx, tgt)
+        compiled_logits, compiled = gradients(model, torch.compile(model), idx, tgt)
+    assert (compiled_logits - eager_logits).float().norm() <= 2e-2 * eager_logits.float().norm()
+    for name in eager:
+        assert (compiled[name] - eager[name]).norm() <= 5e-2 * eager[name].norm(), name

@@ -17,7 +17,8 @@ import checkpoint
 import train
 from checkpoint import checkpoints_in, load_checkpoint
 from config import Config
-from conftest import ROOT, only_run, run_dirs, write_config
+import sample
+from conftest import NEEDS_CUDA, ROOT, losses, only_run, run_dirs, write_config
 from data import validation_batches
 from model import BDH
 from shards import list_units
@@ -80,6 +81,33 @@ def test_data_loader_workers_train(tmp_path, corpus):
     [run] = run_dirs(tmp_path)
     ckpt = load_checkpoint(run / "checkpoint_3.pt")
     assert [p["reader"] for p in ckpt.data_positions] == [0, 1] and ckpt.batches_consumed == 3  # both took turns
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("flags", [[], ["low_precision.use_4bit_optimizer=true"],
+                                   ["low_precision.use_4bit=true", "low_precision.qat_start_fraction=0"]],
+                         ids=["adamw", "4bit-optimizer", "qat"])
+def test_a_cuda_run_trains_compiled_in_bf16_and_resumes(tmp_path, corpus, capsys, flags):
+    """What a GPU user runs: CUDA, torch.compile, bf16 autocast, fused AdamW (or the 4-bit optimizer,
+    or 4-bit QAT), pinned batches from 2 loader workers. Its resume reads the same batches and
+    repeats its losses (to rounding: CUDA adds the embedding's gradient rows with atomics, in no
+    fixed order), and sample.py generates from its checkpoint on CUDA."""
+    path = write_config(tmp_path, corpus, device="cuda", compile=True, max_iters=8, checkpoint_freq=4,
+                        test_freq=4, keep_last_n=0, batch_size=8, block_size=64, learning_rate=3e-3)
+    common = ["--config", str(path), "low_precision.compute_dtype=bfloat16", "dataloader.num_workers=2",
+              "dataloader.pin_memory=true", *flags]
+    assert train.main(common) == 0
+    assert "device cuda" in capsys.readouterr().out
+    [run] = run_dirs(tmp_path)
+    straight_losses, straight = losses(run), load_checkpoint(run / "checkpoint_8.pt")
+    assert straight_losses[8] < straight_losses[1]
+    assert train.main([*common, f"training.resume_from_checkpoint={run / 'checkpoint_4.pt'}"]) == 0
+    resumed_losses, resumed = losses(run), load_checkpoint(run / "checkpoint_8.pt")
+    assert resumed.data_positions == straight.data_positions
+    for step in range(5, 9):
+        assert resumed_losses[step] == pytest.approx(straight_losses[step], rel=2e-3), step
+    assert sample.main(["--checkpoint", str(run / "checkpoint_8.pt"), "--prompt", "<01",
+                        "--max-new-tokens", "20", "--device", "cuda"]) == 0
 
 
 def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, corpus):
@@ -409,7 +437,7 @@ def test_the_share_of_time_spent_waiting_for_batches_is_logged(tmp_path, corpus,
 
     def slow_loader(*args, **kwargs):
         for batch in real(*args, **kwargs):
-            time.sleep(0.2)  # far longer than a step of the tiny model
+            time.sleep(1.0)  # far longer than a step of the tiny model, even on a loaded machine
             yield batch
 
     monkeypatch.setattr(train, "train_loader", slow_loader)

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# A CUDA machine checked end to end, in about 10 minutes on an H100/H200 (its first run, on an H200,
+# took about 17: see BENCHMARKS.md):
+#
+#     bash scripts/gpu_check.sh OUTDIR
+#
+# bench.py on config.yaml (model.py against reference.py, with a profile of the step),
+# bench_precision.py --set fp8 (bf16 against FP8, 300 steps) at the default size and at n_embd 512,
+# 200 steps of config.yaml with torch.compile on, and the whole test suite, whose CUDA tests run
+# here instead of skipping. Each part's output goes to OUTDIR/<part>.log (and .json); the script
+# ends with a summary and exits 1 if a part failed. PYTHON=... picks the interpreter (default python3).
+set -u -o pipefail
+out=${1:?usage: bash scripts/gpu_check.sh OUTDIR}
+mkdir -p "$out" && out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+failed=()
+
+part() {  # part NAME COMMAND...: runs COMMAND, its output in OUTDIR/NAME.log
+    local name=$1 start=$SECONDS status=0
+    shift
+    echo "== $name: $*"
+    "$@" >"$out/$name.log" 2>&1 || status=$?
+    if [ $status -eq 0 ]; then
+        echo "   ok in $((SECONDS - start)) s"
+    else
+        echo "   FAILED with status $status after $((SECONDS - start)) s; the end of $out/$name.log:"
+        tail -n 20 "$out/$name.log" | sed 's/^/   | /'
+        failed+=("$name")
+    fi
+}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    "$python" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| torch", torch.__version__,
+"| CUDA", torch.version.cuda, "| triton", triton.__version__, "|", torch.cuda.get_device_name(),
+"| capability", torch.cuda.get_device_capability())'
+    git rev-parse HEAD 2>/dev/null
+} >"$out/environment.txt" 2>&1
+cat "$out/environment.txt"
+
+train_dir=$(mktemp -d)
+trap 'rm -rf "$train_dir"' EXIT
+part bench "$python" bench.py --config config.yaml --json "$out/bench.json" --profile "$out/profile.txt"
+for size in 256 512; do
+    part "fp8_n_embd_$size" "$python" bench_precision.py --set fp8 --config config.yaml model.n_embd=$size \
+        training.max_iters=300 --json "$out/fp8_n_embd_$size.json"
+done
+part train "$python" train.py --config config.yaml training.max_iters=200 training.compile=true \
+    training.log_freq=50 training.test_freq=200 training.checkpoint_freq=200 training.checkpoint_dir="$train_dir"
+parallel=()  # pytest-xdist, where installed, spreads the CPU tests over the cores
+"$python" -c 'import xdist' 2>/dev/null && parallel=(-n 8)
+part pytest "$python" -m pytest -q -rs tests -p no:cacheprovider "${parallel[@]}"
+
+{
+    echo "== summary ($(date -u))"
+    sed -n '/^training step/,/^MFU/p; /^profile/p; /^loader/p; /^generation/p' "$out/bench.log"
+    for size in 256 512; do
+        echo "n_embd $size:"
+        sed -n '/^after /,$p' "$out/fp8_n_embd_$size.log"
+    done
+    grep -E '^step (1|50|100|150|200)/|val loss|tokens/s' "$out/train.log" | tail -n 8
+    tail -n 3 "$out/pytest.log"
+    if [ ${#failed[@]} -eq 0 ]; then echo "all parts passed"; else echo "FAILED: ${failed[*]}"; fi
+} | tee "$out/summary.txt"
+[ ${#failed[@]} -eq 0 ]
