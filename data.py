@@ -52,7 +52,10 @@ class ParquetBatches(IterableDataset):
 
     A position {reader, epoch, unit, part, consumed, carry} says: in this epoch the reader is at
     part `part` of unit number `unit` of its assignment, `consumed` of that part's shuffled windows
-    are used, and `carry` holds the stream tokens that precede the part. Passing the positions back as
+    are used, and `carry` holds the stream tokens that precede the part. Its assignment is the
+    epoch's dealing, or, where the position has `units` (a list of [index in `units`, first part]),
+    those: the rest of an epoch dealt anew after the readers changed (resume_point; `epoch_done`:
+    the share of the epoch's bytes read before). Passing the positions back as
     `positions` continues the exact same sequence of batches; `rotation` makes DataLoader worker i
     play reader (i + rotation) % num_workers, so that the reader whose batch was due next comes
     first again.
@@ -100,13 +103,17 @@ class ParquetBatches(IterableDataset):
         """One epoch of one reader (from `start` if given): its units joined into a stream, cut
         into windows, shuffled within each part of a unit, packed into batches."""
         T, B, shuffle = self.block_size, self.batch_size, self.shuffle
-        units = assign_units(self.units, epoch, self.seed, n_readers, shuffle=shuffle)[reader]
+        dealt = start.get("units") if start else None  # the rest of an epoch, dealt anew (resume_point)
+        if dealt is None:
+            units = [(unit, 0) for unit in assign_units(self.units, epoch, self.seed, n_readers, shuffle=shuffle)[reader]]
+        else:
+            units = [(self.units[index], first_part) for index, first_part in dealt]
         first = start["unit"] if start else 0
         carry = np.array(start["carry"] if start else [], dtype=self.tokenizer.dtype)
         pending = []
         for k in range(first, len(units)):
-            unit = units[k]
-            skip = start.get("part", 0) if start and k == first else 0
+            unit, first_part = units[k]
+            skip = start.get("part", 0) if start and k == first else first_part
             parts = read_unit_tokens(cache, unit, self.text_column, self.split, self.seed, self.val_fraction,
                                      self.tokenizer, skip)
             for part, tokens in enumerate(parts, start=skip):
@@ -130,6 +137,8 @@ class ParquetBatches(IterableDataset):
                     pending = []
                     position = {"reader": reader, "epoch": epoch, "unit": k, "part": part, "consumed": used,
                                 "carry": carry_in.tolist()}
+                    if dealt is not None:
+                        position.update(units=dealt, epoch_done=start["epoch_done"])
                     yield batch[:, :-1], batch[:, 1:], position
                 pending.extend(windows[order[used:]])
 
@@ -164,6 +173,11 @@ DATA_ORDER_FIELDS = ("training.block_size", "training.seed", "dataset.text_colum
 
 
 SHARDS = "the shards (files, row groups, rows, bytes)"  # data_order's key of their fingerprint
+WORKERS_KEY = "dataloader.num_workers (effective)"
+READ_BYTES_KEY = "data.READ_BYTES (windows are shuffled within parts of this many bytes)"  # its old module's name
+# Unchanged, these keep every unit's documents and parts as they were: a resume that changes only
+# the readers (workers, processes), the block size or the seed finishes the epoch that was in progress
+SAME_UNITS = (SHARDS, "dataset.text_column", "dataset.val_fraction", "documents trained on", READ_BYTES_KEY)
 
 
 def training_split(cfg) -> str:
@@ -182,9 +196,7 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
     order["documents trained on"] = training_split(cfg)
     fingerprint = hashlib.blake2b(repr([(u.file_key, u.row_group, u.num_rows, u.num_bytes) for u in units]).encode(),
                                   digest_size=8).hexdigest()
-    order.update({"dataloader.num_workers (effective)": num_workers, "world_size": world_size,
-                  # the key keeps its old module's name: checkpoints hold it
-                  "data.READ_BYTES (windows are shuffled within parts of this many bytes)": shards.READ_BYTES,
+    order.update({WORKERS_KEY: num_workers, "world_size": world_size, READ_BYTES_KEY: shards.READ_BYTES,
                   SHARDS: fingerprint})
     return order
 
@@ -204,6 +216,14 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: 
     passes = []
     for position in positions:
         epoch = position["epoch"]
+        if "units" in position:  # the rest of an epoch, dealt anew: what was done of it, and of this share
+            share = sum(bytes_left(units[index], part) for index, part in position["units"])
+            rest = [(units[index], part) for index, part in position["units"][position["unit"]:]]
+            if rest:
+                rest[0] = (rest[0][0], position.get("part", 0))
+            read = 1 - sum(bytes_left(unit, part) for unit, part in rest) / share if share else 1.0
+            passes.append(epoch + position["epoch_done"] + (1 - position["epoch_done"]) * read)
+            continue
         if epoch not in dealt:
             dealt[epoch] = [(assigned, np.cumsum([0] + [unit.num_bytes for unit in assigned]))
                             for assigned in assign_units(units, epoch, seed, n_readers, shuffle=True)]
@@ -214,6 +234,49 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: 
             done += unit.num_bytes * min(1.0, position.get("part", 0) * rows_per_part(unit) / max(1, unit.num_rows))
         passes.append(epoch + done / max(1, cumulative[-1]))
     return float(sum(passes) / len(passes))
+
+
+def bytes_left(unit: Unit, part: int) -> float:
+    """About the bytes of `unit` from part `part` on."""
+    return unit.num_bytes * (1 - min(1.0, part * rows_per_part(unit) / max(1, unit.num_rows)))
+
+
+def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list, int, int]:
+    """(start positions, units left, epoch): the units of the oldest epoch a saved reader is in that
+    no reader has finished, dealt to n_readers (balancing bytes) in positions that carry them (a
+    unit being read restarts at the part it was in). Readers that had gone on to the next epoch
+    had finished this one; what they read of the next is read again."""
+    old_readers = max(1, saved_order[WORKERS_KEY]) * saved_order["world_size"]
+    saved = {p["reader"]: p for p in saved_positions}
+    # a reader that had not handed over a batch yet: at the start of the oldest epoch (a fresh run's first)
+    start = {"epoch": min((p["epoch"] for p in saved_positions), default=0), "unit": 0, "part": 0}
+    epoch = min(saved.get(reader, start)["epoch"] for reader in range(old_readers))
+    index = {(unit.file_key, unit.row_group): i for i, unit in enumerate(units)}
+    dealing = None
+    left = []  # [index in units, first part]
+    for reader in range(old_readers):
+        position = saved.get(reader, start)
+        if position["epoch"] > epoch:
+            continue
+        if "units" in position:
+            assigned = [list(entry) for entry in position["units"]]
+        else:
+            dealing = dealing or assign_units(units, epoch, saved_order["training.seed"], old_readers, shuffle=True)
+            assigned = [[index[(unit.file_key, unit.row_group)], 0] for unit in dealing[reader]]
+        rest = assigned[position["unit"]:]
+        if rest:
+            rest[0][1] = position.get("part", 0)
+        left += rest
+    loads, dealt = [0.0] * n_readers, [[] for _ in range(n_readers)]
+    for entry in left:
+        reader = loads.index(min(loads))
+        dealt[reader].append(entry)
+        loads[reader] += bytes_left(units[entry[0]], entry[1])
+    done = 1 - sum(loads) / max(1, sum(unit.num_bytes for unit in units))  # of the epoch, for epochs_read
+    positions = [{"reader": reader, "epoch": epoch, "unit": 0, "part": entries[0][1] if entries else 0,
+                  "consumed": 0, "carry": [], "units": entries, "epoch_done": done}
+                 for reader, entries in enumerate(dealt)]
+    return positions, len(left), epoch
 
 
 def loader_workers(cfg, units, world_size=1) -> int:
@@ -227,23 +290,34 @@ def loader_workers(cfg, units, world_size=1) -> int:
 def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_positions=(), batches_consumed=0):
     """Where the training stream starts: (reader positions, batches consumed), from a checkpoint's
     data order, reader positions and batch count (none: the start). With the same data order the
-    stream continues exactly; otherwise every reader starts afresh at the epoch after the furthest
-    one reached, and it says so. Those start positions are saved with the next checkpoint like any
-    other: a reader that has not yet handed over a batch then still resumes in that epoch."""
+    stream continues exactly. With other readers, block size or seed but the same units, the rest of
+    the epoch in progress is dealt to the new readers (rest_of_epoch): no document is skipped.
+    Otherwise (other shards, text column or split) every reader starts afresh at the epoch after the
+    furthest one reached. Either way it says so. Those start positions are saved with the next
+    checkpoint like any other: a reader that has not yet handed over a batch then still resumes there."""
     if saved_order is None:
         return [], 0
     if "documents trained on" not in saved_order:  # written before 0.4.1: it named the folders instead
         saved_order = {**saved_order, "documents trained on": "all" if saved_order.get("dataset.val_parquet_dir")
                        else "train"}
-    changed = [f"{k}: {saved_order.get(k)!r} -> {v!r}"
-               for k, v in data_order(cfg, units, workers, world_size).items() if saved_order.get(k) != v]
+    order = data_order(cfg, units, workers, world_size)
+    changed = [f"{k}: {saved_order.get(k)!r} -> {v!r}" for k, v in order.items() if saved_order.get(k) != v]
     if not changed:
         return saved_positions, batches_consumed
+    n_readers = world_size * max(1, workers)
+    same_units = all(k in saved_order and saved_order[k] == order.get(k) for k in SAME_UNITS
+                     if k in order or k in saved_order)
+    if same_units and all(k in saved_order for k in (WORKERS_KEY, "world_size", "training.seed")):
+        positions, left, epoch = rest_of_epoch(units, saved_order, saved_positions, n_readers)
+        print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): the {left} of "
+              f"{len(units)} (file, row group) units that epoch {epoch} has not finished are dealt anew "
+              f"to {n_readers} reader{'s' * (n_readers != 1)}, then the epochs continue as usual")
+        return positions, 0
     first_epoch = 1 + max((p["epoch"] for p in saved_positions), default=-1)
     print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): training "
           f"continues on freshly shuffled data from epoch {first_epoch}")
     return [{"reader": reader, "epoch": first_epoch, "unit": 0, "part": 0, "consumed": 0, "carry": []}
-            for reader in range(world_size * max(1, workers))], 0
+            for reader in range(n_readers)], 0
 
 
 def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=0, pin_memory=False, rank=0,

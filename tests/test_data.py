@@ -214,6 +214,68 @@ def test_a_saved_position_continues_the_same_batches(corpus, tokenizer, read_byt
         assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, full[k + 1:]))
 
 
+def unit_of_tag(units, rows_per_group=8):
+    """(file, row) tag of make_corpus's documents -> the index of its (file, row group) unit."""
+    index = {(Path(u.path).name, u.row_group): i for i, u in enumerate(units)}
+    return lambda f, r: index[(f"shard-{f}.parquet", r // rows_per_group)]
+
+
+def test_the_rest_of_an_epoch_is_dealt_to_other_readers(corpus, monkeypatch):
+    """Two readers stop at different points of epoch 0; three readers take over exactly the units
+    neither finished (the two being read from the part they were in), balanced, and read them (their
+    documents, not others), resumably, before epoch 1; the passes logged go on from where they were."""
+    monkeypatch.setattr(shards, "READ_BYTES", 300)  # several parts per unit
+    units = list_units(corpus, "text")
+    ds, cache = batches_of(units, T=16, B=2), ParquetFileCache(4)
+    old = assign_units(units, 0, seed=0, n_readers=2, shuffle=True)
+    saved = [list(ds.epoch_batches(cache, reader, 2, 0))[n][2] for reader, n in ((0, 5), (1, 40))]
+    assert saved[1]["unit"] > 0 and any(p["part"] > 0 for p in saved)
+    order = {data.WORKERS_KEY: 2, "world_size": 1, "training.seed": 0}
+    positions, left, epoch = data.rest_of_epoch(units, order, saved, n_readers=3)
+    index = {(u.file_key, u.row_group): i for i, u in enumerate(units)}
+    finished = {index[(u.file_key, u.row_group)] for p in saved for u in old[p["reader"]][:p["unit"]]}
+    being_read = {index[(u.file_key, u.row_group)]: p["part"] for p in saved for u in [old[p["reader"]][p["unit"]]]}
+    dealt = [entry for p in positions for entry in p["units"]]
+    assert epoch == 0 and left == len(dealt) == len(units) - len(finished)
+    assert sorted(i for i, _ in dealt) == sorted(set(range(len(units))) - finished)
+    assert all(part == being_read.get(i, 0) for i, part in dealt)
+    loads = [sum(data.bytes_left(units[i], part) for i, part in p["units"]) for p in positions]
+    assert max(loads) - min(loads) <= max(u.num_bytes for u in units)
+    passes_before = data.epochs_read(saved, units, 0, 2, {})
+    assert data.epochs_read(positions, units, 0, 3, {}) == pytest.approx(1 - sum(loads) / sum(u.num_bytes for u in units))
+    assert 0 < positions[0]["epoch_done"] == pytest.approx(passes_before, abs=0.05)  # no jump in what is logged
+    tag_unit = unit_of_tag(units)
+    for position in positions:
+        rest = list(ds.epoch_batches(cache, position["reader"], 3, 0, start=position))
+        assert rest and all(b[2]["units"] == position["units"] for b in rest)
+        read = {tag_unit(int(f), int(r)) for x, y, _ in rest
+                for f, r in re.findall(rb"<(\d\d)-(\d\d\d)>", window_text(x[0], y[0], BYTES) + window_text(x[1], y[1], BYTES))}
+        assert read == {i for i, _ in position["units"]}  # the documents of its units, and only those
+        passes = [data.epochs_read([b[2]], units, 0, 3, {}) for b in rest]
+        # from what was read before to about 1 (the part being read counts once finished)
+        assert passes == sorted(passes) and passes[0] == pytest.approx(position["epoch_done"], abs=0.01)
+        assert passes[-1] == pytest.approx(1, abs=0.1)
+        middle = len(rest) // 2
+        again = list(ds.epoch_batches(cache, position["reader"], 3, 0, start=rest[middle][2]))
+        assert len(again) == len(rest) - middle - 1
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(again, rest[middle + 1:]))
+    stream = ParquetBatches(units, "train", 16, 2, 0, 0.2, "text", 4, BYTES, positions=positions)
+    next_epoch = next(b[2] for b in stream if b[2]["epoch"] == 1)  # reader 0 of 1: then the usual dealing
+    assert "units" not in next_epoch
+
+
+def test_the_rest_of_an_epoch_skips_readers_ahead_and_counts_missing_ones_whole(corpus):
+    units = list_units(corpus, "text")
+    order = {data.WORKERS_KEY: 3, "world_size": 1, "training.seed": 5}
+    old = assign_units(units, 2, seed=5, n_readers=3, shuffle=True)
+    index = {(u.file_key, u.row_group): i for i, u in enumerate(units)}
+    saved = [{"reader": 0, "epoch": 3, "unit": 1, "part": 0, "consumed": 1, "carry": []},  # ahead: done with 2
+             {"reader": 1, "epoch": 2, "unit": 1, "part": 0, "consumed": 1, "carry": []}]  # reader 2: none saved
+    positions, left, epoch = data.rest_of_epoch(units, order, saved, n_readers=2)
+    expected = {index[(u.file_key, u.row_group)] for u in old[1][1:] + old[2]}
+    assert epoch == 2 and left == len(expected) and {i for p in positions for i, _ in p["units"]} == expected
+
+
 def test_dataloader_resumes_with_the_worker_whose_batch_was_due(corpus, tokenizer):
     units = list_units(corpus, "text")
     straight = loader_batches(units, 2, 10, tokenizer)

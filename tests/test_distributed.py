@@ -76,11 +76,11 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpu
     for name, tensor in ddp_ckpt.model.items():
         torch.testing.assert_close(fsdp_ckpt.model[name], tensor, rtol=1e-4, atol=1e-6)
     assert set(fsdp_ckpt.optimizer["state"]) == set(ddp_ckpt.optimizer["state"])
-    # ... that one process resumes (another world size: the data order restarts, with a warning)
+    # ... that one process resumes (another world size: it reads the rest of the epoch, with a warning)
     assert train.main(["--config", str(config), "training.checkpoint_dir=" + str(tmp_path / "fsdp"),
                        "training.resume_from_checkpoint=latest", "training.max_iters=5"]) == 0
     out = capsys.readouterr().out
-    assert "WARNING: the data order changes" in out and "world_size: 2 -> 1" in out
+    assert "WARNING: the data order changes" in out and "world_size: 2 -> 1" in out and "dealt anew to" in out
     assert load_checkpoint(fsdp_run / "checkpoint_5.pt").step == 5
 
 

@@ -198,6 +198,26 @@ def test_changing_the_data_order_on_resume_warns(tmp_path, corpus, capsys):
     assert "WARNING: the data order changes" in out and "training.block_size: 16 -> 8" in out
 
 
+def test_fewer_loader_workers_on_resume_read_the_rest_of_the_epoch(tmp_path, corpus, capsys):
+    """2 workers for 20 steps, then one process without workers: it reads on the units that neither
+    worker had finished (from the parts they were in), not a new shuffle of all of them."""
+    config = write_config(tmp_path, corpus, max_iters=20, checkpoint_freq=20, test_freq=100, keep_last_n=0)
+    assert train.main(["--config", str(config), "dataloader.num_workers=2"]) == 0
+    capsys.readouterr()
+    assert train.main(["--config", str(config), "training.resume_from_checkpoint=latest", "training.max_iters=24",
+                       "training.checkpoint_freq=24", "dataloader.num_workers=0"]) == 0
+    out = capsys.readouterr().out
+    assert "dataloader.num_workers (effective): 2 -> 0" in out
+    left, n_units = map(int, re.search(r"the (\d+) of (\d+) \(file, row group\) units that epoch 0 has not "
+                                       r"finished are dealt anew to 1 reader,", out).groups())
+    run = only_run(tmp_path / "ck")
+    before = load_checkpoint(run / "checkpoint_20.pt").data_positions
+    [after] = load_checkpoint(run / "checkpoint_24.pt").data_positions
+    assert n_units - left == sum(p["unit"] for p in before) > 0  # the units the two workers had finished
+    assert after["epoch"] == 0 and len(after["units"]) == left
+    assert sorted(part for _, part in after["units"] if part) == sorted(p["part"] for p in before if p["part"])
+
+
 def test_another_batch_size_continues_the_same_windows(tmp_path, corpus, capsys):
     """Batches of 4, 4, then 2, 2 read the windows that batches of 4, 4, 4 read."""
     for name, steps in (("resumed", 2), ("straight", 3)):
@@ -215,9 +235,9 @@ def test_another_batch_size_continues_the_same_windows(tmp_path, corpus, capsys)
 
 
 def test_a_second_resume_after_a_changed_data_order_continues_exactly(tmp_path, corpus, capsys):
-    """A resume that changes the data order starts every reader in the next epoch. A checkpoint
-    written before one of them handed over a batch (here: one step, two workers) must still start
-    it there, as the same run without that checkpoint does."""
+    """A resume that changes the block size deals the rest of the epoch to the readers anew. A
+    checkpoint written before one of them handed over a batch (here: one step, two workers) must
+    still start it there, as the same run without that checkpoint does."""
     common = dict(max_iters=2, checkpoint_freq=1, test_freq=100, keep_last_n=0)
     workers = "dataloader.num_workers=2"
     for name in ("once", "twice"):
@@ -233,7 +253,7 @@ def test_a_second_resume_after_a_changed_data_order_continues_exactly(tmp_path, 
                        f"training.resume_from_checkpoint={step_3}"]) == 0
     assert "WARNING" not in capsys.readouterr().out
     once, twice = (load_checkpoint(only_run(tmp_path / name) / "checkpoint_5.pt") for name in ("once", "twice"))
-    assert sorted(p["epoch"] for p in twice.data_positions) == [1, 1]
+    assert sorted(p["epoch"] for p in twice.data_positions) == [0, 0] and all("units" in p for p in twice.data_positions)
     assert once.data_positions == twice.data_positions
     assert all(torch.equal(once.model[k], twice.model[k]) for k in once.model)
 
