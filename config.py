@@ -146,7 +146,10 @@ class Config:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError([f"{path}: config file not found; pass an existing file with --config"])
-        except (OSError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError:
+            raise ConfigError([f"{path}: not a YAML config file (binary; a checkpoint is resumed with "
+                               f"training.resume_from_checkpoint={path}, and its run's config.yaml is the config)"])
+        except OSError as e:
             raise ConfigError([f"{path}: cannot read config file: {e}"])
         try:
             loader = _UniqueKeyLoader(text)

@@ -89,6 +89,8 @@ class MetricsLog:
         last step there was a record of (-1: none)."""
         path = self.run.path / "metrics.jsonl"
         if not path.exists():
+            if step > 0:
+                print(f"note: {path} is missing: the run's records (plot.py) start again at step {step + 1}")
             return -1
         records = read_records(path)[0]  # a line a kill cut short goes
         kept = [record for record in records if record["step"] <= step]

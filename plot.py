@@ -61,8 +61,10 @@ def plot(run_dirs, out: Path):
         val_steps = [r["step"] for r in evaluations]
         for ax, x, val_x in ((loss_steps, steps, val_steps),
                              (loss_tokens, [r.get("tokens") for r in train], [r.get("tokens") for r in evaluations])):
-            ax.plot(x, [r["train_loss"] for r in train], color=color, alpha=0.8, label=f"{name} train")
-            ax.plot(val_x, [r["val_loss"] for r in evaluations], "o--", color=color, label=f"{name} validation")
+            if train:  # (no empty line in the legend)
+                ax.plot(x, [r["train_loss"] for r in train], color=color, alpha=0.8, label=f"{name} train")
+            if evaluations:
+                ax.plot(val_x, [r["val_loss"] for r in evaluations], "o--", color=color, label=f"{name} validation")
         if any("val_bits_per_byte" in r for r in evaluations):
             bpb.plot(val_steps, [r.get("val_bits_per_byte") for r in evaluations], "o-", color=color, label=name)
         lr.plot(steps, [r["lr"] for r in train], color=color, label=name)

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT
@@ -181,6 +182,13 @@ def test_an_unquoted_glob_pattern_is_told_to_take_quotes(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         Config.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_a_checkpoint_given_as_the_config_says_how_to_resume_it(tmp_path):
+    path = tmp_path / "checkpoint_4.pt"
+    torch.save({"step": 4}, path)
+    with pytest.raises(ConfigError, match=r"not a YAML config file .*training.resume_from_checkpoint=.*checkpoint_4.pt"):
+        Config.from_yaml(path)
 
 
 def test_overrides_are_parsed_as_yaml_scalars_and_validated(tmp_path):

@@ -62,6 +62,18 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, corpus):
     assert [e.step for e in events(run).Scalars("train/loss")] == [1, 2, 3, 4]
 
 
+def test_a_resume_without_metrics_jsonl_says_where_its_records_start(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, keep_last_n=0)
+    assert train.main(["--config", str(path), "training.max_iters=2"]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    (run / "metrics.jsonl").unlink()
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest"]) == 0
+    assert f"note: {run / 'metrics.jsonl'} is missing: the run's records (plot.py) start again at step 3" in \
+        capsys.readouterr().out
+    assert [r["step"] for r in records(run) if "train_loss" in r] == [3, 4]
+
+
 def test_tokens_count_what_each_step_trained_on_when_a_resume_changes_the_batch(tmp_path, corpus):
     path = write_config(tmp_path, corpus, max_iters=3, checkpoint_freq=2, keep_last_n=0)
     assert train.main(["--config", str(path)]) == 0

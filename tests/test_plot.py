@@ -44,3 +44,17 @@ def test_out_is_checked_first_and_damaged_records_are_skipped(tmp_path, corpus, 
     assert plot.main([str(run / "metrics.jsonl"), "--out", str(out)]) == 0  # the file itself is accepted too
     assert out.read_text().lstrip().startswith("<?xml")
     assert capsys.readouterr().err.count("is not a metrics record") == 3
+
+
+def test_a_run_without_evaluations_has_no_validation_legend(tmp_path, monkeypatch):
+    import json
+    import matplotlib.pyplot as plt
+    run = tmp_path / "run_a"
+    run.mkdir()
+    records = [{"step": s, "tokens": 64 * s, "train_loss": 5.0 - s, "lr": 1e-3, "tokens_per_s": 1000} for s in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert plot.main([str(run), "--out", str(tmp_path / "a.png")]) == 0
+    loss_axes = figures[0].axes[0]
+    assert [text.get_text() for text in loss_axes.get_legend().get_texts()] == ["run_a train"]
