@@ -33,6 +33,19 @@ def latents(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return found
 
 
+def token_labels(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's text, as the prompt's text grows by it: a character split over several tokens
+    (UTF-8 bytes) shows at the token that completes it, the tokens before it as '·'."""
+    labels, done = [], ""
+    for end in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:end])
+        complete = text.rstrip("\ufffd")  # an unfinished character decodes as U+FFFD
+        labels.append(complete[len(done):] if complete.startswith(done) and complete != done else
+                      "·" if text.endswith("\ufffd") else tokenizer.decode(ids[end - 1:end]))
+        done = complete if complete.startswith(done) else done
+    return labels
+
+
 def draw(found, labels, out, max_neurons: int):
     import matplotlib
     matplotlib.use("Agg")
@@ -80,7 +93,7 @@ def main(argv=None) -> int:
     for layer, (a, b) in enumerate(found):
         print(f"{layer + 1:>5} {float((a > 0).float().mean()):>9.2%} {float((b > 0).float().mean()):>9.2%} "
               f"{int(((a > 0).sum(0) > 0).sum()):>13,}")
-    labels = [repr(tokenizer.decode([i]))[1:-1].replace(" ", "␣") for i in ids]
+    labels = [repr(label)[1:-1].replace(" ", "␣") for label in token_labels(tokenizer, ids)]
     draw(found, labels, out, args.max_neurons)
     print(f"wrote {args.out}")
     return 0

@@ -49,6 +49,7 @@ for size in 256 512; do
 done
 part train "$python" train.py --config config.yaml training.max_iters=200 training.compile=true \
     training.log_freq=50 training.test_freq=200 training.checkpoint_freq=200 training.checkpoint_dir="$train_dir"
+cp "$train_dir"/run_*/metrics.jsonl "$out/train_metrics.jsonl" 2>/dev/null
 parallel=()  # pytest-xdist, where installed, spreads the CPU tests over the cores
 "$python" -c 'import xdist' 2>/dev/null && parallel=(-n 8)
 part pytest "$python" -m pytest -q -rs tests -p no:cacheprovider "${parallel[@]}"
@@ -61,6 +62,10 @@ part pytest "$python" -m pytest -q -rs tests -p no:cacheprovider "${parallel[@]}
         sed -n '/^after /,$p' "$out/fp8_n_embd_$size.log"
     done
     grep -E '^step (1|50|100|150|200)/|val loss|tokens/s' "$out/train.log" | tail -n 8
+    "$python" -c 'import json, sys
+waits = [r["data_wait"] for r in map(json.loads, open(sys.argv[1])) if "data_wait" in r and r["step"] > 1]
+print(f"waiting for data after step 1: at most {max(waits):.2%} of the step time" if waits else "")' \
+        "$out/train_metrics.jsonl" 2>/dev/null
     tail -n 3 "$out/pytest.log"
     if [ ${#failed[@]} -eq 0 ]; then echo "all parts passed"; else echo "FAILED: ${failed[*]}"; fi
 } | tee "$out/summary.txt"

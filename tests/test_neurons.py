@@ -27,3 +27,9 @@ def test_picture_and_figures_of_the_active_neurons(tmp_path, corpus, capsys):
     # without --checkpoint: the newest checkpoint of the newest run, the same figures
     assert neurons.main(["--checkpoint-dir", str(tmp_path / "ck"), "--prompt", "<00-001>abc", "--out", str(out)]) == 0
     assert capsys.readouterr().out == printed
+
+
+def test_a_character_of_several_byte_tokens_is_labelled_where_it_completes():
+    from tokenizer import ByteTokenizer
+    tokenizer = ByteTokenizer()
+    assert neurons.token_labels(tokenizer, tokenizer.encode("né ✓a")) == ["n", "·", "é", " ", "·", "·", "✓", "a"]
