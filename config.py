@@ -146,9 +146,11 @@ class Config:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError([f"{path}: config file not found; pass an existing file with --config"])
-        except UnicodeDecodeError:
-            raise ConfigError([f"{path}: not a YAML config file (binary; a checkpoint is resumed with "
-                               f"training.resume_from_checkpoint={path}, and its run's config.yaml is the config)"])
+        except UnicodeDecodeError as e:
+            if path.read_bytes()[:4] == b"PK\x03\x04":  # a zip archive: what torch.save writes
+                raise ConfigError([f"{path}: a checkpoint, not a YAML config file; resume it with "
+                                   f"training.resume_from_checkpoint={path} (its run's config.yaml is the config)"])
+            raise ConfigError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the config as UTF-8"])
         except OSError as e:
             raise ConfigError([f"{path}: cannot read config file: {e}"])
         try:

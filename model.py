@@ -355,7 +355,8 @@ class BDH(nn.Module):
         if temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)
         logits = logits.float()
-        # at most float32's smallest normal: CUDA flushes a smaller (denormal) divisor to zero, 0/0 = nan
+        # at least float32's smallest normal: CUDA divides by a scalar as a product with its float32
+        # reciprocal, which overflows to inf below it (and the top logit's 0 * inf is nan)
         temperature = max(temperature, torch.finfo(torch.float32).tiny)
         logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # tiny temperatures: -inf, not nan
         if top_k is not None:

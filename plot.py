@@ -67,10 +67,11 @@ def plot(run_dirs, out: Path):
                 ax.plot(val_x, [r["val_loss"] for r in evaluations], "o--", color=color, label=f"{name} validation")
         if any("val_bits_per_byte" in r for r in evaluations):
             bpb.plot(val_steps, [r.get("val_bits_per_byte") for r in evaluations], "o-", color=color, label=name)
-        lr.plot(steps, [r["lr"] for r in train], color=color, label=name)
-        speed.plot(steps, [r.get("tokens_per_s") for r in train], color=color, label=name)
+        if train:
+            lr.plot(steps, [r["lr"] for r in train], color=color, label=name)
+            speed.plot(steps, [r.get("tokens_per_s") for r in train], color=color, label=name)
         with_sparsity = [r for r in evaluations if r.get("sparsity_x")]
-        for key, style in (("sparsity_x", "o-"), ("sparsity_y", "s:")):
+        for key, style in (("sparsity_x", "o-"), ("sparsity_y", "s:")) if with_sparsity else ():
             sparsity.plot([r["step"] for r in with_sparsity], [sum(r[key]) / len(r[key]) for r in with_sparsity],
                           style, color=color, label=f"{name} {key[-1]} latent")
     titles = (("loss against steps", "step", "loss (nats per token)"),

@@ -187,7 +187,12 @@ def test_missing_file(tmp_path):
 def test_a_checkpoint_given_as_the_config_says_how_to_resume_it(tmp_path):
     path = tmp_path / "checkpoint_4.pt"
     torch.save({"step": 4}, path)
-    with pytest.raises(ConfigError, match=r"not a YAML config file .*training.resume_from_checkpoint=.*checkpoint_4.pt"):
+    with pytest.raises(ConfigError, match=r"a checkpoint, not a YAML config file; resume it with "
+                                          r"training.resume_from_checkpoint=.*checkpoint_4.pt"):
+        Config.from_yaml(path)
+    path = tmp_path / "utf16.yaml"  # what PowerShell 5.1 writes for `... --print-config > utf16.yaml`
+    path.write_text("training:\n  batch_size: 4\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match=r"utf16.yaml: not UTF-8 text \(invalid start byte at byte 0\); save the"):
         Config.from_yaml(path)
 
 

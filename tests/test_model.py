@@ -257,15 +257,24 @@ def test_the_rope_table_is_built_without_cpu_cos_and_sin(monkeypatch):
 
 
 @NEEDS_CUDA
-def test_the_compiled_training_step_computes_what_the_eager_one_does_on_cuda(device="cuda"):
-    """torch.compile of the model (the LayerStack Function, its hand-written backward inside) under
-    bf16 autocast, as train.py runs it: logits and gradients as eager's within bf16 rounding."""
+def test_the_compiled_training_step_computes_what_the_eager_one_does_on_cuda(monkeypatch, device="cuda"):
+    """torch.compile of the model in training mode (the LayerStack Function, dropout and the hand-written
+    backward inside). In float32, with the same dropout masks (inductor's fallback_random draws them as
+    eager does), logits and gradients are eager's; under bf16 autocast, as train.py runs it, within bf16
+    rounding (with these large random weights compiled and eager bf16 gradients differ by up to ~7%)."""
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     model, _ = small_model(std=0.1, device=device)
+    model.config.dropout = 0.2
+    model.train()
     idx = torch.randint(0, 256, (2, TILE + 9), device=device)
     tgt = torch.randint(0, 256, (2, TILE + 9), device=device)
-    with torch.autocast(device, dtype=torch.bfloat16):
-        eager_logits, eager = gradients(model, model, idx, tgt)
-        compiled_logits, compiled = gradients(model, torch.compile(model), idx, tgt)
-    assert (compiled_logits - eager_logits).float().norm() <= 2e-2 * eager_logits.float().norm()
-    for name in eager:
-        assert (compiled[name] - eager[name]).norm() <= 5e-2 * eager[name].norm(), name
+    compiled = torch.compile(model)
+    for dtype, logits_tolerance, gradient_tolerance in ((torch.float32, 1e-5, 1e-3), (torch.bfloat16, 2e-2, 0.15)):
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            torch.manual_seed(5)
+            eager_logits, eager = gradients(model, model, idx, tgt)
+            torch.manual_seed(5)
+            compiled_logits, compiled_grads = gradients(model, compiled, idx, tgt)
+        assert (compiled_logits - eager_logits).float().norm() <= logits_tolerance * eager_logits.float().norm()
+        for name in eager:
+            assert (compiled_grads[name] - eager[name]).norm() <= gradient_tolerance * eager[name].norm(), (dtype, name)

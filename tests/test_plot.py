@@ -56,5 +56,6 @@ def test_a_run_without_evaluations_has_no_validation_legend(tmp_path, monkeypatc
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
     assert plot.main([str(run), "--out", str(tmp_path / "a.png")]) == 0
-    loss_axes = figures[0].axes[0]
-    assert [text.get_text() for text in loss_axes.get_legend().get_texts()] == ["run_a train"]
+    legends = [axes.get_legend() for axes in figures[0].axes]
+    assert [[text.get_text() for text in legend.get_texts()] if legend else None for legend in legends] == [
+        ["run_a train"], ["run_a train"], None, ["run_a"], None, ["run_a"]]  # no validation nor sparsity entries

@@ -1,0 +1,33 @@
+"""bench.py: it measures both implementations and reports what it measured (the figures themselves
+are in BENCHMARKS.md; no timing is asserted here)."""
+import json
+import subprocess
+
+import bench
+from conftest import write_config
+
+
+def test_both_implementations_are_timed_probed_and_profiled(tmp_path, corpus, capsys):
+    config = write_config(tmp_path, corpus)
+    out, table = tmp_path / "bench.json", tmp_path / "profile.txt"
+    assert bench.main(["--config", str(config), "--steps", "1", "--skip", "loader", "generation",
+                       "--json", str(out), "--profile", str(table)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    for name in ("model.py", "reference"):
+        measured = results["training"][name]
+        assert measured["tokens_per_s"] > 0 and measured["peak_memory_bytes"] >= measured["baseline_rss_bytes"] > 0
+    assert "peak RSS MiB" in printed and "profile of a model.py step: wall" in printed
+    assert results["profile"]["wall_ms"] > 0 and "Self CPU" in table.read_text()
+
+
+def test_a_failed_memory_probe_leaves_the_other_figures(tmp_path, corpus, capsys, monkeypatch):
+    def failing_probe(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory.")
+
+    monkeypatch.setattr(bench.subprocess, "run", failing_probe)
+    config = write_config(tmp_path, corpus)
+    assert bench.main(["--config", str(config), "--steps", "1", "--skip", "loader", "generation"]) == 0
+    captured = capsys.readouterr()
+    assert "note: the memory probe of model.py failed: torch.OutOfMemoryError: CUDA out of memory." in captured.err
+    assert "tokens/s" in captured.out and "peak RSS MiB" not in captured.out
