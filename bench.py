@@ -101,7 +101,7 @@ def run_memory_probe(cfg, device, implementation):
         step(x, x)
     peak = {"peak_memory_bytes": peak_memory_bytes(device)}
     if device.type == "cpu":
-        peak.update(baseline_rss_bytes=baseline, peak_rss_bytes=peak["peak_memory_bytes"])
+        peak["baseline_rss_bytes"] = baseline
     print(json.dumps(peak))
 
 
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
         print(f"{label:<16}{fast['peak_memory_bytes'] / 2**20:>14,.0f}{ref['peak_memory_bytes'] / 2**20:>14,.0f}"
               f"{fast['peak_memory_bytes'] / ref['peak_memory_bytes']:>9.2f}x")
     if "baseline_rss_bytes" in fast and "baseline_rss_bytes" in ref:
-        above = {n: training[n]["peak_rss_bytes"] - training[n]["baseline_rss_bytes"] for n in IMPLEMENTATIONS}
+        above = {n: training[n]["peak_memory_bytes"] - training[n]["baseline_rss_bytes"] for n in IMPLEMENTATIONS}
         print(f"{'step MiB':<16}{above['model.py'] / 2**20:>14,.0f}{above['reference'] / 2**20:>14,.0f}"
               f"{above['model.py'] / above['reference']:>9.2f}x   (peak RSS above RSS before the first step)")
     if "mfu" in fast:

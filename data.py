@@ -218,10 +218,8 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: 
         epoch = position["epoch"]
         if "units" in position:  # the rest of an epoch, dealt anew: what was done of it, and of this share
             share = sum(bytes_left(units[index], part) for index, part in position["units"])
-            rest = [(units[index], part) for index, part in position["units"][position["unit"]:]]
-            if rest:
-                rest[0] = (rest[0][0], position.get("part", 0))
-            read = 1 - sum(bytes_left(unit, part) for unit, part in rest) / share if share else 1.0
+            left = sum(bytes_left(units[index], part) for index, part in still_to_read(position["units"], position))
+            read = 1 - left / share if share else 1.0
             passes.append(epoch + position["epoch_done"] + (1 - position["epoch_done"]) * read)
             continue
         if epoch not in dealt:
@@ -231,7 +229,7 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: 
         done = cumulative[position["unit"]]
         if position["unit"] < len(assigned):  # the parts before the one being read
             unit = assigned[position["unit"]]
-            done += unit.num_bytes * min(1.0, position.get("part", 0) * rows_per_part(unit) / max(1, unit.num_rows))
+            done += unit.num_bytes - bytes_left(unit, position.get("part", 0))
         passes.append(epoch + done / max(1, cumulative[-1]))
     return float(sum(passes) / len(passes))
 
@@ -239,6 +237,15 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: 
 def bytes_left(unit: Unit, part: int) -> float:
     """About the bytes of `unit` from part `part` on."""
     return unit.num_bytes * (1 - min(1.0, part * rows_per_part(unit) / max(1, unit.num_rows)))
+
+
+def still_to_read(assigned, position) -> list:
+    """[index in units, first part] of the units of `assigned` (such entries) that a reader at
+    `position` has not finished: from the one it is in, at the part it is in."""
+    rest = [list(entry) for entry in assigned[position["unit"]:]]
+    if rest:
+        rest[0][1] = position.get("part", 0)
+    return rest
 
 
 def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list, int, int]:
@@ -259,14 +266,11 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
         if position["epoch"] > epoch:
             continue
         if "units" in position:
-            assigned = [list(entry) for entry in position["units"]]
+            assigned = position["units"]
         else:
             dealing = dealing or assign_units(units, epoch, saved_order["training.seed"], old_readers, shuffle=True)
             assigned = [[index[(unit.file_key, unit.row_group)], 0] for unit in dealing[reader]]
-        rest = assigned[position["unit"]:]
-        if rest:
-            rest[0][1] = position.get("part", 0)
-        left += rest
+        left += still_to_read(assigned, position)
     loads, dealt = [0.0] * n_readers, [[] for _ in range(n_readers)]
     for entry in left:
         reader = loads.index(min(loads))
