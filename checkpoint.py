@@ -129,7 +129,7 @@ def model_from_checkpoint(ckpt: Checkpoint) -> BDH:
 
 # ---------------------------------------------------------------- exported models (export.py)
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: 4-bit codes are W_4bit (version 1 named them W_nf4, fp4 ones too)
 
 
 def is_export(path) -> bool:
@@ -151,7 +151,8 @@ def load_export(folder) -> tuple[BDH, str, dict]:
             blocksize = config["weights_4bit"]["blocksize"]
             for name in LAYER_WEIGHTS:
                 shape = getattr(model, name).shape
-                tensors[name] = unpack_4bit(tensors.pop(f"{name}_nf4"), tensors.pop(f"{name}_absmax"),
+                codes = tensors.pop(f"{name}_4bit") if export["version"] >= 2 else tensors.pop(f"{name}_nf4")
+                tensors[name] = unpack_4bit(codes, tensors.pop(f"{name}_absmax"),
                                             tensors["quant_map"], shape, blocksize)
             tensors.pop("quant_map")
         model.load_state_dict(tensors)

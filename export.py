@@ -7,7 +7,7 @@ DIR holds model.safetensors (the weights only, under their checkpoint names and 
 tokenizer.json (and tokenizer_config.json) and README.md. --hf adds the configuration and modeling
 files, and model.py, that AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) loads.
 --4bit stores encoder, encoder_v and decoder as the 4-bit weights a use_4bit run trained for (the
-model sample.py --4bit serves): per weight W, W_nf4 (uint8, two codes per byte, high nibble first),
+model sample.py --4bit serves): per weight W, W_4bit (uint8, two codes per byte, high nibble first),
 W_absmax (float32, one scale per block of 64 values) and one quant_map (the 16 levels); a value is
 quant_map[code] x its block's scale (model.unpack_4bit).
 """
@@ -39,8 +39,8 @@ def weights(ckpt, four_bit: bool) -> dict:
     tensors = {name: ckpt.model[name].contiguous() for name in ckpt.model if name not in LAYER_WEIGHTS}
     for name in LAYER_WEIGHTS:
         packed = export_4bit(ckpt.model[name], low_precision["quantization_type"], low_precision["use_double_quant"])
-        tensors[f"{name}_nf4"], tensors[f"{name}_absmax"], tensors["quant_map"] = (
-            packed["nf4"], packed["absmax"], packed["quant_map"])
+        tensors[f"{name}_4bit"], tensors[f"{name}_absmax"], tensors["quant_map"] = (
+            packed["codes"], packed["absmax"], packed["quant_map"])
     return tensors
 
 

@@ -92,7 +92,7 @@ def export_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool) -> di
     absmax = state.absmax
     if state.nested:
         absmax = _bnb().dequantize_blockwise(state.absmax, state.state2) + state.offset
-    return {"nf4": codes.view(-1), "absmax": absmax.float(), "quant_map": state.code.float()}
+    return {"codes": codes.view(-1), "absmax": absmax.float(), "quant_map": state.code.float()}
 
 
 def to_4bit(model, quant_type: str, double_quant: bool) -> tuple[int, int]:

@@ -34,7 +34,7 @@ class BDHForCausalLM(PreTrainedModel, GenerationMixin):
         if config.weights_4bit:  # 4-bit codes and per-block scales, unpacked at every forward
             for name in LAYER_WEIGHTS:
                 numel = getattr(core, name).numel()
-                self.register_buffer(f"{name}_nf4", torch.zeros((numel + 1) // 2, dtype=torch.uint8))
+                self.register_buffer(f"{name}_4bit", torch.zeros((numel + 1) // 2, dtype=torch.uint8))
                 self.register_buffer(f"{name}_absmax", torch.zeros(-(-numel // config.weights_4bit["blocksize"])))
             self.register_buffer("quant_map", torch.zeros(16))
         else:
@@ -55,7 +55,7 @@ class BDHForCausalLM(PreTrainedModel, GenerationMixin):
     def layer_weights(self):
         if not self.config.weights_4bit:
             return self.encoder, self.encoder_v, self.decoder
-        return tuple(unpack_4bit(getattr(self, f"{name}_nf4"), getattr(self, f"{name}_absmax"), self.quant_map,
+        return tuple(unpack_4bit(getattr(self, f"{name}_4bit"), getattr(self, f"{name}_absmax"), self.quant_map,
                                  self.weight_shapes[name], self.config.weights_4bit["blocksize"])
                      for name in LAYER_WEIGHTS)
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import export
 import sample
@@ -90,7 +90,7 @@ def test_4bit_export_is_the_model_sample_4bit_serves(tmp_path, corpus, capsys, m
     assert export.main(["--checkpoint", str(run), "--out", str(out), "--hf", "--4bit"]) == 0
     assert "post-training quantization" not in capsys.readouterr().err  # it was trained for 4 bits
     tensors = load_file(out / "model.safetensors")
-    assert tensors["encoder_nf4"].dtype == torch.uint8 and "encoder" not in tensors
+    assert tensors["encoder_4bit"].dtype == torch.uint8 and "encoder" not in tensors
     ckpt = load_checkpoint(run / "checkpoint_2.pt")
     unpacked, _, _ = load_export(out)
     for name in ("encoder", "encoder_v", "decoder"):  # exactly the 4-bit round trip the run evaluated
@@ -98,6 +98,14 @@ def test_4bit_export_is_the_model_sample_4bit_serves(tmp_path, corpus, capsys, m
         assert torch.equal(getattr(unpacked, name), expected)
     float_size = sum(t.numel() * 4 for t in ckpt.model.values())
     assert (out / "model.safetensors").stat().st_size < 0.5 * float_size
+    old = tmp_path / "export4_version1"  # version 1 named the codes W_nf4: such an export still loads
+    old.mkdir()
+    save_file({(k[:-len("_4bit")] + "_nf4" if k.endswith("_4bit") else k): v for k, v in tensors.items()},
+              old / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    config["bdh_export"]["version"] = 1
+    (old / "config.json").write_text(json.dumps(config))
+    assert torch.equal(load_export(old)[0].encoder, unpacked.encoder)
     model, tokenizer = hf_model(out)
     ids = model.generate(**tokenizer("<01-", return_tensors="pt"), max_new_tokens=100, do_sample=False)
     assert tokenizer.decode(ids[0]) == sample_text(capsys, "--checkpoint", str(run), "--prompt", "<01-", "--4bit")
