@@ -116,7 +116,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     print(describe_run(cfg, raw_model, optimizer, ranks, device, units, run, tokens_per_step, compile_model,
                        fp8_recipe, qat_start))
     if peak:
-        print(f"MFU against the {peak_source}")
+        print(f"MFU against the {peak_source}" + (" (FP8 too: the same bf16 yardstick)" if fp8_recipe else ""))
     if compile_model:
         print("torch.compile: the first step compiles the model and takes longer", flush=True)
 
