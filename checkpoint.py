@@ -11,9 +11,11 @@ complete or absent.
 import dataclasses
 import json
 import math
+import os
 import random
 import re
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,6 +29,11 @@ from config import LowPrecisionConfig
 from files import atomic_write, left_by_a_dead_process, relative_to_here
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line
+
+try:
+    import fcntl
+except ImportError:  # Windows: run directories are not locked
+    fcntl = None
 
 PROJECT_VERSION = "0.4.1"
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
@@ -285,6 +292,17 @@ def flat_diff(old: dict, new: dict, ignore=()) -> list[str]:
     return lines
 
 
+_LOCKED = []  # the open lock files of the run directories this process trains in
+
+
+def release_run_directories():
+    """Release this process's run directory locks (RunDir.lock): its training is over."""
+    while _LOCKED:
+        handle = _LOCKED.pop()
+        fcntl.flock(handle, fcntl.LOCK_UN)  # also for DataLoader workers that inherited the file
+        handle.close()
+
+
 class RunDir:
     """The run's folder, created lazily by the first save() (metrics.py writes its records there).
     Only one process of a run writes (writer=True); for the others every method does nothing."""
@@ -305,7 +323,35 @@ class RunDir:
             except FileExistsError:
                 continue
         self.path = path
+        self.lock()
         atomic_write(path / "config.yaml", lambda f: f.write(config_yaml.encode()))
+
+    def lock(self):
+        """Hold the run directory while this process trains in it: a second process resuming the
+        same run (a job submitted twice, a resume while the run still goes) is refused, instead of
+        interleaving its records and checkpoints with the first's. The operating system releases
+        the lock when the process ends, however it ends."""
+        if not self.writer or fcntl is None:
+            return
+        try:
+            handle = open(self.path / ".lock", "a+")
+        except OSError:
+            return  # a folder this process cannot write to: saving the checkpoint will say so
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if not isinstance(e, BlockingIOError):  # a file system without locks (some network ones)
+                handle.close()
+                return
+            handle.seek(0)
+            holder = handle.read().strip() or "a process"
+            handle.close()
+            raise CheckpointError(f"{self.path}: {holder} is training in this run directory; wait for it to end "
+                                  f"(or stop it), then resume")
+        handle.truncate(0)
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        _LOCKED.append(handle)
 
     def save(self, ckpt: Checkpoint, config_yaml: str, name: str | None = None) -> Path | None:
         """Write checkpoint_<step>.pt (or `name`) atomically; create the run directory first."""
@@ -360,6 +406,20 @@ class RunDir:
         for path in later:
             path.rename(folder / path.name)
         return [p.name for p in later], folder
+
+    def set_aside_best(self, step: int) -> str | None:
+        """The run's best.pt, renamed best_until_step_<step>.pt: a resume whose validation losses
+        measure something else starts best.pt afresh, and the old best model stays. Returns the new name."""
+        best = self.path / "best.pt" if self.writer and self.path is not None else None
+        if best is None or not best.exists():
+            return None
+        kept = self.path / f"best_until_step_{step}.pt"
+        for n in range(2, 1000):
+            if not kept.exists():
+                break
+            kept = self.path / f"best_until_step_{step}_{n}.pt"
+        best.rename(kept)
+        return kept.name
 
     def prune(self, keep_last_n: int):
         """Delete all but the newest keep_last_n checkpoint_<step>.pt (0 keeps all); best.pt stays."""

@@ -84,6 +84,9 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
                                     data_order(cfg, units, workers, ranks.world_size)[SHARDS]):
         print(warning)
         progress.best_val_loss = math.inf
+    restarts_best = progress.best_val_loss == math.inf and ckpt.step < cfg.training.max_iters
+    if restarts_best and (kept := run.set_aside_best(ckpt.step)):
+        print(f"  the run's best.pt so far (validation loss {ckpt.best_val_loss:.4f}) is now {kept}")
     return run, progress, positions
 
 
@@ -99,6 +102,7 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks) -> RunDir:
     run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
     if ckpt.step >= cfg.training.max_iters:  # nothing to train: nothing to move or record
         return run
+    run.lock()
     moved, folder = run.set_aside_after(ckpt.step)
     if moved:  # asked for by name: an older checkpoint; else the later ones could not be read
         what = (f"a new branch from step {ckpt.step}: the abandoned branch's"

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from adamw4bit import AdamW4bit, adamw_state_bytes
-from checkpoint import CheckpointError, RunDir, check_writable, clean_stale_temporaries
+from checkpoint import CheckpointError, RunDir, check_writable, clean_stale_temporaries, release_run_directories
 from config import add_config_arguments, learning_rate, load_config
 from corpus import ensure_sample_corpus
 from data import data_order, epochs_read, loader_workers, stop_loader_workers, train_loader, validation_batches
@@ -424,6 +424,7 @@ def main(argv=None) -> int:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         stop_loader_workers()
+        release_run_directories()
         shutdown()
 
 

@@ -69,12 +69,14 @@ def write_config(tmp_path, corpus, name="exp.yaml", model=None, dataset=None, **
 
 
 @pytest.fixture(autouse=True)
-def process_wide_torch_settings():
+def process_wide_state():
     """train.main runs in this process: what a compiled CPU run sets for the whole process
-    (runtime.compile_repeatably) ends with its test."""
+    (runtime.compile_repeatably), and the run directories it holds, end with its test."""
     yield
     torch.use_deterministic_algorithms(False)
     torch.utils.deterministic.fill_uninitialized_memory = True
+    from checkpoint import release_run_directories
+    release_run_directories()  # as train.main does: a RunDir a test created held its folder
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from checkpoint import (Checkpoint, CheckpointError, RunDir, checkpoints_in, clean_stale_temporaries,
-                        load_checkpoint, open_checkpoint)
+                        load_checkpoint, open_checkpoint, release_run_directories)
 from config import Config
 from conftest import tiny_config_dict
 from model import BDH
@@ -95,3 +95,28 @@ def test_a_file_that_is_not_a_checkpoint_is_called_so(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"empty.pt: not a checkpoint \(the file is empty\)$"):
         load_checkpoint(tmp_path / "empty.pt")
+
+
+def test_best_set_aside_keeps_every_earlier_best(tmp_path):
+    run = RunDir(str(tmp_path))
+    run.save(Checkpoint(step=4, model={}, model_config={}), "model: {}\n", name="best.pt")
+    assert run.set_aside_best(4) == "best_until_step_4.pt"
+    assert not (run.path / "best.pt").exists() and run.set_aside_best(4) is None  # nothing to keep
+    run.save(Checkpoint(step=5, model={}, model_config={}), "model: {}\n", name="best.pt")
+    assert run.set_aside_best(4) == "best_until_step_4_2.pt"  # a second resume from step 4: both kept
+    assert load_checkpoint(run.path / "best_until_step_4.pt").step == 4
+    assert load_checkpoint(run.path / "best_until_step_4_2.pt").step == 5
+    assert checkpoints_in(run.path) == []  # not checkpoints for `latest` or keep_last_n
+
+
+def test_a_run_directory_is_held_until_released(tmp_path):
+    run = RunDir(str(tmp_path))
+    run.save(Checkpoint(step=1, model={}, model_config={}), "model: {}\n")  # creating it takes the hold
+    try:
+        with pytest.raises(CheckpointError, match=rf"^{run.path}: process {os.getpid()} on .+ is training in this run"):
+            RunDir(str(tmp_path), path=run.path).lock()
+        RunDir(str(tmp_path), path=run.path, writer=False).lock()  # only the writing rank holds it
+    finally:
+        release_run_directories()
+    RunDir(str(tmp_path), path=run.path).lock()
+    release_run_directories()

@@ -89,6 +89,8 @@ def test_switching_use_4bit_on_resume_starts_best_checkpoint_afresh(tmp_path, co
     assert "best.pt starts afresh" in out
     [run] = (tmp_path / "ck").iterdir()
     assert load_checkpoint(run / "best.pt").step == 3  # the first 4-bit validation loss is the best so far
+    assert "the run's best.pt so far (validation loss" in out and "is now best_until_step_2.pt" in out
+    assert load_checkpoint(run / "best_until_step_2.pt").step == 2  # the float model's best is kept
 
 
 def test_quantization_aware_training_run_and_4bit_sampling(tmp_path, corpus, capsys):

@@ -43,6 +43,28 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
     assert open_checkpoint("latest", str(tmp_path / "ck"))[0] == run / "checkpoint_6.pt"
 
 
+def test_a_run_directory_another_process_trains_in_is_refused(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", f"from checkpoint import RunDir; RunDir('', path=__import__("
+                               f"'pathlib').Path({str(run)!r})).lock(); print('held', flush=True); input()"],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        capsys.readouterr()
+        resume = ["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=6"]
+        assert train.main(resume) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {run}: process {holder.pid} on ") and "is training in this run directory" in err
+        assert sorted(p.name for p in checkpoints_in(run)) == ["checkpoint_2.pt", "checkpoint_4.pt"]  # untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train.main(resume) == 0  # the holder's end released the directory
+    assert train.main(resume[:2] + ["training.resume_from_checkpoint=latest", "training.max_iters=7"]) == 0  # and ours
+
+
 def test_a_checkpoint_outside_a_run_directory_continues_in_a_new_one(tmp_path, corpus, capsys):
     """A checkpoint copied elsewhere (downloads/, beside other files): the run continues exactly,
     but in a new run directory of checkpoint_dir; nothing is written into or pruned from that folder."""
