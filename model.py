@@ -54,6 +54,11 @@ class BDHConfig:
         """N: latent neurons per head."""
         return self.mlp_internal_dim_multiplier * self.n_embd // self.n_head
 
+    @property
+    def n_params(self) -> int:
+        """embed and lm_head (V x D each), encoder and encoder_v (H x D x N each), decoder (H N x D)."""
+        return 2 * self.vocab_size * self.n_embd + 3 * self.n_head * self.n_embd * self.n_latent
+
     def training_flops_per_token(self, block_size: int) -> float:
         """Forward + backward = 3 x forward (MODEL.md): the three weight GEMMs per layer, the causal
         half of the attention at sequence length block_size, and lm_head."""

@@ -7,6 +7,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -108,6 +109,49 @@ def peak_memory_bytes(device: torch.device) -> int:
     except (OSError, StopIteration):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def available_host_memory() -> int | None:
+    """Bytes new allocations can get without swapping: Linux's MemAvailable, or less where the
+    process's cgroup (v2: a container, a Slurm job) has less left under its memory.max; None where
+    /proc/meminfo does not exist."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        with open("/proc/self/cgroup") as f:
+            group = Path("/sys/fs/cgroup") / next(line for line in f if line.startswith("0::"))[3:].strip().lstrip("/")
+        limit = (group / "memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int((group / "memory.current").read_text()))
+    except (OSError, StopIteration, ValueError):
+        pass
+    return available
+
+
+def check_host_memory(cfg, ranks):
+    """On CPU: refuse a model whose weights, gradients and optimizer state alone (a lower bound:
+    activations come on top) exceed the memory available to this machine's processes, rather than
+    let the kernel's OOM killer end the run minutes later without a word."""
+    available = available_host_memory()
+    if available is None:
+        return
+    n, processes = cfg.model.n_params, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    sharded = ranks.enabled and ranks.mode == "fsdp"  # each process builds all weights, then keeps its shard
+
+    def needed(state_bytes_per_parameter):  # AdamW: two float32 moments; AdamW4bit: two 4-bit ones and scales
+        return processes * (4 * n + (4 + state_bytes_per_parameter) * n // (ranks.world_size if sharded else 1))
+    four_bit = cfg.low_precision.use_4bit_optimizer
+    need = needed(1 if four_bit else 8)
+    if need <= available:
+        return
+    cheaper = " or set low_precision.use_4bit_optimizer=true" if not four_bit and needed(1) <= available else ""
+    raise DeviceError(f"the model's {n / 1e6:,.0f}M parameters need at least {need / 2**30:,.1f} "
+                      f"GiB for weights, gradients and optimizer state{f' ({processes} processes)' * (processes > 1)}, "
+                      f"and this machine has {available / 2**30:,.1f} GiB available: make the model smaller "
+                      f"(model.n_embd, model.mlp_internal_dim_multiplier, model.n_layer){cheaper}")
 
 
 def process_status_bytes(field: str) -> int:

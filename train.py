@@ -32,9 +32,9 @@ from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog, check_installed, evaluation_lines, format_duration, step_line
 from model import BDH
 from resume import Progress, resume, save, step_tokens
-from runtime import (DTYPES, DeviceError, autocast, check_can_compile, compile_repeatably, device_clock, last_line,
-                     out_of_memory, peak_flops, peak_memory_bytes, pick_device, resolve_compute_dtype,
-                     steady_host_memory, wants_compile)
+from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_host_memory, compile_repeatably,
+                     device_clock, last_line, out_of_memory, peak_flops, peak_memory_bytes, pick_device,
+                     resolve_compute_dtype, steady_host_memory, wants_compile)
 from shards import DataError, list_units
 from stopping import GracefulStop, StepVote, launcher
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
@@ -59,6 +59,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         compile_repeatably(device)
     torch.autograd.set_detect_anomaly(training.debug)
     steady_host_memory(cfg, device)
+    if device.type == "cpu":
+        check_host_memory(cfg, ranks)
     # MFU's peak, before the seeds: a measured peak draws random matrices (peak_flops resets the
     # memory statistics after it)
     peak, peak_source = peak_flops(device, DTYPES[compute_dtype]) if device.type == "cuda" else (0, "")

@@ -1,4 +1,7 @@
-"""runtime.py: the device, the compute dtype, the GPU peak table."""
+"""runtime.py: the device, the compute dtype, the GPU peak table, the host memory check."""
+import os
+import sys
+
 import pytest
 import torch
 
@@ -48,3 +51,30 @@ def test_compile_follows_the_setting_and_never_under_debug():
         SimpleNamespace(compile=setting, debug=debug), device)
     assert wants(True, cpu) and wants("auto", cuda) and wants(True, cuda)
     assert not wants("auto", cpu) and not wants(False, cuda) and not wants(True, cuda, debug=True)
+
+
+def test_a_model_whose_state_exceeds_the_available_memory_is_refused(monkeypatch):
+    from config import Config
+    from distributed import Ranks
+    cfg = Config()  # 25.3M parameters: 405 MB with AdamW (16 bytes each), 228 MB with the 4-bit optimizer (9)
+    monkeypatch.setattr(runtime, "available_host_memory", lambda: 300e6)
+    with pytest.raises(runtime.DeviceError, match=r"^the model's 25M parameters need at least 0\.4 GiB for weights, "
+                       r"gradients and optimizer state, and this machine has 0\.3 GiB available: make the model "
+                       r"smaller \(.*\) or set low_precision.use_4bit_optimizer=true$"):
+        runtime.check_host_memory(cfg, Ranks())
+    cfg.low_precision.use_4bit_optimizer = True
+    runtime.check_host_memory(cfg, Ranks())
+    cfg.low_precision.use_4bit_optimizer = False
+    monkeypatch.setattr(runtime, "available_host_memory", lambda: 550e6)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # FSDP: each process builds all weights, then keeps half the rest
+    runtime.check_host_memory(cfg, Ranks(world_size=2, mode="fsdp"))  # 2 x (4 + 12 / 2) x 25.3M = 506 MB
+    with pytest.raises(runtime.DeviceError, match=r"optimizer state \(2 processes\)"):
+        runtime.check_host_memory(cfg, Ranks(world_size=2, mode="ddp"))
+    monkeypatch.setattr(runtime, "available_host_memory", lambda: None)  # not Linux: nothing to check against
+    runtime.check_host_memory(cfg, Ranks(world_size=2, mode="ddp"))
+
+
+def test_available_host_memory_is_read_on_linux():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc/meminfo is Linux's")
+    assert 0 < runtime.available_host_memory() < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import checkpoint
+import runtime
 import train
 from checkpoint import checkpoints_in, load_checkpoint
 from config import Config
@@ -164,6 +165,18 @@ def test_out_of_memory_is_one_line_naming_the_settings(tmp_path, corpus, monkeyp
                    f"training.gradient_accumulation_steps keeps the tokens per step), training.block_size 16, the "
                    f"model, or set training.activation_checkpointing=true; checkpoints written before are intact\n")
     assert [p.name for p in run_dirs(tmp_path)[0].glob("checkpoint_*.pt")] == ["checkpoint_2.pt"]
+
+
+def test_a_model_too_large_for_the_memory_is_refused_before_the_data_is_read(tmp_path, corpus, monkeypatch, capsys):
+    path = write_config(tmp_path, corpus)
+    monkeypatch.setattr(runtime, "available_host_memory", lambda: 2**30)
+    monkeypatch.setattr(train, "prepare_data", lambda *args: pytest.fail("the data was read"))
+    assert train.main(["--config", str(path), "model.n_embd=1024", "model.mlp_internal_dim_multiplier=128"]) == 1
+    assert capsys.readouterr().err == (
+        "error: the model's 403M parameters need at least 6.0 GiB for weights, gradients and optimizer state, and "
+        "this machine has 1.0 GiB available: make the model smaller (model.n_embd, model.mlp_internal_dim_multiplier, "
+        "model.n_layer)\n")  # the 4-bit optimizer would not make it fit (3.4 GiB): not suggested
+    assert not (tmp_path / "ck").exists()
 
 
 def test_activation_checkpointing_reaches_the_model(tmp_path, corpus, monkeypatch):
