@@ -136,7 +136,7 @@ class ParquetBatches(IterableDataset):
                     batch = torch.from_numpy(np.stack(pending).astype(np.int64))
                     pending = []
                     position = {"reader": reader, "epoch": epoch, "unit": k, "part": part, "consumed": used,
-                                "carry": carry_in.tolist()}
+                                "windows": n_windows, "carry": carry_in.tolist()}
                     if dealt is not None:
                         position.update(units=dealt, epoch_done=start["epoch_done"])
                     yield batch[:, :-1], batch[:, 1:], position
@@ -203,8 +203,9 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
 
 def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: dict) -> float:
     """About how many passes over the training units the readers have made: each reader's epoch
-    plus the share, by bytes, of that epoch's units it has finished (the unit it is in counted by the
-    parts of it finished: a row group may hold gigabytes); the mean over the readers whose positions
+    plus the share, by bytes, of that epoch's units it has read (the unit it is in counted by the
+    parts of it finished, a row group may hold gigabytes, and the share of windows used of the part
+    it is in); the mean over the readers whose positions
     are given (a rank knows its own; the units are dealt to balance the readers' bytes). `dealt`
     keeps each epoch's dealing (units and cumulative bytes per reader) from call to call."""
     positions = list(positions)
@@ -218,7 +219,9 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: 
         epoch = position["epoch"]
         if "units" in position:  # the rest of an epoch, dealt anew: what was done of it, and of this share
             share = sum(bytes_left(units[index], part) for index, part in position["units"])
-            left = sum(bytes_left(units[index], part) for index, part in still_to_read(position["units"], position))
+            rest = still_to_read(position["units"], position)
+            left = sum(bytes_left(units[index], part) for index, part in rest)
+            left -= part_read(units[rest[0][0]], position) if rest else 0
             read = 1 - left / share if share else 1.0
             passes.append(epoch + position["epoch_done"] + (1 - position["epoch_done"]) * read)
             continue
@@ -229,7 +232,7 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: 
         done = cumulative[position["unit"]]
         if position["unit"] < len(assigned):  # the parts before the one being read
             unit = assigned[position["unit"]]
-            done += unit.num_bytes - bytes_left(unit, position.get("part", 0))
+            done += unit.num_bytes - bytes_left(unit, position.get("part", 0)) + part_read(unit, position)
         passes.append(epoch + done / max(1, cumulative[-1]))
     return float(sum(passes) / len(passes))
 
@@ -237,6 +240,14 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: 
 def bytes_left(unit: Unit, part: int) -> float:
     """About the bytes of `unit` from part `part` on."""
     return unit.num_bytes * (1 - min(1.0, part * rows_per_part(unit) / max(1, unit.num_rows)))
+
+
+def part_read(unit: Unit, position) -> float:
+    """About the bytes read of the part of `unit` a reader at `position` is in: the part's share of
+    windows used (positions saved before they counted the part's windows: none)."""
+    part = position.get("part", 0)
+    share = position["consumed"] / position["windows"] if position.get("windows") else 0.0
+    return (bytes_left(unit, part) - bytes_left(unit, part + 1)) * share
 
 
 def still_to_read(assigned, position) -> list:

@@ -52,7 +52,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpu
     assert [out.count(f"step {s}/4 |") for s in (1, 2, 3, 4)] == [1, 1, 1, 1]  # rank 0 alone logs
     run = the_run(tmp_path / "ddp")
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events.out.tfevents")) == [
-        "best.pt", "checkpoint_4.pt", "config.yaml", "metrics.jsonl"]
+        ".lock", "best.pt", "checkpoint_4.pt", "config.yaml", "metrics.jsonl"]
     assert len(list(run.glob("events.out.tfevents*"))) == 1  # rank 0's TensorBoard file only
     ddp_train, ddp_val = train_losses(run)
     assert ddp_train.keys() == one_train.keys() == {1, 2, 3, 4}
