@@ -307,7 +307,15 @@ def add_config_arguments(parser, default: str = "config.yaml"):
 
 def load_config(args) -> Config:
     """The config of parsed add_config_arguments; on problems, prints them one per line and exits
-    with status 2, as argparse does for bad arguments (under torchrun, rank 0 alone prints them)."""
+    with status 2, as argparse does for bad arguments (under torchrun, rank 0 alone prints them). An
+    override given twice with two values is noted: the last applies, so scripts can add to a command."""
+    given = {}
+    for item in args.overrides:
+        path, _, value = item.partition("=")
+        if path in given and given[path] != value and os.environ.get("RANK", "0") == "0":
+            print(f"note: {path} is given twice on the command line ({given[path]}, then {value}): the last applies",
+                  file=sys.stderr)
+        given[path] = value
     try:
         return Config.from_yaml(args.config, args.overrides)
     except ConfigError as e:
@@ -404,7 +412,8 @@ def _build_section(name, section_cls, values):
         else:
             quote = (f"; quote it to give it as text: \"{value}\" in the file, '{path}=\"{value}\"' on the command line"
                      if expected.startswith("str") and isinstance(value, (int, float, bool)) else "")
-            problems.append(f"{path}: expected {expected}, got {type(value).__name__} {value!r}{quote}")
+            got = f"{type(value).__name__} {value!r}" if value is not None else "no value"
+            problems.append(f"{path}: expected {expected}, got {got}{quote}")
     return result, problems
 
 

@@ -113,8 +113,10 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
     elif any(c in str(location) for c in PATTERN_CHARACTERS):
         root, files, skipped = pattern_files(str(location), setting)
     elif root.exists():
+        out = shlex.quote(str(root.with_suffix("")) + "_parquet")
         raise DataError(f"{root}: {setting} is a file, not a folder of .parquet shards; give their folder, a .parquet "
-                        f"file or a glob pattern")
+                        f"file or a glob pattern; to train on this file's text: `python prepare.py --from-text "
+                        f"{shlex.quote(str(root))} --out {out}` and {setting}={out}")
     else:
         raise DataError(f"{root}: {setting} does not exist or is not a directory{relative_to_here(root)}; "
                         f"create it with `python prepare.py --from-text FILE --out {root}`")

@@ -1,3 +1,4 @@
+import argparse
 import re
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import torch
 import yaml
 
 from conftest import ROOT
-from config import Config, ConfigError
+from config import Config, ConfigError, load_config
 from model import BDHConfig
 
 
@@ -78,6 +79,7 @@ def test_numbers_that_cannot_train_are_refused():
     ("training", "batch_size", "8", "expected int, got str '8'"),
     ("training", "batch_size", 8.5, "expected int, got float 8.5"),
     ("training", "batch_size", True, "expected int, got bool True"),
+    ("training", "max_iters", None, "expected int, got no value"),
     ("training", "learning_rate", "fast", "expected float, got str 'fast'"),
     ("training", "learning_rate", "0.001", "expected float, got str '0.001'"),
     ("training", "debug", "true", "expected bool (true or false), got str 'true'"),
@@ -243,6 +245,14 @@ def test_cli_print_config_shows_overrides():
     r = run_train("--print-config", "training.batch_size=16")
     assert r.returncode == 0
     assert yaml.safe_load(r.stdout)["training"]["batch_size"] == 16
+
+
+def test_an_override_given_twice_is_noted_and_the_last_applies(capsys):
+    args = argparse.Namespace(config=str(ROOT / "config.yaml"), overrides=["training.block_size=64", "training.seed=1",
+                                                                "training.block_size=32", "training.seed=1"])
+    assert load_config(args).training.block_size == 32
+    assert capsys.readouterr().err == ("note: training.block_size is given twice on the command line (64, then 32): "
+                                       "the last applies\n")  # the same value twice: nothing to say
 
 
 def test_a_key_or_section_given_twice_is_refused_naming_both_lines(tmp_path):

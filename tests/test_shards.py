@@ -175,9 +175,13 @@ def test_one_parquet_file_is_read_and_another_file_is_refused(tmp_path):
     [unit] = list_units(tmp_path / "one.parquet", "text")
     assert unit.num_rows == 2 and unit.file_key == list_units(tmp_path, "text")[0].file_key
     (tmp_path / "notes.txt").write_text("text")
-    with pytest.raises(DataError, match="is a file, not a folder of .parquet shards; give their folder, a .parquet "
-                                        "file or a glob pattern"):
+    out = f"{tmp_path / 'notes'}_parquet"
+    with pytest.raises(DataError) as info:
         list_units(tmp_path / "notes.txt", "text")
+    assert str(info.value).endswith(
+        "is a file, not a folder of .parquet shards; give their folder, a .parquet file or a glob pattern; to train "
+        f"on this file's text: `python prepare.py --from-text {tmp_path / 'notes.txt'} --out {out}` and "
+        f"dataset.parquet_dir={out}")
 
 
 def test_splits_in_folders_and_names_that_only_contain_a_keyword(tmp_path):
