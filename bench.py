@@ -183,6 +183,25 @@ def bench_loader(cfg, model_ms_per_step, seconds=5.0) -> dict:
             "loader_over_model": rate * model_ms_per_step / 1000}
 
 
+def print_training(training: dict, device, peak_flops: float | None):
+    """The training step's table: model.py, reference.py and their ratio."""
+    fast, ref = training["model.py"], training["reference"]
+    print(f"{'training step':<16}{'model.py':>14}{'reference':>14}{'ratio':>10}")
+    print(f"{'tokens/s':<16}{fast['tokens_per_s']:>14,.0f}{ref['tokens_per_s']:>14,.0f}"
+          f"{fast['tokens_per_s'] / ref['tokens_per_s']:>9.2f}x")
+    print(f"{'ms/step':<16}{fast['ms_per_step']:>14.1f}{ref['ms_per_step']:>14.1f}")
+    if "peak_memory_bytes" in fast and "peak_memory_bytes" in ref:
+        label = "peak MiB" if device.type == "cuda" else "peak RSS MiB"
+        print(f"{label:<16}{fast['peak_memory_bytes'] / 2**20:>14,.0f}{ref['peak_memory_bytes'] / 2**20:>14,.0f}"
+              f"{fast['peak_memory_bytes'] / ref['peak_memory_bytes']:>9.2f}x")
+    if "baseline_rss_bytes" in fast and "baseline_rss_bytes" in ref:
+        above = {n: training[n]["peak_memory_bytes"] - training[n]["baseline_rss_bytes"] for n in IMPLEMENTATIONS}
+        print(f"{'step MiB':<16}{above['model.py'] / 2**20:>14,.0f}{above['reference'] / 2**20:>14,.0f}"
+              f"{above['model.py'] / above['reference']:>9.2f}x   (peak RSS above RSS before the first step)")
+    if "mfu" in fast:
+        print(f"{'MFU':<16}{fast['mfu']:>14.1%}{ref['mfu']:>14.1%}   (peak {peak_flops / 1e12:,.0f} TFLOP/s measured)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark model.py against reference.py.")
     add_config_arguments(parser)
@@ -228,21 +247,8 @@ def main(argv=None) -> int:
         for name in IMPLEMENTATIONS:
             training[name].update(memory_probe(args, name))
 
-    fast, ref = training["model.py"], training["reference"]
-    print(f"{'training step':<16}{'model.py':>14}{'reference':>14}{'ratio':>10}")
-    print(f"{'tokens/s':<16}{fast['tokens_per_s']:>14,.0f}{ref['tokens_per_s']:>14,.0f}"
-          f"{fast['tokens_per_s'] / ref['tokens_per_s']:>9.2f}x")
-    print(f"{'ms/step':<16}{fast['ms_per_step']:>14.1f}{ref['ms_per_step']:>14.1f}")
-    if "peak_memory_bytes" in fast and "peak_memory_bytes" in ref:
-        label = "peak MiB" if device.type == "cuda" else "peak RSS MiB"
-        print(f"{label:<16}{fast['peak_memory_bytes'] / 2**20:>14,.0f}{ref['peak_memory_bytes'] / 2**20:>14,.0f}"
-              f"{fast['peak_memory_bytes'] / ref['peak_memory_bytes']:>9.2f}x")
-    if "baseline_rss_bytes" in fast and "baseline_rss_bytes" in ref:
-        above = {n: training[n]["peak_memory_bytes"] - training[n]["baseline_rss_bytes"] for n in IMPLEMENTATIONS}
-        print(f"{'step MiB':<16}{above['model.py'] / 2**20:>14,.0f}{above['reference'] / 2**20:>14,.0f}"
-              f"{above['model.py'] / above['reference']:>9.2f}x   (peak RSS above RSS before the first step)")
-    if "mfu" in fast:
-        print(f"{'MFU':<16}{fast['mfu']:>14.1%}{ref['mfu']:>14.1%}   (peak {results['peak_flops'] / 1e12:,.0f} TFLOP/s measured)")
+    fast = training["model.py"]
+    print_training(training, device, results.get("peak_flops"))
 
     if args.profile:
         results["profile"] = prof = profile_training(cfg, device, args.profile)
