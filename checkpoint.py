@@ -151,6 +151,9 @@ def load_export(folder) -> tuple[BDH, str, dict]:
     try:
         config = json.loads((folder / "config.json").read_text())
         export = config["bdh_export"]
+        if export["version"] > EXPORT_VERSION:
+            raise CheckpointError(f"{folder}: exported by a newer version of this project (export version "
+                                  f"{export['version']}, this one reads up to {EXPORT_VERSION}); update the code")
         tensors = load_file(folder / "model.safetensors")
         tokenizer = "bytes" if export["tokenizer"] == "bytes" else (folder / "tokenizer.json").read_text()
         model = BDH(BDHConfig(**{k: config[k] for k in BDHConfig.__dataclass_fields__}))
@@ -163,6 +166,8 @@ def load_export(folder) -> tuple[BDH, str, dict]:
                                             tensors["quant_map"], shape, blocksize)
             tensors.pop("quant_map")
         model.load_state_dict(tensors)
+    except CheckpointError:
+        raise
     except Exception as e:  # a missing file or key, not JSON, not safetensors, other shapes
         raise CheckpointError(f"{folder}: not a model exported by this project's export.py ({type(e).__name__}: "
                               f"{first_line(e)})")
@@ -299,8 +304,22 @@ def release_run_directories():
     """Release this process's run directory locks (RunDir.lock): its training is over."""
     while _LOCKED:
         handle = _LOCKED.pop()
-        fcntl.flock(handle, fcntl.LOCK_UN)  # also for DataLoader workers that inherited the file
-        handle.close()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        finally:
+            handle.close()
+
+
+def _forget_locks_in_child():
+    """A forked child (a DataLoader worker) closes its copies of the lock files, without unlocking
+    (that would free the parent's hold): a trainer killed with kill -9 frees its run directory at
+    once, not when its workers notice."""
+    while _LOCKED:
+        _LOCKED.pop().close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 class RunDir:

@@ -272,6 +272,7 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
     index = {(unit.file_key, unit.row_group): i for i, unit in enumerate(units)}
     dealing = None
     left = []  # [index in units, first part]
+    read_of_parts = 0.0  # of the parts being read, which are read again from their start: counted as read
     for reader in range(old_readers):
         position = saved.get(reader, start)
         if position["epoch"] > epoch:
@@ -281,13 +282,15 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
         else:
             dealing = dealing or assign_units(units, epoch, saved_order["training.seed"], old_readers, shuffle=True)
             assigned = [[index[(unit.file_key, unit.row_group)], 0] for unit in dealing[reader]]
-        left += still_to_read(assigned, position)
+        rest = still_to_read(assigned, position)
+        read_of_parts += part_read(units[rest[0][0]], position) if rest else 0.0
+        left += rest
     loads, dealt = [0.0] * n_readers, [[] for _ in range(n_readers)]
     for entry in left:
         reader = loads.index(min(loads))
         dealt[reader].append(entry)
         loads[reader] += bytes_left(units[entry[0]], entry[1])
-    done = 1 - sum(loads) / max(1, sum(unit.num_bytes for unit in units))  # of the epoch, for epochs_read
+    done = 1 - (sum(loads) - read_of_parts) / max(1, sum(unit.num_bytes for unit in units))  # for epochs_read
     positions = [{"reader": reader, "epoch": epoch, "unit": 0, "part": entries[0][1] if entries else 0,
                   "consumed": 0, "carry": [], "units": entries, "epoch_done": done}
                  for reader, entries in enumerate(dealt)]

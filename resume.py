@@ -75,18 +75,20 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
     run = reopen_run(cfg, path, ckpt, progress, ranks)
     if ckpt.step < cfg.training.max_iters and (note := schedule_jump(ckpt, cfg.training)):
         print(note)
-    if evaluated_weights(ckpt.low_precision()) != evaluated_weights(asdict(low_precision)):
-        progress.best_val_loss = math.inf
+    best_afresh = evaluated_weights(ckpt.low_precision()) != evaluated_weights(asdict(low_precision))
+    if best_afresh:
         print("validation losses now measure other weights (use_4bit or its code book changed): best.pt starts afresh")
     positions, progress.batches_consumed = resume_point(
         cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
     if warning := validation_change(ckpt.config, cfg.to_dict(), (ckpt.data_order or {}).get(SHARDS),
                                     data_order(cfg, units, workers, ranks.world_size)[SHARDS]):
         print(warning)
+        best_afresh = True
+    if best_afresh:
         progress.best_val_loss = math.inf
-    restarts_best = progress.best_val_loss == math.inf and ckpt.step < cfg.training.max_iters
-    if restarts_best and (kept := run.set_aside_best(ckpt.step)):
-        print(f"  the run's best.pt so far (validation loss {ckpt.best_val_loss:.4f}) is now {kept}")
+        if ckpt.step < cfg.training.max_iters and (kept := run.set_aside_best(ckpt.step)):
+            loss = f" (validation loss {ckpt.best_val_loss:.4f})" if math.isfinite(ckpt.best_val_loss) else ""
+            print(f"  the run's best.pt so far{loss} is now {kept}")
     return run, progress, positions
 
 

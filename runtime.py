@@ -111,33 +111,44 @@ def peak_memory_bytes(device: torch.device) -> int:
         return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
+MEMINFO, PROCESS_CGROUP, CGROUP_ROOT = Path("/proc/meminfo"), Path("/proc/self/cgroup"), Path("/sys/fs/cgroup")
+
+
 def available_host_memory() -> int | None:
-    """Bytes new allocations can get without swapping: Linux's MemAvailable, or less where the
-    process's cgroup (v2: a container, a Slurm job) has less left under its memory.max; None where
-    /proc/meminfo does not exist."""
+    """Bytes this process's allocations can get at most: Linux's MemAvailable, or the smallest
+    memory.max of its cgroup (v2: a container, a Slurm job) and their parents where that is lower.
+    (The limit, not the room left under it: the page cache counted in a cgroup's usage can be
+    reclaimed.) None where /proc/meminfo does not exist."""
     try:
-        with open("/proc/meminfo") as f:
-            available = int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
-    except (OSError, StopIteration, ValueError):
+        lines = MEMINFO.read_text().splitlines()
+        available = int(next(line for line in lines if line.startswith("MemAvailable:")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
         return None
     try:
-        with open("/proc/self/cgroup") as f:
-            group = Path("/sys/fs/cgroup") / next(line for line in f if line.startswith("0::"))[3:].strip().lstrip("/")
-        limit = (group / "memory.max").read_text().strip()
-        if limit != "max":
-            available = min(available, int(limit) - int((group / "memory.current").read_text()))
-    except (OSError, StopIteration, ValueError):
-        pass
+        group = next(line for line in PROCESS_CGROUP.read_text().splitlines() if line.startswith("0::"))[3:]
+    except (OSError, StopIteration):
+        return available
+    folder = CGROUP_ROOT / group.strip().lstrip("/")
+    for folder in [folder, *folder.parents]:
+        if not folder.is_relative_to(CGROUP_ROOT):
+            break
+        try:
+            limit = (folder / "memory.max").read_text().strip()
+            available = min(available, int(limit)) if limit != "max" else available
+        except (OSError, ValueError):
+            continue
     return available
 
 
 def check_host_memory(cfg, ranks):
     """On CPU: refuse a model whose weights, gradients and optimizer state alone (a lower bound:
     activations come on top) exceed the memory available to this machine's processes, rather than
-    let the kernel's OOM killer end the run minutes later without a word."""
-    available = available_host_memory()
-    if available is None:
+    let the kernel's OOM killer end the run minutes later without a word. Every rank decides on the
+    least memory any of them sees, so that all refuse or none."""
+    seen = [memory for memory in ranks.gather(available_host_memory()) if memory is not None]
+    if not seen:
         return
+    available = min(seen)
     n, processes = cfg.model.n_params, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     sharded = ranks.enabled and ranks.mode == "fsdp"  # each process builds all weights, then keeps its shard
 
@@ -148,10 +159,10 @@ def check_host_memory(cfg, ranks):
     if need <= available:
         return
     cheaper = " or set low_precision.use_4bit_optimizer=true" if not four_bit and needed(1) <= available else ""
-    raise DeviceError(f"the model's {n / 1e6:,.0f}M parameters need at least {need / 2**30:,.1f} "
-                      f"GiB for weights, gradients and optimizer state{f' ({processes} processes)' * (processes > 1)}, "
-                      f"and this machine has {available / 2**30:,.1f} GiB available: make the model smaller "
-                      f"(model.n_embd, model.mlp_internal_dim_multiplier, model.n_layer){cheaper}")
+    raise DeviceError(f"the model's {n / 1e6:,.0f}M parameters need at least {need / 2**30:,.1f} GiB for weights, "
+                      f"gradients and optimizer state{f' ({processes} processes)' * (processes > 1)}, and this "
+                      f"machine has {available / 2**30:,.1f} GiB available: make the model smaller (model.n_embd, "
+                      f"model.mlp_internal_dim_multiplier; the layers share one set of weights){cheaper}")
 
 
 def process_status_bytes(field: str) -> int:

@@ -1,5 +1,8 @@
-"""Checkpoint files and run directories: the format, safe loading, temporaries left by a kill."""
+"""Checkpoint files and run directories: the format, safe loading, temporaries left by a kill, the hold
+of a run directory."""
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -120,3 +123,24 @@ def test_a_run_directory_is_held_until_released(tmp_path):
         release_run_directories()
     RunDir(str(tmp_path), path=run.path).lock()
     release_run_directories()
+
+
+def test_a_forked_child_does_not_keep_the_hold_of_a_killed_trainer(tmp_path):
+    import checkpoint
+    run = RunDir(str(tmp_path))
+    run.save(Checkpoint(step=1, model={}, model_config={}), "model: {}\n")
+    started, say_started = os.pipe()
+    child = os.fork()  # as a DataLoader worker is
+    if child == 0:
+        os.write(say_started, b"1")
+        time.sleep(30)
+        os._exit(0)
+    try:
+        assert os.read(started, 1) == b"1"  # (fork's hooks have run in the child)
+        checkpoint._LOCKED.pop().close()  # the trainer dies (kill -9): its file closes, nothing unlocks
+        RunDir(str(tmp_path), path=run.path).lock()  # the worker still alive does not hold the folder
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(started)
+        os.close(say_started)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import export
 import sample
 import train
-from checkpoint import load_checkpoint, load_export, model_from_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, load_export, model_from_checkpoint
 from conftest import write_config
 from lowbit import dequantize, quantize
 
@@ -106,6 +106,10 @@ def test_4bit_export_is_the_model_sample_4bit_serves(tmp_path, corpus, capsys, m
     config["bdh_export"]["version"] = 1
     (old / "config.json").write_text(json.dumps(config))
     assert torch.equal(load_export(old)[0].encoder, unpacked.encoder)
+    config["bdh_export"]["version"] = 99
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"exported by a newer version of this project \(export version 99, "):
+        load_export(old)
     model, tokenizer = hf_model(out)
     ids = model.generate(**tokenizer("<01-", return_tensors="pt"), max_new_tokens=100, do_sample=False)
     assert tokenizer.decode(ids[0]) == sample_text(capsys, "--checkpoint", str(run), "--prompt", "<01-", "--4bit")

@@ -67,14 +67,48 @@ def test_a_model_whose_state_exceeds_the_available_memory_is_refused(monkeypatch
     cfg.low_precision.use_4bit_optimizer = False
     monkeypatch.setattr(runtime, "available_host_memory", lambda: 550e6)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # FSDP: each process builds all weights, then keeps half the rest
-    runtime.check_host_memory(cfg, Ranks(world_size=2, mode="fsdp"))  # 2 x (4 + 12 / 2) x 25.3M = 506 MB
+
+    class TwoRanks(Ranks):  # what the other rank sees, without a process group
+        def gather(self, obj):
+            return [obj, other_rank_sees]
+    other_rank_sees = 550e6
+    runtime.check_host_memory(cfg, TwoRanks(world_size=2, mode="fsdp"))  # 2 x (4 + 12 / 2) x 25.3M = 506 MB
     with pytest.raises(runtime.DeviceError, match=r"optimizer state \(2 processes\)"):
-        runtime.check_host_memory(cfg, Ranks(world_size=2, mode="ddp"))
+        runtime.check_host_memory(cfg, TwoRanks(world_size=2, mode="ddp"))
+    other_rank_sees = 500e6  # every rank decides on the least: all refuse, or none
+    with pytest.raises(runtime.DeviceError, match=r"this machine has 0\.5 GiB available"):
+        runtime.check_host_memory(cfg, TwoRanks(world_size=2, mode="fsdp"))
     monkeypatch.setattr(runtime, "available_host_memory", lambda: None)  # not Linux: nothing to check against
-    runtime.check_host_memory(cfg, Ranks(world_size=2, mode="ddp"))
+    other_rank_sees = None
+    runtime.check_host_memory(cfg, TwoRanks(world_size=2, mode="ddp"))
 
 
 def test_available_host_memory_is_read_on_linux():
     if not sys.platform.startswith("linux"):
         pytest.skip("/proc/meminfo is Linux's")
     assert 0 < runtime.available_host_memory() < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@pytest.mark.parametrize("cgroup,limits,expected_gib", [
+    (None, {}, 16),  # no /proc/self/cgroup: MemAvailable
+    ("0::/\n", {"": "max"}, 16),  # cgroup v2 without a limit
+    ("0::/job/step\n", {"job/step": "max", "job": str(4 << 30)}, 4),  # a limit on a parent (Slurm's job)
+    ("0::/job/step\n", {"job/step": str(6 << 30), "job": str(8 << 30)}, 6),
+    ("0::/c\n", {"c": str(64 << 30)}, 16),  # a limit above what the machine has
+    ("4:memory:/a\n0::/\n", {}, 16),  # cgroup v1 only: not read
+])
+def test_available_memory_is_the_least_of_memavailable_and_the_cgroup_limits(tmp_path, monkeypatch, cgroup, limits,
+                                                                           expected_gib):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal: {32 << 20} kB\nMemFree: 1 kB\nMemAvailable: {16 << 20} kB\n")
+    monkeypatch.setattr(runtime, "MEMINFO", meminfo)
+    monkeypatch.setattr(runtime, "PROCESS_CGROUP", tmp_path / "cgroup")
+    monkeypatch.setattr(runtime, "CGROUP_ROOT", tmp_path / "fs")
+    if cgroup is not None:
+        (tmp_path / "cgroup").write_text(cgroup)
+    for folder, limit in limits.items():
+        (tmp_path / "fs" / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / folder / "memory.max").write_text(limit + "\n")
+    assert runtime.available_host_memory() == expected_gib << 30
+    monkeypatch.setattr(runtime, "MEMINFO", tmp_path / "absent")
+    assert runtime.available_host_memory() is None  # not Linux

@@ -174,8 +174,8 @@ def test_a_model_too_large_for_the_memory_is_refused_before_the_data_is_read(tmp
     assert train.main(["--config", str(path), "model.n_embd=1024", "model.mlp_internal_dim_multiplier=128"]) == 1
     assert capsys.readouterr().err == (
         "error: the model's 403M parameters need at least 6.0 GiB for weights, gradients and optimizer state, and "
-        "this machine has 1.0 GiB available: make the model smaller (model.n_embd, model.mlp_internal_dim_multiplier, "
-        "model.n_layer)\n")  # the 4-bit optimizer would not make it fit (3.4 GiB): not suggested
+        "this machine has 1.0 GiB available: make the model smaller (model.n_embd, model.mlp_internal_dim_multiplier; "
+        "the layers share one set of weights)\n")  # the 4-bit optimizer would not make it fit (3.4 GiB): not suggested
     assert not (tmp_path / "ck").exists()
 
 
