@@ -205,9 +205,9 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: 
     """About how many passes over the training units the readers have made: each reader's epoch
     plus the share, by bytes, of that epoch's units it has read (the unit it is in counted by the
     parts of it finished, a row group may hold gigabytes, and the share of windows used of the part
-    it is in); the mean over the readers whose positions
-    are given (a rank knows its own; the units are dealt to balance the readers' bytes). `dealt`
-    keeps each epoch's dealing (units and cumulative bytes per reader) from call to call."""
+    it is in); the mean over the readers whose positions are given (a rank knows its own; the units
+    are dealt to balance the readers' bytes). `dealt` keeps each epoch's dealing (units and
+    cumulative bytes per reader) from call to call."""
     positions = list(positions)
     if not positions:
         return 0.0

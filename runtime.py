@@ -128,8 +128,8 @@ def available_host_memory() -> int | None:
         group = next(line for line in PROCESS_CGROUP.read_text().splitlines() if line.startswith("0::"))[3:]
     except (OSError, StopIteration):
         return available
-    folder = CGROUP_ROOT / group.strip().lstrip("/")
-    for folder in [folder, *folder.parents]:
+    own = CGROUP_ROOT / group.strip().lstrip("/")
+    for folder in [own, *own.parents]:
         if not folder.is_relative_to(CGROUP_ROOT):
             break
         try:
