@@ -416,11 +416,7 @@ class RunDir:
             later.append(best)
         if not later:
             return [], None
-        folder = self.path / f"abandoned_after_step_{step}"
-        for n in range(2, 1000):
-            if not folder.exists():
-                break
-            folder = self.path / f"abandoned_after_step_{step}_{n}"
+        folder = unused(self.path / f"abandoned_after_step_{step}")
         folder.mkdir()
         for path in later:
             path.rename(folder / path.name)
@@ -432,11 +428,7 @@ class RunDir:
         best = self.path / "best.pt" if self.writer and self.path is not None else None
         if best is None or not best.exists():
             return None
-        kept = self.path / f"best_until_step_{step}.pt"
-        for n in range(2, 1000):
-            if not kept.exists():
-                break
-            kept = self.path / f"best_until_step_{step}_{n}.pt"
+        kept = unused(self.path / f"best_until_step_{step}.pt")
         best.rename(kept)
         return kept.name
 
@@ -445,6 +437,14 @@ class RunDir:
         if self.writer and keep_last_n > 0 and self.path is not None:
             for old in checkpoints_in(self.path)[:-keep_last_n]:
                 old.unlink(missing_ok=True)
+
+
+def unused(path: Path) -> Path:
+    """`path`, or the first of path_2, path_3, ... (the number before its suffix) that does not exist."""
+    candidate, n = path, 2
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.stem}_{n}{path.suffix}"), n + 1
+    return candidate
 
 
 def saved_progress(path: Path) -> tuple[float, float]:

@@ -303,7 +303,7 @@ def make_optimizer(model: BDH, cfg, device) -> torch.optim.Optimizer:
 def describe_run(cfg, model, optimizer, ranks, device, units, run, tokens_per_step, compiled, fp8_recipe,
                  qat_start) -> str:
     training, low_precision = cfg.training, cfg.low_precision
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = cfg.model.n_params
     compute_dtype = resolve_compute_dtype(device, low_precision.compute_dtype)
     if low_precision.compute_dtype == "auto":
         compute_dtype += " (auto)"

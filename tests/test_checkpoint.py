@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkpoint import (Checkpoint, CheckpointError, RunDir, checkpoints_in, clean_stale_temporaries,
-                        load_checkpoint, open_checkpoint, release_run_directories)
+                        load_checkpoint, open_checkpoint, release_run_directories, unused)
 from config import Config
 from conftest import tiny_config_dict
 from model import BDH
@@ -144,3 +144,12 @@ def test_a_forked_child_does_not_keep_the_hold_of_a_killed_trainer(tmp_path):
         os.waitpid(child, 0)
         os.close(started)
         os.close(say_started)
+
+
+def test_unused_numbers_a_taken_name_before_its_suffix(tmp_path):
+    assert unused(tmp_path / "best.pt") == tmp_path / "best.pt"
+    (tmp_path / "best.pt").touch()
+    (tmp_path / "best_2.pt").touch()
+    assert unused(tmp_path / "best.pt") == tmp_path / "best_3.pt"
+    (tmp_path / "abandoned_after_step_4").mkdir()
+    assert unused(tmp_path / "abandoned_after_step_4") == tmp_path / "abandoned_after_step_4_2"

@@ -70,6 +70,8 @@ def test_parameter_names_and_shapes_are_the_checkpoint_format():
     assert shapes == {"embed.weight": (256, 256), "encoder": (4, 256, 8192), "encoder_v": (4, 256, 8192),
                       "decoder": (4 * 8192, 256), "lm_head": (256, 256)}
     assert abs(sum(math.prod(s) for s in shapes.values()) / 1e6 - 25.3) < 0.05
+    for config in (cfg, BDHConfig(n_embd=48, n_head=3, mlp_internal_dim_multiplier=5, vocab_size=300)):
+        assert config.n_params == sum(p.numel() for p in BDH(config).parameters())  # what the memory check counts
 
 
 def test_matches_independent_implementation_of_the_spec():
