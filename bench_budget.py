@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import checkpoints_in, load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 from config import add_config_arguments, load_config
 from corpus import text_files_to_parquet
 from files import read_records
+from rundir import checkpoints_in
 from runtime import first_line
 from tokenizer import tokenizer_from_string
 

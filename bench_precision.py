@@ -32,16 +32,17 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import checkpoints_in, load_checkpoint, model_from_checkpoint
+import adamw4bit
+from adamw4bit import AdamW4bit, MomentFormat, adamw_state_bytes
+from checkpoint import load_checkpoint, model_from_checkpoint
 from config import Config, add_config_arguments, load_config
 from data import validation_batches
 from distributed import Ranks
 from evaluation import validation_loss
 from files import read_records
-import adamw4bit
-from adamw4bit import AdamW4bit, MomentFormat, adamw_state_bytes
 from lowbit import to_4bit
 from model import BDH
+from rundir import checkpoints_in
 from runtime import autocast, pick_device
 from shards import list_units
 from tokenizer import load_tokenizer

@@ -1,42 +1,23 @@
-"""Checkpoints and run directories.
+"""Checkpoint files and exported models: what they hold, and reading them safely.
 
 A checkpoint is one file (torch.save of Checkpoint.to_dict()) holding only tensors, numbers,
 strings, lists and dicts; it is read with torch.load(weights_only=True), so loading one cannot run
-code. Checkpoint is the one place that knows its layout.
-
-A run writes into <checkpoint_dir>/run_YYYYMMDD_HHMMSS/, created only when the first checkpoint
-is saved. Every file is written with files.atomic_write, so a crash leaves each checkpoint either
-complete or absent.
+code. Checkpoint is the one place that knows its layout. Where checkpoints live, and which one a
+name means, is rundir.py's job.
 """
 import dataclasses
 import json
 import math
-import os
-import random
-import re
-import shutil
-import socket
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import yaml
 
 from config import LowPrecisionConfig
-from files import atomic_write, left_by_a_dead_process, relative_to_here
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line
 
-try:
-    import fcntl
-except ImportError:  # Windows: run directories are not locked
-    fcntl = None
-
 PROJECT_VERSION = "0.4.1"
-CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
 
 
 class CheckpointError(Exception):
@@ -112,20 +93,14 @@ def load_checkpoint(path) -> Checkpoint:
     return Checkpoint.from_dict(state)
 
 
-def open_checkpoint(spec: str, checkpoint_dir: str, setting: str = "training.resume_from_checkpoint"):
-    """(path, Checkpoint) of spec: a checkpoint file, a run directory (its newest checkpoint) or
-    `latest` (the newest checkpoint of the newest run in checkpoint_dir). For a run directory and
-    `latest`, a checkpoint that cannot be read is skipped, with a line saying why, for the next
-    newest. `setting` names the option in errors."""
-    candidates = checkpoint_candidates(spec, checkpoint_dir, setting)
-    for path in candidates:
-        try:
-            return path, load_checkpoint(path)
-        except CheckpointError as e:
-            if len(candidates) == 1 and Path(spec).is_file():
-                raise CheckpointError(f"{setting}: {e}") from None
-            print(f"skipped {e}")
-    raise CheckpointError(f"{setting}: {spec}: none of its {len(candidates)} checkpoint(s) can be read (see above)")
+def saved_progress(path: Path) -> tuple[float, float]:
+    """(step, best validation loss) of a checkpoint file, read without loading its tensors;
+    (inf, inf) if it cannot be read."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return saved["step"], saved["best_val_loss"]
+    except Exception:
+        return math.inf, math.inf
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> BDH:
@@ -172,296 +147,3 @@ def load_export(folder) -> tuple[BDH, str, dict]:
         raise CheckpointError(f"{folder}: not a model exported by this project's export.py ({type(e).__name__}: "
                               f"{first_line(e)})")
     return model, tokenizer, config
-
-
-def load_model(spec: str, checkpoint_dir: str, setting: str) -> tuple[BDH, str, dict]:
-    """(model, tokenizer as tokenizer.to_str() gives it, the low_precision settings it was trained
-    with; exported_in_4bit if its weights are 4-bit already) of a checkpoint (open_checkpoint) or
-    of a folder that export.py wrote."""
-    if is_export(spec):
-        model, tokenizer, config = load_export(spec)
-        return model, tokenizer, {**config["low_precision"], "exported_in_4bit": bool(config.get("weights_4bit"))}
-    _, ckpt = open_checkpoint(spec, checkpoint_dir, setting)
-    return model_from_checkpoint(ckpt), ckpt.tokenizer, ckpt.low_precision()
-
-
-def check_same_model(saved_config: dict, model_config: BDHConfig, path):
-    """Refuses weights of another model shape (dropout may differ: it is not a shape)."""
-    differing = [f"{k}: checkpoint {saved_config.get(k)!r}, config {v!r}"
-                 for k, v in dataclasses.asdict(model_config).items()
-                 if k != "dropout" and saved_config.get(k) != v]
-    if differing:
-        raise CheckpointError(f"{path}: the checkpoint is from a different model shape; set "
-                              f"model.* to match it or start a new run. Differences: " + "; ".join(differing))
-
-
-def optimizer_state_for(optimizer, saved: dict, names: dict) -> dict:
-    """The saved optimizer state (keyed by parameter name) ready to load into `optimizer`: its
-    parameter groups take the current settings (betas, weight decay, ...; the config decides
-    them, as it does the learning rate), keeping only the saved parameter lists. `names` maps each
-    parameter to its name. Checkpoints of version 0.1 keyed the state by position instead."""
-    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
-    if all(isinstance(k, int) for k in saved["state"]):
-        saved = {"state": {order[k]: v for k, v in saved["state"].items()},
-                 "param_groups": [{**g, "params": [order[k] for k in g["params"]]}
-                                  for g in saved["param_groups"]]}
-    saved["param_groups"] = [
-        {**{k: v for k, v in current.items() if k != "params"}, "params": old["params"]}
-        for current, old in zip(optimizer.param_groups, saved["param_groups"])]
-    return saved
-
-
-def rng_state(device) -> dict:
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-             "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict, device):
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def checkpoints_in(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary files are never matched)."""
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def resumable_in(run_dir: Path) -> list[Path]:
-    """The checkpoints a run continues from, newest first: its checkpoint_<step>.pt, and before them
-    best.pt when it is newer (saved after the evaluation of a step that a kill kept from its
-    checkpoint, or test_freq below checkpoint_freq): it holds the whole training state too."""
-    found = checkpoints_in(run_dir)[::-1]
-    best_step = saved_progress(run_dir / "best.pt")[0] if (run_dir / "best.pt").is_file() else math.inf
-    if best_step < math.inf and (not found or best_step > int(CHECKPOINT_RE.match(found[0].name).group(1))):
-        found.insert(0, run_dir / "best.pt")
-    return found
-
-
-def checkpoint_candidates(spec: str, checkpoint_dir: str, setting: str) -> list[Path]:
-    """The checkpoints spec may mean, newest first (open_checkpoint)."""
-    if spec == "latest":
-        root = Path(checkpoint_dir)
-        runs = [p for p in sorted(root.glob("run_*")) if p.is_dir()] if root.is_dir() else []
-        found = [path for run in reversed(runs) for path in resumable_in(run)]
-        if not found:
-            raise CheckpointError(f"{setting}: latest: no run with a checkpoint in {root}/{relative_to_here(root)}; "
-                                  f"train one first, or name the folder that holds the runs")
-        return found
-    path = Path(spec)
-    if path.is_dir():
-        found = resumable_in(path)
-        if not found:
-            runs = sorted(p.name for p in path.glob("run_*") if p.is_dir() and resumable_in(p))
-            hint = (f": it holds runs; give one (e.g. {path / runs[-1]}), or `latest` with it as the checkpoint "
-                    f"folder" if runs else ": export.py's output, not a checkpoint" if is_export(path) else "")
-            raise CheckpointError(f"{setting}: {path} holds no checkpoint_<step>.pt{hint}")
-        return found
-    if not path.is_file():
-        raise CheckpointError(f"{setting}: {path} does not exist{relative_to_here(path)}; give a checkpoint file, a run "
-                              f"directory or `latest`")
-    return [path]
-
-
-def check_writable(checkpoint_dir: str):
-    """Fail now, not at the first checkpoint hours later, if run directories cannot be created in
-    training.checkpoint_dir: a file of that name, a folder without write permission, a read-only disk."""
-    folder = Path(checkpoint_dir)
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise CheckpointError(f"training.checkpoint_dir: {existing} is a file, not a folder; set "
-                              f"training.checkpoint_dir to a folder")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        what = f"files in {existing}" if existing == folder else f"{folder} inside {existing}"
-        raise CheckpointError(f"training.checkpoint_dir: cannot create {what} ({e.strerror or e}); set "
-                              f"training.checkpoint_dir to a folder you can write")
-
-
-def flat_diff(old: dict, new: dict, ignore=()) -> list[str]:
-    lines = []
-    for section in new:
-        for key, value in new[section].items():
-            before = old.get(section, {}).get(key)
-            if f"{section}.{key}" not in ignore and before != value:
-                lines.append(f"{section}.{key}: {before!r} -> {value!r}")
-    return lines
-
-
-_LOCKED = []  # the open lock files of the run directories this process trains in
-
-
-def release_run_directories():
-    """Release this process's run directory locks (RunDir.lock): its training is over."""
-    while _LOCKED:
-        handle = _LOCKED.pop()
-        try:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-        finally:
-            handle.close()
-
-
-def _forget_locks_in_child():
-    """A forked child (a DataLoader worker) closes its copies of the lock files, without unlocking
-    (that would free the parent's hold): a trainer killed with kill -9 frees its run directory at
-    once, not when its workers notice."""
-    while _LOCKED:
-        _LOCKED.pop().close()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_locks_in_child)
-
-
-class RunDir:
-    """The run's folder, created lazily by the first save() (metrics.py writes its records there).
-    Only one process of a run writes (writer=True); for the others every method does nothing."""
-
-    def __init__(self, checkpoint_dir: str, path: Path | None = None, writer: bool = True):
-        self.checkpoint_dir = Path(checkpoint_dir)
-        self.writer = writer
-        self.name = path.name if path is not None else time.strftime("run_%Y%m%d_%H%M%S")
-        self.path = path
-
-    def _create(self, config_yaml: str):
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        for n in range(1, 1000):
-            path = self.checkpoint_dir / (self.name if n == 1 else f"{self.name}_{n}")
-            try:
-                path.mkdir()
-                break
-            except FileExistsError:
-                continue
-        self.path = path
-        self.lock()
-        atomic_write(path / "config.yaml", lambda f: f.write(config_yaml.encode()))
-
-    def lock(self):
-        """Hold the run directory while this process trains in it: a second process resuming the
-        same run (a job submitted twice, a resume while the run still goes) is refused, instead of
-        interleaving its records and checkpoints with the first's. The operating system releases
-        the lock when the process ends, however it ends."""
-        if not self.writer or fcntl is None:
-            return
-        try:
-            handle = open(self.path / ".lock", "a+")
-        except OSError:
-            return  # a folder this process cannot write to: saving the checkpoint will say so
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if not isinstance(e, BlockingIOError):  # a file system without locks (some network ones)
-                handle.close()
-                return
-            handle.seek(0)
-            holder = handle.read().strip() or "a process"
-            handle.close()
-            raise CheckpointError(f"{self.path}: {holder} is training in this run directory; wait for it to end "
-                                  f"(or stop it), then resume")
-        handle.truncate(0)
-        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        _LOCKED.append(handle)
-
-    def save(self, ckpt: Checkpoint, config_yaml: str, name: str | None = None) -> Path | None:
-        """Write checkpoint_<step>.pt (or `name`) atomically; create the run directory first."""
-        if not self.writer:
-            return None
-        try:
-            if self.path is None:
-                self._create(config_yaml)
-            target = self.path / (name or f"checkpoint_{ckpt.step}.pt")
-            atomic_write(target, lambda f: torch.save(ckpt.to_dict(), f))
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-            folder = self.path or self.checkpoint_dir
-            why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
-            try:
-                why += f"; {shutil.disk_usage(folder).free / 2**20:,.0f} MiB free on its disk"
-            except OSError:
-                pass
-            raise CheckpointError(f"cannot write checkpoint for step {ckpt.step} in {folder}: {why}; "
-                                  f"earlier checkpoints are intact")
-        return target
-
-    def record_resumed_config(self, step: int, config: dict, config_yaml: str) -> list[str]:
-        """Keep the run's original config.yaml; if the resumed config differs, save it beside
-        as config_resume_<step>.yaml and return the differences."""
-        if not self.writer:
-            return []
-        original_path = self.path / "config.yaml"
-        original = yaml.safe_load(original_path.read_text()) if original_path.exists() else {}
-        diff = flat_diff(original or {}, config, ignore=("training.resume_from_checkpoint",))
-        if diff:
-            atomic_write(self.path / f"config_resume_{step}.yaml", lambda f: f.write(config_yaml.encode()))
-        return diff
-
-    def set_aside_after(self, step: int) -> tuple[list[str], Path | None]:
-        """A resume from an earlier step starts a new branch: the checkpoints after `step` (and a
-        best.pt from after it) belong to the abandoned one. They move to a subfolder, so that
-        `latest` and keep_last_n see only this branch. Returns (what moved, where)."""
-        if not self.writer:
-            return [], None
-        later = [p for p in checkpoints_in(self.path) if int(CHECKPOINT_RE.match(p.name).group(1)) > step]
-        best = self.path / "best.pt"
-        if best.exists() and saved_progress(best)[0] > step:
-            later.append(best)
-        if not later:
-            return [], None
-        folder = unused(self.path / f"abandoned_after_step_{step}")
-        folder.mkdir()
-        for path in later:
-            path.rename(folder / path.name)
-        return [p.name for p in later], folder
-
-    def set_aside_best(self, step: int) -> str | None:
-        """The run's best.pt, renamed best_until_step_<step>.pt: a resume whose validation losses
-        measure something else starts best.pt afresh, and the old best model stays. Returns the new name."""
-        best = self.path / "best.pt" if self.writer and self.path is not None else None
-        if best is None or not best.exists():
-            return None
-        kept = unused(self.path / f"best_until_step_{step}.pt")
-        best.rename(kept)
-        return kept.name
-
-    def prune(self, keep_last_n: int):
-        """Delete all but the newest keep_last_n checkpoint_<step>.pt (0 keeps all); best.pt stays."""
-        if self.writer and keep_last_n > 0 and self.path is not None:
-            for old in checkpoints_in(self.path)[:-keep_last_n]:
-                old.unlink(missing_ok=True)
-
-
-def unused(path: Path) -> Path:
-    """`path`, or the first of path_2, path_3, ... (the number before its suffix) that does not exist."""
-    candidate, n = path, 2
-    while candidate.exists():
-        candidate, n = path.with_name(f"{path.stem}_{n}{path.suffix}"), n + 1
-    return candidate
-
-
-def saved_progress(path: Path) -> tuple[float, float]:
-    """(step, best validation loss) of a checkpoint file, read without loading its tensors;
-    (inf, inf) if it cannot be read."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return saved["step"], saved["best_val_loss"]
-    except Exception:
-        return math.inf, math.inf
-
-
-def clean_stale_temporaries(checkpoint_dir) -> int:
-    """Remove temporary files left by a process killed mid-write (never a live process's)."""
-    removed = 0
-    for tmp in Path(checkpoint_dir).glob("run_*/.*.tmp*"):
-        if left_by_a_dead_process(tmp.name):
-            tmp.unlink(missing_ok=True)
-            removed += 1
-    return removed

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import yaml
 
-from checkpoint import EXPORT_VERSION, CheckpointError, open_checkpoint
+from checkpoint import EXPORT_VERSION, CheckpointError
 from files import read_records, write_folder
 from lowbit import BLOCKSIZE, LowBitError, export_4bit
 from model import LAYER_WEIGHTS, BDHConfig
+from rundir import open_checkpoint
 from tokenizer import SEPARATOR_TOKEN, TokenizerError, tokenizer_from_string
 
 ROOT = Path(__file__).resolve().parent

@@ -14,8 +14,9 @@ import sys
 
 import torch
 
-from checkpoint import CheckpointError, load_model
+from checkpoint import CheckpointError
 from files import picture_path
+from rundir import load_model
 from tokenizer import TokenizerError, tokenizer_from_string
 
 

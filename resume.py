@@ -7,18 +7,21 @@ wrote starts a fine-tuning run instead: its weights only.
 """
 import math
 import os
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from adamw4bit import convert_adamw_state
-from checkpoint import (Checkpoint, CheckpointError, RunDir, check_same_model, is_export, load_export, open_checkpoint,
-                        optimizer_state_for, rng_state, set_rng_state)
+from checkpoint import Checkpoint, CheckpointError, is_export, load_export
 from config import learning_rate
 from data import SHARDS, data_order, resume_point
 from distributed import full_state, load_full_state, load_full_weights
+from model import BDHConfig
+from rundir import RunDir, open_checkpoint
 from tokenizer import TokenizerError, load_tokenizer
 
 
@@ -44,6 +47,23 @@ def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tok
                       best_val_loss=progress.best_val_loss, rng=ranks.gather(rng_state(device)), data_order=order,
                       data_positions=positions, batches_consumed=progress.batches_consumed, tokenizer=tokenizer.to_str())
     return ranks.gather(run.save(ckpt, cfg.to_yaml(), name))[0]
+
+
+def rng_state(device) -> dict:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, device):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, device):
@@ -114,6 +134,32 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks) -> RunDir:
     for line in run.record_resumed_config(ckpt.step, cfg.to_dict(), cfg.to_yaml()):
         print(f"  config changed: {line}")
     return run
+
+
+def check_same_model(saved_config: dict, model_config: BDHConfig, path):
+    """Refuses weights of another model shape (dropout may differ: it is not a shape)."""
+    differing = [f"{k}: checkpoint {saved_config.get(k)!r}, config {v!r}"
+                 for k, v in asdict(model_config).items()
+                 if k != "dropout" and saved_config.get(k) != v]
+    if differing:
+        raise CheckpointError(f"{path}: the checkpoint is from a different model shape; set "
+                              f"model.* to match it or start a new run. Differences: " + "; ".join(differing))
+
+
+def optimizer_state_for(optimizer, saved: dict, names: dict) -> dict:
+    """The saved optimizer state (keyed by parameter name) ready to load into `optimizer`: its
+    parameter groups take the current settings (betas, weight decay, ...; the config decides
+    them, as it does the learning rate), keeping only the saved parameter lists. `names` maps each
+    parameter to its name. Checkpoints of version 0.1 keyed the state by position instead."""
+    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    if all(isinstance(k, int) for k in saved["state"]):
+        saved = {"state": {order[k]: v for k, v in saved["state"].items()},
+                 "param_groups": [{**g, "params": [order[k] for k in g["params"]]}
+                                  for g in saved["param_groups"]]}
+    saved["param_groups"] = [
+        {**{k: v for k, v in current.items() if k != "params"}, "params": old["params"]}
+        for current, old in zip(optimizer.param_groups, saved["param_groups"])]
+    return saved
 
 
 def schedule_jump(ckpt, training) -> str | None:

@@ -15,8 +15,9 @@ import sys
 
 import torch
 
-from checkpoint import CheckpointError, load_model
+from checkpoint import CheckpointError
 from lowbit import LowBitError, to_4bit
+from rundir import load_model
 from runtime import DeviceError, pick_device
 from tokenizer import TokenizerError, tokenizer_from_string
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from adamw4bit import AdamW4bit, adamw_state_bytes
-from checkpoint import CheckpointError, RunDir, check_writable, clean_stale_temporaries, release_run_directories
+from checkpoint import CheckpointError
 from config import add_config_arguments, learning_rate, load_config
 from corpus import ensure_sample_corpus
 from data import data_order, epochs_read, loader_workers, stop_loader_workers, train_loader, validation_batches
@@ -32,6 +32,7 @@ from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog, check_installed, evaluation_lines, format_duration, step_line
 from model import BDH
 from resume import Progress, resume, save, step_tokens
+from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_host_memory, compile_repeatably,
                      device_clock, last_line, out_of_memory, peak_flops, peak_memory_bytes, pick_device,
                      resolve_compute_dtype, steady_host_memory, wants_compile)

@@ -75,7 +75,7 @@ def process_wide_state():
     yield
     torch.use_deterministic_algorithms(False)
     torch.utils.deterministic.fill_uninitialized_memory = True
-    from checkpoint import release_run_directories
+    from rundir import release_run_directories
     release_run_directories()  # as train.main does: a RunDir a test created held its folder
 
 

@@ -8,10 +8,11 @@ import torch
 
 import metrics
 import train
-from checkpoint import RunDir, load_checkpoint
+from checkpoint import load_checkpoint
 from config import Config
 from conftest import write_config
 from metrics import MetricsLog
+from rundir import RunDir
 
 TRAIN_TAGS = {"train/loss", "train/lr", "train/grad_norm", "speed/tokens_per_s", "speed/ms_per_step", "speed/data_wait",
               "memory/peak_mib", "data/epochs"}

@@ -15,9 +15,10 @@ import yaml
 
 import sample
 import train
-from checkpoint import checkpoints_in, load_checkpoint, open_checkpoint
+from checkpoint import load_checkpoint
 from conftest import ROOT, finish, losses, only_run, run_dirs, start, write_config
 from resume import validation_change
+from rundir import checkpoints_in, open_checkpoint
 from tokenizer import load_tokenizer
 
 
@@ -47,7 +48,7 @@ def test_a_run_directory_another_process_trains_in_is_refused(tmp_path, corpus, 
     path = write_config(tmp_path, corpus)
     assert train.main(["--config", str(path)]) == 0
     [run] = run_dirs(tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", f"from checkpoint import RunDir; RunDir('', path=__import__("
+    holder = subprocess.Popen([sys.executable, "-c", f"from rundir import RunDir; RunDir('', path=__import__("
                                f"'pathlib').Path({str(run)!r})).lock(); print('held', flush=True); input()"],
                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -13,15 +13,16 @@ import pytest
 import torch
 import yaml
 
-import checkpoint
+import rundir
 import runtime
-import train
-from checkpoint import checkpoints_in, load_checkpoint
-from config import Config
 import sample
+import train
+from checkpoint import load_checkpoint
+from config import Config
 from conftest import NEEDS_CUDA, ROOT, losses, only_run, run_dirs, write_config
 from data import validation_batches
 from model import BDH
+from rundir import checkpoints_in
 from shards import list_units
 from tokenizer import load_tokenizer
 
@@ -241,7 +242,7 @@ def test_a_failed_write_is_reported_and_earlier_checkpoints_survive(tmp_path, co
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint.torch, "save", disk_full_at_step_4)
+    monkeypatch.setattr(rundir.torch, "save", disk_full_at_step_4)
     assert train.main(["--config", str(config)]) == 1
     err = capsys.readouterr().err
     assert "cannot write checkpoint for step 4" in err and "No space left on device" in err

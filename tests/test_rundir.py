@@ -1,0 +1,109 @@
+"""Run directories: their names, which checkpoint a name means, temporaries left by a kill, the hold
+of a run directory."""
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import rundir
+from checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from rundir import RunDir, checkpoints_in, clean_stale_temporaries, open_checkpoint, release_run_directories, unused
+
+
+def test_two_runs_started_in_the_same_second_get_different_directories(tmp_path):
+    a, b = RunDir(str(tmp_path)), RunDir(str(tmp_path))
+    b.name = a.name
+    ckpt = Checkpoint(step=1, model={}, model_config={})
+    pa = a.save(ckpt, "model: {}\n").parent
+    pb = b.save(ckpt, "model: {}\n").parent
+    assert pa != pb and pa.exists() and pb.exists()
+    assert RunDir(str(tmp_path), path=pb).name == pb.name  # a resumed run keeps its name (W&B's run name)
+
+
+def test_stale_temporary_files_are_removed_but_not_a_live_writers(tmp_path):
+    run = tmp_path / "run_20260101_000000"
+    run.mkdir()
+    dead, live = run / ".checkpoint_3.pt.tmp999999999", run / f".checkpoint_4.pt.tmp{os.getpid()}"
+    dead.write_bytes(b"partial")
+    live.write_bytes(b"partial")
+    assert checkpoints_in(run) == []
+    assert clean_stale_temporaries(tmp_path) == 1
+    assert not dead.exists() and live.exists()
+
+
+def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_path, capsys):
+    run = tmp_path / "run_20260101_000000"
+    run.mkdir()
+    with pytest.raises(CheckpointError, match=r"^--checkpoint: latest: no run with a checkpoint in"):
+        open_checkpoint("latest", str(tmp_path), setting="--checkpoint")
+    with pytest.raises(CheckpointError, match=r"^training.resume_from_checkpoint: .* holds no checkpoint_<step>.pt"):
+        open_checkpoint(str(run), str(tmp_path))
+    for step in (2, 10):
+        torch.save(Checkpoint(step=step, model={}, model_config={}).to_dict(), run / f"checkpoint_{step}.pt")
+    assert open_checkpoint(str(run), str(tmp_path))[0] == run / "checkpoint_10.pt"  # by step, not by name
+    with pytest.raises(CheckpointError, match=f"holds no checkpoint_<step>.pt: it holds runs; give one .e.g. {run}."):
+        open_checkpoint(str(tmp_path), str(tmp_path))  # the folder of the runs
+    good = (run / "checkpoint_10.pt").read_bytes()
+    (run / "checkpoint_10.pt").write_bytes(good[: len(good) // 2])  # truncated: a disk that filled up, say
+    for spec in ("latest", str(run)):
+        path, ckpt = open_checkpoint(spec, str(tmp_path))
+        assert (path, ckpt.step) == (run / "checkpoint_2.pt", 2)
+        assert capsys.readouterr().out.startswith(f"skipped {run / 'checkpoint_10.pt'}: not a readable checkpoint")
+    with pytest.raises(CheckpointError, match=r"checkpoint_10.pt: not a readable checkpoint \(cut short or corrupt: "):
+        open_checkpoint(str(run / "checkpoint_10.pt"), str(tmp_path))  # asked for by name: no other
+
+
+def test_best_set_aside_keeps_every_earlier_best(tmp_path):
+    run = RunDir(str(tmp_path))
+    run.save(Checkpoint(step=4, model={}, model_config={}), "model: {}\n", name="best.pt")
+    assert run.set_aside_best(4) == "best_until_step_4.pt"
+    assert not (run.path / "best.pt").exists() and run.set_aside_best(4) is None  # nothing to keep
+    run.save(Checkpoint(step=5, model={}, model_config={}), "model: {}\n", name="best.pt")
+    assert run.set_aside_best(4) == "best_until_step_4_2.pt"  # a second resume from step 4: both kept
+    assert load_checkpoint(run.path / "best_until_step_4.pt").step == 4
+    assert load_checkpoint(run.path / "best_until_step_4_2.pt").step == 5
+    assert checkpoints_in(run.path) == []  # not checkpoints for `latest` or keep_last_n
+
+
+def test_a_run_directory_is_held_until_released(tmp_path):
+    run = RunDir(str(tmp_path))
+    run.save(Checkpoint(step=1, model={}, model_config={}), "model: {}\n")  # creating it takes the hold
+    try:
+        with pytest.raises(CheckpointError, match=rf"^{run.path}: process {os.getpid()} on .+ is training in this run"):
+            RunDir(str(tmp_path), path=run.path).lock()
+        RunDir(str(tmp_path), path=run.path, writer=False).lock()  # only the writing rank holds it
+    finally:
+        release_run_directories()
+    RunDir(str(tmp_path), path=run.path).lock()
+    release_run_directories()
+
+
+def test_a_forked_child_does_not_keep_the_hold_of_a_killed_trainer(tmp_path):
+    run = RunDir(str(tmp_path))
+    run.save(Checkpoint(step=1, model={}, model_config={}), "model: {}\n")
+    started, say_started = os.pipe()
+    child = os.fork()  # as a DataLoader worker is
+    if child == 0:
+        os.write(say_started, b"1")
+        time.sleep(30)
+        os._exit(0)
+    try:
+        assert os.read(started, 1) == b"1"  # (fork's hooks have run in the child)
+        rundir._LOCKED.pop().close()  # the trainer dies (kill -9): its file closes, nothing unlocks
+        RunDir(str(tmp_path), path=run.path).lock()  # the worker still alive does not hold the folder
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(started)
+        os.close(say_started)
+
+
+def test_unused_numbers_a_taken_name_before_its_suffix(tmp_path):
+    assert unused(tmp_path / "best.pt") == tmp_path / "best.pt"
+    (tmp_path / "best.pt").touch()
+    (tmp_path / "best_2.pt").touch()
+    assert unused(tmp_path / "best.pt") == tmp_path / "best_3.pt"
+    (tmp_path / "abandoned_after_step_4").mkdir()
+    assert unused(tmp_path / "abandoned_after_step_4") == tmp_path / "abandoned_after_step_4_2"
