@@ -284,9 +284,6 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
-    def to_bdh_config(self) -> BDHConfig:
-        return self.model
-
 
 def learning_rate(step: int, training) -> float:
     """The learning rate of a step: linear warmup over warmup_iters, then cosine decay to min_lr
@@ -296,6 +293,11 @@ def learning_rate(step: int, training) -> float:
     progress = (step - training.warmup_iters) / max(1, training.max_iters - training.warmup_iters)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return training.min_lr + cosine * (training.learning_rate - training.min_lr)
+
+
+def step_tokens(training, world_size: int) -> int:
+    """The tokens of one optimizer step, over all processes."""
+    return training.batch_size * training.block_size * training.gradient_accumulation_steps * world_size
 
 
 def add_config_arguments(parser, default: str = "config.yaml"):

@@ -43,7 +43,8 @@ def split_text(raw: bytes | str, chunk: int) -> list:
 
 def write_shards(documents, out_dir, docs_per_shard=16384, row_group_bytes=128 * 1024) -> int:
     """Write an iterable of strings as parquet shards part-00000.parquet, ... with a `text`
-    column and row groups of about row_group_bytes. Returns the number of documents."""
+    column and row groups of about row_group_bytes (counted in characters: bytes for ASCII text).
+    Returns the number of documents."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shard, n_docs, n_shards = [], 0, 0
@@ -125,7 +126,7 @@ def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int | None:
 def ensure_sample_corpus(cfg):
     """Build the built-in corpus when dataset.parquet_dir is its default place and is missing."""
     folder = cfg.dataset.parquet_dir
-    if folder == DEFAULT_SAMPLE_DIR and not Path(folder).exists():
+    if Path(folder).resolve() == Path(DEFAULT_SAMPLE_DIR).resolve() and not Path(folder).exists():
         print(f"building the sample corpus in {folder} from the Python standard library ...")
         n = build_stdlib_corpus(folder)
         print(f"  {n} documents" if n is not None else "  another process built it meanwhile")

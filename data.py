@@ -175,8 +175,9 @@ DATA_ORDER_FIELDS = ("training.block_size", "training.seed", "dataset.text_colum
 SHARDS = "the shards (files, row groups, rows, bytes)"  # data_order's key of their fingerprint
 WORKERS_KEY = "dataloader.num_workers (effective)"
 READ_BYTES_KEY = "data.READ_BYTES (windows are shuffled within parts of this many bytes)"  # its old module's name
-# Unchanged, these keep every unit's documents and parts as they were: a resume that changes only
-# the readers (workers, processes), the block size or the seed finishes the epoch that was in progress
+# Unchanged, these keep every unit and its parts as they were: a resume that changes only the
+# readers (workers, processes), the block size or the seed finishes the epoch that was in progress.
+# (A new seed with val_fraction holds out other documents of each unit: resume.validation_change warns.)
 SAME_UNITS = (SHARDS, "dataset.text_column", "dataset.val_fraction", "documents trained on", READ_BYTES_KEY)
 
 

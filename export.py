@@ -90,8 +90,9 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
              f"{n_latent:,} latent neurons per head, vocabulary {shape['vocab_size']:,}; {n_params / 1e6:.2f}M parameters",
              f"- weights: {weights_note}",
              f"- tokens: {tokens}",
-             f"- data: {dataset.get('parquet_dir')} (column {dataset.get('text_column')!r}), "
-             f"validation fraction {dataset.get('val_fraction')}",
+             f"- data: {dataset.get('parquet_dir')} (column {dataset.get('text_column')!r}), validation "
+             + (f"{dataset['val_parquet_dir']}" if dataset.get("val_parquet_dir")
+                else f"fraction {dataset.get('val_fraction')}"),
              f"- training: step {ckpt.step} of {training.get('max_iters')}, batch {training.get('batch_size')} x "
              f"block {training.get('block_size')} x accumulation {training.get('gradient_accumulation_steps')}",
              f"- result: {result}", "",

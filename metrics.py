@@ -8,15 +8,20 @@ written to metrics.jsonl and TensorBoard then (flush). W&B starts with the run, 
 run continues the same W&B run (or a new one, when W&B has logged past the checkpoint's step). A
 resume also cuts metrics.jsonl and the TensorBoard curves back to the checkpoint's step: the steps
 after it are trained again and logged once. step_line and evaluation_lines are the console's
-lines of a record.
+lines of a record; StepLog measures the training steps for their records.
 """
 import importlib.util
 import json
 import os
 import secrets
+import time
 
+import torch
+
+from config import step_tokens
+from data import epochs_read
 from files import atomic_write, read_records
-from runtime import first_line
+from runtime import first_line, peak_memory_bytes
 
 # metrics.jsonl key -> TensorBoard and W&B tag; the per-layer lists get one tag per layer and a mean
 TAGS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
@@ -24,6 +29,8 @@ TAGS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_n
         "data_wait": "speed/data_wait", "epochs": "data/epochs", "skipped_steps": "train/skipped_steps",
         "peak_memory_mib": "memory/peak_mib", "val_loss": "val/loss", "val_bits_per_byte": "val/bits_per_byte"}
 PER_LAYER = {"sparsity_x": "sparsity/x", "sparsity_y": "sparsity/y"}
+FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # of each process, whatever log_freq says: whether it is viable shows in a minute
+SLOW_CPU_STEP_S = 5  # seconds a step on CPU (tiny.yaml: about 0.1) above which an hours-long run suggests tiny.yaml
 
 
 class MetricsError(Exception):
@@ -122,6 +129,92 @@ class MetricsLog:
             atomic_write(id_file, lambda f: f.write(self.wandb.id.encode()))
             print(f"W&B run {run_id} has logged up to step {logged_to}, past the checkpoint's step "
                   f"{self.resumed_step}: the resumed run logs to a new W&B run of the same name, {self.wandb.id}")
+
+
+class StepLog:
+    """The training steps' log lines. A line measures the steps since the one before: their loss
+    and gradient norm are summed on the device and read at the line only (no wait for the GPU at
+    every step); their speed leaves out the seconds spent evaluating and saving (paused_s) and
+    counts those spent waiting for the loader (data_wait_s, shown as a share)."""
+
+    def __init__(self, cfg, metrics: MetricsLog, ranks, device, units, workers, positions, first_step: int,
+                 compiled: bool, loss_scaled: bool, peak: float):
+        self.cfg, self.metrics, self.ranks, self.device, self.units = cfg, metrics, ranks, device, units
+        self.first_step, self.compiled, self.loss_scaled, self.peak = first_step, compiled, loss_scaled, peak
+        self.tokens_per_step = step_tokens(cfg.training, ranks.world_size)
+        self.flops_per_token = cfg.model.training_flops_per_token(cfg.training.block_size)
+        self.n_readers, self.dealt = ranks.world_size * max(1, workers), {}  # epochs_read's dealing of the units
+        self.sums = torch.zeros(3, device=device)  # loss, gradient norm of the finite steps, skipped steps
+        self.start = time.perf_counter()
+        self.epochs = self.passes(positions)
+        self.passes_before = int(self.epochs)
+        self._next_line()
+
+    def _next_line(self):
+        self.sums.zero_()
+        self.micro_batches, self.steps = 0, 0
+        self.line_start, self.paused_s, self.data_wait_s = time.perf_counter(), 0.0, 0.0
+
+    def passes(self, positions) -> float:
+        """About how many passes over the training data the readers at `positions` have made."""
+        return epochs_read(positions, self.units, self.cfg.training.seed, self.n_readers, self.dealt)
+
+    def add_micro_batch(self, loss: torch.Tensor):
+        self.sums[0] += loss.detach()
+        self.micro_batches += 1
+
+    def add_step(self, grad_norm: torch.Tensor):
+        """An optimizer step with its gradient norm before clipping; not finite: float16's scaler skipped it."""
+        skipped = ~grad_norm.isfinite()
+        self.sums[1] += torch.where(skipped, 0.0, grad_norm)
+        self.sums[2] += skipped
+        self.steps += 1
+
+    def due(self, step: int, stopping: bool) -> bool:
+        training = self.cfg.training
+        log_freq = 1 if training.debug else training.log_freq
+        return (step % log_freq == 0 or step == training.max_iters or step - self.first_step + 1 in FIRST_STEPS_LOGGED
+                or stopping)  # a stop logs the steps since the last line
+
+    def measure(self, step: int, lr: float, tokens: int, positions) -> dict:
+        """The record of the steps since the last line, up to `step` (every rank's mean: all ranks call it)."""
+        loss, grad_norm, skipped = self.ranks.mean(self.sums / torch.tensor(
+            [max(1, self.micro_batches), 1, 1], device=self.device)).tolist()
+        skipped = round(skipped)
+        counted = self.steps - skipped  # the steps whose gradients were finite
+        now = time.perf_counter()
+        seconds_per_step = (now - self.line_start - self.paused_s) / self.steps
+        self.passes_before, self.epochs = int(self.epochs), self.passes(positions)
+        record = {"step": step, "tokens": tokens, "epochs": round(self.epochs, 3), "train_loss": loss, "lr": lr,
+                  "grad_norm": grad_norm / counted if counted else None,
+                  "tokens_per_s": round(self.tokens_per_step / seconds_per_step),
+                  "ms_per_step": round(seconds_per_step * 1000, 2),
+                  "data_wait": round(self.data_wait_s / (seconds_per_step * self.steps), 4),
+                  "peak_memory_mib": round(peak_memory_bytes(self.device) / 2**20, 1),
+                  "elapsed_s": round(now - self.start, 2)}
+        if self.loss_scaled:
+            record["skipped_steps"] = skipped
+        if self.peak:  # tokens_per_step counts every rank; peak is one GPU's
+            flops_per_s = self.flops_per_token * self.tokens_per_step / self.ranks.world_size / seconds_per_step
+            record["mfu"] = flops_per_s / self.peak
+        self._next_line()
+        return record
+
+    def write(self, record: dict):
+        """Print the record's line (and notes it calls for) and record it."""
+        step, max_iters = record["step"], self.cfg.training.max_iters
+        seconds_per_step = record["ms_per_step"] / 1000
+        compiling = self.compiled and step == self.first_step  # its time is mostly compilation: no ETA from it
+        print(step_line(record, max_iters, None if compiling else seconds_per_step, record["elapsed_s"]), flush=True)
+        if (self.first_step == 1 and step == 2 and self.device.type == "cpu" and seconds_per_step > SLOW_CPU_STEP_S
+                and seconds_per_step * max_iters > 3600):  # a fresh run's first step not compiling
+            print(f"  note: at this speed the run takes about {seconds_per_step * max_iters / 3600:.1f} hours on "
+                  f"this CPU: model and batch are sized for a GPU; configs/tiny.yaml is sized for a CPU (minutes)",
+                  flush=True)
+        if int(self.epochs) > self.passes_before:
+            print(f"  about {int(self.epochs)} pass{'es' if int(self.epochs) > 1 else ''} over the training data "
+                  f"done: its documents are read again from here, reshuffled", flush=True)
+        self.metrics.log(record)
 
 
 def check_installed(settings):

@@ -17,7 +17,7 @@ import torch
 
 from adamw4bit import convert_adamw_state
 from checkpoint import Checkpoint, CheckpointError, is_export, load_export
-from config import learning_rate
+from config import learning_rate, step_tokens
 from data import SHARDS, data_order, resume_point
 from distributed import full_state, load_full_state, load_full_weights
 from model import BDHConfig
@@ -173,10 +173,6 @@ def schedule_jump(ckpt, training) -> str | None:
     return (f"  note: the learning-rate schedule changed: step {step} runs at lr {now:.2e}, {before:.2e} in the "
             f"checkpoint's schedule (max_iters, warmup_iters, learning_rate, min_lr); the loss may rise for a "
             f"while after a jump up")
-
-
-def step_tokens(training, world_size: int) -> int:
-    return training.batch_size * training.block_size * training.gradient_accumulation_steps * world_size
 
 
 def tokens_before(ckpt, training) -> int:

@@ -163,12 +163,12 @@ class RunDir:
 
     def _create(self, config_yaml: str):
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        for n in range(1, 1000):
-            path = self.checkpoint_dir / (self.name if n == 1 else f"{self.name}_{n}")
+        while True:
+            path = unused(self.checkpoint_dir / self.name)  # run_X_2: another run started in the same second
             try:
                 path.mkdir()
                 break
-            except FileExistsError:
+            except FileExistsError:  # taken meanwhile by a run starting now too
                 continue
         self.path = path
         self.lock()

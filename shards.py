@@ -124,20 +124,21 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
         print(f"{location}: skipped {len(skipped)} file(s) or folder(s) whose names start with '.' or '_' (not data, "
               f"as for pyarrow datasets, Spark and Hugging Face)")
     if not files:
-        raise DataError(f"{root}: no .parquet files found (searched recursively); {how_to_convert(root)}")
+        raise DataError(f"{root}: no .parquet files found (searched recursively); {how_to_convert(root, setting)}")
     return root, files
 
 
-def how_to_convert(folder: Path) -> str:
+def how_to_convert(folder: Path, setting: str) -> str:
     """The prepare.py command for a folder without parquet shards: into it if it is empty, else
-    (it holds the text, and prepare.py writes only into a folder of shards) into one beside it."""
+    (it holds the text, and prepare.py writes only into a folder of shards) into one beside it,
+    which `setting` then names."""
     if not any(folder.iterdir()):
         return f"convert text with `python prepare.py --from-text FILE ... --out {shlex.quote(str(folder))}`"
     text = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix and not p.name.startswith((".", "_")))
     inputs = f"{shlex.quote(str(folder))}/*{text[0].suffix}" if text else "FILE ..."
     out = shlex.quote(f"{str(folder).rstrip('/')}_parquet")
     return (f"convert its text with `python prepare.py --from-text {inputs} --out {out}` and set "
-            f"dataset.parquet_dir={out}")
+            f"{setting}={out}")
 
 
 def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], list[Path]]:

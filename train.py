@@ -21,28 +21,24 @@ import torch
 
 from adamw4bit import AdamW4bit, adamw_state_bytes
 from checkpoint import CheckpointError
-from config import add_config_arguments, learning_rate, load_config
+from config import add_config_arguments, learning_rate, load_config, step_tokens
 from corpus import ensure_sample_corpus
-from data import data_order, epochs_read, loader_workers, stop_loader_workers, train_loader, validation_batches
+from data import data_order, loader_workers, stop_loader_workers, train_loader, validation_batches
 from distributed import (DistributedError, Ranks, communication_failure, gradient_sync, local_tensor, shutdown, start,
                          wrap)
 from evaluation import evaluate, tokens_per_byte
 from fp8 import FP8Error, fp8_matmuls
 from lowbit import LowBitError, quantization_aware_view
-from metrics import MetricsError, MetricsLog, check_installed, evaluation_lines, format_duration, step_line
+from metrics import MetricsError, MetricsLog, StepLog, check_installed, evaluation_lines, format_duration
 from model import BDH
-from resume import Progress, resume, save, step_tokens
+from resume import Progress, resume, save
 from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_host_memory, compile_repeatably,
-                     device_clock, last_line, out_of_memory, peak_flops, peak_memory_bytes, pick_device,
-                     resolve_compute_dtype, steady_host_memory, wants_compile)
+                     device_clock, last_line, out_of_memory, peak_flops, pick_device, resolve_compute_dtype,
+                     steady_host_memory, wants_compile)
 from shards import DataError, list_units
 from stopping import GracefulStop, StepVote, launcher
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
-
-FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # of each process, whatever log_freq says: whether it is viable shows in a minute
-SLOW_CPU_STEP_S = 5  # seconds a step on CPU (tiny.yaml: about 0.1) above which an hours-long run suggests tiny.yaml
-
 
 class TrainingError(Exception):
     pass
@@ -53,7 +49,6 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     training, low_precision = cfg.training, cfg.low_precision
     compute_dtype = resolve_compute_dtype(device, low_precision.compute_dtype)
     compute = autocast(device, compute_dtype)
-    log_freq = 1 if training.debug else training.log_freq
     compile_model = wants_compile(training, device)
     if compile_model:
         check_can_compile(device)
@@ -115,7 +110,6 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     # ---- describe the run
     continues_run_dir = run.path is not None
     metrics = MetricsLog(run, cfg, resumed_step=progress.step if continues_run_dir else None)
-    flops_per_token = cfg.model.training_flops_per_token(training.block_size)
     print(describe_run(cfg, raw_model, optimizer, ranks, device, units, run, tokens_per_step, compile_model,
                        fp8_recipe, qat_start))
     if peak:
@@ -133,15 +127,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     sample_generator = torch.Generator(device=device)
     stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main)
     stop_vote = StepVote(ranks)  # whether any rank heard a signal, one step late
-    # summed on the device, read at log lines only: no wait for the GPU at every step
-    loss_sum, grad_norm_sum, skipped_sum = (torch.zeros((), device=device) for _ in range(3))
-    loss_count, steps_since_log = 0, 0
-    start = interval_start = time.perf_counter()
-    paused_s = 0.0  # evaluation and checkpoint seconds in this log interval: not training time
-    data_wait_s = 0.0  # seconds of this log interval spent waiting for the loader's next batch
-    n_readers, dealt = ranks.world_size * max(1, workers), {}
-    first_step = progress.step + 1  # the first step of this process: a compiled run compiles in it
-    epochs = epochs_read(progress.positions.values(), units, training.seed, n_readers, dealt)
+    log = StepLog(cfg, metrics, ranks, device, units, workers, progress.positions.values(),
+                  first_step=progress.step + 1, compiled=compile_model, loss_scaled=scaler.is_enabled(), peak=peak)
     model.train()
 
     while progress.step < training.max_iters:
@@ -157,69 +144,32 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         for micro in range(training.gradient_accumulation_steps):
             wait_start = time.perf_counter()
             x, y, position = next(loader)
-            data_wait_s += time.perf_counter() - wait_start
+            log.data_wait_s += time.perf_counter() - wait_start
             progress.positions[position["reader"]] = position
             progress.batches_consumed += 1
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if training.debug and step == 1 and loss_count == 0:
+            if training.debug and step == 1 and micro == 0:
                 print(f"first batch {tuple(x.shape)}: {tokenizer.decode(x[0, :80].tolist())!r}")
             with gradient_sync(model, ranks, sync=micro == training.gradient_accumulation_steps - 1):
                 with compute:
                     _, loss = model(x, y)
                 scaler.scale(loss / training.gradient_accumulation_steps).backward()
-            loss_sum += loss.detach()
-            loss_count += 1
+            log.add_micro_batch(loss)
         scaler.unscale_(optimizer)
         # the norm before clipping; max_norm inf leaves the gradients as they are
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), training.grad_clip or math.inf)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-        skipped = ~grad_norm.isfinite()  # float16: the scaler skips the step (and lowers its scale)
-        grad_norm_sum += torch.where(skipped, 0.0, grad_norm)
-        skipped_sum += skipped
-        scaler.step(optimizer)
+        log.add_step(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
+        scaler.step(optimizer)  # float16: skipped if the gradients are not finite (and the scale lowered)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        steps_since_log += 1
         stopping = stop_vote.ask(stop.signal_name is not None)
 
         # ---- log
-        if (step % log_freq == 0 or step == training.max_iters or step - first_step + 1 in FIRST_STEPS_LOGGED
-                or stopping):  # a stop logs the steps since the last line
-            train_loss, grad_norm_total, skipped_steps = ranks.mean(torch.stack([loss_sum / loss_count, grad_norm_sum,
-                                                                                 skipped_sum])).tolist()
-            skipped_steps = round(skipped_steps)
-            counted = steps_since_log - skipped_steps  # the steps whose gradients were finite
-            if not math.isfinite(train_loss):
+        if log.due(step, stopping):
+            record = log.measure(step, lr, progress.tokens, progress.positions.values())
+            if not math.isfinite(record["train_loss"]):
                 raise non_finite("the training loss", step, progress.last_saved)
-            now = time.perf_counter()
-            seconds_per_step = (now - interval_start - paused_s) / steps_since_log
-            passes_before = int(epochs)
-            epochs = epochs_read(progress.positions.values(), units, training.seed, n_readers, dealt)
-            record = {"step": step, "tokens": progress.tokens, "epochs": round(epochs, 3),
-                      "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm_total / counted if counted else None,
-                      "tokens_per_s": round(tokens_per_step / seconds_per_step),
-                      "ms_per_step": round(seconds_per_step * 1000, 2),
-                      "data_wait": round(data_wait_s / (seconds_per_step * steps_since_log), 4),
-                      "peak_memory_mib": round(peak_memory_bytes(device) / 2**20, 1), "elapsed_s": round(now - start, 2)}
-            if scaler.is_enabled():
-                record["skipped_steps"] = skipped_steps
-            if peak:  # tokens_per_step counts every rank; peak is one GPU's
-                record["mfu"] = flops_per_token * tokens_per_step / ranks.world_size / seconds_per_step / peak
-            compiling = compile_model and step == first_step  # its time is mostly compilation: no ETA from it
-            print(step_line(record, training.max_iters, None if compiling else seconds_per_step, now - start),
-                  flush=True)
-            if (first_step == 1 and step == 2 and device.type == "cpu" and seconds_per_step > SLOW_CPU_STEP_S
-                    and seconds_per_step * training.max_iters > 3600):  # a fresh run's first step not compiling
-                print(f"  note: at this speed the run takes about {seconds_per_step * training.max_iters / 3600:.1f} "
-                      f"hours on this CPU: model and batch are sized for a GPU; configs/tiny.yaml is sized for a CPU "
-                      f"(minutes)", flush=True)
-            if int(epochs) > passes_before:
-                print(f"  about {int(epochs)} pass{'es' if int(epochs) > 1 else ''} over the training data done: its "
-                      f"documents are read again from here, reshuffled", flush=True)
-            metrics.log(record)
-            loss_count, steps_since_log, interval_start, paused_s, data_wait_s = 0, 0, time.perf_counter(), 0.0, 0.0
-            for total in (loss_sum, grad_norm_sum, skipped_sum):
-                total.zero_()
+            log.write(record)
 
         # ---- evaluate
         if step % training.test_freq == 0 or step == training.max_iters:
@@ -238,7 +188,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                 path = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer,
                             name="best.pt")
                 print(f"saved {path} (best validation loss so far)", flush=True)
-            paused_s += time.perf_counter() - evaluation_start
+            log.paused_s += time.perf_counter() - evaluation_start
             stop.doing = "the step"
             # heard during the evaluation? (`stopping` is the same on every rank: all skip this collective, or none)
             stopping = stopping or ranks.any(stop.signal_name is not None, device)
@@ -256,10 +206,12 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             run.prune(training.keep_last_n)
             metrics.flush()  # the first checkpoint creates the run directory: what waited is written now
             print(f"saved {progress.last_saved}", flush=True)
-            paused_s += time.perf_counter() - checkpoint_start
+            log.paused_s += time.perf_counter() - checkpoint_start
             stop.doing = "the step"
             stopping = stopping or ranks.any(stop.signal_name is not None, device)  # heard while saving: that one
         if stopping and step < training.max_iters:  # (at max_iters: done, as planned)
+            if log.steps:  # heard while evaluating or saving a step that was not logged: its line now
+                log.write(log.measure(step, lr, progress.tokens, progress.positions.values()))
             stop_vote.settle()
             metrics.close()
             print(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. Resume "
@@ -268,8 +220,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             return 0
     stop_vote.settle()
     metrics.close()
-    print(f"done: {progress.step} steps ({epochs:.2f} passes over the training data) in "
-          f"{format_duration(time.perf_counter() - start)}; final checkpoint {progress.last_saved}")
+    print(f"done: {progress.step} steps ({log.epochs:.2f} passes over the training data) in "
+          f"{format_duration(time.perf_counter() - log.start)}; final checkpoint {progress.last_saved}")
     return 0
 
 
@@ -339,7 +291,7 @@ def describe_run(cfg, model, optimizer, ranks, device, units, run, tokens_per_st
     if fp8_recipe:
         lines[-1] += f" | FP8 GEMMs for encoder, encoder_v, decoder: {fp8_recipe}"
     if training.debug:
-        lines[-1] += " | DEBUG: anomaly detection, per-step logs and finiteness checks"
+        lines[-1] += " | DEBUG: anomaly detection, a log line (and its loss checked) every step"
     if training.warmup_iters >= training.max_iters:
         lines.append(f"note: training.warmup_iters {training.warmup_iters} >= max_iters {training.max_iters}: the "
                      f"learning rate rises to {learning_rate(training.max_iters, training):.3g} of "

@@ -11,7 +11,7 @@ from model import BDH
 
 
 def test_checkpoint_of_a_compiled_model_loads_into_a_plain_one(tmp_path):
-    model = BDH(Config.from_dict(tiny_config_dict(tmp_path, tmp_path)).to_bdh_config())
+    model = BDH(Config.from_dict(tiny_config_dict(tmp_path, tmp_path)).model)
     compiled_keys = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
     torch.save({"model": compiled_keys, "model_config": {}, "step": 1}, tmp_path / "c.pt")
     fresh = BDH(model.config)

@@ -223,8 +223,8 @@ def test_yaml_round_trip():
     assert again == c and again.training.min_lr == 1e-5
 
 
-def test_to_bdh_config():
-    b = Config.from_dict({"model": {"n_layer": 3}}).to_bdh_config()
+def test_the_model_section_is_the_model_config():
+    b = Config.from_dict({"model": {"n_layer": 3}}).model
     assert isinstance(b, BDHConfig) and b.n_layer == 3 and b.n_latent == 128 * 256 // 4
 
 

@@ -63,3 +63,15 @@ def test_a_build_killed_midway_leaves_a_folder_that_the_next_build_removes(tmp_p
     corpus.build_stdlib_corpus(tmp_path / "stdlib", max_bytes=100_000)
     assert not dead.exists() and live.exists()  # a running build's folder is left alone
     assert list_units(tmp_path / "stdlib", "text")
+
+
+@pytest.mark.parametrize("written", ["data/stdlib", "./data/stdlib/", "ABSOLUTE"])
+def test_the_built_in_corpus_is_built_however_its_folder_is_written(tmp_path, monkeypatch, written):
+    from config import Config
+    monkeypatch.chdir(tmp_path)
+    built = []
+    monkeypatch.setattr(corpus, "build_stdlib_corpus", lambda folder: built.append(folder))
+    folder = str(tmp_path / "data" / "stdlib") if written == "ABSOLUTE" else written
+    corpus.ensure_sample_corpus(Config.from_dict({"dataset": {"parquet_dir": folder}}))
+    corpus.ensure_sample_corpus(Config.from_dict({"dataset": {"parquet_dir": "data/other"}}))
+    assert built == [folder]

@@ -152,3 +152,16 @@ def test_replace_replaces_an_earlier_export_but_never_a_run_directory(trained, t
     assert sorted(p.name for p in run.iterdir()) == before
     assert export.main(["--checkpoint", str(trained), "--out", str(tmp_path / "export4"), "--4bit"]) == 0
     assert "was not trained with low_precision.use_4bit" in capsys.readouterr().err
+
+
+def test_the_model_card_names_the_validation_data_the_run_used(tmp_path):
+    from checkpoint import Checkpoint
+    from config import Config
+    from tokenizer import ByteTokenizer
+    config = Config.from_dict({"model": {"n_layer": 1, "n_embd": 32, "n_head": 2}}).to_dict()
+    ckpt = Checkpoint(step=1, model={}, model_config=config["model"], config=config)
+    card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
+    assert "), validation fraction 0.05\n" in card
+    config["dataset"]["val_parquet_dir"] = "data/held_out"
+    card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
+    assert "), validation data/held_out\n" in card and "validation fraction" not in card

@@ -40,6 +40,8 @@ def test_missing_or_empty_directory(tmp_path):
                                         r"`python prepare.py --from-text .*empty/\*.txt --out .*empty_parquet` and set "
                                         r"dataset.parquet_dir=.*empty_parquet$"):
         list_units(tmp_path / "empty", "text")
+    with pytest.raises(DataError, match=r" and set dataset.val_parquet_dir=.*empty_parquet$"):
+        list_units(tmp_path / "empty", "text", setting="dataset.val_parquet_dir")
 
 
 def test_file_that_is_not_parquet(tmp_path):

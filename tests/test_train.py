@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+import metrics
 import rundir
 import runtime
 import sample
@@ -376,8 +377,8 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once(tmp_path, corpus):
-    path = write_config(tmp_path, corpus, max_iters=100, test_freq=3, checkpoint_freq=100)
+def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once_and_its_step_logged(tmp_path, corpus):
+    path = write_config(tmp_path, corpus, max_iters=100, test_freq=3, checkpoint_freq=100, log_freq=100)
     proc = subprocess.Popen([sys.executable, "-u", "-c", SLOW_EVALUATION, str(ROOT), "--config", str(path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -396,6 +397,7 @@ def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once(tmp_path, corpus):
     out, _ = proc.communicate(timeout=60)
     assert acknowledged is not None and acknowledged < 2, "".join(lines)
     assert proc.returncode == 0 and "stopped by SIGINT after step 3." in out  # no step after the evaluation
+    assert list(losses(only_run(tmp_path / "ck"))) == [1, 2, 3]  # step 3, not a log step: its line all the same
 
 
 HELD_SAVE = """
@@ -466,7 +468,7 @@ def test_the_share_of_time_spent_waiting_for_batches_is_logged(tmp_path, corpus,
 def test_a_cpu_run_of_many_hours_points_at_the_cpu_config(tmp_path, corpus, capsys, monkeypatch):
     real = train.train_loader
 
-    monkeypatch.setattr(train, "SLOW_CPU_STEP_S", 0.1)
+    monkeypatch.setattr(metrics, "SLOW_CPU_STEP_S", 0.1)
 
     def slow_loader(*args, **kwargs):  # 0.2 s a step: 20,000 steps take 67 minutes
         for i, batch in enumerate(real(*args, **kwargs)):
