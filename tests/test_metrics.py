@@ -1,7 +1,10 @@
 """metrics.jsonl, TensorBoard and W&B (offline): what a run logs, on resume too, and that logging
-changes nothing about training."""
+changes nothing about training; the log line's figures (StepLog)."""
 import json
+import math
+import re
 import shutil
+import time
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ import metrics
 import train
 from checkpoint import load_checkpoint
 from config import Config
-from conftest import write_config
+from conftest import run_dirs, write_config
 from metrics import MetricsLog
 from rundir import RunDir
 
@@ -186,3 +189,91 @@ def test_the_step_line_says_what_the_record_holds():
     assert " | waiting for data 12% | " in metrics.step_line({**record, "data_wait": 0.123}, 100, 0.081, elapsed=1)
     assert "waiting" not in metrics.step_line({**record, "data_wait": 0.04}, 100, 0.081, elapsed=1)
     assert metrics.step_line(record, 100, None, elapsed=5).endswith("| eta after compilation")
+
+
+def test_the_first_steps_are_logged_whatever_log_freq_says(tmp_path, corpus, capsys):
+    """Of a resumed run too: its first step compiles, and is logged alone."""
+    path = write_config(tmp_path, corpus, max_iters=12, log_freq=100, test_freq=100, checkpoint_freq=100)
+
+    def logged():
+        return [int(line.split()[1].split("/")[0]) for line in capsys.readouterr().out.splitlines()
+                if line.startswith("step ") and "| loss" in line]
+    assert train.main(["--config", str(path)]) == 0
+    assert logged() == [1, 2, 5, 10, 12]
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=30"]) == 0
+    assert logged() == [13, 14, 17, 22, 30]
+
+
+def test_the_share_of_time_spent_waiting_for_batches_is_logged(tmp_path, corpus, capsys, monkeypatch):
+    real = train.train_loader
+
+    def slow_loader(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            time.sleep(1.0)  # far longer than a step of the tiny model, even on a loaded machine
+            yield batch
+
+    monkeypatch.setattr(train, "train_loader", slow_loader)
+    path = write_config(tmp_path, corpus, max_iters=2, test_freq=100)
+    assert train.main(["--config", str(path)]) == 0
+    assert "waiting for data" in capsys.readouterr().out
+    [run] = (tmp_path / "ck").iterdir()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.5 < r["data_wait"] <= 1 for r in records if "data_wait" in r) and len(records) >= 2
+
+
+def test_a_cpu_run_of_many_hours_points_at_the_cpu_config(tmp_path, corpus, capsys, monkeypatch):
+    real = train.train_loader
+
+    monkeypatch.setattr(metrics, "SLOW_CPU_STEP_S", 0.1)
+
+    def slow_loader(*args, **kwargs):  # 0.2 s a step: 20,000 steps take 67 minutes
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt  # seen what we came for: stop
+            time.sleep(0.2)
+            yield batch
+
+    monkeypatch.setattr(train, "train_loader", slow_loader)
+    path = write_config(tmp_path, corpus, max_iters=20000, test_freq=100000)
+    assert train.main(["--config", str(path)]) == 130
+    out = capsys.readouterr().out
+    ms_per_step = float(re.search(r"step 2/20000 .*\| ([\d.]+) ms/step", out).group(1))
+    hours = re.search(r"note: at this speed the run takes about ([\d.]+) hours on this CPU: model and batch are sized "
+                      r"for a GPU; configs/tiny.yaml", out).group(1)
+    assert abs(float(hours) - ms_per_step / 1000 * 20000 / 3600) < 0.051 and ms_per_step >= 200  # the loader's 0.2 s
+
+
+def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys):
+    """The corpus's training split holds about 5,300 tokens: 64 per step, so a pass takes about 80 steps."""
+    from data import ParquetBatches
+    from shards import list_units
+    from tokenizer import ByteTokenizer
+    path = write_config(tmp_path, corpus, max_iters=200, log_freq=10, test_freq=1000, checkpoint_freq=1000)
+    assert train.main(["--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    [run] = (tmp_path / "ck").iterdir()
+    epochs = [r["epochs"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "epochs" in r]
+    assert epochs == sorted(epochs) and epochs[0] < 0.2
+    cfg = Config.from_yaml(path)
+    one_pass = sum(1 for _ in ParquetBatches(list_units(corpus, "text"), "train", 16, 4, cfg.training.seed, 0.2, "text",
+                                             2, ByteTokenizer(), shuffle=False))  # batches in one pass
+    assert abs(epochs[-1] - 200 / one_pass) < 0.5
+    assert "passes over the training data done: its documents are read again" in out and f"done: 200 steps ({epochs[-1]:.2f} passes" in out
+
+
+def test_float16_steps_the_loss_scaler_skips_are_counted_not_averaged_into_the_grad_norm(tmp_path, corpus, capsys,
+                                                                                         monkeypatch):
+    """A scale of 2^40 overflows float16 gradients: the scaler skips the step and halves the scale,
+    until about step 22. The skipped steps' infinite norms must not turn the logged mean into NaN."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *args, **kwargs: real(*args, init_scale=2.0 ** 40, **kwargs))
+    path = write_config(tmp_path, corpus, max_iters=40, log_freq=20, checkpoint_freq=40, test_freq=40)
+    assert train.main(["--config", str(path), "low_precision.compute_dtype=float16"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"step 1/40 \| .* grad norm - \| .* \| 1 step\(s\) skipped by the float16 loss scaler", out)
+    [run] = run_dirs(tmp_path)
+    records = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+               for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in records if "train_loss" in r}
+    assert steps[1]["grad_norm"] is None and steps[1]["skipped_steps"] == 1
+    assert 0 < steps[40]["skipped_steps"] < 20 and math.isfinite(steps[40]["grad_norm"])  # steps 21 to 40

@@ -1,13 +1,18 @@
 """Stopping on request: the signal handler, the vote that tells every rank, the resume command.
-(Whole runs stopped by signals: tests/test_train.py and tests/test_distributed.py.)"""
+Whole runs stopped by signals, and under torchrun in tests/test_distributed.py."""
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import ROOT, free_port
+import train
+from checkpoint import load_checkpoint
+from conftest import ROOT, free_port, losses, only_run, run_dirs, write_config
 from distributed import Ranks
 from stopping import GracefulStop, launcher
 
@@ -80,3 +85,122 @@ def test_the_resume_command_starts_the_run_as_it_was_started(monkeypatch):
     assert launcher(Ranks(0, 4)) == "torchrun --standalone --nproc_per_node=4 "
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 nodes of 2
     assert launcher(Ranks(0, 4)) == "torchrun <the same rendezvous flags> "
+
+
+def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, corpus):
+    path = write_config(tmp_path, corpus, max_iters=100000, checkpoint_freq=100000, test_freq=100000, log_freq=1000)
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(path), "model.dropout=0.0"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 2/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    [run] = run_dirs(tmp_path)
+    [ckpt] = run.glob("checkpoint_*.pt")
+    step = load_checkpoint(ckpt).step
+    assert step >= 2 and f"stopped by SIGTERM after step {step}" in out
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == step and f"step {step}/100000 | loss" in out  # the steps since the last line are logged
+    assert "SIGTERM: finishing the step, then saving a checkpoint (a second one stops at once)" in err
+    # the resume command keeps the run's overrides
+    assert f"train.py --config {path} model.dropout=0.0 training.resume_from_checkpoint={ckpt}" in out
+
+
+SLOW_EVALUATION = """
+import sys, time
+sys.path.insert(0, sys.argv.pop(1))
+import evaluation, train
+real_validation_loss = evaluation.validation_loss
+def validation_loss(*args):
+    print("EVALUATING", flush=True)
+    time.sleep(4)
+    return real_validation_loss(*args)
+evaluation.validation_loss = validation_loss
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once_and_its_step_logged(tmp_path, corpus):
+    path = write_config(tmp_path, corpus, max_iters=100, test_freq=3, checkpoint_freq=100, log_freq=100)
+    proc = subprocess.Popen([sys.executable, "-u", "-c", SLOW_EVALUATION, str(ROOT), "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("EVALUATING"):
+            proc.send_signal(signal.SIGINT)
+            sent = time.monotonic()
+            break
+    acknowledged = None
+    for line in proc.stdout:
+        lines.append(line)
+        if "SIGINT: finishing the evaluation, then saving a checkpoint (Ctrl-C again to stop at once)" in line:
+            acknowledged = time.monotonic() - sent
+            break
+    out, _ = proc.communicate(timeout=60)
+    assert acknowledged is not None and acknowledged < 2, "".join(lines)
+    assert proc.returncode == 0 and "stopped by SIGINT after step 3." in out  # no step after the evaluation
+    assert list(losses(only_run(tmp_path / "ck"))) == [1, 2, 3]  # step 3, not a log step: its line all the same
+
+
+HELD_SAVE = """
+import os, sys, time
+sys.path.insert(0, sys.argv.pop(1))
+release = sys.argv.pop(1)
+import train
+real_save = train.save
+def save(*args, **kwargs):  # the first save waits for the test to send its signals (30 s at most)
+    print("SAVING", flush=True)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return real_save(*args, **kwargs)
+train.save = save
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("checkpoint_freq", [2, 1000])
+def test_ctrl_c_while_saving_stops_after_the_checkpoint_even_twice(tmp_path, corpus, checkpoint_freq):
+    """A periodic checkpoint (a Ctrl-C while it is written: it is the one, the run stops after it),
+    or the one a first Ctrl-C asked for (a second Ctrl-C waits for it instead of losing it)."""
+    path = write_config(tmp_path, corpus, max_iters=1000, test_freq=1000, checkpoint_freq=checkpoint_freq)
+    release = tmp_path / "release"
+    proc = subprocess.Popen([sys.executable, "-u", "-c", HELD_SAVE, str(ROOT), str(release), "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    signals = ["step 2/", "SAVING", "still saving"] if checkpoint_freq == 1000 else ["SAVING", "SIGINT: finishing"]
+    lines = []
+    for line in proc.stdout:  # a signal at each of these lines; the last one acknowledges the last signal
+        lines.append(line)
+        if line.strip().startswith(signals[0]):
+            signals.pop(0)
+            if not signals:
+                break
+            proc.send_signal(signal.SIGINT)
+    release.touch()
+    out, _ = proc.communicate(timeout=60)
+    out = "".join(lines) + out
+    assert proc.returncode == 0 and not signals, out
+    step = int(re.search(r"stopped by SIGINT after step (\d+)\.", out)[1])
+    [run] = run_dirs(tmp_path)
+    assert [p.name for p in run.glob("checkpoint_*.pt")] == [f"checkpoint_{step}.pt"]
+    assert max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()) == step
+    if checkpoint_freq == 2:
+        assert step == 2 and "SIGINT: finishing the checkpoint, then stopping\n" in out
+    else:
+        assert "still saving the checkpoint; the run stops right after it (kill -9 stops at once)" in out
+
+
+def test_a_ctrl_c_that_torch_wraps_in_its_own_error_still_stops_in_one_line(tmp_path, corpus, capsys, monkeypatch):
+    def compiling(*args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:  # as torch._dynamo does: InternalTorchDynamoError from the interrupt
+            raise RuntimeError("UnboundLocalError: cannot access local variable 'prior'") from e
+
+    monkeypatch.setattr(train, "train", compiling)
+    assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 130
+    assert capsys.readouterr().err == train.STOPPED_AT_ONCE + "\n"
+    assert not train.interrupted(RuntimeError("another error"))

@@ -2,8 +2,6 @@
 import json
 import math
 import os
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-import metrics
 import rundir
 import runtime
 import sample
@@ -111,27 +108,6 @@ def test_a_cuda_run_trains_compiled_in_bf16_and_resumes(tmp_path, corpus, capsys
         assert resumed_losses[step] == pytest.approx(straight_losses[step], rel=2e-3), step
     assert sample.main(["--checkpoint", str(run / "checkpoint_8.pt"), "--prompt", "<01",
                         "--max-new-tokens", "20", "--device", "cuda"]) == 0
-
-
-def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, corpus):
-    path = write_config(tmp_path, corpus, max_iters=100000, checkpoint_freq=100000, test_freq=100000, log_freq=1000)
-    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(path), "model.dropout=0.0"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("step 2/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    [run] = run_dirs(tmp_path)
-    [ckpt] = run.glob("checkpoint_*.pt")
-    step = load_checkpoint(ckpt).step
-    assert step >= 2 and f"stopped by SIGTERM after step {step}" in out
-    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-1] == step and f"step {step}/100000 | loss" in out  # the steps since the last line are logged
-    assert "SIGTERM: finishing the step, then saving a checkpoint (a second one stops at once)" in err
-    # the resume command keeps the run's overrides
-    assert f"train.py --config {path} model.dropout=0.0 training.resume_from_checkpoint={ckpt}" in out
 
 
 def test_non_finite_loss_stops_without_saving_a_nan_model(tmp_path, corpus, monkeypatch, capsys):
@@ -342,195 +318,9 @@ def test_a_checkpoint_dir_that_cannot_be_written_stops_before_training(tmp_path,
                                                   "/proc (")
 
 
-def test_the_first_steps_are_logged_whatever_log_freq_says(tmp_path, corpus, capsys):
-    """Of a resumed run too: its first step compiles, and is logged alone."""
-    path = write_config(tmp_path, corpus, max_iters=12, log_freq=100, test_freq=100, checkpoint_freq=100)
-
-    def logged():
-        return [int(line.split()[1].split("/")[0]) for line in capsys.readouterr().out.splitlines()
-                if line.startswith("step ") and "| loss" in line]
-    assert train.main(["--config", str(path)]) == 0
-    assert logged() == [1, 2, 5, 10, 12]
-    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=30"]) == 0
-    assert logged() == [13, 14, 17, 22, 30]
-
-
 def test_a_warmup_as_long_as_the_run_is_noted(tmp_path, corpus, capsys):
     assert train.main(["--config", str(write_config(tmp_path, corpus, max_iters=2, warmup_iters=4))]) == 0
     assert ("note: training.warmup_iters 4 >= max_iters 2: the learning rate rises to 0.005 of 0.01 and never "
             "decays") in capsys.readouterr().out
     assert train.main(["--config", str(write_config(tmp_path, corpus, max_iters=5, warmup_iters=4))]) == 0
     assert "warmup_iters" not in capsys.readouterr().out
-
-
-SLOW_EVALUATION = """
-import sys, time
-sys.path.insert(0, sys.argv.pop(1))
-import evaluation, train
-real_validation_loss = evaluation.validation_loss
-def validation_loss(*args):
-    print("EVALUATING", flush=True)
-    time.sleep(4)
-    return real_validation_loss(*args)
-evaluation.validation_loss = validation_loss
-sys.exit(train.main(sys.argv[1:]))
-"""
-
-
-def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once_and_its_step_logged(tmp_path, corpus):
-    path = write_config(tmp_path, corpus, max_iters=100, test_freq=3, checkpoint_freq=100, log_freq=100)
-    proc = subprocess.Popen([sys.executable, "-u", "-c", SLOW_EVALUATION, str(ROOT), "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("EVALUATING"):
-            proc.send_signal(signal.SIGINT)
-            sent = time.monotonic()
-            break
-    acknowledged = None
-    for line in proc.stdout:
-        lines.append(line)
-        if "SIGINT: finishing the evaluation, then saving a checkpoint (Ctrl-C again to stop at once)" in line:
-            acknowledged = time.monotonic() - sent
-            break
-    out, _ = proc.communicate(timeout=60)
-    assert acknowledged is not None and acknowledged < 2, "".join(lines)
-    assert proc.returncode == 0 and "stopped by SIGINT after step 3." in out  # no step after the evaluation
-    assert list(losses(only_run(tmp_path / "ck"))) == [1, 2, 3]  # step 3, not a log step: its line all the same
-
-
-HELD_SAVE = """
-import os, sys, time
-sys.path.insert(0, sys.argv.pop(1))
-release = sys.argv.pop(1)
-import train
-real_save = train.save
-def save(*args, **kwargs):  # the first save waits for the test to send its signals (30 s at most)
-    print("SAVING", flush=True)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(release) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return real_save(*args, **kwargs)
-train.save = save
-sys.exit(train.main(sys.argv[1:]))
-"""
-
-
-@pytest.mark.parametrize("checkpoint_freq", [2, 1000])
-def test_ctrl_c_while_saving_stops_after_the_checkpoint_even_twice(tmp_path, corpus, checkpoint_freq):
-    """A periodic checkpoint (a Ctrl-C while it is written: it is the one, the run stops after it),
-    or the one a first Ctrl-C asked for (a second Ctrl-C waits for it instead of losing it)."""
-    path = write_config(tmp_path, corpus, max_iters=1000, test_freq=1000, checkpoint_freq=checkpoint_freq)
-    release = tmp_path / "release"
-    proc = subprocess.Popen([sys.executable, "-u", "-c", HELD_SAVE, str(ROOT), str(release), "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    signals = ["step 2/", "SAVING", "still saving"] if checkpoint_freq == 1000 else ["SAVING", "SIGINT: finishing"]
-    lines = []
-    for line in proc.stdout:  # a signal at each of these lines; the last one acknowledges the last signal
-        lines.append(line)
-        if line.strip().startswith(signals[0]):
-            signals.pop(0)
-            if not signals:
-                break
-            proc.send_signal(signal.SIGINT)
-    release.touch()
-    out, _ = proc.communicate(timeout=60)
-    out = "".join(lines) + out
-    assert proc.returncode == 0 and not signals, out
-    step = int(re.search(r"stopped by SIGINT after step (\d+)\.", out)[1])
-    [run] = run_dirs(tmp_path)
-    assert [p.name for p in run.glob("checkpoint_*.pt")] == [f"checkpoint_{step}.pt"]
-    assert max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()) == step
-    if checkpoint_freq == 2:
-        assert step == 2 and "SIGINT: finishing the checkpoint, then stopping\n" in out
-    else:
-        assert "still saving the checkpoint; the run stops right after it (kill -9 stops at once)" in out
-
-
-def test_the_share_of_time_spent_waiting_for_batches_is_logged(tmp_path, corpus, capsys, monkeypatch):
-    real = train.train_loader
-
-    def slow_loader(*args, **kwargs):
-        for batch in real(*args, **kwargs):
-            time.sleep(1.0)  # far longer than a step of the tiny model, even on a loaded machine
-            yield batch
-
-    monkeypatch.setattr(train, "train_loader", slow_loader)
-    path = write_config(tmp_path, corpus, max_iters=2, test_freq=100)
-    assert train.main(["--config", str(path)]) == 0
-    assert "waiting for data" in capsys.readouterr().out
-    [run] = (tmp_path / "ck").iterdir()
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all(0.5 < r["data_wait"] <= 1 for r in records if "data_wait" in r) and len(records) >= 2
-
-
-def test_a_cpu_run_of_many_hours_points_at_the_cpu_config(tmp_path, corpus, capsys, monkeypatch):
-    real = train.train_loader
-
-    monkeypatch.setattr(metrics, "SLOW_CPU_STEP_S", 0.1)
-
-    def slow_loader(*args, **kwargs):  # 0.2 s a step: 20,000 steps take 67 minutes
-        for i, batch in enumerate(real(*args, **kwargs)):
-            if i == 3:
-                raise KeyboardInterrupt  # seen what we came for: stop
-            time.sleep(0.2)
-            yield batch
-
-    monkeypatch.setattr(train, "train_loader", slow_loader)
-    path = write_config(tmp_path, corpus, max_iters=20000, test_freq=100000)
-    assert train.main(["--config", str(path)]) == 130
-    out = capsys.readouterr().out
-    ms_per_step = float(re.search(r"step 2/20000 .*\| ([\d.]+) ms/step", out).group(1))
-    hours = re.search(r"note: at this speed the run takes about ([\d.]+) hours on this CPU: model and batch are sized "
-                      r"for a GPU; configs/tiny.yaml", out).group(1)
-    assert abs(float(hours) - ms_per_step / 1000 * 20000 / 3600) < 0.051 and ms_per_step >= 200  # the loader's 0.2 s
-
-
-def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys):
-    """The corpus's training split holds about 5,300 tokens: 64 per step, so a pass takes about 80 steps."""
-    from data import ParquetBatches
-    from shards import list_units
-    from tokenizer import ByteTokenizer
-    path = write_config(tmp_path, corpus, max_iters=200, log_freq=10, test_freq=1000, checkpoint_freq=1000)
-    assert train.main(["--config", str(path)]) == 0
-    out = capsys.readouterr().out
-    [run] = (tmp_path / "ck").iterdir()
-    epochs = [r["epochs"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "epochs" in r]
-    assert epochs == sorted(epochs) and epochs[0] < 0.2
-    cfg = Config.from_yaml(path)
-    one_pass = sum(1 for _ in ParquetBatches(list_units(corpus, "text"), "train", 16, 4, cfg.training.seed, 0.2, "text",
-                                             2, ByteTokenizer(), shuffle=False))  # batches in one pass
-    assert abs(epochs[-1] - 200 / one_pass) < 0.5
-    assert "passes over the training data done: its documents are read again" in out and f"done: 200 steps ({epochs[-1]:.2f} passes" in out
-
-
-def test_float16_steps_the_loss_scaler_skips_are_counted_not_averaged_into_the_grad_norm(tmp_path, corpus, capsys,
-                                                                                         monkeypatch):
-    """A scale of 2^40 overflows float16 gradients: the scaler skips the step and halves the scale,
-    until about step 22. The skipped steps' infinite norms must not turn the logged mean into NaN."""
-    real = torch.amp.GradScaler
-    monkeypatch.setattr(torch.amp, "GradScaler", lambda *args, **kwargs: real(*args, init_scale=2.0 ** 40, **kwargs))
-    path = write_config(tmp_path, corpus, max_iters=40, log_freq=20, checkpoint_freq=40, test_freq=40)
-    assert train.main(["--config", str(path), "low_precision.compute_dtype=float16"]) == 0
-    out = capsys.readouterr().out
-    assert re.search(r"step 1/40 \| .* grad norm - \| .* \| 1 step\(s\) skipped by the float16 loss scaler", out)
-    [run] = run_dirs(tmp_path)
-    records = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
-               for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = {r["step"]: r for r in records if "train_loss" in r}
-    assert steps[1]["grad_norm"] is None and steps[1]["skipped_steps"] == 1
-    assert 0 < steps[40]["skipped_steps"] < 20 and math.isfinite(steps[40]["grad_norm"])  # steps 21 to 40
-
-
-def test_a_ctrl_c_that_torch_wraps_in_its_own_error_still_stops_in_one_line(tmp_path, corpus, capsys, monkeypatch):
-    def compiling(*args):
-        try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt as e:  # as torch._dynamo does: InternalTorchDynamoError from the interrupt
-            raise RuntimeError("UnboundLocalError: cannot access local variable 'prior'") from e
-
-    monkeypatch.setattr(train, "train", compiling)
-    assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 130
-    assert capsys.readouterr().err == train.STOPPED_AT_ONCE + "\n"
-    assert not train.interrupted(RuntimeError("another error"))
