@@ -1,14 +1,20 @@
 """Run directories: their names, which checkpoint a name means, temporaries left by a kill, the hold
-of a run directory."""
+of a run directory; whole runs resumed with `latest`, from an earlier step, while another process
+holds the run."""
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 import rundir
+import train
 from checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from conftest import ROOT, run_dirs, write_config
 from rundir import RunDir, checkpoints_in, clean_stale_temporaries, open_checkpoint, release_run_directories, unused
 
 
@@ -107,3 +113,76 @@ def test_unused_numbers_a_taken_name_before_its_suffix(tmp_path):
     assert unused(tmp_path / "best.pt") == tmp_path / "best_3.pt"
     (tmp_path / "abandoned_after_step_4").mkdir()
     assert unused(tmp_path / "abandoned_after_step_4") == tmp_path / "abandoned_after_step_4_2"
+
+
+# ---- whole runs: the hold, `latest`, branches
+
+def test_a_run_directory_another_process_trains_in_is_refused(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", f"from rundir import RunDir; RunDir('', path=__import__("
+                               f"'pathlib').Path({str(run)!r})).lock(); print('held', flush=True); input()"],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        capsys.readouterr()
+        resume = ["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=6"]
+        assert train.main(resume) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {run}: process {holder.pid} on ") and "is training in this run directory" in err
+        assert sorted(p.name for p in checkpoints_in(run)) == ["checkpoint_2.pt", "checkpoint_4.pt"]  # untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train.main(resume) == 0  # the holder's end released the directory
+    assert train.main(resume[:2] + ["training.resume_from_checkpoint=latest", "training.max_iters=7"]) == 0  # and ours
+
+
+def test_latest_past_an_unreadable_checkpoint_says_why_it_is_set_aside(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, keep_last_n=0, test_freq=100)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    cut = (run / "checkpoint_4.pt").read_bytes()[:5000]  # a disk that filled up
+    (run / "checkpoint_4.pt").write_bytes(cut)
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest"]) == 0
+    out = capsys.readouterr().out
+    assert "step 2 is the newest checkpoint that can be read: the later checkpoint_4.pt" in out
+    assert (run / "abandoned_after_step_2" / "checkpoint_4.pt").read_bytes() == cut
+    assert load_checkpoint(run / "checkpoint_4.pt").step == 4  # trained again
+
+
+def test_latest_resumes_from_a_best_pt_newer_than_the_newest_checkpoint(tmp_path, corpus, capsys):
+    """Killed between the evaluation's best.pt and the step's checkpoint (or test_freq below
+    checkpoint_freq): best.pt holds the whole state of a later step, and `latest` continues from it."""
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, test_freq=4, keep_last_n=0)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    (run / "checkpoint_4.pt").unlink()
+    assert open_checkpoint("latest", str(tmp_path / "ck"))[0] == open_checkpoint(str(run), "")[0] == run / "best.pt"
+    (run / "checkpoint_2.pt").unlink()  # killed before its first periodic checkpoint
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=5"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {run / 'best.pt'} at step 5" in out and not list(run.glob("abandoned*"))
+    assert [p.name for p in checkpoints_in(run)] == ["checkpoint_5.pt"] and (run / "best.pt").exists()
+
+
+def test_a_resume_from_an_earlier_step_sets_the_abandoned_branch_aside(tmp_path, corpus, capsys):
+    """The workflow 'it diverged late: go back to an earlier checkpoint': afterwards `latest` and
+    keep_last_n see the new branch only, and metrics.jsonl matches the checkpoints on disk."""
+    path = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=2, test_freq=2, keep_last_n=2)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    best_step = load_checkpoint(run / "best.pt").step
+    capsys.readouterr()
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run / 'checkpoint_4.pt'}",
+                       "training.max_iters=5"]) == 0
+    out = capsys.readouterr().out
+    set_aside = sorted(p.name for p in (run / "abandoned_after_step_4").iterdir())
+    assert set_aside == (["best.pt", "checkpoint_6.pt"] if best_step > 4 else ["checkpoint_6.pt"])
+    assert "a new branch from step 4: the abandoned branch's checkpoint_6.pt" in out
+    assert open_checkpoint("latest", str(tmp_path / "ck"))[0] == run / "checkpoint_5.pt"
+    assert [p.name for p in checkpoints_in(run)] == ["checkpoint_4.pt", "checkpoint_5.pt"]
+    assert max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()) == 5
