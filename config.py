@@ -319,11 +319,31 @@ def load_config(args) -> Config:
                   file=sys.stderr)
         given[path] = value
     try:
-        return Config.from_yaml(args.config, args.overrides)
+        cfg = Config.from_yaml(args.config, args.overrides)
+        sharded = cfg.training.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun
+        if sharded and (problems := fsdp_problems(cfg)):
+            raise ConfigError(problems)
+        return cfg
     except ConfigError as e:
         for problem in e.problems if os.environ.get("RANK", "0") == "0" else ():
             print(f"config error: {problem}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def fsdp_problems(cfg) -> list[str]:
+    """What FSDP cannot run in this version, one line each."""
+    low_precision, problems = cfg.low_precision, []
+    for flag, why in (("use_4bit", "it would quantize each rank's shard, not whole blocks of the tensor"),
+                      ("use_4bit_optimizer", "it would quantize each rank's shard, not whole blocks of the tensor"),
+                      ("use_fp8", "not implemented for sharded weights in this version")):
+        if getattr(low_precision, flag):
+            problems.append(f"low_precision.{flag} with training.distributed=fsdp: {why}; use "
+                            f"training.distributed=ddp")
+    if low_precision.compute_dtype == "float16":
+        problems.append("low_precision.compute_dtype float16 with training.distributed=fsdp: the "
+                        "GradScaler would skip steps on some ranks only, from their own gradient "
+                        "shards; use low_precision.compute_dtype=bfloat16")
+    return problems
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

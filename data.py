@@ -260,8 +260,8 @@ def still_to_read(assigned, position) -> list:
     return rest
 
 
-def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list, int, int]:
-    """(start positions, units left, epoch): the units of the oldest epoch a saved reader is in that
+def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list, int, int, float]:
+    """(start positions, units left, epoch, about the bytes read again): the units of the oldest epoch a saved reader is in that
     no reader has finished, dealt to n_readers (balancing bytes) in positions that carry them (a
     unit being read restarts at the part it was in). Readers that had gone on to the next epoch
     had finished this one; what they read of the next is read again."""
@@ -295,10 +295,17 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
     positions = [{"reader": reader, "epoch": epoch, "unit": 0, "part": entries[0][1] if entries else 0,
                   "consumed": 0, "carry": [], "units": entries, "epoch_done": done}
                  for reader, entries in enumerate(dealt)]
-    return positions, len(left), epoch
+    return positions, len(left), epoch, read_of_parts
 
 
 def loader_workers(cfg, units, world_size=1) -> int:
+    """The DataLoader workers of each process: every reader (a process's worker, or the process
+    itself) needs (file, row group) units of its own."""
+    if len(units) < world_size:
+        raise DataError(f"{cfg.dataset.parquet_dir}: {len(units)} (file, row group) unit{'s' * (len(units) != 1)} "
+                        f"for {world_size} processes, and each process reads units of its own: start at most "
+                        f"{len(units)} (torchrun --nproc_per_node), or write the text in more row groups (prepare.py "
+                        f"writes one per 128 KB)")
     workers = min(cfg.dataloader.num_workers, len(units) // world_size)
     if workers < cfg.dataloader.num_workers:
         print(f"dataloader.num_workers {cfg.dataloader.num_workers} -> {workers}: only "
@@ -327,10 +334,12 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
     same_units = all(k in saved_order and saved_order[k] == order.get(k) for k in SAME_UNITS
                      if k in order or k in saved_order)
     if same_units and all(k in saved_order for k in (WORKERS_KEY, "world_size", "training.seed")):
-        positions, left, epoch = rest_of_epoch(units, saved_order, saved_positions, n_readers)
+        positions, left, epoch, read_again = rest_of_epoch(units, saved_order, saved_positions, n_readers)
+        share = read_again / max(1, sum(unit.num_bytes for unit in units))
         print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): the {left} of "
               f"{len(units)} (file, row group) units that epoch {epoch} has not finished are dealt anew "
-              f"to {n_readers} reader{'s' * (n_readers != 1)}, then the epochs continue as usual")
+              f"to {n_readers} reader{'s' * (n_readers != 1)}, then the epochs continue as usual; the parts "
+              f"being read start again, so about {read_again / 2**20:.1f} MB ({share:.1%} of the epoch) is read twice")
         return positions, 0
     first_epoch = 1 + max((p["epoch"] for p in saved_positions), default=-1)
     print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): training "

@@ -78,22 +78,6 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def fsdp_problems(cfg) -> list[str]:
-    """What FSDP cannot run in this version, one line each."""
-    low_precision, problems = cfg.low_precision, []
-    for flag, why in (("use_4bit", "it would quantize each rank's shard, not whole blocks of the tensor"),
-                      ("use_4bit_optimizer", "it would quantize each rank's shard, not whole blocks of the tensor"),
-                      ("use_fp8", "not implemented for sharded weights in this version")):
-        if getattr(low_precision, flag):
-            problems.append(f"low_precision.{flag} with training.distributed=fsdp: {why}; use "
-                            f"training.distributed=ddp")
-    if low_precision.compute_dtype == "float16":
-        problems.append("low_precision.compute_dtype float16 with training.distributed=fsdp: the "
-                        "GradScaler would skip steps on some ranks only, from their own gradient "
-                        "shards; use low_precision.compute_dtype=bfloat16")
-    return problems
-
-
 def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
     """Join the process group torchrun describes in the environment; (ranks, this rank's device)."""
     training = cfg.training
@@ -102,8 +86,6 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
             print("note: training.distributed=fsdp shards across processes; a single process "
                   "trains unsharded (launch with torchrun --nproc_per_node=N to shard)")
         return Ranks(), device
-    if training.distributed == "fsdp" and (problems := fsdp_problems(cfg)):
-        raise DistributedError(problems[0])
     ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                   int(os.environ.get("LOCAL_RANK", 0)), training.distributed)
     if device.type == "mps":

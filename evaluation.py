@@ -15,9 +15,21 @@ SAMPLE_PROMPT_TOKENS = 32  # the start of the first validation window
 
 
 def tokens_per_byte(val_batches, tokenizer) -> float:
-    """The validation targets' tokens per UTF-8 byte they decode to: bits per byte = loss x this / ln 2."""
-    return (sum(y.numel() for _, y in val_batches)
-            / sum(int(tokenizer.token_bytes[y.numpy()].sum()) for _, y in val_batches))
+    """The validation targets' tokens per UTF-8 byte they decode to: bits per byte = loss x this / ln 2.
+    Bytes and byte-level BPEs: the sum of each token's bytes (exact). Other tokenizers: each target
+    window decoded as text, between separators (one byte each), since a token's bytes can depend on
+    its neighbours (SentencePiece's '▁' alone decodes to nothing, inside a text to a space)."""
+    n_tokens = sum(y.numel() for _, y in val_batches)
+    if tokenizer.exact_bytes:
+        return n_tokens / sum(int(tokenizer.token_bytes[y.numpy()].sum()) for _, y in val_batches)
+    n_bytes = 0
+    for _, y in val_batches:
+        for window in y.tolist():
+            separators = [i for i, token in enumerate(window) if token == tokenizer.separator]
+            texts = zip([-1] + separators, separators + [len(window)])  # (before, after) each text
+            n_bytes += len(separators) + sum(len(tokenizer.decode(window[before + 1:after]).encode("utf-8"))
+                                             for before, after in texts)
+    return n_tokens / n_bytes
 
 
 @torch.no_grad()

@@ -94,7 +94,9 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
              + (f"{dataset['val_parquet_dir']}" if dataset.get("val_parquet_dir")
                 else f"fraction {dataset.get('val_fraction')}"),
              f"- training: step {ckpt.step} of {training.get('max_iters')}, batch {training.get('batch_size')} x "
-             f"block {training.get('block_size')} x accumulation {training.get('gradient_accumulation_steps')}",
+             f"block {training.get('block_size')} x accumulation {training.get('gradient_accumulation_steps')}"
+             + (f" x {len(ckpt.rng)} processes" if len(ckpt.rng) > 1 else "")
+             + (f"; {ckpt.tokens:,} tokens trained on" if ckpt.tokens is not None else ""),
              f"- result: {result}", "",
              "## Use", "", "With the training repository:", "",
              f"    python sample.py --checkpoint {out} --prompt \"...\"", ""]
@@ -102,7 +104,7 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
         lines += ["With Hugging Face Transformers:", "",
                   "    from transformers import AutoModelForCausalLM, AutoTokenizer",
                   f"    model = AutoModelForCausalLM.from_pretrained(\"{out}\", trust_remote_code=True)",
-                  f"    tokenizer = AutoTokenizer.from_pretrained(\"{out}\")",
+                  f"    tokenizer = AutoTokenizer.from_pretrained(\"{out}\", trust_remote_code=True)",
                   "    ids = model.generate(**tokenizer(\"...\", return_tensors=\"pt\"), max_new_tokens=100, do_sample=False)",
                   "    print(tokenizer.decode(ids[0]))", ""]
     lines += ["## The run's configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]

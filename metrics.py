@@ -194,6 +194,8 @@ class StepLog:
                   "elapsed_s": round(now - self.start, 2)}
         if self.loss_scaled:
             record["skipped_steps"] = skipped
+        if self.compiled and step == self.first_step:  # its time is mostly compilation: not a speed to plot
+            record["compiling"] = True
         if self.peak:  # tokens_per_step counts every rank; peak is one GPU's
             flops_per_s = self.flops_per_token * self.tokens_per_step / self.ranks.world_size / seconds_per_step
             record["mfu"] = flops_per_s / self.peak
@@ -204,8 +206,8 @@ class StepLog:
         """Print the record's line (and notes it calls for) and record it."""
         step, max_iters = record["step"], self.cfg.training.max_iters
         seconds_per_step = record["ms_per_step"] / 1000
-        compiling = self.compiled and step == self.first_step  # its time is mostly compilation: no ETA from it
-        print(step_line(record, max_iters, None if compiling else seconds_per_step, record["elapsed_s"]), flush=True)
+        eta_from = None if record.get("compiling") else seconds_per_step
+        print(step_line(record, max_iters, eta_from, record["elapsed_s"]), flush=True)
         if (self.first_step == 1 and step == 2 and self.device.type == "cpu" and seconds_per_step > SLOW_CPU_STEP_S
                 and seconds_per_step * max_iters > 3600):  # a fresh run's first step not compiling
             print(f"  note: at this speed the run takes about {seconds_per_step * max_iters / 3600:.1f} hours on "
@@ -227,8 +229,9 @@ def check_installed(settings):
 
 
 def scalars(record: dict) -> dict:
-    """TensorBoard/W&B tag -> number for one record."""
-    out = {tag: record[key] for key, tag in TAGS.items() if record.get(key) is not None}
+    """TensorBoard/W&B tag -> number for one record (a compiling step's speed is left out)."""
+    out = {tag: record[key] for key, tag in TAGS.items() if record.get(key) is not None
+           and not (record.get("compiling") and tag.startswith("speed/"))}
     for key, tag in PER_LAYER.items():
         if key in record:
             out.update({f"{tag}_layer{i}": v for i, v in enumerate(record[key])})

@@ -69,7 +69,8 @@ def plot(run_dirs, out: Path):
             bpb.plot(val_steps, [r.get("val_bits_per_byte") for r in evaluations], "o-", color=color, label=name)
         if train:
             lr.plot(steps, [r["lr"] for r in train], color=color, label=name)
-            speed.plot(steps, [r.get("tokens_per_s") for r in train], color=color, label=name)
+            timed = [r for r in train if not r.get("compiling")]  # a compiling step's time is not its speed
+            speed.plot([r["step"] for r in timed], [r.get("tokens_per_s") for r in timed], color=color, label=name)
         with_sparsity = [r for r in evaluations if r.get("sparsity_x")]
         for key, style in (("sparsity_x", "o-"), ("sparsity_y", "s:")) if with_sparsity else ():
             sparsity.plot([r["step"] for r in with_sparsity], [sum(r[key]) / len(r[key]) for r in with_sparsity],

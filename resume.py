@@ -91,7 +91,6 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
         torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
     tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
     progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=ckpt.best_val_loss, last_saved=path)
-    print(f"resuming from {path} at step {ckpt.step + 1}")
     run = reopen_run(cfg, path, ckpt, progress, ranks)
     if ckpt.step < cfg.training.max_iters and (note := schedule_jump(ckpt, cfg.training)):
         print(note)
@@ -114,8 +113,11 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
 
 def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks) -> RunDir:
     """The run directory a resumed run writes into: the checkpoint's own, or a new one when the
-    checkpoint lies outside a run directory (a download, a backup: not a run to write into or prune)."""
+    checkpoint lies outside a run directory (a download, a backup: not a run to write into or prune).
+    Says that the run resumes once the directory is its own (another process may be training in it)."""
+    announce = f"resuming from {path} at step {ckpt.step + 1}"
     if not (path.parent / "config.yaml").exists():
+        print(announce)
         progress.best_val_loss = math.inf  # so that the new run directory gets its own best.pt
         if ckpt.step < cfg.training.max_iters:
             print(f"  {path.parent} is not a run directory (no config.yaml): the run continues in a new one in "
@@ -123,8 +125,10 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks) -> RunDir:
         return RunDir(cfg.training.checkpoint_dir, writer=ranks.main)
     run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
     if ckpt.step >= cfg.training.max_iters:  # nothing to train: nothing to move or record
+        print(announce)
         return run
     run.lock()
+    print(announce)
     moved, folder = run.set_aside_after(ckpt.step)
     if moved:  # asked for by name: an older checkpoint; else the later ones could not be read
         what = (f"a new branch from step {ckpt.step}: the abandoned branch's"
@@ -171,8 +175,8 @@ def schedule_jump(ckpt, training) -> str | None:
     if math.isclose(before, now, rel_tol=0.01):
         return None
     return (f"  note: the learning-rate schedule changed: step {step} runs at lr {now:.2e}, {before:.2e} in the "
-            f"checkpoint's schedule (max_iters, warmup_iters, learning_rate, min_lr); the loss may rise for a "
-            f"while after a jump up")
+            f"checkpoint's schedule (max_iters, warmup_iters, learning_rate, min_lr)"
+            + ("; the loss may rise for a while after this jump up" if now > before else ""))
 
 
 def tokens_before(ckpt, training) -> int:

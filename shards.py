@@ -326,6 +326,16 @@ def rows_per_part(unit: Unit) -> int:
     return max(1, READ_BYTES * unit.num_rows // max(1, unit.num_bytes))
 
 
+def first_documents(unit: Unit, text_column: str, n: int) -> list[str]:
+    """Up to n non-empty documents from the start of a unit, as text (for a look at the tokenizer)."""
+    cache = ParquetFileCache(1)
+    try:
+        docs = next(read_unit_documents(cache, unit, text_column, "all", 0, 0.0), pa.array([], pa.large_binary()))
+    finally:
+        cache.close()
+    return [doc.decode("utf-8", errors="replace") for doc in docs[:n].to_pylist()]
+
+
 def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, split: str, seed: int,
                         val_fraction: float):
     """The unit's non-empty documents of `split` (train, val or all), one large_binary array per

@@ -12,11 +12,11 @@ literal "<|endoftext|>" in the text is encoded as ordinary text); with bytes, a 
 is the separator byte. Invalid UTF-8 in the data is taken byte for byte by `bytes` and replaced by
 U+FFFD for a tokenizer.json; decoding replaces what is not valid UTF-8.
 
-Bits per byte: every token has a byte length (token_bytes): the number of UTF-8 bytes it decodes
-to, and 1 for the separator, as for the separator byte of `bytes`. So a model's validation loss in
-bits per byte compares across vocabularies, and for `bytes` it is the loss / ln 2. The lengths are
-exact for bytes and byte-level BPEs (exact_bytes); for other tokenizers (SentencePiece-style) a
-token's bytes are those it decodes to alone, which can differ from its bytes inside a text.
+Bits per byte (evaluation.tokens_per_byte) count the UTF-8 bytes the validation tokens decode to,
+and 1 for each separator, as for the separator byte of `bytes`: so a validation loss in bits per
+byte compares across vocabularies, and for `bytes` it is the loss / ln 2. For bytes and byte-level
+BPEs (exact_bytes) every token has its byte length (token_bytes); for other tokenizers a token's
+bytes depend on its neighbours (SentencePiece's '▁'), and the text is decoded instead.
 """
 import json
 import os
@@ -97,7 +97,12 @@ class HFTokenizer:
         try:
             self.tok = Tokenizer.from_str(json_text)
         except Exception as e:
-            raise TokenizerError(f"{name}: not a Hugging Face tokenizer.json ({first_line(e)})")
+            try:
+                json.loads(json_text)
+                why = f"JSON, but not laid out as one: {first_line(e)}"
+            except ValueError as not_json:
+                why = f"not JSON: {not_json}"
+            raise TokenizerError(f"{name}: not a Hugging Face tokenizer.json ({why})")
         self.json, self.name = self.tok.to_str(), name
         self.tok.encode_special_tokens = True  # text never turns into special tokens (not saved in the json)
         self.separator = self.tok.token_to_id(SEPARATOR_TOKEN)
@@ -109,19 +114,18 @@ class HFTokenizer:
         self.vocab_size = max(vocab.values()) + 1
         self.exact_bytes = (json.loads(self.json).get("decoder") or {}).get("type") == "ByteLevel"
         self.dtype = np.uint16 if self.vocab_size <= 2**16 else np.uint32
-        self.token_bytes = self._byte_lengths(vocab)
+        self.token_bytes = self._byte_lengths(vocab) if self.exact_bytes else None  # (see the module's doc)
 
     def __reduce__(self):  # DataLoader workers started by spawn rebuild it from the json
         return HFTokenizer, (self.json, self.name)
 
     def _byte_lengths(self, vocab: dict) -> np.ndarray:
         """A byte-level BPE writes each byte of a token as one character of its 256-character
-        alphabet, so its length is its number of characters; other tokens are decoded."""
+        alphabet, so its length is its number of characters; added tokens are decoded."""
         alphabet = set(byte_level_alphabet())
-        byte_level = self.exact_bytes
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
         for token, i in vocab.items():
-            if byte_level and alphabet.issuperset(token):
+            if alphabet.issuperset(token):
                 lengths[i] = len(token)
             else:
                 lengths[i] = len(self.tok.decode([i], skip_special_tokens=False).encode("utf-8"))
@@ -154,6 +158,10 @@ def load_tokenizer(spec: str, setting: str = "dataset.tokenizer"):
     """`bytes`, or the path of a tokenizer.json."""
     if spec == "bytes":
         return ByteTokenizer()
+    if Path(spec).is_dir():
+        inside = Path(spec) / "tokenizer.json"
+        hint = f"; it holds one: {setting}={inside}" if inside.is_file() else ""
+        raise TokenizerError(f"{setting}: {spec} is a folder, not a tokenizer.json{hint}")
     try:
         text = Path(spec).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -180,6 +188,23 @@ def check_vocab_size(tokenizer, vocab_size: int):
         raise TokenizerError(f"model.vocab_size {vocab_size} is smaller than the {tokenizer.vocab_size:,} tokens "
                              f"of dataset.tokenizer {tokenizer.name}; set model.vocab_size={rounded} (its size "
                              f"rounded up to a multiple of 64)")
+
+
+def lost_text(tokenizer, texts, context: int = 24) -> str | None:
+    """A warning if the tokenizer does not give a text back (decode(encode(text)) differs): it
+    normalizes, drops spaces or line ends, or has no token for some characters. The model then
+    trains on what it keeps, and generates that. Bytes and byte-level BPEs keep everything."""
+    for text in texts:
+        back = tokenizer.decode(tokenizer.encode(text))
+        if back == text:
+            continue
+        at = next((i for i, (a, b) in enumerate(zip(text, back)) if a != b), min(len(text), len(back)))
+        start = max(0, at - context // 2)
+        return (f"WARNING: dataset.tokenizer {tokenizer.name} does not give the text back: "
+                f"{text[start:start + context]!r} comes back as {back[start:start + context]!r}; the model "
+                f"trains on (and writes) what it keeps. A byte-level BPE (python prepare.py --train-tokenizer) "
+                f"keeps every byte")
+    return None
 
 
 def train_bpe(texts, vocab_size: int) -> str:

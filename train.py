@@ -8,6 +8,7 @@ loops: step, log, evaluate (evaluation.py), checkpoint.
 """
 import argparse
 import math
+import os
 import random
 import re
 import shlex
@@ -36,9 +37,9 @@ from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_host_memory, compile_repeatably,
                      device_clock, last_line, out_of_memory, peak_flops, pick_device, resolve_compute_dtype,
                      steady_host_memory, wants_compile)
-from shards import DataError, list_units
+from shards import DataError, first_documents, list_units
 from stopping import GracefulStop, StepVote, launcher
-from tokenizer import TokenizerError, check_vocab_size, load_tokenizer
+from tokenizer import TokenizerError, check_vocab_size, load_tokenizer, lost_text
 
 class TrainingError(Exception):
     pass
@@ -231,13 +232,12 @@ def prepare_data(cfg, ranks: Ranks):
     Builds the sample corpus first if the config points at it and it is missing."""
     tokenizer = load_tokenizer(cfg.dataset.tokenizer)
     check_vocab_size(tokenizer, cfg.model.vocab_size)
-    if not tokenizer.exact_bytes:
-        print(f"note: {tokenizer.name} is not a byte-level BPE: bits per byte counts each token's bytes as it "
-              f"decodes alone, an approximation")
     if ranks.local_rank == 0:
         ensure_sample_corpus(cfg)
     ranks.barrier()
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
+    if ranks.main and (warning := lost_text(tokenizer, first_documents(units[0], cfg.dataset.text_column, 20))):
+        print(warning)
     return tokenizer, units, validation_batches(cfg, units, tokenizer)
 
 
@@ -347,7 +347,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args)
     if args.print_config:
-        print(cfg.to_yaml(), end="")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: once
+            print(cfg.to_yaml(), end="")
         return 0
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     ranks, device = Ranks(), cfg.training.device

@@ -243,7 +243,7 @@ def test_the_rest_of_an_epoch_is_dealt_to_other_readers(corpus, monkeypatch):
     saved = [list(ds.epoch_batches(cache, reader, 2, 0))[n][2] for reader, n in ((0, 5), (1, 40))]
     assert saved[1]["unit"] > 0 and any(p["part"] > 0 for p in saved)
     order = {data.WORKERS_KEY: 2, "world_size": 1, "training.seed": 0}
-    positions, left, epoch = data.rest_of_epoch(units, order, saved, n_readers=3)
+    positions, left, epoch, _ = data.rest_of_epoch(units, order, saved, n_readers=3)
     index = {(u.file_key, u.row_group): i for i, u in enumerate(units)}
     finished = {index[(u.file_key, u.row_group)] for p in saved for u in old[p["reader"]][:p["unit"]]}
     being_read = {index[(u.file_key, u.row_group)]: p["part"] for p in saved for u in [old[p["reader"]][p["unit"]]]}
@@ -288,7 +288,7 @@ def test_the_rest_of_an_epoch_skips_readers_ahead_and_counts_missing_ones_whole(
     index = {(u.file_key, u.row_group): i for i, u in enumerate(units)}
     saved = [{"reader": 0, "epoch": 3, "unit": 1, "part": 0, "consumed": 1, "carry": []},  # ahead: done with 2
              {"reader": 1, "epoch": 2, "unit": 1, "part": 0, "consumed": 1, "carry": []}]  # reader 2: none saved
-    positions, left, epoch = data.rest_of_epoch(units, order, saved, n_readers=2)
+    positions, left, epoch, read_again = data.rest_of_epoch(units, order, saved, n_readers=2)
     expected = {index[(u.file_key, u.row_group)] for u in old[1][1:] + old[2]}
     assert epoch == 2 and left == len(expected) and {i for p in positions for i, _ in p["units"]} == expected
 
@@ -401,3 +401,14 @@ def test_a_validation_folder_that_holds_training_files_is_refused(tmp_path):
         with pytest.raises(DataError, match=r"^dataset.val_parquet_dir: \d of its \d file\(s\) are training files too "
                                             r".*: validation would measure documents the model trains on"):
             data.validation_batches(cfg, units, BYTES)
+
+
+def test_more_processes_than_units_are_refused_up_front(corpus, capsys):
+    from config import Config
+    from data import loader_workers
+    units = list_units(corpus, "text")
+    cfg = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}, "dataloader": {"num_workers": 4}})
+    assert loader_workers(cfg, units[:6], world_size=2) == 3
+    assert "dataloader.num_workers 4 -> 3: only 6 (file, row group) units to share" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"1 \(file, row group\) unit for 2 processes, .* start at most 1 \(torchrun"):
+        loader_workers(cfg, units[:1], world_size=2)

@@ -154,7 +154,7 @@ def test_replace_replaces_an_earlier_export_but_never_a_run_directory(trained, t
     assert "was not trained with low_precision.use_4bit" in capsys.readouterr().err
 
 
-def test_the_model_card_names_the_validation_data_the_run_used(tmp_path):
+def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp_path):
     from checkpoint import Checkpoint
     from config import Config
     from tokenizer import ByteTokenizer
@@ -165,3 +165,8 @@ def test_the_model_card_names_the_validation_data_the_run_used(tmp_path):
     config["dataset"]["val_parquet_dir"] = "data/held_out"
     card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
     assert "), validation data/held_out\n" in card and "validation fraction" not in card
+    assert "accumulation 1\n" in card  # one process; a checkpoint older than token counting
+    ckpt.rng, ckpt.tokens = [{}, {}], 40_960  # two processes under torchrun
+    card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=True, four_bit=False)
+    assert "accumulation 1 x 2 processes; 40,960 tokens trained on\n" in card
+    assert 'AutoTokenizer.from_pretrained("out", trust_remote_code=True)' in card  # no question at the prompt

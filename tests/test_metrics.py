@@ -180,6 +180,12 @@ def test_wandb_names_the_run_after_its_directory_when_another_run_took_the_name(
         shutil.rmtree(run.path)
 
 
+def test_a_compiling_step_s_speed_stays_out_of_the_curves():
+    record = {"step": 1, "train_loss": 5.5, "tokens_per_s": 300, "ms_per_step": 900.0, "data_wait": 0.0, "mfu": 0.001}
+    assert {"speed/tokens_per_s", "speed/ms_per_step", "speed/mfu", "train/loss"} <= set(metrics.scalars(record))
+    assert set(metrics.scalars({**record, "compiling": True})) == {"train/loss"}
+
+
 def test_the_step_line_says_what_the_record_holds():
     record = {"step": 40, "train_loss": 2.34567, "lr": 3e-4, "grad_norm": 0.5, "tokens_per_s": 12345, "ms_per_step": 81.0}
     line = metrics.step_line(record, 100, 0.081, elapsed=59.996)

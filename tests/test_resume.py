@@ -1,5 +1,6 @@
 """resume.py through train.py: a run continues where its checkpoint left it, exactly (also after
 kill -9 at any moment), across changed settings it names, and refuses what cannot continue."""
+import json
 import random
 import re
 import shutil
@@ -120,6 +121,9 @@ def test_a_compiled_run_resumes_bit_for_bit(tmp_path, corpus):
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={copy / 'checkpoint_2.pt'}"]) == 0
     resumed, straight = load_checkpoint(copy / "checkpoint_4.pt"), load_checkpoint(run / "checkpoint_4.pt")
     assert all(torch.equal(resumed.model[name], tensor) for name, tensor in straight.model.items())
+    for folder, first_step in ((run, 1), (copy, 3)):  # each process compiles in its first step: not a speed
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if r.get("compiling")] == [first_step]
 
 
 def test_checkpoint_of_version_0_1_still_resumes(tmp_path, corpus):
@@ -210,6 +214,9 @@ def test_fewer_loader_workers_on_resume_read_the_rest_of_the_epoch(tmp_path, cor
     assert "dataloader.num_workers (effective): 2 -> 0" in out
     left, n_units = map(int, re.search(r"the (\d+) of (\d+) \(file, row group\) units that epoch 0 has not "
                                        r"finished are dealt anew to 1 reader,", out).groups())
+    read_twice = float(re.search(r"the parts being read start again, so about [\d.]+ MB \(([\d.]+)% of the epoch\) "
+                                 r"is read twice\n", out)[1])
+    assert 0 < read_twice < 100 * 2 / n_units  # at most the two units the workers were in
     run = only_run(tmp_path / "ck")
     before = load_checkpoint(run / "checkpoint_20.pt").data_positions
     [after] = load_checkpoint(run / "checkpoint_24.pt").data_positions
@@ -383,4 +390,10 @@ def test_extending_a_finished_run_says_that_the_learning_rate_jumps(tmp_path, co
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=8"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"note: the learning-rate schedule changed: step 5 runs at lr 3\.78e-03, 1\.00e-03 in the "
-                     r"checkpoint's schedule", out)
+                     r"checkpoint's schedule .*; the loss may rise for a while after this jump up\n", out)
+    from types import SimpleNamespace
+    from config import TrainingConfig
+    from resume import schedule_jump
+    saved = SimpleNamespace(step=4, config={"training": {"learning_rate": 0.01, "min_lr": 0.001, "max_iters": 100}})
+    lower = schedule_jump(saved, TrainingConfig(learning_rate=0.002, min_lr=0.0001, max_iters=100))
+    assert "step 5 runs at lr 1.00e-04, 5.00e-04 in the" in lower and "jump up" not in lower  # down: no rise to fear

@@ -129,8 +129,10 @@ def test_a_run_directory_another_process_trains_in_is_refused(tmp_path, corpus, 
         capsys.readouterr()
         resume = ["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=6"]
         assert train.main(resume) == 1
-        err = capsys.readouterr().err
+        captured = capsys.readouterr()
+        err = captured.err
         assert err.startswith(f"error: {run}: process {holder.pid} on ") and "is training in this run directory" in err
+        assert "resuming from" not in captured.out  # refused before it says it resumes
         assert sorted(p.name for p in checkpoints_in(run)) == ["checkpoint_2.pt", "checkpoint_4.pt"]  # untouched
     finally:
         holder.kill()

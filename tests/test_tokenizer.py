@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from tokenizer import (SEPARATOR_TOKEN, ByteTokenizer, HFTokenizer, TokenizerError, check_vocab_size,
-                       load_tokenizer, tokenizer_from_string)
+                       load_tokenizer, lost_text, tokenizer_from_string)
 
 DOCS = ["héllo wörld, some words", "and more words <|endoftext|> inside", "x"]
 
@@ -59,8 +59,17 @@ def test_bad_tokenizer_files_are_one_line_errors(tmp_path, bpe_json):
     with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: cannot read .*nope.json \(No such file"):
         load_tokenizer(str(tmp_path / "nope.json"))
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(TokenizerError, match=r"bad.json: not a Hugging Face tokenizer.json"):
+    with pytest.raises(TokenizerError, match=r"bad.json: not a Hugging Face tokenizer.json \(not JSON: "):
         load_tokenizer(str(tmp_path / "bad.json"))
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    with pytest.raises(TokenizerError, match=r"other.json: not a Hugging Face tokenizer.json \(JSON, but not laid out"):
+        load_tokenizer(str(tmp_path / "other.json"))
+    (tmp_path / "export").mkdir()
+    with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: .*export is a folder, not a tokenizer.json$"):
+        load_tokenizer(str(tmp_path / "export"))
+    (tmp_path / "export" / "tokenizer.json").write_text(bpe_json)
+    with pytest.raises(TokenizerError, match=r"a folder, not a tokenizer.json; it holds one: dataset.tokenizer=.*export/"):
+        load_tokenizer(str(tmp_path / "export"))
     without = bpe_json.replace(SEPARATOR_TOKEN, "<|sep|>")
     (tmp_path / "nosep.json").write_text(without)
     with pytest.raises(TokenizerError, match=r"nosep.json: the tokenizer has no <\|endoftext\|> token"):
@@ -70,3 +79,46 @@ def test_bad_tokenizer_files_are_one_line_errors(tmp_path, bpe_json):
     assert str(info.value) == ("model.vocab_size 256 is smaller than the 320 tokens of dataset.tokenizer tok.json; "
                                "set model.vocab_size=320 (its size rounded up to a multiple of 64)")
     check_vocab_size(HFTokenizer(bpe_json, "tok.json"), 384)
+
+
+def trained(pre_tokenizer, decoder, texts, vocab_size=400) -> HFTokenizer:
+    """A BPE of another kind than prepare.py's: SentencePiece-style (Metaspace), or one without a decoder."""
+    from tokenizers import Tokenizer, models, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizer
+    if decoder is not None:
+        tok.decoder = decoder
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", SEPARATOR_TOKEN],
+                                                       show_progress=False))
+    return HFTokenizer(tok.to_str(), "a test tokenizer")
+
+
+TEXTS = ["def f(x):\n    return x + 1  # one more\n", "and more words, some words\n\nthe end"] * 20
+
+
+def test_a_tokenizer_that_loses_text_is_warned_of(bpe_file):
+    from tokenizers import decoders, pre_tokenizers
+    assert lost_text(ByteTokenizer(), TEXTS + ["ünï\x00"]) is None
+    assert lost_text(load_tokenizer(str(bpe_file)), TEXTS + ["ünï"]) is None
+    assert lost_text(trained(pre_tokenizers.Metaspace(), decoders.Metaspace(), TEXTS), TEXTS) is None
+    lossy = trained(pre_tokenizers.Whitespace(), None, TEXTS)  # the tokenizers quicktour's: no decoder
+    warning = lost_text(lossy, TEXTS)
+    assert warning.startswith("WARNING: dataset.tokenizer a test tokenizer does not give the text back: 'def f(x):")
+    assert "comes back as 'def f ( x ):" in warning
+
+
+def test_bits_per_byte_of_a_sentencepiece_style_tokenizer_count_the_bytes_of_the_text():
+    """A Metaspace token's bytes depend on where it stands ('▁' alone decodes to nothing): the
+    validation windows are decoded as text, between separators."""
+    import torch
+    from tokenizers import decoders, pre_tokenizers
+    from evaluation import tokens_per_byte
+    tokenizer = trained(pre_tokenizers.Metaspace(), decoders.Metaspace(), TEXTS)
+    docs = ["some words and more words", "the end of one more"] * 30
+    stream = tokenizer.encode_documents(documents(docs))  # each document followed by the separator
+    targets = torch.tensor(stream.astype(np.int64)).view(1, -1)
+    text_bytes = sum(len(d.encode()) for d in docs) + len(docs)
+    assert tokens_per_byte([(None, targets)], tokenizer) == pytest.approx(len(stream) / text_bytes, rel=1e-9)
+    alone = sum(len(tokenizer.decode([token]).encode()) for token in stream if token != tokenizer.separator)
+    assert alone + len(docs) < 0.9 * text_bytes  # what each token decodes to alone: not the text's bytes
+

@@ -181,11 +181,12 @@ def validation_bytes_and_tokens(path):
     return sum(len(tokenizer.decode(t).encode()) for t in text) + separators, sum(len(t) for t in targets)
 
 
-def test_bits_per_byte_is_the_loss_over_the_bytes_of_the_targets(tmp_path, corpus, bpe_file):
+def test_bits_per_byte_is_the_loss_over_the_bytes_of_the_targets(tmp_path, corpus, bpe_file, capsys):
     for tokens, extra in (("bytes", {}), ("bpe", {"tokenizer": str(bpe_file)})):
         path = write_config(tmp_path, corpus, f"{tokens}.yaml", max_iters=2, test_freq=2,
                             checkpoint_dir=str(tmp_path / tokens), model={"vocab_size": 320}, dataset=extra)
         assert train.main(["--config", str(path)]) == 0
+        assert "does not give the text back" not in capsys.readouterr().out  # both keep every byte
         [run] = (tmp_path / tokens).iterdir()
         [record] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
         n_bytes, n_tokens = validation_bytes_and_tokens(path)  # ASCII text: decoding counts the bytes exactly
@@ -195,6 +196,19 @@ def test_bits_per_byte_is_the_loss_over_the_bytes_of_the_targets(tmp_path, corpu
             assert n_tokens == n_bytes
         else:
             assert n_bytes > 1.5 * n_tokens
+
+
+def test_a_tokenizer_that_loses_text_is_warned_of_at_startup(tmp_path, corpus, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # and no decoder: the tokenizers quicktour's
+    tok.train_from_iterator(["<00-001>abc some words, and more words."],
+                            trainers.BpeTrainer(vocab_size=100, special_tokens=["<unk>", "<|endoftext|>"]))
+    tok.save(str(tmp_path / "lossy.json"))
+    path = write_config(tmp_path, corpus, max_iters=1, dataset={"tokenizer": str(tmp_path / "lossy.json")})
+    assert train.main(["--config", str(path)]) == 0
+    warning = f"WARNING: dataset.tokenizer {tmp_path / 'lossy.json'} does not give the text back: "
+    assert warning in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("problem,overrides,message", [
