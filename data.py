@@ -298,14 +298,16 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
     return positions, len(left), epoch, read_of_parts
 
 
-def loader_workers(cfg, units, world_size=1) -> int:
-    """The DataLoader workers of each process: every reader (a process's worker, or the process
-    itself) needs (file, row group) units of its own."""
+def check_enough_units(cfg, units, world_size: int):
+    """Every process reads (file, row group) units of its own: refuse more processes than units."""
     if len(units) < world_size:
         raise DataError(f"{cfg.dataset.parquet_dir}: {len(units)} (file, row group) unit{'s' * (len(units) != 1)} "
                         f"for {world_size} processes, and each process reads units of its own: start at most "
                         f"{len(units)} (torchrun --nproc_per_node), or write the text in more row groups (prepare.py "
                         f"writes one per 128 KB)")
+
+
+def loader_workers(cfg, units, world_size=1) -> int:
     workers = min(cfg.dataloader.num_workers, len(units) // world_size)
     if workers < cfg.dataloader.num_workers:
         print(f"dataloader.num_workers {cfg.dataloader.num_workers} -> {workers}: only "

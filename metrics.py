@@ -177,7 +177,8 @@ class StepLog:
                 or stopping)  # a stop logs the steps since the last line
 
     def measure(self, step: int, lr: float, tokens: int, positions) -> dict:
-        """The record of the steps since the last line, up to `step` (every rank's mean: all ranks call it)."""
+        """The record of the steps since the last line, up to `step` (every rank's mean: all ranks call
+        it); write() prints it and starts the next line."""
         loss, grad_norm, skipped = self.ranks.mean(self.sums / torch.tensor(
             [max(1, self.micro_batches), 1, 1], device=self.device)).tolist()
         skipped = round(skipped)
@@ -199,7 +200,6 @@ class StepLog:
         if self.peak:  # tokens_per_step counts every rank; peak is one GPU's
             flops_per_s = self.flops_per_token * self.tokens_per_step / self.ranks.world_size / seconds_per_step
             record["mfu"] = flops_per_s / self.peak
-        self._next_line()
         return record
 
     def write(self, record: dict):
@@ -217,6 +217,7 @@ class StepLog:
             print(f"  about {int(self.epochs)} pass{'es' if int(self.epochs) > 1 else ''} over the training data "
                   f"done: its documents are read again from here, reshuffled", flush=True)
         self.metrics.log(record)
+        self._next_line()  # writing the line is not the next line's training time
 
 
 def check_installed(settings):

@@ -271,7 +271,7 @@ class RunDir:
 def unused(path: Path) -> Path:
     """`path`, or the first of path_2, path_3, ... (the number before its suffix) that does not exist."""
     candidate, n = path, 2
-    while candidate.exists():
+    while os.path.lexists(candidate):  # a dangling link's name is taken too
         candidate, n = path.with_name(f"{path.stem}_{n}{path.suffix}"), n + 1
     return candidate
 

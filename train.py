@@ -24,7 +24,7 @@ from adamw4bit import AdamW4bit, adamw_state_bytes
 from checkpoint import CheckpointError
 from config import add_config_arguments, learning_rate, load_config, step_tokens
 from corpus import ensure_sample_corpus
-from data import data_order, loader_workers, stop_loader_workers, train_loader, validation_batches
+from data import check_enough_units, data_order, loader_workers, stop_loader_workers, train_loader, validation_batches
 from distributed import (DistributedError, Ranks, communication_failure, gradient_sync, local_tensor, shutdown, start,
                          wrap)
 from evaluation import evaluate, tokens_per_byte
@@ -167,10 +167,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
 
         # ---- log
         if log.due(step, stopping):
-            record = log.measure(step, lr, progress.tokens, progress.positions.values())
-            if not math.isfinite(record["train_loss"]):
-                raise non_finite("the training loss", step, progress.last_saved)
-            log.write(record)
+            log_steps(log, step, lr, progress)
 
         # ---- evaluate
         if step % training.test_freq == 0 or step == training.max_iters:
@@ -212,7 +209,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             stopping = stopping or ranks.any(stop.signal_name is not None, device)  # heard while saving: that one
         if stopping and step < training.max_iters:  # (at max_iters: done, as planned)
             if log.steps:  # heard while evaluating or saving a step that was not logged: its line now
-                log.write(log.measure(step, lr, progress.tokens, progress.positions.values()))
+                log_steps(log, step, lr, progress)
             stop_vote.settle()
             metrics.close()
             print(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. Resume "
@@ -226,6 +223,14 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     return 0
 
 
+def log_steps(log: StepLog, step: int, lr: float, progress: Progress):
+    """The log line of the steps since the last one, refused if their loss is not finite."""
+    record = log.measure(step, lr, progress.tokens, progress.positions.values())
+    if not math.isfinite(record["train_loss"]):
+        raise non_finite("the training loss", step, progress.last_saved)
+    log.write(record)
+
+
 def prepare_data(cfg, ranks: Ranks):
     """(tokenizer, the training shards' units, the validation batches), checked before any training:
     the tokenizer against model.vocab_size, every shard's footer and schema, enough validation data.
@@ -236,6 +241,7 @@ def prepare_data(cfg, ranks: Ranks):
         ensure_sample_corpus(cfg)
     ranks.barrier()
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
+    check_enough_units(cfg, units, ranks.world_size)
     if ranks.main and (warning := lost_text(tokenizer, first_documents(units[0], cfg.dataset.text_column, 20))):
         print(warning)
     return tokenizer, units, validation_batches(cfg, units, tokenizer)

@@ -291,6 +291,10 @@ def test_the_rest_of_an_epoch_skips_readers_ahead_and_counts_missing_ones_whole(
     positions, left, epoch, read_again = data.rest_of_epoch(units, order, saved, n_readers=2)
     expected = {index[(u.file_key, u.row_group)] for u in old[1][1:] + old[2]}
     assert epoch == 2 and left == len(expected) and {i for p in positions for i, _ in p["units"]} == expected
+    assert read_again == 0  # positions without a count of their part's windows: no share of it known read
+    with_windows = [{**saved[1], "windows": 4}]  # reader 1 had used 1 of its part's 4 windows
+    read_again = data.rest_of_epoch(units, order, saved[:1] + with_windows, n_readers=2)[3]
+    assert read_again == pytest.approx(data.part_read(old[1][1], with_windows[0])) and read_again > 0
 
 
 def test_dataloader_resumes_with_the_worker_whose_batch_was_due(corpus, tokenizer):
@@ -405,10 +409,10 @@ def test_a_validation_folder_that_holds_training_files_is_refused(tmp_path):
 
 def test_more_processes_than_units_are_refused_up_front(corpus, capsys):
     from config import Config
-    from data import loader_workers
+    from data import check_enough_units, loader_workers
     units = list_units(corpus, "text")
     cfg = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}, "dataloader": {"num_workers": 4}})
     assert loader_workers(cfg, units[:6], world_size=2) == 3
     assert "dataloader.num_workers 4 -> 3: only 6 (file, row group) units to share" in capsys.readouterr().out
     with pytest.raises(DataError, match=r"1 \(file, row group\) unit for 2 processes, .* start at most 1 \(torchrun"):
-        loader_workers(cfg, units[:1], world_size=2)
+        check_enough_units(cfg, units[:1], world_size=2)

@@ -283,3 +283,17 @@ def test_float16_steps_the_loss_scaler_skips_are_counted_not_averaged_into_the_g
     steps = {r["step"]: r for r in records if "train_loss" in r}
     assert steps[1]["grad_norm"] is None and steps[1]["skipped_steps"] == 1
     assert 0 < steps[40]["skipped_steps"] < 20 and math.isfinite(steps[40]["grad_norm"])  # steps 21 to 40
+
+
+def test_writing_a_line_is_not_counted_in_the_next_line_s_speed(tmp_path, corpus, monkeypatch):
+    real = MetricsLog.log
+
+    def slow_log(self, record):  # a slow disk, TensorBoard starting, W&B's network
+        real(self, record)
+        time.sleep(1.0)
+
+    monkeypatch.setattr(MetricsLog, "log", slow_log)
+    path = write_config(tmp_path, corpus, max_iters=4, test_freq=100)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    assert all(r["ms_per_step"] < 700 for r in records(run) if "ms_per_step" in r)

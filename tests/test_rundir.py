@@ -113,6 +113,8 @@ def test_unused_numbers_a_taken_name_before_its_suffix(tmp_path):
     assert unused(tmp_path / "best.pt") == tmp_path / "best_3.pt"
     (tmp_path / "abandoned_after_step_4").mkdir()
     assert unused(tmp_path / "abandoned_after_step_4") == tmp_path / "abandoned_after_step_4_2"
+    (tmp_path / "run_x").symlink_to(tmp_path / "gone")  # a dangling link: its name is taken all the same
+    assert unused(tmp_path / "run_x") == tmp_path / "run_x_2"
 
 
 # ---- whole runs: the hold, `latest`, branches
