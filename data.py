@@ -261,10 +261,11 @@ def still_to_read(assigned, position) -> list:
 
 
 def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list, int, int, float]:
-    """(start positions, units left, epoch, about the bytes read again): the units of the oldest epoch a saved reader is in that
-    no reader has finished, dealt to n_readers (balancing bytes) in positions that carry them (a
-    unit being read restarts at the part it was in). Readers that had gone on to the next epoch
-    had finished this one; what they read of the next is read again."""
+    """(start positions, units left, epoch, about the bytes read again): the units of the oldest
+    epoch a saved reader is in that no reader has finished, dealt to n_readers (balancing bytes) in
+    positions that carry them (a unit being read restarts at the part it was in: what was read of
+    that part is read again). Readers that had gone on to the next epoch had finished this one;
+    what they read of the next is read again."""
     old_readers = max(1, saved_order[WORKERS_KEY]) * saved_order["world_size"]
     saved = {p["reader"]: p for p in saved_positions}
     # a reader that had not handed over a batch yet: at the start of the oldest epoch (a fresh run's first)
@@ -341,7 +342,8 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
         print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): the {left} of "
               f"{len(units)} (file, row group) units that epoch {epoch} has not finished are dealt anew "
               f"to {n_readers} reader{'s' * (n_readers != 1)}, then the epochs continue as usual; the parts "
-              f"being read start again, so about {read_again / 2**20:.1f} MB ({share:.1%} of the epoch) is read twice")
+              f"being read start again, so about {read_again / 2**20:.1f} MB ({share:.1%} of the epoch) is read "
+              f"twice")
         return positions, 0
     first_epoch = 1 + max((p["epoch"] for p in saved_positions), default=-1)
     print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): training "

@@ -166,8 +166,9 @@ def local_tensor(p: torch.Tensor) -> torch.Tensor:
 
 def full_state(model, optimizer) -> tuple[dict, dict]:
     """Unsharded model and optimizer state on the CPU (all ranks must call; under torchrun only rank
-    0 gets it, the others empty dicts: only rank 0 writes). The optimizer state is keyed by parameter name, the same in every mode, so a
-    checkpoint moves between a single process, DDP and FSDP of any world size."""
+    0 gets it, the others empty dicts: only rank 0 writes). The optimizer state is keyed by
+    parameter name, the same in every mode, so a checkpoint moves between a single process, DDP and
+    FSDP of any world size."""
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 

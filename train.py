@@ -41,6 +41,7 @@ from shards import DataError, first_documents, list_units
 from stopping import GracefulStop, StepVote, launcher
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer, lost_text
 
+
 class TrainingError(Exception):
     pass
 
