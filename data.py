@@ -319,7 +319,8 @@ def loader_workers(cfg, units, world_size=1) -> int:
 def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_positions=(), batches_consumed=0):
     """Where the training stream starts: (reader positions, batches consumed), from a checkpoint's
     data order, reader positions and batch count (none: the start). With the same data order the
-    stream continues exactly. With other readers, block size or seed but the same units, the rest of
+    stream continues exactly, and so it does with the same number of readers laid out otherwise (2
+    processes x 1 worker, 1 x 2). With other readers, block size or seed but the same units, the rest of
     the epoch in progress is dealt to the new readers (rest_of_epoch): no document is skipped.
     Otherwise (other shards, text column or split) every reader starts afresh at the epoch after the
     furthest one reached. Either way it says so. Those start positions are saved with the next
@@ -330,10 +331,18 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
         saved_order = {**saved_order, "documents trained on": "all" if saved_order.get("dataset.val_parquet_dir")
                        else "train"}
     order = data_order(cfg, units, workers, world_size)
-    changed = [f"{k}: {saved_order.get(k)!r} -> {v!r}" for k, v in order.items() if saved_order.get(k) != v]
+    changed_keys = [k for k, v in order.items() if saved_order.get(k) != v]
+    changed = [f"{k}: {saved_order.get(k)!r} -> {order[k]!r}" for k in changed_keys]
     if not changed:
         return saved_positions, batches_consumed
     n_readers = world_size * max(1, workers)
+    old_workers = max(1, saved_order.get(WORKERS_KEY, 0))
+    if (set(changed_keys) <= {WORKERS_KEY, "world_size"} and WORKERS_KEY in saved_order
+            and old_workers * saved_order.get("world_size", 0) == n_readers):
+        # reader r is rank r // workers, worker r % workers either way: each continues where it stopped
+        print(f"note: {'; '.join(changed)}: still {n_readers} readers (processes x workers), each continues "
+              f"where it stopped")
+        return saved_positions, batches_consumed // old_workers * max(1, workers)
     same_units = all(k in saved_order and saved_order[k] == order.get(k) for k in SAME_UNITS
                      if k in order or k in saved_order)
     if same_units and all(k in saved_order for k in (WORKERS_KEY, "world_size", "training.seed")):

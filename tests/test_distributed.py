@@ -59,6 +59,15 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpu
         assert ddp_train[step] == pytest.approx(one_train[step], rel=1e-5, abs=1e-6)
     for step in one_val:  # validation averaged over the ranks' halves of the same batches
         assert ddp_val[step] == pytest.approx(one_val[step], rel=1e-5)
+    # the same 2 readers laid out otherwise: 1 process x 2 workers continues the 2 processes' readers exactly
+    for directory in ("one", "ddp"):
+        assert train.main(["--config", str(config), "training.checkpoint_dir=" + str(tmp_path / directory),
+                           "training.resume_from_checkpoint=latest", "training.max_iters=5",
+                           "training.gradient_accumulation_steps=2", "dataloader.num_workers=2"]) == 0
+    out = capsys.readouterr().out
+    assert "still 2 readers (processes x workers), each continues where it stopped" in out
+    assert "WARNING" not in out
+    assert train_losses(run)[0][5] == pytest.approx(train_losses(the_run(tmp_path / "one"))[0][5], rel=1e-5)
 
     out = torchrun(2, config, "training.checkpoint_dir=" + str(tmp_path / "fsdp"),
                    "training.distributed=fsdp", *common)
