@@ -1,21 +1,20 @@
-"""Typed configuration: dataclasses, strict YAML loading, command-line overrides.
+"""Typed configuration: the settings as dataclasses, the checks of their values, and loading
+them for the scripts (config_file.py reads the YAML and the overrides).
 
 Every problem in a config file is reported at once, one line each, as
 `<section.key>: <what is wrong>`; the scripts print them and exit with status 2. The model
 section is model.BDHConfig itself.
 """
 import dataclasses
-import difflib
 import math
 import os
-import re
 import sys
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
+from config_file import ConfigError, apply_override, read_yaml, suggest, typed_section
 from model import BDHConfig
 
 
@@ -116,18 +115,6 @@ PATHS = ("training.checkpoint_dir", "training.resume_from_checkpoint", "dataset.
          "dataset.tokenizer")  # ~ is expanded: the shell leaves it as it is in section.key=~/...
 DEFAULT_SAMPLE_DIR = DatasetConfig.parquet_dir
 
-# PyYAML (YAML 1.1) reads 1e-3 and 1e5 as strings; a number field accepts exactly these (an int one if whole).
-_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-class ConfigError(Exception):
-    """One or more configuration problems; .problems holds one line per problem."""
-
-    def __init__(self, problems):
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
-
-
 @dataclass
 class Config:
     model: BDHConfig = field(default_factory=BDHConfig)
@@ -141,48 +128,14 @@ class Config:
     @classmethod
     def from_yaml(cls, path, overrides=()) -> "Config":
         """Load `path`, apply `section.key=value` overrides, validate; raises ConfigError."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError([f"{path}: config file not found; pass an existing file with --config"])
-        except UnicodeDecodeError as e:
-            if path.read_bytes()[:4] == b"PK\x03\x04":  # a zip archive: what torch.save writes
-                raise ConfigError([f"{path}: a checkpoint, not a YAML config file; resume it with "
-                                   f"training.resume_from_checkpoint={path} (its run's config.yaml is the config)"])
-            raise ConfigError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the config as UTF-8"])
-        except OSError as e:
-            raise ConfigError([f"{path}: cannot read config file: {e}"])
-        try:
-            loader = _UniqueKeyLoader(text)
-            raw = loader.get_single_data()
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
-            if re.search(r":\s+[*&!\[{]", line):  # YAML syntax, unless quoted
-                problem += ' (a value that starts with *, &, !, [ or {, such as a glob pattern, needs quotes: "*.parquet")'
-            raise ConfigError([f"{where}: YAML syntax error: {problem}"])
-        finally:
-            loader.dispose()
-        if loader.duplicates:
-            raise ConfigError([f"{path}:{line}: {key!r} appears again (first at line {first}); YAML would keep only "
-                               f"the last{', replacing the whole section' if section else ''}: keep one"
-                               for key, first, line, section in sorted(loader.duplicates, key=lambda d: d[2])])
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError([f"{path}: the top level must be a mapping of sections "
-                               f"({', '.join(_sections())}), got {type(raw).__name__}"])
-        return cls.from_dict(raw, overrides)
+        return cls.from_dict(read_yaml(path, _sections()), overrides)
 
     @classmethod
     def from_dict(cls, raw: dict, overrides=()) -> "Config":
         raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
         problems = []
         for item in overrides:
-            problems += _apply_override(raw, item)
+            problems += apply_override(raw, item)
         sections = {}
         for name, value in raw.items():
             if name in _all_paths():  # `training.seed: 3` at the top of a file
@@ -191,11 +144,12 @@ class Config:
                                 f"`{key}:` indented under `{section}:`")
             elif name not in _sections():
                 problems.append(f"{name}: unknown section"
-                                + _suggest(str(name), list(_sections()) + _all_paths(), _sections()))
+                                + suggest(str(name), list(_sections()) + _all_paths(), _sections()))
             elif value is not None and not isinstance(value, dict):
                 problems.append(f"{name}: must be a mapping of keys, got {type(value).__name__} {value!r}")
         for name, section_cls in _sections().items():
-            values, section_problems = _build_section(name, section_cls, raw.get(name) or {})
+            given = raw.get(name) if isinstance(raw.get(name), dict) else {}  # anything else: reported above
+            values, section_problems = typed_section(name, section_cls, given, _all_paths())
             problems += section_problems
             sections[name] = section_cls(**values)
         config = cls(**sections)
@@ -346,119 +300,9 @@ def fsdp_problems(cfg) -> list[str]:
     return problems
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, noting every key that appears twice in one mapping (PyYAML keeps the
-    last silently): (key, first line, line, whether it is a section)."""
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self.duplicates = []
-
-    def construct_mapping(self, node, deep=False):
-        first_line = {}
-        for key_node, value_node in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if key in first_line:
-                self.duplicates.append((key, first_line[key], line, isinstance(value_node, yaml.MappingNode)))
-            first_line.setdefault(key, line)
-        return super().construct_mapping(node, deep)
-
-
 def _sections():
     return {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 
 def _all_paths():
     return [f"{name}.{f.name}" for name, cls in _sections().items() for f in dataclasses.fields(cls)]
-
-
-# Names that other trainers use for these settings.
-ALIASES = {"lr": "training.learning_rate", "bs": "training.batch_size", "batch": "training.batch_size",
-           "micro_batch_size": "training.batch_size", "iters": "training.max_iters", "steps": "training.max_iters",
-           "max_steps": "training.max_iters", "num_steps": "training.max_iters", "seq_len": "training.block_size",
-           "context_length": "training.block_size", "warmup": "training.warmup_iters",
-           "warmup_steps": "training.warmup_iters", "wd": "training.weight_decay", "clip": "training.grad_clip",
-           "n_embed": "model.n_embd", "d_model": "model.n_embd", "layers": "model.n_layer", "heads": "model.n_head",
-           "grad_accum": "training.gradient_accumulation_steps"}
-EPOCHS = ("epochs", "num_epochs", "max_epochs")
-
-
-def _suggest(name, candidates, known):
-    key = name.split(".")[-1]
-    if key in EPOCHS:
-        return ("; training has no epochs setting: it runs training.max_iters optimizer steps of batch_size x "
-                "block_size x gradient_accumulation_steps tokens each; set training.max_iters")
-    moved = [c for c in candidates if c.split(".")[-1] == key and c != name]
-    match = moved or ([ALIASES[key]] if key in ALIASES else []) or difflib.get_close_matches(name, candidates, n=1,
-                                                                                              cutoff=0.6)
-    return f"; did you mean {match[0]}?" if match else f"; known: {', '.join(known)}"
-
-
-def _apply_override(raw, item):
-    """Apply one `section.key=value` override (value parsed as a YAML scalar) to raw."""
-    if "=" not in item or "." not in item.split("=", 1)[0]:
-        if item.endswith((".yaml", ".yml")):
-            return [f"{item}: an override must look like section.key=value; to train with this file: --config {item}"]
-        return [f"{item}: an override must look like section.key=value "
-                f"(for example training.batch_size=16)"]
-    path, text = item.split("=", 1)
-    section, key = path.split(".", 1)
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    if section in raw and not isinstance(raw[section], dict):
-        return [f"{section}: must be a mapping of keys"]
-    raw.setdefault(section, {})
-    if raw[section] is None:
-        raw[section] = {}
-    raw[section][key] = value
-    return []
-
-
-def _build_section(name, section_cls, values):
-    if not isinstance(values, dict):
-        return {}, []  # reported by the caller
-    known = {f.name: f for f in dataclasses.fields(section_cls)}
-    hints = typing.get_type_hints(section_cls)
-    result, problems = {}, []
-    for key, value in values.items():
-        path = f"{name}.{key}"
-        if key not in known:
-            problems.append(f"{path}: unknown key" + _suggest(path, _all_paths(), known))
-            continue
-        ok, converted, expected = _check_type(value, hints[key])
-        if ok:
-            result[key] = converted
-        else:
-            quote = (f"; quote it to give it as text: \"{value}\" in the file, '{path}=\"{value}\"' on the command line"
-                     if expected.startswith("str") and isinstance(value, (int, float, bool)) else "")
-            got = f"{type(value).__name__} {value!r}" if value is not None else "no value"
-            problems.append(f"{path}: expected {expected}, got {got}{quote}")
-    return result, problems
-
-
-def _check_type(value, hint):
-    """(ok, value, expected type name). Strict: no bool->number coercion, no str->number except
-    exponent notation (1e-3, 1e5), which YAML 1.1 reads as text; an int may be written as a whole
-    float (1e5, 3000.0)."""
-    if hint is bool:
-        return isinstance(value, bool), value, "bool (true or false)"
-    if isinstance(value, str) and hint in (int, float) and _EXPONENT_FLOAT.match(value.strip()):
-        value = float(value)
-    if hint is int:
-        if isinstance(value, float) and value.is_integer():
-            return True, int(value), "int"
-        return isinstance(value, int) and not isinstance(value, bool), value, "int"
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value), "float"
-        return False, value, "float"
-    if hint is str:
-        return isinstance(value, str), value, "str"
-    if hint == typing.Optional[str]:
-        return value is None or isinstance(value, str), value, "str or null"
-    if hint == typing.Union[bool, str]:
-        return isinstance(value, (bool, str)), value, "true, false or auto"
-    raise TypeError(f"unsupported config type {hint}")

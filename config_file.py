@@ -1,0 +1,172 @@
+"""Reading a config as written: the YAML file (unique keys, one-line errors), `section.key=value`
+overrides, typed fields without silent coercion, and suggestions for misspelled names. What the
+settings are and which values they take is config.py's.
+"""
+import dataclasses
+import difflib
+import re
+import typing
+from pathlib import Path
+
+import yaml
+
+# PyYAML (YAML 1.1) reads 1e-3 and 1e5 as strings; a number field accepts exactly these (an int one if whole).
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+# Names that other trainers use for these settings.
+ALIASES = {"lr": "training.learning_rate", "bs": "training.batch_size", "batch": "training.batch_size",
+           "micro_batch_size": "training.batch_size", "iters": "training.max_iters", "steps": "training.max_iters",
+           "max_steps": "training.max_iters", "num_steps": "training.max_iters", "seq_len": "training.block_size",
+           "context_length": "training.block_size", "warmup": "training.warmup_iters",
+           "warmup_steps": "training.warmup_iters", "wd": "training.weight_decay", "clip": "training.grad_clip",
+           "n_embed": "model.n_embd", "d_model": "model.n_embd", "layers": "model.n_layer", "heads": "model.n_head",
+           "grad_accum": "training.gradient_accumulation_steps"}
+EPOCHS = ("epochs", "num_epochs", "max_epochs")
+
+
+class ConfigError(Exception):
+    """One or more configuration problems; .problems holds one line per problem."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def read_yaml(path, sections) -> dict:
+    """The mapping in the YAML file at `path` (an empty file: {}); ConfigError names the file, line
+    and fix for a missing or unreadable file, a syntax error or a key given twice in one mapping."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: config file not found; pass an existing file with --config"])
+    except UnicodeDecodeError as e:
+        if path.read_bytes()[:4] == b"PK\x03\x04":  # a zip archive: what torch.save writes
+            raise ConfigError([f"{path}: a checkpoint, not a YAML config file; resume it with "
+                               f"training.resume_from_checkpoint={path} (its run's config.yaml is the config)"])
+        raise ConfigError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the config as UTF-8"])
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read config file: {e}"])
+    try:
+        loader = _UniqueKeyLoader(text)
+        raw = loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        if re.search(r":\s+[*&!\[{]", line):  # YAML syntax, unless quoted
+            problem += ' (a value that starts with *, &, !, [ or {, such as a glob pattern, needs quotes: "*.parquet")'
+        raise ConfigError([f"{where}: YAML syntax error: {problem}"])
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise ConfigError([f"{path}:{line}: {key!r} appears again (first at line {first}); YAML would keep only "
+                           f"the last{', replacing the whole section' if section else ''}: keep one"
+                           for key, first, line, section in sorted(loader.duplicates, key=lambda d: d[2])])
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections ({', '.join(sections)}), "
+                           f"got {type(raw).__name__}"])
+    return raw
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, noting every key that appears twice in one mapping (PyYAML keeps the
+    last silently): (key, first line, line, whether it is a section)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.duplicates = []
+
+    def construct_mapping(self, node, deep=False):
+        first_line = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                self.duplicates.append((key, first_line[key], line, isinstance(value_node, yaml.MappingNode)))
+            first_line.setdefault(key, line)
+        return super().construct_mapping(node, deep)
+
+
+def apply_override(raw: dict, item: str) -> list[str]:
+    """Apply one `section.key=value` override (value parsed as a YAML scalar) to raw; its problems."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        if item.endswith((".yaml", ".yml")):
+            return [f"{item}: an override must look like section.key=value; to train with this file: --config {item}"]
+        return [f"{item}: an override must look like section.key=value "
+                f"(for example training.batch_size=16)"]
+    path, text = item.split("=", 1)
+    section, key = path.split(".", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    if section in raw and not isinstance(raw[section], dict):
+        return [f"{section}: must be a mapping of keys"]
+    raw.setdefault(section, {})
+    if raw[section] is None:
+        raw[section] = {}
+    raw[section][key] = value
+    return []
+
+
+def typed_section(name: str, section_cls, values: dict, all_paths: list[str]):
+    """(the fields of dataclass `section_cls` given in `values`, converted; problems, one line each)."""
+    known = {f.name: f for f in dataclasses.fields(section_cls)}
+    hints = typing.get_type_hints(section_cls)
+    result, problems = {}, []
+    for key, value in values.items():
+        path = f"{name}.{key}"
+        if key not in known:
+            problems.append(f"{path}: unknown key" + suggest(path, all_paths, known))
+            continue
+        ok, converted, expected = check_type(value, hints[key])
+        if ok:
+            result[key] = converted
+        else:
+            quote = (f"; quote it to give it as text: \"{value}\" in the file, '{path}=\"{value}\"' on the command line"
+                     if expected.startswith("str") and isinstance(value, (int, float, bool)) else "")
+            got = f"{type(value).__name__} {value!r}" if value is not None else "no value"
+            problems.append(f"{path}: expected {expected}, got {got}{quote}")
+    return result, problems
+
+
+def suggest(name: str, candidates: list[str], known) -> str:
+    """What to write instead of the unknown `name`: the same key in another section, the setting
+    another trainer's name means, or the closest candidate; else the `known` names."""
+    key = name.split(".")[-1]
+    if key in EPOCHS:
+        return ("; training has no epochs setting: it runs training.max_iters optimizer steps of batch_size x "
+                "block_size x gradient_accumulation_steps tokens each; set training.max_iters")
+    moved = [c for c in candidates if c.split(".")[-1] == key and c != name]
+    match = moved or ([ALIASES[key]] if key in ALIASES else []) or difflib.get_close_matches(name, candidates, n=1,
+                                                                                              cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else f"; known: {', '.join(known)}"
+
+
+def check_type(value, hint):
+    """(ok, value, expected type name). Strict: no bool->number coercion, no str->number except
+    exponent notation (1e-3, 1e5), which YAML 1.1 reads as text; an int may be written as a whole
+    float (1e5, 3000.0)."""
+    if hint is bool:
+        return isinstance(value, bool), value, "bool (true or false)"
+    if isinstance(value, str) and hint in (int, float) and _EXPONENT_FLOAT.match(value.strip()):
+        value = float(value)
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value), "int"
+        return isinstance(value, int) and not isinstance(value, bool), value, "int"
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value), "float"
+        return False, value, "float"
+    if hint is str:
+        return isinstance(value, str), value, "str"
+    if hint == typing.Optional[str]:
+        return value is None or isinstance(value, str), value, "str or null"
+    if hint == typing.Union[bool, str]:
+        return isinstance(value, (bool, str)), value, "true, false or auto"
+    raise TypeError(f"unsupported config type {hint}")

@@ -1,0 +1,135 @@
+"""Reading a config as written (config_file.py): YAML syntax, keys given twice, overrides, strict
+types, and suggestions for misspelled names; checked through Config, as the scripts use it."""
+import pytest
+import torch
+import yaml
+
+from config import Config, ConfigError
+
+
+def problems(raw, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict(raw, overrides)
+    return info.value.problems
+
+
+def test_unknown_key_suggests_the_closest_name():
+    assert problems({"training": {"learnig_rate": 1e-3}}) == [
+        "training.learnig_rate: unknown key; did you mean training.learning_rate?"]
+
+
+def test_key_in_the_wrong_section_points_to_the_right_one():
+    [p] = problems({"training": {"dropout": 0.2}})
+    assert "did you mean model.dropout?" in p
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("training", "batch_size", "8", "expected int, got str '8'"),
+    ("training", "batch_size", 8.5, "expected int, got float 8.5"),
+    ("training", "batch_size", True, "expected int, got bool True"),
+    ("training", "max_iters", None, "expected int, got no value"),
+    ("training", "learning_rate", "fast", "expected float, got str 'fast'"),
+    ("training", "learning_rate", "0.001", "expected float, got str '0.001'"),
+    ("training", "debug", "true", "expected bool (true or false), got str 'true'"),
+    ("training", "debug", 1, "expected bool (true or false), got int 1"),
+    ("training", "checkpoint_dir", 5, "expected str, got int 5; quote it to give it as text: \"5\" in the file, "
+                                      "'training.checkpoint_dir=\"5\"' on the command line"),
+])
+def test_wrong_types_name_path_expected_type_and_value(section, key, value, expected):
+    assert problems({section: {key: value}}) == [f"{section}.{key}: {expected}"]
+
+
+def test_exponent_floats_that_pyyaml_reads_as_strings_are_accepted():
+    raw = yaml.safe_load("training:\n  learning_rate: 3e-4\n  min_lr: 1e-5\n")
+    assert isinstance(raw["training"]["learning_rate"], str)  # the PyYAML quirk itself
+    c = Config.from_dict(raw)
+    assert c.training.learning_rate == 3e-4 and c.training.min_lr == 1e-5
+
+
+def test_whole_numbers_in_exponent_notation_are_accepted_for_ints():
+    raw = yaml.safe_load("training:\n  max_iters: 1e5\n  eval_iters: 2.0e1\n  seed: 7.0\n")
+    t = Config.from_dict(raw).training
+    assert (t.max_iters, t.eval_iters, t.seed) == (100000, 20, 7) and type(t.max_iters) is int
+    assert problems({"training": {"max_iters": "1.5e0"}}) == ["training.max_iters: expected int, got str '1.5e0'"]
+
+
+def test_int_is_accepted_for_float():
+    assert Config.from_dict({"training": {"weight_decay": 0}}).training.weight_decay == 0.0
+
+
+def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  n_layer: 4\n training: [\n")
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(path)
+    [p] = info.value.problems
+    assert p.startswith(f"{path}:3:") and "YAML syntax error" in p and "\n" not in p
+
+
+def test_an_unquoted_glob_pattern_is_told_to_take_quotes(tmp_path):
+    path = tmp_path / "glob.yaml"
+    path.write_text("dataset:\n  parquet_dir: **/train-*.parquet\n")
+    with pytest.raises(ConfigError, match=r"glob.yaml:2:.*such as a glob pattern, needs quotes"):
+        Config.from_yaml(path)
+    path.write_text('dataset:\n  parquet_dir: "**/train-*.parquet"\n')
+    assert Config.from_yaml(path).dataset.parquet_dir == "**/train-*.parquet"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        Config.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_a_checkpoint_given_as_the_config_says_how_to_resume_it(tmp_path):
+    path = tmp_path / "checkpoint_4.pt"
+    torch.save({"step": 4}, path)
+    with pytest.raises(ConfigError, match=r"a checkpoint, not a YAML config file; resume it with "
+                                          r"training.resume_from_checkpoint=.*checkpoint_4.pt"):
+        Config.from_yaml(path)
+    path = tmp_path / "utf16.yaml"  # what PowerShell 5.1 writes for `... --print-config > utf16.yaml`
+    path.write_text("training:\n  batch_size: 4\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match=r"utf16.yaml: not UTF-8 text \(invalid start byte at byte 0\); save the"):
+        Config.from_yaml(path)
+
+
+def test_overrides_are_parsed_as_yaml_scalars_and_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  batch_size: 4\n")
+    c = Config.from_yaml(path, ["training.batch_size=16", "model.dropout=0.0",
+                                "training.resume_from_checkpoint=latest", "training.compile=true"])
+    assert (c.training.batch_size, c.model.dropout) == (16, 0.0)
+    assert c.training.resume_from_checkpoint == "latest" and c.training.compile is True
+    with pytest.raises(ConfigError, match="training.batch_sise: unknown key; did you mean training.batch_size"):
+        Config.from_yaml(path, ["training.batch_sise=16"])
+    with pytest.raises(ConfigError, match="expected int"):
+        Config.from_yaml(path, ["training.batch_size=big"])
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        Config.from_yaml(path, ["batch_size=16"])
+    with pytest.raises(ConfigError, match="my.yaml: an override must look like section.key=value; to train with this "
+                                          "file: --config my.yaml"):
+        Config.from_yaml(path, ["my.yaml"])
+
+
+def test_a_key_or_section_given_twice_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  learning_rate: 1.0e-3\n  batch_size: 4\n  learning_rate: 2.0e-3\n"
+                    "model:\n  n_layer: 2\ntraining:\n  max_iters: 5\n")
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(path)
+    assert info.value.problems == [
+        f"{path}:4: 'learning_rate' appears again (first at line 2); YAML would keep only the last: keep one",
+        f"{path}:7: 'training' appears again (first at line 1); YAML would keep only the last, replacing the "
+        f"whole section: keep one"]
+
+
+@pytest.mark.parametrize("override,hint", [
+    ("training.lr=1", "did you mean training.learning_rate?"),
+    ("training.bs=8", "did you mean training.batch_size?"),
+    ("training.iters=10", "did you mean training.max_iters?"),
+    ("training.max_steps=10", "did you mean training.max_iters?"),
+    ("model.n_embed=64", "did you mean model.n_embd?"),
+    ("training.epochs=3", "training has no epochs setting: it runs training.max_iters optimizer steps"),
+])
+def test_names_from_other_trainers_point_at_the_right_field(override, hint):
+    [problem] = problems({}, [override])
+    assert problem.startswith(f"{override.split('=')[0]}: unknown key; ") and hint in problem
