@@ -37,7 +37,7 @@ class Checkpoint:
     scaler: dict | None = None
     best_val_loss: float = math.inf
     rng: list = field(default_factory=list)
-    data_order: dict | None = None  # the settings that decide the batch order (data.data_order)
+    data_order: dict | None = None  # the settings that decide the batch order (positions.data_order)
     data_positions: list = field(default_factory=list)  # every reader's position after batches_consumed
     batches_consumed: int = 0
     tokenizer: str = "bytes"  # tokenizer.py's to_str(): "bytes" or a tokenizer.json

@@ -115,6 +115,7 @@ PATHS = ("training.checkpoint_dir", "training.resume_from_checkpoint", "dataset.
          "dataset.tokenizer")  # ~ is expanded: the shell leaves it as it is in section.key=~/...
 DEFAULT_SAMPLE_DIR = DatasetConfig.parquet_dir
 
+
 @dataclass
 class Config:
     model: BDHConfig = field(default_factory=BDHConfig)

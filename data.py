@@ -9,9 +9,10 @@ worker) readers, balancing their bytes; together the readers cover every unit ex
 epoch. A reader joins its documents into one stream and cuts windows of block_size + 1 tokens with
 stride block_size (consecutive windows share one token, so every token is a target exactly once).
 Windows are shuffled within each part of a unit and packed into batches. Nothing is padded or
-truncated; per reader and epoch only the tail that does not fill a last batch is dropped.
+truncated; per reader and epoch only the tail that does not fill a last batch is dropped. Where each
+reader stands is its position (ParquetBatches): resume.py saves them, positions.resume_point says
+where a resume starts.
 """
-import hashlib
 import multiprocessing
 import os
 import signal
@@ -21,8 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-import shards
-from shards import DataError, ParquetFileCache, Unit, list_units, read_unit_documents, rows_per_part
+from shards import DataError, ParquetFileCache, Unit, list_units, read_unit_documents
 
 
 def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
@@ -54,8 +54,8 @@ class ParquetBatches(IterableDataset):
     part `part` of unit number `unit` of its assignment, `consumed` of that part's shuffled windows
     are used, and `carry` holds the stream tokens that precede the part. Its assignment is the
     epoch's dealing, or, where the position has `units` (a list of [index in `units`, first part]),
-    those: the rest of an epoch dealt anew after the readers changed (resume_point; `epoch_done`:
-    the share of the epoch's bytes read before). Passing the positions back as
+    those: the rest of an epoch dealt anew on a resume (positions.resume_point;
+    `epoch_done`: the share of the epoch's bytes read before). Passing the positions back as
     `positions` continues the exact same sequence of batches; `rotation` makes DataLoader worker i
     play reader (i + rotation) % num_workers, so that the reader whose batch was due next comes
     first again.
@@ -165,138 +165,9 @@ def stop_loader_workers():
         child.join(timeout=10)
 
 
-# Settings that decide the order of the training windows: resuming with other values cannot
-# continue the same sequence. The batch size is not one (the windows continue, in batches of the
-# new size), nor is the folder's name: the shards' fingerprint (data_order) stands for them,
-# wherever they are and however the path is written.
-DATA_ORDER_FIELDS = ("training.block_size", "training.seed", "dataset.text_column", "dataset.val_fraction")
-
-
-SHARDS = "the shards (files, row groups, rows, bytes)"  # data_order's key of their fingerprint
-WORKERS_KEY = "dataloader.num_workers (effective)"
-READ_BYTES_KEY = "data.READ_BYTES (windows are shuffled within parts of this many bytes)"  # its old module's name
-# Unchanged, these keep every unit and its parts as they were: a resume that changes only the
-# readers (workers, processes), the block size or the seed finishes the epoch that was in progress.
-# (A new seed with val_fraction holds out other documents of each unit: resume.validation_change warns.)
-SAME_UNITS = (SHARDS, "dataset.text_column", "dataset.val_fraction", "documents trained on", READ_BYTES_KEY)
-
-
 def training_split(cfg) -> str:
     """The documents training reads: all of parquet_dir's when validation has its own folder."""
     return "all" if cfg.dataset.val_parquet_dir else "train"
-
-
-def data_order(cfg, units, num_workers, world_size=1) -> dict:
-    """What decides the order of the training batches: settings, and the shards themselves (a
-    fingerprint of every unit's file, row group, rows and bytes: shards added, removed or rewritten
-    in the same folder change it)."""
-    order = {path: getattr(getattr(cfg, path.split(".")[0]), path.split(".")[1])
-             for path in DATA_ORDER_FIELDS}
-    if cfg.dataset.val_parquet_dir:  # validation has a folder of its own: val_fraction splits nothing
-        del order["dataset.val_fraction"]
-    order["documents trained on"] = training_split(cfg)
-    fingerprint = hashlib.blake2b(repr([(u.file_key, u.row_group, u.num_rows, u.num_bytes) for u in units]).encode(),
-                                  digest_size=8).hexdigest()
-    order.update({WORKERS_KEY: num_workers, "world_size": world_size, READ_BYTES_KEY: shards.READ_BYTES,
-                  SHARDS: fingerprint})
-    return order
-
-
-def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: dict) -> float:
-    """About how many passes over the training units the readers have made: each reader's epoch
-    plus the share, by bytes, of that epoch's units it has read (the unit it is in counted by the
-    parts of it finished, a row group may hold gigabytes, and the share of windows used of the part
-    it is in); the mean over the readers whose positions are given (a rank knows its own; the units
-    are dealt to balance the readers' bytes). `dealt` keeps each epoch's dealing (units and
-    cumulative bytes per reader) from call to call."""
-    positions = list(positions)
-    if not positions:
-        return 0.0
-    oldest = min(position["epoch"] for position in positions)
-    for epoch in [epoch for epoch in dealt if epoch < oldest]:
-        del dealt[epoch]  # no reader is in it any more
-    passes = []
-    for position in positions:
-        epoch = position["epoch"]
-        if "units" in position:  # the rest of an epoch, dealt anew: what was done of it, and of this share
-            share = sum(bytes_left(units[index], part) for index, part in position["units"])
-            rest = still_to_read(position["units"], position)
-            left = sum(bytes_left(units[index], part) for index, part in rest)
-            left -= part_read(units[rest[0][0]], position) if rest else 0
-            read = 1 - left / share if share else 1.0
-            passes.append(epoch + position["epoch_done"] + (1 - position["epoch_done"]) * read)
-            continue
-        if epoch not in dealt:
-            dealt[epoch] = [(assigned, np.cumsum([0] + [unit.num_bytes for unit in assigned]))
-                            for assigned in assign_units(units, epoch, seed, n_readers, shuffle=True)]
-        assigned, cumulative = dealt[epoch][position["reader"]]
-        done = cumulative[position["unit"]]
-        if position["unit"] < len(assigned):  # the parts before the one being read
-            unit = assigned[position["unit"]]
-            done += unit.num_bytes - bytes_left(unit, position.get("part", 0)) + part_read(unit, position)
-        passes.append(epoch + done / max(1, cumulative[-1]))
-    return float(sum(passes) / len(passes))
-
-
-def bytes_left(unit: Unit, part: int) -> float:
-    """About the bytes of `unit` from part `part` on."""
-    return unit.num_bytes * (1 - min(1.0, part * rows_per_part(unit) / max(1, unit.num_rows)))
-
-
-def part_read(unit: Unit, position) -> float:
-    """About the bytes read of the part of `unit` a reader at `position` is in: the part's share of
-    windows used (positions saved before they counted the part's windows: none)."""
-    part = position.get("part", 0)
-    share = position["consumed"] / position["windows"] if position.get("windows") else 0.0
-    return (bytes_left(unit, part) - bytes_left(unit, part + 1)) * share
-
-
-def still_to_read(assigned, position) -> list:
-    """[index in units, first part] of the units of `assigned` (such entries) that a reader at
-    `position` has not finished: from the one it is in, at the part it is in."""
-    rest = [list(entry) for entry in assigned[position["unit"]:]]
-    if rest:
-        rest[0][1] = position.get("part", 0)
-    return rest
-
-
-def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list, int, int, float]:
-    """(start positions, units left, epoch, about the bytes read again): the units of the oldest
-    epoch a saved reader is in that no reader has finished, dealt to n_readers (balancing bytes) in
-    positions that carry them (a unit being read restarts at the part it was in: what was read of
-    that part is read again). Readers that had gone on to the next epoch had finished this one;
-    what they read of the next is read again."""
-    old_readers = max(1, saved_order[WORKERS_KEY]) * saved_order["world_size"]
-    saved = {p["reader"]: p for p in saved_positions}
-    # a reader that had not handed over a batch yet: at the start of the oldest epoch (a fresh run's first)
-    start = {"epoch": min((p["epoch"] for p in saved_positions), default=0), "unit": 0, "part": 0}
-    epoch = min(saved.get(reader, start)["epoch"] for reader in range(old_readers))
-    index = {(unit.file_key, unit.row_group): i for i, unit in enumerate(units)}
-    dealing = None
-    left = []  # [index in units, first part]
-    read_of_parts = 0.0  # of the parts being read, which are read again from their start: counted as read
-    for reader in range(old_readers):
-        position = saved.get(reader, start)
-        if position["epoch"] > epoch:
-            continue
-        if "units" in position:
-            assigned = position["units"]
-        else:
-            dealing = dealing or assign_units(units, epoch, saved_order["training.seed"], old_readers, shuffle=True)
-            assigned = [[index[(unit.file_key, unit.row_group)], 0] for unit in dealing[reader]]
-        rest = still_to_read(assigned, position)
-        read_of_parts += part_read(units[rest[0][0]], position) if rest else 0.0
-        left += rest
-    loads, dealt = [0.0] * n_readers, [[] for _ in range(n_readers)]
-    for entry in left:
-        reader = loads.index(min(loads))
-        dealt[reader].append(entry)
-        loads[reader] += bytes_left(units[entry[0]], entry[1])
-    done = 1 - (sum(loads) - read_of_parts) / max(1, sum(unit.num_bytes for unit in units))  # for epochs_read
-    positions = [{"reader": reader, "epoch": epoch, "unit": 0, "part": entries[0][1] if entries else 0,
-                  "consumed": 0, "carry": [], "units": entries, "epoch_done": done}
-                 for reader, entries in enumerate(dealt)]
-    return positions, len(left), epoch, read_of_parts
 
 
 def check_enough_units(cfg, units, world_size: int):
@@ -316,54 +187,9 @@ def loader_workers(cfg, units, world_size=1) -> int:
     return workers
 
 
-def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_positions=(), batches_consumed=0):
-    """Where the training stream starts: (reader positions, batches consumed), from a checkpoint's
-    data order, reader positions and batch count (none: the start). With the same data order the
-    stream continues exactly, and so it does with the same number of readers laid out otherwise (2
-    processes x 1 worker, 1 x 2). With other readers, block size or seed but the same units, the rest of
-    the epoch in progress is dealt to the new readers (rest_of_epoch): no document is skipped.
-    Otherwise (other shards, text column or split) every reader starts afresh at the epoch after the
-    furthest one reached. Either way it says so. Those start positions are saved with the next
-    checkpoint like any other: a reader that has not yet handed over a batch then still resumes there."""
-    if saved_order is None:
-        return [], 0
-    if "documents trained on" not in saved_order:  # written before 0.4.1: it named the folders instead
-        saved_order = {**saved_order, "documents trained on": "all" if saved_order.get("dataset.val_parquet_dir")
-                       else "train"}
-    order = data_order(cfg, units, workers, world_size)
-    changed_keys = [k for k, v in order.items() if saved_order.get(k) != v]
-    changed = [f"{k}: {saved_order.get(k)!r} -> {order[k]!r}" for k in changed_keys]
-    if not changed:
-        return saved_positions, batches_consumed
-    n_readers = world_size * max(1, workers)
-    old_workers = max(1, saved_order.get(WORKERS_KEY, 0))
-    if (set(changed_keys) <= {WORKERS_KEY, "world_size"} and WORKERS_KEY in saved_order
-            and old_workers * saved_order.get("world_size", 0) == n_readers):
-        # reader r is rank r // workers, worker r % workers either way: each continues where it stopped
-        print(f"note: {'; '.join(changed)}: still {n_readers} readers (processes x workers), each continues "
-              f"where it stopped")
-        return saved_positions, batches_consumed // old_workers * max(1, workers)
-    same_units = all(k in saved_order and saved_order[k] == order.get(k) for k in SAME_UNITS
-                     if k in order or k in saved_order)
-    if same_units and all(k in saved_order for k in (WORKERS_KEY, "world_size", "training.seed")):
-        positions, left, epoch, read_again = rest_of_epoch(units, saved_order, saved_positions, n_readers)
-        share = read_again / max(1, sum(unit.num_bytes for unit in units))
-        print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): the {left} of "
-              f"{len(units)} (file, row group) units that epoch {epoch} has not finished are dealt anew "
-              f"to {n_readers} reader{'s' * (n_readers != 1)}, then the epochs continue as usual; the parts "
-              f"being read start again, so about {read_again / 2**20:.1f} MB ({share:.1%} of the epoch) is read "
-              f"twice")
-        return positions, 0
-    first_epoch = 1 + max((p["epoch"] for p in saved_positions), default=-1)
-    print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): training "
-          f"continues on freshly shuffled data from epoch {first_epoch}")
-    return [{"reader": reader, "epoch": first_epoch, "unit": 0, "part": 0, "consumed": 0, "carry": []}
-            for reader in range(n_readers)], 0
-
-
 def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=0, pin_memory=False, rank=0,
                  world_size=1) -> DataLoader:
-    """The endless training stream, yielding (x, y, position), from a resume_point()."""
+    """The endless training stream, yielding (x, y, position), from a positions.resume_point()."""
     training, dataset_cfg = cfg.training, cfg.dataset
     dataset = ParquetBatches(units, training_split(cfg), training.block_size, training.batch_size, training.seed,
                              dataset_cfg.val_fraction, dataset_cfg.text_column, dataset_cfg.max_cached_files,

@@ -19,7 +19,7 @@ import time
 import torch
 
 from config import step_tokens
-from data import epochs_read
+from positions import epochs_read
 from files import atomic_write, read_records
 from runtime import first_line, peak_memory_bytes
 

@@ -18,7 +18,7 @@ import torch
 from adamw4bit import convert_adamw_state
 from checkpoint import Checkpoint, CheckpointError, is_export, load_export
 from config import learning_rate, step_tokens
-from data import SHARDS, data_order, resume_point
+from positions import SHARDS, data_order, resume_point
 from distributed import full_state, load_full_state, load_full_weights
 from model import BDHConfig
 from rundir import RunDir, open_checkpoint
@@ -87,7 +87,9 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
         scaler.load_state_dict(ckpt.scaler)
     if len(ckpt.rng) == ranks.world_size:
         set_rng_state(ckpt.rng[ranks.rank], device)
-    else:  # another world size: the data order changes too (resume_point says so)
+    else:  # another world size: the saved RNG states are one per rank
+        print(f"note: {ranks.world_size} process{'es' * (ranks.world_size != 1)} where the checkpoint has "
+              f"{len(ckpt.rng)}: each rank's random state (dropout masks) is seeded afresh")
         torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
     tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
     progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=ckpt.best_val_loss, last_saved=path)

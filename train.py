@@ -24,7 +24,7 @@ from adamw4bit import AdamW4bit, adamw_state_bytes
 from checkpoint import CheckpointError
 from config import add_config_arguments, learning_rate, load_config, step_tokens
 from corpus import ensure_sample_corpus
-from data import check_enough_units, data_order, loader_workers, stop_loader_workers, train_loader, validation_batches
+from data import check_enough_units, loader_workers, stop_loader_workers, train_loader, validation_batches
 from distributed import (DistributedError, Ranks, communication_failure, gradient_sync, local_tensor, shutdown, start,
                          wrap)
 from evaluation import evaluate, tokens_per_byte
@@ -32,6 +32,7 @@ from fp8 import FP8Error, fp8_matmuls
 from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog, StepLog, check_installed, evaluation_lines, format_duration
 from model import BDH
+from positions import data_order
 from resume import Progress, resume, save
 from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_host_memory, compile_repeatably,

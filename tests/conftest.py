@@ -42,6 +42,12 @@ def make_corpus(root, n_files=3, docs_per_file=12, rows_per_group=4, doc_len=40)
     return Path(root)
 
 
+def unit_of_tag(units, rows_per_group=8):
+    """(file, row) tag of make_corpus's documents -> the index of its (file, row group) unit."""
+    index = {(Path(u.path).name, u.row_group): i for i, u in enumerate(units)}
+    return lambda f, r: index[(f"shard-{f}.parquet", r // rows_per_group)]
+
+
 def tiny_config_dict(tmp_path, data_dir, **training):
     """A model small enough that a few steps take well under a second on CPU."""
     t = {"block_size": 16, "batch_size": 4, "max_iters": 4, "learning_rate": 1e-2,

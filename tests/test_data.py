@@ -147,27 +147,6 @@ def test_single_process_loader_covers_epochs_in_order(corpus):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(got, epoch0 + epoch1[:2]))
 
 
-def test_passes_count_the_finished_parts_of_a_large_row_group():
-    from shards import READ_BYTES, Unit
-    units = [Unit(f"{name}.parquet", 0, 1000, 4 * READ_BYTES, k) for k, name in enumerate("ab")]  # 4 parts each
-    passes = lambda **position: data.epochs_read([{"reader": 0, **position}], units, 0, 1, {})  # noqa: E731
-    assert passes(epoch=0, unit=0, part=0) == 0.0
-    assert passes(epoch=0, unit=0, part=2) == 0.25  # half of the first of two units
-    assert passes(epoch=1, unit=1, part=1) == 1.625
-    assert passes(epoch=0, unit=0, part=2, consumed=30, windows=40) == 0.25 + 0.75 / 8  # and 3/4 of the third part
-
-
-def test_passes_grow_with_every_batch_of_a_row_group(corpus):
-    """A corpus of a few row groups, each read in one part: the passes logged move at every batch,
-    not only when a row group is finished."""
-    units = list_units(corpus, "text")
-    batches = list(batches_of(units).epoch_batches(ParquetFileCache(4), 0, 1, 0))
-    first_unit = [position for _, _, position in batches if position["unit"] == 0]
-    assert len(first_unit) > 2 and {position["part"] for position in first_unit} == {0}
-    passes = [data.epochs_read([position], units, 0, 1, {}) for _, _, position in batches]
-    assert 0 < passes[0] and all(a < b for a, b in zip(passes, passes[1:])) and passes[-1] == pytest.approx(1, abs=0.05)
-
-
 def open_parquet_fds(root):
     fds = []
     for fd in os.listdir("/proc/self/fd"):
@@ -224,77 +203,6 @@ def test_a_saved_position_continues_the_same_batches(corpus, tokenizer, read_byt
         rest = list(ds.epoch_batches(cache, 1, 2, epoch=2, start=position))
         assert len(rest) == len(full) - k - 1
         assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, full[k + 1:]))
-
-
-def unit_of_tag(units, rows_per_group=8):
-    """(file, row) tag of make_corpus's documents -> the index of its (file, row group) unit."""
-    index = {(Path(u.path).name, u.row_group): i for i, u in enumerate(units)}
-    return lambda f, r: index[(f"shard-{f}.parquet", r // rows_per_group)]
-
-
-def test_the_rest_of_an_epoch_is_dealt_to_other_readers(corpus, monkeypatch):
-    """Two readers stop at different points of epoch 0; three readers take over exactly the units
-    neither finished (the two being read from the part they were in), balanced, and read them (their
-    documents, not others), resumably, before epoch 1; the passes logged go on from where they were."""
-    monkeypatch.setattr(shards, "READ_BYTES", 300)  # several parts per unit
-    units = list_units(corpus, "text")
-    ds, cache = batches_of(units, T=16, B=2), ParquetFileCache(4)
-    old = assign_units(units, 0, seed=0, n_readers=2, shuffle=True)
-    saved = [list(ds.epoch_batches(cache, reader, 2, 0))[n][2] for reader, n in ((0, 5), (1, 40))]
-    assert saved[1]["unit"] > 0 and any(p["part"] > 0 for p in saved)
-    order = {data.WORKERS_KEY: 2, "world_size": 1, "training.seed": 0}
-    positions, left, epoch, _ = data.rest_of_epoch(units, order, saved, n_readers=3)
-    index = {(u.file_key, u.row_group): i for i, u in enumerate(units)}
-    finished = {index[(u.file_key, u.row_group)] for p in saved for u in old[p["reader"]][:p["unit"]]}
-    being_read = {index[(u.file_key, u.row_group)]: p["part"] for p in saved for u in [old[p["reader"]][p["unit"]]]}
-    dealt = [entry for p in positions for entry in p["units"]]
-    assert epoch == 0 and left == len(dealt) == len(units) - len(finished)
-    assert sorted(i for i, _ in dealt) == sorted(set(range(len(units))) - finished)
-    assert all(part == being_read.get(i, 0) for i, part in dealt)
-    loads = [sum(data.bytes_left(units[i], part) for i, part in p["units"]) for p in positions]
-    assert max(loads) - min(loads) <= max(u.num_bytes for u in units)
-    passes_before = data.epochs_read(saved, units, 0, 2, {})
-    assert data.epochs_read(positions, units, 0, 3, {}) == pytest.approx(positions[0]["epoch_done"])
-    # what was read of the parts read again counts as read: no step back in what is logged
-    assert positions[0]["epoch_done"] > 1 - sum(loads) / sum(u.num_bytes for u in units)
-    assert 0 < positions[0]["epoch_done"] == pytest.approx(passes_before, abs=0.05)  # nor a jump
-    one_reader = list(ds.epoch_batches(cache, 0, 1, 0))[20][2]  # a lone reader: the passes go on exactly
-    again = data.rest_of_epoch(units, {**order, data.WORKERS_KEY: 1}, [one_reader], n_readers=2)[0]
-    assert again[0]["epoch_done"] == pytest.approx(data.epochs_read([one_reader], units, 0, 1, {}))
-    tag_unit = unit_of_tag(units)
-    for position in positions:
-        rest = list(ds.epoch_batches(cache, position["reader"], 3, 0, start=position))
-        assert rest and all(b[2]["units"] == position["units"] for b in rest)
-        read = {tag_unit(int(f), int(r)) for x, y, _ in rest
-                for f, r in re.findall(rb"<(\d\d)-(\d\d\d)>", window_text(x[0], y[0], BYTES) + window_text(x[1], y[1], BYTES))}
-        assert read == {i for i, _ in position["units"]}  # the documents of its units, and only those
-        passes = [data.epochs_read([b[2]], units, 0, 3, {}) for b in rest]
-        # from what was read before (and the first batch's windows: parts of 300 bytes are coarse) to about 1
-        assert passes == sorted(passes) and position["epoch_done"] < passes[0] < position["epoch_done"] + 0.05
-        assert passes[-1] == pytest.approx(1, abs=0.1)
-        middle = len(rest) // 2
-        again = list(ds.epoch_batches(cache, position["reader"], 3, 0, start=rest[middle][2]))
-        assert len(again) == len(rest) - middle - 1
-        assert all(torch.equal(a[0], b[0]) for a, b in zip(again, rest[middle + 1:]))
-    stream = ParquetBatches(units, "train", 16, 2, 0, 0.2, "text", 4, BYTES, positions=positions)
-    next_epoch = next(b[2] for b in stream if b[2]["epoch"] == 1)  # reader 0 of 1: then the usual dealing
-    assert "units" not in next_epoch
-
-
-def test_the_rest_of_an_epoch_skips_readers_ahead_and_counts_missing_ones_whole(corpus):
-    units = list_units(corpus, "text")
-    order = {data.WORKERS_KEY: 3, "world_size": 1, "training.seed": 5}
-    old = assign_units(units, 2, seed=5, n_readers=3, shuffle=True)
-    index = {(u.file_key, u.row_group): i for i, u in enumerate(units)}
-    saved = [{"reader": 0, "epoch": 3, "unit": 1, "part": 0, "consumed": 1, "carry": []},  # ahead: done with 2
-             {"reader": 1, "epoch": 2, "unit": 1, "part": 0, "consumed": 1, "carry": []}]  # reader 2: none saved
-    positions, left, epoch, read_again = data.rest_of_epoch(units, order, saved, n_readers=2)
-    expected = {index[(u.file_key, u.row_group)] for u in old[1][1:] + old[2]}
-    assert epoch == 2 and left == len(expected) and {i for p in positions for i, _ in p["units"]} == expected
-    assert read_again == 0  # positions without a count of their part's windows: no share of it known read
-    with_windows = [{**saved[1], "windows": 4}]  # reader 1 had used 1 of its part's 4 windows
-    read_again = data.rest_of_epoch(units, order, saved[:1] + with_windows, n_readers=2)[3]
-    assert read_again == pytest.approx(data.part_read(old[1][1], with_windows[0])) and read_again > 0
 
 
 def test_dataloader_resumes_with_the_worker_whose_batch_was_due(corpus, tokenizer):
@@ -383,17 +291,11 @@ def test_a_validation_folder_is_read_whole_and_training_reads_all_of_the_trainin
     assert everything - 3 * 16 < trained <= everything
 
 
-def test_a_validation_folder_is_named_in_its_errors_and_val_fraction_leaves_the_data_order(tmp_path):
+def test_a_validation_folder_is_named_in_its_errors(tmp_path):
     train_dir = make_corpus(tmp_path / "train", n_files=2)
     raw = {"dataset": {"parquet_dir": str(train_dir), "val_parquet_dir": str(tmp_path / "nope")}}
     with pytest.raises(DataError, match=r"nope: dataset.val_parquet_dir does not exist"):
         data.validation_batches(Config.from_dict(raw), list_units(train_dir, "text"), BYTES)
-    units = list_units(train_dir, "text")
-    order = data.data_order(Config.from_dict(raw), units, 0)
-    raw["dataset"]["val_fraction"] = 0.5  # splits nothing while validation has its own folder
-    assert data.data_order(Config.from_dict(raw), units, 0) == order and "dataset.val_fraction" not in order
-    del raw["dataset"]["val_parquet_dir"]
-    assert data.data_order(Config.from_dict(raw), units, 0)["dataset.val_fraction"] == 0.5
 
 
 def test_a_validation_folder_that_holds_training_files_is_refused(tmp_path):

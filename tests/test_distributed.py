@@ -66,6 +66,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpu
                            "training.gradient_accumulation_steps=2", "dataloader.num_workers=2"]) == 0
     out = capsys.readouterr().out
     assert "still 2 readers (processes x workers), each continues where it stopped" in out
+    assert "1 process where the checkpoint has 2: each rank's random state (dropout masks) is seeded afresh" in out
     assert "WARNING" not in out
     assert train_losses(run)[0][5] == pytest.approx(train_losses(the_run(tmp_path / "one"))[0][5], rel=1e-5)
 
