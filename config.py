@@ -69,7 +69,7 @@ class LowPrecisionConfig:
     use_4bit_optimizer: bool = False
     quantization_type: str = "nf4"
     use_double_quant: bool = True
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "auto"
     qat_start_fraction: float = 0.9
 
 

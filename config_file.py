@@ -39,7 +39,9 @@ def read_yaml(path, sections) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError([f"{path}: config file not found; pass an existing file with --config"])
+        with_suffix = [f"{path}{suffix}" for suffix in (".yaml", ".yml") if Path(f"{path}{suffix}").is_file()]
+        fix = f"did you mean --config {with_suffix[0]}?" if with_suffix else "pass an existing file with --config"
+        raise ConfigError([f"{path}: config file not found; {fix}"])
     except UnicodeDecodeError as e:
         if path.read_bytes()[:4] == b"PK\x03\x04":  # a zip archive: what torch.save writes
             raise ConfigError([f"{path}: a checkpoint, not a YAML config file; resume it with "

@@ -89,15 +89,27 @@ class ParquetBatches(IterableDataset):
                 if not self.shuffle:
                     return
                 if not produced and start is None:  # would otherwise spin forever
-                    readers = ("" if n_readers == 1 else " for this many readers (processes x workers); lower "
-                               "dataloader.num_workers, the number of processes,")
-                    raise DataError(f"reader {reader} of {n_readers} got no complete batch of "
-                                    f"{self.batch_size} x {self.block_size + 1} tokens in epoch "
-                                    f"{epoch}: too little training data{readers or '; lower'} "
-                                    f"training.batch_size or training.block_size, or add data")
+                    raise DataError(self.too_little_data(cache, reader, n_readers, epoch))
                 epoch, start = epoch + 1, None
         finally:
             cache.close()
+
+    def too_little_data(self, cache, reader, n_readers, epoch) -> str:
+        """Why a reader got no batch in an epoch, and what to change."""
+        units = assign_units(self.units, epoch, self.seed, n_readers, shuffle=self.shuffle)[reader]
+        documents = {split: sum(len(docs) for unit in units for docs in read_unit_documents(
+            cache, unit, self.text_column, split, self.seed, self.val_fraction)) for split in (self.split, "all")}
+        if self.split == "train" and not documents["train"]:
+            plural = "s" * (documents["all"] != 1)
+            return (f"reader {reader} of {n_readers}: none of the {documents['all']:,} document{plural} of its (file, "
+                    f"row group) units went to training (each goes to validation with probability dataset.val_fraction "
+                    f"{self.val_fraction}); cut the text into more documents (python prepare.py --from-text ... "
+                    f"--chunk-bytes 1024), lower dataset.val_fraction, or set dataset.val_parquet_dir")
+        readers = ("" if n_readers == 1 else " for this many readers (processes x workers); lower "
+                   "dataloader.num_workers, the number of processes,")
+        return (f"reader {reader} of {n_readers} got no complete batch of {self.batch_size} x {self.block_size + 1} "
+                f"tokens in epoch {epoch}: too little training data{readers or '; lower'} training.batch_size or "
+                f"training.block_size, or add data")
 
     def epoch_batches(self, cache, reader, n_readers, epoch, start=None):
         """One epoch of one reader (from `start` if given): its units joined into a stream, cut
@@ -231,10 +243,11 @@ def validation_batches(cfg, units, tokenizer) -> list:
                             f"row of the {len({u.path for u in units})} file(s) is null or empty; set "
                             f"dataset.text_column to the column with the text")
         if not val_documents and not dataset_cfg.val_parquet_dir:
-            raise DataError(f"{folder}: none of its {documents:,} documents went to validation (each goes with "
-                            f"probability dataset.val_fraction {dataset_cfg.val_fraction}); cut long documents into "
-                            f"more (python prepare.py --from-text does, about 8 KB each), raise dataset.val_fraction, or "
-                            f"set dataset.val_parquet_dir")
+            fraction = "" if documents == 1 else " raise dataset.val_fraction,"
+            raise DataError(f"{folder}: none of its {documents:,} document{'s' * (documents != 1)} went to validation "
+                            f"(each goes with probability dataset.val_fraction {dataset_cfg.val_fraction}); cut the "
+                            f"text into more documents (python prepare.py --from-text ... --chunk-bytes 1024),"
+                            f"{fraction} or set dataset.val_parquet_dir")
         what = "holds" if dataset_cfg.val_parquet_dir else f"split (val_fraction {dataset_cfg.val_fraction}) holds"
         more = "add validation documents" if dataset_cfg.val_parquet_dir else "raise dataset.val_fraction, or add documents"
         raise DataError(f"{folder}: the validation {what} less than one batch of {training.batch_size} x "

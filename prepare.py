@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from config import add_config_arguments, load_config
+from config import DatasetConfig, add_config_arguments, load_config
 from corpus import DOCUMENT_BYTES, ensure_sample_corpus, text_files_to_parquet
 from data import training_split
 from files import atomic_write
 from shards import DataError, ParquetFileCache, list_units, read_unit_documents
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
+
+FEW_DOCUMENTS = 100  # fewer: the default val_fraction holds out about 5 documents or fewer
 
 
 def check_can_write_file(out: Path, replace: bool):
@@ -123,6 +125,14 @@ def main(argv=None):
             chunk_bytes = DOCUMENT_BYTES if args.chunk_bytes is None else args.chunk_bytes
             n = text_files_to_parquet(args.from_text, args.out, chunk_bytes, replace=args.replace)
             print(f"wrote {n:,} document{'s' * (n != 1)} to {args.out}")
+            if n < FEW_DOCUMENTS:
+                finer = max(256, chunk_bytes * n // FEW_DOCUMENTS) if chunk_bytes else 1024
+                fix = (f"cut the text finer (--chunk-bytes {finer})" if finer < chunk_bytes or not chunk_bytes
+                       else "raise dataset.val_fraction (e.g. 0.2)")
+                print(f"note: validation holds out each document with probability dataset.val_fraction (default "
+                      f"{DatasetConfig.val_fraction}): about {n * DatasetConfig.val_fraction:.1f} of these {n}, and "
+                      f"training needs the rest; {fix}, or give validation a folder of its own "
+                      f"(dataset.val_parquet_dir)")
         else:
             args.config = args.config or "config.yaml"
             config_arguments = ["--config", args.config, *args.overrides]

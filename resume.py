@@ -94,7 +94,9 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
     tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
     progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=ckpt.best_val_loss, last_saved=path)
     run = reopen_run(cfg, path, ckpt, progress, ranks)
-    if ckpt.step < cfg.training.max_iters and (note := schedule_jump(ckpt, cfg.training)):
+    if ckpt.step >= cfg.training.max_iters:  # train() says there is nothing to do; nothing changes either
+        return run, progress, []
+    if note := schedule_jump(ckpt, cfg.training):
         print(note)
     best_afresh = evaluated_weights(ckpt.low_precision()) != evaluated_weights(asdict(low_precision))
     if best_afresh:
@@ -107,7 +109,7 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
         best_afresh = True
     if best_afresh:
         progress.best_val_loss = math.inf
-        if ckpt.step < cfg.training.max_iters and (kept := run.set_aside_best(ckpt.step)):
+        if kept := run.set_aside_best(ckpt.step):
             loss = f" (validation loss {ckpt.best_val_loss:.4f})" if math.isfinite(ckpt.best_val_loss) else ""
             print(f"  the run's best.pt so far{loss} is now {kept}")
     return run, progress, positions

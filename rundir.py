@@ -56,6 +56,10 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str, setting: str) -> list[
         if not found:
             raise CheckpointError(f"{setting}: latest: no run with a checkpoint in {root}/{relative_to_here(root)}; "
                                   f"train one first, or name the folder that holds the runs")
+        last_written = max(found, key=lambda path: path.stat().st_mtime)  # an older run resumed since, perhaps
+        if last_written.parent != found[0].parent:
+            print(f"note: latest is the newest run, {found[0].parent.name}; {last_written} was written more "
+                  f"recently: give it (or its run directory) to continue from there")
         return found
     path = Path(spec)
     if path.is_dir():

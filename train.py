@@ -36,8 +36,8 @@ from positions import data_order
 from resume import Progress, resume, save
 from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_host_memory, compile_repeatably,
-                     device_clock, last_line, out_of_memory, peak_flops, pick_device, resolve_compute_dtype,
-                     steady_host_memory, wants_compile)
+                     device_clock, emulated_dtype_warning, last_line, out_of_memory, peak_flops, pick_device,
+                     resolve_compute_dtype, steady_host_memory, wants_compile)
 from shards import DataError, first_documents, list_units
 from stopping import GracefulStop, StepVote, launcher
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer, lost_text
@@ -52,6 +52,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     training, low_precision = cfg.training, cfg.low_precision
     compute_dtype = resolve_compute_dtype(device, low_precision.compute_dtype)
     compute = autocast(device, compute_dtype)
+    if warning := emulated_dtype_warning(device, compute_dtype):
+        print(warning)
     compile_model = wants_compile(training, device)
     if compile_model:
         check_can_compile(device)

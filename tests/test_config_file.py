@@ -76,8 +76,11 @@ def test_an_unquoted_glob_pattern_is_told_to_take_quotes(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(ConfigError, match="config file not found; pass an existing file with --config$"):
         Config.from_yaml(tmp_path / "nope.yaml")
+    (tmp_path / "tiny.yaml").write_text("training:\n  batch_size: 4\n")
+    with pytest.raises(ConfigError, match=f"tiny: config file not found; did you mean --config {tmp_path}/tiny.yaml"):
+        Config.from_yaml(tmp_path / "tiny")
 
 
 def test_a_checkpoint_given_as_the_config_says_how_to_resume_it(tmp_path):

@@ -23,6 +23,21 @@ def test_from_text_command_writes_shards_that_read_back_to_the_files(tmp_path):
     assert "".join(docs) == a.read_text() + b.read_text()
 
 
+def test_from_text_says_how_to_cut_a_small_text_into_enough_documents(tmp_path, capsys):
+    """One small file is one document: validation would hold out none (or all) of it."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Some notes.\nMore notes here.\n" * 200)  # 5.8 KB
+    assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "one")]) == 0
+    assert capsys.readouterr().out.endswith("wrote 1 document to " + str(tmp_path / "one") + "\nnote: validation holds "
+                                            "out each document with probability dataset.val_fraction (default 0.05): "
+                                            "about 0.1 of these 1, and training needs the rest; cut the text finer "
+                                            "(--chunk-bytes 256), or give validation a folder of its own "
+                                            "(dataset.val_parquet_dir)\n")
+    assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "finer"), "--chunk-bytes", "256"]) == 0
+    out = capsys.readouterr().out  # cut as fine as it suggests: then the share held out is the setting to raise
+    assert "wrote 23 documents" in out and "about 1.2 of these 23" in out and "raise dataset.val_fraction (e.g. 0.2)" in out
+
+
 def test_from_text_names_a_file_that_is_not_utf8(tmp_path, capsys):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))

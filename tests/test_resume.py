@@ -77,9 +77,12 @@ def test_resume_restores_model_optimizer_and_step(tmp_path, corpus, capsys):
     assert set(ckpt.model) == {"embed.weight", "encoder", "encoder_v", "decoder", "lm_head"}
     assert ckpt.optimizer["state"] and ckpt.versions["torch"] == torch.__version__
     assert ckpt.config["training"]["max_iters"] == 2
+    capsys.readouterr()
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest",
-                       "training.max_iters=2"]) == 0
-    assert "nothing to do" in capsys.readouterr().out
+                       "training.max_iters=2", "training.block_size=8"]) == 0
+    out = capsys.readouterr().out  # no warning of what would change, and best.pt stays
+    assert "nothing to do: the checkpoint is at step 2" in out and "WARNING" not in out and "best.pt" not in out
+    assert sorted(p.name for p in run.glob("*.pt")) == ["best.pt", "checkpoint_2.pt"]
 
 
 def test_resume_refuses_a_different_model_shape(tmp_path, corpus, capsys):
@@ -214,7 +217,7 @@ def test_fewer_loader_workers_on_resume_read_the_rest_of_the_epoch(tmp_path, cor
     assert "dataloader.num_workers (effective): 2 -> 0" in out
     left, n_units = map(int, re.search(r"the (\d+) of (\d+) \(file, row group\) units that epoch 0 has not "
                                        r"finished are dealt anew to 1 reader,", out).groups())
-    read_twice = float(re.search(r"the parts being read start again, so about [\d.]+ MB \(([\d.]+)% of the epoch\) "
+    read_twice = float(re.search(r"the parts being read start again, so about [\d.,]+ [KM]B \(([\d.]+)% of the epoch\) "
                                  r"is read twice\n", out)[1])
     assert 0 < read_twice < 100 * 2 / n_units  # at most the two units the workers were in
     run = only_run(tmp_path / "ck")

@@ -61,6 +61,20 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
         open_checkpoint(str(run / "checkpoint_10.pt"), str(tmp_path))  # asked for by name: no other
 
 
+def test_latest_is_the_newest_run_and_names_an_older_run_written_since(tmp_path, capsys):
+    older, newer = tmp_path / "run_20260101_000000", tmp_path / "run_20260102_000000"
+    for run, step in ((older, 80), (newer, 8)):
+        run.mkdir()
+        torch.save(Checkpoint(step=step, model={}, model_config={}).to_dict(), run / f"checkpoint_{step}.pt")
+    os.utime(newer / "checkpoint_8.pt", (1e9, 1e9))  # the older run was resumed after the newer one stopped
+    assert open_checkpoint("latest", str(tmp_path))[0] == newer / "checkpoint_8.pt"
+    assert capsys.readouterr().out == (f"note: latest is the newest run, {newer.name}; {older / 'checkpoint_80.pt'} was "
+                                       f"written more recently: give it (or its run directory) to continue from there\n")
+    os.utime(older / "checkpoint_80.pt", (1e8, 1e8))
+    assert open_checkpoint("latest", str(tmp_path))[0] == newer / "checkpoint_8.pt"
+    assert capsys.readouterr().out == ""
+
+
 def test_best_set_aside_keeps_every_earlier_best(tmp_path):
     run = RunDir(str(tmp_path))
     run.save(Checkpoint(step=4, model={}, model_config={}), "model: {}\n", name="best.pt")

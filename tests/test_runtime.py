@@ -18,6 +18,20 @@ def test_auto_compute_dtype_is_bfloat16_only_where_bf16_is_fast(monkeypatch):
     assert runtime.resolve_compute_dtype(torch.device("mps"), "auto") == "float32"
 
 
+def test_a_compute_dtype_the_cpu_emulates_is_warned_about(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
+    for dtype in ("bfloat16", "float16"):
+        assert runtime.emulated_dtype_warning(cpu, dtype) == (
+            f"WARNING: low_precision.compute_dtype={dtype} on a CPU that emulates it: each step runs many times "
+            f"slower than in float32; set low_precision.compute_dtype=auto (float32 on this CPU)")
+        assert runtime.emulated_dtype_warning(torch.device("cuda"), dtype) is None
+    assert runtime.emulated_dtype_warning(cpu, "float32") is None
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert runtime.emulated_dtype_warning(cpu, "bfloat16") is None
+
+
 @pytest.mark.parametrize("name,tflops", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
                                          ("NVIDIA L4", 121.0), ("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.1),
                                          ("NVIDIA A100-SXM4-40GB", 312.0)])
