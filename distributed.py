@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
 
 from runtime import first_line, last_line
 
@@ -169,15 +167,18 @@ def full_state(model, optimizer) -> tuple[dict, dict]:
     0 gets it, the others empty dicts: only rank 0 writes). The optimizer state is keyed by
     parameter name, the same in every mode, so a checkpoint moves between a single process, DDP and
     FSDP of any world size."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # 1 s to import
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
                    options=StateDictOptions(full_state_dict=True))
 
 
 def load_full_weights(model, model_state: dict):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
 
 
