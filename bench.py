@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from config import add_config_arguments, load_config
+from config import add_config_arguments, load_config, parse_arguments
 from corpus import ensure_sample_corpus
 from data import loader_workers, train_loader
 from model import BDH
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", metavar="FILE",
                         help="also profile model.py's training step (torch.profiler): its table to FILE")
     parser.add_argument("--memory-probe", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     cfg = load_config(args)

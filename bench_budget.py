@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from config import add_config_arguments, load_config
+from config import add_config_arguments, load_config, parse_arguments
 from corpus import text_files_to_parquet
 from files import read_records
 from rundir import checkpoints_in
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
                         help="a named set of section.key=value overrides on top of the config; repeatable")
     parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     if args.seconds < 0:
         parser.error(f"--seconds must be >= 0 (0: the config's own max_iters), got {args.seconds:g}")
     variants = {name: [*args.overrides, *extra] for name, *extra in args.variant} or {"config": list(args.overrides)}

@@ -35,7 +35,7 @@ import torch
 import adamw4bit
 from adamw4bit import AdamW4bit, MomentFormat, adamw_state_bytes
 from checkpoint import load_checkpoint, model_from_checkpoint
-from config import Config, add_config_arguments, load_config
+from config import Config, add_config_arguments, load_config, parse_arguments
 from data import validation_batches
 from distributed import Ranks
 from evaluation import validation_loss
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
                         help="comma-separated: train every variant once per seed (default: the config's "
                              "training.seed)")
     parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     cfg = load_config(args)
     if args.set == "fp8" and not torch.cuda.is_available():
         parser.error("--set fp8 trains with FP8 GEMMs, which need a CUDA GPU (compute capability >= 8.9)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from config import DatasetConfig, add_config_arguments, load_config
+from config import DatasetConfig, add_config_arguments, load_config, parse_arguments
 from corpus import DOCUMENT_BYTES, ensure_sample_corpus, text_files_to_parquet
 from data import training_split
 from files import atomic_write
@@ -108,7 +108,7 @@ def main(argv=None):
     parser.add_argument("--out", help="output: a directory for --from-text, a tokenizer.json for --train-tokenizer")
     add_config_arguments(parser)
     parser.set_defaults(config=None)  # config.yaml, for --train-tokenizer; given with --from-text: refused
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     if bool(args.from_text) == args.train_tokenizer or not args.out:
         parser.error("give --from-text FILE ... --out DIR, or --train-tokenizer --out FILE.json")
     if args.from_text and (args.overrides or args.config or args.vocab_size is not None):

@@ -22,7 +22,7 @@ import torch
 
 from adamw4bit import AdamW4bit, adamw_state_bytes
 from checkpoint import CheckpointError
-from config import add_config_arguments, learning_rate, load_config, step_tokens
+from config import add_config_arguments, learning_rate, load_config, parse_arguments, step_tokens
 from corpus import ensure_sample_corpus
 from data import check_enough_units, loader_workers, stop_loader_workers, train_loader, validation_batches
 from distributed import (DistributedError, Ranks, communication_failure, gradient_sync, local_tensor, shutdown, start,
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train BDH on parquet shards.")
     add_config_arguments(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     cfg = load_config(args)
     if args.print_config:
         if os.environ.get("RANK", "0") == "0":  # under torchrun: once
