@@ -34,6 +34,13 @@ def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, spli
             yield tokenizer.encode_documents(docs) if len(docs) else np.empty(0, dtype=tokenizer.dtype)
 
 
+def count_documents(cache: ParquetFileCache, units: list[Unit], text_column: str, split: str, seed: int,
+                    val_fraction: float) -> int:
+    """The non-empty documents of `split` in `units` (for the messages of too little data)."""
+    return sum(len(docs) for unit in units
+               for docs in read_unit_documents(cache, unit, text_column, split, seed, val_fraction))
+
+
 def assign_units(units: list[Unit], epoch: int, seed: int, n_readers: int, shuffle: bool):
     """Deal the units to n_readers: shuffled per epoch, each next unit to the least loaded reader."""
     order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else range(len(units))
@@ -97,8 +104,8 @@ class ParquetBatches(IterableDataset):
     def too_little_data(self, cache, reader, n_readers, epoch) -> str:
         """Why a reader got no batch in an epoch, and what to change."""
         units = assign_units(self.units, epoch, self.seed, n_readers, shuffle=self.shuffle)[reader]
-        documents = {split: sum(len(docs) for unit in units for docs in read_unit_documents(
-            cache, unit, self.text_column, split, self.seed, self.val_fraction)) for split in (self.split, "all")}
+        documents = {split: count_documents(cache, units, self.text_column, split, self.seed, self.val_fraction)
+                     for split in (self.split, "all")}
         if self.split == "train" and not documents["train"]:
             plural = "s" * (documents["all"] != 1)
             return (f"reader {reader} of {n_readers}: none of the {documents['all']:,} document{plural} of its (file, "
@@ -234,9 +241,8 @@ def validation_batches(cfg, units, tokenizer) -> list:
               f"{training.eval_iters}: every evaluation measures those {len(batches)}")
     if not batches:
         cache = ParquetFileCache(1)
-        documents, val_documents = ([sum(len(docs) for unit in units for docs in read_unit_documents(
-            cache, unit, dataset_cfg.text_column, part, training.seed, dataset_cfg.val_fraction))
-            for part in ("all", "val")])
+        documents, val_documents = (count_documents(cache, units, dataset_cfg.text_column, which, training.seed,
+                                                    dataset_cfg.val_fraction) for which in ("all", "val"))
         cache.close()
         if not documents:
             raise DataError(f"{folder}: column {dataset_cfg.text_column!r} holds no documents: every "
