@@ -42,14 +42,20 @@ def count_documents(cache: ParquetFileCache, units: list[Unit], text_column: str
 
 
 def assign_units(units: list[Unit], epoch: int, seed: int, n_readers: int, shuffle: bool):
-    """Deal the units to n_readers: shuffled per epoch, each next unit to the least loaded reader."""
+    """Deal the units to n_readers: shuffled per epoch, balancing their bytes."""
     order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else range(len(units))
-    loads, assigned = [0] * n_readers, [[] for _ in range(n_readers)]
-    for i in order:
+    return deal([units[i] for i in order], [units[i].num_bytes for i in order], n_readers)[0]
+
+
+def deal(items: list, sizes: list, n_readers: int) -> tuple[list[list], list]:
+    """(each reader's items, each reader's total size): each item in turn goes to the reader with
+    the least so far."""
+    loads, dealt = [0] * n_readers, [[] for _ in range(n_readers)]
+    for item, size in zip(items, sizes):
         reader = loads.index(min(loads))
-        assigned[reader].append(units[i])
-        loads[reader] += units[i].num_bytes
-    return assigned
+        dealt[reader].append(item)
+        loads[reader] += size
+    return dealt, loads
 
 
 class ParquetBatches(IterableDataset):
@@ -57,9 +63,9 @@ class ParquetBatches(IterableDataset):
     position after the batch, from the documents of `split` (train, val or all: read_unit_documents).
     shuffle (training): endless epochs, shuffled; otherwise (validation) one pass in file order.
 
-    A position {reader, epoch, unit, part, consumed, carry} says: in this epoch the reader is at
-    part `part` of unit number `unit` of its assignment, `consumed` of that part's shuffled windows
-    are used, and `carry` holds the stream tokens that precede the part. Its assignment is the
+    A position {reader, epoch, unit, part, consumed, windows, carry} says: in this epoch the reader
+    is at part `part` of unit number `unit` of its assignment, `consumed` of that part's `windows`
+    shuffled windows are used, and `carry` holds the stream tokens that precede the part. Its assignment is the
     epoch's dealing, or, where the position has `units` (a list of [index in `units`, first part]),
     those: the rest of an epoch dealt anew on a resume (positions.resume_point;
     `epoch_done`: the share of the epoch's bytes read before). Passing the positions back as
@@ -122,11 +128,11 @@ class ParquetBatches(IterableDataset):
         """One epoch of one reader (from `start` if given): its units joined into a stream, cut
         into windows, shuffled within each part of a unit, packed into batches."""
         T, B, shuffle = self.block_size, self.batch_size, self.shuffle
-        dealt = start.get("units") if start else None  # the rest of an epoch, dealt anew (resume_point)
-        if dealt is None:
+        redealt = start.get("units") if start else None  # the rest of an epoch, dealt anew (resume_point)
+        if redealt is None:
             units = [(unit, 0) for unit in assign_units(self.units, epoch, self.seed, n_readers, shuffle=shuffle)[reader]]
         else:
-            units = [(self.units[index], first_part) for index, first_part in dealt]
+            units = [(self.units[index], first_part) for index, first_part in redealt]
         first = start["unit"] if start else 0
         carry = np.array(start["carry"] if start else [], dtype=self.tokenizer.dtype)
         pending = []
@@ -156,8 +162,8 @@ class ParquetBatches(IterableDataset):
                     pending = []
                     position = {"reader": reader, "epoch": epoch, "unit": k, "part": part, "consumed": used,
                                 "windows": n_windows, "carry": carry_in.tolist()}
-                    if dealt is not None:
-                        position.update(units=dealt, epoch_done=start["epoch_done"])
+                    if redealt is not None:
+                        position.update(units=redealt, epoch_done=start["epoch_done"])
                     yield batch[:, :-1], batch[:, 1:], position
                 pending.extend(windows[order[used:]])
 

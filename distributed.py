@@ -43,6 +43,10 @@ class Ranks:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def sharded(self) -> bool:  # FSDP: each rank holds a shard of every weight
+        return self.enabled and self.mode == "fsdp"
+
     def barrier(self):
         if self.enabled:
             dist.barrier()
@@ -119,7 +123,7 @@ def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn
     """The module the training step calls. FSDP shards `model` in place (its parameters become
     DTensors: build the optimizer afterwards); DDP wraps it and keeps `model` as the inner module.
     The shared encoder/encoder_v/decoder stay one parameter each, used by every layer."""
-    if ranks.mode == "fsdp" and ranks.enabled:
+    if ranks.sharded:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         # an explicit mesh: FSDP's default is a CUDA one whenever a GPU exists, even for a CPU run
@@ -137,7 +141,7 @@ def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn
 def gradient_sync(wrapped: torch.nn.Module, ranks: Ranks, sync: bool):
     """Context for one micro-step: gradients are reduced across ranks only when `sync` (the last
     micro-step of an optimizer step); the others accumulate locally."""
-    if ranks.enabled and ranks.mode == "fsdp":
+    if ranks.sharded:
         wrapped.set_requires_gradient_sync(sync)
         return nullcontext()
     if ranks.enabled and not sync:
@@ -148,7 +152,7 @@ def gradient_sync(wrapped: torch.nn.Module, ranks: Ranks, sync: bool):
 @contextmanager
 def full_weights(model: torch.nn.Module, ranks: Ranks):
     """Whole weights on every rank for code that reads them outside forward() (generation)."""
-    if ranks.enabled and ranks.mode == "fsdp":
+    if ranks.sharded:
         model.unshard()
         try:
             yield

@@ -143,7 +143,7 @@ class StepLog:
         self.first_step, self.compiled, self.loss_scaled, self.peak = first_step, compiled, loss_scaled, peak
         self.tokens_per_step = step_tokens(cfg.training, ranks.world_size)
         self.flops_per_token = cfg.model.training_flops_per_token(cfg.training.block_size)
-        self.n_readers, self.dealt = ranks.world_size * max(1, workers), {}  # epochs_read's dealing of the units
+        self.n_readers, self.dealings = ranks.world_size * max(1, workers), {}  # epochs_read's dealing of the units
         self.sums = torch.zeros(3, device=device)  # loss, gradient norm of the finite steps, skipped steps
         self.start = time.perf_counter()
         self.epochs = self.passes(positions)
@@ -157,7 +157,7 @@ class StepLog:
 
     def passes(self, positions) -> float:
         """About how many passes over the training data the readers at `positions` have made."""
-        return epochs_read(positions, self.units, self.cfg.training.seed, self.n_readers, self.dealt)
+        return epochs_read(positions, self.units, self.cfg.training.seed, self.n_readers, self.dealings)
 
     def add_micro_batch(self, loss: torch.Tensor):
         self.sums[0] += loss.detach()

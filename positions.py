@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 
 import shards
-from data import assign_units, training_split
+from data import assign_units, deal, training_split
 from shards import Unit, rows_per_part
 
 # Settings that decide the order of the training windows: resuming with other values cannot
@@ -40,19 +40,19 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
     return order
 
 
-def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: dict) -> float:
+def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealings: dict) -> float:
     """About how many passes over the training units the readers have made: each reader's epoch
     plus the share, by bytes, of that epoch's units it has read (the unit it is in counted by the
     parts of it finished, a row group may hold gigabytes, and the share of windows used of the part
     it is in); the mean over the readers whose positions are given (a rank knows its own; the units
-    are dealt to balance the readers' bytes). `dealt` keeps each epoch's dealing (units and
+    are dealt to balance the readers' bytes). `dealings` keeps each epoch's dealing (units and
     cumulative bytes per reader) from call to call."""
     positions = list(positions)
     if not positions:
         return 0.0
     oldest = min(position["epoch"] for position in positions)
-    for epoch in [epoch for epoch in dealt if epoch < oldest]:
-        del dealt[epoch]  # no reader is in it any more
+    for epoch in [epoch for epoch in dealings if epoch < oldest]:
+        del dealings[epoch]  # no reader is in it any more
     passes = []
     for position in positions:
         epoch = position["epoch"]
@@ -64,10 +64,10 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealt: 
             read = 1 - left / share if share else 1.0
             passes.append(epoch + position["epoch_done"] + (1 - position["epoch_done"]) * read)
             continue
-        if epoch not in dealt:
-            dealt[epoch] = [(assigned, np.cumsum([0] + [unit.num_bytes for unit in assigned]))
-                            for assigned in assign_units(units, epoch, seed, n_readers, shuffle=True)]
-        assigned, cumulative = dealt[epoch][position["reader"]]
+        if epoch not in dealings:
+            dealings[epoch] = [(assigned, np.cumsum([0] + [unit.num_bytes for unit in assigned]))
+                               for assigned in assign_units(units, epoch, seed, n_readers, shuffle=True)]
+        assigned, cumulative = dealings[epoch][position["reader"]]
         done = cumulative[position["unit"]]
         if position["unit"] < len(assigned):  # the parts before the one being read
             unit = assigned[position["unit"]]
@@ -125,11 +125,7 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
         rest = still_to_read(assigned, position)
         read_of_parts += part_read(units[rest[0][0]], position) if rest else 0.0
         left += rest
-    loads, dealt = [0.0] * n_readers, [[] for _ in range(n_readers)]
-    for entry in left:
-        reader = loads.index(min(loads))
-        dealt[reader].append(entry)
-        loads[reader] += bytes_left(units[entry[0]], entry[1])
+    dealt, loads = deal(left, [bytes_left(units[index], part) for index, part in left], n_readers)
     done = 1 - (sum(loads) - read_of_parts) / max(1, sum(unit.num_bytes for unit in units))  # for epochs_read
     positions = [{"reader": reader, "epoch": epoch, "unit": 0, "part": entries[0][1] if entries else 0,
                   "consumed": 0, "carry": [], "units": entries, "epoch_done": done}

@@ -174,8 +174,7 @@ def schedule_jump(ckpt, training) -> str | None:
     """A note when the learning rate of the next step differs from the checkpoint's schedule: a
     finished run extended with more max_iters goes back up the cosine."""
     step = ckpt.step + 1
-    saved = SimpleNamespace(**{**asdict(training), **ckpt.config.get("training", {})})
-    before, now = learning_rate(step, saved), learning_rate(step, training)
+    before, now = learning_rate(step, saved_training(ckpt, training)), learning_rate(step, training)
     if math.isclose(before, now, rel_tol=0.01):
         return None
     return (f"  note: the learning-rate schedule changed: step {step} runs at lr {now:.2e}, {before:.2e} in the "
@@ -186,8 +185,12 @@ def schedule_jump(ckpt, training) -> str | None:
 def tokens_before(ckpt, training) -> int:
     """The tokens trained on up to a checkpoint written before they were counted (version 0.4.0):
     its steps times its own tokens per step, as far as it recorded them."""
-    saved = SimpleNamespace(**{**asdict(training), **ckpt.config.get("training", {})})
-    return ckpt.step * step_tokens(saved, max(1, len(ckpt.rng)))
+    return ckpt.step * step_tokens(saved_training(ckpt, training), max(1, len(ckpt.rng)))
+
+
+def saved_training(ckpt, training):
+    """The checkpoint's training settings (this run's where it recorded none)."""
+    return SimpleNamespace(**{**asdict(training), **ckpt.config.get("training", {})})
 
 
 def fine_tune_from_export(cfg, model, tokenizer, ranks):

@@ -1,4 +1,5 @@
-"""What every script needs to run on this machine: the device, the compute dtype, memory, peak FLOP/s."""
+"""What every script needs to run on this machine: the device, the compute dtype, memory, peak FLOP/s;
+and the first or last line of an error, for one-line messages."""
 import ctypes
 import os
 import re
@@ -45,16 +46,16 @@ def wants_compile(training, device: torch.device) -> bool:
     return not training.debug and (training.compile is True or (training.compile == "auto" and device.type == "cuda"))
 
 
-def check_can_compile(device: torch.device, setting: str = "training.compile"):
+def check_can_compile(device: torch.device):
     """torch.compile on CPU writes C++ and needs a compiler: say so before the first step fails
     with a long traceback."""
     if device.type != "cpu":
         return
     candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
     if not any(shutil.which(c) for c in candidates):
-        raise DeviceError(f"{setting}: torch.compile on CPU needs a C++ compiler and none of "
+        raise DeviceError(f"training.compile: torch.compile on CPU needs a C++ compiler and none of "
                           f"{', '.join(candidates)} is on PATH; install one (g++, or Xcode's command line tools) "
-                          f"or set {setting}=false")
+                          "or set training.compile=false")
 
 
 def compile_repeatably(device: torch.device):
@@ -163,10 +164,10 @@ def check_host_memory(cfg, ranks):
         return
     available = min(seen)
     n, processes = cfg.model.n_params, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    sharded = ranks.enabled and ranks.mode == "fsdp"  # each process builds all weights, then keeps its shard
+    shards = ranks.world_size if ranks.sharded else 1  # FSDP: each process builds all weights, then keeps its shard
 
     def needed(state_bytes_per_parameter):  # AdamW: two float32 moments; AdamW4bit: two 4-bit ones and scales
-        return processes * (4 * n + (4 + state_bytes_per_parameter) * n // (ranks.world_size if sharded else 1))
+        return processes * (4 * n + (4 + state_bytes_per_parameter) * n // shards)
     four_bit = cfg.low_precision.use_4bit_optimizer
     need = needed(1 if four_bit else 8)
     if need <= available:

@@ -37,8 +37,10 @@ def text_as_it_comes(tokenizer, ids):
         text = tokenizer.decode(window)
         if not text.endswith("\ufffd"):
             yield text[printed:]
-            window, printed = (([token], len(tokenizer.decode([token]))) if text.endswith("\n")
-                               or len(window) >= DECODE_WINDOW else (window, len(text)))
+            if text.endswith("\n") or len(window) >= DECODE_WINDOW:  # the next window starts from this token
+                window, printed = [token], len(tokenizer.decode([token]))
+            else:
+                printed = len(text)
     yield tokenizer.decode(window)[printed:]
 
 

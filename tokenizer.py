@@ -154,20 +154,20 @@ class HFTokenizer:
     to_hf_json = to_str
 
 
-def load_tokenizer(spec: str, setting: str = "dataset.tokenizer"):
+def load_tokenizer(spec: str):
     """`bytes`, or the path of a tokenizer.json."""
     if spec == "bytes":
         return ByteTokenizer()
     if Path(spec).is_dir():
         inside = Path(spec) / "tokenizer.json"
-        hint = f"; it holds one: {setting}={inside}" if inside.is_file() else ""
-        raise TokenizerError(f"{setting}: {spec} is a folder, not a tokenizer.json{hint}")
+        hint = f"; it holds one: dataset.tokenizer={inside}" if inside.is_file() else ""
+        raise TokenizerError(f"dataset.tokenizer: {spec} is a folder, not a tokenizer.json{hint}")
     try:
         text = Path(spec).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         where = relative_to_here(spec) if isinstance(e, FileNotFoundError) else ""
-        raise TokenizerError(f"{setting}: cannot read {spec} ({why}){where}; give the path of a tokenizer.json "
+        raise TokenizerError(f"dataset.tokenizer: cannot read {spec} ({why}){where}; give the path of a tokenizer.json "
                              f"(python prepare.py --train-tokenizer writes one) or bytes")
     return HFTokenizer(text, spec)
 

@@ -15,6 +15,7 @@ import shlex
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -79,17 +80,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     workers = loader_workers(cfg, units, ranks.world_size)
 
     # ---- model and optimizer
-    raw_model = BDH(cfg.model).to(device)  # the same weights on every rank: the same seed
-    raw_model.activation_checkpointing = training.activation_checkpointing
-    fp8_recipe = None
-    if low_precision.use_fp8:
-        raw_model.matmuls, fp8_recipe = fp8_matmuls(cfg.fp8, device)
-    # use_4bit: the steps after qat_start train through the 4-bit round trip; every evaluation
-    # measures the 4-bit model (before qat_start: the current weights quantized after the fact)
-    qat_view = None
-    if low_precision.use_4bit:
-        qat_view = quantization_aware_view(low_precision.quantization_type, low_precision.use_double_quant)
-    qat_start = min(round(low_precision.qat_start_fraction * training.max_iters), training.max_iters - 1)
+    raw_model, fp8_recipe, qat_view, qat_start = build_model(cfg, device)  # the same seed: the same weights on every rank
     model = wrap(raw_model, ranks, device)  # DDP or FSDP under torchrun; the model itself otherwise
     optimizer = make_optimizer(raw_model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == "float16")
@@ -115,8 +106,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     # ---- describe the run
     continues_run_dir = run.path is not None
     metrics = MetricsLog(run, cfg, resumed_step=progress.step if continues_run_dir else None)
-    print(describe_run(cfg, raw_model, optimizer, ranks, device, units, run, tokens_per_step, compile_model,
-                       fp8_recipe, qat_start))
+    print(describe_run(cfg, raw_model, optimizer, ranks, device, compute_dtype, units, run, tokens_per_step,
+                       compile_model, fp8_recipe, qat_start))
     if peak:
         print(f"MFU against the {peak_source}" + (" (FP8 too: the same bf16 yardstick)" if fp8_recipe else ""))
     if compile_model:
@@ -132,8 +123,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     sample_generator = torch.Generator(device=device)
     stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main)
     stop_vote = StepVote(ranks)  # whether any rank heard a signal, one step late
-    log = StepLog(cfg, metrics, ranks, device, units, workers, progress.positions.values(),
-                  first_step=progress.step + 1, compiled=compile_model, loss_scaled=scaler.is_enabled(), peak=peak)
+    step_log = StepLog(cfg, metrics, ranks, device, units, workers, progress.positions.values(),
+                       first_step=progress.step + 1, compiled=compile_model, loss_scaled=scaler.is_enabled(), peak=peak)
     model.train()
 
     while progress.step < training.max_iters:
@@ -149,7 +140,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         for micro in range(training.gradient_accumulation_steps):
             wait_start = time.perf_counter()
             x, y, position = next(loader)
-            log.data_wait_s += time.perf_counter() - wait_start
+            step_log.data_wait_s += time.perf_counter() - wait_start
             progress.positions[position["reader"]] = position
             progress.batches_consumed += 1
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -159,39 +150,36 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                 with compute:
                     _, loss = model(x, y)
                 scaler.scale(loss / training.gradient_accumulation_steps).backward()
-            log.add_micro_batch(loss)
+            step_log.add_micro_batch(loss)
         scaler.unscale_(optimizer)
         # the norm before clipping; max_norm inf leaves the gradients as they are
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), training.grad_clip or math.inf)
-        log.add_step(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
+        step_log.add_step(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
         scaler.step(optimizer)  # float16: skipped if the gradients are not finite (and the scale lowered)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         stopping = stop_vote.ask(stop.signal_name is not None)
 
         # ---- log
-        if log.due(step, stopping):
-            log_steps(log, step, lr, progress)
+        if step_log.due(step, stopping):
+            write_step_line(step_log, step, lr, progress)
 
         # ---- evaluate
         if step % training.test_freq == 0 or step == training.max_iters:
-            evaluation_start = device_clock(device)
-            stop.doing = "the evaluation"
-            raw_model.weight_view = qat_view  # use_4bit: the 4-bit model is measured (each step sets its own view)
-            raw_model.eval()
-            record = {"step": step, "tokens": progress.tokens, **evaluate(
-                raw_model, val_batches, device, compute, sample_generator, ranks, tokenizer, val_tokens_per_byte)}
-            raw_model.train()
-            print(evaluation_lines(record), flush=True)
-            metrics.log(record)
-            if record["val_loss"] < progress.best_val_loss:
-                progress.best_val_loss = record["val_loss"]
-                stop.doing = "the checkpoint"
-                path = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer,
-                            name="best.pt")
-                print(f"saved {path} (best validation loss so far)", flush=True)
-            log.paused_s += time.perf_counter() - evaluation_start
-            stop.doing = "the step"
+            with paused(step_log, stop, "the evaluation", device):
+                raw_model.weight_view = qat_view  # use_4bit: the 4-bit model is measured (each step sets its own)
+                raw_model.eval()
+                record = {"step": step, "tokens": progress.tokens, **evaluate(
+                    raw_model, val_batches, device, compute, sample_generator, ranks, tokenizer, val_tokens_per_byte)}
+                raw_model.train()
+                print(evaluation_lines(record), flush=True)
+                metrics.log(record)
+                if record["val_loss"] < progress.best_val_loss:
+                    progress.best_val_loss = record["val_loss"]
+                    stop.doing = "the checkpoint"
+                    path = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer,
+                                name="best.pt")
+                    print(f"saved {path} (best validation loss so far)", flush=True)
             # heard during the evaluation? (`stopping` is the same on every rank: all skip this collective, or none)
             stopping = stopping or ranks.any(stop.signal_name is not None, device)
 
@@ -199,21 +187,19 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         if stopping:
             print(f"{stop.signal_name or 'a signal to another rank'}: saving a checkpoint after step {step}", flush=True)
         if step % training.checkpoint_freq == 0 or step == training.max_iters or stopping:
-            checkpoint_start = device_clock(device)
-            stop.doing = "the checkpoint"
-            finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
-            if ranks.any(not finite, device):
-                raise non_finite("a weight", step, progress.last_saved)
-            progress.last_saved = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer)
-            run.prune(training.keep_last_n)
-            metrics.flush()  # the first checkpoint creates the run directory: what waited is written now
-            print(f"saved {progress.last_saved}", flush=True)
-            log.paused_s += time.perf_counter() - checkpoint_start
-            stop.doing = "the step"
+            with paused(step_log, stop, "the checkpoint", device):
+                finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
+                if ranks.any(not finite, device):
+                    raise non_finite("a weight", step, progress.last_saved)
+                progress.last_saved = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device,
+                                           tokenizer)
+                run.prune(training.keep_last_n)
+                metrics.flush()  # the first checkpoint creates the run directory: what waited is written now
+                print(f"saved {progress.last_saved}", flush=True)
             stopping = stopping or ranks.any(stop.signal_name is not None, device)  # heard while saving: that one
         if stopping and step < training.max_iters:  # (at max_iters: done, as planned)
-            if log.steps:  # heard while evaluating or saving a step that was not logged: its line now
-                log_steps(log, step, lr, progress)
+            if step_log.steps:  # heard while evaluating or saving a step that was not logged: its line now
+                write_step_line(step_log, step, lr, progress)
             stop_vote.settle()
             metrics.close()
             print(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. Resume "
@@ -222,17 +208,46 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             return 0
     stop_vote.settle()
     metrics.close()
-    print(f"done: {progress.step} steps ({log.epochs:.2f} passes over the training data) in "
-          f"{format_duration(time.perf_counter() - log.start)}; final checkpoint {progress.last_saved}")
+    print(f"done: {progress.step} steps ({step_log.epochs:.2f} passes over the training data) in "
+          f"{format_duration(time.perf_counter() - step_log.start)}; final checkpoint {progress.last_saved}")
     return 0
 
 
-def log_steps(log: StepLog, step: int, lr: float, progress: Progress):
+def build_model(cfg, device: torch.device):
+    """(the model, its FP8 recipe or None, the 4-bit weight view or None, the step after which
+    quantization-aware training starts). use_4bit: the steps after qat_start train through the
+    4-bit round trip; every evaluation measures the 4-bit model (before qat_start: the current
+    weights quantized after the fact)."""
+    low_precision = cfg.low_precision
+    model = BDH(cfg.model).to(device)
+    model.activation_checkpointing = cfg.training.activation_checkpointing
+    fp8_recipe = None
+    if low_precision.use_fp8:
+        model.matmuls, fp8_recipe = fp8_matmuls(cfg.fp8, device)
+    qat_view = None
+    if low_precision.use_4bit:
+        qat_view = quantization_aware_view(low_precision.quantization_type, low_precision.use_double_quant)
+    qat_start = min(round(low_precision.qat_start_fraction * cfg.training.max_iters), cfg.training.max_iters - 1)
+    return model, fp8_recipe, qat_view, qat_start
+
+
+@contextmanager
+def paused(step_log: StepLog, stop: GracefulStop, doing: str, device: torch.device):
+    """Time spent `doing` an evaluation or a checkpoint: left out of the next log line's speed; a
+    signal heard meanwhile lets it finish."""
+    start = device_clock(device)
+    stop.doing = doing
+    yield
+    step_log.paused_s += time.perf_counter() - start
+    stop.doing = "the step"
+
+
+def write_step_line(step_log: StepLog, step: int, lr: float, progress: Progress):
     """The log line of the steps since the last one, refused if their loss is not finite."""
-    record = log.measure(step, lr, progress.tokens, progress.positions.values())
+    record = step_log.measure(step, lr, progress.tokens, progress.positions.values())
     if not math.isfinite(record["train_loss"]):
         raise non_finite("the training loss", step, progress.last_saved)
-    log.write(record)
+    step_log.write(record)
 
 
 def prepare_data(cfg, ranks: Ranks):
@@ -253,7 +268,8 @@ def prepare_data(cfg, ranks: Ranks):
 
 def make_optimizer(model: BDH, cfg, device) -> torch.optim.Optimizer:
     """AdamW, or AdamW4bit with low_precision.use_4bit_optimizer. Weight decay on the four matmul
-    weights; none on the embedding table."""
+    weights; none on the embedding table. (bench_precision.py swaps torchao's AdamW4bit in for
+    AdamW4bit to compare the two.)"""
     training, low_precision = cfg.training, cfg.low_precision
     decay = [model.encoder, model.encoder_v, model.decoder, model.lm_head]
     groups = [{"params": decay, "weight_decay": training.weight_decay},
@@ -263,11 +279,10 @@ def make_optimizer(model: BDH, cfg, device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def describe_run(cfg, model, optimizer, ranks, device, units, run, tokens_per_step, compiled, fp8_recipe,
-                 qat_start) -> str:
+def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run, tokens_per_step, compiled,
+                 fp8_recipe, qat_start) -> str:
     training, low_precision = cfg.training, cfg.low_precision
     n_params = cfg.model.n_params
-    compute_dtype = resolve_compute_dtype(device, low_precision.compute_dtype)
     if low_precision.compute_dtype == "auto":
         compute_dtype += " (auto)"
     lines = [f"BDH {n_params / 1e6:.2f}M parameters | device {device} | {compute_dtype} | "
