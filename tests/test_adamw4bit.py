@@ -7,7 +7,7 @@ from adamw4bit import (MIN_QUANTIZED_NUMEL, AdamW4bit, MomentFormat, adamw_state
                        decode, encode, nearest_level)
 from checkpoint import load_checkpoint
 from conftest import write_config
-from lowbit import quantize
+from lowbit import dequantize, quantize
 from model import BDH, BDHConfig
 
 
@@ -176,6 +176,14 @@ def test_a_checkpoint_of_the_earlier_bitsandbytes_format_resumes(tmp_path, corpu
             state["exp_avg_4bit"] = quantize(m, "nf4", True, 32)
             state["exp_avg_sq_root4_4bit"] = quantize(v.pow(0.25), "nf4", True, 32)
     torch.save(old, run / "checkpoint_2.pt")
+    import copy
+    from adamw4bit import convert_adamw_state
+    converted = copy.deepcopy(old["optimizer"])  # the old codes decode to the moments they were made from
+    convert_adamw_state(converted, {name: old["model"][name].shape for name in moments}, to_4bit=False)
+    for name, (m, v) in moments.items():
+        state, round_trip = converted["state"][name], lambda x: dequantize(quantize(x, "nf4", True, 32)).view(x.shape)
+        torch.testing.assert_close(state["exp_avg"], round_trip(m))
+        torch.testing.assert_close(state["exp_avg_sq"], round_trip(v.pow(0.25)).pow(4))
     for use_4bit in ("true", "false"):  # stays 4-bit in the new format, or turns float32
         assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}",
                            "training.max_iters=3", f"low_precision.use_4bit_optimizer={use_4bit}"]) == 0

@@ -44,7 +44,9 @@ def test_shipped_config_yaml_holds_the_defaults_and_documents_every_field():
 
 
 def test_shipped_configs_load():
-    for path in (ROOT / "configs").glob("*.yaml"):
+    paths = [ROOT / "config.yaml", *(ROOT / "configs").glob("*.yaml")]
+    assert len(paths) > 1
+    for path in paths:
         Config.from_yaml(path)
 
 

@@ -126,3 +126,14 @@ def test_available_memory_is_the_least_of_memavailable_and_the_cgroup_limits(tmp
     assert runtime.available_host_memory() == expected_gib << 30
     monkeypatch.setattr(runtime, "MEMINFO", tmp_path / "absent")
     assert runtime.available_host_memory() is None  # not Linux
+
+
+def test_compiling_on_cpu_turns_on_the_ordered_kernels():
+    """test_a_compiled_run_resumes_bit_for_bit catches its absence only when the threads' atomic adds race."""
+    try:
+        runtime.compile_repeatably(torch.device("cpu"))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.utils.deterministic.fill_uninitialized_memory
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = True

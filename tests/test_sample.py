@@ -7,11 +7,17 @@ import train
 from conftest import tiny_config_dict
 
 
-@pytest.fixture
-def checkpoint(tmp_path, corpus):
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """One 2-step run for the module: the tests only read its checkpoint."""
+    from conftest import make_corpus
+    from rundir import release_run_directories
+    tmp_path = tmp_path_factory.mktemp("sample")
+    corpus = make_corpus(tmp_path / "data", n_files=3, docs_per_file=40, rows_per_group=8, doc_len=60)
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path, corpus, max_iters=2)))
     assert train.main(["--config", str(path)]) == 0
+    release_run_directories()
     [ckpt] = (tmp_path / "ck").glob("run_*/checkpoint_2.pt")
     return ckpt
 
