@@ -175,14 +175,15 @@ def _leave_signals_to_main(_worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def stop_loader_workers():
-    """Kill the DataLoader workers still running. After an error the loader can outlive train():
-    the exception's traceback holds it in a reference cycle that is collected only after
-    multiprocessing's exit handler, which sends the workers SIGTERM, which they ignore (above),
-    and then waits for them forever. Their state is not needed: the checkpoint has the data
-    position. The DataLoader's SIGCHLD handler would report each killed worker as an error: it
-    goes first."""
-    children = multiprocessing.active_children()
+def stop_loader_workers(started_before=()):
+    """Kill the DataLoader workers still running: the multiprocessing children not in
+    `started_before` (a caller's own, when train.main runs inside another program). After an error
+    the loader can outlive train(): the exception's traceback holds it in a reference cycle that is
+    collected only after multiprocessing's exit handler, which sends the workers SIGTERM, which they
+    ignore (above), and then waits for them forever. Their state is not needed: the checkpoint has
+    the data position. The DataLoader's SIGCHLD handler would report each killed worker as an error,
+    then or at any later SIGCHLD: it goes for good."""
+    children = [child for child in multiprocessing.active_children() if child not in started_before]
     if children and hasattr(signal, "SIGCHLD"):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in children:

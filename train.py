@@ -8,6 +8,7 @@ loops: step, log, evaluate (evaluation.py), checkpoint.
 """
 import argparse
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -376,6 +377,7 @@ def main(argv=None) -> int:
             print(cfg.to_yaml(), end="")
         return 0
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    children = multiprocessing.active_children()  # a calling program's own: not the loader's to stop
     ranks, device = Ranks(), cfg.training.device
     try:
         ranks, device = start(cfg, pick_device(cfg.training.device))
@@ -404,7 +406,7 @@ def main(argv=None) -> int:
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        stop_loader_workers()
+        stop_loader_workers(started_before=children)
         release_run_directories()
         shutdown()
 
