@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent
 HF_FILES = {ROOT / "hf" / "configuration_bdh.py": "configuration_bdh.py", ROOT / "hf" / "modeling_bdh.py": "modeling_bdh.py",
             ROOT / "model.py": "model.py"}
 EXPORT_FILES = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
-                *HF_FILES.values()}  # what write_export writes: all that --replace may delete
+                "generation_config.json", *HF_FILES.values()}  # what write_export writes: all that --replace may delete
 
 
 def weights(ckpt, four_bit: bool) -> dict:
@@ -127,6 +127,10 @@ def write_export(folder: Path, ckpt, source: Path, out: str, hf: bool, four_bit:
     if hf:
         for source_file, name in HF_FILES.items():
             shutil.copyfile(source_file, folder / name)
+        # generate() reads these from here, not from config.json: stop at the separator, start there without a prompt
+        separator = {"bos_token_id": tokenizer.separator, "eos_token_id": tokenizer.separator,
+                     "pad_token_id": tokenizer.separator}
+        (folder / "generation_config.json").write_text(json.dumps(separator, indent=2) + "\n")
 
 
 def main(argv=None) -> int:

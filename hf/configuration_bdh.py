@@ -18,6 +18,7 @@ class BDHConfig(PretrainedConfig):
         self.weights_4bit = weights_4bit  # None, or {"quant_type", "blocksize"}: see the export's README
         self.separator_token_id = separator_token_id
         self.low_precision = low_precision  # the run's 4-bit settings (sample.py --4bit)
-        kwargs.setdefault("bos_token_id", separator_token_id)  # generation without a prompt starts here
+        # the model's; generate() reads the same from generation_config.json (export.py writes it)
+        kwargs.setdefault("bos_token_id", separator_token_id)
         kwargs.setdefault("eos_token_id", separator_token_id)
         super().__init__(**kwargs)

@@ -25,10 +25,11 @@ def trained(tmp_path, corpus, monkeypatch):
     return run / "checkpoint_4.pt"
 
 
-def hf_model(folder):
+def hf_model(folder, full_length=True):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True)
-    model.generation_config.eos_token_id = None  # run the full length, as sample.py does, not stop at a separator
+    if full_length:  # as sample.py does, not stop at a separator
+        model.generation_config.eos_token_id = None
     return model.eval(), AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
 
 
@@ -64,6 +65,27 @@ def test_export_holds_the_checkpoint_weights_and_transformers_generates_what_sam
     assert tokenizer.decode(ids[0]) == sample_text(capsys, "--checkpoint", str(trained), "--prompt", "<00-")
     torch.manual_seed(0)
     assert model.generate(**inputs, max_new_tokens=20, do_sample=True, top_k=20).shape == (1, 24)
+
+
+def test_transformers_stops_at_the_separator_and_starts_there_without_a_prompt(trained, tmp_path):
+    out = tmp_path / "export"
+    assert export.main(["--checkpoint", str(trained), "--out", str(out), "--hf"]) == 0
+    model, tokenizer = hf_model(out, full_length=False)
+    separator = model.config.separator_token_id
+    forward_calls = []
+
+    def separator_third(module, args, output):  # the third new token is the separator
+        forward_calls.append(1)
+        if len(forward_calls) == 3:
+            output.logits[..., :] = -1e9
+            output.logits[..., separator] = 1e9
+        return output
+    hook = model.register_forward_hook(separator_third)
+    ids = model.generate(**tokenizer("<00-", return_tensors="pt"), max_new_tokens=20, do_sample=False)
+    hook.remove()
+    assert ids.shape == (1, 4 + 3) and ids[0, -1] == separator
+    ids = model.generate(max_new_tokens=5, do_sample=False)
+    assert ids[0, 0] == separator and 1 < ids.shape[1] <= 6  # (earlier if it draws the separator)
 
 
 def test_a_bpe_model_exports_its_tokenizer(tmp_path, corpus, bpe_file, capsys, monkeypatch):
