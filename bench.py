@@ -23,6 +23,7 @@ import torch
 from config import add_config_arguments, load_config, parse_arguments
 from corpus import ensure_sample_corpus
 from data import loader_workers, train_loader
+from files import check_outputs
 from model import BDH
 from reference import reference_forward
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, compile_repeatably, device_clock,
@@ -215,6 +216,7 @@ def main(argv=None) -> int:
     args = parse_arguments(parser, argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    check_outputs(parser, {"--json": args.json, "--profile": args.profile})
     cfg = load_config(args)
     try:
         device = pick_device(cfg.training.device)

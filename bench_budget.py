@@ -27,7 +27,7 @@ import torch
 from checkpoint import load_checkpoint, model_from_checkpoint
 from config import add_config_arguments, load_config, parse_arguments
 from corpus import text_files_to_parquet
-from files import read_records
+from files import check_outputs, read_records
 from rundir import checkpoints_in
 from runtime import first_line
 from tokenizer import tokenizer_from_string
@@ -115,6 +115,7 @@ def main(argv=None) -> int:
     args = parse_arguments(parser, argv)
     if args.seconds < 0:
         parser.error(f"--seconds must be >= 0 (0: the config's own max_iters), got {args.seconds:g}")
+    check_outputs(parser, {"--json": args.json})
     variants = {name: [*args.overrides, *extra] for name, *extra in args.variant} or {"config": list(args.overrides)}
     for overrides in variants.values():  # config errors now, not after minutes of the first variant
         load_config(argparse.Namespace(config=args.config, overrides=overrides))

@@ -39,7 +39,7 @@ from config import Config, add_config_arguments, load_config, parse_arguments
 from data import validation_batches
 from distributed import Ranks
 from evaluation import validation_loss
-from files import read_records
+from files import check_outputs, read_records
 from lowbit import to_4bit
 from model import BDH
 from rundir import checkpoints_in
@@ -213,6 +213,7 @@ def main(argv=None) -> int:
                              "training.seed)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parse_arguments(parser, argv)
+    check_outputs(parser, {"--json": args.json})
     cfg = load_config(args)
     if args.set == "fp8" and not torch.cuda.is_available():
         parser.error("--set fp8 trains with FP8 GEMMs, which need a CUDA GPU (compute capability >= 8.9)")

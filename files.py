@@ -132,19 +132,39 @@ def picture_path(out: str) -> Path:
         raise ValueError(f"--out {out}: is a folder; give a file name, e.g. {path / 'picture.png'}")
     if path.suffix[1:].lower() not in formats:
         raise ValueError(f"--out {out}: give a file name ending in .png (or .{', .'.join(sorted(set(formats) - {'png'}))})")
+    return output_path(out, "--out")
+
+
+def output_path(out: str, option: str) -> Path:
+    """A file a script writes at the end, checked before any work (the work is not lost to a typo):
+    not a folder, and writable; its folder is made."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"{option} {out}: is a folder; give a file name in it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"--out {out}: cannot make its folder {path.parent} ({e.strerror or e})")
+        raise ValueError(f"{option} {out}: cannot make its folder {path.parent} ({e.strerror or e})")
     existed = path.exists()
     try:
         with open(path, "ab"):  # can it be written? (a read-only folder, /proc, ...)
             pass
     except OSError as e:
-        raise ValueError(f"--out {out}: cannot write it ({e.strerror or e})")
+        raise ValueError(f"{option} {out}: cannot write it ({e.strerror or e})")
     if not existed:
         path.unlink()
     return path
+
+
+def check_outputs(parser, outputs: dict):
+    """{option: its value or None} of the files a script writes at the end: an unwritable one is a
+    usage error now (output_path)."""
+    for option, out in outputs.items():
+        if out:
+            try:
+                output_path(out, option)
+            except ValueError as e:
+                parser.error(str(e))
 
 
 def relative_to_here(path) -> str:

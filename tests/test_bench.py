@@ -3,13 +3,15 @@ are in BENCHMARKS.md; no timing is asserted here)."""
 import json
 import subprocess
 
+import pytest
+
 import bench
 from conftest import write_config
 
 
 def test_both_implementations_are_timed_probed_and_profiled(tmp_path, corpus, capsys):
     config = write_config(tmp_path, corpus)
-    out, table = tmp_path / "bench.json", tmp_path / "profile.txt"
+    out, table = tmp_path / "bench.json", tmp_path / "new" / "profile.txt"  # its folder is made
     assert bench.main(["--config", str(config), "--steps", "1", "--skip", "loader", "generation",
                        "--json", str(out), "--profile", str(table)]) == 0
     printed = capsys.readouterr().out
@@ -31,3 +33,12 @@ def test_a_failed_memory_probe_leaves_the_other_figures(tmp_path, corpus, capsys
     captured = capsys.readouterr()
     assert "note: the memory probe of model.py failed: torch.OutOfMemoryError: CUDA out of memory." in captured.err
     assert "tokens/s" in captured.out and "peak RSS MiB" not in captured.out
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, corpus, capsys):
+    config = write_config(tmp_path, corpus)
+    for option, out in (("--json", tmp_path), ("--profile", tmp_path / "file.txt" / "profile.txt")):
+        (tmp_path / "file.txt").write_text("")
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--config", str(config), option, str(out)])
+        assert stop.value.code == 2 and f"error: {option} {out}: " in capsys.readouterr().err
