@@ -1,16 +1,17 @@
 """Which latent neurons fire for each token of a prompt, layer by layer: BDH's sparse, positive
 activations as a picture.
 
-    python neurons.py [--checkpoint X] --prompt TEXT [--out neurons.png] [--max-neurons 400]
+    python neurons.py [--checkpoint X] --prompt TEXT [--out neurons.png] [--max-neurons 400] [--max-tokens 80]
 
 One panel per layer shows the x latent a = relu(x @ encoder) of every prompt token (rows) over the
 neurons that fire for at least one of them (columns, the most often active first, at most
 --max-neurons; H*N neurons in all, head-major): white where a neuron is silent, darker the stronger it
-fires. It prints, per layer, the share of the x and y latents (y: b = relu(LN(A x) @ encoder_v)) that is
+fires. The picture shows the first --max-tokens tokens (a row each); the figures count them all. It prints, per layer, the share of the x and y latents (y: b = relu(LN(A x) @ encoder_v)) that is
 non-zero and how many distinct neurons the prompt used.
 """
 import argparse
 import sys
+import warnings
 
 import torch
 
@@ -51,6 +52,8 @@ def draw(found, labels, out, max_neurons: int):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    # a character the monospace font lacks (an emoji) is drawn as a box: no warning for each
+    warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
     fig, axes = plt.subplots(len(found), 1, figsize=(14, 1.2 + 0.22 * len(labels) * len(found)), squeeze=False)
     for layer, ((a, b), ax) in enumerate(zip(found, axes[:, 0])):
         firing = (a > 0).sum(0)
@@ -75,9 +78,12 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--out", default="neurons.png", help="the picture to write (default neurons.png)")
     parser.add_argument("--max-neurons", type=int, default=400, help="columns per layer (default 400)")
+    parser.add_argument("--max-tokens", type=int, default=80, help="rows per layer: the prompt's first tokens "
+                        "(default 80; the printed figures count every token)")
     args = parser.parse_args(argv)
-    if args.max_neurons < 1:
-        parser.error("--max-neurons must be at least 1")
+    for option, value in (("--max-neurons", args.max_neurons), ("--max-tokens", args.max_tokens)):
+        if value < 1:
+            parser.error(f"{option} must be at least 1, got {value}")
     try:
         out = picture_path(args.out)
         model, saved_tokenizer, _ = load_model(args.checkpoint, args.checkpoint_dir, "--checkpoint")
@@ -94,9 +100,10 @@ def main(argv=None) -> int:
     for layer, (a, b) in enumerate(found):
         print(f"{layer + 1:>5} {float((a > 0).float().mean()):>9.2%} {float((b > 0).float().mean()):>9.2%} "
               f"{int(((a > 0).sum(0) > 0).sum()):>13,}")
-    labels = [repr(label)[1:-1].replace(" ", "␣") for label in token_labels(tokenizer, ids)]
-    draw(found, labels, out, args.max_neurons)
-    print(f"wrote {args.out}")
+    shown = min(len(ids), args.max_tokens)
+    labels = [repr(label)[1:-1].replace(" ", "␣") for label in token_labels(tokenizer, ids[:shown])]
+    draw([(a[:shown], b[:shown]) for a, b in found], labels, out, args.max_neurons)
+    print(f"wrote {args.out}" + (f" (the first {shown} of {len(ids)} tokens: --max-tokens)" if shown < len(ids) else ""))
     return 0
 
 

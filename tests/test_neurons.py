@@ -27,6 +27,14 @@ def test_picture_and_figures_of_the_active_neurons(tmp_path, corpus, capsys):
     # without --checkpoint: the newest checkpoint of the newest run, the same figures
     assert neurons.main(["--checkpoint-dir", str(tmp_path / "ck"), "--prompt", "<00-001>abc", "--out", str(out)]) == 0
     assert capsys.readouterr().out == printed
+    # a long prompt: its figures whole, its picture the first --max-tokens rows (not a picture no viewer opens)
+    from matplotlib.image import imread
+    short = tmp_path / "short.png"
+    assert neurons.main(["--checkpoint", str(run), "--prompt", "<00-001>abc", "--out", str(short), "--max-tokens", "4"]) == 0
+    printed_short = capsys.readouterr().out
+    assert printed_short.splitlines()[:-1] == printed.splitlines()[:-1]
+    assert printed_short.splitlines()[-1] == f"wrote {short} (the first 4 of 11 tokens: --max-tokens)"
+    assert imread(short).shape[0] < imread(out).shape[0]
 
 
 def test_a_character_of_several_byte_tokens_is_labelled_where_it_completes():
