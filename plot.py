@@ -45,11 +45,17 @@ def runs_in(arg) -> list[Path]:
     return [path]
 
 
+def runs_of(args) -> list[Path]:
+    """The run directories the arguments stand for (runs_in), each once."""
+    return list({run.resolve(): run for arg in args for run in runs_in(arg)}.values())
+
+
 def plot(run_dirs, out: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    run_dirs = [run for arg in run_dirs for run in runs_in(arg)]
+    from matplotlib.ticker import EngFormatter
+    run_dirs = runs_of(run_dirs)
     runs = [read_metrics(d) for d in run_dirs]
     names = [Path(d).resolve().name for d in run_dirs]
     if len(set(names)) < len(names):  # same names in different folders: say which
@@ -57,20 +63,22 @@ def plot(run_dirs, out: Path):
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     (loss_steps, loss_tokens, bpb), (lr, sparsity, speed) = axes
     for (train, evaluations), name, color in zip(runs, names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
+        one_point = {"marker": "o"} if len(train) == 1 else {}  # a line of one point draws nothing
         steps = [r["step"] for r in train]
         val_steps = [r["step"] for r in evaluations]
         for ax, x, val_x in ((loss_steps, steps, val_steps),
                              (loss_tokens, [r.get("tokens") for r in train], [r.get("tokens") for r in evaluations])):
             if train:  # (no empty line in the legend)
-                ax.plot(x, [r["train_loss"] for r in train], color=color, alpha=0.8, label=f"{name} train")
+                ax.plot(x, [r["train_loss"] for r in train], color=color, alpha=0.8, label=f"{name} train", **one_point)
             if evaluations:
                 ax.plot(val_x, [r["val_loss"] for r in evaluations], "o--", color=color, label=f"{name} validation")
         if any("val_bits_per_byte" in r for r in evaluations):
             bpb.plot(val_steps, [r.get("val_bits_per_byte") for r in evaluations], "o-", color=color, label=name)
         if train:
-            lr.plot(steps, [r["lr"] for r in train], color=color, label=name)
+            lr.plot(steps, [r["lr"] for r in train], color=color, label=name, **one_point)
             timed = [r for r in train if not r.get("compiling")]  # a compiling step's time is not its speed
-            speed.plot([r["step"] for r in timed], [r.get("tokens_per_s") for r in timed], color=color, label=name)
+            speed.plot([r["step"] for r in timed], [r.get("tokens_per_s") for r in timed], color=color, label=name,
+                       **({"marker": "o"} if len(timed) == 1 else {}))
         with_sparsity = [r for r in evaluations if r.get("sparsity_x")]
         for key, style in (("sparsity_x", "o-"), ("sparsity_y", "s:")) if with_sparsity else ():
             sparsity.plot([r["step"] for r in with_sparsity], [sum(r[key]) / len(r[key]) for r in with_sparsity],
@@ -86,6 +94,10 @@ def plot(run_dirs, out: Path):
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no data yet", transform=ax.transAxes, ha="center", va="center", color="grey")
+    loss_tokens.xaxis.set_major_formatter(EngFormatter())  # 50k, 100k, ... rather than digits that run together
+    speed.yaxis.set_major_formatter(EngFormatter())
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

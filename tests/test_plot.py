@@ -22,6 +22,7 @@ def test_plots_one_and_two_runs_and_refuses_a_folder_without_metrics(tmp_path, c
     assert not (tmp_path / "none.png").exists()
     assert plot.main([str(tmp_path / "ck"), "--out", str(tmp_path / "all.png")]) == 0  # a folder of runs: all of them
     assert [p.name for p in plot.runs_in(tmp_path / "ck")] == [run.name for run in runs]
+    assert plot.runs_of([runs[1], tmp_path / "ck", runs[1] / "metrics.jsonl"]) == [runs[1], runs[0]]  # each once
 
 
 def test_out_is_checked_first_and_damaged_records_are_skipped(tmp_path, corpus, capsys):
