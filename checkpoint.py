@@ -8,6 +8,7 @@ name means, is rundir.py's job.
 import dataclasses
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def load_checkpoint(path) -> Checkpoint:
         if "Weights only load failed" in str(e):
             why = "it holds Python objects, not only tensors and plain data; loading it could run code"
         else:  # a zip cut short (a full disk, a copy interrupted): torch's own words are cryptic
-            why = f"cut short or corrupt: {first_line(e)[:120]}"
+            why = f"cut short or corrupt: {textwrap.shorten(first_line(e), 120, placeholder=' ...')}"
         raise CheckpointError(f"{path}: not a readable checkpoint ({why})")
     missing = [k for k in ("model", "model_config", "step") if not isinstance(state, dict) or k not in state]
     if missing:

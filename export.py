@@ -143,6 +143,8 @@ def main(argv=None) -> int:
                         help="encoder, encoder_v, decoder as 4-bit weights (for models trained with use_4bit)")
     parser.add_argument("--replace", action="store_true", help="replace an --out folder that holds files")
     args = parser.parse_args(argv)
+    if not args.out.strip():
+        parser.error("--out is empty: give the folder to write, e.g. --out my-bdh")
     try:
         source, ckpt = open_checkpoint(args.checkpoint, args.checkpoint_dir, setting="--checkpoint")
         if args.four_bit and not ckpt.low_precision()["use_4bit"]:

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             parser.error(f"{option} must be at least 1, got {value}")
     try:
         out = picture_path(args.out)
-        model, saved_tokenizer, _ = load_model(args.checkpoint, args.checkpoint_dir, "--checkpoint")
+        model, saved_tokenizer, _, origin = load_model(args.checkpoint, args.checkpoint_dir, "--checkpoint")
         tokenizer = tokenizer_from_string(saved_tokenizer)
     except (CheckpointError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     if not ids:
         parser.error("--prompt is empty")
     found = latents(model, ids)
-    print(f"{len(ids)} tokens, {found[0][0].shape[1]:,} latent neurons per layer (H*N)")
+    print(f"model: {origin}\n{len(ids)} tokens, {found[0][0].shape[1]:,} latent neurons per layer (H*N)")
     print(f"{'layer':>5} {'x active':>9} {'y active':>9} {'neurons used':>13}")
     for layer, (a, b) in enumerate(found):
         print(f"{layer + 1:>5} {float((a > 0).float().mean()):>9.2%} {float((b > 0).float().mean()):>9.2%} "

@@ -54,8 +54,9 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str, setting: str) -> list[
         runs = [p for p in sorted(root.glob("run_*")) if p.is_dir()] if root.is_dir() else []
         found = [path for run in reversed(runs) for path in resumable_in(run)]
         if not found:
-            raise CheckpointError(f"{setting}: latest: no run with a checkpoint in {root}/{relative_to_here(root)}; "
-                                  f"train one first, or name the folder that holds the runs")
+            what = "no run with a checkpoint in" if root.is_dir() else "there is no folder"
+            raise CheckpointError(f"{setting}: latest: {what} {root}/{relative_to_here(root)}; train a run first, or "
+                                  f"name the folder that holds the runs")
         last_written = max(found, key=lambda path: path.stat().st_mtime)  # an older run resumed since, perhaps
         if last_written.parent != found[0].parent:
             print(f"note: latest is the newest run, {found[0].parent.name}; {last_written} was written more "
@@ -92,15 +93,16 @@ def open_checkpoint(spec: str, checkpoint_dir: str, setting: str = "training.res
     raise CheckpointError(f"{setting}: {spec}: none of its {len(candidates)} checkpoint(s) can be read (see above)")
 
 
-def load_model(spec: str, checkpoint_dir: str, setting: str) -> tuple[BDH, str, dict]:
+def load_model(spec: str, checkpoint_dir: str, setting: str) -> tuple[BDH, str, dict, str]:
     """(model, tokenizer as tokenizer.to_str() gives it, the low_precision settings it was trained
-    with; exported_in_4bit if its weights are 4-bit already) of a checkpoint (open_checkpoint) or
-    of a folder that export.py wrote."""
+    with (exported_in_4bit if its weights are 4-bit already), which file and step it is) of a
+    checkpoint (open_checkpoint) or of a folder that export.py wrote."""
     if is_export(spec):
         model, tokenizer, config = load_export(spec)
-        return model, tokenizer, {**config["low_precision"], "exported_in_4bit": bool(config.get("weights_4bit"))}
-    _, ckpt = open_checkpoint(spec, checkpoint_dir, setting)
-    return model_from_checkpoint(ckpt), ckpt.tokenizer, ckpt.low_precision()
+        low_precision = {**config["low_precision"], "exported_in_4bit": bool(config.get("weights_4bit"))}
+        return model, tokenizer, low_precision, f"{spec} (exported at step {config['bdh_export']['step']})"
+    source, ckpt = open_checkpoint(spec, checkpoint_dir, setting)
+    return model_from_checkpoint(ckpt), ckpt.tokenizer, ckpt.low_precision(), f"{source} (step {ckpt.step})"
 
 
 def check_writable(checkpoint_dir: str):

@@ -19,7 +19,7 @@ from checkpoint import CheckpointError
 from lowbit import LowBitError, to_4bit
 from rundir import load_model
 from runtime import DeviceError, pick_device
-from tokenizer import TokenizerError, tokenizer_from_string
+from tokenizer import TokenizerError, text_change, tokenizer_from_string
 
 
 DECODE_WINDOW = 64  # tokens decoded together at most: decoding a whole long line per token is quadratic
@@ -69,7 +69,9 @@ def main(argv=None) -> int:
         device = pick_device(args.device, setting="--device")
         if args.four_bit and device.type == "mps":
             raise DeviceError("--4bit: bitsandbytes' 4-bit quantization runs on cpu or cuda; add --device cpu")
-        model, saved_tokenizer, low_precision = load_model(args.checkpoint, args.checkpoint_dir, "--checkpoint")
+        model, saved_tokenizer, low_precision, origin = load_model(args.checkpoint, args.checkpoint_dir,
+                                                                   "--checkpoint")
+        print(f"model: {origin}", file=sys.stderr)  # (stdout holds the text only)
         model = model.to(device).eval()
         tokenizer = tokenizer_from_string(saved_tokenizer)
         if args.four_bit and low_precision.get("exported_in_4bit"):
@@ -86,6 +88,9 @@ def main(argv=None) -> int:
         return 1
 
     prompt = tokenizer.encode(args.prompt) or [tokenizer.separator]
+    if change := text_change(tokenizer, args.prompt):
+        print(f"note: the model's tokenizer does not give the prompt back: {change}; the model reads what it keeps",
+              file=sys.stderr)
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     tokens = (int(token) for token in model.stream(idx, args.max_new_tokens, temperature=args.temperature,

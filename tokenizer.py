@@ -190,21 +190,26 @@ def check_vocab_size(tokenizer, vocab_size: int):
                              f"rounded up to a multiple of 64)")
 
 
-def lost_text(tokenizer, texts, context: int = 24) -> str | None:
+def lost_text(tokenizer, texts) -> str | None:
     """A warning if the tokenizer does not give a text back (decode(encode(text)) differs): it
     normalizes, drops spaces or line ends, or has no token for some characters. The model then
     trains on what it keeps, and generates that. Bytes and byte-level BPEs keep everything."""
     for text in texts:
-        back = tokenizer.decode(tokenizer.encode(text))
-        if back == text:
-            continue
-        at = next((i for i, (a, b) in enumerate(zip(text, back)) if a != b), min(len(text), len(back)))
-        start = max(0, at - context // 2)
-        return (f"WARNING: dataset.tokenizer {tokenizer.name} does not give the text back: "
-                f"{text[start:start + context]!r} comes back as {back[start:start + context]!r}; the model "
-                f"trains on (and writes) what it keeps. A byte-level BPE (python prepare.py --train-tokenizer) "
-                f"keeps every byte")
+        if change := text_change(tokenizer, text):
+            return (f"WARNING: dataset.tokenizer {tokenizer.name} does not give the text back: {change}; the model "
+                    f"trains on (and writes) what it keeps. A byte-level BPE (python prepare.py --train-tokenizer) "
+                    f"keeps every byte")
     return None
+
+
+def text_change(tokenizer, text: str, context: int = 24) -> str | None:
+    """Where decode(encode(text)) first differs from text: "'...' comes back as '...'", or None."""
+    back = tokenizer.decode(tokenizer.encode(text))
+    if back == text:
+        return None
+    at = next((i for i, (a, b) in enumerate(zip(text, back)) if a != b), min(len(text), len(back)))
+    start = max(0, at - context // 2)
+    return f"{text[start:start + context]!r} comes back as {back[start:start + context]!r}"
 
 
 def train_bpe(texts, vocab_size: int) -> str:

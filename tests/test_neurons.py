@@ -23,7 +23,8 @@ def test_picture_and_figures_of_the_active_neurons(tmp_path, corpus, capsys):
         x = torch.nn.functional.layer_norm(model.embed(torch.tensor(list(b"<00-001>abc"))), (32,), eps=1e-5)
         a = torch.relu(x @ model.encoder)  # (H, T, N)
     assert torch.allclose(found[0][0], a.permute(1, 0, 2).reshape(len(x), -1), atol=1e-6)
-    assert f"{float((a > 0).float().mean()):.2%}" in printed.splitlines()[2]
+    assert printed.startswith(f"model: {run / 'checkpoint_2.pt'} (step 2)\n")
+    assert f"{float((a > 0).float().mean()):.2%}" in printed.splitlines()[3]
     # without --checkpoint: the newest checkpoint of the newest run, the same figures
     assert neurons.main(["--checkpoint-dir", str(tmp_path / "ck"), "--prompt", "<00-001>abc", "--out", str(out)]) == 0
     assert capsys.readouterr().out == printed

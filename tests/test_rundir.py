@@ -44,6 +44,8 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
     run.mkdir()
     with pytest.raises(CheckpointError, match=r"^--checkpoint: latest: no run with a checkpoint in"):
         open_checkpoint("latest", str(tmp_path), setting="--checkpoint")
+    with pytest.raises(CheckpointError, match=r"^--checkpoint: latest: there is no folder .*/nope/; train a run first"):
+        open_checkpoint("latest", str(tmp_path / "nope"), setting="--checkpoint")
     with pytest.raises(CheckpointError, match=r"^training.resume_from_checkpoint: .* holds no checkpoint_<step>.pt"):
         open_checkpoint(str(run), str(tmp_path))
     for step in (2, 10):

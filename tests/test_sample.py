@@ -88,11 +88,13 @@ def test_streamed_text_is_what_generate_gives(checkpoint, capsys):
     capsys.readouterr()
     assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "<01-", "--max-new-tokens", "60", "--seed", "3",
                         "--top-k", "20", "--device", "cpu"]) == 0
-    model, saved, _ = load_model(str(checkpoint), "", "--checkpoint")
+    model, saved, _, origin = load_model(str(checkpoint), "", "--checkpoint")
+    assert origin == f"{checkpoint} (step 2)"
     tokenizer = tokenizer_from_string(saved)
     out = model.eval().generate(torch.tensor([tokenizer.encode("<01-")]), 60, temperature=0.8, top_k=20,
                                 generator=torch.Generator().manual_seed(3), vocab_limit=tokenizer.vocab_size)
-    assert capsys.readouterr().out == tokenizer.decode(out[0].tolist()) + "\n"
+    printed = capsys.readouterr()
+    assert printed.out == tokenizer.decode(out[0].tolist()) + "\n" and printed.err == f"model: {checkpoint} (step 2)\n"
 
 
 @pytest.mark.parametrize("temperature", ["nan", "inf", "-1"])
@@ -130,3 +132,20 @@ def test_text_is_printed_token_by_token_and_ctrl_c_keeps_it(checkpoint, capsys, 
     assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "x", "--device", "cpu"]) == 130
     assert printed_before_next_token == ["xa", "b", "c"]
     assert "(stopped by Ctrl-C)" in capsys.readouterr().err
+
+
+def test_a_prompt_the_tokenizer_does_not_give_back_is_noted(checkpoint, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizer import SEPARATOR_TOKEN
+    lossy = Tokenizer(models.BPE(unk_token="<unk>"))  # no decoder: words come back with spaces between tokens
+    lossy.pre_tokenizer = pre_tokenizers.Whitespace()
+    lossy.train_from_iterator(["some words, and more words"] * 10, trainers.BpeTrainer(
+        vocab_size=60, special_tokens=["<unk>", SEPARATOR_TOKEN], show_progress=False))
+    state = torch.load(checkpoint, weights_only=True)
+    state["tokenizer"] = lossy.to_str()
+    torch.save(state, tmp_path / "lossy.pt")
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(tmp_path / "lossy.pt"), "--prompt", "more words, é", "--max-new-tokens",
+                        "3"]) == 0
+    assert ("note: the model's tokenizer does not give the prompt back: 'more words, é' comes back as 'more words , "
+            "<unk>'; the model reads what it keeps") in capsys.readouterr().err
