@@ -279,10 +279,11 @@ def load_config(args) -> Config:
     """The config of parsed add_config_arguments; on problems, prints them one per line and exits
     with status 2, as argparse does for bad arguments (under torchrun, rank 0 alone prints them). An
     override given twice with two values is noted: the last applies, so scripts can add to a command."""
+    rank_zero = os.environ.get("RANK", "0") == "0"  # torchrun's environment: no process group yet
     given = {}
     for item in args.overrides:
         path, _, value = item.partition("=")
-        if path in given and given[path] != value and os.environ.get("RANK", "0") == "0":
+        if path in given and given[path] != value and rank_zero:
             print(f"note: {path} is given twice on the command line ({given[path]}, then {value}): the last applies",
                   file=sys.stderr)
         given[path] = value
@@ -293,7 +294,7 @@ def load_config(args) -> Config:
             raise ConfigError(problems)
         return cfg
     except ConfigError as e:
-        for problem in e.problems if os.environ.get("RANK", "0") == "0" else ():
+        for problem in e.problems if rank_zero else ():
             print(f"config error: {problem}", file=sys.stderr)
         raise SystemExit(2)
 
