@@ -8,7 +8,6 @@ name means, is rundir.py's job.
 import dataclasses
 import json
 import math
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,12 +85,21 @@ def load_checkpoint(path) -> Checkpoint:
         if "Weights only load failed" in str(e):
             why = "it holds Python objects, not only tensors and plain data; loading it could run code"
         else:  # a zip cut short (a full disk, a copy interrupted): torch's own words are cryptic
-            why = f"cut short or corrupt: {textwrap.shorten(first_line(e), 120, placeholder=' ...')}"
+            why = f"cut short or corrupt: {shortened(first_line(e), 120)}"
         raise CheckpointError(f"{path}: not a readable checkpoint ({why})")
     missing = [k for k in ("model", "model_config", "step") if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of this project (missing {', '.join(missing)})")
     return Checkpoint.from_dict(state)
+
+
+def shortened(text: str, width: int) -> str:
+    """text, or its first `width` characters with ' ...', cut at a space among the last 30 of them
+    (mid-word if there is none)."""
+    if len(text) <= width:
+        return text
+    cut = text.rfind(" ", width - 34, width - 4)
+    return text[:cut if cut > 0 else width - 4] + " ..."
 
 
 def saved_progress(path: Path) -> tuple[float, float]:

@@ -6,7 +6,8 @@ activations as a picture.
 One panel per layer shows the x latent a = relu(x @ encoder) of every prompt token (rows) over the
 neurons that fire for at least one of them (columns, the most often active first, at most
 --max-neurons; H*N neurons in all, head-major): white where a neuron is silent, darker the stronger it
-fires. The picture shows the first --max-tokens tokens (a row each); the figures count them all. It prints, per layer, the share of the x and y latents (y: b = relu(LN(A x) @ encoder_v)) that is
+fires. The picture shows the first --max-tokens tokens (a row each); the figures count them all.
+It prints, per layer, the share of the x and y latents (y: b = relu(LN(A x) @ encoder_v)) that is
 non-zero and how many distinct neurons the prompt used.
 """
 import argparse
@@ -52,8 +53,6 @@ def draw(found, labels, out, max_neurons: int):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    # a character the monospace font lacks (an emoji) is drawn as a box: no warning for each
-    warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
     fig, axes = plt.subplots(len(found), 1, figsize=(14, 1.2 + 0.22 * len(labels) * len(found)), squeeze=False)
     for layer, ((a, b), ax) in enumerate(zip(found, axes[:, 0])):
         firing = (a > 0).sum(0)
@@ -64,8 +63,10 @@ def draw(found, labels, out, max_neurons: int):
         ax.set_title(f"layer {layer + 1}: x latent {float((a > 0).float().mean()):.1%} active, y latent "
                      f"{float((b > 0).float().mean()):.1%}; {int((firing > 0).sum()):,} of {a.shape[1]:,} neurons fire "
                      f"for some token (showing {len(columns):,}, most active first)", fontsize=9, loc="left")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    with warnings.catch_warnings():  # a character the font lacks (an emoji) is drawn as a box: no warning for each
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        fig.tight_layout()
+        fig.savefig(out, dpi=100)
     plt.close(fig)
 
 

@@ -280,20 +280,27 @@ def test_the_same_folder_written_another_way_is_the_same_data(tmp_path, corpus, 
 
 
 # train.py with a slow disk: torch.save's bytes are written in small chunks with pauses, so that a
-# checkpoint write takes about 0.4 s and random kills land inside writes.
+# checkpoint write takes about 0.4 s and random kills land inside writes. With "hold" first, the
+# second write stops halfway, for the test to kill it there.
 SLOW_DISK_TRAIN = """
 import io, sys, time
 sys.path.insert(0, sys.argv.pop(1))
+hold = sys.argv[1] == "hold" and sys.argv.pop(1)
 import torch, train
 real_save = torch.save
+writes = 0
 def slow_save(obj, f, *args, **kwargs):
+    global writes
     buffer = io.BytesIO()
     real_save(obj, buffer, *args, **kwargs)
     data = buffer.getvalue()
-    print("WRITING", flush=True)
+    writes += 1
     for i in range(0, len(data), 1 << 18):
         f.write(data[i:i + (1 << 18)])
         time.sleep(0.01)
+        if hold and writes == 2 and i >= len(data) // 2:
+            print("HELD INSIDE A WRITE", flush=True)
+            time.sleep(600)
 torch.save = slow_save
 sys.exit(train.main(sys.argv[1:]))
 """
@@ -306,15 +313,14 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path, co
     rng = random.Random(0)
     ck, kills_inside_a_write = tmp_path / "ck", 0
     for attempt in range(4):  # the first kill lands inside a write; the others at random moments
+        hold = ["hold"] if attempt == 0 else []
         resume = ["training.resume_from_checkpoint=latest"] if attempt else []
-        proc = subprocess.Popen([sys.executable, "-c", SLOW_DISK_TRAIN, str(ROOT), "--config", str(config),
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_DISK_TRAIN, str(ROOT), *hold, "--config", str(config),
                                  *resume], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        writes = 0
         for line in proc.stdout:
-            writes += line.startswith("WRITING")
-            if (writes == 2) if attempt == 0 else line.startswith("step "):  # the second: one is complete
+            if line.startswith("HELD INSIDE A WRITE" if attempt == 0 else "step "):
                 break
-        time.sleep(0.1 if attempt == 0 else rng.uniform(0.0, 1.5))
+        time.sleep(0 if attempt == 0 else rng.uniform(0.0, 1.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         run = only_run(ck)
