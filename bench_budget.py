@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from config import add_config_arguments, load_config, parse_arguments
+from config import add_config_arguments, load_config
+from config_file import parse_arguments
 from corpus import text_files_to_parquet
 from files import check_outputs, read_records
 from rundir import checkpoints_in

@@ -262,19 +262,6 @@ def add_config_arguments(parser, default: str = "config.yaml"):
                         help="override any config field, e.g. training.batch_size=16")
 
 
-def parse_arguments(parser, argv=None):
-    """parser.parse_args(argv), telling an override written as an option (--training.seed=3) how to
-    write it."""
-    args, unknown = parser.parse_known_args(argv)
-    for item in unknown:
-        if item.startswith("--") and "." in item.split("=", 1)[0]:
-            override = item.lstrip("-") if "=" in item else item.lstrip("-") + "=VALUE"
-            parser.error(f"unrecognized argument {item}: an override takes no dashes: {override}")
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args
-
-
 def load_config(args) -> Config:
     """The config of parsed add_config_arguments; on problems, prints them one per line and exits
     with status 2, as argparse does for bad arguments (under torchrun, rank 0 alone prints them). An

@@ -1,6 +1,7 @@
 """Reading a config as written: the YAML file (unique keys, one-line errors), `section.key=value`
-overrides, typed fields without silent coercion, and suggestions for misspelled names. What the
-settings are and which values they take is config.py's.
+overrides, typed fields without silent coercion, and suggestions for misspelled names (of settings,
+and of every script's command-line options: parse_arguments). What the settings are and which
+values they take is config.py's.
 """
 import dataclasses
 import difflib
@@ -172,3 +173,20 @@ def check_type(value, hint):
     if hint == typing.Union[bool, str]:
         return isinstance(value, (bool, str)), value, "true, false or auto"
     raise TypeError(f"unsupported config type {hint}")
+
+
+def parse_arguments(parser, argv=None):
+    """parser.parse_args(argv), naming the option a misspelled one means (--tempreature:
+    --temperature), and telling an override written as an option (--training.seed=3) how to write it."""
+    args, unknown = parser.parse_known_args(argv)
+    options = [option for action in parser._actions for option in action.option_strings]
+    for item in unknown:
+        name = item.split("=", 1)[0]
+        if item.startswith("--") and "." in name:
+            override = item.lstrip("-") if "=" in item else item.lstrip("-") + "=VALUE"
+            parser.error(f"unrecognized argument {item}: an override takes no dashes: {override}")
+        if item.startswith("-") and (match := difflib.get_close_matches(name.replace("_", "-"), options, n=1)):
+            parser.error(f"unrecognized argument {item}: did you mean {match[0]}?")
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args

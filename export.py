@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from checkpoint import EXPORT_VERSION, CheckpointError
+from config_file import parse_arguments
 from files import read_records, write_folder
 from lowbit import BLOCKSIZE, LowBitError, export_4bit
 from model import LAYER_WEIGHTS, BDHConfig
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     parser.add_argument("--4bit", dest="four_bit", action="store_true",
                         help="encoder, encoder_v, decoder as 4-bit weights (for models trained with use_4bit)")
     parser.add_argument("--replace", action="store_true", help="replace an --out folder that holds files")
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     if not args.out.strip():
         parser.error("--out is empty: give the folder to write, e.g. --out my-bdh")
     try:

@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from checkpoint import CheckpointError
+from config_file import parse_arguments
 from files import picture_path
 from rundir import load_model
 from tokenizer import TokenizerError, tokenizer_from_string
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-neurons", type=int, default=400, help="columns per layer (default 400)")
     parser.add_argument("--max-tokens", type=int, default=80, help="rows per layer: the prompt's first tokens "
                         "(default 80; the printed figures count every token)")
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     for option, value in (("--max-neurons", args.max_neurons), ("--max-tokens", args.max_tokens)):
         if value < 1:
             parser.error(f"{option} must be at least 1, got {value}")

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from config_file import parse_arguments
 from files import picture_path, read_records
 
 
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="run directories (or their metrics.jsonl), or folders of runs")
     parser.add_argument("--out", default="curves.png", help="the picture to write (default curves.png)")
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     try:
         plot(args.runs, picture_path(args.out))
     except (PlotError, ValueError) as e:

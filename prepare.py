@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from config import DatasetConfig, add_config_arguments, load_config, parse_arguments
+from config import DatasetConfig, add_config_arguments, load_config
+from config_file import parse_arguments
 from corpus import DOCUMENT_BYTES, ensure_sample_corpus, text_files_to_parquet
 from data import training_split
 from files import atomic_write

@@ -16,6 +16,7 @@ import sys
 import torch
 
 from checkpoint import CheckpointError
+from config_file import parse_arguments
 from lowbit import LowBitError, to_4bit
 from rundir import load_model
 from runtime import DeviceError, pick_device
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     parser.add_argument("--4bit", dest="four_bit", action="store_true",
                         help="generate from 4-bit weights (encoder, encoder_v, decoder)")
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     if args.max_new_tokens < 0:
         parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.top_k < 0:

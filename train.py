@@ -24,7 +24,8 @@ import torch
 
 from adamw4bit import AdamW4bit, adamw_state_bytes
 from checkpoint import CheckpointError
-from config import add_config_arguments, learning_rate, load_config, parse_arguments, step_tokens
+from config import add_config_arguments, learning_rate, load_config, step_tokens
+from config_file import parse_arguments
 from corpus import ensure_sample_corpus
 from data import check_enough_units, loader_workers, stop_loader_workers, train_loader, validation_batches
 from distributed import (DistributedError, Ranks, communication_failure, gradient_sync, local_tensor, shutdown, start,

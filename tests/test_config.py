@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from config import Config, ConfigError, add_config_arguments, load_config, parse_arguments
+from config import Config, ConfigError, load_config
 from model import BDHConfig
 
 
@@ -151,20 +151,6 @@ def test_cli_print_config_shows_overrides():
     r = run_train("--print-config", "training.batch_size=16")
     assert r.returncode == 0
     assert yaml.safe_load(r.stdout)["training"]["batch_size"] == 16
-
-
-def test_an_override_written_as_an_option_is_told_to_drop_the_dashes(capsys):
-    parser = argparse.ArgumentParser(prog="train.py")
-    add_config_arguments(parser)
-    assert parse_arguments(parser, ["training.seed=3"]).overrides == ["training.seed=3"]
-    for argv, hint in ((["--training.seed=3"], "training.seed=3"), (["--training.seed", "3"], "training.seed=VALUE")):
-        with pytest.raises(SystemExit):
-            parse_arguments(parser, argv)
-        assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: an override takes no "
-                                                f"dashes: {hint}\n")
-    with pytest.raises(SystemExit):
-        parse_arguments(parser, ["--bogus"])
-    assert capsys.readouterr().err.endswith("error: unrecognized arguments: --bogus\n")
 
 
 def test_an_override_given_twice_is_noted_and_the_last_applies(capsys):

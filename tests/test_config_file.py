@@ -1,10 +1,14 @@
 """Reading a config as written (config_file.py): YAML syntax, keys given twice, overrides, strict
-types, and suggestions for misspelled names; checked through Config, as the scripts use it."""
+types, and suggestions for misspelled names (settings and command-line options); checked through
+Config and the scripts, as users meet them."""
+import argparse
+
 import pytest
 import torch
 import yaml
 
-from config import Config, ConfigError
+from config import Config, ConfigError, add_config_arguments
+from config_file import parse_arguments
 
 
 def problems(raw, overrides=()):
@@ -136,3 +140,26 @@ def test_a_key_or_section_given_twice_is_refused_naming_both_lines(tmp_path):
 def test_names_from_other_trainers_point_at_the_right_field(override, hint):
     [problem] = problems({}, [override])
     assert problem.startswith(f"{override.split('=')[0]}: unknown key; ") and hint in problem
+
+
+def test_an_override_written_as_an_option_is_told_to_drop_the_dashes(capsys):
+    parser = argparse.ArgumentParser(prog="train.py")
+    add_config_arguments(parser)
+    assert parse_arguments(parser, ["training.seed=3"]).overrides == ["training.seed=3"]
+    for argv, hint in ((["--training.seed=3"], "training.seed=3"), (["--training.seed", "3"], "training.seed=VALUE")):
+        with pytest.raises(SystemExit):
+            parse_arguments(parser, argv)
+        assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: an override takes no "
+                                                f"dashes: {hint}\n")
+    with pytest.raises(SystemExit):
+        parse_arguments(parser, ["--bogus"])
+    assert capsys.readouterr().err.endswith("error: unrecognized arguments: --bogus\n")
+
+
+def test_a_misspelled_option_is_named_in_every_script(capsys):
+    import sample
+    for argv, meant in ((["--tempreature", "1"], "--temperature"), (["--max_new_tokens=5"], "--max-new-tokens")):
+        with pytest.raises(SystemExit) as stop:
+            sample.main(argv)
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: did you mean {meant}?\n")
