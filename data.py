@@ -65,9 +65,9 @@ class ParquetBatches(IterableDataset):
 
     A position {reader, epoch, unit, part, consumed, windows, carry} says: in this epoch the reader
     is at part `part` of unit number `unit` of its assignment, `consumed` of that part's `windows`
-    shuffled windows are used, and `carry` holds the stream tokens that precede the part. Its assignment is the
-    epoch's dealing, or, where the position has `units` (a list of [index in `units`, first part]),
-    those: the rest of an epoch dealt anew on a resume (positions.resume_point;
+    shuffled windows are used, and `carry` holds the stream tokens that precede the part. Its
+    assignment is the epoch's dealing, or, where the position has `units` (a list of [index in
+    `units`, first part]), those: the rest of an epoch dealt anew on a resume (positions.resume_point;
     `epoch_done`: the share of the epoch's bytes read before). Passing the positions back as
     `positions` continues the exact same sequence of batches; `rotation` makes DataLoader worker i
     play reader (i + rotation) % num_workers, so that the reader whose batch was due next comes

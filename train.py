@@ -52,8 +52,8 @@ class TrainingError(Exception):
 
 def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     """`arguments`: the command line's, for the resume command printed when a signal stops the run."""
-    training, low_precision = cfg.training, cfg.low_precision
-    compute_dtype = resolve_compute_dtype(device, low_precision.compute_dtype)
+    training = cfg.training
+    compute_dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
     compute = autocast(device, compute_dtype)
     if warning := emulated_dtype_warning(device, compute_dtype):
         print(warning)
@@ -82,7 +82,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     workers = loader_workers(cfg, units, ranks.world_size)
 
     # ---- model and optimizer
-    raw_model, fp8_recipe, qat_view, qat_start = build_model(cfg, device)  # the same seed: the same weights on every rank
+    raw_model, fp8_recipe, qat_view, qat_start = build_model(cfg, device)  # same seed, same weights on every rank
     model = wrap(raw_model, ranks, device)  # DDP or FSDP under torchrun; the model itself otherwise
     optimizer = make_optimizer(raw_model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == "float16")
