@@ -204,7 +204,18 @@ def print_training(training: dict, device, peak_flops: float | None):
         print(f"{'MFU':<16}{fast['mfu']:>14.1%}{ref['mfu']:>14.1%}   (peak {peak_flops / 1e12:,.0f} TFLOP/s measured)")
 
 
-def main(argv=None) -> int:
+def print_loader(loader: dict):
+    print(f"loader: {loader['batches_per_s']:,.0f} batches/s with {loader['num_workers']} workers; the "
+          f"model consumes {loader['model_batches_per_s']:,.2f}/s: {loader['loader_over_model']:,.0f}x")
+
+
+def print_generation(generation: dict):
+    recurrent, full = generation["recurrent_tokens_per_s"], generation["full_recompute_tokens_per_s"]
+    print(f"generation, {generation['new_tokens']} tokens after a {generation['prompt']}-token prompt: recurrent "
+          f"{recurrent:,.2f} tokens/s, full recompute {full:,.3f} tokens/s: {recurrent / full:,.0f}x")
+
+
+def arguments(argv):
     parser = argparse.ArgumentParser(description="Benchmark model.py against reference.py.")
     add_config_arguments(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per implementation")
@@ -218,6 +229,11 @@ def main(argv=None) -> int:
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     check_outputs(parser, {"--json": args.json, "--profile": args.profile})
+    return args
+
+
+def main(argv=None) -> int:
+    args = arguments(argv)
     cfg = load_config(args)
     try:
         device = pick_device(cfg.training.device)
@@ -259,14 +275,11 @@ def main(argv=None) -> int:
               + f" (table: {args.profile})")
     if "loader" not in args.skip:
         ensure_sample_corpus(cfg)
-        results["loader"] = loader = bench_loader(cfg, fast["ms_per_step"])
-        print(f"loader: {loader['batches_per_s']:,.0f} batches/s with {loader['num_workers']} workers; the "
-              f"model consumes {loader['model_batches_per_s']:,.2f}/s: {loader['loader_over_model']:,.0f}x")
+        results["loader"] = bench_loader(cfg, fast["ms_per_step"])
+        print_loader(results["loader"])
     if "generation" not in args.skip:
-        results["generation"] = gen = bench_generation(cfg, device)
-        rec, full = gen["recurrent_tokens_per_s"], gen["full_recompute_tokens_per_s"]
-        print(f"generation, {gen['new_tokens']} tokens after a {gen['prompt']}-token prompt: recurrent "
-              f"{rec:,.2f} tokens/s, full recompute {full:,.3f} tokens/s: {rec / full:,.0f}x")
+        results["generation"] = bench_generation(cfg, device)
+        print_generation(results["generation"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=lambda o: None)
