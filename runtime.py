@@ -1,5 +1,6 @@
 """What every script needs to run on this machine: the device, the compute dtype, memory, peak FLOP/s;
-and the first or last line of an error, for one-line messages."""
+and reading errors for one-line messages (their first or last line, a Ctrl-C inside, an
+out-of-memory error and what to lower)."""
 import ctypes
 import os
 import re
@@ -39,6 +40,23 @@ def last_line(e: BaseException) -> str:
     """The last line of an exception's message (its type's name if it has none): where a DataLoader
     worker's or a collective's error puts what happened, after a traceback."""
     return str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+
+
+def one_line(e: Exception) -> str:
+    """The error's line. DataLoader workers re-raise errors with their traceback in the message:
+    its last line, without the error's module and class name."""
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", last_line(e))
+
+
+def interrupted(e: BaseException) -> bool:
+    """Whether a KeyboardInterrupt caused the error (torch re-raises some as its own errors)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def wants_compile(training, device: torch.device) -> bool:
@@ -240,3 +258,14 @@ def out_of_memory(e: BaseException) -> str | None:
     if found := re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B)", text):
         return found[1]
     return "memory"
+
+
+def memory_fix(cfg) -> str:
+    """What to lower after an out-of-memory error: the run's settings that decide its memory."""
+    training = cfg.training
+    fixes = [f"lower training.batch_size {training.batch_size} (raising training.gradient_accumulation_steps keeps the "
+             f"tokens per step)", f"training.block_size {training.block_size}", "or the model"]
+    if not training.activation_checkpointing:
+        fixes[-1] = "the model"
+        fixes.append("or set training.activation_checkpointing=true")
+    return ", ".join(fixes)

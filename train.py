@@ -11,7 +11,6 @@ import math
 import multiprocessing
 import os
 import random
-import re
 import shlex
 import signal
 import sys
@@ -39,8 +38,8 @@ from positions import data_order
 from resume import Progress, resume, save
 from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_host_memory, compile_repeatably,
-                     device_clock, emulated_dtype_warning, last_line, out_of_memory, peak_flops, pick_device,
-                     resolve_compute_dtype, steady_host_memory, wants_compile)
+                     device_clock, emulated_dtype_warning, interrupted, memory_fix, one_line, out_of_memory,
+                     peak_flops, pick_device, resolve_compute_dtype, steady_host_memory, wants_compile)
 from shards import DataError, first_documents, list_units
 from stopping import GracefulStop, StepVote, launcher
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer, lost_text
@@ -333,38 +332,11 @@ def non_finite(what: str, step: int, last_saved) -> TrainingError:
                          f"training.debug=true to find the operation")
 
 
-def one_line(e: Exception) -> str:
-    """The error's line. DataLoader workers re-raise errors with their traceback in the message:
-    its last line, without the error's module and class name."""
-    return re.sub(r"^[\w.]+(Error|Exception): ", "", last_line(e))
-
-
 STOPPED_AT_ONCE = "\ninterrupted: stopped at once, without saving; checkpoints written before are intact"
-
-
-def interrupted(e: BaseException) -> bool:
-    """Whether a KeyboardInterrupt caused the error (torch re-raises some as its own errors)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def rank_of(ranks: Ranks) -> str:
     return f" (rank {ranks.rank})" if ranks.enabled else ""
-
-
-def memory_fix(cfg) -> str:
-    training = cfg.training
-    fixes = [f"lower training.batch_size {training.batch_size} (raising training.gradient_accumulation_steps keeps the "
-             f"tokens per step)", f"training.block_size {training.block_size}", "or the model"]
-    if not training.activation_checkpointing:
-        fixes[-1] = "the model"
-        fixes.append("or set training.activation_checkpointing=true")
-    return ", ".join(fixes)
 
 
 def main(argv=None) -> int:

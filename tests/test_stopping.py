@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import runtime
 import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, free_port, losses, only_run, run_dirs, write_config
@@ -155,6 +156,7 @@ HELD_SAVE = """
 import os, sys, time
 sys.path.insert(0, sys.argv.pop(1))
 release = sys.argv.pop(1)
+import runtime
 import train
 real_save = train.save
 def save(*args, **kwargs):  # the first save waits for the test to send its signals (30 s at most)
@@ -209,4 +211,4 @@ def test_a_ctrl_c_that_torch_wraps_in_its_own_error_still_stops_in_one_line(tmp_
     monkeypatch.setattr(train, "train", compiling)
     assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 130
     assert capsys.readouterr().err == train.STOPPED_AT_ONCE + "\n"
-    assert not train.interrupted(RuntimeError("another error"))
+    assert not runtime.interrupted(RuntimeError("another error"))
