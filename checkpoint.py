@@ -15,7 +15,7 @@ import torch
 
 from config import LowPrecisionConfig
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
-from runtime import first_line
+from runtime import first_line, shortened
 
 PROJECT_VERSION = "0.4.1"
 
@@ -91,15 +91,6 @@ def load_checkpoint(path) -> Checkpoint:
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of this project (missing {', '.join(missing)})")
     return Checkpoint.from_dict(state)
-
-
-def shortened(text: str, width: int) -> str:
-    """text, or its first `width` characters with ' ...', cut at a space among the last 30 of them
-    (mid-word if there is none)."""
-    if len(text) <= width:
-        return text
-    cut = text.rfind(" ", width - 34, width - 4)
-    return text[:cut if cut > 0 else width - 4] + " ..."
 
 
 def saved_progress(path: Path) -> tuple[float, float]:

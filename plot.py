@@ -51,6 +51,11 @@ def runs_of(args) -> list[Path]:
     return list({run.resolve(): run for arg in args for run in runs_in(arg)}.values())
 
 
+def one_point(points) -> dict:
+    """A marker for a line of a single point, which draws nothing otherwise."""
+    return {"marker": "o"} if len(points) == 1 else {}
+
+
 def plot(run_dirs, out: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -64,22 +69,22 @@ def plot(run_dirs, out: Path):
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     (loss_steps, loss_tokens, bpb), (lr, sparsity, speed) = axes
     for (train, evaluations), name, color in zip(runs, names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
-        one_point = {"marker": "o"} if len(train) == 1 else {}  # a line of one point draws nothing
         steps = [r["step"] for r in train]
         val_steps = [r["step"] for r in evaluations]
         for ax, x, val_x in ((loss_steps, steps, val_steps),
                              (loss_tokens, [r.get("tokens") for r in train], [r.get("tokens") for r in evaluations])):
             if train:  # (no empty line in the legend)
-                ax.plot(x, [r["train_loss"] for r in train], color=color, alpha=0.8, label=f"{name} train", **one_point)
+                ax.plot(x, [r["train_loss"] for r in train], color=color, alpha=0.8, label=f"{name} train",
+                        **one_point(train))
             if evaluations:
                 ax.plot(val_x, [r["val_loss"] for r in evaluations], "o--", color=color, label=f"{name} validation")
         if any("val_bits_per_byte" in r for r in evaluations):
             bpb.plot(val_steps, [r.get("val_bits_per_byte") for r in evaluations], "o-", color=color, label=name)
         if train:
-            lr.plot(steps, [r["lr"] for r in train], color=color, label=name, **one_point)
+            lr.plot(steps, [r["lr"] for r in train], color=color, label=name, **one_point(train))
             timed = [r for r in train if not r.get("compiling")]  # a compiling step's time is not its speed
             speed.plot([r["step"] for r in timed], [r.get("tokens_per_s") for r in timed], color=color, label=name,
-                       **({"marker": "o"} if len(timed) == 1 else {}))
+                       **one_point(timed))
         with_sparsity = [r for r in evaluations if r.get("sparsity_x")]
         for key, style in (("sparsity_x", "o-"), ("sparsity_y", "s:")) if with_sparsity else ():
             sparsity.plot([r["step"] for r in with_sparsity], [sum(r[key]) / len(r[key]) for r in with_sparsity],

@@ -42,6 +42,15 @@ def last_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
 
 
+def shortened(text: str, width: int) -> str:
+    """text, or its first `width` characters with ' ...', cut at a space among the last 30 of them
+    (mid-word if there is none)."""
+    if len(text) <= width:
+        return text
+    cut = text.rfind(" ", width - 34, width - 4)
+    return text[:cut if cut > 0 else width - 4] + " ..."
+
+
 def one_line(e: Exception) -> str:
     """The error's line. DataLoader workers re-raise errors with their traceback in the message:
     its last line, without the error's module and class name."""

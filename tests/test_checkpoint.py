@@ -51,10 +51,3 @@ def test_a_file_that_is_not_a_checkpoint_is_called_so(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"empty.pt: not a checkpoint \(the file is empty\)$"):
         load_checkpoint(tmp_path / "empty.pt")
-
-
-def test_a_long_message_is_cut_at_a_word_and_never_to_nothing():
-    from checkpoint import shortened
-    assert shortened("short", 120) == "short"
-    assert shortened("word " * 40, 120) == "word " * 22 + "word ..."
-    assert shortened("error at " + "x" * 140, 120) == "error at " + "x" * 107 + " ..."  # one long word: cut inside

@@ -137,3 +137,9 @@ def test_compiling_on_cpu_turns_on_the_ordered_kernels():
     finally:
         torch.use_deterministic_algorithms(False)
         torch.utils.deterministic.fill_uninitialized_memory = True
+
+
+def test_a_long_message_is_cut_at_a_word_and_never_to_nothing():
+    assert runtime.shortened("short", 120) == "short"
+    assert runtime.shortened("word " * 40, 120) == "word " * 22 + "word ..."
+    assert runtime.shortened("error at " + "x" * 140, 120) == "error at " + "x" * 107 + " ..."  # one long word: cut inside
