@@ -39,7 +39,7 @@ IMPLEMENTATIONS = ("model.py", "reference")
 def make_step(cfg, device, implementation):
     """A training step closure of one implementation, on its own copy of the same weights."""
     torch.manual_seed(cfg.training.seed)
-    model = BDH(cfg.model).to(device)
+    model = BDH(cfg.to_bdh_config()).to(device)
     model.activation_checkpointing = cfg.training.activation_checkpointing
     forward = model if implementation == "model.py" else (lambda idx, tgt: reference_forward(model, idx, tgt))
     if wants_compile(cfg.training, device):  # as train.py: both implementations are measured so
@@ -114,7 +114,7 @@ def bench_generation(cfg, device, prompt_len=256, new_tokens=1000, samples=5) ->
     `samples` evenly spaced context lengths (trapezoid rule): running it for 1,000 tokens would
     take about 100 minutes on 2 CPU cores at the default size (BENCHMARKS.md)."""
     torch.manual_seed(cfg.training.seed)
-    model = BDH(cfg.model).to(device).eval()
+    model = BDH(cfg.to_bdh_config()).to(device).eval()
     vocab = cfg.model.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_len), device=device)
     model.generate(prompt[:, :8], 2, temperature=0)  # warm-up

@@ -17,7 +17,7 @@ from config import LowPrecisionConfig
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line, shortened
 
-PROJECT_VERSION = "0.4.1"
+PROJECT_VERSION = "0.4.2"
 
 
 class CheckpointError(Exception):
@@ -42,6 +42,7 @@ class Checkpoint:
     batches_consumed: int = 0
     tokenizer: str = "bytes"  # tokenizer.py's to_str(): "bytes" or a tokenizer.json
     tokens: int | None = None  # trained on up to this step (None: written before version 0.4.0)
+    passes: float | None = None  # over the training data, up to this step (None: written before version 0.4.2)
     versions: dict = field(default_factory=lambda: {"torch": str(torch.__version__), "project": PROJECT_VERSION})
 
     def to_dict(self) -> dict:

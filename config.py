@@ -131,6 +131,10 @@ class Config:
         """Load `path`, apply `section.key=value` overrides, validate; raises ConfigError."""
         return cls.from_dict(read_yaml(path, _sections()), overrides)
 
+    def to_bdh_config(self) -> BDHConfig:
+        """The settings model.BDH is built from (the model section is one already)."""
+        return self.model
+
     @classmethod
     def from_dict(cls, raw: dict, overrides=()) -> "Config":
         raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
@@ -193,7 +197,7 @@ class Config:
         if model.vocab_size < 256 and self.dataset.tokenizer == "bytes":
             problems.append(f"model.vocab_size: tokens are bytes 0..255, so it must be >= 256, "
                             f"got {model.vocab_size}")
-        if training.min_lr > training.learning_rate:
+        if training.min_lr > training.learning_rate > 0:  # (a learning rate <= 0 is reported as such)
             problems.append(f"training.min_lr: must be <= training.learning_rate ({training.learning_rate}), got "
                             f"{training.min_lr}; set it too, e.g. training.min_lr={training.learning_rate / 10:g}")
         if isinstance(training.compile, str) and training.compile != "auto":

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from files import relative_to_here
+
 # PyYAML (YAML 1.1) reads 1e-3 and 1e5 as strings; a number field accepts exactly these (an int one if whole).
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
@@ -42,7 +44,7 @@ def read_yaml(path, sections) -> dict:
     except FileNotFoundError:
         with_suffix = [f"{path}{suffix}" for suffix in (".yaml", ".yml") if Path(f"{path}{suffix}").is_file()]
         fix = f"did you mean --config {with_suffix[0]}?" if with_suffix else "pass an existing file with --config"
-        raise ConfigError([f"{path}: config file not found; {fix}"])
+        raise ConfigError([f"{path}: config file not found{relative_to_here(path)}; {fix}"])
     except UnicodeDecodeError as e:
         if path.read_bytes()[:4] == b"PK\x03\x04":  # a zip archive: what torch.save writes
             raise ConfigError([f"{path}: a checkpoint, not a YAML config file; resume it with "
@@ -130,8 +132,12 @@ def typed_section(name: str, section_cls, values: dict, all_paths: list[str]):
         if ok:
             result[key] = converted
         else:
-            quote = (f"; quote it to give it as text: \"{value}\" in the file, '{path}=\"{value}\"' on the command line"
-                     if expected.startswith("str") and isinstance(value, (int, float, bool)) else "")
+            quote = ""
+            if expected.startswith("str") and isinstance(value, (int, float, bool)):
+                quote = (f"; YAML reads an unquoted yes, no, on, off, true, false or number as one: put the text in "
+                         f"quotes (`{key}: \"...\"` in the file, '{path}=\"...\"' on the command line)")
+            elif expected.startswith("str") and value is None:
+                quote = f"; YAML reads an empty value or a bare ~ as none: give a value, in quotes if it is ~ (`{key}: \"~\"`)"
             got = f"{type(value).__name__} {value!r}" if value is not None else "no value"
             problems.append(f"{path}: expected {expected}, got {got}{quote}")
     return result, problems

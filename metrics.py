@@ -138,7 +138,7 @@ class StepLog:
     counts those spent waiting for the loader (data_wait_s, shown as a share)."""
 
     def __init__(self, cfg, metrics: MetricsLog, ranks, device, units, workers, positions, first_step: int,
-                 compiled: bool, loss_scaled: bool, peak: float):
+                 compiled: bool, loss_scaled: bool, peak: float, saved_passes: float | None = None):
         self.cfg, self.metrics, self.ranks, self.device, self.units = cfg, metrics, ranks, device, units
         self.first_step, self.compiled, self.loss_scaled, self.peak = first_step, compiled, loss_scaled, peak
         self.tokens_per_step = step_tokens(cfg.training, ranks.world_size)
@@ -146,8 +146,11 @@ class StepLog:
         self.n_readers, self.dealings = ranks.world_size * max(1, workers), {}  # epochs_read's dealing of the units
         self.sums = torch.zeros(3, device=device)  # loss, gradient norm of the finite steps, skipped steps
         self.start = time.perf_counter()
+        # a resume on other data starts a fresh epoch: the one it left counts for what was read of it
+        # (saved_passes, the checkpoint's count), not as a whole pass
+        self.unread = 0.0 if saved_passes is None else self.epochs_begun(positions) - saved_passes
         self.epochs = self.passes(positions)
-        self.passes_before = int(self.epochs)
+        self.epoch = int(self.epochs_begun(positions))
         self._next_line()
 
     def _next_line(self):
@@ -155,9 +158,13 @@ class StepLog:
         self.micro_batches, self.steps = 0, 0
         self.line_start, self.paused_s, self.data_wait_s = time.perf_counter(), 0.0, 0.0
 
+    def epochs_begun(self, positions) -> float:
+        """The epoch the readers at `positions` are in, plus the share of it read."""
+        return epochs_read(positions, self.units, self.cfg.training.seed, self.n_readers, self.dealings)
+
     def passes(self, positions) -> float:
         """About how many passes over the training data the readers at `positions` have made."""
-        return epochs_read(positions, self.units, self.cfg.training.seed, self.n_readers, self.dealings)
+        return self.epochs_begun(positions) - self.unread
 
     def add_micro_batch(self, loss: torch.Tensor):
         self.sums[0] += loss.detach()
@@ -185,7 +192,9 @@ class StepLog:
         counted = self.steps - skipped  # the steps whose gradients were finite
         now = time.perf_counter()
         seconds_per_step = (now - self.line_start - self.paused_s) / self.steps
-        self.passes_before, self.epochs = int(self.epochs), self.passes(positions)
+        begun = self.epochs_begun(positions)
+        self.epoch_ended, self.epoch = int(begun) > self.epoch, int(begun)
+        self.epochs = begun - self.unread
         record = {"step": step, "tokens": tokens, "epochs": round(self.epochs, 3), "train_loss": loss, "lr": lr,
                   "grad_norm": grad_norm / counted if counted else None,
                   "tokens_per_s": round(self.tokens_per_step / seconds_per_step),
@@ -213,8 +222,9 @@ class StepLog:
             print(f"  note: at this speed the run takes about {seconds_per_step * max_iters / 3600:.1f} hours on "
                   f"this CPU: model and batch are sized for a GPU; configs/tiny.yaml is sized for a CPU (minutes)",
                   flush=True)
-        if int(self.epochs) > self.passes_before:
-            print(f"  about {int(self.epochs)} pass{'es' if int(self.epochs) > 1 else ''} over the training data "
+        if self.epoch_ended:
+            passes = max(1, round(self.epochs))
+            print(f"  about {passes} pass{'es' if passes > 1 else ''} over the training data "
                   f"done: its documents are read again from here, reshuffled", flush=True)
         self.metrics.log(record)
         self._next_line()  # writing the line is not the next line's training time

@@ -28,10 +28,11 @@ from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_
 FEW_DOCUMENTS = 100  # fewer: the default val_fraction holds out about 5 documents or fewer
 
 
-def check_can_write_file(out: Path, replace: bool):
-    """--out of a file: refused if it is a folder, or exists (unless replace), or its folder cannot
-    be made or written."""
-    if out.is_dir():
+def check_can_write_file(out: Path | str, replace: bool):
+    """--out of a file: refused if it is (or is written as) a folder, or exists (unless replace), or
+    its folder cannot be made or written."""
+    written_as_folder, out = str(out).endswith(os.sep), Path(out)
+    if out.is_dir() or written_as_folder:
         raise DataError(f"--out {out}: is a folder; give the path of the file to write, e.g. {out / 'tokenizer.json'}")
     if out.exists() and not replace:
         raise DataError(f"--out {out}: exists already (runs trained with it need it unchanged); choose another "
@@ -65,13 +66,14 @@ def training_texts(cfg, units, report_every_s=5.0):
         cache.close()
 
 
-def train_tokenizer(cfg, vocab_size: int, out: Path, config_arguments: list, replace: bool = False) -> str:
+def train_tokenizer(cfg, vocab_size: int, out: Path | str, config_arguments: list, replace: bool = False) -> str:
     """Train a byte-level BPE on the training split of the configured shards; write it to out.
     Returns the command to train with it: train.py with config_arguments (--config and the overrides)."""
     if vocab_size < 258:
         raise DataError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least 258 tokens (256 bytes, "
                         f"{SEPARATOR_TOKEN} and a merge)")
     check_can_write_file(out, replace)  # before the training, not after it
+    out = Path(out)
     ensure_sample_corpus(cfg)
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
     print(f"training a {vocab_size:,}-token byte-level BPE on the training split of {cfg.dataset.parquet_dir} "
@@ -138,7 +140,7 @@ def main(argv=None):
             args.config = args.config or "config.yaml"
             config_arguments = ["--config", args.config, *args.overrides]
             vocab_size = 4096 if args.vocab_size is None else args.vocab_size
-            print(train_tokenizer(load_config(args), vocab_size, Path(args.out), config_arguments, args.replace))
+            print(train_tokenizer(load_config(args), vocab_size, args.out, config_arguments, args.replace))
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -34,6 +34,7 @@ class Progress:
     last_saved: Path | None = None
     batches_consumed: int = 0
     positions: dict = field(default_factory=dict)  # this rank's readers' positions after those batches
+    passes: float | None = None  # over the training data, at the step (StepLog.passes; None: not known)
 
 
 def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=None) -> Path:
@@ -45,7 +46,8 @@ def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tok
     ckpt = Checkpoint(step=progress.step, tokens=progress.tokens, model=model_state, model_config=asdict(cfg.model),
                       config=cfg.to_dict(), optimizer=optimizer_state, scaler=scaler.state_dict(),
                       best_val_loss=progress.best_val_loss, rng=ranks.gather(rng_state(device)), data_order=order,
-                      data_positions=positions, batches_consumed=progress.batches_consumed, tokenizer=tokenizer.to_str())
+                      data_positions=positions, batches_consumed=progress.batches_consumed, tokenizer=tokenizer.to_str(),
+                      passes=progress.passes)
     return ranks.gather(run.save(ckpt, cfg.to_yaml(), name))[0]
 
 
@@ -92,7 +94,8 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
               f"{len(ckpt.rng)}: each rank's random state (dropout masks) is seeded afresh")
         torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
     tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
-    progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=ckpt.best_val_loss, last_saved=path)
+    progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=ckpt.best_val_loss, last_saved=path,
+                        passes=ckpt.passes)
     run = reopen_run(cfg, path, ckpt, progress, ranks)
     if ckpt.step >= cfg.training.max_iters:  # train() says there is nothing to do; nothing changes either
         return run, progress, []
@@ -139,7 +142,7 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks) -> RunDir:
                 if Path(cfg.training.resume_from_checkpoint).is_file() else
                 f"step {ckpt.step} is the newest checkpoint that can be read: the later")
         print(f"  {what} {', '.join(moved)} moved to {folder} (`latest` and keep_last_n see this branch only)")
-    for line in run.record_resumed_config(ckpt.step, cfg.to_dict(), cfg.to_yaml()):
+    for line in run.record_resumed_config(ckpt.step, ckpt.config, cfg.to_dict(), cfg.to_yaml()):
         print(f"  config changed: {line}")
     return run
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from checkpoint import (Checkpoint, CheckpointError, is_export, load_checkpoint, load_export, model_from_checkpoint,
                         saved_progress)
@@ -227,14 +226,13 @@ class RunDir:
                                   f"earlier checkpoints are intact")
         return target
 
-    def record_resumed_config(self, step: int, config: dict, config_yaml: str) -> list[str]:
-        """Keep the run's original config.yaml; if the resumed config differs, save it beside
-        as config_resume_<step>.yaml and return the differences."""
+    def record_resumed_config(self, step: int, saved: dict, config: dict, config_yaml: str) -> list[str]:
+        """Keep the run's original config.yaml; if the resumed config differs from the one that wrote
+        the checkpoint (`saved`: an earlier resume may have changed it), save it beside as
+        config_resume_<step>.yaml and return the differences."""
         if not self.writer:
             return []
-        original_path = self.path / "config.yaml"
-        original = yaml.safe_load(original_path.read_text()) if original_path.exists() else {}
-        diff = flat_diff(original or {}, config, ignore=("training.resume_from_checkpoint",))
+        diff = flat_diff(saved, config, ignore=("training.resume_from_checkpoint",))
         if diff:
             atomic_write(self.path / f"config_resume_{step}.yaml", lambda f: f.write(config_yaml.encode()))
         return diff

@@ -181,11 +181,22 @@ def available_host_memory() -> int | None:
     return available
 
 
-def check_host_memory(cfg, ranks):
-    """On CPU: refuse a model whose weights, gradients and optimizer state alone (a lower bound:
-    activations come on top) exceed the memory available to this machine's processes, rather than
-    let the kernel's OOM killer end the run minutes later without a word. Every rank decides on the
-    least memory any of them sees, so that all refuse or none."""
+def activation_bytes(cfg, compute_dtype: str, checkpointing: bool) -> int:
+    """A lower bound on one process's activations at the peak of a training step. Measured on CPU
+    (peak RSS), a step holds about 1.7 (B, H, T, N) tensors per layer for backward plus 3.5 for the
+    layer being differentiated (activation checkpointing: about 6 in all, whatever the depth);
+    counted here as 1 per layer + 2 (checkpointing: 3), so that no run that fits is refused."""
+    model, training = cfg.model, cfg.training
+    neurons = model.n_embd * model.mlp_internal_dim_multiplier // model.n_head  # N
+    tensor = training.batch_size * training.block_size * model.n_head * neurons * DTYPES[compute_dtype].itemsize
+    return tensor * (3 if checkpointing else model.n_layer + 2)
+
+
+def check_host_memory(cfg, ranks, compute_dtype: str):
+    """On CPU: refuse a run whose weights, gradients, optimizer state and activations (lower bounds)
+    exceed the memory available to this machine's processes, rather than let the kernel's OOM
+    killer end the run minutes later without a word. Every rank decides on the least memory any of
+    them sees, so that all refuse or none."""
     seen = [memory for memory in ranks.gather(available_host_memory()) if memory is not None]
     if not seen:
         return
@@ -197,6 +208,17 @@ def check_host_memory(cfg, ranks):
         return processes * (4 * n + (4 + state_bytes_per_parameter) * n // shards)
     four_bit = cfg.low_precision.use_4bit_optimizer
     need = needed(1 if four_bit else 8)
+    training = cfg.training
+    activations = processes * activation_bytes(cfg, compute_dtype, training.activation_checkpointing)
+    if need <= available < need + activations:
+        fix = ("; or set training.activation_checkpointing=true (recomputes each layer in backward)"
+               if need + processes * activation_bytes(cfg, compute_dtype, True) <= available else "")
+        raise DeviceError(f"a step's activations (batch_size {training.batch_size} x block_size {training.block_size} "
+                          f"tokens{f', {processes} processes' * (processes > 1)}) need at least "
+                          f"{activations / 2**30:,.1f} GiB beside the {need / 2**30:,.1f} GiB of weights, gradients "
+                          f"and optimizer state, and this machine has {available / 2**30:,.1f} GiB available: lower "
+                          f"training.batch_size (raising training.gradient_accumulation_steps keeps the tokens per "
+                          f"step) or training.block_size{fix}")
     if need <= available:
         return
     cheaper = " or set low_precision.use_4bit_optimizer=true" if not four_bit and needed(1) <= available else ""

@@ -135,6 +135,10 @@ def how_to_convert(folder: Path, setting: str) -> str:
     if not any(folder.iterdir()):
         return f"convert text with `python prepare.py --from-text FILE ... --out {shlex.quote(str(folder))}`"
     text = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix and not p.name.startswith((".", "_")))
+    if text and text[0].suffix.lower() in (".jsonl", ".json", ".csv", ".tsv"):  # records: their syntax is not text
+        return (f"{text[0].name} holds records, not plain text: write them as parquet (pyarrow.json.read_json or "
+                f"pyarrow.csv.read_csv, then pyarrow.parquet.write_table) and set dataset.text_column to the "
+                f"column with the text")
     inputs = f"{shlex.quote(str(folder))}/*{text[0].suffix}" if text else "FILE ..."
     out = shlex.quote(f"{str(folder).rstrip('/')}_parquet")
     return (f"convert its text with `python prepare.py --from-text {inputs} --out {out}` and set "

@@ -63,7 +63,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     torch.autograd.set_detect_anomaly(training.debug)
     steady_host_memory(cfg, device)
     if device.type == "cpu":
-        check_host_memory(cfg, ranks)
+        check_host_memory(cfg, ranks, compute_dtype)
     # MFU's peak, before the seeds: a measured peak draws random matrices (peak_flops resets the
     # memory statistics after it)
     peak, peak_source = peak_flops(device, DTYPES[compute_dtype]) if device.type == "cuda" else (0, "")
@@ -125,7 +125,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main)
     stop_vote = StepVote(ranks)  # whether any rank heard a signal, one step late
     step_log = StepLog(cfg, metrics, ranks, device, units, workers, progress.positions.values(),
-                       first_step=progress.step + 1, compiled=compile_model, loss_scaled=scaler.is_enabled(), peak=peak)
+                       first_step=progress.step + 1, compiled=compile_model, loss_scaled=scaler.is_enabled(), peak=peak,
+                       saved_passes=progress.passes)
     model.train()
 
     while progress.step < training.max_iters:
@@ -178,6 +179,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                 if record["val_loss"] < progress.best_val_loss:
                     progress.best_val_loss = record["val_loss"]
                     stop.doing = "the checkpoint"
+                    progress.passes = step_log.passes(progress.positions.values())
                     path = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer,
                                 name="best.pt")
                     print(f"saved {path} (best validation loss so far)", flush=True)
@@ -192,6 +194,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                 finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
                 if ranks.any(not finite, device):
                     raise non_finite("a weight", step, progress.last_saved)
+                progress.passes = step_log.passes(progress.positions.values())
                 progress.last_saved = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device,
                                            tokenizer)
                 run.prune(training.keep_last_n)
@@ -220,7 +223,7 @@ def build_model(cfg, device: torch.device):
     4-bit round trip; every evaluation measures the 4-bit model (before qat_start: the current
     weights quantized after the fact)."""
     low_precision = cfg.low_precision
-    model = BDH(cfg.model).to(device)
+    model = BDH(cfg.to_bdh_config()).to(device)
     model.activation_checkpointing = cfg.training.activation_checkpointing
     fp8_recipe = None
     if low_precision.use_fp8:

@@ -34,6 +34,11 @@ def test_defaults_follow_the_configuration_guide():
     assert c.dataset.text_column == "text"
 
 
+def test_the_model_section_is_what_the_model_is_built_from():
+    c = Config.from_dict({}, ["model.n_layer=2", "model.n_embd=64"])
+    assert c.to_bdh_config() == BDHConfig(n_layer=2, n_embd=64)
+
+
 def test_shipped_config_yaml_holds_the_defaults_and_documents_every_field():
     assert Config.from_yaml(ROOT / "config.yaml") == Config()
     lines = (ROOT / "config.yaml").read_text().splitlines()
@@ -66,6 +71,7 @@ def test_numbers_that_cannot_train_are_refused():
         "training.learning_rate: must be a finite number, got nan", "training.grad_clip: must be a finite number, got -inf"]
     assert problems({"training": {"seed": 2**32}}) == [
         "training.seed: must be below 2**32 = 4294967296 (NumPy's seeds), got 4294967296"]
+    assert problems({"training": {"learning_rate": -1}}) == ["training.learning_rate: must be > 0, got -1.0"]  # alone
 
 
 def test_a_home_directory_in_paths_is_expanded(monkeypatch):

@@ -36,8 +36,11 @@ def test_key_in_the_wrong_section_points_to_the_right_one():
     ("training", "learning_rate", "0.001", "expected float, got str '0.001'"),
     ("training", "debug", "true", "expected bool (true or false), got str 'true'"),
     ("training", "debug", 1, "expected bool (true or false), got int 1"),
-    ("training", "checkpoint_dir", 5, "expected str, got int 5; quote it to give it as text: \"5\" in the file, "
-                                      "'training.checkpoint_dir=\"5\"' on the command line"),
+    ("dataset", "text_column", True, "expected str, got bool True; YAML reads an unquoted yes, no, on, off, true, "
+                                     "false or number as one: put the text in quotes (`text_column: \"...\"` in the "
+                                     "file, 'dataset.text_column=\"...\"' on the command line)"),
+    ("training", "checkpoint_dir", None, "expected str, got no value; YAML reads an empty value or a bare ~ as none: "
+                                         "give a value, in quotes if it is ~ (`checkpoint_dir: \"~\"`)"),
 ])
 def test_wrong_types_name_path_expected_type_and_value(section, key, value, expected):
     assert problems({section: {key: value}}) == [f"{section}.{key}: {expected}"]
@@ -79,9 +82,13 @@ def test_an_unquoted_glob_pattern_is_told_to_take_quotes(tmp_path):
     assert Config.from_yaml(path).dataset.parquet_dir == "**/train-*.parquet"
 
 
-def test_missing_file(tmp_path):
+def test_missing_file(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="config file not found; pass an existing file with --config$"):
         Config.from_yaml(tmp_path / "nope.yaml")
+    monkeypatch.chdir(tmp_path)  # train.py run from another folder: where config.yaml was looked for
+    with pytest.raises(ConfigError, match=f"^config.yaml: config file not found \\(relative paths start from the "
+                                          f"current directory, {tmp_path}\\); pass an existing file with --config$"):
+        Config.from_yaml("config.yaml")
     (tmp_path / "tiny.yaml").write_text("training:\n  batch_size: 4\n")
     with pytest.raises(ConfigError, match=f"tiny: config file not found; did you mean --config {tmp_path}/tiny.yaml"):
         Config.from_yaml(tmp_path / "tiny")

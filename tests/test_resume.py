@@ -30,7 +30,7 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
     capsys.readouterr()
     ckpt2 = run / "checkpoint_2.pt"
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={ckpt2}",
-                       "training.max_iters=6"]) == 0
+                       "training.max_iters=6", "training.log_freq=2"]) == 0
     out = capsys.readouterr().out
     assert f"resuming from {ckpt2} at step 3" in out and f"| continues in {run.resolve()}\n" in out
     assert "step 3/6" in out and "step 1/6" not in out and "step 2/6" not in out
@@ -42,6 +42,12 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
     # a run directory and `latest` resolve to the newest checkpoint
     assert open_checkpoint(str(run), str(tmp_path / "ck"))[0] == run / "checkpoint_6.pt"
     assert open_checkpoint("latest", str(tmp_path / "ck"))[0] == run / "checkpoint_6.pt"
+    # the next resume's changes are those from the config that wrote its checkpoint: a setting of the
+    # earlier resume left out is named too
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=7"]) == 0
+    changes = [line for line in capsys.readouterr().out.splitlines() if "config changed" in line]
+    assert changes == ["  config changed: training.max_iters: 6 -> 7", "  config changed: training.log_freq: 2 -> 1"]
 
 
 def test_a_checkpoint_outside_a_run_directory_continues_in_a_new_one(tmp_path, corpus, capsys):
@@ -364,6 +370,10 @@ def test_shards_changed_in_the_same_folder_change_the_data_order(tmp_path, corpu
     assert "WARNING: the data order changes on this resume (the shards (files, row groups, rows, bytes):" in out
     assert (f"WARNING: the validation documents change on this resume (dataset.parquet_dir {str(corpus)!r}: its "
             f"shards changed): losses from here on are not comparable") in out
+    # the new data starts a fresh epoch: the one left counts for what was read of it, not as a whole pass
+    [run] = run_dirs(tmp_path)
+    epochs = [r["epochs"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "epochs" in r]
+    assert len(epochs) == 3 and 0 < epochs[1] < epochs[2] < epochs[1] + 0.2
 
 
 def test_a_resume_that_changes_the_validation_documents_says_so():

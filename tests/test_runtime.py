@@ -71,13 +71,14 @@ def test_a_model_whose_state_exceeds_the_available_memory_is_refused(monkeypatch
     from config import Config
     from distributed import Ranks
     cfg = Config()  # 25.3M parameters: 405 MB with AdamW (16 bytes each), 228 MB with the 4-bit optimizer (9)
+    cfg.training.batch_size, cfg.training.block_size = 1, 8  # activations of 8 MiB
     monkeypatch.setattr(runtime, "available_host_memory", lambda: 300e6)
     with pytest.raises(runtime.DeviceError, match=r"^the model's 25M parameters need at least 0\.4 GiB for weights, "
                        r"gradients and optimizer state, and this machine has 0\.3 GiB available: make the model "
                        r"smaller \(.*\) or set low_precision.use_4bit_optimizer=true$"):
-        runtime.check_host_memory(cfg, Ranks())
+        runtime.check_host_memory(cfg, Ranks(), "float32")
     cfg.low_precision.use_4bit_optimizer = True
-    runtime.check_host_memory(cfg, Ranks())
+    runtime.check_host_memory(cfg, Ranks(), "float32")
     cfg.low_precision.use_4bit_optimizer = False
     monkeypatch.setattr(runtime, "available_host_memory", lambda: 550e6)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # FSDP: each process builds all weights, then keeps half the rest
@@ -86,15 +87,38 @@ def test_a_model_whose_state_exceeds_the_available_memory_is_refused(monkeypatch
         def gather(self, obj):
             return [obj, other_rank_sees]
     other_rank_sees = 550e6
-    runtime.check_host_memory(cfg, TwoRanks(world_size=2, mode="fsdp"))  # 2 x (4 + 12 / 2) x 25.3M = 506 MB
+    runtime.check_host_memory(cfg, TwoRanks(world_size=2, mode="fsdp"), "float32")  # 2 x (4 + 12 / 2) x 25.3M = 506 MB
     with pytest.raises(runtime.DeviceError, match=r"optimizer state \(2 processes\)"):
-        runtime.check_host_memory(cfg, TwoRanks(world_size=2, mode="ddp"))
+        runtime.check_host_memory(cfg, TwoRanks(world_size=2, mode="ddp"), "float32")
     other_rank_sees = 500e6  # every rank decides on the least: all refuse, or none
     with pytest.raises(runtime.DeviceError, match=r"this machine has 0\.5 GiB available"):
-        runtime.check_host_memory(cfg, TwoRanks(world_size=2, mode="fsdp"))
+        runtime.check_host_memory(cfg, TwoRanks(world_size=2, mode="fsdp"), "float32")
     monkeypatch.setattr(runtime, "available_host_memory", lambda: None)  # not Linux: nothing to check against
     other_rank_sees = None
-    runtime.check_host_memory(cfg, TwoRanks(world_size=2, mode="ddp"))
+    runtime.check_host_memory(cfg, TwoRanks(world_size=2, mode="ddp"), "float32")
+
+
+def test_a_batch_whose_activations_exceed_the_available_memory_is_refused(monkeypatch):
+    """The default model's (B, H, T, N) tensor at batch 8 x 512 is 512 MiB in float32: counted 6 + 2 times
+    (the peak measured on CPU is about 14), and 3 times with activation checkpointing."""
+    from config import Config
+    from distributed import Ranks
+    cfg = Config()
+    monkeypatch.setattr(runtime, "available_host_memory", lambda: 1.8 * 2**30)
+    with pytest.raises(runtime.DeviceError, match=r"or training.block_size$"):  # checkpointing would not do
+        runtime.check_host_memory(cfg, Ranks(), "float32")
+    monkeypatch.setattr(runtime, "available_host_memory", lambda: 3 * 2**30)
+    with pytest.raises(runtime.DeviceError, match=r"^a step's activations \(batch_size 8 x block_size 512 tokens\) need "
+                       r"at least 4\.0 GiB beside the 0\.4 GiB of weights, gradients and optimizer state, and this "
+                       r"machine has 3\.0 GiB available: lower training.batch_size .* or training.block_size; or set "
+                       r"training.activation_checkpointing=true \(recomputes each layer in backward\)$"):
+        runtime.check_host_memory(cfg, Ranks(), "float32")
+    runtime.check_host_memory(cfg, Ranks(), "bfloat16")  # 2.0 GiB
+    cfg.training.activation_checkpointing = True
+    runtime.check_host_memory(cfg, Ranks(), "float32")  # 1.5 GiB
+    cfg.training.batch_size = 16
+    with pytest.raises(runtime.DeviceError, match=r"need at least 3\.0 GiB .*or training.block_size$"):
+        runtime.check_host_memory(cfg, Ranks(), "float32")
 
 
 def test_available_host_memory_is_read_on_linux():

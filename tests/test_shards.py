@@ -42,6 +42,11 @@ def test_missing_or_empty_directory(tmp_path):
         list_units(tmp_path / "empty", "text")
     with pytest.raises(DataError, match=r" and set dataset.val_parquet_dir=.*empty_parquet$"):
         list_units(tmp_path / "empty", "text", setting="dataset.val_parquet_dir")
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "data.jsonl").write_text('{"text": "hi"}\n')  # --from-text would train on its braces
+    with pytest.raises(DataError, match=r"; data.jsonl holds records, not plain text: write them as parquet "
+                                        r"\(pyarrow.json.read_json .*set dataset.text_column to the column with the text$"):
+        list_units(tmp_path / "records", "text")
 
 
 def test_file_that_is_not_parquet(tmp_path):
