@@ -139,7 +139,7 @@ def output_path(out: str, option: str) -> Path:
     """A file a script writes at the end, checked before any work (the work is not lost to a typo):
     not a folder, and writable; its folder is made."""
     path = Path(out)
-    if path.is_dir():
+    if path.is_dir() or out.endswith(os.sep):  # (Path drops a trailing /)
         raise ValueError(f"{option} {out}: is a folder; give a file name in it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

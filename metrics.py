@@ -148,9 +148,9 @@ class StepLog:
         self.start = time.perf_counter()
         # a resume on other data starts a fresh epoch: the one it left counts for what was read of it
         # (saved_passes, the checkpoint's count), not as a whole pass
-        self.unread = 0.0 if saved_passes is None else self.epochs_begun(positions) - saved_passes
-        self.epochs = self.passes(positions)
-        self.epoch = int(self.epochs_begun(positions))
+        begun = self.epochs_begun(positions)
+        self.unread = 0.0 if saved_passes is None else begun - saved_passes
+        self.epoch, self.epochs = int(begun), begun - self.unread
         self._next_line()
 
     def _next_line(self):

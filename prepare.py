@@ -9,7 +9,6 @@ tokenizer is a byte-level BPE (Hugging Face tokenizers) trained on the training 
 config's shards, validation documents excluded.
 """
 import argparse
-import os
 import shlex
 import sys
 import time
@@ -21,28 +20,23 @@ from config import DatasetConfig, add_config_arguments, load_config
 from config_file import parse_arguments
 from corpus import DOCUMENT_BYTES, ensure_sample_corpus, text_files_to_parquet
 from data import training_split
-from files import atomic_write
+from files import atomic_write, output_path
 from shards import DataError, ParquetFileCache, list_units, read_unit_documents
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
 
 FEW_DOCUMENTS = 100  # fewer: the default val_fraction holds out about 5 documents or fewer
 
 
-def check_can_write_file(out: Path | str, replace: bool):
-    """--out of a file: refused if it is (or is written as) a folder, or exists (unless replace), or
-    its folder cannot be made or written."""
-    written_as_folder, out = str(out).endswith(os.sep), Path(out)
-    if out.is_dir() or written_as_folder:
-        raise DataError(f"--out {out}: is a folder; give the path of the file to write, e.g. {out / 'tokenizer.json'}")
-    if out.exists() and not replace:
+def check_can_write_file(out: str, replace: bool) -> Path:
+    """--out of a file: refused if it exists (unless replace), and as files.output_path refuses it."""
+    try:
+        path = output_path(out, "--out")
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if path.exists() and not replace:
         raise DataError(f"--out {out}: exists already (runs trained with it need it unchanged); choose another "
                         f"--out, or add --replace to overwrite it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"--out {out}: cannot make its folder {out.parent} ({e.strerror or e})")
-    if not os.access(out.parent, os.W_OK):
-        raise DataError(f"--out {out}: its folder {out.parent} is not writable")
+    return path
 
 
 def training_texts(cfg, units, report_every_s=5.0):
@@ -66,14 +60,13 @@ def training_texts(cfg, units, report_every_s=5.0):
         cache.close()
 
 
-def train_tokenizer(cfg, vocab_size: int, out: Path | str, config_arguments: list, replace: bool = False) -> str:
+def train_tokenizer(cfg, vocab_size: int, out: str, config_arguments: list, replace: bool = False) -> str:
     """Train a byte-level BPE on the training split of the configured shards; write it to out.
     Returns the command to train with it: train.py with config_arguments (--config and the overrides)."""
     if vocab_size < 258:
         raise DataError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least 258 tokens (256 bytes, "
                         f"{SEPARATOR_TOKEN} and a merge)")
-    check_can_write_file(out, replace)  # before the training, not after it
-    out = Path(out)
+    out = check_can_write_file(out, replace)  # before the training, not after it
     ensure_sample_corpus(cfg)
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
     print(f"training a {vocab_size:,}-token byte-level BPE on the training split of {cfg.dataset.parquet_dir} "

@@ -71,9 +71,9 @@ def test_train_tokenizer_checks_out_before_training_and_never_overwrites_unasked
     config = write_config(tmp_path, corpus)
     command = ["--train-tokenizer", "--vocab-size", "300", "--config", str(config), "--out"]
     assert prepare.main([*command, str(tmp_path)]) == 1
-    assert f"--out {tmp_path}: is a folder; give the path of the file to write" in capsys.readouterr().err
+    assert f"--out {tmp_path}: is a folder; give a file name in it" in capsys.readouterr().err
     assert prepare.main([*command, f"{tmp_path / 'new'}/"]) == 1  # written as a folder: not a file named so
-    assert f"--out {tmp_path / 'new'}: is a folder; give the path of the file to write" in capsys.readouterr().err
+    assert f"--out {tmp_path / 'new'}/: is a folder; give a file name in it" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
     existing = tmp_path / "tokenizer.json"
     existing.write_text("a tokenizer some run uses")
