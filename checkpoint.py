@@ -17,7 +17,7 @@ from config import LowPrecisionConfig
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line, shortened
 
-PROJECT_VERSION = "0.4.2"
+PROJECT_VERSION = "0.4.3"
 
 
 class CheckpointError(Exception):
@@ -94,14 +94,21 @@ def load_checkpoint(path) -> Checkpoint:
     return Checkpoint.from_dict(state)
 
 
+def peek_checkpoint(path: Path) -> dict | None:
+    """A checkpoint file's dict, its tensors mapped from the file rather than read; None if it cannot
+    be read."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return saved if isinstance(saved, dict) else None
+    except Exception:
+        return None
+
+
 def saved_progress(path: Path) -> tuple[float, float]:
     """(step, best validation loss) of a checkpoint file, read without loading its tensors;
     (inf, inf) if it cannot be read."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return saved["step"], saved["best_val_loss"]
-    except Exception:
-        return math.inf, math.inf
+    saved = peek_checkpoint(path) or {}
+    return saved.get("step", math.inf), saved.get("best_val_loss", math.inf)
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> BDH:

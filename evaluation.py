@@ -64,21 +64,26 @@ def validation_loss(model, val_batches, device, compute, ranks: Ranks) -> tuple[
 
 
 @torch.no_grad()
-def generate_sample(model, val_batches, device, compute, generator, ranks: Ranks, tokenizer) -> str:
-    """SAMPLE_TOKENS tokens after the first SAMPLE_PROMPT_TOKENS of the first validation window, at
-    temperature 0.8, with the same random draws at every evaluation; the prompt included."""
+def generate_sample(model, val_batches, device, compute, generator, ranks: Ranks, tokenizer) -> tuple[str, str]:
+    """(prompt, continuation): the first SAMPLE_PROMPT_TOKENS of the first validation window and the
+    SAMPLE_TOKENS the model writes after them, at temperature 0.8, with the same random draws at every
+    evaluation."""
     prompt = val_batches[0][0][:1, :SAMPLE_PROMPT_TOKENS].to(device)
     generator.manual_seed(0)
     with compute, full_weights(model, ranks):
         out = model.generate(prompt, SAMPLE_TOKENS, temperature=0.8, top_k=None, generator=generator,
                              vocab_limit=tokenizer.vocab_size)
-    return tokenizer.decode(out[0].tolist())
+    prompt_text, whole = tokenizer.decode(prompt[0].tolist()), tokenizer.decode(out[0].tolist())
+    if whole.startswith(prompt_text):  # (a character split between the two decodes apart)
+        return prompt_text, whole[len(prompt_text):]
+    return prompt_text, tokenizer.decode(out[0, prompt.shape[1]:].tolist())
 
 
 def evaluate(model, val_batches, device, compute, generator, ranks: Ranks, tokenizer, val_tokens_per_byte) -> dict:
     """One evaluation's metrics record (without its step): validation loss, bits per byte, active
-    latents per layer, the sample. `model` in eval mode; val_tokens_per_byte from tokens_per_byte."""
+    latents per layer, the sample and its prompt. `model` in eval mode; val_tokens_per_byte from
+    tokens_per_byte."""
     val_loss, (active_x, active_y) = validation_loss(model, val_batches, device, compute, ranks)
+    prompt, continuation = generate_sample(model, val_batches, device, compute, generator, ranks, tokenizer)
     return {"val_loss": val_loss, "val_bits_per_byte": val_loss * val_tokens_per_byte / math.log(2),
-            "sparsity_x": active_x, "sparsity_y": active_y,
-            "sample": generate_sample(model, val_batches, device, compute, generator, ranks, tokenizer)}
+            "sparsity_x": active_x, "sparsity_y": active_y, "sample_prompt": prompt, "sample": continuation}

@@ -22,7 +22,7 @@ import yaml
 from checkpoint import EXPORT_VERSION, CheckpointError
 from config_file import parse_arguments
 from files import read_records, write_folder
-from lowbit import BLOCKSIZE, LowBitError, export_4bit
+from lowbit import BLOCKSIZE, LowBitError, export_4bit, post_training_note
 from model import LAYER_WEIGHTS, BDHConfig
 from rundir import open_checkpoint
 from tokenizer import SEPARATOR_TOKEN, TokenizerError, tokenizer_from_string
@@ -137,7 +137,7 @@ def write_export(folder: Path, ckpt, source: Path, out: str, hf: bool, four_bit:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint_<step>.pt, best.pt, a run directory, or latest")
-    parser.add_argument("--checkpoint-dir", default="checkpoints", help="where `latest` looks")
+    parser.add_argument("--checkpoint-dir", default="checkpoints", help="where `latest` looks (default: checkpoints)")
     parser.add_argument("--out", required=True, help="the folder to write")
     parser.add_argument("--hf", action="store_true", help="also a Hugging Face Transformers folder (trust_remote_code)")
     parser.add_argument("--4bit", dest="four_bit", action="store_true",
@@ -149,9 +149,7 @@ def main(argv=None) -> int:
     try:
         source, ckpt = open_checkpoint(args.checkpoint, args.checkpoint_dir, setting="--checkpoint")
         if args.four_bit and not ckpt.low_precision()["use_4bit"]:
-            print(f"note: {source} was not trained with low_precision.use_4bit: its weights are quantized after "
-                  f"training (post-training quantization), which costs more loss than quantization-aware training",
-                  file=sys.stderr)
+            print(post_training_note(source), file=sys.stderr)
         write_folder(args.out, lambda folder: write_export(folder, ckpt, source, args.out, args.hf, args.four_bit),
                      replace=args.replace, written_here=lambda path: path.is_file() and path.name in EXPORT_FILES)
     except (CheckpointError, TokenizerError, LowBitError, FileExistsError) as e:

@@ -108,3 +108,9 @@ def to_4bit(model, quant_type: str, double_quant: bool) -> tuple[int, int]:
     after = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         nbytes(q) for q, _ in packed.values())
     return before, after
+
+
+def post_training_note(source) -> str:
+    """For --4bit on a model trained without use_4bit."""
+    return (f"note: {source} was not trained with low_precision.use_4bit: its weights are quantized after training "
+            f"(post-training quantization), which costs more loss than quantization-aware training")

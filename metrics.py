@@ -79,8 +79,7 @@ class MetricsLog:
                 for tag, value in scalars(record).items():
                     self.tensorboard.add_scalar(tag, value, record["step"])
                 if "sample" in record:
-                    self.tensorboard.add_text("sample", "    " + record["sample"].replace("\n", "\n    "),
-                                              record["step"])
+                    self.tensorboard.add_text("sample", sample_markdown(record), record["step"])
             self.tensorboard.flush()
         self.pending = []
 
@@ -180,8 +179,11 @@ class StepLog:
     def due(self, step: int, stopping: bool) -> bool:
         training = self.cfg.training
         log_freq = 1 if training.debug else training.log_freq
-        return (step % log_freq == 0 or step == training.max_iters or step - self.first_step + 1 in FIRST_STEPS_LOGGED
-                or stopping)  # a stop logs the steps since the last line
+        # a stop logs the steps since the last line; so does a step that may save a checkpoint (best.pt at an
+        # evaluation), or a run resumed from it would never log them
+        saves = step % training.checkpoint_freq == 0 or step % training.test_freq == 0
+        return (step % log_freq == 0 or saves or step == training.max_iters
+                or step - self.first_step + 1 in FIRST_STEPS_LOGGED or stopping)
 
     def measure(self, step: int, lr: float, tokens: int, positions) -> dict:
         """The record of the steps since the last line, up to `step` (every rank's mean: all ranks call
@@ -254,7 +256,15 @@ def wandb_values(record: dict) -> dict:
     values = scalars(record)
     if "sample" in record:
         values["val/sample"] = record["sample"]
+        values["val/sample_prompt"] = record["sample_prompt"]
     return values
+
+
+def sample_markdown(record: dict) -> str:
+    """TensorBoard's text: the prompt and the model's continuation as two code blocks."""
+    def block(text):
+        return "    " + text.replace("\n", "\n    ")
+    return f"validation text:\n\n{block(record['sample_prompt'])}\n\nthe model continues:\n\n{block(record['sample'])}"
 
 
 def step_line(record: dict, max_iters: int, seconds_per_step: float | None, elapsed: float) -> str:
@@ -276,8 +286,8 @@ def evaluation_lines(record: dict) -> str:
     """The printed lines of an evaluation's metrics record: its figures and the sample."""
     x_active, y_active = (sum(record[key]) / len(record[key]) for key in ("sparsity_x", "sparsity_y"))
     return (f"step {record['step']}: val loss {record['val_loss']:.4f} | {record['val_bits_per_byte']:.4f} bits/byte | "
-            f"active latents: x {x_active:.1%}, y {y_active:.1%} (mean over layers)\n--- sample ---\n"
-            f"{record['sample']}\n--------------")
+            f"active latents: x {x_active:.1%}, y {y_active:.1%} (mean over layers)\n--- sample: validation text ---\n"
+            f"{record['sample_prompt']}\n--- the model continues ---\n{record['sample']}\n--------------")
 
 
 def format_duration(seconds: float) -> str:

@@ -56,6 +56,17 @@ def one_point(points) -> dict:
     return {"marker": "o"} if len(points) == 1 else {}
 
 
+def comparable_stretches(evaluations) -> list[list]:
+    """The evaluations cut where a resume changed what validation measures (measured_anew): a line
+    does not join losses that are not comparable."""
+    stretches = []
+    for record in evaluations:
+        if not stretches or record.get("measured_anew"):
+            stretches.append([])
+        stretches[-1].append(record)
+    return stretches
+
+
 def plot(run_dirs, out: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -70,25 +81,28 @@ def plot(run_dirs, out: Path):
     (loss_steps, loss_tokens, bpb), (lr, sparsity, speed) = axes
     for (train, evaluations), name, color in zip(runs, names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
         steps = [r["step"] for r in train]
-        val_steps = [r["step"] for r in evaluations]
-        for ax, x, val_x in ((loss_steps, steps, val_steps),
-                             (loss_tokens, [r.get("tokens") for r in train], [r.get("tokens") for r in evaluations])):
+        for ax, x in ((loss_steps, steps), (loss_tokens, [r.get("tokens") for r in train])):
             if train:  # (no empty line in the legend)
                 ax.plot(x, [r["train_loss"] for r in train], color=color, alpha=0.8, label=f"{name} train",
                         **one_point(train))
-            if evaluations:
-                ax.plot(val_x, [r["val_loss"] for r in evaluations], "o--", color=color, label=f"{name} validation")
-        if any("val_bits_per_byte" in r for r in evaluations):
-            bpb.plot(val_steps, [r.get("val_bits_per_byte") for r in evaluations], "o-", color=color, label=name)
+        for k, stretch in enumerate(comparable_stretches(evaluations)):
+            first = k == 0  # (one legend entry per run)
+            val_steps = [r["step"] for r in stretch]
+            for ax, val_x in ((loss_steps, val_steps), (loss_tokens, [r.get("tokens") for r in stretch])):
+                ax.plot(val_x, [r["val_loss"] for r in stretch], "o--", color=color,
+                        label=f"{name} validation" if first else None)
+            if any("val_bits_per_byte" in r for r in stretch):
+                bpb.plot(val_steps, [r.get("val_bits_per_byte") for r in stretch], "o-", color=color,
+                         label=name if first else None)
+            with_sparsity = [r for r in stretch if r.get("sparsity_x")]
+            for key, style in (("sparsity_x", "o-"), ("sparsity_y", "s:")) if with_sparsity else ():
+                sparsity.plot([r["step"] for r in with_sparsity], [sum(r[key]) / len(r[key]) for r in with_sparsity],
+                              style, color=color, label=f"{name} {key[-1]} latent" if first else None)
         if train:
             lr.plot(steps, [r["lr"] for r in train], color=color, label=name, **one_point(train))
             timed = [r for r in train if not r.get("compiling")]  # a compiling step's time is not its speed
             speed.plot([r["step"] for r in timed], [r.get("tokens_per_s") for r in timed], color=color, label=name,
                        **one_point(timed))
-        with_sparsity = [r for r in evaluations if r.get("sparsity_x")]
-        for key, style in (("sparsity_x", "o-"), ("sparsity_y", "s:")) if with_sparsity else ():
-            sparsity.plot([r["step"] for r in with_sparsity], [sum(r[key]) / len(r[key]) for r in with_sparsity],
-                          style, color=color, label=f"{name} {key[-1]} latent")
     titles = (("loss against steps", "step", "loss (nats per token)"),
               ("loss against tokens", "tokens", "loss (nats per token)"),
               ("validation bits per byte", "step", "bits per byte"),

@@ -16,6 +16,7 @@ from shards import Unit, rows_per_part
 # wherever they are and however the path is written.
 DATA_ORDER_FIELDS = ("training.block_size", "training.seed", "dataset.text_column", "dataset.val_fraction")
 SHARDS = "the shards (files, row groups, rows, bytes)"  # data_order's key of their fingerprint
+SHARDS_SEEN = "the shards"  # data_order's key of their counts, for messages only (SHARDS decides)
 WORKERS_KEY = "dataloader.num_workers (effective)"
 READ_BYTES_KEY = "data.READ_BYTES (windows are shuffled within parts of this many bytes)"  # its old module's name
 # Unchanged, these keep every unit and its parts as they were: a resume that changes only the
@@ -36,8 +37,28 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
     fingerprint = hashlib.blake2b(repr([(u.file_key, u.row_group, u.num_rows, u.num_bytes) for u in units]).encode(),
                                   digest_size=8).hexdigest()
     order.update({WORKERS_KEY: num_workers, "world_size": world_size, READ_BYTES_KEY: shards.READ_BYTES,
-                  SHARDS: fingerprint})
+                  SHARDS: fingerprint, SHARDS_SEEN: shards_seen(units)})
     return order
+
+
+def shards_seen(units) -> str:
+    size = sum(u.num_bytes for u in units)
+    return (f"{len({u.path for u in units}):,} files, {len(units):,} row groups, {sum(u.num_rows for u in units):,} "
+            f"rows, {size / 2**20:,.1f} MiB")
+
+
+def order_changes(saved_order: dict, order: dict) -> tuple[list[str], list[str]]:
+    """(the keys of data_order whose values differ, a line for each); the shards by their counts
+    where the checkpoint has them."""
+    keys = [k for k, v in order.items() if k != SHARDS_SEEN and saved_order.get(k) != v]
+    lines = []
+    for k in keys:
+        if k == SHARDS and SHARDS_SEEN in saved_order:  # (written before 0.4.3: its fingerprint only)
+            before, after = saved_order[SHARDS_SEEN], order[SHARDS_SEEN]
+            lines.append(f"the shards: {before} -> {after}" if before != after else f"the shards rewritten: {after}")
+        else:
+            lines.append(f"{k}: {saved_order.get(k)!r} -> {order[k]!r}")
+    return keys, lines
 
 
 def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealings: dict) -> float:
@@ -148,8 +169,7 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
         saved_order = {**saved_order, "documents trained on": "all" if saved_order.get("dataset.val_parquet_dir")
                        else "train"}
     order = data_order(cfg, units, workers, world_size)
-    changed_keys = [k for k, v in order.items() if saved_order.get(k) != v]
-    changed = [f"{k}: {saved_order.get(k)!r} -> {order[k]!r}" for k in changed_keys]
+    changed_keys, changed = order_changes(saved_order, order)
     if not changed:
         return saved_positions, batches_consumed
     n_readers = world_size * max(1, workers)

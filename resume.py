@@ -8,6 +8,7 @@ wrote starts a fine-tuning run instead: its weights only.
 import math
 import os
 import random
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,12 +17,12 @@ import numpy as np
 import torch
 
 from adamw4bit import convert_adamw_state
-from checkpoint import Checkpoint, CheckpointError, is_export, load_export
+from checkpoint import Checkpoint, CheckpointError, is_export, load_export, peek_checkpoint
 from config import learning_rate, step_tokens
 from positions import SHARDS, data_order, resume_point
 from distributed import full_state, load_full_state, load_full_weights
 from model import BDHConfig
-from rundir import RunDir, open_checkpoint
+from rundir import RunDir, checkpoint_candidates, open_checkpoint
 from tokenizer import TokenizerError, load_tokenizer
 
 
@@ -35,6 +36,7 @@ class Progress:
     batches_consumed: int = 0
     positions: dict = field(default_factory=dict)  # this rank's readers' positions after those batches
     passes: float | None = None  # over the training data, at the step (StepLog.passes; None: not known)
+    measured_anew: bool = False  # a resume changed what validation measures (the next evaluation's record says so)
 
 
 def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=None) -> Path:
@@ -55,8 +57,8 @@ def rng_state(device) -> dict:
     np_state = np.random.get_state()
     state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
              "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type in ("cuda", "mps"):  # the dropout masks' generator on the device
+        state[device.type] = getattr(torch, device.type).get_rng_state()
     return state
 
 
@@ -64,8 +66,8 @@ def set_rng_state(state: dict, device):
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
     torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
+    if device.type in state:
+        getattr(torch, device.type).set_rng_state(state[device.type])
 
 
 def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, device):
@@ -111,7 +113,7 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
         print(warning)
         best_afresh = True
     if best_afresh:
-        progress.best_val_loss = math.inf
+        progress.best_val_loss, progress.measured_anew = math.inf, True
         if kept := run.set_aside_best(ckpt.step):
             loss = f" (validation loss {ckpt.best_val_loss:.4f})" if math.isfinite(ckpt.best_val_loss) else ""
             print(f"  the run's best.pt so far{loss} is now {kept}")
@@ -227,6 +229,37 @@ def check_same_tokenizer(saved: str, tokenizer, path, saved_setting, saved_model
                           f"{tokenizer.name}; set {' '.join(fix)}{how}; or start a new run")
 
 
+def data_settings_hint(cfg, problem: Exception) -> str:
+    """For an error in setting up the data or tokenizer on a resume: the checkpoint's own data and
+    tokenizer settings where the config differs (a run started with command-line overrides, resumed
+    without them), or, where the tokenizer file is gone, how to get the one the checkpoint carries."""
+    try:
+        [path, *_] = checkpoint_candidates(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir,
+                                           "training.resume_from_checkpoint")
+    except CheckpointError:
+        return ""
+    saved = (peek_checkpoint(path) or {}).get("config", {})
+    now = cfg.to_dict()
+
+    def differs(section, key):
+        before, after = saved[section][key], now[section][key]
+        if isinstance(before, str) and isinstance(after, str) and key != "text_column":  # paths: ./x is x
+            return os.path.realpath(before) != os.path.realpath(after)
+        return before != after
+    differ = [f"{section}.{key}={shlex.quote(str(saved[section][key]))}" for section, key in DATA_SETTINGS
+              if key in saved.get(section, {}) and differs(section, key)]
+    if differ:
+        return f"; the checkpoint's run had {' '.join(differ)}: give them again to resume it"
+    if isinstance(problem, TokenizerError) and cfg.dataset.tokenizer != "bytes":  # the run's own file is gone
+        return (f"; the checkpoint carries its tokenizer: `python export.py --checkpoint {path} --out DIR` writes it "
+                f"to DIR/tokenizer.json, for dataset.tokenizer=DIR/tokenizer.json")
+    return ""
+
+
+DATA_SETTINGS = [("dataset", key) for key in ("parquet_dir", "val_parquet_dir", "text_column", "tokenizer")] + [
+    ("model", "vocab_size")]
+
+
 def holds_tokenizer(file, saved: str) -> bool:
     try:
         return file is not None and load_tokenizer(file).to_str() == saved
@@ -256,14 +289,15 @@ def validation_change(saved: dict, now: dict, saved_shards: str | None = None, s
         return before == after
     by_fraction = not setting(now, "dataset.val_parquet_dir")
     held_out = ["dataset.val_parquet_dir"] + (["dataset.val_fraction", "training.seed"] if by_fraction else [])
-    documents = [path for path in held_out + ["dataset.parquet_dir"] * by_fraction if not same(path)]
+    read_from = ["dataset.text_column"] + ["dataset.parquet_dir"] * by_fraction
+    documents = [path for path in held_out + read_from if not same(path)]
     batches = [path for path in VALIDATION_BATCHES if not same(path)]  # the first eval_iters batches of that shape
     if not documents and not batches:
         return None
     what = "; ".join(f"{path} {setting(now, path)!r}: its shards changed" if setting(saved, path) == setting(now, path)
                      else f"{path}: {setting(saved, path)!r} -> {setting(now, path)!r}" for path in documents + batches)
     changes = "documents" if documents else "batches"
-    if by_fraction and documents and "dataset.parquet_dir" not in documents:  # the same documents, held out anew
+    if by_fraction and documents and not set(read_from) & set(documents):  # the same documents, held out anew
         keep = " ".join(f"{path}={setting(saved, path)}" for path in documents)
         return (f"WARNING: the validation {changes} change on this resume ({what}): some of those held out now were "
                 f"trained on, so the validation loss reads low from here, and best.pt starts afresh; keep {keep} "

@@ -48,6 +48,8 @@ def resumable_in(run_dir: Path) -> list[Path]:
 
 def checkpoint_candidates(spec: str, checkpoint_dir: str, setting: str) -> list[Path]:
     """The checkpoints spec may mean, newest first (open_checkpoint)."""
+    flag = setting.startswith("--")  # a script's --checkpoint, whose folder is --checkpoint-dir
+    folder = "--checkpoint-dir" if flag else "training.checkpoint_dir"
     if spec == "latest":
         root = Path(checkpoint_dir)
         runs = [p for p in sorted(root.glob("run_*")) if p.is_dir()] if root.is_dir() else []
@@ -55,7 +57,7 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str, setting: str) -> list[
         if not found:
             what = "no run with a checkpoint in" if root.is_dir() else "there is no folder"
             raise CheckpointError(f"{setting}: latest: {what} {root}/{relative_to_here(root)}; train a run first, or "
-                                  f"name the folder that holds the runs")
+                                  f"set {folder} to the folder that holds the runs")
         last_written = max(found, key=lambda path: path.stat().st_mtime)  # an older run resumed since, perhaps
         if last_written.parent != found[0].parent:
             print(f"note: latest is the newest run, {found[0].parent.name}; {last_written} was written more "
@@ -66,8 +68,9 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str, setting: str) -> list[
         found = resumable_in(path)
         if not found:
             runs = sorted(p.name for p in path.glob("run_*") if p.is_dir() and resumable_in(p))
-            hint = (f": it holds runs; give one (e.g. {path / runs[-1]}), or `latest` with it as the checkpoint "
-                    f"folder" if runs else ": export.py's output, not a checkpoint" if is_export(path) else "")
+            with_it = f"--checkpoint-dir {path}" if flag else f"training.checkpoint_dir={path}"
+            hint = (f": it holds runs; give one (e.g. {path / runs[-1]}), or `latest` with {with_it}" if runs
+                    else ": export.py's output, not a checkpoint" if is_export(path) else "")
             raise CheckpointError(f"{setting}: {path} holds no checkpoint_<step>.pt{hint}")
         return found
     if not path.is_file():

@@ -102,21 +102,26 @@ def resolve_compute_dtype(device: torch.device, setting: str) -> str:
     faster than float32 ones), float32 elsewhere (other CPUs emulate bf16, slowly; mps)."""
     if setting != "auto":
         return setting
-    fast_bf16 = ((device.type == "cuda" and torch.cuda.is_bf16_supported())
-                 or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()))
-    return "bfloat16" if fast_bf16 else "float32"
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
+def native_bf16(device: torch.device) -> bool:
+    # CUDA: compute capability 8.0 (Ampere) and up; torch's default also says yes where it emulates (T4, V100)
+    return ((device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False))
+            or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()))
 
 
 def emulated_dtype_warning(device: torch.device, setting: str) -> str | None:
-    """A warning for a compute dtype this CPU only emulates: bf16 without AVX512-BF16, float16
-    without AMX-FP16. Each step then runs many times slower than in float32 (17x for a 2-layer
-    model on a 2-core CPU without either)."""
-    emulated = device.type == "cpu" and (
-        (setting == "bfloat16" and not torch.cpu._is_avx512_bf16_supported())
-        or (setting == "float16" and not torch.cpu._is_amx_fp16_supported()))
+    """A warning for a compute dtype this device only emulates: bf16 on a CPU without AVX512-BF16 or
+    a GPU older than Ampere, float16 on a CPU without AMX-FP16. Each step then runs many times slower
+    than in float32 (17x for a 2-layer model on a 2-core CPU without either)."""
+    emulated = ((setting == "bfloat16" and device.type in ("cpu", "cuda") and not native_bf16(device))
+                or (setting == "float16" and device.type == "cpu" and not torch.cpu._is_amx_fp16_supported()))
     if emulated:
-        return (f"WARNING: low_precision.compute_dtype={setting} on a CPU that emulates it: each step runs many "
-                f"times slower than in float32; set low_precision.compute_dtype=auto (float32 on this CPU)")
+        what, cost = (("GPU", "it has no bfloat16 tensor cores, and steps run slower than in float32")
+                      if device.type == "cuda" else ("CPU", "each step runs many times slower than in float32"))
+        return (f"WARNING: low_precision.compute_dtype={setting} on a {what} that emulates it: {cost}; set "
+                f"low_precision.compute_dtype=auto ({resolve_compute_dtype(device, 'auto')} on this {what})")
     return None
 
 

@@ -17,7 +17,7 @@ import torch
 
 from checkpoint import CheckpointError
 from config_file import parse_arguments
-from lowbit import LowBitError, to_4bit
+from lowbit import LowBitError, post_training_note, to_4bit
 from rundir import load_model
 from runtime import DeviceError, pick_device
 from tokenizer import TokenizerError, text_change, tokenizer_from_string
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="latest",
                         help="checkpoint_<step>.pt, a run directory, a folder export.py wrote, or latest (the default: "
                              "the newest checkpoint of the newest run in --checkpoint-dir)")
-    parser.add_argument("--checkpoint-dir", default="checkpoints", help="where `latest` looks")
+    parser.add_argument("--checkpoint-dir", default="checkpoints", help="where `latest` looks (default: checkpoints)")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=500)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the likeliest token")
@@ -79,6 +79,8 @@ def main(argv=None) -> int:
             raise CheckpointError(f"--4bit: {args.checkpoint} holds 4-bit weights already (export.py --4bit): "
                                   f"drop --4bit")
         if args.four_bit:
+            if not low_precision["use_4bit"]:
+                print(post_training_note(origin), file=sys.stderr)
             quant_type, double_quant = low_precision["quantization_type"], low_precision["use_double_quant"]
             before, after = to_4bit(model, quant_type, double_quant)
             print(f"4-bit weights ({quant_type}{', double quant' if double_quant else ''}): model "

@@ -68,7 +68,7 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
     `parquet_dir`: a folder, or a glob pattern of files or folders. `setting` names the option in
     errors; a training folder whose files are named for several Hugging Face splits is refused."""
     root, files = shard_files(parquet_dir, setting)
-    units, last_report = [], time.time()
+    units, all_null, last_report = [], [], time.time()
     if len(files) >= 1000:
         print(f"checking the footers and schemas of {len(files):,} parquet files in {root} ...", flush=True)
     for k, path in enumerate(files):
@@ -87,6 +87,9 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
         if text_column not in schema.names:
             raise DataError(f"{path}: no column {text_column!r}; {has}; set dataset.text_column to the one that holds "
                             f"the documents")
+        if pa.types.is_null(schema.field(text_column).type):  # a writer's type for a column of only nulls
+            all_null.append(path)
+            continue
         if not text_type(schema.field(text_column).type):
             raise DataError(f"{path}: column {text_column!r} has type {schema.field(text_column).type}, expected a "
                             f"string column; {has}")
@@ -96,8 +99,11 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
             info = meta.row_group(rg)
             if info.num_rows:
                 units.append(Unit(str(path), rg, info.num_rows, info.total_byte_size, file_key))
+    if all_null:
+        print(f"{root}: skipped {len(all_null)} file(s) whose column {text_column!r} holds only nulls (type null), "
+              f"e.g. {all_null[0].name}")
     if not units:
-        raise DataError(f"{root}: the parquet files hold no rows")
+        raise DataError(f"{root}: the parquet files hold no rows" + " of documents" * bool(all_null))
     return units
 
 

@@ -98,11 +98,12 @@ class HFTokenizer:
             self.tok = Tokenizer.from_str(json_text)
         except Exception as e:
             try:
-                json.loads(json_text)
-                why = f"JSON, but not laid out as one: {first_line(e)}"
+                parsed = json.loads(json_text)
+                why = (f"JSON, but not laid out as one: {first_line(e)}" if isinstance(parsed, dict) and "model" in parsed
+                       else "JSON without the `model` section a tokenizer.json has")
             except ValueError as not_json:
                 why = f"not JSON: {not_json}"
-            raise TokenizerError(f"{name}: not a Hugging Face tokenizer.json ({why})")
+            raise TokenizerError(f"{name}: not a Hugging Face tokenizer.json ({why}); {HOW_TO_NAME_ONE}")
         self.json, self.name = self.tok.to_str(), name
         self.tok.encode_special_tokens = True  # text never turns into special tokens (not saved in the json)
         self.separator = self.tok.token_to_id(SEPARATOR_TOKEN)
@@ -164,12 +165,20 @@ def load_tokenizer(spec: str):
         raise TokenizerError(f"dataset.tokenizer: {spec} is a folder, not a tokenizer.json{hint}")
     try:
         text = Path(spec).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    except UnicodeDecodeError:
+        raise TokenizerError(f"dataset.tokenizer: {spec}: not a Hugging Face tokenizer.json (not text: a binary "
+                             f"file); {HOW_TO_NAME_ONE}") from None
+    except OSError as e:
         where = relative_to_here(spec) if isinstance(e, FileNotFoundError) else ""
-        raise TokenizerError(f"dataset.tokenizer: cannot read {spec} ({why}){where}; give the path of a tokenizer.json "
-                             f"(python prepare.py --train-tokenizer writes one) or bytes")
-    return HFTokenizer(text, spec)
+        raise TokenizerError(f"dataset.tokenizer: cannot read {spec} ({e.strerror or e}){where}; {HOW_TO_NAME_ONE}")
+    try:
+        return HFTokenizer(text, spec)
+    except TokenizerError as e:
+        raise TokenizerError(f"dataset.tokenizer: {e}") from None
+
+
+HOW_TO_NAME_ONE = ("give the path of a tokenizer.json (python prepare.py --train-tokenizer writes one, as does the "
+                   "tokenizers library's Tokenizer.save) or bytes")
 
 
 def tokenizer_from_string(saved: str):

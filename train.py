@@ -35,7 +35,7 @@ from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog, StepLog, check_installed, evaluation_lines, format_duration
 from model import BDH
 from positions import data_order
-from resume import Progress, resume, save
+from resume import Progress, data_settings_hint, resume, save
 from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_host_memory, compile_repeatably,
                      device_clock, emulated_dtype_warning, interrupted, memory_fix, one_line, out_of_memory,
@@ -76,7 +76,12 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     if ranks.main:
         check_writable(training.checkpoint_dir)
         check_installed(cfg.logging)
-    tokenizer, units, val_batches = prepare_data(cfg, ranks)
+    try:
+        tokenizer, units, val_batches = prepare_data(cfg, ranks)
+    except (DataError, TokenizerError) as e:
+        if training.resume_from_checkpoint and (hint := data_settings_hint(cfg, e)):
+            raise type(e)(f"{e}{hint}") from None
+        raise
     val_tokens_per_byte = tokens_per_byte(val_batches, tokenizer)
     workers = loader_workers(cfg, units, ranks.world_size)
 
@@ -173,6 +178,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                 raw_model.eval()
                 record = {"step": step, "tokens": progress.tokens, **evaluate(
                     raw_model, val_batches, device, compute, sample_generator, ranks, tokenizer, val_tokens_per_byte)}
+                if progress.measured_anew:  # not comparable with the records before: plot.py breaks the line
+                    record["measured_anew"], progress.measured_anew = True, False
                 raw_model.train()
                 print(evaluation_lines(record), flush=True)
                 metrics.log(record)
@@ -321,11 +328,19 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run
         lines[-1] += f" | FP8 GEMMs for encoder, encoder_v, decoder: {fp8_recipe}"
     if training.debug:
         lines[-1] += " | DEBUG: anomaly detection, a log line (and its loss checked) every step"
+    step_flops = cfg.model.training_flops_per_token(training.block_size) * tokens_per_step / ranks.world_size
+    if device.type == "cpu" and step_flops > CPU_STEP_FLOPS:
+        lines.append(f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, tens of seconds to minutes on a CPU "
+                     f"(the first step line comes after it): this model is sized for a GPU; configs/tiny.yaml "
+                     f"trains on a CPU in minutes")
     if training.warmup_iters >= training.max_iters:
         lines.append(f"note: training.warmup_iters {training.warmup_iters} >= max_iters {training.max_iters}: the "
                      f"learning rate rises to {learning_rate(training.max_iters, training):.3g} of "
                      f"{training.learning_rate:.3g} and never decays; lower warmup_iters for a full schedule")
     return "\n".join(lines)
+
+
+CPU_STEP_FLOPS = 1e12  # a few seconds at the bf16 speed of a many-core CPU; config.yaml's model is 5 per step
 
 
 def non_finite(what: str, step: int, last_saved) -> TrainingError:

@@ -97,6 +97,27 @@ def test_epoch_windows_partition_the_reader_stream(corpus, tokenizer, read_bytes
     assert dropped < 2 * ((B + 1) * T + 1)
 
 
+def test_training_windows_are_shuffled_within_a_part_and_anew_each_epoch(corpus):
+    [unit] = list_units(corpus, "text")[:1]
+    T, B = 8, 2
+
+    def windows(split, epoch):
+        batches = batches_of([unit], split=split, T=T, B=B).epoch_batches(ParquetFileCache(4), 0, 1, epoch)
+        return [tuple(row.tolist()) for x, _, _ in batches for row in x]
+
+    def in_order(split):
+        stream = split_stream([unit], split)
+        return [tuple(stream[k * T:(k + 1) * T].tolist()) for k in range((len(stream) - 1) // T)]
+
+    first, second, stream_windows = windows("train", 0), windows("train", 1), in_order("train")
+    for epoch in (first, second):  # the stream's windows (up to the last batch's worth), each once
+        assert len(stream_windows) - B < len(epoch) and not collections.Counter(epoch) - collections.Counter(
+            stream_windows)
+    assert first != stream_windows[:len(first)] and first != second
+    validation = windows("val", 0)
+    assert len(validation) >= 4 and validation == in_order("val")[:len(validation)]
+
+
 def test_validation_stream_is_exact_and_repeatable(corpus, tokenizer):
     units = list_units(corpus, "text")
     T = 16

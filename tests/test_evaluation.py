@@ -24,10 +24,11 @@ def test_the_sample_continues_the_first_validation_window_with_the_same_draws_ea
     model = BDH(BDHConfig(n_layer=1, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4)).eval()
     batches = [(torch.randint(0, 256, (2, 40)), torch.randint(0, 256, (2, 40)))]
     generator = torch.Generator()
-    texts = [generate_sample(model, batches, torch.device("cpu"), contextlib.nullcontext(), generator, Ranks(),
-                             ByteTokenizer()) for _ in range(2)]
-    prompt = ByteTokenizer().decode(batches[0][0][0, :32].tolist())
-    assert texts[0] == texts[1] and texts[0].startswith(prompt) and len(texts[0]) > len(prompt)
+    samples = [generate_sample(model, batches, torch.device("cpu"), contextlib.nullcontext(), generator, Ranks(),
+                               ByteTokenizer()) for _ in range(2)]
+    prompt, continuation = samples[0]
+    assert samples[0] == samples[1] and prompt == ByteTokenizer().decode(batches[0][0][0, :32].tolist())
+    assert continuation and not continuation.startswith(prompt)
 
 
 def test_evaluation_sparsity_is_the_share_of_non_zero_latents_per_layer():

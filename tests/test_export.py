@@ -134,7 +134,12 @@ def test_4bit_export_is_the_model_sample_4bit_serves(tmp_path, corpus, capsys, m
         load_export(old)
     model, tokenizer = hf_model(out)
     ids = model.generate(**tokenizer("<01-", return_tensors="pt"), max_new_tokens=100, do_sample=False)
-    assert tokenizer.decode(ids[0]) == sample_text(capsys, "--checkpoint", str(run), "--prompt", "<01-", "--4bit")
+    capsys.readouterr()
+    assert sample.main(["--max-new-tokens", "100", "--checkpoint", str(run), "--prompt", "<01-", "--4bit",
+                        "--temperature", "0", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert tokenizer.decode(ids[0]) == out.rstrip("\n")
+    assert "4-bit weights (nf4" in err and "post-training" not in err  # it was trained for 4 bits
 
 
 def test_an_export_fine_tunes_with_a_fresh_optimizer(trained, tmp_path, corpus, capsys):

@@ -48,7 +48,12 @@ def test_tensorboard_holds_the_scalars_and_samples_of_metrics_jsonl(tmp_path, co
     assert [e.step for e in logged.Scalars("val/loss")] == [2, 4]
     for event, record in zip(logged.Scalars("sparsity/x_layer1"), val_records):
         assert event.value == pytest.approx(record["sparsity_x"][1], rel=1e-6) and 0 < event.value < 1
-    assert [e.step for e in logged.Tensors("sample/text_summary")] == [2, 4]
+    samples = logged.Tensors("sample/text_summary")
+    assert [e.step for e in samples] == [2, 4]
+    text = samples[-1].tensor_proto.string_val[0].decode()
+    prompt, continuation = val_records[-1]["sample_prompt"], val_records[-1]["sample"]
+    assert text == (f"validation text:\n\n    {prompt.replace(chr(10), chr(10) + '    ')}\n\nthe model continues:\n\n"
+                    f"    {continuation.replace(chr(10), chr(10) + '    ')}")
     assert all(0 < r["val_bits_per_byte"] and r["tokens"] == r["step"] * 4 * 16 for r in val_records)
 
 
@@ -106,7 +111,7 @@ def test_logging_changes_no_loss_and_wandb_offline_holds_the_run(tmp_path, corpu
     [offline] = (tmp_path / "ck" / "wandb").glob(f"offline-run-*-{run_id}")
     # W&B's offline record log (what `wandb sync` uploads) holds each key and its value as JSON text
     logged = (offline / f"run-{run_id}.wandb").read_bytes()
-    assert all(tag.encode() in logged for tag in TRAIN_TAGS | VAL_TAGS | {"val/sample"})
+    assert all(tag.encode() in logged for tag in TRAIN_TAGS | VAL_TAGS | {"val/sample", "val/sample_prompt"})
     assert json.dumps(records(on)[-1]["val_loss"]).encode() in logged
     # a resume continues the same W&B run
     assert train.main(["--config", str(path), "logging.wandb=true", f"training.resume_from_checkpoint={on}",
@@ -285,15 +290,47 @@ def test_float16_steps_the_loss_scaler_skips_are_counted_not_averaged_into_the_g
     assert 0 < steps[40]["skipped_steps"] < 20 and math.isfinite(steps[40]["grad_norm"])  # steps 21 to 40
 
 
-def test_writing_a_line_is_not_counted_in_the_next_line_s_speed(tmp_path, corpus, monkeypatch):
-    real = MetricsLog.log
+def test_writing_lines_evaluating_and_saving_are_not_counted_in_the_speed(tmp_path, corpus, monkeypatch):
+    def slowed(real):  # a slow disk, TensorBoard starting, W&B's network, a long evaluation
+        def slow(*args, **kwargs):
+            result = real(*args, **kwargs)
+            time.sleep(2.0)
+            return result
+        return slow
 
-    def slow_log(self, record):  # a slow disk, TensorBoard starting, W&B's network
-        real(self, record)
-        time.sleep(1.0)
-
-    monkeypatch.setattr(MetricsLog, "log", slow_log)
-    path = write_config(tmp_path, corpus, max_iters=4, test_freq=100)
-    assert train.main(["--config", str(path)]) == 0
+    monkeypatch.setattr(MetricsLog, "log", slowed(MetricsLog.log))
+    monkeypatch.setattr(train, "evaluate", slowed(train.evaluate))
+    monkeypatch.setattr(train, "save", slowed(train.save))
+    path = write_config(tmp_path, corpus, max_iters=4, test_freq=2, checkpoint_freq=2)
+    assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
     [run] = run_dirs(tmp_path)
-    assert all(r["ms_per_step"] < 700 for r in records(run) if "ms_per_step" in r)
+    speeds = [r["ms_per_step"] for r in records(run) if "ms_per_step" in r]
+    assert len(speeds) == 4 and max(speeds) < 1500, speeds  # each pause lasts 2 s (4 s after an evaluated step)
+
+
+def test_mfu_is_the_achieved_training_flops_over_the_peak(monkeypatch):
+    from distributed import Ranks
+    cfg = Config.from_dict({"training": {"batch_size": 4, "block_size": 64, "gradient_accumulation_steps": 2}})
+    clock = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    step_log = metrics.StepLog(cfg, None, Ranks(), torch.device("cpu"), [], 0, [], first_step=1, compiled=False,
+                               loss_scaled=False, peak=1e12)
+    for _ in range(2):  # two steps of two micro-batches in 3 s
+        step_log.add_micro_batch(torch.tensor(2.0))
+        step_log.add_micro_batch(torch.tensor(2.0))
+        step_log.add_step(torch.tensor(0.5))
+    clock[0] += 3.0
+    record = step_log.measure(2, 1e-3, 1024, [])
+    tokens_per_step = 4 * 64 * 2
+    assert record["ms_per_step"] == 1500 and record["tokens_per_s"] == round(tokens_per_step / 1.5)
+    assert record["mfu"] == pytest.approx(cfg.model.training_flops_per_token(64) * tokens_per_step / 1.5 / 1e12)
+    assert record["train_loss"] == 2.0 and record["grad_norm"] == 0.5
+
+
+def test_a_step_that_evaluates_or_saves_has_its_line(tmp_path, corpus):
+    path = write_config(tmp_path, corpus, max_iters=13, log_freq=5, test_freq=4, checkpoint_freq=6, keep_last_n=0)
+    assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
+    [run] = run_dirs(tmp_path)
+    logged = [r["step"] for r in records(run) if "train_loss" in r]
+    # log_freq: 5, 10; the first steps: 1, 2, 5, 10; evaluations: 4, 8, 12; checkpoints: 6, 12; the end: 13
+    assert logged == [1, 2, 4, 5, 6, 8, 10, 12, 13]

@@ -298,3 +298,16 @@ def test_activation_checkpointing_keeps_less_for_backward():
     full = saved_bytes(model, idx)
     model.activation_checkpointing = True
     assert saved_bytes(model, idx) < 0.5 * full  # measured: 0.33
+
+
+def test_the_flop_count_is_the_forward_s_matmuls_with_the_causal_half_of_attention():
+    """training_flops_per_token: 3 x the forward's matmul FLOPs, of which attention counts only the
+    causal half of the (T, T) scores that the forward computes whole."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = BDHConfig(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4, dropout=0.0)
+    T = 16
+    with FlopCounterMode(display=False) as counter:
+        BDH(cfg)(torch.randint(0, cfg.vocab_size, (3, T)))
+    L, H, N, D = cfg.n_layer, cfg.n_head, cfg.n_latent, cfg.n_embd
+    masked_half = L * 2 * H * (T / 2) * (N + D)
+    assert counter.get_total_flops() / (3 * T) == cfg.training_flops_per_token(T) / 3 + masked_half

@@ -60,3 +60,23 @@ def test_a_run_without_evaluations_has_no_validation_legend(tmp_path, monkeypatc
     legends = [axes.get_legend() for axes in figures[0].axes]
     assert [[text.get_text() for text in legend.get_texts()] if legend else None for legend in legends] == [
         ["run_a train"], ["run_a train"], None, ["run_a"], None, ["run_a"]]  # no validation nor sparsity entries
+
+
+def test_validation_lines_break_where_a_resume_changed_what_they_measure(tmp_path, corpus, monkeypatch):
+    import json
+    import matplotlib.pyplot as plt
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, test_freq=1)
+    assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    assert train.main(["--config", str(path), "logging.tensorboard=false", "training.max_iters=6",
+                       "training.eval_iters=1", f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [(r["step"], r.get("measured_anew")) for r in records if "val_loss" in r]
+    assert evaluations == [(1, None), (2, None), (3, True), (4, None), (5, None), (6, None)]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert plot.main([str(run), "--out", str(tmp_path / "a.png")]) == 0
+    loss_steps = figures[0].axes[0]
+    validation = [list(line.get_xdata()) for line in loss_steps.get_lines() if line.get_linestyle() == "--"]
+    assert validation == [[1, 2], [3, 4, 5, 6]]
+    assert [t.get_text() for t in loss_steps.get_legend().get_texts()] == [f"{run.name} train", f"{run.name} validation"]

@@ -1,5 +1,6 @@
 """Where the training stream stands (positions.py): the passes logged, the rest of an epoch dealt
 to other readers, the data order and where a resume starts."""
+import dataclasses
 import re
 
 import pytest
@@ -9,7 +10,8 @@ import shards
 from config import Config
 from conftest import make_corpus, unit_of_tag
 from data import ParquetBatches, assign_units
-from positions import WORKERS_KEY, bytes_left, data_order, epochs_read, part_read, rest_of_epoch, resume_point
+from positions import (SHARDS, SHARDS_SEEN, WORKERS_KEY, bytes_left, data_order, epochs_read, order_changes, part_read,
+                       rest_of_epoch, resume_point)
 from shards import ParquetFileCache, list_units
 from tokenizer import ByteTokenizer
 
@@ -116,6 +118,21 @@ def test_val_fraction_leaves_the_data_order_while_validation_has_its_own_folder(
     assert data_order(Config.from_dict(raw), units, 0) == order and "dataset.val_fraction" not in order
     del raw["dataset"]["val_parquet_dir"]
     assert data_order(Config.from_dict(raw), units, 0)["dataset.val_fraction"] == 0.5
+
+
+def test_changed_shards_are_told_by_their_counts(corpus):
+    cfg, units = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}}), list_units(corpus, "text")
+    order = data_order(cfg, units, 0)
+    assert order_changes(order, data_order(cfg, units, 0)) == ([], [])
+    fewer = data_order(cfg, units[:-1], 0)
+    assert order_changes(order, fewer)[1] == [f"the shards: 3 files, 15 row groups, 120 rows, "
+                                              f"{sum(u.num_bytes for u in units) / 2**20:,.1f} MiB -> 3 files, 14 row "
+                                              f"groups, 112 rows, {sum(u.num_bytes for u in units[:-1]) / 2**20:,.1f} MiB"]
+    rewritten = data_order(cfg, [dataclasses.replace(units[0], file_key=1), *units[1:]], 0)
+    assert order_changes(order, rewritten)[1] == [f"the shards rewritten: {order[SHARDS_SEEN]}"]
+    before_0_4_3 = {k: v for k, v in order.items() if k != SHARDS_SEEN}  # its fingerprint only
+    assert order_changes(before_0_4_3, fewer) == ([SHARDS], [f"{SHARDS}: {order[SHARDS]!r} -> {fewer[SHARDS]!r}"])
+    assert order_changes(before_0_4_3, order) == ([], [])
 
 
 def test_the_same_readers_laid_out_otherwise_continue_where_they_stopped(corpus, capsys):

@@ -16,8 +16,8 @@ import yaml
 import sample
 import train
 from checkpoint import load_checkpoint
-from conftest import ROOT, finish, losses, only_run, run_dirs, start, write_config
-from resume import validation_change
+from conftest import DEVICES, ROOT, finish, losses, only_run, run_dirs, start, write_config
+from resume import rng_state, set_rng_state, validation_change
 from rundir import checkpoints_in, open_checkpoint
 from tokenizer import load_tokenizer
 
@@ -367,7 +367,8 @@ def test_shards_changed_in_the_same_folder_change_the_data_order(tmp_path, corpu
     capsys.readouterr()
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3"]) == 0
     out = capsys.readouterr().out
-    assert "WARNING: the data order changes on this resume (the shards (files, row groups, rows, bytes):" in out
+    assert "WARNING: the data order changes on this resume (the shards: 3 files, 15 row groups, 120 rows, " in out
+    assert " -> 2 files, 10 row groups, 80 rows, " in out
     assert (f"WARNING: the validation documents change on this resume (dataset.parquet_dir {str(corpus)!r}: its "
             f"shards changed): losses from here on are not comparable") in out
     # the new data starts a fresh epoch: the one left counts for what was read of it, not as a whole pass
@@ -401,6 +402,11 @@ def test_a_resume_that_changes_the_validation_documents_says_so():
     assert validation_change(by_fraction, moved, "shards", "other shards") is not None
     written_otherwise = {**folder, "dataset": {**folder["dataset"], "val_parquet_dir": "./v/"}}
     assert validation_change(folder, written_otherwise) is None
+    for config in (folder, by_fraction):  # other texts of the same rows
+        other_column = {**config, "dataset": {**config["dataset"], "text_column": "content"}}
+        assert validation_change(config, other_column) == (
+            "WARNING: the validation documents change on this resume (dataset.text_column: None -> 'content'): "
+            "losses from here on are not comparable with the earlier ones, and best.pt starts afresh")
 
 
 def test_extending_a_finished_run_says_that_the_learning_rate_jumps(tmp_path, corpus, capsys):
@@ -420,3 +426,37 @@ def test_extending_a_finished_run_says_that_the_learning_rate_jumps(tmp_path, co
     saved = SimpleNamespace(step=4, config={"training": {"learning_rate": 0.01, "min_lr": 0.001, "max_iters": 100}})
     lower = schedule_jump(saved, TrainingConfig(learning_rate=0.002, min_lr=0.0001, max_iters=100))
     assert "step 5 runs at lr 1.00e-04, 5.00e-04 in the" in lower and "jump up" not in lower  # down: no rise to fear
+
+
+@pytest.mark.parametrize("device", DEVICES + [pytest.param("mps", marks=pytest.mark.skipif(
+    not torch.backends.mps.is_available(), reason="needs an Apple GPU"))])
+def test_the_random_state_of_the_device_comes_back(device):
+    device = torch.device(device)
+    state = rng_state(device)
+    drawn = [torch.rand(4, device=device), torch.rand(4)]
+    set_rng_state(state, device)
+    assert all(torch.equal(a, b) for a, b in zip(drawn, [torch.rand(4, device=device), torch.rand(4)]))
+
+
+def test_a_resume_whose_data_cannot_be_set_up_names_the_checkpoint_s_settings(tmp_path, corpus, bpe_file, capsys):
+    import pyarrow.parquet as pq
+    content = tmp_path / "content"
+    for shard in corpus.glob("*.parquet"):  # the documents in a column named otherwise
+        content.mkdir(exist_ok=True)
+        pq.write_table(pq.read_table(shard).rename_columns(["content"]), content / shard.name, row_group_size=8)
+    path = write_config(tmp_path, content, max_iters=2)
+    started_with = ["dataset.text_column=content", f"dataset.tokenizer={bpe_file}", "model.vocab_size=320"]
+    assert train.main(["--config", str(path), *started_with]) == 0
+    resume_latest = ["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=4"]
+    capsys.readouterr()
+    assert train.main(resume_latest) == 1  # without the command line's settings
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert err.rstrip().endswith(f"; the checkpoint's run had dataset.text_column=content dataset.tokenizer={bpe_file} "
+                                 f"model.vocab_size=320: give them again to resume it")
+    bpe_file.rename(tmp_path / "elsewhere.json")
+    assert train.main(resume_latest + started_with) == 1  # with them, but the tokenizer file is gone
+    [run] = run_dirs(tmp_path)
+    assert capsys.readouterr().err.rstrip().endswith(
+        f"; the checkpoint carries its tokenizer: `python export.py --checkpoint {run / 'checkpoint_2.pt'} --out DIR` "
+        f"writes it to DIR/tokenizer.json, for dataset.tokenizer=DIR/tokenizer.json")

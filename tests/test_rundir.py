@@ -44,15 +44,21 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
     run.mkdir()
     with pytest.raises(CheckpointError, match=r"^--checkpoint: latest: no run with a checkpoint in"):
         open_checkpoint("latest", str(tmp_path), setting="--checkpoint")
-    with pytest.raises(CheckpointError, match=r"^--checkpoint: latest: there is no folder .*/nope/; train a run first"):
+    with pytest.raises(CheckpointError, match=r"^--checkpoint: latest: there is no folder .*/nope/; train a run first"
+                                              r", or set --checkpoint-dir to"):
         open_checkpoint("latest", str(tmp_path / "nope"), setting="--checkpoint")
+    with pytest.raises(CheckpointError, match=r"or set training.checkpoint_dir to the folder that holds the runs$"):
+        open_checkpoint("latest", str(tmp_path / "nope"))
     with pytest.raises(CheckpointError, match=r"^training.resume_from_checkpoint: .* holds no checkpoint_<step>.pt"):
         open_checkpoint(str(run), str(tmp_path))
     for step in (2, 10):
         torch.save(Checkpoint(step=step, model={}, model_config={}).to_dict(), run / f"checkpoint_{step}.pt")
     assert open_checkpoint(str(run), str(tmp_path))[0] == run / "checkpoint_10.pt"  # by step, not by name
-    with pytest.raises(CheckpointError, match=f"holds no checkpoint_<step>.pt: it holds runs; give one .e.g. {run}."):
+    with pytest.raises(CheckpointError, match=f"holds no checkpoint_<step>.pt: it holds runs; give one .e.g. {run}., "
+                                              f"or `latest` with training.checkpoint_dir={tmp_path}$"):
         open_checkpoint(str(tmp_path), str(tmp_path))  # the folder of the runs
+    with pytest.raises(CheckpointError, match=f"or `latest` with --checkpoint-dir {tmp_path}$"):
+        open_checkpoint(str(tmp_path), "checkpoints", setting="--checkpoint")
     good = (run / "checkpoint_10.pt").read_bytes()
     (run / "checkpoint_10.pt").write_bytes(good[: len(good) // 2])  # truncated: a disk that filled up, say
     for spec in ("latest", str(run)):

@@ -16,20 +16,32 @@ def test_auto_compute_dtype_is_bfloat16_only_where_bf16_is_fast(monkeypatch):
     assert runtime.resolve_compute_dtype(cpu, "auto") == "float32"
     assert runtime.resolve_compute_dtype(cpu, "float16") == "float16"  # an explicit choice stays
     assert runtime.resolve_compute_dtype(torch.device("mps"), "auto") == "float32"
+    # torch.cuda.is_bf16_supported() alone also says yes on a GPU that emulates bf16 (T4, V100)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert runtime.resolve_compute_dtype(torch.device("cuda"), "auto") == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and up
+    assert runtime.resolve_compute_dtype(torch.device("cuda"), "auto") == "bfloat16"
 
 
 def test_a_compute_dtype_the_cpu_emulates_is_warned_about(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     for dtype in ("bfloat16", "float16"):
         assert runtime.emulated_dtype_warning(cpu, dtype) == (
             f"WARNING: low_precision.compute_dtype={dtype} on a CPU that emulates it: each step runs many times "
             f"slower than in float32; set low_precision.compute_dtype=auto (float32 on this CPU)")
         assert runtime.emulated_dtype_warning(torch.device("cuda"), dtype) is None
     assert runtime.emulated_dtype_warning(cpu, "float32") is None
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # AVX512-BF16 without AMX-FP16
     assert runtime.emulated_dtype_warning(cpu, "bfloat16") is None
+    assert runtime.emulated_dtype_warning(cpu, "float16").endswith("compute_dtype=auto (bfloat16 on this CPU)")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert runtime.emulated_dtype_warning(torch.device("cuda"), "bfloat16") == (  # a T4, a V100
+        "WARNING: low_precision.compute_dtype=bfloat16 on a GPU that emulates it: it has no bfloat16 tensor cores, "
+        "and steps run slower than in float32; set low_precision.compute_dtype=auto (float32 on this GPU)")
+    assert runtime.emulated_dtype_warning(torch.device("cuda"), "float16") is None
 
 
 @pytest.mark.parametrize("name,tflops", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),

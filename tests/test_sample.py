@@ -45,6 +45,14 @@ def test_sample_without_prompt_and_from_run_directory(checkpoint, capsys):
     assert sample.main(["--checkpoint", str(checkpoint.parent), "--max-new-tokens", "10", "--top-k", "5"]) == 0
 
 
+def test_4bit_from_a_model_trained_without_use_4bit_is_noted_as_post_training(checkpoint, capsys):
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(checkpoint), "--max-new-tokens", "5", "--4bit"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {checkpoint} (step 2) was not trained with low_precision.use_4bit" in err
+    assert "4-bit weights (nf4" in err
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert sample.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 1
     err = capsys.readouterr().err

@@ -21,6 +21,16 @@ def test_units_are_listed_recursively_and_sorted(tmp_path):
         ("a.parquet", 0), ("a.parquet", 1), ("b/z.parquet", 0), ("b/z.parquet", 1), ("b/z.parquet", 2)]
 
 
+def test_a_file_whose_column_holds_only_nulls_is_skipped_with_a_note(tmp_path, capsys):
+    write_parquet(tmp_path / "a.parquet", ["x"] * 5, 2)
+    write_parquet(tmp_path / "b.parquet", [None] * 3, 2, type_=pa.null())  # what an all-None column is written as
+    assert [Path(u.path).name for u in list_units(tmp_path, "text")] == ["a.parquet"] * 3
+    assert f"{tmp_path}: skipped 1 file(s) whose column 'text' holds only nulls (type null), e.g. b.parquet" in \
+        capsys.readouterr().out
+    with pytest.raises(DataError, match=r"the parquet files hold no rows of documents$"):
+        list_units(tmp_path / "b.parquet", "text")
+
+
 def test_split_depends_on_the_seed_only():
     u = shards.Unit("x.parquet", 3, 1000, 0, file_key=12345)
     assert np.array_equal(validation_mask(u, 1, 0.1), validation_mask(u, 1, 0.1))

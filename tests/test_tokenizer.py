@@ -59,10 +59,15 @@ def test_bad_tokenizer_files_are_one_line_errors(tmp_path, bpe_json):
     with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: cannot read .*nope.json \(No such file"):
         load_tokenizer(str(tmp_path / "nope.json"))
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(TokenizerError, match=r"bad.json: not a Hugging Face tokenizer.json \(not JSON: "):
+    with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: .*bad.json: not a Hugging Face tokenizer.json "
+                                             r"\(not JSON: .*; give the path of a tokenizer.json"):
         load_tokenizer(str(tmp_path / "bad.json"))
+    (tmp_path / "shard.parquet").write_bytes(b"PAR1\x15\x80\xff\x00")
+    with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: .*shard.parquet: not a Hugging Face tokenizer.json "
+                                             r"\(not text: a binary file\); give the path of a tokenizer.json"):
+        load_tokenizer(str(tmp_path / "shard.parquet"))
     (tmp_path / "other.json").write_text('{"a": 1}')
-    with pytest.raises(TokenizerError, match=r"other.json: not a Hugging Face tokenizer.json \(JSON, but not laid out"):
+    with pytest.raises(TokenizerError, match=r"other.json: not a Hugging Face tokenizer.json \(JSON without the `model` section"):
         load_tokenizer(str(tmp_path / "other.json"))
     (tmp_path / "export").mkdir()
     with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: .*export is a folder, not a tokenizer.json$"):

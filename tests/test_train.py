@@ -29,7 +29,8 @@ def test_run_directory_holds_resolved_config_checkpoints_and_metrics(tmp_path, c
     path = write_config(tmp_path, corpus)
     assert train.main(["--config", str(path), "training.batch_size=3"]) == 0
     out = capsys.readouterr().out
-    assert "step 4/4" in out and "val loss" in out and "--- sample ---" in out
+    assert "step 4/4" in out and "val loss" in out and "--- sample: validation text ---\n" in out
+    assert "\n--- the model continues ---\n" in out
     units = len(list_units(corpus, "text"))  # where the data comes from and where the runs go, resolved
     assert (f"data {corpus.resolve()} (3 files, {units} row groups; validation 20% of its documents) | tokenizer bytes | "
             f"runs in {(tmp_path / 'ck').resolve()}\n") in out
@@ -43,6 +44,19 @@ def test_run_directory_holds_resolved_config_checkpoints_and_metrics(tmp_path, c
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]  # incl. before the dir existed
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
     assert {"lr", "tokens_per_s", "ms_per_step", "elapsed_s"} <= set(records[0])
+
+
+def test_a_model_sized_for_a_gpu_is_noted_on_cpu(tmp_path, corpus, monkeypatch, capsys):
+    path = write_config(tmp_path, corpus, max_iters=1, test_freq=100)
+    assert train.main(["--config", str(path)]) == 0
+    assert "sized for a GPU" not in capsys.readouterr().out
+    step_flops = Config.from_dict(yaml.safe_load(path.read_text())).model.training_flops_per_token(16) * 4 * 16
+    monkeypatch.setattr(train, "CPU_STEP_FLOPS", step_flops / 2)
+    assert train.main(["--config", str(path), f"training.checkpoint_dir={tmp_path / 'ck2'}"]) == 0
+    assert (f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, tens of seconds to minutes on a CPU (the "
+            f"first step line comes after it): this model is sized for a GPU; configs/tiny.yaml trains on a CPU in "
+            f"minutes\n") in capsys.readouterr().out
+    assert (ROOT / "configs" / "tiny.yaml").is_file()
 
 
 def test_no_run_directory_before_the_first_checkpoint(tmp_path, corpus, monkeypatch, capsys):
@@ -179,6 +193,31 @@ def validation_bytes_and_tokens(path):
     separators = sum(t.count(tokenizer.separator) for t in targets)  # one byte each, as 0x00 is for bytes
     text = [[token for token in t if token != tokenizer.separator] for t in targets]
     return sum(len(tokenizer.decode(t).encode()) for t in text) + separators, sum(len(t) for t in targets)
+
+
+def test_grad_clip_scales_the_step_and_0_leaves_the_gradients_as_they_are(tmp_path, corpus):
+    weights = {}
+    for clip in (0.0, 1000.0, 1e-6):  # none; above the gradient norm (nothing to clip); far below it
+        path = write_config(tmp_path, corpus, max_iters=1, test_freq=100, grad_clip=clip,
+                            checkpoint_dir=str(tmp_path / f"ck{clip}"))
+        assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
+        [checkpoint] = (tmp_path / f"ck{clip}").glob("run_*/checkpoint_1.pt")
+        weights[clip] = load_checkpoint(checkpoint).model
+    assert all(torch.equal(weights[0.0][name], weights[1000.0][name]) for name in weights[0.0])
+    assert not any(torch.equal(weights[0.0][name], weights[1e-6][name]) for name in ("encoder", "decoder", "lm_head"))
+
+
+@pytest.mark.parametrize("use_4bit_optimizer", [False, True])
+def test_weight_decay_applies_to_the_matmul_weights_and_not_to_the_embedding(use_4bit_optimizer):
+    cfg = Config.from_dict({"model": {"n_layer": 1, "n_embd": 32, "n_head": 2}, "training": {"weight_decay": 0.3},
+                            "low_precision": {"use_4bit_optimizer": use_4bit_optimizer}})
+    model = BDH(cfg.to_bdh_config())
+    groups = train.make_optimizer(model, cfg, torch.device("cpu")).param_groups
+    decay = {id(p): group["weight_decay"] for group in groups for p in group["params"]}
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert sorted(decay) == sorted(names)  # each parameter in one group
+    assert {names[i]: d for i, d in decay.items()} == {
+        "embed.weight": 0.0, "encoder": 0.3, "encoder_v": 0.3, "decoder": 0.3, "lm_head": 0.3}
 
 
 def test_bits_per_byte_is_the_loss_over_the_bytes_of_the_targets(tmp_path, corpus, bpe_file, capsys):
