@@ -13,6 +13,7 @@ quant_map[code] x its block's scale (model.unpack_4bit).
 """
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -98,6 +99,7 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
              f"block {training.get('block_size')} x accumulation {training.get('gradient_accumulation_steps')}"
              + (f" x {len(ckpt.rng)} processes" if len(ckpt.rng) > 1 else "")
              + (f"; {ckpt.tokens:,} tokens trained on" if ckpt.tokens is not None else ""),
+             *settings_changed(source.parent, ckpt.step),
              f"- result: {result}", "",
              "## Use", "", "With the training repository:", "",
              f"    python sample.py --checkpoint {out} --prompt \"...\"", ""]
@@ -110,6 +112,17 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
                   "    print(tokenizer.decode(ids[0]))", ""]
     lines += ["## The run's configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def settings_changed(run: Path, step: int) -> list[str]:
+    """A line for the model card if resumes before `step` changed the run's settings (rundir's
+    config_resume_<step>.yaml): the card's settings are the last ones."""
+    steps = sorted(int(m.group(1)) for p in run.glob("config_resume_*.yaml")
+                   if (m := re.fullmatch(r"config_resume_(\d+)\.yaml", p.name)) and int(m.group(1)) < step)
+    if not steps:
+        return []
+    return [f"- settings: resumed with other settings after step{'s' * (len(steps) > 1)} "
+            f"{', '.join(map(str, steps))}; those given here are the ones from step {steps[-1] + 1} on"]
 
 
 def write_export(folder: Path, ckpt, source: Path, out: str, hf: bool, four_bit: bool):

@@ -197,3 +197,10 @@ def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp
     card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=True, four_bit=False)
     assert "accumulation 1 x 2 processes; 40,960 tokens trained on\n" in card
     assert 'AutoTokenizer.from_pretrained("out", trust_remote_code=True)' in card  # no question at the prompt
+    assert "- settings:" not in card
+    for step in (1, 3, 12):  # resumes with changed settings (rundir.record_resumed_config); after step 12: later
+        (tmp_path / f"config_resume_{step}.yaml").write_text("{}")
+    ckpt.step = 12
+    card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_12.pt", "out", hf=False, four_bit=False)
+    assert ("- settings: resumed with other settings after steps 1, 3; those given here are the ones from step 4 "
+            "on\n") in card
