@@ -43,6 +43,7 @@ class Checkpoint:
     tokenizer: str = "bytes"  # tokenizer.py's to_str(): "bytes" or a tokenizer.json
     tokens: int | None = None  # trained on up to this step (None: written before version 0.4.0)
     passes: float | None = None  # over the training data, up to this step (None: written before version 0.4.2)
+    measured_anew: bool = False  # a resume changed what validation measures, and no evaluation has run since
     versions: dict = field(default_factory=lambda: {"torch": str(torch.__version__), "project": PROJECT_VERSION})
 
     def to_dict(self) -> dict:

@@ -13,7 +13,6 @@ quant_map[code] x its block's scale (model.unpack_4bit).
 """
 import argparse
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from config_file import parse_arguments
 from files import read_records, write_folder
 from lowbit import BLOCKSIZE, LowBitError, export_4bit, post_training_note
 from model import LAYER_WEIGHTS, BDHConfig
-from rundir import open_checkpoint
+from rundir import RESUMED_CONFIG_RE, open_checkpoint
 from tokenizer import SEPARATOR_TOKEN, TokenizerError, tokenizer_from_string
 
 ROOT = Path(__file__).resolve().parent
@@ -52,7 +51,8 @@ def config_json(ckpt, tokenizer, source: Path, hf: bool, four_bit: bool) -> dict
     quant_type = low_precision["quantization_type"]
     config = {**ckpt.model_config, "tokenizer_vocab_size": tokenizer.vocab_size,
               "separator_token_id": tokenizer.separator,
-              "low_precision": {"quantization_type": quant_type, "use_double_quant": low_precision["use_double_quant"]},
+              "low_precision": {"use_4bit": low_precision["use_4bit"], "quantization_type": quant_type,
+                                "use_double_quant": low_precision["use_double_quant"]},
               "weights_4bit": {"quant_type": quant_type, "blocksize": BLOCKSIZE} if four_bit else None,
               "bdh_export": {"version": EXPORT_VERSION, "tokenizer": "bytes" if tokenizer.to_str() == "bytes"
                              else "tokenizer.json", "step": ckpt.step, "checkpoint": str(source)}}
@@ -118,7 +118,7 @@ def settings_changed(run: Path, step: int) -> list[str]:
     """A line for the model card if resumes before `step` changed the run's settings (rundir's
     config_resume_<step>.yaml): the card's settings are the last ones."""
     steps = sorted(int(m.group(1)) for p in run.glob("config_resume_*.yaml")
-                   if (m := re.fullmatch(r"config_resume_(\d+)\.yaml", p.name)) and int(m.group(1)) < step)
+                   if (m := RESUMED_CONFIG_RE.fullmatch(p.name)) and int(m.group(1)) < step)
     if not steps:
         return []
     return [f"- settings: resumed with other settings after step{'s' * (len(steps) > 1)} "

@@ -36,7 +36,7 @@ class Progress:
     batches_consumed: int = 0
     positions: dict = field(default_factory=dict)  # this rank's readers' positions after those batches
     passes: float | None = None  # over the training data, at the step (StepLog.passes; None: not known)
-    measured_anew: bool = False  # a resume changed what validation measures (the next evaluation's record says so)
+    measured_anew: bool = False  # a resume changed what validation measures: the next evaluation's record says so
 
 
 def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=None) -> Path:
@@ -49,7 +49,7 @@ def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tok
                       config=cfg.to_dict(), optimizer=optimizer_state, scaler=scaler.state_dict(),
                       best_val_loss=progress.best_val_loss, rng=ranks.gather(rng_state(device)), data_order=order,
                       data_positions=positions, batches_consumed=progress.batches_consumed, tokenizer=tokenizer.to_str(),
-                      passes=progress.passes)
+                      passes=progress.passes, measured_anew=progress.measured_anew)
     return ranks.gather(run.save(ckpt, cfg.to_yaml(), name))[0]
 
 
@@ -97,7 +97,7 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
         torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
     tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
     progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=ckpt.best_val_loss, last_saved=path,
-                        passes=ckpt.passes)
+                        passes=ckpt.passes, measured_anew=ckpt.measured_anew)
     run = reopen_run(cfg, path, ckpt, progress, ranks)
     if ckpt.step >= cfg.training.max_iters:  # train() says there is nothing to do; nothing changes either
         return run, progress, []
@@ -246,10 +246,12 @@ def data_settings_hint(cfg, problem: Exception) -> str:
         if isinstance(before, str) and isinstance(after, str) and key != "text_column":  # paths: ./x is x
             return os.path.realpath(before) != os.path.realpath(after)
         return before != after
-    differ = [f"{section}.{key}={shlex.quote(str(saved[section][key]))}" for section, key in DATA_SETTINGS
+    def as_override(value):  # what the command line reads back as the same value
+        return "null" if value is None else shlex.quote(str(value))
+    differ = [f"{section}.{key}={as_override(saved[section][key])}" for section, key in DATA_SETTINGS
               if key in saved.get(section, {}) and differs(section, key)]
     if differ:
-        return f"; the checkpoint's run had {' '.join(differ)}: give them again to resume it"
+        return f"; the checkpoint's run had {' '.join(differ)}: if the change was not meant, give those again"
     if isinstance(problem, TokenizerError) and cfg.dataset.tokenizer != "bytes":  # the run's own file is gone
         return (f"; the checkpoint carries its tokenizer: `python export.py --checkpoint {path} --out DIR` writes it "
                 f"to DIR/tokenizer.json, for dataset.tokenizer=DIR/tokenizer.json")

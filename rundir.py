@@ -27,6 +27,7 @@ except ImportError:  # Windows: run directories are not locked
     fcntl = None
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
+RESUMED_CONFIG_RE = re.compile(r"config_resume_(\d+)\.yaml")  # the config of a resume from that step that changed it
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:
@@ -236,8 +237,11 @@ class RunDir:
         if not self.writer:
             return []
         diff = flat_diff(saved, config, ignore=("training.resume_from_checkpoint",))
+        path = self.path / f"config_resume_{step}.yaml"
         if diff:
-            atomic_write(self.path / f"config_resume_{step}.yaml", lambda f: f.write(config_yaml.encode()))
+            atomic_write(path, lambda f: f.write(config_yaml.encode()))
+        else:  # one left by an earlier resume from this step that saved nothing: not this run's settings
+            path.unlink(missing_ok=True)
         return diff
 
     def set_aside_after(self, step: int) -> tuple[list[str], Path | None]:
@@ -252,6 +256,8 @@ class RunDir:
             later.append(best)
         if not later:
             return [], None
+        later += [p for p in self.path.glob("config_resume_*.yaml")  # the settings that branch resumed with
+                  if (m := RESUMED_CONFIG_RE.fullmatch(p.name)) and int(m.group(1)) >= step]
         folder = unused(self.path / f"abandoned_after_step_{step}")
         folder.mkdir()
         for path in later:

@@ -118,10 +118,12 @@ def emulated_dtype_warning(device: torch.device, setting: str) -> str | None:
     emulated = ((setting == "bfloat16" and device.type in ("cpu", "cuda") and not native_bf16(device))
                 or (setting == "float16" and device.type == "cpu" and not torch.cpu._is_amx_fp16_supported()))
     if emulated:
-        what, cost = (("GPU", "it has no bfloat16 tensor cores, and steps run slower than in float32")
-                      if device.type == "cuda" else ("CPU", "each step runs many times slower than in float32"))
+        what, cost, alternative = (
+            ("GPU", "it has no bfloat16 tensor cores, and steps run slower than in float32", ", or float16")
+            if device.type == "cuda" else ("CPU", "each step runs many times slower than in float32", ""))
         return (f"WARNING: low_precision.compute_dtype={setting} on a {what} that emulates it: {cost}; set "
-                f"low_precision.compute_dtype=auto ({resolve_compute_dtype(device, 'auto')} on this {what})")
+                f"low_precision.compute_dtype=auto ({resolve_compute_dtype(device, 'auto')} on this {what})"
+                f"{alternative}")
     return None
 
 

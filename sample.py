@@ -79,7 +79,7 @@ def main(argv=None) -> int:
             raise CheckpointError(f"--4bit: {args.checkpoint} holds 4-bit weights already (export.py --4bit): "
                                   f"drop --4bit")
         if args.four_bit:
-            if not low_precision["use_4bit"]:
+            if low_precision.get("use_4bit") is False:  # (a folder exported before it was recorded: not known)
                 print(post_training_note(origin), file=sys.stderr)
             quant_type, double_quant = low_precision["quantization_type"], low_precision["use_double_quant"]
             before, after = to_4bit(model, quant_type, double_quant)

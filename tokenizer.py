@@ -35,6 +35,10 @@ class TokenizerError(Exception):
     pass
 
 
+class NotATokenizer(TokenizerError):
+    """A file that is no tokenizer.json at all."""
+
+
 def byte_level_alphabet() -> list[str]:
     """The character a byte-level BPE writes for each byte 0..255 (GPT-2's scheme): the printable
     bytes stand for themselves, the others, in order, for the characters from U+0100 on."""
@@ -103,7 +107,7 @@ class HFTokenizer:
                        else "JSON without the `model` section a tokenizer.json has")
             except ValueError as not_json:
                 why = f"not JSON: {not_json}"
-            raise TokenizerError(f"{name}: not a Hugging Face tokenizer.json ({why}); {HOW_TO_NAME_ONE}")
+            raise NotATokenizer(f"{name}: not a Hugging Face tokenizer.json ({why})")
         self.json, self.name = self.tok.to_str(), name
         self.tok.encode_special_tokens = True  # text never turns into special tokens (not saved in the json)
         self.separator = self.tok.token_to_id(SEPARATOR_TOKEN)
@@ -173,6 +177,8 @@ def load_tokenizer(spec: str):
         raise TokenizerError(f"dataset.tokenizer: cannot read {spec} ({e.strerror or e}){where}; {HOW_TO_NAME_ONE}")
     try:
         return HFTokenizer(text, spec)
+    except NotATokenizer as e:
+        raise TokenizerError(f"dataset.tokenizer: {e}; {HOW_TO_NAME_ONE}") from None
     except TokenizerError as e:
         raise TokenizerError(f"dataset.tokenizer: {e}") from None
 

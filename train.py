@@ -330,7 +330,7 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run
         lines[-1] += " | DEBUG: anomaly detection, a log line (and its loss checked) every step"
     step_flops = cfg.model.training_flops_per_token(training.block_size) * tokens_per_step / ranks.world_size
     if device.type == "cpu" and step_flops > CPU_STEP_FLOPS:
-        lines.append(f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, tens of seconds to minutes on a CPU "
+        lines.append(f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, seconds to minutes on a CPU "
                      f"(the first step line comes after it): this model is sized for a GPU; configs/tiny.yaml "
                      f"trains on a CPU in minutes")
     if training.warmup_iters >= training.max_iters:

@@ -453,10 +453,38 @@ def test_a_resume_whose_data_cannot_be_set_up_names_the_checkpoint_s_settings(tm
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert err.rstrip().endswith(f"; the checkpoint's run had dataset.text_column=content dataset.tokenizer={bpe_file} "
-                                 f"model.vocab_size=320: give them again to resume it")
+                                 f"model.vocab_size=320: if the change was not meant, give those again")
+    assert train.main(resume_latest + started_with + [f"dataset.val_parquet_dir={tmp_path / 'nope'}"]) == 1
+    assert capsys.readouterr().err.rstrip().endswith(
+        "; the checkpoint's run had dataset.val_parquet_dir=null: if the change was not meant, give those again")
     bpe_file.rename(tmp_path / "elsewhere.json")
     assert train.main(resume_latest + started_with) == 1  # with them, but the tokenizer file is gone
     [run] = run_dirs(tmp_path)
     assert capsys.readouterr().err.rstrip().endswith(
         f"; the checkpoint carries its tokenizer: `python export.py --checkpoint {run / 'checkpoint_2.pt'} --out DIR` "
         f"writes it to DIR/tokenizer.json, for dataset.tokenizer=DIR/tokenizer.json")
+
+
+def test_a_stop_before_the_first_evaluation_keeps_the_mark_of_a_changed_validation(tmp_path, corpus, monkeypatch):
+    """measured_anew (plot.py breaks the validation line there) is saved until an evaluation carries it."""
+    import os
+    path = write_config(tmp_path, corpus, max_iters=4, test_freq=2, checkpoint_freq=4)
+    assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
+    real = train.write_step_line
+
+    def stop_at_step_5(step_log, step, lr, progress):
+        real(step_log, step, lr, progress)
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # the run saves a checkpoint and stops (after step 6: the vote)
+    monkeypatch.setattr(train, "write_step_line", stop_at_step_5)
+    changed = ["--config", str(path), "logging.tensorboard=false", "training.eval_iters=1", "training.max_iters=8",
+               "training.test_freq=4", "training.resume_from_checkpoint=latest"]
+    assert train.main(changed) == 0
+    [run] = run_dirs(tmp_path)
+    stopped = load_checkpoint(checkpoints_in(run)[-1])
+    assert stopped.step < 8 and stopped.measured_anew
+    monkeypatch.setattr(train, "write_step_line", real)
+    assert train.main(changed) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("measured_anew")) for r in records if "val_loss" in r] == [(2, None), (4, None), (8, True)]
+    assert not load_checkpoint(run / "checkpoint_8.pt").measured_anew

@@ -212,3 +212,22 @@ def test_a_resume_from_an_earlier_step_sets_the_abandoned_branch_aside(tmp_path,
     assert open_checkpoint("latest", str(tmp_path / "ck"))[0] == run / "checkpoint_5.pt"
     assert [p.name for p in checkpoints_in(run)] == ["checkpoint_4.pt", "checkpoint_5.pt"]
     assert max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()) == 5
+    assert (run / "config_resume_4.yaml").is_file()  # max_iters 6 -> 5
+    # back to step 4 with the run's first settings: that branch's changed settings go aside with its checkpoints
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run / 'checkpoint_4.pt'}"]) == 0
+    set_aside = {p.name for p in (run / "abandoned_after_step_4_2").iterdir()}
+    assert set_aside - {"best.pt"} == {"checkpoint_5.pt", "config_resume_4.yaml"}  # (best.pt: if step 5's was best)
+    assert not list(run.glob("config_resume_*.yaml"))
+
+
+def test_a_resume_records_its_changed_settings_and_drops_a_stale_record_of_the_same_step(tmp_path):
+    run = RunDir(str(tmp_path), path=tmp_path / "run_20260101_000000", writer=True)
+    run.path.mkdir()
+    saved = {"training": {"max_iters": 4, "resume_from_checkpoint": None}}
+    resumed = {"training": {"max_iters": 6, "resume_from_checkpoint": "latest"}}
+    assert run.record_resumed_config(3, saved, resumed, "training: {max_iters: 6}\n") == ["training.max_iters: 4 -> 6"]
+    assert (run.path / "config_resume_3.yaml").read_text() == "training: {max_iters: 6}\n"
+    # resumed from step 3 again, as saved: the earlier resume (which saved nothing after it) no longer applies
+    assert run.record_resumed_config(3, saved, {"training": {**saved["training"], "resume_from_checkpoint": "x"}},
+                                     "") == []
+    assert not (run.path / "config_resume_3.yaml").exists()

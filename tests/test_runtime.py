@@ -40,7 +40,7 @@ def test_a_compute_dtype_the_cpu_emulates_is_warned_about(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert runtime.emulated_dtype_warning(torch.device("cuda"), "bfloat16") == (  # a T4, a V100
         "WARNING: low_precision.compute_dtype=bfloat16 on a GPU that emulates it: it has no bfloat16 tensor cores, "
-        "and steps run slower than in float32; set low_precision.compute_dtype=auto (float32 on this GPU)")
+        "and steps run slower than in float32; set low_precision.compute_dtype=auto (float32 on this GPU), or float16")
     assert runtime.emulated_dtype_warning(torch.device("cuda"), "float16") is None
 
 

@@ -53,7 +53,7 @@ def test_a_model_sized_for_a_gpu_is_noted_on_cpu(tmp_path, corpus, monkeypatch, 
     step_flops = Config.from_dict(yaml.safe_load(path.read_text())).model.training_flops_per_token(16) * 4 * 16
     monkeypatch.setattr(train, "CPU_STEP_FLOPS", step_flops / 2)
     assert train.main(["--config", str(path), f"training.checkpoint_dir={tmp_path / 'ck2'}"]) == 0
-    assert (f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, tens of seconds to minutes on a CPU (the "
+    assert (f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, seconds to minutes on a CPU (the "
             f"first step line comes after it): this model is sized for a GPU; configs/tiny.yaml trains on a CPU in "
             f"minutes\n") in capsys.readouterr().out
     assert (ROOT / "configs" / "tiny.yaml").is_file()
