@@ -241,15 +241,11 @@ def data_settings_hint(cfg, problem: Exception) -> str:
     saved = (peek_checkpoint(path) or {}).get("config", {})
     now = cfg.to_dict()
 
-    def differs(section, key):
-        before, after = saved[section][key], now[section][key]
-        if isinstance(before, str) and isinstance(after, str) and key != "text_column":  # paths: ./x is x
-            return os.path.realpath(before) != os.path.realpath(after)
-        return before != after
     def as_override(value):  # what the command line reads back as the same value
         return "null" if value is None else shlex.quote(str(value))
-    differ = [f"{section}.{key}={as_override(saved[section][key])}" for section, key in DATA_SETTINGS
-              if key in saved.get(section, {}) and differs(section, key)]
+    recorded = [name for name in DATA_SETTINGS if name.split(".")[1] in saved.get(name.split(".")[0], {})]
+    differ = [f"{name}={as_override(setting(saved, name))}" for name in recorded
+              if not same_setting(name, setting(saved, name), setting(now, name))]
     if differ:
         return f"; the checkpoint's run had {' '.join(differ)}: if the change was not meant, give those again"
     if isinstance(problem, TokenizerError) and cfg.dataset.tokenizer != "bytes":  # the run's own file is gone
@@ -258,8 +254,22 @@ def data_settings_hint(cfg, problem: Exception) -> str:
     return ""
 
 
-DATA_SETTINGS = [("dataset", key) for key in ("parquet_dir", "val_parquet_dir", "text_column", "tokenizer")] + [
-    ("model", "vocab_size")]
+DATA_SETTINGS = ("dataset.parquet_dir", "dataset.val_parquet_dir", "dataset.text_column", "dataset.tokenizer",
+                 "model.vocab_size")
+PATH_SETTINGS = ("dataset.parquet_dir", "dataset.val_parquet_dir", "dataset.tokenizer")
+
+
+def setting(config: dict, path: str):
+    """A setting of a config dict, by its dotted path (None if absent)."""
+    section, key = path.split(".")
+    return config.get(section, {}).get(key)
+
+
+def same_setting(path: str, before, after) -> bool:
+    """Two values of a setting; files and folders by where they are (data/x/ is ./data/x)."""
+    if path in PATH_SETTINGS and before and after:
+        return os.path.realpath(before) == os.path.realpath(after)
+    return before == after
 
 
 def holds_tokenizer(file, saved: str) -> bool:
@@ -278,17 +288,10 @@ def validation_change(saved: dict, now: dict, saved_shards: str | None = None, s
     parquet_dir's documents drawn from the seed: another seed or val_fraction holds out documents the
     run has trained on. `saved_shards` and `shards`: the fingerprints of parquet_dir's shards
     (data_order), which decide whether it holds the same documents wherever it is."""
-    def setting(config, path):
-        section, key = path.split(".")
-        return config.get(section, {}).get(key)
-
     def same(path):
-        before, after = setting(saved, path), setting(now, path)
         if path == "dataset.parquet_dir" and saved_shards and shards:
             return saved_shards == shards
-        if path.endswith("_dir") and before and after:  # the folders they name: data/x/ is ./data/x
-            return os.path.realpath(before) == os.path.realpath(after)
-        return before == after
+        return same_setting(path, setting(saved, path), setting(now, path))
     by_fraction = not setting(now, "dataset.val_parquet_dir")
     held_out = ["dataset.val_parquet_dir"] + (["dataset.val_fraction", "training.seed"] if by_fraction else [])
     read_from = ["dataset.text_column"] + ["dataset.parquet_dir"] * by_fraction

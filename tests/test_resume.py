@@ -1,6 +1,7 @@
 """resume.py through train.py: a run continues where its checkpoint left it, exactly (also after
 kill -9 at any moment), across changed settings it names, and refuses what cannot continue."""
 import json
+import os
 import random
 import re
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -439,7 +441,6 @@ def test_the_random_state_of_the_device_comes_back(device):
 
 
 def test_a_resume_whose_data_cannot_be_set_up_names_the_checkpoint_s_settings(tmp_path, corpus, bpe_file, capsys):
-    import pyarrow.parquet as pq
     content = tmp_path / "content"
     for shard in corpus.glob("*.parquet"):  # the documents in a column named otherwise
         content.mkdir(exist_ok=True)
@@ -467,7 +468,6 @@ def test_a_resume_whose_data_cannot_be_set_up_names_the_checkpoint_s_settings(tm
 
 def test_a_stop_before_the_first_evaluation_keeps_the_mark_of_a_changed_validation(tmp_path, corpus, monkeypatch):
     """measured_anew (plot.py breaks the validation line there) is saved until an evaluation carries it."""
-    import os
     path = write_config(tmp_path, corpus, max_iters=4, test_freq=2, checkpoint_freq=4)
     assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
     real = train.write_step_line
