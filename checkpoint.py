@@ -17,7 +17,7 @@ from config import LowPrecisionConfig
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line, shortened
 
-PROJECT_VERSION = "0.4.3"
+PROJECT_VERSION = "0.4.4"
 
 
 class CheckpointError(Exception):
@@ -44,6 +44,7 @@ class Checkpoint:
     tokens: int | None = None  # trained on up to this step (None: written before version 0.4.0)
     passes: float | None = None  # over the training data, up to this step (None: written before version 0.4.2)
     measured_anew: bool = False  # a resume changed what validation measures, and no evaluation has run since
+    validation_batches: str | None = None  # their fingerprint (None: written before version 0.4.4)
     versions: dict = field(default_factory=lambda: {"torch": str(torch.__version__), "project": PROJECT_VERSION})
 
     def to_dict(self) -> dict:

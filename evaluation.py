@@ -4,6 +4,7 @@ latent neurons in each layer, and a generated sample. Give these the uncompiled 
 
 The latents a and b of MODEL.md are the reference code's x_sparse and y_sparse: the log line and the
 metrics keep those names (active latents x, y; sparsity_x, sparsity_y)."""
+import hashlib
 import math
 
 import torch
@@ -12,6 +13,17 @@ from distributed import Ranks, full_weights
 
 SAMPLE_TOKENS = 200
 SAMPLE_PROMPT_TOKENS = 32  # the start of the first validation window
+
+
+def validation_fingerprint(val_batches) -> str:
+    """A hash of the validation batches' tokens: equal fingerprints, the same losses measured
+    (resume.validation_change), wherever the files are and however the settings are written."""
+    digest = hashlib.blake2b(digest_size=8)
+    for x, y in val_batches:
+        digest.update(repr((tuple(x.shape), x.dtype)).encode())
+        digest.update(x.numpy().tobytes())
+        digest.update(y[:, -1].numpy().tobytes())  # y is x shifted by one: its last column is all that is new
+    return digest.hexdigest()
 
 
 def tokens_per_byte(val_batches, tokenizer) -> float:

@@ -37,6 +37,7 @@ class Progress:
     positions: dict = field(default_factory=dict)  # this rank's readers' positions after those batches
     passes: float | None = None  # over the training data, at the step (StepLog.passes; None: not known)
     measured_anew: bool = False  # a resume changed what validation measures: the next evaluation's record says so
+    validation_batches: str | None = None  # their fingerprint (evaluation.validation_fingerprint)
 
 
 def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=None) -> Path:
@@ -49,7 +50,8 @@ def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tok
                       config=cfg.to_dict(), optimizer=optimizer_state, scaler=scaler.state_dict(),
                       best_val_loss=progress.best_val_loss, rng=ranks.gather(rng_state(device)), data_order=order,
                       data_positions=positions, batches_consumed=progress.batches_consumed, tokenizer=tokenizer.to_str(),
-                      passes=progress.passes, measured_anew=progress.measured_anew)
+                      passes=progress.passes, measured_anew=progress.measured_anew,
+                      validation_batches=progress.validation_batches)
     return ranks.gather(run.save(ckpt, cfg.to_yaml(), name))[0]
 
 
@@ -70,9 +72,10 @@ def set_rng_state(state: dict, device):
         getattr(torch, device.type).set_rng_state(state[device.type])
 
 
-def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, device):
+def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, validation_batches: str, ranks, device):
     """Load the checkpoint of training.resume_from_checkpoint into the model, optimizer and
-    scaler; returns (its run directory, Progress, the data stream's start positions)."""
+    scaler; returns (its run directory, Progress, the data stream's start positions).
+    `validation_batches`: the fingerprint of this run's (evaluation.validation_fingerprint)."""
     low_precision = cfg.low_precision
     if is_export(cfg.training.resume_from_checkpoint):
         return fine_tune_from_export(cfg, model, tokenizer, ranks)
@@ -109,7 +112,8 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, ranks, devi
     positions, progress.batches_consumed = resume_point(
         cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
     if warning := validation_change(ckpt.config, cfg.to_dict(), (ckpt.data_order or {}).get(SHARDS),
-                                    data_order(cfg, units, workers, ranks.world_size)[SHARDS]):
+                                    data_order(cfg, units, workers, ranks.world_size)[SHARDS],
+                                    ckpt.validation_batches, validation_batches):
         print(warning)
         best_afresh = True
     if best_afresh:
@@ -282,12 +286,17 @@ def holds_tokenizer(file, saved: str) -> bool:
 VALIDATION_BATCHES = ("training.batch_size", "training.block_size", "training.eval_iters")  # what they measure
 
 
-def validation_change(saved: dict, now: dict, saved_shards: str | None = None, shards: str | None = None) -> str | None:
+def validation_change(saved: dict, now: dict, saved_shards: str | None = None, shards: str | None = None,
+                      saved_batches: str | None = None, batches: str | None = None) -> str | None:
     """A warning if the validation documents or batches differ from those of the checkpoint's run
     (configs `saved` and `now`); None if they are the same. Without val_parquet_dir they are a share of
     parquet_dir's documents drawn from the seed: another seed or val_fraction holds out documents the
     run has trained on. `saved_shards` and `shards`: the fingerprints of parquet_dir's shards
-    (data_order), which decide whether it holds the same documents wherever it is."""
+    (data_order), which decide whether it holds the same documents wherever it is. `saved_batches`
+    and `batches`: the fingerprints of the validation batches themselves (evaluation.validation_fingerprint),
+    which decide, where both are known; the settings then only say why."""
+    if saved_batches and batches and saved_batches == batches:
+        return None  # the very same batches, wherever their files are now
     def same(path):
         if path == "dataset.parquet_dir" and saved_shards and shards:
             return saved_shards == shards
@@ -296,11 +305,13 @@ def validation_change(saved: dict, now: dict, saved_shards: str | None = None, s
     held_out = ["dataset.val_parquet_dir"] + (["dataset.val_fraction", "training.seed"] if by_fraction else [])
     read_from = ["dataset.text_column"] + ["dataset.parquet_dir"] * by_fraction
     documents = [path for path in held_out + read_from if not same(path)]
-    batches = [path for path in VALIDATION_BATCHES if not same(path)]  # the first eval_iters batches of that shape
-    if not documents and not batches:
-        return None
+    shapes = [path for path in VALIDATION_BATCHES if not same(path)]  # the first eval_iters batches of that shape
+    if not documents and not shapes:
+        if not (saved_batches and batches):
+            return None
+        documents = ["dataset.parquet_dir" if by_fraction else "dataset.val_parquet_dir"]  # rewritten in place
     what = "; ".join(f"{path} {setting(now, path)!r}: its shards changed" if setting(saved, path) == setting(now, path)
-                     else f"{path}: {setting(saved, path)!r} -> {setting(now, path)!r}" for path in documents + batches)
+                     else f"{path}: {setting(saved, path)!r} -> {setting(now, path)!r}" for path in documents + shapes)
     changes = "documents" if documents else "batches"
     if by_fraction and documents and not set(read_from) & set(documents):  # the same documents, held out anew
         keep = " ".join(f"{path}={setting(saved, path)}" for path in documents)

@@ -29,7 +29,7 @@ from corpus import ensure_sample_corpus
 from data import check_enough_units, loader_workers, stop_loader_workers, train_loader, validation_batches
 from distributed import (DistributedError, Ranks, communication_failure, gradient_sync, local_tensor, shutdown, start,
                          wrap)
-from evaluation import evaluate, tokens_per_byte
+from evaluation import evaluate, tokens_per_byte, validation_fingerprint
 from fp8 import FP8Error, fp8_matmuls
 from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog, StepLog, check_installed, evaluation_lines, format_duration
@@ -82,7 +82,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         if training.resume_from_checkpoint and (hint := data_settings_hint(cfg, e)):
             raise type(e)(f"{e}{hint}") from None
         raise
-    val_tokens_per_byte = tokens_per_byte(val_batches, tokenizer)
+    val_tokens_per_byte, validation = tokens_per_byte(val_batches, tokenizer), validation_fingerprint(val_batches)
     workers = loader_workers(cfg, units, ranks.world_size)
 
     # ---- model and optimizer
@@ -97,8 +97,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     if ranks.main and (removed := clean_stale_temporaries(training.checkpoint_dir)):
         print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
     if training.resume_from_checkpoint:
-        run, progress, start_positions = resume(cfg, raw_model, optimizer, scaler, tokenizer, units, workers, ranks,
-                                                device)
+        run, progress, start_positions = resume(cfg, raw_model, optimizer, scaler, tokenizer, units, workers,
+                                                validation, ranks, device)
         if progress.step >= training.max_iters:
             print(f"nothing to do: the checkpoint is at step {progress.step} and training.max_iters is "
                   f"{training.max_iters}; raise max_iters to train further")
@@ -106,6 +106,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     else:  # a new run, whose directory the first checkpoint creates
         run, progress = RunDir(training.checkpoint_dir, writer=ranks.main), Progress()
         start_positions = []
+    progress.validation_batches = validation
     if compile_model:
         model = torch.compile(model)
 

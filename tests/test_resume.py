@@ -18,7 +18,8 @@ import yaml
 import sample
 import train
 from checkpoint import load_checkpoint
-from conftest import DEVICES, ROOT, finish, losses, only_run, run_dirs, start, write_config
+from conftest import (DEVICES, ROOT, finish, losses, make_corpus, only_run, run_dirs, start, write_config,
+                      write_parquet)
 from resume import rng_state, set_rng_state, validation_change
 from rundir import checkpoints_in, open_checkpoint
 from tokenizer import load_tokenizer
@@ -287,6 +288,21 @@ def test_the_same_folder_written_another_way_is_the_same_data(tmp_path, corpus, 
     assert "resuming from" in out and "WARNING" not in out
 
 
+def test_the_validation_batches_decide_whether_validation_changed(tmp_path, corpus, capsys):
+    held_out = make_corpus(tmp_path / "held_out", n_files=1, docs_per_file=12, rows_per_group=4, doc_len=60)
+    path = write_config(tmp_path, corpus, max_iters=2, dataset={"val_parquet_dir": str(held_out)})
+    assert train.main(["--config", str(path)]) == 0
+    moved = held_out.rename(tmp_path / "moved")  # the same files elsewhere: the same losses
+    capsys.readouterr()
+    resume = ["--config", str(path), "training.resume_from_checkpoint=latest", f"dataset.val_parquet_dir={moved}"]
+    assert train.main(resume + ["training.max_iters=3"]) == 0
+    assert "WARNING" not in capsys.readouterr().out
+    write_parquet(moved / "shard-0.parquet", ["other text " * 10] * 12, 4)  # rewritten where it is
+    assert train.main(resume + ["training.max_iters=4"]) == 0
+    assert (f"WARNING: the validation documents change on this resume (dataset.val_parquet_dir {str(moved)!r}: its "
+            f"shards changed)") in capsys.readouterr().out
+
+
 # train.py with a slow disk: torch.save's bytes are written in small chunks with pauses, so that a
 # checkpoint write takes about 0.4 s and random kills land inside writes. With "hold" first, the
 # second write stops halfway, for the test to kill it there.
@@ -404,6 +420,14 @@ def test_a_resume_that_changes_the_validation_documents_says_so():
     assert validation_change(by_fraction, moved, "shards", "other shards") is not None
     written_otherwise = {**folder, "dataset": {**folder["dataset"], "val_parquet_dir": "./v/"}}
     assert validation_change(folder, written_otherwise) is None
+    # the batches' own fingerprints decide where both are known; the settings say why
+    moved_folder = {**folder, "dataset": {**folder["dataset"], "val_parquet_dir": "elsewhere/v"}}
+    assert validation_change(folder, moved_folder, saved_batches="b", batches="b") is None
+    assert validation_change(folder, moved_folder, saved_batches="b", batches="other b") is not None
+    assert validation_change(folder, folder, saved_batches="b", batches="other b") == (
+        "WARNING: the validation documents change on this resume (dataset.val_parquet_dir 'v': its shards changed): "
+        "losses from here on are not comparable with the earlier ones, and best.pt starts afresh")
+    assert validation_change(folder, folder, saved_batches=None, batches="b") is None  # a checkpoint before 0.4.4
     for config in (folder, by_fraction):  # other texts of the same rows
         other_column = {**config, "dataset": {**config["dataset"], "text_column": "content"}}
         assert validation_change(config, other_column) == (
