@@ -10,8 +10,8 @@ layers, generation and the low-precision paths:
   the attention r·rᵀ is computed only in tiles on or below the diagonal, forward and backward;
   between forward and backward a layer keeps one (H, B, T, N) activation (a = relu(x @ encoder)),
   its dropout mask as bits and (H, B, T, T)-, (H, B, T, D)- and (B, T, D)-sized tensors, and
-  recomputes the rest (with activation_checkpointing it keeps only its input); the shared weights'
-  gradients accumulate in place across layers;
+  recomputes the rest (with activation_checkpointing it keeps only its input and its dropout bits); the
+  shared weights' gradients accumulate in place across layers;
 - generation uses the recurrent form: a state of size N x D per layer and head carries the earlier
   positions, so each new token costs the same whatever the context (BDH.generate);
 - the weight products go through a Matmuls object: FP8 training plugs in its own
@@ -264,7 +264,7 @@ class LayerStack(torch.autograd.Function):
     """All n_layer layers as one autograd Function. The layers share their weights, so backward
     accumulates the three weight gradients in place across layers (no per-layer gradient
     tensors to allocate and add). Between forward and backward each layer keeps a, its dropout
-    mask as bits and small tensors; with checkpoint, only its input."""
+    mask as bits and small tensors; with checkpoint, only its input and the dropout bits."""
 
     @staticmethod
     def forward(ctx, x, encoder, encoder_v, decoder, phases, n_layer, dropout, checkpoint, matmuls, observe):
@@ -321,7 +321,6 @@ class BDH(nn.Module):
         # What the layers see of (encoder, encoder_v, decoder): None uses them as they are;
         # lowbit.quantization_aware_view gives their 4-bit round trip, lowbit.to_4bit 4-bit storage.
         self.weight_view = None
-        self.register_buffer("rope_freqs", rope_frequencies(N), persistent=False)
         # The original implementation stored its RoPE table as "attn.freqs"; it is derived
         # from the config, so drop it and let such state_dicts load unchanged.
         self.register_load_state_dict_pre_hook(self._drop_derived_buffers)
@@ -331,6 +330,10 @@ class BDH(nn.Module):
     @staticmethod
     def _drop_derived_buffers(module, state_dict, prefix, *args):
         state_dict.pop(prefix + "attn.freqs", None)
+
+    @property
+    def rope_freqs(self):  # derived from the shape, always float32: not a buffer that .to(dtype) would round
+        return rope_frequencies(self.config.n_latent).to(self.embed.weight.device)
 
     def layer_weights(self):
         weights = tuple(getattr(self, name) for name in LAYER_WEIGHTS)

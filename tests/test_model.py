@@ -94,6 +94,14 @@ def test_original_state_dict_with_rope_buffer_loads_unchanged():
     assert torch.equal(fresh(idx)[0], model(idx)[0])
 
 
+def test_a_model_cast_to_another_dtype_keeps_float32_rope_phases():
+    model, _ = small_model()
+    for dtype in (torch.bfloat16, torch.float64):  # a buffer would be cast: bfloat16 phases are off by radians
+        cast = model.to(dtype)
+        assert cast.rope_freqs.dtype == torch.float32
+        assert torch.equal(cast.rope_freqs, rope_frequencies(cast.config.n_latent))
+
+
 def test_causal_future_tokens_do_not_change_the_past():
     model, _ = small_model()
     idx = torch.randint(0, 256, (1, 20))
