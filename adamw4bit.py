@@ -1,4 +1,5 @@
-"""AdamW with its two moments stored in 4 bits (low_precision.use_4bit_optimizer).
+"""AdamW with its two moments stored in 4 bits (low_precision.use_4bit_optimizer), and make_optimizer,
+which gives a run this one or torch's AdamW.
 
 Each moment is kept as 4-bit codes: the tensor is cut into blocks of `block_size` consecutive
 values, each block is divided by a scale (its absolute maximum, kept in float32), and each value is
@@ -236,3 +237,16 @@ def convert_adamw_state(optimizer_state: dict, shapes: dict, to_4bit: bool):
 def adamw_state_bytes(params) -> int:
     """What torch.optim.AdamW keeps: two float32 moments per parameter (and a step count)."""
     return sum(2 * 4 * p.numel() + 4 for p in params)
+
+
+def make_optimizer(model, cfg, device) -> torch.optim.Optimizer:
+    """The optimizer of a BDH model for train.py and bench.py: AdamW, or AdamW4bit with
+    low_precision.use_4bit_optimizer. Weight decay on the four matmul weights; none on the embedding
+    table. (bench_precision.py swaps torchao's AdamW4bit in for AdamW4bit to compare the two.)"""
+    training, low_precision = cfg.training, cfg.low_precision
+    decay = [model.encoder, model.encoder_v, model.decoder, model.lm_head]
+    groups = [{"params": decay, "weight_decay": training.weight_decay},
+              {"params": [model.embed.weight], "weight_decay": 0.0}]
+    if low_precision.use_4bit_optimizer:
+        return AdamW4bit(groups, lr=training.learning_rate, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")

@@ -2,7 +2,9 @@
 
     python bench.py [--config config.yaml] [--steps 10] [--json out.json] [--profile table.txt] [section.key=value ...]
 
-Training step (forward, backward, AdamW) of both implementations, alternating on the same inputs:
+Training step of both implementations, as train.py runs it (gradient accumulation, gradient clipping,
+AdamW or AdamW4bit, a GradScaler in float16; FP8 and 4-bit weights are refused: reference.py has
+neither, and bench_precision.py measures them), alternating on the same inputs:
 median ms/step, tokens/s, peak memory (CUDA: max allocated; CPU: peak RSS of a fresh process
 running the step, and that peak above the process's RSS before the first step; each implementation
 alone, in a fresh process), and on CUDA the
@@ -13,6 +15,7 @@ a 256-token prompt, recurrent (model.py) against full recompute (reference.py).
 import argparse
 import gc
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -20,6 +23,7 @@ import time
 
 import torch
 
+from adamw4bit import make_optimizer
 from config import add_config_arguments, load_config
 from config_file import parse_arguments
 from corpus import ensure_sample_corpus
@@ -37,22 +41,30 @@ IMPLEMENTATIONS = ("model.py", "reference")
 
 
 def make_step(cfg, device, implementation):
-    """A training step closure of one implementation, on its own copy of the same weights."""
-    torch.manual_seed(cfg.training.seed)
-    model = BDH(cfg.to_bdh_config()).to(device)
-    model.activation_checkpointing = cfg.training.activation_checkpointing
+    """A training step closure of one implementation, on its own copy of the same weights: train.py's
+    step (gradient accumulation over the same batch, the gradient norm and clipping, its optimizer,
+    a GradScaler in float16)."""
+    training = cfg.training
+    torch.manual_seed(training.seed)
+    model = BDH(cfg.model).to(device)
+    model.activation_checkpointing = training.activation_checkpointing
     forward = model if implementation == "model.py" else (lambda idx, tgt: reference_forward(model, idx, tgt))
-    if wants_compile(cfg.training, device):  # as train.py: both implementations are measured so
+    if wants_compile(training, device):  # as train.py: both implementations are measured so
         forward = torch.compile(forward)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate,
-                                  fused=device.type == "cuda")
-    compute = autocast(device, cfg.low_precision.compute_dtype)
+    optimizer = make_optimizer(model, cfg, device)
+    compute_dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
+    compute = autocast(device, compute_dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == "float16")
 
     def step(x, y):
-        with compute:
-            _, loss = forward(x, y)
-        loss.backward()
-        optimizer.step()
+        for _ in range(training.gradient_accumulation_steps):
+            with compute:
+                _, loss = forward(x, y)
+            scaler.scale(loss / training.gradient_accumulation_steps).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), training.grad_clip or math.inf)
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
     return step
 
@@ -73,7 +85,7 @@ def bench_training(cfg, device, steps, warmup=2) -> dict:
             seconds = device_clock(device) - start
             if i >= warmup:
                 results[name]["times"].append(seconds)
-    tokens = shape[0] * shape[1]
+    tokens = shape[0] * shape[1] * cfg.training.gradient_accumulation_steps
     out = {}
     for name in IMPLEMENTATIONS:
         ms = statistics.median(results[name]["times"]) * 1000
@@ -114,7 +126,7 @@ def bench_generation(cfg, device, prompt_len=256, new_tokens=1000, samples=5) ->
     `samples` evenly spaced context lengths (trapezoid rule): running it for 1,000 tokens would
     take about 100 minutes on 2 CPU cores at the default size (BENCHMARKS.md)."""
     torch.manual_seed(cfg.training.seed)
-    model = BDH(cfg.to_bdh_config()).to(device).eval()
+    model = BDH(cfg.model).to(device).eval()
     vocab = cfg.model.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_len), device=device)
     model.generate(prompt[:, :8], 2, temperature=0)  # warm-up
@@ -180,9 +192,9 @@ def bench_loader(cfg, model_ms_per_step, seconds=5.0) -> dict:
         next(it)
         n += 1
     rate = n / (time.perf_counter() - start)
-    return {"num_workers": workers, "batches_per_s": rate,
-            "model_batches_per_s": 1000 / model_ms_per_step,
-            "loader_over_model": rate * model_ms_per_step / 1000}
+    model_rate = cfg.training.gradient_accumulation_steps * 1000 / model_ms_per_step  # batches a second
+    return {"num_workers": workers, "batches_per_s": rate, "model_batches_per_s": model_rate,
+            "loader_over_model": rate / model_rate}
 
 
 def print_training(training: dict, device, peak_flops: float | None):
@@ -235,6 +247,11 @@ def arguments(argv):
 def main(argv=None) -> int:
     args = arguments(argv)
     cfg = load_config(args)
+    if modes := [m for m in ("use_fp8", "use_4bit") if getattr(cfg.low_precision, m)]:
+        print(f"error: low_precision.{modes[0]}: bench.py times model.py against reference.py, which has no FP8 or "
+              f"4-bit forward; set it to false here (bench_precision.py --set {modes[0][4:]} measures that mode)",
+              file=sys.stderr)
+        return 1
     try:
         device = pick_device(cfg.training.device)
         if wants_compile(cfg.training, device):

@@ -7,9 +7,8 @@ measure the loss on the last 10%, for one or several configurations side by side
 The text is cut at 90% of its characters: the first part becomes one training document, the rest is
 the held-out text. For each variant a short calibration run measures the loop's start-up (torch.compile
 included) and its seconds per step; the real run then gets the max_iters that fill the budget, so that
-its learning-rate schedule ends with it (with --seconds 0 it keeps the config's max_iters), and saves 8
-checkpoints on the way. Each checkpoint's loss is
-then measured on all of the held-out text, in non-overlapping windows of the training block size
+its learning-rate schedule ends with it (with --seconds 0 it keeps the config's max_iters), and saves a
+checkpoint every max_iters // 8 steps and at the end. Each checkpoint's loss is then measured on all of the held-out text, in non-overlapping windows of the training block size
 (the last, shorter window included), in float32: the loss against wall-clock. The budget counts the
 training loop (compilation, evaluations and checkpoint writes included), not the interpreter start.
 """
@@ -43,7 +42,7 @@ def run_train(config, overrides, workdir: Path) -> tuple[Path, list]:
     cmd = [sys.executable, "train.py", "--config", config, *overrides, f"training.checkpoint_dir={checkpoint_dir}"]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    [run] = checkpoint_dir.iterdir()
+    [run] = checkpoint_dir.glob("run_*")  # (W&B, when on, writes its wandb/ beside it)
     return run, read_records(run / "metrics.jsonl")[0]
 
 

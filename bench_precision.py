@@ -134,7 +134,7 @@ def train_variant(config_path, overrides, variant, workdir, log_freq) -> dict:
                    stdout=subprocess.DEVNULL)
     wall_s = time.perf_counter() - start
     print(f"  {wall_s:.0f} s, start-up, compilation and evaluation included", flush=True)
-    [run] = checkpoint_dir.iterdir()
+    [run] = checkpoint_dir.glob("run_*")  # (W&B, when on, writes its wandb/ beside it)
     records = read_records(run / "metrics.jsonl")[0]
     # full log intervals only (train.py also logs its first steps), and not the first: it holds warm-up
     logged = [r for r in records if "ms_per_step" in r and r["step"] % log_freq == 0][1:]
@@ -159,7 +159,7 @@ def final_checkpoint_loss(cfg, run, four_bit: bool) -> float:
 
 
 def state_bytes_line(cfg) -> tuple[dict, str]:
-    model = BDH(cfg.to_bdh_config())
+    model = BDH(cfg.model)
     state = {"AdamW": adamw_state_bytes(model.parameters()), "AdamW4bit": AdamW4bit(model.parameters()).state_bytes(),
              "torchao AdamW4bit": torchao_adamw4bit()(model.parameters(), betas=(0.9, 0.95)).state_bytes()}
     return state, "optimizer state: " + ", ".join(
@@ -169,7 +169,7 @@ def state_bytes_line(cfg) -> tuple[dict, str]:
 def optimizer_step_ms(cfg, steps=20) -> dict:
     """The optimizer step alone on the config's model (random gradients): median ms of each
     optimizer, the three alternating step by step."""
-    model = BDH(cfg.to_bdh_config())
+    model = BDH(cfg.model)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     optimizers = {"AdamW": torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95)),

@@ -67,8 +67,13 @@ class Checkpoint:
         return cls(**values)
 
     def low_precision(self) -> dict:
-        """The run's low_precision settings; the defaults for those an older version did not record."""
-        return {**dataclasses.asdict(LowPrecisionConfig()), **self.config.get("low_precision", {})}
+        return low_precision_of(self.config)
+
+
+def low_precision_of(config: dict) -> dict:
+    """A run's low_precision settings from its config (a checkpoint's, an export's config.json); the
+    defaults for those an older version did not record."""
+    return {**dataclasses.asdict(LowPrecisionConfig()), **config.get("low_precision", {})}
 
 
 def load_checkpoint(path) -> Checkpoint:

@@ -131,10 +131,6 @@ class Config:
         """Load `path`, apply `section.key=value` overrides, validate; raises ConfigError."""
         return cls.from_dict(read_yaml(path, _sections()), overrides)
 
-    def to_bdh_config(self) -> BDHConfig:
-        """The settings model.BDH is built from (the model section is one already)."""
-        return self.model
-
     @classmethod
     def from_dict(cls, raw: dict, overrides=()) -> "Config":
         raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}

@@ -52,9 +52,14 @@ def read_yaml(path, sections) -> dict:
         raise ConfigError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the config as UTF-8"])
     except OSError as e:
         raise ConfigError([f"{path}: cannot read config file: {e}"])
+    loader = None
     try:
-        loader = _UniqueKeyLoader(text)
+        loader = _UniqueKeyLoader(text)  # a control character stops it here already (a ReaderError)
         raw = loader.get_single_data()
+    except yaml.reader.ReaderError as e:
+        line = text[:e.position].count("\n") + 1
+        raise ConfigError([f"{path}:{line}: YAML cannot hold character U+{e.character:04X} (a control character): "
+                           f"delete it"]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -64,7 +69,8 @@ def read_yaml(path, sections) -> dict:
             problem += ' (a value that starts with *, &, !, [ or {, such as a glob pattern, needs quotes: "*.parquet")'
         raise ConfigError([f"{where}: YAML syntax error: {problem}"])
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if loader.duplicates:
         raise ConfigError([f"{path}:{line}: {key!r} appears again (first at line {first}); YAML would keep only "
                            f"the last{', replacing the whole section' if section else ''}: keep one"
@@ -109,12 +115,10 @@ def apply_override(raw: dict, item: str) -> list[str]:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
-    if section in raw and not isinstance(raw[section], dict):
-        return [f"{section}: must be a mapping of keys"]
-    raw.setdefault(section, {})
-    if raw[section] is None:
+    if raw.get(section) is None:  # absent, or every key commented out
         raw[section] = {}
-    raw[section][key] = value
+    if isinstance(raw[section], dict):  # (otherwise the section's own check says what is wrong)
+        raw[section][key] = value
     return []
 
 

@@ -1,8 +1,8 @@
 """Run directories: where a run writes, which checkpoint a name means, one trainer per folder.
 
 A run writes into <checkpoint_dir>/run_YYYYMMDD_HHMMSS/, created only when the first checkpoint
-is saved. Every file is written with files.atomic_write, so a crash leaves each checkpoint either
-complete or absent.
+is saved. Checkpoints and config files are written with files.atomic_write, so a crash leaves each
+either complete or absent (metrics.jsonl is appended to, a line at a time).
 """
 import math
 import os
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import (Checkpoint, CheckpointError, is_export, load_checkpoint, load_export, model_from_checkpoint,
-                        saved_progress)
+                        low_precision_of, saved_progress)
 from files import atomic_write, left_by_a_dead_process, relative_to_here
 from model import BDH
 from runtime import first_line
@@ -102,7 +102,9 @@ def load_model(spec: str, checkpoint_dir: str, setting: str) -> tuple[BDH, str, 
     checkpoint (open_checkpoint) or of a folder that export.py wrote."""
     if is_export(spec):
         model, tokenizer, config = load_export(spec)
-        low_precision = {**config["low_precision"], "exported_in_4bit": bool(config.get("weights_4bit"))}
+        recorded = config.get("low_precision", {})  # (an export of version 1 may have none; use_4bit: not known)
+        low_precision = {**low_precision_of(config), "use_4bit": recorded.get("use_4bit"),
+                         "exported_in_4bit": bool(config.get("weights_4bit"))}
         return model, tokenizer, low_precision, f"{spec} (exported at step {config['bdh_export']['step']})"
     source, ckpt = open_checkpoint(spec, checkpoint_dir, setting)
     return model_from_checkpoint(ckpt), ckpt.tokenizer, ckpt.low_precision(), f"{source} (step {ckpt.step})"

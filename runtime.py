@@ -194,8 +194,7 @@ def activation_bytes(cfg, compute_dtype: str, checkpointing: bool) -> int:
     layer being differentiated (activation checkpointing: about 6 in all, whatever the depth);
     counted here as 1 per layer + 2 (checkpointing: 3), so that no run that fits is refused."""
     model, training = cfg.model, cfg.training
-    neurons = model.n_embd * model.mlp_internal_dim_multiplier // model.n_head  # N
-    tensor = training.batch_size * training.block_size * model.n_head * neurons * DTYPES[compute_dtype].itemsize
+    tensor = training.batch_size * training.block_size * model.n_head * model.n_latent * DTYPES[compute_dtype].itemsize
     return tensor * (3 if checkpointing else model.n_layer + 2)
 
 

@@ -11,6 +11,9 @@ import torch.distributed as dist
 from distributed import Ranks
 
 
+SAVING = "the checkpoint"  # GracefulStop.doing while a checkpoint is written: a second signal waits for it
+
+
 class GracefulStop:
     """SIGINT/SIGTERM: finish what runs (`doing`: the step, the evaluation, the checkpoint), save
     a checkpoint, exit 0. In a single process a second Ctrl-C stops at once, except while a
@@ -25,7 +28,7 @@ class GracefulStop:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, _frame):
-        saving = self.doing == "the checkpoint"
+        saving = self.doing == SAVING
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
             if self.announce:

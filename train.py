@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adamw4bit import AdamW4bit, adamw_state_bytes
+from adamw4bit import AdamW4bit, adamw_state_bytes, make_optimizer
 from checkpoint import CheckpointError
 from config import add_config_arguments, learning_rate, load_config, step_tokens
 from config_file import parse_arguments
@@ -41,7 +41,7 @@ from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_hos
                      device_clock, emulated_dtype_warning, interrupted, memory_fix, one_line, out_of_memory,
                      peak_flops, pick_device, resolve_compute_dtype, steady_host_memory, wants_compile)
 from shards import DataError, first_documents, list_units
-from stopping import GracefulStop, StepVote, launcher
+from stopping import SAVING, GracefulStop, StepVote, launcher
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer, lost_text
 
 
@@ -186,7 +186,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                 metrics.log(record)
                 if record["val_loss"] < progress.best_val_loss:
                     progress.best_val_loss = record["val_loss"]
-                    stop.doing = "the checkpoint"
+                    stop.doing = SAVING
                     progress.passes = step_log.passes(progress.positions.values())
                     path = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer,
                                 name="best.pt")
@@ -198,7 +198,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         if stopping:
             print(f"{stop.signal_name or 'a signal to another rank'}: saving a checkpoint after step {step}", flush=True)
         if step % training.checkpoint_freq == 0 or step == training.max_iters or stopping:
-            with paused(step_log, stop, "the checkpoint", device):
+            with paused(step_log, stop, SAVING, device):
                 finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
                 if ranks.any(not finite, device):
                     raise non_finite("a weight", step, progress.last_saved)
@@ -231,7 +231,7 @@ def build_model(cfg, device: torch.device):
     4-bit round trip; every evaluation measures the 4-bit model (before qat_start: the current
     weights quantized after the fact)."""
     low_precision = cfg.low_precision
-    model = BDH(cfg.to_bdh_config()).to(device)
+    model = BDH(cfg.model).to(device)
     model.activation_checkpointing = cfg.training.activation_checkpointing
     fp8_recipe = None
     if low_precision.use_fp8:
@@ -276,19 +276,6 @@ def prepare_data(cfg, ranks: Ranks):
     if ranks.main and (warning := lost_text(tokenizer, first_documents(units[0], cfg.dataset.text_column, 20))):
         print(warning)
     return tokenizer, units, validation_batches(cfg, units, tokenizer)
-
-
-def make_optimizer(model: BDH, cfg, device) -> torch.optim.Optimizer:
-    """AdamW, or AdamW4bit with low_precision.use_4bit_optimizer. Weight decay on the four matmul
-    weights; none on the embedding table. (bench_precision.py swaps torchao's AdamW4bit in for
-    AdamW4bit to compare the two.)"""
-    training, low_precision = cfg.training, cfg.low_precision
-    decay = [model.encoder, model.encoder_v, model.decoder, model.lm_head]
-    groups = [{"params": decay, "weight_decay": training.weight_decay},
-              {"params": [model.embed.weight], "weight_decay": 0.0}]
-    if low_precision.use_4bit_optimizer:
-        return AdamW4bit(groups, lr=training.learning_rate, betas=(0.9, 0.95))
-    return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
 def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run, tokens_per_step, compiled,

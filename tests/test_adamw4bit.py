@@ -4,8 +4,9 @@ import torch
 
 import train
 from adamw4bit import (MIN_QUANTIZED_NUMEL, AdamW4bit, MomentFormat, adamw_state_bytes, blocks, code_book,
-                       decode, encode, nearest_level)
+                       decode, encode, make_optimizer, nearest_level)
 from checkpoint import load_checkpoint
+from config import Config
 from conftest import write_config
 from lowbit import dequantize, quantize
 from model import BDH, BDHConfig
@@ -189,3 +190,16 @@ def test_a_checkpoint_of_the_earlier_bitsandbytes_format_resumes(tmp_path, corpu
                            "training.max_iters=3", f"low_precision.use_4bit_optimizer={use_4bit}"]) == 0
         state = load_checkpoint(run / "checkpoint_3.pt").optimizer["state"]["encoder"]
         assert ("exp_avg_sq_4bit" in state) == (use_4bit == "true") and "exp_avg_sq_root4_4bit" not in state
+
+
+@pytest.mark.parametrize("use_4bit_optimizer", [False, True])
+def test_weight_decay_applies_to_the_matmul_weights_and_not_to_the_embedding(use_4bit_optimizer):
+    cfg = Config.from_dict({"model": {"n_layer": 1, "n_embd": 32, "n_head": 2}, "training": {"weight_decay": 0.3},
+                            "low_precision": {"use_4bit_optimizer": use_4bit_optimizer}})
+    model = BDH(cfg.model)
+    groups = make_optimizer(model, cfg, torch.device("cpu")).param_groups
+    decay = {id(p): group["weight_decay"] for group in groups for p in group["params"]}
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert sorted(decay) == sorted(names)  # each parameter in one group
+    assert {names[i]: d for i, d in decay.items()} == {
+        "embed.weight": 0.0, "encoder": 0.3, "encoder_v": 0.3, "decoder": 0.3, "lm_head": 0.3}

@@ -4,8 +4,11 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 import bench
+from adamw4bit import AdamW4bit
+from config import Config
 from conftest import write_config
 
 
@@ -42,3 +45,21 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
         with pytest.raises(SystemExit) as stop:
             bench.main(["--config", str(config), option, str(out)])
         assert stop.value.code == 2 and f"error: {option} {out}: " in capsys.readouterr().err
+
+
+def test_the_step_is_train_py_s_and_modes_it_cannot_compare_are_refused(tmp_path, corpus, capsys, monkeypatch):
+    forwards, clipped, optimizers = [], [], []
+    real_forward, real_clip, real_optimizer = bench.BDH.forward, torch.nn.utils.clip_grad_norm_, bench.make_optimizer
+    monkeypatch.setattr(bench.BDH, "forward", lambda self, *a, **k: forwards.append(1) or real_forward(self, *a, **k))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, max_norm: clipped.append(max_norm) or
+                        real_clip(p, max_norm))
+    monkeypatch.setattr(bench, "make_optimizer", lambda *a: optimizers.append(real_optimizer(*a)) or optimizers[-1])
+    config = write_config(tmp_path, corpus, gradient_accumulation_steps=3, grad_clip=0.5)
+    cfg = Config.from_yaml(config, ["low_precision.use_4bit_optimizer=true", "training.compile=false"])
+    step = bench.make_step(cfg, torch.device("cpu"), "model.py")
+    x = torch.randint(0, 256, (4, 16))
+    step(x, x)
+    assert (len(forwards), clipped, [type(o) for o in optimizers]) == (3, [0.5], [AdamW4bit])
+    for mode in ("use_fp8", "use_4bit"):
+        assert bench.main(["--config", str(config), f"low_precision.{mode}=true"]) == 1
+        assert f"error: low_precision.{mode}: bench.py times model.py against reference.py" in capsys.readouterr().err

@@ -73,6 +73,24 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
     assert p.startswith(f"{path}:3:") and "YAML syntax error" in p and "\n" not in p
 
 
+def test_a_control_character_is_named_with_its_line(tmp_path):
+    path = tmp_path / "pasted.yaml"
+    path.write_text("model:\n  n_layer: 4\x01\n")
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(path)
+    assert info.value.problems == [f"{path}:2: YAML cannot hold character U+0001 (a control character): delete it"]
+
+
+def test_a_section_with_every_key_commented_out_takes_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  # batch_size: 4\nmodel:\n  n_layer: 2\n")
+    assert Config.from_yaml(path, ["training.batch_size=16"]).training.batch_size == 16
+    path.write_text("training: 5\n")
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(path, ["training.batch_size=16"])
+    assert info.value.problems == ["training: must be a mapping of keys, got int 5"]  # once
+
+
 def test_an_unquoted_glob_pattern_is_told_to_take_quotes(tmp_path):
     path = tmp_path / "glob.yaml"
     path.write_text("dataset:\n  parquet_dir: **/train-*.parquet\n")

@@ -186,6 +186,10 @@ def test_replace_replaces_an_earlier_export_but_never_a_run_directory(trained, t
     (out / "config.json").write_text(json.dumps(config))
     assert sample.main(["--checkpoint", str(out), "--max-new-tokens", "5", "--4bit"]) == 0
     assert "post-training" not in capsys.readouterr().err
+    del config["low_precision"]  # exported before any of it was recorded
+    (out / "config.json").write_text(json.dumps(config))
+    assert sample.main(["--checkpoint", str(out), "--max-new-tokens", "5", "--4bit"]) == 0
+    assert "post-training" not in capsys.readouterr().err
 
 
 def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp_path):

@@ -15,7 +15,7 @@ import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, free_port, losses, only_run, run_dirs, write_config
 from distributed import Ranks
-from stopping import GracefulStop, launcher
+from stopping import SAVING, GracefulStop, launcher
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -30,7 +30,7 @@ def restore_handlers():
 
 def test_a_second_ctrl_c_stops_at_once_except_while_a_checkpoint_is_written(restore_handlers, capfd):
     stop = GracefulStop(second_signal_stops=True, announce=True)
-    stop.doing = "the checkpoint"
+    stop.doing = SAVING
     os.kill(os.getpid(), signal.SIGINT)
     assert stop.signal_name == "SIGINT"
     os.kill(os.getpid(), signal.SIGINT)  # waits for the checkpoint
@@ -44,7 +44,7 @@ def test_a_second_ctrl_c_stops_at_once_except_while_a_checkpoint_is_written(rest
 
 def test_under_torchrun_repeated_signals_are_the_agent_forwarding_its_own(restore_handlers, capfd):
     stop = GracefulStop(second_signal_stops=False, announce=True)
-    for doing in ("the step", "the checkpoint", "the step"):
+    for doing in ("the step", SAVING, "the step"):
         stop.doing = doing
         os.kill(os.getpid(), signal.SIGTERM)
     assert stop.signal_name == "SIGTERM"

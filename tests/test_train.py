@@ -207,19 +207,6 @@ def test_grad_clip_scales_the_step_and_0_leaves_the_gradients_as_they_are(tmp_pa
     assert not any(torch.equal(weights[0.0][name], weights[1e-6][name]) for name in ("encoder", "decoder", "lm_head"))
 
 
-@pytest.mark.parametrize("use_4bit_optimizer", [False, True])
-def test_weight_decay_applies_to_the_matmul_weights_and_not_to_the_embedding(use_4bit_optimizer):
-    cfg = Config.from_dict({"model": {"n_layer": 1, "n_embd": 32, "n_head": 2}, "training": {"weight_decay": 0.3},
-                            "low_precision": {"use_4bit_optimizer": use_4bit_optimizer}})
-    model = BDH(cfg.to_bdh_config())
-    groups = train.make_optimizer(model, cfg, torch.device("cpu")).param_groups
-    decay = {id(p): group["weight_decay"] for group in groups for p in group["params"]}
-    names = {id(p): name for name, p in model.named_parameters()}
-    assert sorted(decay) == sorted(names)  # each parameter in one group
-    assert {names[i]: d for i, d in decay.items()} == {
-        "embed.weight": 0.0, "encoder": 0.3, "encoder_v": 0.3, "decoder": 0.3, "lm_head": 0.3}
-
-
 def test_bits_per_byte_is_the_loss_over_the_bytes_of_the_targets(tmp_path, corpus, bpe_file, capsys):
     for tokens, extra in (("bytes", {}), ("bpe", {"tokenizer": str(bpe_file)})):
         path = write_config(tmp_path, corpus, f"{tokens}.yaml", max_iters=2, test_freq=2,
