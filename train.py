@@ -258,7 +258,7 @@ def write_step_line(step_log: StepLog, step: int, lr: float, progress: Progress)
     """The log line of the steps since the last one, refused if their loss is not finite."""
     record = step_log.measure(step, lr, progress.tokens, progress.positions.values())
     if not math.isfinite(record["train_loss"]):
-        raise non_finite("the training loss", step, progress.last_saved)
+        raise non_finite("the training loss", step, progress.last_saved, float16=step_log.loss_scaled)
     step_log.write(record)
 
 
@@ -331,11 +331,14 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run
 CPU_STEP_FLOPS = 1e12  # a few seconds at the bf16 speed of a many-core CPU; config.yaml's model is 5 per step
 
 
-def non_finite(what: str, step: int, last_saved) -> TrainingError:
+def non_finite(what: str, step: int, last_saved, float16: bool = False) -> TrainingError:
     where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
+    # no softmax bounds BDH's attention: its sums over the context can pass float16's 65,504
+    overflow = ("; in float16, activations past 65,504 overflow: compute_dtype bfloat16 (Ampere and newer GPUs) or "
+                "float32 has the range" if float16 else "")
     return TrainingError(f"{what} is not finite at step {step} (nothing saved; {where}): lower "
                          f"training.learning_rate, set training.grad_clip, or use "
-                         f"training.debug=true to find the operation")
+                         f"training.debug=true to find the operation{overflow}")
 
 
 STOPPED_AT_ONCE = "\ninterrupted: stopped at once, without saving; checkpoints written before are intact"

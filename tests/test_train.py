@@ -130,9 +130,12 @@ def test_non_finite_loss_stops_without_saving_a_nan_model(tmp_path, corpus, monk
     monkeypatch.setattr(train, "learning_rate", lambda step, t: float("nan") if step == 3 else real(step, t))
     assert train.main(["--config", str(path)]) == 1
     err = capsys.readouterr().err
-    assert "not finite at step 4" in err and "checkpoint_2.pt" in err
+    assert "not finite at step 4" in err and "checkpoint_2.pt" in err and "float16" not in err
     [run] = run_dirs(tmp_path)
     assert [p.name for p in run.glob("checkpoint_*.pt")] == ["checkpoint_2.pt"]
+    monkeypatch.setattr(train, "learning_rate", lambda step, t: float("inf") if step == 1 else real(step, t))
+    assert train.main(["--config", str(path), "low_precision.compute_dtype=float16"]) == 1
+    assert "in float16, activations past 65,504 overflow" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("error,asked", [
