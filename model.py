@@ -389,6 +389,9 @@ class BDH(nn.Module):
         the context length. vocab_limit: sample only ids below it (the tokenizer's; vocab_size may be padded)."""
         config = self.config
         B, T = idx.shape
+        if T == 0:
+            raise ValueError("generation needs at least one prompt token (sample.py starts an empty prompt with the "
+                             "document separator)")
         states = [torch.zeros(config.n_head, B, config.n_latent, config.n_embd, device=idx.device,
                               dtype=self.encoder.dtype) for _ in range(config.n_layer)]
         weights = self.layer_weights()  # 4-bit modes: quantized or dequantized once per call

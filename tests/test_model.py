@@ -200,6 +200,12 @@ def test_recurrent_generation_matches_full_recompute(device):
     assert torch.equal(model.generate(prompt, 20, generator=g1), model.generate(prompt, 20, generator=g2))
 
 
+def test_generation_without_a_prompt_token_says_so():
+    model, _ = small_model()
+    with pytest.raises(ValueError, match="generation needs at least one prompt token"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @torch.no_grad()
 def test_recurrent_state_gives_the_parallel_logits(device):
