@@ -309,7 +309,7 @@ def test_writing_lines_evaluating_and_saving_are_not_counted_in_the_speed(tmp_pa
     assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
     [run] = run_dirs(tmp_path)
     speeds = [r["ms_per_step"] for r in records(run) if "ms_per_step" in r]
-    assert len(speeds) == 4 and max(speeds) < 1000, speeds  # 1.5 s after step 1's line, 3 s at step 2
+    assert len(speeds) == 4 and max(speeds) - min(speeds) < 1000, speeds  # 1.5 s after step 1's line, 3 s at step 2
 
 
 def test_mfu_is_the_achieved_training_flops_over_the_peak(monkeypatch):

@@ -381,7 +381,7 @@ def test_a_resume_may_switch_to_float16(tmp_path, corpus):
 def test_shards_changed_in_the_same_folder_change_the_data_order(tmp_path, corpus, capsys):
     path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2)
     assert train.main(["--config", str(path)]) == 0
-    (corpus / "shard-1.parquet").unlink()
+    (corpus / "shard-0.parquet").unlink()  # where the validation batches came from (file order)
     capsys.readouterr()
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3"]) == 0
     out = capsys.readouterr().out
