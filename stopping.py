@@ -1,9 +1,11 @@
-"""Stopping a run when asked: SIGINT or SIGTERM (what schedulers send before they kill) to any
-process finishes what runs, saves a checkpoint and prints the command that resumes the run.
-GracefulStop hears the signal; under torchrun StepVote tells every rank at the same step.
+"""Stopping a run when asked: SIGINT, SIGTERM (what schedulers send before they kill) or SIGHUP (the
+terminal or ssh connection closed) to any process finishes what runs, saves a checkpoint and prints
+the command that resumes the run. GracefulStop hears the signal; under torchrun StepVote tells every
+rank at the same step; OutputWithoutReader keeps the run going when its output has no reader left.
 """
 import os
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -11,21 +13,24 @@ import torch.distributed as dist
 from distributed import Ranks
 
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 SAVING = "the checkpoint"  # GracefulStop.doing while a checkpoint is written: a second signal waits for it
 
 
 class GracefulStop:
-    """SIGINT/SIGTERM: finish what runs (`doing`: the step, the evaluation, the checkpoint), save
-    a checkpoint, exit 0. In a single process a second Ctrl-C stops at once, except while a
+    """SIGINT/SIGTERM/SIGHUP: finish what runs (`doing`: the step, the evaluation, the checkpoint),
+    save a checkpoint, exit 0. In a single process a second Ctrl-C stops at once, except while a
     checkpoint is written (that would lose it); under torchrun the agent forwards the signal it got
     itself, so repeats are expected and ignored (the agent kills the ranks 30 s later anyway). The
-    handler says at once that it heard, with os.write: print() could re-enter a print the loop is in."""
+    handler says at once that it heard, with os.write: print() could re-enter a print the loop is in.
+    A SIGHUP that is ignored (nohup) stays ignored."""
 
     def __init__(self, second_signal_stops: bool, announce: bool):
         self.signal_name, self.doing = None, "the step"
         self.second_signal_stops, self.announce = second_signal_stops, announce
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handler)
+        for sig in SIGNALS:
+            if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN):
+                signal.signal(sig, self._handler)
 
     def _handler(self, signum, _frame):
         saving = self.doing == SAVING
@@ -35,14 +40,66 @@ class GracefulStop:
                 again = "" if not self.second_signal_stops or saving else (
                     " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else " (a second one stops at once)")
                 then = "stopping" if saving else "saving a checkpoint"
-                os.write(2, f"\n{self.signal_name}: finishing {self.doing}, then {then}{again}\n".encode())
+                say(f"\n{self.signal_name}: finishing {self.doing}, then {then}{again}\n")
         elif saving:  # stopping now would lose the checkpoint the first signal asked for, and the records after it
             if self.announce and self.second_signal_stops:
-                os.write(2, b"\nstill saving the checkpoint; the run stops right after it (kill -9 stops at once)\n")
+                say("\nstill saving the checkpoint; the run stops right after it (kill -9 stops at once)\n")
         elif self.second_signal_stops:
             # torch may swallow the KeyboardInterrupt (raised in a finalizer, say): a third one kills
             signal.signal(signum, signal.SIG_DFL)
             raise KeyboardInterrupt
+
+
+def say(text: str):
+    """To stderr from a signal handler; nothing if it has no reader left (| tee ended by the same Ctrl-C)."""
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
+
+
+class OutputWithoutReader:
+    """sys.stdout or sys.stderr that outlives its reader. With `python train.py | tee log`, a Ctrl-C
+    ends tee too, and the next print would raise BrokenPipeError instead of saving the checkpoint; a
+    closed terminal (SIGHUP) fails writes with EIO. The first failed write points the stream's file
+    descriptor at /dev/null, and the run goes on without its output (metrics.jsonl keeps the record)."""
+
+    def __init__(self, stream):
+        self.stream, self.gone = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self.stream.write(text)
+            except OSError:
+                self.drop()
+        return len(text)
+
+    def flush(self):
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except OSError:
+                self.drop()
+
+    def drop(self):
+        self.gone = True
+        try:  # what is still buffered, and the interpreter's flush at exit, then go nowhere without an error
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # (a stream without a descriptor: a test's capture)
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def outputs_without_reader():
+    """Wraps sys.stdout and sys.stderr (OutputWithoutReader); returns the streams to put back."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = OutputWithoutReader(sys.stdout), OutputWithoutReader(sys.stderr)
+    return streams
 
 
 class StepVote:

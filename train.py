@@ -41,7 +41,7 @@ from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_hos
                      device_clock, emulated_dtype_warning, interrupted, memory_fix, one_line, out_of_memory,
                      peak_flops, pick_device, resolve_compute_dtype, steady_host_memory, wants_compile)
 from shards import DataError, first_documents, list_units
-from stopping import SAVING, GracefulStop, StepVote, launcher
+from stopping import SAVING, SIGNALS, GracefulStop, StepVote, launcher, outputs_without_reader
 from tokenizer import TokenizerError, check_vocab_size, load_tokenizer, lost_text
 
 
@@ -358,9 +358,10 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun: once
             print(cfg.to_yaml(), end="")
         return 0
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
     children = multiprocessing.active_children()  # a calling program's own: not the loader's to stop
     ranks, device = Ranks(), cfg.training.device
+    streams = outputs_without_reader()
     try:
         ranks, device = start(cfg, pick_device(cfg.training.device))
         arguments = shlex.join(["--config", args.config, *(o for o in args.overrides
@@ -391,6 +392,7 @@ def main(argv=None) -> int:
         stop_loader_workers(started_before=children)
         release_run_directories()
         shutdown()
+        sys.stdout, sys.stderr = streams
 
 
 if __name__ == "__main__":

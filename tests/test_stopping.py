@@ -15,14 +15,14 @@ import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, free_port, losses, only_run, run_dirs, write_config
 from distributed import Ranks
-from stopping import SAVING, GracefulStop, launcher
+from stopping import SAVING, SIGNALS, GracefulStop, launcher
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture
 def restore_handlers():
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
     yield
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
@@ -40,6 +40,16 @@ def test_a_second_ctrl_c_stops_at_once_except_while_a_checkpoint_is_written(rest
     assert capfd.readouterr().err == ("\nSIGINT: finishing the checkpoint, then stopping\n"
                                       "\nstill saving the checkpoint; the run stops right after it (kill -9 stops at "
                                       "once)\n")
+
+
+def test_a_sighup_that_nohup_ignores_stays_ignored(restore_handlers):
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    GracefulStop(second_signal_stops=True, announce=False)
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    stop = GracefulStop(second_signal_stops=True, announce=False)
+    os.kill(os.getpid(), signal.SIGHUP)
+    assert stop.signal_name == "SIGHUP"
 
 
 def test_under_torchrun_repeated_signals_are_the_agent_forwarding_its_own(restore_handlers, capfd):
@@ -108,6 +118,25 @@ def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, co
     assert "SIGTERM: finishing the step, then saving a checkpoint (a second one stops at once)" in err
     # the resume command keeps the run's overrides
     assert f"train.py --config {path} model.dropout=0.0 training.resume_from_checkpoint={ckpt}" in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_a_signal_after_the_output_lost_its_reader_still_saves(tmp_path, corpus, sig):
+    """`python train.py | tee log` and Ctrl-C: tee ends too, and the run's prints find no reader; a
+    closed terminal (SIGHUP) likewise."""
+    path = write_config(tmp_path, corpus, max_iters=100000, checkpoint_freq=100000, test_freq=100000, log_freq=1)
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 2/"):
+            break
+    proc.stdout.close()  # the reader is gone
+    proc.stderr.close()
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == 0
+    [run] = run_dirs(tmp_path)
+    [ckpt] = run.glob("checkpoint_*.pt")
+    assert load_checkpoint(ckpt).step >= 2
 
 
 SLOW_EVALUATION = """
