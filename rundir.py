@@ -264,7 +264,11 @@ class RunDir:
         folder.mkdir()
         for path in later:
             path.rename(folder / path.name)
-        return [p.name for p in later], folder
+        moved = [p.name for p in later]
+        if (metrics := self.path / "metrics.jsonl").exists():  # all of its records (this branch keeps those up to step)
+            shutil.copy2(metrics, folder / metrics.name)
+            moved.append(f"a copy of {metrics.name}")
+        return moved, folder
 
     def set_aside_best(self, step: int) -> str | None:
         """The run's best.pt, renamed best_until_step_<step>.pt: a resume whose validation losses

@@ -216,7 +216,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             metrics.close()
             print(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. Resume "
                   f"with:\n  {launcher(ranks)}train.py {arguments} "
-                  f"{shlex.quote(f'training.resume_from_checkpoint={progress.last_saved}')}")
+                  f"{shlex.quote(f'training.resume_from_checkpoint={progress.last_saved.parent}')}")
             return 0
     stop_vote.settle()
     metrics.close()

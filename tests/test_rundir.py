@@ -207,8 +207,10 @@ def test_a_resume_from_an_earlier_step_sets_the_abandoned_branch_aside(tmp_path,
                        "training.max_iters=5"]) == 0
     out = capsys.readouterr().out
     set_aside = sorted(p.name for p in (run / "abandoned_after_step_4").iterdir())
-    assert set_aside == (["best.pt", "checkpoint_6.pt"] if best_step > 4 else ["checkpoint_6.pt"])
+    assert set_aside == (["best.pt", "checkpoint_6.pt"] if best_step > 4 else ["checkpoint_6.pt"]) + ["metrics.jsonl"]
     assert "a new branch from step 4: the abandoned branch's checkpoint_6.pt" in out
+    abandoned_records = (run / "abandoned_after_step_4" / "metrics.jsonl").read_text().splitlines()
+    assert max(json.loads(line)["step"] for line in abandoned_records) == 6  # its curve, whole
     assert open_checkpoint("latest", str(tmp_path / "ck"))[0] == run / "checkpoint_5.pt"
     assert [p.name for p in checkpoints_in(run)] == ["checkpoint_4.pt", "checkpoint_5.pt"]
     assert max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()) == 5
@@ -216,7 +218,7 @@ def test_a_resume_from_an_earlier_step_sets_the_abandoned_branch_aside(tmp_path,
     # back to step 4 with the run's first settings: that branch's changed settings go aside with its checkpoints
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run / 'checkpoint_4.pt'}"]) == 0
     set_aside = {p.name for p in (run / "abandoned_after_step_4_2").iterdir()}
-    assert set_aside - {"best.pt"} == {"checkpoint_5.pt", "config_resume_4.yaml"}  # (best.pt: if step 5's was best)
+    assert set_aside - {"best.pt"} == {"checkpoint_5.pt", "config_resume_4.yaml", "metrics.jsonl"}  # (best.pt: if step 5's was best)
     assert not list(run.glob("config_resume_*.yaml"))
 
 

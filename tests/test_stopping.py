@@ -117,7 +117,8 @@ def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, co
     assert logged[-1] == step and f"step {step}/100000 | loss" in out  # the steps since the last line are logged
     assert "SIGTERM: finishing the step, then saving a checkpoint (a second one stops at once)" in err
     # the resume command keeps the run's overrides
-    assert f"train.py --config {path} model.dropout=0.0 training.resume_from_checkpoint={ckpt}" in out
+    # and names the run directory, its newest checkpoint: run again later, it does not go back to this step
+    assert f"train.py --config {path} model.dropout=0.0 training.resume_from_checkpoint={run}\n" in out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
