@@ -8,6 +8,7 @@ name means, is rundir.py's job.
 import dataclasses
 import json
 import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def load_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a checkpoint (the file is empty)")
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip, or its legacy pickle format
         raise CheckpointError(f"{path}: not a checkpoint (not a file written by torch.save)")
+    if magic == b"PK\x03\x04" and (entry := damaged_entry(path)):
+        raise CheckpointError(f"{path}: not a readable checkpoint (damaged: the bytes of {entry} do not match their "
+                              f"checksum, a disk or copy error); use an earlier checkpoint or a good copy")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, or holds code
@@ -99,6 +103,17 @@ def load_checkpoint(path) -> Checkpoint:
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of this project (missing {', '.join(missing)})")
     return Checkpoint.from_dict(state)
+
+
+def damaged_entry(path: Path) -> str | None:
+    """The first part of a torch.save zip whose bytes differ from the CRC-32 written with them (torch.load
+    does not check: a flipped bit in the weights loads as another number); None if all match, or if
+    the zip cannot be read at all (torch.load then says how)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None
 
 
 def peek_checkpoint(path: Path) -> dict | None:

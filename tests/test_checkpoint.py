@@ -51,3 +51,15 @@ def test_a_file_that_is_not_a_checkpoint_is_called_so(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"empty.pt: not a checkpoint \(the file is empty\)$"):
         load_checkpoint(tmp_path / "empty.pt")
+
+
+def test_a_checkpoint_with_a_flipped_byte_is_refused_not_loaded(tmp_path):
+    weights = torch.arange(4096, dtype=torch.float32)
+    torch.save({"model": {"lm_head": weights}, "model_config": {}, "step": 1}, tmp_path / "c.pt")
+    data = bytearray((tmp_path / "c.pt").read_bytes())
+    at = data.index(weights[1000:1004].numpy().tobytes())  # inside the tensor's bytes: torch.load would not notice
+    data[at] ^= 0xFF
+    (tmp_path / "c.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"c.pt: not a readable checkpoint \(damaged: the bytes of "
+                                              r"c/data/0 do not match their checksum, a disk or copy error\)"):
+        load_checkpoint(tmp_path / "c.pt")
