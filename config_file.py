@@ -94,7 +94,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         first_line = {}
         for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: the keys it brings may be given again
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                raise yaml.constructor.ConstructorError(None, None, f"a key must be a name, not a "
+                                                        f"{type(key).__name__}", key_node.start_mark)
             line = key_node.start_mark.line + 1
             if key in first_line:
                 self.duplicates.append((key, first_line[key], line, isinstance(value_node, yaml.MappingNode)))

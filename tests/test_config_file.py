@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from config import Config, ConfigError, add_config_arguments
-from config_file import parse_arguments
+from config_file import parse_arguments, read_yaml
 
 
 def problems(raw, overrides=()):
@@ -89,6 +89,16 @@ def test_a_section_with_every_key_commented_out_takes_overrides(tmp_path):
     with pytest.raises(ConfigError) as info:
         Config.from_yaml(path, ["training.batch_size=16"])
     assert info.value.problems == ["training: must be a mapping of keys, got int 5"]  # once
+
+
+def test_yaml_merge_keys_work_and_a_list_as_key_is_named(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text("base: &b\n  batch_size: 4\ntraining:\n  <<: *b\n  max_iters: 5\n")
+    assert read_yaml(path, ["base", "training"])["training"] == {"batch_size": 4, "max_iters": 5}
+    path.write_text("training:\n  ? [a]\n  : 1\n")
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(path)
+    assert info.value.problems == [f"{path}:2:5: YAML syntax error: a key must be a name, not a list"]
 
 
 def test_an_unquoted_glob_pattern_is_told_to_take_quotes(tmp_path):
