@@ -5,6 +5,7 @@ Every problem in a config file is reported at once, one line each, as
 `<section.key>: <what is wrong>`; the scripts print them and exit with status 2. The model
 section is model.BDHConfig itself.
 """
+import argparse
 import dataclasses
 import math
 import os
@@ -229,6 +230,26 @@ class Config:
                             f"gradients too; set fp8.format=e4m3 (or fp8.torchao_recipe=tensorwise)")
         return problems
 
+    def unused_settings(self) -> list[str]:
+        """A line for each setting given a value other than its default where nothing reads it
+        (it applies only with another setting on): the value would change nothing."""
+        low_precision, logging = self.low_precision, self.logging
+        unused_when = {
+            "dataset.val_fraction": (self.dataset.val_parquet_dir, "validation reads all of dataset.val_parquet_dir"),
+            "low_precision.qat_start_fraction": (not low_precision.use_4bit, "low_precision.use_4bit is off"),
+            **{f"fp8.{f.name}": (not low_precision.use_fp8, "low_precision.use_fp8 is off")
+               for f in dataclasses.fields(FP8Config)},
+            **{f"logging.{key}": (not logging.wandb, "logging.wandb is off")
+               for key in ("wandb_project", "wandb_entity", "wandb_run_name")},
+            "dataloader.prefetch_factor": (self.dataloader.num_workers == 0,
+                                           "dataloader.num_workers is 0: the main process reads the batches"),
+            "training.compile": (self.training.debug and self.training.compile is True,
+                                 "training.debug runs the model uncompiled"),
+        }
+        defaults = Config()
+        return [f"{path} {self._get(path)!r} is not used: {why}" for path, (unused, why) in unused_when.items()
+                if unused and self._get(path) != defaults._get(path)]
+
     def _get(self, path):
         section, key = path.split(".")
         return getattr(getattr(self, section), key)
@@ -257,9 +278,19 @@ def step_tokens(training, world_size: int) -> int:
 
 def add_config_arguments(parser, default: str = "config.yaml"):
     """--config and the section.key=value overrides, as every script takes them."""
-    parser.add_argument("--config", default=default, help=f"YAML config (default {default})")
+    parser.add_argument("--config", default=default, action=OneConfigFile, help=f"YAML config (default {default})")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override any config field, e.g. training.batch_size=16")
+
+
+class OneConfigFile(argparse.Action):
+    """--config given twice is refused: argparse would keep the last one without a word."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if getattr(namespace, "config_given", False):
+            parser.error(f"--config is given twice ({namespace.config}, then {value}): give one file, and change "
+                         f"single settings with section.key=value")
+        namespace.config, namespace.config_given = value, True
 
 
 def load_config(args) -> Config:

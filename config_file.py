@@ -116,8 +116,10 @@ def apply_override(raw: dict, item: str) -> list[str]:
                 f"(for example training.batch_size=16)"]
     path, text = item.split("=", 1)
     section, key = path.split(".", 1)
+    if not text.strip():  # `training.resume_from_checkpoint=$CKPT` with CKPT unset would start a new run
+        return [f"{item}: no value (an unset shell variable?); write {path}=null for none"]
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
     if raw.get(section) is None:  # absent, or every key commented out

@@ -115,6 +115,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     metrics = MetricsLog(run, cfg, resumed_step=progress.step if continues_run_dir else None)
     print(describe_run(cfg, raw_model, optimizer, ranks, device, compute_dtype, units, run, tokens_per_step,
                        compile_model, fp8_recipe, qat_start))
+    if ranks.main:
+        for line in cfg.unused_settings():
+            print(f"note: {line}")
     if peak:
         print(f"MFU against the {peak_source}" + (" (FP8 too: the same bf16 yardstick)" if fp8_recipe else ""))
     if compile_model:

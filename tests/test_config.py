@@ -177,3 +177,21 @@ def test_config_errors_are_printed_once_under_torchrun(tmp_path, monkeypatch, ca
             load_config(arguments)
         assert exit_status.value.code == 2
         assert ("config error: training.lr: unknown key" in capsys.readouterr().err) == printed
+
+
+def test_a_setting_that_nothing_reads_is_noted():
+    c = Config.from_dict({"dataset": {"val_parquet_dir": "v", "val_fraction": 0.5}, "fp8": {"torchao_recipe": "rowwise"},
+                          "logging": {"wandb_project": "p"}, "dataloader": {"num_workers": 0, "prefetch_factor": 8},
+                          "training": {"debug": True, "compile": True}, "low_precision": {"qat_start_fraction": 0.5}})
+    assert c.unused_settings() == [
+        "dataset.val_fraction 0.5 is not used: validation reads all of dataset.val_parquet_dir",
+        "low_precision.qat_start_fraction 0.5 is not used: low_precision.use_4bit is off",
+        "fp8.torchao_recipe 'rowwise' is not used: low_precision.use_fp8 is off",
+        "logging.wandb_project 'p' is not used: logging.wandb is off",
+        "dataloader.prefetch_factor 8 is not used: dataloader.num_workers is 0: the main process reads the batches",
+        "training.compile True is not used: training.debug runs the model uncompiled"]
+    used = Config.from_dict({"dataset": {"val_fraction": 0.5}, "low_precision": {"use_4bit": True, "qat_start_fraction": 0.5},
+                             "logging": {"wandb": True, "wandb_project": "p"}, "training": {"compile": True}})
+    assert used.unused_settings() == []
+    for path in [ROOT / "config.yaml", *(ROOT / "configs").glob("*.yaml")]:  # the files users copy
+        assert Config.from_yaml(path).unused_settings() == [], path

@@ -152,6 +152,22 @@ def test_overrides_are_parsed_as_yaml_scalars_and_validated(tmp_path):
         Config.from_yaml(path, ["my.yaml"])
 
 
+def test_an_empty_override_and_a_second_config_file_are_refused(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  batch_size: 4\n")
+    with pytest.raises(ConfigError) as info:  # `...=$CKPT` with CKPT unset: not a new run without a word
+        Config.from_yaml(path, ["training.resume_from_checkpoint="])
+    assert info.value.problems == ["training.resume_from_checkpoint=: no value (an unset shell variable?); write "
+                                   "training.resume_from_checkpoint=null for none"]
+    assert Config.from_yaml(path, ["dataset.val_parquet_dir=null"]).dataset.val_parquet_dir is None
+    parser = argparse.ArgumentParser(prog="train.py")
+    add_config_arguments(parser)
+    with pytest.raises(SystemExit):
+        parse_arguments(parser, ["--config", str(path), "--config", "config.yaml"])
+    assert f"error: --config is given twice ({path}, then config.yaml)" in capsys.readouterr().err
+    assert parse_arguments(parser, ["--config", str(path)]).config == str(path)
+
+
 def test_a_key_or_section_given_twice_is_refused_naming_both_lines(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("training:\n  learning_rate: 1.0e-3\n  batch_size: 4\n  learning_rate: 2.0e-3\n"
