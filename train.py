@@ -150,7 +150,12 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             print(f"step {step}: quantization-aware training starts (4-bit forward from here on)")
         for micro in range(training.gradient_accumulation_steps):
             wait_start = time.perf_counter()
-            x, y, position = next(loader)
+            try:
+                x, y, position = next(loader)
+            except DataError as e:  # a shard damaged or removed after the start's checks
+                where = (f"the last checkpoint is {progress.last_saved}: resume from it once the data is fixed"
+                         if progress.last_saved else "no checkpoint was saved")
+                raise DataError(f"{one_line(e)} (at step {step}; {where})") from None
             step_log.data_wait_s += time.perf_counter() - wait_start
             progress.positions[position["reader"]] = position
             progress.batches_consumed += 1

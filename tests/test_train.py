@@ -21,7 +21,7 @@ from conftest import NEEDS_CUDA, ROOT, losses, only_run, run_dirs, write_config
 from data import validation_batches
 from model import BDH
 from rundir import checkpoints_in
-from shards import list_units
+from shards import DataError, list_units
 from tokenizer import load_tokenizer
 
 
@@ -136,6 +136,23 @@ def test_non_finite_loss_stops_without_saving_a_nan_model(tmp_path, corpus, monk
     monkeypatch.setattr(train, "learning_rate", lambda step, t: float("inf") if step == 1 else real(step, t))
     assert train.main(["--config", str(path), "low_precision.compute_dtype=float16"]) == 1
     assert "in float16, activations past 65,504 overflow" in capsys.readouterr().err
+
+
+def test_a_shard_that_fails_mid_run_names_the_step_and_the_checkpoint_to_resume(tmp_path, corpus, monkeypatch, capsys):
+    path = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=2)
+    real = train.train_loader
+
+    def failing_loader(*args, **kwargs):  # a shard damaged after the start's checks: its third batch fails
+        batches = iter(real(*args, **kwargs))
+        yield next(batches)
+        yield next(batches)
+        raise DataError("data/a.parquet: row group 3 cannot be read (Corrupt snappy compressed data.)")
+    monkeypatch.setattr(train, "train_loader", failing_loader)
+    assert train.main(["--config", str(path)]) == 1
+    [run] = run_dirs(tmp_path)
+    assert capsys.readouterr().err == (f"error: data/a.parquet: row group 3 cannot be read (Corrupt snappy compressed "
+                                       f"data.) (at step 3; the last checkpoint is {run / 'checkpoint_2.pt'}: resume "
+                                       f"from it once the data is fixed)\n")
 
 
 @pytest.mark.parametrize("error,asked", [
