@@ -32,6 +32,7 @@ from rundir import checkpoints_in
 from runtime import first_line
 from tokenizer import tokenizer_from_string
 
+TRAIN = str(Path(__file__).resolve().parent / "train.py")  # beside this script, wherever it is run from
 CALIBRATION_STEPS = 60  # the per-step time is measured over the second half: compilation settles
 CURVE_POINTS = 8
 
@@ -39,7 +40,7 @@ CURVE_POINTS = 8
 def run_train(config, overrides, workdir: Path) -> tuple[Path, list]:
     """train.py with these overrides in workdir; (its run directory, its metrics.jsonl records)."""
     checkpoint_dir = workdir / "checkpoints"
-    cmd = [sys.executable, "train.py", "--config", config, *overrides, f"training.checkpoint_dir={checkpoint_dir}"]
+    cmd = [sys.executable, TRAIN, "--config", config, *overrides, f"training.checkpoint_dir={checkpoint_dir}"]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     [run] = checkpoint_dir.glob("run_*")  # (W&B, when on, writes its wandb/ beside it)
@@ -116,6 +117,9 @@ def main(argv=None) -> int:
     if args.seconds < 0:
         parser.error(f"--seconds must be >= 0 (0: the config's own max_iters), got {args.seconds:g}")
     check_outputs(parser, {"--json": args.json})
+    names = [name for name, *_ in args.variant]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        parser.error(f"--variant {twice[0]} is given twice: give each variant its own name")
     variants = {name: [*args.overrides, *extra] for name, *extra in args.variant} or {"config": list(args.overrides)}
     for overrides in variants.values():  # config errors now, not after minutes of the first variant
         load_config(argparse.Namespace(config=args.config, overrides=overrides))

@@ -49,6 +49,7 @@ from shards import list_units
 from tokenizer import load_tokenizer
 
 BF16 = ["low_precision.compute_dtype=bfloat16"]
+REPO = Path(__file__).resolve().parent  # train.py is beside this script, wherever it is run from
 FOUR_BIT_OPTIMIZER = ["low_precision.use_4bit_optimizer=true"]
 PAPER = {"v_form": "v"}  # with the other MomentFormat defaults: Li et al.'s format, as torchao implements it
 EARLIER = {"m_code": "nf4", "v_code": "nf4", "v_form": "root4", "floor": True, "block_size": 32}
@@ -117,8 +118,8 @@ def launch(argv):
         adamw4bit.AdamW4bit = torchao_adamw4bit()
     else:
         adamw4bit.DEFAULT_FORMAT = MomentFormat(**optimizer)
-    sys.argv = ["train.py", *argv[1:]]
-    runpy.run_path("train.py", run_name="__main__")
+    sys.argv = [str(REPO / "train.py"), *argv[1:]]
+    runpy.run_path(str(REPO / "train.py"), run_name="__main__")
 
 
 def train_variant(config_path, overrides, variant, workdir, log_freq) -> dict:
@@ -128,9 +129,10 @@ def train_variant(config_path, overrides, variant, workdir, log_freq) -> dict:
                  "training.keep_last_n=1"]
     print("$", " ".join(["train.py", *arguments]), f"(optimizer: {json.dumps(optimizer)})" if optimizer else "",
           flush=True)
-    launcher = ["-c", "import bench_precision, sys; bench_precision.launch(sys.argv[1:])", json.dumps(optimizer)]
+    launcher = ["-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import bench_precision; "
+                      f"bench_precision.launch(sys.argv[1:])", json.dumps(optimizer)]
     start = time.perf_counter()
-    subprocess.run([sys.executable, *(launcher if optimizer else ["train.py"]), *arguments], check=True,
+    subprocess.run([sys.executable, *(launcher if optimizer else [str(REPO / "train.py")]), *arguments], check=True,
                    stdout=subprocess.DEVNULL)
     wall_s = time.perf_counter() - start
     print(f"  {wall_s:.0f} s, start-up, compilation and evaluation included", flush=True)
