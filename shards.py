@@ -113,9 +113,13 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
     root = Path(location)
     if root.is_dir():
         files, skipped = parquet_files(root)
+        check_links(files)
         check_splits(root, files, setting)
     elif root.is_file() and root.name.endswith(".parquet"):
         root, files, skipped = root.parent, [root], []
+    elif root.is_symlink() and not root.exists():
+        raise DataError(f"{root}: {setting} is a symbolic link to {os.path.realpath(root)}, which does not exist; "
+                        f"restore its target (re-download it) or set {setting} to where the data is")
     elif any(c in str(location) for c in PATTERN_CHARACTERS):
         root, files, skipped = pattern_files(str(location), setting)
     elif root.exists():
@@ -132,6 +136,16 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
     if not files:
         raise DataError(f"{root}: no .parquet files found (searched recursively); {how_to_convert(root, setting)}")
     return root, files
+
+
+def check_links(files: list[Path]):
+    """Refuse symbolic links to missing files among the shards (an interrupted download leaves a
+    Hugging Face cache's snapshot with links into blobs/ that were never written)."""
+    broken = [path for path in files if path.is_symlink() and not path.exists()]
+    if broken:
+        more = f" (and {len(broken) - 1} more such link(s))" if len(broken) > 1 else ""
+        raise DataError(f"{broken[0]}: a symbolic link to {os.path.realpath(broken[0])}, which does not exist{more}; "
+                        f"re-download the dataset, or remove the link(s) to train without those files")
 
 
 def how_to_convert(folder: Path, setting: str) -> str:
@@ -170,6 +184,7 @@ def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], list[Pa
             if os.path.realpath(path) not in seen:  # the same file through a link
                 seen.add(os.path.realpath(path))
                 taken.append(path)
+    check_links(taken)
     skipped = [path for path in skipped if (may_hold(segments, path.relative_to(root).parts) if path.is_dir() else
                                             matched_prefix(segments, path.relative_to(root).parts) is not None)]
     if not taken:
@@ -269,10 +284,11 @@ def mixed_splits(root: Path, files: list[Path]) -> str | None:
 
 def parquet_files(root: Path, look_in=None) -> tuple[list[Path], list[Path]]:
     """(every *.parquet file under root, sorted; the names skipped). Symbolic links to folders are
-    followed, each real folder once; names starting with '.' or '_' are not data (a macOS ._ copy,
-    Spark's _SUCCESS and _temporary/) and are skipped. look_in(the folder's parts below root), for a
-    pattern: whether to look into a folder at all; then a link is followed unless it leads back up
-    its own path (a folder skipped as seen might be the one the pattern wants)."""
+    followed, each real folder once; links to missing files are listed (check_links refuses them);
+    names starting with '.' or '_' are not data (a macOS ._ copy, Spark's _SUCCESS and _temporary/)
+    and are skipped. look_in(the folder's parts below root), for a pattern: whether to look into a
+    folder at all; then a link is followed unless it leads back up its own path (a folder skipped as
+    seen might be the one the pattern wants)."""
     found, skipped, seen = [], [], set()
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -289,7 +305,8 @@ def parquet_files(root: Path, look_in=None) -> tuple[list[Path], list[Path]]:
         for name in names:
             if name.endswith(".parquet") and name.startswith((".", "_")):
                 skipped.append(Path(folder) / name)
-            elif name.endswith(".parquet") and os.path.isfile(os.path.join(folder, name)):
+            elif name.endswith(".parquet") and (os.path.isfile(path := os.path.join(folder, name))
+                                                or os.path.islink(path) and not os.path.exists(path)):
                 found.append(Path(folder) / name)
     return sorted(found, key=lambda p: p.relative_to(root).parts), skipped  # as sorted(Path) orders them
 
@@ -367,6 +384,12 @@ def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, s
                            pa.array(in_split[first_row:first_row + len(docs)]))
             first_row += len(docs)
             yield pc.filter(docs, keep)
+    except (FileNotFoundError, PermissionError) as e:
+        gone = isinstance(e, FileNotFoundError)
+        what, fix = ("is gone", "restore it") if gone else ("cannot be read", "make it readable")
+        raise DataError(f"{unit.path}: the file {what} ({os.strerror(e.errno) if e.errno else first_line(e)}); "
+                        f"training needs every shard it started with: {fix}, or resume from the last checkpoint "
+                        f"to train on the data as it is now (the data order then changes)")
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{unit.path}: row group {unit.row_group} cannot be read "
                         f"({first_line(e)}); the file is corrupt or truncated: re-create it")

@@ -231,3 +231,72 @@ def test_a_pattern_that_matches_nothing_says_what_the_folder_holds(tmp_path):
                             f"train-00000-of-00002.parquet, train-00001-of-00002.parquet")
     with pytest.raises(DataError, match=f"{tmp_path / 'nowhere'} does not exist"):
         list_units(tmp_path / "nowhere" / "*.parquet", "text")
+
+
+def hub_snapshot(root, missing=("train-00001-of-00002",)):
+    """A Hugging Face cache's snapshot: links into blobs/, of which an interrupted download left some unwritten."""
+    data = root / "snapshots" / "abc123" / "data"
+    data.mkdir(parents=True)
+    for k, name in enumerate(("train-00000-of-00002", "train-00001-of-00002")):
+        if name not in missing:
+            write_parquet(root / "blobs" / f"blob{k}", [f"doc {k}"] * 3, 2)
+        (data / f"{name}.parquet").symlink_to(Path("..") / ".." / ".." / "blobs" / f"blob{k}")
+    return data
+
+
+def test_a_link_to_a_missing_file_is_refused_not_skipped(tmp_path, capsys):
+    data = hub_snapshot(tmp_path / "hub")
+    link, blob = data / "train-00001-of-00002.parquet", tmp_path / "hub" / "blobs" / "blob1"
+    message = (f"{link}: a symbolic link to {blob}, which does not exist; re-download the dataset, or remove the "
+               f"link(s) to train without those files")
+    for location in (data, tmp_path / "hub", data / "*.parquet", tmp_path / "hub" / "**" / "train-*.parquet"):
+        with pytest.raises(DataError) as e:
+            list_units(location, "text")
+        assert str(e.value) == message, location
+    assert len(list_units(data / "train-00000*.parquet", "text")) == 2  # a pattern that leaves it out needs it not
+    (data / "_partial.parquet").symlink_to(tmp_path / "nowhere")  # not data, as for a file
+    (data / ".hidden.parquet").symlink_to(tmp_path / "nowhere")
+    link.unlink()
+    assert len(list_units(data, "text")) == 2
+    assert "skipped 2 file(s) or folder(s) whose names start with '.' or '_'" in capsys.readouterr().out
+
+
+def test_a_folder_of_only_missing_links_says_so(tmp_path):
+    data = hub_snapshot(tmp_path / "hub", missing=("train-00000-of-00002", "train-00001-of-00002"))
+    with pytest.raises(DataError, match=r"^\S+/train-00000-of-00002.parquet: a symbolic link to \S+/blobs/blob0, which "
+                                        r"does not exist \(and 1 more such link\(s\)\); re-download the dataset, or "
+                                        r"remove the link\(s\) to train without those files$"):
+        list_units(data, "text")
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "b.parquet").symlink_to("/nonexist.parquet")
+    with pytest.raises(DataError, match=r"b.parquet: a symbolic link to /nonexist.parquet, which does not exist;"):
+        list_units(only, "text")
+
+
+def test_a_setting_that_is_a_link_to_nothing_says_so(tmp_path):
+    for name, target in (("data", tmp_path / "gone"), ("b.parquet", tmp_path / "gone.parquet")):
+        (tmp_path / name).symlink_to(target)
+        with pytest.raises(DataError) as e:
+            list_units(tmp_path / name, "text", setting="dataset.val_parquet_dir")
+        assert str(e.value) == (f"{tmp_path / name}: dataset.val_parquet_dir is a symbolic link to {target}, which "
+                                f"does not exist; restore its target (re-download it) or set dataset.val_parquet_dir "
+                                f"to where the data is")
+
+
+def test_a_shard_gone_or_unreadable_while_training_is_not_called_corrupt(tmp_path):
+    path = write_parquet(tmp_path / "a.parquet", ["x"] * 8, 4)
+    [unit, _] = list_units(tmp_path, "text")
+    path.unlink()
+    with pytest.raises(DataError) as e:
+        list(shards.read_unit_documents(shards.ParquetFileCache(1), unit, "text", "train", 0, 0.1))
+    assert str(e.value) == (f"{path}: the file is gone (No such file or directory); training needs every shard it "
+                            f"started with: restore it, or resume from the last checkpoint to train on the data as it "
+                            f"is now (the data order then changes)")
+
+    class Unreadable:  # chmod does not stop root
+        def get(self, path):
+            raise PermissionError(13, "Permission denied", path)
+    with pytest.raises(DataError, match=r"a.parquet: the file cannot be read \(Permission denied\); training needs "
+                                        r"every shard it started with: make it readable, or resume"):
+        list(shards.read_unit_documents(Unreadable(), unit, "text", "train", 0, 0.1))
