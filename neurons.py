@@ -8,9 +8,12 @@ neurons that fire for at least one of them (columns, the most often active first
 --max-neurons; H*N neurons in all, head-major): white where a neuron is silent, darker the stronger it
 fires. The picture shows the first --max-tokens tokens (a row each); the figures count them all.
 It prints, per layer, the share of the x and y latents (y: b = relu(LN(A x) @ encoder_v)) that is
-non-zero and how many distinct neurons the prompt used.
+non-zero and how many distinct neurons the prompt used. A prompt may be as long as fits in
+MEMORY_BUDGET (2 GiB): the forward pass keeps every layer's T x T attention scores, so the memory
+grows with the square of its length (memory_bytes).
 """
 import argparse
+import math
 import sys
 import warnings
 
@@ -20,7 +23,9 @@ from checkpoint import CheckpointError
 from config_file import parse_arguments
 from files import picture_path
 from rundir import load_model
-from tokenizer import TokenizerError, tokenizer_from_string
+from tokenizer import TokenizerError, tokenizer_from_string, utf8_argument
+
+MEMORY_BUDGET = 2 * 2**30  # bytes that latents() may take (memory_bytes): it limits the prompt's length
 
 
 @torch.no_grad()
@@ -35,6 +40,20 @@ def latents(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
     model.eval()(torch.tensor([ids]), observe=keep)
     return found
+
+
+def memory_bytes(config, n_tokens: int) -> int:
+    """About the most memory latents() takes, in float32: until the forward pass ends each layer keeps
+    its attention scores (H x T x T) and a; here each layer's a and b are kept too, and the layer's
+    temporaries come on top: about 4 copies of the H*N latents per token. (Measured at the limit, for
+    the shapes of config.yaml and configs/tiny.yaml: within 10%.)"""
+    return 4 * config.n_layer * config.n_head * n_tokens * (n_tokens + 4 * config.n_latent)
+
+
+def max_prompt_tokens(config) -> int:
+    """The longest prompt whose memory_bytes fit in MEMORY_BUDGET: T*T + 4N*T <= MEMORY_BUDGET / (4 L H)."""
+    N = config.n_latent
+    return math.isqrt(4 * N * N + MEMORY_BUDGET // (4 * config.n_layer * config.n_head)) - 2 * N
 
 
 def token_labels(tokenizer, ids: list[int]) -> list[str]:
@@ -83,6 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=80, help="rows per layer: the prompt's first tokens "
                         "(default 80; the printed figures count every token)")
     args = parse_arguments(parser, argv)
+    args.prompt = utf8_argument(args.prompt, "--prompt")
     for option, value in (("--max-neurons", args.max_neurons), ("--max-tokens", args.max_tokens)):
         if value < 1:
             parser.error(f"{option} must be at least 1, got {value}")
@@ -96,6 +116,11 @@ def main(argv=None) -> int:
     ids = tokenizer.encode(args.prompt)
     if not ids:
         parser.error("--prompt is empty")
+    if len(ids) > (limit := max_prompt_tokens(model.config)):
+        fitting = len(tokenizer.decode(ids[:limit]).rstrip("\ufffd"))  # (a character cut short: U+FFFD)
+        parser.error(f"--prompt is {len(ids):,} tokens, more than the {limit:,} that fit in {MEMORY_BUDGET // 2**30} "
+                     f"GiB for this model (memory grows with the square of the prompt's length): shorten it, e.g. to "
+                     f"its first {fitting:,} characters")
     found = latents(model, ids)
     print(f"model: {origin}\n{len(ids)} tokens, {found[0][0].shape[1]:,} latent neurons per layer (H*N)")
     print(f"{'layer':>5} {'x active':>9} {'y active':>9} {'neurons used':>13}")

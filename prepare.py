@@ -9,6 +9,7 @@ tokenizer is a byte-level BPE (Hugging Face tokenizers) trained on the training 
 config's shards, validation documents excluded.
 """
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -37,6 +38,30 @@ def check_can_write_file(out: str, replace: bool) -> Path:
         raise DataError(f"--out {out}: exists already (runs trained with it need it unchanged); choose another "
                         f"--out, or add --replace to overwrite it")
     return path
+
+
+def check_text_files(files):
+    """Refuse a file given twice (its text would be written twice), and a parquet file or a zip
+    archive (a checkpoint), which would be converted as text: by their first bytes, whatever their names."""
+    seen = {}
+    for f in files:
+        real = os.path.realpath(f)
+        if real in seen:
+            also = f" (also as {seen[real]})" if seen[real] != f else ""
+            raise DataError(f"{f}: given twice{also}; give each file once")
+        seen[real] = f
+        try:
+            with open(f, "rb") as file:
+                head = file.read(4)
+        except OSError:
+            continue  # text_files_to_parquet says why
+        if head == b"PAR1":
+            use = (f"train on it with dataset.parquet_dir={f}" if f.endswith(".parquet") else
+                   "rename it to end in .parquet and point dataset.parquet_dir at it")
+            raise DataError(f"{f}: a parquet file, not text; no conversion needed: {use} (or its folder)")
+        if head == b"PK\x03\x04":
+            raise DataError(f"{f}: a zip archive (a .pt checkpoint is one), not text; leave it out, or unzip it and "
+                            f"give the text files in it")
 
 
 def training_texts(cfg, units, report_every_s=5.0):
@@ -118,6 +143,7 @@ def main(argv=None):
         parser.error(f"--chunk-bytes must be >= 0 (0: one document per file), got {args.chunk_bytes}")
     try:
         if args.from_text:
+            check_text_files(args.from_text)
             chunk_bytes = DOCUMENT_BYTES if args.chunk_bytes is None else args.chunk_bytes
             n = text_files_to_parquet(args.from_text, args.out, chunk_bytes, replace=args.replace)
             print(f"wrote {n:,} document{'s' * (n != 1)} to {args.out}")

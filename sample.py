@@ -20,7 +20,7 @@ from config_file import parse_arguments
 from lowbit import LowBitError, post_training_note, to_4bit
 from rundir import load_model
 from runtime import DeviceError, pick_device
-from tokenizer import TokenizerError, text_change, tokenizer_from_string
+from tokenizer import TokenizerError, text_change, tokenizer_from_string, utf8_argument
 
 
 DECODE_WINDOW = 64  # tokens decoded together at most: decoding a whole long line per token is quadratic
@@ -66,6 +66,9 @@ def main(argv=None) -> int:
         parser.error(f"--top-k must be >= 0 (0: sample among all tokens), got {args.top_k}")
     if not 0 <= args.temperature < float("inf"):  # nan too
         parser.error(f"--temperature must be a number >= 0 (0 picks the likeliest token), got {args.temperature}")
+    if not -2**63 <= args.seed < 2**64:
+        parser.error(f"--seed must be from -2**63 to 2**64 - 1 (what torch.Generator takes), got {args.seed}")
+    args.prompt = utf8_argument(args.prompt, "--prompt")
     try:
         device = pick_device(args.device, setting="--device")
         if args.four_bit and device.type == "mps":

@@ -20,6 +20,7 @@ bytes depend on its neighbours (SentencePiece's '▁'), and the text is decoded 
 """
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +226,18 @@ def text_change(tokenizer, text: str, context: int = 24) -> str | None:
     at = next((i for i, (a, b) in enumerate(zip(text, back)) if a != b), min(len(text), len(back)))
     start = max(0, at - context // 2)
     return f"{text[start:start + context]!r} comes back as {back[start:start + context]!r}"
+
+
+def utf8_argument(text: str, option: str) -> str:
+    """A command-line text as valid UTF-8. Python reads argv bytes that are not UTF-8 as lone
+    surrogates, which no tokenizer encodes: the bytes become U+FFFD, with a note on stderr."""
+    raw = os.fsencode(text)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        print(f"note: {option} is not valid UTF-8 (byte {e.start:,}: {raw[e.start:e.start + 1]!r}): its invalid "
+              f"bytes become U+FFFD", file=sys.stderr)
+        return raw.decode("utf-8", errors="replace")
 
 
 def train_bpe(texts, vocab_size: int) -> str:

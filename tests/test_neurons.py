@@ -1,10 +1,22 @@
 """neurons.py: which latent neurons fire for each prompt token."""
+import os
+
+import pytest
 import torch
 
 import neurons
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import write_config
+from model import BDH, BDHConfig
+
+SMALL = BDHConfig(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4)  # N = 64
+
+
+@pytest.fixture
+def small_model(monkeypatch):
+    """neurons.py reads an untrained small model, with the byte tokenizer, whatever --checkpoint says."""
+    monkeypatch.setattr(neurons, "load_model", lambda *args: (BDH(SMALL), "bytes", {}, "a small model"))
 
 
 def test_picture_and_figures_of_the_active_neurons(tmp_path, corpus, capsys):
@@ -42,3 +54,39 @@ def test_a_character_of_several_byte_tokens_is_labelled_where_it_completes():
     from tokenizer import ByteTokenizer
     tokenizer = ByteTokenizer()
     assert neurons.token_labels(tokenizer, tokenizer.encode("né ✓a")) == ["n", "·", "é", " ", "·", "·", "✓", "a"]
+
+
+@pytest.mark.parametrize("config", [SMALL, BDHConfig(), BDHConfig(n_layer=3, n_embd=128,
+                                                                  mlp_internal_dim_multiplier=16)],
+                         ids=["small", "config.yaml", "tiny.yaml"])
+def test_the_longest_prompt_is_the_longest_that_fits_in_the_memory_budget(config):
+    limit = neurons.max_prompt_tokens(config)
+    assert neurons.memory_bytes(config, limit) <= neurons.MEMORY_BUDGET < neurons.memory_bytes(config, limit + 1)
+
+
+def test_a_prompt_too_long_for_the_memory_is_refused_before_the_forward_pass(small_model, tmp_path, monkeypatch,
+                                                                             capsys):
+    class Reached(Exception):
+        pass
+
+    def forward(model, ids):
+        raise Reached
+
+    monkeypatch.setattr(neurons, "latents", forward)
+    limit = neurons.max_prompt_tokens(SMALL)
+    with pytest.raises(Reached):  # as long as it may be
+        neurons.main(["--prompt", "a" * limit, "--out", str(tmp_path / "n.png")])
+    with pytest.raises(SystemExit) as stop:  # é: 2 byte tokens
+        neurons.main(["--prompt", "é" * limit, "--out", str(tmp_path / "n.png")])
+    assert stop.value.code == 2
+    assert (f"--prompt is {2 * limit:,} tokens, more than the {limit:,} that fit in 2 GiB for this model (memory grows "
+            f"with the square of the prompt's length): shorten it, e.g. to its first {limit // 2:,} characters\n"
+            in capsys.readouterr().err)
+
+
+def test_a_prompt_that_is_not_utf8_is_read_with_its_invalid_bytes_replaced(small_model, tmp_path, capsys):
+    prompt = os.fsdecode(b"a\xffb")  # what Python makes of these bytes in sys.argv: a lone surrogate
+    assert neurons.main(["--prompt", prompt, "--out", str(tmp_path / "n.png")]) == 0
+    printed = capsys.readouterr()
+    assert "\n5 tokens," in printed.out  # a, U+FFFD's 3 bytes, b
+    assert printed.err == "note: --prompt is not valid UTF-8 (byte 1: b'\\xff'): its invalid bytes become U+FFFD\n"

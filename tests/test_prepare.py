@@ -157,6 +157,39 @@ def test_from_text_on_a_folder_says_to_give_its_files(tmp_path, capsys):
                                       f"{tmp_path / 'books' / '*.txt'}\n"
 
 
+def test_from_text_refuses_parquet_and_zip_files_by_their_first_bytes(tmp_path, capsys):
+    import torch
+    shard = tmp_path / "train.parquet"
+    write_parquet(shard, ["some text"])
+    renamed = tmp_path / "train.txt"  # the content counts, not the name
+    renamed.write_bytes(shard.read_bytes())
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "ckpt.pt")  # a zip archive
+    for f, message in [
+        (shard, f"{shard}: a parquet file, not text; no conversion needed: train on it with "
+                f"dataset.parquet_dir={shard} (or its folder)"),
+        (renamed, f"{renamed}: a parquet file, not text; no conversion needed: rename it to end in .parquet and point "
+                  f"dataset.parquet_dir at it (or its folder)"),
+        (tmp_path / "ckpt.pt", f"{tmp_path / 'ckpt.pt'}: a zip archive (a .pt checkpoint is one), not text; leave it "
+                               f"out, or unzip it and give the text files in it")]:
+        assert prepare.main(["--from-text", str(f), "--out", str(tmp_path / "out")]) == 1
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_text_refuses_a_file_given_twice(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("some text\n")
+    (tmp_path / "b.txt").write_text("more text\n")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "a.txt")
+    for twice, message in [(["a.txt", "b.txt", "a.txt"], "a.txt: given twice; give each file once"),
+                           (["a.txt", "./a.txt"], "./a.txt: given twice (also as a.txt); give each file once"),
+                           (["link.txt", "b.txt", "a.txt"],
+                            "a.txt: given twice (also as link.txt); give each file once")]:
+        assert prepare.main(["--from-text", *twice, "--out", "out"]) == 1
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_data_py_run_as_a_command_points_at_prepare_py():
     r = subprocess.run([sys.executable, "data.py", "--from-text", "notes.txt", "--out", "data/notes"], cwd=ROOT,
                        capture_output=True, text=True)

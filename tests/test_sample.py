@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 import yaml
@@ -157,3 +159,29 @@ def test_a_prompt_the_tokenizer_does_not_give_back_is_noted(checkpoint, tmp_path
                         "3"]) == 0
     assert ("note: the model's tokenizer does not give the prompt back: 'more words, é' comes back as 'more words , "
             "<unk>'; the model reads what it keeps") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [str(2**64), "99999999999999999999", str(-2**63 - 1)])
+def test_a_seed_torch_cannot_take_is_refused(checkpoint, capsys, seed):
+    with pytest.raises(SystemExit) as stop:
+        sample.main(["--checkpoint", str(checkpoint), "--seed", seed])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--seed must be from -2**63 to 2**64 - 1 (what torch.Generator takes), got {seed}\n" in err
+
+
+def test_seeds_at_the_ends_of_the_range_sample_and_a_negative_one_counts_back_from_2_64(checkpoint, capsys):
+    args = ["--checkpoint", str(checkpoint), "--max-new-tokens", "20", "--device", "cpu", "--seed"]
+    texts = []
+    for seed in (2**64 - 1, -1, -2**63):
+        assert sample.main([*args, str(seed)]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]  # as torch.Generator.manual_seed takes -1
+
+
+def test_a_prompt_that_is_not_utf8_is_read_with_its_invalid_bytes_replaced(checkpoint, capsys):
+    prompt = os.fsdecode(b"<0\xff-")  # what Python makes of these bytes in sys.argv: a lone surrogate
+    assert sample.main(["--checkpoint", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith("<0\ufffd-")
+    assert "note: --prompt is not valid UTF-8 (byte 2: b'\\xff'): its invalid bytes become U+FFFD\n" in printed.err
