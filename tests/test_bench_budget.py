@@ -11,14 +11,14 @@ from conftest import ROOT, write_config
 def test_a_variant_gives_a_held_out_curve_from_any_directory(tmp_path, corpus, monkeypatch, capsys):
     text = tmp_path / "text.txt"
     text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(100)))
-    config = write_config(tmp_path, corpus, max_iters=8)
+    config = write_config(tmp_path, corpus, max_iters=4)
     out = tmp_path / "results.json"
     monkeypatch.chdir(tmp_path)  # train.py is found beside bench_budget.py, not in the working directory
     assert bench_budget.main(["--config", str(config), "--text", str(text), "--seconds", "0",
                               "--variant", "plain", "--json", str(out)]) == 0
     [(name, result)] = json.loads(out.read_text())["variants"].items()
-    assert name == "plain" and result["max_iters"] == 8
-    assert [len(point) for point in result["curve"]] == [2] * 8  # (seconds, held-out loss) at every step
+    assert name == "plain" and result["max_iters"] == 4
+    assert [len(point) for point in result["curve"]] == [2] * 4  # (seconds, held-out loss) at every step
     assert result["heldout_loss"] == result["curve"][-1][1] < 5.55  # ln 256: it learned something
 
 
