@@ -297,7 +297,7 @@ def test_writing_lines_evaluating_and_saving_are_not_counted_in_the_speed(tmp_pa
         def slow(*args, **kwargs):
             result = real(*args, **kwargs)
             if not calls:
-                time.sleep(3)
+                time.sleep(2)
             calls.append(1)
             return result
         return slow
@@ -309,8 +309,8 @@ def test_writing_lines_evaluating_and_saving_are_not_counted_in_the_speed(tmp_pa
     assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
     [run] = run_dirs(tmp_path)
     speeds = [r["ms_per_step"] for r in records(run) if "ms_per_step" in r]
-    # counted, a pause would add 3 s to a step's interval (6 s at step 2); a loaded machine varies them by less
-    assert len(speeds) == 4 and max(speeds) - min(speeds) < 2000, speeds
+    # counted, a pause would add 2 s to a step's interval (4 s at step 2); a loaded machine varies them by less
+    assert len(speeds) == 4 and max(speeds) - min(speeds) < 1500, speeds
 
 
 def test_mfu_is_the_achieved_training_flops_over_the_peak(monkeypatch):
