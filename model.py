@@ -321,6 +321,7 @@ class BDH(nn.Module):
         # What the layers see of (encoder, encoder_v, decoder): None uses them as they are;
         # lowbit.quantization_aware_view gives their 4-bit round trip, lowbit.to_4bit 4-bit storage.
         self.weight_view = None
+        self.register_buffer("rope_freqs", rope_frequencies(N), persistent=False)  # float32 always (_apply)
         # The original implementation stored its RoPE table as "attn.freqs"; it is derived
         # from the config, so drop it and let such state_dicts load unchanged.
         self.register_load_state_dict_pre_hook(self._drop_derived_buffers)
@@ -331,9 +332,12 @@ class BDH(nn.Module):
     def _drop_derived_buffers(module, state_dict, prefix, *args):
         state_dict.pop(prefix + "attn.freqs", None)
 
-    @property
-    def rope_freqs(self):  # derived from the shape, always float32: not a buffer that .to(dtype) would round
-        return rope_frequencies(self.config.n_latent).to(self.embed.weight.device)
+    def _apply(self, fn, recurse=True):
+        """.to(), .cuda(), .bfloat16(), ... as for any module; the RoPE frequencies are then
+        derived again in float32 where they now are: .to(bfloat16) would round them (phases off by radians)."""
+        super()._apply(fn, recurse)
+        self.rope_freqs = rope_frequencies(self.config.n_latent).to(self.rope_freqs.device)
+        return self
 
     def layer_weights(self):
         weights = tuple(getattr(self, name) for name in LAYER_WEIGHTS)

@@ -17,6 +17,12 @@ def problems(raw, overrides=()):
     return info.value.problems
 
 
+def file_problems(path, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(path, overrides)
+    return info.value.problems
+
+
 def test_unknown_key_suggests_the_closest_name():
     assert problems({"training": {"learnig_rate": 1e-3}}) == [
         "training.learnig_rate: unknown key; did you mean training.learning_rate?"]
@@ -76,9 +82,7 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
 def test_a_control_character_is_named_with_its_line(tmp_path):
     path = tmp_path / "pasted.yaml"
     path.write_text("model:\n  n_layer: 4\x01\n")
-    with pytest.raises(ConfigError) as info:
-        Config.from_yaml(path)
-    assert info.value.problems == [f"{path}:2: YAML cannot hold character U+0001 (a control character): delete it"]
+    assert file_problems(path) == [f"{path}:2: YAML cannot hold character U+0001 (a control character): delete it"]
 
 
 def test_a_section_with_every_key_commented_out_takes_overrides(tmp_path):
@@ -86,9 +90,7 @@ def test_a_section_with_every_key_commented_out_takes_overrides(tmp_path):
     path.write_text("training:\n  # batch_size: 4\nmodel:\n  n_layer: 2\n")
     assert Config.from_yaml(path, ["training.batch_size=16"]).training.batch_size == 16
     path.write_text("training: 5\n")
-    with pytest.raises(ConfigError) as info:
-        Config.from_yaml(path, ["training.batch_size=16"])
-    assert info.value.problems == ["training: must be a mapping of keys, got int 5"]  # once
+    assert file_problems(path, ["training.batch_size=16"]) == ["training: must be a mapping of keys, got int 5"]  # once
 
 
 def test_yaml_merge_keys_work_and_a_list_as_key_is_named(tmp_path):
@@ -96,9 +98,7 @@ def test_yaml_merge_keys_work_and_a_list_as_key_is_named(tmp_path):
     path.write_text("base: &b\n  batch_size: 4\ntraining:\n  <<: *b\n  max_iters: 5\n")
     assert read_yaml(path, ["base", "training"])["training"] == {"batch_size": 4, "max_iters": 5}
     path.write_text("training:\n  ? [a]\n  : 1\n")
-    with pytest.raises(ConfigError) as info:
-        Config.from_yaml(path)
-    assert info.value.problems == [f"{path}:2:5: YAML syntax error: a key must be a name, not a list"]
+    assert file_problems(path) == [f"{path}:2:5: YAML syntax error: a key must be a name, not a list"]
 
 
 def test_an_unquoted_glob_pattern_is_told_to_take_quotes(tmp_path):
@@ -155,9 +155,8 @@ def test_overrides_are_parsed_as_yaml_scalars_and_validated(tmp_path):
 def test_an_empty_override_and_a_second_config_file_are_refused(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("training:\n  batch_size: 4\n")
-    with pytest.raises(ConfigError) as info:  # `...=$CKPT` with CKPT unset: not a new run without a word
-        Config.from_yaml(path, ["training.resume_from_checkpoint="])
-    assert info.value.problems == ["training.resume_from_checkpoint=: no value (an unset shell variable?); write "
+    # `...=$CKPT` with CKPT unset: not a new run without a word
+    assert file_problems(path, ["training.resume_from_checkpoint="]) == ["training.resume_from_checkpoint=: no value (an unset shell variable?); write "
                                    "training.resume_from_checkpoint=null for none"]
     assert Config.from_yaml(path, ["dataset.val_parquet_dir=null"]).dataset.val_parquet_dir is None
     parser = argparse.ArgumentParser(prog="train.py")
