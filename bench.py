@@ -34,8 +34,8 @@ from reference import reference_forward
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, compile_repeatably, device_clock,
                      measured_matmul_flops, peak_memory_bytes, pick_device, process_status_bytes, resolve_compute_dtype,
                      steady_host_memory, wants_compile)
-from shards import list_units
-from tokenizer import load_tokenizer
+from shards import DataError, list_units
+from tokenizer import TokenizerError, load_tokenizer
 
 IMPLEMENTATIONS = ("model.py", "reference")
 
@@ -182,10 +182,9 @@ def profile_training(cfg, device, path, steps=3, warmup=2) -> dict:
     return out
 
 
-def bench_loader(cfg, model_ms_per_step, seconds=5.0) -> dict:
-    units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
+def bench_loader(cfg, units, tokenizer, model_ms_per_step, seconds=5.0) -> dict:
     workers = loader_workers(cfg, units)
-    it = iter(train_loader(cfg, units, load_tokenizer(cfg.dataset.tokenizer), workers))
+    it = iter(train_loader(cfg, units, tokenizer, workers))
     next(it)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -257,7 +256,11 @@ def main(argv=None) -> int:
         if wants_compile(cfg.training, device):
             check_can_compile(device)
             compile_repeatably(device)
-    except DeviceError as e:
+        if "loader" not in args.skip and not args.memory_probe:  # its data: checked before the minutes of timing
+            ensure_sample_corpus(cfg)
+            units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
+            tokenizer = load_tokenizer(cfg.dataset.tokenizer)
+    except (DeviceError, DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     steady_host_memory(cfg, device)  # as train.py does, for both implementations
@@ -291,8 +294,7 @@ def main(argv=None) -> int:
         print("profile of a model.py step: " + ", ".join(f"{k[:-3]} {v:.1f} ms" for k, v in prof.items())
               + f" (table: {args.profile})")
     if "loader" not in args.skip:
-        ensure_sample_corpus(cfg)
-        results["loader"] = bench_loader(cfg, fast["ms_per_step"])
+        results["loader"] = bench_loader(cfg, units, tokenizer, fast["ms_per_step"])
         print_loader(results["loader"])
     if "generation" not in args.skip:
         results["generation"] = bench_generation(cfg, device)

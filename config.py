@@ -130,14 +130,19 @@ class Config:
     @classmethod
     def from_yaml(cls, path, overrides=()) -> "Config":
         """Load `path`, apply `section.key=value` overrides, validate; raises ConfigError."""
-        return cls.from_dict(read_yaml(path, _sections()), overrides)
+        try:
+            raw = read_yaml(path, _sections())
+        except ConfigError as e:  # and a file given as an override (--config forgotten) says so
+            files = [item for item in overrides if "=" not in item and item.endswith((".yaml", ".yml"))]
+            raise ConfigError(e.problems + [p for item in files for p in apply_override({}, item, [])]) from None
+        return cls.from_dict(raw, overrides)
 
     @classmethod
     def from_dict(cls, raw: dict, overrides=()) -> "Config":
         raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
         problems = []
         for item in overrides:
-            problems += apply_override(raw, item)
+            problems += apply_override(raw, item, _all_paths())
         sections = {}
         for name, value in raw.items():
             if name in _all_paths():  # `training.seed: 3` at the top of a file

@@ -23,8 +23,24 @@ ALIASES = {"lr": "training.learning_rate", "bs": "training.batch_size", "batch":
            "context_length": "training.block_size", "warmup": "training.warmup_iters",
            "warmup_steps": "training.warmup_iters", "wd": "training.weight_decay", "clip": "training.grad_clip",
            "n_embed": "model.n_embd", "d_model": "model.n_embd", "layers": "model.n_layer", "heads": "model.n_head",
-           "grad_accum": "training.gradient_accumulation_steps"}
+           "grad_accum": "training.gradient_accumulation_steps",
+           "grad_accum_steps": "training.gradient_accumulation_steps",
+           # nanoGPT's and Hugging Face Trainer's names
+           **dict.fromkeys(("eval_interval", "val_interval", "eval_every", "eval_steps"), "training.test_freq"),
+           **dict.fromkeys(("log_interval", "log_every", "logging_steps"), "training.log_freq"),
+           **dict.fromkeys(("save_interval", "save_every", "save_steps", "checkpoint_interval"),
+                           "training.checkpoint_freq"),
+           **dict.fromkeys(("out_dir", "output_dir"), "training.checkpoint_dir"),
+           **dict.fromkeys(("init_from", "resume", "resume_from"), "training.resume_from_checkpoint"),
+           **dict.fromkeys(("dtype", "precision", "mixed_precision", "amp"), "low_precision.compute_dtype"),
+           "lr_decay_iters": "training.max_iters", "min_learning_rate": "training.min_lr",
+           "max_grad_norm": "training.grad_clip", "wandb_log": "logging.wandb",
+           **dict.fromkeys(("n_layers", "num_layers"), "model.n_layer"),
+           **dict.fromkeys(("n_heads", "num_heads"), "model.n_head")}
 EPOCHS = ("epochs", "num_epochs", "max_epochs")
+NOT_SETTINGS = {  # other trainers' settings that are fixed here
+    **dict.fromkeys(("beta1", "beta2", "betas"), "AdamW's betas are fixed at 0.9 and 0.95 (adamw4bit.make_optimizer)"),
+    "bias": "BDH's layers have no bias terms"}
 
 
 class ConfigError(Exception):
@@ -107,11 +123,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def apply_override(raw: dict, item: str) -> list[str]:
-    """Apply one `section.key=value` override (value parsed as a YAML scalar) to raw; its problems."""
+def apply_override(raw: dict, item: str, paths: list[str]) -> list[str]:
+    """Apply one `section.key=value` override (value parsed as a YAML scalar) to raw; its problems.
+    `paths`: every section.key, for a key given without its section."""
     if "=" not in item or "." not in item.split("=", 1)[0]:
         if item.endswith((".yaml", ".yml")):
             return [f"{item}: an override must look like section.key=value; to train with this file: --config {item}"]
+        key, _, value = item.partition("=")
+        if "=" in item and (meant := [path for path in paths if path.split(".")[1] == key]):
+            return [f"{item}: an override must look like section.key=value; did you mean {meant[0]}={value}?"]
         return [f"{item}: an override must look like section.key=value "
                 f"(for example training.batch_size=16)"]
     path, text = item.split("=", 1)
@@ -161,6 +181,8 @@ def suggest(name: str, candidates: list[str], known) -> str:
     if key in EPOCHS:
         return ("; training has no epochs setting: it runs training.max_iters optimizer steps of batch_size x "
                 "block_size x gradient_accumulation_steps tokens each; set training.max_iters")
+    if key in NOT_SETTINGS:
+        return f"; there is no such setting: {NOT_SETTINGS[key]}"
     moved = [c for c in candidates if c.split(".")[-1] == key and c != name]
     match = moved or ([ALIASES[key]] if key in ALIASES else []) or difflib.get_close_matches(name, candidates, n=1,
                                                                                               cutoff=0.6)
@@ -195,7 +217,7 @@ def check_type(value, hint):
 def parse_arguments(parser, argv=None):
     """parser.parse_args(argv), naming the option a misspelled one means (--tempreature:
     --temperature), and telling an override written as an option (--training.seed=3) how to write it."""
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_intermixed_args(argv)  # overrides on both sides of an option
     options = [option for action in parser._actions for option in action.option_strings]
     for item in unknown:
         name = item.split("=", 1)[0]

@@ -128,5 +128,10 @@ def ensure_sample_corpus(cfg):
     folder = cfg.dataset.parquet_dir
     if Path(folder).resolve() == Path(DEFAULT_SAMPLE_DIR).resolve() and not Path(folder).exists():
         print(f"building the sample corpus in {folder} from the Python standard library ...")
-        n = build_stdlib_corpus(folder)
+        try:
+            n = build_stdlib_corpus(folder)
+        except OSError as e:  # a file named data here, a dangling link, a folder not writable
+            raise DataError(f"dataset.parquet_dir {folder}: cannot build the sample corpus there: "
+                            f"{e.strerror or e}; run from a folder where it can be written, or set "
+                            f"dataset.parquet_dir to your data") from None
         print(f"  {n} documents" if n is not None else "  another process built it meanwhile")

@@ -13,6 +13,7 @@ quant_map[code] x its block's scale (model.unpack_4bit).
 """
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -78,7 +79,8 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
     evaluated = last_evaluation(source, ckpt.step)
     result = (f"validation loss {evaluated['val_loss']:.4f} nats per token, "
               f"{evaluated['val_bits_per_byte']:.4f} bits per byte, at step {evaluated['step']}"
-              if "val_bits_per_byte" in evaluated else f"best validation loss {ckpt.best_val_loss:.4f} nats per token")
+              if "val_bits_per_byte" in evaluated else f"best validation loss {ckpt.best_val_loss:.4f} nats per token"
+              if math.isfinite(ckpt.best_val_loss) else "not evaluated yet (stopped before its first evaluation)")
     tokens = "UTF-8 bytes" if tokenizer.to_str() == "bytes" else f"a {tokenizer.vocab_size:,}-token tokenizer.json"
     weights_note = "float32"
     if four_bit:
@@ -150,7 +152,7 @@ def write_export(folder: Path, ckpt, source: Path, out: str, hf: bool, four_bit:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint_<step>.pt, best.pt, a run directory, or latest")
-    parser.add_argument("--checkpoint-dir", default="checkpoints", help="where `latest` looks (default: checkpoints)")
+    parser.add_argument("--checkpoint-dir", help="where `latest` looks (default: checkpoints)")
     parser.add_argument("--out", required=True, help="the folder to write")
     parser.add_argument("--hf", action="store_true", help="also a Hugging Face Transformers folder (trust_remote_code)")
     parser.add_argument("--4bit", dest="four_bit", action="store_true",

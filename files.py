@@ -45,7 +45,10 @@ def atomic_write(path: Path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only disk: the write's own error is the one to see
+            pass
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -170,3 +173,10 @@ def check_outputs(parser, outputs: dict):
 def relative_to_here(path) -> str:
     """For a message saying that `path` is missing: where a relative path was looked for."""
     return "" if Path(path).is_absolute() else f" (relative paths start from the current directory, {Path.cwd()})"
+
+
+def script_here(name: str) -> str:
+    """The repository's script `name` (train.py) as a command run from the current folder writes
+    it: the name alone in the repository's folder, else its full path."""
+    path = Path(__file__).resolve().parent / name
+    return name if path.parent == Path.cwd().resolve() else str(path)

@@ -8,17 +8,20 @@ written to metrics.jsonl and TensorBoard then (flush). W&B starts with the run, 
 run continues the same W&B run (or a new one, when W&B has logged past the checkpoint's step). A
 resume also cuts metrics.jsonl and the TensorBoard curves back to the checkpoint's step: the steps
 after it are trained again and logged once. step_line and evaluation_lines are the console's
-lines of a record; StepLog measures the training steps for their records.
+lines of a record; StepLog measures the training steps for their records; describe_run is what a
+run says of itself at the start.
 """
 import importlib.util
 import json
 import os
 import secrets
 import time
+from pathlib import Path
 
 import torch
 
-from config import step_tokens
+from adamw4bit import AdamW4bit, adamw_state_bytes
+from config import learning_rate, step_tokens
 from positions import epochs_read
 from files import atomic_write, read_records
 from runtime import first_line, peak_memory_bytes
@@ -61,6 +64,14 @@ class MetricsLog:
         """Write what waits, once the run directory exists."""
         if not self.pending or self.run.path is None:
             return
+        try:
+            self._write()
+        except OSError as e:  # a disk that filled up since the checkpoint, a folder made read-only
+            raise MetricsError(f"{self.run.path}: cannot write the run's records ({e.strerror or first_line(e)}); the "
+                               f"checkpoints written are intact: make room (or fix the folder), then resume") from None
+        self.pending = []
+
+    def _write(self):
         if self.settings.tensorboard and self.tensorboard is None:
             from torch.utils.tensorboard import SummaryWriter
             purge = None if self.resumed_step is None else self.resumed_step + 1
@@ -81,7 +92,6 @@ class MetricsLog:
                 if "sample" in record:
                     self.tensorboard.add_text("sample", sample_markdown(record), record["step"])
             self.tensorboard.flush()
-        self.pending = []
 
     def close(self):
         self.flush()
@@ -293,3 +303,56 @@ def evaluation_lines(record: dict) -> str:
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run, tokens_per_step, compiled,
+                 fp8_recipe, qat_start) -> str:
+    training, low_precision = cfg.training, cfg.low_precision
+    n_params = cfg.model.n_params
+    if low_precision.compute_dtype == "auto":
+        compute_dtype += " (auto)"
+    lines = [f"BDH {n_params / 1e6:.2f}M parameters | device {device} | {compute_dtype} | "
+             f"compile {compiled} | {tokens_per_step:,} tokens/step"]
+    if ranks.enabled:
+        lines[0] += (f" | {ranks.world_size} processes ({ranks.mode}), global batch {training.batch_size} x "
+                     f"{training.gradient_accumulation_steps} x {ranks.world_size}")
+    dataset = cfg.dataset
+    validation = (f"validation {Path(dataset.val_parquet_dir).resolve()}" if dataset.val_parquet_dir
+                  else f"validation {dataset.val_fraction * 100:g}% of its documents")
+    tokenizer = "bytes" if dataset.tokenizer == "bytes" else Path(dataset.tokenizer).resolve()
+    writes_to = (f"continues in {run.path.resolve()}" if run.path is not None
+                 else f"runs in {Path(training.checkpoint_dir).resolve()}")
+    n_files = len({unit.path for unit in units})
+    data_size = f"{n_files} file{'s' * (n_files != 1)}, {len(units)} row group{'s' * (len(units) != 1)}"
+    lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({data_size}; {validation}) | tokenizer {tokenizer} | "
+                 f"{writes_to}")
+    full = adamw_state_bytes(model.parameters())
+    if isinstance(optimizer, AdamW4bit):
+        state = optimizer.state_bytes()
+        f = optimizer.format
+        v = {"v": "v", "sqrt": "sqrt(v)", "root4": "v^(1/4)"}[f.v_form]
+        lines.append(f"optimizer {type(optimizer).__name__} (m: {f.m_code}, {v}: {f.v_code}, blocks of "
+                     f"{f.block_size}), state {state / 2**20:.2f} MiB = {state / full:.3f} x AdamW's "
+                     f"{full / 2**20:.2f} MiB")
+    else:
+        lines.append(f"optimizer AdamW, state {full / 2**20:.2f} MiB")
+    if low_precision.use_4bit:
+        lines[-1] += (f" | 4-bit quantization-aware training ({low_precision.quantization_type}) of encoder, "
+                      f"encoder_v, decoder from step {qat_start + 1}; validation losses are the 4-bit model's")
+    if fp8_recipe:
+        lines[-1] += f" | FP8 GEMMs for encoder, encoder_v, decoder: {fp8_recipe}"
+    if training.debug:
+        lines[-1] += " | DEBUG: anomaly detection, a log line (and its loss checked) every step"
+    step_flops = cfg.model.training_flops_per_token(training.block_size) * tokens_per_step / ranks.world_size
+    if device.type == "cpu" and step_flops > CPU_STEP_FLOPS:
+        lines.append(f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, seconds to minutes on a CPU "
+                     f"(the first step line comes after it): this model is sized for a GPU; configs/tiny.yaml "
+                     f"trains on a CPU in minutes")
+    if training.warmup_iters >= training.max_iters:
+        lines.append(f"note: training.warmup_iters {training.warmup_iters} >= max_iters {training.max_iters}: the "
+                     f"learning rate rises to {learning_rate(training.max_iters, training):.3g} of "
+                     f"{training.learning_rate:.3g} and never decays; lower warmup_iters for a full schedule")
+    return "\n".join(lines)
+
+
+CPU_STEP_FLOPS = 1e12  # a few seconds at the bf16 speed of a many-core CPU; config.yaml's model is 5 per step

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="latest",
                         help="checkpoint_<step>.pt, a run directory, a folder export.py wrote, or latest (the default: "
                              "the newest checkpoint of the newest run in --checkpoint-dir)")
-    parser.add_argument("--checkpoint-dir", default="checkpoints", help="where `latest` looks (default: checkpoints)")
+    parser.add_argument("--checkpoint-dir", help="where `latest` looks (default: checkpoints)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--out", default="neurons.png", help="the picture to write (default neurons.png)")
     parser.add_argument("--max-neurons", type=int, default=400, help="columns per layer (default 400)")

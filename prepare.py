@@ -21,7 +21,7 @@ from config import DatasetConfig, add_config_arguments, load_config
 from config_file import parse_arguments
 from corpus import DOCUMENT_BYTES, ensure_sample_corpus, text_files_to_parquet
 from data import training_split
-from files import atomic_write, output_path
+from files import atomic_write, output_path, script_here
 from shards import DataError, ParquetFileCache, list_units, read_unit_documents
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
 
@@ -111,7 +111,7 @@ def train_tokenizer(cfg, vocab_size: int, out: str, config_arguments: list, repl
     replaced = ("dataset.tokenizer=", "model.vocab_size=")
     command = [*(a for a in config_arguments if not a.startswith(replaced)), f"dataset.tokenizer={out}",
                f"model.vocab_size={model_vocab_size(tokenizer)}"]
-    return f"wrote {out}: {tokenizer.vocab_size:,} tokens. Train with it:\n  python train.py {shlex.join(command)}"
+    return f"wrote {out}: {tokenizer.vocab_size:,} tokens. Train with it:\n  python {shlex.join([script_here('train.py'), *command])}"
 
 
 def main(argv=None):

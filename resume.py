@@ -126,15 +126,17 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, validation_
 
 def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks) -> RunDir:
     """The run directory a resumed run writes into: the checkpoint's own, or a new one when the
-    checkpoint lies outside a run directory (a download, a backup: not a run to write into or prune).
+    checkpoint lies outside a run directory (a download, a backup: not a run to write into or prune)
+    or in one that cannot be written (a read-only mount, another user's run).
     Says that the run resumes once the directory is its own (another process may be training in it)."""
     announce = f"resuming from {path} at step {ckpt.step + 1}"
-    if not (path.parent / "config.yaml").exists():
+    not_a_run = not (path.parent / "config.yaml").exists()
+    if not_a_run or not os.access(path.parent, os.W_OK):
         print(announce)
         progress.best_val_loss = math.inf  # so that the new run directory gets its own best.pt
         if ckpt.step < cfg.training.max_iters:
-            print(f"  {path.parent} is not a run directory (no config.yaml): the run continues in a new one in "
-                  f"{cfg.training.checkpoint_dir}")
+            why = "is not a run directory (no config.yaml)" if not_a_run else "cannot be written"
+            print(f"  {path.parent} {why}: the run continues in a new one in {cfg.training.checkpoint_dir}")
         return RunDir(cfg.training.checkpoint_dir, writer=ranks.main)
     run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
     if ckpt.step >= cfg.training.max_iters:  # nothing to train: nothing to move or record

@@ -47,12 +47,21 @@ def resumable_in(run_dir: Path) -> list[Path]:
     return found
 
 
-def checkpoint_candidates(spec: str, checkpoint_dir: str, setting: str) -> list[Path]:
+def latest_folder(spec: str, checkpoint_dir: str | None, setting: str) -> Path:
+    """Where `latest` looks. A script's --checkpoint-dir (None: not given, `checkpoints`) given with
+    another --checkpoint is refused: it would be ignored."""
+    if setting.startswith("--") and spec != "latest" and checkpoint_dir is not None:
+        raise CheckpointError(f"--checkpoint-dir {checkpoint_dir} is where `latest` looks, and --checkpoint {spec} is "
+                              f"a path of its own: drop --checkpoint-dir, or give --checkpoint latest")
+    return Path(checkpoint_dir or "checkpoints")
+
+
+def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -> list[Path]:
     """The checkpoints spec may mean, newest first (open_checkpoint)."""
     flag = setting.startswith("--")  # a script's --checkpoint, whose folder is --checkpoint-dir
     folder = "--checkpoint-dir" if flag else "training.checkpoint_dir"
+    root = latest_folder(spec, checkpoint_dir, setting)
     if spec == "latest":
-        root = Path(checkpoint_dir)
         runs = [p for p in sorted(root.glob("run_*")) if p.is_dir()] if root.is_dir() else []
         found = [path for run in reversed(runs) for path in resumable_in(run)]
         if not found:
@@ -62,7 +71,7 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str, setting: str) -> list[
         last_written = max(found, key=lambda path: path.stat().st_mtime)  # an older run resumed since, perhaps
         if last_written.parent != found[0].parent:
             print(f"note: latest is the newest run, {found[0].parent.name}; {last_written} was written more "
-                  f"recently: give it (or its run directory) to continue from there")
+                  f"recently: give it (or its run directory) to {'use it' if flag else 'continue from there'}")
         return found
     path = Path(spec)
     if path.is_dir():
@@ -80,7 +89,7 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str, setting: str) -> list[
     return [path]
 
 
-def open_checkpoint(spec: str, checkpoint_dir: str, setting: str = "training.resume_from_checkpoint"):
+def open_checkpoint(spec: str, checkpoint_dir: str | None, setting: str = "training.resume_from_checkpoint"):
     """(path, Checkpoint) of spec: a checkpoint file, a run directory (its newest checkpoint) or
     `latest` (the newest checkpoint of the newest run in checkpoint_dir). For a run directory and
     `latest`, a checkpoint that cannot be read is skipped, with a line saying why, for the next
@@ -96,10 +105,11 @@ def open_checkpoint(spec: str, checkpoint_dir: str, setting: str = "training.res
     raise CheckpointError(f"{setting}: {spec}: none of its {len(candidates)} checkpoint(s) can be read (see above)")
 
 
-def load_model(spec: str, checkpoint_dir: str, setting: str) -> tuple[BDH, str, dict, str]:
+def load_model(spec: str, checkpoint_dir: str | None, setting: str) -> tuple[BDH, str, dict, str]:
     """(model, tokenizer as tokenizer.to_str() gives it, the low_precision settings it was trained
     with (exported_in_4bit if its weights are 4-bit already), which file and step it is) of a
     checkpoint (open_checkpoint) or of a folder that export.py wrote."""
+    latest_folder(spec, checkpoint_dir, setting)
     if is_export(spec):
         model, tokenizer, config = load_export(spec)
         recorded = config.get("low_precision", {})  # (an export of version 1 may have none; use_4bit: not known)

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="latest",
                         help="checkpoint_<step>.pt, a run directory, a folder export.py wrote, or latest (the default: "
                              "the newest checkpoint of the newest run in --checkpoint-dir)")
-    parser.add_argument("--checkpoint-dir", default="checkpoints", help="where `latest` looks (default: checkpoints)")
+    parser.add_argument("--checkpoint-dir", help="where `latest` looks (default: checkpoints)")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=500)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the likeliest token")

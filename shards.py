@@ -122,6 +122,10 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
                         f"restore its target (re-download it) or set {setting} to where the data is")
     elif any(c in str(location) for c in PATTERN_CHARACTERS):
         root, files, skipped = pattern_files(str(location), setting)
+    elif root.exists() and parquet_by_its_bytes(root):
+        raise DataError(f"{root}: a parquet file whose name does not end in .parquet (only such names are read as "
+                        f"shards); rename it: `mv {shlex.quote(str(root))} "
+                        f"{shlex.quote(str(root.with_suffix('.parquet')))}`")
     elif root.exists():
         out = shlex.quote(str(root.with_suffix("")) + "_parquet")
         raise DataError(f"{root}: {setting} is a file, not a folder of .parquet shards; give their folder, a .parquet "
@@ -148,6 +152,15 @@ def check_links(files: list[Path]):
                         f"re-download the dataset, or remove the link(s) to train without those files")
 
 
+def parquet_by_its_bytes(path: Path) -> bool:
+    """Whatever its name (.pq, .parq): a parquet file starts with PAR1."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PAR1"
+    except OSError:
+        return False
+
+
 def how_to_convert(folder: Path, setting: str) -> str:
     """The prepare.py command for a folder without parquet shards: into it if it is empty, else
     (it holds the text, and prepare.py writes only into a folder of shards) into one beside it,
@@ -155,6 +168,9 @@ def how_to_convert(folder: Path, setting: str) -> str:
     if not any(folder.iterdir()):
         return f"convert text with `python prepare.py --from-text FILE ... --out {shlex.quote(str(folder))}`"
     text = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix and not p.name.startswith((".", "_")))
+    if text and parquet_by_its_bytes(text[0]):
+        return (f"{text[0].name} is a parquet file whose name does not end in .parquet: rename such files to end in "
+                f".parquet (only those are read as shards)")
     if text and text[0].suffix.lower() in (".jsonl", ".json", ".csv", ".tsv"):  # records: their syntax is not text
         return (f"{text[0].name} holds records, not plain text: write them as parquet (pyarrow.json.read_json or "
                 f"pyarrow.csv.read_csv, then pyarrow.parquet.write_table) and set dataset.text_column to the "

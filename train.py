@@ -3,7 +3,7 @@
     python train.py [--config config.yaml] [--print-config] [section.key=value ...]
 
 main() loads the config and joins the processes torchrun started (if any); train() sets up the
-data, the model and the optimizer, resumes from a checkpoint (resume.py), describes the run, then
+data, the model and the optimizer, resumes from a checkpoint (resume.py), describes the run (metrics.py), then
 loops: step, log, evaluate (evaluation.py), checkpoint.
 """
 import argparse
@@ -16,12 +16,13 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from adamw4bit import AdamW4bit, adamw_state_bytes, make_optimizer
+from adamw4bit import make_optimizer
 from checkpoint import CheckpointError
 from config import add_config_arguments, learning_rate, load_config, step_tokens
 from config_file import parse_arguments
@@ -30,9 +31,11 @@ from data import check_enough_units, loader_workers, stop_loader_workers, train_
 from distributed import (DistributedError, Ranks, communication_failure, gradient_sync, local_tensor, shutdown, start,
                          wrap)
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
+from files import script_here
 from fp8 import FP8Error, fp8_matmuls
 from lowbit import LowBitError, quantization_aware_view
-from metrics import MetricsError, MetricsLog, StepLog, check_installed, evaluation_lines, format_duration
+from metrics import (MetricsError, MetricsLog, StepLog, check_installed, describe_run, evaluation_lines,
+                     format_duration)
 from model import BDH
 from positions import data_order
 from resume import Progress, data_settings_hint, resume, save
@@ -50,7 +53,8 @@ class TrainingError(Exception):
 
 
 def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
-    """`arguments`: the command line's, for the resume command printed when a signal stops the run."""
+    """`arguments`: train.py and the command line's, for the resume command printed when a signal
+    stops the run."""
     training = cfg.training
     compute_dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
     compute = autocast(device, compute_dtype)
@@ -138,8 +142,13 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                        saved_passes=progress.passes)
     model.train()
 
+    def save_checkpoint(at: Progress, name=None) -> Path:  # every rank takes part; rank 0 writes
+        at.passes = step_log.passes(at.positions.values())
+        return save(run, at, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=name)
+
     while progress.step < training.max_iters:
         # ---- one optimizer step: gradient accumulation over micro-batches
+        before = replace(progress, positions=dict(progress.positions))  # what a data error in this step saves
         step = progress.step = progress.step + 1
         progress.tokens += tokens_per_step
         lr = learning_rate(step, training)
@@ -153,9 +162,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             try:
                 x, y, position = next(loader)
             except DataError as e:  # a shard damaged or removed after the start's checks
-                where = (f"the last checkpoint is {progress.last_saved}: resume from it once the data is fixed"
-                         if progress.last_saved else "no checkpoint was saved")
-                raise DataError(f"{one_line(e)} (at step {step}; {where})") from None
+                raise stop_for_data(e, step, before, save_checkpoint, raw_model, metrics, ranks) from None
             step_log.data_wait_s += time.perf_counter() - wait_start
             progress.positions[position["reader"]] = position
             progress.batches_consumed += 1
@@ -195,9 +202,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                 if record["val_loss"] < progress.best_val_loss:
                     progress.best_val_loss = record["val_loss"]
                     stop.doing = SAVING
-                    progress.passes = step_log.passes(progress.positions.values())
-                    path = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer,
-                                name="best.pt")
+                    path = save_checkpoint(progress, name="best.pt")
                     print(f"saved {path} (best validation loss so far)", flush=True)
             # heard during the evaluation? (`stopping` is the same on every rank: all skip this collective, or none)
             stopping = stopping or ranks.any(stop.signal_name is not None, device)
@@ -210,9 +215,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
                 finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
                 if ranks.any(not finite, device):
                     raise non_finite("a weight", step, progress.last_saved)
-                progress.passes = step_log.passes(progress.positions.values())
-                progress.last_saved = save(run, progress, raw_model, optimizer, scaler, cfg, order, ranks, device,
-                                           tokenizer)
+                progress.last_saved = save_checkpoint(progress)
                 run.prune(training.keep_last_n)
                 metrics.flush()  # the first checkpoint creates the run directory: what waited is written now
                 print(f"saved {progress.last_saved}", flush=True)
@@ -223,7 +226,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             stop_vote.settle()
             metrics.close()
             print(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. Resume "
-                  f"with:\n  {launcher(ranks)}train.py {arguments} "
+                  f"with:\n  {launcher(ranks)}{arguments} "
                   f"{shlex.quote(f'training.resume_from_checkpoint={progress.last_saved.parent}')}")
             return 0
     stop_vote.settle()
@@ -286,57 +289,20 @@ def prepare_data(cfg, ranks: Ranks):
     return tokenizer, units, validation_batches(cfg, units, tokenizer)
 
 
-def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run, tokens_per_step, compiled,
-                 fp8_recipe, qat_start) -> str:
-    training, low_precision = cfg.training, cfg.low_precision
-    n_params = cfg.model.n_params
-    if low_precision.compute_dtype == "auto":
-        compute_dtype += " (auto)"
-    lines = [f"BDH {n_params / 1e6:.2f}M parameters | device {device} | {compute_dtype} | "
-             f"compile {compiled} | {tokens_per_step:,} tokens/step"]
-    if ranks.enabled:
-        lines[0] += (f" | {ranks.world_size} processes ({ranks.mode}), global batch {training.batch_size} x "
-                     f"{training.gradient_accumulation_steps} x {ranks.world_size}")
-    dataset = cfg.dataset
-    validation = (f"validation {Path(dataset.val_parquet_dir).resolve()}" if dataset.val_parquet_dir
-                  else f"validation {dataset.val_fraction * 100:g}% of its documents")
-    tokenizer = "bytes" if dataset.tokenizer == "bytes" else Path(dataset.tokenizer).resolve()
-    writes_to = (f"continues in {run.path.resolve()}" if run.path is not None
-                 else f"runs in {Path(training.checkpoint_dir).resolve()}")
-    n_files = len({unit.path for unit in units})
-    data_size = f"{n_files} file{'s' * (n_files != 1)}, {len(units)} row group{'s' * (len(units) != 1)}"
-    lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({data_size}; {validation}) | tokenizer {tokenizer} | "
-                 f"{writes_to}")
-    full = adamw_state_bytes(model.parameters())
-    if isinstance(optimizer, AdamW4bit):
-        state = optimizer.state_bytes()
-        f = optimizer.format
-        v = {"v": "v", "sqrt": "sqrt(v)", "root4": "v^(1/4)"}[f.v_form]
-        lines.append(f"optimizer {type(optimizer).__name__} (m: {f.m_code}, {v}: {f.v_code}, blocks of "
-                     f"{f.block_size}), state {state / 2**20:.2f} MiB = {state / full:.3f} x AdamW's "
-                     f"{full / 2**20:.2f} MiB")
-    else:
-        lines.append(f"optimizer AdamW, state {full / 2**20:.2f} MiB")
-    if low_precision.use_4bit:
-        lines[-1] += (f" | 4-bit quantization-aware training ({low_precision.quantization_type}) of encoder, "
-                      f"encoder_v, decoder from step {qat_start + 1}; validation losses are the 4-bit model's")
-    if fp8_recipe:
-        lines[-1] += f" | FP8 GEMMs for encoder, encoder_v, decoder: {fp8_recipe}"
-    if training.debug:
-        lines[-1] += " | DEBUG: anomaly detection, a log line (and its loss checked) every step"
-    step_flops = cfg.model.training_flops_per_token(training.block_size) * tokens_per_step / ranks.world_size
-    if device.type == "cpu" and step_flops > CPU_STEP_FLOPS:
-        lines.append(f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, seconds to minutes on a CPU "
-                     f"(the first step line comes after it): this model is sized for a GPU; configs/tiny.yaml "
-                     f"trains on a CPU in minutes")
-    if training.warmup_iters >= training.max_iters:
-        lines.append(f"note: training.warmup_iters {training.warmup_iters} >= max_iters {training.max_iters}: the "
-                     f"learning rate rises to {learning_rate(training.max_iters, training):.3g} of "
-                     f"{training.learning_rate:.3g} and never decays; lower warmup_iters for a full schedule")
-    return "\n".join(lines)
-
-
-CPU_STEP_FLOPS = 1e12  # a few seconds at the bf16 speed of a many-core CPU; config.yaml's model is 5 per step
+def stop_for_data(e: DataError, step: int, before: Progress, save_checkpoint, model, metrics: MetricsLog,
+                  ranks: Ranks) -> DataError:
+    """A shard damaged or removed after the start's checks (rewritten by prepare.py meanwhile, a
+    network disk gone) stops the run. One process saves the steps before this one first, unless they
+    are saved already; under torchrun the other ranks wait in this step's gradient all-reduce, and the
+    last checkpoint is what there is."""
+    saved = before.last_saved is not None and before.last_saved.name == f"checkpoint_{before.step}.pt"
+    if not ranks.enabled and before.step > 0 and not saved and all(p.isfinite().all() for p in model.parameters()):
+        before.last_saved = save_checkpoint(before)
+        metrics.flush()  # the records of those steps: the first checkpoint creates the run directory
+        print(f"saved {before.last_saved} (step {before.step}, the last complete one)", flush=True)
+    where = (f"the last checkpoint is {before.last_saved}: resume from it once the data is fixed"
+             if before.last_saved else "no checkpoint was saved")
+    return DataError(f"{one_line(e)} (at step {step}; {where})")
 
 
 def non_finite(what: str, step: int, last_saved, float16: bool = False) -> TrainingError:
@@ -372,8 +338,8 @@ def main(argv=None) -> int:
     streams = outputs_without_reader()
     try:
         ranks, device = start(cfg, pick_device(cfg.training.device))
-        arguments = shlex.join(["--config", args.config, *(o for o in args.overrides
-                                                             if not o.startswith("training.resume_from_checkpoint="))])
+        arguments = shlex.join([script_here("train.py"), "--config", args.config,
+                                *(o for o in args.overrides if not o.startswith("training.resume_from_checkpoint="))])
         return train(cfg, arguments, ranks, device)
     except (DataError, TokenizerError, CheckpointError, MetricsError, TrainingError, DeviceError,
             DistributedError, FP8Error, LowBitError) as e:

@@ -63,3 +63,11 @@ def test_the_step_is_train_py_s_and_modes_it_cannot_compare_are_refused(tmp_path
     for mode in ("use_fp8", "use_4bit"):
         assert bench.main(["--config", str(config), f"low_precision.{mode}=true"]) == 1
         assert f"error: low_precision.{mode}: bench.py times model.py against reference.py" in capsys.readouterr().err
+
+
+def test_missing_data_is_one_line_before_any_timing(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "bench_training", lambda *args: pytest.fail("timed before the data was checked"))
+    config = write_config(tmp_path, corpus)
+    assert bench.main(["--config", str(config), f"dataset.parquet_dir={tmp_path / 'nope'}", "--skip", "memory"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {tmp_path / 'nope'}: dataset.parquet_dir does not exist")

@@ -120,6 +120,10 @@ def test_missing_file(tmp_path, monkeypatch):
     (tmp_path / "tiny.yaml").write_text("training:\n  batch_size: 4\n")
     with pytest.raises(ConfigError, match=f"tiny: config file not found; did you mean --config {tmp_path}/tiny.yaml"):
         Config.from_yaml(tmp_path / "tiny")
+    # --config forgotten, from a folder without config.yaml: the file given says so too
+    assert file_problems("config.yaml", ["/repo/configs/tiny.yaml"])[1:] == [
+        "/repo/configs/tiny.yaml: an override must look like section.key=value; to train with this file: --config "
+        "/repo/configs/tiny.yaml"]
 
 
 def test_a_checkpoint_given_as_the_config_says_how_to_resume_it(tmp_path):
@@ -179,6 +183,13 @@ def test_a_key_or_section_given_twice_is_refused_naming_both_lines(tmp_path):
         f"whole section: keep one"]
 
 
+def test_a_key_without_its_section_is_given_it():
+    assert problems({}, ["max_iters=5"]) == [
+        "max_iters=5: an override must look like section.key=value; did you mean training.max_iters=5?"]
+    assert problems({}, ["no_such=5"]) == [
+        "no_such=5: an override must look like section.key=value (for example training.batch_size=16)"]
+
+
 @pytest.mark.parametrize("override,hint", [
     ("training.lr=1", "did you mean training.learning_rate?"),
     ("training.bs=8", "did you mean training.batch_size?"),
@@ -186,6 +197,12 @@ def test_a_key_or_section_given_twice_is_refused_naming_both_lines(tmp_path):
     ("training.max_steps=10", "did you mean training.max_iters?"),
     ("model.n_embed=64", "did you mean model.n_embd?"),
     ("training.epochs=3", "training has no epochs setting: it runs training.max_iters optimizer steps"),
+    ("training.eval_interval=100", "did you mean training.test_freq?"),  # not eval_iters, the closest spelling
+    ("training.dtype=bfloat16", "did you mean low_precision.compute_dtype?"),
+    ("training.init_from=resume", "did you mean training.resume_from_checkpoint?"),
+    ("training.save_every=100", "did you mean training.checkpoint_freq?"),
+    ("training.beta2=0.99", "there is no such setting: AdamW's betas are fixed at 0.9 and 0.95"),
+    ("model.bias=false", "there is no such setting: BDH's layers have no bias terms"),
 ])
 def test_names_from_other_trainers_point_at_the_right_field(override, hint):
     [problem] = problems({}, [override])

@@ -200,6 +200,10 @@ def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp
     ckpt = Checkpoint(step=1, model={}, model_config=config["model"], config=config)
     card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
     assert "), validation fraction 0.05\n" in card
+    assert "- result: not evaluated yet (stopped before its first evaluation)" in card and "inf" not in card
+    ckpt.best_val_loss = 2.5
+    assert "- result: best validation loss 2.5000 nats per token" in export.model_card(
+        ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
     config["dataset"]["val_parquet_dir"] = "data/held_out"
     card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
     assert "), validation data/held_out\n" in card and "validation fraction" not in card

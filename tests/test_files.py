@@ -5,6 +5,7 @@ import socket
 import pytest
 
 import files
+from conftest import ROOT
 
 
 def test_temporaries_of_dead_processes_on_this_host_only(monkeypatch):
@@ -104,3 +105,10 @@ def test_write_folder_replaces_only_what_its_command_writes_and_only_folders(tmp
         with pytest.raises(FileExistsError, match="give a new folder's name"):
             files.write_folder(name, write, replace=True, written_here=lambda path: True)
     assert sorted(p.name for p in out.iterdir()) == ["corpus.txt", "part-0.parquet"]
+
+
+def test_a_printed_command_names_the_script_so_that_it_runs_from_here(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert files.script_here("train.py") == "train.py"
+    monkeypatch.chdir(tmp_path)  # python /path/to/repo/train.py, run from elsewhere
+    assert files.script_here("train.py") == str(ROOT.resolve() / "train.py")

@@ -1,5 +1,5 @@
 """metrics.jsonl, TensorBoard and W&B (offline): what a run logs, on resume too, and that logging
-changes nothing about training; the log line's figures (StepLog)."""
+changes nothing about training; the log line's figures (StepLog); the description a run starts with."""
 import json
 import math
 import re
@@ -8,12 +8,13 @@ import time
 
 import pytest
 import torch
+import yaml
 
 import metrics
 import train
 from checkpoint import load_checkpoint
 from config import Config
-from conftest import run_dirs, write_config
+from conftest import ROOT, run_dirs, write_config
 from metrics import MetricsLog
 from rundir import RunDir
 
@@ -185,6 +186,18 @@ def test_wandb_names_the_run_after_its_directory_when_another_run_took_the_name(
         shutil.rmtree(run.path)
 
 
+def test_records_that_cannot_be_written_are_one_line_and_kept(tmp_path, corpus):
+    cfg = Config.from_yaml(write_config(tmp_path, corpus), ["logging.tensorboard=false"])
+    run = RunDir(str(tmp_path / "ck"))
+    run.path = tmp_path / "ck" / run.name
+    (run.path / "metrics.jsonl").mkdir(parents=True)  # not a file: open fails as on a full or read-only disk
+    log = MetricsLog(run, cfg)
+    with pytest.raises(metrics.MetricsError, match=r"^.*ck/run_\S+: cannot write the run's records \(Is a directory\); "
+                                                   r"the checkpoints written are intact: make room"):
+        log.log({"step": 1, "train_loss": 1.0})
+    assert log.pending == [{"step": 1, "train_loss": 1.0}]
+
+
 def test_a_compiling_step_s_speed_stays_out_of_the_curves():
     record = {"step": 1, "train_loss": 5.5, "tokens_per_s": 300, "ms_per_step": 900.0, "data_wait": 0.0, "mfu": 0.001}
     assert {"speed/tokens_per_s", "speed/ms_per_step", "speed/mfu", "train/loss"} <= set(metrics.scalars(record))
@@ -255,21 +268,23 @@ def test_a_cpu_run_of_many_hours_points_at_the_cpu_config(tmp_path, corpus, caps
 
 
 def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys):
-    """The corpus's training split holds about 5,300 tokens: 64 per step, so a pass takes about 80 steps."""
+    """The corpus's training split holds about 5,300 tokens: 256 per step, so a pass takes about 20 steps."""
     from data import ParquetBatches
     from shards import list_units
     from tokenizer import ByteTokenizer
-    path = write_config(tmp_path, corpus, max_iters=200, log_freq=10, test_freq=1000, checkpoint_freq=1000)
+    path = write_config(tmp_path, corpus, max_iters=50, batch_size=16, log_freq=5, test_freq=1000,
+                        checkpoint_freq=1000)
     assert train.main(["--config", str(path)]) == 0
     out = capsys.readouterr().out
     [run] = (tmp_path / "ck").iterdir()
     epochs = [r["epochs"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "epochs" in r]
     assert epochs == sorted(epochs) and epochs[0] < 0.2
     cfg = Config.from_yaml(path)
-    one_pass = sum(1 for _ in ParquetBatches(list_units(corpus, "text"), "train", 16, 4, cfg.training.seed, 0.2, "text",
-                                             2, ByteTokenizer(), shuffle=False))  # batches in one pass
-    assert abs(epochs[-1] - 200 / one_pass) < 0.5
-    assert "passes over the training data done: its documents are read again" in out and f"done: 200 steps ({epochs[-1]:.2f} passes" in out
+    one_pass = sum(1 for _ in ParquetBatches(list_units(corpus, "text"), "train", 16, 16, cfg.training.seed, 0.2,
+                                             "text", 2, ByteTokenizer(), shuffle=False))  # batches in one pass
+    assert abs(epochs[-1] - 50 / one_pass) < 0.5
+    assert "passes over the training data done: its documents are read again" in out
+    assert f"done: 50 steps ({epochs[-1]:.2f} passes" in out
 
 
 def test_float16_steps_the_loss_scaler_skips_are_counted_not_averaged_into_the_grad_norm(tmp_path, corpus, capsys,
@@ -339,3 +354,16 @@ def test_a_step_that_evaluates_or_saves_has_its_line(tmp_path, corpus):
     logged = [r["step"] for r in records(run) if "train_loss" in r]
     # log_freq: 5, 10; the first steps: 1, 2, 5, 10; evaluations: 4, 8, 12; checkpoints: 6, 12; the end: 13
     assert logged == [1, 2, 4, 5, 6, 8, 10, 12, 13]
+
+
+def test_a_model_sized_for_a_gpu_is_noted_on_cpu(tmp_path, corpus, monkeypatch, capsys):
+    path = write_config(tmp_path, corpus, max_iters=1, test_freq=100)
+    assert train.main(["--config", str(path)]) == 0
+    assert "sized for a GPU" not in capsys.readouterr().out
+    step_flops = Config.from_dict(yaml.safe_load(path.read_text())).model.training_flops_per_token(16) * 4 * 16
+    monkeypatch.setattr(metrics, "CPU_STEP_FLOPS", step_flops / 2)
+    assert train.main(["--config", str(path), f"training.checkpoint_dir={tmp_path / 'ck2'}"]) == 0
+    assert (f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, seconds to minutes on a CPU (the "
+            f"first step line comes after it): this model is sized for a GPU; configs/tiny.yaml trains on a CPU in "
+            f"minutes\n") in capsys.readouterr().out
+    assert (ROOT / "configs" / "tiny.yaml").is_file()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -53,7 +54,7 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
     assert changes == ["  config changed: training.max_iters: 6 -> 7", "  config changed: training.log_freq: 2 -> 1"]
 
 
-def test_a_checkpoint_outside_a_run_directory_continues_in_a_new_one(tmp_path, corpus, capsys):
+def test_a_checkpoint_outside_a_run_directory_continues_in_a_new_one(tmp_path, corpus, capsys, monkeypatch):
     """A checkpoint copied elsewhere (downloads/, beside other files): the run continues exactly,
     but in a new run directory of checkpoint_dir; nothing is written into or pruned from that folder."""
     path = write_config(tmp_path, corpus, keep_last_n=0)
@@ -76,6 +77,14 @@ def test_a_checkpoint_outside_a_run_directory_continues_in_a_new_one(tmp_path, c
     assert (new / "best.pt").exists() and (new / "config.yaml").exists()
     resumed, expected = load_checkpoint(new / "checkpoint_4.pt"), load_checkpoint(straight / "checkpoint_4.pt")
     assert all(torch.equal(resumed.model[name], tensor) for name, tensor in expected.model.items())
+
+    # a run directory that cannot be written (a read-only mount, another user's run): the same
+    real_access = os.access
+    monkeypatch.setattr("resume.os.access", lambda p, mode: Path(p) != straight and real_access(p, mode))
+    written = sorted(straight.iterdir())
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={straight / 'checkpoint_2.pt'}"]) == 0
+    assert f"{straight} cannot be written: the run continues in a new one in" in capsys.readouterr().out
+    assert sorted(straight.iterdir()) == written and len(run_dirs(tmp_path)) == 3
 
 
 def test_a_checkpoint_holds_the_run_and_a_resume_with_nothing_to_do_changes_nothing(tmp_path, corpus, capsys):

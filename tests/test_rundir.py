@@ -15,7 +15,8 @@ import rundir
 import train
 from checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from conftest import ROOT, run_dirs, write_config
-from rundir import RunDir, checkpoints_in, clean_stale_temporaries, open_checkpoint, release_run_directories, unused
+from rundir import (RunDir, checkpoints_in, clean_stale_temporaries, load_model, open_checkpoint,
+                    release_run_directories, unused)
 
 
 def test_two_runs_started_in_the_same_second_get_different_directories(tmp_path):
@@ -58,7 +59,16 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
                                               f"or `latest` with training.checkpoint_dir={tmp_path}$"):
         open_checkpoint(str(tmp_path), str(tmp_path))  # the folder of the runs
     with pytest.raises(CheckpointError, match=f"or `latest` with --checkpoint-dir {tmp_path}$"):
-        open_checkpoint(str(tmp_path), "checkpoints", setting="--checkpoint")
+        open_checkpoint(str(tmp_path), None, setting="--checkpoint")
+    ignored = f"^--checkpoint-dir ck is where `latest` looks, and --checkpoint {run} is a path of its own: drop"
+    with pytest.raises(CheckpointError, match=ignored):  # a script's --checkpoint-dir beside a path: not ignored
+        open_checkpoint(str(run), "ck", setting="--checkpoint")
+    export = tmp_path / "export"  # export.py's files (empty: refused before they are read)
+    export.mkdir()
+    (export / "model.safetensors").touch()
+    (export / "config.json").touch()
+    with pytest.raises(CheckpointError, match=ignored.replace(str(run), str(export))):
+        load_model(str(export), "ck", "--checkpoint")
     good = (run / "checkpoint_10.pt").read_bytes()
     (run / "checkpoint_10.pt").write_bytes(good[: len(good) // 2])  # truncated: a disk that filled up, say
     for spec in ("latest", str(run)):
@@ -78,6 +88,8 @@ def test_latest_is_the_newest_run_and_names_an_older_run_written_since(tmp_path,
     assert open_checkpoint("latest", str(tmp_path))[0] == newer / "checkpoint_8.pt"
     assert capsys.readouterr().out == (f"note: latest is the newest run, {newer.name}; {older / 'checkpoint_80.pt'} was "
                                        f"written more recently: give it (or its run directory) to continue from there\n")
+    open_checkpoint("latest", str(tmp_path), setting="--checkpoint")  # sample.py, export.py: not training
+    assert capsys.readouterr().out.endswith("give it (or its run directory) to use it\n")
     os.utime(older / "checkpoint_80.pt", (1e8, 1e8))
     assert open_checkpoint("latest", str(tmp_path))[0] == newer / "checkpoint_8.pt"
     assert capsys.readouterr().out == ""

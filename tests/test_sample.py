@@ -98,7 +98,7 @@ def test_streamed_text_is_what_generate_gives(checkpoint, capsys):
     capsys.readouterr()
     assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "<01-", "--max-new-tokens", "60", "--seed", "3",
                         "--top-k", "20", "--device", "cpu"]) == 0
-    model, saved, _, origin = load_model(str(checkpoint), "", "--checkpoint")
+    model, saved, _, origin = load_model(str(checkpoint), None, "--checkpoint")
     assert origin == f"{checkpoint} (step 2)"
     tokenizer = tokenizer_from_string(saved)
     out = model.eval().generate(torch.tensor([tokenizer.encode("<01-")]), 60, temperature=0.8, top_k=20,

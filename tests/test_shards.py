@@ -199,6 +199,14 @@ def test_one_parquet_file_is_read_and_another_file_is_refused(tmp_path):
         "is a file, not a folder of .parquet shards; give their folder, a .parquet file or a glob pattern; to train "
         f"on this file's text: `python prepare.py --from-text {tmp_path / 'notes.txt'} --out {out}` and "
         f"dataset.parquet_dir={out}")
+    (tmp_path / "pq").mkdir()  # parquet named otherwise: renamed, not converted as text
+    (tmp_path / "one.parquet").rename(tmp_path / "pq" / "one.pq")
+    with pytest.raises(DataError, match=r"one.pq: a parquet file whose name does not end in .parquet \(only such "
+                                        r"names are read as shards\); rename it: `mv .*/one.pq .*/one.parquet`$"):
+        list_units(tmp_path / "pq" / "one.pq", "text")
+    with pytest.raises(DataError, match=r"no .parquet files found \(searched recursively\); one.pq is a parquet file "
+                                        r"whose name does not end in .parquet: rename such files to end in .parquet"):
+        list_units(tmp_path / "pq", "text")
 
 
 def test_splits_in_folders_and_names_that_only_contain_a_keyword(tmp_path):

@@ -47,19 +47,6 @@ def test_run_directory_holds_resolved_config_checkpoints_and_metrics(tmp_path, c
     assert {"lr", "tokens_per_s", "ms_per_step", "elapsed_s"} <= set(records[0])
 
 
-def test_a_model_sized_for_a_gpu_is_noted_on_cpu(tmp_path, corpus, monkeypatch, capsys):
-    path = write_config(tmp_path, corpus, max_iters=1, test_freq=100)
-    assert train.main(["--config", str(path)]) == 0
-    assert "sized for a GPU" not in capsys.readouterr().out
-    step_flops = Config.from_dict(yaml.safe_load(path.read_text())).model.training_flops_per_token(16) * 4 * 16
-    monkeypatch.setattr(train, "CPU_STEP_FLOPS", step_flops / 2)
-    assert train.main(["--config", str(path), f"training.checkpoint_dir={tmp_path / 'ck2'}"]) == 0
-    assert (f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, seconds to minutes on a CPU (the "
-            f"first step line comes after it): this model is sized for a GPU; configs/tiny.yaml trains on a CPU in "
-            f"minutes\n") in capsys.readouterr().out
-    assert (ROOT / "configs" / "tiny.yaml").is_file()
-
-
 def test_no_run_directory_before_the_first_checkpoint(tmp_path, corpus, monkeypatch, capsys):
     path = write_config(tmp_path, corpus, checkpoint_freq=100, test_freq=100, max_iters=50)
     real = train.learning_rate
@@ -139,21 +126,41 @@ def test_non_finite_loss_stops_without_saving_a_nan_model(tmp_path, corpus, monk
     assert "in float16, activations past 65,504 overflow" in capsys.readouterr().err
 
 
-def test_a_shard_that_fails_mid_run_names_the_step_and_the_checkpoint_to_resume(tmp_path, corpus, monkeypatch, capsys):
-    path = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=2)
+def test_a_shard_that_fails_mid_run_saves_the_steps_before_and_names_the_checkpoint(tmp_path, corpus, monkeypatch,
+                                                                                   capsys):
     real = train.train_loader
 
-    def failing_loader(*args, **kwargs):  # a shard damaged after the start's checks: its third batch fails
-        batches = iter(real(*args, **kwargs))
-        yield next(batches)
-        yield next(batches)
-        raise DataError("data/a.parquet: row group 3 cannot be read (Corrupt snappy compressed data.)")
-    monkeypatch.setattr(train, "train_loader", failing_loader)
+    def fail_at_batch(n):  # a shard damaged after the start's checks: its n-th batch fails
+        def failing_loader(*args, **kwargs):
+            batches = iter(real(*args, **kwargs))
+            for _ in range(n - 1):
+                yield next(batches)
+            raise DataError("data/a.parquet: row group 3 cannot be read (Corrupt snappy compressed data.)")
+        return failing_loader
+
+    def error(run, step, saved):
+        return (f"error: data/a.parquet: row group 3 cannot be read (Corrupt snappy compressed data.) (at step {step}; "
+                f"the last checkpoint is {run / f'checkpoint_{saved}.pt'}: resume from it once the data is fixed)\n")
+
+    path = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=2, test_freq=100, gradient_accumulation_steps=2)
+    monkeypatch.setattr(train, "train_loader", fail_at_batch(9))  # in step 5: step 4 is saved already
     assert train.main(["--config", str(path)]) == 1
-    [run] = run_dirs(tmp_path)
-    assert capsys.readouterr().err == (f"error: data/a.parquet: row group 3 cannot be read (Corrupt snappy compressed "
-                                       f"data.) (at step 3; the last checkpoint is {run / 'checkpoint_2.pt'}: resume "
-                                       f"from it once the data is fixed)\n")
+    [regular] = run_dirs(tmp_path)
+    captured = capsys.readouterr()
+    assert captured.err == error(regular, 5, 4) and "the last complete one" not in captured.out
+
+    # in step 3's second micro-batch, with steps 1 and 2 not saved: saved now, as a regular checkpoint has them
+    monkeypatch.setattr(train, "train_loader", fail_at_batch(6))
+    assert train.main(["--config", str(path), "training.checkpoint_freq=6", f"training.checkpoint_dir={tmp_path}/b"]) == 1
+    [run] = (tmp_path / "b").glob("run_*")
+    captured = capsys.readouterr()
+    assert f"saved {run / 'checkpoint_2.pt'} (step 2, the last complete one)\n" in captured.out
+    assert captured.err == error(run, 3, 2)
+    on_error, expected = load_checkpoint(run / "checkpoint_2.pt"), load_checkpoint(regular / "checkpoint_2.pt")
+    for field in ("step", "tokens", "batches_consumed", "data_positions", "passes", "data_order"):
+        assert getattr(on_error, field) == getattr(expected, field), field
+    assert all(torch.equal(on_error.model[k], expected.model[k]) for k in expected.model)
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2]
 
 
 @pytest.mark.parametrize("error,asked", [
@@ -320,10 +327,13 @@ def test_a_data_error_in_the_loader_exits_at_once(tmp_path, corpus, num_workers)
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert time.monotonic() - started < 30
     [line] = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and re.fullmatch(
+    match = re.fullmatch(
         re.escape(f"error: {corpus / 'shard-2.parquet'}: row group 0 cannot be read (Couldn't deserialize thrift: "
                   f"TProtocolException: Invalid data); the file is corrupt or truncated: re-create it (at step ")
-        + r"\d+; no checkpoint was saved\)", line), line
+        + r"(\d+); the last checkpoint is (.*): resume from it once the data is fixed\)", line)
+    assert r.returncode == 1 and match, line
+    step, saved = int(match[1]), Path(match[2])  # the steps before the failing one: saved
+    assert saved.name == f"checkpoint_{step - 1}.pt" and load_checkpoint(saved).step == step - 1
 
 
 def test_a_data_error_under_torchrun_ends_every_rank(tmp_path, corpus):
