@@ -120,6 +120,17 @@ def load_model(spec: str, checkpoint_dir: str | None, setting: str) -> tuple[BDH
     return model_from_checkpoint(ckpt), ckpt.tokenizer, ckpt.low_precision(), f"{source} (step {ckpt.step})"
 
 
+def tensor_bytes(state) -> int:
+    """The bytes of the tensors in a checkpoint's nested dicts and lists: about its size on disk."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(value) for value in state)
+    return 0
+
+
 def check_writable(checkpoint_dir: str):
     """Fail now, not at the first checkpoint hours later, if run directories cannot be created in
     training.checkpoint_dir: a file of that name, a folder without write permission, a read-only disk."""
@@ -235,7 +246,10 @@ class RunDir:
             folder = self.path or self.checkpoint_dir
             why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
             try:
-                why += f"; {shutil.disk_usage(folder).free / 2**20:,.0f} MiB free on its disk"
+                free, needed = shutil.disk_usage(folder).free, tensor_bytes(ckpt.to_dict())
+                if free < needed and not isinstance(e, OSError):  # torch's words: "unexpected pos 576 vs 534"
+                    why = f"the disk is full ({first_line(e)})"
+                why += f"; {free / 2**20:,.0f} MiB free on its disk, the checkpoint takes {needed / 2**20:,.0f} MiB"
             except OSError:
                 pass
             raise CheckpointError(f"cannot write checkpoint for step {ckpt.step} in {folder}: {why}; "

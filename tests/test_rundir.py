@@ -245,3 +245,18 @@ def test_a_resume_records_its_changed_settings_and_drops_a_stale_record_of_the_s
     assert run.record_resumed_config(3, saved, {"training": {**saved["training"], "resume_from_checkpoint": "x"}},
                                      "") == []
     assert not (run.path / "config_resume_3.yaml").exists()
+
+
+def test_a_full_disk_is_called_so(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    def full_disk(*args, **kwargs):  # what torch.save says when the disk fills up mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    monkeypatch.setattr(rundir.torch, "save", full_disk)
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda folder: SimpleNamespace(free=2**20))
+    ckpt = Checkpoint(step=3, model={"w": torch.zeros(1024, 1024)}, model_config={})
+    with pytest.raises(CheckpointError, match=r"^cannot write checkpoint for step 3 in .*: the disk is full \(\[enforce "
+                                              r"fail at inline_container.cc:672\] . unexpected pos 576 vs 534\); 1 MiB "
+                                              r"free on its disk, the checkpoint takes 4 MiB; earlier checkpoints are "
+                                              r"intact$"):
+        RunDir(str(tmp_path / "ck")).save(ckpt, "{}")
