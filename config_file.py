@@ -6,6 +6,7 @@ values they take is config.py's.
 import dataclasses
 import difflib
 import re
+import sys
 import typing
 from pathlib import Path
 
@@ -217,7 +218,9 @@ def check_type(value, hint):
 def parse_arguments(parser, argv=None):
     """parser.parse_args(argv), naming the option a misspelled one means (--tempreature:
     --temperature), and telling an override written as an option (--training.seed=3) how to write it."""
-    args, unknown = parser.parse_known_intermixed_args(argv)  # overrides on both sides of an option
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # overrides on both sides of an option; after `--` every word is positional, which only the plain parser keeps
+    args, unknown = (parser.parse_known_args if "--" in argv else parser.parse_known_intermixed_args)(argv)
     options = [option for action in parser._actions for option in action.option_strings]
     for item in unknown:
         name = item.split("=", 1)[0]

@@ -134,9 +134,7 @@ def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn
         # torch.compile of DDP's forward skips its profiler label and warns, once per rank: not a problem
         logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(
             lambda record: "Profiler record function" not in record.getMessage())
-        # the model's one buffer, the RoPE frequencies, is derived the same on every rank: no broadcast each forward
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                       broadcast_buffers=False)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
 
 

@@ -153,7 +153,8 @@ class StepLog:
         self.tokens_per_step = step_tokens(cfg.training, ranks.world_size)
         self.flops_per_token = cfg.model.training_flops_per_token(cfg.training.block_size)
         self.n_readers, self.dealings = ranks.world_size * max(1, workers), {}  # epochs_read's dealing of the units
-        self.sums = torch.zeros(3, device=device)  # loss, gradient norm of the finite steps, skipped steps
+        # loss, gradient norm of the finite steps, skipped steps; the current step's loss until it completes
+        self.sums = torch.zeros(4, device=device)
         self.start = time.perf_counter()
         # a resume on other data starts a fresh epoch: the one it left counts for what was read of it
         # (saved_passes, the checkpoint's count), not as a whole pass
@@ -176,11 +177,13 @@ class StepLog:
         return self.epochs_begun(positions) - self.unread
 
     def add_micro_batch(self, loss: torch.Tensor):
-        self.sums[0] += loss.detach()
-        self.micro_batches += 1
+        self.sums[3] += loss.detach()
 
     def add_step(self, grad_norm: torch.Tensor):
         """An optimizer step with its gradient norm before clipping; not finite: float16's scaler skipped it."""
+        self.sums[0] += self.sums[3]
+        self.sums[3] = 0
+        self.micro_batches += self.cfg.training.gradient_accumulation_steps
         skipped = ~grad_norm.isfinite()
         self.sums[1] += torch.where(skipped, 0.0, grad_norm)
         self.sums[2] += skipped
@@ -198,7 +201,7 @@ class StepLog:
     def measure(self, step: int, lr: float, tokens: int, positions) -> dict:
         """The record of the steps since the last line, up to `step` (every rank's mean: all ranks call
         it); write() prints it and starts the next line."""
-        loss, grad_norm, skipped = self.ranks.mean(self.sums / torch.tensor(
+        loss, grad_norm, skipped = self.ranks.mean(self.sums[:3] / torch.tensor(
             [max(1, self.micro_batches), 1, 1], device=self.device)).tolist()
         skipped = round(skipped)
         counted = self.steps - skipped  # the steps whose gradients were finite

@@ -38,7 +38,7 @@ from metrics import (MetricsError, MetricsLog, StepLog, check_installed, describ
                      format_duration)
 from model import BDH
 from positions import data_order
-from resume import Progress, data_settings_hint, resume, save
+from resume import Progress, data_settings_hint, resume, rng_state, save, set_rng_state
 from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_host_memory, compile_repeatably,
                      device_clock, emulated_dtype_warning, interrupted, memory_fix, one_line, out_of_memory,
@@ -146,9 +146,21 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         at.passes = step_log.passes(at.positions.values())
         return save(run, at, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=name)
 
+    def save_step(at: Progress):  # checkpoint_<step>.pt; older ones go
+        finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
+        if ranks.any(not finite, device):
+            raise non_finite("a weight", at.step, at.last_saved)
+        at.last_saved = save_checkpoint(at)
+        run.prune(training.keep_last_n)
+        metrics.flush()  # the first checkpoint creates the run directory: what waited is written now
+        print(f"saved {at.last_saved}", flush=True)
+
     while progress.step < training.max_iters:
         # ---- one optimizer step: gradient accumulation over micro-batches
-        before = replace(progress, positions=dict(progress.positions))  # what a data error in this step saves
+        # what a data error in this step saves (one process): the progress, and the random state before
+        # dropout drew the step's first micro-batches' masks
+        before = replace(progress, positions=dict(progress.positions))
+        rng_before = rng_state(device) if training.gradient_accumulation_steps > 1 and not ranks.enabled else None
         step = progress.step = progress.step + 1
         progress.tokens += tokens_per_step
         lr = learning_rate(step, training)
@@ -162,7 +174,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             try:
                 x, y, position = next(loader)
             except DataError as e:  # a shard damaged or removed after the start's checks
-                raise stop_for_data(e, step, before, save_checkpoint, raw_model, metrics, ranks) from None
+                raise stop_for_data(e, step, before, rng_before, save_step, step_log, ranks, device) from None
             step_log.data_wait_s += time.perf_counter() - wait_start
             progress.positions[position["reader"]] = position
             progress.batches_consumed += 1
@@ -212,13 +224,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             print(f"{stop.signal_name or 'a signal to another rank'}: saving a checkpoint after step {step}", flush=True)
         if step % training.checkpoint_freq == 0 or step == training.max_iters or stopping:
             with paused(step_log, stop, SAVING, device):
-                finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
-                if ranks.any(not finite, device):
-                    raise non_finite("a weight", step, progress.last_saved)
-                progress.last_saved = save_checkpoint(progress)
-                run.prune(training.keep_last_n)
-                metrics.flush()  # the first checkpoint creates the run directory: what waited is written now
-                print(f"saved {progress.last_saved}", flush=True)
+                save_step(progress)
             stopping = stopping or ranks.any(stop.signal_name is not None, device)  # heard while saving: that one
         if stopping and step < training.max_iters:  # (at max_iters: done, as planned)
             if step_log.steps:  # heard while evaluating or saving a step that was not logged: its line now
@@ -289,20 +295,27 @@ def prepare_data(cfg, ranks: Ranks):
     return tokenizer, units, validation_batches(cfg, units, tokenizer)
 
 
-def stop_for_data(e: DataError, step: int, before: Progress, save_checkpoint, model, metrics: MetricsLog,
-                  ranks: Ranks) -> DataError:
+def stop_for_data(e: DataError, step: int, before: Progress, rng_before: dict | None, save_step, step_log: StepLog,
+                  ranks: Ranks, device: torch.device) -> DataError:
     """A shard damaged or removed after the start's checks (rewritten by prepare.py meanwhile, a
-    network disk gone) stops the run. One process saves the steps before this one first, unless they
-    are saved already; under torchrun the other ranks wait in this step's gradient all-reduce, and the
-    last checkpoint is what there is."""
+    network disk gone) stops the run. One process first saves the steps before this one, as a regular
+    checkpoint would (their log line, the random state before this step), unless they are saved
+    already; under torchrun the other ranks wait in this step's gradient all-reduce, and the last
+    checkpoint is what there is."""
     saved = before.last_saved is not None and before.last_saved.name == f"checkpoint_{before.step}.pt"
-    if not ranks.enabled and before.step > 0 and not saved and all(p.isfinite().all() for p in model.parameters()):
-        before.last_saved = save_checkpoint(before)
-        metrics.flush()  # the records of those steps: the first checkpoint creates the run directory
-        print(f"saved {before.last_saved} (step {before.step}, the last complete one)", flush=True)
+    also = ""
+    if not ranks.enabled and before.step > 0 and not saved:
+        if rng_before is not None:
+            set_rng_state(rng_before, device)
+        try:
+            if step_log.steps:
+                write_step_line(step_log, before.step, learning_rate(before.step, step_log.cfg.training), before)
+            save_step(before)
+        except (TrainingError, CheckpointError, MetricsError) as failure:
+            also = f"; saving step {before.step} failed too: {one_line(failure)}"
     where = (f"the last checkpoint is {before.last_saved}: resume from it once the data is fixed"
              if before.last_saved else "no checkpoint was saved")
-    return DataError(f"{one_line(e)} (at step {step}; {where})")
+    return DataError(f"{one_line(e)} (at step {step}; {where}){also}")
 
 
 def non_finite(what: str, step: int, last_saved, float16: bool = False) -> TrainingError:

@@ -209,6 +209,18 @@ def test_names_from_other_trainers_point_at_the_right_field(override, hint):
     assert problem.startswith(f"{override.split('=')[0]}: unknown key; ") and hint in problem
 
 
+def test_overrides_go_on_both_sides_of_an_option_and_after_a_double_dash():
+    parser = argparse.ArgumentParser(prog="train.py")
+    add_config_arguments(parser)
+    parser.add_argument("--print-config", action="store_true")
+    args = parse_arguments(parser, ["training.seed=3", "--config", "my.yaml", "training.max_iters=5", "--print-config",
+                                    "model.n_layer=2"])
+    assert (args.config, args.print_config) == ("my.yaml", True)
+    assert args.overrides == ["training.seed=3", "training.max_iters=5", "model.n_layer=2"]
+    args = parse_arguments(parser, ["--config", "my.yaml", "--", "-odd=1"])  # after --: positional, dash or not
+    assert args.overrides == ["-odd=1"]
+
+
 def test_an_override_written_as_an_option_is_told_to_drop_the_dashes(capsys):
     parser = argparse.ArgumentParser(prog="train.py")
     add_config_arguments(parser)

@@ -81,6 +81,9 @@ def test_the_built_in_corpus_is_built_however_its_folder_is_written(tmp_path, mo
 def test_a_sample_corpus_that_cannot_be_built_is_a_data_error(tmp_path, monkeypatch, data):
     from config import Config
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "lib" / "a.py").parent.mkdir()
+    (tmp_path / "lib" / "a.py").write_text("x = 1\n")  # a small standard library: the build fails at once
+    monkeypatch.setattr(corpus.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path / "lib")})
     if data == "a file":
         (tmp_path / "data").write_text("not a folder")
     else:

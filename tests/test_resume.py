@@ -190,7 +190,7 @@ def test_a_bpe_run_resumes_samples_with_its_tokenizer_and_refuses_another(tmp_pa
             f"run") in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("num_workers,tokens", [(0, "bytes"), (2, "bytes"), (2, "bpe")])
+@pytest.mark.parametrize("num_workers,tokens", [(0, "bytes"), (2, "bpe")])
 def test_resume_after_sigkill_is_bit_identical(tmp_path, corpus, bpe_file, num_workers, tokens):
     common = dict(max_iters=8, checkpoint_freq=4, test_freq=4, keep_last_n=0)
     workers = [f"dataloader.num_workers={num_workers}"]
@@ -345,7 +345,7 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path, co
                           max_iters=30, checkpoint_freq=1, log_freq=1, test_freq=1000, keep_last_n=2)
     rng = random.Random(0)
     ck, kills_inside_a_write = tmp_path / "ck", 0
-    for attempt in range(4):  # the first kill lands inside a write; the others at random moments
+    for attempt in range(3):  # the first kill lands inside a write; the others at random moments
         hold = ["hold"] if attempt == 0 else []
         resume = ["training.resume_from_checkpoint=latest"] if attempt else []
         proc = subprocess.Popen([sys.executable, "-c", SLOW_DISK_TRAIN, str(ROOT), *hold, "--config", str(config),

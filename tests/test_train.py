@@ -143,24 +143,39 @@ def test_a_shard_that_fails_mid_run_saves_the_steps_before_and_names_the_checkpo
                 f"the last checkpoint is {run / f'checkpoint_{saved}.pt'}: resume from it once the data is fixed)\n")
 
     path = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=2, test_freq=100, gradient_accumulation_steps=2)
-    monkeypatch.setattr(train, "train_loader", fail_at_batch(9))  # in step 5: step 4 is saved already
+    monkeypatch.setattr(train, "train_loader", fail_at_batch(9))  # step 5's first batch: step 4 is saved already
     assert train.main(["--config", str(path)]) == 1
     [regular] = run_dirs(tmp_path)
-    captured = capsys.readouterr()
-    assert captured.err == error(regular, 5, 4) and "the last complete one" not in captured.out
+    assert capsys.readouterr().err == error(regular, 5, 4)
 
-    # in step 3's second micro-batch, with steps 1 and 2 not saved: saved now, as a regular checkpoint has them
-    monkeypatch.setattr(train, "train_loader", fail_at_batch(6))
-    assert train.main(["--config", str(path), "training.checkpoint_freq=6", f"training.checkpoint_dir={tmp_path}/b"]) == 1
+    # step 5's second batch, with step 4 not saved: saved now, as a regular checkpoint has it (the random
+    # state before step 5's first batch drew its dropout masks; the line of the steps not logged yet, without
+    # step 5's first batch); keep_last_n applies
+    monkeypatch.setattr(train, "train_loader", fail_at_batch(10))
+    assert train.main(["--config", str(path), "training.checkpoint_freq=3", "training.keep_last_n=1",
+                       "training.log_freq=100", f"training.checkpoint_dir={tmp_path}/b"]) == 1
     [run] = (tmp_path / "b").glob("run_*")
     captured = capsys.readouterr()
-    assert f"saved {run / 'checkpoint_2.pt'} (step 2, the last complete one)\n" in captured.out
-    assert captured.err == error(run, 3, 2)
-    on_error, expected = load_checkpoint(run / "checkpoint_2.pt"), load_checkpoint(regular / "checkpoint_2.pt")
-    for field in ("step", "tokens", "batches_consumed", "data_positions", "passes", "data_order"):
+    assert f"saved {run / 'checkpoint_4.pt'}\n" in captured.out and captured.err == error(run, 5, 4)
+    assert [p.name for p in checkpoints_in(run)] == ["checkpoint_4.pt"]
+    on_error, expected = load_checkpoint(run / "checkpoint_4.pt"), load_checkpoint(regular / "checkpoint_4.pt")
+    for field in ("step", "tokens", "batches_consumed", "data_positions", "passes", "data_order", "best_val_loss"):
         assert getattr(on_error, field) == getattr(expected, field), field
     assert all(torch.equal(on_error.model[k], expected.model[k]) for k in expected.model)
-    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+    assert all(torch.equal(a, b) for a, b in zip(on_error.rng[0].values(), expected.rng[0].values())
+               if torch.is_tensor(a)) and on_error.rng[0]["numpy"] == expected.rng[0]["numpy"]
+    logged = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert list(logged) == [1, 2, 3, 4]  # 3: a checkpoint's step; 4: the steps since, logged before saving
+    # step 4 alone in both lines (regular: log_freq 1 in the test config)
+    assert logged[4]["train_loss"] == losses(regular)[4]
+
+    def no_room(obj, f, *args, **kwargs):  # that save fails too: both are said
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(rundir.torch, "save", no_room)
+    assert train.main(["--config", str(path), "training.checkpoint_freq=6", f"training.checkpoint_dir={tmp_path}/c"]) == 1
+    assert capsys.readouterr().err.startswith(
+        "error: data/a.parquet: row group 3 cannot be read (Corrupt snappy compressed data.) (at step 5; no checkpoint "
+        "was saved); saving step 4 failed too: cannot write checkpoint for step 4 in ")
 
 
 @pytest.mark.parametrize("error,asked", [
@@ -369,7 +384,7 @@ def test_a_full_disk_while_saving_is_one_line_and_exits(tmp_path, corpus):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     [line] = r.stderr.strip().splitlines()
     assert line.startswith("error: cannot write checkpoint for step 4 in ") and "unexpected pos 64 vs 0" in line
-    assert "MiB free on its disk; earlier checkpoints are intact" in line
+    assert "MiB free on its disk, the checkpoint takes " in line and line.endswith("; earlier checkpoints are intact")
     [run] = (tmp_path / "ck").iterdir()
     assert [p.name for p in checkpoints_in(run)] == ["checkpoint_2.pt"] and not list(run.glob(".*tmp*"))
 
