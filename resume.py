@@ -57,16 +57,24 @@ def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tok
 
 def rng_state(device) -> dict:
     np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-             "torch": torch.get_rng_state()}
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            **torch_rng_state(device)}
+
+
+def torch_rng_state(device) -> dict:
+    """torch's generators: the only ones a training step draws from (dropout masks; the loader has
+    its own), cheap enough to keep at every step."""
+    state = {"torch": torch.get_rng_state()}
     if device.type in ("cuda", "mps"):  # the dropout masks' generator on the device
         state[device.type] = getattr(torch, device.type).get_rng_state()
     return state
 
 
 def set_rng_state(state: dict, device):
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    """rng_state's, or torch_rng_state's (Python's and numpy's generators left as they are)."""
+    if "python" in state:
+        random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+        np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
     torch.set_rng_state(state["torch"])
     if device.type in state:
         getattr(torch, device.type).set_rng_state(state[device.type])

@@ -38,7 +38,7 @@ from metrics import (MetricsError, MetricsLog, StepLog, check_installed, describ
                      format_duration)
 from model import BDH
 from positions import data_order
-from resume import Progress, data_settings_hint, resume, rng_state, save, set_rng_state
+from resume import Progress, data_settings_hint, resume, save, set_rng_state, torch_rng_state
 from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_host_memory, compile_repeatably,
                      device_clock, emulated_dtype_warning, interrupted, memory_fix, one_line, out_of_memory,
@@ -160,7 +160,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         # what a data error in this step saves (one process): the progress, and the random state before
         # dropout drew the step's first micro-batches' masks
         before = replace(progress, positions=dict(progress.positions))
-        rng_before = rng_state(device) if training.gradient_accumulation_steps > 1 and not ranks.enabled else None
+        rng_before = (torch_rng_state(device) if training.gradient_accumulation_steps > 1 and not ranks.enabled
+                      else None)
         step = progress.step = progress.step + 1
         progress.tokens += tokens_per_step
         lr = learning_rate(step, training)
