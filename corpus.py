@@ -1,6 +1,7 @@
 """Writing parquet shards: the user's text files (python prepare.py --from-text) and the built-in
 sample corpus, both in the layout shards.py reads (one `text` column, one document per row).
 """
+import os
 import sysconfig
 from pathlib import Path
 
@@ -111,8 +112,11 @@ def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int | None:
     another process (another node's first rank) built the folder meanwhile."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"}
-    sources = sorted(p for p in stdlib.rglob("*.py")
-                     if not skip.intersection(p.relative_to(stdlib).parts))
+    sources = []
+    for folder, subfolders, names in os.walk(stdlib):  # skipped folders are not entered: site-packages is big
+        subfolders[:] = [name for name in subfolders if name not in skip]
+        sources += [Path(folder, name) for name in names if name.endswith(".py")]
+    sources.sort()
     docs, total = [], 0
     for p in sources:
         text = p.read_text(encoding="utf-8", errors="replace")
