@@ -231,12 +231,16 @@ def arguments(argv):
     add_config_arguments(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per implementation")
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--skip", nargs="+", action="extend", default=[],
-                        choices=("memory", "loader", "generation"), help="parts not to measure")
+    parser.add_argument("--skip", nargs="+", action="extend", default=[], metavar="{memory,loader,generation}",
+                        help="parts not to measure")
     parser.add_argument("--profile", metavar="FILE",
                         help="also profile model.py's training step (torch.profiler): its table to FILE")
     parser.add_argument("--memory-probe", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     args = parse_arguments(parser, argv)
+    args.overrides += [item for item in args.skip if "=" in item]  # `--skip memory a.b=1`: the list ends at `=`
+    args.skip = [item for item in args.skip if "=" not in item]
+    if unknown := [item for item in args.skip if item not in ("memory", "loader", "generation")]:
+        parser.error(f"argument --skip: invalid choice: {unknown[0]!r} (choose from memory, loader, generation)")
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     check_outputs(parser, {"--json": args.json, "--profile": args.profile})

@@ -45,6 +45,9 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
         with pytest.raises(SystemExit) as stop:
             bench.main(["--config", str(config), option, str(out)])
         assert stop.value.code == 2 and f"error: {option} {out}: " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--config", str(config), "--skip", "memory", "loaders"])
+    assert stop.value.code == 2 and "--skip: invalid choice: 'loaders'" in capsys.readouterr().err
 
 
 def test_the_step_is_train_py_s_and_modes_it_cannot_compare_are_refused(tmp_path, corpus, capsys, monkeypatch):
@@ -68,6 +71,6 @@ def test_the_step_is_train_py_s_and_modes_it_cannot_compare_are_refused(tmp_path
 def test_missing_data_is_one_line_before_any_timing(tmp_path, corpus, capsys, monkeypatch):
     monkeypatch.setattr(bench, "bench_training", lambda *args: pytest.fail("timed before the data was checked"))
     config = write_config(tmp_path, corpus)
-    assert bench.main(["--config", str(config), f"dataset.parquet_dir={tmp_path / 'nope'}", "--skip", "memory"]) == 1
+    assert bench.main(["--config", str(config), "--skip", "memory", f"dataset.parquet_dir={tmp_path / 'nope'}"]) == 1
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: {tmp_path / 'nope'}: dataset.parquet_dir does not exist")
