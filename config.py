@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -183,7 +184,10 @@ class Config:
                 problems.append(f"{path}: must be >= 0, got {self._get(path)}")
         for path, allowed in CHOICES.items():
             if self._get(path) not in allowed:
-                problems.append(f"{path}: must be one of {', '.join(allowed)}; got {self._get(path)!r}")
+                gpu = re.fullmatch(r"cuda:(\d+)", str(self._get(path))) if path == "training.device" else None
+                problems.append(f"{path}: must be one of {', '.join(allowed)}; got {self._get(path)!r}"
+                                + (f" (for GPU {gpu[1]}: training.device=cuda and CUDA_VISIBLE_DEVICES={gpu[1]} "
+                                   f"before the command)" if gpu else ""))
         model, training = self.model, self.training
         if training.seed >= 2**32:
             problems.append(f"training.seed: must be below 2**32 = {2**32} (NumPy's seeds), got {training.seed}")

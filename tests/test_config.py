@@ -90,6 +90,7 @@ def test_a_home_directory_in_paths_is_expanded(monkeypatch):
     ({"model": {"n_head": 3}}, "must be divisible by n_head = 3"),
     ({"training": {"min_lr": 0.1}}, "training.min_lr: must be <= training.learning_rate"),
     ({"training": {"device": "tpu"}}, "training.device: must be one of auto, cpu, cuda, mps"),
+    ({"training": {"device": "cuda:1"}}, "got 'cuda:1' (for GPU 1: training.device=cuda and CUDA_VISIBLE_DEVICES=1 "),
     ({"training": {"compile": "yes please"}}, "training.compile: must be true, false or auto"),
     ({"low_precision": {"compute_dtype": "fp8"}}, "low_precision.compute_dtype: must be one of"),
     ({"low_precision": {"quantization_type": "int4"}}, "low_precision.quantization_type: must be one of"),
