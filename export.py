@@ -4,8 +4,9 @@ model card; with --hf, also a Hugging Face Transformers folder.
     python export.py --checkpoint X --out DIR [--hf] [--4bit] [--replace]
 
 DIR holds model.safetensors (the weights only, under their checkpoint names and shapes), config.json,
-tokenizer.json (and tokenizer_config.json) and README.md. --hf adds the configuration and modeling
-files, and model.py, that AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) loads.
+tokenizer.json (and tokenizer_config.json) and README.md. --hf adds generation_config.json, the
+configuration and modeling files, and model.py, that AutoModelForCausalLM.from_pretrained(DIR,
+trust_remote_code=True) loads.
 --4bit stores encoder, encoder_v and decoder as the 4-bit weights a use_4bit run trained for (the
 model sample.py --4bit serves): per weight W, W_4bit (uint8, two codes per byte, high nibble first),
 W_absmax (float32, one scale per block of 64 values) and one quant_map (the 16 levels); a value is

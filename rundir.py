@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,7 +72,8 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
         last_written = max(found, key=lambda path: path.stat().st_mtime)  # an older run resumed since, perhaps
         if last_written.parent != found[0].parent:
             print(f"note: latest is the newest run, {found[0].parent.name}; {last_written} was written more "
-                  f"recently: give it (or its run directory) to {'use it' if flag else 'continue from there'}")
+                  f"recently: give it (or its run directory) to {'use it' if flag else 'continue from there'}",
+                  file=sys.stderr)  # (sample.py's standard output is the text alone)
         return found
     path = Path(spec)
     if path.is_dir():
@@ -101,7 +103,7 @@ def open_checkpoint(spec: str, checkpoint_dir: str | None, setting: str = "train
         except CheckpointError as e:
             if len(candidates) == 1 and Path(spec).is_file():
                 raise CheckpointError(f"{setting}: {e}") from None
-            print(f"skipped {e}")
+            print(f"skipped {e}", file=sys.stderr)
     raise CheckpointError(f"{setting}: {spec}: none of its {len(candidates)} checkpoint(s) can be read (see above)")
 
 

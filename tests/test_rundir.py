@@ -74,7 +74,7 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
     for spec in ("latest", str(run)):
         path, ckpt = open_checkpoint(spec, str(tmp_path))
         assert (path, ckpt.step) == (run / "checkpoint_2.pt", 2)
-        assert capsys.readouterr().out.startswith(f"skipped {run / 'checkpoint_10.pt'}: not a readable checkpoint")
+        assert capsys.readouterr().err.startswith(f"skipped {run / 'checkpoint_10.pt'}: not a readable checkpoint")
     with pytest.raises(CheckpointError, match=r"checkpoint_10.pt: not a readable checkpoint \(cut short or corrupt: "):
         open_checkpoint(str(run / "checkpoint_10.pt"), str(tmp_path))  # asked for by name: no other
 
@@ -86,10 +86,10 @@ def test_latest_is_the_newest_run_and_names_an_older_run_written_since(tmp_path,
         torch.save(Checkpoint(step=step, model={}, model_config={}).to_dict(), run / f"checkpoint_{step}.pt")
     os.utime(newer / "checkpoint_8.pt", (1e9, 1e9))  # the older run was resumed after the newer one stopped
     assert open_checkpoint("latest", str(tmp_path))[0] == newer / "checkpoint_8.pt"
-    assert capsys.readouterr().out == (f"note: latest is the newest run, {newer.name}; {older / 'checkpoint_80.pt'} was "
+    assert capsys.readouterr().err == (f"note: latest is the newest run, {newer.name}; {older / 'checkpoint_80.pt'} was "
                                        f"written more recently: give it (or its run directory) to continue from there\n")
     open_checkpoint("latest", str(tmp_path), setting="--checkpoint")  # sample.py, export.py: not training
-    assert capsys.readouterr().out.endswith("give it (or its run directory) to use it\n")
+    assert capsys.readouterr().err.endswith("give it (or its run directory) to use it\n")
     os.utime(older / "checkpoint_80.pt", (1e8, 1e8))
     assert open_checkpoint("latest", str(tmp_path))[0] == newer / "checkpoint_8.pt"
     assert capsys.readouterr().out == ""
