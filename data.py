@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards import DataError, ParquetFileCache, Unit, list_units, read_unit_documents
+from stopping import SIGNALS
 
 
 def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
@@ -169,10 +170,10 @@ class ParquetBatches(IterableDataset):
 
 
 def _leave_signals_to_main(_worker_id):
-    """Ctrl-C and SIGTERM reach the whole process group; the main process decides how to stop
-    (finish the step, checkpoint) and then shuts the workers down itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Ctrl-C, SIGTERM and a closed terminal's SIGHUP reach the whole process group; the main process
+    decides how to stop (finish the step, checkpoint) and then shuts the workers down itself."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def stop_loader_workers(started_before=()):

@@ -124,17 +124,18 @@ def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, co
 
 
 def test_a_closed_terminal_stops_with_a_checkpoint_though_the_output_has_no_reader(tmp_path, corpus):
-    """SIGHUP, and prints that find no reader: as after a closed terminal, or Ctrl-C in
-    `python train.py | tee log`, which ends tee too (each alone fails the test)."""
+    """SIGHUP to the process group (the loader's worker too), and prints that find no reader: as after
+    a closed terminal, or Ctrl-C in `python train.py | tee log`, which ends tee too (each alone fails
+    the test)."""
     path = write_config(tmp_path, corpus, max_iters=100000, checkpoint_freq=100000, test_freq=100000, log_freq=1)
-    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(path)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(path), "dataloader.num_workers=1"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     for line in proc.stdout:
         if line.startswith("step 2/"):
             break
     proc.stdout.close()  # the reader is gone
     proc.stderr.close()
-    proc.send_signal(signal.SIGHUP)
+    os.killpg(proc.pid, signal.SIGHUP)
     assert proc.wait(timeout=60) == 0
     [run] = run_dirs(tmp_path)
     [ckpt] = run.glob("checkpoint_*.pt")
