@@ -86,15 +86,27 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealing
             passes.append(epoch + position["epoch_done"] + (1 - position["epoch_done"]) * read)
             continue
         if epoch not in dealings:
-            dealings[epoch] = [(assigned, np.cumsum([0] + [unit.num_bytes for unit in assigned]))
-                               for assigned in assign_units(units, epoch, seed, n_readers, shuffle=True)]
+            dealings[epoch] = dealing_with_bytes(units, epoch, seed, n_readers)
         assigned, cumulative = dealings[epoch][position["reader"]]
-        done = cumulative[position["unit"]]
-        if position["unit"] < len(assigned):  # the parts before the one being read
-            unit = assigned[position["unit"]]
-            done += unit.num_bytes - bytes_left(unit, position.get("part", 0)) + part_read(unit, position)
-        passes.append(epoch + done / max(1, cumulative[-1]))
+        passes.append(epoch + bytes_read(assigned, cumulative, position) / max(1, cumulative[-1]))
     return float(sum(passes) / len(passes))
+
+
+def dealing_with_bytes(units: list[Unit], epoch: int, seed: int, n_readers: int) -> list:
+    """Each reader's units in `epoch` (data.assign_units), with their cumulative bytes from 0."""
+    return [(assigned, np.cumsum([0] + [unit.num_bytes for unit in assigned]))
+            for assigned in assign_units(units, epoch, seed, n_readers, shuffle=True)]
+
+
+def bytes_read(assigned: list[Unit], cumulative, position) -> float:
+    """About the bytes a reader at `position` has read of its epoch's units (`assigned`, with their
+    `cumulative` bytes): the units before the one it is in, and the parts of that one before the
+    part it is in, and of that part."""
+    done = cumulative[position["unit"]]
+    if position["unit"] < len(assigned):
+        unit = assigned[position["unit"]]
+        done += unit.num_bytes - bytes_left(unit, position.get("part", 0)) + part_read(unit, position)
+    return float(done)
 
 
 def bytes_left(unit: Unit, part: int) -> float:
@@ -124,7 +136,7 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
     epoch a saved reader is in that no reader has finished, dealt to n_readers (balancing bytes) in
     positions that carry them (a unit being read restarts at the part it was in: what was read of
     that part is read again). Readers that had gone on to the next epoch had finished this one;
-    what they read of the next is read again."""
+    what they read of the next is read again (the next epoch is dealt anew), and counted."""
     old_readers = max(1, saved_order[WORKERS_KEY]) * saved_order["world_size"]
     saved = {p["reader"]: p for p in saved_positions}
     # a reader that had not handed over a batch yet: at the start of the oldest epoch (a fresh run's first)
@@ -134,9 +146,15 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
     dealing = None
     left = []  # [index in units, first part]
     read_of_parts = 0.0  # of the parts being read, which are read again from their start: counted as read
+    read_ahead, later = 0.0, {}  # what readers already in a later epoch had read of it
     for reader in range(old_readers):
         position = saved.get(reader, start)
         if position["epoch"] > epoch:
+            if "units" not in position:  # (a dealt rest of an epoch is never ahead: all readers share its epoch)
+                if position["epoch"] not in later:
+                    later[position["epoch"]] = dealing_with_bytes(units, position["epoch"], saved_order["training.seed"],
+                                                                  old_readers)
+                read_ahead += bytes_read(*later[position["epoch"]][reader], position)
             continue
         if "units" in position:
             assigned = position["units"]
@@ -151,7 +169,7 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
     positions = [{"reader": reader, "epoch": epoch, "unit": 0, "part": entries[0][1] if entries else 0,
                   "consumed": 0, "carry": [], "units": entries, "epoch_done": done}
                  for reader, entries in enumerate(dealt)]
-    return positions, len(left), epoch, read_of_parts
+    return positions, len(left), epoch, read_of_parts + read_ahead
 
 
 def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_positions=(), batches_consumed=0):
