@@ -185,7 +185,8 @@ def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], list[Pa
     """(the root: the folder before the first wildcard; the .parquet files below it that the glob
     pattern matches, with the files of the folders it matches (a pattern that ends in / matches
     folders only), sorted, each real file once; the names skipped). `**` matches any number of
-    folders. Folders the pattern matches are checked for split names as a folder given directly is."""
+    folders. Folders the pattern matches are checked for split names as a folder given directly is, and
+    so are the files of a pattern without `**` together."""
     parts = Path(pattern).parts
     literal = [unescaped(part) for part in parts] + [None]
     first_wildcard = literal.index(None)
@@ -213,6 +214,8 @@ def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], list[Pa
     for folder in sorted({matched[path] for path in taken if in_folder[path]}):
         check_splits(root.joinpath(*folder), [p for p in taken if p.relative_to(root).parts[:len(folder)] == folder],
                      setting)
+    if "**" not in segments:  # `**`: every file it matches, held-out splits' too (what the error offers last)
+        check_splits(root, taken, setting, pattern=pattern)
     return root, taken, skipped
 
 
@@ -259,15 +262,16 @@ def split_of(root: Path, path: Path) -> tuple:
     return None, None
 
 
-def check_splits(root: Path, files: list[Path], setting: str):
-    """Refuse a training folder that mixes a held-out split's files with others."""
-    if setting == "dataset.parquet_dir" and (mixed := mixed_splits(root, files)):
+def check_splits(root: Path, files: list[Path], setting: str, pattern: str | None = None):
+    """Refuse a training folder (the files of a pattern below `root`) that mixes a held-out split's
+    files with others."""
+    if setting == "dataset.parquet_dir" and (mixed := mixed_splits(root, files, pattern)):
         raise DataError(mixed)
 
 
-def mixed_splits(root: Path, files: list[Path]) -> str | None:
-    """The error for a training folder that holds a held-out split's files beside others' (a Hugging
-    Face dataset's train-*, validation-*, test-* files), or None."""
+def mixed_splits(root: Path, files: list[Path], pattern: str | None = None) -> str | None:
+    """The error for a training folder (or pattern) that holds a held-out split's files beside others'
+    (a Hugging Face dataset's train-*, validation-*, test-* files), or None."""
     counts, selectors = {}, {}
     for path in files:
         split, selector = split_of(root, path)
@@ -294,8 +298,9 @@ def mixed_splits(root: Path, files: list[Path]) -> str | None:
         fix = (f"{', '.join(held_out[:3])}{' ...' if len(held_out) > 3 else ''} look like held-out splits (by their "
                f"names): move them out of the folder, or give dataset.parquet_dir a pattern of the training files only")
     everything = override("parquet_dir", Path(glob.escape(str(root))) / "**" / "*.parquet")
-    return (f"{root}: its files are named for several Hugging Face splits ({found} files), and training would read "
-            f"them all, held-out ones too; {fix}; to train on every file anyway: {everything}")
+    given = f"{pattern}: the files it matches are" if pattern else f"{root}: its files are"
+    return (f"{given} named for several Hugging Face splits ({found} files), and training would read them all, "
+            f"held-out ones too; {fix}; to train on every file anyway: {everything}")
 
 
 def parquet_files(root: Path, look_in=None) -> tuple[list[Path], list[Path]]:

@@ -1,6 +1,7 @@
 """Parquet shards: listing and checking them (folders, patterns, split names), the split, reading."""
 import glob
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -139,10 +140,14 @@ def test_a_training_folder_holding_held_out_splits_is_refused_with_the_patterns_
     assert [(u.path, u.file_key) for u in list_units(root / "**" / "*.parquet", "text")] == as_folder
     only = root / "wikitext-2-raw-v1"
     by_folder = [(u.path, u.file_key) for u in list_units(only, "text", setting="dataset.val_parquet_dir")]
-    assert [(u.path, u.file_key) for u in list_units(only / "*.parquet", "text")] == by_folder
+    assert [(u.path, u.file_key) for u in list_units(only / "**" / "*.parquet", "text")] == by_folder
     for folders in (root / "**", root / "*-2-*"):  # a folder the pattern matches is checked as a folder given
         with pytest.raises(DataError, match="named for several Hugging Face splits"):
             list_units(folders, "text")
+    # and the files of a pattern without `**` together: side by side, or in folders it matches one split each
+    with pytest.raises(DataError, match=re.escape(f"{only / '*.parquet'}: the files it matches are named for several "
+                                                  f"Hugging Face splits (test: 1, train: 2, validation: 1 files)")):
+        list_units(only / "*.parquet", "text")
     assert len(list_units(root / "*-2-*", "text", setting="dataset.val_parquet_dir")) == 4
 
 
