@@ -93,8 +93,8 @@ def draw(found, labels, out, max_neurons: int):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="latest",
-                        help="checkpoint_<step>.pt, a run directory, a folder export.py wrote, or latest (the default: "
-                             "the newest checkpoint of the newest run in --checkpoint-dir)")
+                        help="a run's checkpoint_<step>.pt or best.pt, a run directory, a folder export.py wrote, "
+                             "or latest (the default: the newest checkpoint of the newest run in --checkpoint-dir)")
     parser.add_argument("--checkpoint-dir", help="where `latest` looks (default: checkpoints)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--out", default="neurons.png", help="the picture to write (default neurons.png)")

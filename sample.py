@@ -48,8 +48,8 @@ def text_as_it_comes(tokenizer, ids):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Generate text from a BDH checkpoint.")
     parser.add_argument("--checkpoint", default="latest",
-                        help="checkpoint_<step>.pt, a run directory, a folder export.py wrote, or latest (the default: "
-                             "the newest checkpoint of the newest run in --checkpoint-dir)")
+                        help="a run's checkpoint_<step>.pt or best.pt, a run directory, a folder export.py wrote, "
+                             "or latest (the default: the newest checkpoint of the newest run in --checkpoint-dir)")
     parser.add_argument("--checkpoint-dir", help="where `latest` looks (default: checkpoints)")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=500)
