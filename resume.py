@@ -257,7 +257,9 @@ def data_settings_hint(cfg, problem: Exception) -> str:
 
     def as_override(value):  # what the command line reads back as the same value
         return "null" if value is None else shlex.quote(str(value))
-    recorded = [name for name in DATA_SETTINGS if name.split(".")[1] in saved.get(name.split(".")[0], {})]
+    # a tokenizer's problem: the data's settings are beside the point
+    names = ("dataset.tokenizer", "model.vocab_size") if isinstance(problem, TokenizerError) else DATA_SETTINGS
+    recorded = [name for name in names if name.split(".")[1] in saved.get(name.split(".")[0], {})]
     differ = [f"{name}={as_override(setting(saved, name))}" for name in recorded
               if not same_setting(name, setting(saved, name), setting(now, name))]
     if differ:
