@@ -12,6 +12,7 @@ independent of workers.
 
 Writing them: corpus.py.
 """
+import difflib
 import fnmatch
 import glob
 import hashlib
@@ -205,9 +206,10 @@ def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], list[Pa
     skipped = [path for path in skipped if (may_hold(segments, path.relative_to(root).parts) if path.is_dir() else
                                             matched_prefix(segments, path.relative_to(root).parts) is not None)]
     if not taken:
-        there = parquet_files(root)[0] if root.is_dir() else []
-        holds = (f"{root} holds {len(there):,} .parquet file(s), such as "
-                 f"{', '.join(p.relative_to(root).as_posix() for p in there[:3])}" if there
+        there = [p.relative_to(root).as_posix() for p in parquet_files(root)[0]] if root.is_dir() else []
+        wanted = "/".join(segments)  # the names most like the pattern first: a typo's intended file is among them
+        like = sorted(there, key=lambda name: -difflib.SequenceMatcher(None, wanted, name).ratio())
+        holds = (f"{root} holds {len(there):,} .parquet file(s), such as {', '.join(like[:3])}" if there
                  else f"{root} holds no .parquet file" if root.is_dir() else f"{root} does not exist")
         hidden = f" ({len(skipped)} name(s) starting with '.' or '_' skipped)" if skipped else ""
         raise DataError(f"{pattern}: {setting} matches no .parquet file{hidden}{relative_to_here(root)}; {holds}")
