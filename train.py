@@ -123,7 +123,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         for line in cfg.unused_settings():
             print(f"note: {line}")
     if peak:
-        print(f"MFU against the {peak_source}" + (f" (FP8 too: the same {compute_dtype} yardstick)" if fp8_recipe else ""))
+        print(f"MFU against the {peak_source}"
+              + (f" (FP8 too: the same {compute_dtype} yardstick)" if fp8_recipe else ""))
     if compile_model:
         print("torch.compile: the first step compiles the model and takes longer", flush=True)
 
