@@ -241,10 +241,11 @@ def adamw_state_bytes(params) -> int:
 
 def make_optimizer(model, cfg, device) -> torch.optim.Optimizer:
     """The optimizer of a BDH model for train.py and bench.py: AdamW, or AdamW4bit with
-    low_precision.use_4bit_optimizer. Weight decay on the four matmul weights; none on the embedding
-    table. (bench_precision.py swaps torchao's AdamW4bit in for AdamW4bit to compare the two.)"""
+    low_precision.use_4bit_optimizer. Weight decay on every weight but the embedding table (the four
+    matmul weights, and any the model gains). (bench_precision.py swaps torchao's AdamW4bit in for
+    AdamW4bit to compare the two.)"""
     training, low_precision = cfg.training, cfg.low_precision
-    decay = [model.encoder, model.encoder_v, model.decoder, model.lm_head]
+    decay = [p for name, p in model.named_parameters() if name != "embed.weight"]
     groups = [{"params": decay, "weight_decay": training.weight_decay},
               {"params": [model.embed.weight], "weight_decay": 0.0}]
     if low_precision.use_4bit_optimizer:

@@ -126,11 +126,9 @@ def peek_checkpoint(path: Path) -> dict | None:
         return None
 
 
-def saved_progress(path: Path) -> tuple[float, float]:
-    """(step, best validation loss) of a checkpoint file, read without loading its tensors;
-    (inf, inf) if it cannot be read."""
-    saved = peek_checkpoint(path) or {}
-    return saved.get("step", math.inf), saved.get("best_val_loss", math.inf)
+def saved_step(path: Path) -> float:
+    """The step of a checkpoint file, read without loading its tensors; inf if it cannot be read."""
+    return (peek_checkpoint(path) or {}).get("step", math.inf)
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> BDH:

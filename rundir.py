@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import (Checkpoint, CheckpointError, is_export, load_checkpoint, load_export, model_from_checkpoint,
-                        low_precision_of, saved_progress)
+                        low_precision_of, saved_step)
 from files import atomic_write, left_by_a_dead_process, relative_to_here
 from model import BDH
 from runtime import first_line
@@ -42,7 +42,7 @@ def resumable_in(run_dir: Path) -> list[Path]:
     best.pt when it is newer (saved after the evaluation of a step that a kill kept from its
     checkpoint, or test_freq below checkpoint_freq): it holds the whole training state too."""
     found = checkpoints_in(run_dir)[::-1]
-    best_step = saved_progress(run_dir / "best.pt")[0] if (run_dir / "best.pt").is_file() else math.inf
+    best_step = saved_step(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else math.inf
     if best_step < math.inf and (not found or best_step > int(CHECKPOINT_RE.match(found[0].name).group(1))):
         found.insert(0, run_dir / "best.pt")
     return found
@@ -281,7 +281,7 @@ class RunDir:
             return [], None
         later = [p for p in checkpoints_in(self.path) if int(CHECKPOINT_RE.match(p.name).group(1)) > step]
         best = self.path / "best.pt"
-        if best.exists() and saved_progress(best)[0] > step:
+        if best.exists() and saved_step(best) > step:
             later.append(best)
         if not later:
             return [], None

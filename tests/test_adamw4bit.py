@@ -197,9 +197,10 @@ def test_weight_decay_applies_to_the_matmul_weights_and_not_to_the_embedding(use
     cfg = Config.from_dict({"model": {"n_layer": 1, "n_embd": 32, "n_head": 2}, "training": {"weight_decay": 0.3},
                             "low_precision": {"use_4bit_optimizer": use_4bit_optimizer}})
     model = BDH(cfg.model)
+    model.gate = torch.nn.Parameter(torch.ones(4))  # a weight the model gains is trained too
     groups = make_optimizer(model, cfg, torch.device("cpu")).param_groups
     decay = {id(p): group["weight_decay"] for group in groups for p in group["params"]}
     names = {id(p): name for name, p in model.named_parameters()}
     assert sorted(decay) == sorted(names)  # each parameter in one group
     assert {names[i]: d for i, d in decay.items()} == {
-        "embed.weight": 0.0, "encoder": 0.3, "encoder_v": 0.3, "decoder": 0.3, "lm_head": 0.3}
+        "embed.weight": 0.0, "encoder": 0.3, "encoder_v": 0.3, "decoder": 0.3, "lm_head": 0.3, "gate": 0.3}
