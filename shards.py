@@ -1,9 +1,8 @@
-"""Parquet shards: the layout the data lives in, and reading it.
+"""Parquet shards: checking them and reading them.
 
-Layout: every `*.parquet` file under a folder (recursively, sorted; names that start with '.' or
-'_' are not data) or matched by a glob pattern, one string column holding one document per row: the
-Hugging Face datasets layout. A unit of work is one (file, row group); list_units checks every footer
-and schema up front, and refuses a training folder that mixes a held-out split's files with others.
+Every shard (layout.py finds them: a folder, a glob pattern or one file) has one string column holding
+one document per row: the Hugging Face datasets layout. A unit of work is one (file, row group);
+list_units checks every footer and schema up front.
 
 Reading: read_unit_documents streams one unit's non-empty documents of a split, in parts of about
 READ_BYTES. Train/validation split: each document goes to validation with probability
@@ -12,38 +11,20 @@ independent of workers.
 
 Writing them: corpus.py.
 """
-import difflib
-import fnmatch
-import glob
 import hashlib
 import os
-import re
-import shlex
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from files import relative_to_here
+from layout import DataError, shard_files  # DataError: raised here too
 from runtime import first_line
 
-
-PATTERN_CHARACTERS = "*?["  # dataset.parquet_dir with one of these (and no such folder) is a glob pattern
-SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
-               "val": "validation", "dev": "validation", "test": "test", "testing": "test", "eval": "test",
-               "evaluation": "test"}  # the Hugging Face Hub's split keywords in file and folder names
-
-
-class DataError(Exception):
-    """A problem with the user's data or shards, with a one-line message naming the file."""
-
-
-# ---------------------------------------------------------------- listing and reading
 
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary(), pa.string_view())
 
@@ -106,232 +87,6 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
     if not units:
         raise DataError(f"{root}: the parquet files hold no rows" + " of documents" * bool(all_null))
     return units
-
-
-def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
-    """(the folder that the files' keys are relative to, the parquet files) of a folder, a glob
-    pattern, or one .parquet file (its folder is the root)."""
-    root = Path(location)
-    if root.is_dir():
-        files, skipped = parquet_files(root)
-        check_links(files)
-        check_splits(root, files, setting)
-    elif root.is_file() and root.name.endswith(".parquet"):
-        root, files, skipped = root.parent, [root], []
-    elif root.is_symlink() and not root.exists():
-        raise DataError(f"{root}: {setting} is a symbolic link to {os.path.realpath(root)}, which does not exist; "
-                        f"restore its target (re-download it) or set {setting} to where the data is")
-    elif any(c in str(location) for c in PATTERN_CHARACTERS):
-        root, files, skipped = pattern_files(str(location), setting)
-    elif root.exists() and parquet_by_its_bytes(root):
-        raise DataError(f"{root}: a parquet file whose name does not end in .parquet (only such names are read as "
-                        f"shards); rename it: `mv {shlex.quote(str(root))} "
-                        f"{shlex.quote(str(root.with_suffix('.parquet')))}`")
-    elif root.exists():
-        out = shlex.quote(str(root.with_suffix("")) + "_parquet")
-        raise DataError(f"{root}: {setting} is a file, not a folder of .parquet shards; give their folder, a .parquet "
-                        f"file or a glob pattern; to train on this file's text: `python prepare.py --from-text "
-                        f"{shlex.quote(str(root))} --out {out}` and {setting}={out}")
-    else:
-        raise DataError(f"{root}: {setting} does not exist or is not a directory{relative_to_here(root)}; "
-                        f"create it with `python prepare.py --from-text FILE --out {root}`")
-    if skipped:
-        print(f"{location}: skipped {len(skipped)} file(s) or folder(s) whose names start with '.' or '_' (not data, "
-              f"as for pyarrow datasets, Spark and Hugging Face)")
-    if not files:
-        raise DataError(f"{root}: no .parquet files found (searched recursively); {how_to_convert(root, setting)}")
-    return root, files
-
-
-def check_links(files: list[Path]):
-    """Refuse symbolic links to missing files among the shards (an interrupted download leaves a
-    Hugging Face cache's snapshot with links into blobs/ that were never written)."""
-    broken = [path for path in files if path.is_symlink() and not path.exists()]
-    if broken:
-        more = f" (and {len(broken) - 1} more such link(s))" if len(broken) > 1 else ""
-        raise DataError(f"{broken[0]}: a symbolic link to {os.path.realpath(broken[0])}, which does not exist{more}; "
-                        f"re-download the dataset, or remove the link(s) to train without those files")
-
-
-def parquet_by_its_bytes(path: Path) -> bool:
-    """Whatever its name (.pq, .parq): a parquet file starts with PAR1."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"PAR1"
-    except OSError:
-        return False
-
-
-def how_to_convert(folder: Path, setting: str) -> str:
-    """The prepare.py command for a folder without parquet shards: into it if it is empty, else
-    (it holds the text, and prepare.py writes only into a folder of shards) into one beside it,
-    which `setting` then names."""
-    if not any(folder.iterdir()):
-        return f"convert text with `python prepare.py --from-text FILE ... --out {shlex.quote(str(folder))}`"
-    text = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix and not p.name.startswith((".", "_")))
-    if text and parquet_by_its_bytes(text[0]):
-        return (f"{text[0].name} is a parquet file whose name does not end in .parquet: rename such files to end in "
-                f".parquet (only those are read as shards)")
-    if text and text[0].suffix.lower() in (".jsonl", ".json", ".csv", ".tsv"):  # records: their syntax is not text
-        return (f"{text[0].name} holds records, not plain text: write them as parquet (pyarrow.json.read_json or "
-                f"pyarrow.csv.read_csv, then pyarrow.parquet.write_table) and set dataset.text_column to the "
-                f"column with the text")
-    inputs = f"{shlex.quote(str(folder))}/*{text[0].suffix}" if text else "FILE ..."
-    out = shlex.quote(f"{str(folder).rstrip('/')}_parquet")
-    return (f"convert its text with `python prepare.py --from-text {inputs} --out {out}` and set "
-            f"{setting}={out}")
-
-
-def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], list[Path]]:
-    """(the root: the folder before the first wildcard; the .parquet files below it that the glob
-    pattern matches, with the files of the folders it matches (a pattern that ends in / matches
-    folders only), sorted, each real file once; the names skipped). `**` matches any number of
-    folders. Folders the pattern matches are checked for split names as a folder given directly is, and
-    so are the files of a pattern without `**` together."""
-    parts = Path(pattern).parts
-    literal = [unescaped(part) for part in parts] + [None]
-    first_wildcard = literal.index(None)
-    root, segments = Path(*literal[:first_wildcard]), parts[first_wildcard:]
-    files, skipped = ([], []) if not root.is_dir() else parquet_files(root, look_in=lambda f: may_hold(segments, f))
-    matched = {path: matched_prefix(segments, path.relative_to(root).parts) for path in files}
-    in_folder = {path: matched[path] is not None and len(matched[path]) < len(path.relative_to(root).parts)
-                 for path in files}
-    taken, seen = [], set()
-    for path in files:
-        if in_folder[path] or (matched[path] is not None and not pattern.endswith(("/", os.sep))):
-            if os.path.realpath(path) not in seen:  # the same file through a link
-                seen.add(os.path.realpath(path))
-                taken.append(path)
-    check_links(taken)
-    skipped = [path for path in skipped if (may_hold(segments, path.relative_to(root).parts) if path.is_dir() else
-                                            matched_prefix(segments, path.relative_to(root).parts) is not None)]
-    if not taken:
-        there = [p.relative_to(root).as_posix() for p in parquet_files(root)[0]] if root.is_dir() else []
-        wanted = "/".join(segments)  # the names most like the pattern first: a typo's intended file is among them
-        like = sorted(there, key=lambda name: -difflib.SequenceMatcher(None, wanted, name).ratio())
-        holds = (f"{root} holds {len(there):,} .parquet file(s), such as {', '.join(like[:3])}" if there
-                 else f"{root} holds no .parquet file" if root.is_dir() else f"{root} does not exist")
-        hidden = f" ({len(skipped)} name(s) starting with '.' or '_' skipped)" if skipped else ""
-        raise DataError(f"{pattern}: {setting} matches no .parquet file{hidden}{relative_to_here(root)}; {holds}")
-    for folder in sorted({matched[path] for path in taken if in_folder[path]}):
-        check_splits(root.joinpath(*folder), [p for p in taken if p.relative_to(root).parts[:len(folder)] == folder],
-                     setting)
-    if "**" not in segments:  # `**`: every file it matches, held-out splits' too (what the error offers last)
-        check_splits(root, taken, setting, pattern=pattern)
-    return root, taken, skipped
-
-
-def unescaped(part: str):
-    """A path part as a literal name (glob.escape's [*], [?] and [[] read back), or None if it holds a
-    wildcard."""
-    if any(c in re.sub(r"\[[*?[]\]", "", part) for c in PATTERN_CHARACTERS):
-        return None
-    return re.sub(r"\[([*?[])\]", r"\1", part)
-
-
-def matched_prefix(segments: tuple, parts: tuple, depth: int = 0):
-    """The shortest leading folders of `parts` (or all of it) that the glob segments match, or None."""
-    if not segments:
-        return parts[:depth]
-    if segments[0] == "**":  # no folder first, else one more
-        if (shorter := matched_prefix(segments[1:], parts, depth)) is not None:
-            return shorter
-        return matched_prefix(segments, parts, depth + 1) if depth < len(parts) else None
-    if depth < len(parts) and fnmatch.fnmatchcase(parts[depth], segments[0]):
-        return matched_prefix(segments[1:], parts, depth + 1)
-    return None
-
-
-def may_hold(segments: tuple, folder: tuple) -> bool:
-    """Whether something inside `folder` (its parts) can match the glob segments."""
-    if not segments or not folder or segments[0] == "**":
-        return True
-    return fnmatch.fnmatchcase(folder[0], segments[0]) and may_hold(segments[1:], folder[1:])
-
-
-def split_of(root: Path, path: Path) -> tuple:
-    """(the Hugging Face split a file's path names: train, validation, test or None; the folder or the
-    pattern that selects that split's files beside it). As the Hub reads names: the first word of
-    the folders' or the file's name that is a split keyword, words being runs of letters."""
-    relative = path.relative_to(root)
-    for depth, part in enumerate(relative.parts):
-        for word in re.finditer(r"[a-z]+", part.lower()):
-            if word.group() in SPLIT_WORDS:
-                folder, split = root.joinpath(*relative.parts[:depth]), SPLIT_WORDS[word.group()]
-                if depth < len(relative.parts) - 1:  # a folder of the split
-                    return split, folder / part
-                return split, Path(glob.escape(str(folder))) / f"{glob.escape(part[:word.end()])}*.parquet"
-    return None, None
-
-
-def check_splits(root: Path, files: list[Path], setting: str, pattern: str | None = None):
-    """Refuse a training folder (the files of a pattern below `root`) that mixes a held-out split's
-    files with others."""
-    if setting == "dataset.parquet_dir" and (mixed := mixed_splits(root, files, pattern)):
-        raise DataError(mixed)
-
-
-def mixed_splits(root: Path, files: list[Path], pattern: str | None = None) -> str | None:
-    """The error for a training folder (or pattern) that holds a held-out split's files beside others'
-    (a Hugging Face dataset's train-*, validation-*, test-* files), or None."""
-    counts, selectors = {}, {}
-    for path in files:
-        split, selector = split_of(root, path)
-        counts[split] = counts.get(split, 0) + 1
-        if selector not in selectors.setdefault(split, []):
-            selectors[split].append(selector)
-    if len(counts) == 1 or not {"validation", "test"} & counts.keys():
-        return None
-    found = ", ".join(f"{split or 'no split'}: {n:,}" for split, n in sorted(counts.items(), key=lambda kv: str(kv[0])))
-
-    def override(name, value):  # as the command line wants it: a pattern in quotes, or the shell expands it
-        return shlex.quote(f"dataset.{name}={value}")
-    if "train" in counts:
-        train = selectors["train"]
-        fix = f"set {override('parquet_dir', train[0])}"
-        if "validation" in counts:
-            fix += f" and {override('val_parquet_dir', selectors['validation'][0])}"
-        if len(train) > 1:
-            fix += f" (the train split of one of {len(train)} folders"
-            fix += (f"; of all of them: {override('parquet_dir', Path(glob.escape(str(root))) / '**' / train[0].name)})"
-                    if len({t.name for t in train}) == 1 else ")")
-    else:
-        held_out = [str(selector) for split in ("validation", "test") for selector in selectors.get(split, [])]
-        fix = (f"{', '.join(held_out[:3])}{' ...' if len(held_out) > 3 else ''} look like held-out splits (by their "
-               f"names): move them out of the folder, or give dataset.parquet_dir a pattern of the training files only")
-    everything = override("parquet_dir", Path(glob.escape(str(root))) / "**" / "*.parquet")
-    given = f"{pattern}: the files it matches are" if pattern else f"{root}: its files are"
-    return (f"{given} named for several Hugging Face splits ({found} files), and training would read them all, "
-            f"held-out ones too; {fix}; to train on every file anyway: {everything}")
-
-
-def parquet_files(root: Path, look_in=None) -> tuple[list[Path], list[Path]]:
-    """(every *.parquet file under root, sorted; the names skipped). Symbolic links to folders are
-    followed, each real folder once; links to missing files are listed (check_links refuses them);
-    names starting with '.' or '_' are not data (a macOS ._ copy, Spark's _SUCCESS and _temporary/)
-    and are skipped. look_in(the folder's parts below root), for a pattern: whether to look into a
-    folder at all; then a link is followed unless it leads back up its own path (a folder skipped as
-    seen might be the one the pattern wants)."""
-    found, skipped, seen = [], [], set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        below = Path(folder).relative_to(root).parts
-        # a folder: a link back up the tree, or a second way to the same folder; a pattern: back up its own path
-        visited = seen if look_in is None else {os.path.realpath(p) for p in Path(folder).parents[:len(below)]}
-        if real in visited:
-            subfolders[:] = []
-            continue
-        seen.add(real)
-        subfolders[:] = sorted(name for name in subfolders if look_in is None or look_in(below + (name,)))
-        skipped += [Path(folder) / name for name in subfolders if name.startswith((".", "_"))]
-        subfolders[:] = [name for name in subfolders if not name.startswith((".", "_"))]
-        for name in names:
-            if name.endswith(".parquet") and name.startswith((".", "_")):
-                skipped.append(Path(folder) / name)
-            elif name.endswith(".parquet") and (os.path.isfile(path := os.path.join(folder, name))
-                                                or os.path.islink(path) and not os.path.exists(path)):
-                found.append(Path(folder) / name)
-    return sorted(found, key=lambda p: p.relative_to(root).parts), skipped  # as sorted(Path) orders them
 
 
 class ParquetFileCache:

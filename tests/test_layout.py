@@ -1,0 +1,244 @@
+"""Where the data is: folders, patterns, one file, links, Hugging Face split names (through
+shards.list_units, which lists what layout.py finds)."""
+import glob
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import write_parquet
+from shards import DataError, list_units
+
+
+def test_units_are_listed_recursively_and_sorted(tmp_path):
+    write_parquet(tmp_path / "b" / "z.parquet", ["x"] * 5, 2)
+    write_parquet(tmp_path / "a.parquet", ["y"] * 3, 2)
+    units = list_units(tmp_path, "text")
+    assert [(Path(u.path).relative_to(tmp_path).as_posix(), u.row_group) for u in units] == [
+        ("a.parquet", 0), ("a.parquet", 1), ("b/z.parquet", 0), ("b/z.parquet", 1), ("b/z.parquet", 2)]
+
+
+def test_missing_or_empty_directory(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        list_units(tmp_path / "nope", "text")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no .parquet files found \(searched recursively\); convert text with "
+                                        r"`python prepare.py --from-text FILE ... --out .*empty`$"):
+        list_units(tmp_path / "empty", "text")
+    (tmp_path / "empty" / "notes.txt").write_text("hi")  # prepare.py would refuse to write beside it
+    with pytest.raises(DataError, match=r"no .parquet files found \(searched recursively\); convert its text with "
+                                        r"`python prepare.py --from-text .*empty/\*.txt --out .*empty_parquet` and set "
+                                        r"dataset.parquet_dir=.*empty_parquet$"):
+        list_units(tmp_path / "empty", "text")
+    with pytest.raises(DataError, match=r" and set dataset.val_parquet_dir=.*empty_parquet$"):
+        list_units(tmp_path / "empty", "text", setting="dataset.val_parquet_dir")
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "data.jsonl").write_text('{"text": "hi"}\n')  # --from-text would train on its braces
+    with pytest.raises(DataError, match=r"; data.jsonl holds records, not plain text: write them as parquet "
+                                        r"\(pyarrow.json.read_json .*set dataset.text_column to the column with the text$"):
+        list_units(tmp_path / "records", "text")
+
+
+def test_symlinked_folders_are_followed_once_and_names_starting_with_dot_or_underscore_skipped(tmp_path, capsys):
+    root = tmp_path / "data"
+    write_parquet(root / "a" / "x.parquet", ["a"] * 3, 2)
+    write_parquet(tmp_path / "elsewhere" / "y.parquet", ["b"] * 3, 2)
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)  # followed once, not forever
+    (root / "._x.parquet").write_bytes(b"\0\5\0macOS resource fork")
+    write_parquet(root / "_temporary" / "z.parquet", ["c"] * 3, 2)
+    write_parquet(root / ".cache" / "w.parquet", ["d"] * 3, 2)
+    units = list_units(root, "text")
+    assert sorted({Path(u.path).relative_to(root).as_posix() for u in units}) == ["a/x.parquet", "linked/y.parquet"]
+    assert "skipped 3 file(s) or folder(s) whose names start with '.' or '_'" in capsys.readouterr().out
+    only_links = tmp_path / "links"
+    only_links.mkdir()
+    (only_links / "x.parquet").symlink_to(root / "a" / "x.parquet")
+    assert len(list_units(only_links, "text")) == 2
+
+
+def hub_layout(root):
+    """A Hugging Face dataset's files: two configurations, each with train, validation and test files."""
+    for config in ("wikitext-103-raw-v1", "wikitext-2-raw-v1"):
+        for name in ("train-00000-of-00002", "train-00001-of-00002", "validation-00000-of-00001", "test-00000-of-00001"):
+            write_parquet(root / config / f"{name}.parquet", [f"{config} {name} doc {i}" for i in range(3)])
+
+
+def test_a_training_folder_holding_held_out_splits_is_refused_with_the_patterns_that_fix_it(tmp_path):
+    root = tmp_path / "wikitext"
+    hub_layout(root)
+    with pytest.raises(DataError) as e:
+        list_units(root, "text")
+    train, val = root / "wikitext-103-raw-v1" / "train*.parquet", root / "wikitext-103-raw-v1" / "validation*.parquet"
+    assert str(e.value) == (f"{root}: its files are named for several Hugging Face splits (test: 2, train: 4, "
+                            f"validation: 2 files), and training would read them all, held-out ones too; set "
+                            f"'dataset.parquet_dir={train}' and 'dataset.val_parquet_dir={val}' (the train split of "
+                            f"one of 2 folders; of all of them: 'dataset.parquet_dir={root / '**' / 'train*.parquet'}'); "
+                            f"to train on every file anyway: 'dataset.parquet_dir={root / '**' / '*.parquet'}'")
+    assert [Path(u.path).name for u in list_units(train, "text")] == ["train-00000-of-00002.parquet",
+                                                                      "train-00001-of-00002.parquet"]
+    assert [Path(u.path).name for u in list_units(val, "text", setting="dataset.val_parquet_dir")] == [
+        "validation-00000-of-00001.parquet"]
+    assert [Path(u.path).relative_to(root).as_posix() for u in list_units(root / "**" / "train*.parquet", "text")] == [
+        f"{config}/train-0000{k}-of-00002.parquet" for config in ("wikitext-103-raw-v1", "wikitext-2-raw-v1")
+        for k in (0, 1)]  # sorted as a folder's files are, in every process
+    # every file, each once, in the folder's order, with the folder's keys (they seed the split and the shuffle)
+    as_folder = [(u.path, u.file_key) for u in list_units(root, "text", setting="dataset.val_parquet_dir")]
+    assert [(u.path, u.file_key) for u in list_units(root / "**" / "*.parquet", "text")] == as_folder
+    only = root / "wikitext-2-raw-v1"
+    by_folder = [(u.path, u.file_key) for u in list_units(only, "text", setting="dataset.val_parquet_dir")]
+    assert [(u.path, u.file_key) for u in list_units(only / "**" / "*.parquet", "text")] == by_folder
+    for folders in (root / "**", root / "*-2-*"):  # a folder the pattern matches is checked as a folder given
+        with pytest.raises(DataError, match="named for several Hugging Face splits"):
+            list_units(folders, "text")
+    # and the files of a pattern without `**` together: side by side, or in folders it matches one split each
+    with pytest.raises(DataError, match=re.escape(f"{only / '*.parquet'}: the files it matches are named for several "
+                                                  f"Hugging Face splits (test: 1, train: 2, validation: 1 files)")):
+        list_units(only / "*.parquet", "text")
+    assert len(list_units(root / "*-2-*", "text", setting="dataset.val_parquet_dir")) == 4
+
+
+def test_a_pattern_skips_what_a_folder_skips_and_lists_each_real_file_once(tmp_path, capsys):
+    write_parquet(tmp_path / "d" / "part-0.parquet", ["a"])
+    write_parquet(tmp_path / "d" / "_temporary" / "0" / "part-0.parquet", ["b"])
+    write_parquet(tmp_path / "d" / "sub" / "part-1.parquet", ["c"])
+    os.symlink(tmp_path / "d" / "sub", tmp_path / "d" / "link")
+    os.symlink(tmp_path / "d", tmp_path / "d" / "sub" / "loop")  # a link back up the tree
+    for pattern in ("**/*.parquet", "*", "**"):
+        units = list_units(tmp_path / "d" / pattern, "text")
+        assert [Path(u.path).relative_to(tmp_path / "d").as_posix() for u in units] == ["link/part-1.parquet",
+                                                                                       "part-0.parquet"], pattern
+        assert "skipped 1 file(s) or folder(s) whose names start with '.' or '_'" in capsys.readouterr().out
+
+
+def test_a_pattern_finds_a_folder_also_reached_through_links(tmp_path):
+    for version in ("v1", "v2"):
+        for name in ("a", "b"):
+            write_parquet(tmp_path / "data" / version / "train" / f"{name}.parquet", [f"{version} {name}"])
+    os.symlink(tmp_path / "data" / "v2" / "train", tmp_path / "data" / "current")
+    os.symlink(tmp_path / "data" / "v2", tmp_path / "data" / "latest")  # walked before v2, not matched by v*
+    units = list_units(tmp_path / "data" / "v*" / "train" / "*.parquet", "text")
+    assert [Path(u.path).relative_to(tmp_path / "data").as_posix() for u in units] == [
+        "v1/train/a.parquet", "v1/train/b.parquet", "v2/train/a.parquet", "v2/train/b.parquet"]
+    units = list_units(tmp_path / "data" / "*" / "train" / "*.parquet", "text")  # latest/train is v2/train
+    assert [Path(u.path).relative_to(tmp_path / "data").as_posix() for u in units] == [
+        "latest/train/a.parquet", "latest/train/b.parquet", "v1/train/a.parquet", "v1/train/b.parquet"]
+    assert len(list_units(tmp_path / "data" / "**" / "train" / "*.parquet", "text")) == 4  # each real file once
+    write_parquet(tmp_path / "data" / "loose.parquet", ["c"])
+    assert len(list_units(tmp_path / "data" / "*", "text")) == 5
+    assert len(list_units(f"{tmp_path / 'data'}/*/", "text")) == 4  # a trailing / matches folders only
+
+
+def test_an_escaped_folder_name_keeps_the_folder_s_keys(tmp_path):
+    folder = tmp_path / "x[1]"
+    write_parquet(folder / "train-0.parquet", ["a"])
+    write_parquet(folder / "notes.parquet", ["b"])
+    by_folder = [(u.path, u.file_key) for u in list_units(folder, "text")]
+    escaped = Path(glob.escape(str(folder)))
+    assert [(u.path, u.file_key) for u in list_units(escaped / "*.parquet", "text")] == by_folder
+    assert [(u.path, u.file_key) for u in list_units(escaped / "train*.parquet", "text")] == by_folder[1:]
+
+
+def test_one_parquet_file_is_read_and_another_file_is_refused(tmp_path):
+    write_parquet(tmp_path / "one.parquet", ["a", "b"])
+    [unit] = list_units(tmp_path / "one.parquet", "text")
+    assert unit.num_rows == 2 and unit.file_key == list_units(tmp_path, "text")[0].file_key
+    (tmp_path / "notes.txt").write_text("text")
+    out = f"{tmp_path / 'notes'}_parquet"
+    with pytest.raises(DataError) as info:
+        list_units(tmp_path / "notes.txt", "text")
+    assert str(info.value).endswith(
+        "is a file, not a folder of .parquet shards; give their folder, a .parquet file or a glob pattern; to train "
+        f"on this file's text: `python prepare.py --from-text {tmp_path / 'notes.txt'} --out {out}` and "
+        f"dataset.parquet_dir={out}")
+    (tmp_path / "pq").mkdir()  # parquet named otherwise: renamed, not converted as text
+    (tmp_path / "one.parquet").rename(tmp_path / "pq" / "one.pq")
+    with pytest.raises(DataError, match=r"one.pq: a parquet file whose name does not end in .parquet \(only such "
+                                        r"names are read as shards\); rename it: `mv .*/one.pq .*/one.parquet`$"):
+        list_units(tmp_path / "pq" / "one.pq", "text")
+    with pytest.raises(DataError, match=r"no .parquet files found \(searched recursively\); one.pq is a parquet file "
+                                        r"whose name does not end in .parquet: rename such files to end in .parquet"):
+        list_units(tmp_path / "pq", "text")
+
+
+def test_splits_in_folders_and_names_that_only_contain_a_keyword(tmp_path):
+    write_parquet(tmp_path / "a" / "train" / "0000.parquet", ["x"])
+    write_parquet(tmp_path / "a" / "dev" / "0000.parquet", ["x"])
+    with pytest.raises(DataError, match=r"\(train: 1, validation: 1 files\).*; set dataset.parquet_dir=\S+/a/train "
+                                        r"and dataset.val_parquet_dir=\S+/a/dev; to train"):
+        list_units(tmp_path / "a", "text")
+    write_parquet(tmp_path / "v" / "train.parquet", ["x"])
+    write_parquet(tmp_path / "v" / "book_val_01.parquet", ["x"])
+    with pytest.raises(DataError, match=r"\(train: 1, validation: 1 files\)"):
+        list_units(tmp_path / "v", "text")
+    for name in ("interval-0.parquet", "latest.parquet", "train-0.parquet", "training_1.parquet"):
+        write_parquet(tmp_path / "b" / name, ["x"])  # words, not substrings: one split (train) and none
+    assert len(list_units(tmp_path / "b", "text")) == 4
+    write_parquet(tmp_path / "c" / "part-0.parquet", ["x"])
+    write_parquet(tmp_path / "c" / "eval" / "part-0.parquet", ["x"])  # no train split named: the held-out one is
+    with pytest.raises(DataError, match=r"\(no split: 1, test: 1 files\).*; \S+/c/eval look like held-out splits \(by "
+                                        r"their names\): move them out of the folder"):
+        list_units(tmp_path / "c", "text")
+
+
+def test_a_pattern_that_matches_nothing_says_what_the_folder_holds(tmp_path):
+    hub_layout(tmp_path / "w")
+    folder = tmp_path / "w" / "wikitext-2-raw-v1"
+    with pytest.raises(DataError) as e:
+        list_units(folder / "valdation-*.parquet", "text")
+    assert str(e.value).startswith(f"{folder / 'valdation-*.parquet'}: dataset.parquet_dir matches no .parquet file; "
+                                   f"{folder} holds 4 .parquet file(s), such as validation-00000-of-00001.parquet, ")
+    with pytest.raises(DataError, match=f"{tmp_path / 'nowhere'} does not exist"):
+        list_units(tmp_path / "nowhere" / "*.parquet", "text")
+
+
+def hub_snapshot(root, missing=("train-00001-of-00002",)):
+    """A Hugging Face cache's snapshot: links into blobs/, of which an interrupted download left some unwritten."""
+    data = root / "snapshots" / "abc123" / "data"
+    data.mkdir(parents=True)
+    for k, name in enumerate(("train-00000-of-00002", "train-00001-of-00002")):
+        if name not in missing:
+            write_parquet(root / "blobs" / f"blob{k}", [f"doc {k}"] * 3, 2)
+        (data / f"{name}.parquet").symlink_to(Path("..") / ".." / ".." / "blobs" / f"blob{k}")
+    return data
+
+
+def test_a_link_to_a_missing_file_is_refused_not_skipped(tmp_path, capsys):
+    data = hub_snapshot(tmp_path / "hub")
+    link, blob = data / "train-00001-of-00002.parquet", tmp_path / "hub" / "blobs" / "blob1"
+    message = (f"{link}: a symbolic link to {blob}, which does not exist; re-download the dataset, or remove the "
+               f"link(s) to train without those files")
+    for location in (data, tmp_path / "hub", data / "*.parquet", tmp_path / "hub" / "**" / "train-*.parquet"):
+        with pytest.raises(DataError) as e:
+            list_units(location, "text")
+        assert str(e.value) == message, location
+    assert len(list_units(data / "train-00000*.parquet", "text")) == 2  # a pattern that leaves it out needs it not
+    (data / "_partial.parquet").symlink_to(tmp_path / "nowhere")  # not data, as for a file
+    (data / ".hidden.parquet").symlink_to(tmp_path / "nowhere")
+    link.unlink()
+    assert len(list_units(data, "text")) == 2
+    assert "skipped 2 file(s) or folder(s) whose names start with '.' or '_'" in capsys.readouterr().out
+
+
+def test_a_folder_of_only_missing_links_says_so(tmp_path):
+    data = hub_snapshot(tmp_path / "hub", missing=("train-00000-of-00002", "train-00001-of-00002"))
+    with pytest.raises(DataError, match=r"^\S+/train-00000-of-00002.parquet: a symbolic link to \S+/blobs/blob0, which "
+                                        r"does not exist \(and 1 more such link\(s\)\); re-download the dataset, or "
+                                        r"remove the link\(s\) to train without those files$"):
+        list_units(data, "text")
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "b.parquet").symlink_to("/nonexist.parquet")
+    with pytest.raises(DataError, match=r"b.parquet: a symbolic link to /nonexist.parquet, which does not exist;"):
+        list_units(only, "text")
+
+
+def test_a_setting_that_is_a_link_to_nothing_says_so(tmp_path):
+    for name, target in (("data", tmp_path / "gone"), ("b.parquet", tmp_path / "gone.parquet")):
+        (tmp_path / name).symlink_to(target)
+        with pytest.raises(DataError) as e:
+            list_units(tmp_path / name, "text", setting="dataset.val_parquet_dir")
+        assert str(e.value) == (f"{tmp_path / name}: dataset.val_parquet_dir is a symbolic link to {target}, which "
+                                f"does not exist; restore its target (re-download it) or set dataset.val_parquet_dir "
+                                f"to where the data is")
