@@ -189,14 +189,12 @@ class StepLog:
         self.sums[2] += skipped
         self.steps += 1
 
-    def due(self, step: int, stopping: bool) -> bool:
-        training = self.cfg.training
-        log_freq = 1 if training.debug else training.log_freq
-        # a stop logs the steps since the last line; so does a step that may save a checkpoint (best.pt at an
-        # evaluation), or a run resumed from it would never log them
-        saves = step % training.checkpoint_freq == 0 or step % training.test_freq == 0
-        return (step % log_freq == 0 or saves or step == training.max_iters
-                or step - self.first_step + 1 in FIRST_STEPS_LOGGED or stopping)
+    def due(self, step: int, ends_a_stretch: bool) -> bool:
+        """Whether `step` gets its line: every log_freq steps, a run's first few, and a step that
+        evaluates, saves or stops (`ends_a_stretch`): a run resumed from its checkpoint (best.pt at an
+        evaluation) would never log the steps since the last line."""
+        log_freq = 1 if self.cfg.training.debug else self.cfg.training.log_freq
+        return step % log_freq == 0 or ends_a_stretch or step - self.first_step + 1 in FIRST_STEPS_LOGGED
 
     def measure(self, step: int, lr: float, tokens: int, positions) -> dict:
         """The record of the steps since the last line, up to `step` (every rank's mean: all ranks call

@@ -196,13 +196,15 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         stopping = stop_vote.ask(stop.signal_name is not None)
+        evaluating = step % training.test_freq == 0 or step == training.max_iters
+        saving = step % training.checkpoint_freq == 0 or step == training.max_iters
 
         # ---- log
-        if step_log.due(step, stopping):
+        if step_log.due(step, ends_a_stretch=evaluating or saving or stopping):
             write_step_line(step_log, step, lr, progress)
 
         # ---- evaluate
-        if step % training.test_freq == 0 or step == training.max_iters:
+        if evaluating:
             with paused(step_log, stop, "the evaluation", device):
                 raw_model.weight_view = qat_view  # use_4bit: the 4-bit model is measured (each step sets its own)
                 raw_model.eval()
@@ -224,7 +226,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         # ---- checkpoint
         if stopping:
             print(f"{stop.signal_name or 'a signal to another rank'}: saving a checkpoint after step {step}", flush=True)
-        if step % training.checkpoint_freq == 0 or step == training.max_iters or stopping:
+        if saving or stopping:
             with paused(step_log, stop, SAVING, device):
                 save_step(progress)
             stopping = stopping or ranks.any(stop.signal_name is not None, device)  # heard while saving: that one
