@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit import nbytes, quantize
+from lowbit import quantize
+from runtime import tensor_bytes
 
 MIN_QUANTIZED_NUMEL = 4096
 
@@ -179,7 +180,7 @@ class AdamW4bit(torch.optim.Optimizer):
                     state[key]["codes"] = state[key]["codes"].to(torch.uint8)
 
     def state_bytes(self) -> int:
-        return sum(nbytes(s) for s in self.state.values())
+        return sum(tensor_bytes(s) for s in self.state.values())
 
     @torch.no_grad()
     def step(self, closure=None):

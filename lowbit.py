@@ -16,6 +16,7 @@ import logging
 import torch
 
 from model import LAYER_WEIGHTS
+from runtime import tensor_bytes
 
 BLOCKSIZE = 64  # weights (use_4bit, sample.py --4bit): the usual bitsandbytes block
 
@@ -54,12 +55,6 @@ def dequantize(q: dict) -> torch.Tensor:
     bnb = _bnb()
     state = bnb.QuantState.from_dict({k: v for k, v in q.items() if k != "codes"}, q["codes"].device)
     return bnb.dequantize_4bit(q["codes"], state).flatten()
-
-
-def nbytes(q) -> int:
-    if isinstance(q, dict):
-        return sum(nbytes(v) for v in q.values())
-    return q.numel() * q.element_size() if torch.is_tensor(q) else 0
 
 
 class FakeQuantize4bit(torch.autograd.Function):
@@ -106,7 +101,7 @@ def to_4bit(model, quant_type: str, double_quant: bool) -> tuple[int, int]:
         setattr(model, name, torch.nn.Parameter(weight.new_empty(0), requires_grad=False))
     model.weight_view = lambda _: tuple(dequantize(q).view(shape) for q, shape in packed.values())
     after = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-        nbytes(q) for q, _ in packed.values())
+        tensor_bytes(q) for q, _ in packed.values())
     return before, after
 
 

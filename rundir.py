@@ -20,7 +20,7 @@ from checkpoint import (Checkpoint, CheckpointError, is_export, load_checkpoint,
                         low_precision_of, saved_step)
 from files import atomic_write, left_by_a_dead_process, relative_to_here
 from model import BDH
-from runtime import first_line
+from runtime import first_line, tensor_bytes
 
 try:
     import fcntl
@@ -121,17 +121,6 @@ def load_model(spec: str, checkpoint_dir: str | None, setting: str) -> tuple[BDH
         return model, tokenizer, low_precision, f"{spec} (exported at step {config['bdh_export']['step']})"
     source, ckpt = open_checkpoint(spec, checkpoint_dir, setting)
     return model_from_checkpoint(ckpt), ckpt.tokenizer, ckpt.low_precision(), f"{source} (step {ckpt.step})"
-
-
-def tensor_bytes(state) -> int:
-    """The bytes of the tensors in a checkpoint's nested dicts and lists: about its size on disk."""
-    if torch.is_tensor(state):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(tensor_bytes(value) for value in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(tensor_bytes(value) for value in state)
-    return 0
 
 
 def check_writable(checkpoint_dir: str):

@@ -159,6 +159,18 @@ def peak_memory_bytes(device: torch.device) -> int:
         return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
+def tensor_bytes(state) -> int:
+    """The bytes of the tensors in nested dicts and lists (a checkpoint, an optimizer's state): about
+    their size on disk."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(value) for value in state)
+    return 0
+
+
 MEMINFO, PROCESS_CGROUP, CGROUP_ROOT = Path("/proc/meminfo"), Path("/proc/self/cgroup"), Path("/sys/fs/cgroup")
 
 
