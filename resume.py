@@ -103,8 +103,10 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, validation_
     if len(ckpt.rng) == ranks.world_size:
         set_rng_state(ckpt.rng[ranks.rank], device)
     else:  # another world size: the saved RNG states are one per rank
-        print(f"note: {ranks.world_size} process{'es' * (ranks.world_size != 1)} where the checkpoint has "
-              f"{len(ckpt.rng)}: each rank's random state (dropout masks) is seeded afresh")
+        if ranks.main:
+            print(f"note: {ranks.world_size} process{'es' * (ranks.world_size != 1)} where the checkpoint has "
+                  f"{len(ckpt.rng)}: each rank's random state (dropout masks) is seeded afresh"
+                  + global_batch_change(ckpt, cfg.training, ranks.world_size))
         torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
     tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
     progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=ckpt.best_val_loss, last_saved=path,
@@ -205,6 +207,18 @@ def tokens_before(ckpt, training) -> int:
     """The tokens trained on up to a checkpoint written before they were counted (version 0.4.0):
     its steps times its own tokens per step, as far as it recorded them."""
     return ckpt.step * step_tokens(saved_training(ckpt, training), max(1, len(ckpt.rng)))
+
+
+def global_batch_change(ckpt, training, world_size: int) -> str:
+    """On another number of processes: how the tokens of a step change, and the
+    gradient_accumulation_steps that keeps them where one does."""
+    before, now = step_tokens(saved_training(ckpt, training), len(ckpt.rng)), step_tokens(training, world_size)
+    if before == now:
+        return ""
+    micro_step = now // training.gradient_accumulation_steps  # over all processes
+    keep = (f"; training.gradient_accumulation_steps={before // micro_step} keeps {before:,}"
+            if before % micro_step == 0 else "")
+    return f", and a step trains on {now:,} tokens where it trained on {before:,}{keep}"
 
 
 def saved_training(ckpt, training):

@@ -90,6 +90,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpu
                        "training.resume_from_checkpoint=latest", "training.max_iters=5"]) == 0
     out = capsys.readouterr().out
     assert "WARNING: the data order changes" in out and "world_size: 2 -> 1" in out and "dealt anew to" in out
+    assert ("seeded afresh, and a step trains on 64 tokens where it trained on 128; "
+            "training.gradient_accumulation_steps=2 keeps 128\n") in out
     assert load_checkpoint(fsdp_run / "checkpoint_5.pt").step == 5
 
 
