@@ -195,5 +195,6 @@ def communication_failure(e: BaseException, ranks: Ranks, timeout_s: int) -> str
                                            "nccl", "broken pipe", "processgroup")):
         return None
     return (f"rank {ranks.rank}: communication with the other ranks failed ({last_line(e)[:200]}): "
-            f"if another rank died or hangs, its error is above (a collective waits at most "
-            f"training.distributed_timeout_s = {timeout_s} s); resume from the last checkpoint")
+            f"if another rank died or hangs, its error is above (none if a signal killed it, as the kernel's "
+            f"out-of-memory killer does; a collective waits at most training.distributed_timeout_s = {timeout_s} s); "
+            f"resume from the last checkpoint: training.resume_from_checkpoint=latest")
