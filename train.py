@@ -355,8 +355,9 @@ def main(argv=None) -> int:
     streams = outputs_without_reader()
     try:
         ranks, device = start(cfg, pick_device(cfg.training.device))
-        arguments = shlex.join([script_here("train.py"), "--config", args.config,
-                                *(o for o in args.overrides if not o.startswith("training.resume_from_checkpoint="))])
+        overrides = {o.partition("=")[0]: o for o in args.overrides}  # a key given twice: its last value
+        overrides.pop("training.resume_from_checkpoint", None)
+        arguments = shlex.join([script_here("train.py"), "--config", args.config, *overrides.values()])
         return train(cfg, arguments, ranks, device)
     except (DataError, TokenizerError, CheckpointError, MetricsError, TrainingError, DeviceError,
             DistributedError, FP8Error, LowBitError) as e:

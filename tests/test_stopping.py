@@ -101,8 +101,8 @@ def test_the_resume_command_starts_the_run_as_it_was_started(monkeypatch):
 
 def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, corpus):
     path = write_config(tmp_path, corpus, max_iters=100000, checkpoint_freq=100000, test_freq=100000, log_freq=1000)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(path), "model.dropout=0.0"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(path), "model.dropout=0.1",
+                             "model.dropout=0.0"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("step 2/"):
             proc.send_signal(signal.SIGTERM)
@@ -116,7 +116,7 @@ def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, co
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1] == step and f"step {step}/100000 | loss" in out  # the steps since the last line are logged
     assert "SIGTERM: finishing the step, then saving a checkpoint (a second one stops at once)" in err
-    # the resume command keeps the run's overrides
+    # the resume command keeps the run's overrides (a key given twice: its last value)
     # and names the run directory, its newest checkpoint: run again later, it does not go back to this step;
     # train.py's path works from the folder it was started in
     assert f"\n  python {ROOT.resolve() / 'train.py'} --config {path} model.dropout=0.0 " \
