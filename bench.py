@@ -236,9 +236,12 @@ def arguments(argv):
     parser.add_argument("--profile", metavar="FILE",
                         help="also profile model.py's training step (torch.profiler): its table to FILE")
     parser.add_argument("--memory-probe", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_arguments(parser, argv)
-    args.overrides += [item for item in args.skip if "=" in item]  # `--skip memory a.b=1`: the list ends at `=`
-    args.skip = [item for item in args.skip if "=" not in item]
+    if swallowed := [item for item in args.skip if "=" in item]:  # `--skip memory a.b=1`: the parts end at `=`
+        wanted = set(args.overrides) | set(swallowed)
+        args.overrides = [item for item in argv if item in wanted]  # in their order: the last of a key applies
+        args.skip = [item for item in args.skip if "=" not in item]
     if unknown := [item for item in args.skip if item not in ("memory", "loader", "generation")]:
         parser.error(f"argument --skip: invalid choice: {unknown[0]!r} (choose from memory, loader, generation)")
     if args.steps < 1:

@@ -218,10 +218,17 @@ def mixed_splits(root: Path, files: list[Path], pattern: str | None = None) -> s
         held_out = [str(selector) for split in ("validation", "test") for selector in selectors.get(split, [])]
         fix = (f"{', '.join(held_out[:3])}{' ...' if len(held_out) > 3 else ''} look like held-out splits (by their "
                f"names): move them out of the folder, or give dataset.parquet_dir a pattern of the training files only")
-    everything = override("parquet_dir", Path(glob.escape(str(root))) / "**" / "*.parquet")
+    everything = override("parquet_dir", every_file(pattern) if pattern else
+                          Path(glob.escape(str(root))) / "**" / "*.parquet")
     given = f"{pattern}: the files it matches are" if pattern else f"{root}: its files are"
     return (f"{given} named for several Hugging Face splits ({found} files), and training would read them all, "
             f"held-out ones too; {fix}; to train on every file anyway: {everything}")
+
+
+def every_file(pattern: str) -> str:
+    """The pattern with `**` before its last part: every file it matched, and those in folders below."""
+    head, _, last = pattern.rstrip("/").rpartition("/")
+    return f"{head}/**/{last}" if head else f"**/{last}"
 
 
 def parquet_files(root: Path, look_in=None) -> tuple[list[Path], list[Path]]:

@@ -146,15 +146,17 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
     dealing = None
     left = []  # [index in units, first part]
     read_of_parts = 0.0  # of the parts being read, which are read again from their start: counted as read
-    read_ahead, later = 0.0, {}  # what readers already in a later epoch had read of it
+    read_ahead, later = 0.0, {}  # what readers already in later epochs had read of them
     for reader in range(old_readers):
         position = saved.get(reader, start)
         if position["epoch"] > epoch:
             if "units" not in position:  # (a dealt rest of an epoch is never ahead: all readers share its epoch)
-                if position["epoch"] not in later:
-                    later[position["epoch"]] = dealing_with_bytes(units, position["epoch"], saved_order["training.seed"],
-                                                                  old_readers)
-                read_ahead += bytes_read(*later[position["epoch"]][reader], position)
+                for ahead in range(epoch + 1, position["epoch"] + 1):
+                    if ahead not in later:
+                        later[ahead] = dealing_with_bytes(units, ahead, saved_order["training.seed"], old_readers)
+                    assigned, cumulative = later[ahead][reader]
+                    read_ahead += (bytes_read(assigned, cumulative, position) if ahead == position["epoch"]
+                                   else float(cumulative[-1]))  # an epoch it finished: its whole share
             continue
         if "units" in position:
             assigned = position["units"]

@@ -86,7 +86,8 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
             raise CheckpointError(f"{setting}: {path} holds no checkpoint_<step>.pt{hint}")
         return found
     if not path.is_file():
-        runs = sorted(run for run in root.glob("run_*") if (run / path.name).is_file()) if root.is_dir() else []
+        bare = path.parent == Path(".")  # a run's file named without its run, such as best.pt
+        runs = sorted(run for run in root.glob("run_*") if (run / path.name).is_file()) if bare and root.is_dir() else []
         fix = f"did you mean {runs[-1] / path.name}?" if runs else "give a checkpoint file, a run directory or `latest`"
         raise CheckpointError(f"{setting}: {path} does not exist{relative_to_here(path)}; {fix}")
     return [path]

@@ -48,6 +48,8 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
     with pytest.raises(SystemExit) as stop:
         bench.main(["--config", str(config), "--skip", "memory", "loaders"])
     assert stop.value.code == 2 and "--skip: invalid choice: 'loaders'" in capsys.readouterr().err
+    args = bench.arguments(["--skip", "memory", "training.seed=2", "--steps", "3", "training.seed=1"])
+    assert (args.skip, args.overrides) == (["memory"], ["training.seed=2", "training.seed=1"])  # the last applies
 
 
 def test_the_step_is_train_py_s_and_modes_it_cannot_compare_are_refused(tmp_path, corpus, capsys, monkeypatch):

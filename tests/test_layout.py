@@ -96,6 +96,9 @@ def test_a_training_folder_holding_held_out_splits_is_refused_with_the_patterns_
     with pytest.raises(DataError, match=re.escape(f"{only / '*.parquet'}: the files it matches are named for several "
                                                   f"Hugging Face splits (test: 1, train: 2, validation: 1 files)")):
         list_units(only / "*.parquet", "text")
+    with pytest.raises(DataError) as e:  # of these files only: not the other configuration's beside them
+        list_units(root / "*-2-*" / "*.parquet", "text")
+    assert str(e.value).endswith(f"to train on every file anyway: 'dataset.parquet_dir={root}/*-2-*/**/*.parquet'")
     assert len(list_units(root / "*-2-*", "text", setting="dataset.val_parquet_dir")) == 4
 
 

@@ -107,6 +107,10 @@ def test_the_rest_of_an_epoch_skips_readers_ahead_and_counts_missing_ones_whole(
     # without a count of its windows (positions of older versions), no share is known to be read
     ahead = assign_units(units, 3, seed=5, n_readers=3, shuffle=True)[0][0].num_bytes
     assert read_again == ahead
+    further = [{**saved[0], "epoch": 4}, saved[1]]  # epoch 3 finished too: its whole share is read again
+    share_3 = sum(u.num_bytes for u in assign_units(units, 3, seed=5, n_readers=3, shuffle=True)[0])
+    first_of_4 = assign_units(units, 4, seed=5, n_readers=3, shuffle=True)[0][0].num_bytes
+    assert rest_of_epoch(units, order, further, n_readers=2)[3] == share_3 + first_of_4
     with_windows = [{**saved[1], "windows": 4}]  # reader 1 had used 1 of its part's 4 windows
     read_again = rest_of_epoch(units, order, saved[:1] + with_windows, n_readers=2)[3]
     assert read_again == pytest.approx(ahead + part_read(old[1][1], with_windows[0])) and read_again > ahead
