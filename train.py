@@ -350,6 +350,9 @@ def main(argv=None) -> int:
             print(cfg.to_yaml(), end="")
         return 0
     handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # while the run sets up, as Ctrl-C: it stops at once, in one line
+        if handlers[sig] != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
+            signal.signal(sig, signal.default_int_handler)
     children = multiprocessing.active_children()  # a calling program's own: not the loader's to stop
     ranks, device = Ranks(), cfg.training.device
     streams = outputs_without_reader()

@@ -233,6 +233,27 @@ def test_ctrl_c_while_saving_stops_after_the_checkpoint_even_twice(tmp_path, cor
         assert "still saving the checkpoint; the run stops right after it (kill -9 stops at once)" in out
 
 
+def test_sigterm_while_the_run_sets_up_stops_it_in_one_line(tmp_path, corpus, capsys, monkeypatch):
+    """Before the loop hears signals (reading the shards' footers can take minutes), SIGTERM stops the
+    run as Ctrl-C does, in one line, instead of ending it without a word."""
+    heard = []
+
+    def hear(*args):
+        heard.append(args)
+    previous = signal.signal(signal.SIGTERM, hear)
+    try:
+        def setting_up(*args):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here
+            return 0
+        monkeypatch.setattr(train, "train", setting_up)
+        assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 130
+        assert capsys.readouterr().err == train.STOPPED_AT_ONCE + "\n" and not heard
+        assert signal.getsignal(signal.SIGTERM) == hear  # the caller's handler is back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_ctrl_c_that_torch_wraps_in_its_own_error_still_stops_in_one_line(tmp_path, corpus, capsys, monkeypatch):
     def compiling(*args):
         try:
