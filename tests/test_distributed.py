@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import train
 from checkpoint import load_checkpoint
@@ -118,7 +119,7 @@ def test_resume_of_a_two_process_run_is_exact(tmp_path, corpus):
 def test_a_hung_rank_stops_the_others_with_a_clear_error(tmp_path, corpus):
     config = write_config(tmp_path, corpus, max_iters=100000, test_freq=100000,
                           checkpoint_freq=100000, distributed_timeout_s=6)
-    ranks = spawn_ranks(config)
+    ranks, _store = spawn_ranks(config)
     try:
         for line in ranks[0].stdout:
             if line.startswith("step 2/"):
@@ -145,16 +146,21 @@ def test_two_gpus_with_nccl(tmp_path, corpus):
 
 
 def spawn_ranks(config, n=2):
-    """The processes torchrun would start, without the agent: signals reach exactly one rank."""
-    env = {**ENV, "WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    """(the processes torchrun would start, the rendezvous store): signals reach exactly one rank. The
+    test holds the store, as torchrun's agent does (hosted by rank 0, the store would end with rank 0,
+    perhaps while another rank still leaves the process group)."""
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, n, is_master=True, wait_for_workers=False)
+    env = {**ENV, "WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "TORCHELASTIC_USE_AGENT_STORE": "True"}
     return [subprocess.Popen([sys.executable, "train.py", "--config", str(config)], cwd=ROOT, text=True,
                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(n)]
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(n)], store
 
 
 def test_a_signal_to_one_rank_stops_all_of_them_at_the_same_step(tmp_path, corpus):
     config = write_config(tmp_path, corpus, max_iters=100000, test_freq=100000, checkpoint_freq=100000)
-    ranks = spawn_ranks(config)
+    ranks, _store = spawn_ranks(config)
     try:
         for line in ranks[0].stdout:
             if line.startswith("step 3/"):
