@@ -117,13 +117,6 @@ def start(config, *overrides):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def finish(config, *overrides):
-    r = subprocess.run([sys.executable, "train.py", "--config", str(config), *overrides], cwd=ROOT,
-                       capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
-
-
 def losses(run_dir):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}

@@ -6,6 +6,7 @@ import sys
 import pytest
 import yaml
 
+import train
 from conftest import ROOT
 from config import Config, ConfigError, load_config
 from model import BDHConfig
@@ -154,10 +155,9 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path):
     assert "training.batch_size: expected int, got str '8'" in r.stderr
 
 
-def test_cli_print_config_shows_overrides():
-    r = run_train("--print-config", "training.batch_size=16")
-    assert r.returncode == 0
-    assert yaml.safe_load(r.stdout)["training"]["batch_size"] == 16
+def test_cli_print_config_shows_overrides(capsys):
+    assert train.main(["--print-config", "training.batch_size=16"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["training"]["batch_size"] == 16
 
 
 def test_an_override_given_twice_is_noted_and_the_last_applies(capsys):

@@ -143,10 +143,9 @@ def test_prepare_command_refuses_arguments_it_would_ignore_or_misread(arguments,
     assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_from_text_on_a_missing_file_is_one_line_and_leaves_no_folder(tmp_path):
-    r = subprocess.run([sys.executable, "prepare.py", "--from-text", str(tmp_path / "missing.txt"), "--out",
-                        str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 1 and r.stderr == f"error: {tmp_path / 'missing.txt'}: cannot read (No such file or directory)\n"
+def test_from_text_on_a_missing_file_is_one_line_and_leaves_no_folder(tmp_path, capsys):
+    assert prepare.main(["--from-text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'missing.txt'}: cannot read (No such file or directory)\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import evaluation
 import runtime
 import train
 from checkpoint import load_checkpoint
@@ -142,95 +143,51 @@ def test_a_closed_terminal_stops_with_a_checkpoint_though_the_output_has_no_read
     assert load_checkpoint(ckpt).step >= 2
 
 
-SLOW_EVALUATION = """
-import os, sys, time
-sys.path.insert(0, sys.argv.pop(1))
-release = sys.argv.pop(1)
-import evaluation, train
-real_validation_loss = evaluation.validation_loss
-def validation_loss(*args):  # an evaluation that lasts until the test has seen the acknowledgement (4 s at most)
-    print("EVALUATING", flush=True)
-    deadline = time.monotonic() + 4
-    while not os.path.exists(release) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return real_validation_loss(*args)
-evaluation.validation_loss = validation_loss
-sys.exit(train.main(sys.argv[1:]))
-"""
-
-
-def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once_and_its_step_logged(tmp_path, corpus):
+def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once_and_its_step_logged(tmp_path, corpus, monkeypatch,
+                                                                               capfd, restore_handlers):
     path = write_config(tmp_path, corpus, max_iters=100, test_freq=3, checkpoint_freq=100, log_freq=100)
-    release = tmp_path / "release"
-    proc = subprocess.Popen([sys.executable, "-u", "-c", SLOW_EVALUATION, str(ROOT), str(release), "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("EVALUATING"):
-            proc.send_signal(signal.SIGINT)
-            sent = time.monotonic()
-            break
-    acknowledged = None
-    for line in proc.stdout:
-        lines.append(line)
-        if "SIGINT: finishing the evaluation, then saving a checkpoint (Ctrl-C again to stop at once)" in line:
-            acknowledged = time.monotonic() - sent
-            break
-    release.touch()
-    out, _ = proc.communicate(timeout=60)
-    assert acknowledged is not None and acknowledged < 2, "".join(lines)
-    assert proc.returncode == 0 and "stopped by SIGINT after step 3." in out  # no step after the evaluation
+    real_validation_loss, said = evaluation.validation_loss, []
+
+    def validation_loss(*args):  # Ctrl-C as the evaluation starts: what is said before it goes on
+        signal.raise_signal(signal.SIGINT)
+        said.append(capfd.readouterr())
+        return real_validation_loss(*args)
+    monkeypatch.setattr(evaluation, "validation_loss", validation_loss)
+    assert train.main(["--config", str(path)]) == 0
+    assert said[0].err == "\nSIGINT: finishing the evaluation, then saving a checkpoint (Ctrl-C again to stop at once)\n"
+    assert "stopped by SIGINT after step 3." in capfd.readouterr().out  # no step after the evaluation
     assert list(losses(only_run(tmp_path / "ck"))) == [1, 2, 3]  # step 3, not a log step: its line all the same
 
 
-HELD_SAVE = """
-import os, sys, time
-sys.path.insert(0, sys.argv.pop(1))
-release = sys.argv.pop(1)
-import runtime
-import train
-real_save = train.save
-def save(*args, **kwargs):  # the first save waits for the test to send its signals (30 s at most)
-    print("SAVING", flush=True)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(release) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return real_save(*args, **kwargs)
-train.save = save
-sys.exit(train.main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.parametrize("checkpoint_freq", [2, 1000])
-def test_ctrl_c_while_saving_stops_after_the_checkpoint_even_twice(tmp_path, corpus, checkpoint_freq):
+def test_ctrl_c_while_saving_stops_after_the_checkpoint_even_twice(tmp_path, corpus, checkpoint_freq, monkeypatch,
+                                                                   capfd, restore_handlers):
     """A periodic checkpoint (a Ctrl-C while it is written: it is the one, the run stops after it),
-    or the one a first Ctrl-C asked for (a second Ctrl-C waits for it instead of losing it)."""
+    or the one a first Ctrl-C after step 2 asked for (a second Ctrl-C waits for it instead of losing it)."""
     path = write_config(tmp_path, corpus, max_iters=1000, test_freq=1000, checkpoint_freq=checkpoint_freq)
-    release = tmp_path / "release"
-    proc = subprocess.Popen([sys.executable, "-u", "-c", HELD_SAVE, str(ROOT), str(release), "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    signals = ["step 2/", "SAVING", "still saving"] if checkpoint_freq == 1000 else ["SAVING", "SIGINT: finishing"]
-    lines = []
-    for line in proc.stdout:  # a signal at each of these lines; the last one acknowledges the last signal
-        lines.append(line)
-        if line.strip().startswith(signals[0]):
-            signals.pop(0)
-            if not signals:
-                break
-            proc.send_signal(signal.SIGINT)
-    release.touch()
-    out, _ = proc.communicate(timeout=60)
-    out = "".join(lines) + out
-    assert proc.returncode == 0 and not signals, out
+    real_save, real_write_step_line = train.save, train.write_step_line
+
+    def save(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return real_save(*args, **kwargs)
+
+    def write_step_line(step_log, step, *args):
+        real_write_step_line(step_log, step, *args)
+        if step == 2 and checkpoint_freq == 1000:
+            signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(train, "save", save)
+    monkeypatch.setattr(train, "write_step_line", write_step_line)
+    assert train.main(["--config", str(path)]) == 0
+    out, err = capfd.readouterr()
     step = int(re.search(r"stopped by SIGINT after step (\d+)\.", out)[1])
     [run] = run_dirs(tmp_path)
     assert [p.name for p in run.glob("checkpoint_*.pt")] == [f"checkpoint_{step}.pt"]
     assert max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()) == step
     if checkpoint_freq == 2:
-        assert step == 2 and "SIGINT: finishing the checkpoint, then stopping\n" in out
+        assert step == 2 and err == "\nSIGINT: finishing the checkpoint, then stopping\n"
     else:
-        assert "still saving the checkpoint; the run stops right after it (kill -9 stops at once)" in out
+        assert err == ("\nSIGINT: finishing the step, then saving a checkpoint (Ctrl-C again to stop at once)\n"
+                       "\nstill saving the checkpoint; the run stops right after it (kill -9 stops at once)\n")
 
 
 def test_sigterm_while_the_run_sets_up_stops_it_in_one_line(tmp_path, corpus, capsys, monkeypatch):

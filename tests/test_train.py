@@ -334,19 +334,20 @@ def corrupt_last_shard(corpus):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_a_data_error_in_the_loader_exits_at_once(tmp_path, corpus, num_workers):
+def test_a_data_error_in_the_loader_exits_at_once(tmp_path, corpus, num_workers, capfd):
+    """capfd: what the loader's workers write to stderr is in the output as well."""
     corrupt_last_shard(corpus)  # validation (eval_iters 1) reads shard-0 only; training reaches shard-2
     config = write_config(tmp_path, corpus, max_iters=1000, eval_iters=1, test_freq=1000, checkpoint_freq=1000)
     started = time.monotonic()
-    r = subprocess.run([sys.executable, "train.py", "--config", str(config), f"dataloader.num_workers={num_workers}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    returncode = train.main(["--config", str(config), f"dataloader.num_workers={num_workers}"])
+    err = capfd.readouterr().err
     assert time.monotonic() - started < 30
-    [line] = r.stderr.strip().splitlines()
+    [line] = err.strip().splitlines()
     match = re.fullmatch(
         re.escape(f"error: {corpus / 'shard-2.parquet'}: row group 0 cannot be read (Couldn't deserialize thrift: "
                   f"TProtocolException: Invalid data); the file is corrupt or truncated: re-create it (at step ")
         + r"(\d+); the last checkpoint is (.*): resume from it once the data is fixed\)", line)
-    assert r.returncode == 1 and match, line
+    assert returncode == 1 and match, line
     step, saved = int(match[1]), Path(match[2])  # the steps before the failing one: saved
     assert saved.name == f"checkpoint_{step - 1}.pt" and load_checkpoint(saved).step == step - 1
 
@@ -362,27 +363,20 @@ def test_a_data_error_under_torchrun_ends_every_rank(tmp_path, corpus):
     assert "shard-2.parquet: row group 0 cannot be read" in r.stderr
 
 
-DISK_FULL_AT_STEP_4 = """
-import sys
-sys.path.insert(0, sys.argv.pop(1))
-import torch, train
-real_save = torch.save
-def save(obj, f, *args, **kwargs):
-    if obj["step"] == 4:
-        f.write(b"partial")
-        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
-    return real_save(obj, f, *args, **kwargs)
-torch.save = save
-sys.exit(train.main(sys.argv[1:]))
-"""
+def test_a_full_disk_while_saving_is_one_line_and_exits(tmp_path, corpus, monkeypatch, capfd):
+    real_save = torch.save
 
-
-def test_a_full_disk_while_saving_is_one_line_and_exits(tmp_path, corpus):
+    def save(obj, f, *args, **kwargs):
+        if obj["step"] == 4:
+            f.write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
     config = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=2, test_freq=100)
-    r = subprocess.run([sys.executable, "-c", DISK_FULL_AT_STEP_4, str(ROOT), "--config", str(config),
-                        "dataloader.num_workers=1"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    [line] = r.stderr.strip().splitlines()
+    assert train.main(["--config", str(config), "dataloader.num_workers=1"]) == 1
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    [line] = err.strip().splitlines()
     assert line.startswith("error: cannot write checkpoint for step 4 in ") and "unexpected pos 64 vs 0" in line
     assert "MiB free on its disk, the checkpoint takes " in line and line.endswith("; earlier checkpoints are intact")
     [run] = (tmp_path / "ck").iterdir()
