@@ -165,7 +165,8 @@ def test_available_memory_is_the_least_of_memavailable_and_the_cgroup_limits(tmp
 
 
 def test_compiling_on_cpu_turns_on_the_ordered_kernels():
-    """test_a_compiled_run_resumes_bit_for_bit_and_its_checkpoints_resume_plain catches its absence only when the threads' atomic adds race."""
+    """test_a_compiled_run_resumes_bit_for_bit_and_its_checkpoints_resume_plain catches its absence only
+    when the threads' atomic adds race."""
     try:
         runtime.compile_repeatably(torch.device("cpu"))
         assert torch.are_deterministic_algorithms_enabled()
