@@ -316,6 +316,9 @@ def load_config(args) -> Config:
         given[path] = value
     try:
         cfg = Config.from_yaml(args.config, args.overrides)
+        if rank_zero and args.config and not read_yaml(args.config, _sections()):  # an editor's unsaved new file
+            print(f"note: {args.config} holds no settings: every setting not given on the command line has its "
+                  f"default (config.yaml lists them)", file=sys.stderr)
         sharded = cfg.training.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun
         if sharded and (problems := fsdp_problems(cfg)):
             raise ConfigError(problems)

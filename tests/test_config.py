@@ -168,9 +168,17 @@ def test_an_override_given_twice_is_noted_and_the_last_applies(capsys):
                                        "the last applies\n")  # the same value twice: nothing to say
 
 
+def test_an_empty_config_file_is_noted(tmp_path, capsys):
+    (tmp_path / "my.yaml").write_text("# training:\n#   max_iters: 10\n")
+    args = argparse.Namespace(config=str(tmp_path / "my.yaml"), overrides=["training.max_iters=5"])
+    assert load_config(args).training.max_iters == 5
+    assert capsys.readouterr().err == (f"note: {tmp_path / 'my.yaml'} holds no settings: every setting not given on "
+                                       f"the command line has its default (config.yaml lists them)\n")
+    load_config(argparse.Namespace(config=str(ROOT / "configs" / "tiny.yaml"), overrides=[]))
+    assert capsys.readouterr().err == ""
+
+
 def test_config_errors_are_printed_once_under_torchrun(tmp_path, monkeypatch, capsys):
-    import argparse
-    from config import load_config
     arguments = argparse.Namespace(config=str(ROOT / "configs" / "tiny.yaml"), overrides=["training.lr=1"])
     for rank, printed in (("0", True), ("1", False)):
         monkeypatch.setenv("RANK", rank)
