@@ -2,8 +2,11 @@
 which gives a run this one or torch's AdamW.
 
 Each moment is kept as 4-bit codes: the tensor is cut into blocks of `block_size` consecutive
-values, each block is divided by a scale (its absolute maximum, kept in float32), and each value is
-rounded to the nearest of 16 levels of a code book. Every update runs in float32: decode, update,
+values, each block is divided by a scale (kept in float32), and each value is rounded to the nearest
+of 16 levels of a code book. The scale is the block's value of largest magnitude, sign included, so
+that this value is the level +1 whatever its sign: the dynamic code book goes from -0.8875 to +1, and
+an absolute maximum (torchao's scale) would shrink a block's largest negative m by 11% at every step,
+to 0.44 of its value under a steady gradient. Every update runs in float32: decode, update,
 encode. The format is a MomentFormat; the default is the one the ablations in BENCHMARKS.md
 ("4-bit optimizer: what costs, what helps") chose:
 - the first moment m in blocks of 128 with a signed dynamic code book (levels spaced by decades:
@@ -39,6 +42,7 @@ class MomentFormat:
     block_size: int = 128
     floor: bool = False  # decode v's form no lower than the code book's smallest positive level x the block scale
     rank1: bool = False  # v's scale: min(row max, column max) of the (-1, last dim) matrix, not per block
+    signed_scale: bool = True  # m's block scale: its value of largest magnitude (False: its absolute maximum)
 
 
 DEFAULT_FORMAT = MomentFormat()  # what train.py's AdamW4bit uses (bench_precision's ablations set another)
@@ -100,18 +104,22 @@ def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return index
 
 
-def encode(x: torch.Tensor, levels: torch.Tensor, block_size: int, rank1: bool = False) -> dict:
-    """x as packed 4-bit codes (two per byte) and its scales: each block's absolute maximum, or
-    with rank1 (for a tensor of 2 or more dimensions) the row and column maxima of x seen as a
-    (-1, last dim) matrix, each element's scale being the smaller of its row's and its column's."""
+def encode(x: torch.Tensor, levels: torch.Tensor, block_size: int, rank1: bool = False, signed: bool = False) -> dict:
+    """x as packed 4-bit codes (two per byte) and its scales: each block's absolute maximum (signed:
+    its value of largest magnitude, sign included), or with rank1 (for a tensor of 2 or more
+    dimensions) the row and column maxima of x seen as a (-1, last dim) matrix, each element's scale
+    being the smaller of its row's and its column's."""
     if rank1 and x.dim() >= 2:
         matrix = x.abs().reshape(-1, x.shape[-1])
         scale = {"row": matrix.amax(dim=1), "column": matrix.amax(dim=0)}
         values = x.reshape(-1, x.shape[-1])
     else:
         values = blocks(x, block_size)
-        scale = {"block": values.abs().amax(dim=1)}
-    normalized = values / element_scales(scale).clamp_min(torch.finfo(torch.float32).tiny)
+        magnitudes = values.abs()
+        scale = {"block": values.gather(1, magnitudes.argmax(dim=1, keepdim=True)).squeeze(1) if signed
+                 else magnitudes.amax(dim=1)}
+    scales = element_scales(scale)
+    normalized = values / torch.where(scales == 0, 1.0, scales)  # (a block of zeros stays zeros)
     codes = nearest_level(normalized.flatten()[:x.numel()], levels)
     codes = pad_to_multiple(codes, 2)
     return {"codes": codes[0::2] << 4 | codes[1::2], **scale}
@@ -156,7 +164,7 @@ class AdamW4bit(torch.optim.Optimizer):
             state["exp_avg_sq"] = zeros.clone()
 
     def _encode_m(self, m):
-        return encode(m, self.m_levels, self.format.block_size)
+        return encode(m, self.m_levels, self.format.block_size, signed=self.format.signed_scale)
 
     def _encode_v(self, v):
         form = {"v": v, "sqrt": v.sqrt(), "root4": v.sqrt().sqrt()}[self.format.v_form]
@@ -172,12 +180,19 @@ class AdamW4bit(torch.optim.Optimizer):
         return {"v": form, "sqrt": form.square(), "root4": form.square().square()}[self.format.v_form]
 
     def load_state_dict(self, state_dict):
-        """torch casts every loaded state tensor to its parameter's dtype; give the codes back their uint8."""
-        super().load_state_dict(state_dict)
-        for state in self.state.values():
-            for key in ("exp_avg_4bit", "exp_avg_sq_4bit"):
-                if key in state:
-                    state[key]["codes"] = state[key]["codes"].to(torch.uint8)
+        """torch would cast every loaded state tensor to its parameter's dtype, the 4-bit codes to
+        float32 (4 times their bytes, at the moment a resume is closest to running out of memory):
+        they are set aside, and put back as they are, on the parameter's device."""
+        coded, saved_state = {}, {}
+        for key, state in state_dict["state"].items():
+            coded[key] = {name: state[name] for name in ("exp_avg_4bit", "exp_avg_sq_4bit") if name in state}
+            saved_state[key] = {name: value for name, value in state.items() if name not in coded[key]}
+        super().load_state_dict({**state_dict, "state": saved_state})
+        saved_ids = [key for group in state_dict["param_groups"] for key in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for key, p in zip(saved_ids, params):  # torch's own pairing of saved states and parameters
+            for name, q in coded.get(key, {}).items():
+                self.state[p][name] = {part: tensor.to(p.device) for part, tensor in q.items()}
 
     def state_bytes(self) -> int:
         return sum(tensor_bytes(s) for s in self.state.values())

@@ -14,6 +14,7 @@ format of Li et al. as torchao implements it). Also times the optimizer step alo
 1337,1,2 every variant runs once per seed, and each loss is compared with AdamW's of the same seed
 (mean and worst).
 --set optimizer-ablation: AdamW4bit with one choice of its MomentFormat changed at a time.
+--variant NAME (repeatable): only these variants of the set (the first one is still the baseline).
 Variants with another optimizer run train.py through `launch` below, in their own process.
 --set fp8: bf16 against bf16 + FP8 GEMMs: training tokens/s (median of the logged intervals after
 the first) and final validation loss.
@@ -51,8 +52,8 @@ from tokenizer import load_tokenizer
 BF16 = ["low_precision.compute_dtype=bfloat16"]
 REPO = Path(__file__).resolve().parent  # train.py is beside this script, wherever it is run from
 FOUR_BIT_OPTIMIZER = ["low_precision.use_4bit_optimizer=true"]
-PAPER = {"v_form": "v"}  # with the other MomentFormat defaults: Li et al.'s format, as torchao implements it
-EARLIER = {"m_code": "nf4", "v_code": "nf4", "v_form": "root4", "floor": True, "block_size": 32}
+PAPER = {"v_form": "v", "signed_scale": False}  # with the other defaults: Li et al.'s format, as torchao has it
+EARLIER = {"m_code": "nf4", "v_code": "nf4", "v_form": "root4", "floor": True, "block_size": 32, "signed_scale": False}
 # a variant: its overrides, or (overrides, the optimizer: a MomentFormat's fields or "torchao")
 VARIANT_SETS = {
     "4bit": {"AdamW": [], "AdamW4bit": FOUR_BIT_OPTIMIZER,
@@ -74,6 +75,7 @@ VARIANT_SETS = {
         "v rank-1 scales": {**PAPER, "rank1": True},
         "v log2 code book": {**PAPER, "v_code": "log"},
         "v stored as v^(1/4) (the default)": {},
+        "v^(1/4), m scaled by its absolute maximum": {"signed_scale": False},
         "v^(1/4), only v in 4 bits": {"m_code": None},
         "v^(1/4), rank-1 scales": {"rank1": True},
         "v^(1/4), log2 code book": {"v_code": "log"},
@@ -194,7 +196,10 @@ def run_seed(args, seed, workdir) -> dict:
     variants = {}
     overrides = [*args.overrides, f"training.seed={seed}"]
     cfg = Config.from_yaml(args.config, overrides)  # the seed's validation split, for final_checkpoint_loss
+    baseline = next(iter(VARIANT_SETS[args.set]))  # what the others are compared with
     for name, variant in VARIANT_SETS[args.set].items():
+        if args.variant and name not in (baseline, *args.variant):
+            continue
         variants[name] = train_variant(args.config, overrides, variant, workdir / f"{seed}_{name}".replace(" ", "_"),
                                        cfg.training.log_freq)
         if args.set == "4bit" and name == "AdamW":
@@ -214,9 +219,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")],
                         help="comma-separated: train every variant once per seed (default: the config's "
                              "training.seed)")
+    parser.add_argument("--variant", action="append", metavar="NAME",
+                        help="run only this variant of the set, beside its first (repeatable; default: all)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parse_arguments(parser, argv)
     check_outputs(parser, {"--json": args.json})
+    for name in args.variant or ():
+        if name not in VARIANT_SETS[args.set]:
+            parser.error(f"--variant {name!r} is not in --set {args.set}: its variants are "
+                         f"{', '.join(map(repr, VARIANT_SETS[args.set]))}")
     cfg = load_config(args)
     if args.set == "fp8" and not torch.cuda.is_available():
         parser.error("--set fp8 trains with FP8 GEMMs, which need a CUDA GPU (compute capability >= 8.9)")

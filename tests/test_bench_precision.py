@@ -1,4 +1,6 @@
 """bench_precision.py: what it measures is what it says (the training runs themselves are train.py's)."""
+import pytest
+
 import bench_precision
 from conftest import write_config
 
@@ -13,3 +15,20 @@ def test_each_seed_is_evaluated_on_its_own_validation_split(tmp_path, corpus, mo
                         lambda cfg, run, four_bit: evaluated_with.append(cfg.training.seed) or 1.0)
     assert bench_precision.main(["--config", str(path), "--seeds", "1,2"]) == 0
     assert evaluated_with == [1, 1, 1, 2, 2, 2]  # per seed: post-training 4-bit and the two QAT runs
+
+
+def test_variant_trains_only_the_variants_named_beside_the_first(tmp_path, corpus, monkeypatch, capsys):
+    path = write_config(tmp_path, corpus)
+    trained = []
+
+    def train_variant(config, overrides, variant, *args):
+        trained.append(variant)
+        return {"run": None, "val_loss": 1.0}
+    monkeypatch.setattr(bench_precision, "train_variant", train_variant)
+    monkeypatch.setattr(bench_precision, "final_checkpoint_loss", lambda *args, **kwargs: 1.0)
+    assert bench_precision.main(["--config", str(path), "--variant", "4-bit QAT"]) == 0
+    assert trained == [[], ["low_precision.use_4bit=true"]]  # AdamW, the baseline, and the one named
+    with pytest.raises(SystemExit):
+        bench_precision.main(["--config", str(path), "--variant", "QAT"])
+    assert ("--variant 'QAT' is not in --set 4bit: its variants are 'AdamW', 'AdamW4bit', '4-bit QAT', "
+            "'4-bit QAT from step 1'") in capsys.readouterr().err
