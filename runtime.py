@@ -239,7 +239,8 @@ def check_host_memory(cfg, ranks, compute_dtype: str):
                           f"step) or training.block_size{fix}")
     if need <= available:
         return
-    cheaper = " or set low_precision.use_4bit_optimizer=true" if not four_bit and needed(1) <= available else ""
+    cheaper = (" or set low_precision.use_4bit_optimizer=true"  # (FSDP refuses it)
+               if not four_bit and not ranks.sharded and needed(1) <= available else "")
     raise DeviceError(f"the model's {n / 1e6:,.0f}M parameters need at least {need / 2**30:,.1f} GiB for weights, "
                       f"gradients and optimizer state{f' ({processes} processes)' * (processes > 1)}, and this "
                       f"machine has {available / 2**30:,.1f} GiB available: make the model smaller (model.n_embd, "
