@@ -6,14 +6,23 @@ main() loads the config and joins the processes torchrun started (if any); train
 data, the model and the optimizer, resumes from a checkpoint (resume.py), describes the run (metrics.py), then
 loops: step, log, evaluate (evaluation.py), checkpoint.
 """
+import os
+import signal
+import sys
+
+if __name__ == "__main__":  # a signal while torch imports (seconds): one line, instead of a traceback from inside it
+    def stop_while_importing(signum, _frame):
+        os.write(2, f"\n{signal.Signals(signum).name}: stopped while starting, before anything ran\n".encode())
+        os._exit(130)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
+            signal.signal(sig, stop_while_importing)
+
 import argparse
 import math
 import multiprocessing
-import os
 import random
 import shlex
-import signal
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -350,7 +359,7 @@ def main(argv=None) -> int:
             print(cfg.to_yaml(), end="")
         return 0
     handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # while the run sets up, as Ctrl-C: it stops at once, in one line
+    for sig in SIGNALS:  # while the run sets up, as Ctrl-C: it stops at once, in one line
         if handlers[sig] != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
             signal.signal(sig, signal.default_int_handler)
     children = multiprocessing.active_children()  # a calling program's own: not the loader's to stop

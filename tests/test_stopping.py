@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -188,6 +189,21 @@ def test_ctrl_c_while_saving_stops_after_the_checkpoint_even_twice(tmp_path, cor
     else:
         assert err == ("\nSIGINT: finishing the step, then saving a checkpoint (Ctrl-C again to stop at once)\n"
                        "\nstill saving the checkpoint; the run stops right after it (kill -9 stops at once)\n")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads which signals a process handles from /proc")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda sig: sig.name)
+def test_a_signal_while_torch_imports_stops_in_one_line(sig):
+    proc = subprocess.Popen([sys.executable, "train.py"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    caught = 0
+    while not caught & 1 << (signal.SIGTERM - 1) and proc.poll() is None:  # its handlers are set: the imports start
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out, err) == (130, "", f"\n{sig.name}: stopped while starting, before anything ran\n")
 
 
 def test_sigterm_while_the_run_sets_up_stops_it_in_one_line(tmp_path, corpus, capsys, monkeypatch):
