@@ -141,8 +141,13 @@ class Config:
     @classmethod
     def from_dict(cls, raw: dict, overrides=()) -> "Config":
         raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-        problems = []
-        for item in overrides:
+        problems, overrides = [], list(overrides)
+        while overrides:
+            item = overrides.pop(0)
+            if item in _all_paths() and overrides and "=" not in overrides[0]:  # `training.seed 3`
+                problems.append(f"{item} {overrides[0]}: an override is one argument; did you mean "
+                                f"{item}={overrides.pop(0)}?")
+                continue
             problems += apply_override(raw, item, _all_paths())
         sections = {}
         for name, value in raw.items():

@@ -29,7 +29,8 @@ from runtime import first_line, peak_memory_bytes
 # metrics.jsonl key -> TensorBoard and W&B tag; the per-layer lists get one tag per layer and a mean
 TAGS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
         "tokens_per_s": "speed/tokens_per_s", "ms_per_step": "speed/ms_per_step", "mfu": "speed/mfu",
-        "data_wait": "speed/data_wait", "epochs": "data/epochs", "skipped_steps": "train/skipped_steps",
+        "data_wait": "speed/data_wait", "epochs": "data/epochs", "tokens": "data/tokens",
+        "skipped_steps": "train/skipped_steps",
         "peak_memory_mib": "memory/peak_mib", "val_loss": "val/loss", "val_bits_per_byte": "val/bits_per_byte"}
 PER_LAYER = {"sparsity_x": "sparsity/x", "sparsity_y": "sparsity/y"}
 FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # of each process, whatever log_freq says: whether it is viable shows in a minute
@@ -255,7 +256,8 @@ def check_installed(settings):
 def scalars(record: dict) -> dict:
     """TensorBoard/W&B tag -> number for one record (a compiling step's speed is left out)."""
     out = {tag: record[key] for key, tag in TAGS.items() if record.get(key) is not None
-           and not (record.get("compiling") and tag.startswith("speed/"))}
+           and not (record.get("compiling") and tag.startswith("speed/"))
+           and not (key == "tokens" and "val_loss" in record)}  # (the step's own record has them)
     for key, tag in PER_LAYER.items():
         if key in record:
             out.update({f"{tag}_layer{i}": v for i, v in enumerate(record[key])})

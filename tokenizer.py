@@ -213,8 +213,9 @@ def lost_text(tokenizer, texts) -> str | None:
     for text in texts:
         if change := text_change(tokenizer, text):
             return (f"WARNING: dataset.tokenizer {tokenizer.name} does not give the text back: {change}; the model "
-                    f"trains on (and writes) what it keeps. A byte-level BPE (python prepare.py --train-tokenizer) "
-                    f"keeps every byte")
+                    f"trains on (and writes) what it keeps, and bits per byte counts the bytes it gives back (compare "
+                    f"them between runs of this tokenizer only). A byte-level BPE (python prepare.py "
+                    f"--train-tokenizer) keeps every byte")
     return None
 
 

@@ -190,6 +190,11 @@ def test_a_key_without_its_section_is_given_it():
         "no_such=5: an override must look like section.key=value (for example training.batch_size=16)"]
 
 
+def test_an_override_split_at_a_space_is_joined_in_the_hint():
+    assert problems({}, ["training.max_iters", "100", "training.seed=3"]) == [
+        "training.max_iters 100: an override is one argument; did you mean training.max_iters=100?"]
+
+
 @pytest.mark.parametrize("override,hint", [
     ("training.lr=1", "did you mean training.learning_rate?"),
     ("training.bs=8", "did you mean training.batch_size?"),

@@ -43,6 +43,7 @@ def test_tensorboard_holds_the_scalars_and_samples_of_metrics_jsonl(tmp_path, co
     assert TRAIN_TAGS | VAL_TAGS <= set(logged.Tags()["scalars"])
     train_records = [r for r in records(run) if "train_loss" in r]
     assert [e.step for e in logged.Scalars("train/loss")] == [1, 2, 3, 4]  # logged before the directory existed too
+    assert [(e.step, e.value) for e in logged.Scalars("data/tokens")] == [(s, s * 4 * 16) for s in (1, 2, 3, 4)]
     for event, record in zip(logged.Scalars("train/grad_norm"), train_records):
         assert event.value == pytest.approx(record["grad_norm"], rel=1e-6) and record["grad_norm"] > 0
     val_records = [r for r in records(run) if "val_loss" in r]

@@ -277,7 +277,8 @@ def test_a_tokenizer_that_loses_text_is_warned_of_at_startup(tmp_path, corpus, c
     path = write_config(tmp_path, corpus, max_iters=1, dataset={"tokenizer": str(tmp_path / "lossy.json")})
     assert train.main(["--config", str(path)]) == 0
     warning = f"WARNING: dataset.tokenizer {tmp_path / 'lossy.json'} does not give the text back: "
-    assert warning in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert warning in out and "bits per byte counts the bytes it gives back (compare them between runs" in out
 
 
 @pytest.mark.parametrize("problem,overrides,message", [
