@@ -92,7 +92,9 @@ def torchao_matmuls(fp8_cfg) -> tuple[FP8Matmuls, str]:
     casts = ",".join(f"{name}:{c.short_str()}" for name, c in (
         ("input", recipe.cast_config_input), ("weight", recipe.cast_config_weight),
         ("grad", recipe.cast_config_grad_output)))
-    return FP8Matmuls(roles), f"torchao {fp8_cfg.torchao_recipe} ({casts})"
+    grad_weight = operands["grad_weight"][0].short_str()
+    in_high_precision = ", weight gradients in high precision" if grad_weight.startswith("dis") else ""
+    return FP8Matmuls(roles), f"torchao {fp8_cfg.torchao_recipe} ({casts}){in_high_precision}"
 
 
 def fp8_matmuls(fp8_cfg, device) -> tuple[FP8Matmuls, str]:

@@ -40,6 +40,7 @@ def test_fp8_forward_and_backward_against_bf16(monkeypatch, recipe, fmt):
     cfg.torchao_recipe, cfg.format = recipe, fmt
     matmuls, description = fp8.torchao_matmuls(cfg)
     assert description.startswith(f"torchao {recipe}")
+    assert description.endswith(", weight gradients in high precision") == (recipe == "rowwise_with_gw_hp")
     gemms = []
     real_scaled_mm = torch._scaled_mm
     monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, *args, **kw: gemms.append(
