@@ -28,9 +28,8 @@ from runtime import first_line, peak_memory_bytes
 
 # metrics.jsonl key -> TensorBoard and W&B tag; the per-layer lists get one tag per layer and a mean
 TAGS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-        "tokens_per_s": "speed/tokens_per_s", "ms_per_step": "speed/ms_per_step", "mfu": "speed/mfu",
-        "data_wait": "speed/data_wait", "epochs": "data/epochs", "tokens": "data/tokens",
-        "skipped_steps": "train/skipped_steps",
+        "skipped_steps": "train/skipped_steps", "tokens_per_s": "speed/tokens_per_s", "ms_per_step": "speed/ms_per_step",
+        "mfu": "speed/mfu", "data_wait": "speed/data_wait", "epochs": "data/epochs", "tokens": "data/tokens",
         "peak_memory_mib": "memory/peak_mib", "val_loss": "val/loss", "val_bits_per_byte": "val/bits_per_byte"}
 PER_LAYER = {"sparsity_x": "sparsity/x", "sparsity_y": "sparsity/y"}
 FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # of each process, whatever log_freq says: whether it is viable shows in a minute
