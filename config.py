@@ -131,12 +131,21 @@ class Config:
     @classmethod
     def from_yaml(cls, path, overrides=()) -> "Config":
         """Load `path`, apply `section.key=value` overrides, validate; raises ConfigError."""
+        lines = {}
         try:
-            raw = read_yaml(path, _sections())
+            raw = read_yaml(path, _sections(), lines)
         except ConfigError as e:  # and a file given as an override (--config forgotten) says so
             files = [item for item in overrides if "=" not in item and item.endswith((".yaml", ".yml"))]
             raise ConfigError(e.problems + [p for item in files for p in apply_override({}, item, [])]) from None
-        return cls.from_dict(raw, overrides)
+        try:
+            return cls.from_dict(raw, overrides)
+        except ConfigError as e:  # a problem with a setting of the file (not overridden): where it is
+            overridden, located = {item.partition("=")[0] for item in overrides}, []
+            for problem in e.problems:
+                name = problem.split(":", 1)[0]
+                located.append(f"{path}:{lines[name]}: {problem}" if name in lines and name not in overridden
+                               else problem)
+            raise ConfigError(located) from None
 
     @classmethod
     def from_dict(cls, raw: dict, overrides=()) -> "Config":

@@ -52,9 +52,10 @@ class ConfigError(Exception):
         super().__init__("\n".join(self.problems))
 
 
-def read_yaml(path, sections) -> dict:
+def read_yaml(path, sections, lines: dict | None = None) -> dict:
     """The mapping in the YAML file at `path` (an empty file: {}); ConfigError names the file, line
-    and fix for a missing or unreadable file, a syntax error or a key given twice in one mapping."""
+    and fix for a missing or unreadable file, a syntax error or a key given twice in one mapping.
+    `lines`, if given, gets the line of each section and section.key."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -72,7 +73,12 @@ def read_yaml(path, sections) -> dict:
     loader = None
     try:
         loader = _UniqueKeyLoader(text)  # a control character stops it here already (a ReaderError)
-        raw = loader.get_single_data()
+        node = loader.get_single_node()
+        raw = loader.construct_document(node) if node is not None else None
+        for section, keys in node.value if isinstance(node, yaml.MappingNode) and lines is not None else ():
+            lines[str(section.value)] = section.start_mark.line + 1
+            for key, _ in keys.value if isinstance(keys, yaml.MappingNode) else ():
+                lines[f"{section.value}.{key.value}"] = key.start_mark.line + 1
     except yaml.reader.ReaderError as e:
         line = text[:e.position].count("\n") + 1
         raise ConfigError([f"{path}:{line}: YAML cannot hold character U+{e.character:04X} (a control character): "

@@ -90,7 +90,17 @@ def test_a_section_with_every_key_commented_out_takes_overrides(tmp_path):
     path.write_text("training:\n  # batch_size: 4\nmodel:\n  n_layer: 2\n")
     assert Config.from_yaml(path, ["training.batch_size=16"]).training.batch_size == 16
     path.write_text("training: 5\n")
-    assert file_problems(path, ["training.batch_size=16"]) == ["training: must be a mapping of keys, got int 5"]  # once
+    assert file_problems(path, ["training.batch_size=16"]) == [
+        f"{path}:1: training: must be a mapping of keys, got int 5"]  # once
+
+
+def test_a_problem_with_a_setting_of_the_file_says_where_it_is(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  warmpu_iters: 5\n  batch_size: '8'\nmodel:\n  n_layer: 0\n")
+    assert file_problems(path, ["model.n_layer=0"]) == [
+        f"{path}:2: training.warmpu_iters: unknown key; did you mean training.warmup_iters?",
+        f"{path}:3: training.batch_size: expected int, got str '8'",
+        "model.n_layer: must be > 0, got 0"]  # the command line's value: not the file's line
 
 
 def test_yaml_merge_keys_work_and_a_list_as_key_is_named(tmp_path):
