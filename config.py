@@ -153,7 +153,9 @@ class Config:
         problems, overrides = [], list(overrides)
         while overrides:
             item = overrides.pop(0)
-            if item in _all_paths() and overrides and "=" not in overrides[0]:  # `training.seed 3`
+            following = overrides[0] if overrides else "="
+            if item in _all_paths() and not ("=" in following or following in _all_paths()
+                                             or following.endswith((".yaml", ".yml"))):  # `training.seed 3`
                 problems.append(f"{item} {overrides[0]}: an override is one argument; did you mean "
                                 f"{item}={overrides.pop(0)}?")
                 continue

@@ -88,9 +88,12 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
     if not path.is_file():
         bare = path.parent == Path(".")  # a run's file named without its run, such as best.pt
         runs = sorted(run for run in root.glob("run_*") if (run / path.name).is_file()) if bare and root.is_dir() else []
-        kept = [p.name for p in resumable_in(path.parent)] if not bare and path.parent.is_dir() else []
+        kept = checkpoints_in(path.parent) if not bare and path.parent.is_dir() else []
+        removed = (match := CHECKPOINT_RE.match(path.name)) and kept and \
+            int(match[1]) < int(CHECKPOINT_RE.match(kept[0].name)[1])  # older than the oldest kept
         fix = (f"did you mean {runs[-1] / path.name}?" if runs else
-               f"its folder holds {', '.join(kept)} (training.keep_last_n keeps the newest only)" if kept else
+               f"its folder holds {', '.join(p.name for p in kept[::-1])}"
+               f"{' (training.keep_last_n keeps the newest only)' * bool(removed)}" if kept else
                "give a checkpoint file, a run directory or `latest`")
         raise CheckpointError(f"{setting}: {path} does not exist{relative_to_here(path)}; {fix}")
     return [path]

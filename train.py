@@ -10,12 +10,17 @@ import os
 import signal
 import sys
 
+handlers_before_import = {}  # run as a script: the signal handlers main() gives back at the end
 if __name__ == "__main__":  # a signal while torch imports (seconds): one line, instead of a traceback from inside it
     def stop_while_importing(signum, _frame):
-        os.write(2, f"\n{signal.Signals(signum).name}: stopped while starting, before anything ran\n".encode())
+        try:
+            os.write(2, f"\n{signal.Signals(signum).name}: stopped while starting, before anything ran\n".encode())
+        except OSError:  # no reader left (a closed terminal)
+            pass
         os._exit(130)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
+        handlers_before_import[sig] = signal.getsignal(sig)
+        if handlers_before_import[sig] != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
             signal.signal(sig, stop_while_importing)
 
 import argparse
@@ -358,7 +363,7 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun: once
             print(cfg.to_yaml(), end="")
         return 0
-    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    handlers = {sig: handlers_before_import.get(sig, signal.getsignal(sig)) for sig in SIGNALS}
     for sig in SIGNALS:  # while the run sets up, as Ctrl-C: it stops at once, in one line
         if handlers[sig] != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
             signal.signal(sig, signal.default_int_handler)

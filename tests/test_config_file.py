@@ -203,6 +203,7 @@ def test_a_key_without_its_section_is_given_it():
 def test_an_override_split_at_a_space_is_joined_in_the_hint():
     assert problems({}, ["training.max_iters", "100", "training.seed=3"]) == [
         "training.max_iters 100: an override is one argument; did you mean training.max_iters=100?"]
+    assert problems({}, ["training.max_iters", "my.yaml"])[-1].startswith("my.yaml: an override must look like")
 
 
 @pytest.mark.parametrize("override,hint", [

@@ -59,9 +59,12 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
         open_checkpoint("checkpoint_10.pt", str(tmp_path))  # a run's file by its name alone
     with pytest.raises(CheckpointError, match="; give a checkpoint file, a run directory or `latest`$"):
         open_checkpoint(str(tmp_path / "gone" / "checkpoint_10.pt"), str(tmp_path))  # another run's, moved: no guess
-    with pytest.raises(CheckpointError, match=r"checkpoint_4.pt does not exist; its folder holds checkpoint_10.pt, "
+    with pytest.raises(CheckpointError, match=r"checkpoint_1.pt does not exist; its folder holds checkpoint_10.pt, "
                                               r"checkpoint_2.pt \(training.keep_last_n keeps the newest only\)$"):
-        open_checkpoint(str(run / "checkpoint_4.pt"), str(tmp_path))
+        open_checkpoint(str(run / "checkpoint_1.pt"), str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"chekpoint_10.pt does not exist; its folder holds checkpoint_10.pt, "
+                                              r"checkpoint_2.pt$"):  # a typo: keep_last_n did not remove it
+        open_checkpoint(str(run / "chekpoint_10.pt"), str(tmp_path))
     with pytest.raises(CheckpointError, match=f"holds no checkpoint_<step>.pt: it holds runs; give one .e.g. {run}., "
                                               f"or `latest` with training.checkpoint_dir={tmp_path}$"):
         open_checkpoint(str(tmp_path), str(tmp_path))  # the folder of the runs

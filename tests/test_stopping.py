@@ -223,6 +223,10 @@ def test_sigterm_while_the_run_sets_up_stops_it_in_one_line(tmp_path, corpus, ca
         assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 130
         assert capsys.readouterr().err == train.STOPPED_AT_ONCE + "\n" and not heard
         assert signal.getsignal(signal.SIGTERM) == hear  # the caller's handler is back
+        # run as a script: the handlers from before train.py's import-time ones (which say "before anything ran")
+        monkeypatch.setattr(train, "handlers_before_import", {signal.SIGTERM: signal.SIG_DFL})
+        assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 130
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, previous)
 
