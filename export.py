@@ -81,7 +81,11 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
     result = (f"validation loss {evaluated['val_loss']:.4f} nats per token, "
               f"{evaluated['val_bits_per_byte']:.4f} bits per byte, at step {evaluated['step']}"
               if "val_bits_per_byte" in evaluated else f"best validation loss {ckpt.best_val_loss:.4f} nats per token"
-              if math.isfinite(ckpt.best_val_loss) else "not evaluated yet (stopped before its first evaluation)")
+              if math.isfinite(ckpt.best_val_loss) else "")
+    if not result:
+        result = "not evaluated yet (stopped before its first evaluation)"
+    elif ckpt.low_precision().get("use_4bit"):  # train.py evaluates the 4-bit model
+        result += " (of the model with encoder, encoder_v, decoder in 4 bits: low_precision.use_4bit)"
     tokens = "UTF-8 bytes" if tokenizer.to_str() == "bytes" else f"a {tokenizer.vocab_size:,}-token tokenizer.json"
     weights_note = "float32"
     if four_bit:

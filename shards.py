@@ -123,11 +123,11 @@ def validation_mask(unit: Unit, seed: int, fraction: float):
     return (h >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
 
 
-READ_BYTES = 8 << 20  # a row group is read in parts of about this much text
+READ_BYTES = 8 << 20  # a row group is read in parts of about this many bytes (uncompressed, all columns)
 
 
 def rows_per_part(unit: Unit) -> int:
-    """The rows of each part that read_unit_documents reads of the unit (about READ_BYTES of text)."""
+    """The rows of each part that read_unit_documents reads of the unit (about READ_BYTES of the row group)."""
     return max(1, READ_BYTES * unit.num_rows // max(1, unit.num_bytes))
 
 
@@ -139,6 +139,18 @@ def first_documents(unit: Unit, text_column: str, n: int) -> list[str]:
     finally:
         cache.close()
     return [doc.decode("utf-8", errors="replace") for doc in docs[:n].to_pylist()]
+
+
+def changed_since_listed(parquet: pq.ParquetFile, unit: Unit, text_column: str) -> str:
+    """How the file no longer matches its listed unit ("" if it does): a shard rewritten in place."""
+    metadata = parquet.metadata
+    if unit.row_group >= metadata.num_row_groups:
+        return f"{metadata.num_row_groups} row group(s), where row group {unit.row_group} was"
+    if metadata.row_group(unit.row_group).num_rows != unit.num_rows:
+        return f"row group {unit.row_group} has {metadata.row_group(unit.row_group).num_rows:,} rows, not {unit.num_rows:,}"
+    if text_column not in parquet.schema_arrow.names:
+        return f"no column {text_column!r} any more"
+    return ""
 
 
 def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, split: str, seed: int,
@@ -155,8 +167,13 @@ def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, s
     rows = rows_per_part(unit)
     first_row = 0
     try:
-        for batch in cache.get(unit.path).iter_batches(batch_size=rows, row_groups=[unit.row_group],
-                                                       columns=[text_column], use_threads=False):
+        parquet = cache.get(unit.path)
+        if change := changed_since_listed(parquet, unit, text_column):
+            raise DataError(f"{unit.path}: the file changed since the run started ({change}); training needs its "
+                            f"shards as they were at the start: restore it, or resume from the last checkpoint to train on "
+                            f"the data as it is now (the data order then changes)")
+        for batch in parquet.iter_batches(batch_size=rows, row_groups=[unit.row_group], columns=[text_column],
+                                          use_threads=False):
             docs = batch.column(0).cast(pa.large_binary())  # string, binary, views, dictionaries
             keep = pc.and_(pc.and_(pc.is_valid(docs), pc.greater(pc.binary_length(docs), 0)),
                            pa.array(in_split[first_row:first_row + len(docs)]))

@@ -1,4 +1,5 @@
 import collections
+import itertools
 import os
 import re
 import subprocess
@@ -70,6 +71,19 @@ def test_invalid_utf8_bytes_are_taken_as_they_are(tmp_path):
     write_parquet(tmp_path / "a.parquet", [b"ok\xff\xfe"], 4, type_=pa.binary())
     tokens = split_stream(list_units(tmp_path, "text"), "train", val_fraction=1e-9)
     assert bytes(tokens) == b"ok\xff\xfe\x00"
+
+
+def test_an_epoch_that_deals_a_reader_less_than_a_batch_is_skipped(tmp_path):
+    # seed 1, 2 readers: reader 0 gets a.parquet in epochs 0 and 2, the two small files (less than a
+    # batch together) in epoch 1
+    write_parquet(tmp_path / "a.parquet", ["x" * 50] * 20, 20)
+    write_parquet(tmp_path / "b.parquet", ["b" * 30], 4)
+    write_parquet(tmp_path / "c.parquet", ["c" * 30], 4)
+    units = list_units(tmp_path, "text")
+    assert [len(assign_units(units, epoch, 1, 2, shuffle=True)[0]) for epoch in range(3)] == [1, 2, 1]
+    ds = ParquetBatches(units, "all", 16, 4, 1, 0.2, "text", 4, BYTES, rank=0, world_size=2, shuffle=True)
+    epochs = [position["epoch"] for _, _, position in itertools.islice(ds, 40)]
+    assert sorted(set(epochs)) == [0, 2, 3]
 
 
 @pytest.mark.parametrize("read_bytes", [8 << 20, 300])  # one part per row group, or several
@@ -206,8 +220,9 @@ def test_corrupt_row_group_names_file_and_row_group(tmp_path):
 def test_too_little_training_data_is_an_error_not_a_hang(tmp_path):
     write_parquet(tmp_path / "a.parquet", ["tiny"] * 3, 4)
     ds = batches_of(list_units(tmp_path, "text"), T=64, B=4, val_fraction=1e-9)
-    with pytest.raises(DataError, match=r"got no complete batch of 4 x 65 tokens in epoch 0: too little training "
-                                        r"data; lower training.batch_size or training.block_size, or add data$"):
+    with pytest.raises(DataError, match=r"got no complete batch of 4 x 65 tokens in 4 epochs in a row \(0-3\): too "
+                                        r"little training data; lower training.batch_size or training.block_size, "
+                                        r"or add data$"):
         next(iter(ds))
     write_parquet(tmp_path / "b" / "a.parquet", ["one small text file, cut into one document " * 50], 4)
     ds = batches_of(list_units(tmp_path / "b", "text"), T=16, B=1, val_fraction=0.999999)  # it goes to validation

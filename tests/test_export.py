@@ -204,6 +204,11 @@ def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp
     ckpt.best_val_loss = 2.5
     assert "- result: best validation loss 2.5000 nats per token" in export.model_card(
         ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
+    config["low_precision"]["use_4bit"] = True  # every evaluation measured the 4-bit model
+    assert ("- result: best validation loss 2.5000 nats per token (of the model with encoder, encoder_v, decoder in "
+            "4 bits: low_precision.use_4bit)\n") in export.model_card(
+        ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
+    config["low_precision"]["use_4bit"] = False
     config["dataset"]["val_parquet_dir"] = "data/held_out"
     card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
     assert "), validation data/held_out\n" in card and "validation fraction" not in card

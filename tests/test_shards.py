@@ -60,15 +60,25 @@ def test_non_string_column_is_refused(tmp_path):
         list_units(tmp_path, "text")
 
 
-def test_a_shard_gone_or_unreadable_while_training_is_not_called_corrupt(tmp_path):
+def test_a_shard_gone_unreadable_or_rewritten_while_training_is_not_called_corrupt(tmp_path):
     path = write_parquet(tmp_path / "a.parquet", ["x"] * 8, 4)
-    [unit, _] = list_units(tmp_path, "text")
+    [unit, second] = list_units(tmp_path, "text")
     path.unlink()
     with pytest.raises(DataError) as e:
         list(shards.read_unit_documents(shards.ParquetFileCache(1), unit, "text", "train", 0, 0.1))
     assert str(e.value) == (f"{path}: the file is gone (No such file or directory); training needs every shard it "
                             f"started with: restore it, or resume from the last checkpoint to train on the data as it "
                             f"is now (the data order then changes)")
+
+    for rewritten, change in [(dict(docs=["y"] * 8, rows_per_group=8), "1 row group(s), where row group 1 was"),
+                              (dict(docs=["y"] * 6, rows_per_group=3), "row group 1 has 3 rows, not 4"),
+                              (dict(docs=["y"] * 8, column="body"), "no column 'text' any more")]:
+        write_parquet(path, **rewritten)  # in place, after the start listed it
+        with pytest.raises(DataError) as e:
+            list(shards.read_unit_documents(shards.ParquetFileCache(1), second, "text", "train", 0, 0.1))
+        assert str(e.value) == (f"{path}: the file changed since the run started ({change}); training needs its shards "
+                                f"as they were at the start: restore it, or resume from the last checkpoint to train "
+                                f"on the data as it is now (the data order then changes)")
 
     class Unreadable:  # chmod does not stop root
         def get(self, path):
