@@ -131,21 +131,24 @@ class Config:
     @classmethod
     def from_yaml(cls, path, overrides=()) -> "Config":
         """Load `path`, apply `section.key=value` overrides, validate; raises ConfigError."""
-        lines = {}
+        lines, repeated = {}, []  # (a key given twice: reported with the other problems)
         try:
-            raw = read_yaml(path, _sections(), lines)
+            raw = read_yaml(path, _sections(), lines, repeated)
         except ConfigError as e:  # and a file given as an override (--config forgotten) says so
             files = [item for item in overrides if "=" not in item and item.endswith((".yaml", ".yml"))]
             raise ConfigError(e.problems + [p for item in files for p in apply_override({}, item, [])]) from None
         try:
-            return cls.from_dict(raw, overrides)
+            config = cls.from_dict(raw, overrides)
         except ConfigError as e:  # a problem with a setting of the file (not overridden): where it is
             overridden, located = {item.partition("=")[0] for item in overrides}, []
             for problem in e.problems:
                 name = problem.split(":", 1)[0]
                 located.append(f"{path}:{lines[name]}: {problem}" if name in lines and name not in overridden
                                else problem)
-            raise ConfigError(located) from None
+            raise ConfigError(located + repeated) from None
+        if repeated:
+            raise ConfigError(repeated)
+        return config
 
     @classmethod
     def from_dict(cls, raw: dict, overrides=()) -> "Config":
@@ -154,26 +157,26 @@ class Config:
         while overrides:
             item = overrides.pop(0)
             following = overrides[0] if overrides else "="
-            if item in _all_paths() and not ("=" in following or following in _all_paths()
+            if item in all_paths() and not ("=" in following or following in all_paths()
                                              or following.endswith((".yaml", ".yml"))):  # `training.seed 3`
                 problems.append(f"{item} {overrides[0]}: an override is one argument; did you mean "
                                 f"{item}={overrides.pop(0)}?")
                 continue
-            problems += apply_override(raw, item, _all_paths())
+            problems += apply_override(raw, item, all_paths(), _nullable_paths())
         sections = {}
         for name, value in raw.items():
-            if name in _all_paths():  # `training.seed: 3` at the top of a file
+            if name in all_paths():  # `training.seed: 3` at the top of a file
                 section, key = name.split(".")
                 problems.append(f"{name}: a dotted key belongs on the command line; in a YAML file write "
                                 f"`{key}:` indented under `{section}:`")
             elif name not in _sections():
                 problems.append(f"{name}: unknown section"
-                                + suggest(str(name), list(_sections()) + _all_paths(), _sections()))
+                                + suggest(str(name), list(_sections()) + all_paths(), _sections()))
             elif value is not None and not isinstance(value, dict):
                 problems.append(f"{name}: must be a mapping of keys, got {type(value).__name__} {value!r}")
         for name, section_cls in _sections().items():
             given = raw.get(name) if isinstance(raw.get(name), dict) else {}  # anything else: reported above
-            values, section_problems = typed_section(name, section_cls, given, _all_paths())
+            values, section_problems = typed_section(name, section_cls, given, all_paths())
             problems += section_problems
             sections[name] = section_cls(**values)
         config = cls(**sections)
@@ -188,7 +191,7 @@ class Config:
         return config
 
     def _check_values(self):
-        problems = [f"{path}: must be a finite number, got {self._get(path)}" for path in _all_paths()
+        problems = [f"{path}: must be a finite number, got {self._get(path)}" for path in all_paths()
                     if isinstance(self._get(path), float) and not math.isfinite(self._get(path))]
         if problems:  # the checks below would misread them
             return problems
@@ -365,5 +368,10 @@ def _sections():
     return {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 
-def _all_paths():
+def all_paths():
     return [f"{name}.{f.name}" for name, cls in _sections().items() for f in dataclasses.fields(cls)]
+
+
+def _nullable_paths():
+    return {f"{name}.{key}" for name, cls in _sections().items()
+            for key, hint in typing.get_type_hints(cls).items() if type(None) in typing.get_args(hint)}

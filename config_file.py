@@ -52,10 +52,11 @@ class ConfigError(Exception):
         super().__init__("\n".join(self.problems))
 
 
-def read_yaml(path, sections, lines: dict | None = None) -> dict:
+def read_yaml(path, sections, lines: dict | None = None, repeated: list | None = None) -> dict:
     """The mapping in the YAML file at `path` (an empty file: {}); ConfigError names the file, line
     and fix for a missing or unreadable file, a syntax error or a key given twice in one mapping.
-    `lines`, if given, gets the line of each section and section.key."""
+    `lines`, if given, gets the line of each section and section.key. `repeated`, if given, gets the
+    problems of keys given twice instead (the mapping keeps the last), to be reported with others."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -94,10 +95,13 @@ def read_yaml(path, sections, lines: dict | None = None) -> dict:
     finally:
         if loader is not None:
             loader.dispose()
-    if loader.duplicates:
-        raise ConfigError([f"{path}:{line}: {key!r} appears again (first at line {first}); YAML would keep only "
-                           f"the last{', replacing the whole section' if section else ''}: keep one"
-                           for key, first, line, section in sorted(loader.duplicates, key=lambda d: d[2])])
+    duplicates = [f"{path}:{line}: {key!r} appears again (first at line {first}); YAML would keep only the "
+                  f"last{', replacing the whole section' if section else ''}: keep one"
+                  for key, first, line, section in sorted(loader.duplicates, key=lambda d: d[2])]
+    if duplicates and repeated is None:
+        raise ConfigError(duplicates)
+    if duplicates:
+        repeated += duplicates
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -130,9 +134,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def apply_override(raw: dict, item: str, paths: list[str]) -> list[str]:
+def apply_override(raw: dict, item: str, paths: list[str], nullable=()) -> list[str]:
     """Apply one `section.key=value` override (value parsed as a YAML scalar) to raw; its problems.
-    `paths`: every section.key, for a key given without its section."""
+    `paths`: every section.key, for a key given without its section; `nullable`: those that take null."""
     if "=" not in item or "." not in item.split("=", 1)[0]:
         if item.endswith((".yaml", ".yml")):
             return [f"{item}: an override must look like section.key=value; to train with this file: --config {item}"]
@@ -144,7 +148,8 @@ def apply_override(raw: dict, item: str, paths: list[str]) -> list[str]:
     path, text = item.split("=", 1)
     section, key = path.split(".", 1)
     if not text.strip():  # `training.resume_from_checkpoint=$CKPT` with CKPT unset would start a new run
-        return [f"{item}: no value (an unset shell variable?); write {path}=null for none"]
+        fix = f"write {path}=null for none" if path in nullable else "give it one, or leave it out for the default"
+        return [f"{item}: no value (an unset shell variable?); {fix}"]
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:

@@ -86,6 +86,8 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
         result = "not evaluated yet (stopped before its first evaluation)"
     elif ckpt.low_precision().get("use_4bit"):  # train.py evaluates the 4-bit model
         result += " (of the model with encoder, encoder_v, decoder in 4 bits: low_precision.use_4bit)"
+    elif four_bit:
+        result += " (of the weights as trained; their 4-bit version here, quantized after training, was not measured)"
     tokens = "UTF-8 bytes" if tokenizer.to_str() == "bytes" else f"a {tokenizer.vocab_size:,}-token tokenizer.json"
     weights_note = "float32"
     if four_bit:

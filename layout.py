@@ -57,6 +57,11 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
     if skipped:
         print(f"{location}: skipped {len(skipped)} file(s) or folder(s) whose names start with '.' or '_' (not data, "
               f"as for pyarrow datasets, Spark and Hugging Face)")
+    hidden = [path for path in skipped if path.name.endswith(".parquet") and path.is_file()]
+    if not files and hidden:
+        raise DataError(f"{root}: its only .parquet files have names that start with '.' or '_' ({hidden[0].name}"
+                        f"{', ...' * (len(hidden) > 1)}), which are not data, as for pyarrow datasets, Spark and Hugging "
+                        f"Face: rename them")
     if not files:
         raise DataError(f"{root}: no .parquet files found (searched recursively); {how_to_convert(root, setting)}")
     return root, files

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from config import DatasetConfig, add_config_arguments, load_config
+from config import DatasetConfig, add_config_arguments, all_paths, load_config
 from config_file import parse_arguments
 from corpus import DOCUMENT_BYTES, ensure_sample_corpus, text_files_to_parquet
 from data import training_split
 from files import atomic_write, output_path, script_here
+from layout import PATTERN_CHARACTERS
 from shards import DataError, ParquetFileCache, list_units, read_unit_documents
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
 
@@ -45,6 +46,8 @@ def check_text_files(files):
     archive (a checkpoint), which would be converted as text: by their first bytes, whatever their names."""
     seen = {}
     for f in files:
+        if not os.path.lexists(f) and any(c in f for c in PATTERN_CHARACTERS):  # the shell passes it on as it is
+            raise DataError(f"{f}: no file matches this pattern; check its folder and extension")
         real = os.path.realpath(f)
         if real in seen:
             also = f" (also as {seen[real]})" if seen[real] != f else ""
@@ -130,6 +133,10 @@ def main(argv=None):
     add_config_arguments(parser)
     parser.set_defaults(config=None)  # config.yaml, for --train-tokenizer; given with --from-text: refused
     args = parse_arguments(parser, argv)
+    for item in list(args.from_text or ()):  # `--out DIR --from-text a.txt training.seed=3`: --from-text took it
+        if item.partition("=")[0] in all_paths() and not os.path.lexists(item):
+            args.from_text.remove(item)
+            args.overrides.append(item)
     if bool(args.from_text) == args.train_tokenizer or not args.out:
         parser.error("give --from-text FILE ... --out DIR, or --train-tokenizer --out FILE.json")
     if args.from_text and (args.overrides or args.config or args.vocab_size is not None):

@@ -48,6 +48,12 @@ def resumable_in(run_dir: Path) -> list[Path]:
     return found
 
 
+def resumable_runs(root: Path) -> list[Path]:
+    """The checkpoints of the runs in `root` a resume may continue from, newest run first."""
+    runs = [p for p in sorted(root.glob("run_*")) if p.is_dir()] if root.is_dir() else []
+    return [path for run in reversed(runs) for path in resumable_in(run)]
+
+
 def latest_folder(spec: str, checkpoint_dir: str | None, setting: str) -> Path:
     """Where `latest` looks. A script's --checkpoint-dir (None: not given, `checkpoints`) given with
     another --checkpoint is refused: it would be ignored."""
@@ -63,8 +69,7 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
     folder = "--checkpoint-dir" if flag else "training.checkpoint_dir"
     root = latest_folder(spec, checkpoint_dir, setting)
     if spec == "latest":
-        runs = [p for p in sorted(root.glob("run_*")) if p.is_dir()] if root.is_dir() else []
-        found = [path for run in reversed(runs) for path in resumable_in(run)]
+        found = resumable_runs(root)
         if not found:
             what = "no run with a checkpoint in" if root.is_dir() else "there is no folder"
             raise CheckpointError(f"{setting}: latest: {what} {root}/{relative_to_here(root)}; train a run first, or "

@@ -62,10 +62,12 @@ class OutputWithoutReader:
     """sys.stdout or sys.stderr that outlives its reader. With `python train.py | tee log`, a Ctrl-C
     ends tee too, and the next print would raise BrokenPipeError instead of saving the checkpoint; a
     closed terminal (SIGHUP) fails writes with EIO. The first failed write points the stream's file
-    descriptor at /dev/null, and the run goes on without its output (metrics.jsonl keeps the record)."""
+    descriptor at /dev/null, and the run goes on: its output goes to `fallback` (stdout's: stderr,
+    still the terminal after `| tee log`, so the resume command is seen) or nowhere (metrics.jsonl
+    keeps the record)."""
 
-    def __init__(self, stream):
-        self.stream, self.gone = stream, False
+    def __init__(self, stream, fallback=None):
+        self.stream, self.fallback, self.gone = stream, fallback, False
 
     def write(self, text: str) -> int:
         if not self.gone:
@@ -73,7 +75,7 @@ class OutputWithoutReader:
                 return self.stream.write(text)
             except OSError:
                 self.drop()
-        return len(text)
+        return self.fallback.write(text) if self.fallback else len(text)
 
     def flush(self):
         if not self.gone:
@@ -81,6 +83,8 @@ class OutputWithoutReader:
                 self.stream.flush()
             except OSError:
                 self.drop()
+        if self.gone and self.fallback:
+            self.fallback.flush()
 
     def drop(self):
         self.gone = True
@@ -98,7 +102,8 @@ class OutputWithoutReader:
 def outputs_without_reader():
     """Wraps sys.stdout and sys.stderr (OutputWithoutReader); returns the streams to put back."""
     streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = OutputWithoutReader(sys.stdout), OutputWithoutReader(sys.stderr)
+    sys.stderr = OutputWithoutReader(sys.stderr)
+    sys.stdout = OutputWithoutReader(sys.stdout, fallback=sys.stderr)
     return streams
 
 

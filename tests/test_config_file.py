@@ -173,6 +173,8 @@ def test_an_empty_override_and_a_second_config_file_are_refused(tmp_path, capsys
     assert file_problems(path, ["training.resume_from_checkpoint="]) == ["training.resume_from_checkpoint=: no value (an unset shell variable?); write "
                                    "training.resume_from_checkpoint=null for none"]
     assert Config.from_yaml(path, ["dataset.val_parquet_dir=null"]).dataset.val_parquet_dir is None
+    assert file_problems(path, ["training.max_iters="]) == [  # null is no value for it
+        "training.max_iters=: no value (an unset shell variable?); give it one, or leave it out for the default"]
     parser = argparse.ArgumentParser(prog="train.py")
     add_config_arguments(parser)
     with pytest.raises(SystemExit):
@@ -191,6 +193,13 @@ def test_a_key_or_section_given_twice_is_refused_naming_both_lines(tmp_path):
         f"{path}:4: 'learning_rate' appears again (first at line 2); YAML would keep only the last: keep one",
         f"{path}:7: 'training' appears again (first at line 1); YAML would keep only the last, replacing the "
         f"whole section: keep one"]
+    path.write_text("training:\n  learnig_rate: 1.0e-3\n  max_iters: 5\n  max_iters: 6\n")  # with other problems: all
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(path, ["training.lr=1"])
+    assert info.value.problems == [
+        f"{path}:2: training.learnig_rate: unknown key; did you mean training.learning_rate?",
+        "training.lr: unknown key; did you mean training.learning_rate?",
+        f"{path}:4: 'max_iters' appears again (first at line 3); YAML would keep only the last: keep one"]
 
 
 def test_a_key_without_its_section_is_given_it():

@@ -208,7 +208,10 @@ def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp
     assert ("- result: best validation loss 2.5000 nats per token (of the model with encoder, encoder_v, decoder in "
             "4 bits: low_precision.use_4bit)\n") in export.model_card(
         ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
-    config["low_precision"]["use_4bit"] = False
+    config["low_precision"]["use_4bit"] = False  # quantized by the export only: what the loss is of
+    assert ("- result: best validation loss 2.5000 nats per token (of the weights as trained; their 4-bit version "
+            "here, quantized after training, was not measured)\n") in export.model_card(
+        ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=True)
     config["dataset"]["val_parquet_dir"] = "data/held_out"
     card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
     assert "), validation data/held_out\n" in card and "validation fraction" not in card

@@ -33,6 +33,11 @@ def test_missing_or_empty_directory(tmp_path):
         list_units(tmp_path / "empty", "text")
     with pytest.raises(DataError, match=r" and set dataset.val_parquet_dir=.*empty_parquet$"):
         list_units(tmp_path / "empty", "text", setting="dataset.val_parquet_dir")
+    write_parquet(tmp_path / "hidden" / "_0.parquet", ["x"] * 3)  # parquet files, but none taken as data
+    with pytest.raises(DataError, match=r"hidden: its only .parquet files have names that start with '.' or '_' "
+                                        r"\(_0.parquet\), which are not data, as for pyarrow datasets, Spark and "
+                                        r"Hugging Face: rename them$"):
+        list_units(tmp_path / "hidden", "text")
     (tmp_path / "records").mkdir()
     (tmp_path / "records" / "data.jsonl").write_text('{"text": "hi"}\n')  # --from-text would train on its braces
     with pytest.raises(DataError, match=r"; data.jsonl holds records, not plain text: write them as parquet "

@@ -136,6 +136,7 @@ def test_from_text_replace_keeps_an_input_file_in_the_out_folder_and_refuses_emp
     (["--from-text", "a.txt", "--out", "o", "--vocab-size", "999", "--config", "my.yaml"],
      "--from-text takes no config, vocabulary or overrides (got --config --vocab-size): they are for --train-tokenizer"),
     (["--from-text", "a.txt", "--out", "o", "training.seed=3"], "(got training.seed=3)"),
+    (["--out", "o", "--from-text", "a.txt", "training.seed=3"], "(got training.seed=3)"),
 ])
 def test_prepare_command_refuses_arguments_it_would_ignore_or_misread(arguments, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -147,6 +148,12 @@ def test_from_text_on_a_missing_file_is_one_line_and_leaves_no_folder(tmp_path, 
     assert prepare.main(["--from-text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err == f"error: {tmp_path / 'missing.txt'}: cannot read (No such file or directory)\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_from_text_on_a_pattern_that_matched_nothing_says_so(tmp_path, capsys):
+    assert prepare.main(["--from-text", str(tmp_path / "*.md"), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / '*.md'}: no file matches this pattern; check its folder "
+                                       f"and extension\n")
 
 
 def test_from_text_on_a_folder_says_to_give_its_files(tmp_path, capsys):

@@ -90,14 +90,17 @@ def test_a_checkpoint_outside_a_run_directory_continues_in_a_new_one(tmp_path, c
 def test_a_checkpoint_holds_the_run_and_a_resume_with_nothing_to_do_changes_nothing(tmp_path, corpus, capsys):
     """(The restored state itself: the SIGKILL tests and test_adamw4bit's exact resume.)"""
     path = write_config(tmp_path, corpus, max_iters=2)
-    assert train.main(["--config", str(path)]) == 0
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=auto"]) == 0  # nothing to resume
+    assert f"resume_from_checkpoint auto: no run with a checkpoint in {tmp_path / 'ck'} yet: a new run\n" in \
+        capsys.readouterr().out
     [run] = run_dirs(tmp_path)
+    assert yaml.safe_load((run / "config.yaml").read_text())["training"]["resume_from_checkpoint"] is None
     ckpt = load_checkpoint(run / "checkpoint_2.pt")
     assert set(ckpt.model) == {"embed.weight", "encoder", "encoder_v", "decoder", "lm_head"}
     assert ckpt.optimizer["state"] and ckpt.versions["torch"] == torch.__version__
     assert ckpt.config["training"]["max_iters"] == 2
     capsys.readouterr()
-    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest",
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=auto",  # latest, as there is one
                        "training.max_iters=2", "training.block_size=8"]) == 0
     out = capsys.readouterr().out  # no warning of what would change, and best.pt stays
     assert "nothing to do: the checkpoint is at step 2" in out and "WARNING" not in out and "best.pt" not in out

@@ -1,5 +1,6 @@
 """Stopping on request: the signal handler, the vote that tells every rank, the resume command.
 Whole runs stopped by signals, and under torchrun in tests/test_distributed.py."""
+import io
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, free_port, losses, only_run, run_dirs, write_config
 from distributed import Ranks
-from stopping import SAVING, SIGNALS, GracefulStop, launcher
+from stopping import SAVING, SIGNALS, GracefulStop, OutputWithoutReader, launcher
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -142,6 +143,23 @@ def test_a_closed_terminal_stops_with_a_checkpoint_though_the_output_has_no_read
     [run] = run_dirs(tmp_path)
     [ckpt] = run.glob("checkpoint_*.pt")
     assert load_checkpoint(ckpt).step >= 2
+
+
+def test_output_whose_reader_is_gone_goes_to_stderr_if_it_still_has_one():
+    """`python train.py | tee log` and Ctrl-C: tee is gone, the terminal still shows stderr, and with it
+    the resume command; with `2>&1 | tee log` stderr is gone too, and the output goes nowhere."""
+    class Gone(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+    stderr = OutputWithoutReader(io.StringIO())
+    stdout = OutputWithoutReader(Gone(), fallback=stderr)
+    assert stdout.write("saved checkpoint_3.pt\n") == len("saved checkpoint_3.pt\n")
+    print("stopped by SIGINT after step 3. Resume with:", file=stdout)
+    assert stdout.gone and stderr.stream.getvalue() == ("saved checkpoint_3.pt\n"
+                                                        "stopped by SIGINT after step 3. Resume with:\n")
+    stdout = OutputWithoutReader(Gone(), fallback=OutputWithoutReader(Gone()))
+    print("stopped", file=stdout, flush=True)
+    assert stdout.gone and stdout.fallback.gone
 
 
 def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once_and_its_step_logged(tmp_path, corpus, monkeypatch,
