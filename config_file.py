@@ -56,7 +56,8 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
     """The mapping in the YAML file at `path` (an empty file: {}); ConfigError names the file, line
     and fix for a missing or unreadable file, a syntax error or a key given twice in one mapping.
     `lines`, if given, gets the line of each section and section.key. `repeated`, if given, gets the
-    problems of keys given twice instead (the mapping keeps the last), to be reported with others."""
+    problems of keys given twice in a section instead (the mapping keeps the last), to be reported
+    with the others."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -98,7 +99,8 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
     duplicates = [f"{path}:{line}: {key!r} appears again (first at line {first}); YAML would keep only the "
                   f"last{', replacing the whole section' if section else ''}: keep one"
                   for key, first, line, section in sorted(loader.duplicates, key=lambda d: d[2])]
-    if duplicates and repeated is None:
+    # a repeated section drops the first one's keys: their problems (and lines) would mislead
+    if duplicates and (repeated is None or any(section for *_, section in loader.duplicates)):
         raise ConfigError(duplicates)
     if duplicates:
         repeated += duplicates

@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shards import DataError, ParquetFileCache, Unit, list_units, read_unit_documents
 from stopping import SIGNALS
 
-# a training reader that got no complete batch in this many epochs in a row stops the run: a lone
-# epoch without one (its units dealt that way) is skipped, as an epoch's last partial batch is
+# a training reader that got no complete batch in its first this many epochs stops the run; once it
+# has had one, an epoch without one (its units dealt that way) is skipped, as an epoch's last partial
+# batch is
 EMPTY_EPOCHS_LIMIT = 4
 
 
@@ -98,7 +99,7 @@ class ParquetBatches(IterableDataset):
         start = self.positions.get(reader)
         epoch = start["epoch"] if start else 0
         cache = ParquetFileCache(self.max_cached_files)
-        empty_epochs = 0  # in a row: an epoch may deal a reader less than a batch, a few of them no data
+        empty_epochs, ever = 0, start is not None  # an epoch may deal a reader less than a batch
         try:
             while True:
                 produced = False
@@ -107,8 +108,9 @@ class ParquetBatches(IterableDataset):
                     yield batch
                 if not self.shuffle:
                     return
+                ever = ever or produced
                 empty_epochs = 0 if produced or start is not None else empty_epochs + 1
-                if empty_epochs == EMPTY_EPOCHS_LIMIT:  # would otherwise spin forever
+                if not ever and empty_epochs == EMPTY_EPOCHS_LIMIT:  # would otherwise spin forever
                     raise DataError(self.too_little_data(cache, reader, n_readers, epoch))
                 epoch, start = epoch + 1, None
         finally:
@@ -128,7 +130,7 @@ class ParquetBatches(IterableDataset):
         readers = ("" if n_readers == 1 else " for this many readers (processes x workers); lower "
                    "dataloader.num_workers, the number of processes,")
         return (f"reader {reader} of {n_readers} got no complete batch of {self.batch_size} x {self.block_size + 1} "
-                f"tokens in {EMPTY_EPOCHS_LIMIT} epochs in a row ({epoch - EMPTY_EPOCHS_LIMIT + 1}-{epoch}): too little "
+                f"tokens in epochs {epoch - EMPTY_EPOCHS_LIMIT + 1}-{epoch}: too little "
                 f"training data{readers or '; lower'} training.batch_size or "
                 f"training.block_size, or add data")
 

@@ -57,9 +57,10 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
     if skipped:
         print(f"{location}: skipped {len(skipped)} file(s) or folder(s) whose names start with '.' or '_' (not data, "
               f"as for pyarrow datasets, Spark and Hugging Face)")
-    hidden = [path for path in skipped if path.name.endswith(".parquet") and path.is_file()]
-    if not files and hidden:
-        raise DataError(f"{root}: its only .parquet files have names that start with '.' or '_' ({hidden[0].name}"
+    hidden = [path for path in skipped if path.name.endswith(".parquet") and path.is_file()
+              or path.is_dir() and next(path.rglob("*.parquet"), None)] if not files else []
+    if hidden:
+        raise DataError(f"{root}: its only .parquet files are in names that start with '.' or '_' ({hidden[0].name}"
                         f"{', ...' * (len(hidden) > 1)}), which are not data, as for pyarrow datasets, Spark and Hugging "
                         f"Face: rename them")
     if not files:

@@ -49,9 +49,16 @@ def resumable_in(run_dir: Path) -> list[Path]:
 
 
 def resumable_runs(root: Path) -> list[Path]:
-    """The checkpoints of the runs in `root` a resume may continue from, newest run first."""
+    """The checkpoints of the runs in `root` a resume may continue from, newest run first; a run
+    that cannot be listed (another user's, in a shared folder) is skipped with a note."""
     runs = [p for p in sorted(root.glob("run_*")) if p.is_dir()] if root.is_dir() else []
-    return [path for run in reversed(runs) for path in resumable_in(run)]
+    found = []
+    for run in reversed(runs):
+        try:
+            found += resumable_in(run)
+        except OSError as e:
+            print(f"note: {run}: cannot be listed ({e.strerror or e}): skipped", file=sys.stderr)
+    return found
 
 
 def latest_folder(spec: str, checkpoint_dir: str | None, setting: str) -> Path:

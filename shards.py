@@ -143,13 +143,18 @@ def first_documents(unit: Unit, text_column: str, n: int) -> list[str]:
 
 def changed_since_listed(parquet: pq.ParquetFile, unit: Unit, text_column: str) -> str:
     """How the file no longer matches its listed unit ("" if it does): a shard rewritten in place."""
-    metadata = parquet.metadata
+    schema, metadata = parquet.schema_arrow, parquet.metadata
+    if text_column not in schema.names:
+        return f"no column {text_column!r} any more"
+    if not text_type(schema.field(text_column).type):
+        return f"column {text_column!r} has type {schema.field(text_column).type} now"
     if unit.row_group >= metadata.num_row_groups:
         return f"{metadata.num_row_groups} row group(s), where row group {unit.row_group} was"
-    if metadata.row_group(unit.row_group).num_rows != unit.num_rows:
-        return f"row group {unit.row_group} has {metadata.row_group(unit.row_group).num_rows:,} rows, not {unit.num_rows:,}"
-    if text_column not in parquet.schema_arrow.names:
-        return f"no column {text_column!r} any more"
+    group = metadata.row_group(unit.row_group)
+    if group.num_rows != unit.num_rows:
+        return f"row group {unit.row_group} has {group.num_rows:,} rows, not {unit.num_rows:,}"
+    if group.total_byte_size != unit.num_bytes:
+        return f"row group {unit.row_group} has {group.total_byte_size:,} bytes, not {unit.num_bytes:,}"
     return ""
 
 

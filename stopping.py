@@ -64,25 +64,37 @@ class OutputWithoutReader:
     closed terminal (SIGHUP) fails writes with EIO. The first failed write points the stream's file
     descriptor at /dev/null, and the run goes on: its output goes to `fallback` (stdout's: stderr,
     still the terminal after `| tee log`, so the resume command is seen) or nowhere (metrics.jsonl
-    keeps the record)."""
+    keeps the record). The stream is made line-buffered, so that the line whose write failed is
+    known (`pending`: the text since the last complete line) and goes to `fallback` too."""
 
     def __init__(self, stream, fallback=None):
-        self.stream, self.fallback, self.gone = stream, fallback, False
+        self.stream, self.fallback, self.gone, self.pending = stream, fallback, False, ""
+        if fallback and hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
 
     def write(self, text: str) -> int:
         if not self.gone:
+            self.pending += text
             try:
-                return self.stream.write(text)
+                written = self.stream.write(text)
+                if "\n" in text or "\r" in text:  # line-buffered: all of it is written through
+                    self.pending = ""
+                return written
             except OSError:
                 self.drop()
+                text, self.pending = self.pending, ""
         return self.fallback.write(text) if self.fallback else len(text)
 
     def flush(self):
         if not self.gone:
             try:
                 self.stream.flush()
+                self.pending = ""
             except OSError:
                 self.drop()
+                if self.fallback:
+                    self.fallback.write(self.pending)
+                self.pending = ""
         if self.gone and self.fallback:
             self.fallback.flush()
 

@@ -92,7 +92,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
 
     # ---- data
     if training.resume_from_checkpoint == "auto":  # one command for a job's first start and its restarts
-        training.resume_from_checkpoint = "latest" if resumable_runs(Path(training.checkpoint_dir)) else None
+        found = ranks.any(bool(resumable_runs(Path(training.checkpoint_dir))), device)  # (a rank without: latest says)
+        training.resume_from_checkpoint = "latest" if found else None
         if training.resume_from_checkpoint is None and ranks.main:
             print(f"training.resume_from_checkpoint auto: no run with a checkpoint in {training.checkpoint_dir} "
                   f"yet: a new run")

@@ -193,6 +193,11 @@ def test_a_key_or_section_given_twice_is_refused_naming_both_lines(tmp_path):
         f"{path}:4: 'learning_rate' appears again (first at line 2); YAML would keep only the last: keep one",
         f"{path}:7: 'training' appears again (first at line 1); YAML would keep only the last, replacing the "
         f"whole section: keep one"]
+    path.write_text("training:\n  min_lr: 1.0e-6\ntraining:\n  learning_rate: 1.0e-5\n")
+    with pytest.raises(ConfigError) as info:  # only that: the min_lr of line 2 is not the run's any more
+        Config.from_yaml(path)
+    assert info.value.problems == [f"{path}:3: 'training' appears again (first at line 1); YAML would keep only the "
+                                   f"last, replacing the whole section: keep one"]
     path.write_text("training:\n  learnig_rate: 1.0e-3\n  max_iters: 5\n  max_iters: 6\n")  # with other problems: all
     with pytest.raises(ConfigError) as info:
         Config.from_yaml(path, ["training.lr=1"])

@@ -3,6 +3,7 @@ shards.list_units, which lists what layout.py finds)."""
 import glob
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,9 +35,14 @@ def test_missing_or_empty_directory(tmp_path):
     with pytest.raises(DataError, match=r" and set dataset.val_parquet_dir=.*empty_parquet$"):
         list_units(tmp_path / "empty", "text", setting="dataset.val_parquet_dir")
     write_parquet(tmp_path / "hidden" / "_0.parquet", ["x"] * 3)  # parquet files, but none taken as data
-    with pytest.raises(DataError, match=r"hidden: its only .parquet files have names that start with '.' or '_' "
-                                        r"\(_0.parquet\), which are not data, as for pyarrow datasets, Spark and "
-                                        r"Hugging Face: rename them$"):
+    write_parquet(tmp_path / "hidden" / "_more" / "1.parquet", ["x"] * 3)
+    with pytest.raises(DataError, match=r"hidden: its only .parquet files are in names that start with '.' or '_' "
+                                        r"\(_more, ...\), which are not data, as for pyarrow datasets, Spark "
+                                        r"and Hugging Face: rename them$"):
+        list_units(tmp_path / "hidden", "text")
+    shutil.rmtree(tmp_path / "hidden" / "_more")
+    with pytest.raises(DataError, match=r"hidden: its only .parquet files are in names that start with '.' or '_' "
+                                        r"\(_0.parquet\), which"):
         list_units(tmp_path / "hidden", "text")
     (tmp_path / "records").mkdir()
     (tmp_path / "records" / "data.jsonl").write_text('{"text": "hi"}\n')  # --from-text would train on its braces

@@ -89,7 +89,7 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
         open_checkpoint(str(run / "checkpoint_10.pt"), str(tmp_path))  # asked for by name: no other
 
 
-def test_latest_is_the_newest_run_and_names_an_older_run_written_since(tmp_path, capsys):
+def test_latest_is_the_newest_run_and_names_an_older_run_written_since(tmp_path, capsys, monkeypatch):
     older, newer = tmp_path / "run_20260101_000000", tmp_path / "run_20260102_000000"
     for run, step in ((older, 80), (newer, 8)):
         run.mkdir()
@@ -103,6 +103,15 @@ def test_latest_is_the_newest_run_and_names_an_older_run_written_since(tmp_path,
     os.utime(older / "checkpoint_80.pt", (1e8, 1e8))
     assert open_checkpoint("latest", str(tmp_path))[0] == newer / "checkpoint_8.pt"
     assert capsys.readouterr().out == ""
+    real_iterdir = type(newer).iterdir
+
+    def iterdir(path):  # another user's run in a shared folder (chmod does not stop root)
+        if path == newer:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_iterdir(path)
+    monkeypatch.setattr(type(newer), "iterdir", iterdir)
+    assert open_checkpoint("latest", str(tmp_path))[0] == older / "checkpoint_80.pt"
+    assert capsys.readouterr().err == f"note: {newer}: cannot be listed (Permission denied): skipped\n"
 
 
 def test_best_set_aside_keeps_every_earlier_best(tmp_path):

@@ -72,7 +72,9 @@ def test_a_shard_gone_unreadable_or_rewritten_while_training_is_not_called_corru
 
     for rewritten, change in [(dict(docs=["y"] * 8, rows_per_group=8), "1 row group(s), where row group 1 was"),
                               (dict(docs=["y"] * 6, rows_per_group=3), "row group 1 has 3 rows, not 4"),
-                              (dict(docs=["y"] * 8, column="body"), "no column 'text' any more")]:
+                              (dict(docs=["yy"] * 8), "row group 1 has 60 bytes, not 57"),  # as many rows
+                              (dict(docs=["y"] * 8, column="body"), "no column 'text' any more"),
+                              (dict(docs=pa.array([1] * 8)), "column 'text' has type int64 now")]:
         write_parquet(path, **rewritten)  # in place, after the start listed it
         with pytest.raises(DataError) as e:
             list(shards.read_unit_documents(shards.ParquetFileCache(1), second, "text", "train", 0, 0.1))

@@ -160,6 +160,14 @@ def test_output_whose_reader_is_gone_goes_to_stderr_if_it_still_has_one():
     stdout = OutputWithoutReader(Gone(), fallback=OutputWithoutReader(Gone()))
     print("stopped", file=stdout, flush=True)
     assert stdout.gone and stdout.fallback.gone
+    read, write = os.pipe()  # a real pipe, block-buffered as stdout into `| tee` is: the line it breaks on too
+    os.close(read)
+    stderr = OutputWithoutReader(io.StringIO())
+    stdout = OutputWithoutReader(open(write, "w"), fallback=stderr)
+    print("SIGINT: saving a checkpoint after step 3", file=stdout, flush=True)
+    print("stopped by SIGINT after step 3", file=stdout)
+    assert stderr.stream.getvalue() == "SIGINT: saving a checkpoint after step 3\nstopped by SIGINT after step 3\n"
+    stdout.stream.close()  # (its descriptor: /dev/null now)
 
 
 def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once_and_its_step_logged(tmp_path, corpus, monkeypatch,
