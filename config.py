@@ -360,7 +360,8 @@ def fsdp_problems(cfg) -> list[str]:
     if low_precision.compute_dtype == "float16":
         problems.append("low_precision.compute_dtype float16 with training.distributed=fsdp: the "
                         "GradScaler would skip steps on some ranks only, from their own gradient "
-                        "shards; use low_precision.compute_dtype=bfloat16")
+                        "shards; use low_precision.compute_dtype=auto (bfloat16 where the hardware computes "
+                        "it fast, float32 elsewhere)")
     return problems
 
 

@@ -158,8 +158,9 @@ def write_export(folder: Path, ckpt, source: Path, out: str, hf: bool, four_bit:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="a run's checkpoint_<step>.pt or best.pt, a run directory, or latest")
+    parser.add_argument("--checkpoint", default="latest",
+                        help="a run's checkpoint_<step>.pt or best.pt, a run directory, or latest (the default: the "
+                             "newest checkpoint of the newest run in --checkpoint-dir)")
     parser.add_argument("--checkpoint-dir", help="where `latest` looks (default: checkpoints)")
     parser.add_argument("--out", required=True, help="the folder to write")
     parser.add_argument("--hf", action="store_true", help="also a Hugging Face Transformers folder (trust_remote_code)")

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import distributed
 import train
 from checkpoint import load_checkpoint
 from config import Config, fsdp_problems
@@ -197,6 +198,17 @@ def test_what_fsdp_cannot_run_is_refused_under_torchrun(low_precision, fragment)
     [problem] = fsdp_problems(cfg)
     assert fragment in problem
     assert fsdp_problems(Config.from_dict({"training": {"distributed": "fsdp"}})) == []
+
+
+def test_settings_for_several_processes_are_noted_in_one(capsys):
+    cfg = Config.from_dict({"training": {"distributed": "fsdp", "distributed_timeout_s": 60}})
+    assert distributed.start(cfg, torch.device("cpu")) == (distributed.Ranks(), torch.device("cpu"))
+    assert capsys.readouterr().out == (
+        "note: training.distributed=fsdp shards across processes; a single process trains unsharded (launch with "
+        "torchrun --nproc_per_node=N to shard)\nnote: training.distributed_timeout_s 60 is not used: one process, no "
+        "other ranks to wait for (it applies under torchrun)\n")
+    distributed.start(Config(), torch.device("cpu"))
+    assert capsys.readouterr().out == ""
 
 
 def test_fsdp_refusal_is_one_line_before_training(tmp_path, corpus, monkeypatch, capsys):

@@ -93,7 +93,7 @@ def test_a_bpe_model_exports_its_tokenizer(tmp_path, corpus, bpe_file, capsys, m
     path = write_config(tmp_path, corpus, max_iters=2, model={"vocab_size": 384}, dataset={"tokenizer": str(bpe_file)})
     assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
     out = tmp_path / "export"
-    assert export.main(["--checkpoint", "latest", "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(out), "--hf"]) == 0
+    assert export.main(["--checkpoint-dir", str(tmp_path / "ck"), "--out", str(out), "--hf"]) == 0  # latest
     model, tokenizer = hf_model(out)
     inputs = tokenizer("<00-0", return_tensors="pt")
     ids = model.generate(**inputs, max_new_tokens=30, do_sample=False)
