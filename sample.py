@@ -81,6 +81,8 @@ def main(argv=None) -> int:
         if args.four_bit and low_precision.get("exported_in_4bit"):
             raise CheckpointError(f"--4bit: {args.checkpoint} holds 4-bit weights already (export.py --4bit): "
                                   f"drop --4bit")
+        if low_precision.get("exported_in_4bit") and low_precision.get("use_4bit") is False:  # (unknown: None)
+            print(post_training_note(origin), file=sys.stderr)  # quantized by export.py --4bit
         if args.four_bit:
             if low_precision.get("use_4bit") is False:  # (a folder exported before it was recorded: not known)
                 print(post_training_note(origin), file=sys.stderr)

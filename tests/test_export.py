@@ -179,6 +179,8 @@ def test_replace_replaces_an_earlier_export_but_never_a_run_directory(trained, t
     assert sorted(p.name for p in run.iterdir()) == before
     assert export.main(["--checkpoint", str(trained), "--out", str(tmp_path / "export4"), "--4bit"]) == 0
     assert "was not trained with low_precision.use_4bit" in capsys.readouterr().err
+    assert sample.main(["--checkpoint", str(tmp_path / "export4"), "--max-new-tokens", "5"]) == 0  # and serving it
+    assert "export4 (exported at step 4) was not trained with low_precision.use_4bit" in capsys.readouterr().err
     assert sample.main(["--checkpoint", str(out), "--max-new-tokens", "5", "--4bit"]) == 0  # 4 bits from the export
     assert f"note: {out} (exported at step 4) was not trained with low_precision.use_4bit" in capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
