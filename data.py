@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards import DataError, ParquetFileCache, Unit, list_units, read_unit_documents
+from corpus import ensure_sample_corpus
+from shards import DataError, ParquetFileCache, Unit, first_documents, list_units, read_unit_documents
 from stopping import SIGNALS
+from tokenizer import check_vocab_size, load_tokenizer, lost_text
 
 # a training reader that got no complete batch in its first this many epochs stops the run; once it
 # has had one, an epoch without one (its units dealt that way) is skipped, as an epoch's last partial
@@ -213,6 +215,23 @@ def check_enough_units(cfg, units, world_size: int):
                         f"for {world_size} processes, and each process reads units of its own: start at most "
                         f"{len(units)} (torchrun --nproc_per_node), or write the text in more row groups (prepare.py "
                         f"writes one per 128 KB)")
+
+
+def prepare_data(cfg, ranks):
+    """(tokenizer, the training shards' units, the validation batches), checked before any training:
+    the tokenizer against model.vocab_size, every shard's footer and schema, enough validation data.
+    Builds the sample corpus first if the config points at it and it is missing (`ranks`, a
+    distributed.Ranks: the first process of each machine builds it, the others wait)."""
+    tokenizer = load_tokenizer(cfg.dataset.tokenizer)
+    check_vocab_size(tokenizer, cfg.model.vocab_size)
+    if ranks.local_rank == 0:
+        ensure_sample_corpus(cfg)
+    ranks.barrier()
+    units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
+    check_enough_units(cfg, units, ranks.world_size)
+    if ranks.main and (warning := lost_text(tokenizer, first_documents(units[0], cfg.dataset.text_column, 20))):
+        print(warning)
+    return tokenizer, units, validation_batches(cfg, units, tokenizer)
 
 
 def loader_workers(cfg, units, world_size=1) -> int:

@@ -40,8 +40,7 @@ from adamw4bit import make_optimizer
 from checkpoint import CheckpointError
 from config import add_config_arguments, learning_rate, load_config, step_tokens
 from config_file import parse_arguments
-from corpus import ensure_sample_corpus
-from data import check_enough_units, loader_workers, stop_loader_workers, train_loader, validation_batches
+from data import loader_workers, prepare_data, stop_loader_workers, train_loader
 from distributed import (DistributedError, Ranks, communication_failure, gradient_sync, local_tensor, shutdown, start,
                          wrap)
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
@@ -57,9 +56,9 @@ from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_host_memory, compile_repeatably,
                      device_clock, emulated_dtype_warning, interrupted, memory_fix, one_line, out_of_memory,
                      peak_flops, pick_device, resolve_compute_dtype, steady_host_memory, wants_compile)
-from shards import DataError, first_documents, list_units
+from shards import DataError
 from stopping import SAVING, SIGNALS, GracefulStop, StepVote, launcher, outputs_without_reader
-from tokenizer import TokenizerError, check_vocab_size, load_tokenizer, lost_text
+from tokenizer import TokenizerError
 
 
 class TrainingError(Exception):
@@ -301,22 +300,6 @@ def write_step_line(step_log: StepLog, step: int, lr: float, progress: Progress)
     if not math.isfinite(record["train_loss"]):
         raise non_finite("the training loss", step, progress.last_saved, float16=step_log.loss_scaled)
     step_log.write(record)
-
-
-def prepare_data(cfg, ranks: Ranks):
-    """(tokenizer, the training shards' units, the validation batches), checked before any training:
-    the tokenizer against model.vocab_size, every shard's footer and schema, enough validation data.
-    Builds the sample corpus first if the config points at it and it is missing."""
-    tokenizer = load_tokenizer(cfg.dataset.tokenizer)
-    check_vocab_size(tokenizer, cfg.model.vocab_size)
-    if ranks.local_rank == 0:
-        ensure_sample_corpus(cfg)
-    ranks.barrier()
-    units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
-    check_enough_units(cfg, units, ranks.world_size)
-    if ranks.main and (warning := lost_text(tokenizer, first_documents(units[0], cfg.dataset.text_column, 20))):
-        print(warning)
-    return tokenizer, units, validation_batches(cfg, units, tokenizer)
 
 
 def stop_for_data(e: DataError, step: int, before: Progress, rng_before: dict | None, save_step, step_log: StepLog,
