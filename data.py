@@ -29,8 +29,9 @@ from tokenizer import check_vocab_size, load_tokenizer, lost_text
 
 # a training reader that got no complete batch in its first this many epochs stops the run; once it
 # has had one, an epoch without one (its units dealt that way) is skipped, as an epoch's last partial
-# batch is
+# batch is, up to EMPTY_EPOCHS_AFTER_A_BATCH in a row (a resume with a batch_size too large for the data)
 EMPTY_EPOCHS_LIMIT = 4
+EMPTY_EPOCHS_AFTER_A_BATCH = 1000
 
 
 def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
@@ -101,7 +102,9 @@ class ParquetBatches(IterableDataset):
         start = self.positions.get(reader)
         epoch = start["epoch"] if start else 0
         cache = ParquetFileCache(self.max_cached_files)
-        empty_epochs, ever = 0, start is not None  # an epoch may deal a reader less than a batch
+        # an epoch may deal a reader less than a batch; a position after a batch has consumed windows (one
+        # that resume_point makes up for a reader dealt anew has none)
+        empty_epochs, ever = 0, bool(start and start.get("consumed"))
         try:
             while True:
                 produced = False
@@ -112,13 +115,13 @@ class ParquetBatches(IterableDataset):
                     return
                 ever = ever or produced
                 empty_epochs = 0 if produced or start is not None else empty_epochs + 1
-                if not ever and empty_epochs == EMPTY_EPOCHS_LIMIT:  # would otherwise spin forever
-                    raise DataError(self.too_little_data(cache, reader, n_readers, epoch))
+                if empty_epochs == (EMPTY_EPOCHS_AFTER_A_BATCH if ever else EMPTY_EPOCHS_LIMIT):  # not forever
+                    raise DataError(self.too_little_data(cache, reader, n_readers, epoch, empty_epochs))
                 epoch, start = epoch + 1, None
         finally:
             cache.close()
 
-    def too_little_data(self, cache, reader, n_readers, epoch) -> str:
+    def too_little_data(self, cache, reader, n_readers, epoch, empty_epochs) -> str:
         """Why a reader got no batch in an epoch, and what to change."""
         units = assign_units(self.units, epoch, self.seed, n_readers, shuffle=self.shuffle)[reader]
         documents = {split: count_documents(cache, units, self.text_column, split, self.seed, self.val_fraction)
@@ -132,7 +135,7 @@ class ParquetBatches(IterableDataset):
         readers = ("" if n_readers == 1 else " for this many readers (processes x workers); lower "
                    "dataloader.num_workers, the number of processes,")
         return (f"reader {reader} of {n_readers} got no complete batch of {self.batch_size} x {self.block_size + 1} "
-                f"tokens in epochs {epoch - EMPTY_EPOCHS_LIMIT + 1}-{epoch}: too little "
+                f"tokens in epochs {epoch - empty_epochs + 1}-{epoch}: too little "
                 f"training data{readers or '; lower'} training.batch_size or "
                 f"training.block_size, or add data")
 

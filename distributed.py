@@ -89,7 +89,7 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
                   "trains unsharded (launch with torchrun --nproc_per_node=N to shard)")
         if training.distributed_timeout_s != type(training)().distributed_timeout_s:
             print(f"note: training.distributed_timeout_s {training.distributed_timeout_s} is not used: one process, "
-                  f"no other ranks to wait for (it applies under torchrun)")
+                  f"no other ranks to wait for")
         return Ranks(), device
     ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                   int(os.environ.get("LOCAL_RANK", 0)), training.distributed)

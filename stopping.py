@@ -69,8 +69,21 @@ class OutputWithoutReader:
 
     def __init__(self, stream, fallback=None):
         self.stream, self.fallback, self.gone, self.pending = stream, fallback, False, ""
-        if fallback and hasattr(stream, "reconfigure"):
-            stream.reconfigure(line_buffering=True)
+        # what restore() gives back (None: not a stream whose buffering can change, as a StringIO)
+        self.line_buffering = getattr(stream, "line_buffering", None) if hasattr(stream, "reconfigure") else None
+        if fallback and self.line_buffering is False:
+            self.reconfigure(line_buffering=True)
+
+    def restore(self):
+        if self.line_buffering is False:
+            self.reconfigure(line_buffering=False)
+
+    def reconfigure(self, **settings):
+        if not self.gone:
+            try:  # (it flushes what is buffered)
+                self.stream.reconfigure(**settings)
+            except OSError:
+                self.drop()
 
     def write(self, text: str) -> int:
         if not self.gone:
@@ -80,6 +93,8 @@ class OutputWithoutReader:
                 if "\n" in text or "\r" in text:  # line-buffered: all of it is written through
                     self.pending = ""
                 return written
+            except BlockingIOError:  # a non-blocking output, full for now: not gone
+                return len(text)
             except OSError:
                 self.drop()
                 text, self.pending = self.pending, ""
@@ -90,6 +105,8 @@ class OutputWithoutReader:
             try:
                 self.stream.flush()
                 self.pending = ""
+            except BlockingIOError:
+                pass
             except OSError:
                 self.drop()
                 if self.fallback:
@@ -111,12 +128,20 @@ class OutputWithoutReader:
         return getattr(self.stream, name)
 
 
-def outputs_without_reader():
-    """Wraps sys.stdout and sys.stderr (OutputWithoutReader); returns the streams to put back."""
+def outputs_without_reader() -> tuple:
+    """Wraps sys.stdout and sys.stderr (OutputWithoutReader); returns what put_back_outputs needs."""
     streams = sys.stdout, sys.stderr
     sys.stderr = OutputWithoutReader(sys.stderr)
     sys.stdout = OutputWithoutReader(sys.stdout, fallback=sys.stderr)
-    return streams
+    return streams, (sys.stdout, sys.stderr)
+
+
+def put_back_outputs(wrapped: tuple):
+    """sys.stdout and sys.stderr as they were before outputs_without_reader, stdout's buffering too."""
+    streams, wrappers = wrapped
+    for wrapper in wrappers:
+        wrapper.restore()
+    sys.stdout, sys.stderr = streams
 
 
 class StepVote:

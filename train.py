@@ -57,7 +57,7 @@ from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_hos
                      device_clock, emulated_dtype_warning, interrupted, memory_fix, one_line, out_of_memory,
                      peak_flops, pick_device, resolve_compute_dtype, steady_host_memory, wants_compile)
 from shards import DataError
-from stopping import SAVING, SIGNALS, GracefulStop, StepVote, launcher, outputs_without_reader
+from stopping import SAVING, SIGNALS, GracefulStop, StepVote, launcher, outputs_without_reader, put_back_outputs
 from tokenizer import TokenizerError
 
 
@@ -358,7 +358,7 @@ def main(argv=None) -> int:
             signal.signal(sig, signal.default_int_handler)
     children = multiprocessing.active_children()  # a calling program's own: not the loader's to stop
     ranks, device = Ranks(), cfg.training.device
-    streams = outputs_without_reader()
+    outputs = outputs_without_reader()
     try:
         ranks, device = start(cfg, pick_device(cfg.training.device))
         overrides = {o.partition("=")[0]: o for o in args.overrides}  # a key given twice: its last value
@@ -390,7 +390,7 @@ def main(argv=None) -> int:
         stop_loader_workers(started_before=children)
         release_run_directories()
         shutdown()
-        sys.stdout, sys.stderr = streams
+        put_back_outputs(outputs)
 
 
 if __name__ == "__main__":

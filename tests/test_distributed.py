@@ -206,7 +206,7 @@ def test_settings_for_several_processes_are_noted_in_one(capsys):
     assert capsys.readouterr().out == (
         "note: training.distributed=fsdp shards across processes; a single process trains unsharded (launch with "
         "torchrun --nproc_per_node=N to shard)\nnote: training.distributed_timeout_s 60 is not used: one process, no "
-        "other ranks to wait for (it applies under torchrun)\n")
+        "other ranks to wait for\n")
     distributed.start(Config(), torch.device("cpu"))
     assert capsys.readouterr().out == ""
 

@@ -18,7 +18,8 @@ import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, free_port, losses, only_run, run_dirs, write_config
 from distributed import Ranks
-from stopping import SAVING, SIGNALS, GracefulStop, OutputWithoutReader, launcher
+from stopping import (SAVING, SIGNALS, GracefulStop, OutputWithoutReader, launcher, outputs_without_reader,
+                      put_back_outputs)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -168,6 +169,23 @@ def test_output_whose_reader_is_gone_goes_to_stderr_if_it_still_has_one():
     print("stopped by SIGINT after step 3", file=stdout)
     assert stderr.stream.getvalue() == "SIGINT: saving a checkpoint after step 3\nstopped by SIGINT after step 3\n"
     stdout.stream.close()  # (its descriptor: /dev/null now)
+
+    class Full(io.StringIO):  # a non-blocking output that cannot take more just now: not gone
+        def write(self, text):
+            raise BlockingIOError(11, "Resource temporarily unavailable", 0)
+    stdout = OutputWithoutReader(Full(), fallback=stderr)
+    print("step 4", file=stdout, flush=True)
+    assert not stdout.gone and stderr.stream.getvalue().endswith("after step 3\n")
+
+
+def test_the_outputs_are_given_back_as_they_were(monkeypatch):
+    stdout, stderr = io.TextIOWrapper(io.BytesIO()), io.TextIOWrapper(io.BytesIO())
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    outputs = outputs_without_reader()
+    assert isinstance(sys.stdout, OutputWithoutReader) and stdout.line_buffering and not stderr.line_buffering
+    put_back_outputs(outputs)
+    assert (sys.stdout, sys.stderr) == (stdout, stderr) and not stdout.line_buffering
 
 
 def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once_and_its_step_logged(tmp_path, corpus, monkeypatch,
