@@ -84,7 +84,7 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
               if math.isfinite(ckpt.best_val_loss) else "")
     if not result:
         result = "not evaluated yet (stopped before its first evaluation)"
-    elif ckpt.low_precision().get("use_4bit"):  # train.py evaluates the 4-bit model
+    elif evaluated.get("weights_4bit", ckpt.low_precision().get("use_4bit")):  # (older records: the run's setting)
         result += " (of the model with encoder, encoder_v, decoder in 4 bits: low_precision.use_4bit)"
     elif four_bit:
         result += " (of the weights as trained; their 4-bit version here, quantized after training, was not measured)"

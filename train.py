@@ -227,7 +227,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
             with paused(step_log, stop, "the evaluation", device):
                 raw_model.weight_view = qat_view  # use_4bit: the 4-bit model is measured (each step sets its own)
                 raw_model.eval()
-                record = {"step": step, "tokens": progress.tokens, **evaluate(
+                record = {"step": step, "tokens": progress.tokens, "weights_4bit": qat_view is not None, **evaluate(
                     raw_model, val_batches, device, compute, sample_generator, ranks, tokenizer, val_tokens_per_byte)}
                 if progress.measured_anew:  # not comparable with the records before: plot.py breaks the line
                     record["measured_anew"], progress.measured_anew = True, False

@@ -111,6 +111,7 @@ def test_4bit_export_is_the_model_sample_4bit_serves(tmp_path, corpus, capsys, m
     capsys.readouterr()
     assert export.main(["--checkpoint", str(run), "--out", str(out), "--hf", "--4bit"]) == 0
     assert "post-training quantization" not in capsys.readouterr().err  # it was trained for 4 bits
+    assert "at step 2 (of the model with encoder, encoder_v, decoder in 4 bits" in (out / "README.md").read_text()
     tensors = load_file(out / "model.safetensors")
     assert tensors["encoder_4bit"].dtype == torch.uint8 and "encoder" not in tensors
     ckpt = load_checkpoint(run / "checkpoint_2.pt")
@@ -210,6 +211,11 @@ def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp
     assert ("- result: best validation loss 2.5000 nats per token (of the model with encoder, encoder_v, decoder in "
             "4 bits: low_precision.use_4bit)\n") in export.model_card(
         ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
+    metrics = tmp_path / "metrics.jsonl"  # the run's evaluation says what it measured, whatever a resume set since
+    metrics.write_text('{"step": 1, "val_loss": 2.4, "val_bits_per_byte": 3.0, "weights_4bit": false}\n')
+    assert "at step 1\n" in export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False,
+                                              four_bit=False)
+    metrics.unlink()
     config["low_precision"]["use_4bit"] = False  # quantized by the export only: what the loss is of
     assert ("- result: best validation loss 2.5000 nats per token (of the weights as trained; their 4-bit version "
             "here, quantized after training, was not measured)\n") in export.model_card(
