@@ -87,7 +87,7 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
         if training.distributed == "fsdp":
             print("note: training.distributed=fsdp shards across processes; a single process "
                   "trains unsharded (launch with torchrun --nproc_per_node=N to shard)")
-        if training.distributed_timeout_s != type(training)().distributed_timeout_s:
+        if training.distributed_timeout_s != type(training).distributed_timeout_s:  # (its default)
             print(f"note: training.distributed_timeout_s {training.distributed_timeout_s} is not used: one process, "
                   f"no other ranks to wait for")
         return Ranks(), device
