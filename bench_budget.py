@@ -27,8 +27,8 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from config import add_config_arguments, load_config
 from config_file import parse_arguments
 from corpus import text_files_to_parquet
-from files import check_outputs, read_records
-from rundir import checkpoints_in
+from files import check_outputs
+from rundir import checkpoints_in, train_in
 from runtime import first_line
 from tokenizer import tokenizer_from_string
 
@@ -37,22 +37,12 @@ CALIBRATION_STEPS = 60  # the per-step time is measured over the second half: co
 CURVE_POINTS = 8
 
 
-def run_train(config, overrides, workdir: Path) -> tuple[Path, list]:
-    """train.py with these overrides in workdir; (its run directory, its metrics.jsonl records)."""
-    checkpoint_dir = workdir / "checkpoints"
-    cmd = [sys.executable, TRAIN, "--config", config, *overrides, f"training.checkpoint_dir={checkpoint_dir}"]
-    print("$", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    [run] = checkpoint_dir.glob("run_*")  # (W&B, when on, writes its wandb/ beside it)
-    return run, read_records(run / "metrics.jsonl")[0]
-
-
 def calibrate(config, overrides, workdir: Path) -> tuple[float, float]:
     """(start-up seconds of the training loop, seconds per step after it)."""
     steps = CALIBRATION_STEPS
-    _, records = run_train(config, [*overrides, f"training.max_iters={steps}", f"training.log_freq={steps // 6}",
-                                    f"training.test_freq={steps}", f"training.checkpoint_freq={steps}",
-                                    "training.warmup_iters=1"], workdir)
+    _, records = train_in(workdir, ["--config", config, *overrides, f"training.max_iters={steps}",
+                                    f"training.log_freq={steps // 6}", f"training.test_freq={steps}",
+                                    f"training.checkpoint_freq={steps}", "training.warmup_iters=1"], (TRAIN,))
     elapsed = {r["step"]: r["elapsed_s"] for r in records if "elapsed_s" in r}
     per_step = (elapsed[steps] - elapsed[steps // 2]) / (steps - steps // 2)
     return elapsed[steps] - steps * per_step, per_step
@@ -88,8 +78,9 @@ def run_variant(config, overrides, seconds, data: Path, heldout: str, workdir: P
         startup, per_step = None, None
         max_iters = load_config(argparse.Namespace(config=config, overrides=common)).training.max_iters
     every = max(1, max_iters // CURVE_POINTS)
-    run, records = run_train(config, [*common, f"training.max_iters={max_iters}", f"training.checkpoint_freq={every}",
-                                      f"training.test_freq={max_iters}", f"training.log_freq={every}"], workdir / "run")
+    run, records = train_in(workdir / "run", ["--config", config, *common, f"training.max_iters={max_iters}",
+                                              f"training.checkpoint_freq={every}", f"training.test_freq={max_iters}",
+                                              f"training.log_freq={every}"], (TRAIN,))
     elapsed = {r["step"]: r["elapsed_s"] for r in records if "elapsed_s" in r}
     curve = [(elapsed[load_checkpoint(path).step], heldout_loss(path, heldout)) for path in checkpoints_in(run)]
     ckpt = load_checkpoint(checkpoints_in(run)[-1])

@@ -41,10 +41,10 @@ from config_file import parse_arguments
 from data import validation_batches
 from distributed import Ranks
 from evaluation import validation_loss
-from files import check_outputs, read_records
+from files import check_outputs
 from lowbit import to_4bit
 from model import BDH
-from rundir import checkpoints_in
+from rundir import checkpoints_in, train_in
 from runtime import autocast, pick_device
 from shards import list_units
 from tokenizer import load_tokenizer
@@ -126,20 +126,14 @@ def launch(argv):
 
 def train_variant(config_path, overrides, variant, workdir, log_freq) -> dict:
     extra, optimizer = variant if isinstance(variant, tuple) else (variant, None)
-    checkpoint_dir = Path(workdir) / "checkpoints"
-    arguments = ["--config", config_path, *overrides, *extra, f"training.checkpoint_dir={checkpoint_dir}",
-                 "training.keep_last_n=1"]
-    print("$", " ".join(["train.py", *arguments]), f"(optimizer: {json.dumps(optimizer)})" if optimizer else "",
-          flush=True)
+    arguments = ["--config", config_path, *overrides, *extra, "training.keep_last_n=1"]
     launcher = ["-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import bench_precision; "
                       f"bench_precision.launch(sys.argv[1:])", json.dumps(optimizer)]
     start = time.perf_counter()
-    subprocess.run([sys.executable, *(launcher if optimizer else [str(REPO / "train.py")]), *arguments], check=True,
-                   stdout=subprocess.DEVNULL)
+    run, records = train_in(workdir, arguments, launcher if optimizer else [str(REPO / "train.py")],
+                            f"(optimizer: {json.dumps(optimizer)})" if optimizer else "")
     wall_s = time.perf_counter() - start
     print(f"  {wall_s:.0f} s, start-up, compilation and evaluation included", flush=True)
-    [run] = checkpoint_dir.glob("run_*")  # (W&B, when on, writes its wandb/ beside it)
-    records = read_records(run / "metrics.jsonl")[0]
     # full log intervals only (train.py also logs its first steps), and not the first: it holds warm-up
     logged = [r for r in records if "ms_per_step" in r and r["step"] % log_freq == 0][1:]
     return {"run": run, "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1], "wall_s": wall_s,

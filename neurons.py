@@ -108,6 +108,9 @@ def main(argv=None) -> int:
             parser.error(f"{option} must be at least 1, got {value}")
     try:
         out = picture_path(args.out)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
         model, saved_tokenizer, _, origin = load_model(args.checkpoint, args.checkpoint_dir, "--checkpoint")
         tokenizer = tokenizer_from_string(saved_tokenizer)
     except (CheckpointError, TokenizerError, ValueError) as e:

@@ -130,7 +130,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="curves.png", help="the picture to write (default curves.png)")
     args = parse_arguments(parser, argv)
     try:
-        plot(args.runs, picture_path(args.out))
+        out = picture_path(args.out)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        plot(args.runs, out)
     except (PlotError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

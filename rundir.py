@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,7 +19,7 @@ import torch
 
 from checkpoint import (Checkpoint, CheckpointError, is_export, load_checkpoint, load_export, model_from_checkpoint,
                         low_precision_of, saved_step)
-from files import atomic_write, left_by_a_dead_process, relative_to_here
+from files import atomic_write, left_by_a_dead_process, read_records, relative_to_here
 from model import BDH
 from runtime import first_line, tensor_bytes
 
@@ -35,6 +36,18 @@ def checkpoints_in(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary files are never matched)."""
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def train_in(workdir: Path, arguments: list, python_args=("train.py",), note="") -> tuple[Path, list[dict]]:
+    """For the benchmark scripts: prints and runs `python *python_args *arguments` (train.py, or a
+    -c line that starts it) with its checkpoints in workdir/checkpoints; (its run directory, its
+    metrics.jsonl records)."""
+    checkpoint_dir = Path(workdir) / "checkpoints"
+    arguments = [*arguments, f"training.checkpoint_dir={checkpoint_dir}"]
+    print("$ train.py", " ".join(map(str, arguments)), note, flush=True)
+    subprocess.run([sys.executable, *python_args, *arguments], check=True, stdout=subprocess.DEVNULL)
+    [run] = checkpoint_dir.glob("run_*")  # (W&B, when on, writes its wandb/ beside it)
+    return run, read_records(run / "metrics.jsonl")[0]
 
 
 def resumable_in(run_dir: Path) -> list[Path]:

@@ -90,3 +90,11 @@ def test_a_prompt_that_is_not_utf8_is_read_with_its_invalid_bytes_replaced(small
     printed = capsys.readouterr()
     assert "\n5 tokens," in printed.out  # a, U+FFFD's 3 bytes, b
     assert printed.err == "note: --prompt is not valid UTF-8 (byte 1: b'\\xff'): its invalid bytes become U+FFFD\n"
+
+
+def test_an_out_that_cannot_be_a_picture_is_a_usage_error_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(neurons, "load_model", lambda *args: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as stop:
+        neurons.main(["--prompt", "abc", "--out", str(tmp_path / "neurons.txt")])
+    assert stop.value.code == 2
+    assert f"error: --out {tmp_path / 'neurons.txt'}: give a file name ending in .png (or" in capsys.readouterr().err

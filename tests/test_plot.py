@@ -1,6 +1,8 @@
 """plot.py: curves of one or several runs from metrics.jsonl."""
 from pathlib import Path
 
+import pytest
+
 import plot
 import train
 from conftest import write_config
@@ -37,9 +39,11 @@ def test_out_is_checked_first_and_damaged_records_are_skipped(tmp_path, corpus, 
                          (tmp_path, "is a folder; give a file name"),
                          (tmp_path / "taken" / "curves.png", "cannot make its folder"),
                          *[("/proc/curves.png", "cannot write it (")] * Path("/proc/self").is_dir()):
-        assert plot.main([str(run), "--out", str(out)]) == 1
+        with pytest.raises(SystemExit) as usage_error:
+            plot.main([str(run), "--out", str(out)])
+        assert usage_error.value.code == 2
         err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1
+        assert f": error: --out {out}: " in err and message in err
     assert not (tmp_path / "curves").exists() and not (tmp_path / "curves.png").exists()
     out = tmp_path / "new" / "folder" / "curves.svg"  # a folder that does not exist yet; another format
     assert plot.main([str(run / "metrics.jsonl"), "--out", str(out)]) == 0  # the file itself is accepted too

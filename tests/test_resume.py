@@ -209,89 +209,6 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, corpus, bpe_file, capsy
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_changing_the_data_order_on_resume_warns(tmp_path, corpus, capsys):
-    config = write_config(tmp_path, corpus, max_iters=2)
-    assert train.main(["--config", str(config)]) == 0
-    capsys.readouterr()
-    assert train.main(["--config", str(config), "training.resume_from_checkpoint=latest",
-                       "training.max_iters=3", "training.block_size=8"]) == 0
-    out = capsys.readouterr().out
-    assert "WARNING: the data order changes" in out and "training.block_size: 16 -> 8" in out
-
-
-def test_fewer_loader_workers_on_resume_read_the_rest_of_the_epoch(tmp_path, corpus, capsys):
-    """2 workers for 20 steps, then one process without workers: it reads on the units that neither
-    worker had finished (from the parts they were in), not a new shuffle of all of them."""
-    config = write_config(tmp_path, corpus, max_iters=20, checkpoint_freq=20, test_freq=100, keep_last_n=0)
-    assert train.main(["--config", str(config), "dataloader.num_workers=2"]) == 0
-    capsys.readouterr()
-    assert train.main(["--config", str(config), "training.resume_from_checkpoint=latest", "training.max_iters=24",
-                       "training.checkpoint_freq=24", "dataloader.num_workers=0"]) == 0
-    out = capsys.readouterr().out
-    assert "dataloader.num_workers (effective): 2 -> 0" in out
-    left, n_units = map(int, re.search(r"the (\d+) of (\d+) \(file, row group\) units that epoch 0 has not "
-                                       r"finished are dealt anew to 1 reader,", out).groups())
-    read_twice = float(re.search(r"the parts being read start again, so about [\d.,]+ [KM]B \(([\d.]+)% of the epoch\) "
-                                 r"is read twice\n", out)[1])
-    assert 0 < read_twice < 100 * 2 / n_units  # at most the two units the workers were in
-    run = only_run(tmp_path / "ck")
-    before = load_checkpoint(run / "checkpoint_20.pt").data_positions
-    [after] = load_checkpoint(run / "checkpoint_24.pt").data_positions
-    assert n_units - left == sum(p["unit"] for p in before) > 0  # the units the two workers had finished
-    assert after["epoch"] == 0 and len(after["units"]) == left
-    assert sorted(part for _, part in after["units"] if part) == sorted(p["part"] for p in before if p["part"])
-
-
-def test_another_batch_size_continues_the_same_windows(tmp_path, corpus, capsys):
-    """Batches of 4, 4, then 2, 2 read the windows that batches of 4, 4, 4 read."""
-    for name, steps in (("resumed", 2), ("straight", 3)):
-        config = write_config(tmp_path, corpus, f"{name}.yaml", checkpoint_dir=str(tmp_path / name), max_iters=steps,
-                              checkpoint_freq=1, test_freq=100)
-        assert train.main(["--config", str(config)]) == 0
-    capsys.readouterr()
-    assert train.main(["--config", str(tmp_path / "resumed.yaml"), "training.resume_from_checkpoint=latest",
-                       "training.max_iters=4", "training.batch_size=2"]) == 0
-    out = capsys.readouterr().out
-    assert "data order" not in out and "WARNING: the validation batches change" in out  # the first 2 x 4, now 2 x 2
-    resumed = load_checkpoint(only_run(tmp_path / "resumed") / "checkpoint_4.pt")
-    straight = load_checkpoint(only_run(tmp_path / "straight") / "checkpoint_3.pt")
-    assert resumed.data_positions == straight.data_positions and resumed.tokens == straight.tokens
-
-
-def test_a_second_resume_after_a_changed_data_order_continues_exactly(tmp_path, corpus, capsys):
-    """A resume that changes the block size deals the rest of the epoch to the readers anew. A
-    checkpoint written before one of them handed over a batch (here: one step, two workers) must
-    still start it there, as the same run without that checkpoint does."""
-    common = dict(max_iters=2, checkpoint_freq=1, test_freq=100, keep_last_n=0)
-    workers = "dataloader.num_workers=2"
-    for name in ("once", "twice"):
-        config = write_config(tmp_path, corpus, f"{name}.yaml", checkpoint_dir=str(tmp_path / name), **common)
-        assert train.main(["--config", str(config), workers]) == 0
-    smaller = ["training.block_size=8", "training.max_iters=5", workers]
-    for name in ("once", "twice"):
-        assert train.main(["--config", str(tmp_path / f"{name}.yaml"), *smaller,
-                           "training.resume_from_checkpoint=latest"]) == 0
-    capsys.readouterr()
-    step_3 = only_run(tmp_path / "twice") / "checkpoint_3.pt"  # one step after the change
-    assert train.main(["--config", str(tmp_path / "twice.yaml"), *smaller,
-                       f"training.resume_from_checkpoint={step_3}"]) == 0
-    assert "WARNING" not in capsys.readouterr().out
-    once, twice = (load_checkpoint(only_run(tmp_path / name) / "checkpoint_5.pt") for name in ("once", "twice"))
-    assert sorted(p["epoch"] for p in twice.data_positions) == [0, 0] and all("units" in p for p in twice.data_positions)
-    assert once.data_positions == twice.data_positions
-    assert all(torch.equal(once.model[k], twice.model[k]) for k in once.model)
-
-
-def test_the_same_folder_written_another_way_is_the_same_data(tmp_path, corpus, capsys):
-    path = write_config(tmp_path, corpus, max_iters=2)
-    assert train.main(["--config", str(path)]) == 0
-    capsys.readouterr()
-    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3",
-                       f"dataset.parquet_dir={corpus}/"]) == 0
-    out = capsys.readouterr().out
-    assert "resuming from" in out and "WARNING" not in out
-
-
 def test_the_validation_batches_decide_whether_validation_changed(tmp_path, corpus, capsys):
     held_out = make_corpus(tmp_path / "held_out", n_files=1, docs_per_file=12, rows_per_group=4, doc_len=60)
     path = write_config(tmp_path, corpus, max_iters=2, dataset={"val_parquet_dir": str(held_out)})
@@ -381,23 +298,6 @@ def test_a_resume_may_switch_to_float16(tmp_path, corpus):
     [run] = run_dirs(tmp_path)
     assert not load_checkpoint(run / "checkpoint_2.pt").scaler
     assert load_checkpoint(run / "checkpoint_3.pt").scaler["scale"] > 0  # a fresh scaler, kept from here on
-
-
-def test_shards_changed_in_the_same_folder_change_the_data_order(tmp_path, corpus, capsys):
-    path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2)
-    assert train.main(["--config", str(path)]) == 0
-    (corpus / "shard-0.parquet").unlink()  # where the validation batches came from (file order)
-    capsys.readouterr()
-    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3"]) == 0
-    out = capsys.readouterr().out
-    assert "WARNING: the data order changes on this resume (the shards: 3 files, 15 row groups, 120 rows, " in out
-    assert " -> 2 files, 10 row groups, 80 rows, " in out
-    assert (f"WARNING: the validation documents change on this resume (dataset.parquet_dir {str(corpus)!r}: its "
-            f"shards changed): losses from here on are not comparable") in out
-    # the new data starts a fresh epoch: the one left counts for what was read of it, not as a whole pass
-    [run] = run_dirs(tmp_path)
-    epochs = [r["epochs"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "epochs" in r]
-    assert len(epochs) == 3 and 0 < epochs[1] < epochs[2] < epochs[1] + 0.2
 
 
 def test_a_resume_that_changes_the_validation_documents_says_so():
