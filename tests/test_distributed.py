@@ -109,11 +109,14 @@ def test_resume_of_a_two_process_run_is_exact(tmp_path, corpus):
     common = ["dataloader.num_workers=1", "training.gradient_accumulation_steps=2",
               "low_precision.use_4bit_optimizer=true", "low_precision.use_4bit=true",
               "low_precision.qat_start_fraction=0.5"]  # they work under DDP; QAT from step 4
-    two_ranks(config, *common)
+    auto = "training.resume_from_checkpoint=auto"  # the ranks agree on whether a run is there to resume
+    assert two_ranks(config, *common, auto).count("auto: no run with a checkpoint in") == 1
     run = the_run(tmp_path / "ck")
     straight = load_checkpoint(run / "checkpoint_6.pt")
     straight_train, straight_val = train_losses(run)
-    out = two_ranks(config, *common, f"training.resume_from_checkpoint={run / 'checkpoint_3.pt'}")
+    for newer in ("checkpoint_6.pt", "best.pt"):  # (best.pt: step 6 too) the latest is now checkpoint_3.pt
+        (run / newer).unlink()
+    out = two_ranks(config, *common, auto)
     assert out.count("resuming from") == 1 and "at step 4" in out
     assert the_run(tmp_path / "ck") == run
     resumed = load_checkpoint(run / "checkpoint_6.pt")
