@@ -138,15 +138,17 @@ def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
     return bits.view(-1)[:math.prod(shape)].view(shape).bool()
 
 
-def unpack_4bit(codes: torch.Tensor, absmax: torch.Tensor, code_book: torch.Tensor, shape, blocksize: int):
+def unpack_4bit(codes: torch.Tensor, absmax: torch.Tensor, code_book: torch.Tensor, shape, blocksize: int,
+                dtype=torch.float32):
     """Weights stored in 4 bits (an export with --4bit): codes two per byte, the first in the high
     nibble; a float32 scale per block of `blocksize` values; value = code_book[code] x its block's
-    scale. The same arithmetic as bitsandbytes' dequantize_4bit, so the same values. It lives here
-    because the Hugging Face export ships model.py alone (hf/modeling_bdh.py), without bitsandbytes."""
+    scale, computed in float32 (the same arithmetic as bitsandbytes' dequantize_4bit, so the same
+    values) and returned in `dtype`. It lives here because the Hugging Face export ships model.py
+    alone (hf/modeling_bdh.py), without bitsandbytes."""
     numel = math.prod(shape)
     index = torch.stack([codes.view(-1) >> 4, codes.view(-1) & 15], dim=-1).view(-1)[:numel].long()
-    values = nn.functional.pad(code_book[index], (0, (-numel) % blocksize)).view(-1, blocksize)
-    return (values * absmax.float()[:, None]).view(-1)[:numel].view(shape)
+    values = nn.functional.pad(code_book.float()[index], (0, (-numel) % blocksize)).view(-1, blocksize)
+    return (values * absmax.float()[:, None]).view(-1)[:numel].view(shape).to(dtype)
 
 
 class Matmuls:
@@ -182,7 +184,8 @@ def layer_forward(x, encoder, encoder_v, decoder, phases, drop=None, dropout=0.0
 
     `state` (H, B, N, D), for generation: sum_s rope(a_s) x_sᵀ over the positions before this
     chunk. rope(a) @ state is added to y_kv (the earlier positions' part of the attention), then
-    the chunk's own rope(a)ᵀ x is added to the state.
+    the chunk's own rope(a)ᵀ x is added to the state. The state is float32 whatever the weights'
+    dtype: a bfloat16 sum over thousands of positions would drift from the parallel form's.
     `observe(a, b)`, if given, sees the two sparse latents: a (H, B, T, N) and b (H, B*T, N).
     Returns out and what backward needs: a and small tensors."""
     (B, T, D), (H, _, N) = x.shape, encoder.shape
@@ -191,8 +194,8 @@ def layer_forward(x, encoder, encoder_v, decoder, phases, drop=None, dropout=0.0
     scores = causal_scores(r)  # (H, B, T, T)
     y_kv = scores @ x
     if state is not None:
-        y_kv += r @ state
-        state += r.transpose(-1, -2) @ x
+        y_kv += (r.to(state.dtype) @ state).to(y_kv.dtype)
+        state += r.transpose(-1, -2).to(state.dtype) @ x.to(state.dtype)
     b = matmuls.product(layer_norm(y_kv).view(H, B * T, D), encoder_v).relu_()
     if observe is not None:
         observe(a, b)
@@ -396,8 +399,7 @@ class BDH(nn.Module):
         if T == 0:
             raise ValueError("generation needs at least one prompt token (sample.py starts an empty prompt with the "
                              "document separator)")
-        states = [torch.zeros(config.n_head, B, config.n_latent, config.n_embd, device=idx.device,
-                              dtype=self.encoder.dtype) for _ in range(config.n_layer)]
+        states = empty_states(config, B, idx.device)
         weights = self.layer_weights()  # 4-bit modes: quantized or dequantized once per call
         for t0 in range(0, T, prompt_chunk):
             h = recurrent_forward(self, idx[:, t0:t0 + prompt_chunk], states, t0, weights)
@@ -406,6 +408,13 @@ class BDH(nn.Module):
             yield token
             if t + 1 < T + max_new_tokens:
                 h = recurrent_forward(self, token, states, t, weights)
+
+
+def empty_states(config: BDHConfig, batch: int, device) -> list:
+    """Each layer's generation state (H, B, N, D) before the first position: float32 whatever the
+    weights' dtype (layer_forward)."""
+    return [torch.zeros(config.n_head, batch, config.n_latent, config.n_embd, device=device)
+            for _ in range(config.n_layer)]
 
 
 def recurrent_forward(model, tokens: torch.Tensor, states: list, t0: int, weights=None) -> torch.Tensor:

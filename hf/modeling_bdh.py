@@ -8,7 +8,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_bdh import BDHConfig
-from .model import LAYER_WEIGHTS, BDH, recurrent_forward, rope_frequencies, unpack_4bit
+from .model import LAYER_WEIGHTS, BDH, empty_states, recurrent_forward, rope_frequencies, unpack_4bit
 from .model import BDHConfig as Shape
 
 
@@ -56,7 +56,8 @@ class BDHForCausalLM(PreTrainedModel, GenerationMixin):
         if not self.config.weights_4bit:
             return self.encoder, self.encoder_v, self.decoder
         return tuple(unpack_4bit(getattr(self, f"{name}_4bit"), getattr(self, f"{name}_absmax"), self.quant_map,
-                                 self.weight_shapes[name], self.config.weights_4bit["blocksize"])
+                                 self.weight_shapes[name], self.config.weights_4bit["blocksize"],
+                                 self.embed.weight.dtype)  # (loaded with torch_dtype=torch.bfloat16: bfloat16)
                      for name in LAYER_WEIGHTS)
 
     def forward(self, input_ids, past_key_values=None, labels=None, use_cache=None, attention_mask=None, **kwargs):
@@ -64,9 +65,7 @@ class BDHForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("BDH has no padding mask: give prompts of equal length (or one at a time)")
         cache = past_key_values
         if cache is None:
-            B, dtype = input_ids.size(0), self.embed.weight.dtype
-            cache = BDHState([torch.zeros(self.shape.n_head, B, self.shape.n_latent, self.shape.n_embd,
-                                          device=input_ids.device, dtype=dtype) for _ in range(self.shape.n_layer)])
+            cache = BDHState(empty_states(self.shape, input_ids.size(0), input_ids.device))
         hidden = recurrent_forward(self, input_ids, cache.states, cache.seen, self.layer_weights())
         cache.seen += input_ids.size(1)
         logits = hidden @ self.lm_head

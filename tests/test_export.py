@@ -141,6 +141,14 @@ def test_4bit_export_is_the_model_sample_4bit_serves(tmp_path, corpus, capsys, m
     out, err = capsys.readouterr()
     assert tokenizer.decode(ids[0]) == out.rstrip("\n")
     assert "4-bit weights (nf4" in err and "post-training" not in err  # it was trained for 4 bits
+    # loaded in bfloat16, as many load a model: the unpacked weights follow the embedding's dtype
+    from transformers import AutoModelForCausalLM
+    in_bf16 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export4"), trust_remote_code=True,
+                                                   dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        logits, logits_bf16 = model(ids).logits, in_bf16(ids).logits
+    assert logits_bf16.dtype == torch.bfloat16
+    assert (logits_bf16.float() - logits).abs().max() < 0.05 * logits.abs().max()
 
 
 def test_an_export_fine_tunes_with_a_fresh_optimizer(trained, tmp_path, corpus, capsys):

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (PLAIN, BDH, TILE, BDHConfig, LayerStack, layer_forward, layer_norm, rope_angles, rope_frequencies,
-                   rope_phases)
+from model import (PLAIN, BDH, TILE, BDHConfig, LayerStack, empty_states, layer_forward, layer_norm, recurrent_forward,
+                   rope_angles, rope_frequencies, rope_phases)
 from conftest import DEVICES, NEEDS_CUDA
 from reference import reference_forward, reference_generate
 
@@ -225,6 +225,21 @@ def test_recurrent_state_gives_the_parallel_logits(device):
     recurrent = torch.cat(hidden, dim=1) @ model.lm_head
     parallel = model(idx)[0]
     assert torch.allclose(recurrent, parallel, atol=1e-5 * parallel.abs().max().item())
+
+
+@torch.no_grad()
+def test_a_bfloat16_model_keeps_its_generation_state_in_float32():
+    """The state sums over every earlier position: kept in bfloat16, each one-position step of
+    generation would round the sum, which would drift from what a parallel pass adds up."""
+    model, cfg = small_model(std=0.1)
+    model, idx = model.bfloat16(), torch.randint(0, 256, (1, 100))
+    at_once, stepwise = empty_states(cfg, 1, "cpu"), empty_states(cfg, 1, "cpu")
+    recurrent_forward(model, idx, at_once, 0)
+    for t in range(idx.size(1)):
+        recurrent_forward(model, idx[:, t:t + 1], stepwise, t)
+    assert all(state.dtype == torch.float32 for state in stepwise)
+    first = at_once[0]  # the first layer's: the same inputs either way, so only the sums' rounding differs
+    assert (stepwise[0] - first).norm() < 1e-4 * first.norm()
 
 
 @pytest.mark.parametrize("device", DEVICES)
