@@ -15,39 +15,51 @@ from distributed import Ranks
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 SAVING = "the checkpoint"  # GracefulStop.doing while a checkpoint is written: a second signal waits for it
+CLOSING = "closing the logs"  # GracefulStop.doing at the end, the last checkpoint saved (closing may upload to W&B)
+
+
+class StoppedWhileClosing(KeyboardInterrupt):
+    """A second Ctrl-C while the logs close, the last checkpoint saved: its args[0] is the line
+    that would have ended the run (done, or how to resume)."""
 
 
 class GracefulStop:
     """SIGINT/SIGTERM/SIGHUP: finish what runs (`doing`: the step, the evaluation, the checkpoint),
     save a checkpoint, exit 0. In a single process a second Ctrl-C stops at once, except while a
-    checkpoint is written (that would lose it); under torchrun the agent forwards the signal it got
+    checkpoint is written (that would lose it), and says how to resume if the checkpoint is saved; under torchrun the agent forwards the signal it got
     itself, so repeats are expected and ignored (the agent kills the ranks 30 s later anyway). The
     handler says at once that it heard, with os.write: print() could re-enter a print the loop is in.
     A SIGHUP that is ignored (nohup) stays ignored."""
 
     def __init__(self, second_signal_stops: bool, announce: bool):
-        self.signal_name, self.doing = None, "the step"
+        self.signal_name, self.doing, self.last_words = None, "the step", ""
         self.second_signal_stops, self.announce = second_signal_stops, announce
         for sig in SIGNALS:
             if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN):
                 signal.signal(sig, self._handler)
 
+    def closing(self, last_words: str):
+        """The last checkpoint is saved: what is left (the last log line, closing the logs) may be cut
+        short by a second Ctrl-C, which then still says last_words (main catches StoppedWhileClosing)."""
+        self.doing, self.last_words = CLOSING, last_words
+
     def _handler(self, signum, _frame):
-        saving = self.doing == SAVING
+        saving, closing = self.doing == SAVING, self.doing == CLOSING
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
             if self.announce:
                 again = "" if not self.second_signal_stops or saving else (
                     " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else " (a second one stops at once)")
-                then = "stopping" if saving else "saving a checkpoint"
-                say(f"\n{self.signal_name}: finishing {self.doing}, then {then}{again}\n")
+                doing = ("the checkpoint is saved; closing the logs, then stopping" if closing else
+                         f"finishing {self.doing}, then {'stopping' if saving else 'saving a checkpoint'}")
+                say(f"\n{self.signal_name}: {doing}{again}\n")
         elif saving:  # stopping now would lose the checkpoint the first signal asked for, and the records after it
             if self.announce and self.second_signal_stops:
                 say("\nstill saving the checkpoint; the run stops right after it (kill -9 stops at once)\n")
         elif self.second_signal_stops:
             # torch may swallow the KeyboardInterrupt (raised in a finalizer, say): a third one kills
             signal.signal(signum, signal.SIG_DFL)
-            raise KeyboardInterrupt
+            raise StoppedWhileClosing(self.last_words) if closing else KeyboardInterrupt
 
 
 def say(text: str):

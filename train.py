@@ -57,7 +57,8 @@ from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_hos
                      device_clock, emulated_dtype_warning, interrupted, memory_fix, one_line, out_of_memory,
                      peak_flops, pick_device, resolve_compute_dtype, steady_host_memory, wants_compile)
 from shards import DataError
-from stopping import SAVING, SIGNALS, GracefulStop, StepVote, launcher, outputs_without_reader, put_back_outputs
+from stopping import (SAVING, SIGNALS, GracefulStop, StepVote, StoppedWhileClosing, launcher, outputs_without_reader,
+                      put_back_outputs)
 from tokenizer import TokenizerError
 
 
@@ -221,6 +222,11 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         # ---- log
         if step_log.due(step, ends_a_stretch=evaluating or saving or stopping):
             write_step_line(step_log, step, lr, progress)
+        if not ranks.enabled:  # heard while the line was written (under torchrun the vote tells each rank)
+            stopping = stopping or stop.signal_name is not None
+        # a stop saves before anything slow: the evaluation that would have started waits for the resume's next
+        skipped_evaluation = evaluating and stopping and step < training.max_iters
+        evaluating = evaluating and not skipped_evaluation
 
         # ---- evaluate
         if evaluating:
@@ -244,24 +250,25 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
 
         # ---- checkpoint
         if stopping:
-            print(f"{stop.signal_name or 'a signal to another rank'}: saving a checkpoint after step {step}", flush=True)
+            print(f"{stop.signal_name or 'a signal to another rank'}: saving a checkpoint after step {step}"
+                  + (" (without the evaluation due at this step: a stop saves first)" * skipped_evaluation), flush=True)
         if saving or stopping:
             with paused(step_log, stop, SAVING, device):
                 save_step(progress)
             stopping = stopping or ranks.any(stop.signal_name is not None, device)  # heard while saving: that one
         if stopping and step < training.max_iters:  # (at max_iters: done, as planned)
+            stop.closing(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. Resume "
+                         f"with:\n  {launcher(ranks)}{arguments} "
+                         f"{shlex.quote(f'training.resume_from_checkpoint={progress.last_saved.parent}')}")
             if step_log.steps:  # heard while evaluating or saving a step that was not logged: its line now
                 write_step_line(step_log, step, lr, progress)
-            stop_vote.settle()
-            metrics.close()
-            print(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. Resume "
-                  f"with:\n  {launcher(ranks)}{arguments} "
-                  f"{shlex.quote(f'training.resume_from_checkpoint={progress.last_saved.parent}')}")
-            return 0
+            break
+    if not stop.last_words:  # max_iters reached
+        stop.closing(f"done: {progress.step} steps ({step_log.epochs:.2f} passes over the training data) in "
+                     f"{format_duration(time.perf_counter() - step_log.start)}; final checkpoint {progress.last_saved}")
     stop_vote.settle()
     metrics.close()
-    print(f"done: {progress.step} steps ({step_log.epochs:.2f} passes over the training data) in "
-          f"{format_duration(time.perf_counter() - step_log.start)}; final checkpoint {progress.last_saved}")
+    print(stop.last_words)
     return 0
 
 
@@ -369,6 +376,10 @@ def main(argv=None) -> int:
             DistributedError, FP8Error, LowBitError) as e:
         print(f"error{rank_of(ranks)}: {one_line(e)}", file=sys.stderr)
         return 1
+    except StoppedWhileClosing as e:  # the checkpoint is saved: the run ended as asked, its logs cut short
+        print(f"\n{e.args[0]}\n(stopped while closing the logs: TensorBoard and W&B may lack the last records; "
+              f"metrics.jsonl has them)")
+        return 0
     except KeyboardInterrupt:
         print(STOPPED_AT_ONCE, file=sys.stderr)
         return 130

@@ -18,8 +18,9 @@ import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, free_port, losses, only_run, run_dirs, write_config
 from distributed import Ranks
-from stopping import (SAVING, SIGNALS, GracefulStop, OutputWithoutReader, launcher, outputs_without_reader,
-                      put_back_outputs)
+from metrics import MetricsLog
+from stopping import (SAVING, SIGNALS, GracefulStop, OutputWithoutReader, StoppedWhileClosing, launcher,
+                      outputs_without_reader, put_back_outputs)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -44,6 +45,44 @@ def test_a_second_ctrl_c_stops_at_once_except_while_a_checkpoint_is_written(rest
     assert capfd.readouterr().err == ("\nSIGINT: finishing the checkpoint, then stopping\n"
                                       "\nstill saving the checkpoint; the run stops right after it (kill -9 stops at "
                                       "once)\n")
+
+
+def test_once_the_last_checkpoint_is_saved_a_second_ctrl_c_stops_at_once_and_still_says_how_to_resume(
+        restore_handlers, capfd):
+    stop = GracefulStop(second_signal_stops=True, announce=True)
+    stop.closing("stopped by SIGINT after step 2. Resume with: ...")
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(StoppedWhileClosing, match=r"^stopped by SIGINT after step 2\. Resume with: \.\.\.$"):
+        os.kill(os.getpid(), signal.SIGINT)
+    assert capfd.readouterr().err == ("\nSIGINT: the checkpoint is saved; closing the logs, then stopping (Ctrl-C "
+                                      "again to stop at once)\n")
+
+
+def test_a_stop_saves_before_the_evaluation_due_and_a_second_ctrl_c_while_the_logs_close_loses_nothing(
+        tmp_path, corpus, monkeypatch, capfd, restore_handlers):
+    path = write_config(tmp_path, corpus, max_iters=100, test_freq=3, checkpoint_freq=100, log_freq=1)
+    real_write_step_line, real_close = train.write_step_line, MetricsLog.close
+
+    def write_step_line(step_log, step, *args):  # Ctrl-C while step 3's line is written
+        real_write_step_line(step_log, step, *args)
+        if step == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    def close(self):  # an impatient second Ctrl-C while the logs close (W&B uploading, say)
+        signal.raise_signal(signal.SIGINT)
+        real_close(self)
+    monkeypatch.setattr(train, "write_step_line", write_step_line)
+    monkeypatch.setattr(MetricsLog, "close", close)
+    monkeypatch.setattr(train, "evaluate", lambda *args: pytest.fail("evaluated before saving"))
+    assert train.main(["--config", str(path)]) == 0
+    out, err = capfd.readouterr()
+    assert "SIGINT: saving a checkpoint after step 3 (without the evaluation due at this step: a stop saves first)\n" in out
+    assert "\nstopped by SIGINT after step 3. Resume with:\n  " in out
+    assert out.endswith("\n(stopped while closing the logs: TensorBoard and W&B may lack the last records; "
+                        "metrics.jsonl has them)\n")
+    assert "interrupted" not in err and "without saving" not in err
+    run = only_run(tmp_path / "ck")
+    assert [p.name for p in run.glob("checkpoint_*.pt")] == ["checkpoint_3.pt"] and list(losses(run)) == [1, 2, 3]
 
 
 def test_a_sighup_that_nohup_ignores_stays_ignored(restore_handlers):
@@ -107,11 +146,14 @@ def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, co
     path = write_config(tmp_path, corpus, max_iters=100000, checkpoint_freq=100000, test_freq=100000, log_freq=1000)
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(path), "model.dropout=0.1",
                              "model.dropout=0.0"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    read = []
     for line in proc.stdout:
+        read.append(line)
         if line.startswith("step 2/"):
             proc.send_signal(signal.SIGTERM)
             break
     out, err = proc.communicate(timeout=60)
+    out = "".join(read) + out
     assert proc.returncode == 0, err
     [run] = run_dirs(tmp_path)
     [ckpt] = run.glob("checkpoint_*.pt")
@@ -228,8 +270,9 @@ def test_ctrl_c_while_saving_stops_after_the_checkpoint_even_twice(tmp_path, cor
     [run] = run_dirs(tmp_path)
     assert [p.name for p in run.glob("checkpoint_*.pt")] == [f"checkpoint_{step}.pt"]
     assert max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()) == step
+    assert step == 2  # (a Ctrl-C while step 2's line is written: not one more step)
     if checkpoint_freq == 2:
-        assert step == 2 and err == "\nSIGINT: finishing the checkpoint, then stopping\n"
+        assert err == "\nSIGINT: finishing the checkpoint, then stopping\n"
     else:
         assert err == ("\nSIGINT: finishing the step, then saving a checkpoint (Ctrl-C again to stop at once)\n"
                        "\nstill saving the checkpoint; the run stops right after it (kill -9 stops at once)\n")
