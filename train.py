@@ -170,7 +170,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
     def save_step(at: Progress):  # checkpoint_<step>.pt; older ones go
         finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
         if ranks.any(not finite, device):
-            raise non_finite("a weight", at.step, at.last_saved)
+            raise non_finite("a weight", at.step, at.last_saved, training)
         at.last_saved = save_checkpoint(at)
         run.prune(training.keep_last_n)
         metrics.flush()  # the first checkpoint creates the run directory: what waited is written now
@@ -305,7 +305,8 @@ def write_step_line(step_log: StepLog, step: int, lr: float, progress: Progress)
     """The log line of the steps since the last one, refused if their loss is not finite."""
     record = step_log.measure(step, lr, progress.tokens, progress.positions.values())
     if not math.isfinite(record["train_loss"]):
-        raise non_finite("the training loss", step, progress.last_saved, float16=step_log.loss_scaled)
+        raise non_finite("the training loss", step, progress.last_saved, step_log.cfg.training,
+                         float16=step_log.loss_scaled)
     step_log.write(record)
 
 
@@ -332,13 +333,15 @@ def stop_for_data(e: DataError, step: int, before: Progress, rng_before: dict | 
     return DataError(f"{one_line(e)} (at step {step}; {where}){also}")
 
 
-def non_finite(what: str, step: int, last_saved, float16: bool = False) -> TrainingError:
+def non_finite(what: str, step: int, last_saved, training, float16: bool = False) -> TrainingError:
     where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
+    clip = (f"training.grad_clip (now {training.grad_clip})" if training.grad_clip else
+            "set training.grad_clip (e.g. 1.0)")
     # no softmax bounds BDH's attention: its sums over the context can pass float16's 65,504
     overflow = ("; in float16, activations past 65,504 overflow: compute_dtype bfloat16 (Ampere and newer GPUs) or "
                 "float32 has the range" if float16 else "")
     return TrainingError(f"{what} is not finite at step {step} (nothing saved; {where}): lower "
-                         f"training.learning_rate, set training.grad_clip, or use "
+                         f"training.learning_rate (now {training.learning_rate}) or {clip}, or use "
                          f"training.debug=true to find the operation{overflow}")
 
 

@@ -119,6 +119,7 @@ def test_non_finite_loss_stops_without_saving_a_nan_model(tmp_path, corpus, monk
     assert train.main(["--config", str(path)]) == 1
     err = capsys.readouterr().err
     assert "not finite at step 4" in err and "checkpoint_2.pt" in err and "float16" not in err
+    assert "lower training.learning_rate (now 0.01) or training.grad_clip (now 1.0), or use training.debug" in err
     [run] = run_dirs(tmp_path)
     assert [p.name for p in run.glob("checkpoint_*.pt")] == ["checkpoint_2.pt"]
     monkeypatch.setattr(train, "learning_rate", lambda step, t: float("inf") if step == 1 else real(step, t))
