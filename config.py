@@ -309,6 +309,7 @@ def add_config_arguments(parser, default: str = "config.yaml"):
     parser.add_argument("--config", default=default, action=OneConfigFile, help=f"YAML config (default {default})")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override any config field, e.g. training.batch_size=16")
+    parser.setting_paths = all_paths()  # parse_arguments: --max_iters 10 is training.max_iters=10
 
 
 class OneConfigFile(argparse.Action):

@@ -87,6 +87,8 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
                            f"delete it"]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
+        if getattr(e, "context", None) == "while scanning a simple key":  # `key value`: found a line later
+            mark = e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
@@ -145,6 +147,8 @@ def apply_override(raw: dict, item: str, paths: list[str], nullable=()) -> list[
         key, _, value = item.partition("=")
         if "=" in item and (meant := [path for path in paths if path.split(".")[1] == key]):
             return [f"{item}: an override must look like section.key=value; did you mean {meant[0]}={value}?"]
+        if "=" in item and key in EPOCHS:
+            return [f"{item}: an override must look like section.key=value{suggest(key, paths, ())}"]
         return [f"{item}: an override must look like section.key=value "
                 f"(for example training.batch_size=16)"]
     path, text = item.split("=", 1)
@@ -181,6 +185,8 @@ def typed_section(name: str, section_cls, values: dict, all_paths: list[str]):
             if expected.startswith("str") and isinstance(value, (int, float, bool)):
                 quote = (f"; YAML reads an unquoted yes, no, on, off, true, false or number as one: put the text in "
                          f"quotes (`{key}: \"...\"` in the file, '{path}=\"...\"' on the command line)")
+            elif expected in ("int", "float") and isinstance(value, str) and check_type(_number(value), hints[key])[0]:
+                quote = f"; a number in quotes is text: write it without them (`{key}: {value.strip()}`)"
             elif expected.startswith("str") and value is None:
                 quote = f"; YAML reads an empty value or a bare ~ as none: give a value, in quotes if it is ~ (`{key}: \"~\"`)"
             got = f"{type(value).__name__} {value!r}" if value is not None else "no value"
@@ -201,6 +207,15 @@ def suggest(name: str, candidates: list[str], known) -> str:
     match = moved or ([ALIASES[key]] if key in ALIASES else []) or difflib.get_close_matches(name, candidates, n=1,
                                                                                               cutoff=0.6)
     return f"; did you mean {match[0]}?" if match else f"; known: {', '.join(known)}"
+
+
+def _number(text: str):
+    """`text` as YAML reads a number, or None."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def check_type(value, hint):
@@ -230,16 +245,21 @@ def check_type(value, hint):
 
 def parse_arguments(parser, argv=None):
     """parser.parse_args(argv), naming the option a misspelled one means (--tempreature:
-    --temperature), and telling an override written as an option (--training.seed=3) how to write it."""
+    --temperature), and telling an override written as an option (--training.seed=3, or nanoGPT's
+    --max_iters 10 where the parser takes overrides: config.add_config_arguments) how to write it."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # overrides on both sides of an option; after `--` every word is positional, which only the plain parser keeps
     args, unknown = (parser.parse_known_args if "--" in argv else parser.parse_known_intermixed_args)(argv)
     options = [option for action in parser._actions for option in action.option_strings]
+    settings = getattr(parser, "setting_paths", ())
     for item in unknown:
-        name = item.split("=", 1)[0]
+        name, equals, value = item.partition("=")
+        following = argv[argv.index(item) + 1:argv.index(item) + 2]  # `--max_iters 10`: its value is the next word
+        value = value if equals else following[0] if following and not following[0].startswith("-") else "VALUE"
         if item.startswith("--") and "." in name:
-            override = item.lstrip("-") if "=" in item else item.lstrip("-") + "=VALUE"
-            parser.error(f"unrecognized argument {item}: an override takes no dashes: {override}")
+            parser.error(f"unrecognized argument {item}: an override takes no dashes: {name.lstrip('-')}={value}")
+        if item.startswith("--") and (paths := [p for p in settings if p.split(".")[1] == name[2:].replace("-", "_")]):
+            parser.error(f"unrecognized argument {item}: settings are given as section.key=value: {paths[0]}={value}")
         if item.startswith("-") and (match := difflib.get_close_matches(name.replace("_", "-"), options, n=1)):
             parser.error(f"unrecognized argument {item}: did you mean {match[0]}?")
     if unknown:

@@ -131,7 +131,7 @@ class ParquetBatches(IterableDataset):
             return (f"reader {reader} of {n_readers}: none of the {documents['all']:,} document{plural} of its (file, "
                     f"row group) units went to training (each goes to validation with probability dataset.val_fraction "
                     f"{self.val_fraction}); cut the text into more documents (python prepare.py --from-text ... "
-                    f"--chunk-bytes 1024), lower dataset.val_fraction, or set dataset.val_parquet_dir")
+                    f"with a smaller --chunk-bytes), lower dataset.val_fraction, or set dataset.val_parquet_dir")
         readers = ("" if n_readers == 1 else " for this many readers (processes x workers); lower "
                    "dataloader.num_workers, the number of processes,")
         return (f"reader {reader} of {n_readers} got no complete batch of {self.batch_size} x {self.block_size + 1} "
@@ -291,7 +291,8 @@ def validation_batches(cfg, units, tokenizer) -> list:
             fraction = "" if documents == 1 else " raise dataset.val_fraction,"
             raise DataError(f"{folder}: none of its {documents:,} document{'s' * (documents != 1)} went to validation "
                             f"(each goes with probability dataset.val_fraction {dataset_cfg.val_fraction}); cut the "
-                            f"text into more documents (python prepare.py --from-text ... --chunk-bytes 1024),"
+                            f"text into more documents (python prepare.py --from-text ... with a smaller "
+                            f"--chunk-bytes),"
                             f"{fraction} or set dataset.val_parquet_dir")
         what = "holds" if dataset_cfg.val_parquet_dir else f"split (val_fraction {dataset_cfg.val_fraction}) holds"
         more = "add validation documents" if dataset_cfg.val_parquet_dir else "raise dataset.val_fraction, or add documents"

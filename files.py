@@ -83,12 +83,12 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if keep_existing:
             return None
-        if not replace:
-            raise FileExistsError(f"{out_dir}: the folder holds files already; choose another --out, or add "
-                                  f"--replace to replace them")
         others = sorted(p.name for p in out_dir.iterdir()
                         if not written_here(p) and not (p.name in DESKTOP_FILES and p.is_file()))
-        if others:
+        if not replace and not others:
+            raise FileExistsError(f"{out_dir}: the folder holds files already; choose another --out, or add "
+                                  f"--replace to replace them")
+        if others:  # (--replace or not: it would not help)
             raise FileExistsError(f"{out_dir}: --replace replaces only what this command writes, and the folder "
                                   f"also holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}; "
                                   f"move them out or choose another --out")

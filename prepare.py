@@ -27,6 +27,7 @@ from shards import DataError, ParquetFileCache, list_units, read_unit_documents
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
 
 FEW_DOCUMENTS = 100  # fewer: the default val_fraction holds out about 5 documents or fewer
+MIN_TEXT_BYTES = 4096  # less: too few documents of the smallest size suggested (256 bytes) to hold some out
 
 
 def check_can_write_file(out: str, replace: bool) -> Path:
@@ -154,7 +155,11 @@ def main(argv=None):
             chunk_bytes = DOCUMENT_BYTES if args.chunk_bytes is None else args.chunk_bytes
             n = text_files_to_parquet(args.from_text, args.out, chunk_bytes, replace=args.replace)
             print(f"wrote {n:,} document{'s' * (n != 1)} to {args.out}")
-            if n < FEW_DOCUMENTS:
+            text_bytes = sum(os.path.getsize(f) for f in args.from_text)
+            if text_bytes < MIN_TEXT_BYTES:
+                print(f"note: {text_bytes:,} bytes of text is too little to train on and hold validation documents "
+                      f"out of: give more text (a few hundred KB for a first model)")
+            elif n < FEW_DOCUMENTS:
                 finer = max(256, chunk_bytes * n // FEW_DOCUMENTS) if chunk_bytes else 1024
                 fix = (f"cut the text finer (--chunk-bytes {finer})" if finer < chunk_bytes or not chunk_bytes
                        else "raise dataset.val_fraction (e.g. 0.2)")

@@ -139,21 +139,21 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks) -> RunDir:
     checkpoint lies outside a run directory (a download, a backup: not a run to write into or prune)
     or in one that cannot be written (a read-only mount, another user's run).
     Says that the run resumes once the directory is its own (another process may be training in it)."""
-    announce = f"resuming from {path} at step {ckpt.step + 1}"
+    nothing_to_do = ckpt.step >= cfg.training.max_iters  # train() says so: nothing to move or record either
+    announce = "" if nothing_to_do else f"resuming from {path} at step {ckpt.step + 1}\n"
     not_a_run = not (path.parent / "config.yaml").exists()
     if not_a_run or not os.access(path.parent, os.W_OK):
-        print(announce)
+        print(announce, end="")
         progress.best_val_loss = math.inf  # so that the new run directory gets its own best.pt
-        if ckpt.step < cfg.training.max_iters:
+        if not nothing_to_do:
             why = "is not a run directory (no config.yaml)" if not_a_run else "cannot be written"
             print(f"  {path.parent} {why}: the run continues in a new one in {cfg.training.checkpoint_dir}")
         return RunDir(cfg.training.checkpoint_dir, writer=ranks.main)
     run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
-    if ckpt.step >= cfg.training.max_iters:  # nothing to train: nothing to move or record
-        print(announce)
+    if nothing_to_do:
         return run
     run.lock()
-    print(announce)
+    print(announce, end="")
     moved, folder = run.set_aside_after(ckpt.step)
     if moved:  # asked for by name: an older checkpoint; else the later ones could not be read
         what = (f"a new branch from step {ckpt.step}: the abandoned branch's"

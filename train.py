@@ -124,8 +124,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         run, progress, start_positions = resume(cfg, raw_model, optimizer, scaler, tokenizer, units, workers,
                                                 validation, ranks, device)
         if progress.step >= training.max_iters:
-            print(f"nothing to do: the checkpoint is at step {progress.step} and training.max_iters is "
-                  f"{training.max_iters}; raise max_iters to train further")
+            print(f"nothing to do: the checkpoint {progress.last_saved} is at step {progress.step} and "
+                  f"training.max_iters is {training.max_iters}; raise max_iters to train further")
             return 0
     else:  # a new run, whose directory the first checkpoint creates
         run, progress = RunDir(training.checkpoint_dir, writer=ranks.main), Progress()

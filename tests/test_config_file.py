@@ -34,12 +34,15 @@ def test_key_in_the_wrong_section_points_to_the_right_one():
 
 
 @pytest.mark.parametrize("section,key,value,expected", [
-    ("training", "batch_size", "8", "expected int, got str '8'"),
+    ("training", "batch_size", "8", "expected int, got str '8'; a number in quotes is text: write it without them "
+                                    "(`batch_size: 8`)"),
+    ("training", "batch_size", "0.5", "expected int, got str '0.5'"),  # unquoted, still not an int
     ("training", "batch_size", 8.5, "expected int, got float 8.5"),
     ("training", "batch_size", True, "expected int, got bool True"),
     ("training", "max_iters", None, "expected int, got no value"),
     ("training", "learning_rate", "fast", "expected float, got str 'fast'"),
-    ("training", "learning_rate", "0.001", "expected float, got str '0.001'"),
+    ("training", "learning_rate", "0.001", "expected float, got str '0.001'; a number in quotes is text: write it "
+                                           "without them (`learning_rate: 0.001`)"),
     ("training", "debug", "true", "expected bool (true or false), got str 'true'"),
     ("training", "debug", 1, "expected bool (true or false), got int 1"),
     ("dataset", "text_column", True, "expected str, got bool True; YAML reads an unquoted yes, no, on, off, true, "
@@ -77,6 +80,10 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
         Config.from_yaml(path)
     [p] = info.value.problems
     assert p.startswith(f"{path}:3:") and "YAML syntax error" in p and "\n" not in p
+    path.write_text("training:\n  max_iters: 10\n  batch_size 32\n  learning_rate: 0.001\n")  # a ':' forgotten
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(path)
+    assert info.value.problems == [f"{path}:3:3: YAML syntax error: could not find expected ':'"]  # not line 4
 
 
 def test_a_control_character_is_named_with_its_line(tmp_path):
@@ -99,7 +106,8 @@ def test_a_problem_with_a_setting_of_the_file_says_where_it_is(tmp_path):
     path.write_text("training:\n  warmpu_iters: 5\n  batch_size: '8'\nmodel:\n  n_layer: 0\n")
     assert file_problems(path, ["model.n_layer=0"]) == [
         f"{path}:2: training.warmpu_iters: unknown key; did you mean training.warmup_iters?",
-        f"{path}:3: training.batch_size: expected int, got str '8'",
+        f"{path}:3: training.batch_size: expected int, got str '8'; a number in quotes is text: write it without "
+        f"them (`batch_size: 8`)",
         "model.n_layer: must be > 0, got 0"]  # the command line's value: not the file's line
 
 
@@ -212,6 +220,10 @@ def test_a_key_without_its_section_is_given_it():
         "max_iters=5: an override must look like section.key=value; did you mean training.max_iters=5?"]
     assert problems({}, ["no_such=5"]) == [
         "no_such=5: an override must look like section.key=value (for example training.batch_size=16)"]
+    assert problems({}, ["epochs=3"]) == [
+        "epochs=3: an override must look like section.key=value; training has no epochs setting: it runs "
+        "training.max_iters optimizer steps of batch_size x block_size x gradient_accumulation_steps tokens each; set "
+        "training.max_iters"]
 
 
 def test_an_override_split_at_a_space_is_joined_in_the_hint():
@@ -255,11 +267,19 @@ def test_an_override_written_as_an_option_is_told_to_drop_the_dashes(capsys):
     parser = argparse.ArgumentParser(prog="train.py")
     add_config_arguments(parser)
     assert parse_arguments(parser, ["training.seed=3"]).overrides == ["training.seed=3"]
-    for argv, hint in ((["--training.seed=3"], "training.seed=3"), (["--training.seed", "3"], "training.seed=VALUE")):
+    for argv, hint in ((["--training.seed=3"], "training.seed=3"), (["--training.seed", "3"], "training.seed=3"),
+                       (["--training.seed"], "training.seed=VALUE")):
         with pytest.raises(SystemExit):
             parse_arguments(parser, argv)
         assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: an override takes no "
                                                 f"dashes: {hint}\n")
+    # nanoGPT's way (--max_iters 10): the setting of that name, in its section
+    for argv, hint in ((["--max_iters", "10"], "training.max_iters=10"), (["--batch-size=8"], "training.batch_size=8"),
+                       (["--n_layer", "--config", "a.yaml"], "model.n_layer=VALUE")):
+        with pytest.raises(SystemExit):
+            parse_arguments(parser, argv)
+        assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: settings are given as "
+                                                f"section.key=value: {hint}\n")
     with pytest.raises(SystemExit):
         parse_arguments(parser, ["--bogus"])
     assert capsys.readouterr().err.endswith("error: unrecognized arguments: --bogus\n")

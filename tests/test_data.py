@@ -241,7 +241,7 @@ def test_too_little_training_data_is_an_error_not_a_hang(tmp_path):
     ds = batches_of(list_units(tmp_path / "b", "text"), T=16, B=1, val_fraction=0.999999)  # it goes to validation
     with pytest.raises(DataError, match=r"^reader 0 of 1: none of the 1 document of its \(file, row group\) units went "
                                         r"to training .* cut the text into more documents \(python prepare.py "
-                                        r"--from-text ... --chunk-bytes 1024\), lower dataset.val_fraction"):
+                                        r"--from-text ... with a smaller --chunk-bytes\), lower dataset.val_fraction"):
         next(iter(ds))
 
 
@@ -322,11 +322,11 @@ def test_a_column_without_documents_says_so(tmp_path):
     cfg = Config.from_dict({"dataset": {"parquet_dir": str(tmp_path / "f"), "val_fraction": 1e-6}})
     with pytest.raises(DataError, match=r"none of its 3 documents went to validation \(each goes with probability "
                                         r"dataset.val_fraction 1e-06\); cut the text into more documents \(python "
-                                        r"prepare.py --from-text ... --chunk-bytes 1024\), raise dataset.val_fraction,"):
+                                        r"prepare.py --from-text ... with a smaller --chunk-bytes\), raise dataset.val_fraction,"):
         data.validation_batches(cfg, list_units(tmp_path / "f", "text"), BYTES)
     write_parquet(tmp_path / "g" / "a.parquet", ["one small text file, cut into one document " * 50], 4)
     cfg = Config.from_dict({"dataset": {"parquet_dir": str(tmp_path / "g")}, "training": {"seed": 0}})
-    with pytest.raises(DataError, match=r"none of its 1 document went to validation .*--chunk-bytes 1024\), or set "
+    with pytest.raises(DataError, match=r"none of its 1 document went to validation .*--chunk-bytes\), or set "
                                         r"dataset.val_parquet_dir$"):  # a higher val_fraction cannot split 1 document
         data.validation_batches(cfg, list_units(tmp_path / "g", "text"), BYTES)
 

@@ -42,11 +42,14 @@ def test_write_folder_refuses_replaces_or_keeps_a_folder_that_holds_files(tmp_pa
         return into
 
     assert files.write_folder(out, write("one")) == "one"
+    ours = lambda path: path.suffix == ".txt"  # noqa: E731
     with pytest.raises(FileExistsError, match="holds files already.*--replace"):
+        files.write_folder(out, write("two"), written_here=ours)
+    with pytest.raises(FileExistsError, match="--replace replaces only what this command writes, and the folder also "
+                                              "holds a.txt"):  # not ours: --replace would not help, which it says
         files.write_folder(out, write("two"))
     assert files.write_folder(out, write("two"), keep_existing=True) is None
     assert (out / "a.txt").read_text() == "one"
-    ours = lambda path: path.suffix == ".txt"  # noqa: E731
     files.write_folder(out, write("three"), replace=True, written_here=ours)
     assert (out / "a.txt").read_text() == "three" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -65,7 +68,7 @@ def test_write_folder_after_a_replace_killed_between_its_renames_puts_the_old_fo
     old.mkdir()
     (old / "a.txt").write_text("before")
     with pytest.raises(FileExistsError, match="holds files already"):  # the old shards are back, and count
-        files.write_folder(out, lambda folder: folder.mkdir())
+        files.write_folder(out, lambda folder: folder.mkdir(), written_here=lambda path: True)
     assert (out / "a.txt").read_text() == "before" and not old.exists()
     old.mkdir()  # killed after the new folder was in place: the old one goes
     files.write_folder(tmp_path / "other", lambda folder: folder.mkdir())

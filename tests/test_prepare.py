@@ -36,6 +36,10 @@ def test_from_text_says_how_to_cut_a_small_text_into_enough_documents(tmp_path, 
     assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "finer"), "--chunk-bytes", "256"]) == 0
     out = capsys.readouterr().out  # cut as fine as it suggests: then the share held out is the setting to raise
     assert "wrote 23 documents" in out and "about 1.2 of these 23" in out and "raise dataset.val_fraction (e.g. 0.2)" in out
+    notes.write_text("hello world\n")  # no cutting helps: too little text, which it says
+    assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "tiny")]) == 0
+    assert capsys.readouterr().out.endswith("\nnote: 12 bytes of text is too little to train on and hold validation "
+                                            "documents out of: give more text (a few hundred KB for a first model)\n")
 
 
 def test_from_text_names_a_file_that_is_not_utf8(tmp_path, capsys):
@@ -120,9 +124,10 @@ def test_from_text_replace_keeps_an_input_file_in_the_out_folder_and_refuses_emp
     folder = tmp_path / "mydata"
     folder.mkdir()
     (folder / "corpus.txt").write_text("some text\n")
-    assert prepare.main(["--from-text", str(folder / "corpus.txt"), "--out", str(folder), "--replace"]) == 1
-    assert "--replace replaces only what this command writes, and the folder also holds corpus.txt" in \
-        capsys.readouterr().err
+    for replace in ([], ["--replace"]):  # said at once, not after a first try suggests --replace
+        assert prepare.main(["--from-text", str(folder / "corpus.txt"), "--out", str(folder), *replace]) == 1
+        assert "--replace replaces only what this command writes, and the folder also holds corpus.txt" in \
+            capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == ["corpus.txt"]
     (tmp_path / "empty.txt").write_text("")
     assert prepare.main(["--from-text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "out")]) == 1

@@ -103,7 +103,8 @@ def test_a_checkpoint_holds_the_run_and_a_resume_with_nothing_to_do_changes_noth
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=auto",  # latest, as there is one
                        "training.max_iters=2", "training.block_size=8"]) == 0
     out = capsys.readouterr().out  # no warning of what would change, and best.pt stays
-    assert "nothing to do: the checkpoint is at step 2" in out and "WARNING" not in out and "best.pt" not in out
+    assert out.startswith(f"nothing to do: the checkpoint {run / 'checkpoint_2.pt'} is at step 2 and ")  # no "resuming"
+    assert "WARNING" not in out and "best.pt" not in out
     assert sorted(p.name for p in run.glob("*.pt")) == ["best.pt", "checkpoint_2.pt"]
 
 
