@@ -80,10 +80,12 @@ def set_rng_state(state: dict, device):
         getattr(torch, device.type).set_rng_state(state[device.type])
 
 
-def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, validation_batches: str, ranks, device):
+def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, validation_batches: str, ranks, device,
+           command_line=frozenset()):
     """Load the checkpoint of training.resume_from_checkpoint into the model, optimizer and
     scaler; returns (its run directory, Progress, the data stream's start positions).
-    `validation_batches`: the fingerprint of this run's (evaluation.validation_fingerprint)."""
+    `validation_batches`: the fingerprint of this run's (evaluation.validation_fingerprint);
+    `command_line`: the settings the command line gives (check_same_data)."""
     low_precision = cfg.low_precision
     if is_export(cfg.training.resume_from_checkpoint):
         return fine_tune_from_export(cfg, model, tokenizer, ranks)
@@ -91,6 +93,9 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, validation_
     check_same_tokenizer(ckpt.tokenizer, tokenizer, path, ckpt.config.get("dataset", {}).get("tokenizer"),
                          ckpt.model_config, cfg.model)
     check_same_model(ckpt.model_config, cfg.model, path)
+    shards = data_order(cfg, units, workers, ranks.world_size)[SHARDS]  # their fingerprint
+    if continues_in_place(path) and ckpt.step < cfg.training.max_iters:
+        check_same_data(ckpt, cfg.dataset, shards, command_line, path)
     optimizer_state = optimizer_state_for(optimizer, ckpt.optimizer, {p: name for name, p in model.named_parameters()})
     if ckpt.low_precision()["use_4bit_optimizer"] != low_precision.use_4bit_optimizer:
         print(f"converting the checkpoint's optimizer state to "
@@ -121,8 +126,7 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, validation_
         print("validation losses now measure other weights (use_4bit or its code book changed): best.pt starts afresh")
     positions, progress.batches_consumed = resume_point(
         cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
-    if warning := validation_change(ckpt.config, cfg.to_dict(), (ckpt.data_order or {}).get(SHARDS),
-                                    data_order(cfg, units, workers, ranks.world_size)[SHARDS],
+    if warning := validation_change(ckpt.config, cfg.to_dict(), (ckpt.data_order or {}).get(SHARDS), shards,
                                     ckpt.validation_batches, validation_batches):
         print(warning)
         best_afresh = True
@@ -141,8 +145,8 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks) -> RunDir:
     Says that the run resumes once the directory is its own (another process may be training in it)."""
     nothing_to_do = ckpt.step >= cfg.training.max_iters  # train() says so: nothing to move or record either
     announce = "" if nothing_to_do else f"resuming from {path} at step {ckpt.step + 1}\n"
-    not_a_run = not (path.parent / "config.yaml").exists()
-    if not_a_run or not os.access(path.parent, os.W_OK):
+    if not continues_in_place(path):
+        not_a_run = not (path.parent / "config.yaml").exists()
         print(announce, end="")
         progress.best_val_loss = math.inf  # so that the new run directory gets its own best.pt
         if not nothing_to_do:
@@ -163,6 +167,28 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks) -> RunDir:
     for line in run.record_resumed_config(ckpt.step, ckpt.config, cfg.to_dict(), cfg.to_yaml()):
         print(f"  config changed: {line}")
     return run
+
+
+def continues_in_place(path: Path) -> bool:
+    """Whether a resume from this checkpoint writes into its run directory (reopen_run)."""
+    return (path.parent / "config.yaml").exists() and os.access(path.parent, os.W_OK)
+
+
+def check_same_data(ckpt, dataset, shards_now: str, command_line, path):
+    """A resume that continues a run in its own directory reads the run's training data, unless the
+    command line gives other data: a setting the run was started with on the command line, left out
+    of the resume command, would continue the run on the config file's data (and prune the
+    checkpoints of the run as it was)."""
+    saved = ckpt.config.get("dataset", {})
+    for key in ("parquet_dir", "text_column"):
+        now, before, setting = getattr(dataset, key), saved.get(key, getattr(dataset, key)), f"dataset.{key}"
+        same_shards = key == "parquet_dir" and (ckpt.data_order or {}).get(SHARDS) == shards_now  # (moved, say)
+        if now != before and not same_shards and setting not in command_line:
+            raise CheckpointError(
+                f"{path}: the run trained on {setting} {before!r}, and this command reads {now!r}: a resume "
+                f"continues on the run's data: add {shlex.quote(f'{setting}={before}')} (was it "
+                f"given on the command line when the run started?), or, to train on {now!r} from here, give that on "
+                f"the command line: {shlex.quote(f'{setting}={now}')}")
 
 
 def check_same_model(saved_config: dict, model_config: BDHConfig, path):

@@ -66,9 +66,9 @@ class TrainingError(Exception):
     pass
 
 
-def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
+def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=frozenset()) -> int:
     """`arguments`: train.py and the command line's, for the resume command printed when a signal
-    stops the run."""
+    stops the run; `command_line`: the settings it gives."""
     training = cfg.training
     compute_dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
     compute = autocast(device, compute_dtype)
@@ -122,7 +122,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device) -> int:
         print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
     if training.resume_from_checkpoint:
         run, progress, start_positions = resume(cfg, raw_model, optimizer, scaler, tokenizer, units, workers,
-                                                validation, ranks, device)
+                                                validation, ranks, device, command_line)
         if progress.step >= training.max_iters:
             print(f"nothing to do: the checkpoint {progress.last_saved} is at step {progress.step} and "
                   f"training.max_iters is {training.max_iters}; raise max_iters to train further")
@@ -374,7 +374,7 @@ def main(argv=None) -> int:
         overrides = {o.partition("=")[0]: o for o in args.overrides}  # a key given twice: its last value
         overrides.pop("training.resume_from_checkpoint", None)
         arguments = shlex.join([script_here("train.py"), "--config", args.config, *overrides.values()])
-        return train(cfg, arguments, ranks, device)
+        return train(cfg, arguments, ranks, device, command_line=set(overrides))
     except (DataError, TokenizerError, CheckpointError, MetricsError, TrainingError, DeviceError,
             DistributedError, FP8Error, LowBitError) as e:
         print(f"error{rank_of(ranks)}: {one_line(e)}", file=sys.stderr)

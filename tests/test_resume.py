@@ -108,6 +108,30 @@ def test_a_checkpoint_holds_the_run_and_a_resume_with_nothing_to_do_changes_noth
     assert sorted(p.name for p in run.glob("*.pt")) == ["best.pt", "checkpoint_2.pt"]
 
 
+def test_a_resume_in_place_keeps_the_run_s_data_unless_the_command_line_gives_other_data(tmp_path, corpus, capsys):
+    """The run was started with its data on the command line; a resume command without it would read
+    the config file's folder instead, in the same run directory."""
+    other = make_corpus(tmp_path / "other", n_files=2, docs_per_file=8)
+    path = write_config(tmp_path, other, max_iters=2)
+    assert train.main(["--config", str(path), f"dataset.parquet_dir={corpus}"]) == 0
+    [run] = run_dirs(tmp_path)
+    before = sorted(p.name for p in run.iterdir())
+    capsys.readouterr()
+    resume = ["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3"]
+    assert train.main(resume) == 1
+    err = capsys.readouterr().err
+    assert (f"the run trained on dataset.parquet_dir {str(corpus)!r}, and this command reads {str(other)!r}: a resume "
+            f"continues on the run's data: add dataset.parquet_dir={corpus} (was it given on the command line when "
+            f"the run started?), or, to train on {str(other)!r} from here, give that on the command line: "
+            f"dataset.parquet_dir={other}\n") in err and err.count("\n") == 1
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing set aside, recorded or pruned
+    moved = corpus.rename(tmp_path / "moved")  # the same shards elsewhere, named by the config file: the same data
+    path.write_text(path.read_text().replace(str(other), str(moved)))
+    assert train.main(resume) == 0 and "WARNING" not in capsys.readouterr().out
+    assert train.main([*resume, "training.max_iters=4", f"dataset.parquet_dir={other}"]) == 0  # said: other data
+    assert "WARNING: the data order changes on this resume" in capsys.readouterr().out
+
+
 def test_resume_refuses_a_different_model_shape(tmp_path, corpus, capsys):
     path = write_config(tmp_path, corpus, max_iters=2)
     assert train.main(["--config", str(path)]) == 0
