@@ -1,5 +1,6 @@
 """Plot runs from their metrics.jsonl: losses against steps and tokens, bits per byte, learning
-rate, activation sparsity. Several runs are overlaid, each under its directory's name.
+rate, activation sparsity. Several runs are overlaid, each under its directory's name and the
+settings in which they differ.
 
     python plot.py RUN_DIR [RUN_DIR ...] [--out curves.png]
 
@@ -8,6 +9,8 @@ A folder of runs (checkpoints/) stands for every run in it.
 import argparse
 import sys
 from pathlib import Path
+
+import yaml
 
 from config_file import parse_arguments
 from files import picture_path, read_records
@@ -67,6 +70,35 @@ def comparable_stretches(evaluations) -> list[list]:
     return stretches
 
 
+# settings that do not change what a run learns: left out of the labels
+NOT_IN_LABELS = ("logging.", "dataloader.", "training.checkpoint_dir", "training.resume_from_checkpoint",
+                 "training.log_freq", "training.test_freq", "training.checkpoint_freq", "training.keep_last_n",
+                 "training.debug", "training.device", "training.distributed_timeout_s")
+MAX_LABEL_SETTINGS = 3
+
+
+def run_settings(run_dir: Path) -> dict:
+    """{section.key: value} of the config a run started with (config.yaml); {} without one."""
+    try:
+        raw = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {f"{section}.{key}": value for section, values in (raw if isinstance(raw, dict) else {}).items()
+            if isinstance(values, dict) for key, value in values.items()}
+
+
+def labels(names: list[str], settings: list[dict]) -> list[str]:
+    """Each run's name and the settings in which the runs differ (the first few), so that the curves
+    of several runs can be told apart: run_20261123_101500 (tokenizer=tokenizer.json)."""
+    differing = [key for key in dict.fromkeys(k for s in settings for k in s)
+                 if not key.startswith(NOT_IN_LABELS) and len({repr(s.get(key)) for s in settings}) > 1]
+    if not differing:
+        return names
+    more = ", ..." if len(differing) > MAX_LABEL_SETTINGS else ""
+    return [f"{name} (" + ", ".join(f"{key.split('.')[1]}={s.get(key)}" for key in differing[:MAX_LABEL_SETTINGS])
+            + f"{more})" for name, s in zip(names, settings)]
+
+
 def plot(run_dirs, out: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -77,6 +109,10 @@ def plot(run_dirs, out: Path):
     names = [Path(d).resolve().name for d in run_dirs]
     if len(set(names)) < len(names):  # same names in different folders: say which
         names = [f"{Path(d).resolve().parent.name}/{Path(d).resolve().name}" for d in run_dirs]
+    settings = [run_settings(d) for d in run_dirs]
+    names = labels(names, settings)
+    per_token = ("loss (nats per token; other tokenizers: compare bits per byte)"
+                 if len({s.get("dataset.tokenizer") for s in settings}) > 1 else "loss (nats per token)")
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     (loss_steps, loss_tokens, bpb), (lr, sparsity, speed) = axes
     for (train, evaluations), name, color in zip(runs, names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
@@ -103,8 +139,8 @@ def plot(run_dirs, out: Path):
             timed = [r for r in train if not r.get("compiling")]  # a compiling step's time is not its speed
             speed.plot([r["step"] for r in timed], [r.get("tokens_per_s") for r in timed], color=color, label=name,
                        **one_point(timed))
-    titles = (("loss against steps", "step", "loss (nats per token)"),
-              ("loss against tokens", "tokens", "loss (nats per token)"),
+    titles = (("loss against steps", "step", per_token),
+              ("loss against tokens", "tokens", per_token),
               ("validation bits per byte", "step", "bits per byte"),
               ("learning rate", "step", "learning rate"),
               ("active latent neurons (mean over layers)", "step", "fraction non-zero"),

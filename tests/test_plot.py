@@ -84,3 +84,25 @@ def test_validation_lines_break_where_a_resume_changed_what_they_measure(tmp_pat
     validation = [list(line.get_xdata()) for line in loss_steps.get_lines() if line.get_linestyle() == "--"]
     assert validation == [[1, 2], [3, 4, 5, 6]]
     assert [t.get_text() for t in loss_steps.get_legend().get_texts()] == [f"{run.name} train", f"{run.name} validation"]
+
+
+def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch):
+    import json
+    import matplotlib.pyplot as plt
+    import yaml
+    for name, tokenizer, lr in (("run_a", "bytes", 0.01), ("run_b", "bpe.json", 0.01), ("run_c", "bytes", 0.02)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 64, "train_loss": 5.0, "lr": lr}) + "\n")
+        config = {"dataset": {"tokenizer": tokenizer}, "training": {"learning_rate": lr, "checkpoint_dir": name}}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert plot.main([str(tmp_path), "--out", str(tmp_path / "a.png")]) == 0
+    loss_steps = figures[0].axes[0]
+    assert [text.get_text() for text in loss_steps.get_legend().get_texts()] == [  # (not checkpoint_dir: no learning)
+        "run_a (tokenizer=bytes, learning_rate=0.01) train", "run_b (tokenizer=bpe.json, learning_rate=0.01) train",
+        "run_c (tokenizer=bytes, learning_rate=0.02) train"]
+    assert loss_steps.get_ylabel() == "loss (nats per token; other tokenizers: compare bits per byte)"
+    assert plot.labels(["a", "b"], [{"training.seed": 1}, {}]) == ["a (seed=1)", "b (seed=None)"]
+    assert plot.labels(["a"], [{"training.seed": 1}]) == ["a"]  # one run: its name
