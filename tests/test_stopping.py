@@ -302,7 +302,7 @@ def test_sigterm_while_the_run_sets_up_stops_it_in_one_line(tmp_path, corpus, ca
         heard.append(args)
     previous = signal.signal(signal.SIGTERM, hear)
     try:
-        def setting_up(*args):
+        def setting_up(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)  # the handler runs here
             return 0
@@ -319,7 +319,7 @@ def test_sigterm_while_the_run_sets_up_stops_it_in_one_line(tmp_path, corpus, ca
 
 
 def test_a_ctrl_c_that_torch_wraps_in_its_own_error_still_stops_in_one_line(tmp_path, corpus, capsys, monkeypatch):
-    def compiling(*args):
+    def compiling(*args, **kwargs):
         try:
             raise KeyboardInterrupt
         except KeyboardInterrupt as e:  # as torch._dynamo does: InternalTorchDynamoError from the interrupt
