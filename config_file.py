@@ -89,6 +89,8 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
         mark = getattr(e, "problem_mark", None)
         if getattr(e, "context", None) == "while scanning a simple key":  # `key value`: found a line later
             mark = e.context_mark
+        elif getattr(e, "problem", None) == "mapping values are not allowed here":  # `key value` on the line above
+            e.problem += " (is the ':' after a key on the line before missing?)"
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
@@ -186,7 +188,8 @@ def typed_section(name: str, section_cls, values: dict, all_paths: list[str]):
                 quote = (f"; YAML reads an unquoted yes, no, on, off, true, false or number as one: put the text in "
                          f"quotes (`{key}: \"...\"` in the file, '{path}=\"...\"' on the command line)")
             elif expected in ("int", "float") and isinstance(value, str) and check_type(_number(value), hints[key])[0]:
-                quote = f"; a number in quotes is text: write it without them (`{key}: {value.strip()}`)"
+                quote = (f"; a number in quotes is text: write it without them (`{key}: {value.strip()}` in the file, "
+                         f"{path}={value.strip()} on the command line)")
             elif expected.startswith("str") and value is None:
                 quote = f"; YAML reads an empty value or a bare ~ as none: give a value, in quotes if it is ~ (`{key}: \"~\"`)"
             got = f"{type(value).__name__} {value!r}" if value is not None else "no value"
@@ -255,11 +258,19 @@ def parse_arguments(parser, argv=None):
     for item in unknown:
         name, equals, value = item.partition("=")
         following = argv[argv.index(item) + 1:argv.index(item) + 2]  # `--max_iters 10`: its value is the next word
-        value = value if equals else following[0] if following and not following[0].startswith("-") else "VALUE"
+        if not equals:
+            value = following[0] if following and not following[0].startswith("-") and "=" not in following[0] \
+                else "VALUE"
         if item.startswith("--") and "." in name:
             parser.error(f"unrecognized argument {item}: an override takes no dashes: {name.lstrip('-')}={value}")
-        if item.startswith("--") and (paths := [p for p in settings if p.split(".")[1] == name[2:].replace("-", "_")]):
-            parser.error(f"unrecognized argument {item}: settings are given as section.key=value: {paths[0]}={value}")
+        key = name[2:].replace("-", "_")
+        if item.startswith("--") and settings and f"--{key.replace('_', '-')}" not in options:  # not this script's
+            if key in EPOCHS:
+                parser.error(f"unrecognized argument {item}: settings are given as section.key=value; "
+                             f"{suggest(key, settings, ())[2:]}")
+            if paths := [p for p in settings if p.split(".")[1] == key] or ([ALIASES[key]] if key in ALIASES else []):
+                parser.error(f"unrecognized argument {item}: settings are given as section.key=value: "
+                             f"{paths[0]}={value}")
         if item.startswith("-") and (match := difflib.get_close_matches(name.replace("_", "-"), options, n=1)):
             parser.error(f"unrecognized argument {item}: did you mean {match[0]}?")
     if unknown:

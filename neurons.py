@@ -22,7 +22,7 @@ import torch
 from checkpoint import CheckpointError
 from config_file import parse_arguments
 from files import picture_path
-from rundir import load_model
+from rundir import load_model, model_line
 from tokenizer import TokenizerError, tokenizer_from_string, utf8_argument
 
 MEMORY_BUDGET = 2 * 2**30  # bytes that latents() may take (memory_bytes): it limits the prompt's length
@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        model, saved_tokenizer, _, origin = load_model(args.checkpoint, args.checkpoint_dir, "--checkpoint")
+        model, saved_tokenizer, _, origin, trained_on = load_model(args.checkpoint, args.checkpoint_dir,
+                                                                   "--checkpoint")
         tokenizer = tokenizer_from_string(saved_tokenizer)
     except (CheckpointError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
                      f"GiB for this model (memory grows with the square of the prompt's length): shorten it, e.g. to "
                      f"its first {fitting:,} characters")
     found = latents(model, ids)
-    print(f"model: {origin}\n{len(ids)} tokens, {found[0][0].shape[1]:,} latent neurons per layer (H*N)")
+    print(f"{model_line(origin, trained_on)}\n{len(ids)} tokens, {found[0][0].shape[1]:,} latent neurons per layer (H*N)")
     print(f"{'layer':>5} {'x active':>9} {'y active':>9} {'neurons used':>13}")
     for layer, (a, b) in enumerate(found):
         print(f"{layer + 1:>5} {float((a > 0).float().mean()):>9.2%} {float((b > 0).float().mean()):>9.2%} "

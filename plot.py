@@ -73,7 +73,8 @@ def comparable_stretches(evaluations) -> list[list]:
 # settings that do not change what a run learns: left out of the labels
 NOT_IN_LABELS = ("logging.", "dataloader.", "training.checkpoint_dir", "training.resume_from_checkpoint",
                  "training.log_freq", "training.test_freq", "training.checkpoint_freq", "training.keep_last_n",
-                 "training.debug", "training.device", "training.distributed_timeout_s")
+                 "training.debug", "training.device", "training.distributed_timeout_s", "training.compile",
+                 "training.activation_checkpointing", "training.eval_iters", "dataset.max_cached_files")
 MAX_LABEL_SETTINGS = 3
 
 
@@ -89,14 +90,14 @@ def run_settings(run_dir: Path) -> dict:
 
 def labels(names: list[str], settings: list[dict]) -> list[str]:
     """Each run's name and the settings in which the runs differ (the first few), so that the curves
-    of several runs can be told apart: run_20261123_101500 (tokenizer=tokenizer.json)."""
-    differing = [key for key in dict.fromkeys(k for s in settings for k in s)
-                 if not key.startswith(NOT_IN_LABELS) and len({repr(s.get(key)) for s in settings}) > 1]
-    if not differing:
-        return names
+    of several runs can be told apart: run_20261123_101500 (tokenizer=tokenizer.json). A run without
+    settings (no config.yaml) keeps its name, and is left out of the comparison."""
+    known = [s for s in settings if s]
+    differing = [key for key in dict.fromkeys(k for s in known for k in s)
+                 if not key.startswith(NOT_IN_LABELS) and len({repr(s.get(key)) for s in known}) > 1]
     more = ", ..." if len(differing) > MAX_LABEL_SETTINGS else ""
     return [f"{name} (" + ", ".join(f"{key.split('.')[1]}={s.get(key)}" for key in differing[:MAX_LABEL_SETTINGS])
-            + f"{more})" for name, s in zip(names, settings)]
+            + f"{more})" if s and differing else name for name, s in zip(names, settings)]
 
 
 def plot(run_dirs, out: Path):
@@ -112,7 +113,7 @@ def plot(run_dirs, out: Path):
     settings = [run_settings(d) for d in run_dirs]
     names = labels(names, settings)
     per_token = ("loss (nats per token; other tokenizers: compare bits per byte)"
-                 if len({s.get("dataset.tokenizer") for s in settings}) > 1 else "loss (nats per token)")
+                 if len({s.get("dataset.tokenizer") for s in settings if s}) > 1 else "loss (nats per token)")
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     (loss_steps, loss_tokens, bpb), (lr, sparsity, speed) = axes
     for (train, evaluations), name, color in zip(runs, names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):

@@ -140,19 +140,27 @@ def open_checkpoint(spec: str, checkpoint_dir: str | None, setting: str = "train
     raise CheckpointError(f"{setting}: {spec}: none of its {len(candidates)} checkpoint(s) can be read (see above)")
 
 
-def load_model(spec: str, checkpoint_dir: str | None, setting: str) -> tuple[BDH, str, dict, str]:
+def load_model(spec: str, checkpoint_dir: str | None, setting: str) -> tuple[BDH, str, dict, str, str]:
     """(model, tokenizer as tokenizer.to_str() gives it, the low_precision settings it was trained
-    with (exported_in_4bit if its weights are 4-bit already), which file and step it is) of a
-    checkpoint (open_checkpoint) or of a folder that export.py wrote."""
+    with (exported_in_4bit if its weights are 4-bit already), which file and step it is, the
+    dataset.parquet_dir it was trained on or "") of a checkpoint (open_checkpoint) or of a folder
+    that export.py wrote."""
     latest_folder(spec, checkpoint_dir, setting)
     if is_export(spec):
         model, tokenizer, config = load_export(spec)
         recorded = config.get("low_precision", {})  # (an export of version 1 may have none; use_4bit: not known)
         low_precision = {**low_precision_of(config), "use_4bit": recorded.get("use_4bit"),
                          "exported_in_4bit": bool(config.get("weights_4bit"))}
-        return model, tokenizer, low_precision, f"{spec} (exported at step {config['bdh_export']['step']})"
+        return (model, tokenizer, low_precision, f"{spec} (exported at step {config['bdh_export']['step']})",
+                str(config.get("dataset", {}).get("parquet_dir") or ""))
     source, ckpt = open_checkpoint(spec, checkpoint_dir, setting)
-    return model_from_checkpoint(ckpt), ckpt.tokenizer, ckpt.low_precision(), f"{source} (step {ckpt.step})"
+    return (model_from_checkpoint(ckpt), ckpt.tokenizer, ckpt.low_precision(), f"{source} (step {ckpt.step})",
+            str(ckpt.config.get("dataset", {}).get("parquet_dir") or ""))
+
+
+def model_line(origin: str, trained_on: str) -> str:
+    """What sample.py and neurons.py say of the model they read: which one, trained on what."""
+    return f"model: {origin}" + (f", trained on {trained_on}" if trained_on else "")
 
 
 def check_writable(checkpoint_dir: str):

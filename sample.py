@@ -18,7 +18,7 @@ import torch
 from checkpoint import CheckpointError
 from config_file import parse_arguments
 from lowbit import LowBitError, post_training_note, to_4bit
-from rundir import load_model
+from rundir import load_model, model_line
 from runtime import DeviceError, pick_device
 from tokenizer import TokenizerError, text_change, tokenizer_from_string, utf8_argument
 
@@ -73,9 +73,9 @@ def main(argv=None) -> int:
         device = pick_device(args.device, setting="--device")
         if args.four_bit and device.type == "mps":
             raise DeviceError("--4bit: bitsandbytes' 4-bit quantization runs on cpu or cuda; add --device cpu")
-        model, saved_tokenizer, low_precision, origin = load_model(args.checkpoint, args.checkpoint_dir,
-                                                                   "--checkpoint")
-        print(f"model: {origin}", file=sys.stderr)  # (stdout holds the text only)
+        model, saved_tokenizer, low_precision, origin, trained_on = load_model(args.checkpoint, args.checkpoint_dir,
+                                                                               "--checkpoint")
+        print(model_line(origin, trained_on), file=sys.stderr)  # (stdout holds the text only)
         model = model.to(device).eval()
         tokenizer = tokenizer_from_string(saved_tokenizer)
         if args.four_bit and low_precision.get("exported_in_4bit"):

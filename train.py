@@ -380,8 +380,7 @@ def main(argv=None) -> int:
         print(f"error{rank_of(ranks)}: {one_line(e)}", file=sys.stderr)
         return 1
     except StoppedWhileClosing as e:  # the checkpoint is saved: the run ended as asked, its logs cut short
-        print(f"\n{e.args[0]}\n(stopped while closing the logs: TensorBoard and W&B may lack the last records; "
-              f"metrics.jsonl has them)")
+        print(f"\n{e.args[0]}\n(stopped while closing the logs: their last records may be missing)")
         return 0
     except KeyboardInterrupt:
         print(STOPPED_AT_ONCE, file=sys.stderr)

@@ -35,14 +35,15 @@ def test_key_in_the_wrong_section_points_to_the_right_one():
 
 @pytest.mark.parametrize("section,key,value,expected", [
     ("training", "batch_size", "8", "expected int, got str '8'; a number in quotes is text: write it without them "
-                                    "(`batch_size: 8`)"),
+                                    "(`batch_size: 8` in the file, training.batch_size=8 on the command line)"),
     ("training", "batch_size", "0.5", "expected int, got str '0.5'"),  # unquoted, still not an int
     ("training", "batch_size", 8.5, "expected int, got float 8.5"),
     ("training", "batch_size", True, "expected int, got bool True"),
     ("training", "max_iters", None, "expected int, got no value"),
     ("training", "learning_rate", "fast", "expected float, got str 'fast'"),
     ("training", "learning_rate", "0.001", "expected float, got str '0.001'; a number in quotes is text: write it "
-                                           "without them (`learning_rate: 0.001`)"),
+                                           "without them (`learning_rate: 0.001` in the file, "
+                                           "training.learning_rate=0.001 on the command line)"),
     ("training", "debug", "true", "expected bool (true or false), got str 'true'"),
     ("training", "debug", 1, "expected bool (true or false), got int 1"),
     ("dataset", "text_column", True, "expected str, got bool True; YAML reads an unquoted yes, no, on, off, true, "
@@ -84,6 +85,11 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
     with pytest.raises(ConfigError) as info:
         Config.from_yaml(path)
     assert info.value.problems == [f"{path}:3:3: YAML syntax error: could not find expected ':'"]  # not line 4
+    path.write_text("training:\n  max_iters 10\n  batch_size: 32\n")  # read as a key spanning two lines
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(path)
+    assert info.value.problems == [f"{path}:3:13: YAML syntax error: mapping values are not allowed here (is the ':' "
+                                   f"after a key on the line before missing?)"]
 
 
 def test_a_control_character_is_named_with_its_line(tmp_path):
@@ -107,7 +113,7 @@ def test_a_problem_with_a_setting_of_the_file_says_where_it_is(tmp_path):
     assert file_problems(path, ["model.n_layer=0"]) == [
         f"{path}:2: training.warmpu_iters: unknown key; did you mean training.warmup_iters?",
         f"{path}:3: training.batch_size: expected int, got str '8'; a number in quotes is text: write it without "
-        f"them (`batch_size: 8`)",
+        f"them (`batch_size: 8` in the file, training.batch_size=8 on the command line)",
         "model.n_layer: must be > 0, got 0"]  # the command line's value: not the file's line
 
 
@@ -275,11 +281,16 @@ def test_an_override_written_as_an_option_is_told_to_drop_the_dashes(capsys):
                                                 f"dashes: {hint}\n")
     # nanoGPT's way (--max_iters 10): the setting of that name, in its section
     for argv, hint in ((["--max_iters", "10"], "training.max_iters=10"), (["--batch-size=8"], "training.batch_size=8"),
-                       (["--n_layer", "--config", "a.yaml"], "model.n_layer=VALUE")):
+                       (["--n_layer", "--config", "a.yaml"], "model.n_layer=VALUE"), (["--lr", "1e-3"],
+                       "training.learning_rate=1e-3"), (["--debug", "training.max_iters=4"], "training.debug=VALUE")):
         with pytest.raises(SystemExit):
             parse_arguments(parser, argv)
         assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: settings are given as "
                                                 f"section.key=value: {hint}\n")
+    parser.add_argument("--vocab-size")  # a script's own option, misspelled: that one, not model.vocab_size
+    with pytest.raises(SystemExit):
+        parse_arguments(parser, ["--vocab_size", "4096"])
+    assert capsys.readouterr().err.endswith("error: unrecognized argument --vocab_size: did you mean --vocab-size?\n")
     with pytest.raises(SystemExit):
         parse_arguments(parser, ["--bogus"])
     assert capsys.readouterr().err.endswith("error: unrecognized arguments: --bogus\n")

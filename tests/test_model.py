@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model as model_module
 from model import (PLAIN, BDH, TILE, BDHConfig, LayerStack, empty_states, layer_forward, layer_norm, recurrent_forward,
                    rope_angles, rope_frequencies, rope_phases)
 from conftest import DEVICES, NEEDS_CUDA
@@ -228,7 +229,7 @@ def test_recurrent_state_gives_the_parallel_logits(device):
 
 
 @torch.no_grad()
-def test_a_bfloat16_model_keeps_its_generation_state_in_float32():
+def test_a_bfloat16_model_keeps_its_generation_state_in_float32(monkeypatch):
     """The state sums over every earlier position: kept in bfloat16, each one-position step of
     generation would round the sum, which would drift from what a parallel pass adds up."""
     model, cfg = small_model(std=0.1)
@@ -238,6 +239,11 @@ def test_a_bfloat16_model_keeps_its_generation_state_in_float32():
     for t in range(idx.size(1)):
         recurrent_forward(model, idx[:, t:t + 1], stepwise, t)
     assert all(state.dtype == torch.float32 for state in stepwise)
+    made = []  # generation's own states (BDH.stream's; the Hugging Face export's: tests/test_export.py)
+    monkeypatch.setattr(model_module, "recurrent_forward", lambda m, tokens, states, *rest: made.extend(states)
+                        or recurrent_forward(m, tokens, states, *rest))
+    model.generate(idx[:, :5], 1)
+    assert made and all(state.dtype == torch.float32 for state in made)
     first = at_once[0]  # the first layer's: the same inputs either way, so only the sums' rounding differs
     assert (stepwise[0] - first).norm() < 1e-4 * first.norm()
 

@@ -16,7 +16,7 @@ SMALL = BDHConfig(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4)
 @pytest.fixture
 def small_model(monkeypatch):
     """neurons.py reads an untrained small model, with the byte tokenizer, whatever --checkpoint says."""
-    monkeypatch.setattr(neurons, "load_model", lambda *args: (BDH(SMALL), "bytes", {}, "a small model"))
+    monkeypatch.setattr(neurons, "load_model", lambda *args: (BDH(SMALL), "bytes", {}, "a small model", ""))
 
 
 def test_picture_and_figures_of_the_active_neurons(tmp_path, corpus, capsys):
@@ -35,7 +35,7 @@ def test_picture_and_figures_of_the_active_neurons(tmp_path, corpus, capsys):
         x = torch.nn.functional.layer_norm(model.embed(torch.tensor(list(b"<00-001>abc"))), (32,), eps=1e-5)
         a = torch.relu(x @ model.encoder)  # (H, T, N)
     assert torch.allclose(found[0][0], a.permute(1, 0, 2).reshape(len(x), -1), atol=1e-6)
-    assert printed.startswith(f"model: {run / 'checkpoint_2.pt'} (step 2)\n")
+    assert printed.startswith(f"model: {run / 'checkpoint_2.pt'} (step 2), trained on {corpus}\n")
     assert f"{float((a > 0).float().mean()):.2%}" in printed.splitlines()[3]
     # without --checkpoint: the newest checkpoint of the newest run, the same figures
     assert neurons.main(["--checkpoint-dir", str(tmp_path / "ck"), "--prompt", "<00-001>abc", "--out", str(out)]) == 0

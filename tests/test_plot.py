@@ -104,5 +104,7 @@ def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch)
         "run_a (tokenizer=bytes, learning_rate=0.01) train", "run_b (tokenizer=bpe.json, learning_rate=0.01) train",
         "run_c (tokenizer=bytes, learning_rate=0.02) train"]
     assert loss_steps.get_ylabel() == "loss (nats per token; other tokenizers: compare bits per byte)"
-    assert plot.labels(["a", "b"], [{"training.seed": 1}, {}]) == ["a (seed=1)", "b (seed=None)"]
+    assert plot.labels(["a", "b"], [{"training.seed": 1}, {"training.seed": 2, "training.compile": True}]) == [
+        "a (seed=1)", "b (seed=2)"]
+    assert plot.labels(["a", "b", "c"], [{"training.seed": 1}, {}, {"training.seed": 1}]) == ["a", "b", "c"]
     assert plot.labels(["a"], [{"training.seed": 1}]) == ["a"]  # one run: its name

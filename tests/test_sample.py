@@ -6,6 +6,7 @@ import yaml
 
 import sample
 import train
+from checkpoint import load_checkpoint
 from conftest import tiny_config_dict
 
 
@@ -98,13 +99,13 @@ def test_streamed_text_is_what_generate_gives(checkpoint, capsys):
     capsys.readouterr()
     assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "<01-", "--max-new-tokens", "60", "--seed", "3",
                         "--top-k", "20", "--device", "cpu"]) == 0
-    model, saved, _, origin = load_model(str(checkpoint), None, "--checkpoint")
-    assert origin == f"{checkpoint} (step 2)"
+    model, saved, _, origin, trained_on = load_model(str(checkpoint), None, "--checkpoint")
+    assert origin == f"{checkpoint} (step 2)" and trained_on == load_checkpoint(checkpoint).config["dataset"]["parquet_dir"]
     tokenizer = tokenizer_from_string(saved)
     out = model.eval().generate(torch.tensor([tokenizer.encode("<01-")]), 60, temperature=0.8, top_k=20,
                                 generator=torch.Generator().manual_seed(3), vocab_limit=tokenizer.vocab_size)
     printed = capsys.readouterr()
-    assert printed.out == tokenizer.decode(out[0].tolist()) + "\n" and printed.err == f"model: {checkpoint} (step 2)\n"
+    assert printed.out == tokenizer.decode(out[0].tolist()) + "\n" and printed.err == f"model: {checkpoint} (step 2), trained on {trained_on}\n"
 
 
 @pytest.mark.parametrize("temperature", ["nan", "inf", "-1"])
