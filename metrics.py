@@ -147,9 +147,12 @@ class StepLog:
     counts those spent waiting for the loader (data_wait_s, shown as a share)."""
 
     def __init__(self, cfg, metrics: MetricsLog, ranks, device, units, workers, positions, first_step: int,
-                 compiled: bool, loss_scaled: bool, peak: float, saved_passes: float | None = None):
+                 compiling_steps: tuple, loss_scaled: bool, peak: float, saved_passes: float | None = None):
+        """compiling_steps: those torch.compile compiles for (a compiled run's first, and the first
+        of quantization-aware training, whose forward differs)."""
         self.cfg, self.metrics, self.ranks, self.device, self.units = cfg, metrics, ranks, device, units
-        self.first_step, self.compiled, self.loss_scaled, self.peak = first_step, compiled, loss_scaled, peak
+        self.first_step, self.compiling_steps = first_step, compiling_steps
+        self.loss_scaled, self.peak = loss_scaled, peak
         self.tokens_per_step = step_tokens(cfg.training, ranks.world_size)
         self.flops_per_token = cfg.model.training_flops_per_token(cfg.training.block_size)
         self.n_readers, self.dealings = ranks.world_size * max(1, workers), {}  # epochs_read's dealing of the units
@@ -217,8 +220,8 @@ class StepLog:
                   "elapsed_s": round(now - self.start, 2)}
         if self.loss_scaled:
             record["skipped_steps"] = skipped
-        if self.compiled and step == self.first_step:  # its time is mostly compilation: not a speed to plot
-            record["compiling"] = True
+        if any(step - self.steps < compiling <= step for compiling in self.compiling_steps):
+            record["compiling"] = True  # the line's time is mostly compilation: not a speed to plot
         if self.peak:  # tokens_per_step counts every rank; peak is one GPU's
             flops_per_s = self.flops_per_token * self.tokens_per_step / self.ranks.world_size / seconds_per_step
             record["mfu"] = flops_per_s / self.peak

@@ -158,9 +158,11 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
     sample_generator = torch.Generator(device=device)
     stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main)
     stop_vote = StepVote(ranks)  # whether any rank heard a signal, one step late
+    compiling_steps = (progress.step + 1, qat_start + 1) if compile_model and qat_view else (
+        (progress.step + 1,) if compile_model else ())
     step_log = StepLog(cfg, metrics, ranks, device, units, workers, progress.positions.values(),
-                       first_step=progress.step + 1, compiled=compile_model, loss_scaled=scaler.is_enabled(), peak=peak,
-                       saved_passes=progress.passes)
+                       first_step=progress.step + 1, compiling_steps=compiling_steps, loss_scaled=scaler.is_enabled(),
+                       peak=peak, saved_passes=progress.passes)
     model.train()
 
     def save_checkpoint(at: Progress, name=None) -> Path:  # every rank takes part; rank 0 writes

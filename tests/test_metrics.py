@@ -334,18 +334,27 @@ def test_mfu_is_the_achieved_training_flops_over_the_peak(monkeypatch):
     cfg = Config.from_dict({"training": {"batch_size": 4, "block_size": 64, "gradient_accumulation_steps": 2}})
     clock = [100.0]
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
-    step_log = metrics.StepLog(cfg, None, Ranks(), torch.device("cpu"), [], 0, [], first_step=1, compiled=False,
-                               loss_scaled=False, peak=1e12)
+    step_log = metrics.StepLog(cfg, None, Ranks(), torch.device("cpu"), [], 0, [], first_step=1,
+                               compiling_steps=(1, 4), loss_scaled=False, peak=1e12)
     for _ in range(2):  # two steps of two micro-batches in 3 s
         step_log.add_micro_batch(torch.tensor(2.0))
         step_log.add_micro_batch(torch.tensor(2.0))
         step_log.add_step(torch.tensor(0.5))
     clock[0] += 3.0
     record = step_log.measure(2, 1e-3, 1024, [])
+    assert record["compiling"]  # its steps 1-2 hold a compiling one (the first; QAT's first is step 4)
     tokens_per_step = 4 * 64 * 2
     assert record["ms_per_step"] == 1500 and record["tokens_per_s"] == round(tokens_per_step / 1.5)
     assert record["mfu"] == pytest.approx(cfg.model.training_flops_per_token(64) * tokens_per_step / 1.5 / 1e12)
     assert record["train_loss"] == 2.0 and record["grad_norm"] == 0.5
+    compiling = []
+    for step in (3, 4, 5):  # a line a step: only step 4's compiles
+        step_log._next_line()
+        step_log.add_micro_batch(torch.tensor(2.0))
+        step_log.add_step(torch.tensor(0.5))
+        clock[0] += 1.0
+        compiling.append(step_log.measure(step, 1e-3, 1024, []).get("compiling", False))
+    assert compiling == [False, True, False]
 
 
 def test_a_step_that_evaluates_or_saves_has_its_line(tmp_path, corpus):
