@@ -340,7 +340,9 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run
                      f"{f.block_size}), state {state / 2**20:.2f} MiB = {state / full:.3f} x AdamW's "
                      f"{full / 2**20:.2f} MiB")
     else:
-        lines.append(f"optimizer AdamW, state {full / 2**20:.2f} MiB")
+        sharded = (f" in all, {full / ranks.world_size / 2**20:.2f} MiB per rank (FSDP shards it)"
+                   if cfg.training.distributed == "fsdp" and ranks.world_size > 1 else "")
+        lines.append(f"optimizer AdamW, state {full / 2**20:.2f} MiB{sharded}")
     if low_precision.use_4bit:
         lines[-1] += (f" | 4-bit quantization-aware training ({low_precision.quantization_type}) of encoder, "
                       f"encoder_v, decoder from step {qat_start + 1}; validation losses are the 4-bit model's")

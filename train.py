@@ -266,8 +266,11 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
                 write_step_line(step_log, step, lr, progress)
             break
     if not stop.last_words:  # max_iters reached
-        stop.closing(f"done: {progress.step} steps ({step_log.epochs:.2f} passes over the training data) in "
-                     f"{format_duration(time.perf_counter() - step_log.start)}; final checkpoint {progress.last_saved}")
+        here = progress.step - step_log.first_step + 1  # (a resumed run: the steps of this process)
+        stop.closing(f"done: {progress.step} steps ({step_log.epochs:.2f} passes over the training data)"
+                     + (f", the last {here} in this process" if here < progress.step else "")
+                     + f" in {format_duration(time.perf_counter() - step_log.start)}; final checkpoint "
+                       f"{progress.last_saved}")
     stop_vote.settle()
     metrics.close()
     print(stop.last_words)
@@ -395,9 +398,13 @@ def main(argv=None) -> int:
             print(f"error{rank_of(ranks)}: out of memory on {device} (asked for {request}): {memory_fix(cfg)}; "
                   f"checkpoints written before are intact", file=sys.stderr)
             return 1
-        if (failure := communication_failure(e, ranks, cfg.training.distributed_timeout_s)) is None:
+        try:  # (only under torchrun can communication fail)
+            resumable = ranks.enabled and bool(resumable_runs(Path(cfg.training.checkpoint_dir)))
+        except OSError:
+            resumable = True
+        if (failure := communication_failure(e, ranks, cfg.training.distributed_timeout_s, resumable)) is None:
             raise
-        print(f"error: {failure}", file=sys.stderr)
+        print(f"error{rank_of(ranks)}: {failure}", file=sys.stderr)
         return 1
     finally:
         for sig, handler in handlers.items():

@@ -82,6 +82,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpu
 
     out = two_ranks(config, "training.checkpoint_dir=" + str(tmp_path / "fsdp"), "training.distributed=fsdp", *common)
     assert "2 processes (fsdp)" in out
+    full = 8 * sum(t.numel() + 0.5 for t in load_checkpoint(run / "checkpoint_4.pt").model.values()) / 2**20
+    assert f"optimizer AdamW, state {full:.2f} MiB in all, {full / 2:.2f} MiB per rank (FSDP shards it)" in out
     fsdp_run = the_run(tmp_path / "fsdp")
     fsdp_train, _ = train_losses(fsdp_run)
     for step in one_train:
@@ -140,7 +142,8 @@ def test_a_hung_rank_stops_the_others_with_a_clear_error(tmp_path, corpus):
         out, err = ranks[0].communicate(timeout=120)
         assert ranks[0].returncode == 1, err[-3000:]
         assert time.monotonic() - stopped_at < 60
-        assert "rank 0: communication with the other ranks failed" in err
+        assert "error (rank 0): communication with the other ranks failed" in err
+        assert err.rstrip().endswith("no checkpoint was saved yet: start again once that is fixed")
         assert "training.distributed_timeout_s = 6 s" in err and "Traceback" not in err
     finally:
         for proc in ranks:
@@ -167,6 +170,23 @@ def spawn_ranks(config, *overrides, n=2):
     return [subprocess.Popen([sys.executable, "train.py", "--config", str(config), *overrides], cwd=ROOT, text=True,
                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(n)], store
+
+
+def test_when_rank_0_refuses_to_start_the_others_point_to_its_error(tmp_path, corpus):
+    (tmp_path / "a_file").write_text("")
+    config = write_config(tmp_path, corpus, checkpoint_dir=str(tmp_path / "a_file" / "ck"), distributed_timeout_s=30)
+    ranks, _store = spawn_ranks(config)
+    try:
+        errors = [proc.communicate(timeout=120)[1] for proc in ranks]
+    finally:
+        for proc in ranks:
+            proc.kill()
+    assert [proc.returncode for proc in ranks] == [1, 1]
+    assert errors[0].startswith("error (rank 0): training.checkpoint_dir: ")
+    assert errors[1].startswith("error (rank 1): communication with the other ranks failed (")
+    assert "refused to start, its error is above" in errors[1]
+    assert errors[1].endswith("; no checkpoint was saved yet: start again once that is fixed\n")
+    assert errors[1].count("\n") == 1
 
 
 def test_a_signal_to_one_rank_stops_all_of_them_at_the_same_step(tmp_path, corpus):

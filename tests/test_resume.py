@@ -38,6 +38,7 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
     out = capsys.readouterr().out
     assert f"resuming from {ckpt2} at step 3" in out and f"| continues in {run.resolve()}\n" in out
     assert "step 3/6" in out and "step 1/6" not in out and "step 2/6" not in out
+    assert re.search(r"\ndone: 6 steps \([\d.]+ passes over the training data\), the last 4 in this process in ", out)
     assert "config changed: training.max_iters: 4 -> 6" in out
     assert run_dirs(tmp_path) == [run]
     assert (run / "config.yaml").read_text() == original
