@@ -203,6 +203,43 @@ def release_run_directories():
             handle.close()
 
 
+def hold(lock_file: Path, refusal: str):
+    """Lock lock_file for the rest of this process (release_run_directories ends it sooner), writing
+    which process holds it; held by another process: CheckpointError(refusal, its {holder} filled
+    in). The operating system releases the lock when the process ends, however it ends."""
+    if fcntl is None:
+        return
+    try:
+        handle = open(lock_file, "a+")
+    except OSError:
+        return  # a folder this process cannot write to: saving the checkpoint will say so
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if not isinstance(e, BlockingIOError):  # a file system without locks (some network ones)
+            handle.close()
+            return
+        handle.seek(0)
+        holder = handle.read().strip() or "a process"
+        handle.close()
+        raise CheckpointError(refusal.format(holder=holder))
+    handle.truncate(0)
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _LOCKED.append(handle)
+
+
+def hold_auto_start(checkpoint_dir: str):
+    """resume_from_checkpoint=auto: one job at a time decides, and trains, in checkpoint_dir. Two
+    copies of a job started together would otherwise both find no run (a run directory appears at
+    its first checkpoint) and train twice."""
+    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)  # (check_writable made sure it can be)
+    hold(Path(checkpoint_dir) / ".auto.lock",
+         f"{checkpoint_dir}: {{holder}} is running with training.resume_from_checkpoint=auto in this "
+         f"checkpoint_dir (a copy of this job?); wait for it to end, or give this experiment a checkpoint_dir of "
+         f"its own")
+
+
 def _forget_locks_in_child():
     """A forked child (a DataLoader worker) closes its copies of the lock files, without unlocking
     (that would free the parent's hold): a trainer killed with kill -9 frees its run directory at
@@ -241,29 +278,10 @@ class RunDir:
     def lock(self):
         """Hold the run directory while this process trains in it: a second process resuming the
         same run (a job submitted twice, a resume while the run still goes) is refused, instead of
-        interleaving its records and checkpoints with the first's. The operating system releases
-        the lock when the process ends, however it ends."""
-        if not self.writer or fcntl is None:
-            return
-        try:
-            handle = open(self.path / ".lock", "a+")
-        except OSError:
-            return  # a folder this process cannot write to: saving the checkpoint will say so
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if not isinstance(e, BlockingIOError):  # a file system without locks (some network ones)
-                handle.close()
-                return
-            handle.seek(0)
-            holder = handle.read().strip() or "a process"
-            handle.close()
-            raise CheckpointError(f"{self.path}: {holder} is training in this run directory; wait for it to end "
-                                  f"(or stop it), then resume")
-        handle.truncate(0)
-        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        _LOCKED.append(handle)
+        interleaving its records and checkpoints with the first's."""
+        if self.writer:
+            hold(self.path / ".lock", f"{self.path}: {{holder}} is training in this run directory; wait for it to "
+                                      f"end (or stop it), then resume")
 
     def save(self, ckpt: Checkpoint, config_yaml: str, name: str | None = None) -> Path | None:
         """Write checkpoint_<step>.pt (or `name`) atomically; create the run directory first."""

@@ -52,7 +52,8 @@ from metrics import (MetricsError, MetricsLog, StepLog, check_installed, describ
 from model import BDH
 from positions import data_order
 from resume import Progress, data_settings_hint, resume, save, set_rng_state, torch_rng_state
-from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories, resumable_runs
+from rundir import (RunDir, check_writable, clean_stale_temporaries, hold_auto_start, release_run_directories,
+                    resumable_runs)
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_host_memory, compile_repeatably,
                      device_clock, emulated_dtype_warning, interrupted, memory_fix, one_line, out_of_memory,
                      peak_flops, pick_device, resolve_compute_dtype, steady_host_memory, wants_compile)
@@ -91,15 +92,17 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
     torch.manual_seed(training.seed)
 
     # ---- data
+    if ranks.main:
+        check_writable(training.checkpoint_dir)
+        check_installed(cfg.logging)
     if training.resume_from_checkpoint == "auto":  # one command for a job's first start and its restarts
+        if ranks.main:
+            hold_auto_start(training.checkpoint_dir)
         found = ranks.any(bool(resumable_runs(Path(training.checkpoint_dir))), device)  # (a rank without: latest says)
         training.resume_from_checkpoint = "latest" if found else None
         if training.resume_from_checkpoint is None and ranks.main:
             print(f"training.resume_from_checkpoint auto: no run with a checkpoint in {training.checkpoint_dir} "
                   f"yet: a new run")
-    if ranks.main:
-        check_writable(training.checkpoint_dir)
-        check_installed(cfg.logging)
     try:
         tokenizer, units, val_batches = prepare_data(cfg, ranks)
     except (DataError, TokenizerError) as e:

@@ -108,8 +108,9 @@ def bpe_file(tmp_path, bpe_json):
 # ---- train.py runs: their run directories, and runs in a process of their own
 
 def run_dirs(tmp_path):
+    """The run directories in tmp_path/ck (beside them: an auto run's .auto.lock)."""
     root = tmp_path / "ck"
-    return sorted(p for p in root.iterdir()) if root.exists() else []
+    return sorted(p for p in root.glob("run_*") if p.is_dir()) if root.exists() else []
 
 
 def start(config, *overrides):

@@ -37,7 +37,7 @@ def two_ranks(config, *overrides):
 
 
 def the_run(checkpoint_dir):
-    [run] = checkpoint_dir.iterdir()
+    [run] = checkpoint_dir.glob("run_*")
     return run
 
 

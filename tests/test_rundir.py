@@ -4,6 +4,7 @@ holds the run."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import rundir
 import train
 from checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from conftest import ROOT, run_dirs, write_config
-from rundir import (RunDir, checkpoints_in, clean_stale_temporaries, load_model, open_checkpoint,
+from rundir import (RunDir, checkpoints_in, clean_stale_temporaries, hold_auto_start, load_model, open_checkpoint,
                     release_run_directories, unused)
 
 
@@ -194,6 +195,24 @@ def test_a_run_directory_another_process_trains_in_is_refused(tmp_path, corpus, 
         holder.wait()
     assert train.main(resume) == 0  # the holder's end released the directory
     assert train.main(resume[:2] + ["training.resume_from_checkpoint=latest", "training.max_iters=7"]) == 0  # and ours
+
+
+def test_auto_jobs_in_one_checkpoint_dir_run_one_at_a_time(tmp_path, corpus, capsys):
+    """Two copies of a job with resume_from_checkpoint=auto started together: before the first one's first
+    checkpoint there is no run to resume, and both would train a new one."""
+    path = write_config(tmp_path, corpus)
+    auto = ["--config", str(path), "training.resume_from_checkpoint=auto"]
+    hold_auto_start(str(tmp_path / "ck"))  # the first copy, still running
+    try:
+        assert train.main(auto) == 1
+        assert capsys.readouterr().err == (
+            f"error: {tmp_path / 'ck'}: process {os.getpid()} on {socket.gethostname()} is running with "
+            f"training.resume_from_checkpoint=auto in this checkpoint_dir (a copy of this job?); wait for it to end, "
+            f"or give this experiment a checkpoint_dir of its own\n")
+        assert run_dirs(tmp_path) == []
+    finally:
+        release_run_directories()
+    assert train.main(auto) == 0 and len(run_dirs(tmp_path)) == 1  # the first one ended: this one starts
 
 
 def test_latest_past_an_unreadable_checkpoint_says_why_it_is_set_aside(tmp_path, corpus, capsys):
