@@ -89,8 +89,10 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
         mark = getattr(e, "problem_mark", None)
         if getattr(e, "context", None) == "while scanning a simple key":  # `key value`: found a line later
             mark = e.context_mark
-        elif getattr(e, "problem", None) == "mapping values are not allowed here":  # `key value` on the line above
-            e.problem += " (is the ':' after a key on the line before missing?)"
+        elif getattr(e, "problem", None) == "mapping values are not allowed here" and mark:
+            marked = text.splitlines()[mark.line][:mark.column] if mark.line < len(text.splitlines()) else ""
+            e.problem += (" (a value holding ': ' needs quotes: key: \"a: b\")" if ":" in marked.split("#")[0]
+                          else " (is the ':' after a key on the line before missing?)")  # `key value` read on
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
@@ -263,15 +265,22 @@ def parse_arguments(parser, argv=None):
                 else "VALUE"
         if item.startswith("--") and "." in name:
             parser.error(f"unrecognized argument {item}: an override takes no dashes: {name.lstrip('-')}={value}")
-        key = name[2:].replace("-", "_")
-        if item.startswith("--") and settings and f"--{key.replace('_', '-')}" not in options:  # not this script's
-            if key in EPOCHS:
-                parser.error(f"unrecognized argument {item}: settings are given as section.key=value; "
-                             f"{suggest(key, settings, ())[2:]}")
-            if paths := [p for p in settings if p.split(".")[1] == key] or ([ALIASES[key]] if key in ALIASES else []):
-                parser.error(f"unrecognized argument {item}: settings are given as section.key=value: "
-                             f"{paths[0]}={value}")
-        if item.startswith("-") and (match := difflib.get_close_matches(name.replace("_", "-"), options, n=1)):
+        key, dashed = name[2:].replace("-", "_"), name.replace("_", "-")
+        # a script's own option first (--out_dir: --out), then a setting of that name, then another trainer's
+        own = [o for o in options if o.startswith("--") and len(o) > 3 and dashed.startswith(o)] or \
+            difflib.get_close_matches(dashed, options, n=1, cutoff=0.8)
+        setting = [p for p in settings if p.split(".")[1] == key] if item.startswith("--") else []
+        if setting and f"--{key.replace('_', '-')}" not in options:
+            parser.error(f"unrecognized argument {item}: settings are given as section.key=value: {setting[0]}={value}")
+        if item.startswith("-") and own:
+            parser.error(f"unrecognized argument {item}: did you mean {own[0]}?")
+        if item.startswith("--") and settings and key in EPOCHS:
+            parser.error(f"unrecognized argument {item}: settings are given as section.key=value; "
+                         f"{suggest(key, settings, ())[2:]}")
+        if item.startswith("--") and settings and key in ALIASES:
+            parser.error(f"unrecognized argument {item}: settings are given as section.key=value: "
+                         f"{ALIASES[key]}={value}")
+        if item.startswith("-") and (match := difflib.get_close_matches(dashed, options, n=1)):
             parser.error(f"unrecognized argument {item}: did you mean {match[0]}?")
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -189,17 +189,15 @@ def load_full_weights(model, model_state: dict):
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
 
 
-def communication_failure(e: BaseException, ranks: Ranks, timeout_s: int, resumable: bool) -> str | None:
-    """A clear line for a collective that timed out or lost its peer; None for other errors.
-    `resumable`: whether checkpoint_dir holds a run to resume."""
+def communication_failure(e: BaseException, ranks: Ranks, timeout_s: int) -> str | None:
+    """A clear line for a collective that timed out or lost its peer; None for other errors."""
     text = str(e)
     if not ranks.enabled or not isinstance(e, (RuntimeError, dist.DistError)):
         return None
     if not any(s in text.lower() for s in ("timed out", "timeout", "connection closed", "connection reset",
                                            "nccl", "broken pipe", "processgroup")):
         return None
-    then = ("resume from the last checkpoint: training.resume_from_checkpoint=latest" if resumable else
-            "no checkpoint was saved yet: start again once that is fixed")
     return (f"communication with the other ranks failed ({last_line(e)[:200]}): if another rank died, hangs or "
             f"refused to start, its error is above (none if a signal killed it, as the kernel's out-of-memory "
-            f"killer does; a collective waits at most training.distributed_timeout_s = {timeout_s} s); {then}")
+            f"killer does; a collective waits at most training.distributed_timeout_s = {timeout_s} s); once that is "
+            f"fixed, resume from this run's directory if it saved a checkpoint, else run the same command again")

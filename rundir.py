@@ -167,6 +167,9 @@ def check_writable(checkpoint_dir: str):
     """Fail now, not at the first checkpoint hours later, if run directories cannot be created in
     training.checkpoint_dir: a file of that name, a folder without write permission, a read-only disk."""
     folder = Path(checkpoint_dir)
+    if folder.is_symlink() and not folder.exists():
+        raise CheckpointError(f"training.checkpoint_dir: {folder} is a symbolic link to {os.readlink(folder)}, "
+                              f"which does not exist; create that folder or set training.checkpoint_dir to another")
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
         raise CheckpointError(f"training.checkpoint_dir: {existing} is a file, not a folder; set "
@@ -233,7 +236,11 @@ def hold_auto_start(checkpoint_dir: str):
     """resume_from_checkpoint=auto: one job at a time decides, and trains, in checkpoint_dir. Two
     copies of a job started together would otherwise both find no run (a run directory appears at
     its first checkpoint) and train twice."""
-    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)  # (check_writable made sure it can be)
+    try:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"training.checkpoint_dir: cannot create {checkpoint_dir} ({e.strerror or e}); set "
+                              f"training.checkpoint_dir to a folder you can write") from None
     hold(Path(checkpoint_dir) / ".auto.lock",
          f"{checkpoint_dir}: {{holder}} is running with training.resume_from_checkpoint=auto in this "
          f"checkpoint_dir (a copy of this job?); wait for it to end, or give this experiment a checkpoint_dir of "

@@ -401,11 +401,7 @@ def main(argv=None) -> int:
             print(f"error{rank_of(ranks)}: out of memory on {device} (asked for {request}): {memory_fix(cfg)}; "
                   f"checkpoints written before are intact", file=sys.stderr)
             return 1
-        try:  # (only under torchrun can communication fail)
-            resumable = ranks.enabled and bool(resumable_runs(Path(cfg.training.checkpoint_dir)))
-        except OSError:
-            resumable = True
-        if (failure := communication_failure(e, ranks, cfg.training.distributed_timeout_s, resumable)) is None:
+        if (failure := communication_failure(e, ranks, cfg.training.distributed_timeout_s)) is None:
             raise
         print(f"error{rank_of(ranks)}: {failure}", file=sys.stderr)
         return 1

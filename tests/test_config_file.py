@@ -90,6 +90,11 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
         Config.from_yaml(path)
     assert info.value.problems == [f"{path}:3:13: YAML syntax error: mapping values are not allowed here (is the ':' "
                                    f"after a key on the line before missing?)"]
+    path.write_text("logging:\n  wandb_run_name: exp 3: lower lr\n")  # not the line before: this value
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(path)
+    assert info.value.problems == [f"{path}:2:24: YAML syntax error: mapping values are not allowed here (a value "
+                                   f"holding ': ' needs quotes: key: \"a: b\")"]
 
 
 def test_a_control_character_is_named_with_its_line(tmp_path):
@@ -287,13 +292,15 @@ def test_an_override_written_as_an_option_is_told_to_drop_the_dashes(capsys):
             parse_arguments(parser, argv)
         assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: settings are given as "
                                                 f"section.key=value: {hint}\n")
-    parser.add_argument("--vocab-size")  # a script's own option, misspelled: that one, not model.vocab_size
-    with pytest.raises(SystemExit):
-        parse_arguments(parser, ["--vocab_size", "4096"])
-    assert capsys.readouterr().err.endswith("error: unrecognized argument --vocab_size: did you mean --vocab-size?\n")
     with pytest.raises(SystemExit):
         parse_arguments(parser, ["--bogus"])
     assert capsys.readouterr().err.endswith("error: unrecognized arguments: --bogus\n")
+    parser.add_argument("--vocab-size")  # a script's own options, misspelled: those, not a setting
+    parser.add_argument("--out")
+    for argv, meant in ((["--vocab_size", "4096"], "--vocab-size"), (["--out_dir", "shards"], "--out")):
+        with pytest.raises(SystemExit):
+            parse_arguments(parser, argv)
+        assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: did you mean {meant}?\n")
 
 
 def test_a_misspelled_option_is_named_in_every_script(capsys):

@@ -143,7 +143,8 @@ def test_a_hung_rank_stops_the_others_with_a_clear_error(tmp_path, corpus):
         assert ranks[0].returncode == 1, err[-3000:]
         assert time.monotonic() - stopped_at < 60
         assert "error (rank 0): communication with the other ranks failed" in err
-        assert err.rstrip().endswith("no checkpoint was saved yet: start again once that is fixed")
+        assert err.rstrip().endswith("resume from this run's directory if it saved a checkpoint, else run the same "
+                                     "command again")
         assert "training.distributed_timeout_s = 6 s" in err and "Traceback" not in err
     finally:
         for proc in ranks:
@@ -185,7 +186,8 @@ def test_when_rank_0_refuses_to_start_the_others_point_to_its_error(tmp_path, co
     assert errors[0].startswith("error (rank 0): training.checkpoint_dir: ")
     assert errors[1].startswith("error (rank 1): communication with the other ranks failed (")
     assert "refused to start, its error is above" in errors[1]
-    assert errors[1].endswith("; no checkpoint was saved yet: start again once that is fixed\n")
+    assert errors[1].endswith("; once that is fixed, resume from this run's directory if it saved a checkpoint, "
+                              "else run the same command again\n")
     assert errors[1].count("\n") == 1
 
 

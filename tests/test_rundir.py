@@ -16,7 +16,7 @@ import rundir
 import train
 from checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from conftest import ROOT, run_dirs, write_config
-from rundir import (RunDir, checkpoints_in, clean_stale_temporaries, hold_auto_start, load_model, open_checkpoint,
+from rundir import (RunDir, checkpoints_in, clean_stale_temporaries, load_model, open_checkpoint,
                     release_run_directories, unused)
 
 
@@ -202,17 +202,26 @@ def test_auto_jobs_in_one_checkpoint_dir_run_one_at_a_time(tmp_path, corpus, cap
     checkpoint there is no run to resume, and both would train a new one."""
     path = write_config(tmp_path, corpus)
     auto = ["--config", str(path), "training.resume_from_checkpoint=auto"]
-    hold_auto_start(str(tmp_path / "ck"))  # the first copy, still running
+    first = subprocess.Popen([sys.executable, "-c", f"import rundir; rundir.hold_auto_start({str(tmp_path / 'ck')!r}); "
+                              f"print('held', flush=True); input()"],  # the first copy, still running
+                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        assert first.stdout.readline() == "held\n"
         assert train.main(auto) == 1
         assert capsys.readouterr().err == (
-            f"error: {tmp_path / 'ck'}: process {os.getpid()} on {socket.gethostname()} is running with "
+            f"error: {tmp_path / 'ck'}: process {first.pid} on {socket.gethostname()} is running with "
             f"training.resume_from_checkpoint=auto in this checkpoint_dir (a copy of this job?); wait for it to end, "
             f"or give this experiment a checkpoint_dir of its own\n")
         assert run_dirs(tmp_path) == []
     finally:
-        release_run_directories()
+        first.kill()
+        first.wait()
     assert train.main(auto) == 0 and len(run_dirs(tmp_path)) == 1  # the first one ended: this one starts
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")  # a checkpoint_dir that is a dangling link: one line
+    assert train.main([*auto, f"training.checkpoint_dir={tmp_path / 'gone'}"]) == 1
+    assert capsys.readouterr().err == (f"error: training.checkpoint_dir: {tmp_path / 'gone'} is a symbolic link to "
+                                       f"{tmp_path / 'nowhere'}, which does not exist; create that folder or set "
+                                       f"training.checkpoint_dir to another\n")
 
 
 def test_latest_past_an_unreadable_checkpoint_says_why_it_is_set_aside(tmp_path, corpus, capsys):
