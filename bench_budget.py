@@ -27,12 +27,12 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from config import add_config_arguments, load_config
 from config_file import parse_arguments
 from corpus import text_files_to_parquet
-from files import check_outputs
+from files import REPO, check_outputs
 from rundir import checkpoints_in, train_in
 from runtime import first_line
 from tokenizer import tokenizer_from_string
 
-TRAIN = str(Path(__file__).resolve().parent / "train.py")  # beside this script, wherever it is run from
+TRAIN = str(REPO / "train.py")
 CALIBRATION_STEPS = 60  # the per-step time is measured over the second half: compilation settles
 CURVE_POINTS = 8
 

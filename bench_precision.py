@@ -41,7 +41,7 @@ from config_file import parse_arguments
 from data import validation_batches
 from distributed import Ranks
 from evaluation import validation_loss
-from files import check_outputs
+from files import REPO, check_outputs
 from lowbit import to_4bit
 from model import BDH
 from rundir import checkpoints_in, train_in
@@ -50,7 +50,6 @@ from shards import list_units
 from tokenizer import load_tokenizer
 
 BF16 = ["low_precision.compute_dtype=bfloat16"]
-REPO = Path(__file__).resolve().parent  # train.py is beside this script, wherever it is run from
 FOUR_BIT_OPTIMIZER = ["low_precision.use_4bit_optimizer=true"]
 PAPER = {"v_form": "v", "signed_scale": False}  # with the other defaults: Li et al.'s format, as torchao has it
 EARLIER = {"m_code": "nf4", "v_code": "nf4", "v_form": "root4", "floor": True, "block_size": 32, "signed_scale": False}

@@ -23,15 +23,14 @@ import yaml
 
 from checkpoint import EXPORT_VERSION, CheckpointError
 from config_file import parse_arguments
-from files import read_records, write_folder
+from files import REPO, read_records, write_folder
 from lowbit import BLOCKSIZE, LowBitError, export_4bit, post_training_note
 from model import LAYER_WEIGHTS, BDHConfig
-from rundir import RESUMED_CONFIG_RE, open_checkpoint
+from rundir import RESUMED_CONFIG_RE, add_checkpoint_arguments, open_checkpoint
 from tokenizer import SEPARATOR_TOKEN, TokenizerError, tokenizer_from_string
 
-ROOT = Path(__file__).resolve().parent
-HF_FILES = {ROOT / "hf" / "configuration_bdh.py": "configuration_bdh.py", ROOT / "hf" / "modeling_bdh.py": "modeling_bdh.py",
-            ROOT / "model.py": "model.py"}
+HF_FILES = {REPO / "hf" / "configuration_bdh.py": "configuration_bdh.py",
+            REPO / "hf" / "modeling_bdh.py": "modeling_bdh.py", REPO / "model.py": "model.py"}
 EXPORT_FILES = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
                 "generation_config.json", *HF_FILES.values()}  # what write_export writes: all that --replace may delete
 
@@ -158,10 +157,7 @@ def write_export(folder: Path, ckpt, source: Path, out: str, hf: bool, four_bit:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default="latest",
-                        help="a run's checkpoint_<step>.pt or best.pt, a run directory, or latest (the default: the "
-                             "newest checkpoint of the newest run in --checkpoint-dir)")
-    parser.add_argument("--checkpoint-dir", help="where `latest` looks (default: checkpoints)")
+    add_checkpoint_arguments(parser, exports=False)
     parser.add_argument("--out", required=True, help="the folder to write")
     parser.add_argument("--hf", action="store_true", help="also a Hugging Face Transformers folder (trust_remote_code)")
     parser.add_argument("--4bit", dest="four_bit", action="store_true",

@@ -14,6 +14,8 @@ from pathlib import Path
 
 DESKTOP_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}  # what a file browser leaves in a folder it showed
 
+REPO = Path(__file__).resolve().parent  # the repository's folder: its scripts, wherever they run from
+
 
 def temporary_suffix() -> str:
     """.tmp<host>-<pid>: the host too, as folders may be shared between machines."""
@@ -178,5 +180,5 @@ def relative_to_here(path) -> str:
 def script_here(name: str) -> str:
     """The repository's script `name` (train.py) as a command run from the current folder writes
     it: the name alone in the repository's folder, else its full path."""
-    path = Path(__file__).resolve().parent / name
+    path = REPO / name
     return name if path.parent == Path.cwd().resolve() else str(path)

@@ -34,6 +34,7 @@ TAGS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_n
 PER_LAYER = {"sparsity_x": "sparsity/x", "sparsity_y": "sparsity/y"}
 FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # of each process, whatever log_freq says: whether it is viable shows in a minute
 SLOW_CPU_STEP_S = 5  # seconds a step on CPU (tiny.yaml: about 0.1) above which an hours-long run suggests tiny.yaml
+CPU_STEP_FLOPS = 1e12  # a few seconds at the bf16 speed of a many-core CPU; config.yaml's model is 5 per step
 
 
 class MetricsError(Exception):
@@ -362,4 +363,3 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run
     return "\n".join(lines)
 
 
-CPU_STEP_FLOPS = 1e12  # a few seconds at the bf16 speed of a many-core CPU; config.yaml's model is 5 per step

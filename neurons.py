@@ -22,7 +22,7 @@ import torch
 from checkpoint import CheckpointError
 from config_file import parse_arguments
 from files import picture_path
-from rundir import load_model, model_line
+from rundir import add_checkpoint_arguments, load_model, model_line
 from tokenizer import TokenizerError, tokenizer_from_string, utf8_argument
 
 MEMORY_BUDGET = 2 * 2**30  # bytes that latents() may take (memory_bytes): it limits the prompt's length
@@ -92,10 +92,7 @@ def draw(found, labels, out, max_neurons: int):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default="latest",
-                        help="a run's checkpoint_<step>.pt or best.pt, a run directory, a folder export.py wrote, "
-                             "or latest (the default: the newest checkpoint of the newest run in --checkpoint-dir)")
-    parser.add_argument("--checkpoint-dir", help="where `latest` looks (default: checkpoints)")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--out", default="neurons.png", help="the picture to write (default neurons.png)")
     parser.add_argument("--max-neurons", type=int, default=400, help="columns per layer (default 400)")

@@ -22,7 +22,7 @@ from config import learning_rate, step_tokens
 from positions import SHARDS, data_order, resume_point
 from distributed import full_state, load_full_state, load_full_weights
 from model import BDHConfig
-from rundir import RunDir, checkpoint_candidates, open_checkpoint
+from rundir import RunDir, checkpoint_candidates, hold_auto_start, open_checkpoint, resumable_runs
 from tokenizer import TokenizerError, load_tokenizer
 
 
@@ -78,6 +78,19 @@ def set_rng_state(state: dict, device):
     torch.set_rng_state(state["torch"])
     if device.type in state:
         getattr(torch, device.type).set_rng_state(state[device.type])
+
+
+def resolve_auto(checkpoint_dir: str, ranks, device) -> str | None:
+    """What resume_from_checkpoint=auto means: latest where checkpoint_dir holds a run with a
+    checkpoint (on any rank: a rank that sees none is told by latest), else None, a new run. One
+    auto job at a time decides and trains in checkpoint_dir (rundir.hold_auto_start)."""
+    if ranks.main:
+        hold_auto_start(checkpoint_dir)
+    if ranks.any(bool(resumable_runs(Path(checkpoint_dir))), device):
+        return "latest"
+    if ranks.main:
+        print(f"training.resume_from_checkpoint auto: no run with a checkpoint in {checkpoint_dir} yet: a new run")
+    return None
 
 
 def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, validation_batches: str, ranks, device,

@@ -140,6 +140,16 @@ def open_checkpoint(spec: str, checkpoint_dir: str | None, setting: str = "train
     raise CheckpointError(f"{setting}: {spec}: none of its {len(candidates)} checkpoint(s) can be read (see above)")
 
 
+def add_checkpoint_arguments(parser, exports: bool = True):
+    """--checkpoint and --checkpoint-dir, as sample.py, neurons.py and export.py take them (`exports`:
+    a folder export.py wrote is one too)."""
+    export = " a folder export.py wrote," if exports else ""
+    parser.add_argument("--checkpoint", default="latest",
+                        help=f"a run's checkpoint_<step>.pt or best.pt, a run directory,{export} or latest (the "
+                             f"default: the newest checkpoint of the newest run in --checkpoint-dir)")
+    parser.add_argument("--checkpoint-dir", help="where `latest` looks (default: checkpoints)")
+
+
 def load_model(spec: str, checkpoint_dir: str | None, setting: str) -> tuple[BDH, str, dict, str, str]:
     """(model, tokenizer as tokenizer.to_str() gives it, the low_precision settings it was trained
     with (exported_in_4bit if its weights are 4-bit already), which file and step it is, the

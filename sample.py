@@ -18,7 +18,7 @@ import torch
 from checkpoint import CheckpointError
 from config_file import parse_arguments
 from lowbit import LowBitError, post_training_note, to_4bit
-from rundir import load_model, model_line
+from rundir import add_checkpoint_arguments, load_model, model_line
 from runtime import DeviceError, pick_device
 from tokenizer import TokenizerError, text_change, tokenizer_from_string, utf8_argument
 
@@ -47,10 +47,7 @@ def text_as_it_comes(tokenizer, ids):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Generate text from a BDH checkpoint.")
-    parser.add_argument("--checkpoint", default="latest",
-                        help="a run's checkpoint_<step>.pt or best.pt, a run directory, a folder export.py wrote, "
-                             "or latest (the default: the newest checkpoint of the newest run in --checkpoint-dir)")
-    parser.add_argument("--checkpoint-dir", help="where `latest` looks (default: checkpoints)")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=500)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the likeliest token")

@@ -51,9 +51,8 @@ from metrics import (MetricsError, MetricsLog, StepLog, check_installed, describ
                      format_duration)
 from model import BDH
 from positions import data_order
-from resume import Progress, data_settings_hint, resume, save, set_rng_state, torch_rng_state
-from rundir import (RunDir, check_writable, clean_stale_temporaries, hold_auto_start, release_run_directories,
-                    resumable_runs)
+from resume import Progress, data_settings_hint, resolve_auto, resume, save, set_rng_state, torch_rng_state
+from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories
 from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_host_memory, compile_repeatably,
                      device_clock, emulated_dtype_warning, interrupted, memory_fix, one_line, out_of_memory,
                      peak_flops, pick_device, resolve_compute_dtype, steady_host_memory, wants_compile)
@@ -96,13 +95,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
         check_writable(training.checkpoint_dir)
         check_installed(cfg.logging)
     if training.resume_from_checkpoint == "auto":  # one command for a job's first start and its restarts
-        if ranks.main:
-            hold_auto_start(training.checkpoint_dir)
-        found = ranks.any(bool(resumable_runs(Path(training.checkpoint_dir))), device)  # (a rank without: latest says)
-        training.resume_from_checkpoint = "latest" if found else None
-        if training.resume_from_checkpoint is None and ranks.main:
-            print(f"training.resume_from_checkpoint auto: no run with a checkpoint in {training.checkpoint_dir} "
-                  f"yet: a new run")
+        training.resume_from_checkpoint = resolve_auto(training.checkpoint_dir, ranks, device)
     try:
         tokenizer, units, val_batches = prepare_data(cfg, ranks)
     except (DataError, TokenizerError) as e:
@@ -161,8 +154,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
     sample_generator = torch.Generator(device=device)
     stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main)
     stop_vote = StepVote(ranks)  # whether any rank heard a signal, one step late
-    compiling_steps = (progress.step + 1, qat_start + 1) if compile_model and qat_view else (
-        (progress.step + 1,) if compile_model else ())
+    compiling_steps = ()  # their time is mostly compilation
+    if compile_model:
+        compiling_steps = (progress.step + 1, qat_start + 1) if qat_view else (progress.step + 1,)
     step_log = StepLog(cfg, metrics, ranks, device, units, workers, progress.positions.values(),
                        first_step=progress.step + 1, compiling_steps=compiling_steps, loss_scaled=scaler.is_enabled(),
                        peak=peak, saved_passes=progress.passes)

@@ -107,6 +107,15 @@ def bpe_file(tmp_path, bpe_json):
 
 # ---- train.py runs: their run directories, and runs in a process of their own
 
+def config_problems(raw, overrides=()):
+    """The problems Config.from_dict reports for a raw config and overrides."""
+    from config import Config
+    from config_file import ConfigError
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict(raw, overrides)
+    return info.value.problems
+
+
 def run_dirs(tmp_path):
     """The run directories in tmp_path/ck (beside them: an auto run's .auto.lock)."""
     root = tmp_path / "ck"

@@ -7,15 +7,9 @@ import pytest
 import yaml
 
 import train
-from conftest import ROOT
-from config import Config, ConfigError, load_config
+from conftest import ROOT, config_problems
+from config import Config, load_config
 from model import BDHConfig
-
-
-def problems(raw, overrides=()):
-    with pytest.raises(ConfigError) as info:
-        Config.from_dict(raw, overrides)
-    return info.value.problems
 
 
 def test_defaults_follow_the_configuration_guide():
@@ -57,22 +51,22 @@ def test_shipped_configs_load():
 
 
 def test_unknown_section():
-    [p] = problems({"trainng": {}})
+    [p] = config_problems({"trainng": {}})
     assert p.startswith("trainng: unknown section; did you mean training?")
 
 
 def test_a_dotted_key_in_a_file_says_how_to_write_it():
-    assert problems({"training.batch_size": 4}) == [
+    assert config_problems({"training.batch_size": 4}) == [
         "training.batch_size: a dotted key belongs on the command line; in a YAML file write `batch_size:` indented "
         "under `training:`"]
 
 
 def test_numbers_that_cannot_train_are_refused():
-    assert problems({"training": {"learning_rate": float("nan"), "grad_clip": float("-inf")}}) == [
+    assert config_problems({"training": {"learning_rate": float("nan"), "grad_clip": float("-inf")}}) == [
         "training.learning_rate: must be a finite number, got nan", "training.grad_clip: must be a finite number, got -inf"]
-    assert problems({"training": {"seed": 2**32}}) == [
+    assert config_problems({"training": {"seed": 2**32}}) == [
         "training.seed: must be below 2**32 = 4294967296 (NumPy's seeds), got 4294967296"]
-    assert problems({"training": {"learning_rate": -1}}) == ["training.learning_rate: must be > 0, got -1.0"]  # alone
+    assert config_problems({"training": {"learning_rate": -1}}) == ["training.learning_rate: must be > 0, got -1.0"]  # alone
 
 
 def test_a_home_directory_in_paths_is_expanded(monkeypatch):
@@ -104,7 +98,7 @@ def test_a_home_directory_in_paths_is_expanded(monkeypatch):
     ({"training": {"distributed_timeout_s": 0}}, "training.distributed_timeout_s: must be > 0"),
 ])
 def test_value_checks(raw, fragment):
-    assert any(fragment in p for p in problems(raw)), problems(raw)
+    assert any(fragment in p for p in config_problems(raw)), config_problems(raw)
 
 
 @pytest.mark.parametrize("raw,fragment", [
@@ -116,7 +110,7 @@ def test_value_checks(raw, fragment):
 ])
 def test_fp8_combinations_that_cannot_work_are_refused(raw, fragment):
     raw = {**raw, "low_precision": {"use_fp8": True, **raw.get("low_precision", {})}}
-    assert any(fragment in p for p in problems(raw)), problems(raw)
+    assert any(fragment in p for p in config_problems(raw)), config_problems(raw)
 
 
 def test_fp8_settings_that_work_are_accepted():
@@ -125,7 +119,7 @@ def test_fp8_settings_that_work_are_accepted():
 
 
 def test_every_problem_is_reported_at_once():
-    ps = problems({"training": {"learnig_rate": 1, "batch_size": "8"}, "model": {"n_layer": -2},
+    ps = config_problems({"training": {"learnig_rate": 1, "batch_size": "8"}, "model": {"n_layer": -2},
                    "bogus": {}})
     assert len(ps) == 4
 

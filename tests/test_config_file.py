@@ -9,12 +9,7 @@ import yaml
 
 from config import Config, ConfigError, add_config_arguments
 from config_file import parse_arguments, read_yaml
-
-
-def problems(raw, overrides=()):
-    with pytest.raises(ConfigError) as info:
-        Config.from_dict(raw, overrides)
-    return info.value.problems
+from conftest import config_problems
 
 
 def file_problems(path, overrides=()):
@@ -24,12 +19,12 @@ def file_problems(path, overrides=()):
 
 
 def test_unknown_key_suggests_the_closest_name():
-    assert problems({"training": {"learnig_rate": 1e-3}}) == [
+    assert config_problems({"training": {"learnig_rate": 1e-3}}) == [
         "training.learnig_rate: unknown key; did you mean training.learning_rate?"]
 
 
 def test_key_in_the_wrong_section_points_to_the_right_one():
-    [p] = problems({"training": {"dropout": 0.2}})
+    [p] = config_problems({"training": {"dropout": 0.2}})
     assert "did you mean model.dropout?" in p
 
 
@@ -53,7 +48,7 @@ def test_key_in_the_wrong_section_points_to_the_right_one():
                                          "give a value, in quotes if it is ~ (`checkpoint_dir: \"~\"`)"),
 ])
 def test_wrong_types_name_path_expected_type_and_value(section, key, value, expected):
-    assert problems({section: {key: value}}) == [f"{section}.{key}: {expected}"]
+    assert config_problems({section: {key: value}}) == [f"{section}.{key}: {expected}"]
 
 
 def test_exponent_floats_that_pyyaml_reads_as_strings_are_accepted():
@@ -67,7 +62,7 @@ def test_whole_numbers_in_exponent_notation_are_accepted_for_ints():
     raw = yaml.safe_load("training:\n  max_iters: 1e5\n  eval_iters: 2.0e1\n  seed: 7.0\n")
     t = Config.from_dict(raw).training
     assert (t.max_iters, t.eval_iters, t.seed) == (100000, 20, 7) and type(t.max_iters) is int
-    assert problems({"training": {"max_iters": "1.5e0"}}) == ["training.max_iters: expected int, got str '1.5e0'"]
+    assert config_problems({"training": {"max_iters": "1.5e0"}}) == ["training.max_iters: expected int, got str '1.5e0'"]
 
 
 def test_int_is_accepted_for_float():
@@ -227,20 +222,20 @@ def test_a_key_or_section_given_twice_is_refused_naming_both_lines(tmp_path):
 
 
 def test_a_key_without_its_section_is_given_it():
-    assert problems({}, ["max_iters=5"]) == [
+    assert config_problems({}, ["max_iters=5"]) == [
         "max_iters=5: an override must look like section.key=value; did you mean training.max_iters=5?"]
-    assert problems({}, ["no_such=5"]) == [
+    assert config_problems({}, ["no_such=5"]) == [
         "no_such=5: an override must look like section.key=value (for example training.batch_size=16)"]
-    assert problems({}, ["epochs=3"]) == [
+    assert config_problems({}, ["epochs=3"]) == [
         "epochs=3: an override must look like section.key=value; training has no epochs setting: it runs "
         "training.max_iters optimizer steps of batch_size x block_size x gradient_accumulation_steps tokens each; set "
         "training.max_iters"]
 
 
 def test_an_override_split_at_a_space_is_joined_in_the_hint():
-    assert problems({}, ["training.max_iters", "100", "training.seed=3"]) == [
+    assert config_problems({}, ["training.max_iters", "100", "training.seed=3"]) == [
         "training.max_iters 100: an override is one argument; did you mean training.max_iters=100?"]
-    assert problems({}, ["training.max_iters", "my.yaml"])[-1].startswith("my.yaml: an override must look like")
+    assert config_problems({}, ["training.max_iters", "my.yaml"])[-1].startswith("my.yaml: an override must look like")
 
 
 @pytest.mark.parametrize("override,hint", [
@@ -258,7 +253,7 @@ def test_an_override_split_at_a_space_is_joined_in_the_hint():
     ("model.bias=false", "there is no such setting: BDH's layers have no bias terms"),
 ])
 def test_names_from_other_trainers_point_at_the_right_field(override, hint):
-    [problem] = problems({}, [override])
+    [problem] = config_problems({}, [override])
     assert problem.startswith(f"{override.split('=')[0]}: unknown key; ") and hint in problem
 
 

@@ -14,7 +14,7 @@ import distributed
 import train
 from checkpoint import load_checkpoint
 from config import Config, fsdp_problems
-from conftest import ROOT, free_port, write_config
+from conftest import ROOT, free_port, only_run, write_config
 from model import BDH, BDHConfig
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -36,11 +36,6 @@ def two_ranks(config, *overrides):
     return outputs[0][0]
 
 
-def the_run(checkpoint_dir):
-    [run] = checkpoint_dir.glob("run_*")
-    return run
-
-
 def train_losses(run):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}, \
@@ -54,12 +49,12 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpu
     assert train.main(["--config", str(config), "training.checkpoint_dir=" + str(tmp_path / "one"),
                        "training.gradient_accumulation_steps=2", "dataloader.num_workers=2"]) == 0
     capsys.readouterr()
-    one_train, one_val = train_losses(the_run(tmp_path / "one"))
+    one_train, one_val = train_losses(only_run(tmp_path / "one"))
     common = ["dataloader.num_workers=1"]
     out = torchrun(2, config, "training.checkpoint_dir=" + str(tmp_path / "ddp"), *common)
     assert "2 processes (ddp), global batch 4 x 1 x 2" in out and "128 tokens/step" in out
     assert [out.count(f"step {s}/4 |") for s in (1, 2, 3, 4)] == [1, 1, 1, 1]  # rank 0 alone logs
-    run = the_run(tmp_path / "ddp")
+    run = only_run(tmp_path / "ddp")
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events.out.tfevents")) == [
         ".lock", "best.pt", "checkpoint_4.pt", "config.yaml", "metrics.jsonl"]
     assert len(list(run.glob("events.out.tfevents*"))) == 1  # rank 0's TensorBoard file only
@@ -78,13 +73,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpu
     assert "still 2 readers (processes x workers), each continues where it stopped" in out
     assert "1 process where the checkpoint has 2: each rank's random state (dropout masks) is seeded afresh" in out
     assert "WARNING" not in out
-    assert train_losses(run)[0][5] == pytest.approx(train_losses(the_run(tmp_path / "one"))[0][5], rel=1e-5)
+    assert train_losses(run)[0][5] == pytest.approx(train_losses(only_run(tmp_path / "one"))[0][5], rel=1e-5)
 
     out = two_ranks(config, "training.checkpoint_dir=" + str(tmp_path / "fsdp"), "training.distributed=fsdp", *common)
     assert "2 processes (fsdp)" in out
     full = 8 * sum(t.numel() + 0.5 for t in load_checkpoint(run / "checkpoint_4.pt").model.values()) / 2**20
     assert f"optimizer AdamW, state {full:.2f} MiB in all, {full / 2:.2f} MiB per rank (FSDP shards it)" in out
-    fsdp_run = the_run(tmp_path / "fsdp")
+    fsdp_run = only_run(tmp_path / "fsdp")
     fsdp_train, _ = train_losses(fsdp_run)
     for step in one_train:
         assert fsdp_train[step] == pytest.approx(one_train[step], rel=1e-5, abs=1e-6)
@@ -113,14 +108,14 @@ def test_resume_of_a_two_process_run_is_exact(tmp_path, corpus):
               "low_precision.qat_start_fraction=0.5"]  # they work under DDP; QAT from step 4
     auto = "training.resume_from_checkpoint=auto"  # the ranks agree on whether a run is there to resume
     assert two_ranks(config, *common, auto).count("auto: no run with a checkpoint in") == 1
-    run = the_run(tmp_path / "ck")
+    run = only_run(tmp_path / "ck")
     straight = load_checkpoint(run / "checkpoint_6.pt")
     straight_train, straight_val = train_losses(run)
     for newer in ("checkpoint_6.pt", "best.pt"):  # (best.pt: step 6 too) the latest is now checkpoint_3.pt
         (run / newer).unlink()
     out = two_ranks(config, *common, auto)
     assert out.count("resuming from") == 1 and "at step 4" in out
-    assert the_run(tmp_path / "ck") == run
+    assert only_run(tmp_path / "ck") == run
     resumed = load_checkpoint(run / "checkpoint_6.pt")
     for name, tensor in straight.model.items():
         assert torch.equal(resumed.model[name], tensor), name
@@ -157,7 +152,7 @@ def test_two_gpus_with_nccl(tmp_path, corpus):
     config = write_config(tmp_path, corpus, model={"dropout": 0.0}, device="cuda")
     out = torchrun(2, config, "dataloader.num_workers=1")
     assert "device cuda:0" in out and "2 processes (ddp)" in out
-    assert load_checkpoint(the_run(tmp_path / "ck") / "checkpoint_4.pt").step == 4
+    assert load_checkpoint(only_run(tmp_path / "ck") / "checkpoint_4.pt").step == 4
 
 
 def spawn_ranks(config, *overrides, n=2):
@@ -206,7 +201,7 @@ def test_a_signal_to_one_rank_stops_all_of_them_at_the_same_step(tmp_path, corpu
         for proc in ranks:
             proc.kill()
             proc.communicate()
-    [ckpt] = the_run(tmp_path / "ck").glob("checkpoint_*.pt")
+    [ckpt] = only_run(tmp_path / "ck").glob("checkpoint_*.pt")
     step = load_checkpoint(ckpt).step
     assert f"stopped by a signal to another rank after step {step}" in out
     assert "torchrun --standalone --nproc_per_node=2 train.py" in out
