@@ -59,19 +59,7 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
     problems of keys given twice in a section instead (the mapping keeps the last), to be reported
     with the others."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        with_suffix = [f"{path}{suffix}" for suffix in (".yaml", ".yml") if Path(f"{path}{suffix}").is_file()]
-        fix = f"did you mean --config {with_suffix[0]}?" if with_suffix else "pass an existing file with --config"
-        raise ConfigError([f"{path}: config file not found{relative_to_here(path)}; {fix}"])
-    except UnicodeDecodeError as e:
-        if path.read_bytes()[:4] == b"PK\x03\x04":  # a zip archive: what torch.save writes
-            raise ConfigError([f"{path}: a checkpoint, not a YAML config file; resume it with "
-                               f"training.resume_from_checkpoint={path} (its run's config.yaml is the config)"])
-        raise ConfigError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the config as UTF-8"])
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read config file: {e}"])
+    text = read_config_text(path)
     loader = None
     try:
         loader = _UniqueKeyLoader(text)  # a control character stops it here already (a ReaderError)
@@ -86,19 +74,7 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
         raise ConfigError([f"{path}:{line}: YAML cannot hold character U+{e.character:04X} (a control character): "
                            f"delete it"]) from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        if getattr(e, "context", None) == "while scanning a simple key":  # `key value`: found a line later
-            mark = e.context_mark
-        elif getattr(e, "problem", None) == "mapping values are not allowed here" and mark:
-            marked = text.splitlines()[mark.line][:mark.column] if mark.line < len(text.splitlines()) else ""
-            e.problem += (" (a value holding ': ' needs quotes: key: \"a: b\")" if ":" in marked.split("#")[0]
-                          else " (is the ':' after a key on the line before missing?)")  # `key value` read on
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
-        if re.search(r":\s+[*&!\[{]", line):  # YAML syntax, unless quoted
-            problem += ' (a value that starts with *, &, !, [ or {, such as a glob pattern, needs quotes: "*.parquet")'
-        raise ConfigError([f"{where}: YAML syntax error: {problem}"])
+        raise ConfigError([yaml_syntax_problem(path, text, e)]) from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -116,6 +92,40 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
         raise ConfigError([f"{path}: the top level must be a mapping of sections ({', '.join(sections)}), "
                            f"got {type(raw).__name__}"])
     return raw
+
+
+def read_config_text(path: Path) -> str:
+    """The text of a config file; ConfigError says what to do if it is missing or not text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        with_suffix = [f"{path}{suffix}" for suffix in (".yaml", ".yml") if Path(f"{path}{suffix}").is_file()]
+        fix = f"did you mean --config {with_suffix[0]}?" if with_suffix else "pass an existing file with --config"
+        raise ConfigError([f"{path}: config file not found{relative_to_here(path)}; {fix}"])
+    except UnicodeDecodeError as e:
+        if path.read_bytes()[:4] == b"PK\x03\x04":  # a zip archive: what torch.save writes
+            raise ConfigError([f"{path}: a checkpoint, not a YAML config file; resume it with "
+                               f"training.resume_from_checkpoint={path} (its run's config.yaml is the config)"])
+        raise ConfigError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the config as UTF-8"])
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read config file: {e}"])
+
+
+def yaml_syntax_problem(path: Path, text: str, e: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: where the mistake most likely is, and a hint for the usual ones."""
+    lines = text.splitlines()
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
+    if getattr(e, "context", None) == "while scanning a simple key":  # `key value`: found a line later
+        mark = e.context_mark
+    elif problem == "mapping values are not allowed here" and mark:
+        before_mark = lines[mark.line][:mark.column] if mark.line < len(lines) else ""
+        problem += (" (a value holding ': ' needs quotes: key: \"a: b\")" if ":" in before_mark.split("#")[0]
+                    else " (is the ':' after a key on the line before missing?)")  # `key value` joined to this line
+    line = lines[mark.line] if mark and mark.line < len(lines) else ""
+    if re.search(r":\s+[*&!\[{]", line):  # YAML syntax, unless quoted
+        problem += ' (a value that starts with *, &, !, [ or {, such as a glob pattern, needs quotes: "*.parquet")'
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    return f"{where}: YAML syntax error: {problem}"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -259,6 +259,12 @@ def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=
                       generator=torch.Generator())  # keeps the global RNG (dropout) untouched
 
 
+def rank_positions(positions, rank: int, workers: int) -> dict:
+    """{reader: position} of the readers of this rank among `positions`: readers are numbered
+    rank x max(1, workers) + worker (ParquetBatches)."""
+    return {p["reader"]: p for p in positions if p["reader"] // max(1, workers) == rank}
+
+
 def validation_batches(cfg, units, tokenizer) -> list:
     """The first eval_iters validation batches, read once: the same set at every evaluation. They
     come from the validation documents of `units`, or from dataset.val_parquet_dir."""

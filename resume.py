@@ -37,7 +37,7 @@ class Progress:
     positions: dict = field(default_factory=dict)  # this rank's readers' positions after those batches
     passes: float | None = None  # over the training data, at the step (StepLog.passes; None: not known)
     measured_anew: bool = False  # a resume changed what validation measures: the next evaluation's record says so
-    validation_batches: str | None = None  # their fingerprint (evaluation.validation_fingerprint)
+    val_fingerprint: str | None = None  # of the validation batches (evaluation.validation_fingerprint)
 
 
 def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=None) -> Path:
@@ -51,7 +51,7 @@ def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tok
                       best_val_loss=progress.best_val_loss, rng=ranks.gather(rng_state(device)), data_order=order,
                       data_positions=positions, batches_consumed=progress.batches_consumed, tokenizer=tokenizer.to_str(),
                       passes=progress.passes, measured_anew=progress.measured_anew,
-                      validation_batches=progress.validation_batches)
+                      validation_batches=progress.val_fingerprint)
     return ranks.gather(run.save(ckpt, cfg.to_yaml(), name))[0]
 
 
@@ -93,11 +93,11 @@ def resolve_auto(checkpoint_dir: str, ranks, device) -> str | None:
     return None
 
 
-def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, validation_batches: str, ranks, device,
+def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerprint: str, ranks, device,
            command_line=frozenset()):
     """Load the checkpoint of training.resume_from_checkpoint into the model, optimizer and
     scaler; returns (its run directory, Progress, the data stream's start positions).
-    `validation_batches`: the fingerprint of this run's (evaluation.validation_fingerprint);
+    `val_fingerprint`: that of this run's validation batches (evaluation.validation_fingerprint);
     `command_line`: the settings the command line gives (check_same_data)."""
     low_precision = cfg.low_precision
     if is_export(cfg.training.resume_from_checkpoint):
@@ -140,7 +140,7 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, validation_
     positions, progress.batches_consumed = resume_point(
         cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
     if warning := validation_change(ckpt.config, cfg.to_dict(), (ckpt.data_order or {}).get(SHARDS), shards,
-                                    ckpt.validation_batches, validation_batches):
+                                    ckpt.validation_batches, val_fingerprint):
         print(warning)
         best_afresh = True
     if best_afresh:

@@ -45,6 +45,32 @@ def text_as_it_comes(tokenizer, ids):
     yield tokenizer.decode(window)[printed:]
 
 
+def load_for_sampling(args):
+    """(model in eval mode on its device, tokenizer, device) of --checkpoint, in 4 bits with --4bit;
+    what it read is said on stderr (stdout holds the text only)."""
+    device = pick_device(args.device, setting="--device")
+    if args.four_bit and device.type == "mps":
+        raise DeviceError("--4bit: bitsandbytes' 4-bit quantization runs on cpu or cuda; add --device cpu")
+    model, saved_tokenizer, low_precision, origin, trained_on = load_model(args.checkpoint, args.checkpoint_dir,
+                                                                           "--checkpoint")
+    print(model_line(origin, trained_on), file=sys.stderr)
+    model = model.to(device).eval()
+    tokenizer = tokenizer_from_string(saved_tokenizer)
+    if args.four_bit and low_precision.get("exported_in_4bit"):
+        raise CheckpointError(f"--4bit: {args.checkpoint} holds 4-bit weights already (export.py --4bit): "
+                              f"drop --4bit")
+    if low_precision.get("exported_in_4bit") and low_precision.get("use_4bit") is False:  # (unknown: None)
+        print(post_training_note(origin), file=sys.stderr)  # quantized by export.py --4bit
+    if args.four_bit:
+        if low_precision.get("use_4bit") is False:  # (a folder exported before it was recorded: not known)
+            print(post_training_note(origin), file=sys.stderr)
+        quant_type, double_quant = low_precision["quantization_type"], low_precision["use_double_quant"]
+        before, after = to_4bit(model, quant_type, double_quant)
+        print(f"4-bit weights ({quant_type}{', double quant' if double_quant else ''}): model "
+              f"{after / 2**20:.2f} MiB, float32 {before / 2**20:.2f} MiB (1/{before / after:.1f})", file=sys.stderr)
+    return model, tokenizer, device
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Generate text from a BDH checkpoint.")
     add_checkpoint_arguments(parser)
@@ -67,27 +93,7 @@ def main(argv=None) -> int:
         parser.error(f"--seed must be from -2**63 to 2**64 - 1 (what torch.Generator takes), got {args.seed}")
     args.prompt = utf8_argument(args.prompt, "--prompt")
     try:
-        device = pick_device(args.device, setting="--device")
-        if args.four_bit and device.type == "mps":
-            raise DeviceError("--4bit: bitsandbytes' 4-bit quantization runs on cpu or cuda; add --device cpu")
-        model, saved_tokenizer, low_precision, origin, trained_on = load_model(args.checkpoint, args.checkpoint_dir,
-                                                                               "--checkpoint")
-        print(model_line(origin, trained_on), file=sys.stderr)  # (stdout holds the text only)
-        model = model.to(device).eval()
-        tokenizer = tokenizer_from_string(saved_tokenizer)
-        if args.four_bit and low_precision.get("exported_in_4bit"):
-            raise CheckpointError(f"--4bit: {args.checkpoint} holds 4-bit weights already (export.py --4bit): "
-                                  f"drop --4bit")
-        if low_precision.get("exported_in_4bit") and low_precision.get("use_4bit") is False:  # (unknown: None)
-            print(post_training_note(origin), file=sys.stderr)  # quantized by export.py --4bit
-        if args.four_bit:
-            if low_precision.get("use_4bit") is False:  # (a folder exported before it was recorded: not known)
-                print(post_training_note(origin), file=sys.stderr)
-            quant_type, double_quant = low_precision["quantization_type"], low_precision["use_double_quant"]
-            before, after = to_4bit(model, quant_type, double_quant)
-            print(f"4-bit weights ({quant_type}{', double quant' if double_quant else ''}): model "
-                  f"{after / 2**20:.2f} MiB, float32 {before / 2**20:.2f} MiB (1/{before / after:.1f})",
-                  file=sys.stderr)
+        model, tokenizer, device = load_for_sampling(args)
     except (CheckpointError, DeviceError, LowBitError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

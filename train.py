@@ -40,7 +40,7 @@ from adamw4bit import make_optimizer
 from checkpoint import CheckpointError
 from config import add_config_arguments, learning_rate, load_config, step_tokens
 from config_file import parse_arguments
-from data import loader_workers, prepare_data, stop_loader_workers, train_loader
+from data import loader_workers, prepare_data, rank_positions, stop_loader_workers, train_loader
 from distributed import (DistributedError, Ranks, communication_failure, gradient_sync, local_tensor, shutdown, start,
                          wrap)
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
@@ -102,7 +102,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
         if training.resume_from_checkpoint and (hint := data_settings_hint(cfg, e)):
             raise type(e)(f"{e}{hint}") from None
         raise
-    val_tokens_per_byte, validation = tokens_per_byte(val_batches, tokenizer), validation_fingerprint(val_batches)
+    val_tokens_per_byte, val_fingerprint = tokens_per_byte(val_batches, tokenizer), validation_fingerprint(val_batches)
     workers = loader_workers(cfg, units, ranks.world_size)
 
     # ---- model and optimizer
@@ -118,7 +118,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
         print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
     if training.resume_from_checkpoint:
         run, progress, start_positions = resume(cfg, raw_model, optimizer, scaler, tokenizer, units, workers,
-                                                validation, ranks, device, command_line)
+                                                val_fingerprint, ranks, device, command_line)
         if progress.step >= training.max_iters:
             print(f"nothing to do: the checkpoint {progress.last_saved} is at step {progress.step} and "
                   f"training.max_iters is {training.max_iters}; raise max_iters to train further")
@@ -126,7 +126,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
     else:  # a new run, whose directory the first checkpoint creates
         run, progress = RunDir(training.checkpoint_dir, writer=ranks.main), Progress()
         start_positions = []
-    progress.validation_batches = validation
+    progress.val_fingerprint = val_fingerprint
     if compile_model:
         model = torch.compile(model)
 
@@ -148,8 +148,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
     loader = iter(train_loader(cfg, units, tokenizer, workers, start_positions, progress.batches_consumed,
                                pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
                                rank=ranks.rank, world_size=ranks.world_size))
-    # this rank's readers' positions: readers are numbered rank x max(1, workers) + worker (ParquetBatches)
-    progress.positions = {p["reader"]: p for p in start_positions if p["reader"] // max(1, workers) == ranks.rank}
+    progress.positions = rank_positions(start_positions, ranks.rank, workers)
     order = data_order(cfg, units, workers, ranks.world_size)
     sample_generator = torch.Generator(device=device)
     stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main)
