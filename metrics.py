@@ -312,7 +312,9 @@ def format_duration(seconds: float) -> str:
 
 
 def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run, tokens_per_step, compiled,
-                 fp8_recipe, qat_start) -> str:
+                 fp8_recipe, qat_start, peak_source: str) -> str:
+    """The lines that start a run: model, data, optimizer, then notes. `peak_source`: what MFU is
+    measured against ("": no MFU)."""
     training, low_precision = cfg.training, cfg.low_precision
     n_params = cfg.model.n_params
     if low_precision.compute_dtype == "auto":
@@ -360,6 +362,12 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run
         lines.append(f"note: training.warmup_iters {training.warmup_iters} >= max_iters {training.max_iters}: the "
                      f"learning rate rises to {learning_rate(training.max_iters, training):.3g} of "
                      f"{training.learning_rate:.3g} and never decays; lower warmup_iters for a full schedule")
+    lines += [f"note: {line}" for line in cfg.unused_settings()]
+    if peak_source:
+        lines.append(f"MFU against the {peak_source}"
+                     + (f" (FP8 too: the same {compute_dtype.removesuffix(' (auto)')} yardstick)" if fp8_recipe else ""))
+    if compiled:
+        lines.append("torch.compile: the first step compiles the model and takes longer")
     return "\n".join(lines)
 
 

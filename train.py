@@ -134,15 +134,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
     continues_run_dir = run.path is not None
     metrics = MetricsLog(run, cfg, resumed_step=progress.step if continues_run_dir else None)
     print(describe_run(cfg, raw_model, optimizer, ranks, device, compute_dtype, units, run, tokens_per_step,
-                       compile_model, fp8_recipe, qat_start))
-    if ranks.main:
-        for line in cfg.unused_settings():
-            print(f"note: {line}")
-    if peak:
-        print(f"MFU against the {peak_source}"
-              + (f" (FP8 too: the same {compute_dtype} yardstick)" if fp8_recipe else ""))
-    if compile_model:
-        print("torch.compile: the first step compiles the model and takes longer", flush=True)
+                       compile_model, fp8_recipe, qat_start, peak_source), flush=True)
 
     # ---- the training stream
     loader = iter(train_loader(cfg, units, tokenizer, workers, start_positions, progress.batches_consumed,
