@@ -26,10 +26,11 @@ class StoppedWhileClosing(KeyboardInterrupt):
 class GracefulStop:
     """SIGINT/SIGTERM/SIGHUP: finish what runs (`doing`: the step, the evaluation, the checkpoint),
     save a checkpoint, exit 0. In a single process a second Ctrl-C stops at once, except while a
-    checkpoint is written (that would lose it), and says how to resume if the checkpoint is saved; under torchrun the agent forwards the signal it got
-    itself, so repeats are expected and ignored (the agent kills the ranks 30 s later anyway). The
-    handler says at once that it heard, with os.write: print() could re-enter a print the loop is in.
-    A SIGHUP that is ignored (nohup) stays ignored."""
+    checkpoint is written (that would lose it), and says how to resume once one is saved (closing());
+    under torchrun the agent forwards the signal it got itself, so repeats are expected and ignored
+    (the agent kills the ranks 30 s later anyway). The handler says at once that it heard, with
+    os.write: print() could re-enter a print the loop is in. A SIGHUP that is ignored (nohup) stays
+    ignored."""
 
     def __init__(self, second_signal_stops: bool, announce: bool):
         self.signal_name, self.doing, self.last_words = None, "the step", ""
