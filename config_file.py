@@ -281,6 +281,8 @@ def parse_arguments(parser, argv=None):
             difflib.get_close_matches(dashed, options, n=1, cutoff=0.8)
         setting = [p for p in settings if p.split(".")[1] == key] if item.startswith("--") else []
         if setting and f"--{key.replace('_', '-')}" not in options:
+            if value == "VALUE" and setting[0] in getattr(parser, "switch_paths", ()):  # a bare flag: switched on
+                value = "true"
             parser.error(f"unrecognized argument {item}: settings are given as section.key=value: {setting[0]}={value}")
         if item.startswith("-") and own:
             parser.error(f"unrecognized argument {item}: did you mean {own[0]}?")

@@ -282,7 +282,7 @@ def test_an_override_written_as_an_option_is_told_to_drop_the_dashes(capsys):
     # nanoGPT's way (--max_iters 10): the setting of that name, in its section
     for argv, hint in ((["--max_iters", "10"], "training.max_iters=10"), (["--batch-size=8"], "training.batch_size=8"),
                        (["--n_layer", "--config", "a.yaml"], "model.n_layer=VALUE"), (["--lr", "1e-3"],
-                       "training.learning_rate=1e-3"), (["--debug", "training.max_iters=4"], "training.debug=VALUE")):
+                       "training.learning_rate=1e-3"), (["--debug", "training.max_iters=4"], "training.debug=true")):
         with pytest.raises(SystemExit):
             parse_arguments(parser, argv)
         assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: settings are given as "
