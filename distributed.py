@@ -117,9 +117,23 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
     return ranks, device
 
 
+_PEERS_LOST = []  # a collective failed (communication_failure): the process group cannot be torn down cleanly
+
+
 def shutdown():
-    if dist.is_initialized():
+    if dist.is_initialized() and not _PEERS_LOST:
         dist.destroy_process_group()
+
+
+def leave(status: int):
+    """The script's exit with `status`. After a failed collective, at once (os._exit, the output
+    flushed): the interpreter's own exit would meet gloo's threads still waiting on the lost peer, and
+    abort (SIGABRT, exit -6) after the one-line error."""
+    if _PEERS_LOST:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:
@@ -197,6 +211,7 @@ def communication_failure(e: BaseException, ranks: Ranks, timeout_s: int) -> str
     if not any(s in text.lower() for s in ("timed out", "timeout", "connection closed", "connection reset",
                                            "nccl", "broken pipe", "processgroup")):
         return None
+    _PEERS_LOST.append(ranks.rank)
     return (f"communication with the other ranks failed ({last_line(e)[:200]}): if another rank died, hangs or "
             f"refused to start, its error is above (none if a signal killed it, as the kernel's out-of-memory "
             f"killer does; a collective waits at most training.distributed_timeout_s = {timeout_s} s); once that is "
