@@ -310,7 +310,7 @@ def add_config_arguments(parser, default: str = "config.yaml"):
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override any config field, e.g. training.batch_size=16")
     parser.setting_paths = all_paths()  # parse_arguments: --max_iters 10 is training.max_iters=10
-    parser.switch_paths = {f"{name}.{key}" for name, cls in _sections().items()  # and --compile: training.compile=true
+    parser.switch_paths = {f"{name}.{key}" for name, cls in _sections().items()  # and --debug: training.debug=true
                            for key, hint in typing.get_type_hints(cls).items() if hint is bool}
 
 
