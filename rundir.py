@@ -38,7 +38,7 @@ def checkpoints_in(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def train_in(workdir: Path, arguments: list, python_args=("train.py",), note="") -> tuple[Path, list[dict]]:
+def train_in(workdir: Path, arguments: list, python_args, note="") -> tuple[Path, list[dict]]:
     """For the benchmark scripts: prints and runs `python *python_args *arguments` (train.py, or a
     -c line that starts it) with its checkpoints in workdir/checkpoints; (its run directory, its
     metrics.jsonl records)."""
