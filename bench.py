@@ -31,9 +31,8 @@ from data import loader_workers, train_loader
 from files import check_outputs
 from model import BDH
 from reference import reference_forward
-from runtime import (DTYPES, DeviceError, autocast, check_can_compile, compile_repeatably, device_clock,
-                     measured_matmul_flops, peak_memory_bytes, pick_device, process_status_bytes, resolve_compute_dtype,
-                     steady_host_memory, wants_compile)
+from runtime import (DTYPES, DeviceError, autocast, device_clock, measured_matmul_flops, peak_memory_bytes, pick_device,
+                     prepare_compile, process_status_bytes, resolve_compute_dtype, steady_host_memory, wants_compile)
 from shards import DataError, list_units
 from tokenizer import TokenizerError, load_tokenizer
 
@@ -260,9 +259,7 @@ def main(argv=None) -> int:
         return 1
     try:
         device = pick_device(cfg.training.device)
-        if wants_compile(cfg.training, device):
-            check_can_compile(device)
-            compile_repeatably(device)
+        prepare_compile(cfg.training, device)
         if "loader" not in args.skip and not args.memory_probe:  # its data: checked before the minutes of timing
             ensure_sample_corpus(cfg)
             units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)

@@ -28,6 +28,7 @@ from config import add_config_arguments, load_config
 from config_file import parse_arguments
 from corpus import text_files_to_parquet
 from files import REPO, check_outputs
+from model import BDHConfig
 from rundir import checkpoints_in, train_in
 from runtime import first_line
 from tokenizer import tokenizer_from_string
@@ -89,7 +90,7 @@ def run_variant(config, overrides, seconds, data: Path, heldout: str, workdir: P
     return {"overrides": overrides, "max_iters": max_iters, "startup_s": startup and round(startup, 1),
             "ms_per_step": per_step and round(per_step * 1000, 1),
             "tokens_per_s": statistics.median(rates) if rates else None,
-            "parameters": sum(t.numel() for t in ckpt.model.values()),
+            "parameters": BDHConfig(**ckpt.model_config).n_params,
             "tokens": max_iters * training["batch_size"] * training["block_size"] * training["gradient_accumulation_steps"],
             "curve": [(round(t, 1), round(loss, 4)) for t, loss in curve], "heldout_loss": round(curve[-1][1], 4),
             "seconds": round(curve[-1][0], 1)}

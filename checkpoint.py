@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from config import LowPrecisionConfig
+from files import ZIP_MAGIC
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line, shortened
 
-PROJECT_VERSION = "0.4.4"
+PROJECT_VERSION = "0.4.5"
 
 
 class CheckpointError(Exception):
@@ -86,9 +87,9 @@ def load_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or first_line(e)})") from None
     if not magic:
         raise CheckpointError(f"{path}: not a checkpoint (the file is empty)")
-    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip, or its legacy pickle format
+    if magic != ZIP_MAGIC and magic[:1] != b"\x80":  # torch.save's zip, or its legacy pickle format
         raise CheckpointError(f"{path}: not a checkpoint (not a file written by torch.save)")
-    if magic == b"PK\x03\x04" and (entry := damaged_entry(path)):
+    if magic == ZIP_MAGIC and (entry := damaged_entry(path)):
         raise CheckpointError(f"{path}: not a readable checkpoint (damaged: the bytes of {entry} do not match their "
                               f"checksum, a disk or copy error); use an earlier checkpoint or a good copy")
     try:

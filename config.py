@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from config_file import ConfigError, apply_override, read_yaml, suggest, typed_section
+from distributed import first_process, launched_by_torchrun
 from model import BDHConfig
 
 
@@ -181,9 +182,9 @@ class Config:
             sections[name] = section_cls(**values)
         config = cls(**sections)
         for path in PATHS:
-            if isinstance(config._get(path), str):
+            if isinstance(config.get(path), str):
                 section, key = path.split(".")
-                setattr(getattr(config, section), key, os.path.expanduser(config._get(path)))
+                setattr(getattr(config, section), key, os.path.expanduser(config.get(path)))
         reported = {p.split(":", 1)[0] for p in problems}
         problems += [p for p in config._check_values() if p.split(":", 1)[0] not in reported]
         if problems:
@@ -191,20 +192,20 @@ class Config:
         return config
 
     def _check_values(self):
-        problems = [f"{path}: must be a finite number, got {self._get(path)}" for path in all_paths()
-                    if isinstance(self._get(path), float) and not math.isfinite(self._get(path))]
+        problems = [f"{path}: must be a finite number, got {self.get(path)}" for path in all_paths()
+                    if isinstance(self.get(path), float) and not math.isfinite(self.get(path))]
         if problems:  # the checks below would misread them
             return problems
         for path in POSITIVE:
-            if self._get(path) <= 0:
-                problems.append(f"{path}: must be > 0, got {self._get(path)}")
+            if self.get(path) <= 0:
+                problems.append(f"{path}: must be > 0, got {self.get(path)}")
         for path in NON_NEGATIVE:
-            if self._get(path) < 0:
-                problems.append(f"{path}: must be >= 0, got {self._get(path)}")
+            if self.get(path) < 0:
+                problems.append(f"{path}: must be >= 0, got {self.get(path)}")
         for path, allowed in CHOICES.items():
-            if self._get(path) not in allowed:
-                gpu = re.fullmatch(r"cuda:(\d+)", str(self._get(path))) if path == "training.device" else None
-                problems.append(f"{path}: must be one of {', '.join(allowed)}; got {self._get(path)!r}"
+            if self.get(path) not in allowed:
+                gpu = re.fullmatch(r"cuda:(\d+)", str(self.get(path))) if path == "training.device" else None
+                problems.append(f"{path}: must be one of {', '.join(allowed)}; got {self.get(path)!r}"
                                 + (f" (for GPU {gpu[1]}: training.device=cuda and CUDA_VISIBLE_DEVICES={gpu[1]} "
                                    f"before the command)" if gpu else ""))
         model, training = self.model, self.training
@@ -263,7 +264,7 @@ class Config:
         (it applies only with another setting on): the value would change nothing."""
         low_precision, logging = self.low_precision, self.logging
         unused_when = {
-            "dataset.val_fraction": (self.dataset.val_parquet_dir, "validation reads all of dataset.val_parquet_dir"),
+            "dataset.val_fraction": (self.dataset.val_parquet_dir, "the validation documents are all of dataset.val_parquet_dir's"),
             "low_precision.qat_start_fraction": (not low_precision.use_4bit, "low_precision.use_4bit is off"),
             **{f"fp8.{f.name}": (not low_precision.use_fp8, "low_precision.use_fp8 is off")
                for f in dataclasses.fields(FP8Config)},
@@ -275,10 +276,11 @@ class Config:
                                  "training.debug runs the model uncompiled"),
         }
         defaults = Config()
-        return [f"{path} {self._get(path)!r} is not used: {why}" for path, (unused, why) in unused_when.items()
-                if unused and self._get(path) != defaults._get(path)]
+        return [f"{path} {self.get(path)!r} is not used: {why}" for path, (unused, why) in unused_when.items()
+                if unused and self.get(path) != defaults.get(path)]
 
-    def _get(self, path):
+    def get(self, path: str):
+        """The value of a setting by its path, "section.key"."""
         section, key = path.split(".")
         return getattr(getattr(self, section), key)
 
@@ -328,7 +330,7 @@ def load_config(args) -> Config:
     """The config of parsed add_config_arguments; on problems, prints them one per line and exits
     with status 2, as argparse does for bad arguments (under torchrun, rank 0 alone prints them). An
     override given twice with two values is noted: the last applies, so scripts can add to a command."""
-    rank_zero = os.environ.get("RANK", "0") == "0"  # torchrun's environment: no process group yet
+    rank_zero = first_process()
     given = {}
     for item in args.overrides:
         path, _, value = item.partition("=")
@@ -341,7 +343,7 @@ def load_config(args) -> Config:
         if rank_zero and args.config and not read_yaml(args.config, _sections()):  # an editor's unsaved new file
             print(f"note: {args.config} holds no settings: every setting not given on the command line has its "
                   f"default (config.yaml lists them)", file=sys.stderr)
-        sharded = cfg.training.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun
+        sharded = cfg.training.distributed == "fsdp" and launched_by_torchrun()
         if sharded and (problems := fsdp_problems(cfg)):
             raise ConfigError(problems)
         return cfg

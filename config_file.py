@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from files import relative_to_here
+from files import ZIP_MAGIC, relative_to_here
 
 # PyYAML (YAML 1.1) reads 1e-3 and 1e5 as strings; a number field accepts exactly these (an int one if whole).
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
@@ -103,7 +103,7 @@ def read_config_text(path: Path) -> str:
         fix = f"did you mean --config {with_suffix[0]}?" if with_suffix else "pass an existing file with --config"
         raise ConfigError([f"{path}: config file not found{relative_to_here(path)}; {fix}"])
     except UnicodeDecodeError as e:
-        if path.read_bytes()[:4] == b"PK\x03\x04":  # a zip archive: what torch.save writes
+        if path.read_bytes()[:4] == ZIP_MAGIC:  # what torch.save writes
             raise ConfigError([f"{path}: a checkpoint, not a YAML config file; resume it with "
                                f"training.resume_from_checkpoint={path} (its run's config.yaml is the config)"])
         raise ConfigError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the config as UTF-8"])
@@ -115,17 +115,32 @@ def yaml_syntax_problem(path: Path, text: str, e: yaml.YAMLError) -> str:
     """One line for a YAML syntax error: where the mistake most likely is, and a hint for the usual ones."""
     lines = text.splitlines()
     mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
-    if getattr(e, "context", None) == "while scanning a simple key":  # `key value`: found a line later
+    content = [line.split("#")[0].strip() for line in lines]
+    syntax = isinstance(e, (yaml.scanner.ScannerError, yaml.parser.ParserError))  # (not what a constructor refused)
+    # `key value`: PyYAML finds the mistake a line later, or past a comment, in its own words
+    if syntax and mark and (k := line_without_colon(content[:mark.line + 1])) is not None:
+        return f"{path}:{k + 1}: YAML syntax error: {content[k]!r} has no ':' after its key (key: value)"
+    if getattr(e, "context", None) == "while scanning a simple key":  # found a line later
         mark = e.context_mark
-    elif problem == "mapping values are not allowed here" and mark:
-        before_mark = lines[mark.line][:mark.column] if mark.line < len(lines) else ""
-        problem += (" (a value holding ': ' needs quotes: key: \"a: b\")" if ":" in before_mark.split("#")[0]
-                    else " (is the ':' after a key on the line before missing?)")  # `key value` joined to this line
+    elif problem == "mapping values are not allowed here" and mark and mark.line < len(lines):
+        before_mark, indent = lines[mark.line][:mark.column], len(lines[mark.line]) - len(lines[mark.line].lstrip())
+        above = next((k for k in range(mark.line - 1, -1, -1) if content[k]), None)
+        if ":" in before_mark.split("#")[0]:
+            problem += " (a value holding ': ' needs quotes: key: \"a: b\")"
+        elif above is not None and not content[above].endswith(":") and indent > len(lines[above]) - len(
+                lines[above].lstrip()):  # under a key that has its value: a key of the same mapping, indented more
+            problem += f" (is it indented more than line {above + 1}, a key of the same section?)"
     line = lines[mark.line] if mark and mark.line < len(lines) else ""
     if re.search(r":\s+[*&!\[{]", line):  # YAML syntax, unless quoted
         problem += ' (a value that starts with *, &, !, [ or {, such as a glob pattern, needs quotes: "*.parquet")'
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
     return f"{where}: YAML syntax error: {problem}"
+
+
+def line_without_colon(content: list[str]) -> int | None:
+    """The first of these lines (comments cut) that holds text but neither a key's ':' nor a list item."""
+    return next((k for k, text in enumerate(content) if text and ":" not in text and not text.startswith(("-", "?"))),
+                None)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -75,6 +75,33 @@ def write_shards(documents, out_dir, docs_per_shard=16384, row_group_bytes=128 *
     return n_docs
 
 
+UTF_BOMS = {b"\xff\xfe\x00\x00": "utf-32", b"\x00\x00\xfe\xff": "utf-32", b"\xff\xfe": "utf-16",
+             b"\xfe\xff": "utf-16"}  # byte-order marks: Windows Notepad's "Unicode", PowerShell's > write UTF-16
+
+
+def as_utf8(raw: bytes, name) -> bytes:
+    """A text file's bytes as UTF-8: UTF-16 or UTF-32 with a byte-order mark decoded (noted); NUL
+    bytes refused (binary data, or UTF-16 without a mark: each would read as the byte tokenizer's
+    document separator); other bytes that are not UTF-8 kept, noted (they read as U+FFFD)."""
+    encoding = next((UTF_BOMS[bom] for bom in UTF_BOMS if raw.startswith(bom)), None)
+    if encoding:
+        try:
+            raw = raw.decode(encoding).encode("utf-8")
+            print(f"note: {name} is {encoding.upper()} (its byte-order mark says so): converted to UTF-8")
+        except UnicodeDecodeError:
+            pass  # not that encoding after all: taken as bytes
+    if (nul := raw.find(b"\0")) >= 0:
+        raise DataError(f"{name}: not text (a NUL byte at byte {nul:,}: binary data, or UTF-16 without a byte-order "
+                        f"mark); leave it out, or convert it to UTF-8 first (Windows' UTF-16: iconv -f utf-16le -t utf-8)")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        print(f"note: {name} is not UTF-8 (byte {e.start:,}: {raw[e.start:e.start + 1]!r}): its invalid bytes "
+              f"become U+FFFD; if it is text in another encoding, convert it first (iconv -f <encoding> "
+              f"-t utf-8); if it is not text, leave it out")
+    return raw
+
+
 def text_files_to_parquet(files, out_dir, chunk_bytes=DOCUMENT_BYTES, replace=False) -> int:
     def documents():
         for f in files:
@@ -84,12 +111,7 @@ def text_files_to_parquet(files, out_dir, chunk_bytes=DOCUMENT_BYTES, replace=Fa
                 raise DataError(f"{f}: a folder; give the text files in it, e.g. {Path(f) / '*.txt'}")
             except OSError as e:
                 raise DataError(f"{f}: cannot read ({e.strerror})")
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                print(f"note: {f} is not UTF-8 (byte {e.start:,}: {raw[e.start:e.start + 1]!r}): its invalid bytes "
-                      f"become U+FFFD; if it is text in another encoding, convert it first (iconv -f <encoding> "
-                      f"-t utf-8); if it is not text, leave it out")
+            raw = as_utf8(raw, f)
             yield from (piece.decode("utf-8", errors="replace") for piece in split_text(raw, chunk_bytes))
 
     def write(folder):

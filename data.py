@@ -13,6 +13,7 @@ truncated; per reader and epoch only the tail that does not fill a last batch is
 reader stands is its position (ParquetBatches): resume.py saves them, positions.resume_point says
 where a resume starts.
 """
+import itertools
 import multiprocessing
 import os
 import signal
@@ -76,7 +77,8 @@ class ParquetBatches(IterableDataset):
     is at part `part` of unit number `unit` of its assignment, `consumed` of that part's `windows`
     shuffled windows are used, and `carry` holds the stream tokens that precede the part. Its
     assignment is the epoch's dealing, or, where the position has `units` (a list of [index in
-    `units`, first part]), those: the rest of an epoch dealt anew on a resume (positions.resume_point;
+    `units`, first part, the tokens before that part in the stream of the reader that had it]),
+    those: the rest of an epoch dealt anew on a resume (positions.resume_point;
     `epoch_done`: the share of the epoch's bytes read before). Passing the positions back as
     `positions` continues the exact same sequence of batches; `rotation` makes DataLoader worker i
     play reader (i + rotation) % num_workers, so that the reader whose batch was due next comes
@@ -145,14 +147,16 @@ class ParquetBatches(IterableDataset):
         T, B, shuffle = self.block_size, self.batch_size, self.shuffle
         redealt = start.get("units") if start else None  # the rest of an epoch, dealt anew (resume_point)
         if redealt is None:
-            units = [(unit, 0) for unit in assign_units(self.units, epoch, self.seed, n_readers, shuffle=shuffle)[reader]]
-        else:
-            units = [(self.units[index], first_part) for index, first_part in redealt]
+            units = [(unit, 0, []) for unit in assign_units(self.units, epoch, self.seed, n_readers, shuffle=shuffle)[reader]]
+        else:  # [index, first part, the tokens before that part in its old reader's stream (not saved before 0.4.5)]
+            units = [(self.units[entry[0]], entry[1], entry[2] if len(entry) > 2 else []) for entry in redealt]
         first = start["unit"] if start else 0
         carry = np.array(start["carry"] if start else [], dtype=self.tokenizer.dtype)
         pending = []
         for k in range(first, len(units)):
-            unit, first_part = units[k]
+            unit, first_part, carried = units[k]
+            if k > first and carried:  # (the first's are in the start position's carry)
+                carry = np.concatenate([carry, np.array(carried, dtype=self.tokenizer.dtype)])
             skip = start.get("part", 0) if start and k == first else first_part
             parts = read_unit_tokens(cache, unit, self.text_column, self.split, self.seed, self.val_fraction,
                                      self.tokenizer, skip)
@@ -240,8 +244,9 @@ def prepare_data(cfg, ranks):
 def loader_workers(cfg, units, world_size=1) -> int:
     workers = min(cfg.dataloader.num_workers, len(units) // world_size)
     if workers < cfg.dataloader.num_workers:
+        among = f" among {world_size} processes' workers" if world_size > 1 else ""
         print(f"dataloader.num_workers {cfg.dataloader.num_workers} -> {workers}: only "
-              f"{len(units)} (file, row group) units to share")
+              f"{len(units)} (file, row group) units to share{among}, and each worker reads units of its own")
     return workers
 
 
@@ -266,21 +271,29 @@ def rank_positions(positions, rank: int, workers: int) -> dict:
 
 
 def validation_batches(cfg, units, tokenizer) -> list:
-    """The first eval_iters validation batches, read once: the same set at every evaluation. They
-    come from the validation documents of `units`, or from dataset.val_parquet_dir."""
+    """The eval_iters validation batches, read once: the same set at every evaluation. They come
+    from the validation documents of `units`, or from dataset.val_parquet_dir: the first windows of
+    units spread over the data (spread_order), about the same number from each of up to eval_iters
+    units, so that a file's first documents do not stand for all of them."""
     training, dataset_cfg = cfg.training, cfg.dataset
     split, folder = "val", dataset_cfg.parquet_dir
     if dataset_cfg.val_parquet_dir:
         split, folder = "all", dataset_cfg.val_parquet_dir
         units = check_held_out(list_units(folder, dataset_cfg.text_column, setting="dataset.val_parquet_dir"), units)
-    dataset = ParquetBatches(units, split, training.block_size, training.batch_size, training.seed,
-                             dataset_cfg.val_fraction, dataset_cfg.text_column, dataset_cfg.max_cached_files,
-                             tokenizer, shuffle=False)
-    batches = []
-    for x, y, _ in dataset:
-        batches.append((x, y))
-        if len(batches) == training.eval_iters:
+    wanted = training.eval_iters * training.batch_size
+    per_unit = -(-wanted // min(len(units), training.eval_iters))
+    windows = []
+    for index in spread_order(len(units)):
+        one_unit = ParquetBatches([units[index]], split, training.block_size, 1, training.seed,
+                                  dataset_cfg.val_fraction, dataset_cfg.text_column, 1, tokenizer, shuffle=False)
+        stream = iter(one_unit)
+        windows += [(x, y) for x, y, _ in itertools.islice(stream, min(per_unit, wanted - len(windows)))]
+        stream.close()
+        if len(windows) == wanted:
             break
+    batches = [(torch.cat([x for x, _ in windows[k:k + training.batch_size]]),
+                torch.cat([y for _, y in windows[k:k + training.batch_size]]))
+               for k in range(0, len(windows) - training.batch_size + 1, training.batch_size)]
     if 0 < len(batches) < training.eval_iters:
         print(f"note: the validation documents of {folder} fill {len(batches)} batches, fewer than training.eval_iters "
               f"{training.eval_iters}: every evaluation measures those {len(batches)}")
@@ -306,6 +319,19 @@ def validation_batches(cfg, units, tokenizer) -> list:
                         f"{training.block_size + 1} tokens; lower training.block_size or training.batch_size, or "
                         f"{more}")
     return batches
+
+
+def spread_order(n: int) -> list[int]:
+    """0 .. n-1 in an order whose every beginning is spread evenly over them: 0, n/2, n/4, 3n/4, ...
+    (the van der Corput sequence in base 2, scaled to n)."""
+    bits = max(1, (n - 1).bit_length())
+    order, seen = [], set()
+    for k in range(1 << bits):
+        index = int(f"{k:0{bits}b}"[::-1], 2) * n >> bits
+        if index not in seen:
+            seen.add(index)
+            order.append(index)
+    return order
 
 
 def check_held_out(val_units: list, train_units: list) -> list:

@@ -80,6 +80,11 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def first_process() -> bool:
+    """Whether this is rank 0, or the only process, by torchrun's environment (before the process group)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
     """Join the process group torchrun describes in the environment; (ranks, this rank's device)."""
     training = cfg.training

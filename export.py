@@ -23,10 +23,10 @@ import yaml
 
 from checkpoint import EXPORT_VERSION, CheckpointError
 from config_file import parse_arguments
-from files import REPO, read_records, write_folder
+from files import REPO, read_records, resumed_configs, write_folder
 from lowbit import BLOCKSIZE, LowBitError, export_4bit, post_training_note
 from model import LAYER_WEIGHTS, BDHConfig
-from rundir import RESUMED_CONFIG_RE, add_checkpoint_arguments, open_checkpoint
+from rundir import add_checkpoint_arguments, open_checkpoint
 from tokenizer import SEPARATOR_TOKEN, TokenizerError, tokenizer_from_string
 
 HF_FILES = {REPO / "hf" / "configuration_bdh.py": "configuration_bdh.py",
@@ -74,19 +74,20 @@ def last_evaluation(source: Path, step: int) -> dict:
 def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool) -> str:
     config, shape = ckpt.config, ckpt.model_config
     training = config.get("training", {})
-    n_latent = BDHConfig(**shape).n_latent
-    n_params = sum(t.numel() for t in ckpt.model.values())
+    model_shape = BDHConfig(**shape)
+    n_latent, n_params = model_shape.n_latent, model_shape.n_params
     evaluated = last_evaluation(source, ckpt.step)
-    result = (f"validation loss {evaluated['val_loss']:.4f} nats per token, "
-              f"{evaluated['val_bits_per_byte']:.4f} bits per byte, at step {evaluated['step']}"
-              if "val_bits_per_byte" in evaluated else f"best validation loss {ckpt.best_val_loss:.4f} nats per token"
-              if math.isfinite(ckpt.best_val_loss) else "")
-    if not result:
+    if "val_bits_per_byte" in evaluated or math.isfinite(ckpt.best_val_loss):
+        result = (f"validation loss {evaluated['val_loss']:.4f} nats per token, {evaluated['val_bits_per_byte']:.4f} "
+                  f"bits per byte, at step {evaluated['step']}" if "val_bits_per_byte" in evaluated
+                  else f"best validation loss {ckpt.best_val_loss:.4f} nats per token")
+        if evaluated.get("weights_4bit", ckpt.low_precision().get("use_4bit")):  # (older records: the run's setting)
+            result += " (of the model with encoder, encoder_v, decoder in 4 bits: low_precision.use_4bit)"
+        elif four_bit:
+            result += (" (of the weights as trained; their 4-bit version here, quantized after training, was not "
+                       "measured)")
+    else:
         result = "not evaluated yet (stopped before its first evaluation)"
-    elif evaluated.get("weights_4bit", ckpt.low_precision().get("use_4bit")):  # (older records: the run's setting)
-        result += " (of the model with encoder, encoder_v, decoder in 4 bits: low_precision.use_4bit)"
-    elif four_bit:
-        result += " (of the weights as trained; their 4-bit version here, quantized after training, was not measured)"
     tokens = "UTF-8 bytes" if tokenizer.to_str() == "bytes" else f"a {tokenizer.vocab_size:,}-token tokenizer.json"
     weights_note = "float32"
     if four_bit:
@@ -125,8 +126,7 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
 def settings_changed(run: Path, step: int) -> list[str]:
     """A line for the model card if resumes before `step` changed the run's settings (rundir's
     config_resume_<step>.yaml): the card's settings are the last ones."""
-    steps = sorted(int(m.group(1)) for p in run.glob("config_resume_*.yaml")
-                   if (m := RESUMED_CONFIG_RE.fullmatch(p.name)) and int(m.group(1)) < step)
+    steps = [at for at, _ in resumed_configs(run) if at < step]
     if not steps:
         return []
     return [f"- settings: resumed with other settings after step{'s' * (len(steps) > 1)} "

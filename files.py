@@ -5,9 +5,13 @@ pid), so that one a killed process left behind can be told from one still being 
 
 Appended files (metrics.jsonl) cannot be written that way: read_records skips a line that a kill
 cut short.
+
+Also the checks of the output paths the scripts are given (picture_path, output_path), how to name
+a path or a script in a message, and what files start with.
 """
 import json
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -15,6 +19,21 @@ from pathlib import Path
 DESKTOP_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}  # what a file browser leaves in a folder it showed
 
 REPO = Path(__file__).resolve().parent  # the repository's folder: its scripts, wherever they run from
+
+RESUMED_CONFIG_RE = re.compile(r"config_resume_(\d+)\.yaml")
+
+
+PARQUET_MAGIC = b"PAR1"  # the first bytes of a parquet file, whatever its name
+ZIP_MAGIC = b"PK\x03\x04"  # of a zip archive, such as torch.save writes
+ARROW_MAGICS = (b"ARROW1", b"\xff\xff\xff\xff")  # of an Arrow IPC file, or stream (Hugging Face datasets' .arrow)
+
+
+def resumed_configs(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of a run directory's config_resume_<step>.yaml, the config of each resume (from
+    that step) that changed its settings, in step order."""
+    found = [(int(m.group(1)), path) for path in Path(run_dir).glob("config_resume_*.yaml")
+             if (m := RESUMED_CONFIG_RE.fullmatch(path.name))]
+    return sorted(found)
 
 
 def temporary_suffix() -> str:

@@ -14,7 +14,7 @@ import re
 import shlex
 from pathlib import Path
 
-from files import relative_to_here
+from files import ARROW_MAGICS, PARQUET_MAGIC, relative_to_here
 
 
 PATTERN_CHARACTERS = "*?["  # dataset.parquet_dir with one of these (and no such folder) is a glob pattern
@@ -34,6 +34,7 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
     if root.is_dir():
         files, skipped = parquet_files(root)
         check_links(files)
+        files = each_real_file_once(files)
         check_splits(root, files, setting)
     elif root.is_file() and root.name.endswith(".parquet"):
         root, files, skipped = root.parent, [root], []
@@ -51,9 +52,14 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
         raise DataError(f"{root}: {setting} is a file, not a folder of .parquet shards; give their folder, a .parquet "
                         f"file or a glob pattern; to train on this file's text: `python prepare.py --from-text "
                         f"{shlex.quote(str(root))} --out {out}` and {setting}={out}")
+    elif root.suffix and root.suffix != ".parquet":  # a text file's name, perhaps: not a folder to write into
+        out = shlex.quote(f"{root.with_suffix('')}_parquet")
+        raise DataError(f"{root}: {setting} does not exist{relative_to_here(root)}; it takes a folder of .parquet "
+                        f"shards: write them with `python prepare.py --from-text TEXT_FILE ... --out {out}` and set "
+                        f"{setting}={out}")
     else:
         raise DataError(f"{root}: {setting} does not exist or is not a directory{relative_to_here(root)}; "
-                        f"create it with `python prepare.py --from-text FILE --out {root}`")
+                        f"create it with `python prepare.py --from-text FILE --out {shlex.quote(str(root))}`")
     if skipped:
         print(f"{location}: skipped {len(skipped)} file(s) or folder(s) whose names start with '.' or '_' (not data, "
               f"as for pyarrow datasets, Spark and Hugging Face)")
@@ -65,7 +71,27 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
                         f"Face: rename them")
     if not files:
         raise DataError(f"{root}: no .parquet files found (searched recursively); {how_to_convert(root, setting)}")
+    if setting == "dataset.parquet_dir" and (held_out := held_out_only(root, files)):
+        print(f"note: {location}: dataset.parquet_dir's files are named for the {held_out} split, and training reads "
+              f"them; if that is not meant, point it at the training split")
     return root, files
+
+
+def held_out_only(root: Path, files: list[Path]) -> str | None:
+    """The held-out split (validation, test) that every file's path below root says the files are
+    of, or root's own name where it is a split's (a Hugging Face folder per split), or None."""
+    splits = {split_of(root, path)[0] for path in files}
+    if splits == {None}:
+        splits = {SPLIT_WORDS.get(root.name.lower())}
+    return splits.pop() if len(splits) == 1 and splits <= {"validation", "test"} else None
+
+
+def each_real_file_once(files: list[Path]) -> list[Path]:
+    """The files without the second and later names of one real file (links to it, as a Hugging Face
+    cache's snapshots of two revisions make to one blob): read twice, its held-out documents would
+    be trained on under the other name, whose path seeds another split."""
+    seen = set()
+    return [path for path in files if not (os.path.realpath(path) in seen or seen.add(os.path.realpath(path)))]
 
 
 def check_links(files: list[Path]):
@@ -78,13 +104,30 @@ def check_links(files: list[Path]):
                         f"re-download the dataset, or remove the link(s) to train without those files")
 
 
-def parquet_by_its_bytes(path: Path) -> bool:
-    """Whatever its name (.pq, .parq): a parquet file starts with PAR1."""
+def arrow_advice(path: Path) -> str:
+    """How to train on an Arrow file of Hugging Face datasets (save_to_disk, or its cache)."""
+    saved = (path.parent / "state.json").is_file()  # a save_to_disk folder: its .arrow files are one dataset
+    dataset = (f"datasets.load_from_disk({str(path.parent)!r})" if saved
+               else f"datasets.Dataset.from_file({str(path)!r})")
+    out = f"{str(path.parent).rstrip('/')}_parquet"
+    return (f"an Arrow file (Hugging Face datasets' save_to_disk or cache), neither text nor parquet: write it as "
+            f"parquet, `python -c \"import datasets, os; os.makedirs({out!r}, exist_ok=True); "
+            f"{dataset}.to_parquet('{out}/{'data' if saved else path.stem}.parquet')\"`"
+            f"{'' if saved else ' (so each .arrow file)'}, and set dataset.parquet_dir={out}")
+
+
+def starts_with(path: Path, magics: tuple) -> bool:
     try:
         with open(path, "rb") as f:
-            return f.read(4) == b"PAR1"
+            head = f.read(8)
     except OSError:
         return False
+    return head.startswith(magics)
+
+
+def parquet_by_its_bytes(path: Path) -> bool:
+    """Whatever its name (.pq, .parq): a parquet file starts with PAR1."""
+    return starts_with(path, (PARQUET_MAGIC,))
 
 
 def how_to_convert(folder: Path, setting: str) -> str:
@@ -94,6 +137,14 @@ def how_to_convert(folder: Path, setting: str) -> str:
     if not any(folder.iterdir()):
         return f"convert text with `python prepare.py --from-text FILE ... --out {shlex.quote(str(folder))}`"
     text = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix and not p.name.startswith((".", "_")))
+    if (folder / "dataset_dict.json").is_file():  # Hugging Face datasets' save_to_disk of several splits
+        out = f"{str(folder).rstrip('/')}_parquet"
+        return (f"it is a Hugging Face datasets folder (save_to_disk), not parquet: write its splits as parquet, "
+                f"`python -c \"import datasets, os; os.makedirs({out!r}, exist_ok=True); d = datasets.load_from_disk("
+                f"{str(folder)!r}); [d[s].to_parquet(f'{out}/{{s}}.parquet') for s in d]\"`, and set "
+                f"{setting}={out}/train.parquet (and dataset.val_parquet_dir to its validation split's file)")
+    if arrow := next((p for p in text if starts_with(p, ARROW_MAGICS)), None):
+        return f"{arrow.name} is {arrow_advice(arrow)}"
     if text and parquet_by_its_bytes(text[0]):
         return (f"{text[0].name} is a parquet file whose name does not end in .parquet: rename such files to end in "
                 f".parquet (only those are read as shards)")
@@ -101,7 +152,8 @@ def how_to_convert(folder: Path, setting: str) -> str:
         return (f"{text[0].name} holds records, not plain text: write them as parquet (pyarrow.json.read_json or "
                 f"pyarrow.csv.read_csv, then pyarrow.parquet.write_table) and set dataset.text_column to the "
                 f"column with the text")
-    inputs = f"{shlex.quote(str(folder))}/*{text[0].suffix}" if text else "FILE ..."
+    suffix = text[0].suffix if len({p.suffix for p in text}) == 1 else ""  # (several kinds: all of them)
+    inputs = f"{shlex.quote(str(folder))}/*{suffix}" if text else "FILE ..."
     out = shlex.quote(f"{str(folder).rstrip('/')}_parquet")
     return (f"convert its text with `python prepare.py --from-text {inputs} --out {out}` and set "
             f"{setting}={out}")
@@ -121,12 +173,8 @@ def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], list[Pa
     matched = {path: matched_prefix(segments, path.relative_to(root).parts) for path in files}
     in_folder = {path: matched[path] is not None and len(matched[path]) < len(path.relative_to(root).parts)
                  for path in files}
-    taken, seen = [], set()
-    for path in files:
-        if in_folder[path] or (matched[path] is not None and not pattern.endswith(("/", os.sep))):
-            if os.path.realpath(path) not in seen:  # the same file through a link
-                seen.add(os.path.realpath(path))
-                taken.append(path)
+    taken = each_real_file_once([path for path in files if in_folder[path] or (
+        matched[path] is not None and not pattern.endswith(("/", os.sep)))])
     check_links(taken)
     skipped = [path for path in skipped if (may_hold(segments, path.relative_to(root).parts) if path.is_dir() else
                                             matched_prefix(segments, path.relative_to(root).parts) is not None)]

@@ -184,7 +184,8 @@ class StepLog:
         self.sums[3] += loss.detach()
 
     def add_step(self, grad_norm: torch.Tensor):
-        """An optimizer step with its gradient norm before clipping; not finite: float16's scaler skipped it."""
+        """An optimizer step with its gradient norm before clipping. A norm that is not finite is
+        counted apart (float16: the scaler skipped that step; otherwise it was applied)."""
         self.sums[0] += self.sums[3]
         self.sums[3] = 0
         self.micro_batches += self.cfg.training.gradient_accumulation_steps
@@ -327,6 +328,7 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run
     dataset = cfg.dataset
     validation = (f"validation {Path(dataset.val_parquet_dir).resolve()}" if dataset.val_parquet_dir
                   else f"validation {dataset.val_fraction * 100:g}% of its documents")
+    validation += f", measured on {training.eval_iters} x {training.batch_size} windows taken across it"
     tokenizer = "bytes" if dataset.tokenizer == "bytes" else Path(dataset.tokenizer).resolve()
     writes_to = (f"continues in {run.path.resolve()}" if run.path is not None
                  else f"runs in {Path(training.checkpoint_dir).resolve()}")

@@ -186,7 +186,8 @@ def layer_forward(x, encoder, encoder_v, decoder, phases, drop=None, dropout=0.0
     chunk. rope(a) @ state is added to y_kv (the earlier positions' part of the attention), then
     the chunk's own rope(a)ᵀ x is added to the state. The state is float32 whatever the weights'
     dtype: a bfloat16 sum over thousands of positions would drift from the parallel form's.
-    `observe(a, b)`, if given, sees the two sparse latents: a (H, B, T, N) and b (H, B*T, N).
+    `observe(a, b)`, if given, sees the two sparse latents: a (H, B, T, N) and b (H, B*T, N) (b is
+    overwritten right after: copy it to keep it).
     Returns out and what backward needs: a and small tensors."""
     (B, T, D), (H, _, N) = x.shape, encoder.shape
     a = matmuls.product(x.view(1, B * T, D), encoder).relu_().view(H, B, T, N)  # x is shared by the heads

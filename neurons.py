@@ -1,7 +1,8 @@
 """Which latent neurons fire for each token of a prompt, layer by layer: BDH's sparse, positive
 activations as a picture.
 
-    python neurons.py [--checkpoint X] --prompt TEXT [--out neurons.png] [--max-neurons 400] [--max-tokens 80]
+    python neurons.py [--checkpoint X | --checkpoint-dir DIR] --prompt TEXT [--out neurons.png]
+                      [--max-neurons 400] [--max-tokens 80]
 
 One panel per layer shows the x latent a = relu(x @ encoder) of every prompt token (rows) over the
 neurons that fire for at least one of them (columns, the most often active first, at most

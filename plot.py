@@ -1,6 +1,6 @@
 """Plot runs from their metrics.jsonl: losses against steps and tokens, bits per byte, learning
-rate, activation sparsity. Several runs are overlaid, each under its directory's name and the
-settings in which they differ.
+rate, activation sparsity, training speed. Several runs are overlaid, each under its directory's
+name and the settings in which they differ.
 
     python plot.py RUN_DIR [RUN_DIR ...] [--out curves.png]
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from config_file import parse_arguments
-from files import picture_path, read_records
+from files import picture_path, read_records, resumed_configs
 
 
 class PlotError(Exception):
@@ -76,16 +76,28 @@ NOT_IN_LABELS = ("logging.", "dataloader.", "training.checkpoint_dir", "training
                  "training.debug", "training.device", "training.distributed_timeout_s", "training.compile",
                  "training.activation_checkpointing", "training.eval_iters", "dataset.max_cached_files")
 MAX_LABEL_SETTINGS = 3
+VALIDATION = {"marker": "o", "linestyle": "--"}  # the validation losses' line style (the training losses: solid)
+LATENTS = {"sparsity_x": {"marker": "o", "linestyle": "-"},  # the active shares of the x and y latents: their styles
+           "sparsity_y": {"marker": "s", "linestyle": ":"}}
 
 
 def run_settings(run_dir: Path) -> dict:
-    """{section.key: value} of the config a run started with (config.yaml); {} without one."""
-    try:
-        raw = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return {f"{section}.{key}": value for section, values in (raw if isinstance(raw, dict) else {}).items()
-            if isinstance(values, dict) for key, value in values.items()}
+    """{section.key: value} of the config a run started with (config.yaml), a value that a resume
+    changed (config_resume_<step>.yaml) as `first→...→last`; {} without config.yaml."""
+    history = {}
+    for path in [Path(run_dir) / "config.yaml", *(path for _, path in resumed_configs(run_dir))]:
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            if not history:
+                return {}
+            continue
+        for section, values in (raw if isinstance(raw, dict) else {}).items():
+            for key, value in (values if isinstance(values, dict) else {}).items():
+                values_seen = history.setdefault(f"{section}.{key}", [])
+                if not values_seen or values_seen[-1] != value:
+                    values_seen.append(value)
+    return {key: values[0] if len(values) == 1 else "→".join(map(str, values)) for key, values in history.items()}
 
 
 def labels(names: list[str], settings: list[dict]) -> list[str]:
@@ -104,6 +116,7 @@ def plot(run_dirs, out: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import EngFormatter
     run_dirs = runs_of(run_dirs)
     runs = [read_metrics(d) for d in run_dirs]
@@ -116,29 +129,26 @@ def plot(run_dirs, out: Path):
                  if len({s.get("dataset.tokenizer") for s in settings if s}) > 1 else "loss (nats per token)")
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     (loss_steps, loss_tokens, bpb), (lr, sparsity, speed) = axes
-    for (train, evaluations), name, color in zip(runs, names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
+    for (train, evaluations), name, color in zip(runs, names, colors):
         steps = [r["step"] for r in train]
         for ax, x in ((loss_steps, steps), (loss_tokens, [r.get("tokens") for r in train])):
-            if train:  # (no empty line in the legend)
-                ax.plot(x, [r["train_loss"] for r in train], color=color, alpha=0.8, label=f"{name} train",
-                        **one_point(train))
-        for k, stretch in enumerate(comparable_stretches(evaluations)):
-            first = k == 0  # (one legend entry per run)
+            if train:
+                ax.plot(x, [r["train_loss"] for r in train], color=color, alpha=0.8, **one_point(train))
+        for stretch in comparable_stretches(evaluations):
             val_steps = [r["step"] for r in stretch]
             for ax, val_x in ((loss_steps, val_steps), (loss_tokens, [r.get("tokens") for r in stretch])):
-                ax.plot(val_x, [r["val_loss"] for r in stretch], "o--", color=color,
-                        label=f"{name} validation" if first else None)
+                ax.plot(val_x, [r["val_loss"] for r in stretch], color=color, **VALIDATION)
             if any("val_bits_per_byte" in r for r in stretch):
-                bpb.plot(val_steps, [r.get("val_bits_per_byte") for r in stretch], "o-", color=color,
-                         label=name if first else None)
+                bpb.plot(val_steps, [r.get("val_bits_per_byte") for r in stretch], "o-", color=color)
             with_sparsity = [r for r in stretch if r.get("sparsity_x")]
-            for key, style in (("sparsity_x", "o-"), ("sparsity_y", "s:")) if with_sparsity else ():
+            for key, style in LATENTS.items() if with_sparsity else ():
                 sparsity.plot([r["step"] for r in with_sparsity], [sum(r[key]) / len(r[key]) for r in with_sparsity],
-                              style, color=color, label=f"{name} {key[-1]} latent" if first else None)
+                              color=color, **style)
         if train:
-            lr.plot(steps, [r["lr"] for r in train], color=color, label=name, **one_point(train))
+            lr.plot(steps, [r["lr"] for r in train], color=color, **one_point(train))
             timed = [r for r in train if not r.get("compiling")]  # a compiling step's time is not its speed
-            speed.plot([r["step"] for r in timed], [r.get("tokens_per_s") for r in timed], color=color, label=name,
+            speed.plot([r["step"] for r in timed], [r.get("tokens_per_s") for r in timed], color=color,
                        **one_point(timed))
     titles = (("loss against steps", "step", per_token),
               ("loss against tokens", "tokens", per_token),
@@ -149,13 +159,24 @@ def plot(run_dirs, out: Path):
     for ax, (title, xlabel, ylabel) in zip(axes.flat, titles):
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=8)
-        else:
+        if not ax.has_data():
             ax.text(0.5, 0.5, "no data yet", transform=ax.transAxes, ha="center", va="center", color="grey")
+    # the runs by colour once, under the panels; in a panel, only what its line styles mean
+    loss_styles = [Line2D([], [], color="grey", label="train")] * any(train for train, _ in runs) + [
+        Line2D([], [], color="grey", label="validation", **VALIDATION)] * any(evaluations for _, evaluations in runs)
+    for ax in (loss_steps, loss_tokens):
+        if loss_styles:
+            ax.legend(handles=loss_styles, fontsize=8)
+    if sparsity.has_data():
+        sparsity.legend(handles=[Line2D([], [], color="grey", label=f"{key[-1]} latent", **style)
+                                 for key, style in LATENTS.items()], fontsize=8)
+    columns = min(3, len(names))
+    rows = -(-len(names) // columns)
+    fig.legend(handles=[Line2D([], [], color=color, label=name) for name, color in zip(names, colors)],
+               loc="lower center", ncol=columns, fontsize=9, frameon=False)
     loss_tokens.xaxis.set_major_formatter(EngFormatter())  # 50k, 100k, ... rather than digits that run together
     speed.yaxis.set_major_formatter(EngFormatter())
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.025 * rows + 0.01, 1, 1))
     fig.savefig(out, dpi=100)
     plt.close(fig)
 

@@ -29,8 +29,7 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
     """What decides the order of the training batches: settings, and the shards themselves (a
     fingerprint of every unit's file, row group, rows and bytes: shards added, removed or rewritten
     in the same folder change it)."""
-    order = {path: getattr(getattr(cfg, path.split(".")[0]), path.split(".")[1])
-             for path in DATA_ORDER_FIELDS}
+    order = {path: cfg.get(path) for path in DATA_ORDER_FIELDS}
     if cfg.dataset.val_parquet_dir:  # validation has a folder of its own: val_fraction splits nothing
         del order["dataset.val_fraction"]
     order["documents trained on"] = training_split(cfg)
@@ -78,9 +77,9 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealing
     for position in positions:
         epoch = position["epoch"]
         if "units" in position:  # the rest of an epoch, dealt anew: what was done of it, and of this share
-            share = sum(bytes_left(units[index], part) for index, part in position["units"])
+            share = sum(bytes_left(units[index], part) for index, part, *_ in position["units"])
             rest = still_to_read(position["units"], position)
-            left = sum(bytes_left(units[index], part) for index, part in rest)
+            left = sum(bytes_left(units[index], part) for index, part, *_ in rest)
             left -= part_read(units[rest[0][0]], position) if rest else 0
             read = 1 - left / share if share else 1.0
             passes.append(epoch + position["epoch_done"] + (1 - position["epoch_done"]) * read)
@@ -123,11 +122,12 @@ def part_read(unit: Unit, position) -> float:
 
 
 def still_to_read(assigned, position) -> list:
-    """[index in units, first part] of the units of `assigned` (such entries) that a reader at
-    `position` has not finished: from the one it is in, at the part it is in."""
-    rest = [list(entry) for entry in assigned[position["unit"]:]]
+    """[index in units, first part, carry] of the units of `assigned` (such entries, the carry
+    optional) that a reader at `position` has not finished: from the one it is in, at the part it
+    is in, after the stream's tokens before that part (no window has had them as targets yet)."""
+    rest = [[index, part, carry[0] if carry else []] for index, part, *carry in assigned[position["unit"]:]]
     if rest:
-        rest[0][1] = position.get("part", 0)
+        rest[0][1:] = [position.get("part", 0), position.get("carry", [])]
     return rest
 
 
@@ -144,7 +144,7 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
     epoch = min(saved.get(reader, start)["epoch"] for reader in range(old_readers))
     index = {(unit.file_key, unit.row_group): i for i, unit in enumerate(units)}
     dealing = None
-    left = []  # [index in units, first part]
+    left = []  # [index in units, first part, the stream's tokens before it]
     read_of_parts = 0.0  # of the parts being read, which are read again from their start: counted as read
     read_ahead, later = 0.0, {}  # what readers already in later epochs had read of them
     for reader in range(old_readers):
@@ -166,10 +166,10 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
         rest = still_to_read(assigned, position)
         read_of_parts += part_read(units[rest[0][0]], position) if rest else 0.0
         left += rest
-    dealt, loads = deal(left, [bytes_left(units[index], part) for index, part in left], n_readers)
+    dealt, loads = deal(left, [bytes_left(units[index], part) for index, part, *_ in left], n_readers)
     done = 1 - (sum(loads) - read_of_parts) / max(1, sum(unit.num_bytes for unit in units))  # for epochs_read
     positions = [{"reader": reader, "epoch": epoch, "unit": 0, "part": entries[0][1] if entries else 0,
-                  "consumed": 0, "carry": [], "units": entries, "epoch_done": done}
+                  "consumed": 0, "carry": entries[0][2] if entries else [], "units": entries, "epoch_done": done}
                  for reader, entries in enumerate(dealt)]
     return positions, len(left), epoch, read_of_parts + read_ahead
 

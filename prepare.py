@@ -19,10 +19,10 @@ import pyarrow.compute as pc
 
 from config import DatasetConfig, add_config_arguments, all_paths, load_config
 from config_file import parse_arguments
-from corpus import DOCUMENT_BYTES, ensure_sample_corpus, text_files_to_parquet
+from corpus import DOCUMENT_BYTES, ensure_sample_corpus, split_text, text_files_to_parquet
 from data import training_split
-from files import atomic_write, output_path, script_here
-from layout import PATTERN_CHARACTERS
+from files import ARROW_MAGICS, PARQUET_MAGIC, ZIP_MAGIC, atomic_write, output_path, script_here
+from layout import PATTERN_CHARACTERS, arrow_advice
 from shards import DataError, ParquetFileCache, list_units, read_unit_documents
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
 
@@ -56,16 +56,33 @@ def check_text_files(files):
         seen[real] = f
         try:
             with open(f, "rb") as file:
-                head = file.read(4)
+                head = file.read(8)
         except OSError:
             continue  # text_files_to_parquet says why
-        if head == b"PAR1":
+        if head.startswith(ARROW_MAGICS):
+            raise DataError(f"{f}: {arrow_advice(Path(f))}")
+        head = head[:4]
+        if head == PARQUET_MAGIC:
             use = (f"train on it with dataset.parquet_dir={f}" if f.endswith(".parquet") else
                    "rename it to end in .parquet and point dataset.parquet_dir at it")
             raise DataError(f"{f}: a parquet file, not text; no conversion needed: {use} (or its folder)")
-        if head == b"PK\x03\x04":
+        if head == ZIP_MAGIC:
             raise DataError(f"{f}: a zip archive (a .pt checkpoint is one), not text; leave it out, or unzip it and "
                             f"give the text files in it")
+
+
+def chunk_for(files, documents: int, smallest: int = 256) -> int | None:
+    """The largest --chunk-bytes (down to `smallest`) that cuts the files into at least `documents`
+    documents, or None (too little text: files smaller than a chunk stay whole)."""
+    raws = [Path(f).read_bytes() for f in files]
+    count = lambda chunk: sum(len(split_text(raw, chunk)) for raw in raws)  # noqa: E731
+    if count(smallest) < documents:
+        return None
+    low, high = smallest, max(smallest, max(map(len, raws)))  # count(low) >= documents
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if count(middle) >= documents else (low, middle - 1)
+    return low
 
 
 def training_texts(cfg, units, report_every_s=5.0):
@@ -160,9 +177,13 @@ def main(argv=None):
                 print(f"note: {text_bytes:,} bytes of text is too little to train on and hold validation documents "
                       f"out of: give more text (a few hundred KB for a first model)")
             elif n < FEW_DOCUMENTS:
-                finer = max(256, chunk_bytes * n // FEW_DOCUMENTS) if chunk_bytes else 1024
-                fix = (f"cut the text finer (--chunk-bytes {finer})" if finer < chunk_bytes or not chunk_bytes
-                       else "raise dataset.val_fraction (e.g. 0.2)")
+                finer = chunk_for(args.from_text, FEW_DOCUMENTS)
+                if finer and (finer < chunk_bytes or not chunk_bytes):
+                    fix = f"cut the text finer (--chunk-bytes {finer})"
+                elif not chunk_bytes or chunk_bytes > 256:  # as fine as can be is still too few: both
+                    fix = "cut the text finer (--chunk-bytes 256) and raise dataset.val_fraction (e.g. 0.2)"
+                else:
+                    fix = "raise dataset.val_fraction (e.g. 0.2)"
                 print(f"note: validation holds out each document with probability dataset.val_fraction (default "
                       f"{DatasetConfig.val_fraction}): about {n * DatasetConfig.val_fraction:.1f} of these {n}, and "
                       f"training needs the rest; {fix}, or give validation a folder of its own "

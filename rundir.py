@@ -19,7 +19,7 @@ import torch
 
 from checkpoint import (Checkpoint, CheckpointError, is_export, load_checkpoint, load_export, model_from_checkpoint,
                         low_precision_of, saved_step)
-from files import atomic_write, left_by_a_dead_process, read_records, relative_to_here
+from files import atomic_write, left_by_a_dead_process, read_records, relative_to_here, resumed_configs
 from model import BDH
 from runtime import first_line, tensor_bytes
 
@@ -29,7 +29,6 @@ except ImportError:  # Windows: run directories are not locked
     fcntl = None
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
-RESUMED_CONFIG_RE = re.compile(r"config_resume_(\d+)\.yaml")  # the config of a resume from that step that changed it
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:
@@ -116,10 +115,12 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
         kept = checkpoints_in(path.parent) if not bare and path.parent.is_dir() else []
         removed = (match := CHECKPOINT_RE.match(path.name)) and kept and \
             int(match[1]) < int(CHECKPOINT_RE.match(kept[0].name)[1])  # older than the oldest kept
+        words = ("latest",) if flag else ("latest", "auto")
         fix = (f"did you mean {runs[-1] / path.name}?" if runs else
                f"its folder holds {', '.join(p.name for p in kept[::-1])}"
                f"{' (training.keep_last_n keeps the newest only)' * bool(removed)}" if kept else
-               "give a checkpoint file, a run directory or `latest`")
+               f"did you mean {spec.lower()} (in lower case)?" if spec.lower() in words else
+               f"give a checkpoint file, a run directory{', `latest`' * (not flag)} or `{words[-1]}`")
         raise CheckpointError(f"{setting}: {path} does not exist{relative_to_here(path)}; {fix}")
     return [path]
 
@@ -348,8 +349,7 @@ class RunDir:
             later.append(best)
         if not later:
             return [], None
-        later += [p for p in self.path.glob("config_resume_*.yaml")  # the settings that branch resumed with
-                  if (m := RESUMED_CONFIG_RE.fullmatch(p.name)) and int(m.group(1)) >= step]
+        later += [path for at, path in resumed_configs(self.path) if at >= step]  # that branch's settings
         folder = unused(self.path / f"abandoned_after_step_{step}")
         folder.mkdir()
         for path in later:

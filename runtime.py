@@ -73,6 +73,15 @@ def wants_compile(training, device: torch.device) -> bool:
     return not training.debug and (training.compile is True or (training.compile == "auto" and device.type == "cuda"))
 
 
+def prepare_compile(training, device: torch.device) -> bool:
+    """Whether the step is compiled (wants_compile); if so, checked that it can be and made repeatable."""
+    if not wants_compile(training, device):
+        return False
+    check_can_compile(device)
+    compile_repeatably(device)
+    return True
+
+
 def check_can_compile(device: torch.device):
     """torch.compile on CPU writes C++ and needs a compiler: say so before the first step fails
     with a long traceback."""

@@ -1,7 +1,7 @@
 """Generate text from a checkpoint.
 
-    python sample.py [--checkpoint PATH] [--prompt TEXT] [--max-new-tokens N] [--temperature T]
-                     [--top-k K] [--seed S] [--device auto|cpu|cuda|mps] [--4bit]
+    python sample.py [--checkpoint PATH | --checkpoint-dir DIR] [--prompt TEXT] [--max-new-tokens N]
+                     [--temperature T] [--top-k K] [--seed S] [--device auto|cpu|cuda|mps] [--4bit]
 
 The model shape and the tokenizer come from the checkpoint (or an exported folder). Without a prompt, generation starts at a document
 boundary (the separator token). --4bit keeps encoder, encoder_v and decoder as 4-bit codes (the
@@ -59,11 +59,11 @@ def load_for_sampling(args):
     if args.four_bit and low_precision.get("exported_in_4bit"):
         raise CheckpointError(f"--4bit: {args.checkpoint} holds 4-bit weights already (export.py --4bit): "
                               f"drop --4bit")
-    if low_precision.get("exported_in_4bit") and low_precision.get("use_4bit") is False:  # (unknown: None)
-        print(post_training_note(origin), file=sys.stderr)  # quantized by export.py --4bit
+    # 4-bit weights quantized after training (by export.py --4bit, or --4bit here); unknown (None) for a
+    # folder exported before use_4bit was recorded
+    if (args.four_bit or low_precision.get("exported_in_4bit")) and low_precision.get("use_4bit") is False:
+        print(post_training_note(origin), file=sys.stderr)
     if args.four_bit:
-        if low_precision.get("use_4bit") is False:  # (a folder exported before it was recorded: not known)
-            print(post_training_note(origin), file=sys.stderr)
         quant_type, double_quant = low_precision["quantization_type"], low_precision["use_double_quant"]
         before, after = to_4bit(model, quant_type, double_quant)
         print(f"4-bit weights ({quant_type}{', double quant' if double_quant else ''}): model "

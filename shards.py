@@ -90,26 +90,38 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
 
 
 class ParquetFileCache:
-    """Keeps at most `capacity` parquet files open; the least recently used is closed first."""
+    """Keeps at most `capacity` parquet files open; the least recently used is closed first. A file
+    replaced or rewritten on disk since it was opened is opened anew (read_unit_documents then
+    tells that it changed, rather than read an old copy or call it corrupt)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.files = OrderedDict()
+        self.files = OrderedDict()  # path: (the open file, its identity on disk when opened)
 
     def get(self, path: str) -> pq.ParquetFile:
+        identity = on_disk(path)
         if path in self.files:
-            self.files.move_to_end(path)
-            return self.files[path]
+            parquet, opened_as = self.files.pop(path)
+            if opened_as == identity:
+                self.files[path] = parquet, opened_as
+                return parquet
+            parquet.close()
         while len(self.files) >= self.capacity:
-            _, oldest = self.files.popitem(last=False)
+            _, (oldest, _) = self.files.popitem(last=False)
             oldest.close()
         # stream column chunks rather than read them whole: memory bounded whatever the row-group size
-        self.files[path] = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
-        return self.files[path]
+        self.files[path] = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False), identity
+        return self.files[path][0]
 
     def close(self):
         while self.files:
-            self.files.popitem()[1].close()
+            self.files.popitem()[1][0].close()
+
+
+def on_disk(path: str) -> tuple:
+    """What tells a file rewritten in place, or replaced, from the one opened before."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def validation_mask(unit: Unit, seed: int, fraction: float):
@@ -174,9 +186,7 @@ def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, s
     try:
         parquet = cache.get(unit.path)
         if change := changed_since_listed(parquet, unit, text_column):
-            raise DataError(f"{unit.path}: the file changed since the run started ({change}); training needs its "
-                            f"shards as they were at the start: restore it, or resume from the last checkpoint to train on "
-                            f"the data as it is now (the data order then changes)")
+            raise changed(unit, change)
         for batch in parquet.iter_batches(batch_size=rows, row_groups=[unit.row_group], columns=[text_column],
                                           use_threads=False):
             docs = batch.column(0).cast(pa.large_binary())  # string, binary, views, dictionaries
@@ -191,5 +201,18 @@ def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, s
                         f"training needs every shard it started with: {fix}, or resume from the last checkpoint "
                         f"to train on the data as it is now (the data order then changes)")
     except (pa.ArrowException, OSError) as e:
+        try:  # rewritten while this unit was read?
+            with pq.ParquetFile(unit.path) as parquet:
+                change = changed_since_listed(parquet, unit, text_column)
+        except (pa.ArrowException, OSError):
+            change = ""
+        if change:
+            raise changed(unit, change) from None
         raise DataError(f"{unit.path}: row group {unit.row_group} cannot be read "
                         f"({first_line(e)}); the file is corrupt or truncated: re-create it")
+
+
+def changed(unit: Unit, change: str) -> DataError:
+    return DataError(f"{unit.path}: the file changed since the run started ({change}); training needs its shards as "
+                     f"they were at the start: restore it, or resume from the last checkpoint to train on the data as "
+                     f"it is now (the data order then changes)")

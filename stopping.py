@@ -39,6 +39,11 @@ class GracefulStop:
             if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN):
                 signal.signal(sig, self._handler)
 
+    @property
+    def heard(self) -> bool:
+        """Whether a signal has come."""
+        return self.signal_name is not None
+
     def closing(self, last_words: str):
         """The last checkpoint is saved: what is left (the last log line, closing the logs) may be cut
         short by a second Ctrl-C, which then still says last_words (main catches StoppedWhileClosing)."""

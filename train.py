@@ -41,8 +41,8 @@ from checkpoint import CheckpointError
 from config import add_config_arguments, learning_rate, load_config, step_tokens
 from config_file import parse_arguments
 from data import loader_workers, prepare_data, rank_positions, stop_loader_workers, train_loader
-from distributed import (DistributedError, Ranks, communication_failure, gradient_sync, leave, local_tensor, shutdown,
-                         start, wrap)
+from distributed import (DistributedError, Ranks, communication_failure, first_process, gradient_sync, leave, local_tensor,
+                         shutdown, start, wrap)
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
 from files import script_here
 from fp8 import FP8Error, fp8_matmuls
@@ -53,9 +53,9 @@ from model import BDH
 from positions import data_order
 from resume import Progress, data_settings_hint, resolve_auto, resume, save, set_rng_state, torch_rng_state
 from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories
-from runtime import (DTYPES, DeviceError, autocast, check_can_compile, check_host_memory, compile_repeatably,
-                     device_clock, emulated_dtype_warning, interrupted, memory_fix, one_line, out_of_memory,
-                     peak_flops, pick_device, resolve_compute_dtype, steady_host_memory, wants_compile)
+from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_clock, emulated_dtype_warning, interrupted,
+                     memory_fix, one_line, out_of_memory, peak_flops, pick_device, prepare_compile,
+                     resolve_compute_dtype, steady_host_memory)
 from shards import DataError
 from stopping import (SAVING, SIGNALS, GracefulStop, StepVote, StoppedWhileClosing, launcher, outputs_without_reader,
                       put_back_outputs)
@@ -74,10 +74,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
     compute = autocast(device, compute_dtype)
     if warning := emulated_dtype_warning(device, compute_dtype):
         print(warning)
-    compile_model = wants_compile(training, device)
-    if compile_model:
-        check_can_compile(device)
-        compile_repeatably(device)
+    compile_model = prepare_compile(training, device)
     torch.autograd.set_detect_anomaly(training.debug)
     steady_host_memory(cfg, device)
     if device.type == "cpu":
@@ -205,7 +202,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
         scaler.step(optimizer)  # float16: skipped if the gradients are not finite (and the scale lowered)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        stopping = stop_vote.ask(stop.signal_name is not None)
+        stopping = stop_vote.ask(stop.heard)
         evaluating = step % training.test_freq == 0 or step == training.max_iters
         saving = step % training.checkpoint_freq == 0 or step == training.max_iters
 
@@ -213,7 +210,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
         if step_log.due(step, ends_a_stretch=evaluating or saving or stopping):
             write_step_line(step_log, step, lr, progress)
         if not ranks.enabled:  # heard while the line was written (under torchrun the vote tells each rank)
-            stopping = stopping or stop.signal_name is not None
+            stopping = stopping or stop.heard
         # a stop saves before anything slow: the evaluation that would have started waits for the resume's next
         skipped_evaluation = evaluating and stopping and step < training.max_iters
         evaluating = evaluating and not skipped_evaluation
@@ -236,7 +233,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
                     path = save_checkpoint(progress, name="best.pt")
                     print(f"saved {path} (best validation loss so far)", flush=True)
             # heard during the evaluation? (`stopping` is the same on every rank: all skip this collective, or none)
-            stopping = stopping or ranks.any(stop.signal_name is not None, device)
+            stopping = stopping or ranks.any(stop.heard, device)
 
         # ---- checkpoint
         if stopping:
@@ -245,7 +242,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
         if saving or stopping:
             with paused(step_log, stop, SAVING, device):
                 save_step(progress)
-            stopping = stopping or ranks.any(stop.signal_name is not None, device)  # heard while saving: that one
+            stopping = stopping or ranks.any(stop.heard, device)  # heard while saving: that one
         if stopping and step < training.max_iters:  # (at max_iters: done, as planned)
             stop.closing(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. Resume "
                          f"with:\n  {launcher(ranks)}{arguments} "
@@ -352,7 +349,7 @@ def main(argv=None) -> int:
     args = parse_arguments(parser, argv)
     cfg = load_config(args)
     if args.print_config:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun: once
+        if first_process():  # under torchrun: once
             print(cfg.to_yaml(), end="")
         return 0
     handlers = {sig: handlers_before_import.get(sig, signal.getsignal(sig)) for sig in SIGNALS}

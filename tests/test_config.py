@@ -187,7 +187,7 @@ def test_a_setting_that_nothing_reads_is_noted():
                           "logging": {"wandb_project": "p"}, "dataloader": {"num_workers": 0, "prefetch_factor": 8},
                           "training": {"debug": True, "compile": True}, "low_precision": {"qat_start_fraction": 0.5}})
     assert c.unused_settings() == [
-        "dataset.val_fraction 0.5 is not used: validation reads all of dataset.val_parquet_dir",
+        "dataset.val_fraction 0.5 is not used: the validation documents are all of dataset.val_parquet_dir's",
         "low_precision.qat_start_fraction 0.5 is not used: low_precision.use_4bit is off",
         "fp8.torchao_recipe 'rowwise' is not used: low_precision.use_fp8 is off",
         "logging.wandb_project 'p' is not used: logging.wandb is off",

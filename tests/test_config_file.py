@@ -79,12 +79,20 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
     path.write_text("training:\n  max_iters: 10\n  batch_size 32\n  learning_rate: 0.001\n")  # a ':' forgotten
     with pytest.raises(ConfigError) as info:
         Config.from_yaml(path)
-    assert info.value.problems == [f"{path}:3:3: YAML syntax error: could not find expected ':'"]  # not line 4
-    path.write_text("training:\n  max_iters 10\n  batch_size: 32\n")  # read as a key spanning two lines
+    assert info.value.problems == [f"{path}:3: YAML syntax error: 'batch_size 32' has no ':' after its key (key: "
+                                   f"value)"]  # not line 4
+    for text in ("training:\n  max_iters 10\n  batch_size: 32\n",  # read as a key spanning two lines: found on line 3
+                 "training:\n  max_iters 10   # steps\n  batch_size: 32\n"):  # past a comment: found on line 3 too
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            Config.from_yaml(path)
+        assert info.value.problems == [f"{path}:2: YAML syntax error: 'max_iters 10' has no ':' after its key (key: "
+                                       f"value)"]
+    path.write_text("training:\n  max_iters: 20\n   batch_size: 8\n")
     with pytest.raises(ConfigError) as info:
         Config.from_yaml(path)
-    assert info.value.problems == [f"{path}:3:13: YAML syntax error: mapping values are not allowed here (is the ':' "
-                                   f"after a key on the line before missing?)"]
+    assert info.value.problems == [f"{path}:3:14: YAML syntax error: mapping values are not allowed here (is it "
+                                   f"indented more than line 2, a key of the same section?)"]
     path.write_text("logging:\n  wandb_run_name: exp 3: lower lr\n")  # not the line before: this value
     with pytest.raises(ConfigError) as info:
         Config.from_yaml(path)

@@ -355,6 +355,20 @@ def test_a_validation_folder_is_read_whole_and_training_reads_all_of_the_trainin
     assert everything - 3 * 16 < trained <= everything
 
 
+def test_validation_is_taken_across_its_files_not_from_the_first(tmp_path, corpus):
+    val_dir = tmp_path / "val"
+    for f in range(5):  # a file each of code, of one language, ...: the first alone does not stand for them
+        write_parquet(val_dir / f"{f}.parquet", [f"<{f:02d}-{r:03d}>" + "abcdefghij" * 20 for r in range(40)], 40)
+    cfg = Config.from_dict({"dataset": {"parquet_dir": str(corpus), "val_parquet_dir": str(val_dir)},
+                            "training": {"block_size": 16, "batch_size": 3, "eval_iters": 4}})
+    validation = data.validation_batches(cfg, list_units(corpus, "text"), BYTES)
+    assert len(validation) == 4 and all(x.shape == (3, 16) for x, _ in validation)
+    files = [{int(f) for f in re.findall(rb"<(\d\d)-", bytes(x.flatten().tolist()))} for x, _ in validation]
+    assert files == [{0}, {2}, {1}, {3}]  # at 0, 1/2, 1/4, 3/4 of the way
+    assert [data.spread_order(n) for n in (1, 5)] == [[0], [0, 2, 1, 3, 4]]
+    assert sorted(data.spread_order(1000)) == list(range(1000))
+
+
 def test_a_validation_folder_is_named_in_its_errors(tmp_path):
     train_dir = make_corpus(tmp_path / "train", n_files=2)
     raw = {"dataset": {"parquet_dir": str(train_dir), "val_parquet_dir": str(tmp_path / "nope")}}
@@ -379,7 +393,8 @@ def test_more_processes_than_units_are_refused_up_front(corpus, capsys):
     units = list_units(corpus, "text")
     cfg = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}, "dataloader": {"num_workers": 4}})
     assert loader_workers(cfg, units[:6], world_size=2) == 3
-    assert "dataloader.num_workers 4 -> 3: only 6 (file, row group) units to share" in capsys.readouterr().out
+    assert ("dataloader.num_workers 4 -> 3: only 6 (file, row group) units to share among 2 processes' workers, and "
+            "each worker reads units of its own") in capsys.readouterr().out
     with pytest.raises(DataError, match=r"1 \(file, row group\) unit for 2 processes, .* start at most 1 \(torchrun"):
         check_enough_units(cfg, units[:1], world_size=2)
 

@@ -6,6 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from conftest import write_parquet
@@ -21,8 +22,12 @@ def test_units_are_listed_recursively_and_sorted(tmp_path):
 
 
 def test_missing_or_empty_directory(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match=r"does not exist or is not a directory.*--from-text FILE --out .*nope`$"):
         list_units(tmp_path / "nope", "text")
+    with pytest.raises(DataError, match=r"mybook.txt: dataset.parquet_dir does not exist; it takes a folder of .parquet "
+                                        r"shards: write them with `python prepare.py --from-text TEXT_FILE ... --out "
+                                        r".*mybook_parquet` and set dataset.parquet_dir=.*mybook_parquet$"):
+        list_units(tmp_path / "mybook.txt", "text")  # not a folder to write the shards into
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"no .parquet files found \(searched recursively\); convert text with "
                                         r"`python prepare.py --from-text FILE ... --out .*empty`$"):
@@ -34,6 +39,9 @@ def test_missing_or_empty_directory(tmp_path):
         list_units(tmp_path / "empty", "text")
     with pytest.raises(DataError, match=r" and set dataset.val_parquet_dir=.*empty_parquet$"):
         list_units(tmp_path / "empty", "text", setting="dataset.val_parquet_dir")
+    (tmp_path / "empty" / "tool.py").write_text("x = 1")  # text of several kinds: all of them
+    with pytest.raises(DataError, match=r"--from-text .*empty/\* --out"):
+        list_units(tmp_path / "empty", "text")
     write_parquet(tmp_path / "hidden" / "_0.parquet", ["x"] * 3)  # parquet files, but none taken as data
     write_parquet(tmp_path / "hidden" / "_more" / "1.parquet", ["x"] * 3)
     with pytest.raises(DataError, match=r"hidden: its only .parquet files are in names that start with '.' or '_' "
@@ -49,6 +57,46 @@ def test_missing_or_empty_directory(tmp_path):
     with pytest.raises(DataError, match=r"; data.jsonl holds records, not plain text: write them as parquet "
                                         r"\(pyarrow.json.read_json .*set dataset.text_column to the column with the text$"):
         list_units(tmp_path / "records", "text")
+
+
+def test_training_on_a_held_out_split_alone_is_noted(tmp_path, capsys):
+    """A slip of tab completion, or train and test swapped: accepted (it may be meant), but said."""
+    write_parquet(tmp_path / "wikitext" / "test" / "data.parquet", ["x"] * 3)
+    write_parquet(tmp_path / "flat" / "test-00000-of-00001.parquet", ["x"] * 3)
+    write_parquet(tmp_path / "flat" / "train-00000-of-00001.parquet", ["x"] * 3)
+    for location in (tmp_path / "wikitext" / "test", tmp_path / "flat" / "test-00000-of-00001.parquet",
+                     f"{tmp_path}/flat/te*.parquet"):
+        list_units(location, "text")
+        assert capsys.readouterr().out == (f"note: {location}: dataset.parquet_dir's files are named for the test split, "
+                                           f"and training reads them; if that is not meant, point it at the training "
+                                           f"split\n")
+    list_units(f"{tmp_path}/flat/train-*.parquet", "text")
+    list_units(tmp_path / "wikitext" / "test", "text", setting="dataset.val_parquet_dir")
+    assert capsys.readouterr().out == ""
+
+
+def test_hugging_face_datasets_arrow_folders_are_told_how_to_become_parquet(tmp_path):
+    """save_to_disk writes a folder of .arrow files (Arrow IPC streams) per split, and dataset_dict.json
+    above them; --from-text would take them as text."""
+    saved = tmp_path / "saved"
+    (saved / "train").mkdir(parents=True)
+    with pa.ipc.new_stream(saved / "train" / "data-00000-of-00001.arrow", pa.schema({"text": pa.string()})) as stream:
+        stream.write_table(pa.table({"text": ["some text"]}))
+    for name in ("train/state.json", "train/dataset_info.json", "dataset_dict.json"):
+        (saved / name).write_text("{}")
+    with pytest.raises(DataError, match=re.escape(
+            f"data-00000-of-00001.arrow is an Arrow file (Hugging Face datasets' save_to_disk or cache), neither text "
+            f"nor parquet: write it as parquet, `python -c \"import datasets, os; os.makedirs('{saved}/train_parquet', "
+            f"exist_ok=True); datasets.load_from_disk('{saved}/train').to_parquet('{saved}/train_parquet/data.parquet')"
+            f"\"`, and set dataset.parquet_dir={saved}/train_parquet") + "$"):
+        list_units(saved / "train", "text")
+    with pytest.raises(DataError, match=re.escape(
+            f"it is a Hugging Face datasets folder (save_to_disk), not parquet: write its splits as parquet, `python -c "
+            f"\"import datasets, os; os.makedirs('{saved}_parquet', exist_ok=True); d = datasets.load_from_disk("
+            f"'{saved}'); [d[s].to_parquet(f'{saved}_parquet/{{s}}.parquet') for s in d]\"`, and set "
+            f"dataset.parquet_dir={saved}_parquet/train.parquet (and dataset.val_parquet_dir to its validation split's "
+            f"file)") + "$"):
+        list_units(saved, "text")
 
 
 def test_symlinked_folders_are_followed_once_and_names_starting_with_dot_or_underscore_skipped(tmp_path, capsys):
@@ -67,6 +115,11 @@ def test_symlinked_folders_are_followed_once_and_names_starting_with_dot_or_unde
     only_links.mkdir()
     (only_links / "x.parquet").symlink_to(root / "a" / "x.parquet")
     assert len(list_units(only_links, "text")) == 2
+    # two names of one file (a Hugging Face cache's snapshots of two revisions link to one blob): read once,
+    # or its held-out documents would train under the other name
+    (only_links / "y.parquet").symlink_to(root / "a" / "x.parquet")
+    assert [Path(u.path).name for u in list_units(only_links, "text")] == ["x.parquet"] * 2
+    assert [Path(u.path).name for u in list_units(f"{only_links}/*.parquet", "text")] == ["x.parquet"] * 2
 
 
 def hub_layout(root):

@@ -51,7 +51,8 @@ def test_out_is_checked_first_and_damaged_records_are_skipped(tmp_path, corpus, 
     assert capsys.readouterr().err.count("is not a metrics record") == 3
 
 
-def test_a_run_without_evaluations_has_no_validation_legend(tmp_path, monkeypatch):
+def test_the_runs_are_named_once_under_the_panels_and_a_run_without_evaluations_has_no_validation_legend(
+        tmp_path, monkeypatch):
     import json
     import matplotlib.pyplot as plt
     run = tmp_path / "run_a"
@@ -63,7 +64,8 @@ def test_a_run_without_evaluations_has_no_validation_legend(tmp_path, monkeypatc
     assert plot.main([str(run), "--out", str(tmp_path / "a.png")]) == 0
     legends = [axes.get_legend() for axes in figures[0].axes]
     assert [[text.get_text() for text in legend.get_texts()] if legend else None for legend in legends] == [
-        ["run_a train"], ["run_a train"], None, ["run_a"], None, ["run_a"]]  # no validation nor sparsity entries
+        ["train"], ["train"], None, None, None, None]  # no validation nor sparsity entries
+    assert [[text.get_text() for text in legend.get_texts()] for legend in figures[0].legends] == [["run_a"]]
 
 
 def test_validation_lines_break_where_a_resume_changed_what_they_measure(tmp_path, corpus, monkeypatch):
@@ -83,7 +85,7 @@ def test_validation_lines_break_where_a_resume_changed_what_they_measure(tmp_pat
     loss_steps = figures[0].axes[0]
     validation = [list(line.get_xdata()) for line in loss_steps.get_lines() if line.get_linestyle() == "--"]
     assert validation == [[1, 2], [3, 4, 5, 6]]
-    assert [t.get_text() for t in loss_steps.get_legend().get_texts()] == [f"{run.name} train", f"{run.name} validation"]
+    assert [t.get_text() for t in loss_steps.get_legend().get_texts()] == ["train", "validation"]
 
 
 def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch):
@@ -99,12 +101,17 @@ def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch)
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
     assert plot.main([str(tmp_path), "--out", str(tmp_path / "a.png")]) == 0
-    loss_steps = figures[0].axes[0]
-    assert [text.get_text() for text in loss_steps.get_legend().get_texts()] == [  # (not checkpoint_dir: no learning)
-        "run_a (tokenizer=bytes, learning_rate=0.01) train", "run_b (tokenizer=bpe.json, learning_rate=0.01) train",
-        "run_c (tokenizer=bytes, learning_rate=0.02) train"]
+    loss_steps, [runs] = figures[0].axes[0], figures[0].legends
+    assert [text.get_text() for text in runs.get_texts()] == [  # (not checkpoint_dir: no learning)
+        "run_a (tokenizer=bytes, learning_rate=0.01)", "run_b (tokenizer=bpe.json, learning_rate=0.01)",
+        "run_c (tokenizer=bytes, learning_rate=0.02)"]
     assert loss_steps.get_ylabel() == "loss (nats per token; other tokenizers: compare bits per byte)"
     assert plot.labels(["a", "b"], [{"training.seed": 1}, {"training.seed": 2, "training.compile": True}]) == [
         "a (seed=1)", "b (seed=2)"]
     assert plot.labels(["a", "b", "c"], [{"training.seed": 1}, {}, {"training.seed": 1}]) == ["a", "b", "c"]
     assert plot.labels(["a"], [{"training.seed": 1}]) == ["a"]  # one run: its name
+    resumed = tmp_path / "run_a"  # resumed twice with other settings: the values it had, in turn
+    for step, lr in ((10, 0.005), (20, 0.002)):
+        (resumed / f"config_resume_{step}.yaml").write_text(yaml.safe_dump({"training": {"learning_rate": lr}}))
+    assert plot.run_settings(resumed)["training.learning_rate"] == "0.01→0.005→0.002"
+    assert plot.run_settings(resumed)["dataset.tokenizer"] == "bytes"

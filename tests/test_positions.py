@@ -12,7 +12,7 @@ import train
 from checkpoint import load_checkpoint
 from config import Config
 from conftest import make_corpus, only_run, run_dirs, unit_of_tag, write_config
-from data import ParquetBatches, assign_units
+from data import ParquetBatches, assign_units, read_unit_tokens
 from positions import (SHARDS, SHARDS_SEEN, WORKERS_KEY, bytes_left, data_order, epochs_read, order_changes, part_read,
                        rest_of_epoch, resume_point)
 from shards import ParquetFileCache, list_units
@@ -64,9 +64,9 @@ def test_the_rest_of_an_epoch_is_dealt_to_other_readers(corpus, monkeypatch):
     being_read = {index[(u.file_key, u.row_group)]: p["part"] for p in saved for u in [old[p["reader"]][p["unit"]]]}
     dealt = [entry for p in positions for entry in p["units"]]
     assert epoch == 0 and left == len(dealt) == len(units) - len(finished)
-    assert sorted(i for i, _ in dealt) == sorted(set(range(len(units))) - finished)
-    assert all(part == being_read.get(i, 0) for i, part in dealt)
-    loads = [sum(bytes_left(units[i], part) for i, part in p["units"]) for p in positions]
+    assert sorted(i for i, *_ in dealt) == sorted(set(range(len(units))) - finished)
+    assert all(part == being_read.get(i, 0) for i, part, _ in dealt)
+    loads = [sum(bytes_left(units[i], part) for i, part, _ in p["units"]) for p in positions]
     assert max(loads) - min(loads) <= max(u.num_bytes for u in units)
     passes_before = epochs_read(saved, units, 0, 2, {})
     assert epochs_read(positions, units, 0, 3, {}) == pytest.approx(positions[0]["epoch_done"])
@@ -82,7 +82,7 @@ def test_the_rest_of_an_epoch_is_dealt_to_other_readers(corpus, monkeypatch):
         assert rest and all(b[2]["units"] == position["units"] for b in rest)
         read = {tag_unit(int(f), int(r)) for x, y, _ in rest
                 for f, r in re.findall(rb"<(\d\d)-(\d\d\d)>", window_bytes(x[0], y[0]) + window_bytes(x[1], y[1]))}
-        assert read == {i for i, _ in position["units"]}  # the documents of its units, and only those
+        assert read == {i for i, *_ in position["units"]}  # the documents of its units, and only those
         passes = [epochs_read([b[2]], units, 0, 3, {}) for b in rest]
         # from what was read before (and the first batch's windows: parts of 300 bytes are coarse) to about 1
         assert passes == sorted(passes) and position["epoch_done"] < passes[0] < position["epoch_done"] + 0.05
@@ -96,6 +96,24 @@ def test_the_rest_of_an_epoch_is_dealt_to_other_readers(corpus, monkeypatch):
     assert "units" not in next_epoch
 
 
+def test_the_rest_of_an_epoch_keeps_the_tokens_its_stopped_readers_carried(corpus, monkeypatch):
+    """The stream's tokens before the part a stopped reader was in (its previous part's tail, not yet
+    a target) go on before that part in the stream of the reader that takes it over."""
+    monkeypatch.setattr(shards, "READ_BYTES", 300)
+    units = list_units(corpus, "text")
+    ds, cache = ParquetBatches(units, "train", 16, 2, 0, 0.2, "text", 4, BYTES), ParquetFileCache(4)
+    saved = [list(ds.epoch_batches(cache, reader, 3, 0))[n][2] for reader, n in ((0, 5), (1, 12), (2, 20))]
+    assert all(p["carry"] for p in saved)
+    positions = rest_of_epoch(units, {WORKERS_KEY: 3, "world_size": 1, "training.seed": 0}, saved, n_readers=2)[0]
+    in_order = ParquetBatches(units, "train", 16, 2, 0, 0.2, "text", 4, BYTES, shuffle=False)  # the stream as it is
+    streams = [b"".join(bytes(row.tolist()) for x, _, _ in in_order.epoch_batches(cache, p["reader"], 2, 0, start=p)
+                        for row in x) for p in positions]
+    old = assign_units(units, 0, seed=0, n_readers=3, shuffle=True)
+    for p in saved:
+        part = next(read_unit_tokens(cache, old[p["reader"]][p["unit"]], "text", "train", 0, 0.2, BYTES, p["part"]))
+        assert sum(bytes(p["carry"]) + bytes(part[:8].tolist()) in stream for stream in streams) == 1
+
+
 def test_the_rest_of_an_epoch_skips_readers_ahead_and_counts_missing_ones_whole(corpus):
     units = list_units(corpus, "text")
     order = {WORKERS_KEY: 3, "world_size": 1, "training.seed": 5}
@@ -105,7 +123,7 @@ def test_the_rest_of_an_epoch_skips_readers_ahead_and_counts_missing_ones_whole(
              {"reader": 1, "epoch": 2, "unit": 1, "part": 0, "consumed": 1, "carry": []}]  # reader 2: none saved
     positions, left, epoch, read_again = rest_of_epoch(units, order, saved, n_readers=2)
     expected = {index[(u.file_key, u.row_group)] for u in old[1][1:] + old[2]}
-    assert epoch == 2 and left == len(expected) and {i for p in positions for i, _ in p["units"]} == expected
+    assert epoch == 2 and left == len(expected) and {i for p in positions for i, *_ in p["units"]} == expected
     # reader 0's first unit of epoch 3, which is dealt anew after epoch 2; of the part reader 1 is in,
     # without a count of its windows (positions of older versions), no share is known to be read
     ahead = assign_units(units, 3, seed=5, n_readers=3, shuffle=True)[0][0].num_bytes
@@ -193,7 +211,7 @@ def test_fewer_loader_workers_on_resume_read_the_rest_of_the_epoch(tmp_path, cor
     [after] = load_checkpoint(run / "checkpoint_24.pt").data_positions
     assert n_units - left == sum(p["unit"] for p in before) > 0  # the units the two workers had finished
     assert after["epoch"] == 0 and len(after["units"]) == left
-    assert sorted(part for _, part in after["units"] if part) == sorted(p["part"] for p in before if p["part"])
+    assert sorted(part for _, part, _ in after["units"] if part) == sorted(p["part"] for p in before if p["part"])
 
 
 def test_another_batch_size_continues_the_same_windows(tmp_path, corpus, capsys):

@@ -1,6 +1,8 @@
+import re
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 
 import prepare
@@ -31,11 +33,16 @@ def test_from_text_says_how_to_cut_a_small_text_into_enough_documents(tmp_path, 
     assert capsys.readouterr().out.endswith("wrote 1 document to " + str(tmp_path / "one") + "\nnote: validation holds "
                                             "out each document with probability dataset.val_fraction (default 0.05): "
                                             "about 0.1 of these 1, and training needs the rest; cut the text finer "
-                                            "(--chunk-bytes 256), or give validation a folder of its own "
-                                            "(dataset.val_parquet_dir)\n")
+                                            "(--chunk-bytes 256) and raise dataset.val_fraction (e.g. 0.2), or give "
+                                            "validation a folder of its own (dataset.val_parquet_dir)\n")
     assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "finer"), "--chunk-bytes", "256"]) == 0
     out = capsys.readouterr().out  # cut as fine as it suggests: then the share held out is the setting to raise
     assert "wrote 23 documents" in out and "about 1.2 of these 23" in out and "raise dataset.val_fraction (e.g. 0.2)" in out
+    notes.write_text("Some notes.\nMore notes here.\n" * 2000)  # 58 KB: cut finer, as it says, is enough
+    assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "ten")]) == 0
+    finer = re.search(r"cut the text finer \(--chunk-bytes (\d+)\), or give", capsys.readouterr().out)[1]
+    assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "cut"), "--chunk-bytes", finer]) == 0
+    assert capsys.readouterr().out == f"wrote 100 documents to {tmp_path / 'cut'}\n"
     notes.write_text("hello world\n")  # no cutting helps: too little text, which it says
     assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "tiny")]) == 0
     assert capsys.readouterr().out.endswith("\nnote: 12 bytes of text is too little to train on and hold validation "
@@ -49,6 +56,22 @@ def test_from_text_names_a_file_that_is_not_utf8(tmp_path, capsys):
     assert f"note: {latin1} is not UTF-8 (byte 3: b'\\xe9'): its invalid bytes become U+FFFD" in capsys.readouterr().out
     [unit] = list_units(tmp_path / "out", "text")
     assert ParquetFileCache(1).get(unit.path).read().column("text")[0].as_py() == "caf\ufffd cr\ufffdme\n"
+
+
+def test_from_text_reads_utf16_by_its_byte_order_mark_and_refuses_nul_bytes(tmp_path, capsys):
+    notepad = tmp_path / "notes.txt"  # Windows Notepad's "Unicode", PowerShell's >
+    notepad.write_bytes("caf\u00e9 cr\u00e8me\n".encode("utf-16"))
+    assert prepare.main(["--from-text", str(notepad), "--out", str(tmp_path / "out")]) == 0
+    assert f"note: {notepad} is UTF-16 (its byte-order mark says so): converted to UTF-8" in capsys.readouterr().out
+    [unit] = list_units(tmp_path / "out", "text")
+    assert ParquetFileCache(1).get(unit.path).read().column("text")[0].as_py() == "caf\u00e9 cr\u00e8me\n"
+    unmarked = tmp_path / "unmarked.txt"  # NUL would read as the byte tokenizer's document separator
+    unmarked.write_bytes("plain text\n".encode("utf-16-le"))
+    assert prepare.main(["--from-text", str(notepad), str(unmarked), "--out", str(tmp_path / "out2")]) == 1
+    assert capsys.readouterr().err == (f"error: {unmarked}: not text (a NUL byte at byte 1: binary data, or UTF-16 without "
+                                       f"a byte-order mark); leave it out, or convert it to UTF-8 first (Windows' UTF-16: "
+                                       f"iconv -f utf-16le -t utf-8)\n")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_train_tokenizer_command_learns_from_the_training_split_only(tmp_path, corpus, capsys):
@@ -175,13 +198,20 @@ def test_from_text_refuses_parquet_and_zip_files_by_their_first_bytes(tmp_path, 
     renamed = tmp_path / "train.txt"  # the content counts, not the name
     renamed.write_bytes(shard.read_bytes())
     torch.save({"weights": torch.zeros(2)}, tmp_path / "ckpt.pt")  # a zip archive
+    arrow = tmp_path / "wikitext-train.arrow"  # a Hugging Face datasets cache file: an Arrow IPC stream
+    with pa.ipc.new_stream(arrow, pa.schema({"text": pa.string()})) as stream:
+        stream.write_table(pa.table({"text": ["some text"]}))
     for f, message in [
         (shard, f"{shard}: a parquet file, not text; no conversion needed: train on it with "
                 f"dataset.parquet_dir={shard} (or its folder)"),
         (renamed, f"{renamed}: a parquet file, not text; no conversion needed: rename it to end in .parquet and point "
                   f"dataset.parquet_dir at it (or its folder)"),
         (tmp_path / "ckpt.pt", f"{tmp_path / 'ckpt.pt'}: a zip archive (a .pt checkpoint is one), not text; leave it "
-                               f"out, or unzip it and give the text files in it")]:
+                               f"out, or unzip it and give the text files in it"),
+        (arrow, f"{arrow}: an Arrow file (Hugging Face datasets' save_to_disk or cache), neither text nor parquet: write "
+                f"it as parquet, `python -c \"import datasets, os; os.makedirs('{tmp_path}_parquet', exist_ok=True); "
+                f"datasets.Dataset.from_file('{arrow}').to_parquet('{tmp_path}_parquet/wikitext-train.parquet')\"` (so "
+                f"each .arrow file), and set dataset.parquet_dir={tmp_path}_parquet")]:
         assert prepare.main(["--from-text", str(f), "--out", str(tmp_path / "out")]) == 1
         assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "out").exists()

@@ -58,8 +58,12 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
     assert open_checkpoint(str(run), str(tmp_path))[0] == run / "checkpoint_10.pt"  # by step, not by name
     with pytest.raises(CheckpointError, match=f"checkpoint_10.pt does not exist .*; did you mean {run}/checkpoint_10.pt"):
         open_checkpoint("checkpoint_10.pt", str(tmp_path))  # a run's file by its name alone
-    with pytest.raises(CheckpointError, match="; give a checkpoint file, a run directory or `latest`$"):
+    with pytest.raises(CheckpointError, match="; give a checkpoint file, a run directory, `latest` or `auto`$"):
         open_checkpoint(str(tmp_path / "gone" / "checkpoint_10.pt"), str(tmp_path))  # another run's, moved: no guess
+    with pytest.raises(CheckpointError, match="; give a checkpoint file, a run directory or `latest`$"):
+        open_checkpoint(str(tmp_path / "gone" / "checkpoint_10.pt"), None, setting="--checkpoint")
+    with pytest.raises(CheckpointError, match=r"; did you mean auto \(in lower case\)\?$"):
+        open_checkpoint("Auto", str(tmp_path))
     with pytest.raises(CheckpointError, match=r"checkpoint_1.pt does not exist; its folder holds checkpoint_10.pt, "
                                               r"checkpoint_2.pt \(training.keep_last_n keeps the newest only\)$"):
         open_checkpoint(str(run / "checkpoint_1.pt"), str(tmp_path))

@@ -75,12 +75,28 @@ def test_a_shard_gone_unreadable_or_rewritten_while_training_is_not_called_corru
                               (dict(docs=["yy"] * 8), "row group 1 has 60 bytes, not 57"),  # as many rows
                               (dict(docs=["y"] * 8, column="body"), "no column 'text' any more"),
                               (dict(docs=pa.array([1] * 8)), "column 'text' has type int64 now")]:
+        write_parquet(path, docs=["x"] * 8, rows_per_group=4)
+        cache = shards.ParquetFileCache(1)
+        list(shards.read_unit_documents(cache, unit, "text", "train", 0, 0.1))  # a reader has the file open
         write_parquet(path, **rewritten)  # in place, after the start listed it
         with pytest.raises(DataError) as e:
-            list(shards.read_unit_documents(shards.ParquetFileCache(1), second, "text", "train", 0, 0.1))
+            list(shards.read_unit_documents(cache, second, "text", "train", 0, 0.1))
         assert str(e.value) == (f"{path}: the file changed since the run started ({change}); training needs its shards "
                                 f"as they were at the start: restore it, or resume from the last checkpoint to train "
                                 f"on the data as it is now (the data order then changes)")
+
+    class OpenedBefore:  # the file rewritten while a unit of it is read
+        def __init__(self):
+            self.parquet = pq.ParquetFile(path)
+
+        def get(self, _path):
+            return self.parquet
+    write_parquet(path, docs=["x" * 100] * 8, rows_per_group=4)
+    [unit, second] = list_units(tmp_path, "text")
+    opened_before = OpenedBefore()
+    write_parquet(path, docs=["y"] * 6, rows_per_group=3)
+    with pytest.raises(DataError, match=r"the file changed since the run started \(row group 1 has 3 rows, not 4\)"):
+        list(shards.read_unit_documents(opened_before, second, "text", "train", 0, 0.1))
 
     class Unreadable:  # chmod does not stop root
         def get(self, path):

@@ -33,8 +33,8 @@ def test_run_directory_holds_resolved_config_checkpoints_and_metrics(tmp_path, c
     assert "step 4/4" in out and "val loss" in out and "--- sample: validation text ---\n" in out
     assert "\n--- the model continues ---\n" in out
     units = len(list_units(corpus, "text"))  # where the data comes from and where the runs go, resolved
-    assert (f"data {corpus.resolve()} (3 files, {units} row groups; validation 20% of its documents) | tokenizer bytes | "
-            f"runs in {(tmp_path / 'ck').resolve()}\n") in out
+    assert (f"data {corpus.resolve()} (3 files, {units} row groups; validation 20% of its documents, measured on "
+            f"2 x 3 windows taken across it) | tokenizer bytes | runs in {(tmp_path / 'ck').resolve()}\n") in out
     [run] = run_dirs(tmp_path)
     assert run.name.startswith("run_")
     saved = yaml.safe_load((run / "config.yaml").read_text())
