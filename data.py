@@ -282,15 +282,17 @@ def validation_batches(cfg, units, tokenizer) -> list:
         units = check_held_out(list_units(folder, dataset_cfg.text_column, setting="dataset.val_parquet_dir"), units)
     wanted = training.eval_iters * training.batch_size
     per_unit = -(-wanted // min(len(units), training.eval_iters))
-    windows = []
-    for index in spread_order(len(units)):
-        one_unit = ParquetBatches([units[index]], split, training.block_size, 1, training.seed,
-                                  dataset_cfg.val_fraction, dataset_cfg.text_column, 1, tokenizer, shuffle=False)
-        stream = iter(one_unit)
-        windows += [(x, y) for x, y, _ in itertools.islice(stream, min(per_unit, wanted - len(windows)))]
-        stream.close()
-        if len(windows) == wanted:
-            break
+    windows, cache = [], ParquetFileCache(dataset_cfg.max_cached_files)
+    try:
+        for index in spread_order(len(units)):
+            one_unit = ParquetBatches([units[index]], split, training.block_size, 1, training.seed,
+                                      dataset_cfg.val_fraction, dataset_cfg.text_column, 1, tokenizer, shuffle=False)
+            stream = one_unit.epoch_batches(cache, reader=0, n_readers=1, epoch=0)
+            windows += [(x, y) for x, y, _ in itertools.islice(stream, min(per_unit, wanted - len(windows)))]
+            if len(windows) == wanted:
+                break
+    finally:
+        cache.close()
     batches = [(torch.cat([x for x, _ in windows[k:k + training.batch_size]]),
                 torch.cat([y for _, y in windows[k:k + training.batch_size]]))
                for k in range(0, len(windows) - training.batch_size + 1, training.batch_size)]

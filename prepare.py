@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from config import DatasetConfig, add_config_arguments, all_paths, load_config
 from config_file import parse_arguments
 from corpus import DOCUMENT_BYTES, ensure_sample_corpus, split_text, text_files_to_parquet
-from data import training_split
+from data import training_split, validation_batches
 from files import ARROW_MAGICS, PARQUET_MAGIC, ZIP_MAGIC, atomic_write, output_path, script_here
 from layout import PATTERN_CHARACTERS, arrow_advice
 from shards import DataError, ParquetFileCache, list_units, read_unit_documents
@@ -132,7 +132,13 @@ def train_tokenizer(cfg, vocab_size: int, out: str, config_arguments: list, repl
     replaced = ("dataset.tokenizer=", "model.vocab_size=")
     command = [*(a for a in config_arguments if not a.startswith(replaced)), f"dataset.tokenizer={out}",
                f"model.vocab_size={model_vocab_size(tokenizer)}"]
-    return f"wrote {out}: {tokenizer.vocab_size:,} tokens. Train with it:\n  python {shlex.join([script_here('train.py'), *command])}"
+    try:  # fewer tokens than bytes: the validation split may no longer fill a batch
+        validation_batches(cfg, units, tokenizer)
+        problem = ""
+    except DataError as e:
+        problem = f"\nnote: that run would stop before its first step: {e}"
+    return (f"wrote {out}: {tokenizer.vocab_size:,} tokens. Train with it:\n  python "
+            f"{shlex.join([script_here('train.py'), *command])}{problem}")
 
 
 def main(argv=None):

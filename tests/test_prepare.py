@@ -83,6 +83,11 @@ def test_train_tokenizer_command_learns_from_the_training_split_only(tmp_path, c
     assert "read " in printed and "(100%)" in printed  # the progress line
     # the command to train with it keeps the overrides that chose the data, and replaces the vocabulary's
     assert f"python train.py --config {config} training.seed=1337 dataset.tokenizer={out} model.vocab_size=320\n" in printed
+    assert "would stop" not in printed
+    assert prepare.main(["--train-tokenizer", "--vocab-size", "300", "--out", str(tmp_path / "long.json"), "--config",
+                         str(config), "training.block_size=4096"]) == 0  # windows longer than the validation text
+    assert re.search(r"model.vocab_size=320\nnote: that run would stop before its first step: .* the validation split "
+                     r"\(val_fraction 0.2\) holds less than one batch of 4 x 4097 tokens", capsys.readouterr().out)
     tokenizer = load_tokenizer(str(out))
     assert tokenizer.vocab_size == 300 and tokenizer.decode(tokenizer.encode("<01-002>abc")) == "<01-002>abc"
     cfg = Config.from_yaml(config)
