@@ -312,8 +312,8 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run, tokens_per_step, compiled,
-                 fp8_recipe, qat_start, peak_source: str) -> str:
+def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run, compiled, fp8_recipe, qat_start,
+                 peak_source: str) -> str:
     """The lines that start a run: model, data, optimizer, then notes. `peak_source`: what MFU is
     measured against ("": no MFU)."""
     training, low_precision = cfg.training, cfg.low_precision
@@ -321,7 +321,7 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run
     if low_precision.compute_dtype == "auto":
         compute_dtype += " (auto)"
     lines = [f"BDH {n_params / 1e6:.2f}M parameters | device {device} | {compute_dtype} | "
-             f"compile {compiled} | {tokens_per_step:,} tokens/step"]
+             f"compile {compiled} | {step_tokens(training, ranks.world_size):,} tokens/step"]
     if ranks.enabled:
         lines[0] += (f" | {ranks.world_size} processes ({ranks.mode}), global batch {training.batch_size} x "
                      f"{training.gradient_accumulation_steps} x {ranks.world_size}")
@@ -355,7 +355,7 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run
         lines[-1] += f" | FP8 GEMMs for encoder, encoder_v, decoder: {fp8_recipe}"
     if training.debug:
         lines[-1] += " | DEBUG: anomaly detection, a log line (and its loss checked) every step"
-    step_flops = cfg.model.training_flops_per_token(training.block_size) * tokens_per_step / ranks.world_size
+    step_flops = cfg.model.training_flops_per_token(training.block_size) * step_tokens(training, 1)  # per process
     if device.type == "cpu" and step_flops > CPU_STEP_FLOPS:
         lines.append(f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, seconds to minutes on a CPU "
                      f"(the first step line comes after it): this model is sized for a GPU; configs/tiny.yaml "
