@@ -118,7 +118,7 @@ def yaml_syntax_problem(path: Path, text: str, e: yaml.YAMLError) -> str:
     content = [line.split("#")[0].strip() for line in lines]
     syntax = isinstance(e, (yaml.scanner.ScannerError, yaml.parser.ParserError))  # (not what a constructor refused)
     # `key value`: PyYAML finds the mistake a line later, or past a comment, in its own words
-    if syntax and mark and (k := line_without_colon(content[:mark.line + 1])) is not None:
+    if syntax and mark and (k := key_without_colon(lines, content, mark.line)) is not None:
         return f"{path}:{k + 1}: YAML syntax error: {content[k]!r} has no ':' after its key (key: value)"
     if getattr(e, "context", None) == "while scanning a simple key":  # found a line later
         mark = e.context_mark
@@ -137,10 +137,20 @@ def yaml_syntax_problem(path: Path, text: str, e: yaml.YAMLError) -> str:
     return f"{where}: YAML syntax error: {problem}"
 
 
-def line_without_colon(content: list[str]) -> int | None:
-    """The first of these lines (comments cut) that holds text but neither a key's ':' nor a list item."""
-    return next((k for k, text in enumerate(content) if text and ":" not in text and not text.startswith(("-", "?"))),
-                None)
+def key_without_colon(lines: list[str], content: list[str], mark_line: int) -> int | None:
+    """The line where PyYAML stopped, or the last line with text before it, if it stands where a key
+    belongs (at the top level, or first under a `key:` whose value is the block below it; not in
+    a multi-line value: a block scalar, a quoted or flow value) and has no ':' (comments cut)."""
+    def indent(k):
+        return len(lines[k]) - len(lines[k].lstrip())
+    above = next((k for k in range(min(mark_line, len(lines)) - 1, -1, -1) if content[k]), None)
+    for k in (above, mark_line):
+        if k is None or k >= len(lines) or not content[k] or ":" in content[k] or content[k].startswith(("-", "?")):
+            continue
+        parent = next((j for j in range(k - 1, -1, -1) if content[j] and indent(j) < indent(k)), None)
+        if indent(k) == 0 or parent is not None and content[parent].endswith(":"):
+            return k
+    return None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -272,27 +272,39 @@ def rank_positions(positions, rank: int, workers: int) -> dict:
 
 def validation_batches(cfg, units, tokenizer) -> list:
     """The eval_iters validation batches, read once: the same set at every evaluation. They come
-    from the validation documents of `units`, or from dataset.val_parquet_dir: the first windows of
-    units spread over the data (spread_order), about the same number from each of up to eval_iters
-    units, so that a file's first documents do not stand for all of them."""
+    from the validation documents of `units`, or from dataset.val_parquet_dir, taken across them
+    rather than from the first file's: the units, in file order, are cut into up to eval_iters
+    stretches of neighbours, and about as many windows come from the start of each (more from the
+    others where some run short; too little validation text for that is read whole, as one stream)."""
     training, dataset_cfg = cfg.training, cfg.dataset
     split, folder = "val", dataset_cfg.parquet_dir
     if dataset_cfg.val_parquet_dir:
         split, folder = "all", dataset_cfg.val_parquet_dir
         units = check_held_out(list_units(folder, dataset_cfg.text_column, setting="dataset.val_parquet_dir"), units)
     wanted = training.eval_iters * training.batch_size
-    per_unit = -(-wanted // min(len(units), training.eval_iters))
-    windows, cache = [], ParquetFileCache(dataset_cfg.max_cached_files)
+    n_stretches = min(len(units), training.eval_iters)
+    starts = [len(units) * k // n_stretches for k in range(n_stretches)] + [len(units)]
+    stretches = [units[a:b] for a, b in zip(starts, starts[1:])]
+    cache = ParquetFileCache(dataset_cfg.max_cached_files)
+
+    def first_windows(stretch, n):  # the first n windows of the stretch's validation documents, one stream
+        stream = ParquetBatches(stretch, split, training.block_size, 1, training.seed, dataset_cfg.val_fraction,
+                                dataset_cfg.text_column, 1, tokenizer, shuffle=False).epoch_batches(cache, 0, 1, 0)
+        return [(x, y) for x, y, _ in itertools.islice(stream, n)]
     try:
-        for index in spread_order(len(units)):
-            one_unit = ParquetBatches([units[index]], split, training.block_size, 1, training.seed,
-                                      dataset_cfg.val_fraction, dataset_cfg.text_column, 1, tokenizer, shuffle=False)
-            stream = one_unit.epoch_batches(cache, reader=0, n_readers=1, epoch=0)
-            windows += [(x, y) for x, y, _ in itertools.islice(stream, min(per_unit, wanted - len(windows)))]
-            if len(windows) == wanted:
+        per_stretch = -(-wanted // n_stretches)
+        while True:
+            taken = [first_windows(stretch, per_stretch) for stretch in stretches]
+            short, full = wanted - sum(map(len, taken)), sum(len(t) == per_stretch for t in taken)
+            if short <= 0 or not full:
                 break
+            per_stretch += -(-short // full)
+        if short > 0 and n_stretches > 1:  # stretches too short for a window lose their text: one stream of it all
+            whole = first_windows(units, wanted)
+            taken = [whole] if len(whole) > wanted - short else taken
     finally:
         cache.close()
+    windows = [window for stretch in taken for window in stretch][:wanted]
     batches = [(torch.cat([x for x, _ in windows[k:k + training.batch_size]]),
                 torch.cat([y for _, y in windows[k:k + training.batch_size]]))
                for k in range(0, len(windows) - training.batch_size + 1, training.batch_size)]
@@ -321,19 +333,6 @@ def validation_batches(cfg, units, tokenizer) -> list:
                         f"{training.block_size + 1} tokens; lower training.block_size or training.batch_size, or "
                         f"{more}")
     return batches
-
-
-def spread_order(n: int) -> list[int]:
-    """0 .. n-1 in an order whose every beginning is spread evenly over them: 0, n/2, n/4, 3n/4, ...
-    (the van der Corput sequence in base 2, scaled to n)."""
-    bits = max(1, (n - 1).bit_length())
-    order, seen = [], set()
-    for k in range(1 << bits):
-        index = int(f"{k:0{bits}b}"[::-1], 2) * n >> bits
-        if index not in seen:
-            seen.add(index)
-            order.append(index)
-    return order
 
 
 def check_held_out(val_units: list, train_units: list) -> list:

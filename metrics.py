@@ -312,8 +312,8 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run, compiled, fp8_recipe, qat_start,
-                 peak_source: str) -> str:
+def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val_batches: int, run, compiled, fp8_recipe,
+                 qat_start, peak_source: str) -> str:
     """The lines that start a run: model, data, optimizer, then notes. `peak_source`: what MFU is
     measured against ("": no MFU)."""
     training, low_precision = cfg.training, cfg.low_precision
@@ -328,7 +328,7 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, run
     dataset = cfg.dataset
     validation = (f"validation {Path(dataset.val_parquet_dir).resolve()}" if dataset.val_parquet_dir
                   else f"validation {dataset.val_fraction * 100:g}% of its documents")
-    validation += f", measured on {training.eval_iters} x {training.batch_size} windows taken across it"
+    validation += f", measured on {val_batches} x {training.batch_size} windows taken across it"
     tokenizer = "bytes" if dataset.tokenizer == "bytes" else Path(dataset.tokenizer).resolve()
     writes_to = (f"continues in {run.path.resolve()}" if run.path is not None
                  else f"runs in {Path(training.checkpoint_dir).resolve()}")

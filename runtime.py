@@ -265,9 +265,9 @@ def process_status_bytes(field: str) -> int:
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by words of the device name.
 # The first match wins, so the more specific names come first.
-BF16_PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("GH200", 989.4), ("B200", 2250.0),
-                    ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0),
-                    ("RTX 4090", 165.2), ("RTX 3090", 71.0), ("A6000", 154.8))
+BF16_PEAK_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.4), ("H100 NVL", 835.5), ("H100 PCIe", 756.0), ("H100", 989.4),
+                    ("GH200", 989.4), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0),
+                    ("L4", 121.0), ("A10G", 70.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0), ("A6000", 154.8))
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:

@@ -136,10 +136,13 @@ def validation_mask(unit: Unit, seed: int, fraction: float):
 
 
 READ_BYTES = 8 << 20  # a row group is read in parts of about this many bytes (uncompressed, all columns)
+PART_TEXT_LIMIT = 4  # x READ_BYTES: a part whose text passes this ends early (rows of unequal or repeated text)
+READ_ROWS = 256  # at most this many rows decoded at a time
 
 
 def rows_per_part(unit: Unit) -> int:
-    """The rows of each part that read_unit_documents reads of the unit (about READ_BYTES of the row group)."""
+    """The rows of each part that read_unit_documents reads of the unit (about READ_BYTES of the row
+    group by its metadata), unless its text passes PART_TEXT_LIMIT x READ_BYTES first."""
     return max(1, READ_BYTES * unit.num_rows // max(1, unit.num_bytes))
 
 
@@ -173,27 +176,41 @@ def changed_since_listed(parquet: pq.ParquetFile, unit: Unit, text_column: str) 
 def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, split: str, seed: int,
                         val_fraction: float):
     """The unit's non-empty documents of `split` (train, val or all), one large_binary array per
-    part: the row group is read in record batches of about READ_BYTES, so memory does not grow with
-    the row-group size its writer chose. The parts are the same on every read (they follow from
-    the file's metadata)."""
+    part: rows_per_part rows, about READ_BYTES of the row group by its metadata, or fewer where
+    their text passes PART_TEXT_LIMIT x READ_BYTES (a row group sorted by length, or dictionary-
+    encoded text, whose metadata counts each repeated text once). Memory follows the part, not the
+    row-group size its writer chose. The parts are the same on every read (they follow from the
+    file and READ_BYTES)."""
     if split == "all":
         in_split = np.ones(unit.num_rows, dtype=bool)
     else:
         in_split = validation_mask(unit, seed, val_fraction)
         in_split = ~in_split if split == "train" else in_split
-    rows = rows_per_part(unit)
-    first_row = 0
+    rows, text_limit = rows_per_part(unit), PART_TEXT_LIMIT * READ_BYTES
+    part, part_rows, part_text, first_row = [], 0, 0, 0
     try:
         parquet = cache.get(unit.path)
         if change := changed_since_listed(parquet, unit, text_column):
             raise changed(unit, change)
-        for batch in parquet.iter_batches(batch_size=rows, row_groups=[unit.row_group], columns=[text_column],
-                                          use_threads=False):
+        for batch in parquet.iter_batches(batch_size=min(rows, READ_ROWS), row_groups=[unit.row_group],
+                                          columns=[text_column], use_threads=False):
             docs = batch.column(0).cast(pa.large_binary())  # string, binary, views, dictionaries
-            keep = pc.and_(pc.and_(pc.is_valid(docs), pc.greater(pc.binary_length(docs), 0)),
-                           pa.array(in_split[first_row:first_row + len(docs)]))
-            first_row += len(docs)
-            yield pc.filter(docs, keep)
+            lengths = pc.binary_length(docs).fill_null(0).to_numpy(zero_copy_only=False)
+            while len(docs):
+                # this batch's rows that join the part: until it has `rows`, or its text passes the limit
+                fits = int(np.searchsorted(np.cumsum(lengths), text_limit - part_text, side="right"))
+                take = min(len(docs), rows - part_rows, fits + 1)
+                piece = docs.slice(0, take)
+                keep = pc.and_(pc.and_(pc.is_valid(piece), pc.greater(pc.binary_length(piece), 0)),
+                               pa.array(in_split[first_row:first_row + take]))
+                part.append(pc.filter(piece, keep))
+                part_rows, part_text, first_row = part_rows + take, part_text + int(lengths[:take].sum()), first_row + take
+                docs, lengths = docs.slice(take), lengths[take:]
+                if part_rows == rows or part_text > text_limit:
+                    yield pa.concat_arrays(part)
+                    part, part_rows, part_text = [], 0, 0
+        if part:
+            yield pa.concat_arrays(part)
     except (FileNotFoundError, PermissionError) as e:
         gone = isinstance(e, FileNotFoundError)
         what, fix = ("is gone", "restore it") if gone else ("cannot be read", "make it readable")

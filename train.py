@@ -130,8 +130,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
     # ---- describe the run
     continues_run_dir = run.path is not None
     metrics = MetricsLog(run, cfg, resumed_step=progress.step if continues_run_dir else None)
-    print(describe_run(cfg, raw_model, optimizer, ranks, device, compute_dtype, units, run, compile_model, fp8_recipe,
-                       qat_start, peak_source), flush=True)
+    print(describe_run(cfg, raw_model, optimizer, ranks, device, compute_dtype, units, len(val_batches), run,
+                       compile_model, fp8_recipe, qat_start, peak_source), flush=True)
 
     # ---- the training stream
     loader = iter(train_loader(cfg, units, tokenizer, workers, start_positions, progress.batches_consumed,

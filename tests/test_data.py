@@ -361,12 +361,28 @@ def test_validation_is_taken_across_its_files_not_from_the_first(tmp_path, corpu
         write_parquet(val_dir / f"{f}.parquet", [f"<{f:02d}-{r:03d}>" + "abcdefghij" * 20 for r in range(40)], 40)
     cfg = Config.from_dict({"dataset": {"parquet_dir": str(corpus), "val_parquet_dir": str(val_dir)},
                             "training": {"block_size": 16, "batch_size": 3, "eval_iters": 4}})
-    validation = data.validation_batches(cfg, list_units(corpus, "text"), BYTES)
+    units = list_units(corpus, "text")
+    validation = data.validation_batches(cfg, units, BYTES)
     assert len(validation) == 4 and all(x.shape == (3, 16) for x, _ in validation)
     files = [{int(f) for f in re.findall(rb"<(\d\d)-", bytes(x.flatten().tolist()))} for x, _ in validation]
-    assert files == [{0}, {2}, {1}, {3}]  # at 0, 1/2, 1/4, 3/4 of the way
-    assert [data.spread_order(n) for n in (1, 5)] == [[0], [0, 2, 1, 3, 4]]
-    assert sorted(data.spread_order(1000)) == list(range(1000))
+    assert files == [{0}, {1}, {2}, {3}]  # the start of each of 4 stretches: files 0, 1, 2, and 3-4
+    write_parquet(val_dir / "5.parquet", ["tiny"])  # short of a window: the others give more
+    write_parquet(val_dir / "6.parquet", ["tiny"])
+    cfg.training.eval_iters = 6
+    files = [{int(f) for f in re.findall(rb"<(\d\d)-", bytes(x.flatten().tolist()))}
+             for x, _ in data.validation_batches(cfg, units, BYTES)]
+    assert len(files) == 6 and set.union(*files) == {0, 1, 2, 3, 4}
+
+
+def test_validation_documents_too_short_for_a_window_each_are_read_as_one_stream(tmp_path, corpus):
+    """A validation document or two per row group, each shorter than a window: joined, as one stream."""
+    val_dir = tmp_path / "val"
+    for f in range(8):
+        write_parquet(val_dir / f"{f}.parquet", [f"<{f:02d}>" + "x" * 6])
+    cfg = Config.from_dict({"dataset": {"parquet_dir": str(corpus), "val_parquet_dir": str(val_dir)},
+                            "training": {"block_size": 16, "batch_size": 2, "eval_iters": 8}})
+    validation = data.validation_batches(cfg, list_units(corpus, "text"), BYTES)
+    assert len(validation) == 2  # 8 x 11 bytes: 5 windows of 16 (none from any one file)
 
 
 def test_a_validation_folder_is_named_in_its_errors(tmp_path):

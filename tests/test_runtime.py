@@ -45,6 +45,7 @@ def test_a_compute_dtype_the_cpu_emulates_is_warned_about(monkeypatch):
 
 
 @pytest.mark.parametrize("name,tflops", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
+                                         ("NVIDIA H100 NVL", 835.5), ("NVIDIA H200", 989.4), ("NVIDIA H200 NVL", 835.5),
                                          ("NVIDIA L4", 121.0), ("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.1),
                                          ("NVIDIA A100-SXM4-40GB", 312.0)])
 def test_the_datasheet_peak_is_found_by_whole_words(monkeypatch, name, tflops):

@@ -104,3 +104,24 @@ def test_a_shard_gone_unreadable_or_rewritten_while_training_is_not_called_corru
     with pytest.raises(DataError, match=r"a.parquet: the file cannot be read \(Permission denied\); training needs "
                                         r"every shard it started with: make it readable, or resume"):
         list(shards.read_unit_documents(Unreadable(), unit, "text", "train", 0, 0.1))
+
+
+def test_a_part_ends_early_where_its_text_outgrows_what_the_metadata_promised(tmp_path, monkeypatch):
+    """Parts are sized from the row group's metadata; where the text is far larger than it says (a few
+    long documents repeated, which the writer's dictionary stores once; a row group sorted by length)
+    a part ends once its text passes PART_TEXT_LIMIT x READ_BYTES, so memory stays bounded."""
+    monkeypatch.setattr(shards, "READ_BYTES", 4096)
+    long_docs = [chr(97 + k % 4) * 20_000 for k in range(400)]  # 8 MB of text, in a file of a few KB
+    path = write_parquet(tmp_path / "a.parquet", long_docs, rows_per_group=400)
+    [unit] = list_units(tmp_path, "text")
+    assert pq.ParquetFile(path).metadata.row_group(0).total_byte_size < 200_000  # the dictionary: each text once
+    parts = list(shards.read_unit_documents(shards.ParquetFileCache(1), unit, "text", "all", 0, 0.1))
+    limit = shards.PART_TEXT_LIMIT * shards.READ_BYTES
+    assert sum(len(part) for part in parts) == 400 and len(parts) > 1
+    assert all(sum(map(len, part.to_pylist())) <= limit + 20_000 for part in parts)  # (the row that passed it)
+    sorted_docs = ["x" * n for n in range(1, 800)]  # short first: the average row is far from the last rows
+    write_parquet(tmp_path / "b" / "b.parquet", sorted_docs, rows_per_group=800)
+    [unit] = list_units(tmp_path / "b", "text")
+    parts = list(shards.read_unit_documents(shards.ParquetFileCache(1), unit, "text", "all", 0, 0.1))
+    assert [doc for part in parts for doc in part.to_pylist()] == [doc.encode() for doc in sorted_docs]
+    assert max(sum(map(len, part.to_pylist())) for part in parts) <= limit + 800
