@@ -115,7 +115,7 @@ def yaml_syntax_problem(path: Path, text: str, e: yaml.YAMLError) -> str:
     """One line for a YAML syntax error: where the mistake most likely is, and a hint for the usual ones."""
     lines = text.splitlines()
     mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
-    content = [line.split("#")[0].strip() for line in lines]
+    content = [re.split(r"(?:^|\s)#", line)[0].strip() for line in lines]  # comments cut (a '#' after a space)
     syntax = isinstance(e, (yaml.scanner.ScannerError, yaml.parser.ParserError))  # (not what a constructor refused)
     # `key value`: PyYAML finds the mistake a line later, or past a comment, in its own words
     if syntax and mark and (k := key_without_colon(lines, content, mark.line)) is not None:
@@ -139,16 +139,27 @@ def yaml_syntax_problem(path: Path, text: str, e: yaml.YAMLError) -> str:
 
 def key_without_colon(lines: list[str], content: list[str], mark_line: int) -> int | None:
     """The line where PyYAML stopped, or the last line with text before it, if it stands where a key
-    belongs (at the top level, or first under a `key:` whose value is the block below it; not in
-    a multi-line value: a block scalar, a quoted or flow value) and has no ':' (comments cut)."""
+    belongs and has no ':' (comments cut): `key value`. A key belongs at the top level, first under a
+    key that ends in ':', and beside a key; not in a value of several lines (a block scalar, a
+    quoted or flow value), nor under a list item."""
     def indent(k):
         return len(lines[k]) - len(lines[k].lstrip())
-    above = next((k for k in range(min(mark_line, len(lines)) - 1, -1, -1) if content[k]), None)
-    for k in (above, mark_line):
-        if k is None or k >= len(lines) or not content[k] or ":" in content[k] or content[k].startswith(("-", "?")):
-            continue
-        parent = next((j for j in range(k - 1, -1, -1) if content[j] and indent(j) < indent(k)), None)
-        if indent(k) == 0 or parent is not None and content[parent].endswith(":"):
+
+    def is_key_place(k):
+        if indent(k) == 0:
+            return True
+        above = [j for j in range(k - 1, -1, -1) if content[j] and indent(j) <= indent(k)]
+        if not above or content[above[0]].startswith(("-", "?")):
+            return False
+        q = above[0]
+        if indent(q) == indent(k):  # beside a key
+            return ":" in content[q] and is_key_place(q)
+        previous = next(j for j in range(k - 1, -1, -1) if content[j])
+        return previous == q and content[q].endswith(":") and is_key_place(q)  # first under `key:`
+    last = next((k for k in range(min(mark_line, len(lines)) - 1, -1, -1) if content[k]), None)
+    for k in (last, mark_line):
+        if k is not None and k < len(lines) and content[k] and ":" not in content[k] and \
+                not content[k].startswith(("-", "?")) and is_key_place(k):
             return k
     return None
 

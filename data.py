@@ -304,7 +304,9 @@ def validation_batches(cfg, units, tokenizer) -> list:
             taken = [whole] if len(whole) > wanted - short else taken
     finally:
         cache.close()
-    windows = [window for stretch in taken for window in stretch][:wanted]
+    for stretch in sorted(taken, key=len, reverse=True)[:max(0, -short)]:  # the overshoot: one less from the fullest
+        stretch.pop()
+    windows = [window for stretch in taken for window in stretch]
     batches = [(torch.cat([x for x, _ in windows[k:k + training.batch_size]]),
                 torch.cat([y for _, y in windows[k:k + training.batch_size]]))
                for k in range(0, len(windows) - training.batch_size + 1, training.batch_size)]

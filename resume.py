@@ -22,7 +22,7 @@ from config import learning_rate, step_tokens
 from positions import SHARDS, data_order, resume_point
 from distributed import full_state, load_full_state, load_full_weights
 from model import BDHConfig
-from rundir import RunDir, checkpoint_candidates, hold_auto_start, open_checkpoint, resumable_runs
+from rundir import RunDir, checkpoint_candidates, hold_auto_start, is_run_directory, open_checkpoint, resumable_runs
 from tokenizer import TokenizerError, load_tokenizer
 
 
@@ -159,11 +159,11 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks) -> RunDir:
     nothing_to_do = ckpt.step >= cfg.training.max_iters  # train() says so: nothing to move or record either
     announce = "" if nothing_to_do else f"resuming from {path} at step {ckpt.step + 1}\n"
     if not continues_in_place(path):
-        not_a_run = not (path.parent / "config.yaml").exists()
+        not_a_run = not is_run_directory(path.parent)
         print(announce, end="")
         progress.best_val_loss = math.inf  # so that the new run directory gets its own best.pt
         if not nothing_to_do:
-            why = "is not a run directory (no config.yaml)" if not_a_run else "cannot be written"
+            why = "is not a run directory (no config.yaml that a run wrote)" if not_a_run else "cannot be written"
             print(f"  {path.parent} {why}: the run continues in a new one in {cfg.training.checkpoint_dir}")
         return RunDir(cfg.training.checkpoint_dir, writer=ranks.main)
     run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
@@ -184,7 +184,7 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks) -> RunDir:
 
 def continues_in_place(path: Path) -> bool:
     """Whether a resume from this checkpoint writes into its run directory (reopen_run)."""
-    return (path.parent / "config.yaml").exists() and os.access(path.parent, os.W_OK)
+    return is_run_directory(path.parent) and os.access(path.parent, os.W_OK)
 
 
 def check_same_data(ckpt, dataset, shards_now: str, command_line, path):

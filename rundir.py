@@ -29,6 +29,7 @@ except ImportError:  # Windows: run directories are not locked
     fcntl = None
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
+RUN_CONFIG_HEADER = "# the settings this run started with, by train.py (a resume's: config_resume_<step>.yaml)\n"
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:
@@ -71,6 +72,22 @@ def resumable_runs(root: Path) -> list[Path]:
         except OSError as e:
             print(f"note: {run}: cannot be listed ({e.strerror or e}): skipped", file=sys.stderr)
     return found
+
+
+def is_run_directory(folder: Path) -> bool:
+    """Whether a folder is a run's (train.py writes into it): its config.yaml is the one a run wrote
+    (its first line says so; runs from before it did: a run_* folder), not a config file that a copied
+    checkpoint happens to lie beside, as the repository's own does."""
+    config = Path(folder) / "config.yaml"
+    if not config.is_file():
+        return False
+    if Path(folder).name.startswith("run_"):
+        return True
+    try:
+        with open(config, encoding="utf-8", errors="replace") as f:
+            return f.readline() == RUN_CONFIG_HEADER
+    except OSError:
+        return False
 
 
 def latest_folder(spec: str, checkpoint_dir: str | None, setting: str) -> Path:
@@ -290,7 +307,7 @@ class RunDir:
                 continue
         self.path = path
         self.lock()
-        atomic_write(path / "config.yaml", lambda f: f.write(config_yaml.encode()))
+        atomic_write(path / "config.yaml", lambda f: f.write((RUN_CONFIG_HEADER + config_yaml).encode()))
 
     def lock(self):
         """Hold the run directory while this process trains in it: a second process resuming the

@@ -137,7 +137,7 @@ def validation_mask(unit: Unit, seed: int, fraction: float):
 
 READ_BYTES = 8 << 20  # a row group is read in parts of about this many bytes (uncompressed, all columns)
 PART_TEXT_LIMIT = 4  # x READ_BYTES: a part whose text passes this ends early (rows of unequal or repeated text)
-READ_ROWS = 256  # at most this many rows decoded at a time
+READ_ROWS = 256  # rows decoded at a time: an eighth of a part, at most this many
 
 
 def rows_per_part(unit: Unit) -> int:
@@ -192,7 +192,7 @@ def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, s
         parquet = cache.get(unit.path)
         if change := changed_since_listed(parquet, unit, text_column):
             raise changed(unit, change)
-        for batch in parquet.iter_batches(batch_size=min(rows, READ_ROWS), row_groups=[unit.row_group],
+        for batch in parquet.iter_batches(batch_size=max(1, min(rows // 8, READ_ROWS)), row_groups=[unit.row_group],
                                           columns=[text_column], use_threads=False):
             docs = batch.column(0).cast(pa.large_binary())  # string, binary, views, dictionaries
             lengths = pc.binary_length(docs).fill_null(0).to_numpy(zero_copy_only=False)
@@ -209,6 +209,7 @@ def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, s
                 if part_rows == rows or part_text > text_limit:
                     yield pa.concat_arrays(part)
                     part, part_rows, part_text = [], 0, 0
+            del batch, docs  # (before the next batch is decoded)
         if part:
             yield pa.concat_arrays(part)
     except (FileNotFoundError, PermissionError) as e:

@@ -374,6 +374,19 @@ def test_validation_is_taken_across_its_files_not_from_the_first(tmp_path, corpu
     assert len(files) == 6 and set.union(*files) == {0, 1, 2, 3, 4}
 
 
+def test_validation_that_some_files_lack_is_made_up_by_the_others_all_of_them(tmp_path, corpus):
+    val_dir = tmp_path / "val"
+    write_parquet(val_dir / "00.parquet", ["tiny"])  # no window: the 19 others give one more each, then the
+    for f in range(1, 20):  # surplus goes from the fullest, not from the last files
+        write_parquet(val_dir / f"{f:02d}.parquet", [f"<{f:02d}-{r:03d}>" + "abcdefghij" * 5 for r in range(4)], 4)
+    cfg = Config.from_dict({"dataset": {"parquet_dir": str(corpus), "val_parquet_dir": str(val_dir)},
+                            "training": {"block_size": 16, "batch_size": 1, "eval_iters": 20}})
+    validation = data.validation_batches(cfg, list_units(corpus, "text"), BYTES)
+    assert len(validation) == 20
+    assert {int(f) for x, _ in validation for f in re.findall(rb"<(\d\d)-", bytes(x.flatten().tolist()))} == set(
+        range(1, 20))
+
+
 def test_validation_documents_too_short_for_a_window_each_are_read_as_one_stream(tmp_path, corpus):
     """A validation document or two per row group, each shorter than a window: joined, as one stream."""
     val_dir = tmp_path / "val"

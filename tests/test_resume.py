@@ -64,6 +64,7 @@ def test_a_checkpoint_outside_a_run_directory_continues_in_a_new_one(tmp_path, c
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     (downloads / "notes.txt").write_text("mine")
+    (downloads / "config.yaml").write_text((ROOT / "config.yaml").read_text())  # as in the repository's folder
     (downloads / "checkpoint_1.pt").write_bytes(b"an older download")
     (downloads / "checkpoint_2.pt").write_bytes((straight / "checkpoint_2.pt").read_bytes())
     before = {p.name: p.read_bytes() for p in downloads.iterdir()}
@@ -71,7 +72,8 @@ def test_a_checkpoint_outside_a_run_directory_continues_in_a_new_one(tmp_path, c
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={downloads / 'checkpoint_2.pt'}",
                        "training.keep_last_n=1"]) == 0
     out = capsys.readouterr().out
-    assert f"{downloads} is not a run directory (no config.yaml): the run continues in a new one in" in out
+    assert (f"{downloads} is not a run directory (no config.yaml that a run wrote): the run continues in a new one "
+            f"in") in out
     assert "config changed" not in out
     assert {p.name: p.read_bytes() for p in downloads.iterdir()} == before
     [new] = [run for run in run_dirs(tmp_path) if run != straight]

@@ -16,7 +16,7 @@ import rundir
 import train
 from checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from conftest import ROOT, run_dirs, write_config
-from rundir import (RunDir, checkpoints_in, clean_stale_temporaries, load_model, open_checkpoint,
+from rundir import (RunDir, checkpoints_in, clean_stale_temporaries, is_run_directory, load_model, open_checkpoint,
                     release_run_directories, unused)
 
 
@@ -311,3 +311,20 @@ def test_a_full_disk_is_called_so(tmp_path, monkeypatch):
                                               r"free on its disk, the checkpoint takes 4.0 MiB; earlier checkpoints are "
                                               r"intact$"):
         RunDir(str(tmp_path / "ck")).save(ckpt, "{}")
+
+
+def test_a_run_directory_is_told_by_its_config_not_by_any_config_file(tmp_path):
+    """A checkpoint copied beside the repository's config.yaml must not make that folder a run to
+    write checkpoints, records and locks into (and to prune)."""
+    renamed = tmp_path / "baseline"  # a run's folder, renamed: its config.yaml's first line tells it
+    RunDir(tmp_path / "ck", writer=True)._create("model: {}\n")
+    [created] = (tmp_path / "ck").iterdir()
+    created.rename(renamed)
+    old = tmp_path / "ck" / "run_20260101_000000"  # written before the first line said so: its name tells it
+    old.mkdir()
+    (old / "config.yaml").write_text("model: {}\n")
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    (repository / "config.yaml").write_text((ROOT / "config.yaml").read_text())
+    assert [is_run_directory(folder) for folder in (renamed, old, repository, tmp_path)] == [True, True, False, False]
+    release_run_directories()
