@@ -264,7 +264,8 @@ class Config:
         (it applies only with another setting on): the value would change nothing."""
         low_precision, logging = self.low_precision, self.logging
         unused_when = {
-            "dataset.val_fraction": (self.dataset.val_parquet_dir, "the validation documents are all of dataset.val_parquet_dir's"),
+            "dataset.val_fraction": (self.dataset.val_parquet_dir,
+                                     "the validation documents are all of dataset.val_parquet_dir's"),
             "low_precision.qat_start_fraction": (not low_precision.use_4bit, "low_precision.use_4bit is off"),
             **{f"fp8.{f.name}": (not low_precision.use_fp8, "low_precision.use_fp8 is off")
                for f in dataclasses.fields(FP8Config)},

@@ -92,7 +92,8 @@ def as_utf8(raw: bytes, name) -> bytes:
             pass  # not that encoding after all: taken as bytes
     if (nul := raw.find(b"\0")) >= 0:
         raise DataError(f"{name}: not text (a NUL byte at byte {nul:,}: binary data, or UTF-16 without a byte-order "
-                        f"mark); leave it out, or convert it to UTF-8 first (Windows' UTF-16: iconv -f utf-16le -t utf-8)")
+                        f"mark); leave it out, or convert it to UTF-8 first (Windows' UTF-16: iconv -f utf-16le -t "
+                        f"utf-8)")
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:

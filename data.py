@@ -147,7 +147,8 @@ class ParquetBatches(IterableDataset):
         T, B, shuffle = self.block_size, self.batch_size, self.shuffle
         redealt = start.get("units") if start else None  # the rest of an epoch, dealt anew (resume_point)
         if redealt is None:
-            units = [(unit, 0, []) for unit in assign_units(self.units, epoch, self.seed, n_readers, shuffle=shuffle)[reader]]
+            dealt = assign_units(self.units, epoch, self.seed, n_readers, shuffle=shuffle)[reader]
+            units = [(unit, 0, []) for unit in dealt]
         else:  # [index, first part, the tokens before that part in its old reader's stream (not saved before 0.4.5)]
             units = [(self.units[entry[0]], entry[1], entry[2] if len(entry) > 2 else []) for entry in redealt]
         first = start["unit"] if start else 0

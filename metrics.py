@@ -312,8 +312,8 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val_batches: int, run, compiled, fp8_recipe,
-                 qat_start, peak_source: str) -> str:
+def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val_batches: int, run, compiled,
+                 fp8_recipe, qat_start, peak_source: str) -> str:
     """The lines that start a run: model, data, optimizer, then notes. `peak_source`: what MFU is
     measured against ("": no MFU)."""
     training, low_precision = cfg.training, cfg.low_precision

@@ -204,7 +204,8 @@ def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, s
                 keep = pc.and_(pc.and_(pc.is_valid(piece), pc.greater(pc.binary_length(piece), 0)),
                                pa.array(in_split[first_row:first_row + take]))
                 part.append(pc.filter(piece, keep))
-                part_rows, part_text, first_row = part_rows + take, part_text + int(lengths[:take].sum()), first_row + take
+                part_rows, first_row = part_rows + take, first_row + take
+                part_text += int(lengths[:take].sum())
                 docs, lengths = docs.slice(take), lengths[take:]
                 if part_rows == rows or part_text > text_limit:
                     yield pa.concat_arrays(part)
