@@ -29,7 +29,7 @@ from config_file import parse_arguments
 from corpus import text_files_to_parquet
 from files import REPO, check_outputs
 from model import BDHConfig
-from rundir import checkpoints_in, train_in
+from locate import checkpoints_in, train_in
 from runtime import first_line
 from tokenizer import tokenizer_from_string
 

@@ -44,7 +44,7 @@ from evaluation import validation_loss
 from files import REPO, check_outputs
 from lowbit import to_4bit
 from model import BDH
-from rundir import checkpoints_in, train_in
+from locate import checkpoints_in, train_in
 from runtime import autocast, pick_device
 from shards import list_units
 from tokenizer import load_tokenizer

@@ -3,7 +3,7 @@
 A checkpoint is one file (torch.save of Checkpoint.to_dict()) holding only tensors, numbers,
 strings, lists and dicts; it is read with torch.load(weights_only=True), so loading one cannot run
 code. Checkpoint is the one place that knows its layout. Where checkpoints live, and which one a
-name means, is rundir.py's job.
+name means, is locate.py's job.
 """
 import dataclasses
 import json

@@ -26,7 +26,7 @@ from config_file import parse_arguments
 from files import REPO, read_records, resumed_configs, write_folder
 from lowbit import BLOCKSIZE, LowBitError, export_4bit, post_training_note
 from model import LAYER_WEIGHTS, BDHConfig
-from rundir import add_checkpoint_arguments, open_checkpoint
+from locate import add_checkpoint_arguments, open_checkpoint
 from tokenizer import SEPARATOR_TOKEN, TokenizerError, tokenizer_from_string
 
 HF_FILES = {REPO / "hf" / "configuration_bdh.py": "configuration_bdh.py",

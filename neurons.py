@@ -23,7 +23,7 @@ import torch
 from checkpoint import CheckpointError
 from config_file import parse_arguments
 from files import picture_path
-from rundir import add_checkpoint_arguments, load_model, model_line
+from locate import add_checkpoint_arguments, load_model, model_line
 from tokenizer import TokenizerError, tokenizer_from_string, utf8_argument
 
 MEMORY_BUDGET = 2 * 2**30  # bytes that latents() may take (memory_bytes): it limits the prompt's length

@@ -21,8 +21,9 @@ from checkpoint import Checkpoint, CheckpointError, is_export, load_export, peek
 from config import learning_rate, step_tokens
 from positions import SHARDS, data_order, resume_point
 from distributed import full_state, load_full_state, load_full_weights
+from locate import checkpoint_candidates, is_run_directory, open_checkpoint, resumable_runs
 from model import BDHConfig
-from rundir import RunDir, checkpoint_candidates, hold_auto_start, is_run_directory, open_checkpoint, resumable_runs
+from rundir import RunDir, hold_auto_start
 from tokenizer import TokenizerError, load_tokenizer
 
 

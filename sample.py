@@ -18,7 +18,7 @@ import torch
 from checkpoint import CheckpointError
 from config_file import parse_arguments
 from lowbit import LowBitError, post_training_note, to_4bit
-from rundir import add_checkpoint_arguments, load_model, model_line
+from locate import add_checkpoint_arguments, load_model, model_line
 from runtime import DeviceError, pick_device
 from tokenizer import TokenizerError, text_change, tokenizer_from_string, utf8_argument
 

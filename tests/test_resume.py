@@ -22,7 +22,7 @@ from checkpoint import load_checkpoint
 from conftest import (DEVICES, ROOT, losses, make_corpus, only_run, run_dirs, start, write_config,
                       write_parquet)
 from resume import rng_state, set_rng_state, validation_change
-from rundir import checkpoints_in, open_checkpoint
+from locate import checkpoints_in, open_checkpoint
 from tokenizer import load_tokenizer
 
 

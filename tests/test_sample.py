@@ -94,7 +94,7 @@ def test_a_long_line_is_decoded_a_window_at_a_time(bpe_file, monkeypatch):
 
 
 def test_streamed_text_is_what_generate_gives(checkpoint, capsys):
-    from rundir import load_model
+    from locate import load_model
     from tokenizer import tokenizer_from_string
     capsys.readouterr()
     assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "<01-", "--max-new-tokens", "60", "--seed", "3",

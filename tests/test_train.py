@@ -21,7 +21,7 @@ from config import Config
 from conftest import NEEDS_CUDA, ROOT, losses, only_run, run_dirs, write_config
 from data import validation_batches
 from model import BDH
-from rundir import checkpoints_in
+from locate import checkpoints_in
 from shards import DataError, list_units
 from tokenizer import load_tokenizer
 

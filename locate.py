@@ -1,0 +1,176 @@
+"""Which checkpoint a name means: a checkpoint file, a run directory (its newest checkpoint) or
+`latest` (the newest run's), as training.resume_from_checkpoint and the scripts' --checkpoint take
+them; the model the scripts read from one (an export.py folder too); the run a benchmark's training
+wrote.
+"""
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from checkpoint import (CheckpointError, is_export, load_checkpoint, load_export, low_precision_of,
+                        model_from_checkpoint, saved_step)
+from files import read_records, relative_to_here
+from model import BDH
+
+CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
+RUN_CONFIG_HEADER = "# the settings this run started with, by train.py (a resume's: config_resume_<step>.yaml)\n"
+
+
+def checkpoints_in(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary files are never matched)."""
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resumable_in(run_dir: Path) -> list[Path]:
+    """The checkpoints a run continues from, newest first: its checkpoint_<step>.pt, and before them
+    best.pt when it is newer (saved after the evaluation of a step that a kill kept from its
+    checkpoint, or test_freq below checkpoint_freq): it holds the whole training state too."""
+    found = checkpoints_in(run_dir)[::-1]
+    best_step = saved_step(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else math.inf
+    if best_step < math.inf and (not found or best_step > int(CHECKPOINT_RE.match(found[0].name).group(1))):
+        found.insert(0, run_dir / "best.pt")
+    return found
+
+
+def resumable_runs(root: Path) -> list[Path]:
+    """The checkpoints of the runs in `root` a resume may continue from, newest run first; a run
+    that cannot be listed (another user's, in a shared folder) is skipped with a note."""
+    runs = [p for p in sorted(root.glob("run_*")) if p.is_dir()] if root.is_dir() else []
+    found = []
+    for run in reversed(runs):
+        try:
+            found += resumable_in(run)
+        except OSError as e:
+            print(f"note: {run}: cannot be listed ({e.strerror or e}): skipped", file=sys.stderr)
+    return found
+
+
+def is_run_directory(folder: Path) -> bool:
+    """Whether a folder is a run's (train.py writes into it): its config.yaml is the one a run wrote
+    (its first line says so; runs from before it did: a run_* folder), not a config file that a copied
+    checkpoint happens to lie beside, as the repository's own does."""
+    config = Path(folder) / "config.yaml"
+    if not config.is_file():
+        return False
+    if Path(folder).name.startswith("run_"):
+        return True
+    try:
+        with open(config, encoding="utf-8", errors="replace") as f:
+            return f.readline() == RUN_CONFIG_HEADER
+    except OSError:
+        return False
+
+
+def latest_folder(spec: str, checkpoint_dir: str | None, setting: str) -> Path:
+    """Where `latest` looks. A script's --checkpoint-dir (None: not given, `checkpoints`) given with
+    another --checkpoint is refused: it would be ignored."""
+    if setting.startswith("--") and spec != "latest" and checkpoint_dir is not None:
+        raise CheckpointError(f"--checkpoint-dir {checkpoint_dir} is where `latest` looks, and --checkpoint {spec} is "
+                              f"a path of its own: drop --checkpoint-dir, or give --checkpoint latest")
+    return Path(checkpoint_dir or "checkpoints")
+
+
+def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -> list[Path]:
+    """The checkpoints spec may mean, newest first (open_checkpoint)."""
+    flag = setting.startswith("--")  # a script's --checkpoint, whose folder is --checkpoint-dir
+    folder = "--checkpoint-dir" if flag else "training.checkpoint_dir"
+    root = latest_folder(spec, checkpoint_dir, setting)
+    if spec == "latest":
+        found = resumable_runs(root)
+        if not found:
+            what = "no run with a checkpoint in" if root.is_dir() else "there is no folder"
+            raise CheckpointError(f"{setting}: latest: {what} {root}/{relative_to_here(root)}; train a run first, or "
+                                  f"set {folder} to the folder that holds the runs")
+        last_written = max(found, key=lambda path: path.stat().st_mtime)  # an older run resumed since, perhaps
+        if last_written.parent != found[0].parent:
+            print(f"note: latest is the newest run, {found[0].parent.name}; {last_written} was written more "
+                  f"recently: give it (or its run directory) to {'use it' if flag else 'continue from there'}",
+                  file=sys.stderr)  # (sample.py's standard output is the text alone)
+        return found
+    path = Path(spec)
+    if path.is_dir():
+        found = resumable_in(path)
+        if not found:
+            runs = sorted(p.name for p in path.glob("run_*") if p.is_dir() and resumable_in(p))
+            with_it = f"--checkpoint-dir {path}" if flag else f"training.checkpoint_dir={path}"
+            hint = (f": it holds runs; give one (e.g. {path / runs[-1]}), or `latest` with {with_it}" if runs
+                    else ": export.py's output, not a checkpoint" if is_export(path) else "")
+            raise CheckpointError(f"{setting}: {path} holds no checkpoint_<step>.pt{hint}")
+        return found
+    if not path.is_file():
+        bare = path.parent == Path(".")  # a run's file named without its run, such as best.pt
+        runs = sorted(run for run in root.glob("run_*") if (run / path.name).is_file()) if bare and root.is_dir() else []
+        kept = checkpoints_in(path.parent) if not bare and path.parent.is_dir() else []
+        removed = (match := CHECKPOINT_RE.match(path.name)) and kept and \
+            int(match[1]) < int(CHECKPOINT_RE.match(kept[0].name)[1])  # older than the oldest kept
+        words = ("latest",) if flag else ("latest", "auto")
+        fix = (f"did you mean {runs[-1] / path.name}?" if runs else
+               f"its folder holds {', '.join(p.name for p in kept[::-1])}"
+               f"{' (training.keep_last_n keeps the newest only)' * bool(removed)}" if kept else
+               f"did you mean {spec.lower()} (in lower case)?" if spec.lower() in words else
+               f"give a checkpoint file, a run directory{', `latest`' * (not flag)} or `{words[-1]}`")
+        raise CheckpointError(f"{setting}: {path} does not exist{relative_to_here(path)}; {fix}")
+    return [path]
+
+
+def open_checkpoint(spec: str, checkpoint_dir: str | None, setting: str = "training.resume_from_checkpoint"):
+    """(path, Checkpoint) of spec: a checkpoint file, a run directory (its newest checkpoint) or
+    `latest` (the newest checkpoint of the newest run in checkpoint_dir). For a run directory and
+    `latest`, a checkpoint that cannot be read is skipped, with a line saying why, for the next
+    newest. `setting` names the option in errors."""
+    candidates = checkpoint_candidates(spec, checkpoint_dir, setting)
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as e:
+            if len(candidates) == 1 and Path(spec).is_file():
+                raise CheckpointError(f"{setting}: {e}") from None
+            print(f"skipped {e}", file=sys.stderr)
+    raise CheckpointError(f"{setting}: {spec}: none of its {len(candidates)} checkpoint(s) can be read (see above)")
+
+
+def add_checkpoint_arguments(parser, exports: bool = True):
+    """--checkpoint and --checkpoint-dir, as sample.py, neurons.py and export.py take them (`exports`:
+    a folder export.py wrote is one too)."""
+    export = " a folder export.py wrote," if exports else ""
+    parser.add_argument("--checkpoint", default="latest",
+                        help=f"a run's checkpoint_<step>.pt or best.pt, a run directory,{export} or latest (the "
+                             f"default: the newest checkpoint of the newest run in --checkpoint-dir)")
+    parser.add_argument("--checkpoint-dir", help="where `latest` looks (default: checkpoints)")
+
+
+def load_model(spec: str, checkpoint_dir: str | None, setting: str) -> tuple[BDH, str, dict, str, str]:
+    """(model, tokenizer as tokenizer.to_str() gives it, the low_precision settings it was trained
+    with (exported_in_4bit if its weights are 4-bit already), which file and step it is, the
+    dataset.parquet_dir it was trained on: "" for an export, which does not record it) of a checkpoint
+    (open_checkpoint) or of a folder that export.py wrote."""
+    latest_folder(spec, checkpoint_dir, setting)
+    if is_export(spec):
+        model, tokenizer, config = load_export(spec)
+        recorded = config.get("low_precision", {})  # (an export of version 1 may have none; use_4bit: not known)
+        low_precision = {**low_precision_of(config), "use_4bit": recorded.get("use_4bit"),
+                         "exported_in_4bit": bool(config.get("weights_4bit"))}
+        return model, tokenizer, low_precision, f"{spec} (exported at step {config['bdh_export']['step']})", ""
+    source, ckpt = open_checkpoint(spec, checkpoint_dir, setting)
+    return (model_from_checkpoint(ckpt), ckpt.tokenizer, ckpt.low_precision(), f"{source} (step {ckpt.step})",
+            str(ckpt.config.get("dataset", {}).get("parquet_dir") or ""))
+
+
+def model_line(origin: str, trained_on: str) -> str:
+    """What sample.py and neurons.py say of the model they read: which one, trained on what."""
+    return f"model: {origin}" + (f", trained on {trained_on}" if trained_on else "")
+
+
+def train_in(workdir: Path, arguments: list, python_args, note="") -> tuple[Path, list[dict]]:
+    """For the benchmark scripts: prints and runs `python *python_args *arguments` (train.py, or a
+    -c line that starts it) with its checkpoints in workdir/checkpoints; (its run directory, its
+    metrics.jsonl records)."""
+    checkpoint_dir = Path(workdir) / "checkpoints"
+    arguments = [*arguments, f"training.checkpoint_dir={checkpoint_dir}"]
+    print("$ train.py", " ".join(map(str, arguments)), note, flush=True)
+    subprocess.run([sys.executable, *python_args, *arguments], check=True, stdout=subprocess.DEVNULL)
+    [run] = checkpoint_dir.glob("run_*")  # (W&B, when on, writes its wandb/ beside it)
+    return run, read_records(run / "metrics.jsonl")[0]

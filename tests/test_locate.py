@@ -1,0 +1,138 @@
+"""Which checkpoint a name means: a file, a run directory, `latest` (the newest run, past a
+checkpoint that cannot be read, to a best.pt newer than the last checkpoint), and which folders are
+run directories."""
+import os
+
+import pytest
+import torch
+
+import train
+from checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from conftest import ROOT, run_dirs, write_config
+from locate import checkpoints_in, is_run_directory, load_model, open_checkpoint
+from rundir import RunDir, release_run_directories
+
+
+def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_path, capsys):
+    run = tmp_path / "run_20260101_000000"
+    run.mkdir()
+    with pytest.raises(CheckpointError, match=r"^--checkpoint: latest: no run with a checkpoint in"):
+        open_checkpoint("latest", str(tmp_path), setting="--checkpoint")
+    with pytest.raises(CheckpointError, match=r"^--checkpoint: latest: there is no folder .*/nope/; train a run first"
+                                              r", or set --checkpoint-dir to"):
+        open_checkpoint("latest", str(tmp_path / "nope"), setting="--checkpoint")
+    with pytest.raises(CheckpointError, match=r"or set training.checkpoint_dir to the folder that holds the runs$"):
+        open_checkpoint("latest", str(tmp_path / "nope"))
+    with pytest.raises(CheckpointError, match=r"^training.resume_from_checkpoint: .* holds no checkpoint_<step>.pt"):
+        open_checkpoint(str(run), str(tmp_path))
+    for step in (2, 10):
+        torch.save(Checkpoint(step=step, model={}, model_config={}).to_dict(), run / f"checkpoint_{step}.pt")
+    assert open_checkpoint(str(run), str(tmp_path))[0] == run / "checkpoint_10.pt"  # by step, not by name
+    with pytest.raises(CheckpointError, match=f"checkpoint_10.pt does not exist .*; did you mean {run}/checkpoint_10.pt"):
+        open_checkpoint("checkpoint_10.pt", str(tmp_path))  # a run's file by its name alone
+    with pytest.raises(CheckpointError, match="; give a checkpoint file, a run directory, `latest` or `auto`$"):
+        open_checkpoint(str(tmp_path / "gone" / "checkpoint_10.pt"), str(tmp_path))  # another run's, moved: no guess
+    with pytest.raises(CheckpointError, match="; give a checkpoint file, a run directory or `latest`$"):
+        open_checkpoint(str(tmp_path / "gone" / "checkpoint_10.pt"), None, setting="--checkpoint")
+    with pytest.raises(CheckpointError, match=r"; did you mean auto \(in lower case\)\?$"):
+        open_checkpoint("Auto", str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"checkpoint_1.pt does not exist; its folder holds checkpoint_10.pt, "
+                                              r"checkpoint_2.pt \(training.keep_last_n keeps the newest only\)$"):
+        open_checkpoint(str(run / "checkpoint_1.pt"), str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"chekpoint_10.pt does not exist; its folder holds checkpoint_10.pt, "
+                                              r"checkpoint_2.pt$"):  # a typo: keep_last_n did not remove it
+        open_checkpoint(str(run / "chekpoint_10.pt"), str(tmp_path))
+    with pytest.raises(CheckpointError, match=f"holds no checkpoint_<step>.pt: it holds runs; give one .e.g. {run}., "
+                                              f"or `latest` with training.checkpoint_dir={tmp_path}$"):
+        open_checkpoint(str(tmp_path), str(tmp_path))  # the folder of the runs
+    with pytest.raises(CheckpointError, match=f"or `latest` with --checkpoint-dir {tmp_path}$"):
+        open_checkpoint(str(tmp_path), None, setting="--checkpoint")
+    ignored = f"^--checkpoint-dir ck is where `latest` looks, and --checkpoint {run} is a path of its own: drop"
+    with pytest.raises(CheckpointError, match=ignored):  # a script's --checkpoint-dir beside a path: not ignored
+        open_checkpoint(str(run), "ck", setting="--checkpoint")
+    export = tmp_path / "export"  # export.py's files (empty: refused before they are read)
+    export.mkdir()
+    (export / "model.safetensors").touch()
+    (export / "config.json").touch()
+    with pytest.raises(CheckpointError, match=ignored.replace(str(run), str(export))):
+        load_model(str(export), "ck", "--checkpoint")
+    good = (run / "checkpoint_10.pt").read_bytes()
+    (run / "checkpoint_10.pt").write_bytes(good[: len(good) // 2])  # truncated: a disk that filled up, say
+    for spec in ("latest", str(run)):
+        path, ckpt = open_checkpoint(spec, str(tmp_path))
+        assert (path, ckpt.step) == (run / "checkpoint_2.pt", 2)
+        assert capsys.readouterr().err.startswith(f"skipped {run / 'checkpoint_10.pt'}: not a readable checkpoint")
+    with pytest.raises(CheckpointError, match=r"checkpoint_10.pt: not a readable checkpoint \(cut short or corrupt: "):
+        open_checkpoint(str(run / "checkpoint_10.pt"), str(tmp_path))  # asked for by name: no other
+
+
+def test_latest_is_the_newest_run_and_names_an_older_run_written_since(tmp_path, capsys, monkeypatch):
+    older, newer = tmp_path / "run_20260101_000000", tmp_path / "run_20260102_000000"
+    for run, step in ((older, 80), (newer, 8)):
+        run.mkdir()
+        torch.save(Checkpoint(step=step, model={}, model_config={}).to_dict(), run / f"checkpoint_{step}.pt")
+    os.utime(newer / "checkpoint_8.pt", (1e9, 1e9))  # the older run was resumed after the newer one stopped
+    assert open_checkpoint("latest", str(tmp_path))[0] == newer / "checkpoint_8.pt"
+    assert capsys.readouterr().err == (f"note: latest is the newest run, {newer.name}; {older / 'checkpoint_80.pt'} was "
+                                       f"written more recently: give it (or its run directory) to continue from there\n")
+    open_checkpoint("latest", str(tmp_path), setting="--checkpoint")  # sample.py, export.py: not training
+    assert capsys.readouterr().err.endswith("give it (or its run directory) to use it\n")
+    os.utime(older / "checkpoint_80.pt", (1e8, 1e8))
+    assert open_checkpoint("latest", str(tmp_path))[0] == newer / "checkpoint_8.pt"
+    assert capsys.readouterr().out == ""
+    real_iterdir = type(newer).iterdir
+
+    def iterdir(path):  # another user's run in a shared folder (chmod does not stop root)
+        if path == newer:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_iterdir(path)
+    monkeypatch.setattr(type(newer), "iterdir", iterdir)
+    assert open_checkpoint("latest", str(tmp_path))[0] == older / "checkpoint_80.pt"
+    assert capsys.readouterr().err == f"note: {newer}: cannot be listed (Permission denied): skipped\n"
+
+
+def test_latest_past_an_unreadable_checkpoint_says_why_it_is_set_aside(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, keep_last_n=0, test_freq=100)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    cut = (run / "checkpoint_4.pt").read_bytes()[:5000]  # a disk that filled up
+    (run / "checkpoint_4.pt").write_bytes(cut)
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest"]) == 0
+    out = capsys.readouterr().out
+    assert "step 2 is the newest checkpoint that can be read: the later checkpoint_4.pt" in out
+    assert (run / "abandoned_after_step_2" / "checkpoint_4.pt").read_bytes() == cut
+    assert load_checkpoint(run / "checkpoint_4.pt").step == 4  # trained again
+
+
+def test_latest_resumes_from_a_best_pt_newer_than_the_newest_checkpoint(tmp_path, corpus, capsys):
+    """Killed between the evaluation's best.pt and the step's checkpoint (or test_freq below
+    checkpoint_freq): best.pt holds the whole state of a later step, and `latest` continues from it."""
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, test_freq=4, keep_last_n=0)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    (run / "checkpoint_4.pt").unlink()
+    assert open_checkpoint("latest", str(tmp_path / "ck"))[0] == open_checkpoint(str(run), "")[0] == run / "best.pt"
+    (run / "checkpoint_2.pt").unlink()  # killed before its first periodic checkpoint
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=5"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {run / 'best.pt'} at step 5" in out and not list(run.glob("abandoned*"))
+    assert [p.name for p in checkpoints_in(run)] == ["checkpoint_5.pt"] and (run / "best.pt").exists()
+
+
+def test_a_run_directory_is_told_by_its_config_not_by_any_config_file(tmp_path):
+    """A checkpoint copied beside the repository's config.yaml must not make that folder a run to
+    write checkpoints, records and locks into (and to prune)."""
+    renamed = tmp_path / "baseline"  # a run's folder, renamed: its config.yaml's first line tells it
+    RunDir(tmp_path / "ck", writer=True)._create("model: {}\n")
+    [created] = (tmp_path / "ck").iterdir()
+    created.rename(renamed)
+    old = tmp_path / "ck" / "run_20260101_000000"  # written before the first line said so: its name tells it
+    old.mkdir()
+    (old / "config.yaml").write_text("model: {}\n")
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    (repository / "config.yaml").write_text((ROOT / "config.yaml").read_text())
+    assert [is_run_directory(folder) for folder in (renamed, old, repository, tmp_path)] == [True, True, False, False]
+    release_run_directories()
