@@ -209,6 +209,9 @@ class Config:
                                 + (f" (for GPU {gpu[1]}: training.device=cuda and CUDA_VISIBLE_DEVICES={gpu[1]} "
                                    f"before the command)" if gpu else ""))
         model, training = self.model, self.training
+        if training.distributed_timeout_s > 10**9:
+            problems.append(f"training.distributed_timeout_s: must be at most 1000000000 (31 years: as good as no "
+                            f"limit), got {training.distributed_timeout_s}")
         if training.seed >= 2**32:
             problems.append(f"training.seed: must be below 2**32 = {2**32} (NumPy's seeds), got {training.seed}")
         if not 0 <= model.dropout < 1:
@@ -227,7 +230,10 @@ class Config:
             problems.append(f"training.min_lr: must be <= training.learning_rate ({training.learning_rate}), got "
                             f"{training.min_lr}; set it too, e.g. training.min_lr={training.learning_rate / 10:g}")
         if isinstance(training.compile, str) and training.compile != "auto":
-            problems.append(f"training.compile: must be true, false or auto; got {training.compile!r}")
+            word = training.compile.strip().lower()
+            problems.append(f"training.compile: must be true, false or auto; got {training.compile!r}"
+                            + (f" ({word} in quotes is text: write it without them)" if word in ("true", "false")
+                               else ""))
         if not 0 <= self.low_precision.qat_start_fraction < 1:
             problems.append(f"low_precision.qat_start_fraction: must be in [0, 1) (0: quantization-aware "
                             f"training from the first step), got {self.low_precision.qat_start_fraction}")
@@ -267,6 +273,9 @@ class Config:
             "dataset.val_fraction": (self.dataset.val_parquet_dir,
                                      "the validation documents are all of dataset.val_parquet_dir's"),
             "low_precision.qat_start_fraction": (not low_precision.use_4bit, "low_precision.use_4bit is off"),
+            **{f"low_precision.{key}": (not low_precision.use_4bit, "low_precision.use_4bit is off (the checkpoint "
+                                        "keeps it for export.py --4bit and sample.py --4bit)")
+               for key in ("quantization_type", "use_double_quant")},
             **{f"fp8.{f.name}": (not low_precision.use_fp8, "low_precision.use_fp8 is off")
                for f in dataclasses.fields(FP8Config)},
             **{f"logging.{key}": (not logging.wandb, "logging.wandb is off")

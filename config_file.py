@@ -195,7 +195,8 @@ def apply_override(raw: dict, item: str, paths: list[str], nullable=()) -> list[
         if item.endswith((".yaml", ".yml")):
             return [f"{item}: an override must look like section.key=value; to train with this file: --config {item}"]
         key, _, value = item.partition("=")
-        if "=" in item and (meant := [path for path in paths if path.split(".")[1] == key]):
+        if "=" in item and (meant := [path for path in paths if path.split(".")[1] == key] or
+                            ([ALIASES[key]] if key in ALIASES else [])):
             return [f"{item}: an override must look like section.key=value; did you mean {meant[0]}={value}?"]
         if "=" in item and key in EPOCHS:
             return [f"{item}: an override must look like section.key=value{suggest(key, paths, ())}"]
@@ -228,7 +229,11 @@ def typed_section(name: str, section_cls, values: dict, all_paths: list[str]):
             problems.append(f"{path}: unknown key" + suggest(path, all_paths, known))
             continue
         ok, converted, expected = check_type(value, hints[key])
-        if ok:
+        if ok and isinstance(converted, str) and not converted.strip():  # would read as none, or as the current folder
+            fix = ("write null for none" if hints[key] == typing.Optional[str] else
+                   f"give one, or leave it out for the default, {known[key].default}")
+            problems.append(f"{path}: empty text {value!r}; {fix}")
+        elif ok:
             result[key] = converted
         else:
             quote = ""
@@ -238,6 +243,9 @@ def typed_section(name: str, section_cls, values: dict, all_paths: list[str]):
             elif expected in ("int", "float") and isinstance(value, str) and check_type(_number(value), hints[key])[0]:
                 quote = (f"; a number in quotes is text: write it without them (`{key}: {value.strip()}` in the file, "
                          f"{path}={value.strip()} on the command line)")
+            elif isinstance(value, str) and value.strip().lower() in ("true", "false") and "true" in expected:
+                quote = (f"; {value.strip().lower()} in quotes is text: write it without them (`{key}: "
+                         f"{value.strip().lower()}` in the file, {path}={value.strip().lower()} on the command line)")
             elif expected.startswith("str") and value is None:
                 quote = f"; YAML reads an empty value or a bare ~ as none: give a value, in quotes if it is ~ (`{key}: \"~\"`)"
             got = f"{type(value).__name__} {value!r}" if value is not None else "no value"

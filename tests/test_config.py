@@ -87,6 +87,8 @@ def test_a_home_directory_in_paths_is_expanded(monkeypatch):
     ({"training": {"device": "tpu"}}, "training.device: must be one of auto, cpu, cuda, mps"),
     ({"training": {"device": "cuda:1"}}, "got 'cuda:1' (for GPU 1: training.device=cuda and CUDA_VISIBLE_DEVICES=1 "),
     ({"training": {"compile": "yes please"}}, "training.compile: must be true, false or auto"),
+    ({"training": {"compile": "true"}}, "got 'true' (true in quotes is text: write it without them)"),
+    ({"training": {"distributed_timeout_s": 10**14}}, "training.distributed_timeout_s: must be at most 1000000000"),
     ({"low_precision": {"compute_dtype": "fp8"}}, "low_precision.compute_dtype: must be one of"),
     ({"low_precision": {"quantization_type": "int4"}}, "low_precision.quantization_type: must be one of"),
     ({"fp8": {"format": "e5m2"}}, "fp8.format: must be one of hybrid, e4m3"),
@@ -185,10 +187,13 @@ def test_config_errors_are_printed_once_under_torchrun(tmp_path, monkeypatch, ca
 def test_a_setting_that_nothing_reads_is_noted():
     c = Config.from_dict({"dataset": {"val_parquet_dir": "v", "val_fraction": 0.5}, "fp8": {"torchao_recipe": "rowwise"},
                           "logging": {"wandb_project": "p"}, "dataloader": {"num_workers": 0, "prefetch_factor": 8},
-                          "training": {"debug": True, "compile": True}, "low_precision": {"qat_start_fraction": 0.5}})
+                          "training": {"debug": True, "compile": True}, "low_precision": {"qat_start_fraction": 0.5,
+                                                                                       "quantization_type": "fp4"}})
     assert c.unused_settings() == [
         "dataset.val_fraction 0.5 is not used: the validation documents are all of dataset.val_parquet_dir's",
         "low_precision.qat_start_fraction 0.5 is not used: low_precision.use_4bit is off",
+        "low_precision.quantization_type 'fp4' is not used: low_precision.use_4bit is off (the checkpoint keeps it for "
+        "export.py --4bit and sample.py --4bit)",
         "fp8.torchao_recipe 'rowwise' is not used: low_precision.use_fp8 is off",
         "logging.wandb_project 'p' is not used: logging.wandb is off",
         "dataloader.prefetch_factor 8 is not used: dataloader.num_workers is 0: the main process reads the batches",

@@ -40,8 +40,15 @@ def test_key_in_the_wrong_section_points_to_the_right_one():
     ("training", "learning_rate", "0.001", "expected float, got str '0.001'; a number in quotes is text: write it "
                                            "without them (`learning_rate: 0.001` in the file, "
                                            "training.learning_rate=0.001 on the command line)"),
-    ("training", "debug", "true", "expected bool (true or false), got str 'true'"),
+    ("training", "debug", "true", "expected bool (true or false), got str 'true'; true in quotes is text: write it "
+                                  "without them (`debug: true` in the file, training.debug=true on the command line)"),
     ("training", "debug", 1, "expected bool (true or false), got int 1"),
+    ("training", "debug", "False ", "expected bool (true or false), got str 'False '; false in quotes is text: "
+                                    "write it without them (`debug: false` in the file, training.debug=false on the "
+                                    "command line)"),
+    ("training", "learning_rate", True, "expected float, got bool True"),
+    ("training", "resume_from_checkpoint", "", "empty text ''; write null for none"),
+    ("dataset", "parquet_dir", " ", "empty text ' '; give one, or leave it out for the default, data/stdlib"),
     ("dataset", "text_column", True, "expected str, got bool True; YAML reads an unquoted yes, no, on, off, true, "
                                      "false or number as one: put the text in quotes (`text_column: \"...\"` in the "
                                      "file, 'dataset.text_column=\"...\"' on the command line)"),
@@ -242,6 +249,8 @@ def test_a_key_or_section_given_twice_is_refused_naming_both_lines(tmp_path):
 def test_a_key_without_its_section_is_given_it():
     assert config_problems({}, ["max_iters=5"]) == [
         "max_iters=5: an override must look like section.key=value; did you mean training.max_iters=5?"]
+    assert config_problems({}, ["lr=3"]) == [
+        "lr=3: an override must look like section.key=value; did you mean training.learning_rate=3?"]
     assert config_problems({}, ["no_such=5"]) == [
         "no_such=5: an override must look like section.key=value (for example training.batch_size=16)"]
     assert config_problems({}, ["epochs=3"]) == [
