@@ -4,7 +4,7 @@ import torch
 
 import train
 from adamw4bit import (MIN_QUANTIZED_NUMEL, AdamW4bit, MomentFormat, adamw_state_bytes, blocks, code_book,
-                       decode, encode, make_optimizer, nearest_level)
+                       convert_adamw_state, decode, encode, make_optimizer, nearest_level)
 from checkpoint import load_checkpoint
 from config import Config
 from conftest import write_config
@@ -193,6 +193,27 @@ def test_resume_may_switch_between_adamw_and_the_4bit_optimizer(tmp_path, corpus
     assert "exp_avg" in load_checkpoint(run / "checkpoint_4.pt").optimizer["state"]["encoder"]
 
 
+def test_switching_optimizers_converts_the_moments_to_what_they_were():
+    """AdamW's float32 moments -> 4-bit codes -> float32: within 4-bit rounding of themselves (the
+    switch above goes both ways on resume; a wrong code book or v's form would change them wholesale)."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(64, 128))
+    assert weight.numel() >= MIN_QUANTIZED_NUMEL
+    adamw = torch.optim.AdamW([weight], lr=1e-3, betas=(0.9, 0.95))
+    for _ in range(3):
+        weight.grad = torch.randn_like(weight) * torch.rand(64, 1) * 1e-2  # rows of different scales
+        adamw.step()
+    saved = adamw.state_dict()
+    saved = {"state": {"w": saved["state"][0]}, "param_groups": saved["param_groups"]}
+    moments = {k: saved["state"]["w"][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    convert_adamw_state(saved, {"w": weight.shape}, to_4bit=True)
+    assert {"exp_avg_4bit", "exp_avg_sq_4bit"} <= set(saved["state"]["w"]) and "exp_avg" not in saved["state"]["w"]
+    convert_adamw_state(saved, {"w": weight.shape}, to_4bit=False)
+    for name, before in moments.items():
+        after = saved["state"]["w"][name]
+        assert after.shape == before.shape and (after - before).norm() < 0.25 * before.norm(), name
+
+
 def test_a_checkpoint_of_the_earlier_bitsandbytes_format_resumes(tmp_path, corpus):
     """Earlier versions stored nf4 codes of m and v^(1/4) in blocks of 32 (bitsandbytes dicts)."""
     path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2, test_freq=100)
@@ -210,7 +231,6 @@ def test_a_checkpoint_of_the_earlier_bitsandbytes_format_resumes(tmp_path, corpu
             state["exp_avg_sq_root4_4bit"] = quantize(v.pow(0.25), "nf4", True, 32)
     torch.save(old, run / "checkpoint_2.pt")
     import copy
-    from adamw4bit import convert_adamw_state
     converted = copy.deepcopy(old["optimizer"])  # the old codes decode to the moments they were made from
     convert_adamw_state(converted, {name: old["model"][name].shape for name in moments}, to_4bit=False)
     for name, (m, v) in moments.items():

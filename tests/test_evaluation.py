@@ -20,6 +20,34 @@ def test_evaluation_builds_no_autograd_graph():
     assert grad_modes == [False] and loss > 0
 
 
+class OneOfTwoRanks(Ranks):
+    """Rank `rank` of two, in this process: total() adds what the other rank's totals were."""
+    def __init__(self, rank, others):
+        super().__init__(rank=rank, world_size=2)
+        self.others, self.totals = others, []
+
+    def total(self, values):
+        self.totals.append(values)
+        return values + self.others.pop(0) if self.others else values
+
+
+def test_the_validation_loss_is_the_mean_over_the_batches_each_counted_once_across_ranks():
+    torch.manual_seed(0)
+    model = BDH(BDHConfig(n_layer=1, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4)).eval()
+    batches = [(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))) for _ in range(3)]
+    with torch.no_grad():
+        expected = sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+    cpu, plain = torch.device("cpu"), contextlib.nullcontext()
+    alone, active = validation_loss(model, batches, cpu, plain, Ranks())
+    assert alone == pytest.approx(expected, rel=1e-6)
+    second = OneOfTwoRanks(1, [])  # batch 1, and batch 0 again to keep step (not counted)
+    validation_loss(model, batches, cpu, plain, second)
+    first = OneOfTwoRanks(0, second.totals)  # batches 0 and 2, with rank 1's totals
+    loss, (active_x, active_y) = validation_loss(model, batches, cpu, plain, first)
+    assert loss == pytest.approx(expected, rel=1e-6)
+    assert (active_x, active_y) == (pytest.approx(active[0], abs=1e-12), pytest.approx(active[1], abs=1e-12))
+
+
 def test_the_sample_continues_the_first_validation_window_with_the_same_draws_each_time():
     model = BDH(BDHConfig(n_layer=1, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4)).eval()
     batches = [(torch.randint(0, 256, (2, 40)), torch.randint(0, 256, (2, 40)))]

@@ -243,7 +243,7 @@ def test_the_share_of_time_spent_waiting_for_batches_is_logged(tmp_path, corpus,
     assert "waiting for data" in capsys.readouterr().out
     [run] = (tmp_path / "ck").iterdir()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all(0.5 < r["data_wait"] <= 1 for r in records if "data_wait" in r) and len(records) >= 2
+    assert all(0.25 < r["data_wait"] <= 1 for r in records if "data_wait" in r) and len(records) >= 2
 
 
 def test_a_cpu_run_of_many_hours_points_at_the_cpu_config(tmp_path, corpus, capsys, monkeypatch):
@@ -355,6 +355,18 @@ def test_mfu_is_the_achieved_training_flops_over_the_peak(monkeypatch):
         clock[0] += 1.0
         compiling.append(step_log.measure(step, 1e-3, 1024, []).get("compiling", False))
     assert compiling == [False, True, False]
+
+    class TwoRanksAlike(Ranks):  # the other rank measured the same: the mean is this rank's
+        def mean(self, values):
+            return values
+    step_log = metrics.StepLog(cfg, None, TwoRanksAlike(world_size=2), torch.device("cpu"), [], 0, [], first_step=1,
+                               compiling_steps=(), loss_scaled=False, peak=1e12)
+    step_log.add_micro_batch(torch.tensor(2.0))
+    step_log.add_step(torch.tensor(0.5))
+    clock[0] += 1.5
+    record = step_log.measure(1, 1e-3, 2048, [])  # both GPUs' tokens in 1.5 s; MFU is each GPU's share of its peak
+    assert record["tokens_per_s"] == round(2 * tokens_per_step / 1.5) and record["mfu"] == pytest.approx(
+        cfg.model.training_flops_per_token(64) * tokens_per_step / 1.5 / 1e12)
 
 
 def test_a_step_that_evaluates_or_saves_has_its_line(tmp_path, corpus):

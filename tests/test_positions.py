@@ -4,6 +4,7 @@ import dataclasses
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ import shards
 import train
 from checkpoint import load_checkpoint
 from config import Config
-from conftest import make_corpus, only_run, run_dirs, unit_of_tag, write_config
+from conftest import make_corpus, only_run, run_dirs, unit_of_tag, write_config, write_parquet
 from data import ParquetBatches, assign_units, read_unit_tokens
 from positions import (SHARDS, SHARDS_SEEN, WORKERS_KEY, bytes_left, data_order, epochs_read, order_changes, part_read,
                        rest_of_epoch, resume_point)
@@ -96,11 +97,14 @@ def test_the_rest_of_an_epoch_is_dealt_to_other_readers(corpus, monkeypatch):
     assert "units" not in next_epoch
 
 
-def test_the_rest_of_an_epoch_keeps_the_tokens_its_stopped_readers_carried(corpus, monkeypatch):
+def test_the_rest_of_an_epoch_keeps_the_tokens_its_stopped_readers_carried(tmp_path, monkeypatch):
     """The stream's tokens before the part a stopped reader was in (its previous part's tail, not yet
-    a target) go on before that part in the stream of the reader that takes it over."""
+    a target) go on before that part in the stream of the reader that takes it over, once."""
     monkeypatch.setattr(shards, "READ_BYTES", 300)
-    units = list_units(corpus, "text")
+    letters = np.random.default_rng(0).choice(list("abcdefghijklmnopqrstuvwxyz "), size=(3, 40, 60))
+    for f in range(3):  # text that does not repeat: a carry read twice shows
+        write_parquet(tmp_path / f"shard-{f}.parquet", ["".join(doc) for doc in letters[f]], rows_per_group=8)
+    units = list_units(tmp_path, "text")
     ds, cache = ParquetBatches(units, "train", 16, 2, 0, 0.2, "text", 4, BYTES), ParquetFileCache(4)
     saved = [list(ds.epoch_batches(cache, reader, 3, 0))[n][2] for reader, n in ((0, 5), (1, 12), (2, 20))]
     assert all(p["carry"] for p in saved)
@@ -112,6 +116,7 @@ def test_the_rest_of_an_epoch_keeps_the_tokens_its_stopped_readers_carried(corpu
     for p in saved:
         part = next(read_unit_tokens(cache, old[p["reader"]][p["unit"]], "text", "train", 0, 0.2, BYTES, p["part"]))
         assert sum(bytes(p["carry"]) + bytes(part[:8].tolist()) in stream for stream in streams) == 1
+        assert not any(bytes(p["carry"]) * 2 + bytes(part[:8].tolist()) in stream for stream in streams)  # once
 
 
 def test_the_rest_of_an_epoch_skips_readers_ahead_and_counts_missing_ones_whole(corpus):
@@ -177,6 +182,20 @@ def test_the_same_readers_laid_out_otherwise_continue_where_they_stopped(corpus,
     assert resume_point(cfg, units, 1, 1, no_workers, saved[:1], 5) == (saved[:1], 5)
     dealt, _ = resume_point(cfg, units, 3, 1, one_process, saved, 12)
     assert len(dealt) == 3 and all("units" in p for p in dealt) and "dealt anew" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change", [{"val_fraction": 0.2}, {"text_column": "body"}])
+def test_other_documents_start_every_reader_at_the_epoch_after_the_furthest(corpus, capsys, change):
+    """Another split or text column makes other units: their parts cannot be dealt on, so every
+    reader starts a fresh shuffle, numbered after every epoch read (not one of them again)."""
+    cfg, units = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}}), list_units(corpus, "text")
+    saved = [{"reader": r, "epoch": 2 + r, "unit": 1, "part": 0, "consumed": 3, "carry": [1, 2]} for r in (0, 1)]
+    order = data_order(cfg, units, 2)
+    changed = Config.from_dict({"dataset": {"parquet_dir": str(corpus), **change}})
+    positions, consumed = resume_point(changed, units, 2, 1, order, saved, 12)
+    assert consumed == 0 and [(p["reader"], p["epoch"], p["unit"], p["part"], p["carry"]) for p in positions] == \
+        [(0, 4, 0, 0, []), (1, 4, 0, 0, [])]
+    assert "continues on freshly shuffled data from epoch 4" in capsys.readouterr().out
 
 
 # Resumes that change how the data is read: train.py end to end

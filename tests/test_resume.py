@@ -69,6 +69,8 @@ def test_a_checkpoint_outside_a_run_directory_continues_in_a_new_one(tmp_path, c
     (downloads / "checkpoint_2.pt").write_bytes((straight / "checkpoint_2.pt").read_bytes())
     before = {p.name: p.read_bytes() for p in downloads.iterdir()}
     capsys.readouterr()
+    real_evaluate = train.evaluate  # worse than the checkpoint's best: the new directory gets a best.pt all the same
+    monkeypatch.setattr(train, "evaluate", lambda *args: {**real_evaluate(*args), "val_loss": 99.0})
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={downloads / 'checkpoint_2.pt'}",
                        "training.keep_last_n=1"]) == 0
     out = capsys.readouterr().out
@@ -368,14 +370,18 @@ def test_a_resume_that_changes_the_validation_documents_says_so():
             "losses from here on are not comparable with the earlier ones, and best.pt starts afresh")
 
 
-def test_extending_a_finished_run_says_that_the_learning_rate_jumps(tmp_path, corpus, capsys):
+def test_extending_a_finished_run_says_that_the_learning_rate_jumps_and_takes_the_new_settings(tmp_path, corpus,
+                                                                                                capsys):
     path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, test_freq=100, warmup_iters=0, min_lr=0.001)
     assert train.main(["--config", str(path)]) == 0
     [run] = run_dirs(tmp_path)
     capsys.readouterr()
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}"]) == 0
     assert "learning-rate schedule changed" not in capsys.readouterr().out  # the same schedule
-    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=8"]) == 0
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=8",
+                       "training.weight_decay=0.5", "model.dropout=0.0"]) == 0  # (dropout: not the model's shape)
+    decay, no_decay = load_checkpoint(run / "checkpoint_8.pt").optimizer["param_groups"]
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.5, 0.0)  # the config's, not the checkpoint's 0.1
     out = capsys.readouterr().out
     assert re.search(r"note: the learning-rate schedule changed: step 5 runs at lr 3\.78e-03, 1\.00e-03 in the "
                      r"checkpoint's schedule .*; the loss may rise for a while after this jump up\n", out)

@@ -21,11 +21,15 @@ def test_a_file_whose_column_holds_only_nulls_is_skipped_with_a_note(tmp_path, c
         list_units(tmp_path / "b.parquet", "text")
 
 
-def test_split_depends_on_the_seed_only():
+def test_split_depends_on_the_seed_the_file_and_the_row_group_not_on_where_the_file_is():
     u = shards.Unit("x.parquet", 3, 1000, 0, file_key=12345)
-    assert np.array_equal(validation_mask(u, 1, 0.1), validation_mask(u, 1, 0.1))
+    assert np.array_equal(validation_mask(u, 1, 0.1), validation_mask(shards.Unit("/elsewhere/x.parquet", 3, 1000, 0,
+                                                                                  file_key=12345), 1, 0.1))
     assert not np.array_equal(validation_mask(u, 1, 0.1), validation_mask(u, 2, 0.1))
     assert 50 < validation_mask(u, 1, 0.1).sum() < 150
+    # another file, another row group of the same rows: other rows held out (not the same positions everywhere)
+    for other in (shards.Unit("y.parquet", 3, 1000, 0, file_key=54321), shards.Unit("x.parquet", 4, 1000, 0, 12345)):
+        assert (validation_mask(u, 1, 0.1) & validation_mask(other, 1, 0.1)).sum() < 30  # ~10 by chance
 
 
 def test_file_that_is_not_parquet(tmp_path):

@@ -127,3 +127,16 @@ def test_bits_per_byte_of_a_sentencepiece_style_tokenizer_count_the_bytes_of_the
     alone = sum(len(tokenizer.decode([token]).encode()) for token in stream if token != tokenizer.separator)
     assert alone + len(docs) < 0.9 * text_bytes  # what each token decodes to alone: not the text's bytes
 
+
+
+def test_ids_past_uint16_are_kept_whole_in_the_stream():
+    """A vocabulary of more than 65,536 ids (Llama 3's 128k, Qwen's 151k) is stored as uint32: in
+    uint16 its high ids would wrap to other tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = Tokenizer(models.WordLevel({"[unk]": 0, "low": 1, "high": 65_536, "higher": 100_000}, unk_token="[unk]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.add_special_tokens([SEPARATOR_TOKEN])  # id 4: the next after the model's 4 entries
+    tokenizer = tokenizer_from_string(words.to_str())
+    stream = tokenizer.encode_documents(documents(["low high higher"]))
+    assert stream.dtype == np.uint32 and stream.tolist() == [1, 65_536, 100_000, 4]
+    assert tokenizer.vocab_size == 100_001

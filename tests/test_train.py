@@ -314,15 +314,20 @@ def test_a_failed_write_is_reported_and_earlier_checkpoints_survive(tmp_path, co
     assert not [p for p in run.iterdir() if ".tmp" in p.name]
 
 
-def test_keep_last_n_and_best_checkpoint(tmp_path, corpus):
+def test_keep_last_n_and_best_checkpoint(tmp_path, corpus, monkeypatch):
     config = write_config(tmp_path, corpus, max_iters=8, checkpoint_freq=2, test_freq=2, keep_last_n=2)
+    losses, real_evaluate = iter([3.0, 1.0, 2.0, 4.0]), train.evaluate  # the best is not the last
+
+    def evaluate(*args):
+        return {**real_evaluate(*args), "val_loss": next(losses)}
+    monkeypatch.setattr(train, "evaluate", evaluate)
     assert train.main(["--config", str(config)]) == 0
     run = only_run(tmp_path / "ck")
     assert [p.name for p in checkpoints_in(run)] == ["checkpoint_6.pt", "checkpoint_8.pt"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert {r["step"]: r["val_loss"] for r in records if "val_loss" in r} == {2: 3.0, 4: 1.0, 6: 2.0, 8: 4.0}
     best = load_checkpoint(run / "best.pt")
-    assert best.best_val_loss == min(val.values()) and val[best.step] == min(val.values())
+    assert (best.step, best.best_val_loss) == (4, 1.0)
 
 
 # ---- every error path ends the process within seconds, whatever the workers
