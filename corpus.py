@@ -14,6 +14,10 @@ from shards import DataError
 
 
 DOCUMENT_BYTES = 8192  # long files are cut into documents of about this size, for the split and the shuffle
+# Each process and loader worker reads row groups of its own: text files too small for MIN_ROW_GROUPS
+# row groups of ROW_GROUP_BYTES get smaller ones (a row group holds one document at least).
+ROW_GROUP_BYTES = 128 * 1024
+MIN_ROW_GROUPS = 64
 
 
 def split_text(raw: bytes | str, chunk: int) -> list:
@@ -42,7 +46,7 @@ def split_text(raw: bytes | str, chunk: int) -> list:
     return pieces
 
 
-def write_shards(documents, out_dir, docs_per_shard=16384, row_group_bytes=128 * 1024) -> int:
+def write_shards(documents, out_dir, docs_per_shard=16384, row_group_bytes=ROW_GROUP_BYTES) -> int:
     """Write an iterable of strings as parquet shards part-00000.parquet, ... with a `text`
     column and row groups of about row_group_bytes (counted in characters: bytes for ASCII text).
     Returns the number of documents."""
@@ -104,6 +108,9 @@ def as_utf8(raw: bytes, name) -> bytes:
 
 
 def text_files_to_parquet(files, out_dir, chunk_bytes=DOCUMENT_BYTES, replace=False) -> int:
+    sizes = [Path(f).stat().st_size if Path(f).is_file() else 0 for f in files]  # (unreadable ones: said below)
+    row_group_bytes = min(ROW_GROUP_BYTES, max(1, sum(sizes) // MIN_ROW_GROUPS))
+
     def documents():
         for f in files:
             try:
@@ -116,7 +123,7 @@ def text_files_to_parquet(files, out_dir, chunk_bytes=DOCUMENT_BYTES, replace=Fa
             yield from (piece.decode("utf-8", errors="replace") for piece in split_text(raw, chunk_bytes))
 
     def write(folder):
-        n = write_shards(documents(), folder)
+        n = write_shards(documents(), folder, row_group_bytes=row_group_bytes)
         if n == 0:
             raise DataError(f"{' '.join(map(str, files))}: no text (empty files); nothing was written")
         return n

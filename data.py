@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from corpus import ensure_sample_corpus
+from corpus import MIN_ROW_GROUPS, ensure_sample_corpus
 from shards import DataError, ParquetFileCache, Unit, first_documents, list_units, read_unit_documents
 from stopping import SIGNALS
 from tokenizer import check_vocab_size, load_tokenizer, lost_text
@@ -221,8 +221,9 @@ def check_enough_units(cfg, units, world_size: int):
     if len(units) < world_size:
         raise DataError(f"{cfg.dataset.parquet_dir}: {len(units)} (file, row group) unit{'s' * (len(units) != 1)} "
                         f"for {world_size} processes, and each process reads units of its own: start at most "
-                        f"{len(units)} (torchrun --nproc_per_node), or write the text in more row groups (prepare.py "
-                        f"writes one per 128 KB)")
+                        f"{len(units)} (torchrun --nproc_per_node), or write the data in more row groups (prepare.py "
+                        f"--from-text writes up to {MIN_ROW_GROUPS}, one document each at least: --chunk-bytes cuts "
+                        f"smaller ones; your own parquet: pyarrow.parquet.write_table(..., row_group_size=fewer rows))")
 
 
 def prepare_data(cfg, ranks):

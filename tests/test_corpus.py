@@ -20,6 +20,18 @@ def test_text_files_become_documents_in_row_groups_of_bounded_size(tmp_path):
     assert all(meta.row_group(i).num_rows <= 128 * 1024 // 1000 + 1 for i in range(meta.num_row_groups))
 
 
+def test_a_small_text_gets_row_groups_enough_for_several_processes(tmp_path):
+    """60 KB of text, 8 documents: a row group each (not one for the whole text, which only one
+    process or loader worker could read)."""
+    (tmp_path / "a.txt").write_text("".join(f"line {i} of a small text\n" for i in range(2500)))
+    assert corpus.text_files_to_parquet([tmp_path / "a.txt"], tmp_path / "out") == 8
+    assert len(list_units(tmp_path / "out", "text")) == 8
+    text = "".join(f"line {i}\n" for i in range(20000))
+    (tmp_path / "b.txt").write_text(text * 8)  # 1.8 MB: 64 row groups or so
+    corpus.text_files_to_parquet([tmp_path / "b.txt"], tmp_path / "out_b")
+    assert 64 <= len(list_units(tmp_path / "out_b", "text")) <= 70
+
+
 def test_an_unreadable_text_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match=r"nope.txt: cannot read"):
         corpus.text_files_to_parquet([tmp_path / "nope.txt"], tmp_path / "out")
