@@ -233,6 +233,9 @@ def prepare_data(cfg, ranks):
     distributed.Ranks: the first process of each machine builds it, the others wait)."""
     tokenizer = load_tokenizer(cfg.dataset.tokenizer)
     check_vocab_size(tokenizer, cfg.model.vocab_size)
+    if ranks.main and tokenizer.turned_off:
+        print(f"note: dataset.tokenizer {cfg.dataset.tokenizer}: its {' and '.join(tokenizer.turned_off)} turned off "
+              f"(saved in the file for inference): training reads whole documents, without pad tokens")
     if ranks.local_rank == 0:
         ensure_sample_corpus(cfg)
     ranks.barrier()

@@ -58,6 +58,7 @@ class ByteTokenizer:
     separator = 0
     dtype = np.uint8  # of the token streams
     token_bytes = np.ones(256, dtype=np.int64)
+    turned_off = []  # (HFTokenizer: the file's padding or truncation)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -109,9 +110,18 @@ class HFTokenizer:
             except ValueError as not_json:
                 why = f"not JSON: {not_json}"
             raise NotATokenizer(f"{name}: not a Hugging Face tokenizer.json ({why})")
+        # padding and truncation (saved by enable_padding, enable_truncation) would add pad tokens to each
+        # document, or cut it: training reads whole documents, joined
+        self.turned_off = [key for key, value in json.loads(self.tok.to_str()).items()
+                           if key in ("padding", "truncation") and value]
+        self.tok.no_padding()
+        self.tok.no_truncation()
         self.json, self.name = self.tok.to_str(), name
         self.tok.encode_special_tokens = True  # text never turns into special tokens (not saved in the json)
         self.separator = self.tok.token_to_id(SEPARATOR_TOKEN)
+        if self.separator is None and self.json == ByteTokenizer().to_hf_json():
+            raise TokenizerError(f"{name}: the byte tokens, as export.py writes them for Hugging Face; to train "
+                                 f"on bytes, set dataset.tokenizer=bytes")
         if self.separator is None:
             raise TokenizerError(f"{name}: the tokenizer has no {SEPARATOR_TOKEN} token, which separates "
                                  f"documents; add it as a special token, or train one with "

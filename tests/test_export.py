@@ -12,6 +12,7 @@ import train
 from checkpoint import CheckpointError, load_checkpoint, load_export, model_from_checkpoint
 from conftest import write_config
 from lowbit import dequantize, quantize
+from tokenizer import TokenizerError, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,6 +51,9 @@ def test_export_holds_the_checkpoint_weights_and_transformers_generates_what_sam
     assert {k: config[k] for k in ckpt.model_config} == ckpt.model_config and config["bdh_export"]["step"] == 4
     card = (out / "README.md").read_text()
     assert "step 4 of 4" in card and "bits per byte" in card and "trust_remote_code=True" in card
+    with pytest.raises(TokenizerError, match="byte tokens, as export.py writes them .*; to train on bytes, set "
+                                             "dataset.tokenizer=bytes$"):  # what a user tries next, to fine-tune
+        load_tokenizer(str(out / "tokenizer.json"))
     model, tokenizer = hf_model(out)
     # the same function as model.py: the logits of a whole sequence (the modeling file cannot drift)
     idx = torch.randint(0, 256, (2, 40))

@@ -140,3 +140,16 @@ def test_ids_past_uint16_are_kept_whole_in_the_stream():
     stream = tokenizer.encode_documents(documents(["low high higher"]))
     assert stream.dtype == np.uint32 and stream.tolist() == [1, 65_536, 100_000, 4]
     assert tokenizer.vocab_size == 100_001
+
+
+def test_padding_and_truncation_saved_in_the_file_are_turned_off(bpe_file):
+    """A tokenizer.json saved for inference may pad every text to a length, or cut it: either would
+    put pad tokens between documents, or drop their ends."""
+    from tokenizers import Tokenizer
+    saved = Tokenizer.from_file(str(bpe_file))
+    saved.enable_padding(length=64, pad_token=SEPARATOR_TOKEN)
+    saved.enable_truncation(4)
+    padded, plain = tokenizer_from_string(saved.to_str()), load_tokenizer(str(bpe_file))
+    assert padded.turned_off == ["truncation", "padding"] and plain.turned_off == []
+    assert np.array_equal(padded.encode_documents(documents(DOCS)), plain.encode_documents(documents(DOCS)))
+    assert padded.encode(DOCS[0]) == plain.encode(DOCS[0])
