@@ -40,12 +40,13 @@ def read_metrics(run_dir: Path) -> tuple[list, list]:
 
 def runs_in(arg) -> list[Path]:
     """The run directories an argument stands for: a run directory, its metrics.jsonl, or a folder
-    of runs (each folder in it that holds a metrics.jsonl)."""
+    of runs (each folder in it that holds a metrics.jsonl), or a folder of such folders."""
     path = Path(arg)
     if path.name == "metrics.jsonl":
         return [path.parent]
-    if path.is_dir() and not (path / "metrics.jsonl").exists():
-        return sorted(p for p in path.iterdir() if (p / "metrics.jsonl").is_file()) or [path]
+    if path.is_dir() and not (path / "metrics.jsonl").exists():  # its runs, or its experiments' (a checkpoint_dir each)
+        found = sorted(run for run in path.glob("*/metrics.jsonl")) or sorted(path.glob("*/*/metrics.jsonl"))
+        return [run.parent for run in found if run.is_file()] or [path]
     return [path]
 
 
@@ -76,6 +77,7 @@ NOT_IN_LABELS = ("logging.", "dataloader.", "training.checkpoint_dir", "training
                  "training.debug", "training.device", "training.distributed_timeout_s", "training.compile",
                  "training.activation_checkpointing", "training.eval_iters", "dataset.max_cached_files")
 MAX_LABEL_SETTINGS = 3
+FIGURE_WIDTH_IN = 16
 VALIDATION = {"marker": "o", "linestyle": "--"}  # the validation losses' line style (the training losses: solid)
 LATENTS = {"sparsity_x": {"marker": "o", "linestyle": "-"},  # the active shares of the x and y latents: their styles
            "sparsity_y": {"marker": "s", "linestyle": ":"}}
@@ -117,17 +119,17 @@ def plot(run_dirs, out: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import EngFormatter
+    from matplotlib.ticker import EngFormatter, MaxNLocator
     run_dirs = runs_of(run_dirs)
     runs = [read_metrics(d) for d in run_dirs]
     names = [Path(d).resolve().name for d in run_dirs]
-    if len(set(names)) < len(names):  # same names in different folders: say which
+    if len({Path(d).resolve().parent for d in run_dirs}) > 1:  # runs of several folders (experiments): say which
         names = [f"{Path(d).resolve().parent.name}/{Path(d).resolve().name}" for d in run_dirs]
     settings = [run_settings(d) for d in run_dirs]
     names = labels(names, settings)
-    per_token = ("loss (nats per token; other tokenizers: compare bits per byte)"
+    per_token = ("loss (nats/token: not across tokenizers)"  # (bits per byte compares them)
                  if len({s.get("dataset.tokenizer") for s in settings if s}) > 1 else "loss (nats per token)")
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    fig, axes = plt.subplots(2, 3, figsize=(FIGURE_WIDTH_IN, 8.5))
     (loss_steps, loss_tokens, bpb), (lr, sparsity, speed) = axes
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
     for (train, evaluations), name, color in zip(runs, names, colors):
@@ -170,11 +172,14 @@ def plot(run_dirs, out: Path):
     if sparsity.has_data():
         sparsity.legend(handles=[Line2D([], [], color="grey", label=f"{key[-1]} latent", **style)
                                  for key, style in LATENTS.items()], fontsize=8)
-    columns = min(3, len(names))
+    label_px = 7 * max(map(len, names)) + 70  # 9-point text at 100 dpi, and the line before it
+    columns = max(1, min(3, len(names), (FIGURE_WIDTH_IN * 100 - 40) // label_px))
     rows = -(-len(names) // columns)
     fig.legend(handles=[Line2D([], [], color=color, label=name) for name, color in zip(names, colors)],
                loc="lower center", ncol=columns, fontsize=9, frameon=False)
     loss_tokens.xaxis.set_major_formatter(EngFormatter())  # 50k, 100k, ... rather than digits that run together
+    for ax in (loss_steps, bpb, lr, sparsity, speed):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 22.5
     speed.yaxis.set_major_formatter(EngFormatter())
     fig.tight_layout(rect=(0, 0.025 * rows + 0.01, 1, 1))
     fig.savefig(out, dpi=100)

@@ -18,12 +18,12 @@ def test_plots_one_and_two_runs_and_refuses_a_folder_without_metrics(tmp_path, c
         assert plot.main([*map(str, chosen), "--out", str(out)]) == 0
         assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 20_000
     capsys.readouterr()
-    assert plot.main([str(tmp_path), "--out", str(tmp_path / "none.png")]) == 1
+    assert plot.main([str(corpus), "--out", str(tmp_path / "none.png")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {tmp_path}: no metrics.jsonl, nor a run directory") and err.count("\n") == 1
+    assert err.startswith(f"error: {corpus}: no metrics.jsonl, nor a run directory") and err.count("\n") == 1
     assert not (tmp_path / "none.png").exists()
     assert plot.main([str(tmp_path / "ck"), "--out", str(tmp_path / "all.png")]) == 0  # a folder of runs: all of them
-    assert [p.name for p in plot.runs_in(tmp_path / "ck")] == [run.name for run in runs]
+    assert plot.runs_in(tmp_path / "ck") == plot.runs_in(tmp_path) == runs  # (a folder of checkpoint_dirs too)
     assert plot.runs_of([runs[1], tmp_path / "ck", runs[1] / "metrics.jsonl"]) == [runs[1], runs[0]]  # each once
 
 
@@ -105,7 +105,7 @@ def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch)
     assert [text.get_text() for text in runs.get_texts()] == [  # (not checkpoint_dir: no learning)
         "run_a (tokenizer=bytes, learning_rate=0.01)", "run_b (tokenizer=bpe.json, learning_rate=0.01)",
         "run_c (tokenizer=bytes, learning_rate=0.02)"]
-    assert loss_steps.get_ylabel() == "loss (nats per token; other tokenizers: compare bits per byte)"
+    assert loss_steps.get_ylabel() == "loss (nats/token: not across tokenizers)"
     assert plot.labels(["a", "b"], [{"training.seed": 1}, {"training.seed": 2, "training.compile": True}]) == [
         "a (seed=1)", "b (seed=2)"]
     assert plot.labels(["a", "b", "c"], [{"training.seed": 1}, {}, {"training.seed": 1}]) == ["a", "b", "c"]
@@ -115,3 +115,29 @@ def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch)
         (resumed / f"config_resume_{step}.yaml").write_text(yaml.safe_dump({"training": {"learning_rate": lr}}))
     assert plot.run_settings(resumed)["training.learning_rate"] == "0.01→0.005→0.002"
     assert plot.run_settings(resumed)["dataset.tokenizer"] == "bytes"
+
+
+def test_experiments_of_their_own_folders_are_plotted_together_and_their_names_fit(tmp_path, monkeypatch):
+    """checkpoint_dir=ck/<experiment> for each: `plot.py ck` finds their runs, names them by
+    experiment, and the legend of long names stays inside the picture."""
+    import json
+    import matplotlib.pyplot as plt
+    import yaml
+    for experiment, vocab in (("bytes", 256), ("bpe512", 512), ("bpe2048", 2048)):
+        run = tmp_path / "ck" / experiment / "run_20261124_023835"
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "tokens": 64 * s, "train_loss": 5.0 - s,
+                                                               "lr": 1e-3}) + "\n" for s in (1, 2, 3)))
+        config = {"model": {"vocab_size": vocab}, "training": {"max_iters": 40 + vocab, "warmup_iters": vocab},
+                  "dataset": {"tokenizer": f"tokenizers/{experiment}.json"}}
+        (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert plot.main([str(tmp_path / "ck"), "--out", str(tmp_path / "a.png")]) == 0
+    [figure], [runs] = figures, figures[0].legends
+    names = [text.get_text() for text in runs.get_texts()]
+    assert names[0] == "bpe2048/run_20261124_023835 (vocab_size=2048, max_iters=2088, warmup_iters=2048, ...)"
+    figure.canvas.draw()
+    box, width = runs.get_window_extent(), figure.bbox.width
+    assert 0 <= box.x0 and box.x1 <= width and box.y0 >= 0
+    assert all(tick == int(tick) for tick in figure.axes[0].get_xticks())  # steps, not 1.5
