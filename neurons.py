@@ -5,9 +5,9 @@ activations as a picture.
                       [--max-neurons 400] [--max-tokens 80]
 
 One panel per layer shows the x latent a = relu(x @ encoder) of every prompt token (rows) over the
-neurons that fire for at least one of them (columns, the most often active first, at most
---max-neurons; H*N neurons in all, head-major): white where a neuron is silent, darker the stronger it
-fires. The picture shows the first --max-tokens tokens (a row each); the figures count them all.
+neurons that fire for at least one of them in some layer (columns, the same in every panel since the
+layers share their weights, the most often active first, at most --max-neurons; H*N neurons in all):
+white where a neuron is silent, darker the stronger it fires (the scale beside each panel). The picture shows the first --max-tokens tokens (a row each); the figures count them all.
 It prints, per layer, the share of the x and y latents (y: b = relu(LN(A x) @ encoder_v)) that is
 non-zero and how many distinct neurons the prompt used. A prompt may be as long as fits in
 MEMORY_BUDGET (2 GiB): the forward pass keeps every layer's T x T attention scores, so the memory
@@ -24,7 +24,7 @@ from checkpoint import CheckpointError
 from config_file import parse_arguments
 from files import picture_path
 from locate import add_checkpoint_arguments, load_model, model_line
-from tokenizer import TokenizerError, tokenizer_from_string, utf8_argument
+from tokenizer import TokenizerError, text_change, tokenizer_from_string, utf8_argument
 
 MEMORY_BUDGET = 2 * 2**30  # bytes that latents() may take (memory_bytes): it limits the prompt's length
 
@@ -71,19 +71,26 @@ def token_labels(tokenizer, ids: list[int]) -> list[str]:
 
 
 def draw(found, labels, out, max_neurons: int):
+    """Every layer's x latent over the same columns: the layers share their weights, so a column is
+    one neuron throughout, those that fire most often over all layers first."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(found), 1, figsize=(14, 1.2 + 0.22 * len(labels) * len(found)), squeeze=False)
+    fig, axes = plt.subplots(len(found), 1, figsize=(14, 1.5 + 0.22 * len(labels) * len(found)), squeeze=False)
+    firing_anywhere = sum((a > 0).sum(0) for a, _ in found)
+    columns = torch.argsort(firing_anywhere, descending=True, stable=True)[
+        :min(max_neurons, int((firing_anywhere > 0).sum()))]
     for layer, ((a, b), ax) in enumerate(zip(found, axes[:, 0])):
         firing = (a > 0).sum(0)
-        columns = torch.argsort(firing, descending=True, stable=True)[:min(max_neurons, int((firing > 0).sum()))]
-        ax.imshow(a[:, columns].numpy(), aspect="auto", cmap="Greys", interpolation="nearest")
+        image = ax.imshow(a[:, columns].numpy(), aspect="auto", cmap="Greys", interpolation="nearest", vmin=0)
+        fig.colorbar(image, ax=ax, pad=0.01, fraction=0.02).set_label("x latent", fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=7, family="monospace")
         ax.set_xticks([])
-        ax.set_title(f"layer {layer + 1}: x latent {float((a > 0).float().mean()):.1%} active, y latent "
-                     f"{float((b > 0).float().mean()):.1%}; {int((firing > 0).sum()):,} of {a.shape[1]:,} neurons fire "
-                     f"for some token (showing {len(columns):,}, most active first)", fontsize=9, loc="left")
+        ax.set_title(f"layer {layer + 1}: the x latent a (drawn) is {float((a > 0).float().mean()):.1%} active, the y "
+                     f"latent {float((b > 0).float().mean()):.1%}; {int((firing > 0).sum()):,} of {a.shape[1]:,} "
+                     f"neurons fire for some token", fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel(f"neurons: the {len(columns):,} that fire most often over all layers, the same in each "
+                           f"layer (--max-neurons)", fontsize=8)
     with warnings.catch_warnings():  # a character the font lacks (an emoji) is drawn as a box: no warning for each
         warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
         fig.tight_layout()
@@ -118,6 +125,9 @@ def main(argv=None) -> int:
     ids = tokenizer.encode(args.prompt)
     if not ids:
         parser.error("--prompt is empty")
+    if change := text_change(tokenizer, args.prompt):
+        print(f"note: the model's tokenizer does not give the prompt back: {change}; the model reads what it keeps",
+              file=sys.stderr)
     if len(ids) > (limit := max_prompt_tokens(model.config)):
         fitting = len(tokenizer.decode(ids[:limit]).rstrip("\ufffd"))  # (a character cut short: U+FFFD)
         parser.error(f"--prompt is {len(ids):,} tokens, more than the {limit:,} that fit in {MEMORY_BUDGET // 2**30} "

@@ -98,3 +98,21 @@ def test_an_out_that_cannot_be_a_picture_is_a_usage_error_before_the_model_loads
         neurons.main(["--prompt", "abc", "--out", str(tmp_path / "neurons.txt")])
     assert stop.value.code == 2
     assert f"error: --out {tmp_path / 'neurons.txt'}: give a file name ending in .png (or" in capsys.readouterr().err
+
+
+def test_every_layer_is_drawn_over_the_same_neurons_with_its_scale(tmp_path, monkeypatch):
+    """The layers share their weights: column j is one neuron in every panel (those firing most over
+    all layers first), so a neuron can be followed down the layers."""
+    import matplotlib.pyplot as plt
+    first, second = torch.zeros(3, 6), torch.zeros(3, 6)
+    first[:, 4], first[0, 1] = 1.0, 0.5  # neuron 4 fires for every token in layer 1
+    second[:2, 1], second[:, 2], second[0, 4] = 2.0, 0.25, 0.1  # neurons 1 and 2 in layer 2, 4 once
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    neurons.draw([(first, first), (second, second)], ["a", "b", "c"], tmp_path / "n.png", max_neurons=3)
+    panels = [ax for ax in figures[0].axes if ax.images]
+    order = [4, 1, 2]  # fire for 4, 3 (1 + 2) and 3 tokens over the layers (a tie: by index)
+    for panel, a in zip(panels, (first, second)):
+        assert panel.images[0].get_array().tolist() == a[:, order].tolist()
+    assert len(figures[0].axes) == 4  # a colour scale beside each panel
+    assert panels[-1].get_xlabel().startswith("neurons: the 3 that fire most often over all layers")
