@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from runtime import first_line, last_line
+from runtime import first_line, last_line, shortened
 
 
 class DistributedError(Exception):
@@ -217,7 +217,7 @@ def communication_failure(e: BaseException, ranks: Ranks, timeout_s: int) -> str
                                            "nccl", "broken pipe", "processgroup")):
         return None
     _PEERS_LOST.append(ranks.rank)
-    return (f"communication with the other ranks failed ({last_line(e)[:200]}): if another rank died, hangs or "
+    return (f"communication with the other ranks failed ({shortened(last_line(e), 200)}): if another rank died, hangs or "
             f"refused to start, its error is above (none if a signal killed it, as the kernel's out-of-memory "
             f"killer does; a collective waits at most training.distributed_timeout_s = {timeout_s} s); once that is "
             f"fixed, resume from this run's directory if it saved a checkpoint, else run the same command again")

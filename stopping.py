@@ -32,8 +32,12 @@ class GracefulStop:
     os.write: print() could re-enter a print the loop is in. A SIGHUP that is ignored (nohup) stays
     ignored."""
 
-    def __init__(self, second_signal_stops: bool, announce: bool):
+    def __init__(self, second_signal_stops: bool, announce: bool, at_once: bool = False):
+        """at_once: a signal stops at once (KeyboardInterrupt) until the caller sets .at_once False. train.py
+        keeps it until the process's first step is done: that step is all a save would keep, and its
+        compilation (a minute) would outlast torchrun's 30 s before it kills."""
         self.signal_name, self.doing, self.last_words = None, "the step", ""
+        self.at_once = at_once
         self.second_signal_stops, self.announce = second_signal_stops, announce
         for sig in SIGNALS:
             if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN):
@@ -50,6 +54,8 @@ class GracefulStop:
         self.doing, self.last_words = CLOSING, last_words
 
     def _handler(self, signum, _frame):
+        if self.at_once:
+            raise KeyboardInterrupt
         saving, closing = self.doing == SAVING, self.doing == CLOSING
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name

@@ -140,7 +140,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
     progress.positions = rank_positions(start_positions, ranks.rank, workers)
     order = data_order(cfg, units, workers, ranks.world_size)
     sample_generator = torch.Generator(device=device)
-    stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main)
+    stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main, at_once=True)
     stop_vote = StepVote(ranks)  # whether any rank heard a signal, one step late
     compiling_steps = ()  # their time is mostly compilation
     if compile_model:
@@ -202,6 +202,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
         scaler.step(optimizer)  # float16: skipped if the gradients are not finite (and the scale lowered)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        stop.at_once = False  # a step is done: a signal from here on saves it
         stopping = stop_vote.ask(stop.heard)
         evaluating = step % training.test_freq == 0 or step == training.max_iters
         saving = step % training.checkpoint_freq == 0 or step == training.max_iters

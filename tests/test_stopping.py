@@ -317,6 +317,28 @@ def test_sigterm_while_the_run_sets_up_stops_it_in_one_line(tmp_path, corpus, ca
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_path, corpus, capsys, monkeypatch):
+    """The process's first step (a resume's too) is all a save then would keep, and under torchrun its
+    compilation can outlast the 30 s the agent waits: a signal during it stops at once, as in setting up."""
+    real = train.train_loader
+    signal_at = []
+
+    def loader(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i in signal_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)  # the handler runs here
+            yield batch
+    monkeypatch.setattr(train, "train_loader", loader)
+    path = write_config(tmp_path, corpus, max_iters=20, checkpoint_freq=100, test_freq=100)
+    signal_at[:] = [0]
+    assert train.main(["--config", str(path)]) == 130
+    assert capsys.readouterr().err == train.STOPPED_AT_ONCE + "\n" and not (tmp_path / "ck").exists()
+    signal_at[:] = [1]  # the second step's batch
+    assert train.main(["--config", str(path)]) == 0
+    assert "stopped by SIGTERM after step 2" in capsys.readouterr().out
+
+
 def test_a_ctrl_c_that_torch_wraps_in_its_own_error_still_stops_in_one_line(tmp_path, corpus, capsys, monkeypatch):
     def compiling(*args, **kwargs):
         try:
