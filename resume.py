@@ -256,8 +256,10 @@ def global_batch_change(ckpt, training, world_size: int) -> str:
     if before == now:
         return ""
     micro_step = now // training.gradient_accumulation_steps  # over all processes
+    row = now // training.batch_size  # the tokens of one batch row over the accumulation and the processes
     keep = (f"; training.gradient_accumulation_steps={before // micro_step} keeps {before:,}"
-            if before % micro_step == 0 else "")
+            if before % micro_step == 0 else
+            f"; training.batch_size={before // row} keeps {before:,}" if before % row == 0 else "")
     return f", and a step trains on {now:,} tokens where it trained on {before:,}{keep}"
 
 

@@ -452,3 +452,19 @@ def test_a_stop_before_the_first_evaluation_keeps_the_mark_of_a_changed_validati
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r.get("measured_anew")) for r in records if "val_loss" in r] == [(2, None), (4, None), (8, True)]
     assert not load_checkpoint(run / "checkpoint_8.pt").measured_anew
+
+
+def test_another_number_of_processes_is_told_what_keeps_the_tokens_of_a_step():
+    from types import SimpleNamespace
+    from config import TrainingConfig
+    from resume import global_batch_change
+    one_process = SimpleNamespace(config={"training": {"batch_size": 32, "block_size": 64}}, rng=[{}])
+    training = TrainingConfig(batch_size=32, block_size=64)
+    assert global_batch_change(one_process, training, 1) == ""
+    assert global_batch_change(one_process, training, 2) == (  # more processes: a smaller batch each
+        ", and a step trains on 4,096 tokens where it trained on 2,048; training.batch_size=16 keeps 2,048")
+    two_processes = SimpleNamespace(config=one_process.config, rng=[{}, {}])
+    assert global_batch_change(two_processes, training, 1).endswith(
+        "; training.gradient_accumulation_steps=2 keeps 4,096")
+    assert global_batch_change(one_process, TrainingConfig(batch_size=3, block_size=48), 2) == (
+        ", and a step trains on 288 tokens where it trained on 2,048")  # nothing whole keeps it
