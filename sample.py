@@ -1,6 +1,6 @@
 """Generate text from a checkpoint.
 
-    python sample.py [--checkpoint PATH | --checkpoint-dir DIR] [--prompt TEXT] [--max-new-tokens N]
+    python sample.py [--checkpoint PATH | --checkpoint-dir DIR] [--prompt TEXT | --prompt-file F] [--max-new-tokens N]
                      [--temperature T] [--top-k K] [--seed S] [--device auto|cpu|cuda|mps] [--4bit]
 
 The model shape and the tokenizer come from the checkpoint (or an exported folder). Without a prompt, generation starts at a document
@@ -12,6 +12,7 @@ stops there, keeping what was printed.
 import argparse
 import itertools
 import sys
+from pathlib import Path
 
 import torch
 
@@ -74,7 +75,10 @@ def load_for_sampling(args):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Generate text from a BDH checkpoint.")
     add_checkpoint_arguments(parser)
-    parser.add_argument("--prompt", default="")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="")
+    prompt.add_argument("--prompt-file", help="the prompt from a UTF-8 text file (- : standard input), for a prompt "
+                                              "too long for the command line")
     parser.add_argument("--max-new-tokens", type=int, default=500)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the likeliest token")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens (0: all)")
@@ -92,6 +96,14 @@ def main(argv=None) -> int:
     if not -2**63 <= args.seed < 2**64:
         parser.error(f"--seed must be from -2**63 to 2**64 - 1 (what torch.Generator takes), got {args.seed}")
     args.prompt = utf8_argument(args.prompt, "--prompt")
+    if args.prompt_file:
+        try:
+            raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
+            args.prompt = raw.decode("utf-8")
+        except OSError as e:
+            parser.error(f"--prompt-file {args.prompt_file}: cannot read it ({e.strerror or e})")
+        except UnicodeDecodeError as e:
+            parser.error(f"--prompt-file {args.prompt_file}: not UTF-8 text (byte {e.start:,}); save it as UTF-8")
     try:
         model, tokenizer, device = load_for_sampling(args)
     except (CheckpointError, DeviceError, LowBitError, TokenizerError) as e:

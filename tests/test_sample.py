@@ -33,6 +33,14 @@ def test_sample_prints_generated_text(checkpoint, capsys):
     assert first.startswith("<00-") and len(first.encode()) >= 20
     assert sample.main(args) == 0
     assert capsys.readouterr().out == first  # same seed, same text
+    prompt_file = checkpoint.parent / "prompt.txt"  # a prompt too long for the command line comes from a file
+    prompt_file.write_text("<00-", encoding="utf-8")
+    assert sample.main([*args[:2], "--prompt-file", str(prompt_file), *args[4:]]) == 0
+    assert capsys.readouterr().out == first
+    prompt_file.write_bytes(b"<0\xff")
+    with pytest.raises(SystemExit):
+        sample.main([*args[:2], "--prompt-file", str(prompt_file)])
+    assert "--prompt-file " + str(prompt_file) + ": not UTF-8 text (byte 2); save it as UTF-8" in capsys.readouterr().err
 
 
 def test_sample_without_prompt_and_from_run_directory(checkpoint, capsys):
