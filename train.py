@@ -14,7 +14,8 @@ handlers_before_import = {}  # run as a script: the signal handlers main() gives
 if __name__ == "__main__":  # a signal while torch imports (seconds): one line, instead of a traceback from inside it
     def stop_while_importing(signum, _frame):
         try:
-            os.write(2, f"\n{signal.Signals(signum).name}: stopped while starting, before anything ran\n".encode())
+            if os.environ.get("RANK", "0") == "0":  # under torchrun: once (every rank heard it)
+                os.write(2, f"\n{signal.Signals(signum).name}: stopped while starting, before anything ran\n".encode())
         except OSError:  # no reader left (a closed terminal)
             pass
         os._exit(130)
@@ -339,6 +340,12 @@ def non_finite(what: str, step: int, last_saved, training, float16: bool = False
 STOPPED_AT_ONCE = "\ninterrupted: stopped at once, without saving; checkpoints written before are intact"
 
 
+def stopped_at_once() -> int:
+    if first_process():  # (under torchrun every rank heard the signal: once)
+        print(STOPPED_AT_ONCE, file=sys.stderr)
+    return 130
+
+
 def rank_of(ranks: Ranks) -> str:
     return f" (rank {ranks.rank})" if ranks.enabled else ""
 
@@ -374,12 +381,10 @@ def main(argv=None) -> int:
         print(f"\n{e.args[0]}\n(stopped while closing the logs: their last records may be missing)")
         return 0
     except KeyboardInterrupt:
-        print(STOPPED_AT_ONCE, file=sys.stderr)
-        return 130
+        return stopped_at_once()
     except Exception as e:
         if interrupted(e):  # torch.compile wraps a KeyboardInterrupt raised while it compiles
-            print(STOPPED_AT_ONCE, file=sys.stderr)
-            return 130
+            return stopped_at_once()
         if (request := out_of_memory(e)) is not None:
             print(f"error{rank_of(ranks)}: out of memory on {device} (asked for {request}): {memory_fix(cfg)}; "
                   f"checkpoints written before are intact", file=sys.stderr)

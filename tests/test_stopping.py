@@ -337,6 +337,8 @@ def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_pat
     signal_at[:] = [1]  # the second step's batch
     assert train.main(["--config", str(path)]) == 0
     assert "stopped by SIGTERM after step 2" in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "1")  # under torchrun every rank hears it: rank 0 says so
+    assert train.stopped_at_once() == 130 and capsys.readouterr().err == ""
 
 
 def test_a_ctrl_c_that_torch_wraps_in_its_own_error_still_stops_in_one_line(tmp_path, corpus, capsys, monkeypatch):
