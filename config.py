@@ -218,8 +218,11 @@ class Config:
             problems.append(f"model.dropout: must be in [0, 1), got {model.dropout}")
         latent_total = model.n_embd * model.mlp_internal_dim_multiplier
         if model.n_head > 0 and latent_total % model.n_head:
+            fitting = [h for h in range(1, 65) if latent_total % h == 0 and latent_total // h % 2 == 0]
+            nearest = sorted(sorted(fitting, key=lambda h: abs(h - model.n_head))[:4])
             problems.append(f"model.n_head: n_embd * mlp_internal_dim_multiplier = {latent_total} must be "
-                            f"divisible by n_head = {model.n_head}")
+                            f"divisible by n_head = {model.n_head}"
+                            + (f"; the nearest that fit: {', '.join(map(str, nearest))}" if nearest else ""))
         elif model.n_head > 0 and model.n_latent % 2:
             problems.append("model.mlp_internal_dim_multiplier: the latent size n_embd * "
                             "mlp_internal_dim_multiplier / n_head must be even (RoPE rotates pairs)")

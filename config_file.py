@@ -65,7 +65,15 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
         loader = _UniqueKeyLoader(text)  # a control character stops it here already (a ReaderError)
         node = loader.get_single_node()
         raw = loader.construct_document(node) if node is not None else None
-        for section, keys in node.value if isinstance(node, yaml.MappingNode) and lines is not None else ():
+        for section, keys in node.value if isinstance(node, yaml.MappingNode) else ():
+            if isinstance(keys, yaml.ScalarNode) and keys.start_mark.line > section.start_mark.line and \
+                    keys.style is None and keys.tag.endswith(":str") and " " in keys.value and ":" not in keys.value:
+                # `key value` indented under the section (its only keys): read as the section's text
+                first = text.splitlines()[keys.start_mark.line].strip()
+                raise ConfigError([f"{path}:{keys.start_mark.line + 1}: YAML syntax error: {first!r} has no ':' "
+                                   f"after its key (key: value)"])
+            if lines is None:
+                continue
             lines[str(section.value)] = section.start_mark.line + 1
             for key, _ in keys.value if isinstance(keys, yaml.MappingNode) else ():
                 lines[f"{section.value}.{key.value}"] = key.start_mark.line + 1
@@ -131,6 +139,8 @@ def yaml_syntax_problem(path: Path, text: str, e: yaml.YAMLError) -> str:
                 lines[above].lstrip()):  # under a key that has its value: a key of the same mapping, indented more
             problem += f" (is it indented more than line {above + 1}, a key of the same section?)"
     line = lines[mark.line] if mark and mark.line < len(lines) else ""
+    if "'\\t'" in problem:
+        problem += " (indent with spaces: YAML does not allow tabs there)"
     if re.search(r":\s+[*&!\[{]", line):  # YAML syntax, unless quoted
         problem += ' (a value that starts with *, &, !, [ or {, such as a glob pattern, needs quotes: "*.parquet")'
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

@@ -82,7 +82,7 @@ def test_a_home_directory_in_paths_is_expanded(monkeypatch):
     ({"model": {"n_layer": 0}}, "model.n_layer: must be > 0"),
     ({"training": {"batch_size": -1}}, "training.batch_size: must be > 0"),
     ({"model": {"dropout": 1.0}}, "model.dropout: must be in [0, 1)"),
-    ({"model": {"n_head": 3}}, "must be divisible by n_head = 3"),
+    ({"model": {"n_head": 3}}, "must be divisible by n_head = 3; the nearest that fit: 1, 2, 4, 8"),
     ({"training": {"min_lr": 0.1}}, "training.min_lr: must be <= training.learning_rate"),
     ({"training": {"device": "tpu"}}, "training.device: must be one of auto, cpu, cuda, mps"),
     ({"training": {"device": "cuda:1"}}, "got 'cuda:1' (for GPU 1: training.device=cuda and CUDA_VISIBLE_DEVICES=1 "),

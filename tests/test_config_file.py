@@ -105,6 +105,16 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
             Config.from_yaml(path)
         [problem] = info.value.problems
         assert "has no ':'" not in problem and re.match(rf"{re.escape(str(path))}:[45]:", problem)
+    for text in ("training:\n  max_iters 10\n", "training:\n  max_iters 10\n  batch_size 8\n"):  # the section's only
+        path.write_text(text)                                                               # key(s): its value
+        with pytest.raises(ConfigError) as info:
+            Config.from_yaml(path)
+        assert info.value.problems == [f"{path}:2: YAML syntax error: 'max_iters 10' has no ':' after its key (key: "
+                                       f"value)"]
+    path.write_text("training:\n\tmax_iters: 10\n")
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(path)
+    assert info.value.problems[0].endswith("(indent with spaces: YAML does not allow tabs there)")
     path.write_text("training:\n  max_iters: 20\n   batch_size: 8\n")
     with pytest.raises(ConfigError) as info:
         Config.from_yaml(path)
