@@ -69,7 +69,7 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
             if isinstance(keys, yaml.ScalarNode) and keys.start_mark.line > section.start_mark.line and \
                     keys.style is None and keys.tag.endswith(":str") and " " in keys.value and ":" not in keys.value:
                 # `key value` indented under the section (its only keys): read as the section's text
-                first = text.splitlines()[keys.start_mark.line].strip()
+                first = re.split(r"(?:^|\s)#", text.splitlines()[keys.start_mark.line])[0].strip()  # (no comment)
                 raise ConfigError([f"{path}:{keys.start_mark.line + 1}: YAML syntax error: {first!r} has no ':' "
                                    f"after its key (key: value)"])
             if lines is None:

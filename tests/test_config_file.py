@@ -105,8 +105,8 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
             Config.from_yaml(path)
         [problem] = info.value.problems
         assert "has no ':'" not in problem and re.match(rf"{re.escape(str(path))}:[45]:", problem)
-    for text in ("training:\n  max_iters 10\n", "training:\n  max_iters 10\n  batch_size 8\n"):  # the section's only
-        path.write_text(text)                                                               # key(s): its value
+    for text in ("training:\n  max_iters 10  # steps\n", "training:\n  max_iters 10\n  batch_size 8\n"):  # the only
+        path.write_text(text)                                                             # keys: the section's text
         with pytest.raises(ConfigError) as info:
             Config.from_yaml(path)
         assert info.value.problems == [f"{path}:2: YAML syntax error: 'max_iters 10' has no ':' after its key (key: "
