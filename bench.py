@@ -45,7 +45,7 @@ def make_step(cfg, device, implementation):
     a GradScaler in float16)."""
     training = cfg.training
     torch.manual_seed(training.seed)
-    model = BDH(cfg.model).to(device)
+    model = BDH(cfg.to_bdh_config()).to(device)
     model.activation_checkpointing = training.activation_checkpointing
     forward = model if implementation == "model.py" else (lambda idx, tgt: reference_forward(model, idx, tgt))
     if wants_compile(training, device):  # as train.py: both implementations are measured so
@@ -125,7 +125,7 @@ def bench_generation(cfg, device, prompt_len=256, new_tokens=1000, samples=5) ->
     `samples` evenly spaced context lengths (trapezoid rule): running it for 1,000 tokens would
     take about 100 minutes on 2 CPU cores at the default size (BENCHMARKS.md)."""
     torch.manual_seed(cfg.training.seed)
-    model = BDH(cfg.model).to(device).eval()
+    model = BDH(cfg.to_bdh_config()).to(device).eval()
     vocab = cfg.model.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_len), device=device)
     model.generate(prompt[:, :8], 2, temperature=0)  # warm-up

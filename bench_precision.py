@@ -156,7 +156,7 @@ def final_checkpoint_loss(cfg, run, four_bit: bool) -> float:
 
 
 def state_bytes_line(cfg) -> tuple[dict, str]:
-    model = BDH(cfg.model)
+    model = BDH(cfg.to_bdh_config())
     state = {"AdamW": adamw_state_bytes(model.parameters()), "AdamW4bit": AdamW4bit(model.parameters()).state_bytes(),
              "torchao AdamW4bit": torchao_adamw4bit()(model.parameters(), betas=(0.9, 0.95)).state_bytes()}
     return state, "optimizer state: " + ", ".join(
@@ -166,7 +166,7 @@ def state_bytes_line(cfg) -> tuple[dict, str]:
 def optimizer_step_ms(cfg, steps=20) -> dict:
     """The optimizer step alone on the config's model (random gradients): median ms of each
     optimizer, the three alternating step by step."""
-    model = BDH(cfg.model)
+    model = BDH(cfg.to_bdh_config())
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     optimizers = {"AdamW": torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95)),

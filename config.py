@@ -129,6 +129,10 @@ class Config:
     fp8: FP8Config = field(default_factory=FP8Config)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def to_bdh_config(self) -> BDHConfig:
+        """The model's settings, as BDH takes them (the model section is a BDHConfig: a copy of it)."""
+        return dataclasses.replace(self.model)
+
     @classmethod
     def from_yaml(cls, path, overrides=()) -> "Config":
         """Load `path`, apply `section.key=value` overrides, validate; raises ConfigError."""

@@ -270,7 +270,7 @@ def build_model(cfg, device: torch.device):
     4-bit round trip; every evaluation measures the 4-bit model (before qat_start: the current
     weights quantized after the fact)."""
     low_precision = cfg.low_precision
-    model = BDH(cfg.model).to(device)
+    model = BDH(cfg.to_bdh_config()).to(device)
     model.activation_checkpointing = cfg.training.activation_checkpointing
     fp8_recipe = None
     if low_precision.use_fp8:

@@ -31,7 +31,8 @@ def test_defaults_follow_the_configuration_guide():
 
 def test_the_model_section_is_what_the_model_is_built_from():
     c = Config.from_dict({}, ["model.n_layer=2", "model.n_embd=64"])
-    assert c.model == BDHConfig(n_layer=2, n_embd=64)
+    assert c.model == BDHConfig(n_layer=2, n_embd=64) == c.to_bdh_config()  # (the guide's name for it)
+    assert c.to_bdh_config() is not c.model
 
 
 def test_shipped_config_yaml_holds_the_defaults_and_documents_every_field():
