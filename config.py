@@ -222,7 +222,7 @@ class Config:
             problems.append(f"model.dropout: must be in [0, 1), got {model.dropout}")
         latent_total = model.n_embd * model.mlp_internal_dim_multiplier
         if model.n_head > 0 and latent_total % model.n_head:
-            fitting = [h for h in range(1, 65) if latent_total % h == 0 and latent_total // h % 2 == 0]
+            fitting = [h for h in range(1, latent_total + 1) if latent_total % h == 0 and latent_total // h % 2 == 0]
             nearest = sorted(sorted(fitting, key=lambda h: abs(h - model.n_head))[:4])
             problems.append(f"model.n_head: n_embd * mlp_internal_dim_multiplier = {latent_total} must be "
                             f"divisible by n_head = {model.n_head}"
@@ -280,8 +280,9 @@ class Config:
             "dataset.val_fraction": (self.dataset.val_parquet_dir,
                                      "the validation documents are all of dataset.val_parquet_dir's"),
             "low_precision.qat_start_fraction": (not low_precision.use_4bit, "low_precision.use_4bit is off"),
-            **{f"low_precision.{key}": (not low_precision.use_4bit, "low_precision.use_4bit is off (the checkpoint "
-                                        "keeps it for export.py --4bit and sample.py --4bit)")
+            **{f"low_precision.{key}": (not low_precision.use_4bit, "low_precision.use_4bit is off (only "
+                                        "export.py --4bit and sample.py --4bit, after training, read it from the "
+                                        "checkpoint)")
                for key in ("quantization_type", "use_double_quant")},
             **{f"fp8.{f.name}": (not low_precision.use_fp8, "low_precision.use_fp8 is off")
                for f in dataclasses.fields(FP8Config)},

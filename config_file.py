@@ -66,9 +66,7 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
         node = loader.get_single_node()
         raw = loader.construct_document(node) if node is not None else None
         for section, keys in node.value if isinstance(node, yaml.MappingNode) else ():
-            if isinstance(keys, yaml.ScalarNode) and keys.start_mark.line > section.start_mark.line and \
-                    keys.style is None and keys.tag.endswith(":str") and " " in keys.value and ":" not in keys.value:
-                # `key value` indented under the section (its only keys): read as the section's text
+            if str(section.value) in sections and read_as_text(section, keys):
                 first = re.split(r"(?:^|\s)#", text.splitlines()[keys.start_mark.line])[0].strip()  # (no comment)
                 raise ConfigError([f"{path}:{keys.start_mark.line + 1}: YAML syntax error: {first!r} has no ':' "
                                    f"after its key (key: value)"])
@@ -100,6 +98,13 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
         raise ConfigError([f"{path}: the top level must be a mapping of sections ({', '.join(sections)}), "
                            f"got {type(raw).__name__}"])
     return raw
+
+
+def read_as_text(section: yaml.Node, value: yaml.Node) -> bool:
+    """Whether a section's value is `key value` lines indented under it, all without their ':', which
+    YAML reads as one text."""
+    return (isinstance(value, yaml.ScalarNode) and value.start_mark.line > section.start_mark.line
+            and value.style is None and value.tag.endswith(":str") and " " in value.value and ":" not in value.value)
 
 
 def read_config_text(path: Path) -> str:
@@ -140,7 +145,7 @@ def yaml_syntax_problem(path: Path, text: str, e: yaml.YAMLError) -> str:
             problem += f" (is it indented more than line {above + 1}, a key of the same section?)"
     line = lines[mark.line] if mark and mark.line < len(lines) else ""
     if "'\\t'" in problem:
-        problem += " (indent with spaces: YAML does not allow tabs there)"
+        problem += " (write spaces: YAML does not allow a tab there)"
     if re.search(r":\s+[*&!\[{]", line):  # YAML syntax, unless quoted
         problem += ' (a value that starts with *, &, !, [ or {, such as a glob pattern, needs quotes: "*.parquet")'
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

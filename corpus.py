@@ -15,7 +15,8 @@ from shards import DataError
 
 DOCUMENT_BYTES = 8192  # long files are cut into documents of about this size, for the split and the shuffle
 # Each process and loader worker reads row groups of its own: text files too small for MIN_ROW_GROUPS
-# row groups of ROW_GROUP_BYTES get smaller ones (a row group holds one document at least).
+# row groups of ROW_GROUP_BYTES get smaller ones (a row group holds one document at least; sized from the
+# files' bytes, counted in characters: text of multi-byte characters gets fewer).
 ROW_GROUP_BYTES = 128 * 1024
 MIN_ROW_GROUPS = 64
 

@@ -222,8 +222,9 @@ def check_enough_units(cfg, units, world_size: int):
         raise DataError(f"{cfg.dataset.parquet_dir}: {len(units)} (file, row group) unit{'s' * (len(units) != 1)} "
                         f"for {world_size} processes, and each process reads units of its own: start at most "
                         f"{len(units)} (torchrun --nproc_per_node), or write the data in more row groups (prepare.py "
-                        f"--from-text writes up to {MIN_ROW_GROUPS}, one document each at least: --chunk-bytes cuts "
-                        f"smaller ones; your own parquet: pyarrow.parquet.write_table(..., row_group_size=fewer rows))")
+                        f"--from-text writes a small text in about {MIN_ROW_GROUPS}, one document each at least: "
+                        f"--chunk-bytes cuts smaller documents; your own parquet: "
+                        f"pyarrow.parquet.write_table(..., row_group_size=fewer rows))")
 
 
 def prepare_data(cfg, ranks):

@@ -1,13 +1,13 @@
 """Which latent neurons fire for each token of a prompt, layer by layer: BDH's sparse, positive
 activations as a picture.
 
-    python neurons.py [--checkpoint X | --checkpoint-dir DIR] --prompt TEXT [--out neurons.png]
+    python neurons.py [--checkpoint X | --checkpoint-dir DIR] --prompt TEXT | --prompt-file F [--out neurons.png]
                       [--max-neurons 400] [--max-tokens 80]
 
 One panel per layer shows the x latent a = relu(x @ encoder) of every prompt token (rows) over the
 neurons that fire for at least one of them in some layer (columns, the same in every panel since the
 layers share their weights, the most often active first, at most --max-neurons; H*N neurons in all):
-white where a neuron is silent, darker the stronger it fires (the scale beside each panel). The picture shows the first --max-tokens tokens (a row each); the figures count them all.
+white where a neuron is silent, darker the stronger it fires (one scale for all panels, beside each). The picture shows the first --max-tokens tokens (a row each); the figures count them all.
 It prints, per layer, the share of the x and y latents (y: b = relu(LN(A x) @ encoder_v)) that is
 non-zero and how many distinct neurons the prompt used. A prompt may be as long as fits in
 MEMORY_BUDGET (2 GiB): the forward pass keeps every layer's T x T attention scores, so the memory
@@ -24,7 +24,7 @@ from checkpoint import CheckpointError
 from config_file import parse_arguments
 from files import picture_path
 from locate import add_checkpoint_arguments, load_model, model_line
-from tokenizer import TokenizerError, text_change, tokenizer_from_string, utf8_argument
+from tokenizer import TokenizerError, add_prompt_arguments, prompt_argument, text_change, tokenizer_from_string
 
 MEMORY_BUDGET = 2 * 2**30  # bytes that latents() may take (memory_bytes): it limits the prompt's length
 
@@ -80,9 +80,11 @@ def draw(found, labels, out, max_neurons: int):
     firing_anywhere = sum((a > 0).sum(0) for a, _ in found)
     columns = torch.argsort(firing_anywhere, descending=True, stable=True)[
         :min(max_neurons, int((firing_anywhere > 0).sum()))]
+    strongest = max(float(a[:, columns].max()) for a, _ in found) if len(columns) else 1.0  # one scale for all
     for layer, ((a, b), ax) in enumerate(zip(found, axes[:, 0])):
         firing = (a > 0).sum(0)
-        image = ax.imshow(a[:, columns].numpy(), aspect="auto", cmap="Greys", interpolation="nearest", vmin=0)
+        image = ax.imshow(a[:, columns].numpy(), aspect="auto", cmap="Greys", interpolation="nearest", vmin=0,
+                          vmax=strongest)
         fig.colorbar(image, ax=ax, pad=0.01, fraction=0.02).set_label("x latent", fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=7, family="monospace")
         ax.set_xticks([])
@@ -101,13 +103,13 @@ def draw(found, labels, out, max_neurons: int):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_checkpoint_arguments(parser)
-    parser.add_argument("--prompt", required=True)
+    add_prompt_arguments(parser, required=True)
     parser.add_argument("--out", default="neurons.png", help="the picture to write (default neurons.png)")
     parser.add_argument("--max-neurons", type=int, default=400, help="columns per layer (default 400)")
     parser.add_argument("--max-tokens", type=int, default=80, help="rows per layer: the prompt's first tokens "
                         "(default 80; the printed figures count every token)")
     args = parse_arguments(parser, argv)
-    args.prompt = utf8_argument(args.prompt, "--prompt")
+    args.prompt = prompt_argument(parser, args)
     for option, value in (("--max-neurons", args.max_neurons), ("--max-tokens", args.max_tokens)):
         if value < 1:
             parser.error(f"{option} must be at least 1, got {value}")

@@ -4,7 +4,8 @@ name and the settings in which they differ.
 
     python plot.py RUN_DIR [RUN_DIR ...] [--out curves.png]
 
-A folder of runs (checkpoints/) stands for every run in it.
+A folder of runs (checkpoints/) stands for every run in it; a folder of experiments' checkpoint_dirs,
+for every run in those (named experiment/run_...).
 """
 import argparse
 import sys
@@ -179,7 +180,7 @@ def plot(run_dirs, out: Path):
                loc="lower center", ncol=columns, fontsize=9, frameon=False)
     loss_tokens.xaxis.set_major_formatter(EngFormatter())  # 50k, 100k, ... rather than digits that run together
     for ax in (loss_steps, bpb, lr, sparsity, speed):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 22.5
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps: no 22.5 (nor 3.8 about one)
     speed.yaxis.set_major_formatter(EngFormatter())
     fig.tight_layout(rect=(0, 0.025 * rows + 0.01, 1, 1))
     fig.savefig(out, dpi=100)

@@ -24,7 +24,7 @@ from distributed import full_state, load_full_state, load_full_weights
 from locate import checkpoint_candidates, is_run_directory, open_checkpoint, resumable_runs
 from model import BDHConfig
 from rundir import RunDir, hold_auto_start
-from tokenizer import TokenizerError, load_tokenizer
+from tokenizer import TokenizerError, load_tokenizer, tokenizer_from_string
 
 
 @dataclass
@@ -251,7 +251,7 @@ def tokens_before(ckpt, training) -> int:
 
 def global_batch_change(ckpt, training, world_size: int) -> str:
     """On another number of processes: how the tokens of a step change, and the
-    gradient_accumulation_steps that keeps them where one does."""
+    gradient_accumulation_steps (or else the batch_size) that keeps them where one does."""
     before, now = step_tokens(saved_training(ckpt, training), len(ckpt.rng)), step_tokens(training, world_size)
     if before == now:
         return ""
@@ -285,6 +285,7 @@ def check_same_tokenizer(saved: str, tokenizer, path, saved_setting, saved_model
     """Refuses another tokenizer than the one the weights were trained with, naming the settings
     to give: `saved_setting`, the tokenizer file it came from, if that file still holds it; its
     vocab_size if that differs too."""
+    saved = tokenizer_from_string(saved).to_str()  # as loaded now (a tokenizer.json's padding turned off)
     if saved == tokenizer.to_str():
         return
     trained_with = "bytes" if saved == "bytes" else "another tokenizer.json"

@@ -12,7 +12,6 @@ stops there, keeping what was printed.
 import argparse
 import itertools
 import sys
-from pathlib import Path
 
 import torch
 
@@ -21,7 +20,7 @@ from config_file import parse_arguments
 from lowbit import LowBitError, post_training_note, to_4bit
 from locate import add_checkpoint_arguments, load_model, model_line
 from runtime import DeviceError, pick_device
-from tokenizer import TokenizerError, text_change, tokenizer_from_string, utf8_argument
+from tokenizer import TokenizerError, add_prompt_arguments, prompt_argument, text_change, tokenizer_from_string
 
 
 DECODE_WINDOW = 64  # tokens decoded together at most: decoding a whole long line per token is quadratic
@@ -75,10 +74,7 @@ def load_for_sampling(args):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Generate text from a BDH checkpoint.")
     add_checkpoint_arguments(parser)
-    prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default="")
-    prompt.add_argument("--prompt-file", help="the prompt from a UTF-8 text file (- : standard input), for a prompt "
-                                              "too long for the command line")
+    add_prompt_arguments(parser, required=False)
     parser.add_argument("--max-new-tokens", type=int, default=500)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the likeliest token")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens (0: all)")
@@ -95,15 +91,7 @@ def main(argv=None) -> int:
         parser.error(f"--temperature must be a number >= 0 (0 picks the likeliest token), got {args.temperature}")
     if not -2**63 <= args.seed < 2**64:
         parser.error(f"--seed must be from -2**63 to 2**64 - 1 (what torch.Generator takes), got {args.seed}")
-    args.prompt = utf8_argument(args.prompt, "--prompt")
-    if args.prompt_file:
-        try:
-            raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
-            args.prompt = raw.decode("utf-8")
-        except OSError as e:
-            parser.error(f"--prompt-file {args.prompt_file}: cannot read it ({e.strerror or e})")
-        except UnicodeDecodeError as e:
-            parser.error(f"--prompt-file {args.prompt_file}: not UTF-8 text (byte {e.start:,}); save it as UTF-8")
+    args.prompt = prompt_argument(parser, args)
     try:
         model, tokenizer, device = load_for_sampling(args)
     except (CheckpointError, DeviceError, LowBitError, TokenizerError) as e:

@@ -239,6 +239,28 @@ def text_change(tokenizer, text: str, context: int = 24) -> str | None:
     return f"{text[start:start + context]!r} comes back as {back[start:start + context]!r}"
 
 
+def add_prompt_arguments(parser, required: bool):
+    """--prompt TEXT, or --prompt-file F (a UTF-8 file; -: standard input) for a prompt too long for a
+    command line; prompt_argument reads them."""
+    prompt = parser.add_mutually_exclusive_group(required=required)
+    prompt.add_argument("--prompt", default="")
+    prompt.add_argument("--prompt-file", help="the prompt from a UTF-8 text file (-: standard input), for a prompt "
+                                              "too long for the command line")
+
+
+def prompt_argument(parser, args) -> str:
+    """The prompt add_prompt_arguments' options give; a file that cannot be read is a usage error."""
+    if args.prompt_file is None:
+        return utf8_argument(args.prompt, "--prompt")
+    try:
+        raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
+        return raw.decode("utf-8-sig")  # (a byte-order mark, as Windows editors write, is not the prompt's)
+    except OSError as e:
+        parser.error(f"--prompt-file {args.prompt_file}: cannot read it ({e.strerror or e})")
+    except UnicodeDecodeError as e:
+        parser.error(f"--prompt-file {args.prompt_file}: not UTF-8 text (byte {e.start:,}); save it as UTF-8")
+
+
 def utf8_argument(text: str, option: str) -> str:
     """A command-line text as valid UTF-8. Python reads argv bytes that are not UTF-8 as lone
     surrogates, which no tokenizer encodes: the bytes become U+FFFD, with a note on stderr."""

@@ -193,8 +193,8 @@ def test_a_setting_that_nothing_reads_is_noted():
     assert c.unused_settings() == [
         "dataset.val_fraction 0.5 is not used: the validation documents are all of dataset.val_parquet_dir's",
         "low_precision.qat_start_fraction 0.5 is not used: low_precision.use_4bit is off",
-        "low_precision.quantization_type 'fp4' is not used: low_precision.use_4bit is off (the checkpoint keeps it for "
-        "export.py --4bit and sample.py --4bit)",
+        "low_precision.quantization_type 'fp4' is not used: low_precision.use_4bit is off (only export.py --4bit and "
+        "sample.py --4bit, after training, read it from the checkpoint)",
         "fp8.torchao_recipe 'rowwise' is not used: low_precision.use_fp8 is off",
         "logging.wandb_project 'p' is not used: logging.wandb is off",
         "dataloader.prefetch_factor 8 is not used: dataloader.num_workers is 0: the main process reads the batches",

@@ -111,10 +111,12 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
             Config.from_yaml(path)
         assert info.value.problems == [f"{path}:2: YAML syntax error: 'max_iters 10' has no ':' after its key (key: "
                                        f"value)"]
+    path.write_text("description:\n  my tiny experiment\n")  # not a section: said so
+    assert file_problems(path)[0].startswith(f"{path}:1: description: unknown section")
     path.write_text("training:\n\tmax_iters: 10\n")
     with pytest.raises(ConfigError) as info:
         Config.from_yaml(path)
-    assert info.value.problems[0].endswith("(indent with spaces: YAML does not allow tabs there)")
+    assert info.value.problems[0].endswith("(write spaces: YAML does not allow a tab there)")
     path.write_text("training:\n  max_iters: 20\n   batch_size: 8\n")
     with pytest.raises(ConfigError) as info:
         Config.from_yaml(path)

@@ -243,6 +243,7 @@ def test_the_share_of_time_spent_waiting_for_batches_is_logged(tmp_path, corpus,
     assert "waiting for data" in capsys.readouterr().out
     [run] = (tmp_path / "ck").iterdir()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # (0.25, not more: on a loaded machine the tiny model's step can take as long as the 1 s wait)
     assert all(0.25 < r["data_wait"] <= 1 for r in records if "data_wait" in r) and len(records) >= 2
 
 

@@ -114,5 +114,6 @@ def test_every_layer_is_drawn_over_the_same_neurons_with_its_scale(tmp_path, mon
     order = [4, 1, 2]  # fire for 4, 3 (1 + 2) and 3 tokens over the layers (a tie: by index)
     for panel, a in zip(panels, (first, second)):
         assert panel.images[0].get_array().tolist() == a[:, order].tolist()
-    assert len(figures[0].axes) == 4  # a colour scale beside each panel
+    assert len(figures[0].axes) == 4  # a colour scale beside each panel, the same one
+    assert [panel.images[0].get_clim() for panel in panels] == [(0, 2.0), (0, 2.0)]
     assert panels[-1].get_xlabel().startswith("neurons: the 3 that fire most often over all layers")

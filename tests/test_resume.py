@@ -380,6 +380,7 @@ def test_extending_a_finished_run_says_that_the_learning_rate_jumps_and_takes_th
     assert "learning-rate schedule changed" not in capsys.readouterr().out  # the same schedule
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=8",
                        "training.weight_decay=0.5", "model.dropout=0.0"]) == 0  # (dropout: not the model's shape)
+    assert load_checkpoint(run / "checkpoint_8.pt").model_config["dropout"] == 0.0  # the model built with it
     decay, no_decay = load_checkpoint(run / "checkpoint_8.pt").optimizer["param_groups"]
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.5, 0.0)  # the config's, not the checkpoint's 0.1
     out = capsys.readouterr().out

@@ -153,3 +153,6 @@ def test_padding_and_truncation_saved_in_the_file_are_turned_off(bpe_file):
     assert padded.turned_off == ["truncation", "padding"] and plain.turned_off == []
     assert np.array_equal(padded.encode_documents(documents(DOCS)), plain.encode_documents(documents(DOCS)))
     assert padded.encode(DOCS[0]) == plain.encode(DOCS[0])
+    from model import BDHConfig
+    from resume import check_same_tokenizer  # a checkpoint of an earlier version kept the padding: the same one
+    check_same_tokenizer(saved.to_str(), plain, "ckpt.pt", str(bpe_file), {"vocab_size": 256}, BDHConfig())
