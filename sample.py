@@ -11,6 +11,7 @@ stops there, keeping what was printed.
 """
 import argparse
 import itertools
+import os
 import sys
 
 import torch
@@ -75,10 +76,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Generate text from a BDH checkpoint.")
     add_checkpoint_arguments(parser)
     add_prompt_arguments(parser, required=False)
-    parser.add_argument("--max-new-tokens", type=int, default=500)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the likeliest token")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens (0: all)")
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--max-new-tokens", type=int, default=500, help="(default 500)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the likeliest token (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens (0, the default: "
+                                                             "all)")
+    parser.add_argument("--seed", type=int, default=1337, help="(default 1337)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     parser.add_argument("--4bit", dest="four_bit", action="store_true",
                         help="generate from 4-bit weights (encoder, encoder_v, decoder)")
@@ -111,10 +113,12 @@ def main(argv=None) -> int:
     try:
         for piece in text_as_it_comes(tokenizer, itertools.chain(shown, tokens)):
             print(piece, end="", flush=True)
+        print()
     except KeyboardInterrupt:
         print("\n(stopped by Ctrl-C)", file=sys.stderr)
         return 130
-    print()
+    except BrokenPipeError:  # | head read what it wanted and left: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail again)
     return 0
 
 

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ import yaml
 import sample
 import train
 from checkpoint import load_checkpoint
-from conftest import tiny_config_dict
+from conftest import ROOT, tiny_config_dict
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +197,13 @@ def test_a_prompt_that_is_not_utf8_is_read_with_its_invalid_bytes_replaced(check
     printed = capsys.readouterr()
     assert printed.out.startswith("<0\ufffd-")
     assert "note: --prompt is not valid UTF-8 (byte 2: b'\\xff'): its invalid bytes become U+FFFD\n" in printed.err
+
+
+def test_a_reader_that_leaves_early_ends_it_quietly(checkpoint):
+    """sample.py | head: the pipe closes while text comes; no traceback, status 0."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(checkpoint), "--prompt",
+                             "<00-", "--max-new-tokens", "3000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(4) == b"<00-"
+    proc.stdout.close()  # what head does once it has its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
