@@ -77,7 +77,7 @@ NOT_IN_LABELS = ("logging.", "dataloader.", "training.checkpoint_dir", "training
                  "training.log_freq", "training.test_freq", "training.checkpoint_freq", "training.keep_last_n",
                  "training.debug", "training.device", "training.distributed_timeout_s", "training.compile",
                  "training.activation_checkpointing", "training.eval_iters", "dataset.max_cached_files")
-MAX_LABEL_SETTINGS = 3
+MAX_LABEL_SETTINGS = 4
 FIGURE_WIDTH_IN = 16
 VALIDATION = {"marker": "o", "linestyle": "--"}  # the validation losses' line style (the training losses: solid)
 LATENTS = {"sparsity_x": {"marker": "o", "linestyle": "-"},  # the active shares of the x and y latents: their styles
@@ -104,12 +104,13 @@ def run_settings(run_dir: Path) -> dict:
 
 
 def labels(names: list[str], settings: list[dict]) -> list[str]:
-    """Each run's name and the settings in which the runs differ (the first few), so that the curves
+    """Each run's name and the settings in which the runs differ (the first few, the tokenizer first), so that the curves
     of several runs can be told apart: run_20261123_101500 (tokenizer=tokenizer.json). A run without
     settings (no config.yaml) keeps its name, and is left out of the comparison."""
     known = [s for s in settings if s]
     differing = [key for key in dict.fromkeys(k for s in known for k in s)
                  if not key.startswith(NOT_IN_LABELS) and len({repr(s.get(key)) for s in known}) > 1]
+    differing.sort(key=lambda key: key != "dataset.tokenizer")  # first: the vocab_size it implies may differ too
     more = ", ..." if len(differing) > MAX_LABEL_SETTINGS else ""
     return [f"{name} (" + ", ".join(f"{key.split('.')[1]}={s.get(key)}" for key in differing[:MAX_LABEL_SETTINGS])
             + f"{more})" if s and differing else name for name, s in zip(names, settings)]

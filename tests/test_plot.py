@@ -137,7 +137,8 @@ def test_experiments_of_their_own_folders_are_plotted_together_and_their_names_f
     assert plot.main([str(tmp_path / "ck"), "--out", str(tmp_path / "a.png")]) == 0
     [figure], [runs] = figures, figures[0].legends
     names = [text.get_text() for text in runs.get_texts()]
-    assert names[0] == "bpe2048/run_20261124_023835 (vocab_size=2048, max_iters=2088, warmup_iters=2048, ...)"
+    assert names[0] == ("bpe2048/run_20261124_023835 (tokenizer=tokenizers/bpe2048.json, vocab_size=2048, "
+                        "max_iters=2088, warmup_iters=2048)")
     figure.canvas.draw()
     box, width = runs.get_window_extent(), figure.bbox.width
     assert 0 <= box.x0 and box.x1 <= width and box.y0 >= 0
