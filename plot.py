@@ -104,9 +104,9 @@ def run_settings(run_dir: Path) -> dict:
 
 
 def labels(names: list[str], settings: list[dict]) -> list[str]:
-    """Each run's name and the settings in which the runs differ (the first few, the tokenizer first), so that the curves
-    of several runs can be told apart: run_20261123_101500 (tokenizer=tokenizer.json). A run without
-    settings (no config.yaml) keeps its name, and is left out of the comparison."""
+    """Each run's name and the settings in which the runs differ (the first few, the tokenizer first), so
+    that the curves of several runs can be told apart: run_20261123_101500 (tokenizer=tokenizer.json). A
+    run without settings (no config.yaml) keeps its name, and is left out of the comparison."""
     known = [s for s in settings if s]
     differing = [key for key in dict.fromkeys(k for s in known for k in s)
                  if not key.startswith(NOT_IN_LABELS) and len({repr(s.get(key)) for s in known}) > 1]
