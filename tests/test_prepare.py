@@ -84,6 +84,9 @@ def test_train_tokenizer_command_learns_from_the_training_split_only(tmp_path, c
     # the command to train with it keeps the overrides that chose the data, and replaces the vocabulary's
     assert f"python train.py --config {config} training.seed=1337 dataset.tokenizer={out} model.vocab_size=320\n" in printed
     assert "would stop" not in printed
+    assert prepare.main(["--train-tokenizer", "--vocab-size", "300", "--out", str(tmp_path / "e.json"), "--config",
+                         str(config), "training.eval_iters=1000"]) == 0
+    assert "fewer than training.eval_iters" not in capsys.readouterr().out  # (the training run's to say)
     assert prepare.main(["--train-tokenizer", "--vocab-size", "300", "--out", str(tmp_path / "long.json"), "--config",
                          str(config), "training.block_size=4096"]) == 0  # windows longer than the validation text
     assert re.search(r"model.vocab_size=320\nnote: that run would stop before its first step: .* the validation split "
