@@ -276,7 +276,7 @@ def rank_positions(positions, rank: int, workers: int) -> dict:
     return {p["reader"]: p for p in positions if p["reader"] // max(1, workers) == rank}
 
 
-def validation_batches(cfg, units, tokenizer) -> list:
+def validation_batches(cfg, units, tokenizer, note_few: bool = True) -> list:
     """The eval_iters validation batches, read once: the same set at every evaluation. They come
     from the validation documents of `units`, or from dataset.val_parquet_dir, taken across them
     rather than from the first file's: the units, in file order, are cut into up to eval_iters
@@ -316,7 +316,7 @@ def validation_batches(cfg, units, tokenizer) -> list:
     batches = [(torch.cat([x for x, _ in windows[k:k + training.batch_size]]),
                 torch.cat([y for _, y in windows[k:k + training.batch_size]]))
                for k in range(0, len(windows) - training.batch_size + 1, training.batch_size)]
-    if 0 < len(batches) < training.eval_iters:
+    if 0 < len(batches) < training.eval_iters and note_few:
         print(f"note: the validation documents of {folder} fill {len(batches)} batches, fewer than training.eval_iters "
               f"{training.eval_iters}: every evaluation measures those {len(batches)}")
     if not batches:

@@ -126,13 +126,13 @@ def main(argv=None) -> int:
         return 1
     ids = tokenizer.encode(args.prompt)
     if not ids:
-        parser.error("--prompt is empty")
+        parser.error("the prompt is empty")
     if change := text_change(tokenizer, args.prompt):
         print(f"note: the model's tokenizer does not give the prompt back: {change}; the model reads what it keeps",
               file=sys.stderr)
     if len(ids) > (limit := max_prompt_tokens(model.config)):
         fitting = len(tokenizer.decode(ids[:limit]).rstrip("\ufffd"))  # (a character cut short: U+FFFD)
-        parser.error(f"--prompt is {len(ids):,} tokens, more than the {limit:,} that fit in {MEMORY_BUDGET // 2**30} "
+        parser.error(f"the prompt is {len(ids):,} tokens, more than the {limit:,} that fit in {MEMORY_BUDGET // 2**30} "
                      f"GiB for this model (memory grows with the square of the prompt's length): shorten it, e.g. to "
                      f"its first {fitting:,} characters")
     found = latents(model, ids)

@@ -9,8 +9,6 @@ tokenizer is a byte-level BPE (Hugging Face tokenizers) trained on the training 
 config's shards, validation documents excluded.
 """
 import argparse
-import contextlib
-import io
 import os
 import shlex
 import sys
@@ -135,8 +133,7 @@ def train_tokenizer(cfg, vocab_size: int, out: str, config_arguments: list, repl
     command = [*(a for a in config_arguments if not a.startswith(replaced)), f"dataset.tokenizer={out}",
                f"model.vocab_size={model_vocab_size(tokenizer)}"]
     try:  # fewer tokens than bytes: the validation split may no longer fill a batch
-        with contextlib.redirect_stdout(io.StringIO()):  # (its notes are the training run's to print)
-            validation_batches(cfg, units, tokenizer)
+        validation_batches(cfg, units, tokenizer, note_few=False)  # (the training run's note to print)
         problem = ""
     except DataError as e:
         problem = f"\nnote: that run would stop before its first step: {e}"

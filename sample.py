@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens (0, the default: "
                                                              "all)")
     parser.add_argument("--seed", type=int, default=1337, help="(default 1337)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="(default auto)")
     parser.add_argument("--4bit", dest="four_bit", action="store_true",
                         help="generate from 4-bit weights (encoder, encoder_v, decoder)")
     args = parse_arguments(parser, argv)
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     try:
         for piece in text_as_it_comes(tokenizer, itertools.chain(shown, tokens)):
             print(piece, end="", flush=True)
-        print()
+        print(flush=True)  # (a line end left to the exit's flush would meet the closed pipe there)
     except KeyboardInterrupt:
         print("\n(stopped by Ctrl-C)", file=sys.stderr)
         return 130

@@ -243,7 +243,7 @@ def add_prompt_arguments(parser, required: bool):
     """--prompt TEXT, or --prompt-file F (a UTF-8 file; -: standard input) for a prompt too long for a
     command line; prompt_argument reads them."""
     prompt = parser.add_mutually_exclusive_group(required=required)
-    prompt.add_argument("--prompt", default="")
+    prompt.add_argument("--prompt", help="the text to continue (none: from a document boundary)")
     prompt.add_argument("--prompt-file", help="the prompt from a UTF-8 text file (-: standard input), for a prompt "
                                               "too long for the command line")
 
@@ -251,10 +251,10 @@ def add_prompt_arguments(parser, required: bool):
 def prompt_argument(parser, args) -> str:
     """The prompt add_prompt_arguments' options give; a file that cannot be read is a usage error."""
     if args.prompt_file is None:
-        return utf8_argument(args.prompt, "--prompt")
+        return utf8_argument(args.prompt or "", "--prompt")
     try:
         raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
-        return raw.decode("utf-8-sig")  # (a byte-order mark, as Windows editors write, is not the prompt's)
+        return raw.decode("utf-8-sig")  # as it is, its last line end too; not a byte-order mark (Windows editors')
     except OSError as e:
         parser.error(f"--prompt-file {args.prompt_file}: cannot read it ({e.strerror or e})")
     except UnicodeDecodeError as e:

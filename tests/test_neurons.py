@@ -79,7 +79,7 @@ def test_a_prompt_too_long_for_the_memory_is_refused_before_the_forward_pass(sma
     with pytest.raises(SystemExit) as stop:  # é: 2 byte tokens
         neurons.main(["--prompt", "é" * limit, "--out", str(tmp_path / "n.png")])
     assert stop.value.code == 2
-    assert (f"--prompt is {2 * limit:,} tokens, more than the {limit:,} that fit in 2 GiB for this model (memory grows "
+    assert (f"the prompt is {2 * limit:,} tokens, more than the {limit:,} that fit in 2 GiB for this model (memory grows "
             f"with the square of the prompt's length): shorten it, e.g. to its first {limit // 2:,} characters\n"
             in capsys.readouterr().err)
 

@@ -40,6 +40,9 @@ def test_sample_prints_generated_text(checkpoint, capsys):
         prompt_file.write_bytes(text)
         assert sample.main([*args[:2], "--prompt-file", str(prompt_file), *args[4:]]) == 0
         assert capsys.readouterr().out == first
+    with pytest.raises(SystemExit):  # both: which one? (an empty --prompt too)
+        sample.main([*args[:2], "--prompt", "", "--prompt-file", str(prompt_file)])
+    assert "--prompt-file: not allowed with argument --prompt" in capsys.readouterr().err
     prompt_file.write_bytes(b"<0\xff")
     with pytest.raises(SystemExit):
         sample.main([*args[:2], "--prompt-file", str(prompt_file)])
@@ -201,8 +204,10 @@ def test_a_prompt_that_is_not_utf8_is_read_with_its_invalid_bytes_replaced(check
 
 def test_a_reader_that_leaves_early_ends_it_quietly(checkpoint):
     """sample.py | head: the pipe closes while text comes; no traceback, status 0."""
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a terminal's Python runs
     proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(checkpoint), "--prompt",
-                             "<00-", "--max-new-tokens", "3000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "<00-", "--max-new-tokens", "3000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=buffered)
     assert proc.stdout.read(4) == b"<00-"
     proc.stdout.close()  # what head does once it has its lines
     err = proc.stderr.read().decode()
