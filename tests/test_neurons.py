@@ -90,6 +90,9 @@ def test_a_prompt_that_is_not_utf8_is_read_with_its_invalid_bytes_replaced(small
     printed = capsys.readouterr()
     assert "\n5 tokens," in printed.out  # a, U+FFFD's 3 bytes, b
     assert printed.err == "note: --prompt is not valid UTF-8 (byte 1: b'\\xff'): its invalid bytes become U+FFFD\n"
+    (tmp_path / "prompt.txt").write_bytes(b"\xef\xbb\xbfab\n")  # from a file: a byte-order mark dropped
+    assert neurons.main(["--prompt-file", str(tmp_path / "prompt.txt"), "--out", str(tmp_path / "n.png")]) == 0
+    assert "\n3 tokens," in capsys.readouterr().out  # a, b and the line end
 
 
 def test_an_out_that_cannot_be_a_picture_is_a_usage_error_before_the_model_loads(tmp_path, monkeypatch, capsys):
