@@ -281,7 +281,8 @@ def validation_batches(cfg, units, tokenizer, note_few: bool = True) -> list:
     from the validation documents of `units`, or from dataset.val_parquet_dir, taken across them
     rather than from the first file's: the units, in file order, are cut into up to eval_iters
     stretches of neighbours, and about as many windows come from the start of each (more from the
-    others where some run short; too little validation text for that is read whole, as one stream)."""
+    others where some run short; too little validation text for that is read whole, as one stream).
+    note_few: a note when they fill fewer than eval_iters batches."""
     training, dataset_cfg = cfg.training, cfg.dataset
     split, folder = "val", dataset_cfg.parquet_dir
     if dataset_cfg.val_parquet_dir:
