@@ -67,7 +67,7 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
         raw = loader.construct_document(node) if node is not None else None
         for section, keys in node.value if isinstance(node, yaml.MappingNode) else ():
             if str(section.value) in sections and read_as_text(section, keys):
-                first = re.split(r"(?:^|\s)#", text.splitlines()[keys.start_mark.line])[0].strip()  # (no comment)
+                first = without_comment(text.splitlines()[keys.start_mark.line])
                 raise ConfigError([f"{path}:{keys.start_mark.line + 1}: YAML syntax error: {first!r} has no ':' "
                                    f"after its key (key: value)"])
             if lines is None:
@@ -100,6 +100,11 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
     return raw
 
 
+def without_comment(line: str) -> str:
+    """A YAML line's text, its comment (a '#' at its start or after a space) cut, stripped."""
+    return re.split(r"(?:^|\s)#", line)[0].strip()
+
+
 def read_as_text(section: yaml.Node, value: yaml.Node) -> bool:
     """Whether a section's value is `key value` lines indented under it, all without their ':', which
     YAML reads as one text."""
@@ -128,7 +133,7 @@ def yaml_syntax_problem(path: Path, text: str, e: yaml.YAMLError) -> str:
     """One line for a YAML syntax error: where the mistake most likely is, and a hint for the usual ones."""
     lines = text.splitlines()
     mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
-    content = [re.split(r"(?:^|\s)#", line)[0].strip() for line in lines]  # comments cut (a '#' after a space)
+    content = [without_comment(line) for line in lines]
     syntax = isinstance(e, (yaml.scanner.ScannerError, yaml.parser.ParserError))  # (not what a constructor refused)
     # `key value`: PyYAML finds the mistake a line later, or past a comment, in its own words
     if syntax and mark and (k := key_without_colon(lines, content, mark.line)) is not None:

@@ -24,7 +24,8 @@ from checkpoint import CheckpointError
 from config_file import parse_arguments
 from files import picture_path
 from locate import add_checkpoint_arguments, load_model, model_line
-from tokenizer import TokenizerError, add_prompt_arguments, prompt_argument, text_change, tokenizer_from_string
+from tokenizer import (TokenizerError, add_prompt_arguments, note_prompt_change, prompt_argument,
+                       tokenizer_from_string)
 
 MEMORY_BUDGET = 2 * 2**30  # bytes that latents() may take (memory_bytes): it limits the prompt's length
 
@@ -127,9 +128,7 @@ def main(argv=None) -> int:
     ids = tokenizer.encode(args.prompt)
     if not ids:
         parser.error("the prompt is empty")
-    if change := text_change(tokenizer, args.prompt):
-        print(f"note: the model's tokenizer does not give the prompt back: {change}; the model reads what it keeps",
-              file=sys.stderr)
+    note_prompt_change(tokenizer, args.prompt)
     if len(ids) > (limit := max_prompt_tokens(model.config)):
         fitting = len(tokenizer.decode(ids[:limit]).rstrip("\ufffd"))  # (a character cut short: U+FFFD)
         parser.error(f"the prompt is {len(ids):,} tokens, more than the {limit:,} that fit in {MEMORY_BUDGET // 2**30} "

@@ -21,7 +21,8 @@ from config_file import parse_arguments
 from lowbit import LowBitError, post_training_note, to_4bit
 from locate import add_checkpoint_arguments, load_model, model_line
 from runtime import DeviceError, pick_device
-from tokenizer import TokenizerError, add_prompt_arguments, prompt_argument, text_change, tokenizer_from_string
+from tokenizer import (TokenizerError, add_prompt_arguments, note_prompt_change, prompt_argument,
+                       tokenizer_from_string)
 
 
 DECODE_WINDOW = 64  # tokens decoded together at most: decoding a whole long line per token is quadratic
@@ -101,9 +102,7 @@ def main(argv=None) -> int:
         return 1
 
     prompt = tokenizer.encode(args.prompt) or [tokenizer.separator]
-    if change := text_change(tokenizer, args.prompt):
-        print(f"note: the model's tokenizer does not give the prompt back: {change}; the model reads what it keeps",
-              file=sys.stderr)
+    note_prompt_change(tokenizer, args.prompt)
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     tokens = (int(token) for token in model.stream(idx, args.max_new_tokens, temperature=args.temperature,

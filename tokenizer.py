@@ -239,6 +239,13 @@ def text_change(tokenizer, text: str, context: int = 24) -> str | None:
     return f"{text[start:start + context]!r} comes back as {back[start:start + context]!r}"
 
 
+def note_prompt_change(tokenizer, prompt: str):
+    """A note on stderr where the model's tokenizer does not give the prompt back (sample.py, neurons.py)."""
+    if change := text_change(tokenizer, prompt):
+        print(f"note: the model's tokenizer does not give the prompt back: {change}; the model reads what it keeps",
+              file=sys.stderr)
+
+
 def add_prompt_arguments(parser, required: bool):
     """--prompt TEXT, or --prompt-file F (a UTF-8 file; -: standard input) for a prompt too long for a
     command line; prompt_argument reads them."""
