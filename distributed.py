@@ -10,6 +10,7 @@ its own readers' part of the data, and rank 0 alone prints and writes the run di
 Checkpoints hold full, unsharded tensors (the layout of MODEL.md), so any world size, a single
 process and sample.py read them.
 """
+import atexit
 import datetime
 import logging
 import os
@@ -109,6 +110,7 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=training.distributed_timeout_s)
+    _JOINED.append(ranks.rank)
     dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
     if backend == "nccl":
         try:
@@ -122,6 +124,7 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
     return ranks, device
 
 
+_JOINED = []  # start() joined a process group: its threads live until the process ends (see leave)
 _PEERS_LOST = []  # a collective failed (communication_failure): the process group cannot be torn down cleanly
 
 
@@ -131,10 +134,16 @@ def shutdown():
 
 
 def leave(status: int):
-    """The script's exit with `status`. After a failed collective, at once (os._exit, the output
-    flushed): the interpreter's own exit would meet gloo's threads still waiting on the lost peer, and
-    abort (SIGABRT, exit -6) after the one-line error."""
-    if _PEERS_LOST:
+    """The script's exit with `status`. A process that joined a process group exits at once
+    (os._exit, its output flushed) rather than through the interpreter's own exit: gloo's worker
+    threads outlive destroy_process_group (a DistributedDataParallel model keeps the group), and
+    one still releasing a finished collective's tensors while the interpreter finalizes takes the
+    GIL and aborts the process (SIGABRT, exit -6, after a run that went well). The exit functions
+    (atexit) run first, as at a normal exit, unless a collective failed: they could wait on the
+    lost peer."""
+    if _JOINED:
+        if not _PEERS_LOST:
+            atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
