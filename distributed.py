@@ -223,7 +223,7 @@ def communication_failure(e: BaseException, ranks: Ranks, timeout_s: int) -> str
     if not ranks.enabled or not isinstance(e, (RuntimeError, dist.DistError)):
         return None
     if not any(s in text.lower() for s in ("timed out", "timeout", "connection closed", "connection reset",
-                                           "nccl", "broken pipe", "processgroup")):
+                                           "nccl", "broken pipe", "processgroup", "read error", "write error")):
         return None
     _PEERS_LOST.append(ranks.rank)
     return (f"communication with the other ranks failed ({shortened(last_line(e), 200)}): if another rank died, hangs or "

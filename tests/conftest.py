@@ -1,8 +1,12 @@
 import json
-import socket
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+# before torch starts: one thread for each test process and each training process a test starts
+# (pytest -n 2 on 2 cores: a third faster, and no step stalled behind a thread waiting for a core)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,10 +21,14 @@ NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]  # a test parametrized so runs on CUDA where there is one
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous(n: int) -> tuple[dict, object]:
+    """(the environment torchrun gives its n ranks, the store they meet at). The test holds the
+    store, as torchrun's agent does: hosted by rank 0, it would end with rank 0, perhaps while
+    another rank still leaves the process group. Port 0: the system picks a free one as it binds."""
+    import torch.distributed as dist
+    store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, wait_for_workers=False)
+    return {"WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+            "TORCHELASTIC_USE_AGENT_STORE": "True"}, store
 
 
 def write_parquet(path, docs, rows_per_group=4, column="text", type_=pa.string()):

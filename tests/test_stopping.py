@@ -16,7 +16,7 @@ import evaluation
 import runtime
 import train
 from checkpoint import load_checkpoint
-from conftest import ROOT, free_port, losses, only_run, run_dirs, write_config
+from conftest import ROOT, losses, only_run, rendezvous, run_dirs, write_config
 from distributed import Ranks
 from metrics import MetricsLog
 from stopping import (SAVING, SIGNALS, GracefulStop, OutputWithoutReader, StoppedWhileClosing, launcher,
@@ -104,7 +104,7 @@ def test_under_torchrun_repeated_signals_are_the_agent_forwarding_its_own(restor
 
 
 VOTE = """
-import sys, torch.distributed as dist
+import os, sys, torch.distributed as dist
 from distributed import Ranks
 from stopping import StepVote
 dist.init_process_group("gloo")
@@ -115,14 +115,16 @@ for group in ("default", "cpu_group"):
     answers = [vote.ask(rank == 1 and step == 3) for step in range(6)]
     print(group, [*answers, vote.settle()])
 dist.barrier()
-dist.destroy_process_group()  # as train.py ends: both groups (gloo's threads abort an exit that skips this)
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # as train.py's distributed.leave: gloo's threads, still alive, could abort the interpreter's exit
 """
 
 
 def test_a_step_vote_gives_every_rank_the_answer_one_step_late():
-    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env, _store = rendezvous(2)
     ranks = [subprocess.Popen([sys.executable, "-c", VOTE], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                              env={**env, "RANK": str(r)}) for r in range(2)]
+                              env={**ENV, **env, "RANK": str(r)}) for r in range(2)]
     try:
         outputs = [proc.communicate(timeout=120)[0] for proc in ranks]
     finally:
