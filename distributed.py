@@ -124,7 +124,7 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
     return ranks, device
 
 
-_JOINED = []  # start() joined a process group: its threads live until the process ends (see leave)
+_JOINED = []  # start() joined a process group: its threads live until the process ends (see exit_with)
 _PEERS_LOST = []  # a collective failed (communication_failure): the process group cannot be torn down cleanly
 
 
@@ -133,21 +133,32 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def leave(status: int):
-    """The script's exit with `status`. A process that joined a process group exits at once
-    (os._exit, its output flushed) rather than through the interpreter's own exit: gloo's worker
-    threads outlive destroy_process_group (a DistributedDataParallel model keeps the group), and
-    one still releasing a finished collective's tensors while the interpreter finalizes takes the
-    GIL and aborts the process (SIGABRT, exit -6, after a run that went well). The exit functions
-    (atexit) run first, as at a normal exit, unless a collective failed: they could wait on the
-    lost peer."""
-    if _JOINED:
-        if not _PEERS_LOST:
-            atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
+def exit_with(main):
+    """Run the script's `main` and end the process with its status (an exception it lets through:
+    the traceback and 1, as Python's own exit gives). A process that joined a process group exits
+    at once (os._exit, its output flushed) rather than through the interpreter's own exit: gloo's
+    worker threads outlive destroy_process_group (a DistributedDataParallel model keeps the group),
+    and one still releasing a finished collective's tensors while the interpreter finalizes takes
+    the GIL and aborts the process (SIGABRT, exit -6, after a run that went well). sys.exit and the
+    exit functions (atexit) run first, as at a normal exit: W&B hooks the one to learn the status
+    and closes its run in the other. After a failed collective the exit functions are left out:
+    they could wait on the lost peer."""
+    try:
+        status = main()
+    except Exception:
+        sys.excepthook(*sys.exc_info())
+        status = 1
+    if not _JOINED:
+        sys.exit(status)
+    try:
+        sys.exit(status)
+    except SystemExit:
+        pass
+    if not _PEERS_LOST:
+        atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:

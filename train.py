@@ -42,8 +42,8 @@ from checkpoint import CheckpointError
 from config import add_config_arguments, learning_rate, load_config, step_tokens
 from config_file import parse_arguments
 from data import loader_workers, prepare_data, rank_positions, stop_loader_workers, train_loader
-from distributed import (DistributedError, Ranks, communication_failure, first_process, gradient_sync, leave, local_tensor,
-                         shutdown, start, wrap)
+from distributed import (DistributedError, Ranks, communication_failure, exit_with, first_process, gradient_sync,
+                         local_tensor, shutdown, start, wrap)
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
 from files import script_here
 from fp8 import FP8Error, fp8_matmuls
@@ -403,4 +403,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    leave(main())
+    exit_with(main)

@@ -1,4 +1,5 @@
 """torchrun on CPU with gloo: DDP and FSDP against one process, exact resume, a hung rank."""
+import atexit
 import json
 import os
 import signal
@@ -264,3 +265,36 @@ def test_a_lost_peer_is_told_in_one_line_and_other_errors_are_not(text, monkeypa
     assert distributed.communication_failure(RuntimeError(text), distributed.Ranks(), 30) is None  # one process
     assert distributed.communication_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
                                              distributed.Ranks(1, 2), 30) is None
+
+
+@pytest.mark.parametrize("main,peers_lost,status,printed", [
+    (lambda: 0, [], 0, ""),
+    (lambda: 1 / 0, [], 1, "ZeroDivisionError: division by zero"),  # an error train.py does not expect: its traceback
+    (lambda: 1, [1], 1, ""),  # a lost peer: no exit function waits on it
+])
+def test_a_rank_ends_at_once_once_exit_hooks_and_exit_functions_ran(main, peers_lost, status, printed, monkeypatch,
+                                                                    capsys):
+    """W&B learns a run's status by hooking sys.exit, and closes the run in an exit function."""
+    events = []
+
+    def sys_exit(status):
+        events.append(("sys.exit", status))
+        raise SystemExit(status)
+
+    def os_exit(status):
+        events.append(("os._exit", status))
+        raise InterruptedError  # (the test goes on)
+    monkeypatch.setattr(sys, "exit", sys_exit)
+    monkeypatch.setattr(os, "_exit", os_exit)
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: events.append(("exit functions",)))
+    monkeypatch.setattr(distributed, "_PEERS_LOST", peers_lost)
+    monkeypatch.setattr(distributed, "_JOINED", [0])
+    with pytest.raises(InterruptedError):
+        distributed.exit_with(main)
+    assert events == [("sys.exit", status), *[("exit functions",)] * (not peers_lost), ("os._exit", status)]
+    assert printed in capsys.readouterr().err
+    monkeypatch.setattr(distributed, "_JOINED", [])  # one process: Python's own exit
+    events.clear()
+    with pytest.raises(SystemExit):
+        distributed.exit_with(main)
+    assert events == [("sys.exit", status)]
