@@ -148,17 +148,17 @@ def exit_with(main):
     except Exception:
         sys.excepthook(*sys.exc_info())
         status = 1
-    if not _JOINED:
-        sys.exit(status)
-    try:
-        sys.exit(status)
-    except SystemExit:
-        pass
-    if not _PEERS_LOST:
-        atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    if _JOINED:
+        try:
+            sys.exit(status)
+        except SystemExit:
+            pass
+        if not _PEERS_LOST:
+            atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:

@@ -117,7 +117,7 @@ for group in ("default", "cpu_group"):
 dist.barrier()
 dist.destroy_process_group()
 sys.stdout.flush()
-os._exit(0)  # as train.py's distributed.leave: gloo's threads, still alive, could abort the interpreter's exit
+os._exit(0)  # as distributed.exit_with ends train.py: gloo's threads, still alive, could abort Python's exit
 """
 
 
