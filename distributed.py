@@ -135,7 +135,7 @@ def shutdown():
 
 def exit_with(main):
     """Run the script's `main` and end the process with its status (an exception it lets through:
-    the traceback and 1, as Python's own exit gives). A process that joined a process group exits
+    the traceback and 1, as Python's own exit gives; Ctrl-C: 130). A process that joined a process group exits
     at once (os._exit, its output flushed) rather than through the interpreter's own exit: gloo's
     worker threads outlive destroy_process_group (a DistributedDataParallel model keeps the group),
     and one still releasing a finished collective's tensors while the interpreter finalizes takes
@@ -145,6 +145,10 @@ def exit_with(main):
     they could wait on the lost peer."""
     try:
         status = main()
+    except KeyboardInterrupt:  # a second Ctrl-C while the run closes
+        if not _JOINED:
+            raise
+        status = 130
     except Exception:
         sys.excepthook(*sys.exc_info())
         status = 1

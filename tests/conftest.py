@@ -21,6 +21,15 @@ NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]  # a test parametrized so runs on CUDA where there is one
 
 
+@pytest.fixture
+def two_threads():
+    """Two threads for torch in this test process (the suite's have one): what races between them shows."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rendezvous(n: int) -> tuple[dict, object]:
     """(the environment torchrun gives its n ranks, the store they meet at). The test holds the
     store, as torchrun's agent does: hosted by rank 0, it would end with rank 0, perhaps while

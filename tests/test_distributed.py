@@ -254,6 +254,7 @@ def test_print_config_under_torchrun_prints_it_once(tmp_path, corpus, monkeypatc
 @pytest.mark.parametrize("text", [
     "[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:5000",
     "[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:43144: Connection reset by peer",
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.0.0.2]:43144: No route to host",  # a node gone
     "[../third_party/gloo/gloo/transport/tcp/pair.cc:598] Write error [10.0.0.2]:43144: No route to host",  # a node gone
     "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 6000ms for recv operation",
 ])
@@ -275,18 +276,7 @@ def test_a_lost_peer_is_told_in_one_line_and_other_errors_are_not(text, monkeypa
 def test_a_rank_ends_at_once_once_exit_hooks_and_exit_functions_ran(main, peers_lost, status, printed, monkeypatch,
                                                                     capsys):
     """W&B learns a run's status by hooking sys.exit, and closes the run in an exit function."""
-    events = []
-
-    def sys_exit(status):
-        events.append(("sys.exit", status))
-        raise SystemExit(status)
-
-    def os_exit(status):
-        events.append(("os._exit", status))
-        raise InterruptedError  # (the test goes on)
-    monkeypatch.setattr(sys, "exit", sys_exit)
-    monkeypatch.setattr(os, "_exit", os_exit)
-    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: events.append(("exit functions",)))
+    events = exit_recorded(monkeypatch)
     monkeypatch.setattr(distributed, "_PEERS_LOST", peers_lost)
     monkeypatch.setattr(distributed, "_JOINED", [0])
     with pytest.raises(InterruptedError):
@@ -298,3 +288,36 @@ def test_a_rank_ends_at_once_once_exit_hooks_and_exit_functions_ran(main, peers_
     with pytest.raises(SystemExit):
         distributed.exit_with(main)
     assert events == [("sys.exit", status)]
+
+
+def test_a_second_ctrl_c_while_a_rank_closes_still_ends_it_at_once(monkeypatch):
+    def main():
+        raise KeyboardInterrupt  # (train.main's finally puts the handlers back first)
+    events = exit_recorded(monkeypatch)
+    monkeypatch.setattr(distributed, "_JOINED", [0])
+    try:
+        with pytest.raises(InterruptedError):
+            distributed.exit_with(main)
+    except KeyboardInterrupt:  # (left alone, it would end pytest's session)
+        pytest.fail("Ctrl-C left exit_with: the rank would end through Python's own exit")
+    assert events == [("sys.exit", 130), ("exit functions",), ("os._exit", 130)]
+    monkeypatch.setattr(distributed, "_JOINED", [])  # one process: as Python ends it
+    with pytest.raises(KeyboardInterrupt):
+        distributed.exit_with(main)
+
+
+def exit_recorded(monkeypatch) -> list:
+    """What exit_with calls, in order; os._exit raises InterruptedError so the test goes on."""
+    events = []
+
+    def sys_exit(status):
+        events.append(("sys.exit", status))
+        raise SystemExit(status)
+
+    def os_exit(status):
+        events.append(("os._exit", status))
+        raise InterruptedError
+    monkeypatch.setattr(sys, "exit", sys_exit)
+    monkeypatch.setattr(os, "_exit", os_exit)
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: events.append(("exit functions",)))
+    return events

@@ -148,7 +148,7 @@ def test_resume_refuses_a_different_model_shape(tmp_path, corpus, capsys):
     assert "n_layer: checkpoint 2, config 3" in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_compiled_run_resumes_bit_for_bit_and_its_checkpoints_resume_plain(tmp_path, corpus, capsys):
+def test_a_compiled_run_resumes_bit_for_bit_and_its_checkpoints_resume_plain(tmp_path, corpus, capsys, two_threads):
     """On CPU the compiled step adds the embedding's gradient from two threads: in a fixed order
     (runtime.compile_repeatably), or the resumed run would differ in the last bits."""
     path = write_config(tmp_path, corpus, max_iters=4, batch_size=16, block_size=32, test_freq=100, keep_last_n=0,
