@@ -135,14 +135,14 @@ def shutdown():
 
 def exit_with(main):
     """Run the script's `main` and end the process with its status (an exception it lets through:
-    the traceback and 1, as Python's own exit gives; Ctrl-C: 130). A process that joined a process group exits
-    at once (os._exit, its output flushed) rather than through the interpreter's own exit: gloo's
-    worker threads outlive destroy_process_group (a DistributedDataParallel model keeps the group),
-    and one still releasing a finished collective's tensors while the interpreter finalizes takes
-    the GIL and aborts the process (SIGABRT, exit -6, after a run that went well). sys.exit and the
-    exit functions (atexit) run first, as at a normal exit: W&B hooks the one to learn the status
-    and closes its run in the other. After a failed collective the exit functions are left out:
-    they could wait on the lost peer."""
+    the traceback and 1, as Python's own exit gives; Ctrl-C: 130). A process that joined a process
+    group exits at once (os._exit, its output flushed) rather than through the interpreter's own
+    exit: gloo's worker threads outlive destroy_process_group (a DistributedDataParallel model keeps
+    the group), and one still releasing a finished collective's tensors while the interpreter
+    finalizes takes the GIL and aborts the process (SIGABRT, exit -6, after a run that went well).
+    sys.exit and the exit functions (atexit) run first, as at a normal exit: W&B hooks the one to
+    learn the status and closes its run in the other. After a failed collective the exit functions
+    are left out: they could wait on the lost peer."""
     try:
         status = main()
     except KeyboardInterrupt:  # a second Ctrl-C while the run closes
