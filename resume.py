@@ -104,12 +104,18 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
     if is_export(cfg.training.resume_from_checkpoint):
         return fine_tune_from_export(cfg, model, tokenizer, ranks)
     path, ckpt = open_checkpoint(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir)
-    check_same_tokenizer(ckpt.tokenizer, tokenizer, path, ckpt.config.get("dataset", {}).get("tokenizer"),
-                         ckpt.model_config, cfg.model)
-    check_same_model(ckpt.model_config, cfg.model, path)
+    newest = cfg.training.resume_from_checkpoint == "latest"  # (auto too): a run found, not named
     shards = data_order(cfg, units, workers, ranks.world_size)[SHARDS]  # their fingerprint
-    if continues_in_place(path) and ckpt.step < cfg.training.max_iters:
-        check_same_data(ckpt, cfg.dataset, shards, command_line, path)
+    try:
+        check_same_tokenizer(ckpt.tokenizer, tokenizer, path, ckpt.config.get("dataset", {}).get("tokenizer"),
+                             ckpt.model_config, cfg.model)
+        check_same_model(ckpt.model_config, cfg.model, path)
+        if continues_in_place(path) and ckpt.step < cfg.training.max_iters:
+            check_same_data(ckpt, cfg.dataset, shards, command_line, path, named=not newest)
+    except CheckpointError as e:
+        if not newest:
+            raise
+        raise CheckpointError(f"{e}{found_as_newest(cfg)}") from None
     optimizer_state = optimizer_state_for(optimizer, ckpt.optimizer, {p: name for name, p in model.named_parameters()})
     if ckpt.low_precision()["use_4bit_optimizer"] != low_precision.use_4bit_optimizer:
         print(f"converting the checkpoint's optimizer state to "
@@ -188,21 +194,26 @@ def continues_in_place(path: Path) -> bool:
     return is_run_directory(path.parent) and os.access(path.parent, os.W_OK)
 
 
-def check_same_data(ckpt, dataset, shards_now: str, command_line, path):
+def check_same_data(ckpt, dataset, shards_now: str, command_line, path, named: bool):
     """A resume that continues a run in its own directory reads the run's training data, unless the
     command line gives other data: a setting the run was started with on the command line, left out
     of the resume command, would continue the run on the config file's data (and prune the
-    checkpoints of the run as it was)."""
+    checkpoints of the run as it was). A run found by `latest` or `auto` (not `named`) is never
+    continued on other data: the newest run in checkpoint_dir may be another experiment's."""
     saved = ckpt.config.get("dataset", {})
     for key in ("parquet_dir", "text_column"):
         now, before, setting = getattr(dataset, key), saved.get(key, getattr(dataset, key)), f"dataset.{key}"
         same_shards = key == "parquet_dir" and (ckpt.data_order or {}).get(SHARDS) == shards_now  # (moved, say)
-        if now != before and not same_shards and setting not in command_line:
-            raise CheckpointError(
-                f"{path}: the run trained on {setting} {before!r}, and this command reads {now!r}: a resume "
-                f"continues on the run's data: add {shlex.quote(f'{setting}={before}')} (was it "
-                f"given on the command line when the run started?), or, to train on {now!r} from here, give that on "
-                f"the command line: {shlex.quote(f'{setting}={now}')}")
+        if now == before or same_shards or (named and setting in command_line):
+            continue
+        other_data = shlex.quote(f"{setting}={now}")
+        if not named:  # naming the run is what lets other data on the command line continue it
+            other_data = f"{shlex.quote(f'training.resume_from_checkpoint={path.parent}')} {other_data}"
+        raise CheckpointError(
+            f"{path}: the run trained on {setting} {before!r}, and this command reads {now!r}: a resume "
+            f"continues on the run's data: add {shlex.quote(f'{setting}={before}')} (was it given on the command "
+            f"line when the run started?), or, to train {'this run ' * (not named)}on {now!r} from here, give "
+            f"that on the command line: {other_data}")
 
 
 def check_same_model(saved_config: dict, model_config: BDHConfig, path):
@@ -320,11 +331,19 @@ def data_settings_hint(cfg, problem: Exception) -> str:
     differ = [f"{name}={as_override(setting(saved, name))}" for name in recorded
               if not same_setting(name, setting(saved, name), setting(now, name))]
     if differ:
-        return f"; the checkpoint's run had {' '.join(differ)}: if the change was not meant, give those again"
+        return (f"; the checkpoint's run had {' '.join(differ)}: if the change was not meant, give those again"
+                + (found_as_newest(cfg) if cfg.training.resume_from_checkpoint == "latest" else ""))
     if isinstance(problem, TokenizerError) and cfg.dataset.tokenizer != "bytes":  # the run's own file is gone
         return (f"; the checkpoint carries its tokenizer: `python export.py --checkpoint {path} --out DIR` writes it "
                 f"to DIR/tokenizer.json, for dataset.tokenizer=DIR/tokenizer.json")
     return ""
+
+
+def found_as_newest(cfg) -> str:
+    """What a refusal adds where `latest` or `auto` chose the run: it may be another experiment's."""
+    return (f" (that run is the newest in training.checkpoint_dir {cfg.training.checkpoint_dir}, which `latest` and "
+            f"`auto` resume: to resume another, give its directory, or set training.checkpoint_dir to the folder "
+            f"that holds it)")
 
 
 DATA_SETTINGS = ("dataset.parquet_dir", "dataset.val_parquet_dir", "dataset.text_column", "dataset.tokenizer",

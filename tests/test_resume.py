@@ -125,15 +125,23 @@ def test_a_resume_in_place_keeps_the_run_s_data_unless_the_command_line_gives_ot
     resume = ["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3"]
     assert train.main(resume) == 1
     err = capsys.readouterr().err
-    assert (f"the run trained on dataset.parquet_dir {str(corpus)!r}, and this command reads {str(other)!r}: a resume "
-            f"continues on the run's data: add dataset.parquet_dir={corpus} (was it given on the command line when "
-            f"the run started?), or, to train on {str(other)!r} from here, give that on the command line: "
-            f"dataset.parquet_dir={other}\n") in err and err.count("\n") == 1
+    newest = (f" (that run is the newest in training.checkpoint_dir {tmp_path / 'ck'}, which `latest` and `auto` "
+              f"resume: to resume another, give its directory, or set training.checkpoint_dir to the folder that "
+              f"holds it)\n")
+    assert err.endswith(f"the run trained on dataset.parquet_dir {str(corpus)!r}, and this command reads {str(other)!r}: "
+                        f"a resume continues on the run's data: add dataset.parquet_dir={corpus} (was it given on the "
+                        f"command line when the run started?), or, to train this run on {str(other)!r} from here, give "
+                        f"that on the command line: training.resume_from_checkpoint={run} dataset.parquet_dir={other}"
+                        + newest) and err.count("\n") == 1
+    # `latest` finds a run; other data on the command line may mean another experiment's run: refused the same way
+    assert train.main([*resume, f"dataset.parquet_dir={other}"]) == 1
+    assert capsys.readouterr().err == err
     assert sorted(p.name for p in run.iterdir()) == before  # nothing set aside, recorded or pruned
     moved = corpus.rename(tmp_path / "moved")  # the same shards elsewhere, named by the config file: the same data
     path.write_text(path.read_text().replace(str(other), str(moved)))
     assert train.main(resume) == 0 and "WARNING" not in capsys.readouterr().out
-    assert train.main([*resume, "training.max_iters=4", f"dataset.parquet_dir={other}"]) == 0  # said: other data
+    named = ["--config", str(path), f"training.resume_from_checkpoint={run}", "training.max_iters=4"]
+    assert train.main([*named, f"dataset.parquet_dir={other}"]) == 0  # the run named, other data said: taken
     assert "WARNING: the data order changes on this resume" in capsys.readouterr().out
 
 
@@ -417,11 +425,14 @@ def test_a_resume_whose_data_cannot_be_set_up_names_the_checkpoint_s_settings(tm
     assert train.main(resume_latest) == 1  # without the command line's settings
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+    newest = (f" (that run is the newest in training.checkpoint_dir {tmp_path / 'ck'}, which `latest` and `auto` "
+              f"resume: to resume another, give its directory, or set training.checkpoint_dir to the folder that "
+              f"holds it)")
     assert err.rstrip().endswith(f"; the checkpoint's run had dataset.text_column=content dataset.tokenizer={bpe_file} "
-                                 f"model.vocab_size=320: if the change was not meant, give those again")
+                                 f"model.vocab_size=320: if the change was not meant, give those again{newest}")
     assert train.main(resume_latest + started_with + [f"dataset.val_parquet_dir={tmp_path / 'nope'}"]) == 1
     assert capsys.readouterr().err.rstrip().endswith(
-        "; the checkpoint's run had dataset.val_parquet_dir=null: if the change was not meant, give those again")
+        f"; the checkpoint's run had dataset.val_parquet_dir=null: if the change was not meant, give those again{newest}")
     bpe_file.rename(tmp_path / "elsewhere.json")
     # with them, but the tokenizer file is gone (the same shards by a pattern are beside the point)
     assert train.main(resume_latest + started_with + [f"dataset.parquet_dir={content / '*.parquet'}"]) == 1
