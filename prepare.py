@@ -27,6 +27,8 @@ from shards import DataError, ParquetFileCache, list_units, read_unit_documents
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
 
 FEW_DOCUMENTS = 100  # fewer: the default val_fraction holds out about 5 documents or fewer
+MIN_DOCUMENTS = 200  # a shorter text is cut finer than DOCUMENT_BYTES, unless --chunk-bytes is given
+SMALLEST_CHUNK = 256
 MIN_TEXT_BYTES = 4096  # less: too few documents of the smallest size suggested (256 bytes) to hold some out
 
 
@@ -71,7 +73,18 @@ def check_text_files(files):
                             f"give the text files in it")
 
 
-def chunk_for(files, documents: int, smallest: int = 256) -> int | None:
+def default_chunk(files) -> int:
+    """DOCUMENT_BYTES, or, for a text it would cut into fewer than MIN_DOCUMENTS documents, the
+    largest size that makes MIN_DOCUMENTS (at least SMALLEST_CHUNK): validation holds out whole
+    documents, about dataset.val_fraction of them, and a book in 40 documents may give it none.
+    (A document is at most about 2 x DOCUMENT_BYTES: a text twice MIN_DOCUMENTS of those makes enough.)"""
+    files = [f for f in files if os.path.isfile(f)]  # (text_files_to_parquet names what is not)
+    if not files or sum(os.path.getsize(f) for f in files) >= 2 * MIN_DOCUMENTS * DOCUMENT_BYTES:
+        return DOCUMENT_BYTES
+    return min(DOCUMENT_BYTES, chunk_for(files, MIN_DOCUMENTS) or SMALLEST_CHUNK)
+
+
+def chunk_for(files, documents: int, smallest: int = SMALLEST_CHUNK) -> int | None:
     """The largest --chunk-bytes (down to `smallest`) that cuts the files into at least `documents`
     documents, or None (too little text: files smaller than a chunk stay whole)."""
     raws = [Path(f).read_bytes() for f in files]
@@ -175,9 +188,12 @@ def main(argv=None):
     try:
         if args.from_text:
             check_text_files(args.from_text)
-            chunk_bytes = DOCUMENT_BYTES if args.chunk_bytes is None else args.chunk_bytes
+            chunk_bytes = default_chunk(args.from_text) if args.chunk_bytes is None else args.chunk_bytes
             n = text_files_to_parquet(args.from_text, args.out, chunk_bytes, replace=args.replace)
-            print(f"wrote {n:,} document{'s' * (n != 1)} to {args.out}")
+            finer = (f" (of about {chunk_bytes:,} bytes, not {DOCUMENT_BYTES:,}: a text of this size is cut finer, so that "
+                     f"validation has documents to hold out; --chunk-bytes sets the size)"
+                     if chunk_bytes < DOCUMENT_BYTES and args.chunk_bytes is None and n > 1 else "")
+            print(f"wrote {n:,} document{'s' * (n != 1)} to {args.out}{finer}")
             text_bytes = sum(os.path.getsize(f) for f in args.from_text)
             if text_bytes < MIN_TEXT_BYTES:
                 print(f"note: {text_bytes:,} bytes of text is too little to train on and hold validation documents "
@@ -186,8 +202,9 @@ def main(argv=None):
                 finer = chunk_for(args.from_text, FEW_DOCUMENTS)
                 if finer and (finer < chunk_bytes or not chunk_bytes):
                     fix = f"cut the text finer (--chunk-bytes {finer})"
-                elif not chunk_bytes or chunk_bytes > 256:  # as fine as can be is still too few: both
-                    fix = "cut the text finer (--chunk-bytes 256) and raise dataset.val_fraction (e.g. 0.2)"
+                elif not chunk_bytes or chunk_bytes > SMALLEST_CHUNK:  # as fine as can be is still too few: both
+                    fix = (f"cut the text finer (--chunk-bytes {SMALLEST_CHUNK}) and raise dataset.val_fraction "
+                           f"(e.g. 0.2)")
                 else:
                     fix = "raise dataset.val_fraction (e.g. 0.2)"
                 print(f"note: validation holds out each document with probability dataset.val_fraction (default "

@@ -25,28 +25,53 @@ def test_from_text_command_writes_shards_that_read_back_to_the_files(tmp_path):
     assert "".join(docs) == a.read_text() + b.read_text()
 
 
-def test_from_text_says_how_to_cut_a_small_text_into_enough_documents(tmp_path, capsys):
-    """One small file is one document: validation would hold out none (or all) of it."""
+def test_from_text_cuts_a_short_text_finer_and_says_what_else_it_needs(tmp_path, capsys):
+    """Validation holds out whole documents: a short text is cut into MIN_DOCUMENTS of them (no
+    smaller than 256 bytes) unless --chunk-bytes says otherwise, and what is still too few is named."""
     notes = tmp_path / "notes.txt"
-    notes.write_text("Some notes.\nMore notes here.\n" * 200)  # 5.8 KB
-    assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "one")]) == 0
+    notes.write_text("Some notes.\nMore notes here.\n" * 2000)  # 58 KB: 8 documents of about 8 KB
+    assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "auto")]) == 0
+    out = capsys.readouterr().out
+    chunk = int(re.fullmatch(rf"wrote 200 documents to {re.escape(str(tmp_path / 'auto'))} \(of about (\d+) bytes, "
+                             rf"not 8,192: a text of this size is cut finer, so that validation has documents to hold "
+                             rf"out; --chunk-bytes sets the size\)\n", out)[1])
+    assert chunk == prepare.chunk_for([notes], 200) and prepare.chunk_for([notes], 200, smallest=chunk + 1) is None
+    assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "asked"), "--chunk-bytes", "8192"]) == 0
+    out = capsys.readouterr().out  # the size asked for is kept, and the note says how much finer would do
+    finer = re.search(r"wrote 8 documents .*\nnote: .* about 0\.4 of these 8, .*cut the text finer \(--chunk-bytes "
+                      r"(\d+)\), or give", out)[1]
+    assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "cut"), "--chunk-bytes", finer]) == 0
+    assert capsys.readouterr().out == f"wrote 100 documents to {tmp_path / 'cut'}\n"
+
+    notes.write_text("Some notes.\nMore notes here.\n" * 200)  # 5.8 KB: as fine as 256 bytes is still too few
+    assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "short")]) == 0
+    assert capsys.readouterr().out.endswith(
+        "of about 256 bytes, not 8,192: a text of this size is cut finer, so that validation has documents to hold out; "
+        "--chunk-bytes sets the size)\nnote: validation holds out each document with probability dataset.val_fraction "
+        "(default 0.05): about 1.2 of these 23, and training needs the rest; raise dataset.val_fraction (e.g. 0.2), "
+        "or give validation a folder of its own (dataset.val_parquet_dir)\n")
+    assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "one"), "--chunk-bytes", "0"]) == 0
     assert capsys.readouterr().out.endswith("wrote 1 document to " + str(tmp_path / "one") + "\nnote: validation holds "
                                             "out each document with probability dataset.val_fraction (default 0.05): "
                                             "about 0.1 of these 1, and training needs the rest; cut the text finer "
                                             "(--chunk-bytes 256) and raise dataset.val_fraction (e.g. 0.2), or give "
                                             "validation a folder of its own (dataset.val_parquet_dir)\n")
-    assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "finer"), "--chunk-bytes", "256"]) == 0
-    out = capsys.readouterr().out  # cut as fine as it suggests: then the share held out is the setting to raise
-    assert "wrote 23 documents" in out and "about 1.2 of these 23" in out and "raise dataset.val_fraction (e.g. 0.2)" in out
-    notes.write_text("Some notes.\nMore notes here.\n" * 2000)  # 58 KB: cut finer, as it says, is enough
-    assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "ten")]) == 0
-    finer = re.search(r"cut the text finer \(--chunk-bytes (\d+)\), or give", capsys.readouterr().out)[1]
-    assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "cut"), "--chunk-bytes", finer]) == 0
-    assert capsys.readouterr().out == f"wrote 100 documents to {tmp_path / 'cut'}\n"
     notes.write_text("hello world\n")  # no cutting helps: too little text, which it says
     assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "tiny")]) == 0
-    assert capsys.readouterr().out.endswith("\nnote: 12 bytes of text is too little to train on and hold validation "
-                                            "documents out of: give more text (a few hundred KB for a first model)\n")
+    assert capsys.readouterr().out == (f"wrote 1 document to {tmp_path / 'tiny'}\nnote: 12 bytes of text is too little "
+                                       f"to train on and hold validation documents out of: give more text (a few "
+                                       f"hundred KB for a first model)\n")
+
+
+def test_from_text_keeps_documents_of_8_kb_for_a_text_long_enough(tmp_path, capsys, monkeypatch):
+    """The size is chosen without reading a long text: 2 x MIN_DOCUMENTS documents of 8 KB at most make enough."""
+    monkeypatch.setattr(prepare, "MIN_DOCUMENTS", 5)
+    monkeypatch.setattr(prepare, "FEW_DOCUMENTS", 5)  # (no note on too few documents either, which reads them)
+    long = tmp_path / "long.txt"
+    long.write_text("a line of text\n" * 5500)  # 82 KB: 11 documents of 8 KB and a line
+    monkeypatch.setattr(prepare, "chunk_for", lambda *a, **k: pytest.fail("read a text long enough"))
+    assert prepare.main(["--from-text", str(long), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out == f"wrote 11 documents to {tmp_path / 'out'}\n"
 
 
 def test_from_text_names_a_file_that_is_not_utf8(tmp_path, capsys):
