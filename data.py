@@ -233,7 +233,9 @@ def prepare_data(cfg, ranks):
     Builds the sample corpus first if the config points at it and it is missing (`ranks`, a
     distributed.Ranks: the first process of each machine builds it, the others wait)."""
     tokenizer = load_tokenizer(cfg.dataset.tokenizer)
-    check_vocab_size(tokenizer, cfg.model.vocab_size)
+    too_large = check_vocab_size(tokenizer, cfg.model.vocab_size)
+    if ranks.main and too_large:
+        print(too_large)
     if ranks.main and tokenizer.turned_off:
         print(f"note: dataset.tokenizer {cfg.dataset.tokenizer}: its {' and '.join(tokenizer.turned_off)} turned off "
               f"(saved in the file for inference): training reads whole documents, without pad tokens")

@@ -208,12 +208,20 @@ def model_vocab_size(tokenizer) -> int:
     return -(-tokenizer.vocab_size // 64) * 64
 
 
-def check_vocab_size(tokenizer, vocab_size: int):
+def check_vocab_size(tokenizer, vocab_size: int) -> str | None:
+    """Refuses a model.vocab_size smaller than the tokenizer's vocabulary; a note where a tenth of it
+    or more (128 rows at least) would never be used: a habit from another tokenizer, 50,304 for bytes."""
+    rounded = model_vocab_size(tokenizer)
+    fits = f"model.vocab_size={rounded} (its size rounded up to a multiple of 64)"
     if vocab_size < tokenizer.vocab_size:
-        rounded = model_vocab_size(tokenizer)
         raise TokenizerError(f"model.vocab_size {vocab_size} is smaller than the {tokenizer.vocab_size:,} tokens "
-                             f"of dataset.tokenizer {tokenizer.name}; set model.vocab_size={rounded} (its size "
-                             f"rounded up to a multiple of 64)")
+                             f"of dataset.tokenizer {tokenizer.name}; set {fits}")
+    unused = vocab_size - tokenizer.vocab_size
+    if vocab_size > rounded and unused >= max(128, vocab_size / 10):  # (rounded up to 128 instead: quiet)
+        return (f"note: model.vocab_size {vocab_size:,} is larger than the {tokenizer.vocab_size:,} tokens of "
+                f"dataset.tokenizer {tokenizer.name}: {unused:,} rows of the embedding and of lm_head are never "
+                f"trained, and cost memory and time; {fits} fits it")
+    return None
 
 
 def lost_text(tokenizer, texts) -> str | None:

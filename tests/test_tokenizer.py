@@ -83,7 +83,16 @@ def test_bad_tokenizer_files_are_one_line_errors(tmp_path, bpe_json):
         check_vocab_size(HFTokenizer(bpe_json, "tok.json"), 256)
     assert str(info.value) == ("model.vocab_size 256 is smaller than the 320 tokens of dataset.tokenizer tok.json; "
                                "set model.vocab_size=320 (its size rounded up to a multiple of 64)")
-    check_vocab_size(HFTokenizer(bpe_json, "tok.json"), 384)
+    assert check_vocab_size(HFTokenizer(bpe_json, "tok.json"), 320) is None
+    assert check_vocab_size(HFTokenizer(bpe_json, "tok.json"), 384) is None  # rounded up to 128: 64 rows unused
+    assert check_vocab_size(HFTokenizer(bpe_json, "tok.json"), 448).startswith("note: model.vocab_size 448 is larger")
+    assert check_vocab_size(ByteTokenizer(), 50304) == (
+        "note: model.vocab_size 50,304 is larger than the 256 tokens of dataset.tokenizer bytes: 50,048 rows of the "
+        "embedding and of lm_head are never trained, and cost memory and time; model.vocab_size=256 (its size rounded "
+        "up to a multiple of 64) fits it")
+    big = HFTokenizer(bpe_json, "tok.json")
+    big.vocab_size = 3000  # rounded 3008; up to 3,333 is within a tenth
+    assert check_vocab_size(big, 3328) is None and check_vocab_size(big, 3392) is not None
 
 
 def trained(pre_tokenizer, decoder, texts, vocab_size=400) -> HFTokenizer:

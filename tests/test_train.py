@@ -279,6 +279,7 @@ def test_a_tokenizer_that_loses_text_is_warned_of_at_startup(tmp_path, corpus, c
     warning = f"WARNING: dataset.tokenizer {tmp_path / 'lossy.json'} does not give the text back: "
     out = capsys.readouterr().out
     assert warning in out and "bits per byte counts the bytes it gives back (compare them between runs" in out
+    assert f"note: model.vocab_size 256 is larger than the 35 tokens of dataset.tokenizer {tmp_path / 'lossy.json'}" in out
 
 
 @pytest.mark.parametrize("problem,overrides,message", [
