@@ -50,7 +50,7 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
     `parquet_dir`: a folder, or a glob pattern of files or folders. `setting` names the option in
     errors; a training folder whose files are named for several Hugging Face splits is refused."""
     root, files = shard_files(parquet_dir, setting)
-    units, all_null, last_report = [], [], time.time()
+    units, all_null, missing, last_report = [], [], [], time.time()
     if len(files) >= 1000:
         print(f"checking the footers and schemas of {len(files):,} parquet files in {root} ...", flush=True)
     for k, path in enumerate(files):
@@ -67,8 +67,8 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
         has = (f"its string columns are {strings}" if strings else "it has no string column") + (
             f" (all: {schema.names})" if len(schema.names) > len(strings) else "")
         if text_column not in schema.names:
-            raise DataError(f"{path}: no column {text_column!r}; {has}; set dataset.text_column to the one that holds "
-                            f"the documents")
+            missing.append((path, has))
+            continue
         if pa.types.is_null(schema.field(text_column).type):  # a writer's type for a column of only nulls
             all_null.append(path)
             continue
@@ -81,12 +81,29 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
             info = meta.row_group(rg)
             if info.num_rows:
                 units.append(Unit(str(path), rg, info.num_rows, info.total_byte_size, file_key))
+    if missing:
+        raise missing_column(text_column, missing, files)
     if all_null:
         print(f"{root}: skipped {len(all_null)} file(s) whose column {text_column!r} holds only nulls (type null), "
               f"e.g. {all_null[0].name}")
     if not units:
         raise DataError(f"{root}: the parquet files hold no rows" + " of documents" * bool(all_null))
     return units
+
+
+def missing_column(text_column: str, missing: list, files: list) -> DataError:
+    """The error for the files without text_column ((path, what string columns it has) each): the
+    setting to change, or, where other files have it, that the files differ."""
+    (path, has), without = missing[0], {path for path, _ in missing}
+    if len(missing) == len(files):
+        return DataError(f"{path}: no column {text_column!r}; {has}; set dataset.text_column to the one that holds the "
+                         f"documents")
+    example = next(f for f in files if f not in without)
+    others = f" and {len(missing) - 1} other file(s)" if len(missing) > 1 else ""
+    having = len(files) - len(missing)
+    return DataError(f"{path}{others}: no column {text_column!r}, which {having} of the {len(files)} files "
+                     f"{'has' if having == 1 else 'have'} (e.g. {example}); {has}: the files differ; rename the column in those "
+                     f"without it, or set dataset.parquet_dir to a glob pattern that leaves them out")
 
 
 class ParquetFileCache:

@@ -1,4 +1,5 @@
 """Parquet shards: checking them (footers, schemas, text columns), the split, reading."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,23 @@ def test_missing_text_column_names_the_string_columns(tmp_path):
                                         r"are \['content', 'lang'\]"):
         list_units(tmp_path, "id")
     assert len(list_units(tmp_path, "lang")) == 1
+
+
+def test_files_that_differ_in_their_text_column_are_named_as_such(tmp_path):
+    """Setting dataset.text_column to either file's column would send the user to the other's."""
+    for name in ("a", "b", "c"):
+        pq.write_table(pa.table({"content": ["x"], "url": ["u"]}), tmp_path / f"{name}.parquet")
+    pq.write_table(pa.table({"text": ["y"], "meta": ["m"]}), tmp_path / "d.parquet")
+    with pytest.raises(DataError) as info:
+        list_units(tmp_path, "content")
+    assert str(info.value) == (f"{tmp_path / 'd.parquet'}: no column 'content', which 3 of the 4 files have "
+                               f"(e.g. {tmp_path / 'a.parquet'}); its string columns are ['text', 'meta']: the files "
+                               f"differ; rename the column in those without it, or set dataset.parquet_dir to a glob "
+                               f"pattern that leaves them out")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'a.parquet'))} and 2 other file\(s\): no column "
+                                        rf"'text', which 1 of the 4 files has \(e.g. .*d.parquet\); its "
+                                        rf"string columns are \['content', 'url'\]: the files differ"):
+        list_units(tmp_path, "text")
 
 
 def test_non_string_column_is_refused(tmp_path):
