@@ -81,6 +81,17 @@ def set_rng_state(state: dict, device):
         getattr(torch, device.type).set_rng_state(state[device.type])
 
 
+def resume_target(training, ranks, device) -> str | None:
+    """training.resume_from_checkpoint as resume() takes it, before the data is read (which may build
+    the sample corpus first): auto resolved; a name that does not exist refused, with what it may mean."""
+    spec = training.resume_from_checkpoint
+    if spec == "auto":
+        return resolve_auto(training.checkpoint_dir, ranks, device)
+    if spec and spec != "latest" and not os.path.exists(spec):
+        checkpoint_candidates(spec, training.checkpoint_dir, "training.resume_from_checkpoint")  # raises
+    return spec
+
+
 def resolve_auto(checkpoint_dir: str, ranks, device) -> str | None:
     """What resume_from_checkpoint=auto means: latest where checkpoint_dir holds a run with a
     checkpoint (on any rank: a rank that sees none is told by latest), else None, a new run. One

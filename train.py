@@ -52,7 +52,7 @@ from metrics import (MetricsError, MetricsLog, StepLog, check_installed, describ
                      format_duration)
 from model import BDH
 from positions import data_order
-from resume import Progress, data_settings_hint, resolve_auto, resume, save, set_rng_state, torch_rng_state
+from resume import Progress, data_settings_hint, resume, resume_target, save, set_rng_state, torch_rng_state
 from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories
 from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_clock, emulated_dtype_warning, interrupted,
                      memory_fix, one_line, out_of_memory, peak_flops, pick_device, prepare_compile,
@@ -92,8 +92,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
     if ranks.main:
         check_writable(training.checkpoint_dir)
         check_installed(cfg.logging)
-    if training.resume_from_checkpoint == "auto":  # one command for a job's first start and its restarts
-        training.resume_from_checkpoint = resolve_auto(training.checkpoint_dir, ranks, device)
+    training.resume_from_checkpoint = resume_target(training, ranks, device)  # auto: latest, or a new run
     try:
         tokenizer, units, val_batches = prepare_data(cfg, ranks)
     except (DataError, TokenizerError) as e:

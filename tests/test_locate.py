@@ -36,6 +36,10 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
         open_checkpoint(str(tmp_path / "gone" / "checkpoint_10.pt"), None, setting="--checkpoint")
     with pytest.raises(CheckpointError, match=r"; did you mean auto \(in lower case\)\?$"):
         open_checkpoint("Auto", str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"lastest does not exist .*; did you mean `latest`\?$"):
+        open_checkpoint("lastest", str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"Lates does not exist .*; did you mean `latest`\?$"):
+        open_checkpoint("Lates", None, setting="--checkpoint")
     with pytest.raises(CheckpointError, match=r"checkpoint_1.pt does not exist; its folder holds checkpoint_10.pt, "
                                               r"checkpoint_2.pt \(training.keep_last_n keeps the newest only\)$"):
         open_checkpoint(str(run / "checkpoint_1.pt"), str(tmp_path))
@@ -136,3 +140,11 @@ def test_a_run_directory_is_told_by_its_config_not_by_any_config_file(tmp_path):
     (repository / "config.yaml").write_text((ROOT / "config.yaml").read_text())
     assert [is_run_directory(folder) for folder in (renamed, old, repository, tmp_path)] == [True, True, False, False]
     release_run_directories()
+
+
+def test_a_resume_from_a_name_that_does_not_exist_stops_before_the_data_is_read(tmp_path, corpus, capsys, monkeypatch):
+    """Reading the data may first build the sample corpus: a typo is told before that."""
+    monkeypatch.setattr(train, "prepare_data", lambda *a: pytest.fail("the data was read"))
+    path = write_config(tmp_path, corpus)
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=lastest"]) == 1
+    assert capsys.readouterr().err.startswith("error: training.resume_from_checkpoint: lastest does not exist")
