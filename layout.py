@@ -27,6 +27,14 @@ class DataError(Exception):
     """A problem with the user's data or shards, with a one-line message naming the file."""
 
 
+def folders_beside(path: Path) -> list[str]:
+    """The names of the folders in path's folder (none where it cannot be listed)."""
+    try:
+        return [entry.name for entry in os.scandir(path.parent) if entry.is_dir()]
+    except OSError:
+        return []
+
+
 def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
     """(the folder that the files' keys are relative to, the parquet files) of a folder, a glob
     pattern, or one .parquet file (its folder is the root)."""
@@ -58,8 +66,10 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
                         f"shards: write them with `python prepare.py --from-text TEXT_FILE ... --out {out}` and set "
                         f"{setting}={out}")
     else:
+        close = difflib.get_close_matches(root.name, folders_beside(root), 1, 0.75)
         raise DataError(f"{root}: {setting} does not exist or is not a directory{relative_to_here(root)}; "
-                        f"create it with `python prepare.py --from-text FILE --out {shlex.quote(str(root))}`")
+                        + (f"did you mean {root.with_name(close[0])}? or " if close else "")
+                        + f"create it with `python prepare.py --from-text FILE --out {shlex.quote(str(root))}`")
     if skipped:
         print(f"{location}: skipped {len(skipped)} file(s) or folder(s) whose names start with '.' or '_' (not data, "
               f"as for pyarrow datasets, Spark and Hugging Face)")

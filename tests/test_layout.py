@@ -22,8 +22,13 @@ def test_units_are_listed_recursively_and_sorted(tmp_path):
 
 
 def test_missing_or_empty_directory(tmp_path):
-    with pytest.raises(DataError, match=r"does not exist or is not a directory.*--from-text FILE --out .*nope`$"):
+    with pytest.raises(DataError, match=r"does not exist or is not a directory[^;]*; create it with `python prepare.py "
+                                        r"--from-text FILE --out .*nope`$"):
         list_units(tmp_path / "nope", "text")
+    (tmp_path / "mydata").mkdir()
+    with pytest.raises(DataError, match=rf"mydat: dataset.parquet_dir does not exist or is not a directory; did you mean "
+                                        rf"{tmp_path / 'mydata'}\? or create it with"):
+        list_units(tmp_path / "mydat", "text")  # a typo
     with pytest.raises(DataError, match=r"mybook.txt: dataset.parquet_dir does not exist; it takes a folder of .parquet "
                                         r"shards: write them with `python prepare.py --from-text TEXT_FILE ... --out "
                                         r".*mybook_parquet` and set dataset.parquet_dir=.*mybook_parquet$"):
