@@ -104,7 +104,8 @@ def draw(found, labels, out, max_neurons: int):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_checkpoint_arguments(parser)
-    add_prompt_arguments(parser, required=True)
+    add_prompt_arguments(parser, required=True, purpose="the text whose neurons are drawn (one of --prompt and "
+                                                        "--prompt-file is required)")
     parser.add_argument("--out", default="neurons.png", help="the picture to write (default neurons.png)")
     parser.add_argument("--max-neurons", type=int, default=400, help="columns per layer (default 400)")
     parser.add_argument("--max-tokens", type=int, default=80, help="rows per layer: the prompt's first tokens "

@@ -254,11 +254,11 @@ def note_prompt_change(tokenizer, prompt: str):
               file=sys.stderr)
 
 
-def add_prompt_arguments(parser, required: bool):
+def add_prompt_arguments(parser, required: bool, purpose: str = "the text to continue"):
     """--prompt TEXT, or --prompt-file F (a UTF-8 file; -: standard input) for a prompt too long for a
-    command line; prompt_argument reads them."""
+    command line; prompt_argument reads them. `purpose`: what the prompt is for, in --help."""
     prompt = parser.add_mutually_exclusive_group(required=required)
-    prompt.add_argument("--prompt", help="the text to continue (none: from a document boundary)")
+    prompt.add_argument("--prompt", help=purpose + ("" if required else " (none: from a document boundary)"))
     prompt.add_argument("--prompt-file", help="the prompt from a UTF-8 text file (-: standard input), for a prompt "
                                               "too long for the command line")
 

@@ -120,3 +120,12 @@ def test_every_layer_is_drawn_over_the_same_neurons_with_its_scale(tmp_path, mon
     assert len(figures[0].axes) == 4  # a colour scale beside each panel, the same one
     assert [panel.images[0].get_clim() for panel in panels] == [(0, 2.0), (0, 2.0)]
     assert panels[-1].get_xlabel().startswith("neurons: the 3 that fire most often over all layers")
+
+
+def test_help_says_the_prompt_is_required(capsys):
+    """neurons.py needs a prompt (sample.py's may be left out): its --help says so."""
+    with pytest.raises(SystemExit):
+        neurons.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--prompt PROMPT the text whose neurons are drawn (one of --prompt and --prompt-file is required)" in text
+    assert "document boundary" not in text
