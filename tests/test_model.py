@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from model import (PLAIN, BDH, TILE, BDHConfig, LayerStack, empty_states, layer_forward, layer_norm, recurrent_forward,
-                   rope_angles, rope_frequencies, rope_phases)
+from model import (PLAIN, BDH, TILE, BDHConfig, LayerStack, empty_states, layer_forward, layer_norm, pack_bits,
+                   recurrent_forward, rope_angles, rope_frequencies, rope_phases, unpack_bits)
 from conftest import DEVICES, NEEDS_CUDA
 from reference import reference_forward, reference_generate
 
@@ -186,6 +186,16 @@ def test_layer_stack_backward_passes_gradcheck_with_dropout_and_checkpointing():
                 torch.manual_seed(1)  # the same dropout mask at every evaluation
                 return LayerStack.apply(x, encoder, encoder_v, decoder, phases, 2, dropout, checkpoint, PLAIN, None)
             assert torch.autograd.gradcheck(stack, (x, *weights), fast_mode=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(3, 5, 8), (2, 7, 3), (1,)])  # a multiple of 8 elements, and not
+def test_dropout_masks_packed_as_bits_unpack_to_themselves(device, shape):
+    mask = torch.rand(shape, device=device) < 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert packed[0] == sum(int(bit) << k for k, bit in enumerate(mask.reshape(-1)[:8].tolist()))  # first bit lowest
+    assert torch.equal(unpack_bits(packed, shape), mask)
 
 
 @pytest.mark.parametrize("device", DEVICES)
