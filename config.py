@@ -366,9 +366,17 @@ def load_config(args) -> Config:
             raise ConfigError(problems)
         return cfg
     except ConfigError as e:
-        for problem in e.problems if rank_zero else ():
+        for problem in in_file_order(e.problems, args.config) if rank_zero else ():
             print(f"config error: {problem}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def in_file_order(problems: list[str], config_path) -> list[str]:
+    """The problems found in the config file ("FILE:LINE: ...") by line, then the others as they came."""
+    def line(problem):
+        found = config_path and re.match(rf"{re.escape(str(config_path))}:(\d+): ", problem)
+        return int(found[1]) if found else math.inf
+    return sorted(problems, key=line)
 
 
 def fsdp_problems(cfg) -> list[str]:

@@ -185,6 +185,17 @@ def test_config_errors_are_printed_once_under_torchrun(tmp_path, monkeypatch, ca
         assert ("config error: training.lr: unknown key" in capsys.readouterr().err) == printed
 
 
+def test_config_errors_are_printed_in_the_order_of_the_file_s_lines_then_the_command_line_s(tmp_path, capsys):
+    path = tmp_path / "my.yaml"  # a value problem (val_fraction) is found after the type problems, but comes first
+    path.write_text("dataset:\n  val_fraction: 5\ntraining:\n  max_iters: ten\nlogging:\n  tensorboard: maybe\n")
+    with pytest.raises(SystemExit):
+        load_config(argparse.Namespace(config=str(path), overrides=["training.lr=1", "model.n_layer=x"]))
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[1:3] for line in lines[:3]] == [
+        [f"{path}:2", "dataset.val_fraction"], [f"{path}:4", "training.max_iters"], [f"{path}:6", "logging.tensorboard"]]
+    assert sorted(line.split(": ")[1] for line in lines[3:]) == ["model.n_layer", "training.lr"]
+
+
 def test_a_setting_that_nothing_reads_is_noted():
     c = Config.from_dict({"dataset": {"val_parquet_dir": "v", "val_fraction": 0.5}, "fp8": {"torchao_recipe": "rowwise"},
                           "logging": {"wandb_project": "p"}, "dataloader": {"num_workers": 0, "prefetch_factor": 8},
