@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from config_file import ConfigError, apply_override, read_yaml, suggest, typed_section
+from config_file import ConfigError, apply_override, in_file_order, read_yaml, suggest, typed_section
 from distributed import first_process, launched_by_torchrun
 from model import BDHConfig
 
@@ -369,14 +369,6 @@ def load_config(args) -> Config:
         for problem in in_file_order(e.problems, args.config) if rank_zero else ():
             print(f"config error: {problem}", file=sys.stderr)
         raise SystemExit(2)
-
-
-def in_file_order(problems: list[str], config_path) -> list[str]:
-    """The problems found in the config file ("FILE:LINE: ...") by line, then the others as they came."""
-    def line(problem):
-        found = config_path and re.match(rf"{re.escape(str(config_path))}:(\d+): ", problem)
-        return int(found[1]) if found else math.inf
-    return sorted(problems, key=line)
 
 
 def fsdp_problems(cfg) -> list[str]:

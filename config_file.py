@@ -5,6 +5,7 @@ values they take is config.py's.
 """
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import typing
@@ -273,6 +274,14 @@ def typed_section(name: str, section_cls, values: dict, all_paths: list[str]):
             got = f"{type(value).__name__} {value!r}" if value is not None else "no value"
             problems.append(f"{path}: expected {expected}, got {got}{quote}")
     return result, problems
+
+
+def in_file_order(problems: list[str], config_path) -> list[str]:
+    """The problems found in the config file ("FILE:LINE: ...") by line, then the others as they came."""
+    def line(problem):
+        found = config_path and re.match(rf"{re.escape(str(config_path))}:(\d+): ", problem)
+        return int(found[1]) if found else math.inf
+    return sorted(problems, key=line)
 
 
 def suggest(name: str, candidates: list[str], known) -> str:
