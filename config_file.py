@@ -258,8 +258,9 @@ def typed_section(name: str, section_cls, values: dict, all_paths: list[str]):
             result[key] = converted
         else:
             quote = ""
-            if path == "training.resume_from_checkpoint" and value is True:
-                quote = "; to resume the newest run, write latest (or auto: latest where there is a run, else a new run)"
+            if path == "training.resume_from_checkpoint" and isinstance(value, bool):
+                quote = ("; to resume the newest run, write latest (or auto: latest where there is a run, else a new "
+                         "run)" if value else "; for a new run, write null")
             elif expected.startswith("str") and isinstance(value, (int, float, bool)):
                 quote = (f"; YAML reads an unquoted yes, no, on, off, true, false or number as one: put the text in "
                          f"quotes (`{key}: \"...\"` in the file, '{path}=\"...\"' on the command line)")

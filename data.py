@@ -234,7 +234,7 @@ def prepare_data(cfg, ranks):
     distributed.Ranks: the first process of each machine builds it, the others wait)."""
     tokenizer = load_tokenizer(cfg.dataset.tokenizer)
     too_large = check_vocab_size(tokenizer, cfg.model.vocab_size)
-    if ranks.main and too_large:
+    if ranks.main and too_large and not cfg.training.resume_from_checkpoint:  # (a resume cannot change it)
         print(too_large)
     if ranks.main and tokenizer.turned_off:
         print(f"note: dataset.tokenizer {cfg.dataset.tokenizer}: its {' and '.join(tokenizer.turned_off)} turned off "

@@ -112,8 +112,9 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
                f"its folder holds {', '.join(p.name for p in kept[::-1])}"
                f"{' (training.keep_last_n keeps the newest only)' * bool(removed)}" if kept else
                f"did you mean {spec.lower()} (in lower case)?" if spec.lower() in words else
-               f"did you mean `{close[0]}`?" if (close := difflib.get_close_matches(spec.lower(), words, 1, 0.7)) else
                f"give a checkpoint file, a run directory{', `latest`' * (not flag)} or `{words[-1]}`")
+        close = difflib.get_close_matches(spec.lower(), words, 1, 0.75) if not re.search(r"[/.]", spec) else []
+        fix = f"did you mean `{close[0]}`? ({fix})" if close and fix.startswith("give") else fix
         raise CheckpointError(f"{setting}: {path} does not exist{relative_to_here(path)}; {fix}")
     return [path]
 

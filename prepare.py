@@ -78,23 +78,31 @@ def default_chunk(files) -> int:
     largest size that makes MIN_DOCUMENTS (at least SMALLEST_CHUNK): validation holds out whole
     documents, about dataset.val_fraction of them, and a book in 40 documents may give it none.
     (A document is at most about 2 x DOCUMENT_BYTES: a text twice MIN_DOCUMENTS of those makes enough.)"""
-    files = [f for f in files if os.path.isfile(f)]  # (text_files_to_parquet names what is not)
-    if not files or sum(os.path.getsize(f) for f in files) >= 2 * MIN_DOCUMENTS * DOCUMENT_BYTES:
+    try:
+        files = [f for f in files if os.path.isfile(f)]
+        if not files or sum(os.path.getsize(f) for f in files) >= 2 * MIN_DOCUMENTS * DOCUMENT_BYTES:
+            return DOCUMENT_BYTES
+        raws = [Path(f).read_bytes() for f in files]
+    except OSError:  # text_files_to_parquet names what cannot be read
         return DOCUMENT_BYTES
-    return min(DOCUMENT_BYTES, chunk_for(files, MIN_DOCUMENTS) or SMALLEST_CHUNK)
+    if documents_of(raws, DOCUMENT_BYTES) >= MIN_DOCUMENTS:  # many small files
+        return DOCUMENT_BYTES
+    return min(DOCUMENT_BYTES, chunk_for(raws, MIN_DOCUMENTS) or SMALLEST_CHUNK)
 
 
-def chunk_for(files, documents: int, smallest: int = SMALLEST_CHUNK) -> int | None:
-    """The largest --chunk-bytes (down to `smallest`) that cuts the files into at least `documents`
-    documents, or None (too little text: files smaller than a chunk stay whole)."""
-    raws = [Path(f).read_bytes() for f in files]
-    count = lambda chunk: sum(len(split_text(raw, chunk)) for raw in raws)  # noqa: E731
-    if count(smallest) < documents:
+def documents_of(raws: list[bytes], chunk: int) -> int:
+    return sum(len(split_text(raw, chunk)) for raw in raws)
+
+
+def chunk_for(raws: list[bytes], documents: int, smallest: int = SMALLEST_CHUNK) -> int | None:
+    """The largest --chunk-bytes (down to `smallest`) that cuts the texts (their bytes) into at least
+    `documents` documents, or None (too little text: texts smaller than a chunk stay whole)."""
+    if documents_of(raws, smallest) < documents:
         return None
-    low, high = smallest, max(smallest, max(map(len, raws)))  # count(low) >= documents
+    low, high = smallest, max(smallest, max(map(len, raws)))  # documents_of(low) >= documents
     while low < high:
         middle = (low + high + 1) // 2
-        low, high = (middle, high) if count(middle) >= documents else (low, middle - 1)
+        low, high = (middle, high) if documents_of(raws, middle) >= documents else (low, middle - 1)
     return low
 
 
@@ -199,7 +207,7 @@ def main(argv=None):
                 print(f"note: {text_bytes:,} bytes of text is too little to train on and hold validation documents "
                       f"out of: give more text (a few hundred KB for a first model)")
             elif n < FEW_DOCUMENTS:
-                finer = chunk_for(args.from_text, FEW_DOCUMENTS)
+                finer = chunk_for([Path(f).read_bytes() for f in args.from_text], FEW_DOCUMENTS)
                 if finer and (finer < chunk_bytes or not chunk_bytes):
                     fix = f"cut the text finer (--chunk-bytes {finer})"
                 elif not chunk_bytes or chunk_bytes > SMALLEST_CHUNK:  # as fine as can be is still too few: both

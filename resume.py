@@ -83,11 +83,13 @@ def set_rng_state(state: dict, device):
 
 def resume_target(training, ranks, device) -> str | None:
     """training.resume_from_checkpoint as resume() takes it, before the data is read (which may build
-    the sample corpus first): auto resolved; a name that does not exist refused, with what it may mean."""
+    the sample corpus first): auto resolved; a name that does not exist, or latest where there is no
+    run, refused, with what it may mean."""
     spec = training.resume_from_checkpoint
     if spec == "auto":
         return resolve_auto(training.checkpoint_dir, ranks, device)
-    if spec and spec != "latest" and not os.path.exists(spec):
+    if spec == "latest" and not resumable_runs(Path(training.checkpoint_dir)) or \
+            spec not in (None, "latest") and not os.path.exists(spec):
         checkpoint_candidates(spec, training.checkpoint_dir, "training.resume_from_checkpoint")  # raises
     return spec
 
@@ -215,7 +217,7 @@ def check_same_data(ckpt, dataset, shards_now: str, command_line, path, named: b
     for key in ("parquet_dir", "text_column"):
         now, before, setting = getattr(dataset, key), saved.get(key, getattr(dataset, key)), f"dataset.{key}"
         same_shards = key == "parquet_dir" and (ckpt.data_order or {}).get(SHARDS) == shards_now  # (moved, say)
-        if now == before or same_shards or (named and setting in command_line):
+        if same_setting(setting, before, now) or same_shards or (named and setting in command_line):
             continue
         other_data = shlex.quote(f"{setting}={now}")
         if not named:  # naming the run is what lets other data on the command line continue it

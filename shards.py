@@ -82,7 +82,7 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
             if info.num_rows:
                 units.append(Unit(str(path), rg, info.num_rows, info.total_byte_size, file_key))
     if missing:
-        raise missing_column(text_column, missing, files)
+        raise missing_column(text_column, missing, files, setting)
     if all_null:
         print(f"{root}: skipped {len(all_null)} file(s) whose column {text_column!r} holds only nulls (type null), "
               f"e.g. {all_null[0].name}")
@@ -91,7 +91,7 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
     return units
 
 
-def missing_column(text_column: str, missing: list, files: list) -> DataError:
+def missing_column(text_column: str, missing: list, files: list, setting: str) -> DataError:
     """The error for the files without text_column ((path, what string columns it has) each): the
     setting to change, or, where other files have it, that the files differ."""
     (path, has), without = missing[0], {path for path, _ in missing}
@@ -103,7 +103,7 @@ def missing_column(text_column: str, missing: list, files: list) -> DataError:
     having = len(files) - len(missing)
     return DataError(f"{path}{others}: no column {text_column!r}, which {having} of the {len(files)} files "
                      f"{'has' if having == 1 else 'have'} (e.g. {example}); {has}: the files differ; rename the column in those "
-                     f"without it, or set dataset.parquet_dir to a glob pattern that leaves them out")
+                     f"without it, or set {setting} to a glob pattern that leaves them out")
 
 
 class ParquetFileCache:

@@ -50,6 +50,7 @@ def test_key_in_the_wrong_section_points_to_the_right_one():
     ("training", "resume_from_checkpoint", "", "empty text ''; write null for none"),
     ("training", "resume_from_checkpoint", True, "expected str or null, got bool True; to resume the newest run, write "
                                                  "latest (or auto: latest where there is a run, else a new run)"),
+    ("training", "resume_from_checkpoint", False, "expected str or null, got bool False; for a new run, write null"),
     ("dataset", "parquet_dir", " ", "empty text ' '; give one, or leave it out for the default, data/stdlib"),
     ("dataset", "text_column", True, "expected str, got bool True; YAML reads an unquoted yes, no, on, off, true, "
                                      "false or number as one: put the text in quotes (`text_column: \"...\"` in the "

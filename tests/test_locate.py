@@ -36,10 +36,14 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
         open_checkpoint(str(tmp_path / "gone" / "checkpoint_10.pt"), None, setting="--checkpoint")
     with pytest.raises(CheckpointError, match=r"; did you mean auto \(in lower case\)\?$"):
         open_checkpoint("Auto", str(tmp_path))
-    with pytest.raises(CheckpointError, match=r"lastest does not exist .*; did you mean `latest`\?$"):
+    with pytest.raises(CheckpointError, match=r"lastest does not exist .*; did you mean `latest`\? \(give a checkpoint "
+                                              r"file, a run directory, `latest` or `auto`\)$"):
         open_checkpoint("lastest", str(tmp_path))
-    with pytest.raises(CheckpointError, match=r"Lates does not exist .*; did you mean `latest`\?$"):
+    with pytest.raises(CheckpointError, match=r"Lates does not exist .*; did you mean `latest`\? \(give a checkpoint "
+                                              r"file, a run directory or `latest`\)$"):
         open_checkpoint("Lates", None, setting="--checkpoint")
+    with pytest.raises(CheckpointError, match=r"latest.pt does not exist .*; give a checkpoint file"):
+        open_checkpoint("latest.pt", str(tmp_path))  # a file's name: no guess at a word
     with pytest.raises(CheckpointError, match=r"checkpoint_1.pt does not exist; its folder holds checkpoint_10.pt, "
                                               r"checkpoint_2.pt \(training.keep_last_n keeps the newest only\)$"):
         open_checkpoint(str(run / "checkpoint_1.pt"), str(tmp_path))
@@ -148,3 +152,5 @@ def test_a_resume_from_a_name_that_does_not_exist_stops_before_the_data_is_read(
     path = write_config(tmp_path, corpus)
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=lastest"]) == 1
     assert capsys.readouterr().err.startswith("error: training.resume_from_checkpoint: lastest does not exist")
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest"]) == 1  # no run yet
+    assert capsys.readouterr().err.startswith("error: training.resume_from_checkpoint: latest: there is no folder")

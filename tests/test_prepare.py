@@ -1,6 +1,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -35,7 +36,8 @@ def test_from_text_cuts_a_short_text_finer_and_says_what_else_it_needs(tmp_path,
     chunk = int(re.fullmatch(rf"wrote 200 documents to {re.escape(str(tmp_path / 'auto'))} \(of about (\d+) bytes, "
                              rf"not 8,192: a text of this size is cut finer, so that validation has documents to hold "
                              rf"out; --chunk-bytes sets the size\)\n", out)[1])
-    assert chunk == prepare.chunk_for([notes], 200) and prepare.chunk_for([notes], 200, smallest=chunk + 1) is None
+    text = notes.read_bytes()
+    assert chunk == prepare.chunk_for([text], 200) and prepare.chunk_for([text], 200, smallest=chunk + 1) is None
     assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "asked"), "--chunk-bytes", "8192"]) == 0
     out = capsys.readouterr().out  # the size asked for is kept, and the note says how much finer would do
     finer = re.search(r"wrote 8 documents .*\nnote: .* about 0\.4 of these 8, .*cut the text finer \(--chunk-bytes "
@@ -61,6 +63,19 @@ def test_from_text_cuts_a_short_text_finer_and_says_what_else_it_needs(tmp_path,
     assert capsys.readouterr().out == (f"wrote 1 document to {tmp_path / 'tiny'}\nnote: 12 bytes of text is too little "
                                        f"to train on and hold validation documents out of: give more text (a few "
                                        f"hundred KB for a first model)\n")
+
+
+def test_from_text_keeps_many_small_files_whole_and_names_one_it_cannot_read(tmp_path, capsys, monkeypatch):
+    files = [tmp_path / f"note{k:03d}.txt" for k in range(210)]
+    for k, f in enumerate(files):
+        f.write_text(f"note {k}\n" * 200)  # 1.6 KB each: 210 documents as they are, none cut
+    assert prepare.main(["--from-text", *map(str, files), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out == f"wrote 210 documents to {tmp_path / 'out'}\n"
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if self.name == "note007.txt" else read_bytes(self))
+    assert prepare.main(["--from-text", *map(str, files), "--out", str(tmp_path / "again")]) == 1
+    assert capsys.readouterr().err == f"error: {files[7]}: cannot read (Permission denied)\n"
 
 
 def test_from_text_keeps_documents_of_8_kb_for_a_text_long_enough(tmp_path, capsys, monkeypatch):

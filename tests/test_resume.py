@@ -145,6 +145,17 @@ def test_a_resume_in_place_keeps_the_run_s_data_unless_the_command_line_gives_ot
     assert "WARNING: the data order changes on this resume" in capsys.readouterr().out
 
 
+def test_latest_continues_on_its_folder_written_otherwise_after_shards_were_added(tmp_path, corpus, capsys):
+    """The data is the folder, wherever it is written from: data/x/ is data/x, new shards or not."""
+    path = write_config(tmp_path, corpus, max_iters=2)
+    assert train.main(["--config", str(path), f"dataset.parquet_dir={corpus}"]) == 0
+    make_corpus(corpus / "more", n_files=1, docs_per_file=8)
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3",
+                       f"dataset.parquet_dir={corpus}/"]) == 0
+    assert "WARNING: the data order changes on this resume" in capsys.readouterr().out
+
+
 def test_resume_refuses_a_different_model_shape(tmp_path, corpus, capsys):
     path = write_config(tmp_path, corpus, max_iters=2)
     assert train.main(["--config", str(path)]) == 0

@@ -74,6 +74,8 @@ def test_files_that_differ_in_their_text_column_are_named_as_such(tmp_path):
                                         rf"'text', which 1 of the 4 files has \(e.g. .*d.parquet\); its "
                                         rf"string columns are \['content', 'url'\]: the files differ"):
         list_units(tmp_path, "text")
+    with pytest.raises(DataError, match=r"set dataset.val_parquet_dir to a glob pattern that leaves them out$"):
+        list_units(tmp_path, "text", setting="dataset.val_parquet_dir")
 
 
 def test_non_string_column_is_refused(tmp_path):

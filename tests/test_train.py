@@ -280,6 +280,8 @@ def test_a_tokenizer_that_loses_text_is_warned_of_at_startup(tmp_path, corpus, c
     out = capsys.readouterr().out
     assert warning in out and "bits per byte counts the bytes it gives back (compare them between runs" in out
     assert f"note: model.vocab_size 256 is larger than the 35 tokens of dataset.tokenizer {tmp_path / 'lossy.json'}" in out
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=2"]) == 0
+    assert "note: model.vocab_size" not in capsys.readouterr().out  # a resume cannot change it: no advice to
 
 
 @pytest.mark.parametrize("problem,overrides,message", [
