@@ -72,11 +72,12 @@ def comparable_stretches(evaluations) -> list[list]:
     return stretches
 
 
-# settings that do not change what a run learns: left out of the labels
-NOT_IN_LABELS = ("logging.", "dataloader.", "training.checkpoint_dir", "training.resume_from_checkpoint",
-                 "training.log_freq", "training.test_freq", "training.checkpoint_freq", "training.keep_last_n",
-                 "training.debug", "training.device", "training.distributed_timeout_s", "training.compile",
-                 "training.activation_checkpointing", "training.eval_iters", "dataset.max_cached_files")
+# settings that change neither what a run learns nor what its validation measures: left out of the labels
+NOT_IN_LABELS = ("logging.", "dataloader.", "training.checkpoint_dir", "training.log_freq", "training.test_freq",
+                 "training.checkpoint_freq", "training.keep_last_n", "training.debug", "training.device",
+                 "training.distributed_timeout_s", "training.compile", "training.activation_checkpointing",
+                 "dataset.max_cached_files")
+STARTED_FROM = "training.resume_from_checkpoint"  # in config.yaml: the export or loose checkpoint a run started from
 MAX_LABEL_SETTINGS = 4
 FIGURE_WIDTH_IN = 16
 VALIDATION = {"marker": "o", "linestyle": "--"}  # the validation losses' line style (the training losses: solid)
@@ -100,23 +101,35 @@ def run_settings(run_dir: Path) -> dict:
                 values_seen = history.setdefault(f"{section}.{key}", [])
                 if not values_seen or values_seen[-1] != value:
                     values_seen.append(value)
+    if STARTED_FROM in history:  # where it started; its resumes' checkpoints are its own
+        history[STARTED_FROM] = history[STARTED_FROM][:1]
     return {key: values[0] if len(values) == 1 else "→".join(map(str, values)) for key, values in history.items()}
 
 
-def labels(names: list[str], settings: list[dict]) -> list[str]:
-    """Each run's name and the settings in which the runs differ (the first few, the tokenizer first), so
-    that the curves of several runs can be told apart: run_20261123_101500 (tokenizer=tokenizer.json). A
-    run without settings (no config.yaml) keeps its name, and is left out of the comparison."""
+def labels(names: list[str], settings: list[dict], limit: int | None = MAX_LABEL_SETTINGS) -> list[str]:
+    """Each run's name and the settings in which the runs differ, or that a resume changed (the first
+    `limit`: the tokenizer first, then those with the most values, such as a sweep's), so that the
+    curves of several runs can be told apart: run_20261123_101500 (tokenizer=tokenizer.json). A run
+    without settings (no config.yaml) keeps its name, and is left out of the comparison."""
     known = [s for s in settings if s]
-    differing = [key for key in dict.fromkeys(k for s in known for k in s)
-                 if not key.startswith(NOT_IN_LABELS) and len({repr(s.get(key)) for s in known}) > 1]
-    differing.sort(key=lambda key: key != "dataset.tokenizer")  # first: the vocab_size it implies may differ too
-    more = ", ..." if len(differing) > MAX_LABEL_SETTINGS else ""
-    return [f"{name} (" + ", ".join(f"{key.split('.')[1]}={s.get(key)}" for key in differing[:MAX_LABEL_SETTINGS])
-            + f"{more})" if s and differing else name for name, s in zip(names, settings)]
+    values = lambda key: {repr(s.get(key)) for s in known}  # noqa: E731
+    differing = [key for key in dict.fromkeys(k for s in known for k in s) if not key.startswith(NOT_IN_LABELS)
+                 and (len(values(key)) > 1 or any("→" in str(s[key]) for s in known if key in s))]
+    tokenizers = {s.get("dataset.tokenizer") for s in known}
+    if "dataset.tokenizer" in differing and all(  # a vocab_size each tokenizer implies says nothing more
+            len({repr(s.get("model.vocab_size")) for s in known if s.get("dataset.tokenizer") == t}) == 1
+            for t in tokenizers):
+        differing = [key for key in differing if key != "model.vocab_size"]
+    differing.sort(key=lambda key: (key != "dataset.tokenizer", -len(values(key))))
+    shown = differing[:limit]
+    more = ", ..." if len(differing) > len(shown) else ""
+    return [f"{name} (" + ", ".join(f"{key.split('.')[1]}={s.get(key)}" for key in shown) + f"{more})"
+            if s and differing else name for name, s in zip(names, settings)]
 
 
-def plot(run_dirs, out: Path):
+def plot(run_dirs, out: Path) -> list[str]:
+    """Draw the runs' curves into `out`; returns each run's name with every setting that tells it
+    apart (the legend shows the first few)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -128,6 +141,7 @@ def plot(run_dirs, out: Path):
     if len({Path(d).resolve().parent for d in run_dirs}) > 1:  # runs of several folders (experiments): say which
         names = [f"{Path(d).resolve().parent.name}/{Path(d).resolve().name}" for d in run_dirs]
     settings = [run_settings(d) for d in run_dirs]
+    full_names = labels(names, settings, limit=None)
     names = labels(names, settings)
     per_token = ("loss (nats/token: not across tokenizers)"  # (bits per byte compares them)
                  if len({s.get("dataset.tokenizer") for s in settings if s}) > 1 else "loss (nats per token)")
@@ -186,6 +200,7 @@ def plot(run_dirs, out: Path):
     fig.tight_layout(rect=(0, 0.025 * rows + 0.01, 1, 1))
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    return full_names
 
 
 def main(argv=None) -> int:
@@ -199,11 +214,13 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        plot(args.runs, out)
+        runs = plot(args.runs, out)
     except (PlotError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}:")
+    for run in runs:
+        print(f"  {run}")
     return 0
 
 

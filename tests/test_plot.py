@@ -110,14 +110,36 @@ def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch)
         "a (seed=1)", "b (seed=2)"]
     assert plot.labels(["a", "b", "c"], [{"training.seed": 1}, {}, {"training.seed": 1}]) == ["a", "b", "c"]
     assert plot.labels(["a"], [{"training.seed": 1}]) == ["a"]  # one run: its name
+    assert plot.labels(["a"], [{"training.seed": 1, "training.max_iters": "40→60"}]) == [
+        "a (max_iters=40→60)"]  # ... and what its resumes changed
+    sweep = [{"dataset.tokenizer": tokenizer, "model.vocab_size": vocab, "model.n_layer": layers, "training.batch_size": 16,
+              "training.learning_rate": lr, "training.eval_iters": 20} for tokenizer, vocab, layers, lr in (
+        ("bytes", 256, 1, 1e-3), ("bytes", 256, 1, 3e-3), ("bytes", 256, 2, 1e-2), ("bpe.json", 512, 1, 3e-2))]
+    sweep[3]["training.batch_size"], sweep[3]["training.eval_iters"] = 8, 4
+    assert plot.labels(list("abcd"), sweep) == [  # the swept learning rate first; vocab_size follows the tokenizer
+        f"{name} (tokenizer={s['dataset.tokenizer']}, learning_rate={s['training.learning_rate']}, n_layer="
+        f"{s['model.n_layer']}, batch_size={s['training.batch_size']}, ...)" for name, s in zip("abcd", sweep)]
+    assert plot.labels(["d"], sweep[3:], limit=None) == ["d"]
+    assert plot.labels(list("abcd"), sweep, limit=None)[3] == (
+        "d (tokenizer=bpe.json, learning_rate=0.03, n_layer=1, batch_size=8, eval_iters=4)")  # (validation differs)
+    sweep[0]["model.vocab_size"] = 320  # not implied by the tokenizer any more
+    assert "vocab_size=320" in plot.labels(list("abcd"), sweep, limit=None)[0]
     resumed = tmp_path / "run_a"  # resumed twice with other settings: the values it had, in turn
     for step, lr in ((10, 0.005), (20, 0.002)):
         (resumed / f"config_resume_{step}.yaml").write_text(yaml.safe_dump({"training": {"learning_rate": lr}}))
     assert plot.run_settings(resumed)["training.learning_rate"] == "0.01→0.005→0.002"
     assert plot.run_settings(resumed)["dataset.tokenizer"] == "bytes"
+    tuned = tmp_path / "run_d"  # fine-tuned from an export, then resumed: labelled by the export it started from
+    tuned.mkdir()
+    (tuned / "config.yaml").write_text(yaml.safe_dump({"training": {"resume_from_checkpoint": "exports/a"}}))
+    (tuned / "config_resume_10.yaml").write_text(yaml.safe_dump(
+        {"training": {"resume_from_checkpoint": str(tuned / "checkpoint_10.pt")}}))
+    assert plot.run_settings(tuned)["training.resume_from_checkpoint"] == "exports/a"
+    assert "resume_from_checkpoint=exports/a)" in plot.labels(
+        ["c", "d"], [plot.run_settings(tmp_path / "run_c"), plot.run_settings(tuned)])[1]
 
 
-def test_experiments_of_their_own_folders_are_plotted_together_and_their_names_fit(tmp_path, monkeypatch):
+def test_experiments_of_their_own_folders_are_plotted_together_and_their_names_fit(tmp_path, monkeypatch, capsys):
     """checkpoint_dir=ck/<experiment> for each: `plot.py ck` finds their runs, names them by
     experiment, and the legend of long names stays inside the picture."""
     import json
@@ -137,8 +159,9 @@ def test_experiments_of_their_own_folders_are_plotted_together_and_their_names_f
     assert plot.main([str(tmp_path / "ck"), "--out", str(tmp_path / "a.png")]) == 0
     [figure], [runs] = figures, figures[0].legends
     names = [text.get_text() for text in runs.get_texts()]
-    assert names[0] == ("bpe2048/run_20261124_023835 (tokenizer=tokenizers/bpe2048.json, vocab_size=2048, "
-                        "max_iters=2088, warmup_iters=2048)")
+    assert names[0] == ("bpe2048/run_20261124_023835 (tokenizer=tokenizers/bpe2048.json, max_iters=2088, "
+                        "warmup_iters=2048)")  # (not the vocab_size each tokenizer implies)
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'a.png'}:\n" + "".join(f"  {name}\n" for name in names)
     figure.canvas.draw()
     box, width = runs.get_window_extent(), figure.bbox.width
     assert 0 <= box.x0 and box.x1 <= width and box.y0 >= 0
