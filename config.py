@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from config_file import ConfigError, apply_override, in_file_order, read_yaml, suggest, typed_section
-from distributed import first_process, launched_by_torchrun
+from distributed import first_process, launched_by_torchrun, tell_torchrun
 from model import BDHConfig
 
 
@@ -366,8 +366,10 @@ def load_config(args) -> Config:
             raise ConfigError(problems)
         return cfg
     except ConfigError as e:
-        for problem in in_file_order(e.problems, args.config) if rank_zero else ():
+        problems = in_file_order(e.problems, args.config)
+        for problem in problems if rank_zero else ():
             print(f"config error: {problem}", file=sys.stderr)
+        tell_torchrun(f"config error: {problems[0]}" + f" (and {len(problems) - 1} more)" * (len(problems) > 1))
         raise SystemExit(2)
 
 

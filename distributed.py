@@ -12,9 +12,11 @@ process and sample.py read them.
 """
 import atexit
 import datetime
+import json
 import logging
 import os
 import sys
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -81,6 +83,20 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def tell_torchrun(message: str):
+    """Under torchrun: `message`, the line that says why this rank failed, for the summary torchrun
+    prints when a rank fails (its "traceback" is what the rank wrote to TORCHELASTIC_ERROR_FILE, as
+    JSON {"message": str, "timestamp": int}; without that file it shows a link to its docs, forty lines
+    below the error)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"message": message, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass
+
+
 def first_process() -> bool:
     """Whether this is rank 0, or the only process, by torchrun's environment (before the process group)."""
     return os.environ.get("RANK", "0") == "0"
@@ -92,11 +108,17 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
     if not launched_by_torchrun():
         if training.distributed == "fsdp":
             print("note: training.distributed=fsdp shards across processes; a single process "
-                  "trains unsharded (launch with torchrun --nproc_per_node=N to shard)")
+                  "trains unsharded (torchrun --nproc_per_node=N, N of 2 or more, shards)")
         if training.distributed_timeout_s != type(training).distributed_timeout_s:  # (its default)
             print(f"note: training.distributed_timeout_s {training.distributed_timeout_s} is not used: one process, "
                   f"no other ranks to wait for")
         return Ranks(), device
+    if missing := [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]:
+        world = os.environ["WORLD_SIZE"]
+        named = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
+        raise DistributedError(f"WORLD_SIZE={world} is set, but {named} "
+                               f"{'is' if len(missing) == 1 else 'are'} not: start the processes with torchrun "
+                               f"(torchrun --nproc_per_node={world} train.py ...), or unset WORLD_SIZE for one process")
     ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                   int(os.environ.get("LOCAL_RANK", 0)), training.distributed)
     if device.type == "mps":
@@ -111,7 +133,15 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=training.distributed_timeout_s)
     _JOINED.append(ranks.rank)
-    dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    try:
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    except (RuntimeError, ValueError) as e:  # (dist.DistError is a RuntimeError)
+        _PEERS_LOST.append(ranks.rank)
+        raise DistributedError(f"rank {ranks.rank}: joining the other ranks failed ({shortened(last_line(e), 200)}): "
+                               f"a rank that failed to start has its error above (none if it hangs, or a signal "
+                               f"killed it); they wait at most training.distributed_timeout_s = "
+                               f"{training.distributed_timeout_s} s for each other; every node must run the same "
+                               f"command, with the same --rdzv-endpoint (or --master_addr and --master_port)") from None
     if backend == "nccl":
         try:
             ranks.cpu_group = dist.new_group(backend="gloo", timeout=timeout)

@@ -43,7 +43,7 @@ from config import add_config_arguments, learning_rate, load_config, step_tokens
 from config_file import parse_arguments
 from data import loader_workers, prepare_data, rank_positions, stop_loader_workers, train_loader
 from distributed import (DistributedError, Ranks, communication_failure, exit_with, first_process, gradient_sync,
-                         local_tensor, shutdown, start, wrap)
+                         local_tensor, shutdown, start, tell_torchrun, wrap)
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
 from files import script_here
 from fp8 import FP8Error, fp8_matmuls
@@ -345,6 +345,13 @@ def stopped_at_once() -> int:
     return 130
 
 
+def failed(line: str) -> int:
+    """The exit status of a run that `line` says failed, printed (and under torchrun, given to its summary)."""
+    print(line, file=sys.stderr)
+    tell_torchrun(line)
+    return 1
+
+
 def rank_of(ranks: Ranks) -> str:
     return f" (rank {ranks.rank})" if ranks.enabled else ""
 
@@ -374,8 +381,7 @@ def main(argv=None) -> int:
         return train(cfg, arguments, ranks, device, command_line=set(overrides))
     except (DataError, TokenizerError, CheckpointError, MetricsError, TrainingError, DeviceError,
             DistributedError, FP8Error, LowBitError) as e:
-        print(f"error{rank_of(ranks)}: {one_line(e)}", file=sys.stderr)
-        return 1
+        return failed(f"error{rank_of(ranks)}: {one_line(e)}")
     except StoppedWhileClosing as e:  # the checkpoint is saved: the run ended as asked, its logs cut short
         print(f"\n{e.args[0]}\n(stopped while closing the logs: their last records may be missing)")
         return 0
@@ -385,13 +391,11 @@ def main(argv=None) -> int:
         if interrupted(e):  # torch.compile wraps a KeyboardInterrupt raised while it compiles
             return stopped_at_once()
         if (request := out_of_memory(e)) is not None:
-            print(f"error{rank_of(ranks)}: out of memory on {device} (asked for {request}): {memory_fix(cfg)}; "
-                  f"checkpoints written before are intact", file=sys.stderr)
-            return 1
+            return failed(f"error{rank_of(ranks)}: out of memory on {device} (asked for {request}): {memory_fix(cfg)}; "
+                          f"checkpoints written before are intact")
         if (failure := communication_failure(e, ranks, cfg.training.distributed_timeout_s)) is None:
             raise
-        print(f"error{rank_of(ranks)}: {failure}", file=sys.stderr)
-        return 1
+        return failed(f"error{rank_of(ranks)}: {failure}")
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

@@ -221,11 +221,52 @@ def test_settings_for_several_processes_are_noted_in_one(capsys):
     cfg = Config.from_dict({"training": {"distributed": "fsdp", "distributed_timeout_s": 60}})
     assert distributed.start(cfg, torch.device("cpu")) == (distributed.Ranks(), torch.device("cpu"))
     assert capsys.readouterr().out == (
-        "note: training.distributed=fsdp shards across processes; a single process trains unsharded (launch with "
-        "torchrun --nproc_per_node=N to shard)\nnote: training.distributed_timeout_s 60 is not used: one process, no "
-        "other ranks to wait for\n")
+        "note: training.distributed=fsdp shards across processes; a single process trains unsharded (torchrun "
+        "--nproc_per_node=N, N of 2 or more, shards)\nnote: training.distributed_timeout_s 60 is not used: one process, "
+        "no other ranks to wait for\n")
     distributed.start(Config(), torch.device("cpu"))
     assert capsys.readouterr().out == ""
+
+
+def test_a_process_given_part_of_torchrun_s_environment_says_what_is_missing(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # left over in a shell, say
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(distributed.DistributedError, match=r"^WORLD_SIZE=2 is set, but RANK, MASTER_ADDR and MASTER_PORT "
+                                                           r"are not: start the processes with torchrun \(torchrun "
+                                                           r"--nproc_per_node=2 train.py ...\), or unset WORLD_SIZE"):
+        distributed.start(Config(), torch.device("cpu"))
+
+
+def test_a_rank_that_cannot_join_says_so_in_one_line(monkeypatch):
+    """init_process_group waits for every rank: one that never comes ends it with a store timeout."""
+    monkeypatch.setattr(distributed, "_JOINED", [])
+    monkeypatch.setattr(distributed, "_PEERS_LOST", [])
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(name, value)
+
+    def store_timeout(*args, **kwargs):
+        raise torch.distributed.DistStoreError("wait timeout after 15000ms, keys: /default_pg/0//cpu//0/1")
+    monkeypatch.setattr(torch.distributed, "init_process_group", store_timeout)
+    with pytest.raises(distributed.DistributedError) as failure:
+        distributed.start(Config.from_dict({"training": {"distributed_timeout_s": 15}}), torch.device("cpu"))
+    assert str(failure.value).startswith("rank 1: joining the other ranks failed (wait timeout after 15000ms, keys: "
+                                         "/default_pg/0//cpu//0/1): a rank that failed to start has its error above")
+    assert "training.distributed_timeout_s = 15 s" in str(failure.value) and distributed._PEERS_LOST == [1]
+
+
+def test_torchrun_s_summary_shows_a_failed_rank_s_error(tmp_path, corpus, monkeypatch, capsys):
+    """torchrun's summary of a failed rank reads TORCHELASTIC_ERROR_FILE (torch's own reader, here)."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert train.main(["--config", str(write_config(tmp_path, corpus)), f"dataset.parquet_dir={tmp_path / 'nope'}"]) == 1
+    line = capsys.readouterr().err.rstrip("\n")
+    assert line.startswith("error: ") and ProcessFailure(0, 1, 1, str(error_file)).message == line
+    with pytest.raises(SystemExit):
+        train.main(["--config", str(write_config(tmp_path, corpus)), "training.lr=1", "model.n_layer=x"])
+    assert ProcessFailure(0, 1, 2, str(error_file)).message.startswith("config error: ")
+    assert ProcessFailure(0, 1, 2, str(error_file)).message.endswith(" (and 1 more)")
 
 
 def test_fsdp_refusal_is_one_line_before_training(tmp_path, corpus, monkeypatch, capsys):

@@ -181,7 +181,11 @@ def test_the_same_readers_laid_out_otherwise_continue_where_they_stopped(corpus,
     no_workers = data_order(cfg, units, 0)
     assert resume_point(cfg, units, 1, 1, no_workers, saved[:1], 5) == (saved[:1], 5)
     dealt, _ = resume_point(cfg, units, 3, 1, one_process, saved, 12)
-    assert len(dealt) == 3 and all("units" in p for p in dealt) and "dealt anew" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert len(dealt) == 3 and all("units" in p for p in dealt) and "dealt anew" in out
+    assert "; dataloader.num_workers=2 would keep its 2 readers, each continuing where it stopped): " in out
+    resume_point(cfg, units, 3, 1, {**one_process, "training.seed": 7}, saved, 12)  # another seed too: no such hint
+    assert "would keep" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("change", [{"val_fraction": 0.2}, {"text_column": "body"}])
