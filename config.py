@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from config_file import ConfigError, apply_override, in_file_order, read_yaml, suggest, typed_section
-from distributed import first_process, launched_by_torchrun, tell_torchrun
+from distributed import first_process, launched_by_torchrun
+from files import tell_torchrun
 from model import BDHConfig
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from files import ZIP_MAGIC, relative_to_here
+from files import ZIP_MAGIC, relative_to_here, tell_torchrun
 
 # PyYAML (YAML 1.1) reads 1e-3 and 1e5 as strings; a number field accepts exactly these (an int one if whole).
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
@@ -339,6 +339,12 @@ def parse_arguments(parser, argv=None):
     --temperature), and telling an override written as an option (--training.seed=3, or nanoGPT's
     --max_iters 10 where the parser takes overrides: config.add_config_arguments) how to write it."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    error = parser.error
+
+    def told(message):  # under torchrun, its failure summary shows a usage error too
+        tell_torchrun(f"{parser.prog}: error: {message}")
+        error(message)
+    parser.error = told
     # overrides on both sides of an option; after `--` every word is positional, which only the plain parser keeps
     args, unknown = (parser.parse_known_args if "--" in argv else parser.parse_known_intermixed_args)(argv)
     options = [option for action in parser._actions for option in action.option_strings]

@@ -12,17 +12,17 @@ process and sample.py read them.
 """
 import atexit
 import datetime
-import json
 import logging
 import os
 import sys
-import time
+import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from files import tell_torchrun
 from runtime import first_line, last_line, shortened
 
 
@@ -83,20 +83,6 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def tell_torchrun(message: str):
-    """Under torchrun: `message`, the line that says why this rank failed, for the summary torchrun
-    prints when a rank fails (its "traceback" is what the rank wrote to TORCHELASTIC_ERROR_FILE, as
-    JSON {"message": str, "timestamp": int}; without that file it shows a link to its docs, forty lines
-    below the error)."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path:
-        try:
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump({"message": message, "timestamp": int(time.time())}, f)
-        except OSError:
-            pass
-
-
 def first_process() -> bool:
     """Whether this is rank 0, or the only process, by torchrun's environment (before the process group)."""
     return os.environ.get("RANK", "0") == "0"
@@ -118,9 +104,12 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
         named = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
         raise DistributedError(f"WORLD_SIZE={world} is set, but {named} "
                                f"{'is' if len(missing) == 1 else 'are'} not: start the processes with torchrun "
-                               f"(torchrun --nproc_per_node={world} train.py ...), or unset WORLD_SIZE for one process")
+                               f"(torchrun --nproc_per_node=N train.py ...), or unset WORLD_SIZE for one process")
     ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                   int(os.environ.get("LOCAL_RANK", 0)), training.distributed)
+    if not 0 <= ranks.rank < ranks.world_size:
+        raise DistributedError(f"RANK={ranks.rank} with WORLD_SIZE={ranks.world_size}: a rank is 0 to WORLD_SIZE - 1; "
+                               f"start the processes with torchrun, which numbers them")
     if device.type == "mps":
         raise DistributedError("torchrun with training.device mps: no distributed backend runs "
                                "on mps; set training.device=cpu or use CUDA GPUs")
@@ -136,12 +125,7 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
     try:
         dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
     except (RuntimeError, ValueError) as e:  # (dist.DistError is a RuntimeError)
-        _PEERS_LOST.append(ranks.rank)
-        raise DistributedError(f"rank {ranks.rank}: joining the other ranks failed ({shortened(last_line(e), 200)}): "
-                               f"a rank that failed to start has its error above (none if it hangs, or a signal "
-                               f"killed it); they wait at most training.distributed_timeout_s = "
-                               f"{training.distributed_timeout_s} s for each other; every node must run the same "
-                               f"command, with the same --rdzv-endpoint (or --master_addr and --master_port)") from None
+        raise joining_failure(e, ranks, training.distributed_timeout_s) from None
     if backend == "nccl":
         try:
             ranks.cpu_group = dist.new_group(backend="gloo", timeout=timeout)
@@ -155,6 +139,28 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
 
 
 _JOINED = []  # start() joined a process group: its threads live until the process ends (see exit_with)
+def joining_failure(e: Exception, ranks: Ranks, timeout_s: int) -> DistributedError:
+    """The line for init_process_group's failure: the others did not come (a consequence, like a
+    lost peer), the address is taken, or another problem in torchrun's settings."""
+    text = shortened(last_line(e), 200)
+    if "EADDRINUSE" in text or "address already in use" in text.lower():
+        return DistributedError(f"rank {ranks.rank}: the rendezvous address is taken ({text}): another job holds its "
+                                f"port; give torchrun another (--rdzv-endpoint HOST:PORT, or --master_port)")
+    if not isinstance(e, dist.DistError) or not any(s in text.lower() for s in ("timeout", "timed out", "connect")):
+        return DistributedError(f"rank {ranks.rank}: the process group could not start ({text}); check torchrun's "
+                                f"settings (--nproc_per_node, --nnodes, the rendezvous endpoint)")
+    _PEERS_LOST.append(ranks.rank)
+    return DistributedError(f"rank {ranks.rank}: joining the other ranks failed ({text}): a rank that failed to start "
+                            f"has its error above (none if it hangs, or a signal killed it); they wait at most "
+                            f"training.distributed_timeout_s = {timeout_s} s for each other; every node must run the "
+                            f"same command, with the same --rdzv-endpoint (or --master_addr and --master_port)")
+
+
+def peers_lost() -> bool:
+    """Whether this rank failed because another did (a collective, or joining them, failed)."""
+    return bool(_PEERS_LOST)
+
+
 _PEERS_LOST = []  # a collective failed (communication_failure): the process group cannot be torn down cleanly
 
 
@@ -179,8 +185,9 @@ def exit_with(main):
         if not _JOINED:
             raise
         status = 130
-    except Exception:
+    except Exception as e:
         sys.excepthook(*sys.exc_info())
+        tell_torchrun("".join(traceback.format_exception_only(e)).strip().splitlines()[-1])
         status = 1
     if _JOINED:
         try:

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from pathlib import Path
 
 DESKTOP_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}  # what a file browser leaves in a folder it showed
@@ -76,6 +77,23 @@ def atomic_write(path: Path, write):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def tell_torchrun(message: str, consequence: bool = False):
+    """Under torchrun: the line that says why this rank failed, for the summary torchrun prints when a
+    rank fails. Its "traceback" is what the rank wrote to TORCHELASTIC_ERROR_FILE (torch's format, as
+    its ErrorHandler writes it); without that file it is a link to its docs, forty lines below the
+    error. `consequence`: a failure that follows another rank's (a lost peer), dated a second later,
+    since the summary's root cause is the earliest."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    when = str(int(time.time()) + consequence)
+    record = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": when}}}
+    try:
+        atomic_write(Path(path), lambda f: f.write(json.dumps(record).encode()))
+    except OSError:  # (a full disk, say): the line is on stderr all the same
+        pass
 
 
 def write_folder(out_dir, write, replace=False, keep_existing=False, written_here=lambda path: False):

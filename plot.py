@@ -103,7 +103,12 @@ def run_settings(run_dir: Path) -> dict:
                     values_seen.append(value)
     if STARTED_FROM in history:  # where it started; its resumes' checkpoints are its own
         history[STARTED_FROM] = history[STARTED_FROM][:1]
-    return {key: values[0] if len(values) == 1 else "→".join(map(str, values)) for key, values in history.items()}
+    return {key: values[0] if len(values) == 1 else Changed("→".join(map(str, values)))
+            for key, values in history.items()}
+
+
+class Changed(str):
+    """A setting's values as a resume changed them: first→...→last."""
 
 
 def labels(names: list[str], settings: list[dict], limit: int | None = MAX_LABEL_SETTINGS) -> list[str]:
@@ -114,7 +119,7 @@ def labels(names: list[str], settings: list[dict], limit: int | None = MAX_LABEL
     known = [s for s in settings if s]
     values = lambda key: {repr(s.get(key)) for s in known}  # noqa: E731
     differing = [key for key in dict.fromkeys(k for s in known for k in s) if not key.startswith(NOT_IN_LABELS)
-                 and (len(values(key)) > 1 or any("→" in str(s[key]) for s in known if key in s))]
+                 and (len(values(key)) > 1 or any(isinstance(s.get(key), Changed) for s in known))]
     tokenizers = {s.get("dataset.tokenizer") for s in known}
     if "dataset.tokenizer" in differing and all(  # a vocab_size each tokenizer implies says nothing more
             len({repr(s.get("model.vocab_size")) for s in known if s.get("dataset.tokenizer") == t}) == 1

@@ -202,8 +202,9 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
         return saved_positions, batches_consumed // old_workers * max(1, workers)
     saved_readers = old_workers * saved_order.get("world_size", 0)
     if set(changed_keys) <= {WORKERS_KEY, "world_size"} and saved_readers and saved_readers % world_size == 0:
-        changed[-1] += (f"; dataloader.num_workers={saved_readers // world_size} would keep its {saved_readers} "
-                        f"readers, each continuing where it stopped")
+        keeps = saved_order[WORKERS_KEY] if saved_order.get("world_size") == world_size else saved_readers // world_size
+        changed[-1] += (f"; dataloader.num_workers={keeps} would keep its {saved_readers} "
+                        f"reader{'s' * (saved_readers != 1)}, each continuing where it stopped")
     same_units = all(k in saved_order and saved_order[k] == order.get(k) for k in SAME_UNITS
                      if k in order or k in saved_order)
     if same_units and all(k in saved_order for k in (WORKERS_KEY, "world_size", "training.seed")):

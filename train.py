@@ -43,9 +43,9 @@ from config import add_config_arguments, learning_rate, load_config, step_tokens
 from config_file import parse_arguments
 from data import loader_workers, prepare_data, rank_positions, stop_loader_workers, train_loader
 from distributed import (DistributedError, Ranks, communication_failure, exit_with, first_process, gradient_sync,
-                         local_tensor, shutdown, start, tell_torchrun, wrap)
+                         local_tensor, peers_lost, shutdown, start, wrap)
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
-from files import script_here
+from files import script_here, tell_torchrun
 from fp8 import FP8Error, fp8_matmuls
 from lowbit import LowBitError, quantization_aware_view
 from metrics import (MetricsError, MetricsLog, StepLog, check_installed, describe_run, evaluation_lines,
@@ -345,10 +345,11 @@ def stopped_at_once() -> int:
     return 130
 
 
-def failed(line: str) -> int:
-    """The exit status of a run that `line` says failed, printed (and under torchrun, given to its summary)."""
+def failed(line: str, consequence: bool = False) -> int:
+    """The exit status of a run that `line` says failed, printed (and under torchrun, given to its
+    summary; `consequence`: of another rank's failure)."""
     print(line, file=sys.stderr)
-    tell_torchrun(line)
+    tell_torchrun(line, consequence)
     return 1
 
 
@@ -381,7 +382,7 @@ def main(argv=None) -> int:
         return train(cfg, arguments, ranks, device, command_line=set(overrides))
     except (DataError, TokenizerError, CheckpointError, MetricsError, TrainingError, DeviceError,
             DistributedError, FP8Error, LowBitError) as e:
-        return failed(f"error{rank_of(ranks)}: {one_line(e)}")
+        return failed(f"error{rank_of(ranks)}: {one_line(e)}", consequence=peers_lost())
     except StoppedWhileClosing as e:  # the checkpoint is saved: the run ended as asked, its logs cut short
         print(f"\n{e.args[0]}\n(stopped while closing the logs: their last records may be missing)")
         return 0
@@ -395,7 +396,7 @@ def main(argv=None) -> int:
                           f"checkpoints written before are intact")
         if (failure := communication_failure(e, ranks, cfg.training.distributed_timeout_s)) is None:
             raise
-        return failed(f"error{rank_of(ranks)}: {failure}")
+        return failed(f"error{rank_of(ranks)}: {failure}", consequence=True)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

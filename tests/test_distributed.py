@@ -2,6 +2,7 @@
 import atexit
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -234,39 +235,72 @@ def test_a_process_given_part_of_torchrun_s_environment_says_what_is_missing(mon
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(distributed.DistributedError, match=r"^WORLD_SIZE=2 is set, but RANK, MASTER_ADDR and MASTER_PORT "
                                                            r"are not: start the processes with torchrun \(torchrun "
-                                                           r"--nproc_per_node=2 train.py ...\), or unset WORLD_SIZE"):
+                                                           r"--nproc_per_node=N train.py ...\), or unset WORLD_SIZE"):
+        distributed.start(Config(), torch.device("cpu"))
+    for name, value in (("RANK", "5"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(distributed.DistributedError, match=r"^RANK=5 with WORLD_SIZE=2: a rank is 0 to WORLD_SIZE - 1"):
         distributed.start(Config(), torch.device("cpu"))
 
 
-def test_a_rank_that_cannot_join_says_so_in_one_line(monkeypatch):
-    """init_process_group waits for every rank: one that never comes ends it with a store timeout."""
+@pytest.mark.parametrize("error,message,lost", [
+    (torch.distributed.DistStoreError("wait timeout after 15000ms, keys: /default_pg/0//cpu//0/1"),  # a rank never came
+     "rank 1: joining the other ranks failed (wait timeout after 15000ms, keys: /default_pg/0//cpu//0/1): a rank that "
+     "failed to start has its error above", True),
+    (torch.distributed.DistNetworkError("The server socket has failed to listen on any local network address. port: "
+                                        "29500, useIpv6: false, code: -98, name: EADDRINUSE, message: address already "
+                                        "in use"),
+     "rank 1: the rendezvous address is taken (The server socket", False),
+    (ValueError("invalid literal for int() with base 10: 'abc'"),
+     "rank 1: the process group could not start (invalid literal for int() with base 10: 'abc'); check torchrun's", False),
+])
+def test_a_rank_that_cannot_join_says_why_in_one_line(monkeypatch, error, message, lost):
+    """init_process_group waits for every rank: one that never comes ends it with a store timeout, a
+    consequence of another rank's failure; the other failures are this rank's own."""
     monkeypatch.setattr(distributed, "_JOINED", [])
     monkeypatch.setattr(distributed, "_PEERS_LOST", [])
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
         monkeypatch.setenv(name, value)
 
-    def store_timeout(*args, **kwargs):
-        raise torch.distributed.DistStoreError("wait timeout after 15000ms, keys: /default_pg/0//cpu//0/1")
-    monkeypatch.setattr(torch.distributed, "init_process_group", store_timeout)
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(torch.distributed, "init_process_group", fail)
     with pytest.raises(distributed.DistributedError) as failure:
         distributed.start(Config.from_dict({"training": {"distributed_timeout_s": 15}}), torch.device("cpu"))
-    assert str(failure.value).startswith("rank 1: joining the other ranks failed (wait timeout after 15000ms, keys: "
-                                         "/default_pg/0//cpu//0/1): a rank that failed to start has its error above")
-    assert "training.distributed_timeout_s = 15 s" in str(failure.value) and distributed._PEERS_LOST == [1]
+    assert str(failure.value).startswith(message) and distributed.peers_lost() == lost
+    assert ("training.distributed_timeout_s = 15 s" in str(failure.value)) == lost
 
 
 def test_torchrun_s_summary_shows_a_failed_rank_s_error(tmp_path, corpus, monkeypatch, capsys):
-    """torchrun's summary of a failed rank reads TORCHELASTIC_ERROR_FILE (torch's own reader, here)."""
-    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+    """torchrun's summary of failed ranks reads TORCHELASTIC_ERROR_FILE: torch's own reader and format, here.
+    Its root cause is the earliest failure: a rank that lost its peer dates its own a second later."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+
+    def summary(status):
+        return ChildFailedError("train.py", {0: ProcessFailure(0, 1, status, str(error_file))}).format_msg()
     assert train.main(["--config", str(write_config(tmp_path, corpus)), f"dataset.parquet_dir={tmp_path / 'nope'}"]) == 1
     line = capsys.readouterr().err.rstrip("\n")
-    assert line.startswith("error: ") and ProcessFailure(0, 1, 1, str(error_file)).message == line
+    assert line.startswith("error: ") and f"traceback : {line}\n" in summary(1)
     with pytest.raises(SystemExit):
         train.main(["--config", str(write_config(tmp_path, corpus)), "training.lr=1", "model.n_layer=x"])
-    assert ProcessFailure(0, 1, 2, str(error_file)).message.startswith("config error: ")
-    assert ProcessFailure(0, 1, 2, str(error_file)).message.endswith(" (and 1 more)")
+    assert re.search(r"traceback : config error: .* \(and 1 more\)\n", summary(2))
+    with pytest.raises(SystemExit):
+        train.main(["--config", str(write_config(tmp_path, corpus)), "--max_iters", "3"])  # argparse's own error
+    assert re.search(r"traceback : \S+: error: unrecognized argument --max_iters: settings are given as", summary(2))
+    monkeypatch.setattr(train, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("Connection closed by peer")))
+    monkeypatch.setattr(distributed, "_PEERS_LOST", [])
+    monkeypatch.setattr(distributed, "_JOINED", [])  # (exit_with below: as one process)
+    monkeypatch.setattr(train, "start", lambda cfg, device: (distributed.Ranks(0, 2), device))
+    before = int(time.time())
+    assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 1  # a lost peer: the other rank's fault
+    assert "communication with the other ranks failed" in summary(1)
+    assert ProcessFailure(0, 1, 1, str(error_file)).timestamp >= before + 1
+    monkeypatch.setattr(train, "train", lambda *a, **k: 1 / 0)  # what nothing expects: its last line
+    with pytest.raises(SystemExit):
+        distributed.exit_with(lambda: train.main(["--config", str(write_config(tmp_path, corpus))]))
+    assert "traceback : ZeroDivisionError: division by zero\n" in summary(1)
 
 
 def test_fsdp_refusal_is_one_line_before_training(tmp_path, corpus, monkeypatch, capsys):

@@ -110,8 +110,9 @@ def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch)
         "a (seed=1)", "b (seed=2)"]
     assert plot.labels(["a", "b", "c"], [{"training.seed": 1}, {}, {"training.seed": 1}]) == ["a", "b", "c"]
     assert plot.labels(["a"], [{"training.seed": 1}]) == ["a"]  # one run: its name
-    assert plot.labels(["a"], [{"training.seed": 1, "training.max_iters": "40→60"}]) == [
+    assert plot.labels(["a"], [{"training.seed": 1, "training.max_iters": plot.Changed("40→60")}]) == [
         "a (max_iters=40→60)"]  # ... and what its resumes changed
+    assert plot.labels(["a"], [{"dataset.parquet_dir": "data/en→de"}]) == ["a"]  # (an arrow of its own: no change)
     sweep = [{"dataset.tokenizer": tokenizer, "model.vocab_size": vocab, "model.n_layer": layers, "training.batch_size": 16,
               "training.learning_rate": lr, "training.eval_iters": 20} for tokenizer, vocab, layers, lr in (
         ("bytes", 256, 1, 1e-3), ("bytes", 256, 1, 3e-3), ("bytes", 256, 2, 1e-2), ("bpe.json", 512, 1, 3e-2))]

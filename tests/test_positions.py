@@ -186,6 +186,9 @@ def test_the_same_readers_laid_out_otherwise_continue_where_they_stopped(corpus,
     assert "; dataloader.num_workers=2 would keep its 2 readers, each continuing where it stopped): " in out
     resume_point(cfg, units, 3, 1, {**one_process, "training.seed": 7}, saved, 12)  # another seed too: no such hint
     assert "would keep" not in capsys.readouterr().out
+    resume_point(cfg, units, 2, 1, no_workers, saved[:1], 5)  # from the process's own reader (no workers)
+    assert "; dataloader.num_workers=0 would keep its 1 reader, each continuing where it stopped): " in (
+        capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("change", [{"val_fraction": 0.2}, {"text_column": "body"}])
