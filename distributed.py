@@ -156,6 +156,14 @@ def joining_failure(e: Exception, ranks: Ranks, timeout_s: int) -> DistributedEr
                             f"same command, with the same --rdzv-endpoint (or --master_addr and --master_port)")
 
 
+def failed(line: str, consequence: bool = False) -> int:
+    """The exit status of a run that `line` says failed, printed (and under torchrun, given to its
+    summary; `consequence`: of another rank's failure)."""
+    print(line, file=sys.stderr)
+    tell_torchrun(line, consequence)
+    return 1
+
+
 def peers_lost() -> bool:
     """Whether this rank failed because another did (a collective, or joining them, failed)."""
     return bool(_PEERS_LOST)

@@ -42,10 +42,10 @@ from checkpoint import CheckpointError
 from config import add_config_arguments, learning_rate, load_config, step_tokens
 from config_file import parse_arguments
 from data import loader_workers, prepare_data, rank_positions, stop_loader_workers, train_loader
-from distributed import (DistributedError, Ranks, communication_failure, exit_with, first_process, gradient_sync,
-                         local_tensor, peers_lost, shutdown, start, wrap)
+from distributed import (DistributedError, Ranks, communication_failure, exit_with, failed, first_process,
+                         gradient_sync, local_tensor, peers_lost, shutdown, start, wrap)
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
-from files import script_here, tell_torchrun
+from files import script_here
 from fp8 import FP8Error, fp8_matmuls
 from lowbit import LowBitError, quantization_aware_view
 from metrics import (MetricsError, MetricsLog, StepLog, check_installed, describe_run, evaluation_lines,
@@ -343,14 +343,6 @@ def stopped_at_once() -> int:
     if first_process():  # (under torchrun every rank heard the signal: once)
         print(STOPPED_AT_ONCE, file=sys.stderr)
     return 130
-
-
-def failed(line: str, consequence: bool = False) -> int:
-    """The exit status of a run that `line` says failed, printed (and under torchrun, given to its
-    summary; `consequence`: of another rank's failure)."""
-    print(line, file=sys.stderr)
-    tell_torchrun(line, consequence)
-    return 1
 
 
 def rank_of(ranks: Ranks) -> str:
