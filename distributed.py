@@ -139,6 +139,9 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
 
 
 _JOINED = []  # start() joined a process group: its threads live until the process ends (see exit_with)
+_PEERS_LOST = []  # a collective, or joining, failed: the process group cannot be torn down cleanly
+
+
 def joining_failure(e: Exception, ranks: Ranks, timeout_s: int) -> DistributedError:
     """The line for init_process_group's failure: the others did not come (a consequence, like a
     lost peer), the address is taken, or another problem in torchrun's settings."""
@@ -167,9 +170,6 @@ def failed(line: str, consequence: bool = False) -> int:
 def peers_lost() -> bool:
     """Whether this rank failed because another did (a collective, or joining them, failed)."""
     return bool(_PEERS_LOST)
-
-
-_PEERS_LOST = []  # a collective failed (communication_failure): the process group cannot be torn down cleanly
 
 
 def shutdown():
