@@ -8,23 +8,20 @@ wrote starts a fine-tuning run instead: its weights only.
 import math
 import os
 import random
-import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from adamw4bit import convert_adamw_state
-from checkpoint import Checkpoint, CheckpointError, is_export, load_export, peek_checkpoint
-from config import learning_rate, step_tokens
-from positions import SHARDS, data_order, resume_point
+from checkpoint import Checkpoint, CheckpointError, is_export, load_export
 from distributed import full_state, load_full_state, load_full_weights
 from locate import checkpoint_candidates, is_run_directory, open_checkpoint, resumable_runs
-from model import BDHConfig
+from positions import SHARDS, data_order, resume_point
+from resume_checks import (check_same_data, check_same_model, check_same_tokenizer, evaluated_weights, found_as_newest,
+                           global_batch_change, schedule_jump, tokens_before, validation_change)
 from rundir import RunDir, hold_auto_start
-from tokenizer import TokenizerError, load_tokenizer, tokenizer_from_string
 
 
 @dataclass
@@ -207,38 +204,6 @@ def continues_in_place(path: Path) -> bool:
     return is_run_directory(path.parent) and os.access(path.parent, os.W_OK)
 
 
-def check_same_data(ckpt, dataset, shards_now: str, command_line, path, named: bool):
-    """A resume that continues a run in its own directory reads the run's training data, unless the
-    command line gives other data: a setting the run was started with on the command line, left out
-    of the resume command, would continue the run on the config file's data (and prune the
-    checkpoints of the run as it was). A run found by `latest` or `auto` (not `named`) is never
-    continued on other data: the newest run in checkpoint_dir may be another experiment's."""
-    saved = ckpt.config.get("dataset", {})
-    for key in ("parquet_dir", "text_column"):
-        now, before, setting = getattr(dataset, key), saved.get(key, getattr(dataset, key)), f"dataset.{key}"
-        same_shards = key == "parquet_dir" and (ckpt.data_order or {}).get(SHARDS) == shards_now  # (moved, say)
-        if same_setting(setting, before, now) or same_shards or (named and setting in command_line):
-            continue
-        other_data = shlex.quote(f"{setting}={now}")
-        if not named:  # naming the run is what lets other data on the command line continue it
-            other_data = f"{shlex.quote(f'training.resume_from_checkpoint={path.parent}')} {other_data}"
-        raise CheckpointError(
-            f"{path}: the run trained on {setting} {before!r}, and this command reads {now!r}: a resume "
-            f"continues on the run's data: add {shlex.quote(f'{setting}={before}')} (was it given on the command "
-            f"line when the run started?), or, to train {'this run ' * (not named)}on {now!r} from here, give "
-            f"that on the command line: {other_data}")
-
-
-def check_same_model(saved_config: dict, model_config: BDHConfig, path):
-    """Refuses weights of another model shape (dropout may differ: it is not a shape)."""
-    differing = [f"{k}: checkpoint {saved_config.get(k)!r}, config {v!r}"
-                 for k, v in asdict(model_config).items()
-                 if k != "dropout" and saved_config.get(k) != v]
-    if differing:
-        raise CheckpointError(f"{path}: the checkpoint is from a different model shape; set "
-                              f"model.* to match it or start a new run. Differences: " + "; ".join(differing))
-
-
 def optimizer_state_for(optimizer, saved: dict, names: dict) -> dict:
     """The saved optimizer state (keyed by parameter name) ready to load into `optimizer`: its
     parameter groups take the current settings (betas, weight decay, ...; the config decides
@@ -255,43 +220,6 @@ def optimizer_state_for(optimizer, saved: dict, names: dict) -> dict:
     return saved
 
 
-def schedule_jump(ckpt, training) -> str | None:
-    """A note when the learning rate of the next step differs from the checkpoint's schedule: a
-    finished run extended with more max_iters goes back up the cosine."""
-    step = ckpt.step + 1
-    before, now = learning_rate(step, saved_training(ckpt, training)), learning_rate(step, training)
-    if math.isclose(before, now, rel_tol=0.01):
-        return None
-    return (f"  note: the learning-rate schedule changed: step {step} runs at lr {now:.2e}, {before:.2e} in the "
-            f"checkpoint's schedule (max_iters, warmup_iters, learning_rate, min_lr)"
-            + ("; the loss may rise for a while after this jump up" if now > before else ""))
-
-
-def tokens_before(ckpt, training) -> int:
-    """The tokens trained on up to a checkpoint written before they were counted (version 0.4.0):
-    its steps times its own tokens per step, as far as it recorded them."""
-    return ckpt.step * step_tokens(saved_training(ckpt, training), max(1, len(ckpt.rng)))
-
-
-def global_batch_change(ckpt, training, world_size: int) -> str:
-    """On another number of processes: how the tokens of a step change, and the
-    gradient_accumulation_steps (or else the batch_size) that keeps them where one does."""
-    before, now = step_tokens(saved_training(ckpt, training), len(ckpt.rng)), step_tokens(training, world_size)
-    if before == now:
-        return ""
-    micro_step = now // training.gradient_accumulation_steps  # over all processes
-    row = now // training.batch_size  # the tokens of one batch row over the accumulation and the processes
-    keep = (f"; training.gradient_accumulation_steps={before // micro_step} keeps {before:,}"
-            if before % micro_step == 0 else
-            f"; training.batch_size={before // row} keeps {before:,}" if before % row == 0 else "")
-    return f", and a step trains on {now:,} tokens where it trained on {before:,}{keep}"
-
-
-def saved_training(ckpt, training):
-    """The checkpoint's training settings (this run's where it recorded none)."""
-    return SimpleNamespace(**{**asdict(training), **ckpt.config.get("training", {})})
-
-
 def fine_tune_from_export(cfg, model, tokenizer, ranks):
     """training.resume_from_checkpoint names a folder that export.py wrote: its weights, with a
     fresh optimizer, from step 1, in a new run directory (an export holds no optimizer or data state)."""
@@ -303,128 +231,3 @@ def fine_tune_from_export(cfg, model, tokenizer, ranks):
     print(f"fine-tuning the model exported to {folder} (step {config['bdh_export']['step']} of its run): its weights, "
           f"a fresh optimizer, from step 1, in a new run directory")
     return RunDir(cfg.training.checkpoint_dir, writer=ranks.main), Progress(), []
-
-
-def check_same_tokenizer(saved: str, tokenizer, path, saved_setting, saved_model: dict, model_config):
-    """Refuses another tokenizer than the one the weights were trained with, naming the settings
-    to give: `saved_setting`, the tokenizer file it came from, if that file still holds it; its
-    vocab_size if that differs too."""
-    saved = tokenizer_from_string(saved).to_str()  # as loaded now (a tokenizer.json's padding turned off)
-    if saved == tokenizer.to_str():
-        return
-    trained_with = "bytes" if saved == "bytes" else "another tokenizer.json"
-    written_out = saved != "bytes" and not holds_tokenizer(saved_setting, saved)
-    file = "DIR/tokenizer.json" if written_out else saved_setting
-    fix = ["dataset.tokenizer=" + ("bytes" if saved == "bytes" else file)]
-    if saved_model.get("vocab_size") != model_config.vocab_size:
-        fix.append(f"model.vocab_size={saved_model.get('vocab_size')}")
-    how = (f", DIR being where `python export.py --checkpoint {path} --out DIR` writes the one the checkpoint "
-           f"carries ({saved_setting} no longer holds it)" if written_out else "")
-    raise CheckpointError(f"{path}: the model was trained with {trained_with}, not dataset.tokenizer "
-                          f"{tokenizer.name}; set {' '.join(fix)}{how}; or start a new run")
-
-
-def data_settings_hint(cfg, problem: Exception) -> str:
-    """For an error in setting up the data or tokenizer on a resume: the checkpoint's own data and
-    tokenizer settings where the config differs (a run started with command-line overrides, resumed
-    without them), or, where the tokenizer file is gone, how to get the one the checkpoint carries."""
-    try:
-        [path, *_] = checkpoint_candidates(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir,
-                                           "training.resume_from_checkpoint")
-    except CheckpointError:
-        return ""
-    saved = (peek_checkpoint(path) or {}).get("config", {})
-    now = cfg.to_dict()
-
-    def as_override(value):  # what the command line reads back as the same value
-        return "null" if value is None else shlex.quote(str(value))
-    # a tokenizer's problem: the data's settings are beside the point
-    names = ("dataset.tokenizer", "model.vocab_size") if isinstance(problem, TokenizerError) else DATA_SETTINGS
-    recorded = [name for name in names if name.split(".")[1] in saved.get(name.split(".")[0], {})]
-    differ = [f"{name}={as_override(setting(saved, name))}" for name in recorded
-              if not same_setting(name, setting(saved, name), setting(now, name))]
-    if differ:
-        return (f"; the checkpoint's run had {' '.join(differ)}: if the change was not meant, give those again"
-                + (found_as_newest(cfg) if cfg.training.resume_from_checkpoint == "latest" else ""))
-    if isinstance(problem, TokenizerError) and cfg.dataset.tokenizer != "bytes":  # the run's own file is gone
-        return (f"; the checkpoint carries its tokenizer: `python export.py --checkpoint {path} --out DIR` writes it "
-                f"to DIR/tokenizer.json, for dataset.tokenizer=DIR/tokenizer.json")
-    return ""
-
-
-def found_as_newest(cfg) -> str:
-    """What a refusal adds where `latest` or `auto` chose the run: it may be another experiment's."""
-    return (f" (that run is the newest in training.checkpoint_dir {cfg.training.checkpoint_dir}, which `latest` and "
-            f"`auto` resume: to resume another, give its directory, or set training.checkpoint_dir to the folder "
-            f"that holds it)")
-
-
-DATA_SETTINGS = ("dataset.parquet_dir", "dataset.val_parquet_dir", "dataset.text_column", "dataset.tokenizer",
-                 "model.vocab_size")
-PATH_SETTINGS = ("dataset.parquet_dir", "dataset.val_parquet_dir", "dataset.tokenizer")
-
-
-def setting(config: dict, path: str):
-    """A setting of a config dict, by its dotted path (None if absent)."""
-    section, key = path.split(".")
-    return config.get(section, {}).get(key)
-
-
-def same_setting(path: str, before, after) -> bool:
-    """Two values of a setting; files and folders by where they are (data/x/ is ./data/x)."""
-    if path in PATH_SETTINGS and before and after:
-        return os.path.realpath(before) == os.path.realpath(after)
-    return before == after
-
-
-def holds_tokenizer(file, saved: str) -> bool:
-    try:
-        return file is not None and load_tokenizer(file).to_str() == saved
-    except TokenizerError:
-        return False
-
-
-VALIDATION_BATCHES = ("training.batch_size", "training.block_size", "training.eval_iters")  # what they measure
-
-
-def validation_change(saved: dict, now: dict, saved_shards: str | None = None, shards: str | None = None,
-                      saved_batches: str | None = None, batches: str | None = None) -> str | None:
-    """A warning if the validation documents or batches differ from those of the checkpoint's run
-    (configs `saved` and `now`); None if they are the same. Without val_parquet_dir they are a share of
-    parquet_dir's documents drawn from the seed: another seed or val_fraction holds out documents the
-    run has trained on. `saved_shards` and `shards`: the fingerprints of parquet_dir's shards
-    (data_order), which decide whether it holds the same documents wherever it is. `saved_batches`
-    and `batches`: the fingerprints of the validation batches themselves (evaluation.validation_fingerprint),
-    which decide, where both are known; the settings then only say why."""
-    if saved_batches and batches and saved_batches == batches:
-        return None  # the very same batches, wherever their files are now
-    def same(path):
-        if path == "dataset.parquet_dir" and saved_shards and shards:
-            return saved_shards == shards
-        return same_setting(path, setting(saved, path), setting(now, path))
-    by_fraction = not setting(now, "dataset.val_parquet_dir")
-    held_out = ["dataset.val_parquet_dir"] + (["dataset.val_fraction", "training.seed"] if by_fraction else [])
-    read_from = ["dataset.text_column"] + ["dataset.parquet_dir"] * by_fraction
-    documents = [path for path in held_out + read_from if not same(path)]
-    shapes = [path for path in VALIDATION_BATCHES if not same(path)]  # the first eval_iters batches of that shape
-    if not documents and not shapes:
-        if not (saved_batches and batches):
-            return None
-        documents = ["dataset.parquet_dir" if by_fraction else "dataset.val_parquet_dir"]  # rewritten in place
-    what = "; ".join(f"{path} {setting(now, path)!r}: its shards changed" if setting(saved, path) == setting(now, path)
-                     else f"{path}: {setting(saved, path)!r} -> {setting(now, path)!r}" for path in documents + shapes)
-    changes = "documents" if documents else "batches"
-    if by_fraction and documents and not set(read_from) & set(documents):  # the same documents, held out anew
-        keep = " ".join(f"{path}={setting(saved, path)}" for path in documents)
-        return (f"WARNING: the validation {changes} change on this resume ({what}): some of those held out now were "
-                f"trained on, so the validation loss reads low from here, and best.pt starts afresh; keep {keep} "
-                f"to keep the same ones")
-    return (f"WARNING: the validation {changes} change on this resume ({what}): losses from here on are not "
-            f"comparable with the earlier ones, and best.pt starts afresh")
-
-
-def evaluated_weights(low_precision: dict) -> str:
-    """What a validation loss measures: the weights as trained, or their 4-bit round trip."""
-    if not low_precision["use_4bit"]:
-        return "as trained"
-    return f"4-bit {low_precision['quantization_type']}, double quant {low_precision['use_double_quant']}"

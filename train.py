@@ -52,7 +52,8 @@ from metrics import (MetricsError, MetricsLog, StepLog, check_installed, describ
                      format_duration)
 from model import BDH
 from positions import data_order
-from resume import Progress, data_settings_hint, resume, resume_target, save, set_rng_state, torch_rng_state
+from resume import Progress, resume, resume_target, save, set_rng_state, torch_rng_state
+from resume_checks import data_settings_hint
 from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories
 from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_clock, emulated_dtype_warning, interrupted,
                      memory_fix, one_line, out_of_memory, peak_flops, pick_device, prepare_compile,

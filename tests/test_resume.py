@@ -21,7 +21,7 @@ import train
 from checkpoint import load_checkpoint
 from conftest import (DEVICES, ROOT, losses, make_corpus, only_run, run_dirs, start, write_config,
                       write_parquet)
-from resume import rng_state, set_rng_state, validation_change
+from resume import rng_state, set_rng_state
 from locate import checkpoints_in, open_checkpoint
 from tokenizer import load_tokenizer
 
@@ -349,46 +349,6 @@ def test_a_resume_may_switch_to_float16(tmp_path, corpus):
     assert load_checkpoint(run / "checkpoint_3.pt").scaler["scale"] > 0  # a fresh scaler, kept from here on
 
 
-def test_a_resume_that_changes_the_validation_documents_says_so():
-    by_fraction = {"training": {"seed": 1}, "dataset": {"parquet_dir": "d", "val_parquet_dir": None, "val_fraction": 0.05}}
-    assert validation_change(by_fraction, by_fraction) is None
-    assert validation_change(by_fraction, {**by_fraction, "training": {"seed": 1, "learning_rate": 0.1}}) is None
-    assert validation_change({**by_fraction, "training": {"seed": 1, "batch_size": 8}},
-                             {**by_fraction, "training": {"seed": 1, "batch_size": 16}}) == (
-        "WARNING: the validation batches change on this resume (training.batch_size: 8 -> 16): losses from here on "
-        "are not comparable with the earlier ones, and best.pt starts afresh")
-    reseeded = {**by_fraction, "training": {"seed": 5}}
-    assert validation_change(by_fraction, reseeded) == (
-        "WARNING: the validation documents change on this resume (training.seed: 1 -> 5): some of those held out now "
-        "were trained on, so the validation loss reads low from here, and best.pt starts afresh; keep "
-        "training.seed=1 to keep the same ones")
-    folder = {"training": {"seed": 1}, "dataset": {"parquet_dir": "d", "val_parquet_dir": "v", "val_fraction": 0.05}}
-    assert validation_change(folder, {**folder, "training": {"seed": 5}}) is None  # the seed splits nothing
-    assert "were trained on" in validation_change(folder, by_fraction)  # training read all of d
-    assert validation_change(by_fraction, {**by_fraction, "dataset": {**by_fraction["dataset"], "parquet_dir": "e"}}) \
-        .endswith("losses from here on are not comparable with the earlier ones, and best.pt starts afresh")
-    more_training_data = {**folder, "dataset": {**folder["dataset"], "parquet_dir": "d_more"}}
-    assert validation_change(folder, more_training_data, "shards", "more shards") is None  # validation is v's
-    moved = {**by_fraction, "dataset": {**by_fraction["dataset"], "parquet_dir": "elsewhere/d"}}
-    assert validation_change(by_fraction, moved, "shards", "shards") is None  # the same shards, moved
-    assert validation_change(by_fraction, moved, "shards", "other shards") is not None
-    written_otherwise = {**folder, "dataset": {**folder["dataset"], "val_parquet_dir": "./v/"}}
-    assert validation_change(folder, written_otherwise) is None
-    # the batches' own fingerprints decide where both are known; the settings say why
-    moved_folder = {**folder, "dataset": {**folder["dataset"], "val_parquet_dir": "elsewhere/v"}}
-    assert validation_change(folder, moved_folder, saved_batches="b", batches="b") is None
-    assert validation_change(folder, moved_folder, saved_batches="b", batches="other b") is not None
-    assert validation_change(folder, folder, saved_batches="b", batches="other b") == (
-        "WARNING: the validation documents change on this resume (dataset.val_parquet_dir 'v': its shards changed): "
-        "losses from here on are not comparable with the earlier ones, and best.pt starts afresh")
-    assert validation_change(folder, folder, saved_batches=None, batches="b") is None  # a checkpoint before 0.4.4
-    for config in (folder, by_fraction):  # other texts of the same rows
-        other_column = {**config, "dataset": {**config["dataset"], "text_column": "content"}}
-        assert validation_change(config, other_column) == (
-            "WARNING: the validation documents change on this resume (dataset.text_column: None -> 'content'): "
-            "losses from here on are not comparable with the earlier ones, and best.pt starts afresh")
-
-
 def test_extending_a_finished_run_says_that_the_learning_rate_jumps_and_takes_the_new_settings(tmp_path, corpus,
                                                                                                 capsys):
     path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, test_freq=100, warmup_iters=0, min_lr=0.001)
@@ -407,7 +367,7 @@ def test_extending_a_finished_run_says_that_the_learning_rate_jumps_and_takes_th
                      r"checkpoint's schedule .*; the loss may rise for a while after this jump up\n", out)
     from types import SimpleNamespace
     from config import TrainingConfig
-    from resume import schedule_jump
+    from resume_checks import schedule_jump
     saved = SimpleNamespace(step=4, config={"training": {"learning_rate": 0.01, "min_lr": 0.001, "max_iters": 100}})
     lower = schedule_jump(saved, TrainingConfig(learning_rate=0.002, min_lr=0.0001, max_iters=100))
     assert "step 5 runs at lr 1.00e-04, 5.00e-04 in the" in lower and "jump up" not in lower  # down: no rise to fear
@@ -475,19 +435,3 @@ def test_a_stop_before_the_first_evaluation_keeps_the_mark_of_a_changed_validati
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r.get("measured_anew")) for r in records if "val_loss" in r] == [(2, None), (4, None), (8, True)]
     assert not load_checkpoint(run / "checkpoint_8.pt").measured_anew
-
-
-def test_another_number_of_processes_is_told_what_keeps_the_tokens_of_a_step():
-    from types import SimpleNamespace
-    from config import TrainingConfig
-    from resume import global_batch_change
-    one_process = SimpleNamespace(config={"training": {"batch_size": 32, "block_size": 64}}, rng=[{}])
-    training = TrainingConfig(batch_size=32, block_size=64)
-    assert global_batch_change(one_process, training, 1) == ""
-    assert global_batch_change(one_process, training, 2) == (  # more processes: a smaller batch each
-        ", and a step trains on 4,096 tokens where it trained on 2,048; training.batch_size=16 keeps 2,048")
-    two_processes = SimpleNamespace(config=one_process.config, rng=[{}, {}])
-    assert global_batch_change(two_processes, training, 1).endswith(
-        "; training.gradient_accumulation_steps=2 keeps 4,096")
-    assert global_batch_change(one_process, TrainingConfig(batch_size=3, block_size=48), 2) == (
-        ", and a step trains on 288 tokens where it trained on 2,048")  # nothing whole keeps it

@@ -163,5 +163,5 @@ def test_padding_and_truncation_saved_in_the_file_are_turned_off(bpe_file):
     assert np.array_equal(padded.encode_documents(documents(DOCS)), plain.encode_documents(documents(DOCS)))
     assert padded.encode(DOCS[0]) == plain.encode(DOCS[0])
     from model import BDHConfig
-    from resume import check_same_tokenizer  # a checkpoint of an earlier version kept the padding: the same one
+    from resume_checks import check_same_tokenizer  # a checkpoint of an earlier version kept the padding: the same one
     check_same_tokenizer(saved.to_str(), plain, "ckpt.pt", str(bpe_file), {"vocab_size": 256}, BDHConfig())
