@@ -207,9 +207,15 @@ class RunDir:
         for path in later:
             path.rename(folder / path.name)
         moved = [p.name for p in later]
-        if (metrics := self.path / "metrics.jsonl").exists():  # all of its records (this branch keeps those up to step)
-            shutil.copy2(metrics, folder / metrics.name)
-            moved.append(f"a copy of {metrics.name}")
+        # copies of what the two branches share: all of the records (this branch keeps those up to
+        # step), and the settings before step, so that the folder describes its branch (plot.py's labels)
+        shared = [self.path / "metrics.jsonl", self.path / "config.yaml",
+                  *(path for at, path in resumed_configs(self.path) if at < step)]
+        copied = [path.name for path in shared if path.exists()]
+        for name in copied:
+            shutil.copy2(self.path / name, folder / name)
+        if copied:
+            moved.append(f"copies of {', '.join(copied)}" if len(copied) > 1 else f"a copy of {copied[0]}")
         return moved, folder
 
     def set_aside_best(self, step: int) -> str | None:

@@ -16,6 +16,7 @@ import train
 from checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from conftest import ROOT, run_dirs, write_config
 from locate import checkpoints_in, open_checkpoint
+from plot import run_settings
 from rundir import RunDir, clean_stale_temporaries, release_run_directories, unused
 
 
@@ -161,8 +162,11 @@ def test_a_resume_from_an_earlier_step_sets_the_abandoned_branch_aside(tmp_path,
                        "training.max_iters=5"]) == 0
     out = capsys.readouterr().out
     set_aside = sorted(p.name for p in (run / "abandoned_after_step_4").iterdir())
-    assert set_aside == (["best.pt", "checkpoint_6.pt"] if best_step > 4 else ["checkpoint_6.pt"]) + ["metrics.jsonl"]
+    assert set_aside == (["best.pt", "checkpoint_6.pt"] if best_step > 4 else ["checkpoint_6.pt"]) + [
+        "config.yaml", "metrics.jsonl"]
     assert "a new branch from step 4: the abandoned branch's checkpoint_6.pt" in out
+    assert "copies of metrics.jsonl, config.yaml moved to" in out
+    assert run_settings(run / "abandoned_after_step_4")["training.max_iters"] == 6  # plot.py labels the branch
     abandoned_records = (run / "abandoned_after_step_4" / "metrics.jsonl").read_text().splitlines()
     assert max(json.loads(line)["step"] for line in abandoned_records) == 6  # its curve, whole
     assert open_checkpoint("latest", str(tmp_path / "ck"))[0] == run / "checkpoint_5.pt"
@@ -172,7 +176,8 @@ def test_a_resume_from_an_earlier_step_sets_the_abandoned_branch_aside(tmp_path,
     # back to step 4 with the run's first settings: that branch's changed settings go aside with its checkpoints
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run / 'checkpoint_4.pt'}"]) == 0
     set_aside = {p.name for p in (run / "abandoned_after_step_4_2").iterdir()}
-    assert set_aside - {"best.pt"} == {"checkpoint_5.pt", "config_resume_4.yaml", "metrics.jsonl"}  # (best.pt: if step 5's was best)
+    assert set_aside - {"best.pt"} == {"checkpoint_5.pt", "config_resume_4.yaml", "config.yaml", "metrics.jsonl"}
+    assert run_settings(run / "abandoned_after_step_4_2")["training.max_iters"] == "6→5"  # (its resume's change)
     assert not list(run.glob("config_resume_*.yaml"))
 
 
