@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from corpus import MIN_ROW_GROUPS, ensure_sample_corpus
 from shards import DataError, ParquetFileCache, Unit, first_documents, list_units, read_unit_documents
 from stopping import SIGNALS
-from tokenizer import check_vocab_size, load_tokenizer, lost_text
+from tokenizer import check_vocab_size, load_tokenizer, lost_text, separator_in_text
 
 # a training reader that got no complete batch in its first this many epochs stops the run; once it
 # has had one, an epoch without one (its units dealt that way) is skipped, as an epoch's last partial
@@ -236,6 +236,8 @@ def prepare_data(cfg, ranks):
     too_large = check_vocab_size(tokenizer, cfg.model.vocab_size)
     if ranks.main and too_large and not cfg.training.resume_from_checkpoint:  # (a resume cannot change it)
         print(too_large)
+    if ranks.main and (note := separator_in_text(tokenizer)):
+        print(note)
     if ranks.main and tokenizer.turned_off:
         print(f"note: dataset.tokenizer {cfg.dataset.tokenizer}: its {' and '.join(tokenizer.turned_off)} turned off "
               f"(saved in the file for inference): training reads whole documents, without pad tokens")

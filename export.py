@@ -141,7 +141,9 @@ def write_export(folder: Path, ckpt, source: Path, out: str, hf: bool, four_bit:
     config = config_json(ckpt, tokenizer, source, hf, four_bit)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "tokenizer.json").write_text(tokenizer.to_hf_json())
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    # split_special_tokens: a literal <|endoftext|> in a text is text, as in training and sample.py
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                        "split_special_tokens": True}
     if tokenizer.to_str() != "bytes":  # its separator is a special token; the byte 0x00 is an ordinary one
         tokenizer_config.update(bos_token=SEPARATOR_TOKEN, eos_token=SEPARATOR_TOKEN)
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")

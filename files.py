@@ -214,6 +214,11 @@ def relative_to_here(path) -> str:
     return "" if Path(path).is_absolute() else f" (relative paths start from the current directory, {Path.cwd()})"
 
 
+def byte_amount(n: int) -> str:
+    """n bytes for a message: in MB from 1 MB (2**20 bytes), else in KB."""
+    return f"{n / 2**20:,.1f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} KB"
+
+
 def script_here(name: str) -> str:
     """The repository's script `name` (train.py) as a command run from the current folder writes
     it: the name alone in the repository's folder, else its full path."""

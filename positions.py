@@ -8,6 +8,7 @@ import numpy as np
 
 import shards
 from data import assign_units, deal, training_split
+from files import byte_amount
 from shards import Unit, rows_per_part
 
 # Settings that decide the order of the training windows: resuming with other values cannot
@@ -210,11 +211,10 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
     if same_units and all(k in saved_order for k in (WORKERS_KEY, "world_size", "training.seed")):
         positions, left, epoch, read_again = rest_of_epoch(units, saved_order, saved_positions, n_readers)
         share = read_again / max(1, sum(unit.num_bytes for unit in units))
-        twice = f"{read_again / 2**20:,.1f} MB" if read_again >= 2**20 else f"{read_again / 2**10:,.0f} KB"
         print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): the {left} of "
               f"{len(units)} (file, row group) units that epoch {epoch} has not finished are dealt anew "
               f"to {n_readers} reader{'s' * (n_readers != 1)}, then the epochs continue as usual; the parts "
-              f"being read start again, so about {twice} ({share:.1%} of the epoch) is read "
+              f"being read start again, so about {byte_amount(read_again)} ({share:.1%} of the epoch) is read "
               f"twice")
         return positions, 0
     first_epoch = 1 + max((p["epoch"] for p in saved_positions), default=-1)

@@ -21,7 +21,7 @@ from config import DatasetConfig, add_config_arguments, all_paths, load_config
 from config_file import parse_arguments
 from corpus import DOCUMENT_BYTES, ensure_sample_corpus, split_text, text_files_to_parquet
 from data import training_split, validation_batches
-from files import ARROW_MAGICS, PARQUET_MAGIC, ZIP_MAGIC, atomic_write, output_path, script_here
+from files import ARROW_MAGICS, PARQUET_MAGIC, ZIP_MAGIC, atomic_write, byte_amount, output_path, script_here
 from layout import PATTERN_CHARACTERS, arrow_advice
 from shards import DataError, ParquetFileCache, list_units, read_unit_documents
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
@@ -29,6 +29,7 @@ from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_
 FEW_DOCUMENTS = 100  # fewer: the default val_fraction holds out about 5 documents or fewer
 MIN_DOCUMENTS = 200  # a shorter text is cut finer than DOCUMENT_BYTES, unless --chunk-bytes is given
 SMALLEST_CHUNK = 256
+MAX_VOCAB_SIZE = 2**20  # a larger --vocab-size is a typo: tokenizers' trainer would allocate for it and abort
 MIN_TEXT_BYTES = 4096  # less: too few documents of the smallest size suggested (256 bytes) to hold some out
 
 
@@ -121,8 +122,8 @@ def training_texts(cfg, units, report_every_s=5.0):
                 n_bytes += pc.sum(pc.binary_length(docs)).as_py() or 0
             if time.time() - last > report_every_s or k == len(units) - 1:
                 last = time.time()
-                print(f"  read {n_bytes / 2**20:,.1f} MiB, {n_docs:,} documents, row group {k + 1:,} of "
-                      f"{len(units):,} ({(k + 1) / len(units):.0%}) in {last - started:.0f} s", flush=True)
+                print(f"  read {byte_amount(n_bytes)}, {n_docs:,} document{'s' * (n_docs != 1)}, row group "
+                      f"{k + 1:,} of {len(units):,} ({(k + 1) / len(units):.0%}) in {last - started:.0f} s", flush=True)
     finally:
         cache.close()
 
@@ -130,9 +131,6 @@ def training_texts(cfg, units, report_every_s=5.0):
 def train_tokenizer(cfg, vocab_size: int, out: str, config_arguments: list, replace: bool = False) -> str:
     """Train a byte-level BPE on the training split of the configured shards; write it to out.
     Returns the command to train with it: train.py with config_arguments (--config and the overrides)."""
-    if vocab_size < 258:
-        raise DataError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least 258 tokens (256 bytes, "
-                        f"{SEPARATOR_TOKEN} and a merge)")
     out = check_can_write_file(out, replace)  # before the training, not after it
     ensure_sample_corpus(cfg)
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
@@ -182,8 +180,18 @@ def main(argv=None):
         if item.partition("=")[0] in all_paths() and not os.path.lexists(item):
             args.from_text.remove(item)
             args.overrides.append(item)
-    if bool(args.from_text) == args.train_tokenizer or not args.out:
-        parser.error("give --from-text FILE ... --out DIR, or --train-tokenizer --out FILE.json")
+    if args.from_text and args.train_tokenizer:
+        parser.error("--from-text and --train-tokenizer are two steps: make the shards first (--from-text FILE ... "
+                     "--out DIR), then train the tokenizer on them (--train-tokenizer --out FILE.json "
+                     "dataset.parquet_dir=DIR)")
+    if not args.from_text and not args.train_tokenizer:
+        given = " (--vocab-size trains a tokenizer: add --train-tokenizer)" if args.vocab_size is not None else ""
+        parser.error(f"give --from-text FILE ... --out DIR, or --train-tokenizer --out FILE.json{given}")
+    if not args.out:
+        parser.error(f"--out is required: the {'folder of the shards' if args.from_text else 'tokenizer.json'} to write")
+    if args.vocab_size is not None and not 258 <= args.vocab_size <= MAX_VOCAB_SIZE:
+        parser.error(f"--vocab-size must be from 258 (256 bytes, {SEPARATOR_TOKEN} and a merge) to {MAX_VOCAB_SIZE:,} "
+                     f"(the largest vocabularies in use have about 256k tokens), got {args.vocab_size:,}")
     if args.from_text and (args.overrides or args.config or args.vocab_size is not None):
         given = " ".join([*(["--config"] * bool(args.config)), *(["--vocab-size"] * (args.vocab_size is not None)),
                           *args.overrides])

@@ -7,6 +7,7 @@ import math
 import os
 import shlex
 from dataclasses import asdict
+from pathlib import Path
 from types import SimpleNamespace
 
 from checkpoint import CheckpointError, peek_checkpoint
@@ -124,12 +125,14 @@ def data_settings_hint(cfg, problem: Exception) -> str:
     recorded = [name for name in names if name.split(".")[1] in saved.get(name.split(".")[0], {})]
     differ = [f"{name}={as_override(setting(saved, name))}" for name in recorded
               if not same_setting(name, setting(saved, name), setting(now, name))]
+    run_tokenizer = setting(saved, "dataset.tokenizer") or cfg.dataset.tokenizer
+    if isinstance(problem, TokenizerError) and run_tokenizer != "bytes" and not Path(run_tokenizer).is_file():
+        return (f"; the checkpoint carries its tokenizer ({run_tokenizer} is gone): `python export.py --checkpoint "
+                f"{path} --out DIR` writes it to DIR/tokenizer.json, for dataset.tokenizer=DIR/tokenizer.json")
     if differ:
-        return (f"; the checkpoint's run had {' '.join(differ)}: if the change was not meant, give those again"
+        return (f"; the checkpoint's run had {' '.join(differ)}: if the change was not meant, give "
+                f"{'those' if len(differ) > 1 else 'it'} again"
                 + (found_as_newest(cfg) if cfg.training.resume_from_checkpoint == "latest" else ""))
-    if isinstance(problem, TokenizerError) and cfg.dataset.tokenizer != "bytes":  # the run's own file is gone
-        return (f"; the checkpoint carries its tokenizer: `python export.py --checkpoint {path} --out DIR` writes it "
-                f"to DIR/tokenizer.json, for dataset.tokenizer=DIR/tokenizer.json")
     return ""
 
 

@@ -7,9 +7,10 @@
   token <|endoftext|>, which the tokenizer must have.
 
 Each document is followed by the separator, which marks document boundaries and starts generation
-when there is no prompt. With a tokenizer.json, document text never produces the separator (a
-literal "<|endoftext|>" in the text is encoded as ordinary text); with bytes, a NUL byte in the text
-is the separator byte. Invalid UTF-8 in the data is taken byte for byte by `bytes` and replaced by
+when there is no prompt. With a tokenizer.json, a literal "<|endoftext|>" in the text is encoded as
+ordinary text, unless the tokenizer's vocabulary has it as an ordinary token too (a Unigram trained
+with it as a special token): then it is the separator, and the run says so (separator_in_text);
+with bytes, a NUL byte in the text is the separator byte. Invalid UTF-8 in the data is taken byte for byte by `bytes` and replaced by
 U+FFFD for a tokenizer.json; decoding replaces what is not valid UTF-8.
 
 Bits per byte (evaluation.tokens_per_byte) count the UTF-8 bytes the validation tokens decode to,
@@ -183,9 +184,13 @@ def load_tokenizer(spec: str):
     except UnicodeDecodeError:
         raise TokenizerError(f"dataset.tokenizer: {spec}: not a Hugging Face tokenizer.json (not text: a binary "
                              f"file); {HOW_TO_NAME_ONE}") from None
+    except FileNotFoundError:
+        if spec.strip().lower() == "bytes":
+            raise TokenizerError(f"dataset.tokenizer: {spec} is no file: did you mean bytes?") from None
+        raise TokenizerError(f"dataset.tokenizer: {spec} does not exist{relative_to_here(spec)}; "
+                             f"{HOW_TO_NAME_ONE}") from None
     except OSError as e:
-        where = relative_to_here(spec) if isinstance(e, FileNotFoundError) else ""
-        raise TokenizerError(f"dataset.tokenizer: cannot read {spec} ({e.strerror or e}){where}; {HOW_TO_NAME_ONE}")
+        raise TokenizerError(f"dataset.tokenizer: cannot read {spec} ({e.strerror or e}); {HOW_TO_NAME_ONE}") from None
     try:
         return HFTokenizer(text, spec)
     except NotATokenizer as e:
@@ -230,10 +235,41 @@ def lost_text(tokenizer, texts) -> str | None:
     trains on what it keeps, and generates that. Bytes and byte-level BPEs keep everything."""
     for text in texts:
         if change := text_change(tokenizer, text):
+            fix = byte_level_fix(tokenizer)
             return (f"WARNING: dataset.tokenizer {tokenizer.name} does not give the text back: {change}; the model "
                     f"trains on (and writes) what it keeps, and bits per byte counts the bytes it gives back (compare "
-                    f"them between runs of this tokenizer only). A byte-level BPE (python prepare.py "
-                    f"--train-tokenizer) keeps every byte")
+                    f"them between runs of this tokenizer only). "
+                    + (f"It is a byte-level BPE, which keeps every byte once {fix}" if fix else
+                       "A byte-level BPE (python prepare.py --train-tokenizer) keeps every byte"))
+    return None
+
+
+def byte_level_fix(tokenizer) -> str | None:
+    """What makes a byte-level BPE give its text back: a ByteLevel decoder, and no space added in front
+    of each text; None where it is no byte-level BPE, or nothing of these is wrong."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return None
+    spec = json.loads(tokenizer.json)
+    pre_tokenizer = spec.get("pre_tokenizer") or {}
+    byte_level = [p for p in pre_tokenizer.get("pretokenizers", [pre_tokenizer]) if p.get("type") == "ByteLevel"]
+    if not byte_level:
+        return None
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return "it has a ByteLevel decoder (tokenizer.decoder = tokenizers.decoders.ByteLevel(), then save it)"
+    if any(p.get("add_prefix_space") for p in byte_level):
+        return "its ByteLevel pre-tokenizer's add_prefix_space is false (it puts a space before each text)"
+    return None
+
+
+def separator_in_text(tokenizer) -> str | None:
+    """A note where the text "<|endoftext|>" encodes to the separator: such text in a document cuts
+    it, as at a document boundary."""
+    for text in (SEPARATOR_TOKEN, f"a {SEPARATOR_TOKEN} b", f"a{SEPARATOR_TOKEN}b"):
+        if tokenizer.separator in tokenizer.encode(text):
+            return (f"note: dataset.tokenizer {tokenizer.name} encodes the text {SEPARATOR_TOKEN} as its document "
+                    f"separator (id {tokenizer.separator}), which its vocabulary holds as an ordinary token too: a "
+                    f"document that contains that text is cut there; a tokenizer from python prepare.py "
+                    f"--train-tokenizer keeps it as text")
     return None
 
 
@@ -252,6 +288,10 @@ def note_prompt_change(tokenizer, prompt: str):
     if change := text_change(tokenizer, prompt):
         print(f"note: the model's tokenizer does not give the prompt back: {change}; the model reads what it keeps",
               file=sys.stderr)
+    if tokenizer.separator in tokenizer.encode(prompt):
+        what = "NUL character" if isinstance(tokenizer, ByteTokenizer) else SEPARATOR_TOKEN
+        print(f"note: the prompt's {what} is the model's document separator: the model reads a document boundary "
+              f"there", file=sys.stderr)
 
 
 def add_prompt_arguments(parser, required: bool, purpose: str = "the text to continue"):

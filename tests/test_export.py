@@ -104,6 +104,8 @@ def test_a_bpe_model_exports_its_tokenizer(tmp_path, corpus, bpe_file, capsys, m
     assert ids.max() < 320  # padded ids (vocab_size 384) are never produced
     assert tokenizer.decode(ids[0]) == sample_text(capsys, "--checkpoint", str(out), "--prompt", "<00-0",
                                                    "--max-new-tokens", "30")
+    literal = "a <|endoftext|> b"  # text, as in training and sample.py: not the separator
+    assert tokenizer(literal)["input_ids"] == load_tokenizer(str(bpe_file)).encode(literal)
 
 
 def test_4bit_export_is_the_model_sample_4bit_serves(tmp_path, corpus, capsys, monkeypatch):

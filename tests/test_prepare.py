@@ -168,11 +168,26 @@ def test_train_tokenizer_refuses_text_too_short_for_a_merge(tmp_path, capsys):
     assert not (tmp_path / "t.json").exists()
 
 
-def test_train_tokenizer_refuses_a_vocabulary_without_merges(tmp_path, corpus, capsys):
-    config = write_config(tmp_path, corpus)
-    assert prepare.main(["--train-tokenizer", "--vocab-size", "257", "--out", str(tmp_path / "t.json"),
-                         "--config", str(config)]) == 1
-    assert "--vocab-size 257: a byte-level BPE needs at least 258 tokens" in capsys.readouterr().err
+@pytest.mark.parametrize("vocab_size", ["257", "-5", "100000000", "18446744073709551616"])
+def test_train_tokenizer_refuses_a_vocabulary_without_merges_or_past_any_in_use(tmp_path, capsys, vocab_size):
+    """Too large, a typo of a few zeros: the tokenizers library would allocate for it and abort."""
+    with pytest.raises(SystemExit):
+        prepare.main(["--train-tokenizer", "--vocab-size", vocab_size, "--out", str(tmp_path / "t.json")])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"error: --vocab-size must be from 258 (256 bytes, <|endoftext|> and a merge) to 1,048,576 (the "
+        f"largest vocabularies in use have about 256k tokens), got {int(vocab_size):,}")
+
+
+@pytest.mark.parametrize("arguments, error", [
+    (["--train-tokenizer", "--from-text", "a.txt", "--out", "t.json"], "--from-text and --train-tokenizer are two steps"),
+    (["--vocab-size", "300", "--out", "t.json"], "give --from-text FILE ... --out DIR, or --train-tokenizer --out "
+                                                  "FILE.json (--vocab-size trains a tokenizer: add --train-tokenizer)"),
+    (["--train-tokenizer"], "--out is required: the tokenizer.json to write"),
+    (["--from-text", "a.txt"], "--out is required: the folder of the shards to write")])
+def test_usage_errors_say_what_is_wrong(tmp_path, capsys, arguments, error):
+    with pytest.raises(SystemExit):
+        prepare.main(arguments)
+    assert capsys.readouterr().err.splitlines()[-1].partition(" error: ")[2].startswith(error)
 
 
 def test_from_text_refuses_a_folder_with_shards_unless_told_to_replace(tmp_path, capsys):

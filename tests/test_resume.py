@@ -403,14 +403,18 @@ def test_a_resume_whose_data_cannot_be_set_up_names_the_checkpoint_s_settings(tm
                                  f"model.vocab_size=320: if the change was not meant, give those again{newest}")
     assert train.main(resume_latest + started_with + [f"dataset.val_parquet_dir={tmp_path / 'nope'}"]) == 1
     assert capsys.readouterr().err.rstrip().endswith(
-        f"; the checkpoint's run had dataset.val_parquet_dir=null: if the change was not meant, give those again{newest}")
+        f"; the checkpoint's run had dataset.val_parquet_dir=null: if the change was not meant, give it again{newest}")
     bpe_file.rename(tmp_path / "elsewhere.json")
-    # with them, but the tokenizer file is gone (the same shards by a pattern are beside the point)
-    assert train.main(resume_latest + started_with + [f"dataset.parquet_dir={content / '*.parquet'}"]) == 1
+    # with them, but the tokenizer file is gone (the same shards by a pattern are beside the point); or
+    # another missing file given instead: the run's is not the one to point to
     [run] = run_dirs(tmp_path)
-    assert capsys.readouterr().err.rstrip().endswith(
-        f"; the checkpoint carries its tokenizer: `python export.py --checkpoint {run / 'checkpoint_2.pt'} --out DIR` "
-        f"writes it to DIR/tokenizer.json, for dataset.tokenizer=DIR/tokenizer.json")
+    export_hint = (f"; the checkpoint carries its tokenizer ({bpe_file} is gone): `python export.py --checkpoint "
+                   f"{run / 'checkpoint_2.pt'} --out DIR` writes it to DIR/tokenizer.json, for "
+                   f"dataset.tokenizer=DIR/tokenizer.json")
+    assert train.main(resume_latest + started_with + [f"dataset.parquet_dir={content / '*.parquet'}"]) == 1
+    assert capsys.readouterr().err.rstrip().endswith(export_hint)
+    assert train.main(resume_latest + started_with + [f"dataset.tokenizer={tmp_path / 'other.json'}"]) == 1
+    assert capsys.readouterr().err.rstrip().endswith(export_hint)
 
 
 def test_a_stop_before_the_first_evaluation_keeps_the_mark_of_a_changed_validation(tmp_path, corpus, monkeypatch):

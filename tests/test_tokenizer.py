@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from tokenizer import (SEPARATOR_TOKEN, ByteTokenizer, HFTokenizer, TokenizerError, check_vocab_size,
-                       load_tokenizer, lost_text, tokenizer_from_string)
+                       load_tokenizer, lost_text, note_prompt_change, separator_in_text, tokenizer_from_string)
 
 DOCS = ["héllo wörld, some words", "and more words <|endoftext|> inside", "x"]
 
@@ -56,8 +56,10 @@ def test_bytes_round_trip_and_invalid_utf8():
 
 
 def test_bad_tokenizer_files_are_one_line_errors(tmp_path, bpe_json):
-    with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: cannot read .*nope.json \(No such file"):
+    with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: .*nope.json does not exist; give the path of"):
         load_tokenizer(str(tmp_path / "nope.json"))
+    with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: Bytes is no file: did you mean bytes\?$"):
+        load_tokenizer("Bytes")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: .*bad.json: not a Hugging Face tokenizer.json "
                                              r"\(not JSON: .*; give the path of a tokenizer.json"):
@@ -119,6 +121,41 @@ def test_a_tokenizer_that_loses_text_is_warned_of(bpe_file):
     warning = lost_text(lossy, TEXTS)
     assert warning.startswith("WARNING: dataset.tokenizer a test tokenizer does not give the text back: 'def f(x):")
     assert "comes back as 'def f ( x ):" in warning
+    assert warning.endswith("A byte-level BPE (python prepare.py --train-tokenizer) keeps every byte")
+
+
+def test_a_byte_level_bpe_that_loses_text_is_told_what_to_fix(bpe_file):
+    """Built without its decoder ('ĠC it iz en'), or adding a space before each text: the warning names the
+    one setting, not 'use a byte-level BPE', which it is."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    no_decoder, prefixed = Tokenizer.from_file(str(bpe_file)), Tokenizer.from_file(str(bpe_file))
+    no_decoder.decoder = None
+    prefixed.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=True)])
+    assert lost_text(HFTokenizer(no_decoder.to_str(), "t.json"), TEXTS).endswith(
+        "It is a byte-level BPE, which keeps every byte once it has a ByteLevel decoder (tokenizer.decoder = "
+        "tokenizers.decoders.ByteLevel(), then save it)")
+    assert lost_text(HFTokenizer(prefixed.to_str(), "t.json"), TEXTS).endswith(
+        "once its ByteLevel pre-tokenizer's add_prefix_space is false (it puts a space before each text)")
+
+
+def test_a_tokenizer_whose_vocabulary_holds_the_separator_as_text_is_noted(bpe_file, capsys):
+    """A Unigram trained with <|endoftext|> as a special token has it in its own vocabulary too: the
+    literal text then encodes to the separator, and cuts the document it is in."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.train_from_iterator(TEXTS, trainers.UnigramTrainer(vocab_size=100, special_tokens=[SEPARATOR_TOKEN, "<unk>"],
+                                                           unk_token="<unk>", show_progress=False))
+    unigram = HFTokenizer(tok.to_str(), "unigram.json")
+    assert unigram.separator in unigram.encode(DOCS[1])
+    assert separator_in_text(unigram).startswith("note: dataset.tokenizer unigram.json encodes the text <|endoftext|> "
+                                                 "as its document separator (id 0)")
+    assert separator_in_text(load_tokenizer(str(bpe_file))) is None and separator_in_text(ByteTokenizer()) is None
+    note_prompt_change(unigram, DOCS[1])
+    note_prompt_change(load_tokenizer(str(bpe_file)), DOCS[1])
+    notes = capsys.readouterr().err.splitlines()  # (and the tiny unigram's lost text)
+    assert notes.count("note: the prompt's <|endoftext|> is the model's document separator: the model reads a "
+                       "document boundary there") == 1
 
 
 def test_bits_per_byte_of_a_sentencepiece_style_tokenizer_count_the_bytes_of_the_text():

@@ -285,7 +285,8 @@ def test_a_tokenizer_that_loses_text_is_warned_of_at_startup(tmp_path, corpus, c
 
 
 @pytest.mark.parametrize("problem,overrides,message", [
-    ("missing", ["dataset.tokenizer=nope.json"], "error: dataset.tokenizer: cannot read nope.json"),
+    ("missing", ["dataset.tokenizer=nope.json"],
+     "error: dataset.tokenizer: nope.json does not exist (relative paths start from the current directory"),
     ("too small", ["model.vocab_size=256"], "set model.vocab_size=320"),
 ])
 def test_tokenizer_problems_stop_before_training_in_one_line(tmp_path, corpus, bpe_file, capsys, problem, overrides, message):
