@@ -1,5 +1,5 @@
-"""Plot runs from their metrics.jsonl: losses against steps and tokens, bits per byte, learning
-rate, activation sparsity, training speed. Several runs are overlaid, each under its directory's
+"""Plot runs from their metrics.jsonl: losses against steps and tokens, bits per byte against the
+text read, learning rate, activation sparsity, training speed. Several runs are overlaid, each under its directory's
 name and the settings in which they differ.
 
     python plot.py RUN_DIR [RUN_DIR ...] [--out curves.png]
@@ -8,6 +8,7 @@ A folder of runs (checkpoints/) stands for every run in it; a folder of experime
 for every run in those (named experiment/run_...).
 """
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -132,6 +133,16 @@ def labels(names: list[str], settings: list[dict], limit: int | None = MAX_LABEL
             if s and differing else name for name, s in zip(names, settings)]
 
 
+def text_read(evaluation: dict) -> float | None:
+    """The bytes of training text read by an evaluation's step: its tokens x the bytes per token of the
+    validation text (val_loss / (bits per byte x ln 2)), the x of bits per byte, which then compares runs of
+    different tokenizers as the text they learnt from."""
+    tokens, loss, bpb = evaluation.get("tokens"), evaluation.get("val_loss"), evaluation.get("val_bits_per_byte")
+    if not (tokens and loss and bpb):
+        return None
+    return tokens * loss / (bpb * math.log(2))
+
+
 def plot(run_dirs, out: Path) -> list[str]:
     """Draw the runs' curves into `out`; returns each run's name with every setting that tells it
     apart (the legend shows the first few)."""
@@ -162,8 +173,8 @@ def plot(run_dirs, out: Path) -> list[str]:
             val_steps = [r["step"] for r in stretch]
             for ax, val_x in ((loss_steps, val_steps), (loss_tokens, [r.get("tokens") for r in stretch])):
                 ax.plot(val_x, [r["val_loss"] for r in stretch], color=color, **VALIDATION)
-            if any("val_bits_per_byte" in r for r in stretch):
-                bpb.plot(val_steps, [r.get("val_bits_per_byte") for r in stretch], "o-", color=color)
+            if measured := [r for r in stretch if text_read(r) is not None]:
+                bpb.plot([text_read(r) for r in measured], [r["val_bits_per_byte"] for r in measured], "o-", color=color)
             with_sparsity = [r for r in stretch if r.get("sparsity_x")]
             for key, style in LATENTS.items() if with_sparsity else ():
                 sparsity.plot([r["step"] for r in with_sparsity], [sum(r[key]) / len(r[key]) for r in with_sparsity],
@@ -175,7 +186,7 @@ def plot(run_dirs, out: Path) -> list[str]:
                        **one_point(timed))
     titles = (("loss against steps", "step", per_token),
               ("loss against tokens", "tokens", per_token),
-              ("validation bits per byte", "step", "bits per byte"),
+              ("validation bits per byte against text read", "training text read (bytes)", "bits per byte"),
               ("learning rate", "step", "learning rate"),
               ("active latent neurons (mean over layers)", "step", "fraction non-zero"),
               ("training speed", "step", "tokens/s"))
@@ -199,7 +210,8 @@ def plot(run_dirs, out: Path) -> list[str]:
     fig.legend(handles=[Line2D([], [], color=color, label=name) for name, color in zip(names, colors)],
                loc="lower center", ncol=columns, fontsize=9, frameon=False)
     loss_tokens.xaxis.set_major_formatter(EngFormatter())  # 50k, 100k, ... rather than digits that run together
-    for ax in (loss_steps, bpb, lr, sparsity, speed):
+    bpb.xaxis.set_major_formatter(EngFormatter(unit="B"))
+    for ax in (loss_steps, lr, sparsity, speed):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps: no 22.5 (nor 3.8 about one)
     speed.yaxis.set_major_formatter(EngFormatter())
     fig.tight_layout(rect=(0, 0.025 * rows + 0.01, 1, 1))

@@ -1,4 +1,5 @@
 """plot.py: curves of one or several runs from metrics.jsonl."""
+import math
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,15 @@ def test_validation_lines_break_where_a_resume_changed_what_they_measure(tmp_pat
     validation = [list(line.get_xdata()) for line in loss_steps.get_lines() if line.get_linestyle() == "--"]
     assert validation == [[1, 2], [3, 4, 5, 6]]
     assert [t.get_text() for t in loss_steps.get_legend().get_texts()] == ["train", "validation"]
+    bits_per_byte = [x for line in figures[0].axes[2].get_lines() for x in line.get_xdata()]
+    assert bits_per_byte == pytest.approx([r["tokens"] for r in records if "val_loss" in r])  # bytes: a token a byte
+
+
+def test_bits_per_byte_is_drawn_against_the_text_read_whatever_the_tokens():
+    """A BPE of 4 bytes a token has read 4 times the text of a byte run at the same tokens."""
+    assert plot.text_read({"tokens": 1000, "val_loss": 2.0, "val_bits_per_byte": 2.0 / math.log(2)}) == pytest.approx(1000)
+    assert plot.text_read({"tokens": 1000, "val_loss": 4.0, "val_bits_per_byte": 1.0 / math.log(2)}) == pytest.approx(4000)
+    assert plot.text_read({"step": 3, "val_loss": 2.0, "val_bits_per_byte": 2.9}) is None  # (no tokens recorded)
 
 
 def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch):
@@ -151,7 +161,7 @@ def test_experiments_of_their_own_folders_are_plotted_together_and_their_names_f
         run.mkdir(parents=True)
         (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "tokens": 64 * s, "train_loss": 5.0 - s,
                                                                "lr": 1e-3}) + "\n" for s in (1, 2, 3))
-                                           + json.dumps({"step": 3, "val_loss": 2.0, "val_bits_per_byte": 2.9}) + "\n")
+                                           + json.dumps({"step": 3, "tokens": 192, "val_loss": 2.0, "val_bits_per_byte": 2.9}) + "\n")
         config = {"model": {"vocab_size": vocab}, "training": {"max_iters": 40 + vocab, "warmup_iters": vocab},
                   "dataset": {"tokenizer": f"tokenizers/{experiment}.json"}}
         (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -167,4 +177,5 @@ def test_experiments_of_their_own_folders_are_plotted_together_and_their_names_f
     box, width = runs.get_window_extent(), figure.bbox.width
     assert 0 <= box.x0 and box.x1 <= width and box.y0 >= 0
     for panel in figure.axes[:6]:  # steps, not 1.5; one evaluation (bits per byte): not 2.95, 3.0, 3.05
-        assert all(tick == int(tick) for tick in panel.get_xticks()) or panel.get_xlabel() == "tokens"
+        assert all(tick == int(tick) for tick in panel.get_xticks()) or panel.get_xlabel() in (
+            "tokens", "training text read (bytes)")
