@@ -14,6 +14,7 @@ import atexit
 import datetime
 import logging
 import os
+import signal
 import sys
 import traceback
 from contextlib import contextmanager, nullcontext
@@ -197,6 +198,7 @@ def exit_with(main):
         sys.excepthook(*sys.exc_info())
         tell_torchrun("".join(traceback.format_exception_only(e)).strip().splitlines()[-1])
         status = 1
+    end_at_once_on_a_signal(status)
     if _JOINED:
         try:
             sys.exit(status)
@@ -208,6 +210,23 @@ def exit_with(main):
         sys.stderr.flush()
         os._exit(status)
     sys.exit(status)
+
+
+def end_at_once_on_a_signal(status: int):
+    """The script's status is decided: a signal while the process exits (W&B closing its run, the
+    interpreter's clean-up) ends it at once with that status, not 130 or 143 for a run that finished."""
+    from stopping import SIGNALS  # (stopping.py imports this module)
+
+    def end(_signum, _frame):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # no reader left, or closed
+                pass
+        os._exit(status)
+    for sig in SIGNALS:
+        if signal.getsignal(sig) != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
+            signal.signal(sig, end)
 
 
 def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:

@@ -391,12 +391,15 @@ def main(argv=None) -> int:
             raise
         return failed(f"error{rank_of(ranks)}: {failure}", consequence=True)
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        for sig, handler in handlers.items():  # the status is decided: a signal while the run tears down changes nothing
+            if handler != signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_IGN)
         stop_loader_workers(started_before=children)
         release_run_directories()
         shutdown()
         put_back_outputs(outputs)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

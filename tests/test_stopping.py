@@ -143,6 +143,17 @@ def test_the_resume_command_starts_the_run_as_it_was_started(monkeypatch):
     assert launcher(Ranks(0, 4)) == "torchrun <the same rendezvous flags> "
 
 
+def test_a_signal_once_the_run_has_ended_keeps_its_status(tmp_path, corpus, restore_handlers, monkeypatch):
+    """A Ctrl-C or a scheduler's SIGTERM just after `done:`, while the process tears down and exits, made a
+    finished run exit 130 or 143: a job script would take it for a failure, and run it again."""
+    monkeypatch.setattr(train, "stop_loader_workers", lambda **_: os.kill(os.getpid(), signal.SIGINT))
+    assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 0
+    exits_on_sigterm = ("import atexit, os, signal, time; from distributed import exit_with; "
+                        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30))); "
+                        "exit_with(lambda: 0)")  # (W&B closes its run in an exit function)
+    assert subprocess.run([sys.executable, "-c", exits_on_sigterm], cwd=ROOT, timeout=60).returncode == 0
+
+
 def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, corpus):
     path = write_config(tmp_path, corpus, max_iters=100000, checkpoint_freq=100000, test_freq=100000, log_freq=1000)
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(path), "model.dropout=0.1",
