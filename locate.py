@@ -4,7 +4,6 @@ them; the model the scripts read from one (an export.py folder too); the run a b
 wrote.
 """
 import difflib
-import math
 import re
 import subprocess
 import sys
@@ -26,13 +25,16 @@ def checkpoints_in(run_dir: Path) -> list[Path]:
 
 
 def resumable_in(run_dir: Path) -> list[Path]:
-    """The checkpoints a run continues from, newest first: its checkpoint_<step>.pt, and before them
-    best.pt when it is newer (saved after the evaluation of a step that a kill kept from its
-    checkpoint, or test_freq below checkpoint_freq): it holds the whole training state too."""
+    """The checkpoints a run continues from, newest first: its checkpoint_<step>.pt, and best.pt
+    among them by its step, after a checkpoint of the same step. It holds the whole training state
+    too: newer than the newest checkpoint where a kill came between the evaluation's best.pt and
+    the step's checkpoint (or test_freq is below checkpoint_freq), and the step's state still where
+    that checkpoint cannot be read."""
     found = checkpoints_in(run_dir)[::-1]
-    best_step = saved_step(run_dir / "best.pt") if (run_dir / "best.pt").is_file() else math.inf
-    if best_step < math.inf and (not found or best_step > int(CHECKPOINT_RE.match(found[0].name).group(1))):
-        found.insert(0, run_dir / "best.pt")
+    if (best := run_dir / "best.pt").is_file():
+        best_step = saved_step(best)
+        older = (i for i, path in enumerate(found) if int(CHECKPOINT_RE.match(path.name).group(1)) < best_step)
+        found.insert(next(older, len(found)), best)
     return found
 
 

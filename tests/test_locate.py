@@ -106,6 +106,11 @@ def test_latest_past_an_unreadable_checkpoint_says_why_it_is_set_aside(tmp_path,
     cut = (run / "checkpoint_4.pt").read_bytes()[:5000]  # a disk that filled up
     (run / "checkpoint_4.pt").write_bytes(cut)
     capsys.readouterr()
+    # best.pt of the same step (its evaluation's) holds that step's whole state: the newest to resume from
+    assert load_checkpoint(run / "best.pt").step == 4
+    assert open_checkpoint("latest", str(tmp_path / "ck"))[0] == open_checkpoint(str(run), "")[0] == run / "best.pt"
+    assert capsys.readouterr().err.count(f"skipped {run / 'checkpoint_4.pt'}") == 2
+    (run / "best.pt").unlink()
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest"]) == 0
     out = capsys.readouterr().out
     assert "step 2 is the newest checkpoint that can be read: the later checkpoint_4.pt" in out
