@@ -296,8 +296,9 @@ def load_full_weights(model, model_state: dict):
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
 
 
-def communication_failure(e: BaseException, ranks: Ranks, timeout_s: int) -> str | None:
-    """A clear line for a collective that timed out or lost its peer; None for other errors."""
+def communication_failure(e: BaseException, ranks: Ranks, timeout_s: int, resume: str | None = None) -> str | None:
+    """A clear line for a collective that timed out or lost its peer; None for other errors.
+    `resume`: the command that resumes from the run's newest checkpoint (None: none saved)."""
     text = str(e)
     if not ranks.enabled or not isinstance(e, (RuntimeError, dist.DistError)):
         return None
@@ -308,4 +309,4 @@ def communication_failure(e: BaseException, ranks: Ranks, timeout_s: int) -> str
     return (f"communication with the other ranks failed ({shortened(last_line(e), 200)}): if another rank died, hangs or "
             f"refused to start, its error is above (none if a signal killed it, as the kernel's out-of-memory "
             f"killer does; a collective waits at most training.distributed_timeout_s = {timeout_s} s); once that is "
-            f"fixed, resume from this run's directory if it saved a checkpoint, else run the same command again")
+            f"fixed, " + (f"resume with `{resume}`" if resume else "run the same command again (no checkpoint was saved)"))

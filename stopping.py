@@ -4,13 +4,15 @@ the command that resumes the run. GracefulStop hears the signal; under torchrun 
 rank at the same step; OutputWithoutReader keeps the run going when its output has no reader left.
 """
 import os
+import shlex
 import signal
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from distributed import Ranks
+from distributed import Ranks, first_process
 
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -194,6 +196,26 @@ class StepVote:
         self.pending = None
         work.wait()
         return bool(votes.item())
+
+
+# the command that resumes from this process's newest checkpoint (saved or resumed from): what a run
+# that ends abruptly says, after train() is gone (a second Ctrl-C, a lost peer)
+resume_command = []
+
+
+def resuming(ranks: Ranks, arguments: str, checkpoint: Path) -> str:
+    """The command that continues a run from its run directory (its newest checkpoint then)."""
+    return f"{launcher(ranks)}{arguments} {shlex.quote(f'training.resume_from_checkpoint={checkpoint.parent}')}"
+
+
+def stopped_at_once(resumed: bool = False) -> int:
+    """`resumed`: the run resumes a checkpoint (the signal may come before it is read)."""
+    if first_process():  # (under torchrun every rank heard the signal: once)
+        print("\ninterrupted: stopped at once: " + (
+            f"the steps since the last checkpoint are not saved; resume with:\n  {resume_command[0]}" if resume_command
+            else "before resuming: the checkpoints are as they were" if resumed else
+            "before the first checkpoint: nothing was saved"), file=sys.stderr)
+    return 130
 
 
 def launcher(ranks: Ranks) -> str:

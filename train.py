@@ -8,7 +8,6 @@ loops: step, log, evaluate (evaluation.py), checkpoint.
 """
 import os
 import signal
-import sys
 
 handlers_before_import = {}  # run as a script: the signal handlers main() gives back at the end
 if __name__ == "__main__":  # a signal while torch imports (seconds): one line, instead of a traceback from inside it
@@ -59,8 +58,8 @@ from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_cl
                      memory_fix, one_line, out_of_memory, peak_flops, pick_device, prepare_compile,
                      resolve_compute_dtype, steady_host_memory)
 from shards import DataError
-from stopping import (SAVING, SIGNALS, GracefulStop, StepVote, StoppedWhileClosing, launcher, outputs_without_reader,
-                      put_back_outputs)
+from stopping import (SAVING, SIGNALS, GracefulStop, StepVote, StoppedWhileClosing, outputs_without_reader,
+                      put_back_outputs, resume_command, resuming, stopped_at_once)
 from tokenizer import TokenizerError
 
 
@@ -121,6 +120,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
             print(f"nothing to do: the checkpoint {progress.last_saved} is at step {progress.step} and "
                   f"training.max_iters is {training.max_iters}; raise max_iters to train further")
             return 0
+        resume_command[:] = [resuming(ranks, arguments, progress.last_saved)]
     else:  # a new run, whose directory the first checkpoint creates
         run, progress = RunDir(training.checkpoint_dir, writer=ranks.main), Progress()
         start_positions = []
@@ -160,6 +160,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
         if ranks.any(not finite, device):
             raise non_finite("a weight", at.step, at.last_saved, training)
         at.last_saved = save_checkpoint(at)
+        resume_command[:] = [resuming(ranks, arguments, at.last_saved)]
         run.prune(training.keep_last_n)
         metrics.flush()  # the first checkpoint creates the run directory: what waited is written now
         print(f"saved {at.last_saved}", flush=True)
@@ -247,8 +248,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
             stopping = stopping or ranks.any(stop.heard, device)  # heard while saving: that one
         if stopping and step < training.max_iters:  # (at max_iters: done, as planned)
             stop.closing(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. Resume "
-                         f"with:\n  {launcher(ranks)}{arguments} "
-                         f"{shlex.quote(f'training.resume_from_checkpoint={progress.last_saved.parent}')}")
+                         f"with:\n  {resume_command[0]}")
             if step_log.steps:  # heard while evaluating or saving a step that was not logged: its line now
                 write_step_line(step_log, step, lr, progress)
             break
@@ -337,15 +337,6 @@ def non_finite(what: str, step: int, last_saved, training, float16: bool = False
                          f"training.debug=true to find the operation{overflow}")
 
 
-STOPPED_AT_ONCE = "\ninterrupted: stopped at once, without saving; checkpoints written before are intact"
-
-
-def stopped_at_once() -> int:
-    if first_process():  # (under torchrun every rank heard the signal: once)
-        print(STOPPED_AT_ONCE, file=sys.stderr)
-    return 130
-
-
 def rank_of(ranks: Ranks) -> str:
     return f" (rank {ranks.rank})" if ranks.enabled else ""
 
@@ -366,6 +357,8 @@ def main(argv=None) -> int:
             signal.signal(sig, signal.default_int_handler)
     children = multiprocessing.active_children()  # a calling program's own: not the loader's to stop
     ranks, device = Ranks(), cfg.training.device
+    resume_command.clear()
+    resumed = bool(cfg.training.resume_from_checkpoint)
     outputs = outputs_without_reader()
     try:
         ranks, device = start(cfg, pick_device(cfg.training.device))
@@ -380,14 +373,15 @@ def main(argv=None) -> int:
         print(f"\n{e.args[0]}\n(stopped while closing the logs: their last records may be missing)")
         return 0
     except KeyboardInterrupt:
-        return stopped_at_once()
+        return stopped_at_once(resumed)
     except Exception as e:
         if interrupted(e):  # torch.compile wraps a KeyboardInterrupt raised while it compiles
-            return stopped_at_once()
+            return stopped_at_once(resumed)
         if (request := out_of_memory(e)) is not None:
             return failed(f"error{rank_of(ranks)}: out of memory on {device} (asked for {request}): {memory_fix(cfg)}; "
                           f"checkpoints written before are intact")
-        if (failure := communication_failure(e, ranks, cfg.training.distributed_timeout_s)) is None:
+        resume = resume_command[0] if resume_command else None
+        if (failure := communication_failure(e, ranks, cfg.training.distributed_timeout_s, resume)) is None:
             raise
         return failed(f"error{rank_of(ranks)}: {failure}", consequence=True)
     finally:

@@ -127,22 +127,23 @@ def test_resume_of_a_two_process_run_is_exact(tmp_path, corpus):
 
 def test_a_hung_rank_stops_the_others_with_a_clear_error(tmp_path, corpus):
     config = write_config(tmp_path, corpus, max_iters=100000, test_freq=100000,
-                          checkpoint_freq=100000, distributed_timeout_s=15)
+                          checkpoint_freq=1, distributed_timeout_s=15)
     ranks, _store = spawn_ranks(config)
     try:
         for line in ranks[0].stdout:
-            if line.startswith("step 2/"):
+            if line.startswith("saved "):  # step 1's checkpoint
                 ranks[1].send_signal(signal.SIGSTOP)
                 stopped_at = time.monotonic()
                 break
         else:  # (every collective has the timeout: one while the ranks start, on a loaded machine)
-            pytest.fail("rank 0 ended before step 2: " + ranks[0].stderr.read()[-3000:])
+            pytest.fail("rank 0 ended before its first checkpoint: " + ranks[0].stderr.read()[-3000:])
         out, err = ranks[0].communicate(timeout=120)
         assert ranks[0].returncode == 1, err[-3000:]
         assert time.monotonic() - stopped_at < 60
         assert "error (rank 0): communication with the other ranks failed" in err
-        assert err.rstrip().endswith("resume from this run's directory if it saved a checkpoint, else run the same "
-                                     "command again")
+        assert err.rstrip().endswith(f"once that is fixed, resume with `torchrun --standalone --nproc_per_node=2 "
+                                     f"train.py --config {config} "
+                                     f"training.resume_from_checkpoint={only_run(tmp_path / 'ck')}`")
         assert "training.distributed_timeout_s = 15 s" in err and "Traceback" not in err
     finally:
         for proc in ranks:
@@ -179,8 +180,7 @@ def test_when_rank_0_refuses_to_start_the_others_point_to_its_error(tmp_path, co
     assert errors[0].startswith("error (rank 0): training.checkpoint_dir: ")
     assert errors[1].startswith("error (rank 1): communication with the other ranks failed (")
     assert "refused to start, its error is above" in errors[1]
-    assert errors[1].endswith("; once that is fixed, resume from this run's directory if it saved a checkpoint, "
-                              "else run the same command again\n")
+    assert errors[1].endswith("; once that is fixed, run the same command again (no checkpoint was saved)\n")
     assert errors[1].count("\n") == 1
 
 

@@ -18,11 +18,13 @@ import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, losses, only_run, rendezvous, run_dirs, write_config
 from distributed import Ranks
+from files import script_here
 from metrics import MetricsLog
 from stopping import (SAVING, SIGNALS, GracefulStop, OutputWithoutReader, StoppedWhileClosing, launcher,
-                      outputs_without_reader, put_back_outputs)
+                      outputs_without_reader, put_back_outputs, stopped_at_once)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+NOTHING_SAVED = "\ninterrupted: stopped at once: before the first checkpoint: nothing was saved\n"
 
 
 @pytest.fixture
@@ -106,6 +108,7 @@ def test_under_torchrun_repeated_signals_are_the_agent_forwarding_its_own(restor
 VOTE = """
 import os, sys, torch.distributed as dist
 from distributed import Ranks
+from files import script_here
 from stopping import StepVote
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -320,8 +323,10 @@ def test_sigterm_while_the_run_sets_up_stops_it_in_one_line(tmp_path, corpus, ca
             return 0
         monkeypatch.setattr(train, "train", setting_up)
         assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 130
-        assert capsys.readouterr().err == train.STOPPED_AT_ONCE + "\n" and not heard
+        assert capsys.readouterr().err == NOTHING_SAVED and not heard
         assert signal.getsignal(signal.SIGTERM) == hear  # the caller's handler is back
+        assert train.main(["--config", str(write_config(tmp_path, corpus)), "training.resume_from_checkpoint=latest"]) == 130
+        assert capsys.readouterr().err == "\ninterrupted: stopped at once: before resuming: the checkpoints are as they were\n"
         # run as a script: the handlers from before train.py's import-time ones (which say "before anything ran")
         monkeypatch.setattr(train, "handlers_before_import", {signal.SIGTERM: signal.SIG_DFL})
         assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 130
@@ -338,7 +343,7 @@ def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_pat
 
     def loader(*args, **kwargs):
         for i, batch in enumerate(real(*args, **kwargs)):
-            if i in signal_at:
+            for _ in range(signal_at.count(i)):
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.5)  # the handler runs here
             yield batch
@@ -346,12 +351,20 @@ def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_pat
     path = write_config(tmp_path, corpus, max_iters=20, checkpoint_freq=100, test_freq=100)
     signal_at[:] = [0]
     assert train.main(["--config", str(path)]) == 130
-    assert capsys.readouterr().err == train.STOPPED_AT_ONCE + "\n" and not (tmp_path / "ck").exists()
+    assert capsys.readouterr().err == NOTHING_SAVED and not (tmp_path / "ck").exists()
     signal_at[:] = [1]  # the second step's batch
     assert train.main(["--config", str(path)]) == 0
     assert "stopped by SIGTERM after step 2" in capsys.readouterr().out
+    signal_at[:] = [4, 4]  # two: the second stops at once, in the step after step 4's checkpoint (or step 5's)
+    assert train.main(["--config", str(path), "training.checkpoint_freq=2", "training.max_iters=10",
+                       "training.seed=5"]) == 130
+    run = sorted(run_dirs(tmp_path))[-1]
+    assert capsys.readouterr().err.endswith(
+        f"\ninterrupted: stopped at once: the steps since the last checkpoint are not saved; resume with:\n  python "
+        f"{script_here('train.py')} --config {path} training.checkpoint_freq=2 training.max_iters=10 "
+        f"training.seed=5 training.resume_from_checkpoint={run}\n")
     monkeypatch.setenv("RANK", "1")  # under torchrun every rank hears it: rank 0 says so
-    assert train.stopped_at_once() == 130 and capsys.readouterr().err == ""
+    assert stopped_at_once() == 130 and capsys.readouterr().err == ""
 
 
 def test_a_ctrl_c_that_torch_wraps_in_its_own_error_still_stops_in_one_line(tmp_path, corpus, capsys, monkeypatch):
@@ -363,5 +376,5 @@ def test_a_ctrl_c_that_torch_wraps_in_its_own_error_still_stops_in_one_line(tmp_
 
     monkeypatch.setattr(train, "train", compiling)
     assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 130
-    assert capsys.readouterr().err == train.STOPPED_AT_ONCE + "\n"
+    assert capsys.readouterr().err == NOTHING_SAVED
     assert not runtime.interrupted(RuntimeError("another error"))
