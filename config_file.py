@@ -270,6 +270,8 @@ def typed_section(name: str, section_cls, values: dict, all_paths: list[str]):
             elif isinstance(value, str) and value.strip().lower() in ("true", "false") and "true" in expected:
                 quote = (f"; {value.strip().lower()} in quotes is text: write it without them (`{key}: "
                          f"{value.strip().lower()}` in the file, {path}={value.strip().lower()} on the command line)")
+            elif expected == "int" and isinstance(value, str) and isinstance(converted, float):  # 1e-3 (YAML: text)
+                quote = f" (= {converted:g}: not a whole number)"
             elif expected.startswith("str") and value is None:
                 quote = f"; YAML reads an empty value or a bare ~ as none: give a value, in quotes if it is ~ (`{key}: \"~\"`)"
             got = f"{type(value).__name__} {value!r}" if value is not None else "no value"

@@ -100,7 +100,9 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
             runs = sorted(p.name for p in path.glob("run_*") if p.is_dir() and resumable_in(p))
             with_it = f"--checkpoint-dir {path}" if flag else f"training.checkpoint_dir={path}"
             hint = (f": it holds runs; give one (e.g. {path / runs[-1]}), or `latest` with {with_it}" if runs
-                    else ": export.py's output, not a checkpoint" if is_export(path) else "")
+                    else ": export.py's output, not a checkpoint" if is_export(path) else
+                    ": its run stopped before its first checkpoint" + ("" if flag else f"; start it again without {setting}")
+                    if is_run_directory(path) else "")
             raise CheckpointError(f"{setting}: {path} holds no checkpoint_<step>.pt{hint}")
         return found
     if not path.is_file():

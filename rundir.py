@@ -243,10 +243,12 @@ def unused(path: Path) -> Path:
     return candidate
 
 
-def clean_stale_temporaries(checkpoint_dir) -> int:
-    """Remove temporary files left by a process killed mid-write (never a live process's)."""
+def clean_stale_temporaries(checkpoint_dir, run_dir: Path | None = None) -> int:
+    """Remove temporary files left by a process killed mid-write (never a live process's) in the runs
+    of checkpoint_dir, and in run_dir (a run resumed by its folder may lie elsewhere)."""
     removed = 0
-    for tmp in Path(checkpoint_dir).glob("run_*/.*.tmp*"):
+    found = set(Path(checkpoint_dir).glob("run_*/.*.tmp*")) | set(Path(run_dir).glob(".*.tmp*") if run_dir else ())
+    for tmp in found:
         if left_by_a_dead_process(tmp.name):
             tmp.unlink(missing_ok=True)
             removed += 1

@@ -111,8 +111,6 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
         torch.manual_seed(training.seed + 1 + ranks.rank)
 
     # ---- resume
-    if ranks.main and (removed := clean_stale_temporaries(training.checkpoint_dir)):
-        print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
     if training.resume_from_checkpoint:
         run, progress, start_positions = resume(cfg, raw_model, optimizer, scaler, tokenizer, units, workers,
                                                 val_fingerprint, ranks, device, command_line)
@@ -125,6 +123,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
         run, progress = RunDir(training.checkpoint_dir, writer=ranks.main), Progress()
         start_positions = []
     progress.val_fingerprint = val_fingerprint
+    if ranks.main and (removed := clean_stale_temporaries(training.checkpoint_dir, run.path)):
+        print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
     if compile_model:
         model = torch.compile(model)
 

@@ -34,6 +34,7 @@ def test_key_in_the_wrong_section_points_to_the_right_one():
                                     "(`batch_size: 8` in the file, training.batch_size=8 on the command line)"),
     ("training", "batch_size", "0.5", "expected int, got str '0.5'"),  # unquoted, still not an int
     ("training", "batch_size", 8.5, "expected int, got float 8.5"),
+    ("training", "max_iters", "1e-3", "expected int, got str '1e-3' (= 0.001: not a whole number)"),  # YAML 1.1's text
     ("training", "batch_size", True, "expected int, got bool True"),
     ("training", "max_iters", None, "expected int, got no value"),
     ("training", "learning_rate", "fast", "expected float, got str 'fast'"),
@@ -73,7 +74,8 @@ def test_whole_numbers_in_exponent_notation_are_accepted_for_ints():
     raw = yaml.safe_load("training:\n  max_iters: 1e5\n  eval_iters: 2.0e1\n  seed: 7.0\n")
     t = Config.from_dict(raw).training
     assert (t.max_iters, t.eval_iters, t.seed) == (100000, 20, 7) and type(t.max_iters) is int
-    assert config_problems({"training": {"max_iters": "1.5e0"}}) == ["training.max_iters: expected int, got str '1.5e0'"]
+    assert config_problems({"training": {"max_iters": "1.5e0"}}) == [
+        "training.max_iters: expected int, got str '1.5e0' (= 1.5: not a whole number)"]
 
 
 def test_int_is_accepted_for_float():

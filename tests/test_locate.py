@@ -23,8 +23,13 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
         open_checkpoint("latest", str(tmp_path / "nope"), setting="--checkpoint")
     with pytest.raises(CheckpointError, match=r"or set training.checkpoint_dir to the folder that holds the runs$"):
         open_checkpoint("latest", str(tmp_path / "nope"))
-    with pytest.raises(CheckpointError, match=r"^training.resume_from_checkpoint: .* holds no checkpoint_<step>.pt"):
+    with pytest.raises(CheckpointError, match=r"^training.resume_from_checkpoint: .* holds no checkpoint_<step>.pt$"):
         open_checkpoint(str(run), str(tmp_path))
+    (run / "config.yaml").write_text("")  # a run killed while it wrote its first checkpoint
+    with pytest.raises(CheckpointError, match=r"holds no checkpoint_<step>.pt: its run stopped before its first "
+                                              r"checkpoint; start it again without training.resume_from_checkpoint$"):
+        open_checkpoint(str(run), str(tmp_path))
+    (run / "config.yaml").unlink()
     for step in (2, 10):
         torch.save(Checkpoint(step=step, model={}, model_config={}).to_dict(), run / f"checkpoint_{step}.pt")
     assert open_checkpoint(str(run), str(tmp_path))[0] == run / "checkpoint_10.pt"  # by step, not by name

@@ -39,6 +39,10 @@ def test_stale_temporary_files_are_removed_but_not_a_live_writers(tmp_path):
     assert checkpoints_in(run) == []
     assert clean_stale_temporaries(tmp_path) == 1
     assert not dead.exists() and live.exists()
+    elsewhere = tmp_path / "moved" / "baseline"  # a run resumed by its folder, outside training.checkpoint_dir
+    elsewhere.mkdir(parents=True)
+    (elsewhere / ".best.pt.tmp999999999").write_bytes(b"partial")
+    assert clean_stale_temporaries(tmp_path / "ck", elsewhere) == 1 and not list(elsewhere.iterdir())
 
 
 def test_best_set_aside_keeps_every_earlier_best(tmp_path):
