@@ -118,7 +118,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
             print(f"nothing to do: the checkpoint {progress.last_saved} is at step {progress.step} and "
                   f"training.max_iters is {training.max_iters}; raise max_iters to train further")
             return 0
-        resume_command[:] = [resuming(ranks, arguments, progress.last_saved)]
+        if progress.last_saved:  # (a fine-tune of an export starts a run of its own)
+            resume_command[:] = [resuming(ranks, arguments, progress.last_saved)]
     else:  # a new run, whose directory the first checkpoint creates
         run, progress = RunDir(training.checkpoint_dir, writer=ranks.main), Progress()
         start_positions = []
