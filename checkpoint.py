@@ -46,6 +46,7 @@ class Checkpoint:
     tokens: int | None = None  # trained on up to this step (None: written before version 0.4.0)
     passes: float | None = None  # over the training data, up to this step (None: written before version 0.4.2)
     measured_anew: bool = False  # a resume changed what validation measures, and no evaluation has run since
+    evaluation_due: bool = False  # a stop saved before the evaluation due at this step: the resume runs it first
     validation_batches: str | None = None  # their fingerprint (None: written before version 0.4.4)
     versions: dict = field(default_factory=lambda: {"torch": str(torch.__version__), "project": PROJECT_VERSION})
 

@@ -35,6 +35,7 @@ class Progress:
     positions: dict = field(default_factory=dict)  # this rank's readers' positions after those batches
     passes: float | None = None  # over the training data, at the step (StepLog.passes; None: not known)
     measured_anew: bool = False  # a resume changed what validation measures: the next evaluation's record says so
+    evaluation_due: bool = False  # at this step, and not run yet (a stop saved first)
     val_fingerprint: str | None = None  # of the validation batches (evaluation.validation_fingerprint)
 
 
@@ -49,7 +50,7 @@ def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tok
                       best_val_loss=progress.best_val_loss, rng=ranks.gather(rng_state(device)), data_order=order,
                       data_positions=positions, batches_consumed=progress.batches_consumed, tokenizer=tokenizer.to_str(),
                       passes=progress.passes, measured_anew=progress.measured_anew,
-                      validation_batches=progress.val_fingerprint)
+                      validation_batches=progress.val_fingerprint, evaluation_due=progress.evaluation_due)
     return ranks.gather(run.save(ckpt, cfg.to_yaml(), name))[0]
 
 
@@ -145,7 +146,7 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
         torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
     tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
     progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=ckpt.best_val_loss, last_saved=path,
-                        passes=ckpt.passes, measured_anew=ckpt.measured_anew)
+                        passes=ckpt.passes, measured_anew=ckpt.measured_anew, evaluation_due=ckpt.evaluation_due)
     run = reopen_run(cfg, path, ckpt, progress, ranks)
     if ckpt.step >= cfg.training.max_iters:  # train() says there is nothing to do; nothing changes either
         return run, progress, []

@@ -166,6 +166,26 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
         metrics.flush()  # the first checkpoint creates the run directory: what waited is written now
         print(f"saved {at.last_saved}", flush=True)
 
+    def evaluate_step(at: Progress):  # every rank takes part; a new best is saved as best.pt
+        at.evaluation_due = False
+        with paused(step_log, stop, "the evaluation", device):
+            raw_model.weight_view = qat_view  # use_4bit: the 4-bit model is measured (each step sets its own)
+            raw_model.eval()
+            record = {"step": at.step, "tokens": at.tokens, "weights_4bit": qat_view is not None, **evaluate(
+                raw_model, val_batches, device, compute, sample_generator, ranks, tokenizer, val_tokens_per_byte)}
+            if at.measured_anew:  # not comparable with the records before: plot.py breaks the line
+                record["measured_anew"], at.measured_anew = True, False
+            raw_model.train()
+            print(evaluation_lines(record), flush=True)
+            metrics.log(record)
+            if record["val_loss"] < at.best_val_loss:
+                at.best_val_loss = record["val_loss"]
+                stop.doing = SAVING
+                path = save_checkpoint(at, name="best.pt")
+                print(f"saved {path} (best validation loss so far)", flush=True)
+
+    if progress.evaluation_due:  # a stop saved this step's checkpoint before its evaluation
+        evaluate_step(progress)
     while progress.step < training.max_iters:
         # ---- one optimizer step: gradient accumulation over micro-batches
         # what a data error in this step saves (one process): the progress, and the random state before
@@ -220,29 +240,17 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
         evaluating = evaluating and not skipped_evaluation
 
         # ---- evaluate
+        progress.evaluation_due = skipped_evaluation  # (the checkpoint says so: its resume evaluates first)
         if evaluating:
-            with paused(step_log, stop, "the evaluation", device):
-                raw_model.weight_view = qat_view  # use_4bit: the 4-bit model is measured (each step sets its own)
-                raw_model.eval()
-                record = {"step": step, "tokens": progress.tokens, "weights_4bit": qat_view is not None, **evaluate(
-                    raw_model, val_batches, device, compute, sample_generator, ranks, tokenizer, val_tokens_per_byte)}
-                if progress.measured_anew:  # not comparable with the records before: plot.py breaks the line
-                    record["measured_anew"], progress.measured_anew = True, False
-                raw_model.train()
-                print(evaluation_lines(record), flush=True)
-                metrics.log(record)
-                if record["val_loss"] < progress.best_val_loss:
-                    progress.best_val_loss = record["val_loss"]
-                    stop.doing = SAVING
-                    path = save_checkpoint(progress, name="best.pt")
-                    print(f"saved {path} (best validation loss so far)", flush=True)
+            evaluate_step(progress)
             # heard during the evaluation? (`stopping` is the same on every rank: all skip this collective, or none)
             stopping = stopping or ranks.any(stop.heard, device)
 
         # ---- checkpoint
         if stopping:
             print(f"{stop.signal_name or 'a signal to another rank'}: saving a checkpoint after step {step}"
-                  + (" (without the evaluation due at this step: a stop saves first)" * skipped_evaluation), flush=True)
+                  + (" (before the evaluation due at this step, which the resume runs first)" * skipped_evaluation),
+                  flush=True)
         if saving or stopping:
             with paused(step_log, stop, SAVING, device):
                 save_step(progress)

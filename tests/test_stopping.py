@@ -62,7 +62,7 @@ def test_once_the_last_checkpoint_is_saved_a_second_ctrl_c_stops_at_once_and_sti
 
 def test_a_stop_saves_before_the_evaluation_due_and_a_second_ctrl_c_while_the_logs_close_loses_nothing(
         tmp_path, corpus, monkeypatch, capfd, restore_handlers):
-    path = write_config(tmp_path, corpus, max_iters=100, test_freq=3, checkpoint_freq=100, log_freq=1)
+    path = write_config(tmp_path, corpus, max_iters=4, test_freq=3, checkpoint_freq=100, log_freq=1)
     real_write_step_line, real_close = train.write_step_line, MetricsLog.close
 
     def write_step_line(step_log, step, *args):  # Ctrl-C while step 3's line is written
@@ -78,12 +78,25 @@ def test_a_stop_saves_before_the_evaluation_due_and_a_second_ctrl_c_while_the_lo
     monkeypatch.setattr(train, "evaluate", lambda *args: pytest.fail("evaluated before saving"))
     assert train.main(["--config", str(path)]) == 0
     out, err = capfd.readouterr()
-    assert "SIGINT: saving a checkpoint after step 3 (without the evaluation due at this step: a stop saves first)\n" in out
+    assert "SIGINT: saving a checkpoint after step 3 (before the evaluation due at this step, which the resume runs " \
+           "first)\n" in out
     assert "\nstopped by SIGINT after step 3. Resume with:\n  " in out
     assert out.endswith("\n(stopped while closing the logs: their last records may be missing)\n")
     assert "interrupted" not in err and "without saving" not in err
     run = only_run(tmp_path / "ck")
     assert [p.name for p in run.glob("checkpoint_*.pt")] == ["checkpoint_3.pt"] and list(losses(run)) == [1, 2, 3]
+    # the resume runs the evaluation due first: the record of step 3, best.pt, as an uninterrupted run has them
+    monkeypatch.undo()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest"]) == 0
+    assert train.main(["--config", str(path), f"training.checkpoint_dir={tmp_path / 'whole'}"]) == 0
+    evaluations = [validation(only_run(folder)) for folder in (tmp_path / "ck", tmp_path / "whole")]
+    assert list(evaluations[0]) == [3, 4] and evaluations[0] == evaluations[1]
+    assert load_checkpoint(run / "best.pt").step in (3, 4) and not load_checkpoint(run / "best.pt").evaluation_due
+
+
+def validation(run_dir) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
 
 
 def test_a_sighup_that_nohup_ignores_stays_ignored(restore_handlers):
