@@ -171,8 +171,7 @@ class RunDir:
                 why += f"; {free / 2**20:,.1f} MiB free on its disk, the checkpoint takes {needed / 2**20:,.1f} MiB"
             except OSError:
                 pass
-            raise CheckpointError(f"cannot write checkpoint for step {ckpt.step} in {folder}: {why}; "
-                                  f"earlier checkpoints are intact")
+            raise CheckpointError(f"cannot write checkpoint for step {ckpt.step} in {folder}: {why}")
         return target
 
     def record_resumed_config(self, step: int, saved: dict, config: dict, config_yaml: str) -> list[str]:

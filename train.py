@@ -154,7 +154,12 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
 
     def save_checkpoint(at: Progress, name=None) -> Path:  # every rank takes part; rank 0 writes
         at.passes = step_log.passes(at.positions.values())
-        return save(run, at, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=name)
+        try:
+            return save(run, at, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=name)
+        except CheckpointError as e:  # a full disk, say
+            raise CheckpointError(f"{e}; " + (f"earlier checkpoints are intact: once that is fixed, resume with "
+                                             f"`{resume_command[0]}`" if resume_command else
+                                             "no checkpoint was saved before")) from None
 
     def save_step(at: Progress):  # checkpoint_<step>.pt; older ones go
         finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())

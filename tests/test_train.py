@@ -19,6 +19,7 @@ from checkpoint import load_checkpoint
 from config import Config
 from conftest import NEEDS_CUDA, ROOT, losses, only_run, run_dirs, write_config
 from data import validation_batches
+from files import script_here
 from model import BDH
 from locate import checkpoints_in
 from shards import DataError, list_units
@@ -390,9 +391,13 @@ def test_a_full_disk_while_saving_is_one_line_and_exits(tmp_path, corpus, monkey
     assert "Traceback" not in err
     [line] = err.strip().splitlines()
     assert line.startswith("error: cannot write checkpoint for step 4 in ") and "unexpected pos 64 vs 0" in line
-    assert "MiB free on its disk, the checkpoint takes " in line and line.endswith("; earlier checkpoints are intact")
+    assert "MiB free on its disk, the checkpoint takes " in line and line.endswith(
+        f"; earlier checkpoints are intact: once that is fixed, resume with `python {script_here('train.py')} --config "
+        f"{config} dataloader.num_workers=1 training.resume_from_checkpoint={only_run(tmp_path / 'ck')}`")
     [run] = (tmp_path / "ck").iterdir()
     assert [p.name for p in checkpoints_in(run)] == ["checkpoint_2.pt"] and not list(run.glob(".*tmp*"))
+    assert train.main(["--config", str(config), "training.checkpoint_freq=4"]) == 1  # its first checkpoint
+    assert capfd.readouterr().err.strip().endswith("MiB; no checkpoint was saved before")
 
 
 # ---- mistakes and states that used to show only hours in
