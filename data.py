@@ -251,13 +251,36 @@ def prepare_data(cfg, ranks):
     return tokenizer, units, validation_batches(cfg, units, tokenizer)
 
 
-def loader_workers(cfg, units, world_size=1) -> int:
+def loader_workers(cfg, units, world_size=1, announce=True) -> int:
+    """The DataLoader workers of each process: dataloader.num_workers, or fewer where there are
+    fewer units to share. `announce`: say so (and warn of readers' shares that cannot be even)."""
     workers = min(cfg.dataloader.num_workers, len(units) // world_size)
-    if workers < cfg.dataloader.num_workers:
+    if workers < cfg.dataloader.num_workers and announce:
         among = f" among {world_size} processes' workers" if world_size > 1 else ""
         print(f"dataloader.num_workers {cfg.dataloader.num_workers} -> {workers}: only "
               f"{len(units)} (file, row group) units to share{among}, and each worker reads units of its own")
+    if announce and (warning := uneven_readers(units, workers, world_size)):
+        print(warning)
     return workers
+
+
+def uneven_readers(units, workers: int, world_size: int) -> str | None:
+    """A warning where a (file, row group) unit holds more than a reader's even share of the text:
+    the readers' shares cannot be balanced, and the ones with less read theirs again (and again)
+    while the one with the big unit reads it once."""
+    n_readers = max(1, workers) * world_size
+    total = sum(unit.num_bytes for unit in units)
+    big = max(units, key=lambda unit: unit.num_bytes)
+    if n_readers == 1 or big.num_bytes <= 1.25 * total / n_readers:  # (the dealing evens out the rest)
+        return None
+    fitting = int(total // big.num_bytes) // world_size  # readers per process that an even share allows
+    fewer = f"dataloader.num_workers={fitting}" if 1 <= fitting < max(1, workers) else None
+    return (f"WARNING: row group {big.row_group} of {big.path} holds {big.num_bytes / total:.0%} of the training text, "
+            f"more than a reader's even share ({1 / n_readers:.0%} for {n_readers} readers: dataloader.num_workers="
+            f"{workers}{f' x {world_size} processes' if world_size > 1 else ''}): the readers with less text read theirs "
+            f"several times while that one is read once, so their documents weigh more; "
+            + (f"{fewer}, or " if fewer else "") + "rewriting the file in smaller row groups (pyarrow.parquet."
+            "write_table(table, path, row_group_size=...)) evens them out")
 
 
 def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=0, pin_memory=False, rank=0,

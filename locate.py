@@ -4,6 +4,7 @@ them; the model the scripts read from one (an export.py folder too); the run a b
 wrote.
 """
 import difflib
+import math
 import re
 import subprocess
 import sys
@@ -31,8 +32,8 @@ def resumable_in(run_dir: Path) -> list[Path]:
     the step's checkpoint (or test_freq is below checkpoint_freq), and the step's state still where
     that checkpoint cannot be read."""
     found = checkpoints_in(run_dir)[::-1]
-    if (best := run_dir / "best.pt").is_file():
-        best_step = saved_step(best)
+    best = run_dir / "best.pt"
+    if best.is_file() and (best_step := saved_step(best)) < math.inf:  # (inf: it cannot be read)
         older = (i for i, path in enumerate(found) if int(CHECKPOINT_RE.match(path.name).group(1)) < best_step)
         found.insert(next(older, len(found)), best)
     return found

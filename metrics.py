@@ -42,14 +42,16 @@ class MetricsError(Exception):
 
 
 class MetricsLog:
-    def __init__(self, run, cfg, resumed_step: int | None = None):
+    def __init__(self, run, cfg, resumed_step: int | None = None, evaluation_due: bool = False):
+        """evaluation_due: the resume evaluates resumed_step first (a stop saved before it): an earlier
+        resume from the same checkpoint may have recorded that evaluation, which then goes."""
         self.run, self.settings, self.resumed_step = run, cfg.logging, resumed_step
         self.pending, self.tensorboard, self.wandb = [], None, None
         if not run.writer:
             return
         self.logged_to = -1  # the last step the run's earlier processes logged (a resume redoes those after it)
         if resumed_step is not None:
-            self.logged_to = self._truncate(resumed_step)
+            self.logged_to = self._truncate(resumed_step, evaluation_due)
         if self.settings.wandb:
             self._start_wandb(cfg)
 
@@ -101,16 +103,17 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.finish()
 
-    def _truncate(self, step: int) -> int:
-        """Drop the records of steps after `step`, which the resumed run trains again; returns the
-        last step there was a record of (-1: none)."""
+    def _truncate(self, step: int, evaluation_due: bool) -> int:
+        """Drop the records of steps after `step`, which the resumed run trains again (and the
+        evaluation of `step` if it is due); returns the last step there was a record of (-1: none)."""
         path = self.run.path / "metrics.jsonl"
         if not path.exists():
             if step > 0:
                 print(f"note: {path} is missing: the run's records (plot.py) start again at step {step + 1}")
             return -1
         records = read_records(path)[0]  # a line a kill cut short goes
-        kept = [record for record in records if record["step"] <= step]
+        kept = [record for record in records
+                if record["step"] < step or record["step"] == step and not (evaluation_due and "val_loss" in record)]
         atomic_write(path, lambda f: f.write("".join(json.dumps(record) + "\n" for record in kept).encode()))
         return max((record["step"] for record in records), default=-1)
 

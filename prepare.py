@@ -189,14 +189,14 @@ def main(argv=None):
         parser.error(f"give --from-text FILE ... --out DIR, or --train-tokenizer --out FILE.json{given}")
     if not args.out:
         parser.error(f"--out is required: the {'folder of the shards' if args.from_text else 'tokenizer.json'} to write")
-    if args.vocab_size is not None and not 258 <= args.vocab_size <= MAX_VOCAB_SIZE:
-        parser.error(f"--vocab-size must be from 258 (256 bytes, {SEPARATOR_TOKEN} and a merge) to {MAX_VOCAB_SIZE:,} "
-                     f"(the largest vocabularies in use have about 256k tokens), got {args.vocab_size:,}")
     if args.from_text and (args.overrides or args.config or args.vocab_size is not None):
         given = " ".join([*(["--config"] * bool(args.config)), *(["--vocab-size"] * (args.vocab_size is not None)),
                           *args.overrides])
         parser.error(f"--from-text takes no config, vocabulary or overrides (got {given}): they are for "
                      f"--train-tokenizer")
+    if args.vocab_size is not None and not 258 <= args.vocab_size <= MAX_VOCAB_SIZE:
+        parser.error(f"--vocab-size must be from 258 (256 bytes, {SEPARATOR_TOKEN} and a merge) to {MAX_VOCAB_SIZE:,} "
+                     f"(the largest vocabularies in use have about 256k tokens), got {args.vocab_size:,}")
     if args.train_tokenizer and args.chunk_bytes is not None:
         parser.error("--chunk-bytes applies to --from-text only")
     if args.chunk_bytes is not None and args.chunk_bytes < 0:

@@ -127,7 +127,7 @@ def data_settings_hint(cfg, problem: Exception) -> str:
               if not same_setting(name, setting(saved, name), setting(now, name))]
     run_tokenizer = setting(saved, "dataset.tokenizer") or cfg.dataset.tokenizer
     if isinstance(problem, TokenizerError) and run_tokenizer != "bytes" and not Path(run_tokenizer).is_file():
-        return (f"; the checkpoint carries its tokenizer ({run_tokenizer} is gone): `python export.py --checkpoint "
+        return (f"; the checkpoint carries its tokenizer ({run_tokenizer} is not found): `python export.py --checkpoint "
                 f"{path} --out DIR` writes it to DIR/tokenizer.json, for dataset.tokenizer=DIR/tokenizer.json")
     if differ:
         return (f"; the checkpoint's run had {' '.join(differ)}: if the change was not meant, give "

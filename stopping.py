@@ -203,19 +203,35 @@ class StepVote:
 resume_command = []
 
 
-def resuming(ranks: Ranks, arguments: str, checkpoint: Path) -> str:
-    """The command that continues a run from its run directory (its newest checkpoint then)."""
-    return f"{launcher(ranks)}{arguments} {shlex.quote(f'training.resume_from_checkpoint={checkpoint.parent}')}"
+def resuming(ranks: Ranks, arguments: str, where: Path) -> str:
+    """The command that continues a run from `where`: its run directory (its newest checkpoint
+    then), or a checkpoint file."""
+    return f"{launcher(ranks)}{arguments} {shlex.quote(f'training.resume_from_checkpoint={where}')}"
 
 
-def stopped_at_once(resumed: bool = False) -> int:
-    """`resumed`: the run resumes a checkpoint (the signal may come before it is read)."""
+def stopped_at_once(resuming_a_run: bool = False) -> int:
+    """`resuming_a_run`: the run resumes a checkpoint (the signal may come before it is read)."""
     if first_process():  # (under torchrun every rank heard the signal: once)
         print("\ninterrupted: stopped at once: " + (
             f"the steps since the last checkpoint are not saved; resume with:\n  {resume_command[0]}" if resume_command
-            else "before resuming: the checkpoints are as they were" if resumed else
+            else "before training resumed: nothing new was saved" if resuming_a_run else
             "before the first checkpoint: nothing was saved"), file=sys.stderr)
     return 130
+
+
+def tearing_down():
+    """A run that has ended tears down (its loader workers, the process group): a signal then (a
+    Ctrl-C just after `done:`) does not change its status; a second one (something hangs) ends the
+    process at once."""
+    heard = []
+
+    def handler(_signum, _frame):
+        if heard:
+            os._exit(130)
+        heard.append(True)
+    for sig in SIGNALS:
+        if signal.getsignal(sig) != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
+            signal.signal(sig, handler)
 
 
 def launcher(ranks: Ranks) -> str:

@@ -59,7 +59,7 @@ from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_cl
                      resolve_compute_dtype, steady_host_memory)
 from shards import DataError
 from stopping import (SAVING, SIGNALS, GracefulStop, StepVote, StoppedWhileClosing, outputs_without_reader,
-                      put_back_outputs, resume_command, resuming, stopped_at_once)
+                      put_back_outputs, resume_command, resuming, stopped_at_once, tearing_down)
 from tokenizer import TokenizerError
 
 
@@ -100,7 +100,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
             raise type(e)(f"{e}{hint}") from None
         raise
     val_tokens_per_byte, val_fingerprint = tokens_per_byte(val_batches, tokenizer), validation_fingerprint(val_batches)
-    workers = loader_workers(cfg, units, ranks.world_size)
+    workers = loader_workers(cfg, units, ranks.world_size, announce=ranks.main)
 
     # ---- model and optimizer
     raw_model, fp8_recipe, qat_view, qat_start = build_model(cfg, device)  # same seed, same weights on every rank
@@ -119,7 +119,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
                   f"training.max_iters is {training.max_iters}; raise max_iters to train further")
             return 0
         if progress.last_saved:  # (a fine-tune of an export starts a run of its own)
-            resume_command[:] = [resuming(ranks, arguments, progress.last_saved)]
+            # the run's folder (its newest checkpoint) where the run goes on in it, else the file itself
+            in_place = run.path == progress.last_saved.parent
+            resume_command[:] = [resuming(ranks, arguments, run.path if in_place else progress.last_saved)]
     else:  # a new run, whose directory the first checkpoint creates
         run, progress = RunDir(training.checkpoint_dir, writer=ranks.main), Progress()
         start_positions = []
@@ -131,7 +133,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
 
     # ---- describe the run
     continues_run_dir = run.path is not None
-    metrics = MetricsLog(run, cfg, resumed_step=progress.step if continues_run_dir else None)
+    metrics = MetricsLog(run, cfg, resumed_step=progress.step if continues_run_dir else None,
+                         evaluation_due=progress.evaluation_due)
     print(describe_run(cfg, raw_model, optimizer, ranks, device, compute_dtype, units, len(val_batches), run,
                        compile_model, fp8_recipe, qat_start, peak_source), flush=True)
 
@@ -166,7 +169,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
         if ranks.any(not finite, device):
             raise non_finite("a weight", at.step, at.last_saved, training)
         at.last_saved = save_checkpoint(at)
-        resume_command[:] = [resuming(ranks, arguments, at.last_saved)]
+        resume_command[:] = [resuming(ranks, arguments, at.last_saved.parent)]
         run.prune(training.keep_last_n)
         metrics.flush()  # the first checkpoint creates the run directory: what waited is written now
         print(f"saved {at.last_saved}", flush=True)
@@ -351,6 +354,11 @@ def non_finite(what: str, step: int, last_saved, training, float16: bool = False
                          f"training.debug=true to find the operation{overflow}")
 
 
+def resuming_a_run(cfg) -> bool:
+    """Whether the run resumes a checkpoint (train() resolves auto: to latest, or to a new run)."""
+    return cfg.training.resume_from_checkpoint not in (None, "auto")
+
+
 def rank_of(ranks: Ranks) -> str:
     return f" (rank {ranks.rank})" if ranks.enabled else ""
 
@@ -372,7 +380,6 @@ def main(argv=None) -> int:
     children = multiprocessing.active_children()  # a calling program's own: not the loader's to stop
     ranks, device = Ranks(), cfg.training.device
     resume_command.clear()
-    resumed = bool(cfg.training.resume_from_checkpoint)
     outputs = outputs_without_reader()
     try:
         ranks, device = start(cfg, pick_device(cfg.training.device))
@@ -387,21 +394,20 @@ def main(argv=None) -> int:
         print(f"\n{e.args[0]}\n(stopped while closing the logs: their last records may be missing)")
         return 0
     except KeyboardInterrupt:
-        return stopped_at_once(resumed)
+        return stopped_at_once(resuming_a_run(cfg))
     except Exception as e:
         if interrupted(e):  # torch.compile wraps a KeyboardInterrupt raised while it compiles
-            return stopped_at_once(resumed)
+            return stopped_at_once(resuming_a_run(cfg))
         if (request := out_of_memory(e)) is not None:
             return failed(f"error{rank_of(ranks)}: out of memory on {device} (asked for {request}): {memory_fix(cfg)}; "
-                          f"checkpoints written before are intact")
+                          + (f"then resume with `{resume_command[0]}` and the new setting" if resume_command else
+                             "no checkpoint was saved"))
         resume = resume_command[0] if resume_command else None
         if (failure := communication_failure(e, ranks, cfg.training.distributed_timeout_s, resume)) is None:
             raise
         return failed(f"error{rank_of(ranks)}: {failure}", consequence=True)
     finally:
-        for sig, handler in handlers.items():  # the status is decided: a signal while the run tears down changes nothing
-            if handler != signal.SIG_IGN:
-                signal.signal(sig, signal.SIG_IGN)
+        tearing_down()  # the status is decided: a signal changes nothing (a second one ends the process)
         stop_loader_workers(started_before=children)
         release_run_directories()
         shutdown()

@@ -165,6 +165,25 @@ def loader_batches(units, num_workers, n, tokenizer=BYTES):
     return [next(it) for _ in range(n)]
 
 
+def test_a_row_group_too_big_for_an_even_share_is_warned_of(capsys):
+    """One row group of 90% of the text and two readers: the other reader's 10% is read again and again
+    while the big one is read once, so its documents weigh more: fewer readers or smaller row groups."""
+    from shards import Unit
+    units = [Unit("big.parquet", 0, 5000, 900_000, 0)] + [Unit("small.parquet", i, 3, 1000, 1) for i in range(100)]
+    cfg = Config.from_dict({"dataloader": {"num_workers": 2}})
+    assert data.loader_workers(cfg, units) == 2
+    assert capsys.readouterr().out == (
+        "WARNING: row group 0 of big.parquet holds 90% of the training text, more than a reader's even share (50% for "
+        "2 readers: dataloader.num_workers=2): the readers with less text read theirs several times while that one "
+        "is read once, so their documents weigh more; dataloader.num_workers=1, or rewriting the file in smaller row "
+        "groups (pyarrow.parquet.write_table(table, path, row_group_size=...)) evens them out\n")
+    assert data.loader_workers(cfg, units, announce=False) == 2 and capsys.readouterr().out == ""
+    assert data.uneven_readers(units, 0, 1) is None  # one reader: nothing to even out
+    assert "(25% for 4 readers: dataloader.num_workers=2 x 2 processes)" in data.uneven_readers(units, 2, 2)
+    assert "; rewriting the file" in data.uneven_readers(units, 2, 2)  # one reader per process is too many already
+    assert data.uneven_readers([Unit("a.parquet", i, 3, 1000, 0) for i in range(10)], 2, 1) is None
+
+
 def test_dataloader_workers_read_their_assigned_units_deterministically(corpus):
     units = list_units(corpus, "text")
     got = loader_batches(units, 2, 8)

@@ -30,6 +30,10 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
                                               r"checkpoint; start it again without training.resume_from_checkpoint$"):
         open_checkpoint(str(run), str(tmp_path))
     (run / "config.yaml").unlink()
+    (run / "best.pt").write_bytes(b"cut short")  # alone and unreadable: nothing to resume (auto starts anew)
+    with pytest.raises(CheckpointError, match=r"holds no checkpoint_<step>.pt$"):
+        open_checkpoint(str(run), str(tmp_path))
+    (run / "best.pt").unlink()
     for step in (2, 10):
         torch.save(Checkpoint(step=step, model={}, model_config={}).to_dict(), run / f"checkpoint_{step}.pt")
     assert open_checkpoint(str(run), str(tmp_path))[0] == run / "checkpoint_10.pt"  # by step, not by name

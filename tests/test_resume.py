@@ -408,7 +408,7 @@ def test_a_resume_whose_data_cannot_be_set_up_names_the_checkpoint_s_settings(tm
     # with them, but the tokenizer file is gone (the same shards by a pattern are beside the point); or
     # another missing file given instead: the run's is not the one to point to
     [run] = run_dirs(tmp_path)
-    export_hint = (f"; the checkpoint carries its tokenizer ({bpe_file} is gone): `python export.py --checkpoint "
+    export_hint = (f"; the checkpoint carries its tokenizer ({bpe_file} is not found): `python export.py --checkpoint "
                    f"{run / 'checkpoint_2.pt'} --out DIR` writes it to DIR/tokenizer.json, for "
                    f"dataset.tokenizer=DIR/tokenizer.json")
     assert train.main(resume_latest + started_with + [f"dataset.parquet_dir={content / '*.parquet'}"]) == 1

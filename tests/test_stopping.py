@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,18 +86,29 @@ def test_a_stop_saves_before_the_evaluation_due_and_a_second_ctrl_c_while_the_lo
     assert "interrupted" not in err and "without saving" not in err
     run = only_run(tmp_path / "ck")
     assert [p.name for p in run.glob("checkpoint_*.pt")] == ["checkpoint_3.pt"] and list(losses(run)) == [1, 2, 3]
-    # the resume runs the evaluation due first: the record of step 3, best.pt, as an uninterrupted run has them
+    # the resume runs the evaluation due first: the record of step 3, best.pt, as an uninterrupted run has them;
+    # also after a resume that evaluated it and stopped before its first checkpoint (a SIGTERM in its first step)
+    monkeypatch.undo()
+    real_loader = train.train_loader
+
+    def stopped_in_the_first_step(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)  # the handler runs here
+        yield from real_loader(*args, **kwargs)
+    monkeypatch.setattr(train, "train_loader", stopped_in_the_first_step)
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest"]) == 130
+    assert [step for step, _ in validation(run)] == [3]
     monkeypatch.undo()
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest"]) == 0
     assert train.main(["--config", str(path), f"training.checkpoint_dir={tmp_path / 'whole'}"]) == 0
     evaluations = [validation(only_run(folder)) for folder in (tmp_path / "ck", tmp_path / "whole")]
-    assert list(evaluations[0]) == [3, 4] and evaluations[0] == evaluations[1]
+    assert [step for step, _ in evaluations[0]] == [3, 4] and evaluations[0] == evaluations[1]
     assert load_checkpoint(run / "best.pt").step in (3, 4) and not load_checkpoint(run / "best.pt").evaluation_due
 
 
-def validation(run_dir) -> dict:
+def validation(run_dir) -> list:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    return [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
 
 
 def test_a_sighup_that_nohup_ignores_stays_ignored(restore_handlers):
@@ -339,7 +351,9 @@ def test_sigterm_while_the_run_sets_up_stops_it_in_one_line(tmp_path, corpus, ca
         assert capsys.readouterr().err == NOTHING_SAVED and not heard
         assert signal.getsignal(signal.SIGTERM) == hear  # the caller's handler is back
         assert train.main(["--config", str(write_config(tmp_path, corpus)), "training.resume_from_checkpoint=latest"]) == 130
-        assert capsys.readouterr().err == "\ninterrupted: stopped at once: before resuming: the checkpoints are as they were\n"
+        assert capsys.readouterr().err == "\ninterrupted: stopped at once: before training resumed: nothing new was saved\n"
+        assert train.main(["--config", str(write_config(tmp_path, corpus)), "training.resume_from_checkpoint=auto"]) == 130
+        assert capsys.readouterr().err == NOTHING_SAVED  # (auto: no run yet, or not decided)
         # run as a script: the handlers from before train.py's import-time ones (which say "before anything ran")
         monkeypatch.setattr(train, "handlers_before_import", {signal.SIGTERM: signal.SIG_DFL})
         assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 130
@@ -376,6 +390,12 @@ def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_pat
         f"\ninterrupted: stopped at once: the steps since the last checkpoint are not saved; resume with:\n  python "
         f"{script_here('train.py')} --config {path} training.checkpoint_freq=2 training.max_iters=10 "
         f"training.seed=5 training.resume_from_checkpoint={run}\n")
+    outside = tmp_path / "downloads" / "mine.pt"  # a checkpoint outside a run directory: the file, not its folder
+    outside.parent.mkdir()
+    shutil.copy(sorted(run.glob("checkpoint_*.pt"))[0], outside)
+    signal_at[:] = [0, 0]
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={outside}"]) == 130
+    assert capsys.readouterr().err.endswith(f" training.resume_from_checkpoint={outside}\n")
     monkeypatch.setenv("RANK", "1")  # under torchrun every rank hears it: rank 0 says so
     assert stopped_at_once() == 130 and capsys.readouterr().err == ""
 

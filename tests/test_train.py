@@ -199,7 +199,9 @@ def test_out_of_memory_is_one_line_naming_the_settings(tmp_path, corpus, monkeyp
     err = capsys.readouterr().err
     assert err == (f"error: out of memory on cpu (asked for {asked}): lower training.batch_size 4 (raising "
                    f"training.gradient_accumulation_steps keeps the tokens per step), training.block_size 16, the "
-                   f"model, or set training.activation_checkpointing=true; checkpoints written before are intact\n")
+                   f"model, or set training.activation_checkpointing=true; then resume with `python "
+                   f"{script_here('train.py')} --config {path} training.resume_from_checkpoint={only_run(tmp_path / 'ck')}` "
+                   f"and the new setting\n")
     assert [p.name for p in run_dirs(tmp_path)[0].glob("checkpoint_*.pt")] == ["checkpoint_2.pt"]
 
 
