@@ -23,7 +23,7 @@ import torch
 from adamw4bit import AdamW4bit, adamw_state_bytes
 from config import learning_rate, step_tokens
 from positions import epochs_read
-from files import atomic_write, read_records
+from files import atomic_write, byte_amount, read_records
 from runtime import first_line, peak_memory_bytes
 
 # metrics.jsonl key -> TensorBoard and W&B tag; the per-layer lists get one tag per layer and a mean
@@ -336,7 +336,8 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val
     writes_to = (f"continues in {run.path.resolve()}" if run.path is not None
                  else f"runs in {Path(training.checkpoint_dir).resolve()}")
     n_files = len({unit.path for unit in units})
-    data_size = f"{n_files} file{'s' * (n_files != 1)}, {len(units)} row group{'s' * (len(units) != 1)}"
+    data_size = (f"{n_files} file{'s' * (n_files != 1)}, {len(units)} row group{'s' * (len(units) != 1)}, "
+                 f"{byte_amount(sum(unit.num_bytes for unit in units))} uncompressed")
     lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({data_size}; {validation}) | tokenizer {tokenizer} | "
                  f"{writes_to}")
     full = adamw_state_bytes(model.parameters())

@@ -19,7 +19,7 @@ from checkpoint import load_checkpoint
 from config import Config
 from conftest import NEEDS_CUDA, ROOT, losses, only_run, run_dirs, write_config
 from data import validation_batches
-from files import script_here
+from files import byte_amount, script_here
 from model import BDH
 from locate import checkpoints_in
 from shards import DataError, list_units
@@ -32,8 +32,10 @@ def test_run_directory_holds_resolved_config_checkpoints_and_metrics(tmp_path, c
     out = capsys.readouterr().out
     assert "step 4/4" in out and "val loss" in out and "--- sample: validation text ---\n" in out
     assert "\n--- the model continues ---\n" in out
-    units = len(list_units(corpus, "text"))  # where the data comes from and where the runs go, resolved
-    assert (f"data {corpus.resolve()} (3 files, {units} row groups; validation 20% of its documents, measured on "
+    units = list_units(corpus, "text")  # where the data comes from and where the runs go, resolved
+    size = byte_amount(sum(unit.num_bytes for unit in units))
+    assert (f"data {corpus.resolve()} (3 files, {len(units)} row groups, {size} uncompressed; validation 20% of its "
+            f"documents, measured on "
             f"2 x 3 windows taken across it) | tokenizer bytes | runs in {(tmp_path / 'ck').resolve()}\n") in out
     [run] = run_dirs(tmp_path)
     assert run.name.startswith("run_")
