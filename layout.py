@@ -297,18 +297,20 @@ def every_file(pattern: str) -> str:
 
 def parquet_files(root: Path, look_in=None) -> tuple[list[Path], list[Path]]:
     """(every *.parquet file under root, sorted; the names skipped). Symbolic links to folders are
-    followed, each real folder once; links to missing files are listed (check_links refuses them);
+    followed, each real folder once, except a link to a folder that holds root (a loop, whose other
+    folders are not this data); links to missing files are listed (check_links refuses them);
     names starting with '.' or '_' are not data (a macOS ._ copy, Spark's _SUCCESS and _temporary/)
     and are skipped. look_in(the folder's parts below root), for a pattern: whether to look into a
     folder at all; then a link is followed unless it leads back up its own path (a folder skipped as
     seen might be the one the pattern wants)."""
     found, skipped, seen = [], [], set()
+    real_root = os.path.realpath(root)
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         below = Path(folder).relative_to(root).parts
         # a folder: a link back up the tree, or a second way to the same folder; a pattern: back up its own path
         visited = seen if look_in is None else {os.path.realpath(p) for p in Path(folder).parents[:len(below)]}
-        if real in visited:
+        if real in visited or real_root.startswith(real.rstrip(os.sep) + os.sep):  # (or up above root: other data)
             subfolders[:] = []
             continue
         seen.add(real)

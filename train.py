@@ -271,7 +271,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
             break
     if not stop.last_words:  # max_iters reached
         here = progress.step - step_log.first_step + 1  # (a resumed run: the steps of this process)
-        stop.closing(f"done: {progress.step} steps ({step_log.epochs:.2f} passes over the training data)"
+        stop.closing(f"done: {progress.step} step{'s' * (progress.step != 1)} ({step_log.epochs:.2f} passes over the "
+                     f"training data)"
                      + (f", the last {here} in this process" if here < progress.step else "")
                      + f" in {format_duration(time.perf_counter() - step_log.start)}; final checkpoint "
                        f"{progress.last_saved}")

@@ -110,6 +110,7 @@ def test_symlinked_folders_are_followed_once_and_names_starting_with_dot_or_unde
     write_parquet(tmp_path / "elsewhere" / "y.parquet", ["b"] * 3, 2)
     (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (root / "a" / "loop").symlink_to(root, target_is_directory=True)  # followed once, not forever
+    (root / "a" / "up").symlink_to(tmp_path, target_is_directory=True)  # above the data: another dataset's too
     (root / "._x.parquet").write_bytes(b"\0\5\0macOS resource fork")
     write_parquet(root / "_temporary" / "z.parquet", ["c"] * 3, 2)
     write_parquet(root / ".cache" / "w.parquet", ["d"] * 3, 2)
