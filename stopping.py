@@ -219,14 +219,15 @@ def stopped_at_once(resuming_a_run: bool = False) -> int:
     return 130
 
 
-def tearing_down():
+def tearing_down(second_signal_stops: bool):
     """A run that has ended tears down (its loader workers, the process group): a signal then (a
-    Ctrl-C just after `done:`) does not change its status; a second one (something hangs) ends the
-    process at once."""
+    Ctrl-C just after `done:`) does not change its status; in a single process a second one
+    (something hangs) ends it at once. (Under torchrun the agent forwards its signals, repeats
+    included, and kills a rank that hangs.)"""
     heard = []
 
     def handler(_signum, _frame):
-        if heard:
+        if heard and second_signal_stops:
             os._exit(130)
         heard.append(True)
     for sig in SIGNALS:

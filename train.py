@@ -408,7 +408,7 @@ def main(argv=None) -> int:
             raise
         return failed(f"error{rank_of(ranks)}: {failure}", consequence=True)
     finally:
-        tearing_down()  # the status is decided: a signal changes nothing (a second one ends the process)
+        tearing_down(second_signal_stops=not ranks.enabled)  # the status is decided: a signal changes nothing
         stop_loader_workers(started_before=children)
         release_run_directories()
         shutdown()

@@ -180,11 +180,14 @@ def test_a_signal_once_the_run_has_ended_keeps_its_status(tmp_path, corpus, rest
                         "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30))); "
                         "exit_with(lambda: 0)")  # (W&B closes its run in an exit function)
     assert subprocess.run([sys.executable, "-c", exits_on_sigterm], cwd=ROOT, timeout=60).returncode == 0
-    hangs_in_teardown = ("import os, signal, time; from stopping import tearing_down; tearing_down(); "
+    hangs_in_teardown = ("import os, signal, time; from stopping import tearing_down; tearing_down(True); "
                          "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2); print('still tearing down', flush=True); "
                          "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)")  # a second signal: it ends at once
     ended = subprocess.run([sys.executable, "-c", hangs_in_teardown], cwd=ROOT, timeout=60, capture_output=True, text=True)
     assert (ended.returncode, ended.stdout) == (130, "still tearing down\n")
+    forwarded = hangs_in_teardown.replace("tearing_down(True)", "tearing_down(False)").replace("time.sleep(30)",
+                                                                                               "time.sleep(0.2)")
+    assert subprocess.run([sys.executable, "-c", forwarded], cwd=ROOT, timeout=60).returncode == 0  # torchrun's repeats
 
 
 def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, corpus):
