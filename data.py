@@ -275,10 +275,11 @@ def uneven_readers(units, workers: int, world_size: int) -> str | None:
         return None
     fitting = int(total // big.num_bytes) // world_size  # readers per process that an even share allows
     fewer = f"dataloader.num_workers={fitting}" if 1 <= fitting < max(1, workers) else None
-    return (f"WARNING: row group {big.row_group} of {big.path} holds {big.num_bytes / total:.0%} of the training text, "
-            f"more than a reader's even share ({1 / n_readers:.0%} for {n_readers} readers: dataloader.num_workers="
-            f"{workers}{f' x {world_size} processes' if world_size > 1 else ''}): the readers with less text read theirs "
-            f"several times while that one is read once, so their documents weigh more; "
+    return (f"WARNING: row group {big.row_group} of {big.path} holds {big.num_bytes / total:.1%} of the training "
+            f"text, more than a reader's even share ({1 / n_readers:.1%} for {n_readers} readers: dataloader."
+            f"num_workers={workers}{f' x {world_size} processes' if world_size > 1 else ''}): the readers' shares "
+            f"cannot be even, those with less text read theirs again sooner, so their documents weigh more (and the "
+            f"passes over the data logged run ahead); "
             + (f"{fewer}, or " if fewer else "") + "rewriting the file in smaller row groups (pyarrow.parquet."
             "write_table(table, path, row_group_size=...)) evens them out")
 

@@ -304,13 +304,14 @@ def parquet_files(root: Path, look_in=None) -> tuple[list[Path], list[Path]]:
     folder at all; then a link is followed unless it leads back up its own path (a folder skipped as
     seen might be the one the pattern wants)."""
     found, skipped, seen = [], [], set()
-    real_root = os.path.realpath(root)
+    roots = (os.path.realpath(root), os.path.abspath(root))  # (root may be a link: the folders above either)
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         below = Path(folder).relative_to(root).parts
         # a folder: a link back up the tree, or a second way to the same folder; a pattern: back up its own path
         visited = seen if look_in is None else {os.path.realpath(p) for p in Path(folder).parents[:len(below)]}
-        if real in visited or real_root.startswith(real.rstrip(os.sep) + os.sep):  # (or up above root: other data)
+        above_root = any(path.startswith(real.rstrip(os.sep) + os.sep) for path in roots)  # other data: not this
+        if real in visited or above_root:
             subfolders[:] = []
             continue
         seen.add(real)

@@ -77,6 +77,7 @@ class MetricsLog:
     def _write(self):
         if self.settings.tensorboard and self.tensorboard is None:
             from torch.utils.tensorboard import SummaryWriter
+            # (a due evaluation of the resumed step, run again: TensorBoard keeps its earlier point, the same value)
             purge = None if self.resumed_step is None else self.resumed_step + 1
             self.tensorboard = SummaryWriter(str(self.run.path), purge_step=purge)
         if self.wandb is not None and not (self.run.path / "wandb_run_id").exists():

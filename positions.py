@@ -65,17 +65,16 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealing
     """About how many passes over the training units the readers have made: each reader's epoch
     plus the share, by bytes, of that epoch's units it has read (the unit it is in counted by the
     parts of it finished, a row group may hold gigabytes, and the share of windows used of the part
-    it is in); the mean over the readers whose positions are given (a rank knows its own), each
-    weighed by its bytes in that epoch: where a row group too big to deal evenly leaves a reader most
-    of the text, the others' quick passes over theirs count for their share. `dealings` keeps each
-    epoch's dealing (units and cumulative bytes per reader) from call to call."""
+    it is in); the mean over the readers whose positions are given (a rank knows its own; the units
+    are dealt to balance the readers' bytes). `dealings` keeps each epoch's dealing (units and
+    cumulative bytes per reader) from call to call."""
     positions = list(positions)
     if not positions:
         return 0.0
     oldest = min(position["epoch"] for position in positions)
     for epoch in [epoch for epoch in dealings if epoch < oldest]:
         del dealings[epoch]  # no reader is in it any more
-    passes, weights = [], []
+    passes = []
     for position in positions:
         epoch = position["epoch"]
         if "units" in position:  # the rest of an epoch, dealt anew: what was done of it, and of this share
@@ -85,16 +84,12 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealing
             left -= part_read(units[rest[0][0]], position) if rest else 0
             read = 1 - left / share if share else 1.0
             passes.append(epoch + position["epoch_done"] + (1 - position["epoch_done"]) * read)
-            weights.append(share)
             continue
         if epoch not in dealings:
             dealings[epoch] = dealing_with_bytes(units, epoch, seed, n_readers)
         assigned, cumulative = dealings[epoch][position["reader"]]
         passes.append(epoch + bytes_read(assigned, cumulative, position) / max(1, cumulative[-1]))
-        weights.append(cumulative[-1])
-    if sum(weights) <= 0:
-        return float(sum(passes) / len(passes))
-    return float(np.dot(passes, weights) / sum(weights))
+    return float(sum(passes) / len(passes))
 
 
 def dealing_with_bytes(units: list[Unit], epoch: int, seed: int, n_readers: int) -> list:

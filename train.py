@@ -408,7 +408,9 @@ def main(argv=None) -> int:
             raise
         return failed(f"error{rank_of(ranks)}: {failure}", consequence=True)
     finally:
-        tearing_down(second_signal_stops=not ranks.enabled)  # the status is decided: a signal changes nothing
+        # the status is decided: a signal changes nothing (under torchrun, also where joining failed, the agent's
+        # forwarded repeats neither)
+        tearing_down(second_signal_stops="WORLD_SIZE" not in os.environ)
         stop_loader_workers(started_before=children)
         release_run_directories()
         shutdown()

@@ -173,13 +173,14 @@ def test_a_row_group_too_big_for_an_even_share_is_warned_of(capsys):
     cfg = Config.from_dict({"dataloader": {"num_workers": 2}})
     assert data.loader_workers(cfg, units) == 2
     assert capsys.readouterr().out == (
-        "WARNING: row group 0 of big.parquet holds 90% of the training text, more than a reader's even share (50% for "
-        "2 readers: dataloader.num_workers=2): the readers with less text read theirs several times while that one "
-        "is read once, so their documents weigh more; dataloader.num_workers=1, or rewriting the file in smaller row "
-        "groups (pyarrow.parquet.write_table(table, path, row_group_size=...)) evens them out\n")
+        "WARNING: row group 0 of big.parquet holds 90.0% of the training text, more than a reader's even share (50.0% "
+        "for 2 readers: dataloader.num_workers=2): the readers' shares cannot be even, those with less text read "
+        "theirs again sooner, so their documents weigh more (and the passes over the data logged run ahead); "
+        "dataloader.num_workers=1, or rewriting the file in smaller row groups (pyarrow.parquet.write_table(table, "
+        "path, row_group_size=...)) evens them out\n")
     assert data.loader_workers(cfg, units, announce=False) == 2 and capsys.readouterr().out == ""
     assert data.uneven_readers(units, 0, 1) is None  # one reader: nothing to even out
-    assert "(25% for 4 readers: dataloader.num_workers=2 x 2 processes)" in data.uneven_readers(units, 2, 2)
+    assert "(25.0% for 4 readers: dataloader.num_workers=2 x 2 processes)" in data.uneven_readers(units, 2, 2)
     assert "; rewriting the file" in data.uneven_readers(units, 2, 2)  # one reader per process is too many already
     assert data.uneven_readers([Unit("a.parquet", i, 3, 1000, 0) for i in range(10)], 2, 1) is None
 

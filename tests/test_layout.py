@@ -104,6 +104,14 @@ def test_hugging_face_datasets_arrow_folders_are_told_how_to_become_parquet(tmp_
         list_units(saved, "text")
 
 
+def test_a_data_folder_given_by_a_link_is_not_left_by_a_link_up_to_the_folder_of_that_link(tmp_path):
+    write_parquet(tmp_path / "store" / "mine" / "x.parquet", ["a"] * 3, 2)
+    write_parquet(tmp_path / "aliases" / "other" / "sibling.parquet", ["b"] * 3, 2)  # another dataset
+    (tmp_path / "aliases" / "mine").symlink_to(tmp_path / "store" / "mine", target_is_directory=True)
+    (tmp_path / "store" / "mine" / "up").symlink_to(tmp_path / "aliases", target_is_directory=True)
+    assert {Path(u.path).name for u in list_units(tmp_path / "aliases" / "mine", "text")} == {"x.parquet"}
+
+
 def test_symlinked_folders_are_followed_once_and_names_starting_with_dot_or_underscore_skipped(tmp_path, capsys):
     root = tmp_path / "data"
     write_parquet(root / "a" / "x.parquet", ["a"] * 3, 2)

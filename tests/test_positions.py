@@ -36,19 +36,6 @@ def test_passes_count_the_finished_parts_of_a_large_row_group():
     assert passes(epoch=0, unit=0, part=2, consumed=30, windows=40) == 0.25 + 0.75 / 8  # and 3/4 of the third part
 
 
-def test_passes_weigh_each_reader_by_its_share_of_the_text():
-    """A row group too big to deal evenly: its reader has most of the text, and the other reader's two
-    quick passes over its 10% are not two passes over the data."""
-    from shards import Unit
-    units = [Unit("big.parquet", 0, 900, 900_000, 0), Unit("small.parquet", 0, 100, 100_000, 1)]
-    assert epochs_read([{"reader": r, "epoch": 0, "unit": 1} for r in (0, 1)], units, 0, 2, {}) == 1.0  # both done
-    big, small = (next(r for r, assigned in enumerate(assign_units(units, epoch, 0, 2, shuffle=True))
-                       if assigned[0] is unit) for epoch, unit in ((0, units[0]), (2, units[1])))
-    halfway = [{"reader": big, "epoch": 0, "unit": 0, "part": 0, "consumed": 1, "windows": 2},
-               {"reader": small, "epoch": 2, "unit": 0}]  # the small one twice over meanwhile
-    assert big != small and epochs_read(halfway, units, 0, 2, {}) == pytest.approx(0.9 * 0.5 + 0.1 * 2)  # not 1.25
-
-
 def test_passes_grow_with_every_batch_of_a_row_group(corpus):
     """A corpus of a few row groups, each read in one part: the passes logged move at every batch,
     not only when a row group is finished."""
