@@ -175,7 +175,10 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks) -> RunDir:
     or in one that cannot be written (a read-only mount, another user's run).
     Says that the run resumes once the directory is its own (another process may be training in it)."""
     nothing_to_do = ckpt.step >= cfg.training.max_iters  # train() says so: nothing to move or record either
-    announce = "" if nothing_to_do else f"resuming from {path} at step {ckpt.step + 1}\n"
+    ended = ckpt.step == (ckpt.config.get("training") or {}).get("max_iters")
+    found = (f" (`latest`: the newest run in {cfg.training.checkpoint_dir}{', which had ended' * ended})"
+             if cfg.training.resume_from_checkpoint == "latest" else "")  # (another experiment's, perhaps)
+    announce = "" if nothing_to_do else f"resuming from {path} at step {ckpt.step + 1}{found}\n"
     if not continues_in_place(path):
         not_a_run = not is_run_directory(path.parent)
         print(announce, end="")
