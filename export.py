@@ -52,6 +52,7 @@ def config_json(ckpt, tokenizer, source: Path, hf: bool, four_bit: bool) -> dict
     quant_type = low_precision["quantization_type"]
     config = {**ckpt.model_config, "tokenizer_vocab_size": tokenizer.vocab_size,
               "separator_token_id": tokenizer.separator,
+              "trained_block_size": ckpt.config.get("training", {}).get("block_size"),
               "low_precision": {"use_4bit": low_precision["use_4bit"], "quantization_type": quant_type,
                                 "use_double_quant": low_precision["use_double_quant"]},
               "weights_4bit": {"quant_type": quant_type, "blocksize": BLOCKSIZE} if four_bit else None,

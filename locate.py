@@ -150,21 +150,25 @@ def add_checkpoint_arguments(parser, exports: bool = True):
     parser.add_argument("--checkpoint-dir", help="where `latest` looks (default: checkpoints)")
 
 
-def load_model(spec: str, checkpoint_dir: str | None, setting: str) -> tuple[BDH, str, dict, str, str]:
+def load_model(spec: str, checkpoint_dir: str | None,
+               setting: str) -> tuple[BDH, str, dict, str, str, int | None]:
     """(model, tokenizer as tokenizer.to_str() gives it, the low_precision settings it was trained
     with (exported_in_4bit if its weights are 4-bit already), which file and step it is, the
-    dataset.parquet_dir it was trained on: "" for an export, which does not record it) of a checkpoint
-    (open_checkpoint) or of a folder that export.py wrote."""
+    dataset.parquet_dir it was trained on ("" for an export, which does not record it), the
+    block_size it was trained with (None: not recorded)) of a checkpoint (open_checkpoint) or of a
+    folder that export.py wrote."""
     latest_folder(spec, checkpoint_dir, setting)
     if is_export(spec):
         model, tokenizer, config = load_export(spec)
         recorded = config.get("low_precision", {})  # (an export of version 1 may have none; use_4bit: not known)
         low_precision = {**low_precision_of(config), "use_4bit": recorded.get("use_4bit"),
                          "exported_in_4bit": bool(config.get("weights_4bit"))}
-        return model, tokenizer, low_precision, f"{spec} (exported at step {config['bdh_export']['step']})", ""
+        return (model, tokenizer, low_precision, f"{spec} (exported at step {config['bdh_export']['step']})", "",
+                config.get("trained_block_size"))
     source, ckpt = open_checkpoint(spec, checkpoint_dir, setting)
     return (model_from_checkpoint(ckpt), ckpt.tokenizer, ckpt.low_precision(), f"{source} (step {ckpt.step})",
-            str(ckpt.config.get("dataset", {}).get("parquet_dir") or ""))
+            str(ckpt.config.get("dataset", {}).get("parquet_dir") or ""),
+            ckpt.config.get("training", {}).get("block_size"))
 
 
 def model_line(origin: str, trained_on: str) -> str:

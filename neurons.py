@@ -120,8 +120,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        model, saved_tokenizer, _, origin, trained_on = load_model(args.checkpoint, args.checkpoint_dir,
-                                                                   "--checkpoint")
+        model, saved_tokenizer, _, origin, trained_on, _ = load_model(args.checkpoint, args.checkpoint_dir,
+                                                                      "--checkpoint")
         tokenizer = tokenizer_from_string(saved_tokenizer)
     except (CheckpointError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

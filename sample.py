@@ -48,13 +48,13 @@ def text_as_it_comes(tokenizer, ids):
 
 
 def load_for_sampling(args):
-    """(model in eval mode on its device, tokenizer, device) of --checkpoint, in 4 bits with --4bit;
-    what it read is said on stderr (stdout holds the text only)."""
+    """(model in eval mode on its device, tokenizer, device, the block_size it trained with or None)
+    of --checkpoint, in 4 bits with --4bit; what it read is said on stderr (stdout holds the text only)."""
     device = pick_device(args.device, setting="--device")
     if args.four_bit and device.type == "mps":
         raise DeviceError("--4bit: bitsandbytes' 4-bit quantization runs on cpu or cuda; add --device cpu")
-    model, saved_tokenizer, low_precision, origin, trained_on = load_model(args.checkpoint, args.checkpoint_dir,
-                                                                           "--checkpoint")
+    model, saved_tokenizer, low_precision, origin, trained_on, block_size = load_model(
+        args.checkpoint, args.checkpoint_dir, "--checkpoint")
     print(model_line(origin, trained_on), file=sys.stderr)
     model = model.to(device).eval()
     tokenizer = tokenizer_from_string(saved_tokenizer)
@@ -70,7 +70,7 @@ def load_for_sampling(args):
         before, after = to_4bit(model, quant_type, double_quant)
         print(f"4-bit weights ({quant_type}{', double quant' if double_quant else ''}): model "
               f"{after / 2**20:.2f} MiB, float32 {before / 2**20:.2f} MiB (1/{before / after:.1f})", file=sys.stderr)
-    return model, tokenizer, device
+    return model, tokenizer, device, block_size
 
 
 def main(argv=None) -> int:
@@ -96,13 +96,17 @@ def main(argv=None) -> int:
         parser.error(f"--seed must be from -2**63 to 2**64 - 1 (what torch.Generator takes), got {args.seed}")
     args.prompt = prompt_argument(parser, args)
     try:
-        model, tokenizer, device = load_for_sampling(args)
+        model, tokenizer, device, block_size = load_for_sampling(args)
     except (CheckpointError, DeviceError, LowBitError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
     prompt = tokenizer.encode(args.prompt) or [tokenizer.separator]
     note_prompt_change(tokenizer, args.prompt)
+    if block_size and len(prompt) + args.max_new_tokens > block_size:  # (measured: BENCHMARKS.md)
+        print(f"note: the model trained on windows of {block_size} tokens, and this text runs to "
+              f"{len(prompt) + args.max_new_tokens} (the prompt's {len(prompt)} and {args.max_new_tokens} new): past "
+              f"{block_size} it reads positions it never trained at, and its text usually gets worse", file=sys.stderr)
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     tokens = (int(token) for token in model.stream(idx, args.max_new_tokens, temperature=args.temperature,

@@ -11,6 +11,7 @@ import sample
 import train
 from checkpoint import CheckpointError, load_checkpoint, load_export, model_from_checkpoint
 from conftest import write_config
+from locate import load_model
 from lowbit import dequantize, quantize
 from tokenizer import TokenizerError, load_tokenizer
 
@@ -49,6 +50,7 @@ def test_export_holds_the_checkpoint_weights_and_transformers_generates_what_sam
     assert all(torch.equal(weights[k], ckpt.model[k]) for k in weights)
     config = json.loads((out / "config.json").read_text())
     assert {k: config[k] for k in ckpt.model_config} == ckpt.model_config and config["bdh_export"]["step"] == 4
+    assert load_model(str(out), None, "--checkpoint")[5] == ckpt.config["training"]["block_size"]  # (sample.py's note)
     card = (out / "README.md").read_text()
     assert "step 4 of 4" in card and "bits per byte" in card and "trust_remote_code=True" in card
     with pytest.raises(TokenizerError, match="byte tokens, as export.py writes them .*; to train on bytes, set "

@@ -16,7 +16,7 @@ SMALL = BDHConfig(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4)
 @pytest.fixture
 def small_model(monkeypatch):
     """neurons.py reads an untrained small model, with the byte tokenizer, whatever --checkpoint says."""
-    monkeypatch.setattr(neurons, "load_model", lambda *args: (BDH(SMALL), "bytes", {}, "a small model", ""))
+    monkeypatch.setattr(neurons, "load_model", lambda *args: (BDH(SMALL), "bytes", {}, "a small model", "", 64))
 
 
 def test_picture_and_figures_of_the_active_neurons(tmp_path, corpus, capsys):

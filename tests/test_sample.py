@@ -113,13 +113,19 @@ def test_streamed_text_is_what_generate_gives(checkpoint, capsys):
     capsys.readouterr()
     assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "<01-", "--max-new-tokens", "60", "--seed", "3",
                         "--top-k", "20", "--device", "cpu"]) == 0
-    model, saved, _, origin, trained_on = load_model(str(checkpoint), None, "--checkpoint")
+    model, saved, _, origin, trained_on, block_size = load_model(str(checkpoint), None, "--checkpoint")
     assert origin == f"{checkpoint} (step 2)" and trained_on == load_checkpoint(checkpoint).config["dataset"]["parquet_dir"]
     tokenizer = tokenizer_from_string(saved)
     out = model.eval().generate(torch.tensor([tokenizer.encode("<01-")]), 60, temperature=0.8, top_k=20,
                                 generator=torch.Generator().manual_seed(3), vocab_limit=tokenizer.vocab_size)
     printed = capsys.readouterr()
-    assert printed.out == tokenizer.decode(out[0].tolist()) + "\n" and printed.err == f"model: {checkpoint} (step 2), trained on {trained_on}\n"
+    assert printed.out == tokenizer.decode(out[0].tolist()) + "\n"
+    assert printed.err == (f"model: {checkpoint} (step 2), trained on {trained_on}\nnote: the model trained on windows of "
+                           f"{block_size} tokens, and this text runs to 64 (the prompt's 4 and 60 new): past {block_size} "
+                           f"it reads positions it never trained at, and its text usually gets worse\n")
+    assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "<01-", "--max-new-tokens", str(block_size - 4),
+                        "--device", "cpu"]) == 0
+    assert "note:" not in capsys.readouterr().err  # within the trained length
 
 
 @pytest.mark.parametrize("temperature", ["nan", "inf", "-1"])
