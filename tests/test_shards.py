@@ -1,4 +1,5 @@
 """Parquet shards: checking them (footers, schemas, text columns), the split, reading."""
+import os
 import re
 from pathlib import Path
 
@@ -128,6 +129,24 @@ def test_a_shard_gone_unreadable_or_rewritten_while_training_is_not_called_corru
     with pytest.raises(DataError, match=r"a.parquet: the file cannot be read \(Permission denied\); training needs "
                                         r"every shard it started with: make it readable, or resume"):
         list(shards.read_unit_documents(Unreadable(), unit, "text", "train", 0, 0.1))
+
+
+def test_the_file_cache_keeps_files_open_until_rewritten_or_least_recently_used(tmp_path):
+    for name in "abc":
+        write_parquet(tmp_path / f"{name}.parquet", [name] * 4, 2)
+    a, b, c = (str(tmp_path / f"{name}.parquet") for name in "abc")
+    cache = shards.ParquetFileCache(2)
+    first = cache.get(a)
+    assert cache.get(a) is first  # unchanged on disk: the same open file
+    cache.get(b)
+    cache.get(a)  # a is now the most recently used: c's opening closes b
+    cache.get(c)
+    assert list(cache.files) == [a, c]
+    os.replace(write_parquet(tmp_path / "new" / "a.parquet", ["A"] * 6, 3), a)  # replaced (prepare.py --replace)
+    reopened = cache.get(a)
+    assert reopened is not first and reopened.metadata.num_rows == 6
+    cache.close()
+    assert cache.files == {}
 
 
 def test_a_part_ends_early_where_its_text_outgrows_what_the_metadata_promised(tmp_path, monkeypatch):
