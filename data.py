@@ -265,9 +265,8 @@ def loader_workers(cfg, units, world_size=1, announce=True) -> int:
 
 
 def uneven_readers(units, workers: int, world_size: int) -> str | None:
-    """A warning where a (file, row group) unit holds more than a reader's even share of the text:
-    the readers' shares cannot be balanced, and the ones with less read theirs again (and again)
-    while the one with the big unit reads it once."""
+    """A warning where a (file, row group) unit holds well more than a reader's even share of the
+    text: the readers' shares cannot be balanced, and those with less read theirs again sooner."""
     n_readers = max(1, workers) * world_size
     total = sum(unit.num_bytes for unit in units)
     big = max(units, key=lambda unit: unit.num_bytes)
