@@ -345,8 +345,8 @@ def validation_batches(cfg, units, tokenizer, note_few: bool = True) -> list:
                 torch.cat([y for _, y in windows[k:k + training.batch_size]]))
                for k in range(0, len(windows) - training.batch_size + 1, training.batch_size)]
     if 0 < len(batches) < training.eval_iters and note_few:
-        print(f"note: the validation documents of {folder} fill {len(batches)} batches, fewer than training.eval_iters "
-              f"{training.eval_iters}: every evaluation measures those {len(batches)}")
+        print(f"note: the validation documents of {folder} fill {len(batches)} batch{'es' * (len(batches) != 1)}, "
+              f"fewer than training.eval_iters {training.eval_iters}: every evaluation measures those {len(batches)}")
     if not batches:
         cache = ParquetFileCache(1)
         documents, val_documents = (count_documents(cache, units, dataset_cfg.text_column, which, training.seed,

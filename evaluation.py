@@ -87,8 +87,8 @@ def generate_sample(model, val_batches, device, compute, generator, ranks: Ranks
                              vocab_limit=tokenizer.vocab_size)
     prompt_text, whole = tokenizer.decode(prompt[0].tolist()), tokenizer.decode(out[0].tolist())
     if whole.startswith(prompt_text):  # (a character split between the two decodes apart)
-        return prompt_text, whole[len(prompt_text):]
-    return prompt_text, tokenizer.decode(out[0, prompt.shape[1]:].tolist())
+        return tokenizer.shown(prompt_text), tokenizer.shown(whole[len(prompt_text):])
+    return tokenizer.shown(prompt_text), tokenizer.shown(tokenizer.decode(out[0, prompt.shape[1]:].tolist()))
 
 
 def evaluate(model, val_batches, device, compute, generator, ranks: Ranks, tokenizer, val_tokens_per_byte) -> dict:

@@ -24,7 +24,7 @@ import yaml
 from checkpoint import EXPORT_VERSION, CheckpointError
 from config_file import parse_arguments
 from files import REPO, read_records, resumed_configs, write_folder
-from lowbit import BLOCKSIZE, LowBitError, export_4bit, post_training_note
+from lowbit import BLOCKSIZE, LowBitError, export_4bit, full_precision_note, post_training_note
 from model import LAYER_WEIGHTS, BDHConfig
 from locate import add_checkpoint_arguments, open_checkpoint
 from tokenizer import SEPARATOR_TOKEN, TokenizerError, tokenizer_from_string
@@ -109,6 +109,7 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
              f"block {training.get('block_size')} x accumulation {training.get('gradient_accumulation_steps')}"
              + (f" x {len(ckpt.rng)} processes" if len(ckpt.rng) > 1 else "")
              + (f"; {ckpt.tokens:,} tokens trained on" if ckpt.tokens is not None else ""),
+             *started_from(source.parent),
              *settings_changed(source.parent, ckpt.step),
              f"- result: {result}", "",
              "## Use", "", "With the training repository:", "",
@@ -122,6 +123,24 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
                   "    print(tokenizer.decode(ids[0]))", ""]
     lines += ["## The run's configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def started_from(run: Path) -> list[str]:
+    """A line for the model card of a run that started from another model (a fine-tune of an export, a
+    checkpoint outside a run): its first settings' resume_from_checkpoint."""
+    try:
+        first = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        start = first["training"]["resume_from_checkpoint"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return []
+    if not start:
+        return []
+    try:
+        exported = json.loads((Path(start) / "config.json").read_text())["bdh_export"]
+        origin = f" (exported at step {exported['step']} of {exported['checkpoint']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        origin = ""
+    return [f"- started from: {start}{origin}; trained further on the data above"]
 
 
 def settings_changed(run: Path, step: int) -> list[str]:
@@ -173,6 +192,8 @@ def main(argv=None) -> int:
         source, ckpt = open_checkpoint(args.checkpoint, args.checkpoint_dir, setting="--checkpoint")
         if args.four_bit and not ckpt.low_precision()["use_4bit"]:
             print(post_training_note(source), file=sys.stderr)
+        elif not args.four_bit and ckpt.low_precision()["use_4bit"]:
+            print(full_precision_note(source, "--4bit"), file=sys.stderr)
         write_folder(args.out, lambda folder: write_export(folder, ckpt, source, args.out, args.hf, args.four_bit),
                      replace=args.replace, written_here=lambda path: path.is_file() and path.name in EXPORT_FILES)
     except (CheckpointError, TokenizerError, LowBitError, FileExistsError) as e:

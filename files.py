@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -217,6 +218,12 @@ def relative_to_here(path) -> str:
 def byte_amount(n: int) -> str:
     """n bytes for a message: in MB from 1 MB (2**20 bytes), else in KB."""
     return f"{n / 2**20:,.1f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} KB"
+
+
+def stdout_reader_gone():
+    """After a BrokenPipeError: `| head` read what it wanted and left, which is not an error. The rest
+    of standard output goes nowhere (Python's flush at exit would fail again, with a traceback)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def script_here(name: str) -> str:

@@ -115,7 +115,7 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
         words = ("latest",) if flag else ("latest", "auto")
         fix = (f"did you mean {runs[-1] / path.name}?" if runs else
                f"its folder holds {', '.join(p.name for p in kept[::-1])}"
-               f"{' (training.keep_last_n keeps the newest only)' * bool(removed)}" if kept else
+               f"{' (if it was saved, it went: training.keep_last_n keeps the newest only)' * bool(removed)}" if kept else
                f"did you mean {spec.lower()} (in lower case)?" if spec.lower() in words else
                f"give a checkpoint file, a run directory{', `latest`' * (not flag)} or `{words[-1]}`")
         close = difflib.get_close_matches(spec.lower(), words, 1, 0.75) if not re.search(r"[/.]", spec) else []

@@ -105,6 +105,12 @@ def to_4bit(model, quant_type: str, double_quant: bool) -> tuple[int, int]:
     return before, after
 
 
+def full_precision_note(source, option: str) -> str:
+    """For a model trained with use_4bit, used without --4bit."""
+    return (f"note: {source} was trained with low_precision.use_4bit for 4-bit serving, and its evaluations measured "
+            f"its 4-bit weights: add {option} to use those; without it the full-precision weights are used")
+
+
 def post_training_note(source) -> str:
     """For --4bit on a model trained without use_4bit."""
     return (f"note: {source} was not trained with low_precision.use_4bit: its weights are quantized after training "

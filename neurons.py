@@ -22,7 +22,7 @@ import torch
 
 from checkpoint import CheckpointError
 from config_file import parse_arguments
-from files import picture_path
+from files import picture_path, stdout_reader_gone
 from locate import add_checkpoint_arguments, load_model, model_line
 from tokenizer import (TokenizerError, add_prompt_arguments, note_prompt_change, prompt_argument,
                        tokenizer_from_string)
@@ -136,7 +136,8 @@ def main(argv=None) -> int:
                      f"GiB for this model (memory grows with the square of the prompt's length): shorten it, e.g. to "
                      f"its first {fitting:,} characters")
     found = latents(model, ids)
-    print(f"{model_line(origin, trained_on)}\n{len(ids)} tokens, {found[0][0].shape[1]:,} latent neurons per layer (H*N)")
+    print(f"{model_line(origin, trained_on)}\n{len(ids)} token{'s' * (len(ids) != 1)}, {found[0][0].shape[1]:,} latent "
+          f"neurons per layer (H*N)")
     print(f"{'layer':>5} {'x active':>9} {'y active':>9} {'neurons used':>13}")
     for layer, (a, b) in enumerate(found):
         print(f"{layer + 1:>5} {float((a > 0).float().mean()):>9.2%} {float((b > 0).float().mean()):>9.2%} "
@@ -144,7 +145,11 @@ def main(argv=None) -> int:
     shown = min(len(ids), args.max_tokens)
     labels = [repr(label)[1:-1].replace(" ", "␣") for label in token_labels(tokenizer, ids[:shown])]
     draw([(a[:shown], b[:shown]) for a, b in found], labels, out, args.max_neurons)
-    print(f"wrote {args.out}" + (f" (the first {shown} of {len(ids)} tokens: --max-tokens)" if shown < len(ids) else ""))
+    try:
+        print(f"wrote {args.out}" + (f" (the first {shown} of {len(ids)} tokens: --max-tokens)" if shown < len(ids)
+                                     else ""), flush=True)
+    except BrokenPipeError:
+        stdout_reader_gone()
     return 0
 
 

@@ -11,14 +11,14 @@ stops there, keeping what was printed.
 """
 import argparse
 import itertools
-import os
 import sys
 
 import torch
 
 from checkpoint import CheckpointError
 from config_file import parse_arguments
-from lowbit import LowBitError, post_training_note, to_4bit
+from files import stdout_reader_gone
+from lowbit import LowBitError, full_precision_note, post_training_note, to_4bit
 from locate import add_checkpoint_arguments, load_model, model_line
 from runtime import DeviceError, pick_device
 from tokenizer import (TokenizerError, add_prompt_arguments, note_prompt_change, prompt_argument,
@@ -65,6 +65,8 @@ def load_for_sampling(args):
     # folder exported before use_4bit was recorded
     if (args.four_bit or low_precision.get("exported_in_4bit")) and low_precision.get("use_4bit") is False:
         print(post_training_note(origin), file=sys.stderr)
+    elif not args.four_bit and not low_precision.get("exported_in_4bit") and low_precision.get("use_4bit"):
+        print(full_precision_note(origin, "--4bit"), file=sys.stderr)
     if args.four_bit:
         quant_type, double_quant = low_precision["quantization_type"], low_precision["use_double_quant"]
         before, after = to_4bit(model, quant_type, double_quant)
@@ -115,13 +117,13 @@ def main(argv=None) -> int:
     shown = prompt if args.prompt else []  # not the synthetic separator
     try:
         for piece in text_as_it_comes(tokenizer, itertools.chain(shown, tokens)):
-            print(piece, end="", flush=True)
+            print(tokenizer.shown(piece), end="", flush=True)
         print(flush=True)  # (a line end left to the exit's flush would meet the closed pipe there)
     except KeyboardInterrupt:
         print("\n(stopped by Ctrl-C)", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # | head read what it wanted and left: not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail again)
+    except BrokenPipeError:
+        stdout_reader_gone()
     return 0
 
 

@@ -67,6 +67,12 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(int(t) for t in ids).decode("utf-8", errors="replace")
 
+    @staticmethod
+    def shown(text: str) -> str:
+        """Decoded text as printed: the separator byte as <|endoftext|>, as a tokenizer.json shows its
+        own, not a NUL that makes a terminal log a binary file."""
+        return text.replace("\x00", SEPARATOR_TOKEN)
+
     def encode_documents(self, docs: pa.Array) -> np.ndarray:
         """A large_binary array of non-empty documents as one stream, each document followed by
         the separator."""
@@ -154,6 +160,10 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(t) for t in ids], skip_special_tokens=False)
+
+    @staticmethod
+    def shown(text: str) -> str:
+        return text
 
     def encode_documents(self, docs: pa.Array) -> np.ndarray:
         texts = [doc.decode("utf-8", errors="replace") for doc in docs.to_pylist()]

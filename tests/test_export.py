@@ -149,6 +149,13 @@ def test_4bit_export_is_the_model_sample_4bit_serves(tmp_path, corpus, capsys, m
     out, err = capsys.readouterr()
     assert tokenizer.decode(ids[0]) == out.rstrip("\n")
     assert "4-bit weights (nf4" in err and "post-training" not in err  # it was trained for 4 bits
+    # without --4bit: the full-precision weights, which its evaluations did not measure
+    full_precision = f"was trained with low_precision.use_4bit for 4-bit serving, and its evaluations measured its " \
+                     f"4-bit weights: add --4bit to use those"
+    assert sample.main(["--max-new-tokens", "2", "--checkpoint", str(run), "--device", "cpu"]) == 0
+    assert full_precision in capsys.readouterr().err
+    assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "export_float")]) == 0
+    assert full_precision in capsys.readouterr().err
     # loaded in bfloat16, as many load a model: the unpacked weights follow the embedding's dtype
     from transformers import AutoModelForCausalLM
     in_bf16 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export4"), trust_remote_code=True,
@@ -170,6 +177,9 @@ def test_an_export_fine_tunes_with_a_fresh_optimizer(trained, tmp_path, corpus, 
     [run] = (tmp_path / "tune").iterdir()
     first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][0]
     assert first["step"] == 1 and first["train_loss"] < 5.0  # trained weights: far below ln 256 = 5.5
+    assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "tuned")]) == 0  # its card says so
+    assert (f"- started from: {out} (exported at step 4 of {trained}); trained further on the data above\n"
+            in (tmp_path / "tuned" / "README.md").read_text())
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={out}", "model.n_layer=3"]) == 1
     assert "different model shape" in capsys.readouterr().err
 

@@ -54,7 +54,8 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
     with pytest.raises(CheckpointError, match=r"latest.pt does not exist .*; give a checkpoint file"):
         open_checkpoint("latest.pt", str(tmp_path))  # a file's name: no guess at a word
     with pytest.raises(CheckpointError, match=r"checkpoint_1.pt does not exist; its folder holds checkpoint_10.pt, "
-                                              r"checkpoint_2.pt \(training.keep_last_n keeps the newest only\)$"):
+                                              r"checkpoint_2.pt \(if it was saved, it went: training.keep_last_n keeps "
+                                              r"the newest only\)$"):
         open_checkpoint(str(run / "checkpoint_1.pt"), str(tmp_path))
     with pytest.raises(CheckpointError, match=r"chekpoint_10.pt does not exist; its folder holds checkpoint_10.pt, "
                                               r"checkpoint_2.pt$"):  # a typo: keep_last_n did not remove it

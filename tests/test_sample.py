@@ -62,6 +62,15 @@ def test_sample_without_prompt_and_from_run_directory(checkpoint, capsys):
     assert sample.main(["--checkpoint", str(checkpoint.parent), "--max-new-tokens", "10", "--top-k", "5"]) == 0
 
 
+def test_the_separator_of_bytes_is_printed_as_endoftext_not_a_nul(checkpoint, capsys, monkeypatch):
+    """A NUL on a terminal, or in a log (grep: binary file matches): shown as a tokenizer.json shows its own."""
+    from model import BDH
+    monkeypatch.setattr(BDH, "stream", lambda self, idx, *args, **kwargs: iter(torch.tensor([[t]]) for t in b"a\0b"))
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "x", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == "xa<|endoftext|>b\n"
+
+
 def test_4bit_from_a_model_trained_without_use_4bit_is_noted_as_post_training(checkpoint, capsys):
     capsys.readouterr()
     assert sample.main(["--checkpoint", str(checkpoint), "--max-new-tokens", "5", "--4bit"]) == 0
