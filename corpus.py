@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from config import DEFAULT_SAMPLE_DIR
-from files import write_folder
+from files import UTF_BOMS, write_folder
 from shards import DataError
 
 
@@ -78,10 +78,6 @@ def write_shards(documents, out_dir, docs_per_shard=16384, row_group_bytes=ROW_G
             flush()
     flush()
     return n_docs
-
-
-UTF_BOMS = {b"\xff\xfe\x00\x00": "utf-32", b"\x00\x00\xfe\xff": "utf-32", b"\xff\xfe": "utf-16",
-             b"\xfe\xff": "utf-16"}  # byte-order marks: Windows Notepad's "Unicode", PowerShell's > write UTF-16
 
 
 def as_utf8(raw: bytes, name) -> bytes:

@@ -95,7 +95,9 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
         weights_note = (f"encoder, encoder_v, decoder in 4 bits ({ckpt.low_precision()['quantization_type']}, "
                         f"blocks of {BLOCKSIZE}), the rest float32")
     dataset = config.get("dataset", {})
-    lines = [f"# BDH ({source.parent.name}, step {ckpt.step})", "",
+    front_matter = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- bdh", "---",
+                    ""] if hf else []  # (the Hub reads these)
+    lines = [*front_matter, f"# BDH ({source.parent.name}, step {ckpt.step})", "",
              "A BDH language model (\"Baby Dragon Hatchling\", arXiv 2509.26507) trained with the BDH training "
              "script; MODEL.md of that repository states its exact function.", "",
              f"- model: {shape['n_layer']} layers, n_embd {shape['n_embd']}, {shape['n_head']} heads, "
@@ -109,6 +111,8 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
              f"block {training.get('block_size')} x accumulation {training.get('gradient_accumulation_steps')}"
              + (f" x {len(ckpt.rng)} processes" if len(ckpt.rng) > 1 else "")
              + (f"; {ckpt.tokens:,} tokens trained on" if ckpt.tokens is not None else ""),
+             f"- context: trained on windows of {training.get('block_size')} tokens; generation runs longer, but past "
+             f"that length it reads positions it never trained at, and its loss grows",
              *started_from(source.parent),
              *settings_changed(source.parent, ckpt.step),
              f"- result: {result}", "",

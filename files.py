@@ -28,6 +28,8 @@ RESUMED_CONFIG_RE = re.compile(r"config_resume_(\d+)\.yaml")
 PARQUET_MAGIC = b"PAR1"  # the first bytes of a parquet file, whatever its name
 ZIP_MAGIC = b"PK\x03\x04"  # of a zip archive, such as torch.save writes
 ARROW_MAGICS = (b"ARROW1", b"\xff\xff\xff\xff")  # of an Arrow IPC file, or stream (Hugging Face datasets' .arrow)
+UTF_BOMS = {b"\xff\xfe\x00\x00": "utf-32", b"\x00\x00\xfe\xff": "utf-32", b"\xff\xfe": "utf-16",
+             b"\xfe\xff": "utf-16"}  # byte-order marks: Windows Notepad's "Unicode", PowerShell's > write UTF-16
 
 
 def resumed_configs(run_dir: Path) -> list[tuple[int, Path]]:

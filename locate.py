@@ -4,6 +4,7 @@ them; the model the scripts read from one (an export.py folder too); the run a b
 wrote.
 """
 import difflib
+import json
 import math
 import re
 import subprocess
@@ -101,7 +102,7 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
             runs = sorted(p.name for p in path.glob("run_*") if p.is_dir() and resumable_in(p))
             with_it = f"--checkpoint-dir {path}" if flag else f"training.checkpoint_dir={path}"
             hint = (f": it holds runs; give one (e.g. {path / runs[-1]}), or `latest` with {with_it}" if runs
-                    else ": export.py's output, not a checkpoint" if is_export(path) else
+                    else f": export.py's output, not a checkpoint{exported_from(path)}" if is_export(path) else
                     ": its run stopped before its first checkpoint" + ("" if flag else f"; start it again without {setting}")
                     if is_run_directory(path) else "")
             raise CheckpointError(f"{setting}: {path} holds no checkpoint_<step>.pt{hint}")
@@ -124,6 +125,14 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
     return [path]
 
 
+def exported_from(folder: Path) -> str:
+    """'(exported from <checkpoint>)' as its config.json records it, or ""."""
+    try:
+        return f" (exported from {json.loads((folder / 'config.json').read_text())['bdh_export']['checkpoint']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def open_checkpoint(spec: str, checkpoint_dir: str | None, setting: str = "training.resume_from_checkpoint"):
     """(path, Checkpoint) of spec: a checkpoint file, a run directory (its newest checkpoint) or
     `latest` (the newest checkpoint of the newest run in checkpoint_dir). For a run directory and
@@ -135,6 +144,9 @@ def open_checkpoint(spec: str, checkpoint_dir: str | None, setting: str = "train
             return path, load_checkpoint(path)
         except CheckpointError as e:
             if len(candidates) == 1 and Path(spec).is_file():
+                if is_export(Path(spec).parent):  # its model.safetensors or config.json
+                    raise CheckpointError(f"{setting}: {spec} is a file of the folder export.py wrote: give the "
+                                          f"folder, {Path(spec).parent}") from None
                 raise CheckpointError(f"{setting}: {e}") from None
             print(f"skipped {e}", file=sys.stderr)
     raise CheckpointError(f"{setting}: {spec}: none of its {len(candidates)} checkpoint(s) can be read (see above)")

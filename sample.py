@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     if args.top_k < 0:
         parser.error(f"--top-k must be >= 0 (0: sample among all tokens), got {args.top_k}")
     if not 0 <= args.temperature < float("inf"):  # nan too
-        parser.error(f"--temperature must be a number >= 0 (0 picks the likeliest token), got {args.temperature}")
+        parser.error(f"--temperature must be a finite number >= 0 (0 picks the likeliest token), got "
+                     f"{args.temperature}")
     if not -2**63 <= args.seed < 2**64:
         parser.error(f"--seed must be from -2**63 to 2**64 - 1 (what torch.Generator takes), got {args.seed}")
     args.prompt = prompt_argument(parser, args)

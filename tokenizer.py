@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from files import relative_to_here
+from files import UTF_BOMS, relative_to_here
 from runtime import first_line
 
 SEPARATOR_TOKEN = "<|endoftext|>"
@@ -319,11 +319,13 @@ def prompt_argument(parser, args) -> str:
         return utf8_argument(args.prompt or "", "--prompt")
     try:
         raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
-        return raw.decode("utf-8-sig")  # as it is, its last line end too; not a byte-order mark (Windows editors')
+        # as it is, its last line end too; not a byte-order mark (Windows editors'), which may say UTF-16
+        return raw.decode(next((UTF_BOMS[bom] for bom in UTF_BOMS if raw.startswith(bom)), "utf-8-sig"))
     except OSError as e:
         parser.error(f"--prompt-file {args.prompt_file}: cannot read it ({e.strerror or e})")
     except UnicodeDecodeError as e:
-        parser.error(f"--prompt-file {args.prompt_file}: not UTF-8 text (byte {e.start:,}); save it as UTF-8")
+        parser.error(f"--prompt-file {args.prompt_file}: not UTF-8 text (an invalid byte at byte {e.start:,}); save "
+                     f"it as UTF-8")
 
 
 def utf8_argument(text: str, option: str) -> str:

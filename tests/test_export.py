@@ -53,6 +53,8 @@ def test_export_holds_the_checkpoint_weights_and_transformers_generates_what_sam
     assert load_model(str(out), None, "--checkpoint")[5] == ckpt.config["training"]["block_size"]  # (sample.py's note)
     card = (out / "README.md").read_text()
     assert "step 4 of 4" in card and "bits per byte" in card and "trust_remote_code=True" in card
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n")  # (--hf: the Hub's)
+    assert f"- context: trained on windows of {ckpt.config['training']['block_size']} tokens;" in card
     with pytest.raises(TokenizerError, match="byte tokens, as export.py writes them .*; to train on bytes, set "
                                              "dataset.tokenizer=bytes$"):  # what a user tries next, to fine-tune
         load_tokenizer(str(out / "tokenizer.json"))
@@ -170,6 +172,12 @@ def test_an_export_fine_tunes_with_a_fresh_optimizer(trained, tmp_path, corpus, 
     out = tmp_path / "export"
     assert export.main(["--checkpoint", str(trained), "--out", str(out)]) == 0
     assert not (out / "modeling_bdh.py").exists()  # without --hf: weights, config, tokenizer, card
+    capsys.readouterr()
+    assert export.main(["--checkpoint", str(out), "--out", str(tmp_path / "again")]) == 1  # an export is no checkpoint
+    assert capsys.readouterr().err.endswith(f"export.py's output, not a checkpoint (exported from {trained})\n")
+    assert sample.main(["--checkpoint", str(out / "model.safetensors")]) == 1  # one of its files: the folder
+    assert capsys.readouterr().err == (f"error: --checkpoint: {out / 'model.safetensors'} is a file of the folder "
+                                       f"export.py wrote: give the folder, {out}\n")
     path = write_config(tmp_path, corpus, "tune.yaml", max_iters=2, checkpoint_freq=2, checkpoint_dir=str(tmp_path / "tune"))
     capsys.readouterr()
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={out}"]) == 0

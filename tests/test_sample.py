@@ -36,7 +36,8 @@ def test_sample_prints_generated_text(checkpoint, capsys):
     assert sample.main(args) == 0
     assert capsys.readouterr().out == first  # same seed, same text
     prompt_file = checkpoint.parent / "prompt.txt"  # a prompt too long for the command line comes from a file
-    for text in (b"<00-", b"\xef\xbb\xbf<00-"):  # (a byte-order mark, as Notepad writes one, is not the prompt's)
+    for text in (b"<00-", b"\xef\xbb\xbf<00-", "<00-".encode("utf-16")):  # (a byte-order mark, as Notepad writes
+        # one, is not the prompt's; one of UTF-16 says how to read it)
         prompt_file.write_bytes(text)
         assert sample.main([*args[:2], "--prompt-file", str(prompt_file), *args[4:]]) == 0
         assert capsys.readouterr().out == first
@@ -46,7 +47,8 @@ def test_sample_prints_generated_text(checkpoint, capsys):
     prompt_file.write_bytes(b"<0\xff")
     with pytest.raises(SystemExit):
         sample.main([*args[:2], "--prompt-file", str(prompt_file)])
-    assert "--prompt-file " + str(prompt_file) + ": not UTF-8 text (byte 2); save it as UTF-8" in capsys.readouterr().err
+    assert "--prompt-file " + str(prompt_file) + ": not UTF-8 text (an invalid byte at byte 2); save it as UTF-8" \
+        in capsys.readouterr().err
 
 
 def test_sample_without_prompt_and_from_run_directory(checkpoint, capsys):
@@ -141,7 +143,7 @@ def test_streamed_text_is_what_generate_gives(checkpoint, capsys):
 def test_a_temperature_that_is_not_a_number_from_zero_up_is_refused(checkpoint, capsys, temperature):
     with pytest.raises(SystemExit) as stop:
         sample.main(["--checkpoint", str(checkpoint), "--temperature", temperature])
-    assert stop.value.code == 2 and "--temperature must be a number >= 0" in capsys.readouterr().err
+    assert stop.value.code == 2 and "--temperature must be a finite number >= 0" in capsys.readouterr().err
 
 
 def test_top_k_0_samples_among_all_tokens_and_a_negative_one_is_refused(checkpoint, capsys):
