@@ -26,7 +26,7 @@ from config_file import parse_arguments
 from files import REPO, read_records, resumed_configs, write_folder
 from lowbit import BLOCKSIZE, LowBitError, export_4bit, full_precision_note, post_training_note
 from model import LAYER_WEIGHTS, BDHConfig
-from locate import add_checkpoint_arguments, open_checkpoint
+from locate import add_checkpoint_arguments, is_run_directory, open_checkpoint
 from tokenizer import SEPARATOR_TOKEN, TokenizerError, tokenizer_from_string
 
 HF_FILES = {REPO / "hf" / "configuration_bdh.py": "configuration_bdh.py",
@@ -111,8 +111,8 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
              f"block {training.get('block_size')} x accumulation {training.get('gradient_accumulation_steps')}"
              + (f" x {len(ckpt.rng)} processes" if len(ckpt.rng) > 1 else "")
              + (f"; {ckpt.tokens:,} tokens trained on" if ckpt.tokens is not None else ""),
-             f"- context: trained on windows of {training.get('block_size')} tokens; generation runs longer, but past "
-             f"that length it reads positions it never trained at, and its loss grows",
+             *([f"- context: trained on windows of {training['block_size']} tokens; generation runs longer, but past "
+                f"that length it reads positions it never trained at, and its loss grows"] * ("block_size" in training)),
              *started_from(source.parent),
              *settings_changed(source.parent, ckpt.step),
              f"- result: {result}", "",
@@ -132,12 +132,14 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
 def started_from(run: Path) -> list[str]:
     """A line for the model card of a run that started from another model (a fine-tune of an export, a
     checkpoint outside a run): its first settings' resume_from_checkpoint."""
+    if not is_run_directory(run):  # (a loose checkpoint beside some config file)
+        return []
     try:
         first = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
         start = first["training"]["resume_from_checkpoint"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return []
-    if not start:
+    if not start or start in ("latest", "auto"):  # (a run continued in a new folder: another run's checkpoint)
         return []
     try:
         exported = json.loads((Path(start) / "config.json").read_text())["bdh_export"]

@@ -126,11 +126,12 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
 
 
 def exported_from(folder: Path) -> str:
-    """'(exported from <checkpoint>)' as its config.json records it, or ""."""
+    """'(exported from <checkpoint>: give that checkpoint)' as its config.json records it, or ""."""
     try:
-        return f" (exported from {json.loads((folder / 'config.json').read_text())['bdh_export']['checkpoint']})"
+        source = json.loads((folder / "config.json").read_text())["bdh_export"]["checkpoint"]
     except (OSError, ValueError, KeyError, TypeError):
         return ""
+    return f" (exported from {source}: give that checkpoint)"
 
 
 def open_checkpoint(spec: str, checkpoint_dir: str | None, setting: str = "training.resume_from_checkpoint"):
@@ -144,9 +145,9 @@ def open_checkpoint(spec: str, checkpoint_dir: str | None, setting: str = "train
             return path, load_checkpoint(path)
         except CheckpointError as e:
             if len(candidates) == 1 and Path(spec).is_file():
-                if is_export(Path(spec).parent):  # its model.safetensors or config.json
-                    raise CheckpointError(f"{setting}: {spec} is a file of the folder export.py wrote: give the "
-                                          f"folder, {Path(spec).parent}") from None
+                if is_export(folder := Path(spec).parent):  # its model.safetensors or config.json
+                    raise CheckpointError(f"{setting}: {spec} is a file of {folder}, a folder export.py wrote: "
+                                          f"give that folder (to export again, the checkpoint it came from)") from None
                 raise CheckpointError(f"{setting}: {e}") from None
             print(f"skipped {e}", file=sys.stderr)
     raise CheckpointError(f"{setting}: {spec}: none of its {len(candidates)} checkpoint(s) can be read (see above)")

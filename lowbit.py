@@ -108,7 +108,7 @@ def to_4bit(model, quant_type: str, double_quant: bool) -> tuple[int, int]:
 def full_precision_note(source, option: str) -> str:
     """For a model trained with use_4bit, used without --4bit."""
     return (f"note: {source} was trained with low_precision.use_4bit for 4-bit serving, and its evaluations measured "
-            f"its 4-bit weights: add {option} to use those; without it the full-precision weights are used")
+            f"its 4-bit weights: add {option} for those; without it, the full-precision weights")
 
 
 def post_training_note(source) -> str:

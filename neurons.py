@@ -136,19 +136,19 @@ def main(argv=None) -> int:
                      f"GiB for this model (memory grows with the square of the prompt's length): shorten it, e.g. to "
                      f"its first {fitting:,} characters")
     found = latents(model, ids)
-    print(f"{model_line(origin, trained_on)}\n{len(ids)} token{'s' * (len(ids) != 1)}, {found[0][0].shape[1]:,} latent "
-          f"neurons per layer (H*N)")
-    print(f"{'layer':>5} {'x active':>9} {'y active':>9} {'neurons used':>13}")
-    for layer, (a, b) in enumerate(found):
-        print(f"{layer + 1:>5} {float((a > 0).float().mean()):>9.2%} {float((b > 0).float().mean()):>9.2%} "
-              f"{int(((a > 0).sum(0) > 0).sum()):>13,}")
     shown = min(len(ids), args.max_tokens)
     labels = [repr(label)[1:-1].replace(" ", "␣") for label in token_labels(tokenizer, ids[:shown])]
     draw([(a[:shown], b[:shown]) for a, b in found], labels, out, args.max_neurons)
     try:
+        print(f"{model_line(origin, trained_on)}\n{len(ids)} token{'s' * (len(ids) != 1)}, {found[0][0].shape[1]:,} "
+              f"latent neurons per layer (H*N)")
+        print(f"{'layer':>5} {'x active':>9} {'y active':>9} {'neurons used':>13}")
+        for layer, (a, b) in enumerate(found):
+            print(f"{layer + 1:>5} {float((a > 0).float().mean()):>9.2%} {float((b > 0).float().mean()):>9.2%} "
+                  f"{int(((a > 0).sum(0) > 0).sum()):>13,}")
         print(f"wrote {args.out}" + (f" (the first {shown} of {len(ids)} tokens: --max-tokens)" if shown < len(ids)
                                      else ""), flush=True)
-    except BrokenPipeError:
+    except BrokenPipeError:  # (the picture is written first)
         stdout_reader_gone()
     return 0
 

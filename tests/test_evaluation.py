@@ -50,12 +50,15 @@ def test_the_validation_loss_is_the_mean_over_the_batches_each_counted_once_acro
 
 def test_the_sample_continues_the_first_validation_window_with_the_same_draws_each_time():
     model = BDH(BDHConfig(n_layer=1, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4)).eval()
-    batches = [(torch.randint(0, 256, (2, 40)), torch.randint(0, 256, (2, 40)))]
+    batches = [(torch.randint(1, 256, (2, 40), generator=torch.Generator().manual_seed(0)), None)]
+    batches[0][0][0, 5] = 0  # a separator in the prompt: shown as <|endoftext|>, not a NUL
     generator = torch.Generator()
     samples = [generate_sample(model, batches, torch.device("cpu"), contextlib.nullcontext(), generator, Ranks(),
                                ByteTokenizer()) for _ in range(2)]
     prompt, continuation = samples[0]
-    assert samples[0] == samples[1] and prompt == ByteTokenizer().decode(batches[0][0][0, :32].tolist())
+    assert samples[0] == samples[1] and "\x00" not in prompt + continuation
+    assert prompt == ByteTokenizer.shown(ByteTokenizer().decode(batches[0][0][0, :32].tolist()))
+    assert prompt.count("<|endoftext|>") == 1
     assert continuation and not continuation.startswith(prompt)
 
 

@@ -153,7 +153,7 @@ def test_4bit_export_is_the_model_sample_4bit_serves(tmp_path, corpus, capsys, m
     assert "4-bit weights (nf4" in err and "post-training" not in err  # it was trained for 4 bits
     # without --4bit: the full-precision weights, which its evaluations did not measure
     full_precision = f"was trained with low_precision.use_4bit for 4-bit serving, and its evaluations measured its " \
-                     f"4-bit weights: add --4bit to use those"
+                     f"4-bit weights: add --4bit for those; without it, the full-precision weights"
     assert sample.main(["--max-new-tokens", "2", "--checkpoint", str(run), "--device", "cpu"]) == 0
     assert full_precision in capsys.readouterr().err
     assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "export_float")]) == 0
@@ -174,10 +174,12 @@ def test_an_export_fine_tunes_with_a_fresh_optimizer(trained, tmp_path, corpus, 
     assert not (out / "modeling_bdh.py").exists()  # without --hf: weights, config, tokenizer, card
     capsys.readouterr()
     assert export.main(["--checkpoint", str(out), "--out", str(tmp_path / "again")]) == 1  # an export is no checkpoint
-    assert capsys.readouterr().err.endswith(f"export.py's output, not a checkpoint (exported from {trained})\n")
+    assert capsys.readouterr().err.endswith(f"export.py's output, not a checkpoint (exported from {trained}: give "
+                                            f"that checkpoint)\n")
     assert sample.main(["--checkpoint", str(out / "model.safetensors")]) == 1  # one of its files: the folder
-    assert capsys.readouterr().err == (f"error: --checkpoint: {out / 'model.safetensors'} is a file of the folder "
-                                       f"export.py wrote: give the folder, {out}\n")
+    assert capsys.readouterr().err == (f"error: --checkpoint: {out / 'model.safetensors'} is a file of {out}, a folder "
+                                       f"export.py wrote: give that folder (to export again, the checkpoint it came "
+                                       f"from)\n")
     path = write_config(tmp_path, corpus, "tune.yaml", max_iters=2, checkpoint_freq=2, checkpoint_dir=str(tmp_path / "tune"))
     capsys.readouterr()
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={out}"]) == 0
@@ -190,6 +192,20 @@ def test_an_export_fine_tunes_with_a_fresh_optimizer(trained, tmp_path, corpus, 
             in (tmp_path / "tuned" / "README.md").read_text())
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={out}", "model.n_layer=3"]) == 1
     assert "different model shape" in capsys.readouterr().err
+
+
+def test_the_card_names_a_start_only_where_a_run_started_from_a_model(tmp_path):
+    from locate import RUN_CONFIG_HEADER
+    run = tmp_path / "run_20261124_000000"
+    run.mkdir()
+    for start, line in (("downloads/mine.pt", ["- started from: downloads/mine.pt; trained further on the data above"]),
+                        ("latest", []), ("null", [])):  # latest: a run continued in a new folder, from its own
+        (run / "config.yaml").write_text(RUN_CONFIG_HEADER + f"training: {{resume_from_checkpoint: {start}}}\n")
+        assert export.started_from(run) == line
+    loose = tmp_path / "downloads"  # a checkpoint beside a config file that no run wrote
+    loose.mkdir()
+    (loose / "config.yaml").write_text("training: {resume_from_checkpoint: auto}\n")
+    assert export.started_from(loose) == []
 
 
 def test_what_is_not_this_projects_is_refused_in_one_line(tmp_path, capsys):

@@ -134,9 +134,11 @@ def test_streamed_text_is_what_generate_gives(checkpoint, capsys):
     assert printed.err == (f"model: {checkpoint} (step 2), trained on {trained_on}\nnote: the model trained on windows of "
                            f"{block_size} tokens, and this text runs to 64 (the prompt's 4 and 60 new): past {block_size} "
                            f"it reads positions it never trained at, and its text usually gets worse\n")
-    assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "<01-", "--max-new-tokens", str(block_size - 4),
+    assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "<01-", "--max-new-tokens", str(block_size - 3),
                         "--device", "cpu"]) == 0
-    assert "note:" not in capsys.readouterr().err  # within the trained length
+    assert "note:" not in capsys.readouterr().err  # within the trained length (the last token is not read)
+    assert sample.main(["--checkpoint", str(checkpoint), "--max-new-tokens", "99", "--device", "cpu"]) == 0
+    assert "runs to 100 (the separator it starts from and 99 new)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("temperature", ["nan", "inf", "-1"])
