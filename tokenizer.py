@@ -10,8 +10,9 @@ Each document is followed by the separator, which marks document boundaries and 
 when there is no prompt. With a tokenizer.json, a literal "<|endoftext|>" in the text is encoded as
 ordinary text, unless the tokenizer's vocabulary has it as an ordinary token too (a Unigram trained
 with it as a special token): then it is the separator, and the run says so (separator_in_text);
-with bytes, a NUL byte in the text is the separator byte. Invalid UTF-8 in the data is taken byte for byte by `bytes` and replaced by
-U+FFFD for a tokenizer.json; decoding replaces what is not valid UTF-8.
+with bytes, a NUL byte in the text is the separator byte (printed as <|endoftext|>: shown). Invalid
+UTF-8 in the data is taken byte for byte by `bytes` and replaced by U+FFFD for a tokenizer.json;
+decoding replaces what is not valid UTF-8.
 
 Bits per byte (evaluation.tokens_per_byte) count the UTF-8 bytes the validation tokens decode to,
 and 1 for each separator, as for the separator byte of `bytes`: so a validation loss in bits per
