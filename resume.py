@@ -20,7 +20,7 @@ from distributed import full_state, load_full_state, load_full_weights
 from locate import checkpoint_candidates, is_run_directory, open_checkpoint, resumable_runs
 from positions import SHARDS, data_order, resume_point
 from resume_checks import (check_same_data, check_same_model, check_same_tokenizer, evaluated_weights, found_as_newest,
-                           global_batch_change, schedule_jump, tokens_before, validation_change)
+                           global_batch_change, schedule_jump, setting, tokens_before, validation_change)
 from rundir import RunDir, hold_auto_start
 
 
@@ -175,7 +175,7 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks) -> RunDir:
     or in one that cannot be written (a read-only mount, another user's run).
     Says that the run resumes once the directory is its own (another process may be training in it)."""
     nothing_to_do = ckpt.step >= cfg.training.max_iters  # train() says so: nothing to move or record either
-    ended = ckpt.step == (ckpt.config.get("training") or {}).get("max_iters")
+    ended = ckpt.step == setting(ckpt.config, "training.max_iters")
     found = (f" (`latest`: the newest run in {cfg.training.checkpoint_dir}{', which had ended' * ended})"
              if cfg.training.resume_from_checkpoint == "latest" else "")  # (another experiment's, perhaps)
     announce = "" if nothing_to_do else f"resuming from {path} at step {ckpt.step + 1}{found}\n"
