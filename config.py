@@ -105,6 +105,8 @@ CHOICES = {
     "fp8.backend": ("auto", "torchao", "transformer_engine"),
     "fp8.torchao_recipe": ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
 }
+VALUE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
+                 "te": "transformer_engine", "transformerengine": "transformer_engine", "gpu": "cuda"}
 POSITIVE = (
     "model.n_layer", "model.n_embd", "model.n_head", "model.mlp_internal_dim_multiplier",
     "model.vocab_size", "training.block_size", "training.batch_size", "training.max_iters",
@@ -209,10 +211,13 @@ class Config:
                 problems.append(f"{path}: must be >= 0, got {self.get(path)}")
         for path, allowed in CHOICES.items():
             if self.get(path) not in allowed:
-                gpu = re.fullmatch(r"cuda:(\d+)", str(self.get(path))) if path == "training.device" else None
+                value = str(self.get(path))
+                gpu = re.fullmatch(r"cuda:(\d+)", value) if path == "training.device" else None
+                meant = VALUE_ALIASES.get(value.lower(), value.lower())
                 problems.append(f"{path}: must be one of {', '.join(allowed)}; got {self.get(path)!r}"
                                 + (f" (for GPU {gpu[1]}: training.device=cuda and CUDA_VISIBLE_DEVICES={gpu[1]} "
-                                   f"before the command)" if gpu else ""))
+                                   f"before the command)" if gpu else f"; did you mean {meant}?" if meant in allowed
+                                   else ""))
         model, training = self.model, self.training
         if training.distributed_timeout_s > 10**9:
             problems.append(f"training.distributed_timeout_s: must be at most 1000000000 (31 years: as good as no "
@@ -293,6 +298,9 @@ class Config:
                                            "dataloader.num_workers is 0: the main process reads the batches"),
             "training.compile": (self.training.debug and self.training.compile is True,
                                  "training.debug runs the model uncompiled"),
+            **{f"training.{key}": (not launched_by_torchrun(), why) for key, why in (
+                ("distributed", "one process trains unsharded (torchrun --nproc_per_node=N, N of 2 or more, shards)"),
+                ("distributed_timeout_s", "one process, no other ranks to wait for"))},
         }
         defaults = Config()
         return [f"{path} {self.get(path)!r} is not used: {why}" for path, (unused, why) in unused_when.items()

@@ -10,13 +10,10 @@ its own readers' part of the data, and rank 0 alone prints and writes the run di
 Checkpoints hold full, unsharded tensors (the layout of MODEL.md), so any world size, a single
 process and sample.py read them.
 """
-import atexit
 import datetime
 import logging
 import os
-import signal
 import sys
-import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -92,13 +89,7 @@ def first_process() -> bool:
 def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
     """Join the process group torchrun describes in the environment; (ranks, this rank's device)."""
     training = cfg.training
-    if not launched_by_torchrun():
-        if training.distributed == "fsdp":
-            print("note: training.distributed=fsdp shards across processes; a single process "
-                  "trains unsharded (torchrun --nproc_per_node=N, N of 2 or more, shards)")
-        if training.distributed_timeout_s != type(training).distributed_timeout_s:  # (its default)
-            print(f"note: training.distributed_timeout_s {training.distributed_timeout_s} is not used: one process, "
-                  f"no other ranks to wait for")
+    if not launched_by_torchrun():  # (config.unused_settings notes the settings for several)
         return Ranks(), device
     if missing := [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]:
         world = os.environ["WORLD_SIZE"]
@@ -139,7 +130,7 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
     return ranks, device
 
 
-_JOINED = []  # start() joined a process group: its threads live until the process ends (see exit_with)
+_JOINED = []  # start() joined a process group: its threads live until the process ends (stopping.exit_with)
 _PEERS_LOST = []  # a collective, or joining, failed: the process group cannot be torn down cleanly
 
 
@@ -168,6 +159,11 @@ def failed(line: str, consequence: bool = False) -> int:
     return 1
 
 
+def joined() -> bool:
+    """Whether start() joined a process group (stopping.exit_with ends such a process at once)."""
+    return bool(_JOINED)
+
+
 def peers_lost() -> bool:
     """Whether this rank failed because another did (a collective, or joining them, failed)."""
     return bool(_PEERS_LOST)
@@ -176,57 +172,6 @@ def peers_lost() -> bool:
 def shutdown():
     if dist.is_initialized() and not _PEERS_LOST:
         dist.destroy_process_group()
-
-
-def exit_with(main):
-    """Run the script's `main` and end the process with its status (an exception it lets through:
-    the traceback and 1, as Python's own exit gives; Ctrl-C: 130). A process that joined a process
-    group exits at once (os._exit, its output flushed) rather than through the interpreter's own
-    exit: gloo's worker threads outlive destroy_process_group (a DistributedDataParallel model keeps
-    the group), and one still releasing a finished collective's tensors while the interpreter
-    finalizes takes the GIL and aborts the process (SIGABRT, exit -6, after a run that went well).
-    sys.exit and the exit functions (atexit) run first, as at a normal exit: W&B hooks the one to
-    learn the status and closes its run in the other. After a failed collective the exit functions
-    are left out: they could wait on the lost peer."""
-    try:
-        status = main()
-    except KeyboardInterrupt:  # a second Ctrl-C while the run closes
-        if not _JOINED:
-            raise
-        status = 130
-    except Exception as e:
-        sys.excepthook(*sys.exc_info())
-        tell_torchrun("".join(traceback.format_exception_only(e)).strip().splitlines()[-1])
-        status = 1
-    end_at_once_on_a_signal(status)
-    if _JOINED:
-        try:
-            sys.exit(status)
-        except SystemExit:
-            pass
-        if not _PEERS_LOST:
-            atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
-
-
-def end_at_once_on_a_signal(status: int):
-    """The script's status is decided: a signal while the process exits (W&B closing its run, the
-    interpreter's clean-up) ends it at once with that status, not 130 or 143 for a run that finished."""
-    from stopping import SIGNALS  # (stopping.py imports this module)
-
-    def end(_signum, _frame):
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):  # no reader left, or closed
-                pass
-        os._exit(status)
-    for sig in SIGNALS:
-        if signal.getsignal(sig) != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
-            signal.signal(sig, end)
 
 
 def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:

@@ -20,9 +20,14 @@ CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
 RUN_CONFIG_HEADER = "# the settings this run started with, by train.py (a resume's: config_resume_<step>.yaml)\n"
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step in a checkpoint_<step>.pt file's name; None for any other name."""
+    return int(match[1]) if (match := CHECKPOINT_RE.match(path.name)) else None
+
+
 def checkpoints_in(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary files are never matched)."""
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    found = [(step, p) for p in run_dir.iterdir() if (step := checkpoint_step(p)) is not None]
     return [p for _, p in sorted(found)]
 
 
@@ -35,7 +40,7 @@ def resumable_in(run_dir: Path) -> list[Path]:
     found = checkpoints_in(run_dir)[::-1]
     best = run_dir / "best.pt"
     if best.is_file() and (best_step := saved_step(best)) < math.inf:  # (inf: it cannot be read)
-        older = (i for i, path in enumerate(found) if int(CHECKPOINT_RE.match(path.name).group(1)) < best_step)
+        older = (i for i, path in enumerate(found) if checkpoint_step(path) < best_step)
         found.insert(next(older, len(found)), best)
     return found
 
@@ -111,8 +116,8 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
         bare = path.parent == Path(".")  # a run's file named without its run, such as best.pt
         runs = sorted(run for run in root.glob("run_*") if (run / path.name).is_file()) if bare and root.is_dir() else []
         kept = checkpoints_in(path.parent) if not bare and path.parent.is_dir() else []
-        removed = (match := CHECKPOINT_RE.match(path.name)) and kept and \
-            int(match[1]) < int(CHECKPOINT_RE.match(kept[0].name)[1])  # older than the oldest kept
+        step = checkpoint_step(path)
+        removed = step is not None and kept and step < checkpoint_step(kept[0])  # older than the oldest kept
         words = ("latest",) if flag else ("latest", "auto")
         fix = (f"did you mean {runs[-1] / path.name}?" if runs else
                f"its folder holds {', '.join(p.name for p in kept[::-1])}"

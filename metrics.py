@@ -35,6 +35,9 @@ PER_LAYER = {"sparsity_x": "sparsity/x", "sparsity_y": "sparsity/y"}
 FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # of each process, whatever log_freq says: whether it is viable shows in a minute
 SLOW_CPU_STEP_S = 5  # seconds a step on CPU (tiny.yaml: about 0.1) above which an hours-long run suggests tiny.yaml
 CPU_STEP_FLOPS = 1e12  # a few seconds at the bf16 speed of a many-core CPU; config.yaml's model is 5 per step
+# StepLog.sums: the line's summed loss, gradient norm of the finite steps and skipped steps; the current step's
+# loss until it completes
+LOSS, GRAD_NORM, SKIPPED, STEP_LOSS = range(4)
 
 
 class MetricsError(Exception):
@@ -161,14 +164,14 @@ class StepLog:
         self.tokens_per_step = step_tokens(cfg.training, ranks.world_size)
         self.flops_per_token = cfg.model.training_flops_per_token(cfg.training.block_size)
         self.n_readers, self.dealings = ranks.world_size * max(1, workers), {}  # epochs_read's dealing of the units
-        # loss, gradient norm of the finite steps, skipped steps; the current step's loss until it completes
-        self.sums = torch.zeros(4, device=device)
+        self.sums = torch.zeros(4, device=device)  # indexed by LOSS, GRAD_NORM, SKIPPED, STEP_LOSS
         self.start = time.perf_counter()
         # a resume on other data starts a fresh epoch: the one it left counts for what was read of it
         # (saved_passes, the checkpoint's count), not as a whole pass
         begun = self.epochs_begun(positions)
         self.unread = 0.0 if saved_passes is None else begun - saved_passes
         self.epoch, self.epochs = int(begun), begun - self.unread
+        self.epoch_ended = False  # (measure() sets it for its line)
         self._next_line()
 
     def _next_line(self):
@@ -185,17 +188,17 @@ class StepLog:
         return self.epochs_begun(positions) - self.unread
 
     def add_micro_batch(self, loss: torch.Tensor):
-        self.sums[3] += loss.detach()
+        self.sums[STEP_LOSS] += loss.detach()
 
     def add_step(self, grad_norm: torch.Tensor):
         """An optimizer step with its gradient norm before clipping. A norm that is not finite is
         counted apart (float16: the scaler skipped that step; otherwise it was applied)."""
-        self.sums[0] += self.sums[3]
-        self.sums[3] = 0
+        self.sums[LOSS] += self.sums[STEP_LOSS]
+        self.sums[STEP_LOSS] = 0
         self.micro_batches += self.cfg.training.gradient_accumulation_steps
         skipped = ~grad_norm.isfinite()
-        self.sums[1] += torch.where(skipped, 0.0, grad_norm)
-        self.sums[2] += skipped
+        self.sums[GRAD_NORM] += torch.where(skipped, 0.0, grad_norm)
+        self.sums[SKIPPED] += skipped
         self.steps += 1
 
     def due(self, step: int, ends_a_stretch: bool) -> bool:
@@ -208,7 +211,7 @@ class StepLog:
     def measure(self, step: int, lr: float, tokens: int, positions) -> dict:
         """The record of the steps since the last line, up to `step` (every rank's mean: all ranks call
         it); write() prints it and starts the next line."""
-        loss, grad_norm, skipped = self.ranks.mean(self.sums[:3] / torch.tensor(
+        loss, grad_norm, skipped = self.ranks.mean(self.sums[:STEP_LOSS] / torch.tensor(
             [max(1, self.micro_batches), 1, 1], device=self.device)).tolist()
         skipped = round(skipped)
         counted = self.steps - skipped  # the steps whose gradients were finite

@@ -1,7 +1,7 @@
 """What a resume compares: the checkpoint's model, tokenizer and data against the command's settings
 (refused where they would continue another run, or train weights of another shape), and the changes it
 takes but says (the learning-rate schedule, the tokens of a step, what validation measures). resume.py
-calls these.
+calls these; train.py calls data_settings_hint where the data does not match the settings.
 """
 import math
 import os

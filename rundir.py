@@ -16,7 +16,7 @@ import torch
 
 from checkpoint import Checkpoint, CheckpointError, saved_step
 from files import atomic_write, left_by_a_dead_process, resumed_configs
-from locate import CHECKPOINT_RE, RUN_CONFIG_HEADER, checkpoints_in
+from locate import RUN_CONFIG_HEADER, checkpoint_step, checkpoints_in
 from runtime import first_line, tensor_bytes
 
 try:
@@ -194,7 +194,7 @@ class RunDir:
         `latest` and keep_last_n see only this branch. Returns (what moved, where)."""
         if not self.writer:
             return [], None
-        later = [p for p in checkpoints_in(self.path) if int(CHECKPOINT_RE.match(p.name).group(1)) > step]
+        later = [p for p in checkpoints_in(self.path) if checkpoint_step(p) > step]
         best = self.path / "best.pt"
         if best.exists() and saved_step(best) > step:
             later.append(best)

@@ -1,18 +1,22 @@
 """Stopping a run when asked: SIGINT, SIGTERM (what schedulers send before they kill) or SIGHUP (the
 terminal or ssh connection closed) to any process finishes what runs, saves a checkpoint and prints
 the command that resumes the run. GracefulStop hears the signal; under torchrun StepVote tells every
-rank at the same step; OutputWithoutReader keeps the run going when its output has no reader left.
+rank at the same step; OutputWithoutReader keeps the run going when its output has no reader left;
+exit_with ends the process with the run's status, which a late signal no longer changes.
 """
+import atexit
 import os
 import shlex
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from distributed import Ranks, first_process
+from distributed import Ranks, first_process, joined, peers_lost
+from files import tell_torchrun
 
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -242,3 +246,52 @@ def launcher(ranks: Ranks) -> str:
     if int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size)) == ranks.world_size:
         return f"torchrun --standalone --nproc_per_node={ranks.world_size} "
     return "torchrun <the same rendezvous flags> "
+
+
+def exit_with(main):
+    """Run the script's `main` and end the process with its status (an exception it lets through:
+    the traceback and 1, as Python's own exit gives; Ctrl-C: 130). A process that joined a process
+    group exits at once (os._exit, its output flushed) rather than through the interpreter's own
+    exit: gloo's worker threads outlive destroy_process_group (a DistributedDataParallel model keeps
+    the group), and one still releasing a finished collective's tensors while the interpreter
+    finalizes takes the GIL and aborts the process (SIGABRT, exit -6, after a run that went well).
+    sys.exit and the exit functions (atexit) run first, as at a normal exit: W&B hooks the one to
+    learn the status and closes its run in the other. After a failed collective the exit functions
+    are left out: they could wait on the lost peer."""
+    try:
+        status = main()
+    except KeyboardInterrupt:  # a second Ctrl-C while the run closes
+        if not joined():
+            raise
+        status = 130
+    except Exception as e:
+        sys.excepthook(*sys.exc_info())
+        tell_torchrun("".join(traceback.format_exception_only(e)).strip().splitlines()[-1])
+        status = 1
+    end_at_once_on_a_signal(status)
+    if joined():
+        try:
+            sys.exit(status)
+        except SystemExit:
+            pass
+        if not peers_lost():
+            atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
+def end_at_once_on_a_signal(status: int):
+    """The script's status is decided: a signal while the process exits (W&B closing its run, the
+    interpreter's clean-up) ends it at once with that status, not 130 or 143 for a run that finished."""
+    def end(_signum, _frame):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # no reader left, or closed
+                pass
+        os._exit(status)
+    for sig in SIGNALS:
+        if signal.getsignal(sig) != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
+            signal.signal(sig, end)

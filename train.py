@@ -41,7 +41,7 @@ from checkpoint import CheckpointError
 from config import add_config_arguments, learning_rate, load_config, step_tokens
 from config_file import parse_arguments
 from data import loader_workers, prepare_data, rank_positions, stop_loader_workers, train_loader
-from distributed import (DistributedError, Ranks, communication_failure, exit_with, failed, first_process,
+from distributed import (DistributedError, Ranks, communication_failure, failed, first_process,
                          gradient_sync, local_tensor, peers_lost, shutdown, start, wrap)
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
 from files import script_here
@@ -58,7 +58,7 @@ from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_cl
                      memory_fix, one_line, out_of_memory, peak_flops, pick_device, prepare_compile,
                      resolve_compute_dtype, steady_host_memory)
 from shards import DataError
-from stopping import (SAVING, SIGNALS, GracefulStop, StepVote, StoppedWhileClosing, outputs_without_reader,
+from stopping import (SAVING, SIGNALS, GracefulStop, StepVote, StoppedWhileClosing, exit_with, outputs_without_reader,
                       put_back_outputs, resume_command, resuming, stopped_at_once, tearing_down)
 from tokenizer import TokenizerError
 
@@ -403,8 +403,8 @@ def main(argv=None) -> int:
             return failed(f"error{rank_of(ranks)}: out of memory on {device} (asked for {request}): {memory_fix(cfg)}; "
                           + (f"then resume with `{resume_command[0]}` and the new setting" if resume_command else
                              "no checkpoint was saved"))
-        resume = resume_command[0] if resume_command else None
-        if (failure := communication_failure(e, ranks, cfg.training.distributed_timeout_s, resume)) is None:
+        resume_line = resume_command[0] if resume_command else None
+        if (failure := communication_failure(e, ranks, cfg.training.distributed_timeout_s, resume_line)) is None:
             raise
         return failed(f"error{rank_of(ranks)}: {failure}", consequence=True)
     finally:

@@ -91,6 +91,8 @@ def test_a_home_directory_in_paths_is_expanded(monkeypatch):
     ({"training": {"compile": "true"}}, "got 'true' (true in quotes is text: write it without them)"),
     ({"training": {"distributed_timeout_s": 10**14}}, "training.distributed_timeout_s: must be at most 1000000000"),
     ({"low_precision": {"compute_dtype": "fp8"}}, "low_precision.compute_dtype: must be one of"),
+    ({"low_precision": {"compute_dtype": "bf16"}}, "got 'bf16'; did you mean bfloat16?"),  # other tools' spellings
+    ({"training": {"distributed": "DDP"}}, "got 'DDP'; did you mean ddp?"),
     ({"low_precision": {"quantization_type": "int4"}}, "low_precision.quantization_type: must be one of"),
     ({"fp8": {"format": "e5m2"}}, "fp8.format: must be one of hybrid, e4m3"),
     ({"fp8": {"amax_compute_algo": "mean"}}, "fp8.amax_compute_algo: must be one of"),
@@ -102,6 +104,11 @@ def test_a_home_directory_in_paths_is_expanded(monkeypatch):
 ])
 def test_value_checks(raw, fragment):
     assert any(fragment in p for p in config_problems(raw)), config_problems(raw)
+
+
+def test_a_value_spelt_nothing_like_a_choice_gets_no_guess():
+    [problem] = config_problems({"low_precision": {"compute_dtype": "fp8"}})
+    assert problem.endswith("got 'fp8'")
 
 
 @pytest.mark.parametrize("raw,fragment", [

@@ -1,5 +1,4 @@
 """torchrun on CPU with gloo: DDP and FSDP against one process, exact resume, a hung rank."""
-import atexit
 import json
 import os
 import re
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 import distributed
+import stopping
 import train
 from checkpoint import load_checkpoint
 from config import Config, fsdp_problems
@@ -218,15 +218,13 @@ def test_what_fsdp_cannot_run_is_refused_under_torchrun(low_precision, fragment)
     assert fsdp_problems(Config.from_dict({"training": {"distributed": "fsdp"}})) == []
 
 
-def test_settings_for_several_processes_are_noted_in_one(capsys):
+def test_settings_for_several_processes_are_noted_in_one(monkeypatch):
     cfg = Config.from_dict({"training": {"distributed": "fsdp", "distributed_timeout_s": 60}})
-    assert distributed.start(cfg, torch.device("cpu")) == (distributed.Ranks(), torch.device("cpu"))
-    assert capsys.readouterr().out == (
-        "note: training.distributed=fsdp shards across processes; a single process trains unsharded (torchrun "
-        "--nproc_per_node=N, N of 2 or more, shards)\nnote: training.distributed_timeout_s 60 is not used: one process, "
-        "no other ranks to wait for\n")
-    distributed.start(Config(), torch.device("cpu"))
-    assert capsys.readouterr().out == ""
+    assert cfg.unused_settings() == [
+        "training.distributed 'fsdp' is not used: one process trains unsharded (torchrun --nproc_per_node=N, N of 2 "
+        "or more, shards)", "training.distributed_timeout_s 60 is not used: one process, no other ranks to wait for"]
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun both are read
+    assert cfg.unused_settings() == []
 
 
 def test_a_process_given_part_of_torchrun_s_environment_says_what_is_missing(monkeypatch):
@@ -298,9 +296,9 @@ def test_torchrun_s_summary_shows_a_failed_rank_s_error(tmp_path, corpus, monkey
     assert "communication with the other ranks failed" in summary(1)
     assert ProcessFailure(0, 1, 1, str(error_file)).timestamp >= before + 1
     monkeypatch.setattr(train, "train", lambda *a, **k: 1 / 0)  # what nothing expects: its last line
-    monkeypatch.setattr(distributed, "end_at_once_on_a_signal", lambda status: None)  # (pytest's handlers stay)
+    monkeypatch.setattr(stopping, "end_at_once_on_a_signal", lambda status: None)  # (pytest's handlers stay)
     with pytest.raises(SystemExit):
-        distributed.exit_with(lambda: train.main(["--config", str(write_config(tmp_path, corpus))]))
+        stopping.exit_with(lambda: train.main(["--config", str(write_config(tmp_path, corpus))]))
     assert "traceback : ZeroDivisionError: division by zero\n" in summary(1)
 
 
@@ -344,59 +342,3 @@ def test_a_lost_peer_is_told_in_one_line_and_other_errors_are_not(text, monkeypa
                                              distributed.Ranks(1, 2), 30) is None
 
 
-@pytest.mark.parametrize("main,peers_lost,status,printed", [
-    (lambda: 0, [], 0, ""),
-    (lambda: 1 / 0, [], 1, "ZeroDivisionError: division by zero"),  # an error train.py does not expect: its traceback
-    (lambda: 1, [1], 1, ""),  # a lost peer: no exit function waits on it
-])
-def test_a_rank_ends_at_once_once_exit_hooks_and_exit_functions_ran(main, peers_lost, status, printed, monkeypatch,
-                                                                    capsys):
-    """W&B learns a run's status by hooking sys.exit, and closes the run in an exit function."""
-    events = exit_recorded(monkeypatch)
-    monkeypatch.setattr(distributed, "_PEERS_LOST", peers_lost)
-    monkeypatch.setattr(distributed, "_JOINED", [0])
-    with pytest.raises(InterruptedError):
-        distributed.exit_with(main)
-    assert events == [("signals end at once", status), ("sys.exit", status), *[("exit functions",)] * (not peers_lost),
-                      ("os._exit", status)]
-    assert printed in capsys.readouterr().err
-    monkeypatch.setattr(distributed, "_JOINED", [])  # one process: Python's own exit
-    events.clear()
-    with pytest.raises(SystemExit):
-        distributed.exit_with(main)
-    assert events == [("signals end at once", status), ("sys.exit", status)]
-
-
-def test_a_second_ctrl_c_while_a_rank_closes_still_ends_it_at_once(monkeypatch):
-    def main():
-        raise KeyboardInterrupt  # (one train.main does not catch: while it reads the command line)
-    events = exit_recorded(monkeypatch)
-    monkeypatch.setattr(distributed, "_JOINED", [0])
-    try:
-        with pytest.raises(InterruptedError):
-            distributed.exit_with(main)
-    except KeyboardInterrupt:  # (left alone, it would end pytest's session)
-        pytest.fail("Ctrl-C left exit_with: the rank would end through Python's own exit")
-    assert events == [("signals end at once", 130), ("sys.exit", 130), ("exit functions",), ("os._exit", 130)]
-    monkeypatch.setattr(distributed, "_JOINED", [])  # one process: as Python ends it
-    with pytest.raises(KeyboardInterrupt):
-        distributed.exit_with(main)
-
-
-def exit_recorded(monkeypatch) -> list:
-    """What exit_with calls, in order; os._exit raises InterruptedError so the test goes on."""
-    events = []
-
-    def sys_exit(status):
-        events.append(("sys.exit", status))
-        raise SystemExit(status)
-
-    def os_exit(status):
-        events.append(("os._exit", status))
-        raise InterruptedError
-    monkeypatch.setattr(sys, "exit", sys_exit)
-    monkeypatch.setattr(os, "_exit", os_exit)
-    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: events.append(("exit functions",)))
-    monkeypatch.setattr(distributed, "end_at_once_on_a_signal", lambda status: events.append(("signals end at once",
-                                                                                             status)))
-    return events

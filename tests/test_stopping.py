@@ -1,5 +1,6 @@
 """Stopping on request: the signal handler, the vote that tells every rank, the resume command.
 Whole runs stopped by signals, and under torchrun in tests/test_distributed.py."""
+import atexit
 import io
 import json
 import os
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+import distributed
 import evaluation
 import runtime
+import stopping
 import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, losses, only_run, rendezvous, run_dirs, write_config
@@ -145,7 +148,7 @@ for group in ("default", "cpu_group"):
 dist.barrier()
 dist.destroy_process_group()
 sys.stdout.flush()
-os._exit(0)  # as distributed.exit_with ends train.py: gloo's threads, still alive, could abort Python's exit
+os._exit(0)  # as stopping.exit_with ends train.py: gloo's threads, still alive, could abort Python's exit
 """
 
 
@@ -176,7 +179,7 @@ def test_a_signal_once_the_run_has_ended_keeps_its_status(tmp_path, corpus, rest
     finished run exit 130 or 143: a job script would take it for a failure, and run it again."""
     monkeypatch.setattr(train, "stop_loader_workers", lambda **_: os.kill(os.getpid(), signal.SIGINT))
     assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 0
-    exits_on_sigterm = ("import atexit, os, signal, time; from distributed import exit_with; "
+    exits_on_sigterm = ("import atexit, os, signal, time; from stopping import exit_with; "
                         "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30))); "
                         "exit_with(lambda: 0)")  # (W&B closes its run in an exit function)
     assert subprocess.run([sys.executable, "-c", exits_on_sigterm], cwd=ROOT, timeout=60).returncode == 0
@@ -419,3 +422,61 @@ def test_a_ctrl_c_that_torch_wraps_in_its_own_error_still_stops_in_one_line(tmp_
     assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 130
     assert capsys.readouterr().err == NOTHING_SAVED
     assert not runtime.interrupted(RuntimeError("another error"))
+
+
+@pytest.mark.parametrize("main,peers_lost,status,printed", [
+    (lambda: 0, [], 0, ""),
+    (lambda: 1 / 0, [], 1, "ZeroDivisionError: division by zero"),  # an error train.py does not expect: its traceback
+    (lambda: 1, [1], 1, ""),  # a lost peer: no exit function waits on it
+])
+def test_a_rank_ends_at_once_once_exit_hooks_and_exit_functions_ran(main, peers_lost, status, printed, monkeypatch,
+                                                                    capsys):
+    """W&B learns a run's status by hooking sys.exit, and closes the run in an exit function."""
+    events = exit_recorded(monkeypatch)
+    monkeypatch.setattr(distributed, "_PEERS_LOST", peers_lost)
+    monkeypatch.setattr(distributed, "_JOINED", [0])
+    with pytest.raises(InterruptedError):
+        stopping.exit_with(main)
+    assert events == [("signals end at once", status), ("sys.exit", status), *[("exit functions",)] * (not peers_lost),
+                      ("os._exit", status)]
+    assert printed in capsys.readouterr().err
+    monkeypatch.setattr(distributed, "_JOINED", [])  # one process: Python's own exit
+    events.clear()
+    with pytest.raises(SystemExit):
+        stopping.exit_with(main)
+    assert events == [("signals end at once", status), ("sys.exit", status)]
+
+
+def test_a_second_ctrl_c_while_a_rank_closes_still_ends_it_at_once(monkeypatch):
+    def main():
+        raise KeyboardInterrupt  # (one train.main does not catch: while it reads the command line)
+    events = exit_recorded(monkeypatch)
+    monkeypatch.setattr(distributed, "_JOINED", [0])
+    try:
+        with pytest.raises(InterruptedError):
+            stopping.exit_with(main)
+    except KeyboardInterrupt:  # (left alone, it would end pytest's session)
+        pytest.fail("Ctrl-C left exit_with: the rank would end through Python's own exit")
+    assert events == [("signals end at once", 130), ("sys.exit", 130), ("exit functions",), ("os._exit", 130)]
+    monkeypatch.setattr(distributed, "_JOINED", [])  # one process: as Python ends it
+    with pytest.raises(KeyboardInterrupt):
+        stopping.exit_with(main)
+
+
+def exit_recorded(monkeypatch) -> list:
+    """What exit_with calls, in order; os._exit raises InterruptedError so the test goes on."""
+    events = []
+
+    def sys_exit(status):
+        events.append(("sys.exit", status))
+        raise SystemExit(status)
+
+    def os_exit(status):
+        events.append(("os._exit", status))
+        raise InterruptedError
+    monkeypatch.setattr(sys, "exit", sys_exit)
+    monkeypatch.setattr(os, "_exit", os_exit)
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: events.append(("exit functions",)))
+    monkeypatch.setattr(stopping, "end_at_once_on_a_signal", lambda status: events.append(("signals end at once",
+                                                                                             status)))
+    return events
