@@ -19,7 +19,7 @@ from files import ZIP_MAGIC
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line, shortened
 
-PROJECT_VERSION = "0.4.5"
+PROJECT_VERSION = "0.4.6"
 
 
 class CheckpointError(Exception):
@@ -67,6 +67,9 @@ class Checkpoint:
         data = state.get("data") or {}
         values.update(data_order=data.get("order"), data_positions=data.get("positions", []),
                       batches_consumed=data.get("batches", 0))
+        config = values.get("config") or {}
+        if "dataset" in config and "split_seed" not in config["dataset"]:  # before 0.4.6: the seed split
+            config["dataset"]["split_seed"] = config.get("training", {}).get("seed")
         return cls(**values)
 
     def low_precision(self) -> dict:

@@ -62,6 +62,7 @@ class DatasetConfig:
     max_cached_files: int = 8
     text_column: str = "text"
     val_fraction: float = 0.05
+    split_seed: int = 1337  # which documents val_fraction holds out; training.seed leaves them as they are
     val_parquet_dir: typing.Optional[str] = None
     tokenizer: str = "bytes"
 
@@ -116,7 +117,7 @@ POSITIVE = (
     "training.distributed_timeout_s",
 )
 NON_NEGATIVE = ("training.keep_last_n", "training.weight_decay", "training.warmup_iters", "training.min_lr",
-                "training.grad_clip", "training.seed", "dataloader.num_workers")
+                "training.grad_clip", "training.seed", "dataset.split_seed", "dataloader.num_workers")
 PATHS = ("training.checkpoint_dir", "training.resume_from_checkpoint", "dataset.parquet_dir", "dataset.val_parquet_dir",
          "dataset.tokenizer")  # ~ is expanded: the shell leaves it as it is in section.key=~/...
 DEFAULT_SAMPLE_DIR = DatasetConfig.parquet_dir
@@ -222,8 +223,9 @@ class Config:
         if training.distributed_timeout_s > 10**9:
             problems.append(f"training.distributed_timeout_s: must be at most 1000000000 (31 years: as good as no "
                             f"limit), got {training.distributed_timeout_s}")
-        if training.seed >= 2**32:
-            problems.append(f"training.seed: must be below 2**32 = {2**32} (NumPy's seeds), got {training.seed}")
+        for path in ("training.seed", "dataset.split_seed"):
+            if self.get(path) >= 2**32:
+                problems.append(f"{path}: must be below 2**32 = {2**32} (NumPy's seeds), got {self.get(path)}")
         if not 0 <= model.dropout < 1:
             problems.append(f"model.dropout: must be in [0, 1), got {model.dropout}")
         latent_total = model.n_embd * model.mlp_internal_dim_multiplier
@@ -283,8 +285,9 @@ class Config:
         (it applies only with another setting on): the value would change nothing."""
         low_precision, logging = self.low_precision, self.logging
         unused_when = {
-            "dataset.val_fraction": (self.dataset.val_parquet_dir,
-                                     "the validation documents are all of dataset.val_parquet_dir's"),
+            **{f"dataset.{key}": (self.dataset.val_parquet_dir,
+                                  "the validation documents are all of dataset.val_parquet_dir's")
+               for key in ("val_fraction", "split_seed")},
             "low_precision.qat_start_fraction": (not low_precision.use_4bit, "low_precision.use_4bit is off"),
             **{f"low_precision.{key}": (not low_precision.use_4bit, "low_precision.use_4bit is off (only "
                                         "export.py --4bit and sample.py --4bit, after training, read it from the "

@@ -36,19 +36,19 @@ EMPTY_EPOCHS_AFTER_A_BATCH = 1000
 
 
 def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
-                     seed: int, val_fraction: float, tokenizer, skip: int = 0):
+                     split_seed: int, val_fraction: float, tokenizer, skip: int = 0):
     """The unit's parts as token arrays: each part's documents of `split`, each followed by the
     separator. The first `skip` parts are read but not tokenized (a resume within the unit)."""
-    for part, docs in enumerate(read_unit_documents(cache, unit, text_column, split, seed, val_fraction)):
+    for part, docs in enumerate(read_unit_documents(cache, unit, text_column, split, split_seed, val_fraction)):
         if part >= skip:
             yield tokenizer.encode_documents(docs) if len(docs) else np.empty(0, dtype=tokenizer.dtype)
 
 
-def count_documents(cache: ParquetFileCache, units: list[Unit], text_column: str, split: str, seed: int,
+def count_documents(cache: ParquetFileCache, units: list[Unit], text_column: str, split: str, split_seed: int,
                     val_fraction: float) -> int:
     """The non-empty documents of `split` in `units` (for the messages of too little data)."""
     return sum(len(docs) for unit in units
-               for docs in read_unit_documents(cache, unit, text_column, split, seed, val_fraction))
+               for docs in read_unit_documents(cache, unit, text_column, split, split_seed, val_fraction))
 
 
 def assign_units(units: list[Unit], epoch: int, seed: int, n_readers: int, shuffle: bool):
@@ -85,12 +85,13 @@ class ParquetBatches(IterableDataset):
     first again.
     """
 
-    def __init__(self, units, split, block_size, batch_size, seed, val_fraction, text_column,
+    def __init__(self, units, split, block_size, batch_size, seed, split_seed, val_fraction, text_column,
                  max_cached_files, tokenizer, rank=0, world_size=1, positions=(), rotation=0, shuffle=None):
         self.units, self.split, self.tokenizer = units, split, tokenizer
         self.shuffle = split == "train" if shuffle is None else shuffle
         self.block_size, self.batch_size = block_size, batch_size
-        self.seed, self.val_fraction, self.text_column = seed, val_fraction, text_column
+        self.seed, self.text_column = seed, text_column  # the shuffle's seed
+        self.split_seed, self.val_fraction = split_seed, val_fraction  # the train/validation split's
         self.max_cached_files = max_cached_files
         self.rank, self.world_size = rank, world_size
         self.positions = {p["reader"]: p for p in positions}
@@ -126,7 +127,7 @@ class ParquetBatches(IterableDataset):
     def too_little_data(self, cache, reader, n_readers, epoch, empty_epochs) -> str:
         """Why a reader got no batch in an epoch, and what to change."""
         units = assign_units(self.units, epoch, self.seed, n_readers, shuffle=self.shuffle)[reader]
-        documents = {split: count_documents(cache, units, self.text_column, split, self.seed, self.val_fraction)
+        documents = {split: count_documents(cache, units, self.text_column, split, self.split_seed, self.val_fraction)
                      for split in (self.split, "all")}
         if self.split == "train" and not documents["train"]:
             plural = "s" * (documents["all"] != 1)
@@ -159,7 +160,7 @@ class ParquetBatches(IterableDataset):
             if k > first and carried:  # (the first's are in the start position's carry)
                 carry = np.concatenate([carry, np.array(carried, dtype=self.tokenizer.dtype)])
             skip = start.get("part", 0) if start and k == first else first_part
-            parts = read_unit_tokens(cache, unit, self.text_column, self.split, self.seed, self.val_fraction,
+            parts = read_unit_tokens(cache, unit, self.text_column, self.split, self.split_seed, self.val_fraction,
                                      self.tokenizer, skip)
             for part, tokens in enumerate(parts, start=skip):
                 carry_in = carry
@@ -288,8 +289,8 @@ def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=
     """The endless training stream, yielding (x, y, position), from a positions.resume_point()."""
     training, dataset_cfg = cfg.training, cfg.dataset
     dataset = ParquetBatches(units, training_split(cfg), training.block_size, training.batch_size, training.seed,
-                             dataset_cfg.val_fraction, dataset_cfg.text_column, dataset_cfg.max_cached_files,
-                             tokenizer, rank=rank, world_size=world_size, positions=positions,
+                             dataset_cfg.split_seed, dataset_cfg.val_fraction, dataset_cfg.text_column,
+                             dataset_cfg.max_cached_files, tokenizer, rank=rank, world_size=world_size, positions=positions,
                              rotation=batches_consumed % max(1, workers), shuffle=True)
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=cfg.dataloader.prefetch_factor if workers else None,
@@ -322,8 +323,9 @@ def validation_batches(cfg, units, tokenizer, note_few: bool = True) -> list:
     cache = ParquetFileCache(dataset_cfg.max_cached_files)
 
     def first_windows(stretch, n):  # the first n windows of the stretch's validation documents, one stream
-        stream = ParquetBatches(stretch, split, training.block_size, 1, training.seed, dataset_cfg.val_fraction,
-                                dataset_cfg.text_column, 1, tokenizer, shuffle=False).epoch_batches(cache, 0, 1, 0)
+        stream = ParquetBatches(stretch, split, training.block_size, 1, training.seed, dataset_cfg.split_seed,
+                                dataset_cfg.val_fraction, dataset_cfg.text_column, 1, tokenizer,
+                                shuffle=False).epoch_batches(cache, 0, 1, 0)
         return [(x, y) for x, y, _ in itertools.islice(stream, n)]
     try:
         per_stretch = -(-wanted // n_stretches)
@@ -349,8 +351,9 @@ def validation_batches(cfg, units, tokenizer, note_few: bool = True) -> list:
               f"fewer than training.eval_iters {training.eval_iters}: every evaluation measures those {len(batches)}")
     if not batches:
         cache = ParquetFileCache(1)
-        documents, val_documents = (count_documents(cache, units, dataset_cfg.text_column, which, training.seed,
-                                                    dataset_cfg.val_fraction) for which in ("all", "val"))
+        documents, val_documents = (count_documents(cache, units, dataset_cfg.text_column, which,
+                                                    dataset_cfg.split_seed, dataset_cfg.val_fraction)
+                                    for which in ("all", "val"))
         cache.close()
         if not documents:
             raise DataError(f"{folder}: column {dataset_cfg.text_column!r} holds no documents: every "

@@ -116,9 +116,10 @@ def labels(names: list[str], settings: list[dict], limit: int | None = MAX_LABEL
     """Each run's name and the settings in which the runs differ, or that a resume changed (the first
     `limit`: the tokenizer first, then those with the most values, such as a sweep's), so that the
     curves of several runs can be told apart: run_20261123_101500 (tokenizer=tokenizer.json). A run
-    without settings (no config.yaml) keeps its name, and is left out of the comparison."""
+    without settings (no config.yaml) keeps its name, and is left out of the comparison; so is a
+    setting a run's older version did not record."""
     known = [s for s in settings if s]
-    values = lambda key: {repr(s.get(key)) for s in known}  # noqa: E731
+    values = lambda key: {repr(s[key]) for s in known if key in s}  # noqa: E731
     differing = [key for key in dict.fromkeys(k for s in known for k in s) if not key.startswith(NOT_IN_LABELS)
                  and (len(values(key)) > 1 or any(isinstance(s.get(key), Changed) for s in known))]
     tokenizers = {s.get("dataset.tokenizer") for s in known}
@@ -129,8 +130,8 @@ def labels(names: list[str], settings: list[dict], limit: int | None = MAX_LABEL
     differing.sort(key=lambda key: (key != "dataset.tokenizer", -len(values(key))))
     shown = differing[:limit]
     more = ", ..." if len(differing) > len(shown) else ""
-    return [f"{name} (" + ", ".join(f"{key.split('.')[1]}={s.get(key)}" for key in shown) + f"{more})"
-            if s and differing else name for name, s in zip(names, settings)]
+    described = [", ".join(f"{key.split('.')[1]}={s[key]}" for key in shown if key in s) for s in settings]
+    return [f"{name} ({words}{more})" if words else name for name, words in zip(names, described)]
 
 
 def text_read(evaluation: dict) -> float | None:

@@ -15,15 +15,16 @@ from shards import Unit, rows_per_part
 # continue the same sequence. The batch size is not one (the windows continue, in batches of the
 # new size), nor is the folder's name: the shards' fingerprint (data_order) stands for them,
 # wherever they are and however the path is written.
-DATA_ORDER_FIELDS = ("training.block_size", "training.seed", "dataset.text_column", "dataset.val_fraction")
+DATA_ORDER_FIELDS = ("training.block_size", "training.seed", "dataset.text_column", "dataset.val_fraction",
+                     "dataset.split_seed")
+HOLDOUT_FIELDS = ("dataset.val_fraction", "dataset.split_seed")  # which documents validation holds out
 SHARDS = "the shards (files, row groups, rows, bytes)"  # data_order's key of their fingerprint
 SHARDS_SEEN = "the shards"  # data_order's key of their counts, for messages only (SHARDS decides)
 WORKERS_KEY = "dataloader.num_workers (effective)"
 READ_BYTES_KEY = "data.READ_BYTES (windows are shuffled within parts of this many bytes)"  # its old module's name
 # Unchanged, these keep every unit and its parts as they were: a resume that changes only the
 # readers (workers, processes), the block size or the seed finishes the epoch that was in progress.
-# (A new seed with val_fraction holds out other documents of each unit: resume.validation_change warns.)
-SAME_UNITS = (SHARDS, "dataset.text_column", "dataset.val_fraction", "documents trained on", READ_BYTES_KEY)
+SAME_UNITS = (SHARDS, "dataset.text_column", *HOLDOUT_FIELDS, "documents trained on", READ_BYTES_KEY)
 
 
 def data_order(cfg, units, num_workers, world_size=1) -> dict:
@@ -32,7 +33,8 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
     in the same folder change it)."""
     order = {path: cfg.get(path) for path in DATA_ORDER_FIELDS}
     if cfg.dataset.val_parquet_dir:  # validation has a folder of its own: val_fraction splits nothing
-        del order["dataset.val_fraction"]
+        for path in HOLDOUT_FIELDS:
+            del order[path]
     order["documents trained on"] = training_split(cfg)
     fingerprint = hashlib.blake2b(repr([(u.file_key, u.row_group, u.num_rows, u.num_bytes) for u in units]).encode(),
                                   digest_size=8).hexdigest()
@@ -189,6 +191,8 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
     if "documents trained on" not in saved_order:  # written before 0.4.1: it named the folders instead
         saved_order = {**saved_order, "documents trained on": "all" if saved_order.get("dataset.val_parquet_dir")
                        else "train"}
+    if "dataset.val_fraction" in saved_order and "dataset.split_seed" not in saved_order:  # before 0.4.6: the seed split
+        saved_order = {**saved_order, "dataset.split_seed": saved_order.get("training.seed")}
     order = data_order(cfg, units, workers, world_size)
     changed_keys, changed = order_changes(saved_order, order)
     if not changed:

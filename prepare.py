@@ -115,7 +115,7 @@ def training_texts(cfg, units, report_every_s=5.0):
     try:
         for k, unit in enumerate(units):
             for docs in read_unit_documents(cache, unit, cfg.dataset.text_column, training_split(cfg),
-                                            cfg.training.seed, cfg.dataset.val_fraction):
+                                            cfg.dataset.split_seed, cfg.dataset.val_fraction):
                 for doc in docs.to_pylist():
                     yield doc.decode("utf-8", errors="replace")
                 n_docs += len(docs)

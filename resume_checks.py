@@ -177,8 +177,8 @@ def validation_change(saved: dict, now: dict, saved_shards: str | None = None, s
                       saved_batches: str | None = None, batches: str | None = None) -> str | None:
     """A warning if the validation documents or batches differ from those of the checkpoint's run
     (configs `saved` and `now`); None if they are the same. Without val_parquet_dir they are a share of
-    parquet_dir's documents drawn from the seed: another seed or val_fraction holds out documents the
-    run has trained on. `saved_shards` and `shards`: the fingerprints of parquet_dir's shards
+    parquet_dir's documents drawn from split_seed: another split_seed or val_fraction holds out documents
+    the run has trained on. `saved_shards` and `shards`: the fingerprints of parquet_dir's shards
     (data_order), which decide whether it holds the same documents wherever it is. `saved_batches`
     and `batches`: the fingerprints of the validation batches themselves (evaluation.validation_fingerprint),
     which decide, where both are known; the settings then only say why."""
@@ -189,7 +189,7 @@ def validation_change(saved: dict, now: dict, saved_shards: str | None = None, s
             return saved_shards == shards
         return same_setting(path, setting(saved, path), setting(now, path))
     by_fraction = not setting(now, "dataset.val_parquet_dir")
-    held_out = ["dataset.val_parquet_dir"] + (["dataset.val_fraction", "training.seed"] if by_fraction else [])
+    held_out = ["dataset.val_parquet_dir"] + (["dataset.val_fraction", "dataset.split_seed"] if by_fraction else [])
     read_from = ["dataset.text_column"] + ["dataset.parquet_dir"] * by_fraction
     documents = [path for path in held_out + read_from if not same(path)]
     shapes = [path for path in VALIDATION_BATCHES if not same(path)]  # the first eval_iters batches of that shape

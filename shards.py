@@ -6,8 +6,8 @@ list_units checks every footer and schema up front.
 
 Reading: read_unit_documents streams one unit's non-empty documents of a split, in parts of about
 READ_BYTES. Train/validation split: each document goes to validation with probability
-dataset.val_fraction, decided by a hash of (seed, file, row group, row): fixed by the seed,
-independent of workers.
+dataset.val_fraction, decided by a hash of (dataset.split_seed, file, row group, row): the same for
+every training seed, and independent of workers.
 
 Writing them: corpus.py.
 """
@@ -141,10 +141,10 @@ def on_disk(path: str) -> tuple:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def validation_mask(unit: Unit, seed: int, fraction: float):
-    """Which rows of a unit belong to validation: a splitmix64 hash of (seed, file, rg, row)."""
+def validation_mask(unit: Unit, split_seed: int, fraction: float):
+    """Which rows of a unit belong to validation: a splitmix64 hash of (split_seed, file, rg, row)."""
     with np.errstate(over="ignore"):
-        h = (np.uint64(unit.file_key) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
+        h = (np.uint64(unit.file_key) ^ np.uint64(split_seed * 0x9E3779B97F4A7C15 % 2**64)
              ^ (np.uint64(unit.row_group) << np.uint64(40))) + np.arange(unit.num_rows, dtype=np.uint64)
         h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -190,7 +190,7 @@ def changed_since_listed(parquet: pq.ParquetFile, unit: Unit, text_column: str) 
     return ""
 
 
-def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, split: str, seed: int,
+def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, split: str, split_seed: int,
                         val_fraction: float):
     """The unit's non-empty documents of `split` (train, val or all), one large_binary array per
     part: rows_per_part rows, about READ_BYTES of the row group by its metadata, or fewer where
@@ -201,7 +201,7 @@ def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, s
     if split == "all":
         in_split = np.ones(unit.num_rows, dtype=bool)
     else:
-        in_split = validation_mask(unit, seed, val_fraction)
+        in_split = validation_mask(unit, split_seed, val_fraction)
         in_split = ~in_split if split == "train" else in_split
     rows, text_limit = rows_per_part(unit), PART_TEXT_LIMIT * READ_BYTES
     part, part_rows, part_text, first_row = [], 0, 0, 0

@@ -29,14 +29,14 @@ def tokenizer(request, bpe_json):
     return BYTES if request.param == "bytes" else HFTokenizer(bpe_json, "bpe")
 
 
-def batches_of(units, split="train", T=16, B=2, seed=0, val_fraction=0.2, max_cached=4, tokenizer=BYTES):
-    return ParquetBatches(units, split, T, B, seed, val_fraction, "text", max_cached, tokenizer)
+def batches_of(units, split="train", T=16, B=2, seed=0, val_fraction=0.2, max_cached=4, tokenizer=BYTES, split_seed=0):
+    return ParquetBatches(units, split, T, B, seed, split_seed, val_fraction, "text", max_cached, tokenizer)
 
 
-def split_stream(units, split, seed=0, val_fraction=0.2, tokenizer=BYTES):
+def split_stream(units, split, split_seed=0, val_fraction=0.2, tokenizer=BYTES):
     cache = ParquetFileCache(8)
-    return np.concatenate([part for u in units for part in read_unit_tokens(cache, u, "text", split, seed, val_fraction,
-                                                                             tokenizer)])
+    return np.concatenate([part for u in units for part in read_unit_tokens(cache, u, "text", split, split_seed,
+                                                                             val_fraction, tokenizer)])
 
 
 def window_text(x, y, tokenizer):
@@ -81,11 +81,11 @@ def test_an_epoch_that_deals_a_reader_less_than_a_batch_is_skipped(tmp_path):
     write_parquet(tmp_path / "c.parquet", ["c" * 30], 4)
     units = list_units(tmp_path, "text")
     assert [len(assign_units(units, epoch, 1, 2, shuffle=True)[0]) for epoch in range(3)] == [1, 2, 1]
-    ds = ParquetBatches(units, "all", 16, 4, 1, 0.2, "text", 4, BYTES, rank=0, world_size=2, shuffle=True)
+    ds = ParquetBatches(units, "all", 16, 4, 1, 1, 0.2, "text", 4, BYTES, rank=0, world_size=2, shuffle=True)
     epochs = [position["epoch"] for _, _, position in itertools.islice(ds, 40)]
     assert sorted(set(epochs)) == [0, 2, 3]
     for rank in (0, 1):  # however many such epochs come in a row later on (4 did for each reader here)
-        ds = ParquetBatches(units, "all", 16, 4, 1, 0.2, "text", 4, BYTES, rank=rank, world_size=2, shuffle=True)
+        ds = ParquetBatches(units, "all", 16, 4, 1, 1, 0.2, "text", 4, BYTES, rank=rank, world_size=2, shuffle=True)
         assert len(list(itertools.islice(ds, 1500))) == 1500
 
 
@@ -248,7 +248,7 @@ def test_too_little_training_data_is_an_error_not_a_hang(tmp_path):
                                         r"or add data$"):
         next(iter(ds))
     made_up = {"reader": 0, "epoch": 3, "unit": 0, "part": 0, "consumed": 0, "carry": []}  # resume_point's, dealt anew
-    ds = ParquetBatches(list_units(tmp_path, "text"), "train", 64, 4, 0, 1e-9, "text", 4, BYTES, positions=[made_up])
+    ds = ParquetBatches(list_units(tmp_path, "text"), "train", 64, 4, 0, 0, 1e-9, "text", 4, BYTES, positions=[made_up])
     with pytest.raises(DataError, match=r"got no complete batch of 4 x 65 tokens in epochs 4-7: too little"):
         next(iter(ds))
     ds = batches_of(list_units(tmp_path, "text"), T=4, B=1, val_fraction=1e-9)
@@ -287,7 +287,7 @@ def test_dataloader_resumes_with_the_worker_whose_batch_was_due(corpus, tokenize
     positions = {}
     for _, _, p in straight[:consumed]:
         positions[p["reader"]] = p
-    ds = ParquetBatches(units, "train", 16, 2, 0, 0.2, "text", 4, tokenizer, positions=list(positions.values()),
+    ds = ParquetBatches(units, "train", 16, 2, 0, 0, 0.2, "text", 4, tokenizer, positions=list(positions.values()),
                         rotation=consumed % 2)
     it = iter(DataLoader(ds, batch_size=None, num_workers=2))
     resumed = [next(it) for _ in range(5)]
@@ -308,7 +308,7 @@ for folder in sys.argv[2:]:  # each in a child of its own: what one leaves alloc
     if os.fork() == 0:
         open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts from here
         start = kib("VmRSS")
-        dataset = ParquetBatches(list_units(folder, "text"), "train", 256, 16, 0, 0.01, "text", 4, ByteTokenizer())
+        dataset = ParquetBatches(list_units(folder, "text"), "train", 256, 16, 0, 0, 0.01, "text", 4, ByteTokenizer())
         sum(1 for _ in dataset.epoch_batches(ParquetFileCache(4), 0, 1, 0))
         print(kib("VmHWM") - start, flush=True)
         os._exit(0)
@@ -405,6 +405,15 @@ def test_validation_that_some_files_lack_is_made_up_by_the_others_all_of_them(tm
     assert len(validation) == 20
     assert {int(f) for x, _ in validation for f in re.findall(rb"<(\d\d)-", bytes(x.flatten().tolist()))} == set(
         range(1, 20))
+
+
+def test_a_seed_sweep_measures_every_run_on_the_same_validation_documents(corpus):
+    """training.seed draws weights, dropout and the order; which documents are held out is split_seed's."""
+    def validation(seed: int, split_seed: int = 1337):
+        cfg = Config.from_dict({"dataset": {"parquet_dir": str(corpus), "split_seed": split_seed},
+                                "training": {"block_size": 16, "batch_size": 2, "eval_iters": 4, "seed": seed}})
+        return [x.tolist() for x, _ in data.validation_batches(cfg, list_units(corpus, "text"), BYTES)]
+    assert validation(seed=1) == validation(seed=2) != validation(seed=1, split_seed=2)
 
 
 def test_validation_documents_too_short_for_a_window_each_are_read_as_one_stream(tmp_path, corpus):

@@ -285,8 +285,9 @@ def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys)
     epochs = [r["epochs"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "epochs" in r]
     assert epochs == sorted(epochs) and epochs[0] < 0.2
     cfg = Config.from_yaml(path)
-    one_pass = sum(1 for _ in ParquetBatches(list_units(corpus, "text"), "train", 16, 16, cfg.training.seed, 0.2,
-                                             "text", 2, ByteTokenizer(), shuffle=False))  # batches in one pass
+    one_pass = sum(1 for _ in ParquetBatches(list_units(corpus, "text"), "train", 16, 16, cfg.training.seed,
+                                             cfg.dataset.split_seed, 0.2, "text", 2, ByteTokenizer(),
+                                             shuffle=False))  # batches in one pass
     assert abs(epochs[-1] - 50 / one_pass) < 0.5
     assert "passes over the training data done: its documents are read again" in out
     assert f"done: 50 steps ({epochs[-1]:.2f} passes" in out

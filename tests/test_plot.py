@@ -106,7 +106,8 @@ def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch)
         run = tmp_path / name
         run.mkdir()
         (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 64, "train_loss": 5.0, "lr": lr}) + "\n")
-        config = {"dataset": {"tokenizer": tokenizer}, "training": {"learning_rate": lr, "checkpoint_dir": name}}
+        config = {"dataset": {"tokenizer": tokenizer},  # (train.py writes every setting: a new run starts from none)
+                  "training": {"learning_rate": lr, "checkpoint_dir": name, "resume_from_checkpoint": None}}
         (run / "config.yaml").write_text(yaml.safe_dump(config))
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
@@ -120,6 +121,9 @@ def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch)
         "a (seed=1)", "b (seed=2)"]
     assert plot.labels(["a", "b", "c"], [{"training.seed": 1}, {}, {"training.seed": 1}]) == ["a", "b", "c"]
     assert plot.labels(["a"], [{"training.seed": 1}]) == ["a"]  # one run: its name
+    # a setting an older version did not write is no difference (nor are the settings of runs without any)
+    assert plot.labels(["old", "new", "x"], [{"training.seed": 1}, {"training.seed": 2, "dataset.split_seed": 1337},
+                                             {}]) == ["old (seed=1)", "new (seed=2)", "x"]
     assert plot.labels(["a"], [{"training.seed": 1, "training.max_iters": plot.Changed("40→60")}]) == [
         "a (max_iters=40→60)"]  # ... and what its resumes changed
     assert plot.labels(["a"], [{"dataset.parquet_dir": "data/en→de"}]) == ["a"]  # (an arrow of its own: no change)

@@ -40,7 +40,7 @@ def test_passes_grow_with_every_batch_of_a_row_group(corpus):
     """A corpus of a few row groups, each read in one part: the passes logged move at every batch,
     not only when a row group is finished."""
     units = list_units(corpus, "text")
-    stream = ParquetBatches(units, "train", 16, 2, 0, 0.2, "text", 4, BYTES)
+    stream = ParquetBatches(units, "train", 16, 2, 0, 0, 0.2, "text", 4, BYTES)
     batches = list(stream.epoch_batches(ParquetFileCache(4), 0, 1, 0))
     first_unit = [position for _, _, position in batches if position["unit"] == 0]
     assert len(first_unit) > 2 and {position["part"] for position in first_unit} == {0}
@@ -54,7 +54,7 @@ def test_the_rest_of_an_epoch_is_dealt_to_other_readers(corpus, monkeypatch):
     documents, not others), resumably, before epoch 1; the passes logged go on from where they were."""
     monkeypatch.setattr(shards, "READ_BYTES", 300)  # several parts per unit
     units = list_units(corpus, "text")
-    ds, cache = ParquetBatches(units, "train", 16, 2, 0, 0.2, "text", 4, BYTES), ParquetFileCache(4)
+    ds, cache = ParquetBatches(units, "train", 16, 2, 0, 0, 0.2, "text", 4, BYTES), ParquetFileCache(4)
     old = assign_units(units, 0, seed=0, n_readers=2, shuffle=True)
     saved = [list(ds.epoch_batches(cache, reader, 2, 0))[n][2] for reader, n in ((0, 5), (1, 40))]
     assert saved[1]["unit"] > 0 and any(p["part"] > 0 for p in saved)
@@ -92,7 +92,7 @@ def test_the_rest_of_an_epoch_is_dealt_to_other_readers(corpus, monkeypatch):
         again = list(ds.epoch_batches(cache, position["reader"], 3, 0, start=rest[middle][2]))
         assert len(again) == len(rest) - middle - 1
         assert all(torch.equal(a[0], b[0]) for a, b in zip(again, rest[middle + 1:]))
-    stream = ParquetBatches(units, "train", 16, 2, 0, 0.2, "text", 4, BYTES, positions=positions)
+    stream = ParquetBatches(units, "train", 16, 2, 0, 0, 0.2, "text", 4, BYTES, positions=positions)
     next_epoch = next(b[2] for b in stream if b[2]["epoch"] == 1)  # reader 0 of 1: then the usual dealing
     assert "units" not in next_epoch
 
@@ -105,11 +105,11 @@ def test_the_rest_of_an_epoch_keeps_the_tokens_its_stopped_readers_carried(tmp_p
     for f in range(3):  # text that does not repeat: a carry read twice shows
         write_parquet(tmp_path / f"shard-{f}.parquet", ["".join(doc) for doc in letters[f]], rows_per_group=8)
     units = list_units(tmp_path, "text")
-    ds, cache = ParquetBatches(units, "train", 16, 2, 0, 0.2, "text", 4, BYTES), ParquetFileCache(4)
+    ds, cache = ParquetBatches(units, "train", 16, 2, 0, 0, 0.2, "text", 4, BYTES), ParquetFileCache(4)
     saved = [list(ds.epoch_batches(cache, reader, 3, 0))[n][2] for reader, n in ((0, 5), (1, 12), (2, 20))]
     assert all(p["carry"] for p in saved)
     positions = rest_of_epoch(units, {WORKERS_KEY: 3, "world_size": 1, "training.seed": 0}, saved, n_readers=2)[0]
-    in_order = ParquetBatches(units, "train", 16, 2, 0, 0.2, "text", 4, BYTES, shuffle=False)  # the stream as it is
+    in_order = ParquetBatches(units, "train", 16, 2, 0, 0, 0.2, "text", 4, BYTES, shuffle=False)  # the stream as it is
     streams = [b"".join(bytes(row.tolist()) for x, _, _ in in_order.epoch_batches(cache, p["reader"], 2, 0, start=p)
                         for row in x) for p in positions]
     old = assign_units(units, 0, seed=0, n_readers=3, shuffle=True)

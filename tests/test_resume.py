@@ -211,6 +211,26 @@ def test_checkpoint_of_version_0_1_still_resumes(tmp_path, corpus):
     assert load_checkpoint(run / "checkpoint_3.pt").tokens == 2 * tokens  # 2 steps at its batch, one of 2 batches
 
 
+def test_a_checkpoint_whose_split_followed_the_training_seed_keeps_it_with_split_seed(tmp_path, corpus, capsys):
+    """Before 0.4.6 training.seed also drew the validation documents: such a checkpoint's split is that seed's."""
+    path = write_config(tmp_path, corpus, max_iters=2, test_freq=100)
+    assert train.main(["--config", str(path), "training.seed=5", "dataset.split_seed=5"]) == 0  # as 0.4.5 split
+    [run] = run_dirs(tmp_path)
+    old = torch.load(run / "checkpoint_2.pt", weights_only=True)
+    del old["config"]["dataset"]["split_seed"], old["data"]["order"]["dataset.split_seed"]
+    torch.save(old, run / "checkpoint_2.pt")
+    torch.save(old, tmp_path / "old.pt")
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.seed=5", "dataset.split_seed=5", "training.max_iters=3",
+                       "training.resume_from_checkpoint=latest"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING" not in out and "split_seed" not in out, out  # (only max_iters changed)
+    assert train.main(["--config", str(path), "training.seed=5", "training.max_iters=3",
+                       f"training.resume_from_checkpoint={tmp_path / 'old.pt'}"]) == 0
+    assert ("WARNING: the validation documents change on this resume (dataset.split_seed: 5 -> 1337): some of those "
+            "held out now were trained on") in capsys.readouterr().out
+
+
 def test_a_bpe_run_resumes_samples_with_its_tokenizer_and_refuses_another(tmp_path, corpus, bpe_file, capsys):
     path = write_config(tmp_path, corpus, max_iters=2, model={"vocab_size": 320}, dataset={"tokenizer": str(bpe_file)})
     assert train.main(["--config", str(path)]) == 0

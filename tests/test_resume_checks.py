@@ -7,20 +7,22 @@ from resume_checks import global_batch_change, validation_change
 
 
 def test_a_resume_that_changes_the_validation_documents_says_so():
-    by_fraction = {"training": {"seed": 1}, "dataset": {"parquet_dir": "d", "val_parquet_dir": None, "val_fraction": 0.05}}
+    by_fraction = {"training": {"seed": 1}, "dataset": {"parquet_dir": "d", "val_parquet_dir": None, "val_fraction": 0.05,
+                                                        "split_seed": 1}}
     assert validation_change(by_fraction, by_fraction) is None
     assert validation_change(by_fraction, {**by_fraction, "training": {"seed": 1, "learning_rate": 0.1}}) is None
     assert validation_change({**by_fraction, "training": {"seed": 1, "batch_size": 8}},
                              {**by_fraction, "training": {"seed": 1, "batch_size": 16}}) == (
         "WARNING: the validation batches change on this resume (training.batch_size: 8 -> 16): losses from here on "
         "are not comparable with the earlier ones, and best.pt starts afresh")
-    reseeded = {**by_fraction, "training": {"seed": 5}}
-    assert validation_change(by_fraction, reseeded) == (
-        "WARNING: the validation documents change on this resume (training.seed: 1 -> 5): some of those held out now "
-        "were trained on, so the validation loss reads low from here, and best.pt starts afresh; keep "
-        "training.seed=1 to keep the same ones")
+    assert validation_change(by_fraction, {**by_fraction, "training": {"seed": 5}}) is None  # a seed sweep's
+    resplit = {**by_fraction, "dataset": {**by_fraction["dataset"], "split_seed": 5}}
+    assert validation_change(by_fraction, resplit) == (
+        "WARNING: the validation documents change on this resume (dataset.split_seed: 1 -> 5): some of those held out "
+        "now were trained on, so the validation loss reads low from here, and best.pt starts afresh; keep "
+        "dataset.split_seed=1 to keep the same ones")
     folder = {"training": {"seed": 1}, "dataset": {"parquet_dir": "d", "val_parquet_dir": "v", "val_fraction": 0.05}}
-    assert validation_change(folder, {**folder, "training": {"seed": 5}}) is None  # the seed splits nothing
+    assert validation_change(folder, {**folder, "dataset": {**folder["dataset"], "split_seed": 5}}) is None  # nothing split
     assert "were trained on" in validation_change(folder, by_fraction)  # training read all of d
     assert validation_change(by_fraction, {**by_fraction, "dataset": {**by_fraction["dataset"], "parquet_dir": "e"}}) \
         .endswith("losses from here on are not comparable with the earlier ones, and best.pt starts afresh")
