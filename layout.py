@@ -135,6 +135,15 @@ def starts_with(path: Path, magics: tuple) -> bool:
     return head.startswith(magics)
 
 
+def binary(path: Path) -> bool:
+    """Whether a file is not text, by a NUL byte in its first 8 KB (prepare.py refuses such files)."""
+    try:
+        with open(path, "rb") as f:
+            return b"\0" in f.read(8192)
+    except OSError:
+        return True
+
+
 def parquet_by_its_bytes(path: Path) -> bool:
     """Whatever its name (.pq, .parq): a parquet file starts with PAR1."""
     return starts_with(path, (PARQUET_MAGIC,))
@@ -162,8 +171,12 @@ def how_to_convert(folder: Path, setting: str) -> str:
         return (f"{text[0].name} holds records, not plain text: write them as parquet (pyarrow.json.read_json or "
                 f"pyarrow.csv.read_csv, then pyarrow.parquet.write_table) and set dataset.text_column to the "
                 f"column with the text")
-    suffix = text[0].suffix if len({p.suffix for p in text}) == 1 else ""  # (several kinds: all of them)
-    inputs = f"{shlex.quote(str(folder))}/*{suffix}" if text else "FILE ..."
+    plain = [p for p in text if not binary(p)]  # (not its pictures)
+    suffixes = sorted({p.suffix for p in plain})
+    if len(plain) < len(text):
+        inputs = " ".join(f"{shlex.quote(str(folder))}/*{suffix}" for suffix in suffixes) or "FILE ..."
+    else:  # one kind: that one; several: all of them
+        inputs = f"{shlex.quote(str(folder))}/*{suffixes[0] if len(suffixes) == 1 else ''}" if text else "FILE ..."
     out = shlex.quote(f"{str(folder).rstrip('/')}_parquet")
     return (f"convert its text with `python prepare.py --from-text {inputs} --out {out}` and set "
             f"{setting}={out}")

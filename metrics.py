@@ -319,6 +319,22 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def subfolders(parquet_dir: str, units) -> str:
+    """Where a folder's shards lie when they lie in several of its subfolders (a parent folder given
+    for one of its datasets trains on all of them): " in 3 folders: ./, de/, en/"."""
+    root = Path(parquet_dir)
+    if not root.is_dir():  # (a pattern, or one file)
+        return ""
+    try:
+        tops = sorted({f"{parts[0] if len(parts) > 1 else '.'}/" for parts in (Path(u.path).relative_to(root).parts
+                                                                               for u in units)})
+    except ValueError:  # (not below it as written)
+        return ""
+    if len(tops) < 2:
+        return ""
+    return f" in {len(tops)} folders: {', '.join(tops[:5])}{', ...' * (len(tops) > 5)}"
+
+
 def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val_batches: int, run, compiled,
                  fp8_recipe, qat_start, peak_source: str) -> str:
     """The lines that start a run: model, data, optimizer, then notes. `peak_source`: what MFU is
@@ -340,8 +356,8 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val
     writes_to = (f"continues in {run.path.resolve()}" if run.path is not None
                  else f"runs in {Path(training.checkpoint_dir).resolve()}")
     n_files = len({unit.path for unit in units})
-    data_size = (f"{n_files} file{'s' * (n_files != 1)}, {len(units)} row group{'s' * (len(units) != 1)}, "
-                 f"{byte_amount(sum(unit.num_bytes for unit in units))} uncompressed")
+    data_size = (f"{n_files} file{'s' * (n_files != 1)}{subfolders(dataset.parquet_dir, units)}, {len(units)} row "
+                 f"group{'s' * (len(units) != 1)}, {byte_amount(sum(unit.num_bytes for unit in units))} uncompressed")
     lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({data_size}; {validation}) | tokenizer {tokenizer} | "
                  f"{writes_to}")
     full = adamw_state_bytes(model.parameters())

@@ -185,7 +185,9 @@ def main(argv=None):
                      "--out DIR), then train the tokenizer on them (--train-tokenizer --out FILE.json "
                      "dataset.parquet_dir=DIR)")
     if not args.from_text and not args.train_tokenizer:
-        given = " (--vocab-size trains a tokenizer: add --train-tokenizer)" if args.vocab_size is not None else ""
+        files = [item for item in args.overrides if "=" not in item and os.path.lexists(item)]
+        given = (f" (did you mean --from-text {shlex.join(files)}?)" if files else
+                 " (--vocab-size trains a tokenizer: add --train-tokenizer)" if args.vocab_size is not None else "")
         parser.error(f"give --from-text FILE ... --out DIR, or --train-tokenizer --out FILE.json{given}")
     if not args.out:
         parser.error(f"--out is required: the {'folder of the shards' if args.from_text else 'tokenizer.json'} to write")

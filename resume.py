@@ -22,6 +22,7 @@ from positions import SHARDS, data_order, resume_point
 from resume_checks import (check_same_data, check_same_model, check_same_tokenizer, evaluated_weights, found_as_newest,
                            global_batch_change, schedule_jump, setting, tokens_before, validation_change)
 from rundir import RunDir, hold_auto_start
+from runtime import config_as_run
 
 
 @dataclass
@@ -51,7 +52,7 @@ def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tok
                       data_positions=positions, batches_consumed=progress.batches_consumed, tokenizer=tokenizer.to_str(),
                       passes=progress.passes, measured_anew=progress.measured_anew,
                       validation_batches=progress.val_fingerprint, evaluation_due=progress.evaluation_due)
-    return ranks.gather(run.save(ckpt, cfg.to_yaml(), name))[0]
+    return ranks.gather(run.save(ckpt, config_as_run(cfg, device), name))[0]
 
 
 def rng_state(device) -> dict:
@@ -139,15 +140,16 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
     if len(ckpt.rng) == ranks.world_size:
         set_rng_state(ckpt.rng[ranks.rank], device)
     else:  # another world size: the saved RNG states are one per rank
-        if ranks.main:
+        reseeded = ": each rank's random state (dropout masks) is seeded afresh" * (cfg.model.dropout > 0)
+        tokens = global_batch_change(ckpt, cfg.training, ranks.world_size)
+        if ranks.main and (reseeded or tokens):
             print(f"note: {ranks.world_size} process{'es' * (ranks.world_size != 1)} where the checkpoint has "
-                  f"{len(ckpt.rng)}: each rank's random state (dropout masks) is seeded afresh"
-                  + global_batch_change(ckpt, cfg.training, ranks.world_size))
+                  f"{len(ckpt.rng)}{reseeded}{tokens}")
         torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
     tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
     progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=ckpt.best_val_loss, last_saved=path,
                         passes=ckpt.passes, measured_anew=ckpt.measured_anew, evaluation_due=ckpt.evaluation_due)
-    run = reopen_run(cfg, path, ckpt, progress, ranks)
+    run = reopen_run(cfg, path, ckpt, progress, ranks, device)
     if ckpt.step >= cfg.training.max_iters:  # train() says there is nothing to do; nothing changes either
         return run, progress, []
     if note := schedule_jump(ckpt, cfg.training):
@@ -169,14 +171,14 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
     return run, progress, positions
 
 
-def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks) -> RunDir:
+def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device) -> RunDir:
     """The run directory a resumed run writes into: the checkpoint's own, or a new one when the
     checkpoint lies outside a run directory (a download, a backup: not a run to write into or prune)
     or in one that cannot be written (a read-only mount, another user's run).
     Says that the run resumes once the directory is its own (another process may be training in it)."""
     nothing_to_do = ckpt.step >= cfg.training.max_iters  # train() says so: nothing to move or record either
     ended = ckpt.step == setting(ckpt.config, "training.max_iters")
-    found = (f" (`latest`: the newest run in {cfg.training.checkpoint_dir}{', which had ended' * ended})"
+    found = (f" (the newest run in {cfg.training.checkpoint_dir}{', which had ended' * ended})"  # (`auto` too)
              if cfg.training.resume_from_checkpoint == "latest" else "")  # (another experiment's, perhaps)
     announce = "" if nothing_to_do else f"resuming from {path} at step {ckpt.step + 1}{found}\n"
     if not continues_in_place(path):
@@ -198,7 +200,7 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks) -> RunDir:
                 if Path(cfg.training.resume_from_checkpoint).is_file() else
                 f"step {ckpt.step} is the newest checkpoint that can be read: the later")
         print(f"  {what} {', '.join(moved)} moved to {folder} (`latest` and keep_last_n see this branch only)")
-    for line in run.record_resumed_config(ckpt.step, ckpt.config, cfg.to_dict(), cfg.to_yaml()):
+    for line in run.record_resumed_config(ckpt.step, ckpt.config, cfg.to_dict(), config_as_run(cfg, device)):
         print(f"  config changed: {line}")
     return run
 

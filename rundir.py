@@ -183,7 +183,8 @@ class RunDir:
         diff = flat_diff(saved, config, ignore=("training.resume_from_checkpoint",))
         path = self.path / f"config_resume_{step}.yaml"
         if diff:
-            atomic_write(path, lambda f: f.write(config_yaml.encode()))
+            header = f"# the settings this run was resumed with from step {step}, by train.py\n"
+            atomic_write(path, lambda f: f.write((header + config_yaml).encode()))
         else:  # one left by an earlier resume from this step that saved nothing: not this run's settings
             path.unlink(missing_ok=True)
         return diff

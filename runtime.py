@@ -73,6 +73,14 @@ def wants_compile(training, device: torch.device) -> bool:
     return not training.debug and (training.compile is True or (training.compile == "auto" and device.type == "cuda"))
 
 
+def config_as_run(cfg, device: torch.device) -> str:
+    """The config as YAML for the run's own files, after a comment that says what its `auto` settings
+    are on this machine: the same file on another machine may compute in another precision."""
+    dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
+    return (f"# on this machine: training.device {device.type}, low_precision.compute_dtype {dtype}, "
+            f"training.compile {str(wants_compile(cfg.training, device)).lower()}\n" + cfg.to_yaml())
+
+
 def prepare_compile(training, device: torch.device) -> bool:
     """Whether the step is compiled (wants_compile); if so, checked that it can be and made repeatable."""
     if not wants_compile(training, device):

@@ -22,6 +22,7 @@ bytes depend on its neighbours (SentencePiece's '▁'), and the text is decoded 
 """
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -32,6 +33,14 @@ from files import UTF_BOMS, relative_to_here
 from runtime import first_line
 
 SEPARATOR_TOKEN = "<|endoftext|>"
+# what a terminal acts on rather than shows (escape sequences, a bell, a switch of character set): all
+# C0 and C1 controls but tab and line ends
+CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Text as printed: its control characters as \\xNN escapes (an undertrained model writes them)."""
+    return CONTROLS.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
 class TokenizerError(Exception):
@@ -71,8 +80,8 @@ class ByteTokenizer:
     @staticmethod
     def shown(text: str) -> str:
         """Decoded text as printed: the separator byte as <|endoftext|>, as a tokenizer.json shows its
-        own, not a NUL that makes a terminal log a binary file."""
-        return text.replace("\x00", SEPARATOR_TOKEN)
+        own, not a NUL that makes a terminal log a binary file; other control characters escaped."""
+        return printable(text.replace("\x00", SEPARATOR_TOKEN))
 
     def encode_documents(self, docs: pa.Array) -> np.ndarray:
         """A large_binary array of non-empty documents as one stream, each document followed by
@@ -164,7 +173,7 @@ class HFTokenizer:
 
     @staticmethod
     def shown(text: str) -> str:
-        return text
+        return printable(text)
 
     def encode_documents(self, docs: pa.Array) -> np.ndarray:
         texts = [doc.decode("utf-8", errors="replace") for doc in docs.to_pylist()]

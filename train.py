@@ -243,6 +243,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
             write_step_line(step_log, step, lr, progress)
         if not ranks.enabled:  # heard while the line was written (under torchrun the vote tells each rank)
             stopping = stopping or stop.heard
+        elif evaluating and not stopping:  # this step's vote, not the next one's: heard in it, save first
+            stopping = stop_vote.settle()
         # a stop saves before anything slow: the evaluation that would have started waits for the resume's next
         skipped_evaluation = evaluating and stopping and step < training.max_iters
         evaluating = evaluating and not skipped_evaluation
@@ -374,6 +376,8 @@ def main(argv=None) -> int:
         if first_process():  # under torchrun: once
             print(cfg.to_yaml(), end="")
         return 0
+    if not getattr(args, "config_given", False) and first_process():
+        print(f"config {args.config} (no --config given: the default, sized for a GPU; configs/tiny.yaml is for a CPU)")
     handlers = {sig: handlers_before_import.get(sig, signal.getsignal(sig)) for sig in SIGNALS}
     for sig in SIGNALS:  # while the run sets up, as Ctrl-C: it stops at once, in one line
         if handlers[sig] != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)

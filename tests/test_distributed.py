@@ -72,7 +72,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpu
                            "training.gradient_accumulation_steps=2", "dataloader.num_workers=2"]) == 0
     out = capsys.readouterr().out
     assert "still 2 readers (processes x workers), each continues where it stopped" in out
-    assert "1 process where the checkpoint has 2: each rank's random state (dropout masks) is seeded afresh" in out
+    assert "where the checkpoint has 2" not in out  # no dropout to draw afresh, and a step's tokens stay
     assert "WARNING" not in out
     assert train_losses(run)[0][5] == pytest.approx(train_losses(only_run(tmp_path / "one"))[0][5], rel=1e-5)
 
@@ -97,12 +97,12 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpu
                        "training.resume_from_checkpoint=latest", "training.max_iters=5"]) == 0
     out = capsys.readouterr().out
     assert "WARNING: the data order changes" in out and "world_size: 2 -> 1" in out and "dealt anew to" in out
-    assert ("seeded afresh, and a step trains on 64 tokens where it trained on 128; "
+    assert ("note: 1 process where the checkpoint has 2, and a step trains on 64 tokens where it trained on 128; "
             "training.gradient_accumulation_steps=2 keeps 128\n") in out
     assert load_checkpoint(fsdp_run / "checkpoint_5.pt").step == 5
 
 
-def test_resume_of_a_two_process_run_is_exact(tmp_path, corpus):
+def test_resume_of_a_two_process_run_is_exact(tmp_path, corpus, capsys):
     config = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=3, test_freq=3, keep_last_n=0)
     common = ["dataloader.num_workers=1", "training.gradient_accumulation_steps=2",
               "low_precision.use_4bit_optimizer=true", "low_precision.use_4bit=true",
@@ -123,6 +123,11 @@ def test_resume_of_a_two_process_run_is_exact(tmp_path, corpus):
     assert train_losses(run) == (straight_train, straight_val)
     assert len(resumed.rng) == 2 and len(resumed.data_positions) == 2
     assert "exp_avg_4bit" in resumed.optimizer["state"]["encoder"]
+    capsys.readouterr()  # one process goes on: with dropout, its masks are drawn afresh
+    assert train.main(["--config", str(config), *common, "training.resume_from_checkpoint=latest",
+                       "training.max_iters=7"]) == 0
+    assert ("note: 1 process where the checkpoint has 2: each rank's random state (dropout masks) is seeded afresh, "
+            "and a step trains on") in capsys.readouterr().out
 
 
 def test_a_hung_rank_stops_the_others_with_a_clear_error(tmp_path, corpus):
@@ -203,6 +208,40 @@ def test_a_signal_to_one_rank_stops_all_of_them_at_the_same_step(tmp_path, corpu
     step = load_checkpoint(ckpt).step
     assert f"stopped by a signal to another rank after step {step}" in out
     assert "torchrun --standalone --nproc_per_node=2 train.py" in out
+
+
+SIGNAL_IN_STEP = """
+import os, signal, sys
+import model, train
+forward, calls = model.BDH.forward, []
+def signalled_forward(self, *args, **kwargs):  # rank 1 hears a SIGTERM in the forward of step {step}
+    calls.append(self.training)
+    if os.environ["RANK"] == "1" and calls.count(True) == {step} and self.training:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return forward(self, *args, **kwargs)
+model.BDH.forward = signalled_forward
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_in_a_step_that_evaluates_saves_before_the_evaluation_on_every_rank(tmp_path, corpus):
+    """As in one process: the vote of the step is awaited before its evaluation, not a step later."""
+    config = write_config(tmp_path, corpus, max_iters=8, test_freq=4, checkpoint_freq=100)
+    (tmp_path / "driver.py").write_text(SIGNAL_IN_STEP.format(step=4))
+    env, _store = rendezvous(2)
+    ranks = [subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), "--config", str(config)], cwd=ROOT,
+                              text=True, env={**ENV, **env, "PYTHONPATH": str(ROOT), "RANK": str(r),
+                                              "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
+    try:
+        (out, err), (_, err1) = [proc.communicate(timeout=180) for proc in ranks]
+        assert [proc.returncode for proc in ranks] == [0, 0], err[-2000:] + err1[-2000:]
+    finally:
+        for proc in ranks:
+            proc.kill()
+    assert "saving a checkpoint after step 4 (before the evaluation due at this step" in out, out
+    assert "step 4: val loss" not in out
+    assert load_checkpoint(only_run(tmp_path / "ck") / "checkpoint_4.pt").evaluation_due
 
 
 @pytest.mark.parametrize("low_precision,fragment", [

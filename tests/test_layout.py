@@ -47,6 +47,14 @@ def test_missing_or_empty_directory(tmp_path):
     (tmp_path / "empty" / "tool.py").write_text("x = 1")  # text of several kinds: all of them
     with pytest.raises(DataError, match=r"--from-text .*empty/\* --out"):
         list_units(tmp_path / "empty", "text")
+    (tmp_path / "empty" / "curves.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")  # not text: left out
+    with pytest.raises(DataError, match=r"--from-text \S*empty/\*.py \S*empty/\*.txt --out"):
+        list_units(tmp_path / "empty", "text")
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    (pictures / "curves.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+    with pytest.raises(DataError, match=r"--from-text FILE \.\.\. --out"):
+        list_units(pictures, "text")
     write_parquet(tmp_path / "hidden" / "_0.parquet", ["x"] * 3)  # parquet files, but none taken as data
     write_parquet(tmp_path / "hidden" / "_more" / "1.parquet", ["x"] * 3)
     with pytest.raises(DataError, match=r"hidden: its only .parquet files are in names that start with '.' or '_' "

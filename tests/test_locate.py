@@ -140,7 +140,7 @@ def test_latest_resumes_from_a_best_pt_newer_than_the_newest_checkpoint(tmp_path
     capsys.readouterr()
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=5"]) == 0
     out = capsys.readouterr().out
-    assert f"resuming from {run / 'best.pt'} at step 5 (`latest`: the newest run in {tmp_path / 'ck'}, which had " \
+    assert f"resuming from {run / 'best.pt'} at step 5 (the newest run in {tmp_path / 'ck'}, which had " \
            f"ended)\n" in out and not list(run.glob("abandoned*"))
     assert [p.name for p in checkpoints_in(run)] == ["checkpoint_5.pt"] and (run / "best.pt").exists()
 

@@ -14,8 +14,9 @@ import metrics
 import train
 from checkpoint import load_checkpoint
 from config import Config
-from conftest import ROOT, run_dirs, write_config
-from metrics import MetricsLog
+from conftest import ROOT, run_dirs, write_config, write_parquet
+from metrics import MetricsLog, subfolders
+from shards import list_units
 from rundir import RunDir
 
 TRAIN_TAGS = {"train/loss", "train/lr", "train/grad_norm", "speed/tokens_per_s", "speed/ms_per_step", "speed/data_wait",
@@ -275,7 +276,6 @@ def test_a_cpu_run_of_many_hours_points_at_the_cpu_config(tmp_path, corpus, caps
 def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys):
     """The corpus's training split holds about 5,300 tokens: 256 per step, so a pass takes about 20 steps."""
     from data import ParquetBatches
-    from shards import list_units
     from tokenizer import ByteTokenizer
     path = write_config(tmp_path, corpus, max_iters=50, batch_size=16, log_freq=5, test_freq=1000,
                         checkpoint_freq=1000)
@@ -403,3 +403,13 @@ def test_a_model_sized_for_a_gpu_is_noted_on_cpu(tmp_path, corpus, monkeypatch, 
             f"first step line comes after it): this model is sized for a GPU; configs/tiny.yaml trains on a CPU in "
             f"minutes\n") in capsys.readouterr().out
     assert (ROOT / "configs" / "tiny.yaml").is_file()
+
+
+def test_the_data_line_names_the_subfolders_a_parent_folder_mixes(tmp_path):
+    """`dataset.parquet_dir=data` where data/ holds two datasets trains on both: the start says so."""
+    for folder in ("data/mytext", "data/stdlib", "data"):
+        write_parquet(tmp_path / folder / "x.parquet", ["some text"] * 4)
+    assert subfolders(str(tmp_path / "data"), list_units(tmp_path / "data", "text")) == (
+        " in 3 folders: ./, mytext/, stdlib/")
+    assert subfolders(str(tmp_path / "data/mytext"), list_units(tmp_path / "data/mytext", "text")) == ""
+    assert subfolders(str(tmp_path / "data/*/x.parquet"), list_units(str(tmp_path / "data/*/x.parquet"), "text")) == ""

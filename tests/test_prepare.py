@@ -182,6 +182,8 @@ def test_train_tokenizer_refuses_a_vocabulary_without_merges_or_past_any_in_use(
     (["--train-tokenizer", "--from-text", "a.txt", "--out", "t.json"], "--from-text and --train-tokenizer are two steps"),
     (["--vocab-size", "300", "--out", "t.json"], "give --from-text FILE ... --out DIR, or --train-tokenizer --out "
                                                   "FILE.json (--vocab-size trains a tokenizer: add --train-tokenizer)"),
+    ([str(ROOT / "MODEL.md"), "--out", "x"], "give --from-text FILE ... --out DIR, or --train-tokenizer --out "
+                                             f"FILE.json (did you mean --from-text {ROOT / 'MODEL.md'}?)"),
     (["--train-tokenizer"], "--out is required: the tokenizer.json to write"),
     (["--from-text", "a.txt"], "--out is required: the folder of the shards to write")])
 def test_usage_errors_say_what_is_wrong(tmp_path, capsys, arguments, error):

@@ -191,7 +191,8 @@ def test_a_resume_records_its_changed_settings_and_drops_a_stale_record_of_the_s
     saved = {"training": {"max_iters": 4, "resume_from_checkpoint": None}}
     resumed = {"training": {"max_iters": 6, "resume_from_checkpoint": "latest"}}
     assert run.record_resumed_config(3, saved, resumed, "training: {max_iters: 6}\n") == ["training.max_iters: 4 -> 6"]
-    assert (run.path / "config_resume_3.yaml").read_text() == "training: {max_iters: 6}\n"
+    assert (run.path / "config_resume_3.yaml").read_text() == (
+        "# the settings this run was resumed with from step 3, by train.py\ntraining: {max_iters: 6}\n")
     # resumed from step 3 again, as saved: the earlier resume (which saved nothing after it) no longer applies
     assert run.record_resumed_config(3, saved, {"training": {**saved["training"], "resume_from_checkpoint": "x"}},
                                      "") == []

@@ -21,6 +21,11 @@ def test_auto_compute_dtype_is_bfloat16_only_where_bf16_is_fast(monkeypatch):
     assert runtime.resolve_compute_dtype(torch.device("cuda"), "auto") == "float32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and up
     assert runtime.resolve_compute_dtype(torch.device("cuda"), "auto") == "bfloat16"
+    # the run's config files say what auto was, over the settings as given
+    from config import Config
+    as_run = runtime.config_as_run(Config(), torch.device("cuda"))
+    assert as_run == ("# on this machine: training.device cuda, low_precision.compute_dtype bfloat16, training.compile "
+                      "true\n" + Config().to_yaml())
 
 
 def test_a_compute_dtype_the_cpu_emulates_is_warned_about(monkeypatch):

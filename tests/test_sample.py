@@ -130,7 +130,7 @@ def test_streamed_text_is_what_generate_gives(checkpoint, capsys):
     out = model.eval().generate(torch.tensor([tokenizer.encode("<01-")]), 60, temperature=0.8, top_k=20,
                                 generator=torch.Generator().manual_seed(3), vocab_limit=tokenizer.vocab_size)
     printed = capsys.readouterr()
-    assert printed.out == tokenizer.decode(out[0].tolist()) + "\n"
+    assert printed.out == tokenizer.shown(tokenizer.decode(out[0].tolist())) + "\n"  # (its control characters escaped)
     assert printed.err == (f"model: {checkpoint} (step 2), trained on {trained_on}\nnote: the model trained on windows of "
                            f"{block_size} tokens, and this text runs to 64 (the prompt's 4 and 60 new): past {block_size} "
                            f"it reads positions it never trained at, and its text usually gets worse\n")

@@ -202,3 +202,11 @@ def test_padding_and_truncation_saved_in_the_file_are_turned_off(bpe_file):
     from model import BDHConfig
     from resume_checks import check_same_tokenizer  # a checkpoint of an earlier version kept the padding: the same one
     check_same_tokenizer(saved.to_str(), plain, "ckpt.pt", str(bpe_file), {"vocab_size": 256}, BDHConfig())
+
+
+def test_text_is_printed_without_the_control_characters_a_terminal_would_act_on(bpe_file):
+    """An undertrained model writes escape sequences, bells, shifts of character set: shown, not obeyed."""
+    text = "a\x1b[31mb\x07c\x0ed\x9be\tf\r\ng é"
+    shown = "a\\x1b[31mb\\x07c\\x0ed\\x9be\tf\r\ng é"
+    assert load_tokenizer(str(bpe_file)).shown(text) == shown
+    assert ByteTokenizer().shown("\x00" + text) == SEPARATOR_TOKEN + shown

@@ -41,12 +41,23 @@ def test_run_directory_holds_resolved_config_checkpoints_and_metrics(tmp_path, c
     assert run.name.startswith("run_")
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved == Config.from_yaml(path, ["training.batch_size=3"]).to_dict()
+    assert (run / "config.yaml").read_text().splitlines()[1] == (  # what auto would resolve to elsewhere
+        "# on this machine: training.device cpu, low_precision.compute_dtype float32, training.compile false")
     assert saved["training"]["batch_size"] == 3
     assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == ["checkpoint_2.pt", "checkpoint_4.pt"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]  # incl. before the dir existed
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
     assert {"lr", "tokens_per_s", "ms_per_step", "elapsed_s"} <= set(records[0])
+
+
+def test_a_run_without_config_names_the_default_it_trains(tmp_path, corpus, monkeypatch, capsys):
+    monkeypatch.setattr(train, "train", lambda *args, **kwargs: 0)
+    monkeypatch.chdir(ROOT)
+    assert train.main(["training.device=cpu"]) == 0
+    assert capsys.readouterr().out.startswith("config config.yaml (no --config given: the default, sized for a GPU; ")
+    assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 0
+    assert capsys.readouterr().out == ""
 
 
 def test_no_run_directory_before_the_first_checkpoint(tmp_path, corpus, monkeypatch, capsys):
