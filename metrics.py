@@ -25,6 +25,7 @@ from config import learning_rate, step_tokens
 from positions import epochs_read
 from files import atomic_write, byte_amount, read_records
 from runtime import first_line, peak_memory_bytes
+from stopping import EVALUATING, SAVING
 
 # metrics.jsonl key -> TensorBoard and W&B tag; the per-layer lists get one tag per layer and a mean
 TAGS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
@@ -49,6 +50,7 @@ class MetricsLog:
         """evaluation_due: the resume evaluates resumed_step first (a stop saved before it): an earlier
         resume from the same checkpoint may have recorded that evaluation, which then goes."""
         self.run, self.settings, self.resumed_step = run, cfg.logging, resumed_step
+        self.config_yaml = cfg.to_yaml()  # TensorBoard's text of a new run: which run is which
         self.pending, self.tensorboard, self.wandb = [], None, None
         if not run.writer:
             return
@@ -83,6 +85,8 @@ class MetricsLog:
             # (a due evaluation of the resumed step, run again: TensorBoard keeps its earlier point, the same value)
             purge = None if self.resumed_step is None else self.resumed_step + 1
             self.tensorboard = SummaryWriter(str(self.run.path), purge_step=purge)
+            if self.resumed_step is None:
+                self.tensorboard.add_text("config", indented(self.config_yaml), 0)
         if self.wandb is not None and not (self.run.path / "wandb_run_id").exists():
             atomic_write(self.run.path / "wandb_run_id", lambda f: f.write(self.wandb.id.encode()))
             if not self.settings.wandb_run_name and self.wandb.name != self.run.path.name:
@@ -172,6 +176,7 @@ class StepLog:
         self.unread = 0.0 if saved_passes is None else begun - saved_passes
         self.epoch, self.epochs = int(begun), begun - self.unread
         self.epoch_ended = False  # (measure() sets it for its line)
+        self.took = {}  # seconds the last evaluation and the last checkpoint took (train.paused)
         self._next_line()
 
     def _next_line(self):
@@ -236,12 +241,21 @@ class StepLog:
             record["mfu"] = flops_per_s / self.peak
         return record
 
+    def pauses_left(self, step: int) -> float:
+        """Seconds the evaluations and checkpoints after `step` will take, at what the last of each took."""
+        max_iters = self.cfg.training.max_iters
+
+        def due_after(every):  # every `every` steps, and at max_iters
+            return max_iters // every - step // every + (max_iters % every != 0 and step < max_iters)
+        return sum(self.took.get(doing, 0.0) * due_after(every) for doing, every in (
+            (EVALUATING, self.cfg.training.test_freq), (SAVING, self.cfg.training.checkpoint_freq)))
+
     def write(self, record: dict):
         """Print the record's line (and notes it calls for) and record it."""
         step, max_iters = record["step"], self.cfg.training.max_iters
         seconds_per_step = record["ms_per_step"] / 1000
-        eta_from = None if record.get("compiling") else seconds_per_step
-        print(step_line(record, max_iters, eta_from, record["elapsed_s"]), flush=True)
+        eta = None if record.get("compiling") else seconds_per_step * (max_iters - step) + self.pauses_left(step)
+        print(step_line(record, max_iters, eta, record["elapsed_s"]), flush=True)
         if (self.first_step == 1 and step == 2 and self.device.type == "cpu" and seconds_per_step > SLOW_CPU_STEP_S
                 and seconds_per_step * max_iters > 3600):  # a fresh run's first step not compiling
             print(f"  note: at this speed the run takes about {seconds_per_step * max_iters / 3600:.1f} hours on "
@@ -284,22 +298,25 @@ def wandb_values(record: dict) -> dict:
     return values
 
 
+def indented(text: str) -> str:
+    """Text as a Markdown code block, as TensorBoard's text tab shows it: verbatim."""
+    return "    " + text.replace("\n", "\n    ")
+
+
 def sample_markdown(record: dict) -> str:
     """TensorBoard's text: the prompt and the model's continuation as two code blocks."""
-    def block(text):
-        return "    " + text.replace("\n", "\n    ")
-    return f"validation text:\n\n{block(record['sample_prompt'])}\n\nthe model continues:\n\n{block(record['sample'])}"
+    return (f"validation text:\n\n{indented(record['sample_prompt'])}\n\nthe model continues:\n\n"
+            f"{indented(record['sample'])}")
 
 
-def step_line(record: dict, max_iters: int, seconds_per_step: float | None, elapsed: float) -> str:
-    """The printed line of a step's metrics record (seconds_per_step None: no estimate yet)."""
+def step_line(record: dict, max_iters: int, eta: float | None, elapsed: float) -> str:
+    """The printed line of a step's metrics record (eta: seconds left; None: no estimate yet)."""
     extra = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
     if record.get("skipped_steps"):  # float16: gradients overflowed, the scaler skipped those updates
         extra += f" | {record['skipped_steps']} step(s) skipped by the float16 loss scaler"
     if record.get("data_wait", 0) >= 0.05:  # the loader does not keep up (below, it is handing batches over)
         extra += f" | waiting for data {record['data_wait']:.0%}"
-    eta = ("after compilation" if seconds_per_step is None
-           else format_duration(seconds_per_step * (max_iters - record["step"])))
+    eta = "after compilation" if eta is None else format_duration(eta)
     grad_norm = "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
     return (f"step {record['step']}/{max_iters} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | grad norm "
             f"{grad_norm} | {record['tokens_per_s']:,} tok/s | {record['ms_per_step']:.1f} ms/step{extra} | "

@@ -158,6 +158,11 @@ def plot(run_dirs, out: Path) -> list[str]:
     if len({Path(d).resolve().parent for d in run_dirs}) > 1:  # runs of several folders (experiments): say which
         names = [f"{Path(d).resolve().parent.name}/{Path(d).resolve().name}" for d in run_dirs]
     settings = [run_settings(d) for d in run_dirs]
+    if len({evaluations[-1]["validation_batches"] for _, evaluations in runs
+            if evaluations and evaluations[-1].get("validation_batches")}) > 1:  # (older runs do not say)
+        print("note: these runs measure their validation loss on different batches (other data, tokenizer, "
+              "dataset.split_seed, val_fraction, batch_size, block_size or eval_iters): their validation curves "
+              "compare only roughly", file=sys.stderr)
     full_names = labels(names, settings, limit=None)
     names = labels(names, settings)
     per_token = ("loss (nats/token: not across tokenizers)"  # (bits per byte compares them)

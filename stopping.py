@@ -21,6 +21,7 @@ from files import tell_torchrun
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 SAVING = "the checkpoint"  # GracefulStop.doing while a checkpoint is written: a second signal waits for it
+EVALUATING = "the evaluation"  # GracefulStop.doing while the model is evaluated
 CLOSING = "closing the logs"  # GracefulStop.doing at the end, the last checkpoint saved (closing may upload to W&B)
 
 

@@ -58,8 +58,8 @@ from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_cl
                      memory_fix, one_line, out_of_memory, peak_flops, pick_device, prepare_compile,
                      resolve_compute_dtype, steady_host_memory)
 from shards import DataError
-from stopping import (SAVING, SIGNALS, GracefulStop, StepVote, StoppedWhileClosing, exit_with, outputs_without_reader,
-                      put_back_outputs, resume_command, resuming, stopped_at_once, tearing_down)
+from stopping import (EVALUATING, SAVING, SIGNALS, GracefulStop, StepVote, StoppedWhileClosing, exit_with,
+                      outputs_without_reader, put_back_outputs, resume_command, resuming, stopped_at_once, tearing_down)
 from tokenizer import TokenizerError
 
 
@@ -176,10 +176,11 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
 
     def evaluate_step(at: Progress):  # every rank takes part; a new best is saved as best.pt
         at.evaluation_due = False
-        with paused(step_log, stop, "the evaluation", device):
+        with paused(step_log, stop, EVALUATING, device):
             raw_model.weight_view = qat_view  # use_4bit: the 4-bit model is measured (each step sets its own)
             raw_model.eval()
-            record = {"step": at.step, "tokens": at.tokens, "weights_4bit": qat_view is not None, **evaluate(
+            record = {"step": at.step, "tokens": at.tokens, "weights_4bit": qat_view is not None,
+                      "validation_batches": at.val_fingerprint, **evaluate(
                 raw_model, val_batches, device, compute, sample_generator, ranks, tokenizer, val_tokens_per_byte)}
             if at.measured_anew:  # not comparable with the records before: plot.py breaks the line
                 record["measured_anew"], at.measured_anew = True, False
@@ -310,6 +311,7 @@ def paused(step_log: StepLog, stop: GracefulStop, doing: str, device: torch.devi
     stop.doing = doing
     yield
     step_log.paused_s += time.perf_counter() - start
+    step_log.took[doing] = time.perf_counter() - start  # the ETA counts those still to come
     stop.doing = "the step"
 
 

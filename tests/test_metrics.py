@@ -58,6 +58,9 @@ def test_tensorboard_holds_the_scalars_and_samples_of_metrics_jsonl(tmp_path, co
     assert text == (f"validation text:\n\n    {prompt.replace(chr(10), chr(10) + '    ')}\n\nthe model continues:\n\n"
                     f"    {continuation.replace(chr(10), chr(10) + '    ')}")
     assert all(0 < r["val_bits_per_byte"] and r["tokens"] == r["step"] * 4 * 16 for r in val_records)
+    [config] = logged.Tensors("config/text_summary")  # which run this is, in TensorBoard's text tab
+    assert config.step == 0 and config.tensor_proto.string_val[0].decode() == (
+        "    " + Config.from_yaml(path).to_yaml().replace("\n", "\n    "))
 
 
 def test_a_resumed_run_logs_each_step_once(tmp_path, corpus):
@@ -211,13 +214,24 @@ def test_a_compiling_step_s_speed_stays_out_of_the_curves():
 
 def test_the_step_line_says_what_the_record_holds():
     record = {"step": 40, "train_loss": 2.34567, "lr": 3e-4, "grad_norm": 0.5, "tokens_per_s": 12345, "ms_per_step": 81.0}
-    line = metrics.step_line(record, 100, 0.081, elapsed=59.996)
+    line = metrics.step_line(record, 100, 60 * 0.081, elapsed=59.996)
     assert line == ("step 40/100 | loss 2.3457 | lr 3.00e-04 | grad norm 0.500 | 12,345 tok/s | 81.0 ms/step | "
                     "elapsed 0:00:59 | eta 0:00:04")
     assert " | MFU 41.0% | " in metrics.step_line({**record, "mfu": 0.41}, 100, 0.081, elapsed=1)
     assert " | waiting for data 12% | " in metrics.step_line({**record, "data_wait": 0.123}, 100, 0.081, elapsed=1)
     assert "waiting" not in metrics.step_line({**record, "data_wait": 0.04}, 100, 0.081, elapsed=1)
     assert metrics.step_line(record, 100, None, elapsed=5).endswith("| eta after compilation")
+
+
+def test_the_eta_counts_the_evaluations_and_checkpoints_still_to_come():
+    """On a small run they take most of the time: each at what the last one took."""
+    from types import SimpleNamespace
+    cfg = Config.from_dict({"training": {"max_iters": 105, "test_freq": 20, "checkpoint_freq": 50}})
+    log = SimpleNamespace(cfg=cfg, took={})
+    assert metrics.StepLog.pauses_left(log, 40) == 0  # none measured yet
+    log.took = {"the evaluation": 3.0, "the checkpoint": 0.5}
+    assert metrics.StepLog.pauses_left(log, 40) == 3.0 * 4 + 0.5 * 3  # evaluations at 60, 80, 100, 105; saves at 50, 100, 105
+    assert metrics.StepLog.pauses_left(log, 105) == 0
 
 
 def test_the_first_steps_are_logged_whatever_log_freq_says(tmp_path, corpus, capsys):

@@ -18,7 +18,7 @@ def test_plots_one_and_two_runs_and_refuses_a_folder_without_metrics(tmp_path, c
     for chosen, out in ((runs[:1], tmp_path / "one.png"), (runs, tmp_path / "two.png")):
         assert plot.main([*map(str, chosen), "--out", str(out)]) == 0
         assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 20_000
-    capsys.readouterr()
+    assert "note: these runs measure" not in capsys.readouterr().err  # two seeds, the same validation batches
     assert plot.main([str(corpus), "--out", str(tmp_path / "none.png")]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {corpus}: no metrics.jsonl, nor a run directory") and err.count("\n") == 1
@@ -26,6 +26,11 @@ def test_plots_one_and_two_runs_and_refuses_a_folder_without_metrics(tmp_path, c
     assert plot.main([str(tmp_path / "ck"), "--out", str(tmp_path / "all.png")]) == 0  # a folder of runs: all of them
     assert plot.runs_in(tmp_path / "ck") == plot.runs_in(tmp_path) == runs  # (a folder of checkpoint_dirs too)
     assert plot.runs_of([runs[1], tmp_path / "ck", runs[1] / "metrics.jsonl"]) == [runs[1], runs[0]]  # each once
+    assert train.main(["--config", str(path), "training.batch_size=2", f"training.checkpoint_dir={tmp_path / 'b2'}",
+                       "logging.tensorboard=false"]) == 0
+    capsys.readouterr()
+    assert plot.main([*map(str, runs), str(tmp_path / "b2"), "--out", str(tmp_path / "three.png")]) == 0
+    assert "note: these runs measure their validation loss on different batches" in capsys.readouterr().err
 
 
 def test_out_is_checked_first_and_damaged_records_are_skipped(tmp_path, corpus, capsys):
