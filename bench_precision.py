@@ -11,7 +11,8 @@ quantized to 4 bits after training (post-training quantization). Reports the
 optimizer state bytes, and each model's final validation loss.
 --set optimizer: AdamW; AdamW4bit (adamw4bit.py); torchao.optim.AdamW4bit with its defaults (the
 format of Li et al. as torchao implements it). Also times the optimizer step alone. With --seeds
-1337,1,2 every variant runs once per seed, and each loss is compared with AdamW's of the same seed
+1337,1,2 every variant runs once per seed (which draws its validation documents too: dataset.split_seed), and
+each loss is compared with AdamW's of the same seed
 (mean and worst).
 --set optimizer-ablation: AdamW4bit with one choice of its MomentFormat changed at a time.
 --variant NAME (repeatable): only these variants of the set (the first one is still the baseline).
@@ -187,7 +188,8 @@ def optimizer_step_ms(cfg, steps=20) -> dict:
 def run_seed(args, seed, workdir) -> dict:
     """Every variant of the set, trained with this seed: name -> its results."""
     variants = {}
-    overrides = [*args.overrides, f"training.seed={seed}"]
+    # each seed draws its own validation documents too, as training.seed did before dataset.split_seed
+    overrides = [*args.overrides, f"training.seed={seed}", f"dataset.split_seed={seed}"]
     cfg = Config.from_yaml(args.config, overrides)  # the seed's validation split, for final_checkpoint_loss
     baseline = next(iter(VARIANT_SETS[args.set]))  # what the others are compared with
     for name, variant in VARIANT_SETS[args.set].items():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from config import LowPrecisionConfig
+from config import DatasetConfig, LowPrecisionConfig
 from files import ZIP_MAGIC
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line, shortened
@@ -69,7 +69,8 @@ class Checkpoint:
                       batches_consumed=data.get("batches", 0))
         config = values.get("config") or {}
         if "dataset" in config and "split_seed" not in config["dataset"]:  # before 0.4.6: the seed split
-            config["dataset"]["split_seed"] = config.get("training", {}).get("seed")
+            seed = config.get("training", {}).get("seed", DatasetConfig.split_seed)  # (the same default)
+            config["dataset"]["split_seed"] = DatasetConfig.split_seed if config["dataset"].get("val_parquet_dir") else seed
         return cls(**values)
 
     def low_precision(self) -> dict:

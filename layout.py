@@ -14,7 +14,7 @@ import re
 import shlex
 from pathlib import Path
 
-from files import ARROW_MAGICS, PARQUET_MAGIC, relative_to_here
+from files import ARROW_MAGICS, PARQUET_MAGIC, UTF_BOMS, relative_to_here
 
 
 PATTERN_CHARACTERS = "*?["  # dataset.parquet_dir with one of these (and no such folder) is a glob pattern
@@ -136,12 +136,14 @@ def starts_with(path: Path, magics: tuple) -> bool:
 
 
 def binary(path: Path) -> bool:
-    """Whether a file is not text, by a NUL byte in its first 8 KB (prepare.py refuses such files)."""
+    """Whether a file is not text, by a NUL byte in its first 8 KB (prepare.py refuses such files;
+    UTF-16 and UTF-32 with a byte-order mark, which it reads, are text)."""
     try:
         with open(path, "rb") as f:
-            return b"\0" in f.read(8192)
+            head = f.read(8192)
     except OSError:
         return True
+    return b"\0" in head and not head.startswith(tuple(UTF_BOMS))
 
 
 def parquet_by_its_bytes(path: Path) -> bool:

@@ -367,7 +367,7 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val
                      f"{training.gradient_accumulation_steps} x {ranks.world_size}")
     dataset = cfg.dataset
     validation = (f"validation {Path(dataset.val_parquet_dir).resolve()}" if dataset.val_parquet_dir
-                  else f"validation {dataset.val_fraction * 100:g}% of its documents")
+                  else f"validation {dataset.val_fraction * 100:g}% of its documents (split_seed {dataset.split_seed})")
     validation += f", measured on {val_batches} x {training.batch_size} windows taken across it"
     tokenizer = "bytes" if dataset.tokenizer == "bytes" else Path(dataset.tokenizer).resolve()
     writes_to = (f"continues in {run.path.resolve()}" if run.path is not None

@@ -104,6 +104,9 @@ def run_settings(run_dir: Path) -> dict:
                     values_seen.append(value)
     if STARTED_FROM in history:  # where it started; its resumes' checkpoints are its own
         history[STARTED_FROM] = history[STARTED_FROM][:1]
+    if "dataset.split_seed" not in history and "training.seed" in history and not any(
+            history.get("dataset.val_parquet_dir", [])):  # a run of 0.4.5 or older: its seed drew its split
+        history["dataset.split_seed"] = list(history["training.seed"])
     return {key: values[0] if len(values) == 1 else Changed("→".join(map(str, values)))
             for key, values in history.items()}
 

@@ -222,7 +222,7 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
               f"twice")
         return positions, 0
     first_epoch = 1 + max((p["epoch"] for p in saved_positions), default=-1)
-    print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): training "
-          f"continues on freshly shuffled data from epoch {first_epoch}")
+    print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): training continues on "
+          f"freshly shuffled data from epoch {first_epoch} (counted from 0: the rest of the epoch it was in is not read)")
     return [{"reader": reader, "epoch": first_epoch, "unit": 0, "part": 0, "consumed": 0, "carry": []}
             for reader in range(n_readers)], 0

@@ -25,6 +25,7 @@ def check_same_data(ckpt, dataset, shards_now: str, command_line, path, named: b
     checkpoints of the run as it was). A run found by `latest` or `auto` (not `named`) is never
     continued on other data: the newest run in checkpoint_dir may be another experiment's."""
     saved = ckpt.config.get("dataset", {})
+    check_same_split(saved, dataset, command_line, path)
     for key in ("parquet_dir", "text_column"):
         now, before, setting = getattr(dataset, key), saved.get(key, getattr(dataset, key)), f"dataset.{key}"
         same_shards = key == "parquet_dir" and (ckpt.data_order or {}).get(SHARDS) == shards_now  # (moved, say)
@@ -38,6 +39,22 @@ def check_same_data(ckpt, dataset, shards_now: str, command_line, path, named: b
             f"continues on the run's data: add {shlex.quote(f'{setting}={before}')} (was it given on the command "
             f"line when the run started?), or, to train {'this run ' * (not named)}on {now!r} from here, give "
             f"that on the command line: {other_data}")
+
+
+def check_same_split(saved: dict, dataset, command_line, path):
+    """The same for which documents validation holds out: a run started with a split_seed or
+    val_fraction on the command line (or a checkpoint of 0.4.5 and older, whose split followed its
+    training.seed) keeps its split unless the command line gives another."""
+    if saved.get("val_parquet_dir") or dataset.val_parquet_dir:
+        return
+    for key in ("split_seed", "val_fraction"):
+        before, now, setting = saved.get(key, getattr(dataset, key)), getattr(dataset, key), f"dataset.{key}"
+        if before == now or setting in command_line:
+            continue
+        raise CheckpointError(
+            f"{path}: the run held out its validation documents by {setting} {before!r} (up to version 0.4.5, "
+            f"training.seed drew them), and this command has {now!r}: add {setting}={before} to keep them, or give "
+            f"{setting}={now} on the command line to hold out others from here")
 
 
 def check_same_model(saved_config: dict, model_config: BDHConfig, path):
@@ -202,9 +219,9 @@ def validation_change(saved: dict, now: dict, saved_shards: str | None = None, s
     changes = "documents" if documents else "batches"
     if by_fraction and documents and not set(read_from) & set(documents):  # the same documents, held out anew
         keep = " ".join(f"{path}={setting(saved, path)}" for path in documents)
-        return (f"WARNING: the validation {changes} change on this resume ({what}): some of those held out now were "
-                f"trained on, so the validation loss reads low from here, and best.pt starts afresh; keep {keep} "
-                f"to keep the same ones")
+        return (f"WARNING: the validation {changes} change on this resume ({what}): some of those held out now may have "
+                f"been trained on, so the validation loss may read low from here, and best.pt starts afresh; keep "
+                f"{keep} to keep the same ones")
     return (f"WARNING: the validation {changes} change on this resume ({what}): losses from here on are not "
             f"comparable with the earlier ones, and best.pt starts afresh")
 

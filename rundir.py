@@ -180,7 +180,8 @@ class RunDir:
         config_resume_<step>.yaml and return the differences."""
         if not self.writer:
             return []
-        diff = flat_diff(saved, config, ignore=("training.resume_from_checkpoint",))
+        # (checkpoint_dir: the run goes on in its own directory whatever it says)
+        diff = flat_diff(saved, config, ignore=("training.resume_from_checkpoint", "training.checkpoint_dir"))
         path = self.path / f"config_resume_{step}.yaml"
         if diff:
             header = f"# the settings this run was resumed with from step {step}, by train.py\n"

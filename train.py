@@ -277,8 +277,10 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
         stop.closing(f"done: {progress.step} step{'s' * (progress.step != 1)} ({step_log.epochs:.2f} passes over the "
                      f"training data)"
                      + (f", the last {here} in this process" if here < progress.step else "")
-                     + f" in {format_duration(time.perf_counter() - step_log.start)}; final checkpoint "
-                       f"{progress.last_saved}")
+                     + f" in {format_duration(time.perf_counter() - step_log.start)}"
+                     + (f"; best validation loss {progress.best_val_loss:.4f} (best.pt)"
+                        if math.isfinite(progress.best_val_loss) else "")
+                     + f"; final checkpoint {progress.last_saved}")
     stop_vote.settle()
     metrics.close()
     print(stop.last_words)

@@ -12,9 +12,10 @@ def test_each_seed_is_evaluated_on_its_own_validation_split(tmp_path, corpus, mo
     evaluated_with = []
     monkeypatch.setattr(bench_precision, "train_variant", lambda *args: {"run": None, "val_loss": 1.0})
     monkeypatch.setattr(bench_precision, "final_checkpoint_loss",
-                        lambda cfg, run, four_bit: evaluated_with.append(cfg.training.seed) or 1.0)
+                        lambda cfg, run, four_bit: evaluated_with.append((cfg.training.seed, cfg.dataset.split_seed))
+                        or 1.0)
     assert bench_precision.main(["--config", str(path), "--seeds", "1,2"]) == 0
-    assert evaluated_with == [1, 1, 1, 2, 2, 2]  # per seed: post-training 4-bit and the two QAT runs
+    assert evaluated_with == [(1, 1)] * 3 + [(2, 2)] * 3  # per seed: post-training 4-bit and the two QAT runs
 
 
 def test_variant_trains_only_the_variants_named_beside_the_first(tmp_path, corpus, monkeypatch, capsys):

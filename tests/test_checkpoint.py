@@ -45,6 +45,13 @@ def test_checkpoint_file_round_trip_and_version_0_1_layout(tmp_path):
     assert len(loaded.rng) == 1 and loaded.data_order is None and loaded.batches_consumed == 0
 
 
+@pytest.mark.parametrize("dataset,split_seed", [({}, 5), ({"val_parquet_dir": "v"}, 1337)])
+def test_a_checkpoint_before_split_seed_records_the_split_it_had(dataset, split_seed):
+    """Up to 0.4.5 training.seed drew the validation documents (with val_parquet_dir: none; the default)."""
+    state = {"step": 1, "model": {}, "model_config": {}, "config": {"training": {"seed": 5}, "dataset": dataset}}
+    assert Checkpoint.from_dict(state).config["dataset"]["split_seed"] == split_seed
+
+
 def test_a_file_that_is_not_a_checkpoint_is_called_so(tmp_path):
     (tmp_path / "README.md").write_text("# a project\n")
     with pytest.raises(CheckpointError, match=r"README.md: not a checkpoint \(not a file written by torch.save\)$"):

@@ -48,6 +48,7 @@ def test_missing_or_empty_directory(tmp_path):
     with pytest.raises(DataError, match=r"--from-text .*empty/\* --out"):
         list_units(tmp_path / "empty", "text")
     (tmp_path / "empty" / "curves.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")  # not text: left out
+    (tmp_path / "empty" / "notes.txt").write_text("hi", encoding="utf-16")  # text with NUL bytes: prepare.py reads it
     with pytest.raises(DataError, match=r"--from-text \S*empty/\*.py \S*empty/\*.txt --out"):
         list_units(tmp_path / "empty", "text")
     pictures = tmp_path / "pictures"

@@ -149,6 +149,10 @@ def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch)
         (resumed / f"config_resume_{step}.yaml").write_text(yaml.safe_dump({"training": {"learning_rate": lr}}))
     assert plot.run_settings(resumed)["training.learning_rate"] == "0.01→0.005→0.002"
     assert plot.run_settings(resumed)["dataset.tokenizer"] == "bytes"
+    old = tmp_path / "run_old"  # 0.4.5 and older: training.seed drew the validation documents
+    old.mkdir()
+    (old / "config.yaml").write_text(yaml.safe_dump({"training": {"seed": 5}, "dataset": {"val_parquet_dir": None}}))
+    assert plot.run_settings(old)["dataset.split_seed"] == 5
     tuned = tmp_path / "run_d"  # fine-tuned from an export, then resumed: labelled by the export it started from
     tuned.mkdir()
     (tuned / "config.yaml").write_text(yaml.safe_dump({"training": {"resume_from_checkpoint": "exports/a"}}))

@@ -221,14 +221,18 @@ def test_a_checkpoint_whose_split_followed_the_training_seed_keeps_it_with_split
     torch.save(old, run / "checkpoint_2.pt")
     torch.save(old, tmp_path / "old.pt")
     capsys.readouterr()
-    assert train.main(["--config", str(path), "training.seed=5", "dataset.split_seed=5", "training.max_iters=3",
-                       "training.resume_from_checkpoint=latest"]) == 0
+    resume = ["--config", str(path), "training.seed=5", "training.max_iters=3", "training.resume_from_checkpoint=latest"]
+    assert train.main(resume) == 1  # in its own directory the run keeps its split, unless the command line says
+    assert ("the run held out its validation documents by dataset.split_seed 5 (up to version 0.4.5, training.seed drew "
+            "them), and this command has 1337: add dataset.split_seed=5 to keep them, or give dataset.split_seed=1337 "
+            "on the command line to hold out others from here") in capsys.readouterr().err
+    assert train.main([*resume, "dataset.split_seed=5"]) == 0
     out = capsys.readouterr().out
-    assert "WARNING" not in out and "split_seed" not in out, out  # (only max_iters changed)
+    assert "WARNING" not in out and "dataset.split_seed" not in out, out  # (only max_iters changed)
     assert train.main(["--config", str(path), "training.seed=5", "training.max_iters=3",
                        f"training.resume_from_checkpoint={tmp_path / 'old.pt'}"]) == 0
     assert ("WARNING: the validation documents change on this resume (dataset.split_seed: 5 -> 1337): some of those "
-            "held out now were trained on") in capsys.readouterr().out
+            "held out now may have been trained on") in capsys.readouterr().out
 
 
 def test_a_bpe_run_resumes_samples_with_its_tokenizer_and_refuses_another(tmp_path, corpus, bpe_file, capsys):

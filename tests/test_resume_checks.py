@@ -19,11 +19,11 @@ def test_a_resume_that_changes_the_validation_documents_says_so():
     resplit = {**by_fraction, "dataset": {**by_fraction["dataset"], "split_seed": 5}}
     assert validation_change(by_fraction, resplit) == (
         "WARNING: the validation documents change on this resume (dataset.split_seed: 1 -> 5): some of those held out "
-        "now were trained on, so the validation loss reads low from here, and best.pt starts afresh; keep "
+        "now may have been trained on, so the validation loss may read low from here, and best.pt starts afresh; keep "
         "dataset.split_seed=1 to keep the same ones")
     folder = {"training": {"seed": 1}, "dataset": {"parquet_dir": "d", "val_parquet_dir": "v", "val_fraction": 0.05}}
     assert validation_change(folder, {**folder, "dataset": {**folder["dataset"], "split_seed": 5}}) is None  # nothing split
-    assert "were trained on" in validation_change(folder, by_fraction)  # training read all of d
+    assert "may have been trained on" in validation_change(folder, by_fraction)  # training read all of d
     assert validation_change(by_fraction, {**by_fraction, "dataset": {**by_fraction["dataset"], "parquet_dir": "e"}}) \
         .endswith("losses from here on are not comparable with the earlier ones, and best.pt starts afresh")
     more_training_data = {**folder, "dataset": {**folder["dataset"], "parquet_dir": "d_more"}}

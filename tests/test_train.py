@@ -35,7 +35,7 @@ def test_run_directory_holds_resolved_config_checkpoints_and_metrics(tmp_path, c
     units = list_units(corpus, "text")  # where the data comes from and where the runs go, resolved
     size = byte_amount(sum(unit.num_bytes for unit in units))
     assert (f"data {corpus.resolve()} (3 files, {len(units)} row groups, {size} uncompressed; validation 20% of its "
-            f"documents, measured on "
+            f"documents (split_seed 1337), measured on "
             f"2 x 3 windows taken across it) | tokenizer bytes | runs in {(tmp_path / 'ck').resolve()}\n") in out
     [run] = run_dirs(tmp_path)
     assert run.name.startswith("run_")
@@ -49,6 +49,8 @@ def test_run_directory_holds_resolved_config_checkpoints_and_metrics(tmp_path, c
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]  # incl. before the dir existed
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
     assert {"lr", "tokens_per_s", "ms_per_step", "elapsed_s"} <= set(records[0])
+    best = min(r["val_loss"] for r in records if "val_loss" in r)
+    assert f"; best validation loss {best:.4f} (best.pt); final checkpoint {run / 'checkpoint_4.pt'}\n" in out
 
 
 def test_a_run_without_config_names_the_default_it_trains(tmp_path, corpus, monkeypatch, capsys):
