@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from config import DatasetConfig, LowPrecisionConfig
+from config import LowPrecisionConfig
+from config_file import with_split_seed
 from files import ZIP_MAGIC
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line, shortened
@@ -67,10 +68,7 @@ class Checkpoint:
         data = state.get("data") or {}
         values.update(data_order=data.get("order"), data_positions=data.get("positions", []),
                       batches_consumed=data.get("batches", 0))
-        config = values.get("config") or {}
-        if "dataset" in config and "split_seed" not in config["dataset"]:  # before 0.4.6: the seed split
-            seed = config.get("training", {}).get("seed", DatasetConfig.split_seed)  # (the same default)
-            config["dataset"]["split_seed"] = DatasetConfig.split_seed if config["dataset"].get("val_parquet_dir") else seed
+        with_split_seed(values.get("config") or {})
         return cls(**values)
 
     def low_precision(self) -> dict:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from config_file import ConfigError, apply_override, in_file_order, read_yaml, suggest, typed_section
+from config_file import SEED, ConfigError, apply_override, in_file_order, read_yaml, suggest, typed_section
 from distributed import first_process, launched_by_torchrun
 from files import tell_torchrun
 from model import BDHConfig
@@ -41,7 +41,7 @@ class TrainingConfig:
     grad_clip: float = 1.0
     gradient_accumulation_steps: int = 1
     eval_iters: int = 20
-    seed: int = 1337
+    seed: int = SEED
     device: str = "auto"
     compile: typing.Union[bool, str] = "auto"
     activation_checkpointing: bool = False
@@ -62,7 +62,7 @@ class DatasetConfig:
     max_cached_files: int = 8
     text_column: str = "text"
     val_fraction: float = 0.05
-    split_seed: int = 1337  # which documents val_fraction holds out; training.seed leaves them as they are
+    split_seed: int = SEED  # which documents val_fraction holds out; training.seed leaves them as they are
     val_parquet_dir: typing.Optional[str] = None
     tokenizer: str = "bytes"
 

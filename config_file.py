@@ -15,6 +15,8 @@ import yaml
 
 from files import ZIP_MAGIC, relative_to_here, tell_torchrun
 
+SEED = 1337  # the default of training.seed and of dataset.split_seed
+
 # PyYAML (YAML 1.1) reads 1e-3 and 1e5 as strings; a number field accepts exactly these (an int one if whole).
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
@@ -381,3 +383,13 @@ def parse_arguments(parser, argv=None):
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
+
+
+def with_split_seed(config: dict) -> dict:
+    """A config as written (a dict, changed in place) before dataset.split_seed (0.4.6), given the
+    split it had: training.seed drew the validation documents (none with val_parquet_dir: the default)."""
+    dataset, training = config.get("dataset"), config.get("training")
+    if isinstance(dataset, dict) and "split_seed" not in dataset:
+        seed = training.get("seed", SEED) if isinstance(training, dict) else SEED
+        dataset["split_seed"] = SEED if dataset.get("val_parquet_dir") else seed
+    return config

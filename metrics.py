@@ -242,12 +242,13 @@ class StepLog:
         return record
 
     def pauses_left(self, step: int) -> float:
-        """Seconds the evaluations and checkpoints after `step` will take, at what the last of each took."""
+        """Seconds the evaluations and checkpoints from `step` on will take (its line comes before its
+        own), at what the last of each took."""
         max_iters = self.cfg.training.max_iters
 
-        def due_after(every):  # every `every` steps, and at max_iters
-            return max_iters // every - step // every + (max_iters % every != 0 and step < max_iters)
-        return sum(self.took.get(doing, 0.0) * due_after(every) for doing, every in (
+        def due_from(every):  # every `every` steps, and at max_iters
+            return max_iters // every - (step - 1) // every + (max_iters % every != 0)
+        return sum(self.took.get(doing, 0.0) * due_from(every) for doing, every in (
             (EVALUATING, self.cfg.training.test_freq), (SAVING, self.cfg.training.checkpoint_freq)))
 
     def write(self, record: dict):

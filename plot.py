@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from config_file import parse_arguments
+from config_file import parse_arguments, with_split_seed
 from files import picture_path, read_records, resumed_configs
 
 
@@ -97,16 +97,13 @@ def run_settings(run_dir: Path) -> dict:
             if not history:
                 return {}
             continue
-        for section, values in (raw if isinstance(raw, dict) else {}).items():
+        for section, values in (with_split_seed(raw) if isinstance(raw, dict) else {}).items():
             for key, value in (values if isinstance(values, dict) else {}).items():
                 values_seen = history.setdefault(f"{section}.{key}", [])
                 if not values_seen or values_seen[-1] != value:
                     values_seen.append(value)
     if STARTED_FROM in history:  # where it started; its resumes' checkpoints are its own
         history[STARTED_FROM] = history[STARTED_FROM][:1]
-    if "dataset.split_seed" not in history and "training.seed" in history and not any(
-            history.get("dataset.val_parquet_dir", [])):  # a run of 0.4.5 or older: its seed drew its split
-        history["dataset.split_seed"] = list(history["training.seed"])
     return {key: values[0] if len(values) == 1 else Changed("→".join(map(str, values)))
             for key, values in history.items()}
 

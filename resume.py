@@ -123,7 +123,7 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
                              ckpt.model_config, cfg.model)
         check_same_model(ckpt.model_config, cfg.model, path)
         if continues_in_place(path) and ckpt.step < cfg.training.max_iters:
-            check_same_data(ckpt, cfg.dataset, shards, command_line, path, named=not newest)
+            check_same_data(ckpt, cfg.dataset, shards, val_fingerprint, command_line, path, named=not newest)
     except CheckpointError as e:
         if not newest:
             raise

@@ -12,20 +12,24 @@ from types import SimpleNamespace
 
 from checkpoint import CheckpointError, peek_checkpoint
 from config import learning_rate, step_tokens
+from config_file import with_split_seed
 from locate import checkpoint_candidates
 from model import BDHConfig
 from positions import SHARDS
 from tokenizer import TokenizerError, load_tokenizer, tokenizer_from_string
 
 
-def check_same_data(ckpt, dataset, shards_now: str, command_line, path, named: bool):
+def check_same_data(ckpt, dataset, shards_now: str, batches_now: str, command_line, path, named: bool):
     """A resume that continues a run in its own directory reads the run's training data, unless the
     command line gives other data: a setting the run was started with on the command line, left out
     of the resume command, would continue the run on the config file's data (and prune the
     checkpoints of the run as it was). A run found by `latest` or `auto` (not `named`) is never
-    continued on other data: the newest run in checkpoint_dir may be another experiment's."""
+    continued on other data: the newest run in checkpoint_dir may be another experiment's. The same
+    holds for its validation documents (check_same_split), unless the validation batches are the very
+    same (`batches_now`, their fingerprint: a folder moved, say)."""
     saved = ckpt.config.get("dataset", {})
-    check_same_split(saved, dataset, command_line, path)
+    if ckpt.validation_batches != batches_now:
+        check_same_split(saved, dataset, command_line, path, named)
     for key in ("parquet_dir", "text_column"):
         now, before, setting = getattr(dataset, key), saved.get(key, getattr(dataset, key)), f"dataset.{key}"
         same_shards = key == "parquet_dir" and (ckpt.data_order or {}).get(SHARDS) == shards_now  # (moved, say)
@@ -41,20 +45,26 @@ def check_same_data(ckpt, dataset, shards_now: str, command_line, path, named: b
             f"that on the command line: {other_data}")
 
 
-def check_same_split(saved: dict, dataset, command_line, path):
-    """The same for which documents validation holds out: a run started with a split_seed or
-    val_fraction on the command line (or a checkpoint of 0.4.5 and older, whose split followed its
-    training.seed) keeps its split unless the command line gives another."""
-    if saved.get("val_parquet_dir") or dataset.val_parquet_dir:
-        return
-    for key in ("split_seed", "val_fraction"):
+def check_same_split(saved: dict, dataset, command_line, path, named: bool):
+    """The same for the validation documents: a run keeps its val_parquet_dir, or its split_seed and
+    val_fraction (a checkpoint of 0.4.5 and older: the split its training.seed drew), unless the
+    command line that names the run gives others."""
+    keys = ["val_parquet_dir"] + ["split_seed", "val_fraction"] * (not saved.get("val_parquet_dir")
+                                                                    and not dataset.val_parquet_dir)
+    for key in keys:
         before, now, setting = saved.get(key, getattr(dataset, key)), getattr(dataset, key), f"dataset.{key}"
-        if before == now or setting in command_line:
+        if same_setting(setting, before, now) or (named and setting in command_line):
             continue
+        def override(value):
+            return shlex.quote(f"{setting}={'null' if value is None else value}")
+        given = override(now)
+        if not named:  # naming the run is what lets another split on the command line continue it
+            given = f"{shlex.quote(f'training.resume_from_checkpoint={path.parent}')} {given}"
+        was = "training.seed drew them up to version 0.4.5; " * (key == "split_seed")
         raise CheckpointError(
-            f"{path}: the run held out its validation documents by {setting} {before!r} (up to version 0.4.5, "
-            f"training.seed drew them), and this command has {now!r}: add {setting}={before} to keep them, or give "
-            f"{setting}={now} on the command line to hold out others from here")
+            f"{path}: the run held out its validation documents by {setting} {before!r} ({was}this command has "
+            f"{now!r}): add {override(before)} to keep them, or, to measure {'this run ' * (not named)}on others "
+            f"from here, give that on the command line: {given}")
 
 
 def check_same_model(saved_config: dict, model_config: BDHConfig, path):
@@ -132,13 +142,15 @@ def data_settings_hint(cfg, problem: Exception) -> str:
                                            "training.resume_from_checkpoint")
     except CheckpointError:
         return ""
-    saved = (peek_checkpoint(path) or {}).get("config", {})
+    saved = with_split_seed((peek_checkpoint(path) or {}).get("config", {}))
     now = cfg.to_dict()
 
     def as_override(value):  # what the command line reads back as the same value
         return "null" if value is None else shlex.quote(str(value))
     # a tokenizer's problem: the data's settings are beside the point
     names = ("dataset.tokenizer", "model.vocab_size") if isinstance(problem, TokenizerError) else DATA_SETTINGS
+    if setting(saved, "dataset.val_parquet_dir"):  # its validation documents were that folder's: nothing split
+        names = [name for name in names if name not in ("dataset.split_seed", "dataset.val_fraction")]
     recorded = [name for name in names if name.split(".")[1] in saved.get(name.split(".")[0], {})]
     differ = [f"{name}={as_override(setting(saved, name))}" for name in recorded
               if not same_setting(name, setting(saved, name), setting(now, name))]
@@ -160,8 +172,8 @@ def found_as_newest(cfg) -> str:
             f"that holds it)")
 
 
-DATA_SETTINGS = ("dataset.parquet_dir", "dataset.val_parquet_dir", "dataset.text_column", "dataset.tokenizer",
-                 "model.vocab_size")
+DATA_SETTINGS = ("dataset.parquet_dir", "dataset.val_parquet_dir", "dataset.text_column", "dataset.split_seed",
+                 "dataset.val_fraction", "dataset.tokenizer", "model.vocab_size")
 
 
 PATH_SETTINGS = ("dataset.parquet_dir", "dataset.val_parquet_dir", "dataset.tokenizer")

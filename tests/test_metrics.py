@@ -230,8 +230,9 @@ def test_the_eta_counts_the_evaluations_and_checkpoints_still_to_come():
     log = SimpleNamespace(cfg=cfg, took={})
     assert metrics.StepLog.pauses_left(log, 40) == 0  # none measured yet
     log.took = {"the evaluation": 3.0, "the checkpoint": 0.5}
-    assert metrics.StepLog.pauses_left(log, 40) == 3.0 * 4 + 0.5 * 3  # evaluations at 60, 80, 100, 105; saves at 50, 100, 105
-    assert metrics.StepLog.pauses_left(log, 105) == 0
+    assert metrics.StepLog.pauses_left(log, 40) == 3.0 * 5 + 0.5 * 3  # evaluations at 40 (after its line), 60, 80, 100,
+    assert metrics.StepLog.pauses_left(log, 41) == 3.0 * 4 + 0.5 * 3  # 105; saves at 50, 100, 105
+    assert metrics.StepLog.pauses_left(log, 105) == 3.0 + 0.5  # the last line: the end's evaluation and checkpoint
 
 
 def test_the_first_steps_are_logged_whatever_log_freq_says(tmp_path, corpus, capsys):

@@ -223,9 +223,12 @@ def test_a_checkpoint_whose_split_followed_the_training_seed_keeps_it_with_split
     capsys.readouterr()
     resume = ["--config", str(path), "training.seed=5", "training.max_iters=3", "training.resume_from_checkpoint=latest"]
     assert train.main(resume) == 1  # in its own directory the run keeps its split, unless the command line says
-    assert ("the run held out its validation documents by dataset.split_seed 5 (up to version 0.4.5, training.seed drew "
-            "them), and this command has 1337: add dataset.split_seed=5 to keep them, or give dataset.split_seed=1337 "
-            "on the command line to hold out others from here") in capsys.readouterr().err
+    assert (f"the run held out its validation documents by dataset.split_seed 5 (training.seed drew them up to version "
+            f"0.4.5; this command has 1337): add dataset.split_seed=5 to keep them, or, to measure this run on others "
+            f"from here, give that on the command line: training.resume_from_checkpoint={run} dataset.split_seed=1337"
+            ) in capsys.readouterr().err
+    assert train.main([*resume, "dataset.split_seed=1337"]) == 1  # found by `latest`, not named: perhaps another's
+    assert f"give that on the command line: training.resume_from_checkpoint={run} " in capsys.readouterr().err
     assert train.main([*resume, "dataset.split_seed=5"]) == 0
     out = capsys.readouterr().out
     assert "WARNING" not in out and "dataset.split_seed" not in out, out  # (only max_iters changed)
@@ -413,7 +416,8 @@ def test_a_resume_whose_data_cannot_be_set_up_names_the_checkpoint_s_settings(tm
         content.mkdir(exist_ok=True)
         pq.write_table(pq.read_table(shard).rename_columns(["content"]), content / shard.name, row_group_size=8)
     path = write_config(tmp_path, content, max_iters=2)
-    started_with = ["dataset.text_column=content", f"dataset.tokenizer={bpe_file}", "model.vocab_size=320"]
+    started_with = ["dataset.text_column=content", "dataset.split_seed=3", f"dataset.tokenizer={bpe_file}",
+                    "model.vocab_size=320"]
     assert train.main(["--config", str(path), *started_with]) == 0
     resume_latest = ["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=4"]
     capsys.readouterr()
@@ -423,8 +427,9 @@ def test_a_resume_whose_data_cannot_be_set_up_names_the_checkpoint_s_settings(tm
     newest = (f" (that run is the newest in training.checkpoint_dir {tmp_path / 'ck'}, which `latest` and `auto` "
               f"resume: to resume another, give its directory, or set training.checkpoint_dir to the folder that "
               f"holds it)")
-    assert err.rstrip().endswith(f"; the checkpoint's run had dataset.text_column=content dataset.tokenizer={bpe_file} "
-                                 f"model.vocab_size=320: if the change was not meant, give those again{newest}")
+    assert err.rstrip().endswith(f"; the checkpoint's run had dataset.text_column=content dataset.split_seed=3 "
+                                 f"dataset.tokenizer={bpe_file} model.vocab_size=320: if the change was not meant, "
+                                 f"give those again{newest}")
     assert train.main(resume_latest + started_with + [f"dataset.val_parquet_dir={tmp_path / 'nope'}"]) == 1
     assert capsys.readouterr().err.rstrip().endswith(
         f"; the checkpoint's run had dataset.val_parquet_dir=null: if the change was not meant, give it again{newest}")

@@ -2,8 +2,13 @@
 of processes. (Resuming itself, end to end: test_resume.py.)"""
 from types import SimpleNamespace
 
-from config import TrainingConfig
-from resume_checks import global_batch_change, validation_change
+from pathlib import Path
+
+import pytest
+
+from checkpoint import CheckpointError
+from config import DatasetConfig, TrainingConfig
+from resume_checks import check_same_split, global_batch_change, validation_change
 
 
 def test_a_resume_that_changes_the_validation_documents_says_so():
@@ -46,6 +51,23 @@ def test_a_resume_that_changes_the_validation_documents_says_so():
         assert validation_change(config, other_column) == (
             "WARNING: the validation documents change on this resume (dataset.text_column: None -> 'content'): "
             "losses from here on are not comparable with the earlier ones, and best.pt starts afresh")
+
+
+def test_a_resume_in_place_keeps_the_run_s_validation_documents_unless_the_command_line_naming_it_changes_them():
+    path = Path("ck/run_1/checkpoint_5.pt")
+    by_folder = {"val_parquet_dir": "data/val", "val_fraction": 0.05, "split_seed": 1337}
+    with pytest.raises(CheckpointError, match=r"by dataset.val_parquet_dir 'data/val' \(this command has None\): add "
+                                              r"dataset.val_parquet_dir=data/val to keep them"):
+        check_same_split(by_folder, DatasetConfig(), set(), path, named=True)  # started with it on the command line
+    check_same_split(by_folder, DatasetConfig(val_parquet_dir="./data/val/"), set(), path, named=True)  # the same
+    check_same_split(by_folder, DatasetConfig(), {"dataset.val_parquet_dir"}, path, named=True)  # asked for
+    by_fraction = {"val_parquet_dir": None, "val_fraction": 0.1, "split_seed": 1337}
+    with pytest.raises(CheckpointError, match="by dataset.val_fraction 0.1 \\(this command has 0.05\\)"):
+        check_same_split(by_fraction, DatasetConfig(), set(), path, named=True)
+    with pytest.raises(CheckpointError, match=r"on the command line: training.resume_from_checkpoint=ck/run_1 "
+                                              r"dataset.val_fraction=0.05$"):
+        check_same_split(by_fraction, DatasetConfig(), {"dataset.val_fraction"}, path, named=False)  # found by latest
+    check_same_split(by_fraction, DatasetConfig(val_fraction=0.1, split_seed=3), {"dataset.split_seed"}, path, True)
 
 
 def test_another_number_of_processes_is_told_what_keeps_the_tokens_of_a_step():
