@@ -29,7 +29,7 @@ def check_same_data(ckpt, dataset, shards_now: str, batches_now: str, command_li
     same (`batches_now`, their fingerprint: a folder moved, say)."""
     saved = ckpt.config.get("dataset", {})
     if ckpt.validation_batches != batches_now:
-        check_same_split(saved, dataset, command_line, path, named)
+        check_same_split(saved, dataset, command_line, path, named, seed_split=written_before(ckpt, (0, 4, 6)))
     for key in ("parquet_dir", "text_column"):
         now, before, setting = getattr(dataset, key), saved.get(key, getattr(dataset, key)), f"dataset.{key}"
         same_shards = key == "parquet_dir" and (ckpt.data_order or {}).get(SHARDS) == shards_now  # (moved, say)
@@ -45,26 +45,36 @@ def check_same_data(ckpt, dataset, shards_now: str, batches_now: str, command_li
             f"that on the command line: {other_data}")
 
 
-def check_same_split(saved: dict, dataset, command_line, path, named: bool):
-    """The same for the validation documents: a run keeps its val_parquet_dir, or its split_seed and
-    val_fraction (a checkpoint of 0.4.5 and older: the split its training.seed drew), unless the
-    command line that names the run gives others."""
+def check_same_split(saved: dict, dataset, command_line, path, named: bool, seed_split: bool):
+    """The same for the validation documents: a run keeps a val_parquet_dir (another folder: the
+    validation batches decide, resume.validation_change warns), or its split_seed and val_fraction,
+    unless the command line that names the run gives others. `seed_split`: a checkpoint of 0.4.5 and
+    older, whose training.seed drew its split."""
     keys = ["val_parquet_dir"] + ["split_seed", "val_fraction"] * (not saved.get("val_parquet_dir")
                                                                     and not dataset.val_parquet_dir)
     for key in keys:
         before, now, setting = saved.get(key, getattr(dataset, key)), getattr(dataset, key), f"dataset.{key}"
-        if same_setting(setting, before, now) or (named and setting in command_line):
+        if key == "val_parquet_dir" and (before is None) == (now is None) or (named and setting in command_line):
             continue
+        if same_setting(setting, before, now):
+            continue
+
         def override(value):
             return shlex.quote(f"{setting}={'null' if value is None else value}")
         given = override(now)
         if not named:  # naming the run is what lets another split on the command line continue it
             given = f"{shlex.quote(f'training.resume_from_checkpoint={path.parent}')} {given}"
-        was = "training.seed drew them up to version 0.4.5; " * (key == "split_seed")
+        was = "its training.seed drew them, as up to version 0.4.5; " * (key == "split_seed" and seed_split)
         raise CheckpointError(
             f"{path}: the run held out its validation documents by {setting} {before!r} ({was}this command has "
-            f"{now!r}): add {override(before)} to keep them, or, to measure {'this run ' * (not named)}on others "
-            f"from here, give that on the command line: {given}")
+            f"{'none' if now is None else repr(now)}): add {override(before)} to keep them, or, to measure "
+            f"{'this run ' * (not named)}on others from here, give that on the command line: {given}")
+
+
+def written_before(ckpt, version: tuple) -> bool:
+    """Whether the project version that wrote a checkpoint is older than `version`."""
+    written = ckpt.versions.get("project", "0")
+    return tuple(int(part) for part in written.split(".") if part.isdigit()) < version
 
 
 def check_same_model(saved_config: dict, model_config: BDHConfig, path):

@@ -218,15 +218,16 @@ def test_a_checkpoint_whose_split_followed_the_training_seed_keeps_it_with_split
     [run] = run_dirs(tmp_path)
     old = torch.load(run / "checkpoint_2.pt", weights_only=True)
     del old["config"]["dataset"]["split_seed"], old["data"]["order"]["dataset.split_seed"]
+    old["versions"]["project"] = "0.4.5"
     torch.save(old, run / "checkpoint_2.pt")
     torch.save(old, tmp_path / "old.pt")
     capsys.readouterr()
     resume = ["--config", str(path), "training.seed=5", "training.max_iters=3", "training.resume_from_checkpoint=latest"]
     assert train.main(resume) == 1  # in its own directory the run keeps its split, unless the command line says
-    assert (f"the run held out its validation documents by dataset.split_seed 5 (training.seed drew them up to version "
-            f"0.4.5; this command has 1337): add dataset.split_seed=5 to keep them, or, to measure this run on others "
-            f"from here, give that on the command line: training.resume_from_checkpoint={run} dataset.split_seed=1337"
-            ) in capsys.readouterr().err
+    assert (f"the run held out its validation documents by dataset.split_seed 5 (its training.seed drew them, as up "
+            f"to version 0.4.5; this command has 1337): add dataset.split_seed=5 to keep them, or, to measure this run "
+            f"on others from here, give that on the command line: training.resume_from_checkpoint={run} "
+            f"dataset.split_seed=1337") in capsys.readouterr().err
     assert train.main([*resume, "dataset.split_seed=1337"]) == 1  # found by `latest`, not named: perhaps another's
     assert f"give that on the command line: training.resume_from_checkpoint={run} " in capsys.readouterr().err
     assert train.main([*resume, "dataset.split_seed=5"]) == 0

@@ -54,20 +54,22 @@ def test_a_resume_that_changes_the_validation_documents_says_so():
 
 
 def test_a_resume_in_place_keeps_the_run_s_validation_documents_unless_the_command_line_naming_it_changes_them():
-    path = Path("ck/run_1/checkpoint_5.pt")
+    def check(saved, dataset, command_line=(), named=True):
+        check_same_split(saved, dataset, set(command_line), Path("ck/run_1/checkpoint_5.pt"), named, seed_split=False)
     by_folder = {"val_parquet_dir": "data/val", "val_fraction": 0.05, "split_seed": 1337}
-    with pytest.raises(CheckpointError, match=r"by dataset.val_parquet_dir 'data/val' \(this command has None\): add "
+    with pytest.raises(CheckpointError, match=r"by dataset.val_parquet_dir 'data/val' \(this command has none\): add "
                                               r"dataset.val_parquet_dir=data/val to keep them"):
-        check_same_split(by_folder, DatasetConfig(), set(), path, named=True)  # started with it on the command line
-    check_same_split(by_folder, DatasetConfig(val_parquet_dir="./data/val/"), set(), path, named=True)  # the same
-    check_same_split(by_folder, DatasetConfig(), {"dataset.val_parquet_dir"}, path, named=True)  # asked for
+        check(by_folder, DatasetConfig())  # the run started with it on the command line
+    for moved in ("./data/val/", "elsewhere/val"):  # another folder: the validation batches decide (a warning)
+        check(by_folder, DatasetConfig(val_parquet_dir=moved))
+    check(by_folder, DatasetConfig(), ["dataset.val_parquet_dir"])  # asked for
     by_fraction = {"val_parquet_dir": None, "val_fraction": 0.1, "split_seed": 1337}
     with pytest.raises(CheckpointError, match="by dataset.val_fraction 0.1 \\(this command has 0.05\\)"):
-        check_same_split(by_fraction, DatasetConfig(), set(), path, named=True)
+        check(by_fraction, DatasetConfig())
     with pytest.raises(CheckpointError, match=r"on the command line: training.resume_from_checkpoint=ck/run_1 "
                                               r"dataset.val_fraction=0.05$"):
-        check_same_split(by_fraction, DatasetConfig(), {"dataset.val_fraction"}, path, named=False)  # found by latest
-    check_same_split(by_fraction, DatasetConfig(val_fraction=0.1, split_seed=3), {"dataset.split_seed"}, path, True)
+        check(by_fraction, DatasetConfig(), ["dataset.val_fraction"], named=False)  # found by latest
+    check(by_fraction, DatasetConfig(val_fraction=0.1, split_seed=3), ["dataset.split_seed"])
 
 
 def test_another_number_of_processes_is_told_what_keeps_the_tokens_of_a_step():
