@@ -290,8 +290,8 @@ def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=
     training, dataset_cfg = cfg.training, cfg.dataset
     dataset = ParquetBatches(units, training_split(cfg), training.block_size, training.batch_size, training.seed,
                              dataset_cfg.split_seed, dataset_cfg.val_fraction, dataset_cfg.text_column,
-                             dataset_cfg.max_cached_files, tokenizer, rank=rank, world_size=world_size, positions=positions,
-                             rotation=batches_consumed % max(1, workers), shuffle=True)
+                             dataset_cfg.max_cached_files, tokenizer, rank=rank, world_size=world_size,
+                             positions=positions, rotation=batches_consumed % max(1, workers), shuffle=True)
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=cfg.dataloader.prefetch_factor if workers else None,
                       worker_init_fn=_leave_signals_to_main if workers else None,

@@ -191,7 +191,7 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
     if "documents trained on" not in saved_order:  # written before 0.4.1: it named the folders instead
         saved_order = {**saved_order, "documents trained on": "all" if saved_order.get("dataset.val_parquet_dir")
                        else "train"}
-    if "dataset.val_fraction" in saved_order and "dataset.split_seed" not in saved_order:  # before 0.4.6: the seed split
+    if "dataset.val_fraction" in saved_order and "dataset.split_seed" not in saved_order:  # before 0.4.6: the seed's
         saved_order = {**saved_order, "dataset.split_seed": saved_order.get("training.seed")}
     order = data_order(cfg, units, workers, world_size)
     changed_keys, changed = order_changes(saved_order, order)
@@ -223,6 +223,7 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
         return positions, 0
     first_epoch = 1 + max((p["epoch"] for p in saved_positions), default=-1)
     print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): training continues on "
-          f"freshly shuffled data from epoch {first_epoch} (counted from 0: the rest of the epoch it was in is not read)")
+          f"freshly shuffled data from epoch {first_epoch} (counted from 0: the rest of the epoch it was in is not "
+          f"read)")
     return [{"reader": reader, "epoch": first_epoch, "unit": 0, "part": 0, "consumed": 0, "carry": []}
             for reader in range(n_readers)], 0

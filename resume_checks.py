@@ -47,7 +47,7 @@ def check_same_data(ckpt, dataset, shards_now: str, batches_now: str, command_li
 
 def check_same_split(saved: dict, dataset, command_line, path, named: bool, seed_split: bool):
     """The same for the validation documents: a run keeps a val_parquet_dir (another folder: the
-    validation batches decide, resume.validation_change warns), or its split_seed and val_fraction,
+    validation batches decide, validation_change warns), or its split_seed and val_fraction,
     unless the command line that names the run gives others. `seed_split`: a checkpoint of 0.4.5 and
     older, whose training.seed drew its split."""
     keys = ["val_parquet_dir"] + ["split_seed", "val_fraction"] * (not saved.get("val_parquet_dir")
