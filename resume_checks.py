@@ -35,14 +35,11 @@ def check_same_data(ckpt, dataset, shards_now: str, batches_now: str, command_li
         same_shards = key == "parquet_dir" and (ckpt.data_order or {}).get(SHARDS) == shards_now  # (moved, say)
         if same_setting(setting, before, now) or same_shards or (named and setting in command_line):
             continue
-        other_data = shlex.quote(f"{setting}={now}")
-        if not named:  # naming the run is what lets other data on the command line continue it
-            other_data = f"{shlex.quote(f'training.resume_from_checkpoint={path.parent}')} {other_data}"
         raise CheckpointError(
             f"{path}: the run trained on {setting} {before!r}, and this command reads {now!r}: a resume "
-            f"continues on the run's data: add {shlex.quote(f'{setting}={before}')} (was it given on the command "
+            f"continues on the run's data: add {override(setting, before)} (was it given on the command "
             f"line when the run started?), or, to train {'this run ' * (not named)}on {now!r} from here, give "
-            f"that on the command line: {other_data}")
+            f"that on the command line: {command_line_for(setting, now, path, named)}")
 
 
 def check_same_split(saved: dict, dataset, command_line, path, named: bool, seed_split: bool):
@@ -54,21 +51,27 @@ def check_same_split(saved: dict, dataset, command_line, path, named: bool, seed
                                                                     and not dataset.val_parquet_dir)
     for key in keys:
         before, now, setting = saved.get(key, getattr(dataset, key)), getattr(dataset, key), f"dataset.{key}"
-        if key == "val_parquet_dir" and (before is None) == (now is None) or (named and setting in command_line):
+        folder_to_folder = key == "val_parquet_dir" and (before is None) == (now is None)
+        if folder_to_folder or same_setting(setting, before, now) or (named and setting in command_line):
             continue
-        if same_setting(setting, before, now):
-            continue
-
-        def override(value):
-            return shlex.quote(f"{setting}={'null' if value is None else value}")
-        given = override(now)
-        if not named:  # naming the run is what lets another split on the command line continue it
-            given = f"{shlex.quote(f'training.resume_from_checkpoint={path.parent}')} {given}"
         was = "its training.seed drew them, as up to version 0.4.5; " * (key == "split_seed" and seed_split)
         raise CheckpointError(
             f"{path}: the run held out its validation documents by {setting} {before!r} ({was}this command has "
-            f"{'none' if now is None else repr(now)}): add {override(before)} to keep them, or, to measure "
-            f"{'this run ' * (not named)}on others from here, give that on the command line: {given}")
+            f"{'none' if now is None else repr(now)}): add {override(setting, before)} to keep them, or, to measure "
+            f"{'this run ' * (not named)}on others from here, give that on the command line: "
+            f"{command_line_for(setting, now, path, named)}")
+
+
+def override(setting: str, value) -> str:
+    """`setting`=`value` as the command line reads it back (None: null)."""
+    return shlex.quote(f"{setting}={'null' if value is None else value}")
+
+
+def command_line_for(setting: str, value, path, named: bool) -> str:
+    """The overrides that give `setting` another value on a resume of the run of checkpoint `path`:
+    naming the run is what lets them continue it (a run found by latest or auto may be another's)."""
+    given = override(setting, value)
+    return given if named else f"{override('training.resume_from_checkpoint', path.parent)} {given}"
 
 
 def written_before(ckpt, version: tuple) -> bool:
@@ -154,15 +157,12 @@ def data_settings_hint(cfg, problem: Exception) -> str:
         return ""
     saved = with_split_seed((peek_checkpoint(path) or {}).get("config", {}))
     now = cfg.to_dict()
-
-    def as_override(value):  # what the command line reads back as the same value
-        return "null" if value is None else shlex.quote(str(value))
     # a tokenizer's problem: the data's settings are beside the point
     names = ("dataset.tokenizer", "model.vocab_size") if isinstance(problem, TokenizerError) else DATA_SETTINGS
     if setting(saved, "dataset.val_parquet_dir"):  # its validation documents were that folder's: nothing split
         names = [name for name in names if name not in ("dataset.split_seed", "dataset.val_fraction")]
     recorded = [name for name in names if name.split(".")[1] in saved.get(name.split(".")[0], {})]
-    differ = [f"{name}={as_override(setting(saved, name))}" for name in recorded
+    differ = [override(name, setting(saved, name)) for name in recorded
               if not same_setting(name, setting(saved, name), setting(now, name))]
     run_tokenizer = setting(saved, "dataset.tokenizer") or cfg.dataset.tokenizer
     if isinstance(problem, TokenizerError) and run_tokenizer != "bytes" and not Path(run_tokenizer).is_file():
