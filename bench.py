@@ -228,7 +228,7 @@ def print_generation(generation: dict):
 def arguments(argv):
     parser = argparse.ArgumentParser(description="Benchmark model.py against reference.py.")
     add_config_arguments(parser)
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps per implementation")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per implementation (default 10)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--skip", nargs="+", action="extend", default=[], metavar="{memory,loader,generation}",
                         help="parts not to measure")

@@ -340,7 +340,8 @@ def add_config_arguments(parser, default: str = "config.yaml"):
     """--config and the section.key=value overrides, as every script takes them."""
     parser.add_argument("--config", default=default, action=OneConfigFile, help=f"YAML config (default {default})")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="override any config field, e.g. training.batch_size=16")
+                        help=f"override any config field, e.g. training.batch_size=16 (the sections: "
+                             f"{', '.join(_sections())}; train.py --print-config lists every field and its value)")
     parser.setting_paths = all_paths()  # parse_arguments: --max_iters 10 is training.max_iters=10
     parser.switch_paths = {f"{name}.{key}" for name, cls in _sections().items()  # and --debug: training.debug=true
                            for key, hint in typing.get_type_hints(cls).items() if hint is bool}

@@ -59,7 +59,9 @@ def write_shards(documents, out_dir, docs_per_shard=16384, row_group_bytes=ROW_G
         nonlocal shard, n_shards
         if not shard:
             return
-        writer = pq.ParquetWriter(out_dir / f"part-{n_shards:05d}.parquet", pa.schema([("text", pa.string())]))
+        # no min/max statistics: for documents under a few KB they hold whole documents (a file 3x its text)
+        writer = pq.ParquetWriter(out_dir / f"part-{n_shards:05d}.parquet", pa.schema([("text", pa.string())]),
+                                  write_statistics=False)
         group, size = [], 0
         for doc in shard + [None]:
             if doc is None or (group and size + len(doc) > row_group_bytes):
@@ -104,6 +106,16 @@ def as_utf8(raw: bytes, name) -> bytes:
     return raw
 
 
+def file_patterns(folder: Path, most=6) -> str:
+    """', e.g. data/*.txt data/*.md data/notes/*.txt': patterns that name every file in a folder, by
+    subfolder and suffix (hidden ones left out), for a folder given in place of its files."""
+    patterns = sorted({str(path.parent / f"*{path.suffix}") for path in folder.rglob("*") if path.is_file()
+                       and not any(part.startswith(".") for part in path.relative_to(folder).parts)})
+    if not patterns:
+        return " (it holds none)"
+    return f", e.g. {' '.join(patterns[:most])}{' ...' * (len(patterns) > most)}"
+
+
 def text_files_to_parquet(files, out_dir, chunk_bytes=DOCUMENT_BYTES, replace=False) -> int:
     sizes = [Path(f).stat().st_size if Path(f).is_file() else 0 for f in files]  # (unreadable ones: said below)
     row_group_bytes = min(ROW_GROUP_BYTES, max(1, sum(sizes) // MIN_ROW_GROUPS))
@@ -113,7 +125,7 @@ def text_files_to_parquet(files, out_dir, chunk_bytes=DOCUMENT_BYTES, replace=Fa
             try:
                 raw = Path(f).read_bytes()
             except IsADirectoryError:
-                raise DataError(f"{f}: a folder; give the text files in it, e.g. {Path(f) / '*.txt'}")
+                raise DataError(f"{f}: a folder; give the text files in it{file_patterns(Path(f))}")
             except OSError as e:
                 raise DataError(f"{f}: cannot read ({e.strerror})")
             raw = as_utf8(raw, f)

@@ -14,9 +14,7 @@ reader stands is its position (ParquetBatches): resume.py saves them, positions.
 where a resume starts.
 """
 import itertools
-import multiprocessing
 import os
-import signal
 import sys
 
 import numpy as np
@@ -25,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from corpus import MIN_ROW_GROUPS, ensure_sample_corpus
 from shards import DataError, ParquetFileCache, Unit, first_documents, list_units, read_unit_documents
-from stopping import SIGNALS
+from stopping import leave_signals_to_main
 from tokenizer import check_vocab_size, load_tokenizer, lost_text, separator_in_text
 
 # a training reader that got no complete batch in its first this many epochs stops the run; once it
@@ -189,29 +187,6 @@ class ParquetBatches(IterableDataset):
                 pending.extend(windows[order[used:]])
 
 
-def _leave_signals_to_main(_worker_id):
-    """Ctrl-C, SIGTERM and a closed terminal's SIGHUP reach the whole process group; the main process
-    decides how to stop (finish the step, checkpoint) and then shuts the workers down itself."""
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def stop_loader_workers(started_before=()):
-    """Kill the DataLoader workers still running: the multiprocessing children not in
-    `started_before` (a caller's own, when train.main runs inside another program). After an error
-    the loader can outlive train(): the exception's traceback holds it in a reference cycle that is
-    collected only after multiprocessing's exit handler, which sends the workers SIGTERM, which they
-    ignore (above), and then waits for them forever. Their state is not needed: the checkpoint has
-    the data position. The DataLoader's SIGCHLD handler would report each killed worker as an error,
-    then or at any later SIGCHLD: it goes for good."""
-    children = [child for child in multiprocessing.active_children() if child not in started_before]
-    if children and hasattr(signal, "SIGCHLD"):
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for child in children:
-        child.kill()
-        child.join(timeout=10)
-
-
 def training_split(cfg) -> str:
     """The documents training reads: all of parquet_dir's when validation has its own folder."""
     return "all" if cfg.dataset.val_parquet_dir else "train"
@@ -294,7 +269,7 @@ def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=
                              positions=positions, rotation=batches_consumed % max(1, workers), shuffle=True)
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=cfg.dataloader.prefetch_factor if workers else None,
-                      worker_init_fn=_leave_signals_to_main if workers else None,
+                      worker_init_fn=leave_signals_to_main if workers else None,
                       generator=torch.Generator())  # keeps the global RNG (dropout) untouched
 
 
@@ -368,9 +343,13 @@ def validation_batches(cfg, units, tokenizer, note_few: bool = True) -> list:
                             f"{fraction} or set dataset.val_parquet_dir")
         what = "holds" if dataset_cfg.val_parquet_dir else f"split (val_fraction {dataset_cfg.val_fraction}) holds"
         more = "add validation documents" if dataset_cfg.val_parquet_dir else "raise dataset.val_fraction, or add documents"
+        cache = ParquetFileCache(1)
+        tokens = sum(len(part) for unit in units for part in read_unit_tokens(
+            cache, unit, dataset_cfg.text_column, split, dataset_cfg.split_seed, dataset_cfg.val_fraction, tokenizer))
+        cache.close()
         raise DataError(f"{folder}: the validation {what} less than one batch of {training.batch_size} x "
-                        f"{training.block_size + 1} tokens; lower training.block_size or training.batch_size, or "
-                        f"{more}")
+                        f"{training.block_size + 1} tokens ({tokens:,} tokens); lower training.block_size or "
+                        f"training.batch_size, or {more}")
     return batches
 
 

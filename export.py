@@ -87,6 +87,9 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
         elif four_bit:
             result += (" (of the weights as trained; their 4-bit version here, quantized after training, was not "
                        "measured)")
+        if evaluated.get("step", ckpt.step) < ckpt.step:  # a stop between evaluations, checkpoint_freq off test_freq
+            result += (f"; the run's last evaluation: step {ckpt.step}'s weights, exported here, were not measured "
+                       f"(best.pt holds the best measured ones)")
     else:
         result = "not evaluated yet (stopped before its first evaluation)"
     tokens = "UTF-8 bytes" if tokenizer.to_str() == "bytes" else f"a {tokenizer.vocab_size:,}-token tokenizer.json"

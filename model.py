@@ -7,7 +7,8 @@ lm_head. The same encoder / encoder_v / decoder are used by every layer.
 The layer is written once (layer_forward) and serves training, the recomputation of checkpointed
 layers, generation and the low-precision paths:
 - training runs the layer stack as one autograd Function with a hand-written backward (LayerStack):
-  the attention r·rᵀ is computed only in tiles on or below the diagonal, forward and backward;
+  r·rᵀ forward and the gradient's products with r backward are computed only in tiles on or below
+  the diagonal;
   between forward and backward a layer keeps one (H, B, T, N) activation (a = relu(x @ encoder)),
   its dropout mask as bits and (H, B, T, T)-, (H, B, T, D)- and (B, T, D)-sized tensors, and
   recomputes the rest (with activation_checkpointing it keeps only its input and its dropout bits); the

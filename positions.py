@@ -63,19 +63,26 @@ def order_changes(saved_order: dict, order: dict) -> tuple[list[str], list[str]]
     return keys, lines
 
 
-def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealings: dict) -> float:
-    """About how many passes over the training units the readers have made: each reader's epoch
-    plus the share, by bytes, of that epoch's units it has read (the unit it is in counted by the
-    parts of it finished, a row group may hold gigabytes, and the share of windows used of the part
-    it is in); the mean over the readers whose positions are given (a rank knows its own; the units
-    are dealt to balance the readers' bytes). `dealings` keeps each epoch's dealing (units and
-    cumulative bytes per reader) from call to call."""
+def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealings: dict, readers=()) -> float:
+    """About how many passes over the training units the readers have made: the bytes each reader
+    has read, over its fair share of the units' bytes (1 / n_readers), averaged over the readers
+    whose positions are given (a rank knows its own) and the `readers` without one yet (not
+    started: 0). A reader's bytes are what it was dealt in the epochs before the one it is in, and
+    what it has read of that one: the units before the one it is in, the parts of that unit
+    finished (a row group may hold gigabytes) and the share of windows used of the part it is in.
+    By bytes, not epochs: a reader dealt a small share (one row group holds most of the data) goes
+    through its epochs fast while the others are in their first. `dealings` keeps the epochs'
+    dealings from call to call."""
     positions = list(positions)
+    given = {position["reader"] for position in positions}
+    n_missing = sum(reader not in given for reader in readers)
     if not positions:
         return 0.0
+    fair_share = max(1, sum(unit.num_bytes for unit in units)) / n_readers
+    dealt, loads = dealings.setdefault("dealt", {}), dealings.setdefault("loads", [])
     oldest = min(position["epoch"] for position in positions)
-    for epoch in [epoch for epoch in dealings if epoch < oldest]:
-        del dealings[epoch]  # no reader is in it any more
+    for epoch in [epoch for epoch in dealt if epoch < oldest]:
+        del dealt[epoch]  # no reader is in it any more
     passes = []
     for position in positions:
         epoch = position["epoch"]
@@ -87,11 +94,16 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealing
             read = 1 - left / share if share else 1.0
             passes.append(epoch + position["epoch_done"] + (1 - position["epoch_done"]) * read)
             continue
-        if epoch not in dealings:
-            dealings[epoch] = dealing_with_bytes(units, epoch, seed, n_readers)
-        assigned, cumulative = dealings[epoch][position["reader"]]
-        passes.append(epoch + bytes_read(assigned, cumulative, position) / max(1, cumulative[-1]))
-    return float(sum(passes) / len(passes))
+        while len(loads) < epoch:  # each reader's bytes in each epoch, its running sum
+            before = loads[-1] if loads else np.zeros(n_readers)
+            loads.append(before + [cumulative[-1] for _, cumulative in dealing_with_bytes(units, len(loads), seed,
+                                                                                             n_readers)])
+        if epoch not in dealt:
+            dealt[epoch] = dealing_with_bytes(units, epoch, seed, n_readers)
+        assigned, cumulative = dealt[epoch][position["reader"]]
+        earlier = loads[epoch - 1][position["reader"]] if epoch else 0.0
+        passes.append((earlier + bytes_read(assigned, cumulative, position)) / fair_share)
+    return float(sum(passes) / (len(passes) + n_missing))
 
 
 def dealing_with_bytes(units: list[Unit], epoch: int, seed: int, n_readers: int) -> list:

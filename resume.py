@@ -19,8 +19,8 @@ from checkpoint import Checkpoint, CheckpointError, is_export, load_export
 from distributed import full_state, load_full_state, load_full_weights
 from locate import checkpoint_candidates, is_run_directory, open_checkpoint, resumable_runs
 from positions import SHARDS, data_order, resume_point
-from resume_checks import (check_same_data, check_same_model, check_same_tokenizer, evaluated_weights, found_as_newest,
-                           global_batch_change, schedule_jump, setting, tokens_before, validation_change)
+from resume_checks import (check_given_again, check_same_data, check_same_model, check_same_tokenizer, evaluated_weights,
+                           found_as_newest, global_batch_change, schedule_jump, setting, tokens_before, validation_change)
 from rundir import RunDir, hold_auto_start
 from runtime import config_as_run
 
@@ -38,6 +38,7 @@ class Progress:
     measured_anew: bool = False  # a resume changed what validation measures: the next evaluation's record says so
     evaluation_due: bool = False  # at this step, and not run yet (a stop saved first)
     val_fingerprint: str | None = None  # of the validation batches (evaluation.validation_fingerprint)
+    command_line: list = field(default_factory=list)  # the names of the settings this session's command line gives
 
 
 def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=None) -> Path:
@@ -51,7 +52,8 @@ def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tok
                       best_val_loss=progress.best_val_loss, rng=ranks.gather(rng_state(device)), data_order=order,
                       data_positions=positions, batches_consumed=progress.batches_consumed, tokenizer=tokenizer.to_str(),
                       passes=progress.passes, measured_anew=progress.measured_anew,
-                      validation_batches=progress.val_fingerprint, evaluation_due=progress.evaluation_due)
+                      validation_batches=progress.val_fingerprint, evaluation_due=progress.evaluation_due,
+                      command_line=progress.command_line)
     return ranks.gather(run.save(ckpt, config_as_run(cfg, device), name))[0]
 
 
@@ -115,7 +117,8 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
     low_precision = cfg.low_precision
     if is_export(cfg.training.resume_from_checkpoint):
         return fine_tune_from_export(cfg, model, tokenizer, ranks)
-    path, ckpt = open_checkpoint(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir)
+    unreadable = []
+    path, ckpt = open_checkpoint(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir, skipped=unreadable)
     newest = cfg.training.resume_from_checkpoint == "latest"  # (auto too): a run found, not named
     shards = data_order(cfg, units, workers, ranks.world_size)[SHARDS]  # their fingerprint
     try:
@@ -124,6 +127,7 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
         check_same_model(ckpt.model_config, cfg.model, path)
         if continues_in_place(path) and ckpt.step < cfg.training.max_iters:
             check_same_data(ckpt, cfg.dataset, shards, val_fingerprint, command_line, path, named=not newest)
+            check_given_again(ckpt, cfg.to_dict(), command_line, path)
     except CheckpointError as e:
         if not newest:
             raise
@@ -152,6 +156,9 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
     run = reopen_run(cfg, path, ckpt, progress, ranks, device)
     if ckpt.step >= cfg.training.max_iters:  # train() says there is nothing to do; nothing changes either
         return run, progress, []
+    if renamed := run.set_aside_unreadable(unreadable):
+        print(f"  the checkpoint(s) that could not be read are now {', '.join(renamed)} (keep_last_n no longer "
+              f"counts them; delete them once you have looked)")
     if note := schedule_jump(ckpt, cfg.training):
         print(note)
     best_afresh = evaluated_weights(ckpt.low_precision()) != evaluated_weights(asdict(low_precision))

@@ -38,8 +38,33 @@ def check_same_data(ckpt, dataset, shards_now: str, batches_now: str, command_li
         raise CheckpointError(
             f"{path}: the run trained on {setting} {before!r}, and this command reads {now!r}: a resume "
             f"continues on the run's data: add {override(setting, before)} (was it given on the command "
-            f"line when the run started?), or, to train {'this run ' * (not named)}on {now!r} from here, give "
-            f"that on the command line: {command_line_for(setting, now, path, named)}")
+            f"line when the run started?), or, to train {'this run ' * (not named)}on {now!r} from here, "
+            f"{give_it(named)}: {command_line_for(setting, now, path, named)}")
+
+
+# the settings that change what a run trains (its steps, their numbers, what validation measures); the data's
+# are check_same_data's and check_same_tokenizer's
+WHAT_IS_TRAINED = ("model.", "low_precision.", "fp8.", "training.block_size", "training.batch_size",
+                   "training.gradient_accumulation_steps", "training.max_iters", "training.learning_rate",
+                   "training.min_lr", "training.warmup_iters", "training.weight_decay", "training.grad_clip",
+                   "training.seed", "training.eval_iters")
+
+
+def check_given_again(ckpt, config: dict, command_line, path):
+    """A resume that continues a run in its own directory gives again the settings of WHAT_IS_TRAINED
+    that the run's last command line gave (ckpt.command_line) where the config file has other values:
+    left out, they would change the run silently (a batch size, a schedule). Those of how it runs
+    (logging, devices, workers) may go back to the config file's."""
+    left_out = [name for name in ckpt.command_line if name not in command_line and name.startswith(WHAT_IS_TRAINED)
+                and not same_setting(name, setting(ckpt.config, name), setting(config, name))]
+    if not left_out:
+        return
+    them = "them" if len(left_out) > 1 else "it"
+    raise CheckpointError(
+        f"{path}: the run was given {' '.join(override(name, setting(ckpt.config, name)) for name in left_out)} on "
+        f"its command line, and this command leaves {them} out (the config file has "
+        f"{', '.join(f'{setting(config, name)!r}' for name in left_out)}): add {them} to resume the run as it was, "
+        f"or give the new value{'s' * (len(left_out) > 1)} on the command line to change {them}")
 
 
 def check_same_split(saved: dict, dataset, command_line, path, named: bool, seed_split: bool):
@@ -58,13 +83,14 @@ def check_same_split(saved: dict, dataset, command_line, path, named: bool, seed
         raise CheckpointError(
             f"{path}: the run held out its validation documents by {setting} {before!r} ({was}this command has "
             f"{'none' if now is None else repr(now)}): add {override(setting, before)} to keep them, or, to measure "
-            f"{'this run ' * (not named)}on others from here, give that on the command line: "
+            f"{'this run ' * (not named)}on others from here, {give_it(named)}: "
             f"{command_line_for(setting, now, path, named)}")
 
 
 def override(setting: str, value) -> str:
     """`setting`=`value` as the command line reads it back (None: null)."""
-    return shlex.quote(f"{setting}={'null' if value is None else value}")
+    written = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
+    return shlex.quote(f"{setting}={written}")
 
 
 def command_line_for(setting: str, value, path, named: bool) -> str:
@@ -72,6 +98,11 @@ def command_line_for(setting: str, value, path, named: bool) -> str:
     naming the run is what lets them continue it (a run found by latest or auto may be another's)."""
     given = override(setting, value)
     return given if named else f"{override('training.resume_from_checkpoint', path.parent)} {given}"
+
+
+def give_it(named: bool) -> str:
+    """How command_line_for's overrides are given: a run found by latest or auto must be named."""
+    return "give that on the command line" if named else "name the run on the command line with it"
 
 
 def written_before(ckpt, version: tuple) -> bool:

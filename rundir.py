@@ -229,6 +229,19 @@ class RunDir:
         best.rename(kept)
         return kept.name
 
+    def set_aside_unreadable(self, paths) -> list[str]:
+        """The run's checkpoints among `paths` that a resume could not read, renamed <name>.unreadable:
+        keep_last_n would count them as kept. Returns the new names."""
+        if not self.writer or self.path is None:
+            return []
+        renamed = []
+        for path in paths:
+            if path.parent == self.path and path.exists():
+                aside = unused(path.with_name(path.name + ".unreadable"))
+                path.rename(aside)
+                renamed.append(aside.name)
+        return renamed
+
     def prune(self, keep_last_n: int):
         """Delete all but the newest keep_last_n checkpoint_<step>.pt (0 keeps all); best.pt stays."""
         if self.writer and keep_last_n > 0 and self.path is not None:

@@ -73,8 +73,10 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
             all_null.append(path)
             continue
         if not text_type(schema.field(text_column).type):
-            raise DataError(f"{path}: column {text_column!r} has type {schema.field(text_column).type}, expected a "
-                            f"string column; {has}")
+            kind = schema.field(text_column).type
+            ids = " (token ids are not read: the shards hold the text)" * (pa.types.is_list(kind)
+                                                                              or pa.types.is_large_list(kind))
+            raise DataError(f"{path}: column {text_column!r} has type {kind}, expected a string column{ids}; {has}")
         relative = path.relative_to(root).as_posix().encode()
         file_key = int.from_bytes(hashlib.blake2b(relative, digest_size=8).digest(), "little")
         for rg in range(meta.num_row_groups):
@@ -87,7 +89,9 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
         print(f"{root}: skipped {len(all_null)} file(s) whose column {text_column!r} holds only nulls (type null), "
               f"e.g. {all_null[0].name}")
     if not units:
-        raise DataError(f"{root}: the parquet files hold no rows" + " of documents" * bool(all_null))
+        what = f"its {len(files)} parquet files hold" if len(files) > 1 else f"its parquet file {files[0].name} holds"
+        raise DataError(f"{root}: {what} no rows" + " of documents" * bool(all_null) + ": write the documents into "
+                        f"{'them' if len(files) > 1 else 'it'} (python prepare.py --from-text turns text files into shards)")
     return units
 
 

@@ -2,9 +2,11 @@
 terminal or ssh connection closed) to any process finishes what runs, saves a checkpoint and prints
 the command that resumes the run. GracefulStop hears the signal; under torchrun StepVote tells every
 rank at the same step; OutputWithoutReader keeps the run going when its output has no reader left;
-exit_with ends the process with the run's status, which a late signal no longer changes.
+the DataLoader workers leave the signals to the main process, which stops them; exit_with ends the
+process with the run's status, which a late signal no longer changes.
 """
 import atexit
+import multiprocessing
 import os
 import shlex
 import signal
@@ -247,6 +249,30 @@ def launcher(ranks: Ranks) -> str:
     if int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size)) == ranks.world_size:
         return f"torchrun --standalone --nproc_per_node={ranks.world_size} "
     return "torchrun <the same rendezvous flags> "
+
+
+def leave_signals_to_main(_worker_id):
+    """A DataLoader worker's start: Ctrl-C, SIGTERM and a closed terminal's SIGHUP reach the whole
+    process group; the main process decides how to stop (finish the step, checkpoint) and then shuts
+    the workers down itself (stop_loader_workers)."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_loader_workers(started_before=()):
+    """Kill the DataLoader workers still running: the multiprocessing children not in
+    `started_before` (a caller's own, when train.main runs inside another program). After an error
+    the loader can outlive train(): the exception's traceback holds it in a reference cycle that is
+    collected only after multiprocessing's exit handler, which sends the workers SIGTERM, which they
+    ignore (above), and then waits for them forever. Their state is not needed: the checkpoint has
+    the data position. The DataLoader's SIGCHLD handler would report each killed worker as an error,
+    then or at any later SIGCHLD: it goes for good."""
+    children = [child for child in multiprocessing.active_children() if child not in started_before]
+    if children and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+        child.join(timeout=10)
 
 
 def exit_with(main):

@@ -3,7 +3,7 @@
     python train.py [--config config.yaml] [--print-config] [section.key=value ...]
 
 main() loads the config and joins the processes torchrun started (if any); train() sets up the
-data, the model and the optimizer, resumes from a checkpoint (resume.py), describes the run (metrics.py), then
+data, the model and the optimizer, resumes from a checkpoint (resume.py), describes the run (console.py), then
 loops: step, log, evaluate (evaluation.py), checkpoint.
 """
 import os
@@ -40,15 +40,16 @@ from adamw4bit import make_optimizer
 from checkpoint import CheckpointError
 from config import add_config_arguments, learning_rate, load_config, step_tokens
 from config_file import parse_arguments
-from data import loader_workers, prepare_data, rank_positions, stop_loader_workers, train_loader
+from console import describe_run, evaluation_lines, format_duration
+from data import loader_workers, prepare_data, rank_positions, train_loader
 from distributed import (DistributedError, Ranks, communication_failure, failed, first_process,
                          gradient_sync, local_tensor, peers_lost, shutdown, start, wrap)
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
 from files import script_here
 from fp8 import FP8Error, fp8_matmuls
+from locate import unfinished_run
 from lowbit import LowBitError, quantization_aware_view
-from metrics import (MetricsError, MetricsLog, StepLog, check_installed, describe_run, evaluation_lines,
-                     format_duration)
+from metrics import MetricsError, MetricsLog, StepLog, check_installed
 from model import BDH
 from positions import data_order
 from resume import Progress, resume, resume_target, save, set_rng_state, torch_rng_state
@@ -59,7 +60,8 @@ from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_cl
                      resolve_compute_dtype, steady_host_memory)
 from shards import DataError
 from stopping import (EVALUATING, SAVING, SIGNALS, GracefulStop, StepVote, StoppedWhileClosing, exit_with,
-                      outputs_without_reader, put_back_outputs, resume_command, resuming, stopped_at_once, tearing_down)
+                      outputs_without_reader, put_back_outputs, resume_command, resuming, stop_loader_workers,
+                      stopped_at_once, tearing_down)
 from tokenizer import TokenizerError
 
 
@@ -125,7 +127,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
     else:  # a new run, whose directory the first checkpoint creates
         run, progress = RunDir(training.checkpoint_dir, writer=ranks.main), Progress()
         start_positions = []
-    progress.val_fingerprint = val_fingerprint
+        if ranks.main and (note := unfinished_run(training.checkpoint_dir)):
+            print(note)
+    progress.val_fingerprint, progress.command_line = val_fingerprint, sorted(command_line)
     if ranks.main and (removed := clean_stale_temporaries(training.checkpoint_dir, run.path)):
         print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
     if compile_model:

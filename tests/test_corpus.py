@@ -20,6 +20,16 @@ def test_text_files_become_documents_in_row_groups_of_bounded_size(tmp_path):
     assert all(meta.row_group(i).num_rows <= 128 * 1024 // 1000 + 1 for i in range(meta.num_row_groups))
 
 
+def test_shards_of_short_documents_are_about_the_size_of_their_text(tmp_path):
+    """Parquet's default min/max statistics would hold whole documents of a few KB: 3x the file."""
+    text = "".join(f"line {i} of a short document, varied enough not to compress away: {i * 7919 % 10007}\n"
+                   for i in range(20000))
+    (tmp_path / "a.txt").write_text(text)
+    corpus.text_files_to_parquet([tmp_path / "a.txt"], tmp_path / "out", chunk_bytes=2000)
+    [shard] = (tmp_path / "out").iterdir()
+    assert shard.stat().st_size < len(text)
+
+
 def test_a_small_text_gets_row_groups_enough_for_several_processes(tmp_path):
     """60 KB of text, 8 documents: a row group each (not one for the whole text, which only one
     process or loader worker could read)."""

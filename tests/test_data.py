@@ -455,21 +455,3 @@ def test_more_processes_than_units_are_refused_up_front(corpus, capsys):
             "each worker reads units of its own") in capsys.readouterr().out
     with pytest.raises(DataError, match=r"1 \(file, row group\) unit for 2 processes, .* start at most 1 \(torchrun"):
         check_enough_units(cfg, units[:1], world_size=2)
-
-
-def test_stopping_the_loader_workers_leaves_the_callers_own_processes():
-    """train.main may run inside a program with processes of its own: only those started since are killed."""
-    import multiprocessing
-    import time
-    context = multiprocessing.get_context("fork")
-    own, worker = context.Process(target=time.sleep, args=(60,)), context.Process(target=time.sleep, args=(60,))
-    own.start()
-    try:
-        before = multiprocessing.active_children()
-        worker.start()
-        data.stop_loader_workers(started_before=before)
-        assert own.is_alive() and not worker.is_alive()
-    finally:
-        for process in (own, worker):
-            process.kill()
-            process.join()

@@ -265,6 +265,11 @@ def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp
     metrics.write_text('{"step": 1, "val_loss": 2.4, "val_bits_per_byte": 3.0, "weights_4bit": false}\n')
     assert "at step 1\n" in export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False,
                                               four_bit=False)
+    ckpt.step = 3  # stopped after step 3, between evaluations: the loss is another step's weights'
+    assert ("at step 1; the run's last evaluation: step 3's weights, exported here, were not measured (best.pt holds the "
+            "best measured ones)\n") in export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_3.pt", "out",
+                                                         hf=False, four_bit=False)
+    ckpt.step = 1
     metrics.unlink()
     config["low_precision"]["use_4bit"] = False  # quantized by the export only: what the loss is of
     assert ("- result: best validation loss 2.5000 nats per token (of the weights as trained; their 4-bit version "

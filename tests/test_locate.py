@@ -45,6 +45,8 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
         open_checkpoint(str(tmp_path / "gone" / "checkpoint_10.pt"), None, setting="--checkpoint")
     with pytest.raises(CheckpointError, match=r"; did you mean auto \(in lower case\)\?$"):
         open_checkpoint("Auto", str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"None does not exist .*; for a new run, leave it out or give null "):
+        open_checkpoint("None", str(tmp_path))  # Python's word
     with pytest.raises(CheckpointError, match=r"lastest does not exist .*; did you mean `latest`\? \(give a checkpoint "
                                               r"file, a run directory, `latest` or `auto`\)$"):
         open_checkpoint("lastest", str(tmp_path))
@@ -126,6 +128,25 @@ def test_latest_past_an_unreadable_checkpoint_says_why_it_is_set_aside(tmp_path,
     assert "step 2 is the newest checkpoint that can be read: the later checkpoint_4.pt" in out
     assert (run / "abandoned_after_step_2" / "checkpoint_4.pt").read_bytes() == cut
     assert load_checkpoint(run / "checkpoint_4.pt").step == 4  # trained again
+
+
+def test_a_resume_past_an_unreadable_checkpoint_of_the_same_step_sets_it_aside(tmp_path, corpus, capsys):
+    """best.pt stands in for the step's cut-short checkpoint; left there, keep_last_n would count it as kept.
+    Asked for by name, the unreadable checkpoint's error names the run directory, which gives the newest readable."""
+    path = write_config(tmp_path, corpus, keep_last_n=0, test_freq=100)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    cut = (run / "checkpoint_4.pt").read_bytes()[:5000]
+    (run / "checkpoint_4.pt").write_bytes(cut)
+    with pytest.raises(CheckpointError, match=f"cut short or corrupt: .*; its run directory, {run}, gives the newest "
+                                              f"checkpoint that can be read$"):
+        open_checkpoint(str(run / "checkpoint_4.pt"), "")
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=5"]) == 0
+    assert ("the checkpoint(s) that could not be read are now checkpoint_4.pt.unreadable (keep_last_n no longer counts "
+            "them; delete them once you have looked)") in capsys.readouterr().out
+    assert (run / "checkpoint_4.pt.unreadable").read_bytes() == cut
+    assert [p.name for p in checkpoints_in(run)] == ["checkpoint_2.pt", "checkpoint_5.pt"]
 
 
 def test_latest_resumes_from_a_best_pt_newer_than_the_newest_checkpoint(tmp_path, corpus, capsys):

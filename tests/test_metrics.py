@@ -1,5 +1,5 @@
 """metrics.jsonl, TensorBoard and W&B (offline): what a run logs, on resume too, and that logging
-changes nothing about training; the log line's figures (StepLog); the description a run starts with."""
+changes nothing about training; the log line's figures (StepLog)."""
 import json
 import math
 import re
@@ -8,16 +8,15 @@ import time
 
 import pytest
 import torch
-import yaml
 
 import metrics
 import train
 from checkpoint import load_checkpoint
 from config import Config
-from conftest import ROOT, run_dirs, write_config, write_parquet
-from metrics import MetricsLog, subfolders
-from shards import list_units
+from conftest import run_dirs, write_config
+from metrics import MetricsLog
 from rundir import RunDir
+from shards import list_units
 
 TRAIN_TAGS = {"train/loss", "train/lr", "train/grad_norm", "speed/tokens_per_s", "speed/ms_per_step", "speed/data_wait",
               "memory/peak_mib", "data/epochs"}
@@ -83,7 +82,7 @@ def test_a_resume_without_metrics_jsonl_says_where_its_records_start(tmp_path, c
     [run] = (tmp_path / "ck").iterdir()
     (run / "metrics.jsonl").unlink()
     capsys.readouterr()
-    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest"]) == 0
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=4"]) == 0
     assert f"note: {run / 'metrics.jsonl'} is missing: the run's records (plot.py) start again at step 3" in \
         capsys.readouterr().out
     assert [r["step"] for r in records(run) if "train_loss" in r] == [3, 4]
@@ -101,6 +100,17 @@ def test_tokens_count_what_each_step_trained_on_when_a_resume_changes_the_batch(
     assert load_checkpoint(run / "checkpoint_3.pt").tokens == 4 * per_step
 
 
+def wandb_log_holds(logs, texts, seconds=30) -> bool:
+    """Whether one of W&B's offline record logs holds all the texts. W&B's service process may write
+    them a moment after wandb.finish() returns (seen on a busy machine): they get `seconds` to appear."""
+    deadline = time.monotonic() + seconds
+    while not any(all(text.encode() in log.read_bytes() for text in texts) for log in logs):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def test_logging_changes_no_loss_and_wandb_offline_holds_the_run(tmp_path, corpus, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -116,16 +126,15 @@ def test_logging_changes_no_loss_and_wandb_offline_holds_the_run(tmp_path, corpu
     run_id = (on / "wandb_run_id").read_text()
     [offline] = (tmp_path / "ck" / "wandb").glob(f"offline-run-*-{run_id}")
     # W&B's offline record log (what `wandb sync` uploads) holds each key and its value as JSON text
-    logged = (offline / f"run-{run_id}.wandb").read_bytes()
-    assert all(tag.encode() in logged for tag in TRAIN_TAGS | VAL_TAGS | {"val/sample", "val/sample_prompt"})
-    assert json.dumps(records(on)[-1]["val_loss"]).encode() in logged
+    assert wandb_log_holds([offline / f"run-{run_id}.wandb"], TRAIN_TAGS | VAL_TAGS | {"val/sample", "val/sample_prompt"})
+    assert wandb_log_holds([offline / f"run-{run_id}.wandb"], [json.dumps(records(on)[-1]["val_loss"])])
     # a resume continues the same W&B run, in a second folder (W&B adds -1 to one started in the same second)
     assert train.main(["--config", str(path), "logging.wandb=true", f"training.resume_from_checkpoint={on}",
                        "training.max_iters=5"]) == 0
     folders = list((tmp_path / "ck" / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and all(f"-{run_id}" in p.name for p in folders), folders
-    step_5 = json.dumps(records(on)[-1]["val_loss"]).encode()
-    assert records(on)[-1]["step"] == 5 and any(step_5 in (p / f"run-{run_id}.wandb").read_bytes() for p in folders)
+    assert records(on)[-1]["step"] == 5
+    assert wandb_log_holds([p / f"run-{run_id}.wandb" for p in folders], [json.dumps(records(on)[-1]["val_loss"])])
 
 
 def test_a_resume_behind_what_wandb_logged_goes_to_a_new_wandb_run(tmp_path, corpus, monkeypatch, capsys):
@@ -210,17 +219,6 @@ def test_a_compiling_step_s_speed_stays_out_of_the_curves():
     record = {"step": 1, "train_loss": 5.5, "tokens_per_s": 300, "ms_per_step": 900.0, "data_wait": 0.0, "mfu": 0.001}
     assert {"speed/tokens_per_s", "speed/ms_per_step", "speed/mfu", "train/loss"} <= set(metrics.scalars(record))
     assert set(metrics.scalars({**record, "compiling": True})) == {"train/loss"}
-
-
-def test_the_step_line_says_what_the_record_holds():
-    record = {"step": 40, "train_loss": 2.34567, "lr": 3e-4, "grad_norm": 0.5, "tokens_per_s": 12345, "ms_per_step": 81.0}
-    line = metrics.step_line(record, 100, 60 * 0.081, elapsed=59.996)
-    assert line == ("step 40/100 | loss 2.3457 | lr 3.00e-04 | grad norm 0.500 | 12,345 tok/s | 81.0 ms/step | "
-                    "elapsed 0:00:59 | eta 0:00:04")
-    assert " | MFU 41.0% | " in metrics.step_line({**record, "mfu": 0.41}, 100, 0.081, elapsed=1)
-    assert " | waiting for data 12% | " in metrics.step_line({**record, "data_wait": 0.123}, 100, 0.081, elapsed=1)
-    assert "waiting" not in metrics.step_line({**record, "data_wait": 0.04}, 100, 0.081, elapsed=1)
-    assert metrics.step_line(record, 100, None, elapsed=5).endswith("| eta after compilation")
 
 
 def test_the_eta_counts_the_evaluations_and_checkpoints_still_to_come():
@@ -405,26 +403,3 @@ def test_a_step_that_evaluates_or_saves_has_its_line(tmp_path, corpus):
     logged = [r["step"] for r in records(run) if "train_loss" in r]
     # log_freq: 5, 10; the first steps: 1, 2, 5, 10; evaluations: 4, 8, 12; checkpoints: 6, 12; the end: 13
     assert logged == [1, 2, 4, 5, 6, 8, 10, 12, 13]
-
-
-def test_a_model_sized_for_a_gpu_is_noted_on_cpu(tmp_path, corpus, monkeypatch, capsys):
-    path = write_config(tmp_path, corpus, max_iters=1, test_freq=100)
-    assert train.main(["--config", str(path)]) == 0
-    assert "sized for a GPU" not in capsys.readouterr().out
-    step_flops = Config.from_dict(yaml.safe_load(path.read_text())).model.training_flops_per_token(16) * 4 * 16
-    monkeypatch.setattr(metrics, "CPU_STEP_FLOPS", step_flops / 2)
-    assert train.main(["--config", str(path), f"training.checkpoint_dir={tmp_path / 'ck2'}"]) == 0
-    assert (f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, seconds to minutes on a CPU (the "
-            f"first step line comes after it): this model is sized for a GPU; configs/tiny.yaml trains on a CPU in "
-            f"minutes\n") in capsys.readouterr().out
-    assert (ROOT / "configs" / "tiny.yaml").is_file()
-
-
-def test_the_data_line_names_the_subfolders_a_parent_folder_mixes(tmp_path):
-    """`dataset.parquet_dir=data` where data/ holds two datasets trains on both: the start says so."""
-    for folder in ("data/mytext", "data/stdlib", "data"):
-        write_parquet(tmp_path / folder / "x.parquet", ["some text"] * 4)
-    assert subfolders(str(tmp_path / "data"), list_units(tmp_path / "data", "text")) == (
-        " in 3 folders: ./, mytext/, stdlib/")
-    assert subfolders(str(tmp_path / "data/mytext"), list_units(tmp_path / "data/mytext", "text")) == ""
-    assert subfolders(str(tmp_path / "data/*/x.parquet"), list_units(str(tmp_path / "data/*/x.parquet"), "text")) == ""

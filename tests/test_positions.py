@@ -36,6 +36,35 @@ def test_passes_count_the_finished_parts_of_a_large_row_group():
     assert passes(epoch=0, unit=0, part=2, consumed=30, windows=40) == 0.25 + 0.75 / 8  # and 3/4 of the third part
 
 
+def test_passes_follow_the_bytes_read_when_one_row_group_holds_most_of_the_data(tmp_path):
+    """Two readers, one of them dealt the big row group: the other goes through its small share
+    several times meanwhile. The passes logged are the batches read over an epoch's batches (each
+    reader weighed by the bytes it was dealt), not the mean of the readers' epochs; a reader with
+    no batch yet counts as not started."""
+    write_parquet(tmp_path / "data/big.parquet", [f"{k:05d} " + "big text " * 20 for k in range(200)], rows_per_group=200)
+    for name in "abcd":
+        write_parquet(tmp_path / f"data/{name}.parquet", [f"{k:05d} " + "small " * 20 for k in range(10)], rows_per_group=10)
+    units = list_units(tmp_path / "data", "text")
+    stream = ParquetBatches(units, "train", 16, 2, 0, 0, 0.0, "text", 4, BYTES)
+    cache = ParquetFileCache(8)
+    per_epoch = sum(len(list(stream.epoch_batches(cache, reader, 2, 0))) for reader in range(2))
+
+    def endless(reader):
+        for epoch in range(20):
+            yield from stream.epoch_batches(cache, reader, 2, epoch)
+    readers, positions, dealings = [endless(0), endless(1)], {}, {}
+    first = next(readers[0])[2]
+    assert epochs_read([first], units, 0, 2, {}, readers=range(2)) == pytest.approx(epochs_read([first], units, 0, 2, {}) / 2)
+    positions[0], errors, epochs_apart = first, [], 0
+    for read in range(2, int(1.5 * per_epoch)):
+        position = next(readers[(read + 1) % 2])[2]
+        positions[position["reader"]] = position
+        errors.append(epochs_read(positions.values(), units, 0, 2, dealings) - read / per_epoch)
+        epochs_apart = max(epochs_apart, abs(positions[0]["epoch"] - positions[1]["epoch"]))
+    assert epochs_apart >= 2  # (the mean of the readers' epochs would be a pass ahead)
+    assert max(map(abs, errors)) < 0.05
+
+
 def test_passes_grow_with_every_batch_of_a_row_group(corpus):
     """A corpus of a few row groups, each read in one part: the passes logged move at every batch,
     not only when a row group is finished."""

@@ -130,7 +130,8 @@ def test_train_tokenizer_command_learns_from_the_training_split_only(tmp_path, c
     assert prepare.main(["--train-tokenizer", "--vocab-size", "300", "--out", str(tmp_path / "long.json"), "--config",
                          str(config), "training.block_size=4096"]) == 0  # windows longer than the validation text
     assert re.search(r"model.vocab_size=320\nnote: that run would stop before its first step: .* the validation split "
-                     r"\(val_fraction 0.2\) holds less than one batch of 4 x 4097 tokens", capsys.readouterr().out)
+                     r"\(val_fraction 0.2\) holds less than one batch of 4 x 4097 tokens \([0-9,]+ tokens\); lower",
+                     capsys.readouterr().out)
     tokenizer = load_tokenizer(str(out))
     assert tokenizer.vocab_size == 300 and tokenizer.decode(tokenizer.encode("<01-002>abc")) == "<01-002>abc"
     cfg = Config.from_yaml(config)
@@ -250,10 +251,17 @@ def test_from_text_on_a_pattern_that_matched_nothing_says_so(tmp_path, capsys):
 
 
 def test_from_text_on_a_folder_says_to_give_its_files(tmp_path, capsys):
-    (tmp_path / "books").mkdir()
-    assert prepare.main(["--from-text", str(tmp_path / "books"), "--out", str(tmp_path / "out")]) == 1
-    assert capsys.readouterr().err == f"error: {tmp_path / 'books'}: a folder; give the text files in it, e.g. " \
-                                      f"{tmp_path / 'books' / '*.txt'}\n"
+    """With patterns that name all of them, subfolders and other suffixes too (hidden files left out)."""
+    books = tmp_path / "books"
+    (books / "old").mkdir(parents=True)
+    for name in ("a.txt", "b.md", "old/c.txt", ".DS_Store"):
+        (books / name).write_text("text")
+    assert prepare.main(["--from-text", str(books), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == (f"error: {books}: a folder; give the text files in it, e.g. {books / '*.md'} "
+                                       f"{books / '*.txt'} {books / 'old' / '*.txt'}\n")
+    (tmp_path / "empty").mkdir()
+    assert prepare.main(["--from-text", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'empty'}: a folder; give the text files in it (it holds none)\n"
 
 
 def test_from_text_refuses_parquet_and_zip_files_by_their_first_bytes(tmp_path, capsys):

@@ -26,6 +26,27 @@ from locate import checkpoints_in, open_checkpoint
 from tokenizer import load_tokenizer
 
 
+def test_what_the_run_s_command_line_gave_is_given_again_and_a_new_run_beside_a_stopped_one_says_so(
+        tmp_path, corpus, capsys):
+    """The two ways a crash costs hours: a resume that forgot the run's overrides, and the same command run
+    again, which starts afresh (and `latest` then finds the new run)."""
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, test_freq=100)
+    started = ["--config", str(path), "training.learning_rate=0.003"]
+    assert train.main(started) == 0
+    [run] = run_dirs(tmp_path)
+    for after_step_2 in ("checkpoint_4.pt", "best.pt"):  # as if killed after step 2's checkpoint
+        (run / after_step_2).unlink()
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest"]) == 1
+    assert (f"{run / 'checkpoint_2.pt'}: the run was given training.learning_rate=0.003 on its command line, and this "
+            f"command leaves it out (the config file has 0.01): add it to resume the run as it was") in capsys.readouterr().err
+    assert train.main(started) == 0
+    assert (f"note: the newest run in {tmp_path / 'ck'}, {run.name}, stopped at step 2 of 4; this starts a new run (to "
+            f"continue that one instead: training.resume_from_checkpoint=latest)\n") in capsys.readouterr().out
+    assert train.main([*started, "training.resume_from_checkpoint=" + str(run)]) == 0  # given: the run goes on
+    assert load_checkpoint(run / "checkpoint_4.pt").config["training"]["learning_rate"] == 0.003
+
+
 def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpus, capsys):
     path = write_config(tmp_path, corpus)
     assert train.main(["--config", str(path)]) == 0
@@ -130,8 +151,9 @@ def test_a_resume_in_place_keeps_the_run_s_data_unless_the_command_line_gives_ot
               f"holds it)\n")
     assert err.endswith(f"the run trained on dataset.parquet_dir {str(corpus)!r}, and this command reads {str(other)!r}: "
                         f"a resume continues on the run's data: add dataset.parquet_dir={corpus} (was it given on the "
-                        f"command line when the run started?), or, to train this run on {str(other)!r} from here, give "
-                        f"that on the command line: training.resume_from_checkpoint={run} dataset.parquet_dir={other}"
+                        f"command line when the run started?), or, to train this run on {str(other)!r} from here, name "
+                        f"the run on the command line with it: training.resume_from_checkpoint={run} "
+                        f"dataset.parquet_dir={other}"
                         + newest) and err.count("\n") == 1
     # `latest` finds a run; other data on the command line may mean another experiment's run: refused the same way
     assert train.main([*resume, f"dataset.parquet_dir={other}"]) == 1
@@ -226,10 +248,10 @@ def test_a_checkpoint_whose_split_followed_the_training_seed_keeps_it_with_split
     assert train.main(resume) == 1  # in its own directory the run keeps its split, unless the command line says
     assert (f"the run held out its validation documents by dataset.split_seed 5 (its training.seed drew them, as up "
             f"to version 0.4.5; this command has 1337): add dataset.split_seed=5 to keep them, or, to measure this run "
-            f"on others from here, give that on the command line: training.resume_from_checkpoint={run} "
+            f"on others from here, name the run on the command line with it: training.resume_from_checkpoint={run} "
             f"dataset.split_seed=1337") in capsys.readouterr().err
     assert train.main([*resume, "dataset.split_seed=1337"]) == 1  # found by `latest`, not named: perhaps another's
-    assert f"give that on the command line: training.resume_from_checkpoint={run} " in capsys.readouterr().err
+    assert f"name the run on the command line with it: training.resume_from_checkpoint={run} " in capsys.readouterr().err
     assert train.main([*resume, "dataset.split_seed=5"]) == 0
     out = capsys.readouterr().out
     assert "WARNING" not in out and "dataset.split_seed" not in out, out  # (only max_iters changed)

@@ -1,5 +1,5 @@
-"""What a resume compares: validation's documents and batches, the tokens of a step on another number
-of processes. (Resuming itself, end to end: test_resume.py.)"""
+"""What a resume compares: validation's documents and batches, the settings the run's command line
+gave, the tokens of a step on another number of processes. (Resuming itself, end to end: test_resume.py.)"""
 from types import SimpleNamespace
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 
 from checkpoint import CheckpointError
 from config import DatasetConfig, TrainingConfig
-from resume_checks import check_same_split, global_batch_change, validation_change
+from resume_checks import check_given_again, check_same_split, global_batch_change, validation_change
 
 
 def test_a_resume_that_changes_the_validation_documents_says_so():
@@ -66,10 +66,31 @@ def test_a_resume_in_place_keeps_the_run_s_validation_documents_unless_the_comma
     by_fraction = {"val_parquet_dir": None, "val_fraction": 0.1, "split_seed": 1337}
     with pytest.raises(CheckpointError, match="by dataset.val_fraction 0.1 \\(this command has 0.05\\)"):
         check(by_fraction, DatasetConfig())
-    with pytest.raises(CheckpointError, match=r"on the command line: training.resume_from_checkpoint=ck/run_1 "
+    with pytest.raises(CheckpointError, match=r"name the run on the command line with it: training.resume_from_checkpoint=ck/run_1 "
                                               r"dataset.val_fraction=0.05$"):
         check(by_fraction, DatasetConfig(), ["dataset.val_fraction"], named=False)  # found by latest
     check(by_fraction, DatasetConfig(val_fraction=0.1, split_seed=3), ["dataset.split_seed"])
+
+
+def test_a_resume_gives_again_what_the_run_s_command_line_gave_to_what_it_trains():
+    """Started with training.batch_size=4 on the command line, resumed without it: the config file's 32 would
+    change the run silently. How it runs (log_freq, the device) may go back to the config file's."""
+    saved = {"training": {"batch_size": 4, "learning_rate": 0.01, "log_freq": 5, "checkpoint_dir": "ck"},
+             "low_precision": {"use_4bit": True}}
+    ckpt = SimpleNamespace(config=saved, command_line=["low_precision.use_4bit", "training.batch_size",
+                                                       "training.checkpoint_dir", "training.log_freq"])
+    config_file = {"training": {"batch_size": 32, "learning_rate": 0.01, "log_freq": 100, "checkpoint_dir": "other"},
+                   "low_precision": {"use_4bit": False}}
+    with pytest.raises(CheckpointError) as refused:
+        check_given_again(ckpt, config_file, set(), Path("ck/run_1/checkpoint_8.pt"))
+    assert str(refused.value) == (
+        "ck/run_1/checkpoint_8.pt: the run was given low_precision.use_4bit=true training.batch_size=4 on its "
+        "command line, and this command leaves them out (the config file has False, 32): add them to resume the run "
+        "as it was, or give the new values on the command line to change them")
+    check_given_again(ckpt, config_file, {"training.batch_size", "low_precision.use_4bit"}, Path("x"))  # given
+    check_given_again(ckpt, {**config_file, "low_precision": {"use_4bit": True}, "training": saved["training"]}, set(),
+                      Path("x"))  # the config file has the same values
+    check_given_again(SimpleNamespace(config=saved, command_line=[]), config_file, set(), Path("x"))  # (before 0.4.7)
 
 
 def test_another_number_of_processes_is_told_what_keeps_the_tokens_of_a_step():

@@ -19,7 +19,9 @@ def test_a_file_whose_column_holds_only_nulls_is_skipped_with_a_note(tmp_path, c
     assert [Path(u.path).name for u in list_units(tmp_path, "text")] == ["a.parquet"] * 3
     assert f"{tmp_path}: skipped 1 file(s) whose column 'text' holds only nulls (type null), e.g. b.parquet" in \
         capsys.readouterr().out
-    with pytest.raises(DataError, match=r"the parquet files hold no rows of documents$"):
+    with pytest.raises(DataError, match=r": its parquet file b.parquet holds no rows of documents: write the "
+                                        r"documents into it \(python prepare.py --from-text turns text files into "
+                                        r"shards\)$"):
         list_units(tmp_path / "b.parquet", "text")
 
 
@@ -82,6 +84,10 @@ def test_files_that_differ_in_their_text_column_are_named_as_such(tmp_path):
 def test_non_string_column_is_refused(tmp_path):
     write_parquet(tmp_path / "a.parquet", [1, 2], type_=pa.int64())
     with pytest.raises(DataError, match=r"has type int64, expected a string column; it has no string column \(all: \[.text.\]\)$"):
+        list_units(tmp_path, "text")
+    write_parquet(tmp_path / "a.parquet", [[1, 2], [3]], type_=pa.list_(pa.int32()))  # pre-tokenized
+    with pytest.raises(DataError, match=r"has type list<.*int32>, expected a string column \(token ids are not "
+                                        r"read: the shards hold the text\); it has no string column"):
         list_units(tmp_path, "text")
 
 

@@ -3,6 +3,7 @@ Whole runs stopped by signals, and under torchrun in tests/test_distributed.py."
 import atexit
 import io
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -480,3 +481,19 @@ def exit_recorded(monkeypatch) -> list:
     monkeypatch.setattr(stopping, "end_at_once_on_a_signal", lambda status: events.append(("signals end at once",
                                                                                              status)))
     return events
+
+
+def test_stopping_the_loader_workers_leaves_the_callers_own_processes():
+    """train.main may run inside a program with processes of its own: only those started since are killed."""
+    context = multiprocessing.get_context("fork")
+    own, worker = context.Process(target=time.sleep, args=(60,)), context.Process(target=time.sleep, args=(60,))
+    own.start()
+    try:
+        before = multiprocessing.active_children()
+        worker.start()
+        stopping.stop_loader_workers(started_before=before)
+        assert own.is_alive() and not worker.is_alive()
+    finally:
+        for process in (own, worker):
+            process.kill()
+            process.join()

@@ -1,0 +1,116 @@
+"""What a run prints: describe_run, the lines it starts with (model, data, optimizer, notes);
+step_line and evaluation_lines, the lines of a step's and an evaluation's metrics records."""
+from pathlib import Path
+
+from adamw4bit import AdamW4bit, adamw_state_bytes
+from config import learning_rate, step_tokens
+from files import byte_amount
+
+CPU_STEP_FLOPS = 1e12  # a few seconds at the bf16 speed of a many-core CPU; config.yaml's model is 5 per step
+
+
+def step_line(record: dict, max_iters: int, eta: float | None, elapsed: float) -> str:
+    """The printed line of a step's metrics record (eta: seconds left; None: no estimate yet)."""
+    extra = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
+    if record.get("skipped_steps"):  # float16: gradients overflowed, the scaler skipped those updates
+        extra += f" | {record['skipped_steps']} step(s) skipped by the float16 loss scaler"
+    if record.get("data_wait", 0) >= 0.05:  # the loader does not keep up (below, it is handing batches over)
+        extra += f" | waiting for data {record['data_wait']:.0%}"
+    eta = "after compilation" if eta is None else format_duration(eta)
+    grad_norm = "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
+    return (f"step {record['step']}/{max_iters} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | grad norm "
+            f"{grad_norm} | {record['tokens_per_s']:,} tok/s | {record['ms_per_step']:.1f} ms/step{extra} | "
+            f"elapsed {format_duration(elapsed)} | eta {eta}")
+
+
+def evaluation_lines(record: dict) -> str:
+    """The printed lines of an evaluation's metrics record: its figures and the sample."""
+    x_active, y_active = (sum(record[key]) / len(record[key]) for key in ("sparsity_x", "sparsity_y"))
+    return (f"step {record['step']}: val loss {record['val_loss']:.4f} | {record['val_bits_per_byte']:.4f} bits/byte | "
+            f"active latents: x {x_active:.1%}, y {y_active:.1%} (mean over layers)\n--- sample: validation text ---\n"
+            f"{record['sample_prompt']}\n--- the model continues ---\n{record['sample']}\n--------------")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def subfolders(parquet_dir: str, units) -> str:
+    """Where a folder's shards lie when they lie in several of its subfolders (a parent folder given
+    for one of its datasets trains on all of them): " in 3 folders: ./, de/, en/"."""
+    root = Path(parquet_dir)
+    if not root.is_dir():  # (a pattern, or one file)
+        return ""
+    try:
+        tops = sorted({f"{parts[0] if len(parts) > 1 else '.'}/" for parts in (Path(u.path).relative_to(root).parts
+                                                                               for u in units)})
+    except ValueError:  # (not below it as written)
+        return ""
+    if len(tops) < 2:
+        return ""
+    return f" in {len(tops)} folders: {', '.join(tops[:5])}{', ...' * (len(tops) > 5)}"
+
+
+def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val_batches: int, run, compiled,
+                 fp8_recipe, qat_start, peak_source: str) -> str:
+    """The lines that start a run: model, data, optimizer, then notes. `peak_source`: what MFU is
+    measured against ("": no MFU)."""
+    training, low_precision = cfg.training, cfg.low_precision
+    n_params = cfg.model.n_params
+    if low_precision.compute_dtype == "auto":
+        compute_dtype += " (auto)"
+    lines = [f"BDH {n_params / 1e6:.2f}M parameters | device {device} | {compute_dtype} | "
+             f"compile {compiled} | {step_tokens(training, ranks.world_size):,} tokens/step"]
+    if ranks.enabled:
+        lines[0] += (f" | {ranks.world_size} processes ({ranks.mode}), global batch {training.batch_size} x "
+                     f"{training.gradient_accumulation_steps} x {ranks.world_size}")
+    dataset = cfg.dataset
+    validation = (f"validation {Path(dataset.val_parquet_dir).resolve()}" if dataset.val_parquet_dir
+                  else f"validation {dataset.val_fraction * 100:g}% of its documents (split_seed {dataset.split_seed})")
+    validation += f", measured on {val_batches} x {training.batch_size} windows taken across it"
+    tokenizer = "bytes" if dataset.tokenizer == "bytes" else Path(dataset.tokenizer).resolve()
+    writes_to = (f"continues in {run.path.resolve()}" if run.path is not None
+                 else f"runs in {Path(training.checkpoint_dir).resolve()}")
+    n_files = len({unit.path for unit in units})
+    data_size = (f"{n_files} file{'s' * (n_files != 1)}{subfolders(dataset.parquet_dir, units)}, {len(units)} row "
+                 f"group{'s' * (len(units) != 1)}, {byte_amount(sum(unit.num_bytes for unit in units))} uncompressed")
+    lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({data_size}; {validation}) | tokenizer {tokenizer} | "
+                 f"{writes_to}")
+    full = adamw_state_bytes(model.parameters())
+    if isinstance(optimizer, AdamW4bit):
+        state = optimizer.state_bytes()
+        f = optimizer.format
+        v = {"v": "v", "sqrt": "sqrt(v)", "root4": "v^(1/4)"}[f.v_form]
+        lines.append(f"optimizer {type(optimizer).__name__} (m: {f.m_code}, {v}: {f.v_code}, blocks of "
+                     f"{f.block_size}), state {state / 2**20:.2f} MiB = {state / full:.3f} x AdamW's "
+                     f"{full / 2**20:.2f} MiB")
+    else:
+        sharded = (f" in all, {full / ranks.world_size / 2**20:.2f} MiB per rank (FSDP shards it)"
+                   if cfg.training.distributed == "fsdp" and ranks.world_size > 1 else "")
+        lines.append(f"optimizer {type(optimizer).__name__}, state {full / 2**20:.2f} MiB{sharded}")
+    if low_precision.use_4bit:
+        lines[-1] += (f" | 4-bit quantization-aware training ({low_precision.quantization_type}) of encoder, "
+                      f"encoder_v, decoder from step {qat_start + 1}; validation losses are the 4-bit model's")
+    if fp8_recipe:
+        lines[-1] += f" | FP8 GEMMs for encoder, encoder_v, decoder: {fp8_recipe}"
+    if training.debug:
+        lines[-1] += " | DEBUG: anomaly detection, a log line (and its loss checked) every step"
+    step_flops = cfg.model.training_flops_per_token(training.block_size) * step_tokens(training, 1)  # per process
+    if device.type == "cpu" and step_flops > CPU_STEP_FLOPS:
+        lines.append(f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, seconds to minutes on a CPU "
+                     f"(the first step line comes after it): this model is sized for a GPU; configs/tiny.yaml "
+                     f"trains on a CPU in minutes")
+    if training.warmup_iters >= training.max_iters:
+        lines.append(f"note: training.warmup_iters {training.warmup_iters} >= max_iters {training.max_iters}: the "
+                     f"learning rate rises to {learning_rate(training.max_iters, training):.3g} of "
+                     f"{training.learning_rate:.3g} and never decays; lower warmup_iters for a full schedule")
+    lines += [f"note: {line}" for line in cfg.unused_settings()]
+    if peak_source:
+        lines.append(f"MFU against the {peak_source}"
+                     + (f" (FP8 too: the same {compute_dtype.removesuffix(' (auto)')} yardstick)" if fp8_recipe else ""))
+    if compiled:
+        lines.append("torch.compile: the first step compiles the model and takes longer")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,42 @@
+"""console.py: the lines a run prints, at its start and for its records."""
+import yaml
+
+import console
+import train
+from config import Config
+from conftest import ROOT, write_config, write_parquet
+from shards import list_units
+
+
+def test_the_step_line_says_what_the_record_holds():
+    record = {"step": 40, "train_loss": 2.34567, "lr": 3e-4, "grad_norm": 0.5, "tokens_per_s": 12345, "ms_per_step": 81.0}
+    line = console.step_line(record, 100, 60 * 0.081, elapsed=59.996)
+    assert line == ("step 40/100 | loss 2.3457 | lr 3.00e-04 | grad norm 0.500 | 12,345 tok/s | 81.0 ms/step | "
+                    "elapsed 0:00:59 | eta 0:00:04")
+    assert " | MFU 41.0% | " in console.step_line({**record, "mfu": 0.41}, 100, 0.081, elapsed=1)
+    assert " | waiting for data 12% | " in console.step_line({**record, "data_wait": 0.123}, 100, 0.081, elapsed=1)
+    assert "waiting" not in console.step_line({**record, "data_wait": 0.04}, 100, 0.081, elapsed=1)
+    assert console.step_line(record, 100, None, elapsed=5).endswith("| eta after compilation")
+
+
+def test_a_model_sized_for_a_gpu_is_noted_on_cpu(tmp_path, corpus, monkeypatch, capsys):
+    path = write_config(tmp_path, corpus, max_iters=1, test_freq=100)
+    assert train.main(["--config", str(path)]) == 0
+    assert "sized for a GPU" not in capsys.readouterr().out
+    step_flops = Config.from_dict(yaml.safe_load(path.read_text())).model.training_flops_per_token(16) * 4 * 16
+    monkeypatch.setattr(console, "CPU_STEP_FLOPS", step_flops / 2)
+    assert train.main(["--config", str(path), f"training.checkpoint_dir={tmp_path / 'ck2'}"]) == 0
+    assert (f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, seconds to minutes on a CPU (the "
+            f"first step line comes after it): this model is sized for a GPU; configs/tiny.yaml trains on a CPU in "
+            f"minutes\n") in capsys.readouterr().out
+    assert (ROOT / "configs" / "tiny.yaml").is_file()
+
+
+def test_the_data_line_names_the_subfolders_a_parent_folder_mixes(tmp_path):
+    """`dataset.parquet_dir=data` where data/ holds two datasets trains on both: the start says so."""
+    for folder in ("data/mytext", "data/stdlib", "data"):
+        write_parquet(tmp_path / folder / "x.parquet", ["some text"] * 4)
+    assert console.subfolders(str(tmp_path / "data"), list_units(tmp_path / "data", "text")) == (
+        " in 3 folders: ./, mytext/, stdlib/")
+    assert console.subfolders(str(tmp_path / "data/mytext"), list_units(tmp_path / "data/mytext", "text")) == ""
+    assert console.subfolders(str(tmp_path / "data/*/x.parquet"), list_units(str(tmp_path / "data/*/x.parquet"), "text")) == ""
