@@ -49,7 +49,7 @@ class Checkpoint:
     measured_anew: bool = False  # a resume changed what validation measures, and no evaluation has run since
     evaluation_due: bool = False  # a stop saved before the evaluation due at this step: the resume runs it first
     validation_batches: str | None = None  # their fingerprint (None: written before version 0.4.4)
-    command_line: list = field(default_factory=list)  # the settings the command line gave (resume_checks.check_given_again)
+    command_line: dict = field(default_factory=dict)  # of the session that wrote it (resume_checks.command_line_record)
     versions: dict = field(default_factory=lambda: {"torch": str(torch.__version__), "project": PROJECT_VERSION})
 
     def to_dict(self) -> dict:

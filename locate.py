@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from checkpoint import (CheckpointError, is_export, load_checkpoint, load_export, low_precision_of,
-                        model_from_checkpoint, peek_checkpoint, saved_step)
+                        model_from_checkpoint, saved_step)
 from files import read_records, relative_to_here
 from model import BDH
 
@@ -56,18 +56,6 @@ def resumable_runs(root: Path) -> list[Path]:
         except OSError as e:
             print(f"note: {run}: cannot be listed ({e.strerror or e}): skipped", file=sys.stderr)
     return found
-
-
-def unfinished_run(checkpoint_dir: str) -> str:
-    """For a new run: a note when the newest run in checkpoint_dir stopped before its max_iters (the
-    same command run again after a crash starts afresh, and `latest` then finds the new run)."""
-    found = resumable_runs(Path(checkpoint_dir))
-    saved = (peek_checkpoint(found[0]) or {}) if found else {}
-    step, max_iters = saved.get("step"), (saved.get("config") or {}).get("training", {}).get("max_iters")
-    if not isinstance(step, int) or not isinstance(max_iters, int) or step >= max_iters:
-        return ""
-    return (f"note: the newest run in {checkpoint_dir}, {found[0].parent.name}, stopped at step {step} of {max_iters}; "
-            f"this starts a new run (to continue that one instead: training.resume_from_checkpoint=latest)")
 
 
 def is_run_directory(folder: Path) -> bool:
@@ -135,7 +123,7 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
                f"its folder holds {', '.join(p.name for p in kept[::-1])}"
                f"{' (if it was saved, it went: training.keep_last_n keeps the newest only)' * bool(removed)}" if kept else
                f"did you mean {spec.lower()} (in lower case)?" if spec.lower() in words else
-               f"for a new run, leave it out or give null (YAML's word for none)"
+               "for a new run, leave it out or give null (YAML's word for none)"
                if not flag and spec.lower() in ("none", "no", "false", "off", "new") else
                f"give a checkpoint file, a run directory{', `latest`' * (not flag)} or `{words[-1]}`")
         close = difflib.get_close_matches(spec.lower(), words, 1, 0.75) if not re.search(r"[/.]", spec) else []

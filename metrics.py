@@ -166,13 +166,16 @@ class StepLog:
         self.flops_per_token = cfg.model.training_flops_per_token(cfg.training.block_size)
         self.n_readers, self.dealings = ranks.world_size * max(1, workers), {}  # epochs_read's dealing of the units
         self.readers = range(ranks.rank * max(1, workers), (ranks.rank + 1) * max(1, workers))  # this rank's
+        positions = list(positions)
+        # the epochs every reader had finished when this stream began (a resume may have dealt them otherwise)
+        self.whole_before = min((p["epoch"] + ("units" in p) for p in positions), default=0)
         self.sums = torch.zeros(4, device=device)  # indexed by LOSS, GRAD_NORM, SKIPPED, STEP_LOSS
         self.start = time.perf_counter()
         # a resume on other data starts a fresh epoch: the one it left counts for what was read of it
         # (saved_passes, the checkpoint's count), not as a whole pass
         begun = self.epochs_begun(positions)
         self.unread = 0.0 if saved_passes is None else begun - saved_passes
-        self.epoch, self.epochs = int(begun), begun - self.unread
+        self.epoch, self.epochs = self.epoch_all_are_in(positions), begun - self.unread
         self.epoch_ended = False  # (measure() sets it for its line)
         self.took = {}  # seconds the last evaluation and the last checkpoint took (train.paused)
         self._next_line()
@@ -183,9 +186,14 @@ class StepLog:
         self.line_start, self.paused_s, self.data_wait_s = time.perf_counter(), 0.0, 0.0
 
     def epochs_begun(self, positions) -> float:
-        """The epoch the readers at `positions` are in, plus the share of it read."""
+        """The passes over the data that the readers at `positions` have made (positions.epochs_read)."""
         return epochs_read(positions, self.units, self.cfg.training.seed, self.n_readers, self.dealings,
-                           readers=self.readers)
+                           readers=self.readers, whole_before=self.whole_before)
+
+    def epoch_all_are_in(self, positions) -> int:
+        """The epoch of this rank's slowest reader: once it goes on, every document has been read again."""
+        epochs = {p["reader"]: p["epoch"] for p in positions}
+        return min(epochs.get(reader, self.whole_before) for reader in self.readers)
 
     def passes(self, positions) -> float:
         """About how many passes over the training data the readers at `positions` have made."""
@@ -221,9 +229,10 @@ class StepLog:
         counted = self.steps - skipped  # the steps whose gradients were finite
         now = time.perf_counter()
         seconds_per_step = (now - self.line_start - self.paused_s) / self.steps
-        begun = self.epochs_begun(positions)
-        self.epoch_ended, self.epoch = int(begun) > self.epoch, int(begun)
-        self.epochs = begun - self.unread
+        positions = list(positions)
+        epoch = self.epoch_all_are_in(positions)
+        self.epoch_ended, self.epoch = epoch > self.epoch, epoch
+        self.epochs = self.epochs_begun(positions) - self.unread
         record = {"step": step, "tokens": tokens, "epochs": round(self.epochs, 3), "train_loss": loss, "lr": lr,
                   "grad_norm": grad_norm / counted if counted else None,
                   "tokens_per_s": round(self.tokens_per_step / seconds_per_step),
@@ -262,9 +271,8 @@ class StepLog:
                   f"this CPU: model and batch are sized for a GPU; configs/tiny.yaml is sized for a CPU (minutes)",
                   flush=True)
         if self.epoch_ended:
-            passes = max(1, round(self.epoch - self.unread))  # the epoch just ended (not the line's figure, past it)
-            print(f"  about {passes} pass{'es' if passes > 1 else ''} over the training data "
-                  f"done: its documents are read again from here, reshuffled", flush=True)
+            print("  a pass over the training data is done: its documents are read again from here, reshuffled",
+                  flush=True)
         self.metrics.log(record)
         self._next_line()  # writing the line is not the next line's training time
 

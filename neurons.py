@@ -16,7 +16,6 @@ grows with the square of its length (memory_bytes).
 import argparse
 import math
 import sys
-import warnings
 
 import torch
 
@@ -71,12 +70,22 @@ def token_labels(tokenizer, ids: list[int]) -> list[str]:
     return labels
 
 
+def drawable(labels: list[str]) -> list[str]:
+    """The labels with each character the labels' font lacks (CJK, emoji, in matplotlib's own font)
+    written as its code point, U+65E5, rather than drawn as an empty box."""
+    from matplotlib import font_manager, ft2font
+    font = ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties(family="monospace")))
+    return ["".join(c if c.isspace() or font.get_char_index(ord(c)) else f"U+{ord(c):04X}" for c in label)
+            for label in labels]
+
+
 def draw(found, labels, out, max_neurons: int):
     """Every layer's x latent over the same columns: the layers share their weights, so a column is
     one neuron throughout, those that fire most often over all layers first."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    labels = drawable(labels)
     fig, axes = plt.subplots(len(found), 1, figsize=(14, 1.5 + 0.22 * len(labels) * len(found)), squeeze=False)
     firing_anywhere = sum((a > 0).sum(0) for a, _ in found)
     columns = torch.argsort(firing_anywhere, descending=True, stable=True)[
@@ -94,10 +103,8 @@ def draw(found, labels, out, max_neurons: int):
                      f"neurons fire for some token", fontsize=9, loc="left")
     axes[-1, 0].set_xlabel(f"neurons: the {len(columns):,} that fire most often over all layers, the same in each "
                            f"layer (--max-neurons)", fontsize=8)
-    with warnings.catch_warnings():  # a character the font lacks (an emoji) is drawn as a box: no warning for each
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
-        fig.tight_layout()
-        fig.savefig(out, dpi=100)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
     plt.close(fig)
 
 

@@ -63,27 +63,34 @@ def order_changes(saved_order: dict, order: dict) -> tuple[list[str], list[str]]
     return keys, lines
 
 
-def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealings: dict, readers=()) -> float:
+def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealings: dict, readers=(),
+                whole_before: int = 0) -> float:
     """About how many passes over the training units the readers have made: the bytes each reader
     has read, over its fair share of the units' bytes (1 / n_readers), averaged over the readers
     whose positions are given (a rank knows its own) and the `readers` without one yet (not
-    started: 0). A reader's bytes are what it was dealt in the epochs before the one it is in, and
-    what it has read of that one: the units before the one it is in, the parts of that unit
-    finished (a row group may hold gigabytes) and the share of windows used of the part it is in.
-    By bytes, not epochs: a reader dealt a small share (one row group holds most of the data) goes
-    through its epochs fast while the others are in their first. `dealings` keeps the epochs'
-    dealings from call to call."""
+    started: 0). A reader's bytes are its fair share of each epoch before `whole_before` (those that
+    every reader finished before this stream began: a resume may have dealt them otherwise), what it
+    was dealt in each epoch since, and what it has read of the one it is in: the units before the one
+    it is in, the parts of that unit finished (a row group may hold gigabytes) and the share of
+    windows used of the part it is in. By bytes, not epochs: a reader dealt a small share (one row
+    group holds most of the data) goes through its epochs fast while the others are in their first.
+    `dealings` keeps the epochs' dealings from call to call."""
     positions = list(positions)
     given = {position["reader"] for position in positions}
     n_missing = sum(reader not in given for reader in readers)
     if not positions:
         return 0.0
-    fair_share = max(1, sum(unit.num_bytes for unit in units)) / n_readers
-    dealt, loads = dealings.setdefault("dealt", {}), dealings.setdefault("loads", [])
+    total = max(1, sum(unit.num_bytes for unit in units))
+    dealt, loads = dealings.setdefault("dealt", {}), dealings.setdefault("loads", {whole_before - 1: np.zeros(n_readers)})
     oldest = min(position["epoch"] for position in positions)
     for epoch in [epoch for epoch in dealt if epoch < oldest]:
         del dealt[epoch]  # no reader is in it any more
-    passes = []
+
+    def dealing(epoch):
+        if epoch not in dealt:
+            dealt[epoch] = dealing_with_bytes(units, epoch, seed, n_readers)
+        return dealt[epoch]
+    read = 0.0  # in bytes x n_readers: each reader's fair share is `total` of them, exactly
     for position in positions:
         epoch = position["epoch"]
         if "units" in position:  # the rest of an epoch, dealt anew: what was done of it, and of this share
@@ -91,19 +98,15 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealing
             rest = still_to_read(position["units"], position)
             left = sum(bytes_left(units[index], part) for index, part, *_ in rest)
             left -= part_read(units[rest[0][0]], position) if rest else 0
-            read = 1 - left / share if share else 1.0
-            passes.append(epoch + position["epoch_done"] + (1 - position["epoch_done"]) * read)
+            done = 1 - left / share if share else 1.0
+            read += (epoch + position["epoch_done"] + (1 - position["epoch_done"]) * done) * total
             continue
-        while len(loads) < epoch:  # each reader's bytes in each epoch, its running sum
-            before = loads[-1] if loads else np.zeros(n_readers)
-            loads.append(before + [cumulative[-1] for _, cumulative in dealing_with_bytes(units, len(loads), seed,
-                                                                                             n_readers)])
-        if epoch not in dealt:
-            dealt[epoch] = dealing_with_bytes(units, epoch, seed, n_readers)
-        assigned, cumulative = dealt[epoch][position["reader"]]
-        earlier = loads[epoch - 1][position["reader"]] if epoch else 0.0
-        passes.append((earlier + bytes_read(assigned, cumulative, position)) / fair_share)
-    return float(sum(passes) / (len(passes) + n_missing))
+        for later in range(max(loads) + 1, epoch):  # each reader's bytes in each epoch since, their running sum
+            loads[later] = loads[later - 1] + [cumulative[-1] for _, cumulative in dealing(later)]
+        assigned, cumulative = dealing(epoch)[position["reader"]]
+        reader_bytes = loads[max(epoch, whole_before) - 1][position["reader"]] + bytes_read(assigned, cumulative, position)
+        read += min(epoch, whole_before) * total + n_readers * reader_bytes
+    return float(read / (total * (len(positions) + n_missing)))
 
 
 def dealing_with_bytes(units: list[Unit], epoch: int, seed: int, n_readers: int) -> list:

@@ -38,7 +38,7 @@ class Progress:
     measured_anew: bool = False  # a resume changed what validation measures: the next evaluation's record says so
     evaluation_due: bool = False  # at this step, and not run yet (a stop saved first)
     val_fingerprint: str | None = None  # of the validation batches (evaluation.validation_fingerprint)
-    command_line: list = field(default_factory=list)  # the names of the settings this session's command line gives
+    command_line: dict = field(default_factory=dict)  # this session's (resume_checks.command_line_record)
 
 
 def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=None) -> Path:
@@ -109,11 +109,11 @@ def resolve_auto(checkpoint_dir: str, ranks, device) -> str | None:
 
 
 def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerprint: str, ranks, device,
-           command_line=frozenset()):
+           command_line: dict):
     """Load the checkpoint of training.resume_from_checkpoint into the model, optimizer and
     scaler; returns (its run directory, Progress, the data stream's start positions).
     `val_fingerprint`: that of this run's validation batches (evaluation.validation_fingerprint);
-    `command_line`: the settings the command line gives (check_same_data)."""
+    `command_line`: its config file and the settings it gives (resume_checks.command_line_record)."""
     low_precision = cfg.low_precision
     if is_export(cfg.training.resume_from_checkpoint):
         return fine_tune_from_export(cfg, model, tokenizer, ranks)
@@ -124,10 +124,15 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
     try:
         check_same_tokenizer(ckpt.tokenizer, tokenizer, path, ckpt.config.get("dataset", {}).get("tokenizer"),
                              ckpt.model_config, cfg.model)
+        # (before the model's check, which would name model.* alone; also where this config's max_iters says
+        # there is nothing to do, but the run's own does not)
+        run_max_iters = setting(ckpt.config, "training.max_iters") or 0
+        if continues_in_place(path) and ckpt.step < max(cfg.training.max_iters, run_max_iters):
+            check_given_again(ckpt, cfg.to_dict(), command_line, path)
         check_same_model(ckpt.model_config, cfg.model, path)
         if continues_in_place(path) and ckpt.step < cfg.training.max_iters:
-            check_same_data(ckpt, cfg.dataset, shards, val_fingerprint, command_line, path, named=not newest)
-            check_given_again(ckpt, cfg.to_dict(), command_line, path)
+            check_same_data(ckpt, cfg.dataset, shards, val_fingerprint, command_line["settings"], path,
+                            named=not newest)
     except CheckpointError as e:
         if not newest:
             raise
@@ -153,12 +158,9 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
     tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
     progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=ckpt.best_val_loss, last_saved=path,
                         passes=ckpt.passes, measured_anew=ckpt.measured_anew, evaluation_due=ckpt.evaluation_due)
-    run = reopen_run(cfg, path, ckpt, progress, ranks, device)
+    run = reopen_run(cfg, path, ckpt, progress, ranks, device, unreadable)
     if ckpt.step >= cfg.training.max_iters:  # train() says there is nothing to do; nothing changes either
         return run, progress, []
-    if renamed := run.set_aside_unreadable(unreadable):
-        print(f"  the checkpoint(s) that could not be read are now {', '.join(renamed)} (keep_last_n no longer "
-              f"counts them; delete them once you have looked)")
     if note := schedule_jump(ckpt, cfg.training):
         print(note)
     best_afresh = evaluated_weights(ckpt.low_precision()) != evaluated_weights(asdict(low_precision))
@@ -178,11 +180,13 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
     return run, progress, positions
 
 
-def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device) -> RunDir:
+def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreadable=()) -> RunDir:
     """The run directory a resumed run writes into: the checkpoint's own, or a new one when the
     checkpoint lies outside a run directory (a download, a backup: not a run to write into or prune)
     or in one that cannot be written (a read-only mount, another user's run).
-    Says that the run resumes once the directory is its own (another process may be training in it)."""
+    Says that the run resumes once the directory is its own (another process may be training in it).
+    `unreadable`: checkpoints skipped for this one, set aside in its run (before a later one is taken
+    for an abandoned branch)."""
     nothing_to_do = ckpt.step >= cfg.training.max_iters  # train() says so: nothing to move or record either
     ended = ckpt.step == setting(ckpt.config, "training.max_iters")
     found = (f" (the newest run in {cfg.training.checkpoint_dir}{', which had ended' * ended})"  # (`auto` too)
@@ -201,12 +205,13 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device) -> RunD
         return run
     run.lock()
     print(announce, end="")
+    if renamed := run.set_aside_unreadable(unreadable):
+        print(f"  the checkpoint(s) that could not be read are now {', '.join(renamed)} (keep_last_n no longer "
+              f"counts them; delete them once you have looked)")
     moved, folder = run.set_aside_after(ckpt.step)
-    if moved:  # asked for by name: an older checkpoint; else the later ones could not be read
-        what = (f"a new branch from step {ckpt.step}: the abandoned branch's"
-                if Path(cfg.training.resume_from_checkpoint).is_file() else
-                f"step {ckpt.step} is the newest checkpoint that can be read: the later")
-        print(f"  {what} {', '.join(moved)} moved to {folder} (`latest` and keep_last_n see this branch only)")
+    if moved:  # an older checkpoint asked for by name (the later ones that cannot be read are set aside above)
+        print(f"  a new branch from step {ckpt.step}: the abandoned branch's {', '.join(moved)} moved to {folder} "
+              f"(`latest` and keep_last_n see this branch only)")
     for line in run.record_resumed_config(ckpt.step, ckpt.config, cfg.to_dict(), config_as_run(cfg, device)):
         print(f"  config changed: {line}")
     return run

@@ -11,8 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from checkpoint import CheckpointError, peek_checkpoint
-from config import learning_rate, step_tokens
-from config_file import with_split_seed
+from config import Config, learning_rate, step_tokens
+from config_file import ConfigError, with_split_seed
 from locate import checkpoint_candidates
 from model import BDHConfig
 from positions import SHARDS
@@ -37,9 +37,18 @@ def check_same_data(ckpt, dataset, shards_now: str, batches_now: str, command_li
             continue
         raise CheckpointError(
             f"{path}: the run trained on {setting} {before!r}, and this command reads {now!r}: a resume "
-            f"continues on the run's data: add {override(setting, before)} (was it given on the command "
-            f"line when the run started?), or, to train {'this run ' * (not named)}on {now!r} from here, "
+            f"continues on the run's data: add {override(setting, before)} ({given_then(ckpt, setting)}), or, to "
+            f"train {'this run ' * (not named)}on {now!r} from here, "
             f"{give_it(named)}: {command_line_for(setting, now, path, named)}")
+
+
+def given_then(ckpt, setting: str) -> str:
+    """Where the run's value of a setting came from, as far as its checkpoint says."""
+    if not ckpt.command_line:  # (written before 0.4.7)
+        return "was it given on the command line when the run started?"
+    if setting in ckpt.command_line.get("settings", {}):
+        return "the run was given it on its command line"
+    return "the run's config file had it"
 
 
 # the settings that change what a run trains (its steps, their numbers, what validation measures); the data's
@@ -50,13 +59,30 @@ WHAT_IS_TRAINED = ("model.", "low_precision.", "fp8.", "training.block_size", "t
                    "training.seed", "training.eval_iters")
 
 
-def check_given_again(ckpt, config: dict, command_line, path):
+def command_line_record(config_path: str, overrides) -> dict:
+    """What a checkpoint keeps of the command line that trained it (check_given_again): its config
+    file, and the settings it gave with that file's value of each (None: the file alone is not a config)."""
+    names = [item.partition("=")[0] for item in overrides if item.partition("=")[0] != "training.resume_from_checkpoint"]
+    try:
+        in_file = Config.from_yaml(config_path).to_dict()
+    except ConfigError:
+        in_file = {}
+    return {"config": str(Path(config_path).resolve()), "settings": {name: setting(in_file, name) for name in names}}
+
+
+def check_given_again(ckpt, config: dict, command_line: dict, path):
     """A resume that continues a run in its own directory gives again the settings of WHAT_IS_TRAINED
-    that the run's last command line gave (ckpt.command_line) where the config file has other values:
-    left out, they would change the run silently (a batch size, a schedule). Those of how it runs
+    that the run's last command line gave (ckpt.command_line; `command_line`: this one's, both
+    command_line_record's) where the config has other values:
+    left out, they would change the run silently (a batch size, a schedule). Where the same config
+    file then had another value, it was edited since: a change, taken as one. Settings of how it runs
     (logging, devices, workers) may go back to the config file's."""
-    left_out = [name for name in ckpt.command_line if name not in command_line and name.startswith(WHAT_IS_TRAINED)
-                and not same_setting(name, setting(ckpt.config, name), setting(config, name))]
+    given_then = ckpt.command_line.get("settings", {})  # name -> the config file's value then
+    same_file = ckpt.command_line.get("config") == command_line["config"]
+    left_out = [name for name, in_file_then in given_then.items()
+                if name not in command_line["settings"] and name.startswith(WHAT_IS_TRAINED)
+                and not same_setting(name, setting(ckpt.config, name), setting(config, name))
+                and not (same_file and not same_setting(name, in_file_then, setting(config, name)))]
     if not left_out:
         return
     them = "them" if len(left_out) > 1 else "it"
@@ -64,7 +90,7 @@ def check_given_again(ckpt, config: dict, command_line, path):
         f"{path}: the run was given {' '.join(override(name, setting(ckpt.config, name)) for name in left_out)} on "
         f"its command line, and this command leaves {them} out (the config file has "
         f"{', '.join(f'{setting(config, name)!r}' for name in left_out)}): add {them} to resume the run as it was, "
-        f"or give the new value{'s' * (len(left_out) > 1)} on the command line to change {them}")
+        f"or give the new value{'s' * (len(left_out) > 1)} on the command line (or in the config file) to change {them}")
 
 
 def check_same_split(saved: dict, dataset, command_line, path, named: bool, seed_split: bool):
@@ -117,8 +143,10 @@ def check_same_model(saved_config: dict, model_config: BDHConfig, path):
                  for k, v in asdict(model_config).items()
                  if k != "dropout" and saved_config.get(k) != v]
     if differing:
-        raise CheckpointError(f"{path}: the checkpoint is from a different model shape; set "
-                              f"model.* to match it or start a new run. Differences: " + "; ".join(differing))
+        matching = " ".join(override(f"model.{k}", saved_config.get(k)) for k, v in asdict(model_config).items()
+                            if k != "dropout" and saved_config.get(k) != v)
+        raise CheckpointError(f"{path}: the checkpoint is from a different model shape; add {matching} to match it, "
+                              f"or start a new run. Differences: " + "; ".join(differing))
 
 
 def schedule_jump(ckpt, training) -> str | None:
@@ -130,7 +158,7 @@ def schedule_jump(ckpt, training) -> str | None:
         return None
     return (f"  note: the learning-rate schedule changed: step {step} runs at lr {now:.2e}, {before:.2e} in the "
             f"checkpoint's schedule (max_iters, warmup_iters, learning_rate, min_lr)"
-            + ("; the loss may rise for a while after this jump up" if now > before else ""))
+            + ("; the loss may rise for a while after this jump up" if now > 1.1 * before else ""))
 
 
 def tokens_before(ckpt, training) -> int:

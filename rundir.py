@@ -5,6 +5,7 @@ is saved. Checkpoints and config files are written with files.atomic_write, so a
 either complete or absent (metrics.jsonl is appended to, a line at a time). Which checkpoint a name
 means is locate.py's job.
 """
+import math
 import os
 import shutil
 import socket
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import Checkpoint, CheckpointError, saved_step
+from checkpoint import Checkpoint, CheckpointError, peek_checkpoint, saved_step
 from files import atomic_write, left_by_a_dead_process, resumed_configs
-from locate import RUN_CONFIG_HEADER, checkpoint_step, checkpoints_in
+from locate import RUN_CONFIG_HEADER, checkpoint_step, checkpoints_in, resumable_in
 from runtime import first_line, tensor_bytes
 
 try:
@@ -92,6 +93,37 @@ def hold(lock_file: Path, refusal: str):
     handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
     _LOCKED.append(handle)
+
+
+def held(lock_file: Path) -> bool:
+    """Whether another process holds lock_file (hold)."""
+    if fcntl is None or not lock_file.is_file():
+        return False
+    try:
+        with open(lock_file) as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # (closing the file releases it)
+    except BlockingIOError:
+        return True
+    except OSError:  # unreadable, or a file system without locks
+        return False
+    return False
+
+
+def unfinished_run(checkpoint_dir: str) -> str:
+    """For a new run: a note when the newest run in checkpoint_dir stopped before its max_iters (the
+    same command run again after a crash starts afresh, and `latest` then finds the new run). A run
+    that another process is training is not stopped."""
+    root = Path(checkpoint_dir)
+    runs = sorted(p for p in root.glob("run_*") if p.is_dir()) if root.is_dir() else []
+    newest = next((found for run in reversed(runs) if (found := resumable_in(run))), None)
+    if newest is None or held(newest[0].parent / ".lock"):
+        return ""
+    saved = peek_checkpoint(newest[0]) or {}
+    step, max_iters = saved.get("step"), (saved.get("config") or {}).get("training", {}).get("max_iters")
+    if not isinstance(step, int) or not isinstance(max_iters, int) or step >= max_iters:
+        return ""
+    return (f"note: the newest run in {checkpoint_dir} stopped at step {step} of {max_iters}; this starts a new run "
+            f"(to continue that one instead: training.resume_from_checkpoint={newest[0].parent})")
 
 
 def hold_auto_start(checkpoint_dir: str):
@@ -230,12 +262,13 @@ class RunDir:
         return kept.name
 
     def set_aside_unreadable(self, paths) -> list[str]:
-        """The run's checkpoints among `paths` that a resume could not read, renamed <name>.unreadable:
-        keep_last_n would count them as kept. Returns the new names."""
+        """The run's checkpoints among `paths` that a resume could not read, and its best.pt if it
+        cannot be read, renamed <name>.unreadable: keep_last_n would count them as kept, and a branch
+        would take them for its later steps. Returns the new names."""
         if not self.writer or self.path is None:
             return []
-        renamed = []
-        for path in paths:
+        renamed, best = [], self.path / "best.pt"
+        for path in [*paths, *[best] * (best.is_file() and saved_step(best) == math.inf)]:
             if path.parent == self.path and path.exists():
                 aside = unused(path.with_name(path.name + ".unreadable"))
                 path.rename(aside)

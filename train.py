@@ -47,14 +47,13 @@ from distributed import (DistributedError, Ranks, communication_failure, failed,
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
 from files import script_here
 from fp8 import FP8Error, fp8_matmuls
-from locate import unfinished_run
 from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog, StepLog, check_installed
 from model import BDH
 from positions import data_order
 from resume import Progress, resume, resume_target, save, set_rng_state, torch_rng_state
-from resume_checks import data_settings_hint
-from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories
+from resume_checks import command_line_record, data_settings_hint
+from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories, unfinished_run
 from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_clock, emulated_dtype_warning, interrupted,
                      memory_fix, one_line, out_of_memory, peak_flops, pick_device, prepare_compile,
                      resolve_compute_dtype, steady_host_memory)
@@ -69,9 +68,10 @@ class TrainingError(Exception):
     pass
 
 
-def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=frozenset()) -> int:
+def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=None) -> int:
     """`arguments`: train.py and the command line's, for the resume command printed when a signal
-    stops the run; `command_line`: the settings it gives."""
+    stops the run; `command_line`: its config file and the settings it gives (resume_checks.command_line_record)."""
+    command_line = command_line or {"config": None, "settings": {}}
     training = cfg.training
     compute_dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
     compute = autocast(device, compute_dtype)
@@ -129,7 +129,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
         start_positions = []
         if ranks.main and (note := unfinished_run(training.checkpoint_dir)):
             print(note)
-    progress.val_fingerprint, progress.command_line = val_fingerprint, sorted(command_line)
+    progress.val_fingerprint, progress.command_line = val_fingerprint, command_line
     if ranks.main and (removed := clean_stale_temporaries(training.checkpoint_dir, run.path)):
         print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
     if compile_model:
@@ -399,7 +399,7 @@ def main(argv=None) -> int:
         overrides = {o.partition("=")[0]: o for o in args.overrides}  # a key given twice: its last value
         overrides.pop("training.resume_from_checkpoint", None)
         arguments = shlex.join([script_here("train.py"), "--config", args.config, *overrides.values()])
-        return train(cfg, arguments, ranks, device, command_line=set(overrides))
+        return train(cfg, arguments, ranks, device, command_line=command_line_record(args.config, args.overrides))
     except (DataError, TokenizerError, CheckpointError, MetricsError, TrainingError, DeviceError,
             DistributedError, FP8Error, LowBitError) as e:
         return failed(f"error{rank_of(ranks)}: {one_line(e)}", consequence=peers_lost())

@@ -124,9 +124,9 @@ def test_latest_past_an_unreadable_checkpoint_says_why_it_is_set_aside(tmp_path,
     assert capsys.readouterr().err.count(f"skipped {run / 'checkpoint_4.pt'}") == 2
     (run / "best.pt").unlink()
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest"]) == 0
-    out = capsys.readouterr().out
-    assert "step 2 is the newest checkpoint that can be read: the later checkpoint_4.pt" in out
-    assert (run / "abandoned_after_step_2" / "checkpoint_4.pt").read_bytes() == cut
+    out = capsys.readouterr().out  # set aside in place: not an abandoned branch
+    assert "the checkpoint(s) that could not be read are now checkpoint_4.pt.unreadable" in out and "abandoned" not in out
+    assert (run / "checkpoint_4.pt.unreadable").read_bytes() == cut and not (run / "abandoned_after_step_2").exists()
     assert load_checkpoint(run / "checkpoint_4.pt").step == 4  # trained again
 
 
@@ -147,6 +147,10 @@ def test_a_resume_past_an_unreadable_checkpoint_of_the_same_step_sets_it_aside(t
             "them; delete them once you have looked)") in capsys.readouterr().out
     assert (run / "checkpoint_4.pt.unreadable").read_bytes() == cut
     assert [p.name for p in checkpoints_in(run)] == ["checkpoint_2.pt", "checkpoint_5.pt"]
+    (run / "best.pt").write_bytes(cut)  # a best.pt that cannot be read: set aside too, not taken for a later branch
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=6"]) == 0
+    assert "could not be read are now best.pt.unreadable" in capsys.readouterr().out
+    assert (run / "best.pt.unreadable").read_bytes() == cut and not list(run.glob("abandoned*"))
 
 
 def test_latest_resumes_from_a_best_pt_newer_than_the_newest_checkpoint(tmp_path, corpus, capsys):

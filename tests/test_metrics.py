@@ -302,7 +302,7 @@ def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys)
                                              cfg.dataset.split_seed, 0.2, "text", 2, ByteTokenizer(),
                                              shuffle=False))  # batches in one pass
     assert abs(epochs[-1] - 50 / one_pass) < 0.5
-    assert "passes over the training data done: its documents are read again" in out
+    assert "  a pass over the training data is done: its documents are read again from here, reshuffled\n" in out
     assert f"done: 50 steps ({epochs[-1]:.2f} passes" in out
 
 

@@ -56,6 +56,10 @@ def test_a_character_of_several_byte_tokens_is_labelled_where_it_completes():
     assert neurons.token_labels(tokenizer, tokenizer.encode("né ✓a")) == ["n", "·", "é", " ", "·", "·", "✓", "a"]
 
 
+def test_a_character_the_font_lacks_is_labelled_by_its_code_point():
+    assert neurons.drawable(["a", "é", " ", "\ue000x"]) == ["a", "é", " ", "U+E000x"]  # (a private-use character)
+
+
 @pytest.mark.parametrize("config", [SMALL, BDHConfig(), BDHConfig(n_layer=3, n_embd=128,
                                                                   mlp_internal_dim_multiplier=16)],
                          ids=["small", "config.yaml", "tiny.yaml"])

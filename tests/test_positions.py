@@ -65,6 +65,31 @@ def test_passes_follow_the_bytes_read_when_one_row_group_holds_most_of_the_data(
     assert max(map(abs, errors)) < 0.05
 
 
+def test_passes_are_whole_at_the_start_of_an_epoch_and_go_on_smoothly_past_a_rest_of_epoch_dealt_anew():
+    """Every reader at the start of epoch E: E exactly, not 0.999... below it (whatever the sizes); after a
+    resume that dealt the rest of an epoch to other readers, a reader going on to the next epoch neither
+    jumps nor goes back."""
+    from shards import Unit
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        units = [Unit(f"{k}.parquet", 0, 10, int(size), k) for k, size in enumerate(rng.integers(1, 10**7, 7))]
+        n_readers, epoch = int(rng.integers(2, 8)), int(rng.integers(1, 4))
+        at_start = [{"reader": r, "epoch": epoch, "unit": 0, "part": 0} for r in range(n_readers)]
+        assert epochs_read(at_start, units, trial, n_readers, {}) == epoch
+    units = [Unit("a.parquet", 0, 1000, 1_000_000, 1)] + [Unit("a.parquet", i, 100, 100_000, 1) for i in range(1, 10)]
+    saved = [{"reader": r, "epoch": 3, "unit": r, "part": 0, "consumed": 0, "windows": 0, "carry": []} for r in (0, 1)]
+    positions, _, epoch, _ = rest_of_epoch(units, {WORKERS_KEY: 2, "world_size": 1, "training.seed": 1}, saved, 4)
+    whole_before, dealings = epoch + 1, {}
+    now = {p["reader"]: dict(p) for p in positions}
+    passes = [epochs_read(now.values(), units, 1, 4, dealings, whole_before=whole_before)]
+    for reader in range(4):  # each finishes its share of the rest, then starts the next epoch
+        now[reader]["unit"] = len(now[reader]["units"])
+        passes.append(epochs_read(now.values(), units, 1, 4, dealings, whole_before=whole_before))
+        now[reader] = {"reader": reader, "epoch": epoch + 1, "unit": 0, "part": 0}
+        assert epochs_read(now.values(), units, 1, 4, dealings, whole_before=whole_before) == pytest.approx(passes[-1])
+    assert passes == sorted(passes) and passes[-1] == pytest.approx(epoch + 1)
+
+
 def test_passes_grow_with_every_batch_of_a_row_group(corpus):
     """A corpus of a few row groups, each read in one part: the passes logged move at every batch,
     not only when a row group is finished."""

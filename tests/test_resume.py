@@ -29,22 +29,26 @@ from tokenizer import load_tokenizer
 def test_what_the_run_s_command_line_gave_is_given_again_and_a_new_run_beside_a_stopped_one_says_so(
         tmp_path, corpus, capsys):
     """The two ways a crash costs hours: a resume that forgot the run's overrides, and the same command run
-    again, which starts afresh (and `latest` then finds the new run)."""
+    again, which starts afresh (and `latest` then finds the new run). A config file edited since is a change."""
     path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, test_freq=100)
-    started = ["--config", str(path), "training.learning_rate=0.003"]
+    started = ["--config", str(path), "training.learning_rate=0.003", "training.max_iters=6"]
     assert train.main(started) == 0
     [run] = run_dirs(tmp_path)
-    for after_step_2 in ("checkpoint_4.pt", "best.pt"):  # as if killed after step 2's checkpoint
-        (run / after_step_2).unlink()
+    for after_step_4 in ("checkpoint_6.pt", "best.pt"):  # as if killed after step 4's checkpoint
+        (run / after_step_4).unlink()
     capsys.readouterr()
+    # (this config's max_iters, 4, would have nothing left to do: the run's own, 6, has)
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest"]) == 1
-    assert (f"{run / 'checkpoint_2.pt'}: the run was given training.learning_rate=0.003 on its command line, and this "
-            f"command leaves it out (the config file has 0.01): add it to resume the run as it was") in capsys.readouterr().err
+    assert (f"{run / 'checkpoint_4.pt'}: the run was given training.learning_rate=0.003 training.max_iters=6 on its "
+            f"command line, and this command leaves them out (the config file has 0.01, 4): add them to resume the "
+            f"run as it was") in capsys.readouterr().err
     assert train.main(started) == 0
-    assert (f"note: the newest run in {tmp_path / 'ck'}, {run.name}, stopped at step 2 of 4; this starts a new run (to "
-            f"continue that one instead: training.resume_from_checkpoint=latest)\n") in capsys.readouterr().out
-    assert train.main([*started, "training.resume_from_checkpoint=" + str(run)]) == 0  # given: the run goes on
-    assert load_checkpoint(run / "checkpoint_4.pt").config["training"]["learning_rate"] == 0.003
+    assert (f"note: the newest run in {tmp_path / 'ck'} stopped at step 4 of 6; this starts a new run (to continue that "
+            f"one instead: training.resume_from_checkpoint={run})\n") in capsys.readouterr().out
+    write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=2, test_freq=100, learning_rate=0.002)  # edited
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run}"]) == 0
+    assert "config changed: training.learning_rate: 0.003 -> 0.002" in capsys.readouterr().out
+    assert load_checkpoint(run / "checkpoint_6.pt").config["training"]["learning_rate"] == 0.002
 
 
 def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpus, capsys):
@@ -150,8 +154,8 @@ def test_a_resume_in_place_keeps_the_run_s_data_unless_the_command_line_gives_ot
               f"resume: to resume another, give its directory, or set training.checkpoint_dir to the folder that "
               f"holds it)\n")
     assert err.endswith(f"the run trained on dataset.parquet_dir {str(corpus)!r}, and this command reads {str(other)!r}: "
-                        f"a resume continues on the run's data: add dataset.parquet_dir={corpus} (was it given on the "
-                        f"command line when the run started?), or, to train this run on {str(other)!r} from here, name "
+                        f"a resume continues on the run's data: add dataset.parquet_dir={corpus} (the run was given it "
+                        f"on its command line), or, to train this run on {str(other)!r} from here, name "
                         f"the run on the command line with it: training.resume_from_checkpoint={run} "
                         f"dataset.parquet_dir={other}"
                         + newest) and err.count("\n") == 1
@@ -185,7 +189,8 @@ def test_resume_refuses_a_different_model_shape(tmp_path, corpus, capsys):
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest",
                        "model.n_embd=64", "model.n_layer=3"]) == 1
     err = capsys.readouterr().err
-    assert "different model shape" in err and "n_embd: checkpoint 32, config 64" in err
+    assert "different model shape; add model.n_layer=2 model.n_embd=32 to match it, or start a new run" in err
+    assert "n_embd: checkpoint 32, config 64" in err
     assert "n_layer: checkpoint 2, config 3" in err and len(err.strip().splitlines()) == 1
 
 
@@ -421,6 +426,8 @@ def test_extending_a_finished_run_says_that_the_learning_rate_jumps_and_takes_th
     saved = SimpleNamespace(step=4, config={"training": {"learning_rate": 0.01, "min_lr": 0.001, "max_iters": 100}})
     lower = schedule_jump(saved, TrainingConfig(learning_rate=0.002, min_lr=0.0001, max_iters=100))
     assert "step 5 runs at lr 1.00e-04, 5.00e-04 in the" in lower and "jump up" not in lower  # down: no rise to fear
+    slightly = schedule_jump(saved, TrainingConfig(learning_rate=0.0105, min_lr=0.001, max_iters=100))
+    assert "runs at lr" in slightly and "jump up" not in slightly  # 5% up: said, without the alarm
 
 
 @pytest.mark.parametrize("device", DEVICES + [pytest.param("mps", marks=pytest.mark.skipif(

@@ -74,23 +74,31 @@ def test_a_resume_in_place_keeps_the_run_s_validation_documents_unless_the_comma
 
 def test_a_resume_gives_again_what_the_run_s_command_line_gave_to_what_it_trains():
     """Started with training.batch_size=4 on the command line, resumed without it: the config file's 32 would
-    change the run silently. How it runs (log_freq, the device) may go back to the config file's."""
-    saved = {"training": {"batch_size": 4, "learning_rate": 0.01, "log_freq": 5, "checkpoint_dir": "ck"},
+    change the run silently. Unless the same config file had another value then (edited since: a change); how
+    the run runs (log_freq, the device) may go back to the config file's."""
+    saved = {"training": {"batch_size": 4, "learning_rate": 0.01, "log_freq": 5, "max_iters": 80},
              "low_precision": {"use_4bit": True}}
-    ckpt = SimpleNamespace(config=saved, command_line=["low_precision.use_4bit", "training.batch_size",
-                                                       "training.checkpoint_dir", "training.log_freq"])
-    config_file = {"training": {"batch_size": 32, "learning_rate": 0.01, "log_freq": 100, "checkpoint_dir": "other"},
+    ckpt = SimpleNamespace(config=saved, command_line={"config": "/my.yaml", "settings": {
+        "low_precision.use_4bit": False, "training.batch_size": 32, "training.log_freq": 100, "training.max_iters": 2000}})
+    config_file = {"training": {"batch_size": 32, "learning_rate": 0.01, "log_freq": 100, "max_iters": 3000},
                    "low_precision": {"use_4bit": False}}
+    this_command = {"config": "/my.yaml", "settings": {}}
     with pytest.raises(CheckpointError) as refused:
-        check_given_again(ckpt, config_file, set(), Path("ck/run_1/checkpoint_8.pt"))
+        check_given_again(ckpt, config_file, this_command, Path("ck/run_1/checkpoint_8.pt"))
     assert str(refused.value) == (
         "ck/run_1/checkpoint_8.pt: the run was given low_precision.use_4bit=true training.batch_size=4 on its "
         "command line, and this command leaves them out (the config file has False, 32): add them to resume the run "
-        "as it was, or give the new values on the command line to change them")
-    check_given_again(ckpt, config_file, {"training.batch_size", "low_precision.use_4bit"}, Path("x"))  # given
-    check_given_again(ckpt, {**config_file, "low_precision": {"use_4bit": True}, "training": saved["training"]}, set(),
-                      Path("x"))  # the config file has the same values
-    check_given_again(SimpleNamespace(config=saved, command_line=[]), config_file, set(), Path("x"))  # (before 0.4.7)
+        "as it was, or give the new values on the command line (or in the config file) to change them")
+    # max_iters: 2000 in the file then, 3000 now: edited since, a change (printed, as any other)
+    given = {"config": "/my.yaml", "settings": {"training.batch_size": "4", "low_precision.use_4bit": "true"}}
+    check_given_again(ckpt, config_file, given, Path("x"))
+    check_given_again(ckpt, {**config_file, "low_precision": {"use_4bit": True}, "training": saved["training"]},
+                      this_command, Path("x"))  # the config file has the run's values
+    with pytest.raises(CheckpointError, match=r"was given training.batch_size=4 training.max_iters=80 .* and this "
+                                              r"command leaves them out \(the config file has 32, 3000\)"):
+        check_given_again(ckpt, {**config_file, "low_precision": {"use_4bit": True}},
+                          {"config": "/other.yaml", "settings": {}}, Path("x"))  # another file: nothing to tell
+    check_given_again(SimpleNamespace(config=saved, command_line={}), config_file, this_command, Path("x"))  # (< 0.4.7)
 
 
 def test_another_number_of_processes_is_told_what_keeps_the_tokens_of_a_step():

@@ -70,6 +70,19 @@ def test_a_run_directory_is_held_until_released(tmp_path):
     release_run_directories()
 
 
+def test_a_new_run_is_told_of_a_stopped_run_but_not_of_one_still_training(tmp_path):
+    run = RunDir(str(tmp_path))
+    run.save(Checkpoint(step=3, model={}, model_config={}, config={"training": {"max_iters": 10}}), "model: {}\n")
+    try:
+        assert rundir.held(run.path / ".lock") and rundir.unfinished_run(str(tmp_path)) == ""  # it trains still
+    finally:
+        release_run_directories()
+    assert not rundir.held(run.path / ".lock")
+    assert rundir.unfinished_run(str(tmp_path)) == (
+        f"note: the newest run in {tmp_path} stopped at step 3 of 10; this starts a new run (to continue that one "
+        f"instead: training.resume_from_checkpoint={run.path})")
+
+
 def test_a_forked_child_does_not_keep_the_hold_of_a_killed_trainer(tmp_path):
     run = RunDir(str(tmp_path))
     run.save(Checkpoint(step=1, model={}, model_config={}), "model: {}\n")
