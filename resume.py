@@ -19,8 +19,9 @@ from checkpoint import Checkpoint, CheckpointError, is_export, load_export
 from distributed import full_state, load_full_state, load_full_weights
 from locate import checkpoint_candidates, is_run_directory, open_checkpoint, resumable_runs
 from positions import SHARDS, data_order, resume_point
-from resume_checks import (check_given_again, check_same_data, check_same_model, check_same_tokenizer, evaluated_weights,
-                           found_as_newest, global_batch_change, schedule_jump, setting, tokens_before, validation_change)
+from resume_checks import (carried_forward, check_given_again, check_same_data, check_same_model, check_same_tokenizer,
+                           evaluated_weights, found_as_newest, global_batch_change, schedule_jump, setting, tokens_before,
+                           validation_change)
 from rundir import RunDir, hold_auto_start
 from runtime import config_as_run
 
@@ -120,6 +121,7 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
     unreadable = []
     path, ckpt = open_checkpoint(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir, skipped=unreadable)
     newest = cfg.training.resume_from_checkpoint == "latest"  # (auto too): a run found, not named
+    progress_command_line = command_line  # what the next checkpoints record of it
     shards = data_order(cfg, units, workers, ranks.world_size)[SHARDS]  # their fingerprint
     try:
         check_same_tokenizer(ckpt.tokenizer, tokenizer, path, ckpt.config.get("dataset", {}).get("tokenizer"),
@@ -129,6 +131,7 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
         run_max_iters = setting(ckpt.config, "training.max_iters") or 0
         if continues_in_place(path) and ckpt.step < max(cfg.training.max_iters, run_max_iters):
             check_given_again(ckpt, cfg.to_dict(), command_line, path)
+            progress_command_line = carried_forward(ckpt, cfg.to_dict(), command_line)
         check_same_model(ckpt.model_config, cfg.model, path)
         if continues_in_place(path) and ckpt.step < cfg.training.max_iters:
             check_same_data(ckpt, cfg.dataset, shards, val_fingerprint, command_line["settings"], path,
@@ -157,7 +160,8 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
         torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
     tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
     progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=ckpt.best_val_loss, last_saved=path,
-                        passes=ckpt.passes, measured_anew=ckpt.measured_anew, evaluation_due=ckpt.evaluation_due)
+                        passes=ckpt.passes, measured_anew=ckpt.measured_anew, evaluation_due=ckpt.evaluation_due,
+                        command_line=progress_command_line)
     run = reopen_run(cfg, path, ckpt, progress, ranks, device, unreadable)
     if ckpt.step >= cfg.training.max_iters:  # train() says there is nothing to do; nothing changes either
         return run, progress, []
@@ -208,6 +212,8 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreada
     if renamed := run.set_aside_unreadable(unreadable):
         print(f"  the checkpoint(s) that could not be read are now {', '.join(renamed)} (keep_last_n no longer "
               f"counts them; delete them once you have looked)")
+        if any(name.startswith("best.pt") for name in renamed):
+            progress.best_val_loss = math.inf  # the next evaluation writes a best.pt
     moved, folder = run.set_aside_after(ckpt.step)
     if moved:  # an older checkpoint asked for by name (the later ones that cannot be read are set aside above)
         print(f"  a new branch from step {ckpt.step}: the abandoned branch's {', '.join(moved)} moved to {folder} "

@@ -61,13 +61,24 @@ WHAT_IS_TRAINED = ("model.", "low_precision.", "fp8.", "training.block_size", "t
 
 def command_line_record(config_path: str, overrides) -> dict:
     """What a checkpoint keeps of the command line that trained it (check_given_again): its config
-    file, and the settings it gave with that file's value of each (None: the file alone is not a config)."""
+    file, and the settings it gave with that file's value of each (config None: the file alone is
+    not a valid config, its values unknown)."""
     names = [item.partition("=")[0] for item in overrides if item.partition("=")[0] != "training.resume_from_checkpoint"]
     try:
-        in_file = Config.from_yaml(config_path).to_dict()
+        in_file, config = Config.from_yaml(config_path).to_dict(), str(Path(config_path).resolve())
     except ConfigError:
-        in_file = {}
-    return {"config": str(Path(config_path).resolve()), "settings": {name: setting(in_file, name) for name in names}}
+        in_file, config = {}, None
+    return {"config": config, "settings": {name: setting(in_file, name) for name in names}}
+
+
+def carried_forward(ckpt, config: dict, command_line: dict) -> dict:
+    """The record a resumed run's next checkpoints keep: this command line's, and those settings of
+    the run's record that this one leaves out while the config still gives the run's value (a resume
+    with the run's own config.yaml), so that a later resume is still checked for them."""
+    kept = {name: setting(config, name) for name in ckpt.command_line.get("settings", {})
+            if name not in command_line["settings"]
+            and same_setting(name, setting(ckpt.config, name), setting(config, name))}
+    return {**command_line, "settings": {**kept, **command_line["settings"]}}
 
 
 def check_given_again(ckpt, config: dict, command_line: dict, path):
@@ -78,7 +89,7 @@ def check_given_again(ckpt, config: dict, command_line: dict, path):
     file then had another value, it was edited since: a change, taken as one. Settings of how it runs
     (logging, devices, workers) may go back to the config file's."""
     given_then = ckpt.command_line.get("settings", {})  # name -> the config file's value then
-    same_file = ckpt.command_line.get("config") == command_line["config"]
+    same_file = ckpt.command_line.get("config") not in (None, "") and ckpt.command_line["config"] == command_line["config"]
     left_out = [name for name, in_file_then in given_then.items()
                 if name not in command_line["settings"] and name.startswith(WHAT_IS_TRAINED)
                 and not same_setting(name, setting(ckpt.config, name), setting(config, name))

@@ -7,6 +7,7 @@ means is locate.py's job.
 """
 import math
 import os
+import shlex
 import shutil
 import socket
 import tempfile
@@ -96,7 +97,7 @@ def hold(lock_file: Path, refusal: str):
 
 
 def held(lock_file: Path) -> bool:
-    """Whether another process holds lock_file (hold)."""
+    """Whether a process holds lock_file (hold; this one's own hold counts too)."""
     if fcntl is None or not lock_file.is_file():
         return False
     try:
@@ -114,8 +115,11 @@ def unfinished_run(checkpoint_dir: str) -> str:
     same command run again after a crash starts afresh, and `latest` then finds the new run). A run
     that another process is training is not stopped."""
     root = Path(checkpoint_dir)
-    runs = sorted(p for p in root.glob("run_*") if p.is_dir()) if root.is_dir() else []
-    newest = next((found for run in reversed(runs) if (found := resumable_in(run))), None)
+    try:
+        runs = sorted(p for p in root.glob("run_*") if p.is_dir()) if root.is_dir() else []
+        newest = next((found for run in reversed(runs) if (found := resumable_in(run))), None)
+    except OSError:  # a run that cannot be listed (another user's, in a shared folder): nothing to say
+        return ""
     if newest is None or held(newest[0].parent / ".lock"):
         return ""
     saved = peek_checkpoint(newest[0]) or {}
@@ -123,7 +127,7 @@ def unfinished_run(checkpoint_dir: str) -> str:
     if not isinstance(step, int) or not isinstance(max_iters, int) or step >= max_iters:
         return ""
     return (f"note: the newest run in {checkpoint_dir} stopped at step {step} of {max_iters}; this starts a new run "
-            f"(to continue that one instead: training.resume_from_checkpoint={newest[0].parent})")
+            f"(to continue that one instead: {shlex.quote(f'training.resume_from_checkpoint={newest[0].parent}')})")
 
 
 def hold_auto_start(checkpoint_dir: str):

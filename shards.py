@@ -50,7 +50,7 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
     `parquet_dir`: a folder, or a glob pattern of files or folders. `setting` names the option in
     errors; a training folder whose files are named for several Hugging Face splits is refused."""
     root, files = shard_files(parquet_dir, setting)
-    units, all_null, missing, last_report = [], [], [], time.time()
+    units, all_null, empty, missing, last_report = [], [], [], [], time.time()
     if len(files) >= 1000:
         print(f"checking the footers and schemas of {len(files):,} parquet files in {root} ...", flush=True)
     for k, path in enumerate(files):
@@ -79,6 +79,8 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
             raise DataError(f"{path}: column {text_column!r} has type {kind}, expected a string column{ids}; {has}")
         relative = path.relative_to(root).as_posix().encode()
         file_key = int.from_bytes(hashlib.blake2b(relative, digest_size=8).digest(), "little")
+        if not meta.num_rows:
+            empty.append(path)
         for rg in range(meta.num_row_groups):
             info = meta.row_group(rg)
             if info.num_rows:
@@ -88,6 +90,8 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
     if all_null:
         print(f"{root}: skipped {len(all_null)} file(s) whose column {text_column!r} holds only nulls (type null), "
               f"e.g. {all_null[0].name}")
+    if empty and units:
+        print(f"{root}: skipped {len(empty)} file(s) with no rows, e.g. {empty[0].name}")
     if not units:
         what = f"its {len(files)} parquet files hold" if len(files) > 1 else f"its parquet file {files[0].name} holds"
         raise DataError(f"{root}: {what} no rows" + " of documents" * bool(all_null) + ": write the documents into "

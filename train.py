@@ -129,7 +129,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=
         start_positions = []
         if ranks.main and (note := unfinished_run(training.checkpoint_dir)):
             print(note)
-    progress.val_fingerprint, progress.command_line = val_fingerprint, command_line
+    progress.val_fingerprint = val_fingerprint
+    progress.command_line = progress.command_line or command_line  # (a resume keeps the run's too)
     if ranks.main and (removed := clean_stale_temporaries(training.checkpoint_dir, run.path)):
         print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
     if compile_model:

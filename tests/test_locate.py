@@ -148,9 +148,11 @@ def test_a_resume_past_an_unreadable_checkpoint_of_the_same_step_sets_it_aside(t
     assert (run / "checkpoint_4.pt.unreadable").read_bytes() == cut
     assert [p.name for p in checkpoints_in(run)] == ["checkpoint_2.pt", "checkpoint_5.pt"]
     (run / "best.pt").write_bytes(cut)  # a best.pt that cannot be read: set aside too, not taken for a later branch
-    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=6"]) == 0
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=6",
+                       "training.learning_rate=1e-12", "training.min_lr=0"]) == 0  # (no better loss to earn a best.pt)
     assert "could not be read are now best.pt.unreadable" in capsys.readouterr().out
     assert (run / "best.pt.unreadable").read_bytes() == cut and not list(run.glob("abandoned*"))
+    assert load_checkpoint(run / "best.pt").step == 6  # the next evaluation's: the set-aside one's loss is not the bar
 
 
 def test_latest_resumes_from_a_best_pt_newer_than_the_newest_checkpoint(tmp_path, corpus, capsys):

@@ -48,7 +48,9 @@ def test_what_the_run_s_command_line_gave_is_given_again_and_a_new_run_beside_a_
     write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=2, test_freq=100, learning_rate=0.002)  # edited
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run}"]) == 0
     assert "config changed: training.learning_rate: 0.003 -> 0.002" in capsys.readouterr().out
-    assert load_checkpoint(run / "checkpoint_6.pt").config["training"]["learning_rate"] == 0.002
+    resumed = load_checkpoint(run / "checkpoint_6.pt")
+    assert resumed.config["training"]["learning_rate"] == 0.002
+    assert resumed.command_line["settings"] == {"training.max_iters": 6}  # still the run's: carried for the next resume
 
 
 def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpus, capsys):

@@ -8,7 +8,8 @@ import pytest
 
 from checkpoint import CheckpointError
 from config import DatasetConfig, TrainingConfig
-from resume_checks import check_given_again, check_same_split, global_batch_change, validation_change
+from resume_checks import (carried_forward, check_given_again, check_same_split, command_line_record,
+                           global_batch_change, validation_change)
 
 
 def test_a_resume_that_changes_the_validation_documents_says_so():
@@ -99,6 +100,29 @@ def test_a_resume_gives_again_what_the_run_s_command_line_gave_to_what_it_trains
         check_given_again(ckpt, {**config_file, "low_precision": {"use_4bit": True}},
                           {"config": "/other.yaml", "settings": {}}, Path("x"))  # another file: nothing to tell
     check_given_again(SimpleNamespace(config=saved, command_line={}), config_file, this_command, Path("x"))  # (< 0.4.7)
+
+
+def test_the_record_of_the_command_line_knows_the_file_s_values_and_carries_the_run_s_forward(tmp_path):
+    """A file that is not a valid config alone (its values unknown) never counts as edited; a resume with the run's
+    own config.yaml keeps the earlier command line's settings in the record, for the resume after it."""
+    valid = tmp_path / "valid.yaml"
+    valid.write_text("training:\n  batch_size: 32\n")
+    assert command_line_record(str(valid), ["training.batch_size=4", "training.resume_from_checkpoint=latest"]) == {
+        "config": str(valid.resolve()), "settings": {"training.batch_size": 32}}
+    invalid = tmp_path / "invalid.yaml"
+    invalid.write_text("model:\n  n_head: 3\n")  # n_embd 256 is not a multiple: valid only with model.n_head=4
+    record = command_line_record(str(invalid), ["model.n_head=4", "training.batch_size=4"])
+    assert record["config"] is None
+    ckpt = SimpleNamespace(config={"training": {"batch_size": 4}, "model": {"n_head": 4}}, command_line=record)
+    with pytest.raises(CheckpointError, match=r"was given training.batch_size=4 on its command line"):
+        check_given_again(ckpt, {"training": {"batch_size": 8}, "model": {"n_head": 4}},
+                          {**record, "settings": {"model.n_head": 4}}, Path("x"))
+    run_config = {"training": {"batch_size": 4}, "model": {"n_head": 4}}  # --config <run>/config.yaml, nothing given
+    carried = carried_forward(ckpt, run_config, {"config": "/run/config.yaml", "settings": {}})
+    assert carried == {"config": "/run/config.yaml", "settings": {"training.batch_size": 4, "model.n_head": 4}}
+    assert carried_forward(ckpt, {"training": {"batch_size": 8}, "model": {"n_head": 4}},
+                           {"config": "/my.yaml", "settings": {"training.batch_size": 8}})["settings"] == {
+        "model.n_head": 4, "training.batch_size": 8}  # given anew: this command's value then
 
 
 def test_another_number_of_processes_is_told_what_keeps_the_tokens_of_a_step():

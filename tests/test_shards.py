@@ -19,6 +19,9 @@ def test_a_file_whose_column_holds_only_nulls_is_skipped_with_a_note(tmp_path, c
     assert [Path(u.path).name for u in list_units(tmp_path, "text")] == ["a.parquet"] * 3
     assert f"{tmp_path}: skipped 1 file(s) whose column 'text' holds only nulls (type null), e.g. b.parquet" in \
         capsys.readouterr().out
+    write_parquet(tmp_path / "c.parquet", [], 2)  # a file without rows: left out too, and said
+    list_units(tmp_path, "text")
+    assert f"{tmp_path}: skipped 1 file(s) with no rows, e.g. c.parquet" in capsys.readouterr().out
     with pytest.raises(DataError, match=r": its parquet file b.parquet holds no rows of documents: write the "
                                         r"documents into it \(python prepare.py --from-text turns text files into "
                                         r"shards\)$"):
