@@ -347,9 +347,10 @@ def validation_batches(cfg, units, tokenizer, note_few: bool = True) -> list:
         tokens = sum(len(part) for unit in units for part in read_unit_tokens(
             cache, unit, dataset_cfg.text_column, split, dataset_cfg.split_seed, dataset_cfg.val_fraction, tokenizer))
         cache.close()
-        raise DataError(f"{folder}: the validation {what} less than one batch of {training.batch_size} x "
-                        f"{training.block_size + 1} tokens ({tokens:,} tokens); lower training.block_size or "
-                        f"training.batch_size, or {more}")
+        raise DataError(f"{folder}: the validation {what} {tokens:,} tokens, less than one batch: "
+                        f"{training.batch_size} windows of {training.block_size + 1} tokens, each sharing one with the "
+                        f"next, {training.batch_size * training.block_size + 1:,} in all; lower training.block_size "
+                        f"or training.batch_size, or {more}")
     return batches
 
 

@@ -65,6 +65,13 @@ class Ranks:
             dist.all_reduce(values)
         return values
 
+    def lowest(self, value: float, device) -> float:
+        if not self.enabled:
+            return value
+        values = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(values, op=dist.ReduceOp.MIN)
+        return values.item()
+
     def any(self, flag: bool, device) -> bool:
         return bool(self.total(torch.tensor([float(flag)], device=device)).item()) if self.enabled else flag
 

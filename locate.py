@@ -157,7 +157,10 @@ def open_checkpoint(spec: str, checkpoint_dir: str | None, setting: str = "train
                 if is_export(folder):  # its model.safetensors or config.json
                     raise CheckpointError(f"{setting}: {spec} is a file of {folder}, a folder export.py wrote: "
                                           f"give that folder (to export again, the checkpoint it came from)") from None
-                others = len(resumable_in(folder)) > 1 and is_run_directory(folder)
+                try:
+                    others = len(resumable_in(folder)) > 1 and is_run_directory(folder)
+                except OSError:  # a folder that cannot be listed
+                    others = False
                 raise CheckpointError(f"{setting}: {e}" + (f"; its run directory, {folder}, gives the newest "
                                                            f"checkpoint that can be read") * others) from None
             print(f"skipped {e}", file=sys.stderr)

@@ -176,7 +176,7 @@ class StepLog:
         begun = self.epochs_begun(positions)
         self.unread = 0.0 if saved_passes is None else begun - saved_passes
         self.epoch, self.epochs = self.epoch_all_are_in(positions), begun - self.unread
-        self.epoch_ended = False  # (measure() sets it for its line)
+        self.epochs_ended = 0  # (measure() sets it for its line)
         self.took = {}  # seconds the last evaluation and the last checkpoint took (train.paused)
         self._next_line()
 
@@ -186,14 +186,20 @@ class StepLog:
         self.line_start, self.paused_s, self.data_wait_s = time.perf_counter(), 0.0, 0.0
 
     def epochs_begun(self, positions) -> float:
-        """The passes over the data that the readers at `positions` have made (positions.epochs_read)."""
-        return epochs_read(positions, self.units, self.cfg.training.seed, self.n_readers, self.dealings,
+        """The passes over the data that the readers have made (positions.epochs_read), this rank's at
+        `positions`: the mean over the ranks, each with as many readers (every rank calls it)."""
+        mine = epochs_read(positions, self.units, self.cfg.training.seed, self.n_readers, self.dealings,
                            readers=self.readers, whole_before=self.whole_before)
+        if not self.ranks.enabled:
+            return mine
+        return self.ranks.mean(torch.tensor([mine], dtype=torch.float64, device=self.device)).item()
 
     def epoch_all_are_in(self, positions) -> int:
-        """The epoch of this rank's slowest reader: once it goes on, every document has been read again."""
+        """The epoch of the slowest reader of all ranks: once it goes on, every document has been read
+        again (every rank calls it)."""
         epochs = {p["reader"]: p["epoch"] for p in positions}
-        return min(epochs.get(reader, self.whole_before) for reader in self.readers)
+        return round(self.ranks.lowest(min(epochs.get(reader, self.whole_before) for reader in self.readers),
+                                       self.device))
 
     def passes(self, positions) -> float:
         """About how many passes over the training data the readers at `positions` have made."""
@@ -231,7 +237,7 @@ class StepLog:
         seconds_per_step = (now - self.line_start - self.paused_s) / self.steps
         positions = list(positions)
         epoch = self.epoch_all_are_in(positions)
-        self.epoch_ended, self.epoch = epoch > self.epoch, epoch
+        self.epochs_ended, self.epoch = epoch - self.epoch, epoch
         self.epochs = self.epochs_begun(positions) - self.unread
         record = {"step": step, "tokens": tokens, "epochs": round(self.epochs, 3), "train_loss": loss, "lr": lr,
                   "grad_norm": grad_norm / counted if counted else None,
@@ -270,9 +276,10 @@ class StepLog:
             print(f"  note: at this speed the run takes about {seconds_per_step * max_iters / 3600:.1f} hours on "
                   f"this CPU: model and batch are sized for a GPU; configs/tiny.yaml is sized for a CPU (minutes)",
                   flush=True)
-        if self.epoch_ended:
-            print("  a pass over the training data is done: its documents are read again from here, reshuffled",
-                  flush=True)
+        if self.epochs_ended:  # (more than one: passes shorter than log_freq steps)
+            done = "a pass over the training data is" if self.epochs_ended == 1 else \
+                f"{self.epochs_ended} passes over the training data are"
+            print(f"  {done} done: its documents are read again, reshuffled", flush=True)
         self.metrics.log(record)
         self._next_line()  # writing the line is not the next line's training time
 

@@ -18,6 +18,13 @@ layers, generation and the low-precision paths:
 - the weight products go through a Matmuls object: FP8 training plugs in its own
   (fp8.FP8Matmuls), and the 4-bit modes replace the weights they read (BDH.weight_view).
 reference.py holds the straightforward implementation that the tests compare this one against.
+
+To change the layer (another attention, say), these go together: layer_forward, the one forward;
+layer_backward, its gradient by hand (the saved tensors, SAVED_PER_LAYER); recurrent_forward, the
+same layer for generation; reference.reference_forward, the yardstick the tests hold them to;
+BDHConfig.training_flops_per_token and runtime.activation_bytes, what it costs; MODEL.md. To try an
+idea first, reference_forward trains through autograd (assign it to BDH.forward): slow, and
+generation and the evaluation's active-latent counts still go through this file's layer.
 """
 import math
 import warnings

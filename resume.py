@@ -129,11 +129,12 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
         # (before the model's check, which would name model.* alone; also where this config's max_iters says
         # there is nothing to do, but the run's own does not)
         run_max_iters = setting(ckpt.config, "training.max_iters") or 0
-        if continues_in_place(path) and ckpt.step < max(cfg.training.max_iters, run_max_iters):
+        continues = continues_in_place(path) and ckpt.step < max(cfg.training.max_iters, run_max_iters)
+        if continues:
             check_given_again(ckpt, cfg.to_dict(), command_line, path)
             progress_command_line = carried_forward(ckpt, cfg.to_dict(), command_line)
         check_same_model(ckpt.model_config, cfg.model, path)
-        if continues_in_place(path) and ckpt.step < cfg.training.max_iters:
+        if continues:
             check_same_data(ckpt, cfg.dataset, shards, val_fingerprint, command_line["settings"], path,
                             named=not newest)
     except CheckpointError as e:

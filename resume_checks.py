@@ -51,12 +51,13 @@ def given_then(ckpt, setting: str) -> str:
     return "the run's config file had it"
 
 
-# the settings that change what a run trains (its steps, their numbers, what validation measures); the data's
-# are check_same_data's and check_same_tokenizer's
-WHAT_IS_TRAINED = ("model.", "low_precision.", "fp8.", "training.block_size", "training.batch_size",
-                   "training.gradient_accumulation_steps", "training.max_iters", "training.learning_rate",
-                   "training.min_lr", "training.warmup_iters", "training.weight_decay", "training.grad_clip",
-                   "training.seed", "training.eval_iters")
+# the settings a resume gives again (check_given_again): those that change what a run trains (its steps, their
+# numbers, what validation measures), and keep_last_n, whose change deletes checkpoints for good; the data's are
+# check_same_data's and check_same_tokenizer's
+GIVEN_AGAIN = ("model.", "low_precision.", "fp8.", "training.block_size", "training.batch_size",
+               "training.gradient_accumulation_steps", "training.max_iters", "training.learning_rate",
+               "training.min_lr", "training.warmup_iters", "training.weight_decay", "training.grad_clip",
+               "training.seed", "training.eval_iters", "training.keep_last_n")
 
 
 def command_line_record(config_path: str, overrides) -> dict:
@@ -82,26 +83,32 @@ def carried_forward(ckpt, config: dict, command_line: dict) -> dict:
 
 
 def check_given_again(ckpt, config: dict, command_line: dict, path):
-    """A resume that continues a run in its own directory gives again the settings of WHAT_IS_TRAINED
+    """A resume that continues a run in its own directory gives again the settings of GIVEN_AGAIN
     that the run's last command line gave (ckpt.command_line; `command_line`: this one's, both
-    command_line_record's) where the config has other values:
-    left out, they would change the run silently (a batch size, a schedule). Where the same config
-    file then had another value, it was edited since: a change, taken as one. Settings of how it runs
-    (logging, devices, workers) may go back to the config file's."""
+    command_line_record's) where the config has other values: left out, they would change the run
+    silently (a batch size, a schedule). Where the same config file then had another value, it was
+    edited since: a change, taken as one. So is a max_iters that extends a finished run. Settings of
+    how it runs (logging, devices, workers) may go back to the config file's."""
     given_then = ckpt.command_line.get("settings", {})  # name -> the config file's value then
     same_file = ckpt.command_line.get("config") not in (None, "") and ckpt.command_line["config"] == command_line["config"]
+    finished = ckpt.step >= (setting(ckpt.config, "training.max_iters") or 0)
     left_out = [name for name, in_file_then in given_then.items()
-                if name not in command_line["settings"] and name.startswith(WHAT_IS_TRAINED)
+                if name not in command_line["settings"] and name.startswith(GIVEN_AGAIN)
                 and not same_setting(name, setting(ckpt.config, name), setting(config, name))
-                and not (same_file and not same_setting(name, in_file_then, setting(config, name)))]
+                and not (same_file and not same_setting(name, in_file_then, setting(config, name)))
+                and not (finished and name == "training.max_iters")]
     if not left_out:
         return
     them = "them" if len(left_out) > 1 else "it"
+    shape = [name for name in left_out if name.startswith("model.") and name != "model.dropout"]
+    change = (f", or give the new value{'s' * (len(left_out) > 1)} on the command line (or in the config file) to "
+              f"change {them}" if not shape else
+              f" (the model's shape cannot change{'; the others can, given anew' * (len(shape) < len(left_out))})")
     raise CheckpointError(
         f"{path}: the run was given {' '.join(override(name, setting(ckpt.config, name)) for name in left_out)} on "
         f"its command line, and this command leaves {them} out (the config file has "
-        f"{', '.join(f'{setting(config, name)!r}' for name in left_out)}): add {them} to resume the run as it was, "
-        f"or give the new value{'s' * (len(left_out) > 1)} on the command line (or in the config file) to change {them}")
+        f"{', '.join(f'{setting(config, name)!r}' for name in left_out)}): add {them} to resume the run as it "
+        f"was{change}")
 
 
 def check_same_split(saved: dict, dataset, command_line, path, named: bool, seed_split: bool):

@@ -81,7 +81,14 @@ def hold(lock_file: Path, refusal: str):
     except OSError:
         return  # a folder this process cannot write to: saving the checkpoint will say so
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for attempt in range(3):  # (held() looks with a shared lock for an instant: the last try counts)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.05)
     except OSError as e:
         if not isinstance(e, BlockingIOError):  # a file system without locks (some network ones)
             handle.close()

@@ -66,11 +66,14 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
         strings = [field.name for field in schema if text_type(field.type)]
         has = (f"its string columns are {strings}" if strings else "it has no string column") + (
             f" (all: {schema.names})" if len(schema.names) > len(strings) else "")
+        if not meta.num_rows:  # (whatever its columns: nothing to read)
+            empty.append(path)
+            continue
         if text_column not in schema.names:
             missing.append((path, has))
             continue
         if pa.types.is_null(schema.field(text_column).type):  # a writer's type for a column of only nulls
-            all_null.append(path)
+            all_null.append((path, strings, has))
             continue
         if not text_type(schema.field(text_column).type):
             kind = schema.field(text_column).type
@@ -79,23 +82,27 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
             raise DataError(f"{path}: column {text_column!r} has type {kind}, expected a string column{ids}; {has}")
         relative = path.relative_to(root).as_posix().encode()
         file_key = int.from_bytes(hashlib.blake2b(relative, digest_size=8).digest(), "little")
-        if not meta.num_rows:
-            empty.append(path)
         for rg in range(meta.num_row_groups):
             info = meta.row_group(rg)
             if info.num_rows:
                 units.append(Unit(str(path), rg, info.num_rows, info.total_byte_size, file_key))
     if missing:
         raise missing_column(text_column, missing, files, setting)
+    if all_null and not units:
+        path, strings, has = all_null[0]
+        fix = (f"set dataset.text_column to the column with the text ({has})" if strings else
+               "write the documents into it (python prepare.py --from-text turns text files into shards)")
+        raise DataError(f"{root}: column {text_column!r} holds only nulls (type null) in every file with rows, e.g. "
+                        f"{path.name}; {fix}")
     if all_null:
         print(f"{root}: skipped {len(all_null)} file(s) whose column {text_column!r} holds only nulls (type null), "
-              f"e.g. {all_null[0].name}")
+              f"e.g. {all_null[0][0].name}")
     if empty and units:
         print(f"{root}: skipped {len(empty)} file(s) with no rows, e.g. {empty[0].name}")
     if not units:
         what = f"its {len(files)} parquet files hold" if len(files) > 1 else f"its parquet file {files[0].name} holds"
-        raise DataError(f"{root}: {what} no rows" + " of documents" * bool(all_null) + ": write the documents into "
-                        f"{'them' if len(files) > 1 else 'it'} (python prepare.py --from-text turns text files into shards)")
+        raise DataError(f"{root}: {what} no rows: write the documents into {'them' if len(files) > 1 else 'it'} "
+                        f"(python prepare.py --from-text turns text files into shards)")
     return units
 
 

@@ -65,6 +65,11 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, corpu
         assert ddp_train[step] == pytest.approx(one_train[step], rel=1e-5, abs=1e-6)
     for step in one_val:  # validation averaged over the ranks' halves of the same batches
         assert ddp_val[step] == pytest.approx(one_val[step], rel=1e-5)
+
+    def passes(run):  # over every rank's readers, as one process over its workers'
+        return {r["step"]: r["epochs"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "epochs" in r}
+    assert passes(run) == passes(only_run(tmp_path / "one"))
     # the same 2 readers laid out otherwise: 1 process x 2 workers continues the 2 processes' readers exactly
     for directory in ("one", "ddp"):
         assert train.main(["--config", str(config), "training.checkpoint_dir=" + str(tmp_path / directory),

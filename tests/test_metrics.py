@@ -302,8 +302,13 @@ def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys)
                                              cfg.dataset.split_seed, 0.2, "text", 2, ByteTokenizer(),
                                              shuffle=False))  # batches in one pass
     assert abs(epochs[-1] - 50 / one_pass) < 0.5
-    assert "  a pass over the training data is done: its documents are read again from here, reshuffled\n" in out
+    assert "  a pass over the training data is done: its documents are read again, reshuffled\n" in out
     assert f"done: 50 steps ({epochs[-1]:.2f} passes" in out
+    # passes shorter than log_freq: the line says how many ended since the last one
+    assert train.main(["--config", str(path), "training.log_freq=1000",
+                       f"training.checkpoint_dir={tmp_path / 'ck2'}"]) == 0
+    assert "  2 passes over the training data are done: its documents are read again, reshuffled\n" in \
+        capsys.readouterr().out
 
 
 def test_float16_steps_the_loss_scaler_skips_are_counted_not_averaged_into_the_grad_norm(tmp_path, corpus, capsys,
@@ -386,6 +391,9 @@ def test_mfu_is_the_achieved_training_flops_over_the_peak(monkeypatch):
     class TwoRanksAlike(Ranks):  # the other rank measured the same: the mean is this rank's
         def mean(self, values):
             return values
+
+        def lowest(self, value, device):
+            return value
     step_log = metrics.StepLog(cfg, None, TwoRanksAlike(world_size=2), torch.device("cpu"), [], 0, [], first_step=1,
                                compiling_steps=(), loss_scaled=False, peak=1e12)
     step_log.add_micro_batch(torch.tensor(2.0))

@@ -130,7 +130,8 @@ def test_train_tokenizer_command_learns_from_the_training_split_only(tmp_path, c
     assert prepare.main(["--train-tokenizer", "--vocab-size", "300", "--out", str(tmp_path / "long.json"), "--config",
                          str(config), "training.block_size=4096"]) == 0  # windows longer than the validation text
     assert re.search(r"model.vocab_size=320\nnote: that run would stop before its first step: .* the validation split "
-                     r"\(val_fraction 0.2\) holds less than one batch of 4 x 4097 tokens \([0-9,]+ tokens\); lower",
+                     r"\(val_fraction 0.2\) holds [0-9,]+ tokens, less than one batch: 4 windows of 4097 tokens, "
+                     r"each sharing one with the next, 16,385 in all; lower",
                      capsys.readouterr().out)
     tokenizer = load_tokenizer(str(out))
     assert tokenizer.vocab_size == 300 and tokenizer.decode(tokenizer.encode("<01-002>abc")) == "<01-002>abc"

@@ -79,7 +79,7 @@ def test_a_resume_gives_again_what_the_run_s_command_line_gave_to_what_it_trains
     the run runs (log_freq, the device) may go back to the config file's."""
     saved = {"training": {"batch_size": 4, "learning_rate": 0.01, "log_freq": 5, "max_iters": 80},
              "low_precision": {"use_4bit": True}}
-    ckpt = SimpleNamespace(config=saved, command_line={"config": "/my.yaml", "settings": {
+    ckpt = SimpleNamespace(step=8, config=saved, command_line={"config": "/my.yaml", "settings": {
         "low_precision.use_4bit": False, "training.batch_size": 32, "training.log_freq": 100, "training.max_iters": 2000}})
     config_file = {"training": {"batch_size": 32, "learning_rate": 0.01, "log_freq": 100, "max_iters": 3000},
                    "low_precision": {"use_4bit": False}}
@@ -99,7 +99,24 @@ def test_a_resume_gives_again_what_the_run_s_command_line_gave_to_what_it_trains
                                               r"command leaves them out \(the config file has 32, 3000\)"):
         check_given_again(ckpt, {**config_file, "low_precision": {"use_4bit": True}},
                           {"config": "/other.yaml", "settings": {}}, Path("x"))  # another file: nothing to tell
-    check_given_again(SimpleNamespace(config=saved, command_line={}), config_file, this_command, Path("x"))  # (< 0.4.7)
+    before_0_4_7 = SimpleNamespace(step=8, config=saved, command_line={})
+    check_given_again(before_0_4_7, config_file, this_command, Path("x"))
+
+
+def test_a_finished_run_extended_by_its_config_file_and_a_forgotten_shape_are_told_apart():
+    saved = {"training": {"max_iters": 10, "keep_last_n": 0}, "model": {"n_layer": 2}}
+    given = {"config": "/a.yaml", "settings": {"training.max_iters": 20, "training.keep_last_n": 3, "model.n_layer": 6}}
+    file_now = {"training": {"max_iters": 20, "keep_last_n": 3}, "model": {"n_layer": 6}}
+    finished = SimpleNamespace(step=10, config=saved, command_line=given)
+    with pytest.raises(CheckpointError) as refused:  # max_iters from the file extends it; keep_last_n 0 is kept
+        check_given_again(finished, file_now, {"config": "/b.yaml", "settings": {}}, Path("x"))
+    assert str(refused.value) == (
+        "x: the run was given training.keep_last_n=0 model.n_layer=2 on its command line, and this command leaves them "
+        "out (the config file has 3, 6): add them to resume the run as it was (the model's shape cannot change; the "
+        "others can, given anew)")
+    stopped = SimpleNamespace(step=5, config=saved, command_line=given)
+    with pytest.raises(CheckpointError, match=r"given training.max_iters=10 training.keep_last_n=0 model.n_layer=2 "):
+        check_given_again(stopped, file_now, {"config": "/b.yaml", "settings": {}}, Path("x"))
 
 
 def test_the_record_of_the_command_line_knows_the_file_s_values_and_carries_the_run_s_forward(tmp_path):
@@ -113,7 +130,7 @@ def test_the_record_of_the_command_line_knows_the_file_s_values_and_carries_the_
     invalid.write_text("model:\n  n_head: 3\n")  # n_embd 256 is not a multiple: valid only with model.n_head=4
     record = command_line_record(str(invalid), ["model.n_head=4", "training.batch_size=4"])
     assert record["config"] is None
-    ckpt = SimpleNamespace(config={"training": {"batch_size": 4}, "model": {"n_head": 4}}, command_line=record)
+    ckpt = SimpleNamespace(step=1, config={"training": {"batch_size": 4}, "model": {"n_head": 4}}, command_line=record)
     with pytest.raises(CheckpointError, match=r"was given training.batch_size=4 on its command line"):
         check_given_again(ckpt, {"training": {"batch_size": 8}, "model": {"n_head": 4}},
                           {**record, "settings": {"model.n_head": 4}}, Path("x"))

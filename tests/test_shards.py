@@ -22,10 +22,16 @@ def test_a_file_whose_column_holds_only_nulls_is_skipped_with_a_note(tmp_path, c
     write_parquet(tmp_path / "c.parquet", [], 2)  # a file without rows: left out too, and said
     list_units(tmp_path, "text")
     assert f"{tmp_path}: skipped 1 file(s) with no rows, e.g. c.parquet" in capsys.readouterr().out
-    with pytest.raises(DataError, match=r": its parquet file b.parquet holds no rows of documents: write the "
-                                        r"documents into it \(python prepare.py --from-text turns text files into "
-                                        r"shards\)$"):
+    with pytest.raises(DataError, match=r": column 'text' holds only nulls \(type null\) in every file with rows, e.g. "
+                                        r"b.parquet; write the documents into it \(python prepare.py --from-text"):
         list_units(tmp_path / "b.parquet", "text")
+    pq.write_table(pa.table({"text": pa.nulls(3), "content": ["x", "y", "z"]}), tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"e.g. d.parquet; set dataset.text_column to the column with the text \(its "
+                                        r"string columns are \['content'\]"):
+        list_units(tmp_path / "d.parquet", "text")
+    pq.write_table(pa.table({"text": []}), tmp_path / "e.parquet")  # no rows, no type: empty, not nulls
+    with pytest.raises(DataError, match=r"its parquet file e.parquet holds no rows: write the documents into it"):
+        list_units(tmp_path / "e.parquet", "text")
 
 
 def test_split_depends_on_the_seed_the_file_and_the_row_group_not_on_where_the_file_is():
