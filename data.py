@@ -341,7 +341,7 @@ def validation_batches(cfg, units, tokenizer, note_few: bool = True) -> list:
                             f"text into more documents (python prepare.py --from-text ... with a smaller "
                             f"--chunk-bytes),"
                             f"{fraction} or set dataset.val_parquet_dir")
-        what = "holds" if dataset_cfg.val_parquet_dir else f"split (val_fraction {dataset_cfg.val_fraction}) holds"
+        what = "documents hold" if dataset_cfg.val_parquet_dir else f"split (val_fraction {dataset_cfg.val_fraction}) holds"
         more = "add validation documents" if dataset_cfg.val_parquet_dir else "raise dataset.val_fraction, or add documents"
         cache = ParquetFileCache(1)
         tokens = sum(len(part) for unit in units for part in read_unit_tokens(

@@ -276,10 +276,10 @@ class StepLog:
             print(f"  note: at this speed the run takes about {seconds_per_step * max_iters / 3600:.1f} hours on "
                   f"this CPU: model and batch are sized for a GPU; configs/tiny.yaml is sized for a CPU (minutes)",
                   flush=True)
-        if self.epochs_ended:  # (more than one: passes shorter than log_freq steps)
+        if self.epochs_ended > 0:  # (more than one: passes shorter than log_freq steps)
             done = "a pass over the training data is" if self.epochs_ended == 1 else \
                 f"{self.epochs_ended} passes over the training data are"
-            print(f"  {done} done: its documents are read again, reshuffled", flush=True)
+            print(f"  {done} done: the documents are read again, reshuffled", flush=True)
         self.metrics.log(record)
         self._next_line()  # writing the line is not the next line's training time
 

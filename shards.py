@@ -91,7 +91,8 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
     if all_null and not units:
         path, strings, has = all_null[0]
         fix = (f"set dataset.text_column to the column with the text ({has})" if strings else
-               "write the documents into it (python prepare.py --from-text turns text files into shards)")
+               "the files hold no text: write the documents into them (python prepare.py --from-text turns text "
+               "files into shards)")
         raise DataError(f"{root}: column {text_column!r} holds only nulls (type null) in every file with rows, e.g. "
                         f"{path.name}; {fix}")
     if all_null:

@@ -302,12 +302,12 @@ def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys)
                                              cfg.dataset.split_seed, 0.2, "text", 2, ByteTokenizer(),
                                              shuffle=False))  # batches in one pass
     assert abs(epochs[-1] - 50 / one_pass) < 0.5
-    assert "  a pass over the training data is done: its documents are read again, reshuffled\n" in out
+    assert "  a pass over the training data is done: the documents are read again, reshuffled\n" in out
     assert f"done: 50 steps ({epochs[-1]:.2f} passes" in out
     # passes shorter than log_freq: the line says how many ended since the last one
     assert train.main(["--config", str(path), "training.log_freq=1000",
                        f"training.checkpoint_dir={tmp_path / 'ck2'}"]) == 0
-    assert "  2 passes over the training data are done: its documents are read again, reshuffled\n" in \
+    assert "  2 passes over the training data are done: the documents are read again, reshuffled\n" in \
         capsys.readouterr().out
 
 

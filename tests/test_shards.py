@@ -23,7 +23,7 @@ def test_a_file_whose_column_holds_only_nulls_is_skipped_with_a_note(tmp_path, c
     list_units(tmp_path, "text")
     assert f"{tmp_path}: skipped 1 file(s) with no rows, e.g. c.parquet" in capsys.readouterr().out
     with pytest.raises(DataError, match=r": column 'text' holds only nulls \(type null\) in every file with rows, e.g. "
-                                        r"b.parquet; write the documents into it \(python prepare.py --from-text"):
+                                        r"b.parquet; the files hold no text: write the documents into them"):
         list_units(tmp_path / "b.parquet", "text")
     pq.write_table(pa.table({"text": pa.nulls(3), "content": ["x", "y", "z"]}), tmp_path / "d.parquet")
     with pytest.raises(DataError, match=r"e.g. d.parquet; set dataset.text_column to the column with the text \(its "
