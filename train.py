@@ -68,10 +68,9 @@ class TrainingError(Exception):
     pass
 
 
-def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line=None) -> int:
+def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line: dict) -> int:
     """`arguments`: train.py and the command line's, for the resume command printed when a signal
     stops the run; `command_line`: its config file and the settings it gives (resume_checks.command_line_record)."""
-    command_line = command_line or {"config": None, "settings": {}}
     training = cfg.training
     compute_dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
     compute = autocast(device, compute_dtype)
@@ -400,7 +399,7 @@ def main(argv=None) -> int:
         overrides = {o.partition("=")[0]: o for o in args.overrides}  # a key given twice: its last value
         overrides.pop("training.resume_from_checkpoint", None)
         arguments = shlex.join([script_here("train.py"), "--config", args.config, *overrides.values()])
-        return train(cfg, arguments, ranks, device, command_line=command_line_record(args.config, args.overrides))
+        return train(cfg, arguments, ranks, device, command_line_record(args.config, args.overrides))
     except (DataError, TokenizerError, CheckpointError, MetricsError, TrainingError, DeviceError,
             DistributedError, FP8Error, LowBitError) as e:
         return failed(f"error{rank_of(ranks)}: {one_line(e)}", consequence=peers_lost())
