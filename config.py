@@ -241,6 +241,11 @@ class Config:
         if model.vocab_size < 256 and self.dataset.tokenizer == "bytes":
             problems.append(f"model.vocab_size: tokens are bytes 0..255, so it must be >= 256, "
                             f"got {model.vocab_size}")
+        if training.learning_rate > 1:  # AdamW moves each weight by about the learning rate a step
+            mantissa, exponent = f"{training.learning_rate:e}".split("e")
+            problems.append(f"training.learning_rate: {training.learning_rate:g} would move every weight by about "
+                            f"that much each step (AdamW): AdamW trains at about 1e-4 to 1e-2"
+                            + (f"; did you mean {float(mantissa):g}e-{int(exponent)}?" if int(exponent) >= 2 else ""))
         if training.min_lr > training.learning_rate > 0:  # (a learning rate <= 0 is reported as such)
             problems.append(f"training.min_lr: must be <= training.learning_rate ({training.learning_rate}), got "
                             f"{training.min_lr}; set it too, e.g. training.min_lr={training.learning_rate / 10:g}")
@@ -342,7 +347,7 @@ def add_config_arguments(parser, default: str = "config.yaml"):
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help=f"override any config field, e.g. training.batch_size=16 (the sections: "
                              f"{', '.join(_sections())}; train.py --print-config lists every field and its value)")
-    parser.setting_paths = all_paths()  # parse_arguments: --max_iters 10 is training.max_iters=10
+    parser.setting_paths = all_paths()  # parse_arguments: --max_iters 10 is told to write training.max_iters=10
     parser.switch_paths = {f"{name}.{key}" for name, cls in _sections().items()  # and --debug: training.debug=true
                            for key, hint in typing.get_type_hints(cls).items() if hint is bool}
 
@@ -373,7 +378,8 @@ def load_config(args) -> Config:
         cfg = Config.from_yaml(args.config, args.overrides)
         if rank_zero and args.config and not read_yaml(args.config, _sections()):  # an editor's unsaved new file
             print(f"note: {args.config} holds no settings: every setting not given on the command line has its "
-                  f"default (config.yaml lists them)", file=sys.stderr)
+                  f"default (config.yaml lists them: a model sized for a GPU; configs/tiny.yaml is for a CPU)",
+                  file=sys.stderr)
         sharded = cfg.training.distributed == "fsdp" and launched_by_torchrun()
         if sharded and (problems := fsdp_problems(cfg)):
             raise ConfigError(problems)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from files import ZIP_MAGIC, relative_to_here, tell_torchrun
+from files import ZIP_MAGIC, near_miss, relative_to_here, tell_torchrun
 
 SEED = 1337  # the default of training.seed and of dataset.split_seed
 
@@ -121,7 +121,8 @@ def read_config_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         with_suffix = [f"{path}{suffix}" for suffix in (".yaml", ".yml") if Path(f"{path}{suffix}").is_file()]
-        fix = f"did you mean --config {with_suffix[0]}?" if with_suffix else "pass an existing file with --config"
+        close = with_suffix[0] if with_suffix else near_miss(path, keep=Path.is_file)
+        fix = f"did you mean --config {close}?" if close else "pass an existing file with --config"
         raise ConfigError([f"{path}: config file not found{relative_to_here(path)}; {fix}"])
     except UnicodeDecodeError as e:
         if path.read_bytes()[:4] == ZIP_MAGIC:  # what torch.save writes
@@ -150,7 +151,10 @@ def yaml_syntax_problem(path: Path, text: str, e: yaml.YAMLError) -> str:
             problem += " (a value holding ': ' needs quotes: key: \"a: b\")"
         elif above is not None and not content[above].endswith(":") and indent > len(lines[above]) - len(
                 lines[above].lstrip()):  # under a key that has its value: a key of the same mapping, indented more
-            problem += f" (is it indented more than line {above + 1}, a key of the same section?)"
+            outdented = lines[above] == lines[above].lstrip()  # or that key, at the top, left its section
+            problem += (f" (line {above + 1} has a value, and this line is indented under it: is line {above + 1} "
+                        f"indented less than its section's keys, or this one more?)"
+                        if outdented else f" (is it indented more than line {above + 1}, a key of the same section?)")
     line = lines[mark.line] if mark and mark.line < len(lines) else ""
     if "'\\t'" in problem:
         problem += " (write spaces: YAML does not allow a tab there)"
@@ -380,6 +384,8 @@ def parse_arguments(parser, argv=None):
                          f"{ALIASES[key]}={value}")
         if item.startswith("-") and (match := difflib.get_close_matches(dashed, options, n=1)):
             parser.error(f"unrecognized argument {item}: did you mean {match[0]}?")
+        if len(name) == 2 and name[0] == "-" and len(starting := [o for o in options if o[2:3] == name[1]]) == 1:
+            parser.error(f"unrecognized argument {item}: did you mean {starting[0]}?")  # -c: --config
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args

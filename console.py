@@ -1,5 +1,7 @@
 """What a run prints: describe_run, the lines it starts with (model, data, optimizer, notes);
-step_line and evaluation_lines, the lines of a step's and an evaluation's metrics records."""
+step_line and evaluation_lines, the lines of a step's and an evaluation's metrics records; done_lines, the
+run's last words."""
+import math
 from pathlib import Path
 
 from adamw4bit import AdamW4bit, adamw_state_bytes
@@ -9,14 +11,15 @@ from files import byte_amount
 CPU_STEP_FLOPS = 1e12  # a few seconds at the bf16 speed of a many-core CPU; config.yaml's model is 5 per step
 
 
-def step_line(record: dict, max_iters: int, eta: float | None, elapsed: float) -> str:
-    """The printed line of a step's metrics record (eta: seconds left; None: no estimate yet)."""
+def step_line(record: dict, max_iters: int, eta: float | None, elapsed: float, at_least: bool = False) -> str:
+    """The printed line of a step's metrics record (eta: seconds left; None: no estimate yet;
+    at_least: it leaves out evaluations or checkpoints not yet timed, shown as ">0:02:29")."""
     extra = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
     if record.get("skipped_steps"):  # float16: gradients overflowed, the scaler skipped those updates
         extra += f" | {record['skipped_steps']} step(s) skipped by the float16 loss scaler"
     if record.get("data_wait", 0) >= 0.05:  # the loader does not keep up (below, it is handing batches over)
         extra += f" | waiting for data {record['data_wait']:.0%}"
-    eta = "after compilation" if eta is None else format_duration(eta)
+    eta = "after compilation" if eta is None else ">" * at_least + format_duration(eta)
     grad_norm = "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
     return (f"step {record['step']}/{max_iters} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | grad norm "
             f"{grad_norm} | {record['tokens_per_s']:,} tok/s | {record['ms_per_step']:.1f} ms/step{extra} | "
@@ -29,6 +32,18 @@ def evaluation_lines(record: dict) -> str:
     return (f"step {record['step']}: val loss {record['val_loss']:.4f} | {record['val_bits_per_byte']:.4f} bits/byte | "
             f"active latents: x {x_active:.1%}, y {y_active:.1%} (mean over layers)\n--- sample: validation text ---\n"
             f"{record['sample_prompt']}\n--- the model continues ---\n{record['sample']}\n--------------")
+
+
+def done_lines(progress, here: int, passes: float, seconds: float, train_on: str) -> str:
+    """What a run says when it reaches max_iters: `here`, the steps of this process (a resumed run's
+    are fewer); `train_on`, the command that trains it on to twice its steps."""
+    step = progress.step
+    return (f"done: {step} step{'s' * (step != 1)} ({passes:.2f} passes over the training data)"
+            + (f", the last {here} in this process" if here < step else "") + f" in {format_duration(seconds)}"
+            + (f"; best validation loss {progress.best_val_loss:.4f} (best.pt)"
+               if math.isfinite(progress.best_val_loss) else "")
+            + f"; final checkpoint {progress.last_saved}\nto train on, to step {2 * step} say (the learning rate then "
+            f"rises again: its schedule runs to the new max_iters):\n  {train_on}")
 
 
 def format_duration(seconds: float) -> str:

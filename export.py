@@ -109,7 +109,9 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
              f"- tokens: {tokens}",
              f"- data: {dataset.get('parquet_dir')} (column {dataset.get('text_column')!r}), validation "
              + (f"{dataset['val_parquet_dir']}" if dataset.get("val_parquet_dir")
-                else f"fraction {dataset.get('val_fraction')}"),
+                else f"fraction {dataset.get('val_fraction')}")
+             + (f", measured on up to {training['eval_iters']} batches (training.eval_iters)"  # (2 say less than 200)
+                if "eval_iters" in training else ""),
              f"- training: step {ckpt.step} of {training.get('max_iters')}, batch {training.get('batch_size')} x "
              f"block {training.get('block_size')} x accumulation {training.get('gradient_accumulation_steps')}"
              + (f" x {len(ckpt.rng)} processes" if len(ckpt.rng) > 1 else "")

@@ -9,6 +9,7 @@ cut short.
 Also the checks of the output paths the scripts are given (picture_path, output_path), how to name
 a path or a script in a message, and what files start with.
 """
+import difflib
 import json
 import os
 import re
@@ -210,6 +211,18 @@ def check_outputs(parser, outputs: dict):
                 output_path(out, option)
             except ValueError as e:
                 parser.error(str(e))
+
+
+def near_miss(path, keep=lambda entry: True) -> Path | None:
+    """For a missing path: the entry of its folder (one that `keep` takes) whose name is so close
+    that the path is likely a typo of it (tiny.yml: tiny.yaml), or None."""
+    path = Path(path)
+    try:
+        names = [entry.name for entry in path.parent.iterdir()]
+    except OSError:
+        return None
+    return next((path.parent / name for name in difflib.get_close_matches(path.name, names, 3, 0.92)
+                 if keep(path.parent / name)), None)
 
 
 def relative_to_here(path) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from checkpoint import (CheckpointError, is_export, load_checkpoint, load_export, low_precision_of,
                         model_from_checkpoint, saved_step)
-from files import read_records, relative_to_here
+from files import near_miss, read_records, relative_to_here
 from model import BDH
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
@@ -119,7 +119,8 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
         step = checkpoint_step(path)
         removed = step is not None and kept and step < checkpoint_step(kept[0])  # older than the oldest kept
         words = ("latest",) if flag else ("latest", "auto")
-        fix = (f"did you mean {runs[-1] / path.name}?" if runs else
+        near = near_miss(path, keep=resumable_in) if not bare and not kept else None  # a run's name mistyped
+        fix = (f"did you mean {runs[-1] / path.name}?" if runs else f"did you mean {near}?" if near else
                f"its folder holds {', '.join(p.name for p in kept[::-1])}"
                f"{' (if it was saved, it went: training.keep_last_n keeps the newest only)' * bool(removed)}" if kept else
                f"did you mean {spec.lower()} (in lower case)?" if spec.lower() in words else

@@ -47,7 +47,7 @@ class MetricsLog:
         """evaluation_due: the resume evaluates resumed_step first (a stop saved before it): an earlier
         resume from the same checkpoint may have recorded that evaluation, which then goes."""
         self.run, self.settings, self.resumed_step = run, cfg.logging, resumed_step
-        self.config_yaml = cfg.to_yaml()  # TensorBoard's text of a new run: which run is which
+        self.config_yaml = cfg.to_yaml()  # TensorBoard's text: which run is which, and what a resume changed
         self.pending, self.tensorboard, self.wandb = [], None, None
         if not run.writer:
             return
@@ -82,8 +82,8 @@ class MetricsLog:
             # (a due evaluation of the resumed step, run again: TensorBoard keeps its earlier point, the same value)
             purge = None if self.resumed_step is None else self.resumed_step + 1
             self.tensorboard = SummaryWriter(str(self.run.path), purge_step=purge)
-            if self.resumed_step is None:
-                self.tensorboard.add_text("config", indented(self.config_yaml), 0)
+            # the config of each process, at its first step: what a resume changed shows in the text tab
+            self.tensorboard.add_text("config", indented(self.config_yaml), purge or 0)
         if self.wandb is not None and not (self.run.path / "wandb_run_id").exists():
             atomic_write(self.run.path / "wandb_run_id", lambda f: f.write(self.wandb.id.encode()))
             if not self.settings.wandb_run_name and self.wandb.name != self.run.path.name:
@@ -131,13 +131,15 @@ class MetricsLog:
         folder.mkdir(parents=True, exist_ok=True)
         settings = dict(project=self.settings.wandb_project, entity=self.settings.wandb_entity,
                         name=self.settings.wandb_run_name or self.run.name, dir=str(folder), config=cfg.to_dict())
+        # W&B ignores a step below one the run has logged: the steps after the checkpoint, trained again, would be
+        # lost. They go to a new W&B run of the same name. metrics.jsonl may say so already (offline, the only
+        # record): then the old W&B run is not opened at all (offline, that would leave a folder to sync).
+        ahead = continues and self.logged_to > self.resumed_step
         try:
-            self.wandb = wandb.init(id=run_id, resume="allow", **settings)
+            self.wandb = wandb.init(id=secrets.token_hex(6) if ahead else run_id, resume="allow", **settings)
             # what W&B holds: its server says (starting_step), offline only metrics.jsonl does
             logged_to = max(self.wandb.starting_step - 1, self.logged_to)
-            if continues and logged_to > self.resumed_step:
-                # W&B ignores a step below one the run has logged: the steps after the checkpoint, trained
-                # again, would be lost. They go to a new W&B run of the same name.
+            if continues and not ahead and logged_to > self.resumed_step:
                 self.wandb.finish()
                 self.wandb = wandb.init(id=secrets.token_hex(6), **settings)
         except Exception as e:  # no API key, no network, a bad entity: before training, not hours in
@@ -255,22 +257,26 @@ class StepLog:
             record["mfu"] = flops_per_s / self.peak
         return record
 
-    def pauses_left(self, step: int) -> float:
+    def pauses_left(self, step: int) -> tuple[float, bool]:
         """Seconds the evaluations and checkpoints from `step` on will take (its line comes before its
-        own), at what the last of each took."""
+        own), at what the last of each took; and whether some of them are left out, being due but
+        not yet timed in this process."""
         max_iters = self.cfg.training.max_iters
 
         def due_from(every):  # every `every` steps, and at max_iters
             return max_iters // every - (step - 1) // every + (max_iters % every != 0)
-        return sum(self.took.get(doing, 0.0) * due_from(every) for doing, every in (
-            (EVALUATING, self.cfg.training.test_freq), (SAVING, self.cfg.training.checkpoint_freq)))
+        due = {doing: due_from(every) for doing, every in (
+            (EVALUATING, self.cfg.training.test_freq), (SAVING, self.cfg.training.checkpoint_freq))}
+        return (sum(self.took.get(doing, 0.0) * count for doing, count in due.items()),
+                any(count and doing not in self.took for doing, count in due.items()))
 
     def write(self, record: dict):
         """Print the record's line (and notes it calls for) and record it."""
         step, max_iters = record["step"], self.cfg.training.max_iters
         seconds_per_step = record["ms_per_step"] / 1000
-        eta = None if record.get("compiling") else seconds_per_step * (max_iters - step) + self.pauses_left(step)
-        print(step_line(record, max_iters, eta, record["elapsed_s"]), flush=True)
+        pauses, untimed = self.pauses_left(step)
+        eta = None if record.get("compiling") else seconds_per_step * (max_iters - step) + pauses
+        print(step_line(record, max_iters, eta, record["elapsed_s"], at_least=untimed), flush=True)
         if (self.first_step == 1 and step == 2 and self.device.type == "cpu" and seconds_per_step > SLOW_CPU_STEP_S
                 and seconds_per_step * max_iters > 3600):  # a fresh run's first step not compiling
             print(f"  note: at this speed the run takes about {seconds_per_step * max_iters / 3600:.1f} hours on "

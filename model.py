@@ -23,8 +23,8 @@ To change the layer (another attention, say), these go together: layer_forward, 
 layer_backward, its gradient by hand (the saved tensors, SAVED_PER_LAYER); recurrent_forward, the
 same layer for generation; reference.reference_forward, the yardstick the tests hold them to;
 BDHConfig.training_flops_per_token and runtime.activation_bytes, what it costs; MODEL.md. To try an
-idea first, reference_forward trains through autograd (assign it to BDH.forward): slow, and
-generation and the evaluation's active-latent counts still go through this file's layer.
+idea first, reference_forward trains and evaluates through autograd (assign it to BDH.forward): slow,
+and generation still goes through this file's recurrent_forward.
 """
 import math
 import warnings

@@ -7,11 +7,12 @@ activations as a picture.
 One panel per layer shows the x latent a = relu(x @ encoder) of every prompt token (rows) over the
 neurons that fire for at least one of them in some layer (columns, the same in every panel since the
 layers share their weights, the most often active first, at most --max-neurons; H*N neurons in all):
-white where a neuron is silent, darker the stronger it fires (one scale for all panels, beside each). The picture shows the first --max-tokens tokens (a row each); the figures count them all.
-It prints, per layer, the share of the x and y latents (y: b = relu(LN(A x) @ encoder_v)) that is
-non-zero and how many distinct neurons the prompt used. A prompt may be as long as fits in
-MEMORY_BUDGET (2 GiB): the forward pass keeps every layer's T x T attention scores, so the memory
-grows with the square of its length (memory_bytes).
+white where a neuron is silent, darker the stronger it fires (one scale for all panels, beside each). The
+picture shows the first --max-tokens tokens (a row each); the figures count them all. Layers are numbered
+from 0, as in the metrics (sparsity/x_layer0). It prints, per layer, the share of the x and y latents
+(y: b = relu(LN(A x) @ encoder_v)) that is non-zero and how many distinct neurons the prompt used. A
+prompt may be as long as fits in MEMORY_BUDGET (2 GiB): the forward pass keeps every layer's T x T
+attention scores, so the memory grows with the square of its length (memory_bytes).
 """
 import argparse
 import math
@@ -98,7 +99,7 @@ def draw(found, labels, out, max_neurons: int):
         fig.colorbar(image, ax=ax, pad=0.01, fraction=0.02).set_label("x latent", fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=7, family="monospace")
         ax.set_xticks([])
-        ax.set_title(f"layer {layer + 1}: the x latent a (drawn) is {float((a > 0).float().mean()):.1%} active, the y "
+        ax.set_title(f"layer {layer}: the x latent a (drawn) is {float((a > 0).float().mean()):.1%} active, the y "
                      f"latent {float((b > 0).float().mean()):.1%}; {int((firing > 0).sum()):,} of {a.shape[1]:,} "
                      f"neurons fire for some token", fontsize=9, loc="left")
     axes[-1, 0].set_xlabel(f"neurons: the {len(columns):,} that fire most often over all layers, the same in each "
@@ -127,8 +128,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        model, saved_tokenizer, _, origin, trained_on, _ = load_model(args.checkpoint, args.checkpoint_dir,
-                                                                      "--checkpoint")
+        model, saved_tokenizer, _, origin, trained_on, block_size = load_model(args.checkpoint, args.checkpoint_dir,
+                                                                               "--checkpoint")
         tokenizer = tokenizer_from_string(saved_tokenizer)
     except (CheckpointError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -137,6 +138,9 @@ def main(argv=None) -> int:
     if not ids:
         parser.error("the prompt is empty")
     note_prompt_change(tokenizer, args.prompt)
+    if block_size and len(ids) > block_size:
+        print(f"note: the model trained on windows of {block_size} tokens and the prompt is {len(ids):,}: past "
+              f"{block_size} it reads positions it never trained at, and the figures count them too", file=sys.stderr)
     if len(ids) > (limit := max_prompt_tokens(model.config)):
         fitting = len(tokenizer.decode(ids[:limit]).rstrip("\ufffd"))  # (a character cut short: U+FFFD)
         parser.error(f"the prompt is {len(ids):,} tokens, more than the {limit:,} that fit in {MEMORY_BUDGET // 2**30} "
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
               f"latent neurons per layer (H*N)")
         print(f"{'layer':>5} {'x active':>9} {'y active':>9} {'neurons used':>13}")
         for layer, (a, b) in enumerate(found):
-            print(f"{layer + 1:>5} {float((a > 0).float().mean()):>9.2%} {float((b > 0).float().mean()):>9.2%} "
+            print(f"{layer:>5} {float((a > 0).float().mean()):>9.2%} {float((b > 0).float().mean()):>9.2%} "
                   f"{int(((a > 0).sum(0) > 0).sum()):>13,}")
         print(f"wrote {args.out}" + (f" (the first {shown} of {len(ids)} tokens: --max-tokens)" if shown < len(ids)
                                      else ""), flush=True)

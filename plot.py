@@ -22,6 +22,10 @@ class PlotError(Exception):
     pass
 
 
+class NothingLogged(PlotError):
+    pass
+
+
 def read_metrics(run_dir: Path) -> tuple[list, list]:
     """(training records, evaluation records) of a run."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -36,7 +40,7 @@ def read_metrics(run_dir: Path) -> tuple[list, list]:
     train = [r for r in records if "train_loss" in r]
     evaluations = [r for r in records if "val_loss" in r]
     if not train and not evaluations:
-        raise PlotError(f"{path}: holds no training or validation records yet")
+        raise NothingLogged(f"{path}: holds no training or validation records yet")
     return train, evaluations
 
 
@@ -152,8 +156,17 @@ def plot(run_dirs, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.ticker import EngFormatter, MaxNLocator
-    run_dirs = runs_of(run_dirs)
-    runs = [read_metrics(d) for d in run_dirs]
+    read, problems = {}, []
+    for run_dir in runs_of(run_dirs):
+        try:
+            read[run_dir] = read_metrics(run_dir)
+        except NothingLogged as e:  # among several runs: one that has not logged yet is left out, not the picture
+            problems.append(e)
+    if problems and not read:
+        raise problems[0]
+    for problem in problems:
+        print(f"note: {problem}; left out", file=sys.stderr)
+    run_dirs, runs = list(read), list(read.values())
     names = [Path(d).resolve().name for d in run_dirs]
     if len({Path(d).resolve().parent for d in run_dirs}) > 1:  # runs of several folders (experiments): say which
         names = [f"{Path(d).resolve().parent.name}/{Path(d).resolve().name}" for d in run_dirs]

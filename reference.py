@@ -22,7 +22,8 @@ def rope(a, cos, sin):
     return (a * cos).to(a.dtype) + (a_rot * sin).to(a.dtype)
 
 
-def reference_forward(model: BDH, idx, targets=None):
+def reference_forward(model: BDH, idx, targets=None, observe=None):
+    """(logits, loss), as BDH.forward; observe(a, b), if given, sees each layer's two sparse latents."""
     config = model.config
     B, T = idx.shape
     D, H, N = config.n_embd, config.n_head, config.n_latent
@@ -34,6 +35,8 @@ def reference_forward(model: BDH, idx, targets=None):
         scores = (r @ r.transpose(-1, -2)).tril(diagonal=-1)
         y = layer_norm(scores @ x)
         b = F.relu(y @ model.encoder_v)
+        if observe is not None:  # in model.py's layout: a (H, B, T, N), b (H, B*T, N)
+            observe(a.transpose(0, 1), b.transpose(0, 1).reshape(config.n_head, B * T, -1))
         z = F.dropout(a * b, config.dropout, training=model.training)
         z = z.transpose(1, 2).reshape(B, 1, T, H * N)
         x = layer_norm(x + layer_norm(z @ model.decoder))

@@ -17,6 +17,7 @@ import torch
 from adamw4bit import convert_adamw_state
 from checkpoint import Checkpoint, CheckpointError, is_export, load_export
 from distributed import full_state, load_full_state, load_full_weights
+from files import near_miss
 from locate import checkpoint_candidates, is_run_directory, open_checkpoint, resumable_runs
 from positions import SHARDS, data_order, resume_point
 from resume_checks import (carried_forward, check_given_again, check_same_data, check_same_model, check_same_tokenizer,
@@ -100,12 +101,15 @@ def resolve_auto(checkpoint_dir: str, ranks, device) -> str | None:
     """What resume_from_checkpoint=auto means: latest where checkpoint_dir holds a run with a
     checkpoint (on any rank: a rank that sees none is told by latest), else None, a new run. One
     auto job at a time decides and trains in checkpoint_dir (rundir.hold_auto_start)."""
+    new_folder = not Path(checkpoint_dir).exists()  # (before the hold creates it)
     if ranks.main:
         hold_auto_start(checkpoint_dir)
     if ranks.any(bool(resumable_runs(Path(checkpoint_dir))), device):
         return "latest"
     if ranks.main:
-        print(f"training.resume_from_checkpoint auto: no run with a checkpoint in {checkpoint_dir} yet: a new run")
+        near = near_miss(checkpoint_dir, keep=resumable_runs) if new_folder else None  # a typo of the folder's name?
+        print(f"training.resume_from_checkpoint auto: no run with a checkpoint in {checkpoint_dir} yet: a new run"
+              + (f" (did you mean training.checkpoint_dir={near}? It holds runs)" if near else ""))
     return None
 
 
@@ -163,7 +167,8 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
     progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=ckpt.best_val_loss, last_saved=path,
                         passes=ckpt.passes, measured_anew=ckpt.measured_anew, evaluation_due=ckpt.evaluation_due,
                         command_line=progress_command_line)
-    run = reopen_run(cfg, path, ckpt, progress, ranks, device, unreadable)
+    run = reopen_run(cfg, path, ckpt, progress, ranks, device, unreadable,
+                     checkpoint_dir_given="training.checkpoint_dir" in command_line["settings"])
     if ckpt.step >= cfg.training.max_iters:  # train() says there is nothing to do; nothing changes either
         return run, progress, []
     if note := schedule_jump(ckpt, cfg.training):
@@ -185,13 +190,14 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
     return run, progress, positions
 
 
-def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreadable=()) -> RunDir:
+def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreadable=(),
+               checkpoint_dir_given=False) -> RunDir:
     """The run directory a resumed run writes into: the checkpoint's own, or a new one when the
     checkpoint lies outside a run directory (a download, a backup: not a run to write into or prune)
     or in one that cannot be written (a read-only mount, another user's run).
     Says that the run resumes once the directory is its own (another process may be training in it).
     `unreadable`: checkpoints skipped for this one, set aside in its run (before a later one is taken
-    for an abandoned branch)."""
+    for an abandoned branch). `checkpoint_dir_given`: on the command line, where it is not used."""
     nothing_to_do = ckpt.step >= cfg.training.max_iters  # train() says so: nothing to move or record either
     ended = ckpt.step == setting(ckpt.config, "training.max_iters")
     found = (f" (the newest run in {cfg.training.checkpoint_dir}{', which had ended' * ended})"  # (`auto` too)
@@ -210,6 +216,10 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreada
         return run
     run.lock()
     print(announce, end="")
+    if checkpoint_dir_given and os.path.realpath(cfg.training.checkpoint_dir) != os.path.realpath(path.parent.parent):
+        print(f"  training.checkpoint_dir {cfg.training.checkpoint_dir} is not used: a resume continues in its run's "
+              f"directory, {path.parent} (for a separate run from this checkpoint, copy the checkpoint file out of "
+              f"the run directory and resume the copy)")
     if renamed := run.set_aside_unreadable(unreadable):
         print(f"  the checkpoint(s) that could not be read are now {', '.join(renamed)} (keep_last_n no longer "
               f"counts them; delete them once you have looked)")
@@ -218,7 +228,8 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreada
     moved, folder = run.set_aside_after(ckpt.step)
     if moved:  # an older checkpoint asked for by name (the later ones that cannot be read are set aside above)
         print(f"  a new branch from step {ckpt.step}: the abandoned branch's {', '.join(moved)} moved to {folder} "
-              f"(`latest` and keep_last_n see this branch only)")
+              f"(`latest` and keep_last_n see this branch only; a wrong checkpoint named? stop now and move the "
+              f"folder's files back into {run.path} to take that branch back)")
     for line in run.record_resumed_config(ckpt.step, ckpt.config, cfg.to_dict(), config_as_run(cfg, device)):
         print(f"  config changed: {line}")
     return run

@@ -216,6 +216,12 @@ def resuming(ranks: Ranks, arguments: str, where: Path) -> str:
     return f"{launcher(ranks)}{arguments} {shlex.quote(f'training.resume_from_checkpoint={where}')}"
 
 
+def extending(arguments: str, max_iters: int) -> str:
+    """train()'s `arguments` with max_iters set, for the command that trains a finished run on."""
+    words = [word for word in shlex.split(arguments) if not word.startswith("training.max_iters=")]
+    return shlex.join([*words, f"training.max_iters={max_iters}"])
+
+
 def stopped_at_once(resuming_a_run: bool = False) -> int:
     """`resuming_a_run`: the run resumes a checkpoint (the signal may come before it is read)."""
     if first_process():  # (under torchrun every rank heard the signal: once)

@@ -40,7 +40,7 @@ from adamw4bit import make_optimizer
 from checkpoint import CheckpointError
 from config import add_config_arguments, learning_rate, load_config, step_tokens
 from config_file import parse_arguments
-from console import describe_run, evaluation_lines, format_duration
+from console import describe_run, done_lines, evaluation_lines
 from data import loader_workers, prepare_data, rank_positions, train_loader
 from distributed import (DistributedError, Ranks, communication_failure, failed, first_process,
                          gradient_sync, local_tensor, peers_lost, shutdown, start, wrap)
@@ -59,8 +59,8 @@ from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_cl
                      resolve_compute_dtype, steady_host_memory)
 from shards import DataError
 from stopping import (EVALUATING, SAVING, SIGNALS, GracefulStop, StepVote, StoppedWhileClosing, exit_with,
-                      outputs_without_reader, put_back_outputs, resume_command, resuming, stop_loader_workers,
-                      stopped_at_once, tearing_down)
+                      extending, outputs_without_reader, put_back_outputs, resume_command, resuming,
+                      stop_loader_workers, stopped_at_once, tearing_down)
 from tokenizer import TokenizerError
 
 
@@ -277,14 +277,10 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
                 write_step_line(step_log, step, lr, progress)
             break
     if not stop.last_words:  # max_iters reached
-        here = progress.step - step_log.first_step + 1  # (a resumed run: the steps of this process)
-        stop.closing(f"done: {progress.step} step{'s' * (progress.step != 1)} ({step_log.epochs:.2f} passes over the "
-                     f"training data)"
-                     + (f", the last {here} in this process" if here < progress.step else "")
-                     + f" in {format_duration(time.perf_counter() - step_log.start)}"
-                     + (f"; best validation loss {progress.best_val_loss:.4f} (best.pt)"
-                        if math.isfinite(progress.best_val_loss) else "")
-                     + f"; final checkpoint {progress.last_saved}")
+        stop.closing(done_lines(progress, here=progress.step - step_log.first_step + 1, passes=step_log.epochs,
+                                seconds=time.perf_counter() - step_log.start,
+                                train_on=resuming(ranks, extending(arguments, 2 * progress.step),
+                                                  progress.last_saved.parent)))
     stop_vote.settle()
     metrics.close()
     print(stop.last_words)
@@ -354,13 +350,13 @@ def stop_for_data(e: DataError, step: int, before: Progress, rng_before: dict | 
 
 
 def non_finite(what: str, step: int, last_saved, training, float16: bool = False) -> TrainingError:
-    where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
+    where = f"nothing saved; the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
     clip = (f"training.grad_clip (now {training.grad_clip})" if training.grad_clip else
             "set training.grad_clip (e.g. 1.0)")
     # no softmax bounds BDH's attention: its sums over the context can pass float16's 65,504
     overflow = ("; in float16, activations past 65,504 overflow: compute_dtype bfloat16 (Ampere and newer GPUs) or "
                 "float32 has the range" if float16 else "")
-    return TrainingError(f"{what} is not finite at step {step} (nothing saved; {where}): lower "
+    return TrainingError(f"{what} is not finite at step {step} ({where}): lower "
                          f"training.learning_rate (now {training.learning_rate}) or {clip}, or use "
                          f"training.debug=true to find the operation{overflow}")
 

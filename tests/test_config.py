@@ -85,6 +85,7 @@ def test_a_home_directory_in_paths_is_expanded(monkeypatch):
     ({"model": {"dropout": 1.0}}, "model.dropout: must be in [0, 1)"),
     ({"model": {"n_head": 3}}, "must be divisible by n_head = 3; the nearest that fit: 1, 2, 4, 8"),
     ({"training": {"min_lr": 0.1}}, "training.min_lr: must be <= training.learning_rate"),
+    ({"training": {"learning_rate": 3e4, "min_lr": 3e3}}, "AdamW trains at about 1e-4 to 1e-2; did you mean 3e-4?"),
     ({"training": {"device": "tpu"}}, "training.device: must be one of auto, cpu, cuda, mps"),
     ({"training": {"device": "cuda:1"}}, "got 'cuda:1' (for GPU 1: training.device=cuda and CUDA_VISIBLE_DEVICES=1 "),
     ({"training": {"compile": "yes please"}}, "training.compile: must be true, false or auto"),
@@ -104,6 +105,13 @@ def test_a_home_directory_in_paths_is_expanded(monkeypatch):
 ])
 def test_value_checks(raw, fragment):
     assert any(fragment in p for p in config_problems(raw)), config_problems(raw)
+
+
+def test_a_learning_rate_above_1_is_refused_with_a_guess_only_where_a_minus_sign_went_missing():
+    assert config_problems({"training": {"learning_rate": 2.5}}) == [
+        "training.learning_rate: 2.5 would move every weight by about that much each step (AdamW): AdamW trains at "
+        "about 1e-4 to 1e-2"]  # 2.5e-0 would be no guess
+    assert config_problems({"training": {"learning_rate": 1000.0}})[0].endswith("; did you mean 1e-3?")  # 1_000
 
 
 def test_a_value_spelt_nothing_like_a_choice_gets_no_guess():
@@ -177,7 +185,8 @@ def test_an_empty_config_file_is_noted(tmp_path, capsys):
     args = argparse.Namespace(config=str(tmp_path / "my.yaml"), overrides=["training.max_iters=5"])
     assert load_config(args).training.max_iters == 5
     assert capsys.readouterr().err == (f"note: {tmp_path / 'my.yaml'} holds no settings: every setting not given on "
-                                       f"the command line has its default (config.yaml lists them)\n")
+                                       f"the command line has its default (config.yaml lists them: a model sized for a GPU; "
+                                       f"configs/tiny.yaml is for a CPU)\n")
     load_config(argparse.Namespace(config=str(ROOT / "configs" / "tiny.yaml"), overrides=[]))
     assert capsys.readouterr().err == ""
 

@@ -127,6 +127,12 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
         Config.from_yaml(path)
     assert info.value.problems == [f"{path}:3:14: YAML syntax error: mapping values are not allowed here (is it "
                                    f"indented more than line 2, a key of the same section?)"]
+    path.write_text("training:\n  max_iters: 20\nbatch_size: 8\n  log_freq: 5\n")  # a key that left its section
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(path)
+    assert info.value.problems == [f"{path}:4:11: YAML syntax error: mapping values are not allowed here (line 3 has "
+                                   f"a value, and this line is indented under it: is line 3 indented less than its "
+                                   f"section's keys, or this one more?)"]
     path.write_text("logging:\n  wandb_run_name: exp 3: lower lr\n")  # not the line before: this value
     with pytest.raises(ConfigError) as info:
         Config.from_yaml(path)
@@ -186,6 +192,8 @@ def test_missing_file(tmp_path, monkeypatch):
     (tmp_path / "tiny.yaml").write_text("training:\n  batch_size: 4\n")
     with pytest.raises(ConfigError, match=f"tiny: config file not found; did you mean --config {tmp_path}/tiny.yaml"):
         Config.from_yaml(tmp_path / "tiny")
+    with pytest.raises(ConfigError, match=f"tiny.yml: config file not found; did you mean --config {tmp_path}/tiny.yaml"):
+        Config.from_yaml(tmp_path / "tiny.yml")  # a typo of an existing file's name
     # --config forgotten, from a folder without config.yaml: the file given says so too
     assert file_problems("config.yaml", ["/repo/configs/tiny.yaml"])[1:] == [
         "/repo/configs/tiny.yaml: an override must look like section.key=value; to train with this file: --config "
@@ -336,7 +344,8 @@ def test_an_override_written_as_an_option_is_told_to_drop_the_dashes(capsys):
     assert capsys.readouterr().err.endswith("error: unrecognized arguments: --bogus\n")
     parser.add_argument("--vocab-size")  # a script's own options, misspelled: those, not a setting
     parser.add_argument("--out")
-    for argv, meant in ((["--vocab_size", "4096"], "--vocab-size"), (["--out_dir", "shards"], "--out")):
+    for argv, meant in ((["--vocab_size", "4096"], "--vocab-size"), (["--out_dir", "shards"], "--out"),
+                        (["-c", "a.yaml"], "--config"), (["-v", "4096"], "--vocab-size")):  # a short option guessed
         with pytest.raises(SystemExit):
             parse_arguments(parser, argv)
         assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: did you mean {meant}?\n")

@@ -152,8 +152,8 @@ def test_4bit_export_is_the_model_sample_4bit_serves(tmp_path, corpus, capsys, m
     assert tokenizer.decode(ids[0]) == out.rstrip("\n")
     assert "4-bit weights (nf4" in err and "post-training" not in err  # it was trained for 4 bits
     # without --4bit: the full-precision weights, which its evaluations did not measure
-    full_precision = f"was trained with low_precision.use_4bit for 4-bit serving, and its evaluations measured its " \
-                     f"4-bit weights: add --4bit for those; without it, the full-precision weights"
+    full_precision = "was trained with low_precision.use_4bit for 4-bit serving, and its evaluations measured its " \
+                     "4-bit weights: add --4bit for those; without it, the full-precision weights"
     assert sample.main(["--max-new-tokens", "2", "--checkpoint", str(run), "--device", "cpu"]) == 0
     assert full_precision in capsys.readouterr().err
     assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "export_float")]) == 0
@@ -252,7 +252,7 @@ def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp
     config = Config.from_dict({"model": {"n_layer": 1, "n_embd": 32, "n_head": 2}}).to_dict()
     ckpt = Checkpoint(step=1, model={}, model_config=config["model"], config=config)
     card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
-    assert "), validation fraction 0.05\n" in card
+    assert "), validation fraction 0.05, measured on up to 20 batches (training.eval_iters)\n" in card
     assert "- result: not evaluated yet (stopped before its first evaluation)" in card and "inf" not in card
     ckpt.best_val_loss = 2.5
     assert "- result: best validation loss 2.5000 nats per token" in export.model_card(
@@ -277,7 +277,7 @@ def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp
         ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=True)
     config["dataset"]["val_parquet_dir"] = "data/held_out"
     card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
-    assert "), validation data/held_out\n" in card and "validation fraction" not in card
+    assert "), validation data/held_out, measured on up to 20 batches" in card and "validation fraction" not in card
     assert "accumulation 1\n" in card  # one process; a checkpoint older than token counting
     ckpt.rng, ckpt.tokens = [{}, {}], 40_960  # two processes under torchrun
     card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=True, four_bit=False)

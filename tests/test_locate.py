@@ -39,6 +39,8 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
     assert open_checkpoint(str(run), str(tmp_path))[0] == run / "checkpoint_10.pt"  # by step, not by name
     with pytest.raises(CheckpointError, match=f"checkpoint_10.pt does not exist .*; did you mean {run}/checkpoint_10.pt"):
         open_checkpoint("checkpoint_10.pt", str(tmp_path))  # a run's file by its name alone
+    with pytest.raises(CheckpointError, match=f"{run}0 does not exist; did you mean {run}\\?$"):
+        open_checkpoint(f"{run}0", str(tmp_path))  # the run directory's name mistyped
     with pytest.raises(CheckpointError, match="; give a checkpoint file, a run directory, `latest` or `auto`$"):
         open_checkpoint(str(tmp_path / "gone" / "checkpoint_10.pt"), str(tmp_path))  # another run's, moved: no guess
     with pytest.raises(CheckpointError, match="; give a checkpoint file, a run directory or `latest`$"):

@@ -74,6 +74,7 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, corpus):
     assert [(r["step"], r["train_loss"]) for r in records(run) if "train_loss" in r] == \
         [(r["step"], r["train_loss"]) for r in first if "train_loss" in r]  # exact resume
     assert [e.step for e in events(run).Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events(run).Tensors("config/text_summary")] == [0, 3]  # the resume's config too
 
 
 def test_a_resume_without_metrics_jsonl_says_where_its_records_start(tmp_path, corpus, capsys):
@@ -167,7 +168,9 @@ def test_a_resume_behind_what_wandb_logged_goes_to_a_new_wandb_run(tmp_path, cor
             f"W&B run of the same name, {new_id}") in capsys.readouterr().out
     logged.clear()  # offline
     (run.path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)))
+    del started[:]
     assert MetricsLog(run, cfg, resumed_step=4).wandb.id not in ("first", new_id)
+    assert len(started) == 1 and started[0][0] != new_id  # the W&B run it left is not opened (offline: a folder to sync)
     assert [json.loads(line)["step"] for line in (run.path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
@@ -226,11 +229,16 @@ def test_the_eta_counts_the_evaluations_and_checkpoints_still_to_come():
     from types import SimpleNamespace
     cfg = Config.from_dict({"training": {"max_iters": 105, "test_freq": 20, "checkpoint_freq": 50}})
     log = SimpleNamespace(cfg=cfg, took={})
-    assert metrics.StepLog.pauses_left(log, 40) == 0  # none measured yet
+    assert metrics.StepLog.pauses_left(log, 40) == (0, True)  # none measured yet: the ETA is a lower bound
+    log.took = {"the evaluation": 3.0}
+    assert metrics.StepLog.pauses_left(log, 40) == (3.0 * 5, True)  # the checkpoints' time still unknown
     log.took = {"the evaluation": 3.0, "the checkpoint": 0.5}
-    assert metrics.StepLog.pauses_left(log, 40) == 3.0 * 5 + 0.5 * 3  # evaluations at 40 (after its line), 60, 80, 100,
-    assert metrics.StepLog.pauses_left(log, 41) == 3.0 * 4 + 0.5 * 3  # 105; saves at 50, 100, 105
-    assert metrics.StepLog.pauses_left(log, 105) == 3.0 + 0.5  # the last line: the end's evaluation and checkpoint
+    assert metrics.StepLog.pauses_left(log, 40) == (3.0 * 5 + 0.5 * 3, False)  # evaluations at 40 (after its line),
+    assert metrics.StepLog.pauses_left(log, 41) == (3.0 * 4 + 0.5 * 3, False)  # 60, 80, 100, 105; saves at 50, 100, 105
+    assert metrics.StepLog.pauses_left(log, 105) == (3.0 + 0.5, False)  # the last line: the end's evaluation and save
+    log.took = {"the checkpoint": 0.5}
+    cfg.training.test_freq = 200  # no evaluation left before the end's... which is still due: unknown
+    assert metrics.StepLog.pauses_left(log, 104) == (0.5, True)
 
 
 def test_the_first_steps_are_logged_whatever_log_freq_says(tmp_path, corpus, capsys):

@@ -173,6 +173,20 @@ def test_fast_path_matches_the_straightforward_implementation_forward_and_gradie
                 assert (fast[name] - ref[name]).abs().max() <= 1e-5 * scale, (checkpointing, T, name)
 
 
+def test_the_straightforward_implementation_shows_the_same_active_latents_to_observe():
+    """Assigned to BDH.forward to try an idea, it still runs the evaluation's active-latent counts."""
+    model, _ = small_model(std=0.1)
+    idx = torch.randint(0, 256, (2, TILE + 5))
+    seen = {"fast": [], "reference": []}
+
+    def counter(name):
+        return lambda a, b: seen[name].append((a.shape, b.shape, (a > 0).sum((1, 2)).tolist(), (b > 0).sum(1).tolist()))
+    with torch.no_grad():
+        model(idx, observe=counter("fast"))
+        reference_forward(model, idx, observe=counter("reference"))
+    assert len(seen["fast"]) == model.config.n_layer and seen["fast"] == seen["reference"]
+
+
 def test_layer_stack_backward_passes_gradcheck_with_dropout_and_checkpointing():
     torch.manual_seed(0)
     B, T, D, H, N = 2, TILE + 6, 8, 2, 6

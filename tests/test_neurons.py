@@ -37,6 +37,8 @@ def test_picture_and_figures_of_the_active_neurons(tmp_path, corpus, capsys):
     assert torch.allclose(found[0][0], a.permute(1, 0, 2).reshape(len(x), -1), atol=1e-6)
     assert printed.startswith(f"model: {run / 'checkpoint_2.pt'} (step 2), trained on {corpus}\n")
     assert f"{float((a > 0).float().mean()):.2%}" in printed.splitlines()[3]
+    assert printed.splitlines()[3].split()[0] == "0"  # layers numbered from 0, as in the metrics (sparsity/x_layer0)
+    assert "never trained at" not in capsys.readouterr().err  # 11 tokens of the 16 it trained on
     # without --checkpoint: the newest checkpoint of the newest run, the same figures
     assert neurons.main(["--checkpoint-dir", str(tmp_path / "ck"), "--prompt", "<00-001>abc", "--out", str(out)]) == 0
     assert capsys.readouterr().out == printed
@@ -48,6 +50,10 @@ def test_picture_and_figures_of_the_active_neurons(tmp_path, corpus, capsys):
     assert printed_short.splitlines()[:-1] == printed.splitlines()[:-1]
     assert printed_short.splitlines()[-1] == f"wrote {short} (the first 4 of 11 tokens: --max-tokens)"
     assert imread(short).shape[0] < imread(out).shape[0]
+    # longer than the windows it trained on: the figures count positions it never trained at
+    assert neurons.main(["--checkpoint", str(run), "--prompt", "<00-001>abc" * 2, "--out", str(tmp_path / "long.png")]) == 0
+    assert ("note: the model trained on windows of 16 tokens and the prompt is 22: past 16 it reads positions it "
+            "never trained at, and the figures count them too") in capsys.readouterr().err
 
 
 def test_a_character_of_several_byte_tokens_is_labelled_where_it_completes():

@@ -1,5 +1,6 @@
 """plot.py: curves of one or several runs from metrics.jsonl."""
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,19 @@ def test_plots_one_and_two_runs_and_refuses_a_folder_without_metrics(tmp_path, c
     assert plot.main([str(tmp_path / "ck"), "--out", str(tmp_path / "all.png")]) == 0  # a folder of runs: all of them
     assert plot.runs_in(tmp_path / "ck") == plot.runs_in(tmp_path) == runs  # (a folder of checkpoint_dirs too)
     assert plot.runs_of([runs[1], tmp_path / "ck", runs[1] / "metrics.jsonl"]) == [runs[1], runs[0]]  # each once
+    empty = tmp_path / "ck" / "run_99990101_000000"  # a run with nothing logged yet: left out, not the picture
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    capsys.readouterr()
+    assert plot.main([str(tmp_path / "ck"), "--out", str(tmp_path / "all.png")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == f"note: {empty / 'metrics.jsonl'}: holds no training or validation records yet; left out\n"
+    assert str(empty) not in captured.out
+    assert plot.main([str(empty), "--out", str(tmp_path / "all.png")]) == 1  # alone: refused
+    assert capsys.readouterr().err.startswith(f"error: {empty / 'metrics.jsonl'}: holds no training")
+    assert plot.main([str(runs[0]), f"{runs[1]}x", "--out", str(tmp_path / "all.png")]) == 1  # a typo: refused
+    assert capsys.readouterr().err.startswith(f"error: {runs[1]}x: does not exist")
+    shutil.rmtree(empty)
     assert train.main(["--config", str(path), "training.batch_size=2", f"training.checkpoint_dir={tmp_path / 'b2'}",
                        "logging.tensorboard=false"]) == 0
     capsys.readouterr()

@@ -67,6 +67,7 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
     assert "step 3/6" in out and "step 1/6" not in out and "step 2/6" not in out
     assert re.search(r"\ndone: 6 steps \([\d.]+ passes over the training data\), the last 4 in this process in ", out)
     assert "config changed: training.max_iters: 4 -> 6" in out
+    assert "is not used" not in out
     assert run_dirs(tmp_path) == [run]
     assert (run / "config.yaml").read_text() == original
     assert yaml.safe_load((run / "config_resume_2.yaml").read_text())["training"]["max_iters"] == 6
@@ -80,6 +81,14 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=7"]) == 0
     changes = [line for line in capsys.readouterr().out.splitlines() if "config changed" in line]
     assert changes == ["  config changed: training.max_iters: 6 -> 7", "  config changed: training.log_freq: 2 -> 1"]
+    # another checkpoint_dir on the command line (a separate run was meant): said, not taken
+    elsewhere = tmp_path / "elsewhere"
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run}", "training.max_iters=8",
+                       f"training.checkpoint_dir={elsewhere}"]) == 0
+    assert (f"  training.checkpoint_dir {elsewhere} is not used: a resume continues in its run's directory, {run} (for a "
+            f"separate run from this checkpoint, copy the checkpoint file out of the run directory and resume the "
+            f"copy)\n") in capsys.readouterr().out
+    assert not elsewhere.exists() and load_checkpoint(run / "checkpoint_8.pt").step == 8
 
 
 def test_a_checkpoint_outside_a_run_directory_continues_in_a_new_one(tmp_path, corpus, capsys, monkeypatch):
@@ -138,6 +147,12 @@ def test_a_checkpoint_holds_the_run_and_a_resume_with_nothing_to_do_changes_noth
     assert out.startswith(f"nothing to do: the checkpoint {run / 'checkpoint_2.pt'} is at step 2 and ")  # no "resuming"
     assert "WARNING" not in out and "best.pt" not in out
     assert sorted(p.name for p in run.glob("*.pt")) == ["best.pt", "checkpoint_2.pt"]
+    # auto in a folder that does not exist yet, named much as one that holds runs: a new run, the typo told
+    shutil.copytree(tmp_path / "ck", tmp_path / "checkpoints")
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=auto", "training.max_iters=1",
+                       f"training.checkpoint_dir={tmp_path / 'checkpoint'}"]) == 0
+    assert (f"auto: no run with a checkpoint in {tmp_path / 'checkpoint'} yet: a new run (did you mean "
+            f"training.checkpoint_dir={tmp_path / 'checkpoints'}? It holds runs)\n") in capsys.readouterr().out
 
 
 def test_a_resume_in_place_keeps_the_run_s_data_unless_the_command_line_gives_other_data(tmp_path, corpus, capsys):
@@ -261,7 +276,7 @@ def test_a_checkpoint_whose_split_followed_the_training_seed_keeps_it_with_split
     assert f"name the run on the command line with it: training.resume_from_checkpoint={run} " in capsys.readouterr().err
     assert train.main([*resume, "dataset.split_seed=5"]) == 0
     out = capsys.readouterr().out
-    assert "WARNING" not in out and "dataset.split_seed" not in out, out  # (only max_iters changed)
+    assert "WARNING" not in out and "changed: dataset.split_seed" not in out, out  # (only max_iters changed)
     assert train.main(["--config", str(path), "training.seed=5", "training.max_iters=3",
                        f"training.resume_from_checkpoint={tmp_path / 'old.pt'}"]) == 0
     assert ("WARNING: the validation documents change on this resume (dataset.split_seed: 5 -> 1337): some of those "

@@ -51,6 +51,13 @@ def test_run_directory_holds_resolved_config_checkpoints_and_metrics(tmp_path, c
     assert {"lr", "tokens_per_s", "ms_per_step", "elapsed_s"} <= set(records[0])
     best = min(r["val_loss"] for r in records if "val_loss" in r)
     assert f"; best validation loss {best:.4f} (best.pt); final checkpoint {run / 'checkpoint_4.pt'}\n" in out
+    # and the command that trains it on: this one's settings, the run named, max_iters doubled
+    train_on = (f"python {script_here('train.py')} --config {path} training.batch_size=3 training.max_iters=8 "
+                f"training.resume_from_checkpoint={run}")
+    assert out.endswith(f"the learning rate then rises again: its schedule runs to the new max_iters):\n  {train_on}\n")
+    capsys.readouterr()
+    assert train.main(train_on.split()[2:]) == 0
+    assert "step 8/8" in capsys.readouterr().out
 
 
 def test_a_run_without_config_names_the_default_it_trains(tmp_path, corpus, monkeypatch, capsys):
@@ -133,13 +140,15 @@ def test_non_finite_loss_stops_without_saving_a_nan_model(tmp_path, corpus, monk
     monkeypatch.setattr(train, "learning_rate", lambda step, t: float("nan") if step == 3 else real(step, t))
     assert train.main(["--config", str(path)]) == 1
     err = capsys.readouterr().err
-    assert "not finite at step 4" in err and "checkpoint_2.pt" in err and "float16" not in err
+    assert f"not finite at step 4 (nothing saved; the last good checkpoint is {run_dirs(tmp_path)[0]}/checkpoint_2.pt)" \
+        in err and "float16" not in err
     assert "lower training.learning_rate (now 0.01) or training.grad_clip (now 1.0), or use training.debug" in err
     [run] = run_dirs(tmp_path)
     assert [p.name for p in run.glob("checkpoint_*.pt")] == ["checkpoint_2.pt"]
     monkeypatch.setattr(train, "learning_rate", lambda step, t: float("inf") if step == 1 else real(step, t))
     assert train.main(["--config", str(path), "low_precision.compute_dtype=float16"]) == 1
-    assert "in float16, activations past 65,504 overflow" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not finite at step 2 (no checkpoint was saved): " in err and "in float16, activations past 65,504 overflow" in err
 
 
 def test_a_shard_that_fails_mid_run_saves_the_steps_before_and_names_the_checkpoint(tmp_path, corpus, monkeypatch,
