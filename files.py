@@ -221,8 +221,13 @@ def near_miss(path, keep=lambda entry: True) -> Path | None:
         names = [entry.name for entry in path.parent.iterdir()]
     except OSError:
         return None
-    return next((path.parent / name for name in difflib.get_close_matches(path.name, names, 3, 0.92)
-                 if keep(path.parent / name)), None)
+    for name in difflib.get_close_matches(path.name, names, 3, 0.92):
+        try:
+            if keep(path.parent / name):
+                return path.parent / name
+        except OSError:  # a folder this user cannot list, say
+            continue
+    return None
 
 
 def relative_to_here(path) -> str:

@@ -119,7 +119,8 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
         step = checkpoint_step(path)
         removed = step is not None and kept and step < checkpoint_step(kept[0])  # older than the oldest kept
         words = ("latest",) if flag else ("latest", "auto")
-        near = near_miss(path, keep=resumable_in) if not bare and not kept else None  # a run's name mistyped
+        near = (near_miss(path, keep=lambda entry: entry.is_dir() and resumable_in(entry))  # a run's name mistyped
+                if not bare and not kept else None)
         fix = (f"did you mean {runs[-1] / path.name}?" if runs else f"did you mean {near}?" if near else
                f"its folder holds {', '.join(p.name for p in kept[::-1])}"
                f"{' (if it was saved, it went: training.keep_last_n keeps the newest only)' * bool(removed)}" if kept else

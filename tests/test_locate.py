@@ -41,6 +41,10 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
         open_checkpoint("checkpoint_10.pt", str(tmp_path))  # a run's file by its name alone
     with pytest.raises(CheckpointError, match=f"{run}0 does not exist; did you mean {run}\\?$"):
         open_checkpoint(f"{run}0", str(tmp_path))  # the run directory's name mistyped
+    (tmp_path / f"{run.name}.tar").write_bytes(b"")  # a file named closer still: not a run, passed over
+    with pytest.raises(CheckpointError, match=f"{run}.ta does not exist; did you mean {run}\\?$"):
+        open_checkpoint(f"{run}.ta", str(tmp_path))
+    (tmp_path / f"{run.name}.tar").unlink()
     with pytest.raises(CheckpointError, match="; give a checkpoint file, a run directory, `latest` or `auto`$"):
         open_checkpoint(str(tmp_path / "gone" / "checkpoint_10.pt"), str(tmp_path))  # another run's, moved: no guess
     with pytest.raises(CheckpointError, match="; give a checkpoint file, a run directory or `latest`$"):
