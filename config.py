@@ -14,9 +14,9 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
-import yaml
 
-from config_file import SEED, ConfigError, apply_override, in_file_order, read_yaml, suggest, typed_section
+from config_file import (SEED, ConfigError, apply_override, as_yaml, dump_yaml, in_file_order, read_yaml, suggest,
+                         typed_section)
 from distributed import first_process, launched_by_torchrun
 from files import tell_torchrun
 from model import BDHConfig
@@ -294,9 +294,8 @@ class Config:
                                   "the validation documents are all of dataset.val_parquet_dir's")
                for key in ("val_fraction", "split_seed")},
             "low_precision.qat_start_fraction": (not low_precision.use_4bit, "low_precision.use_4bit is off"),
-            **{f"low_precision.{key}": (not low_precision.use_4bit, "low_precision.use_4bit is off (only "
-                                        "export.py --4bit and sample.py --4bit, after training, read it from the "
-                                        "checkpoint)")
+            **{f"low_precision.{key}": (not low_precision.use_4bit, "low_precision.use_4bit is off (export.py "
+                                        "--4bit and sample.py --4bit read it from the checkpoint after training)")
                for key in ("quantization_type", "use_double_quant")},
             **{f"fp8.{f.name}": (not low_precision.use_fp8, "low_precision.use_fp8 is off")
                for f in dataclasses.fields(FP8Config)},
@@ -311,8 +310,8 @@ class Config:
                 ("distributed_timeout_s", "one process, no other ranks to wait for"))},
         }
         defaults = Config()
-        return [f"{path} {self.get(path)!r} is not used: {why}" for path, (unused, why) in unused_when.items()
-                if unused and self.get(path) != defaults.get(path)]
+        return [f"{path} {as_yaml(self.get(path))} is not used in training: {why}"
+                for path, (unused, why) in unused_when.items() if unused and self.get(path) != defaults.get(path)]
 
     def get(self, path: str):
         """The value of a setting by its path, "section.key"."""
@@ -323,7 +322,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+        return dump_yaml(self.to_dict())
 
 
 def learning_rate(step: int, training) -> float:

@@ -17,8 +17,6 @@ from files import ZIP_MAGIC, near_miss, relative_to_here, tell_torchrun
 
 SEED = 1337  # the default of training.seed and of dataset.split_seed
 
-# PyYAML (YAML 1.1) reads 1e-3 and 1e5 as strings; a number field accepts exactly these (an int one if whole).
-_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 # Names that other trainers use for these settings.
 ALIASES = {"lr": "training.learning_rate", "bs": "training.batch_size", "batch": "training.batch_size",
@@ -192,8 +190,9 @@ def key_without_colon(lines: list[str], content: list[str], mark_line: int) -> i
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, noting every key that appears twice in one mapping (PyYAML keeps the
-    last silently): (key, first line, line, whether it is a section)."""
+    """PyYAML's safe loader, reading 1e-3 and 1e5 as numbers (YAML 1.1 reads them as text) and noting
+    every key that appears twice in one mapping (PyYAML keeps the last silently): (key, first line,
+    line, whether it is a section)."""
 
     def __init__(self, stream):
         super().__init__(stream)
@@ -215,6 +214,28 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting text that the loader would read as a number (the name '1e5')."""
+
+
+for _yaml_class in (_UniqueKeyLoader, _Dumper):
+    _yaml_class.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                      list("-+0123456789."))
+
+
+def dump_yaml(data: dict) -> str:
+    """`data` as YAML that read_yaml reads back the same."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def read_scalar(text: str):
+    """`text` as the config file would read it (1e-3 a number); the text itself if YAML cannot read it."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError:
+        return text
+
+
 def apply_override(raw: dict, item: str, paths: list[str], nullable=()) -> list[str]:
     """Apply one `section.key=value` override (value parsed as a YAML scalar) to raw; its problems.
     `paths`: every section.key, for a key given without its section; `nullable`: those that take null."""
@@ -234,10 +255,7 @@ def apply_override(raw: dict, item: str, paths: list[str], nullable=()) -> list[
     if not text.strip():  # `training.resume_from_checkpoint=$CKPT` with CKPT unset would start a new run
         fix = f"write {path}=null for none" if path in nullable else "give it one, or leave it out for the default"
         return [f"{item}: no value (an unset shell variable?); {fix}"]
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
+    value = read_scalar(text)
     if raw.get(section) is None:  # absent, or every key commented out
         raw[section] = {}
     if isinstance(raw[section], dict):  # (otherwise the section's own check says what is wrong)
@@ -276,8 +294,6 @@ def typed_section(name: str, section_cls, values: dict, all_paths: list[str]):
             elif isinstance(value, str) and value.strip().lower() in ("true", "false") and "true" in expected:
                 quote = (f"; {value.strip().lower()} in quotes is text: write it without them (`{key}: "
                          f"{value.strip().lower()}` in the file, {path}={value.strip().lower()} on the command line)")
-            elif expected == "int" and isinstance(value, str) and isinstance(converted, float):  # 1e-3 (YAML: text)
-                quote = f" (= {converted:g}: not a whole number)"
             elif expected.startswith("str") and value is None:
                 quote = f"; YAML reads an empty value or a bare ~ as none: give a value, in quotes if it is ~ (`{key}: \"~\"`)"
             got = f"{type(value).__name__} {value!r}" if value is not None else "no value"
@@ -308,23 +324,23 @@ def suggest(name: str, candidates: list[str], known) -> str:
     return f"; did you mean {match[0]}?" if match else f"; known: {', '.join(known)}"
 
 
+def as_yaml(value) -> str:
+    """A setting's value in a message, as YAML writes it: true, false, null; text quoted."""
+    return {True: "true", False: "false", None: "null"}[value] if value is None or isinstance(value, bool) \
+        else repr(value)
+
+
 def _number(text: str):
-    """`text` as YAML reads a number, or None."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return None
+    """`text` as the config file reads a number, or None."""
+    value = read_scalar(text)
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def check_type(value, hint):
-    """(ok, value, expected type name). Strict: no bool->number coercion, no str->number except
-    exponent notation (1e-3, 1e5), which YAML 1.1 reads as text; an int may be written as a whole
-    float (1e5, 3000.0)."""
+    """(ok, value, expected type name). Strict: no bool->number or str->number coercion; an int may be
+    written as a whole float (1e5, 3000.0)."""
     if hint is bool:
         return isinstance(value, bool), value, "bool (true or false)"
-    if isinstance(value, str) and hint in (int, float) and _EXPONENT_FLOAT.match(value.strip()):
-        value = float(value)
     if hint is int:
         if isinstance(value, float) and value.is_integer():
             return True, int(value), "int"

@@ -49,21 +49,28 @@ def count_documents(cache: ParquetFileCache, units: list[Unit], text_column: str
                for docs in read_unit_documents(cache, unit, text_column, split, split_seed, val_fraction))
 
 
-def assign_units(units: list[Unit], epoch: int, seed: int, n_readers: int, shuffle: bool):
-    """Deal the units to n_readers: shuffled per epoch, balancing their bytes."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else range(len(units))
-    return deal([units[i] for i in order], [units[i].num_bytes for i in order], n_readers)[0]
+def assign_units(units: list[Unit], epoch: int, seed: int, n_readers: int, shuffle: bool, largest_first=True):
+    """Deal the units to n_readers: shuffled per epoch, balancing their bytes (largest_first=False:
+    the dealing of checkpoints from before 0.4.8, for their resume)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(units)) if shuffle else range(len(units))
+    dealt = deal([units[i] for i in order], [units[i].num_bytes for i in order], n_readers, largest_first)[0]
+    if shuffle and largest_first:  # (the first reader would get the largest unit in every epoch)
+        dealt = [dealt[reader] for reader in rng.permutation(n_readers)]
+    return dealt
 
 
-def deal(items: list, sizes: list, n_readers: int) -> tuple[list[list], list]:
-    """(each reader's items, each reader's total size): each item in turn goes to the reader with
-    the least so far."""
+def deal(items: list, sizes: list, n_readers: int, largest_first=True) -> tuple[list[list], list]:
+    """(each reader's items, in their given order, and each reader's total size): the largest item
+    first (among equal sizes, in the given order) goes to the reader with the least so far, and so
+    on. Dealt in the given order instead, a large item that comes late leaves one reader a whole
+    item ahead: its share is read more slowly, the others' again sooner."""
     loads, dealt = [0] * n_readers, [[] for _ in range(n_readers)]
-    for item, size in zip(items, sizes):
+    for i in sorted(range(len(items)), key=lambda i: -sizes[i]) if largest_first else range(len(items)):
         reader = loads.index(min(loads))
-        dealt[reader].append(item)
-        loads[reader] += size
-    return dealt, loads
+        dealt[reader].append(i)
+        loads[reader] += sizes[i]
+    return [[items[i] for i in sorted(indices)] for indices in dealt], loads
 
 
 class ParquetBatches(IterableDataset):
@@ -203,11 +210,11 @@ def check_enough_units(cfg, units, world_size: int):
                         f"pyarrow.parquet.write_table(..., row_group_size=fewer rows))")
 
 
-def prepare_data(cfg, ranks):
+def prepare_data(cfg, ranks, sample_corpus=True):
     """(tokenizer, the training shards' units, the validation batches), checked before any training:
     the tokenizer against model.vocab_size, every shard's footer and schema, enough validation data.
-    Builds the sample corpus first if the config points at it and it is missing (`ranks`, a
-    distributed.Ranks: the first process of each machine builds it, the others wait)."""
+    Builds the sample corpus first if the config points at it, it is missing and `sample_corpus`
+    (`ranks`, a distributed.Ranks: the first process of each machine builds it, the others wait)."""
     tokenizer = load_tokenizer(cfg.dataset.tokenizer)
     too_large = check_vocab_size(tokenizer, cfg.model.vocab_size)
     if ranks.main and too_large and not cfg.training.resume_from_checkpoint:  # (a resume cannot change it)
@@ -217,7 +224,7 @@ def prepare_data(cfg, ranks):
     if ranks.main and tokenizer.turned_off:
         print(f"note: dataset.tokenizer {cfg.dataset.tokenizer}: its {' and '.join(tokenizer.turned_off)} turned off "
               f"(saved in the file for inference): training reads whole documents, without pad tokens")
-    if ranks.local_rank == 0:
+    if ranks.local_rank == 0 and sample_corpus:
         ensure_sample_corpus(cfg)
     ranks.barrier()
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
@@ -241,22 +248,29 @@ def loader_workers(cfg, units, world_size=1, announce=True) -> int:
 
 
 def uneven_readers(units, workers: int, world_size: int) -> str | None:
-    """A warning where a (file, row group) unit holds well more than a reader's even share of the
-    text: the readers' shares cannot be balanced, and those with less read theirs again sooner."""
+    """A warning where the readers' shares of the text, dealt a (file, row group) unit at a time,
+    cannot be even (one more than 1.25 times another): a unit well past a reader's even share, or
+    too few units for the readers. Those with less text read theirs again sooner."""
+    total, sizes = sum(unit.num_bytes for unit in units), [unit.num_bytes for unit in units]
+
+    def spread(readers: int) -> float:  # the largest share over the smallest
+        shares = deal(units, sizes, readers)[1]
+        return max(shares) / max(1, min(shares))
     n_readers = max(1, workers) * world_size
-    total = sum(unit.num_bytes for unit in units)
-    big = max(units, key=lambda unit: unit.num_bytes)
-    if n_readers == 1 or big.num_bytes <= 1.25 * total / n_readers:  # (the dealing evens out the rest)
+    if n_readers == 1 or (uneven := spread(n_readers)) <= 1.25:
         return None
-    fitting = int(total // big.num_bytes) // world_size  # readers per process that an even share allows
-    fewer = f"dataloader.num_workers={fitting}" if 1 <= fitting < max(1, workers) else None
-    return (f"WARNING: row group {big.row_group} of {big.path} holds {big.num_bytes / total:.1%} of the training "
-            f"text, more than a reader's even share ({1 / n_readers:.1%} for {n_readers} readers: dataloader."
-            f"num_workers={workers}{f' x {world_size} processes' if world_size > 1 else ''}): the readers' shares "
-            f"cannot be even, those with less text read theirs again sooner, so their documents weigh more (and the "
-            f"passes over the data logged run ahead); "
-            + (f"{fewer}, or " if fewer else "") + "rewriting the file in smaller row groups (pyarrow.parquet."
-            "write_table(table, path, row_group_size=...)) evens them out")
+    big = max(units, key=lambda unit: unit.num_bytes)
+    why = (f"row group {big.row_group} of {big.path} holds {big.num_bytes / total:.1%} of the training text, more "
+           f"than a reader's even share" if big.num_bytes > 1.25 * total / n_readers else
+           f"the {len(units)} (file, row group) units of the training text, dealt whole, give one reader "
+           f"{uneven:.2f} times the text of another")
+    fitting = next((w for w in range(max(1, workers) - 1, 0, -1) if spread(w * world_size) <= 1.25), None)
+    return (f"WARNING: {why} ({1 / n_readers:.1%} for {n_readers} readers: dataloader.num_workers={workers}"
+            f"{f' x {world_size} processes' if world_size > 1 else ''}): the readers' shares cannot be even, those "
+            f"with less text read theirs again sooner, so their documents weigh more (and the passes over the data "
+            f"logged run ahead); " + (f"dataloader.num_workers={fitting}, or " if fitting else "") +
+            "rewriting the files in smaller row groups (pyarrow.parquet.write_table(table, path, row_group_size=...)) "
+            "evens them out")
 
 
 def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=0, pin_memory=False, rank=0,

@@ -6,6 +6,7 @@ wrote.
 import difflib
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -23,6 +24,11 @@ RUN_CONFIG_HEADER = "# the settings this run started with, by train.py (a resume
 def checkpoint_step(path: Path) -> int | None:
     """The step in a checkpoint_<step>.pt file's name; None for any other name."""
     return int(match[1]) if (match := CHECKPOINT_RE.match(path.name)) else None
+
+
+def continues_in_place(path: Path) -> bool:
+    """Whether a resume from this checkpoint writes into its run directory (resume.reopen_run)."""
+    return is_run_directory(path.parent) and os.access(path.parent, os.W_OK)
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:

@@ -53,7 +53,12 @@ class MetricsLog:
             return
         self.logged_to = -1  # the last step the run's earlier processes logged (a resume redoes those after it)
         if resumed_step is not None:
-            self.logged_to = self._truncate(resumed_step, evaluation_due)
+            try:
+                self.logged_to = self._truncate(resumed_step, evaluation_due)
+            except OSError as e:  # a full disk: the records cannot be cut back to the checkpoint
+                raise MetricsError(f"{run.path / 'metrics.jsonl'}: cannot cut the run's records back to step "
+                                   f"{resumed_step} ({e.strerror or first_line(e)}); the checkpoints are "
+                                   f"intact: make room (or fix the folder), then resume again") from None
         if self.settings.wandb:
             self._start_wandb(cfg)
 

@@ -363,8 +363,8 @@ class BDH(nn.Module):
         phases = rope_phases(self.rope_freqs, torch.arange(T, device=idx.device))
         dropout, matmuls = (config.dropout, self.matmuls) if self.training else (0.0, PLAIN)
         x = layer_norm(self.embed(idx))  # (B, T, D): one stream shared by all heads
-        x = LayerStack.apply(x, *self.layer_weights(), phases, config.n_layer, dropout,
-                             self.activation_checkpointing, matmuls, observe)
+        keep_less = self.activation_checkpointing or not torch.is_grad_enabled()  # (no backward: nothing to keep)
+        x = LayerStack.apply(x, *self.layer_weights(), phases, config.n_layer, dropout, keep_less, matmuls, observe)
         logits = x @ self.lm_head
         if targets is None:
             return logits, None

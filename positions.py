@@ -22,6 +22,8 @@ SHARDS = "the shards (files, row groups, rows, bytes)"  # data_order's key of th
 SHARDS_SEEN = "the shards"  # data_order's key of their counts, for messages only (SHARDS decides)
 WORKERS_KEY = "dataloader.num_workers (effective)"
 READ_BYTES_KEY = "data.READ_BYTES (windows are shuffled within parts of this many bytes)"  # its old module's name
+DEALING_KEY = "units dealt to the readers"  # data.deal's way
+LARGEST_FIRST, IN_SHUFFLED_ORDER = "largest first (even shares)", "in shuffled order (before 0.4.8)"
 # Unchanged, these keep every unit and its parts as they were: a resume that changes only the
 # readers (workers, processes), the block size or the seed finishes the epoch that was in progress.
 SAME_UNITS = (SHARDS, "dataset.text_column", *HOLDOUT_FIELDS, "documents trained on", READ_BYTES_KEY)
@@ -38,7 +40,8 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
     order["documents trained on"] = training_split(cfg)
     fingerprint = hashlib.blake2b(repr([(u.file_key, u.row_group, u.num_rows, u.num_bytes) for u in units]).encode(),
                                   digest_size=8).hexdigest()
-    order.update({WORKERS_KEY: num_workers, "world_size": world_size, READ_BYTES_KEY: shards.READ_BYTES,
+    order.update({WORKERS_KEY: num_workers, "world_size": world_size, DEALING_KEY: LARGEST_FIRST,
+                  READ_BYTES_KEY: shards.READ_BYTES,
                   SHARDS: fingerprint, SHARDS_SEEN: shards_seen(units)})
     return order
 
@@ -109,10 +112,10 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealing
     return float(read / (total * (len(positions) + n_missing)))
 
 
-def dealing_with_bytes(units: list[Unit], epoch: int, seed: int, n_readers: int) -> list:
+def dealing_with_bytes(units: list[Unit], epoch: int, seed: int, n_readers: int, largest_first=True) -> list:
     """Each reader's units in `epoch` (data.assign_units), with their cumulative bytes from 0."""
     return [(assigned, np.cumsum([0] + [unit.num_bytes for unit in assigned]))
-            for assigned in assign_units(units, epoch, seed, n_readers, shuffle=True)]
+            for assigned in assign_units(units, epoch, seed, n_readers, shuffle=True, largest_first=largest_first)]
 
 
 def bytes_read(assigned: list[Unit], cumulative, position) -> float:
@@ -156,6 +159,7 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
     that part is read again). Readers that had gone on to the next epoch had finished this one;
     what they read of the next is read again (the next epoch is dealt anew), and counted."""
     old_readers = max(1, saved_order[WORKERS_KEY]) * saved_order["world_size"]
+    largest_first = saved_order[DEALING_KEY] == LARGEST_FIRST  # how the saved epochs were dealt
     saved = {p["reader"]: p for p in saved_positions}
     # a reader that had not handed over a batch yet: at the start of the oldest epoch (a fresh run's first)
     start = {"epoch": min((p["epoch"] for p in saved_positions), default=0), "unit": 0, "part": 0}
@@ -171,7 +175,8 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
             if "units" not in position:  # (a dealt rest of an epoch is never ahead: all readers share its epoch)
                 for ahead in range(epoch + 1, position["epoch"] + 1):
                     if ahead not in later:
-                        later[ahead] = dealing_with_bytes(units, ahead, saved_order["training.seed"], old_readers)
+                        later[ahead] = dealing_with_bytes(units, ahead, saved_order["training.seed"], old_readers,
+                                                                   largest_first)
                     assigned, cumulative = later[ahead][reader]
                     read_ahead += (bytes_read(assigned, cumulative, position) if ahead == position["epoch"]
                                    else float(cumulative[-1]))  # an epoch it finished: its whole share
@@ -179,7 +184,8 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
         if "units" in position:
             assigned = position["units"]
         else:
-            dealing = dealing or assign_units(units, epoch, saved_order["training.seed"], old_readers, shuffle=True)
+            dealing = dealing or assign_units(units, epoch, saved_order["training.seed"], old_readers, shuffle=True,
+                                              largest_first=largest_first)
             assigned = [[index[(unit.file_key, unit.row_group)], 0] for unit in dealing[reader]]
         rest = still_to_read(assigned, position)
         read_of_parts += part_read(units[rest[0][0]], position) if rest else 0.0
@@ -208,6 +214,9 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
                        else "train"}
     if "dataset.val_fraction" in saved_order and "dataset.split_seed" not in saved_order:  # before 0.4.6: the seed's
         saved_order = {**saved_order, "dataset.split_seed": saved_order.get("training.seed")}
+    if DEALING_KEY not in saved_order:  # before 0.4.8 (for one reader, the same dealing)
+        one_reader = max(1, saved_order.get(WORKERS_KEY, 0)) * saved_order.get("world_size", 1) == 1
+        saved_order = {**saved_order, DEALING_KEY: LARGEST_FIRST if one_reader else IN_SHUFFLED_ORDER}
     order = data_order(cfg, units, workers, world_size)
     changed_keys, changed = order_changes(saved_order, order)
     if not changed:

@@ -15,16 +15,17 @@ import numpy as np
 import torch
 
 from adamw4bit import convert_adamw_state
-from checkpoint import Checkpoint, CheckpointError, is_export, load_export
+from checkpoint import Checkpoint, CheckpointError, is_export, load_export, saved_step
 from distributed import full_state, load_full_state, load_full_weights
 from files import near_miss
-from locate import checkpoint_candidates, is_run_directory, open_checkpoint, resumable_runs
+from locate import (checkpoint_candidates, checkpoint_step, checkpoints_in, continues_in_place, is_run_directory,
+                    open_checkpoint, resumable_runs)
 from positions import SHARDS, data_order, resume_point
 from resume_checks import (carried_forward, check_given_again, check_same_data, check_same_model, check_same_tokenizer,
                            evaluated_weights, found_as_newest, global_batch_change, schedule_jump, setting, tokens_before,
                            validation_change)
 from rundir import RunDir, hold_auto_start
-from runtime import config_as_run
+from runtime import config_as_run, tensor_bytes
 
 
 @dataclass
@@ -43,9 +44,9 @@ class Progress:
     command_line: dict = field(default_factory=dict)  # this session's (resume_checks.command_line_record)
 
 
-def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=None) -> Path:
+def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=None, best=False) -> Path:
     """Every rank takes part (positions and RNG states are gathered, FSDP gathers weights); rank 0
-    writes. Returns rank 0's path on every rank."""
+    writes (`best`: best.pt too, RunDir.save). Returns rank 0's path on every rank."""
     model_state, optimizer_state = full_state(model, optimizer)
     positions = sorted((p for rank_positions in ranks.gather(progress.positions) for p in rank_positions.values()),
                        key=lambda p: p["reader"])
@@ -56,7 +57,16 @@ def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tok
                       passes=progress.passes, measured_anew=progress.measured_anew,
                       validation_batches=progress.val_fingerprint, evaluation_due=progress.evaluation_due,
                       command_line=progress.command_line)
-    return ranks.gather(run.save(ckpt, config_as_run(cfg, device), name))[0]
+    return ranks.gather(run.save(ckpt, config_as_run(cfg, device), name, best))[0]
+
+
+def checkpoint_size(model, low_precision, last_saved: Path | None) -> int:
+    """About the bytes of a checkpoint: the last one's, or the weights and AdamW's two moments (float32,
+    or 4-bit: a quarter of the weights together)."""
+    if last_saved is not None and last_saved.is_file():
+        return last_saved.stat().st_size
+    weights = tensor_bytes(model.state_dict())
+    return weights + (weights // 4 if low_precision.use_4bit_optimizer else 2 * weights)
 
 
 def rng_state(device) -> dict:
@@ -84,16 +94,28 @@ def set_rng_state(state: dict, device):
         getattr(torch, device.type).set_rng_state(state[device.type])
 
 
-def resume_target(training, ranks, device) -> str | None:
+def resume_target(training, ranks, device, named_in_file: str | None = None) -> str | None:
     """training.resume_from_checkpoint as resume() takes it, before the data is read (which may build
     the sample corpus first): auto resolved; a name that does not exist, or latest where there is no
-    run, refused, with what it may mean."""
+    run, refused, with what it may mean. So is a checkpoint file that the config file names
+    (`named_in_file`) where its run has gone on since: a resume from it again, after the config's
+    max_iters was raised, say, would branch and set the later steps aside."""
     spec = training.resume_from_checkpoint
     if spec == "auto":
         return resolve_auto(training.checkpoint_dir, ranks, device)
     if spec == "latest" and not resumable_runs(Path(training.checkpoint_dir)) or \
             spec not in (None, "latest") and not os.path.exists(spec):
         checkpoint_candidates(spec, training.checkpoint_dir, "training.resume_from_checkpoint")  # raises
+    if named_in_file and spec not in (None, "latest") and os.path.isfile(spec) and continues_in_place(Path(spec)):
+        step = saved_step(Path(spec))
+        later = [path for path in checkpoints_in(Path(spec).parent) if checkpoint_step(path) > step]
+        if later:
+            raise CheckpointError(
+                f"{named_in_file}: training.resume_from_checkpoint names {spec} (step {step}), and its run has gone "
+                f"on to {later[-1].name}: a resume from it again would start a new branch and set the later "
+                f"checkpoints aside; to continue the run, write its directory ({Path(spec).parent}) there instead; "
+                f"to branch from step {step} on purpose, give training.resume_from_checkpoint={spec} on the "
+                f"command line")
     return spec
 
 
@@ -135,12 +157,19 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
         run_max_iters = setting(ckpt.config, "training.max_iters") or 0
         continues = continues_in_place(path) and ckpt.step < max(cfg.training.max_iters, run_max_iters)
         if continues:
-            check_given_again(ckpt, cfg.to_dict(), command_line, path)
             progress_command_line = carried_forward(ckpt, cfg.to_dict(), command_line)
+            problems = []  # one refusal for a resume that left out both its run's settings and its data
+            for check in (lambda: check_given_again(ckpt, cfg.to_dict(), command_line, path),
+                          lambda: check_same_data(ckpt, cfg.dataset, shards, val_fingerprint, command_line["settings"],
+                                                  path, named=not newest)):
+                try:
+                    check()
+                except CheckpointError as e:
+                    problems.append(str(e))
+            if problems:
+                later = [problem.removeprefix(f"{path}: ") for problem in problems[1:]]
+                raise CheckpointError("; and ".join([problems[0], *later]))
         check_same_model(ckpt.model_config, cfg.model, path)
-        if continues:
-            check_same_data(ckpt, cfg.dataset, shards, val_fingerprint, command_line["settings"], path,
-                            named=not newest)
     except CheckpointError as e:
         if not newest:
             raise
@@ -233,11 +262,6 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreada
     for line in run.record_resumed_config(ckpt.step, ckpt.config, cfg.to_dict(), config_as_run(cfg, device)):
         print(f"  config changed: {line}")
     return run
-
-
-def continues_in_place(path: Path) -> bool:
-    """Whether a resume from this checkpoint writes into its run directory (reopen_run)."""
-    return is_run_directory(path.parent) and os.access(path.parent, os.W_OK)
 
 
 def optimizer_state_for(optimizer, saved: dict, names: dict) -> dict:

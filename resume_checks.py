@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from checkpoint import CheckpointError, peek_checkpoint
 from config import Config, learning_rate, step_tokens
 from config_file import ConfigError, with_split_seed
-from locate import checkpoint_candidates
+from locate import checkpoint_candidates, continues_in_place
 from model import BDHConfig
 from positions import SHARDS
 from tokenizer import TokenizerError, load_tokenizer, tokenizer_from_string
@@ -221,6 +221,25 @@ def check_same_tokenizer(saved: str, tokenizer, path, saved_setting, saved_model
            f"carries ({saved_setting} no longer holds it)" if written_out else "")
     raise CheckpointError(f"{path}: the model was trained with {trained_with}, not dataset.tokenizer "
                           f"{tokenizer.name}; set {' '.join(fix)}{how}; or start a new run")
+
+
+def trained_on_other_data(cfg) -> bool:
+    """Whether the checkpoint that training.resume_from_checkpoint gives continues its run in place
+    (resume.resume), which keeps the run's data, and trained on another dataset.parquet_dir: the
+    sample corpus is then not built for it."""
+    if not cfg.training.resume_from_checkpoint:
+        return False
+    try:
+        [path, *_] = checkpoint_candidates(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir,
+                                           "training.resume_from_checkpoint")
+    except CheckpointError:
+        return False
+    saved = peek_checkpoint(path) or {}
+    before = setting(saved.get("config", {}), "dataset.parquet_dir")
+    goes_on = saved.get("step", math.inf) < max(cfg.training.max_iters, setting(saved.get("config", {}),
+                                                                                "training.max_iters") or 0)
+    return (continues_in_place(path) and goes_on and before is not None
+            and not same_setting("dataset.parquet_dir", before, cfg.dataset.parquet_dir))
 
 
 def data_settings_hint(cfg, problem: Exception) -> str:

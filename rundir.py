@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import Checkpoint, CheckpointError, peek_checkpoint, saved_step
+from config_file import as_yaml
 from files import atomic_write, left_by_a_dead_process, resumed_configs
 from locate import RUN_CONFIG_HEADER, checkpoint_step, checkpoints_in, resumable_in
 from runtime import first_line, tensor_bytes
@@ -53,7 +54,7 @@ def flat_diff(old: dict, new: dict, ignore=()) -> list[str]:
         for key, value in new[section].items():
             before = old.get(section, {}).get(key)
             if f"{section}.{key}" not in ignore and before != value:
-                lines.append(f"{section}.{key}: {before!r} -> {value!r}")
+                lines.append(f"{section}.{key}: {as_yaml(before)} -> {as_yaml(value)}")
     return lines
 
 
@@ -195,15 +196,21 @@ class RunDir:
             hold(self.path / ".lock", f"{self.path}: {{holder}} is training in this run directory; wait for it to "
                                       f"end (or stop it), then resume")
 
-    def save(self, ckpt: Checkpoint, config_yaml: str, name: str | None = None) -> Path | None:
-        """Write checkpoint_<step>.pt (or `name`) atomically; create the run directory first."""
+    def save(self, ckpt: Checkpoint, config_yaml: str, name: str | None = None, best=False) -> Path | None:
+        """Write checkpoint_<step>.pt (or `name`) atomically; create the run directory first. `best`:
+        write best.pt first, then the checkpoint as a copy of its bytes (serialized once; stopped
+        between the two, best.pt is the newer checkpoint, which `latest` takes)."""
         if not self.writer:
             return None
         try:
             if self.path is None:
                 self._create(config_yaml)
             target = self.path / (name or f"checkpoint_{ckpt.step}.pt")
-            atomic_write(target, lambda f: torch.save(ckpt.to_dict(), f))
+            first = self.path / "best.pt" if best else target
+            atomic_write(first, lambda f: torch.save(ckpt.to_dict(), f))
+            if best:
+                with open(first, "rb") as source:
+                    atomic_write(target, lambda f: shutil.copyfileobj(source, f, 16 << 20))
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             folder = self.path or self.checkpoint_dir
             why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
@@ -217,6 +224,22 @@ class RunDir:
             raise CheckpointError(f"cannot write checkpoint for step {ckpt.step} in {folder}: {why}")
         return target
 
+    def space_warning(self, checkpoint_bytes: int) -> str | None:
+        """A warning at the start where the disk of the run's folder has less free space than one
+        checkpoint: the first checkpoint would fail after training up to it."""
+        folder = self.path or self.checkpoint_dir
+        while not folder.exists() and folder != folder.parent:  # (checkpoint_dir is created with the run)
+            folder = folder.parent
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return None
+        if not self.writer or free >= checkpoint_bytes * 1.05:
+            return None
+        return (f"WARNING: {free / 2**20:,.1f} MiB free on the disk of {folder}, and a checkpoint takes about "
+                f"{checkpoint_bytes / 2**20:,.1f} MiB: the first checkpoint would fail after the steps before it; make "
+                f"room, or set training.checkpoint_dir to another disk")
+
     def record_resumed_config(self, step: int, saved: dict, config: dict, config_yaml: str) -> list[str]:
         """Keep the run's original config.yaml; if the resumed config differs from the one that wrote
         the checkpoint (`saved`: an earlier resume may have changed it), save it beside as
@@ -228,7 +251,11 @@ class RunDir:
         path = self.path / f"config_resume_{step}.yaml"
         if diff:
             header = f"# the settings this run was resumed with from step {step}, by train.py\n"
-            atomic_write(path, lambda f: f.write((header + config_yaml).encode()))
+            try:
+                atomic_write(path, lambda f: f.write((header + config_yaml).encode()))
+            except OSError as e:  # a full disk
+                raise CheckpointError(f"cannot write {path} ({e.strerror or e}); the checkpoints are intact: make "
+                                      f"room (or fix the folder), then resume again") from None
         else:  # one left by an earlier resume from this step that saved nothing: not this run's settings
             path.unlink(missing_ok=True)
         return diff

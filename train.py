@@ -51,8 +51,8 @@ from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog, StepLog, check_installed
 from model import BDH
 from positions import data_order
-from resume import Progress, resume, resume_target, save, set_rng_state, torch_rng_state
-from resume_checks import command_line_record, data_settings_hint
+from resume import Progress, checkpoint_size, resume, resume_target, save, set_rng_state, torch_rng_state
+from resume_checks import command_line_record, data_settings_hint, trained_on_other_data
 from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories, unfinished_run
 from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_clock, emulated_dtype_warning, interrupted,
                      memory_fix, one_line, out_of_memory, peak_flops, pick_device, prepare_compile,
@@ -68,9 +68,11 @@ class TrainingError(Exception):
     pass
 
 
-def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line: dict) -> int:
+def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line: dict,
+          resume_named_in_file: str | None = None) -> int:
     """`arguments`: train.py and the command line's, for the resume command printed when a signal
-    stops the run; `command_line`: its config file and the settings it gives (resume_checks.command_line_record)."""
+    stops the run; `command_line`: its config file and the settings it gives (resume_checks.command_line_record);
+    `resume_named_in_file`: the config file, where it gives training.resume_from_checkpoint (resume_target)."""
     training = cfg.training
     compute_dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
     compute = autocast(device, compute_dtype)
@@ -93,9 +95,12 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
     if ranks.main:
         check_writable(training.checkpoint_dir)
         check_installed(cfg.logging)
-    training.resume_from_checkpoint = resume_target(training, ranks, device)  # auto: latest, or a new run
+    # auto: latest, or a new run
+    training.resume_from_checkpoint = resume_target(training, ranks, device, resume_named_in_file)
     try:
-        tokenizer, units, val_batches = prepare_data(cfg, ranks)
+        # (a resume that leaves out the data its run trained on is refused: no sample corpus built first)
+        other_data = trained_on_other_data(cfg) and "dataset.parquet_dir" not in command_line["settings"]
+        tokenizer, units, val_batches = prepare_data(cfg, ranks, sample_corpus=not other_data)
     except (DataError, TokenizerError) as e:
         if training.resume_from_checkpoint and (hint := data_settings_hint(cfg, e)):
             raise type(e)(f"{e}{hint}") from None
@@ -132,6 +137,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
     progress.command_line = progress.command_line or command_line  # (a resume keeps the run's too)
     if ranks.main and (removed := clean_stale_temporaries(training.checkpoint_dir, run.path)):
         print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
+    if ranks.main and (warning := run.space_warning(checkpoint_size(raw_model, cfg.low_precision,
+                                                                    progress.last_saved))):
+        print(warning)
     if compile_model:
         model = torch.compile(model)
 
@@ -159,26 +167,31 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
                        peak=peak, saved_passes=progress.passes)
     model.train()
 
-    def save_checkpoint(at: Progress, name=None) -> Path:  # every rank takes part; rank 0 writes
+    def save_checkpoint(at: Progress, name=None, best=False) -> Path:  # every rank takes part; rank 0 writes
         at.passes = step_log.passes(at.positions.values())
         try:
-            return save(run, at, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=name)
+            return save(run, at, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=name,
+                        best=best)
         except CheckpointError as e:  # a full disk, say
             raise CheckpointError(f"{e}; " + (f"earlier checkpoints are intact: once that is fixed, resume with "
                                              f"`{resume_command[0]}`" if resume_command else
                                              "no checkpoint was saved before")) from None
 
-    def save_step(at: Progress):  # checkpoint_<step>.pt; older ones go
+    def save_step(at: Progress, best=False):  # checkpoint_<step>.pt; older ones go; best: best.pt too
         finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
         if ranks.any(not finite, device):
             raise non_finite("a weight", at.step, at.last_saved, training)
-        at.last_saved = save_checkpoint(at)
+        at.last_saved = save_checkpoint(at, best=best)
         resume_command[:] = [resuming(ranks, arguments, at.last_saved.parent)]
         run.prune(training.keep_last_n)
         metrics.flush()  # the first checkpoint creates the run directory: what waited is written now
-        print(f"saved {at.last_saved}", flush=True)
+        if best:
+            print(f"saved {at.last_saved.with_name('best.pt')} (best validation loss so far)", flush=True)
+        print(f"saved {at.last_saved}" + " (a copy of best.pt)" * best, flush=True)
 
-    def evaluate_step(at: Progress):  # every rank takes part; a new best is saved as best.pt
+    def evaluate_step(at: Progress, checkpoint_follows=False) -> bool:
+        """Every rank takes part. A new best is saved as best.pt, unless this step's checkpoint follows
+        (True is returned: the checkpoint then writes best.pt too, serialized once)."""
         at.evaluation_due = False
         with paused(step_log, stop, EVALUATING, device):
             raw_model.weight_view = qat_view  # use_4bit: the 4-bit model is measured (each step sets its own)
@@ -191,11 +204,15 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
             raw_model.train()
             print(evaluation_lines(record), flush=True)
             metrics.log(record)
-            if record["val_loss"] < at.best_val_loss:
-                at.best_val_loss = record["val_loss"]
-                stop.doing = SAVING
-                path = save_checkpoint(at, name="best.pt")
-                print(f"saved {path} (best validation loss so far)", flush=True)
+            if record["val_loss"] >= at.best_val_loss:
+                return False
+            at.best_val_loss = record["val_loss"]
+            if checkpoint_follows:
+                return True
+            stop.doing = SAVING
+            path = save_checkpoint(at, name="best.pt")
+            print(f"saved {path} (best validation loss so far)", flush=True)
+            return False
 
     if progress.evaluation_due:  # a stop saved this step's checkpoint before its evaluation
         evaluate_step(progress)
@@ -256,8 +273,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
 
         # ---- evaluate
         progress.evaluation_due = skipped_evaluation  # (the checkpoint says so: its resume evaluates first)
+        best = False
         if evaluating:
-            evaluate_step(progress)
+            best = evaluate_step(progress, checkpoint_follows=saving or stopping)
             # heard during the evaluation? (`stopping` is the same on every rank: all skip this collective, or none)
             stopping = stopping or ranks.any(stop.heard, device)
 
@@ -268,7 +286,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
                   flush=True)
         if saving or stopping:
             with paused(step_log, stop, SAVING, device):
-                save_step(progress)
+                save_step(progress, best=best)
             stopping = stopping or ranks.any(stop.heard, device)  # heard while saving: that one
         if stopping and step < training.max_iters:  # (at max_iters: done, as planned)
             stop.closing(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. Resume "
@@ -393,9 +411,9 @@ def main(argv=None) -> int:
     try:
         ranks, device = start(cfg, pick_device(cfg.training.device))
         overrides = {o.partition("=")[0]: o for o in args.overrides}  # a key given twice: its last value
-        overrides.pop("training.resume_from_checkpoint", None)
+        named_in_file = None if overrides.pop("training.resume_from_checkpoint", None) else args.config
         arguments = shlex.join([script_here("train.py"), "--config", args.config, *overrides.values()])
-        return train(cfg, arguments, ranks, device, command_line_record(args.config, args.overrides))
+        return train(cfg, arguments, ranks, device, command_line_record(args.config, args.overrides), named_in_file)
     except (DataError, TokenizerError, CheckpointError, MetricsError, TrainingError, DeviceError,
             DistributedError, FP8Error, LowBitError) as e:
         return failed(f"error{rank_of(ranks)}: {one_line(e)}", consequence=peers_lost())

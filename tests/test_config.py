@@ -218,14 +218,16 @@ def test_a_setting_that_nothing_reads_is_noted():
                           "training": {"debug": True, "compile": True}, "low_precision": {"qat_start_fraction": 0.5,
                                                                                        "quantization_type": "fp4"}})
     assert c.unused_settings() == [
-        "dataset.val_fraction 0.5 is not used: the validation documents are all of dataset.val_parquet_dir's",
-        "low_precision.qat_start_fraction 0.5 is not used: low_precision.use_4bit is off",
-        "low_precision.quantization_type 'fp4' is not used: low_precision.use_4bit is off (only export.py --4bit and "
-        "sample.py --4bit, after training, read it from the checkpoint)",
-        "fp8.torchao_recipe 'rowwise' is not used: low_precision.use_fp8 is off",
-        "logging.wandb_project 'p' is not used: logging.wandb is off",
-        "dataloader.prefetch_factor 8 is not used: dataloader.num_workers is 0: the main process reads the batches",
-        "training.compile True is not used: training.debug runs the model uncompiled"]
+        "dataset.val_fraction 0.5 is not used in training: the validation documents are all of "
+        "dataset.val_parquet_dir's",
+        "low_precision.qat_start_fraction 0.5 is not used in training: low_precision.use_4bit is off",
+        "low_precision.quantization_type 'fp4' is not used in training: low_precision.use_4bit is off (export.py "
+        "--4bit and sample.py --4bit read it from the checkpoint after training)",
+        "fp8.torchao_recipe 'rowwise' is not used in training: low_precision.use_fp8 is off",
+        "logging.wandb_project 'p' is not used in training: logging.wandb is off",
+        "dataloader.prefetch_factor 8 is not used in training: dataloader.num_workers is 0: the main process reads "
+        "the batches",
+        "training.compile true is not used in training: training.debug runs the model uncompiled"]
     used = Config.from_dict({"dataset": {"val_fraction": 0.5}, "low_precision": {"use_4bit": True, "qat_start_fraction": 0.5},
                              "logging": {"wandb": True, "wandb_project": "p"}, "training": {"compile": True}})
     assert used.unused_settings() == []

@@ -34,7 +34,10 @@ def test_key_in_the_wrong_section_points_to_the_right_one():
                                     "(`batch_size: 8` in the file, training.batch_size=8 on the command line)"),
     ("training", "batch_size", "0.5", "expected int, got str '0.5'"),  # unquoted, still not an int
     ("training", "batch_size", 8.5, "expected int, got float 8.5"),
-    ("training", "max_iters", "1e-3", "expected int, got str '1e-3' (= 0.001: not a whole number)"),  # YAML 1.1's text
+    ("training", "max_iters", 1e-3, "expected int, got float 0.001"),
+    ("training", "learning_rate", "1e-3", "expected float, got str '1e-3'; a number in quotes is text: write it "
+                                          "without them (`learning_rate: 1e-3` in the file, "
+                                          "training.learning_rate=1e-3 on the command line)"),
     ("training", "batch_size", True, "expected int, got bool True"),
     ("training", "max_iters", None, "expected int, got no value"),
     ("training", "learning_rate", "fast", "expected float, got str 'fast'"),
@@ -63,19 +66,23 @@ def test_wrong_types_name_path_expected_type_and_value(section, key, value, expe
     assert config_problems({section: {key: value}}) == [f"{section}.{key}: {expected}"]
 
 
-def test_exponent_floats_that_pyyaml_reads_as_strings_are_accepted():
-    raw = yaml.safe_load("training:\n  learning_rate: 3e-4\n  min_lr: 1e-5\n")
-    assert isinstance(raw["training"]["learning_rate"], str)  # the PyYAML quirk itself
-    c = Config.from_dict(raw)
-    assert c.training.learning_rate == 3e-4 and c.training.min_lr == 1e-5
+def test_text_that_reads_as_a_number_survives_a_saved_config(tmp_path):
+    config = Config.from_dict({}, ["logging.wandb_run_name='1e5'", "training.learning_rate=3e-4"])
+    (tmp_path / "run.yaml").write_text(config.to_yaml())
+    assert Config.from_yaml(tmp_path / "run.yaml") == config
 
 
-def test_whole_numbers_in_exponent_notation_are_accepted_for_ints():
-    raw = yaml.safe_load("training:\n  max_iters: 1e5\n  eval_iters: 2.0e1\n  seed: 7.0\n")
-    t = Config.from_dict(raw).training
-    assert (t.max_iters, t.eval_iters, t.seed) == (100000, 20, 7) and type(t.max_iters) is int
-    assert config_problems({"training": {"max_iters": "1.5e0"}}) == [
-        "training.max_iters: expected int, got str '1.5e0' (= 1.5: not a whole number)"]
+def test_exponent_notation_is_a_number_in_the_file_and_on_the_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  learning_rate: 3e-4\n  min_lr: 1e-5\n  max_iters: 1e5\n  eval_iters: 2.0e1\n")
+    assert yaml.safe_load(path.read_text())["training"]["learning_rate"] == "3e-4"  # the YAML 1.1 quirk itself
+    raw = read_yaml(path, ["training"])
+    t = Config.from_dict(raw, ["training.seed=7.0", "training.warmup_iters=2e2"]).training
+    assert (t.learning_rate, t.min_lr, t.max_iters, t.eval_iters, t.seed, t.warmup_iters) == (3e-4, 1e-5, 100000, 20,
+                                                                                              7, 200)
+    assert type(t.max_iters) is int and type(t.warmup_iters) is int
+    assert config_problems({"training": {"max_iters": 1.5e0}}) == [
+        "training.max_iters: expected int, got float 1.5"]
 
 
 def test_int_is_accepted_for_float():

@@ -60,6 +60,26 @@ def test_every_unit_once_per_epoch_disjoint_across_readers(corpus, n_readers):
     assert orders[0] != orders[1]  # reshuffled each epoch
 
 
+def test_the_largest_units_are_dealt_first_so_the_shares_are_even():
+    """A unit three times the others, dealt in its shuffled turn, could come last and leave one reader a
+    whole unit ahead (60 against 30); dealt first, the shares differ by one small unit at most. Each
+    reader still reads its units in the epoch's shuffled order, and the big one goes to any reader."""
+    from shards import Unit
+    units = [Unit("big.parquet", 0, 3, 30, 0)] + [Unit("small.parquet", i, 1, 10, 1) for i in range(12)]
+    old_spread, got_big = [], set()
+    for epoch in range(20):
+        assigned = assign_units(units, epoch, seed=3, n_readers=4, shuffle=True)
+        shares = [sum(unit.num_bytes for unit in reader) for reader in assigned]
+        assert max(shares) - min(shares) <= 10
+        rank = {id(units[i]): k for k, i in enumerate(np.random.default_rng([3, epoch]).permutation(len(units)))}
+        assert all([rank[id(u)] for u in reader] == sorted(rank[id(u)] for u in reader) for reader in assigned)
+        got_big |= {r for r, reader in enumerate(assigned) if units[0] in reader}
+        before_0_4_8 = assign_units(units, epoch, seed=3, n_readers=4, shuffle=True, largest_first=False)
+        old_spread.append(max(map(sum, ([u.num_bytes for u in reader] for reader in before_0_4_8))) -
+                          min(map(sum, ([u.num_bytes for u in reader] for reader in before_0_4_8))))
+    assert max(old_spread) >= 20 and got_big == {0, 1, 2, 3}
+
+
 def test_stream_joins_documents_with_the_separator(tmp_path):
     write_parquet(tmp_path / "a.parquet", ["héllo", None, "", "wörld"], 4)
     units = list_units(tmp_path, "text")
@@ -74,18 +94,18 @@ def test_invalid_utf8_bytes_are_taken_as_they_are(tmp_path):
 
 
 def test_an_epoch_that_deals_a_reader_less_than_a_batch_is_skipped(tmp_path):
-    # seed 1, 2 readers: reader 0 gets a.parquet in epochs 0 and 2, the two small files (less than a
+    # seed 18, 2 readers: reader 0 gets a.parquet in epochs 0 and 2, the two small files (less than a
     # batch together) in epoch 1
     write_parquet(tmp_path / "a.parquet", ["x" * 50] * 20, 20)
     write_parquet(tmp_path / "b.parquet", ["b" * 30], 4)
     write_parquet(tmp_path / "c.parquet", ["c" * 30], 4)
     units = list_units(tmp_path, "text")
-    assert [len(assign_units(units, epoch, 1, 2, shuffle=True)[0]) for epoch in range(3)] == [1, 2, 1]
-    ds = ParquetBatches(units, "all", 16, 4, 1, 1, 0.2, "text", 4, BYTES, rank=0, world_size=2, shuffle=True)
+    assert [len(assign_units(units, epoch, 18, 2, shuffle=True)[0]) for epoch in range(3)] == [1, 2, 1]
+    ds = ParquetBatches(units, "all", 16, 4, 18, 1, 0.2, "text", 4, BYTES, rank=0, world_size=2, shuffle=True)
     epochs = [position["epoch"] for _, _, position in itertools.islice(ds, 40)]
     assert sorted(set(epochs)) == [0, 2, 3]
     for rank in (0, 1):  # however many such epochs come in a row later on (4 did for each reader here)
-        ds = ParquetBatches(units, "all", 16, 4, 1, 1, 0.2, "text", 4, BYTES, rank=rank, world_size=2, shuffle=True)
+        ds = ParquetBatches(units, "all", 16, 4, 18, 1, 0.2, "text", 4, BYTES, rank=rank, world_size=2, shuffle=True)
         assert len(list(itertools.islice(ds, 1500))) == 1500
 
 
@@ -176,13 +196,19 @@ def test_a_row_group_too_big_for_an_even_share_is_warned_of(capsys):
         "WARNING: row group 0 of big.parquet holds 90.0% of the training text, more than a reader's even share (50.0% "
         "for 2 readers: dataloader.num_workers=2): the readers' shares cannot be even, those with less text read "
         "theirs again sooner, so their documents weigh more (and the passes over the data logged run ahead); "
-        "dataloader.num_workers=1, or rewriting the file in smaller row groups (pyarrow.parquet.write_table(table, "
+        "dataloader.num_workers=1, or rewriting the files in smaller row groups (pyarrow.parquet.write_table(table, "
         "path, row_group_size=...)) evens them out\n")
     assert data.loader_workers(cfg, units, announce=False) == 2 and capsys.readouterr().out == ""
     assert data.uneven_readers(units, 0, 1) is None  # one reader: nothing to even out
     assert "(25.0% for 4 readers: dataloader.num_workers=2 x 2 processes)" in data.uneven_readers(units, 2, 2)
-    assert "; rewriting the file" in data.uneven_readers(units, 2, 2)  # one reader per process is too many already
+    assert "; rewriting the files" in data.uneven_readers(units, 2, 2)  # one reader per process is too many already
     assert data.uneven_readers([Unit("a.parquet", i, 3, 1000, 0) for i in range(10)], 2, 1) is None
+    five = [Unit("a.parquet", i, 3, 1000, 0) for i in range(5)]  # 2, 2 and 1 of them: the third reader has half
+    assert data.uneven_readers(five, 3, 1).startswith(
+        "WARNING: the 5 (file, row group) units of the training text, dealt whole, give one reader 2.00 times the "
+        "text of another (33.3% for 3 readers: dataloader.num_workers=3): ")
+    assert "; dataloader.num_workers=1, or rewriting" in data.uneven_readers(five, 3, 1)  # 3, 2 for two: still uneven
+    assert data.uneven_readers(five, 5, 1) is None
 
 
 def test_dataloader_workers_read_their_assigned_units_deterministically(corpus):

@@ -266,8 +266,9 @@ def test_what_fsdp_cannot_run_is_refused_under_torchrun(low_precision, fragment)
 def test_settings_for_several_processes_are_noted_in_one(monkeypatch):
     cfg = Config.from_dict({"training": {"distributed": "fsdp", "distributed_timeout_s": 60}})
     assert cfg.unused_settings() == [
-        "training.distributed 'fsdp' is not used: one process trains unsharded (torchrun --nproc_per_node=N, N of 2 "
-        "or more, shards)", "training.distributed_timeout_s 60 is not used: one process, no other ranks to wait for"]
+        "training.distributed 'fsdp' is not used in training: one process trains unsharded (torchrun "
+        "--nproc_per_node=N, N of 2 or more, shards)",
+        "training.distributed_timeout_s 60 is not used in training: one process, no other ranks to wait for"]
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun both are read
     assert cfg.unused_settings() == []
 

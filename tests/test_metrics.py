@@ -1,5 +1,6 @@
 """metrics.jsonl, TensorBoard and W&B (offline): what a run logs, on resume too, and that logging
 changes nothing about training; the log line's figures (StepLog)."""
+import errno
 import json
 import math
 import re
@@ -216,6 +217,21 @@ def test_records_that_cannot_be_written_are_one_line_and_kept(tmp_path, corpus):
                                                    r"the checkpoints written are intact: make room"):
         log.log({"step": 1, "train_loss": 1.0})
     assert log.pending == [{"step": 1, "train_loss": 1.0}]
+
+
+def test_records_that_cannot_be_cut_back_on_a_resume_are_one_line(tmp_path, corpus, monkeypatch):
+    cfg = Config.from_yaml(write_config(tmp_path, corpus), ["logging.tensorboard=false"])
+    run = RunDir(str(tmp_path / "ck"))
+    run.path = tmp_path / "ck" / run.name
+    run.path.mkdir(parents=True)
+    (run.path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 1.0}\n{"step": 2, "train_loss": 0.9}\n')
+
+    def full_disk(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(metrics, "atomic_write", full_disk)
+    with pytest.raises(metrics.MetricsError, match=r"^.*ck/run_\S+/metrics.jsonl: cannot cut the run's records back "
+                                                   r"to step 1 \(No space left on device\); the checkpoints are intact"):
+        MetricsLog(run, cfg, resumed_step=1)
 
 
 def test_a_compiling_step_s_speed_stays_out_of_the_curves():

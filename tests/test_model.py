@@ -370,3 +370,15 @@ def test_the_flop_count_is_the_forward_s_matmuls_with_the_causal_half_of_attenti
     L, H, N, D = cfg.n_layer, cfg.n_head, cfg.n_latent, cfg.n_embd
     masked_half = L * 2 * H * (T / 2) * (N + D)
     assert counter.get_total_flops() / (3 * T) == cfg.training_flops_per_token(T) / 3 + masked_half
+
+
+def test_a_forward_without_gradients_keeps_no_layer_activations(monkeypatch):
+    """Evaluation and generation (no_grad) keep only what activation checkpointing keeps: nothing of a
+    layer's latents waits for a backward that never comes."""
+    kept_less, real_apply = [], model_module.LayerStack.apply
+    monkeypatch.setattr(model_module.LayerStack, "apply", lambda *args: kept_less.append(args[7]) or real_apply(*args))
+    bdh = BDH(BDHConfig(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4, vocab_size=256)).eval()
+    idx = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        logits, _ = bdh(idx)
+    assert torch.equal(logits, bdh(idx)[0].detach()) and kept_less == [True, False]

@@ -1,6 +1,7 @@
 """Where the training stream stands (positions.py): the passes logged, the rest of an epoch dealt
 to other readers, the data order and where a resume starts."""
 import dataclasses
+import itertools
 import json
 import re
 
@@ -14,8 +15,8 @@ from checkpoint import load_checkpoint
 from config import Config
 from conftest import make_corpus, only_run, run_dirs, unit_of_tag, write_config, write_parquet
 from data import ParquetBatches, assign_units, read_unit_tokens
-from positions import (SHARDS, SHARDS_SEEN, WORKERS_KEY, bytes_left, data_order, epochs_read, order_changes, part_read,
-                       rest_of_epoch, resume_point)
+from positions import (DEALING_KEY, LARGEST_FIRST, SHARDS, SHARDS_SEEN, WORKERS_KEY, bytes_left, data_order,
+                       epochs_read, order_changes, part_read, rest_of_epoch, resume_point)
 from shards import ParquetFileCache, list_units
 from tokenizer import ByteTokenizer
 
@@ -44,8 +45,8 @@ def test_passes_follow_the_bytes_read_when_one_row_group_holds_most_of_the_data(
     write_parquet(tmp_path / "data/big.parquet", [f"{k:05d} " + "big text " * 20 for k in range(200)], rows_per_group=200)
     for name in "abcd":
         write_parquet(tmp_path / f"data/{name}.parquet", [f"{k:05d} " + "small " * 20 for k in range(10)], rows_per_group=10)
-    units = list_units(tmp_path / "data", "text")
-    stream = ParquetBatches(units, "train", 16, 2, 0, 0, 0.0, "text", 4, BYTES)
+    units = list_units(tmp_path / "data", "text")  # seed 5: reader 0 has the small ones in epochs 0, 1
+    stream = ParquetBatches(units, "train", 16, 2, 5, 0, 0.0, "text", 4, BYTES)
     cache = ParquetFileCache(8)
     per_epoch = sum(len(list(stream.epoch_batches(cache, reader, 2, 0))) for reader in range(2))
 
@@ -54,12 +55,13 @@ def test_passes_follow_the_bytes_read_when_one_row_group_holds_most_of_the_data(
             yield from stream.epoch_batches(cache, reader, 2, epoch)
     readers, positions, dealings = [endless(0), endless(1)], {}, {}
     first = next(readers[0])[2]
-    assert epochs_read([first], units, 0, 2, {}, readers=range(2)) == pytest.approx(epochs_read([first], units, 0, 2, {}) / 2)
+    alone = epochs_read([first], units, 5, 2, {})
+    assert epochs_read([first], units, 5, 2, {}, readers=range(2)) == pytest.approx(alone / 2)
     positions[0], errors, epochs_apart = first, [], 0
     for read in range(2, int(1.5 * per_epoch)):
         position = next(readers[(read + 1) % 2])[2]
         positions[position["reader"]] = position
-        errors.append(epochs_read(positions.values(), units, 0, 2, dealings) - read / per_epoch)
+        errors.append(epochs_read(positions.values(), units, 5, 2, dealings) - read / per_epoch)
         epochs_apart = max(epochs_apart, abs(positions[0]["epoch"] - positions[1]["epoch"]))
     assert epochs_apart >= 2  # (the mean of the readers' epochs would be a pass ahead)
     assert max(map(abs, errors)) < 0.05
@@ -78,7 +80,8 @@ def test_passes_are_whole_at_the_start_of_an_epoch_and_go_on_smoothly_past_a_res
         assert epochs_read(at_start, units, trial, n_readers, {}) == epoch
     units = [Unit("a.parquet", 0, 1000, 1_000_000, 1)] + [Unit("a.parquet", i, 100, 100_000, 1) for i in range(1, 10)]
     saved = [{"reader": r, "epoch": 3, "unit": r, "part": 0, "consumed": 0, "windows": 0, "carry": []} for r in (0, 1)]
-    positions, _, epoch, _ = rest_of_epoch(units, {WORKERS_KEY: 2, "world_size": 1, "training.seed": 1}, saved, 4)
+    order = {WORKERS_KEY: 2, "world_size": 1, "training.seed": 1, DEALING_KEY: LARGEST_FIRST}
+    positions, _, epoch, _ = rest_of_epoch(units, order, saved, 4)
     whole_before, dealings = epoch + 1, {}
     now = {p["reader"]: dict(p) for p in positions}
     passes = [epochs_read(now.values(), units, 1, 4, dealings, whole_before=whole_before)]
@@ -112,7 +115,7 @@ def test_the_rest_of_an_epoch_is_dealt_to_other_readers(corpus, monkeypatch):
     old = assign_units(units, 0, seed=0, n_readers=2, shuffle=True)
     saved = [list(ds.epoch_batches(cache, reader, 2, 0))[n][2] for reader, n in ((0, 5), (1, 40))]
     assert saved[1]["unit"] > 0 and any(p["part"] > 0 for p in saved)
-    order = {WORKERS_KEY: 2, "world_size": 1, "training.seed": 0}
+    order = {WORKERS_KEY: 2, "world_size": 1, "training.seed": 0, DEALING_KEY: LARGEST_FIRST}
     positions, left, epoch, _ = rest_of_epoch(units, order, saved, n_readers=3)
     index = {(u.file_key, u.row_group): i for i, u in enumerate(units)}
     finished = {index[(u.file_key, u.row_group)] for p in saved for u in old[p["reader"]][:p["unit"]]}
@@ -162,7 +165,8 @@ def test_the_rest_of_an_epoch_keeps_the_tokens_its_stopped_readers_carried(tmp_p
     ds, cache = ParquetBatches(units, "train", 16, 2, 0, 0, 0.2, "text", 4, BYTES), ParquetFileCache(4)
     saved = [list(ds.epoch_batches(cache, reader, 3, 0))[n][2] for reader, n in ((0, 5), (1, 12), (2, 20))]
     assert all(p["carry"] for p in saved)
-    positions = rest_of_epoch(units, {WORKERS_KEY: 3, "world_size": 1, "training.seed": 0}, saved, n_readers=2)[0]
+    order = {WORKERS_KEY: 3, "world_size": 1, "training.seed": 0, DEALING_KEY: LARGEST_FIRST}
+    positions = rest_of_epoch(units, order, saved, n_readers=2)[0]
     in_order = ParquetBatches(units, "train", 16, 2, 0, 0, 0.2, "text", 4, BYTES, shuffle=False)  # the stream as it is
     streams = [b"".join(bytes(row.tolist()) for x, _, _ in in_order.epoch_batches(cache, p["reader"], 2, 0, start=p)
                         for row in x) for p in positions]
@@ -175,7 +179,7 @@ def test_the_rest_of_an_epoch_keeps_the_tokens_its_stopped_readers_carried(tmp_p
 
 def test_the_rest_of_an_epoch_skips_readers_ahead_and_counts_missing_ones_whole(corpus):
     units = list_units(corpus, "text")
-    order = {WORKERS_KEY: 3, "world_size": 1, "training.seed": 5}
+    order = {WORKERS_KEY: 3, "world_size": 1, "training.seed": 5, DEALING_KEY: LARGEST_FIRST}
     old = assign_units(units, 2, seed=5, n_readers=3, shuffle=True)
     index = {(u.file_key, u.row_group): i for i, u in enumerate(units)}
     saved = [{"reader": 0, "epoch": 3, "unit": 1, "part": 0, "consumed": 1, "carry": []},  # ahead: done with 2
@@ -332,6 +336,26 @@ def test_a_second_resume_after_a_changed_data_order_continues_exactly(tmp_path, 
     assert sorted(p["epoch"] for p in twice.data_positions) == [0, 0] and all("units" in p for p in twice.data_positions)
     assert once.data_positions == twice.data_positions
     assert all(torch.equal(once.model[k], twice.model[k]) for k in once.model)
+
+
+def test_a_checkpoint_dealt_in_shuffled_order_resumes_with_the_rest_of_its_epoch(corpus, capsys):
+    """Before 0.4.8 units were dealt in their shuffled turn: a resume deals the units that epoch had not
+    finished, found by that dealing, with the new one (one reader: the same dealing, no change)."""
+    cfg, units = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}}), list_units(corpus, "text")
+    old_order = {k: v for k, v in data_order(cfg, units, 2).items() if k != DEALING_KEY}
+    [(epoch, old)] = itertools.islice(((e, dealt) for e in range(10) if (dealt := assign_units(
+        units, e, cfg.training.seed, 2, shuffle=True, largest_first=False)) != assign_units(
+        units, e, cfg.training.seed, 2, shuffle=True)), 1)  # an epoch the two dealings differ in
+    saved = [{"reader": r, "epoch": epoch, "unit": 1 + 2 * r, "part": 0, "consumed": 0, "carry": []} for r in (0, 1)]
+    dealt, _ = resume_point(cfg, units, 2, 1, old_order, saved, 12)
+    assert ("WARNING: the data order changes on this resume (units dealt to the readers: 'in shuffled order (before "
+            "0.4.8)' -> 'largest first (even shares)'): the ") in capsys.readouterr().out
+    index = {(u.file_key, u.row_group): i for i, u in enumerate(units)}
+    unfinished = {index[(u.file_key, u.row_group)] for r, reader in enumerate(old) for u in reader[1 + 2 * r:]}
+    assert sorted(i for p in dealt for i, *_ in p["units"]) == sorted(unfinished)
+    one_reader = {k: v for k, v in data_order(cfg, units, 0).items() if k != DEALING_KEY}
+    assert resume_point(cfg, units, 0, 1, one_reader, saved[:1], 5) == (saved[:1], 5)
+    assert capsys.readouterr().out == ""
 
 
 def test_the_same_folder_written_another_way_is_the_same_data(tmp_path, corpus, capsys):

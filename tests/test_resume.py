@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+import data
 import sample
 import train
 from checkpoint import load_checkpoint
@@ -89,6 +90,31 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
             f"separate run from this checkpoint, copy the checkpoint file out of the run directory and resume the "
             f"copy)\n") in capsys.readouterr().out
     assert not elsewhere.exists() and load_checkpoint(run / "checkpoint_8.pt").step == 8
+
+
+def test_a_checkpoint_the_config_file_names_is_refused_once_its_run_has_gone_on(tmp_path, corpus, capsys):
+    """The config file pins checkpoint_2.pt and the run goes on from it; raising max_iters in the file
+    and running again would branch from step 2 again and set steps 3-4 aside: refused, with both ways on.
+    On the command line, the same name is a branch asked for."""
+    path = write_config(tmp_path, corpus, max_iters=2)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["training"].update(resume_from_checkpoint=str(run / "checkpoint_2.pt"), max_iters=4)
+    path.write_text(yaml.safe_dump(raw))
+    assert train.main(["--config", str(path)]) == 0  # nothing after it yet: resumed
+    raw["training"]["max_iters"] = 6
+    path.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert train.main(["--config", str(path)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {path}: training.resume_from_checkpoint names {run / 'checkpoint_2.pt'} (step 2), and its run has "
+        f"gone on to checkpoint_4.pt: a resume from it again would start a new branch and set the later checkpoints "
+        f"aside; to continue the run, write its directory ({run}) there instead; to branch from step 2 on "
+        f"purpose, give training.resume_from_checkpoint={run / 'checkpoint_2.pt'} on the command line\n")
+    assert load_checkpoint(run / "checkpoint_4.pt").step == 4 and not list(run.glob("abandoned*"))
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}"]) == 0
+    assert "a new branch from step 2" in capsys.readouterr().out
 
 
 def test_a_checkpoint_outside_a_run_directory_continues_in_a_new_one(tmp_path, corpus, capsys, monkeypatch):
@@ -186,6 +212,22 @@ def test_a_resume_in_place_keeps_the_run_s_data_unless_the_command_line_gives_ot
     named = ["--config", str(path), f"training.resume_from_checkpoint={run}", "training.max_iters=4"]
     assert train.main([*named, f"dataset.parquet_dir={other}"]) == 0  # the run named, other data said: taken
     assert "WARNING: the data order changes on this resume" in capsys.readouterr().out
+
+
+def test_a_resume_that_left_out_both_settings_and_data_is_told_both_at_once(tmp_path, corpus, capsys):
+    other = make_corpus(tmp_path / "other", n_files=2, docs_per_file=8)
+    path = write_config(tmp_path, other, max_iters=2)
+    assert train.main(["--config", str(path), f"dataset.parquet_dir={corpus}", "training.eval_iters=1"]) == 0
+    [run] = run_dirs(tmp_path)
+    capsys.readouterr()
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run}", "training.max_iters=3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run / 'checkpoint_2.pt'}: the run was given training.eval_iters=1 on its command "
+                          f"line, and this command leaves it out (the config file has 2): add it to resume the run as "
+                          f"it was, or give the new value on the command line (or in the config file) to change it; "
+                          f"and the run trained on dataset.parquet_dir {str(corpus)!r}, and this command reads "
+                          f"{str(other)!r}: a resume continues on the run's data: add dataset.parquet_dir={corpus} ")
+    assert err.count("\n") == 1 and err.count(str(run / "checkpoint_2.pt")) == 1
 
 
 def test_latest_continues_on_its_folder_written_otherwise_after_shards_were_added(tmp_path, corpus, capsys):
@@ -455,6 +497,32 @@ def test_the_random_state_of_the_device_comes_back(device):
     drawn = [torch.rand(4, device=device), torch.rand(4)]
     set_rng_state(state, device)
     assert all(torch.equal(a, b) for a, b in zip(drawn, [torch.rand(4, device=device), torch.rand(4)]))
+
+
+def test_a_resume_that_leaves_out_the_run_s_data_builds_no_sample_corpus(tmp_path, corpus, capsys, monkeypatch):
+    """The config file's parquet_dir is the sample corpus's place, the run was given its data on the
+    command line: the resume without it is refused with the run's folder, before anything is built."""
+    monkeypatch.chdir(tmp_path)
+    path = write_config(tmp_path, corpus, max_iters=2)
+    raw = yaml.safe_load(path.read_text())
+    del raw["dataset"]["parquet_dir"]  # the default, data/stdlib: built when missing
+    path.write_text(yaml.safe_dump(raw))
+    assert train.main(["--config", str(path), f"dataset.parquet_dir={corpus}"]) == 0
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=4"]) == 1
+    captured = capsys.readouterr()
+    assert "building the sample corpus" not in captured.out and not (tmp_path / "data" / "stdlib").exists()
+    assert f"the checkpoint's run had dataset.parquet_dir={corpus}: if the change was not meant, give it again" \
+           in captured.err
+    # a copy outside its run starts a new run, on the config's data: the sample corpus is built for it
+    [run] = run_dirs(tmp_path)
+    (tmp_path / "downloads").mkdir()
+    shutil.copy(run / "checkpoint_2.pt", tmp_path / "downloads" / "ck.pt")
+    built = []
+    monkeypatch.setattr(data, "ensure_sample_corpus", lambda cfg: built.append(cfg.dataset.parquet_dir))
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={tmp_path / 'downloads' / 'ck.pt'}",
+                       "training.max_iters=4"]) == 1  # (no folder built: the error that follows)
+    assert built == ["data/stdlib"]
 
 
 def test_a_resume_whose_data_cannot_be_set_up_names_the_checkpoint_s_settings(tmp_path, corpus, bpe_file, capsys):

@@ -360,6 +360,45 @@ def test_keep_last_n_and_best_checkpoint(tmp_path, corpus, monkeypatch):
     assert (best.step, best.best_val_loss) == (4, 1.0)
 
 
+
+def test_a_best_at_a_checkpoint_step_is_serialized_once_and_the_checkpoint_copies_it(tmp_path, corpus, monkeypatch,
+                                                                                     capsys):
+    """best.pt first, then checkpoint_<step>.pt as a copy of its bytes: a file of its own (a script that
+    rewrites best.pt leaves the checkpoint alone); a best at a step without a checkpoint is written alone."""
+    config = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=4, test_freq=2, keep_last_n=0)
+    losses, real_evaluate = iter([2.0, 1.0]), train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *args: {**real_evaluate(*args), "val_loss": next(losses)})
+    serialized, real_save = [], rundir.torch.save
+    monkeypatch.setattr(rundir.torch, "save", lambda obj, f: serialized.append(Path(f.name).name) or real_save(obj, f))
+    assert train.main(["--config", str(config)]) == 0
+    run = only_run(tmp_path / "ck")
+    assert [name.split(".tmp")[0] for name in serialized] == [".best.pt", ".best.pt"]  # steps 2 and 4
+    assert f"saved {run / 'best.pt'} (best validation loss so far)\nsaved {run / 'checkpoint_4.pt'} (a copy of " \
+           f"best.pt)\n" in capsys.readouterr().out
+    assert (run / "best.pt").read_bytes() == (run / "checkpoint_4.pt").read_bytes()
+    assert not os.path.samefile(run / "best.pt", run / "checkpoint_4.pt")
+    assert load_checkpoint(run / "best.pt").best_val_loss == 1.0
+    assert not [p for p in run.iterdir() if ".tmp" in p.name]
+
+
+def test_a_disk_with_less_room_than_a_checkpoint_is_warned_of_at_the_start(tmp_path, corpus, monkeypatch, capsys):
+    config = write_config(tmp_path, corpus, max_iters=2)
+    weights = sum(p.numel() * 4 for p in BDH(Config.from_yaml(config).to_bdh_config()).parameters())
+    real_usage = rundir.shutil.disk_usage
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda folder: real_usage(folder)._replace(free=2 * weights))
+    assert train.main(["--config", str(config)]) == 0  # weights and two moments: 3 x
+    assert (f"WARNING: {2 * weights / 2**20:,.1f} MiB free on the disk of {tmp_path}, and a checkpoint takes about "
+            f"{3 * weights / 2**20:,.1f} MiB: the first checkpoint would fail") in capsys.readouterr().out
+    run = only_run(tmp_path / "ck")
+    size = (run / "checkpoint_2.pt").stat().st_size  # a resume: the checkpoint's own size
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda folder: real_usage(folder)._replace(free=size))
+    assert train.main(["--config", str(config), "training.resume_from_checkpoint=latest", "training.max_iters=3"]) == 0
+    assert f"a checkpoint takes about {size / 2**20:,.1f} MiB" in capsys.readouterr().out
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda folder: real_usage(folder)._replace(free=2 * size))
+    assert train.main(["--config", str(config), "training.resume_from_checkpoint=latest", "training.max_iters=4"]) == 0
+    assert "MiB free on the disk" not in capsys.readouterr().out
+
+
 # ---- every error path ends the process within seconds, whatever the workers
 
 def corrupt_last_shard(corpus):
