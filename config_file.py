@@ -326,8 +326,7 @@ def suggest(name: str, candidates: list[str], known) -> str:
 
 def as_yaml(value) -> str:
     """A setting's value in a message, as YAML writes it: true, false, null; text quoted."""
-    return {True: "true", False: "false", None: "null"}[value] if value is None or isinstance(value, bool) \
-        else repr(value)
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 def _number(text: str):

@@ -22,7 +22,7 @@ from locate import (checkpoint_candidates, checkpoint_step, checkpoints_in, cont
                     open_checkpoint, resumable_runs)
 from positions import SHARDS, data_order, resume_point
 from resume_checks import (carried_forward, check_given_again, check_same_data, check_same_model, check_same_tokenizer,
-                           evaluated_weights, found_as_newest, global_batch_change, schedule_jump, setting, tokens_before,
+                           continues_run, evaluated_weights, found_as_newest, global_batch_change, schedule_jump, setting, tokens_before,
                            validation_change)
 from rundir import RunDir, hold_auto_start
 from runtime import config_as_run, tensor_bytes
@@ -154,8 +154,7 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
                              ckpt.model_config, cfg.model)
         # (before the model's check, which would name model.* alone; also where this config's max_iters says
         # there is nothing to do, but the run's own does not)
-        run_max_iters = setting(ckpt.config, "training.max_iters") or 0
-        continues = continues_in_place(path) and ckpt.step < max(cfg.training.max_iters, run_max_iters)
+        continues = continues_run(path, ckpt.step, ckpt.config, cfg.training.max_iters)
         if continues:
             progress_command_line = carried_forward(ckpt, cfg.to_dict(), command_line)
             problems = []  # one refusal for a resume that left out both its run's settings and its data

@@ -223,35 +223,43 @@ def check_same_tokenizer(saved: str, tokenizer, path, saved_setting, saved_model
                           f"{tokenizer.name}; set {' '.join(fix)}{how}; or start a new run")
 
 
-def trained_on_other_data(cfg) -> bool:
-    """Whether the checkpoint that training.resume_from_checkpoint gives continues its run in place
-    (resume.resume), which keeps the run's data, and trained on another dataset.parquet_dir: the
-    sample corpus is then not built for it."""
-    if not cfg.training.resume_from_checkpoint:
-        return False
+def resumed_checkpoint(cfg) -> tuple[Path, dict] | None:
+    """The checkpoint that training.resume_from_checkpoint gives and its dict, its tensors not read
+    ({} if it cannot be read); None where there is none."""
     try:
         [path, *_] = checkpoint_candidates(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir,
                                            "training.resume_from_checkpoint")
     except CheckpointError:
+        return None
+    return path, peek_checkpoint(path) or {}
+
+
+def continues_run(path: Path, step: int, saved_config: dict, max_iters: int) -> bool:
+    """Whether a resume from the checkpoint at `path` (of `step`, its run's config `saved_config`)
+    trains on in its run directory: the run's own checks then apply (resume.resume)."""
+    return continues_in_place(path) and step < max(max_iters, setting(saved_config, "training.max_iters") or 0)
+
+
+def leaves_out_run_data(cfg, given: dict) -> bool:
+    """Whether a resume that continues its run reads another dataset.parquet_dir than the run's, not
+    given on the command line (`given`: its settings): refused (check_same_data), so the sample corpus
+    is not built for it."""
+    found = resumed_checkpoint(cfg) if cfg.training.resume_from_checkpoint else None
+    if found is None or "dataset.parquet_dir" in given:
         return False
-    saved = peek_checkpoint(path) or {}
+    path, saved = found
     before = setting(saved.get("config", {}), "dataset.parquet_dir")
-    goes_on = saved.get("step", math.inf) < max(cfg.training.max_iters, setting(saved.get("config", {}),
-                                                                                "training.max_iters") or 0)
-    return (continues_in_place(path) and goes_on and before is not None
-            and not same_setting("dataset.parquet_dir", before, cfg.dataset.parquet_dir))
+    return (continues_run(path, saved.get("step", math.inf), saved.get("config", {}), cfg.training.max_iters)
+            and before is not None and not same_setting("dataset.parquet_dir", before, cfg.dataset.parquet_dir))
 
 
 def data_settings_hint(cfg, problem: Exception) -> str:
     """For an error in setting up the data or tokenizer on a resume: the checkpoint's own data and
     tokenizer settings where the config differs (a run started with command-line overrides, resumed
     without them), or, where the tokenizer file is gone, how to get the one the checkpoint carries."""
-    try:
-        [path, *_] = checkpoint_candidates(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir,
-                                           "training.resume_from_checkpoint")
-    except CheckpointError:
+    if (found := resumed_checkpoint(cfg)) is None:
         return ""
-    saved = with_split_seed((peek_checkpoint(path) or {}).get("config", {}))
+    path, saved = found[0], with_split_seed(found[1].get("config", {}))
     now = cfg.to_dict()
     # a tokenizer's problem: the data's settings are beside the point
     names = ("dataset.tokenizer", "model.vocab_size") if isinstance(problem, TokenizerError) else DATA_SETTINGS

@@ -227,6 +227,8 @@ class RunDir:
     def space_warning(self, checkpoint_bytes: int) -> str | None:
         """A warning at the start where the disk of the run's folder has less free space than one
         checkpoint: the first checkpoint would fail after training up to it."""
+        if not self.writer:
+            return None
         folder = self.path or self.checkpoint_dir
         while not folder.exists() and folder != folder.parent:  # (checkpoint_dir is created with the run)
             folder = folder.parent
@@ -234,7 +236,7 @@ class RunDir:
             free = shutil.disk_usage(folder).free
         except OSError:
             return None
-        if not self.writer or free >= checkpoint_bytes * 1.05:
+        if free >= checkpoint_bytes * 1.05:
             return None
         return (f"WARNING: {free / 2**20:,.1f} MiB free on the disk of {folder}, and a checkpoint takes about "
                 f"{checkpoint_bytes / 2**20:,.1f} MiB: the first checkpoint would fail after the steps before it; make "

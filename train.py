@@ -52,7 +52,7 @@ from metrics import MetricsError, MetricsLog, StepLog, check_installed
 from model import BDH
 from positions import data_order
 from resume import Progress, checkpoint_size, resume, resume_target, save, set_rng_state, torch_rng_state
-from resume_checks import command_line_record, data_settings_hint, trained_on_other_data
+from resume_checks import command_line_record, data_settings_hint, leaves_out_run_data
 from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories, unfinished_run
 from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_clock, emulated_dtype_warning, interrupted,
                      memory_fix, one_line, out_of_memory, peak_flops, pick_device, prepare_compile,
@@ -98,9 +98,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
     # auto: latest, or a new run
     training.resume_from_checkpoint = resume_target(training, ranks, device, resume_named_in_file)
     try:
-        # (a resume that leaves out the data its run trained on is refused: no sample corpus built first)
-        other_data = trained_on_other_data(cfg) and "dataset.parquet_dir" not in command_line["settings"]
-        tokenizer, units, val_batches = prepare_data(cfg, ranks, sample_corpus=not other_data)
+        sample_corpus = not leaves_out_run_data(cfg, command_line["settings"])  # (refused then: nothing to build)
+        tokenizer, units, val_batches = prepare_data(cfg, ranks, sample_corpus)
     except (DataError, TokenizerError) as e:
         if training.resume_from_checkpoint and (hint := data_settings_hint(cfg, e)):
             raise type(e)(f"{e}{hint}") from None
