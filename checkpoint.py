@@ -20,7 +20,7 @@ from files import ZIP_MAGIC
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line, shortened
 
-PROJECT_VERSION = "0.4.8"
+PROJECT_VERSION = "0.4.9"
 
 
 class CheckpointError(Exception):
@@ -95,7 +95,7 @@ def load_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a checkpoint (not a file written by torch.save)")
     if magic == ZIP_MAGIC and (entry := damaged_entry(path)):
         raise CheckpointError(f"{path}: not a readable checkpoint (damaged: the bytes of {entry} do not match their "
-                              f"checksum, a disk or copy error); use an earlier checkpoint or a good copy")
+                              f"checksum, a disk or copy error)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, or holds code

@@ -288,6 +288,12 @@ class Config:
     def unused_settings(self) -> list[str]:
         """A line for each setting given a value other than its default where nothing reads it
         (it applies only with another setting on): the value would change nothing."""
+        defaults = Config()
+        return [f"{path} {as_yaml(self.get(path))} is not used in training: {why}"
+                for path, why in self.unused_paths().items() if self.get(path) != defaults.get(path)]
+
+    def unused_paths(self) -> dict[str, str]:
+        """{path: why} of the settings that nothing reads in this config, whatever their values."""
         low_precision, logging = self.low_precision, self.logging
         unused_when = {
             **{f"dataset.{key}": (self.dataset.val_parquet_dir,
@@ -309,9 +315,7 @@ class Config:
                 ("distributed", "one process trains unsharded (torchrun --nproc_per_node=N, N of 2 or more, shards)"),
                 ("distributed_timeout_s", "one process, no other ranks to wait for"))},
         }
-        defaults = Config()
-        return [f"{path} {as_yaml(self.get(path))} is not used in training: {why}"
-                for path, (unused, why) in unused_when.items() if unused and self.get(path) != defaults.get(path)]
+        return {path: why for path, (unused, why) in unused_when.items() if unused}
 
     def get(self, path: str):
         """The value of a setting by its path, "section.key"."""

@@ -401,9 +401,36 @@ def parse_arguments(parser, argv=None):
             parser.error(f"unrecognized argument {item}: did you mean {match[0]}?")
         if len(name) == 2 and name[0] == "-" and len(starting := [o for o in options if o[2:3] == name[1]]) == 1:
             parser.error(f"unrecognized argument {item}: did you mean {starting[0]}?")  # -c: --config
+        if (unknown == [item] and "--checkpoint" in options and looks_like_a_checkpoint(Path(item))
+                and not any(word.partition("=")[0] == "--checkpoint" for word in argv)):
+            parser.error(f"unrecognized argument {item}: a checkpoint is given as --checkpoint {item}")
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
+
+
+AS_RUN = "# on this machine: "  # runtime.config_as_run's comment: what a run's `auto` settings were
+
+
+def settings_as_run(config_text: str) -> dict[str, str]:
+    """{path: value} of the settings that config_as_run's comment resolved (device, compute dtype,
+    compile) in the text of a run's config file; {} without that comment (a run of an older version)."""
+    for line in config_text.splitlines()[:3]:
+        if line.startswith(AS_RUN):
+            return dict(item.split(" ", 1) for item in line[len(AS_RUN):].split(", ") if " " in item)
+    return {}
+
+
+def looks_like_a_checkpoint(path: Path) -> bool:
+    """Whether a word of the command line names what --checkpoint takes: a .pt file, or a folder of a
+    run or an export (a checkpoint, config.yaml or config.json in it)."""
+    if path.suffix == ".pt":
+        return True
+    try:
+        return path.is_dir() and any(entry.suffix == ".pt" or entry.name in ("config.yaml", "config.json")
+                                     for entry in path.iterdir())
+    except OSError:
+        return False
 
 
 def with_split_seed(config: dict) -> dict:

@@ -11,14 +11,16 @@ from files import byte_amount
 CPU_STEP_FLOPS = 1e12  # a few seconds at the bf16 speed of a many-core CPU; config.yaml's model is 5 per step
 
 
-def step_line(record: dict, max_iters: int, eta: float | None, elapsed: float, at_least: bool = False) -> str:
+def step_line(record: dict, max_iters: int, eta: float | None, elapsed: float, at_least: bool = False,
+              first: bool = False) -> str:
     """The printed line of a step's metrics record (eta: seconds left; None: no estimate yet;
-    at_least: it leaves out evaluations or checkpoints not yet timed, shown as ">0:02:29")."""
+    at_least: it leaves out evaluations or checkpoints not yet timed, shown as ">0:02:29"; first: the
+    process's first line, whose wait for data includes the loader's start)."""
     extra = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
     if record.get("skipped_steps"):  # float16: gradients overflowed, the scaler skipped those updates
         extra += f" | {record['skipped_steps']} step(s) skipped by the float16 loss scaler"
     if record.get("data_wait", 0) >= 0.05:  # the loader does not keep up (below, it is handing batches over)
-        extra += f" | waiting for data {record['data_wait']:.0%}"
+        extra += f" | waiting for data {record['data_wait']:.0%}" + " (the loader starting)" * first
     last = at_least and record["step"] == max_iters  # (">0:00:00" would read as done)
     eta = ("after compilation" if eta is None else "the last evaluation and checkpoint" if last else
            ">" * at_least + format_duration(eta))
@@ -74,11 +76,15 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val
     """The lines that start a run: model, data, optimizer, then notes. `peak_source`: what MFU is
     measured against ("": no MFU)."""
     training, low_precision = cfg.training, cfg.low_precision
-    n_params = cfg.model.n_params
+    shape = cfg.model
     if low_precision.compute_dtype == "auto":
         compute_dtype += " (auto)"
-    lines = [f"BDH {n_params / 1e6:.2f}M parameters | device {device} | {compute_dtype} | "
-             f"compile {compiled} | {step_tokens(training, ranks.world_size):,} tokens/step"]
+    layers = f"{shape.n_layer} layer{'s' * (shape.n_layer != 1)}"
+    heads = f"{shape.n_head} head{'s' * (shape.n_head != 1)}"
+    lines = [f"BDH {shape.n_params / 1e6:.3g}M parameters ({layers}, {heads}, n_embd {shape.n_embd}, N "
+             f"{shape.n_latent}, dropout {shape.dropout:g}) | device {device} | {compute_dtype} | "
+             f"compile {compiled}{' | activation checkpointing' * training.activation_checkpointing} | "
+             f"{step_tokens(training, ranks.world_size):,} tokens/step"]
     if ranks.enabled:
         lines[0] += (f" | {ranks.world_size} processes ({ranks.mode}), global batch {training.batch_size} x "
                      f"{training.gradient_accumulation_steps} x {ranks.world_size}")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from checkpoint import EXPORT_VERSION, CheckpointError
+from checkpoint import EXPORT_VERSION, CheckpointError, saved_step
 from config_file import parse_arguments
 from files import REPO, read_records, resumed_configs, write_folder
 from lowbit import BLOCKSIZE, LowBitError, export_4bit, full_precision_note, post_training_note
@@ -201,6 +201,11 @@ def main(argv=None) -> int:
         parser.error("--out is empty: give the folder to write, e.g. --out my-bdh")
     try:
         source, ckpt = open_checkpoint(args.checkpoint, args.checkpoint_dir, setting="--checkpoint")
+        best = source.with_name("best.pt")
+        if not Path(args.checkpoint).is_file() and source != best and best.is_file() and saved_step(best) < ckpt.step:
+            print(f"note: {source} is the run's newest checkpoint; its best validation loss "
+                  f"({ckpt.best_val_loss:.4f}) is best.pt's, of step {saved_step(best)}: --checkpoint {best} exports "
+                  f"that", file=sys.stderr)
         if args.four_bit and not ckpt.low_precision()["use_4bit"]:
             print(post_training_note(source), file=sys.stderr)
         elif not args.four_bit and ckpt.low_precision()["use_4bit"]:

@@ -51,6 +51,14 @@ def resumable_in(run_dir: Path) -> list[Path]:
     return found
 
 
+def is_run_with_checkpoints(folder: Path) -> bool:
+    """Whether a folder is one run's directory, with checkpoints to continue from."""
+    try:
+        return is_run_directory(folder) and bool(resumable_in(folder))
+    except OSError:  # a folder that cannot be listed
+        return False
+
+
 def resumable_runs(root: Path) -> list[Path]:
     """The checkpoints of the runs in `root` a resume may continue from, newest run first; a run
     that cannot be listed (another user's, in a shared folder) is skipped with a note."""
@@ -97,6 +105,10 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
     if spec == "latest":
         found = resumable_runs(root)
         if not found:
+            if is_run_with_checkpoints(root):  # the folder of one run, given for the folder that holds them
+                raise CheckpointError(f"{setting}: latest: {root} is a run directory, not a folder of runs: give it "
+                                      + (f"as --checkpoint {root}, instead of --checkpoint-dir" if flag else
+                                         f"to {setting}"))
             what = "no run with a checkpoint in" if root.is_dir() else "there is no folder"
             raise CheckpointError(f"{setting}: latest: {what} {root}/{relative_to_here(root)}; train a run first, or "
                                   f"set {folder} to the folder that holds the runs")

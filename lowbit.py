@@ -105,6 +105,27 @@ def to_4bit(model, quant_type: str, double_quant: bool) -> tuple[int, int]:
     return before, after
 
 
+def serve_4bit_option(model, low_precision: dict, origin, four_bit: bool) -> list[str]:
+    """--4bit of sample.py and neurons.py: the model's encoder, encoder_v and decoder in 4 bits (to_4bit),
+    as a use_4bit run evaluated them; without it, the model as it is. Returns the notes to print: which
+    weights these are, where the run trained for the others (`low_precision`: load_model's)."""
+    if four_bit and low_precision.get("exported_in_4bit"):
+        raise LowBitError(f"--4bit: {origin} holds 4-bit weights already (export.py --4bit): drop --4bit")
+    notes = []
+    # 4-bit weights quantized after training (by export.py --4bit, or --4bit here); unknown (None) for a
+    # folder exported before use_4bit was recorded
+    if (four_bit or low_precision.get("exported_in_4bit")) and low_precision.get("use_4bit") is False:
+        notes.append(post_training_note(origin))
+    elif not four_bit and not low_precision.get("exported_in_4bit") and low_precision.get("use_4bit"):
+        notes.append(full_precision_note(origin, "--4bit"))
+    if four_bit:
+        quant_type, double_quant = low_precision["quantization_type"], low_precision["use_double_quant"]
+        before, after = to_4bit(model, quant_type, double_quant)
+        notes.append(f"4-bit weights ({quant_type}{', double quant' if double_quant else ''}): model "
+                     f"{after / 2**20:.2f} MiB, float32 {before / 2**20:.2f} MiB (1/{before / after:.1f})")
+    return notes
+
+
 def full_precision_note(source, option: str) -> str:
     """For a model trained with use_4bit, used without --4bit."""
     return (f"note: {source} was trained with low_precision.use_4bit for 4-bit serving, and its evaluations measured "

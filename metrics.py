@@ -281,7 +281,8 @@ class StepLog:
         seconds_per_step = record["ms_per_step"] / 1000
         pauses, untimed = self.pauses_left(step)
         eta = None if record.get("compiling") else seconds_per_step * (max_iters - step) + pauses
-        print(step_line(record, max_iters, eta, record["elapsed_s"], at_least=untimed), flush=True)
+        print(step_line(record, max_iters, eta, record["elapsed_s"], at_least=untimed,
+                        first=step - self.steps + 1 == self.first_step), flush=True)
         if (self.first_step == 1 and step == 2 and self.device.type == "cpu" and seconds_per_step > SLOW_CPU_STEP_S
                 and seconds_per_step * max_iters > 3600):  # a fresh run's first step not compiling
             print(f"  note: at this speed the run takes about {seconds_per_step * max_iters / 3600:.1f} hours on "

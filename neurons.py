@@ -2,7 +2,7 @@
 activations as a picture.
 
     python neurons.py [--checkpoint X | --checkpoint-dir DIR] --prompt TEXT | --prompt-file F [--out neurons.png]
-                      [--max-neurons 400] [--max-tokens 80]
+                      [--max-neurons 400] [--max-tokens 80] [--4bit]
 
 One panel per layer shows the x latent a = relu(x @ encoder) of every prompt token (rows) over the
 neurons that fire for at least one of them in some layer (columns, the same in every panel since the
@@ -12,7 +12,8 @@ picture shows the first --max-tokens tokens (a row each); the figures count them
 from 0, as in the metrics (sparsity/x_layer0). It prints, per layer, the share of the x and y latents
 (y: b = relu(LN(A x) @ encoder_v)) that is non-zero and how many distinct neurons the prompt used. A
 prompt may be as long as fits in MEMORY_BUDGET (2 GiB): the forward pass keeps every layer's T x T
-attention scores, so the memory grows with the square of its length (memory_bytes).
+attention scores, so the memory grows with the square of its length (memory_bytes). --4bit draws the
+4-bit weights a use_4bit run trained for and evaluated, as sample.py --4bit generates from them.
 """
 import argparse
 import math
@@ -24,6 +25,7 @@ from checkpoint import CheckpointError
 from config_file import parse_arguments
 from files import picture_path, stdout_reader_gone
 from locate import add_checkpoint_arguments, load_model, model_line
+from lowbit import LowBitError, serve_4bit_option
 from tokenizer import (TokenizerError, add_prompt_arguments, note_prompt_change, prompt_argument,
                        tokenizer_from_string)
 
@@ -118,6 +120,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-neurons", type=int, default=400, help="columns per layer (default 400)")
     parser.add_argument("--max-tokens", type=int, default=80, help="rows per layer: the prompt's first tokens "
                         "(default 80; the printed figures count every token)")
+    parser.add_argument("--4bit", dest="four_bit", action="store_true",
+                        help="the 4-bit weights (encoder, encoder_v, decoder) a use_4bit run trained for")
     args = parse_arguments(parser, argv)
     args.prompt = prompt_argument(parser, args)
     for option, value in (("--max-neurons", args.max_neurons), ("--max-tokens", args.max_tokens)):
@@ -128,10 +132,12 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        model, saved_tokenizer, _, origin, trained_on, block_size = load_model(args.checkpoint, args.checkpoint_dir,
-                                                                               "--checkpoint")
+        model, saved_tokenizer, low_precision, origin, trained_on, block_size = load_model(
+            args.checkpoint, args.checkpoint_dir, "--checkpoint")
         tokenizer = tokenizer_from_string(saved_tokenizer)
-    except (CheckpointError, TokenizerError, ValueError) as e:
+        for note in serve_4bit_option(model, low_precision, origin, args.four_bit):
+            print(note, file=sys.stderr)
+    except (CheckpointError, LowBitError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     ids = tokenizer.encode(args.prompt)
@@ -139,8 +145,8 @@ def main(argv=None) -> int:
         parser.error("the prompt is empty")
     note_prompt_change(tokenizer, args.prompt)
     if block_size and len(ids) > block_size:
-        print(f"note: the model trained on windows of {block_size} tokens and the prompt is {len(ids):,}: past "
-              f"{block_size} it reads positions it never trained at, and the figures count them too", file=sys.stderr)
+        print(f"note: the model trained on windows of {block_size:,} tokens and the prompt is {len(ids):,}: past "
+              f"{block_size:,} it reads positions it never trained at, and the figures count them too", file=sys.stderr)
     if len(ids) > (limit := max_prompt_tokens(model.config)):
         fitting = len(tokenizer.decode(ids[:limit]).rstrip("\ufffd"))  # (a character cut short: U+FFFD)
         parser.error(f"the prompt is {len(ids):,} tokens, more than the {limit:,} that fit in {MEMORY_BUDGET // 2**30} "
@@ -157,7 +163,7 @@ def main(argv=None) -> int:
         for layer, (a, b) in enumerate(found):
             print(f"{layer:>5} {float((a > 0).float().mean()):>9.2%} {float((b > 0).float().mean()):>9.2%} "
                   f"{int(((a > 0).sum(0) > 0).sum()):>13,}")
-        print(f"wrote {args.out}" + (f" (the first {shown} of {len(ids)} tokens: --max-tokens)" if shown < len(ids)
+        print(f"wrote {args.out}" + (f" (the first {shown:,} of {len(ids):,} tokens: --max-tokens)" if shown < len(ids)
                                      else ""), flush=True)
     except BrokenPipeError:  # (the picture is written first)
         stdout_reader_gone()

@@ -10,11 +10,12 @@ for every run in those (named experiment/run_...).
 import argparse
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 import yaml
 
-from config_file import parse_arguments, with_split_seed
+from config_file import ConfigError, parse_arguments, read_scalar, settings_as_run, with_split_seed
 from files import picture_path, read_records, resumed_configs
 
 
@@ -78,9 +79,10 @@ def comparable_stretches(evaluations) -> list[list]:
 
 
 # settings that change neither what a run learns nor what its validation measures: left out of the labels
+# (DDP and FSDP compute the same steps)
 NOT_IN_LABELS = ("logging.", "dataloader.", "training.checkpoint_dir", "training.log_freq", "training.test_freq",
                  "training.checkpoint_freq", "training.keep_last_n", "training.debug", "training.device",
-                 "training.distributed_timeout_s", "training.compile", "training.activation_checkpointing",
+                 "training.distributed", "training.compile", "training.activation_checkpointing",
                  "dataset.max_cached_files")
 STARTED_FROM = "training.resume_from_checkpoint"  # in config.yaml: the export or loose checkpoint a run started from
 MAX_LABEL_SETTINGS = 4
@@ -92,16 +94,28 @@ LATENTS = {"sparsity_x": {"marker": "o", "linestyle": "-"},  # the active shares
 
 def run_settings(run_dir: Path) -> dict:
     """{section.key: value} of the config a run started with (config.yaml), a value that a resume
-    changed (config_resume_<step>.yaml) as `first→...→last`; {} without config.yaml."""
-    history = {}
+    changed (config_resume_<step>.yaml) as `first→...→last`; {} without config.yaml. An `auto`
+    setting is the value it resolved to on the run's machine (compute_dtype bfloat16); a setting
+    that none of the run's configs used (an fp8 one with use_fp8 off) is left out."""
+    history, unused = {}, None
     for path in [Path(run_dir) / "config.yaml", *(path for _, path in resumed_configs(run_dir))]:
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
+            text = path.read_text(encoding="utf-8")
+            raw = yaml.safe_load(text)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
             if not history:
                 return {}
             continue
-        for section, values in (with_split_seed(raw) if isinstance(raw, dict) else {}).items():
+        raw = with_split_seed(raw) if isinstance(raw, dict) else {}
+        unused = not_used(raw) if unused is None else unused & not_used(raw)
+        as_run, low_precision = settings_as_run(text), raw.get("low_precision")
+        if not as_run and isinstance(low_precision, dict) and low_precision.get("compute_dtype") == "auto":
+            del low_precision["compute_dtype"]  # a run of an older version: what auto computed in is not known
+        for setting, value in as_run.items():
+            section, key = setting.split(".")
+            if isinstance(raw.get(section), dict) and key in raw[section]:
+                raw[section][key] = read_scalar(value)
+        for section, values in raw.items():
             for key, value in (values if isinstance(values, dict) else {}).items():
                 values_seen = history.setdefault(f"{section}.{key}", [])
                 if not values_seen or values_seen[-1] != value:
@@ -109,7 +123,17 @@ def run_settings(run_dir: Path) -> dict:
     if STARTED_FROM in history:  # where it started; its resumes' checkpoints are its own
         history[STARTED_FROM] = history[STARTED_FROM][:1]
     return {key: values[0] if len(values) == 1 else Changed("→".join(map(str, values)))
-            for key, values in history.items()}
+            for key, values in history.items() if key not in unused}
+
+
+def not_used(raw: dict) -> set[str]:
+    """The settings that nothing reads in a run's config (Config.unused_paths); none where the config
+    no longer loads (a version's settings since renamed)."""
+    from config import Config  # (torch: not before a picture is asked for)
+    try:
+        return set(Config.from_dict(raw).unused_paths())
+    except ConfigError:
+        return set()
 
 
 class Changed(str):
@@ -117,25 +141,58 @@ class Changed(str):
 
 
 def labels(names: list[str], settings: list[dict], limit: int | None = MAX_LABEL_SETTINGS) -> list[str]:
-    """Each run's name and the settings in which the runs differ, or that a resume changed (the first
-    `limit`: the tokenizer first, then those with the most values, such as a sweep's), so that the
-    curves of several runs can be told apart: run_20261123_101500 (tokenizer=tokenizer.json). A run
-    without settings (no config.yaml) keeps its name, and is left out of the comparison; so is a
-    setting a run's older version did not record."""
+    """Each run's name and the settings in which the runs differ, or that a resume changed (the
+    tokenizer first, then those with the most values, such as a sweep's), so that the curves of
+    several runs can be told apart: run_20261123_101500 (tokenizer=tokenizer.json); the first `limit`
+    of them, then "...". Where more than MAX_LABEL_SETTINGS differ, a run shows where it departs from
+    the value most runs share (a sweep's baseline: shared_settings); a run with no departure, its
+    values. A run without settings (no config.yaml) keeps its name, and is left out of the comparison;
+    so is a setting a run's older version did not record."""
+    differing, shared = compared(settings)
+    described = []
+    for s in settings:
+        keys = [key for key in differing if key in s]
+        if len(differing) > MAX_LABEL_SETTINGS:
+            keys = [key for key in keys if key not in shared or repr(s[key]) != repr(shared[key])] or keys
+        more = ", ..." if limit is not None and len(keys) > limit else ""
+        described.append(", ".join(f"{shown_name(key)}={s[key]}" for key in keys[:limit]) + more)
+    return [f"{name} ({words})" if words else name for name, words in zip(names, described)]
+
+
+def compared(settings: list[dict]) -> tuple[list[str], dict]:
+    """The settings in which the runs differ, in the labels' order; and of those, {setting: the value
+    that more runs have than any other}, where one does."""
     known = [s for s in settings if s]
-    values = lambda key: {repr(s[key]) for s in known if key in s}  # noqa: E731
+    values = lambda key: [repr(s[key]) for s in known if key in s]  # noqa: E731
     differing = [key for key in dict.fromkeys(k for s in known for k in s) if not key.startswith(NOT_IN_LABELS)
-                 and (len(values(key)) > 1 or any(isinstance(s.get(key), Changed) for s in known))]
+                 and (len(set(values(key))) > 1 or any(isinstance(s.get(key), Changed) for s in known))]
     tokenizers = {s.get("dataset.tokenizer") for s in known}
     if "dataset.tokenizer" in differing and all(  # a vocab_size each tokenizer implies says nothing more
             len({repr(s.get("model.vocab_size")) for s in known if s.get("dataset.tokenizer") == t}) == 1
             for t in tokenizers):
         differing = [key for key in differing if key != "model.vocab_size"]
-    differing.sort(key=lambda key: (key != "dataset.tokenizer", -len(values(key))))
-    shown = differing[:limit]
-    more = ", ..." if len(differing) > len(shown) else ""
-    described = [", ".join(f"{key.split('.')[1]}={s[key]}" for key in shown if key in s) for s in settings]
-    return [f"{name} ({words}{more})" if words else name for name, words in zip(names, described)]
+    differing.sort(key=lambda key: (key != "dataset.tokenizer", -len(set(values(key)))))
+    shared = {}
+    for key in differing:
+        counts = Counter(values(key)).most_common(2)
+        if len(counts) == 1 or counts[0][1] > counts[1][1]:
+            shared[key] = next(s[key] for s in known if key in s and repr(s[key]) == counts[0][0])
+    return differing, shared
+
+
+def shared_settings(settings: list[dict]) -> str:
+    """Where the labels name each run's departures: the values of the others, "dropout=0.0, ..."."""
+    differing, shared = compared(settings)
+    if len(differing) <= MAX_LABEL_SETTINGS:
+        return ""
+    return ", ".join(f"{shown_name(key)}={value}" for key, value in shared.items())
+
+
+def shown_name(path: str) -> str:
+    """A setting's name in a label: its key, or its whole path where the key alone does not say what it
+    is (fp8.format)."""
+    section, key = path.split(".")
+    return path if section == "fp8" else key
 
 
 def text_read(evaluation: dict) -> float | None:
@@ -150,7 +207,7 @@ def text_read(evaluation: dict) -> float | None:
 
 def plot(run_dirs, out: Path) -> list[str]:
     """Draw the runs' curves into `out`; returns each run's name with every setting that tells it
-    apart (the legend shows the first few)."""
+    apart (the legend shows the first few), and for a sweep, the values most runs share."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -236,7 +293,8 @@ def plot(run_dirs, out: Path) -> list[str]:
     fig.tight_layout(rect=(0, 0.025 * rows + 0.01, 1, 1))
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return full_names
+    return full_names + ([f"where a run above names no value: {shared}"] if (shared := shared_settings(settings))
+                         else [])
 
 
 def main(argv=None) -> int:

@@ -186,16 +186,28 @@ def tokens_before(ckpt, training) -> int:
 
 
 def global_batch_change(ckpt, training, world_size: int) -> str:
-    """On another number of processes: how the tokens of a step change, and the
-    gradient_accumulation_steps (or else the batch_size) that keeps them where one does."""
+    """On another number of processes: how the tokens of a step change, and the settings that keep
+    them (gradient_accumulation_steps, else batch_size, else both) where some do; where none do, the
+    settings that come nearest."""
     before, now = step_tokens(saved_training(ckpt, training), len(ckpt.rng)), step_tokens(training, world_size)
     if before == now:
         return ""
-    micro_step = now // training.gradient_accumulation_steps  # over all processes
-    row = now // training.batch_size  # the tokens of one batch row over the accumulation and the processes
-    keep = (f"; training.gradient_accumulation_steps={before // micro_step} keeps {before:,}"
-            if before % micro_step == 0 else
-            f"; training.batch_size={before // row} keeps {before:,}" if before % row == 0 else "")
+    row = now // (training.batch_size * training.gradient_accumulation_steps)  # one window on every process
+    rows = max(1, round(before / row))  # batch_size x gradient_accumulation_steps that keep (or come nearest)
+    batch, accumulation = training.batch_size, training.gradient_accumulation_steps
+    if rows % batch == 0:
+        keeping = f"training.gradient_accumulation_steps={rows // batch}"
+    elif rows % accumulation == 0:
+        keeping = f"training.batch_size={rows // accumulation}"
+    else:  # the largest batch_size up to the current one that divides them, and the accumulation that makes them up
+        batch = max(size for size in range(1, min(batch, rows) + 1) if rows % size == 0)
+        keeping = f"training.batch_size={batch} training.gradient_accumulation_steps={rows // batch}"
+    if rows * row == before:
+        keep = f"; {keeping} keeps {before:,}"
+    else:
+        processes = f"{world_size} process{'es' * (world_size != 1)}"
+        keep = (f"; no whole batch_size and gradient_accumulation_steps keep {before:,} on {processes}"
+                + (f" ({keeping} gives {rows * row:,})" if rows * row != now else ""))
     return f", and a step trains on {now:,} tokens where it trained on {before:,}{keep}"
 
 

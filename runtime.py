@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from config_file import AS_RUN
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -77,7 +79,7 @@ def config_as_run(cfg, device: torch.device) -> str:
     """The config as YAML for the run's own files, after a comment that says what its `auto` settings
     are on this machine: the same file on another machine may compute in another precision."""
     dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
-    return (f"# on this machine: training.device {device.type}, low_precision.compute_dtype {dtype}, "
+    return (f"{AS_RUN}training.device {device.type}, low_precision.compute_dtype {dtype}, "
             f"training.compile {str(wants_compile(cfg.training, device)).lower()}\n" + cfg.to_yaml())
 
 

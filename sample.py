@@ -18,7 +18,7 @@ import torch
 from checkpoint import CheckpointError
 from config_file import parse_arguments
 from files import stdout_reader_gone
-from lowbit import LowBitError, full_precision_note, post_training_note, to_4bit
+from lowbit import LowBitError, serve_4bit_option
 from locate import add_checkpoint_arguments, load_model, model_line
 from runtime import DeviceError, pick_device
 from tokenizer import (TokenizerError, add_prompt_arguments, note_prompt_change, prompt_argument,
@@ -58,20 +58,8 @@ def load_for_sampling(args):
     print(model_line(origin, trained_on), file=sys.stderr)
     model = model.to(device).eval()
     tokenizer = tokenizer_from_string(saved_tokenizer)
-    if args.four_bit and low_precision.get("exported_in_4bit"):
-        raise CheckpointError(f"--4bit: {args.checkpoint} holds 4-bit weights already (export.py --4bit): "
-                              f"drop --4bit")
-    # 4-bit weights quantized after training (by export.py --4bit, or --4bit here); unknown (None) for a
-    # folder exported before use_4bit was recorded
-    if (args.four_bit or low_precision.get("exported_in_4bit")) and low_precision.get("use_4bit") is False:
-        print(post_training_note(origin), file=sys.stderr)
-    elif not args.four_bit and not low_precision.get("exported_in_4bit") and low_precision.get("use_4bit"):
-        print(full_precision_note(origin, "--4bit"), file=sys.stderr)
-    if args.four_bit:
-        quant_type, double_quant = low_precision["quantization_type"], low_precision["use_double_quant"]
-        before, after = to_4bit(model, quant_type, double_quant)
-        print(f"4-bit weights ({quant_type}{', double quant' if double_quant else ''}): model "
-              f"{after / 2**20:.2f} MiB, float32 {before / 2**20:.2f} MiB (1/{before / after:.1f})", file=sys.stderr)
+    for note in serve_4bit_option(model, low_precision, origin, args.four_bit):
+        print(note, file=sys.stderr)
     return model, tokenizer, device, block_size
 
 
@@ -108,10 +96,10 @@ def main(argv=None) -> int:
     note_prompt_change(tokenizer, args.prompt)
     # (measured: BENCHMARKS.md) the model reads every token but the last one it writes
     if block_size and len(prompt) + args.max_new_tokens - 1 > block_size:
-        start = f"the prompt's {len(prompt)}" if args.prompt else "the separator it starts from"
-        print(f"note: the model trained on windows of {block_size} tokens, and this text runs to "
-              f"{len(prompt) + args.max_new_tokens} ({start} and {args.max_new_tokens} new): past {block_size} it "
-              f"reads positions it never trained at, and its text usually gets worse", file=sys.stderr)
+        start = f"the prompt's {len(prompt):,}" if args.prompt else "the separator it starts from"
+        print(f"note: the model trained on windows of {block_size:,} tokens, and this text runs to "
+              f"{len(prompt) + args.max_new_tokens:,} ({start} and {args.max_new_tokens:,} new): past {block_size:,} "
+              f"it reads positions it never trained at, and its text usually gets worse", file=sys.stderr)
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     tokens = (int(token) for token in model.stream(idx, args.max_new_tokens, temperature=args.temperature,

@@ -42,8 +42,8 @@ from config import add_config_arguments, learning_rate, load_config, step_tokens
 from config_file import parse_arguments
 from console import describe_run, done_lines, evaluation_lines
 from data import loader_workers, prepare_data, rank_positions, train_loader
-from distributed import (DistributedError, Ranks, communication_failure, failed, first_process,
-                         gradient_sync, local_tensor, peers_lost, shutdown, start, wrap)
+from distributed import (DistributedError, Ranks, communication_failure, failed, first_process, gradient_sync,
+                         launched_by_torchrun, local_tensor, peers_lost, shutdown, start, wrap)
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
 from files import script_here
 from fp8 import FP8Error, fp8_matmuls
@@ -384,7 +384,10 @@ def resuming_a_run(cfg) -> bool:
 
 
 def rank_of(ranks: Ranks) -> str:
-    return f" (rank {ranks.rank})" if ranks.enabled else ""
+    """" (rank R)" under torchrun, also before the process group is joined (a device refused first)."""
+    if ranks.enabled:
+        return f" (rank {ranks.rank})"
+    return f" (rank {os.environ['RANK']})" if launched_by_torchrun() and "RANK" in os.environ else ""
 
 
 def main(argv=None) -> int:

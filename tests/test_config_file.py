@@ -358,10 +358,23 @@ def test_an_override_written_as_an_option_is_told_to_drop_the_dashes(capsys):
         assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: did you mean {meant}?\n")
 
 
-def test_a_misspelled_option_is_named_in_every_script(capsys):
+def test_a_misspelled_option_is_named_in_every_script(tmp_path, capsys):
     import sample
     for argv, meant in ((["--tempreature", "1"], "--temperature"), (["--max_new_tokens=5"], "--max-new-tokens")):
         with pytest.raises(SystemExit) as stop:
             sample.main(argv)
         assert stop.value.code == 2
         assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: did you mean {meant}?\n")
+    run = tmp_path / "run_1"
+    run.mkdir()
+    (run / "config.yaml").write_text("")
+    for argv in (["ck/run_1/best.pt"], [str(run), "--max-new-tokens", "5"]):  # a checkpoint without its option
+        with pytest.raises(SystemExit):
+            sample.main(argv)
+        assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: a checkpoint is given as "
+                                                f"--checkpoint {argv[0]}\n")
+    for argv in (["--prompt", "Read", "the", str(run)], ["--prompt", "Read", str(tmp_path)],  # an unquoted prompt
+                 ["--checkpoint", str(run), str(run)]):
+        with pytest.raises(SystemExit):
+            sample.main(argv)
+        assert "a checkpoint is given as" not in capsys.readouterr().err

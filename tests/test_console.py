@@ -38,6 +38,17 @@ def test_a_model_sized_for_a_gpu_is_noted_on_cpu(tmp_path, corpus, monkeypatch, 
     assert (ROOT / "configs" / "tiny.yaml").is_file()
 
 
+def test_the_first_line_gives_the_model_s_shape(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=1, test_freq=100)
+    assert train.main(["--config", str(path), "model.n_layer=1",
+                       "model.dropout=0.2", "training.activation_checkpointing=true"]) == 0
+    first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("BDH "))
+    model = Config.from_dict(yaml.safe_load(path.read_text())).model  # the shape a sweep changes is on the first line
+    assert first.startswith(f"BDH {model.n_params / 1e6:.3g}M parameters (1 layer, {model.n_head} heads, n_embd "
+                            f"{model.n_embd}, N {model.n_latent}, dropout 0.2) | device cpu | ")
+    assert "| activation checkpointing |" in first
+
+
 def test_the_data_line_names_the_subfolders_a_parent_folder_mixes(tmp_path):
     """`dataset.parquet_dir=data` where data/ holds two datasets trains on both: the start says so."""
     for folder in ("data/mytext", "data/stdlib", "data"):

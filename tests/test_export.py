@@ -245,6 +245,19 @@ def test_replace_replaces_an_earlier_export_but_never_a_run_directory(trained, t
     assert "post-training" not in capsys.readouterr().err
 
 
+def test_exporting_a_run_whose_best_is_older_than_its_newest_checkpoint_says_how_to_export_the_best(trained, tmp_path,
+                                                                                                    capsys):
+    run = trained.parent
+    older = torch.load(trained, weights_only=True)
+    older["step"] = 2
+    torch.save(older, run / "best.pt")  # the last evaluation was no better than the one of step 2
+    assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "a")]) == 0
+    assert f"note: {trained} is the run's newest checkpoint; its best validation loss (" in capsys.readouterr().err
+    assert export.main(["--checkpoint", str(trained), "--out", str(tmp_path / "b")]) == 0  # that file, on purpose
+    assert export.main(["--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "c")]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp_path):
     from checkpoint import Checkpoint
     from config import Config

@@ -9,7 +9,9 @@ import torch
 import train
 from checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from conftest import ROOT, run_dirs, write_config
+from distributed import Ranks
 from locate import checkpoints_in, is_run_directory, load_model, open_checkpoint
+from resume import resolve_auto
 from rundir import RunDir, release_run_directories
 
 
@@ -37,6 +39,17 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
     for step in (2, 10):
         torch.save(Checkpoint(step=step, model={}, model_config={}).to_dict(), run / f"checkpoint_{step}.pt")
     assert open_checkpoint(str(run), str(tmp_path))[0] == run / "checkpoint_10.pt"  # by step, not by name
+    (run / "config.yaml").write_text("")  # given as the folder of runs: it is one run's
+    with pytest.raises(CheckpointError, match=r"^--checkpoint: latest: .*run_20260101_000000 is a run directory, not "
+                                              r"a folder of runs: give it as --checkpoint .*run_20260101_000000, "
+                                              r"instead of --checkpoint-dir$"):
+        open_checkpoint("latest", str(run), setting="--checkpoint")
+    assert resolve_auto(str(run), Ranks(), torch.device("cpu")) == "latest"  # (which refuses it, as here)
+    with pytest.raises(CheckpointError, match=r"run_20260101_000000 is a run directory, not a folder of runs: give it "
+                                              r"to training.resume_from_checkpoint$"):
+        open_checkpoint("latest", str(run))
+    assert not (run / ".auto.lock").exists()
+    (run / "config.yaml").unlink()
     with pytest.raises(CheckpointError, match=f"checkpoint_10.pt does not exist .*; did you mean {run}/checkpoint_10.pt"):
         open_checkpoint("checkpoint_10.pt", str(tmp_path))  # a run's file by its name alone
     with pytest.raises(CheckpointError, match=f"{run}0 does not exist; did you mean {run}\\?$"):

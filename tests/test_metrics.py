@@ -428,6 +428,22 @@ def test_mfu_is_the_achieved_training_flops_over_the_peak(monkeypatch):
         cfg.model.training_flops_per_token(64) * tokens_per_step / 1.5 / 1e12)
 
 
+def test_only_the_first_line_s_wait_for_data_is_the_loader_starting(monkeypatch, capsys):
+    from types import SimpleNamespace
+    from distributed import Ranks
+    clock = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    step_log = metrics.StepLog(Config(), SimpleNamespace(log=lambda record: None), Ranks(), torch.device("cpu"), [], 0,
+                               [], first_step=5, compiling_steps=(), loss_scaled=False, peak=0)  # resumed at step 4
+    for step in (5, 6):
+        step_log.add_micro_batch(torch.tensor(2.0))
+        step_log.add_step(torch.tensor(0.5))
+        step_log.data_wait_s, clock[0] = 0.5, clock[0] + 1.0
+        step_log.write(step_log.measure(step, 1e-3, 1024, []))
+    first, second = capsys.readouterr().out.splitlines()
+    assert " | waiting for data 50% (the loader starting) | " in first and " | waiting for data 50% | " in second
+
+
 def test_a_step_that_evaluates_or_saves_has_its_line(tmp_path, corpus):
     path = write_config(tmp_path, corpus, max_iters=13, log_freq=5, test_freq=4, checkpoint_freq=6, keep_last_n=0)
     assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0

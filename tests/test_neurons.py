@@ -139,3 +139,22 @@ def test_help_says_the_prompt_is_required(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--prompt PROMPT the text whose neurons are drawn (one of --prompt and --prompt-file is required)" in text
     assert "document boundary" not in text
+
+
+def test_4bit_draws_the_weights_a_use_4bit_run_trained_for(tmp_path, monkeypatch, capsys):
+    trained_4bit = {"use_4bit": True, "quantization_type": "nf4", "use_double_quant": False}
+    monkeypatch.setattr(neurons, "load_model", lambda *args: (BDH(SMALL), "bytes", trained_4bit, "m (step 9)", "", 64))
+    used = []
+    monkeypatch.setattr(neurons, "latents", lambda model, ids: used.append(model.weight_view) or [
+        (torch.ones(len(ids), 128), torch.ones(len(ids), 128))] * 2)
+    out = str(tmp_path / "n.png")
+    assert neurons.main(["--prompt", "abc", "--out", out]) == 0
+    assert "note: m (step 9) was trained with low_precision.use_4bit for 4-bit serving" in capsys.readouterr().err
+    assert neurons.main(["--prompt", "abc", "--out", out, "--4bit"]) == 0
+    err = capsys.readouterr().err
+    assert "4-bit weights (nf4): model" in err and "was trained with" not in err
+    assert used[0] is None and used[1] is not None  # the forward pass reads the 4-bit weights
+    trained_4bit["exported_in_4bit"] = True
+    assert neurons.main(["--prompt", "abc", "--out", out, "--4bit"]) == 1
+    assert capsys.readouterr().err == ("error: --4bit: m (step 9) holds 4-bit weights already (export.py --4bit): "
+                                       "drop --4bit\n")

@@ -150,12 +150,27 @@ def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch)
               "training.learning_rate": lr, "training.eval_iters": 20} for tokenizer, vocab, layers, lr in (
         ("bytes", 256, 1, 1e-3), ("bytes", 256, 1, 3e-3), ("bytes", 256, 2, 1e-2), ("bpe.json", 512, 1, 3e-2))]
     sweep[3]["training.batch_size"], sweep[3]["training.eval_iters"] = 8, 4
-    assert plot.labels(list("abcd"), sweep) == [  # the swept learning rate first; vocab_size follows the tokenizer
-        f"{name} (tokenizer={s['dataset.tokenizer']}, learning_rate={s['training.learning_rate']}, n_layer="
-        f"{s['model.n_layer']}, batch_size={s['training.batch_size']}, ...)" for name, s in zip("abcd", sweep)]
+    assert plot.labels(list("abcd"), sweep) == [  # more than 4 differ: where each departs from the most common value
+        "a (learning_rate=0.001)", "b (learning_rate=0.003)", "c (learning_rate=0.01, n_layer=2)",
+        "d (tokenizer=bpe.json, learning_rate=0.03, batch_size=8, eval_iters=4)"]  # (vocab_size follows the tokenizer)
+    base = {"model.dropout": 0.0, "training.batch_size": 4, "training.learning_rate": 0.005,
+            "training.weight_decay": 0.1, "training.seed": 0, "fp8.format": "hybrid"}
+    one_at_a_time = [base] + [{**base, key: value} for key, value in (
+        ("model.dropout", 0.1), ("training.batch_size", 8), ("training.learning_rate", 0.01),
+        ("training.weight_decay", 0.5), ("training.seed", 1), ("fp8.format", "e4m3"))]
+    assert plot.labels(list("abcdefg"), one_at_a_time)[1:] == [
+        "b (dropout=0.1)", "c (batch_size=8)", "d (learning_rate=0.01)", "e (weight_decay=0.5)", "f (seed=1)",
+        "g (fp8.format=e4m3)"]  # (the baseline: its first four values, then ...)
+    assert plot.labels(list("abcdefg"), one_at_a_time)[0] == "a (dropout=0.0, batch_size=4, learning_rate=0.005, "\
+                                                              "weight_decay=0.1, ...)"
+    assert plot.labels(["a", "b"], [{"training.seed": 1, "training.learning_rate": 0.1}, {"training.seed": 2,
+                       "training.learning_rate": 0.1}]) == ["a (seed=1)", "b (seed=2)"]
+    assert plot.shared_settings(one_at_a_time) == (  # the terminal's last line: what the labels leave unnamed
+        "dropout=0.0, batch_size=4, learning_rate=0.005, weight_decay=0.1, seed=0, fp8.format=hybrid")
+    assert plot.shared_settings(sweep[:2]) == ""  # (few settings differ: every label names all of them)
     assert plot.labels(["d"], sweep[3:], limit=None) == ["d"]
     assert plot.labels(list("abcd"), sweep, limit=None)[3] == (
-        "d (tokenizer=bpe.json, learning_rate=0.03, n_layer=1, batch_size=8, eval_iters=4)")  # (validation differs)
+        "d (tokenizer=bpe.json, learning_rate=0.03, batch_size=8, eval_iters=4)")  # (validation differs)
     sweep[0]["model.vocab_size"] = 320  # not implied by the tokenizer any more
     assert "vocab_size=320" in plot.labels(list("abcd"), sweep, limit=None)[0]
     resumed = tmp_path / "run_a"  # resumed twice with other settings: the values it had, in turn
@@ -175,6 +190,33 @@ def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch)
     assert plot.run_settings(tuned)["training.resume_from_checkpoint"] == "exports/a"
     assert "resume_from_checkpoint=exports/a)" in plot.labels(
         ["c", "d"], [plot.run_settings(tmp_path / "run_c"), plot.run_settings(tuned)])[1]
+
+
+def test_run_settings_are_what_the_run_used_as_it_ran(tmp_path):
+    import torch
+    from config import Config
+    from runtime import config_as_run, resolve_compute_dtype
+    cfg = Config()
+    cfg.fp8.format, cfg.low_precision.compute_dtype = "e4m3", "auto"
+    run = tmp_path / "run_a"
+    run.mkdir()
+    (run / "config.yaml").write_text(config_as_run(cfg, torch.device("cpu")))
+    settings = plot.run_settings(run)
+    assert settings["low_precision.compute_dtype"] == resolve_compute_dtype(torch.device("cpu"), "auto") != "auto"
+    assert "fp8.format" not in settings and "low_precision.qat_start_fraction" not in settings  # (not used: off)
+    assert settings["model.n_layer"] == cfg.model.n_layer
+    cfg.low_precision.use_fp8 = True
+    (run / "config_resume_10.yaml").write_text(config_as_run(cfg, torch.device("cpu")))
+    assert plot.run_settings(run)["fp8.format"] == "e4m3"  # used by one of its configs
+    (run / "config_resume_10.yaml").write_text("model: {n_layer: 1}")  # (a hand-written one: as it says)
+    assert "fp8.format" not in plot.run_settings(run)
+    old = tmp_path / "run_old"  # written before the comment: what auto computed in is not known, not "auto"
+    old.mkdir()
+    (old / "config.yaml").write_text(cfg.to_yaml())
+    assert "low_precision.compute_dtype" not in plot.run_settings(old)
+    (old / "config_resume_10.yaml").write_text(config_as_run(cfg, torch.device("cpu")))  # resumed by this version:
+    assert plot.run_settings(old)["low_precision.compute_dtype"] == resolve_compute_dtype(  # what it ran in, not a
+        torch.device("cpu"), "auto")  # change from auto
 
 
 def test_experiments_of_their_own_folders_are_plotted_together_and_their_names_fit(tmp_path, monkeypatch, capsys):

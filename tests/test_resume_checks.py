@@ -152,4 +152,16 @@ def test_another_number_of_processes_is_told_what_keeps_the_tokens_of_a_step():
     assert global_batch_change(two_processes, training, 1).endswith(
         "; training.gradient_accumulation_steps=2 keeps 4,096")
     assert global_batch_change(one_process, TrainingConfig(batch_size=3, block_size=48), 2) == (
-        ", and a step trains on 288 tokens where it trained on 2,048")  # nothing whole keeps it
+        ", and a step trains on 288 tokens where it trained on 2,048; no whole batch_size and "
+        "gradient_accumulation_steps keep 2,048 on 2 processes (training.gradient_accumulation_steps=7 gives 2,016)")
+    two_of_32 = SimpleNamespace(config=one_process.config, rng=[{}, {}])  # 2 -> 3 processes of 32 x 64
+    assert global_batch_change(two_of_32, training, 3).endswith(
+        "; no whole batch_size and gradient_accumulation_steps keep 4,096 on 3 processes (training.batch_size=21 "
+        "gives 4,032)")
+    six_by_two = SimpleNamespace(config={"training": {"batch_size": 6, "gradient_accumulation_steps": 2,
+                                                      "block_size": 64}}, rng=[{}])
+    assert global_batch_change(six_by_two, TrainingConfig(batch_size=6, gradient_accumulation_steps=2,
+                                                          block_size=64), 4).endswith(
+        "; training.batch_size=3 training.gradient_accumulation_steps=1 keeps 768")  # both change
+    assert global_batch_change(two_of_32, TrainingConfig(batch_size=21, block_size=64), 3).endswith(
+        "keep 4,096 on 3 processes")  # the batch_size given is the nearest already

@@ -93,10 +93,14 @@ def test_missing_data_is_one_line_error(tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_unavailable_device_is_refused(tmp_path, corpus, capsys):
+def test_unavailable_device_is_refused(tmp_path, corpus, capsys, monkeypatch):
     path = write_config(tmp_path, corpus, device="cuda")
     assert train.main(["--config", str(path)]) == 1
     assert "training.device: cuda requested but not available" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: refused before the ranks join, tagged all the same
+    monkeypatch.setenv("RANK", "1")
+    assert train.main(["--config", str(path)]) == 1
+    assert capsys.readouterr().err.startswith("error (rank 1): training.device: cuda requested but not available")
 
 
 def test_data_loader_workers_train(tmp_path, corpus):
