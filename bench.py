@@ -24,8 +24,7 @@ import time
 import torch
 
 from adamw4bit import make_optimizer
-from config import add_config_arguments, load_config
-from config_file import parse_arguments
+from arguments import add_config_arguments, load_config, parse_arguments
 from corpus import ensure_sample_corpus
 from data import loader_workers, train_loader
 from files import check_outputs

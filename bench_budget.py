@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 
+from arguments import add_config_arguments, load_config, parse_arguments
 from checkpoint import load_checkpoint, model_from_checkpoint
-from config import add_config_arguments, load_config
-from config_file import parse_arguments
 from corpus import text_files_to_parquet
 from files import REPO, check_outputs
 from model import BDHConfig

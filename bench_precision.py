@@ -36,9 +36,9 @@ import torch
 
 import adamw4bit
 from adamw4bit import AdamW4bit, MomentFormat, adamw_state_bytes
+from arguments import add_config_arguments, load_config, parse_arguments
 from checkpoint import load_checkpoint, model_from_checkpoint
-from config import Config, add_config_arguments, load_config
-from config_file import parse_arguments
+from config import Config
 from data import validation_batches
 from distributed import Ranks
 from evaluation import validation_loss

@@ -1,24 +1,19 @@
-"""Typed configuration: the settings as dataclasses, the checks of their values, and loading
-them for the scripts (config_file.py reads the YAML and the overrides).
+"""Typed configuration: the settings as dataclasses and the checks of their values (config_file.py
+reads the YAML and the overrides; arguments.py, the scripts' command lines).
 
 Every problem in a config file is reported at once, one line each, as
 `<section.key>: <what is wrong>`; the scripts print them and exit with status 2. The model
 section is model.BDHConfig itself.
 """
-import argparse
 import dataclasses
 import math
 import os
 import re
-import sys
 import typing
 from dataclasses import dataclass, field
 
-
-from config_file import (SEED, ConfigError, apply_override, as_yaml, dump_yaml, in_file_order, read_yaml, suggest,
-                         typed_section)
-from distributed import first_process, launched_by_torchrun
-from files import tell_torchrun
+from config_file import SEED, ConfigError, apply_override, as_yaml, dump_yaml, read_yaml, suggest, typed_section
+from distributed import launched_by_torchrun
 from model import BDHConfig
 
 
@@ -342,57 +337,6 @@ def learning_rate(step: int, training) -> float:
 def step_tokens(training, world_size: int) -> int:
     """The tokens of one optimizer step, over all processes."""
     return training.batch_size * training.block_size * training.gradient_accumulation_steps * world_size
-
-
-def add_config_arguments(parser, default: str = "config.yaml"):
-    """--config and the section.key=value overrides, as every script takes them."""
-    parser.add_argument("--config", default=default, action=OneConfigFile, help=f"YAML config (default {default})")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help=f"override any config field, e.g. training.batch_size=16 (the sections: "
-                             f"{', '.join(_sections())}; train.py --print-config lists every field and its value)")
-    parser.setting_paths = all_paths()  # parse_arguments: --max_iters 10 is told to write training.max_iters=10
-    parser.switch_paths = {f"{name}.{key}" for name, cls in _sections().items()  # and --debug: training.debug=true
-                           for key, hint in typing.get_type_hints(cls).items() if hint is bool}
-
-
-class OneConfigFile(argparse.Action):
-    """--config given twice is refused: argparse would keep the last one without a word."""
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        if getattr(namespace, "config_given", False):
-            parser.error(f"--config is given twice ({namespace.config}, then {value}): give one file, and change "
-                         f"single settings with section.key=value")
-        namespace.config, namespace.config_given = value, True
-
-
-def load_config(args) -> Config:
-    """The config of parsed add_config_arguments; on problems, prints them one per line and exits
-    with status 2, as argparse does for bad arguments (under torchrun, rank 0 alone prints them). An
-    override given twice with two values is noted: the last applies, so scripts can add to a command."""
-    rank_zero = first_process()
-    given = {}
-    for item in args.overrides:
-        path, _, value = item.partition("=")
-        if path in given and given[path] != value and rank_zero:
-            print(f"note: {path} is given twice on the command line ({given[path]}, then {value}): the last applies",
-                  file=sys.stderr)
-        given[path] = value
-    try:
-        cfg = Config.from_yaml(args.config, args.overrides)
-        if rank_zero and args.config and not read_yaml(args.config, _sections()):  # an editor's unsaved new file
-            print(f"note: {args.config} holds no settings: every setting not given on the command line has its "
-                  f"default (config.yaml lists them: a model sized for a GPU; configs/tiny.yaml is for a CPU)",
-                  file=sys.stderr)
-        sharded = cfg.training.distributed == "fsdp" and launched_by_torchrun()
-        if sharded and (problems := fsdp_problems(cfg)):
-            raise ConfigError(problems)
-        return cfg
-    except ConfigError as e:
-        problems = in_file_order(e.problems, args.config)
-        for problem in problems if rank_zero else ():
-            print(f"config error: {problem}", file=sys.stderr)
-        tell_torchrun(f"config error: {problems[0]}" + f" (and {len(problems) - 1} more)" * (len(problems) > 1))
-        raise SystemExit(2)
 
 
 def fsdp_problems(cfg) -> list[str]:

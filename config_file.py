@@ -1,19 +1,18 @@
 """Reading a config as written: the YAML file (unique keys, one-line errors), `section.key=value`
-overrides, typed fields without silent coercion, and suggestions for misspelled names (of settings,
-and of every script's command-line options: parse_arguments). What the settings are and which
-values they take is config.py's.
+overrides, typed fields without silent coercion, and suggestions for misspelled names of settings.
+What the settings are and which values they take is config.py's; the scripts' command lines,
+arguments.py's.
 """
 import dataclasses
 import difflib
 import math
 import re
-import sys
 import typing
 from pathlib import Path
 
 import yaml
 
-from files import ZIP_MAGIC, near_miss, relative_to_here, tell_torchrun
+from files import ZIP_MAGIC, near_miss, relative_to_here
 
 SEED = 1337  # the default of training.seed and of dataset.split_seed
 
@@ -357,58 +356,6 @@ def check_type(value, hint):
     raise TypeError(f"unsupported config type {hint}")
 
 
-def parse_arguments(parser, argv=None):
-    """parser.parse_args(argv), naming the option a misspelled one means (--tempreature:
-    --temperature), and telling an override written as an option (--training.seed=3, or nanoGPT's
-    --max_iters 10 where the parser takes overrides: config.add_config_arguments) how to write it."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    error = parser.error
-
-    def told(message):  # under torchrun, its failure summary shows a usage error too
-        tell_torchrun(f"{parser.prog}: error: {message}")
-        error(message)
-    parser.error = told
-    # overrides on both sides of an option; after `--` every word is positional, which only the plain parser keeps
-    args, unknown = (parser.parse_known_args if "--" in argv else parser.parse_known_intermixed_args)(argv)
-    options = [option for action in parser._actions for option in action.option_strings]
-    settings = getattr(parser, "setting_paths", ())
-    for item in unknown:
-        name, equals, value = item.partition("=")
-        following = argv[argv.index(item) + 1:argv.index(item) + 2]  # `--max_iters 10`: its value is the next word
-        if not equals:
-            value = following[0] if following and not following[0].startswith("-") and "=" not in following[0] \
-                else "VALUE"
-        if item.startswith("--") and "." in name:
-            parser.error(f"unrecognized argument {item}: an override takes no dashes: {name.lstrip('-')}={value}")
-        key, dashed = name[2:].replace("-", "_"), name.replace("_", "-")
-        # a script's own option first (--out_dir: --out), then a setting of that name, then another trainer's
-        own = [o for o in options if o.startswith("--") and len(o) > 3 and dashed.startswith(o)] or \
-            difflib.get_close_matches(dashed, options, n=1, cutoff=0.8)
-        setting = [p for p in settings if p.split(".")[1] == key] if item.startswith("--") else []
-        if setting and f"--{key.replace('_', '-')}" not in options:
-            if value == "VALUE" and setting[0] in getattr(parser, "switch_paths", ()):  # a bare flag: switched on
-                value = "true"
-            parser.error(f"unrecognized argument {item}: settings are given as section.key=value: {setting[0]}={value}")
-        if item.startswith("-") and own:
-            parser.error(f"unrecognized argument {item}: did you mean {own[0]}?")
-        if item.startswith("--") and settings and key in EPOCHS:
-            parser.error(f"unrecognized argument {item}: settings are given as section.key=value; "
-                         f"{suggest(key, settings, ())[2:]}")
-        if item.startswith("--") and settings and key in ALIASES:
-            parser.error(f"unrecognized argument {item}: settings are given as section.key=value: "
-                         f"{ALIASES[key]}={value}")
-        if item.startswith("-") and (match := difflib.get_close_matches(dashed, options, n=1)):
-            parser.error(f"unrecognized argument {item}: did you mean {match[0]}?")
-        if len(name) == 2 and name[0] == "-" and len(starting := [o for o in options if o[2:3] == name[1]]) == 1:
-            parser.error(f"unrecognized argument {item}: did you mean {starting[0]}?")  # -c: --config
-        if (unknown == [item] and "--checkpoint" in options and looks_like_a_checkpoint(Path(item))
-                and not any(word.partition("=")[0] == "--checkpoint" for word in argv)):
-            parser.error(f"unrecognized argument {item}: a checkpoint is given as --checkpoint {item}")
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args
-
-
 AS_RUN = "# on this machine: "  # runtime.config_as_run's comment: what a run's `auto` settings were
 
 
@@ -419,18 +366,6 @@ def settings_as_run(config_text: str) -> dict[str, str]:
         if line.startswith(AS_RUN):
             return dict(item.split(" ", 1) for item in line[len(AS_RUN):].split(", ") if " " in item)
     return {}
-
-
-def looks_like_a_checkpoint(path: Path) -> bool:
-    """Whether a word of the command line names what --checkpoint takes: a .pt file, or a folder of a
-    run or an export (a checkpoint, config.yaml or config.json in it)."""
-    if path.suffix == ".pt":
-        return True
-    try:
-        return path.is_dir() and any(entry.suffix == ".pt" or entry.name in ("config.yaml", "config.json")
-                                     for entry in path.iterdir())
-    except OSError:
-        return False
 
 
 def with_split_seed(config: dict) -> dict:

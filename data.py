@@ -339,33 +339,39 @@ def validation_batches(cfg, units, tokenizer, note_few: bool = True) -> list:
         print(f"note: the validation documents of {folder} fill {len(batches)} batch{'es' * (len(batches) != 1)}, "
               f"fewer than training.eval_iters {training.eval_iters}: every evaluation measures those {len(batches)}")
     if not batches:
-        cache = ParquetFileCache(1)
+        raise too_little_validation(cfg, units, folder, split, tokenizer)
+    return batches
+
+
+def too_little_validation(cfg, units, folder, split: str, tokenizer) -> DataError:
+    """Why the validation documents of `units` (split "val", or "all" of dataset.val_parquet_dir's)
+    fill no batch: no documents in the column, none drawn for validation, or too few tokens."""
+    training, dataset_cfg = cfg.training, cfg.dataset
+    cache = ParquetFileCache(1)
+    try:
         documents, val_documents = (count_documents(cache, units, dataset_cfg.text_column, which,
                                                     dataset_cfg.split_seed, dataset_cfg.val_fraction)
                                     for which in ("all", "val"))
-        cache.close()
         if not documents:
-            raise DataError(f"{folder}: column {dataset_cfg.text_column!r} holds no documents: every "
-                            f"row of the {len({u.path for u in units})} file(s) is null or empty; set "
-                            f"dataset.text_column to the column with the text")
+            return DataError(f"{folder}: column {dataset_cfg.text_column!r} holds no documents: every row of the "
+                             f"{len({u.path for u in units})} file(s) is null or empty; set dataset.text_column to "
+                             f"the column with the text")
         if not val_documents and not dataset_cfg.val_parquet_dir:
             fraction = "" if documents == 1 else " raise dataset.val_fraction,"
-            raise DataError(f"{folder}: none of its {documents:,} document{'s' * (documents != 1)} went to validation "
-                            f"(each goes with probability dataset.val_fraction {dataset_cfg.val_fraction}); cut the "
-                            f"text into more documents (python prepare.py --from-text ... with a smaller "
-                            f"--chunk-bytes),"
-                            f"{fraction} or set dataset.val_parquet_dir")
-        what = "documents hold" if dataset_cfg.val_parquet_dir else f"split (val_fraction {dataset_cfg.val_fraction}) holds"
-        more = "add validation documents" if dataset_cfg.val_parquet_dir else "raise dataset.val_fraction, or add documents"
-        cache = ParquetFileCache(1)
+            return DataError(f"{folder}: none of its {documents:,} document{'s' * (documents != 1)} went to "
+                             f"validation (each goes with probability dataset.val_fraction "
+                             f"{dataset_cfg.val_fraction}); cut the text into more documents (python prepare.py "
+                             f"--from-text ... with a smaller --chunk-bytes),{fraction} or set dataset.val_parquet_dir")
         tokens = sum(len(part) for unit in units for part in read_unit_tokens(
             cache, unit, dataset_cfg.text_column, split, dataset_cfg.split_seed, dataset_cfg.val_fraction, tokenizer))
+    finally:
         cache.close()
-        raise DataError(f"{folder}: the validation {what} {tokens:,} tokens, less than one batch: "
-                        f"{training.batch_size} windows of {training.block_size + 1} tokens, each sharing one with the "
-                        f"next, {training.batch_size * training.block_size + 1:,} in all; lower training.block_size "
-                        f"or training.batch_size, or {more}")
-    return batches
+    what = "documents hold" if dataset_cfg.val_parquet_dir else f"split (val_fraction {dataset_cfg.val_fraction}) holds"
+    more = "add validation documents" if dataset_cfg.val_parquet_dir else "raise dataset.val_fraction, or add documents"
+    return DataError(f"{folder}: the validation {what} {tokens:,} tokens, less than one batch: {training.batch_size} "
+                     f"windows of {training.block_size + 1} tokens, each sharing one with the next, "
+                     f"{training.batch_size * training.block_size + 1:,} in all; lower training.block_size or "
+                     f"training.batch_size, or {more}")
 
 
 def check_held_out(val_units: list, train_units: list) -> list:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from arguments import parse_arguments
 from checkpoint import EXPORT_VERSION, CheckpointError, saved_step
-from config_file import parse_arguments
 from files import REPO, read_records, resumed_configs, write_folder
 from lowbit import BLOCKSIZE, LowBitError, export_4bit, full_precision_note, post_training_note
 from model import LAYER_WEIGHTS, BDHConfig

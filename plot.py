@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from config_file import ConfigError, parse_arguments, read_scalar, settings_as_run, with_split_seed
+from arguments import parse_arguments
+from config_file import ConfigError, read_scalar, settings_as_run, with_split_seed
 from files import picture_path, read_records, resumed_configs
 
 
@@ -205,16 +206,12 @@ def text_read(evaluation: dict) -> float | None:
     return tokens * loss / (bpb * math.log(2))
 
 
-def plot(run_dirs, out: Path) -> list[str]:
-    """Draw the runs' curves into `out`; returns each run's name with every setting that tells it
-    apart (the legend shows the first few), and for a sweep, the values most runs share."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import EngFormatter, MaxNLocator
+def readable_runs(args) -> tuple[list[Path], list[tuple[list, list]], list[str]]:
+    """The run directories that `args` give (runs_of) and have logged, their (training, evaluation)
+    records and names: a run's directory name, or experiment/run_... for runs of several folders. A run
+    that has logged nothing yet is left out with a note, unless no run has."""
     read, problems = {}, []
-    for run_dir in runs_of(run_dirs):
+    for run_dir in runs_of(args):
         try:
             read[run_dir] = read_metrics(run_dir)
         except NothingLogged as e:  # among several runs: one that has not logged yet is left out, not the picture
@@ -223,10 +220,21 @@ def plot(run_dirs, out: Path) -> list[str]:
         raise problems[0]
     for problem in problems:
         print(f"note: {problem}; left out", file=sys.stderr)
-    run_dirs, runs = list(read), list(read.values())
-    names = [Path(d).resolve().name for d in run_dirs]
-    if len({Path(d).resolve().parent for d in run_dirs}) > 1:  # runs of several folders (experiments): say which
-        names = [f"{Path(d).resolve().parent.name}/{Path(d).resolve().name}" for d in run_dirs]
+    run_dirs = [Path(d).resolve() for d in read]
+    several_folders = len({d.parent for d in run_dirs}) > 1  # runs of several folders (experiments): say which
+    names = [f"{d.parent.name}/{d.name}" if several_folders else d.name for d in run_dirs]
+    return list(read), list(read.values()), names
+
+
+def plot(run_dirs, out: Path) -> list[str]:
+    """Draw the runs' curves into `out`; returns each run's name with every setting that tells it
+    apart (the legend shows the first few), and for a sweep, the values most runs share."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+    run_dirs, runs, names = readable_runs(run_dirs)
     settings = [run_settings(d) for d in run_dirs]
     if len({evaluations[-1]["validation_batches"] for _, evaluations in runs
             if evaluations and evaluations[-1].get("validation_batches")}) > 1:  # (older runs do not say)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from config import DatasetConfig, add_config_arguments, all_paths, load_config
-from config_file import parse_arguments
+from arguments import add_config_arguments, load_config, parse_arguments
+from config import DatasetConfig, all_paths
 from corpus import DOCUMENT_BYTES, ensure_sample_corpus, split_text, text_files_to_parquet
 from data import training_split, validation_batches
 from files import ARROW_MAGICS, PARQUET_MAGIC, ZIP_MAGIC, atomic_write, byte_amount, output_path, script_here
@@ -160,6 +160,35 @@ def train_tokenizer(cfg, vocab_size: int, out: str, config_arguments: list, repl
             f"{shlex.join([script_here('train.py'), *command])}{problem}")
 
 
+def shards_from_text(paths: list[str], out: str, chunk_setting: int | None, replace: bool):
+    """--from-text: the text files as documents in parquet shards in `out`, with a note where they are
+    too little text, or too few documents for validation to hold some out (and what to change)."""
+    check_text_files(paths)
+    chunk_bytes = default_chunk(paths) if chunk_setting is None else chunk_setting
+    n = text_files_to_parquet(paths, out, chunk_bytes, replace=replace)
+    finer = (f" (of about {chunk_bytes:,} bytes, not {DOCUMENT_BYTES:,}: a text of this size is cut finer, so that "
+             f"validation has documents to hold out; --chunk-bytes sets the size)"
+             if chunk_bytes < DOCUMENT_BYTES and chunk_setting is None and n > 1 else "")
+    print(f"wrote {n:,} document{'s' * (n != 1)} to {out}{finer}")
+    text_bytes = sum(os.path.getsize(f) for f in paths)
+    if text_bytes < MIN_TEXT_BYTES:
+        print(f"note: {text_bytes:,} bytes of text is too little to train on and hold validation documents "
+              f"out of: give more text (a few hundred KB for a first model)")
+    elif n < FEW_DOCUMENTS:
+        finer = chunk_for([Path(f).read_bytes() for f in paths], FEW_DOCUMENTS)
+        if finer and (finer < chunk_bytes or not chunk_bytes):
+            fix = f"cut the text finer (--chunk-bytes {finer})"
+        elif not chunk_bytes or chunk_bytes > SMALLEST_CHUNK:  # as fine as can be is still too few: both
+            fix = (f"cut the text finer (--chunk-bytes {SMALLEST_CHUNK}) and raise dataset.val_fraction "
+                   f"(e.g. 0.2)")
+        else:
+            fix = "raise dataset.val_fraction (e.g. 0.2)"
+        print(f"note: validation holds out each document with probability dataset.val_fraction (default "
+              f"{DatasetConfig.val_fraction}): about {n * DatasetConfig.val_fraction:.1f} of these {n}, and "
+              f"training needs the rest; {fix}, or give validation a folder of its own "
+              f"(dataset.val_parquet_dir)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare data: text files to parquet shards, or a tokenizer.")
     parser.add_argument("--from-text", nargs="+", metavar="FILE", help="text files to convert into shards in --out")
@@ -205,30 +234,7 @@ def main(argv=None):
         parser.error(f"--chunk-bytes must be >= 0 (0: one document per file), got {args.chunk_bytes}")
     try:
         if args.from_text:
-            check_text_files(args.from_text)
-            chunk_bytes = default_chunk(args.from_text) if args.chunk_bytes is None else args.chunk_bytes
-            n = text_files_to_parquet(args.from_text, args.out, chunk_bytes, replace=args.replace)
-            finer = (f" (of about {chunk_bytes:,} bytes, not {DOCUMENT_BYTES:,}: a text of this size is cut finer, so that "
-                     f"validation has documents to hold out; --chunk-bytes sets the size)"
-                     if chunk_bytes < DOCUMENT_BYTES and args.chunk_bytes is None and n > 1 else "")
-            print(f"wrote {n:,} document{'s' * (n != 1)} to {args.out}{finer}")
-            text_bytes = sum(os.path.getsize(f) for f in args.from_text)
-            if text_bytes < MIN_TEXT_BYTES:
-                print(f"note: {text_bytes:,} bytes of text is too little to train on and hold validation documents "
-                      f"out of: give more text (a few hundred KB for a first model)")
-            elif n < FEW_DOCUMENTS:
-                finer = chunk_for([Path(f).read_bytes() for f in args.from_text], FEW_DOCUMENTS)
-                if finer and (finer < chunk_bytes or not chunk_bytes):
-                    fix = f"cut the text finer (--chunk-bytes {finer})"
-                elif not chunk_bytes or chunk_bytes > SMALLEST_CHUNK:  # as fine as can be is still too few: both
-                    fix = (f"cut the text finer (--chunk-bytes {SMALLEST_CHUNK}) and raise dataset.val_fraction "
-                           f"(e.g. 0.2)")
-                else:
-                    fix = "raise dataset.val_fraction (e.g. 0.2)"
-                print(f"note: validation holds out each document with probability dataset.val_fraction (default "
-                      f"{DatasetConfig.val_fraction}): about {n * DatasetConfig.val_fraction:.1f} of these {n}, and "
-                      f"training needs the rest; {fix}, or give validation a folder of its own "
-                      f"(dataset.val_parquet_dir)")
+            shards_from_text(args.from_text, args.out, args.chunk_bytes, args.replace)
         else:
             args.config = args.config or "config.yaml"
             config_arguments = ["--config", args.config, *args.overrides]

@@ -137,6 +137,38 @@ def resolve_auto(checkpoint_dir: str, ranks, device) -> str | None:
     return None
 
 
+def check_resumable(cfg, path: Path, ckpt, tokenizer, shards: str, val_fingerprint: str, command_line: dict) -> dict:
+    """Refuses a checkpoint this config cannot resume: another tokenizer or model, and where the resume
+    continues the checkpoint's run, settings or data of that run left out. Returns what the next
+    checkpoints record of the command line (a continued run keeps the settings its earlier ones gave)."""
+    newest = cfg.training.resume_from_checkpoint == "latest"  # (auto too): a run found, not named
+    try:
+        check_same_tokenizer(ckpt.tokenizer, tokenizer, path, ckpt.config.get("dataset", {}).get("tokenizer"),
+                             ckpt.model_config, cfg.model)
+        # (before the model's check, which would name model.* alone; also where this config's max_iters says
+        # there is nothing to do, but the run's own does not)
+        if not continues_run(path, ckpt.step, ckpt.config, cfg.training.max_iters):
+            check_same_model(ckpt.model_config, cfg.model, path)
+            return command_line
+        problems = []  # one refusal for a resume that left out both its run's settings and its data
+        for check in (lambda: check_given_again(ckpt, cfg.to_dict(), command_line, path),
+                      lambda: check_same_data(ckpt, cfg.dataset, shards, val_fingerprint, command_line["settings"],
+                                              path, named=not newest)):
+            try:
+                check()
+            except CheckpointError as e:
+                problems.append(str(e))
+        if problems:
+            later = [problem.removeprefix(f"{path}: ") for problem in problems[1:]]
+            raise CheckpointError("; and ".join([problems[0], *later]))
+        check_same_model(ckpt.model_config, cfg.model, path)
+    except CheckpointError as e:
+        if not newest:
+            raise
+        raise CheckpointError(f"{e}{found_as_newest(cfg)}") from None
+    return carried_forward(ckpt, cfg.to_dict(), command_line)
+
+
 def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerprint: str, ranks, device,
            command_line: dict):
     """Load the checkpoint of training.resume_from_checkpoint into the model, optimizer and
@@ -148,33 +180,8 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
         return fine_tune_from_export(cfg, model, tokenizer, ranks)
     unreadable = []
     path, ckpt = open_checkpoint(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir, skipped=unreadable)
-    newest = cfg.training.resume_from_checkpoint == "latest"  # (auto too): a run found, not named
-    progress_command_line = command_line  # what the next checkpoints record of it
     shards = data_order(cfg, units, workers, ranks.world_size)[SHARDS]  # their fingerprint
-    try:
-        check_same_tokenizer(ckpt.tokenizer, tokenizer, path, ckpt.config.get("dataset", {}).get("tokenizer"),
-                             ckpt.model_config, cfg.model)
-        # (before the model's check, which would name model.* alone; also where this config's max_iters says
-        # there is nothing to do, but the run's own does not)
-        continues = continues_run(path, ckpt.step, ckpt.config, cfg.training.max_iters)
-        if continues:
-            progress_command_line = carried_forward(ckpt, cfg.to_dict(), command_line)
-            problems = []  # one refusal for a resume that left out both its run's settings and its data
-            for check in (lambda: check_given_again(ckpt, cfg.to_dict(), command_line, path),
-                          lambda: check_same_data(ckpt, cfg.dataset, shards, val_fingerprint, command_line["settings"],
-                                                  path, named=not newest)):
-                try:
-                    check()
-                except CheckpointError as e:
-                    problems.append(str(e))
-            if problems:
-                later = [problem.removeprefix(f"{path}: ") for problem in problems[1:]]
-                raise CheckpointError("; and ".join([problems[0], *later]))
-        check_same_model(ckpt.model_config, cfg.model, path)
-    except CheckpointError as e:
-        if not newest:
-            raise
-        raise CheckpointError(f"{e}{found_as_newest(cfg)}") from None
+    progress_command_line = check_resumable(cfg, path, ckpt, tokenizer, shards, val_fingerprint, command_line)
     optimizer_state = optimizer_state_for(optimizer, ckpt.optimizer, {p: name for name, p in model.named_parameters()})
     if ckpt.low_precision()["use_4bit_optimizer"] != low_precision.use_4bit_optimizer:
         print(f"converting the checkpoint's optimizer state to "

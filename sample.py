@@ -15,8 +15,8 @@ import sys
 
 import torch
 
+from arguments import parse_arguments
 from checkpoint import CheckpointError
-from config_file import parse_arguments
 from files import stdout_reader_gone
 from lowbit import LowBitError, serve_4bit_option
 from locate import add_checkpoint_arguments, load_model, model_line

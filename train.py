@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 from adamw4bit import make_optimizer
+from arguments import add_config_arguments, load_config, parse_arguments
 from checkpoint import CheckpointError
-from config import add_config_arguments, learning_rate, load_config, step_tokens
-from config_file import parse_arguments
+from config import learning_rate, step_tokens
 from console import describe_run, done_lines, evaluation_lines
 from data import loader_workers, prepare_data, rank_positions, train_loader
 from distributed import (DistributedError, Ranks, communication_failure, failed, first_process, gradient_sync,

@@ -1,4 +1,3 @@
-import argparse
 import re
 import subprocess
 import sys
@@ -8,7 +7,7 @@ import yaml
 
 import train
 from conftest import ROOT, config_problems
-from config import Config, load_config
+from config import Config
 from model import BDHConfig
 
 
@@ -170,46 +169,6 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path):
 def test_cli_print_config_shows_overrides(capsys):
     assert train.main(["--print-config", "training.batch_size=16"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["training"]["batch_size"] == 16
-
-
-def test_an_override_given_twice_is_noted_and_the_last_applies(capsys):
-    args = argparse.Namespace(config=str(ROOT / "config.yaml"), overrides=["training.block_size=64", "training.seed=1",
-                                                                "training.block_size=32", "training.seed=1"])
-    assert load_config(args).training.block_size == 32
-    assert capsys.readouterr().err == ("note: training.block_size is given twice on the command line (64, then 32): "
-                                       "the last applies\n")  # the same value twice: nothing to say
-
-
-def test_an_empty_config_file_is_noted(tmp_path, capsys):
-    (tmp_path / "my.yaml").write_text("# training:\n#   max_iters: 10\n")
-    args = argparse.Namespace(config=str(tmp_path / "my.yaml"), overrides=["training.max_iters=5"])
-    assert load_config(args).training.max_iters == 5
-    assert capsys.readouterr().err == (f"note: {tmp_path / 'my.yaml'} holds no settings: every setting not given on "
-                                       f"the command line has its default (config.yaml lists them: a model sized for a GPU; "
-                                       f"configs/tiny.yaml is for a CPU)\n")
-    load_config(argparse.Namespace(config=str(ROOT / "configs" / "tiny.yaml"), overrides=[]))
-    assert capsys.readouterr().err == ""
-
-
-def test_config_errors_are_printed_once_under_torchrun(tmp_path, monkeypatch, capsys):
-    arguments = argparse.Namespace(config=str(ROOT / "configs" / "tiny.yaml"), overrides=["training.lr=1"])
-    for rank, printed in (("0", True), ("1", False)):
-        monkeypatch.setenv("RANK", rank)
-        with pytest.raises(SystemExit) as exit_status:
-            load_config(arguments)
-        assert exit_status.value.code == 2
-        assert ("config error: training.lr: unknown key" in capsys.readouterr().err) == printed
-
-
-def test_config_errors_are_printed_in_the_order_of_the_file_s_lines_then_the_command_line_s(tmp_path, capsys):
-    path = tmp_path / "my.yaml"  # a value problem (val_fraction) is found after the type problems, but comes first
-    path.write_text("dataset:\n  val_fraction: 5\ntraining:\n  max_iters: ten\nlogging:\n  tensorboard: maybe\n")
-    with pytest.raises(SystemExit):
-        load_config(argparse.Namespace(config=str(path), overrides=["training.lr=1", "model.n_layer=x"]))
-    lines = capsys.readouterr().err.splitlines()
-    assert [line.split(": ")[1:3] for line in lines[:3]] == [
-        [f"{path}:2", "dataset.val_fraction"], [f"{path}:4", "training.max_iters"], [f"{path}:6", "logging.tensorboard"]]
-    assert sorted(line.split(": ")[1] for line in lines[3:]) == ["model.n_layer", "training.lr"]
 
 
 def test_a_setting_that_nothing_reads_is_noted():

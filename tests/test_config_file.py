@@ -1,15 +1,14 @@
 """Reading a config as written (config_file.py): YAML syntax, keys given twice, overrides, strict
-types, and suggestions for misspelled names (settings and command-line options); checked through
+types, and suggestions for misspelled names of settings; checked through
 Config and the scripts, as users meet them."""
-import argparse
 import re
 
 import pytest
 import torch
 import yaml
 
-from config import Config, ConfigError, add_config_arguments
-from config_file import parse_arguments, read_yaml
+from config import Config, ConfigError
+from config_file import read_yaml
 from conftest import config_problems
 
 
@@ -237,7 +236,7 @@ def test_overrides_are_parsed_as_yaml_scalars_and_validated(tmp_path):
         Config.from_yaml(path, ["my.yaml"])
 
 
-def test_an_empty_override_and_a_second_config_file_are_refused(tmp_path, capsys):
+def test_an_empty_override_is_refused(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("training:\n  batch_size: 4\n")
     # `...=$CKPT` with CKPT unset: not a new run without a word
@@ -246,12 +245,6 @@ def test_an_empty_override_and_a_second_config_file_are_refused(tmp_path, capsys
     assert Config.from_yaml(path, ["dataset.val_parquet_dir=null"]).dataset.val_parquet_dir is None
     assert file_problems(path, ["training.max_iters="]) == [  # null is no value for it
         "training.max_iters=: no value (an unset shell variable?); give it one, or leave it out for the default"]
-    parser = argparse.ArgumentParser(prog="train.py")
-    add_config_arguments(parser)
-    with pytest.raises(SystemExit):
-        parse_arguments(parser, ["--config", str(path), "--config", "config.yaml"])
-    assert f"error: --config is given twice ({path}, then config.yaml)" in capsys.readouterr().err
-    assert parse_arguments(parser, ["--config", str(path)]).config == str(path)
 
 
 def test_a_key_or_section_given_twice_is_refused_naming_both_lines(tmp_path):
@@ -314,67 +307,3 @@ def test_an_override_split_at_a_space_is_joined_in_the_hint():
 def test_names_from_other_trainers_point_at_the_right_field(override, hint):
     [problem] = config_problems({}, [override])
     assert problem.startswith(f"{override.split('=')[0]}: unknown key; ") and hint in problem
-
-
-def test_overrides_go_on_both_sides_of_an_option_and_after_a_double_dash():
-    parser = argparse.ArgumentParser(prog="train.py")
-    add_config_arguments(parser)
-    parser.add_argument("--print-config", action="store_true")
-    args = parse_arguments(parser, ["training.seed=3", "--config", "my.yaml", "training.max_iters=5", "--print-config",
-                                    "model.n_layer=2"])
-    assert (args.config, args.print_config) == ("my.yaml", True)
-    assert args.overrides == ["training.seed=3", "training.max_iters=5", "model.n_layer=2"]
-    args = parse_arguments(parser, ["--config", "my.yaml", "--", "-odd=1"])  # after --: positional, dash or not
-    assert args.overrides == ["-odd=1"]
-
-
-def test_an_override_written_as_an_option_is_told_to_drop_the_dashes(capsys):
-    parser = argparse.ArgumentParser(prog="train.py")
-    add_config_arguments(parser)
-    assert parse_arguments(parser, ["training.seed=3"]).overrides == ["training.seed=3"]
-    for argv, hint in ((["--training.seed=3"], "training.seed=3"), (["--training.seed", "3"], "training.seed=3"),
-                       (["--training.seed"], "training.seed=VALUE")):
-        with pytest.raises(SystemExit):
-            parse_arguments(parser, argv)
-        assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: an override takes no "
-                                                f"dashes: {hint}\n")
-    # nanoGPT's way (--max_iters 10): the setting of that name, in its section
-    for argv, hint in ((["--max_iters", "10"], "training.max_iters=10"), (["--batch-size=8"], "training.batch_size=8"),
-                       (["--n_layer", "--config", "a.yaml"], "model.n_layer=VALUE"), (["--lr", "1e-3"],
-                       "training.learning_rate=1e-3"), (["--debug", "training.max_iters=4"], "training.debug=true")):
-        with pytest.raises(SystemExit):
-            parse_arguments(parser, argv)
-        assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: settings are given as "
-                                                f"section.key=value: {hint}\n")
-    with pytest.raises(SystemExit):
-        parse_arguments(parser, ["--bogus"])
-    assert capsys.readouterr().err.endswith("error: unrecognized arguments: --bogus\n")
-    parser.add_argument("--vocab-size")  # a script's own options, misspelled: those, not a setting
-    parser.add_argument("--out")
-    for argv, meant in ((["--vocab_size", "4096"], "--vocab-size"), (["--out_dir", "shards"], "--out"),
-                        (["-c", "a.yaml"], "--config"), (["-v", "4096"], "--vocab-size")):  # a short option guessed
-        with pytest.raises(SystemExit):
-            parse_arguments(parser, argv)
-        assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: did you mean {meant}?\n")
-
-
-def test_a_misspelled_option_is_named_in_every_script(tmp_path, capsys):
-    import sample
-    for argv, meant in ((["--tempreature", "1"], "--temperature"), (["--max_new_tokens=5"], "--max-new-tokens")):
-        with pytest.raises(SystemExit) as stop:
-            sample.main(argv)
-        assert stop.value.code == 2
-        assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: did you mean {meant}?\n")
-    run = tmp_path / "run_1"
-    run.mkdir()
-    (run / "config.yaml").write_text("")
-    for argv in (["ck/run_1/best.pt"], [str(run), "--max-new-tokens", "5"]):  # a checkpoint without its option
-        with pytest.raises(SystemExit):
-            sample.main(argv)
-        assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: a checkpoint is given as "
-                                                f"--checkpoint {argv[0]}\n")
-    for argv in (["--prompt", "Read", "the", str(run)], ["--prompt", "Read", str(tmp_path)],  # an unquoted prompt
-                 ["--checkpoint", str(run), str(run)]):
-        with pytest.raises(SystemExit):
-            sample.main(argv)
-        assert "a checkpoint is given as" not in capsys.readouterr().err

@@ -1,0 +1,128 @@
+"""The scripts' command lines: --config and the section.key=value overrides every script takes
+(add_config_arguments, load_config), and parse_arguments, which tells a mistyped option or an override
+written as an option how to write it."""
+import argparse
+import difflib
+import sys
+import typing
+from pathlib import Path
+
+from config import Config, _sections, all_paths, fsdp_problems
+from config_file import ALIASES, EPOCHS, ConfigError, in_file_order, read_yaml, suggest
+from distributed import first_process, launched_by_torchrun
+from files import tell_torchrun
+
+
+def add_config_arguments(parser, default: str = "config.yaml"):
+    """--config and the section.key=value overrides, as every script takes them."""
+    parser.add_argument("--config", default=default, action=OneConfigFile, help=f"YAML config (default {default})")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help=f"override any config field, e.g. training.batch_size=16 (the sections: "
+                             f"{', '.join(_sections())}; train.py --print-config lists every field and its value)")
+    parser.setting_paths = all_paths()  # parse_arguments: --max_iters 10 is told to write training.max_iters=10
+    parser.switch_paths = {f"{name}.{key}" for name, cls in _sections().items()  # and --debug: training.debug=true
+                           for key, hint in typing.get_type_hints(cls).items() if hint is bool}
+
+
+class OneConfigFile(argparse.Action):
+    """--config given twice is refused: argparse would keep the last one without a word."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if getattr(namespace, "config_given", False):
+            parser.error(f"--config is given twice ({namespace.config}, then {value}): give one file, and change "
+                         f"single settings with section.key=value")
+        namespace.config, namespace.config_given = value, True
+
+
+def load_config(args) -> Config:
+    """The config of parsed add_config_arguments; on problems, prints them one per line and exits
+    with status 2, as argparse does for bad arguments (under torchrun, rank 0 alone prints them). An
+    override given twice with two values is noted: the last applies, so scripts can add to a command."""
+    rank_zero = first_process()
+    given = {}
+    for item in args.overrides:
+        path, _, value = item.partition("=")
+        if path in given and given[path] != value and rank_zero:
+            print(f"note: {path} is given twice on the command line ({given[path]}, then {value}): the last applies",
+                  file=sys.stderr)
+        given[path] = value
+    try:
+        cfg = Config.from_yaml(args.config, args.overrides)
+        if rank_zero and args.config and not read_yaml(args.config, _sections()):  # an editor's unsaved new file
+            print(f"note: {args.config} holds no settings: every setting not given on the command line has its "
+                  f"default (config.yaml lists them: a model sized for a GPU; configs/tiny.yaml is for a CPU)",
+                  file=sys.stderr)
+        sharded = cfg.training.distributed == "fsdp" and launched_by_torchrun()
+        if sharded and (problems := fsdp_problems(cfg)):
+            raise ConfigError(problems)
+        return cfg
+    except ConfigError as e:
+        problems = in_file_order(e.problems, args.config)
+        for problem in problems if rank_zero else ():
+            print(f"config error: {problem}", file=sys.stderr)
+        tell_torchrun(f"config error: {problems[0]}" + f" (and {len(problems) - 1} more)" * (len(problems) > 1))
+        raise SystemExit(2)
+
+
+def parse_arguments(parser, argv=None):
+    """parser.parse_args(argv), naming the option a misspelled one means (--tempreature:
+    --temperature), and telling an override written as an option (--training.seed=3, or nanoGPT's
+    --max_iters 10 where the parser takes overrides: add_config_arguments) how to write it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    error = parser.error
+
+    def told(message):  # under torchrun, its failure summary shows a usage error too
+        tell_torchrun(f"{parser.prog}: error: {message}")
+        error(message)
+    parser.error = told
+    # overrides on both sides of an option; after `--` every word is positional, which only the plain parser keeps
+    args, unknown = (parser.parse_known_args if "--" in argv else parser.parse_known_intermixed_args)(argv)
+    options = [option for action in parser._actions for option in action.option_strings]
+    settings = getattr(parser, "setting_paths", ())
+    for item in unknown:
+        name, equals, value = item.partition("=")
+        following = argv[argv.index(item) + 1:argv.index(item) + 2]  # `--max_iters 10`: its value is the next word
+        if not equals:
+            value = following[0] if following and not following[0].startswith("-") and "=" not in following[0] \
+                else "VALUE"
+        if item.startswith("--") and "." in name:
+            parser.error(f"unrecognized argument {item}: an override takes no dashes: {name.lstrip('-')}={value}")
+        key, dashed = name[2:].replace("-", "_"), name.replace("_", "-")
+        # a script's own option first (--out_dir: --out), then a setting of that name, then another trainer's
+        own = [o for o in options if o.startswith("--") and len(o) > 3 and dashed.startswith(o)] or \
+            difflib.get_close_matches(dashed, options, n=1, cutoff=0.8)
+        setting = [p for p in settings if p.split(".")[1] == key] if item.startswith("--") else []
+        if setting and f"--{key.replace('_', '-')}" not in options:
+            if value == "VALUE" and setting[0] in getattr(parser, "switch_paths", ()):  # a bare flag: switched on
+                value = "true"
+            parser.error(f"unrecognized argument {item}: settings are given as section.key=value: {setting[0]}={value}")
+        if item.startswith("-") and own:
+            parser.error(f"unrecognized argument {item}: did you mean {own[0]}?")
+        if item.startswith("--") and settings and key in EPOCHS:
+            parser.error(f"unrecognized argument {item}: settings are given as section.key=value; "
+                         f"{suggest(key, settings, ())[2:]}")
+        if item.startswith("--") and settings and key in ALIASES:
+            parser.error(f"unrecognized argument {item}: settings are given as section.key=value: "
+                         f"{ALIASES[key]}={value}")
+        if item.startswith("-") and (match := difflib.get_close_matches(dashed, options, n=1)):
+            parser.error(f"unrecognized argument {item}: did you mean {match[0]}?")
+        if len(name) == 2 and name[0] == "-" and len(starting := [o for o in options if o[2:3] == name[1]]) == 1:
+            parser.error(f"unrecognized argument {item}: did you mean {starting[0]}?")  # -c: --config
+        if (unknown == [item] and "--checkpoint" in options and looks_like_a_checkpoint(Path(item))
+                and not any(word.partition("=")[0] == "--checkpoint" for word in argv)):
+            parser.error(f"unrecognized argument {item}: a checkpoint is given as --checkpoint {item}")
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def looks_like_a_checkpoint(path: Path) -> bool:
+    """Whether a word of the command line names what --checkpoint takes: a .pt file, or a folder of a
+    run or an export (a checkpoint, config.yaml or config.json in it)."""
+    if path.suffix == ".pt":
+        return True
+    try:
+        return path.is_dir() and any(entry.suffix == ".pt" or entry.name in ("config.yaml", "config.json")
+                                     for entry in path.iterdir())
+    except OSError:
+        return False

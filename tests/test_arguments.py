@@ -1,0 +1,123 @@
+"""arguments.py: the scripts' command lines: --config and overrides (load_config), and the hints for a
+mistyped option, an override written as an option, or a checkpoint without --checkpoint."""
+import argparse
+
+import pytest
+
+from arguments import add_config_arguments, load_config, parse_arguments
+from conftest import ROOT
+
+
+def test_an_override_given_twice_is_noted_and_the_last_applies(capsys):
+    args = argparse.Namespace(config=str(ROOT / "config.yaml"), overrides=["training.block_size=64", "training.seed=1",
+                                                                "training.block_size=32", "training.seed=1"])
+    assert load_config(args).training.block_size == 32
+    assert capsys.readouterr().err == ("note: training.block_size is given twice on the command line (64, then 32): "
+                                       "the last applies\n")  # the same value twice: nothing to say
+
+
+def test_an_empty_config_file_is_noted(tmp_path, capsys):
+    (tmp_path / "my.yaml").write_text("# training:\n#   max_iters: 10\n")
+    args = argparse.Namespace(config=str(tmp_path / "my.yaml"), overrides=["training.max_iters=5"])
+    assert load_config(args).training.max_iters == 5
+    assert capsys.readouterr().err == (f"note: {tmp_path / 'my.yaml'} holds no settings: every setting not given on "
+                                       f"the command line has its default (config.yaml lists them: a model sized for a GPU; "
+                                       f"configs/tiny.yaml is for a CPU)\n")
+    load_config(argparse.Namespace(config=str(ROOT / "configs" / "tiny.yaml"), overrides=[]))
+    assert capsys.readouterr().err == ""
+
+
+def test_config_errors_are_printed_once_under_torchrun(tmp_path, monkeypatch, capsys):
+    arguments = argparse.Namespace(config=str(ROOT / "configs" / "tiny.yaml"), overrides=["training.lr=1"])
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_status:
+            load_config(arguments)
+        assert exit_status.value.code == 2
+        assert ("config error: training.lr: unknown key" in capsys.readouterr().err) == printed
+
+
+def test_config_errors_are_printed_in_the_order_of_the_file_s_lines_then_the_command_line_s(tmp_path, capsys):
+    path = tmp_path / "my.yaml"  # a value problem (val_fraction) is found after the type problems, but comes first
+    path.write_text("dataset:\n  val_fraction: 5\ntraining:\n  max_iters: ten\nlogging:\n  tensorboard: maybe\n")
+    with pytest.raises(SystemExit):
+        load_config(argparse.Namespace(config=str(path), overrides=["training.lr=1", "model.n_layer=x"]))
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[1:3] for line in lines[:3]] == [
+        [f"{path}:2", "dataset.val_fraction"], [f"{path}:4", "training.max_iters"], [f"{path}:6", "logging.tensorboard"]]
+    assert sorted(line.split(": ")[1] for line in lines[3:]) == ["model.n_layer", "training.lr"]
+
+
+def test_overrides_go_on_both_sides_of_an_option_and_after_a_double_dash():
+    parser = argparse.ArgumentParser(prog="train.py")
+    add_config_arguments(parser)
+    parser.add_argument("--print-config", action="store_true")
+    args = parse_arguments(parser, ["training.seed=3", "--config", "my.yaml", "training.max_iters=5", "--print-config",
+                                    "model.n_layer=2"])
+    assert (args.config, args.print_config) == ("my.yaml", True)
+    assert args.overrides == ["training.seed=3", "training.max_iters=5", "model.n_layer=2"]
+    args = parse_arguments(parser, ["--config", "my.yaml", "--", "-odd=1"])  # after --: positional, dash or not
+    assert args.overrides == ["-odd=1"]
+
+
+def test_an_override_written_as_an_option_is_told_to_drop_the_dashes(capsys):
+    parser = argparse.ArgumentParser(prog="train.py")
+    add_config_arguments(parser)
+    assert parse_arguments(parser, ["training.seed=3"]).overrides == ["training.seed=3"]
+    for argv, hint in ((["--training.seed=3"], "training.seed=3"), (["--training.seed", "3"], "training.seed=3"),
+                       (["--training.seed"], "training.seed=VALUE")):
+        with pytest.raises(SystemExit):
+            parse_arguments(parser, argv)
+        assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: an override takes no "
+                                                f"dashes: {hint}\n")
+    # nanoGPT's way (--max_iters 10): the setting of that name, in its section
+    for argv, hint in ((["--max_iters", "10"], "training.max_iters=10"), (["--batch-size=8"], "training.batch_size=8"),
+                       (["--n_layer", "--config", "a.yaml"], "model.n_layer=VALUE"), (["--lr", "1e-3"],
+                       "training.learning_rate=1e-3"), (["--debug", "training.max_iters=4"], "training.debug=true")):
+        with pytest.raises(SystemExit):
+            parse_arguments(parser, argv)
+        assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: settings are given as "
+                                                f"section.key=value: {hint}\n")
+    with pytest.raises(SystemExit):
+        parse_arguments(parser, ["--bogus"])
+    assert capsys.readouterr().err.endswith("error: unrecognized arguments: --bogus\n")
+    parser.add_argument("--vocab-size")  # a script's own options, misspelled: those, not a setting
+    parser.add_argument("--out")
+    for argv, meant in ((["--vocab_size", "4096"], "--vocab-size"), (["--out_dir", "shards"], "--out"),
+                        (["-c", "a.yaml"], "--config"), (["-v", "4096"], "--vocab-size")):  # a short option guessed
+        with pytest.raises(SystemExit):
+            parse_arguments(parser, argv)
+        assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: did you mean {meant}?\n")
+
+
+def test_a_misspelled_option_is_named_in_every_script(tmp_path, capsys):
+    import sample
+    for argv, meant in ((["--tempreature", "1"], "--temperature"), (["--max_new_tokens=5"], "--max-new-tokens")):
+        with pytest.raises(SystemExit) as stop:
+            sample.main(argv)
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: did you mean {meant}?\n")
+    run = tmp_path / "run_1"
+    run.mkdir()
+    (run / "config.yaml").write_text("")
+    for argv in (["ck/run_1/best.pt"], [str(run), "--max-new-tokens", "5"]):  # a checkpoint without its option
+        with pytest.raises(SystemExit):
+            sample.main(argv)
+        assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: a checkpoint is given as "
+                                                f"--checkpoint {argv[0]}\n")
+    for argv in (["--prompt", "Read", "the", str(run)], ["--prompt", "Read", str(tmp_path)],  # an unquoted prompt
+                 ["--checkpoint", str(run), str(run)]):
+        with pytest.raises(SystemExit):
+            sample.main(argv)
+        assert "a checkpoint is given as" not in capsys.readouterr().err
+
+
+def test_a_second_config_file_is_refused(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  batch_size: 4\n")
+    parser = argparse.ArgumentParser(prog="train.py")
+    add_config_arguments(parser)
+    with pytest.raises(SystemExit):
+        parse_arguments(parser, ["--config", str(path), "--config", "config.yaml"])
+    assert f"error: --config is given twice ({path}, then config.yaml)" in capsys.readouterr().err
+    assert parse_arguments(parser, ["--config", str(path)]).config == str(path)
