@@ -79,6 +79,7 @@ def parse_arguments(parser, argv=None):
     args, unknown = (parser.parse_known_args if "--" in argv else parser.parse_known_intermixed_args)(argv)
     options = [option for action in parser._actions for option in action.option_strings]
     settings = getattr(parser, "setting_paths", ())
+    given = {word.partition("=")[0] for word in argv}
     for item in unknown:
         name, equals, value = item.partition("=")
         following = argv[argv.index(item) + 1:argv.index(item) + 2]  # `--max_iters 10`: its value is the next word
@@ -108,21 +109,23 @@ def parse_arguments(parser, argv=None):
             parser.error(f"unrecognized argument {item}: did you mean {match[0]}?")
         if len(name) == 2 and name[0] == "-" and len(starting := [o for o in options if o[2:3] == name[1]]) == 1:
             parser.error(f"unrecognized argument {item}: did you mean {starting[0]}?")  # -c: --config
-        if (unknown == [item] and "--checkpoint" in options and looks_like_a_checkpoint(Path(item))
-                and not any(word.partition("=")[0] == "--checkpoint" for word in argv)):
-            parser.error(f"unrecognized argument {item}: a checkpoint is given as --checkpoint {item}")
+        if unknown == [item] and "--checkpoint" in options and "--checkpoint" not in given and (
+                option := checkpoint_option(Path(item))):
+            without = " (without --checkpoint-dir)" * (option == "--checkpoint" and "--checkpoint-dir" in given)
+            what = "a checkpoint" if option == "--checkpoint" else "a folder of runs"
+            parser.error(f"unrecognized argument {item}: {what} is given as {option} {item}{without}")
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
 
 
-def looks_like_a_checkpoint(path: Path) -> bool:
-    """Whether a word of the command line names what --checkpoint takes: a .pt file, or a folder of a
-    run or an export (a checkpoint, config.yaml or config.json in it)."""
-    if path.suffix == ".pt":
-        return True
+def checkpoint_option(path: Path) -> str | None:
+    """The option that takes a word of the command line, where it names a checkpoint file, a run
+    directory or an export (--checkpoint) or a folder of runs (--checkpoint-dir); else None."""
+    from locate import is_export, is_run_directory, resumable_runs  # (torch: only for such a word)
     try:
-        return path.is_dir() and any(entry.suffix == ".pt" or entry.name in ("config.yaml", "config.json")
-                                     for entry in path.iterdir())
-    except OSError:
-        return False
+        if path.suffix == ".pt" or is_run_directory(path) or is_export(path):
+            return "--checkpoint"
+        return "--checkpoint-dir" if path.is_dir() and resumable_runs(path) else None
+    except OSError:  # a folder that cannot be listed
+        return None

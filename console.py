@@ -71,6 +71,11 @@ def subfolders(parquet_dir: str, units) -> str:
     return f" in {len(tops)} folders: {', '.join(tops[:5])}{', ...' * (len(tops) > 5)}"
 
 
+def parameter_count(n: int) -> str:
+    """65.5K, 25.3M, 1.61B."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
 def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val_batches: int, run, compiled,
                  fp8_recipe, qat_start, peak_source: str) -> str:
     """The lines that start a run: model, data, optimizer, then notes. `peak_source`: what MFU is
@@ -81,7 +86,7 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val
         compute_dtype += " (auto)"
     layers = f"{shape.n_layer} layer{'s' * (shape.n_layer != 1)}"
     heads = f"{shape.n_head} head{'s' * (shape.n_head != 1)}"
-    lines = [f"BDH {shape.n_params / 1e6:.3g}M parameters ({layers}, {heads}, n_embd {shape.n_embd}, N "
+    lines = [f"BDH {parameter_count(shape.n_params)} parameters ({layers}, {heads}, n_embd {shape.n_embd}, N "
              f"{shape.n_latent}, dropout {shape.dropout:g}) | device {device} | {compute_dtype} | "
              f"compile {compiled}{' | activation checkpointing' * training.activation_checkpointing} | "
              f"{step_tokens(training, ranks.world_size):,} tokens/step"]

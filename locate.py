@@ -59,6 +59,12 @@ def is_run_with_checkpoints(folder: Path) -> bool:
         return False
 
 
+def one_run_given(root: Path, setting: str, word: str) -> CheckpointError:
+    """`latest` or `auto` (`word`), where the folder of runs given is one run's directory."""
+    fix = f"as --checkpoint {root}, instead of --checkpoint-dir" if setting.startswith("--") else f"to {setting}"
+    return CheckpointError(f"{setting}: {word}: {root} is a run directory, not a folder of runs: give it {fix}")
+
+
 def resumable_runs(root: Path) -> list[Path]:
     """The checkpoints of the runs in `root` a resume may continue from, newest run first; a run
     that cannot be listed (another user's, in a shared folder) is skipped with a note."""
@@ -106,9 +112,7 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
         found = resumable_runs(root)
         if not found:
             if is_run_with_checkpoints(root):  # the folder of one run, given for the folder that holds them
-                raise CheckpointError(f"{setting}: latest: {root} is a run directory, not a folder of runs: give it "
-                                      + (f"as --checkpoint {root}, instead of --checkpoint-dir" if flag else
-                                         f"to {setting}"))
+                raise one_run_given(root, setting, "latest")
             what = "no run with a checkpoint in" if root.is_dir() else "there is no folder"
             raise CheckpointError(f"{setting}: latest: {what} {root}/{relative_to_here(root)}; train a run first, or "
                                   f"set {folder} to the folder that holds the runs")

@@ -43,7 +43,7 @@ warnings.filterwarnings("ignore", message="Torchinductor does not support code g
 ROPE_THETA = 2.0**16
 LN_EPS = 1e-5
 TILE = 64  # rows per tile of the causal attention
-CHUNK = 1024  # latent columns per slice where backward avoids a full (H, B*T, N) temporary
+CHUNK = 1024  # latent columns per slice where backward avoids a full (H, B*T, N) temporary for z
 LAYER_WEIGHTS = ("encoder", "encoder_v", "decoder")  # shared by all layers; the 4-bit modes quantize these
 SAVED_PER_LAYER = 7  # LayerStack keeps x, the dropout bits and layer_forward's 5 tensors of each layer
 
@@ -192,8 +192,9 @@ def layer_forward(x, encoder, encoder_v, decoder, phases, drop=None, dropout=0.0
 
     `state` (H, B, N, D), for generation: sum_s rope(a_s) x_sᵀ over the positions before this
     chunk. rope(a) @ state is added to y_kv (the earlier positions' part of the attention), then
-    the chunk's own rope(a)ᵀ x is added to the state. The state is float32 whatever the weights'
-    dtype: a bfloat16 sum over thousands of positions would drift from the parallel form's.
+    the chunk's own rope(a)ᵀ x is added to the state. The state and its products are float32 whatever
+    the weights' dtype or autocast: a bfloat16 sum over thousands of positions would drift from the
+    parallel form's.
     `observe(a, b)`, if given, sees the two sparse latents: a (H, B, T, N) and b (H, B*T, N) (b is
     overwritten right after: copy it to keep it).
     Returns out and what backward needs: a and small tensors."""
@@ -202,9 +203,10 @@ def layer_forward(x, encoder, encoder_v, decoder, phases, drop=None, dropout=0.0
     r = rope(a, phases)
     scores = causal_scores(r)  # (H, B, T, T)
     y_kv = scores @ x
-    if state is not None:
-        y_kv += (r.to(state.dtype) @ state).to(y_kv.dtype)
-        state += r.transpose(-1, -2).to(state.dtype) @ x.to(state.dtype)
+    if state is not None:  # in float32 (autocast would take the products back to the compute dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y_kv += (r.to(state.dtype) @ state).to(y_kv.dtype)
+            state += r.transpose(-1, -2).to(state.dtype) @ x.to(state.dtype)
     b = matmuls.product(layer_norm(y_kv).view(H, B * T, D), encoder_v).relu_()
     if observe is not None:
         observe(a, b)

@@ -301,8 +301,7 @@ def plot(run_dirs, out: Path) -> list[str]:
     fig.tight_layout(rect=(0, 0.025 * rows + 0.01, 1, 1))
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return full_names + ([f"where a run above names no value: {shared}"] if (shared := shared_settings(settings))
-                         else [])
+    return full_names + ([f"most runs: {shared}"] if (shared := shared_settings(settings)) else [])
 
 
 def main(argv=None) -> int:

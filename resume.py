@@ -19,7 +19,7 @@ from checkpoint import Checkpoint, CheckpointError, is_export, load_export, save
 from distributed import full_state, load_full_state, load_full_weights
 from files import near_miss
 from locate import (checkpoint_candidates, checkpoint_step, checkpoints_in, continues_in_place, is_run_directory,
-                    is_run_with_checkpoints, open_checkpoint, resumable_runs)
+                    is_run_with_checkpoints, one_run_given, open_checkpoint, resumable_runs)
 from positions import SHARDS, data_order, resume_point
 from resume_checks import (carried_forward, check_given_again, check_same_data, check_same_model, check_same_tokenizer,
                            continues_run, evaluated_weights, found_as_newest, global_batch_change, schedule_jump, setting, tokens_before,
@@ -123,8 +123,8 @@ def resolve_auto(checkpoint_dir: str, ranks, device) -> str | None:
     """What resume_from_checkpoint=auto means: latest where checkpoint_dir holds a run with a
     checkpoint (on any rank: a rank that sees none is told by latest), else None, a new run. One
     auto job at a time decides and trains in checkpoint_dir (rundir.hold_auto_start)."""
-    if is_run_with_checkpoints(Path(checkpoint_dir)):  # one run's directory, not a folder of runs: latest says so
-        return "latest"
+    if is_run_with_checkpoints(Path(checkpoint_dir)):
+        raise one_run_given(Path(checkpoint_dir), "training.resume_from_checkpoint", "auto")
     new_folder = not Path(checkpoint_dir).exists()  # (before the hold creates it)
     if ranks.main:
         hold_auto_start(checkpoint_dir)

@@ -186,28 +186,25 @@ def tokens_before(ckpt, training) -> int:
 
 
 def global_batch_change(ckpt, training, world_size: int) -> str:
-    """On another number of processes: how the tokens of a step change, and the settings that keep
-    them (gradient_accumulation_steps, else batch_size, else both) where some do; where none do, the
-    settings that come nearest."""
+    """On another number of processes: how the tokens of a step change, and the batch_size and
+    gradient_accumulation_steps that keep them (batch_size no larger than now: its memory), or else
+    come nearest (within 1% of the nearest, the largest batch_size: fewer micro-batches)."""
     before, now = step_tokens(saved_training(ckpt, training), len(ckpt.rng)), step_tokens(training, world_size)
     if before == now:
         return ""
     row = now // (training.batch_size * training.gradient_accumulation_steps)  # one window on every process
-    rows = max(1, round(before / row))  # batch_size x gradient_accumulation_steps that keep (or come nearest)
-    batch, accumulation = training.batch_size, training.gradient_accumulation_steps
-    if rows % batch == 0:
-        keeping = f"training.gradient_accumulation_steps={rows // batch}"
-    elif rows % accumulation == 0:
-        keeping = f"training.batch_size={rows // accumulation}"
-    else:  # the largest batch_size up to the current one that divides them, and the accumulation that makes them up
-        batch = max(size for size in range(1, min(batch, rows) + 1) if rows % size == 0)
-        keeping = f"training.batch_size={batch} training.gradient_accumulation_steps={rows // batch}"
-    if rows * row == before:
+    candidates = [(size, max(1, math.floor(before / (size * row) + 0.5))) for size in range(1, training.batch_size + 1)]
+    error = {(size, steps): abs(size * steps * row - before) / before for size, steps in candidates}
+    size, steps = max((c for c in candidates if error[c] <= min(error.values()) + 0.01), key=lambda c: c[0])
+    accumulation = training.gradient_accumulation_steps
+    keeping = " ".join([f"training.batch_size={size}"] * (size != training.batch_size)
+                       + [f"training.gradient_accumulation_steps={steps}"] * (steps != accumulation))
+    if error[size, steps] == 0:
         keep = f"; {keeping} keeps {before:,}"
     else:
         processes = f"{world_size} process{'es' * (world_size != 1)}"
         keep = (f"; no whole batch_size and gradient_accumulation_steps keep {before:,} on {processes}"
-                + (f" ({keeping} gives {rows * row:,})" if rows * row != now else ""))
+                + (f" ({keeping} gives {size * steps * row:,})" if keeping else ""))
     return f", and a step trains on {now:,} tokens where it trained on {before:,}{keep}"
 
 

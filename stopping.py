@@ -22,6 +22,7 @@ from files import tell_torchrun
 
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STEPPING = "the step"  # GracefulStop.doing while the run trains
 SAVING = "the checkpoint"  # GracefulStop.doing while a checkpoint is written: a second signal waits for it
 EVALUATING = "the evaluation"  # GracefulStop.doing while the model is evaluated
 CLOSING = "closing the logs"  # GracefulStop.doing at the end, the last checkpoint saved (closing may upload to W&B)
@@ -45,7 +46,7 @@ class GracefulStop:
         """at_once: a signal stops at once (KeyboardInterrupt) until the caller sets .at_once False. train.py
         keeps it until the process's first step is done: that step is all a save would keep, and its
         compilation (a minute) would outlast torchrun's 30 s before it kills."""
-        self.signal_name, self.doing, self.last_words = None, "the step", ""
+        self.signal_name, self.doing, self.last_words = None, STEPPING, ""
         self.at_once = at_once
         self.second_signal_stops, self.announce = second_signal_stops, announce
         for sig in SIGNALS:

@@ -58,7 +58,7 @@ from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_cl
                      memory_fix, one_line, out_of_memory, peak_flops, pick_device, prepare_compile,
                      resolve_compute_dtype, steady_host_memory)
 from shards import DataError
-from stopping import (EVALUATING, SAVING, SIGNALS, GracefulStop, StepVote, StoppedWhileClosing, exit_with,
+from stopping import (EVALUATING, SAVING, SIGNALS, STEPPING, GracefulStop, StepVote, StoppedWhileClosing, exit_with,
                       extending, outputs_without_reader, put_back_outputs, resume_command, resuming,
                       stop_loader_workers, stopped_at_once, tearing_down)
 from tokenizer import TokenizerError
@@ -203,15 +203,15 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
             raw_model.train()
             print(evaluation_lines(record), flush=True)
             metrics.log(record)
-            if record["val_loss"] >= at.best_val_loss:
-                return False
-            at.best_val_loss = record["val_loss"]
-            if checkpoint_follows:
-                return True
-            stop.doing = SAVING
-            path = save_checkpoint(at, name="best.pt")
-            print(f"saved {path} (best validation loss so far)", flush=True)
+        if record["val_loss"] >= at.best_val_loss:
             return False
+        at.best_val_loss = record["val_loss"]
+        if checkpoint_follows:
+            return True
+        with paused(step_log, stop, SAVING, device):  # (timed as a checkpoint: the ETA counts evaluations apart)
+            path = save_checkpoint(at, name="best.pt")
+        print(f"saved {path} (best validation loss so far)", flush=True)
+        return False
 
     if progress.evaluation_due:  # a stop saved this step's checkpoint before its evaluation
         evaluate_step(progress)
@@ -328,10 +328,12 @@ def paused(step_log: StepLog, stop: GracefulStop, doing: str, device: torch.devi
     signal heard meanwhile lets it finish."""
     start = device_clock(device)
     stop.doing = doing
-    yield
+    try:
+        yield
+    finally:
+        stop.doing = STEPPING
     step_log.paused_s += time.perf_counter() - start
     step_log.took[doing] = time.perf_counter() - start  # the ETA counts those still to come
-    stop.doing = "the step"
 
 
 def write_step_line(step_log: StepLog, step: int, lr: float, progress: Progress):

@@ -105,8 +105,16 @@ def test_a_misspelled_option_is_named_in_every_script(tmp_path, capsys):
             sample.main(argv)
         assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: a checkpoint is given as "
                                                 f"--checkpoint {argv[0]}\n")
+    with pytest.raises(SystemExit):
+        sample.main(["--checkpoint-dir", str(tmp_path), str(run)])
+    assert capsys.readouterr().err.endswith(f": a checkpoint is given as --checkpoint {run} (without "
+                                            f"--checkpoint-dir)\n")
+    (run / "checkpoint_2.pt").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        sample.main([str(tmp_path)])
+    assert capsys.readouterr().err.endswith(f": a folder of runs is given as --checkpoint-dir {tmp_path}\n")
     for argv in (["--prompt", "Read", "the", str(run)], ["--prompt", "Read", str(tmp_path)],  # an unquoted prompt
-                 ["--checkpoint", str(run), str(run)]):
+                 ["--checkpoint", str(run), str(run)], [str(ROOT)]):  # (the repository: its config.yaml is no run's)
         with pytest.raises(SystemExit):
             sample.main(argv)
         assert "a checkpoint is given as" not in capsys.readouterr().err

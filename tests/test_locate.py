@@ -44,7 +44,10 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
                                               r"a folder of runs: give it as --checkpoint .*run_20260101_000000, "
                                               r"instead of --checkpoint-dir$"):
         open_checkpoint("latest", str(run), setting="--checkpoint")
-    assert resolve_auto(str(run), Ranks(), torch.device("cpu")) == "latest"  # (which refuses it, as here)
+    with pytest.raises(CheckpointError, match=r"^training.resume_from_checkpoint: auto: .*run_20260101_000000 is a "
+                                              r"run directory, not a folder of runs: give it to "
+                                              r"training.resume_from_checkpoint$"):
+        resolve_auto(str(run), Ranks(), torch.device("cpu"))
     with pytest.raises(CheckpointError, match=r"run_20260101_000000 is a run directory, not a folder of runs: give it "
                                               r"to training.resume_from_checkpoint$"):
         open_checkpoint("latest", str(run))

@@ -270,6 +270,13 @@ def test_a_bfloat16_model_keeps_its_generation_state_in_float32(monkeypatch):
     assert made and all(state.dtype == torch.float32 for state in made)
     first = at_once[0]  # the first layer's: the same inputs either way, so only the sums' rounding differs
     assert (stepwise[0] - first).norm() < 1e-4 * first.norm()
+    model = model.float()  # under autocast too (as evaluation's samples are made): its products stay float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        at_once, stepwise = empty_states(cfg, 1, "cpu"), empty_states(cfg, 1, "cpu")
+        recurrent_forward(model, idx, at_once, 0)
+        for t in range(idx.size(1)):
+            recurrent_forward(model, idx[:, t:t + 1], stepwise, t)
+    assert (stepwise[0] - at_once[0]).norm() < 1e-5 * at_once[0].norm()  # (bfloat16 products: 2e-3)
 
 
 @pytest.mark.parametrize("device", DEVICES)

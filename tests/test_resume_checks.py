@@ -163,5 +163,17 @@ def test_another_number_of_processes_is_told_what_keeps_the_tokens_of_a_step():
     assert global_batch_change(six_by_two, TrainingConfig(batch_size=6, gradient_accumulation_steps=2,
                                                           block_size=64), 4).endswith(
         "; training.batch_size=3 training.gradient_accumulation_steps=1 keeps 768")  # both change
+    eight = SimpleNamespace(config=one_process.config, rng=[{}] * 8)  # no batch_size above today's (its memory)
+    assert global_batch_change(eight, training, 3).endswith(
+        "; no whole batch_size and gradient_accumulation_steps keep 16,384 on 3 processes (training.batch_size=17 "
+        "training.gradient_accumulation_steps=5 gives 16,320)")
+    eight_by_4 = SimpleNamespace(config={"training": {"batch_size": 32, "gradient_accumulation_steps": 4,
+                                                      "block_size": 64}}, rng=[{}] * 8)
+    assert global_batch_change(eight_by_4, TrainingConfig(batch_size=8, gradient_accumulation_steps=2,
+                                                          block_size=64), 3).endswith(
+        "(training.gradient_accumulation_steps=43 gives 66,048)")  # not batch_size=1 x 341: 0.8% off, 8 x fewer steps
+    three_of_4 = SimpleNamespace(config={"training": {"batch_size": 4, "block_size": 64}}, rng=[{}] * 3)
+    assert global_batch_change(three_of_4, TrainingConfig(batch_size=4, block_size=64), 2).endswith(
+        "; training.batch_size=3 training.gradient_accumulation_steps=2 keeps 768")
     assert global_batch_change(two_of_32, TrainingConfig(batch_size=21, block_size=64), 3).endswith(
         "keep 4,096 on 3 processes")  # the batch_size given is the nearest already

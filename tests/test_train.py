@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from files import byte_amount, script_here
 from model import BDH
 from locate import checkpoints_in
 from shards import DataError, list_units
+from stopping import SAVING
 from tokenizer import load_tokenizer
 
 
@@ -364,7 +366,6 @@ def test_keep_last_n_and_best_checkpoint(tmp_path, corpus, monkeypatch):
     assert (best.step, best.best_val_loss) == (4, 1.0)
 
 
-
 def test_a_best_at_a_checkpoint_step_is_serialized_once_and_the_checkpoint_copies_it(tmp_path, corpus, monkeypatch,
                                                                                      capsys):
     """best.pt first, then checkpoint_<step>.pt as a copy of its bytes: a file of its own (a script that
@@ -372,11 +373,20 @@ def test_a_best_at_a_checkpoint_step_is_serialized_once_and_the_checkpoint_copie
     config = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=4, test_freq=2, keep_last_n=0)
     losses, real_evaluate = iter([2.0, 1.0]), train.evaluate
     monkeypatch.setattr(train, "evaluate", lambda *args: {**real_evaluate(*args), "val_loss": next(losses)})
-    serialized, real_save = [], rundir.torch.save
-    monkeypatch.setattr(rundir.torch, "save", lambda obj, f: serialized.append(Path(f.name).name) or real_save(obj, f))
+    serialized, real_save, real_paused, doing = [], rundir.torch.save, train.paused, []
+
+    @contextmanager
+    def timed(step_log, stop, what, device):  # what the ETA counts the time as
+        with real_paused(step_log, stop, what, device):
+            doing.append(what)
+            yield
+            doing.pop()
+    monkeypatch.setattr(train, "paused", timed)
+    monkeypatch.setattr(rundir.torch, "save", lambda obj, f: serialized.append((Path(f.name).name.split(".tmp")[0],
+                                                                                 doing[-1])) or real_save(obj, f))
     assert train.main(["--config", str(config)]) == 0
     run = only_run(tmp_path / "ck")
-    assert [name.split(".tmp")[0] for name in serialized] == [".best.pt", ".best.pt"]  # steps 2 and 4
+    assert serialized == [(".best.pt", SAVING), (".best.pt", SAVING)]  # steps 2 and 4: as checkpoints, not evaluations
     assert f"saved {run / 'best.pt'} (best validation loss so far)\nsaved {run / 'checkpoint_4.pt'} (a copy of " \
            f"best.pt)\n" in capsys.readouterr().out
     assert (run / "best.pt").read_bytes() == (run / "checkpoint_4.pt").read_bytes()
