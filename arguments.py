@@ -7,7 +7,7 @@ import sys
 import typing
 from pathlib import Path
 
-from config import Config, _sections, all_paths, fsdp_problems
+from config import Config, all_paths, config_sections, fsdp_problems
 from config_file import ALIASES, EPOCHS, ConfigError, in_file_order, read_yaml, suggest
 from distributed import first_process, launched_by_torchrun
 from files import tell_torchrun
@@ -18,9 +18,10 @@ def add_config_arguments(parser, default: str = "config.yaml"):
     parser.add_argument("--config", default=default, action=OneConfigFile, help=f"YAML config (default {default})")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help=f"override any config field, e.g. training.batch_size=16 (the sections: "
-                             f"{', '.join(_sections())}; train.py --print-config lists every field and its value)")
+                             f"{', '.join(config_sections())}; train.py --print-config lists every field and its "
+                             f"value)")
     parser.setting_paths = all_paths()  # parse_arguments: --max_iters 10 is told to write training.max_iters=10
-    parser.switch_paths = {f"{name}.{key}" for name, cls in _sections().items()  # and --debug: training.debug=true
+    parser.switch_paths = {f"{name}.{key}" for name, cls in config_sections().items()  # --debug: training.debug=true
                            for key, hint in typing.get_type_hints(cls).items() if hint is bool}
 
 
@@ -48,7 +49,7 @@ def load_config(args) -> Config:
         given[path] = value
     try:
         cfg = Config.from_yaml(args.config, args.overrides)
-        if rank_zero and args.config and not read_yaml(args.config, _sections()):  # an editor's unsaved new file
+        if rank_zero and args.config and not read_yaml(args.config, config_sections()):  # an editor's unsaved new file
             print(f"note: {args.config} holds no settings: every setting not given on the command line has its "
                   f"default (config.yaml lists them: a model sized for a GPU; configs/tiny.yaml is for a CPU)",
                   file=sys.stderr)

@@ -137,7 +137,7 @@ class Config:
         """Load `path`, apply `section.key=value` overrides, validate; raises ConfigError."""
         lines, repeated = {}, []  # (a key given twice: reported with the other problems)
         try:
-            raw = read_yaml(path, _sections(), lines, repeated)
+            raw = read_yaml(path, config_sections(), lines, repeated)
         except ConfigError as e:  # and a file given as an override (--config forgotten) says so
             files = [item for item in overrides if "=" not in item and item.endswith((".yaml", ".yml"))]
             raise ConfigError(e.problems + [p for item in files for p in apply_override({}, item, [])]) from None
@@ -173,12 +173,12 @@ class Config:
                 section, key = name.split(".")
                 problems.append(f"{name}: a dotted key belongs on the command line; in a YAML file write "
                                 f"`{key}:` indented under `{section}:`")
-            elif name not in _sections():
+            elif name not in config_sections():
                 problems.append(f"{name}: unknown section"
-                                + suggest(str(name), list(_sections()) + all_paths(), _sections()))
+                                + suggest(str(name), list(config_sections()) + all_paths(), config_sections()))
             elif value is not None and not isinstance(value, dict):
                 problems.append(f"{name}: must be a mapping of keys, got {type(value).__name__} {value!r}")
-        for name, section_cls in _sections().items():
+        for name, section_cls in config_sections().items():
             given = raw.get(name) if isinstance(raw.get(name), dict) else {}  # anything else: reported above
             values, section_problems = typed_section(name, section_cls, given, all_paths())
             problems += section_problems
@@ -356,14 +356,15 @@ def fsdp_problems(cfg) -> list[str]:
     return problems
 
 
-def _sections():
+def config_sections():
+    """{name: dataclass} of the config's sections."""
     return {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 
 def all_paths():
-    return [f"{name}.{f.name}" for name, cls in _sections().items() for f in dataclasses.fields(cls)]
+    return [f"{name}.{f.name}" for name, cls in config_sections().items() for f in dataclasses.fields(cls)]
 
 
 def _nullable_paths():
-    return {f"{name}.{key}" for name, cls in _sections().items()
+    return {f"{name}.{key}" for name, cls in config_sections().items()
             for key, hint in typing.get_type_hints(cls).items() if type(None) in typing.get_args(hint)}

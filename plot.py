@@ -182,7 +182,7 @@ def compared(settings: list[dict]) -> tuple[list[str], dict]:
 
 
 def shared_settings(settings: list[dict]) -> str:
-    """Where the labels name each run's departures: the values of the others, "dropout=0.0, ..."."""
+    """Where the labels name each run's departures: the values most runs share, "dropout=0.0, ..."."""
     differing, shared = compared(settings)
     if len(differing) <= MAX_LABEL_SETTINGS:
         return ""
