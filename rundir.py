@@ -122,20 +122,52 @@ def unfinished_run(checkpoint_dir: str) -> str:
     """For a new run: a note when the newest run in checkpoint_dir stopped before its max_iters (the
     same command run again after a crash starts afresh, and `latest` then finds the new run). A run
     that another process is training is not stopped."""
-    root = Path(checkpoint_dir)
     try:
-        runs = sorted(p for p in root.glob("run_*") if p.is_dir()) if root.is_dir() else []
-        newest = next((found for run in reversed(runs) if (found := resumable_in(run))), None)
+        newest = next((run for run in runs_newest_first(checkpoint_dir) if resumable_in(run)), None)
     except OSError:  # a run that cannot be listed (another user's, in a shared folder): nothing to say
         return ""
-    if newest is None or held(newest[0].parent / ".lock"):
+    if newest is None or not (stopped := stopped_early(newest)):
         return ""
+    checkpoint, step, max_iters = stopped
+    return (f"note: the newest run in {checkpoint_dir} stopped at step {step} of {max_iters}; this starts a new run "
+            f"(to continue that one instead: {shlex.quote(f'training.resume_from_checkpoint={checkpoint.parent}')})")
+
+
+def unfinished_older_run(checkpoint_dir: str, finished: Path) -> str:
+    """For `latest` or `auto`, which found the newest run finished: a note naming the newest of the
+    older runs that stopped before its max_iters, which may be the one meant."""
+    for run in runs_newest_first(checkpoint_dir):
+        if run.name < finished.name and (stopped := stopped_early(run)):
+            checkpoint, step, max_iters = stopped
+            return (f"note: an older run, {run}, stopped at step {step} of {max_iters}: to continue it, "
+                    f"{shlex.quote(f'training.resume_from_checkpoint={run}')}")
+    return ""
+
+
+def runs_newest_first(checkpoint_dir: str) -> list[Path]:
+    """The run directories in checkpoint_dir, newest first; none where it cannot be listed."""
+    root = Path(checkpoint_dir)
+    try:
+        return sorted((p for p in root.glob("run_*") if p.is_dir()), reverse=True) if root.is_dir() else []
+    except OSError:
+        return []
+
+
+def stopped_early(run: Path) -> tuple[Path, int, int] | None:
+    """(its newest checkpoint, that step, max_iters) of a run that stopped before its max_iters; None
+    for a finished run, one without a checkpoint, one that another process is training, or one that
+    cannot be read (another user's, in a shared folder)."""
+    try:
+        newest = resumable_in(run)
+    except OSError:
+        return None
+    if not newest or held(run / ".lock"):
+        return None
     saved = peek_checkpoint(newest[0]) or {}
     step, max_iters = saved.get("step"), (saved.get("config") or {}).get("training", {}).get("max_iters")
     if not isinstance(step, int) or not isinstance(max_iters, int) or step >= max_iters:
-        return ""
-    return (f"note: the newest run in {checkpoint_dir} stopped at step {step} of {max_iters}; this starts a new run "
-            f"(to continue that one instead: {shlex.quote(f'training.resume_from_checkpoint={newest[0].parent}')})")
+        return None
+    return newest[0], step, max_iters
 
 
 def hold_auto_start(checkpoint_dir: str):

@@ -53,7 +53,8 @@ from model import BDH
 from positions import data_order
 from resume import Progress, checkpoint_size, resume, resume_target, save, set_rng_state, torch_rng_state
 from resume_checks import command_line_record, data_settings_hint, leaves_out_run_data
-from rundir import RunDir, check_writable, clean_stale_temporaries, release_run_directories, unfinished_run
+from rundir import (RunDir, check_writable, clean_stale_temporaries, release_run_directories, unfinished_older_run,
+                    unfinished_run)
 from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_clock, emulated_dtype_warning, interrupted,
                      memory_fix, one_line, out_of_memory, peak_flops, pick_device, prepare_compile,
                      resolve_compute_dtype, steady_host_memory)
@@ -97,6 +98,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
         check_installed(cfg.logging)
     # auto: latest, or a new run
     training.resume_from_checkpoint = resume_target(training, ranks, device, resume_named_in_file)
+    found_newest = training.resume_from_checkpoint == "latest"  # (auto too): the newest run, not one named
     try:
         sample_corpus = not leaves_out_run_data(cfg, command_line["settings"])  # (refused then: nothing to build)
         tokenizer, units, val_batches = prepare_data(cfg, ranks, sample_corpus)
@@ -122,6 +124,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
         if progress.step >= training.max_iters:
             print(f"nothing to do: the checkpoint {progress.last_saved} is at step {progress.step} and "
                   f"training.max_iters is {training.max_iters}; raise max_iters to train further")
+            if ranks.main and found_newest and (note := unfinished_older_run(training.checkpoint_dir, run.path)):
+                print(note)
             return 0
         if progress.last_saved:  # (a fine-tune of an export starts a run of its own)
             # the run's folder (its newest checkpoint) where the run goes on in it, else the file itself

@@ -173,6 +173,16 @@ def test_a_checkpoint_holds_the_run_and_a_resume_with_nothing_to_do_changes_noth
     assert out.startswith(f"nothing to do: the checkpoint {run / 'checkpoint_2.pt'} is at step 2 and ")  # no "resuming"
     assert "WARNING" not in out and "best.pt" not in out
     assert sorted(p.name for p in run.glob("*.pt")) == ["best.pt", "checkpoint_2.pt"]
+    older = tmp_path / "ck" / "run_20000101_000000"  # an older run that stopped early: maybe the one meant
+    older.mkdir()
+    stopped = torch.load(run / "checkpoint_2.pt", weights_only=True)
+    stopped["config"]["training"]["max_iters"] = 5
+    torch.save(stopped, older / "checkpoint_2.pt")
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=auto", "training.max_iters=2",
+                       "training.block_size=8"]) == 0
+    assert capsys.readouterr().out.endswith(f"note: an older run, {older}, stopped at step 2 of 5: to continue it, "
+                                            f"training.resume_from_checkpoint={older}\n")
+    shutil.rmtree(older)
     # auto in a folder that does not exist yet, named much as one that holds runs: a new run, the typo told
     shutil.copytree(tmp_path / "ck", tmp_path / "checkpoints")
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=auto", "training.max_iters=1",

@@ -83,6 +83,18 @@ def test_a_new_run_is_told_of_a_stopped_run_but_not_of_one_still_training(tmp_pa
         f"instead: training.resume_from_checkpoint={run.path})")
 
 
+def test_latest_finding_a_finished_run_is_told_of_an_older_one_that_stopped(tmp_path):
+    for name, step in (("run_20260101_000000", 3), ("run_20260102_000000", 10), ("run_20260103_000000", 4)):
+        (tmp_path / name).mkdir()
+        torch.save(Checkpoint(step=step, model={}, model_config={}, config={"training": {"max_iters": 10}}).to_dict(),
+                   tmp_path / name / f"checkpoint_{step}.pt")
+    finished = tmp_path / "run_20260102_000000"  # (the newer one stopped too: not what latest found)
+    assert rundir.unfinished_older_run(str(tmp_path), finished) == (
+        f"note: an older run, {tmp_path / 'run_20260101_000000'}, stopped at step 3 of 10: to continue it, "
+        f"training.resume_from_checkpoint={tmp_path / 'run_20260101_000000'}")
+    assert rundir.unfinished_older_run(str(tmp_path), tmp_path / "run_20260101_000000") == ""
+
+
 def test_a_forked_child_does_not_keep_the_hold_of_a_killed_trainer(tmp_path):
     run = RunDir(str(tmp_path))
     run.save(Checkpoint(step=1, model={}, model_config={}), "model: {}\n")
