@@ -73,7 +73,7 @@ def subfolders(parquet_dir: str, units) -> str:
 
 def parameter_count(n: int) -> str:
     """65.5K, 25.3M, 1.61B."""
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+    return f"{n / 1e9:.2f}B" if n >= 999_950_000 else f"{n / 1e6:.1f}M" if n >= 999_950 else f"{n / 1e3:.1f}K"
 
 
 def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val_batches: int, run, compiled,

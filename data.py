@@ -210,11 +210,11 @@ def check_enough_units(cfg, units, world_size: int):
                         f"pyarrow.parquet.write_table(..., row_group_size=fewer rows))")
 
 
-def prepare_data(cfg, ranks, sample_corpus=True):
+def prepare_data(cfg, ranks):
     """(tokenizer, the training shards' units, the validation batches), checked before any training:
     the tokenizer against model.vocab_size, every shard's footer and schema, enough validation data.
-    Builds the sample corpus first if the config points at it, it is missing and `sample_corpus`
-    (`ranks`, a distributed.Ranks: the first process of each machine builds it, the others wait)."""
+    Builds the sample corpus first if the config points at it and it is missing (`ranks`, a
+    distributed.Ranks: the first process of each machine builds it, the others wait)."""
     tokenizer = load_tokenizer(cfg.dataset.tokenizer)
     too_large = check_vocab_size(tokenizer, cfg.model.vocab_size)
     if ranks.main and too_large and not cfg.training.resume_from_checkpoint:  # (a resume cannot change it)
@@ -224,7 +224,7 @@ def prepare_data(cfg, ranks, sample_corpus=True):
     if ranks.main and tokenizer.turned_off:
         print(f"note: dataset.tokenizer {cfg.dataset.tokenizer}: its {' and '.join(tokenizer.turned_off)} turned off "
               f"(saved in the file for inference): training reads whole documents, without pad tokens")
-    if ranks.local_rank == 0 and sample_corpus:
+    if ranks.local_rank == 0:
         ensure_sample_corpus(cfg)
     ranks.barrier()
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)

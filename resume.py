@@ -21,9 +21,9 @@ from files import near_miss
 from locate import (checkpoint_candidates, checkpoint_step, checkpoints_in, continues_in_place, is_run_directory,
                     is_run_with_checkpoints, one_run_given, open_checkpoint, resumable_runs)
 from positions import SHARDS, data_order, resume_point
-from resume_checks import (carried_forward, check_given_again, check_same_data, check_same_model, check_same_tokenizer,
-                           continues_run, evaluated_weights, found_as_newest, global_batch_change, schedule_jump, setting, tokens_before,
-                           validation_change)
+from resume_checks import (carried_forward, check_run_given_again, check_same_model, check_same_tokenizer,
+                           continues_run, evaluated_weights, found_as_newest, global_batch_change, schedule_jump,
+                           setting, tokens_before, validation_change)
 from rundir import RunDir, hold_auto_start
 from runtime import config_as_run, tensor_bytes
 
@@ -150,17 +150,7 @@ def check_resumable(cfg, path: Path, ckpt, tokenizer, shards: str, val_fingerpri
         if not continues_run(path, ckpt.step, ckpt.config, cfg.training.max_iters):
             check_same_model(ckpt.model_config, cfg.model, path)
             return command_line
-        problems = []  # one refusal for a resume that left out both its run's settings and its data
-        for check in (lambda: check_given_again(ckpt, cfg.to_dict(), command_line, path),
-                      lambda: check_same_data(ckpt, cfg.dataset, shards, val_fingerprint, command_line["settings"],
-                                              path, named=not newest)):
-            try:
-                check()
-            except CheckpointError as e:
-                problems.append(str(e))
-        if problems:
-            later = [problem.removeprefix(f"{path}: ") for problem in problems[1:]]
-            raise CheckpointError("; and ".join([problems[0], *later]))
+        check_run_given_again(cfg, path, ckpt, shards, val_fingerprint, command_line)
         check_same_model(ckpt.model_config, cfg.model, path)
     except CheckpointError as e:
         if not newest:

@@ -10,9 +10,10 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
-from checkpoint import CheckpointError, peek_checkpoint
+from checkpoint import Checkpoint, CheckpointError, peek_checkpoint
 from config import Config, learning_rate, step_tokens
 from config_file import ConfigError, with_split_seed
+from layout import PATTERN_CHARACTERS
 from locate import checkpoint_candidates, continues_in_place
 from model import BDHConfig
 from positions import SHARDS
@@ -32,7 +33,8 @@ def check_same_data(ckpt, dataset, shards_now: str, batches_now: str, command_li
         check_same_split(saved, dataset, command_line, path, named, seed_split=written_before(ckpt, (0, 4, 6)))
     for key in ("parquet_dir", "text_column"):
         now, before, setting = getattr(dataset, key), saved.get(key, getattr(dataset, key)), f"dataset.{key}"
-        same_shards = key == "parquet_dir" and (ckpt.data_order or {}).get(SHARDS) == shards_now  # (moved, say)
+        same_shards = (key == "parquet_dir" and shards_now is not None  # (moved, say; None: not read yet)
+                       and (ckpt.data_order or {}).get(SHARDS) == shards_now)
         if same_setting(setting, before, now) or same_shards or (named and setting in command_line):
             continue
         raise CheckpointError(
@@ -40,6 +42,42 @@ def check_same_data(ckpt, dataset, shards_now: str, batches_now: str, command_li
             f"continues on the run's data: add {override(setting, before)} ({given_then(ckpt, setting)}), or, to "
             f"train {'this run ' * (not named)}on {now!r} from here, "
             f"{give_it(named)}: {command_line_for(setting, now, path, named)}")
+
+
+def check_run_given_again(cfg, path, ckpt, shards: str | None, val_fingerprint: str | None, command_line: dict):
+    """A resume that continues its run: the run's settings it leaves out (check_given_again) and its
+    data (check_same_data), refused in one line. `shards`, `val_fingerprint`: the data's now (None:
+    not read yet)."""
+    named = cfg.training.resume_from_checkpoint != "latest"  # (auto too): a run found, not named
+    problems = []
+    for check in (lambda: check_given_again(ckpt, cfg.to_dict(), command_line, path),
+                  lambda: check_same_data(ckpt, cfg.dataset, shards, val_fingerprint, command_line["settings"], path,
+                                          named)):
+        try:
+            check()
+        except CheckpointError as e:
+            problems.append(str(e))
+    if problems:
+        later = [problem.removeprefix(f"{path}: ") for problem in problems[1:]]
+        raise CheckpointError("; and ".join([problems[0], *later]))
+
+
+def check_run_data_given(cfg, command_line: dict):
+    """Before the data is read: a resume that continues its run but leaves out the run's
+    dataset.parquet_dir (leaves_out_run_data), for a folder that does not exist, is refused at once,
+    with the run's other settings it leaves out: not told to create the folder, nor the built-in
+    corpus built there. (A folder that exists may hold the run's very shards, moved: check_same_data.)"""
+    parquet_dir = cfg.dataset.parquet_dir
+    if (os.path.exists(parquet_dir) or any(c in parquet_dir for c in PATTERN_CHARACTERS)
+            or not leaves_out_run_data(cfg, command_line["settings"])):
+        return
+    path, saved = resumed_checkpoint(cfg)
+    ckpt = Checkpoint.from_dict(saved)
+    try:  # (the split is not compared: the validation batches are not read yet)
+        check_run_given_again(cfg, path, ckpt, None, ckpt.validation_batches, command_line)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{found_as_newest(cfg) * (cfg.training.resume_from_checkpoint == 'latest')}") \
+            from None
 
 
 def given_then(ckpt, setting: str) -> str:
@@ -195,7 +233,8 @@ def global_batch_change(ckpt, training, world_size: int) -> str:
     row = now // (training.batch_size * training.gradient_accumulation_steps)  # one window on every process
     candidates = [(size, max(1, math.floor(before / (size * row) + 0.5))) for size in range(1, training.batch_size + 1)]
     error = {(size, steps): abs(size * steps * row - before) / before for size, steps in candidates}
-    size, steps = max((c for c in candidates if error[c] <= min(error.values()) + 0.01), key=lambda c: c[0])
+    slack = 0.01 if min(error.values()) > 0 else 0  # (where some keep them exactly: one of those)
+    size, steps = max((c for c in candidates if error[c] <= min(error.values()) + slack), key=lambda c: c[0])
     accumulation = training.gradient_accumulation_steps
     keeping = " ".join([f"training.batch_size={size}"] * (size != training.batch_size)
                        + [f"training.gradient_accumulation_steps={steps}"] * (steps != accumulation))

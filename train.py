@@ -52,7 +52,7 @@ from metrics import MetricsError, MetricsLog, StepLog, check_installed
 from model import BDH
 from positions import data_order
 from resume import Progress, checkpoint_size, resume, resume_target, save, set_rng_state, torch_rng_state
-from resume_checks import command_line_record, data_settings_hint, leaves_out_run_data
+from resume_checks import check_run_data_given, command_line_record, data_settings_hint
 from rundir import (RunDir, check_writable, clean_stale_temporaries, release_run_directories, unfinished_older_run,
                     unfinished_run)
 from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_clock, emulated_dtype_warning, interrupted,
@@ -99,9 +99,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
     # auto: latest, or a new run
     training.resume_from_checkpoint = resume_target(training, ranks, device, resume_named_in_file)
     found_newest = training.resume_from_checkpoint == "latest"  # (auto too): the newest run, not one named
+    check_run_data_given(cfg, command_line)  # a resume that leaves out its run's data: refused before it is read
     try:
-        sample_corpus = not leaves_out_run_data(cfg, command_line["settings"])  # (refused then: nothing to build)
-        tokenizer, units, val_batches = prepare_data(cfg, ranks, sample_corpus)
+        tokenizer, units, val_batches = prepare_data(cfg, ranks)
     except (DataError, TokenizerError) as e:
         if training.resume_from_checkpoint and (hint := data_settings_hint(cfg, e)):
             raise type(e)(f"{e}{hint}") from None
@@ -124,8 +124,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
         if progress.step >= training.max_iters:
             print(f"nothing to do: the checkpoint {progress.last_saved} is at step {progress.step} and "
                   f"training.max_iters is {training.max_iters}; raise max_iters to train further")
-            if ranks.main and found_newest and (note := unfinished_older_run(training.checkpoint_dir, run.path)):
-                print(note)
+            older = unfinished_older_run(training.checkpoint_dir, progress.last_saved.parent) if found_newest else ""
+            if ranks.main and older:
+                print(older)
             return 0
         if progress.last_saved:  # (a fine-tune of an export starts a run of its own)
             # the run's folder (its newest checkpoint) where the run goes on in it, else the file itself

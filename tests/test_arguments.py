@@ -113,11 +113,12 @@ def test_a_misspelled_option_is_named_in_every_script(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main([str(tmp_path)])
     assert capsys.readouterr().err.endswith(f": a folder of runs is given as --checkpoint-dir {tmp_path}\n")
-    for argv in (["--prompt", "Read", "the", str(run)], ["--prompt", "Read", str(tmp_path)],  # an unquoted prompt
+    (tmp_path / "notes").mkdir()
+    for argv in (["--prompt", "Read", "the", str(run)], ["--prompt", "Read", str(tmp_path / "notes")],  # unquoted
                  ["--checkpoint", str(run), str(run)], [str(ROOT)]):  # (the repository: its config.yaml is no run's)
         with pytest.raises(SystemExit):
             sample.main(argv)
-        assert "a checkpoint is given as" not in capsys.readouterr().err
+        assert " is given as " not in capsys.readouterr().err
 
 
 def test_a_second_config_file_is_refused(tmp_path, capsys):

@@ -44,8 +44,8 @@ def test_the_first_line_gives_the_model_s_shape(tmp_path, corpus, capsys):
                        "model.dropout=0.2", "training.activation_checkpointing=true"]) == 0
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("BDH "))
     model = Config.from_dict(yaml.safe_load(path.read_text())).model  # the shape a sweep changes is on the first line
-    assert [console.parameter_count(n) for n in (65_536, 25_296_896, 100_400_000, 1_611_661_312)] == [
-        "65.5K", "25.3M", "100.4M", "1.61B"]
+    counts = (65_536, 999_950, 25_296_896, 100_400_000, 999_950_000, 1_611_661_312)
+    assert [console.parameter_count(n) for n in counts] == ["65.5K", "1.0M", "25.3M", "100.4M", "1.00B", "1.61B"]
     assert first.startswith(f"BDH {console.parameter_count(model.n_params)} parameters (1 layer, {model.n_head} "
                             f"heads, n_embd {model.n_embd}, N {model.n_latent}, dropout 0.2) | device cpu | ")
     assert "| activation checkpointing |" in first

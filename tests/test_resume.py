@@ -183,6 +183,12 @@ def test_a_checkpoint_holds_the_run_and_a_resume_with_nothing_to_do_changes_noth
     assert capsys.readouterr().out.endswith(f"note: an older run, {older}, stopped at step 2 of 5: to continue it, "
                                             f"training.resume_from_checkpoint={older}\n")
     shutil.rmtree(older)
+    bare = tmp_path / "ck2" / "run_20300101_000000"  # a run folder without its config.yaml: not continued in place
+    bare.mkdir(parents=True)
+    shutil.copy(run / "checkpoint_2.pt", bare)
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=2",
+                       "training.block_size=8", f"training.checkpoint_dir={tmp_path / 'ck2'}"]) == 0
+    assert capsys.readouterr().out.startswith(f"nothing to do: the checkpoint {bare / 'checkpoint_2.pt'} is at step 2")
     # auto in a folder that does not exist yet, named much as one that holds runs: a new run, the typo told
     shutil.copytree(tmp_path / "ck", tmp_path / "checkpoints")
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=auto", "training.max_iters=1",
@@ -517,13 +523,15 @@ def test_a_resume_that_leaves_out_the_run_s_data_builds_no_sample_corpus(tmp_pat
     raw = yaml.safe_load(path.read_text())
     del raw["dataset"]["parquet_dir"]  # the default, data/stdlib: built when missing
     path.write_text(yaml.safe_dump(raw))
-    assert train.main(["--config", str(path), f"dataset.parquet_dir={corpus}"]) == 0
+    assert train.main(["--config", str(path), f"dataset.parquet_dir={corpus}", "training.eval_iters=3"]) == 0
     capsys.readouterr()
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=4"]) == 1
     captured = capsys.readouterr()
     assert "building the sample corpus" not in captured.out and not (tmp_path / "data" / "stdlib").exists()
-    assert f"the checkpoint's run had dataset.parquet_dir={corpus}: if the change was not meant, give it again" \
-           in captured.err
+    assert "prepare.py" not in captured.err  # (not: create the config file's folder)
+    assert f"add dataset.parquet_dir={corpus} (the run was given it on its command line)" in captured.err
+    assert "the run was given training.eval_iters=3 on its command line" in captured.err  # in the same line
+    assert len(captured.err.strip().splitlines()) == 1
     # a copy outside its run starts a new run, on the config's data: the sample corpus is built for it
     [run] = run_dirs(tmp_path)
     (tmp_path / "downloads").mkdir()

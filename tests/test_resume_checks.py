@@ -175,5 +175,10 @@ def test_another_number_of_processes_is_told_what_keeps_the_tokens_of_a_step():
     three_of_4 = SimpleNamespace(config={"training": {"batch_size": 4, "block_size": 64}}, rng=[{}] * 3)
     assert global_batch_change(three_of_4, TrainingConfig(batch_size=4, block_size=64), 2).endswith(
         "; training.batch_size=3 training.gradient_accumulation_steps=2 keeps 768")
+    eight_of_16x8 = SimpleNamespace(config={"training": {"batch_size": 16, "gradient_accumulation_steps": 8,
+                                                         "block_size": 1024}}, rng=[{}] * 8)
+    assert global_batch_change(eight_of_16x8, TrainingConfig(batch_size=24, gradient_accumulation_steps=8,
+                                                             block_size=1024), 1).endswith(
+        "; training.batch_size=16 training.gradient_accumulation_steps=64 keeps 1,048,576")  # exact, not 24 x 43
     assert global_batch_change(two_of_32, TrainingConfig(batch_size=21, block_size=64), 3).endswith(
         "keep 4,096 on 3 processes")  # the batch_size given is the nearest already
