@@ -135,15 +135,16 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
             raise CheckpointError(f"{setting}: {path} holds no checkpoint_<step>.pt{hint}")
         return found
     if not path.is_file():
-        bare = path.parent == Path(".")  # a run's file named without its run, such as best.pt
-        runs = sorted(run for run in root.glob("run_*") if (run / path.name).is_file()) if bare and root.is_dir() else []
+        bare = path.parent == Path(".")  # a run's file named without its run, such as best.pt (or best)
+        name = path.name if path.suffix else f"{path.name}.pt"
+        runs = sorted(run for run in root.glob("run_*") if (run / name).is_file()) if bare and root.is_dir() else []
         kept = checkpoints_in(path.parent) if not bare and path.parent.is_dir() else []
         step = checkpoint_step(path)
         removed = step is not None and kept and step < checkpoint_step(kept[0])  # older than the oldest kept
         words = ("latest",) if flag else ("latest", "auto")
         near = (near_miss(path, keep=lambda entry: entry.is_dir() and resumable_in(entry))  # a run's name mistyped
                 if not bare and not kept else None)
-        fix = (f"did you mean {runs[-1] / path.name}?" if runs else f"did you mean {near}?" if near else
+        fix = (f"did you mean {runs[-1] / name}?" if runs else f"did you mean {near}?" if near else
                f"its folder holds {', '.join(p.name for p in kept[::-1])}"
                f"{' (if it was saved, it went: training.keep_last_n keeps the newest only)' * bool(removed)}" if kept else
                f"did you mean {spec.lower()} (in lower case)?" if spec.lower() in words else
