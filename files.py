@@ -134,7 +134,7 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
         if others:  # (--replace or not: it would not help)
             raise FileExistsError(f"{out_dir}: --replace replaces only what this command writes, and the folder "
                                   f"also holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}; "
-                                  f"move them out or choose another --out")
+                                  f"move {'them' if len(others) > 1 else 'it'} out or choose another --out")
     tmp = out_dir.with_name(f".{out_dir.name}{temporary_suffix()}")
     try:
         result = write(tmp)

@@ -123,7 +123,7 @@ def run_settings(run_dir: Path) -> dict:
                     values_seen.append(value)
     if STARTED_FROM in history:  # where it started; its resumes' checkpoints are its own
         history[STARTED_FROM] = history[STARTED_FROM][:1]
-    return {key: values[0] if len(values) == 1 else Changed("→".join(map(str, values)))
+    return {key: values[0] if len(values) == 1 else Changed("→".join(map(shown_value, values)))
             for key, values in history.items() if key not in unused}
 
 
@@ -156,7 +156,7 @@ def labels(names: list[str], settings: list[dict], limit: int | None = MAX_LABEL
         if len(differing) > MAX_LABEL_SETTINGS:
             keys = [key for key in keys if key not in shared or repr(s[key]) != repr(shared[key])] or keys
         more = ", ..." if limit is not None and len(keys) > limit else ""
-        described.append(", ".join(f"{shown_name(key)}={s[key]}" for key in keys[:limit]) + more)
+        described.append(", ".join(f"{shown_name(key)}={shown_value(s[key])}" for key in keys[:limit]) + more)
     return [f"{name} ({words})" if words else name for name, words in zip(names, described)]
 
 
@@ -186,7 +186,7 @@ def shared_settings(settings: list[dict]) -> str:
     differing, shared = compared(settings)
     if len(differing) <= MAX_LABEL_SETTINGS:
         return ""
-    return ", ".join(f"{shown_name(key)}={value}" for key, value in shared.items())
+    return ", ".join(f"{shown_name(key)}={shown_value(value)}" for key, value in shared.items())
 
 
 def shown_name(path: str) -> str:
@@ -194,6 +194,11 @@ def shown_name(path: str) -> str:
     is (fp8.format)."""
     section, key = path.split(".")
     return path if section == "fp8" else key
+
+
+def shown_value(value) -> str:
+    """A setting's value in a label, as its config file writes it: null, true, false; text unquoted."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def text_read(evaluation: dict) -> float | None:

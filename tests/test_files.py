@@ -89,7 +89,7 @@ def test_write_folder_replaces_only_what_its_command_writes_and_only_folders(tmp
     (out / "part-0.parquet").write_text("old")
     (out / "corpus.txt").write_text("the input")
     (out / ".DS_Store").write_bytes(b"Finder's")  # no reason to refuse
-    with pytest.raises(FileExistsError, match="also holds corpus.txt; move them out or choose another --out"):
+    with pytest.raises(FileExistsError, match="also holds corpus.txt; move it out or choose another --out"):
         files.write_folder(out, write, replace=True, written_here=lambda path: path.suffix == ".parquet")
     assert sorted(p.name for p in out.iterdir()) == [".DS_Store", "corpus.txt", "part-0.parquet"]
     (tmp_path / "link").symlink_to(out)

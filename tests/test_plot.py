@@ -168,6 +168,9 @@ def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch)
     assert plot.shared_settings(one_at_a_time) == (  # the terminal's last line: what the labels leave unnamed
         "dropout=0.0, batch_size=4, learning_rate=0.005, weight_decay=0.1, seed=0, fp8.format=hybrid")
     assert plot.shared_settings(sweep[:2]) == ""  # (few settings differ: every label names all of them)
+    assert plot.labels(["a", "b"], [{"training.resume_from_checkpoint": None, "low_precision.use_4bit": True},
+                                    {"training.resume_from_checkpoint": "x", "low_precision.use_4bit": False}]) == [
+        "a (resume_from_checkpoint=null, use_4bit=true)", "b (resume_from_checkpoint=x, use_4bit=false)"]  # as YAML
     assert plot.labels(["d"], sweep[3:], limit=None) == ["d"]
     assert plot.labels(list("abcd"), sweep, limit=None)[3] == (
         "d (tokenizer=bpe.json, learning_rate=0.03, batch_size=8, eval_iters=4)")  # (validation differs)
