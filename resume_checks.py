@@ -63,15 +63,20 @@ def check_run_given_again(cfg, path, ckpt, shards: str | None, val_fingerprint: 
 
 
 def check_run_data_given(cfg, command_line: dict):
-    """Before the data is read: a resume that continues its run but leaves out the run's
-    dataset.parquet_dir (leaves_out_run_data), for a folder that does not exist, is refused at once,
-    with the run's other settings it leaves out: not told to create the folder, nor the built-in
+    """Before the data is read: a resume that continues its run but reads another dataset.parquet_dir
+    than the run's, not given on the command line, for a folder that does not exist, is refused at
+    once, with the run's other settings it leaves out: not told to create the folder, nor the built-in
     corpus built there. (A folder that exists may hold the run's very shards, moved: check_same_data.)"""
     parquet_dir = cfg.dataset.parquet_dir
-    if (os.path.exists(parquet_dir) or any(c in parquet_dir for c in PATTERN_CHARACTERS)
-            or not leaves_out_run_data(cfg, command_line["settings"])):
+    if (not cfg.training.resume_from_checkpoint or "dataset.parquet_dir" in command_line["settings"]
+            or os.path.exists(parquet_dir) or any(c in parquet_dir for c in PATTERN_CHARACTERS)
+            or (found := resumed_checkpoint(cfg)) is None):
         return
-    path, saved = resumed_checkpoint(cfg)
+    path, saved = found
+    before = setting(saved.get("config", {}), "dataset.parquet_dir")
+    if (before is None or same_setting("dataset.parquet_dir", before, parquet_dir)
+            or not continues_run(path, saved.get("step", math.inf), saved.get("config", {}), cfg.training.max_iters)):
+        return
     ckpt = Checkpoint.from_dict(saved)
     try:  # (the split is not compared: the validation batches are not read yet)
         check_run_given_again(cfg, path, ckpt, None, ckpt.validation_batches, command_line)
@@ -286,19 +291,6 @@ def continues_run(path: Path, step: int, saved_config: dict, max_iters: int) -> 
     """Whether a resume from the checkpoint at `path` (of `step`, its run's config `saved_config`)
     trains on in its run directory: the run's own checks then apply (resume.resume)."""
     return continues_in_place(path) and step < max(max_iters, setting(saved_config, "training.max_iters") or 0)
-
-
-def leaves_out_run_data(cfg, given: dict) -> bool:
-    """Whether a resume that continues its run reads another dataset.parquet_dir than the run's, not
-    given on the command line (`given`: its settings): refused (check_same_data), so the sample corpus
-    is not built for it."""
-    found = resumed_checkpoint(cfg) if cfg.training.resume_from_checkpoint else None
-    if found is None or "dataset.parquet_dir" in given:
-        return False
-    path, saved = found
-    before = setting(saved.get("config", {}), "dataset.parquet_dir")
-    return (continues_run(path, saved.get("step", math.inf), saved.get("config", {}), cfg.training.max_iters)
-            and before is not None and not same_setting("dataset.parquet_dir", before, cfg.dataset.parquet_dir))
 
 
 def data_settings_hint(cfg, problem: Exception) -> str:
