@@ -147,8 +147,9 @@ class Config:
             overridden, located = {item.partition("=")[0] for item in overrides}, []
             for problem in e.problems:
                 name = problem.split(":", 1)[0]
+                of_override = problem.startswith(tuple(overrides)) or problem.startswith(tuple(map(repr, overrides)))
                 located.append(f"{path}:{lines[name]}: {problem}" if name in lines and name not in overridden
-                               else problem)
+                               and not of_override else problem)
             raise ConfigError(located + repeated) from None
         if repeated:
             raise ConfigError(repeated)
@@ -165,6 +166,15 @@ class Config:
                                              or following.endswith((".yaml", ".yml"))):  # `training.seed 3`
                 problems.append(f"{item} {overrides[0]}: an override is one argument; did you mean "
                                 f"{item}={overrides.pop(0)}?")
+                continue
+            value_word = "=" not in following and not following.endswith((".yaml", ".yml"))
+            if item.rstrip("=") in all_paths() and overrides and (
+                    following.startswith("=") if not item.endswith("=") else value_word):
+                words = [item, overrides.pop(0)]  # `training.seed = 3`, `training.seed =3`, `training.seed= 3`
+                if words[-1] == "=" and overrides and "=" not in overrides[0]:
+                    words.append(overrides.pop(0))
+                problems.append(f"{' '.join(words)}: no spaces around '=' in an override: "
+                                f"{item.rstrip('=')}={''.join(words[1:]).lstrip('=')}")
                 continue
             problems += apply_override(raw, item, all_paths(), _nullable_paths())
         sections = {}
@@ -185,9 +195,12 @@ class Config:
             sections[name] = section_cls(**values)
         config = cls(**sections)
         for path in PATHS:
-            if isinstance(config.get(path), str):
+            if isinstance(written := config.get(path), str):
                 section, key = path.split(".")
-                setattr(getattr(config, section), key, os.path.expanduser(config.get(path)))
+                setattr(getattr(config, section), key, os.path.expanduser(os.path.expandvars(written)))
+                if unset := re.search(r"\$\{?([A-Za-z_]\w*)", config.get(path)):
+                    problems.append(f"{path}: {written!r}: the environment variable {unset[1]} is not set; set it, "
+                                    f"or write the path out")
         reported = {p.split(":", 1)[0] for p in problems}
         problems += [p for p in config._check_values() if p.split(":", 1)[0] not in reported]
         if problems:

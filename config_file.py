@@ -60,6 +60,9 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
     with the others."""
     path = Path(path)
     text = read_config_text(path)
+    if problem := invisible_character(text):
+        line, column, fix = problem
+        raise ConfigError([f"{path}:{line}:{column}: {fix}"])
     loader = None
     try:
         loader = _UniqueKeyLoader(text)  # a control character stops it here already (a ReaderError)
@@ -98,6 +101,23 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
         raise ConfigError([f"{path}: the top level must be a mapping of sections ({', '.join(sections)}), "
                            f"got {type(raw).__name__}"])
     return raw
+
+
+INVISIBLE = {"\u00a0": "a no-break space", "\u2007": "a figure space", "\u202f": "a narrow no-break space",
+             "\u3000": "an ideographic space", "\u200b": "a zero-width space", "\u200c": "a zero-width non-joiner",
+             "\u200d": "a zero-width joiner", "\u2060": "a word joiner", "\ufeff": "a zero-width no-break space"}
+
+
+def invisible_character(text: str) -> tuple[int, int, str] | None:
+    """(line, column, what to do) for the first character outside comments that looks like a space or
+    like nothing (pasted from a web page or a PDF) and that YAML reads as part of a name or value."""
+    for number, line in enumerate(text.splitlines(), 1):
+        content = re.split(r"(?:^|\s)#", line.lstrip("\ufeff") if number == 1 else line)[0]  # (a byte order mark: fine)
+        if found := next((c for c in content if c in INVISIBLE), None):
+            fix = "replace it with a plain space" if found.isspace() else "delete it"
+            column = (len(line) - len(line.lstrip("\ufeff")) if number == 1 else 0) + content.index(found) + 1
+            return number, column, f"U+{ord(found):04X} ({INVISIBLE[found]}, pasted from a web page?): {fix}"
+    return None
 
 
 def without_comment(line: str) -> str:
@@ -139,19 +159,17 @@ def yaml_syntax_problem(path: Path, text: str, e: yaml.YAMLError) -> str:
     # `key value`: PyYAML finds the mistake a line later, or past a comment, in its own words
     if syntax and mark and (k := key_without_colon(lines, content, mark.line)) is not None:
         return f"{path}:{k + 1}: YAML syntax error: {content[k]!r} has no ':' after its key (key: value)"
+    if syntax and mark and (found := layout_mistake(lines, content, mark.line)):
+        k, fix = found
+        return f"{path}:{k + 1}: YAML syntax error: {content[k]!r}: {fix}"
+    if problem == "but found another document":
+        problem = ("a second document starts here (---): one config file holds one; delete the --- and merge the "
+                   "sections")
     if getattr(e, "context", None) == "while scanning a simple key":  # found a line later
         mark = e.context_mark
     elif problem == "mapping values are not allowed here" and mark and mark.line < len(lines):
-        before_mark, indent = lines[mark.line][:mark.column], len(lines[mark.line]) - len(lines[mark.line].lstrip())
-        above = next((k for k in range(mark.line - 1, -1, -1) if content[k]), None)
-        if ":" in before_mark.split("#")[0]:
+        if ":" in lines[mark.line][:mark.column].split("#")[0]:
             problem += " (a value holding ': ' needs quotes: key: \"a: b\")"
-        elif above is not None and not content[above].endswith(":") and indent > len(lines[above]) - len(
-                lines[above].lstrip()):  # under a key that has its value: a key of the same mapping, indented more
-            outdented = lines[above] == lines[above].lstrip()  # or that key, at the top, left its section
-            problem += (f" (line {above + 1} has a value, and this line is indented under it: is line {above + 1} "
-                        f"indented less than its section's keys, or this one more?)"
-                        if outdented else f" (is it indented more than line {above + 1}, a key of the same section?)")
     line = lines[mark.line] if mark and mark.line < len(lines) else ""
     if "'\\t'" in problem:
         problem += " (write spaces: YAML does not allow a tab there)"
@@ -188,6 +206,33 @@ def key_without_colon(lines: list[str], content: list[str], mark_line: int) -> i
     return None
 
 
+def layout_mistake(lines: list[str], content: list[str], mark_line: int) -> tuple[int, str] | None:
+    """(line, fix) for the mistake, on the line where PyYAML stopped or the one with text before it, that
+    PyYAML reports in its own words: `key:value` without a space, a key indented otherwise than the
+    other keys of its section, or one at the start of its line among them."""
+    def indent(k):
+        return len(lines[k]) - len(lines[k].lstrip())
+    previous = next((k for k in range(min(mark_line, len(lines)) - 1, -1, -1) if content[k]), None)
+    candidates = [k for k in (mark_line, previous) if k is not None and k < len(lines) and content[k]]
+    for k in candidates:
+        if re.match(r"[A-Za-z_][\w.-]*:[^\s:/]", content[k]):
+            return k, "put a space after the ':' (key: value)"
+    for k in candidates:
+        header = next((j for j in range(k, -1, -1) if content[j] and indent(j) == 0), None)
+        if header is None or header == k:
+            continue
+        end = next((j for j in range(k + 1, len(lines)) if content[j] and indent(j) == 0), len(lines))
+        indents = [indent(j) for j in range(header + 1, end) if re.match(r"[\w.-]+:(\s|$)", content[j])]  # keys
+        usual = max(indents, key=lambda i: (indents.count(i), -indents.index(i)))  # a tie: the first key's
+        if indents and indent(k) != usual:
+            return k, (f"indented {indent(k)} space{'s' * (indent(k) != 1)}, the other keys of its section "
+                       f"{usual}: indent it as they are")
+    if previous is not None and mark_line < len(lines) and indent(previous) == 0 and ":" in content[previous] \
+            and not content[previous].endswith(":") and indent(mark_line) > 0:
+        return previous, "a key at the start of its line, among the indented keys of a section: indent it as they are"
+    return None
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading 1e-3 and 1e5 as numbers (YAML 1.1 reads them as text) and noting
     every key that appears twice in one mapping (PyYAML keeps the last silently): (key, first line,
@@ -213,6 +258,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+    def construct_yaml_int(self, node):
+        """Whole numbers as YAML 1.2 reads them: 0042 is 42 (YAML 1.1: octal, 34), 1:30 is text (1.1: 90)."""
+        text = str(node.value).replace("_", "")
+        if ":" in text:
+            return node.value
+        if re.fullmatch(r"[-+]?0\d+", text):
+            return int(text, 10)
+        return super().construct_yaml_int(node)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+
+
 class _Dumper(yaml.SafeDumper):
     """PyYAML's safe dumper, quoting text that the loader would read as a number (the name '1e5')."""
 
@@ -220,6 +278,7 @@ class _Dumper(yaml.SafeDumper):
 for _yaml_class in (_UniqueKeyLoader, _Dumper):
     _yaml_class.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
                                       list("-+0123456789."))
+    _yaml_class.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?0\d+$"), list("-+0"))  # 08, 09
 
 
 def dump_yaml(data: dict) -> str:
@@ -238,6 +297,11 @@ def read_scalar(text: str):
 def apply_override(raw: dict, item: str, paths: list[str], nullable=()) -> list[str]:
     """Apply one `section.key=value` override (value parsed as a YAML scalar) to raw; its problems.
     `paths`: every section.key, for a key given without its section; `nullable`: those that take null."""
+    if problem := invisible_character(item):
+        return [f"{item!r}: {problem[2]}"]
+    name, colon, written = item.partition(":")
+    if (name if "=" not in name else "") in paths or (name in paths and written.startswith("=")):
+        return [f"{item}: an override is written with '=', not ':': {name}={written.lstrip('=').strip()}"]
     if "=" not in item or "." not in item.split("=", 1)[0]:
         if item.endswith((".yaml", ".yml")):
             return [f"{item}: an override must look like section.key=value; to train with this file: --config {item}"]
@@ -250,11 +314,13 @@ def apply_override(raw: dict, item: str, paths: list[str], nullable=()) -> list[
         return [f"{item}: an override must look like section.key=value "
                 f"(for example training.batch_size=16)"]
     path, text = item.split("=", 1)
+    if path.strip() in paths and (path != path.strip() or text != text.lstrip()):
+        return [f"{item!r}: no spaces around '=' in an override: {path.strip()}={text.strip()}"]
     section, key = path.split(".", 1)
     if not text.strip():  # `training.resume_from_checkpoint=$CKPT` with CKPT unset would start a new run
         fix = f"write {path}=null for none" if path in nullable else "give it one, or leave it out for the default"
         return [f"{item}: no value (an unset shell variable?); {fix}"]
-    value = read_scalar(text)
+    value = text if re.search(r"(^|\s)#", text) else read_scalar(text)  # (on the command line, # is no comment)
     if raw.get(section) is None:  # absent, or every key commented out
         raw[section] = {}
     if isinstance(raw[section], dict):  # (otherwise the section's own check says what is wrong)
@@ -270,13 +336,19 @@ def typed_section(name: str, section_cls, values: dict, all_paths: list[str]):
     for key, value in values.items():
         path = f"{name}.{key}"
         if key not in known:
-            problems.append(f"{path}: unknown key" + suggest(path, all_paths, known))
+            if key in {p.split(".")[0] for p in all_paths}:  # `  dataloader:`, indented under the section above
+                problems.append(f"{path}: {key} is a section of its own, not a key of {name}: write `{key}:` at the "
+                                f"start of its line")
+            else:
+                problems.append(f"{path}: unknown key" + suggest(path, all_paths, known))
             continue
         ok, converted, expected = check_type(value, hints[key])
         if ok and isinstance(converted, str) and not converted.strip():  # would read as none, or as the current folder
             fix = ("write null for none" if hints[key] == typing.Optional[str] else
                    f"give one, or leave it out for the default, {known[key].default}")
             problems.append(f"{path}: empty text {value!r}; {fix}")
+        elif ok and hints[key] == typing.Optional[str] and converted in ("None", "none", "NONE"):
+            problems.append(f"{path}: {converted} is text in YAML, not none: write null for none")
         elif ok:
             result[key] = converted
         else:
@@ -290,6 +362,8 @@ def typed_section(name: str, section_cls, values: dict, all_paths: list[str]):
             elif expected in ("int", "float") and isinstance(value, str) and check_type(_number(value), hints[key])[0]:
                 quote = (f"; a number in quotes is text: write it without them (`{key}: {value.strip()}` in the file, "
                          f"{path}={value.strip()} on the command line)")
+            elif expected in ("int", "float") and isinstance(value, str) and _number(value) is None:
+                quote = "; write a plain number (3000, 0.05 or 3e-4: no commas, units or %)"
             elif isinstance(value, str) and value.strip().lower() in ("true", "false") and "true" in expected:
                 quote = (f"; {value.strip().lower()} in quotes is text: write it without them (`{key}: "
                          f"{value.strip().lower()}` in the file, {path}={value.strip().lower()} on the command line)")
@@ -329,8 +403,8 @@ def as_yaml(value) -> str:
 
 
 def _number(text: str):
-    """`text` as the config file reads a number, or None."""
-    value = read_scalar(text)
+    """`text` as the config file reads a number (no comment in it), or None."""
+    value = read_scalar(text) if not re.search(r"(^|\s)#", text) else None
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 

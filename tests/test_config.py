@@ -78,6 +78,16 @@ def test_a_home_directory_in_paths_is_expanded(monkeypatch):
     assert c.training.resume_from_checkpoint == "latest" and c.dataset.val_parquet_dir is None
 
 
+def test_environment_variables_in_paths_are_expanded_or_named_when_unset(monkeypatch):
+    monkeypatch.setenv("SCRATCH", "/scratch/me")
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    c = Config.from_dict({"training": {"checkpoint_dir": "$SCRATCH/ck"}, "dataset": {"parquet_dir": "${SCRATCH}/d"}})
+    assert (c.training.checkpoint_dir, c.dataset.parquet_dir) == ("/scratch/me/ck", "/scratch/me/d")
+    assert config_problems({"training": {"checkpoint_dir": "$NOT_SET_ANYWHERE/ck"}}) == [
+        "training.checkpoint_dir: '$NOT_SET_ANYWHERE/ck': the environment variable NOT_SET_ANYWHERE is not set; set "
+        "it, or write the path out"]
+
+
 @pytest.mark.parametrize("raw,fragment", [
     ({"model": {"n_layer": 0}}, "model.n_layer: must be > 0"),
     ({"training": {"batch_size": -1}}, "training.batch_size: must be > 0"),

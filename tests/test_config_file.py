@@ -39,7 +39,8 @@ def test_key_in_the_wrong_section_points_to_the_right_one():
                                           "training.learning_rate=1e-3 on the command line)"),
     ("training", "batch_size", True, "expected int, got bool True"),
     ("training", "max_iters", None, "expected int, got no value"),
-    ("training", "learning_rate", "fast", "expected float, got str 'fast'"),
+    ("training", "learning_rate", "fast", "expected float, got str 'fast'; write a plain number (3000, 0.05 or "
+                                         "3e-4: no commas, units or %)"),
     ("training", "learning_rate", "0.001", "expected float, got str '0.001'; a number in quotes is text: write it "
                                            "without them (`learning_rate: 0.001` in the file, "
                                            "training.learning_rate=0.001 on the command line)"),
@@ -131,14 +132,13 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
     path.write_text("training:\n  max_iters: 20\n   batch_size: 8\n")
     with pytest.raises(ConfigError) as info:
         Config.from_yaml(path)
-    assert info.value.problems == [f"{path}:3:14: YAML syntax error: mapping values are not allowed here (is it "
-                                   f"indented more than line 2, a key of the same section?)"]
+    assert info.value.problems == [f"{path}:3: YAML syntax error: 'batch_size: 8': indented 3 spaces, the other "
+                                   f"keys of its section 2: indent it as they are"]
     path.write_text("training:\n  max_iters: 20\nbatch_size: 8\n  log_freq: 5\n")  # a key that left its section
     with pytest.raises(ConfigError) as info:
         Config.from_yaml(path)
-    assert info.value.problems == [f"{path}:4:11: YAML syntax error: mapping values are not allowed here (line 3 has "
-                                   f"a value, and this line is indented under it: is line 3 indented less than its "
-                                   f"section's keys, or this one more?)"]
+    assert info.value.problems == [f"{path}:3: YAML syntax error: 'batch_size: 8': a key at the start of its line, "
+                                   f"among the indented keys of a section: indent it as they are"]
     path.write_text("logging:\n  wandb_run_name: exp 3: lower lr\n")  # not the line before: this value
     with pytest.raises(ConfigError) as info:
         Config.from_yaml(path)
@@ -307,3 +307,88 @@ def test_an_override_split_at_a_space_is_joined_in_the_hint():
 def test_names_from_other_trainers_point_at_the_right_field(override, hint):
     [problem] = config_problems({}, [override])
     assert problem.startswith(f"{override.split('=')[0]}: unknown key; ") and hint in problem
+
+
+def test_layout_mistakes_are_told_in_plain_words_on_their_line(tmp_path):
+    path = tmp_path / "my.yaml"
+    section = "training:\n  block_size: 64\n  batch_size: 8\n  max_iters: 10\n"
+    for text, line, fix in (
+            (section.replace("max_iters: ", "max_iters:"), 4, "'max_iters:10': put a space after the ':' (key: value)"),
+            (section.replace("block_size: ", "block_size:"), 2, "'block_size:64': put a space after the ':'"),
+            (section.replace("  batch_size", " batch_size"), 3, "'batch_size: 8': indented 1 space, the other keys of "
+                                                                "its section 2: indent it as they are"),
+            (section.replace("  batch_size", "   batch_size"), 3, "indented 3 spaces, the other keys of its section 2"),
+            (section.replace("  batch_size", "batch_size"), 3, "'batch_size: 8': a key at the start of its line, among "
+                                                               "the indented keys of a section: indent it as they are"),
+            ("logging:\n  wandb_notes:\n    my long\n    note\n   wandb_project: x\n", 5,  # a value's lines: no keys
+             "indented 3 spaces, the other keys of its section 2"),
+            (section + "---\nmodel:\n  n_layer: 2\n", 5, "a second document starts here (---): one config file holds "
+                                                         "one; delete the --- and merge the sections")):
+        path.write_text(text)
+        [problem] = file_problems(path)
+        assert problem.startswith(f"{path}:{line}") and fix in problem, problem
+    path.write_text("logging:\n  wandb_project: http://x\n")  # a ':' without a space in a value is fine
+    assert Config.from_yaml(path).logging.wandb_project == "http://x"
+
+
+def test_an_invisible_character_is_named_with_its_line_and_column(tmp_path):
+    path = tmp_path / "pasted.yaml"
+    for text, where, fix in (("training:\n  batch_size:\u00a08\n", "2:14", "U+00A0 (a no-break space, pasted from a "
+                                                                           "web page?): replace it with a plain space"),
+                             ("training:\n  batch_size: 8\u00a0\n", "2:16", "U+00A0"),  # trailing: not stripped away
+                             ("\ufefftraining:\n  batch\u200b_size: 8\n", "2:8", "U+200B (a zero-width space, pasted "
+                                                                                 "from a web page?): delete it")):
+        path.write_text(text, encoding="utf-8")
+        [problem] = file_problems(path)
+        assert problem.startswith(f"{path}:{where}: {fix}"), problem
+    path.write_text("\ufefftraining:  # batch\u00a0size\n  batch_size: 8\n", encoding="utf-8")  # a comment, a BOM: fine
+    assert Config.from_yaml(path).training.batch_size == 8
+    assert config_problems({}, ["training.batch_size=\u00a08"]) == [
+        "'training.batch_size=\\xa08': U+00A0 (a no-break space, pasted from a web page?): replace it with a plain "
+        "space"]
+
+
+def test_whole_numbers_are_read_as_yaml_1_2_reads_them(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  seed: 0042\n  max_iters: 08\n")  # YAML 1.1: octal 34, and text
+    c = Config.from_yaml(path, ["training.batch_size=016"])
+    assert (c.training.seed, c.training.max_iters, c.training.batch_size) == (42, 8, 16)
+    path.write_text("training:\n  max_iters: 1:30\n")  # YAML 1.1: 90, in base 60
+    assert file_problems(path) == [f"{path}:2: training.max_iters: expected int, got str '1:30'; write a plain number "
+                                   f"(3000, 0.05 or 3e-4: no commas, units or %)"]
+    assert config_problems({"training": {"max_iters": "3,000"}})[0].endswith("write a plain number (3000, 0.05 or "
+                                                                             "3e-4: no commas, units or %)")
+    c = Config.from_dict({"logging": {"wandb_run_name": "0042"}})
+    assert Config.from_dict(yaml.load(c.to_yaml(), Loader=yaml.SafeLoader)).logging.wandb_run_name == "0042"
+
+
+def test_none_written_for_null_and_a_section_indented_under_another_are_told(tmp_path):
+    assert config_problems({"dataset": {"val_parquet_dir": "None"}}) == [
+        "dataset.val_parquet_dir: None is text in YAML, not none: write null for none"]
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  max_iters: 10\n  dataloader:\n  num_workers: 0\n")
+    assert file_problems(path)[0] == (f"{path}:3: training.dataloader: dataloader is a section of its own, not a key "
+                                      f"of training: write `dataloader:` at the start of its line")
+
+
+def test_an_override_written_with_a_colon_spaces_or_a_hash_is_told_or_taken_as_written(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  batch_size: 4\n  learning_rate: 1.0e-3\n")
+    for overrides, problem in ((["training.learning_rate:3e-4"], "training.learning_rate:3e-4: an override is written "
+                                "with '=', not ':': training.learning_rate=3e-4"),
+                               (["training.learning_rate:=3e-4"], "training.learning_rate:=3e-4: an override is "
+                                "written with '=', not ':': training.learning_rate=3e-4"),
+                               (["training.learning_rate = 3e-4"], "'training.learning_rate = 3e-4': no spaces around "
+                                "'=' in an override: training.learning_rate=3e-4")):
+        assert file_problems(path, overrides) == [problem]  # the override's, not the file's line 3
+    for words in (["training.learning_rate", "=", "3e-4"], ["training.learning_rate=", "3e-4"],
+                  ["training.learning_rate", "=3e-4"]):
+        assert file_problems(path, words) == [f"{' '.join(words)}: no spaces around '=' in an override: "
+                                              f"training.learning_rate=3e-4"]
+    assert file_problems(path, ["training.resume_from_checkpoint=", "training.seed=3"])[0].startswith(
+        "training.resume_from_checkpoint=: no value")  # an unset variable, not a space
+    c = Config.from_yaml(path, ["logging.wandb_run_name=run #1", "logging.wandb_project=#2"])
+    assert (c.logging.wandb_run_name, c.logging.wandb_project) == ("run #1", "#2")
+    assert file_problems(path, ["training.batch_size=16 #x"]) == [
+        "training.batch_size: expected int, got str '16 #x'; write a plain number (3000, 0.05 or 3e-4: no commas, "
+        "units or %)"]
