@@ -1,6 +1,7 @@
 """Stopping on request: the signal handler, the vote that tells every rank, the resume command.
 Whole runs stopped by signals, and under torchrun in tests/test_distributed.py."""
 import atexit
+import hashlib
 import io
 import json
 import multiprocessing
@@ -10,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +40,8 @@ def restore_handlers():
     yield
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
+    if stopping.SignalArrivals.current is not None:
+        stopping.SignalArrivals.current.close()
 
 
 def test_a_second_ctrl_c_stops_at_once_except_while_a_checkpoint_is_written(restore_handlers, capfd):
@@ -51,6 +55,25 @@ def test_a_second_ctrl_c_stops_at_once_except_while_a_checkpoint_is_written(rest
         os.kill(os.getpid(), signal.SIGINT)
     assert capfd.readouterr().err == ("\nSIGINT: finishing the checkpoint, then stopping\n"
                                       "\nstill saving the checkpoint; the run stops right after it (kill -9 stops at "
+                                      "once)\n")
+
+
+def test_two_signals_while_the_main_thread_is_in_one_long_call_are_two(restore_handlers, capfd):
+    """Python runs a handler between bytecodes: two SIGTERMs during one long C++ call (a GPU sync, a
+    matmul) reach it once, and the second, which is to stop at once, was lost."""
+    GracefulStop(second_signal_stops=True, announce=True)
+
+    def send_two():
+        for _ in range(2):
+            time.sleep(0.03)
+            os.kill(os.getpid(), signal.SIGTERM)
+    sender = threading.Thread(target=send_two)
+    sender.start()
+    with pytest.raises(KeyboardInterrupt):
+        hashlib.pbkdf2_hmac("sha256", b"a", b"b", 2_000_000)  # about 0.5 s in C, without the GIL
+        sender.join()
+        time.sleep(1)
+    assert capfd.readouterr().err == ("\nSIGTERM: finishing the step, then saving a checkpoint (a second one stops at "
                                       "once)\n")
 
 
