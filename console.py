@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 from adamw4bit import AdamW4bit, adamw_state_bytes
+from checkpoint import saved_step
 from config import learning_rate, step_tokens
 from files import byte_amount
 
@@ -22,12 +23,12 @@ def step_line(record: dict, max_iters: int, eta: float | None, elapsed: float, a
     if record.get("data_wait", 0) >= 0.05:  # the loader does not keep up (below, it is handing batches over)
         extra += f" | waiting for data {record['data_wait']:.0%}" + " (the loader starting)" * first
     last = at_least and record["step"] == max_iters  # (">0:00:00" would read as done)
-    eta = ("after compilation" if eta is None else "the last evaluation and checkpoint" if last else
-           ">" * at_least + format_duration(eta))
+    eta = ("eta after compilation" if eta is None else "final evaluation and checkpoint next" if last else
+           "eta " + ">" * at_least + format_duration(eta))
     grad_norm = "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
     return (f"step {record['step']}/{max_iters} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | grad norm "
             f"{grad_norm} | {record['tokens_per_s']:,} tok/s | {record['ms_per_step']:.1f} ms/step{extra} | "
-            f"elapsed {format_duration(elapsed)} | eta {eta}")
+            f"elapsed {format_duration(elapsed)} | {eta}")
 
 
 def evaluation_lines(record: dict) -> str:
@@ -44,10 +45,16 @@ def done_lines(progress, here: int, passes: float, seconds: float, train_on: str
     step = progress.step
     return (f"done: {step} step{'s' * (step != 1)} ({passes:.2f} passes over the training data)"
             + (f", the last {here} in this process" if here < step else "") + f" in {format_duration(seconds)}"
-            + (f"; best validation loss {progress.best_val_loss:.4f} (best.pt)"
+            + (f"; best validation loss {progress.best_val_loss:.4f} (best.pt{best_step(progress.last_saved)})"
                if math.isfinite(progress.best_val_loss) else "")
             + f"; final checkpoint {progress.last_saved}\nto train on, to step {2 * step} say (the learning rate then "
             f"rises again: its schedule runs to the new max_iters):\n  {train_on}")
+
+
+def best_step(last_saved: Path) -> str:
+    """", of step 1200": the step of best.pt beside the run's last checkpoint; "" if it cannot be read."""
+    step = saved_step(last_saved.parent / "best.pt")
+    return f", of step {step}" if math.isfinite(step) else ""
 
 
 def format_duration(seconds: float) -> str:

@@ -10,6 +10,7 @@ resume also cuts metrics.jsonl and the TensorBoard curves back to the checkpoint
 after it are trained again and logged once. StepLog measures the training steps for their records
 and prints their lines (console.py writes them).
 """
+import collections
 import importlib.util
 import json
 import os
@@ -32,6 +33,7 @@ TAGS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_n
         "peak_memory_mib": "memory/peak_mib", "val_loss": "val/loss", "val_bits_per_byte": "val/bits_per_byte"}
 PER_LAYER = {"sparsity_x": "sparsity/x", "sparsity_y": "sparsity/y"}
 FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # of each process, whatever log_freq says: whether it is viable shows in a minute
+ETA_LINES = 20  # the ETA's speed: that of the steps of the last lines
 SLOW_CPU_STEP_S = 5  # seconds a step on CPU (tiny.yaml: about 0.1) above which an hours-long run suggests tiny.yaml
 # StepLog.sums: the line's summed loss, gradient norm of the finite steps and skipped steps; the current step's
 # loss until it completes
@@ -185,6 +187,7 @@ class StepLog:
         self.epoch, self.epochs = self.epoch_all_are_in(positions), begun - self.unread
         self.epochs_ended = 0  # (measure() sets it for its line)
         self.took = {}  # seconds the last evaluation and the last checkpoint took (train.paused)
+        self.recent, self.opening = collections.deque(maxlen=ETA_LINES), None  # (seconds, steps) of lines: eta()
         self._next_line()
 
     def _next_line(self):
@@ -275,22 +278,37 @@ class StepLog:
         return (sum(self.took.get(doing, 0.0) * count for doing, count in due.items()),
                 any(count and doing not in self.took for doing, count in due.items()))
 
+    def eta(self, record: dict, first: bool) -> tuple[float | None, bool]:
+        """Seconds left after the record's step (None while it compiles), and whether evaluations or
+        checkpoints not yet timed are left out. The steps left go at the speed of the last ETA_LINES
+        lines: one interval's is noisy on a shared machine. A process's first line (its loader
+        starting) counts only until there is another."""
+        pauses, untimed = self.pauses_left(record["step"])
+        if record.get("compiling"):
+            return None, untimed
+        timed = (record["ms_per_step"] / 1000 * self.steps, self.steps)
+        if first:
+            self.opening = timed
+        else:
+            self.recent.append(timed)
+        seconds, steps = map(sum, zip(*(self.recent or [self.opening])))
+        return seconds / steps * (self.cfg.training.max_iters - record["step"]) + pauses, untimed
+
     def write(self, record: dict):
         """Print the record's line (and notes it calls for) and record it."""
         step, max_iters = record["step"], self.cfg.training.max_iters
         seconds_per_step = record["ms_per_step"] / 1000
-        pauses, untimed = self.pauses_left(step)
-        eta = None if record.get("compiling") else seconds_per_step * (max_iters - step) + pauses
-        print(step_line(record, max_iters, eta, record["elapsed_s"], at_least=untimed,
-                        first=step - self.steps + 1 == self.first_step), flush=True)
+        first = step - self.steps + 1 == self.first_step
+        eta, untimed = self.eta(record, first)
+        print(step_line(record, max_iters, eta, record["elapsed_s"], at_least=untimed, first=first), flush=True)
         if (self.first_step == 1 and step == 2 and self.device.type == "cpu" and seconds_per_step > SLOW_CPU_STEP_S
                 and seconds_per_step * max_iters > 3600):  # a fresh run's first step not compiling
             print(f"  note: at this speed the run takes about {seconds_per_step * max_iters / 3600:.1f} hours on "
                   f"this CPU: model and batch are sized for a GPU; configs/tiny.yaml is sized for a CPU (minutes)",
                   flush=True)
         if self.epochs_ended > 0:  # (more than one: passes shorter than log_freq steps)
-            done = "a pass over the training data is" if self.epochs_ended == 1 else \
-                f"{self.epochs_ended} passes over the training data are"
+            done = f"pass {self.epoch} over the training data is" if self.epochs_ended == 1 else \
+                f"passes {self.epoch - self.epochs_ended + 1} to {self.epoch} over the training data are"
             print(f"  {done} done: the documents are read again, reshuffled", flush=True)
         self.metrics.log(record)
         self._next_line()  # writing the line is not the next line's training time

@@ -19,8 +19,8 @@ def test_the_step_line_says_what_the_record_holds():
     assert console.step_line(record, 100, None, elapsed=5).endswith("| eta after compilation")
     assert console.step_line(record, 100, 149.5, elapsed=5, at_least=True).endswith("| eta >0:02:29")
     last = {**record, "step": 100}
-    assert console.step_line(last, 100, 0.2, elapsed=5, at_least=True).endswith("| eta the last evaluation and "
-                                                                                "checkpoint")
+    assert console.step_line(last, 100, 0.2, elapsed=5, at_least=True).endswith(
+        "elapsed 0:00:05 | final evaluation and checkpoint next")
     assert console.step_line(last, 100, 0.2, elapsed=5).endswith("| eta 0:00:00")
     assert console.step_line(record, 100, 0.2, elapsed=5, at_least=True).endswith("| eta >0:00:00")
 

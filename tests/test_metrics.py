@@ -1,5 +1,6 @@
 """metrics.jsonl, TensorBoard and W&B (offline): what a run logs, on resume too, and that logging
 changes nothing about training; the log line's figures (StepLog)."""
+import collections
 import errno
 import json
 import math
@@ -257,6 +258,23 @@ def test_the_eta_counts_the_evaluations_and_checkpoints_still_to_come():
     assert metrics.StepLog.pauses_left(log, 104) == (0.5, True)
 
 
+def test_the_eta_goes_at_the_speed_of_the_last_lines_not_of_one():
+    from types import SimpleNamespace
+    cfg = Config.from_dict({"training": {"max_iters": 1000, "test_freq": 2000, "checkpoint_freq": 2000}})
+    log = SimpleNamespace(cfg=cfg, took={}, steps=10, recent=collections.deque(maxlen=metrics.ETA_LINES),
+                          opening=None, pauses_left=lambda step: (0.0, False))
+
+    def eta(step, ms_per_step, first=False, **record):
+        return metrics.StepLog.eta(log, {"step": step, "ms_per_step": ms_per_step, **record}, first)[0]
+    assert eta(10, 900.0, first=True) == pytest.approx(0.9 * 990)  # the loader starting: until there is another
+    assert eta(20, 100.0) == pytest.approx(0.1 * 980)  # the first line left out
+    assert eta(30, 300.0) == pytest.approx(0.2 * 970)  # a busy interval: the mean of the last lines
+    assert eta(40, 100.0, compiling=True) is None and len(log.recent) == 2  # a compiling line is no speed
+    for step in range(50, 50 + 10 * metrics.ETA_LINES, 10):
+        eta(step, 200.0)
+    assert eta(250, 200.0) == pytest.approx(0.2 * 750)  # the busy and fast intervals have left the window
+
+
 def test_the_first_steps_are_logged_whatever_log_freq_says(tmp_path, corpus, capsys):
     """Of a resumed run too: its first step compiles, and is logged alone."""
     path = write_config(tmp_path, corpus, max_iters=12, log_freq=100, test_freq=100, checkpoint_freq=100)
@@ -326,12 +344,13 @@ def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys)
                                              cfg.dataset.split_seed, 0.2, "text", 2, ByteTokenizer(),
                                              shuffle=False))  # batches in one pass
     assert abs(epochs[-1] - 50 / one_pass) < 0.5
-    assert "  a pass over the training data is done: the documents are read again, reshuffled\n" in out
+    assert "  pass 1 over the training data is done: the documents are read again, reshuffled\n" in out
+    assert "  pass 2 over the training data is done" in out
     assert f"done: 50 steps ({epochs[-1]:.2f} passes" in out
     # passes shorter than log_freq: the line says how many ended since the last one
     assert train.main(["--config", str(path), "training.log_freq=1000",
                        f"training.checkpoint_dir={tmp_path / 'ck2'}"]) == 0
-    assert "  2 passes over the training data are done: the documents are read again, reshuffled\n" in \
+    assert "  passes 1 to 2 over the training data are done: the documents are read again, reshuffled\n" in \
         capsys.readouterr().out
 
 

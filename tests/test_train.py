@@ -51,8 +51,9 @@ def test_run_directory_holds_resolved_config_checkpoints_and_metrics(tmp_path, c
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]  # incl. before the dir existed
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
     assert {"lr", "tokens_per_s", "ms_per_step", "elapsed_s"} <= set(records[0])
-    best = min(r["val_loss"] for r in records if "val_loss" in r)
-    assert f"; best validation loss {best:.4f} (best.pt); final checkpoint {run / 'checkpoint_4.pt'}\n" in out
+    best, best_step = min((r["val_loss"], r["step"]) for r in records if "val_loss" in r)
+    assert (f"; best validation loss {best:.4f} (best.pt, of step {best_step}); final checkpoint "
+            f"{run / 'checkpoint_4.pt'}\n") in out
     # and the command that trains it on: this one's settings, the run named, max_iters doubled
     train_on = (f"python {script_here('train.py')} --config {path} training.batch_size=3 training.max_iters=8 "
                 f"training.resume_from_checkpoint={run}")
