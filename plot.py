@@ -231,29 +231,10 @@ def readable_runs(args) -> tuple[list[Path], list[tuple[list, list]], list[str]]
     return list(read), list(read.values()), names
 
 
-def plot(run_dirs, out: Path) -> list[str]:
-    """Draw the runs' curves into `out`; returns each run's name with every setting that tells it
-    apart (the legend shows the first few), and for a sweep, the values most runs share."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import EngFormatter, MaxNLocator
-    run_dirs, runs, names = readable_runs(run_dirs)
-    settings = [run_settings(d) for d in run_dirs]
-    if len({evaluations[-1]["validation_batches"] for _, evaluations in runs
-            if evaluations and evaluations[-1].get("validation_batches")}) > 1:  # (older runs do not say)
-        print("note: these runs measure their validation loss on different batches (other data, tokenizer, "
-              "dataset.split_seed, val_fraction, batch_size, block_size or eval_iters): their validation curves "
-              "compare only roughly", file=sys.stderr)
-    full_names = labels(names, settings, limit=None)
-    names = labels(names, settings)
-    per_token = ("loss (nats/token: not across tokenizers)"  # (bits per byte compares them)
-                 if len({s.get("dataset.tokenizer") for s in settings if s}) > 1 else "loss (nats per token)")
-    fig, axes = plt.subplots(2, 3, figsize=(FIGURE_WIDTH_IN, 8.5))
+def draw_curves(axes, runs, colors):
+    """Each run's curves, in its colour, into the six panels."""
     (loss_steps, loss_tokens, bpb), (lr, sparsity, speed) = axes
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
-    for (train, evaluations), name, color in zip(runs, names, colors):
+    for (train, evaluations), color in zip(runs, colors):
         steps = [r["step"] for r in train]
         for ax, x in ((loss_steps, steps), (loss_tokens, [r.get("tokens") for r in train])):
             if train:
@@ -273,6 +254,14 @@ def plot(run_dirs, out: Path) -> list[str]:
             timed = [r for r in train if not r.get("compiling")]  # a compiling step's time is not its speed
             speed.plot([r["step"] for r in timed], [r.get("tokens_per_s") for r in timed], color=color,
                        **one_point(timed))
+
+
+def label_panels(fig, axes, runs, names, colors, per_token: str):
+    """Titles, axes and legends: the runs by colour once, under the panels; in a panel, only what its
+    line styles mean."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+    (loss_steps, loss_tokens, bpb), (lr, sparsity, speed) = axes
     titles = (("loss against steps", "step", per_token),
               ("loss against tokens", "tokens", per_token),
               ("validation bits per byte against text read", "training text read (bytes)", "bits per byte"),
@@ -284,7 +273,6 @@ def plot(run_dirs, out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         if not ax.has_data():
             ax.text(0.5, 0.5, "no data yet", transform=ax.transAxes, ha="center", va="center", color="grey")
-    # the runs by colour once, under the panels; in a panel, only what its line styles mean
     loss_styles = [Line2D([], [], color="grey", label="train")] * any(train for train, _ in runs) + [
         Line2D([], [], color="grey", label="validation", **VALIDATION)] * any(evaluations for _, evaluations in runs)
     for ax in (loss_steps, loss_tokens):
@@ -304,6 +292,29 @@ def plot(run_dirs, out: Path) -> list[str]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps: no 22.5 (nor 3.8 about one)
     speed.yaxis.set_major_formatter(EngFormatter())
     fig.tight_layout(rect=(0, 0.025 * rows + 0.01, 1, 1))
+
+
+def plot(run_dirs, out: Path) -> list[str]:
+    """Draw the runs' curves into `out`; returns each run's name with every setting that tells it
+    apart (the legend shows the first few), and for a sweep, the values most runs share."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    run_dirs, runs, names = readable_runs(run_dirs)
+    settings = [run_settings(d) for d in run_dirs]
+    if len({evaluations[-1]["validation_batches"] for _, evaluations in runs
+            if evaluations and evaluations[-1].get("validation_batches")}) > 1:  # (older runs do not say)
+        print("note: these runs measure their validation loss on different batches (other data, tokenizer, "
+              "dataset.split_seed, val_fraction, batch_size, block_size or eval_iters): their validation curves "
+              "compare only roughly", file=sys.stderr)
+    full_names = labels(names, settings, limit=None)
+    names = labels(names, settings)
+    per_token = ("loss (nats/token: not across tokenizers)"  # (bits per byte compares them)
+                 if len({s.get("dataset.tokenizer") for s in settings if s}) > 1 else "loss (nats per token)")
+    fig, axes = plt.subplots(2, 3, figsize=(FIGURE_WIDTH_IN, 8.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
+    draw_curves(axes, runs, colors)
+    label_panels(fig, axes, runs, names, colors, per_token)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return full_names + ([f"most runs: {shared}"] if (shared := shared_settings(settings)) else [])
