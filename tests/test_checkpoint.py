@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from checkpoint import PROJECT_VERSION, Checkpoint, CheckpointError, load_checkpoint
 from config import Config
 from conftest import tiny_config_dict
 from model import BDH
@@ -35,6 +35,7 @@ def test_checkpoint_file_round_trip_and_version_0_1_layout(tmp_path):
                       rng=[{"torch": torch.get_rng_state()}], data_order={"training.seed": 1},
                       data_positions=[{"reader": 0, "epoch": 2}], batches_consumed=9, best_val_loss=1.5)
     torch.save(ckpt.to_dict(), tmp_path / "c.pt")
+    assert torch.load(tmp_path / "c.pt")["versions"] == {"torch": str(torch.__version__), "project": PROJECT_VERSION}
     loaded = load_checkpoint(tmp_path / "c.pt")
     assert (loaded.step, loaded.best_val_loss, loaded.batches_consumed) == (7, 1.5, 9)
     assert loaded.data_order == {"training.seed": 1} and loaded.data_positions == [{"reader": 0, "epoch": 2}]
@@ -42,7 +43,8 @@ def test_checkpoint_file_round_trip_and_version_0_1_layout(tmp_path):
     old = {"step": 3, "model": {}, "model_config": {}, "rng": {"torch": torch.get_rng_state()}}  # one process
     torch.save(old, tmp_path / "old.pt")
     loaded = load_checkpoint(tmp_path / "old.pt")
-    assert len(loaded.rng) == 1 and loaded.data_order is None and loaded.batches_consumed == 0
+    assert isinstance(loaded.rng, list) and torch.equal(loaded.rng[0]["torch"], old["rng"]["torch"])
+    assert loaded.data_order is None and loaded.batches_consumed == 0
 
 
 @pytest.mark.parametrize("dataset,split_seed", [({}, 5), ({"val_parquet_dir": "v"}, 1337)])

@@ -7,7 +7,7 @@ import yaml
 
 import train
 from conftest import ROOT, config_problems
-from config import Config
+from config import NON_NEGATIVE, Config
 from model import BDHConfig
 
 
@@ -111,9 +111,26 @@ def test_environment_variables_in_paths_are_expanded_or_named_when_unset(monkeyp
     ({"low_precision": {"qat_start_fraction": 1.0}}, "low_precision.qat_start_fraction: must be in [0, 1)"),
     ({"training": {"distributed": "deepspeed"}}, "training.distributed: must be one of ddp, fsdp"),
     ({"training": {"distributed_timeout_s": 0}}, "training.distributed_timeout_s: must be > 0"),
+    ({"model": {"dropout": -0.1}}, "model.dropout: must be in [0, 1), got -0.1"),
+    ({"model": {"n_embd": 30, "n_head": 4, "mlp_internal_dim_multiplier": 2}},  # a latent of 15: RoPE needs pairs
+     "model.mlp_internal_dim_multiplier: the latent size n_embd * mlp_internal_dim_multiplier / n_head must be even"),
+    ({"model": {"vocab_size": 255}}, "model.vocab_size: tokens are bytes 0..255, so it must be >= 256, got 255"),
+    ({"dataset": {"val_fraction": 1.0}}, "dataset.val_fraction: must be in (0, 1), got 1.0"),
+    ({"training": {"seed": 2**32}}, "training.seed: must be below 2**32"),
+    ({"dataset": {"split_seed": 2**32}}, "dataset.split_seed: must be below 2**32"),
 ])
 def test_value_checks(raw, fragment):
     assert any(fragment in p for p in config_problems(raw)), config_problems(raw)
+
+
+def test_every_setting_that_cannot_be_negative_is_refused_below_0_and_taken_at_0():
+    for path in NON_NEGATIVE:
+        section, key = path.split(".")
+        [problem] = config_problems({section: {key: -1}})
+        assert re.fullmatch(rf"{re.escape(path)}: must be >= 0, got -1(\.0)?", problem)
+        assert Config.from_dict({section: {key: 0}}).get(path) == 0  # (min_lr 0: a schedule that decays to nothing)
+    assert Config.from_dict({"training": {"min_lr": 1e-3, "learning_rate": 1e-3}})  # a constant rate
+    assert Config.from_dict({"training": {"seed": 2**32 - 1, "distributed_timeout_s": 10**9}})
 
 
 def test_a_learning_rate_above_1_is_refused_with_a_guess_only_where_a_minus_sign_went_missing():
@@ -148,7 +165,7 @@ def test_fp8_settings_that_work_are_accepted():
 def test_every_problem_is_reported_at_once():
     ps = config_problems({"training": {"learnig_rate": 1, "batch_size": "8"}, "model": {"n_layer": -2},
                    "bogus": {}})
-    assert len(ps) == 4
+    assert [p.split(":")[0] for p in ps] == ["bogus", "training.learnig_rate", "training.batch_size", "model.n_layer"]
 
 
 def test_yaml_round_trip():

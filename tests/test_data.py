@@ -469,6 +469,11 @@ def test_a_validation_folder_that_holds_training_files_is_refused(tmp_path):
         with pytest.raises(DataError, match=r"^dataset.val_parquet_dir: \d of its \d file\(s\) are training files too "
                                             r".*: validation would measure documents the model trains on"):
             data.validation_batches(cfg, units, BYTES)
+    (tmp_path / "train_link").symlink_to(train_dir)  # training through a link, validation the folder itself
+    cfg = Config.from_dict({"dataset": {"parquet_dir": str(tmp_path / "train_link"),
+                                        "val_parquet_dir": str(train_dir)}})
+    with pytest.raises(DataError, match="are training files too"):
+        data.validation_batches(cfg, list_units(tmp_path / "train_link", "text"), BYTES)
 
 
 def test_more_processes_than_units_are_refused_up_front(corpus, capsys):
@@ -481,3 +486,4 @@ def test_more_processes_than_units_are_refused_up_front(corpus, capsys):
             "each worker reads units of its own") in capsys.readouterr().out
     with pytest.raises(DataError, match=r"1 \(file, row group\) unit for 2 processes, .* start at most 1 \(torchrun"):
         check_enough_units(cfg, units[:1], world_size=2)
+    check_enough_units(cfg, units[:2], world_size=2)  # one each: enough

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distributed import Ranks
-from evaluation import generate_sample, validation_loss
+from evaluation import generate_sample, validation_fingerprint, validation_loss
 from model import BDH, BDHConfig, layer_norm
 from reference import rope, rope_cos_sin
 from tokenizer import ByteTokenizer
@@ -86,3 +86,14 @@ def test_evaluation_sparsity_is_the_share_of_non_zero_latents_per_layer():
     assert x_active == pytest.approx((x_count / total).tolist(), abs=1e-12)
     assert y_active == pytest.approx((y_count / total).tolist(), abs=1e-12)
     assert all(0 < f < 1 for f in x_active + y_active)
+
+
+def test_the_fingerprint_of_the_validation_batches_tells_every_token_apart():
+    x = torch.arange(12).view(2, 6)
+    batches = [(x, x + 1)]  # y: x shifted by one
+    fingerprint = validation_fingerprint(batches)
+    assert validation_fingerprint([(x.clone(), x + 1)]) == fingerprint
+    for changed in ((x.clone().index_put_((torch.tensor(1), torch.tensor(0)), torch.tensor(99)), x + 1),
+                    (x, torch.cat([(x + 1)[:, :-1], torch.tensor([[98], [99]])], 1)),  # the last targets alone
+                    (x.view(3, 4), (x + 1).view(3, 4))):  # the same tokens in other windows
+        assert validation_fingerprint([changed]) != fingerprint

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import export
 import sample
 import train
-from checkpoint import CheckpointError, load_checkpoint, load_export, model_from_checkpoint
+from checkpoint import EXPORT_VERSION, CheckpointError, is_export, load_checkpoint, load_export, model_from_checkpoint
 from conftest import write_config
 from locate import load_model
 from lowbit import dequantize, quantize
@@ -139,9 +139,10 @@ def test_4bit_export_is_the_model_sample_4bit_serves(tmp_path, corpus, capsys, m
     config["bdh_export"]["version"] = 1
     (old / "config.json").write_text(json.dumps(config))
     assert torch.equal(load_export(old)[0].encoder, unpacked.encoder)
-    config["bdh_export"]["version"] = 99
+    config["bdh_export"]["version"] = EXPORT_VERSION + 1
     (old / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"exported by a newer version of this project \(export version 99, "):
+    with pytest.raises(CheckpointError, match=rf"exported by a newer version of this project \(export version "
+                                              rf"{EXPORT_VERSION + 1}, this one reads up to {EXPORT_VERSION}\)"):
         load_export(old)
     model, tokenizer = hf_model(out)
     ids = model.generate(**tokenizer("<01-", return_tensors="pt"), max_new_tokens=100, do_sample=False)
@@ -215,6 +216,13 @@ def test_what_is_not_this_projects_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == f"error: --checkpoint: {other}: not a checkpoint of this project (missing model, model_config, step)\n"
     assert not (tmp_path / "out").exists()
+    torch.save({"model": {"w": torch.zeros(2)}, "step": 3}, other)  # another project's, with keys of the same names
+    assert export.main(["--checkpoint", str(other), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.endswith("not a checkpoint of this project (missing model_config)\n")
+    weights_only = tmp_path / "weights_only"  # a folder with safetensors but no config.json is no export
+    weights_only.mkdir()
+    save_file({"w": torch.zeros(2)}, weights_only / "model.safetensors")
+    assert not is_export(weights_only)
 
 
 def test_replace_replaces_an_earlier_export_but_never_a_run_directory(trained, tmp_path, capsys):

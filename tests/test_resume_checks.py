@@ -1,15 +1,15 @@
 """What a resume compares: validation's documents and batches, the settings the run's command line
 gave, the tokens of a step on another number of processes. (Resuming itself, end to end: test_resume.py.)"""
-from types import SimpleNamespace
-
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from checkpoint import CheckpointError
 from config import DatasetConfig, TrainingConfig
-from resume_checks import (carried_forward, check_given_again, check_same_split, command_line_record,
-                           global_batch_change, validation_change)
+from resume_checks import (carried_forward, check_given_again, check_same_split, command_line_record, continues_run,
+                           evaluated_weights, global_batch_change, validation_change)
 
 
 def test_a_resume_that_changes_the_validation_documents_says_so():
@@ -182,3 +182,25 @@ def test_another_number_of_processes_is_told_what_keeps_the_tokens_of_a_step():
         "; training.batch_size=16 training.gradient_accumulation_steps=64 keeps 1,048,576")  # exact, not 24 x 43
     assert global_batch_change(two_of_32, TrainingConfig(batch_size=21, block_size=64), 3).endswith(
         "keep 4,096 on 3 processes")  # the batch_size given is the nearest already
+
+
+def test_what_a_validation_loss_measured_tells_every_4bit_setting_apart():
+    """A resume that changes any of them restarts best.pt: the losses measure other weights."""
+    plain = {"use_4bit": False, "quantization_type": "nf4", "use_double_quant": True}
+    assert evaluated_weights(plain) == evaluated_weights({**plain, "use_double_quant": False}) == "as trained"
+    four_bit = {**plain, "use_4bit": True}
+    assert len({evaluated_weights(four_bit), evaluated_weights({**four_bit, "use_double_quant": False}),
+                evaluated_weights({**four_bit, "quantization_type": "fp4"}), "as trained"}) == 4
+
+
+def test_a_checkpoint_continues_its_run_only_before_the_run_s_end(tmp_path, monkeypatch):
+    run = tmp_path / "run_20260101_000000"
+    run.mkdir()
+    (run / "config.yaml").write_text("training: {}\n")
+    ends_at = {"training": {"max_iters": 10}}
+    assert continues_run(run / "checkpoint_9.pt", 9, ends_at, max_iters=10)
+    assert not continues_run(run / "checkpoint_10.pt", 10, ends_at, max_iters=10)  # finished: nothing to continue
+    assert continues_run(run / "checkpoint_10.pt", 10, ends_at, max_iters=20)  # max_iters raised
+    assert not continues_run(tmp_path / "checkpoint_9.pt", 9, ends_at, max_iters=10)  # not in a run directory
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # (a read-only run: root writes anyway)
+    assert not continues_run(run / "checkpoint_9.pt", 9, ends_at, max_iters=10)

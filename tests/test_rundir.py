@@ -93,6 +93,9 @@ def test_latest_finding_a_finished_run_is_told_of_an_older_one_that_stopped(tmp_
         f"note: an older run, {tmp_path / 'run_20260101_000000'}, stopped at step 3 of 10: to continue it, "
         f"training.resume_from_checkpoint={tmp_path / 'run_20260101_000000'}")
     assert rundir.unfinished_older_run(str(tmp_path), tmp_path / "run_20260101_000000") == ""
+    assert rundir.stopped_early(finished) is None  # at its max_iters: finished
+    assert rundir.stopped_early(tmp_path / "run_20260103_000000") == (
+        tmp_path / "run_20260103_000000" / "checkpoint_4.pt", 4, 10)
 
 
 def test_a_forked_child_does_not_keep_the_hold_of_a_killed_trainer(tmp_path):

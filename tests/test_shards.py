@@ -45,6 +45,18 @@ def test_split_depends_on_the_seed_the_file_and_the_row_group_not_on_where_the_f
         assert (validation_mask(u, 1, 0.1) & validation_mask(other, 1, 0.1)).sum() < 30  # ~10 by chance
 
 
+def test_the_documents_held_out_stay_the_same_from_version_to_version(tmp_path):
+    """A resumed run (or one compared with an older run) must hold out the documents it held out
+    before: a change to the hash or to the file's key would train on the validation documents."""
+    u = shards.Unit("x.parquet", 3, 1000, 0, file_key=12345)
+    assert np.flatnonzero(validation_mask(u, 1337, 0.05)).tolist() == [
+        7, 23, 59, 85, 97, 165, 172, 198, 199, 235, 251, 261, 264, 287, 310, 417, 456, 494, 503, 507, 567, 625, 643,
+        650, 674, 711, 713, 719, 748, 754, 797, 800, 833, 836, 882, 912, 977, 989]
+    write_parquet(tmp_path / "a" / "part-00000.parquet", ["one", "two"])
+    [unit] = list_units(tmp_path, "text")  # the key: a hash of the path below parquet_dir
+    assert unit.file_key == 2182301152958970292
+
+
 def test_file_that_is_not_parquet(tmp_path):
     (tmp_path / "bad.parquet").write_text("this is not parquet at all")
     with pytest.raises(DataError, match=r"bad.parquet: not a readable parquet file"):

@@ -287,12 +287,31 @@ def test_output_whose_reader_is_gone_goes_to_stderr_if_it_still_has_one():
     assert stderr.stream.getvalue() == "SIGINT: saving a checkpoint after step 3\nstopped by SIGINT after step 3\n"
     stdout.stream.close()  # (its descriptor: /dev/null now)
 
+    class GoesAway(io.StringIO):  # written to, until its reader goes
+        gone = False
+
+        def write(self, text):
+            if self.gone:
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(text)
+    terminal = OutputWithoutReader(io.StringIO())
+    piped = OutputWithoutReader(GoesAway(), fallback=terminal)
+    piped.write("loading 50%\r")  # a line ended by a carriage return went through, as one ended by a new line
+    piped.stream.gone = True
+    piped.write("done\n")
+    assert terminal.stream.getvalue() == "done\n"
+
     class Full(io.StringIO):  # a non-blocking output that cannot take more just now: not gone
         def write(self, text):
             raise BlockingIOError(11, "Resource temporarily unavailable", 0)
     stdout = OutputWithoutReader(Full(), fallback=stderr)
     print("step 4", file=stdout, flush=True)
     assert not stdout.gone and stderr.stream.getvalue().endswith("after step 3\n")
+
+
+def test_the_command_that_trains_a_run_on_sets_max_iters_once():
+    assert stopping.extending("train.py --config my.yaml training.max_iters=10 training.seed=3", 20) == (
+        "train.py --config my.yaml training.seed=3 training.max_iters=20")
 
 
 def test_the_outputs_are_given_back_as_they_were(monkeypatch):

@@ -85,6 +85,8 @@ def test_bad_tokenizer_files_are_one_line_errors(tmp_path, bpe_json):
         check_vocab_size(HFTokenizer(bpe_json, "tok.json"), 256)
     assert str(info.value) == ("model.vocab_size 256 is smaller than the 320 tokens of dataset.tokenizer tok.json; "
                                "set model.vocab_size=320 (its size rounded up to a multiple of 64)")
+    with pytest.raises(TokenizerError, match="model.vocab_size 319 is smaller than the 320 tokens"):
+        check_vocab_size(HFTokenizer(bpe_json, "tok.json"), 319)  # one row short: the last token has no embedding
     assert check_vocab_size(HFTokenizer(bpe_json, "tok.json"), 320) is None
     assert check_vocab_size(HFTokenizer(bpe_json, "tok.json"), 384) is None  # rounded up to 128: 64 rows unused
     assert check_vocab_size(HFTokenizer(bpe_json, "tok.json"), 448).startswith("note: model.vocab_size 448 is larger")
