@@ -147,7 +147,7 @@ class Config:
             overridden, located = {item.partition("=")[0] for item in overrides}, []
             for problem in e.problems:
                 name = problem.split(":", 1)[0]
-                of_override = problem.startswith(tuple(overrides)) or problem.startswith(tuple(map(repr, overrides)))
+                of_override = any(problem.startswith((f"{item}:", f"{item!r}:", f"{item} ")) for item in overrides)
                 located.append(f"{path}:{lines[name]}: {problem}" if name in lines and name not in overridden
                                and not of_override else problem)
             raise ConfigError(located + repeated) from None
@@ -187,7 +187,8 @@ class Config:
                 problems.append(f"{name}: unknown section"
                                 + suggest(str(name), list(config_sections()) + all_paths(), config_sections()))
             elif value is not None and not isinstance(value, dict):
-                problems.append(f"{name}: must be a mapping of keys, got {type(value).__name__} {value!r}")
+                space = "; put a space after the ':' (key: value)" * bool(re.match(r"[\w.-]+:\S", str(value)))
+                problems.append(f"{name}: must be a mapping of keys, got {type(value).__name__} {value!r}{space}")
         for name, section_cls in config_sections().items():
             given = raw.get(name) if isinstance(raw.get(name), dict) else {}  # anything else: reported above
             values, section_problems = typed_section(name, section_cls, given, all_paths())
@@ -198,9 +199,14 @@ class Config:
             if isinstance(written := config.get(path), str):
                 section, key = path.split(".")
                 setattr(getattr(config, section), key, os.path.expanduser(os.path.expandvars(written)))
-                if unset := re.search(r"\$\{?([A-Za-z_]\w*)", config.get(path)):
-                    problems.append(f"{path}: {written!r}: the environment variable {unset[1]} is not set; set it, "
-                                    f"or write the path out")
+                for variable in re.findall(r"\$(\w+|\{[^}]*\})", written):  # what expandvars expands
+                    name = variable.strip("{}")
+                    if not name.isidentifier():
+                        problems.append(f"{path}: {written!r}: only $NAME and ${{NAME}} are expanded, not "
+                                        f"${variable}; write the path out")
+                    elif name not in os.environ:
+                        problems.append(f"{path}: {written!r}: the environment variable {name} is not set; set it, "
+                                        f"or write the path out")
         reported = {p.split(":", 1)[0] for p in problems}
         problems += [p for p in config._check_values() if p.split(":", 1)[0] not in reported]
         if problems:

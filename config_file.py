@@ -83,7 +83,7 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
         raise ConfigError([f"{path}:{line}: YAML cannot hold character U+{e.character:04X} (a control character): "
                            f"delete it"]) from None
     except yaml.YAMLError as e:
-        raise ConfigError([yaml_syntax_problem(path, text, e)]) from None
+        raise ConfigError([yaml_syntax_problem(path, text, e, sections)]) from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -109,14 +109,17 @@ INVISIBLE = {"\u00a0": "a no-break space", "\u2007": "a figure space", "\u202f":
 
 
 def invisible_character(text: str) -> tuple[int, int, str] | None:
-    """(line, column, what to do) for the first character outside comments that looks like a space or
-    like nothing (pasted from a web page or a PDF) and that YAML reads as part of a name or value."""
+    """(line, column, what to do) for the first character outside comments and quotes that looks like a
+    space or like nothing (pasted from a web page or a PDF), which YAML reads as part of a name or value."""
     for number, line in enumerate(text.splitlines(), 1):
-        content = re.split(r"(?:^|\s)#", line.lstrip("\ufeff") if number == 1 else line)[0]  # (a byte order mark: fine)
+        if number == 1 and line.startswith("\ufeff"):  # a byte order mark: fine
+            line = " " + line[1:]
+        unquoted = re.sub(r'"[^"]*"|\'[^\']*\'', lambda quoted: " " * len(quoted[0]), line)
+        content = re.split(r"(?:^|[ \t])#", unquoted)[0]  # (a no-break space before # is no comment's)
         if found := next((c for c in content if c in INVISIBLE), None):
             fix = "replace it with a plain space" if found.isspace() else "delete it"
-            column = (len(line) - len(line.lstrip("\ufeff")) if number == 1 else 0) + content.index(found) + 1
-            return number, column, f"U+{ord(found):04X} ({INVISIBLE[found]}, pasted from a web page?): {fix}"
+            return number, content.index(found) + 1, (f"U+{ord(found):04X} ({INVISIBLE[found]}, pasted from a web "
+                                                      f"page?): {fix} (text in quotes may hold it)")
     return None
 
 
@@ -150,7 +153,7 @@ def read_config_text(path: Path) -> str:
         raise ConfigError([f"{path}: cannot read config file: {e}"])
 
 
-def yaml_syntax_problem(path: Path, text: str, e: yaml.YAMLError) -> str:
+def yaml_syntax_problem(path: Path, text: str, e: yaml.YAMLError, sections=()) -> str:
     """One line for a YAML syntax error: where the mistake most likely is, and a hint for the usual ones."""
     lines = text.splitlines()
     mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -159,7 +162,7 @@ def yaml_syntax_problem(path: Path, text: str, e: yaml.YAMLError) -> str:
     # `key value`: PyYAML finds the mistake a line later, or past a comment, in its own words
     if syntax and mark and (k := key_without_colon(lines, content, mark.line)) is not None:
         return f"{path}:{k + 1}: YAML syntax error: {content[k]!r} has no ':' after its key (key: value)"
-    if syntax and mark and (found := layout_mistake(lines, content, mark.line)):
+    if syntax and mark and (found := layout_mistake(lines, content, mark.line, sections)):
         k, fix = found
         return f"{path}:{k + 1}: YAML syntax error: {content[k]!r}: {fix}"
     if problem == "but found another document":
@@ -206,14 +209,17 @@ def key_without_colon(lines: list[str], content: list[str], mark_line: int) -> i
     return None
 
 
-def layout_mistake(lines: list[str], content: list[str], mark_line: int) -> tuple[int, str] | None:
+def layout_mistake(lines: list[str], content: list[str], mark_line: int, sections) -> tuple[int, str] | None:
     """(line, fix) for the mistake, on the line where PyYAML stopped or the one with text before it, that
     PyYAML reports in its own words: `key:value` without a space, a key indented otherwise than the
-    other keys of its section, or one at the start of its line among them."""
+    other keys of its section, one at the start of its line among them, or a section given a value.
+    (Indented with a tab: PyYAML's words say so.)"""
     def indent(k):
         return len(lines[k]) - len(lines[k].lstrip())
     previous = next((k for k in range(min(mark_line, len(lines)) - 1, -1, -1) if content[k]), None)
     candidates = [k for k in (mark_line, previous) if k is not None and k < len(lines) and content[k]]
+    if any("\t" in lines[k][:indent(k)] for k in candidates):
+        return None
     for k in candidates:
         if re.match(r"[A-Za-z_][\w.-]*:[^\s:/]", content[k]):
             return k, "put a space after the ':' (key: value)"
@@ -223,12 +229,14 @@ def layout_mistake(lines: list[str], content: list[str], mark_line: int) -> tupl
             continue
         end = next((j for j in range(k + 1, len(lines)) if content[j] and indent(j) == 0), len(lines))
         indents = [indent(j) for j in range(header + 1, end) if re.match(r"[\w.-]+:(\s|$)", content[j])]  # keys
-        usual = max(indents, key=lambda i: (indents.count(i), -indents.index(i)))  # a tie: the first key's
-        if indents and indent(k) != usual:
+        usual = max(indents, key=lambda i: (indents.count(i), -indents.index(i))) if indents else indent(k)
+        if indent(k) != usual:  # (a tie: the first key's)
             return k, (f"indented {indent(k)} space{'s' * (indent(k) != 1)}, the other keys of its section "
                        f"{usual}: indent it as they are")
     if previous is not None and mark_line < len(lines) and indent(previous) == 0 and ":" in content[previous] \
             and not content[previous].endswith(":") and indent(mark_line) > 0:
+        if content[previous].split(":")[0].strip() in sections:
+            return previous, "a section takes no value on its line: its keys follow it, indented"
         return previous, "a key at the start of its line, among the indented keys of a section: indent it as they are"
     return None
 
@@ -259,7 +267,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
     def construct_yaml_int(self, node):
-        """Whole numbers as YAML 1.2 reads them: 0042 is 42 (YAML 1.1: octal, 34), 1:30 is text (1.1: 90)."""
+        """Whole numbers with leading zeros read as decimal, as YAML 1.2 reads them: 0042 is 42 (YAML 1.1:
+        octal, 34); 1:30 is text, as in 1.2 (1.1: 90, in base 60)."""
         text = str(node.value).replace("_", "")
         if ":" in text:
             return node.value
@@ -297,10 +306,10 @@ def read_scalar(text: str):
 def apply_override(raw: dict, item: str, paths: list[str], nullable=()) -> list[str]:
     """Apply one `section.key=value` override (value parsed as a YAML scalar) to raw; its problems.
     `paths`: every section.key, for a key given without its section; `nullable`: those that take null."""
-    if problem := invisible_character(item):
+    if problem := invisible_character(item.split("=", 1)[0]):  # (a value's text may hold one)
         return [f"{item!r}: {problem[2]}"]
     name, colon, written = item.partition(":")
-    if (name if "=" not in name else "") in paths or (name in paths and written.startswith("=")):
+    if colon and "=" not in name and name in paths:
         return [f"{item}: an override is written with '=', not ':': {name}={written.lstrip('=').strip()}"]
     if "=" not in item or "." not in item.split("=", 1)[0]:
         if item.endswith((".yaml", ".yml")):
@@ -314,13 +323,14 @@ def apply_override(raw: dict, item: str, paths: list[str], nullable=()) -> list[
         return [f"{item}: an override must look like section.key=value "
                 f"(for example training.batch_size=16)"]
     path, text = item.split("=", 1)
-    if path.strip() in paths and (path != path.strip() or text != text.lstrip()):
+    if path.strip(" \t") in paths and (path != path.strip(" \t") or text[:1] in (" ", "\t")):
         return [f"{item!r}: no spaces around '=' in an override: {path.strip()}={text.strip()}"]
     section, key = path.split(".", 1)
     if not text.strip():  # `training.resume_from_checkpoint=$CKPT` with CKPT unset would start a new run
         fix = f"write {path}=null for none" if path in nullable else "give it one, or leave it out for the default"
         return [f"{item}: no value (an unset shell variable?); {fix}"]
-    value = text if re.search(r"(^|\s)#", text) else read_scalar(text)  # (on the command line, # is no comment)
+    cut = re.search(r"(^|\s)#", text) and text.strip()[:1] not in ("'", '"')  # where YAML would cut a comment
+    value = text if cut else read_scalar(text)  # (on the command line, # is no comment)
     if raw.get(section) is None:  # absent, or every key commented out
         raw[section] = {}
     if isinstance(raw[section], dict):  # (otherwise the section's own check says what is wrong)
@@ -362,6 +372,9 @@ def typed_section(name: str, section_cls, values: dict, all_paths: list[str]):
             elif expected in ("int", "float") and isinstance(value, str) and check_type(_number(value), hints[key])[0]:
                 quote = (f"; a number in quotes is text: write it without them (`{key}: {value.strip()}` in the file, "
                          f"{path}={value.strip()} on the command line)")
+            elif isinstance(value, str) and (hidden := next((c for c in value if c in INVISIBLE), None)):
+                quote = (f"; it holds U+{ord(hidden):04X} ({INVISIBLE[hidden]}, pasted from a web page?): "
+                         f"{'replace it with a plain space' if hidden.isspace() else 'delete it'}")
             elif expected in ("int", "float") and isinstance(value, str) and _number(value) is None:
                 quote = "; write a plain number (3000, 0.05 or 3e-4: no commas, units or %)"
             elif isinstance(value, str) and value.strip().lower() in ("true", "false") and "true" in expected:

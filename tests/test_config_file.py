@@ -329,6 +329,13 @@ def test_layout_mistakes_are_told_in_plain_words_on_their_line(tmp_path):
         assert problem.startswith(f"{path}:{line}") and fix in problem, problem
     path.write_text("logging:\n  wandb_project: http://x\n")  # a ':' without a space in a value is fine
     assert Config.from_yaml(path).logging.wandb_project == "http://x"
+    path.write_text("training:\n  max_iters: 10\n\tbatch_size: 4\n")  # a tab: PyYAML's words say so
+    assert file_problems(path)[0].endswith("(write spaces: YAML does not allow a tab there)")
+    path.write_text("training: 3\n  max_iters: 10\n")
+    assert file_problems(path) == [f"{path}:1: YAML syntax error: 'training: 3': a section takes no value on its "
+                                   f"line: its keys follow it, indented"]
+    path.write_text("training:\n  max_iters:10\n")  # the only key: YAML reads the section as that text
+    assert file_problems(path)[0].endswith("got str 'max_iters:10'; put a space after the ':' (key: value)")
 
 
 def test_an_invisible_character_is_named_with_its_line_and_column(tmp_path):
@@ -341,11 +348,18 @@ def test_an_invisible_character_is_named_with_its_line_and_column(tmp_path):
         path.write_text(text, encoding="utf-8")
         [problem] = file_problems(path)
         assert problem.startswith(f"{path}:{where}: {fix}"), problem
-    path.write_text("\ufefftraining:  # batch\u00a0size\n  batch_size: 8\n", encoding="utf-8")  # a comment, a BOM: fine
-    assert Config.from_yaml(path).training.batch_size == 8
+    path.write_text("\ufefftraining:  # batch\u00a0size\n  batch_size: 8\n"  # in a comment, in quotes, a byte
+                    "logging:\n  wandb_run_name: 'caf\u00e9\u00a0run'\n", encoding="utf-8")  # order mark: fine
+    c = Config.from_yaml(path)
+    assert (c.training.batch_size, c.logging.wandb_run_name) == (8, "caf\u00e9\u00a0run")
+    path.write_text("training:\n  max_iters: 10\u00a0# steps\n")  # no comment: the no-break space is the value's
+    assert file_problems(path)[0].startswith(f"{path}:2:16: U+00A0 (a no-break space")
     assert config_problems({}, ["training.batch_size=\u00a08"]) == [
-        "'training.batch_size=\\xa08': U+00A0 (a no-break space, pasted from a web page?): replace it with a plain "
-        "space"]
+        "training.batch_size: expected int, got str '\\xa08'; it holds U+00A0 (a no-break space, pasted from a web "
+        "page?): replace it with a plain space"]
+    assert config_problems({}, ["training.batch\u200b_size=8"])[0].endswith("U+200B (a zero-width space, pasted from "
+                                                                           "a web page?): delete it (text in quotes "
+                                                                           "may hold it)")
 
 
 def test_whole_numbers_are_read_as_yaml_1_2_reads_them(tmp_path):
@@ -387,8 +401,14 @@ def test_an_override_written_with_a_colon_spaces_or_a_hash_is_told_or_taken_as_w
                                               f"training.learning_rate=3e-4"]
     assert file_problems(path, ["training.resume_from_checkpoint=", "training.seed=3"])[0].startswith(
         "training.resume_from_checkpoint=: no value")  # an unset variable, not a space
-    c = Config.from_yaml(path, ["logging.wandb_run_name=run #1", "logging.wandb_project=#2"])
-    assert (c.logging.wandb_run_name, c.logging.wandb_project) == ("run #1", "#2")
+    c = Config.from_yaml(path, ["logging.wandb_run_name=run #1", "logging.wandb_project=#2",
+                                "logging.wandb_entity=\"a # b\""])  # (in quotes, YAML's reading: quotes gone)
+    assert (c.logging.wandb_run_name, c.logging.wandb_project, c.logging.wandb_entity) == ("run #1", "#2", "a # b")
+    assert file_problems(path, ["training.seed"]) == [
+        "training.seed: an override must look like section.key=value (for example training.batch_size=16)"]
     assert file_problems(path, ["training.batch_size=16 #x"]) == [
         "training.batch_size: expected int, got str '16 #x'; write a plain number (3000, 0.05 or 3e-4: no commas, "
         "units or %)"]
+    path.write_text("training:\n  batch_size: 4\n  max_iters: 0\n")  # an override that is a prefix of the problem's
+    for overrides in ([""], ["training"]):
+        assert file_problems(path, overrides)[-1] == f"{path}:3: training.max_iters: must be > 0, got 0"
