@@ -8,6 +8,7 @@ wrote starts a fine-tuning run instead: its weights only.
 import math
 import os
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,12 @@ class Progress:
     evaluation_due: bool = False  # at this step, and not run yet (a stop saved first)
     val_fingerprint: str | None = None  # of the validation batches (evaluation.validation_fingerprint)
     command_line: dict = field(default_factory=dict)  # this session's (resume_checks.command_line_record)
+    seconds_before: float | None = 0.0  # of training before this process (None: an older checkpoint did not say)
+    since: float = field(default_factory=time.perf_counter)  # when this process began training (StepLog.start)
+
+    def seconds(self) -> float | None:
+        """Of training, in all the run's processes so far."""
+        return None if self.seconds_before is None else self.seconds_before + time.perf_counter() - self.since
 
 
 def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=None, best=False) -> Path:
@@ -56,7 +63,7 @@ def save(run, progress, model, optimizer, scaler, cfg, order, ranks, device, tok
                       data_positions=positions, batches_consumed=progress.batches_consumed, tokenizer=tokenizer.to_str(),
                       passes=progress.passes, measured_anew=progress.measured_anew,
                       validation_batches=progress.val_fingerprint, evaluation_due=progress.evaluation_due,
-                      command_line=progress.command_line)
+                      command_line=progress.command_line, seconds=progress.seconds())
     return ranks.gather(run.save(ckpt, config_as_run(cfg, device), name, best))[0]
 
 
@@ -193,7 +200,7 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
     tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
     progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=ckpt.best_val_loss, last_saved=path,
                         passes=ckpt.passes, measured_anew=ckpt.measured_anew, evaluation_due=ckpt.evaluation_due,
-                        command_line=progress_command_line)
+                        command_line=progress_command_line, seconds_before=ckpt.seconds)
     run = reopen_run(cfg, path, ckpt, progress, ranks, device, unreadable,
                      checkpoint_dir_given="training.checkpoint_dir" in command_line["settings"])
     if ckpt.step >= cfg.training.max_iters:  # train() says there is nothing to do; nothing changes either

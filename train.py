@@ -169,6 +169,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
     step_log = StepLog(cfg, metrics, ranks, device, units, workers, progress.positions.values(),
                        first_step=progress.step + 1, compiling_steps=compiling_steps, loss_scaled=scaler.is_enabled(),
                        peak=peak, saved_passes=progress.passes)
+    progress.since = step_log.start
     model.train()
 
     def save_checkpoint(at: Progress, name=None, best=False) -> Path:  # every rank takes part; rank 0 writes

@@ -66,7 +66,9 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
     out = capsys.readouterr().out
     assert f"resuming from {ckpt2} at step 3" in out and f"| continues in {run.resolve()}\n" in out
     assert "step 3/6" in out and "step 1/6" not in out and "step 2/6" not in out
-    assert re.search(r"\ndone: 6 steps \([\d.]+ passes over the training data\), the last 4 in this process in ", out)
+    assert re.search(r"\ndone: 6 steps \([\d.]+ passes over the training data\), the last 4 in this process in "
+                     r"\d:\d\d:\d\d \(\d:\d\d:\d\d in all its processes\)", out)
+    assert 0 < load_checkpoint(ckpt2).seconds < load_checkpoint(run / "checkpoint_6.pt").seconds  # the run's time
     assert "config changed: training.max_iters: 4 -> 6" in out
     assert "is not used" not in out
     assert run_dirs(tmp_path) == [run]
@@ -294,7 +296,7 @@ def test_a_compiled_run_resumes_bit_for_bit_and_its_checkpoints_resume_plain(tmp
     assert load_checkpoint(run / "checkpoint_5.pt").step == 5
 
 
-def test_checkpoint_of_version_0_1_still_resumes(tmp_path, corpus):
+def test_checkpoint_of_version_0_1_still_resumes(tmp_path, corpus, capsys):
     """Version 0.1 keyed the optimizer state by position and kept one RNG state."""
     path = write_config(tmp_path, corpus, max_iters=2, test_freq=100)
     assert train.main(["--config", str(path)]) == 0
@@ -306,11 +308,14 @@ def test_checkpoint_of_version_0_1_still_resumes(tmp_path, corpus):
                                          for g in old["optimizer"]["param_groups"]]}
     old["rng"] = old["rng"][0]
     tokens = old.pop("tokens")  # counted from version 0.4.0 on
+    del old["seconds"]  # from 0.4.10 on
     torch.save(old, run / "checkpoint_2.pt")
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest",
                        "training.max_iters=3", "training.gradient_accumulation_steps=2"]) == 0
-    assert load_checkpoint(run / "checkpoint_3.pt").step == 3
-    assert load_checkpoint(run / "checkpoint_3.pt").tokens == 2 * tokens  # 2 steps at its batch, one of 2 batches
+    assert "in all its processes" not in capsys.readouterr().out  # not known: not guessed
+    resumed = load_checkpoint(run / "checkpoint_3.pt")
+    assert resumed.step == 3 and resumed.seconds is None
+    assert resumed.tokens == 2 * tokens  # 2 steps at its batch, one of 2 batches
 
 
 def test_a_checkpoint_whose_split_followed_the_training_seed_keeps_it_with_split_seed(tmp_path, corpus, capsys):
