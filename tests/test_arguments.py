@@ -4,6 +4,7 @@ import argparse
 
 import pytest
 
+import arguments
 from arguments import add_config_arguments, load_config, parse_arguments
 from conftest import ROOT
 
@@ -27,14 +28,26 @@ def test_an_empty_config_file_is_noted(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_the_notes_are_printed_once_under_torchrun(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my.yaml").write_text("# nothing yet\n")
+    monkeypatch.setenv("RANK", "1")
+    load_config(argparse.Namespace(config=str(tmp_path / "my.yaml"),
+                                   overrides=["training.block_size=64", "training.block_size=32"]))
+    assert capsys.readouterr().err == ""  # rank 0 says it
+
+
 def test_config_errors_are_printed_once_under_torchrun(tmp_path, monkeypatch, capsys):
-    arguments = argparse.Namespace(config=str(ROOT / "configs" / "tiny.yaml"), overrides=["training.lr=1"])
+    arguments_config, told = str(ROOT / "configs" / "tiny.yaml"), []
     for rank, printed in (("0", True), ("1", False)):
         monkeypatch.setenv("RANK", rank)
         with pytest.raises(SystemExit) as exit_status:
-            load_config(arguments)
+            load_config(argparse.Namespace(config=arguments_config, overrides=["training.lr=1"]))
         assert exit_status.value.code == 2
         assert ("config error: training.lr: unknown key" in capsys.readouterr().err) == printed
+    monkeypatch.setattr(arguments, "tell_torchrun", told.append)  # its failure summary: the first and a count
+    with pytest.raises(SystemExit):
+        load_config(argparse.Namespace(config=arguments_config, overrides=["training.lr=1", "model.n_layr=2"]))
+    assert told == ["config error: model.n_layr: unknown key; did you mean model.n_layer? (and 1 more)"]
 
 
 def test_config_errors_are_printed_in_the_order_of_the_file_s_lines_then_the_command_line_s(tmp_path, capsys):
@@ -78,6 +91,12 @@ def test_an_override_written_as_an_option_is_told_to_drop_the_dashes(capsys):
             parse_arguments(parser, argv)
         assert capsys.readouterr().err.endswith(f"error: unrecognized argument {argv[0]}: settings are given as "
                                                 f"section.key=value: {hint}\n")
+    with pytest.raises(SystemExit):
+        parse_arguments(parser, ["--epochs", "3"])
+    assert capsys.readouterr().err.endswith("error: unrecognized argument --epochs: settings are given as "
+                                            "section.key=value; training has no epochs setting: it runs "
+                                            "training.max_iters optimizer steps of batch_size x block_size x "
+                                            "gradient_accumulation_steps tokens each; set training.max_iters\n")
     with pytest.raises(SystemExit):
         parse_arguments(parser, ["--bogus"])
     assert capsys.readouterr().err.endswith("error: unrecognized arguments: --bogus\n")
