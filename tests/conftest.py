@@ -133,6 +133,15 @@ def config_problems(raw, overrides=()):
     return info.value.problems
 
 
+def file_problems(path, overrides=()):
+    """The problems Config.from_yaml reports for a config file and overrides."""
+    from config import Config
+    from config_file import ConfigError
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(path, overrides)
+    return info.value.problems
+
+
 def run_dirs(tmp_path):
     """The run directories in tmp_path/ck (beside them: an auto run's .auto.lock)."""
     root = tmp_path / "ck"
