@@ -70,7 +70,8 @@ class GracefulStop:
             self._heard(signum)
 
     def _heard(self, signum):
-        if self.at_once:
+        if self.at_once:  # (heard: for the caller, where the KeyboardInterrupt is swallowed, as in a weakref callback)
+            self.signal_name = signal.Signals(signum).name
             raise KeyboardInterrupt
         saving, closing = self.doing == SAVING, self.doing == CLOSING
         if self.signal_name is None:
@@ -326,14 +327,15 @@ def stop_loader_workers(started_before=()):
 
 def exit_with(main):
     """Run the script's `main` and end the process with its status (an exception it lets through:
-    the traceback and 1, as Python's own exit gives; Ctrl-C: 130). A process that joined a process
-    group exits at once (os._exit, its output flushed) rather than through the interpreter's own
-    exit: gloo's worker threads outlive destroy_process_group (a DistributedDataParallel model keeps
-    the group), and one still releasing a finished collective's tensors while the interpreter
-    finalizes takes the GIL and aborts the process (SIGABRT, exit -6, after a run that went well).
-    sys.exit and the exit functions (atexit) run first, as at a normal exit: W&B hooks the one to
-    learn the status and closes its run in the other. After a failed collective the exit functions
-    are left out: they could wait on the lost peer."""
+    the traceback and 1, as Python's own exit gives; Ctrl-C: 130). The process exits at once (os._exit,
+    its output flushed) rather than through the interpreter's own exit, which sets the signals back to
+    their defaults before it finalizes (a second or more): a signal then would end a finished run with
+    130 or 143. And a process that joined a process group: gloo's worker threads outlive
+    destroy_process_group (a DistributedDataParallel model keeps the group), and one still releasing
+    a finished collective's tensors while the interpreter finalizes takes the GIL and aborts the
+    process (SIGABRT, exit -6, after a run that went well). sys.exit and the exit functions (atexit)
+    run first, as at a normal exit: W&B hooks the one to learn the status and closes its run in the
+    other. After a failed collective the exit functions are left out: they could wait on the lost peer."""
     try:
         status = main()
     except KeyboardInterrupt:  # a second Ctrl-C while the run closes
@@ -345,29 +347,31 @@ def exit_with(main):
         tell_torchrun("".join(traceback.format_exception_only(e)).strip().splitlines()[-1])
         status = 1
     end_at_once_on_a_signal(status)
-    if joined():
-        try:
-            sys.exit(status)
-        except SystemExit:
-            pass
-        if not peers_lost():
-            atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
+    try:
+        sys.exit(status)
+    except SystemExit:
+        pass
+    if not peers_lost():
+        atexit._run_exitfuncs()
+    flush_outputs()
+    os._exit(status)
 
 
 def end_at_once_on_a_signal(status: int):
-    """The script's status is decided: a signal while the process exits (W&B closing its run, the
-    interpreter's clean-up) ends it at once with that status, not 130 or 143 for a run that finished."""
+    """The script's status is decided: a signal while the process exits (W&B closing its run in an
+    exit function) ends it at once with that status, not 130 or 143 for a run that finished."""
     def end(_signum, _frame):
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):  # no reader left, or closed
-                pass
+        flush_outputs()
         os._exit(status)
     for sig in SIGNALS:
         if signal.getsignal(sig) != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
             signal.signal(sig, end)
+
+
+def flush_outputs():
+    """Before os._exit: what is printed reaches the terminal (or nowhere, if it has no reader left)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # no reader left, or closed
+            pass

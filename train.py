@@ -260,6 +260,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
         scaler.step(optimizer)  # float16: skipped if the gradients are not finite (and the scale lowered)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if stop.at_once and stop.heard:  # its KeyboardInterrupt was swallowed (raised in a callback torch.compile set)
+            raise KeyboardInterrupt
         stop.at_once = False  # a step is done: a signal from here on saves it
         stopping = stop_vote.ask(stop.heard)
         evaluating = step % training.test_freq == 0 or step == training.max_iters

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import distributed
 import evaluation
@@ -207,6 +208,10 @@ def test_a_signal_once_the_run_has_ended_keeps_its_status(tmp_path, corpus, rest
                         "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30))); "
                         "exit_with(lambda: 0)")  # (W&B closes its run in an exit function)
     assert subprocess.run([sys.executable, "-c", exits_on_sigterm], cwd=ROOT, timeout=60).returncode == 0
+    finalizing = ("import os, signal, time; from stopping import exit_with\n"
+                  "class Slow:\n    def __del__(self): os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5)\n"
+                  "slow = Slow()\nexit_with(lambda: 0)")  # (Python's finalizing: once its signals are the defaults)
+    assert subprocess.run([sys.executable, "-c", finalizing], cwd=ROOT, timeout=60).returncode == 0
     hangs_in_teardown = ("import os, signal, time; from stopping import tearing_down; tearing_down(True); "
                          "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2); print('still tearing down', flush=True); "
                          "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)")  # a second signal: it ends at once
@@ -454,6 +459,26 @@ def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_pat
     assert stopped_at_once() == 130 and capsys.readouterr().err == ""
 
 
+def test_a_signal_in_the_first_step_whose_interrupt_is_swallowed_still_stops_it(tmp_path, corpus, capsys,
+                                                                                 monkeypatch):
+    """Raised in a weakref callback (torch.compile's), a KeyboardInterrupt is printed and ignored."""
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)  # the handler runs here
+            except KeyboardInterrupt:
+                pass
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    path = write_config(tmp_path, corpus, max_iters=20, checkpoint_freq=100, test_freq=100)
+    assert train.main(["--config", str(path)]) == 130 and len(calls) == 1
+    assert capsys.readouterr().err == NOTHING_SAVED
+
+
 def test_a_ctrl_c_that_torch_wraps_in_its_own_error_still_stops_in_one_line(tmp_path, corpus, capsys, monkeypatch):
     def compiling(*args, **kwargs):
         try:
@@ -483,11 +508,12 @@ def test_a_rank_ends_at_once_once_exit_hooks_and_exit_functions_ran(main, peers_
     assert events == [("signals end at once", status), ("sys.exit", status), *[("exit functions",)] * (not peers_lost),
                       ("os._exit", status)]
     assert printed in capsys.readouterr().err
-    monkeypatch.setattr(distributed, "_JOINED", [])  # one process: Python's own exit
-    events.clear()
-    with pytest.raises(SystemExit):
+    monkeypatch.setattr(distributed, "_JOINED", [])  # one process: the same (Python's own exit sets the signals
+    events.clear()                                  # back to their defaults before it finalizes: a Ctrl-C, 130)
+    with pytest.raises(InterruptedError):
         stopping.exit_with(main)
-    assert events == [("signals end at once", status), ("sys.exit", status)]
+    assert events == [("signals end at once", status), ("sys.exit", status), *[("exit functions",)] * (not peers_lost),
+                      ("os._exit", status)]
 
 
 def test_a_second_ctrl_c_while_a_rank_closes_still_ends_it_at_once(monkeypatch):
