@@ -215,7 +215,8 @@ def layer_forward(x, encoder, encoder_v, decoder, phases, drop=None, dropout=0.0
         z.masked_fill_(drop, 0.0)
     m_pre = matmuls.product(z, decoder.view(H, N, D)).sum(0).view(B, T, D)  # concat_heads(z) @ decoder
     if drop is not None:
-        m_pre = m_pre * (1.0 / (1.0 - dropout))  # dropout's rescaling, on the small side
+        m_pre = m_pre * (1.0 / (1.0 - dropout))  # nn.Dropout's rescaling, on the small side (the LayerNorm next
+        # all but cancels it: kept, so that the function is the reference's)
     s = x + layer_norm(m_pre)
     return layer_norm(s), (a, scores, y_kv, m_pre, s)
 

@@ -182,10 +182,13 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
                                              f"`{resume_command[0]}`" if resume_command else
                                              "no checkpoint was saved before")) from None
 
-    def save_step(at: Progress, best=False):  # checkpoint_<step>.pt; older ones go; best: best.pt too
+    def check_weights(at: Progress):  # (a NaN learning rate: the step's loss, taken before the update, is finite)
         finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
         if ranks.any(not finite, device):
             raise non_finite("a weight", at.step, at.last_saved, training)
+
+    def save_step(at: Progress, best=False):  # checkpoint_<step>.pt; older ones go; best: best.pt too
+        check_weights(at)
         at.last_saved = save_checkpoint(at, best=best)
         resume_command[:] = [resuming(ranks, arguments, at.last_saved.parent)]
         run.prune(training.keep_last_n)
@@ -197,6 +200,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
     def evaluate_step(at: Progress, checkpoint_follows=False) -> bool:
         """Every rank takes part. A new best is saved as best.pt, unless this step's checkpoint follows
         (True is returned: the checkpoint then writes best.pt too, serialized once)."""
+        check_weights(at)
         at.evaluation_due = False
         with paused(step_log, stop, EVALUATING, device):
             raw_model.weight_view = qat_view  # use_4bit: the 4-bit model is measured (each step sets its own)

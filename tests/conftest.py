@@ -40,6 +40,20 @@ def rendezvous(n: int) -> tuple[dict, object]:
             "TORCHELASTIC_USE_AGENT_STORE": "True"}, store
 
 
+def run_ranks(script: str, n: int = 2) -> list[str]:
+    """What each of n processes running `script` in a gloo group printed; each must exit 0."""
+    env, _store = rendezvous(n)
+    ranks = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **env, "RANK": str(r)}) for r in range(n)]
+    try:
+        outputs = [proc.communicate(timeout=120)[0] for proc in ranks]
+    finally:
+        for proc in ranks:
+            proc.kill()
+    assert [proc.returncode for proc in ranks] == [0] * n
+    return outputs
+
+
 def write_parquet(path, docs, rows_per_group=4, column="text", type_=pa.string()):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

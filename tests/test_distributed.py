@@ -16,7 +16,7 @@ import stopping
 import train
 from checkpoint import load_checkpoint
 from config import Config, fsdp_problems
-from conftest import ROOT, only_run, rendezvous, write_config
+from conftest import ROOT, only_run, rendezvous, run_ranks, write_config
 from model import BDH, BDHConfig
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -391,3 +391,22 @@ def test_a_lost_peer_is_told_in_one_line_and_other_errors_are_not(text, monkeypa
                                              distributed.Ranks(1, 2), 30) is None
 
 
+
+
+RANKS = """
+import os, sys, torch, torch.distributed as dist
+from distributed import Ranks
+dist.init_process_group("gloo")
+ranks = Ranks(dist.get_rank(), 2)
+print(ranks.lowest(ranks.rank + 0.5, "cpu"), ranks.mean(torch.tensor([ranks.rank + 1.0])).item(),
+      ranks.total(torch.tensor([ranks.rank + 1.0])).item(), ranks.any(ranks.rank == 1, "cpu"),
+      ranks.any(False, "cpu"), ranks.gather(ranks.rank * 10))
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # as stopping.exit_with ends train.py
+"""
+
+
+def test_what_the_ranks_agree_on_is_the_slowest_the_mean_the_total_and_any():
+    assert run_ranks(RANKS) == ["0.5 1.5 3.0 True False [0, 10]\n"] * 2

@@ -264,6 +264,9 @@ def test_exporting_a_run_whose_best_is_older_than_its_newest_checkpoint_says_how
     assert export.main(["--checkpoint", str(trained), "--out", str(tmp_path / "b")]) == 0  # that file, on purpose
     assert export.main(["--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "c")]) == 0
     assert "note:" not in capsys.readouterr().err
+    step_2 = next(r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("val_loss")
+                  and r["step"] == 2)  # its card: the evaluation of its own step, not a later one's
+    assert f"validation loss {step_2['val_loss']:.4f} nats per token" in (tmp_path / "c" / "README.md").read_text()
 
 
 def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp_path):

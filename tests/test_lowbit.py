@@ -83,13 +83,16 @@ def test_at_least_the_last_step_trains_in_4bit(tmp_path, corpus, capsys):
 def test_switching_use_4bit_on_resume_starts_best_checkpoint_afresh(tmp_path, corpus, capsys):
     path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2, test_freq=2)
     assert train.main(["--config", str(path)]) == 0
+    [saved] = (tmp_path / "ck").glob("run_*/checkpoint_2.pt")
+    state = torch.load(saved, weights_only=True)
+    torch.save({**state, "best_val_loss": 0.0}, saved)  # a best no loss can beat: only a fresh start writes best.pt
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3",
                        "low_precision.use_4bit=true", "low_precision.qat_start_fraction=0", "training.test_freq=3"]) == 0
     out = capsys.readouterr().out
     assert "best.pt starts afresh" in out
     [run] = (tmp_path / "ck").iterdir()
     assert load_checkpoint(run / "best.pt").step == 3  # the first 4-bit validation loss is the best so far
-    assert "the run's best.pt so far (validation loss" in out and "is now best_until_step_2.pt" in out
+    assert "the run's best.pt so far (validation loss 0.0000) is now best_until_step_2.pt" in out
     assert load_checkpoint(run / "best_until_step_2.pt").step == 2  # the float model's best is kept
 
 

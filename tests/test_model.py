@@ -144,6 +144,42 @@ def test_dropout_only_in_training_mode():
     assert not torch.equal(model(idx)[0], model(idx)[0])
 
 
+def test_dropout_drops_its_share_of_the_latents(monkeypatch):
+    real, dropped = model_module.layer_forward, []
+
+    def layer_forward(x, encoder, encoder_v, decoder, phases, drop=None, dropout=0.0, *args, **kwargs):
+        dropped.append(drop.float().mean().item())
+        return real(x, encoder, encoder_v, decoder, phases, drop, dropout, *args, **kwargs)
+    monkeypatch.setattr(model_module, "layer_forward", layer_forward)
+    torch.manual_seed(0)
+    model = BDH(BDHConfig(n_layer=2, n_embd=32, mlp_internal_dim_multiplier=8, dropout=0.3)).train()
+    model(torch.randint(0, 256, (2, 64)))
+    assert dropped == pytest.approx([0.3, 0.3], abs=0.01)  # of 2 x 64 x 256 latents a layer
+
+
+def test_sampling_draws_from_the_softmax_of_the_logits_over_the_temperature_within_top_k():
+    logits = torch.log(torch.tensor([[1.0, 3.0, 0.5, 0.1]])).repeat(20000, 1)
+    generator = torch.Generator().manual_seed(0)
+
+    def shares(temperature, top_k=None):
+        drawn = BDH.sample_next(logits, temperature, top_k, generator).flatten()
+        return torch.bincount(drawn, minlength=4).float() / len(drawn)
+    for temperature in (1.0, 2.0, 0.5):
+        expected = F.softmax(logits[0] / temperature, dim=-1)
+        assert torch.allclose(shares(temperature), expected, atol=0.015), temperature
+    assert torch.allclose(shares(1.0, top_k=2), torch.tensor([0.25, 0.75, 0.0, 0.0]), atol=0.015)
+    assert torch.allclose(shares(1.0, top_k=1000), F.softmax(logits[0], dim=-1), atol=0.015)  # above the vocabulary
+
+
+def test_generation_never_draws_the_padding_ids_past_the_tokenizer_s():
+    torch.manual_seed(0)
+    model = BDH(BDHConfig(n_layer=1, n_embd=32, mlp_internal_dim_multiplier=8, vocab_size=320)).eval()
+    with torch.no_grad():
+        model.lm_head[:, 300:] += 100.0  # the padding rows: by far the likeliest, were they allowed
+    drawn = model.generate(torch.zeros(4, 2, dtype=torch.long), 20, vocab_limit=300)[:, 2:]
+    assert drawn.max() < 300
+
+
 def test_loss_is_cross_entropy_of_the_logits():
     model, _ = small_model()
     idx, tgt = torch.randint(0, 256, (2, 9)), torch.randint(0, 256, (2, 9))

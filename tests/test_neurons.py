@@ -38,6 +38,14 @@ def test_picture_and_figures_of_the_active_neurons(tmp_path, corpus, capsys):
     assert printed.startswith(f"model: {run / 'checkpoint_2.pt'} (step 2), trained on {corpus}\n")
     assert f"{float((a > 0).float().mean()):.2%}" in printed.splitlines()[3]
     assert printed.splitlines()[3].split()[0] == "0"  # layers numbered from 0, as in the metrics (sparsity/x_layer0)
+    seen = []  # y as the layer has it, before it is multiplied by x in place
+    with torch.no_grad():
+        model(torch.tensor([list(b"<00-001>abc")]), observe=lambda a, b: seen.append(b.clone()))
+    H, N = model.config.n_head, model.config.n_latent
+    for (x_latent, y_latent), b, row in zip(found, seen, printed.splitlines()[3:]):
+        assert torch.equal(y_latent, b.view(H, -1, N).permute(1, 0, 2).reshape(len(x), -1))
+        assert row.split()[2:] == [f"{float((y_latent > 0).float().mean()):.2%}",
+                                   f"{int(((x_latent > 0).sum(0) > 0).sum()):,}"]  # y active, neurons used
     assert "never trained at" not in capsys.readouterr().err  # 11 tokens of the 16 it trained on
     # without --checkpoint: the newest checkpoint of the newest run, the same figures
     assert neurons.main(["--checkpoint-dir", str(tmp_path / "ck"), "--prompt", "<00-001>abc", "--out", str(out)]) == 0

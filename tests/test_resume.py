@@ -61,14 +61,16 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
     original = (run / "config.yaml").read_text()
     capsys.readouterr()
     ckpt2 = run / "checkpoint_2.pt"
+    assert 0 < load_checkpoint(ckpt2).seconds < 600
+    torch.save({**torch.load(ckpt2, weights_only=True), "seconds": 3600.0}, ckpt2)  # an hour trained before
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={ckpt2}",
                        "training.max_iters=6", "training.log_freq=2"]) == 0
     out = capsys.readouterr().out
     assert f"resuming from {ckpt2} at step 3" in out and f"| continues in {run.resolve()}\n" in out
     assert "step 3/6" in out and "step 1/6" not in out and "step 2/6" not in out
     assert re.search(r"\ndone: 6 steps \([\d.]+ passes over the training data\), the last 4 in this process in "
-                     r"\d:\d\d:\d\d \(\d:\d\d:\d\d in all its processes\)", out)
-    assert 0 < load_checkpoint(ckpt2).seconds < load_checkpoint(run / "checkpoint_6.pt").seconds  # the run's time
+                     r"0:0\d:\d\d \(1:0\d:\d\d in all its processes\)", out)
+    assert 3600 < load_checkpoint(run / "checkpoint_6.pt").seconds < 4200  # the run's time, to that checkpoint
     assert "config changed: training.max_iters: 4 -> 6" in out
     assert "is not used" not in out
     assert run_dirs(tmp_path) == [run]

@@ -57,6 +57,7 @@ def test_sample_without_prompt_and_from_run_directory(checkpoint, capsys):
               "--device", "cpu"]
     assert sample.main(greedy) == 0
     first = capsys.readouterr().out
+    assert not first.startswith("<|endoftext|>")  # the separator it starts from is not the model's text
     assert sample.main(greedy + ["--seed", "99"]) == 0
     assert capsys.readouterr().out == first  # greedy ignores the seed
     assert sample.main(greedy[2:] + ["--checkpoint-dir", str(checkpoint.parent.parent)]) == 0  # latest, by default

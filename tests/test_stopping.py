@@ -24,7 +24,7 @@ import runtime
 import stopping
 import train
 from checkpoint import load_checkpoint
-from conftest import ROOT, losses, only_run, rendezvous, run_dirs, write_config
+from conftest import ROOT, losses, only_run, run_dirs, run_ranks, write_config
 from distributed import Ranks
 from files import script_here
 from metrics import MetricsLog
@@ -178,15 +178,7 @@ os._exit(0)  # as stopping.exit_with ends train.py: gloo's threads, still alive,
 
 
 def test_a_step_vote_gives_every_rank_the_answer_one_step_late():
-    env, _store = rendezvous(2)
-    ranks = [subprocess.Popen([sys.executable, "-c", VOTE], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                              env={**ENV, **env, "RANK": str(r)}) for r in range(2)]
-    try:
-        outputs = [proc.communicate(timeout=120)[0] for proc in ranks]
-    finally:
-        for proc in ranks:
-            proc.kill()
-    assert [proc.returncode for proc in ranks] == [0, 0]
+    outputs = run_ranks(VOTE)
     answers = str([False, False, False, False, True, False, False])
     assert outputs == [f"default {answers}\ncpu_group {answers}\n"] * 2
 

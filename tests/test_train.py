@@ -141,6 +141,22 @@ def test_a_cuda_run_trains_compiled_in_bf16_and_resumes(tmp_path, corpus, capsys
                         "--max-new-tokens", "20", "--device", "cuda"]) == 0
 
 
+def test_accumulated_micro_batches_give_the_gradient_of_their_mean_loss(tmp_path, corpus):
+    """As one batch of their size: its norm (logged, and what grad_clip clips) is not multiplied by the
+    steps accumulated (the windows of the two runs differ a little)."""
+    path = write_config(tmp_path, corpus, max_iters=2, test_freq=100, checkpoint_freq=2, log_freq=1)
+    norms = []
+    for batch, steps in ((8, 1), (4, 2), (2, 4)):
+        folder = tmp_path / f"ck{steps}"
+        assert train.main(["--config", str(path), f"training.batch_size={batch}",
+                           f"training.gradient_accumulation_steps={steps}", f"training.checkpoint_dir={folder}"]) == 0
+        [run] = folder.glob("run_*")
+        norms.append([json.loads(line)["grad_norm"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                      if "grad_norm" in line])
+    for accumulated in norms[1:]:
+        assert accumulated == pytest.approx(norms[0], rel=0.1)
+
+
 def test_non_finite_loss_stops_without_saving_a_nan_model(tmp_path, corpus, monkeypatch, capsys):
     path = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=2)
     real = train.learning_rate
@@ -156,6 +172,11 @@ def test_non_finite_loss_stops_without_saving_a_nan_model(tmp_path, corpus, monk
     assert train.main(["--config", str(path), "low_precision.compute_dtype=float16"]) == 1
     err = capsys.readouterr().err
     assert "not finite at step 2 (no checkpoint was saved): " in err and "in float16, activations past 65,504 overflow" in err
+    # the step that saves made the weights NaN, its loss (before the update) finite: the weights are checked too
+    monkeypatch.setattr(train, "learning_rate", lambda step, t: float("nan") if step == 2 else real(step, t))
+    assert train.main(["--config", str(path), f"training.checkpoint_dir={tmp_path / 'ck2'}"]) == 1
+    assert "error: a weight is not finite at step 2 (no checkpoint was saved)" in capsys.readouterr().err
+    assert not list((tmp_path / "ck2").glob("run_*/checkpoint_*.pt"))
 
 
 def test_a_shard_that_fails_mid_run_saves_the_steps_before_and_names_the_checkpoint(tmp_path, corpus, monkeypatch,
