@@ -219,6 +219,9 @@ def test_what_is_not_this_projects_is_refused_in_one_line(tmp_path, capsys):
     torch.save({"model": {"w": torch.zeros(2)}, "step": 3}, other)  # another project's, with keys of the same names
     assert export.main(["--checkpoint", str(other), "--out", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.endswith("not a checkpoint of this project (missing model_config)\n")
+    with pytest.raises(SystemExit):
+        export.main(["--checkpoint", str(other), "--out", " "])
+    assert "--out is empty: give the folder to write, e.g. --out my-bdh" in capsys.readouterr().err
     weights_only = tmp_path / "weights_only"  # a folder with safetensors but no config.json is no export
     weights_only.mkdir()
     save_file({"w": torch.zeros(2)}, weights_only / "model.safetensors")

@@ -55,6 +55,12 @@ def test_picture_and_figures_of_the_active_neurons(tmp_path, corpus, capsys):
     short = tmp_path / "short.png"
     assert neurons.main(["--checkpoint", str(run), "--prompt", "<00-001>abc", "--out", str(short), "--max-tokens", "4"]) == 0
     printed_short = capsys.readouterr().out
+    for option in ("--max-tokens", "--max-neurons"):
+        with pytest.raises(SystemExit):
+            neurons.main(["--checkpoint", str(run), "--prompt", "abc", option, "0"])
+        assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
+    assert neurons.main(["--checkpoint", str(run), "--prompt", "<00-001>abc", "--out", str(short), "--max-tokens", "4"]) == 0
+    printed_short = capsys.readouterr().out
     assert printed_short.splitlines()[:-1] == printed.splitlines()[:-1]
     assert printed_short.splitlines()[-1] == f"wrote {short} (the first 4 of 11 tokens: --max-tokens)"
     assert imread(short).shape[0] < imread(out).shape[0]

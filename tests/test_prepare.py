@@ -187,7 +187,9 @@ def test_train_tokenizer_refuses_a_vocabulary_without_merges_or_past_any_in_use(
     ([str(ROOT / "MODEL.md"), "--out", "x"], "give --from-text FILE ... --out DIR, or --train-tokenizer --out "
                                              f"FILE.json (did you mean --from-text {ROOT / 'MODEL.md'}?)"),
     (["--train-tokenizer"], "--out is required: the tokenizer.json to write"),
-    (["--from-text", "a.txt"], "--out is required: the folder of the shards to write")])
+    (["--from-text", "a.txt"], "--out is required: the folder of the shards to write"),
+    (["--from-text", "a.txt", "--out", "x", "--chunk-bytes", "-1"], "--chunk-bytes must be >= 0 (0: one document per "
+                                                                    "file), got -1")])
 def test_usage_errors_say_what_is_wrong(tmp_path, capsys, arguments, error):
     with pytest.raises(SystemExit):
         prepare.main(arguments)

@@ -160,6 +160,11 @@ def test_top_k_0_samples_among_all_tokens_and_a_negative_one_is_refused(checkpoi
     with pytest.raises(SystemExit) as stop:
         sample.main(args + ["--top-k", "-1"])
     assert stop.value.code == 2 and "--top-k must be >= 0 (0: sample among all tokens), got -1" in capsys.readouterr().err
+    assert sample.main([*args[:2], "--prompt", "<00-", "--max-new-tokens", "0"]) == 0  # the prompt alone
+    assert capsys.readouterr().out == "<00-\n"
+    with pytest.raises(SystemExit):
+        sample.main([*args[:2], "--max-new-tokens", "-1"])
+    assert "--max-new-tokens must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_text_is_printed_token_by_token_and_ctrl_c_keeps_it(checkpoint, capsys, monkeypatch):
