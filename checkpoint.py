@@ -50,7 +50,7 @@ class Checkpoint:
     evaluation_due: bool = False  # a stop saved before the evaluation due at this step: the resume runs it first
     validation_batches: str | None = None  # their fingerprint (None: written before version 0.4.4)
     command_line: dict = field(default_factory=dict)  # of the session that wrote it (resume_checks.command_line_record)
-    seconds: float | None = None  # of training, in all the run's processes up to it (None: before version 0.4.10)
+    seconds: float | None = None  # of training, in all the run's processes up to it (None: a run begun before 0.4.10)
     versions: dict = field(default_factory=lambda: {"torch": str(torch.__version__), "project": PROJECT_VERSION})
 
     def to_dict(self) -> dict:

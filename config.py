@@ -199,12 +199,12 @@ class Config:
             if isinstance(written := config.get(path), str):
                 section, key = path.split(".")
                 setattr(getattr(config, section), key, os.path.expanduser(os.path.expandvars(written)))
-                for variable in re.findall(r"\$(\w+|\{[^}]*\})", written):  # what expandvars expands
+                for variable in re.findall(r"\$(\w+|\{[^}]*\})", written):  # what expandvars looks up
                     name = variable.strip("{}")
-                    if not name.isidentifier():
+                    if not name.isidentifier() and variable.startswith("{"):  # the shell's ${X:-default}
                         problems.append(f"{path}: {written!r}: only $NAME and ${{NAME}} are expanded, not "
                                         f"${variable}; write the path out")
-                    elif name not in os.environ:
+                    elif name.isidentifier() and name not in os.environ:  # ($5: no variable's, a folder's name)
                         problems.append(f"{path}: {written!r}: the environment variable {name} is not set; set it, "
                                         f"or write the path out")
         reported = {p.split(":", 1)[0] for p in problems}

@@ -327,15 +327,16 @@ def stop_loader_workers(started_before=()):
 
 def exit_with(main):
     """Run the script's `main` and end the process with its status (an exception it lets through:
-    the traceback and 1, as Python's own exit gives; Ctrl-C: 130). The process exits at once (os._exit,
-    its output flushed) rather than through the interpreter's own exit, which sets the signals back to
-    their defaults before it finalizes (a second or more): a signal then would end a finished run with
-    130 or 143. And a process that joined a process group: gloo's worker threads outlive
-    destroy_process_group (a DistributedDataParallel model keeps the group), and one still releasing
-    a finished collective's tensors while the interpreter finalizes takes the GIL and aborts the
-    process (SIGABRT, exit -6, after a run that went well). sys.exit and the exit functions (atexit)
-    run first, as at a normal exit: W&B hooks the one to learn the status and closes its run in the
-    other. After a failed collective the exit functions are left out: they could wait on the lost peer."""
+    the traceback and 1, as Python's own exit gives; Ctrl-C: 130). A process that joined a process
+    group exits at once (os._exit, its output flushed) rather than through the interpreter's own
+    exit: gloo's worker threads outlive destroy_process_group (a DistributedDataParallel model keeps
+    the group), and one still releasing a finished collective's tensors while the interpreter
+    finalizes takes the GIL and aborts the process (SIGABRT, exit -6, after a run that went well).
+    sys.exit and the exit functions (atexit) run first, as at a normal exit: W&B hooks the one to
+    learn the status and closes its run in the other. After a failed collective the exit functions
+    are left out: they could wait on the lost peer. A single process ends through sys.exit, which a
+    host (a profiler, IPython's %run) catches; the last of its exit functions then ignores the
+    signals (ignore_signals_at_exit)."""
     try:
         status = main()
     except KeyboardInterrupt:  # a second Ctrl-C while the run closes
@@ -347,25 +348,42 @@ def exit_with(main):
         tell_torchrun("".join(traceback.format_exception_only(e)).strip().splitlines()[-1])
         status = 1
     end_at_once_on_a_signal(status)
-    try:
-        sys.exit(status)
-    except SystemExit:
-        pass
-    if not peers_lost():
-        atexit._run_exitfuncs()
-    flush_outputs()
-    os._exit(status)
+    if joined():
+        try:
+            sys.exit(status)
+        except SystemExit:
+            pass
+        if not peers_lost():
+            atexit._run_exitfuncs()
+        flush_outputs()
+        os._exit(status)
+    sys.exit(status)
 
 
 def end_at_once_on_a_signal(status: int):
     """The script's status is decided: a signal while the process exits (W&B closing its run in an
     exit function) ends it at once with that status, not 130 or 143 for a run that finished."""
+    status_decided.append(status)
+
     def end(_signum, _frame):
         flush_outputs()
         os._exit(status)
     for sig in SIGNALS:
         if signal.getsignal(sig) != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
             signal.signal(sig, end)
+
+
+status_decided = []  # end_at_once_on_a_signal's status
+
+
+@atexit.register  # at stopping's import: run after the exit functions registered later (W&B's)
+def ignore_signals_at_exit():
+    """The last exit function of a process whose status is decided: Python then sets the signals back
+    to their defaults and finalizes (a second or more with torch loaded), where a signal would end a
+    finished run with 130 or 143. An ignored signal stays ignored."""
+    if status_decided:
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def flush_outputs():

@@ -89,6 +89,7 @@ def test_environment_variables_in_paths_are_expanded_or_named_when_unset(monkeyp
     assert config_problems({"training": {"checkpoint_dir": "${SCRATCH:-/tmp}/ck"}}) == [  # the shell's, not Python's
         "training.checkpoint_dir: '${SCRATCH:-/tmp}/ck': only $NAME and ${NAME} are expanded, not ${SCRATCH:-/tmp}; "
         "write the path out"]
+    assert Config.from_dict({"training": {"checkpoint_dir": "/price$5"}}).training.checkpoint_dir == "/price$5"
     monkeypatch.setenv("WITH_DOLLAR", "/x/$y")  # a value holding $: not expanded again, not named
     assert Config.from_dict({"training": {"checkpoint_dir": "$WITH_DOLLAR/c"}}).training.checkpoint_dir == "/x/$y/c"
 

@@ -275,8 +275,10 @@ def test_an_override_written_with_a_colon_spaces_or_a_hash_is_told_or_taken_as_w
     assert file_problems(path, ["training.resume_from_checkpoint=", "training.seed=3"])[0].startswith(
         "training.resume_from_checkpoint=: no value")  # an unset variable, not a space
     c = Config.from_yaml(path, ["logging.wandb_run_name=run #1", "logging.wandb_project=#2",
-                                "logging.wandb_entity=\"a # b\""])  # (in quotes, YAML's reading: quotes gone)
-    assert (c.logging.wandb_run_name, c.logging.wandb_project, c.logging.wandb_entity) == ("run #1", "#2", "a # b")
+                                "logging.wandb_entity=\"a # b\"", "dataset.text_column=\"a\" #b"])  # (in quotes,
+    assert (c.logging.wandb_run_name, c.logging.wandb_project, c.logging.wandb_entity) == (  # YAML's reading)
+        "run #1", "#2", "a # b")
+    assert c.dataset.text_column == "\"a\" #b"  # not quoted whole: as written
     assert file_problems(path, ["training.seed"]) == [
         "training.seed: an override must look like section.key=value (for example training.batch_size=16)"]
     assert file_problems(path, ["training.batch_size=16 #x"]) == [

@@ -1,5 +1,4 @@
 """torchrun on CPU with gloo: DDP and FSDP against one process, exact resume, a hung rank."""
-import atexit
 import json
 import os
 import re
@@ -344,8 +343,6 @@ def test_torchrun_s_summary_shows_a_failed_rank_s_error(tmp_path, corpus, monkey
     assert ProcessFailure(0, 1, 1, str(error_file)).timestamp >= before + 1
     monkeypatch.setattr(train, "train", lambda *a, **k: 1 / 0)  # what nothing expects: its last line
     monkeypatch.setattr(stopping, "end_at_once_on_a_signal", lambda status: None)  # (pytest's handlers stay)
-    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: None)  # (pytest's own, and its process, stay)
-    monkeypatch.setattr(os, "_exit", sys.exit)
     with pytest.raises(SystemExit):
         stopping.exit_with(lambda: train.main(["--config", str(write_config(tmp_path, corpus))]))
     assert "traceback : ZeroDivisionError: division by zero\n" in summary(1)
