@@ -211,7 +211,7 @@ def apply_override(raw: dict, item: str, paths: list[str], nullable=()) -> list[
     if not text.strip():  # `training.resume_from_checkpoint=$CKPT` with CKPT unset would start a new run
         fix = f"write {path}=null for none" if path in nullable else "give it one, or leave it out for the default"
         return [f"{item}: no value (an unset shell variable?); {fix}"]
-    quoted = len(text.strip()) > 1 and text.strip()[0] == text.strip()[-1] and text.strip()[0] in ("'", '"')
+    quoted = re.fullmatch(r"""\s*("([^"\\]|\\.)*"|'([^']|'')*')\s*""", text)  # one quoted text, nothing after it
     cut = re.search(r"(^|\s)#", text) and not quoted  # where YAML would cut a comment
     value = text if cut else read_scalar(text)  # (on the command line, # is no comment)
     if raw.get(section) is None:  # absent, or every key commented out

@@ -378,10 +378,12 @@ status_decided = []  # end_at_once_on_a_signal's status
 
 @atexit.register  # at stopping's import: run after the exit functions registered later (W&B's)
 def ignore_signals_at_exit():
-    """The last exit function of a process whose status is decided: Python then sets the signals back
-    to their defaults and finalizes (a second or more with torch loaded), where a signal would end a
-    finished run with 130 or 143. An ignored signal stays ignored."""
-    if status_decided:
+    """One of the last exit functions of a process whose status is decided: Python then sets the
+    signals back to their defaults and finalizes (a second or more with torch loaded), where a signal
+    would end a finished run with 130 or 143. An ignored signal stays ignored. Not while child
+    processes live: multiprocessing's exit function, which runs after this one, waits for them, and a
+    Ctrl-C must still end that wait."""
+    if status_decided and not multiprocessing.active_children():
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
 

@@ -279,6 +279,7 @@ def test_an_override_written_with_a_colon_spaces_or_a_hash_is_told_or_taken_as_w
     assert (c.logging.wandb_run_name, c.logging.wandb_project, c.logging.wandb_entity) == (  # YAML's reading)
         "run #1", "#2", "a # b")
     assert c.dataset.text_column == "\"a\" #b"  # not quoted whole: as written
+    assert Config.from_yaml(path, ["dataset.text_column='a' # 'b'"]).dataset.text_column == "'a' # 'b'"
     assert file_problems(path, ["training.seed"]) == [
         "training.seed: an override must look like section.key=value (for example training.batch_size=16)"]
     assert file_problems(path, ["training.batch_size=16 #x"]) == [

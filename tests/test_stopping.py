@@ -199,7 +199,9 @@ def test_a_signal_once_the_run_has_ended_keeps_its_status(tmp_path, corpus, rest
     exits_on_sigterm = ("import atexit, os, signal, time; from stopping import exit_with; "
                         "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30))); "
                         "exit_with(lambda: 0)")  # (W&B closes its run in an exit function)
+    started = time.monotonic()
     assert subprocess.run([sys.executable, "-c", exits_on_sigterm], cwd=ROOT, timeout=60).returncode == 0
+    assert time.monotonic() - started < 25  # at once, not after the exit function's 30 s
     finalizing = ("import os, signal, time; from stopping import exit_with\n"
                   "class Slow:\n    def __del__(self): os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5)\n"
                   "slow = Slow()\nexit_with(lambda: 0)")  # (Python's finalizing: once its signals are the defaults)
