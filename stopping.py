@@ -6,7 +6,6 @@ the DataLoader workers leave the signals to the main process, which stops them; 
 process with the run's status, which a late signal no longer changes.
 """
 import atexit
-import collections
 import multiprocessing
 import os
 import shlex
@@ -50,7 +49,6 @@ class GracefulStop:
         self.signal_name, self.doing, self.last_words = None, STEPPING, ""
         self.at_once = at_once
         self.second_signal_stops, self.announce = second_signal_stops, announce
-        self.arrivals = SignalArrivals()
         for sig in SIGNALS:
             if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN):
                 signal.signal(sig, self._handler)
@@ -66,10 +64,6 @@ class GracefulStop:
         self.doing, self.last_words = CLOSING, last_words
 
     def _handler(self, signum, _frame):
-        for _ in range(self.arrivals.take(signum)):  # (a second one may have come while the first waited)
-            self._heard(signum)
-
-    def _heard(self, signum):
         if self.at_once:  # (heard: for the caller, where the KeyboardInterrupt is swallowed, as in a weakref callback)
             self.signal_name = signal.Signals(signum).name
             raise KeyboardInterrupt
@@ -89,40 +83,6 @@ class GracefulStop:
             # torch may swallow the KeyboardInterrupt (raised in a finalizer, say): a third one kills
             signal.signal(signum, signal.SIG_DFL)
             raise StoppedWhileClosing(self.last_words) if closing else KeyboardInterrupt
-
-
-class SignalArrivals:
-    """How many times each signal came. Python runs a handler between bytecodes of the main thread, once
-    for however many times the signal came meanwhile: two SIGTERMs during one long matmul of a step are
-    one call. Its wakeup file descriptor gets a byte (the signal's number) for each. One at a time:
-    a new one (a new run in this process) closes the one before."""
-    current = None
-
-    def __init__(self):
-        if SignalArrivals.current is not None:
-            SignalArrivals.current.close()
-        self.read_end, self.write_end = os.pipe()
-        for end in (self.read_end, self.write_end):
-            os.set_blocking(end, False)
-        self.before = signal.set_wakeup_fd(self.write_end, warn_on_full_buffer=False)
-        self.counts = collections.Counter()
-        SignalArrivals.current = self
-
-    def take(self, signum: int) -> int:
-        """How many times `signum` came since the last take (at least once: this call is for it)."""
-        try:
-            while chunk := os.read(self.read_end, 4096):
-                self.counts.update(chunk)
-        except (BlockingIOError, OSError):
-            pass
-        return max(1, self.counts.pop(signum, 0))
-
-    def close(self):
-        if SignalArrivals.current is self:
-            signal.set_wakeup_fd(self.before)
-            SignalArrivals.current = None
-            os.close(self.read_end)
-            os.close(self.write_end)
 
 
 def say(text: str):
@@ -280,8 +240,6 @@ def tearing_down(second_signal_stops: bool):
     (something hangs) ends it at once. (Under torchrun the agent forwards its signals, repeats
     included, and kills a rank that hangs.)"""
     heard = []
-    if SignalArrivals.current is not None:
-        SignalArrivals.current.close()
 
     def handler(_signum, _frame):
         if heard and second_signal_stops:

@@ -41,8 +41,6 @@ def restore_handlers():
     yield
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
-    if stopping.SignalArrivals.current is not None:
-        stopping.SignalArrivals.current.close()
 
 
 def test_a_second_ctrl_c_stops_at_once_except_while_a_checkpoint_is_written(restore_handlers, capfd):
@@ -59,23 +57,27 @@ def test_a_second_ctrl_c_stops_at_once_except_while_a_checkpoint_is_written(rest
                                       "once)\n")
 
 
-def test_two_signals_while_the_main_thread_is_in_one_long_call_are_two(restore_handlers, capfd):
-    """Python runs a handler between bytecodes: two SIGTERMs during one long C++ call (a GPU sync, a
-    matmul) reach it once, and the second, which is to stop at once, was lost."""
-    GracefulStop(second_signal_stops=True, announce=True)
+def test_one_signal_delivered_twice_at_once_is_one(restore_handlers, capfd):
+    """timeout (or a wrapper script) forwards the Ctrl-C that the terminal sent its whole group too: the
+    two come together, Python runs the handler once, and the run saves rather than stopping at once.
+    (Two Ctrl-C seconds apart within one long call, a GPU sync, count as one as well: a third stops.)"""
+    stop = GracefulStop(second_signal_stops=True, announce=True)
 
     def send_two():
+        time.sleep(0.03)
         for _ in range(2):
-            time.sleep(0.03)
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
     sender = threading.Thread(target=send_two)
     sender.start()
-    with pytest.raises(KeyboardInterrupt):
+    try:
         hashlib.pbkdf2_hmac("sha256", b"a", b"b", 2_000_000)  # about 0.5 s in C, without the GIL
         sender.join()
-        time.sleep(1)
-    assert capfd.readouterr().err == ("\nSIGTERM: finishing the step, then saving a checkpoint (a second one stops at "
-                                      "once)\n")
+        time.sleep(0.1)
+    except KeyboardInterrupt:  # (left alone, it would end pytest's session)
+        pytest.fail("one Ctrl-C delivered twice stopped the run at once")
+    assert stop.signal_name == "SIGINT"
+    assert capfd.readouterr().err == ("\nSIGINT: finishing the step, then saving a checkpoint (Ctrl-C again to stop "
+                                      "at once)\n")
 
 
 def test_once_the_last_checkpoint_is_saved_a_second_ctrl_c_stops_at_once_and_still_says_how_to_resume(
