@@ -144,7 +144,9 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
         words = ("latest",) if flag else ("latest", "auto")
         near = (near_miss(path, keep=lambda entry: entry.is_dir() and resumable_in(entry))  # a run's name mistyped
                 if not bare and not kept else None)
-        fix = (f"did you mean {runs[-1] / name}?" if runs else f"did you mean {near}?" if near else
+        with_pt = Path(f"{path}.pt") if not path.suffix and Path(f"{path}.pt").is_file() else None  # run/best
+        fix = (f"did you mean {with_pt}?" if with_pt else f"did you mean {runs[-1] / name}?" if runs else
+               f"did you mean {near}?" if near else
                f"its folder holds {', '.join(p.name for p in kept[::-1])}"
                f"{' (if it was saved, it went: training.keep_last_n keeps the newest only)' * bool(removed)}" if kept else
                f"did you mean {spec.lower()} (in lower case)?" if spec.lower() in words else

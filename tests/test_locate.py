@@ -57,6 +57,9 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
         open_checkpoint("checkpoint_10.pt", str(tmp_path))  # a run's file by its name alone
     with pytest.raises(CheckpointError, match=f"checkpoint_10 does not exist .*; did you mean {run}/checkpoint_10.pt"):
         open_checkpoint("checkpoint_10", str(tmp_path))  # ... without .pt (as sample.py --checkpoint best)
+    with pytest.raises(CheckpointError, match=f"{run}/checkpoint_10 does not exist; did you mean "
+                                              f"{run}/checkpoint_10.pt\\?$"):
+        open_checkpoint(str(run / "checkpoint_10"), str(tmp_path))  # in its run, without .pt (run/best)
     with pytest.raises(CheckpointError, match=f"{run}0 does not exist; did you mean {run}\\?$"):
         open_checkpoint(f"{run}0", str(tmp_path))  # the run directory's name mistyped
     (tmp_path / f"{run.name}.tar").write_bytes(b"")  # a file named closer still: not a run, passed over
