@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from files import ZIP_MAGIC, near_miss, relative_to_here
-from yaml_errors import INVISIBLE, invisible_character, read_as_text, without_comment, yaml_syntax_problem
+from yaml_errors import INVISIBLE, invisible, invisible_character, read_as_text, without_comment, yaml_syntax_problem
 
 SEED = 1337  # the default of training.seed and of dataset.split_seed
 
@@ -256,8 +256,7 @@ def typed_section(name: str, section_cls, values: dict, all_paths: list[str]):
                 quote = (f"; a number in quotes is text: write it without them (`{key}: {value.strip()}` in the file, "
                          f"{path}={value.strip()} on the command line)")
             elif isinstance(value, str) and (hidden := next((c for c in value if c in INVISIBLE), None)):
-                quote = (f"; it holds U+{ord(hidden):04X} ({INVISIBLE[hidden]}, pasted from a web page?): "
-                         f"{'replace it with a plain space' if hidden.isspace() else 'delete it'}")
+                quote = f"; it holds {invisible(hidden)}"
             elif expected in ("int", "float") and isinstance(value, str) and _number(value) is None:
                 quote = "; write a plain number (3000, 0.05 or 3e-4: no commas, units or %)"
             elif isinstance(value, str) and value.strip().lower() in ("true", "false") and "true" in expected:

@@ -23,10 +23,14 @@ def invisible_character(text: str) -> tuple[int, int, str] | None:
         unquoted = re.sub(r'"[^"]*"|\'[^\']*\'', lambda quoted: " " * len(quoted[0]), line)
         content = re.split(r"(?:^|[ \t])#", unquoted)[0]  # (a no-break space before # is no comment's)
         if found := next((c for c in content if c in INVISIBLE), None):
-            fix = "replace it with a plain space" if found.isspace() else "delete it"
-            return number, content.index(found) + 1, (f"U+{ord(found):04X} ({INVISIBLE[found]}, pasted from a web "
-                                                      f"page?): {fix} (text in quotes may hold it)")
+            return number, content.index(found) + 1, f"{invisible(found)} (text in quotes may hold it)"
     return None
+
+
+def invisible(character: str) -> str:
+    """What one of INVISIBLE is, and what to do with it."""
+    fix = "replace it with a plain space" if character.isspace() else "delete it"
+    return f"U+{ord(character):04X} ({INVISIBLE[character]}, pasted from a web page?): {fix}"
 
 
 def without_comment(line: str) -> str:
