@@ -121,6 +121,8 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
             print(f"note: latest is the newest run, {found[0].parent.name}; {last_written} was written more "
                   f"recently: give it (or its run directory) to {'use it' if flag else 'continue from there'}",
                   file=sys.stderr)  # (sample.py's standard output is the text alone)
+        if flag:
+            trained_further(found)
         return found
     path = Path(spec)
     if path.is_dir():
@@ -157,6 +159,17 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
         fix = f"did you mean `{close[0]}`? ({fix})" if close and fix.startswith("give") else fix
         raise CheckpointError(f"{setting}: {path} does not exist{relative_to_here(path)}; {fix}")
     return [path]
+
+
+def trained_further(found: list[Path]):
+    """For a script's `latest` (the newest run's newest checkpoint, found[0]): a note naming an older
+    run that trained further, as a run stopped early sits beside a finished one."""
+    steps = [(checkpoint_step(path) or saved_step(path), path.parent) for path in found]  # (best.pt: its own)
+    (latest, newest), older = steps[0], [step_run for step_run in steps if step_run[1] != steps[0][1]]
+    step, run = max(older, key=lambda step_run: step_run[0], default=(0, None))
+    if step > latest:
+        print(f"note: latest is the newest run, {newest.name} (step {latest}); {run.name} trained further "
+              f"(step {step}): give --checkpoint {run} to use it", file=sys.stderr)
 
 
 def exported_from(folder: Path) -> str:

@@ -123,10 +123,10 @@ def test_latest_is_the_newest_run_and_names_an_older_run_written_since(tmp_path,
     assert capsys.readouterr().err == (f"note: latest is the newest run, {newer.name}; {older / 'checkpoint_80.pt'} was "
                                        f"written more recently: give it (or its run directory) to continue from there\n")
     open_checkpoint("latest", str(tmp_path), setting="--checkpoint")  # sample.py, export.py: not training
-    assert capsys.readouterr().err.endswith("give it (or its run directory) to use it\n")
+    assert "give it (or its run directory) to use it\n" in capsys.readouterr().err
     os.utime(older / "checkpoint_80.pt", (1e8, 1e8))
     assert open_checkpoint("latest", str(tmp_path))[0] == newer / "checkpoint_8.pt"
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().err == ""
     real_iterdir = type(newer).iterdir
 
     def iterdir(path):  # another user's run in a shared folder (chmod does not stop root)
@@ -136,6 +136,23 @@ def test_latest_is_the_newest_run_and_names_an_older_run_written_since(tmp_path,
     monkeypatch.setattr(type(newer), "iterdir", iterdir)
     assert open_checkpoint("latest", str(tmp_path))[0] == older / "checkpoint_80.pt"
     assert capsys.readouterr().err == f"note: {newer}: cannot be listed (Permission denied): skipped\n"
+
+
+def test_a_scripts_latest_names_an_older_run_that_trained_further(tmp_path, capsys):
+    finished, stopped = tmp_path / "run_20260101_000000", tmp_path / "run_20260102_000000"
+    for run, steps in ((finished, (400, 500)), (stopped, (20,))):
+        run.mkdir()
+        for step in steps:
+            torch.save(Checkpoint(step=step, model={}, model_config={}).to_dict(), run / f"checkpoint_{step}.pt")
+    os.utime(finished / "checkpoint_500.pt", (1e8, 1e8))  # written before the stopped run: no other note
+    assert open_checkpoint("latest", str(tmp_path), setting="--checkpoint")[0] == stopped / "checkpoint_20.pt"
+    assert capsys.readouterr().err == (f"note: latest is the newest run, {stopped.name} (step 20); {finished.name} "
+                                       f"trained further (step 500): give --checkpoint {finished} to use it\n")
+    open_checkpoint("latest", str(tmp_path))  # a resume continues the newest run: nothing to say
+    assert capsys.readouterr().err == ""
+    torch.save(Checkpoint(step=600, model={}, model_config={}).to_dict(), stopped / "best.pt")  # the step is read
+    assert open_checkpoint("latest", str(tmp_path), setting="--checkpoint")[0] == stopped / "best.pt"
+    assert capsys.readouterr().err == ""
 
 
 def test_latest_past_an_unreadable_checkpoint_says_why_it_is_set_aside(tmp_path, corpus, capsys):
