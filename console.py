@@ -15,16 +15,16 @@ CPU_STEP_FLOPS = 1e12  # a few seconds at the bf16 speed of a many-core CPU; con
 def step_line(record: dict, max_iters: int, eta: float | None, elapsed: float, at_least: bool = False,
               first: bool = False) -> str:
     """The printed line of a step's metrics record (eta: seconds left; None: no estimate yet;
-    at_least: it leaves out evaluations or checkpoints not yet timed, shown as ">0:02:29"; first: the
+    at_least: it leaves out evaluations or checkpoints not yet timed, shown as "at least 0:02:29"; first: the
     process's first line, whose wait for data includes the loader's start)."""
     extra = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
     if record.get("skipped_steps"):  # float16: gradients overflowed, the scaler skipped those updates
         extra += f" | {record['skipped_steps']} step(s) skipped by the float16 loss scaler"
     if record.get("data_wait", 0) >= 0.05:  # the loader does not keep up (below, it is handing batches over)
         extra += f" | waiting for data {record['data_wait']:.0%}" + " (the loader starting)" * first
-    last = at_least and record["step"] == max_iters  # (">0:00:00" would read as done)
+    last = at_least and record["step"] == max_iters  # ("at least 0:00:00" would read as done)
     eta = ("eta after compilation" if eta is None else "final evaluation and checkpoint next" if last else
-           "eta " + ">" * at_least + format_duration(eta))
+           "eta " + "at least " * at_least + format_duration(eta))
     grad_norm = "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
     return (f"step {record['step']}/{max_iters} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | grad norm "
             f"{grad_norm} | {record['tokens_per_s']:,} tok/s | {record['ms_per_step']:.1f} ms/step{extra} | "
@@ -138,9 +138,11 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val
                      f"(the first step line comes after it): this model is sized for a GPU; configs/tiny.yaml "
                      f"trains on a CPU in minutes")
     if training.warmup_iters >= training.max_iters:
+        reached = learning_rate(training.max_iters, training)
+        rises = (f"only to {reached:.3g} (learning_rate {training.learning_rate:.3g})" if reached < training.learning_rate
+                 else f"to {reached:.3g} at the last step")
         lines.append(f"note: training.warmup_iters {training.warmup_iters} >= max_iters {training.max_iters}: the "
-                     f"learning rate rises to {learning_rate(training.max_iters, training):.3g} of "
-                     f"{training.learning_rate:.3g} and never decays; lower warmup_iters for a full schedule")
+                     f"learning rate rises {rises} and never decays; lower warmup_iters for a full schedule")
     lines += [f"note: {line}" for line in cfg.unused_settings()]
     if peak_source:
         lines.append(f"MFU against the {peak_source}"

@@ -144,8 +144,7 @@ def check_given_again(ckpt, config: dict, command_line: dict, path):
         return
     them = "them" if len(left_out) > 1 else "it"
     shape = [name for name in left_out if name.startswith("model.") and name != "model.dropout"]
-    change = (f", or give the new value{'s' * (len(left_out) > 1)} on the command line (or in the config file) to "
-              f"change {them}" if not shape else
+    change = (f", or give the new value{'s' * (len(left_out) > 1)} on the command line to change {them}" if not shape else
               f" (the model's shape cannot change{'; the others can, given anew' * (len(shape) < len(left_out))})")
     raise CheckpointError(
         f"{path}: the run was given {' '.join(override(name, setting(ckpt.config, name)) for name in left_out)} on "
@@ -210,15 +209,20 @@ def check_same_model(saved_config: dict, model_config: BDHConfig, path):
                               f"or start a new run. Differences: " + "; ".join(differing))
 
 
+SCHEDULE = ("max_iters", "warmup_iters", "learning_rate", "min_lr")  # the settings of learning_rate()
+
+
 def schedule_jump(ckpt, training) -> str | None:
     """A note when the learning rate of the next step differs from the checkpoint's schedule: a
     finished run extended with more max_iters goes back up the cosine."""
-    step = ckpt.step + 1
-    before, now = learning_rate(step, saved_training(ckpt, training)), learning_rate(step, training)
+    step, saved = ckpt.step + 1, saved_training(ckpt, training)
+    before, now = learning_rate(step, saved), learning_rate(step, training)
     if math.isclose(before, now, rel_tol=0.01):
         return None
-    return (f"  note: the learning-rate schedule changed: step {step} runs at lr {now:.2e}, {before:.2e} in the "
-            f"checkpoint's schedule (max_iters, warmup_iters, learning_rate, min_lr)"
+    changed = ", ".join(f"{name} {getattr(saved, name)} -> {getattr(training, name)}" for name in SCHEDULE
+                        if getattr(saved, name) != getattr(training, name))
+    return (f"  note: the learning-rate schedule changed ({changed}): step {step} runs at lr {now:.2e}, where the "
+            f"checkpoint's schedule had {before:.2e}"
             + ("; the loss may rise for a while after this jump up" if now > 1.1 * before else ""))
 
 

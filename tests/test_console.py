@@ -17,12 +17,12 @@ def test_the_step_line_says_what_the_record_holds():
     assert " | waiting for data 12% | " in console.step_line({**record, "data_wait": 0.123}, 100, 0.081, elapsed=1)
     assert "waiting" not in console.step_line({**record, "data_wait": 0.04}, 100, 0.081, elapsed=1)
     assert console.step_line(record, 100, None, elapsed=5).endswith("| eta after compilation")
-    assert console.step_line(record, 100, 149.5, elapsed=5, at_least=True).endswith("| eta >0:02:29")
+    assert console.step_line(record, 100, 149.5, elapsed=5, at_least=True).endswith("| eta at least 0:02:29")
     last = {**record, "step": 100}
     assert console.step_line(last, 100, 0.2, elapsed=5, at_least=True).endswith(
         "elapsed 0:00:05 | final evaluation and checkpoint next")
     assert console.step_line(last, 100, 0.2, elapsed=5).endswith("| eta 0:00:00")
-    assert console.step_line(record, 100, 0.2, elapsed=5, at_least=True).endswith("| eta >0:00:00")
+    assert console.step_line(record, 100, 0.2, elapsed=5, at_least=True).endswith("| eta at least 0:00:00")
 
 
 def test_a_model_sized_for_a_gpu_is_noted_on_cpu(tmp_path, corpus, monkeypatch, capsys):

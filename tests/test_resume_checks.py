@@ -89,7 +89,7 @@ def test_a_resume_gives_again_what_the_run_s_command_line_gave_to_what_it_trains
     assert str(refused.value) == (
         "ck/run_1/checkpoint_8.pt: the run was given low_precision.use_4bit=true training.batch_size=4 on its "
         "command line, and this command leaves them out (the config file has False, 32): add them to resume the run "
-        "as it was, or give the new values on the command line (or in the config file) to change them")
+        "as it was, or give the new values on the command line to change them")
     # max_iters: 2000 in the file then, 3000 now: edited since, a change (printed, as any other)
     given = {"config": "/my.yaml", "settings": {"training.batch_size": "4", "low_precision.use_4bit": "true"}}
     check_given_again(ckpt, config_file, given, Path("x"))

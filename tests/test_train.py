@@ -520,7 +520,9 @@ def test_a_checkpoint_dir_that_cannot_be_written_stops_before_training(tmp_path,
 
 def test_a_warmup_as_long_as_the_run_is_noted(tmp_path, corpus, capsys):
     assert train.main(["--config", str(write_config(tmp_path, corpus, max_iters=2, warmup_iters=4))]) == 0
-    assert ("note: training.warmup_iters 4 >= max_iters 2: the learning rate rises to 0.005 of 0.01 and never "
-            "decays") in capsys.readouterr().out
+    assert ("note: training.warmup_iters 4 >= max_iters 2: the learning rate rises only to 0.005 (learning_rate "
+            "0.01) and never decays") in capsys.readouterr().out
+    assert train.main(["--config", str(write_config(tmp_path, corpus, max_iters=4, warmup_iters=4))]) == 0
+    assert "the learning rate rises to 0.01 at the last step and never decays" in capsys.readouterr().out
     assert train.main(["--config", str(write_config(tmp_path, corpus, max_iters=5, warmup_iters=4))]) == 0
     assert "warmup_iters" not in capsys.readouterr().out
