@@ -139,8 +139,9 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val
                      f"trains on a CPU in minutes")
     if training.warmup_iters >= training.max_iters:
         reached = learning_rate(training.max_iters, training)
-        rises = (f"only to {reached:.3g} (learning_rate {training.learning_rate:.3g})" if reached < training.learning_rate
-                 else f"to {reached:.3g} at the last step")
+        peak = training.learning_rate
+        rises = (f"only to {reached:.3g} (learning_rate {peak:.3g})" if reached < peak
+                 else f"to {peak:.3g} at the last step")
         lines.append(f"note: training.warmup_iters {training.warmup_iters} >= max_iters {training.max_iters}: the "
                      f"learning rate rises {rises} and never decays; lower warmup_iters for a full schedule")
     lines += [f"note: {line}" for line in cfg.unused_settings()]

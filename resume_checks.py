@@ -144,7 +144,8 @@ def check_given_again(ckpt, config: dict, command_line: dict, path):
         return
     them = "them" if len(left_out) > 1 else "it"
     shape = [name for name in left_out if name.startswith("model.") and name != "model.dropout"]
-    change = (f", or give the new value{'s' * (len(left_out) > 1)} on the command line to change {them}" if not shape else
+    values = "values" if len(left_out) > 1 else "value"
+    change = (f", or give the new {values} on the command line to change {them}" if not shape else
               f" (the model's shape cannot change{'; the others can, given anew' * (len(shape) < len(left_out))})")
     raise CheckpointError(
         f"{path}: the run was given {' '.join(override(name, setting(ckpt.config, name)) for name in left_out)} on "

@@ -501,15 +501,15 @@ def test_extending_a_finished_run_says_that_the_learning_rate_jumps_and_takes_th
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.5, 0.0)  # the config's, not the checkpoint's 0.1
     out = capsys.readouterr().out
     assert re.search(r"note: the learning-rate schedule changed \(max_iters 4 -> 8\): step 5 runs at lr 3\.78e-03, "
-                     r"where the checkpoint's schedule had 1\.00e-03; the loss may rise for a while after this jump up\n",
-                     out)
+                     r"where the checkpoint's schedule had 1\.00e-03; the loss may rise for a while after this "
+                     r"jump up\n", out)
     from types import SimpleNamespace
     from config import TrainingConfig
     from resume_checks import schedule_jump
     saved = SimpleNamespace(step=4, config={"training": {"learning_rate": 0.01, "min_lr": 0.001, "max_iters": 100}})
     lower = schedule_jump(saved, TrainingConfig(learning_rate=0.002, min_lr=0.0001, max_iters=100))
-    assert lower == ("  note: the learning-rate schedule changed (learning_rate 0.01 -> 0.002, min_lr 0.001 -> 0.0001): "
-                     "step 5 runs at lr 1.00e-04, where the checkpoint's schedule had 5.00e-04")  # down: no alarm  # down: no rise to fear
+    assert lower == ("  note: the learning-rate schedule changed (learning_rate 0.01 -> 0.002, min_lr 0.001 -> "
+                     "0.0001): step 5 runs at lr 1.00e-04, where the checkpoint's schedule had 5.00e-04")
     slightly = schedule_jump(saved, TrainingConfig(learning_rate=0.0105, min_lr=0.001, max_iters=100))
     assert "runs at lr" in slightly and "jump up" not in slightly  # 5% up: said, without the alarm
 
