@@ -8,7 +8,7 @@ written to metrics.jsonl and TensorBoard then (flush). W&B starts with the run, 
 run continues the same W&B run (or a new one, when W&B has logged past the checkpoint's step). A
 resume also cuts metrics.jsonl and the TensorBoard curves back to the checkpoint's step: the steps
 after it are trained again and logged once. StepLog measures the training steps for their records
-and prints their lines (console.py writes them).
+and prints their lines (console.step_line words them).
 """
 import collections
 import importlib.util
@@ -31,7 +31,7 @@ TAGS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_n
         "skipped_steps": "train/skipped_steps", "tokens_per_s": "speed/tokens_per_s", "ms_per_step": "speed/ms_per_step",
         "mfu": "speed/mfu", "data_wait": "speed/data_wait", "epochs": "data/epochs", "tokens": "data/tokens",
         "peak_memory_mib": "memory/peak_mib", "val_loss": "val/loss", "val_bits_per_byte": "val/bits_per_byte"}
-PER_LAYER = {"sparsity_x": "sparsity/x", "sparsity_y": "sparsity/y"}
+PER_LAYER = {"sparsity_x": "sparsity/x", "sparsity_y": "sparsity/y"}  # the share of latents active: lower is sparser
 FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # of each process, whatever log_freq says: whether it is viable shows in a minute
 ETA_LINES = 20  # the ETA's speed: that of the steps of the last lines
 SLOW_CPU_STEP_S = 5  # seconds a step on CPU (tiny.yaml: about 0.1) above which an hours-long run suggests tiny.yaml

@@ -71,8 +71,9 @@ class TrainingError(Exception):
 
 def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line: dict,
           resume_named_in_file: str | None = None) -> int:
-    """`arguments`: train.py and the command line's, for the resume command printed when a signal
-    stops the run; `command_line`: its config file and the settings it gives (resume_checks.command_line_record);
+    """`arguments`: train.py and the command line's, for the commands it prints: the resume after a
+    signal, an error or running out of memory, and the one that trains a finished run further;
+    `command_line`: its config file and the settings it gives (resume_checks.command_line_record);
     `resume_named_in_file`: the config file, where it gives training.resume_from_checkpoint (resume_target)."""
     training = cfg.training
     compute_dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
@@ -182,7 +183,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
                                              f"`{resume_command[0]}`" if resume_command else
                                              "no checkpoint was saved before")) from None
 
-    def check_weights(at: Progress):  # (a NaN learning rate: the step's loss, taken before the update, is finite)
+    def check_weights(at: Progress):  # the loss is taken before the update: a bad update shows in the weights only
         finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
         if ranks.any(not finite, device):
             raise non_finite("a weight", at.step, at.last_saved, training)
@@ -213,7 +214,11 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
             raw_model.train()
             print(evaluation_lines(record), flush=True)
             metrics.log(record)
-        if record["val_loss"] >= at.best_val_loss:
+        if not record["val_loss"] < at.best_val_loss:
+            if math.isnan(record["val_loss"]):  # the weights are finite: the evaluation's forward overflowed
+                print("  note: the validation loss is not a number: not taken as the best" + (
+                    "; in float16, activations past 65,504 overflow: compute_dtype bfloat16 or float32 has the range"
+                    if compute_dtype == "float16" else ""), flush=True)
             return False
         at.best_val_loss = record["val_loss"]
         if checkpoint_follows:

@@ -388,6 +388,16 @@ def test_keep_last_n_and_best_checkpoint(tmp_path, corpus, monkeypatch):
     assert (best.step, best.best_val_loss) == (4, 1.0)
 
 
+def test_a_validation_loss_that_is_not_a_number_is_never_the_best(tmp_path, corpus, monkeypatch, capsys):
+    config = write_config(tmp_path, corpus, max_iters=8, checkpoint_freq=8, test_freq=2)
+    losses, real_evaluate = iter([math.nan, 2.0, math.nan, 3.0]), train.evaluate  # (float16 overflowed, say)
+    monkeypatch.setattr(train, "evaluate", lambda *args: {**real_evaluate(*args), "val_loss": next(losses)})
+    assert train.main(["--config", str(config)]) == 0
+    best = load_checkpoint(only_run(tmp_path / "ck") / "best.pt")
+    assert (best.step, best.best_val_loss) == (4, 2.0)
+    assert capsys.readouterr().out.count("note: the validation loss is not a number: not taken as the best\n") == 2
+
+
 def test_a_best_at_a_checkpoint_step_is_serialized_once_and_the_checkpoint_copies_it(tmp_path, corpus, monkeypatch,
                                                                                      capsys):
     """best.pt first, then checkpoint_<step>.pt as a copy of its bytes: a file of its own (a script that
