@@ -249,7 +249,8 @@ class StepLog:
         epoch = self.epoch_all_are_in(positions)
         self.epochs_ended, self.epoch = epoch - self.epoch, epoch
         self.epochs = self.epochs_begun(positions) - self.unread
-        record = {"step": step, "tokens": tokens, "epochs": round(self.epochs, 3), "train_loss": loss, "lr": lr,
+        record = {"step": step, "interval_steps": self.steps, "tokens": tokens, "epochs": round(self.epochs, 3),
+                  "train_loss": loss, "lr": lr,
                   "grad_norm": grad_norm / counted if counted else None,
                   "tokens_per_s": round(self.tokens_per_step / seconds_per_step),
                   "ms_per_step": round(seconds_per_step * 1000, 2),

@@ -211,6 +211,24 @@ def text_read(evaluation: dict) -> float | None:
     return tokens * loss / (bpb * math.log(2))
 
 
+def averaged_at(train) -> tuple[list, list]:
+    """The steps and tokens at which to draw the training losses: each record's loss is the mean over
+    its interval_steps since the record before, so it goes at their middle. At its last step, a mean
+    over 100 steps would lag behind the validation losses, and a resumed process's first records (of 1
+    to 5 steps each) would show as a dip below the curve. (Records of versions before 0.4.11, and one
+    whose interval's start has no record, go at their step.)"""
+    steps, tokens, before = [], [], None
+    for record in train:
+        interval = record.get("interval_steps", 1)
+        adjoins = before is not None and before["step"] == record["step"] - interval
+        back = (interval - 1) / 2 if adjoins else 0  # (a process's first record is of one step: 0 too)
+        made = record.get("tokens")
+        steps.append(record["step"] - back)
+        tokens.append(made - (made - before.get("tokens", made)) / interval * back if back and made else made)
+        before = record
+    return steps, tokens
+
+
 def readable_runs(args) -> tuple[list[Path], list[tuple[list, list]], list[str]]:
     """The run directories that `args` give (runs_of) and have logged, their (training, evaluation)
     records and names: a run's directory name, or experiment/run_... for runs of several folders. A run
@@ -236,7 +254,7 @@ def draw_curves(axes, runs, colors):
     (loss_steps, loss_tokens, bpb), (lr, sparsity, speed) = axes
     for (train, evaluations), color in zip(runs, colors):
         steps = [r["step"] for r in train]
-        for ax, x in ((loss_steps, steps), (loss_tokens, [r.get("tokens") for r in train])):
+        for ax, x in zip((loss_steps, loss_tokens), averaged_at(train)):
             if train:
                 ax.plot(x, [r["train_loss"] for r in train], color=color, alpha=0.8, **one_point(train))
         for stretch in comparable_stretches(evaluations):

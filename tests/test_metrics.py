@@ -286,6 +286,9 @@ def test_the_first_steps_are_logged_whatever_log_freq_says(tmp_path, corpus, cap
     assert logged() == [1, 2, 5, 10, 12]
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=30"]) == 0
     assert logged() == [13, 14, 17, 22, 30]
+    [run] = run_dirs(tmp_path)  # each record says how many steps its figures are the mean of (plot.averaged_at)
+    assert [(r["step"], r["interval_steps"]) for r in records(run) if "train_loss" in r] == [
+        (1, 1), (2, 1), (5, 3), (10, 5), (12, 2), (13, 1), (14, 1), (17, 3), (22, 5), (30, 8)]
 
 
 def test_the_share_of_time_spent_waiting_for_batches_is_logged(tmp_path, corpus, capsys, monkeypatch):

@@ -110,6 +110,16 @@ def test_validation_lines_break_where_a_resume_changed_what_they_measure(tmp_pat
     assert bits_per_byte == pytest.approx([r["tokens"] for r in records if "val_loss" in r])  # bytes: a token a byte
 
 
+def test_a_training_loss_is_drawn_at_the_middle_of_the_steps_it_is_the_mean_of():
+    train = [{"step": 1, "interval_steps": 1, "tokens": 10}, {"step": 100, "interval_steps": 99, "tokens": 1000},
+             {"step": 101, "interval_steps": 1, "tokens": 1020},  # a resume with twice the batch: its first line
+             {"step": 104, "interval_steps": 3, "tokens": 1080}, {"step": 7, "tokens": 70}]  # (before 0.4.11: none)
+    steps, tokens = plot.averaged_at(train)
+    assert steps == [1, 51, 101, 103, 7]
+    assert tokens == pytest.approx([10, 510, 1020, 1060, 70])
+    assert plot.averaged_at([{"step": 50, "interval_steps": 10, "tokens": 500}]) == ([50], [500])  # its start: unknown
+
+
 def test_bits_per_byte_is_drawn_against_the_text_read_whatever_the_tokens():
     """A BPE of 4 bytes a token has read 4 times the text of a byte run at the same tokens."""
     assert plot.text_read({"tokens": 1000, "val_loss": 2.0, "val_bits_per_byte": 2.0 / math.log(2)}) == pytest.approx(1000)
