@@ -8,9 +8,11 @@ The text is cut at 90% of its characters: the first part becomes one training do
 the held-out text. For each variant a short calibration run measures the loop's start-up (torch.compile
 included) and its seconds per step; the real run then gets the max_iters that fill the budget, so that
 its learning-rate schedule ends with it (with --seconds 0 it keeps the config's max_iters), and saves a
-checkpoint every max_iters // 8 steps and at the end. Each checkpoint's loss is then measured on all of the held-out text, in non-overlapping windows of the training block size
-(the last, shorter window included), in float32: the loss against wall-clock. The budget counts the
-training loop (compilation, evaluations and checkpoint writes included), not the interpreter start.
+checkpoint every max_iters // 8 steps and at the end. Each checkpoint's loss is then measured on all of
+the held-out text, in non-overlapping windows of the training block size (the last, shorter window
+included), in float32: the loss against wall-clock. The budget counts the training loop (compilation,
+evaluations and checkpoint writes included), not the interpreter start, nor these measurements after it
+(on a CPU they can take longer than the training: each checkpoint's line shows when it is done).
 """
 import argparse
 import json
@@ -28,7 +30,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from corpus import text_files_to_parquet
 from files import REPO, check_outputs
 from model import BDHConfig
-from locate import checkpoints_in, train_in
+from locate import checkpoints_in, end_like_ctrl_c, train_in
 from runtime import first_line
 from tokenizer import tokenizer_from_string
 
@@ -82,7 +84,10 @@ def run_variant(config, overrides, seconds, data: Path, heldout: str, workdir: P
                                               f"training.checkpoint_freq={every}", f"training.test_freq={max_iters}",
                                               f"training.log_freq={every}"], (TRAIN,))
     elapsed = {r["step"]: r["elapsed_s"] for r in records if "elapsed_s" in r}
-    curve = [(elapsed[load_checkpoint(path).step], heldout_loss(path, heldout)) for path in checkpoints_in(run)]
+    curve = []
+    for path in checkpoints_in(run):
+        curve.append((elapsed[load_checkpoint(path).step], heldout_loss(path, heldout)))
+        print(f"  {path.name}: held-out loss {curve[-1][1]:.4f}", flush=True)
     ckpt = load_checkpoint(checkpoints_in(run)[-1])
     training = ckpt.config["training"]
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] % every == 0][1:]
@@ -122,6 +127,7 @@ def main(argv=None) -> int:
         parser.error(f"--text {args.text}: {len(text)} characters; give a text to train on (tinyshakespeare: 1 MB)")
     cut = math.floor(len(text) * 0.9)
     results = {"text": args.text, "seconds": args.seconds, "config": args.config, "variants": {}}
+    end_like_ctrl_c()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         for part, piece in (("train", text[:cut]), ("heldout", text[cut:])):
@@ -138,8 +144,8 @@ def main(argv=None) -> int:
             print(f"{name}: held-out loss {result['heldout_loss']:.4f} after {result['seconds']:.0f} s, "
                   f"{result['max_iters']} steps, {result['tokens']:,} tokens, {result['tokens_per_s']:,} tok/s; "
                   f"curve {result['curve']}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+            if args.json:  # after each variant: a later one that fails or is stopped leaves these
+                Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -45,7 +45,7 @@ from evaluation import validation_loss
 from files import REPO, check_outputs
 from lowbit import to_4bit
 from model import BDH
-from locate import checkpoints_in, train_in
+from locate import checkpoints_in, end_like_ctrl_c, train_in
 from runtime import autocast, pick_device
 from shards import list_units
 from tokenizer import load_tokenizer
@@ -156,10 +156,12 @@ def final_checkpoint_loss(cfg, run, four_bit: bool) -> float:
     return validation_loss(model, batches, device, autocast(device, low_precision.compute_dtype), Ranks())[0]
 
 
-def state_bytes_line(cfg) -> tuple[dict, str]:
+def state_bytes_line(cfg, torchao: bool) -> tuple[dict, str]:
+    """The optimizer state of AdamW, AdamW4bit and (`torchao`: where the set trains it) torchao's AdamW4bit."""
     model = BDH(cfg.to_bdh_config())
-    state = {"AdamW": adamw_state_bytes(model.parameters()), "AdamW4bit": AdamW4bit(model.parameters()).state_bytes(),
-             "torchao AdamW4bit": torchao_adamw4bit()(model.parameters(), betas=(0.9, 0.95)).state_bytes()}
+    state = {"AdamW": adamw_state_bytes(model.parameters()), "AdamW4bit": AdamW4bit(model.parameters()).state_bytes()}
+    if torchao:
+        state["torchao AdamW4bit"] = torchao_adamw4bit()(model.parameters(), betas=(0.9, 0.95)).state_bytes()
     return state, "optimizer state: " + ", ".join(
         f"{name} {size / 2**20:.2f} MiB ({size / state['AdamW']:.3f}x)" for name, size in state.items())
 
@@ -210,7 +212,8 @@ def run_seed(args, seed, workdir) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, default="configs/tiny.yaml")
-    parser.add_argument("--set", default="4bit", choices=VARIANT_SETS, help="which variants to compare")
+    parser.add_argument("--set", default="4bit", choices=VARIANT_SETS,
+                        help="which variants to compare (default 4bit; see the top of this file)")
     parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")],
                         help="comma-separated: train every variant once per seed (default: the config's "
                              "training.seed)")
@@ -229,12 +232,13 @@ def main(argv=None) -> int:
     seeds = args.seeds or [cfg.training.seed]
     results = {"config": cfg.to_dict(), "set": args.set, "seeds": {}}
     if args.set != "fp8":
-        results["optimizer_state_bytes"], line = state_bytes_line(cfg)
+        results["optimizer_state_bytes"], line = state_bytes_line(cfg, "torchao AdamW4bit" in VARIANT_SETS[args.set])
         print(line, flush=True)
     if args.set == "optimizer":
         results["optimizer_step_ms"] = optimizer_step_ms(cfg)
         print("optimizer step alone: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in
                                                    results["optimizer_step_ms"].items()), flush=True)
+    end_like_ctrl_c()
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             try:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -247,11 +248,29 @@ def model_line(origin: str, trained_on: str) -> str:
 
 def train_in(workdir: Path, arguments: list, python_args, note="") -> tuple[Path, list[dict]]:
     """For the benchmark scripts: prints and runs `python *python_args *arguments` (train.py, or a
-    -c line that starts it) with its checkpoints in workdir/checkpoints; (its run directory, its
-    metrics.jsonl records)."""
+    -c line that starts it) with its checkpoints in workdir/checkpoints, passing on its step and
+    evaluation lines (indented) as its progress; (its run directory, its metrics.jsonl records)."""
     checkpoint_dir = Path(workdir) / "checkpoints"
     arguments = [*arguments, f"training.checkpoint_dir={checkpoint_dir}"]
     print("$ train.py", " ".join(map(str, arguments)), note, flush=True)
-    subprocess.run([sys.executable, *python_args, *arguments], check=True, stdout=subprocess.DEVNULL)
+    with subprocess.Popen([sys.executable, *python_args, *arguments], stdout=subprocess.PIPE, text=True,
+                          errors="replace") as process:
+        try:
+            for line in process.stdout:
+                if line.startswith("step "):  # "step 100/2000 | loss ... | eta", "step 100: val loss ..."
+                    print("  " + line, end="", flush=True)
+        except BaseException:  # a signal stopped the benchmark: so does it train.py, before its folder goes
+            process.kill()
+            raise
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, process.args)
     [run] = checkpoint_dir.glob("run_*")  # (W&B, when on, writes its wandb/ beside it)
     return run, read_records(run / "metrics.jsonl")[0]
+
+
+def end_like_ctrl_c():
+    """A benchmark stopped by SIGTERM or SIGHUP (a scheduler, a closed terminal) ends as Ctrl-C ends
+    it: through its `with` blocks, so that its temporary folder of runs is removed, not left behind."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))

@@ -1,6 +1,10 @@
 """bench_budget.py: a variant trains on the first 90% of a text and its checkpoints are measured on the
 rest (no timing is asserted; the figures are in BENCHMARKS.md)."""
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -9,13 +13,16 @@ from conftest import ROOT, write_config
 
 
 def test_a_variant_gives_a_held_out_curve_from_any_directory(tmp_path, corpus, monkeypatch, capsys):
+    """...and its results are written before the next variant, which here fails."""
     text = tmp_path / "text.txt"
     text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(100)))
     config = write_config(tmp_path, corpus, max_iters=4)
     out = tmp_path / "results.json"
     monkeypatch.chdir(tmp_path)  # train.py is found beside bench_budget.py, not in the working directory
-    assert bench_budget.main(["--config", str(config), "--text", str(text), "--seconds", "0",
-                              "--variant", "plain", "--json", str(out)]) == 0
+    assert bench_budget.main(["--config", str(config), "--text", str(text), "--seconds", "0", "--variant", "plain",
+                              "--variant", "failing", "training.resume_from_checkpoint=nothing.pt",
+                              "--json", str(out)]) == 1
+    assert "\n  step 4/4 | loss " in capsys.readouterr().out  # train.py's progress, passed on
     [(name, result)] = json.loads(out.read_text())["variants"].items()
     assert name == "plain" and result["max_iters"] == 4
     assert [len(point) for point in result["curve"]] == [2] * 4  # (seconds, held-out loss) at every step
@@ -28,3 +35,21 @@ def test_a_variant_name_given_twice_is_refused(tmp_path, corpus, capsys):
         bench_budget.main(["--config", str(config), "--text", str(ROOT / "README.md"), "--variant", "a",
                            "--variant", "a", "model.n_layer=2"])
     assert "error: --variant a is given twice: give each variant its own name" in capsys.readouterr().err
+
+
+def test_a_benchmark_stopped_by_sigterm_removes_its_folder_of_runs(tmp_path, corpus):
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(100)))
+    config = write_config(tmp_path, corpus, max_iters=100000, log_freq=1)
+    (tmp_path / "tmp").mkdir()
+    command = [sys.executable, str(ROOT / "bench_budget.py"), "--config", str(config), "--text", str(text), "--seconds", "0"]
+    bench = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                             env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    try:
+        assert any(line.startswith("  step 1/") for line in bench.stdout)  # train.py is training
+        os.killpg(bench.pid, signal.SIGTERM)  # as `timeout` or a scheduler stops the group
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        bench.kill()
+        bench.stdout.close()
+    assert list((tmp_path / "tmp").iterdir()) == []
