@@ -79,6 +79,15 @@ def resumable_runs(root: Path) -> list[Path]:
     return found
 
 
+def folders_of_runs(folder: Path) -> list[Path]:
+    """The folders in `folder` that hold runs with checkpoints (each an experiment's checkpoint_dir)."""
+    try:
+        return sorted(sub for sub in folder.iterdir() if sub.is_dir() and any(
+            is_run_with_checkpoints(run) for run in sub.glob("run_*")))
+    except OSError:  # not a folder, or one that cannot be listed
+        return []
+
+
 def is_run_directory(folder: Path) -> bool:
     """Whether a folder is a run's (train.py writes into it): its config.yaml is the one a run wrote
     (its first line says so; runs from before it did: a run_* folder), not a config file that a copied
@@ -115,8 +124,10 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
             if is_run_with_checkpoints(root):  # the folder of one run, given for the folder that holds them
                 raise one_run_given(root, setting, "latest")
             what = "no run with a checkpoint in" if root.is_dir() else "there is no folder"
-            raise CheckpointError(f"{setting}: latest: {what} {root}/{relative_to_here(root)}; train a run first, or "
-                                  f"set {folder} to the folder that holds the runs")
+            fix = (f"set {folder} to one of its folders of runs: {', '.join(map(str, experiments))}"
+                   if (experiments := folders_of_runs(root)) else
+                   f"train a run first, or set {folder} to the folder that holds the runs")
+            raise CheckpointError(f"{setting}: latest: {what} {root}/{relative_to_here(root)}; {fix}")
         last_written = max(found, key=lambda path: path.stat().st_mtime)  # an older run resumed since, perhaps
         if last_written.parent != found[0].parent:
             print(f"note: latest is the newest run, {found[0].parent.name}; {last_written} was written more "
@@ -131,7 +142,10 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
         if not found:
             runs = sorted(p.name for p in path.glob("run_*") if p.is_dir() and resumable_in(p))
             with_it = f"--checkpoint-dir {path}" if flag else f"training.checkpoint_dir={path}"
+            experiments = folders_of_runs(path)
             hint = (f": it holds runs; give one (e.g. {path / runs[-1]}), or `latest` with {with_it}" if runs
+                    else f": it holds folders of runs ({', '.join(map(str, experiments))}): give a run of one, or "
+                         f"`latest` with {folder} set to one" if experiments
                     else f": export.py's output, not a checkpoint{exported_from(path)}" if is_export(path) else
                     ": its run stopped before its first checkpoint" + ("" if flag else f"; start it again without {setting}")
                     if is_run_directory(path) else "")

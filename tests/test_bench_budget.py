@@ -42,7 +42,8 @@ def test_a_benchmark_stopped_by_sigterm_removes_its_folder_of_runs(tmp_path, cor
     text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(100)))
     config = write_config(tmp_path, corpus, max_iters=100000, log_freq=1)
     (tmp_path / "tmp").mkdir()
-    command = [sys.executable, str(ROOT / "bench_budget.py"), "--config", str(config), "--text", str(text), "--seconds", "0"]
+    command = [sys.executable, str(ROOT / "bench_budget.py"), "--config", str(config), "--text", str(text),
+               "--seconds", "0"]
     bench = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True,
                              env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     try:

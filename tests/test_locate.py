@@ -2,6 +2,7 @@
 checkpoint that cannot be read, to a best.pt newer than the last checkpoint), and which folders are
 run directories."""
 import os
+import re
 
 import pytest
 import torch
@@ -153,6 +154,26 @@ def test_a_scripts_latest_names_an_older_run_that_trained_further(tmp_path, caps
     torch.save(Checkpoint(step=600, model={}, model_config={}).to_dict(), stopped / "best.pt")  # the step is read
     assert open_checkpoint("latest", str(tmp_path), setting="--checkpoint")[0] == stopped / "best.pt"
     assert capsys.readouterr().err == ""
+
+
+def test_a_folder_of_experiments_names_its_folders_of_runs(tmp_path):
+    for experiment in ("bpe", "bytes"):
+        run = tmp_path / experiment / "run_20260101_000000"
+        run.mkdir(parents=True)
+        (run / "config.yaml").touch()
+        torch.save(Checkpoint(step=2, model={}, model_config={}).to_dict(), run / "checkpoint_2.pt")
+    (tmp_path / "notes").mkdir()  # no runs in it: not named
+    experiments = f"{tmp_path / 'bpe'}, {tmp_path / 'bytes'}"
+    with pytest.raises(CheckpointError, match=re.escape(f"; set --checkpoint-dir to one of its folders of runs: "
+                                                        f"{experiments}")):
+        open_checkpoint("latest", str(tmp_path), setting="--checkpoint")
+    with pytest.raises(CheckpointError, match=re.escape(f"; set training.checkpoint_dir to one of its folders of runs: "
+                                                        f"{experiments}")):
+        open_checkpoint("latest", str(tmp_path))
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path} holds no checkpoint_<step>.pt: it holds folders "
+                                                        f"of runs ({experiments}): give a run of one, or `latest` with "
+                                                        f"--checkpoint-dir set to one")):
+        open_checkpoint(str(tmp_path), None, setting="--checkpoint")
 
 
 def test_latest_past_an_unreadable_checkpoint_says_why_it_is_set_aside(tmp_path, corpus, capsys):
