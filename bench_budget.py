@@ -28,7 +28,7 @@ import torch
 from arguments import add_config_arguments, load_config, parse_arguments
 from checkpoint import load_checkpoint, model_from_checkpoint
 from corpus import text_files_to_parquet
-from files import REPO, check_outputs
+from files import REPO, check_outputs, near_miss, relative_to_here
 from model import BDHConfig
 from locate import checkpoints_in, end_like_ctrl_c, train_in
 from runtime import first_line
@@ -121,6 +121,10 @@ def main(argv=None) -> int:
         load_config(argparse.Namespace(config=args.config, overrides=overrides))
     try:
         text = Path(args.text).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        near = near_miss(args.text, keep=Path.is_file)
+        parser.error(f"--text {args.text}: does not exist{relative_to_here(args.text)}"
+                     + f"; did you mean {near}?" * bool(near))
     except (OSError, UnicodeDecodeError) as e:
         parser.error(f"--text {args.text}: cannot read it as UTF-8 text ({first_line(e)})")
     if len(text.strip()) < 100:

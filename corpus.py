@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from config import DEFAULT_SAMPLE_DIR
-from files import UTF_BOMS, write_folder
+from files import UTF_BOMS, near_miss, relative_to_here, write_folder
 from shards import DataError
 
 
@@ -126,6 +126,9 @@ def text_files_to_parquet(files, out_dir, chunk_bytes=DOCUMENT_BYTES, replace=Fa
                 raw = Path(f).read_bytes()
             except IsADirectoryError:
                 raise DataError(f"{f}: a folder; give the text files in it{file_patterns(Path(f))}")
+            except FileNotFoundError:
+                near = near_miss(f, keep=Path.is_file)
+                raise DataError(f"{f}: does not exist{relative_to_here(f)}" + f"; did you mean {near}?" * bool(near))
             except OSError as e:
                 raise DataError(f"{f}: cannot read ({e.strerror})")
             raw = as_utf8(raw, f)

@@ -187,13 +187,19 @@ def trained_further(found: list[Path]):
               f"(step {step}): give --checkpoint {run} to use it", file=sys.stderr)
 
 
-def exported_from(folder: Path) -> str:
-    """'(exported from <checkpoint>: give that checkpoint)' as its config.json records it, or ""."""
+def export_source(folder: Path) -> str | None:
+    """The checkpoint a folder export.py wrote came from, as its config.json records it (None: not known)."""
     try:
-        source = json.loads((folder / "config.json").read_text())["bdh_export"]["checkpoint"]
+        source = json.loads((Path(folder) / "config.json").read_text())["bdh_export"]["checkpoint"]
     except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    return f" (exported from {source}: give that checkpoint)"
+        return None
+    return source if isinstance(source, str) else None
+
+
+def exported_from(folder: Path) -> str:
+    """'(exported from <checkpoint>: give that checkpoint)', or "" where it is not known."""
+    source = export_source(folder)
+    return f" (exported from {source}: give that checkpoint)" if source else ""
 
 
 def open_checkpoint(spec: str, checkpoint_dir: str | None, setting: str = "training.resume_from_checkpoint",

@@ -17,7 +17,9 @@ import yaml
 
 from arguments import parse_arguments
 from config_file import ConfigError, read_scalar, settings_as_run, with_split_seed
-from files import picture_path, read_records, resumed_configs
+from checkpoint import is_export
+from files import near_miss, picture_path, read_records, relative_to_here, resumed_configs
+from locate import export_source
 
 
 class PlotError(Exception):
@@ -30,9 +32,19 @@ class NothingLogged(PlotError):
 
 def read_metrics(run_dir: Path) -> tuple[list, list]:
     """(training records, evaluation records) of a run."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not Path(run_dir).exists():
-        raise PlotError(f"{run_dir}: does not exist; give a run directory (checkpoints/run_YYYYMMDD_HHMMSS)")
+    run_dir, give = Path(run_dir), "give a run directory (checkpoints/run_YYYYMMDD_HHMMSS)"
+    path = run_dir / "metrics.jsonl"
+    if not run_dir.exists():
+        near = near_miss(run_dir, keep=lambda entry: entry.is_dir())
+        raise PlotError(f"{run_dir}: does not exist{relative_to_here(run_dir)}; "
+                        + (f"did you mean {near}?" if near else give))
+    if run_dir.is_file():
+        holder = run_dir.parent if (run_dir.parent / "metrics.jsonl").is_file() else None
+        raise PlotError(f"{run_dir}: a file; " + (f"give its run directory, {holder}" if holder else give))
+    if is_export(run_dir):
+        source = export_source(run_dir)
+        raise PlotError(f"{run_dir}: a folder export.py wrote, which holds no metrics; "
+                        + (f"give the run directory it came from, {Path(source).parent}" if source else give))
     if not path.is_file():
         raise PlotError(f"{run_dir}: no metrics.jsonl, nor a run directory with one in it; give a run directory "
                         f"(checkpoints/run_YYYYMMDD_HHMMSS) or a folder of runs")

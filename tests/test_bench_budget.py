@@ -29,12 +29,16 @@ def test_a_variant_gives_a_held_out_curve_from_any_directory(tmp_path, corpus, m
     assert result["heldout_loss"] == result["curve"][-1][1] < 5.55  # ln 256: it learned something
 
 
-def test_a_variant_name_given_twice_is_refused(tmp_path, corpus, capsys):
+def test_a_variant_name_given_twice_and_a_missing_text_are_refused(tmp_path, corpus, capsys):
     config = write_config(tmp_path, corpus)
     with pytest.raises(SystemExit):
         bench_budget.main(["--config", str(config), "--text", str(ROOT / "README.md"), "--variant", "a",
                            "--variant", "a", "model.n_layer=2"])
     assert "error: --variant a is given twice: give each variant its own name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_budget.main(["--config", str(config), "--text", str(ROOT / "READM.md")])
+    assert f"error: --text {ROOT / 'READM.md'}: does not exist; did you mean {ROOT / 'README.md'}?\n" in \
+        capsys.readouterr().err
 
 
 def test_a_benchmark_stopped_by_sigterm_removes_its_folder_of_runs(tmp_path, corpus):

@@ -44,8 +44,11 @@ def test_a_small_text_gets_row_groups_enough_for_several_processes(tmp_path):
 
 
 def test_an_unreadable_text_file_is_a_data_error(tmp_path):
-    with pytest.raises(DataError, match=r"nope.txt: cannot read"):
+    with pytest.raises(DataError, match=r"nope.txt: does not exist$"):
         corpus.text_files_to_parquet([tmp_path / "nope.txt"], tmp_path / "out")
+    (tmp_path / "tinyshakespeare.txt").write_text("To be")  # a typo of it: named
+    with pytest.raises(DataError, match=f"tinyshakespear.txt: does not exist; did you mean {tmp_path}/tinyshakespeare"):
+        corpus.text_files_to_parquet([tmp_path / "tinyshakespear.txt"], tmp_path / "out")
 
 
 def test_sample_corpus_is_deterministic(tmp_path):

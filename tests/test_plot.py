@@ -1,4 +1,5 @@
 """plot.py: curves of one or several runs from metrics.jsonl."""
+import json
 import math
 import shutil
 from pathlib import Path
@@ -38,7 +39,18 @@ def test_plots_one_and_two_runs_and_refuses_a_folder_without_metrics(tmp_path, c
     assert plot.main([str(empty), "--out", str(tmp_path / "all.png")]) == 1  # alone: refused
     assert capsys.readouterr().err.startswith(f"error: {empty / 'metrics.jsonl'}: holds no training")
     assert plot.main([str(runs[0]), f"{runs[1]}x", "--out", str(tmp_path / "all.png")]) == 1  # a typo: refused
-    assert capsys.readouterr().err.startswith(f"error: {runs[1]}x: does not exist")
+    assert capsys.readouterr().err == f"error: {runs[1]}x: does not exist; did you mean {runs[1]}?\n"
+    for given, fix in ((runs[0] / "checkpoint_4.pt", f"a file; give its run directory, {runs[0]}"),
+                       (tmp_path / "ck" / "run_nope", "does not exist; give a run directory")):
+        assert plot.main([str(given), "--out", str(tmp_path / "all.png")]) == 1
+        assert capsys.readouterr().err.startswith(f"error: {given}: {fix}")
+    export = tmp_path / "export"  # what export.py writes: no metrics
+    export.mkdir()
+    (export / "model.safetensors").touch()
+    (export / "config.json").write_text(json.dumps({"bdh_export": {"checkpoint": str(runs[0] / "checkpoint_4.pt")}}))
+    assert plot.main([str(export), "--out", str(tmp_path / "all.png")]) == 1
+    assert capsys.readouterr().err == (f"error: {export}: a folder export.py wrote, which holds no metrics; give "
+                                       f"the run directory it came from, {runs[0]}\n")
     shutil.rmtree(empty)
     assert train.main(["--config", str(path), "training.batch_size=2", f"training.checkpoint_dir={tmp_path / 'b2'}",
                        "logging.tensorboard=false"]) == 0
@@ -73,7 +85,6 @@ def test_out_is_checked_first_and_damaged_records_are_skipped(tmp_path, corpus, 
 
 def test_the_runs_are_named_once_under_the_panels_and_a_run_without_evaluations_has_no_validation_legend(
         tmp_path, monkeypatch):
-    import json
     import matplotlib.pyplot as plt
     run = tmp_path / "run_a"
     run.mkdir()
@@ -89,7 +100,6 @@ def test_the_runs_are_named_once_under_the_panels_and_a_run_without_evaluations_
 
 
 def test_validation_lines_break_where_a_resume_changed_what_they_measure(tmp_path, corpus, monkeypatch):
-    import json
     import matplotlib.pyplot as plt
     path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, test_freq=1)
     assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
@@ -128,7 +138,6 @@ def test_bits_per_byte_is_drawn_against_the_text_read_whatever_the_tokens():
 
 
 def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch):
-    import json
     import matplotlib.pyplot as plt
     import yaml
     for name, tokenizer, lr in (("run_a", "bytes", 0.01), ("run_b", "bpe.json", 0.01), ("run_c", "bytes", 0.02)):
@@ -235,7 +244,6 @@ def test_run_settings_are_what_the_run_used_as_it_ran(tmp_path):
 def test_experiments_of_their_own_folders_are_plotted_together_and_their_names_fit(tmp_path, monkeypatch, capsys):
     """checkpoint_dir=ck/<experiment> for each: `plot.py ck` finds their runs, names them by
     experiment, and the legend of long names stays inside the picture."""
-    import json
     import matplotlib.pyplot as plt
     import yaml
     for experiment, vocab in (("bytes", 256), ("bpe512", 512), ("bpe2048", 2048)):

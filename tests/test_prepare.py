@@ -243,7 +243,7 @@ def test_prepare_command_refuses_arguments_it_would_ignore_or_misread(arguments,
 
 def test_from_text_on_a_missing_file_is_one_line_and_leaves_no_folder(tmp_path, capsys):
     assert prepare.main(["--from-text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")]) == 1
-    assert capsys.readouterr().err == f"error: {tmp_path / 'missing.txt'}: cannot read (No such file or directory)\n"
+    assert capsys.readouterr().err == f"error: {tmp_path / 'missing.txt'}: does not exist\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
