@@ -75,6 +75,7 @@ def last_evaluation(source: Path, step: int) -> dict:
 def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool) -> str:
     config, shape = ckpt.config, ckpt.model_config
     training = config.get("training", {})
+    folder = Path(out).name  # as whoever downloads it has it, not where it was written
     model_shape = BDHConfig(**shape)
     n_latent, n_params = model_shape.n_latent, model_shape.n_params
     evaluated = last_evaluation(source, ckpt.step)
@@ -122,12 +123,12 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
              *settings_changed(source.parent, ckpt.step),
              f"- result: {result}", "",
              "## Use", "", "With the training repository:", "",
-             f"    python sample.py --checkpoint {out} --prompt \"...\"", ""]
+             f"    python sample.py --checkpoint {folder} --prompt \"...\"", ""]
     if hf:
         lines += ["With Hugging Face Transformers:", "",
                   "    from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  f"    model = AutoModelForCausalLM.from_pretrained(\"{out}\", trust_remote_code=True)",
-                  f"    tokenizer = AutoTokenizer.from_pretrained(\"{out}\", trust_remote_code=True)",
+                  f"    model = AutoModelForCausalLM.from_pretrained(\"{folder}\", trust_remote_code=True)",
+                  f"    tokenizer = AutoTokenizer.from_pretrained(\"{folder}\", trust_remote_code=True)",
                   "    ids = model.generate(**tokenizer(\"...\", return_tensors=\"pt\"), max_new_tokens=100, do_sample=False)",
                   "    print(tokenizer.decode(ids[0]))", ""]
     lines += ["## The run's configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]

@@ -307,9 +307,11 @@ def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp
     assert "), validation data/held_out, measured on up to 20 batches" in card and "validation fraction" not in card
     assert "accumulation 1\n" in card  # one process; a checkpoint older than token counting
     ckpt.rng, ckpt.tokens = [{}, {}], 40_960  # two processes under torchrun
-    card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=True, four_bit=False)
+    card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "exports/out", hf=True,
+                             four_bit=False)
     assert "accumulation 1 x 2 processes; 40,960 tokens trained on\n" in card
     assert 'AutoTokenizer.from_pretrained("out", trust_remote_code=True)' in card  # no question at the prompt
+    assert "python sample.py --checkpoint out --prompt" in card and "exports" not in card  # the folder, shared
     assert "- settings:" not in card
     for step in (1, 3, 12):  # resumes with changed settings (rundir.record_resumed_config); after step 12: later
         (tmp_path / f"config_resume_{step}.yaml").write_text("{}")
