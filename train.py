@@ -97,7 +97,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
     if ranks.main:
         check_writable(training.checkpoint_dir)
         check_installed(cfg.logging)
-    # auto: latest, or a new run
+    # auto becomes latest or None (a new run), in the config itself: resume.py and main() read it from there
     training.resume_from_checkpoint = resume_target(training, ranks, device, resume_named_in_file)
     found_newest = training.resume_from_checkpoint == "latest"  # (auto too): the newest run, not one named
     check_run_data_given(cfg, command_line)  # a resume that leaves out its run's data: refused before it is read
