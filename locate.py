@@ -1,7 +1,7 @@
 """Which checkpoint a name means: a checkpoint file, a run directory (its newest checkpoint) or
 `latest` (the newest run's), as training.resume_from_checkpoint and the scripts' --checkpoint take
-them; the model the scripts read from one (an export.py folder too); the run a benchmark's training
-wrote.
+them; the model the scripts read from one (an export.py folder too); for the benchmarks, the run
+their training wrote, and their end on a signal.
 """
 import difflib
 import json
