@@ -30,8 +30,9 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from corpus import text_files_to_parquet
 from files import REPO, check_outputs, near_miss, relative_to_here
 from model import BDHConfig
-from locate import checkpoints_in, end_like_ctrl_c, train_in
+from locate import checkpoints_in, train_in
 from runtime import first_line
+from stopping import ended_like_ctrl_c
 from tokenizer import tokenizer_from_string
 
 TRAIN = str(REPO / "train.py")
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
                         help="the wall-clock budget of each run (default 240; 0: the config's own max_iters)")
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
                         help="a named set of section.key=value overrides on top of the config; repeatable")
-    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--json", help="also write the results to this file (after each variant; \"complete\": "
+                                       "true once all are)")
     args = parse_arguments(parser, argv)
     if args.seconds < 0:
         parser.error(f"--seconds must be >= 0 (0: the config's own max_iters), got {args.seconds:g}")
@@ -130,9 +132,8 @@ def main(argv=None) -> int:
     if len(text.strip()) < 100:
         parser.error(f"--text {args.text}: {len(text)} characters; give a text to train on (tinyshakespeare: 1 MB)")
     cut = math.floor(len(text) * 0.9)
-    results = {"text": args.text, "seconds": args.seconds, "config": args.config, "variants": {}}
-    end_like_ctrl_c()
-    with tempfile.TemporaryDirectory() as tmp:
+    results = {"text": args.text, "seconds": args.seconds, "config": args.config, "variants": {}, "complete": False}
+    with ended_like_ctrl_c(), tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         for part, piece in (("train", text[:cut]), ("heldout", text[cut:])):
             (Path(tmp) / f"{part}.txt").write_text(piece, encoding="utf-8")
@@ -150,6 +151,8 @@ def main(argv=None) -> int:
                   f"curve {result['curve']}", flush=True)
             if args.json:  # after each variant: a later one that fails or is stopped leaves these
                 Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps({**results, "complete": True}, indent=2))
     return 0
 
 

@@ -45,14 +45,16 @@ from evaluation import validation_loss
 from files import REPO, check_outputs
 from lowbit import to_4bit
 from model import BDH
-from locate import checkpoints_in, end_like_ctrl_c, train_in
+from locate import checkpoints_in, train_in
 from runtime import autocast, pick_device
 from shards import list_units
+from stopping import ended_like_ctrl_c
 from tokenizer import load_tokenizer
 
 BF16 = ["low_precision.compute_dtype=bfloat16"]
 FOUR_BIT_OPTIMIZER = ["low_precision.use_4bit_optimizer=true"]
 PAPER = {"v_form": "v", "signed_scale": False}  # with the other defaults: Li et al.'s format, as torchao has it
+TORCHAO = "torchao AdamW4bit"  # the variant, and its name in the optimizer tables
 EARLIER = {"m_code": "nf4", "v_code": "nf4", "v_form": "root4", "floor": True, "block_size": 32, "signed_scale": False}
 # a variant: its overrides, or (overrides, the optimizer: a MomentFormat's fields or "torchao")
 VARIANT_SETS = {
@@ -61,7 +63,7 @@ VARIANT_SETS = {
              "4-bit QAT from step 1": ["low_precision.use_4bit=true", "low_precision.qat_start_fraction=0"]},
     "fp8": {"bf16": BF16, "bf16 + FP8": BF16 + ["low_precision.use_fp8=true"]},
     "optimizer": {"AdamW": [], "AdamW4bit": FOUR_BIT_OPTIMIZER,
-                  "torchao AdamW4bit": (FOUR_BIT_OPTIMIZER, "torchao")},
+                  TORCHAO: (FOUR_BIT_OPTIMIZER, "torchao")},
     "optimizer-ablation": {"AdamW": [], **{name: (FOUR_BIT_OPTIMIZER, fields) for name, fields in {
         "the paper's format (m dynamic, v linear, blocks of 128)": PAPER,
         "only m in 4 bits": {**PAPER, "v_code": None},
@@ -84,7 +86,7 @@ VARIANT_SETS = {
         "earlier format: m nf4, v^(1/4) nf4, floor, blocks of 32": EARLIER,
         "earlier format, only m": {**EARLIER, "v_code": None},
         "earlier format, only v": {**EARLIER, "m_code": None},
-    }.items()}, "torchao AdamW4bit": (FOUR_BIT_OPTIMIZER, "torchao")},
+    }.items()}, TORCHAO: (FOUR_BIT_OPTIMIZER, "torchao")},
 }
 PTQ = "AdamW, then 4-bit weights (post-training)"
 
@@ -161,7 +163,7 @@ def state_bytes_line(cfg, torchao: bool) -> tuple[dict, str]:
     model = BDH(cfg.to_bdh_config())
     state = {"AdamW": adamw_state_bytes(model.parameters()), "AdamW4bit": AdamW4bit(model.parameters()).state_bytes()}
     if torchao:
-        state["torchao AdamW4bit"] = torchao_adamw4bit()(model.parameters(), betas=(0.9, 0.95)).state_bytes()
+        state[TORCHAO] = torchao_adamw4bit()(model.parameters(), betas=(0.9, 0.95)).state_bytes()
     return state, "optimizer state: " + ", ".join(
         f"{name} {size / 2**20:.2f} MiB ({size / state['AdamW']:.3f}x)" for name, size in state.items())
 
@@ -174,7 +176,7 @@ def optimizer_step_ms(cfg, steps=20) -> dict:
         p.grad = torch.randn_like(p) * 1e-3
     optimizers = {"AdamW": torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95)),
                   "AdamW4bit": AdamW4bit(model.parameters(), lr=1e-4, betas=(0.9, 0.95)),
-                  "torchao AdamW4bit": torchao_adamw4bit()(model.parameters(), lr=1e-4, betas=(0.9, 0.95))}
+                  TORCHAO: torchao_adamw4bit()(model.parameters(), lr=1e-4, betas=(0.9, 0.95))}
     for optimizer in optimizers.values():
         for _ in range(3):  # warm-up (torchao compiles its step)
             optimizer.step()
@@ -219,7 +221,8 @@ def main(argv=None) -> int:
                              "training.seed)")
     parser.add_argument("--variant", action="append", metavar="NAME",
                         help="run only this variant of the set, beside its first (repeatable; default: all)")
-    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--json", help="also write the results to this file (after each seed; \"complete\": "
+                                       "true once all are)")
     args = parse_arguments(parser, argv)
     check_outputs(parser, {"--json": args.json})
     for name in args.variant or ():
@@ -230,16 +233,15 @@ def main(argv=None) -> int:
     if args.set == "fp8" and not torch.cuda.is_available():
         parser.error("--set fp8 trains with FP8 GEMMs, which need a CUDA GPU (compute capability >= 8.9)")
     seeds = args.seeds or [cfg.training.seed]
-    results = {"config": cfg.to_dict(), "set": args.set, "seeds": {}}
+    results = {"config": cfg.to_dict(), "set": args.set, "seeds": {}, "complete": False}
     if args.set != "fp8":
-        results["optimizer_state_bytes"], line = state_bytes_line(cfg, "torchao AdamW4bit" in VARIANT_SETS[args.set])
+        results["optimizer_state_bytes"], line = state_bytes_line(cfg, TORCHAO in VARIANT_SETS[args.set])
         print(line, flush=True)
     if args.set == "optimizer":
         results["optimizer_step_ms"] = optimizer_step_ms(cfg)
         print("optimizer step alone: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in
                                                    results["optimizer_step_ms"].items()), flush=True)
-    end_like_ctrl_c()
-    with tempfile.TemporaryDirectory() as tmp:
+    with ended_like_ctrl_c(), tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             try:
                 results["seeds"][seed] = run_seed(args, seed, Path(tmp))
@@ -266,7 +268,7 @@ def main(argv=None) -> int:
             line += f" | its weights unquantized: {statistics.mean(r[name]['full_precision_val_loss'] for r in runs):.4f}"
         print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({**results, "complete": True}, indent=2))
     return 0
 
 

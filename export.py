@@ -15,6 +15,7 @@ quant_map[code] x its block's scale (model.unpack_4bit).
 import argparse
 import json
 import math
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -123,12 +124,12 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
              *settings_changed(source.parent, ckpt.step),
              f"- result: {result}", "",
              "## Use", "", "With the training repository:", "",
-             f"    python sample.py --checkpoint {folder} --prompt \"...\"", ""]
+             f"    python sample.py --checkpoint {shlex.quote(folder)} --prompt \"...\"", ""]
     if hf:
         lines += ["With Hugging Face Transformers:", "",
                   "    from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  f"    model = AutoModelForCausalLM.from_pretrained(\"{folder}\", trust_remote_code=True)",
-                  f"    tokenizer = AutoTokenizer.from_pretrained(\"{folder}\", trust_remote_code=True)",
+                  f"    model = AutoModelForCausalLM.from_pretrained({json.dumps(folder)}, trust_remote_code=True)",
+                  f"    tokenizer = AutoTokenizer.from_pretrained({json.dumps(folder)}, trust_remote_code=True)",
                   "    ids = model.generate(**tokenizer(\"...\", return_tensors=\"pt\"), max_new_tokens=100, do_sample=False)",
                   "    print(tokenizer.decode(ids[0]))", ""]
     lines += ["## The run's configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]

@@ -1,20 +1,19 @@
 """Which checkpoint a name means: a checkpoint file, a run directory (its newest checkpoint) or
 `latest` (the newest run's), as training.resume_from_checkpoint and the scripts' --checkpoint take
-them; the model the scripts read from one (an export.py folder too); for the benchmarks, the run
-their training wrote, and their end on a signal.
+them; the model the scripts read from one (an export.py folder too); the run a benchmark's training
+wrote.
 """
 import difflib
 import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from checkpoint import (CheckpointError, is_export, load_checkpoint, load_export, low_precision_of,
-                        model_from_checkpoint, saved_step)
+                        model_from_checkpoint, peek_checkpoint, saved_step)
 from files import near_miss, read_records, relative_to_here
 from model import BDH
 
@@ -80,7 +79,8 @@ def resumable_runs(root: Path) -> list[Path]:
 
 
 def folders_of_runs(folder: Path) -> list[Path]:
-    """The folders in `folder` that hold runs with checkpoints (each an experiment's checkpoint_dir)."""
+    """The folders in `folder` that hold runs with checkpoints (each an experiment's checkpoint_dir);
+    none where a folder cannot be listed."""
     try:
         return sorted(sub for sub in folder.iterdir() if sub.is_dir() and any(
             is_run_with_checkpoints(run) for run in sub.glob("run_*")))
@@ -134,7 +134,7 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
                   f"recently: give it (or its run directory) to {'use it' if flag else 'continue from there'}",
                   file=sys.stderr)  # (sample.py's standard output is the text alone)
         if flag:
-            trained_further(found)
+            trained_further(found, named=last_written.parent)
         return found
     path = Path(spec)
     if path.is_dir():
@@ -142,7 +142,7 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
         if not found:
             runs = sorted(p.name for p in path.glob("run_*") if p.is_dir() and resumable_in(p))
             with_it = f"--checkpoint-dir {path}" if flag else f"training.checkpoint_dir={path}"
-            experiments = folders_of_runs(path)
+            experiments = [] if runs else folders_of_runs(path)
             hint = (f": it holds runs; give one (e.g. {path / runs[-1]}), or `latest` with {with_it}" if runs
                     else f": it holds folders of runs ({', '.join(map(str, experiments))}): give a run of one, or "
                          f"`latest` with {folder} set to one" if experiments
@@ -176,15 +176,20 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
     return [path]
 
 
-def trained_further(found: list[Path]):
+def trained_further(found: list[Path], named: Path):
     """For a script's `latest` (the newest run's newest checkpoint, found[0]): a note naming an older
-    run that trained further, as a run stopped early sits beside a finished one."""
-    steps = [(checkpoint_step(path) or saved_step(path), path.parent) for path in found]  # (best.pt: its own)
-    (latest, newest), older = steps[0], [step_run for step_run in steps if step_run[1] != steps[0][1]]
-    step, run = max(older, key=lambda step_run: step_run[0], default=(0, None))
-    if step > latest:
-        print(f"note: latest is the newest run, {newest.name} (step {latest}); {run.name} trained further "
-              f"(step {step}): give --checkpoint {run} to use it", file=sys.stderr)
+    run that trained further, where the newest run stopped before its max_iters (a finished run of a
+    shorter experiment is what it is). `named`: a run a note has named already."""
+    newest = peek_checkpoint(found[0]) or {}
+    step = newest.get("step", math.inf)
+    if step >= newest.get("config", {}).get("training", {}).get("max_iters", 0):
+        return
+    older = [(checkpoint_step(path) or saved_step(path), path.parent) for path in found
+             if path.parent not in (found[0].parent, named)]
+    further, run = max(older, key=lambda step_run: step_run[0], default=(0, None))
+    if step < further < math.inf:  # (inf: a best.pt that cannot be read)
+        print(f"note: latest is the newest run, {found[0].parent.name}, stopped at step {step}; {run.name} trained "
+              f"further (step {further}): give --checkpoint {run} to use it", file=sys.stderr)
 
 
 def export_source(folder: Path) -> str | None:
@@ -286,11 +291,3 @@ def train_in(workdir: Path, arguments: list, python_args, note="") -> tuple[Path
         raise subprocess.CalledProcessError(process.returncode, process.args)
     [run] = checkpoint_dir.glob("run_*")  # (W&B, when on, writes its wandb/ beside it)
     return run, read_records(run / "metrics.jsonl")[0]
-
-
-def end_like_ctrl_c():
-    """A benchmark stopped by SIGTERM or SIGHUP (a scheduler, a closed terminal) ends as Ctrl-C ends
-    it: through its `with` blocks, so that its temporary folder of runs is removed, not left behind."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) == signal.SIG_DFL:
-            signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))

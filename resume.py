@@ -198,7 +198,8 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
                   f"{len(ckpt.rng)}{reseeded}{tokens}")
         torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
     tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
-    progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=ckpt.best_val_loss, last_saved=path,
+    best = math.inf if math.isnan(ckpt.best_val_loss) else ckpt.best_val_loss  # (up to 0.4.10 a NaN could be)
+    progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=best, last_saved=path,
                         passes=ckpt.passes, measured_anew=ckpt.measured_anew, evaluation_due=ckpt.evaluation_due,
                         command_line=progress_command_line, seconds_before=ckpt.seconds)
     run = reopen_run(cfg, path, ckpt, progress, ranks, device, unreadable,

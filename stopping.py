@@ -12,6 +12,7 @@ import shlex
 import signal
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -353,3 +354,27 @@ def flush_outputs():
             stream.flush()
         except (OSError, ValueError):  # no reader left, or closed
             pass
+
+
+@contextmanager
+def ended_like_ctrl_c():
+    """For the benchmarks: within it, SIGTERM and SIGHUP (a scheduler, a closed terminal) end the
+    program as Ctrl-C does, through the `with` blocks inside it (their temporary folder of runs is
+    removed), and any of the three in one line with status 128 + the signal, not a traceback. The
+    handlers before it are put back after it."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+    def stop(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    for sig, handler in before.items():
+        if handler == signal.SIG_DFL:
+            signal.signal(sig, stop)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        name = e.args[0] if e.args and e.args[0] in signal.Signals.__members__ else "SIGINT"
+        print(f"\n{name}: stopped", file=sys.stderr)
+        raise SystemExit(128 + signal.Signals[name]) from None
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

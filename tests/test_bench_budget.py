@@ -1,5 +1,6 @@
 """bench_budget.py: a variant trains on the first 90% of a text and its checkpoints are measured on the
 rest (no timing is asserted; the figures are in BENCHMARKS.md)."""
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ def test_a_variant_gives_a_held_out_curve_from_any_directory(tmp_path, corpus, m
                               "--variant", "failing", "training.resume_from_checkpoint=nothing.pt",
                               "--json", str(out)]) == 1
     assert "\n  step 4/4 | loss " in capsys.readouterr().out  # train.py's progress, passed on
+    assert json.loads(out.read_text())["complete"] is False
     [(name, result)] = json.loads(out.read_text())["variants"].items()
     assert name == "plain" and result["max_iters"] == 4
     assert [len(point) for point in result["curve"]] == [2] * 4  # (seconds, held-out loss) at every step
@@ -41,20 +43,26 @@ def test_a_variant_name_given_twice_and_a_missing_text_are_refused(tmp_path, cor
         capsys.readouterr().err
 
 
-def test_a_benchmark_stopped_by_sigterm_removes_its_folder_of_runs(tmp_path, corpus):
+def test_a_benchmark_stopped_by_sigterm_removes_its_folder_of_runs_and_stops_its_training(tmp_path, corpus):
     text = tmp_path / "text.txt"
     text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(100)))
     config = write_config(tmp_path, corpus, max_iters=100000, log_freq=1)
     (tmp_path / "tmp").mkdir()
     command = [sys.executable, str(ROOT / "bench_budget.py"), "--config", str(config), "--text", str(text),
                "--seconds", "0"]
-    bench = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True,
-                             env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    bench = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True, env=env)
     try:
         assert any(line.startswith("  step 1/") for line in bench.stdout)  # train.py is training
-        os.killpg(bench.pid, signal.SIGTERM)  # as `timeout` or a scheduler stops the group
+        os.kill(bench.pid, signal.SIGTERM)  # the benchmark alone, as a scheduler may: it stops train.py itself
         assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        assert bench.stderr.read().endswith("\nSIGTERM: stopped\n")
+        with pytest.raises(ProcessLookupError):  # no train.py left running
+            os.killpg(bench.pid, 0)
     finally:
-        bench.kill()
+        with contextlib.suppress(ProcessLookupError):  # (what a failure left running)
+            os.killpg(bench.pid, signal.SIGKILL)
         bench.stdout.close()
+        bench.stderr.close()
     assert list((tmp_path / "tmp").iterdir()) == []

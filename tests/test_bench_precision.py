@@ -1,4 +1,6 @@
 """bench_precision.py: what it measures is what it says (the training runs themselves are train.py's)."""
+import json
+
 import pytest
 
 import bench_precision
@@ -14,8 +16,11 @@ def test_each_seed_is_evaluated_on_its_own_validation_split(tmp_path, corpus, mo
     monkeypatch.setattr(bench_precision, "final_checkpoint_loss",
                         lambda cfg, run, four_bit: evaluated_with.append((cfg.training.seed, cfg.dataset.split_seed))
                         or 1.0)
-    assert bench_precision.main(["--config", str(path), "--seeds", "1,2"]) == 0
+    assert bench_precision.main(["--config", str(path), "--seeds", "1,2", "--json", str(tmp_path / "out.json")]) == 0
     assert evaluated_with == [(1, 1)] * 3 + [(2, 2)] * 3  # per seed: post-training 4-bit and the two QAT runs
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert list(results["seeds"]) == ["1", "2"] and results["complete"] is True
+    assert list(results["optimizer_state_bytes"]) == ["AdamW", "AdamW4bit"]  # (torchao's: not in the 4bit set)
 
 
 def test_variant_trains_only_the_variants_named_beside_the_first(tmp_path, corpus, monkeypatch, capsys):

@@ -118,13 +118,15 @@ def test_latest_is_the_newest_run_and_names_an_older_run_written_since(tmp_path,
     older, newer = tmp_path / "run_20260101_000000", tmp_path / "run_20260102_000000"
     for run, step in ((older, 80), (newer, 8)):
         run.mkdir()
-        torch.save(Checkpoint(step=step, model={}, model_config={}).to_dict(), run / f"checkpoint_{step}.pt")
+        torch.save(Checkpoint(step=step, model={}, model_config={}, config={"training": {"max_iters": 100}}).to_dict(),
+                   run / f"checkpoint_{step}.pt")
     os.utime(newer / "checkpoint_8.pt", (1e9, 1e9))  # the older run was resumed after the newer one stopped
     assert open_checkpoint("latest", str(tmp_path))[0] == newer / "checkpoint_8.pt"
     assert capsys.readouterr().err == (f"note: latest is the newest run, {newer.name}; {older / 'checkpoint_80.pt'} was "
                                        f"written more recently: give it (or its run directory) to continue from there\n")
     open_checkpoint("latest", str(tmp_path), setting="--checkpoint")  # sample.py, export.py: not training
-    assert "give it (or its run directory) to use it\n" in capsys.readouterr().err
+    err = capsys.readouterr().err  # (the older run, named once: not again as the one that trained further)
+    assert err.endswith("give it (or its run directory) to use it\n") and err.count("note:") == 1
     os.utime(older / "checkpoint_80.pt", (1e8, 1e8))
     assert open_checkpoint("latest", str(tmp_path))[0] == newer / "checkpoint_8.pt"
     assert capsys.readouterr().err == ""
@@ -141,18 +143,26 @@ def test_latest_is_the_newest_run_and_names_an_older_run_written_since(tmp_path,
 
 def test_a_scripts_latest_names_an_older_run_that_trained_further(tmp_path, capsys):
     finished, stopped = tmp_path / "run_20260101_000000", tmp_path / "run_20260102_000000"
-    for run, steps in ((finished, (400, 500)), (stopped, (20,))):
+    for run, steps, max_iters in ((finished, (400, 500), 500), (stopped, (20,), 500)):
         run.mkdir()
         for step in steps:
-            torch.save(Checkpoint(step=step, model={}, model_config={}).to_dict(), run / f"checkpoint_{step}.pt")
+            torch.save(Checkpoint(step=step, model={}, model_config={}, config={"training": {"max_iters": max_iters}})
+                       .to_dict(), run / f"checkpoint_{step}.pt")
     os.utime(finished / "checkpoint_500.pt", (1e8, 1e8))  # written before the stopped run: no other note
     assert open_checkpoint("latest", str(tmp_path), setting="--checkpoint")[0] == stopped / "checkpoint_20.pt"
-    assert capsys.readouterr().err == (f"note: latest is the newest run, {stopped.name} (step 20); {finished.name} "
-                                       f"trained further (step 500): give --checkpoint {finished} to use it\n")
+    assert capsys.readouterr().err == (f"note: latest is the newest run, {stopped.name}, stopped at step 20; "
+                                       f"{finished.name} trained further (step 500): give --checkpoint {finished} to "
+                                       f"use it\n")
     open_checkpoint("latest", str(tmp_path))  # a resume continues the newest run: nothing to say
     assert capsys.readouterr().err == ""
-    torch.save(Checkpoint(step=600, model={}, model_config={}).to_dict(), stopped / "best.pt")  # the step is read
+    torch.save(Checkpoint(step=600, model={}, model_config={}, config={"training": {"max_iters": 800}}).to_dict(),
+               stopped / "best.pt")  # its step is read: past the other run's
     assert open_checkpoint("latest", str(tmp_path), setting="--checkpoint")[0] == stopped / "best.pt"
+    assert capsys.readouterr().err == ""
+    (stopped / "best.pt").unlink()
+    torch.save(Checkpoint(step=20, model={}, model_config={}, config={"training": {"max_iters": 20}}).to_dict(),
+               stopped / "checkpoint_20.pt")  # a shorter experiment, finished: what it is
+    open_checkpoint("latest", str(tmp_path), setting="--checkpoint")
     assert capsys.readouterr().err == ""
 
 

@@ -610,3 +610,15 @@ def test_a_stop_before_the_first_evaluation_keeps_the_mark_of_a_changed_validati
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r.get("measured_anew")) for r in records if "val_loss" in r] == [(2, None), (4, None), (8, True)]
     assert not load_checkpoint(run / "checkpoint_8.pt").measured_anew
+
+
+def test_a_checkpoint_whose_best_loss_is_not_a_number_gets_a_best_again(tmp_path, corpus):
+    """Up to 0.4.10 a NaN validation loss was taken as the best: no loss is below it."""
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=4, test_freq=2)
+    assert train.main(["--config", str(path)]) == 0
+    run = only_run(tmp_path / "ck")
+    saved = torch.load(run / "checkpoint_4.pt", weights_only=False)
+    torch.save({**saved, "best_val_loss": float("nan")}, run / "checkpoint_4.pt")
+    (run / "best.pt").unlink()
+    assert train.main(["--config", str(path), "training.max_iters=6", f"training.resume_from_checkpoint={run}"]) == 0
+    assert load_checkpoint(run / "best.pt").step == 6

@@ -560,3 +560,25 @@ def test_stopping_the_loader_workers_leaves_the_callers_own_processes():
         for process in (own, worker):
             process.kill()
             process.join()
+
+
+def test_a_benchmark_ends_on_sigterm_as_on_ctrl_c_and_puts_the_handlers_back(capsys):
+    host = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (pytest's worker may have its own)
+    try:
+        cleaned = []
+        with pytest.raises(SystemExit) as ended:
+            with stopping.ended_like_ctrl_c():
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)  # (the handler runs at once: this is not reached)
+                finally:
+                    cleaned.append(True)  # a temporary folder's removal, say
+        assert (ended.value.code, cleaned) == (128 + signal.SIGTERM, [True])
+        assert capsys.readouterr().err == "\nSIGTERM: stopped\n"
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, host)
+    with pytest.raises(SystemExit) as ended:
+        with stopping.ended_like_ctrl_c():
+            raise KeyboardInterrupt  # Ctrl-C: one line too, not a traceback
+    assert ended.value.code == 130 and capsys.readouterr().err == "\nSIGINT: stopped\n"

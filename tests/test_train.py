@@ -396,6 +396,10 @@ def test_a_validation_loss_that_is_not_a_number_is_never_the_best(tmp_path, corp
     best = load_checkpoint(only_run(tmp_path / "ck") / "best.pt")
     assert (best.step, best.best_val_loss) == (4, 2.0)
     assert capsys.readouterr().out.count("note: the validation loss is not a number: not taken as the best\n") == 2
+    losses = iter([math.nan] * 4)
+    assert train.main(["--config", str(config), "low_precision.compute_dtype=float16"]) == 0
+    assert ("note: the validation loss is not a number: not taken as the best; in float16, activations past 65,504 "
+            "overflow: compute_dtype bfloat16 or float32 has the range\n") in capsys.readouterr().out
 
 
 def test_a_best_at_a_checkpoint_step_is_serialized_once_and_the_checkpoint_copies_it(tmp_path, corpus, monkeypatch,
