@@ -46,6 +46,8 @@ class MomentFormat:
 
 
 DEFAULT_FORMAT = MomentFormat()  # what train.py's AdamW4bit uses (bench_precision's ablations set another)
+# Checkpoints do not record the format: a change to this default must convert the codes saved before it, by
+# the checkpoint's project version, in convert_adamw_state (as it does for the nf4 codes of earlier versions).
 
 
 @torch.no_grad()
