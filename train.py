@@ -188,8 +188,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
         if ranks.any(not finite, device):
             raise non_finite("a weight", at.step, at.last_saved, training)
 
-    def save_step(at: Progress, best=False):  # checkpoint_<step>.pt; older ones go; best: best.pt too
-        check_weights(at)
+    def save_step(at: Progress, best=False, checked=False):  # checkpoint_<step>.pt; older ones go; best: best.pt too
+        if not checked:  # (by this step's evaluation)
+            check_weights(at)
         at.last_saved = save_checkpoint(at, best=best)
         resume_command[:] = [resuming(ranks, arguments, at.last_saved.parent)]
         run.prune(training.keep_last_n)
@@ -302,7 +303,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
                   flush=True)
         if saving or stopping:
             with paused(step_log, stop, SAVING, device):
-                save_step(progress, best=best)
+                save_step(progress, best=best, checked=evaluating)
             stopping = stopping or ranks.any(stop.heard, device)  # heard while saving: that one
         if stopping and step < training.max_iters:  # (at max_iters: done, as planned)
             stop.closing(f"stopped by {stop.signal_name or 'a signal to another rank'} after step {step}. Resume "

@@ -174,9 +174,12 @@ def test_non_finite_loss_stops_without_saving_a_nan_model(tmp_path, corpus, monk
     assert "not finite at step 2 (no checkpoint was saved): " in err and "in float16, activations past 65,504 overflow" in err
     # the step that saves made the weights NaN, its loss (before the update) finite: the weights are checked too
     monkeypatch.setattr(train, "learning_rate", lambda step, t: float("nan") if step == 2 else real(step, t))
-    assert train.main(["--config", str(path), f"training.checkpoint_dir={tmp_path / 'ck2'}"]) == 1
-    assert "error: a weight is not finite at step 2 (no checkpoint was saved)" in capsys.readouterr().err
-    assert not list((tmp_path / "ck2").glob("run_*/checkpoint_*.pt"))
+    for test_freq in (2, 4):  # checked before the evaluation; at a step that saves without one, before the save
+        folder = tmp_path / f"ck_test_freq_{test_freq}"
+        assert train.main(["--config", str(path), f"training.checkpoint_dir={folder}",
+                           f"training.test_freq={test_freq}"]) == 1
+        assert "error: a weight is not finite at step 2 (no checkpoint was saved)" in capsys.readouterr().err
+        assert not list(folder.glob("run_*/checkpoint_*.pt"))
 
 
 def test_a_shard_that_fails_mid_run_saves_the_steps_before_and_names_the_checkpoint(tmp_path, corpus, monkeypatch,
