@@ -86,11 +86,14 @@ class MetricsLog:
     def _write(self):
         if self.settings.tensorboard and self.tensorboard is None:
             from torch.utils.tensorboard import SummaryWriter
-            # (a due evaluation of the resumed step, run again: TensorBoard keeps its earlier point, the same value)
-            purge = None if self.resumed_step is None else self.resumed_step + 1
+            # A resume's writer starts with a session START at the step after its checkpoint: TensorBoard drops
+            # the points from there on that the earlier processes wrote. Its server takes the first START of a
+            # run as the run's beginning, not a restart: a new run writes one too, at step 0. (A due evaluation of
+            # the resumed step, run again: TensorBoard keeps its earlier point, the same value.)
+            purge = 0 if self.resumed_step is None else self.resumed_step + 1
             self.tensorboard = SummaryWriter(str(self.run.path), purge_step=purge)
             # the config of each process, at its first step: what a resume changed shows in the text tab
-            self.tensorboard.add_text("config", indented(self.config_yaml), purge or 0)
+            self.tensorboard.add_text("config", indented(self.config_yaml), purge)
         if self.wandb is not None and not (self.run.path / "wandb_run_id").exists():
             atomic_write(self.run.path / "wandb_run_id", lambda f: f.write(self.wandb.id.encode()))
             if not self.settings.wandb_run_name and self.wandb.name != self.run.path.name:

@@ -30,9 +30,12 @@ def records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def events(run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    accumulator = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
+def events(run, as_the_server_reads=False):
+    """TensorBoard's events of a run; as_the_server_reads: through the reader of TensorBoard's server
+    (scalars as tensors), which takes a run's first session START as its beginning, not a restart."""
+    from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
+    module = plugin_event_accumulator if as_the_server_reads else event_accumulator
+    accumulator = module.EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
     accumulator.Reload()
     return accumulator
 
@@ -76,6 +79,7 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, corpus):
     assert [(r["step"], r["train_loss"]) for r in records(run) if "train_loss" in r] == \
         [(r["step"], r["train_loss"]) for r in first if "train_loss" in r]  # exact resume
     assert [e.step for e in events(run).Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events(run, as_the_server_reads=True).Tensors("train/loss")] == [1, 2, 3, 4]
     assert [e.step for e in events(run).Tensors("config/text_summary")] == [0, 3]  # the resume's config too
 
 
