@@ -255,6 +255,7 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreada
         print(f"  training.checkpoint_dir {cfg.training.checkpoint_dir} is not used: a resume continues in its run's "
               f"directory, {path.parent} (for a separate run from this checkpoint, copy the checkpoint file out of "
               f"the run directory and resume the copy)")
+        cfg.training.checkpoint_dir = str(path.parent.parent)  # what the run's records say: where it is
     if renamed := run.set_aside_unreadable(unreadable):
         print(f"  the checkpoint(s) that could not be read are now {', '.join(renamed)} (keep_last_n no longer "
               f"counts them; delete them once you have looked)")

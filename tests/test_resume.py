@@ -90,10 +90,14 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
     elsewhere = tmp_path / "elsewhere"
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run}", "training.max_iters=8",
                        f"training.checkpoint_dir={elsewhere}"]) == 0
+    out = capsys.readouterr().out
     assert (f"  training.checkpoint_dir {elsewhere} is not used: a resume continues in its run's directory, {run} (for a "
             f"separate run from this checkpoint, copy the checkpoint file out of the run directory and resume the "
-            f"copy)\n") in capsys.readouterr().out
+            f"copy)\n") in out
     assert not elsewhere.exists() and load_checkpoint(run / "checkpoint_8.pt").step == 8
+    assert "config changed: training.checkpoint_dir" not in out  # the run's records: where it is, not was told
+    assert f"checkpoint_dir: {tmp_path / 'ck'}\n" in (run / "config_resume_7.yaml").read_text()
+    assert load_checkpoint(run / "checkpoint_8.pt").config["training"]["checkpoint_dir"] == str(tmp_path / "ck")
 
 
 def test_a_checkpoint_the_config_file_names_is_refused_once_its_run_has_gone_on(tmp_path, corpus, capsys):
