@@ -47,9 +47,9 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
 
 
 def shards_seen(units) -> str:
-    size = sum(u.num_bytes for u in units)
-    return (f"{len({u.path for u in units}):,} files, {len(units):,} row groups, {sum(u.num_rows for u in units):,} "
-            f"rows, {size / 2**20:,.1f} MiB")
+    counts = (len({u.path for u in units}), "file"), (len(units), "row group"), (sum(u.num_rows for u in units), "row")
+    return ", ".join(f"{n:,} {word}{'s' * (n != 1)}" for n, word in counts) + \
+        f", {sum(u.num_bytes for u in units) / 2**20:,.1f} MiB"
 
 
 def order_changes(saved_order: dict, order: dict) -> tuple[list[str], list[str]]:
@@ -246,8 +246,8 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
               f"twice")
         return positions, 0
     first_epoch = 1 + max((p["epoch"] for p in saved_positions), default=-1)
-    print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): training continues on "
-          f"freshly shuffled data from epoch {first_epoch} (counted from 0: the rest of the epoch it was in is not "
-          f"read)")
+    print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): training continues at the "
+          f"start of a new pass over the data, freshly shuffled (the rest of the pass it was in is not read; the "
+          f"count of passes keeps what was read of it)")
     return [{"reader": reader, "epoch": first_epoch, "unit": 0, "part": 0, "consumed": 0, "carry": []}
             for reader in range(n_readers)], 0

@@ -260,7 +260,7 @@ def test_other_documents_start_every_reader_at_the_epoch_after_the_furthest(corp
     positions, consumed = resume_point(changed, units, 2, 1, order, saved, 12)
     assert consumed == 0 and [(p["reader"], p["epoch"], p["unit"], p["part"], p["carry"]) for p in positions] == \
         [(0, 4, 0, 0, []), (1, 4, 0, 0, [])]
-    assert "continues on freshly shuffled data from epoch 4" in capsys.readouterr().out
+    assert "training continues at the start of a new pass over the data, freshly shuffled" in capsys.readouterr().out
 
 
 # Resumes that change how the data is read: train.py end to end
