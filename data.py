@@ -240,8 +240,9 @@ def loader_workers(cfg, units, world_size=1, announce=True) -> int:
     workers = min(cfg.dataloader.num_workers, len(units) // world_size)
     if workers < cfg.dataloader.num_workers and announce:
         among = f" among {world_size} processes' workers" if world_size > 1 else ""
+        units_word = "unit" if len(units) == 1 else "units"
         print(f"dataloader.num_workers {cfg.dataloader.num_workers} -> {workers}: only "
-              f"{len(units)} (file, row group) units to share{among}, and each worker reads units of its own")
+              f"{len(units)} (file, row group) {units_word} to share{among}, and each worker reads units of its own")
     if announce and (warning := uneven_readers(units, workers, world_size)):
         print(warning)
     return workers

@@ -67,7 +67,7 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
                         f"{setting}={out}")
     else:
         close = difflib.get_close_matches(root.name, folders_beside(root), 1, 0.75)
-        raise DataError(f"{root}: {setting} does not exist or is not a directory{relative_to_here(root)}; "
+        raise DataError(f"{root}: {setting} does not exist{relative_to_here(root)}; "
                         + (f"did you mean {root.with_name(close[0])}? or " if close else "")
                         + f"create it with `python prepare.py --from-text FILE --out {shlex.quote(str(root))}`")
     if skipped:
@@ -299,7 +299,7 @@ def mixed_splits(root: Path, files: list[Path], pattern: str | None = None) -> s
                f"names): move them out of the folder, or give dataset.parquet_dir a pattern of the training files only")
     everything = override("parquet_dir", every_file(pattern) if pattern else
                           Path(glob.escape(str(root))) / "**" / "*.parquet")
-    given = f"{pattern}: the files it matches are" if pattern else f"{root}: its files are"
+    given = f"{pattern}: the files it matches have paths" if pattern else f"{root}: its files have paths"
     return (f"{given} named for several Hugging Face splits ({found} files), and training would read them all, "
             f"held-out ones too; {fix}; to train on every file anyway: {everything}")
 

@@ -22,11 +22,11 @@ def test_units_are_listed_recursively_and_sorted(tmp_path):
 
 
 def test_missing_or_empty_directory(tmp_path):
-    with pytest.raises(DataError, match=r"does not exist or is not a directory[^;]*; create it with `python prepare.py "
+    with pytest.raises(DataError, match=r"does not exist[^;]*; create it with `python prepare.py "
                                         r"--from-text FILE --out .*nope`$"):
         list_units(tmp_path / "nope", "text")
     (tmp_path / "mydata").mkdir()
-    with pytest.raises(DataError, match=rf"mydat: dataset.parquet_dir does not exist or is not a directory; did you mean "
+    with pytest.raises(DataError, match=rf"mydat: dataset.parquet_dir does not exist; did you mean "
                                         rf"{tmp_path / 'mydata'}\? or create it with"):
         list_units(tmp_path / "mydat", "text")  # a typo
     with pytest.raises(DataError, match=r"mybook.txt: dataset.parquet_dir does not exist; it takes a folder of .parquet "
@@ -158,7 +158,7 @@ def test_a_training_folder_holding_held_out_splits_is_refused_with_the_patterns_
     with pytest.raises(DataError) as e:
         list_units(root, "text")
     train, val = root / "wikitext-103-raw-v1" / "train*.parquet", root / "wikitext-103-raw-v1" / "validation*.parquet"
-    assert str(e.value) == (f"{root}: its files are named for several Hugging Face splits (test: 2, train: 4, "
+    assert str(e.value) == (f"{root}: its files have paths named for several Hugging Face splits (test: 2, train: 4, "
                             f"validation: 2 files), and training would read them all, held-out ones too; set "
                             f"'dataset.parquet_dir={train}' and 'dataset.val_parquet_dir={val}' (the train split of "
                             f"one of 2 folders; of all of them: 'dataset.parquet_dir={root / '**' / 'train*.parquet'}'); "
@@ -180,7 +180,7 @@ def test_a_training_folder_holding_held_out_splits_is_refused_with_the_patterns_
         with pytest.raises(DataError, match="named for several Hugging Face splits"):
             list_units(folders, "text")
     # and the files of a pattern without `**` together: side by side, or in folders it matches one split each
-    with pytest.raises(DataError, match=re.escape(f"{only / '*.parquet'}: the files it matches are named for several "
+    with pytest.raises(DataError, match=re.escape(f"{only / '*.parquet'}: the files it matches have paths named for several "
                                                   f"Hugging Face splits (test: 1, train: 2, validation: 1 files)")):
         list_units(only / "*.parquet", "text")
     with pytest.raises(DataError) as e:  # of these files only: not the other configuration's beside them
