@@ -180,8 +180,9 @@ def test_a_training_folder_holding_held_out_splits_is_refused_with_the_patterns_
         with pytest.raises(DataError, match="named for several Hugging Face splits"):
             list_units(folders, "text")
     # and the files of a pattern without `**` together: side by side, or in folders it matches one split each
-    with pytest.raises(DataError, match=re.escape(f"{only / '*.parquet'}: the files it matches have paths named for several "
-                                                  f"Hugging Face splits (test: 1, train: 2, validation: 1 files)")):
+    with pytest.raises(DataError, match=re.escape(f"{only / '*.parquet'}: the files it matches have paths named for "
+                                                  f"several Hugging Face splits (test: 1, train: 2, validation: 1 "
+                                                  f"files)")):
         list_units(only / "*.parquet", "text")
     with pytest.raises(DataError) as e:  # of these files only: not the other configuration's beside them
         list_units(root / "*-2-*" / "*.parquet", "text")
