@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -179,7 +180,8 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
 def trained_further(found: list[Path], named: Path):
     """For a script's `latest` (the newest run's newest checkpoint, found[0]): a note naming an older
     run that trained further, where the newest run stopped before its max_iters (a finished run of a
-    shorter experiment is what it is). `named`: a run a note has named already."""
+    shorter experiment is what it is; a checkpoint that records no max_iters gets no note). `named`: a
+    run a note has named already."""
     newest = peek_checkpoint(found[0]) or {}
     step = newest.get("step", math.inf)
     if step >= newest.get("config", {}).get("training", {}).get("max_iters", 0):
@@ -278,14 +280,16 @@ def train_in(workdir: Path, arguments: list, python_args, note="") -> tuple[Path
     checkpoint_dir = Path(workdir) / "checkpoints"
     arguments = [*arguments, f"training.checkpoint_dir={checkpoint_dir}"]
     print("$ train.py", " ".join(map(str, arguments)), note, flush=True)
+    # in a session of its own: a signal stops the benchmark, which then stops train.py and its loader workers
     with subprocess.Popen([sys.executable, *python_args, *arguments], stdout=subprocess.PIPE, text=True,
-                          errors="replace") as process:
+                          errors="replace", start_new_session=True) as process:
         try:
             for line in process.stdout:
                 if line.startswith("step "):  # "step 100/2000 | loss ... | eta", "step 100: val loss ..."
                     print("  " + line, end="", flush=True)
-        except BaseException:  # a signal stopped the benchmark: so does it train.py, before its folder goes
-            process.kill()
+        except BaseException:  # before the benchmark's folder of runs goes
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
             raise
     if process.returncode:
         raise subprocess.CalledProcessError(process.returncode, process.args)

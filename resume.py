@@ -246,16 +246,21 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreada
             why = "is not a run directory (no config.yaml that a run wrote)" if not_a_run else "cannot be written"
             print(f"  {path.parent} {why}: the run continues in a new one in {cfg.training.checkpoint_dir}")
         return RunDir(cfg.training.checkpoint_dir, writer=ranks.main)
+    given = cfg.training.checkpoint_dir
+    unused = checkpoint_dir_given and os.path.realpath(given) != os.path.realpath(path.parent.parent)
+    if unused:  # the run's records (its config, W&B's folder) say where it is, not what was given
+        saved, folder = setting(ckpt.config, "training.checkpoint_dir"), path.parent.parent
+        same = saved and os.path.realpath(saved) == os.path.realpath(folder)
+        cfg.training.checkpoint_dir = saved if same else str(folder.resolve())
     run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
     if nothing_to_do:
         return run
     run.lock()
     print(announce, end="")
-    if checkpoint_dir_given and os.path.realpath(cfg.training.checkpoint_dir) != os.path.realpath(path.parent.parent):
-        print(f"  training.checkpoint_dir {cfg.training.checkpoint_dir} is not used: a resume continues in its run's "
-              f"directory, {path.parent} (for a separate run from this checkpoint, copy the checkpoint file out of "
-              f"the run directory and resume the copy)")
-        cfg.training.checkpoint_dir = str(path.parent.parent)  # what the run's records say: where it is
+    if unused:
+        print(f"  training.checkpoint_dir {given} is not used: a resume continues in its run's directory, "
+              f"{path.parent} (for a separate run from this checkpoint, copy the checkpoint file out of the run "
+              f"directory and resume the copy)")
     if renamed := run.set_aside_unreadable(unreadable):
         print(f"  the checkpoint(s) that could not be read are now {', '.join(renamed)} (keep_last_n no longer "
               f"counts them; delete them once you have looked)")

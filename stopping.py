@@ -225,6 +225,15 @@ def extending(arguments: str, max_iters: int) -> str:
     return shlex.join([*words, f"training.max_iters={max_iters}"])
 
 
+def using_checkpoint_dir(arguments: str, checkpoint_dir: str) -> str:
+    """train()'s `arguments` without a training.checkpoint_dir other than the run's (`checkpoint_dir`),
+    one a resume in place did not use: the commands it prints would say so again."""
+    def unused(word):
+        key, _, value = word.partition("=")
+        return key == "training.checkpoint_dir" and os.path.realpath(value) != os.path.realpath(checkpoint_dir)
+    return shlex.join(word for word in shlex.split(arguments) if not unused(word))
+
+
 def stopped_at_once(resuming_a_run: bool = False) -> int:
     """`resuming_a_run`: the run resumes a checkpoint (the signal may come before it is read)."""
     if first_process():  # (under torchrun every rank heard the signal: once)
@@ -360,14 +369,16 @@ def flush_outputs():
 def ended_like_ctrl_c():
     """For the benchmarks: within it, SIGTERM and SIGHUP (a scheduler, a closed terminal) end the
     program as Ctrl-C does, through the `with` blocks inside it (their temporary folder of runs is
-    removed), and any of the three in one line with status 128 + the signal, not a traceback. The
-    handlers before it are put back after it."""
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    removed, the three signals ignored meanwhile), and any of the three in one line with status
+    128 + the signal, not a traceback. Handlers of the host's own are kept; all are put back after."""
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
 
     def stop(signum, _frame):
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
     for sig, handler in before.items():
-        if handler == signal.SIG_DFL:
+        if handler in (signal.SIG_DFL, signal.default_int_handler):
             signal.signal(sig, stop)
     try:
         yield

@@ -61,7 +61,7 @@ from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_cl
 from shards import DataError
 from stopping import (EVALUATING, SAVING, SIGNALS, STEPPING, GracefulStop, StepVote, StoppedWhileClosing, exit_with,
                       extending, outputs_without_reader, put_back_outputs, resume_command, resuming,
-                      stop_loader_workers, stopped_at_once, tearing_down)
+                      stop_loader_workers, stopped_at_once, tearing_down, using_checkpoint_dir)
 from tokenizer import TokenizerError
 
 
@@ -122,6 +122,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
     if training.resume_from_checkpoint:
         run, progress, start_positions = resume(cfg, raw_model, optimizer, scaler, tokenizer, units, workers,
                                                 val_fingerprint, ranks, device, command_line)
+        arguments = using_checkpoint_dir(arguments, training.checkpoint_dir)
         if progress.step >= training.max_iters:
             print(f"nothing to do: the checkpoint {progress.last_saved} is at step {progress.step} and "
                   f"training.max_iters is {training.max_iters}; raise max_iters to train further")

@@ -96,6 +96,7 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
             f"copy)\n") in out
     assert not elsewhere.exists() and load_checkpoint(run / "checkpoint_8.pt").step == 8
     assert "config changed: training.checkpoint_dir" not in out  # the run's records: where it is, not was told
+    assert str(elsewhere) not in out.split("is not used")[1]  # nor the command that trains it on
     assert f"checkpoint_dir: {tmp_path / 'ck'}\n" in (run / "config_resume_7.yaml").read_text()
     assert load_checkpoint(run / "checkpoint_8.pt").config["training"]["checkpoint_dir"] == str(tmp_path / "ck")
 

@@ -563,21 +563,26 @@ def test_stopping_the_loader_workers_leaves_the_callers_own_processes():
 
 
 def test_a_benchmark_ends_on_sigterm_as_on_ctrl_c_and_puts_the_handlers_back(capsys):
-    host = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (pytest's worker may have its own)
+    heard = []
+    host = {signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL),  # (pytest's worker may have its own)
+            signal.SIGHUP: signal.signal(signal.SIGHUP, lambda signum, frame: heard.append(signum))}  # the host's own
     try:
         cleaned = []
         with pytest.raises(SystemExit) as ended:
             with stopping.ended_like_ctrl_c():
+                os.kill(os.getpid(), signal.SIGHUP)  # the host's handler: kept
                 try:
                     os.kill(os.getpid(), signal.SIGTERM)
                     time.sleep(5)  # (the handler runs at once: this is not reached)
-                finally:
-                    cleaned.append(True)  # a temporary folder's removal, say
-        assert (ended.value.code, cleaned) == (128 + signal.SIGTERM, [True])
+                finally:  # a temporary folder's removal, say: a second signal meanwhile is ignored
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    cleaned.append(True)
+        assert (ended.value.code, cleaned, heard) == (128 + signal.SIGTERM, [True], [signal.SIGHUP])
         assert capsys.readouterr().err == "\nSIGTERM: stopped\n"
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGHUP) != signal.SIG_DFL
     finally:
-        signal.signal(signal.SIGTERM, host)
+        for sig, handler in host.items():
+            signal.signal(sig, handler)
     with pytest.raises(SystemExit) as ended:
         with stopping.ended_like_ctrl_c():
             raise KeyboardInterrupt  # Ctrl-C: one line too, not a traceback

@@ -405,6 +405,14 @@ def test_a_validation_loss_that_is_not_a_number_is_never_the_best(tmp_path, corp
             "overflow: compute_dtype bfloat16 or float32 has the range\n") in capsys.readouterr().out
 
 
+def test_the_weights_are_checked_once_at_a_step_that_evaluates_and_saves(tmp_path, corpus, monkeypatch):
+    checked, real = [], train.local_tensor  # (check_weights reads each parameter through it)
+    monkeypatch.setattr(train, "local_tensor", lambda p: checked.append(p) or real(p))
+    assert train.main(["--config", str(write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2,
+                                                    test_freq=2))]) == 0
+    assert len(checked) == 2 * 5  # steps 2 and 4, five parameters each
+
+
 def test_a_best_at_a_checkpoint_step_is_serialized_once_and_the_checkpoint_copies_it(tmp_path, corpus, monkeypatch,
                                                                                      capsys):
     """best.pt first, then checkpoint_<step>.pt as a copy of its bytes: a file of its own (a script that
