@@ -3,6 +3,7 @@
 them; the model the scripts read from one (an export.py folder too); the run a benchmark's training
 wrote.
 """
+import contextlib
 import difflib
 import json
 import math
@@ -288,7 +289,8 @@ def train_in(workdir: Path, arguments: list, python_args, note="") -> tuple[Path
                 if line.startswith("step "):  # "step 100/2000 | loss ... | eta", "step 100: val loss ..."
                     print("  " + line, end="", flush=True)
         except BaseException:  # before the benchmark's folder of runs goes
-            os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # (it ended meanwhile)
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             raise
     if process.returncode:

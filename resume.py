@@ -232,7 +232,8 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreada
     or in one that cannot be written (a read-only mount, another user's run).
     Says that the run resumes once the directory is its own (another process may be training in it).
     `unreadable`: checkpoints skipped for this one, set aside in its run (before a later one is taken
-    for an abandoned branch). `checkpoint_dir_given`: on the command line, where it is not used."""
+    for an abandoned branch). A run continued in place takes its own folder as training.checkpoint_dir
+    (another one given, `checkpoint_dir_given` on the command line, is said not to be used)."""
     nothing_to_do = ckpt.step >= cfg.training.max_iters  # train() says so: nothing to move or record either
     ended = ckpt.step == setting(ckpt.config, "training.max_iters")
     found = (f" (the newest run in {cfg.training.checkpoint_dir}{', which had ended' * ended})"  # (`auto` too)
@@ -246,10 +247,10 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreada
             why = "is not a run directory (no config.yaml that a run wrote)" if not_a_run else "cannot be written"
             print(f"  {path.parent} {why}: the run continues in a new one in {cfg.training.checkpoint_dir}")
         return RunDir(cfg.training.checkpoint_dir, writer=ranks.main)
-    given = cfg.training.checkpoint_dir
-    unused = checkpoint_dir_given and os.path.realpath(given) != os.path.realpath(path.parent.parent)
-    if unused:  # the run's records (its config, W&B's folder) say where it is, not what was given
-        saved, folder = setting(ckpt.config, "training.checkpoint_dir"), path.parent.parent
+    given, folder = cfg.training.checkpoint_dir, path.parent.parent
+    elsewhere = os.path.realpath(given) != os.path.realpath(folder)
+    if elsewhere:  # the run's records (its config, W&B's folder) say where it is, not what was given
+        saved = setting(ckpt.config, "training.checkpoint_dir")
         same = saved and os.path.realpath(saved) == os.path.realpath(folder)
         cfg.training.checkpoint_dir = saved if same else str(folder.resolve())
     run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
@@ -257,7 +258,7 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreada
         return run
     run.lock()
     print(announce, end="")
-    if unused:
+    if elsewhere and checkpoint_dir_given:  # (a config file's, the default perhaps: no need to say)
         print(f"  training.checkpoint_dir {given} is not used: a resume continues in its run's directory, "
               f"{path.parent} (for a separate run from this checkpoint, copy the checkpoint file out of the run "
               f"directory and resume the copy)")
