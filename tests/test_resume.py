@@ -99,6 +99,11 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
     assert str(elsewhere) not in out.split("is not used")[1]  # nor the command that trains it on
     assert f"checkpoint_dir: {tmp_path / 'ck'}\n" in (run / "config_resume_7.yaml").read_text()
     assert load_checkpoint(run / "checkpoint_8.pt").config["training"]["checkpoint_dir"] == str(tmp_path / "ck")
+    # another config file's checkpoint_dir (the default, say): taken as the run's folder too, without a word
+    other = write_config(tmp_path, corpus, name="other.yaml", max_iters=9, checkpoint_dir=str(tmp_path / "other"))
+    assert train.main(["--config", str(other), f"training.resume_from_checkpoint={run}"]) == 0
+    assert "is not used" not in capsys.readouterr().out and not (tmp_path / "other").exists()
+    assert load_checkpoint(run / "checkpoint_9.pt").config["training"]["checkpoint_dir"] == str(tmp_path / "ck")
 
 
 def test_a_checkpoint_the_config_file_names_is_refused_once_its_run_has_gone_on(tmp_path, corpus, capsys):
