@@ -261,9 +261,12 @@ def main(argv=None) -> int:
         line = f"  {name:<58} val loss {statistics.mean(losses):.4f} ({statistics.mean(changes):+.2f}%"
         line += f", worst {max(changes):+.2f}%)" if len(runs) > 1 else ")"
         speeds = [run[name]["ms_per_step"] for run in runs if run[name].get("ms_per_step")]
+        # (None: a run too short for a full log interval; the ratio compares the seeds where both have one)
+        pairs = [(run[name]["ms_per_step"], run[base_name]["ms_per_step"]) for run in runs
+                 if run[name].get("ms_per_step") and run[base_name].get("ms_per_step")]
         if speeds:
-            base_speed = statistics.mean(run[base_name]["ms_per_step"] for run in runs)
-            line += f" | {statistics.mean(speeds):.1f} ms/step ({statistics.mean(speeds) / base_speed:.2f}x)"
+            line += f" | {statistics.mean(speeds):.1f} ms/step"
+            line += f" ({sum(s for s, _ in pairs) / sum(b for _, b in pairs):.2f}x)" if pairs else ""
         if "full_precision_val_loss" in runs[0][name]:
             line += f" | its weights unquantized: {statistics.mean(r[name]['full_precision_val_loss'] for r in runs):.4f}"
         print(line)

@@ -21,7 +21,8 @@ HOLDOUT_FIELDS = ("dataset.val_fraction", "dataset.split_seed")  # which documen
 SHARDS = "the shards (files, row groups, rows, bytes)"  # data_order's key of their fingerprint
 SHARDS_SEEN = "the shards"  # data_order's key of their counts, for messages only (SHARDS decides)
 WORKERS_KEY = "dataloader.num_workers (effective)"
-READ_BYTES_KEY = "data.READ_BYTES (windows are shuffled within parts of this many bytes)"  # its old module's name
+# (a key that checkpoints hold: it keeps the name of the module READ_BYTES was in then, data.py; now shards.py)
+READ_BYTES_KEY = "data.READ_BYTES (windows are shuffled within parts of this many bytes)"
 DEALING_KEY = "units dealt to the readers"  # data.deal's way
 LARGEST_FIRST, IN_SHUFFLED_ORDER = "largest first (even shares)", "in shuffled order (before 0.4.8)"
 # Unchanged, these keep every unit and its parts as they were: a resume that changes only the

@@ -192,10 +192,10 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
         set_rng_state(ckpt.rng[ranks.rank], device)
     else:  # another world size: the saved RNG states are one per rank
         reseeded = ": each rank's random state (dropout masks) is seeded afresh" * (cfg.model.dropout > 0)
-        tokens = global_batch_change(ckpt, cfg.training, ranks.world_size)
-        if ranks.main and (reseeded or tokens):
+        batch_note = global_batch_change(ckpt, cfg.training, ranks.world_size)
+        if ranks.main and (reseeded or batch_note):
             print(f"note: {ranks.world_size} process{'es' * (ranks.world_size != 1)} where the checkpoint has "
-                  f"{len(ckpt.rng)}{reseeded}{tokens}")
+                  f"{len(ckpt.rng)}{reseeded}{batch_note}")
         torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
     tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
     best = math.inf if math.isnan(ckpt.best_val_loss) else ckpt.best_val_loss  # (up to 0.4.10 a NaN could be)

@@ -218,9 +218,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
             metrics.log(record)
         if not record["val_loss"] < at.best_val_loss:
             if math.isnan(record["val_loss"]):  # the weights are finite: the evaluation's forward overflowed
-                print("  note: the validation loss is not a number: not taken as the best" + (
-                    "; in float16, activations past 65,504 overflow: compute_dtype bfloat16 or float32 has the range"
-                    if compute_dtype == "float16" else ""), flush=True)
+                print("  note: the validation loss is not a number: not taken as the best"
+                      + FLOAT16_OVERFLOW * (compute_dtype == "float16"), flush=True)
             return False
         at.best_val_loss = record["val_loss"]
         if checkpoint_follows:
@@ -387,16 +386,18 @@ def stop_for_data(e: DataError, step: int, before: Progress, rng_before: dict | 
     return DataError(f"{one_line(e)} (at step {step}; {where}){also}")
 
 
+# no softmax bounds BDH's attention: its sums over the context can pass float16's 65,504
+FLOAT16_OVERFLOW = ("; in float16, activations past 65,504 overflow: compute_dtype bfloat16 (Ampere and newer GPUs) or "
+                    "float32 has the range")
+
+
 def non_finite(what: str, step: int, last_saved, training, float16: bool = False) -> TrainingError:
     where = f"nothing saved; the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
     clip = (f"training.grad_clip (now {training.grad_clip})" if training.grad_clip else
             "set training.grad_clip (e.g. 1.0)")
-    # no softmax bounds BDH's attention: its sums over the context can pass float16's 65,504
-    overflow = ("; in float16, activations past 65,504 overflow: compute_dtype bfloat16 (Ampere and newer GPUs) or "
-                "float32 has the range" if float16 else "")
     return TrainingError(f"{what} is not finite at step {step} ({where}): lower "
                          f"training.learning_rate (now {training.learning_rate}) or {clip}, or use "
-                         f"training.debug=true to find the operation{overflow}")
+                         f"training.debug=true to find the operation" + FLOAT16_OVERFLOW * float16)
 
 
 def resuming_a_run(cfg) -> bool:

@@ -38,3 +38,20 @@ def test_variant_trains_only_the_variants_named_beside_the_first(tmp_path, corpu
         bench_precision.main(["--config", str(path), "--variant", "QAT"])
     assert ("--variant 'QAT' is not in --set 4bit: its variants are 'AdamW', 'AdamW4bit', '4-bit QAT', "
             "'4-bit QAT from step 1'") in capsys.readouterr().err
+
+
+def test_summary_speed_ratio_leaves_out_a_baseline_without_a_full_log_interval(tmp_path, corpus, monkeypatch, capsys):
+    """A run too short for a full log interval has no ms_per_step (None): the summary still prints."""
+    path = write_config(tmp_path, corpus)
+    speeds = {(1, ()): None, (1, ("low_precision.use_4bit=true",)): 20.0,
+              (2, ()): 10.0, (2, ("low_precision.use_4bit=true",)): 30.0}
+
+    def train_variant(config, overrides, variant, *args):
+        seed = int(next(o for o in overrides if o.startswith("training.seed=")).partition("=")[2])
+        return {"run": None, "val_loss": 1.0, "ms_per_step": speeds[seed, tuple(variant)]}
+    monkeypatch.setattr(bench_precision, "train_variant", train_variant)
+    monkeypatch.setattr(bench_precision, "final_checkpoint_loss", lambda *args, **kwargs: 1.0)
+    assert bench_precision.main(["--config", str(path), "--seeds", "1,2", "--variant", "4-bit QAT"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "| 25.0 ms/step (3.00x)" in next(line for line in lines if line.lstrip().startswith("4-bit QAT "))
+    assert "| 10.0 ms/step (1.00x)" in next(line for line in lines if line.lstrip().startswith("AdamW "))
