@@ -113,25 +113,7 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, n_v
                  f"group{'s' * (len(units) != 1)}, {byte_amount(sum(unit.num_bytes for unit in units))} uncompressed")
     lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({data_size}; {validation}) | tokenizer {tokenizer} | "
                  f"{writes_to}")
-    full = adamw_state_bytes(model.parameters())
-    if isinstance(optimizer, AdamW4bit):
-        state = optimizer.state_bytes()
-        f = optimizer.format
-        v = {"v": "v", "sqrt": "sqrt(v)", "root4": "v^(1/4)"}[f.v_form]
-        lines.append(f"optimizer {type(optimizer).__name__} (m: {f.m_code}, {v}: {f.v_code}, blocks of "
-                     f"{f.block_size}), state {state / 2**20:.2f} MiB = {state / full:.3f} x AdamW's "
-                     f"{full / 2**20:.2f} MiB")
-    else:
-        sharded = (f" in all, {full / ranks.world_size / 2**20:.2f} MiB per rank (FSDP shards it)"
-                   if cfg.training.distributed == "fsdp" and ranks.world_size > 1 else "")
-        lines.append(f"optimizer {type(optimizer).__name__}, state {full / 2**20:.2f} MiB{sharded}")
-    if low_precision.use_4bit:
-        lines[-1] += (f" | 4-bit quantization-aware training ({low_precision.quantization_type}) of encoder, "
-                      f"encoder_v, decoder from step {qat_start + 1}; validation losses are the 4-bit model's")
-    if fp8_recipe:
-        lines[-1] += f" | FP8 GEMMs for encoder, encoder_v, decoder: {fp8_recipe}"
-    if training.debug:
-        lines[-1] += " | DEBUG: anomaly detection, a log line (and its loss checked) every step"
+    lines.append(optimizer_line(cfg, model, optimizer, ranks, fp8_recipe, qat_start))
     step_flops = cfg.model.training_flops_per_token(training.block_size) * step_tokens(training, 1)  # per process
     if device.type == "cpu" and step_flops > CPU_STEP_FLOPS:
         lines.append(f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, seconds to minutes on a CPU "
@@ -153,3 +135,25 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, n_v
     return "\n".join(lines)
 
 
+def optimizer_line(cfg, model, optimizer, ranks, fp8_recipe, qat_start) -> str:
+    """The optimizer and its state's size, then what changes the training step: 4-bit QAT, FP8, debug."""
+    full = adamw_state_bytes(model.parameters())
+    if isinstance(optimizer, AdamW4bit):
+        state = optimizer.state_bytes()
+        f = optimizer.format
+        v = {"v": "v", "sqrt": "sqrt(v)", "root4": "v^(1/4)"}[f.v_form]
+        line = (f"optimizer {type(optimizer).__name__} (m: {f.m_code}, {v}: {f.v_code}, blocks of "
+                f"{f.block_size}), state {state / 2**20:.2f} MiB = {state / full:.3f} x AdamW's "
+                f"{full / 2**20:.2f} MiB")
+    else:
+        sharded = (f" in all, {full / ranks.world_size / 2**20:.2f} MiB per rank (FSDP shards it)"
+                   if cfg.training.distributed == "fsdp" and ranks.world_size > 1 else "")
+        line = f"optimizer {type(optimizer).__name__}, state {full / 2**20:.2f} MiB{sharded}"
+    if cfg.low_precision.use_4bit:
+        line += (f" | 4-bit quantization-aware training ({cfg.low_precision.quantization_type}) of encoder, "
+                 f"encoder_v, decoder from step {qat_start + 1}; validation losses are the 4-bit model's")
+    if fp8_recipe:
+        line += f" | FP8 GEMMs for encoder, encoder_v, decoder: {fp8_recipe}"
+    if cfg.training.debug:
+        line += " | DEBUG: anomaly detection, a log line (and its loss checked) every step"
+    return line

@@ -20,6 +20,7 @@ byte compares across vocabularies, and for `bytes` it is the loss / ln 2. For by
 BPEs (exact_bytes) every token has its byte length (token_bytes); for other tokenizers a token's
 bytes depend on its neighbours (SentencePiece's '▁'), and the text is decoded instead.
 """
+import difflib
 import json
 import os
 import re
@@ -205,9 +206,13 @@ def load_tokenizer(spec: str):
         raise TokenizerError(f"dataset.tokenizer: {spec}: not a Hugging Face tokenizer.json (not text: a binary "
                              f"file); {HOW_TO_NAME_ONE}") from None
     except FileNotFoundError:
-        if spec.strip().lower() == "bytes":
+        if difflib.get_close_matches(spec.strip().lower(), ["bytes"], cutoff=0.75):
             raise TokenizerError(f"dataset.tokenizer: {spec} is no file: did you mean bytes?") from None
-        raise TokenizerError(f"dataset.tokenizer: {spec} does not exist{relative_to_here(spec)}; "
+        # a name such as gpt2 or org/model, as a Hub model is named: nothing is downloaded
+        hub = (f"; a Hugging Face Hub name is not fetched: save its tokenizer.json first (tokenizers' "
+               f"Tokenizer.from_pretrained({spec!r}).save('tokenizer.json'))"
+               if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", spec) and not spec.endswith(".json") else "")
+        raise TokenizerError(f"dataset.tokenizer: {spec} does not exist{relative_to_here(spec)}{hub}; "
                              f"{HOW_TO_NAME_ONE}") from None
     except OSError as e:
         raise TokenizerError(f"dataset.tokenizer: cannot read {spec} ({e.strerror or e}); {HOW_TO_NAME_ONE}") from None

@@ -257,7 +257,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
             progress.batches_consumed += 1
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if training.debug and step == 1 and micro == 0:
-                print(f"first batch {tuple(x.shape)}: {tokenizer.decode(x[0, :80].tolist())!r}")
+                start = tokenizer.decode(x[0, :80].tolist())
+                print(f"first batch {tuple(x.shape)}, its first window's start: {start!r}")
             with gradient_sync(model, ranks, sync=micro == training.gradient_accumulation_steps - 1):
                 with compute:
                     _, loss = model(x, y)

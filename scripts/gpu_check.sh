@@ -11,10 +11,19 @@
 # ends with a summary and exits 1 if a part failed (124: it ran past PART_TIMEOUT seconds, default 1800).
 # PYTHON=... picks the interpreter (default python3).
 set -u -o pipefail
-out=${1:?usage: bash scripts/gpu_check.sh OUTDIR}
+if [ $# -ne 1 ]; then
+    echo "usage: bash scripts/gpu_check.sh OUTDIR" >&2
+    exit 2
+fi
+python=${PYTHON:-python3}
+if ! "$python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    echo "error: scripts/gpu_check.sh checks a CUDA machine, and $python sees no CUDA GPU (or no torch): run it where" \
+         "torch.cuda.is_available() is true" >&2
+    exit 1
+fi
+out=$1
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
-python=${PYTHON:-python3}
 failed=()
 
 part() {  # part NAME COMMAND...: runs COMMAND (at most PART_TIMEOUT seconds), its output in OUTDIR/NAME.log

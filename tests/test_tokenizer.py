@@ -60,6 +60,17 @@ def test_bad_tokenizer_files_are_one_line_errors(tmp_path, bpe_json):
         load_tokenizer(str(tmp_path / "nope.json"))
     with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: Bytes is no file: did you mean bytes\?$"):
         load_tokenizer("Bytes")
+    with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: byte is no file: did you mean bytes\?$"):
+        load_tokenizer("byte")
+    for hub_name in ("gpt2", "org/model-1.5B"):  # not downloaded: a one-line way to get the file
+        with pytest.raises(TokenizerError) as refused:
+            load_tokenizer(hub_name)
+        assert str(refused.value).startswith(f"dataset.tokenizer: {hub_name} does not exist (")
+        assert (f"; a Hugging Face Hub name is not fetched: save its tokenizer.json first (tokenizers' "
+                f"Tokenizer.from_pretrained('{hub_name}').save('tokenizer.json')); give the path") in str(refused.value)
+    with pytest.raises(TokenizerError) as refused:
+        load_tokenizer(str(tmp_path / "nope"))
+    assert "Hub name" not in str(refused.value)
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: .*bad.json: not a Hugging Face tokenizer.json "
                                              r"\(not JSON: .*; give the path of a tokenizer.json"):

@@ -1,4 +1,5 @@
 """train.py end to end: the run directory, logging, signals, errors (resume: test_resume.py)."""
+import ast
 import json
 import math
 import os
@@ -294,6 +295,20 @@ def validation_bytes_and_tokens(path):
     separators = sum(t.count(tokenizer.separator) for t in targets)  # one byte each, as 0x00 is for bytes
     text = [[token for token in t if token != tokenizer.separator] for t in targets]
     return sum(len(tokenizer.decode(t).encode()) for t in text) + separators, sum(len(t) for t in targets)
+
+
+def test_debug_logs_every_step_detects_anomalies_and_prints_the_first_batch(tmp_path, corpus, monkeypatch, capsys):
+    anomaly_detection = []
+    monkeypatch.setattr(torch.autograd, "set_detect_anomaly", anomaly_detection.append)
+    path = write_config(tmp_path, corpus, log_freq=100, max_iters=4, test_freq=4, checkpoint_freq=4)
+    assert train.main(["--config", str(path)]) == 0
+    assert anomaly_detection == [False] and "step 3/4" not in capsys.readouterr().out
+    assert train.main(["--config", str(path), "training.debug=true", f"training.checkpoint_dir={tmp_path}/debug"]) == 0
+    out = capsys.readouterr().out
+    assert anomaly_detection == [False, True] and "step 3/4" in out
+    # the first window of the first batch, as text: 16 bytes of the corpus's documents ("<ff-rrr>abcdefghij...")
+    [start] = re.findall(r"\nfirst batch \(4, 16\), its first window's start: ('.*')\n", out)
+    assert len(ast.literal_eval(start)) == 16 and set(ast.literal_eval(start)) <= set("<>-0123456789abcdefghij\0")
 
 
 def test_grad_clip_scales_the_step_and_0_leaves_the_gradients_as_they_are(tmp_path, corpus):
