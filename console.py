@@ -45,7 +45,7 @@ def done_lines(progress, here: int, passes: float, seconds: float, train_on: str
     step, in_all = progress.step, progress.seconds()
     return (f"done: {step} step{'s' * (step != 1)} ({passes:.2f} passes over the training data)"
             + (f", the last {here} in this process" if here < step else "") + f" in {format_duration(seconds)}"
-            + (f" ({format_duration(in_all)} in all its processes)" if here < step and in_all is not None else "")
+            + (f" (the whole run: {format_duration(in_all)})" if here < step and in_all is not None else "")
             + (f"; best validation loss {progress.best_val_loss:.4f} (best.pt{best_step(progress.last_saved)})"
                if math.isfinite(progress.best_val_loss) else "")
             + f"; final checkpoint {progress.last_saved}\nto train on, to step {2 * step} say (the learning rate then "

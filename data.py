@@ -205,7 +205,7 @@ def check_enough_units(cfg, units, world_size: int):
         raise DataError(f"{cfg.dataset.parquet_dir}: {len(units)} (file, row group) unit{'s' * (len(units) != 1)} "
                         f"for {world_size} processes, and each process reads units of its own: start at most "
                         f"{len(units)} (torchrun --nproc_per_node), or write the data in more row groups (prepare.py "
-                        f"--from-text writes a small text in about {MIN_ROW_GROUPS}, one document each at least: "
+                        f"--from-text writes a small text in about {MIN_ROW_GROUPS} row groups, of one document at least: "
                         f"--chunk-bytes cuts smaller documents; your own parquet: "
                         f"pyarrow.parquet.write_table(..., row_group_size=fewer rows))")
 
@@ -241,7 +241,7 @@ def loader_workers(cfg, units, world_size=1, announce=True) -> int:
     if workers < cfg.dataloader.num_workers and announce:
         among = f" among {world_size} processes' workers" if world_size > 1 else ""
         units_word = "unit" if len(units) == 1 else "units"
-        print(f"dataloader.num_workers {cfg.dataloader.num_workers} -> {workers}: only "
+        print(f"note: dataloader.num_workers {cfg.dataloader.num_workers} -> {workers}: only "
               f"{len(units)} (file, row group) {units_word} to share{among}, and each worker reads units of its own")
     if announce and (warning := uneven_readers(units, workers, world_size)):
         print(warning)
@@ -266,7 +266,8 @@ def uneven_readers(units, workers: int, world_size: int) -> str | None:
            f"the {len(units)} (file, row group) units of the training text, dealt whole, give one reader "
            f"{uneven:.2f} times the text of another")
     fitting = next((w for w in range(max(1, workers) - 1, 0, -1) if spread(w * world_size) <= 1.25), None)
-    return (f"WARNING: {why} ({1 / n_readers:.1%} for {n_readers} readers: dataloader.num_workers={workers}"
+    return (f"WARNING: {why} (an even share is {1 / n_readers:.1%} with {n_readers} readers: "
+            f"dataloader.num_workers={workers}"
             f"{f' x {world_size} processes' if world_size > 1 else ''}): the readers' shares cannot be even, those "
             f"with less text read theirs again sooner, so their documents weigh more (and the passes over the data "
             f"logged run ahead); " + (f"dataloader.num_workers={fitting}, or " if fitting else "") +

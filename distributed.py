@@ -129,7 +129,7 @@ def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
         try:
             ranks.cpu_group = dist.new_group(backend="gloo", timeout=timeout)
         except Exception as e:  # gloo connects every pair of ranks now, by the address of each hostname
-            raise DistributedError(f"rank {ranks.rank}: gloo (which carries the stop signal's vote between the ranks) "
+            raise DistributedError(f"gloo (which carries the stop signal's vote between the ranks) "
                                    f"could not connect them ({first_line(e)[:200]}); set GLOO_SOCKET_IFNAME to the "
                                    f"network interface between the nodes (`ip addr` lists them)")
     if not ranks.main:  # only rank 0 prints; errors (stderr) still come from every rank
@@ -146,13 +146,13 @@ def joining_failure(e: Exception, ranks: Ranks, timeout_s: int) -> DistributedEr
     lost peer), the address is taken, or another problem in torchrun's settings."""
     text = shortened(last_line(e), 200)
     if "EADDRINUSE" in text or "address already in use" in text.lower():
-        return DistributedError(f"rank {ranks.rank}: the rendezvous address is taken ({text}): another job holds its "
-                                f"port; give torchrun another (--rdzv-endpoint HOST:PORT, or --master_port)")
+        return DistributedError(f"the rendezvous address is taken ({text}): another job holds its port; set another "
+                                f"MASTER_PORT (with torchrun: --master_port, or --rdzv-endpoint HOST:PORT)")
     if not isinstance(e, dist.DistError) or not any(s in text.lower() for s in ("timeout", "timed out", "connect")):
-        return DistributedError(f"rank {ranks.rank}: the process group could not start ({text}); check torchrun's "
+        return DistributedError(f"the process group could not start ({text}); check torchrun's "
                                 f"settings (--nproc_per_node, --nnodes, the rendezvous endpoint)")
     _PEERS_LOST.append(ranks.rank)
-    return DistributedError(f"rank {ranks.rank}: joining the other ranks failed ({text}): a rank that failed to start "
+    return DistributedError(f"joining the other ranks failed ({text}): a rank that failed to start "
                             f"has its error above (none if it hangs, or a signal killed it); they wait at most "
                             f"training.distributed_timeout_s = {timeout_s} s for each other; every node must run the "
                             f"same command, with the same --rdzv-endpoint (or --master_addr and --master_port)")

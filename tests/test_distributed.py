@@ -289,14 +289,14 @@ def test_a_process_given_part_of_torchrun_s_environment_says_what_is_missing(mon
 
 @pytest.mark.parametrize("error,message,lost", [
     (torch.distributed.DistStoreError("wait timeout after 15000ms, keys: /default_pg/0//cpu//0/1"),  # a rank never came
-     "rank 1: joining the other ranks failed (wait timeout after 15000ms, keys: /default_pg/0//cpu//0/1): a rank that "
+     "joining the other ranks failed (wait timeout after 15000ms, keys: /default_pg/0//cpu//0/1): a rank that "
      "failed to start has its error above", True),
     (torch.distributed.DistNetworkError("The server socket has failed to listen on any local network address. port: "
                                         "29500, useIpv6: false, code: -98, name: EADDRINUSE, message: address already "
                                         "in use"),
-     "rank 1: the rendezvous address is taken (The server socket", False),
+     "the rendezvous address is taken (The server socket", False),
     (ValueError("invalid literal for int() with base 10: 'abc'"),
-     "rank 1: the process group could not start (invalid literal for int() with base 10: 'abc'); check torchrun's", False),
+     "the process group could not start (invalid literal for int() with base 10: 'abc'); check torchrun's", False),
 ])
 def test_a_rank_that_cannot_join_says_why_in_one_line(monkeypatch, error, message, lost):
     """init_process_group waits for every rank: one that never comes ends it with a store timeout, a

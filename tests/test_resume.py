@@ -69,7 +69,7 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
     assert f"resuming from {ckpt2} at step 3" in out and f"| continues in {run.resolve()}\n" in out
     assert "step 3/6" in out and "step 1/6" not in out and "step 2/6" not in out
     assert re.search(r"\ndone: 6 steps \([\d.]+ passes over the training data\), the last 4 in this process in "
-                     r"0:0\d:\d\d \(1:0\d:\d\d in all its processes\)", out)
+                     r"0:0\d:\d\d \(the whole run: 1:0\d:\d\d\)", out)
     assert 3600 < load_checkpoint(run / "checkpoint_6.pt").seconds < 4200  # the run's time, to that checkpoint
     assert "config changed: training.max_iters: 4 -> 6" in out
     assert "is not used" not in out
@@ -324,7 +324,7 @@ def test_checkpoint_of_version_0_1_still_resumes(tmp_path, corpus, capsys):
     torch.save(old, run / "checkpoint_2.pt")
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest",
                        "training.max_iters=3", "training.gradient_accumulation_steps=2"]) == 0
-    assert "in all its processes" not in capsys.readouterr().out  # not known: not guessed
+    assert "the whole run" not in capsys.readouterr().out  # not known: not guessed
     resumed = load_checkpoint(run / "checkpoint_3.pt")
     assert resumed.step == 3 and resumed.seconds is None
     assert resumed.tokens == 2 * tokens  # 2 steps at its batch, one of 2 batches
