@@ -205,8 +205,8 @@ def check_enough_units(cfg, units, world_size: int):
         raise DataError(f"{cfg.dataset.parquet_dir}: {len(units)} (file, row group) unit{'s' * (len(units) != 1)} "
                         f"for {world_size} processes, and each process reads units of its own: start at most "
                         f"{len(units)} (torchrun --nproc_per_node), or write the data in more row groups (prepare.py "
-                        f"--from-text writes a small text in about {MIN_ROW_GROUPS} row groups, of one document at least: "
-                        f"--chunk-bytes cuts smaller documents; your own parquet: "
+                        f"--from-text writes a small text in about {MIN_ROW_GROUPS} row groups, of one document at "
+                        f"least: --chunk-bytes cuts smaller documents; your own parquet: "
                         f"pyarrow.parquet.write_table(..., row_group_size=fewer rows))")
 
 
@@ -266,7 +266,7 @@ def uneven_readers(units, workers: int, world_size: int) -> str | None:
            f"the {len(units)} (file, row group) units of the training text, dealt whole, give one reader "
            f"{uneven:.2f} times the text of another")
     fitting = next((w for w in range(max(1, workers) - 1, 0, -1) if spread(w * world_size) <= 1.25), None)
-    return (f"WARNING: {why} (an even share is {1 / n_readers:.1%} with {n_readers} readers: "
+    return (f"WARNING: {why} (even shares: {1 / n_readers:.1%} each for {n_readers} readers, "
             f"dataloader.num_workers={workers}"
             f"{f' x {world_size} processes' if world_size > 1 else ''}): the readers' shares cannot be even, those "
             f"with less text read theirs again sooner, so their documents weigh more (and the passes over the data "

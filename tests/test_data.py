@@ -193,21 +193,21 @@ def test_a_row_group_too_big_for_an_even_share_is_warned_of(capsys):
     cfg = Config.from_dict({"dataloader": {"num_workers": 2}})
     assert data.loader_workers(cfg, units) == 2
     assert capsys.readouterr().out == (
-        "WARNING: row group 0 of big.parquet holds 90.0% of the training text, more than a reader's even share (an "
-        "even share is 50.0% with 2 readers: dataloader.num_workers=2): the readers' shares cannot be even, those with less text read "
-        "theirs again sooner, so their documents weigh more (and the passes over the data logged run ahead); "
-        "dataloader.num_workers=1, or rewriting the files in smaller row groups (pyarrow.parquet.write_table(table, "
-        "path, row_group_size=...)) evens them out\n")
+        "WARNING: row group 0 of big.parquet holds 90.0% of the training text, more than a reader's even share (even "
+        "shares: 50.0% each for 2 readers, dataloader.num_workers=2): the readers' shares cannot be even, those with "
+        "less text read theirs again sooner, so their documents weigh more (and the passes over the data logged run "
+        "ahead); dataloader.num_workers=1, or rewriting the files in smaller row groups "
+        "(pyarrow.parquet.write_table(table, path, row_group_size=...)) evens them out\n")
     assert data.loader_workers(cfg, units, announce=False) == 2 and capsys.readouterr().out == ""
     assert data.uneven_readers(units, 0, 1) is None  # one reader: nothing to even out
-    assert ("(an even share is 25.0% with 4 readers: dataloader.num_workers=2 x 2 processes)"
+    assert ("(even shares: 25.0% each for 4 readers, dataloader.num_workers=2 x 2 processes)"
             in data.uneven_readers(units, 2, 2))
     assert "; rewriting the files" in data.uneven_readers(units, 2, 2)  # one reader per process is too many already
     assert data.uneven_readers([Unit("a.parquet", i, 3, 1000, 0) for i in range(10)], 2, 1) is None
     five = [Unit("a.parquet", i, 3, 1000, 0) for i in range(5)]  # 2, 2 and 1 of them: the third reader has half
     assert data.uneven_readers(five, 3, 1).startswith(
         "WARNING: the 5 (file, row group) units of the training text, dealt whole, give one reader 2.00 times the "
-        "text of another (an even share is 33.3% with 3 readers: dataloader.num_workers=3): ")
+        "text of another (even shares: 33.3% each for 3 readers, dataloader.num_workers=3): ")
     assert "; dataloader.num_workers=1, or rewriting" in data.uneven_readers(five, 3, 1)  # 3, 2 for two: still uneven
     assert data.uneven_readers(five, 5, 1) is None
 
@@ -483,8 +483,9 @@ def test_more_processes_than_units_are_refused_up_front(corpus, capsys):
     units = list_units(corpus, "text")
     cfg = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}, "dataloader": {"num_workers": 4}})
     assert loader_workers(cfg, units[:6], world_size=2) == 3
-    assert capsys.readouterr().out.startswith("note: dataloader.num_workers 4 -> 3: only 6 (file, row group) units to "
-                                              "share among 2 processes' workers, and each worker reads units of its own")
+    assert capsys.readouterr().out.startswith(
+        "note: dataloader.num_workers 4 -> 3: only 6 (file, row group) units to share among 2 processes' workers, "
+        "and each worker reads units of its own")
     with pytest.raises(DataError, match=r"1 \(file, row group\) unit for 2 processes, .* start at most 1 \(torchrun"):
         check_enough_units(cfg, units[:1], world_size=2)
     check_enough_units(cfg, units[:2], world_size=2)  # one each: enough
