@@ -143,7 +143,7 @@ class ParquetBatches(IterableDataset):
         readers = ("" if n_readers == 1 else " for this many readers (processes x workers); lower "
                    "dataloader.num_workers, the number of processes,")
         return (f"reader {reader} of {n_readers} got no complete batch of {self.batch_size} x {self.block_size + 1} "
-                f"tokens in epochs {epoch - empty_epochs + 1}-{epoch}: too little "
+                f"tokens in passes {epoch - empty_epochs + 2}-{epoch + 1} over the training data: too little "
                 f"training data{readers or '; lower'} training.batch_size or "
                 f"training.block_size, or add data")
 

@@ -71,8 +71,9 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
                         + (f"did you mean {root.with_name(close[0])}? or " if close else "")
                         + f"create it with `python prepare.py --from-text FILE --out {shlex.quote(str(root))}`")
     if skipped:
-        print(f"{location}: skipped {len(skipped)} file(s) or folder(s) whose names start with '.' or '_' (not data, "
-              f"as for pyarrow datasets, Spark and Hugging Face)")
+        example = min(skipped, key=lambda path: (not path.name.endswith(".parquet"), path))  # a shard's name first
+        print(f"{location}: skipped {len(skipped)} file(s) or folder(s) whose names start with '.' or '_', e.g. "
+              f"{example.name} (not data, as for pyarrow datasets, Spark and Hugging Face)")
     hidden = [path for path in skipped if path.name.endswith(".parquet") and path.is_file()
               or path.is_dir() and next(path.rglob("*.parquet"), None)] if not files else []
     if hidden:

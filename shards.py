@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from layout import DataError, shard_files  # DataError: raised here too
+from layout import DataError, binary, parquet_by_its_bytes, shard_files  # DataError: raised here too
 from runtime import first_line
 
 
@@ -61,8 +61,10 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
             meta = pq.read_metadata(path)
             schema = pq.read_schema(path)
         except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: not a readable parquet file ({first_line(e)}); "
-                            f"remove or re-create it")
+            text = path.stat().st_size > 0 and not parquet_by_its_bytes(path) and not binary(path)
+            raise DataError(f"{path}: not a readable parquet file ({first_line(e)}); " + (
+                f"it holds text: convert it with `python prepare.py --from-text FILE ... --out NEW_FOLDER` and set "
+                f"{setting}=NEW_FOLDER" if text else "remove or re-create it"))
         strings = [field.name for field in schema if text_type(field.type)]
         has = (f"its string columns are {strings}" if strings else "it has no string column") + (
             f" (all: {schema.names})" if len(schema.names) > len(strings) else "")
@@ -111,6 +113,10 @@ def missing_column(text_column: str, missing: list, files: list, setting: str) -
     """The error for the files without text_column ((path, what string columns it has) each): the
     setting to change, or, where other files have it, that the files differ."""
     (path, has), without = missing[0], {path for path, _ in missing}
+    if len(missing) == len(files) and setting == "dataset.val_parquet_dir":  # (the training shards have it)
+        return DataError(f"{path}: no column {text_column!r}; {has}; dataset.text_column names the column of both "
+                         f"folders, and the training shards have {text_column!r}: rename the validation shards' "
+                         f"column to {text_column!r}")
     if len(missing) == len(files):
         return DataError(f"{path}: no column {text_column!r}; {has}; set dataset.text_column to the one that holds the "
                          f"documents")

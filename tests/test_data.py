@@ -270,19 +270,19 @@ def test_corrupt_row_group_names_file_and_row_group(tmp_path):
 def test_too_little_training_data_is_an_error_not_a_hang(tmp_path):
     write_parquet(tmp_path / "a.parquet", ["tiny"] * 3, 4)
     ds = batches_of(list_units(tmp_path, "text"), T=64, B=4, val_fraction=1e-9)
-    with pytest.raises(DataError, match=r"got no complete batch of 4 x 65 tokens in epochs 0-3: too "
-                                        r"little training data; lower training.batch_size or training.block_size, "
-                                        r"or add data$"):
+    with pytest.raises(DataError, match=r"got no complete batch of 4 x 65 tokens in passes 1-4 over the training "
+                                        r"data: too little training data; lower training.batch_size or "
+                                        r"training.block_size, or add data$"):
         next(iter(ds))
     made_up = {"reader": 0, "epoch": 3, "unit": 0, "part": 0, "consumed": 0, "carry": []}  # resume_point's, dealt anew
     ds = ParquetBatches(list_units(tmp_path, "text"), "train", 64, 4, 0, 0, 1e-9, "text", 4, BYTES, positions=[made_up])
-    with pytest.raises(DataError, match=r"got no complete batch of 4 x 65 tokens in epochs 4-7: too little"):
+    with pytest.raises(DataError, match=r"no complete batch of 4 x 65 tokens in passes 5-8 over the training data: "):
         next(iter(ds))
     ds = batches_of(list_units(tmp_path, "text"), T=4, B=1, val_fraction=1e-9)
     _, _, position = next(iter(ds))  # after a batch; then a resume with a batch size the data cannot fill
     ds = batches_of(list_units(tmp_path, "text"), T=4, B=64, val_fraction=1e-9)
     ds.positions = {0: position}
-    with pytest.raises(DataError, match=r"got no complete batch of 64 x 5 tokens in epochs 1-1000: too little"):
+    with pytest.raises(DataError, match=r"no complete batch of 64 x 5 tokens in passes 2-1001 over the training data: "):
         next(iter(ds))
     write_parquet(tmp_path / "b" / "a.parquet", ["one small text file, cut into one document " * 50], 4)
     ds = batches_of(list_units(tmp_path / "b", "text"), T=16, B=1, val_fraction=0.999999)  # it goes to validation

@@ -58,8 +58,13 @@ def test_the_documents_held_out_stay_the_same_from_version_to_version(tmp_path):
 
 
 def test_file_that_is_not_parquet(tmp_path):
-    (tmp_path / "bad.parquet").write_text("this is not parquet at all")
-    with pytest.raises(DataError, match=r"bad.parquet: not a readable parquet file"):
+    (tmp_path / "bad.parquet").write_bytes(b"\x00\x01 binary, not parquet")
+    with pytest.raises(DataError, match=r"bad.parquet: not a readable parquet file \(.*\); remove or re-create it$"):
+        list_units(tmp_path, "text")
+    (tmp_path / "bad.parquet").write_text("a text file named as a shard")  # what to do with it instead
+    with pytest.raises(DataError, match=r"bad.parquet: not a readable parquet file \(.*\); it holds text: convert it "
+                                        r"with `python prepare.py --from-text FILE ... --out NEW_FOLDER` and set "
+                                        r"dataset.parquet_dir=NEW_FOLDER$"):
         list_units(tmp_path, "text")
 
 
@@ -81,6 +86,11 @@ def test_missing_text_column_names_the_string_columns(tmp_path):
                                         r"are \['content', 'lang'\]"):
         list_units(tmp_path, "id")
     assert len(list_units(tmp_path, "lang")) == 1
+    # the validation folder's: text_column is both folders' setting, so the advice is to rename its column
+    with pytest.raises(DataError, match=r"no column 'text'; .*; dataset.text_column names the column of both folders, "
+                                        r"and the training shards have 'text': rename the validation shards' column "
+                                        r"to 'text'$"):
+        list_units(tmp_path, "text", setting="dataset.val_parquet_dir")
 
 
 def test_files_that_differ_in_their_text_column_are_named_as_such(tmp_path):
