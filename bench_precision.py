@@ -260,10 +260,10 @@ def main(argv=None) -> int:
         changes = [(run[name]["val_loss"] / run[base_name]["val_loss"] - 1) * 100 for run in runs]
         line = f"  {name:<58} val loss {statistics.mean(losses):.4f} ({statistics.mean(changes):+.2f}%"
         line += f", worst {max(changes):+.2f}%)" if len(runs) > 1 else ")"
-        speeds = [run[name]["ms_per_step"] for run in runs if run[name].get("ms_per_step")]
-        # (None: a run too short for a full log interval; the ratio compares the seeds where both have one)
+        # (None: a run too short for a full log interval) the seeds where both have a speed, else the variant's
         pairs = [(run[name]["ms_per_step"], run[base_name]["ms_per_step"]) for run in runs
                  if run[name].get("ms_per_step") and run[base_name].get("ms_per_step")]
+        speeds = [s for s, _ in pairs] or [run[name]["ms_per_step"] for run in runs if run[name].get("ms_per_step")]
         if speeds:
             line += f" | {statistics.mean(speeds):.1f} ms/step"
             line += f" ({sum(s for s, _ in pairs) / sum(b for _, b in pairs):.2f}x)" if pairs else ""

@@ -136,6 +136,27 @@ def starts_with(path: Path, magics: tuple) -> bool:
     return head.startswith(magics)
 
 
+LFS_POINTER = b"version https://git-lfs"  # the first line of what git clones in place of a file kept in Git LFS
+
+
+def unreadable_shard_advice(path: Path, setting: str, alone: bool) -> str:
+    """What to do with a .parquet file pyarrow cannot read: fetch it (a Git LFS pointer, which a clone
+    without git-lfs holds), convert it (text; `alone`: the only file), or re-create it."""
+    with open(path, "rb") as f:  # (an OSError: the caller's)
+        head = f.read(len(LFS_POINTER))
+    if head == LFS_POINTER:
+        return "it is a Git LFS pointer, not the data: fetch the files (`git lfs pull` in the dataset's clone)"
+    if not head or head.startswith(PARQUET_MAGIC) or binary(path):
+        return "remove or re-create it"
+    if alone:
+        out = shlex.quote(f"{path.with_suffix('')}_parquet")
+        return (f"it holds text: convert it with `python prepare.py --from-text {shlex.quote(str(path))} --out {out}` "
+                f"and set {setting}={out}")
+    out = shlex.quote(f"{path.with_suffix('')}_text")  # a subfolder of the shards' folder: read with them
+    return (f"it holds text: convert it into shards beside the others with `python prepare.py --from-text "
+            f"{shlex.quote(str(path))} --out {out}`, then delete it (or move it out of the data)")
+
+
 def binary(path: Path) -> bool:
     """Whether a file is not text, by a NUL byte in its first 8 KB (prepare.py refuses such files;
     UTF-16 and UTF-32 with a byte-order mark, which it reads, are text)."""

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from layout import DataError, binary, parquet_by_its_bytes, shard_files  # DataError: raised here too
+from layout import DataError, shard_files, unreadable_shard_advice  # DataError: raised here too
 from runtime import first_line
 
 
@@ -61,10 +61,11 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
             meta = pq.read_metadata(path)
             schema = pq.read_schema(path)
         except (pa.ArrowException, OSError) as e:
-            text = path.stat().st_size > 0 and not parquet_by_its_bytes(path) and not binary(path)
-            raise DataError(f"{path}: not a readable parquet file ({first_line(e)}); " + (
-                f"it holds text: convert it with `python prepare.py --from-text FILE ... --out NEW_FOLDER` and set "
-                f"{setting}=NEW_FOLDER" if text else "remove or re-create it"))
+            try:
+                advice = unreadable_shard_advice(path, setting, alone=len(files) == 1)
+            except OSError:  # (gone since it was listed)
+                advice = "remove or re-create it"
+            raise DataError(f"{path}: not a readable parquet file ({first_line(e)}); {advice}")
         strings = [field.name for field in schema if text_type(field.type)]
         has = (f"its string columns are {strings}" if strings else "it has no string column") + (
             f" (all: {schema.names})" if len(schema.names) > len(strings) else "")

@@ -208,11 +208,9 @@ def load_tokenizer(spec: str):
     except FileNotFoundError:
         if difflib.get_close_matches(spec.strip().lower(), ["bytes"], cutoff=0.75):
             raise TokenizerError(f"dataset.tokenizer: {spec} is no file: did you mean bytes?") from None
-        # a name such as gpt2 or org/model, as a Hub model is named: nothing is downloaded
-        hub = (f"; a Hugging Face Hub name is not fetched: save its tokenizer.json first (tokenizers' "
-               f"Tokenizer.from_pretrained({spec!r}).save('tokenizer.json'))"
-               if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", spec) and not spec.endswith(".json") else "")
-        raise TokenizerError(f"dataset.tokenizer: {spec} does not exist{relative_to_here(spec)}{hub}; "
+        if Path(f"{spec}.json").is_file():
+            raise TokenizerError(f"dataset.tokenizer: {spec} does not exist; did you mean {spec}.json?") from None
+        raise TokenizerError(f"dataset.tokenizer: {spec} does not exist{relative_to_here(spec)}{hub_hint(spec)}; "
                              f"{HOW_TO_NAME_ONE}") from None
     except OSError as e:
         raise TokenizerError(f"dataset.tokenizer: cannot read {spec} ({e.strerror or e}); {HOW_TO_NAME_ONE}") from None
@@ -222,6 +220,20 @@ def load_tokenizer(spec: str):
         raise TokenizerError(f"dataset.tokenizer: {e}; {HOW_TO_NAME_ONE}") from None
     except TokenizerError as e:
         raise TokenizerError(f"dataset.tokenizer: {e}") from None
+
+
+def hub_hint(spec: str) -> str:
+    """For a missing dataset.tokenizer named as a Hugging Face Hub model is (gpt2, org/model-1.5B, or
+    its address): nothing is downloaded, and how to save its tokenizer.json. Not for what reads as a
+    local path: a file name's suffix (.json, .model, .txt), or a first folder that exists here."""
+    name = spec.removeprefix("https://huggingface.co/")
+    first, _, rest = name.partition("/")
+    if (not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) or name.lower() == "tokenizer"
+            or re.search(r"\.(json|model|txt|vocab|bin|pt|yaml|yml)$", name, re.IGNORECASE)
+            or rest and Path(first).is_dir()):
+        return ""
+    return (f"; a Hugging Face Hub name is not fetched: save its tokenizer.json first (tokenizers' "
+            f"Tokenizer.from_pretrained({name!r}).save('tokenizer.json'))")
 
 
 HOW_TO_NAME_ONE = ("give the path of a tokenizer.json (python prepare.py --train-tokenizer writes one, as does the "

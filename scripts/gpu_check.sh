@@ -9,6 +9,7 @@
 # 200 steps of config.yaml with torch.compile on, and the whole test suite, whose CUDA tests run
 # here instead of skipping. Each part's output goes to OUTDIR/<part>.log (and .json); the script
 # ends with a summary and exits 1 if a part failed (124: it ran past PART_TIMEOUT seconds, default 1800).
+# On a machine where torch sees no CUDA GPU it stops at once (exit 1); without OUTDIR, exit 2.
 # PYTHON=... picks the interpreter (default python3).
 set -u -o pipefail
 if [ $# -ne 1 ]; then

@@ -282,7 +282,7 @@ def test_too_little_training_data_is_an_error_not_a_hang(tmp_path):
     _, _, position = next(iter(ds))  # after a batch; then a resume with a batch size the data cannot fill
     ds = batches_of(list_units(tmp_path, "text"), T=4, B=64, val_fraction=1e-9)
     ds.positions = {0: position}
-    with pytest.raises(DataError, match=r"no complete batch of 64 x 5 tokens in passes 2-1001 over the training data: "):
+    with pytest.raises(DataError, match=r"no complete batch of 64 x 5 tokens in passes 2-1001 over the training "):
         next(iter(ds))
     write_parquet(tmp_path / "b" / "a.parquet", ["one small text file, cut into one document " * 50], 4)
     ds = batches_of(list_units(tmp_path / "b", "text"), T=16, B=1, val_fraction=0.999999)  # it goes to validation

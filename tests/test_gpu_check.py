@@ -18,5 +18,6 @@ def test_a_machine_without_cuda_is_refused_in_one_line(tmp_path):
     assert done.stderr == (f"error: scripts/gpu_check.sh checks a CUDA machine, and {sys.executable} sees no CUDA GPU "
                            f"(or no torch): run it where torch.cuda.is_available() is true\n")
     assert not (tmp_path / "out").exists()
-    done = subprocess.run(["bash", script], capture_output=True, text=True, timeout=120)
-    assert (done.returncode, done.stderr) == (2, "usage: bash scripts/gpu_check.sh OUTDIR\n")
+    for arguments in ([], ["out", "more"]):
+        done = subprocess.run(["bash", script, *arguments], capture_output=True, text=True, timeout=120)
+        assert (done.returncode, done.stderr) == (2, "usage: bash scripts/gpu_check.sh OUTDIR\n")

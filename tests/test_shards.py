@@ -62,9 +62,32 @@ def test_file_that_is_not_parquet(tmp_path):
     with pytest.raises(DataError, match=r"bad.parquet: not a readable parquet file \(.*\); remove or re-create it$"):
         list_units(tmp_path, "text")
     (tmp_path / "bad.parquet").write_text("a text file named as a shard")  # what to do with it instead
-    with pytest.raises(DataError, match=r"bad.parquet: not a readable parquet file \(.*\); it holds text: convert it "
-                                        r"with `python prepare.py --from-text FILE ... --out NEW_FOLDER` and set "
-                                        r"dataset.parquet_dir=NEW_FOLDER$"):
+    out = tmp_path / "bad_parquet"
+    with pytest.raises(DataError, match=rf"bad.parquet: not a readable parquet file \(.*\); it holds text: convert it "
+                                        rf"with `python prepare.py --from-text {tmp_path}/bad.parquet --out {out}` and "
+                                        rf"set dataset.parquet_dir={out}$"):
+        list_units(tmp_path, "text")
+    write_parquet(tmp_path / "good.parquet", ["some text"])  # beside shards: converted among them, then removed
+    with pytest.raises(DataError, match=rf"bad.parquet: not a readable parquet file \(.*\); it holds text: convert it "
+                                        rf"into shards beside the others with `python prepare.py --from-text "
+                                        rf"{tmp_path}/bad.parquet --out {tmp_path}/bad_text`, then delete it"):
+        list_units(tmp_path, "text")
+    # what a clone of a dataset without git-lfs holds in place of each shard
+    (tmp_path / "bad.parquet").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 99\n")
+    with pytest.raises(DataError, match=r"bad.parquet: not a readable parquet file \(.*\); it is a Git LFS pointer, "
+                                        r"not the data: fetch the files \(`git lfs pull` in the dataset's clone\)$"):
+        list_units(tmp_path, "text")
+
+
+def test_a_shard_removed_while_it_is_checked_is_one_line(tmp_path, monkeypatch):
+    path = write_parquet(tmp_path / "a.parquet", ["some text"])
+
+    def gone(where):
+        path.unlink()
+        raise FileNotFoundError(2, "No such file or directory", str(where))
+    monkeypatch.setattr(pq, "read_metadata", gone)
+    with pytest.raises(DataError, match=r"a.parquet: not a readable parquet file \(.*No such file.*\); remove or "
+                                        r"re-create it$"):
         list_units(tmp_path, "text")
 
 

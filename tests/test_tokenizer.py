@@ -55,22 +55,29 @@ def test_bytes_round_trip_and_invalid_utf8():
     assert tokenizer.decode([0x6F, 0x6B, 0xFF]) == "ok\ufffd"
 
 
-def test_bad_tokenizer_files_are_one_line_errors(tmp_path, bpe_json):
+def test_bad_tokenizer_files_are_one_line_errors(tmp_path, bpe_json, monkeypatch):
     with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: .*nope.json does not exist; give the path of"):
         load_tokenizer(str(tmp_path / "nope.json"))
     with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: Bytes is no file: did you mean bytes\?$"):
         load_tokenizer("Bytes")
     with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: byte is no file: did you mean bytes\?$"):
         load_tokenizer("byte")
-    for hub_name in ("gpt2", "org/model-1.5B"):  # not downloaded: a one-line way to get the file
+
+    def refusal(spec):
         with pytest.raises(TokenizerError) as refused:
-            load_tokenizer(hub_name)
-        assert str(refused.value).startswith(f"dataset.tokenizer: {hub_name} does not exist (")
+            load_tokenizer(spec)
+        return str(refused.value)
+    for spec, hub_name in (("gpt2", "gpt2"), ("org/model-1.5B", "org/model-1.5B"),
+                           ("https://huggingface.co/org/model", "org/model")):  # not downloaded: how to get the file
+        assert refusal(spec).startswith(f"dataset.tokenizer: {spec} does not exist (")
         assert (f"; a Hugging Face Hub name is not fetched: save its tokenizer.json first (tokenizers' "
-                f"Tokenizer.from_pretrained('{hub_name}').save('tokenizer.json')); give the path") in str(refused.value)
-    with pytest.raises(TokenizerError) as refused:
-        load_tokenizer(str(tmp_path / "nope"))
-    assert "Hub name" not in str(refused.value)
+                f"Tokenizer.from_pretrained('{hub_name}').save('tokenizer.json')); give the path") in refusal(spec)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for local in (str(tmp_path / "nope"), "data/tok", "tok.model", "Tokenizer.JSON", "tokenizer"):
+        assert "Hub name" not in refusal(local)  # read as paths: a file's suffix, a folder here, an absolute path
+    (tmp_path / "mine.json").write_text(bpe_json)
+    assert refusal("mine") == "dataset.tokenizer: mine does not exist; did you mean mine.json?"
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: .*bad.json: not a Hugging Face tokenizer.json "
                                              r"\(not JSON: .*; give the path of a tokenizer.json"):
