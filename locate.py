@@ -128,7 +128,9 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
             what = "no run with a checkpoint in" if root.is_dir() else "there is no folder"
             fix = (f"set {folder} to one of its folders of runs: {', '.join(map(str, experiments))}"
                    if (experiments := folders_of_runs(root)) else
-                   f"train a run first, or set {folder} to the folder that holds the runs")
+                   f"train a run first, or set {folder} to the folder that holds the runs"
+                   + ("" if flag else " (a job that may restart before its first checkpoint: "
+                                      "training.resume_from_checkpoint=auto starts a new run where there is none)"))
             raise CheckpointError(f"{setting}: latest: {what} {root}/{relative_to_here(root)}; {fix}")
         last_written = max(found, key=lambda path: path.stat().st_mtime)  # an older run resumed since, perhaps
         if last_written.parent != found[0].parent:

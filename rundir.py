@@ -249,7 +249,7 @@ class RunDir:
             try:
                 free, needed = shutil.disk_usage(folder).free, tensor_bytes(ckpt.to_dict())
                 if free < needed and not isinstance(e, OSError):  # torch's words: "unexpected pos 576 vs 534"
-                    why = f"the disk is full ({first_line(e)})"
+                    why = "the disk is full"
                 why += f"; {free / 2**20:,.1f} MiB free on its disk, the checkpoint takes {needed / 2**20:,.1f} MiB"
             except OSError:
                 pass

@@ -238,7 +238,8 @@ def stopped_at_once(resuming_a_run: bool = False) -> int:
     """`resuming_a_run`: the run resumes a checkpoint (the signal may come before it is read)."""
     if first_process():  # (under torchrun every rank heard the signal: once)
         print("\ninterrupted: stopped at once: " + (
-            f"the steps since the last checkpoint are not saved; resume with:\n  {resume_command[0]}" if resume_command
+            f"what it trained since the last checkpoint is not saved; resume with:\n  {resume_command[0]}"
+            if resume_command
             else "before training resumed: nothing new was saved" if resuming_a_run else
             "before the first checkpoint: nothing was saved"), file=sys.stderr)
     return 130
