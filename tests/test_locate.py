@@ -24,9 +24,9 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
     with pytest.raises(CheckpointError, match=r"^--checkpoint: latest: there is no folder .*/nope/; train a run first"
                                               r", or set --checkpoint-dir to"):
         open_checkpoint("latest", str(tmp_path / "nope"), setting="--checkpoint")
-    with pytest.raises(CheckpointError, match=r"or set training.checkpoint_dir to the folder that holds the runs \(a job "
-                                              r"that may restart before its first checkpoint: training.resume_from_"
-                                              r"checkpoint=auto starts a new run where there is none\)$"):
+    with pytest.raises(CheckpointError, match=r"or set training.checkpoint_dir to the folder that holds the runs "
+                                              r"\(a job that may restart before its first checkpoint: training.resume_"
+                                              r"from_checkpoint=auto starts a new run where there is none\)$"):
         open_checkpoint("latest", str(tmp_path / "nope"))
     with pytest.raises(CheckpointError, match=r"^training.resume_from_checkpoint: .* holds no checkpoint_<step>.pt$"):
         open_checkpoint(str(run), str(tmp_path))

@@ -442,8 +442,8 @@ def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_pat
                        "training.seed=5"]) == 130
     run = sorted(run_dirs(tmp_path))[-1]
     assert capsys.readouterr().err.endswith(
-        f"\ninterrupted: stopped at once: what it trained since the last checkpoint is not saved; resume with:\n  python "
-        f"{script_here('train.py')} --config {path} training.checkpoint_freq=2 training.max_iters=10 "
+        f"\ninterrupted: stopped at once: what it trained since the last checkpoint is not saved; resume with:\n  "
+        f"python {script_here('train.py')} --config {path} training.checkpoint_freq=2 training.max_iters=10 "
         f"training.seed=5 training.resume_from_checkpoint={run}\n")
     outside = tmp_path / "downloads" / "mine.pt"  # a checkpoint outside a run directory: the file, not its folder
     outside.parent.mkdir()
