@@ -1,6 +1,7 @@
 """Benchmark: model.py against the straightforward implementation (reference.py), side by side.
 
-    python bench.py [--config config.yaml] [--steps 10] [--json out.json] [--profile table.txt] [section.key=value ...]
+    python bench.py [--config config.yaml] [--steps 10] [--skip memory loader generation] [--json out.json]
+                    [--profile table.txt] [section.key=value ...]
 
 Training step of both implementations, as train.py runs it (gradient accumulation, gradient clipping,
 AdamW or AdamW4bit, a GradScaler in float16; FP8 and 4-bit weights are refused: reference.py has
@@ -33,6 +34,7 @@ from reference import reference_forward
 from runtime import (DTYPES, DeviceError, autocast, device_clock, measured_matmul_flops, peak_memory_bytes, pick_device,
                      prepare_compile, process_status_bytes, resolve_compute_dtype, steady_host_memory, wants_compile)
 from shards import DataError, list_units
+from stopping import ended_like_ctrl_c
 from tokenizer import TokenizerError, load_tokenizer
 
 IMPLEMENTATIONS = ("model.py", "reference")
@@ -250,6 +252,11 @@ def arguments(argv):
 
 def main(argv=None) -> int:
     args = arguments(argv)
+    with ended_like_ctrl_c():  # Ctrl-C or a scheduler's SIGTERM: one line, not a traceback
+        return measure(args)
+
+
+def measure(args) -> int:
     cfg = load_config(args)
     if modes := [m for m in ("use_fp8", "use_4bit") if getattr(cfg.low_precision, m)]:
         print(f"error: low_precision.{modes[0]}: bench.py times model.py against reference.py, which has no FP8 or "

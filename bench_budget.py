@@ -4,15 +4,16 @@ measure the loss on the last 10%, for one or several configurations side by side
     python bench_budget.py --text tinyshakespeare.txt --seconds 240 --config configs/tiny.yaml \
         [--variant NAME section.key=value ...] ... [--json results.json]
 
-The text is cut at 90% of its characters: the first part becomes one training document, the rest is
-the held-out text. For each variant a short calibration run measures the loop's start-up (torch.compile
-included) and its seconds per step; the real run then gets the max_iters that fill the budget, so that
-its learning-rate schedule ends with it (with --seconds 0 it keeps the config's max_iters), and saves a
-checkpoint every max_iters // 8 steps and at the end. Each checkpoint's loss is then measured on all of
-the held-out text, in non-overlapping windows of the training block size (the last, shorter window
-included), in float32: the loss against wall-clock. The budget counts the training loop (compilation,
-evaluations and checkpoint writes included), not the interpreter start, nor these measurements after it
-(on a CPU they can take longer than the training: each checkpoint's line shows when it is done).
+Any text file does (tinyshakespeare.txt: BENCHMARKS.md says where to get it). The text is cut at 90% of
+its characters: the first part becomes one training document, the rest is the held-out text. For each
+variant a short calibration run measures the loop's start-up (torch.compile included) and its seconds per
+step; the real run then gets the max_iters that fill the budget, so that its learning-rate schedule ends
+with it (with --seconds 0 it keeps the config's max_iters), and saves a checkpoint every max_iters // 8
+steps and at the end. Each checkpoint's loss is then measured on all of the held-out text, in
+non-overlapping windows of the training block size (the last, shorter window included), in float32: the
+loss against wall-clock. The budget counts the training loop (compilation, evaluations and checkpoint
+writes included), not the interpreter start, nor these measurements after it (on a CPU they can take
+longer than the training: each checkpoint's line shows when it is done).
 """
 import argparse
 import json

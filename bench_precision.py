@@ -211,12 +211,23 @@ def run_seed(args, seed, workdir) -> dict:
     return variants
 
 
+def seed_list(text: str) -> list[int]:
+    """--seeds: distinct whole numbers >= 0, comma-separated (one training run each, in one folder)."""
+    try:
+        seeds = [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers separated by commas, e.g. 1,2,3") from None
+    if any(seed < 0 for seed in seeds) or len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: each seed once, each >= 0")
+    return seeds
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, default="configs/tiny.yaml")
     parser.add_argument("--set", default="4bit", choices=VARIANT_SETS,
                         help="which variants to compare (default 4bit; see the top of this file)")
-    parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")],
+    parser.add_argument("--seeds", type=seed_list,
                         help="comma-separated: train every variant once per seed (default: the config's "
                              "training.seed)")
     parser.add_argument("--variant", action="append", metavar="NAME",

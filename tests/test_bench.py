@@ -1,6 +1,7 @@
 """bench.py: it measures both implementations and reports what it measured (the figures themselves
 are in BENCHMARKS.md; no timing is asserted here)."""
 import json
+import signal
 import subprocess
 
 import pytest
@@ -50,6 +51,20 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
     assert stop.value.code == 2 and "--skip: invalid choice: 'loaders'" in capsys.readouterr().err
     args = bench.arguments(["--skip", "memory", "training.seed=2", "--steps", "3", "training.seed=1"])
     assert (args.skip, args.overrides) == (["memory"], ["training.seed=2", "training.seed=1"])  # the last applies
+    with pytest.raises(SystemExit) as stop:  # the table would be overwritten by the JSON
+        bench.main(["--config", str(config), "--json", str(tmp_path / "b.json"), "--profile", str(tmp_path / "b.json")])
+    assert stop.value.code == 2 and (f"error: --json and --profile name the same file, {tmp_path / 'b.json'}: give "
+                                     f"each a file of its own") in capsys.readouterr().err
+
+
+def test_a_signal_ends_it_in_one_line(tmp_path, corpus, capsys, monkeypatch):
+    """Ctrl-C, or a scheduler's SIGTERM, while it measures: one line and 128 + the signal, not a traceback."""
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(bench, "bench_training", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--config", str(write_config(tmp_path, corpus)), "--skip", "loader", "generation"])
+    assert stop.value.code == 128 + signal.SIGTERM and capsys.readouterr().err.endswith("\nSIGTERM: stopped\n")
 
 
 def test_the_step_is_train_py_s_and_modes_it_cannot_compare_are_refused(tmp_path, corpus, capsys, monkeypatch):

@@ -56,3 +56,12 @@ def test_summary_speed_ratio_leaves_out_a_baseline_without_a_full_log_interval(t
     lines = capsys.readouterr().out.splitlines()
     assert "| 30.0 ms/step (3.00x)" in next(line for line in lines if line.lstrip().startswith("4-bit QAT "))
     assert "| 10.0 ms/step (1.00x)" in next(line for line in lines if line.lstrip().startswith("AdamW "))
+
+
+@pytest.mark.parametrize("seeds,message", [("1,x", "'1,x': give whole numbers separated by commas, e.g. 1,2,3"),
+                                           ("1,1", "'1,1': each seed once, each >= 0"),  # one folder per seed
+                                           ("-1", "'-1': each seed once, each >= 0")])
+def test_seeds_are_distinct_whole_numbers(seeds, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench_precision.main(["--seeds", seeds])
+    assert stop.value.code == 2 and f"error: argument --seeds: {message}\n" in capsys.readouterr().err
