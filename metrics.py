@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import secrets
+import shutil
 import time
 
 import torch
@@ -138,6 +139,7 @@ class MetricsLog:
         continues = id_file is not None and id_file.exists()  # a resumed run that logged to W&B before
         run_id = id_file.read_text().strip() if continues else secrets.token_hex(6)
         folder = self.run.checkpoint_dir
+        created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         settings = dict(project=self.settings.wandb_project, entity=self.settings.wandb_entity,
                         name=self.settings.wandb_run_name or self.run.name, dir=str(folder), config=cfg.to_dict())
@@ -153,6 +155,8 @@ class MetricsLog:
                 self.wandb.finish()
                 self.wandb = wandb.init(id=secrets.token_hex(6), **settings)
         except Exception as e:  # no API key, no network, a bad entity: before training, not hours in
+            if created:  # (with what W&B wrote in it): the run never started
+                shutil.rmtree(folder, ignore_errors=True)
             raise MetricsError(f"logging.wandb: W&B did not start ({first_line(e)}); run "
                                f"`wandb login`, set WANDB_MODE=offline, or set logging.wandb=false")
         if self.wandb.id != run_id:

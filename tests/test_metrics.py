@@ -7,6 +7,7 @@ import math
 import re
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,6 +179,27 @@ def test_a_resume_behind_what_wandb_logged_goes_to_a_new_wandb_run(tmp_path, cor
     assert MetricsLog(run, cfg, resumed_step=4).wandb.id not in ("first", new_id)
     assert len(started) == 1 and started[0][0] != new_id  # the W&B run it left is not opened (offline: a folder to sync)
     assert [json.loads(line)["step"] for line in (run.path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_wandb_that_cannot_start_stops_before_training_and_leaves_no_folder(tmp_path, corpus, monkeypatch, capsys):
+    """No API key (or no network): one line before training; the checkpoint_dir made for W&B's files goes."""
+    import sys
+    from importlib.machinery import ModuleSpec
+    from types import SimpleNamespace
+
+    def init(dir, **settings):
+        (Path(dir) / "wandb").mkdir()  # what W&B writes before it fails
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init, __spec__=ModuleSpec("wandb", None)))
+    path = write_config(tmp_path, corpus)
+    assert train.main(["--config", str(path), "logging.wandb=true"]) == 1
+    assert capsys.readouterr().err == ("error: logging.wandb: W&B did not start (No API key configured. Use `wandb "
+                                       "login` to log in.); run `wandb login`, set WANDB_MODE=offline, or set "
+                                       "logging.wandb=false\n")
+    assert not (tmp_path / "ck").exists()
+    (tmp_path / "ck").mkdir()  # a checkpoint_dir of the user's own stays
+    assert train.main(["--config", str(path), "logging.wandb=true"]) == 1
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["wandb"]
 
 
 def test_a_missing_logging_package_stops_before_training(tmp_path, corpus, monkeypatch, capsys):
