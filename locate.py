@@ -5,7 +5,6 @@ wrote.
 """
 import contextlib
 import difflib
-import getpass
 import json
 import math
 import os
@@ -13,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from checkpoint import (CheckpointError, is_export, load_checkpoint, load_export, low_precision_of,
@@ -285,19 +283,9 @@ def train_in(workdir: Path, arguments: list, python_args, note="") -> tuple[Path
     checkpoint_dir = Path(workdir) / "checkpoints"
     arguments = [*arguments, f"training.checkpoint_dir={checkpoint_dir}"]
     print("$ train.py", " ".join(map(str, arguments)), note, flush=True)
-    # its temporary files (multiprocessing's folder) in workdir, which goes with them after a SIGKILL below;
-    # torch.compile's cache where it is otherwise, shared by the runs
-    scratch = Path(workdir) / "tmp"
-    scratch.mkdir(parents=True, exist_ok=True)
-    try:
-        user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
-    except (KeyError, OSError):  # (no name for this uid: a container's)
-        user = f"uid_{os.getuid()}"
-    env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"),
-           **os.environ, "TMPDIR": str(scratch)}
     # in a session of its own: a signal stops the benchmark, which then stops train.py and its loader workers
     with subprocess.Popen([sys.executable, *python_args, *arguments], stdout=subprocess.PIPE, text=True,
-                          errors="replace", start_new_session=True, env=env) as process:
+                          errors="replace", start_new_session=True) as process:
         try:
             for line in process.stdout:
                 if line.startswith("step "):  # "step 100/2000 | loss ... | eta", "step 100: val loss ..."

@@ -11,6 +11,7 @@ after it are trained again and logged once. StepLog measures the training steps 
 and prints their lines (console.step_line words them).
 """
 import collections
+import contextlib
 import importlib.util
 import json
 import os
@@ -139,7 +140,7 @@ class MetricsLog:
         continues = id_file is not None and id_file.exists()  # a resumed run that logged to W&B before
         run_id = id_file.read_text().strip() if continues else secrets.token_hex(6)
         folder = self.run.checkpoint_dir
-        created = not folder.exists()
+        created = [path for path in (folder, *folder.parents) if not path.exists()]  # what mkdir makes, deepest first
         folder.mkdir(parents=True, exist_ok=True)
         settings = dict(project=self.settings.wandb_project, entity=self.settings.wandb_entity,
                         name=self.settings.wandb_run_name or self.run.name, dir=str(folder), config=cfg.to_dict())
@@ -155,8 +156,11 @@ class MetricsLog:
                 self.wandb.finish()
                 self.wandb = wandb.init(id=secrets.token_hex(6), **settings)
         except Exception as e:  # no API key, no network, a bad entity: before training, not hours in
-            if created:  # (with what W&B wrote in it): the run never started
-                shutil.rmtree(folder, ignore_errors=True)
+            if created:  # the run never started: the folders made for W&B's files go (empty but for those)
+                shutil.rmtree(folder / "wandb", ignore_errors=True)
+                for path in created:
+                    with contextlib.suppress(OSError):
+                        path.rmdir()
             raise MetricsError(f"logging.wandb: W&B did not start ({first_line(e)}); run "
                                f"`wandb login`, set WANDB_MODE=offline, or set logging.wandb=false")
         if self.wandb.id != run_id:

@@ -60,10 +60,15 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
 def test_a_signal_ends_it_in_one_line(tmp_path, corpus, capsys, monkeypatch):
     """Ctrl-C, or a scheduler's SIGTERM, while it measures: one line and 128 + the signal, not a traceback."""
     def interrupted(*args, **kwargs):
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # (else the signal would end the tests)
         signal.raise_signal(signal.SIGTERM)
+    host = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a process starts (a host's handler would be kept)
     monkeypatch.setattr(bench, "bench_training", interrupted)
-    with pytest.raises(SystemExit) as stop:
-        bench.main(["--config", str(write_config(tmp_path, corpus)), "--skip", "loader", "generation"])
+    try:
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--config", str(write_config(tmp_path, corpus)), "--skip", "loader", "generation"])
+    finally:
+        signal.signal(signal.SIGTERM, host)
     assert stop.value.code == 128 + signal.SIGTERM and capsys.readouterr().err.endswith("\nSIGTERM: stopped\n")
 
 

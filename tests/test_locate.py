@@ -3,13 +3,10 @@ checkpoint that cannot be read, to a best.pt newer than the last checkpoint), an
 run directories."""
 import os
 import re
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
-import locate
 import train
 from checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from conftest import ROOT, run_dirs, write_config
@@ -277,16 +274,3 @@ def test_a_resume_from_a_name_that_does_not_exist_stops_before_the_data_is_read(
     assert capsys.readouterr().err.startswith("error: training.resume_from_checkpoint: lastest does not exist")
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest"]) == 1  # no run yet
     assert capsys.readouterr().err.startswith("error: training.resume_from_checkpoint: latest: there is no folder")
-
-
-def test_train_in_keeps_the_run_s_temporary_files_in_its_folder(tmp_path, capsys):
-    """A benchmark stopped by a signal kills train.py (SIGKILL), whose temporary files (multiprocessing's
-    folder) would stay in /tmp: they are in the benchmark's folder instead. The compiler's cache is not."""
-    stand_in = ("import os, sys, tempfile; folder = sys.argv[-1].partition('=')[2] + '/run_1'; os.makedirs(folder); "
-                "open(folder + '/metrics.jsonl', 'w').close(); "
-                "print('step', tempfile.gettempdir(), os.environ['TORCHINDUCTOR_CACHE_DIR'])")
-    run, records = locate.train_in(tmp_path / "work", ["--config", "c.yaml"], ["-c", stand_in])
-    assert (run, records) == (tmp_path / "work" / "checkpoints" / "run_1", [])
-    temporary, cache = capsys.readouterr().out.splitlines()[-1].split()[1:]
-    assert Path(temporary) == tmp_path / "work" / "tmp"
-    assert Path(cache).parent == Path(tempfile.gettempdir()) and Path(cache).name.startswith("torchinductor_")

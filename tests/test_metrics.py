@@ -192,11 +192,11 @@ def test_wandb_that_cannot_start_stops_before_training_and_leaves_no_folder(tmp_
         raise RuntimeError("No API key configured. Use `wandb login` to log in.")
     monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init, __spec__=ModuleSpec("wandb", None)))
     path = write_config(tmp_path, corpus)
-    assert train.main(["--config", str(path), "logging.wandb=true"]) == 1
+    assert train.main(["--config", str(path), "logging.wandb=true", f"training.checkpoint_dir={tmp_path}/a/b/ck"]) == 1
     assert capsys.readouterr().err == ("error: logging.wandb: W&B did not start (No API key configured. Use `wandb "
                                        "login` to log in.); run `wandb login`, set WANDB_MODE=offline, or set "
                                        "logging.wandb=false\n")
-    assert not (tmp_path / "ck").exists()
+    assert not (tmp_path / "a").exists()  # the folders it made, up to the first that was there
     (tmp_path / "ck").mkdir()  # a checkpoint_dir of the user's own stays
     assert train.main(["--config", str(path), "logging.wandb=true"]) == 1
     assert [p.name for p in (tmp_path / "ck").iterdir()] == ["wandb"]
