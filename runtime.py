@@ -59,15 +59,15 @@ def one_line(e: Exception) -> str:
     return re.sub(r"^[\w.]+(Error|Exception): ", "", last_line(e))
 
 
-def interrupted(e: BaseException) -> bool:
-    """Whether a KeyboardInterrupt caused the error (torch re-raises some as its own errors)."""
+def interrupted(e: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt that caused the error, if one did (torch re-raises some as its own errors)."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, KeyboardInterrupt):
-            return True
+            return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__
-    return False
+    return None
 
 
 def wants_compile(training, device: torch.device) -> bool:

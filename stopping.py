@@ -67,7 +67,7 @@ class GracefulStop:
     def _handler(self, signum, _frame):
         if self.at_once:  # (heard: for the caller, where the KeyboardInterrupt is swallowed, as in a weakref callback)
             self.signal_name = signal.Signals(signum).name
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(self.signal_name)
         saving, closing = self.doing == SAVING, self.doing == CLOSING
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
@@ -83,7 +83,7 @@ class GracefulStop:
         elif self.second_signal_stops:
             # torch may swallow the KeyboardInterrupt (raised in a finalizer, say): a third one kills
             signal.signal(signum, signal.SIG_DFL)
-            raise StoppedWhileClosing(self.last_words) if closing else KeyboardInterrupt
+            raise StoppedWhileClosing(self.last_words) if closing else KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def say(text: str):
@@ -234,10 +234,22 @@ def using_checkpoint_dir(arguments: str, checkpoint_dir: str) -> str:
     return shlex.join(word for word in shlex.split(arguments) if not unused(word))
 
 
-def stopped_at_once(resuming_a_run: bool = False) -> int:
+def stop_at_once(signum, _frame):
+    """A signal handler: KeyboardInterrupt, which names the signal (signal_of)."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def signal_of(interrupt: KeyboardInterrupt) -> str | None:
+    """The signal a KeyboardInterrupt was raised for (stop_at_once, GracefulStop), or None (Python's own,
+    for a SIGINT)."""
+    name = interrupt.args[0] if interrupt.args else None
+    return name if name in signal.Signals.__members__ else None
+
+
+def stopped_at_once(resuming_a_run: bool = False, signal_name: str | None = None) -> int:
     """`resuming_a_run`: the run resumes a checkpoint (the signal may come before it is read)."""
     if first_process():  # (under torchrun every rank heard the signal: once)
-        print("\ninterrupted: stopped at once: " + (
+        print(f"\n{signal_name or 'interrupted'}: stopped at once: " + (
             f"what it trained since the last checkpoint is not saved; resume with:\n  {resume_command[0]}"
             if resume_command
             else "before training resumed: nothing new was saved" if resuming_a_run else
@@ -374,17 +386,17 @@ def ended_like_ctrl_c():
     128 + the signal, not a traceback. Handlers of the host's own are kept; all are put back after."""
     before = {sig: signal.getsignal(sig) for sig in SIGNALS}
 
-    def stop(signum, _frame):
+    def stop(signum, frame):
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        stop_at_once(signum, frame)
     for sig, handler in before.items():
         if handler in (signal.SIG_DFL, signal.default_int_handler):
             signal.signal(sig, stop)
     try:
         yield
     except KeyboardInterrupt as e:
-        name = e.args[0] if e.args and e.args[0] in signal.Signals.__members__ else "SIGINT"
+        name = signal_of(e) or "SIGINT"
         print(f"\n{name}: stopped", file=sys.stderr)
         raise SystemExit(128 + signal.Signals[name]) from None
     finally:

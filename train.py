@@ -60,8 +60,8 @@ from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_cl
                      resolve_compute_dtype, steady_host_memory)
 from shards import DataError
 from stopping import (EVALUATING, SAVING, SIGNALS, STEPPING, GracefulStop, StepVote, StoppedWhileClosing, exit_with,
-                      extending, outputs_without_reader, put_back_outputs, resume_command, resuming,
-                      stop_loader_workers, stopped_at_once, tearing_down, using_checkpoint_dir)
+                      extending, outputs_without_reader, put_back_outputs, resume_command, resuming, signal_of,
+                      stop_at_once, stop_loader_workers, stopped_at_once, tearing_down, using_checkpoint_dir)
 from tokenizer import TokenizerError
 
 
@@ -272,7 +272,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if stop.at_once and stop.heard:  # its KeyboardInterrupt was swallowed (raised in a callback torch.compile set)
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(stop.signal_name)
         stop.at_once = False  # a step is done: a signal from here on saves it
         stopping = stop_vote.ask(stop.heard)
         evaluating = step % training.test_freq == 0 or step == training.max_iters
@@ -428,7 +428,7 @@ def main(argv=None) -> int:
     handlers = {sig: handlers_before_import.get(sig, signal.getsignal(sig)) for sig in SIGNALS}
     for sig in SIGNALS:  # while the run sets up, as Ctrl-C: it stops at once, in one line
         if handlers[sig] != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
-            signal.signal(sig, signal.default_int_handler)
+            signal.signal(sig, stop_at_once)
     children = multiprocessing.active_children()  # a calling program's own: not the loader's to stop
     ranks, device = Ranks(), cfg.training.device
     resume_command.clear()
@@ -445,11 +445,11 @@ def main(argv=None) -> int:
     except StoppedWhileClosing as e:  # the checkpoint is saved: the run ended as asked, its logs cut short
         print(f"\n{e.args[0]}\n(stopped while closing the logs: their last records may be missing)")
         return 0
-    except KeyboardInterrupt:
-        return stopped_at_once(resuming_a_run(cfg))
+    except KeyboardInterrupt as e:
+        return stopped_at_once(resuming_a_run(cfg), signal_of(e))
     except Exception as e:
-        if interrupted(e):  # torch.compile wraps a KeyboardInterrupt raised while it compiles
-            return stopped_at_once(resuming_a_run(cfg))
+        if stop := interrupted(e):  # torch.compile wraps a KeyboardInterrupt raised while it compiles
+            return stopped_at_once(resuming_a_run(cfg), signal_of(stop))
         if (request := out_of_memory(e)) is not None:
             return failed(f"error{rank_of(ranks)}: out of memory on {device} (asked for {request}): {memory_fix(cfg)}; "
                           + (f"then resume with `{resume_command[0]}` and the new setting" if resume_command else

@@ -32,7 +32,7 @@ from stopping import (SAVING, SIGNALS, GracefulStop, OutputWithoutReader, Stoppe
                       outputs_without_reader, put_back_outputs, stopped_at_once)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-NOTHING_SAVED = "\ninterrupted: stopped at once: before the first checkpoint: nothing was saved\n"
+NOTHING_SAVED = "\nSIGTERM: stopped at once: before the first checkpoint: nothing was saved\n"  # (SIGTERM's)
 
 
 @pytest.fixture
@@ -406,7 +406,7 @@ def test_sigterm_while_the_run_sets_up_stops_it_in_one_line(tmp_path, corpus, ca
         assert capsys.readouterr().err == NOTHING_SAVED and not heard
         assert signal.getsignal(signal.SIGTERM) == hear  # the caller's handler is back
         assert train.main(["--config", str(write_config(tmp_path, corpus)), "training.resume_from_checkpoint=latest"]) == 130
-        assert capsys.readouterr().err == "\ninterrupted: stopped at once: before training resumed: nothing new was saved\n"
+        assert capsys.readouterr().err == "\nSIGTERM: stopped at once: before training resumed: nothing new was saved\n"
         assert train.main(["--config", str(write_config(tmp_path, corpus)), "training.resume_from_checkpoint=auto"]) == 130
         assert capsys.readouterr().err == NOTHING_SAVED  # (auto: no run yet, or not decided)
         # run as a script: the handlers from before train.py's import-time ones (which say "before anything ran")
@@ -442,7 +442,7 @@ def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_pat
                        "training.seed=5"]) == 130
     run = sorted(run_dirs(tmp_path))[-1]
     assert capsys.readouterr().err.endswith(
-        f"\ninterrupted: stopped at once: what it trained since the last checkpoint is not saved; resume with:\n  "
+        f"\nSIGTERM: stopped at once: what it trained since the last checkpoint is not saved; resume with:\n  "
         f"python {script_here('train.py')} --config {path} training.checkpoint_freq=2 training.max_iters=10 "
         f"training.seed=5 training.resume_from_checkpoint={run}\n")
     outside = tmp_path / "downloads" / "mine.pt"  # a checkpoint outside a run directory: the file, not its folder
@@ -476,15 +476,20 @@ def test_a_signal_in_the_first_step_whose_interrupt_is_swallowed_still_stops_it(
 
 
 def test_a_ctrl_c_that_torch_wraps_in_its_own_error_still_stops_in_one_line(tmp_path, corpus, capsys, monkeypatch):
+    interrupt = [KeyboardInterrupt()]
+
     def compiling(*args, **kwargs):
         try:
-            raise KeyboardInterrupt
+            raise interrupt[0]
         except KeyboardInterrupt as e:  # as torch._dynamo does: InternalTorchDynamoError from the interrupt
             raise RuntimeError("UnboundLocalError: cannot access local variable 'prior'") from e
 
     monkeypatch.setattr(train, "train", compiling)
     assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 130
-    assert capsys.readouterr().err == NOTHING_SAVED
+    assert capsys.readouterr().err == NOTHING_SAVED.replace("SIGTERM", "interrupted")  # Python's own: no signal named
+    interrupt[0] = KeyboardInterrupt("SIGHUP")  # one of train.py's handlers: the signal is named
+    assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 130
+    assert capsys.readouterr().err == NOTHING_SAVED.replace("SIGTERM", "SIGHUP")
     assert not runtime.interrupted(RuntimeError("another error"))
 
 
