@@ -205,16 +205,16 @@ def output_path(out: str, option: str) -> Path:
 def check_outputs(parser, outputs: dict):
     """{option: its value or None} of the files a script writes at the end: an unwritable one, or one
     file given to two options (the second would overwrite the first), is a usage error now (output_path)."""
+    given = {option: os.path.realpath(out) for option, out in outputs.items() if out and not os.path.isdir(out)}
+    for option, path in given.items():  # (before output_path makes any folder; a folder: output_path's error)
+        if other := next((o for o in given if o != option and given[o] == path), None):
+            parser.error(f"{option} and {other} name the same file, {outputs[option]}: give each a file of its own")
     for option, out in outputs.items():
         if out:
             try:
                 output_path(out, option)
             except ValueError as e:
                 parser.error(str(e))
-    given = {option: os.path.realpath(out) for option, out in outputs.items() if out}
-    for option, path in given.items():
-        if other := next((o for o in given if o != option and given[o] == path), None):
-            parser.error(f"{option} and {other} name the same file, {outputs[option]}: give each a file of its own")
 
 
 def near_miss(path, keep=lambda entry: True) -> Path | None:

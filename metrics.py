@@ -139,7 +139,7 @@ class MetricsLog:
         id_file = None if self.run.path is None else self.run.path / "wandb_run_id"
         continues = id_file is not None and id_file.exists()  # a resumed run that logged to W&B before
         run_id = id_file.read_text().strip() if continues else secrets.token_hex(6)
-        folder = self.run.checkpoint_dir
+        folder = self.run.checkpoint_dir.resolve()  # (resolved: x/../mine, with x missing, is mine)
         created = [path for path in (folder, *folder.parents) if not path.exists()]  # what mkdir makes, deepest first
         folder.mkdir(parents=True, exist_ok=True)
         settings = dict(project=self.settings.wandb_project, entity=self.settings.wandb_entity,

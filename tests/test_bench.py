@@ -51,10 +51,12 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
     assert stop.value.code == 2 and "--skip: invalid choice: 'loaders'" in capsys.readouterr().err
     args = bench.arguments(["--skip", "memory", "training.seed=2", "--steps", "3", "training.seed=1"])
     assert (args.skip, args.overrides) == (["memory"], ["training.seed=2", "training.seed=1"])  # the last applies
+    same = tmp_path / "new" / "b.json"
     with pytest.raises(SystemExit) as stop:  # the table would be overwritten by the JSON
-        bench.main(["--config", str(config), "--json", str(tmp_path / "b.json"), "--profile", str(tmp_path / "b.json")])
-    assert stop.value.code == 2 and (f"error: --json and --profile name the same file, {tmp_path / 'b.json'}: give "
-                                     f"each a file of its own") in capsys.readouterr().err
+        bench.main(["--config", str(config), "--json", str(same), "--profile", str(same)])
+    assert stop.value.code == 2 and (f"error: --json and --profile name the same file, {same}: give each a file of "
+                                     f"its own") in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # refused before any folder is made for it
 
 
 def test_a_signal_ends_it_in_one_line(tmp_path, corpus, capsys, monkeypatch):

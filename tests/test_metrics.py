@@ -200,6 +200,9 @@ def test_wandb_that_cannot_start_stops_before_training_and_leaves_no_folder(tmp_
     (tmp_path / "ck").mkdir()  # a checkpoint_dir of the user's own stays
     assert train.main(["--config", str(path), "logging.wandb=true"]) == 1
     assert [p.name for p in (tmp_path / "ck").iterdir()] == ["wandb"]
+    (tmp_path / "ck" / "wandb" / "run-old").mkdir()  # and W&B's files of earlier runs, however the path is written
+    assert train.main(["--config", str(path), "logging.wandb=true", f"training.checkpoint_dir={tmp_path}/x/../ck"]) == 1
+    assert (tmp_path / "ck" / "wandb" / "run-old").is_dir() and not (tmp_path / "x").exists()
 
 
 def test_a_missing_logging_package_stops_before_training(tmp_path, corpus, monkeypatch, capsys):
