@@ -29,9 +29,9 @@ import torch
 from arguments import add_config_arguments, load_config, parse_arguments
 from checkpoint import load_checkpoint, model_from_checkpoint
 from corpus import text_files_to_parquet
-from files import REPO, check_outputs, near_miss, relative_to_here
+from files import REPO, check_outputs, does_not_exist
 from model import BDHConfig
-from locate import checkpoints_in, train_in
+from locate import checkpoint_step, checkpoints_in, train_in
 from runtime import first_line
 from stopping import ended_like_ctrl_c
 from tokenizer import tokenizer_from_string
@@ -88,7 +88,7 @@ def run_variant(config, overrides, seconds, data: Path, heldout: str, workdir: P
     elapsed = {r["step"]: r["elapsed_s"] for r in records if "elapsed_s" in r}
     curve = []
     for path in checkpoints_in(run):
-        curve.append((elapsed[load_checkpoint(path).step], heldout_loss(path, heldout)))
+        curve.append((elapsed[checkpoint_step(path)], heldout_loss(path, heldout)))
         print(f"  {path.name}: held-out loss {curve[-1][1]:.4f}", flush=True)
     ckpt = load_checkpoint(checkpoints_in(run)[-1])
     training = ckpt.config["training"]
@@ -125,9 +125,7 @@ def main(argv=None) -> int:
     try:
         text = Path(args.text).read_text(encoding="utf-8")
     except FileNotFoundError:
-        near = near_miss(args.text, keep=Path.is_file)
-        parser.error(f"--text {args.text}: does not exist{relative_to_here(args.text)}"
-                     + f"; did you mean {near}?" * bool(near))
+        parser.error(f"--text {args.text}: {does_not_exist(args.text)}")
     except (OSError, UnicodeDecodeError) as e:
         parser.error(f"--text {args.text}: cannot read it as UTF-8 text ({first_line(e)})")
     if len(text.strip()) < 100:

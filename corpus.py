@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from config import DEFAULT_SAMPLE_DIR
-from files import UTF_BOMS, near_miss, relative_to_here, write_folder
+from files import UTF_BOMS, does_not_exist, write_folder
 from shards import DataError
 
 
@@ -127,8 +127,7 @@ def text_files_to_parquet(files, out_dir, chunk_bytes=DOCUMENT_BYTES, replace=Fa
             except IsADirectoryError:
                 raise DataError(f"{f}: a folder; give the text files in it{file_patterns(Path(f))}")
             except FileNotFoundError:
-                near = near_miss(f, keep=Path.is_file)
-                raise DataError(f"{f}: does not exist{relative_to_here(f)}" + f"; did you mean {near}?" * bool(near))
+                raise DataError(f"{f}: {does_not_exist(f)}")
             except OSError as e:
                 raise DataError(f"{f}: cannot read ({e.strerror})")
             raw = as_utf8(raw, f)

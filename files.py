@@ -217,6 +217,14 @@ def check_outputs(parser, outputs: dict):
                 parser.error(str(e))
 
 
+def does_not_exist(path, keep=Path.is_file, otherwise: str = "") -> str:
+    """'does not exist', where a relative path was looked for, and a close name that `keep` takes
+    (near_miss) as '; did you mean ...?', else '; ' + `otherwise` where given."""
+    near = near_miss(path, keep)
+    return (f"does not exist{relative_to_here(path)}"
+            + (f"; did you mean {near}?" if near else f"; {otherwise}" if otherwise else ""))
+
+
 def near_miss(path, keep=lambda entry: True) -> Path | None:
     """For a missing path: the entry of its folder (one that `keep` takes) whose name is so close
     that the path is likely a typo of it (tiny.yml: tiny.yaml), or None."""

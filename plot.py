@@ -18,7 +18,7 @@ import yaml
 from arguments import parse_arguments
 from config_file import ConfigError, read_scalar, settings_as_run, with_split_seed
 from checkpoint import is_export
-from files import near_miss, picture_path, read_records, relative_to_here, resumed_configs
+from files import does_not_exist, picture_path, read_records, resumed_configs
 from locate import export_source
 
 
@@ -35,9 +35,7 @@ def read_metrics(run_dir: Path) -> tuple[list, list]:
     run_dir, give = Path(run_dir), "give a run directory (checkpoints/run_YYYYMMDD_HHMMSS)"
     path = run_dir / "metrics.jsonl"
     if not run_dir.exists():
-        near = near_miss(run_dir, keep=lambda entry: entry.is_dir())
-        raise PlotError(f"{run_dir}: does not exist{relative_to_here(run_dir)}; "
-                        + (f"did you mean {near}?" if near else give))
+        raise PlotError(f"{run_dir}: {does_not_exist(run_dir, keep=Path.is_dir, otherwise=give)}")
     if run_dir.is_file():
         holder = run_dir.parent if (run_dir.parent / "metrics.jsonl").is_file() else None
         raise PlotError(f"{run_dir}: a file; " + (f"give its run directory, {holder}" if holder else give))
