@@ -20,7 +20,7 @@ layers, generation and the low-precision paths:
 reference.py holds the straightforward implementation that the tests compare this one against.
 
 To change the layer (another attention, say), these go together: layer_forward, the one forward;
-layer_backward, its gradient by hand (the saved tensors, SAVED_PER_LAYER); recurrent_forward, the
+layer_backward, its gradient by hand (from the tensors layer_forward saves); recurrent_forward, the
 same layer for generation; reference.reference_forward, the yardstick the tests hold them to;
 BDHConfig.training_flops_per_token and runtime.activation_bytes, what it costs; MODEL.md. To try an
 idea first, reference_forward trains and evaluates through autograd (assign it to BDH.forward): slow,
@@ -45,7 +45,6 @@ LN_EPS = 1e-5
 TILE = 64  # rows per tile of the causal attention
 CHUNK = 1024  # latent columns per slice where backward avoids a full (H, B*T, N) temporary for z
 LAYER_WEIGHTS = ("encoder", "encoder_v", "decoder")  # shared by all layers; the 4-bit modes quantize these
-SAVED_PER_LAYER = 7  # LayerStack keeps x, the dropout bits and layer_forward's 5 tensors of each layer
 
 
 @dataclass
@@ -279,10 +278,11 @@ class LayerStack(torch.autograd.Function):
     """All n_layer layers as one autograd Function. The layers share their weights, so backward
     accumulates the three weight gradients in place across layers (no per-layer gradient
     tensors to allocate and add). Between forward and backward each layer keeps a, its dropout
-    mask as bits and small tensors; with checkpoint, only its input and the dropout bits."""
+    mask as bits and small tensors; with recompute, only its input and the dropout bits (backward
+    runs layer_forward again)."""
 
     @staticmethod
-    def forward(ctx, x, encoder, encoder_v, decoder, phases, n_layer, dropout, checkpoint, matmuls, observe):
+    def forward(ctx, x, encoder, encoder_v, decoder, phases, n_layer, dropout, recompute, matmuls, observe):
         (B, T, _), (H, _, N) = x.shape, encoder.shape
         saved = []
         for _ in range(n_layer):
@@ -290,9 +290,10 @@ class LayerStack(torch.autograd.Function):
             out, layer_saved = layer_forward(x, encoder, encoder_v, decoder, phases, drop, dropout, matmuls,
                                              observe=observe)
             saved += [x, None if drop is None else pack_bits(drop),
-                      *((None,) * 5 if checkpoint else layer_saved)]
+                      *((None,) * len(layer_saved) if recompute else layer_saved)]
             x = out
-        ctx.n_layer, ctx.dropout, ctx.checkpoint, ctx.matmuls = n_layer, dropout, checkpoint, matmuls
+        ctx.per_layer = len(saved) // n_layer  # x, the dropout bits, layer_forward's tensors
+        ctx.n_layer, ctx.dropout, ctx.recompute, ctx.matmuls = n_layer, dropout, recompute, matmuls
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
                         torch.get_autocast_dtype(x.device.type))
         ctx.save_for_backward(encoder, encoder_v, decoder, phases, *saved)
@@ -308,10 +309,10 @@ class LayerStack(torch.autograd.Function):
         grad_x = grad_out
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
             for layer in reversed(range(ctx.n_layer)):
-                x, drop_bits, *layer_saved = saved[layer * SAVED_PER_LAYER:(layer + 1) * SAVED_PER_LAYER]
+                x, drop_bits, *layer_saved = saved[layer * ctx.per_layer:(layer + 1) * ctx.per_layer]
                 B, T, _ = x.shape
                 drop = None if drop_bits is None else unpack_bits(drop_bits, (H, B * T, N))
-                if ctx.checkpoint:
+                if ctx.recompute:
                     _, layer_saved = layer_forward(x, encoder, encoder_v, decoder, phases, drop, dropout, matmuls)
                 grad_x = layer_backward(grad_x, x, encoder, encoder_v, decoder, phases, drop, dropout,
                                         matmuls, layer_saved, grads)
@@ -366,8 +367,8 @@ class BDH(nn.Module):
         phases = rope_phases(self.rope_freqs, torch.arange(T, device=idx.device))
         dropout, matmuls = (config.dropout, self.matmuls) if self.training else (0.0, PLAIN)
         x = layer_norm(self.embed(idx))  # (B, T, D): one stream shared by all heads
-        keep_less = self.activation_checkpointing or not torch.is_grad_enabled()  # (no backward: nothing to keep)
-        x = LayerStack.apply(x, *self.layer_weights(), phases, config.n_layer, dropout, keep_less, matmuls, observe)
+        recompute = self.activation_checkpointing or not torch.is_grad_enabled()  # (no backward: nothing to keep)
+        x = LayerStack.apply(x, *self.layer_weights(), phases, config.n_layer, dropout, recompute, matmuls, observe)
         logits = x @ self.lm_head
         if targets is None:
             return logits, None

@@ -42,7 +42,8 @@ class Progress:
     measured_anew: bool = False  # a resume changed what validation measures: the next evaluation's record says so
     evaluation_due: bool = False  # at this step, and not run yet (a stop saved first)
     val_fingerprint: str | None = None  # of the validation batches (evaluation.validation_fingerprint)
-    command_line: dict = field(default_factory=dict)  # this session's (resume_checks.command_line_record)
+    # this command line's (resume_checks.command_line_record), with what a resume carries of the run's (carried_forward)
+    command_line: dict = field(default_factory=dict)
     seconds_before: float | None = 0.0  # of training before this process (None: an older checkpoint did not say)
     since: float = field(default_factory=time.perf_counter)  # when this process began training (StepLog.start)
 

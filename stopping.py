@@ -29,6 +29,14 @@ EVALUATING = "the evaluation"  # GracefulStop.doing while the model is evaluated
 CLOSING = "closing the logs"  # GracefulStop.doing at the end, the last checkpoint saved (closing may upload to W&B)
 
 
+def handle_signals(handler):
+    """`handler` for SIGNALS, except those ignored: nohup's SIGHUP, the SIGINT of a job a script
+    started in the background. They stay ignored, as Python leaves them."""
+    for sig in SIGNALS:
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            signal.signal(sig, handler)
+
+
 class StoppedWhileClosing(KeyboardInterrupt):
     """A second Ctrl-C while the logs close, the last checkpoint saved: its args[0] is the line
     that would have ended the run (done, or how to resume)."""
@@ -40,8 +48,8 @@ class GracefulStop:
     checkpoint is written (that would lose it), and says how to resume once one is saved (closing());
     under torchrun the agent forwards the signal it got itself, so repeats are expected and ignored
     (the agent kills the ranks 30 s later anyway). The handler says at once that it heard, with
-    os.write: print() could re-enter a print the loop is in. A SIGHUP that is ignored (nohup) stays
-    ignored."""
+    os.write: print() could re-enter a print the loop is in. An ignored signal stays ignored
+    (handle_signals)."""
 
     def __init__(self, second_signal_stops: bool, announce: bool, at_once: bool = False):
         """at_once: a signal stops at once (KeyboardInterrupt) until the caller sets .at_once False. train.py
@@ -50,9 +58,7 @@ class GracefulStop:
         self.signal_name, self.doing, self.last_words = None, STEPPING, ""
         self.at_once = at_once
         self.second_signal_stops, self.announce = second_signal_stops, announce
-        for sig in SIGNALS:
-            if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN):
-                signal.signal(sig, self._handler)
+        handle_signals(self._handler)
 
     @property
     def heard(self) -> bool:
@@ -268,9 +274,7 @@ def tearing_down(second_signal_stops: bool):
         if heard and second_signal_stops:
             os._exit(130)
         heard.append(True)
-    for sig in SIGNALS:
-        if signal.getsignal(sig) != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
-            signal.signal(sig, handler)
+    handle_signals(handler)
 
 
 def launcher(ranks: Ranks) -> str:
@@ -349,9 +353,7 @@ def end_at_once_on_a_signal(status: int):
     def end(_signum, _frame):
         flush_outputs()
         os._exit(status)
-    for sig in SIGNALS:
-        if signal.getsignal(sig) != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
-            signal.signal(sig, end)
+    handle_signals(end)
 
 
 status_decided = []  # end_at_once_on_a_signal's status

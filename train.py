@@ -60,8 +60,8 @@ from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_cl
                      resolve_compute_dtype, steady_host_memory)
 from shards import DataError
 from stopping import (EVALUATING, SAVING, SIGNALS, STEPPING, GracefulStop, StepVote, StoppedWhileClosing, exit_with,
-                      extending, outputs_without_reader, put_back_outputs, resume_command, resuming, signal_of,
-                      stop_at_once, stop_loader_workers, stopped_at_once, tearing_down, using_checkpoint_dir)
+                      extending, handle_signals, outputs_without_reader, put_back_outputs, resume_command, resuming,
+                      signal_of, stop_at_once, stop_loader_workers, stopped_at_once, tearing_down, using_checkpoint_dir)
 from tokenizer import TokenizerError
 
 
@@ -200,9 +200,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
             print(f"saved {at.last_saved.with_name('best.pt')} (best validation loss so far)", flush=True)
         print(f"saved {at.last_saved}" + " (a copy of best.pt)" * best, flush=True)
 
-    def evaluate_step(at: Progress, checkpoint_follows=False) -> bool:
-        """Every rank takes part. A new best is saved as best.pt, unless this step's checkpoint follows
-        (True is returned: the checkpoint then writes best.pt too, serialized once)."""
+    def evaluate_step(at: Progress) -> bool:
+        """Whether the validation loss is the best so far (at.best_val_loss is then set). Every rank takes part."""
         check_weights(at)
         at.evaluation_due = False
         with paused(step_log, stop, EVALUATING, device):
@@ -222,15 +221,15 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
                       + FLOAT16_OVERFLOW * (compute_dtype == "float16"), flush=True)
             return False
         at.best_val_loss = record["val_loss"]
-        if checkpoint_follows:
-            return True
+        return True
+
+    def save_best(at: Progress):  # best.pt alone
         with paused(step_log, stop, SAVING, device):  # (timed as a checkpoint: the ETA counts evaluations apart)
             path = save_checkpoint(at, name="best.pt")
         print(f"saved {path} (best validation loss so far)", flush=True)
-        return False
 
-    if progress.evaluation_due:  # a stop saved this step's checkpoint before its evaluation
-        evaluate_step(progress)
+    if progress.evaluation_due and evaluate_step(progress):  # a stop saved this step before its evaluation
+        save_best(progress)
     while progress.step < training.max_iters:
         # ---- one optimizer step: gradient accumulation over micro-batches
         # what a data error in this step saves (one process): the progress, and the random state before
@@ -291,10 +290,11 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
 
         # ---- evaluate
         progress.evaluation_due = skipped_evaluation  # (the checkpoint says so: its resume evaluates first)
-        best = False
-        if evaluating:
-            best = evaluate_step(progress, checkpoint_follows=saving or stopping)
-            # heard during the evaluation? (`stopping` is the same on every rank: all skip this collective, or none)
+        best = evaluating and evaluate_step(progress)
+        if best and not (saving or stopping):  # (else this step's checkpoint writes best.pt too)
+            save_best(progress)
+            best = False
+        if evaluating:  # heard meanwhile? (`stopping` is the same on every rank: all skip this collective, or none)
             stopping = stopping or ranks.any(stop.heard, device)
 
         # ---- checkpoint
@@ -426,9 +426,7 @@ def main(argv=None) -> int:
     if not getattr(args, "config_given", False) and first_process():
         print(f"config {args.config} (no --config given: the default, sized for a GPU; configs/tiny.yaml is for a CPU)")
     handlers = {sig: handlers_before_import.get(sig, signal.getsignal(sig)) for sig in SIGNALS}
-    for sig in SIGNALS:  # while the run sets up, as Ctrl-C: it stops at once, in one line
-        if handlers[sig] != signal.SIG_IGN:  # (nohup's SIGHUP stays ignored)
-            signal.signal(sig, stop_at_once)
+    handle_signals(stop_at_once)  # while the run sets up, as Ctrl-C: it stops at once, in one line
     children = multiprocessing.active_children()  # a calling program's own: not the loader's to stop
     ranks, device = Ranks(), cfg.training.device
     resume_command.clear()

@@ -141,10 +141,12 @@ def validation(run_dir) -> list:
     return [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
 
 
-def test_a_sighup_that_nohup_ignores_stays_ignored(restore_handlers):
+def test_an_ignored_signal_stays_ignored_nohups_sighup_a_background_jobs_sigint(restore_handlers):
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a script's background job)
     GracefulStop(second_signal_stops=True, announce=False)
-    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     stop = GracefulStop(second_signal_stops=True, announce=False)
     os.kill(os.getpid(), signal.SIGHUP)
@@ -337,7 +339,9 @@ def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once_and_its_step_logged
     monkeypatch.setattr(evaluation, "validation_loss", validation_loss)
     assert train.main(["--config", str(path)]) == 0
     assert said[0].err == "\nSIGINT: finishing the evaluation, then saving a checkpoint (Ctrl-C again to stop at once)\n"
-    assert "stopped by SIGINT after step 3." in capfd.readouterr().out  # no step after the evaluation
+    out = capfd.readouterr().out
+    assert "stopped by SIGINT after step 3." in out  # no step after the evaluation
+    assert out.count("best.pt (best validation loss so far)") == 1  # written once, with the checkpoint
     assert list(losses(only_run(tmp_path / "ck"))) == [1, 2, 3]  # step 3, not a log step: its line all the same
 
 
