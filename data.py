@@ -5,7 +5,7 @@ Each document becomes its tokens (tokenizer.py) followed by the separator token.
 documents are skipped.
 
 Each epoch the units are shuffled from the seed and the epoch number, then dealt to the (rank,
-worker) readers, balancing their bytes; together the readers cover every unit exactly once per
+worker) readers, balancing their text's bytes; together the readers cover every unit exactly once per
 epoch. A reader joins its documents into one stream and cuts windows of block_size + 1 tokens with
 stride block_size (consecutive windows share one token, so every token is a target exactly once).
 Windows are shuffled within each part of a unit and packed into batches. Nothing is padded or
@@ -49,12 +49,20 @@ def count_documents(cache: ParquetFileCache, units: list[Unit], text_column: str
                for docs in read_unit_documents(cache, unit, text_column, split, split_seed, val_fraction))
 
 
-def assign_units(units: list[Unit], epoch: int, seed: int, n_readers: int, shuffle: bool, largest_first=True):
-    """Deal the units to n_readers: shuffled per epoch, balancing their bytes (largest_first=False:
-    the dealing of checkpoints from before 0.4.8, for their resume)."""
+# how the units are dealt to the readers (positions.DEALING_KEY): since 0.4.12 by their text's bytes; earlier
+# ways, for the resume of their checkpoints, by the bytes of all columns
+EVEN_TEXT = "largest first, by the bytes of their text (even shares of text)"
+LARGEST_FIRST, IN_SHUFFLED_ORDER = "largest first (even shares)", "in shuffled order (before 0.4.8)"
+
+
+def assign_units(units: list[Unit], epoch: int, seed: int, n_readers: int, shuffle: bool, way: str = EVEN_TEXT):
+    """Deal the units to n_readers: shuffled per epoch, balancing their text's bytes (`way`: also
+    the dealings of earlier versions' checkpoints, for their resume)."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(units)) if shuffle else range(len(units))
-    dealt = deal([units[i] for i in order], [units[i].num_bytes for i in order], n_readers, largest_first)[0]
+    largest_first = way != IN_SHUFFLED_ORDER
+    sizes = [units[i].text_bytes if way == EVEN_TEXT else units[i].num_bytes for i in order]
+    dealt = deal([units[i] for i in order], sizes, n_readers, largest_first)[0]
     if shuffle and largest_first:  # (the first reader would get the largest unit in every epoch)
         dealt = [dealt[reader] for reader in rng.permutation(n_readers)]
     return dealt
@@ -252,7 +260,7 @@ def uneven_readers(units, workers: int, world_size: int) -> str | None:
     """A warning where the readers' shares of the text, dealt a (file, row group) unit at a time,
     cannot be even (one more than 1.25 times another): a unit well past a reader's even share, or
     too few units for the readers. Those with less text read theirs again sooner."""
-    total, sizes = sum(unit.num_bytes for unit in units), [unit.num_bytes for unit in units]
+    total, sizes = sum(unit.text_bytes for unit in units), [unit.text_bytes for unit in units]
 
     def spread(readers: int) -> float:  # the largest share over the smallest
         shares = deal(units, sizes, readers)[1]
@@ -260,9 +268,9 @@ def uneven_readers(units, workers: int, world_size: int) -> str | None:
     n_readers = max(1, workers) * world_size
     if n_readers == 1 or (uneven := spread(n_readers)) <= 1.25:
         return None
-    big = max(units, key=lambda unit: unit.num_bytes)
-    why = (f"row group {big.row_group} of {big.path} holds {big.num_bytes / total:.1%} of the training text, more "
-           f"than a reader's even share" if big.num_bytes > 1.25 * total / n_readers else
+    big = max(units, key=lambda unit: unit.text_bytes)
+    why = (f"row group {big.row_group} of {big.path} holds {big.text_bytes / total:.1%} of the training text, more "
+           f"than a reader's even share" if big.text_bytes > 1.25 * total / n_readers else
            f"the {len(units)} (file, row group) units of the training text, dealt whole, give one reader "
            f"{uneven:.2f} times the text of another")
     fitting = next((w for w in range(max(1, workers) - 1, 0, -1) if spread(w * world_size) <= 1.25), None)

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 
 import shards
-from data import assign_units, deal, training_split
+from data import EVEN_TEXT, IN_SHUFFLED_ORDER, LARGEST_FIRST, assign_units, deal, training_split
 from files import byte_amount
 from shards import Unit, rows_per_part
 
@@ -23,8 +23,7 @@ SHARDS_SEEN = "the shards"  # data_order's key of their counts, for messages onl
 WORKERS_KEY = "dataloader.num_workers (effective)"
 # (a key that checkpoints hold: it keeps the name of the module READ_BYTES was in then, data.py; now shards.py)
 READ_BYTES_KEY = "data.READ_BYTES (windows are shuffled within parts of this many bytes)"
-DEALING_KEY = "units dealt to the readers"  # data.deal's way
-LARGEST_FIRST, IN_SHUFFLED_ORDER = "largest first (even shares)", "in shuffled order (before 0.4.8)"
+DEALING_KEY = "units dealt to the readers"  # data.assign_units' way
 # Unchanged, these keep every unit and its parts as they were: a resume that changes only the
 # readers (workers, processes), the block size or the seed finishes the epoch that was in progress.
 SAME_UNITS = (SHARDS, "dataset.text_column", *HOLDOUT_FIELDS, "documents trained on", READ_BYTES_KEY)
@@ -41,7 +40,7 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
     order["documents trained on"] = training_split(cfg)
     fingerprint = hashlib.blake2b(repr([(u.file_key, u.row_group, u.num_rows, u.num_bytes) for u in units]).encode(),
                                   digest_size=8).hexdigest()
-    order.update({WORKERS_KEY: num_workers, "world_size": world_size, DEALING_KEY: LARGEST_FIRST,
+    order.update({WORKERS_KEY: num_workers, "world_size": world_size, DEALING_KEY: EVEN_TEXT,
                   READ_BYTES_KEY: shards.READ_BYTES,
                   SHARDS: fingerprint, SHARDS_SEEN: shards_seen(units)})
     return order
@@ -84,7 +83,7 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealing
     n_missing = sum(reader not in given for reader in readers)
     if not positions:
         return 0.0
-    total = max(1, sum(unit.num_bytes for unit in units))
+    total = max(1, sum(unit.text_bytes for unit in units))
     dealt, loads = dealings.setdefault("dealt", {}), dealings.setdefault("loads", {whole_before - 1: np.zeros(n_readers)})
     oldest = min(position["epoch"] for position in positions)
     for epoch in [epoch for epoch in dealt if epoch < oldest]:
@@ -113,10 +112,10 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealing
     return float(read / (total * (len(positions) + n_missing)))
 
 
-def dealing_with_bytes(units: list[Unit], epoch: int, seed: int, n_readers: int, largest_first=True) -> list:
-    """Each reader's units in `epoch` (data.assign_units), with their cumulative bytes from 0."""
-    return [(assigned, np.cumsum([0] + [unit.num_bytes for unit in assigned]))
-            for assigned in assign_units(units, epoch, seed, n_readers, shuffle=True, largest_first=largest_first)]
+def dealing_with_bytes(units: list[Unit], epoch: int, seed: int, n_readers: int, way: str = EVEN_TEXT) -> list:
+    """Each reader's units in `epoch` (data.assign_units), with their text's cumulative bytes from 0."""
+    return [(assigned, np.cumsum([0] + [unit.text_bytes for unit in assigned]))
+            for assigned in assign_units(units, epoch, seed, n_readers, shuffle=True, way=way)]
 
 
 def bytes_read(assigned: list[Unit], cumulative, position) -> float:
@@ -126,13 +125,13 @@ def bytes_read(assigned: list[Unit], cumulative, position) -> float:
     done = cumulative[position["unit"]]
     if position["unit"] < len(assigned):
         unit = assigned[position["unit"]]
-        done += unit.num_bytes - bytes_left(unit, position.get("part", 0)) + part_read(unit, position)
+        done += unit.text_bytes - bytes_left(unit, position.get("part", 0)) + part_read(unit, position)
     return float(done)
 
 
 def bytes_left(unit: Unit, part: int) -> float:
-    """About the bytes of `unit` from part `part` on."""
-    return unit.num_bytes * (1 - min(1.0, part * rows_per_part(unit) / max(1, unit.num_rows)))
+    """About the text's bytes of `unit` from part `part` on."""
+    return unit.text_bytes * (1 - min(1.0, part * rows_per_part(unit) / max(1, unit.num_rows)))
 
 
 def part_read(unit: Unit, position) -> float:
@@ -160,7 +159,7 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
     that part is read again). Readers that had gone on to the next epoch had finished this one;
     what they read of the next is read again (the next epoch is dealt anew), and counted."""
     old_readers = max(1, saved_order[WORKERS_KEY]) * saved_order["world_size"]
-    largest_first = saved_order[DEALING_KEY] == LARGEST_FIRST  # how the saved epochs were dealt
+    way = saved_order[DEALING_KEY]  # how the saved epochs were dealt
     saved = {p["reader"]: p for p in saved_positions}
     # a reader that had not handed over a batch yet: at the start of the oldest epoch (a fresh run's first)
     start = {"epoch": min((p["epoch"] for p in saved_positions), default=0), "unit": 0, "part": 0}
@@ -176,8 +175,7 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
             if "units" not in position:  # (a dealt rest of an epoch is never ahead: all readers share its epoch)
                 for ahead in range(epoch + 1, position["epoch"] + 1):
                     if ahead not in later:
-                        later[ahead] = dealing_with_bytes(units, ahead, saved_order["training.seed"], old_readers,
-                                                                   largest_first)
+                        later[ahead] = dealing_with_bytes(units, ahead, saved_order["training.seed"], old_readers, way)
                     assigned, cumulative = later[ahead][reader]
                     read_ahead += (bytes_read(assigned, cumulative, position) if ahead == position["epoch"]
                                    else float(cumulative[-1]))  # an epoch it finished: its whole share
@@ -186,17 +184,32 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
             assigned = position["units"]
         else:
             dealing = dealing or assign_units(units, epoch, saved_order["training.seed"], old_readers, shuffle=True,
-                                              largest_first=largest_first)
+                                              way=way)
             assigned = [[index[(unit.file_key, unit.row_group)], 0] for unit in dealing[reader]]
         rest = still_to_read(assigned, position)
         read_of_parts += part_read(units[rest[0][0]], position) if rest else 0.0
         left += rest
     dealt, loads = deal(left, [bytes_left(units[index], part) for index, part, *_ in left], n_readers)
-    done = 1 - (sum(loads) - read_of_parts) / max(1, sum(unit.num_bytes for unit in units))  # for epochs_read
+    done = 1 - (sum(loads) - read_of_parts) / max(1, sum(unit.text_bytes for unit in units))  # for epochs_read
     positions = [{"reader": reader, "epoch": epoch, "unit": 0, "part": entries[0][1] if entries else 0,
                   "consumed": 0, "carry": entries[0][2] if entries else [], "units": entries, "epoch_done": done}
                  for reader, entries in enumerate(dealt)]
     return positions, len(left), epoch, read_of_parts + read_ahead
+
+
+def dealt_alike(units, saved_order, saved_positions) -> bool:
+    """Whether the epochs that the saved readers are in were dealt as this version deals them, by
+    their text's bytes: always for one reader, and mostly for shards whose text is all or most of
+    their bytes (prepare.py's)."""
+    if "training.seed" not in saved_order or WORKERS_KEY not in saved_order:
+        return False
+    n_readers = max(1, saved_order[WORKERS_KEY]) * saved_order.get("world_size", 1)
+    epochs = {p["epoch"] for p in saved_positions if "units" not in p}  # (the rest of an epoch dealt anew: its own)
+    if len(saved_positions) < n_readers:  # a reader without a position is at the start of the oldest epoch
+        epochs.add(min((p["epoch"] for p in saved_positions), default=0))
+    seed, way = saved_order["training.seed"], saved_order[DEALING_KEY]
+    return all(assign_units(units, epoch, seed, n_readers, shuffle=True, way=way)
+               == assign_units(units, epoch, seed, n_readers, shuffle=True) for epoch in epochs)
 
 
 def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_positions=(), batches_consumed=0):
@@ -218,6 +231,8 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
     if DEALING_KEY not in saved_order:  # before 0.4.8 (for one reader, the same dealing)
         one_reader = max(1, saved_order.get(WORKERS_KEY, 0)) * saved_order.get("world_size", 1) == 1
         saved_order = {**saved_order, DEALING_KEY: LARGEST_FIRST if one_reader else IN_SHUFFLED_ORDER}
+    if saved_order[DEALING_KEY] != EVEN_TEXT and dealt_alike(units, saved_order, saved_positions):
+        saved_order = {**saved_order, DEALING_KEY: EVEN_TEXT}  # (the positions hold as they are)
     order = data_order(cfg, units, workers, world_size)
     changed_keys, changed = order_changes(saved_order, order)
     if not changed:
@@ -239,7 +254,7 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
                      if k in order or k in saved_order)
     if same_units and all(k in saved_order for k in (WORKERS_KEY, "world_size", "training.seed")):
         positions, left, epoch, read_again = rest_of_epoch(units, saved_order, saved_positions, n_readers)
-        share = read_again / max(1, sum(unit.num_bytes for unit in units))
+        share = read_again / max(1, sum(unit.text_bytes for unit in units))
         print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): the {left} of "
               f"{len(units)} (file, row group) units that epoch {epoch} has not finished are dealt anew "
               f"to {n_readers} reader{'s' * (n_readers != 1)}, then the epochs continue as usual; the parts "

@@ -41,8 +41,9 @@ class Unit:
     path: str
     row_group: int
     num_rows: int
-    num_bytes: int
+    num_bytes: int  # the row group's, all columns, uncompressed (its parts: rows_per_part)
     file_key: int  # hash of the path relative to parquet_dir: seeds the split and the shuffle
+    text_bytes: int  # its text column's alone, uncompressed: what the readers' shares and the passes count
 
 
 def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_dir") -> list[Unit]:
@@ -85,10 +86,12 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
             raise DataError(f"{path}: column {text_column!r} has type {kind}, expected a string column{ids}; {has}")
         relative = path.relative_to(root).as_posix().encode()
         file_key = int.from_bytes(hashlib.blake2b(relative, digest_size=8).digest(), "little")
+        text = [meta.schema.column(j).path for j in range(meta.num_columns)].index(text_column)
         for rg in range(meta.num_row_groups):
             info = meta.row_group(rg)
             if info.num_rows:
-                units.append(Unit(str(path), rg, info.num_rows, info.total_byte_size, file_key))
+                units.append(Unit(str(path), rg, info.num_rows, info.total_byte_size, file_key,
+                                  info.column(text).total_uncompressed_size))
     if missing:
         raise missing_column(text_column, missing, files, setting)
     if all_null and not units:

@@ -16,7 +16,7 @@ import data
 import shards
 from config import Config
 from conftest import ROOT, make_corpus, write_parquet
-from data import ParquetBatches, assign_units, read_unit_tokens
+from data import IN_SHUFFLED_ORDER, ParquetBatches, assign_units, read_unit_tokens
 from shards import DataError, ParquetFileCache, list_units
 from tokenizer import ByteTokenizer, HFTokenizer
 
@@ -65,7 +65,7 @@ def test_the_largest_units_are_dealt_first_so_the_shares_are_even():
     whole unit ahead (60 against 30); dealt first, the shares differ by one small unit at most. Each
     reader still reads its units in the epoch's shuffled order, and the big one goes to any reader."""
     from shards import Unit
-    units = [Unit("big.parquet", 0, 3, 30, 0)] + [Unit("small.parquet", i, 1, 10, 1) for i in range(12)]
+    units = [Unit("big.parquet", 0, 3, 30, 0, 30)] + [Unit("small.parquet", i, 1, 10, 1, 10) for i in range(12)]
     old_spread, got_big = [], set()
     for epoch in range(20):
         assigned = assign_units(units, epoch, seed=3, n_readers=4, shuffle=True)
@@ -74,10 +74,31 @@ def test_the_largest_units_are_dealt_first_so_the_shares_are_even():
         rank = {id(units[i]): k for k, i in enumerate(np.random.default_rng([3, epoch]).permutation(len(units)))}
         assert all([rank[id(u)] for u in reader] == sorted(rank[id(u)] for u in reader) for reader in assigned)
         got_big |= {r for r, reader in enumerate(assigned) if units[0] in reader}
-        before_0_4_8 = assign_units(units, epoch, seed=3, n_readers=4, shuffle=True, largest_first=False)
+        before_0_4_8 = assign_units(units, epoch, seed=3, n_readers=4, shuffle=True, way=IN_SHUFFLED_ORDER)
         old_spread.append(max(map(sum, ([u.num_bytes for u in reader] for reader in before_0_4_8))) -
                           min(map(sum, ([u.num_bytes for u in reader] for reader in before_0_4_8))))
     assert max(old_spread) >= 20 and got_big == {0, 1, 2, 3}
+
+
+def test_the_readers_share_the_text_not_the_other_columns(tmp_path, capsys):
+    """A file whose other column (raw HTML, say) is eight times its text holds a quarter of the text of
+    four such files, not three quarters: two readers get two files each, without a warning."""
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(0)
+
+    def text(n):  # (incompressible: the sizes are what they look like)
+        return "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz "), n))
+    docs = [text(2000) for _ in range(8)]
+    pq.write_table(pa.table({"text": docs, "html": [text(16000) for _ in docs]}), tmp_path / "heavy.parquet")
+    for name in "abc":
+        pq.write_table(pa.table({"text": [text(2000) for _ in docs]}), tmp_path / f"{name}.parquet")
+    units = list_units(tmp_path, "text")
+    heavy = next(u for u in units if u.path.endswith("heavy.parquet"))
+    assert heavy.num_bytes > 5 * heavy.text_bytes and heavy.text_bytes == pytest.approx(units[0].text_bytes, rel=0.1)
+    assert data.loader_workers(Config.from_dict({"dataloader": {"num_workers": 2}}), units) == 2
+    assert "WARNING" not in capsys.readouterr().out
+    for epoch in range(5):
+        assert sorted(map(len, assign_units(units, epoch, seed=1, n_readers=2, shuffle=True))) == [2, 2]
 
 
 def test_stream_joins_documents_with_the_separator(tmp_path):
@@ -189,7 +210,8 @@ def test_a_row_group_too_big_for_an_even_share_is_warned_of(capsys):
     """One row group of 90% of the text and two readers: the other reader's 10% is read again and again
     while the big one is read once, so its documents weigh more: fewer readers or smaller row groups."""
     from shards import Unit
-    units = [Unit("big.parquet", 0, 5000, 900_000, 0)] + [Unit("small.parquet", i, 3, 1000, 1) for i in range(100)]
+    units = [Unit("big.parquet", 0, 5000, 900_000, 0, 900_000)] + [Unit("small.parquet", i, 3, 1000, 1, 1000)
+                                                                  for i in range(100)]
     cfg = Config.from_dict({"dataloader": {"num_workers": 2}})
     assert data.loader_workers(cfg, units) == 2
     assert capsys.readouterr().out == (
@@ -203,8 +225,8 @@ def test_a_row_group_too_big_for_an_even_share_is_warned_of(capsys):
     assert ("(even shares: 25.0% each for 4 readers, dataloader.num_workers=2 x 2 processes)"
             in data.uneven_readers(units, 2, 2))
     assert "; rewriting the files" in data.uneven_readers(units, 2, 2)  # one reader per process is too many already
-    assert data.uneven_readers([Unit("a.parquet", i, 3, 1000, 0) for i in range(10)], 2, 1) is None
-    five = [Unit("a.parquet", i, 3, 1000, 0) for i in range(5)]  # 2, 2 and 1 of them: the third reader has half
+    assert data.uneven_readers([Unit("a.parquet", i, 3, 1000, 0, 1000) for i in range(10)], 2, 1) is None
+    five = [Unit("a.parquet", i, 3, 1000, 0, 1000) for i in range(5)]  # 2, 2 and 1 of them: the third reader has half
     assert data.uneven_readers(five, 3, 1).startswith(
         "WARNING: the 5 (file, row group) units of the training text, dealt whole, give one reader 2.00 times the "
         "text of another (even shares: 33.3% each for 3 readers, dataloader.num_workers=3): ")

@@ -14,7 +14,7 @@ import train
 from checkpoint import load_checkpoint
 from config import Config
 from conftest import make_corpus, only_run, run_dirs, unit_of_tag, write_config, write_parquet
-from data import ParquetBatches, assign_units, read_unit_tokens
+from data import EVEN_TEXT, IN_SHUFFLED_ORDER, ParquetBatches, assign_units, read_unit_tokens
 from positions import (DEALING_KEY, LARGEST_FIRST, SHARDS, SHARDS_SEEN, WORKERS_KEY, bytes_left, data_order,
                        epochs_read, order_changes, part_read, rest_of_epoch, resume_point)
 from shards import ParquetFileCache, list_units
@@ -29,7 +29,8 @@ def window_bytes(x, y):
 
 def test_passes_count_the_finished_parts_of_a_large_row_group():
     from shards import READ_BYTES, Unit
-    units = [Unit(f"{name}.parquet", 0, 1000, 4 * READ_BYTES, k) for k, name in enumerate("ab")]  # 4 parts each
+    # 4 parts each; a quarter of the bytes is text
+    units = [Unit(f"{name}.parquet", 0, 1000, 4 * READ_BYTES, k, READ_BYTES) for k, name in enumerate("ab")]
     passes = lambda **position: epochs_read([{"reader": 0, **position}], units, 0, 1, {})  # noqa: E731
     assert passes(epoch=0, unit=0, part=0) == 0.0
     assert passes(epoch=0, unit=0, part=2) == 0.25  # half of the first of two units
@@ -74,11 +75,13 @@ def test_passes_are_whole_at_the_start_of_an_epoch_and_go_on_smoothly_past_a_res
     from shards import Unit
     rng = np.random.default_rng(0)
     for trial in range(60):
-        units = [Unit(f"{k}.parquet", 0, 10, int(size), k) for k, size in enumerate(rng.integers(1, 10**7, 7))]
+        units = [Unit(f"{k}.parquet", 0, 10, int(size), k, int(size) // 2)
+                 for k, size in enumerate(rng.integers(1, 10**7, 7))]
         n_readers, epoch = int(rng.integers(2, 8)), int(rng.integers(1, 4))
         at_start = [{"reader": r, "epoch": epoch, "unit": 0, "part": 0} for r in range(n_readers)]
         assert epochs_read(at_start, units, trial, n_readers, {}) == epoch
-    units = [Unit("a.parquet", 0, 1000, 1_000_000, 1)] + [Unit("a.parquet", i, 100, 100_000, 1) for i in range(1, 10)]
+    units = [Unit("a.parquet", 0, 1000, 1_000_000, 1, 1_000_000)] + [Unit("a.parquet", i, 100, 100_000, 1, 100_000)
+                                                                     for i in range(1, 10)]
     saved = [{"reader": r, "epoch": 3, "unit": r, "part": 0, "consumed": 0, "windows": 0, "carry": []} for r in (0, 1)]
     order = {WORKERS_KEY: 2, "world_size": 1, "training.seed": 1, DEALING_KEY: LARGEST_FIRST}
     positions, _, epoch, _ = rest_of_epoch(units, order, saved, 4)
@@ -344,18 +347,48 @@ def test_a_checkpoint_dealt_in_shuffled_order_resumes_with_the_rest_of_its_epoch
     cfg, units = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}}), list_units(corpus, "text")
     old_order = {k: v for k, v in data_order(cfg, units, 2).items() if k != DEALING_KEY}
     [(epoch, old)] = itertools.islice(((e, dealt) for e in range(10) if (dealt := assign_units(
-        units, e, cfg.training.seed, 2, shuffle=True, largest_first=False)) != assign_units(
+        units, e, cfg.training.seed, 2, shuffle=True, way=IN_SHUFFLED_ORDER)) != assign_units(
         units, e, cfg.training.seed, 2, shuffle=True)), 1)  # an epoch the two dealings differ in
     saved = [{"reader": r, "epoch": epoch, "unit": 1 + 2 * r, "part": 0, "consumed": 0, "carry": []} for r in (0, 1)]
     dealt, _ = resume_point(cfg, units, 2, 1, old_order, saved, 12)
-    assert ("WARNING: the data order changes on this resume (units dealt to the readers: 'in shuffled order (before "
-            "0.4.8)' -> 'largest first (even shares)'): the ") in capsys.readouterr().out
+    assert (f"WARNING: the data order changes on this resume (units dealt to the readers: '{IN_SHUFFLED_ORDER}' -> "
+            f"'{EVEN_TEXT}'): the ") in capsys.readouterr().out
     index = {(u.file_key, u.row_group): i for i, u in enumerate(units)}
     unfinished = {index[(u.file_key, u.row_group)] for r, reader in enumerate(old) for u in reader[1 + 2 * r:]}
     assert sorted(i for p in dealt for i, *_ in p["units"]) == sorted(unfinished)
     one_reader = {k: v for k, v in data_order(cfg, units, 0).items() if k != DEALING_KEY}
     assert resume_point(cfg, units, 0, 1, one_reader, saved[:1], 5) == (saved[:1], 5)
     assert capsys.readouterr().out == ""
+
+
+def test_a_checkpoint_dealt_by_all_columns_bytes_resumes_exactly_where_the_text_deals_alike(tmp_path, corpus,
+                                                                                              capsys):
+    """From 0.4.8 to 0.4.11 units were dealt by the bytes of all their columns. Shards of text alone deal
+    alike: the resume goes on as it was. A file with a heavy other column was dealt alone to one reader:
+    the resume deals the units that epoch had not finished, found by that dealing, by their text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    cfg, units = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}}), list_units(corpus, "text")
+    saved = [{"reader": r, "epoch": 2, "unit": 1, "part": 0, "consumed": 0, "carry": []} for r in (0, 1)]
+    before_0_4_12 = {**data_order(cfg, units, 2), DEALING_KEY: LARGEST_FIRST}
+    assert resume_point(cfg, units, 2, 1, before_0_4_12, saved, 12) == (saved, 12)
+    assert capsys.readouterr().out == ""
+    (tmp_path / "mixed").mkdir()
+    for name, columns in (("h", {"html": [f"<p>{i}" * 3000 for i in range(4)]}), ("a", {}), ("b", {}), ("c", {})):
+        pq.write_table(pa.table({"text": [f"{name} {i} " * 100 for i in range(4)], **columns}),
+                       tmp_path / "mixed" / f"{name}.parquet")
+    cfg = Config.from_dict({"dataset": {"parquet_dir": str(tmp_path / "mixed")}})
+    units = list_units(tmp_path / "mixed", "text")
+    old = assign_units(units, 2, cfg.training.seed, 2, shuffle=True, way=LARGEST_FIRST)
+    assert sorted(map(len, old)) == [1, 3]  # h, with its html, alone
+    saved = [{"reader": r, "epoch": 2, "unit": 2 if len(old[r]) == 3 else 0, "part": 0, "consumed": 0, "carry": []}
+             for r in (0, 1)]
+    dealt, _ = resume_point(cfg, units, 2, 1, {**data_order(cfg, units, 2), DEALING_KEY: LARGEST_FIRST}, saved, 12)
+    assert (f"WARNING: the data order changes on this resume (units dealt to the readers: '{LARGEST_FIRST}' -> "
+            f"'{EVEN_TEXT}'): the 2 of 4 ") in capsys.readouterr().out
+    index = {(u.file_key, u.row_group): i for i, u in enumerate(units)}
+    unfinished = {index[(u.file_key, u.row_group)] for r, reader in enumerate(old) for u in reader[saved[r]["unit"]:]}
+    assert sorted(i for p in dealt for i, *_ in p["units"]) == sorted(unfinished)
 
 
 def test_the_same_folder_written_another_way_is_the_same_data(tmp_path, corpus, capsys):

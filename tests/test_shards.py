@@ -35,20 +35,20 @@ def test_a_file_whose_column_holds_only_nulls_is_skipped_with_a_note(tmp_path, c
 
 
 def test_split_depends_on_the_seed_the_file_and_the_row_group_not_on_where_the_file_is():
-    u = shards.Unit("x.parquet", 3, 1000, 0, file_key=12345)
+    u = shards.Unit("x.parquet", 3, 1000, 0, 12345, 0)
     assert np.array_equal(validation_mask(u, 1, 0.1), validation_mask(shards.Unit("/elsewhere/x.parquet", 3, 1000, 0,
-                                                                                  file_key=12345), 1, 0.1))
+                                                                                  12345, 0), 1, 0.1))
     assert not np.array_equal(validation_mask(u, 1, 0.1), validation_mask(u, 2, 0.1))
     assert 50 < validation_mask(u, 1, 0.1).sum() < 150
     # another file, another row group of the same rows: other rows held out (not the same positions everywhere)
-    for other in (shards.Unit("y.parquet", 3, 1000, 0, file_key=54321), shards.Unit("x.parquet", 4, 1000, 0, 12345)):
+    for other in (shards.Unit("y.parquet", 3, 1000, 0, 54321, 0), shards.Unit("x.parquet", 4, 1000, 0, 12345, 0)):
         assert (validation_mask(u, 1, 0.1) & validation_mask(other, 1, 0.1)).sum() < 30  # ~10 by chance
 
 
 def test_the_documents_held_out_stay_the_same_from_version_to_version(tmp_path):
     """A resumed run (or one compared with an older run) must hold out the documents it held out
     before: a change to the hash or to the file's key would train on the validation documents."""
-    u = shards.Unit("x.parquet", 3, 1000, 0, file_key=12345)
+    u = shards.Unit("x.parquet", 3, 1000, 0, 12345, 0)
     assert np.flatnonzero(validation_mask(u, 1337, 0.05)).tolist() == [
         7, 23, 59, 85, 97, 165, 172, 198, 199, 235, 251, 261, 264, 287, 310, 417, 456, 494, 503, 507, 567, 625, 643,
         650, 674, 711, 713, 719, 748, 754, 797, 800, 833, 836, 882, 912, 977, 989]
