@@ -28,7 +28,7 @@ from adamw4bit import make_optimizer
 from arguments import add_config_arguments, load_config, parse_arguments
 from corpus import ensure_sample_corpus
 from data import loader_workers, train_loader
-from files import check_outputs
+from files import check_outputs, folder_made_for
 from model import BDH
 from reference import reference_forward
 from runtime import (DTYPES, DeviceError, autocast, device_clock, measured_matmul_flops, peak_memory_bytes, pick_device,
@@ -166,7 +166,7 @@ def profile_training(cfg, device, path, steps=3, warmup=2) -> dict:
             step(x, x)
         wall = (device_clock(device) - start) / steps
     events = prof.key_averages()
-    with open(path, "w") as f:
+    with open(folder_made_for(path), "w") as f:
         f.write(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=60))
     out = {"wall_ms": wall * 1000}
     if cuda:
@@ -310,7 +310,7 @@ def measure(args) -> int:
         results["generation"] = bench_generation(cfg, device)
         print_generation(results["generation"])
     if args.json:
-        with open(args.json, "w") as f:
+        with open(folder_made_for(args.json), "w") as f:
             json.dump(results, f, indent=2, default=lambda o: None)
     return 0
 

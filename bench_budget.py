@@ -29,7 +29,7 @@ import torch
 from arguments import add_config_arguments, load_config, parse_arguments
 from checkpoint import load_checkpoint, model_from_checkpoint
 from corpus import text_files_to_parquet
-from files import REPO, check_outputs, does_not_exist
+from files import REPO, check_outputs, does_not_exist, folder_made_for
 from model import BDHConfig
 from locate import checkpoint_step, checkpoints_in, train_in
 from runtime import first_line
@@ -149,9 +149,9 @@ def main(argv=None) -> int:
                   f"{result['max_iters']} steps, {result['tokens']:,} tokens, {result['tokens_per_s']:,} tok/s; "
                   f"curve {result['curve']}", flush=True)
             if args.json:  # after each variant: a later one that fails or is stopped leaves these
-                Path(args.json).write_text(json.dumps(results, indent=2))
+                folder_made_for(args.json).write_text(json.dumps(results, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps({**results, "complete": True}, indent=2))
+        folder_made_for(args.json).write_text(json.dumps({**results, "complete": True}, indent=2))
     return 0
 
 

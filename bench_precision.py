@@ -42,7 +42,7 @@ from config import Config
 from data import validation_batches
 from distributed import Ranks
 from evaluation import validation_loss
-from files import REPO, check_outputs
+from files import REPO, check_outputs, folder_made_for
 from lowbit import to_4bit
 from model import BDH
 from locate import checkpoints_in, train_in
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
                       file=sys.stderr)
                 return 1
             if args.json:  # after each seed: a long run that stops early keeps what it measured
-                Path(args.json).write_text(json.dumps(results, indent=2))
+                folder_made_for(args.json).write_text(json.dumps(results, indent=2))
     print(f"after {cfg.training.max_iters} steps, {cfg.training.eval_iters} validation batches, seeds "
           f"{', '.join(map(str, seeds))} (change: against the first variant with the same seed):")
     runs = list(results["seeds"].values())
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
             line += f" | its weights unquantized: {statistics.mean(r[name]['full_precision_val_loss'] for r in runs):.4f}"
         print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps({**results, "complete": True}, indent=2))
+        folder_made_for(args.json).write_text(json.dumps({**results, "complete": True}, indent=2))
     return 0
 
 

@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
     replaced (replace; only when every entry is one this command writes, by written_here(path), or
     a file browser's: an input file or a run's checkpoints in it are never deleted) or kept (keep_existing: another
     process built it first). Temporary folders of processes that died (killed mid-build) are
-    removed first."""
+    removed first; the folders made for out_dir go with a failure."""
     out_dir = Path(out_dir)
     if out_dir.name in ("", ".", ".."):
         raise FileExistsError(f"{out_dir}: give a new folder's name, not the current or a parent folder")
@@ -136,6 +137,7 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
                                   f"also holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}; "
                                   f"move {'them' if len(others) > 1 else 'it'} out or choose another --out")
     tmp = out_dir.with_name(f".{out_dir.name}{temporary_suffix()}")
+    made = [folder for folder in out_dir.absolute().parents if not folder.exists()]  # by write(tmp), deepest first
     try:
         result = write(tmp)
         if out_dir.is_dir() and any(out_dir.iterdir()) and keep_existing:  # another process was faster
@@ -148,6 +150,11 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # (empty: one another process filled meanwhile stays)
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     return result
 
@@ -170,7 +177,7 @@ def read_records(path) -> tuple[list[dict], list[int]]:
 
 def picture_path(out: str) -> Path:
     """The --out of a picture (plot.py, neurons.py), checked before any work: a file name whose
-    extension matplotlib writes (it would add .png to a name without one); its folder is made."""
+    extension matplotlib writes (it would add .png to a name without one), as output_path checks it."""
     from matplotlib.figure import Figure
     formats = Figure().canvas.get_supported_filetypes()
     path = Path(out)
@@ -183,14 +190,20 @@ def picture_path(out: str) -> Path:
 
 def output_path(out: str, option: str) -> Path:
     """A file a script writes at the end, checked before any work (the work is not lost to a typo):
-    not a folder, and writable; its folder is made."""
+    not a folder, and writable, or its folder can be made (made when the file is written:
+    folder_made_for; a command refused meanwhile leaves nothing)."""
     path = Path(out)
     if path.is_dir() or out.endswith(os.sep):  # (Path drops a trailing /)
         raise ValueError(f"{option} {out}: is a folder; give a file name in it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"{option} {out}: cannot make its folder {path.parent} ({e.strerror or e})")
+    if not path.parent.is_dir():
+        existing = next(folder for folder in path.absolute().parents if folder.exists())
+        try:
+            if not existing.is_dir():
+                raise NotADirectoryError(f"{existing} is a file")
+            os.rmdir(tempfile.mkdtemp(dir=existing))  # can a folder be made there?
+        except OSError as e:
+            raise ValueError(f"{option} {out}: cannot make its folder {path.parent} ({e.strerror or e})") from None
+        return path
     existed = path.exists()
     try:
         with open(path, "ab"):  # can it be written? (a read-only folder, /proc, ...)
@@ -199,6 +212,13 @@ def output_path(out: str, option: str) -> Path:
         raise ValueError(f"{option} {out}: cannot write it ({e.strerror or e})")
     if not existed:
         path.unlink()
+    return path
+
+
+def folder_made_for(path) -> Path:
+    """The path of a file about to be written (output_path checked it), its folder made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -23,7 +23,7 @@ import torch
 
 from arguments import parse_arguments
 from checkpoint import CheckpointError
-from files import picture_path, stdout_reader_gone
+from files import folder_made_for, picture_path, stdout_reader_gone
 from locate import add_checkpoint_arguments, load_model, model_line
 from lowbit import LowBitError, serve_4bit_option
 from tokenizer import (TokenizerError, add_prompt_arguments, note_prompt_change, prompt_argument,
@@ -107,7 +107,7 @@ def draw(found, labels, out, max_neurons: int):
     axes[-1, 0].set_xlabel(f"neurons: the {len(columns):,} that fire most often over all layers, the same in each "
                            f"layer (--max-neurons)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(folder_made_for(out), dpi=100)
     plt.close(fig)
 
 

@@ -18,7 +18,7 @@ import yaml
 from arguments import parse_arguments
 from config_file import ConfigError, read_scalar, settings_as_run, with_split_seed
 from checkpoint import is_export
-from files import does_not_exist, picture_path, read_records, resumed_configs
+from files import does_not_exist, folder_made_for, picture_path, read_records, resumed_configs
 from locate import export_source
 
 
@@ -343,7 +343,7 @@ def plot(run_dirs, out: Path) -> list[str]:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
     draw_curves(axes, runs, colors)
     label_panels(fig, axes, runs, names, colors, per_token)
-    fig.savefig(out, dpi=100)
+    fig.savefig(folder_made_for(out), dpi=100)
     plt.close(fig)
     return full_names + ([f"most runs: {shared}"] if (shared := shared_settings(settings)) else [])
 

@@ -21,7 +21,8 @@ from arguments import add_config_arguments, load_config, parse_arguments
 from config import DatasetConfig, all_paths
 from corpus import DOCUMENT_BYTES, ensure_sample_corpus, split_text, text_files_to_parquet
 from data import training_split, validation_batches
-from files import ARROW_MAGICS, PARQUET_MAGIC, ZIP_MAGIC, atomic_write, byte_amount, output_path, script_here
+from files import (ARROW_MAGICS, PARQUET_MAGIC, ZIP_MAGIC, atomic_write, byte_amount, folder_made_for, output_path,
+                   script_here)
 from layout import PATTERN_CHARACTERS, arrow_advice
 from shards import DataError, ParquetFileCache, list_units, read_unit_documents
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
@@ -145,7 +146,7 @@ def train_tokenizer(cfg, vocab_size: int, out: str, config_arguments: list, repl
         print(f"note: the training text yields only {merges:,} merge{'s' if merges > 1 else ''}, so the vocabulary "
               f"has {tokenizer.vocab_size:,} tokens, fewer than --vocab-size {vocab_size:,}")
     try:
-        atomic_write(out, lambda f: f.write(tokenizer.to_str().encode()))
+        atomic_write(folder_made_for(out), lambda f: f.write(tokenizer.to_str().encode()))
     except OSError as e:
         raise DataError(f"--out {out}: cannot write ({e.strerror or e})")
     replaced = ("dataset.tokenizer=", "model.vocab_size=")

@@ -31,6 +31,15 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 
+def test_write_folder_that_fails_leaves_no_folder_it_made(tmp_path):
+    def fail(folder):
+        folder.mkdir(parents=True)
+        raise ValueError("no such input")
+    with pytest.raises(ValueError, match="no such input"):
+        files.write_folder(tmp_path / "new" / "data" / "out", fail)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_write_folder_refuses_replaces_or_keeps_a_folder_that_holds_files(tmp_path):
     out = tmp_path / "out"
 

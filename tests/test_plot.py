@@ -77,6 +77,8 @@ def test_out_is_checked_first_and_damaged_records_are_skipped(tmp_path, corpus, 
         err = capsys.readouterr().err
         assert f": error: --out {out}: " in err and message in err
     assert not (tmp_path / "curves").exists() and not (tmp_path / "curves.png").exists()
+    assert plot.main([str(tmp_path / "no_run"), "--out", str(tmp_path / "figs" / "curves.png")]) == 1
+    assert not (tmp_path / "figs").exists()  # a refused command leaves nothing, not the folder of its --out
     out = tmp_path / "new" / "folder" / "curves.svg"  # a folder that does not exist yet; another format
     assert plot.main([str(run / "metrics.jsonl"), "--out", str(out)]) == 0  # the file itself is accepted too
     assert out.read_text().lstrip().startswith("<?xml")
