@@ -62,6 +62,14 @@ def yaml_syntax_problem(path: Path, text: str, e: yaml.YAMLError, sections=()) -
                    "sections")
     if getattr(e, "context", None) == "while scanning a simple key":  # found a line later
         mark = e.context_mark
+    elif getattr(e, "context", None) == "while scanning a quoted scalar" and "end of stream" in problem:
+        mark, problem = e.context_mark, "the quote that starts here is never closed: close it at the end of the value"
+    elif problem.startswith("found unknown escape character"):
+        problem += " (in double quotes a backslash starts an escape: write a Windows path in single quotes, or with /)"
+    elif problem.endswith("but found '<scalar>'") and mark and mark.line < len(lines) and \
+            re.match(r"\s*[\w.-]+:\s+[\"']", lines[mark.line]):
+        problem += (" (text after the closing quote: inside '...' a quote is written twice, 'it''s'; or put the "
+                    "value in the other quotes)")
     elif problem == "mapping values are not allowed here" and mark and mark.line < len(lines):
         if ":" in lines[mark.line][:mark.column].split("#")[0]:
             problem += " (a value holding ': ' needs quotes: key: \"a: b\")"

@@ -125,3 +125,21 @@ def test_an_invisible_character_is_named_with_its_line_and_column(tmp_path):
     assert config_problems({}, ["training.batch\u200b_size=8"])[0].endswith("U+200B (a zero-width space, pasted from "
                                                                            "a web page?): delete it (text in quotes "
                                                                            "may hold it)")
+
+
+def test_quoting_mistakes_are_told_where_they_start(tmp_path):
+    """A quote never closed is reported at the end of the file by PyYAML: it is told where it opens."""
+    path = tmp_path / "bad.yaml"
+    for text, expected in (
+            ('model:\n  n_layer: 3\n  dropout: "0.1\ntraining:\n  max_iters: 10\n',
+             ":3:12: YAML syntax error: the quote that starts here is never closed: close it at the end of the value"),
+            ('dataset:\n  parquet_dir: "C:\\data\\x"\n',
+             ":2:20: YAML syntax error: found unknown escape character 'd' (in double quotes a backslash starts an "
+             "escape: write a Windows path in single quotes, or with /)"),
+            ("dataset:\n  parquet_dir: 'it's'\n",
+             ":2:20: YAML syntax error: expected <block end>, but found '<scalar>' (text after the closing quote: "
+             "inside '...' a quote is written twice, 'it''s'; or put the value in the other quotes)")):
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            Config.from_yaml(path)
+        assert info.value.problems == [f"{path}{expected}"]
