@@ -16,6 +16,7 @@ where a resume starts.
 import itertools
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from corpus import MIN_ROW_GROUPS, ensure_sample_corpus
 from shards import DataError, ParquetFileCache, Unit, first_documents, list_units, read_unit_documents
 from stopping import leave_signals_to_main
 from tokenizer import check_vocab_size, load_tokenizer, lost_text, separator_in_text
+
+# more workers than CPU cores: loader_workers' note says so in one line, in the run's terms
+warnings.filterwarnings("ignore", message="This DataLoader will create")
 
 # a training reader that got no complete batch in its first this many epochs stops the run; once it
 # has had one, an epoch without one (its units dealt that way) is skipped, as an epoch's last partial
@@ -251,6 +255,13 @@ def loader_workers(cfg, units, world_size=1, announce=True) -> int:
         units_word = "unit" if len(units) == 1 else "units"
         print(f"note: dataloader.num_workers {cfg.dataloader.num_workers} -> {workers}: only "
               f"{len(units)} (file, row group) {units_word} to share{among}, and each worker reads units of its own")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # the processes on this machine, each with its workers
+    if announce and cpus and workers * here > cpus:
+        processes = f" x {here} processes on this machine" if here > 1 else ""
+        print(f"note: dataloader.num_workers {workers}{processes} is more than the {cpus} CPU cores this process may "
+              f"use: the workers compete with training for them; dataloader.num_workers={max(1, cpus // here)} or "
+              f"fewer")
     if announce and (warning := uneven_readers(units, workers, world_size)):
         print(warning)
     return workers

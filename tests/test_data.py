@@ -80,6 +80,22 @@ def test_the_largest_units_are_dealt_first_so_the_shares_are_even():
     assert max(old_spread) >= 20 and got_big == {0, 1, 2, 3}
 
 
+def test_more_workers_than_cpu_cores_is_said_in_one_line(monkeypatch, capsys):
+    from shards import Unit
+    units = [Unit("a.parquet", i, 3, 1000, 0, 1000) for i in range(8)]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert data.loader_workers(Config.from_dict({"dataloader": {"num_workers": 2}}), units) == 2
+    assert capsys.readouterr().out == ""
+    assert data.loader_workers(Config.from_dict({"dataloader": {"num_workers": 4}}), units) == 4
+    assert capsys.readouterr().out == ("note: dataloader.num_workers 4 is more than the 2 CPU cores this process may "
+                                       "use: the workers compete with training for them; dataloader.num_workers=2 or "
+                                       "fewer\n")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: 2 processes here, each with its workers
+    assert data.loader_workers(Config.from_dict({"dataloader": {"num_workers": 2}}), units, world_size=2) == 2
+    assert "num_workers 2 x 2 processes on this machine is more than the 2 CPU cores" in capsys.readouterr().out
+
+
 def test_the_readers_share_the_text_not_the_other_columns(tmp_path, capsys):
     """A file whose other column (raw HTML, say) is eight times its text holds a quarter of the text of
     four such files, not three quarters: two readers get two files each, without a warning."""
