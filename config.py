@@ -218,6 +218,10 @@ class Config:
                     if isinstance(self.get(path), float) and not math.isfinite(self.get(path))]
         if problems:  # the checks below would misread them
             return problems
+        bounded = ("training.seed", "dataset.split_seed", "training.distributed_timeout_s")  # (bounds of their own)
+        problems += [f"{path}: must be at most 2**53 = {2**53:,} (an exponent too many?), got {float(self.get(path)):g}"
+                     for path in all_paths() if path not in bounded and type(self.get(path)) is int
+                     and self.get(path) > 2**53]
         for path in POSITIVE:
             if self.get(path) <= 0:
                 problems.append(f"{path}: must be > 0, got {self.get(path)}")
@@ -252,7 +256,7 @@ class Config:
         elif model.n_head > 0 and model.n_latent % 2:
             problems.append("model.mlp_internal_dim_multiplier: the latent size n_embd * "
                             "mlp_internal_dim_multiplier / n_head must be even (RoPE rotates pairs)")
-        if model.vocab_size < 256 and self.dataset.tokenizer == "bytes":
+        if 0 < model.vocab_size < 256 and self.dataset.tokenizer == "bytes":  # (not positive: said above)
             problems.append(f"model.vocab_size: tokens are bytes 0..255, so it must be >= 256, "
                             f"got {model.vocab_size}")
         if training.learning_rate > 1:  # AdamW moves each weight by about the learning rate a step

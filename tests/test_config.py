@@ -225,3 +225,14 @@ def test_a_setting_that_nothing_reads_is_noted():
     assert used.unused_settings() == []
     for path in [ROOT / "config.yaml", *(ROOT / "configs").glob("*.yaml")]:  # the files users copy
         assert Config.from_yaml(path).unused_settings() == [], path
+
+
+def test_an_integer_past_2_to_the_53_is_refused_in_one_line_and_each_mistake_said_once():
+    """1e30 is read as an integer: a step count that large would fail deep inside the run (its loss
+    divided by it, an islice past sys.maxsize)."""
+    assert config_problems({}, ["training.gradient_accumulation_steps=1e30", "training.eval_iters=1e19",
+                                "model.vocab_size=0"]) == [
+        "training.gradient_accumulation_steps: must be at most 2**53 = 9,007,199,254,740,992 (an exponent too many?), "
+        "got 1e+30",
+        "training.eval_iters: must be at most 2**53 = 9,007,199,254,740,992 (an exponent too many?), got 1e+19",
+        "model.vocab_size: must be > 0, got 0"]  # (not also: bytes need 256)
