@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from files import ZIP_MAGIC, near_miss, relative_to_here
+from files import UTF_BOMS, ZIP_MAGIC, near_miss, relative_to_here
 from yaml_errors import INVISIBLE, invisible, invisible_character, read_as_text, without_comment, yaml_syntax_problem
 
 SEED = 1337  # the default of training.seed and of dataset.split_seed
@@ -106,9 +106,11 @@ def read_yaml(path, sections, lines: dict | None = None, repeated: list | None =
 
 
 def read_config_text(path: Path) -> str:
-    """The text of a config file; ConfigError says what to do if it is missing or not text."""
+    """The text of a config file (UTF-8, or UTF-16 with its byte-order mark: what Windows PowerShell's >
+    writes); ConfigError says what to do if it is missing or not text."""
     try:
-        return path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        return raw.decode(next((UTF_BOMS[bom] for bom in UTF_BOMS if raw.startswith(bom)), "utf-8"))
     except FileNotFoundError:
         with_suffix = [f"{path}{suffix}" for suffix in (".yaml", ".yml") if Path(f"{path}{suffix}").is_file()]
         close = with_suffix[0] if with_suffix else near_miss(path, keep=Path.is_file)
@@ -118,7 +120,8 @@ def read_config_text(path: Path) -> str:
         if path.read_bytes()[:4] == ZIP_MAGIC:  # what torch.save writes
             raise ConfigError([f"{path}: a checkpoint, not a YAML config file; resume it with "
                                f"training.resume_from_checkpoint={path} (its run's config.yaml is the config)"])
-        raise ConfigError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the config as UTF-8"])
+        encoding = e.encoding.upper().removesuffix("-LE").removesuffix("-BE")  # (UTF-16: as its byte-order mark says)
+        raise ConfigError([f"{path}: not {encoding} text ({e.reason} at byte {e.start}); save the config as UTF-8"])
     except OSError as e:
         raise ConfigError([f"{path}: cannot read config file: {e}"])
 

@@ -140,7 +140,13 @@ def test_a_checkpoint_given_as_the_config_says_how_to_resume_it(tmp_path):
         Config.from_yaml(path)
     path = tmp_path / "utf16.yaml"  # what PowerShell 5.1 writes for `... --print-config > utf16.yaml`
     path.write_text("training:\n  batch_size: 4\n", encoding="utf-16")
-    with pytest.raises(ConfigError, match=r"utf16.yaml: not UTF-8 text \(invalid start byte at byte 0\); save the"):
+    assert Config.from_yaml(path).training.batch_size == 4  # read by its byte-order mark
+    path.write_bytes(path.read_bytes() + b"\x00\xdc")  # a lone surrogate
+    with pytest.raises(ConfigError, match=r"utf16.yaml: not UTF-16 text \(illegal encoding at byte \d+\); save the "
+                                          r"config as UTF-8"):
+        Config.from_yaml(path)
+    path.write_bytes(b"training:\n  batch_size: \xff\n")
+    with pytest.raises(ConfigError, match=r"utf16.yaml: not UTF-8 text \(invalid start byte at byte 24\); save the"):
         Config.from_yaml(path)
 
 
