@@ -133,9 +133,11 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
             raise FileExistsError(f"{out_dir}: the folder holds files already; choose another --out, or add "
                                   f"--replace to replace them")
         if others:  # (--replace or not: it would not help)
-            raise FileExistsError(f"{out_dir}: --replace replaces only what this command writes, and the folder "
-                                  f"also holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}; "
-                                  f"move {'them' if len(others) > 1 else 'it'} out or choose another --out")
+            held = f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''}"
+            raise FileExistsError(f"{out_dir}: " + (f"--replace replaces only what this command writes, and the "
+                                                    f"folder also holds {held}" if replace else
+                                                    f"the folder holds {held} already") +
+                                  f"; move {'them' if len(others) > 1 else 'it'} out or choose another --out")
     tmp = out_dir.with_name(f".{out_dir.name}{temporary_suffix()}")
     made = [folder for folder in out_dir.absolute().parents if not folder.exists()]  # by write(tmp), deepest first
     try:

@@ -54,9 +54,11 @@ def test_write_folder_refuses_replaces_or_keeps_a_folder_that_holds_files(tmp_pa
     ours = lambda path: path.suffix == ".txt"  # noqa: E731
     with pytest.raises(FileExistsError, match="holds files already.*--replace"):
         files.write_folder(out, write("two"), written_here=ours)
+    with pytest.raises(FileExistsError, match="the folder holds a.txt already; move it out"):  # not ours: no
+        files.write_folder(out, write("two"))                                                 # --replace suggested
     with pytest.raises(FileExistsError, match="--replace replaces only what this command writes, and the folder also "
-                                              "holds a.txt"):  # not ours: --replace would not help, which it says
-        files.write_folder(out, write("two"))
+                                              "holds a.txt; move it out"):
+        files.write_folder(out, write("two"), replace=True)
     assert files.write_folder(out, write("two"), keep_existing=True) is None
     assert (out / "a.txt").read_text() == "one"
     files.write_folder(out, write("three"), replace=True, written_here=ours)

@@ -216,10 +216,11 @@ def test_from_text_replace_keeps_an_input_file_in_the_out_folder_and_refuses_emp
     folder = tmp_path / "mydata"
     folder.mkdir()
     (folder / "corpus.txt").write_text("some text\n")
-    for replace in ([], ["--replace"]):  # said at once, not after a first try suggests --replace
+    for replace, said in (([], "the folder holds corpus.txt already; move it out"),  # (no --replace suggested)
+                          (["--replace"], "--replace replaces only what this command writes, and the folder also "
+                                          "holds corpus.txt; move it out")):
         assert prepare.main(["--from-text", str(folder / "corpus.txt"), "--out", str(folder), *replace]) == 1
-        assert "--replace replaces only what this command writes, and the folder also holds corpus.txt" in \
-            capsys.readouterr().err
+        assert said in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == ["corpus.txt"]
     (tmp_path / "empty.txt").write_text("")
     assert prepare.main(["--from-text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "out")]) == 1
