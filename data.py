@@ -14,6 +14,7 @@ reader stands is its position (ParquetBatches): resume.py saves them, positions.
 where a resume starts.
 """
 import itertools
+import math
 import os
 import sys
 import warnings
@@ -22,7 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from config import step_tokens
 from corpus import MIN_ROW_GROUPS, ensure_sample_corpus
+from files import byte_amount
 from shards import DataError, ParquetFileCache, Unit, first_documents, list_units, read_unit_documents
 from stopping import leave_signals_to_main
 from tokenizer import check_vocab_size, load_tokenizer, lost_text, separator_in_text
@@ -265,6 +268,27 @@ def loader_workers(cfg, units, world_size=1, announce=True) -> int:
     if announce and (warning := uneven_readers(units, workers, world_size)):
         print(warning)
     return workers
+
+
+def unmeasured_validation(cfg, units, val_batches, tokens_per_byte: float, world_size: int) -> str | None:
+    """A note for a new run whose validation share holds out more than 1,000 times the text its
+    evaluations measure (val_fraction's default on a large corpus) while the run means to read all
+    the rest: a val_fraction that holds out about 100 times what is measured would train on the rest."""
+    dataset, training = cfg.dataset, cfg.training
+    text = sum(unit.text_bytes for unit in units)
+    held_out, measured = dataset.val_fraction * text, sum(y.numel() for _, y in val_batches) / tokens_per_byte
+    planned = training.max_iters * step_tokens(training, world_size) / tokens_per_byte  # bytes of training text
+    passes = planned / ((1 - dataset.val_fraction) * text)
+    if dataset.val_parquet_dir or held_out <= 1000 * measured or passes < 1:
+        return None
+    enough = 100 * measured / text  # (100 times what is measured: spread over many documents)
+    scale = 10 ** math.floor(math.log10(enough))
+    smaller = math.floor(enough / scale) * scale
+    return (f"note: validation holds out about {byte_amount(held_out)} of the text (dataset.val_fraction "
+            f"{dataset.val_fraction:g}) and its evaluations measure {byte_amount(measured)} of it, while training "
+            f"plans {passes:.1f} passes over the rest: dataset.val_fraction={smaller:.1g} would train on about "
+            f"{byte_amount(held_out - smaller * text)} more (set it for a new run: it changes which documents are "
+            f"held out)")
 
 
 def uneven_readers(units, workers: int, world_size: int) -> str | None:

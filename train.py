@@ -41,7 +41,7 @@ from arguments import add_config_arguments, load_config, parse_arguments
 from checkpoint import CheckpointError
 from config import learning_rate, step_tokens
 from console import describe_run, done_lines, evaluation_lines
-from data import loader_workers, prepare_data, rank_positions, train_loader
+from data import loader_workers, prepare_data, rank_positions, train_loader, unmeasured_validation
 from distributed import (DistributedError, Ranks, communication_failure, failed, first_process, gradient_sync,
                          launched_by_torchrun, local_tensor, peers_lost, shutdown, start, wrap)
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
@@ -109,6 +109,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
         raise
     val_tokens_per_byte, val_fingerprint = tokens_per_byte(val_batches, tokenizer), validation_fingerprint(val_batches)
     workers = loader_workers(cfg, units, ranks.world_size, announce=ranks.main)
+    if ranks.main and not training.resume_from_checkpoint and (
+            note := unmeasured_validation(cfg, units, val_batches, val_tokens_per_byte, ranks.world_size)):
+        print(note)
 
     # ---- model and optimizer
     raw_model, fp8_recipe, qat_view, qat_start = build_model(cfg, device)  # same seed, same weights on every rank

@@ -80,6 +80,23 @@ def test_the_largest_units_are_dealt_first_so_the_shares_are_even():
     assert max(old_spread) >= 20 and got_big == {0, 1, 2, 3}
 
 
+def test_a_validation_share_far_larger_than_what_is_measured_is_noted_where_the_run_reads_the_rest():
+    from shards import Unit
+    units = [Unit("a.parquet", i, 1000, 100 << 20, 0, 100 << 20) for i in range(10)]  # 1,000 MB of text
+    val_batches = [(None, torch.zeros(32, 64))] * 20  # 40 KB measured (bytes: a token a byte); 50 MB held out
+    cfg = Config.from_dict({"training": {"max_iters": 500_000, "batch_size": 32, "block_size": 64}})  # 1.03 passes
+    assert data.unmeasured_validation(cfg, units, val_batches, 1.0, 1) == (
+        "note: validation holds out about 50.0 MB of the text (dataset.val_fraction 0.05) and its evaluations measure "
+        "40 KB of it, while training plans 1.0 passes over the rest: dataset.val_fraction=0.003 would train on about "
+        "47.0 MB more (set it for a new run: it changes which documents are held out)")
+    assert data.unmeasured_validation(cfg, units, val_batches, 1.0, 2) is not None  # 2 processes: 2 passes
+    fewer_steps = Config.from_dict({"training": {"max_iters": 400_000, "batch_size": 32, "block_size": 64}})
+    assert data.unmeasured_validation(fewer_steps, units, val_batches, 1.0, 1) is None  # the rest is not all read
+    assert data.unmeasured_validation(cfg, units, val_batches * 2, 1.0, 1) is None  # 625 times what is measured
+    own_folder = Config.from_dict({"training": {"max_iters": 500_000}, "dataset": {"val_parquet_dir": "val"}})
+    assert data.unmeasured_validation(own_folder, units, val_batches, 1.0, 1) is None
+
+
 def test_more_workers_than_cpu_cores_is_said_in_one_line(monkeypatch, capsys):
     from shards import Unit
     units = [Unit("a.parquet", i, 3, 1000, 0, 1000) for i in range(8)]
