@@ -43,7 +43,9 @@ def done_lines(progress, here: int, passes: float, seconds: float, train_on: str
     """What a run says when it reaches max_iters: `here`, the steps of this process (a resumed run's
     are fewer); `train_on`, the command that trains it on to twice its steps."""
     step, in_all = progress.step, progress.seconds()
-    return (f"done: {step} step{'s' * (step != 1)} ({passes:.2f} passes over the training data)"
+    # (a short run on a large corpus: 0.0012 passes, not 0.00)
+    share = f"{passes:.2f}" if passes >= 0.1 or passes == 0 else f"{passes:.2g}"
+    return (f"done: {step} step{'s' * (step != 1)} ({share} passes over the training data)"
             + (f", the last {here} in this process" if here < step else "") + f" in {format_duration(seconds)}"
             + (f" (the whole run: {format_duration(in_all)})" if here < step and in_all is not None else "")
             + (f"; best validation loss {progress.best_val_loss:.4f} (best.pt{best_step(progress.last_saved)})"
@@ -110,7 +112,8 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, n_v
                  else f"runs in {Path(training.checkpoint_dir).resolve()}")
     n_files = len({unit.path for unit in units})
     data_size = (f"{n_files} file{'s' * (n_files != 1)}{subfolders(dataset.parquet_dir, units)}, {len(units)} row "
-                 f"group{'s' * (len(units) != 1)}, {byte_amount(sum(unit.text_bytes for unit in units))} of text")
+                 f"group{'s' * (len(units) != 1)}, {sum(unit.num_rows for unit in units):,} documents, "
+                 f"{byte_amount(sum(unit.text_bytes for unit in units))} of text")
     lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({data_size}; {validation}) | tokenizer {tokenizer} | "
                  f"{writes_to}")
     lines.append(optimizer_line(cfg, model, optimizer, ranks, fp8_recipe, qat_start))

@@ -36,9 +36,9 @@ def test_run_directory_holds_resolved_config_checkpoints_and_metrics(tmp_path, c
     assert "step 4/4" in out and "val loss" in out and "--- sample: validation text ---\n" in out
     assert "\n--- the model continues ---\n" in out
     units = list_units(corpus, "text")  # where the data comes from and where the runs go, resolved
-    size = byte_amount(sum(unit.text_bytes for unit in units))
-    assert (f"data {corpus.resolve()} (3 files, {len(units)} row groups, {size} of text; validation 20% of its "
-            f"documents (split_seed 1337), measured on "
+    size, documents = byte_amount(sum(unit.text_bytes for unit in units)), sum(unit.num_rows for unit in units)
+    assert (f"data {corpus.resolve()} (3 files, {len(units)} row groups, {documents} documents, {size} of text; "
+            f"validation 20% of its documents (split_seed 1337), measured on "
             f"2 x 3 windows taken across it) | tokenizer bytes | runs in {(tmp_path / 'ck').resolve()}\n") in out
     [run] = run_dirs(tmp_path)
     assert run.name.startswith("run_")
