@@ -197,6 +197,11 @@ class Config:
         config = cls(**sections)
         for path in PATHS:
             if isinstance(written := config.get(path), str):
+                if control := re.search(r"[\x00-\x1f]", written):  # "D:\temp\new" in double quotes: a tab, a line end
+                    problems.append(f"{path}: {written!r} holds the control character {control[0]!r}: in double "
+                                    f"quotes a backslash starts an escape (\\t a tab, \\n a line end); write a "
+                                    f"Windows path in single quotes, or with /")
+                    continue
                 section, key = path.split(".")
                 setattr(getattr(config, section), key, os.path.expanduser(os.path.expandvars(written)))
                 for variable in re.findall(r"\$(\w+|\{[^}]*\})", written):  # what expandvars looks up

@@ -263,8 +263,8 @@ def loader_workers(cfg, units, world_size=1, announce=True) -> int:
     if announce and cpus and workers * here > cpus:
         processes = f" x {here} processes on this machine" if here > 1 else ""
         print(f"note: dataloader.num_workers {workers}{processes} is more than the {cpus} CPU cores this process may "
-              f"use: the workers compete with training for them; dataloader.num_workers={max(1, cpus // here)} or "
-              f"fewer")
+              f"use: the workers compete with training for them; dataloader.num_workers={cpus // here}"
+              + (" or fewer" if cpus // here else " (the main process reads)"))
     if announce and (warning := uneven_readers(units, workers, world_size)):
         print(warning)
     return workers

@@ -108,7 +108,7 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
     a file browser's: an input file or a run's checkpoints in it are never deleted) or kept (keep_existing: another
     process built it first). Temporary folders of processes that died (killed mid-build) are
     removed first; the folders made for out_dir go with a failure."""
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.normpath(out_dir))  # (x/../out: a folder x is neither made nor removed)
     if out_dir.name in ("", ".", ".."):
         raise FileExistsError(f"{out_dir}: give a new folder's name, not the current or a parent folder")
     if out_dir.is_symlink():

@@ -86,7 +86,8 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
             raise DataError(f"{path}: column {text_column!r} has type {kind}, expected a string column{ids}; {has}")
         relative = path.relative_to(root).as_posix().encode()
         file_key = int.from_bytes(hashlib.blake2b(relative, digest_size=8).digest(), "little")
-        text = [meta.schema.column(j).path for j in range(meta.num_columns)].index(text_column)
+        text = next(j for j in range(meta.num_columns)  # (the top-level column: a struct's a.b child is named b)
+                    if meta.schema.column(j).path == meta.schema.column(j).name == text_column)
         for rg in range(meta.num_row_groups):
             info = meta.row_group(rg)
             if info.num_rows:

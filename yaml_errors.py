@@ -64,7 +64,7 @@ def yaml_syntax_problem(path: Path, text: str, e: yaml.YAMLError, sections=()) -
         mark = e.context_mark
     elif getattr(e, "context", None) == "while scanning a quoted scalar" and "end of stream" in problem:
         mark, problem = e.context_mark, "the quote that starts here is never closed: close it at the end of the value"
-    elif problem.startswith("found unknown escape character"):
+    elif problem.startswith(("found unknown escape character", "expected escape sequence")):  # (\Users: \U)
         problem += " (in double quotes a backslash starts an escape: write a Windows path in single quotes, or with /)"
     elif problem.endswith("but found '<scalar>'") and mark and mark.line < len(lines) and \
             re.match(r"\s*[\w.-]+:\s+[\"']", lines[mark.line]):

@@ -111,6 +111,9 @@ def test_more_workers_than_cpu_cores_is_said_in_one_line(monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: 2 processes here, each with its workers
     assert data.loader_workers(Config.from_dict({"dataloader": {"num_workers": 2}}), units, world_size=2) == 2
     assert "num_workers 2 x 2 processes on this machine is more than the 2 CPU cores" in capsys.readouterr().out
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # more processes than cores: none is the fix
+    assert data.loader_workers(Config.from_dict({"dataloader": {"num_workers": 1}}), units, world_size=4) == 1
+    assert capsys.readouterr().out.endswith("; dataloader.num_workers=0 (the main process reads)\n")
 
 
 def test_the_readers_share_the_text_not_the_other_columns(tmp_path, capsys):

@@ -38,6 +38,10 @@ def test_write_folder_that_fails_leaves_no_folder_it_made(tmp_path):
     with pytest.raises(ValueError, match="no such input"):
         files.write_folder(tmp_path / "new" / "data" / "out", fail)
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "empty").mkdir()  # was there before: stays; x/.. is not made
+    with pytest.raises(ValueError, match="no such input"):
+        files.write_folder(tmp_path / "x" / ".." / "empty" / "out", fail)
+    assert list(tmp_path.iterdir()) == [tmp_path / "empty"]
 
 
 def test_write_folder_refuses_replaces_or_keeps_a_folder_that_holds_files(tmp_path):

@@ -228,3 +228,13 @@ def test_a_part_ends_early_where_its_text_outgrows_what_the_metadata_promised(tm
     parts = list(shards.read_unit_documents(shards.ParquetFileCache(1), unit, "text", "all", 0, 0.1))
     assert [doc for part in parts for doc in part.to_pylist()] == [doc.encode() for doc in sorted_docs]
     assert max(sum(map(len, part.to_pylist())) for part in parts) <= limit + 800
+
+
+def test_the_text_bytes_are_the_top_level_text_columns_not_a_struct_field_of_the_same_path(tmp_path):
+    """A struct column `a` with a field `b` and a column named `a.b` have the same parquet path, a.b."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.table({"a": pa.array([{"b": "x" * 1000}] * 3), "a.b": ["short"] * 3})
+    pq.write_table(table, tmp_path / "dotted.parquet")
+    [unit] = shards.list_units(tmp_path, "a.b")
+    assert unit.text_bytes < 100 < 1000 < unit.num_bytes

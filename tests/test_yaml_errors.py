@@ -136,6 +136,13 @@ def test_quoting_mistakes_are_told_where_they_start(tmp_path):
             ('dataset:\n  parquet_dir: "C:\\data\\x"\n',
              ":2:20: YAML syntax error: found unknown escape character 'd' (in double quotes a backslash starts an "
              "escape: write a Windows path in single quotes, or with /)"),
+            ('dataset:\n  parquet_dir: "C:\\Users\\me"\n',  # \U: the start of an escape, cut short
+             ":2:21: YAML syntax error: expected escape sequence of 8 hexadecimal numbers, but found 's' (in double "
+             "quotes a backslash starts an escape: write a Windows path in single quotes, or with /)"),
+            ('dataset:\n  parquet_dir: "D:\\temp\\new"\n',  # escapes that read: a tab and a line end in the path
+             ":2: dataset.parquet_dir: 'D:\\temp\\new' holds the control character '\\t': in double quotes a "
+             "backslash starts an escape (\\t a tab, \\n a line end); write a Windows path in single quotes, or "
+             "with /"),
             ("dataset:\n  parquet_dir: 'it's'\n",
              ":2:20: YAML syntax error: expected <block end>, but found '<scalar>' (text after the closing quote: "
              "inside '...' a quote is written twice, 'it''s'; or put the value in the other quotes)")):
