@@ -130,10 +130,15 @@ class HFTokenizer:
             raise NotATokenizer(f"{name}: not a Hugging Face tokenizer.json ({why})")
         # padding and truncation (saved by enable_padding, enable_truncation) would add pad tokens to each
         # document, or cut it: training reads whole documents, joined
-        self.turned_off = [key for key, value in json.loads(self.tok.to_str()).items()
-                           if key in ("padding", "truncation") and value]
+        spec = json.loads(self.tok.to_str())
+        self.turned_off = [key for key, value in spec.items() if key in ("padding", "truncation") and value]
         self.tok.no_padding()
         self.tok.no_truncation()
+        if (processor := byte_level_only(spec.get("post_processor"))) != spec.get("post_processor"):
+            # a template that adds tokens around each text ([CLS] ... [SEP], Llama's <s>): never applied here
+            # (encode: add_special_tokens=False), so not in the file an export writes either, where
+            # Transformers would apply it to every prompt
+            self.tok = Tokenizer.from_str(json.dumps({**json.loads(self.tok.to_str()), "post_processor": processor}))
         self.json, self.name = self.tok.to_str(), name
         self.tok.encode_special_tokens = True  # text never turns into special tokens (not saved in the json)
         self.separator = self.tok.token_to_id(SEPARATOR_TOKEN)
@@ -190,6 +195,15 @@ class HFTokenizer:
         return self.json
 
     to_hf_json = to_str
+
+
+def byte_level_only(processor: dict | None) -> dict | None:
+    """A tokenizer.json's post_processor without what adds tokens to a text: a ByteLevel one (it
+    only moves offsets) is kept, alone or in a Sequence."""
+    if not processor or processor.get("type") == "ByteLevel":
+        return processor
+    kept = [p for p in processor.get("processors", []) if p.get("type") == "ByteLevel"]  # (a Sequence's)
+    return None if not kept else kept[0] if len(kept) == 1 else {**processor, "processors": kept}
 
 
 def load_tokenizer(spec: str):

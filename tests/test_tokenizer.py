@@ -1,4 +1,5 @@
 """Tokenizers: bytes and a Hugging Face tokenizer.json (a byte-level BPE trained here)."""
+import json
 import pickle
 
 import numpy as np
@@ -230,3 +231,22 @@ def test_text_is_printed_without_the_control_characters_a_terminal_would_act_on(
     shown = "a\\x1b[31mb\\x07c\\x0ed\\x9be\tf\r\ng é"
     assert load_tokenizer(str(bpe_file)).shown(text) == shown
     assert ByteTokenizer().shown("\x00" + text) == SEPARATOR_TOKEN + shown
+
+
+def test_a_template_that_adds_tokens_around_each_text_is_left_out_also_of_what_transformers_reads():
+    """Training never applies a post-processor's template (Llama's <s>, BERT's [CLS] ... [SEP]); an export
+    that kept it would have Transformers put those tokens around every prompt."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordPiece({"[UNK]": 0, SEPARATOR_TOKEN: 1, "a": 2, "b": 3, "ab": 4}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([SEPARATOR_TOKEN])
+    template = processors.TemplateProcessing(single=f"[UNK] $A {SEPARATOR_TOKEN}",
+                                             special_tokens=[("[UNK]", 0), (SEPARATOR_TOKEN, 1)])
+    for processor, kept in ((template, None), (processors.Sequence([processors.ByteLevel(), template]), "ByteLevel"),
+                            (processors.ByteLevel(), "ByteLevel")):
+        tok.post_processor = processor
+        loaded = HFTokenizer(tok.to_str(), "mine.json")
+        assert (json.loads(loaded.to_hf_json())["post_processor"] or {}).get("type") == kept
+        exported = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(loaded.to_hf_json()))
+        assert exported("a ab")["input_ids"] == loaded.encode("a ab") == [2, 4]
