@@ -230,7 +230,9 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreada
                checkpoint_dir_given=False) -> RunDir:
     """The run directory a resumed run writes into: the checkpoint's own, or a new one when the
     checkpoint lies outside a run directory (a download, a backup: not a run to write into or prune)
-    or in one that cannot be written (a read-only mount, another user's run).
+    or in one that cannot be written (a read-only mount, another user's run). An older checkpoint of a
+    run, with another training.checkpoint_dir on the command line, is refused: a branch would take
+    over that run.
     Says that the run resumes once the directory is its own (another process may be training in it).
     `unreadable`: checkpoints skipped for this one, set aside in its run (before a later one is taken
     for an abandoned branch). A run continued in place takes its own folder as training.checkpoint_dir
@@ -254,6 +256,14 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreada
         saved = setting(ckpt.config, "training.checkpoint_dir")
         same = saved and os.path.realpath(saved) == os.path.realpath(folder)
         cfg.training.checkpoint_dir = saved if same else str(folder.resolve())
+    later = [p for p in checkpoints_in(path.parent) if checkpoint_step(p) > ckpt.step]
+    if elsewhere and checkpoint_dir_given and later and not nothing_to_do:  # another study's run: not taken over
+        raise CheckpointError(
+            f"{path} (step {ckpt.step}) is not the newest checkpoint of its run, which went on to {later[-1].name}: "
+            f"a resume from it continues in {path.parent} as a new branch and sets the later checkpoints aside, while "
+            f"training.checkpoint_dir {given} asks for another folder; for a run of its own there, copy the "
+            f"checkpoint out (mkdir -p {given} && cp {path} {given}/) and resume the copy; to branch in the run "
+            f"itself, leave training.checkpoint_dir out")
     run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
     if nothing_to_do:
         return run

@@ -104,6 +104,17 @@ def test_resume_continues_at_the_next_step_in_the_same_directory(tmp_path, corpu
     assert train.main(["--config", str(other), f"training.resume_from_checkpoint={run}"]) == 0
     assert "is not used" not in capsys.readouterr().out and not (tmp_path / "other").exists()
     assert load_checkpoint(run / "checkpoint_9.pt").config["training"]["checkpoint_dir"] == str(tmp_path / "ck")
+    # an older checkpoint of the run, with another checkpoint_dir on the command line: a branch would take the run
+    # over (a study's baseline, set aside): refused before anything moves
+    before = sorted(p.name for p in run.iterdir())
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run / 'checkpoint_8.pt'}",
+                       "training.max_iters=12", f"training.checkpoint_dir={elsewhere}"]) == 1
+    assert (f"error: {run / 'checkpoint_8.pt'} (step 8) is not the newest checkpoint of its run, which went on to "
+            f"checkpoint_9.pt: a resume from it continues in {run} as a new branch and sets the later checkpoints "
+            f"aside, while training.checkpoint_dir {elsewhere} asks for another folder; for a run of its own there, "
+            f"copy the checkpoint out (mkdir -p {elsewhere} && cp {run / 'checkpoint_8.pt'} {elsewhere}/) and resume "
+            f"the copy; to branch in the run itself, leave training.checkpoint_dir out") in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before and not elsewhere.exists()
 
 
 def test_a_checkpoint_the_config_file_names_is_refused_once_its_run_has_gone_on(tmp_path, corpus, capsys):
