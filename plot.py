@@ -91,8 +91,10 @@ def comparable_stretches(evaluations) -> list[list]:
 
 # settings that change neither what a run learns nor what its validation measures: left out of the labels
 # (DDP and FSDP compute the same steps)
-NOT_IN_LABELS = ("logging.", "dataloader.", "training.checkpoint_dir", "training.log_freq", "training.test_freq",
-                 "training.checkpoint_freq", "training.keep_last_n", "training.debug", "training.device",
+# (dataloader.num_workers is labelled: its readers deal the data, so it changes the order of the batches)
+NOT_IN_LABELS = ("logging.", "dataloader.pin_memory", "dataloader.prefetch_factor", "training.checkpoint_dir",
+                 "training.log_freq", "training.test_freq", "training.checkpoint_freq", "training.keep_last_n",
+                 "training.debug", "training.device",
                  "training.distributed", "training.compile", "training.activation_checkpointing",
                  "dataset.max_cached_files")
 STARTED_FROM = "training.resume_from_checkpoint"  # in config.yaml: the export or loose checkpoint a run started from

@@ -160,6 +160,8 @@ def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch)
     assert plot.labels(["a", "b"], [{"training.seed": 1}, {"training.seed": 2, "training.compile": True}]) == [
         "a (seed=1)", "b (seed=2)"]
     assert plot.labels(["a", "b", "c"], [{"training.seed": 1}, {}, {"training.seed": 1}]) == ["a", "b", "c"]
+    workers = [{"dataloader.num_workers": n, "dataloader.prefetch_factor": n} for n in (1, 2)]  # the order of batches
+    assert plot.labels(["a", "b"], workers) == ["a (num_workers=1)", "b (num_workers=2)"]
     assert plot.labels(["a"], [{"training.seed": 1}]) == ["a"]  # one run: its name
     # a setting an older version did not write is no difference (nor are the settings of runs without any)
     assert plot.labels(["old", "new", "x"], [{"training.seed": 1}, {"training.seed": 2, "dataset.split_seed": 1337},
