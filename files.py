@@ -108,13 +108,16 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
     a file browser's: an input file or a run's checkpoints in it are never deleted) or kept (keep_existing: another
     process built it first). Temporary folders of processes that died (killed mid-build) are
     removed first; the folders made for out_dir go with a failure."""
-    out_dir = Path(os.path.normpath(out_dir))  # (x/../out: a folder x is neither made nor removed)
-    if out_dir.name in ("", ".", ".."):
-        raise FileExistsError(f"{out_dir}: give a new folder's name, not the current or a parent folder")
+    shown = Path(out_dir)  # (for the messages)
+    if shown.name in ("", ".", ".."):
+        raise FileExistsError(f"{shown}: give a new folder's name, not the current or a parent folder")
+    # where the OS puts it: link/../out beside the link's target (a dangling link is not followed: no folder is
+    # made where a disk is not mounted)
+    out_dir = Path(os.path.realpath(shown.parent)) / shown.name if shown.parent.exists() else shown
     if out_dir.is_symlink():
-        raise FileExistsError(f"{out_dir}: is a symbolic link; give the folder it points to ({out_dir.resolve()})")
+        raise FileExistsError(f"{shown}: is a symbolic link; give the folder it points to ({out_dir.resolve()})")
     if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir}: is a file, not a folder; choose another --out")
+        raise FileExistsError(f"{shown}: is a file, not a folder; choose another --out")
     for stale in (*out_dir.parent.glob(f"{out_dir.name}.tmp*"), *out_dir.parent.glob(f".{out_dir.name}.tmp*")):
         if left_by_a_dead_process(stale.name):
             shutil.rmtree(stale, ignore_errors=True)
@@ -130,16 +133,17 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
         others = sorted(p.name for p in out_dir.iterdir()
                         if not written_here(p) and not (p.name in DESKTOP_FILES and p.is_file()))
         if not replace and not others:
-            raise FileExistsError(f"{out_dir}: the folder holds files already; choose another --out, or add "
+            raise FileExistsError(f"{shown}: the folder holds files already; choose another --out, or add "
                                   f"--replace to replace them")
         if others:  # (--replace or not: it would not help)
             held = f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''}"
-            raise FileExistsError(f"{out_dir}: " + (f"--replace replaces only what this command writes, and the "
+            raise FileExistsError(f"{shown}: " + (f"--replace replaces only what this command writes, and the "
                                                     f"folder also holds {held}" if replace else
                                                     f"the folder holds {held} already") +
                                   f"; move {'them' if len(others) > 1 else 'it'} out or choose another --out")
     tmp = out_dir.with_name(f".{out_dir.name}{temporary_suffix()}")
-    made = [folder for folder in out_dir.absolute().parents if not folder.exists()]  # by write(tmp), deepest first
+    # what write(tmp) makes, deepest first (x/../out: x, not the x/.. that stands for a folder that exists)
+    made = [folder for folder in out_dir.absolute().parents if not folder.exists() and ".." not in folder.parts]
     try:
         result = write(tmp)
         if out_dir.is_dir() and any(out_dir.iterdir()) and keep_existing:  # another process was faster

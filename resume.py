@@ -8,6 +8,7 @@ wrote starts a fine-tuning run instead: its weights only.
 import math
 import os
 import random
+import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -256,14 +257,15 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreada
         saved = setting(ckpt.config, "training.checkpoint_dir")
         same = saved and os.path.realpath(saved) == os.path.realpath(folder)
         cfg.training.checkpoint_dir = saved if same else str(folder.resolve())
-    later = [p for p in checkpoints_in(path.parent) if checkpoint_step(p) > ckpt.step]
-    if elsewhere and checkpoint_dir_given and later and not nothing_to_do:  # another study's run: not taken over
+    later = [p for p in checkpoints_in(path.parent) if checkpoint_step(p) > ckpt.step and p not in unreadable]
+    its_own = os.path.realpath(given) == os.path.realpath(setting(ckpt.config, "training.checkpoint_dir") or "")
+    if elsewhere and checkpoint_dir_given and not its_own and later and not nothing_to_do:  # another study's run
         raise CheckpointError(
             f"{path} (step {ckpt.step}) is not the newest checkpoint of its run, which went on to {later[-1].name}: "
             f"a resume from it continues in {path.parent} as a new branch and sets the later checkpoints aside, while "
             f"training.checkpoint_dir {given} asks for another folder; for a run of its own there, copy the "
-            f"checkpoint out (mkdir -p {given} && cp {path} {given}/) and resume the copy; to branch in the run "
-            f"itself, leave training.checkpoint_dir out")
+            f"checkpoint out (mkdir -p {shlex.quote(given)} && cp {shlex.quote(str(path))} {shlex.quote(given)}/) "
+            f"and resume the copy; to branch in the run itself, leave training.checkpoint_dir out")
     run = RunDir(cfg.training.checkpoint_dir, path=path.parent, writer=ranks.main)
     if nothing_to_do:
         return run

@@ -86,13 +86,13 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
             raise DataError(f"{path}: column {text_column!r} has type {kind}, expected a string column{ids}; {has}")
         relative = path.relative_to(root).as_posix().encode()
         file_key = int.from_bytes(hashlib.blake2b(relative, digest_size=8).digest(), "little")
-        text = next(j for j in range(meta.num_columns)  # (the top-level column: a struct's a.b child is named b)
-                    if meta.schema.column(j).path == meta.schema.column(j).name == text_column)
+        text = next((j for j in range(meta.num_columns)  # (the top-level column: a struct's a.b child is named b)
+                     if meta.schema.column(j).path == meta.schema.column(j).name == text_column), None)
         for rg in range(meta.num_row_groups):
             info = meta.row_group(rg)
             if info.num_rows:
                 units.append(Unit(str(path), rg, info.num_rows, info.total_byte_size, file_key,
-                                  info.column(text).total_uncompressed_size))
+                                  info.total_byte_size if text is None else info.column(text).total_uncompressed_size))
     if missing:
         raise missing_column(text_column, missing, files, setting)
     if all_null and not units:

@@ -42,6 +42,10 @@ def test_write_folder_that_fails_leaves_no_folder_it_made(tmp_path):
     with pytest.raises(ValueError, match="no such input"):
         files.write_folder(tmp_path / "x" / ".." / "empty" / "out", fail)
     assert list(tmp_path.iterdir()) == [tmp_path / "empty"]
+    (tmp_path / "empty" / "sub").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty" / "sub")  # link/.. is empty/, as the OS reads it
+    files.write_folder(tmp_path / "link" / ".." / "out", lambda folder: folder.mkdir())
+    assert (tmp_path / "empty" / "out").is_dir() and not (tmp_path / "out").exists()
 
 
 def test_write_folder_refuses_replaces_or_keeps_a_folder_that_holds_files(tmp_path):
