@@ -39,7 +39,6 @@ from adamw4bit import AdamW4bit, MomentFormat, adamw_state_bytes
 from arguments import add_config_arguments, load_config, parse_arguments
 from checkpoint import load_checkpoint, model_from_checkpoint
 from config import Config
-from data import validation_batches
 from distributed import Ranks
 from evaluation import validation_loss
 from files import REPO, check_outputs, folder_made_for
@@ -50,6 +49,7 @@ from runtime import autocast, pick_device
 from shards import list_units
 from stopping import ended_like_ctrl_c
 from tokenizer import load_tokenizer
+from validation import validation_batches
 
 BF16 = ["low_precision.compute_dtype=bfloat16"]
 FOUR_BIT_OPTIMIZER = ["low_precision.use_4bit_optimizer=true"]

@@ -86,7 +86,7 @@ def parameter_count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 999_950_000 else f"{n / 1e6:.1f}M" if n >= 999_950 else f"{n / 1e3:.1f}K"
 
 
-def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, n_val_batches: int, run, compiled,
+def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val_windows: int, run, compiled,
                  fp8_recipe, qat_start, peak_source: str) -> str:
     """The lines that start a run: model, data, optimizer, then notes. `peak_source`: what MFU is
     measured against ("": no MFU)."""
@@ -106,7 +106,9 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, n_v
     dataset = cfg.dataset
     validation = (f"validation {Path(dataset.val_parquet_dir).resolve()}" if dataset.val_parquet_dir
                   else f"validation {dataset.val_fraction * 100:g}% of its documents (split_seed {dataset.split_seed})")
-    validation += f", measured on {n_val_batches} x {training.batch_size} windows taken across it"
+    full, rest = divmod(val_windows, training.batch_size)  # (the last batch short where the text runs out)
+    windows = f"{val_windows:,}" if rest else f"{full} x {training.batch_size}"
+    validation += f", measured on {windows} windows taken across it"
     tokenizer = "bytes" if dataset.tokenizer == "bytes" else Path(dataset.tokenizer).resolve()
     writes_to = (f"continues in {run.path.resolve()}" if run.path is not None
                  else f"runs in {Path(training.checkpoint_dir).resolve()}")

@@ -47,10 +47,11 @@ def tokens_per_byte(val_batches, tokenizer) -> float:
 @torch.no_grad()
 def validation_loss(model, val_batches, device, compute, ranks: Ranks) -> tuple[float, tuple[list, list]]:
     """(mean validation loss, the fractions of the a and of the b latents that are non-zero, per
-    layer). Rank r takes batches r, r + world_size, ...; every rank runs as many forwards (FSDP
-    gathers weights in each), a rank short of a batch repeats the first one and does not count it."""
+    layer). Each batch counts by its windows (the last may be short). Rank r takes batches r,
+    r + world_size, ...; every rank runs as many forwards (FSDP gathers weights in each), a rank short
+    of a batch repeats the first one and does not count it."""
     total_dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
-    totals = torch.zeros(2, dtype=total_dtype, device=device)  # loss sum, batches
+    totals = torch.zeros(2, dtype=total_dtype, device=device)  # loss x windows summed, windows
     active = torch.zeros(model.config.n_layer, 3, dtype=total_dtype, device=device)  # a, b non-zero; elements
     calls = 0
 
@@ -69,10 +70,11 @@ def validation_loss(model, val_batches, device, compute, ranks: Ranks) -> tuple[
         with compute:
             _, loss = model(x.to(device), y.to(device), observe=count_active if counted else None)
         if counted:
-            totals += torch.stack([loss.to(total_dtype), loss.new_ones((), dtype=total_dtype)])
-    loss_sum, count = ranks.total(totals).tolist()
+            totals[0] += loss.to(total_dtype) * len(x)
+            totals[1] += len(x)
+    loss_sum, windows = ranks.total(totals).tolist()
     active = ranks.total(active)
-    return loss_sum / count, ((active[:, 0] / active[:, 2]).tolist(), (active[:, 1] / active[:, 2]).tolist())
+    return loss_sum / windows, ((active[:, 0] / active[:, 2]).tolist(), (active[:, 1] / active[:, 2]).tolist())
 
 
 @torch.no_grad()

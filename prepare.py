@@ -20,12 +20,13 @@ import pyarrow.compute as pc
 from arguments import add_config_arguments, load_config, parse_arguments
 from config import DatasetConfig, all_paths
 from corpus import DOCUMENT_BYTES, ensure_sample_corpus, split_text, text_files_to_parquet
-from data import training_split, validation_batches
+from data import training_split
 from files import (ARROW_MAGICS, PARQUET_MAGIC, ZIP_MAGIC, atomic_write, byte_amount, folder_made_for, output_path,
                    script_here)
 from layout import PATTERN_CHARACTERS, arrow_advice
 from shards import DataError, ParquetFileCache, list_units, read_unit_documents
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
+from validation import validation_batches
 
 FEW_DOCUMENTS = 100  # fewer: the default val_fraction holds out about 5 documents or fewer
 MIN_DOCUMENTS = 200  # a shorter text is cut finer than DOCUMENT_BYTES, unless --chunk-bytes is given

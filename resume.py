@@ -19,13 +19,14 @@ import torch
 from adamw4bit import convert_adamw_state
 from checkpoint import Checkpoint, CheckpointError, is_export, load_export, saved_step
 from distributed import full_state, load_full_state, load_full_weights
+from evaluation import validation_fingerprint
 from files import near_miss
 from locate import (checkpoint_candidates, checkpoint_step, checkpoints_in, continues_in_place, is_run_directory,
                     is_run_with_checkpoints, one_run_given, open_checkpoint, resumable_runs)
 from positions import SHARDS, data_order, resume_point
 from resume_checks import (carried_forward, check_run_given_again, check_same_model, check_same_tokenizer,
                            continues_run, evaluated_weights, found_as_newest, global_batch_change, schedule_jump,
-                           setting, tokens_before, validation_change)
+                           setting, tokens_before, validation_change, written_before)
 from rundir import RunDir, hold_auto_start
 from runtime import config_as_run, tensor_bytes
 
@@ -168,13 +169,13 @@ def check_resumable(cfg, path: Path, ckpt, tokenizer, shards: str, val_fingerpri
     return carried_forward(ckpt, cfg.to_dict(), command_line)
 
 
-def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerprint: str, ranks, device,
+def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_batches: list, ranks, device,
            command_line: dict):
     """Load the checkpoint of training.resume_from_checkpoint into the model, optimizer and
     scaler; returns (its run directory, Progress, the data stream's start positions).
-    `val_fingerprint`: that of this run's validation batches (evaluation.validation_fingerprint);
+    `val_batches`: this run's validation batches (validation.validation_batches);
     `command_line`: its config file and the settings it gives (resume_checks.command_line_record)."""
-    low_precision = cfg.low_precision
+    low_precision, val_fingerprint = cfg.low_precision, validation_fingerprint(val_batches)
     if is_export(cfg.training.resume_from_checkpoint):
         return fine_tune_from_export(cfg, model, tokenizer, ranks)
     unreadable = []
@@ -215,8 +216,11 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
         print("validation losses now measure other weights (use_4bit or its code book changed): best.pt starts afresh")
     positions, progress.batches_consumed = resume_point(
         cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
-    if warning := validation_change(ckpt.config, cfg.to_dict(), (ckpt.data_order or {}).get(SHARDS), shards,
-                                    ckpt.validation_batches, val_fingerprint):
+    if note := short_batch_added(ckpt, val_batches):
+        print(note)
+        best_afresh = True
+    elif warning := validation_change(ckpt.config, cfg.to_dict(), (ckpt.data_order or {}).get(SHARDS), shards,
+                                      ckpt.validation_batches, val_fingerprint):
         print(warning)
         best_afresh = True
     if best_afresh:
@@ -225,6 +229,17 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_fingerp
             loss = f" (validation loss {ckpt.best_val_loss:.4f})" if math.isfinite(ckpt.best_val_loss) else ""
             print(f"  the run's best.pt so far{loss} is now {kept}")
     return run, progress, positions
+
+
+def short_batch_added(ckpt, val_batches: list) -> str | None:
+    """A note where the checkpoint's version (before 0.4.13) measured the same validation batches but
+    the short last one: validation text that ran out before eval_iters batches lost its last windows."""
+    last = len(val_batches[-1][0])
+    if (not written_before(ckpt, (0, 4, 13)) or last == len(val_batches[0][0])
+            or ckpt.validation_batches != validation_fingerprint(val_batches[:-1])):
+        return None
+    return (f"note: the validation loss now measures the validation text to its last window, {last} more than the "
+            f"checkpoint's version did (a short last batch): best.pt starts afresh")
 
 
 def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreadable=(),

@@ -41,7 +41,7 @@ from arguments import add_config_arguments, load_config, parse_arguments
 from checkpoint import CheckpointError
 from config import learning_rate, step_tokens
 from console import describe_run, done_lines, evaluation_lines
-from data import loader_workers, prepare_data, rank_positions, train_loader, unmeasured_validation
+from data import loader_workers, prepare_data, rank_positions, train_loader
 from distributed import (DistributedError, Ranks, communication_failure, failed, first_process, gradient_sync,
                          launched_by_torchrun, local_tensor, peers_lost, shutdown, start, wrap)
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
@@ -63,6 +63,7 @@ from stopping import (EVALUATING, SAVING, SIGNALS, STEPPING, GracefulStop, StepV
                       extending, handle_signals, outputs_without_reader, put_back_outputs, resume_command, resuming,
                       signal_of, stop_at_once, stop_loader_workers, stopped_at_once, tearing_down, using_checkpoint_dir)
 from tokenizer import TokenizerError
+from validation import unmeasured_validation, validation_batches
 
 
 class TrainingError(Exception):
@@ -102,7 +103,8 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
     found_newest = training.resume_from_checkpoint == "latest"  # (auto too): the newest run, not one named
     check_run_data_given(cfg, command_line)  # a resume that leaves out its run's data: refused before it is read
     try:
-        tokenizer, units, val_batches = prepare_data(cfg, ranks)
+        tokenizer, units = prepare_data(cfg, ranks)
+        val_batches = validation_batches(cfg, units, tokenizer)
     except (DataError, TokenizerError) as e:
         if training.resume_from_checkpoint and (hint := data_settings_hint(cfg, e)):
             raise type(e)(f"{e}{hint}") from None
@@ -124,7 +126,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
     # ---- resume
     if training.resume_from_checkpoint:
         run, progress, start_positions = resume(cfg, raw_model, optimizer, scaler, tokenizer, units, workers,
-                                                val_fingerprint, ranks, device, command_line)
+                                                val_batches, ranks, device, command_line)
         arguments = using_checkpoint_dir(arguments, training.checkpoint_dir)
         if progress.step >= training.max_iters:
             print(f"nothing to do: the checkpoint {progress.last_saved} is at step {progress.step} and "
@@ -156,8 +158,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
     continues_run_dir = run.path is not None
     metrics = MetricsLog(run, cfg, resumed_step=progress.step if continues_run_dir else None,
                          evaluation_due=progress.evaluation_due)
-    print(describe_run(cfg, raw_model, optimizer, ranks, device, compute_dtype, units, len(val_batches), run,
-                       compile_model, fp8_recipe, qat_start, peak_source), flush=True)
+    val_windows = sum(len(x) for x, _ in val_batches)
+    print(describe_run(cfg, raw_model, optimizer, ranks, device, compute_dtype, units, val_windows, run, compile_model,
+                       fp8_recipe, qat_start, peak_source), flush=True)
 
     # ---- the training stream
     loader = iter(train_loader(cfg, units, tokenizer, workers, start_positions, progress.batches_consumed,

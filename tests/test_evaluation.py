@@ -31,12 +31,13 @@ class OneOfTwoRanks(Ranks):
         return values + self.others.pop(0) if self.others else values
 
 
-def test_the_validation_loss_is_the_mean_over_the_batches_each_counted_once_across_ranks():
+def test_the_validation_loss_is_the_mean_over_the_windows_each_counted_once_across_ranks():
     torch.manual_seed(0)
     model = BDH(BDHConfig(n_layer=1, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4)).eval()
-    batches = [(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))) for _ in range(3)]
+    batches = [(torch.randint(0, 256, (n, 8)), torch.randint(0, 256, (n, 8))) for n in (3, 3, 1)]  # the last short
     with torch.no_grad():
-        expected = sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+        window_losses = [model(x[i:i + 1], y[i:i + 1])[1].item() for x, y in batches for i in range(len(x))]
+    expected = sum(window_losses) / len(window_losses)
     cpu, plain = torch.device("cpu"), contextlib.nullcontext()
     alone, active = validation_loss(model, batches, cpu, plain, Ranks())
     assert alone == pytest.approx(expected, rel=1e-6)

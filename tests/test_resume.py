@@ -20,11 +20,14 @@ import data
 import sample
 import train
 from checkpoint import load_checkpoint
+from config import Config
 from conftest import (DEVICES, ROOT, losses, make_corpus, only_run, run_dirs, start, write_config,
                       write_parquet)
+from evaluation import validation_fingerprint
 from resume import rng_state, set_rng_state
 from locate import checkpoints_in, open_checkpoint
 from tokenizer import load_tokenizer
+from validation import validation_batches
 
 
 def test_what_the_run_s_command_line_gave_is_given_again_and_a_new_run_beside_a_stopped_one_says_so(
@@ -429,6 +432,28 @@ def test_the_validation_batches_decide_whether_validation_changed(tmp_path, corp
     assert train.main(resume + ["training.max_iters=4"]) == 0
     assert (f"WARNING: the validation documents change on this resume (dataset.val_parquet_dir {str(moved)!r}: its "
             f"shards changed)") in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_a_version_that_left_out_the_short_last_validation_batch_starts_best_afresh(
+        tmp_path, corpus, capsys):
+    """Up to 0.4.12 validation text that ran out before eval_iters batches lost the windows short of a
+    last batch: the same validation documents, so not "its shards changed"."""
+    held_out = tmp_path / "held_out"
+    write_parquet(held_out / "v.parquet", [f"<{r:02d}>" + "y" * 11 for r in range(8)])  # 7 windows: 4 + 3
+    path = write_config(tmp_path, corpus, max_iters=2, dataset={"val_parquet_dir": str(held_out)})
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    batches = validation_batches(Config.from_dict(yaml.safe_load(path.read_text())), [], load_tokenizer("bytes"))
+    assert [len(x) for x, _ in batches] == [4, 3]
+    old = torch.load(run / "checkpoint_2.pt", weights_only=True)
+    old["versions"]["project"], old["validation_batches"] = "0.4.12", validation_fingerprint(batches[:1])
+    torch.save(old, run / "checkpoint_2.pt")
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.max_iters=3", "training.resume_from_checkpoint=latest"]) == 0
+    out = capsys.readouterr().out
+    assert ("note: the validation loss now measures the validation text to its last window, 3 more than the "
+            "checkpoint's version did (a short last batch): best.pt starts afresh\n") in out
+    assert "WARNING" not in out and (run / "best_until_step_2.pt").exists()
 
 
 # train.py with a slow disk: torch.save's bytes are written in small chunks with pauses, so that a

@@ -20,13 +20,13 @@ import train
 from checkpoint import load_checkpoint
 from config import Config
 from conftest import NEEDS_CUDA, ROOT, losses, only_run, run_dirs, write_config
-from data import validation_batches
 from files import byte_amount, script_here
 from model import BDH
 from locate import checkpoints_in
 from shards import DataError, list_units
 from stopping import SAVING
 from tokenizer import load_tokenizer
+from validation import validation_batches
 
 
 def test_run_directory_holds_resolved_config_checkpoints_and_metrics(tmp_path, corpus, capsys):
