@@ -43,8 +43,9 @@ def done_lines(progress, here: int, passes: float, seconds: float, train_on: str
     """What a run says when it reaches max_iters: `here`, the steps of this process (a resumed run's
     are fewer); `train_on`, the command that trains it on to twice its steps."""
     step, in_all = progress.step, progress.seconds()
-    # (a short run on a large corpus: 0.0012 passes, not 0.00)
-    share = f"{passes:.2f}" if passes >= 0.1 or passes <= 0 else f"{passes:.{1 - math.floor(math.log10(passes))}f}"
+    # (a short run on a large corpus: 0.0012 passes, not 0.00; two figures as rounded: 0.0999 is 0.10)
+    rounded = float(f"{passes:.2g}")
+    share = f"{passes:.2f}" if rounded >= 0.1 or passes <= 0 else f"{passes:.{1 - math.floor(math.log10(rounded))}f}"
     return (f"done: {step} step{'s' * (step != 1)} ({share} passes over the training data)"
             + (f", the last {here} in this process" if here < step else "") + f" in {format_duration(seconds)}"
             + (f" (the whole run: {format_duration(in_all)})" if here < step and in_all is not None else "")

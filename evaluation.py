@@ -58,8 +58,9 @@ def validation_loss(model, val_batches, device, compute, ranks: Ranks) -> tuple[
     def count_active(a, b):  # called by each layer in turn
         nonlocal calls
         layer = active[calls % len(active)]
-        layer[0] += (a > 0).sum()
-        layer[1] += (b > 0).sum()
+        count = torch.int32 if a.numel() < 2**31 else torch.int64  # (int32: 4x faster on CPU, as long as it fits)
+        layer[0] += (a > 0).sum(dtype=count)
+        layer[1] += (b > 0).sum(dtype=count)
         layer[2] += a.numel()
         calls += 1
 

@@ -65,6 +65,7 @@ def test_the_done_line_shows_a_small_share_of_a_pass_by_its_figures(tmp_path):
     from resume import Progress
     progress = Progress(step=50, last_saved=tmp_path / "checkpoint_50.pt")
     for passes, shown in ((2.345, "2.35 passes"), (0.1, "0.10 passes"), (0.0012345, "0.0012 passes"),
-                          (6.1e-06, "0.0000061 passes"), (0, "0.00")):
+                          (6.1e-06, "0.0000061 passes"), (0.0999, "0.10 passes"), (0.00999, "0.010 passes"),
+                          (0, "0.00")):
         line = console.done_lines(progress, here=50, passes=passes, seconds=61, train_on="python train.py ...")
         assert line.startswith(f"done: 50 steps ({shown}")
