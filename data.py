@@ -8,7 +8,10 @@ Each epoch the units are shuffled from the seed and the epoch number, then dealt
 worker) readers, balancing their text's bytes; together the readers cover every unit exactly once per
 epoch. A reader joins its documents into one stream and cuts windows of block_size + 1 tokens with
 stride block_size (consecutive windows share one token, so every token is a target exactly once).
-Windows are shuffled within each part of a unit and packed into batches. Nothing is padded or
+Windows are shuffled within a pool and packed into batches: a pool is a run of a reader's small
+units (in the epoch's shuffled order) holding about POOL_BYTES of text, or one part of a large unit,
+so that a corpus of small row groups written in order (sorted sources, a book's chapters) is not
+trained on one row group at a time. Nothing is padded or
 truncated; per reader and epoch only the tail that does not fill a last batch is dropped. Where each
 reader stands is its position (ParquetBatches): resume.py saves them, positions.resume_point says
 where a resume starts.
@@ -22,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from corpus import MIN_ROW_GROUPS, ensure_sample_corpus
-from shards import DataError, ParquetFileCache, Unit, first_documents, list_units, read_unit_documents
+from shards import (DataError, ParquetFileCache, Unit, first_documents, list_units, read_unit_documents,
+                    rows_per_part)
 from stopping import leave_signals_to_main
 from tokenizer import check_vocab_size, load_tokenizer, lost_text, separator_in_text
 
@@ -34,6 +38,9 @@ warnings.filterwarnings("ignore", message="This DataLoader will create")
 # batch is, up to EMPTY_EPOCHS_AFTER_A_BATCH in a row (a resume with a batch_size too large for the data)
 EMPTY_EPOCHS_LIMIT = 4
 EMPTY_EPOCHS_AFTER_A_BATCH = 1000
+# training windows are shuffled across a run of a reader's small units (each one part: shards.READ_BYTES
+# of the row group or less) until their text reaches this many bytes; a large unit's parts are pools each
+POOL_BYTES = 8 << 20
 
 
 def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
@@ -160,49 +167,81 @@ class ParquetBatches(IterableDataset):
 
     def epoch_batches(self, cache, reader, n_readers, epoch, start=None):
         """One epoch of one reader (from `start` if given): its units joined into a stream, cut
-        into windows, shuffled within each part of a unit, packed into batches."""
-        T, B, shuffle = self.block_size, self.batch_size, self.shuffle
+        into windows, shuffled within each pool (epoch_pools), packed into batches."""
+        T, B = self.block_size, self.batch_size
         redealt = start.get("units") if start else None  # the rest of an epoch, dealt anew (resume_point)
         if redealt is None:
-            dealt = assign_units(self.units, epoch, self.seed, n_readers, shuffle=shuffle)[reader]
+            dealt = assign_units(self.units, epoch, self.seed, n_readers, shuffle=self.shuffle)[reader]
             units = [(unit, 0, []) for unit in dealt]
         else:  # [index, first part, the tokens before that part in its old reader's stream (not saved before 0.4.5)]
             units = [(self.units[entry[0]], entry[1], entry[2] if len(entry) > 2 else []) for entry in redealt]
-        first = start["unit"] if start else 0
         carry = np.array(start["carry"] if start else [], dtype=self.tokenizer.dtype)
-        pending = []
-        for k in range(first, len(units)):
-            unit, first_part, carried = units[k]
-            if k > first and carried:  # (the first's are in the start position's carry)
-                carry = np.concatenate([carry, np.array(carried, dtype=self.tokenizer.dtype)])
-            skip = start.get("part", 0) if start and k == first else first_part
-            parts = read_unit_tokens(cache, unit, self.text_column, self.split, self.split_seed, self.val_fraction,
-                                     self.tokenizer, skip)
-            for part, tokens in enumerate(parts, start=skip):
-                carry_in = carry
-                stream = np.concatenate([carry_in, tokens])
-                n_windows = max(0, (len(stream) - 1) // T)
-                carry = stream[n_windows * T:].copy()
-                if n_windows == 0:
-                    continue
-                windows = np.lib.stride_tricks.sliding_window_view(stream, T + 1)[::T][:n_windows]
-                order = np.arange(n_windows)  # windows are copied a batch at a time, in this order
-                if shuffle:
-                    order = np.random.default_rng([self.seed, epoch, unit.file_key, unit.row_group, part]).permutation(
-                        n_windows)
-                used = start["consumed"] if start and k == first and part == skip else 0
-                while n_windows - used >= B - len(pending):
-                    take = B - len(pending)
-                    pending.extend(windows[order[used:used + take]])
-                    used += take
-                    batch = torch.from_numpy(np.stack(pending).astype(np.int64))
-                    pending = []
-                    position = {"reader": reader, "epoch": epoch, "unit": k, "part": part, "consumed": used,
-                                "windows": n_windows, "carry": carry_in.tolist()}
-                    if redealt is not None:
-                        position.update(units=redealt, epoch_done=start["epoch_done"])
-                    yield batch[:, :-1], batch[:, 1:], position
-                pending.extend(windows[order[used:]])
+        pending, first = [], (start["unit"], start.get("part", 0)) if start else None
+        for k, part, lead, pieces, pooled in self.epoch_pools(cache, units, start):
+            carry_in = np.concatenate([carry, *lead]) if lead else carry
+            stream = np.concatenate([carry_in, *pieces])
+            n_windows = max(0, (len(stream) - 1) // T)
+            carry = stream[n_windows * T:].copy()
+            if n_windows == 0:
+                continue
+            windows = np.lib.stride_tricks.sliding_window_view(stream, T + 1)[::T][:n_windows]
+            order = np.arange(n_windows)  # windows are copied a batch at a time, in this order
+            if self.shuffle:
+                unit = units[k][0]
+                order = np.random.default_rng([self.seed, epoch, unit.file_key, unit.row_group, part]).permutation(
+                    n_windows)
+            used = start["consumed"] if (k, part) == first else 0
+            while n_windows - used >= B - len(pending):
+                take = B - len(pending)
+                pending.extend(windows[order[used:used + take]])
+                used += take
+                batch = torch.from_numpy(np.stack(pending).astype(np.int64))
+                pending = []
+                position = {"reader": reader, "epoch": epoch, "unit": k, "part": part, "consumed": used,
+                            "windows": n_windows, "carry": carry_in.tolist()}
+                if pooled > 1:
+                    position["pooled"] = pooled
+                if redealt is not None:
+                    position.update(units=redealt, epoch_done=start["epoch_done"])
+                yield batch[:, :-1], batch[:, 1:], position
+            pending.extend(windows[order[used:]])
+
+    def epoch_pools(self, cache, units, start=None):
+        """The pools of an epoch's `units` ([unit, first part, tokens before it in an old reader's
+        stream]) from `start`'s on: (index of its first unit, that unit's first part, the tokens to
+        add to the carry before it, its token arrays in stream order, how many units it holds). A
+        pool is a run of small units (one part each) whose text reaches POOL_BYTES, or one part of a
+        large unit; validation's stream is read a part at a time."""
+        first = start["unit"] if start else 0
+
+        def parts(i, skip):  # unit i's tokens before it (the start position's carry has the first's), its parts
+            unit, _, carried = units[i]
+            lead = [np.array(carried, dtype=self.tokenizer.dtype)] if carried and i > first else []
+            return lead, read_unit_tokens(cache, unit, self.text_column, self.split, self.split_seed,
+                                          self.val_fraction, self.tokenizer, skip)
+        k = first
+        while k < len(units):
+            skip = start.get("part", 0) if start and k == first else units[k][1]
+            end, text = k, 0
+            while (self.shuffle and end < len(units) and rows_per_part(units[end][0]) >= units[end][0].num_rows
+                   and text < POOL_BYTES):
+                text, end = text + units[end][0].text_bytes, end + 1
+            if end == k:  # a large unit (or validation's stream): a pool per part
+                lead, tokens = parts(k, skip)
+                for part, piece in enumerate(tokens, start=skip):
+                    yield k, part, lead, [piece], 1
+                    lead = []
+                if lead:  # (no part left to read: its tokens go on to the next unit's stream)
+                    yield k, skip, lead, [], 1
+                k += 1
+                continue
+            lead, tokens = parts(k, skip)
+            pieces = list(tokens)
+            for i in range(k + 1, end):
+                inner_lead, tokens = parts(i, units[i][1])
+                pieces += inner_lead + list(tokens)
+            yield k, skip, lead, pieces, end - k
+            k = end
 
 
 def training_split(cfg) -> str:

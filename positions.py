@@ -7,6 +7,7 @@ import hashlib
 import numpy as np
 
 import shards
+import data
 from data import EVEN_TEXT, IN_SHUFFLED_ORDER, LARGEST_FIRST, assign_units, deal, training_split
 from files import byte_amount
 from shards import Unit, rows_per_part
@@ -24,6 +25,7 @@ WORKERS_KEY = "dataloader.num_workers (effective)"
 # (a key that checkpoints hold: it keeps the name of the module READ_BYTES was in then, data.py; now shards.py)
 READ_BYTES_KEY = "data.READ_BYTES (windows are shuffled within parts of this many bytes)"
 DEALING_KEY = "units dealt to the readers"  # data.assign_units' way
+POOL_KEY = "data.POOL_BYTES (windows are shuffled across a reader's small units holding this many bytes of text)"
 # Unchanged, these keep every unit and its parts as they were: a resume that changes only the
 # readers (workers, processes), the block size or the seed finishes the epoch that was in progress.
 SAME_UNITS = (SHARDS, "dataset.text_column", *HOLDOUT_FIELDS, "documents trained on", READ_BYTES_KEY)
@@ -41,7 +43,7 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
     fingerprint = hashlib.blake2b(repr([(u.file_key, u.row_group, u.num_rows, u.num_bytes) for u in units]).encode(),
                                   digest_size=8).hexdigest()
     order.update({WORKERS_KEY: num_workers, "world_size": world_size, DEALING_KEY: EVEN_TEXT,
-                  READ_BYTES_KEY: shards.READ_BYTES,
+                  READ_BYTES_KEY: shards.READ_BYTES, POOL_KEY: data.POOL_BYTES,
                   SHARDS: fingerprint, SHARDS_SEEN: shards_seen(units)})
     return order
 
@@ -58,7 +60,9 @@ def order_changes(saved_order: dict, order: dict) -> tuple[list[str], list[str]]
     keys = [k for k, v in order.items() if k != SHARDS_SEEN and saved_order.get(k) != v]
     lines = []
     for k in keys:
-        if k == SHARDS and SHARDS_SEEN in saved_order:  # (written before 0.4.3: its fingerprint only)
+        if k == POOL_KEY and k not in saved_order:  # (written before 0.4.13)
+            lines.append("windows are now shuffled across a reader's small (file, row group) units, not within each")
+        elif k == SHARDS and SHARDS_SEEN in saved_order:  # (written before 0.4.3: its fingerprint only)
             before, after = saved_order[SHARDS_SEEN], order[SHARDS_SEEN]
             lines.append(f"the shards: {before} -> {after}" if before != after else f"the shards rewritten: {after}")
         else:
@@ -100,7 +104,7 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealing
             share = sum(bytes_left(units[index], part) for index, part, *_ in position["units"])
             rest = still_to_read(position["units"], position)
             left = sum(bytes_left(units[index], part) for index, part, *_ in rest)
-            left -= part_read(units[rest[0][0]], position) if rest else 0
+            left -= part_read(pool_of(units, rest, position), position) if rest else 0
             done = 1 - left / share if share else 1.0
             read += (epoch + position["epoch_done"] + (1 - position["epoch_done"]) * done) * total
             continue
@@ -120,12 +124,12 @@ def dealing_with_bytes(units: list[Unit], epoch: int, seed: int, n_readers: int,
 
 def bytes_read(assigned: list[Unit], cumulative, position) -> float:
     """About the bytes a reader at `position` has read of its epoch's units (`assigned`, with their
-    `cumulative` bytes): the units before the one it is in, and the parts of that one before the
-    part it is in, and of that part."""
-    done = cumulative[position["unit"]]
-    if position["unit"] < len(assigned):
-        unit = assigned[position["unit"]]
-        done += unit.text_bytes - bytes_left(unit, position.get("part", 0)) + part_read(unit, position)
+    `cumulative` bytes): the units before the pool it is in (the one it is in, and the parts of that one
+    before the part it is in), and of that pool."""
+    done, k = cumulative[position["unit"]], position["unit"]
+    if k < len(assigned):
+        done += assigned[k].text_bytes - bytes_left(assigned[k], position.get("part", 0))
+        done += part_read(assigned[k:k + position.get("pooled", 1)], position)
     return float(done)
 
 
@@ -134,12 +138,20 @@ def bytes_left(unit: Unit, part: int) -> float:
     return unit.text_bytes * (1 - min(1.0, part * rows_per_part(unit) / max(1, unit.num_rows)))
 
 
-def part_read(unit: Unit, position) -> float:
-    """About the bytes read of the part of `unit` a reader at `position` is in: the part's share of
-    windows used (positions saved before they counted the part's windows: none)."""
+def part_read(pool: list[Unit], position) -> float:
+    """About the bytes read of the pool a reader at `position` is in (data.py: a part of a unit, or
+    the small units `pool`): the pool's share of windows used (positions saved before they counted
+    the windows: none)."""
     part = position.get("part", 0)
     share = position["consumed"] / position["windows"] if position.get("windows") else 0.0
-    return (bytes_left(unit, part) - bytes_left(unit, part + 1)) * share
+    if len(pool) > 1:
+        return (bytes_left(pool[0], part) + sum(unit.text_bytes for unit in pool[1:])) * share
+    return (bytes_left(pool[0], part) - bytes_left(pool[0], part + 1)) * share
+
+
+def pool_of(units: list[Unit], rest: list, position) -> list[Unit]:
+    """The units of the pool a reader at `position` is in, the first of `rest` (still_to_read's)."""
+    return [units[index] for index, *_ in rest[:position.get("pooled", 1)]]
 
 
 def still_to_read(assigned, position) -> list:
@@ -187,7 +199,7 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
                                               way=way)
             assigned = [[index[(unit.file_key, unit.row_group)], 0] for unit in dealing[reader]]
         rest = still_to_read(assigned, position)
-        read_of_parts += part_read(units[rest[0][0]], position) if rest else 0.0
+        read_of_parts += part_read(pool_of(units, rest, position), position) if rest else 0.0
         left += rest
     dealt, loads = deal(left, [bytes_left(units[index], part) for index, part, *_ in left], n_readers)
     done = 1 - (sum(loads) - read_of_parts) / max(1, sum(unit.text_bytes for unit in units))  # for epochs_read
@@ -257,7 +269,7 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
         share = read_again / max(1, sum(unit.text_bytes for unit in units))
         print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): the {left} of "
               f"{len(units)} (file, row group) units that epoch {epoch} has not finished are dealt anew "
-              f"to {n_readers} reader{'s' * (n_readers != 1)}, then the epochs continue as usual; the parts "
+              f"to {n_readers} reader{'s' * (n_readers != 1)}, then the epochs continue as usual; the pools "
               f"being read start again, so about {byte_amount(read_again)} ({share:.1%} of the epoch) is read "
               f"twice")
         return positions, 0

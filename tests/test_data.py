@@ -195,6 +195,22 @@ def test_training_windows_are_shuffled_within_a_part_and_anew_each_epoch(corpus)
     assert len(validation) >= 4 and validation == in_order("val")[:len(validation)]
 
 
+def test_training_windows_are_shuffled_across_a_reader_s_small_units(corpus, monkeypatch):
+    """A corpus written in order (sorted sources, a book's chapters) in small row groups: a batch draws
+    from several of them, not from one row group after another."""
+    units = list_units(corpus, "text")  # 15 row groups of 8 documents of 70 bytes
+
+    def units_of_batches():  # the (file, row group) units each batch's windows come from (each holds a tag)
+        batches = batches_of(units, T=64, B=2).epoch_batches(ParquetFileCache(4), 0, 1, 0)
+        return [({(int(f), int(r) // 8) for f, r in re.findall(rb"<(\d\d)-(\d\d\d)>", bytes(x.flatten().tolist()))},
+                 position.get("pooled")) for x, _, position in batches]
+    pooled = units_of_batches()
+    assert len(set().union(*(batch for batch, _ in pooled[:4]))) >= 5 and {n for _, n in pooled} == {15}
+    monkeypatch.setattr(data, "POOL_BYTES", 1)  # a pool a unit: within one row group at a time
+    one_by_one = units_of_batches()
+    assert len(one_by_one[0][0]) == 1 and {n for _, n in one_by_one} == {None}
+
+
 def test_validation_stream_is_exact_and_repeatable(corpus, tokenizer):
     units = list_units(corpus, "text")
     T = 16

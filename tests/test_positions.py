@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import shards
 import train
 from checkpoint import load_checkpoint
 from config import Config
 from conftest import make_corpus, only_run, run_dirs, unit_of_tag, write_config, write_parquet
 from data import EVEN_TEXT, IN_SHUFFLED_ORDER, ParquetBatches, assign_units, read_unit_tokens
-from positions import (DEALING_KEY, LARGEST_FIRST, SHARDS, SHARDS_SEEN, WORKERS_KEY, bytes_left, data_order,
-                       epochs_read, order_changes, part_read, rest_of_epoch, resume_point)
+from positions import (DEALING_KEY, LARGEST_FIRST, POOL_KEY, SHARDS, SHARDS_SEEN, WORKERS_KEY, bytes_left,
+                       data_order, epochs_read, order_changes, part_read, rest_of_epoch, resume_point)
 from shards import ParquetFileCache, list_units
 from tokenizer import ByteTokenizer
 
@@ -200,7 +201,7 @@ def test_the_rest_of_an_epoch_skips_readers_ahead_and_counts_missing_ones_whole(
     assert rest_of_epoch(units, order, further, n_readers=2)[3] == share_3 + first_of_4
     with_windows = [{**saved[1], "windows": 4}]  # reader 1 had used 1 of its part's 4 windows
     read_again = rest_of_epoch(units, order, saved[:1] + with_windows, n_readers=2)[3]
-    assert read_again == pytest.approx(ahead + part_read(old[1][1], with_windows[0])) and read_again > ahead
+    assert read_again == pytest.approx(ahead + part_read([old[1][1]], with_windows[0])) and read_again > ahead
 
 
 def test_val_fraction_leaves_the_data_order_while_validation_has_its_own_folder(tmp_path):
@@ -252,6 +253,20 @@ def test_the_same_readers_laid_out_otherwise_continue_where_they_stopped(corpus,
         capsys.readouterr().out)
 
 
+def test_a_checkpoint_that_shuffled_within_each_unit_deals_the_rest_of_its_epoch_anew(corpus, capsys):
+    """Before 0.4.13 windows were shuffled within each unit: a position there is not one in a pool of
+    units. The units its readers had not finished are read on, pooled, from the parts they were in."""
+    cfg, units = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}}), list_units(corpus, "text")
+    saved = [{"reader": 0, "epoch": 1, "unit": 3, "part": 0, "consumed": 2, "windows": 9, "carry": [1, 2]}]
+    older = {k: v for k, v in data_order(cfg, units, 0).items() if k != POOL_KEY}
+    [position], consumed = resume_point(cfg, units, 0, 1, older, saved, 12)
+    assert (consumed, position["epoch"], len(position["units"]), position["carry"]) == (0, 1, len(units) - 3, [1, 2])
+    assert ("WARNING: the data order changes on this resume (windows are now shuffled across a reader's small (file, "
+            "row group) units, not within each): the 12 of 15 (file, row group) units that epoch 1 has not finished "
+            "are dealt anew to 1 reader") in capsys.readouterr().out
+    assert resume_point(cfg, units, 0, 1, data_order(cfg, units, 0), saved, 12) == (saved, 12)  # this version's
+
+
 @pytest.mark.parametrize("change", [{"val_fraction": 0.2}, {"text_column": "body"}])
 def test_other_documents_start_every_reader_at_the_epoch_after_the_furthest(corpus, capsys, change):
     """Another split or text column makes other units: their parts cannot be dealt on, so every
@@ -278,9 +293,10 @@ def test_changing_the_data_order_on_resume_warns(tmp_path, corpus, capsys):
     assert "WARNING: the data order changes" in out and "training.block_size: 16 -> 8" in out
 
 
-def test_fewer_loader_workers_on_resume_read_the_rest_of_the_epoch(tmp_path, corpus, capsys):
+def test_fewer_loader_workers_on_resume_read_the_rest_of_the_epoch(tmp_path, corpus, capsys, monkeypatch):
     """2 workers for 20 steps, then one process without workers: it reads on the units that neither
-    worker had finished (from the parts they were in), not a new shuffle of all of them."""
+    worker had finished (from the pools they were in: here a unit each), not a new shuffle of all of them."""
+    monkeypatch.setattr(data, "POOL_BYTES", 1)
     config = write_config(tmp_path, corpus, max_iters=20, checkpoint_freq=20, test_freq=100, keep_last_n=0)
     assert train.main(["--config", str(config), "dataloader.num_workers=2"]) == 0
     capsys.readouterr()
@@ -290,7 +306,7 @@ def test_fewer_loader_workers_on_resume_read_the_rest_of_the_epoch(tmp_path, cor
     assert "dataloader.num_workers (effective): 2 -> 0" in out
     left, n_units = map(int, re.search(r"the (\d+) of (\d+) \(file, row group\) units that epoch 0 has not "
                                        r"finished are dealt anew to 1 reader,", out).groups())
-    read_twice = float(re.search(r"the parts being read start again, so about [\d.,]+ [KM]B \(([\d.]+)% of the epoch\) "
+    read_twice = float(re.search(r"the pools being read start again, so about [\d.,]+ [KM]B \(([\d.]+)% of the epoch\) "
                                  r"is read twice\n", out)[1])
     assert 0 < read_twice < 100 * 2 / n_units  # at most the two units the workers were in
     run = only_run(tmp_path / "ck")

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+import data
 import rundir
 import runtime
 import sample
@@ -487,16 +488,20 @@ def corrupt_last_shard(corpus):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_a_data_error_in_the_loader_exits_at_once(tmp_path, corpus, num_workers, capfd):
+def test_a_data_error_in_the_loader_exits_at_once(tmp_path, corpus, num_workers, capfd, monkeypatch):
     """With workers, train.py as a command: workers left running would keep it from exiting (past
     the subprocess's timeout)."""
     corrupt_last_shard(corpus)  # validation (eval_iters 1) reads shard-0 only; training reaches shard-2
     config = write_config(tmp_path, corpus, max_iters=1000, eval_iters=1, test_freq=1000, checkpoint_freq=1000)
+    one_unit_pools = "import data; data.POOL_BYTES = 1"  # a unit at a time: shard-2 is reached after some steps
     if num_workers:
-        r = subprocess.run([sys.executable, "train.py", "--config", str(config), f"dataloader.num_workers={num_workers}"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        command = f"{one_unit_pools}; import sys, train; sys.exit(train.main(sys.argv[1:]))"
+        r = subprocess.run([sys.executable, "-c", command, "--config", str(config),
+                            f"dataloader.num_workers={num_workers}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
         returncode, err = r.returncode, r.stderr
     else:
+        monkeypatch.setattr(data, "POOL_BYTES", 1)
         returncode, err = train.main(["--config", str(config)]), capfd.readouterr().err
     [line] = err.strip().splitlines()
     match = re.fullmatch(
