@@ -16,6 +16,7 @@ truncated; per reader and epoch only the tail that does not fill a last batch is
 reader stands is its position (ParquetBatches): resume.py saves them, positions.resume_point says
 where a resume starts.
 """
+import itertools
 import os
 import sys
 import warnings
@@ -38,8 +39,9 @@ warnings.filterwarnings("ignore", message="This DataLoader will create")
 # batch is, up to EMPTY_EPOCHS_AFTER_A_BATCH in a row (a resume with a batch_size too large for the data)
 EMPTY_EPOCHS_LIMIT = 4
 EMPTY_EPOCHS_AFTER_A_BATCH = 1000
-# training windows are shuffled across a run of a reader's small units (each one part: shards.READ_BYTES
-# of the row group or less) until their text reaches this many bytes; a large unit's parts are pools each
+# training windows are shuffled across a run of a reader's small units (each read whole, in one part:
+# shards.READ_BYTES of the row group or less) until their tokens take this many bytes (as many bytes of text
+# with bytes tokens); a large unit's parts are pools each
 POOL_BYTES = 8 << 20
 
 
@@ -96,9 +98,10 @@ class ParquetBatches(IterableDataset):
     position after the batch, from the documents of `split` (train, val or all: read_unit_documents).
     shuffle (training): endless epochs, shuffled; otherwise (validation) one pass in file order.
 
-    A position {reader, epoch, unit, part, consumed, windows, carry} says: in this epoch the reader
-    is at part `part` of unit number `unit` of its assignment, `consumed` of that part's `windows`
-    shuffled windows are used, and `carry` holds the stream tokens that precede the part. Its
+    A position {reader, epoch, unit, part, consumed, windows, carry[, pooled]} says: in this epoch the
+    reader is in the pool that starts at part `part` of unit number `unit` of its assignment (and
+    holds `pooled` units, where more than one: epoch_pools), `consumed` of the pool's `windows`
+    shuffled windows are used, and `carry` holds the stream tokens that precede the pool. Its
     assignment is the epoch's dealing, or, where the position has `units` (a list of [index in
     `units`, first part, the tokens before that part in the stream of the reader that had it]),
     those: the rest of an epoch dealt anew on a resume (positions.resume_point;
@@ -210,36 +213,38 @@ class ParquetBatches(IterableDataset):
         """The pools of an epoch's `units` ([unit, first part, tokens before it in an old reader's
         stream]) from `start`'s on: (index of its first unit, that unit's first part, the tokens to
         add to the carry before it, its token arrays in stream order, how many units it holds). A
-        pool is a run of small units (one part each) whose text reaches POOL_BYTES, or one part of a
-        large unit; validation's stream is read a part at a time."""
+        pool is a run of small units (read whole, in one part) whose tokens reach POOL_BYTES, or one
+        part of a large unit; validation's stream is read a part at a time. What is small is decided
+        by what is read, not by the metadata alone (dictionary-encoded text counts each repeated text
+        once), so that a resume at a pool's first unit finds the same pools."""
         first = start["unit"] if start else 0
 
-        def parts(i, skip):  # unit i's tokens before it (the start position's carry has the first's), its parts
-            unit, _, carried = units[i]
+        def read(i, skip):  # unit i: its tokens before it (the start position's carry has the first's), its
+            unit, _, carried = units[i]  # parts, and whether it is small (whole, in one part)
             lead = [np.array(carried, dtype=self.tokenizer.dtype)] if carried and i > first else []
-            return lead, read_unit_tokens(cache, unit, self.text_column, self.split, self.split_seed,
-                                          self.val_fraction, self.tokenizer, skip)
+            tokens = read_unit_tokens(cache, unit, self.text_column, self.split, self.split_seed, self.val_fraction,
+                                      self.tokenizer, skip)
+            by_metadata = self.shuffle and skip == 0 and rows_per_part(unit) >= unit.num_rows
+            ahead = list(itertools.islice(tokens, 2)) if by_metadata else []
+            return lead, itertools.chain(ahead, tokens), by_metadata and len(ahead) == 1
         k = first
         while k < len(units):
             skip = start.get("part", 0) if start and k == first else units[k][1]
-            end, text = k, 0
-            while (self.shuffle and end < len(units) and rows_per_part(units[end][0]) >= units[end][0].num_rows
-                   and text < POOL_BYTES):
-                text, end = text + units[end][0].text_bytes, end + 1
-            if end == k:  # a large unit (or validation's stream): a pool per part
-                lead, tokens = parts(k, skip)
-                for part, piece in enumerate(tokens, start=skip):
+            lead, parts, small = read(k, skip)
+            if not small:  # a large unit (or validation's stream): a pool per part
+                for part, piece in enumerate(parts, start=skip):
                     yield k, part, lead, [piece], 1
                     lead = []
                 if lead:  # (no part left to read: its tokens go on to the next unit's stream)
                     yield k, skip, lead, [], 1
                 k += 1
                 continue
-            lead, tokens = parts(k, skip)
-            pieces = list(tokens)
-            for i in range(k + 1, end):
-                inner_lead, tokens = parts(i, units[i][1])
-                pieces += inner_lead + list(tokens)
+            pieces, end = list(parts), k + 1
+            while end < len(units) and sum(piece.nbytes for piece in pieces) < POOL_BYTES:
+                inner_lead, parts, small = read(end, units[end][1])
+                if not small:  # it starts the next pool (read again there)
+                    break
+                pieces, end = pieces + inner_lead + list(parts), end + 1
             yield k, skip, lead, pieces, end - k
             k = end
 

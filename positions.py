@@ -79,8 +79,9 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealing
     every reader finished before this stream began: a resume may have dealt them otherwise), what it
     was dealt in each epoch since, and what it has read of the one it is in: the units before the one
     it is in, the parts of that unit finished (a row group may hold gigabytes) and the share of
-    windows used of the part it is in. By bytes, not epochs: a reader dealt a small share (one row
-    group holds most of the data) goes through its epochs fast while the others are in their first.
+    windows used of the pool it is in (that part, or a run of small units: data.py). By bytes, not
+    epochs: a reader dealt a small share (one row group holds most of the data) goes through its
+    epochs fast while the others are in their first.
     `dealings` keeps the epochs' dealings from call to call."""
     positions = list(positions)
     given = {position["reader"] for position in positions}

@@ -238,8 +238,9 @@ def short_batch_added(ckpt, val_batches: list) -> str | None:
     if (not written_before(ckpt, (0, 4, 13)) or last == len(val_batches[0][0])
             or ckpt.validation_batches != validation_fingerprint(val_batches[:-1])):
         return None
-    return (f"note: the validation loss now measures the validation text to its last window, {last} more than the "
-            f"checkpoint's version did (a short last batch): best.pt starts afresh")
+    return (f"note: the validation loss now measures the validation text to its last window, {last} "
+            f"window{'s' * (last != 1)} more than the checkpoint's version did (a short last batch): best.pt starts "
+            f"afresh")
 
 
 def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreadable=(),

@@ -211,6 +211,27 @@ def test_training_windows_are_shuffled_across_a_reader_s_small_units(corpus, mon
     assert len(one_by_one[0][0]) == 1 and {n for _, n in one_by_one} == {None}
 
 
+def test_a_unit_whose_text_outgrows_its_metadata_is_not_pooled(tmp_path, monkeypatch):
+    """Repeated documents, which the writer's dictionary stores once: the metadata calls the row groups
+    small, but each is read in several parts, so each part is a pool of its own (memory stays bounded)."""
+    monkeypatch.setattr(shards, "READ_BYTES", 12_000)  # row groups of 10 KB by the metadata, 100 KB of text
+    for f in range(3):
+        write_parquet(tmp_path / f"{f}.parquet", [chr(97 + k % 2) * 5000 for k in range(40)], rows_per_group=20)
+    make_corpus(tmp_path / "small", n_files=2, docs_per_file=16, rows_per_group=4)  # and small ones: pools
+    units = list_units(tmp_path, "text")
+    assert all(shards.rows_per_part(unit) >= unit.num_rows for unit in units)  # one part each, by the metadata
+    dataset = batches_of(units, T=64, B=4, val_fraction=1e-9)
+    batches = list(dataset.epoch_batches(ParquetFileCache(4), 0, 1, 0))
+    limit = 2 * shards.PART_TEXT_LIMIT * shards.READ_BYTES  # a part's text and what a window may carry over
+    assert max(position["windows"] for _, _, position in batches) * 64 < limit
+    assert max(position["part"] for _, _, position in batches) > 0 and any("pooled" in p for _, _, p in batches)
+    pools = [(p["unit"], p["part"]) for _, _, p in batches]
+    firsts = [k for k in range(len(batches)) if k == 0 or pools[k] != pools[k - 1]]
+    for k in sorted({*firsts, *(k + 1 for k in firsts[:-1])}):  # a resume in each pool continues the same batches
+        rest = dataset.epoch_batches(ParquetFileCache(4), 0, 1, 0, start=batches[k][2])
+        assert [x.tolist() for x, _, _ in rest] == [x.tolist() for x, _, _ in batches[k + 1:]]
+
+
 def test_validation_stream_is_exact_and_repeatable(corpus, tokenizer):
     units = list_units(corpus, "text")
     T = 16

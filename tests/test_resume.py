@@ -451,7 +451,7 @@ def test_a_checkpoint_of_a_version_that_left_out_the_short_last_validation_batch
     capsys.readouterr()
     assert train.main(["--config", str(path), "training.max_iters=3", "training.resume_from_checkpoint=latest"]) == 0
     out = capsys.readouterr().out
-    assert ("note: the validation loss now measures the validation text to its last window, 3 more than the "
+    assert ("note: the validation loss now measures the validation text to its last window, 3 windows more than the "
             "checkpoint's version did (a short last batch): best.pt starts afresh\n") in out
     assert "WARNING" not in out and (run / "best_until_step_2.pt").exists()
 
