@@ -9,7 +9,7 @@ worker) readers, balancing their text's bytes; together the readers cover every 
 epoch. A reader joins its documents into one stream and cuts windows of block_size + 1 tokens with
 stride block_size (consecutive windows share one token, so every token is a target exactly once).
 Windows are shuffled within a pool and packed into batches: a pool is a run of a reader's small
-units (in the epoch's shuffled order) holding about POOL_BYTES of text, or one part of a large unit,
+units (in the epoch's shuffled order) whose tokens take about POOL_BYTES, or one part of a large unit,
 so that a corpus of small row groups written in order (sorted sources, a book's chapters) is not
 trained on one row group at a time. Nothing is padded or
 truncated; per reader and epoch only the tail that does not fill a last batch is dropped. Where each
@@ -240,11 +240,15 @@ class ParquetBatches(IterableDataset):
                 k += 1
                 continue
             pieces, end = list(parts), k + 1
-            while end < len(units) and sum(piece.nbytes for piece in pieces) < POOL_BYTES:
+            size = sum(piece.nbytes for piece in pieces)
+            while end < len(units) and size < POOL_BYTES:
                 inner_lead, parts, small = read(end, units[end][1])
-                if not small:  # it starts the next pool (read again there)
+                if not small:  # it starts the next pool (read again there: the rare unit that outgrows its metadata)
+                    parts = None  # (not held in memory meanwhile)
                     break
-                pieces, end = pieces + inner_lead + list(parts), end + 1
+                more = inner_lead + list(parts)
+                pieces.extend(more)
+                size, end = size + sum(piece.nbytes for piece in more), end + 1
             yield k, skip, lead, pieces, end - k
             k = end
 

@@ -25,7 +25,7 @@ WORKERS_KEY = "dataloader.num_workers (effective)"
 # (a key that checkpoints hold: it keeps the name of the module READ_BYTES was in then, data.py; now shards.py)
 READ_BYTES_KEY = "data.READ_BYTES (windows are shuffled within parts of this many bytes)"
 DEALING_KEY = "units dealt to the readers"  # data.assign_units' way
-POOL_KEY = "data.POOL_BYTES (windows are shuffled across a reader's small units holding this many bytes of text)"
+POOL_KEY = "data.POOL_BYTES (windows are shuffled across a reader's small units whose tokens take this many bytes)"
 # Unchanged, these keep every unit and its parts as they were: a resume that changes only the
 # readers (workers, processes), the block size or the seed finishes the epoch that was in progress.
 SAME_UNITS = (SHARDS, "dataset.text_column", *HOLDOUT_FIELDS, "documents trained on", READ_BYTES_KEY)
