@@ -11,10 +11,9 @@ stride block_size (consecutive windows share one token, so every token is a targ
 Windows are shuffled within a pool and packed into batches: a pool is a run of a reader's small
 units (in the epoch's shuffled order) whose tokens take about POOL_BYTES, or one part of a large unit,
 so that a corpus of small row groups written in order (sorted sources, a book's chapters) is not
-trained on one row group at a time. Nothing is padded or
-truncated; per reader and epoch only the tail that does not fill a last batch is dropped. Where each
-reader stands is its position (ParquetBatches): resume.py saves them, positions.resume_point says
-where a resume starts.
+trained on one row group at a time. Nothing is padded or truncated; per reader and epoch only the
+tail that does not fill a last batch is dropped. Where each reader stands is its position
+(ParquetBatches): resume.py saves them, positions.resume_point says where a resume starts.
 """
 import itertools
 import os
