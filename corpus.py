@@ -18,6 +18,7 @@ DOCUMENT_BYTES = 8192  # long files are cut into documents of about this size, f
 # row groups of ROW_GROUP_BYTES get smaller ones (a row group holds one document at least; sized from the
 # files' bytes, counted in characters: text of multi-byte characters gets fewer).
 ROW_GROUP_BYTES = 128 * 1024
+SHARD_BYTES = 128 << 20
 MIN_ROW_GROUPS = 64
 
 
@@ -47,38 +48,33 @@ def split_text(raw: bytes | str, chunk: int) -> list:
     return pieces
 
 
-def write_shards(documents, out_dir, docs_per_shard=16384, row_group_bytes=ROW_GROUP_BYTES) -> int:
-    """Write an iterable of strings as parquet shards part-00000.parquet, ... with a `text`
-    column and row groups of about row_group_bytes (counted in characters: bytes for ASCII text).
-    Returns the number of documents."""
+def write_shards(documents, out_dir, row_group_bytes=ROW_GROUP_BYTES, column="text") -> int:
+    """Write an iterable of strings as parquet shards part-00000.parquet, ... with one string column
+    and row groups of about row_group_bytes, a new shard after SHARD_BYTES (both counted in
+    characters: bytes for ASCII text). Memory holds one row group. Returns the number of documents."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shard, n_docs, n_shards = [], 0, 0
-
-    def flush():
-        nonlocal shard, n_shards
-        if not shard:
-            return
-        # no min/max statistics: for documents under a few KB they hold whole documents (a file 3x its text)
-        writer = pq.ParquetWriter(out_dir / f"part-{n_shards:05d}.parquet", pa.schema([("text", pa.string())]),
-                                  write_statistics=False)
-        group, size = [], 0
-        for doc in shard + [None]:
-            if doc is None or (group and size + len(doc) > row_group_bytes):
-                writer.write_table(pa.table({"text": pa.array(group, pa.string())}))
-                group, size = [], 0
-            if doc is not None:
-                group.append(doc)
-                size += len(doc)
-        writer.close()
-        shard, n_shards = [], n_shards + 1
-
-    for doc in documents:
-        shard.append(doc)
-        n_docs += 1
-        if len(shard) == docs_per_shard:
-            flush()
-    flush()
+    schema = pa.schema([(column, pa.string())])
+    writer, group, group_size, shard_size, n_docs, n_shards = None, [], 0, 0, 0, 0
+    try:
+        for doc in documents:
+            if writer is None:
+                # no min/max statistics: for documents under a few KB they hold whole documents (a file 3x its text)
+                writer = pq.ParquetWriter(out_dir / f"part-{n_shards:05d}.parquet", schema, write_statistics=False)
+            if group and group_size + len(doc) > row_group_bytes:
+                writer.write_table(pa.table([pa.array(group, pa.string())], schema=schema))
+                group, group_size = [], 0
+            group.append(doc)
+            group_size, shard_size, n_docs = group_size + len(doc), shard_size + len(doc), n_docs + 1
+            if shard_size >= SHARD_BYTES:
+                writer.write_table(pa.table([pa.array(group, pa.string())], schema=schema))
+                writer.close()
+                writer, group, group_size, shard_size, n_shards = None, [], 0, 0, n_shards + 1
+        if group:
+            writer.write_table(pa.table([pa.array(group, pa.string())], schema=schema))
+    finally:
+        if writer is not None:
+            writer.close()
     return n_docs
 
 
@@ -118,7 +114,7 @@ def file_patterns(folder: Path, most=6) -> str:
 
 def text_files_to_parquet(files, out_dir, chunk_bytes=DOCUMENT_BYTES, replace=False) -> int:
     sizes = [Path(f).stat().st_size if Path(f).is_file() else 0 for f in files]  # (unreadable ones: said below)
-    row_group_bytes = min(ROW_GROUP_BYTES, max(1, sum(sizes) // MIN_ROW_GROUPS))
+    row_group_bytes = row_group_size(sum(sizes))
 
     def documents():
         for f in files:
@@ -133,10 +129,22 @@ def text_files_to_parquet(files, out_dir, chunk_bytes=DOCUMENT_BYTES, replace=Fa
             raw = as_utf8(raw, f)
             yield from (piece.decode("utf-8", errors="replace") for piece in split_text(raw, chunk_bytes))
 
+    return shards_to_folder(documents(), out_dir, replace, row_group_bytes,
+                            nothing=f"{' '.join(map(str, files))}: no text (empty files); nothing was written")
+
+
+def row_group_size(text_bytes: int) -> int:
+    """ROW_GROUP_BYTES, or less for text too small to make MIN_ROW_GROUPS of those."""
+    return min(ROW_GROUP_BYTES, max(1, text_bytes // MIN_ROW_GROUPS))
+
+
+def shards_to_folder(documents, out_dir, replace: bool, row_group_bytes: int, nothing: str, column="text") -> int:
+    """write_shards into out_dir, which appears whole or not at all (files.write_folder); `nothing`:
+    the error where there are no documents. Returns the number of documents."""
     def write(folder):
-        n = write_shards(documents(), folder, row_group_bytes=row_group_bytes)
+        n = write_shards(documents, folder, row_group_bytes=row_group_bytes, column=column)
         if n == 0:
-            raise DataError(f"{' '.join(map(str, files))}: no text (empty files); nothing was written")
+            raise DataError(nothing)
         return n
     try:
         return write_folder(out_dir, write, replace=replace,

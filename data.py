@@ -17,6 +17,7 @@ tail that does not fill a last batch is dropped. Where each reader stands is its
 """
 import itertools
 import os
+import shlex
 import sys
 import warnings
 
@@ -25,7 +26,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from corpus import MIN_ROW_GROUPS, ensure_sample_corpus
-from shards import (DataError, ParquetFileCache, Unit, first_documents, list_units, read_unit_documents,
+from files import byte_amount
+from layout import PATTERN_CHARACTERS
+from shards import (READ_BYTES, DataError, ParquetFileCache, Unit, first_documents, list_units, read_unit_documents,
                     rows_per_part)
 from stopping import leave_signals_to_main
 from tokenizer import check_vocab_size, load_tokenizer, lost_text, separator_in_text
@@ -42,6 +45,9 @@ EMPTY_EPOCHS_AFTER_A_BATCH = 1000
 # shards.READ_BYTES of the row group or less) until their tokens take this many bytes (as many bytes of text
 # with bytes tokens); a large unit's parts are pools each
 POOL_BYTES = 8 << 20
+# row groups that read in this many parts or more (more than 3 x shards.READ_BYTES) are trained on in their order:
+# where they hold most of the text, a note at the start says so (read_in_order)
+IN_ORDER_PARTS = 4
 
 
 def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
@@ -95,7 +101,8 @@ def deal(items: list, sizes: list, n_readers: int, largest_first=True) -> tuple[
 class ParquetBatches(IterableDataset):
     """Yields (x, y, position): int64 batches of shape (batch_size, block_size) and the reader's
     position after the batch, from the documents of `split` (train, val or all: read_unit_documents).
-    shuffle (training): endless epochs, shuffled; otherwise (validation) one pass in file order.
+    shuffle (training): endless epochs, shuffled; otherwise one pass in file order (validation
+    reads its windows through epoch_batches).
 
     A position {reader, epoch, unit, part, consumed, windows, carry[, pooled]} says: in this epoch the
     reader is in the pool that starts at part `part` of unit number `unit` of its assignment (and
@@ -218,19 +225,22 @@ class ParquetBatches(IterableDataset):
         once), so that a resume at a pool's first unit finds the same pools."""
         first = start["unit"] if start else 0
 
-        def read(i, skip):  # unit i: its tokens before it (the start position's carry has the first's), its
-            unit, _, carried = units[i]  # parts, and whether it is small (whole, in one part)
+        def read(i, skip):
+            """Unit i from part `skip`: (the tokens to put before it in the stream, where a re-deal gave
+            it those of its old reader (the start position's carry holds the first unit's), its parts'
+            token arrays, whether it reads whole in one part: then it may join a pool)."""
+            unit, _, carried = units[i]
             lead = [np.array(carried, dtype=self.tokenizer.dtype)] if carried and i > first else []
             tokens = read_unit_tokens(cache, unit, self.text_column, self.split, self.split_seed, self.val_fraction,
                                       self.tokenizer, skip)
-            by_metadata = self.shuffle and skip == 0 and rows_per_part(unit) >= unit.num_rows
-            ahead = list(itertools.islice(tokens, 2)) if by_metadata else []
-            return lead, itertools.chain(ahead, tokens), by_metadata and len(ahead) == 1
+            one_part_by_metadata = self.shuffle and skip == 0 and rows_per_part(unit) >= unit.num_rows
+            ahead = list(itertools.islice(tokens, 2)) if one_part_by_metadata else []
+            return lead, itertools.chain(ahead, tokens), one_part_by_metadata and len(ahead) == 1
         k = first
         while k < len(units):
             skip = start.get("part", 0) if start and k == first else units[k][1]
-            lead, parts, small = read(k, skip)
-            if not small:  # a large unit (or validation's stream): a pool per part
+            lead, parts, one_part = read(k, skip)
+            if not one_part:  # a large unit (or validation's stream): a pool per part
                 for part, piece in enumerate(parts, start=skip):
                     yield k, part, lead, [piece], 1
                     lead = []
@@ -241,8 +251,8 @@ class ParquetBatches(IterableDataset):
             pieces, end = list(parts), k + 1
             size = sum(piece.nbytes for piece in pieces)
             while end < len(units) and size < POOL_BYTES:
-                inner_lead, parts, small = read(end, units[end][1])
-                if not small:  # it starts the next pool (read again there: the rare unit that outgrows its metadata)
+                inner_lead, parts, one_part = read(end, units[end][1])
+                if not one_part:  # it starts the next pool (read again there: the rare unit that outgrows its metadata)
                     parts = None  # (not held in memory meanwhile)
                     break
                 more = inner_lead + list(parts)
@@ -310,7 +320,33 @@ def loader_workers(cfg, units, world_size=1, announce=True) -> int:
               + (" or fewer" if cpus // here else " (the main process reads)"))
     if announce and (warning := uneven_readers(units, workers, world_size)):
         print(warning)
+    if announce and (note := read_in_order(units, cfg.dataset)):
+        print(note)
     return workers
+
+
+def read_in_order(units, dataset) -> str | None:
+    """A note where row groups of IN_ORDER_PARTS parts or more hold most of the training text: each
+    is read in its order, a part at a time, its windows shuffled within the part alone, so documents
+    sorted in it are trained on in that order (pools mix small row groups from the whole corpus)."""
+    large = [unit for unit in units if unit.num_rows > (IN_ORDER_PARTS - 1) * rows_per_part(unit)]
+    total, in_large = sum(unit.text_bytes for unit in units), sum(unit.text_bytes for unit in large)
+    if not large or in_large <= total / 2:
+        return None
+    biggest = max(large, key=lambda unit: unit.text_bytes)
+    source = dataset.parquet_dir.rstrip("/")
+    stem = next((source[:i] for i, c in enumerate(source) if c in PATTERN_CHARACTERS), source).rstrip("/*")
+    out = f"{stem.removesuffix('.parquet') or 'data'}_small"
+    column = f" dataset.text_column={shlex.quote(dataset.text_column)}" * (dataset.text_column != "text")
+    one = len(large) == 1
+    command = f"python prepare.py --from-parquet {shlex.quote(source)} --out {shlex.quote(out)}{column}"
+    return (f"note: {len(large):,} row group{'' if one else 's'} of more than "
+            f"{byte_amount((IN_ORDER_PARTS - 1) * READ_BYTES)} hold{'s' if one else ''} {in_large / total:.0%} of the "
+            f"training text (the largest: row group {biggest.row_group} of {biggest.path}, "
+            f"{byte_amount(biggest.text_bytes)} of text): {'it is' if one else 'each is'} read in its order, its "
+            f"windows shuffled {byte_amount(READ_BYTES)} at a time, so documents sorted in {'it' if one else 'them'} "
+            f"(by source, date, topic) are trained on in that order; small row groups are shuffled together: "
+            f"`{command}` writes them, then train with dataset.parquet_dir={shlex.quote(out)}")
 
 
 def uneven_readers(units, workers: int, world_size: int) -> str | None:
@@ -336,7 +372,7 @@ def uneven_readers(units, workers: int, world_size: int) -> str | None:
             f"{f' x {world_size} processes' if world_size > 1 else ''}): the readers' shares cannot be even, those "
             f"with less text read theirs again sooner, so their documents weigh more (and the passes over the data "
             f"logged run ahead); " + (f"dataloader.num_workers={fitting}, or " if fitting else "") +
-            "rewriting the files in smaller row groups (pyarrow.parquet.write_table(table, path, row_group_size=...)) "
+            "rewriting the files in smaller row groups (python prepare.py --from-parquet FOLDER --out NEW_FOLDER) "
             "evens them out")
 
 

@@ -287,13 +287,15 @@ def split_of(root: Path, path: Path) -> tuple:
 def check_splits(root: Path, files: list[Path], setting: str, pattern: str | None = None):
     """Refuse a training folder (the files of a pattern below `root`) that mixes a held-out split's
     files with others."""
-    if setting == "dataset.parquet_dir" and (mixed := mixed_splits(root, files, pattern)):
+    if setting in ("dataset.parquet_dir", "--from-parquet") and (mixed := mixed_splits(root, files, pattern, setting)):
         raise DataError(mixed)
 
 
-def mixed_splits(root: Path, files: list[Path], pattern: str | None = None) -> str | None:
+def mixed_splits(root: Path, files: list[Path], pattern: str | None = None,
+                 setting: str = "dataset.parquet_dir") -> str | None:
     """The error for a training folder (or pattern) that holds a held-out split's files beside others'
-    (a Hugging Face dataset's train-*, validation-*, test-* files), or None."""
+    (a Hugging Face dataset's train-*, validation-*, test-* files), or None. `setting`:
+    dataset.parquet_dir, or prepare.py's --from-parquet, which would write them into one folder."""
     counts, selectors = {}, {}
     for path in files:
         split, selector = split_of(root, path)
@@ -305,10 +307,13 @@ def mixed_splits(root: Path, files: list[Path], pattern: str | None = None) -> s
     found = ", ".join(f"{split or 'no split'}: {n:,}" for split, n in sorted(counts.items(), key=lambda kv: str(kv[0])))
 
     def override(name, value):  # as the command line wants it: a pattern in quotes, or the shell expands it
+        if setting == "--from-parquet":
+            return (f"--from-parquet {shlex.quote(str(value))}" if name == "parquet_dir" else
+                    f"write {shlex.quote(str(value))} into another --out, for dataset.val_parquet_dir")
         return shlex.quote(f"dataset.{name}={value}")
     if "train" in counts:
         train = selectors["train"]
-        fix = f"set {override('parquet_dir', train[0])}"
+        fix = f"{'give' if setting == '--from-parquet' else 'set'} {override('parquet_dir', train[0])}"
         if "validation" in counts:
             fix += f" and {override('val_parquet_dir', selectors['validation'][0])}"
         if len(train) > 1:
@@ -318,12 +323,14 @@ def mixed_splits(root: Path, files: list[Path], pattern: str | None = None) -> s
     else:
         held_out = [str(selector) for split in ("validation", "test") for selector in selectors.get(split, [])]
         fix = (f"{', '.join(held_out[:3])}{' ...' if len(held_out) > 3 else ''} look like held-out splits (by their "
-               f"names): move them out of the folder, or give dataset.parquet_dir a pattern of the training files only")
+               f"names): move them out of the folder, or give {setting} a pattern of the training files only")
     everything = override("parquet_dir", every_file(pattern) if pattern else
                           Path(glob.escape(str(root))) / "**" / "*.parquet")
     given = f"{pattern}: the files it matches have paths" if pattern else f"{root}: its files have paths"
-    return (f"{given} named for several Hugging Face splits ({found} files), and training would read them all, "
-            f"held-out ones too; {fix}; to train on every file anyway: {everything}")
+    would, anyway = (("the shards written would hold them all", "to write every file") if setting == "--from-parquet"
+                     else ("training would read them all", "to train on every file"))
+    return (f"{given} named for several Hugging Face splits ({found} files), and {would}, held-out ones too; "
+            f"{fix}; {anyway} anyway: {everything}")
 
 
 def every_file(pattern: str) -> str:

@@ -195,7 +195,8 @@ class StepLog:
         # (saved_passes, the checkpoint's count), not as a whole pass
         begun = self.epochs_begun(positions)
         self.unread = 0.0 if saved_passes is None else begun - saved_passes
-        self.epoch, self.epochs = self.epoch_all_are_in(positions), begun - self.unread
+        # the passes over the data (the text read over all of it) as of the last log line
+        self.epoch, self.passes_logged = self.epoch_all_are_in(positions), begun - self.unread
         self.epochs_ended = 0  # (measure() sets it for its line)
         self.took = {}  # seconds the last evaluation and the last checkpoint took (train.paused)
         self.recent, self.opening = collections.deque(maxlen=ETA_LINES), None  # (seconds, steps) of lines: eta()
@@ -259,8 +260,8 @@ class StepLog:
         positions = list(positions)
         epoch = self.epoch_all_are_in(positions)
         self.epochs_ended, self.epoch = epoch - self.epoch, epoch
-        self.epochs = self.epochs_begun(positions) - self.unread
-        record = {"step": step, "interval_steps": self.steps, "tokens": tokens, "epochs": round(self.epochs, 3),
+        self.passes_logged = self.epochs_begun(positions) - self.unread
+        record = {"step": step, "interval_steps": self.steps, "tokens": tokens, "epochs": round(self.passes_logged, 3),
                   "train_loss": loss, "lr": lr,
                   "grad_norm": grad_norm / counted if counted else None,
                   "tokens_per_s": round(self.tokens_per_step / seconds_per_step),

@@ -214,8 +214,9 @@ def layer_forward(x, encoder, encoder_v, decoder, phases, drop=None, dropout=0.0
         z.masked_fill_(drop, 0.0)
     m_pre = matmuls.product(z, decoder.view(H, N, D)).sum(0).view(B, T, D)  # concat_heads(z) @ decoder
     if drop is not None:
-        m_pre = m_pre * (1.0 / (1.0 - dropout))  # nn.Dropout's rescaling, on the small side (the LayerNorm next
-        # all but cancels it: kept, so that the function is the reference's)
+        # nn.Dropout's rescaling, on the small side (the LayerNorm next all but cancels it: kept, so that the
+        # function is the reference's)
+        m_pre = m_pre * (1.0 / (1.0 - dropout))
     s = x + layer_norm(m_pre)
     return layer_norm(s), (a, scores, y_kv, m_pre, s)
 
@@ -225,7 +226,7 @@ def layer_backward(grad_out, x, encoder, encoder_v, decoder, phases, drop, dropo
     grads (encoder, encoder_v, decoder-shaped (H, N, D) buffers) in place."""
     a4, scores, y_kv, m_pre, s = saved
     (B, T, D), (H, _, N) = x.shape, encoder.shape
-    a = a4.view(H, B * T, N)
+    a = a4.view(H, B * T, N)  # a4: (H, B, T, N), as layer_forward saved it; a: its (H, B*T, N) view
     grad_encoder, grad_encoder_v, grad_decoder = grads
 
     # out = LN(s), s = x + LN(m_pre), m_pre = sum_h z_h @ decoder_h

@@ -6,8 +6,8 @@ import hashlib
 
 import numpy as np
 
-import shards
 import data
+import shards
 from data import EVEN_TEXT, IN_SHUFFLED_ORDER, LARGEST_FIRST, assign_units, deal, training_split
 from files import byte_amount
 from shards import Unit, rows_per_part
@@ -22,7 +22,8 @@ HOLDOUT_FIELDS = ("dataset.val_fraction", "dataset.split_seed")  # which documen
 SHARDS = "the shards (files, row groups, rows, bytes)"  # data_order's key of their fingerprint
 SHARDS_SEEN = "the shards"  # data_order's key of their counts, for messages only (SHARDS decides)
 WORKERS_KEY = "dataloader.num_workers (effective)"
-# (a key that checkpoints hold: it keeps the name of the module READ_BYTES was in then, data.py; now shards.py)
+# (a key that checkpoints hold: it keeps the name of the module READ_BYTES was in then, data.py, now shards.py,
+# and its words from before pools: windows are now shuffled within pools, POOL_KEY)
 READ_BYTES_KEY = "data.READ_BYTES (windows are shuffled within parts of this many bytes)"
 DEALING_KEY = "units dealt to the readers"  # data.assign_units' way
 POOL_KEY = "data.POOL_BYTES (windows are shuffled across a reader's small units whose tokens take this many bytes)"

@@ -1,7 +1,8 @@
-"""Prepare data for train.py: your text files as parquet shards, or a subword tokenizer trained on
-your shards.
+"""Prepare data for train.py: your text files as parquet shards, parquet in large row groups
+written again in small ones, or a subword tokenizer trained on your shards.
 
     python prepare.py --from-text FILE [FILE ...] --out DIR   # text files -> parquet shards
+    python prepare.py --from-parquet SHARDS [...] --out DIR [dataset.text_column=NAME]   # -> small row groups
     python prepare.py --train-tokenizer --vocab-size N --out tokenizer.json [--config X] [overrides]
 
 --from-text cuts long files at line boundaries into documents (corpus.py writes them); the
@@ -15,11 +16,13 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from arguments import add_config_arguments, load_config, parse_arguments
 from config import DatasetConfig, all_paths
-from corpus import DOCUMENT_BYTES, ensure_sample_corpus, split_text, text_files_to_parquet
+from corpus import (DOCUMENT_BYTES, ensure_sample_corpus, row_group_size, shards_to_folder, split_text,
+                    text_files_to_parquet)
 from data import training_split
 from files import (ARROW_MAGICS, PARQUET_MAGIC, ZIP_MAGIC, atomic_write, byte_amount, folder_made_for, output_path,
                    script_here)
@@ -191,52 +194,86 @@ def shards_from_text(paths: list[str], out: str, chunk_setting: int | None, repl
               f"(dataset.val_parquet_dir)")
 
 
+def shards_from_parquet(sources: list[str], out: str, text_column: str, replace: bool, report_every_s=5.0):
+    """--from-parquet: the documents of parquet shards (folders, .parquet files or patterns, as
+    dataset.parquet_dir takes them) written again in `out` in small row groups, whose windows
+    training shuffles together (a large row group is read in its order, 8 MB at a time). The text
+    column keeps its name; the other columns are left out."""
+    units, inputs = [], set()
+    for source in sources:
+        for unit in list_units(source, text_column, setting="--from-parquet"):
+            if (os.path.realpath(unit.path), unit.row_group) not in inputs:  # (a file given twice: read once)
+                inputs.add((os.path.realpath(unit.path), unit.row_group))
+                units.append(unit)
+    out_path, files = Path(os.path.realpath(out)), {Path(path) for path, _ in inputs}
+    folders = [Path(os.path.realpath(source)) for source in sources if Path(source).is_dir()]
+    if any(out_path in f.parents for f in files) or any(f in (out_path, *out_path.parents) for f in folders):
+        raise DataError(f"--out {out}: overlaps the shards it is written from ({' '.join(sources)}); choose an --out "
+                        f"outside them")
+    text_bytes, not_utf8, started = sum(unit.text_bytes for unit in units), [0], time.time()
+
+    def documents():  # (read once write_folder has checked --out)
+        print(f"rewriting {len(units):,} row group{'s' * (len(units) != 1)} of {len(files):,} file"
+              f"{'s' * (len(files) != 1)} ({byte_amount(text_bytes)} of text) in {out} ...", flush=True)
+        cache, last = ParquetFileCache(8), time.time()
+        try:
+            for k, unit in enumerate(units):
+                for docs in read_unit_documents(cache, unit, text_column, "all", 0, 0.0):
+                    try:
+                        yield from docs.cast(pa.large_string()).to_pylist()
+                    except pa.ArrowInvalid:  # bytes that are not UTF-8, in a binary column
+                        for doc in docs.to_pylist():
+                            try:
+                                yield doc.decode("utf-8")
+                            except UnicodeDecodeError:
+                                not_utf8[0] += 1
+                                yield doc.decode("utf-8", errors="replace")
+                if time.time() - last > report_every_s:
+                    last = time.time()
+                    print(f"  row group {k + 1:,} of {len(units):,} ({(k + 1) / len(units):.0%}) in "
+                          f"{last - started:.0f} s", flush=True)
+        finally:
+            cache.close()
+    nothing = f"{' '.join(sources)}: no documents (every {text_column!r} is null or empty); nothing was written"
+    group = row_group_size(text_bytes)
+    n = shards_to_folder(documents(), out, replace, group, nothing, column=text_column)
+    print(f"wrote {n:,} document{'s' * (n != 1)} to {out} in row groups of about "
+          f"{byte_amount(group) if group >= 1024 else f'{group:,} bytes'} in {time.time() - started:.0f} s; train "
+          f"on them with dataset.parquet_dir={shlex.quote(out)}"
+          + f" dataset.text_column={shlex.quote(text_column)}" * (text_column != "text"))
+    if not_utf8[0]:
+        print(f"note: {not_utf8[0]:,} document{'s were' if not_utf8[0] > 1 else ' was'} not UTF-8: "
+              f"{'their' if not_utf8[0] > 1 else 'its'} invalid bytes became U+FFFD")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Prepare data: text files to parquet shards, or a tokenizer.")
+    parser = argparse.ArgumentParser(description="Prepare data: text files or parquet shards to small-row-group "
+                                                 "shards, or a tokenizer.")
     parser.add_argument("--from-text", nargs="+", metavar="FILE", help="text files to convert into shards in --out")
+    parser.add_argument("--from-parquet", nargs="+", metavar="SHARDS",
+                        help="parquet shards (a folder, .parquet files or a quoted pattern) to write again in --out "
+                             "in small row groups, which training shuffles together; dataset.text_column=NAME "
+                             "names their text column (default text)")
     parser.add_argument("--replace", action="store_true",
-                        help="replace the shards of an --out folder that holds only shards (--from-text), or "
-                             "an existing --out file (--train-tokenizer)")
+                        help="replace the shards of an --out folder that holds only shards (--from-text, "
+                             "--from-parquet), or an existing --out file (--train-tokenizer)")
     parser.add_argument("--chunk-bytes", type=int,
                         help="--from-text: cut long files at line boundaries into documents of about this "
                              f"many bytes (default {DOCUMENT_BYTES}; 0: one document per file)")
     parser.add_argument("--train-tokenizer", action="store_true",
                         help="train a byte-level BPE on the training split of the config's shards, write it to --out")
     parser.add_argument("--vocab-size", type=int, help="--train-tokenizer: tokens in the vocabulary (default 4096)")
-    parser.add_argument("--out", help="output: a directory for --from-text, a tokenizer.json for --train-tokenizer")
+    parser.add_argument("--out", help="output: a directory for --from-text and --from-parquet, a tokenizer.json "
+                                      "for --train-tokenizer")
     add_config_arguments(parser)
     parser.set_defaults(config=None)  # config.yaml, for --train-tokenizer; given with --from-text: refused
     args = parse_arguments(parser, argv)
-    for item in list(args.from_text or ()):  # `--out DIR --from-text a.txt training.seed=3`: --from-text took it
-        if item.partition("=")[0] in all_paths() and not os.path.lexists(item):
-            args.from_text.remove(item)
-            args.overrides.append(item)
-    if args.from_text and args.train_tokenizer:
-        parser.error("--from-text and --train-tokenizer are two steps: make the shards first (--from-text FILE ... "
-                     "--out DIR), then train the tokenizer on them (--train-tokenizer --out FILE.json "
-                     "dataset.parquet_dir=DIR)")
-    if not args.from_text and not args.train_tokenizer:
-        files = [item for item in args.overrides if "=" not in item and os.path.lexists(item)]
-        given = (f" (did you mean --from-text {shlex.join(files)}?)" if files else
-                 " (--vocab-size trains a tokenizer: add --train-tokenizer)" if args.vocab_size is not None else "")
-        parser.error(f"give --from-text FILE ... --out DIR, or --train-tokenizer --out FILE.json{given}")
-    if not args.out:
-        parser.error(f"--out is required: the {'folder of the shards' if args.from_text else 'tokenizer.json'} to write")
-    if args.from_text and (args.overrides or args.config or args.vocab_size is not None):
-        given = " ".join([*(["--config"] * bool(args.config)), *(["--vocab-size"] * (args.vocab_size is not None)),
-                          *args.overrides])
-        parser.error(f"--from-text takes no config, vocabulary or overrides (got {given}): they are for "
-                     f"--train-tokenizer")
-    if args.vocab_size is not None and not 258 <= args.vocab_size <= MAX_VOCAB_SIZE:
-        parser.error(f"--vocab-size must be from 258 (256 bytes, {SEPARATOR_TOKEN} and a merge) to {MAX_VOCAB_SIZE:,} "
-                     f"(the largest vocabularies in use have about 256k tokens), got {args.vocab_size:,}")
-    if args.train_tokenizer and args.chunk_bytes is not None:
-        parser.error("--chunk-bytes applies to --from-text only")
-    if args.chunk_bytes is not None and args.chunk_bytes < 0:
-        parser.error(f"--chunk-bytes must be >= 0 (0: one document per file), got {args.chunk_bytes}")
+    text_column = check_arguments(parser, args)
     try:
         if args.from_text:
             shards_from_text(args.from_text, args.out, args.chunk_bytes, args.replace)
+        elif args.from_parquet:
+            shards_from_parquet(args.from_parquet, args.out, text_column, args.replace)
         else:
             args.config = args.config or "config.yaml"
             config_arguments = ["--config", args.config, *args.overrides]
@@ -246,6 +283,56 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_arguments(parser, args) -> str:
+    """Refuse what does not go together (parser.error, exit status 2). Returns --from-parquet's text column."""
+    for files in (args.from_text, args.from_parquet):  # `--from-text a.txt training.seed=3`: --from-text took it
+        for item in list(files or ()):
+            if item.partition("=")[0] in all_paths() and not os.path.lexists(item):
+                files.remove(item)
+                args.overrides.append(item)
+    modes = [mode for mode, given in (("--from-text", args.from_text), ("--from-parquet", args.from_parquet),
+                                      ("--train-tokenizer", args.train_tokenizer)) if given]
+    if len(modes) > 1 and "--train-tokenizer" in modes:
+        parser.error(f"{modes[0]} and --train-tokenizer are two steps: make the shards first ({modes[0]} ... "
+                     "--out DIR), then train the tokenizer on them (--train-tokenizer --out FILE.json "
+                     "dataset.parquet_dir=DIR)")
+    if len(modes) > 1:
+        parser.error("give --from-text or --from-parquet, not both: write each into a folder of its own, and "
+                     "train on both with a pattern of the two folders (dataset.parquet_dir='data/{a,b}' is not one: "
+                     "use their parent folder)")
+    if not modes:
+        files = [item for item in args.overrides if "=" not in item and os.path.lexists(item)]
+        shards = files and all(os.path.isdir(f) or f.endswith(".parquet") for f in files)
+        given = (f" (did you mean --from-{'parquet' if shards else 'text'} {shlex.join(files)}?)" if files else
+                 " (--vocab-size trains a tokenizer: add --train-tokenizer)" if args.vocab_size is not None else "")
+        parser.error(f"give --from-text FILE ... --out DIR, --from-parquet SHARDS --out DIR, or --train-tokenizer "
+                     f"--out FILE.json{given}")
+    if not args.out:
+        parser.error(f"--out is required: the {'tokenizer.json' if args.train_tokenizer else 'folder of the shards'} "
+                     f"to write")
+    text_column = "text"
+    if args.from_parquet:
+        for item in list(args.overrides):
+            if item.partition("=")[0] == "dataset.text_column" and item.partition("=")[2]:
+                text_column = item.partition("=")[2]
+                args.overrides.remove(item)
+    shards = modes[0] != "--train-tokenizer"
+    if shards and (args.overrides or args.config or args.vocab_size is not None):
+        given = " ".join([*(["--config"] * bool(args.config)), *(["--vocab-size"] * (args.vocab_size is not None)),
+                          *args.overrides])
+        takes = "no config, vocabulary or overrides" if args.from_text else \
+            "no config or vocabulary, and of the overrides only dataset.text_column=NAME"
+        parser.error(f"{modes[0]} takes {takes} (got {given}): they are for --train-tokenizer")
+    if args.vocab_size is not None and not 258 <= args.vocab_size <= MAX_VOCAB_SIZE:
+        parser.error(f"--vocab-size must be from 258 (256 bytes, {SEPARATOR_TOKEN} and a merge) to {MAX_VOCAB_SIZE:,} "
+                     f"(the largest vocabularies in use have about 256k tokens), got {args.vocab_size:,}")
+    if not args.from_text and args.chunk_bytes is not None:
+        parser.error("--chunk-bytes applies to --from-text only")
+    if args.chunk_bytes is not None and args.chunk_bytes < 0:
+        parser.error(f"--chunk-bytes must be >= 0 (0: one document per file), got {args.chunk_bytes}")
+    return text_column
 
 
 if __name__ == "__main__":

@@ -219,25 +219,25 @@ class StepVote:
 resume_command = []
 
 
-def resuming(ranks: Ranks, arguments: str, where: Path) -> str:
+def resuming(ranks: Ranks, train_command: str, where: Path) -> str:
     """The command that continues a run from `where`: its run directory (its newest checkpoint
     then), or a checkpoint file."""
-    return f"{launcher(ranks)}{arguments} {shlex.quote(f'training.resume_from_checkpoint={where}')}"
+    return f"{launcher(ranks)}{train_command} {shlex.quote(f'training.resume_from_checkpoint={where}')}"
 
 
-def extending(arguments: str, max_iters: int) -> str:
-    """train()'s `arguments` with max_iters set, for the command that trains a finished run on."""
-    words = [word for word in shlex.split(arguments) if not word.startswith("training.max_iters=")]
+def extending(train_command: str, max_iters: int) -> str:
+    """train()'s `train_command` with max_iters set, for the command that trains a finished run on."""
+    words = [word for word in shlex.split(train_command) if not word.startswith("training.max_iters=")]
     return shlex.join([*words, f"training.max_iters={max_iters}"])
 
 
-def using_checkpoint_dir(arguments: str, checkpoint_dir: str) -> str:
-    """train()'s `arguments` without a training.checkpoint_dir other than the run's (`checkpoint_dir`),
+def using_checkpoint_dir(train_command: str, checkpoint_dir: str) -> str:
+    """train()'s `train_command` without a training.checkpoint_dir other than the run's (`checkpoint_dir`),
     one a resume in place did not use: the commands it prints would say so again."""
     def unused(word):
         key, _, value = word.partition("=")
         return key == "training.checkpoint_dir" and os.path.realpath(value) != os.path.realpath(checkpoint_dir)
-    return shlex.join(word for word in shlex.split(arguments) if not unused(word))
+    return shlex.join(word for word in shlex.split(train_command) if not unused(word))
 
 
 def stop_at_once(signum, _frame):

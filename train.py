@@ -70,9 +70,9 @@ class TrainingError(Exception):
     pass
 
 
-def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line: dict,
+def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_line: dict,
           resume_named_in_file: str | None = None) -> int:
-    """`arguments`: train.py and the command line's, for the commands it prints: the resume after a
+    """`train_command`: train.py and the command line's, for the commands it prints: the resume after a
     signal, an error or running out of memory, and the one that trains a finished run further;
     `command_line`: its config file and the settings it gives (resume_checks.command_line_record);
     `resume_named_in_file`: the config file, where it gives training.resume_from_checkpoint (resume_target)."""
@@ -127,7 +127,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
     if training.resume_from_checkpoint:
         run, progress, start_positions = resume(cfg, raw_model, optimizer, scaler, tokenizer, units, workers,
                                                 val_batches, ranks, device, command_line)
-        arguments = using_checkpoint_dir(arguments, training.checkpoint_dir)
+        train_command = using_checkpoint_dir(train_command, training.checkpoint_dir)
         if progress.step >= training.max_iters:
             print(f"nothing to do: the checkpoint {progress.last_saved} is at step {progress.step} and "
                   f"training.max_iters is {training.max_iters}; raise max_iters to train further")
@@ -138,7 +138,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
         if progress.last_saved:  # (a fine-tune of an export starts a run of its own)
             # the run's folder (its newest checkpoint) where the run goes on in it, else the file itself
             in_place = run.path == progress.last_saved.parent
-            resume_command[:] = [resuming(ranks, arguments, run.path if in_place else progress.last_saved)]
+            resume_command[:] = [resuming(ranks, train_command, run.path if in_place else progress.last_saved)]
     else:  # a new run, whose directory the first checkpoint creates
         run, progress = RunDir(training.checkpoint_dir, writer=ranks.main), Progress()
         start_positions = []
@@ -170,7 +170,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
     order = data_order(cfg, units, workers, ranks.world_size)
     sample_generator = torch.Generator(device=device)
     stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main, at_once=True)
-    stop_vote = StepVote(ranks)  # whether any rank heard a signal, one step late
+    stop_vote = StepVote(ranks)  # whether any rank heard a signal (under torchrun: one step late)
     compiling_steps = ()  # their time is mostly compilation
     if compile_model:
         compiling_steps = (progress.step + 1, qat_start + 1) if qat_view else (progress.step + 1,)
@@ -199,7 +199,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
         if not checked:  # (by this step's evaluation)
             check_weights(at)
         at.last_saved = save_checkpoint(at, best=best)
-        resume_command[:] = [resuming(ranks, arguments, at.last_saved.parent)]
+        resume_command[:] = [resuming(ranks, train_command, at.last_saved.parent)]
         run.prune(training.keep_last_n)
         metrics.flush()  # the first checkpoint creates the run directory: what waited is written now
         if best:
@@ -291,11 +291,11 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
         elif evaluating and not stopping:  # this step's vote, not the next one's: heard in it, save first
             stopping = stop_vote.settle()
         # a stop saves before anything slow: the evaluation that would have started waits for the resume's next
-        skipped_evaluation = evaluating and stopping and step < training.max_iters
-        evaluating = evaluating and not skipped_evaluation
+        deferred_evaluation = evaluating and stopping and step < training.max_iters
+        evaluating = evaluating and not deferred_evaluation
 
         # ---- evaluate
-        progress.evaluation_due = skipped_evaluation  # (the checkpoint says so: its resume evaluates first)
+        progress.evaluation_due = deferred_evaluation  # (the checkpoint says so: its resume evaluates first)
         best = evaluating and evaluate_step(progress)
         if best and not (saving or stopping):  # (else this step's checkpoint writes best.pt too)
             save_best(progress)
@@ -306,7 +306,7 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
         # ---- checkpoint
         if stopping:
             print(f"{stop.signal_name or 'a signal to another rank'}: saving a checkpoint after step {step}"
-                  + (" (before the evaluation due at this step, which the resume runs first)" * skipped_evaluation),
+                  + (" (before the evaluation due at this step, which the resume runs first)" * deferred_evaluation),
                   flush=True)
         if saving or stopping:
             with paused(step_log, stop, SAVING, device):
@@ -319,9 +319,9 @@ def train(cfg, arguments: str, ranks: Ranks, device: torch.device, command_line:
                 write_step_line(step_log, step, lr, progress)
             break
     if not stop.last_words:  # max_iters reached
-        stop.closing(done_lines(progress, here=progress.step - step_log.first_step + 1, passes=step_log.epochs,
+        stop.closing(done_lines(progress, here=progress.step - step_log.first_step + 1, passes=step_log.passes_logged,
                                 seconds=time.perf_counter() - step_log.start,
-                                train_on=resuming(ranks, extending(arguments, 2 * progress.step),
+                                train_on=resuming(ranks, extending(train_command, 2 * progress.step),
                                                   progress.last_saved.parent)))
     stop_vote.settle()
     metrics.close()
@@ -373,10 +373,10 @@ def write_step_line(step_log: StepLog, step: int, lr: float, progress: Progress)
 def stop_for_data(e: DataError, step: int, before: Progress, rng_before: dict | None, save_step, step_log: StepLog,
                   ranks: Ranks, device: torch.device) -> DataError:
     """A shard damaged or removed after the start's checks (rewritten by prepare.py meanwhile, a
-    network disk gone) stops the run. One process first saves the steps before this one, as a regular
-    checkpoint would (their log line, the random state before this step), unless they are saved
-    already; under torchrun the other ranks wait in this step's gradient all-reduce, and the last
-    checkpoint is what there is."""
+    network disk gone) stops the run. A single-process run first saves the steps before this one, as
+    a regular checkpoint would (their log line, the random state before this step), unless they are
+    saved already; under torchrun the other ranks wait in this step's gradient all-reduce, and the
+    last checkpoint is what there is."""
     saved = before.last_saved is not None and before.last_saved.name == f"checkpoint_{before.step}.pt"
     also = ""
     if not ranks.enabled and before.step > 0 and not saved:
@@ -440,9 +440,10 @@ def main(argv=None) -> int:
     try:
         ranks, device = start(cfg, pick_device(cfg.training.device))
         overrides = {o.partition("=")[0]: o for o in args.overrides}  # a key given twice: its last value
-        named_in_file = None if overrides.pop("training.resume_from_checkpoint", None) else args.config
-        arguments = shlex.join([script_here("train.py"), "--config", args.config, *overrides.values()])
-        return train(cfg, arguments, ranks, device, command_line_record(args.config, args.overrides), named_in_file)
+        resume_given = overrides.pop("training.resume_from_checkpoint", None)  # the resume commands add their own
+        named_in_file = None if resume_given else args.config  # else the config file may name it (resume_target)
+        train_command = shlex.join([script_here("train.py"), "--config", args.config, *overrides.values()])
+        return train(cfg, train_command, ranks, device, command_line_record(args.config, args.overrides), named_in_file)
     except (DataError, TokenizerError, CheckpointError, MetricsError, TrainingError, DeviceError,
             DistributedError, FP8Error, LowBitError) as e:
         return failed(f"error{rank_of(ranks)}: {one_line(e)}", consequence=peers_lost())

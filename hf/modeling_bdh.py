@@ -12,6 +12,11 @@ from .model import LAYER_WEIGHTS, BDH, empty_states, recurrent_forward, rope_fre
 from .model import BDHConfig as Shape
 
 
+# Transformers 5.x renamed the cache of the model's inputs and outputs from past_key_values to cache (generate
+# passes it back under the output's name): both are taken, and the output holds it under the version's name
+CACHE_OUTPUT = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 class BDHState:
     """The generation cache: each layer's state (H, B, N, D) and the number of positions it holds."""
 
@@ -60,10 +65,11 @@ class BDHForCausalLM(PreTrainedModel, GenerationMixin):
                                  self.embed.weight.dtype)  # (loaded with torch_dtype=torch.bfloat16: bfloat16)
                      for name in LAYER_WEIGHTS)
 
-    def forward(self, input_ids, past_key_values=None, labels=None, use_cache=None, attention_mask=None, **kwargs):
+    def forward(self, input_ids, cache=None, past_key_values=None, labels=None, use_cache=None, attention_mask=None,
+                **kwargs):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("BDH has no padding mask: give prompts of equal length (or one at a time)")
-        cache = past_key_values
+        cache = cache if cache is not None else past_key_values
         if cache is None:
             cache = BDHState(empty_states(self.shape, input_ids.size(0), input_ids.device))
         hidden = recurrent_forward(self, input_ids, cache.states, cache.seen, self.layer_weights())
@@ -73,4 +79,7 @@ class BDHForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:  # the Transformers convention: labels are the inputs, shifted here
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache is not False else None)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits)
+        if use_cache is not False:
+            output[CACHE_OUTPUT] = cache
+        return output

@@ -43,6 +43,17 @@ def test_a_small_text_gets_row_groups_enough_for_several_processes(tmp_path):
     assert 64 <= len(list_units(tmp_path / "out_b", "text")) <= 70
 
 
+def test_shards_roll_over_by_their_text_and_keep_every_document_in_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "SHARD_BYTES", 1000)
+    docs = [f"{i:03d}" + "x" * 297 for i in range(10)]
+    assert corpus.write_shards(iter(docs), tmp_path / "out", row_group_bytes=700, column="body") == 10
+    shards = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in shards] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert [pq.read_metadata(p).num_rows for p in shards] == [4, 4, 2]  # a shard closes once it holds 1000
+    assert [pq.read_metadata(shards[0]).row_group(i).num_rows for i in range(2)] == [2, 2]  # groups of 700 at most
+    assert [d for p in shards for d in pq.read_table(p).column("body").to_pylist()] == docs
+
+
 def test_an_unreadable_text_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match=r"nope.txt: does not exist$"):
         corpus.text_files_to_parquet([tmp_path / "nope.txt"], tmp_path / "out")

@@ -275,7 +275,7 @@ def test_a_row_group_too_big_for_an_even_share_is_warned_of(capsys):
         "shares: 50.0% each for 2 readers, dataloader.num_workers=2): the readers' shares cannot be even, those with "
         "less text read theirs again sooner, so their documents weigh more (and the passes over the data logged run "
         "ahead); dataloader.num_workers=1, or rewriting the files in smaller row groups "
-        "(pyarrow.parquet.write_table(table, path, row_group_size=...)) evens them out\n")
+        "(python prepare.py --from-parquet FOLDER --out NEW_FOLDER) evens them out\n")
     assert data.loader_workers(cfg, units, announce=False) == 2 and capsys.readouterr().out == ""
     assert data.uneven_readers(units, 0, 1) is None  # one reader: nothing to even out
     assert ("(even shares: 25.0% each for 4 readers, dataloader.num_workers=2 x 2 processes)"
@@ -288,6 +288,25 @@ def test_a_row_group_too_big_for_an_even_share_is_warned_of(capsys):
         "text of another (even shares: 33.3% each for 3 readers, dataloader.num_workers=3): ")
     assert "; dataloader.num_workers=1, or rewriting" in data.uneven_readers(five, 3, 1)  # 3, 2 for two: still uneven
     assert data.uneven_readers(five, 5, 1) is None
+
+
+def test_a_start_note_says_when_most_text_is_in_row_groups_read_in_their_order(capsys):
+    from shards import READ_BYTES, Unit
+    big = Unit("raw/one.parquet", 0, 4000, 5 * READ_BYTES, 0, 5 * READ_BYTES)  # 5 parts
+    small = [Unit("raw/many.parquet", i, 40, 3 * READ_BYTES // 8, 1, 3 * READ_BYTES // 8) for i in range(8)]
+    cfg = Config.from_dict({"dataset": {"parquet_dir": "raw/*.parquet", "text_column": "content"}})
+    note = data.read_in_order([big, *small], cfg.dataset)
+    assert note == (
+        "note: 1 row group of more than 24.0 MB holds 62% of the training text (the largest: row group 0 of "
+        "raw/one.parquet, 40.0 MB of text): it is read in its order, its windows shuffled 8.0 MB at a time, so "
+        "documents sorted in it (by source, date, topic) are trained on in that order; small row groups are shuffled "
+        "together: `python prepare.py --from-parquet 'raw/*.parquet' --out raw_small dataset.text_column=content` "
+        "writes them, then train with dataset.parquet_dir=raw_small")
+    assert data.loader_workers(cfg, [big, *small]) == 2 and note in capsys.readouterr().out
+    assert data.read_in_order([big, *small, *small], cfg.dataset) is None  # under half of the text
+    four = Unit("raw/one.parquet", 0, 4000, 4 * READ_BYTES - 1, 0, 4 * READ_BYTES)  # 4 parts: still
+    three = Unit("raw/one.parquet", 0, 3000, 3 * READ_BYTES, 0, 4 * READ_BYTES)  # 3 parts: mixed enough
+    assert data.read_in_order([four], cfg.dataset) and data.read_in_order([three], cfg.dataset) is None
 
 
 def test_dataloader_workers_read_their_assigned_units_deterministically(corpus):

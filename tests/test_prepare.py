@@ -182,10 +182,12 @@ def test_train_tokenizer_refuses_a_vocabulary_without_merges_or_past_any_in_use(
 
 @pytest.mark.parametrize("arguments, error", [
     (["--train-tokenizer", "--from-text", "a.txt", "--out", "t.json"], "--from-text and --train-tokenizer are two steps"),
-    (["--vocab-size", "300", "--out", "t.json"], "give --from-text FILE ... --out DIR, or --train-tokenizer --out "
-                                                  "FILE.json (--vocab-size trains a tokenizer: add --train-tokenizer)"),
-    ([str(ROOT / "MODEL.md"), "--out", "x"], "give --from-text FILE ... --out DIR, or --train-tokenizer --out "
-                                             f"FILE.json (did you mean --from-text {ROOT / 'MODEL.md'}?)"),
+    (["--vocab-size", "300", "--out", "t.json"], "give --from-text FILE ... --out DIR, --from-parquet SHARDS --out "
+                                                  "DIR, or --train-tokenizer --out FILE.json (--vocab-size trains a "
+                                                  "tokenizer: add --train-tokenizer)"),
+    ([str(ROOT / "MODEL.md"), "--out", "x"], "give --from-text FILE ... --out DIR, --from-parquet SHARDS --out DIR, "
+                                             "or --train-tokenizer --out FILE.json (did you mean --from-text "
+                                             f"{ROOT / 'MODEL.md'}?)"),
     (["--train-tokenizer"], "--out is required: the tokenizer.json to write"),
     (["--from-text", "a.txt"], "--out is required: the folder of the shards to write"),
     (["--from-text", "a.txt", "--out", "x", "--chunk-bytes", "-1"], "--chunk-bytes must be >= 0 (0: one document per "
@@ -235,6 +237,12 @@ def test_from_text_replace_keeps_an_input_file_in_the_out_folder_and_refuses_emp
      "--from-text takes no config, vocabulary or overrides (got --config --vocab-size): they are for --train-tokenizer"),
     (["--from-text", "a.txt", "--out", "o", "training.seed=3"], "(got training.seed=3)"),
     (["--out", "o", "--from-text", "a.txt", "training.seed=3"], "(got training.seed=3)"),
+    (["--from-parquet", "d", "--out", "o", "training.seed=3"], "--from-parquet takes no config or vocabulary, and of "
+                                                               "the overrides only dataset.text_column=NAME (got "
+                                                               "training.seed=3)"),
+    (["--from-parquet", "d", "--out", "o", "--chunk-bytes", "100"], "--chunk-bytes applies to --from-text only"),
+    (["--from-parquet", "d", "--from-text", "a.txt", "--out", "o"], "give --from-text or --from-parquet, not both"),
+    (["--from-parquet", "d", "--train-tokenizer", "--out", "o"], "--from-parquet and --train-tokenizer are two steps"),
 ])
 def test_prepare_command_refuses_arguments_it_would_ignore_or_misread(arguments, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -312,3 +320,56 @@ def test_data_py_run_as_a_command_points_at_prepare_py():
     r = subprocess.run([sys.executable, "data.py", "--from-text", "notes.txt", "--out", "data/notes"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 1 and "the data commands are in prepare.py" in r.stderr
+
+
+def test_from_parquet_writes_a_large_row_group_again_in_small_ones_with_every_document(tmp_path, capsys):
+    """A file written in one row group (pandas' to_parquet) is read in its order; written again in
+    small row groups, training shuffles them together."""
+    docs = [f"document {i}: " + "text " * (i % 50) for i in range(2000)] + [None, ""]
+    source = tmp_path / "raw" / "one.parquet"
+    source.parent.mkdir()
+    pa_table = pa.table({"id": list(range(len(docs))), "content": docs})
+    import pyarrow.parquet as pq
+    pq.write_table(pa_table, source)  # one row group
+    out = tmp_path / "small"
+    assert prepare.main(["--from-parquet", str(source.parent), str(source), "--out", str(out),
+                         "dataset.text_column=content"]) == 0  # (the file given twice: read once)
+    said = capsys.readouterr().out
+    assert said.startswith("rewriting 1 row group of 1 file")
+    assert f"train on them with dataset.parquet_dir={out} dataset.text_column=content" in said
+    units = list_units(out, "content")
+    assert len(units) > 50 and pq.read_schema(units[0].path).names == ["content"]
+    read = [d.decode() for u in units for part in read_unit_documents(ParquetFileCache(1), u, "content", "all", 0, 0)
+            for d in part.to_pylist()]
+    assert read == docs[:-2]  # every document, in order; null and empty ones are skipped, as training does
+    write_parquet(tmp_path / "blank" / "b.parquet", [None, ""], rows_per_group=2)
+    assert prepare.main(["--from-parquet", str(tmp_path / "blank"), "--out", str(tmp_path / "none")]) == 1
+    assert "no documents (every 'text' is null or empty); nothing was written" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
+def test_from_parquet_refuses_an_out_that_overlaps_its_shards_and_replaces_bytes_that_are_not_utf8(tmp_path, capsys):
+    source = write_parquet(tmp_path / "raw" / "a.parquet", [b"caf\xe9", b"ok", "é".encode()], rows_per_group=3,
+                           type_=pa.binary())
+    before = source.read_bytes()
+    for given, out, replace in ((source.parent, tmp_path / "raw" / "small", []),  # training on raw would read both
+                                (source, tmp_path / "raw", ["--replace"])):  # would delete a.parquet
+        assert prepare.main(["--from-parquet", str(given), "--out", str(out), *replace]) == 1
+        assert "overlaps the shards it is written from" in capsys.readouterr().err
+        assert sorted(p.name for p in source.parent.iterdir()) == ["a.parquet"] and source.read_bytes() == before
+    assert prepare.main(["--from-parquet", str(tmp_path / "raw"), "--out", str(tmp_path / "small")]) == 0
+    assert "note: 1 document was not UTF-8: its invalid bytes became U+FFFD" in capsys.readouterr().out
+    assert [d for u in list_units(tmp_path / "small", "text")
+            for d in ParquetFileCache(1).get(u.path).read_row_group(u.row_group).column(0).to_pylist()] == [
+        "caf\ufffd", "ok", "é"]
+
+
+def test_from_parquet_refuses_a_folder_that_mixes_a_held_out_split_with_the_training_one(tmp_path, capsys):
+    write_parquet(tmp_path / "hf" / "train-00000-of-00001.parquet", ["training text"] * 8)
+    write_parquet(tmp_path / "hf" / "validation-00000-of-00001.parquet", ["held-out text"] * 2)
+    assert prepare.main(["--from-parquet", str(tmp_path / "hf"), "--out", str(tmp_path / "small")]) == 1
+    assert (f"the shards written would hold them all, held-out ones too; give --from-parquet "
+            f"'{tmp_path}/hf/train*.parquet' and write '{tmp_path}/hf/validation*.parquet' into another --out, for "
+            f"dataset.val_parquet_dir; to write every file anyway: --from-parquet '{tmp_path}/hf/**/*.parquet'"
+            ) in capsys.readouterr().err
+    assert prepare.main(["--from-parquet", f"{tmp_path}/hf/train*.parquet", "--out", str(tmp_path / "small")]) == 0
