@@ -1,6 +1,7 @@
 """Writing parquet shards: the user's text files (python prepare.py --from-text) and the built-in
 sample corpus, both in the layout shards.py reads (one `text` column, one document per row).
 """
+import itertools
 import os
 import sysconfig
 from pathlib import Path
@@ -48,13 +49,25 @@ def split_text(raw: bytes | str, chunk: int) -> list:
     return pieces
 
 
-def write_shards(documents, out_dir, row_group_bytes=ROW_GROUP_BYTES, column="text") -> int:
-    """Write an iterable of strings as parquet shards part-00000.parquet, ... with one string column
-    and row groups of about row_group_bytes, a new shard after SHARD_BYTES (both counted in
-    characters: bytes for ASCII text). Memory holds one row group. Returns the number of documents."""
+def write_shards(documents, out_dir, row_group_bytes: int | None = ROW_GROUP_BYTES, column="text",
+                 binary=False) -> int:
+    """Write an iterable of strings (`binary`: bytes) as parquet shards part-00000.parquet, ... with
+    one column and row groups of about row_group_bytes, a new shard after SHARD_BYTES (both counted
+    in characters: bytes for ASCII text). row_group_bytes None: sized from the documents
+    (row_group_size), read ahead up to MIN_ROW_GROUPS row groups of ROW_GROUP_BYTES. Memory holds
+    one row group (or that read-ahead). Returns the number of documents."""
+    if row_group_bytes is None:
+        documents, ahead, size = iter(documents), [], 0
+        for doc in documents:
+            ahead.append(doc)
+            size += len(doc)
+            if size >= MIN_ROW_GROUPS * ROW_GROUP_BYTES:
+                break
+        documents, row_group_bytes = itertools.chain(ahead, documents), row_group_size(size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([(column, pa.string())])
+    kind = pa.binary() if binary else pa.string()
+    schema = pa.schema([(column, kind)])
     writer, group, group_size, shard_size, n_docs, n_shards = None, [], 0, 0, 0, 0
     try:
         for doc in documents:
@@ -62,16 +75,16 @@ def write_shards(documents, out_dir, row_group_bytes=ROW_GROUP_BYTES, column="te
                 # no min/max statistics: for documents under a few KB they hold whole documents (a file 3x its text)
                 writer = pq.ParquetWriter(out_dir / f"part-{n_shards:05d}.parquet", schema, write_statistics=False)
             if group and group_size + len(doc) > row_group_bytes:
-                writer.write_table(pa.table([pa.array(group, pa.string())], schema=schema))
+                writer.write_table(pa.table([pa.array(group, kind)], schema=schema))
                 group, group_size = [], 0
             group.append(doc)
             group_size, shard_size, n_docs = group_size + len(doc), shard_size + len(doc), n_docs + 1
             if shard_size >= SHARD_BYTES:
-                writer.write_table(pa.table([pa.array(group, pa.string())], schema=schema))
+                writer.write_table(pa.table([pa.array(group, kind)], schema=schema))
                 writer.close()
                 writer, group, group_size, shard_size, n_shards = None, [], 0, 0, n_shards + 1
         if group:
-            writer.write_table(pa.table([pa.array(group, pa.string())], schema=schema))
+            writer.write_table(pa.table([pa.array(group, kind)], schema=schema))
     finally:
         if writer is not None:
             writer.close()
@@ -138,11 +151,12 @@ def row_group_size(text_bytes: int) -> int:
     return min(ROW_GROUP_BYTES, max(1, text_bytes // MIN_ROW_GROUPS))
 
 
-def shards_to_folder(documents, out_dir, replace: bool, row_group_bytes: int, nothing: str, column="text") -> int:
+def shards_to_folder(documents, out_dir, replace: bool, row_group_bytes: int | None, nothing: str, column="text",
+                     binary=False) -> int:
     """write_shards into out_dir, which appears whole or not at all (files.write_folder); `nothing`:
     the error where there are no documents. Returns the number of documents."""
     def write(folder):
-        n = write_shards(documents, folder, row_group_bytes=row_group_bytes, column=column)
+        n = write_shards(documents, folder, row_group_bytes=row_group_bytes, column=column, binary=binary)
         if n == 0:
             raise DataError(nothing)
         return n

@@ -20,6 +20,7 @@ import os
 import shlex
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -213,7 +214,8 @@ class ParquetBatches(IterableDataset):
                 if redealt is not None:
                     position.update(units=redealt, epoch_done=start["epoch_done"])
                 yield batch[:, :-1], batch[:, 1:], position
-            pending.extend(windows[order[used:]])
+            pending.extend(windows[order[used:]])  # (copies)
+            del stream, windows, pieces, lead, carry_in  # freed before the next pool is read
 
     def epoch_pools(self, cache, units, start=None):
         """The pools of an epoch's `units` ([unit, first part, tokens before it in an old reader's
@@ -318,7 +320,7 @@ def loader_workers(cfg, units, world_size=1, announce=True) -> int:
         print(f"note: dataloader.num_workers {workers}{processes} is more than the {cpus} CPU cores this process may "
               f"use: the workers compete with training for them; dataloader.num_workers={cpus // here}"
               + (" or fewer" if cpus // here else " (the main process reads)"))
-    if announce and (warning := uneven_readers(units, workers, world_size)):
+    if announce and (warning := uneven_readers(units, workers, world_size, cfg.dataset)):
         print(warning)
     if announce and (note := read_in_order(units, cfg.dataset)):
         print(note)
@@ -333,23 +335,33 @@ def read_in_order(units, dataset) -> str | None:
     total, in_large = sum(unit.text_bytes for unit in units), sum(unit.text_bytes for unit in large)
     if not large or in_large <= total / 2:
         return None
-    biggest = max(large, key=lambda unit: unit.text_bytes)
-    source = dataset.parquet_dir.rstrip("/")
-    stem = next((source[:i] for i, c in enumerate(source) if c in PATTERN_CHARACTERS), source).rstrip("/*")
-    out = f"{stem.removesuffix('.parquet') or 'data'}_small"
-    column = f" dataset.text_column={shlex.quote(dataset.text_column)}" * (dataset.text_column != "text")
-    one = len(large) == 1
-    command = f"python prepare.py --from-parquet {shlex.quote(source)} --out {shlex.quote(out)}{column}"
+    biggest, one = max(large, key=lambda unit: unit.text_bytes), len(large) == 1
     return (f"note: {len(large):,} row group{'' if one else 's'} of more than "
             f"{byte_amount((IN_ORDER_PARTS - 1) * READ_BYTES)} hold{'s' if one else ''} {in_large / total:.0%} of the "
             f"training text (the largest: row group {biggest.row_group} of {biggest.path}, "
             f"{byte_amount(biggest.text_bytes)} of text): {'it is' if one else 'each is'} read in its order, its "
             f"windows shuffled {byte_amount(READ_BYTES)} at a time, so documents sorted in {'it' if one else 'them'} "
             f"(by source, date, topic) are trained on in that order; small row groups are shuffled together: "
-            f"`{command}` writes them, then train with dataset.parquet_dir={shlex.quote(out)}")
+            f"{rewrite_command(dataset)}")
 
 
-def uneven_readers(units, workers: int, world_size: int) -> str | None:
+def rewrite_command(dataset) -> str:
+    """'`python prepare.py --from-parquet DATA --out DATA_small` writes them, then train with
+    dataset.parquet_dir=DATA_small': the training data in small row groups, beside its folder."""
+    source = dataset.parquet_dir
+    stem = next((source[:i] for i, c in enumerate(source) if c in PATTERN_CHARACTERS), None)  # (a pattern's)
+    if stem is not None:  # a pattern: the folder it starts in
+        folder = Path(stem) if stem.endswith("/") else Path(stem).parent
+    else:  # a folder, or a file in one
+        folder = Path(source) if Path(source).is_dir() else Path(source).parent
+    folder = folder.resolve()
+    out = shlex.quote(os.path.relpath(folder.with_name(f"{folder.name}_small")))  # (not inside the data's folder)
+    column = f" dataset.text_column={shlex.quote(dataset.text_column)}" * (dataset.text_column != "text")
+    return (f"`python prepare.py --from-parquet {shlex.quote(source)} --out {out}{column}` writes them, then train "
+            f"with dataset.parquet_dir={out}")
+
+
+def uneven_readers(units, workers: int, world_size: int, dataset) -> str | None:
     """A warning where the readers' shares of the text, dealt a (file, row group) unit at a time,
     cannot be even (one more than 1.25 times another): a unit well past a reader's even share, or
     too few units for the readers. Those with less text read theirs again sooner."""
@@ -372,8 +384,7 @@ def uneven_readers(units, workers: int, world_size: int) -> str | None:
             f"{f' x {world_size} processes' if world_size > 1 else ''}): the readers' shares cannot be even, those "
             f"with less text read theirs again sooner, so their documents weigh more (and the passes over the data "
             f"logged run ahead); " + (f"dataloader.num_workers={fitting}, or " if fitting else "") +
-            "rewriting the files in smaller row groups (python prepare.py --from-parquet FOLDER --out NEW_FOLDER) "
-            "evens them out")
+            f"smaller row groups even them out: {rewrite_command(dataset)}")
 
 
 def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=0, pin_memory=False, rank=0,

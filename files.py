@@ -150,10 +150,14 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
             shutil.rmtree(tmp)
             return None
         old = out_dir.with_name(f".{out_dir.name}.old{temporary_suffix()}")
+        replaced = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
         if out_dir.exists():
             out_dir.rename(old)
         tmp.rename(out_dir)
         shutil.rmtree(old, ignore_errors=True)
+        if replaced:
+            print(f"replaced what {shown} held: {', '.join(replaced[:3])}{' ...' * (len(replaced) > 3)} "
+                  f"({len(replaced):,} {'entries' if len(replaced) > 1 else 'entry'})")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in made:  # (empty: one another process filled meanwhile stays)

@@ -59,12 +59,12 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
         out = shlex.quote(str(root.with_suffix("")) + "_parquet")
         raise DataError(f"{root}: {setting} is a file, not a folder of .parquet shards; give their folder, a .parquet "
                         f"file or a glob pattern; to train on this file's text: `python prepare.py --from-text "
-                        f"{shlex.quote(str(root))} --out {out}` and {setting}={out}")
+                        f"{shlex.quote(str(root))} --out {out}` and {set_to(setting, out, small=True)}")
     elif root.suffix and root.suffix != ".parquet":  # a text file's name, perhaps: not a folder to write into
         out = shlex.quote(f"{root.with_suffix('')}_parquet")
         raise DataError(f"{root}: {setting} does not exist{relative_to_here(root)}; it takes a folder of .parquet "
-                        f"shards: write them with `python prepare.py --from-text TEXT_FILE ... --out {out}` and set "
-                        f"{setting}={out}")
+                        f"shards: write them with `python prepare.py --from-text TEXT_FILE ... --out {out}` and "
+                        f"{set_to(setting, out, small=True)}")
     else:
         close = difflib.get_close_matches(root.name, folders_beside(root), 1, 0.75)
         raise DataError(f"{root}: {setting} does not exist{relative_to_here(root)}; "
@@ -151,7 +151,7 @@ def unreadable_shard_advice(path: Path, setting: str, alone: bool) -> str:
     if alone:
         out = shlex.quote(f"{path.with_suffix('')}_parquet")
         return (f"it holds text: convert it with `python prepare.py --from-text {shlex.quote(str(path))} --out {out}` "
-                f"and set {setting}={out}")
+                f"and {set_to(setting, out, small=True)}")
     out = shlex.quote(f"{path.with_suffix('')}_text")  # a subfolder of the shards' folder: read with them
     return (f"it holds text: convert it into shards beside the others with `python prepare.py --from-text "
             f"{shlex.quote(str(path))} --out {out}`, then delete it (or move it out of the data)")
@@ -173,6 +173,16 @@ def parquet_by_its_bytes(path: Path) -> bool:
     return starts_with(path, (PARQUET_MAGIC,))
 
 
+def set_to(setting: str, value, small=False) -> str:
+    """'set dataset.parquet_dir=VALUE' (or val_parquet_dir); for prepare.py's --from-parquet, what to
+    do with VALUE: train on it (`small`: prepare.py --from-text wrote it, in small row groups
+    already), or give it to --from-parquet."""
+    if setting == "--from-parquet":
+        return (f"train with dataset.parquet_dir={value} (its row groups are small already)" if small
+                else f"give --from-parquet {value}")
+    return f"set {setting}={value}"
+
+
 def how_to_convert(folder: Path, setting: str) -> str:
     """The prepare.py command for a folder without parquet shards: into it if it is empty, else
     (it holds the text, and prepare.py writes only into a folder of shards) into one beside it,
@@ -184,8 +194,9 @@ def how_to_convert(folder: Path, setting: str) -> str:
         out = f"{str(folder).rstrip('/')}_parquet"
         return (f"it is a Hugging Face datasets folder (save_to_disk), not parquet: write its splits as parquet, "
                 f"`python -c \"import datasets, os; os.makedirs({out!r}, exist_ok=True); d = datasets.load_from_disk("
-                f"{str(folder)!r}); [d[s].to_parquet(f'{out}/{{s}}.parquet') for s in d]\"`, and set "
-                f"{setting}={out}/train.parquet (and dataset.val_parquet_dir to its validation split's file)")
+                f"{str(folder)!r}); [d[s].to_parquet(f'{out}/{{s}}.parquet') for s in d]\"`, and "
+                f"{set_to(setting, f'{out}/train.parquet')} (and dataset.val_parquet_dir to its validation split's "
+                f"file)")
     if arrow := next((p for p in text if starts_with(p, ARROW_MAGICS)), None):
         return f"{arrow.name} is {arrow_advice(arrow)}"
     if text and parquet_by_its_bytes(text[0]):
@@ -202,8 +213,8 @@ def how_to_convert(folder: Path, setting: str) -> str:
     else:  # one kind: that one; several: all of them
         inputs = f"{shlex.quote(str(folder))}/*{suffixes[0] if len(suffixes) == 1 else ''}" if text else "FILE ..."
     out = shlex.quote(f"{str(folder).rstrip('/')}_parquet")
-    return (f"convert its text with `python prepare.py --from-text {inputs} --out {out}` and set "
-            f"{setting}={out}")
+    return (f"convert its text with `python prepare.py --from-text {inputs} --out {out}` and "
+            f"{set_to(setting, out, small=True)}")
 
 
 def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], list[Path]]:

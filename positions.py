@@ -159,7 +159,9 @@ def pool_of(units: list[Unit], rest: list, position) -> list[Unit]:
 def still_to_read(assigned, position) -> list:
     """[index in units, first part, carry] of the units of `assigned` (such entries, the carry
     optional) that a reader at `position` has not finished: from the one it is in, at the part it
-    is in, after the stream's tokens before that part (no window has had them as targets yet)."""
+    is in, after the stream's tokens before that part (no window has had them as targets yet, but
+    for the first: the last target of the window before it, where there was one; a re-deal that puts
+    the unit after another reader's makes that one token a target again)."""
     rest = [[index, part, carry[0] if carry else []] for index, part, *carry in assigned[position["unit"]:]]
     if rest:
         rest[0][1:] = [position.get("part", 0), position.get("carry", [])]

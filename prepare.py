@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from arguments import add_config_arguments, load_config, parse_arguments
 from config import DatasetConfig, all_paths
-from corpus import (DOCUMENT_BYTES, ensure_sample_corpus, row_group_size, shards_to_folder, split_text,
+from corpus import (DOCUMENT_BYTES, ROW_GROUP_BYTES, ensure_sample_corpus, shards_to_folder, split_text,
                     text_files_to_parquet)
 from data import training_split
 from files import (ARROW_MAGICS, PARQUET_MAGIC, ZIP_MAGIC, atomic_write, byte_amount, folder_made_for, output_path,
@@ -198,52 +199,74 @@ def shards_from_parquet(sources: list[str], out: str, text_column: str, replace:
     """--from-parquet: the documents of parquet shards (folders, .parquet files or patterns, as
     dataset.parquet_dir takes them) written again in `out` in small row groups, whose windows
     training shuffles together (a large row group is read in its order, 8 MB at a time). The text
-    column keeps its name; the other columns are left out."""
-    units, inputs = [], set()
+    column keeps its name and its kind (text, or bytes where any file's is binary); the other
+    columns are left out."""
+    units, seen, folders = [], set(), set()
     for source in sources:
         for unit in list_units(source, text_column, setting="--from-parquet"):
-            if (os.path.realpath(unit.path), unit.row_group) not in inputs:  # (a file given twice: read once)
-                inputs.add((os.path.realpath(unit.path), unit.row_group))
+            real = Path(os.path.realpath(unit.path))
+            if Path(source).is_dir():  # training on it reads what is written into any of these
+                folders.add(Path(os.path.realpath(source)))
+                folders.add(real.parent)
+            if (real, unit.row_group) not in seen:  # (a file given twice: read once)
+                seen.add((real, unit.row_group))
                 units.append(unit)
-    out_path, files = Path(os.path.realpath(out)), {Path(path) for path, _ in inputs}
-    folders = [Path(os.path.realpath(source)) for source in sources if Path(source).is_dir()]
+    out_path, files = Path(os.path.realpath(out)), {real for real, _ in seen}
     if any(out_path in f.parents for f in files) or any(f in (out_path, *out_path.parents) for f in folders):
         raise DataError(f"--out {out}: overlaps the shards it is written from ({' '.join(sources)}); choose an --out "
                         f"outside them")
-    text_bytes, not_utf8, started = sum(unit.text_bytes for unit in units), [0], time.time()
+    binary = any(text_kind(unit.path, text_column) in (pa.binary(), pa.large_binary(), pa.binary_view())
+                 for unit in {unit.path: unit for unit in units}.values())
+    counts, started = {"text": 0, "not utf-8": 0}, time.time()
 
     def documents():  # (read once write_folder has checked --out)
         print(f"rewriting {len(units):,} row group{'s' * (len(units) != 1)} of {len(files):,} file"
-              f"{'s' * (len(files) != 1)} ({byte_amount(text_bytes)} of text) in {out} ...", flush=True)
+              f"{'s' * (len(files) != 1)} in {out} ...", flush=True)
         cache, last = ParquetFileCache(8), time.time()
         try:
             for k, unit in enumerate(units):
                 for docs in read_unit_documents(cache, unit, text_column, "all", 0, 0.0):
-                    try:
-                        yield from docs.cast(pa.large_string()).to_pylist()
-                    except pa.ArrowInvalid:  # bytes that are not UTF-8, in a binary column
-                        for doc in docs.to_pylist():
-                            try:
-                                yield doc.decode("utf-8")
-                            except UnicodeDecodeError:
-                                not_utf8[0] += 1
-                                yield doc.decode("utf-8", errors="replace")
-                if time.time() - last > report_every_s:
-                    last = time.time()
-                    print(f"  row group {k + 1:,} of {len(units):,} ({(k + 1) / len(units):.0%}) in "
-                          f"{last - started:.0f} s", flush=True)
+                    counts["text"] += pc.sum(pc.binary_length(docs)).as_py() or 0
+                    yield from as_strings(docs, counts) if not binary else docs.to_pylist()
+                    if time.time() - last > report_every_s:
+                        last = time.time()
+                        print(f"  {byte_amount(counts['text'])} of text, in row group {k + 1:,} of {len(units):,} "
+                              f"({last - started:.0f} s)", flush=True)
         finally:
             cache.close()
     nothing = f"{' '.join(sources)}: no documents (every {text_column!r} is null or empty); nothing was written"
-    group = row_group_size(text_bytes)
-    n = shards_to_folder(documents(), out, replace, group, nothing, column=text_column)
-    print(f"wrote {n:,} document{'s' * (n != 1)} to {out} in row groups of about "
-          f"{byte_amount(group) if group >= 1024 else f'{group:,} bytes'} in {time.time() - started:.0f} s; train "
-          f"on them with dataset.parquet_dir={shlex.quote(out)}"
+    n = shards_to_folder(documents(), out, replace, None, nothing, column=text_column, binary=binary)
+    print(f"wrote {n:,} document{'s' * (n != 1)} ({byte_amount(counts['text'])} of text"
+          f"{', as bytes: a file holds them so' * binary}) to {out} in row groups of at most "
+          f"{byte_amount(ROW_GROUP_BYTES)}, in {time.time() - started:.0f} s; train on them with "
+          f"dataset.parquet_dir={shlex.quote(out)}"
           + f" dataset.text_column={shlex.quote(text_column)}" * (text_column != "text"))
-    if not_utf8[0]:
-        print(f"note: {not_utf8[0]:,} document{'s were' if not_utf8[0] > 1 else ' was'} not UTF-8: "
-              f"{'their' if not_utf8[0] > 1 else 'its'} invalid bytes became U+FFFD")
+    if counts["not utf-8"]:
+        many = counts["not utf-8"] > 1
+        print(f"note: {counts['not utf-8']:,} document{'s were' if many else ' was'} not UTF-8: "
+              f"{'their' if many else 'its'} invalid bytes became U+FFFD")
+
+
+def text_kind(path, text_column: str) -> pa.DataType:
+    """The type of a file's text column (a dictionary's: that of its values)."""
+    kind = pq.read_schema(path).field(text_column).type
+    return kind.value_type if pa.types.is_dictionary(kind) else kind
+
+
+def as_strings(docs: pa.Array, counts: dict) -> list:
+    """A part's documents (large_binary) as strings; bytes that are not UTF-8 (in a column of text
+    written without checking) become U+FFFD, counted in counts["not utf-8"]."""
+    try:
+        return docs.cast(pa.large_string()).to_pylist()
+    except pa.ArrowInvalid:
+        texts = []
+        for doc in docs.to_pylist():
+            try:
+                texts.append(doc.decode("utf-8"))
+            except UnicodeDecodeError:
+                counts["not utf-8"] += 1
+                texts.append(doc.decode("utf-8", errors="replace"))
+        return texts
 
 
 def main(argv=None):
@@ -304,7 +327,8 @@ def check_arguments(parser, args) -> str:
                      "use their parent folder)")
     if not modes:
         files = [item for item in args.overrides if "=" not in item and os.path.lexists(item)]
-        shards = files and all(os.path.isdir(f) or f.endswith(".parquet") for f in files)
+        shards = files and all(f.endswith(".parquet") or os.path.isdir(f) and next(Path(f).rglob("*.parquet"), None)
+                               for f in files)
         given = (f" (did you mean --from-{'parquet' if shards else 'text'} {shlex.join(files)}?)" if files else
                  " (--vocab-size trains a tokenizer: add --train-tokenizer)" if args.vocab_size is not None else "")
         parser.error(f"give --from-text FILE ... --out DIR, --from-parquet SHARDS --out DIR, or --train-tokenizer "

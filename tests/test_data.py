@@ -262,35 +262,39 @@ def loader_batches(units, num_workers, n, tokenizer=BYTES):
     return [next(it) for _ in range(n)]
 
 
-def test_a_row_group_too_big_for_an_even_share_is_warned_of(capsys):
+def test_a_row_group_too_big_for_an_even_share_is_warned_of(capsys, tmp_path, monkeypatch):
     """One row group of 90% of the text and two readers: the other reader's 10% is read again and again
     while the big one is read once, so its documents weigh more: fewer readers or smaller row groups."""
     from shards import Unit
     units = [Unit("big.parquet", 0, 5000, 900_000, 0, 900_000)] + [Unit("small.parquet", i, 3, 1000, 1, 1000)
                                                                   for i in range(100)]
-    cfg = Config.from_dict({"dataloader": {"num_workers": 2}})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    cfg = Config.from_dict({"dataloader": {"num_workers": 2}, "dataset": {"parquet_dir": "corpus"}})
     assert data.loader_workers(cfg, units) == 2
     assert capsys.readouterr().out == (
         "WARNING: row group 0 of big.parquet holds 90.0% of the training text, more than a reader's even share (even "
         "shares: 50.0% each for 2 readers, dataloader.num_workers=2): the readers' shares cannot be even, those with "
         "less text read theirs again sooner, so their documents weigh more (and the passes over the data logged run "
-        "ahead); dataloader.num_workers=1, or rewriting the files in smaller row groups "
-        "(python prepare.py --from-parquet FOLDER --out NEW_FOLDER) evens them out\n")
+        "ahead); dataloader.num_workers=1, or smaller row groups even them out: `python prepare.py --from-parquet "
+        "corpus --out corpus_small` writes them, then train with dataset.parquet_dir=corpus_small\n")
     assert data.loader_workers(cfg, units, announce=False) == 2 and capsys.readouterr().out == ""
-    assert data.uneven_readers(units, 0, 1) is None  # one reader: nothing to even out
+    assert data.uneven_readers(units, 0, 1, cfg.dataset) is None  # one reader: nothing to even out
     assert ("(even shares: 25.0% each for 4 readers, dataloader.num_workers=2 x 2 processes)"
-            in data.uneven_readers(units, 2, 2))
-    assert "; rewriting the files" in data.uneven_readers(units, 2, 2)  # one reader per process is too many already
-    assert data.uneven_readers([Unit("a.parquet", i, 3, 1000, 0, 1000) for i in range(10)], 2, 1) is None
+            in data.uneven_readers(units, 2, 2, cfg.dataset))
+    # one reader per process is too many already
+    assert "; smaller row groups even them out" in data.uneven_readers(units, 2, 2, cfg.dataset)
+    assert data.uneven_readers([Unit("a.parquet", i, 3, 1000, 0, 1000) for i in range(10)], 2, 1, cfg.dataset) is None
     five = [Unit("a.parquet", i, 3, 1000, 0, 1000) for i in range(5)]  # 2, 2 and 1 of them: the third reader has half
-    assert data.uneven_readers(five, 3, 1).startswith(
+    assert data.uneven_readers(five, 3, 1, cfg.dataset).startswith(
         "WARNING: the 5 (file, row group) units of the training text, dealt whole, give one reader 2.00 times the "
         "text of another (even shares: 33.3% each for 3 readers, dataloader.num_workers=3): ")
-    assert "; dataloader.num_workers=1, or rewriting" in data.uneven_readers(five, 3, 1)  # 3, 2 for two: still uneven
-    assert data.uneven_readers(five, 5, 1) is None
+    # 3, 2 for two: still uneven
+    assert "; dataloader.num_workers=1, or smaller row groups" in data.uneven_readers(five, 3, 1, cfg.dataset)
+    assert data.uneven_readers(five, 5, 1, cfg.dataset) is None
 
 
-def test_a_start_note_says_when_most_text_is_in_row_groups_read_in_their_order(capsys):
+def test_a_start_note_says_when_most_text_is_in_row_groups_read_in_their_order(capsys, tmp_path, monkeypatch):
     from shards import READ_BYTES, Unit
     big = Unit("raw/one.parquet", 0, 4000, 5 * READ_BYTES, 0, 5 * READ_BYTES)  # 5 parts
     small = [Unit("raw/many.parquet", i, 40, 3 * READ_BYTES // 8, 1, 3 * READ_BYTES // 8) for i in range(8)]
@@ -307,6 +311,12 @@ def test_a_start_note_says_when_most_text_is_in_row_groups_read_in_their_order(c
     four = Unit("raw/one.parquet", 0, 4000, 4 * READ_BYTES - 1, 0, 4 * READ_BYTES)  # 4 parts: still
     three = Unit("raw/one.parquet", 0, 3000, 3 * READ_BYTES, 0, 4 * READ_BYTES)  # 3 parts: mixed enough
     assert data.read_in_order([four], cfg.dataset) and data.read_in_order([three], cfg.dataset) is None
+    (tmp_path / "corpus").mkdir()
+    monkeypatch.chdir(tmp_path / "corpus")  # the command's --out: beside the data's folder, not in it
+    for folder, out in ((".", "../corpus_small"), ("one.parquet", "../corpus_small"),
+                        ("..", f"../../{tmp_path.name}_small")):
+        cfg = Config.from_dict({"dataset": {"parquet_dir": folder}})
+        assert f"--from-parquet {folder} --out {out}` writes them" in data.read_in_order([big], cfg.dataset)
 
 
 def test_dataloader_workers_read_their_assigned_units_deterministically(corpus):

@@ -48,7 +48,7 @@ def test_write_folder_that_fails_leaves_no_folder_it_made(tmp_path):
     assert (tmp_path / "empty" / "out").is_dir() and not (tmp_path / "out").exists()
 
 
-def test_write_folder_refuses_replaces_or_keeps_a_folder_that_holds_files(tmp_path):
+def test_write_folder_refuses_replaces_or_keeps_a_folder_that_holds_files(tmp_path, capsys):
     out = tmp_path / "out"
 
     def write(text):
@@ -69,8 +69,10 @@ def test_write_folder_refuses_replaces_or_keeps_a_folder_that_holds_files(tmp_pa
         files.write_folder(out, write("two"), replace=True)
     assert files.write_folder(out, write("two"), keep_existing=True) is None
     assert (out / "a.txt").read_text() == "one"
+    capsys.readouterr()
     files.write_folder(out, write("three"), replace=True, written_here=ours)
     assert (out / "a.txt").read_text() == "three" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert capsys.readouterr().out == f"replaced what {out} held: a.txt (1 entry)\n"  # --replace says what went
 
     def fail_midway(folder):
         write("four")(folder)

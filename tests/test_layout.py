@@ -244,7 +244,7 @@ def test_one_parquet_file_is_read_and_another_file_is_refused(tmp_path):
     assert str(info.value).endswith(
         "is a file, not a folder of .parquet shards; give their folder, a .parquet file or a glob pattern; to train "
         f"on this file's text: `python prepare.py --from-text {tmp_path / 'notes.txt'} --out {out}` and "
-        f"dataset.parquet_dir={out}")
+        f"set dataset.parquet_dir={out}")
     (tmp_path / "pq").mkdir()  # parquet named otherwise: renamed, not converted as text
     (tmp_path / "one.parquet").rename(tmp_path / "pq" / "one.pq")
     with pytest.raises(DataError, match=r"one.pq: a parquet file whose name does not end in .parquet \(only such "

@@ -342,26 +342,45 @@ def test_from_parquet_writes_a_large_row_group_again_in_small_ones_with_every_do
     read = [d.decode() for u in units for part in read_unit_documents(ParquetFileCache(1), u, "content", "all", 0, 0)
             for d in part.to_pylist()]
     assert read == docs[:-2]  # every document, in order; null and empty ones are skipped, as training does
+    # row groups sized by the text read, not by the metadata (a dictionary counts each repeated text once)
+    repeated = pa.array([f"{i % 3} " + "words " * 40 for i in range(20_000)]).dictionary_encode()
+    write_parquet(tmp_path / "dict" / "d.parquet", repeated, rows_per_group=20_000)
+    assert prepare.main(["--from-parquet", str(tmp_path / "dict"), "--out", str(tmp_path / "dict_small")]) == 0
+    assert "(4.6 MB of text)" in capsys.readouterr().out
+    assert 60 <= len(list_units(tmp_path / "dict_small", "text")) <= 70
     write_parquet(tmp_path / "blank" / "b.parquet", [None, ""], rows_per_group=2)
     assert prepare.main(["--from-parquet", str(tmp_path / "blank"), "--out", str(tmp_path / "none")]) == 1
     assert "no documents (every 'text' is null or empty); nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
 
 
-def test_from_parquet_refuses_an_out_that_overlaps_its_shards_and_replaces_bytes_that_are_not_utf8(tmp_path, capsys):
-    source = write_parquet(tmp_path / "raw" / "a.parquet", [b"caf\xe9", b"ok", "é".encode()], rows_per_group=3,
-                           type_=pa.binary())
+def values_in(folder, column="text") -> list:
+    return [value for unit in list_units(folder, column)
+            for value in ParquetFileCache(1).get(unit.path).read_row_group(unit.row_group).column(0).to_pylist()]
+
+
+def test_from_parquet_refuses_an_out_that_overlaps_its_shards_and_keeps_bytes_that_are_not_utf8(tmp_path, capsys):
+    raw = [b"caf\xe9", b"ok", "é".encode()]
+    source = write_parquet(tmp_path / "raw" / "a.parquet", raw, rows_per_group=3, type_=pa.binary())
     before = source.read_bytes()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "raw" / "more").symlink_to(tmp_path / "elsewhere")  # training on raw reads what is written there
+    write_parquet(tmp_path / "elsewhere" / "b.parquet", [b"more"], type_=pa.binary())
     for given, out, replace in ((source.parent, tmp_path / "raw" / "small", []),  # training on raw would read both
+                                (source.parent, tmp_path / "elsewhere" / "small", []),
                                 (source, tmp_path / "raw", ["--replace"])):  # would delete a.parquet
         assert prepare.main(["--from-parquet", str(given), "--out", str(out), *replace]) == 1
         assert "overlaps the shards it is written from" in capsys.readouterr().err
-        assert sorted(p.name for p in source.parent.iterdir()) == ["a.parquet"] and source.read_bytes() == before
-    assert prepare.main(["--from-parquet", str(tmp_path / "raw"), "--out", str(tmp_path / "small")]) == 0
+        assert sorted(p.name for p in source.parent.iterdir()) == ["a.parquet", "more"]
+        assert source.read_bytes() == before
+    assert prepare.main(["--from-parquet", str(source), "--out", str(tmp_path / "small")]) == 0
+    assert "(0 KB of text, as bytes: a file holds them so)" in capsys.readouterr().out
+    assert values_in(tmp_path / "small") == raw  # bytes stay bytes, as training reads them
+    # text written without checking (a string column that is not UTF-8): U+FFFD, counted
+    write_parquet(tmp_path / "loose" / "c.parquet", pa.array(raw, pa.binary()).view(pa.string()))
+    assert prepare.main(["--from-parquet", str(tmp_path / "loose"), "--out", str(tmp_path / "small2")]) == 0
     assert "note: 1 document was not UTF-8: its invalid bytes became U+FFFD" in capsys.readouterr().out
-    assert [d for u in list_units(tmp_path / "small", "text")
-            for d in ParquetFileCache(1).get(u.path).read_row_group(u.row_group).column(0).to_pylist()] == [
-        "caf\ufffd", "ok", "é"]
+    assert values_in(tmp_path / "small2") == ["caf\ufffd", "ok", "é"]
 
 
 def test_from_parquet_refuses_a_folder_that_mixes_a_held_out_split_with_the_training_one(tmp_path, capsys):
