@@ -20,7 +20,6 @@ import os
 import shlex
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from corpus import MIN_ROW_GROUPS, ensure_sample_corpus
 from files import byte_amount
-from layout import PATTERN_CHARACTERS
+from layout import data_folder
 from shards import (READ_BYTES, DataError, ParquetFileCache, Unit, first_documents, list_units, read_unit_documents,
                     rows_per_part)
 from stopping import leave_signals_to_main
@@ -348,14 +347,8 @@ def read_in_order(units, dataset) -> str | None:
 def rewrite_command(dataset) -> str:
     """'`python prepare.py --from-parquet DATA --out DATA_small` writes them, then train with
     dataset.parquet_dir=DATA_small': the training data in small row groups, beside its folder."""
-    source = dataset.parquet_dir
-    stem = next((source[:i] for i, c in enumerate(source) if c in PATTERN_CHARACTERS), None)  # (a pattern's)
-    if stem is not None:  # a pattern: the folder it starts in
-        folder = Path(stem) if stem.endswith("/") else Path(stem).parent
-    else:  # a folder, or a file in one
-        folder = Path(source) if Path(source).is_dir() else Path(source).parent
-    folder = folder.resolve()
-    out = shlex.quote(os.path.relpath(folder.with_name(f"{folder.name}_small")))  # (not inside the data's folder)
+    source, folder = dataset.parquet_dir, data_folder(dataset.parquet_dir)
+    out = shlex.quote(os.path.relpath(folder.parent / f"{folder.name or 'data'}_small"))  # (not inside the data's)
     column = f" dataset.text_column={shlex.quote(dataset.text_column)}" * (dataset.text_column != "text")
     return (f"`python prepare.py --from-parquet {shlex.quote(source)} --out {out}{column}` writes them, then train "
             f"with dataset.parquet_dir={out}")

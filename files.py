@@ -155,9 +155,6 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
             out_dir.rename(old)
         tmp.rename(out_dir)
         shutil.rmtree(old, ignore_errors=True)
-        if replaced:
-            print(f"replaced what {shown} held: {', '.join(replaced[:3])}{' ...' * (len(replaced) > 3)} "
-                  f"({len(replaced):,} {'entries' if len(replaced) > 1 else 'entry'})")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in made:  # (empty: one another process filled meanwhile stays)
@@ -166,6 +163,9 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
             except OSError:
                 break
         raise
+    if replaced:
+        print(f"replaced what {shown} held: {', '.join(replaced[:3])}{' ...' * (len(replaced) > 3)} "
+              f"({len(replaced):,} {'entries' if len(replaced) > 1 else 'entry'})")
     return result
 
 

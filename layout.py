@@ -173,6 +173,17 @@ def parquet_by_its_bytes(path: Path) -> bool:
     return starts_with(path, (PARQUET_MAGIC,))
 
 
+def data_folder(location: str) -> Path:
+    """The folder a folder, a .parquet file or a pattern reads from (a pattern's: before its first
+    wildcard), as an absolute path whose links are kept."""
+    stem = next((location[:i] for i, c in enumerate(location) if c in PATTERN_CHARACTERS), None)
+    if stem is not None:
+        folder = Path(stem) if stem.endswith("/") or not stem else Path(stem).parent
+    else:
+        folder = Path(location) if Path(location).is_dir() else Path(location).parent
+    return Path(os.path.abspath(folder))
+
+
 def set_to(setting: str, value, small=False) -> str:
     """'set dataset.parquet_dir=VALUE' (or val_parquet_dir); for prepare.py's --from-parquet, what to
     do with VALUE: train on it (`small`: prepare.py --from-text wrote it, in small row groups
@@ -195,8 +206,9 @@ def how_to_convert(folder: Path, setting: str) -> str:
         return (f"it is a Hugging Face datasets folder (save_to_disk), not parquet: write its splits as parquet, "
                 f"`python -c \"import datasets, os; os.makedirs({out!r}, exist_ok=True); d = datasets.load_from_disk("
                 f"{str(folder)!r}); [d[s].to_parquet(f'{out}/{{s}}.parquet') for s in d]\"`, and "
-                f"{set_to(setting, f'{out}/train.parquet')} (and dataset.val_parquet_dir to its validation split's "
-                f"file)")
+                + (f"set dataset.val_parquet_dir={out}/validation.parquet" if setting == "dataset.val_parquet_dir" else
+                   f"{set_to(setting, f'{out}/train.parquet')}" + " (and dataset.val_parquet_dir to its validation "
+                   "split's file)" * (setting == "dataset.parquet_dir")))
     if arrow := next((p for p in text if starts_with(p, ARROW_MAGICS)), None):
         return f"{arrow.name} is {arrow_advice(arrow)}"
     if text and parquet_by_its_bytes(text[0]):

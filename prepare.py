@@ -27,7 +27,7 @@ from corpus import (DOCUMENT_BYTES, ROW_GROUP_BYTES, ensure_sample_corpus, shard
 from data import training_split
 from files import (ARROW_MAGICS, PARQUET_MAGIC, ZIP_MAGIC, atomic_write, byte_amount, folder_made_for, output_path,
                    script_here)
-from layout import PATTERN_CHARACTERS, arrow_advice
+from layout import PATTERN_CHARACTERS, arrow_advice, data_folder
 from shards import DataError, ParquetFileCache, list_units, read_unit_documents
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
 from validation import validation_batches
@@ -203,19 +203,20 @@ def shards_from_parquet(sources: list[str], out: str, text_column: str, replace:
     columns are left out."""
     units, seen, folders = [], set(), set()
     for source in sources:
+        # training on a source's folder would read what is written into it, or into a folder linked from it
+        folders |= {data_folder(source), Path(os.path.realpath(data_folder(source)))}
         for unit in list_units(source, text_column, setting="--from-parquet"):
             real = Path(os.path.realpath(unit.path))
-            if Path(source).is_dir():  # training on it reads what is written into any of these
-                folders.add(Path(os.path.realpath(source)))
-                folders.add(real.parent)
+            folders.add(real.parent)
             if (real, unit.row_group) not in seen:  # (a file given twice: read once)
                 seen.add((real, unit.row_group))
                 units.append(unit)
-    out_path, files = Path(os.path.realpath(out)), {real for real, _ in seen}
-    if any(out_path in f.parents for f in files) or any(f in (out_path, *out_path.parents) for f in folders):
-        raise DataError(f"--out {out}: overlaps the shards it is written from ({' '.join(sources)}); choose an --out "
-                        f"outside them")
-    binary = any(text_kind(unit.path, text_column) in (pa.binary(), pa.large_binary(), pa.binary_view())
+    files = {real for real, _ in seen}
+    for out_path in (Path(os.path.abspath(out)), Path(os.path.realpath(out))):
+        if any(out_path in f.parents for f in files) or any(f in (out_path, *out_path.parents) for f in folders):
+            raise DataError(f"--out {out}: overlaps the shards it is written from ({' '.join(sources)}): training on "
+                            f"their folder would read both; choose an --out outside it")
+    binary = any(text_kind(unit.path, text_column) in (pa.binary(), pa.large_binary())
                  for unit in {unit.path: unit for unit in units}.values())
     counts, started = {"text": 0, "not utf-8": 0}, time.time()
 
@@ -236,7 +237,8 @@ def shards_from_parquet(sources: list[str], out: str, text_column: str, replace:
             cache.close()
     nothing = f"{' '.join(sources)}: no documents (every {text_column!r} is null or empty); nothing was written"
     n = shards_to_folder(documents(), out, replace, None, nothing, column=text_column, binary=binary)
-    print(f"wrote {n:,} document{'s' * (n != 1)} ({byte_amount(counts['text'])} of text"
+    text = byte_amount(counts["text"]) if counts["text"] >= 1024 else f"{counts['text']:,} bytes"
+    print(f"wrote {n:,} document{'s' * (n != 1)} ({text} of text"
           f"{', as bytes: a file holds them so' * binary}) to {out} in row groups of at most "
           f"{byte_amount(ROW_GROUP_BYTES)}, in {time.time() - started:.0f} s; train on them with "
           f"dataset.parquet_dir={shlex.quote(out)}"

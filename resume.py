@@ -3,7 +3,8 @@ the optimizer and scaler state, every rank's RNG state, every reader's data posi
 the best validation loss. resume() loads it back, so that a run stopped at step k (by a signal, a
 crash or kill -9) continues with the same batches, dropout masks and updates as one that never
 stopped; it also continues across changed settings, and says what changed. A folder that export.py
-wrote starts a fine-tuning run instead: its weights only.
+wrote starts a fine-tuning run instead: its weights only. Also the commands a run prints: the one
+that resumes it, the one that trains it on.
 """
 import math
 import os
@@ -18,7 +19,7 @@ import torch
 
 from adamw4bit import convert_adamw_state
 from checkpoint import Checkpoint, CheckpointError, is_export, load_export, saved_step
-from distributed import full_state, load_full_state, load_full_weights
+from distributed import Ranks, full_state, load_full_state, load_full_weights
 from evaluation import validation_fingerprint
 from files import near_miss
 from locate import (checkpoint_candidates, checkpoint_step, checkpoints_in, continues_in_place, is_run_directory,
@@ -333,3 +334,35 @@ def fine_tune_from_export(cfg, model, tokenizer, ranks):
     print(f"fine-tuning the model exported to {folder} (step {config['bdh_export']['step']} of its run): its weights, "
           f"a fresh optimizer, from step 1, in a new run directory")
     return RunDir(cfg.training.checkpoint_dir, writer=ranks.main), Progress(), []
+
+
+# ---- the commands a run prints: the one that resumes it, the one that trains it on
+
+def resuming(ranks: Ranks, train_command: str, where: Path) -> str:
+    """The command that continues a run from `where`: its run directory (its newest checkpoint
+    then), or a checkpoint file."""
+    return f"{launcher(ranks)}{train_command} {shlex.quote(f'training.resume_from_checkpoint={where}')}"
+
+
+def extending(train_command: str, max_iters: int) -> str:
+    """train()'s `train_command` with max_iters set, for the command that trains a finished run on."""
+    words = [word for word in shlex.split(train_command) if not word.startswith("training.max_iters=")]
+    return shlex.join([*words, f"training.max_iters={max_iters}"])
+
+
+def using_checkpoint_dir(train_command: str, checkpoint_dir: str) -> str:
+    """train()'s `train_command` without a training.checkpoint_dir other than the run's (`checkpoint_dir`),
+    one a resume in place did not use: the commands it prints would say so again."""
+    def unused(word):
+        key, _, value = word.partition("=")
+        return key == "training.checkpoint_dir" and os.path.realpath(value) != os.path.realpath(checkpoint_dir)
+    return shlex.join(word for word in shlex.split(train_command) if not unused(word))
+
+
+def launcher(ranks: Ranks) -> str:
+    """How this run was started, for the resume command."""
+    if not ranks.enabled:
+        return "python "
+    if int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size)) == ranks.world_size:
+        return f"torchrun --standalone --nproc_per_node={ranks.world_size} "
+    return "torchrun <the same rendezvous flags> "

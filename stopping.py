@@ -8,12 +8,10 @@ process with the run's status, which a late signal no longer changes.
 import atexit
 import multiprocessing
 import os
-import shlex
 import signal
 import sys
 import traceback
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -219,27 +217,6 @@ class StepVote:
 resume_command = []
 
 
-def resuming(ranks: Ranks, train_command: str, where: Path) -> str:
-    """The command that continues a run from `where`: its run directory (its newest checkpoint
-    then), or a checkpoint file."""
-    return f"{launcher(ranks)}{train_command} {shlex.quote(f'training.resume_from_checkpoint={where}')}"
-
-
-def extending(train_command: str, max_iters: int) -> str:
-    """train()'s `train_command` with max_iters set, for the command that trains a finished run on."""
-    words = [word for word in shlex.split(train_command) if not word.startswith("training.max_iters=")]
-    return shlex.join([*words, f"training.max_iters={max_iters}"])
-
-
-def using_checkpoint_dir(train_command: str, checkpoint_dir: str) -> str:
-    """train()'s `train_command` without a training.checkpoint_dir other than the run's (`checkpoint_dir`),
-    one a resume in place did not use: the commands it prints would say so again."""
-    def unused(word):
-        key, _, value = word.partition("=")
-        return key == "training.checkpoint_dir" and os.path.realpath(value) != os.path.realpath(checkpoint_dir)
-    return shlex.join(word for word in shlex.split(train_command) if not unused(word))
-
-
 def stop_at_once(signum, _frame):
     """A signal handler: KeyboardInterrupt, which names the signal (signal_of)."""
     raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -275,15 +252,6 @@ def tearing_down(second_signal_stops: bool):
             os._exit(130)
         heard.append(True)
     handle_signals(handler)
-
-
-def launcher(ranks: Ranks) -> str:
-    """How this run was started, for the resume command."""
-    if not ranks.enabled:
-        return "python "
-    if int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size)) == ranks.world_size:
-        return f"torchrun --standalone --nproc_per_node={ranks.world_size} "
-    return "torchrun <the same rendezvous flags> "
 
 
 def leave_signals_to_main(_worker_id):

@@ -51,7 +51,8 @@ from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog, StepLog, check_installed
 from model import BDH
 from positions import data_order
-from resume import Progress, checkpoint_size, resume, resume_target, save, set_rng_state, torch_rng_state
+from resume import (Progress, checkpoint_size, extending, resume, resume_target, resuming, save, set_rng_state,
+                    torch_rng_state, using_checkpoint_dir)
 from resume_checks import check_run_data_given, command_line_record, data_settings_hint
 from rundir import (RunDir, check_writable, clean_stale_temporaries, release_run_directories, unfinished_older_run,
                     unfinished_run)
@@ -60,8 +61,8 @@ from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_cl
                      resolve_compute_dtype, steady_host_memory)
 from shards import DataError
 from stopping import (EVALUATING, SAVING, SIGNALS, STEPPING, GracefulStop, StepVote, StoppedWhileClosing, exit_with,
-                      extending, handle_signals, outputs_without_reader, put_back_outputs, resume_command, resuming,
-                      signal_of, stop_at_once, stop_loader_workers, stopped_at_once, tearing_down, using_checkpoint_dir)
+                      handle_signals, outputs_without_reader, put_back_outputs, resume_command, signal_of, stop_at_once,
+                      stop_loader_workers, stopped_at_once, tearing_down)
 from tokenizer import TokenizerError
 from validation import unmeasured_validation, validation_batches
 

@@ -317,6 +317,11 @@ def test_a_start_note_says_when_most_text_is_in_row_groups_read_in_their_order(c
                         ("..", f"../../{tmp_path.name}_small")):
         cfg = Config.from_dict({"dataset": {"parquet_dir": folder}})
         assert f"--from-parquet {folder} --out {out}` writes them" in data.read_in_order([big], cfg.dataset)
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "corpus" / "linked").symlink_to(tmp_path / "deep")  # beside the link, not its target
+    for folder, out in (("linked", "linked_small"), ("/one.parquet", os.path.relpath("/data_small"))):
+        cfg = Config.from_dict({"dataset": {"parquet_dir": folder}})
+        assert f"--from-parquet {folder} --out {out}` writes them" in data.read_in_order([big], cfg.dataset)
 
 
 def test_dataloader_workers_read_their_assigned_units_deterministically(corpus):

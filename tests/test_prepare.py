@@ -363,18 +363,25 @@ def test_from_parquet_refuses_an_out_that_overlaps_its_shards_and_keeps_bytes_th
     raw = [b"caf\xe9", b"ok", "é".encode()]
     source = write_parquet(tmp_path / "raw" / "a.parquet", raw, rows_per_group=3, type_=pa.binary())
     before = source.read_bytes()
-    (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "raw" / "more").symlink_to(tmp_path / "elsewhere")  # training on raw reads what is written there
+    for linked in ("elsewhere", "empty"):  # training on raw reads what is written there
+        (tmp_path / linked).mkdir()
+        (tmp_path / "raw" / linked).symlink_to(tmp_path / linked)
     write_parquet(tmp_path / "elsewhere" / "b.parquet", [b"more"], type_=pa.binary())
+    write_parquet(tmp_path / "nested" / "sub" / "c.parquet", ["text"])
+    nested = ["--from-parquet", f"{tmp_path}/nested/**/*.parquet", "--out", str(tmp_path / "nested" / "x")]
+    assert prepare.main(nested) == 1  # a pattern's folder holds no file itself: still the data's
     for given, out, replace in ((source.parent, tmp_path / "raw" / "small", []),  # training on raw would read both
+                                (source, tmp_path / "raw" / "small", []),
+                                (f"{tmp_path}/raw/*.parquet", tmp_path / "raw" / "small", []),
                                 (source.parent, tmp_path / "elsewhere" / "small", []),
+                                (source.parent, tmp_path / "raw" / "empty" / "small", []),
                                 (source, tmp_path / "raw", ["--replace"])):  # would delete a.parquet
         assert prepare.main(["--from-parquet", str(given), "--out", str(out), *replace]) == 1
         assert "overlaps the shards it is written from" in capsys.readouterr().err
-        assert sorted(p.name for p in source.parent.iterdir()) == ["a.parquet", "more"]
-        assert source.read_bytes() == before
+        assert sorted(p.name for p in source.parent.iterdir()) == ["a.parquet", "elsewhere", "empty"]
+        assert source.read_bytes() == before and not any((tmp_path / "empty").iterdir())
     assert prepare.main(["--from-parquet", str(source), "--out", str(tmp_path / "small")]) == 0
-    assert "(0 KB of text, as bytes: a file holds them so)" in capsys.readouterr().out
+    assert "(8 bytes of text, as bytes: a file holds them so)" in capsys.readouterr().out
     assert values_in(tmp_path / "small") == raw  # bytes stay bytes, as training reads them
     # text written without checking (a string column that is not UTF-8): U+FFFD, counted
     write_parquet(tmp_path / "loose" / "c.parquet", pa.array(raw, pa.binary()).view(pa.string()))

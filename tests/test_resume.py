@@ -23,8 +23,9 @@ from checkpoint import load_checkpoint
 from config import Config
 from conftest import (DEVICES, ROOT, losses, make_corpus, only_run, run_dirs, start, write_config,
                       write_parquet)
+from distributed import Ranks
 from evaluation import validation_fingerprint
-from resume import rng_state, set_rng_state
+from resume import extending, launcher, rng_state, set_rng_state
 from locate import checkpoints_in, open_checkpoint
 from tokenizer import load_tokenizer
 from validation import validation_batches
@@ -668,3 +669,16 @@ def test_a_checkpoint_whose_best_loss_is_not_a_number_gets_a_best_again(tmp_path
     (run / "best.pt").unlink()
     assert train.main(["--config", str(path), "training.max_iters=6", f"training.resume_from_checkpoint={run}"]) == 0
     assert load_checkpoint(run / "best.pt").step == 6
+
+
+def test_the_resume_command_starts_the_run_as_it_was_started(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert launcher(Ranks()) == "python "
+    assert launcher(Ranks(0, 4)) == "torchrun --standalone --nproc_per_node=4 "
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 nodes of 2
+    assert launcher(Ranks(0, 4)) == "torchrun <the same rendezvous flags> "
+
+
+def test_the_command_that_trains_a_run_on_sets_max_iters_once():
+    assert extending("train.py --config my.yaml training.max_iters=10 training.seed=3", 20) == (
+        "train.py --config my.yaml training.seed=3 training.max_iters=20")

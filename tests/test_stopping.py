@@ -25,11 +25,10 @@ import stopping
 import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, losses, only_run, run_dirs, run_ranks, write_config
-from distributed import Ranks
 from files import script_here
 from metrics import MetricsLog
-from stopping import (SAVING, SIGNALS, GracefulStop, OutputWithoutReader, StoppedWhileClosing, launcher,
-                      outputs_without_reader, put_back_outputs, stopped_at_once)
+from stopping import (SAVING, SIGNALS, GracefulStop, OutputWithoutReader, StoppedWhileClosing, outputs_without_reader,
+                      put_back_outputs, stopped_at_once)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 NOTHING_SAVED = "\nSIGTERM: stopped at once: before the first checkpoint: nothing was saved\n"  # (SIGTERM's)
@@ -187,14 +186,6 @@ def test_a_step_vote_gives_every_rank_the_answer_one_step_late():
     assert outputs == [f"default {answers}\ncpu_group {answers}\n"] * 2
 
 
-def test_the_resume_command_starts_the_run_as_it_was_started(monkeypatch):
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert launcher(Ranks()) == "python "
-    assert launcher(Ranks(0, 4)) == "torchrun --standalone --nproc_per_node=4 "
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 nodes of 2
-    assert launcher(Ranks(0, 4)) == "torchrun <the same rendezvous flags> "
-
-
 def test_a_signal_once_the_run_has_ended_keeps_its_status(tmp_path, corpus, restore_handlers, monkeypatch):
     """A Ctrl-C or a scheduler's SIGTERM just after `done:`, while the process tears down and exits, made a
     finished run exit 130 or 143: a job script would take it for a failure, and run it again."""
@@ -310,11 +301,6 @@ def test_output_whose_reader_is_gone_goes_to_stderr_if_it_still_has_one():
     stdout = OutputWithoutReader(Full(), fallback=stderr)
     print("step 4", file=stdout, flush=True)
     assert not stdout.gone and stderr.stream.getvalue().endswith("after step 3\n")
-
-
-def test_the_command_that_trains_a_run_on_sets_max_iters_once():
-    assert stopping.extending("train.py --config my.yaml training.max_iters=10 training.seed=3", 20) == (
-        "train.py --config my.yaml training.seed=3 training.max_iters=20")
 
 
 def test_the_outputs_are_given_back_as_they_were(monkeypatch):
