@@ -17,8 +17,10 @@ tail that does not fill a last batch is dropped. Where each reader stands is its
 """
 import itertools
 import os
+import queue
 import shlex
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -48,6 +50,9 @@ POOL_BYTES = 8 << 20
 # row groups that read in this many parts or more (more than 3 x shards.READ_BYTES) are trained on in their order:
 # where they hold most of the text, a note at the start says so (read_in_order)
 IN_ORDER_PARTS = 4
+# pools a reader's thread reads and tokenizes ahead of the one whose batches it serves: each one is
+# read while those before it are used, so that a short pool (an epoch's last) does not stall the next
+READ_AHEAD = 2
 
 
 def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
@@ -140,10 +145,23 @@ class ParquetBatches(IterableDataset):
         # an epoch may deal a reader less than a batch; a position after a batch has consumed windows (one
         # that resume_point makes up for a reader dealt anew has none)
         empty_epochs, ever = 0, bool(start and start.get("consumed"))
+
+        def all_pools(epoch, start):  # (epoch, its units, a pool), or None for the pool of an epoch without any
+            for epoch, units, start in self.epochs_dealt(reader, n_readers, epoch, start):
+                empty = True
+                for pool in self.epoch_pools(cache, units, start):
+                    empty = False
+                    yield epoch, units, pool
+                if empty:
+                    yield epoch, units, None
+        # each pool is read while the one before is used, also across an epoch's end
+        stream = read_ahead(all_pools(epoch, start))
         try:
-            while True:
+            for epoch, items in itertools.groupby(stream, key=lambda item: item[0]):
                 produced = False
-                for batch in self.epoch_batches(cache, reader, n_readers, epoch, start):
+                first = next(items)
+                units, pools = first[1], (pool for _, _, pool in itertools.chain([first], items) if pool is not None)
+                for batch in self.epoch_batches(cache, reader, n_readers, epoch, start, (units, pools)):
                     produced = True
                     yield batch
                 if not self.shuffle:
@@ -151,16 +169,38 @@ class ParquetBatches(IterableDataset):
                 ever = ever or produced
                 empty_epochs = 0 if produced or start is not None else empty_epochs + 1
                 if empty_epochs == (EMPTY_EPOCHS_AFTER_A_BATCH if ever else EMPTY_EPOCHS_LIMIT):  # not forever
-                    raise DataError(self.too_little_data(cache, reader, n_readers, epoch, empty_epochs))
-                epoch, start = epoch + 1, None
+                    raise DataError(self.too_little_data(reader, n_readers, epoch, empty_epochs))
+                start = None
         finally:
             cache.close()
 
-    def too_little_data(self, cache, reader, n_readers, epoch, empty_epochs) -> str:
+    def epochs_dealt(self, reader, n_readers, epoch, start=None):
+        """(epoch, its units, where it starts) from `epoch` on, endlessly (one epoch without shuffle)."""
+        while True:
+            yield epoch, self.epoch_units(reader, n_readers, epoch, start), start
+            if not self.shuffle:
+                return
+            epoch, start = epoch + 1, None
+
+    def epoch_units(self, reader, n_readers, epoch, start=None) -> list:
+        """[unit, first part, the tokens before that part] of a reader's epoch: as the epoch deals them,
+        or the rest of an epoch dealt anew, where `start` has them (its `units`: resume_point)."""
+        redealt = start.get("units") if start else None
+        if redealt is None:
+            dealt = assign_units(self.units, epoch, self.seed, n_readers, shuffle=self.shuffle)[reader]
+            return [(unit, 0, []) for unit in dealt]
+        # [index, first part, the tokens before that part in its old reader's stream (not saved before 0.4.5)]
+        return [(self.units[entry[0]], entry[1], entry[2] if len(entry) > 2 else []) for entry in redealt]
+
+    def too_little_data(self, reader, n_readers, epoch, empty_epochs) -> str:
         """Why a reader got no batch in an epoch, and what to change."""
         units = assign_units(self.units, epoch, self.seed, n_readers, shuffle=self.shuffle)[reader]
-        documents = {split: count_documents(cache, units, self.text_column, split, self.split_seed, self.val_fraction)
-                     for split in (self.split, "all")}
+        cache = ParquetFileCache(1)  # (not the reader's: its read-ahead thread may be using that one)
+        try:
+            documents = {split: count_documents(cache, units, self.text_column, split, self.split_seed,
+                                                self.val_fraction) for split in (self.split, "all")}
+        finally:
+            cache.close()
         if self.split == "train" and not documents["train"]:
             plural = "s" * (documents["all"] != 1)
             return (f"reader {reader} of {n_readers}: none of the {documents['all']:,} document{plural} of its (file, "
@@ -174,19 +214,21 @@ class ParquetBatches(IterableDataset):
                 f"training data{readers or '; lower'} training.batch_size or "
                 f"training.block_size, or add data")
 
-    def epoch_batches(self, cache, reader, n_readers, epoch, start=None):
+    def epoch_batches(self, cache, reader, n_readers, epoch, start=None, read=None):
         """One epoch of one reader (from `start` if given): its units joined into a stream, cut
-        into windows, shuffled within each pool (epoch_pools), packed into batches."""
+        into windows, shuffled within each pool (epoch_pools), packed into batches. `read`: (its
+        units, its pools) as __iter__ reads them ahead; else they are read here."""
         T, B = self.block_size, self.batch_size
         redealt = start.get("units") if start else None  # the rest of an epoch, dealt anew (resume_point)
-        if redealt is None:
-            dealt = assign_units(self.units, epoch, self.seed, n_readers, shuffle=self.shuffle)[reader]
-            units = [(unit, 0, []) for unit in dealt]
-        else:  # [index, first part, the tokens before that part in its old reader's stream (not saved before 0.4.5)]
-            units = [(self.units[entry[0]], entry[1], entry[2] if len(entry) > 2 else []) for entry in redealt]
+        # the next pool is read and tokenized while this one's batches are served (a subword tokenizer
+        # takes seconds for a pool: done in turn, every pool would stall training that long)
+        if read is None:
+            units = self.epoch_units(reader, n_readers, epoch, start)
+            read = units, read_ahead(self.epoch_pools(cache, units, start))
+        units, pools = read
         carry = np.array(start["carry"] if start else [], dtype=self.tokenizer.dtype)
         pending, first = [], (start["unit"], start.get("part", 0)) if start else None
-        for k, part, lead, pieces, pooled in self.epoch_pools(cache, units, start):
+        for k, part, lead, pieces, pooled in pools:
             carry_in = np.concatenate([carry, *lead]) if lead else carry
             stream = np.concatenate([carry_in, *pieces])
             n_windows = max(0, (len(stream) - 1) // T)
@@ -261,6 +303,38 @@ class ParquetBatches(IterableDataset):
                 size, end = size + sum(piece.nbytes for piece in more), end + 1
             yield k, skip, lead, pieces, end - k
             k = end
+
+
+def read_ahead(items, depth: int = READ_AHEAD):
+    """The items of an iterator, made by a thread up to `depth` ahead of their use. Once they are not
+    wanted any more (the reader stopped), the thread ends after the item it is making."""
+    made, stop, done = queue.Queue(maxsize=depth), threading.Event(), object()
+
+    def offer(item) -> bool:  # whether it was queued (not: no longer wanted)
+        while not stop.is_set():
+            try:
+                made.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def make():
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+            offer(done)
+        except BaseException as e:  # (raised where the items are used)
+            offer(e)
+    threading.Thread(target=make, daemon=True).start()
+    try:
+        while (item := made.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def training_split(cfg) -> str:

@@ -4,6 +4,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +262,34 @@ def loader_batches(units, num_workers, n, tokenizer=BYTES):
     loader = DataLoader(batches_of(units, tokenizer=tokenizer), batch_size=None, num_workers=num_workers)
     it = iter(loader)
     return [next(it) for _ in range(n)]
+
+
+def test_pools_are_made_ahead_by_a_thread_in_order_at_most_two_ahead_and_its_error_where_it_was(monkeypatch):
+    """A subword tokenizer takes seconds for a pool of 8 MB: made in turn, each one stalled training."""
+    made, threads = [], threading.active_count()
+
+    def items():
+        for i in itertools.count():
+            made.append(i)
+            if i == 6:
+                raise DataError("shard gone")
+            yield i
+    stream = data.read_ahead(items(), depth=2)
+    assert next(stream) == 0
+    deadline = time.time() + 10
+    while len(made) < 4 and time.time() < deadline:  # made while 0 is used: 1 and 2 queued, 3 waiting for room
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert made == [0, 1, 2, 3] and threading.active_count() == threads + 1
+    assert [next(stream) for _ in range(5)] == [1, 2, 3, 4, 5]
+    with pytest.raises(DataError, match="shard gone"):  # after the items made before it
+        next(stream)
+    endless = data.read_ahead(itertools.count(), depth=2)
+    assert next(endless) == 0
+    endless.close()  # not wanted any more: its thread ends
+    while threading.active_count() > threads and time.time() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == threads
 
 
 def test_a_row_group_too_big_for_an_even_share_is_warned_of(capsys, tmp_path, monkeypatch):
