@@ -8,6 +8,7 @@ batches after it, the share of the time spent waiting for data, the longest wait
 (a reader's pool, or an epoch, that was not ready when its first batch was due).
 """
 import argparse
+import multiprocessing
 import sys
 import time
 
@@ -15,7 +16,8 @@ from arguments import add_config_arguments, load_config, parse_arguments
 from data import loader_workers, prepare_data, train_loader
 from distributed import Ranks
 from shards import DataError
-from stopping import ended_like_ctrl_c
+from runtime import one_line
+from stopping import ended_like_ctrl_c, stop_loader_workers
 from tokenizer import TokenizerError
 
 
@@ -49,12 +51,15 @@ def main(argv=None) -> int:
     if args.step_ms < 0 or args.batches < 1:
         parser.error(f"--step-ms must be >= 0 and --batches >= 1, got {args.step_ms} and {args.batches}")
     cfg = load_config(args)
+    children = multiprocessing.active_children()  # (a calling program's own)
     with ended_like_ctrl_c():  # Ctrl-C: one line, not a traceback
         try:
             result = wait_for_batches(cfg, args.step_ms / 1000, args.batches)
-        except (DataError, TokenizerError) as e:
-            print(f"error: {e}", file=sys.stderr)
+        except (DataError, TokenizerError) as e:  # (a worker's, with its traceback: its last line)
+            print(f"error: {one_line(e)}", file=sys.stderr)
             return 1
+        finally:
+            stop_loader_workers(started_before=children)  # (after an error they would keep the process alive)
     at = result["longest_at"]
     print(f"{result['workers']} worker(s), steps of {args.step_ms:g} ms: the first batch after "
           f"{result['first_batch_s']:.2f} s; then {args.batches:,} batches in {result['seconds']:.1f} s, "

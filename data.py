@@ -15,6 +15,7 @@ trained on one row group at a time. Nothing is padded or truncated; per reader a
 tail that does not fill a last batch is dropped. Where each reader stands is its position
 (ParquetBatches): resume.py saves them, positions.resume_point says where a resume starts.
 """
+import atexit
 import itertools
 import os
 import queue
@@ -50,9 +51,9 @@ POOL_BYTES = 8 << 20
 # row groups that read in this many parts or more (more than 3 x shards.READ_BYTES) are trained on in their order:
 # where they hold most of the text, a note at the start says so (read_in_order)
 IN_ORDER_PARTS = 4
-# pools a reader's thread reads and tokenizes ahead of the one whose batches it serves: each one is
-# read while those before it are used, so that a short pool (an epoch's last) does not stall the next
-READ_AHEAD = 2
+# pools that wait, read and tokenized, while a reader's thread reads the next one (read_ahead): two pools
+# ahead of the one served, so that a short pool (an epoch's last) does not stall the next
+READ_AHEAD = 1
 
 
 def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
@@ -146,16 +147,16 @@ class ParquetBatches(IterableDataset):
         # that resume_point makes up for a reader dealt anew has none)
         empty_epochs, ever = 0, bool(start and start.get("consumed"))
 
-        def all_pools(epoch, start):  # (epoch, its units, a pool), or None for the pool of an epoch without any
+        def all_pools(stop, epoch=epoch, start=start):  # (epoch, its units, a pool; None: an epoch without any)
             for epoch, units, start in self.epochs_dealt(reader, n_readers, epoch, start):
                 empty = True
-                for pool in self.epoch_pools(cache, units, start):
+                for pool in self.epoch_pools(cache, units, start, stop):
                     empty = False
                     yield epoch, units, pool
                 if empty:
                     yield epoch, units, None
-        # each pool is read while the one before is used, also across an epoch's end
-        stream = read_ahead(all_pools(epoch, start))
+        # the next pools are read while this one is used, also across an epoch's end
+        stream = read_ahead(all_pools)
         try:
             for epoch, items in itertools.groupby(stream, key=lambda item: item[0]):
                 produced = False
@@ -172,6 +173,7 @@ class ParquetBatches(IterableDataset):
                     raise DataError(self.too_little_data(reader, n_readers, epoch, empty_epochs))
                 start = None
         finally:
+            stream.close()  # (its thread ends before the files it reads are closed)
             cache.close()
 
     def epochs_dealt(self, reader, n_readers, epoch, start=None):
@@ -220,11 +222,9 @@ class ParquetBatches(IterableDataset):
         units, its pools) as __iter__ reads them ahead; else they are read here."""
         T, B = self.block_size, self.batch_size
         redealt = start.get("units") if start else None  # the rest of an epoch, dealt anew (resume_point)
-        # the next pool is read and tokenized while this one's batches are served (a subword tokenizer
-        # takes seconds for a pool: done in turn, every pool would stall training that long)
         if read is None:
             units = self.epoch_units(reader, n_readers, epoch, start)
-            read = units, read_ahead(self.epoch_pools(cache, units, start))
+            read = units, self.epoch_pools(cache, units, start)
         units, pools = read
         carry = np.array(start["carry"] if start else [], dtype=self.tokenizer.dtype)
         pending, first = [], (start["unit"], start.get("part", 0)) if start else None
@@ -258,14 +258,15 @@ class ParquetBatches(IterableDataset):
             pending.extend(windows[order[used:]])  # (copies)
             del stream, windows, pieces, lead, carry_in  # freed before the next pool is read
 
-    def epoch_pools(self, cache, units, start=None):
+    def epoch_pools(self, cache, units, start=None, stop=None):
         """The pools of an epoch's `units` ([unit, first part, tokens before it in an old reader's
         stream]) from `start`'s on: (index of its first unit, that unit's first part, the tokens to
         add to the carry before it, its token arrays in stream order, how many units it holds). A
         pool is a run of small units (read whole, in one part) whose tokens reach POOL_BYTES, or one
         part of a large unit; validation's stream is read a part at a time. What is small is decided
         by what is read, not by the metadata alone (dictionary-encoded text counts each repeated text
-        once), so that a resume at a pool's first unit finds the same pools."""
+        once), so that a resume at a pool's first unit finds the same pools. `stop`: an Event that,
+        once set, gives up the pool being read (read_ahead's)."""
         first = start["unit"] if start else 0
 
         def read(i, skip):
@@ -294,6 +295,8 @@ class ParquetBatches(IterableDataset):
             pieces, end = list(parts), k + 1
             size = sum(piece.nbytes for piece in pieces)
             while end < len(units) and size < POOL_BYTES:
+                if stop is not None and stop.is_set():  # not wanted any more (read_ahead)
+                    return
                 inner_lead, parts, one_part = read(end, units[end][1])
                 if not one_part:  # it starts the next pool (read again there: the rare unit that outgrows its metadata)
                     parts = None  # (not held in memory meanwhile)
@@ -305,10 +308,16 @@ class ParquetBatches(IterableDataset):
             k = end
 
 
-def read_ahead(items, depth: int = READ_AHEAD):
-    """The items of an iterator, made by a thread up to `depth` ahead of their use. Once they are not
-    wanted any more (the reader stopped), the thread ends after the item it is making."""
+READING_AHEAD = set()  # (stop, thread) of each read_ahead running in this process
+
+
+def read_ahead(make_items, depth: int = READ_AHEAD):
+    """The items of make_items(stop), made by a thread ahead of their use: `depth` of them wait, and
+    the thread makes the next one meanwhile. Once they are not wanted any more (the reader stopped),
+    `stop` is set, and the thread is waited for: it ends after the item it is making (make_items may
+    look at `stop` to end it sooner), so that it is never left inside a library as the process exits."""
     made, stop, done = queue.Queue(maxsize=depth), threading.Event(), object()
+    items = make_items(stop)
 
     def offer(item) -> bool:  # whether it was queued (not: no longer wanted)
         while not stop.is_set():
@@ -327,14 +336,30 @@ def read_ahead(items, depth: int = READ_AHEAD):
             offer(done)
         except BaseException as e:  # (raised where the items are used)
             offer(e)
-    threading.Thread(target=make, daemon=True).start()
+        finally:
+            if hasattr(items, "close"):
+                items.close()  # (a generator: its clean-up, in this thread)
+    thread = threading.Thread(target=make, daemon=True)
+    thread.start()
+    READING_AHEAD.add((stop, thread))
     try:
         while (item := made.get()) is not done:
             if isinstance(item, BaseException):
                 raise item
             yield item
     finally:
+        READING_AHEAD.discard((stop, thread))
         stop.set()
+        thread.join()
+
+
+@atexit.register
+def stop_reading_ahead():
+    """At exit, before the interpreter is torn down: the threads still reading ahead (a stream nobody
+    closed) end after the item they are making, rather than be stopped inside a library, which aborts."""
+    for stop, thread in list(READING_AHEAD):
+        stop.set()
+        thread.join()
 
 
 def training_split(cfg) -> str:

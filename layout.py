@@ -39,6 +39,7 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
     """(the folder that the files' keys are relative to, the parquet files) of a folder, a glob
     pattern, or one .parquet file (its folder is the root)."""
     root = Path(location)
+    what = f"given to {setting}, it" if setting.startswith("--") else setting  # ("data: dataset.parquet_dir is ...")
     if root.is_dir():
         files, skipped = parquet_files(root)
         check_links(files)
@@ -47,7 +48,7 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
     elif root.is_file() and root.name.endswith(".parquet"):
         root, files, skipped = root.parent, [root], []
     elif root.is_symlink() and not root.exists():
-        raise DataError(f"{root}: {setting} is a symbolic link to {os.path.realpath(root)}, which does not exist; "
+        raise DataError(f"{root}: {what} is a symbolic link to {os.path.realpath(root)}, which does not exist; "
                         f"restore its target (re-download it) or set {setting} to where the data is")
     elif any(c in str(location) for c in PATTERN_CHARACTERS):
         root, files, skipped = pattern_files(str(location), setting)
@@ -57,17 +58,17 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
                         f"{shlex.quote(str(root.with_suffix('.parquet')))}`")
     elif root.exists():
         out = shlex.quote(str(root.with_suffix("")) + "_parquet")
-        raise DataError(f"{root}: {setting} is a file, not a folder of .parquet shards; give their folder, a .parquet "
+        raise DataError(f"{root}: {what} is a file, not a folder of .parquet shards; give their folder, a .parquet "
                         f"file or a glob pattern; to train on this file's text: `python prepare.py --from-text "
                         f"{shlex.quote(str(root))} --out {out}` and {set_to(setting, out, small=True)}")
     elif root.suffix and root.suffix != ".parquet":  # a text file's name, perhaps: not a folder to write into
         out = shlex.quote(f"{root.with_suffix('')}_parquet")
-        raise DataError(f"{root}: {setting} does not exist{relative_to_here(root)}; it takes a folder of .parquet "
+        raise DataError(f"{root}: {what} does not exist{relative_to_here(root)}; it takes a folder of .parquet "
                         f"shards: write them with `python prepare.py --from-text TEXT_FILE ... --out {out}` and "
                         f"{set_to(setting, out, small=True)}")
     else:
         close = difflib.get_close_matches(root.name, folders_beside(root), 1, 0.75)
-        raise DataError(f"{root}: {setting} does not exist{relative_to_here(root)}; "
+        raise DataError(f"{root}: {what} does not exist{relative_to_here(root)}; "
                         + (f"did you mean {root.with_name(close[0])}? or " if close else "")
                         + f"create it with `python prepare.py --from-text FILE --out {shlex.quote(str(root))}`")
     if skipped:

@@ -399,3 +399,14 @@ def test_from_parquet_refuses_a_folder_that_mixes_a_held_out_split_with_the_trai
             f"dataset.val_parquet_dir; to write every file anyway: --from-parquet '{tmp_path}/hf/**/*.parquet'"
             ) in capsys.readouterr().err
     assert prepare.main(["--from-parquet", f"{tmp_path}/hf/train*.parquet", "--out", str(tmp_path / "small")]) == 0
+
+
+def test_from_parquet_on_a_text_file_says_it_needs_no_rewrite(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("some text\n")
+    assert prepare.main(["--from-parquet", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "x")]) == 1
+    out = tmp_path / "notes_parquet"
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'notes.txt'}: given to --from-parquet, it is a file, not a folder of .parquet shards; "
+        f"give their folder, a .parquet file or a glob pattern; to train on this file's text: `python prepare.py "
+        f"--from-text {tmp_path / 'notes.txt'} --out {out}` and train with dataset.parquet_dir={out} (its row groups "
+        f"are small already)\n")
