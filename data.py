@@ -15,13 +15,10 @@ trained on one row group at a time. Nothing is padded or truncated; per reader a
 tail that does not fill a last batch is dropped. Where each reader stands is its position
 (ParquetBatches): resume.py saves them, positions.resume_point says where a resume starts.
 """
-import atexit
 import itertools
 import os
-import queue
 import shlex
 import sys
-import threading
 import warnings
 
 import numpy as np
@@ -31,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from corpus import MIN_ROW_GROUPS, ensure_sample_corpus
 from files import byte_amount
 from layout import data_folder
+from read_ahead import read_ahead
 from shards import (READ_BYTES, DataError, ParquetFileCache, Unit, first_documents, list_units, read_unit_documents,
                     rows_per_part)
 from stopping import leave_signals_to_main
@@ -51,9 +49,6 @@ POOL_BYTES = 8 << 20
 # row groups that read in this many parts or more (more than 3 x shards.READ_BYTES) are trained on in their order:
 # where they hold most of the text, a note at the start says so (read_in_order)
 IN_ORDER_PARTS = 4
-# pools that wait, read and tokenized, while a reader's thread reads the next one (read_ahead): two pools
-# ahead of the one served, so that a short pool (an epoch's last) does not stall the next
-READ_AHEAD = 1
 
 
 def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
@@ -306,60 +301,6 @@ class ParquetBatches(IterableDataset):
                 size, end = size + sum(piece.nbytes for piece in more), end + 1
             yield k, skip, lead, pieces, end - k
             k = end
-
-
-READING_AHEAD = set()  # (stop, thread) of each read_ahead running in this process
-
-
-def read_ahead(make_items, depth: int = READ_AHEAD):
-    """The items of make_items(stop), made by a thread ahead of their use: `depth` of them wait, and
-    the thread makes the next one meanwhile. Once they are not wanted any more (the reader stopped),
-    `stop` is set, and the thread is waited for: it ends after the item it is making (make_items may
-    look at `stop` to end it sooner), so that it is never left inside a library as the process exits."""
-    made, stop, done = queue.Queue(maxsize=depth), threading.Event(), object()
-    items = make_items(stop)
-
-    def offer(item) -> bool:  # whether it was queued (not: no longer wanted)
-        while not stop.is_set():
-            try:
-                made.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def make():
-        try:
-            for item in items:
-                if not offer(item):
-                    return
-            offer(done)
-        except BaseException as e:  # (raised where the items are used)
-            offer(e)
-        finally:
-            if hasattr(items, "close"):
-                items.close()  # (a generator: its clean-up, in this thread)
-    thread = threading.Thread(target=make, daemon=True)
-    thread.start()
-    READING_AHEAD.add((stop, thread))
-    try:
-        while (item := made.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        READING_AHEAD.discard((stop, thread))
-        stop.set()
-        thread.join()
-
-
-@atexit.register
-def stop_reading_ahead():
-    """At exit, before the interpreter is torn down: the threads still reading ahead (a stream nobody
-    closed) end after the item they are making, rather than be stopped inside a library, which aborts."""
-    for stop, thread in list(READING_AHEAD):
-        stop.set()
-        thread.join()
 
 
 def training_split(cfg) -> str:
