@@ -34,7 +34,7 @@ from reference import reference_forward
 from runtime import (DTYPES, DeviceError, autocast, device_clock, measured_matmul_flops, peak_memory_bytes, pick_device,
                      prepare_compile, process_status_bytes, resolve_compute_dtype, steady_host_memory, wants_compile)
 from shards import DataError, list_units
-from stopping import ended_like_ctrl_c
+from stopping import ended_like_ctrl_c, signals_held
 from tokenizer import TokenizerError, load_tokenizer
 
 IMPLEMENTATIONS = ("model.py", "reference")
@@ -184,7 +184,8 @@ def profile_training(cfg, device, path, steps=3, warmup=2) -> dict:
 
 def bench_loader(cfg, units, tokenizer, model_ms_per_step, seconds=5.0) -> dict:
     workers = loader_workers(cfg, units)
-    it = iter(train_loader(cfg, units, tokenizer, workers))
+    with signals_held():  # (the workers start here)
+        it = iter(train_loader(cfg, units, tokenizer, workers))
     next(it)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

@@ -17,7 +17,7 @@ from data import loader_workers, prepare_data, train_loader
 from distributed import Ranks
 from shards import DataError
 from runtime import one_line
-from stopping import ended_like_ctrl_c, stop_loader_workers
+from stopping import ended_like_ctrl_c, signals_held, stop_loader_workers
 from tokenizer import TokenizerError
 
 
@@ -26,7 +26,8 @@ def wait_for_batches(cfg, step_s: float, batches: int) -> dict:
     tokenizer, units = prepare_data(cfg, Ranks())
     workers = loader_workers(cfg, units)
     started = time.perf_counter()
-    loader = iter(train_loader(cfg, units, tokenizer, workers))
+    with signals_held():  # (the workers start here)
+        loader = iter(train_loader(cfg, units, tokenizer, workers))
     next(loader)
     first_s, waits, longest = time.perf_counter() - started, 0.0, (0.0, 0, None)
     begun = time.perf_counter()

@@ -22,9 +22,12 @@ def step_line(record: dict, max_iters: int, eta: float | None, elapsed: float, a
         extra += f" | {record['skipped_steps']} step(s) skipped by the float16 loss scaler"
     if record.get("data_wait", 0) >= 0.05:  # the loader does not keep up (below, it is handing batches over)
         extra += f" | waiting for data {record['data_wait']:.0%}" + " (the loader starting)" * first
-    last = at_least and record["step"] == max_iters  # ("at least 0:00:00" would read as done)
-    eta = ("eta after compilation" if eta is None else "final evaluation and checkpoint next" if last else
-           "eta " + "at least " * at_least + format_duration(eta))
+    if eta is None:
+        eta = "eta after compilation"
+    elif record["step"] == max_iters:  # what is left is theirs ("eta 0:00:38" read as a step count gone wrong)
+        eta = "final evaluation and checkpoint next" + f", about {format_duration(eta)}" * (not at_least)
+    else:
+        eta = "eta " + "at least " * at_least + format_duration(eta)
     grad_norm = "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
     return (f"step {record['step']}/{max_iters} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | grad norm "
             f"{grad_norm} | {record['tokens_per_s']:,} tok/s | {record['ms_per_step']:.1f} ms/step{extra} | "

@@ -6,8 +6,9 @@ import atexit
 import queue
 import threading
 
-# pools that wait, read and tokenized, while a reader's thread reads the next one: two pools
-# ahead of the one served, so that a short pool (an epoch's last) does not stall the next
+# pools that wait, read and tokenized, while a reader's thread reads the one after them: with 1, the
+# thread works up to two pools ahead of the one served, so that a short pool (an epoch's last) does not
+# stall the next
 READ_AHEAD = 1
 
 READING_AHEAD = set()  # (stop, thread) of each read_ahead running in this process

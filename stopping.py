@@ -6,10 +6,12 @@ the DataLoader workers leave the signals to the main process, which stops them; 
 process with the run's status, which a late signal no longer changes.
 """
 import atexit
+import math
 import multiprocessing
 import os
 import signal
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 
@@ -25,6 +27,9 @@ STEPPING = "the step"  # GracefulStop.doing while the run trains
 SAVING = "the checkpoint"  # GracefulStop.doing while a checkpoint is written: a second signal waits for it
 EVALUATING = "the evaluation"  # GracefulStop.doing while the model is evaluated
 CLOSING = "closing the logs"  # GracefulStop.doing at the end, the last checkpoint saved (closing may upload to W&B)
+# a signal this soon after the first is the same one again: a wrapper (timeout, a job script) forwards the Ctrl-C
+# that the terminal sent to its whole group, the run too
+REPEAT_WITHIN_S = 1.0
 
 
 def handle_signals(handler):
@@ -44,6 +49,7 @@ class GracefulStop:
     """SIGINT/SIGTERM/SIGHUP: finish what runs (`doing`: the step, the evaluation, the checkpoint),
     save a checkpoint, exit 0. In a single process a second Ctrl-C stops at once, except while a
     checkpoint is written (that would lose it), and says how to resume once one is saved (closing());
+    one within REPEAT_WITHIN_S of the first is that one again, forwarded by a wrapper (`timeout`);
     under torchrun the agent forwards the signal it got itself, so repeats are expected and ignored
     (the agent kills the ranks 30 s later anyway). The handler says at once that it heard, with
     os.write: print() could re-enter a print the loop is in. An ignored signal stays ignored
@@ -54,6 +60,7 @@ class GracefulStop:
         keeps it until the process's first step is done: that step is all a save would keep, and its
         compilation (a minute) would outlast torchrun's 30 s before it kills."""
         self.signal_name, self.doing, self.last_words = None, STEPPING, ""
+        self.heard_at = -math.inf  # time.monotonic() of the first signal
         self.at_once = at_once
         self.second_signal_stops, self.announce = second_signal_stops, announce
         handle_signals(self._handler)
@@ -70,11 +77,15 @@ class GracefulStop:
 
     def _handler(self, signum, _frame):
         if self.at_once:  # (heard: for the caller, where the KeyboardInterrupt is swallowed, as in a weakref callback)
-            self.signal_name = signal.Signals(signum).name
+            if time.monotonic() - self.heard_at < REPEAT_WITHIN_S:
+                return
+            self.signal_name, self.heard_at = signal.Signals(signum).name, time.monotonic()
             raise KeyboardInterrupt(self.signal_name)
+        if time.monotonic() - self.heard_at < REPEAT_WITHIN_S:
+            return
         saving, closing = self.doing == SAVING, self.doing == CLOSING
         if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
+            self.signal_name, self.heard_at = signal.Signals(signum).name, time.monotonic()
             if self.announce:
                 again = "" if not self.second_signal_stops or saving else (
                     " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else " (a second one stops at once)")
@@ -217,13 +228,22 @@ class StepVote:
 resume_command = []
 
 
-def stop_at_once(signum, _frame):
-    """A signal handler: KeyboardInterrupt, which names the signal (signal_of)."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+def stopping_at_once():
+    """A signal handler that raises KeyboardInterrupt, which names the signal (signal_of). The same
+    signal again within REPEAT_WITHIN_S (forwarded by a wrapper) is ignored: raised while the first
+    one's stop unwinds, it would end the run in a traceback."""
+    heard_at = []
+
+    def stop_at_once(signum, _frame):
+        if heard_at and time.monotonic() - heard_at[0] < REPEAT_WITHIN_S:
+            return
+        heard_at[:] = [time.monotonic()]
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    return stop_at_once
 
 
 def signal_of(interrupt: KeyboardInterrupt) -> str | None:
-    """The signal a KeyboardInterrupt was raised for (stop_at_once, GracefulStop), or None (Python's own,
+    """The signal a KeyboardInterrupt was raised for (stopping_at_once, GracefulStop), or None (Python's own,
     for a SIGINT)."""
     name = interrupt.args[0] if interrupt.args else None
     return name if name in signal.Signals.__members__ else None
@@ -243,23 +263,44 @@ def stopped_at_once(resuming_a_run: bool = False, signal_name: str | None = None
 def tearing_down(second_signal_stops: bool):
     """A run that has ended tears down (its loader workers, the process group): a signal then (a
     Ctrl-C just after `done:`) does not change its status; in a single process a second one
-    (something hangs) ends it at once. (Under torchrun the agent forwards its signals, repeats
-    included, and kills a rank that hangs.)"""
-    heard = []
+    (something hangs; not the first one forwarded again: REPEAT_WITHIN_S) ends it at once. (Under
+    torchrun the agent forwards its signals, repeats included, and kills a rank that hangs.)"""
+    heard_at = []  # time.monotonic() of the first signal
 
     def handler(_signum, _frame):
-        if heard and second_signal_stops:
+        if heard_at and second_signal_stops and time.monotonic() - heard_at[0] >= REPEAT_WITHIN_S:
             os._exit(130)
-        heard.append(True)
+        heard_at[:] = heard_at or [time.monotonic()]
     handle_signals(handler)
 
 
 def leave_signals_to_main(_worker_id):
     """A DataLoader worker's start: Ctrl-C, SIGTERM and a closed terminal's SIGHUP reach the whole
     process group; the main process decides how to stop (finish the step, checkpoint) and then shuts
-    the workers down itself (stop_loader_workers)."""
+    the workers down itself (stop_loader_workers). What came while the worker started (held, by
+    signals_held) is dropped here."""
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+@contextmanager
+def signals_held():
+    """SIGINT, SIGTERM and SIGHUP wait while the DataLoader workers start (fork): the main process
+    hears one that came meanwhile as the block ends. In the middle of a fork its KeyboardInterrupt
+    would be raised inside an at-fork hook, where Python prints it and goes on (the run would go on
+    training), and a worker would get it before it ignores the signals (a traceback). The workers
+    inherit the held signals and drop them (leave_signals_to_main). Where threads cannot hold signals
+    (Windows), nothing is held."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def stop_loader_workers(started_before=()):
@@ -356,10 +397,10 @@ def ended_like_ctrl_c():
     128 + the signal, not a traceback. Handlers of the host's own are kept; all are put back after."""
     before = {sig: signal.getsignal(sig) for sig in SIGNALS}
 
-    def stop(signum, frame):
+    def stop(signum, _frame):
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-        stop_at_once(signum, frame)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
     for sig, handler in before.items():
         if handler in (signal.SIG_DFL, signal.default_int_handler):
             signal.signal(sig, stop)

@@ -61,8 +61,8 @@ from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_cl
                      resolve_compute_dtype, steady_host_memory)
 from shards import DataError
 from stopping import (EVALUATING, SAVING, SIGNALS, STEPPING, GracefulStop, StepVote, StoppedWhileClosing, exit_with,
-                      handle_signals, outputs_without_reader, put_back_outputs, resume_command, signal_of, stop_at_once,
-                      stop_loader_workers, stopped_at_once, tearing_down)
+                      handle_signals, outputs_without_reader, put_back_outputs, resume_command, signal_of, signals_held,
+                      stop_loader_workers, stopped_at_once, stopping_at_once, tearing_down)
 from tokenizer import TokenizerError
 from validation import unmeasured_validation, validation_batches
 
@@ -164,9 +164,10 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
                        fp8_recipe, qat_start, peak_source), flush=True)
 
     # ---- the training stream
-    loader = iter(train_loader(cfg, units, tokenizer, workers, start_positions, progress.batches_consumed,
-                               pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
-                               rank=ranks.rank, world_size=ranks.world_size))
+    with signals_held():  # (the workers start here)
+        loader = iter(train_loader(cfg, units, tokenizer, workers, start_positions, progress.batches_consumed,
+                                   pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
+                                   rank=ranks.rank, world_size=ranks.world_size))
     progress.positions = rank_positions(start_positions, ranks.rank, workers)
     order = data_order(cfg, units, workers, ranks.world_size)
     sample_generator = torch.Generator(device=device)
@@ -433,7 +434,7 @@ def main(argv=None) -> int:
     if not getattr(args, "config_given", False) and first_process():
         print(f"config {args.config} (no --config given: the default, sized for a GPU; configs/tiny.yaml is for a CPU)")
     handlers = {sig: handlers_before_import.get(sig, signal.getsignal(sig)) for sig in SIGNALS}
-    handle_signals(stop_at_once)  # while the run sets up, as Ctrl-C: it stops at once, in one line
+    handle_signals(stopping_at_once())  # while the run sets up, as Ctrl-C: it stops at once, in one line
     children = multiprocessing.active_children()  # a calling program's own: not the loader's to stop
     ranks, device = Ranks(), cfg.training.device
     resume_command.clear()

@@ -21,7 +21,8 @@ def test_the_step_line_says_what_the_record_holds():
     last = {**record, "step": 100}
     assert console.step_line(last, 100, 0.2, elapsed=5, at_least=True).endswith(
         "elapsed 0:00:05 | final evaluation and checkpoint next")
-    assert console.step_line(last, 100, 0.2, elapsed=5).endswith("| eta 0:00:00")
+    assert console.step_line(last, 100, 38.2, elapsed=5).endswith(
+        "| final evaluation and checkpoint next, about 0:00:38")
     assert console.step_line(record, 100, 0.2, elapsed=5, at_least=True).endswith("| eta at least 0:00:00")
 
 

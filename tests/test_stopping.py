@@ -1,7 +1,6 @@
 """Stopping on request: the signal handler, the vote that tells every rank, the resume command.
 Whole runs stopped by signals, and under torchrun in tests/test_distributed.py."""
 import atexit
-import hashlib
 import io
 import json
 import multiprocessing
@@ -11,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,6 +33,13 @@ NOTHING_SAVED = "\nSIGTERM: stopped at once: before the first checkpoint: nothin
 
 
 @pytest.fixture
+def second_signal_at_once(monkeypatch):
+    """The tests' second signals come milliseconds after the first: a second Ctrl-C, not the first
+    forwarded again (stopping.REPEAT_WITHIN_S)."""
+    monkeypatch.setattr(stopping, "REPEAT_WITHIN_S", 0)
+
+
+@pytest.fixture
 def restore_handlers():
     handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
     yield
@@ -42,7 +47,8 @@ def restore_handlers():
         signal.signal(sig, handler)
 
 
-def test_a_second_ctrl_c_stops_at_once_except_while_a_checkpoint_is_written(restore_handlers, capfd):
+def test_a_second_ctrl_c_stops_at_once_except_while_a_checkpoint_is_written(restore_handlers, capfd,
+                                                                           second_signal_at_once):
     stop = GracefulStop(second_signal_stops=True, announce=True)
     stop.doing = SAVING
     os.kill(os.getpid(), signal.SIGINT)
@@ -56,31 +62,43 @@ def test_a_second_ctrl_c_stops_at_once_except_while_a_checkpoint_is_written(rest
                                       "once)\n")
 
 
-def test_one_signal_delivered_twice_at_once_is_one(restore_handlers, capfd):
-    """timeout (or a wrapper script) forwards the Ctrl-C that the terminal sent its whole group too: the
-    two come together, Python runs the handler once, and the run saves rather than stopping at once.
-    (Two Ctrl-C seconds apart within one long call, a GPU sync, count as one as well: a third stops.)"""
+def test_one_signal_forwarded_by_a_wrapper_is_one(restore_handlers, capfd, monkeypatch):
+    """`timeout` (or a job script) forwards the Ctrl-C that the terminal sent its whole group too: the
+    run got it twice, a moment apart, and stopped at once without saving; in its first step, or while
+    it set up, the second KeyboardInterrupt came while the first one's stop unwound, in a traceback. A
+    second Ctrl-C a second later stops at once."""
     stop = GracefulStop(second_signal_stops=True, announce=True)
-
-    def send_two():
-        time.sleep(0.03)
-        for _ in range(2):
-            os.kill(os.getpid(), signal.SIGINT)
-    sender = threading.Thread(target=send_two)
-    sender.start()
     try:
-        hashlib.pbkdf2_hmac("sha256", b"a", b"b", 2_000_000)  # about 0.5 s in C, without the GIL
-        sender.join()
-        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # (each handled before os.kill returns)
     except KeyboardInterrupt:  # (left alone, it would end pytest's session)
         pytest.fail("one Ctrl-C delivered twice stopped the run at once")
     assert stop.signal_name == "SIGINT"
+    monkeypatch.setattr(stopping, "REPEAT_WITHIN_S", 0.2)
+    time.sleep(0.25)
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
     assert capfd.readouterr().err == ("\nSIGINT: finishing the step, then saving a checkpoint (Ctrl-C again to stop "
                                       "at once)\n")
+    for handler in (stopping.stopping_at_once(), GracefulStop(second_signal_stops=True, announce=True,
+                                                               at_once=True)._handler):
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            handler(signal.SIGTERM, None)
+        try:
+            handler(signal.SIGTERM, None)  # the same again: nothing raised
+        except KeyboardInterrupt:
+            pytest.fail(f"{handler.__qualname__} raised for the signal forwarded again")
+        time.sleep(0.25)
+        with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+            handler(signal.SIGINT, None)
+    forwarded_in_teardown = ("import os, signal, time, stopping; stopping.tearing_down(True); "
+                             "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT); "
+                             "time.sleep(0.2)")
+    assert subprocess.run([sys.executable, "-c", forwarded_in_teardown], cwd=ROOT, timeout=60).returncode == 0
 
 
 def test_once_the_last_checkpoint_is_saved_a_second_ctrl_c_stops_at_once_and_still_says_how_to_resume(
-        restore_handlers, capfd):
+        restore_handlers, capfd, second_signal_at_once):
     stop = GracefulStop(second_signal_stops=True, announce=True)
     stop.closing("stopped by SIGINT after step 2. Resume with: ...")
     os.kill(os.getpid(), signal.SIGINT)
@@ -91,7 +109,7 @@ def test_once_the_last_checkpoint_is_saved_a_second_ctrl_c_stops_at_once_and_sti
 
 
 def test_a_stop_saves_before_the_evaluation_due_and_a_second_ctrl_c_while_the_logs_close_loses_nothing(
-        tmp_path, corpus, monkeypatch, capfd, restore_handlers):
+        tmp_path, corpus, monkeypatch, capfd, restore_handlers, second_signal_at_once):
     path = write_config(tmp_path, corpus, max_iters=4, test_freq=3, checkpoint_freq=100, log_freq=1)
     real_write_step_line, real_close = train.write_step_line, MetricsLog.close
 
@@ -201,7 +219,8 @@ def test_a_signal_once_the_run_has_ended_keeps_its_status(tmp_path, corpus, rest
                   "class Slow:\n    def __del__(self): os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5)\n"
                   "slow = Slow()\nexit_with(lambda: 0)")  # (Python's finalizing: once its signals are the defaults)
     assert subprocess.run([sys.executable, "-c", finalizing], cwd=ROOT, timeout=60).returncode == 0
-    hangs_in_teardown = ("import os, signal, time; from stopping import tearing_down; tearing_down(True); "
+    hangs_in_teardown = ("import os, signal, time, stopping; from stopping import tearing_down; tearing_down(True); "
+                         "stopping.REPEAT_WITHIN_S = 0; "
                          "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2); print('still tearing down', flush=True); "
                          "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)")  # a second signal: it ends at once
     ended = subprocess.run([sys.executable, "-c", hangs_in_teardown], cwd=ROOT, timeout=60, capture_output=True, text=True)
@@ -333,7 +352,7 @@ def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once_and_its_step_logged
 
 @pytest.mark.parametrize("checkpoint_freq", [2, 1000])
 def test_ctrl_c_while_saving_stops_after_the_checkpoint_even_twice(tmp_path, corpus, checkpoint_freq, monkeypatch,
-                                                                   capfd, restore_handlers):
+                                                                   capfd, restore_handlers, second_signal_at_once):
     """A periodic checkpoint (a Ctrl-C while it is written: it is the one, the run stops after it),
     or the one a first Ctrl-C after step 2 asked for (a second Ctrl-C waits for it instead of losing it)."""
     path = write_config(tmp_path, corpus, max_iters=1000, test_freq=1000, checkpoint_freq=checkpoint_freq)
@@ -407,7 +426,26 @@ def test_sigterm_while_the_run_sets_up_stops_it_in_one_line(tmp_path, corpus, ca
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_path, corpus, capsys, monkeypatch):
+def test_a_signal_while_the_loader_workers_start_still_stops_the_run(tmp_path, corpus):
+    """A signal in the middle of the fork that starts a DataLoader worker was raised inside an at-fork
+    hook, where Python prints the KeyboardInterrupt and goes on: the run trained on, and a worker that
+    got it printed a traceback. Here each side's hook sends the signal to its own process."""
+    in_the_fork = ("import os, signal, sys, time, traceback, train\n"
+                   "def signal_self():\n"
+                   "    if any(f.filename.endswith('dataloader.py') for f in traceback.extract_stack()):\n"
+                   "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                   "        time.sleep(0.3)\n"  # (the handler runs here, in the hook, unless the signal waits)
+                   "os.register_at_fork(after_in_parent=signal_self, after_in_child=signal_self)\n"
+                   "sys.exit(train.main(sys.argv[1:]))\n")
+    path = write_config(tmp_path, corpus, max_iters=3, checkpoint_freq=100, test_freq=100)
+    ended = subprocess.run([sys.executable, "-c", in_the_fork, "--config", str(path), "dataloader.num_workers=1"],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert (ended.returncode, ended.stderr) == (130, NOTHING_SAVED), ended.stdout[-2000:]
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_path, corpus, capsys, monkeypatch,
+                                                                         second_signal_at_once):
     """The process's first step (a resume's too) is all a save then would keep, and under torchrun its
     compilation can outlast the 30 s the agent waits: a signal during it stops at once, as in setting up."""
     real = train.train_loader
