@@ -27,10 +27,11 @@ import torch
 from adamw4bit import make_optimizer
 from arguments import add_config_arguments, load_config, parse_arguments
 from corpus import ensure_sample_corpus
-from data import loader_workers, train_loader
+from data import train_loader
 from files import check_outputs, folder_made_for
 from model import BDH
 from reference import reference_forward
+from readers import loader_workers
 from runtime import (DTYPES, DeviceError, autocast, device_clock, measured_matmul_flops, peak_memory_bytes, pick_device,
                      prepare_compile, process_status_bytes, resolve_compute_dtype, steady_host_memory, wants_compile)
 from shards import DataError, list_units

@@ -13,10 +13,11 @@ import sys
 import time
 
 from arguments import add_config_arguments, load_config, parse_arguments
-from data import loader_workers, prepare_data, train_loader
+from data import prepare_data, train_loader
 from distributed import Ranks
-from shards import DataError
+from readers import loader_workers
 from runtime import one_line
+from shards import DataError
 from stopping import ended_like_ctrl_c, signals_held, stop_loader_workers
 from tokenizer import TokenizerError
 

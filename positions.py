@@ -8,8 +8,9 @@ import numpy as np
 
 import data
 import shards
-from data import EVEN_TEXT, IN_SHUFFLED_ORDER, LARGEST_FIRST, assign_units, deal, training_split
+from data import training_split
 from files import byte_amount
+from readers import EVEN_TEXT, IN_SHUFFLED_ORDER, LARGEST_FIRST, assign_units, deal
 from shards import Unit, rows_per_part
 
 # Settings that decide the order of the training windows: resuming with other values cannot
@@ -25,7 +26,7 @@ WORKERS_KEY = "dataloader.num_workers (effective)"
 # (a key that checkpoints hold: it keeps the name of the module READ_BYTES was in then, data.py, now shards.py,
 # and its words from before pools: windows are now shuffled within pools, POOL_KEY)
 READ_BYTES_KEY = "data.READ_BYTES (windows are shuffled within parts of this many bytes)"
-DEALING_KEY = "units dealt to the readers"  # data.assign_units' way
+DEALING_KEY = "units dealt to the readers"  # readers.assign_units' way
 POOL_KEY = "data.POOL_BYTES (windows are shuffled across a reader's small units whose tokens take this many bytes)"
 # Unchanged, these keep every unit and its parts as they were: a resume that changes only the
 # readers (workers, processes), the block size or the seed finishes the epoch that was in progress.
@@ -119,7 +120,7 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealing
 
 
 def dealing_with_bytes(units: list[Unit], epoch: int, seed: int, n_readers: int, way: str = EVEN_TEXT) -> list:
-    """Each reader's units in `epoch` (data.assign_units), with their text's cumulative bytes from 0."""
+    """Each reader's units in `epoch` (readers.assign_units), with their text's cumulative bytes from 0."""
     return [(assigned, np.cumsum([0] + [unit.text_bytes for unit in assigned]))
             for assigned in assign_units(units, epoch, seed, n_readers, shuffle=True, way=way)]
 

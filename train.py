@@ -41,7 +41,7 @@ from arguments import add_config_arguments, load_config, parse_arguments
 from checkpoint import CheckpointError
 from config import learning_rate, step_tokens
 from console import describe_run, done_lines, evaluation_lines
-from data import loader_workers, prepare_data, rank_positions, train_loader
+from data import prepare_data, rank_positions, train_loader
 from distributed import (DistributedError, Ranks, communication_failure, failed, first_process, gradient_sync,
                          launched_by_torchrun, local_tensor, peers_lost, shutdown, start, wrap)
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
@@ -51,6 +51,7 @@ from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog, StepLog, check_installed
 from model import BDH
 from positions import data_order
+from readers import loader_workers
 from resume import (Progress, checkpoint_size, extending, resume, resume_target, resuming, save, set_rng_state,
                     torch_rng_state, using_checkpoint_dir)
 from resume_checks import check_run_data_given, command_line_record, data_settings_hint

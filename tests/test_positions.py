@@ -15,9 +15,10 @@ import train
 from checkpoint import load_checkpoint
 from config import Config
 from conftest import make_corpus, only_run, run_dirs, unit_of_tag, write_config, write_parquet
-from data import EVEN_TEXT, IN_SHUFFLED_ORDER, ParquetBatches, assign_units, read_unit_tokens
-from positions import (DEALING_KEY, LARGEST_FIRST, POOL_KEY, SHARDS, SHARDS_SEEN, WORKERS_KEY, bytes_left,
-                       data_order, epochs_read, order_changes, part_read, rest_of_epoch, resume_point)
+from data import ParquetBatches, read_unit_tokens
+from positions import (DEALING_KEY, POOL_KEY, SHARDS, SHARDS_SEEN, WORKERS_KEY, bytes_left, data_order, epochs_read,
+                       order_changes, part_read, rest_of_epoch, resume_point)
+from readers import EVEN_TEXT, IN_SHUFFLED_ORDER, LARGEST_FIRST, assign_units
 from shards import ParquetFileCache, list_units
 from tokenizer import ByteTokenizer
 
