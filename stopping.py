@@ -77,10 +77,9 @@ class GracefulStop:
 
     def _handler(self, signum, _frame):
         if self.at_once:  # (heard: for the caller, where the KeyboardInterrupt is swallowed, as in a weakref callback)
-            if time.monotonic() - self.heard_at < REPEAT_WITHIN_S:
-                return
-            self.signal_name, self.heard_at = signal.Signals(signum).name, time.monotonic()
-            raise KeyboardInterrupt(self.signal_name)
+            self.signal_name = self.signal_name or signal.Signals(signum).name
+            stop_at_once(signum, _frame)
+            return  # (heard before: the stop is under way)
         if time.monotonic() - self.heard_at < REPEAT_WITHIN_S:
             return
         saving, closing = self.doing == SAVING, self.doing == CLOSING
@@ -228,22 +227,28 @@ class StepVote:
 resume_command = []
 
 
-def stopping_at_once():
-    """A signal handler that raises KeyboardInterrupt, which names the signal (signal_of). The same
-    signal again within REPEAT_WITHIN_S (forwarded by a wrapper) is ignored: raised while the first
-    one's stop unwinds, it would end the run in a traceback."""
-    heard_at = []
+heard_at_once = []  # the signal stop_at_once raised for, if any (train.main clears it)
 
-    def stop_at_once(signum, _frame):
-        if heard_at and time.monotonic() - heard_at[0] < REPEAT_WITHIN_S:
-            return
-        heard_at[:] = [time.monotonic()]
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-    return stop_at_once
+
+def stop_at_once(signum, _frame):
+    """A signal handler: KeyboardInterrupt, which names the signal (signal_of). Once it has raised
+    one, the run is stopping: a later signal is ignored (the same one forwarded by a wrapper, which
+    would end the stop in a traceback), and raise_if_heard raises the first again where its
+    KeyboardInterrupt was swallowed."""
+    if not heard_at_once:
+        heard_at_once.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt(heard_at_once[0])
+
+
+def raise_if_heard():
+    """KeyboardInterrupt if stop_at_once has raised one: where it was swallowed, raised in an at-fork
+    hook or a weakref callback (torch.compile's), which Python prints and goes on from."""
+    if heard_at_once:
+        raise KeyboardInterrupt(heard_at_once[0])
 
 
 def signal_of(interrupt: KeyboardInterrupt) -> str | None:
-    """The signal a KeyboardInterrupt was raised for (stopping_at_once, GracefulStop), or None (Python's own,
+    """The signal a KeyboardInterrupt was raised for (stop_at_once, GracefulStop), or None (Python's own,
     for a SIGINT)."""
     name = interrupt.args[0] if interrupt.args else None
     return name if name in signal.Signals.__members__ else None
@@ -292,7 +297,7 @@ def signals_held():
     would be raised inside an at-fork hook, where Python prints it and goes on (the run would go on
     training), and a worker would get it before it ignores the signals (a traceback). The workers
     inherit the held signals and drop them (leave_signals_to_main). Where threads cannot hold signals
-    (Windows), nothing is held."""
+    (Windows), nothing is held; nor are those another thread takes (raise_if_heard)."""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return

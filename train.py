@@ -62,8 +62,9 @@ from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_cl
                      resolve_compute_dtype, steady_host_memory)
 from shards import DataError
 from stopping import (EVALUATING, SAVING, SIGNALS, STEPPING, GracefulStop, StepVote, StoppedWhileClosing, exit_with,
-                      handle_signals, outputs_without_reader, put_back_outputs, resume_command, signal_of, signals_held,
-                      stop_loader_workers, stopped_at_once, stopping_at_once, tearing_down)
+                      handle_signals, heard_at_once, outputs_without_reader, put_back_outputs, raise_if_heard,
+                      resume_command, signal_of, signals_held, stop_at_once, stop_loader_workers, stopped_at_once,
+                      tearing_down)
 from tokenizer import TokenizerError
 from validation import unmeasured_validation, validation_batches
 
@@ -165,14 +166,15 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
                        fp8_recipe, qat_start, peak_source), flush=True)
 
     # ---- the training stream
+    stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main, at_once=True)
     with signals_held():  # (the workers start here)
         loader = iter(train_loader(cfg, units, tokenizer, workers, start_positions, progress.batches_consumed,
                                    pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
                                    rank=ranks.rank, world_size=ranks.world_size))
+    raise_if_heard()  # (a signal another thread took, during the fork)
     progress.positions = rank_positions(start_positions, ranks.rank, workers)
     order = data_order(cfg, units, workers, ranks.world_size)
     sample_generator = torch.Generator(device=device)
-    stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main, at_once=True)
     stop_vote = StepVote(ranks)  # whether any rank heard a signal (under torchrun: one step late)
     compiling_steps = ()  # their time is mostly compilation
     if compile_model:
@@ -279,8 +281,8 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
         scaler.step(optimizer)  # float16: skipped if the gradients are not finite (and the scale lowered)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if stop.at_once and stop.heard:  # its KeyboardInterrupt was swallowed (raised in a callback torch.compile set)
-            raise KeyboardInterrupt(stop.signal_name)
+        if stop.at_once:  # (a KeyboardInterrupt raised in a callback torch.compile set is swallowed)
+            raise_if_heard()
         stop.at_once = False  # a step is done: a signal from here on saves it
         stopping = stop_vote.ask(stop.heard)
         evaluating = step % training.test_freq == 0 or step == training.max_iters
@@ -435,7 +437,8 @@ def main(argv=None) -> int:
     if not getattr(args, "config_given", False) and first_process():
         print(f"config {args.config} (no --config given: the default, sized for a GPU; configs/tiny.yaml is for a CPU)")
     handlers = {sig: handlers_before_import.get(sig, signal.getsignal(sig)) for sig in SIGNALS}
-    handle_signals(stopping_at_once())  # while the run sets up, as Ctrl-C: it stops at once, in one line
+    heard_at_once.clear()
+    handle_signals(stop_at_once)  # while the run sets up, as Ctrl-C: it stops at once, in one line
     children = multiprocessing.active_children()  # a calling program's own: not the loader's to stop
     ranks, device = Ranks(), cfg.training.device
     resume_command.clear()

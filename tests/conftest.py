@@ -114,6 +114,8 @@ def process_wide_state():
     torch.utils.deterministic.fill_uninitialized_memory = True
     from rundir import release_run_directories
     release_run_directories()  # as train.main does: a RunDir a test created held its folder
+    from stopping import heard_at_once
+    heard_at_once.clear()  # (train.main clears it when it starts; a test may use the handlers without it)
 
 
 @pytest.fixture
