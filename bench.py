@@ -30,8 +30,8 @@ from corpus import ensure_sample_corpus
 from data import train_loader
 from files import check_outputs, folder_made_for
 from model import BDH
-from reference import reference_forward
 from readers import loader_workers
+from reference import reference_forward
 from runtime import (DTYPES, DeviceError, autocast, device_clock, measured_matmul_flops, peak_memory_bytes, pick_device,
                      prepare_compile, process_status_bytes, resolve_compute_dtype, steady_host_memory, wants_compile)
 from shards import DataError, list_units
@@ -183,7 +183,9 @@ def profile_training(cfg, device, path, steps=3, warmup=2) -> dict:
     return out
 
 
-def bench_loader(cfg, units, tokenizer, model_ms_per_step, seconds=5.0) -> dict:
+def loader_throughput(cfg, units, tokenizer, model_ms_per_step, seconds=5.0) -> dict:
+    """Batches a second the training stream gives when taken as fast as it can, against the model's
+    (bench_loader.py measures the waits of a stream taken at the pace of training steps)."""
     workers = loader_workers(cfg, units)
     with signals_held():  # (the workers start here)
         it = iter(train_loader(cfg, units, tokenizer, workers))
@@ -306,7 +308,7 @@ def measure(args) -> int:
         print("profile of a model.py step: " + ", ".join(f"{k[:-3]} {v:.1f} ms" for k, v in prof.items())
               + f" (table: {args.profile})")
     if "loader" not in args.skip:
-        results["loader"] = bench_loader(cfg, units, tokenizer, fast["ms_per_step"])
+        results["loader"] = loader_throughput(cfg, units, tokenizer, fast["ms_per_step"])
         print_loader(results["loader"])
     if "generation" not in args.skip:
         results["generation"] = bench_generation(cfg, device)

@@ -29,7 +29,8 @@ from lowbit import LowBitError, serve_4bit_option
 from tokenizer import (TokenizerError, add_prompt_arguments, note_prompt_change, prompt_argument,
                        tokenizer_from_string)
 
-MEMORY_BUDGET = 2 * 2**30  # bytes that latents() may take (memory_bytes): it limits the prompt's length
+MEMORY_BUDGET = 2 * 2**30  # bytes that latents() may take: it limits the prompt's length (max_prompt_tokens solves
+# memory_bytes' estimate for it in closed form; a test checks that the two agree)
 
 
 @torch.no_grad()

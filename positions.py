@@ -29,7 +29,8 @@ READ_BYTES_KEY = "data.READ_BYTES (windows are shuffled within parts of this man
 DEALING_KEY = "units dealt to the readers"  # readers.assign_units' way
 POOL_KEY = "data.POOL_BYTES (windows are shuffled across a reader's small units whose tokens take this many bytes)"
 # Unchanged, these keep every unit and its parts as they were: a resume that changes only the
-# readers (workers, processes), the block size or the seed finishes the epoch that was in progress.
+# readers (workers, processes), the block size, the seed or the pool size finishes the epoch that was in
+# progress.
 SAME_UNITS = (SHARDS, "dataset.text_column", *HOLDOUT_FIELDS, "documents trained on", READ_BYTES_KEY)
 
 
@@ -107,7 +108,7 @@ def epochs_read(positions, units: list[Unit], seed: int, n_readers: int, dealing
             share = sum(bytes_left(units[index], part) for index, part, *_ in position["units"])
             rest = still_to_read(position["units"], position)
             left = sum(bytes_left(units[index], part) for index, part, *_ in rest)
-            left -= part_read(pool_of(units, rest, position), position) if rest else 0
+            left -= pool_read(pool_of(units, rest, position), position) if rest else 0
             done = 1 - left / share if share else 1.0
             read += (epoch + position["epoch_done"] + (1 - position["epoch_done"]) * done) * total
             continue
@@ -132,7 +133,7 @@ def bytes_read(assigned: list[Unit], cumulative, position) -> float:
     done, k = cumulative[position["unit"]], position["unit"]
     if k < len(assigned):
         done += assigned[k].text_bytes - bytes_left(assigned[k], position.get("part", 0))
-        done += part_read(assigned[k:k + position.get("pooled", 1)], position)
+        done += pool_read(assigned[k:k + position.get("pooled", 1)], position)
     return float(done)
 
 
@@ -141,7 +142,7 @@ def bytes_left(unit: Unit, part: int) -> float:
     return unit.text_bytes * (1 - min(1.0, part * rows_per_part(unit) / max(1, unit.num_rows)))
 
 
-def part_read(pool: list[Unit], position) -> float:
+def pool_read(pool: list[Unit], position) -> float:
     """About the bytes read of the pool a reader at `position` is in (data.py: a part of a unit, or
     the small units `pool`): the pool's share of windows used (positions saved before they counted
     the windows: none)."""
@@ -172,9 +173,10 @@ def still_to_read(assigned, position) -> list:
 def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list, int, int, float]:
     """(start positions, units left, epoch, about the bytes read again): the units of the oldest
     epoch a saved reader is in that no reader has finished, dealt to n_readers (balancing bytes) in
-    positions that carry them (a unit being read restarts at the part it was in: what was read of
-    that part is read again). Readers that had gone on to the next epoch had finished this one;
-    what they read of the next is read again (the next epoch is dealt anew), and counted."""
+    positions that carry them (a reader's pool restarts: a part of a large unit, or the first of a
+    run of small units; what was read of it is read again). Readers that had gone on to the next
+    epoch had finished this one; what they read of the next is read again (the next epoch is dealt
+    anew), and counted."""
     old_readers = max(1, saved_order[WORKERS_KEY]) * saved_order["world_size"]
     way = saved_order[DEALING_KEY]  # how the saved epochs were dealt
     saved = {p["reader"]: p for p in saved_positions}
@@ -184,7 +186,7 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
     index = {(unit.file_key, unit.row_group): i for i, unit in enumerate(units)}
     dealing = None
     left = []  # [index in units, first part, the stream's tokens before it]
-    read_of_parts = 0.0  # of the parts being read, which are read again from their start: counted as read
+    read_of_pools = 0.0  # of the pools being read, which are read again from their start: counted as read
     read_ahead, later = 0.0, {}  # what readers already in later epochs had read of them
     for reader in range(old_readers):
         position = saved.get(reader, start)
@@ -204,14 +206,14 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
                                               way=way)
             assigned = [[index[(unit.file_key, unit.row_group)], 0] for unit in dealing[reader]]
         rest = still_to_read(assigned, position)
-        read_of_parts += part_read(pool_of(units, rest, position), position) if rest else 0.0
+        read_of_pools += pool_read(pool_of(units, rest, position), position) if rest else 0.0
         left += rest
     dealt, loads = deal(left, [bytes_left(units[index], part) for index, part, *_ in left], n_readers)
-    done = 1 - (sum(loads) - read_of_parts) / max(1, sum(unit.text_bytes for unit in units))  # for epochs_read
+    done = 1 - (sum(loads) - read_of_pools) / max(1, sum(unit.text_bytes for unit in units))  # for epochs_read
     positions = [{"reader": reader, "epoch": epoch, "unit": 0, "part": entries[0][1] if entries else 0,
                   "consumed": 0, "carry": entries[0][2] if entries else [], "units": entries, "epoch_done": done}
                  for reader, entries in enumerate(dealt)]
-    return positions, len(left), epoch, read_of_parts + read_ahead
+    return positions, len(left), epoch, read_of_pools + read_ahead
 
 
 def dealt_alike(units, saved_order, saved_positions) -> bool:

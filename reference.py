@@ -2,8 +2,9 @@
 full T x T attention product masked afterwards, autograd keeping every intermediate, and generation
 that re-runs the whole sequence for every new token.
 
-It is the yardstick: the tests check model.py against it (forward and gradients), and bench.py
-measures model.py against it side by side. It shares model.BDH's parameters.
+It is the yardstick: the tests check model.py against it (forward, gradients and generation), and
+bench.py measures model.py's forward and backward against it side by side. It shares model.BDH's
+parameters.
 """
 import torch
 import torch.nn.functional as F

@@ -17,7 +17,7 @@ from config import Config
 from conftest import make_corpus, only_run, run_dirs, unit_of_tag, write_config, write_parquet
 from data import ParquetBatches, read_unit_tokens
 from positions import (DEALING_KEY, POOL_KEY, SHARDS, SHARDS_SEEN, WORKERS_KEY, bytes_left, data_order, epochs_read,
-                       order_changes, part_read, rest_of_epoch, resume_point)
+                       order_changes, pool_read, rest_of_epoch, resume_point)
 from readers import EVEN_TEXT, IN_SHUFFLED_ORDER, LARGEST_FIRST, assign_units
 from shards import ParquetFileCache, list_units
 from tokenizer import ByteTokenizer
@@ -202,7 +202,7 @@ def test_the_rest_of_an_epoch_skips_readers_ahead_and_counts_missing_ones_whole(
     assert rest_of_epoch(units, order, further, n_readers=2)[3] == share_3 + first_of_4
     with_windows = [{**saved[1], "windows": 4}]  # reader 1 had used 1 of its part's 4 windows
     read_again = rest_of_epoch(units, order, saved[:1] + with_windows, n_readers=2)[3]
-    assert read_again == pytest.approx(ahead + part_read([old[1][1]], with_windows[0])) and read_again > ahead
+    assert read_again == pytest.approx(ahead + pool_read([old[1][1]], with_windows[0])) and read_again > ahead
 
 
 def test_val_fraction_leaves_the_data_order_while_validation_has_its_own_folder(tmp_path):

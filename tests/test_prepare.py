@@ -79,7 +79,7 @@ def test_from_text_keeps_many_small_files_whole_and_names_one_it_cannot_read(tmp
 
 
 def test_from_text_keeps_documents_of_8_kb_for_a_text_long_enough(tmp_path, capsys, monkeypatch):
-    """The size is chosen without reading a long text: 2 x MIN_DOCUMENTS documents of 8 KB at most make enough."""
+    """The size is chosen without reading a long text: 2 x MIN_DOCUMENTS documents of about 8 KB make enough."""
     monkeypatch.setattr(prepare, "MIN_DOCUMENTS", 5)
     monkeypatch.setattr(prepare, "FEW_DOCUMENTS", 5)  # (no note on too few documents either, which reads them)
     long = tmp_path / "long.txt"
