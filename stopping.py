@@ -240,6 +240,23 @@ def stop_at_once(signum, _frame):
         raise KeyboardInterrupt(heard_at_once[0])
 
 
+@contextmanager
+def swallowed_stops_unsaid():
+    """Within it, a KeyboardInterrupt of stop_at_once that Python swallowed (raised in an at-fork hook
+    or a weakref callback) is not printed as "Exception ignored in ..." with a traceback: the run
+    stops in one line where raise_if_heard raises it again. Anything else goes to the hook before."""
+    before = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (heard_at_once and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            before(unraisable)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = before
+
+
 def raise_if_heard():
     """KeyboardInterrupt if stop_at_once has raised one: where it was swallowed, raised in an at-fork
     hook or a weakref callback (torch.compile's), which Python prints and goes on from."""

@@ -64,7 +64,7 @@ from shards import DataError
 from stopping import (EVALUATING, SAVING, SIGNALS, STEPPING, GracefulStop, StepVote, StoppedWhileClosing, exit_with,
                       handle_signals, heard_at_once, outputs_without_reader, put_back_outputs, raise_if_heard,
                       resume_command, signal_of, signals_held, stop_at_once, stop_loader_workers, stopped_at_once,
-                      tearing_down)
+                      swallowed_stops_unsaid, tearing_down)
 from tokenizer import TokenizerError
 from validation import unmeasured_validation, validation_batches
 
@@ -449,7 +449,9 @@ def main(argv=None) -> int:
         resume_given = overrides.pop("training.resume_from_checkpoint", None)  # the resume commands add their own
         named_in_file = None if resume_given else args.config  # else the config file may name it (resume_target)
         train_command = shlex.join([script_here("train.py"), "--config", args.config, *overrides.values()])
-        return train(cfg, train_command, ranks, device, command_line_record(args.config, args.overrides), named_in_file)
+        with swallowed_stops_unsaid():
+            return train(cfg, train_command, ranks, device, command_line_record(args.config, args.overrides),
+                         named_in_file)
     except (DataError, TokenizerError, CheckpointError, MetricsError, TrainingError, DeviceError,
             DistributedError, FP8Error, LowBitError) as e:
         return failed(f"error{rank_of(ranks)}: {one_line(e)}", consequence=peers_lost())
