@@ -227,17 +227,17 @@ class StepVote:
 resume_command = []
 
 
-heard_at_once = []  # the signal stop_at_once raised for, if any (train.main clears it)
+heard_at_once = []  # the signal stop_at_once raised for, if any, and when (train.main clears it)
 
 
 def stop_at_once(signum, _frame):
     """A signal handler: KeyboardInterrupt, which names the signal (signal_of). Once it has raised
-    one, the run is stopping: a later signal is ignored (the same one forwarded by a wrapper, which
-    would end the stop in a traceback), and raise_if_heard raises the first again where its
-    KeyboardInterrupt was swallowed."""
-    if not heard_at_once:
-        heard_at_once.append(signal.Signals(signum).name)
-        raise KeyboardInterrupt(heard_at_once[0])
+    one, the run is stopping: a signal within REPEAT_WITHIN_S is ignored (the same one forwarded by a
+    wrapper, which would end the stop in a traceback); a later one raises again (the first one's
+    stop was swallowed, say: raise_if_heard raises it again where the run looks)."""
+    if not heard_at_once or time.monotonic() - heard_at_once[0][1] >= REPEAT_WITHIN_S:
+        heard_at_once[:] = heard_at_once or [(signal.Signals(signum).name, time.monotonic())]
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 @contextmanager
@@ -261,7 +261,7 @@ def raise_if_heard():
     """KeyboardInterrupt if stop_at_once has raised one: where it was swallowed, raised in an at-fork
     hook or a weakref callback (torch.compile's), which Python prints and goes on from."""
     if heard_at_once:
-        raise KeyboardInterrupt(heard_at_once[0])
+        raise KeyboardInterrupt(heard_at_once[0][0])
 
 
 def signal_of(interrupt: KeyboardInterrupt) -> str | None:
@@ -314,7 +314,8 @@ def signals_held():
     would be raised inside an at-fork hook, where Python prints it and goes on (the run would go on
     training), and a worker would get it before it ignores the signals (a traceback). The workers
     inherit the held signals and drop them (leave_signals_to_main). Where threads cannot hold signals
-    (Windows), nothing is held; nor are those another thread takes (raise_if_heard)."""
+    (Windows), nothing is held; nor are those another thread takes: where stop_at_once heard one, it is
+    raised again as the block ends (raise_if_heard)."""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
@@ -323,6 +324,7 @@ def signals_held():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    raise_if_heard()  # (one another thread took, its KeyboardInterrupt swallowed in an at-fork hook)
 
 
 def stop_loader_workers(started_before=()):
@@ -418,11 +420,13 @@ def ended_like_ctrl_c():
     removed, the three signals ignored meanwhile), and any of the three in one line with status
     128 + the signal, not a traceback. Handlers of the host's own are kept; all are put back after."""
     before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    heard_at_once.clear()
 
     def stop(signum, _frame):
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        heard_at_once[:] = [(signal.Signals(signum).name, time.monotonic())]  # (signals_held: where swallowed)
+        raise KeyboardInterrupt(heard_at_once[0][0])
     for sig, handler in before.items():
         if handler in (signal.SIG_DFL, signal.default_int_handler):
             signal.signal(sig, stop)

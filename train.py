@@ -171,7 +171,6 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
         loader = iter(train_loader(cfg, units, tokenizer, workers, start_positions, progress.batches_consumed,
                                    pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
                                    rank=ranks.rank, world_size=ranks.world_size))
-    raise_if_heard()  # (a signal another thread took, during the fork)
     progress.positions = rank_positions(start_positions, ranks.rank, workers)
     order = data_order(cfg, units, workers, ranks.world_size)
     sample_generator = torch.Generator(device=device)
