@@ -236,7 +236,8 @@ def stop_at_once(signum, _frame):
     wrapper, which would end the stop in a traceback); a later one raises again (the first one's
     stop was swallowed, say: raise_if_heard raises it again where the run looks)."""
     if not heard_at_once or time.monotonic() - heard_at_once[0][1] >= REPEAT_WITHIN_S:
-        heard_at_once[:] = heard_at_once or [(signal.Signals(signum).name, time.monotonic())]
+        first = heard_at_once[0][0] if heard_at_once else signal.Signals(signum).name
+        heard_at_once[:] = [(first, time.monotonic())]  # (the window starts again: this one's copy comes too)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
 

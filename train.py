@@ -12,6 +12,8 @@ import signal
 handlers_before_import = {}  # run as a script: the signal handlers main() gives back at the end
 if __name__ == "__main__":  # a signal while torch imports (seconds): one line, instead of a traceback from inside it
     def stop_while_importing(signum, _frame):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (a wrapper's forwarded copy: one line)
+            signal.signal(sig, signal.SIG_IGN)
         try:
             if os.environ.get("RANK", "0") == "0":  # under torchrun: once (every rank heard it)
                 os.write(2, f"\n{signal.Signals(signum).name}: stopped while starting, before anything ran\n".encode())

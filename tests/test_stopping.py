@@ -95,6 +95,10 @@ def test_one_signal_forwarded_by_a_wrapper_is_one(restore_handlers, capfd, monke
         time.sleep(0.25)
         with pytest.raises(KeyboardInterrupt, match="SIGINT"):  # a second Ctrl-C, the first one's stop not done
             handler(signal.SIGINT, None)
+        try:
+            handler(signal.SIGINT, None)  # its copy
+        except KeyboardInterrupt:
+            pytest.fail(f"{handler.__qualname__} raised for the second signal forwarded again")
     forwarded_in_teardown = ("import os, signal, time, stopping; stopping.tearing_down(True); "
                              "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT); "
                              "time.sleep(0.2)")
