@@ -60,7 +60,8 @@ class GracefulStop:
         keeps it until the process's first step is done: that step is all a save would keep, and its
         compilation (a minute) would outlast torchrun's 30 s before it kills."""
         self.signal_name, self.doing, self.last_words = None, STEPPING, ""
-        self.heard_at = -math.inf  # time.monotonic() of the first signal
+        self.heard_at = -math.inf  # time.monotonic() of the first signal (of the second, once it stopped at once)
+        self.stopped_at_once = False  # a second signal has raised KeyboardInterrupt
         self.at_once = at_once
         self.second_signal_stops, self.announce = second_signal_stops, announce
         handle_signals(self._handler)
@@ -95,8 +96,11 @@ class GracefulStop:
             if self.announce and self.second_signal_stops:
                 say("\nstill saving the checkpoint; the run stops right after it (kill -9 stops at once)\n")
         elif self.second_signal_stops:
-            # torch may swallow the KeyboardInterrupt (raised in a finalizer, say): a third one kills
-            signal.signal(signum, signal.SIG_DFL)
+            if self.stopped_at_once:  # torch may swallow its KeyboardInterrupt (in a finalizer, say): a third kills
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            self.stopped_at_once, self.heard_at = True, time.monotonic()  # (its forwarded copy: ignored)
             raise StoppedWhileClosing(self.last_words) if closing else KeyboardInterrupt(signal.Signals(signum).name)
 
 

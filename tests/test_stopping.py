@@ -79,6 +79,8 @@ def test_one_signal_forwarded_by_a_wrapper_is_one(restore_handlers, capfd, monke
     time.sleep(0.25)
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) == stop._handler  # its copy: not the default, which kills at once
+    os.kill(os.getpid(), signal.SIGINT)
     assert capfd.readouterr().err == ("\nSIGINT: finishing the step, then saving a checkpoint (Ctrl-C again to stop "
                                       "at once)\n")
     for handler in (stopping.stop_at_once, GracefulStop(second_signal_stops=True, announce=True,
