@@ -52,6 +52,7 @@ from fp8 import FP8Error, fp8_matmuls
 from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog, StepLog, check_installed
 from model import BDH
+from outputs import outputs_without_reader, put_back_outputs
 from positions import data_order
 from readers import loader_workers
 from resume import (Progress, checkpoint_size, extending, resume, resume_target, resuming, save, set_rng_state,
@@ -64,9 +65,8 @@ from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_cl
                      resolve_compute_dtype, steady_host_memory)
 from shards import DataError
 from stopping import (EVALUATING, SAVING, SIGNALS, STEPPING, GracefulStop, StepVote, StoppedWhileClosing, exit_with,
-                      handle_signals, heard_at_once, outputs_without_reader, put_back_outputs, raise_if_heard,
-                      resume_command, signal_of, signals_held, stop_at_once, stop_loader_workers, stopped_at_once,
-                      swallowed_stops_unsaid, tearing_down)
+                      handle_signals, heard_at_once, raise_if_heard, resume_command, signal_of, signals_held,
+                      stop_at_once, stop_loader_workers, stopped_at_once, swallowed_stops_unsaid, tearing_down)
 from tokenizer import TokenizerError
 from validation import unmeasured_validation, validation_batches
 
