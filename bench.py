@@ -26,7 +26,7 @@ import torch
 
 from adamw4bit import make_optimizer
 from arguments import add_config_arguments, load_config, parse_arguments
-from corpus import ensure_sample_corpus
+from corpus import ensure_builtin_corpus
 from data import train_loader
 from files import check_outputs, folder_made_for
 from model import BDH
@@ -271,7 +271,7 @@ def measure(args) -> int:
         device = pick_device(cfg.training.device)
         prepare_compile(cfg.training, device)
         if "loader" not in args.skip and not args.memory_probe:  # its data: checked before the minutes of timing
-            ensure_sample_corpus(cfg)
+            ensure_builtin_corpus(cfg)
             units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
             tokenizer = load_tokenizer(cfg.dataset.tokenizer)
     except (DeviceError, DataError, TokenizerError) as e:

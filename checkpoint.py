@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from config import LowPrecisionConfig
-from config_file import with_split_seed
+from config_file import config_value, with_split_seed
 from files import ZIP_MAGIC
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line, shortened
@@ -130,6 +130,12 @@ def peek_checkpoint(path: Path) -> dict | None:
         return saved if isinstance(saved, dict) else None
     except Exception:
         return None
+
+
+def stopped_short(saved: dict) -> bool:
+    """Whether a checkpoint's dict (peek_checkpoint) is from before its run's max_iters."""
+    step, max_iters = saved.get("step"), config_value(saved.get("config") or {}, "training.max_iters")
+    return isinstance(step, int) and isinstance(max_iters, int) and step < max_iters
 
 
 def saved_step(path: Path) -> float:

@@ -115,7 +115,7 @@ NON_NEGATIVE = ("training.keep_last_n", "training.weight_decay", "training.warmu
                 "training.grad_clip", "training.seed", "dataset.split_seed", "dataloader.num_workers")
 PATHS = ("training.checkpoint_dir", "training.resume_from_checkpoint", "dataset.parquet_dir", "dataset.val_parquet_dir",
          "dataset.tokenizer")  # ~ is expanded: the shell leaves it as it is in section.key=~/...
-DEFAULT_SAMPLE_DIR = DatasetConfig.parquet_dir
+BUILTIN_CORPUS_DIR = DatasetConfig.parquet_dir
 
 
 @dataclass
@@ -158,60 +158,15 @@ class Config:
     @classmethod
     def from_dict(cls, raw: dict, overrides=()) -> "Config":
         raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-        problems, overrides = [], list(overrides)
-        while overrides:
-            item = overrides.pop(0)
-            following = overrides[0] if overrides else "="
-            if item in all_paths() and not ("=" in following or following in all_paths()
-                                             or following.endswith((".yaml", ".yml"))):  # `training.seed 3`
-                problems.append(f"{item} {overrides[0]}: an override is one argument; did you mean "
-                                f"{item}={overrides.pop(0)}?")
-                continue
-            value_word = "=" not in following and not following.endswith((".yaml", ".yml"))
-            if item.rstrip("=") in all_paths() and overrides and (
-                    following.startswith("=") if not item.endswith("=") else value_word):
-                words = [item, overrides.pop(0)]  # `training.seed = 3`, `training.seed =3`, `training.seed= 3`
-                if words[-1] == "=" and overrides and "=" not in overrides[0]:
-                    words.append(overrides.pop(0))
-                problems.append(f"{' '.join(words)}: no spaces around '=' in an override: "
-                                f"{item.rstrip('=')}={''.join(words[1:]).lstrip('=')}")
-                continue
-            problems += apply_override(raw, item, all_paths(), _nullable_paths())
+        problems = apply_overrides(raw, list(overrides)) + section_problems(raw)
         sections = {}
-        for name, value in raw.items():
-            if name in all_paths():  # `training.seed: 3` at the top of a file
-                section, key = name.split(".")
-                problems.append(f"{name}: a dotted key belongs on the command line; in a YAML file write "
-                                f"`{key}:` indented under `{section}:`")
-            elif name not in config_sections():
-                problems.append(f"{name}: unknown section"
-                                + suggest(str(name), list(config_sections()) + all_paths(), config_sections()))
-            elif value is not None and not isinstance(value, dict):
-                space = "; put a space after the ':' (key: value)" * bool(re.match(r"[\w.-]+:\S", str(value)))
-                problems.append(f"{name}: must be a mapping of keys, got {type(value).__name__} {value!r}{space}")
         for name, section_cls in config_sections().items():
             given = raw.get(name) if isinstance(raw.get(name), dict) else {}  # anything else: reported above
-            values, section_problems = typed_section(name, section_cls, given, all_paths())
-            problems += section_problems
+            values, found = typed_section(name, section_cls, given, all_paths())
+            problems += found
             sections[name] = section_cls(**values)
         config = cls(**sections)
-        for path in PATHS:
-            if isinstance(written := config.get(path), str):
-                if control := re.search(r"[\x00-\x1f]", written):  # "D:\temp\new" in double quotes: a tab, a line end
-                    problems.append(f"{path}: {written!r} holds the control character {control[0]!r}: in double "
-                                    f"quotes a backslash starts an escape (\\t a tab, \\n a line end); write a "
-                                    f"Windows path in single quotes, or with /")
-                    continue
-                section, key = path.split(".")
-                setattr(getattr(config, section), key, os.path.expanduser(os.path.expandvars(written)))
-                for variable in re.findall(r"\$(\w+|\{[^}]*\})", written):  # what expandvars looks up
-                    name = variable.strip("{}")
-                    if not name.isidentifier() and variable.startswith("{"):  # the shell's ${X:-default}
-                        problems.append(f"{path}: {written!r}: only $NAME and ${{NAME}} are expanded, not "
-                                        f"${variable}; write the path out")
-                    elif name.isidentifier() and name not in os.environ:  # ($5: no variable's, a folder's name)
-                        problems.append(f"{path}: {written!r}: the environment variable {name} is not set; set it, "
-                                        f"or write the path out")
+        problems += expand_paths(config)
         reported = {p.split(":", 1)[0] for p in problems}
         problems += [p for p in config._check_values() if p.split(":", 1)[0] not in reported]
         if problems:
@@ -396,3 +351,70 @@ def all_paths():
 def _nullable_paths():
     return {f"{name}.{key}" for name, cls in config_sections().items()
             for key, hint in typing.get_type_hints(cls).items() if type(None) in typing.get_args(hint)}
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> list[str]:
+    """Applies the command line's `section.key=value` overrides to a config's dict, in order; returns
+    the problems, an override split by the shell (`training.seed 3`, `training.seed = 3`) among them."""
+    problems = []
+    while overrides:
+        item = overrides.pop(0)
+        following = overrides[0] if overrides else "="
+        if item in all_paths() and not ("=" in following or following in all_paths()
+                                         or following.endswith((".yaml", ".yml"))):  # `training.seed 3`
+            problems.append(f"{item} {overrides[0]}: an override is one argument; did you mean "
+                            f"{item}={overrides.pop(0)}?")
+            continue
+        value_word = "=" not in following and not following.endswith((".yaml", ".yml"))
+        if item.rstrip("=") in all_paths() and overrides and (
+                following.startswith("=") if not item.endswith("=") else value_word):
+            words = [item, overrides.pop(0)]  # `training.seed = 3`, `training.seed =3`, `training.seed= 3`
+            if words[-1] == "=" and overrides and "=" not in overrides[0]:
+                words.append(overrides.pop(0))
+            problems.append(f"{' '.join(words)}: no spaces around '=' in an override: "
+                            f"{item.rstrip('=')}={''.join(words[1:]).lstrip('=')}")
+            continue
+        problems += apply_override(raw, item, all_paths(), _nullable_paths())
+    return problems
+
+
+def section_problems(raw: dict) -> list[str]:
+    """What is wrong at a config's top level: a dotted key, an unknown section, a section that is not a mapping."""
+    problems = []
+    for name, value in raw.items():
+        if name in all_paths():  # `training.seed: 3` at the top of a file
+            section, key = name.split(".")
+            problems.append(f"{name}: a dotted key belongs on the command line; in a YAML file write "
+                            f"`{key}:` indented under `{section}:`")
+        elif name not in config_sections():
+            problems.append(f"{name}: unknown section"
+                            + suggest(str(name), list(config_sections()) + all_paths(), config_sections()))
+        elif value is not None and not isinstance(value, dict):
+            space = "; put a space after the ':' (key: value)" * bool(re.match(r"[\w.-]+:\S", str(value)))
+            problems.append(f"{name}: must be a mapping of keys, got {type(value).__name__} {value!r}{space}")
+    return problems
+
+
+def expand_paths(config) -> list[str]:
+    """Expands `~` and `$NAME` in the path settings, in place; returns the problems (an unset
+    variable, a control character that double quotes made of a Windows path's backslash)."""
+    problems = []
+    for path in PATHS:
+        if not isinstance(written := config.get(path), str):
+            continue
+        if control := re.search(r"[\x00-\x1f]", written):  # "D:\temp\new" in double quotes: a tab, a line end
+            problems.append(f"{path}: {written!r} holds the control character {control[0]!r}: in double "
+                            f"quotes a backslash starts an escape (\\t a tab, \\n a line end); write a "
+                            f"Windows path in single quotes, or with /")
+            continue
+        section, key = path.split(".")
+        setattr(getattr(config, section), key, os.path.expanduser(os.path.expandvars(written)))
+        for variable in re.findall(r"\$(\w+|\{[^}]*\})", written):  # what expandvars looks up
+            name = variable.strip("{}")
+            if not name.isidentifier() and variable.startswith("{"):  # the shell's ${X:-default}
+                problems.append(f"{path}: {written!r}: only $NAME and ${{NAME}} are expanded, not "
+                                f"${variable}; write the path out")
+            elif name.isidentifier() and name not in os.environ:  # ($5: no variable's, a folder's name)
+                problems.append(f"{path}: {written!r}: the environment variable {name} is not set; set it, "
+                                f"or write the path out")
+    return problems

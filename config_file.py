@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from files import UTF_BOMS, ZIP_MAGIC, near_miss, relative_to_here
+from files import ZIP_MAGIC, bom_encoding, near_miss, relative_to_here
 from yaml_errors import INVISIBLE, invisible, invisible_character, read_as_text, without_comment, yaml_syntax_problem
 
 SEED = 1337  # the default of training.seed and of dataset.split_seed
@@ -110,7 +110,7 @@ def read_config_text(path: Path) -> str:
     writes); ConfigError says what to do if it is missing or not text."""
     try:
         raw = path.read_bytes()
-        return raw.decode(next((UTF_BOMS[bom] for bom in UTF_BOMS if raw.startswith(bom)), "utf-8"))
+        return raw.decode(bom_encoding(raw) or "utf-8")
     except FileNotFoundError:
         with_suffix = [f"{path}{suffix}" for suffix in (".yaml", ".yml") if Path(f"{path}{suffix}").is_file()]
         close = with_suffix[0] if with_suffix else near_miss(path, keep=Path.is_file)
@@ -338,6 +338,12 @@ def settings_as_run(config_text: str) -> dict[str, str]:
         if line.startswith(AS_RUN):
             return dict(item.split(" ", 1) for item in line[len(AS_RUN):].split(", ") if " " in item)
     return {}
+
+
+def config_value(config: dict, path: str):
+    """A setting of a config dict (a checkpoint's, say), by its dotted path; None if absent."""
+    section, key = path.split(".")
+    return (config.get(section) or {}).get(key)
 
 
 def with_split_seed(config: dict) -> dict:

@@ -1,5 +1,5 @@
 """Writing parquet shards: the user's text files (python prepare.py --from-text) and the built-in
-sample corpus, both in the layout shards.py reads (one `text` column, one document per row).
+built-in corpus, both in the layout shards.py reads (one `text` column, one document per row).
 """
 import itertools
 import os
@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from config import DEFAULT_SAMPLE_DIR
-from files import UTF_BOMS, does_not_exist, write_folder
+from config import BUILTIN_CORPUS_DIR
+from files import bom_encoding, does_not_exist, write_folder
 from shards import DataError
 
 
@@ -95,7 +95,7 @@ def as_utf8(raw: bytes, name) -> bytes:
     """A text file's bytes as UTF-8: UTF-16 or UTF-32 with a byte-order mark decoded (noted); NUL
     bytes refused (binary data, or UTF-16 without a mark: each would read as the byte tokenizer's
     document separator); other bytes that are not UTF-8 kept, noted (they read as U+FFFD)."""
-    encoding = next((UTF_BOMS[bom] for bom in UTF_BOMS if raw.startswith(bom)), None)
+    encoding = bom_encoding(raw)
     if encoding:
         try:
             raw = raw.decode(encoding).encode("utf-8")
@@ -170,7 +170,7 @@ def shards_to_folder(documents, out_dir, replace: bool, row_group_bytes: int | N
 
 
 def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int | None:
-    """The built-in sample corpus: this machine's Python standard library sources (tests
+    """The built-in corpus: this machine's Python standard library sources (tests
     excluded), in sorted order, up to max_bytes. Returns the number of documents, or None if
     another process (another node's first rank) built the folder meanwhile."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -190,15 +190,15 @@ def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int | None:
     return write_folder(out_dir, lambda folder: write_shards(docs, folder), keep_existing=True)
 
 
-def ensure_sample_corpus(cfg):
+def ensure_builtin_corpus(cfg):
     """Build the built-in corpus when dataset.parquet_dir is its default place and is missing."""
     folder = cfg.dataset.parquet_dir
-    if Path(folder).resolve() == Path(DEFAULT_SAMPLE_DIR).resolve() and not Path(folder).exists():
-        print(f"building the sample corpus in {folder} from the Python standard library ...")
+    if Path(folder).resolve() == Path(BUILTIN_CORPUS_DIR).resolve() and not Path(folder).exists():
+        print(f"building the built-in corpus in {folder} from the Python standard library ...")
         try:
             n = build_stdlib_corpus(folder)
         except OSError as e:  # a file named data here, a dangling link, a folder not writable
-            raise DataError(f"dataset.parquet_dir {folder}: cannot build the sample corpus there: "
+            raise DataError(f"dataset.parquet_dir {folder}: cannot build the built-in corpus there: "
                             f"{e.strerror or e}; run from a folder where it can be written, or set "
                             f"dataset.parquet_dir to your data") from None
         print(f"  {n} documents" if n is not None else "  another process built it meanwhile")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from corpus import MIN_ROW_GROUPS, ensure_sample_corpus
+from corpus import MIN_ROW_GROUPS, ensure_builtin_corpus
 from read_ahead import read_ahead
 from readers import assign_units
 from shards import DataError, ParquetFileCache, Unit, first_documents, list_units, read_unit_documents, rows_per_part
@@ -283,7 +283,7 @@ def check_enough_units(cfg, units, world_size: int):
 def prepare_data(cfg, ranks):
     """(tokenizer, the training shards' units), checked before any training: the tokenizer against
     model.vocab_size, every shard's footer and schema.
-    Builds the sample corpus first if the config points at it and it is missing (`ranks`, a
+    Builds the built-in corpus first if the config points at it and it is missing (`ranks`, a
     distributed.Ranks: the first process of each machine builds it, the others wait)."""
     tokenizer = load_tokenizer(cfg.dataset.tokenizer)
     too_large = check_vocab_size(tokenizer, cfg.model.vocab_size)
@@ -295,7 +295,7 @@ def prepare_data(cfg, ranks):
         print(f"note: dataset.tokenizer {cfg.dataset.tokenizer}: its {' and '.join(tokenizer.turned_off)} turned off "
               f"(saved in the file for inference): training reads whole documents, without pad tokens")
     if ranks.local_rank == 0:
-        ensure_sample_corpus(cfg)
+        ensure_builtin_corpus(cfg)
     ranks.barrier()
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
     check_enough_units(cfg, units, ranks.world_size)

@@ -24,6 +24,7 @@ import yaml
 
 from arguments import parse_arguments
 from checkpoint import EXPORT_VERSION, CheckpointError, saved_step
+from config_file import config_value
 from files import REPO, read_records, resumed_configs, write_folder
 from lowbit import BLOCKSIZE, LowBitError, export_4bit, full_precision_note, post_training_note
 from model import LAYER_WEIGHTS, BDHConfig
@@ -53,7 +54,7 @@ def config_json(ckpt, tokenizer, source: Path, hf: bool, four_bit: bool) -> dict
     quant_type = low_precision["quantization_type"]
     config = {**ckpt.model_config, "tokenizer_vocab_size": tokenizer.vocab_size,
               "separator_token_id": tokenizer.separator,
-              "trained_block_size": ckpt.config.get("training", {}).get("block_size"),
+              "trained_block_size": config_value(ckpt.config, "training.block_size"),
               "low_precision": {"use_4bit": low_precision["use_4bit"], "quantization_type": quant_type,
                                 "use_double_quant": low_precision["use_double_quant"]},
               "weights_4bit": {"quant_type": quant_type, "blocksize": BLOCKSIZE} if four_bit else None,

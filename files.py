@@ -34,6 +34,11 @@ UTF_BOMS = {b"\xff\xfe\x00\x00": "utf-32", b"\x00\x00\xfe\xff": "utf-32", b"\xff
              b"\xfe\xff": "utf-16"}  # byte-order marks: Windows Notepad's "Unicode", PowerShell's > write UTF-16
 
 
+def bom_encoding(raw: bytes) -> str | None:
+    """The UTF-16 or UTF-32 encoding that the byte-order mark at the start of `raw` names; None without one."""
+    return next((UTF_BOMS[bom] for bom in UTF_BOMS if raw.startswith(bom)), None)
+
+
 def resumed_configs(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of a run directory's config_resume_<step>.yaml, the config of each resume (from
     that step) that changed its settings, in step order."""

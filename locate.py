@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from checkpoint import (CheckpointError, is_export, load_checkpoint, load_export, low_precision_of,
-                        model_from_checkpoint, peek_checkpoint, saved_step)
+                        model_from_checkpoint, peek_checkpoint, saved_step, stopped_short)
+from config_file import config_value
 from files import near_miss, read_records, relative_to_here
 from model import BDH
 
@@ -65,6 +66,12 @@ def one_run_given(root: Path, setting: str, word: str) -> CheckpointError:
     """`latest` or `auto` (`word`), where the folder of runs given is one run's directory."""
     fix = f"as --checkpoint {root}, instead of --checkpoint-dir" if setting.startswith("--") else f"to {setting}"
     return CheckpointError(f"{setting}: {word}: {root} is a run directory, not a folder of runs: give it {fix}")
+
+
+def found_newest(training) -> bool:
+    """Whether a resume's checkpoint was found, not named: resume_from_checkpoint `latest`, or `auto`,
+    which resume.resume_target has made `latest` by then. Perhaps another experiment's run."""
+    return training.resume_from_checkpoint == "latest"
 
 
 def resumable_runs(root: Path) -> list[Path]:
@@ -186,9 +193,9 @@ def trained_further(found: list[Path], named: Path):
     shorter experiment is what it is; a checkpoint that records no max_iters gets no note). `named`: a
     run a note has named already."""
     newest = peek_checkpoint(found[0]) or {}
-    step = newest.get("step", math.inf)
-    if step >= newest.get("config", {}).get("training", {}).get("max_iters", 0):
+    if not stopped_short(newest):
         return
+    step = newest["step"]
     older = [(checkpoint_step(path) or saved_step(path), path.parent) for path in found
              if path.parent not in (found[0].parent, named)]
     further, run = max(older, key=lambda step_run: step_run[0], default=(0, None))
@@ -267,8 +274,8 @@ def load_model(spec: str, checkpoint_dir: str | None,
                 config.get("trained_block_size"))
     source, ckpt = open_checkpoint(spec, checkpoint_dir, setting)
     return (model_from_checkpoint(ckpt), ckpt.tokenizer, ckpt.low_precision(), f"{source} (step {ckpt.step})",
-            str(ckpt.config.get("dataset", {}).get("parquet_dir") or ""),
-            ckpt.config.get("training", {}).get("block_size"))
+            str(config_value(ckpt.config, "dataset.parquet_dir") or ""),
+            config_value(ckpt.config, "training.block_size"))
 
 
 def model_line(origin: str, trained_on: str) -> str:

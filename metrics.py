@@ -260,7 +260,7 @@ class StepLog:
         positions = list(positions)
         epoch = self.epoch_all_are_in(positions)
         self.epochs_ended, self.epoch = epoch - self.epoch, epoch
-        self.passes_logged = self.epochs_begun(positions) - self.unread
+        self.passes_logged = self.passes(positions)
         record = {"step": step, "interval_steps": self.steps, "tokens": tokens, "epochs": round(self.passes_logged, 3),
                   "train_loss": loss, "lr": lr,
                   "grad_norm": grad_norm / counted if counted else None,

@@ -189,6 +189,10 @@ def layer_forward(x, encoder, encoder_v, decoder, phases, drop=None, dropout=0.0
         b = relu(LN(y_kv) @ encoder_v)                         (H, B, T, N)
         out = LN(x + LN(sum_h dropout(a * b)_h @ decoder_h))   (B, T, D)
 
+    In MODEL.md's names: scores is A, y_kv is A @ x before its LN (MODEL.md's y = LN(y_kv)), m_pre is
+    m before its LN. Dropout's mask is applied to a * b, its 1/(1 - p) scale to m_pre, after the
+    decoder: the same function, since the decoder is linear, on a tensor H*N/D times smaller.
+
     `state` (H, B, N, D), for generation: sum_s rope(a_s) x_sᵀ over the positions before this
     chunk. rope(a) @ state is added to y_kv (the earlier positions' part of the attention), then
     the chunk's own rope(a)ᵀ x is added to the state. The state and its products are float32 whatever

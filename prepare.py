@@ -22,13 +22,13 @@ import pyarrow.parquet as pq
 
 from arguments import add_config_arguments, load_config, parse_arguments
 from config import DatasetConfig, all_paths
-from corpus import (DOCUMENT_BYTES, ROW_GROUP_BYTES, ensure_sample_corpus, shards_to_folder, split_text,
+from corpus import (DOCUMENT_BYTES, ROW_GROUP_BYTES, ensure_builtin_corpus, shards_to_folder, split_text,
                     text_files_to_parquet)
 from data import training_split
 from files import (ARROW_MAGICS, PARQUET_MAGIC, ZIP_MAGIC, atomic_write, byte_amount, folder_made_for, output_path,
                    script_here)
 from layout import PATTERN_CHARACTERS, arrow_advice, data_folder
-from shards import DataError, ParquetFileCache, list_units, read_unit_documents
+from shards import PROGRESS_EVERY_S, DataError, ParquetFileCache, list_units, read_unit_documents
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
 from validation import validation_batches
 
@@ -113,9 +113,9 @@ def chunk_for(raws: list[bytes], documents: int, smallest: int = SMALLEST_CHUNK)
     return low
 
 
-def training_texts(cfg, units, report_every_s=5.0):
+def training_texts(cfg, units):
     """The documents of the training split, in file order, as strings; a progress line every
-    report_every_s seconds."""
+    PROGRESS_EVERY_S seconds."""
     cache, n_docs, n_bytes = ParquetFileCache(cfg.dataset.max_cached_files), 0, 0
     started = last = time.time()
     try:
@@ -126,7 +126,7 @@ def training_texts(cfg, units, report_every_s=5.0):
                     yield doc.decode("utf-8", errors="replace")
                 n_docs += len(docs)
                 n_bytes += pc.sum(pc.binary_length(docs)).as_py() or 0
-            if time.time() - last > report_every_s or k == len(units) - 1:
+            if time.time() - last > PROGRESS_EVERY_S or k == len(units) - 1:
                 last = time.time()
                 print(f"  read {byte_amount(n_bytes)}, {n_docs:,} document{'s' * (n_docs != 1)}, row group "
                       f"{k + 1:,} of {len(units):,} ({(k + 1) / len(units):.0%}) in {last - started:.0f} s", flush=True)
@@ -138,7 +138,7 @@ def train_tokenizer(cfg, vocab_size: int, out: str, config_arguments: list, repl
     """Train a byte-level BPE on the training split of the configured shards; write it to out.
     Returns the command to train with it: train.py with config_arguments (--config and the overrides)."""
     out = check_can_write_file(out, replace)  # before the training, not after it
-    ensure_sample_corpus(cfg)
+    ensure_builtin_corpus(cfg)
     units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
     print(f"training a {vocab_size:,}-token byte-level BPE on the training split of {cfg.dataset.parquet_dir} "
           f"({len(units):,} row group{'s' * (len(units) != 1)})", flush=True)
@@ -195,7 +195,7 @@ def shards_from_text(paths: list[str], out: str, chunk_setting: int | None, repl
               f"(dataset.val_parquet_dir)")
 
 
-def shards_from_parquet(sources: list[str], out: str, text_column: str, replace: bool, report_every_s=5.0):
+def shards_from_parquet(sources: list[str], out: str, text_column: str, replace: bool):
     """--from-parquet: the documents of parquet shards (folders, .parquet files or patterns, as
     dataset.parquet_dir takes them) written again in `out` in small row groups, whose windows
     training shuffles together (a large row group is read in its order, 8 MB at a time). The text
@@ -229,7 +229,7 @@ def shards_from_parquet(sources: list[str], out: str, text_column: str, replace:
                 for docs in read_unit_documents(cache, unit, text_column, "all", 0, 0.0):
                     counts["text"] += pc.sum(pc.binary_length(docs)).as_py() or 0
                     yield from as_strings(docs, counts) if not binary else docs.to_pylist()
-                    if time.time() - last > report_every_s:
+                    if time.time() - last > PROGRESS_EVERY_S:
                         last = time.time()
                         print(f"  {byte_amount(counts['text'])} of text, in row group {k + 1:,} of {len(units):,} "
                               f"({last - started:.0f} s)", flush=True)

@@ -19,15 +19,16 @@ import torch
 
 from adamw4bit import convert_adamw_state
 from checkpoint import Checkpoint, CheckpointError, is_export, load_export, saved_step
+from config_file import config_value
 from distributed import Ranks, full_state, load_full_state, load_full_weights
 from evaluation import validation_fingerprint
 from files import near_miss
 from locate import (checkpoint_candidates, checkpoint_step, checkpoints_in, continues_in_place, is_run_directory,
-                    is_run_with_checkpoints, one_run_given, open_checkpoint, resumable_runs)
+                    found_newest, is_run_with_checkpoints, one_run_given, open_checkpoint, resumable_runs)
 from positions import SHARDS, data_order, resume_point
 from resume_checks import (carried_forward, check_run_given_again, check_same_model, check_same_tokenizer,
                            continues_run, evaluated_weights, found_as_newest, global_batch_change, schedule_jump,
-                           setting, tokens_before, validation_change, written_before)
+                           tokens_before, validation_change, written_before)
 from rundir import RunDir, hold_auto_start
 from runtime import config_as_run, tensor_bytes
 
@@ -107,7 +108,7 @@ def set_rng_state(state: dict, device):
 
 def resume_target(training, ranks, device, named_in_file: str | None = None) -> str | None:
     """training.resume_from_checkpoint as resume() takes it, before the data is read (which may build
-    the sample corpus first): auto resolved; a name that does not exist, or latest where there is no
+    the built-in corpus first): auto resolved; a name that does not exist, or latest where there is no
     run, refused, with what it may mean. So is a checkpoint file that the config file names
     (`named_in_file`) where its run has gone on since: a resume from it again, after the config's
     max_iters was raised, say, would branch and set the later steps aside."""
@@ -152,9 +153,8 @@ def check_resumable(cfg, path: Path, ckpt, tokenizer, shards: str, val_fingerpri
     """Refuses a checkpoint this config cannot resume: another tokenizer or model, and where the resume
     continues the checkpoint's run, settings or data of that run left out. Returns what the next
     checkpoints record of the command line (a continued run keeps the settings its earlier ones gave)."""
-    newest = cfg.training.resume_from_checkpoint == "latest"  # (auto too): a run found, not named
     try:
-        check_same_tokenizer(ckpt.tokenizer, tokenizer, path, ckpt.config.get("dataset", {}).get("tokenizer"),
+        check_same_tokenizer(ckpt.tokenizer, tokenizer, path, config_value(ckpt.config, "dataset.tokenizer"),
                              ckpt.model_config, cfg.model)
         # (before the model's check, which would name model.* alone; also where this config's max_iters says
         # there is nothing to do, but the run's own does not)
@@ -164,7 +164,7 @@ def check_resumable(cfg, path: Path, ckpt, tokenizer, shards: str, val_fingerpri
         check_run_given_again(cfg, path, ckpt, shards, val_fingerprint, command_line)
         check_same_model(ckpt.model_config, cfg.model, path)
     except CheckpointError as e:
-        if not newest:
+        if not found_newest(cfg.training):
             raise
         raise CheckpointError(f"{e}{found_as_newest(cfg)}") from None
     return carried_forward(ckpt, cfg.to_dict(), command_line)
@@ -256,9 +256,9 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreada
     for an abandoned branch). A run continued in place takes its own folder as training.checkpoint_dir
     (another one given, `checkpoint_dir_given` on the command line, is said not to be used)."""
     nothing_to_do = ckpt.step >= cfg.training.max_iters  # train() says so: nothing to move or record either
-    ended = ckpt.step == setting(ckpt.config, "training.max_iters")
-    found = (f" (the newest run in {cfg.training.checkpoint_dir}{', which had ended' * ended})"  # (`auto` too)
-             if cfg.training.resume_from_checkpoint == "latest" else "")  # (another experiment's, perhaps)
+    ended = ckpt.step == config_value(ckpt.config, "training.max_iters")
+    found = (f" (the newest run in {cfg.training.checkpoint_dir}{', which had ended' * ended})"
+             if found_newest(cfg.training) else "")
     announce = "" if nothing_to_do else f"resuming from {path} at step {ckpt.step + 1}{found}\n"
     if not continues_in_place(path):
         not_a_run = not is_run_directory(path.parent)
@@ -271,11 +271,11 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreada
     given, folder = cfg.training.checkpoint_dir, path.parent.parent
     elsewhere = os.path.realpath(given) != os.path.realpath(folder)
     if elsewhere:  # the run's records (its config, W&B's folder) say where it is, not what was given
-        saved = setting(ckpt.config, "training.checkpoint_dir")
+        saved = config_value(ckpt.config, "training.checkpoint_dir")
         same = saved and os.path.realpath(saved) == os.path.realpath(folder)
         cfg.training.checkpoint_dir = saved if same else str(folder.resolve())
     later = [p for p in checkpoints_in(path.parent) if checkpoint_step(p) > ckpt.step and p not in unreadable]
-    its_own = os.path.realpath(given) == os.path.realpath(setting(ckpt.config, "training.checkpoint_dir") or "")
+    its_own = os.path.realpath(given) == os.path.realpath(config_value(ckpt.config, "training.checkpoint_dir") or "")
     if elsewhere and checkpoint_dir_given and not its_own and later and not nothing_to_do:  # another study's run
         raise CheckpointError(
             f"{path} (step {ckpt.step}) is not the newest checkpoint of its run, which went on to {later[-1].name}: "

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 from checkpoint import Checkpoint, CheckpointError, peek_checkpoint
 from config import Config, learning_rate, step_tokens
-from config_file import ConfigError, with_split_seed
+from config_file import ConfigError, config_value, with_split_seed
 from layout import PATTERN_CHARACTERS
-from locate import checkpoint_candidates, continues_in_place
+from locate import checkpoint_candidates, continues_in_place, found_newest
 from model import BDHConfig
 from positions import SHARDS
 from tokenizer import TokenizerError, load_tokenizer, tokenizer_from_string
@@ -48,7 +48,7 @@ def check_run_given_again(cfg, path, ckpt, shards: str | None, val_fingerprint: 
     """A resume that continues its run: the run's settings it leaves out (check_given_again) and its
     data (check_same_data), refused in one line. `shards`, `val_fingerprint`: the data's now (None:
     not read yet)."""
-    named = cfg.training.resume_from_checkpoint != "latest"  # (auto too): a run found, not named
+    named = not found_newest(cfg.training)
     problems = []
     for check in (lambda: check_given_again(ckpt, cfg.to_dict(), command_line, path),
                   lambda: check_same_data(ckpt, cfg.dataset, shards, val_fingerprint, command_line["settings"], path,
@@ -73,7 +73,7 @@ def check_run_data_given(cfg, command_line: dict):
             or (found := resumed_checkpoint(cfg)) is None):
         return
     path, saved = found
-    before = setting(saved.get("config", {}), "dataset.parquet_dir")
+    before = config_value(saved.get("config", {}), "dataset.parquet_dir")
     if (before is None or same_setting("dataset.parquet_dir", before, parquet_dir)
             or not continues_run(path, saved.get("step", math.inf), saved.get("config", {}), cfg.training.max_iters)):
         return
@@ -112,16 +112,16 @@ def command_line_record(config_path: str, overrides) -> dict:
         in_file, config = Config.from_yaml(config_path).to_dict(), str(Path(config_path).resolve())
     except ConfigError:
         in_file, config = {}, None
-    return {"config": config, "settings": {name: setting(in_file, name) for name in names}}
+    return {"config": config, "settings": {name: config_value(in_file, name) for name in names}}
 
 
 def carried_forward(ckpt, config: dict, command_line: dict) -> dict:
     """The record a resumed run's next checkpoints keep: this command line's, and those settings of
     the run's record that this one leaves out while the config still gives the run's value (a resume
     with the run's own config.yaml), so that a later resume is still checked for them."""
-    kept = {name: setting(config, name) for name in ckpt.command_line.get("settings", {})
+    kept = {name: config_value(config, name) for name in ckpt.command_line.get("settings", {})
             if name not in command_line["settings"]
-            and same_setting(name, setting(ckpt.config, name), setting(config, name))}
+            and same_setting(name, config_value(ckpt.config, name), config_value(config, name))}
     return {**command_line, "settings": {**kept, **command_line["settings"]}}
 
 
@@ -134,11 +134,11 @@ def check_given_again(ckpt, config: dict, command_line: dict, path):
     how it runs (logging, devices, workers) may go back to the config file's."""
     given_then = ckpt.command_line.get("settings", {})  # name -> the config file's value then
     same_file = ckpt.command_line.get("config") not in (None, "") and ckpt.command_line["config"] == command_line["config"]
-    finished = ckpt.step >= (setting(ckpt.config, "training.max_iters") or 0)
+    finished = ckpt.step >= (config_value(ckpt.config, "training.max_iters") or 0)
     left_out = [name for name, in_file_then in given_then.items()
                 if name not in command_line["settings"] and name.startswith(GIVEN_AGAIN)
-                and not same_setting(name, setting(ckpt.config, name), setting(config, name))
-                and not (same_file and not same_setting(name, in_file_then, setting(config, name)))
+                and not same_setting(name, config_value(ckpt.config, name), config_value(config, name))
+                and not (same_file and not same_setting(name, in_file_then, config_value(config, name)))
                 and not (finished and name == "training.max_iters")]
     if not left_out:
         return
@@ -147,11 +147,11 @@ def check_given_again(ckpt, config: dict, command_line: dict, path):
     values = "values" if len(left_out) > 1 else "value"
     change = (f", or give the new {values} on the command line to change {them}" if not shape else
               f" (the model's shape cannot change{'; the others can, given anew' * (len(shape) < len(left_out))})")
+    given = " ".join(override(name, config_value(ckpt.config, name)) for name in left_out)
+    in_file = ", ".join(repr(config_value(config, name)) for name in left_out)
     raise CheckpointError(
-        f"{path}: the run was given {' '.join(override(name, setting(ckpt.config, name)) for name in left_out)} on "
-        f"its command line, and this command leaves {them} out (the config file has "
-        f"{', '.join(f'{setting(config, name)!r}' for name in left_out)}): add {them} to resume the run as it "
-        f"was{change}")
+        f"{path}: the run was given {given} on its command line, and this command leaves {them} out (the config file "
+        f"has {in_file}): add {them} to resume the run as it was{change}")
 
 
 def check_same_split(saved: dict, dataset, command_line, path, named: bool, seed_split: bool):
@@ -295,7 +295,7 @@ def resumed_checkpoint(cfg) -> tuple[Path, dict] | None:
 def continues_run(path: Path, step: int, saved_config: dict, max_iters: int) -> bool:
     """Whether a resume from the checkpoint at `path` (of `step`, its run's config `saved_config`)
     trains on in its run directory: the run's own checks then apply (resume.resume)."""
-    return continues_in_place(path) and step < max(max_iters, setting(saved_config, "training.max_iters") or 0)
+    return continues_in_place(path) and step < max(max_iters, config_value(saved_config, "training.max_iters") or 0)
 
 
 def data_settings_hint(cfg, problem: Exception) -> str:
@@ -308,19 +308,19 @@ def data_settings_hint(cfg, problem: Exception) -> str:
     now = cfg.to_dict()
     # a tokenizer's problem: the data's settings are beside the point
     names = ("dataset.tokenizer", "model.vocab_size") if isinstance(problem, TokenizerError) else DATA_SETTINGS
-    if setting(saved, "dataset.val_parquet_dir"):  # its validation documents were that folder's: nothing split
+    if config_value(saved, "dataset.val_parquet_dir"):  # its validation documents were that folder's: nothing split
         names = [name for name in names if name not in ("dataset.split_seed", "dataset.val_fraction")]
     recorded = [name for name in names if name.split(".")[1] in saved.get(name.split(".")[0], {})]
-    differ = [override(name, setting(saved, name)) for name in recorded
-              if not same_setting(name, setting(saved, name), setting(now, name))]
-    run_tokenizer = setting(saved, "dataset.tokenizer") or cfg.dataset.tokenizer
+    differ = [override(name, config_value(saved, name)) for name in recorded
+              if not same_setting(name, config_value(saved, name), config_value(now, name))]
+    run_tokenizer = config_value(saved, "dataset.tokenizer") or cfg.dataset.tokenizer
     if isinstance(problem, TokenizerError) and run_tokenizer != "bytes" and not Path(run_tokenizer).is_file():
         return (f"; the checkpoint carries its tokenizer ({run_tokenizer} is not found): `python export.py --checkpoint "
                 f"{path} --out DIR` writes it to DIR/tokenizer.json, for dataset.tokenizer=DIR/tokenizer.json")
     if differ:
         return (f"; the checkpoint's run had {' '.join(differ)}: if the change was not meant, give "
                 f"{'those' if len(differ) > 1 else 'it'} again"
-                + (found_as_newest(cfg) if cfg.training.resume_from_checkpoint == "latest" else ""))
+                + (found_as_newest(cfg) if found_newest(cfg.training) else ""))
     return ""
 
 
@@ -336,12 +336,6 @@ DATA_SETTINGS = ("dataset.parquet_dir", "dataset.val_parquet_dir", "dataset.text
 
 
 PATH_SETTINGS = ("dataset.parquet_dir", "dataset.val_parquet_dir", "dataset.tokenizer")
-
-
-def setting(config: dict, path: str):
-    """A setting of a config dict, by its dotted path (None if absent)."""
-    section, key = path.split(".")
-    return config.get(section, {}).get(key)
 
 
 def same_setting(path: str, before, after) -> bool:
@@ -375,8 +369,8 @@ def validation_change(saved: dict, now: dict, saved_shards: str | None = None, s
     def same(path):
         if path == "dataset.parquet_dir" and saved_shards and shards:
             return saved_shards == shards
-        return same_setting(path, setting(saved, path), setting(now, path))
-    by_fraction = not setting(now, "dataset.val_parquet_dir")
+        return same_setting(path, config_value(saved, path), config_value(now, path))
+    by_fraction = not config_value(now, "dataset.val_parquet_dir")
     held_out = ["dataset.val_parquet_dir"] + (["dataset.val_fraction", "dataset.split_seed"] if by_fraction else [])
     read_from = ["dataset.text_column"] + ["dataset.parquet_dir"] * by_fraction
     documents = [path for path in held_out + read_from if not same(path)]
@@ -385,11 +379,12 @@ def validation_change(saved: dict, now: dict, saved_shards: str | None = None, s
         if not (saved_batches and batches):
             return None
         documents = ["dataset.parquet_dir" if by_fraction else "dataset.val_parquet_dir"]  # rewritten in place
-    what = "; ".join(f"{path} {setting(now, path)!r}: its shards changed" if setting(saved, path) == setting(now, path)
-                     else f"{path}: {setting(saved, path)!r} -> {setting(now, path)!r}" for path in documents + shapes)
+    before, after = ({path: config_value(config, path) for path in documents + shapes} for config in (saved, now))
+    what = "; ".join(f"{path} {after[path]!r}: its shards changed" if before[path] == after[path]
+                     else f"{path}: {before[path]!r} -> {after[path]!r}" for path in documents + shapes)
     changes = "documents" if documents else "batches"
     if by_fraction and documents and not set(read_from) & set(documents):  # the same documents, held out anew
-        keep = " ".join(f"{path}={setting(saved, path)}" for path in documents)
+        keep = " ".join(f"{path}={config_value(saved, path)}" for path in documents)
         return (f"WARNING: the validation {changes} change on this resume ({what}): some of those held out now may have "
                 f"been trained on, so the validation loss may read low from here, and best.pt starts afresh; keep "
                 f"{keep} to keep the same ones")

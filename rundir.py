@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import Checkpoint, CheckpointError, peek_checkpoint, saved_step
+from checkpoint import Checkpoint, CheckpointError, peek_checkpoint, saved_step, stopped_short
 from config_file import as_yaml
 from files import atomic_write, left_by_a_dead_process, resumed_configs
 from locate import RUN_CONFIG_HEADER, checkpoint_step, checkpoints_in, resumable_in
@@ -164,10 +164,9 @@ def stopped_early(run: Path) -> tuple[Path, int, int] | None:
     if not newest or held(run / ".lock"):
         return None
     saved = peek_checkpoint(newest[0]) or {}
-    step, max_iters = saved.get("step"), (saved.get("config") or {}).get("training", {}).get("max_iters")
-    if not isinstance(step, int) or not isinstance(max_iters, int) or step >= max_iters:
+    if not stopped_short(saved):
         return None
-    return newest[0], step, max_iters
+    return newest[0], saved["step"], saved["config"]["training"]["max_iters"]
 
 
 def hold_auto_start(checkpoint_dir: str):

@@ -26,6 +26,7 @@ from layout import DataError, shard_files, unreadable_shard_advice  # DataError:
 from runtime import first_line
 
 
+PROGRESS_EVERY_S = 5.0  # the slow passes over every file (checks, prepare.py) print a line this often
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary(), pa.string_view())
 
 
@@ -55,7 +56,7 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
     if len(files) >= 1000:
         print(f"checking the footers and schemas of {len(files):,} parquet files in {root} ...", flush=True)
     for k, path in enumerate(files):
-        if time.time() - last_report > 5:
+        if time.time() - last_report > PROGRESS_EVERY_S:
             print(f"  {k:,} of {len(files):,} files checked", flush=True)
             last_report = time.time()
         try:

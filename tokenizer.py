@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from files import UTF_BOMS, relative_to_here
+from files import bom_encoding, relative_to_here
 from runtime import first_line
 
 SEPARATOR_TOKEN = "<|endoftext|>"
@@ -361,7 +361,7 @@ def prompt_argument(parser, args) -> str:
     try:
         raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
         # as it is, its last line end too; not a byte-order mark (Windows editors'), which may say UTF-16
-        return raw.decode(next((UTF_BOMS[bom] for bom in UTF_BOMS if raw.startswith(bom)), "utf-8-sig"))
+        return raw.decode(bom_encoding(raw) or "utf-8-sig")
     except OSError as e:
         parser.error(f"--prompt-file {args.prompt_file}: cannot read it ({e.strerror or e})")
     except UnicodeDecodeError as e:

@@ -49,6 +49,7 @@ from distributed import (DistributedError, Ranks, communication_failure, failed,
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
 from files import script_here
 from fp8 import FP8Error, fp8_matmuls
+from locate import found_newest
 from lowbit import LowBitError, quantization_aware_view
 from metrics import MetricsError, MetricsLog, StepLog, check_installed
 from model import BDH
@@ -105,7 +106,6 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
         check_installed(cfg.logging)
     # auto becomes latest or None (a new run), in the config itself: resume.py and main() read it from there
     training.resume_from_checkpoint = resume_target(training, ranks, device, resume_named_in_file)
-    found_newest = training.resume_from_checkpoint == "latest"  # (auto too): the newest run, not one named
     check_run_data_given(cfg, command_line)  # a resume that leaves out its run's data: refused before it is read
     try:
         tokenizer, units = prepare_data(cfg, ranks)
@@ -136,7 +136,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
         if progress.step >= training.max_iters:
             print(f"nothing to do: the checkpoint {progress.last_saved} is at step {progress.step} and "
                   f"training.max_iters is {training.max_iters}; raise max_iters to train further")
-            older = unfinished_older_run(training.checkpoint_dir, progress.last_saved.parent) if found_newest else ""
+            older = found_newest(training) and unfinished_older_run(training.checkpoint_dir, progress.last_saved.parent)
             if ranks.main and older:
                 print(older)
             return 0

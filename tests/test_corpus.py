@@ -109,8 +109,8 @@ def test_the_built_in_corpus_is_built_however_its_folder_is_written(tmp_path, mo
     built = []
     monkeypatch.setattr(corpus, "build_stdlib_corpus", lambda folder: built.append(folder))
     folder = str(tmp_path / "data" / "stdlib") if written == "ABSOLUTE" else written
-    corpus.ensure_sample_corpus(Config.from_dict({"dataset": {"parquet_dir": folder}}))
-    corpus.ensure_sample_corpus(Config.from_dict({"dataset": {"parquet_dir": "data/other"}}))
+    corpus.ensure_builtin_corpus(Config.from_dict({"dataset": {"parquet_dir": folder}}))
+    corpus.ensure_builtin_corpus(Config.from_dict({"dataset": {"parquet_dir": "data/other"}}))
     assert built == [folder]
 
 
@@ -125,6 +125,6 @@ def test_a_sample_corpus_that_cannot_be_built_is_a_data_error(tmp_path, monkeypa
         (tmp_path / "data").write_text("not a folder")
     else:
         (tmp_path / "data").symlink_to(tmp_path / "gone")
-    with pytest.raises(DataError, match=r"^dataset.parquet_dir data/stdlib: cannot build the sample corpus there: .*; "
-                                        r"run from a folder where it can be written, or set dataset.parquet_dir to"):
-        corpus.ensure_sample_corpus(Config.from_dict({"dataset": {"parquet_dir": "data/stdlib"}}))
+    with pytest.raises(DataError, match=r"^dataset.parquet_dir data/stdlib: cannot build the built-in corpus there: "
+                                        r".*; run from a folder where it can be written, or set dataset.parquet_dir to"):
+        corpus.ensure_builtin_corpus(Config.from_dict({"dataset": {"parquet_dir": "data/stdlib"}}))

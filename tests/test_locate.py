@@ -267,7 +267,7 @@ def test_a_run_directory_is_told_by_its_config_not_by_any_config_file(tmp_path):
 
 
 def test_a_resume_from_a_name_that_does_not_exist_stops_before_the_data_is_read(tmp_path, corpus, capsys, monkeypatch):
-    """Reading the data may first build the sample corpus: a typo is told before that."""
+    """Reading the data may first build the built-in corpus: a typo is told before that."""
     monkeypatch.setattr(train, "prepare_data", lambda *a: pytest.fail("the data was read"))
     path = write_config(tmp_path, corpus)
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=lastest"]) == 1

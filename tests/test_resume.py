@@ -572,7 +572,7 @@ def test_the_random_state_of_the_device_comes_back(device):
 
 
 def test_a_resume_that_leaves_out_the_run_s_data_builds_no_sample_corpus(tmp_path, corpus, capsys, monkeypatch):
-    """The config file's parquet_dir is the sample corpus's place, the run was given its data on the
+    """The config file's parquet_dir is the built-in corpus's place, the run was given its data on the
     command line: the resume without it is refused with the run's folder, before anything is built."""
     monkeypatch.chdir(tmp_path)
     path = write_config(tmp_path, corpus, max_iters=2)
@@ -583,17 +583,17 @@ def test_a_resume_that_leaves_out_the_run_s_data_builds_no_sample_corpus(tmp_pat
     capsys.readouterr()
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=4"]) == 1
     captured = capsys.readouterr()
-    assert "building the sample corpus" not in captured.out and not (tmp_path / "data" / "stdlib").exists()
+    assert "building the built-in corpus" not in captured.out and not (tmp_path / "data" / "stdlib").exists()
     assert "prepare.py" not in captured.err  # (not: create the config file's folder)
     assert f"add dataset.parquet_dir={corpus} (the run was given it on its command line)" in captured.err
     assert "the run was given training.eval_iters=3 on its command line" in captured.err  # in the same line
     assert len(captured.err.strip().splitlines()) == 1
-    # a copy outside its run starts a new run, on the config's data: the sample corpus is built for it
+    # a copy outside its run starts a new run, on the config's data: the built-in corpus is built for it
     [run] = run_dirs(tmp_path)
     (tmp_path / "downloads").mkdir()
     shutil.copy(run / "checkpoint_2.pt", tmp_path / "downloads" / "ck.pt")
     built = []
-    monkeypatch.setattr(data, "ensure_sample_corpus", lambda cfg: built.append(cfg.dataset.parquet_dir))
+    monkeypatch.setattr(data, "ensure_builtin_corpus", lambda cfg: built.append(cfg.dataset.parquet_dir))
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={tmp_path / 'downloads' / 'ck.pt'}",
                        "training.max_iters=4"]) == 1  # (no folder built: the error that follows)
     assert built == ["data/stdlib"]
