@@ -40,8 +40,9 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
     pattern, or one .parquet file (its folder is the root)."""
     root = Path(location)
     what = f"given to {setting}, it" if setting.startswith("--") else setting  # ("data: dataset.parquet_dir is ...")
+    misnamed = []
     if root.is_dir():
-        files, skipped = parquet_files(root)
+        files, skipped, misnamed = parquet_files(root)
         check_links(files)
         files = each_real_file_once(files)
         check_splits(root, files, setting)
@@ -51,7 +52,7 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
         raise DataError(f"{root}: {what} is a symbolic link to {os.path.realpath(root)}, which does not exist; "
                         f"restore its target (re-download it) or set {setting} to where the data is")
     elif any(c in str(location) for c in PATTERN_CHARACTERS):
-        root, files, skipped = pattern_files(str(location), setting)
+        root, files, skipped, misnamed = pattern_files(str(location), setting)
     elif root.exists() and parquet_by_its_bytes(root):
         raise DataError(f"{root}: a parquet file whose name does not end in .parquet (only such names are read as "
                         f"shards); rename it: `mv {shlex.quote(str(root))} "
@@ -81,6 +82,11 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
         raise DataError(f"{root}: its only .parquet files are in names that start with '.' or '_' ({hidden[0].name}"
                         f"{', ...' * (len(hidden) > 1)}), which are not data, as for pyarrow datasets, Spark and Hugging "
                         f"Face: rename them")
+    if misnamed:
+        others = f" and {len(misnamed) - 1} more" if len(misnamed) > 1 else ""
+        raise DataError(f"{misnamed[0]}{others}: named like a parquet shard but not ending in .parquet, so {setting} "
+                        f"would leave {'them' if others else 'it'} out of the data; rename such files to end in "
+                        f".parquet (only those are read), or move them out of {root}")
     if not files:
         raise DataError(f"{root}: no .parquet files found (searched recursively); {how_to_convert(root, setting)}")
     if setting == "dataset.parquet_dir" and (held_out := held_out_only(root, files)):
@@ -230,26 +236,29 @@ def how_to_convert(folder: Path, setting: str) -> str:
             f"{set_to(setting, out, small=True)}")
 
 
-def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], list[Path]]:
+def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], list[Path], list[Path]]:
     """(the root: the folder before the first wildcard; the .parquet files below it that the glob
     pattern matches, with the files of the folders it matches (a pattern that ends in / matches
-    folders only), sorted, each real file once; the names skipped). `**` matches any number of
+    folders only), sorted, each real file once; the names skipped; the misnamed shards in the folders it
+    matches, as parquet_files). `**` matches any number of
     folders. Folders the pattern matches are checked for split names as a folder given directly is, and
     so are the files of a pattern without `**` together."""
     parts = Path(pattern).parts
     literal = [unescaped(part) for part in parts] + [None]
     first_wildcard = literal.index(None)
     root, segments = Path(*literal[:first_wildcard]), parts[first_wildcard:]
-    files, skipped = ([], []) if not root.is_dir() else parquet_files(root, look_in=lambda f: may_hold(segments, f))
-    matched = {path: matched_prefix(segments, path.relative_to(root).parts) for path in files}
-    in_folder = {path: matched[path] is not None and len(matched[path]) < len(path.relative_to(root).parts)
-                 for path in files}
-    taken = each_real_file_once([path for path in files if in_folder[path] or (
-        matched[path] is not None and not pattern.endswith(("/", os.sep)))])
+    files, skipped, misnamed = parquet_files(root, look_in=lambda f: may_hold(segments, f)) if root.is_dir() else \
+        ([], [], [])
+    matched = {path: matched_prefix(segments, path.relative_to(root).parts) for path in files + misnamed}
+    in_folder = {path: in_matched_folder(segments, path.relative_to(root).parts) for path in files + misnamed}
+
+    def wanted(path):  # in a folder it matches, or matched itself (a pattern that ends in / matches folders only)
+        return in_folder[path] or (matched[path] is not None and not pattern.endswith(("/", os.sep)))
+    taken, misnamed = each_real_file_once([path for path in files if wanted(path)]), list(filter(wanted, misnamed))
     check_links(taken)
     skipped = [path for path in skipped if (may_hold(segments, path.relative_to(root).parts) if path.is_dir() else
                                             matched_prefix(segments, path.relative_to(root).parts) is not None)]
-    if not taken:
+    if not taken and not misnamed:  # (misnamed shards: shard_files says so)
         there = [p.relative_to(root).as_posix() for p in parquet_files(root)[0]] if root.is_dir() else []
         wanted = "/".join(segments)  # the names most like the pattern first: a typo's intended file is among them
         like = sorted(there, key=lambda name: -difflib.SequenceMatcher(None, wanted, name).ratio())
@@ -262,7 +271,7 @@ def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], list[Pa
                      setting)
     if "**" not in segments:  # `**`: every file it matches, held-out splits' too (what the error offers last)
         check_splits(root, taken, setting, pattern=pattern)
-    return root, taken, skipped
+    return root, taken, skipped, misnamed
 
 
 def unescaped(part: str):
@@ -271,6 +280,12 @@ def unescaped(part: str):
     if any(c in re.sub(r"\[[*?[]\]", "", part) for c in PATTERN_CHARACTERS):
         return None
     return re.sub(r"\[([*?[])\]", r"\1", part)
+
+
+def in_matched_folder(segments: tuple, parts: tuple) -> bool:
+    """Whether a file's path below the pattern's root is in a folder that the glob segments match."""
+    matched = matched_prefix(segments, parts)
+    return matched is not None and len(matched) < len(parts)
 
 
 def matched_prefix(segments: tuple, parts: tuple, depth: int = 0):
@@ -363,15 +378,16 @@ def every_file(pattern: str) -> str:
     return f"{head}/**/{last}" if head else f"**/{last}"
 
 
-def parquet_files(root: Path, look_in=None) -> tuple[list[Path], list[Path]]:
-    """(every *.parquet file under root, sorted; the names skipped). Symbolic links to folders are
+def parquet_files(root: Path, look_in=None) -> tuple[list[Path], list[Path], list[Path]]:
+    """(every *.parquet file under root, sorted; the names skipped; the misnamed shards: files named
+    .pq, .parq or .PARQUET, which would be left out, so that the caller can refuse them). Symbolic links to folders are
     followed, each real folder once, except a link to a folder that holds root (a loop, whose other
     folders are not this data); links to missing files are listed (check_links refuses them);
     names starting with '.' or '_' are not data (a macOS ._ copy, Spark's _SUCCESS and _temporary/)
     and are skipped. look_in(the folder's parts below root), for a pattern: whether to look into a
     folder at all; then a link is followed unless it leads back up its own path (a folder skipped as
     seen might be the one the pattern wants)."""
-    found, skipped, seen = [], [], set()
+    found, skipped, misnamed, seen = [], [], [], set()
     roots = (os.path.realpath(root), os.path.abspath(root))  # (root may be a link: the folders above either)
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -392,4 +408,9 @@ def parquet_files(root: Path, look_in=None) -> tuple[list[Path], list[Path]]:
             elif name.endswith(".parquet") and (os.path.isfile(path := os.path.join(folder, name))
                                                 or os.path.islink(path) and not os.path.exists(path)):
                 found.append(Path(folder) / name)
-    return sorted(found, key=lambda p: p.relative_to(root).parts), skipped  # as sorted(Path) orders them
+            elif name.lower().endswith((".parquet", ".pq", ".parq")) and not name.startswith((".", "_")):
+                misnamed.append(Path(folder) / name)
+
+    def below_root(path):  # as sorted(Path) orders them
+        return path.relative_to(root).parts
+    return sorted(found, key=below_root), skipped, sorted(misnamed, key=below_root)

@@ -250,9 +250,32 @@ def test_one_parquet_file_is_read_and_another_file_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"one.pq: a parquet file whose name does not end in .parquet \(only such "
                                         r"names are read as shards\); rename it: `mv .*/one.pq .*/one.parquet`$"):
         list_units(tmp_path / "pq" / "one.pq", "text")
-    with pytest.raises(DataError, match=r"no .parquet files found \(searched recursively\); one.pq is a parquet file "
-                                        r"whose name does not end in .parquet: rename such files to end in .parquet"):
+    with pytest.raises(DataError, match=r"pq/one.pq: named like a parquet shard but not ending in .parquet, so "
+                                        r"dataset.parquet_dir would leave it out of the data; rename such files"):
         list_units(tmp_path / "pq", "text")
+    (tmp_path / "pq" / "one.pq").rename(tmp_path / "pq" / "one.bin")  # known by its bytes
+    with pytest.raises(DataError, match=r"no .parquet files found \(searched recursively\); one.bin is a parquet "
+                                        r"file whose name does not end in .parquet: rename such files to end in .parquet"):
+        list_units(tmp_path / "pq", "text")
+
+
+def test_shards_named_pq_or_in_capitals_beside_parquet_files_are_refused_not_left_out(tmp_path):
+    for name in ("a.parquet", "b.PARQUET", "sub/c.pq", "sub/d.parq"):
+        write_parquet(tmp_path / "data" / name, ["text"])
+    (tmp_path / "data" / "notes.txt").write_text("not a shard")
+    (tmp_path / "data" / "._e.pq").write_bytes(b"")  # a macOS copy: skipped as names starting with '.' are
+    message = (r"/data/b.PARQUET and 2 more: named like a parquet shard but not ending in .parquet, so "
+               r"dataset.parquet_dir would leave them out of the data; rename such files to end in .parquet \(only "
+               r"those are read\), or move them out of .*/data$")
+    for given in ("data", "data/*", "data/**"):
+        with pytest.raises(DataError, match=message):
+            list_units(str(tmp_path / given), "text")
+    assert [Path(unit.path).name for unit in list_units(str(tmp_path / "data" / "*.parquet"), "text")] == ["a.parquet"]
+    with pytest.raises(DataError, match=r"/data/sub/c.pq and 1 more: .* would leave them out"):
+        list_units(str(tmp_path / "data" / "*") + "/", "text")  # folders only: sub
+    (tmp_path / "data" / "b.PARQUET").rename(tmp_path / "data" / "b.parquet")
+    with pytest.raises(DataError, match=r"sub/c.pq and 1 more"):
+        list_units(tmp_path / "data", "text")
 
 
 def test_splits_in_folders_and_names_that_only_contain_a_keyword(tmp_path):
