@@ -118,7 +118,7 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val
                  else f"runs in {Path(training.checkpoint_dir).resolve()}")
     n_files = len({unit.path for unit in units})
     data_size = (f"{n_files} file{'s' * (n_files != 1)}{subfolders(dataset.parquet_dir, units)}, {len(units)} row "
-                 f"group{'s' * (len(units) != 1)}, {sum(unit.num_rows for unit in units):,} documents, "
+                 f"group{'s' * (len(units) != 1)}, {sum(unit.num_rows for unit in units):,} rows, "
                  f"{byte_amount(sum(unit.text_bytes for unit in units))} of text")
     lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({data_size}; {validation}) | tokenizer {tokenizer} | "
                  f"{writes_to}")
