@@ -66,7 +66,7 @@ def byte_level_alphabet() -> list[str]:
 class ByteTokenizer:
     name = "bytes"
     exact_bytes = True
-    vocab_size = 256
+    vocab_size = n_tokens = 256
     separator = 0
     dtype = np.uint8  # of the token streams
     token_bytes = np.ones(256, dtype=np.int64)
@@ -150,7 +150,8 @@ class HFTokenizer:
                                  f"documents; add it as a special token, or train one with "
                                  f"python prepare.py --train-tokenizer")
         vocab = self.tok.get_vocab(with_added_tokens=True)
-        self.vocab_size = max(vocab.values()) + 1
+        self.vocab_size = max(vocab.values()) + 1  # (the rows the model needs: ids, not tokens, where ids skip some)
+        self.n_tokens = len(set(vocab.values()))
         self.exact_bytes = (json.loads(self.json).get("decoder") or {}).get("type") == "ByteLevel"
         self.dtype = np.uint16 if self.vocab_size <= 2**16 else np.uint32
         self.token_bytes = self._byte_lengths(vocab) if self.exact_bytes else None  # (see the module's doc)
@@ -269,9 +270,17 @@ def check_vocab_size(tokenizer, vocab_size: int) -> str | None:
     or more (128 rows at least) would never be used: a habit from another tokenizer, 50,304 for bytes."""
     rounded = model_vocab_size(tokenizer)
     fits = f"model.vocab_size={rounded} (its size rounded up to a multiple of 64)"
+    gap = tokenizer.vocab_size - tokenizer.n_tokens  # ids that no token has, below the largest
+    ids = (f"{tokenizer.vocab_size:,} ids ({tokenizer.n_tokens:,} tokens, the largest id {tokenizer.vocab_size - 1:,})"
+           if gap else f"{tokenizer.vocab_size:,} tokens")
     if vocab_size < tokenizer.vocab_size:
-        raise TokenizerError(f"model.vocab_size {vocab_size} is smaller than the {tokenizer.vocab_size:,} tokens "
-                             f"of dataset.tokenizer {tokenizer.name}; set {fits}")
+        raise TokenizerError(f"model.vocab_size {vocab_size} is smaller than the {ids} of dataset.tokenizer "
+                             f"{tokenizer.name}; set {fits}")
+    if gap >= max(128, tokenizer.vocab_size / 10):
+        return (f"note: dataset.tokenizer {tokenizer.name} has {tokenizer.n_tokens:,} tokens, with ids up to "
+                f"{tokenizer.vocab_size - 1:,}: the {gap:,} ids between that no token has take rows of the embedding "
+                f"and of lm_head that are never trained, and cost memory and time (renumbering its tokens closes "
+                f"the gap)")
     unused = vocab_size - tokenizer.vocab_size
     if vocab_size > rounded and unused >= max(128, vocab_size / 10):  # (rounded up to 128 instead: quiet)
         return (f"note: model.vocab_size {vocab_size:,} is larger than the {tokenizer.vocab_size:,} tokens of "

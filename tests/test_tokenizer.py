@@ -113,8 +113,18 @@ def test_bad_tokenizer_files_are_one_line_errors(tmp_path, bpe_json, monkeypatch
         "note: model.vocab_size 50,304 is larger than the 256 tokens of dataset.tokenizer bytes: 50,048 rows of the "
         "embedding and of lm_head are never trained, and cost memory and time; model.vocab_size=256 (its size rounded "
         "up to a multiple of 64) fits it")
+    spec = json.loads(bpe_json)  # <|endoftext|> at GPT-2's id: 320 tokens, ids up to 50,256
+    spec["added_tokens"][0]["id"] = spec["model"]["vocab"][SEPARATOR_TOKEN] = 50256
+    gapped = HFTokenizer(json.dumps(spec), "gap.json")
+    with pytest.raises(TokenizerError, match=r"^model.vocab_size 448 is smaller than the 50,257 ids \(320 tokens, the "
+                                             r"largest id 50,256\) of dataset.tokenizer gap.json; set model.vocab_size=50304"):
+        check_vocab_size(gapped, 448)
+    assert check_vocab_size(gapped, 50304) == (
+        "note: dataset.tokenizer gap.json has 320 tokens, with ids up to 50,256: the 49,937 ids between that no token "
+        "has take rows of the embedding and of lm_head that are never trained, and cost memory and time (renumbering "
+        "its tokens closes the gap)")
     big = HFTokenizer(bpe_json, "tok.json")
-    big.vocab_size = 3000  # rounded 3008; up to 3,333 is within a tenth
+    big.vocab_size = big.n_tokens = 3000  # rounded 3008; up to 3,333 is within a tenth
     assert check_vocab_size(big, 3328) is None and check_vocab_size(big, 3392) is not None
 
 
