@@ -201,4 +201,4 @@ def ensure_builtin_corpus(cfg):
             raise DataError(f"dataset.parquet_dir {folder}: cannot build the built-in corpus there: "
                             f"{e.strerror or e}; run from a folder where it can be written, or set "
                             f"dataset.parquet_dir to your data") from None
-        print(f"  {n} documents" if n is not None else "  another process built it meanwhile")
+        print(f"  {n:,} documents" if n is not None else "  another process built it meanwhile")
