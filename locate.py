@@ -244,7 +244,14 @@ def open_checkpoint(spec: str, checkpoint_dir: str | None, setting: str = "train
             print(f"skipped {e}", file=sys.stderr)
             if skipped is not None:
                 skipped.append(path)
-    raise CheckpointError(f"{setting}: {spec}: none of its {len(candidates)} checkpoint(s) can be read (see above)")
+    if spec != "latest":
+        raise CheckpointError(f"{setting}: {spec}: none of its {len(candidates)} checkpoint(s) can be read (see above)")
+    root, restart = latest_folder(spec, checkpoint_dir, setting), ""
+    if not setting.startswith("--"):  # (`auto` too, which a requeued job would otherwise repeat)
+        restart = ("; to train anew, set training.resume_from_checkpoint=null, or move those runs out of it (auto "
+                   "then starts a new run)")
+    raise CheckpointError(f"{setting}: the runs in {root}: none of their {len(candidates)} checkpoint(s) can be read "
+                          f"(see above){restart}")
 
 
 def add_checkpoint_arguments(parser, exports: bool = True):

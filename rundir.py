@@ -249,6 +249,8 @@ class RunDir:
                 free, needed = shutil.disk_usage(folder).free, tensor_bytes(ckpt.to_dict())
                 if free < needed and not isinstance(e, OSError):  # torch's words: "unexpected pos 576 vs 534"
                     why = "the disk is full"
+                elif "unexpected pos" in why:  # a write cut short, not for want of space
+                    why += " (the file was cut short as it was written: a limit on file size, ulimit -f, or a quota?)"
                 why += f"; {free / 2**20:,.1f} MiB free on its disk, the checkpoint takes {needed / 2**20:,.1f} MiB"
             except OSError:
                 pass

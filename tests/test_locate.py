@@ -114,6 +114,16 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
         assert capsys.readouterr().err.startswith(f"skipped {run / 'checkpoint_10.pt'}: not a readable checkpoint")
     with pytest.raises(CheckpointError, match=r"checkpoint_10.pt: not a readable checkpoint \(cut short or corrupt: "):
         open_checkpoint(str(run / "checkpoint_10.pt"), str(tmp_path))  # asked for by name: no other
+    (run / "checkpoint_2.pt").write_bytes(b"cut short")  # none left: `latest`, or `auto`, which a requeue repeats
+    with pytest.raises(CheckpointError, match=rf"^training.resume_from_checkpoint: the runs in {tmp_path}: none of "
+                                              r"their 2 checkpoint\(s\) can be read \(see above\); to train anew, set "
+                                              r"training.resume_from_checkpoint=null, or move those runs out of it"):
+        open_checkpoint("latest", str(tmp_path))
+    with pytest.raises(CheckpointError, match=rf"^--checkpoint: the runs in {tmp_path}: none of their 2 "
+                                              r"checkpoint\(s\) can be read \(see above\)$"):
+        open_checkpoint("latest", str(tmp_path), setting="--checkpoint")
+    with pytest.raises(CheckpointError, match=rf"^training.resume_from_checkpoint: {run}: none of its 2 checkpoint"):
+        open_checkpoint(str(run), str(tmp_path))
 
 
 def test_latest_is_the_newest_run_and_names_an_older_run_written_since(tmp_path, capsys, monkeypatch):

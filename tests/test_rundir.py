@@ -238,4 +238,9 @@ def test_a_full_disk_is_called_so(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"^cannot write checkpoint for step 3 in .*: the disk is full; 1.0 MiB "
                                               r"free on its disk, the checkpoint takes 4.0 MiB$"):
         RunDir(str(tmp_path / "ck")).save(ckpt, "{}")
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda folder: SimpleNamespace(free=2**30))  # room: a limit
+    with pytest.raises(CheckpointError, match=r": \[enforce fail .* unexpected pos 576 vs 534 \(the file was cut short "
+                                              r"as it was written: a limit on file size, ulimit -f, or a quota\?\); "
+                                              r"1,024.0 MiB free on its disk, the checkpoint takes 4.0 MiB$"):
+        RunDir(str(tmp_path / "ck")).save(ckpt, "{}")
 
