@@ -123,29 +123,11 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
         raise FileExistsError(f"{shown}: is a symbolic link; give the folder it points to ({out_dir.resolve()})")
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{shown}: is a file, not a folder; choose another --out")
-    for stale in (*out_dir.parent.glob(f"{out_dir.name}.tmp*"), *out_dir.parent.glob(f".{out_dir.name}.tmp*")):
-        if left_by_a_dead_process(stale.name):
-            shutil.rmtree(stale, ignore_errors=True)
-    for old in out_dir.parent.glob(f".{out_dir.name}.old.tmp*"):  # a replace killed between its two renames
-        if left_by_a_dead_process(old.name):
-            if out_dir.exists():  # the new folder is in place
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.rename(out_dir)
+    clean_up_after_dead_writers(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if keep_existing:
             return None
-        others = sorted(p.name for p in out_dir.iterdir()
-                        if not written_here(p) and not (p.name in DESKTOP_FILES and p.is_file()))
-        if not replace and not others:
-            raise FileExistsError(f"{shown}: the folder holds files already; choose another --out, or add "
-                                  f"--replace to replace them")
-        if others:  # (--replace or not: it would not help)
-            held = f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''}"
-            raise FileExistsError(f"{shown}: " + (f"--replace replaces only what this command writes, and the "
-                                                    f"folder also holds {held}" if replace else
-                                                    f"the folder holds {held} already") +
-                                  f"; move {'them' if len(others) > 1 else 'it'} out or choose another --out")
+        check_replaceable(out_dir, shown, replace, written_here)
     tmp = out_dir.with_name(f".{out_dir.name}{temporary_suffix()}")
     # what write(tmp) makes, deepest first (x/../out: x, not the x/.. that stands for a folder that exists)
     made = [folder for folder in out_dir.absolute().parents if not folder.exists() and ".." not in folder.parts]
@@ -172,6 +154,36 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
         print(f"replaced what {shown} held: {', '.join(replaced[:3])}{' ...' * (len(replaced) > 3)} "
               f"({len(replaced):,} {'entries' if len(replaced) > 1 else 'entry'})")
     return result
+
+
+def clean_up_after_dead_writers(out_dir: Path):
+    """Removes the temporary folders that write_folder's processes killed mid-build left beside out_dir,
+    and finishes a replace killed between its two renames."""
+    for stale in (*out_dir.parent.glob(f"{out_dir.name}.tmp*"), *out_dir.parent.glob(f".{out_dir.name}.tmp*")):
+        if left_by_a_dead_process(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
+    for old in out_dir.parent.glob(f".{out_dir.name}.old.tmp*"):
+        if left_by_a_dead_process(old.name):
+            if out_dir.exists():  # the new folder is in place
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.rename(out_dir)
+
+
+def check_replaceable(out_dir: Path, shown: Path, replace: bool, written_here):
+    """Refuses a folder that holds files: without `replace`, or holding any that this command does not
+    write (written_here) and a file browser did not leave."""
+    others = sorted(p.name for p in out_dir.iterdir()
+                    if not written_here(p) and not (p.name in DESKTOP_FILES and p.is_file()))
+    if not replace and not others:
+        raise FileExistsError(f"{shown}: the folder holds files already; choose another --out, or add "
+                              f"--replace to replace them")
+    if others:  # (--replace or not: it would not help)
+        held = f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''}"
+        raise FileExistsError(f"{shown}: " + (f"--replace replaces only what this command writes, and the "
+                                                f"folder also holds {held}" if replace else
+                                                f"the folder holds {held} already") +
+                              f"; move {'them' if len(others) > 1 else 'it'} out or choose another --out")
 
 
 def read_records(path) -> tuple[list[dict], list[int]]:

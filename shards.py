@@ -16,6 +16,7 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -59,15 +60,7 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
         if time.time() - last_report > PROGRESS_EVERY_S:
             print(f"  {k:,} of {len(files):,} files checked", flush=True)
             last_report = time.time()
-        try:
-            meta = pq.read_metadata(path)
-            schema = pq.read_schema(path)
-        except (pa.ArrowException, OSError) as e:
-            try:
-                advice = unreadable_shard_advice(path, setting, alone=len(files) == 1)
-            except OSError:  # (gone since it was listed)
-                advice = "remove or re-create it"
-            raise DataError(f"{path}: not a readable parquet file ({first_line(e)}); {advice}")
+        meta, schema = read_footer(path, setting, alone=len(files) == 1)
         strings = [field.name for field in schema if text_type(field.type)]
         has = (f"its string columns are {strings}" if strings else "it has no string column") + (
             f" (all: {schema.names})" if len(schema.names) > len(strings) else "")
@@ -96,6 +89,24 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
                                   info.total_byte_size if text is None else info.column(text).total_uncompressed_size))
     if missing:
         raise missing_column(text_column, missing, files, setting)
+    check_left_out(root, files, units, all_null, empty, text_column)
+    return units
+
+
+def read_footer(path: Path, setting: str, alone: bool):
+    """(metadata, schema) of a shard; a DataError with what to do where it is not a readable parquet file."""
+    try:
+        return pq.read_metadata(path), pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        try:
+            advice = unreadable_shard_advice(path, setting, alone=alone)
+        except OSError:  # (gone since it was listed)
+            advice = "remove or re-create it"
+        raise DataError(f"{path}: not a readable parquet file ({first_line(e)}); {advice}")
+
+
+def check_left_out(root: Path, files: list, units: list, all_null: list, empty: list, text_column: str):
+    """The files list_units left out (a column of only nulls, no rows): said, and refused where no file has text."""
     if all_null and not units:
         path, strings, has = all_null[0]
         fix = (f"set dataset.text_column to the column with the text ({has})" if strings else
@@ -112,7 +123,6 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
         what = f"its {len(files)} parquet files hold" if len(files) > 1 else f"its parquet file {files[0].name} holds"
         raise DataError(f"{root}: {what} no rows: write the documents into {'them' if len(files) > 1 else 'it'} "
                         f"(python prepare.py --from-text turns text files into shards)")
-    return units
 
 
 def missing_column(text_column: str, missing: list, files: list, setting: str) -> DataError:
