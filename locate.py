@@ -124,67 +124,86 @@ def latest_folder(spec: str, checkpoint_dir: str | None, setting: str) -> Path:
 
 def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -> list[Path]:
     """The checkpoints spec may mean, newest first (open_checkpoint)."""
-    flag = setting.startswith("--")  # a script's --checkpoint, whose folder is --checkpoint-dir
-    folder = "--checkpoint-dir" if flag else "training.checkpoint_dir"
     root = latest_folder(spec, checkpoint_dir, setting)
     if spec == "latest":
-        found = resumable_runs(root)
-        if not found:
-            if is_run_with_checkpoints(root):  # the folder of one run, given for the folder that holds them
-                raise one_run_given(root, setting, "latest")
-            what = "no run with a checkpoint in" if root.is_dir() else "there is no folder"
-            fix = (f"set {folder} to one of its folders of runs: {', '.join(map(str, experiments))}"
-                   if (experiments := folders_of_runs(root)) else
-                   f"train a run first, or set {folder} to the folder that holds the runs"
-                   + ("" if flag else " (a job that may restart before its first checkpoint: "
-                                      "training.resume_from_checkpoint=auto starts a new run where there is none)"))
-            raise CheckpointError(f"{setting}: latest: {what} {root}/{relative_to_here(root)}; {fix}")
-        last_written = max(found, key=lambda path: path.stat().st_mtime)  # an older run resumed since, perhaps
-        if last_written.parent != found[0].parent:
-            print(f"note: latest is the newest run, {found[0].parent.name}; {last_written} was written more "
-                  f"recently: give it (or its run directory) to {'use it' if flag else 'continue from there'}",
-                  file=sys.stderr)  # (sample.py's standard output is the text alone)
-        if flag:
-            trained_further(found, named=last_written.parent)
-        return found
+        return newest_run_checkpoints(root, setting)
     path = Path(spec)
     if path.is_dir():
-        found = resumable_in(path)
-        if not found:
-            runs = sorted(p.name for p in path.glob("run_*") if p.is_dir() and resumable_in(p))
-            with_it = f"--checkpoint-dir {path}" if flag else f"training.checkpoint_dir={path}"
-            experiments = [] if runs else folders_of_runs(path)
-            hint = (f": it holds runs; give one (e.g. {path / runs[-1]}), or `latest` with {with_it}" if runs
-                    else f": it holds folders of runs ({', '.join(map(str, experiments))}): give a run of one, or "
-                         f"`latest` with {folder} set to one" if experiments
-                    else f": export.py's output, not a checkpoint{exported_from(path)}" if is_export(path) else
-                    ": its run stopped before its first checkpoint" + ("" if flag else f"; start it again without {setting}")
-                    if is_run_directory(path) else "")
-            raise CheckpointError(f"{setting}: {path} holds no checkpoint_<step>.pt{hint}")
+        if not (found := resumable_in(path)):
+            raise CheckpointError(f"{setting}: {path} holds no checkpoint_<step>.pt{why_no_checkpoint(path, setting)}")
         return found
     if not path.is_file():
-        bare = path.parent == Path(".")  # a run's file named without its run, such as best.pt (or best)
-        name = path.name if path.suffix else f"{path.name}.pt"
-        runs = sorted(run for run in root.glob("run_*") if (run / name).is_file()) if bare and root.is_dir() else []
-        kept = checkpoints_in(path.parent) if not bare and path.parent.is_dir() else []
-        step = checkpoint_step(path)
-        removed = step is not None and kept and step < checkpoint_step(kept[0])  # older than the oldest kept
-        words = ("latest",) if flag else ("latest", "auto")
-        near = (near_miss(path, keep=lambda entry: entry.is_dir() and resumable_in(entry))  # a run's name mistyped
-                if not bare and not kept else None)
-        with_pt = Path(f"{path}.pt") if not path.suffix and Path(f"{path}.pt").is_file() else None  # run/best
-        fix = (f"did you mean {with_pt}?" if with_pt else f"did you mean {runs[-1] / name}?" if runs else
-               f"did you mean {near}?" if near else
-               f"its folder holds {', '.join(p.name for p in kept[::-1])}"
-               f"{' (if it was saved, it went: training.keep_last_n keeps the newest only)' * bool(removed)}" if kept else
-               f"did you mean {spec.lower()} (in lower case)?" if spec.lower() in words else
-               "for a new run, leave it out or give null (YAML's word for none)"
-               if not flag and spec.lower() in ("none", "no", "false", "off", "new") else
-               f"give a checkpoint file, a run directory{', `latest`' * (not flag)} or `{words[-1]}`")
-        close = difflib.get_close_matches(spec.lower(), words, 1, 0.75) if not re.search(r"[/.]", spec) else []
-        fix = f"did you mean `{close[0]}`? ({fix})" if close and fix.startswith("give") else fix
-        raise CheckpointError(f"{setting}: {path} does not exist{relative_to_here(path)}; {fix}")
+        raise not_found(spec, root, setting)
     return [path]
+
+
+def newest_run_checkpoints(root: Path, setting: str) -> list[Path]:
+    """`latest`: the resumable checkpoints in the folder of runs, the newest run's first; notes on an
+    older run written since (and, for a script, one that trained further)."""
+    flag = setting.startswith("--")  # a script's --checkpoint, whose folder is --checkpoint-dir
+    folder = "--checkpoint-dir" if flag else "training.checkpoint_dir"
+    found = resumable_runs(root)
+    if not found:
+        if is_run_with_checkpoints(root):  # the folder of one run, given for the folder that holds them
+            raise one_run_given(root, setting, "latest")
+        what = "no run with a checkpoint in" if root.is_dir() else "there is no folder"
+        fix = (f"set {folder} to one of its folders of runs: {', '.join(map(str, experiments))}"
+               if (experiments := folders_of_runs(root)) else
+               f"train a run first, or set {folder} to the folder that holds the runs"
+               + ("" if flag else " (a job that may restart before its first checkpoint: "
+                                  "training.resume_from_checkpoint=auto starts a new run where there is none)"))
+        raise CheckpointError(f"{setting}: latest: {what} {root}/{relative_to_here(root)}; {fix}")
+    last_written = max(found, key=lambda path: path.stat().st_mtime)  # an older run resumed since, perhaps
+    if last_written.parent != found[0].parent:
+        print(f"note: latest is the newest run, {found[0].parent.name}; {last_written} was written more "
+              f"recently: give it (or its run directory) to {'use it' if flag else 'continue from there'}",
+              file=sys.stderr)  # (sample.py's standard output is the text alone)
+    if flag:
+        trained_further(found, named=last_written.parent)
+    return found
+
+
+def why_no_checkpoint(path: Path, setting: str) -> str:
+    """What a folder given for a checkpoint, and holding none, is instead: a folder of runs, of
+    experiments, an export, a run stopped before its first checkpoint."""
+    flag = setting.startswith("--")  # a script's --checkpoint, whose folder is --checkpoint-dir
+    folder = "--checkpoint-dir" if flag else "training.checkpoint_dir"
+    runs = sorted(p.name for p in path.glob("run_*") if p.is_dir() and resumable_in(p))
+    with_it = f"--checkpoint-dir {path}" if flag else f"training.checkpoint_dir={path}"
+    experiments = [] if runs else folders_of_runs(path)
+    return (f": it holds runs; give one (e.g. {path / runs[-1]}), or `latest` with {with_it}" if runs
+            else f": it holds folders of runs ({', '.join(map(str, experiments))}): give a run of one, or "
+                 f"`latest` with {folder} set to one" if experiments
+            else f": export.py's output, not a checkpoint{exported_from(path)}" if is_export(path) else
+            ": its run stopped before its first checkpoint" + ("" if flag else f"; start it again without {setting}")
+            if is_run_directory(path) else "")
+
+
+def not_found(spec: str, root: Path, setting: str) -> CheckpointError:
+    """The error for a checkpoint file that does not exist, with the likeliest meaning."""
+    flag = setting.startswith("--")  # a script's --checkpoint
+    path = Path(spec)
+    bare = path.parent == Path(".")  # a run's file named without its run, such as best.pt (or best)
+    name = path.name if path.suffix else f"{path.name}.pt"
+    runs = sorted(run for run in root.glob("run_*") if (run / name).is_file()) if bare and root.is_dir() else []
+    kept = checkpoints_in(path.parent) if not bare and path.parent.is_dir() else []
+    step = checkpoint_step(path)
+    removed = step is not None and kept and step < checkpoint_step(kept[0])  # older than the oldest kept
+    words = ("latest",) if flag else ("latest", "auto")
+    near = (near_miss(path, keep=lambda entry: entry.is_dir() and resumable_in(entry))  # a run's name mistyped
+            if not bare and not kept else None)
+    with_pt = Path(f"{path}.pt") if not path.suffix and Path(f"{path}.pt").is_file() else None  # run/best
+    fix = (f"did you mean {with_pt}?" if with_pt else f"did you mean {runs[-1] / name}?" if runs else
+           f"did you mean {near}?" if near else
+           f"its folder holds {', '.join(p.name for p in kept[::-1])}"
+           f"{' (if it was saved, it went: training.keep_last_n keeps the newest only)' * bool(removed)}" if kept else
+           f"did you mean {spec.lower()} (in lower case)?" if spec.lower() in words else
+           "for a new run, leave it out or give null (YAML's word for none)"
+           if not flag and spec.lower() in ("none", "no", "false", "off", "new") else
+           f"give a checkpoint file, a run directory{', `latest`' * (not flag)} or `{words[-1]}`")
+    close = difflib.get_close_matches(spec.lower(), words, 1, 0.75) if not re.search(r"[/.]", spec) else []
+    fix = f"did you mean `{close[0]}`? ({fix})" if close and fix.startswith("give") else fix
+    return CheckpointError(f"{setting}: {path} does not exist{relative_to_here(path)}; {fix}")
 
 
 def trained_further(found: list[Path], named: Path):
