@@ -303,11 +303,11 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
         # ---- evaluate
         progress.evaluation_due = deferred_evaluation  # (the checkpoint says so: its resume evaluates first)
         best = evaluating and evaluate_step(progress)
-        if best and not (saving or stopping):  # (else this step's checkpoint writes best.pt too)
-            save_best(progress)
-            best = False
         if evaluating:  # heard meanwhile? (`stopping` is the same on every rank: all skip this collective, or none)
             stopping = stopping or ranks.any(stop.heard, device)
+        if best and not (saving or stopping):  # (else this step's checkpoint writes best.pt too: written once)
+            save_best(progress)
+            best = False
 
         # ---- checkpoint
         if stopping:

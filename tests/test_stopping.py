@@ -299,6 +299,7 @@ def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once_and_its_step_logged
     out = capfd.readouterr().out
     assert "stopped by SIGINT after step 3." in out  # no step after the evaluation
     assert out.count("best.pt (best validation loss so far)") == 1  # written once, with the checkpoint
+    assert "checkpoint_3.pt (a copy of best.pt)" in out
     assert list(losses(only_run(tmp_path / "ck"))) == [1, 2, 3]  # step 3, not a log step: its line all the same
 
 
