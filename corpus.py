@@ -1,5 +1,5 @@
 """Writing parquet shards: the user's text files (python prepare.py --from-text) and the built-in
-built-in corpus, both in the layout shards.py reads (one `text` column, one document per row).
+corpus, both in the layout shards.py reads (one `text` column, one document per row).
 """
 import itertools
 import os

@@ -252,9 +252,9 @@ def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], list[Pa
     matched = {path: matched_prefix(segments, path.relative_to(root).parts) for path in files + misnamed}
     in_folder = {path: in_matched_folder(segments, path.relative_to(root).parts) for path in files + misnamed}
 
-    def wanted(path):  # in a folder it matches, or matched itself (a pattern that ends in / matches folders only)
+    def matches(path):  # in a folder it matches, or matched itself (a pattern that ends in / matches folders only)
         return in_folder[path] or (matched[path] is not None and not pattern.endswith(("/", os.sep)))
-    taken, misnamed = each_real_file_once([path for path in files if wanted(path)]), list(filter(wanted, misnamed))
+    taken, misnamed = each_real_file_once(list(filter(matches, files))), list(filter(matches, misnamed))
     check_links(taken)
     skipped = [path for path in skipped if (may_hold(segments, path.relative_to(root).parts) if path.is_dir() else
                                             matched_prefix(segments, path.relative_to(root).parts) is not None)]
@@ -379,9 +379,9 @@ def every_file(pattern: str) -> str:
 
 
 def parquet_files(root: Path, look_in=None) -> tuple[list[Path], list[Path], list[Path]]:
-    """(every *.parquet file under root, sorted; the names skipped; the misnamed shards: files named
-    .pq, .parq or .PARQUET, which would be left out, so that the caller can refuse them). Symbolic links to folders are
-    followed, each real folder once, except a link to a folder that holds root (a loop, whose other
+    """(every *.parquet file under root, sorted; the names skipped; the misnamed shards: parquet files
+    named .pq, .parq or .PARQUET, which would be left out, so that the caller can refuse them).
+    Symbolic links to folders are followed, each real folder once, except a link to a folder that holds root (a loop, whose other
     folders are not this data); links to missing files are listed (check_links refuses them);
     names starting with '.' or '_' are not data (a macOS ._ copy, Spark's _SUCCESS and _temporary/)
     and are skipped. look_in(the folder's parts below root), for a pattern: whether to look into a
@@ -408,7 +408,9 @@ def parquet_files(root: Path, look_in=None) -> tuple[list[Path], list[Path], lis
             elif name.endswith(".parquet") and (os.path.isfile(path := os.path.join(folder, name))
                                                 or os.path.islink(path) and not os.path.exists(path)):
                 found.append(Path(folder) / name)
-            elif name.lower().endswith((".parquet", ".pq", ".parq")) and not name.startswith((".", "_")):
+            elif (not name.endswith(".parquet") and name.lower().endswith((".parquet", ".pq", ".parq"))
+                  and not name.startswith((".", "_")) and os.path.isfile(path := os.path.join(folder, name))
+                  and parquet_by_its_bytes(Path(path))):  # (a Power Query .pq script is not one)
                 misnamed.append(Path(folder) / name)
 
     def below_root(path):  # as sorted(Path) orders them

@@ -266,8 +266,9 @@ def model_vocab_size(tokenizer) -> int:
 
 
 def check_vocab_size(tokenizer, vocab_size: int) -> str | None:
-    """Refuses a model.vocab_size smaller than the tokenizer's vocabulary; a note where a tenth of it
-    or more (128 rows at least) would never be used: a habit from another tokenizer, 50,304 for bytes."""
+    """Refuses a model.vocab_size smaller than the tokenizer's vocabulary (its largest id + 1); a note
+    where a tenth of its rows or more (128 at least) would never be used: rows past the tokenizer's
+    ids (a habit from another tokenizer, 50,304 for bytes), or ids between that no token has."""
     rounded = model_vocab_size(tokenizer)
     fits = f"model.vocab_size={rounded} (its size rounded up to a multiple of 64)"
     gap = tokenizer.vocab_size - tokenizer.n_tokens  # ids that no token has, below the largest
@@ -276,17 +277,18 @@ def check_vocab_size(tokenizer, vocab_size: int) -> str | None:
     if vocab_size < tokenizer.vocab_size:
         raise TokenizerError(f"model.vocab_size {vocab_size} is smaller than the {ids} of dataset.tokenizer "
                              f"{tokenizer.name}; set {fits}")
-    if gap >= max(128, tokenizer.vocab_size / 10):
-        return (f"note: dataset.tokenizer {tokenizer.name} has {tokenizer.n_tokens:,} tokens, with ids up to "
-                f"{tokenizer.vocab_size - 1:,}: the {gap:,} ids between that no token has take rows of the embedding "
-                f"and of lm_head that are never trained, and cost memory and time (renumbering its tokens closes "
-                f"the gap)")
+    notes = []
     unused = vocab_size - tokenizer.vocab_size
     if vocab_size > rounded and unused >= max(128, vocab_size / 10):  # (rounded up to 128 instead: quiet)
-        return (f"note: model.vocab_size {vocab_size:,} is larger than the {tokenizer.vocab_size:,} tokens of "
-                f"dataset.tokenizer {tokenizer.name}: {unused:,} rows of the embedding and of lm_head are never "
-                f"trained, and cost memory and time; {fits} fits it")
-    return None
+        notes.append(f"model.vocab_size {vocab_size:,} is larger than the {ids} of dataset.tokenizer "
+                     f"{tokenizer.name}: {unused:,} rows of the embedding and of lm_head are never trained, and cost "
+                     f"memory and time; {fits} fits it")
+    if gap >= max(128, tokenizer.vocab_size / 10):
+        notes.append(f"dataset.tokenizer {tokenizer.name} has {tokenizer.n_tokens:,} tokens, with ids up to "
+                     f"{tokenizer.vocab_size - 1:,}: the {gap:,} ids between that no token has take rows of the "
+                     f"embedding and of lm_head that are never trained, and cost memory and time (renumbering its "
+                     f"tokens closes the gap)")
+    return f"note: {'; '.join(notes)}" if notes else None
 
 
 def lost_text(tokenizer, texts) -> str | None:

@@ -307,7 +307,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
             stopping = stopping or ranks.any(stop.heard, device)
         if best and not (saving or stopping):  # (else this step's checkpoint writes best.pt too: written once)
             save_best(progress)
-            best = False
+            best, stopping = False, ranks.any(stop.heard, device)  # heard while best.pt was written: stop now
 
         # ---- checkpoint
         if stopping:

@@ -264,6 +264,7 @@ def test_shards_named_pq_or_in_capitals_beside_parquet_files_are_refused_not_lef
         write_parquet(tmp_path / "data" / name, ["text"])
     (tmp_path / "data" / "notes.txt").write_text("not a shard")
     (tmp_path / "data" / "._e.pq").write_bytes(b"")  # a macOS copy: skipped as names starting with '.' are
+    (tmp_path / "data" / "query.pq").write_text("let Source = 1 in Source")  # a Power Query script: not a shard
     message = (r"/data/b.PARQUET and 2 more: named like a parquet shard but not ending in .parquet, so "
                r"dataset.parquet_dir would leave them out of the data; rename such files to end in .parquet \(only "
                r"those are read\), or move them out of .*/data$")

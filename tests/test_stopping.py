@@ -300,6 +300,21 @@ def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once_and_its_step_logged
     assert "stopped by SIGINT after step 3." in out  # no step after the evaluation
     assert out.count("best.pt (best validation loss so far)") == 1  # written once, with the checkpoint
     assert "checkpoint_3.pt (a copy of best.pt)" in out
+
+
+def test_ctrl_c_while_best_pt_is_written_stops_after_that_step(tmp_path, corpus, monkeypatch, capfd, restore_handlers):
+    path = write_config(tmp_path, corpus, max_iters=100, test_freq=3, checkpoint_freq=100, log_freq=100)
+    real_save = train.save
+
+    def save(*args, **kwargs):
+        if kwargs.get("name") == "best.pt":
+            signal.raise_signal(signal.SIGINT)
+        return real_save(*args, **kwargs)
+    monkeypatch.setattr(train, "save", save)
+    assert train.main(["--config", str(path)]) == 0
+    out = capfd.readouterr().out
+    assert "SIGINT: saving a checkpoint after step 3" in out and "stopped by SIGINT after step 3." in out
+    assert list(losses(only_run(tmp_path / "ck"))) == [1, 2, 3]  # not one more step
     assert list(losses(only_run(tmp_path / "ck"))) == [1, 2, 3]  # step 3, not a log step: its line all the same
 
 

@@ -123,6 +123,12 @@ def test_bad_tokenizer_files_are_one_line_errors(tmp_path, bpe_json, monkeypatch
         "note: dataset.tokenizer gap.json has 320 tokens, with ids up to 50,256: the 49,937 ids between that no token "
         "has take rows of the embedding and of lm_head that are never trained, and cost memory and time (renumbering "
         "its tokens closes the gap)")
+    both = check_vocab_size(gapped, 100352)  # and rows past its largest id: both said
+    assert both.startswith("note: model.vocab_size 100,352 is larger than the 50,257 ids (320 tokens, the largest id "
+                           "50,256) of dataset.tokenizer gap.json: 50,095 rows of the embedding") and both.endswith(
+        "; dataset.tokenizer gap.json has 320 tokens, with ids up to 50,256: the 49,937 ids between that no token has "
+        "take rows of the embedding and of lm_head that are never trained, and cost memory and time (renumbering its "
+        "tokens closes the gap)")
     big = HFTokenizer(bpe_json, "tok.json")
     big.vocab_size = big.n_tokens = 3000  # rounded 3008; up to 3,333 is within a tenth
     assert check_vocab_size(big, 3328) is None and check_vocab_size(big, 3392) is not None
