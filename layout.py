@@ -381,12 +381,12 @@ def every_file(pattern: str) -> str:
 def parquet_files(root: Path, look_in=None) -> tuple[list[Path], list[Path], list[Path]]:
     """(every *.parquet file under root, sorted; the names skipped; the misnamed shards: parquet files
     named .pq, .parq or .PARQUET, which would be left out, so that the caller can refuse them).
-    Symbolic links to folders are followed, each real folder once, except a link to a folder that holds root (a loop, whose other
-    folders are not this data); links to missing files are listed (check_links refuses them);
-    names starting with '.' or '_' are not data (a macOS ._ copy, Spark's _SUCCESS and _temporary/)
-    and are skipped. look_in(the folder's parts below root), for a pattern: whether to look into a
-    folder at all; then a link is followed unless it leads back up its own path (a folder skipped as
-    seen might be the one the pattern wants)."""
+    Symbolic links to folders are followed, each real folder once, except a link to a folder that
+    holds root (a loop, whose other folders are not this data); links to missing files are listed
+    (check_links refuses them); names starting with '.' or '_' are not data (a macOS ._ copy,
+    Spark's _SUCCESS and _temporary/) and are skipped. look_in(the folder's parts below root), for a
+    pattern: whether to look into a folder at all; then a link is followed unless it leads back up
+    its own path (a folder skipped as seen might be the one the pattern wants)."""
     found, skipped, misnamed, seen = [], [], [], set()
     roots = (os.path.realpath(root), os.path.abspath(root))  # (root may be a link: the folders above either)
     for folder, subfolders, names in os.walk(root, followlinks=True):
