@@ -206,7 +206,7 @@ def picture_path(out: str) -> Path:
     """The --out of a picture (plot.py, neurons.py), checked before any work: a file name whose
     extension matplotlib writes (it would add .png to a name without one), as output_path checks it."""
     from matplotlib.figure import Figure
-    formats = Figure().canvas.get_supported_filetypes()
+    formats = set(Figure().canvas.get_supported_filetypes()) - {"pgf"}  # (pgf needs a LaTeX installation)
     path = Path(out)
     if path.is_dir():
         raise ValueError(f"--out {out}: is a folder; give a file name, e.g. {path / 'picture.png'}")

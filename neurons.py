@@ -8,12 +8,13 @@ One panel per layer shows the x latent a = relu(x @ encoder) of every prompt tok
 neurons that fire for at least one of them in some layer (columns, the same in every panel since the
 layers share their weights, the most often active first, at most --max-neurons; H*N neurons in all):
 white where a neuron is silent, darker the stronger it fires (one scale for all panels, beside each). The
-picture shows the first --max-tokens tokens (a row each); the figures count them all. Layers are numbered
-from 0, as in the metrics (sparsity/x_layer0). It prints, per layer, the share of the x and y latents
-(y: b = relu(LN(A x) @ encoder_v)) that is non-zero and how many distinct neurons the prompt used. A
-prompt may be as long as fits in MEMORY_BUDGET (2 GiB): the forward pass keeps every layer's T x T
-attention scores, so the memory grows with the square of its length (memory_bytes). --4bit draws the
-4-bit weights a use_4bit run trained for and evaluated, as sample.py --4bit generates from them.
+picture shows the first --max-tokens tokens (a row each, PICTURE_ROWS over all layers at most); the
+figures count them all. Layers are numbered from 0, as in the metrics (sparsity/x_layer0). It prints,
+per layer, the share of the x and y latents (y: b = relu(LN(A x) @ encoder_v)) that is non-zero and
+how many distinct neurons the prompt used. A prompt may be as long as fits in MEMORY_BUDGET (2 GiB):
+the forward pass keeps every layer's T x T attention scores, so the memory grows with the square of
+its length (memory_bytes). --4bit draws the 4-bit weights a use_4bit run trained for and evaluated, as
+sample.py --4bit generates from them.
 """
 import argparse
 import math
@@ -29,6 +30,7 @@ from lowbit import LowBitError, serve_4bit_option
 from tokenizer import (TokenizerError, add_prompt_arguments, note_prompt_change, prompt_argument,
                        tokenizer_from_string)
 
+PICTURE_ROWS = 4000  # tokens x layers drawn at most: 4,500 rows (22 pixels and a label each) took 2.3 GB to draw
 MEMORY_BUDGET = 2 * 2**30  # bytes that latents() may take: it limits the prompt's length (max_prompt_tokens solves
 # memory_bytes' estimate for it in closed form; a test checks that the two agree)
 
@@ -153,8 +155,12 @@ def main(argv=None) -> int:
         parser.error(f"the prompt is {len(ids):,} tokens, more than the {limit:,} that fit in {MEMORY_BUDGET // 2**30} "
                      f"GiB for this model (memory grows with the square of the prompt's length): shorten it, e.g. to "
                      f"its first {fitting:,} characters")
+    shown = min(len(ids), args.max_tokens, fitting_rows := max(1, PICTURE_ROWS // model.config.n_layer))
+    if shown == fitting_rows < min(len(ids), args.max_tokens):
+        print(f"note: the picture draws the first {shown:,} tokens in each of {model.config.n_layer} layers, the "
+              f"{PICTURE_ROWS:,} rows it draws in about 2 GB of memory (--max-tokens {args.max_tokens:,} would take "
+              f"more); the printed figures count every token", file=sys.stderr)
     found = latents(model, ids)
-    shown = min(len(ids), args.max_tokens)
     labels = [repr(label)[1:-1].replace(" ", "␣") for label in token_labels(tokenizer, ids[:shown])]
     draw([(a[:shown], b[:shown]) for a, b in found], labels, out, args.max_neurons)
     try:

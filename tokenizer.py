@@ -350,10 +350,13 @@ def note_prompt_change(tokenizer, prompt: str):
     if change := text_change(tokenizer, prompt):
         print(f"note: the model's tokenizer does not give the prompt back: {change}; the model reads what it keeps",
               file=sys.stderr)
-    if tokenizer.separator in tokenizer.encode(prompt):
+    if (n := tokenizer.encode(prompt).count(tokenizer.separator)) > 0:
         what = "NUL character" if isinstance(tokenizer, ByteTokenizer) else SEPARATOR_TOKEN
-        print(f"note: the prompt's {what} is the model's document separator: the model reads a document boundary "
-              f"there", file=sys.stderr)
+        utf16 = ("; NULs between the characters are what UTF-16 without a byte-order mark reads as: save the text as "
+                 "UTF-8" * (len(prompt) >= 4 and prompt[1::2].count("\0") >= 0.9 * len(prompt[1::2])))
+        these = f"{n:,} {what}s are" if n > 1 else f"{what} is"
+        print(f"note: the prompt's {these} the model's document separator: the model reads a document boundary "
+              f"there{utf16}", file=sys.stderr)
 
 
 def add_prompt_arguments(parser, required: bool, purpose: str = "the text to continue"):

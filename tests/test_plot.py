@@ -68,6 +68,7 @@ def test_out_is_checked_first_and_damaged_records_are_skipped(tmp_path, corpus, 
     capsys.readouterr()
     (tmp_path / "taken").write_text("a file")
     for out, message in ((tmp_path / "curves", "give a file name ending in .png (or"),
+                         (tmp_path / "curves.pgf", "give a file name ending in .png (or"),  # LaTeX's: not here
                          (tmp_path, "is a folder; give a file name"),
                          (tmp_path / "taken" / "curves.png", "cannot make its folder"),
                          *[("/proc/curves.png", "cannot write it (")] * Path("/proc/self").is_dir()):
