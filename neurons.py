@@ -170,7 +170,8 @@ def main(argv=None) -> int:
         for layer, (a, b) in enumerate(found):
             print(f"{layer:>5} {float((a > 0).float().mean()):>9.2%} {float((b > 0).float().mean()):>9.2%} "
                   f"{int(((a > 0).sum(0) > 0).sum()):>13,}")
-        print(f"wrote {args.out}" + (f" (the first {shown:,} of {len(ids):,} tokens: --max-tokens)" if shown < len(ids)
+        cut_by = "--max-tokens" if shown == args.max_tokens else "the picture's rows"
+        print(f"wrote {args.out}" + (f" (the first {shown:,} of {len(ids):,} tokens: {cut_by})" if shown < len(ids)
                                      else ""), flush=True)
     except BrokenPipeError:  # (the picture is written first)
         stdout_reader_gone()

@@ -352,8 +352,9 @@ def note_prompt_change(tokenizer, prompt: str):
               file=sys.stderr)
     if (n := tokenizer.encode(prompt).count(tokenizer.separator)) > 0:
         what = "NUL character" if isinstance(tokenizer, ByteTokenizer) else SEPARATOR_TOKEN
+        every_other = max(prompt[0::2].count("\0"), prompt[1::2].count("\0"))  # UTF-16's high or low bytes
         utf16 = ("; NULs between the characters are what UTF-16 without a byte-order mark reads as: save the text as "
-                 "UTF-8" * (len(prompt) >= 4 and prompt[1::2].count("\0") >= 0.9 * len(prompt[1::2])))
+                 "UTF-8" * (len(prompt) >= 4 and every_other >= 0.45 * len(prompt)))
         these = f"{n:,} {what}s are" if n > 1 else f"{what} is"
         print(f"note: the prompt's {these} the model's document separator: the model reads a document boundary "
               f"there{utf16}", file=sys.stderr)

@@ -113,12 +113,13 @@ def test_the_picture_draws_no_more_rows_than_fit_in_its_memory(small_model, tmp_
     assert neurons.main(["--prompt", "a" * 30, "--max-tokens", "20", "--out", str(tmp_path / "n.png")]) == 0
     printed = capsys.readouterr()
     assert drawn == [10] and "\n30 tokens," in printed.out
-    assert "(the first 10 of 30 tokens: --max-tokens)" in printed.out
+    assert "(the first 10 of 30 tokens: the picture's rows)" in printed.out
     assert printed.err == (f"note: the picture draws the first 10 tokens in each of {SMALL.n_layer} layers, the "
                            f"{10 * SMALL.n_layer:,} rows it draws in about 2 GB of memory (--max-tokens 20 would take "
                            f"more); the printed figures count every token\n")
     assert neurons.main(["--prompt", "a" * 8, "--max-tokens", "20", "--out", str(tmp_path / "n.png")]) == 0
     assert drawn[-1] == 8 and capsys.readouterr().err == ""  # fewer tokens than fit: no note
+
 
 def test_a_prompt_that_is_not_utf8_is_read_with_its_invalid_bytes_replaced(small_model, tmp_path, capsys):
     prompt = os.fsdecode(b"a\xffb")  # what Python makes of these bytes in sys.argv: a lone surrogate

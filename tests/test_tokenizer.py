@@ -195,11 +195,13 @@ def test_a_tokenizer_whose_vocabulary_holds_the_separator_as_text_is_noted(bpe_f
                        "document boundary there") == 1
     note_prompt_change(ByteTokenizer(), "one\0two\0")  # a NUL now and then, or UTF-16 without its byte-order mark
     note_prompt_change(ByteTokenizer(), "R\0O\0M\0E\0O\0:\0")
+    note_prompt_change(ByteTokenizer(), "\0R\0O\0M\0E\0O\0:")  # big-endian
+    utf16 = ("note: the prompt's 6 NUL characters are the model's document separator: the model reads a document "
+             "boundary there; NULs between the characters are what UTF-16 without a byte-order mark reads as: save "
+             "the text as UTF-8")
     assert capsys.readouterr().err.splitlines() == [
         "note: the prompt's 2 NUL characters are the model's document separator: the model reads a document boundary "
-        "there",
-        "note: the prompt's 6 NUL characters are the model's document separator: the model reads a document boundary "
-        "there; NULs between the characters are what UTF-16 without a byte-order mark reads as: save the text as UTF-8"]
+        "there", utf16, utf16]
 
 
 def test_bits_per_byte_of_a_sentencepiece_style_tokenizer_count_the_bytes_of_the_text():
