@@ -317,7 +317,8 @@ def label_panels(fig, axes, runs, names, colors, per_token: str):
     fig.legend(handles=[Line2D([], [], color=color, label=name) for name, color in zip(names, colors)],
                loc="lower center", ncol=columns, fontsize=9, frameon=False)
     loss_tokens.xaxis.set_major_formatter(EngFormatter())  # 50k, 100k, ... rather than digits that run together
-    bpb.xaxis.set_major_formatter(EngFormatter(unit="B"))
+    if bpb.has_data():  # (an empty axis runs from 0 to 1: "200 mB")
+        bpb.xaxis.set_major_formatter(EngFormatter(unit="B"))
     for ax in (loss_steps, lr, sparsity, speed):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps: no 22.5 (nor 3.8 about one)
     speed.yaxis.set_major_formatter(EngFormatter())
