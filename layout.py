@@ -239,16 +239,17 @@ def how_to_convert(folder: Path, setting: str) -> str:
 def pattern_files(pattern: str, setting: str) -> tuple[Path, list[Path], list[Path], list[Path]]:
     """(the root: the folder before the first wildcard; the .parquet files below it that the glob
     pattern matches, with the files of the folders it matches (a pattern that ends in / matches
-    folders only), sorted, each real file once; the names skipped; the misnamed shards in the folders it
-    matches, as parquet_files). `**` matches any number of
-    folders. Folders the pattern matches are checked for split names as a folder given directly is, and
-    so are the files of a pattern without `**` together."""
+    folders only), sorted, each real file once; the names skipped; the misnamed shards it takes in,
+    as parquet_files finds them). `**` matches any number of folders. Folders the pattern matches are
+    checked for split names as a folder given directly is, and so are the files of a pattern without
+    `**` together."""
     parts = Path(pattern).parts
     literal = [unescaped(part) for part in parts] + [None]
     first_wildcard = literal.index(None)
     root, segments = Path(*literal[:first_wildcard]), parts[first_wildcard:]
-    files, skipped, misnamed = parquet_files(root, look_in=lambda f: may_hold(segments, f)) if root.is_dir() else \
-        ([], [], [])
+    files, skipped, misnamed = [], [], []
+    if root.is_dir():
+        files, skipped, misnamed = parquet_files(root, look_in=lambda f: may_hold(segments, f))
     matched = {path: matched_prefix(segments, path.relative_to(root).parts) for path in files + misnamed}
     in_folder = {path: in_matched_folder(segments, path.relative_to(root).parts) for path in files + misnamed}
 
