@@ -59,8 +59,8 @@ from readers import loader_workers
 from resume import (Progress, checkpoint_size, extending, resume, resume_target, resuming, save, set_rng_state,
                     torch_rng_state, using_checkpoint_dir)
 from resume_checks import check_run_data_given, command_line_record, data_settings_hint
-from rundir import (RunDir, check_writable, clean_stale_temporaries, release_run_directories, unfinished_older_run,
-                    unfinished_run)
+from rundir import (RunDir, check_writable, clean_stale_temporaries, release_run_directories, remove_empty_runs,
+                    unfinished_older_run, unfinished_run)
 from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_clock, emulated_dtype_warning, interrupted,
                      memory_fix, one_line, out_of_memory, peak_flops, pick_device, prepare_compile,
                      resolve_compute_dtype, steady_host_memory)
@@ -153,6 +153,8 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
     progress.command_line = progress.command_line or command_line  # (a resume keeps the run's too)
     if ranks.main and (removed := clean_stale_temporaries(training.checkpoint_dir, run.path)):
         print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
+    if ranks.main and (empty := remove_empty_runs(training.checkpoint_dir)):
+        print(f"removed {', '.join(empty)}: empty, left by a run killed during its first checkpoint")
     if ranks.main and (warning := run.space_warning(checkpoint_size(raw_model, cfg.low_precision,
                                                                     progress.last_saved))):
         print(warning)

@@ -45,6 +45,28 @@ def test_stale_temporary_files_are_removed_but_not_a_live_writers(tmp_path):
     assert clean_stale_temporaries(tmp_path / "ck", elsewhere) == 1 and not list(elsewhere.iterdir())
 
 
+def test_a_run_killed_during_its_first_checkpoint_leaves_no_empty_directory(tmp_path):
+    def run_with(name, *files, age_s=120):
+        run = tmp_path / name
+        run.mkdir()
+        for file in (".lock", "config.yaml", *files):
+            (run / file).write_text("x")
+            os.utime(run / file, (time.time() - age_s,) * 2)
+        return run
+    killed = run_with("run_20260101_000000", ".checkpoint_5.pt.tmp999999999")
+    with_records = run_with("run_20260101_000001", "metrics.jsonl")
+    just_created = run_with("run_20260101_000002", age_s=0)  # another process is about to write its checkpoint
+    held = run_with("run_20260101_000003")
+    rundir.hold(held / ".lock", "{holder}")
+    os.utime(held / ".lock", (time.time() - 120,) * 2)
+    try:
+        assert clean_stale_temporaries(tmp_path) == 1
+        assert rundir.remove_empty_runs(tmp_path) == ["run_20260101_000000"]
+    finally:
+        release_run_directories()
+    assert not killed.exists() and with_records.exists() and just_created.exists() and held.exists()
+
+
 def test_best_set_aside_keeps_every_earlier_best(tmp_path):
     run = RunDir(str(tmp_path))
     run.save(Checkpoint(step=4, model={}, model_config={}), "model: {}\n", name="best.pt")
