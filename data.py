@@ -96,43 +96,40 @@ class ParquetBatches(IterableDataset):
         num_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
         reader = self.rank * num_workers + (worker_id + self.rotation) % num_workers
         n_readers = self.world_size * num_workers
-        start = self.positions.get(reader)
-        epoch = start["epoch"] if start else 0
+        resumed_at = self.positions.get(reader)
         cache = ParquetFileCache(self.max_cached_files)
         # an epoch may deal a reader less than a batch; a position after a batch has consumed windows (one
         # that resume_point makes up for a reader dealt anew has none)
-        empty_epochs, ever = 0, bool(start and start.get("consumed"))
+        empty_epochs, ever = 0, bool(resumed_at and resumed_at.get("consumed"))
 
-        def all_pools(stop, epoch=epoch, start=start):  # (epoch, its units, a pool; None: an epoch without any)
-            for epoch, units, start in self.epochs_dealt(reader, n_readers, epoch, start):
-                empty = True
+        def all_pools(stop):  # per epoch: (epoch, (its units, where it starts)), then (epoch, pool) for each pool
+            first_epoch = resumed_at["epoch"] if resumed_at else 0
+            for epoch, units, start in self.epochs_dealt(reader, n_readers, first_epoch, resumed_at):
+                yield epoch, (units, start)
                 for pool in self.epoch_pools(cache, units, start, stop):
-                    empty = False
-                    yield epoch, units, pool
-                if empty:
-                    yield epoch, units, None
+                    yield epoch, pool
         # the next pools are read while this one is used, also across an epoch's end
         stream = read_ahead(all_pools)
         try:
             for epoch, items in itertools.groupby(stream, key=lambda item: item[0]):
+                _, (units, start) = next(items)
+                pools = (pool for _, pool in items)
                 produced = False
-                first = next(items)
-                units, pools = first[1], (pool for _, _, pool in itertools.chain([first], items) if pool is not None)
                 for batch in self.epoch_batches(cache, reader, n_readers, epoch, start, (units, pools)):
                     produced = True
                     yield batch
                 if not self.shuffle:
                     return
                 ever = ever or produced
+                # (the rest of a resumed epoch may hold no batch: it does not count)
                 empty_epochs = 0 if produced or start is not None else empty_epochs + 1
                 if empty_epochs == (EMPTY_EPOCHS_AFTER_A_BATCH if ever else EMPTY_EPOCHS_LIMIT):  # not forever
                     raise DataError(self.too_little_data(reader, n_readers, epoch, empty_epochs))
-                start = None
         finally:
             stream.close()  # (its thread ends before the files it reads are closed)
             cache.close()
 
-    def epochs_dealt(self, reader, n_readers, epoch, start=None):
+    def epochs_dealt(self, reader, n_readers, epoch, start):
         """(epoch, its units, where it starts) from `epoch` on, endlessly (one epoch without shuffle)."""
         while True:
             yield epoch, self.epoch_units(reader, n_readers, epoch, start), start
@@ -140,7 +137,7 @@ class ParquetBatches(IterableDataset):
                 return
             epoch, start = epoch + 1, None
 
-    def epoch_units(self, reader, n_readers, epoch, start=None) -> list:
+    def epoch_units(self, reader, n_readers, epoch, start) -> list:
         """[unit, first part, the tokens before that part] of a reader's epoch: as the epoch deals them,
         or the rest of an epoch dealt anew, where `start` has them (its `units`: resume_point)."""
         redealt = start.get("units") if start else None
@@ -153,12 +150,9 @@ class ParquetBatches(IterableDataset):
     def too_little_data(self, reader, n_readers, epoch, empty_epochs) -> str:
         """Why a reader got no batch in an epoch, and what to change."""
         units = assign_units(self.units, epoch, self.seed, n_readers, shuffle=self.shuffle)[reader]
-        cache = ParquetFileCache(1)  # (not the reader's: its read-ahead thread may be using that one)
-        try:
+        with ParquetFileCache(1) as cache:  # (not the reader's: its read-ahead thread may be using that one)
             documents = {split: count_documents(cache, units, self.text_column, split, self.split_seed,
                                                 self.val_fraction) for split in (self.split, "all")}
-        finally:
-            cache.close()
         if self.split == "train" and not documents["train"]:
             plural = "s" * (documents["all"] != 1)
             return (f"reader {reader} of {n_readers}: none of the {documents['all']:,} document{plural} of its (file, "

@@ -331,8 +331,7 @@ def check_splits(root: Path, files: list[Path], setting: str, pattern: str | Non
         raise DataError(mixed)
 
 
-def mixed_splits(root: Path, files: list[Path], pattern: str | None = None,
-                 setting: str = "dataset.parquet_dir") -> str | None:
+def mixed_splits(root: Path, files: list[Path], pattern: str | None, setting: str) -> str | None:
     """The error for a training folder (or pattern) that holds a held-out split's files beside others'
     (a Hugging Face dataset's train-*, validation-*, test-* files), or None. `setting`:
     dataset.parquet_dir, or prepare.py's --from-parquet, which would write them into one folder."""

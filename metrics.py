@@ -25,6 +25,7 @@ from config import step_tokens
 from console import step_line
 from files import atomic_write, read_records
 from positions import epochs_read
+from readers import reader_count
 from runtime import first_line, peak_memory_bytes
 from stopping import EVALUATING, SAVING
 
@@ -184,7 +185,7 @@ class StepLog:
         self.loss_scaled, self.peak = loss_scaled, peak
         self.tokens_per_step = step_tokens(cfg.training, ranks.world_size)
         self.flops_per_token = cfg.model.training_flops_per_token(cfg.training.block_size)
-        self.n_readers, self.dealings = ranks.world_size * max(1, workers), {}  # epochs_read's dealing of the units
+        self.n_readers, self.dealings = reader_count(workers, ranks.world_size), {}  # (epochs_read's dealings)
         self.readers = range(ranks.rank * max(1, workers), (ranks.rank + 1) * max(1, workers))  # this rank's
         positions = list(positions)
         # the epochs every reader had finished when this stream began (a resume may have dealt them otherwise)

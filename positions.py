@@ -10,7 +10,7 @@ import data
 import shards
 from data import training_split
 from files import byte_amount
-from readers import EVEN_TEXT, IN_SHUFFLED_ORDER, LARGEST_FIRST, assign_units, deal
+from readers import EVEN_TEXT, IN_SHUFFLED_ORDER, LARGEST_FIRST, assign_units, deal, reader_count
 from shards import Unit, rows_per_part
 
 # Settings that decide the order of the training windows: resuming with other values cannot
@@ -177,7 +177,7 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
     run of small units; what was read of it is read again). Readers that had gone on to the next
     epoch had finished this one; what they read of the next is read again (the next epoch is dealt
     anew), and counted."""
-    old_readers = max(1, saved_order[WORKERS_KEY]) * saved_order["world_size"]
+    old_readers = reader_count(saved_order[WORKERS_KEY], saved_order["world_size"])
     way = saved_order[DEALING_KEY]  # how the saved epochs were dealt
     saved = {p["reader"]: p for p in saved_positions}
     # a reader that had not handed over a batch yet: at the start of the oldest epoch (a fresh run's first)
@@ -187,7 +187,7 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
     dealing = None
     left = []  # [index in units, first part, the stream's tokens before it]
     read_of_pools = 0.0  # of the pools being read, which are read again from their start: counted as read
-    read_ahead, later = 0.0, {}  # what readers already in later epochs had read of them
+    read_in_later_epochs, later = 0.0, {}  # what readers already in later epochs had read of them
     for reader in range(old_readers):
         position = saved.get(reader, start)
         if position["epoch"] > epoch:
@@ -196,8 +196,8 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
                     if ahead not in later:
                         later[ahead] = dealing_with_bytes(units, ahead, saved_order["training.seed"], old_readers, way)
                     assigned, cumulative = later[ahead][reader]
-                    read_ahead += (bytes_read(assigned, cumulative, position) if ahead == position["epoch"]
-                                   else float(cumulative[-1]))  # an epoch it finished: its whole share
+                    read_in_later_epochs += (bytes_read(assigned, cumulative, position) if ahead == position["epoch"]
+                                             else float(cumulative[-1]))  # an epoch it finished: its whole share
             continue
         if "units" in position:
             assigned = position["units"]
@@ -213,7 +213,7 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
     positions = [{"reader": reader, "epoch": epoch, "unit": 0, "part": entries[0][1] if entries else 0,
                   "consumed": 0, "carry": entries[0][2] if entries else [], "units": entries, "epoch_done": done}
                  for reader, entries in enumerate(dealt)]
-    return positions, len(left), epoch, read_of_pools + read_ahead
+    return positions, len(left), epoch, read_of_pools + read_in_later_epochs
 
 
 def dealt_alike(units, saved_order, saved_positions) -> bool:
@@ -222,7 +222,7 @@ def dealt_alike(units, saved_order, saved_positions) -> bool:
     their bytes (prepare.py's)."""
     if "training.seed" not in saved_order or WORKERS_KEY not in saved_order:
         return False
-    n_readers = max(1, saved_order[WORKERS_KEY]) * saved_order.get("world_size", 1)
+    n_readers = reader_count(saved_order[WORKERS_KEY], saved_order.get("world_size", 1))
     epochs = {p["epoch"] for p in saved_positions if "units" not in p}  # (the rest of an epoch dealt anew: its own)
     if len(saved_positions) < n_readers:  # a reader without a position is at the start of the oldest epoch
         epochs.add(min((p["epoch"] for p in saved_positions), default=0))
@@ -248,7 +248,7 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
     if "dataset.val_fraction" in saved_order and "dataset.split_seed" not in saved_order:  # before 0.4.6: the seed's
         saved_order = {**saved_order, "dataset.split_seed": saved_order.get("training.seed")}
     if DEALING_KEY not in saved_order:  # before 0.4.8 (for one reader, the same dealing)
-        one_reader = max(1, saved_order.get(WORKERS_KEY, 0)) * saved_order.get("world_size", 1) == 1
+        one_reader = reader_count(saved_order.get(WORKERS_KEY, 0), saved_order.get("world_size", 1)) == 1
         saved_order = {**saved_order, DEALING_KEY: LARGEST_FIRST if one_reader else IN_SHUFFLED_ORDER}
     if saved_order[DEALING_KEY] != EVEN_TEXT and dealt_alike(units, saved_order, saved_positions):
         saved_order = {**saved_order, DEALING_KEY: EVEN_TEXT}  # (the positions hold as they are)
@@ -256,7 +256,7 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
     changed_keys, changed = order_changes(saved_order, order)
     if not changed:
         return saved_positions, batches_consumed
-    n_readers = world_size * max(1, workers)
+    n_readers = reader_count(workers, world_size)
     old_workers = max(1, saved_order.get(WORKERS_KEY, 0))
     if (set(changed_keys) <= {WORKERS_KEY, "world_size"} and WORKERS_KEY in saved_order
             and old_workers * saved_order.get("world_size", 0) == n_readers):

@@ -116,9 +116,9 @@ def chunk_for(raws: list[bytes], documents: int, smallest: int = SMALLEST_CHUNK)
 def training_texts(cfg, units):
     """The documents of the training split, in file order, as strings; a progress line every
     PROGRESS_EVERY_S seconds."""
-    cache, n_docs, n_bytes = ParquetFileCache(cfg.dataset.max_cached_files), 0, 0
+    n_docs, n_bytes = 0, 0
     started = last = time.time()
-    try:
+    with ParquetFileCache(cfg.dataset.max_cached_files) as cache:
         for k, unit in enumerate(units):
             for docs in read_unit_documents(cache, unit, cfg.dataset.text_column, training_split(cfg),
                                             cfg.dataset.split_seed, cfg.dataset.val_fraction):
@@ -130,8 +130,6 @@ def training_texts(cfg, units):
                 last = time.time()
                 print(f"  read {byte_amount(n_bytes)}, {n_docs:,} document{'s' * (n_docs != 1)}, row group "
                       f"{k + 1:,} of {len(units):,} ({(k + 1) / len(units):.0%}) in {last - started:.0f} s", flush=True)
-    finally:
-        cache.close()
 
 
 def train_tokenizer(cfg, vocab_size: int, out: str, config_arguments: list, replace: bool = False) -> str:
@@ -223,8 +221,8 @@ def shards_from_parquet(sources: list[str], out: str, text_column: str, replace:
     def documents():  # (read once write_folder has checked --out)
         print(f"rewriting {len(units):,} row group{'s' * (len(units) != 1)} of {len(files):,} file"
               f"{'s' * (len(files) != 1)} in {out} ...", flush=True)
-        cache, last = ParquetFileCache(8), time.time()
-        try:
+        last = time.time()
+        with ParquetFileCache(8) as cache:
             for k, unit in enumerate(units):
                 for docs in read_unit_documents(cache, unit, text_column, "all", 0, 0.0):
                     counts["text"] += pc.sum(pc.binary_length(docs)).as_py() or 0
@@ -233,8 +231,6 @@ def shards_from_parquet(sources: list[str], out: str, text_column: str, replace:
                         last = time.time()
                         print(f"  {byte_amount(counts['text'])} of text, in row group {k + 1:,} of {len(units):,} "
                               f"({last - started:.0f} s)", flush=True)
-        finally:
-            cache.close()
     nothing = f"{' '.join(sources)}: no documents (every {text_column!r} is null or empty); nothing was written"
     n = shards_to_folder(documents(), out, replace, None, nothing, column=text_column, binary=binary)
     text = byte_amount(counts["text"]) if counts["text"] >= 1024 else f"{counts['text']:,} bytes"

@@ -23,6 +23,11 @@ EVEN_TEXT = "largest first, by the bytes of their text (even shares of text)"
 LARGEST_FIRST, IN_SHUFFLED_ORDER = "largest first (even shares)", "in shuffled order (before 0.4.8)"
 
 
+def reader_count(workers: int, world_size: int) -> int:
+    """The training data's readers: each process's DataLoader workers, or the process itself with none."""
+    return max(1, workers) * world_size
+
+
 def assign_units(units: list[Unit], epoch: int, seed: int, n_readers: int, shuffle: bool, way: str = EVEN_TEXT):
     """Deal the units to n_readers: shuffled per epoch, balancing their text's bytes (`way`: also
     the dealings of earlier versions' checkpoints, for their resume)."""
@@ -109,7 +114,7 @@ def uneven_readers(units, workers: int, world_size: int, dataset) -> str | None:
     def spread(readers: int) -> float:  # the largest share over the smallest
         shares = deal(units, sizes, readers)[1]
         return max(shares) / max(1, min(shares))
-    n_readers = max(1, workers) * world_size
+    n_readers = reader_count(workers, world_size)
     if n_readers == 1 or (uneven := spread(n_readers)) <= 1.25:
         return None
     big = max(units, key=lambda unit: unit.text_bytes)

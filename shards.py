@@ -172,6 +172,12 @@ class ParquetFileCache:
         while self.files:
             self.files.popitem()[1][0].close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 def on_disk(path: str) -> tuple:
     """What tells a file rewritten in place, or replaced, from the one opened before."""
@@ -203,11 +209,8 @@ def rows_per_part(unit: Unit) -> int:
 
 def first_documents(unit: Unit, text_column: str, n: int) -> list[str]:
     """Up to n non-empty documents from the start of a unit, as text (for a look at the tokenizer)."""
-    cache = ParquetFileCache(1)
-    try:
+    with ParquetFileCache(1) as cache:
         docs = next(read_unit_documents(cache, unit, text_column, "all", 0, 0.0), pa.array([], pa.large_binary()))
-    finally:
-        cache.close()
     return [doc.decode("utf-8", errors="replace") for doc in docs[:n].to_pylist()]
 
 

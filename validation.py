@@ -30,26 +30,23 @@ def validation_batches(cfg, units, tokenizer, note_few: bool = True) -> list:
     n_stretches = min(len(units), training.eval_iters)
     starts = [len(units) * k // n_stretches for k in range(n_stretches)] + [len(units)]
     stretches = [units[a:b] for a, b in zip(starts, starts[1:])]
-    cache = ParquetFileCache(dataset_cfg.max_cached_files)
 
-    def first_windows(stretch, n):  # the first n windows of the stretch's validation documents, one stream
+    def first_windows(cache, stretch, n):  # the first n windows of the stretch's validation documents, one stream
         stream = ParquetBatches(stretch, split, training.block_size, 1, training.seed, dataset_cfg.split_seed,
                                 dataset_cfg.val_fraction, dataset_cfg.text_column, 1, tokenizer,
                                 shuffle=False).epoch_batches(cache, 0, 1, 0)
         return [(x, y) for x, y, _ in itertools.islice(stream, n)]
-    try:
+    with ParquetFileCache(dataset_cfg.max_cached_files) as cache:
         per_stretch = -(-wanted // n_stretches)
         while True:
-            taken = [first_windows(stretch, per_stretch) for stretch in stretches]
+            taken = [first_windows(cache, stretch, per_stretch) for stretch in stretches]
             short, full = wanted - sum(map(len, taken)), sum(len(t) == per_stretch for t in taken)
             if short <= 0 or not full:
                 break
             per_stretch += -(-short // full)
         if short > 0 and n_stretches > 1:  # stretches too short for a window lose their text: one stream of it all
-            whole = first_windows(units, wanted)
+            whole = first_windows(cache, units, wanted)
             taken = [whole] if len(whole) > wanted - short else taken
-    finally:
-        cache.close()
     for stretch in sorted(taken, key=len, reverse=True)[:max(0, -short)]:  # the overshoot: one less from the fullest
         stretch.pop()
     windows, size = [window for stretch in taken for window in stretch], training.batch_size
@@ -69,8 +66,7 @@ def too_little_validation(cfg, units, folder, split: str, tokenizer) -> DataErro
     """Why the validation documents of `units` (split "val", or "all" of dataset.val_parquet_dir's)
     fill no batch: no documents in the column, none drawn for validation, or too few tokens."""
     training, dataset_cfg = cfg.training, cfg.dataset
-    cache = ParquetFileCache(1)
-    try:
+    with ParquetFileCache(1) as cache:
         documents, val_documents = (count_documents(cache, units, dataset_cfg.text_column, which,
                                                     dataset_cfg.split_seed, dataset_cfg.val_fraction)
                                     for which in ("all", "val"))
@@ -86,8 +82,6 @@ def too_little_validation(cfg, units, folder, split: str, tokenizer) -> DataErro
                              f"--from-text ... with a smaller --chunk-bytes),{fraction} or set dataset.val_parquet_dir")
         tokens = sum(len(part) for unit in units for part in read_unit_tokens(
             cache, unit, dataset_cfg.text_column, split, dataset_cfg.split_seed, dataset_cfg.val_fraction, tokenizer))
-    finally:
-        cache.close()
     what = "documents hold" if dataset_cfg.val_parquet_dir else f"split (val_fraction {dataset_cfg.val_fraction}) holds"
     more = "add validation documents" if dataset_cfg.val_parquet_dir else "raise dataset.val_fraction, or add documents"
     return DataError(f"{folder}: the validation {what} {tokens:,} tokens, less than one batch: {training.batch_size} "
