@@ -1,8 +1,9 @@
 """The scripts' command lines: --config and the section.key=value overrides every script takes
-(add_config_arguments, load_config), and parse_arguments, which tells a mistyped option or an override
-written as an option how to write it."""
+(add_config_arguments, load_config), parse_arguments, which tells a mistyped option or an override
+written as an option how to write it, and the prompt of sample.py and neurons.py (add_prompt_arguments)."""
 import argparse
 import difflib
+import os
 import sys
 import typing
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from config import Config, all_paths, config_sections, fsdp_problems
 from config_file import ALIASES, EPOCHS, ConfigError, in_file_order, read_yaml, suggest
 from distributed import first_process, launched_by_torchrun
-from files import tell_torchrun
+from files import bom_encoding, tell_torchrun
 
 
 def add_config_arguments(parser, default: str = "config.yaml"):
@@ -130,3 +131,39 @@ def checkpoint_option(path: Path) -> str | None:
         return "--checkpoint-dir" if path.is_dir() and resumable_runs(path) else None
     except OSError:  # a folder that cannot be listed
         return None
+
+
+def add_prompt_arguments(parser, required: bool, purpose: str = "the text to continue"):
+    """--prompt TEXT, or --prompt-file F (a UTF-8 file; -: standard input) for a prompt too long for a
+    command line; prompt_argument reads them. `purpose`: what the prompt is for, in --help."""
+    prompt = parser.add_mutually_exclusive_group(required=required)
+    prompt.add_argument("--prompt", help=purpose + ("" if required else " (none: from a document boundary)"))
+    prompt.add_argument("--prompt-file", help="the prompt from a UTF-8 text file (-: standard input), for a prompt "
+                                              "too long for the command line")
+
+
+def prompt_argument(parser, args) -> str:
+    """The prompt add_prompt_arguments' options give; a file that cannot be read is a usage error."""
+    if args.prompt_file is None:
+        return utf8_argument(args.prompt or "", "--prompt")
+    try:
+        raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
+        # as it is, its last line end too; not a byte-order mark (Windows editors'), which may say UTF-16
+        return raw.decode(bom_encoding(raw) or "utf-8-sig")
+    except OSError as e:
+        parser.error(f"--prompt-file {args.prompt_file}: cannot read it ({e.strerror or e})")
+    except UnicodeDecodeError as e:
+        parser.error(f"--prompt-file {args.prompt_file}: not UTF-8 text (an invalid byte at byte {e.start:,}); save "
+                     f"it as UTF-8")
+
+
+def utf8_argument(text: str, option: str) -> str:
+    """A command-line text as valid UTF-8. Python reads argv bytes that are not UTF-8 as lone
+    surrogates, which no tokenizer encodes: the bytes become U+FFFD, with a note on stderr."""
+    raw = os.fsencode(text)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        print(f"note: {option} is not valid UTF-8 (byte {e.start:,}: {raw[e.start:e.start + 1]!r}): its invalid "
+              f"bytes become U+FFFD", file=sys.stderr)
+        return raw.decode("utf-8", errors="replace")

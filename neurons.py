@@ -22,13 +22,12 @@ import sys
 
 import torch
 
-from arguments import parse_arguments
+from arguments import add_prompt_arguments, parse_arguments, prompt_argument
 from checkpoint import CheckpointError
 from files import folder_made_for, picture_path, stdout_reader_gone
 from locate import add_checkpoint_arguments, load_model, model_line
 from lowbit import LowBitError, serve_4bit_option
-from tokenizer import (TokenizerError, add_prompt_arguments, note_prompt_change, prompt_argument,
-                       tokenizer_from_string)
+from tokenizer import TokenizerError, note_prompt_change, tokenizer_from_string
 
 PICTURE_ROWS = 4000  # tokens x layers drawn at most: 4,500 rows (22 pixels and a label each) took 2.3 GB to draw
 MEMORY_BUDGET = 2 * 2**30  # bytes that latents() may take: it limits the prompt's length (max_prompt_tokens solves

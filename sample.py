@@ -15,14 +15,13 @@ import sys
 
 import torch
 
-from arguments import parse_arguments
+from arguments import add_prompt_arguments, parse_arguments, prompt_argument
 from checkpoint import CheckpointError
 from files import stdout_reader_gone
 from lowbit import LowBitError, serve_4bit_option
 from locate import add_checkpoint_arguments, load_model, model_line
 from runtime import DeviceError, pick_device
-from tokenizer import (TokenizerError, add_prompt_arguments, note_prompt_change, prompt_argument,
-                       tokenizer_from_string)
+from tokenizer import TokenizerError, note_prompt_change, tokenizer_from_string
 
 
 DECODE_WINDOW = 64  # tokens decoded together at most: decoding a whole long line per token is quadratic

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from files import bom_encoding, relative_to_here
+from files import relative_to_here
 from runtime import first_line
 
 SEPARATOR_TOKEN = "<|endoftext|>"
@@ -358,42 +358,6 @@ def note_prompt_change(tokenizer, prompt: str):
         these = f"{n:,} {what}s are" if n > 1 else f"{what} is"
         print(f"note: the prompt's {these} the model's document separator: the model reads a document boundary "
               f"there{utf16}", file=sys.stderr)
-
-
-def add_prompt_arguments(parser, required: bool, purpose: str = "the text to continue"):
-    """--prompt TEXT, or --prompt-file F (a UTF-8 file; -: standard input) for a prompt too long for a
-    command line; prompt_argument reads them. `purpose`: what the prompt is for, in --help."""
-    prompt = parser.add_mutually_exclusive_group(required=required)
-    prompt.add_argument("--prompt", help=purpose + ("" if required else " (none: from a document boundary)"))
-    prompt.add_argument("--prompt-file", help="the prompt from a UTF-8 text file (-: standard input), for a prompt "
-                                              "too long for the command line")
-
-
-def prompt_argument(parser, args) -> str:
-    """The prompt add_prompt_arguments' options give; a file that cannot be read is a usage error."""
-    if args.prompt_file is None:
-        return utf8_argument(args.prompt or "", "--prompt")
-    try:
-        raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
-        # as it is, its last line end too; not a byte-order mark (Windows editors'), which may say UTF-16
-        return raw.decode(bom_encoding(raw) or "utf-8-sig")
-    except OSError as e:
-        parser.error(f"--prompt-file {args.prompt_file}: cannot read it ({e.strerror or e})")
-    except UnicodeDecodeError as e:
-        parser.error(f"--prompt-file {args.prompt_file}: not UTF-8 text (an invalid byte at byte {e.start:,}); save "
-                     f"it as UTF-8")
-
-
-def utf8_argument(text: str, option: str) -> str:
-    """A command-line text as valid UTF-8. Python reads argv bytes that are not UTF-8 as lone
-    surrogates, which no tokenizer encodes: the bytes become U+FFFD, with a note on stderr."""
-    raw = os.fsencode(text)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        print(f"note: {option} is not valid UTF-8 (byte {e.start:,}: {raw[e.start:e.start + 1]!r}): its invalid "
-              f"bytes become U+FFFD", file=sys.stderr)
-        return raw.decode("utf-8", errors="replace")
 
 
 def train_bpe(texts, vocab_size: int) -> str:
