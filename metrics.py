@@ -36,7 +36,7 @@ TAGS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_n
         "peak_memory_mib": "memory/peak_mib", "val_loss": "val/loss", "val_bits_per_byte": "val/bits_per_byte"}
 PER_LAYER = {"sparsity_x": "sparsity/x", "sparsity_y": "sparsity/y"}  # the share of latents active: lower is sparser
 FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # of each process, whatever log_freq says: whether it is viable shows in a minute
-ETA_LINES = 20  # the ETA's speed: that of the steps of the last lines
+ETA_LINES, ETA_SECONDS = 20, 60  # the ETA's speed: that of the last lines' steps, or of the last minute's if more
 SLOW_CPU_STEP_S = 5  # seconds a step on CPU (tiny.yaml: about 0.1) above which an hours-long run suggests tiny.yaml
 # StepLog.sums: the line's summed loss, gradient norm of the finite steps and skipped steps; the current step's
 # loss until it completes
@@ -75,18 +75,20 @@ class MetricsLog:
                 self.wandb.log(wandb_values(record), step=record["step"])
             self.flush()
 
-    def flush(self):
-        """Write what waits, once the run directory exists."""
-        if not self.pending or self.run.path is None:
+    def flush(self, sync: bool = False):
+        """Write what waits, once the run directory exists; `sync` (at a checkpoint, at the end): fsync
+        metrics.jsonl too (an fsync for every line took a quarter of a small model's step at log_freq 1
+        on a busy disk)."""
+        if self.run.path is None or not (self.pending or sync):
             return
         try:
-            self._write()
+            self._write(sync)
         except OSError as e:  # a disk that filled up since the checkpoint, a folder made read-only
             raise MetricsError(f"{self.run.path}: cannot write the run's records ({e.strerror or first_line(e)}); the "
                                f"checkpoints written are intact: make room (or fix the folder), then resume") from None
         self.pending = []
 
-    def _write(self):
+    def _write(self, sync: bool):
         if self.settings.tensorboard and self.tensorboard is None:
             from torch.utils.tensorboard import SummaryWriter
             # A resume's writer starts with a session START at the step after its checkpoint: TensorBoard drops
@@ -105,7 +107,8 @@ class MetricsLog:
             for record in self.pending:
                 f.write(json.dumps(record) + "\n")
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         if self.tensorboard is not None:
             for record in self.pending:
                 for tag, value in scalars(record).items():
@@ -115,7 +118,7 @@ class MetricsLog:
             self.tensorboard.flush()
 
     def close(self):
-        self.flush()
+        self.flush(sync=True)
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:
@@ -200,7 +203,7 @@ class StepLog:
         self.epoch, self.passes_logged = self.epoch_all_are_in(positions), begun - self.unread
         self.epochs_ended = 0  # (measure() sets it for its line)
         self.took = {}  # seconds the last evaluation and the last checkpoint took (train.paused)
-        self.recent, self.opening = collections.deque(maxlen=ETA_LINES), None  # (seconds, steps) of lines: eta()
+        self.recent, self.opening = collections.deque(), None  # (seconds, steps) of lines: eta()
         self._next_line()
 
     def _next_line(self):
@@ -295,8 +298,9 @@ class StepLog:
     def eta(self, record: dict, first: bool) -> tuple[float | None, bool]:
         """Seconds left after the record's step (None while it compiles), and whether evaluations or
         checkpoints not yet timed are left out. The steps left go at the speed of the last ETA_LINES
-        lines: one interval's is noisy on a shared machine. A process's first line (its loader
-        starting) counts only until there is another."""
+        lines, or of those of the last ETA_SECONDS where they are more (log_freq 1): one interval's is
+        noisy on a shared machine. A process's first line (its loader starting) counts only until
+        there is another."""
         pauses, untimed = self.pauses_left(record["step"])
         if record.get("compiling"):
             return None, untimed
@@ -305,6 +309,8 @@ class StepLog:
             self.opening = timed
         else:
             self.recent.append(timed)
+            while len(self.recent) > ETA_LINES and sum(s for s, _ in self.recent) - self.recent[0][0] >= ETA_SECONDS:
+                self.recent.popleft()
         seconds, steps = map(sum, zip(*(self.recent or [self.opening])))
         return seconds / steps * (self.cfg.training.max_iters - record["step"]) + pauses, untimed
 

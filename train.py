@@ -209,7 +209,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
         at.last_saved = save_checkpoint(at, best=best)
         resume_command[:] = [resuming(ranks, train_command, at.last_saved.parent)]
         run.prune(training.keep_last_n)
-        metrics.flush()  # the first checkpoint creates the run directory: what waited is written now
+        metrics.flush(sync=True)  # the first checkpoint creates the run directory: what waited is written now
         if best:
             print(f"saved {at.last_saved.with_name('best.pt')} (best validation loss so far)", flush=True)
         print(f"saved {at.last_saved}" + " (a copy of best.pt)" * best, flush=True)

@@ -290,8 +290,8 @@ def test_the_eta_counts_the_evaluations_and_checkpoints_still_to_come():
 def test_the_eta_goes_at_the_speed_of_the_last_lines_not_of_one():
     from types import SimpleNamespace
     cfg = Config.from_dict({"training": {"max_iters": 1000, "test_freq": 2000, "checkpoint_freq": 2000}})
-    log = SimpleNamespace(cfg=cfg, took={}, steps=10, recent=collections.deque(maxlen=metrics.ETA_LINES),
-                          opening=None, pauses_left=lambda step: (0.0, False))
+    log = SimpleNamespace(cfg=cfg, took={}, steps=10, recent=collections.deque(), opening=None,
+                          pauses_left=lambda step: (0.0, False))
 
     def eta(step, ms_per_step, first=False, **record):
         return metrics.StepLog.eta(log, {"step": step, "ms_per_step": ms_per_step, **record}, first)[0]
@@ -299,9 +299,15 @@ def test_the_eta_goes_at_the_speed_of_the_last_lines_not_of_one():
     assert eta(20, 100.0) == pytest.approx(0.1 * 980)  # the first line left out
     assert eta(30, 300.0) == pytest.approx(0.2 * 970)  # a busy interval: the mean of the last lines
     assert eta(40, 100.0, compiling=True) is None and len(log.recent) == 2  # a compiling line is no speed
-    for step in range(50, 50 + 10 * metrics.ETA_LINES, 10):
+    for step in range(50, 450, 10):  # 40 lines of 2 s: the last minute holds more than ETA_LINES of them
         eta(step, 200.0)
-    assert eta(250, 200.0) == pytest.approx(0.2 * 750)  # the busy and fast intervals have left the window
+    assert eta(450, 200.0) == pytest.approx(0.2 * 550)  # the busy and fast intervals have left the window
+    assert len(log.recent) == 60 / 2
+    log.steps, log.recent, cfg.training.max_iters = 1, collections.deque(), 10_000  # log_freq 1: lines too short
+    for step in range(1, 3001):  # a minute of them
+        eta(step, 20.0)
+    # one slow step moves it by its share of the minute (the last 20 lines' speed: 69 ms a step, not 20)
+    assert eta(3001, 1000.0) == pytest.approx((20.0 * 2999 + 1000.0) / 3000 / 1000 * (10_000 - 3001), rel=1e-3)
 
 
 def test_the_first_steps_are_logged_whatever_log_freq_says(tmp_path, corpus, capsys):
