@@ -224,6 +224,13 @@ class Config:
             problems.append(f"training.learning_rate: {training.learning_rate:g} would move every weight by about "
                             f"that much each step (AdamW): AdamW trains at about 1e-4 to 1e-2"
                             + (f"; did you mean {float(mantissa):g}e-{int(exponent)}?" if int(exponent) >= 2 else ""))
+        elif (decay := training.weight_decay * training.learning_rate) >= 1:
+            problems.append(f"training.weight_decay: {training.weight_decay:g} x learning_rate "
+                            f"{training.learning_rate:g} = {decay:g}: each step would multiply the weights by 1 - "
+                            f"{decay:g}, zeroing or flipping them; AdamW's weight_decay is about 0.01 to 0.1")
+        if training.block_size == 1:
+            problems.append("training.block_size: must be at least 2: a position attends only to the positions "
+                            "before it, so a window of 1 gives the model no context")
         if training.min_lr > training.learning_rate > 0:  # (a learning rate <= 0 is reported as such)
             problems.append(f"training.min_lr: must be <= training.learning_rate ({training.learning_rate}), got "
                             f"{training.min_lr}; set it too, e.g. training.min_lr={training.learning_rate / 10:g}")

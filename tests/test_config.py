@@ -124,6 +124,9 @@ def test_environment_variables_in_paths_are_expanded_or_named_when_unset(monkeyp
     ({"dataset": {"val_fraction": 1.0}}, "dataset.val_fraction: must be in (0, 1), got 1.0"),
     ({"training": {"seed": 2**32}}, "training.seed: must be below 2**32"),
     ({"dataset": {"split_seed": 2**32}}, "dataset.split_seed: must be below 2**32"),
+    ({"training": {"weight_decay": 1000}}, "training.weight_decay: 1000 x learning_rate 0.001 = 1: each step would "
+                                           "multiply the weights by 1 - 1, zeroing or flipping them"),
+    ({"training": {"block_size": 1}}, "training.block_size: must be at least 2"),
 ])
 def test_value_checks(raw, fragment):
     assert any(fragment in p for p in config_problems(raw)), config_problems(raw)
