@@ -107,9 +107,10 @@ LATENTS = {"sparsity_x": {"marker": "o", "linestyle": "-"},  # the active shares
 
 def run_settings(run_dir: Path) -> dict:
     """{section.key: value} of the config a run started with (config.yaml), a value that a resume
-    changed (config_resume_<step>.yaml) as `first→...→last`; {} without config.yaml. An `auto`
-    setting is the value it resolved to on the run's machine (compute_dtype bfloat16); a setting
-    that none of the run's configs used (an fp8 one with use_fp8 off) is left out."""
+    changed (config_resume_<step>.yaml) as `first→second→last` (`first→…→last` past three values); {}
+    without config.yaml. An `auto` setting is the value it resolved to on the run's machine
+    (compute_dtype bfloat16); a setting that none of the run's configs used (an fp8 one with use_fp8
+    off) is left out."""
     history, unused = {}, None
     for path in [Path(run_dir) / "config.yaml", *(path for _, path in resumed_configs(run_dir))]:
         try:
@@ -135,7 +136,8 @@ def run_settings(run_dir: Path) -> dict:
                     values_seen.append(value)
     if STARTED_FROM in history:  # where it started; its resumes' checkpoints are its own
         history[STARTED_FROM] = history[STARTED_FROM][:1]
-    return {key: values[0] if len(values) == 1 else Changed("→".join(map(shown_value, values)))
+    return {key: values[0] if len(values) == 1 else Changed("→".join(map(shown_value, values if len(values) <= 3 else
+                                                                            (values[0], "…", values[-1]))))
             for key, values in history.items() if key not in unused}
 
 

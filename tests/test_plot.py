@@ -204,6 +204,8 @@ def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch)
     for step, lr in ((10, 0.005), (20, 0.002)):
         (resumed / f"config_resume_{step}.yaml").write_text(yaml.safe_dump({"training": {"learning_rate": lr}}))
     assert plot.run_settings(resumed)["training.learning_rate"] == "0.01→0.005→0.002"
+    (resumed / "config_resume_30.yaml").write_text(yaml.safe_dump({"training": {"learning_rate": 0.001}}))
+    assert plot.run_settings(resumed)["training.learning_rate"] == "0.01→…→0.001"  # a legend of many resumes fits
     assert plot.run_settings(resumed)["dataset.tokenizer"] == "bytes"
     old = tmp_path / "run_old"  # 0.4.5 and older: training.seed drew the validation documents
     old.mkdir()
