@@ -200,14 +200,12 @@ def written_before(ckpt, version: tuple) -> bool:
 
 def check_same_model(saved_config: dict, model_config: BDHConfig, path):
     """Refuses weights of another model shape (dropout may differ: it is not a shape)."""
-    differing = [f"{k}: checkpoint {saved_config.get(k)!r}, config {v!r}"
-                 for k, v in asdict(model_config).items()
-                 if k != "dropout" and saved_config.get(k) != v]
+    differing = {k: v for k, v in asdict(model_config).items() if k != "dropout" and saved_config.get(k) != v}
     if differing:
-        matching = " ".join(override(f"model.{k}", saved_config.get(k)) for k, v in asdict(model_config).items()
-                            if k != "dropout" and saved_config.get(k) != v)
+        matching = " ".join(override(f"model.{k}", saved_config.get(k)) for k in differing)
+        differences = "; ".join(f"{k}: checkpoint {saved_config.get(k)!r}, config {v!r}" for k, v in differing.items())
         raise CheckpointError(f"{path}: the checkpoint is from a different model shape; add {matching} to match it, "
-                              f"or start a new run. Differences: " + "; ".join(differing))
+                              f"or start a new run. Differences: {differences}")
 
 
 SCHEDULE = ("max_iters", "warmup_iters", "learning_rate", "min_lr")  # the settings of learning_rate()

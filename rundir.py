@@ -138,7 +138,7 @@ def unfinished_older_run(checkpoint_dir: str, finished: Path) -> str:
     older runs that stopped before its max_iters, which may be the one meant."""
     for run in runs_newest_first(checkpoint_dir):
         if run.name < finished.name and (stopped := stopped_early(run)):
-            checkpoint, step, max_iters = stopped
+            _, step, max_iters = stopped
             return (f"note: an older run, {run}, stopped at step {step} of {max_iters}: to continue it, "
                     f"{shlex.quote(f'training.resume_from_checkpoint={run}')}")
     return ""

@@ -80,7 +80,7 @@ class GracefulStop:
     def _handler(self, signum, _frame):
         if self.at_once:  # (heard: for the caller, where the KeyboardInterrupt is swallowed, as in a weakref callback)
             self.signal_name = self.signal_name or signal.Signals(signum).name
-            stop_at_once(signum, _frame)
+            interrupt_at_once(signum, _frame)
             return  # (heard before: the stop is under way)
         if time.monotonic() - self.heard_at < REPEAT_WITHIN_S:
             return
@@ -146,10 +146,10 @@ class StepVote:
 resume_command = []
 
 
-heard_at_once = []  # the signal stop_at_once raised for, if any, and when (train.main clears it)
+heard_at_once = []  # the signal interrupt_at_once raised for, if any, and when (train.main clears it)
 
 
-def stop_at_once(signum, _frame):
+def interrupt_at_once(signum, _frame):
     """A signal handler: KeyboardInterrupt, which names the signal (signal_of). Once it has raised
     one, the run is stopping: a signal within REPEAT_WITHIN_S is ignored (the same one forwarded by a
     wrapper, which would end the stop in a traceback); a later one raises again (the first one's
@@ -162,7 +162,7 @@ def stop_at_once(signum, _frame):
 
 @contextmanager
 def swallowed_stops_unsaid():
-    """Within it, a KeyboardInterrupt of stop_at_once that Python swallowed (raised in an at-fork hook
+    """Within it, a KeyboardInterrupt of interrupt_at_once that Python swallowed (raised in an at-fork hook
     or a weakref callback) is not printed as "Exception ignored in ..." with a traceback: the run
     stops in one line where raise_if_heard raises it again. Anything else goes to the hook before."""
     before = sys.unraisablehook
@@ -178,20 +178,20 @@ def swallowed_stops_unsaid():
 
 
 def raise_if_heard():
-    """KeyboardInterrupt if stop_at_once has raised one: where it was swallowed, raised in an at-fork
+    """KeyboardInterrupt if interrupt_at_once has raised one: where it was swallowed, raised in an at-fork
     hook or a weakref callback (torch.compile's), which Python prints and goes on from."""
     if heard_at_once:
         raise KeyboardInterrupt(heard_at_once[0][0])
 
 
 def signal_of(interrupt: KeyboardInterrupt) -> str | None:
-    """The signal a KeyboardInterrupt was raised for (stop_at_once, GracefulStop), or None (Python's own,
+    """The signal a KeyboardInterrupt was raised for (interrupt_at_once, GracefulStop), or None (Python's own,
     for a SIGINT)."""
     name = interrupt.args[0] if interrupt.args else None
     return name if name in signal.Signals.__members__ else None
 
 
-def stopped_at_once(resuming_a_run: bool = False, signal_name: str | None = None) -> int:
+def report_stopped_at_once(resuming_a_run: bool = False, signal_name: str | None = None) -> int:
     """`resuming_a_run`: the run resumes a checkpoint (the signal may come before it is read)."""
     if first_process():  # (under torchrun every rank heard the signal: once)
         print(f"\n{signal_name or 'interrupted'}: stopped at once: " + (
@@ -234,7 +234,7 @@ def signals_held():
     would be raised inside an at-fork hook, where Python prints it and goes on (the run would go on
     training), and a worker would get it before it ignores the signals (a traceback). The workers
     inherit the held signals and drop them (leave_signals_to_main). Where threads cannot hold signals
-    (Windows), nothing is held; nor are those another thread takes: where stop_at_once heard one, it is
+    (Windows), nothing is held; nor are those another thread takes: where interrupt_at_once heard one, it is
     raised again as the block ends (raise_if_heard)."""
     if not hasattr(signal, "pthread_sigmask"):
         yield

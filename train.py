@@ -66,8 +66,9 @@ from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_cl
                      resolve_compute_dtype, steady_host_memory)
 from shards import DataError
 from stopping import (EVALUATING, SAVING, SIGNALS, STEPPING, GracefulStop, StepVote, StoppedWhileClosing, exit_with,
-                      handle_signals, heard_at_once, raise_if_heard, resume_command, signal_of, signals_held,
-                      stop_at_once, stop_loader_workers, stopped_at_once, swallowed_stops_unsaid, tearing_down)
+                      handle_signals, heard_at_once, interrupt_at_once, raise_if_heard, report_stopped_at_once,
+                      resume_command, signal_of, signals_held, stop_loader_workers, swallowed_stops_unsaid,
+                      tearing_down)
 from tokenizer import TokenizerError
 from validation import unmeasured_validation, validation_batches
 
@@ -441,7 +442,7 @@ def main(argv=None) -> int:
         print(f"config {args.config} (no --config given: the default, sized for a GPU; configs/tiny.yaml is for a CPU)")
     handlers = {sig: handlers_before_import.get(sig, signal.getsignal(sig)) for sig in SIGNALS}
     heard_at_once.clear()
-    handle_signals(stop_at_once)  # while the run sets up, as Ctrl-C: it stops at once, in one line
+    handle_signals(interrupt_at_once)  # while the run sets up, as Ctrl-C: it stops at once, in one line
     children = multiprocessing.active_children()  # a calling program's own: not the loader's to stop
     ranks, device = Ranks(), cfg.training.device
     resume_command.clear()
@@ -462,10 +463,10 @@ def main(argv=None) -> int:
         print(f"\n{e.args[0]}\n(stopped while closing the logs: their last records may be missing)")
         return 0
     except KeyboardInterrupt as e:
-        return stopped_at_once(resuming_a_run(cfg), signal_of(e))
+        return report_stopped_at_once(resuming_a_run(cfg), signal_of(e))
     except Exception as e:
         if stop := interrupted(e):  # torch.compile wraps a KeyboardInterrupt raised while it compiles
-            return stopped_at_once(resuming_a_run(cfg), signal_of(stop))
+            return report_stopped_at_once(resuming_a_run(cfg), signal_of(stop))
         if (request := out_of_memory(e)) is not None:
             return failed(f"error{rank_of(ranks)}: out of memory on {device} (asked for {request}): {memory_fix(cfg)}; "
                           + (f"then resume with `{resume_command[0]}` and the new setting" if resume_command else

@@ -25,7 +25,7 @@ from checkpoint import load_checkpoint
 from conftest import ROOT, losses, only_run, run_dirs, run_ranks, write_config
 from files import script_here
 from metrics import MetricsLog
-from stopping import SAVING, SIGNALS, GracefulStop, StoppedWhileClosing, stopped_at_once
+from stopping import SAVING, SIGNALS, GracefulStop, StoppedWhileClosing, report_stopped_at_once
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 NOTHING_SAVED = "\nSIGTERM: stopped at once: before the first checkpoint: nothing was saved\n"  # (SIGTERM's)
@@ -81,7 +81,7 @@ def test_one_signal_forwarded_by_a_wrapper_is_one(restore_handlers, capfd, monke
     os.kill(os.getpid(), signal.SIGINT)
     assert capfd.readouterr().err == ("\nSIGINT: finishing the step, then saving a checkpoint (Ctrl-C again to stop "
                                       "at once)\n")
-    for handler in (stopping.stop_at_once, GracefulStop(second_signal_stops=True, announce=True,
+    for handler in (stopping.interrupt_at_once, GracefulStop(second_signal_stops=True, announce=True,
                                                          at_once=True)._handler):  # (until the first step is done)
         stopping.heard_at_once.clear()  # (train.main's start)
         with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
@@ -454,7 +454,7 @@ def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_pat
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={outside}"]) == 130
     assert capsys.readouterr().err.endswith(f" training.resume_from_checkpoint={outside}\n")
     monkeypatch.setenv("RANK", "1")  # under torchrun every rank hears it: rank 0 says so
-    assert stopped_at_once() == 130 and capsys.readouterr().err == ""
+    assert report_stopped_at_once() == 130 and capsys.readouterr().err == ""
 
 
 def test_a_signal_in_the_first_step_whose_interrupt_is_swallowed_still_stops_it(tmp_path, corpus, capsys,
@@ -494,7 +494,7 @@ def test_a_swallowed_stop_is_not_printed_as_an_ignored_exception(monkeypatch):
     printed = []
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: printed.append(repr(unraisable.exc_value)))
     with stopping.swallowed_stops_unsaid():
-        ignored(KeyboardInterrupt("SIGTERM"))  # not stop_at_once's own
+        ignored(KeyboardInterrupt("SIGTERM"))  # not interrupt_at_once's own
         stopping.heard_at_once.append(("SIGTERM", time.monotonic()))
         ignored(KeyboardInterrupt("SIGTERM"))
         ignored(ValueError("something else"))
