@@ -367,13 +367,9 @@ class BDH(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, observe=None):
         """Logits (B, T, V) and the loss against targets (None without). observe(a, b) is called
         by every layer in turn with its sparse latents (layer_forward)."""
-        config = self.config
-        B, T = idx.shape
-        phases = rope_phases(self.rope_freqs, torch.arange(T, device=idx.device))
-        dropout, matmuls = (config.dropout, self.matmuls) if self.training else (0.0, PLAIN)
-        x = layer_norm(self.embed(idx))  # (B, T, D): one stream shared by all heads
+        dropout, matmuls = (self.config.dropout, self.matmuls) if self.training else (0.0, PLAIN)
         recompute = self.activation_checkpointing or not torch.is_grad_enabled()  # (no backward: nothing to keep)
-        x = LayerStack.apply(x, *self.layer_weights(), phases, config.n_layer, dropout, recompute, matmuls, observe)
+        x = parallel_forward(self, idx, self.layer_weights(), dropout, recompute, matmuls, observe)
         logits = x @ self.lm_head
         if targets is None:
             return logits, None
@@ -433,6 +429,16 @@ def empty_states(config: BDHConfig, batch: int, device) -> list:
     weights' dtype (layer_forward)."""
     return [torch.zeros(config.n_head, batch, config.n_latent, config.n_embd, device=device)
             for _ in range(config.n_layer)]
+
+
+def parallel_forward(model, tokens: torch.Tensor, weights, dropout=0.0, recompute=False, matmuls=PLAIN,
+                     observe=None) -> torch.Tensor:
+    """The final hidden states (B, T, D) of tokens (B, T) from position 0: the parallel form, for
+    training (LayerStack's backward). `model` holds BDH's parameters (a BDH, or the Hugging Face
+    export's model); `weights`: its (encoder, encoder_v, decoder) as the layers see them."""
+    phases = rope_phases(model.rope_freqs, torch.arange(tokens.size(1), device=tokens.device))
+    x = layer_norm(model.embed(tokens))  # (B, T, D): one stream shared by all heads
+    return LayerStack.apply(x, *weights, phases, model.config.n_layer, dropout, recompute, matmuls, observe)
 
 
 def recurrent_forward(model, tokens: torch.Tensor, states: list, t0: int, weights=None) -> torch.Tensor:

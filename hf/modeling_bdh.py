@@ -1,14 +1,15 @@
-"""BDH for Hugging Face Transformers (AutoModelForCausalLM with trust_remote_code=True): inference
-and generation. The layers are computed by model.py beside this file, the training repository's
-own; generation carries BDH's recurrent state as its cache, so each new token costs the same
-whatever the context."""
+"""BDH for Hugging Face Transformers (AutoModelForCausalLM with trust_remote_code=True). The layers
+are computed by model.py beside this file, the training repository's own: generation carries BDH's
+recurrent state as its cache, so each new token costs the same whatever the context; a forward with
+gradients (Trainer, PEFT) runs the parallel form with the backward train.py uses."""
 import torch
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_bdh import BDHConfig
-from .model import LAYER_WEIGHTS, BDH, empty_states, recurrent_forward, rope_frequencies, unpack_4bit
+from .model import (LAYER_WEIGHTS, BDH, empty_states, parallel_forward, recurrent_forward, rope_frequencies,
+                    unpack_4bit)
 from .model import BDHConfig as Shape
 
 
@@ -70,16 +71,22 @@ class BDHForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("BDH has no padding mask: give prompts of equal length (or one at a time)")
         cache = cache if cache is not None else past_key_values
-        if cache is None:
-            cache = BDHState(empty_states(self.shape, input_ids.size(0), input_ids.device))
-        hidden = recurrent_forward(self, input_ids, cache.states, cache.seen, self.layer_weights())
-        cache.seen += input_ids.size(1)
+        if torch.is_grad_enabled() and cache is None:  # fine-tuning: the recurrent form has no backward
+            hidden = parallel_forward(self, input_ids, self.layer_weights(), self.config.dropout * self.training)
+            if labels is None and use_cache is not False:  # a forward without torch.no_grad() may go on generating
+                with torch.no_grad():
+                    cache = self.forward(input_ids, use_cache=True)[CACHE_OUTPUT]
+        else:
+            if cache is None:
+                cache = BDHState(empty_states(self.shape, input_ids.size(0), input_ids.device))
+            hidden = recurrent_forward(self, input_ids, cache.states, cache.seen, self.layer_weights())
+            cache.seen += input_ids.size(1)
         logits = hidden @ self.lm_head
         logits[..., self.config.tokenizer_vocab_size:] = float("-inf")  # ids no tokenizer produces
         loss = None
         if labels is not None:  # the Transformers convention: labels are the inputs, shifted here
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
         output = CausalLMOutputWithPast(loss=loss, logits=logits)
-        if use_cache is not False:
+        if use_cache is not False and cache is not None:
             output[CACHE_OUTPUT] = cache
         return output

@@ -75,6 +75,25 @@ def test_export_holds_the_checkpoint_weights_and_transformers_generates_what_sam
     assert model.generate(**inputs, max_new_tokens=20, do_sample=True, top_k=20).shape == (1, 24)
 
 
+def test_transformers_fine_tunes_with_train_py_s_gradients_and_a_forward_with_gradients_keeps_its_cache(trained,
+                                                                                                      tmp_path):
+    out = tmp_path / "export"
+    assert export.main(["--checkpoint", str(trained), "--out", str(out), "--hf"]) == 0
+    model, _ = hf_model(out)
+    reference = model_from_checkpoint(load_checkpoint(trained)).eval()
+    idx = torch.randint(0, 256, (2, 40))
+    model(idx, labels=idx).loss.backward()  # (Trainer's call: the labels are the inputs)
+    logits = reference(idx)[0]
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 256), idx[:, 1:].reshape(-1)).backward()
+    grads = dict(model.named_parameters())
+    for name, weight in reference.named_parameters():
+        assert torch.allclose(grads[name].grad, weight.grad, atol=1e-6), name
+    cache = model(idx[:, :30]).cache  # a forward with gradients (no labels) may go on generating
+    assert cache.seen == 30
+    with torch.no_grad():
+        assert torch.allclose(model(idx[:, 30:], cache=cache).logits, model(idx).logits[:, 30:], atol=1e-5)
+
+
 def test_transformers_stops_at_the_separator_and_starts_there_without_a_prompt(trained, tmp_path):
     out = tmp_path / "export"
     assert export.main(["--checkpoint", str(trained), "--out", str(out), "--hf"]) == 0
