@@ -79,7 +79,7 @@ class MetricsLog:
         """Write what waits, once the run directory exists; `sync` (at a checkpoint, at the end): fsync
         metrics.jsonl too (an fsync for every line took a quarter of a small model's step at log_freq 1
         on a busy disk)."""
-        if self.run.path is None or not (self.pending or sync):
+        if not self.run.writer or self.run.path is None or not (self.pending or sync):
             return
         try:
             self._write(sync)
@@ -204,6 +204,7 @@ class StepLog:
         self.epochs_ended = 0  # (measure() sets it for its line)
         self.took = {}  # seconds the last evaluation and the last checkpoint took (train.paused)
         self.recent, self.opening = collections.deque(), None  # (seconds, steps) of lines: eta()
+        self.recent_total = [0.0, 0]  # the sums of recent's seconds and steps
         self._next_line()
 
     def _next_line(self):
@@ -309,9 +310,10 @@ class StepLog:
             self.opening = timed
         else:
             self.recent.append(timed)
-            while len(self.recent) > ETA_LINES and sum(s for s, _ in self.recent) - self.recent[0][0] >= ETA_SECONDS:
-                self.recent.popleft()
-        seconds, steps = map(sum, zip(*(self.recent or [self.opening])))
+            self.recent_total = [total + value for total, value in zip(self.recent_total, timed)]
+            while len(self.recent) > ETA_LINES and self.recent_total[0] - self.recent[0][0] >= ETA_SECONDS:
+                self.recent_total = [total - value for total, value in zip(self.recent_total, self.recent.popleft())]
+        seconds, steps = self.recent_total if self.recent else self.opening
         return seconds / steps * (self.cfg.training.max_iters - record["step"]) + pauses, untimed
 
     def write(self, record: dict):

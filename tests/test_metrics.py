@@ -237,6 +237,18 @@ def test_wandb_names_the_run_after_its_directory_when_another_run_took_the_name(
         shutil.rmtree(run.path)
 
 
+def test_only_the_writing_process_writes_records(tmp_path, corpus):
+    """Under torchrun every rank flushes at a checkpoint: another rank's TensorBoard writer, started at
+    a resume's step, would hide the writer's points after it."""
+    cfg = Config.from_yaml(write_config(tmp_path, corpus))
+    run = RunDir(str(tmp_path / "ck"), path=tmp_path / "ck" / "run_1", writer=False)
+    run.path.mkdir(parents=True)
+    log = MetricsLog(run, cfg, resumed_step=4)
+    log.flush(sync=True)
+    log.close()
+    assert list(run.path.iterdir()) == []
+
+
 def test_records_that_cannot_be_written_are_one_line_and_kept(tmp_path, corpus):
     cfg = Config.from_yaml(write_config(tmp_path, corpus), ["logging.tensorboard=false"])
     run = RunDir(str(tmp_path / "ck"))
@@ -290,7 +302,7 @@ def test_the_eta_counts_the_evaluations_and_checkpoints_still_to_come():
 def test_the_eta_goes_at_the_speed_of_the_last_lines_not_of_one():
     from types import SimpleNamespace
     cfg = Config.from_dict({"training": {"max_iters": 1000, "test_freq": 2000, "checkpoint_freq": 2000}})
-    log = SimpleNamespace(cfg=cfg, took={}, steps=10, recent=collections.deque(), opening=None,
+    log = SimpleNamespace(cfg=cfg, took={}, steps=10, recent=collections.deque(), recent_total=[0.0, 0], opening=None,
                           pauses_left=lambda step: (0.0, False))
 
     def eta(step, ms_per_step, first=False, **record):
@@ -303,7 +315,8 @@ def test_the_eta_goes_at_the_speed_of_the_last_lines_not_of_one():
         eta(step, 200.0)
     assert eta(450, 200.0) == pytest.approx(0.2 * 550)  # the busy and fast intervals have left the window
     assert len(log.recent) == 60 / 2
-    log.steps, log.recent, cfg.training.max_iters = 1, collections.deque(), 10_000  # log_freq 1: lines too short
+    log.steps, log.recent, log.recent_total = 1, collections.deque(), [0.0, 0]  # log_freq 1: lines too short
+    cfg.training.max_iters = 10_000
     for step in range(1, 3001):  # a minute of them
         eta(step, 20.0)
     # one slow step moves it by its share of the minute (the last 20 lines' speed: 69 ms a step, not 20)
