@@ -15,7 +15,7 @@ import rundir
 import train
 from checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from conftest import ROOT, run_dirs, write_config
-from locate import checkpoints_in, open_checkpoint
+from locate import RUN_CONFIG_HEADER, checkpoints_in, open_checkpoint
 from plot import run_settings
 from rundir import RunDir, clean_stale_temporaries, release_run_directories, unused
 
@@ -46,11 +46,13 @@ def test_stale_temporary_files_are_removed_but_not_a_live_writers(tmp_path):
 
 
 def test_a_run_killed_during_its_first_checkpoint_leaves_no_empty_directory(tmp_path):
-    def run_with(name, *files, age_s=120):
-        run = tmp_path / name
-        run.mkdir()
+    checkpoint_dir = tmp_path / "ck"
+
+    def run_with(name, *files, age_s=120, where=checkpoint_dir, config=RUN_CONFIG_HEADER):
+        run = where / name
+        run.mkdir(parents=True)
         for file in (".lock", "config.yaml", *files):
-            (run / file).write_text("x")
+            (run / file).write_text(config if file == "config.yaml" else "x")
             os.utime(run / file, (time.time() - age_s,) * 2)
         return run
     killed = run_with("run_20260101_000000", ".checkpoint_5.pt.tmp999999999")
@@ -59,12 +61,15 @@ def test_a_run_killed_during_its_first_checkpoint_leaves_no_empty_directory(tmp_
     held = run_with("run_20260101_000003")
     rundir.hold(held / ".lock", "{holder}")
     os.utime(held / ".lock", (time.time() - 120,) * 2)
+    by_hand = run_with("run_baseline", config="model:\n  n_layer: 4\n")  # a user's config, not a run's
+    (checkpoint_dir / "run_20260101_000004").symlink_to(run_with("elsewhere", where=tmp_path))
     try:
-        assert clean_stale_temporaries(tmp_path) == 1
-        assert rundir.remove_empty_runs(tmp_path) == ["run_20260101_000000"]
+        assert clean_stale_temporaries(checkpoint_dir) == 1
+        assert rundir.remove_empty_runs(checkpoint_dir) == ["run_20260101_000000"]
     finally:
         release_run_directories()
     assert not killed.exists() and with_records.exists() and just_created.exists() and held.exists()
+    assert (by_hand / "config.yaml").exists() and (tmp_path / "elsewhere" / "config.yaml").exists()
 
 
 def test_best_set_aside_keeps_every_earlier_best(tmp_path):
