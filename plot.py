@@ -107,10 +107,9 @@ LATENTS = {"sparsity_x": {"marker": "o", "linestyle": "-"},  # the active shares
 
 def run_settings(run_dir: Path) -> dict:
     """{section.key: value} of the config a run started with (config.yaml), a value that a resume
-    changed (config_resume_<step>.yaml) as `first→second→last` (`first→…→last` past three values); {}
-    without config.yaml. An `auto` setting is the value it resolved to on the run's machine
-    (compute_dtype bfloat16); a setting that none of the run's configs used (an fp8 one with use_fp8
-    off) is left out."""
+    changed (config_resume_<step>.yaml) as `first→...→last`; {} without config.yaml. An `auto`
+    setting is the value it resolved to on the run's machine (compute_dtype bfloat16); a setting
+    that none of the run's configs used (an fp8 one with use_fp8 off) is left out."""
     history, unused = {}, None
     for path in [Path(run_dir) / "config.yaml", *(path for _, path in resumed_configs(run_dir))]:
         try:
@@ -136,8 +135,7 @@ def run_settings(run_dir: Path) -> dict:
                     values_seen.append(value)
     if STARTED_FROM in history:  # where it started; its resumes' checkpoints are its own
         history[STARTED_FROM] = history[STARTED_FROM][:1]
-    return {key: values[0] if len(values) == 1 else Changed("→".join(map(shown_value, values if len(values) <= 3 else
-                                                                            (values[0], "…", values[-1]))))
+    return {key: values[0] if len(values) == 1 else Changed("→".join(map(shown_value, values)))
             for key, values in history.items() if key not in unused}
 
 
@@ -153,6 +151,11 @@ def not_used(raw: dict) -> set[str]:
 
 class Changed(str):
     """A setting's values as a resume changed them: first→...→last."""
+
+    def shortened(self) -> str:
+        """first→…→last where there are more than three (a legend of a run resumed many times fits)."""
+        values = self.split("→")
+        return f"{values[0]}→…→{values[-1]}" if len(values) > 3 else self
 
 
 def labels(names: list[str], settings: list[dict], limit: int | None = MAX_LABEL_SETTINGS) -> list[str]:
@@ -170,7 +173,9 @@ def labels(names: list[str], settings: list[dict], limit: int | None = MAX_LABEL
         if len(differing) > MAX_LABEL_SETTINGS:
             keys = [key for key in keys if key not in shared or repr(s[key]) != repr(shared[key])] or keys
         more = ", ..." if limit is not None and len(keys) > limit else ""
-        described.append(", ".join(f"{shown_name(key)}={shown_value(s[key])}" for key in keys[:limit]) + more)
+        shown = [s[key].shortened() if limit is not None and isinstance(s[key], Changed) else shown_value(s[key])
+                 for key in keys[:limit]]  # (the terminal's list, limit None: every value)
+        described.append(", ".join(f"{shown_name(key)}={value}" for key, value in zip(keys, shown)) + more)
     return [f"{name} ({words})" if words else name for name, words in zip(names, described)]
 
 

@@ -205,7 +205,9 @@ def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch)
         (resumed / f"config_resume_{step}.yaml").write_text(yaml.safe_dump({"training": {"learning_rate": lr}}))
     assert plot.run_settings(resumed)["training.learning_rate"] == "0.01→0.005→0.002"
     (resumed / "config_resume_30.yaml").write_text(yaml.safe_dump({"training": {"learning_rate": 0.001}}))
-    assert plot.run_settings(resumed)["training.learning_rate"] == "0.01→…→0.001"  # a legend of many resumes fits
+    many = plot.run_settings(resumed)
+    assert plot.labels(["a"], [many]) == ["a (learning_rate=0.01→…→0.001)"]  # a legend of many resumes fits
+    assert plot.labels(["a"], [many], limit=None) == ["a (learning_rate=0.01→0.005→0.002→0.001)"]  # the terminal's
     assert plot.run_settings(resumed)["dataset.tokenizer"] == "bytes"
     old = tmp_path / "run_old"  # 0.4.5 and older: training.seed drew the validation documents
     old.mkdir()
