@@ -6,10 +6,10 @@ lm_head. The same encoder / encoder_v / decoder are used by every layer.
 
 The layer is written once (layer_forward) and serves training, the recomputation of checkpointed
 layers, generation and the low-precision paths:
-- training runs the layer stack as one autograd Function with a hand-written backward (LayerStack):
-  r·rᵀ forward and the gradient's products with r backward are computed only in tiles on or below
-  the diagonal;
-  between forward and backward a layer keeps one (H, B, T, N) activation (a = relu(x @ encoder)),
+- training runs the layer stack as one autograd Function with a hand-written backward (LayerStack,
+  through parallel_forward: BDH.forward's, and the Hugging Face export's with gradients): r·rᵀ
+  forward and the gradient's products with r backward are computed only in tiles on or below the
+  diagonal; between forward and backward a layer keeps one (H, B, T, N) activation (a = relu(x @ encoder)),
   its dropout mask as bits and (H, B, T, T)-, (H, B, T, D)- and (B, T, D)-sized tensors, and
   recomputes the rest (with activation_checkpointing it keeps only its input and its dropout bits); the
   shared weights' gradients accumulate in place across layers;
@@ -24,7 +24,8 @@ layer_backward, its gradient by hand (from the tensors layer_forward saves); rec
 same layer for generation; reference.reference_forward, the yardstick the tests hold them to;
 BDHConfig.training_flops_per_token and runtime.activation_bytes, what it costs; MODEL.md. To try an
 idea first, reference_forward trains and evaluates through autograd (assign it to BDH.forward): slow,
-and generation still goes through this file's recurrent_forward.
+it reads the weights as they are (not use_4bit's view), and generation still goes through this file's
+recurrent_forward.
 """
 import math
 import warnings
