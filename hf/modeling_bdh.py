@@ -1,7 +1,7 @@
 """BDH for Hugging Face Transformers (AutoModelForCausalLM with trust_remote_code=True). The layers
 are computed by model.py beside this file, the training repository's own: generation carries BDH's
 recurrent state as its cache, so each new token costs the same whatever the context; a forward with
-gradients (Trainer, PEFT) runs the parallel form with the backward train.py uses."""
+gradients (Trainer) runs the parallel form with the backward train.py uses."""
 import torch
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
@@ -30,6 +30,7 @@ class BDHState:
 
 class BDHForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = BDHConfig
+    accepts_loss_kwargs = False  # the loss is a mean over the labels: Trainer divides it by its accumulation steps
 
     def __init__(self, config: BDHConfig):
         super().__init__(config)
@@ -71,18 +72,25 @@ class BDHForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("BDH has no padding mask: give prompts of equal length (or one at a time)")
         cache = cache if cache is not None else past_key_values
-        if torch.is_grad_enabled() and cache is None:  # fine-tuning: the recurrent form has no backward
-            hidden = parallel_forward(self, input_ids, self.layer_weights(), self.config.dropout * self.training)
-            if labels is None and use_cache is not False:  # a forward without torch.no_grad() may go on generating
-                with torch.no_grad():
-                    cache = self.forward(input_ids, use_cache=True)[CACHE_OUTPUT]
-        else:
-            if cache is None:
-                cache = BDHState(empty_states(self.shape, input_ids.size(0), input_ids.device))
-            hidden = recurrent_forward(self, input_ids, cache.states, cache.seen, self.layer_weights())
-            cache.seen += input_ids.size(1)
-        logits = hidden @ self.lm_head
-        logits[..., self.config.tokenizer_vocab_size:] = float("-inf")  # ids no tokenizer produces
+        # fine-tuning: the parallel form, with train.py's backward; the recurrent form (a cache) has none, so its
+        # outputs carry no gradient (loss.backward() then says so, rather than fail inside model.py)
+        differentiable = torch.is_grad_enabled() and cache is None
+        with torch.set_grad_enabled(differentiable):
+            if differentiable:
+                dtype = self.embed.weight.dtype  # (bfloat16 weights: model.py's backward computes in autocast's dtype)
+                with torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    dropout = self.config.dropout if self.training else 0.0
+                    hidden = parallel_forward(self, input_ids, self.layer_weights(), dropout)
+                if labels is None and use_cache is not False and not self.training:  # (inference that may go on)
+                    with torch.no_grad():
+                        cache = self.forward(input_ids, use_cache=True)[CACHE_OUTPUT]
+            else:
+                if cache is None:
+                    cache = BDHState(empty_states(self.shape, input_ids.size(0), input_ids.device))
+                hidden = recurrent_forward(self, input_ids, cache.states, cache.seen, self.layer_weights())
+                cache.seen += input_ids.size(1)
+            logits = hidden @ self.lm_head
+            logits[..., self.config.tokenizer_vocab_size:] = float("-inf")  # ids no tokenizer produces
         loss = None
         if labels is not None:  # the Transformers convention: labels are the inputs, shifted here
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))

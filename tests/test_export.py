@@ -92,6 +92,13 @@ def test_transformers_fine_tunes_with_train_py_s_gradients_and_a_forward_with_gr
     assert cache.seen == 30
     with torch.no_grad():
         assert torch.allclose(model(idx[:, 30:], cache=cache).logits, model(idx).logits[:, 30:], atol=1e-5)
+    with pytest.raises(RuntimeError, match="does not require grad"):  # the recurrent form has no backward
+        model(idx[:, 30:], cache=model(idx[:, :30]).cache, labels=idx[:, 30:]).loss.backward()
+    from transformers import AutoModelForCausalLM
+    in_bf16 = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=torch.bfloat16)
+    in_bf16(idx, labels=idx).loss.backward()  # as Transformers users load a model: float32's gradients, rounded
+    for name, weight in in_bf16.named_parameters():
+        assert torch.cosine_similarity(weight.grad.float().flatten(), grads[name].grad.flatten(), dim=0) > 0.99, name
 
 
 def test_transformers_stops_at_the_separator_and_starts_there_without_a_prompt(trained, tmp_path):
