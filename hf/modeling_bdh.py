@@ -2,6 +2,8 @@
 are computed by model.py beside this file, the training repository's own: generation carries BDH's
 recurrent state as its cache, so each new token costs the same whatever the context; a forward with
 gradients (Trainer) runs the parallel form with the backward train.py uses."""
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
@@ -73,12 +75,13 @@ class BDHForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("BDH has no padding mask: give prompts of equal length (or one at a time)")
         cache = cache if cache is not None else past_key_values
         # fine-tuning: the parallel form, with train.py's backward; the recurrent form (a cache) has none, so its
-        # outputs carry no gradient (loss.backward() then says so, rather than fail inside model.py)
+        # outputs carry no gradient (loss.backward(): torch's "does not require grad", not a failure inside model.py)
         differentiable = torch.is_grad_enabled() and cache is None
         with torch.set_grad_enabled(differentiable):
             if differentiable:
-                dtype = self.embed.weight.dtype  # (bfloat16 weights: model.py's backward computes in autocast's dtype)
-                with torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                dtype = self.embed.weight.dtype  # bfloat16 weights: model.py's backward computes in autocast's dtype
+                with (torch.autocast(input_ids.device.type, dtype=dtype) if dtype != torch.float32 else
+                      contextlib.nullcontext()):  # (float32: as the caller's autocast, if any, says)
                     dropout = self.config.dropout if self.training else 0.0
                     hidden = parallel_forward(self, input_ids, self.layer_weights(), dropout)
                 if labels is None and use_cache is not False and not self.training:  # (inference that may go on)

@@ -1,6 +1,7 @@
 """export.py: safetensors, a Hugging Face Transformers folder that generates what sample.py does, 4-bit
 weights, and what sample.py and train.py do with an exported folder."""
 import json
+import sys
 
 import pytest
 import torch
@@ -75,8 +76,8 @@ def test_export_holds_the_checkpoint_weights_and_transformers_generates_what_sam
     assert model.generate(**inputs, max_new_tokens=20, do_sample=True, top_k=20).shape == (1, 24)
 
 
-def test_transformers_fine_tunes_with_train_py_s_gradients_and_a_forward_with_gradients_keeps_its_cache(trained,
-                                                                                                      tmp_path):
+def test_transformers_fine_tunes_with_train_py_s_gradients_and_a_forward_with_gradients_keeps_its_cache(
+        trained, tmp_path, monkeypatch):
     out = tmp_path / "export"
     assert export.main(["--checkpoint", str(trained), "--out", str(out), "--hf"]) == 0
     model, _ = hf_model(out)
@@ -99,6 +100,13 @@ def test_transformers_fine_tunes_with_train_py_s_gradients_and_a_forward_with_gr
     in_bf16(idx, labels=idx).loss.backward()  # as Transformers users load a model: float32's gradients, rounded
     for name, weight in in_bf16.named_parameters():
         assert torch.cosine_similarity(weight.grad.float().flatten(), grads[name].grad.flatten(), dim=0) > 0.99, name
+    modeling, autocast_seen = sys.modules[type(model).__module__], []  # float32 weights in the caller's autocast
+    real = modeling.parallel_forward
+    monkeypatch.setattr(modeling, "parallel_forward", lambda *args: autocast_seen.append(
+        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None) or real(*args))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (Trainer's bf16=True)
+        model(idx, labels=idx)
+    assert autocast_seen == [torch.bfloat16]
 
 
 def test_transformers_stops_at_the_separator_and_starts_there_without_a_prompt(trained, tmp_path):
