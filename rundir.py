@@ -375,18 +375,22 @@ def clean_stale_temporaries(checkpoint_dir, run_dir: Path | None = None) -> int:
     return removed
 
 
-def remove_empty_runs(checkpoint_dir, settled_s: float = 60) -> list[str]:
+EMPTY_RUN_SETTLED_S = 60  # an empty run directory untouched this long is not one another process is filling
+
+
+def remove_empty_runs(checkpoint_dir) -> list[str]:
     """Remove the run directories of checkpoint_dir that hold only the .lock and config.yaml that
-    train.py wrote, untouched for settled_s and not held: a run killed while it wrote its first
-    checkpoint (clean_stale_temporaries took the partial file). Returns their names."""
+    train.py wrote, untouched for EMPTY_RUN_SETTLED_S and not held: a run killed while it wrote its
+    first checkpoint (clean_stale_temporaries took the partial file). Returns their names."""
     removed = []
     for run in runs_newest_first(checkpoint_dir):
         try:
             entries = list(run.iterdir())
             if run.is_symlink() or {p.name for p in entries} != {".lock", "config.yaml"}:
                 continue
-            if ((run / "config.yaml").read_text(errors="replace").startswith(RUN_CONFIG_HEADER)  # not a user's folder
-                    and not held(run / ".lock") and all(time.time() - p.stat().st_mtime > settled_s for p in entries)):
+            settled = all(time.time() - p.stat().st_mtime > EMPTY_RUN_SETTLED_S for p in entries)
+            written_by_train = (run / "config.yaml").read_text(errors="replace").startswith(RUN_CONFIG_HEADER)
+            if settled and written_by_train and not held(run / ".lock"):  # (not a folder a user made)
                 for p in entries:
                     p.unlink()
                 run.rmdir()
