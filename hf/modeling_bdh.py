@@ -33,6 +33,9 @@ class BDHState:
 class BDHForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = BDHConfig
     accepts_loss_kwargs = False  # the loss is a mean over the labels: Trainer divides it by its accumulation steps
+    # gradient_checkpointing_enable() (Trainer's gradient_checkpointing=True) sets gradient_checkpointing: model.py's
+    # own recompute (train.py's activation_checkpointing) keeps each layer's input and recomputes it in backward
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: BDHConfig):
         super().__init__(config)
@@ -48,6 +51,7 @@ class BDHForCausalLM(PreTrainedModel, GenerationMixin):
             self.register_buffer("quant_map", torch.zeros(16))
         else:
             self.encoder, self.encoder_v, self.decoder = core.encoder, core.encoder_v, core.decoder
+        self.gradient_checkpointing = False
         self.post_init()
 
     def _init_weights(self, module):
@@ -83,7 +87,8 @@ class BDHForCausalLM(PreTrainedModel, GenerationMixin):
                 with (torch.autocast(input_ids.device.type, dtype=dtype) if dtype != torch.float32 else
                       contextlib.nullcontext()):  # (float32: as the caller's autocast, if any, says)
                     dropout = self.config.dropout if self.training else 0.0
-                    hidden = parallel_forward(self, input_ids, self.layer_weights(), dropout)
+                    hidden = parallel_forward(self, input_ids, self.layer_weights(), dropout,
+                                              self.gradient_checkpointing)
                 if labels is None and use_cache is not False and not self.training:  # (inference that may go on)
                     with torch.no_grad():
                         cache = self.forward(input_ids, use_cache=True)[CACHE_OUTPUT]

@@ -107,6 +107,15 @@ def test_transformers_fine_tunes_with_train_py_s_gradients_and_a_forward_with_gr
     with torch.autocast("cpu", dtype=torch.bfloat16):  # (Trainer's bf16=True)
         model(idx, labels=idx)
     assert autocast_seen == [torch.bfloat16]
+    monkeypatch.setattr(modeling, "parallel_forward", lambda *args: recomputed.append(args[4]) or real(*args))
+    recomputed = []
+    model.zero_grad()
+    # Trainer's gradient_checkpointing=True (the method's name before Transformers 5.x's rename): model.py's recompute
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    model(idx, labels=idx).loss.backward()
+    assert recomputed == [True]
+    for name, weight in reference.named_parameters():
+        assert torch.allclose(grads[name].grad, weight.grad, atol=1e-6), name
 
 
 def test_transformers_stops_at_the_separator_and_starts_there_without_a_prompt(trained, tmp_path):
