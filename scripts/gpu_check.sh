@@ -77,6 +77,7 @@ part pytest "$python" -m pytest -q -rs tests -p no:cacheprovider ${parallel[@]+"
 waits = [r["data_wait"] for r in map(json.loads, open(sys.argv[1])) if "data_wait" in r and r["step"] > 1]
 print(f"waiting for data after step 1: at most {max(waits):.2%} of the step time" if waits else "")' \
         "$out/train_metrics.jsonl" 2>/dev/null
+    grep '^SKIPPED' "$out/pytest.log"  # (-rs: why each test skipped; on this machine no "needs a CUDA GPU")
     tail -n 3 "$out/pytest.log"
     if [ ${#failed[@]} -eq 0 ]; then echo "all parts passed"; else echo "FAILED: ${failed[*]}"; fi
 } | tee "$out/summary.txt"

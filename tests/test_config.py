@@ -168,7 +168,8 @@ def test_fp8_combinations_that_cannot_work_are_refused(raw, fragment):
 
 def test_fp8_settings_that_work_are_accepted():
     lp = {"use_fp8": True, "use_4bit_optimizer": True}
-    Config.from_dict({"low_precision": lp, "fp8": {"torchao_recipe": "rowwise", "format": "e4m3"}})
+    cfg = Config.from_dict({"low_precision": lp, "fp8": {"torchao_recipe": "rowwise", "format": "e4m3"}})  # no error
+    assert (cfg.low_precision.use_fp8, cfg.fp8.torchao_recipe, cfg.fp8.format) == (True, "rowwise", "e4m3")
 
 
 def test_every_problem_is_reported_at_once():

@@ -378,6 +378,18 @@ def test_a_checkpoint_dealt_in_shuffled_order_resumes_with_the_rest_of_its_epoch
     assert capsys.readouterr().out == ""
 
 
+def test_a_checkpoint_from_before_0_4_1_resumes_exactly_with_the_documents_its_folders_named(tmp_path, corpus, capsys):
+    """Before 0.4.1 the data order named the folders instead of "documents trained on": without a
+    validation folder the run trained on the split's training documents, with one on all of them."""
+    cfg, units = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}}), list_units(corpus, "text")
+    saved = [{"reader": r, "epoch": 2, "unit": 1, "part": 0, "consumed": 0, "carry": []} for r in (0, 1)]
+    for cfg in (cfg, Config.from_dict({"dataset": {"parquet_dir": str(corpus), "val_parquet_dir": str(tmp_path)}})):
+        before_0_4_1 = {**{k: v for k, v in data_order(cfg, units, 2).items() if k != "documents trained on"},
+                        "dataset.parquet_dir": str(corpus), "dataset.val_parquet_dir": cfg.dataset.val_parquet_dir}
+        assert resume_point(cfg, units, 2, 1, before_0_4_1, saved, 12) == (saved, 12)
+        assert capsys.readouterr().out == ""
+
+
 def test_a_checkpoint_dealt_by_all_columns_bytes_resumes_exactly_where_the_text_deals_alike(tmp_path, corpus,
                                                                                               capsys):
     """From 0.4.8 to 0.4.11 units were dealt by the bytes of all their columns. Shards of text alone deal

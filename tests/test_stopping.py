@@ -61,6 +61,22 @@ def test_a_second_ctrl_c_stops_at_once_except_while_a_checkpoint_is_written(rest
                                       "once)\n")
 
 
+def test_a_third_signal_ends_the_process_where_torch_swallowed_the_second_ones_stop():
+    script = ("import os, signal, time, stopping\n"
+              "stop = stopping.GracefulStop(second_signal_stops=True, announce=False)\n"
+              "for _ in range(3):\n"
+              "    stop.heard_at -= 2  # (a second apart: not a wrapper's forwarded copy)\n"
+              "    try:\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "        time.sleep(0.2)\n"
+              "    except KeyboardInterrupt:  # swallowed, as in a finalizer\n"
+              "        print('swallowed', flush=True)\n"
+              "print('still running')\n")
+    ended = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                           timeout=60)
+    assert (ended.returncode, ended.stdout) == (-signal.SIGTERM, "swallowed\n")
+
+
 def test_one_signal_forwarded_by_a_wrapper_is_one(restore_handlers, capfd, monkeypatch):
     """`timeout` (or a job script) forwards the Ctrl-C that the terminal sent its whole group too: the
     run got it twice, a moment apart, and stopped at once without saving; in its first step, or while
