@@ -20,7 +20,7 @@ from files import ZIP_MAGIC
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line, shortened
 
-PROJECT_VERSION = "0.4.14"
+PROJECT_VERSION = "0.4.15"
 
 
 class CheckpointError(Exception):

@@ -71,7 +71,7 @@ def format_duration(seconds: float) -> str:
 
 def subfolders(parquet_dir: str, units) -> str:
     """Where a folder's shards lie when they lie in several of its subfolders (a parent folder given
-    for one of its datasets trains on all of them): " in 3 folders: ./, de/, en/"."""
+    for one of its datasets trains on all of them): " in 3 top-level folders: ./, de/, en/"."""
     root = Path(parquet_dir)
     if not root.is_dir():  # (a pattern, or one file)
         return ""
@@ -82,7 +82,7 @@ def subfolders(parquet_dir: str, units) -> str:
         return ""
     if len(tops) < 2:
         return ""
-    return f" in {len(tops)} folders: {', '.join(tops[:5])}{', ...' * (len(tops) > 5)}"
+    return f" in {len(tops)} top-level folders: {', '.join(tops[:5])}{', ...' * (len(tops) > 5)}"
 
 
 def parameter_count(n: int) -> str:

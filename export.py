@@ -131,7 +131,7 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
                   "    from transformers import AutoModelForCausalLM, AutoTokenizer",
                   f"    model = AutoModelForCausalLM.from_pretrained({json.dumps(folder)}, trust_remote_code=True)",
                   f"    tokenizer = AutoTokenizer.from_pretrained({json.dumps(folder)}, trust_remote_code=True)",
-                  "    ids = model.generate(**tokenizer(\"...\", return_tensors=\"pt\"), max_new_tokens=100, do_sample=False)",
+                  "    ids = model.generate(**tokenizer(\"...\", return_tensors=\"pt\"), max_new_tokens=100)",
                   "    print(tokenizer.decode(ids[0]))", ""]
     lines += ["## The run's configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
@@ -185,10 +185,11 @@ def write_export(folder: Path, ckpt, source: Path, out: str, hf: bool, four_bit:
     if hf:
         for source_file, name in HF_FILES.items():
             shutil.copyfile(source_file, folder / name)
-        # generate() reads these from here, not from config.json: stop at the separator, start there without a prompt
-        separator = {"bos_token_id": tokenizer.separator, "eos_token_id": tokenizer.separator,
-                     "pad_token_id": tokenizer.separator}
-        (folder / "generation_config.json").write_text(json.dumps(separator, indent=2) + "\n")
+        # generate() reads these from here, not from config.json: stop at the separator, start there without a prompt;
+        # sample as sample.py does (temperature 1, no top-k): greedy decoding repeats itself on a small model
+        generation = {"bos_token_id": tokenizer.separator, "eos_token_id": tokenizer.separator,
+                      "pad_token_id": tokenizer.separator, "do_sample": True, "top_k": 0}
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
 def main(argv=None) -> int:

@@ -239,6 +239,9 @@ def shards_from_parquet(sources: list[str], out: str, text_column: str, replace:
           f"{byte_amount(ROW_GROUP_BYTES)}, in {time.time() - started:.0f} s; train on them with "
           f"dataset.parquet_dir={shlex.quote(out)}"
           + f" dataset.text_column={shlex.quote(text_column)}" * (text_column != "text"))
+    if (rows := sum(unit.num_rows for unit in units)) > n:
+        print(f"note: {rows - n:,} of the {rows:,} rows had no text (null or empty) and were left out, as training "
+              f"leaves them out")
     if counts["not utf-8"]:
         many = counts["not utf-8"] > 1
         print(f"note: {counts['not utf-8']:,} document{'s were' if many else ' was'} not UTF-8: "

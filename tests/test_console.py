@@ -57,7 +57,7 @@ def test_the_data_line_names_the_subfolders_a_parent_folder_mixes(tmp_path):
     for folder in ("data/mytext", "data/stdlib", "data"):
         write_parquet(tmp_path / folder / "x.parquet", ["some text"] * 4)
     assert console.subfolders(str(tmp_path / "data"), list_units(tmp_path / "data", "text")) == (
-        " in 3 folders: ./, mytext/, stdlib/")
+        " in 3 top-level folders: ./, mytext/, stdlib/")
     assert console.subfolders(str(tmp_path / "data/mytext"), list_units(tmp_path / "data/mytext", "text")) == ""
     assert console.subfolders(str(tmp_path / "data/*/x.parquet"), list_units(str(tmp_path / "data/*/x.parquet"), "text")) == ""
 

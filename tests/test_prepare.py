@@ -337,6 +337,8 @@ def test_from_parquet_writes_a_large_row_group_again_in_small_ones_with_every_do
     said = capsys.readouterr().out
     assert said.startswith("rewriting 1 row group of 1 file")
     assert f"train on them with dataset.parquet_dir={out} dataset.text_column=content" in said
+    assert said.endswith("\nnote: 2 of the 2,002 rows had no text (null or empty) and were left out, as training "
+                         "leaves them out\n")
     units = list_units(out, "content")
     assert len(units) > 50 and pq.read_schema(units[0].path).names == ["content"]
     read = [d.decode() for u in units for part in read_unit_documents(ParquetFileCache(1), u, "content", "all", 0, 0)
