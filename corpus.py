@@ -193,7 +193,7 @@ def build_stdlib_corpus(out_dir, max_bytes=8 * 1024 * 1024) -> int | None:
 def ensure_builtin_corpus(cfg):
     """Build the built-in corpus when dataset.parquet_dir is its default place and is missing."""
     folder = cfg.dataset.parquet_dir
-    if Path(folder).resolve() == Path(BUILTIN_CORPUS_DIR).resolve() and not Path(folder).exists():
+    if os.path.realpath(folder) == os.path.realpath(BUILTIN_CORPUS_DIR) and not Path(folder).exists():
         print(f"building the built-in corpus in {folder} from the Python standard library ...")
         try:
             n = build_stdlib_corpus(folder)

@@ -120,7 +120,7 @@ def write_folder(out_dir, write, replace=False, keep_existing=False, written_her
     # made where a disk is not mounted)
     out_dir = Path(os.path.realpath(shown.parent)) / shown.name if shown.parent.exists() else shown
     if out_dir.is_symlink():
-        raise FileExistsError(f"{shown}: is a symbolic link; give the folder it points to ({out_dir.resolve()})")
+        raise FileExistsError(f"{shown}: is a symbolic link; give the folder it points to ({os.path.realpath(out_dir)})")
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{shown}: is a file, not a folder; choose another --out")
     clean_up_after_dead_writers(out_dir)

@@ -7,6 +7,7 @@ another name, or text, are told how to become shards.
 Checking and reading the files: shards.py.
 """
 import difflib
+import errno
 import fnmatch
 import glob
 import os
@@ -49,8 +50,8 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
     elif root.is_file() and root.name.endswith(".parquet"):
         root, files, skipped = root.parent, [root], []
     elif root.is_symlink() and not root.exists():
-        raise DataError(f"{root}: {what} is a symbolic link to {os.path.realpath(root)}, which does not exist; "
-                        f"restore its target (re-download it) or set {setting} to where the data is")
+        raise DataError(f"{root}: {what} is {broken_link(root)}; restore its target (re-download it) or set "
+                        f"{setting} to where the data is")
     elif any(c in str(location) for c in PATTERN_CHARACTERS):
         root, files, skipped, misnamed = pattern_files(str(location), setting)
     elif root.exists() and parquet_by_its_bytes(root):
@@ -118,8 +119,18 @@ def check_links(files: list[Path]):
     broken = [path for path in files if path.is_symlink() and not path.exists()]
     if broken:
         more = f" (and {len(broken) - 1} more such link(s))" if len(broken) > 1 else ""
-        raise DataError(f"{broken[0]}: a symbolic link to {os.path.realpath(broken[0])}, which does not exist{more}; "
-                        f"re-download the dataset, or remove the link(s) to train without those files")
+        raise DataError(f"{broken[0]}: {broken_link(broken[0])}{more}; re-download the dataset, or remove the "
+                        f"link(s) to train without those files")
+
+
+def broken_link(path) -> str:
+    """What a symbolic link that leads to no file is: "a symbolic link to X, which does not exist", or a loop."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link that leads back to itself (links in a loop)"
+    return f"a symbolic link to {os.path.realpath(path)}, which does not exist"
 
 
 def arrow_advice(path: Path) -> str:

@@ -146,6 +146,9 @@ def newest_run_checkpoints(root: Path, setting: str) -> list[Path]:
     if not found:
         if is_run_with_checkpoints(root):  # the folder of one run, given for the folder that holds them
             raise one_run_given(root, setting, "latest")
+        if root.is_file():  # (a checkpoint file given for the folder of runs)
+            raise CheckpointError(f"{setting}: latest: {folder} {root} is a file, not a folder of runs; give the file "
+                                  f"itself: {setting}{' ' if flag else '='}{root}")
         what = "no run with a checkpoint in" if root.is_dir() else "there is no folder"
         fix = (f"set {folder} to one of its folders of runs: {', '.join(map(str, experiments))}"
                if (experiments := folders_of_runs(root)) else

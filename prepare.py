@@ -12,6 +12,7 @@ config's shards, validation documents excluded.
 import argparse
 import os
 import shlex
+import stat
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,15 @@ def check_can_write_file(out: str, replace: bool) -> Path:
     return path
 
 
+def check_out_outside_shards(out: str):
+    """Refuse an --out inside a folder that holds parquet shards: training on that folder reads its
+    subfolders too, these shards with the others."""
+    for folder in Path(os.path.abspath(out)).parents:
+        if folder.is_dir() and any(folder.glob("*.parquet")):
+            raise DataError(f"--out {out}: inside {folder}, which holds parquet shards: training on {folder} would "
+                            f"read both; choose an --out outside it")
+
+
 def check_text_files(files):
     """Refuse a file given twice (its text would be written twice), and a parquet file or a zip
     archive (a checkpoint), which would be converted as text: by their first bytes, whatever their names."""
@@ -64,6 +74,9 @@ def check_text_files(files):
             raise DataError(f"{f}: given twice{also}; give each file once")
         seen[real] = f
         try:
+            if not stat.S_ISREG(mode := os.stat(f).st_mode) and not stat.S_ISDIR(mode):
+                raise DataError(f"{f}: not a file but a pipe or a device (<(command) in the shell gives one); "
+                                f"prepare.py reads each file twice: write it to a file first and give that file")
             with open(f, "rb") as file:
                 head = file.read(8)
         except OSError:
@@ -168,6 +181,7 @@ def shards_from_text(paths: list[str], out: str, chunk_setting: int | None, repl
     """--from-text: the text files as documents in parquet shards in `out`, with a note where they are
     too little text, or too few documents for validation to hold some out (and what to change)."""
     check_text_files(paths)
+    check_out_outside_shards(out)
     chunk_bytes = default_chunk(paths) if chunk_setting is None else chunk_setting
     n = text_files_to_parquet(paths, out, chunk_bytes, replace=replace)
     finer = (f" (of about {chunk_bytes:,} bytes, not {DOCUMENT_BYTES:,}: a text of this size is cut finer, so that "
@@ -214,6 +228,7 @@ def shards_from_parquet(sources: list[str], out: str, text_column: str, replace:
         if any(out_path in f.parents for f in files) or any(f in (out_path, *out_path.parents) for f in folders):
             raise DataError(f"--out {out}: overlaps the shards it is written from ({' '.join(sources)}): training on "
                             f"their folder would read both; choose an --out outside it")
+    check_out_outside_shards(out)
     binary = any(text_kind(unit.path, text_column) in (pa.binary(), pa.large_binary())
                  for unit in {unit.path: unit for unit in units}.values())
     counts, started = {"text": 0, "not utf-8": 0}, time.time()

@@ -70,6 +70,9 @@ def list_units(parquet_dir, text_column: str, setting: str = "dataset.parquet_di
         if text_column not in schema.names:
             missing.append((path, has))
             continue
+        if schema.names.count(text_column) > 1:
+            raise DataError(f"{path}: {schema.names.count(text_column)} columns are named {text_column!r}, and "
+                            f"the text must be one: write the file again with distinct column names")
         if pa.types.is_null(schema.field(text_column).type):  # a writer's type for a column of only nulls
             all_null.append((path, strings, has))
             continue

@@ -195,9 +195,11 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
             return save(run, at, raw_model, optimizer, scaler, cfg, order, ranks, device, tokenizer, name=name,
                         best=best)
         except CheckpointError as e:  # a full disk, say
-            raise CheckpointError(f"{e}; " + (f"earlier checkpoints are intact: once that is fixed, resume with "
-                                             f"`{resume_command[0]}`" if resume_command else
-                                             "no checkpoint was saved before")) from None
+            saved = "earlier checkpoints are intact"
+            if best and not resume_command and run.path and (run.path / "best.pt").is_file():  # then its copy failed
+                saved, resume_command[:] = "best.pt of this step is saved", [resuming(ranks, train_command, run.path)]
+            raise CheckpointError(f"{e}; " + (f"{saved}: once that is fixed, resume with `{resume_command[0]}`"
+                                             if resume_command else "no checkpoint was saved before")) from None
 
     def check_weights(at: Progress):  # the loss is taken before the update: a bad update shows in the weights only
         finite = all(local_tensor(p).isfinite().all() for p in raw_model.parameters())
@@ -241,6 +243,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
     def save_best(at: Progress):  # best.pt alone
         with paused(step_log, stop, SAVING, device):  # (timed as a checkpoint: the ETA counts evaluations apart)
             path = save_checkpoint(at, name="best.pt")
+        resume_command[:] = [resuming(ranks, train_command, path.parent)]  # (the run's newest checkpoint)
         print(f"saved {path} (best validation loss so far)", flush=True)
 
     if progress.evaluation_due and evaluate_step(progress):  # a stop saved this step before its evaluation

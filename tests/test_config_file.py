@@ -210,6 +210,10 @@ def test_a_key_without_its_section_is_given_it():
         "lr=3: an override must look like section.key=value; did you mean training.learning_rate=3?"]
     assert config_problems({}, ["no_such=5"]) == [
         "no_such=5: an override must look like section.key=value (for example training.batch_size=16)"]
+    assert config_problems({}, [".max_iters=5"]) == [  # (it said ": unknown section")
+        ".max_iters=5: an override must look like section.key=value; did you mean training.max_iters=5?"]
+    assert config_problems({}, ["training.=5"]) == [
+        "training.=5: an override must look like section.key=value (for example training.batch_size=16)"]
     assert config_problems({}, ["epochs=3"]) == [
         "epochs=3: an override must look like section.key=value; training has no epochs setting: it runs "
         "training.max_iters optimizer steps of batch_size x block_size x gradient_accumulation_steps tokens each; set "

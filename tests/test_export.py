@@ -1,6 +1,7 @@
 """export.py: safetensors, a Hugging Face Transformers folder that generates what sample.py does, 4-bit
 weights, and what sample.py and train.py do with an exported folder."""
 import json
+import re
 import sys
 
 import pytest
@@ -273,6 +274,21 @@ def test_what_is_not_this_projects_is_refused_in_one_line(tmp_path, capsys):
     weights_only.mkdir()
     save_file({"w": torch.zeros(2)}, weights_only / "model.safetensors")
     assert not is_export(weights_only)
+
+
+def test_an_export_whose_config_json_was_edited_is_refused_in_one_line(trained, tmp_path):
+    out = tmp_path / "export"
+    assert export.main(["--checkpoint", str(trained), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    for edit, message in [({"n_layer": "3"}, "config.json's n_layer is '3', not a whole number of at least 1"),
+                          ({"n_layer": 0}, "config.json's n_layer is 0, not a whole number of at least 1"),
+                          ({"n_head": config["n_head"] * 2}, "config.json does not fit model.safetensors: encoder is "
+                                                             f"{tuple(load_file(out / 'model.safetensors')['encoder'].shape)}"
+                                                             f" there and (4, 32, 32) by config.json")]:
+        (out / "config.json").write_text(json.dumps({**config, **edit}))
+        with pytest.raises(CheckpointError, match=f"^{out}: {re.escape(message)} \\(edited by hand\\?\\); export the "
+                                                  f"checkpoint again$"):
+            load_export(out)
 
 
 def test_replace_replaces_an_earlier_export_but_never_a_run_directory(trained, tmp_path, capsys):

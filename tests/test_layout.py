@@ -349,6 +349,13 @@ def test_a_folder_of_only_missing_links_says_so(tmp_path):
     (only / "b.parquet").symlink_to("/nonexist.parquet")
     with pytest.raises(DataError, match=r"b.parquet: a symbolic link to /nonexist.parquet, which does not exist;"):
         list_units(only, "text")
+    (only / "b.parquet").unlink()
+    (only / "b.parquet").symlink_to("a.parquet")
+    (only / "a.parquet").symlink_to("b.parquet")
+    for location, what in ((only, ""), (only / "a.parquet", "dataset.parquet_dir is ")):
+        with pytest.raises(DataError, match=f"a.parquet: {what}a symbolic link that leads back to itself \\(links in a "
+                                            f"loop\\)"):
+            list_units(location, "text")
 
 
 def test_a_setting_that_is_a_link_to_nothing_says_so(tmp_path):

@@ -24,6 +24,10 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
     with pytest.raises(CheckpointError, match=r"^--checkpoint: latest: there is no folder .*/nope/; train a run first"
                                               r", or set --checkpoint-dir to"):
         open_checkpoint("latest", str(tmp_path / "nope"), setting="--checkpoint")
+    (tmp_path / "mine.pt").write_bytes(b"")  # a checkpoint given for the folder of runs
+    with pytest.raises(CheckpointError, match=r"^--checkpoint: latest: --checkpoint-dir \S+/mine.pt is a file, not a "
+                                              r"folder of runs; give the file itself: --checkpoint \S+/mine.pt$"):
+        open_checkpoint("latest", str(tmp_path / "mine.pt"), setting="--checkpoint")
     with pytest.raises(CheckpointError, match=r"or set training.checkpoint_dir to the folder that holds the runs "
                                               r"\(a job that may restart before its first checkpoint: training.resume_"
                                               r"from_checkpoint=auto starts a new run where there is none\)$"):

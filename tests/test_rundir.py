@@ -270,4 +270,3 @@ def test_a_full_disk_is_called_so(tmp_path, monkeypatch):
                                               r"as it was written: a limit on file size, ulimit -f, or a quota\?\); "
                                               r"1,024.0 MiB free on its disk, the checkpoint takes 4.0 MiB$"):
         RunDir(str(tmp_path / "ck")).save(ckpt, "{}")
-

@@ -145,6 +145,15 @@ def test_non_string_column_is_refused(tmp_path):
         list_units(tmp_path, "text")
 
 
+def test_a_file_with_two_text_columns_is_refused_in_one_line(tmp_path):
+    import pyarrow.parquet as pq
+    texts = pa.array(["some text"] * 4)
+    pq.write_table(pa.Table.from_arrays([texts, texts], names=["text", "text"]), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"a.parquet: 2 columns are named 'text', and the text must be one: write the "
+                                        r"file again with distinct column names$"):
+        list_units(tmp_path, "text")
+
+
 def test_a_shard_gone_unreadable_or_rewritten_while_training_is_not_called_corrupt(tmp_path):
     path = write_parquet(tmp_path / "a.parquet", ["x"] * 8, 4)
     [unit, second] = list_units(tmp_path, "text")

@@ -1,5 +1,6 @@
 """train.py end to end: the run directory, logging, signals, errors (resume: test_resume.py)."""
 import ast
+import errno
 import json
 import math
 import os
@@ -545,6 +546,26 @@ def test_a_full_disk_while_saving_is_one_line_and_exits(tmp_path, corpus, monkey
     assert [p.name for p in checkpoints_in(run)] == ["checkpoint_2.pt"] and not list(run.glob(".*tmp*"))
     assert train.main(["--config", str(config), "training.checkpoint_freq=4"]) == 1  # its first checkpoint
     assert capfd.readouterr().err.strip().endswith("MiB; no checkpoint was saved before")
+    # a best.pt before the first checkpoint: the run resumes from it
+    assert train.main(["--config", str(config), "training.checkpoint_freq=4", "training.test_freq=2"]) == 1
+    run = run_dirs(tmp_path)[-1]
+    assert capfd.readouterr().err.strip().endswith(
+        f"MiB; earlier checkpoints are intact: once that is fixed, resume with `python {script_here('train.py')} "
+        f"--config {config} training.checkpoint_freq=4 training.test_freq=2 training.resume_from_checkpoint={run}`")
+    assert load_checkpoint(run / "best.pt").step == 2
+
+
+def test_a_best_step_whose_checkpoint_fails_after_best_pt_resumes_from_best_pt(tmp_path, corpus, monkeypatch, capfd):
+    def full(*args):  # the checkpoint's copy of best.pt
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(rundir.shutil, "copyfileobj", full)
+    config = write_config(tmp_path, corpus, max_iters=6, checkpoint_freq=2, test_freq=2)
+    assert train.main(["--config", str(config)]) == 1
+    run = only_run(tmp_path / "ck")
+    assert capfd.readouterr().err.strip().endswith(
+        f"MiB; best.pt of this step is saved: once that is fixed, resume with `python "
+        f"{script_here('train.py')} --config {config} training.resume_from_checkpoint={run}`")
+    assert load_checkpoint(run / "best.pt").step == 2 and not checkpoints_in(run)
 
 
 # ---- mistakes and states that used to show only hours in
