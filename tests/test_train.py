@@ -583,6 +583,8 @@ def test_a_checkpoint_dir_that_cannot_be_written_stops_before_training(tmp_path,
         assert train.main(["--config", str(path), "training.checkpoint_dir=/proc/bdh/runs"]) == 1
         assert capsys.readouterr().err.startswith("error: training.checkpoint_dir: cannot create /proc/bdh/runs inside "
                                                   "/proc (")
+        assert train.main(["--config", str(path), "training.checkpoint_dir=/proc"]) == 1  # the folder itself
+        assert capsys.readouterr().err.startswith("error: training.checkpoint_dir: cannot create files in /proc (")
 
 
 def test_a_warmup_as_long_as_the_run_is_noted(tmp_path, corpus, capsys):
