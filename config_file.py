@@ -211,8 +211,8 @@ def apply_override(raw: dict, item: str, paths: list[str], nullable=()) -> list[
     if path.strip(" \t") in paths and (path != path.strip(" \t") or text[:1] in (" ", "\t")):
         return [f"{item!r}: no spaces around '=' in an override: {path.strip()}={text.strip()}"]
     section, key = path.split(".", 1)
-    if not section or not key:  # `.max_iters=3`, `training.=3`
-        meant = [p for p in paths if p.split(".")[1] == key] if key else []
+    if not section.strip() or not key:  # `.max_iters=3`, `training.=3`
+        meant = [p for p in paths if p.split(".")[1] == key] if key and text.strip() else []
         return [f"{item}: an override must look like section.key=value"
                 + (f"; did you mean {meant[0]}={text}?" if meant else " (for example training.batch_size=16)")]
     if not text.strip():  # `training.resume_from_checkpoint=$CKPT` with CKPT unset would start a new run

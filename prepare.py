@@ -52,13 +52,12 @@ def check_can_write_file(out: str, replace: bool) -> Path:
     return path
 
 
-def check_out_outside_shards(out: str):
-    """Refuse an --out inside a folder that holds parquet shards: training on that folder reads its
-    subfolders too, these shards with the others."""
-    for folder in Path(os.path.abspath(out)).parents:
-        if folder.is_dir() and any(folder.glob("*.parquet")):
-            raise DataError(f"--out {out}: inside {folder}, which holds parquet shards: training on {folder} would "
-                            f"read both; choose an --out outside it")
+def shards_above(out: str) -> str:
+    """A note where --out lies inside a folder that holds parquet shards: training on that folder reads
+    its subfolders too, these shards with the others (on purpose, or the same text twice)."""
+    folder = next((f for f in Path(os.path.abspath(out)).parents if f.is_dir() and any(f.glob("*.parquet"))), None)
+    return (f"\nnote: {folder} holds parquet shards too: training on it reads these with them; "
+            f"dataset.parquet_dir={shlex.quote(out)} reads these alone" if folder else "")
 
 
 def check_text_files(files):
@@ -181,13 +180,12 @@ def shards_from_text(paths: list[str], out: str, chunk_setting: int | None, repl
     """--from-text: the text files as documents in parquet shards in `out`, with a note where they are
     too little text, or too few documents for validation to hold some out (and what to change)."""
     check_text_files(paths)
-    check_out_outside_shards(out)
     chunk_bytes = default_chunk(paths) if chunk_setting is None else chunk_setting
     n = text_files_to_parquet(paths, out, chunk_bytes, replace=replace)
     finer = (f" (of about {chunk_bytes:,} bytes, not {DOCUMENT_BYTES:,}: a text of this size is cut finer, so that "
              f"validation has documents to hold out; --chunk-bytes sets the size)"
              if chunk_bytes < DOCUMENT_BYTES and chunk_setting is None and n > 1 else "")
-    print(f"wrote {n:,} document{'s' * (n != 1)} to {out}{finer}")
+    print(f"wrote {n:,} document{'s' * (n != 1)} to {out}{finer}{shards_above(out)}")
     text_bytes = sum(os.path.getsize(f) for f in paths)
     if text_bytes < MIN_TEXT_BYTES:
         print(f"note: {text_bytes:,} bytes of text is too little to train on and hold validation documents "
@@ -228,7 +226,6 @@ def shards_from_parquet(sources: list[str], out: str, text_column: str, replace:
         if any(out_path in f.parents for f in files) or any(f in (out_path, *out_path.parents) for f in folders):
             raise DataError(f"--out {out}: overlaps the shards it is written from ({' '.join(sources)}): training on "
                             f"their folder would read both; choose an --out outside it")
-    check_out_outside_shards(out)
     binary = any(text_kind(unit.path, text_column) in (pa.binary(), pa.large_binary())
                  for unit in {unit.path: unit for unit in units}.values())
     counts, started = {"text": 0, "not utf-8": 0}, time.time()
@@ -253,7 +250,7 @@ def shards_from_parquet(sources: list[str], out: str, text_column: str, replace:
           f"{', as bytes: a file holds them so' * binary}) to {out} in row groups of at most "
           f"{byte_amount(ROW_GROUP_BYTES)}, in {time.time() - started:.0f} s; train on them with "
           f"dataset.parquet_dir={shlex.quote(out)}"
-          + f" dataset.text_column={shlex.quote(text_column)}" * (text_column != "text"))
+          + f" dataset.text_column={shlex.quote(text_column)}" * (text_column != "text") + shards_above(out))
     if (rows := sum(unit.num_rows for unit in units)) > n:
         print(f"note: {rows - n:,} of the {rows:,} rows had no text (null or empty) and were left out, as training "
               f"leaves them out")

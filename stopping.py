@@ -195,7 +195,7 @@ def report_stopped_at_once(resuming_a_run: bool = False, signal_name: str | None
     """`resuming_a_run`: the run resumes a checkpoint (the signal may come before it is read)."""
     if first_process():  # (under torchrun every rank heard the signal: once)
         # (interrupt_at_once raised it: no step of this process was done, a resumed run's first one at most)
-        lost = ("before the first step after resuming was done: nothing new was saved" if heard_at_once else
+        lost = ("before the first step after resuming was done" if heard_at_once else
                 "what it trained since the last checkpoint is not saved")
         print(f"\n{signal_name or 'interrupted'}: stopped at once: " + (
             f"{lost}; resume with:\n  {resume_command[0]}" if resume_command

@@ -40,7 +40,7 @@ import torch
 
 from adamw4bit import make_optimizer
 from arguments import add_config_arguments, load_config, parse_arguments
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, saved_step
 from config import learning_rate, step_tokens
 from console import describe_run, done_lines, evaluation_lines
 from data import prepare_data, rank_positions, train_loader
@@ -196,7 +196,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
                         best=best)
         except CheckpointError as e:  # a full disk, say
             saved = "earlier checkpoints are intact"
-            if best and not resume_command and run.path and (run.path / "best.pt").is_file():  # then its copy failed
+            if best and run.path and saved_step(run.path / "best.pt") == at.step:  # written, then its copy failed
                 saved, resume_command[:] = "best.pt of this step is saved", [resuming(ranks, train_command, run.path)]
             raise CheckpointError(f"{e}; " + (f"{saved}: once that is fixed, resume with `{resume_command[0]}`"
                                              if resume_command else "no checkpoint was saved before")) from None

@@ -212,6 +212,8 @@ def test_a_key_without_its_section_is_given_it():
         "no_such=5: an override must look like section.key=value (for example training.batch_size=16)"]
     assert config_problems({}, [".max_iters=5"]) == [  # (it said ": unknown section")
         ".max_iters=5: an override must look like section.key=value; did you mean training.max_iters=5?"]
+    assert config_problems({}, [" .max_iters="]) == [  # (no value to suggest)
+        " .max_iters=: an override must look like section.key=value (for example training.batch_size=16)"]
     assert config_problems({}, ["training.=5"]) == [
         "training.=5: an override must look like section.key=value (for example training.batch_size=16)"]
     assert config_problems({}, ["epochs=3"]) == [

@@ -469,7 +469,7 @@ def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_pat
     signal_at[:] = [0, 0]
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={outside}"]) == 130
     assert capsys.readouterr().err.endswith(  # (it had trained nothing since its checkpoint)
-        f"stopped at once: before the first step after resuming was done: nothing new was saved; resume with:\n  "
+        f"stopped at once: before the first step after resuming was done; resume with:\n  "
         f"python {script_here('train.py')} --config {path} training.resume_from_checkpoint={outside}\n")
     monkeypatch.setenv("RANK", "1")  # under torchrun every rank hears it: rank 0 says so
     assert report_stopped_at_once() == 130 and capsys.readouterr().err == ""
