@@ -7,7 +7,7 @@ of 16 levels of a code book. The scale is the block's value of largest magnitude
 that this value is the level +1 whatever its sign: the dynamic code book goes from -0.8875 to +1, and
 an absolute maximum (torchao's scale) would shrink a block's largest negative m by 11% at every step,
 to 0.44 of its value under a steady gradient. Every update runs in float32: decode, update,
-encode. The format is a MomentFormat; the default is the one the ablations in BENCHMARKS.md
+encode, a piece of CHUNK elements at a time. The format is a MomentFormat; the default is the one the ablations in BENCHMARKS.md
 ("4-bit optimizer: what costs, what helps") chose:
 - the first moment m in blocks of 128 with a signed dynamic code book (levels spaced by decades:
   dense near 0, where most of a block's m lies next to its maximum);
@@ -31,6 +31,9 @@ from lowbit import quantize
 from runtime import tensor_bytes
 
 MIN_QUANTIZED_NUMEL = 4096
+# elements of a 4-bit moment decoded, updated and encoded at a time: the float32 temporaries of a step take a few
+# times 4 MiB, not a few times the largest weight (a third of the model's), which made the peak more than AdamW's
+CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -154,16 +157,34 @@ class AdamW4bit(torch.optim.Optimizer):
     def _init_state(self, p):
         state = self.state[p]
         state["step"] = torch.tensor(0.0)
-        zeros = torch.zeros_like(p, dtype=torch.float32)
         large = p.numel() >= MIN_QUANTIZED_NUMEL
-        if large and self.m_levels is not None:
-            state["exp_avg_4bit"] = self._encode_m(zeros)
-        else:
-            state["exp_avg"] = zeros.clone()
-        if large and self.v_levels is not None:
-            state["exp_avg_sq_4bit"] = self._encode_v(zeros)
-        else:
-            state["exp_avg_sq"] = zeros.clone()
+        for name, levels, encoder in (("exp_avg", self.m_levels, self._encode_m),
+                                      ("exp_avg_sq", self.v_levels, self._encode_v)):
+            if large and levels is not None:
+                state[f"{name}_4bit"] = self._encoded_zeros(p, encoder)
+            else:
+                state[name] = torch.zeros_like(p, dtype=torch.float32)
+
+    def _encoded_zeros(self, p, encoder) -> dict:
+        """encoder's codes of zeros shaped as p, encoded a piece at a time into tensors made once."""
+        pieces = self._pieces(p)
+        if len(pieces) == 1:
+            return encoder(torch.zeros(p.shape, device=p.device))
+        n, size = p.numel(), self.format.block_size
+        q = {"codes": torch.empty((n + 1) // 2, dtype=torch.uint8, device=p.device),
+             "block": torch.empty(-(-n // size), device=p.device)}
+        for shape, piece in pieces:
+            self._store(q, piece, encoder(torch.zeros(shape, device=p.device)))
+        return q
+
+    def _pieces(self, p):
+        """(shape, slice) of the pieces of p (flattened) that a step updates one at a time: CHUNK
+        elements (a multiple of the block size and even: a piece's blocks and code bytes are its own),
+        or the whole tensor, as it is shaped, for rank1 (its scales are the whole matrix's)."""
+        n = p.numel()
+        if self.format.rank1 or n <= CHUNK:
+            return [(p.shape, slice(0, n))]
+        return [((min(n, start + CHUNK) - start,), slice(start, min(n, start + CHUNK))) for start in range(0, n, CHUNK)]
 
     def _encode_m(self, m):
         return encode(m, self.m_levels, self.format.block_size, signed=self.format.signed_scale)
@@ -215,21 +236,35 @@ class AdamW4bit(torch.optim.Optimizer):
                     self._init_state(p)
                 state["step"] += 1
                 t = float(state["step"])
-                grad = p.grad.float()
-                m = decode(state["exp_avg_4bit"], self.m_levels, p.shape, self.format.block_size) \
-                    if "exp_avg_4bit" in state else state["exp_avg"]
-                v = self._decode_v(state["exp_avg_sq_4bit"], p.shape) if "exp_avg_sq_4bit" in state \
-                    else state["exp_avg_sq"]
-                m.lerp_(grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denominator = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.addcdiv_(m.to(p.dtype), denominator.to(p.dtype), value=-group["lr"] / (1 - beta1 ** t))
-                if "exp_avg_4bit" in state:
-                    state["exp_avg_4bit"] = self._encode_m(m)
-                if "exp_avg_sq_4bit" in state:
-                    state["exp_avg_sq_4bit"] = self._encode_v(v)
+                for shape, piece in self._pieces(p):
+                    param, grad = p.view(-1)[piece], p.grad.reshape(-1)[piece].float()
+                    m = (decode(self._coded(state["exp_avg_4bit"], piece), self.m_levels, shape,
+                                self.format.block_size).view(-1)
+                         if "exp_avg_4bit" in state else state["exp_avg"].view(-1)[piece])
+                    v = (self._decode_v(self._coded(state["exp_avg_sq_4bit"], piece), shape).view(-1)
+                         if "exp_avg_sq_4bit" in state else state["exp_avg_sq"].view(-1)[piece])
+                    m.lerp_(grad, 1 - beta1)
+                    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    denominator = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+                    param.mul_(1 - group["lr"] * group["weight_decay"])
+                    param.addcdiv_(m.to(p.dtype), denominator.to(p.dtype), value=-group["lr"] / (1 - beta1 ** t))
+                    if "exp_avg_4bit" in state:
+                        self._store(state["exp_avg_4bit"], piece, self._encode_m(m.view(shape)))
+                    if "exp_avg_sq_4bit" in state:
+                        self._store(state["exp_avg_sq_4bit"], piece, self._encode_v(v.view(shape)))
         return loss
+
+    def _coded(self, q: dict, piece: slice) -> dict:
+        """The codes and scales of a piece of a moment (views: _store writes into them)."""
+        if "row" in q:  # rank1: one piece, the whole tensor
+            return q
+        size = self.format.block_size
+        return {"codes": q["codes"][piece.start // 2:(piece.stop + 1) // 2],
+                "block": q["block"][piece.start // size:-(-piece.stop // size)]}
+
+    def _store(self, q: dict, piece: slice, encoded: dict):
+        for part, codes in self._coded(q, piece).items():
+            codes.copy_(encoded[part])
 
 
 def convert_adamw_state(optimizer_state: dict, shapes: dict, to_4bit: bool):

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import adamw4bit
-from adamw4bit import AdamW4bit, MomentFormat, adamw_state_bytes
+from adamw4bit import AdamW4bit, MomentFormat, adamw_state_bytes, make_optimizer
 from arguments import add_config_arguments, load_config, parse_arguments
 from checkpoint import load_checkpoint, model_from_checkpoint
 from config import Config
@@ -45,7 +45,7 @@ from files import REPO, check_outputs, folder_made_for
 from lowbit import to_4bit
 from model import BDH
 from locate import checkpoints_in, train_in
-from runtime import autocast, pick_device
+from runtime import autocast, pick_device, process_status_bytes, steady_host_memory
 from shards import list_units
 from stopping import ended_like_ctrl_c
 from tokenizer import load_tokenizer
@@ -187,6 +187,24 @@ def optimizer_step_ms(cfg, steps=20) -> dict:
             optimizer.step()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) * 1000 for name, t in times.items()}
+
+
+def optimizer_peak_mib(cfg, name: str, steps=2) -> float:
+    """MiB that the `name` optimizer (AdamW or AdamW4bit, as train.py makes them) adds to this process
+    at its peak, from its setup through `steps` steps on the config's model with random gradients:
+    its state and the temporaries of a step (Linux's peak resident set size, reset first). Run each
+    optimizer in a fresh process."""
+    cfg.low_precision.use_4bit_optimizer = name == "AdamW4bit"
+    steady_host_memory(cfg, torch.device("cpu"))
+    model = BDH(cfg.to_bdh_config())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    before = process_status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from here
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    for _ in range(steps):
+        optimizer.step()
+    return (process_status_bytes("VmHWM") - before) / 2**20
 
 
 def run_seed(args, seed, workdir) -> dict:

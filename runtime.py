@@ -223,9 +223,12 @@ def activation_bytes(cfg, compute_dtype: str, checkpointing: bool) -> int:
     """A lower bound on one process's activations at the peak of a training step. Measured on CPU
     (peak RSS), a step holds about 1.7 (B, H, T, N) tensors per layer for backward plus 3.5 for the
     layer being differentiated (activation checkpointing: about 6 in all, whatever the depth);
-    counted here as 1 per layer + 2 (checkpointing: 3), so that no run that fits is refused."""
+    counted here as 1 per layer + 2 (checkpointing: 3), so that no run that fits is refused. Each
+    layer also keeps its (H, B, T, T) attention scores, and backward makes their gradient: counted
+    the same way, they outweigh the N-wide tensors once block_size passes N."""
     model, training = cfg.model, cfg.training
-    tensor = training.batch_size * training.block_size * model.n_head * model.n_latent * DTYPES[compute_dtype].itemsize
+    tensor = (training.batch_size * training.block_size * model.n_head * (model.n_latent + training.block_size)
+              * DTYPES[compute_dtype].itemsize)
     return tensor * (3 if checkpointing else model.n_layer + 2)
 
 

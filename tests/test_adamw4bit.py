@@ -1,7 +1,10 @@
 """adamw4bit.py: the 4-bit moment format, the optimizer's update, resume and conversions."""
+import math
+
 import pytest
 import torch
 
+import adamw4bit
 import train
 from adamw4bit import (MIN_QUANTIZED_NUMEL, AdamW4bit, MomentFormat, adamw_state_bytes, blocks, code_book,
                        convert_adamw_state, decode, encode, make_optimizer, nearest_level)
@@ -74,6 +77,34 @@ def test_optimizer_state_is_at_most_a_sixth_of_adamw():
     optimizer = AdamW4bit(model.parameters())
     assert optimizer.state_bytes() <= adamw_state_bytes(model.parameters()) / 6
     assert "exp_avg_4bit" in optimizer.state[model.encoder] and "exp_avg_sq_4bit" in optimizer.state[model.decoder]
+
+
+@pytest.mark.parametrize("moment_format", [MomentFormat(), MomentFormat(floor=True), MomentFormat(rank1=True)])
+def test_a_large_tensor_is_updated_a_piece_at_a_time_as_it_would_be_whole(moment_format, monkeypatch):
+    """The float32 temporaries of a step (decoded moments, the update, the encoding) are those of
+    adamw4bit.CHUNK elements, not of the whole tensor, whose codes are the same (pieces of whole
+    blocks and bytes). rank1's scales are the whole matrix's: it takes the tensor at once."""
+    def run(chunk):
+        monkeypatch.setattr(adamw4bit, "CHUNK", chunk)
+        decoded = []
+        monkeypatch.setattr(adamw4bit, "decode", lambda q, levels, shape, *rest: decoded.append(
+            math.prod(shape)) or real_decode(q, levels, shape, *rest))
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((3, 1000, 7), (4097,), (64, 129))]
+        optimizer = AdamW4bit([{"params": params, "weight_decay": 0.1}], lr=1e-2, moment_format=moment_format)
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p) * (step + 1)
+            optimizer.step()
+        return params, optimizer.state_dict()["state"], max(decoded)
+    real_decode = adamw4bit.decode
+    whole, whole_state, most_whole = run(1 << 20)
+    pieces, pieces_state, most = run(1280)  # (a multiple of the block size, 128)
+    assert most_whole == 21000 and most == (21000 if moment_format.rank1 else 1280)
+    assert all(torch.equal(a, b) for a, b in zip(whole, pieces))
+    for a, b in zip(whole_state.values(), pieces_state.values()):
+        assert all(torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else
+                   all(torch.equal(a[key][part], b[key][part]) for part in a[key]) for key in a)
 
 
 def test_small_tensors_keep_float32_state_and_match_torch_adamw():

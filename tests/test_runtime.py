@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import runtime
+from conftest import ROOT
 
 
 def test_auto_compute_dtype_is_bfloat16_only_where_bf16_is_fast(monkeypatch):
@@ -119,8 +120,9 @@ def test_a_model_whose_state_exceeds_the_available_memory_is_refused(monkeypatch
 
 
 def test_a_batch_whose_activations_exceed_the_available_memory_is_refused(monkeypatch):
-    """The default model's (B, H, T, N) tensor at batch 8 x 512 is 512 MiB in float32: counted 6 + 2 times
-    (the peak measured on CPU is about 14), and 3 times with activation checkpointing."""
+    """The default model's (B, H, T, N) tensor at batch 8 x 512 is 512 MiB in float32, its (H, B, T, T)
+    scores 32 MiB: counted 6 + 2 times (the peak measured on CPU is about 14), and 3 times with activation
+    checkpointing. At a block_size far past N the scores decide."""
     from config import Config
     from distributed import Ranks
     cfg = Config()
@@ -129,16 +131,21 @@ def test_a_batch_whose_activations_exceed_the_available_memory_is_refused(monkey
         runtime.check_host_memory(cfg, Ranks(), "float32")
     monkeypatch.setattr(runtime, "available_host_memory", lambda: 3 * 2**30)
     with pytest.raises(runtime.DeviceError, match=r"^a step's activations \(batch_size 8 x block_size 512 tokens\) need "
-                       r"at least 4\.0 GiB beside the 0\.4 GiB of weights, gradients and optimizer state, and this "
+                       r"at least 4\.2 GiB beside the 0\.4 GiB of weights, gradients and optimizer state, and this "
                        r"machine has 3\.0 GiB available: lower training.batch_size .* or training.block_size; or set "
                        r"training.activation_checkpointing=true \(recomputes each layer in backward\)$"):
         runtime.check_host_memory(cfg, Ranks(), "float32")
-    runtime.check_host_memory(cfg, Ranks(), "bfloat16")  # 2.0 GiB
+    runtime.check_host_memory(cfg, Ranks(), "bfloat16")  # 2.1 GiB
     cfg.training.activation_checkpointing = True
-    runtime.check_host_memory(cfg, Ranks(), "float32")  # 1.5 GiB
+    runtime.check_host_memory(cfg, Ranks(), "float32")  # 1.6 GiB
     cfg.training.batch_size = 16
-    with pytest.raises(runtime.DeviceError, match=r"need at least 3\.0 GiB .*or training.block_size$"):
+    with pytest.raises(runtime.DeviceError, match=r"need at least 3\.2 GiB .*or training.block_size$"):
         runtime.check_host_memory(cfg, Ranks(), "float32")
+    tiny = Config.from_yaml(ROOT / "configs" / "tiny.yaml")  # N 512: at block_size 65,536 the scores are 32 GiB
+    tiny.training.batch_size, tiny.training.block_size = 1, 65536
+    monkeypatch.setattr(runtime, "available_host_memory", lambda: 22 * 2**30)
+    with pytest.raises(runtime.DeviceError, match=r"block_size 65536 tokens\) need at least 161\.2 GiB"):
+        runtime.check_host_memory(tiny, Ranks(), "bfloat16")
 
 
 def test_available_host_memory_is_read_on_linux():
