@@ -78,6 +78,9 @@ def run_variant(config, overrides, seconds, data: Path, heldout: str, workdir: P
     if seconds:
         startup, per_step = calibrate(config, common, workdir / "calibration")
         max_iters = max(CURVE_POINTS, int((seconds - startup) / per_step))
+        if max_iters * per_step + startup > seconds * 1.1:
+            print(f"note: {seconds:g} s hold fewer than {CURVE_POINTS} steps after the start-up ({startup:.0f} s, then "
+                  f"{per_step:.2f} s a step): this variant trains {CURVE_POINTS} steps, past the budget", flush=True)
     else:  # the config's own max_iters
         startup, per_step = None, None
         max_iters = load_config(argparse.Namespace(config=config, overrides=common)).training.max_iters

@@ -315,7 +315,8 @@ def model_line(origin: str, trained_on: str) -> str:
 def train_in(workdir: Path, arguments: list, python_args, note="") -> tuple[Path, list[dict]]:
     """For the benchmark scripts: prints and runs `python *python_args *arguments` (train.py, or a
     -c line that starts it) with its checkpoints in workdir/checkpoints, passing on its step and
-    evaluation lines (indented) as its progress; (its run directory, its metrics.jsonl records)."""
+    evaluation lines (indented) as its progress, and its notes and warnings (a warmup longer than the
+    run, say); (its run directory, its metrics.jsonl records)."""
     checkpoint_dir = Path(workdir) / "checkpoints"
     arguments = [*arguments, f"training.checkpoint_dir={checkpoint_dir}"]
     print("$ train.py", " ".join(map(str, arguments)), note, flush=True)
@@ -324,7 +325,8 @@ def train_in(workdir: Path, arguments: list, python_args, note="") -> tuple[Path
                           errors="replace", start_new_session=True) as process:
         try:
             for line in process.stdout:
-                if line.startswith("step "):  # "step 100/2000 | loss ... | eta", "step 100: val loss ..."
+                # "step 100/2000 | loss ... | eta", "step 100: val loss ...", "note: ...", "WARNING: ..."
+                if line.startswith(("step ", "note: ", "WARNING: ")):
                     print("  " + line, end="", flush=True)
         except BaseException:  # before the benchmark's folder of runs goes
             with contextlib.suppress(ProcessLookupError):  # (it ended meanwhile)

@@ -326,6 +326,7 @@ def label_panels(fig, axes, runs, names, colors, per_token: str):
     loss_tokens.xaxis.set_major_formatter(EngFormatter())  # 50k, 100k, ... rather than digits that run together
     if bpb.has_data():  # (an empty axis runs from 0 to 1: "200 mB")
         bpb.xaxis.set_major_formatter(EngFormatter(unit="B"))
+        bpb.xaxis.set_major_locator(MaxNLocator(nbins=4))  # ("100 kB125 kB150 kB" ran together)
     for ax in (loss_steps, lr, sparsity, speed):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps: no 22.5 (nor 3.8 about one)
     speed.yaxis.set_major_formatter(EngFormatter())

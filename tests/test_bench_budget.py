@@ -18,13 +18,15 @@ def test_a_variant_gives_a_held_out_curve_from_any_directory(tmp_path, corpus, m
     """...and its results are written before the next variant, which here fails."""
     text = tmp_path / "text.txt"
     text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(100)))
-    config = write_config(tmp_path, corpus, max_iters=4)
+    config = write_config(tmp_path, corpus, max_iters=4, warmup_iters=8)
     out = tmp_path / "results.json"
     monkeypatch.chdir(tmp_path)  # train.py is found beside bench_budget.py, not in the working directory
     assert bench_budget.main(["--config", str(config), "--text", str(text), "--seconds", "0", "--variant", "plain",
                               "--variant", "failing", "training.resume_from_checkpoint=nothing.pt",
                               "--json", str(out)]) == 1
-    assert "\n  step 4/4 | loss " in capsys.readouterr().out  # train.py's progress, passed on
+    said = capsys.readouterr().out
+    assert "\n  step 4/4 | loss " in said  # train.py's progress, passed on, and its notes
+    assert "\n  note: training.warmup_iters 8 >= max_iters 4: the learning rate rises only to " in said
     assert json.loads(out.read_text())["complete"] is False
     [(name, result)] = json.loads(out.read_text())["variants"].items()
     assert name == "plain" and result["max_iters"] == 4
