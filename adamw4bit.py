@@ -178,13 +178,14 @@ class AdamW4bit(torch.optim.Optimizer):
         return q
 
     def _pieces(self, p):
-        """(shape, slice) of the pieces of p (flattened) that a step updates one at a time: CHUNK
-        elements (a multiple of the block size and even: a piece's blocks and code bytes are its own),
+        """(shape, slice) of the pieces of p (flattened) that a step updates one at a time: about CHUNK
+        elements, a multiple of the block size and even (a piece's blocks and code bytes are its own),
         or the whole tensor, as it is shaped, for rank1 (its scales are the whole matrix's)."""
-        n = p.numel()
-        if self.format.rank1 or n <= CHUNK:
+        n, whole = p.numel(), math.lcm(2, self.format.block_size)
+        size = max(whole, CHUNK // whole * whole)
+        if self.format.rank1 or n <= size:
             return [(p.shape, slice(0, n))]
-        return [((min(n, start + CHUNK) - start,), slice(start, min(n, start + CHUNK))) for start in range(0, n, CHUNK)]
+        return [((min(n, start + size) - start,), slice(start, min(n, start + size))) for start in range(0, n, size)]
 
     def _encode_m(self, m):
         return encode(m, self.m_levels, self.format.block_size, signed=self.format.signed_scale)
