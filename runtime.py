@@ -195,27 +195,35 @@ MEMINFO, PROCESS_CGROUP, CGROUP_ROOT = Path("/proc/meminfo"), Path("/proc/self/c
 
 def available_host_memory() -> int | None:
     """Bytes this process's allocations can get at most: Linux's MemAvailable, or the smallest
-    memory.max of its cgroup (v2: a container, a Slurm job) and their parents where that is lower.
-    (The limit, not the room left under it: the page cache counted in a cgroup's usage can be
-    reclaimed.) None where /proc/meminfo does not exist."""
+    memory limit of its cgroup (a container, a Slurm job) and their parents where that is lower: v2's
+    memory.max, v1's memory.limit_in_bytes (its memory controller's own tree; in a container whose
+    cgroup is the mount's root, the root's). (The limit, not the room left under it: the page cache
+    counted in a cgroup's usage can be reclaimed.) None where /proc/meminfo does not exist."""
     try:
         lines = MEMINFO.read_text().splitlines()
         available = int(next(line for line in lines if line.startswith("MemAvailable:")).split()[1]) * 1024
     except (OSError, StopIteration, ValueError, IndexError):
         return None
     try:
-        group = next(line for line in PROCESS_CGROUP.read_text().splitlines() if line.startswith("0::"))[3:]
-    except (OSError, StopIteration):
+        groups = [line.split(":", 2) for line in PROCESS_CGROUP.read_text().splitlines() if line.count(":") >= 2]
+    except OSError:
         return available
-    own = CGROUP_ROOT / group.strip().lstrip("/")
-    for folder in [own, *own.parents]:
-        if not folder.is_relative_to(CGROUP_ROOT):
-            break
-        try:
-            limit = (folder / "memory.max").read_text().strip()
-            available = min(available, int(limit)) if limit != "max" else available
-        except (OSError, ValueError):
+    for _, controllers, group in groups:
+        if not controllers:  # v2: "0::/path"
+            root, limit_file = CGROUP_ROOT, "memory.max"
+        elif "memory" in controllers.split(","):  # v1: "4:memory:/path"
+            root, limit_file = CGROUP_ROOT / "memory", "memory.limit_in_bytes"
+        else:
             continue
+        own = root / group.strip().lstrip("/")
+        for folder in [own, *own.parents]:
+            if not folder.is_relative_to(root):
+                break
+            try:
+                limit = (folder / limit_file).read_text().strip()
+                available = min(available, int(limit)) if limit != "max" else available
+            except (OSError, ValueError):
+                continue
     return available
 
 

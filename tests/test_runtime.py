@@ -160,7 +160,10 @@ def test_available_host_memory_is_read_on_linux():
     ("0::/job/step\n", {"job/step": "max", "job": str(4 << 30)}, 4),  # a limit on a parent (Slurm's job)
     ("0::/job/step\n", {"job/step": str(6 << 30), "job": str(8 << 30)}, 6),
     ("0::/c\n", {"c": str(64 << 30)}, 16),  # a limit above what the machine has
-    ("4:memory:/a\n0::/\n", {}, 16),  # cgroup v1 only: not read
+    ("4:memory:/a\n0::/\n", {}, 16),  # cgroup v1 without a limit file
+    ("4:memory:/a\n0::/\n", {"memory/a": str(3 << 30)}, 3),  # cgroup v1 (older Docker, Slurm)
+    ("4:memory:/host/path\n0::/\n", {"memory": str(5 << 30)}, 5),  # a container's own cgroup at the mount's root
+    ("4:cpu,memory:/a\n", {"memory/a": str(9223372036854771712)}, 16),  # v1's "no limit"
 ])
 def test_available_memory_is_the_least_of_memavailable_and_the_cgroup_limits(tmp_path, monkeypatch, cgroup, limits,
                                                                            expected_gib):
@@ -173,7 +176,8 @@ def test_available_memory_is_the_least_of_memavailable_and_the_cgroup_limits(tmp
         (tmp_path / "cgroup").write_text(cgroup)
     for folder, limit in limits.items():
         (tmp_path / "fs" / folder).mkdir(parents=True, exist_ok=True)
-        (tmp_path / "fs" / folder / "memory.max").write_text(limit + "\n")
+        name = "memory.limit_in_bytes" if folder.split("/")[0] == "memory" else "memory.max"
+        (tmp_path / "fs" / folder / name).write_text(limit + "\n")
     assert runtime.available_host_memory() == expected_gib << 30
     monkeypatch.setattr(runtime, "MEMINFO", tmp_path / "absent")
     assert runtime.available_host_memory() is None  # not Linux
