@@ -179,12 +179,13 @@ class AdamW4bit(torch.optim.Optimizer):
 
     def _pieces(self, p):
         """(shape, slice) of the pieces of p (flattened) that a step updates one at a time: about CHUNK
-        elements, a multiple of the block size and even (a piece's blocks and code bytes are its own),
-        or the whole tensor, as it is shaped, for rank1 (its scales are the whole matrix's)."""
+        elements, a multiple of the block size and even (a piece's blocks and code bytes are its own);
+        or (p.shape, None), the whole tensor as it is: a small one, rank1's (its scales are the whole
+        matrix's), one that is not contiguous (no flat view)."""
         n, whole = p.numel(), math.lcm(2, self.format.block_size)
         size = max(whole, CHUNK // whole * whole)
-        if self.format.rank1 or n <= size:
-            return [(p.shape, slice(0, n))]
+        if self.format.rank1 or n <= size or not p.is_contiguous():
+            return [(p.shape, None)]
         return [((min(n, start + size) - start,), slice(start, min(n, start + size))) for start in range(0, n, size)]
 
     def _encode_m(self, m):
@@ -237,35 +238,41 @@ class AdamW4bit(torch.optim.Optimizer):
                     self._init_state(p)
                 state["step"] += 1
                 t = float(state["step"])
-                for shape, piece in self._pieces(p):
-                    param, grad = p.view(-1)[piece], p.grad.reshape(-1)[piece].float()
-                    m = (decode(self._coded(state["exp_avg_4bit"], piece), self.m_levels, shape,
-                                self.format.block_size).view(-1)
-                         if "exp_avg_4bit" in state else state["exp_avg"].view(-1)[piece])
-                    v = (self._decode_v(self._coded(state["exp_avg_sq_4bit"], piece), shape).view(-1)
-                         if "exp_avg_sq_4bit" in state else state["exp_avg_sq"].view(-1)[piece])
+                pieces = self._pieces(p)
+                grads = p.grad if pieces[0][1] is None else p.grad.reshape(-1)  # (flattened once)
+                for shape, piece in pieces:
+                    param, grad = piece_of(p, piece), (grads if piece is None else grads[piece]).float()
+                    m = (decode(self._coded(state["exp_avg_4bit"], piece), self.m_levels, shape, self.format.block_size)
+                         if "exp_avg_4bit" in state else piece_of(state["exp_avg"], piece))
+                    v = (self._decode_v(self._coded(state["exp_avg_sq_4bit"], piece), shape)
+                         if "exp_avg_sq_4bit" in state else piece_of(state["exp_avg_sq"], piece))
                     m.lerp_(grad, 1 - beta1)
                     v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                     denominator = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
                     param.mul_(1 - group["lr"] * group["weight_decay"])
                     param.addcdiv_(m.to(p.dtype), denominator.to(p.dtype), value=-group["lr"] / (1 - beta1 ** t))
                     if "exp_avg_4bit" in state:
-                        self._store(state["exp_avg_4bit"], piece, self._encode_m(m.view(shape)))
+                        self._store(state["exp_avg_4bit"], piece, self._encode_m(m))
                     if "exp_avg_sq_4bit" in state:
-                        self._store(state["exp_avg_sq_4bit"], piece, self._encode_v(v.view(shape)))
+                        self._store(state["exp_avg_sq_4bit"], piece, self._encode_v(v))
         return loss
 
-    def _coded(self, q: dict, piece: slice) -> dict:
+    def _coded(self, q: dict, piece: slice | None) -> dict:
         """The codes and scales of a piece of a moment (views: _store writes into them)."""
-        if "row" in q:  # rank1: one piece, the whole tensor
+        if piece is None:  # the whole tensor
             return q
         size = self.format.block_size
         return {"codes": q["codes"][piece.start // 2:(piece.stop + 1) // 2],
                 "block": q["block"][piece.start // size:-(-piece.stop // size)]}
 
-    def _store(self, q: dict, piece: slice, encoded: dict):
+    def _store(self, q: dict, piece: slice | None, encoded: dict):
         for part, codes in self._coded(q, piece).items():
             codes.copy_(encoded[part])
+
+
+def piece_of(t: torch.Tensor, piece: slice | None) -> torch.Tensor:
+    """A piece of a contiguous tensor, flattened (a view: updates write into it); None: all of it, as it is."""
+    return t if piece is None else t.view(-1)[piece]
 
 
 def convert_adamw_state(optimizer_state: dict, shapes: dict, to_4bit: bool):

@@ -232,12 +232,14 @@ def activation_bytes(cfg, compute_dtype: str, checkpointing: bool) -> int:
     (peak RSS), a step holds about 1.7 (B, H, T, N) tensors per layer for backward plus 3.5 for the
     layer being differentiated (activation checkpointing: about 6 in all, whatever the depth);
     counted here as 1 per layer + 2 (checkpointing: 3), so that no run that fits is refused. Each
-    layer also keeps its (H, B, T, T) attention scores, and backward makes their gradient: counted
-    the same way, they outweigh the N-wide tensors once block_size passes N."""
+    layer also keeps its (H, B, T, T) attention scores, and backward makes one gradient of that size:
+    1 per layer + 1 (checkpointing: 2). They outweigh the N-wide tensors once block_size passes N."""
     model, training = cfg.model, cfg.training
-    tensor = (training.batch_size * training.block_size * model.n_head * (model.n_latent + training.block_size)
-              * DTYPES[compute_dtype].itemsize)
-    return tensor * (3 if checkpointing else model.n_layer + 2)
+    tokens = training.batch_size * training.block_size * model.n_head * DTYPES[compute_dtype].itemsize
+    latents, scores = tokens * model.n_latent, tokens * training.block_size
+    if checkpointing:
+        return 3 * latents + 2 * scores
+    return (model.n_layer + 2) * latents + (model.n_layer + 1) * scores
 
 
 def check_host_memory(cfg, ranks, compute_dtype: str):

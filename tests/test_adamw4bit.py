@@ -109,6 +109,18 @@ def test_a_large_tensor_is_updated_a_piece_at_a_time_as_it_would_be_whole(moment
                    all(torch.equal(a[key][part], b[key][part]) for part in a[key]) for key in a)
 
 
+def test_a_parameter_that_is_not_contiguous_is_updated_as_it_is():
+    torch.manual_seed(0)
+    weights, grad = torch.randn(100, 70), torch.randn(70, 100)
+    contiguous, transposed = torch.nn.Parameter(weights.t().contiguous()), torch.nn.Parameter(weights.clone().t())
+    optimizers = [AdamW4bit([p], lr=1e-2) for p in (contiguous, transposed)]
+    for p, optimizer in zip((contiguous, transposed), optimizers):
+        for _ in range(2):
+            p.grad = grad.clone()
+            optimizer.step()
+    assert not transposed.is_contiguous() and torch.equal(contiguous, transposed)
+
+
 def test_small_tensors_keep_float32_state_and_match_torch_adamw():
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(MIN_QUANTIZED_NUMEL - 1))
