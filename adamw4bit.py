@@ -7,7 +7,7 @@ of 16 levels of a code book. The scale is the block's value of largest magnitude
 that this value is the level +1 whatever its sign: the dynamic code book goes from -0.8875 to +1, and
 an absolute maximum (torchao's scale) would shrink a block's largest negative m by 11% at every step,
 to 0.44 of its value under a steady gradient. Every update runs in float32: decode, update,
-encode, a piece of CHUNK elements at a time. The format is a MomentFormat; the default is the one the ablations in BENCHMARKS.md
+encode, a piece of PIECE_NUMEL elements at a time. The format is a MomentFormat; the default is the one the ablations in BENCHMARKS.md
 ("4-bit optimizer: what costs, what helps") chose:
 - the first moment m in blocks of 128 with a signed dynamic code book (levels spaced by decades:
   dense near 0, where most of a block's m lies next to its maximum);
@@ -33,7 +33,7 @@ from runtime import tensor_bytes
 MIN_QUANTIZED_NUMEL = 4096
 # elements of a 4-bit moment decoded, updated and encoded at a time: the float32 temporaries of a step take a few
 # times 4 MiB, not a few times the largest weight (a third of the model's), which made the peak more than AdamW's
-CHUNK = 1 << 20
+PIECE_NUMEL = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -160,33 +160,23 @@ class AdamW4bit(torch.optim.Optimizer):
         large = p.numel() >= MIN_QUANTIZED_NUMEL
         for name, levels, encoder in (("exp_avg", self.m_levels, self._encode_m),
                                       ("exp_avg_sq", self.v_levels, self._encode_v)):
-            if large and levels is not None:
-                state[f"{name}_4bit"] = self._encoded_zeros(p, encoder)
+            if large and levels is not None:  # (a piece at a time: float32 zeros of a whole weight pass AdamW's peak)
+                pieces = [encoder(torch.zeros_like(piece_of(p, piece), dtype=torch.float32))
+                          for piece in self._pieces(p)]
+                state[f"{name}_4bit"] = {part: torch.cat([q[part] for q in pieces]) for part in pieces[0]}
             else:
                 state[name] = torch.zeros_like(p, dtype=torch.float32)
 
-    def _encoded_zeros(self, p, encoder) -> dict:
-        """encoder's codes of zeros shaped as p, encoded a piece at a time into tensors made once."""
-        pieces = self._pieces(p)
-        if len(pieces) == 1:
-            return encoder(torch.zeros(p.shape, device=p.device))
-        n, size = p.numel(), self.format.block_size
-        q = {"codes": torch.empty((n + 1) // 2, dtype=torch.uint8, device=p.device),
-             "block": torch.empty(-(-n // size), device=p.device)}
-        for shape, piece in pieces:
-            self._store(q, piece, encoder(torch.zeros(shape, device=p.device)))
-        return q
-
-    def _pieces(self, p):
-        """(shape, slice) of the pieces of p (flattened) that a step updates one at a time: about CHUNK
-        elements, a multiple of the block size and even (a piece's blocks and code bytes are its own);
-        or (p.shape, None), the whole tensor as it is: a small one, rank1's (its scales are the whole
-        matrix's), one that is not contiguous (no flat view)."""
+    def _pieces(self, p) -> list:
+        """The slices of p (flattened) that a step updates one at a time: about PIECE_NUMEL elements, a
+        multiple of the block size and even (a piece's blocks and code bytes are its own); or [None],
+        the whole tensor as it is: a small one, rank1's (its scales are the whole matrix's), one that
+        is not contiguous (it has no flat view)."""
         n, whole = p.numel(), math.lcm(2, self.format.block_size)
-        size = max(whole, CHUNK // whole * whole)
+        size = max(whole, PIECE_NUMEL // whole * whole)
         if self.format.rank1 or n <= size or not p.is_contiguous():
-            return [(p.shape, None)]
-        return [((min(n, start + size) - start,), slice(start, min(n, start + size))) for start in range(0, n, size)]
+            return [None]
+        return [slice(start, min(n, start + size)) for start in range(0, n, size)]
 
     def _encode_m(self, m):
         return encode(m, self.m_levels, self.format.block_size, signed=self.format.signed_scale)
@@ -194,6 +184,9 @@ class AdamW4bit(torch.optim.Optimizer):
     def _encode_v(self, v):
         form = {"v": v, "sqrt": v.sqrt(), "root4": v.sqrt().sqrt()}[self.format.v_form]
         return encode(form, self.v_levels, self.format.block_size, self.format.rank1)
+
+    def _decode_m(self, q, shape):
+        return decode(q, self.m_levels, shape, self.format.block_size)
 
     def _decode_v(self, q, shape):
         levels = self.v_levels
@@ -238,36 +231,44 @@ class AdamW4bit(torch.optim.Optimizer):
                     self._init_state(p)
                 state["step"] += 1
                 t = float(state["step"])
+                step_size, bias_correction2 = group["lr"] / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t)
                 pieces = self._pieces(p)
-                grads = p.grad if pieces[0][1] is None else p.grad.reshape(-1)  # (flattened once)
-                for shape, piece in pieces:
+                # (reshape: a gradient need not be contiguous; flattened once, not once a piece)
+                grads = p.grad if pieces == [None] else p.grad.reshape(-1)
+                for piece in pieces:
                     param, grad = piece_of(p, piece), (grads if piece is None else grads[piece]).float()
-                    m = (decode(self._coded(state["exp_avg_4bit"], piece), self.m_levels, shape, self.format.block_size)
-                         if "exp_avg_4bit" in state else piece_of(state["exp_avg"], piece))
-                    v = (self._decode_v(self._coded(state["exp_avg_sq_4bit"], piece), shape)
-                         if "exp_avg_sq_4bit" in state else piece_of(state["exp_avg_sq"], piece))
+                    m, v = self._moment(state, "exp_avg", piece, param.shape), \
+                        self._moment(state, "exp_avg_sq", piece, param.shape)
                     m.lerp_(grad, 1 - beta1)
                     v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    denominator = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+                    denominator = (v.sqrt() / bias_correction2).add_(group["eps"])
                     param.mul_(1 - group["lr"] * group["weight_decay"])
-                    param.addcdiv_(m.to(p.dtype), denominator.to(p.dtype), value=-group["lr"] / (1 - beta1 ** t))
-                    if "exp_avg_4bit" in state:
-                        self._store(state["exp_avg_4bit"], piece, self._encode_m(m))
-                    if "exp_avg_sq_4bit" in state:
-                        self._store(state["exp_avg_sq_4bit"], piece, self._encode_v(v))
+                    param.addcdiv_(m.to(p.dtype), denominator.to(p.dtype), value=-step_size)
+                    self._keep(state, "exp_avg", piece, m)
+                    self._keep(state, "exp_avg_sq", piece, v)
         return loss
 
+    def _moment(self, state, name: str, piece: slice | None, shape) -> torch.Tensor:
+        """A piece of a moment in float32: decoded from its 4-bit codes, or a view of its float32 tensor."""
+        if f"{name}_4bit" not in state:
+            return piece_of(state[name], piece)
+        coded = self._coded(state[f"{name}_4bit"], piece)
+        return self._decode_m(coded, shape) if name == "exp_avg" else self._decode_v(coded, shape)
+
+    def _keep(self, state, name: str, piece: slice | None, value: torch.Tensor):
+        """A piece of a moment, updated: encoded into its 4-bit codes (a float32 one was updated in place)."""
+        if f"{name}_4bit" in state:
+            encoded = self._encode_m(value) if name == "exp_avg" else self._encode_v(value)
+            for part, view in self._coded(state[f"{name}_4bit"], piece).items():
+                view.copy_(encoded[part])
+
     def _coded(self, q: dict, piece: slice | None) -> dict:
-        """The codes and scales of a piece of a moment (views: _store writes into them)."""
+        """The codes and scales of a piece of a moment (views: _keep writes into them)."""
         if piece is None:  # the whole tensor
             return q
         size = self.format.block_size
         return {"codes": q["codes"][piece.start // 2:(piece.stop + 1) // 2],
                 "block": q["block"][piece.start // size:-(-piece.stop // size)]}
-
-    def _store(self, q: dict, piece: slice | None, encoded: dict):
-        for part, codes in self._coded(q, piece).items():
-            codes.copy_(encoded[part])
 
 
 def piece_of(t: torch.Tensor, piece: slice | None) -> torch.Tensor:
@@ -291,7 +292,7 @@ def convert_adamw_state(optimizer_state: dict, shapes: dict, to_4bit: bool):
             state["exp_avg_4bit"] = optimizer._encode_m(state.pop("exp_avg").float())
             state["exp_avg_sq_4bit"] = optimizer._encode_v(state.pop("exp_avg_sq").float())
         elif not to_4bit and "exp_avg_4bit" in state:
-            state["exp_avg"] = decode(state.pop("exp_avg_4bit"), optimizer.m_levels, shape, optimizer.format.block_size)
+            state["exp_avg"] = optimizer._decode_m(state.pop("exp_avg_4bit"), shape)
             state["exp_avg_sq"] = optimizer._decode_v(state.pop("exp_avg_sq_4bit"), shape)
 
 

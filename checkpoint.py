@@ -171,14 +171,15 @@ def load_export(folder) -> tuple[BDH, str, dict]:
                                   f"{export['version']}, this one reads up to {EXPORT_VERSION}); update the code")
         tensors = load_file(folder / "model.safetensors")
         tokenizer = "bytes" if export["tokenizer"] == "bytes" else (folder / "tokenizer.json").read_text()
-        shape = {k: config[k] for k in BDHConfig.__dataclass_fields__}
-        if wrong := [k for k, v in shape.items() if k != "dropout" and not (type(v) is int and v >= 1)]:
-            raise CheckpointError(f"{folder}: config.json's {wrong[0]} is {shape[wrong[0]]!r}, not a whole number of "
-                                  f"at least 1 (edited by hand?); export the checkpoint again")
-        model = BDH(BDHConfig(**shape))
-        if wrong := [k for k, v in model.state_dict().items() if k in tensors and tensors[k].shape != v.shape]:
+        settings = {k: config[k] for k in BDHConfig.__dataclass_fields__}
+        if wrong := [k for k, v in settings.items() if k != "dropout" and not (type(v) is int and v >= 1)]:
+            raise CheckpointError(f"{folder}: config.json's {wrong[0]} is {settings[wrong[0]]!r}, not a whole number "
+                                  f"of at least 1 (edited by hand?); export the checkpoint again")
+        model = BDH(BDHConfig(**settings))
+        expected = model.state_dict()
+        if wrong := [k for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]:
             raise CheckpointError(f"{folder}: config.json does not fit model.safetensors: {wrong[0]} is "
-                                  f"{tuple(tensors[wrong[0]].shape)} there and {tuple(model.state_dict()[wrong[0]].shape)} "
+                                  f"{tuple(tensors[wrong[0]].shape)} there and {tuple(expected[wrong[0]].shape)} "
                                   f"by config.json (edited by hand?); export the checkpoint again")
         if config.get("weights_4bit"):
             blocksize = config["weights_4bit"]["blocksize"]

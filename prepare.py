@@ -52,12 +52,14 @@ def check_can_write_file(out: str, replace: bool) -> Path:
     return path
 
 
-def shards_above(out: str) -> str:
+def shards_above_note(out: str) -> str:
     """A note where --out lies inside a folder that holds parquet shards: training on that folder reads
     its subfolders too, these shards with the others (on purpose, or the same text twice)."""
-    folder = next((f for f in Path(os.path.abspath(out)).parents if f.is_dir() and any(f.glob("*.parquet"))), None)
-    return (f"\nnote: {folder} holds parquet shards too: training on it reads these with them; "
-            f"dataset.parquet_dir={shlex.quote(out)} reads these alone" if folder else "")
+    for folder in Path(os.path.abspath(out)).parents:
+        if any(folder.glob("*.parquet")):
+            return (f"\nnote: {folder} holds parquet shards too: training on it reads these with them; "
+                    f"dataset.parquet_dir={shlex.quote(out)} reads these alone")
+    return ""
 
 
 def check_text_files(files):
@@ -73,7 +75,8 @@ def check_text_files(files):
             raise DataError(f"{f}: given twice{also}; give each file once")
         seen[real] = f
         try:
-            if not stat.S_ISREG(mode := os.stat(f).st_mode) and not stat.S_ISDIR(mode):
+            mode = os.stat(f).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # (a folder: text_files_to_parquet says why)
                 raise DataError(f"{f}: not a file but a pipe or a device (<(command) in the shell gives one); "
                                 f"prepare.py reads each file twice: write it to a file first and give that file")
             with open(f, "rb") as file:
@@ -185,7 +188,7 @@ def shards_from_text(paths: list[str], out: str, chunk_setting: int | None, repl
     finer = (f" (of about {chunk_bytes:,} bytes, not {DOCUMENT_BYTES:,}: a text of this size is cut finer, so that "
              f"validation has documents to hold out; --chunk-bytes sets the size)"
              if chunk_bytes < DOCUMENT_BYTES and chunk_setting is None and n > 1 else "")
-    print(f"wrote {n:,} document{'s' * (n != 1)} to {out}{finer}{shards_above(out)}")
+    print(f"wrote {n:,} document{'s' * (n != 1)} to {out}{finer}{shards_above_note(out)}")
     text_bytes = sum(os.path.getsize(f) for f in paths)
     if text_bytes < MIN_TEXT_BYTES:
         print(f"note: {text_bytes:,} bytes of text is too little to train on and hold validation documents "
@@ -250,7 +253,7 @@ def shards_from_parquet(sources: list[str], out: str, text_column: str, replace:
           f"{', as bytes: a file holds them so' * binary}) to {out} in row groups of at most "
           f"{byte_amount(ROW_GROUP_BYTES)}, in {time.time() - started:.0f} s; train on them with "
           f"dataset.parquet_dir={shlex.quote(out)}"
-          + f" dataset.text_column={shlex.quote(text_column)}" * (text_column != "text") + shards_above(out))
+          + f" dataset.text_column={shlex.quote(text_column)}" * (text_column != "text") + shards_above_note(out))
     if (rows := sum(unit.num_rows for unit in units)) > n:
         print(f"note: {rows - n:,} of the {rows:,} rows had no text (null or empty) and were left out, as training "
               f"leaves them out")

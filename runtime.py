@@ -204,14 +204,20 @@ def available_host_memory() -> int | None:
         available = int(next(line for line in lines if line.startswith("MemAvailable:")).split()[1]) * 1024
     except (OSError, StopIteration, ValueError, IndexError):
         return None
+    return min([available, *cgroup_memory_limits()])
+
+
+def cgroup_memory_limits():
+    """The memory limits of this process's cgroups and their parents, in bytes (v2: "0::/path" and
+    memory.max; v1: "4:memory:/path" and memory.limit_in_bytes)."""
     try:
         groups = [line.split(":", 2) for line in PROCESS_CGROUP.read_text().splitlines() if line.count(":") >= 2]
     except OSError:
-        return available
+        return
     for _, controllers, group in groups:
-        if not controllers:  # v2: "0::/path"
+        if not controllers:
             root, limit_file = CGROUP_ROOT, "memory.max"
-        elif "memory" in controllers.split(","):  # v1: "4:memory:/path"
+        elif "memory" in controllers.split(","):
             root, limit_file = CGROUP_ROOT / "memory", "memory.limit_in_bytes"
         else:
             continue
@@ -221,10 +227,10 @@ def available_host_memory() -> int | None:
                 break
             try:
                 limit = (folder / limit_file).read_text().strip()
-                available = min(available, int(limit)) if limit != "max" else available
-            except (OSError, ValueError):
+            except OSError:
                 continue
-    return available
+            if limit.isdigit():  # (v2's "max": none)
+                yield int(limit)
 
 
 def activation_bytes(cfg, compute_dtype: str, checkpointing: bool) -> int:
@@ -235,8 +241,9 @@ def activation_bytes(cfg, compute_dtype: str, checkpointing: bool) -> int:
     layer also keeps its (H, B, T, T) attention scores, and backward makes one gradient of that size:
     1 per layer + 1 (checkpointing: 2). They outweigh the N-wide tensors once block_size passes N."""
     model, training = cfg.model, cfg.training
-    tokens = training.batch_size * training.block_size * model.n_head * DTYPES[compute_dtype].itemsize
-    latents, scores = tokens * model.n_latent, tokens * training.block_size
+    itemsize = DTYPES[compute_dtype].itemsize
+    latents = training.batch_size * model.n_head * training.block_size * model.n_latent * itemsize  # one (B, H, T, N)
+    scores = training.batch_size * model.n_head * training.block_size ** 2 * itemsize  # one (H, B, T, T)
     if checkpointing:
         return 3 * latents + 2 * scores
     return (model.n_layer + 2) * latents + (model.n_layer + 1) * scores

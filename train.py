@@ -197,7 +197,8 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
         except CheckpointError as e:  # a full disk, say
             saved = "earlier checkpoints are intact"
             if best and run.path and saved_step(run.path / "best.pt") == at.step:  # written, then its copy failed
-                saved, resume_command[:] = "best.pt of this step is saved", [resuming(ranks, train_command, run.path)]
+                saved = "best.pt of this step is saved"
+                resume_command[:] = [resuming(ranks, train_command, run.path)]
             raise CheckpointError(f"{e}; " + (f"{saved}: once that is fixed, resume with `{resume_command[0]}`"
                                              if resume_command else "no checkpoint was saved before")) from None
 
@@ -243,7 +244,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
     def save_best(at: Progress):  # best.pt alone
         with paused(step_log, stop, SAVING, device):  # (timed as a checkpoint: the ETA counts evaluations apart)
             path = save_checkpoint(at, name="best.pt")
-        resume_command[:] = [resuming(ranks, train_command, path.parent)]  # (the run's newest checkpoint)
+        resume_command[:] = [resuming(ranks, train_command, path.parent)]  # (its folder: resumes from its newest)
         print(f"saved {path} (best validation loss so far)", flush=True)
 
     if progress.evaluation_due and evaluate_step(progress):  # a stop saved this step before its evaluation
