@@ -98,7 +98,12 @@ def load_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a readable checkpoint (damaged: the bytes of {entry} do not match their "
                               f"checksum, a disk or copy error)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # mapped: its tensors are read from the file as they are used (a resume held a copy of it all in memory)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=magic == ZIP_MAGIC)
+        except Exception:
+            if magic != ZIP_MAGIC:
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # a file system that maps no files
     except Exception as e:  # truncated, or holds code
         if "Weights only load failed" in str(e):
             why = "it holds Python objects, not only tensors and plain data; loading it could run code"

@@ -189,7 +189,8 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_batches
               f"{'4-bit' if low_precision.use_4bit_optimizer else 'float32'} moments (use_4bit_optimizer changed)")
     convert_adamw_state(optimizer_state, {name: p.shape for name, p in model.named_parameters()},
                         low_precision.use_4bit_optimizer)
-    load_full_state(model, optimizer, ckpt.model, optimizer_state)
+    # (copies: the optimizer keeps its state, which must not be the file's mapped pages, changed if it is copied over)
+    load_full_state(model, optimizer, ckpt.model, copied(optimizer_state))
     if ckpt.scaler:  # empty when the checkpoint's run did not use float16
         scaler.load_state_dict(ckpt.scaler)
     if len(ckpt.rng) == ranks.world_size:
@@ -305,6 +306,17 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreada
     for line in run.record_resumed_config(ckpt.step, ckpt.config, cfg.to_dict(), config_as_run(cfg, device)):
         print(f"  config changed: {line}")
     return run
+
+
+def copied(state):
+    """Nested dicts and lists with every tensor cloned."""
+    if torch.is_tensor(state):
+        return state.clone()
+    if isinstance(state, dict):
+        return {key: copied(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return [copied(value) for value in state]
+    return state
 
 
 def optimizer_state_for(optimizer, saved: dict, names: dict) -> dict:
