@@ -58,8 +58,8 @@ def validation_loss(model, val_batches, device, compute, ranks: Ranks) -> tuple[
     def count_active(a, b):  # called by each layer in turn
         nonlocal calls
         layer = active[calls % len(active)]
-        # a and b are relus' outputs: non-zero is active. (count_nonzero makes no temporary: (a > 0).sum() made a
-        # bool and an int copy of a, which took an evaluation with activation checkpointing past the step's peak)
+        # a and b are relus' outputs: non-zero is active. (count_nonzero makes no temporary; on CPU (a > 0).sum()
+        # made a bool and an int copy of a, which took an evaluation with activation checkpointing past the step's peak)
         layer[0] += torch.count_nonzero(a)
         layer[1] += torch.count_nonzero(b)
         layer[2] += a.numel()
