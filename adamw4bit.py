@@ -7,8 +7,8 @@ of 16 levels of a code book. The scale is the block's value of largest magnitude
 that this value is the level +1 whatever its sign: the dynamic code book goes from -0.8875 to +1, and
 an absolute maximum (torchao's scale) would shrink a block's largest negative m by 11% at every step,
 to 0.44 of its value under a steady gradient. Every update runs in float32: decode, update,
-encode, a piece of PIECE_NUMEL elements at a time. The format is a MomentFormat; the default is the one the ablations in BENCHMARKS.md
-("4-bit optimizer: what costs, what helps") chose:
+encode, a piece of PIECE_NUMEL elements at a time. The format is a MomentFormat; the default is the
+one the ablations in BENCHMARKS.md ("4-bit optimizer: what costs, what helps") chose:
 - the first moment m in blocks of 128 with a signed dynamic code book (levels spaced by decades:
   dense near 0, where most of a block's m lies next to its maximum);
 - the fourth root of the second moment, w = v^(1/4), in blocks of 128 with the zero-free linear code

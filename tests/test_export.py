@@ -280,11 +280,11 @@ def test_an_export_whose_config_json_was_edited_is_refused_in_one_line(trained, 
     out = tmp_path / "export"
     assert export.main(["--checkpoint", str(trained), "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
+    encoder = tuple(load_file(out / "model.safetensors")["encoder"].shape)
     for edit, message in [({"n_layer": "3"}, "config.json's n_layer is '3', not a whole number of at least 1"),
                           ({"n_layer": 0}, "config.json's n_layer is 0, not a whole number of at least 1"),
                           ({"n_head": config["n_head"] * 2}, "config.json does not fit model.safetensors: encoder is "
-                                                             f"{tuple(load_file(out / 'model.safetensors')['encoder'].shape)}"
-                                                             f" there and (4, 32, 32) by config.json")]:
+                                                             f"{encoder} there and (4, 32, 32) by config.json")]:
         (out / "config.json").write_text(json.dumps({**config, **edit}))
         with pytest.raises(CheckpointError, match=f"^{out}: {re.escape(message)} \\(edited by hand\\?\\); export the "
                                                   f"checkpoint again$"):
