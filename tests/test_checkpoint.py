@@ -47,7 +47,7 @@ def test_checkpoint_file_round_trip_and_version_0_1_layout(tmp_path):
     assert loaded.data_order is None and loaded.batches_consumed == 0
 
 
-def test_a_checkpoint_is_mapped_not_read_into_memory_and_a_resume_copies_what_it_keeps(tmp_path, monkeypatch):
+def test_a_checkpoint_is_mapped_not_read_into_memory_and_a_resume_copies_what_it_keeps(tmp_path):
     """Mapped, a resume no longer holds the whole file in memory beside the model and its optimizer
     (0.5 GiB above the step's peak at 75M parameters); what the optimizer keeps is copied, since the
     pages of a mapped file that is later copied over (in place) change with it."""
