@@ -6,6 +6,7 @@ stopped; it also continues across changed settings, and says what changed. A fol
 wrote starts a fine-tuning run instead: its weights only. Also the commands a run prints: the one
 that resumes it, the one that trains it on.
 """
+import copy
 import math
 import os
 import random
@@ -190,7 +191,7 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_batches
     convert_adamw_state(optimizer_state, {name: p.shape for name, p in model.named_parameters()},
                         low_precision.use_4bit_optimizer)
     # (copies: the optimizer keeps its state, which must not be the file's mapped pages, changed if it is copied over)
-    load_full_state(model, optimizer, ckpt.model, copied(optimizer_state))
+    load_full_state(model, optimizer, ckpt.model, copy.deepcopy(optimizer_state))
     if ckpt.scaler:  # empty when the checkpoint's run did not use float16
         scaler.load_state_dict(ckpt.scaler)
     if len(ckpt.rng) == ranks.world_size:
@@ -306,17 +307,6 @@ def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreada
     for line in run.record_resumed_config(ckpt.step, ckpt.config, cfg.to_dict(), config_as_run(cfg, device)):
         print(f"  config changed: {line}")
     return run
-
-
-def copied(state):
-    """Nested dicts and lists with every tensor cloned."""
-    if torch.is_tensor(state):
-        return state.clone()
-    if isinstance(state, dict):
-        return {key: copied(value) for key, value in state.items()}
-    if isinstance(state, list):
-        return [copied(value) for value in state]
-    return state
 
 
 def optimizer_state_for(optimizer, saved: dict, names: dict) -> dict:

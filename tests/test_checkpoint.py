@@ -51,11 +51,11 @@ def test_a_checkpoint_is_mapped_not_read_into_memory_and_a_resume_copies_what_it
     """Mapped, a resume no longer holds the whole file in memory beside the model and its optimizer
     (0.5 GiB above the step's peak at 75M parameters); what the optimizer keeps is copied, since the
     pages of a mapped file that is later copied over (in place) change with it."""
-    import resume
+    import copy
     weights = torch.arange(4096.0)
     torch.save(Checkpoint(step=1, model={"w": weights}, model_config={}).to_dict(), tmp_path / "c.pt")
     loaded = load_checkpoint(tmp_path / "c.pt")
-    kept = resume.copied({"state": {0: {"exp_avg": loaded.model["w"]}}, "param_groups": [{"lr": 1.0}]})
+    kept = copy.deepcopy({"state": {0: {"exp_avg": loaded.model["w"]}}, "param_groups": [{"lr": 1.0}]})  # (resume's)
     raw = (tmp_path / "c.pt").read_bytes()
     start = raw.find(weights.numpy().tobytes())
     with open(tmp_path / "c.pt", "r+b") as f:  # copied over in place (cp keeps the file)
