@@ -1,7 +1,7 @@
 """Carrying a run across processes. save() writes what an exact continuation needs: the weights,
 the optimizer and scaler state, every rank's RNG state, every reader's data position, the step and
-the best validation loss. resume() loads it back, so that a run stopped at step k (by a signal, a
-crash or kill -9) continues with the same batches, dropout masks and updates as one that never
+the best validation loss. resume() and load_saved_state() load it back, so that a run stopped at step
+k (by a signal, a crash or kill -9) continues with the same batches, dropout masks and updates as one that never
 stopped; it also continues across changed settings, and says what changed. A folder that export.py
 wrote starts a fine-tuning run instead: its weights only. Also the commands a run prints: the one
 that resumes it, the one that trains it on.
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from adamw4bit import convert_adamw_state
-from checkpoint import Checkpoint, CheckpointError, is_export, load_export, saved_step
+from checkpoint import Checkpoint, CheckpointError, is_export, load_checkpoint, load_export, saved_step
 from config_file import config_value
 from distributed import Ranks, full_state, load_full_state, load_full_weights
 from evaluation import validation_fingerprint
@@ -171,19 +171,59 @@ def check_resumable(cfg, path: Path, ckpt, tokenizer, shards: str, val_fingerpri
     return carried_forward(ckpt, cfg.to_dict(), command_line)
 
 
-def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_batches: list, ranks, device,
-           command_line: dict):
-    """Load the checkpoint of training.resume_from_checkpoint into the model, optimizer and
-    scaler; returns (its run directory, Progress, the data stream's start positions).
+def resume(cfg, tokenizer, units, workers, val_batches: list, ranks, device, command_line: dict):
+    """Where the run of training.resume_from_checkpoint stands: (its run directory, Progress, the data
+    stream's start positions), from the checkpoint, checked against this config. Its weights and
+    optimizer state are loaded once the model exists (load_saved_state): the loader's workers start in
+    between, before the model and its optimizer take their memory.
     `val_batches`: this run's validation batches (validation.validation_batches);
     `command_line`: its config file and the settings it gives (resume_checks.command_line_record)."""
-    low_precision, val_fingerprint = cfg.low_precision, validation_fingerprint(val_batches)
-    if is_export(cfg.training.resume_from_checkpoint):
-        return fine_tune_from_export(cfg, model, tokenizer, ranks)
+    val_fingerprint = validation_fingerprint(val_batches)
+    if is_export(cfg.training.resume_from_checkpoint):  # a fine-tune (load_saved_state checks the export)
+        return RunDir(cfg.training.checkpoint_dir, writer=ranks.main), Progress(), []
     unreadable = []
     path, ckpt = open_checkpoint(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir, skipped=unreadable)
     shards = data_order(cfg, units, workers, ranks.world_size)[SHARDS]  # their fingerprint
     progress_command_line = check_resumable(cfg, path, ckpt, tokenizer, shards, val_fingerprint, command_line)
+    tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
+    best = math.inf if math.isnan(ckpt.best_val_loss) else ckpt.best_val_loss  # (up to 0.4.10 a NaN could be)
+    progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=best, last_saved=path,
+                        passes=ckpt.passes, measured_anew=ckpt.measured_anew, evaluation_due=ckpt.evaluation_due,
+                        command_line=progress_command_line, seconds_before=ckpt.seconds)
+    run = reopen_run(cfg, path, ckpt, progress, ranks, device, unreadable,
+                     checkpoint_dir_given="training.checkpoint_dir" in command_line["settings"])
+    if ckpt.step >= cfg.training.max_iters:  # train() says there is nothing to do; nothing changes either
+        return run, progress, []
+    if note := schedule_jump(ckpt, cfg.training):
+        print(note)
+    best_afresh = evaluated_weights(ckpt.low_precision()) != evaluated_weights(asdict(cfg.low_precision))
+    if best_afresh:
+        print("validation losses now measure other weights (use_4bit or its code book changed): best.pt starts afresh")
+    positions, progress.batches_consumed = resume_point(
+        cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
+    if note := short_batch_added(ckpt, val_batches):
+        print(note)
+        best_afresh = True
+    elif warning := validation_change(ckpt.config, cfg.to_dict(), (ckpt.data_order or {}).get(SHARDS), shards,
+                                      ckpt.validation_batches, val_fingerprint):
+        print(warning)
+        best_afresh = True
+    if best_afresh:
+        progress.best_val_loss, progress.measured_anew = math.inf, True
+        if kept := run.set_aside_best(ckpt.step):
+            loss = f" (validation loss {ckpt.best_val_loss:.4f})" if math.isfinite(ckpt.best_val_loss) else ""
+            print(f"  the run's best.pt so far{loss} is now {kept}")
+    return run, progress, positions  # (the checkpoint's mapping of the file ends here: no worker inherits it)
+
+
+def load_saved_state(cfg, model, optimizer, scaler, tokenizer, progress: Progress, ranks, device):
+    """Load the checkpoint that resume() found (read again, mapped) into the model, optimizer and
+    scaler, and set the random state it saved; for a fine-tune, the export's weights."""
+    if is_export(cfg.training.resume_from_checkpoint):
+        fine_tune_from_export(cfg, model, tokenizer)
+        return
+    ckpt = load_checkpoint(progress.last_saved, check_sums=False)  # (resume() checked them)
+    low_precision = cfg.low_precision
     optimizer_state = optimizer_state_for(optimizer, ckpt.optimizer, {p: name for name, p in model.named_parameters()})
     if ckpt.low_precision()["use_4bit_optimizer"] != low_precision.use_4bit_optimizer:
         print(f"converting the checkpoint's optimizer state to "
@@ -203,35 +243,6 @@ def resume(cfg, model, optimizer, scaler, tokenizer, units, workers, val_batches
             print(f"note: {ranks.world_size} process{'es' * (ranks.world_size != 1)} where the checkpoint has "
                   f"{len(ckpt.rng)}{reseeded}{batch_note}")
         torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
-    tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
-    best = math.inf if math.isnan(ckpt.best_val_loss) else ckpt.best_val_loss  # (up to 0.4.10 a NaN could be)
-    progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=best, last_saved=path,
-                        passes=ckpt.passes, measured_anew=ckpt.measured_anew, evaluation_due=ckpt.evaluation_due,
-                        command_line=progress_command_line, seconds_before=ckpt.seconds)
-    run = reopen_run(cfg, path, ckpt, progress, ranks, device, unreadable,
-                     checkpoint_dir_given="training.checkpoint_dir" in command_line["settings"])
-    if ckpt.step >= cfg.training.max_iters:  # train() says there is nothing to do; nothing changes either
-        return run, progress, []
-    if note := schedule_jump(ckpt, cfg.training):
-        print(note)
-    best_afresh = evaluated_weights(ckpt.low_precision()) != evaluated_weights(asdict(low_precision))
-    if best_afresh:
-        print("validation losses now measure other weights (use_4bit or its code book changed): best.pt starts afresh")
-    positions, progress.batches_consumed = resume_point(
-        cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
-    if note := short_batch_added(ckpt, val_batches):
-        print(note)
-        best_afresh = True
-    elif warning := validation_change(ckpt.config, cfg.to_dict(), (ckpt.data_order or {}).get(SHARDS), shards,
-                                      ckpt.validation_batches, val_fingerprint):
-        print(warning)
-        best_afresh = True
-    if best_afresh:
-        progress.best_val_loss, progress.measured_anew = math.inf, True
-        if kept := run.set_aside_best(ckpt.step):
-            loss = f" (validation loss {ckpt.best_val_loss:.4f})" if math.isfinite(ckpt.best_val_loss) else ""
-            print(f"  the run's best.pt so far{loss} is now {kept}")
-    return run, progress, positions
 
 
 def short_batch_added(ckpt, val_batches: list) -> str | None:
@@ -325,7 +336,7 @@ def optimizer_state_for(optimizer, saved: dict, names: dict) -> dict:
     return saved
 
 
-def fine_tune_from_export(cfg, model, tokenizer, ranks):
+def fine_tune_from_export(cfg, model, tokenizer):
     """training.resume_from_checkpoint names a folder that export.py wrote: its weights, with a
     fresh optimizer, from step 1, in a new run directory (an export holds no optimizer or data state)."""
     folder = cfg.training.resume_from_checkpoint
@@ -335,7 +346,6 @@ def fine_tune_from_export(cfg, model, tokenizer, ranks):
     load_full_weights(model, exported.state_dict())
     print(f"fine-tuning the model exported to {folder} (step {config['bdh_export']['step']} of its run): its weights, "
           f"a fresh optimizer, from step 1, in a new run directory")
-    return RunDir(cfg.training.checkpoint_dir, writer=ranks.main), Progress(), []
 
 
 # ---- the commands a run prints: the one that resumes it, the one that trains it on

@@ -56,8 +56,8 @@ from model import BDH
 from outputs import outputs_without_reader, put_back_outputs
 from positions import data_order
 from readers import loader_workers
-from resume import (Progress, checkpoint_size, extending, resume, resume_target, resuming, save, set_rng_state,
-                    torch_rng_state, using_checkpoint_dir)
+from resume import (Progress, checkpoint_size, extending, load_saved_state, resume, resume_target, resuming, save,
+                    set_rng_state, torch_rng_state, using_checkpoint_dir)
 from resume_checks import check_run_data_given, command_line_record, data_settings_hint
 from rundir import (RunDir, check_writable, clean_stale_temporaries, release_run_directories, remove_empty_runs,
                     unfinished_older_run, unfinished_run)
@@ -85,6 +85,8 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
     `resume_named_in_file`: the config file, where it gives training.resume_from_checkpoint (resume_target)."""
     training = cfg.training
     compute_dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
+    # (refused before anything is read)
+    fp8_products, fp8_recipe = fp8_matmuls(cfg.fp8, device) if cfg.low_precision.use_fp8 else (None, None)
     compute = autocast(device, compute_dtype)
     if warning := emulated_dtype_warning(device, compute_dtype):
         print(warning)
@@ -121,18 +123,10 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
             note := unmeasured_validation(cfg, units, val_batches, val_tokens_per_byte, ranks.world_size)):
         print(note)
 
-    # ---- model and optimizer
-    raw_model, fp8_recipe, qat_view, qat_start = build_model(cfg, device)  # same seed, same weights on every rank
-    model = wrap(raw_model, ranks, device)  # DDP or FSDP under torchrun; the model itself otherwise
-    optimizer = make_optimizer(raw_model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == "float16")
-    if ranks.enabled:  # dropout masks differ between ranks, and from the numbers the weights were drawn from
-        torch.manual_seed(training.seed + 1 + ranks.rank)
-
-    # ---- resume
+    # ---- resume: where the run stands (the checkpoint's weights are loaded once the model exists)
     if training.resume_from_checkpoint:
-        run, progress, start_positions = resume(cfg, raw_model, optimizer, scaler, tokenizer, units, workers,
-                                                val_batches, ranks, device, command_line)
+        run, progress, start_positions = resume(cfg, tokenizer, units, workers, val_batches, ranks, device,
+                                                command_line)
         train_command = using_checkpoint_dir(train_command, training.checkpoint_dir)
         if progress.step >= training.max_iters:
             print(f"nothing to do: the checkpoint {progress.last_saved} is at step {progress.step} and "
@@ -152,6 +146,25 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
             print(note)
     progress.val_fingerprint = val_fingerprint
     progress.command_line = progress.command_line or command_line  # (a resume keeps the run's too)
+
+    # ---- the training stream: its workers start before the model exists (forked later, on CPU, each would keep
+    # the pages of the weights and moments it was forked with as the steps rewrite them: a copy of each)
+    with signals_held():
+        loader = iter(train_loader(cfg, units, tokenizer, workers, start_positions, progress.batches_consumed,
+                                   pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
+                                   rank=ranks.rank, world_size=ranks.world_size))
+    progress.positions = rank_positions(start_positions, ranks.rank, workers)
+    order = data_order(cfg, units, workers, ranks.world_size)
+
+    # ---- model and optimizer
+    raw_model, qat_view, qat_start = build_model(cfg, device, fp8_products)  # same seed, same weights on every rank
+    model = wrap(raw_model, ranks, device)  # DDP or FSDP under torchrun; the model itself otherwise
+    optimizer = make_optimizer(raw_model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == "float16")
+    if ranks.enabled:  # dropout masks differ between ranks, and from the numbers the weights were drawn from
+        torch.manual_seed(training.seed + 1 + ranks.rank)
+    if training.resume_from_checkpoint:
+        load_saved_state(cfg, raw_model, optimizer, scaler, tokenizer, progress, ranks, device)
     if ranks.main and (removed := clean_stale_temporaries(training.checkpoint_dir, run.path)):
         print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
     if ranks.main and (empty := remove_empty_runs(training.checkpoint_dir)):
@@ -170,14 +183,8 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
     print(describe_run(cfg, raw_model, optimizer, ranks, device, compute_dtype, units, val_windows, run, compile_model,
                        fp8_recipe, qat_start, peak_source), flush=True)
 
-    # ---- the training stream
+    # ---- stopping, logging, sampling
     stop = GracefulStop(second_signal_stops=not ranks.enabled, announce=ranks.main, at_once=True)
-    with signals_held():  # (the workers start here)
-        loader = iter(train_loader(cfg, units, tokenizer, workers, start_positions, progress.batches_consumed,
-                                   pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
-                                   rank=ranks.rank, world_size=ranks.world_size))
-    progress.positions = rank_positions(start_positions, ranks.rank, workers)
-    order = data_order(cfg, units, workers, ranks.world_size)
     sample_generator = torch.Generator(device=device)
     stop_vote = StepVote(ranks)  # whether any rank heard a signal (under torchrun: one step late)
     compiling_steps = ()  # their time is mostly compilation
@@ -342,22 +349,21 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
     return 0
 
 
-def build_model(cfg, device: torch.device):
-    """(the model, its FP8 recipe or None, the 4-bit weight view or None, the step after which
-    quantization-aware training starts). use_4bit: the steps after qat_start train through the
-    4-bit round trip; every evaluation measures the 4-bit model (before qat_start: the current
-    weights quantized after the fact)."""
+def build_model(cfg, device: torch.device, matmuls=None):
+    """(the model, the 4-bit weight view or None, the step after which quantization-aware training
+    starts). `matmuls`: its weight products (fp8.fp8_matmuls'), if not model.py's own. use_4bit: the steps
+    after qat_start train through the 4-bit round trip; every evaluation measures the 4-bit model
+    (before qat_start: the current weights quantized after the fact)."""
     low_precision = cfg.low_precision
     model = BDH(cfg.to_bdh_config()).to(device)
     model.activation_checkpointing = cfg.training.activation_checkpointing
-    fp8_recipe = None
-    if low_precision.use_fp8:
-        model.matmuls, fp8_recipe = fp8_matmuls(cfg.fp8, device)
+    if matmuls:
+        model.matmuls = matmuls
     qat_view = None
     if low_precision.use_4bit:
         qat_view = quantization_aware_view(low_precision.quantization_type, low_precision.use_double_quant)
     qat_start = min(round(low_precision.qat_start_fraction * cfg.training.max_iters), cfg.training.max_iters - 1)
-    return model, fp8_recipe, qat_view, qat_start
+    return model, qat_view, qat_start
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import sample
 import train
 from checkpoint import load_checkpoint
 from config import Config
-from conftest import write_config
+from conftest import run_dirs, write_config
 from model import PLAIN, BDH, BDHConfig
 from reference import reference_forward
 
@@ -70,14 +70,22 @@ def test_fp8_forward_and_backward_against_bf16(monkeypatch, recipe, fmt):
     assert gemms == []  # evaluation runs in the compute dtype
 
 
-def test_fp8_training_is_refused_without_an_fp8_gpu(tmp_path, corpus, capsys):
+def test_fp8_training_is_refused_without_an_fp8_gpu(tmp_path, corpus, capsys, monkeypatch):
     if FP8_GPU:
         pytest.skip("this machine has an FP8 GPU")
-    path = write_config(tmp_path, corpus, batch_size=4, block_size=16)
+    path = write_config(tmp_path, corpus, batch_size=4, block_size=16, max_iters=2, checkpoint_freq=2)
     assert train.main(["--config", str(path), "low_precision.use_fp8=true"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs a CUDA GPU with compute capability >= 8.9" in err
     assert not (tmp_path / "ck").exists()
+    # a resume that asks for it: refused before the data is read and the run's folder is touched
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    files = sorted(run.iterdir())
+    monkeypatch.setattr(train, "prepare_data", lambda *a: pytest.fail("the data was read"))
+    assert train.main(["--config", str(path), "low_precision.use_fp8=true", "training.max_iters=4",
+                       f"training.resume_from_checkpoint={run}"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err and sorted(run.iterdir()) == files
 
 
 def test_transformer_engine_backend_is_refused_with_the_reason(tmp_path, corpus, capsys, monkeypatch):

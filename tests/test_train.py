@@ -117,6 +117,31 @@ def test_data_loader_workers_train(tmp_path, corpus):
     assert [p["reader"] for p in ckpt.data_positions] == [0, 1] and ckpt.batches_consumed == 3  # both took turns
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc")
+def test_loader_workers_are_forked_before_the_model_and_without_the_resumed_checkpoint(tmp_path, corpus, monkeypatch):
+    """Forked later, on CPU, a worker would keep the pages of the weights and moments it was forked with as the
+    steps rewrite them (a copy of each), and the checkpoint's mapping (its disk space, once keep_last_n deletes it)."""
+    path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2)
+    assert train.main(["--config", str(path), "dataloader.num_workers=1"]) == 0
+    [run] = run_dirs(tmp_path)
+    checkpoint = str(run / "checkpoint_2.pt")
+    events = []
+
+    def noting(name, function):
+        def noted(*args, **kwargs):
+            events.append((name, any(checkpoint in line for line in Path("/proc/self/maps").read_text().splitlines())))
+            return function(*args, **kwargs)
+        return noted
+    monkeypatch.setattr(train, "train_loader", noting("loader", train.train_loader))
+    monkeypatch.setattr(train, "build_model", noting("model", train.build_model))
+    monkeypatch.setattr(train, "load_saved_state", noting("weights", train.load_saved_state))
+    assert train.main(["--config", str(path), "dataloader.num_workers=1", "training.max_iters=3",
+                       f"training.resume_from_checkpoint={run}"]) == 0
+    assert events == [("loader", False), ("model", False), ("weights", False)]
+    assert [p["step"] for p in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+            if "train_loss" in p] == [1, 2, 3]
+
+
 @NEEDS_CUDA
 @pytest.mark.parametrize("flags", [[], ["low_precision.use_4bit_optimizer=true"],
                                    ["low_precision.use_4bit=true", "low_precision.qat_start_fraction=0"]],
