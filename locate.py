@@ -132,6 +132,8 @@ def checkpoint_candidates(spec: str, checkpoint_dir: str | None, setting: str) -
         if not (found := resumable_in(path)):
             raise CheckpointError(f"{setting}: {path} holds no checkpoint_<step>.pt{why_no_checkpoint(path, setting)}")
         return found
+    if path.exists() and not path.is_file():  # a device, a pipe
+        raise CheckpointError(f"{setting}: {path} is not a file; give {what_to_give(setting)}")
     if not path.is_file():
         raise not_found(spec, root, setting)
     return [path]
@@ -178,8 +180,16 @@ def why_no_checkpoint(path: Path, setting: str) -> str:
             else f": it holds folders of runs ({', '.join(map(str, experiments))}): give a run of one, or "
                  f"`latest` with {folder} set to one" if experiments
             else f": export.py's output, not a checkpoint{exported_from(path)}" if is_export(path) else
+            f": a folder export.py wrote, without its model.safetensors (copied in part?): copy that file into it"
+            f"{exported_from(path)}" if export_source(path) else
             ": its run stopped before its first checkpoint" + ("" if flag else f"; start it again without {setting}")
             if is_run_directory(path) else "")
+
+
+def what_to_give(setting: str) -> str:
+    """What a checkpoint setting takes: a script's --checkpoint, or training.resume_from_checkpoint."""
+    return ("a checkpoint file, a run directory or `latest`" if setting.startswith("--") else
+            "a checkpoint file, a run directory, `latest` or `auto`")
 
 
 def not_found(spec: str, root: Path, setting: str) -> CheckpointError:
@@ -203,7 +213,7 @@ def not_found(spec: str, root: Path, setting: str) -> CheckpointError:
            f"did you mean {spec.lower()} (in lower case)?" if spec.lower() in words else
            "for a new run, leave it out or give null (YAML's word for none)"
            if not flag and spec.lower() in ("none", "no", "false", "off", "new") else
-           f"give a checkpoint file, a run directory{', `latest`' * (not flag)} or `{words[-1]}`")
+           f"give {what_to_give(setting)}")
     close = difflib.get_close_matches(spec.lower(), words, 1, 0.75) if not re.search(r"[/.]", spec) else []
     fix = f"did you mean `{close[0]}`? ({fix})" if close and fix.startswith("give") else fix
     return CheckpointError(f"{setting}: {path} does not exist{relative_to_here(path)}; {fix}")

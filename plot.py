@@ -287,7 +287,7 @@ def draw_curves(axes, runs, colors):
                 sparsity.plot([r["step"] for r in with_sparsity], [sum(r[key]) / len(r[key]) for r in with_sparsity],
                               color=color, **style)
         if train:
-            lr.plot(steps, [r["lr"] for r in train], color=color, **one_point(train))
+            lr.plot(steps, [r.get("lr") for r in train], color=color, **one_point(train))
             timed = [r for r in train if not r.get("compiling")]  # a compiling step's time is not its speed
             speed.plot([r["step"] for r in timed], [r.get("tokens_per_s") for r in timed], color=color,
                        **one_point(timed))

@@ -241,6 +241,11 @@ def test_an_export_fine_tunes_with_a_fresh_optimizer(trained, tmp_path, corpus, 
             in (tmp_path / "tuned" / "README.md").read_text())
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={out}", "model.n_layer=3"]) == 1
     assert "different model shape" in capsys.readouterr().err
+    (out / "model.safetensors").unlink()  # an export copied in part
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={out}"]) == 1
+    assert capsys.readouterr().err.endswith(f"holds no checkpoint_<step>.pt: a folder export.py wrote, without its "
+                                            f"model.safetensors (copied in part?): copy that file into it (exported "
+                                            f"from {trained}: give that checkpoint)\n")
 
 
 def test_the_card_names_a_start_only_where_a_run_started_from_a_model(tmp_path):

@@ -77,6 +77,10 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
         open_checkpoint(str(tmp_path / "gone" / "checkpoint_10.pt"), str(tmp_path))  # another run's, moved: no guess
     with pytest.raises(CheckpointError, match="; give a checkpoint file, a run directory or `latest`$"):
         open_checkpoint(str(tmp_path / "gone" / "checkpoint_10.pt"), None, setting="--checkpoint")
+    if os.path.exists("/dev/null"):  # there, but not a file
+        with pytest.raises(CheckpointError, match="^--checkpoint: /dev/null is not a file; give a checkpoint file, a "
+                                                  "run directory or `latest`$"):
+            open_checkpoint("/dev/null", None, setting="--checkpoint")
     with pytest.raises(CheckpointError, match=r"; did you mean auto \(in lower case\)\?$"):
         open_checkpoint("Auto", str(tmp_path))
     with pytest.raises(CheckpointError, match=r"None does not exist .*; for a new run, leave it out or give null "):

@@ -84,6 +84,10 @@ def test_out_is_checked_first_and_damaged_records_are_skipped(tmp_path, corpus, 
     assert plot.main([str(run / "metrics.jsonl"), "--out", str(out)]) == 0  # the file itself is accepted too
     assert out.read_text().lstrip().startswith("<?xml")
     assert capsys.readouterr().err.count("is not a metrics record") == 3
+    hand_made = tmp_path / "elsewhere" / "run_1"  # records of another program: a step and a loss, no lr
+    hand_made.mkdir(parents=True)
+    (hand_made / "metrics.jsonl").write_text('{"step": 1, "train_loss": 3.0}\n{"step": 2, "train_loss": 2.5}\n')
+    assert plot.main([str(hand_made), "--out", str(tmp_path / "hand_made.png")]) == 0
 
 
 def test_the_runs_are_named_once_under_the_panels_and_a_run_without_evaluations_has_no_validation_legend(

@@ -25,7 +25,7 @@ from conftest import (DEVICES, ROOT, losses, make_corpus, only_run, run_dirs, st
                       write_parquet)
 from distributed import Ranks
 from evaluation import validation_fingerprint
-from resume import extending, launcher, rng_state, set_rng_state
+from resume import Progress, extending, launcher, load_saved_state, rng_state, set_rng_state
 from locate import checkpoints_in, open_checkpoint
 from tokenizer import load_tokenizer
 from validation import validation_batches
@@ -682,3 +682,25 @@ def test_the_resume_command_starts_the_run_as_it_was_started(monkeypatch):
 def test_the_command_that_trains_a_run_on_sets_max_iters_once():
     assert extending("train.py --config my.yaml training.max_iters=10 training.seed=3", 20) == (
         "train.py --config my.yaml training.seed=3 training.max_iters=20")
+
+
+def test_loading_a_checkpoint_keeps_none_of_the_file_s_mapped_pages(tmp_path, corpus):
+    """The checkpoint is mapped: what the optimizer keeps must be copied off it, or a file copied over
+    (in place, as cp does) would change the moments under the resumed run."""
+    path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2)
+    assert train.main(["--config", str(path)]) == 0
+    checkpoint = run_dirs(tmp_path)[0] / "checkpoint_2.pt"
+    cfg = Config.from_yaml(path, [f"training.resume_from_checkpoint={checkpoint}"])
+    model = train.build_model(cfg, torch.device("cpu"))[0]
+    optimizer = train.make_optimizer(model, cfg, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    load_saved_state(cfg, model, optimizer, scaler, load_tokenizer("bytes"), Progress(last_saved=checkpoint),
+                     Ranks(), torch.device("cpu"))
+    def moments():
+        return [t.clone() for state in optimizer.state.values() for t in state.values() if t.dim()]
+    loaded = moments()
+    assert len(loaded) == 2 * len(list(model.parameters())) and all(t.abs().sum() > 0 for t in loaded)
+    with open(checkpoint, "r+b") as f:  # copied over in place
+        f.write(bytes(checkpoint.stat().st_size))
+    assert all(torch.equal(a, b) for a, b in zip(loaded, moments()))
+
