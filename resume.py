@@ -208,17 +208,15 @@ def resume(cfg, tokenizer, units, workers, val_batches: list, ranks, device, com
                                       ckpt.validation_batches, val_fingerprint):
         print(warning)
         best_afresh = True
-    if best_afresh:
+    if best_afresh:  # (the run's best.pt so far is set aside once the checkpoint, maybe that file, is loaded)
         progress.best_val_loss, progress.measured_anew = math.inf, True
-        if kept := run.set_aside_best(ckpt.step):
-            loss = f" (validation loss {ckpt.best_val_loss:.4f})" if math.isfinite(ckpt.best_val_loss) else ""
-            print(f"  the run's best.pt so far{loss} is now {kept}")
     return run, progress, positions  # (the checkpoint's mapping of the file ends here: no worker inherits it)
 
 
-def load_saved_state(cfg, model, optimizer, scaler, tokenizer, progress: Progress, ranks, device):
+def load_saved_state(cfg, run, model, optimizer, scaler, tokenizer, progress: Progress, ranks, device):
     """Load the checkpoint that resume() found (read again, mapped) into the model, optimizer and
-    scaler, and set the random state it saved; for a fine-tune, the export's weights."""
+    scaler, and set the random state it saved; for a fine-tune, the export's weights. Where validation
+    now measures something else (resume(): measured_anew), the run's best.pt so far is then set aside."""
     if is_export(cfg.training.resume_from_checkpoint):
         fine_tune_from_export(cfg, model, tokenizer)
         return
@@ -243,6 +241,11 @@ def load_saved_state(cfg, model, optimizer, scaler, tokenizer, progress: Progres
             print(f"note: {ranks.world_size} process{'es' * (ranks.world_size != 1)} where the checkpoint has "
                   f"{len(ckpt.rng)}{reseeded}{batch_note}")
         torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
+    if progress.measured_anew:
+        ranks.barrier()  # every rank has read the checkpoint, which may be that best.pt
+        if kept := run.set_aside_best(ckpt.step):
+            loss = f" (validation loss {ckpt.best_val_loss:.4f})" if math.isfinite(ckpt.best_val_loss) else ""
+            print(f"  the run's best.pt so far{loss} is now {kept}")
 
 
 def short_batch_added(ckpt, val_batches: list) -> str | None:

@@ -164,7 +164,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
     if ranks.enabled:  # dropout masks differ between ranks, and from the numbers the weights were drawn from
         torch.manual_seed(training.seed + 1 + ranks.rank)
     if training.resume_from_checkpoint:
-        load_saved_state(cfg, raw_model, optimizer, scaler, tokenizer, progress, ranks, device)
+        load_saved_state(cfg, run, raw_model, optimizer, scaler, tokenizer, progress, ranks, device)
     if ranks.main and (removed := clean_stale_temporaries(training.checkpoint_dir, run.path)):
         print(f"removed {removed} temporary file(s) left by an interrupted checkpoint write")
     if ranks.main and (empty := remove_empty_runs(training.checkpoint_dir)):

@@ -457,6 +457,21 @@ def test_a_checkpoint_of_a_version_that_left_out_the_short_last_validation_batch
     assert "WARNING" not in out and (run / "best_until_step_2.pt").exists()
 
 
+def test_a_resume_from_best_pt_that_starts_best_afresh_sets_it_aside_after_reading_it(tmp_path, corpus, capsys):
+    """The checkpoint is read again once the model exists (load_saved_state): the best.pt that validation
+    measuring something else sets aside is renamed after that, not from under it."""
+    path = write_config(tmp_path, corpus, max_iters=2)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.max_iters=3", "training.eval_iters=1",
+                       f"training.resume_from_checkpoint={run / 'best.pt'}"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "is now best_until_step_2.pt" in out
+    assert load_checkpoint(run / "best_until_step_2.pt").step == 2 and load_checkpoint(run / "best.pt").step == 3
+    assert sorted(losses(run)) == [1, 2, 3]
+
+
 # train.py with a slow disk: torch.save's bytes are written in small chunks with pauses, so that a
 # checkpoint write takes about 0.4 s and random kills land inside writes. With "hold" first, the
 # second write stops halfway, for the test to kill it there.
@@ -694,7 +709,7 @@ def test_loading_a_checkpoint_keeps_none_of_the_file_s_mapped_pages(tmp_path, co
     model = train.build_model(cfg, torch.device("cpu"))[0]
     optimizer = train.make_optimizer(model, cfg, torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    load_saved_state(cfg, model, optimizer, scaler, load_tokenizer("bytes"), Progress(last_saved=checkpoint),
+    load_saved_state(cfg, None, model, optimizer, scaler, load_tokenizer("bytes"), Progress(last_saved=checkpoint),
                      Ranks(), torch.device("cpu"))
     def moments():
         return [t.clone() for state in optimizer.state.values() for t in state.values() if t.dim()]
