@@ -18,6 +18,8 @@ def test_a_machine_without_cuda_is_refused_in_one_line(tmp_path):
     assert done.stderr == (f"error: scripts/gpu_check.sh checks a CUDA machine, and {sys.executable} sees no CUDA GPU "
                            f"(or no torch): run it where torch.cuda.is_available() is true\n")
     assert not (tmp_path / "out").exists()
-    for arguments in ([], ["out", "more"]):
+    usage = ("usage: bash scripts/gpu_check.sh OUTDIR [PART ...] (PARTs: bench fp8_n_embd_256 fp8_n_embd_512 train "
+             "pytest; none: all)")
+    for arguments, message in (([], usage), (["out", "bench", "fp8"], f"error: no part fp8; {usage}")):
         done = subprocess.run(["bash", script, *arguments], capture_output=True, text=True, timeout=120)
-        assert (done.returncode, done.stderr) == (2, "usage: bash scripts/gpu_check.sh OUTDIR\n")
+        assert (done.returncode, done.stderr) == (2, message + "\n")
