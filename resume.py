@@ -45,6 +45,7 @@ class Progress:
     positions: dict = field(default_factory=dict)  # this rank's readers' positions after those batches
     passes: float | None = None  # over the training data, at the step (StepLog.passes; None: not known)
     measured_anew: bool = False  # a resume changed what validation measures: the next evaluation's record says so
+    best_afresh: bool = False  # this resume did (not saved): load_saved_state sets the run's best.pt so far aside
     evaluation_due: bool = False  # at this step, and not run yet (a stop saved first)
     val_fingerprint: str | None = None  # of the validation batches (evaluation.validation_fingerprint)
     # this command line's (resume_checks.command_line_record), with what a resume carries of the run's (carried_forward)
@@ -190,6 +191,8 @@ def resume(cfg, tokenizer, units, workers, val_batches: list, ranks, device, com
     progress = Progress(step=ckpt.step, tokens=tokens, best_val_loss=best, last_saved=path,
                         passes=ckpt.passes, measured_anew=ckpt.measured_anew, evaluation_due=ckpt.evaluation_due,
                         command_line=progress_command_line, seconds_before=ckpt.seconds)
+    if ckpt.step < cfg.training.max_iters:
+        state_notes(cfg, ckpt, ranks)
     run = reopen_run(cfg, path, ckpt, progress, ranks, device, unreadable,
                      checkpoint_dir_given="training.checkpoint_dir" in command_line["settings"])
     if ckpt.step >= cfg.training.max_iters:  # train() says there is nothing to do; nothing changes either
@@ -209,43 +212,49 @@ def resume(cfg, tokenizer, units, workers, val_batches: list, ranks, device, com
         print(warning)
         best_afresh = True
     if best_afresh:  # (the run's best.pt so far is set aside once the checkpoint, maybe that file, is loaded)
-        progress.best_val_loss, progress.measured_anew = math.inf, True
+        progress.best_val_loss, progress.measured_anew, progress.best_afresh = math.inf, True, True
     return run, progress, positions  # (the checkpoint's mapping of the file ends here: no worker inherits it)
 
 
 def load_saved_state(cfg, run, model, optimizer, scaler, tokenizer, progress: Progress, ranks, device):
     """Load the checkpoint that resume() found (read again, mapped) into the model, optimizer and
-    scaler, and set the random state it saved; for a fine-tune, the export's weights. Where validation
-    now measures something else (resume(): measured_anew), the run's best.pt so far is then set aside."""
+    scaler, and set the random state it saved; for a fine-tune, the export's weights. Where this resume
+    starts best.pt afresh (resume(): validation now measures something else), the run's best.pt so far is
+    then set aside."""
     if is_export(cfg.training.resume_from_checkpoint):
         fine_tune_from_export(cfg, model, tokenizer)
         return
     ckpt = load_checkpoint(progress.last_saved, check_sums=False)  # (resume() checked them)
-    low_precision = cfg.low_precision
     optimizer_state = optimizer_state_for(optimizer, ckpt.optimizer, {p: name for name, p in model.named_parameters()})
-    if ckpt.low_precision()["use_4bit_optimizer"] != low_precision.use_4bit_optimizer:
-        print(f"converting the checkpoint's optimizer state to "
-              f"{'4-bit' if low_precision.use_4bit_optimizer else 'float32'} moments (use_4bit_optimizer changed)")
     convert_adamw_state(optimizer_state, {name: p.shape for name, p in model.named_parameters()},
-                        low_precision.use_4bit_optimizer)
+                        cfg.low_precision.use_4bit_optimizer)
     # (copies: the optimizer keeps its state, which must not be the file's mapped pages, changed if it is copied over)
     load_full_state(model, optimizer, ckpt.model, copy.deepcopy(optimizer_state))
     if ckpt.scaler:  # empty when the checkpoint's run did not use float16
         scaler.load_state_dict(ckpt.scaler)
     if len(ckpt.rng) == ranks.world_size:
         set_rng_state(ckpt.rng[ranks.rank], device)
-    else:  # another world size: the saved RNG states are one per rank
+    else:  # another world size: the saved RNG states are one per rank (state_notes)
+        torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
+    if progress.best_afresh:
+        ranks.barrier()  # every rank has read the checkpoint, which may be that best.pt
+        if kept := run.set_aside_best(ckpt.step):
+            loss = f" (validation loss {ckpt.best_val_loss:.4f})" if math.isfinite(ckpt.best_val_loss) else ""
+            print(f"  the run's best.pt so far{loss} is now {kept}")
+
+
+def state_notes(cfg, ckpt, ranks):
+    """What load_saved_state changes of the checkpoint's state, said before resume()'s other lines."""
+    use_4bit_optimizer = cfg.low_precision.use_4bit_optimizer
+    if ckpt.low_precision()["use_4bit_optimizer"] != use_4bit_optimizer:
+        print(f"converting the checkpoint's optimizer state to {'4-bit' if use_4bit_optimizer else 'float32'} "
+              f"moments (use_4bit_optimizer changed)")
+    if len(ckpt.rng) != ranks.world_size:  # the saved RNG states are one per rank
         reseeded = ": each rank's random state (dropout masks) is seeded afresh" * (cfg.model.dropout > 0)
         batch_note = global_batch_change(ckpt, cfg.training, ranks.world_size)
         if ranks.main and (reseeded or batch_note):
             print(f"note: {ranks.world_size} process{'es' * (ranks.world_size != 1)} where the checkpoint has "
                   f"{len(ckpt.rng)}{reseeded}{batch_note}")
-        torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
-    if progress.measured_anew:
-        ranks.barrier()  # every rank has read the checkpoint, which may be that best.pt
-        if kept := run.set_aside_best(ckpt.step):
-            loss = f" (validation loss {ckpt.best_val_loss:.4f})" if math.isfinite(ckpt.best_val_loss) else ""
-            print(f"  the run's best.pt so far{loss} is now {kept}")
 
 
 def short_batch_added(ckpt, val_batches: list) -> str | None:

@@ -8,9 +8,9 @@
 # fp8_n_embd_256 and fp8_n_embd_512 (bench_precision.py --set fp8: bf16 against FP8, 300 steps, at the
 # default size and at n_embd 512), train (200 steps of config.yaml with torch.compile on) and pytest
 # (the whole test suite, whose CUDA tests run here instead of skipping); the PARTs named, or all of them.
-# Each part's output goes to OUTDIR/<part>.log (and .json); the script ends with a summary of the parts
-# in OUTDIR (run in several calls, the last one sums up all) and exits 1 if a part failed (124: it ran
-# past PART_TIMEOUT seconds, default 1800).
+# Each part's output goes to OUTDIR/<part>.log (and .json, and its exit status to <part>.status); the
+# script ends with a summary of every part in OUTDIR (run in several calls, the last one sums up all) and
+# exits 1 if one of them failed (124: it ran past PART_TIMEOUT seconds, default 1800).
 # On a machine where torch sees no CUDA GPU it stops at once (exit 1); without OUTDIR, exit 2.
 # PYTHON=... picks the interpreter (default python3).
 set -u -o pipefail
@@ -20,8 +20,14 @@ if [ $# -lt 1 ]; then
     echo "$usage" >&2
     exit 2
 fi
+is_one_of() {  # is_one_of NAME WORD...: whether NAME is one of the WORDs
+    local name=$1 word
+    shift
+    for word in "$@"; do [ "$name" = "$word" ] && return 0; done
+    return 1
+}
 for name in "${@:2}"; do
-    if [[ " ${parts[*]} " != *" $name "* ]]; then
+    if ! is_one_of "$name" "${parts[@]}"; then
         echo "error: no part $name; $usage" >&2
         exit 2
     fi
@@ -36,20 +42,19 @@ fi
 out=$1
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
-failed=()
 
 part() {  # part NAME COMMAND...: runs COMMAND (at most PART_TIMEOUT seconds), its output in OUTDIR/NAME.log
     local name=$1 start=$SECONDS status=0
     shift
-    [[ " ${parts[*]} " == *" $name "* ]] || return 0  # not asked for
+    is_one_of "$name" "${parts[@]}" || return 0  # not asked for
     echo "== $name: $*"
     timeout "${PART_TIMEOUT:-1800}" "$@" >"$out/$name.log" 2>&1 || status=$?
+    echo $status >"$out/$name.status"
     if [ $status -eq 0 ]; then
         echo "   ok in $((SECONDS - start)) s"
     else
         echo "   FAILED with status $status after $((SECONDS - start)) s; the end of $out/$name.log:"
         tail -n 20 "$out/$name.log" | sed 's/^/   | /'
-        failed+=("$name")
     fi
 }
 
@@ -77,6 +82,12 @@ parallel=()  # pytest-xdist, where installed, spreads the CPU tests over the cor
 "$python" -c 'import xdist' 2>/dev/null && parallel=(-n 8)
 part pytest "$python" -m pytest -q -rs tests -p no:cacheprovider ${parallel[@]+"${parallel[@]}"}
 
+passed=() failed=()  # every part in OUTDIR, this call's and earlier ones'
+for status in "$out"/*.status; do
+    [ -f "$status" ] || continue
+    name=$(basename "$status" .status)
+    if [ "$(cat "$status")" = 0 ]; then passed+=("$name"); else failed+=("$name ($(cat "$status"))"); fi
+done
 {
     echo "== summary ($(date -u))"
     sed -n '/^training step/,/^MFU/p; /^profile/p; /^loader/p; /^generation/p' "$out/bench.log" 2>/dev/null
@@ -92,6 +103,7 @@ print(f"waiting for data after step 1: at most {max(waits):.2%} of the step time
         grep '^SKIPPED' "$out/pytest.log"  # (-rs: why each test skipped; on this machine no "needs a CUDA GPU")
         tail -n 3 "$out/pytest.log"
     fi
-    if [ ${#failed[@]} -eq 0 ]; then echo "passed: ${parts[*]}"; else echo "FAILED: ${failed[*]}"; fi
+    echo "passed: ${passed[*]-none}"
+    [ ${#failed[@]} -eq 0 ] || echo "FAILED: ${failed[*]}"
 } | tee "$out/summary.txt"
 [ ${#failed[@]} -eq 0 ]

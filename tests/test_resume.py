@@ -472,6 +472,22 @@ def test_a_resume_from_best_pt_that_starts_best_afresh_sets_it_aside_after_readi
     assert sorted(losses(run)) == [1, 2, 3]
 
 
+def test_a_checkpoint_marked_measured_anew_by_an_earlier_resume_leaves_best_pt_where_it_is(tmp_path, corpus, capsys):
+    """A checkpoint saved after a resume that changed what validation measures, before an evaluation ran (a
+    stop, say), carries the mark; a best.pt written since (the evaluation due, then a kill) measures what this
+    resume measures too: it stays."""
+    path = write_config(tmp_path, corpus, max_iters=2)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    marked = torch.load(run / "checkpoint_2.pt", weights_only=True)
+    marked["measured_anew"] = True
+    torch.save(marked, run / "checkpoint_2.pt")
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.max_iters=3",
+                       f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}"]) == 0
+    assert "is now best_until_step" not in capsys.readouterr().out and not list(run.glob("best_until_step_*"))
+
+
 # train.py with a slow disk: torch.save's bytes are written in small chunks with pauses, so that a
 # checkpoint write takes about 0.4 s and random kills land inside writes. With "hold" first, the
 # second write stops halfway, for the test to kill it there.
