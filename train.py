@@ -85,7 +85,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
     `resume_named_in_file`: the config file, where it gives training.resume_from_checkpoint (resume_target)."""
     training = cfg.training
     compute_dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
-    # (refused before anything is read)
+    # FP8 on a device or with a backend that cannot run it: refused before anything is read
     fp8_products, fp8_recipe = fp8_matmuls(cfg.fp8, device) if cfg.low_precision.use_fp8 else (None, None)
     compute = autocast(device, compute_dtype)
     if warning := emulated_dtype_warning(device, compute_dtype):
