@@ -201,6 +201,7 @@ def report_stopped_at_once(resuming_a_run: bool = False, signal_name: str | None
             f"{lost}; resume with:\n  {resume_command[0]}" if resume_command
             else "before training resumed: nothing new was saved" if resuming_a_run else
             "before the first checkpoint: nothing was saved"), file=sys.stderr)
+    tell_torchrun(f"{signal_name or 'interrupted'}: stopped at once")  # (its summary of each rank that ended so)
     return 130
 
 

@@ -472,7 +472,10 @@ def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_pat
         f"stopped at once: before the first step after resuming was done; resume with:\n  "
         f"python {script_here('train.py')} --config {path} training.resume_from_checkpoint={outside}\n")
     monkeypatch.setenv("RANK", "1")  # under torchrun every rank hears it: rank 0 says so
-    assert report_stopped_at_once() == 130 and capsys.readouterr().err == ""
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    assert report_stopped_at_once(signal_name="SIGTERM") == 130 and capsys.readouterr().err == ""
+    # torchrun's summary, which lists each rank that ended otherwise than 0, says why this one did
+    assert json.loads((tmp_path / "error.json").read_text())["message"]["message"] == "SIGTERM: stopped at once"
 
 
 def test_a_signal_in_the_first_step_whose_interrupt_is_swallowed_still_stops_it(tmp_path, corpus, capsys,
