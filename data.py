@@ -306,9 +306,13 @@ def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=
                              dataset_cfg.split_seed, dataset_cfg.val_fraction, dataset_cfg.text_column,
                              dataset_cfg.max_cached_files, tokenizer, rank=rank, world_size=world_size,
                              positions=positions, rotation=batches_consumed % max(1, workers), shuffle=True)
+    # forked on Linux, whatever Python's default (forkserver since 3.14): a forkserver's workers each import torch
+    # anew, and they outlive a run killed by kill -9 or the OOM killer (they watch the forkserver, which they keep
+    # running); macOS and Windows spawn them
+    context = "fork" if workers and sys.platform.startswith("linux") else None
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=cfg.dataloader.prefetch_factor if workers else None,
-                      worker_init_fn=leave_signals_to_main if workers else None,
+                      worker_init_fn=leave_signals_to_main if workers else None, multiprocessing_context=context,
                       generator=torch.Generator())  # keeps the global RNG (dropout) untouched
 
 

@@ -190,6 +190,29 @@ def loader_batches(units, num_workers, n, tokenizer=BYTES):
     return [next(it) for _ in range(n)]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not Path("/proc/self/stat").exists(), reason="Linux's")
+def test_the_training_stream_s_workers_are_forked_children_whatever_python_s_default(corpus):
+    """Python 3.14 starts processes through a forkserver by default: the workers would each import torch anew,
+    and outlive a run killed by kill -9 (torch's workers watch their parent: the forkserver, which they keep up)."""
+    import multiprocessing
+    from distributed import Ranks
+    default = multiprocessing.get_start_method()
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        cfg = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}, "dataloader": {"num_workers": 1},
+                                "training": {"block_size": 16, "batch_size": 2}})
+        tokenizer, units = data.prepare_data(cfg, Ranks())
+        before = set(multiprocessing.active_children())
+        loader = iter(data.train_loader(cfg, units, tokenizer, 1))
+        next(loader)
+        [worker] = set(multiprocessing.active_children()) - before
+        parent = int(Path(f"/proc/{worker.pid}/stat").read_text().rpartition(")")[2].split()[1])
+        assert parent == os.getpid()
+        del loader
+    finally:
+        multiprocessing.set_start_method(default, force=True)
+
+
 def test_dataloader_workers_read_their_assigned_units_deterministically(corpus):
     units = list_units(corpus, "text")
     got = loader_batches(units, 2, 8)
