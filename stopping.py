@@ -201,7 +201,9 @@ def report_stopped_at_once(resuming_a_run: bool = False, signal_name: str | None
             f"{lost}; resume with:\n  {resume_command[0]}" if resume_command
             else "before training resumed: nothing new was saved" if resuming_a_run else
             "before the first checkpoint: nothing was saved"), file=sys.stderr)
-    tell_torchrun(f"{signal_name or 'interrupted'}: stopped at once")  # (its summary of each rank that ended so)
+    # (torchrun's summary of each rank that ended so; dated as a consequence: where torchrun stopped the ranks after
+    # another one failed, that failure is the root cause it names)
+    tell_torchrun(f"{signal_name or 'interrupted'}: stopped at once", consequence=True)
     return 130
 
 

@@ -8,8 +8,9 @@
 # fp8_n_embd_256 and fp8_n_embd_512 (bench_precision.py --set fp8: bf16 against FP8, 300 steps, at the
 # default size and at n_embd 512), train (200 steps of config.yaml with torch.compile on) and pytest
 # (the whole test suite, whose CUDA tests run here instead of skipping); the PARTs named, or all of them.
-# Each part's output goes to OUTDIR/<part>.log (and .json, and its exit status to <part>.status); the
-# script ends with a summary of every part in OUTDIR (run in several calls, the last one sums up all) and
+# Each part's output goes to OUTDIR/<part>.log (and .json, and its exit status and commit to <part>.status:
+# "running" while it runs, and so for good if the script is killed); the script ends with a summary of every
+# part in OUTDIR (run in several calls, the last one sums up all; a part of another commit is named so) and
 # exits 1 if one of them failed (124: it ran past PART_TIMEOUT seconds, default 1800).
 # On a machine where torch sees no CUDA GPU it stops at once (exit 1); without OUTDIR, exit 2.
 # PYTHON=... picks the interpreter (default python3).
@@ -42,14 +43,16 @@ fi
 out=$1
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
 part() {  # part NAME COMMAND...: runs COMMAND (at most PART_TIMEOUT seconds), its output in OUTDIR/NAME.log
     local name=$1 start=$SECONDS status=0
     shift
     is_one_of "$name" "${parts[@]}" || return 0  # not asked for
     echo "== $name: $*"
+    echo "running $commit" >"$out/$name.status"
     timeout "${PART_TIMEOUT:-1800}" "$@" >"$out/$name.log" 2>&1 || status=$?
-    echo $status >"$out/$name.status"
+    echo "$status $commit" >"$out/$name.status"
     if [ $status -eq 0 ]; then
         echo "   ok in $((SECONDS - start)) s"
     else
@@ -85,8 +88,10 @@ part pytest "$python" -m pytest -q -rs tests -p no:cacheprovider ${parallel[@]+"
 passed=() failed=()  # every part in OUTDIR, this call's and earlier ones'
 for status in "$out"/*.status; do
     [ -f "$status" ] || continue
+    read -r code of <"$status"
     name=$(basename "$status" .status)
-    if [ "$(cat "$status")" = 0 ]; then passed+=("$name"); else failed+=("$name ($(cat "$status"))"); fi
+    [ "$of" = "$commit" ] || name="$name (of commit $of)"
+    if [ "$code" = 0 ]; then passed+=("$name"); else failed+=("$name: $code"); fi
 done
 {
     echo "== summary ($(date -u))"
@@ -103,7 +108,7 @@ print(f"waiting for data after step 1: at most {max(waits):.2%} of the step time
         grep '^SKIPPED' "$out/pytest.log"  # (-rs: why each test skipped; on this machine no "needs a CUDA GPU")
         tail -n 3 "$out/pytest.log"
     fi
-    echo "passed: ${passed[*]-none}"
-    [ ${#failed[@]} -eq 0 ] || echo "FAILED: ${failed[*]}"
+    (IFS=,; echo "passed: ${passed[*]-none}" | sed 's/,/, /g')
+    [ ${#failed[@]} -eq 0 ] || (IFS=,; echo "FAILED: ${failed[*]}" | sed 's/,/, /g')
 } | tee "$out/summary.txt"
 [ ${#failed[@]} -eq 0 ]
