@@ -1,10 +1,10 @@
 """Carrying a run across processes. save() writes what an exact continuation needs: the weights,
 the optimizer and scaler state, every rank's RNG state, every reader's data position, the step and
-the best validation loss. resume() and load_saved_state() load it back, so that a run stopped at step
-k (by a signal, a crash or kill -9) continues with the same batches, dropout masks and updates as one that never
-stopped; it also continues across changed settings, and says what changed. A folder that export.py
-wrote starts a fine-tuning run instead: its weights only. Also the commands a run prints: the one
-that resumes it, the one that trains it on.
+the best validation loss. resume() and load_saved_state() load it back, so that a run stopped at
+step k (by a signal, a crash or kill -9) continues with the same batches, dropout masks and updates
+as one that never stopped; it also continues across changed settings, and says what changed. A
+folder that export.py wrote starts a fine-tuning run instead: its weights only. Also the commands a
+run prints: the one that resumes it, the one that trains it on.
 """
 import copy
 import math
@@ -246,7 +246,7 @@ def load_saved_state(cfg, run, model, optimizer, scaler, tokenizer, progress: Pr
 def state_notes(cfg, ckpt, ranks):
     """What load_saved_state changes of the checkpoint's state, said before resume()'s other lines."""
     use_4bit_optimizer = cfg.low_precision.use_4bit_optimizer
-    if ckpt.low_precision()["use_4bit_optimizer"] != use_4bit_optimizer:
+    if ranks.main and ckpt.low_precision()["use_4bit_optimizer"] != use_4bit_optimizer:
         print(f"converting the checkpoint's optimizer state to {'4-bit' if use_4bit_optimizer else 'float32'} "
               f"moments (use_4bit_optimizer changed)")
     if len(ckpt.rng) != ranks.world_size:  # the saved RNG states are one per rank

@@ -357,7 +357,7 @@ def build_model(cfg, device: torch.device, matmuls=None):
     low_precision = cfg.low_precision
     model = BDH(cfg.to_bdh_config()).to(device)
     model.activation_checkpointing = cfg.training.activation_checkpointing
-    if matmuls:
+    if matmuls is not None:
         model.matmuls = matmuls
     qat_view = None
     if low_precision.use_4bit:
