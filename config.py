@@ -197,13 +197,24 @@ class Config:
                                 + (f" (for GPU {gpu[1]}: training.device=cuda and CUDA_VISIBLE_DEVICES={gpu[1]} "
                                    f"before the command)" if gpu else f"; did you mean {meant}?" if meant in allowed
                                    else ""))
-        model, training = self.model, self.training
-        if training.distributed_timeout_s > 10**9:
+        if self.training.distributed_timeout_s > 10**9:
             problems.append(f"training.distributed_timeout_s: must be at most 1000000000 (31 years: as good as no "
-                            f"limit), got {training.distributed_timeout_s}")
+                            f"limit), got {self.training.distributed_timeout_s}")
         for path in ("training.seed", "dataset.split_seed"):
             if self.get(path) >= 2**32:
                 problems.append(f"{path}: must be below 2**32 = {2**32} (NumPy's seeds), got {self.get(path)}")
+        if not 0 <= self.low_precision.qat_start_fraction < 1:
+            problems.append(f"low_precision.qat_start_fraction: must be in [0, 1) (0: quantization-aware "
+                            f"training from the first step), got {self.low_precision.qat_start_fraction}")
+        if not 0 < self.dataset.val_fraction < 1:
+            problems.append(f"dataset.val_fraction: must be in (0, 1), got {self.dataset.val_fraction}")
+        problems += self._check_model() + self._check_training()
+        if self.low_precision.use_fp8 and self.model.n_head > 0:
+            problems += self._check_fp8()
+        return problems
+
+    def _check_model(self):
+        problems, model = [], self.model
         if not 0 <= model.dropout < 1:
             problems.append(f"model.dropout: must be in [0, 1), got {model.dropout}")
         latent_total = model.n_embd * model.mlp_internal_dim_multiplier
@@ -219,6 +230,10 @@ class Config:
         if 0 < model.vocab_size < 256 and self.dataset.tokenizer == "bytes":  # (not positive: said above)
             problems.append(f"model.vocab_size: tokens are bytes 0..255, so it must be >= 256, "
                             f"got {model.vocab_size}")
+        return problems
+
+    def _check_training(self):
+        problems, training = [], self.training
         if training.learning_rate > 1:  # AdamW moves each weight by about the learning rate a step
             mantissa, exponent = f"{training.learning_rate:e}".split("e")
             problems.append(f"training.learning_rate: {training.learning_rate:g} would move every weight by about "
@@ -239,13 +254,6 @@ class Config:
             problems.append(f"training.compile: must be true, false or auto; got {training.compile!r}"
                             + (f" ({word} in quotes is text: write it without them)" if word in ("true", "false")
                                else ""))
-        if not 0 <= self.low_precision.qat_start_fraction < 1:
-            problems.append(f"low_precision.qat_start_fraction: must be in [0, 1) (0: quantization-aware "
-                            f"training from the first step), got {self.low_precision.qat_start_fraction}")
-        if not 0 < self.dataset.val_fraction < 1:
-            problems.append(f"dataset.val_fraction: must be in (0, 1), got {self.dataset.val_fraction}")
-        if self.low_precision.use_fp8 and model.n_head > 0:
-            problems += self._check_fp8()
         return problems
 
     def _check_fp8(self):

@@ -4,24 +4,21 @@ files are named for a held-out Hugging Face split beside others is refused (trai
 the held-out documents too), and so are links to missing files; files that are parquet under
 another name, or text, are told how to become shards.
 
-Checking and reading the files: shards.py.
+Which split a path names: splits.py. Checking and reading the files: shards.py.
 """
 import difflib
 import errno
 import fnmatch
-import glob
 import os
 import re
 import shlex
 from pathlib import Path
 
 from files import ARROW_MAGICS, PARQUET_MAGIC, UTF_BOMS, relative_to_here
+from splits import held_out_only, mixed_splits
 
 
 PATTERN_CHARACTERS = "*?["  # dataset.parquet_dir with one of these (and no such folder) is a glob pattern
-SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
-               "val": "validation", "dev": "validation", "test": "test", "testing": "test", "eval": "test",
-               "evaluation": "test"}  # the Hugging Face Hub's split keywords in file and folder names
 
 
 class DataError(Exception):
@@ -94,15 +91,6 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
         print(f"note: {location}: dataset.parquet_dir's files are named for the {held_out} split, and training reads "
               f"them; if that is not meant, point it at the training split")
     return root, files
-
-
-def held_out_only(root: Path, files: list[Path]) -> str | None:
-    """The held-out split (validation, test) that every file's path below root says the files are
-    of, or root's own name where it is a split's (a Hugging Face folder per split), or None."""
-    splits = {split_of(root, path)[0] for path in files}
-    if splits == {None}:
-        splits = {SPLIT_WORDS.get(root.name.lower())}
-    return splits.pop() if len(splits) == 1 and splits <= {"validation", "test"} else None
 
 
 def each_real_file_once(files: list[Path]) -> list[Path]:
@@ -320,73 +308,11 @@ def may_hold(segments: tuple, folder: tuple) -> bool:
     return fnmatch.fnmatchcase(folder[0], segments[0]) and may_hold(segments[1:], folder[1:])
 
 
-def split_of(root: Path, path: Path) -> tuple:
-    """(the Hugging Face split a file's path names: train, validation, test or None; the folder or the
-    pattern that selects that split's files beside it). As the Hub reads names: the first word of
-    the folders' or the file's name that is a split keyword, words being runs of letters."""
-    relative = path.relative_to(root)
-    for depth, part in enumerate(relative.parts):
-        for word in re.finditer(r"[a-z]+", part.lower()):
-            if word.group() in SPLIT_WORDS:
-                folder, split = root.joinpath(*relative.parts[:depth]), SPLIT_WORDS[word.group()]
-                if depth < len(relative.parts) - 1:  # a folder of the split
-                    return split, folder / part
-                return split, Path(glob.escape(str(folder))) / f"{glob.escape(part[:word.end()])}*.parquet"
-    return None, None
-
-
 def check_splits(root: Path, files: list[Path], setting: str, pattern: str | None = None):
     """Refuse a training folder (the files of a pattern below `root`) that mixes a held-out split's
     files with others."""
     if setting in ("dataset.parquet_dir", "--from-parquet") and (mixed := mixed_splits(root, files, pattern, setting)):
         raise DataError(mixed)
-
-
-def mixed_splits(root: Path, files: list[Path], pattern: str | None, setting: str) -> str | None:
-    """The error for a training folder (or pattern) that holds a held-out split's files beside others'
-    (a Hugging Face dataset's train-*, validation-*, test-* files), or None. `setting`:
-    dataset.parquet_dir, or prepare.py's --from-parquet, which would write them into one folder."""
-    counts, selectors = {}, {}
-    for path in files:
-        split, selector = split_of(root, path)
-        counts[split] = counts.get(split, 0) + 1
-        if selector not in selectors.setdefault(split, []):
-            selectors[split].append(selector)
-    if len(counts) == 1 or not {"validation", "test"} & counts.keys():
-        return None
-    found = ", ".join(f"{split or 'no split'}: {n:,}" for split, n in sorted(counts.items(), key=lambda kv: str(kv[0])))
-
-    def override(name, value):  # as the command line wants it: a pattern in quotes, or the shell expands it
-        if setting == "--from-parquet":
-            return (f"--from-parquet {shlex.quote(str(value))}" if name == "parquet_dir" else
-                    f"write {shlex.quote(str(value))} into another --out, for dataset.val_parquet_dir")
-        return shlex.quote(f"dataset.{name}={value}")
-    if "train" in counts:
-        train = selectors["train"]
-        fix = f"{'give' if setting == '--from-parquet' else 'set'} {override('parquet_dir', train[0])}"
-        if "validation" in counts:
-            fix += f" and {override('val_parquet_dir', selectors['validation'][0])}"
-        if len(train) > 1:
-            fix += f" (the train split of one of {len(train)} folders"
-            fix += (f"; of all of them: {override('parquet_dir', Path(glob.escape(str(root))) / '**' / train[0].name)})"
-                    if len({t.name for t in train}) == 1 else ")")
-    else:
-        held_out = [str(selector) for split in ("validation", "test") for selector in selectors.get(split, [])]
-        fix = (f"{', '.join(held_out[:3])}{' ...' if len(held_out) > 3 else ''} look like held-out splits (by their "
-               f"names): move them out of the folder, or give {setting} a pattern of the training files only")
-    everything = override("parquet_dir", every_file(pattern) if pattern else
-                          Path(glob.escape(str(root))) / "**" / "*.parquet")
-    given = f"{pattern}: the files it matches have paths" if pattern else f"{root}: its files have paths"
-    would, anyway = (("the shards written would hold them all", "to write every file") if setting == "--from-parquet"
-                     else ("training would read them all", "to train on every file"))
-    return (f"{given} named for several Hugging Face splits ({found} files), and {would}, held-out ones too; "
-            f"{fix}; {anyway} anyway: {everything}")
-
-
-def every_file(pattern: str) -> str:
-    """The pattern with `**` before its last part: every file it matched, and those in folders below."""
-    head, _, last = pattern.rstrip("/").rpartition("/")
-    return f"{head}/**/{last}" if head else f"**/{last}"
 
 
 def parquet_files(root: Path, look_in=None) -> tuple[list[Path], list[Path], list[Path]]:

@@ -186,3 +186,10 @@ def short_samples():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluation, "SAMPLE_TOKENS", 16)
         yield
+
+
+def hub_layout(root):
+    """A Hugging Face dataset's files: two configurations, each with train, validation and test files."""
+    for config in ("wikitext-103-raw-v1", "wikitext-2-raw-v1"):
+        for name in ("train-00000-of-00002", "train-00001-of-00002", "validation-00000-of-00001", "test-00000-of-00001"):
+            write_parquet(root / config / f"{name}.parquet", [f"{config} {name} doc {i}" for i in range(3)])
