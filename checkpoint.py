@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from config import LowPrecisionConfig
-from config_file import config_value, with_split_seed
+from config_file import config_value, with_split_settings
 from files import ZIP_MAGIC
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line, shortened
 
-PROJECT_VERSION = "0.4.16"
+PROJECT_VERSION = "0.5.0"
 
 
 class CheckpointError(Exception):
@@ -70,7 +70,7 @@ class Checkpoint:
         data = state.get("data") or {}
         values.update(data_order=data.get("order"), data_positions=data.get("positions", []),
                       batches_consumed=data.get("batches", 0))
-        with_split_seed(values.get("config") or {})
+        with_split_settings(values.get("config") or {})
         return cls(**values)
 
     def low_precision(self) -> dict:

@@ -58,6 +58,7 @@ class DatasetConfig:
     text_column: str = "text"
     val_fraction: float = 0.05
     split_seed: int = SEED  # which documents val_fraction holds out; training.seed leaves them as they are
+    split_by: str = "text"  # what the split hashes: the document's text, or its place (position: runs before 0.5)
     val_parquet_dir: typing.Optional[str] = None
     tokenizer: str = "bytes"
 
@@ -94,6 +95,7 @@ class FP8Config:
 CHOICES = {
     "training.device": ("auto", "cpu", "cuda", "mps"),
     "training.distributed": ("ddp", "fsdp"),
+    "dataset.split_by": ("text", "position"),
     "low_precision.quantization_type": ("nf4", "fp4"),
     "low_precision.compute_dtype": ("bfloat16", "float16", "float32", "auto"),
     "fp8.format": ("hybrid", "e4m3"),
@@ -291,7 +293,7 @@ class Config:
         unused_when = {
             **{f"dataset.{key}": (self.dataset.val_parquet_dir,
                                   "the validation documents are all of dataset.val_parquet_dir's")
-               for key in ("val_fraction", "split_seed")},
+               for key in ("val_fraction", "split_seed", "split_by")},
             "low_precision.qat_start_fraction": (not low_precision.use_4bit, "low_precision.use_4bit is off"),
             **{f"low_precision.{key}": (not low_precision.use_4bit, "low_precision.use_4bit is off (export.py "
                                         "--4bit and sample.py --4bit read it from the checkpoint after training)")

@@ -350,11 +350,14 @@ def config_value(config: dict, path: str):
     return (config.get(section) or {}).get(key)
 
 
-def with_split_seed(config: dict) -> dict:
-    """A config as written (a dict, changed in place) before dataset.split_seed (0.4.6), given the
-    split it had: training.seed drew the validation documents (none with val_parquet_dir: the default)."""
+def with_split_settings(config: dict) -> dict:
+    """A config as written (a dict, changed in place) before dataset.split_seed (0.4.6) or
+    dataset.split_by (0.5.0), given the split it had: training.seed drew the validation documents,
+    by their place in the shards (with val_parquet_dir: the defaults, which split nothing)."""
     dataset, training = config.get("dataset"), config.get("training")
     if isinstance(dataset, dict) and "split_seed" not in dataset:
         seed = training.get("seed", SEED) if isinstance(training, dict) else SEED
         dataset["split_seed"] = SEED if dataset.get("val_parquet_dir") else seed
+    if isinstance(dataset, dict) and "split_by" not in dataset:
+        dataset["split_by"] = "text" if dataset.get("val_parquet_dir") else "position"
     return config

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from corpus import MIN_ROW_GROUPS, ensure_builtin_corpus
 from read_ahead import read_ahead
 from readers import assign_units
-from shards import DataError, ParquetFileCache, Unit, first_documents, list_units, read_unit_documents, rows_per_part
+from shards import (DataError, Holdout, ParquetFileCache, Unit, first_documents, holdout_of, list_units,
+                    read_unit_documents, rows_per_part)
 from stopping import leave_signals_to_main
 from tokenizer import check_vocab_size, load_tokenizer, lost_text, separator_in_text
 
@@ -44,20 +45,20 @@ EMPTY_EPOCHS_AFTER_A_BATCH = 1000
 POOL_BYTES = 8 << 20
 
 
-def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
-                     split_seed: int, val_fraction: float, tokenizer, skip: int = 0):
+def read_unit_tokens(cache: ParquetFileCache, unit: Unit, text_column: str, split: str, holdout: Holdout, tokenizer,
+                     skip: int = 0):
     """The unit's parts as token arrays: each part's documents of `split`, each followed by the
     separator. The first `skip` parts are read but not tokenized (a resume within the unit)."""
-    for part, docs in enumerate(read_unit_documents(cache, unit, text_column, split, split_seed, val_fraction)):
+    for part, docs in enumerate(read_unit_documents(cache, unit, text_column, split, holdout)):
         if part >= skip:
             yield tokenizer.encode_documents(docs) if len(docs) else np.empty(0, dtype=tokenizer.dtype)
 
 
-def count_documents(cache: ParquetFileCache, units: list[Unit], text_column: str, split: str, split_seed: int,
-                    val_fraction: float) -> int:
+def count_documents(cache: ParquetFileCache, units: list[Unit], text_column: str, split: str,
+                    holdout: Holdout) -> int:
     """The non-empty documents of `split` in `units` (for the messages of too little data)."""
     return sum(len(docs) for unit in units
-               for docs in read_unit_documents(cache, unit, text_column, split, split_seed, val_fraction))
+               for docs in read_unit_documents(cache, unit, text_column, split, holdout))
 
 
 class ParquetBatches(IterableDataset):
@@ -79,13 +80,13 @@ class ParquetBatches(IterableDataset):
     first again.
     """
 
-    def __init__(self, units, split, block_size, batch_size, seed, split_seed, val_fraction, text_column,
+    def __init__(self, units, split, block_size, batch_size, seed, holdout, text_column,
                  max_cached_files, tokenizer, rank=0, world_size=1, positions=(), rotation=0, shuffle=None):
         self.units, self.split, self.tokenizer = units, split, tokenizer
         self.shuffle = split == "train" if shuffle is None else shuffle
         self.block_size, self.batch_size = block_size, batch_size
         self.seed, self.text_column = seed, text_column  # the shuffle's seed
-        self.split_seed, self.val_fraction = split_seed, val_fraction  # the train/validation split's
+        self.holdout = holdout  # the train/validation split
         self.max_cached_files = max_cached_files
         self.rank, self.world_size = rank, world_size
         self.positions = {p["reader"]: p for p in positions}
@@ -151,13 +152,13 @@ class ParquetBatches(IterableDataset):
         """Why a reader got no batch in an epoch, and what to change."""
         units = assign_units(self.units, epoch, self.seed, n_readers, shuffle=self.shuffle)[reader]
         with ParquetFileCache(1) as cache:  # (not the reader's: its read-ahead thread may be using that one)
-            documents = {split: count_documents(cache, units, self.text_column, split, self.split_seed,
-                                                self.val_fraction) for split in (self.split, "all")}
+            documents = {split: count_documents(cache, units, self.text_column, split, self.holdout)
+                         for split in (self.split, "all")}
         if self.split == "train" and not documents["train"]:
             plural = "s" * (documents["all"] != 1)
             return (f"reader {reader} of {n_readers}: none of the {documents['all']:,} document{plural} of its (file, "
                     f"row group) units went to training (each goes to validation with probability dataset.val_fraction "
-                    f"{self.val_fraction}); cut the text into more documents (python prepare.py --from-text ... "
+                    f"{self.holdout.fraction}); cut the text into more documents (python prepare.py --from-text ... "
                     f"with a smaller --chunk-bytes), lower dataset.val_fraction, or set dataset.val_parquet_dir")
         readers = ("" if n_readers == 1 else " for this many readers (processes x workers); lower "
                    "dataloader.num_workers, the number of processes,")
@@ -225,7 +226,7 @@ class ParquetBatches(IterableDataset):
             token arrays, whether it reads whole in one part: then it may join a pool)."""
             unit, _, carried = units[i]
             lead = [np.array(carried, dtype=self.tokenizer.dtype)] if carried and i > first else []
-            tokens = read_unit_tokens(cache, unit, self.text_column, self.split, self.split_seed, self.val_fraction,
+            tokens = read_unit_tokens(cache, unit, self.text_column, self.split, self.holdout,
                                       self.tokenizer, skip)
             one_part_by_metadata = self.shuffle and skip == 0 and rows_per_part(unit) >= unit.num_rows
             ahead = list(itertools.islice(tokens, 2)) if one_part_by_metadata else []
@@ -303,7 +304,7 @@ def train_loader(cfg, units, tokenizer, workers, positions=(), batches_consumed=
     """The endless training stream, yielding (x, y, position), from a positions.resume_point()."""
     training, dataset_cfg = cfg.training, cfg.dataset
     dataset = ParquetBatches(units, training_split(cfg), training.block_size, training.batch_size, training.seed,
-                             dataset_cfg.split_seed, dataset_cfg.val_fraction, dataset_cfg.text_column,
+                             holdout_of(dataset_cfg), dataset_cfg.text_column,
                              dataset_cfg.max_cached_files, tokenizer, rank=rank, world_size=world_size,
                              positions=positions, rotation=batches_consumed % max(1, workers), shuffle=True)
     # forked on Linux, whatever Python's default (forkserver since 3.14): a forkserver's workers each import torch

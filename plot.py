@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from arguments import parse_arguments
-from config_file import ConfigError, read_scalar, settings_as_run, with_split_seed
+from config_file import ConfigError, read_scalar, settings_as_run, with_split_settings
 from checkpoint import is_export
 from files import does_not_exist, folder_made_for, picture_path, read_records, resumed_configs
 from locate import export_source
@@ -119,7 +119,7 @@ def run_settings(run_dir: Path) -> dict:
             if not history:
                 return {}
             continue
-        raw = with_split_seed(raw) if isinstance(raw, dict) else {}
+        raw = with_split_settings(raw) if isinstance(raw, dict) else {}
         unused = not_used(raw) if unused is None else unused & not_used(raw)
         as_run, low_precision = settings_as_run(text), raw.get("low_precision")
         if not as_run and isinstance(low_precision, dict) and low_precision.get("compute_dtype") == "auto":
@@ -344,8 +344,8 @@ def plot(run_dirs, out: Path) -> list[str]:
     if len({evaluations[-1]["validation_batches"] for _, evaluations in runs
             if evaluations and evaluations[-1].get("validation_batches")}) > 1:  # (older runs do not say)
         print("note: these runs measure their validation loss on different batches (other data, tokenizer, "
-              "dataset.split_seed, val_fraction, batch_size, block_size or eval_iters): their validation curves "
-              "compare only roughly", file=sys.stderr)
+              "dataset.split_seed, val_fraction, split_by, batch_size, block_size or eval_iters): their validation "
+              "curves compare only roughly", file=sys.stderr)
     full_names = labels(names, settings, limit=None)
     names = labels(names, settings)
     per_token = ("loss (nats/token: not across tokenizers)"  # (bits per byte compares them)

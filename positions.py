@@ -18,8 +18,8 @@ from shards import Unit, rows_per_part
 # new size), nor is the folder's name: the shards' fingerprint (data_order) stands for them,
 # wherever they are and however the path is written.
 DATA_ORDER_FIELDS = ("training.block_size", "training.seed", "dataset.text_column", "dataset.val_fraction",
-                     "dataset.split_seed")
-HOLDOUT_FIELDS = ("dataset.val_fraction", "dataset.split_seed")  # which documents validation holds out
+                     "dataset.split_seed", "dataset.split_by")
+HOLDOUT_FIELDS = ("dataset.val_fraction", "dataset.split_seed", "dataset.split_by")  # which documents are held out
 SHARDS = "the shards (files, row groups, rows, bytes)"  # data_order's key of their fingerprint
 SHARDS_SEEN = "the shards"  # data_order's key of their counts, for messages only (SHARDS decides)
 WORKERS_KEY = "dataloader.num_workers (effective)"
@@ -247,6 +247,8 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
                        else "train"}
     if "dataset.val_fraction" in saved_order and "dataset.split_seed" not in saved_order:  # before 0.4.6: the seed's
         saved_order = {**saved_order, "dataset.split_seed": saved_order.get("training.seed")}
+    if "dataset.val_fraction" in saved_order and "dataset.split_by" not in saved_order:  # before 0.5.0: by place
+        saved_order = {**saved_order, "dataset.split_by": "position"}
     if DEALING_KEY not in saved_order:  # before 0.4.8 (for one reader, the same dealing)
         one_reader = reader_count(saved_order.get(WORKERS_KEY, 0), saved_order.get("world_size", 1)) == 1
         saved_order = {**saved_order, DEALING_KEY: LARGEST_FIRST if one_reader else IN_SHUFFLED_ORDER}

@@ -29,7 +29,7 @@ from data import training_split
 from files import (ARROW_MAGICS, PARQUET_MAGIC, ZIP_MAGIC, atomic_write, byte_amount, folder_made_for, output_path,
                    script_here)
 from layout import PATTERN_CHARACTERS, arrow_advice, data_folder
-from shards import PROGRESS_EVERY_S, DataError, ParquetFileCache, list_units, read_unit_documents
+from shards import PROGRESS_EVERY_S, DataError, ParquetFileCache, holdout_of, list_units, read_unit_documents
 from tokenizer import SEPARATOR_TOKEN, HFTokenizer, TokenizerError, model_vocab_size, train_bpe
 from validation import validation_batches
 
@@ -136,7 +136,7 @@ def training_texts(cfg, units):
     with ParquetFileCache(cfg.dataset.max_cached_files) as cache:
         for k, unit in enumerate(units):
             for docs in read_unit_documents(cache, unit, cfg.dataset.text_column, training_split(cfg),
-                                            cfg.dataset.split_seed, cfg.dataset.val_fraction):
+                                            holdout_of(cfg.dataset)):
                 for doc in docs.to_pylist():
                     yield doc.decode("utf-8", errors="replace")
                 n_docs += len(docs)
@@ -239,7 +239,7 @@ def shards_from_parquet(sources: list[str], out: str, text_column: str, replace:
         last = time.time()
         with ParquetFileCache(8) as cache:
             for k, unit in enumerate(units):
-                for docs in read_unit_documents(cache, unit, text_column, "all", 0, 0.0):
+                for docs in read_unit_documents(cache, unit, text_column, "all"):
                     counts["text"] += pc.sum(pc.binary_length(docs)).as_py() or 0
                     yield from as_strings(docs, counts) if not binary else docs.to_pylist()
                     if time.time() - last > PROGRESS_EVERY_S:

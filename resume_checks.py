@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 from checkpoint import Checkpoint, CheckpointError, peek_checkpoint
 from config import Config, learning_rate, step_tokens
-from config_file import ConfigError, config_value, with_split_seed
+from config_file import ConfigError, config_value, with_split_settings
 from layout import PATTERN_CHARACTERS
 from locate import checkpoint_candidates, continues_in_place, found_newest
 from model import BDHConfig
@@ -83,6 +83,25 @@ def check_run_data_given(cfg, command_line: dict):
     except CheckpointError as e:
         raise CheckpointError(f"{e}{found_as_newest(cfg) * (cfg.training.resume_from_checkpoint == 'latest')}") \
             from None
+
+
+def keep_split_by_position(cfg, command_line: dict, announce: bool):
+    """Before the data is read: a resume of a run that holds its validation documents out by their
+    place in the shards (begun before dataset.split_by, 0.5.0) goes on doing so unless the command
+    line gives split_by: held out by their text, some of those trained on would be measured."""
+    if not cfg.training.resume_from_checkpoint or "dataset.split_by" in command_line["settings"]:
+        return
+    found = resumed_checkpoint(cfg)
+    saved = found[1].get("config", {}).get("dataset") if found else None
+    if (not isinstance(saved, dict) or saved.get("split_by", "position") != "position" or saved.get("val_parquet_dir")
+            or cfg.dataset.val_parquet_dir or cfg.dataset.split_by == "position"):
+        return
+    if announce:
+        print(f"note: the run of {found[0]} holds its validation documents out by their place in the shards (file, "
+              f"row group, row), as runs begun before version 0.5.0 do: this resume keeps them "
+              f"(dataset.split_by=position); new runs hold documents out by their text, which renaming, moving or "
+              f"rewriting the shards does not change")
+    cfg.dataset.split_by = "position"
 
 
 def given_then(ckpt, setting: str) -> str:
@@ -156,11 +175,11 @@ def check_given_again(ckpt, config: dict, command_line: dict, path):
 
 def check_same_split(saved: dict, dataset, command_line, path, named: bool, seed_split: bool):
     """The same for the validation documents: a run keeps a val_parquet_dir (another folder: the
-    validation batches decide, validation_change warns), or its split_seed and val_fraction,
+    validation batches decide, validation_change warns), or its split_seed, val_fraction and split_by,
     unless the command line that names the run gives others. `seed_split`: a checkpoint of 0.4.5 and
     older, whose training.seed drew its split."""
-    keys = ["val_parquet_dir"] + ["split_seed", "val_fraction"] * (not saved.get("val_parquet_dir")
-                                                                    and not dataset.val_parquet_dir)
+    keys = ["val_parquet_dir"] + ["split_seed", "val_fraction", "split_by"] * (not saved.get("val_parquet_dir")
+                                                                                and not dataset.val_parquet_dir)
     for key in keys:
         before, now, setting = saved.get(key, getattr(dataset, key)), getattr(dataset, key), f"dataset.{key}"
         folder_to_folder = key == "val_parquet_dir" and (before is None) == (now is None)
@@ -302,12 +321,13 @@ def data_settings_hint(cfg, problem: Exception) -> str:
     without them), or, where the tokenizer file is gone, how to get the one the checkpoint carries."""
     if (found := resumed_checkpoint(cfg)) is None:
         return ""
-    path, saved = found[0], with_split_seed(found[1].get("config", {}))
+    path, saved = found[0], with_split_settings(found[1].get("config", {}))
     now = cfg.to_dict()
     # a tokenizer's problem: the data's settings are beside the point
     names = ("dataset.tokenizer", "model.vocab_size") if isinstance(problem, TokenizerError) else DATA_SETTINGS
     if config_value(saved, "dataset.val_parquet_dir"):  # its validation documents were that folder's: nothing split
-        names = [name for name in names if name not in ("dataset.split_seed", "dataset.val_fraction")]
+        names = [name for name in names
+                 if name not in ("dataset.split_seed", "dataset.val_fraction", "dataset.split_by")]
     recorded = [name for name in names if name.split(".")[1] in saved.get(name.split(".")[0], {})]
     differ = [override(name, config_value(saved, name)) for name in recorded
               if not same_setting(name, config_value(saved, name), config_value(now, name))]
@@ -330,7 +350,7 @@ def found_as_newest(cfg) -> str:
 
 
 DATA_SETTINGS = ("dataset.parquet_dir", "dataset.val_parquet_dir", "dataset.text_column", "dataset.split_seed",
-                 "dataset.val_fraction", "dataset.tokenizer", "model.vocab_size")
+                 "dataset.val_fraction", "dataset.split_by", "dataset.tokenizer", "model.vocab_size")
 
 
 PATH_SETTINGS = ("dataset.parquet_dir", "dataset.val_parquet_dir", "dataset.tokenizer")
@@ -357,7 +377,7 @@ def validation_change(saved: dict, now: dict, saved_shards: str | None = None, s
                       saved_batches: str | None = None, batches: str | None = None) -> str | None:
     """A warning if the validation documents or batches differ from those of the checkpoint's run
     (configs `saved` and `now`); None if they are the same. Without val_parquet_dir they are a share of
-    parquet_dir's documents drawn from split_seed: another split_seed or val_fraction holds out documents
+    parquet_dir's documents drawn from split_seed: another split_seed, val_fraction or split_by holds out documents
     the run has trained on. `saved_shards` and `shards`: the fingerprints of parquet_dir's shards
     (data_order), which decide whether it holds the same documents wherever it is. `saved_batches`
     and `batches`: the fingerprints of the validation batches themselves (evaluation.validation_fingerprint),
@@ -369,7 +389,8 @@ def validation_change(saved: dict, now: dict, saved_shards: str | None = None, s
             return saved_shards == shards
         return same_setting(path, config_value(saved, path), config_value(now, path))
     by_fraction = not config_value(now, "dataset.val_parquet_dir")
-    held_out = ["dataset.val_parquet_dir"] + (["dataset.val_fraction", "dataset.split_seed"] if by_fraction else [])
+    held_out = ["dataset.val_parquet_dir"] + (["dataset.val_fraction", "dataset.split_seed", "dataset.split_by"]
+                                              if by_fraction else [])
     read_from = ["dataset.text_column"] + ["dataset.parquet_dir"] * by_fraction
     documents = [path for path in held_out + read_from if not same(path)]
     shapes = [path for path in VALIDATION_BATCHES if not same(path)]  # the first eval_iters batches of that shape
@@ -386,6 +407,11 @@ def validation_change(saved: dict, now: dict, saved_shards: str | None = None, s
         return (f"WARNING: the validation {changes} change on this resume ({what}): some of those held out now may have "
                 f"been trained on, so the validation loss may read low from here, and best.pt starts afresh; keep "
                 f"{keep} to keep the same ones")
+    if by_fraction and documents and config_value(now, "dataset.split_by") == "position":  # other shards: re-drawn
+        return (f"WARNING: the validation {changes} change on this resume ({what}): held out by their place in the "
+                f"shards (dataset.split_by=position, as runs before 0.5.0), some of those held out now may have been "
+                f"trained on, so the validation loss may read low from here, and best.pt starts afresh (a new run "
+                f"holds documents out by their text, which survives renamed, moved or rewritten shards)")
     return (f"WARNING: the validation {changes} change on this resume ({what}): losses from here on are not "
             f"comparable with the earlier ones, and best.pt starts afresh")
 

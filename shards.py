@@ -5,9 +5,11 @@ one document per row: the Hugging Face datasets layout. A unit of work is one (f
 list_units checks every footer and schema up front.
 
 Reading: read_unit_documents streams one unit's non-empty documents of a split, in parts of about
-READ_BYTES. Train/validation split: each document goes to validation with probability
-dataset.val_fraction, decided by a hash of (dataset.split_seed, file, row group, row): the same for
-every training seed, and independent of workers.
+READ_BYTES. Train/validation split (Holdout): each document goes to validation with probability
+dataset.val_fraction, decided by a hash of dataset.split_seed and the document's text: the same for
+every training seed, independent of workers, and of where the files are, their names and the order
+of their rows (equal documents go to the same side). Runs begun before 0.5.0 hashed the document's
+place, (file, row group, row), and keep doing so (dataset.split_by: position).
 
 Writing them: corpus.py.
 """
@@ -188,11 +190,35 @@ def on_disk(path: str) -> tuple:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def validation_mask(unit: Unit, split_seed: int, fraction: float):
-    """Which rows of a unit belong to validation: a splitmix64 hash of (split_seed, file, rg, row)."""
+@dataclass(frozen=True)
+class Holdout:
+    """Which documents validation holds out: each with probability `fraction`, by a hash of `seed` and
+    the document's text (by "text"), or of its place, (file, row group, row) (by "position")."""
+    fraction: float
+    seed: int
+    by: str = "text"
+
+    def held_out(self, unit: Unit, docs: pa.Array, first_row: int) -> np.ndarray:
+        """Which of `docs` (large_binary, the unit's rows from `first_row` on) validation holds out."""
+        if self.by == "position":
+            return validation_mask(unit, self.seed, self.fraction, first_row, first_row + len(docs))
+        key = self.seed.to_bytes(8, "little")
+        hashes = np.fromiter((int.from_bytes(hashlib.blake2b(doc or b"", digest_size=8, key=key).digest(), "little")
+                              for doc in docs.to_pylist()), np.uint64, count=len(docs))
+        return (hashes >> np.uint64(11)).astype(np.float64) / 2.0**53 < self.fraction
+
+
+def holdout_of(dataset_cfg) -> Holdout:
+    return Holdout(dataset_cfg.val_fraction, dataset_cfg.split_seed, dataset_cfg.split_by)
+
+
+def validation_mask(unit: Unit, split_seed: int, fraction: float, start: int = 0, stop: int | None = None):
+    """Which of rows start..stop - 1 (all) of a unit belong to validation by their place: a
+    splitmix64 hash of (split_seed, file, rg, row)."""
+    rows = np.arange(start, unit.num_rows if stop is None else stop, dtype=np.uint64)
     with np.errstate(over="ignore"):
         h = (np.uint64(unit.file_key) ^ np.uint64(split_seed * 0x9E3779B97F4A7C15 % 2**64)
-             ^ (np.uint64(unit.row_group) << np.uint64(40))) + np.arange(unit.num_rows, dtype=np.uint64)
+             ^ (np.uint64(unit.row_group) << np.uint64(40))) + rows
         h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         h = h ^ (h >> np.uint64(31))
@@ -213,7 +239,7 @@ def rows_per_part(unit: Unit) -> int:
 def first_documents(unit: Unit, text_column: str, n: int) -> list[str]:
     """Up to n non-empty documents from the start of a unit, as text (for a look at the tokenizer)."""
     with ParquetFileCache(1) as cache:
-        docs = next(read_unit_documents(cache, unit, text_column, "all", 0, 0.0), pa.array([], pa.large_binary()))
+        docs = next(read_unit_documents(cache, unit, text_column, "all"), pa.array([], pa.large_binary()))
     return [doc.decode("utf-8", errors="replace") for doc in docs[:n].to_pylist()]
 
 
@@ -234,19 +260,14 @@ def changed_since_listed(parquet: pq.ParquetFile, unit: Unit, text_column: str) 
     return ""
 
 
-def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, split: str, split_seed: int,
-                        val_fraction: float):
-    """The unit's non-empty documents of `split` (train, val or all), one large_binary array per
+def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, split: str,
+                        holdout: Holdout | None = None):
+    """The unit's non-empty documents of `split` (train or val: `holdout`'s; or all), one large_binary array per
     part: rows_per_part rows, about READ_BYTES of the row group by its metadata, or fewer where
     their text passes PART_TEXT_LIMIT x READ_BYTES (a row group sorted by length, or dictionary-
     encoded text, whose metadata counts each repeated text once). Memory follows the part, not the
     row-group size its writer chose. The parts are the same on every read (they follow from the
     file and READ_BYTES)."""
-    if split == "all":
-        in_split = np.ones(unit.num_rows, dtype=bool)
-    else:
-        in_split = validation_mask(unit, split_seed, val_fraction)
-        in_split = ~in_split if split == "train" else in_split
     rows, text_limit = rows_per_part(unit), PART_TEXT_LIMIT * READ_BYTES
     part, part_rows, part_text, first_row = [], 0, 0, 0
     try:
@@ -262,8 +283,10 @@ def read_unit_documents(cache: ParquetFileCache, unit: Unit, text_column: str, s
                 fits = int(np.searchsorted(np.cumsum(lengths), text_limit - part_text, side="right"))
                 take = min(len(docs), rows - part_rows, fits + 1)
                 piece = docs.slice(0, take)
-                keep = pc.and_(pc.and_(pc.is_valid(piece), pc.greater(pc.binary_length(piece), 0)),
-                               pa.array(in_split[first_row:first_row + take]))
+                keep = pc.and_(pc.is_valid(piece), pc.greater(pc.binary_length(piece), 0))
+                if split != "all":
+                    held_out = holdout.held_out(unit, piece, first_row)
+                    keep = pc.and_(keep, pa.array(held_out if split == "val" else ~held_out))
                 part.append(pc.filter(piece, keep))
                 part_rows, first_row = part_rows + take, first_row + take
                 part_text += int(lengths[:take].sum())

@@ -58,7 +58,7 @@ from positions import data_order
 from readers import loader_workers
 from resume import (Progress, checkpoint_size, extending, load_saved_state, resume, resume_target, resuming, save,
                     set_rng_state, torch_rng_state, using_checkpoint_dir)
-from resume_checks import check_run_data_given, command_line_record, data_settings_hint
+from resume_checks import check_run_data_given, command_line_record, data_settings_hint, keep_split_by_position
 from rundir import (RunDir, check_writable, clean_stale_temporaries, release_run_directories, remove_empty_runs,
                     unfinished_older_run, unfinished_run)
 from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_clock, emulated_dtype_warning, interrupted,
@@ -110,6 +110,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
     # auto becomes latest or None (a new run), in the config itself: resume.py and main() read it from there
     training.resume_from_checkpoint = resume_target(training, ranks, device, resume_named_in_file)
     check_run_data_given(cfg, command_line)  # a resume that leaves out its run's data: refused before it is read
+    keep_split_by_position(cfg, command_line, announce=ranks.main)
     try:
         tokenizer, units = prepare_data(cfg, ranks)
         val_batches = validation_batches(cfg, units, tokenizer)

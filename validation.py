@@ -10,7 +10,7 @@ import torch
 from config import step_tokens
 from data import ParquetBatches, count_documents, read_unit_tokens
 from files import byte_amount
-from shards import DataError, ParquetFileCache, list_units
+from shards import DataError, ParquetFileCache, holdout_of, list_units
 
 
 def validation_batches(cfg, units, tokenizer, note_few: bool = True) -> list:
@@ -32,8 +32,8 @@ def validation_batches(cfg, units, tokenizer, note_few: bool = True) -> list:
     stretches = [units[a:b] for a, b in zip(starts, starts[1:])]
 
     def first_windows(cache, stretch, n):  # the first n windows of the stretch's validation documents, one stream
-        stream = ParquetBatches(stretch, split, training.block_size, 1, training.seed, dataset_cfg.split_seed,
-                                dataset_cfg.val_fraction, dataset_cfg.text_column, 1, tokenizer,
+        stream = ParquetBatches(stretch, split, training.block_size, 1, training.seed, holdout_of(dataset_cfg),
+                                dataset_cfg.text_column, 1, tokenizer,
                                 shuffle=False).epoch_batches(cache, 0, 1, 0)
         return [(x, y) for x, y, _ in itertools.islice(stream, n)]
     with ParquetFileCache(dataset_cfg.max_cached_files) as cache:
@@ -68,7 +68,7 @@ def too_little_validation(cfg, units, folder, split: str, tokenizer) -> DataErro
     training, dataset_cfg = cfg.training, cfg.dataset
     with ParquetFileCache(1) as cache:
         documents, val_documents = (count_documents(cache, units, dataset_cfg.text_column, which,
-                                                    dataset_cfg.split_seed, dataset_cfg.val_fraction)
+                                                    holdout_of(dataset_cfg))
                                     for which in ("all", "val"))
         if not documents:
             return DataError(f"{folder}: column {dataset_cfg.text_column!r} holds no documents: every row of the "
@@ -81,7 +81,7 @@ def too_little_validation(cfg, units, folder, split: str, tokenizer) -> DataErro
                              f"{dataset_cfg.val_fraction}); cut the text into more documents (python prepare.py "
                              f"--from-text ... with a smaller --chunk-bytes),{fraction} or set dataset.val_parquet_dir")
         tokens = sum(len(part) for unit in units for part in read_unit_tokens(
-            cache, unit, dataset_cfg.text_column, split, dataset_cfg.split_seed, dataset_cfg.val_fraction, tokenizer))
+            cache, unit, dataset_cfg.text_column, split, holdout_of(dataset_cfg), tokenizer))
     what = "documents hold" if dataset_cfg.val_parquet_dir else f"split (val_fraction {dataset_cfg.val_fraction}) holds"
     more = "add validation documents" if dataset_cfg.val_parquet_dir else "raise dataset.val_fraction, or add documents"
     return DataError(f"{folder}: the validation {what} {tokens:,} tokens, less than one batch: {training.batch_size} "

@@ -18,7 +18,7 @@ from config import Config
 from conftest import ROOT, make_corpus, write_parquet
 from data import ParquetBatches, read_unit_tokens
 from readers import assign_units
-from shards import DataError, ParquetFileCache, list_units
+from shards import DataError, Holdout, ParquetFileCache, list_units
 from tokenizer import ByteTokenizer, HFTokenizer
 
 BYTES = ByteTokenizer()
@@ -31,13 +31,14 @@ def tokenizer(request, bpe_json):
 
 
 def batches_of(units, split="train", T=16, B=2, seed=0, val_fraction=0.2, max_cached=4, tokenizer=BYTES, split_seed=0):
-    return ParquetBatches(units, split, T, B, seed, split_seed, val_fraction, "text", max_cached, tokenizer)
+    return ParquetBatches(units, split, T, B, seed, Holdout(val_fraction, split_seed), "text", max_cached, tokenizer)
 
 
 def split_stream(units, split, split_seed=0, val_fraction=0.2, tokenizer=BYTES):
     cache = ParquetFileCache(8)
-    return np.concatenate([part for u in units for part in read_unit_tokens(cache, u, "text", split, split_seed,
-                                                                             val_fraction, tokenizer)])
+    holdout = Holdout(val_fraction, split_seed)
+    return np.concatenate([part for u in units for part in read_unit_tokens(cache, u, "text", split, holdout,
+                                                                            tokenizer)])
 
 
 def window_text(x, y, tokenizer):
@@ -69,11 +70,12 @@ def test_an_epoch_that_deals_a_reader_less_than_a_batch_is_skipped(tmp_path):
     write_parquet(tmp_path / "c.parquet", ["c" * 30], 4)
     units = list_units(tmp_path, "text")
     assert [len(assign_units(units, epoch, 18, 2, shuffle=True)[0]) for epoch in range(3)] == [1, 2, 1]
-    ds = ParquetBatches(units, "all", 16, 4, 18, 1, 0.2, "text", 4, BYTES, rank=0, world_size=2, shuffle=True)
+    ds = ParquetBatches(units, "all", 16, 4, 18, Holdout(0.2, 1), "text", 4, BYTES, rank=0, world_size=2, shuffle=True)
     epochs = [position["epoch"] for _, _, position in itertools.islice(ds, 40)]
     assert sorted(set(epochs)) == [0, 2, 3]
     for rank in (0, 1):  # however many such epochs come in a row later on (4 did for each reader here)
-        ds = ParquetBatches(units, "all", 16, 4, 18, 1, 0.2, "text", 4, BYTES, rank=rank, world_size=2, shuffle=True)
+        ds = ParquetBatches(units, "all", 16, 4, 18, Holdout(0.2, 1), "text", 4, BYTES, rank=rank, world_size=2,
+                            shuffle=True)
         assert len(list(itertools.islice(ds, 1500))) == 1500
 
 
@@ -276,7 +278,8 @@ def test_too_little_training_data_is_an_error_not_a_hang(tmp_path):
                                         r"training.block_size, or add data$"):
         next(iter(ds))
     made_up = {"reader": 0, "epoch": 3, "unit": 0, "part": 0, "consumed": 0, "carry": []}  # resume_point's, dealt anew
-    ds = ParquetBatches(list_units(tmp_path, "text"), "train", 64, 4, 0, 0, 1e-9, "text", 4, BYTES, positions=[made_up])
+    ds = ParquetBatches(list_units(tmp_path, "text"), "train", 64, 4, 0, Holdout(1e-9, 0), "text", 4, BYTES,
+                        positions=[made_up])
     with pytest.raises(DataError, match=r"no complete batch of 4 x 65 tokens in passes 5-8 over the training data: "):
         next(iter(ds))
     ds = batches_of(list_units(tmp_path, "text"), T=4, B=1, val_fraction=1e-9)
@@ -315,7 +318,8 @@ def test_dataloader_resumes_with_the_worker_whose_batch_was_due(corpus, tokenize
     positions = {}
     for _, _, p in straight[:consumed]:
         positions[p["reader"]] = p
-    ds = ParquetBatches(units, "train", 16, 2, 0, 0, 0.2, "text", 4, tokenizer, positions=list(positions.values()),
+    ds = ParquetBatches(units, "train", 16, 2, 0, Holdout(0.2, 0), "text", 4, tokenizer,
+                        positions=list(positions.values()),
                         rotation=consumed % 2)
     it = iter(DataLoader(ds, batch_size=None, num_workers=2))
     resumed = [next(it) for _ in range(5)]
@@ -327,7 +331,7 @@ import os, sys
 sys.path.insert(0, sys.argv[1])
 import shards
 from data import ParquetBatches
-from shards import ParquetFileCache, list_units
+from shards import Holdout, ParquetFileCache, list_units
 from tokenizer import ByteTokenizer
 shards.READ_BYTES = 1 << 20
 def kib(field):
@@ -336,7 +340,8 @@ for folder in sys.argv[2:]:  # each in a child of its own: what one leaves alloc
     if os.fork() == 0:
         open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts from here
         start = kib("VmRSS")
-        dataset = ParquetBatches(list_units(folder, "text"), "train", 256, 16, 0, 0, 0.01, "text", 4, ByteTokenizer())
+        dataset = ParquetBatches(list_units(folder, "text"), "train", 256, 16, 0, Holdout(0.01, 0), "text", 4,
+                                 ByteTokenizer())
         sum(1 for _ in dataset.epoch_batches(ParquetFileCache(4), 0, 1, 0))
         print(kib("VmHWM") - start, flush=True)
         os._exit(0)

@@ -19,7 +19,7 @@ from config import Config
 from conftest import run_dirs, write_config
 from metrics import MetricsLog
 from rundir import RunDir
-from shards import list_units
+from shards import Holdout, list_units
 
 TRAIN_TAGS = {"train/loss", "train/lr", "train/grad_norm", "speed/tokens_per_s", "speed/ms_per_step", "speed/data_wait",
               "memory/peak_mib", "data/epochs"}
@@ -380,10 +380,10 @@ def test_a_cpu_run_of_many_hours_points_at_the_cpu_config(tmp_path, corpus, caps
 
 
 def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys):
-    """The corpus's training split holds about 5,300 tokens: 256 per step, so a pass takes about 20 steps."""
+    """The corpus's training split holds about 5,600 tokens: 256 per step, so a pass takes about 22 steps."""
     from data import ParquetBatches
     from tokenizer import ByteTokenizer
-    path = write_config(tmp_path, corpus, max_iters=50, batch_size=16, log_freq=5, test_freq=1000,
+    path = write_config(tmp_path, corpus, max_iters=60, batch_size=16, log_freq=5, test_freq=1000,
                         checkpoint_freq=1000)
     assert train.main(["--config", str(path)]) == 0
     out = capsys.readouterr().out
@@ -392,12 +392,12 @@ def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys)
     assert epochs == sorted(epochs) and epochs[0] < 0.2
     cfg = Config.from_yaml(path)
     one_pass = sum(1 for _ in ParquetBatches(list_units(corpus, "text"), "train", 16, 16, cfg.training.seed,
-                                             cfg.dataset.split_seed, 0.2, "text", 2, ByteTokenizer(),
+                                             Holdout(0.2, cfg.dataset.split_seed), "text", 2, ByteTokenizer(),
                                              shuffle=False))  # batches in one pass
-    assert abs(epochs[-1] - 50 / one_pass) < 0.5
+    assert abs(epochs[-1] - 60 / one_pass) < 0.5
     assert "  pass 1 over the training data is done: the documents are read again, reshuffled\n" in out
     assert "  pass 2 over the training data is done" in out
-    assert f"done: 50 steps ({epochs[-1]:.2f} passes" in out
+    assert f"done: 60 steps ({epochs[-1]:.2f} passes" in out
     # passes shorter than log_freq: the line says how many ended since the last one
     assert train.main(["--config", str(path), "training.log_freq=1000",
                        f"training.checkpoint_dir={tmp_path / 'ck2'}"]) == 0

@@ -10,7 +10,7 @@ import pytest
 import prepare
 from config import Config
 from conftest import ROOT, write_config, write_parquet
-from shards import ParquetFileCache, list_units, read_unit_documents
+from shards import Holdout, ParquetFileCache, list_units, read_unit_documents
 from tokenizer import load_tokenizer
 
 
@@ -141,7 +141,8 @@ def test_train_tokenizer_command_learns_from_the_training_split_only(tmp_path, c
     heads = {text[:8] for text in prepare.training_texts(cfg, units)}
     cache = ParquetFileCache(8)
     train_heads = {doc[:8].decode() for unit in units
-                   for docs in read_unit_documents(cache, unit, "text", "train", 1337, 0.2) for doc in docs.to_pylist()}
+                   for docs in read_unit_documents(cache, unit, "text", "train", Holdout(0.2, 1337))
+                   for doc in docs.to_pylist()}
     assert heads == train_heads and len(heads) < 120
 
 
@@ -369,7 +370,8 @@ def test_from_parquet_writes_a_large_row_group_again_in_small_ones_with_every_do
                          "leaves them out\n")
     units = list_units(out, "content")
     assert len(units) > 50 and pq.read_schema(units[0].path).names == ["content"]
-    read = [d.decode() for u in units for part in read_unit_documents(ParquetFileCache(1), u, "content", "all", 0, 0)
+    read = [d.decode() for u in units for part in read_unit_documents(ParquetFileCache(1), u, "content", "all",
+                                                                      Holdout(0, 0))
             for d in part.to_pylist()]
     assert read == docs[:-2]  # every document, in order; null and empty ones are skipped, as training does
     # row groups sized by the text read, not by the metadata (a dictionary counts each repeated text once)

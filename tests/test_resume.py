@@ -373,6 +373,47 @@ def test_a_checkpoint_whose_split_followed_the_training_seed_keeps_it_with_split
             "held out now may have been trained on") in capsys.readouterr().out
 
 
+def test_a_run_begun_before_split_by_resumes_holding_out_by_position(tmp_path, corpus, capsys):
+    """Before 0.5.0 the split hashed a document's (file, row group, row): a resume of such a run keeps
+    that split, saying so (by text, some documents trained on would be held out), unless the command
+    line that names the run says otherwise; a change of shards then warns that the loss may read low."""
+    path = write_config(tmp_path, corpus, max_iters=2, test_freq=100)
+    assert train.main(["--config", str(path), "dataset.split_by=position"]) == 0  # as 0.4 split
+    [run] = run_dirs(tmp_path)
+    old = torch.load(run / "checkpoint_2.pt", weights_only=True)
+    del old["config"]["dataset"]["split_by"], old["data"]["order"]["dataset.split_by"]
+    del old["command_line"]["settings"]["dataset.split_by"]
+    old["versions"]["project"] = "0.4.16"
+    torch.save(old, run / "checkpoint_2.pt")
+    torch.save(old, tmp_path / "old.pt")
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.max_iters=3", "training.resume_from_checkpoint=latest"]) == 0
+    out = capsys.readouterr().out
+    assert (f"note: the run of {run / 'checkpoint_2.pt'} holds its validation documents out by their place in the "
+            f"shards (file, row group, row), as runs begun before version 0.5.0 do: this resume keeps them "
+            f"(dataset.split_by=position)") in out
+    assert "WARNING" not in out and "measured anew" not in out, out
+    assert load_checkpoint(run / "checkpoint_3.pt").config["dataset"]["split_by"] == "position"
+    for shard in sorted(corpus.iterdir()):
+        shard.rename(corpus / f"renamed-{shard.name}")  # by position: re-drawn
+    assert train.main(["--config", str(path), "training.max_iters=4", "training.resume_from_checkpoint=latest"]) == 0
+    assert ("held out by their place in the shards (dataset.split_by=position, as runs before 0.5.0), some of those "
+            "held out now may have been trained on") in capsys.readouterr().out
+    assert train.main(["--config", str(path), "training.max_iters=5", f"training.resume_from_checkpoint={run}",
+                       "dataset.split_by=text"]) == 0
+    out = capsys.readouterr().out
+    assert "place in the shards" not in out.split("WARNING")[0]  # (no note: the command line says)
+    assert ("WARNING: the validation documents change on this resume (dataset.split_by: 'position' -> 'text'): some "
+            "of those held out now may have been trained on") in out
+    for shard in corpus.iterdir():
+        shard.rename(corpus / shard.name.removeprefix("renamed-"))
+    assert train.main(["--config", str(path), "training.max_iters=3",
+                       f"training.resume_from_checkpoint={tmp_path}/old.pt",
+                       "training.batch_size=2"]) == 0  # (a file of its own: another run)
+    warning = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING: the validation"))
+    assert "(training.batch_size: 4 -> 2)" in warning and "split_by" not in warning  # the old run's split: position
+
+
 def test_a_bpe_run_resumes_samples_with_its_tokenizer_and_refuses_another(tmp_path, corpus, bpe_file, capsys):
     path = write_config(tmp_path, corpus, max_iters=2, model={"vocab_size": 320}, dataset={"tokenizer": str(bpe_file)})
     assert train.main(["--config", str(path)]) == 0

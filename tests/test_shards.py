@@ -10,7 +10,7 @@ import pytest
 
 import shards
 from conftest import write_parquet
-from shards import DataError, list_units, validation_mask
+from shards import DataError, Holdout, list_units, validation_mask
 
 
 def test_a_file_whose_column_holds_only_nulls_is_skipped_with_a_note(tmp_path, capsys):
@@ -45,6 +45,34 @@ def test_split_depends_on_the_seed_the_file_and_the_row_group_not_on_where_the_f
         assert (validation_mask(u, 1, 0.1) & validation_mask(other, 1, 0.1)).sum() < 30  # ~10 by chance
 
 
+def held_out_texts(folder, split_by="text", seed=1337, fraction=0.2) -> list[str]:
+    cache = shards.ParquetFileCache(4)
+    return sorted(doc.decode() for unit in list_units(folder, "text") for part in shards.read_unit_documents(
+        cache, unit, "text", "val", Holdout(fraction, seed, split_by)) for doc in part.to_pylist())
+
+
+def test_the_split_by_text_follows_the_documents_wherever_and_in_whatever_order_the_shards_hold_them(tmp_path):
+    """Renamed, moved into a subfolder, rewritten shuffled in other row groups (prepare.py --from-parquet),
+    joined by another shard: the same documents held out; by position, a rename alone re-draws them."""
+    docs = [f"document {i} " + "words " * (i % 7) for i in range(300)]
+    write_parquet(tmp_path / "a" / "shard-0.parquet", docs[:150], 16)
+    write_parquet(tmp_path / "a" / "shard-1.parquet", docs[150:], 16)
+    held = held_out_texts(tmp_path / "a")
+    assert 30 < len(held) < 90 and set(held) < set(docs)
+    write_parquet(tmp_path / "b" / "renamed.parquet", docs[:150], 16)
+    write_parquet(tmp_path / "b" / "sub" / "moved.parquet", docs[150:], 16)
+    assert held_out_texts(tmp_path / "b") == held
+    shuffled = [docs[i] for i in np.random.default_rng(0).permutation(300)]
+    write_parquet(tmp_path / "c" / "all.parquet", shuffled, 7)
+    write_parquet(tmp_path / "c" / "new.parquet", [f"new document {i}" for i in range(100)], 16)
+    assert [doc for doc in held_out_texts(tmp_path / "c") if not doc.startswith("new")] == held
+    assert held_out_texts(tmp_path / "a", seed=1) != held  # split_seed draws another split
+    assert held_out_texts(tmp_path / "a", "position") != held_out_texts(tmp_path / "b", "position")
+    write_parquet(tmp_path / "d" / "copies.parquet", docs[:10] * 10, 16)  # equal documents: all on one side
+    held = held_out_texts(tmp_path / "d", fraction=0.5)
+    assert 0 < len(set(held)) < 10 and all(held.count(doc) == 10 for doc in held)
+
+
 def test_the_documents_held_out_stay_the_same_from_version_to_version(tmp_path):
     """A resumed run (or one compared with an older run) must hold out the documents it held out
     before: a change to the hash or to the file's key would train on the validation documents."""
@@ -55,6 +83,11 @@ def test_the_documents_held_out_stay_the_same_from_version_to_version(tmp_path):
     write_parquet(tmp_path / "a" / "part-00000.parquet", ["one", "two"])
     [unit] = list_units(tmp_path, "text")  # the key: a hash of the path below parquet_dir
     assert unit.file_key == 2182301152958970292
+    docs = pa.array([f"doc {i}".encode() for i in range(200)], pa.large_binary())  # by text (0.5.0 on)
+    assert np.flatnonzero(Holdout(0.05, 1337).held_out(unit, docs, 0)).tolist() == [57, 79, 83, 103, 104, 145, 146,
+                                                                                    175, 179]
+    assert np.array_equal(Holdout(0.05, 1337, "position").held_out(u, docs, 100), validation_mask(u, 1337,
+                                                                                                  0.05)[100:300])
 
 
 def test_file_that_is_not_parquet(tmp_path):
@@ -159,7 +192,7 @@ def test_a_shard_gone_unreadable_or_rewritten_while_training_is_not_called_corru
     [unit, second] = list_units(tmp_path, "text")
     path.unlink()
     with pytest.raises(DataError) as e:
-        list(shards.read_unit_documents(shards.ParquetFileCache(1), unit, "text", "train", 0, 0.1))
+        list(shards.read_unit_documents(shards.ParquetFileCache(1), unit, "text", "train", Holdout(0.1, 0)))
     assert str(e.value) == (f"{path}: the file is gone (No such file or directory); training needs every shard it "
                             f"started with: restore it, or resume from the last checkpoint to train on the data as it "
                             f"is now (the data order then changes)")
@@ -171,10 +204,10 @@ def test_a_shard_gone_unreadable_or_rewritten_while_training_is_not_called_corru
                               (dict(docs=pa.array([1] * 8)), "column 'text' has type int64 now")]:
         write_parquet(path, docs=["x"] * 8, rows_per_group=4)
         cache = shards.ParquetFileCache(1)
-        list(shards.read_unit_documents(cache, unit, "text", "train", 0, 0.1))  # a reader has the file open
+        list(shards.read_unit_documents(cache, unit, "text", "train", Holdout(0.1, 0)))  # a reader has the file open
         write_parquet(path, **rewritten)  # in place, after the start listed it
         with pytest.raises(DataError) as e:
-            list(shards.read_unit_documents(cache, second, "text", "train", 0, 0.1))
+            list(shards.read_unit_documents(cache, second, "text", "train", Holdout(0.1, 0)))
         assert str(e.value) == (f"{path}: the file changed since the run started ({change}); training needs its shards "
                                 f"as they were at the start: restore it, or resume from the last checkpoint to train "
                                 f"on the data as it is now (the data order then changes)")
@@ -190,14 +223,14 @@ def test_a_shard_gone_unreadable_or_rewritten_while_training_is_not_called_corru
     opened_before = OpenedBefore()
     write_parquet(path, docs=["y"] * 6, rows_per_group=3)
     with pytest.raises(DataError, match=r"the file changed since the run started \(row group 1 has 3 rows, not 4\)"):
-        list(shards.read_unit_documents(opened_before, second, "text", "train", 0, 0.1))
+        list(shards.read_unit_documents(opened_before, second, "text", "train", Holdout(0.1, 0)))
 
     class Unreadable:  # chmod does not stop root
         def get(self, path):
             raise PermissionError(13, "Permission denied", path)
     with pytest.raises(DataError, match=r"a.parquet: the file cannot be read \(Permission denied\); training needs "
                                         r"every shard it started with: make it readable, or resume"):
-        list(shards.read_unit_documents(Unreadable(), unit, "text", "train", 0, 0.1))
+        list(shards.read_unit_documents(Unreadable(), unit, "text", "train", Holdout(0.1, 0)))
 
 
 def test_the_file_cache_keeps_files_open_until_rewritten_or_least_recently_used(tmp_path):
@@ -227,14 +260,14 @@ def test_a_part_ends_early_where_its_text_outgrows_what_the_metadata_promised(tm
     path = write_parquet(tmp_path / "a.parquet", long_docs, rows_per_group=400)
     [unit] = list_units(tmp_path, "text")
     assert pq.ParquetFile(path).metadata.row_group(0).total_byte_size < 200_000  # the dictionary: each text once
-    parts = list(shards.read_unit_documents(shards.ParquetFileCache(1), unit, "text", "all", 0, 0.1))
+    parts = list(shards.read_unit_documents(shards.ParquetFileCache(1), unit, "text", "all", Holdout(0.1, 0)))
     limit = shards.PART_TEXT_LIMIT * shards.READ_BYTES
     assert sum(len(part) for part in parts) == 400 and len(parts) > 1
     assert all(sum(map(len, part.to_pylist())) <= limit + 20_000 for part in parts)  # (the row that passed it)
     sorted_docs = ["x" * n for n in range(1, 800)]  # short first: the average row is far from the last rows
     write_parquet(tmp_path / "b" / "b.parquet", sorted_docs, rows_per_group=800)
     [unit] = list_units(tmp_path / "b", "text")
-    parts = list(shards.read_unit_documents(shards.ParquetFileCache(1), unit, "text", "all", 0, 0.1))
+    parts = list(shards.read_unit_documents(shards.ParquetFileCache(1), unit, "text", "all", Holdout(0.1, 0)))
     assert [doc for part in parts for doc in part.to_pylist()] == [doc.encode() for doc in sorted_docs]
     assert max(sum(map(len, part.to_pylist())) for part in parts) <= limit + 800
 
