@@ -118,9 +118,9 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val
     tokenizer = "bytes" if dataset.tokenizer == "bytes" else Path(dataset.tokenizer).resolve()
     writes_to = (f"continues in {run.path.resolve()}" if run.path is not None
                  else f"runs in {Path(training.checkpoint_dir).resolve()}")
-    n_files = len({unit.path for unit in units})
+    n_files, n_rows = len({unit.path for unit in units}), sum(unit.num_rows for unit in units)
     data_size = (f"{n_files} file{'s' * (n_files != 1)}{subfolders(dataset.parquet_dir, units)}, {len(units)} row "
-                 f"group{'s' * (len(units) != 1)}, {sum(unit.num_rows for unit in units):,} rows, "
+                 f"group{'s' * (len(units) != 1)}, {n_rows:,} row{'s' * (n_rows != 1)}, "
                  f"{byte_amount(sum(unit.text_bytes for unit in units))} of text")
     lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({data_size}; {validation}) | tokenizer {tokenizer} | "
                  f"{writes_to}")

@@ -59,7 +59,9 @@ def config_json(ckpt, tokenizer, source: Path, hf: bool, four_bit: bool) -> dict
                                 "use_double_quant": low_precision["use_double_quant"]},
               "weights_4bit": {"quant_type": quant_type, "blocksize": BLOCKSIZE} if four_bit else None,
               "bdh_export": {"version": EXPORT_VERSION, "tokenizer": "bytes" if tokenizer.to_str() == "bytes"
-                             else "tokenizer.json", "step": ckpt.step, "checkpoint": str(source)}}
+                             else "tokenizer.json", "step": ckpt.step, "checkpoint": str(source),
+                             # how its run held out validation documents: a fine-tune on the same data keeps them out
+                             "split_by": config_value(ckpt.config, "dataset.split_by")}}
     if hf:
         config.update(model_type="bdh", architectures=["BDHForCausalLM"], torch_dtype="float32",
                       auto_map={"AutoConfig": "configuration_bdh.BDHConfig",

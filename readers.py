@@ -63,6 +63,14 @@ def loader_workers(cfg, units, world_size=1, announce=True) -> int:
         units_word = "unit" if len(units) == 1 else "units"
         print(f"note: dataloader.num_workers {cfg.dataloader.num_workers} -> {workers}: only "
               f"{len(units)} (file, row group) {units_word} to share{among}, and each worker reads units of its own")
+    fewer = workers
+    while fewer > 1 and smallest_share(units, cfg, fewer * world_size) < batch_tokens(cfg.training):
+        fewer -= 1
+    if fewer < workers and announce:
+        print(f"note: dataloader.num_workers {workers} -> {fewer}: with {workers} workers a reader's share of the "
+              f"training text would be {byte_amount(smallest_share(units, cfg, workers * world_size))}, less than "
+              f"one batch of {batch_tokens(cfg.training):,} tokens, and a reader trains only on whole batches")
+    workers = fewer
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # the processes on this machine, each with its workers
     if announce and cpus and workers * here > cpus:
@@ -70,7 +78,7 @@ def loader_workers(cfg, units, world_size=1, announce=True) -> int:
         print(f"note: dataloader.num_workers {workers}{processes} is more than the {cpus} CPU cores this process may "
               f"use: the workers compete with training for them; dataloader.num_workers={cpus // here}"
               + (" or fewer" if cpus // here else " (the main process reads)"))
-    if announce and (warning := uneven_readers(units, workers, world_size, cfg.dataset)):
+    if announce and (warning := uneven_readers(units, workers, world_size, cfg)):
         print(warning)
     if announce and (note := read_in_order(units, cfg.dataset)):
         print(note)
@@ -105,10 +113,23 @@ def rewrite_command(dataset) -> str:
             f"with dataset.parquet_dir={out}")
 
 
-def uneven_readers(units, workers: int, world_size: int, dataset) -> str | None:
+def batch_tokens(training) -> int:
+    """A batch's tokens: batch_size windows of block_size + 1 (its targets' last)."""
+    return training.batch_size * (training.block_size + 1)
+
+
+def smallest_share(units, cfg, n_readers: int) -> float:
+    """The training text (bytes: at least its tokens, for bytes and byte-level BPEs) of the reader
+    dealt the least, without the share validation holds out of it."""
+    held_out = 0 if cfg.dataset.val_parquet_dir else cfg.dataset.val_fraction
+    return min(deal(units, [unit.text_bytes for unit in units], n_readers)[1]) * (1 - held_out)
+
+
+def uneven_readers(units, workers: int, world_size: int, cfg) -> str | None:
     """A warning where the readers' shares of the text, dealt a (file, row group) unit at a time,
     cannot be even (one more than 1.25 times another): a unit well past a reader's even share, or
-    too few units for the readers. Those with less text read theirs again sooner."""
+    too few units for the readers. Those with less text read theirs again sooner (or, with less
+    than a batch, never train on it)."""
     total, sizes = sum(unit.text_bytes for unit in units), [unit.text_bytes for unit in units]
 
     def spread(readers: int) -> float:  # the largest share over the smallest
@@ -125,7 +146,10 @@ def uneven_readers(units, workers: int, world_size: int, dataset) -> str | None:
     fitting = next((w for w in range(max(1, workers) - 1, 0, -1) if spread(w * world_size) <= 1.25), None)
     return (f"WARNING: {why} (even shares: {1 / n_readers:.1%} each for {n_readers} readers, "
             f"dataloader.num_workers={workers}"
-            f"{f' x {world_size} processes' if world_size > 1 else ''}): the readers' shares cannot be even, those "
-            f"with less text read theirs again sooner, so their documents weigh more (and the passes over the data "
-            f"logged run ahead); " + (f"dataloader.num_workers={fitting}, or " if fitting else "") +
-            f"smaller row groups even them out: {rewrite_command(dataset)}")
+            f"{f' x {world_size} processes' if world_size > 1 else ''}): the readers' shares cannot be even, "
+            + ("the smallest holds less than a batch, and a reader trains only on whole batches; "
+               if smallest_share(units, cfg, n_readers) < batch_tokens(cfg.training) else
+               "those with less text read theirs again sooner, so their documents weigh more (and the passes over "
+               "the data logged run ahead); ")
+            + (f"dataloader.num_workers={fitting}, or " if fitting else "") +
+            f"smaller row groups even them out: {rewrite_command(cfg.dataset)}")

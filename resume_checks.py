@@ -3,6 +3,7 @@
 takes but says (the learning-rate schedule, the tokens of a step, what validation measures). resume.py
 calls these; train.py calls data_settings_hint where the data does not match the settings.
 """
+import json
 import math
 import os
 import shlex
@@ -14,7 +15,7 @@ from checkpoint import Checkpoint, CheckpointError, peek_checkpoint
 from config import Config, learning_rate, step_tokens
 from config_file import ConfigError, config_value, with_split_settings
 from layout import PATTERN_CHARACTERS
-from locate import checkpoint_candidates, continues_in_place, found_newest
+from locate import checkpoint_candidates, continues_in_place, found_newest, resumable_in, resumable_runs
 from model import BDHConfig
 from positions import SHARDS
 from tokenizer import TokenizerError, load_tokenizer, tokenizer_from_string
@@ -85,23 +86,46 @@ def check_run_data_given(cfg, command_line: dict):
             from None
 
 
-def keep_split_by_position(cfg, command_line: dict, announce: bool):
-    """Before the data is read: a resume of a run that holds its validation documents out by their
-    place in the shards (begun before dataset.split_by, 0.5.0) goes on doing so unless the command
-    line gives split_by: held out by their text, some of those trained on would be measured."""
-    if not cfg.training.resume_from_checkpoint or "dataset.split_by" in command_line["settings"]:
+def keep_split_by_position(cfg, command_line: dict, ranks, device):
+    """Before the data is read: a resume (or a fine-tune) of a run that held its validation documents
+    out by their place in the shards, as every run begun before dataset.split_by (0.5.0) did, goes
+    on doing so unless the command line gives split_by: held out by their text, some documents it
+    trained on would be measured. Every rank takes part, and decides as the others."""
+    spec, dataset = cfg.training.resume_from_checkpoint, cfg.dataset
+    if not spec or "dataset.split_by" in command_line["settings"] or dataset.val_parquet_dir:
         return
-    found = resumed_checkpoint(cfg)
-    saved = found[1].get("config", {}).get("dataset") if found else None
-    if (not isinstance(saved, dict) or saved.get("split_by", "position") != "position" or saved.get("val_parquet_dir")
-            or cfg.dataset.val_parquet_dir or cfg.dataset.split_by == "position"):
+    found = run_split(spec, cfg.training.checkpoint_dir)
+    by_position = found is not None and found[1] == "position" and dataset.split_by != "position"
+    if not ranks.any(by_position, device):
         return
-    if announce:
-        print(f"note: the run of {found[0]} holds its validation documents out by their place in the shards (file, "
-              f"row group, row), as runs begun before version 0.5.0 do: this resume keeps them "
-              f"(dataset.split_by=position); new runs hold documents out by their text, which renaming, moving or "
-              f"rewriting the shards does not change")
-    cfg.dataset.split_by = "position"
+    if ranks.main and found is not None:
+        print(f"note: the run of {found[0]} held its validation documents out by their place in the shards (file, "
+              f"row group, row), as runs begun before version 0.5.0 do: so does this one, dataset.split_by=position, "
+              f"keeping out of validation the documents it trained on (new runs hold documents out by their text, "
+              f"which renaming, moving or rewriting the shards does not change)")
+    dataset.split_by = "position"
+
+
+def run_split(spec: str, checkpoint_dir: str) -> tuple[Path, str | None] | None:
+    """(the checkpoint that a resume from `spec` reads, as open_checkpoint takes them: the first
+    readable one; or the export folder; the dataset.split_by its run held out validation documents
+    by, None with a val_parquet_dir), or None where there is none to read."""
+    path = Path(spec)
+    if path.is_dir() and (path / "config.json").is_file() and not resumable_in(path):  # an export
+        try:
+            export = json.loads((path / "config.json").read_text()).get("bdh_export", {})
+        except (OSError, ValueError, AttributeError):
+            return None
+        return path, export.get("split_by", "position")  # (not recorded before 0.5.0)
+    candidates = (resumable_runs(Path(checkpoint_dir)) if spec == "latest" else
+                  resumable_in(path) if path.is_dir() else [path])
+    for candidate in candidates:
+        if saved := peek_checkpoint(candidate):
+            dataset = with_split_settings(saved.get("config") or {}).get("dataset")
+            if not isinstance(dataset, dict):
+                return None
+            return candidate, None if dataset.get("val_parquet_dir") else dataset.get("split_by")
+    return None
 
 
 def given_then(ckpt, setting: str) -> str:

@@ -110,7 +110,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
     # auto becomes latest or None (a new run), in the config itself: resume.py and main() read it from there
     training.resume_from_checkpoint = resume_target(training, ranks, device, resume_named_in_file)
     check_run_data_given(cfg, command_line)  # a resume that leaves out its run's data: refused before it is read
-    keep_split_by_position(cfg, command_line, announce=ranks.main)
+    keep_split_by_position(cfg, command_line, ranks, device)
     try:
         tokenizer, units = prepare_data(cfg, ranks)
         val_batches = validation_batches(cfg, units, tokenizer)

@@ -136,3 +136,8 @@ def test_a_printed_command_names_the_script_so_that_it_runs_from_here(tmp_path, 
     assert files.script_here("train.py") == "train.py"
     monkeypatch.chdir(tmp_path)  # python /path/to/repo/train.py, run from elsewhere
     assert files.script_here("train.py") == str(ROOT.resolve() / "train.py")
+
+
+def test_byte_amounts_read_as_what_they_are():
+    assert [files.byte_amount(n) for n in (1, 96, 1023, 1024, 5 * 2**20 + 2**19)] == [
+        "1 byte", "96 bytes", "1,023 bytes", "1 KB", "5.5 MB"]

@@ -310,8 +310,8 @@ def test_fewer_loader_workers_on_resume_read_the_rest_of_the_epoch(tmp_path, cor
     assert "dataloader.num_workers (effective): 2 -> 0" in out
     left, n_units = map(int, re.search(r"the (\d+) of (\d+) \(file, row group\) units that epoch 0 has not "
                                        r"finished are dealt anew to 1 reader,", out).groups())
-    read_twice = float(re.search(r"the pools being read start again, so about [\d.,]+ [KM]B \(([\d.]+)% of the epoch\) "
-                                 r"is read twice\n", out)[1])
+    read_twice = float(re.search(r"the pools being read start again, so about [\d.,]+ (?:[KM]B|bytes?) "
+                                 r"\(([\d.]+)% of the epoch\) is read twice\n", out)[1])
     assert 0 < read_twice < 100 * 2 / n_units  # at most the two units the workers were in
     run = only_run(tmp_path / "ck")
     before = load_checkpoint(run / "checkpoint_20.pt").data_positions

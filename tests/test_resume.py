@@ -17,6 +17,7 @@ import torch
 import yaml
 
 import data
+import export
 import sample
 import train
 from checkpoint import load_checkpoint
@@ -386,12 +387,13 @@ def test_a_run_begun_before_split_by_resumes_holding_out_by_position(tmp_path, c
     old["versions"]["project"] = "0.4.16"
     torch.save(old, run / "checkpoint_2.pt")
     torch.save(old, tmp_path / "old.pt")
+    (run / "checkpoint_9.pt").write_bytes(b"cut short")  # skipped: the resume reads checkpoint_2.pt
     capsys.readouterr()
     assert train.main(["--config", str(path), "training.max_iters=3", "training.resume_from_checkpoint=latest"]) == 0
     out = capsys.readouterr().out
-    assert (f"note: the run of {run / 'checkpoint_2.pt'} holds its validation documents out by their place in the "
-            f"shards (file, row group, row), as runs begun before version 0.5.0 do: this resume keeps them "
-            f"(dataset.split_by=position)") in out
+    assert (f"note: the run of {run / 'checkpoint_2.pt'} held its validation documents out by their place in the "
+            f"shards (file, row group, row), as runs begun before version 0.5.0 do: so does this one, "
+            f"dataset.split_by=position") in out
     assert "WARNING" not in out and "measured anew" not in out, out
     assert load_checkpoint(run / "checkpoint_3.pt").config["dataset"]["split_by"] == "position"
     for shard in sorted(corpus.iterdir()):
@@ -412,6 +414,15 @@ def test_a_run_begun_before_split_by_resumes_holding_out_by_position(tmp_path, c
                        "training.batch_size=2"]) == 0  # (a file of its own: another run)
     warning = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING: the validation"))
     assert "(training.batch_size: 4 -> 2)" in warning and "split_by" not in warning  # the old run's split: position
+    assert export.main(["--checkpoint", str(tmp_path / "old.pt"), "--out", str(tmp_path / "export")]) == 0
+    config_json = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config_json["bdh_export"].pop("split_by") == "position"  # and an export before 0.5.0 does not say
+    (tmp_path / "export" / "config.json").write_text(json.dumps(config_json))
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.max_iters=2", "training.checkpoint_dir=" + str(tmp_path / "ft"),
+                       f"training.resume_from_checkpoint={tmp_path / 'export'}"]) == 0  # a fine-tune: a new run
+    assert f"note: the run of {tmp_path / 'export'} held its validation documents out by" in capsys.readouterr().out
+    assert load_checkpoint(only_run(tmp_path / "ft") / "checkpoint_2.pt").config["dataset"]["split_by"] == "position"
 
 
 def test_a_bpe_run_resumes_samples_with_its_tokenizer_and_refuses_another(tmp_path, corpus, bpe_file, capsys):
