@@ -7,14 +7,18 @@ written to metrics.jsonl and TensorBoard then (flush). W&B starts with the run, 
 <checkpoint_dir>/wandb/, and its run id is kept in the run directory (wandb_run_id), so a resumed
 run continues the same W&B run (or a new one, when W&B has logged past the checkpoint's step). A
 resume also cuts metrics.jsonl and the TensorBoard curves back to the checkpoint's step: the steps
-after it are trained again and logged once. StepLog measures the training steps for their records
-and prints their lines (console.step_line words them).
+after it are trained again and logged once. Where a resume changed what validation measures
+(measured_anew), the evaluations from then on go to TensorBoard as a run of their own,
+validation_from_step_<step> in the run directory: its curves do not join losses that do not
+compare. StepLog measures the training steps for their records and prints their lines
+(console.step_line words them).
 """
 import collections
 import contextlib
 import importlib.util
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -35,6 +39,7 @@ TAGS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_n
         "mfu": "speed/mfu", "data_wait": "speed/data_wait", "epochs": "data/epochs", "tokens": "data/tokens",
         "peak_memory_mib": "memory/peak_mib", "val_loss": "val/loss", "val_bits_per_byte": "val/bits_per_byte"}
 PER_LAYER = {"sparsity_x": "sparsity/x", "sparsity_y": "sparsity/y"}  # the share of latents active: lower is sparser
+VALIDATION_RUN = "validation_from_step_"  # TensorBoard's run of the evaluations since a resume measured anew
 FIRST_STEPS_LOGGED = (1, 2, 5, 10)  # of each process, whatever log_freq says: whether it is viable shows in a minute
 ETA_LINES, ETA_SECONDS = 20, 60  # the ETA's speed: that of the last lines' steps, or of the last minute's if more
 SLOW_CPU_STEP_S = 5  # seconds a step on CPU (tiny.yaml: about 0.1) above which an hours-long run suggests tiny.yaml
@@ -54,6 +59,7 @@ class MetricsLog:
         self.run, self.settings, self.resumed_step = run, cfg.logging, resumed_step
         self.config_yaml = cfg.to_yaml()  # TensorBoard's text: which run is which, and what a resume changed
         self.pending, self.tensorboard, self.wandb = [], None, None
+        self.validation_writers, self.measured_anew_at = {}, None  # (the evaluations since: validation_from_step_<it>)
         if not run.writer:
             return
         self.logged_to = -1  # the last step the run's earlier processes logged (a resume redoes those after it)
@@ -111,16 +117,31 @@ class MetricsLog:
                 os.fsync(f.fileno())
         if self.tensorboard is not None:
             for record in self.pending:
+                self.measured_anew_at = record["step"] if record.get("measured_anew") else self.measured_anew_at
+                writer = self.validation_writer() if "val_loss" in record else self.tensorboard
                 for tag, value in scalars(record).items():
-                    self.tensorboard.add_scalar(tag, value, record["step"])
+                    writer.add_scalar(tag, value, record["step"])
                 if "sample" in record:
                     self.tensorboard.add_text("sample", sample_markdown(record), record["step"])
-            self.tensorboard.flush()
+            for writer in (self.tensorboard, *self.validation_writers.values()):
+                writer.flush()
+
+    def validation_writer(self):
+        """Where an evaluation's scalars go: the run's event files, or, since a resume changed what
+        validation measures, those of validation_from_step_<the first evaluation since>."""
+        if self.measured_anew_at is None:
+            return self.tensorboard
+        if self.measured_anew_at not in self.validation_writers:
+            from torch.utils.tensorboard import SummaryWriter
+            purge = None if self.resumed_step is None else self.resumed_step + 1
+            self.validation_writers[self.measured_anew_at] = SummaryWriter(
+                str(self.run.path / f"{VALIDATION_RUN}{self.measured_anew_at}"), purge_step=purge)
+        return self.validation_writers[self.measured_anew_at]
 
     def close(self):
         self.flush(sync=True)
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        for writer in ([self.tensorboard] if self.tensorboard is not None else []) + [*self.validation_writers.values()]:
+            writer.close()
         if self.wandb is not None:
             self.wandb.finish()
 
@@ -135,6 +156,10 @@ class MetricsLog:
         records = read_records(path)[0]  # a line a kill cut short goes
         kept = [record for record in records
                 if record["step"] < step or record["step"] == step and not (evaluation_due and "val_loss" in record)]
+        self.measured_anew_at = max((record["step"] for record in kept if record.get("measured_anew")), default=None)
+        for later in self.run.path.glob(f"{VALIDATION_RUN}*"):  # TensorBoard's evaluations after step: redone
+            if (at := re.fullmatch(rf"{VALIDATION_RUN}(\d+)", later.name)) and int(at[1]) > step:
+                shutil.rmtree(later)
         atomic_write(path, lambda f: f.write("".join(json.dumps(record) + "\n" for record in kept).encode()))
         return max((record["step"] for record in records), default=-1)
 

@@ -63,14 +63,6 @@ def loader_workers(cfg, units, world_size=1, announce=True) -> int:
         units_word = "unit" if len(units) == 1 else "units"
         print(f"note: dataloader.num_workers {cfg.dataloader.num_workers} -> {workers}: only "
               f"{len(units)} (file, row group) {units_word} to share{among}, and each worker reads units of its own")
-    fewer = workers
-    while fewer > 1 and smallest_share(units, cfg, fewer * world_size) < batch_tokens(cfg.training):
-        fewer -= 1
-    if fewer < workers and announce:
-        print(f"note: dataloader.num_workers {workers} -> {fewer}: with {workers} workers a reader's share of the "
-              f"training text would be {byte_amount(smallest_share(units, cfg, workers * world_size))}, less than "
-              f"one batch of {batch_tokens(cfg.training):,} tokens, and a reader trains only on whole batches")
-    workers = fewer
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # the processes on this machine, each with its workers
     if announce and cpus and workers * here > cpus:
@@ -113,23 +105,20 @@ def rewrite_command(dataset) -> str:
             f"with dataset.parquet_dir={out}")
 
 
-def batch_tokens(training) -> int:
-    """A batch's tokens: batch_size windows of block_size + 1 (its targets' last)."""
-    return training.batch_size * (training.block_size + 1)
-
-
-def smallest_share(units, cfg, n_readers: int) -> float:
-    """The training text (bytes: at least its tokens, for bytes and byte-level BPEs) of the reader
-    dealt the least, without the share validation holds out of it."""
+def short_of_a_batch(units, cfg, n_readers: int) -> bool:
+    """Whether the reader dealt the least text gets less than a batch's tokens (batch_size windows of
+    block_size + 1 that share a token with the next), by the text's size in the metadata: a token is
+    a byte or more with bytes and byte-level BPEs, but dictionary-encoded text counts once per value."""
     held_out = 0 if cfg.dataset.val_parquet_dir else cfg.dataset.val_fraction
-    return min(deal(units, [unit.text_bytes for unit in units], n_readers)[1]) * (1 - held_out)
+    least = min(deal(units, [unit.text_bytes for unit in units], n_readers)[1]) * (1 - held_out)
+    return least < cfg.training.batch_size * cfg.training.block_size + 1
 
 
 def uneven_readers(units, workers: int, world_size: int, cfg) -> str | None:
     """A warning where the readers' shares of the text, dealt a (file, row group) unit at a time,
     cannot be even (one more than 1.25 times another): a unit well past a reader's even share, or
     too few units for the readers. Those with less text read theirs again sooner (or, with less
-    than a batch, never train on it)."""
+    than a batch, may never train on it)."""
     total, sizes = sum(unit.text_bytes for unit in units), [unit.text_bytes for unit in units]
 
     def spread(readers: int) -> float:  # the largest share over the smallest
@@ -147,8 +136,8 @@ def uneven_readers(units, workers: int, world_size: int, cfg) -> str | None:
     return (f"WARNING: {why} (even shares: {1 / n_readers:.1%} each for {n_readers} readers, "
             f"dataloader.num_workers={workers}"
             f"{f' x {world_size} processes' if world_size > 1 else ''}): the readers' shares cannot be even, "
-            + ("the smallest holds less than a batch, and a reader trains only on whole batches; "
-               if smallest_share(units, cfg, n_readers) < batch_tokens(cfg.training) else
+            + ("the smallest holds less than a batch by its size, and a reader trains only on whole batches of "
+               "its own share: its text may never be trained on; " if short_of_a_batch(units, cfg, n_readers) else
                "those with less text read theirs again sooner, so their documents weigh more (and the passes over "
                "the data logged run ahead); ")
             + (f"dataloader.num_workers={fitting}, or " if fitting else "") +

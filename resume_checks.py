@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
-from checkpoint import Checkpoint, CheckpointError, peek_checkpoint
+from checkpoint import Checkpoint, CheckpointError, is_export, peek_checkpoint
 from config import Config, learning_rate, step_tokens
 from config_file import ConfigError, config_value, with_split_settings
 from layout import PATTERN_CHARACTERS
@@ -107,16 +107,16 @@ def keep_split_by_position(cfg, command_line: dict, ranks, device):
 
 
 def run_split(spec: str, checkpoint_dir: str) -> tuple[Path, str | None] | None:
-    """(the checkpoint that a resume from `spec` reads, as open_checkpoint takes them: the first
-    readable one; or the export folder; the dataset.split_by its run held out validation documents
-    by, None with a val_parquet_dir), or None where there is none to read."""
+    """(the checkpoint that a resume from `spec` reads, as open_checkpoint takes them: the first that
+    can be read (its checksums are not checked here); or the export folder; the dataset.split_by its
+    run held out validation documents by, None with a val_parquet_dir), or None where there is none."""
     path = Path(spec)
-    if path.is_dir() and (path / "config.json").is_file() and not resumable_in(path):  # an export
+    if is_export(path) and not resumable_in(path):
         try:
-            export = json.loads((path / "config.json").read_text()).get("bdh_export", {})
-        except (OSError, ValueError, AttributeError):
+            export = json.loads((path / "config.json").read_text())["bdh_export"]
+            return path, export.get("split_by", "position")  # (not recorded before 0.5.0)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # (resume.py says what is wrong)
             return None
-        return path, export.get("split_by", "position")  # (not recorded before 0.5.0)
     candidates = (resumable_runs(Path(checkpoint_dir)) if spec == "latest" else
                   resumable_in(path) if path.is_dir() else [path])
     for candidate in candidates:

@@ -372,8 +372,7 @@ def test_more_processes_than_units_are_refused_up_front(corpus, capsys):
     from data import check_enough_units
     from readers import loader_workers
     units = list_units(corpus, "text")
-    cfg = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}, "dataloader": {"num_workers": 4},
-                            "training": {"batch_size": 2, "block_size": 16}})  # (a batch in each reader's share)
+    cfg = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}, "dataloader": {"num_workers": 4}})
     assert loader_workers(cfg, units[:6], world_size=2) == 3
     assert capsys.readouterr().out.startswith(
         "note: dataloader.num_workers 4 -> 3: only 6 (file, row group) units to share among 2 processes' workers, "

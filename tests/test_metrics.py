@@ -41,6 +41,28 @@ def events(run, as_the_server_reads=False):
     return accumulator
 
 
+def test_evaluations_measured_anew_are_a_tensorboard_run_of_their_own(tmp_path, corpus):
+    """A resume that changes what validation measures (eval_iters here): TensorBoard's val/loss does not
+    join losses that do not compare; the evaluations since are validation_from_step_<step>, beside the
+    run's, cut back as the run's are by a later resume, and gone with a resume from before that step."""
+    path = write_config(tmp_path, corpus, max_iters=4, test_freq=2, checkpoint_freq=2)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    resume = ["--config", str(path), "training.eval_iters=1", "training.max_iters=8"]
+    assert train.main([*resume, f"training.resume_from_checkpoint={run}"]) == 0
+
+    def val_steps(folder):
+        return [event.step for event in events(folder).Scalars("val/loss")]
+    assert val_steps(run) == [2, 4] and val_steps(run / "validation_from_step_6") == [6, 8]
+    assert [(r["step"], r.get("measured_anew")) for r in records(run) if "val_loss" in r][2:] == [(6, True), (8, None)]
+    assert "train/loss" not in events(run / "validation_from_step_6").Tags()["scalars"]
+    assert train.main([*resume, f"training.resume_from_checkpoint={run / 'checkpoint_6.pt'}"]) == 0  # a branch
+    assert val_steps(run / "validation_from_step_6") == [6, 8] and val_steps(run) == [2, 4]  # (8 again, once)
+    assert train.main(["--config", str(path), "training.max_iters=6",
+                       f"training.resume_from_checkpoint={run / 'checkpoint_4.pt'}"]) == 0
+    assert not (run / "validation_from_step_6").exists() and val_steps(run) == [2, 4, 6]
+
+
 def test_tensorboard_holds_the_scalars_and_samples_of_metrics_jsonl(tmp_path, corpus):
     path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=4)
     assert train.main(["--config", str(path)]) == 0

@@ -43,22 +43,8 @@ def test_the_largest_units_are_dealt_first_so_the_shares_are_even():
     assert max(old_spread) >= 20 and got_big == {0, 1, 2, 3}
 
 
-def test_readers_whose_share_holds_no_batch_are_not_started(capsys):
-    """Each reader trains on whole batches of its own share: a share smaller than a batch would never
-    be trained on (one large row group and a small one, for 2 workers: the small one's reader)."""
-    units = [Unit("big.parquet", 0, 50, 60_000, 1, 60_000), Unit("small.parquet", 0, 2, 141, 2, 141)]
-    cfg = Config.from_dict({"dataloader": {"num_workers": 2}, "training": {"batch_size": 4, "block_size": 64}})
-    assert loader_workers(cfg, units) == 1
-    assert capsys.readouterr().out.startswith(
-        "note: dataloader.num_workers 2 -> 1: with 2 workers a reader's share of the training text would be 134 "
-        "bytes, less than one batch of 260 tokens, and a reader trains only on whole batches\n")
-    even = [Unit("a.parquet", i, 50, 30_000, 1, 30_000) for i in range(2)]
-    assert loader_workers(cfg, even) == 2 and "->" not in capsys.readouterr().out
-    assert loader_workers(cfg, even, world_size=200) == 0  # (fewer units than processes: check_enough_units refuses)
-
-
 def test_more_workers_than_cpu_cores_is_said_in_one_line(monkeypatch, capsys):
-    units = [Unit("a.parquet", i, 3, 100_000, 0, 100_000) for i in range(8)]
+    units = [Unit("a.parquet", i, 3, 1000, 0, 1000) for i in range(8)]
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert loader_workers(Config.from_dict({"dataloader": {"num_workers": 2}}), units) == 2
@@ -122,9 +108,10 @@ def test_a_row_group_too_big_for_an_even_share_is_warned_of(capsys, tmp_path, mo
     assert uneven_readers(five, 3, 1, cfg).startswith(
         "WARNING: the 5 (file, row group) units of the training text, dealt whole, give one reader 2.00 times the "
         "text of another (even shares: 33.3% each for 3 readers, dataloader.num_workers=3): ")
-    # 3, 2 for two: still uneven; and 1,000 bytes a reader is less than a batch of 8 x 513 tokens
-    assert ("cannot be even, the smallest holds less than a batch, and a reader trains only on whole batches; "
-            "dataloader.num_workers=1, or smaller row groups") in uneven_readers(five, 3, 1, cfg)
+    # 3, 2 for two: still uneven; and 1,000 bytes a reader is less than a batch (8 x 512 + 1 tokens)
+    assert ("cannot be even, the smallest holds less than a batch by its size, and a reader trains only on whole "
+            "batches of its own share: its text may never be trained on; dataloader.num_workers=1, or smaller row "
+            "groups") in uneven_readers(five, 3, 1, cfg)
     assert uneven_readers(five, 5, 1, cfg) is None
 
 

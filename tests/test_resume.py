@@ -423,6 +423,14 @@ def test_a_run_begun_before_split_by_resumes_holding_out_by_position(tmp_path, c
                        f"training.resume_from_checkpoint={tmp_path / 'export'}"]) == 0  # a fine-tune: a new run
     assert f"note: the run of {tmp_path / 'export'} held its validation documents out by" in capsys.readouterr().out
     assert load_checkpoint(only_run(tmp_path / "ft") / "checkpoint_2.pt").config["dataset"]["split_by"] == "position"
+    assert train.main(["--config", str(path), "training.checkpoint_dir=" + str(tmp_path / "new")]) == 0  # by text
+    assert export.main(["--checkpoint", str(only_run(tmp_path / "new")), "--out", str(tmp_path / "export_new")]) == 0
+    assert json.loads((tmp_path / "export_new" / "config.json").read_text())["bdh_export"]["split_by"] == "text"
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.checkpoint_dir=" + str(tmp_path / "ft_new"),
+                       f"training.resume_from_checkpoint={tmp_path / 'export_new'}"]) == 0
+    assert "place in the shards" not in capsys.readouterr().out
+    assert load_checkpoint(only_run(tmp_path / "ft_new") / "checkpoint_2.pt").config["dataset"]["split_by"] == "text"
 
 
 def test_a_bpe_run_resumes_samples_with_its_tokenizer_and_refuses_another(tmp_path, corpus, bpe_file, capsys):
