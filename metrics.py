@@ -59,7 +59,9 @@ class MetricsLog:
         self.run, self.settings, self.resumed_step = run, cfg.logging, resumed_step
         self.config_yaml = cfg.to_yaml()  # TensorBoard's text: which run is which, and what a resume changed
         self.pending, self.tensorboard, self.wandb = [], None, None
-        self.validation_writers, self.measured_anew_at = {}, None  # (the evaluations since: validation_from_step_<it>)
+        # the step of the evaluations' TensorBoard run since a resume measured anew (validation_from_step_<it>), and
+        # whether the run evaluated before (its first evaluation, measured anew or not, has nothing to keep apart from)
+        self.validation_writers, self.measured_anew_at, self.evaluated = {}, None, False
         if not run.writer:
             return
         self.logged_to = -1  # the last step the run's earlier processes logged (a resume redoes those after it)
@@ -117,7 +119,10 @@ class MetricsLog:
                 os.fsync(f.fileno())
         if self.tensorboard is not None:
             for record in self.pending:
-                self.measured_anew_at = record["step"] if record.get("measured_anew") else self.measured_anew_at
+                if "val_loss" in record:
+                    if record.get("measured_anew") and self.evaluated:
+                        self.measured_anew_at = record["step"]
+                    self.evaluated = True
                 writer = self.validation_writer() if "val_loss" in record else self.tensorboard
                 for tag, value in scalars(record).items():
                     writer.add_scalar(tag, value, record["step"])
@@ -147,7 +152,12 @@ class MetricsLog:
 
     def _truncate(self, step: int, evaluation_due: bool) -> int:
         """Drop the records of steps after `step`, which the resumed run trains again (and the
-        evaluation of `step` if it is due); returns the last step there was a record of (-1: none)."""
+        evaluation of `step` if it is due), and TensorBoard's runs of evaluations that begin there;
+        returns the last step there was a record of (-1: none)."""
+        for later in self.run.path.glob(f"{VALIDATION_RUN}*"):  # TensorBoard's evaluations from step on: redone
+            if (at := re.fullmatch(rf"{VALIDATION_RUN}(\d+)", later.name)) and (
+                    int(at[1]) > step or int(at[1]) == step and evaluation_due):
+                shutil.rmtree(later)
         path = self.run.path / "metrics.jsonl"
         if not path.exists():
             if step > 0:
@@ -156,10 +166,10 @@ class MetricsLog:
         records = read_records(path)[0]  # a line a kill cut short goes
         kept = [record for record in records
                 if record["step"] < step or record["step"] == step and not (evaluation_due and "val_loss" in record)]
-        self.measured_anew_at = max((record["step"] for record in kept if record.get("measured_anew")), default=None)
-        for later in self.run.path.glob(f"{VALIDATION_RUN}*"):  # TensorBoard's evaluations after step: redone
-            if (at := re.fullmatch(rf"{VALIDATION_RUN}(\d+)", later.name)) and int(at[1]) > step:
-                shutil.rmtree(later)
+        evaluations = [record for record in kept if "val_loss" in record]
+        self.evaluated = bool(evaluations)
+        self.measured_anew_at = max((record["step"] for record in evaluations[1:] if record.get("measured_anew")),
+                                    default=None)
         atomic_write(path, lambda f: f.write("".join(json.dumps(record) + "\n" for record in kept).encode()))
         return max((record["step"] for record in records), default=-1)
 

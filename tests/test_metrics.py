@@ -4,8 +4,10 @@ import collections
 import errno
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -61,6 +63,40 @@ def test_evaluations_measured_anew_are_a_tensorboard_run_of_their_own(tmp_path, 
     assert train.main(["--config", str(path), "training.max_iters=6",
                        f"training.resume_from_checkpoint={run / 'checkpoint_4.pt'}"]) == 0
     assert not (run / "validation_from_step_6").exists() and val_steps(run) == [2, 4, 6]
+
+
+def test_a_resume_that_evaluates_its_step_first_redoes_the_validation_run_begun_there(tmp_path, corpus, monkeypatch):
+    """A stop saved before the evaluation it was due (evaluation_due) just after a change: the resume
+    measures that step anew and begins validation_from_step_<it> there; a branch from that checkpoint
+    again redoes that evaluation, so the run begun there goes whole, not kept beside the new points.
+    A run's first evaluations, measured anew in a new run directory, have nothing to keep apart."""
+    path = write_config(tmp_path, corpus, max_iters=4, test_freq=2, checkpoint_freq=2)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = (tmp_path / "ck").iterdir()
+    real = train.write_step_line
+
+    def stop_at_step_6(step_log, step, lr, progress):
+        real(step_log, step, lr, progress)
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # saved after step 6, before its evaluation
+    monkeypatch.setattr(train, "write_step_line", stop_at_step_6)
+    resume = ["--config", str(path), "training.eval_iters=1", "training.max_iters=8"]
+    assert train.main([*resume, f"training.resume_from_checkpoint={run}"]) == 0
+    stopped = load_checkpoint(run / "checkpoint_6.pt")
+    assert stopped.evaluation_due and stopped.measured_anew
+    monkeypatch.setattr(train, "write_step_line", real)
+    assert train.main([*resume, f"training.resume_from_checkpoint={run}"]) == 0
+
+    def val_steps(folder):
+        return [event.step for event in events(folder).Scalars("val/loss")]
+    assert val_steps(run / "validation_from_step_6") == [6, 8] and val_steps(run) == [2, 4]
+    assert train.main([*resume, f"training.resume_from_checkpoint={run / 'checkpoint_6.pt'}"]) == 0
+    assert val_steps(run / "validation_from_step_6") == [6, 8]  # (once each)
+    shutil.copy(run / "checkpoint_4.pt", tmp_path / "copy.pt")  # trains on in a run directory of its own
+    assert train.main([*resume, "training.checkpoint_dir=" + str(tmp_path / "other"),
+                       f"training.resume_from_checkpoint={tmp_path / 'copy.pt'}"]) == 0
+    [other] = (tmp_path / "other").iterdir()
+    assert val_steps(other) == [6, 8] and not list(other.glob("validation_from_step_*"))
 
 
 def test_tensorboard_holds_the_scalars_and_samples_of_metrics_jsonl(tmp_path, corpus):
