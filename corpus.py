@@ -3,6 +3,7 @@ corpus, both in the layout shards.py reads (one `text` column, one document per 
 """
 import itertools
 import os
+import shlex
 import sysconfig
 from pathlib import Path
 
@@ -163,8 +164,10 @@ def shards_to_folder(documents, out_dir, replace: bool, row_group_bytes: int | N
     try:
         return write_folder(out_dir, write, replace=replace,
                             written_here=lambda path: path.is_file() and path.suffix == ".parquet")
-    except FileExistsError as e:
-        raise DataError(str(e))
+    except FileExistsError as e:  # (training on a folder reads its subfolders: a new one adds to the shards)
+        more = shlex.quote(str(Path(out_dir) / "more"))
+        raise DataError(f"{e}; or, to add these documents to the shards there, write them into a subfolder: --out "
+                        f"{more}")
     except OSError as e:
         raise DataError(f"{out_dir}: cannot write ({e.strerror or e})")
 

@@ -1,5 +1,6 @@
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -208,8 +209,13 @@ def test_from_text_refuses_a_folder_with_shards_unless_told_to_replace(tmp_path,
     before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
     text.write_text("second\n")
     assert prepare.main(["--from-text", str(text), "--out", str(out)]) == 1
-    assert "the folder holds files already" in capsys.readouterr().err
+    assert (f"the folder holds files already; choose another --out, or add --replace to replace them; or, to add "
+            f"these documents to the shards there, write them into a subfolder: --out {out / 'more'}\n"
+            ) in capsys.readouterr().err
     assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+    assert prepare.main(["--from-text", str(text), "--out", str(out / "more")]) == 0  # read with the others
+    assert {Path(u.path).parent.name for u in list_units(out, "text")} == {"out", "more"}
+    shutil.rmtree(out / "more")
     assert prepare.main(["--from-text", str(text), "--out", str(out), "--replace"]) == 0
     docs = [d for u in list_units(out, "text")
             for d in ParquetFileCache(1).get(u.path).read_row_group(u.row_group).column(0).to_pylist()]
