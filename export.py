@@ -114,7 +114,8 @@ def model_card(ckpt, tokenizer, source: Path, out: str, hf: bool, four_bit: bool
              f"- tokens: {tokens}",
              f"- data: {dataset.get('parquet_dir')} (column {dataset.get('text_column')!r}), validation "
              + (f"{dataset['val_parquet_dir']}" if dataset.get("val_parquet_dir")
-                else f"fraction {dataset.get('val_fraction')}")
+                else f"fraction {dataset.get('val_fraction')} (split_seed {dataset.get('split_seed')}, held out by "
+                     f"{dataset.get('split_by')})")
              + (f", measured on up to {training['eval_iters']} batches (training.eval_iters)"  # (2 say less than 200)
                 if "eval_iters" in training else ""),
              f"- training: step {ckpt.step} of {training.get('max_iters')}, batch {training.get('batch_size')} x "

@@ -67,7 +67,8 @@ def order_changes(saved_order: dict, order: dict) -> tuple[list[str], list[str]]
             lines.append("windows are now shuffled across a reader's small (file, row group) units, not within each")
         elif k == SHARDS and SHARDS_SEEN in saved_order:  # (written before 0.4.3: its fingerprint only)
             before, after = saved_order[SHARDS_SEEN], order[SHARDS_SEEN]
-            lines.append(f"the shards: {before} -> {after}" if before != after else f"the shards rewritten: {after}")
+            lines.append(f"the shards: {before} -> {after}" if before != after
+                         else f"the shards renamed, moved or rewritten: {after}")
         else:
             lines.append(f"{k}: {saved_order.get(k)!r} -> {order[k]!r}")
     return keys, lines

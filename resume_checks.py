@@ -100,7 +100,7 @@ def keep_split_by_position(cfg, command_line: dict, ranks, device):
         return
     if ranks.main and found is not None:
         print(f"note: the run of {found[0]} held its validation documents out by their place in the shards (file, "
-              f"row group, row), as runs begun before version 0.5.0 do: so does this one, dataset.split_by=position, "
+              f"row group, row), as every run did before version 0.5.0: so does this one, dataset.split_by=position, "
               f"keeping out of validation the documents it trained on (new runs hold documents out by their text, "
               f"which renaming, moving or rewriting the shards does not change)")
     dataset.split_by = "position"
@@ -436,6 +436,10 @@ def validation_change(saved: dict, now: dict, saved_shards: str | None = None, s
                 f"shards (dataset.split_by=position, as runs before 0.5.0), some of those held out now may have been "
                 f"trained on, so the validation loss may read low from here, and best.pt starts afresh (a new run "
                 f"holds documents out by their text, which survives renamed, moved or rewritten shards)")
+    if by_fraction and documents == ["dataset.parquet_dir"]:  # held out by their text: none trained on
+        return (f"WARNING: the validation batches change on this resume ({what}): no document trained on is held out "
+                f"now (documents are held out by their text), but the batches are taken from the shards as they are "
+                f"now, so losses from here on are not comparable with the earlier ones, and best.pt starts afresh")
     return (f"WARNING: the validation {changes} change on this resume ({what}): losses from here on are not "
             f"comparable with the earlier ones, and best.pt starts afresh")
 

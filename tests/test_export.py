@@ -347,7 +347,8 @@ def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp
     config = Config.from_dict({"model": {"n_layer": 1, "n_embd": 32, "n_head": 2}}).to_dict()
     ckpt = Checkpoint(step=1, model={}, model_config=config["model"], config=config)
     card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
-    assert "), validation fraction 0.05, measured on up to 20 batches (training.eval_iters)\n" in card
+    assert ("), validation fraction 0.05 (split_seed 1337, held out by text), measured on up to 20 batches "
+            "(training.eval_iters)\n") in card
     assert "- result: not evaluated yet (stopped before its first evaluation)" in card and "inf" not in card
     ckpt.best_val_loss = 2.5
     assert "- result: best validation loss 2.5000 nats per token" in export.model_card(

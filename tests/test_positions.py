@@ -228,7 +228,7 @@ def test_changed_shards_are_told_by_their_counts(corpus):
                                               f"{sum(u.num_bytes for u in units) / 2**20:,.1f} MiB -> 3 files, 14 row "
                                               f"groups, 112 rows, {sum(u.num_bytes for u in units[:-1]) / 2**20:,.1f} MiB"]
     rewritten = data_order(cfg, [dataclasses.replace(units[0], file_key=1), *units[1:]], 0)
-    assert order_changes(order, rewritten)[1] == [f"the shards rewritten: {order[SHARDS_SEEN]}"]
+    assert order_changes(order, rewritten)[1] == [f"the shards renamed, moved or rewritten: {order[SHARDS_SEEN]}"]
     before_0_4_3 = {k: v for k, v in order.items() if k != SHARDS_SEEN}  # its fingerprint only
     assert order_changes(before_0_4_3, fewer) == ([SHARDS], [f"{SHARDS}: {order[SHARDS]!r} -> {fewer[SHARDS]!r}"])
     assert order_changes(before_0_4_3, order) == ([], [])
@@ -442,8 +442,9 @@ def test_shards_changed_in_the_same_folder_change_the_data_order(tmp_path, corpu
     out = capsys.readouterr().out
     assert "WARNING: the data order changes on this resume (the shards: 3 files, 15 row groups, 120 rows, " in out
     assert " -> 2 files, 10 row groups, 80 rows, " in out
-    assert (f"WARNING: the validation documents change on this resume (dataset.parquet_dir {str(corpus)!r}: its "
-            f"shards changed): losses from here on are not comparable") in out
+    assert (f"WARNING: the validation batches change on this resume (dataset.parquet_dir {str(corpus)!r}: its "
+            f"shards changed): no document trained on is held out now (documents are held out by their text), but "
+            f"the batches are taken from the shards as they are now, so losses from here on are not comparable") in out
     # the new data starts a fresh epoch: the one left counts for what was read of it, not as a whole pass
     [run] = run_dirs(tmp_path)
     epochs = [r["epochs"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "epochs" in r]

@@ -392,7 +392,7 @@ def test_a_run_begun_before_split_by_resumes_holding_out_by_position(tmp_path, c
     assert train.main(["--config", str(path), "training.max_iters=3", "training.resume_from_checkpoint=latest"]) == 0
     out = capsys.readouterr().out
     assert (f"note: the run of {run / 'checkpoint_2.pt'} held its validation documents out by their place in the "
-            f"shards (file, row group, row), as runs begun before version 0.5.0 do: so does this one, "
+            f"shards (file, row group, row), as every run did before version 0.5.0: so does this one, "
             f"dataset.split_by=position") in out
     assert "WARNING" not in out and "measured anew" not in out, out
     assert load_checkpoint(run / "checkpoint_3.pt").config["dataset"]["split_by"] == "position"
