@@ -108,10 +108,9 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val
         lines[0] += (f" | {ranks.world_size} processes ({ranks.mode}), global batch {training.batch_size} x "
                      f"{training.gradient_accumulation_steps} x {ranks.world_size}")
     dataset = cfg.dataset
-    by_position = ", by position" if dataset.split_by == "position" else ""
     validation = (f"validation {Path(dataset.val_parquet_dir).resolve()}" if dataset.val_parquet_dir
-                  else f"validation {dataset.val_fraction * 100:g}% of its documents (split_seed {dataset.split_seed}"
-                       f"{by_position})")
+                  else f"validation {dataset.val_fraction * 100:g}% of its documents (by {dataset.split_by}, split_seed "
+                       f"{dataset.split_seed})")
     full, rest = divmod(val_windows, training.batch_size)  # (the last batch short where the text runs out)
     windows = f"{val_windows:,}" if rest else f"{full} x {training.batch_size}"
     validation += f", measured on {windows} windows taken across it"
