@@ -296,7 +296,7 @@ def relative_to_here(path) -> str:
 
 def byte_amount(n: int) -> str:
     """n bytes for a message: in MB from 1 MB (2**20 bytes), in KB from 1 KB, else in bytes."""
-    if n < 2**10:
+    if round(n) < 2**10:
         return f"{n:,.0f} byte{'s' * (round(n) != 1)}"
     return f"{n / 2**20:,.1f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} KB"
 

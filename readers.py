@@ -105,13 +105,15 @@ def rewrite_command(dataset) -> str:
             f"with dataset.parquet_dir={out}")
 
 
-def short_of_a_batch(units, cfg, n_readers: int) -> bool:
-    """Whether the reader dealt the least text gets less than a batch's tokens (batch_size windows of
-    block_size + 1 that share a token with the next), by the text's size in the metadata: a token is
-    a byte or more with bytes and byte-level BPEs, but dictionary-encoded text counts once per value."""
+def short_of_a_batch(units, cfg, n_readers: int) -> str:
+    """Where the reader dealt the least training text gets less than a batch's tokens (batch_size
+    windows of block_size + 1 that share a token with the next), how much it gets ("" otherwise), by
+    the text's size in the metadata: a token is a byte or more with bytes and byte-level BPEs, but
+    dictionary-encoded text counts once per value."""
     held_out = 0 if cfg.dataset.val_parquet_dir else cfg.dataset.val_fraction
     least = min(deal(units, [unit.text_bytes for unit in units], n_readers)[1]) * (1 - held_out)
-    return least < cfg.training.batch_size * cfg.training.block_size + 1
+    batch = cfg.training.batch_size * cfg.training.block_size + 1
+    return f"about {byte_amount(least)} of text, less than a batch of {batch:,} tokens" if least < batch else ""
 
 
 def uneven_readers(units, workers: int, world_size: int, cfg) -> str | None:
@@ -136,8 +138,8 @@ def uneven_readers(units, workers: int, world_size: int, cfg) -> str | None:
     return (f"WARNING: {why} (even shares: {1 / n_readers:.1%} each for {n_readers} readers, "
             f"dataloader.num_workers={workers}"
             f"{f' x {world_size} processes' if world_size > 1 else ''}): the readers' shares cannot be even, "
-            + ("the smallest holds less than a batch by its size, and a reader trains only on whole batches of "
-               "its own share: its text may never be trained on; " if short_of_a_batch(units, cfg, n_readers) else
+            + (f"the smallest holds {short}, and a reader trains only on whole batches of its own share: that "
+               f"text may never be trained on; " if (short := short_of_a_batch(units, cfg, n_readers)) else
                "those with less text read theirs again sooner, so their documents weigh more (and the passes over "
                "the data logged run ahead); ")
             + (f"dataloader.num_workers={fitting}, or " if fitting else "") +

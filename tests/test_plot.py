@@ -106,7 +106,7 @@ def test_the_runs_are_named_once_under_the_panels_and_a_run_without_evaluations_
     assert [[text.get_text() for text in legend.get_texts()] for legend in figures[0].legends] == [["run_a"]]
 
 
-def test_validation_lines_break_where_a_resume_changed_what_they_measure(tmp_path, corpus, monkeypatch):
+def test_validation_lines_break_where_a_resume_changed_what_they_measure(tmp_path, corpus, monkeypatch, capsys):
     import matplotlib.pyplot as plt
     path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, test_freq=1)
     assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
@@ -118,7 +118,10 @@ def test_validation_lines_break_where_a_resume_changed_what_they_measure(tmp_pat
     assert evaluations == [(1, None), (2, None), (3, True), (4, None), (5, None), (6, None)]
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
+    capsys.readouterr()
     assert plot.main([str(run), "--out", str(tmp_path / "a.png")]) == 0
+    assert (f"note: {run.name}: a resume changed what validation measures (the evaluations from step 3): its "
+            f"validation lines break there\n") in capsys.readouterr().err
     loss_steps = figures[0].axes[0]
     validation = [list(line.get_xdata()) for line in loss_steps.get_lines() if line.get_linestyle() == "--"]
     assert validation == [[1, 2], [3, 4, 5, 6]]

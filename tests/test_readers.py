@@ -109,9 +109,9 @@ def test_a_row_group_too_big_for_an_even_share_is_warned_of(capsys, tmp_path, mo
         "WARNING: the 5 (file, row group) units of the training text, dealt whole, give one reader 2.00 times the "
         "text of another (even shares: 33.3% each for 3 readers, dataloader.num_workers=3): ")
     # 3, 2 for two: still uneven; and 1,000 bytes a reader is less than a batch (8 x 512 + 1 tokens)
-    assert ("cannot be even, the smallest holds less than a batch by its size, and a reader trains only on whole "
-            "batches of its own share: its text may never be trained on; dataloader.num_workers=1, or smaller row "
-            "groups") in uneven_readers(five, 3, 1, cfg)
+    assert ("cannot be even, the smallest holds about 950 bytes of text, less than a batch of 4,097 tokens, and a "
+            "reader trains only on whole batches of its own share: that text may never be trained on; "
+            "dataloader.num_workers=1, or smaller row groups") in uneven_readers(five, 3, 1, cfg)
     assert uneven_readers(five, 5, 1, cfg) is None
 
 
