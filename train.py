@@ -442,12 +442,13 @@ def rank_of(ranks: Ranks) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train BDH on parquet shards.")
     add_config_arguments(parser)
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config, each setting with its comment, and exit")
     args = parse_arguments(parser, argv)
     cfg = load_config(args)
     if args.print_config:
         if first_process():  # under torchrun: once
-            print(cfg.to_yaml(), end="")
+            print(cfg.to_commented_yaml(), end="")
         return 0
     if not getattr(args, "config_given", False) and first_process():
         print(f"config {args.config} (no --config given: the default, sized for a GPU; configs/tiny.yaml is for a CPU)")

@@ -203,9 +203,17 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path):
     assert "training.batch_size: expected int, got str '8'" in r.stderr
 
 
-def test_cli_print_config_shows_overrides(capsys):
+def test_cli_print_config_shows_overrides_with_each_setting_s_comment(capsys, tmp_path):
     assert train.main(["--print-config", "training.batch_size=16"]) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["training"]["batch_size"] == 16
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed)["training"]["batch_size"] == 16
+    [shipped] = [line for line in (ROOT / "config.yaml").read_text().splitlines() if line.startswith("  batch_size:")]
+    assert f"  batch_size: 16{' ' * 20}#{shipped.split('#', 1)[1]}" in printed.splitlines()  # the value given
+    settings = [line for line in printed.splitlines() if line.startswith("  ")]
+    assert len(settings) == sum(len(section) for section in Config().to_dict().values())
+    assert all("  # " in line for line in settings)  # every setting has its comment
+    (tmp_path / "printed.yaml").write_text(printed)
+    assert Config.from_yaml(tmp_path / "printed.yaml") == Config.from_dict({"training": {"batch_size": 16}})
 
 
 def test_a_setting_that_nothing_reads_is_noted():
