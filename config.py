@@ -5,14 +5,12 @@ Every problem in a config file is reported at once, one line each, as
 `<section.key>: <what is wrong>`; the scripts print them and exit with status 2. The model
 section is model.BDHConfig itself.
 """
-import contextlib
 import dataclasses
 import math
 import os
 import re
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from config_file import SEED, ConfigError, apply_override, as_yaml, dump_yaml, read_yaml, suggest, typed_section
 from distributed import launched_by_torchrun
@@ -324,24 +322,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return dump_yaml(self.to_dict())
-
-    def to_commented_yaml(self) -> str:
-        """to_yaml with each setting's comment from the repository's config.yaml (train.py --print-config)."""
-        comments, section = {}, None  # {"section" or "section.key": its comment}
-        with contextlib.suppress(OSError):
-            for line in (Path(__file__).resolve().parent / "config.yaml").read_text().splitlines():
-                if match := re.fullmatch(r"(\w+):\s*(#.*)?", line):
-                    section, comments[match[1]] = match[1], match[2]
-                elif (match := re.fullmatch(r"  (\w+): .*?(#.*)", line)) and section:
-                    comments[f"{section}.{match[1]}"] = match[2]
-        lines, section = [], None
-        for line in self.to_yaml().splitlines():
-            if match := re.fullmatch(r"(\w+):", line):
-                section, name = match[1], match[1]
-            else:
-                name = f"{section}.{match[1]}" if (match := re.fullmatch(r"  (\w+): .*", line)) else None
-            lines.append(f"{line:<35} {comments[name]}" if comments.get(name) else line)
-        return "\n".join(lines) + "\n"
 
 
 def learning_rate(step: int, training) -> float:

@@ -4,6 +4,7 @@ misspelled names of settings.
 What the settings are and which values they take is config.py's; the scripts' command lines,
 arguments.py's.
 """
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from files import ZIP_MAGIC, bom_encoding, near_miss, relative_to_here
+from files import REPO, ZIP_MAGIC, bom_encoding, near_miss, relative_to_here
 from yaml_errors import INVISIBLE, invisible, invisible_character, read_as_text, without_comment, yaml_syntax_problem
 
 SEED = 1337  # the default of training.seed and of dataset.split_seed
@@ -178,6 +179,26 @@ for _yaml_class in (_UniqueKeyLoader, _Dumper):
 def dump_yaml(data: dict) -> str:
     """`data` as YAML that read_yaml reads back the same."""
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def with_comments(text: str) -> str:
+    """dump_yaml's text of a config with each section's and setting's comment from the repository's
+    config.yaml (train.py --print-config): still YAML that reads back the same."""
+    comments, section = {}, None  # {"section" or "section.key": its comment}
+    with contextlib.suppress(OSError):
+        for line in (REPO / "config.yaml").read_text().splitlines():
+            if match := re.fullmatch(r"(\w+):\s*(#.*)?", line):
+                section, comments[match[1]] = match[1], match[2]
+            elif (match := re.fullmatch(r"  (\w+): .*?(#.*)", line)) and section:
+                comments[f"{section}.{match[1]}"] = match[2]
+    lines, section = [], None
+    for line in text.splitlines():
+        if match := re.fullmatch(r"(\w+):", line):
+            section, name = match[1], match[1]
+        else:
+            name = f"{section}.{match[1]}" if (match := re.fullmatch(r"  (\w+): .*", line)) else None
+        lines.append(f"{line:<35} {comments[name]}" if comments.get(name) else line)
+    return "\n".join(lines) + "\n"
 
 
 def read_scalar(text: str):

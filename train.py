@@ -42,6 +42,7 @@ from adamw4bit import make_optimizer
 from arguments import add_config_arguments, load_config, parse_arguments
 from checkpoint import CheckpointError, saved_step
 from config import learning_rate, step_tokens
+from config_file import with_comments
 from console import describe_run, done_lines, evaluation_lines
 from data import prepare_data, rank_positions, train_loader
 from distributed import (DistributedError, Ranks, communication_failure, failed, first_process, gradient_sync,
@@ -448,7 +449,7 @@ def main(argv=None) -> int:
     cfg = load_config(args)
     if args.print_config:
         if first_process():  # under torchrun: once
-            print(cfg.to_commented_yaml(), end="")
+            print(with_comments(cfg.to_yaml()), end="")
         return 0
     if not getattr(args, "config_given", False) and first_process():
         print(f"config {args.config} (no --config given: the default, sized for a GPU; configs/tiny.yaml is for a CPU)")
