@@ -183,22 +183,34 @@ def dump_yaml(data: dict) -> str:
 
 def with_comments(text: str) -> str:
     """dump_yaml's text of a config with each section's and setting's comment from the repository's
-    config.yaml (train.py --print-config): still YAML that reads back the same."""
-    comments, section = {}, None  # {"section" or "section.key": its comment}
+    config.yaml (train.py --print-config), where its value ends on its line; the text as it is where
+    the comments would not read back the same."""
+    comments, section, name = {}, None, None  # {"section" or "section.key": its comment}
     with contextlib.suppress(OSError):
         for line in (REPO / "config.yaml").read_text().splitlines():
             if match := re.fullmatch(r"(\w+):\s*(#.*)?", line):
-                section, comments[match[1]] = match[1], match[2]
+                section, name = match[1], match[1]
+                comments[name] = match[2]
             elif (match := re.fullmatch(r"  (\w+): .*?(#.*)", line)) and section:
-                comments[f"{section}.{match[1]}"] = match[2]
+                name = f"{section}.{match[1]}"
+                comments[name] = match[2]
+            elif (match := re.fullmatch(r"\s+#\s*(.*)", line)) and comments.get(name):  # a comment's next line
+                comments[name] += " " + match[1]
     lines, section = [], None
-    for line in text.splitlines():
+    given = text.splitlines()
+    for k, line in enumerate(given):
         if match := re.fullmatch(r"(\w+):", line):
             section, name = match[1], match[1]
         else:
             name = f"{section}.{match[1]}" if (match := re.fullmatch(r"  (\w+): .*", line)) else None
-        lines.append(f"{line:<35} {comments[name]}" if comments.get(name) else line)
-    return "\n".join(lines) + "\n"
+        # a value's next line (more indented, or blank inside quotes): no comment on the line before
+        ends_here = k + 1 == len(given) or given[k + 1].strip() and not given[k + 1].startswith("   ")
+        lines.append(f"{line:<35} {comments[name]}" if comments.get(name) and ends_here else line)
+    commented = "\n".join(lines) + "\n"
+    try:
+        return commented if yaml.safe_load(commented) == yaml.safe_load(text) else text
+    except yaml.YAMLError:
+        return text
 
 
 def read_scalar(text: str):

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from config import BUILTIN_CORPUS_DIR
-from files import bom_encoding, does_not_exist, write_folder
+from files import DESKTOP_FILES, bom_encoding, does_not_exist, write_folder
 from shards import DataError
 
 
@@ -152,6 +152,21 @@ def row_group_size(text_bytes: int) -> int:
     return min(ROW_GROUP_BYTES, max(1, text_bytes // MIN_ROW_GROUPS))
 
 
+def adding_to(folder: Path, shard) -> str:
+    """For a folder of shards (and subfolders) refused as --out: how to add documents to them, a new
+    subfolder (training on a folder reads its subfolders too); "" for a folder that holds other files."""
+    try:
+        entries = [p for p in folder.iterdir() if p.name not in DESKTOP_FILES]
+    except OSError:
+        return ""
+    if folder.is_symlink() or not any(map(shard, entries)) or not all(shard(p) or p.is_dir() for p in entries):
+        return ""  # (its subfolders: documents added before)
+    more = next(folder / name for name in ("more", *(f"more_{k}" for k in range(2, 1000)))
+                if not (folder / name).exists())
+    return (f"; or, to add these documents to the shards there (the same text column), write them into a new "
+            f"subfolder: --out {shlex.quote(str(more))}")
+
+
 def shards_to_folder(documents, out_dir, replace: bool, row_group_bytes: int | None, nothing: str, column="text",
                      binary=False) -> int:
     """write_shards into out_dir, which appears whole or not at all (files.write_folder); `nothing`:
@@ -161,13 +176,12 @@ def shards_to_folder(documents, out_dir, replace: bool, row_group_bytes: int | N
         if n == 0:
             raise DataError(nothing)
         return n
+    def shard(path):
+        return path.is_file() and path.suffix == ".parquet"
     try:
-        return write_folder(out_dir, write, replace=replace,
-                            written_here=lambda path: path.is_file() and path.suffix == ".parquet")
-    except FileExistsError as e:  # (training on a folder reads its subfolders: a new one adds to the shards)
-        more = shlex.quote(str(Path(out_dir) / "more"))
-        raise DataError(f"{e}; or, to add these documents to the shards there, write them into a subfolder: --out "
-                        f"{more}")
+        return write_folder(out_dir, write, replace=replace, written_here=shard)
+    except FileExistsError as e:
+        raise DataError(f"{e}{adding_to(Path(out_dir), shard) * (not replace)}")
     except OSError as e:
         raise DataError(f"{out_dir}: cannot write ({e.strerror or e})")
 

@@ -298,7 +298,7 @@ def byte_amount(n: int) -> str:
     """n bytes for a message: in MB from 1 MB (2**20 bytes), in KB from 1 KB, else in bytes."""
     if round(n) < 2**10:
         return f"{n:,.0f} byte{'s' * (round(n) != 1)}"
-    return f"{n / 2**20:,.1f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} KB"
+    return f"{n / 2**10:,.0f} KB" if round(n / 2**10) < 2**10 else f"{n / 2**20:,.1f} MB"
 
 
 def stdout_reader_gone():

@@ -348,8 +348,10 @@ def plot(run_dirs, out: Path) -> list[str]:
               "curves compare only roughly", file=sys.stderr)
     for name, (_, evaluations) in zip(names, runs):
         if anew := [str(record["step"]) for record in evaluations[1:] if record.get("measured_anew")]:
-            print(f"note: {name}: a resume changed what validation measures (the evaluations from step "
-                  f"{', '.join(anew)}): its validation lines break there", file=sys.stderr)
+            many = len(anew) > 1
+            print(f"note: {name}: {'resumes' if many else 'a resume'} changed what validation measures (the "
+                  f"evaluations from step{'s' * many} {', '.join(anew)}): its validation lines break there",
+                  file=sys.stderr)
     full_names = labels(names, settings, limit=None)
     names = labels(names, settings)
     per_token = ("loss (nats/token: not across tokenizers)"  # (bits per byte compares them)

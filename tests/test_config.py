@@ -214,6 +214,14 @@ def test_cli_print_config_shows_overrides_with_each_setting_s_comment(capsys, tm
     assert all("  # " in line for line in settings)  # every setting has its comment
     (tmp_path / "printed.yaml").write_text(printed)
     assert Config.from_yaml(tmp_path / "printed.yaml") == Config.from_dict({"training": {"batch_size": 16}})
+    folder = "/data/corpus #2/a long folder name with spaces in it/and more words/so that YAML wraps it/*.parquet"
+    overrides = [f"dataset.parquet_dir={folder}", "logging.wandb_run_name='a\n\n  b'"]  # (YAML: two lines each)
+    assert train.main(["--print-config", *overrides]) == 0
+    printed = capsys.readouterr().out  # (a comment on a value's first line would be in the value)
+    (tmp_path / "wrapped.yaml").write_text(printed)
+    assert Config.from_yaml(tmp_path / "wrapped.yaml") == Config.from_dict({}, overrides) != Config()
+    assert "# parquet files kept open" in next(line for line in printed.splitlines()  # the others keep theirs
+                                               if line.startswith("  max_cached_files: 8"))
 
 
 def test_a_setting_that_nothing_reads_is_noted():

@@ -139,5 +139,5 @@ def test_a_printed_command_names_the_script_so_that_it_runs_from_here(tmp_path, 
 
 
 def test_byte_amounts_read_as_what_they_are():
-    assert [files.byte_amount(n) for n in (1, 96, 1023, 1023.6, 1024, 5 * 2**20 + 2**19)] == [
-        "1 byte", "96 bytes", "1,023 bytes", "1 KB", "1 KB", "5.5 MB"]
+    assert [files.byte_amount(n) for n in (1, 96, 1023, 1023.6, 1024, 2**20 - 1, 5 * 2**20 + 2**19)] == [
+        "1 byte", "96 bytes", "1,023 bytes", "1 KB", "1 KB", "1.0 MB", "5.5 MB"]

@@ -210,12 +210,21 @@ def test_from_text_refuses_a_folder_with_shards_unless_told_to_replace(tmp_path,
     text.write_text("second\n")
     assert prepare.main(["--from-text", str(text), "--out", str(out)]) == 1
     assert (f"the folder holds files already; choose another --out, or add --replace to replace them; or, to add "
-            f"these documents to the shards there, write them into a subfolder: --out {out / 'more'}\n"
-            ) in capsys.readouterr().err
+            f"these documents to the shards there (the same text column), write them into a new subfolder: --out "
+            f"{out / 'more'}\n") in capsys.readouterr().err
     assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
     assert prepare.main(["--from-text", str(text), "--out", str(out / "more")]) == 0  # read with the others
     assert {Path(u.path).parent.name for u in list_units(out, "text")} == {"out", "more"}
+    assert prepare.main(["--from-text", str(text), "--out", str(out)]) == 1  # the next: another subfolder
+    assert capsys.readouterr().err.endswith(f"write them into a new subfolder: --out {out / 'more_2'}\n")
+    (out / "notes.txt").write_text("not a shard")
+    assert prepare.main(["--from-text", str(text), "--out", str(out)]) == 1
+    assert "subfolder" not in capsys.readouterr().err
+    (out / "notes.txt").unlink()
     shutil.rmtree(out / "more")
+    (tmp_path / "afile").write_text("x")
+    assert prepare.main(["--from-text", str(text), "--out", str(tmp_path / "afile")]) == 1
+    assert "subfolder" not in capsys.readouterr().err
     assert prepare.main(["--from-text", str(text), "--out", str(out), "--replace"]) == 0
     docs = [d for u in list_units(out, "text")
             for d in ParquetFileCache(1).get(u.path).read_row_group(u.row_group).column(0).to_pylist()]
