@@ -176,6 +176,7 @@ def shards_to_folder(documents, out_dir, replace: bool, row_group_bytes: int | N
         if n == 0:
             raise DataError(nothing)
         return n
+
     def shard(path):
         return path.is_file() and path.suffix == ".parquet"
     try:
