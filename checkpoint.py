@@ -20,7 +20,7 @@ from files import ZIP_MAGIC
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line, shortened
 
-PROJECT_VERSION = "0.5.0"
+PROJECT_VERSION = "0.5.1"
 
 
 class CheckpointError(Exception):

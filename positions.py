@@ -22,6 +22,9 @@ DATA_ORDER_FIELDS = ("training.block_size", "training.seed", "dataset.text_colum
 HOLDOUT_FIELDS = ("dataset.val_fraction", "dataset.split_seed", "dataset.split_by")  # which documents are held out
 SHARDS = "the shards (files, row groups, rows, bytes)"  # data_order's key of their fingerprint
 SHARDS_SEEN = "the shards"  # data_order's key of their counts, for messages only (SHARDS decides)
+# data_order's key of the units themselves, in their order: where the shards change, a resume deals on the epoch's
+# unfinished units that are still there (rest_of_epoch), since 0.5.1
+UNITS = "units (file key, row group, rows, bytes, text bytes)"
 WORKERS_KEY = "dataloader.num_workers (effective)"
 # (a key that checkpoints hold: it keeps the name of the module READ_BYTES was in then, data.py, now shards.py,
 # and its words from before pools: windows are now shuffled within pools, POOL_KEY)
@@ -30,7 +33,7 @@ DEALING_KEY = "units dealt to the readers"  # readers.assign_units' way
 POOL_KEY = "data.POOL_BYTES (windows are shuffled across a reader's small units whose tokens take this many bytes)"
 # Unchanged, these keep every unit and its parts as they were: a resume that changes only the
 # readers (workers, processes), the block size, the seed or the pool size finishes the epoch that was in
-# progress.
+# progress; one that also changes the shards finishes it on the units still there, with the new ones (UNITS).
 SAME_UNITS = (SHARDS, "dataset.text_column", *HOLDOUT_FIELDS, "documents trained on", READ_BYTES_KEY)
 
 
@@ -47,8 +50,20 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
                                   digest_size=8).hexdigest()
     order.update({WORKERS_KEY: num_workers, "world_size": world_size, DEALING_KEY: EVEN_TEXT,
                   READ_BYTES_KEY: shards.READ_BYTES, POOL_KEY: data.POOL_BYTES,
-                  SHARDS: fingerprint, SHARDS_SEEN: shards_seen(units)})
+                  SHARDS: fingerprint, SHARDS_SEEN: shards_seen(units),
+                  UNITS: [[u.file_key, u.row_group, u.num_rows, u.num_bytes, u.text_bytes] for u in units]})
     return order
+
+
+def saved_units(saved_order) -> list[Unit]:
+    """The units a data order lists (UNITS), as far as dealing and sizing them goes (their paths are not saved)."""
+    return [Unit("", row_group, num_rows, num_bytes, file_key, text_bytes)
+            for file_key, row_group, num_rows, num_bytes, text_bytes in saved_order[UNITS]]
+
+
+def identity(unit: Unit) -> tuple:
+    """What the shards' fingerprint (SHARDS) knows a unit by."""
+    return unit.file_key, unit.row_group, unit.num_rows, unit.num_bytes
 
 
 def shards_seen(units) -> str:
@@ -60,7 +75,7 @@ def shards_seen(units) -> str:
 def order_changes(saved_order: dict, order: dict) -> tuple[list[str], list[str]]:
     """(the keys of data_order whose values differ, a line for each); the shards by their counts
     where the checkpoint has them."""
-    keys = [k for k, v in order.items() if k != SHARDS_SEEN and saved_order.get(k) != v]
+    keys = [k for k, v in order.items() if k not in (SHARDS_SEEN, UNITS) and saved_order.get(k) != v]
     lines = []
     for k in keys:
         if k == POOL_KEY and k not in saved_order:  # (written before 0.4.13)
@@ -171,22 +186,25 @@ def still_to_read(assigned, position) -> list:
     return rest
 
 
-def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list, int, int, float]:
-    """(start positions, units left, epoch, about the bytes read again): the units of the oldest
-    epoch a saved reader is in that no reader has finished, dealt to n_readers (balancing bytes) in
-    positions that carry them (a reader's pool restarts: a part of a large unit, or the first of a
-    run of small units; what was read of it is read again). Readers that had gone on to the next
-    epoch had finished this one; what they read of the next is read again (the next epoch is dealt
-    anew), and counted."""
+def rest_of_epoch(units, saved_order, saved_positions, n_readers, old=None) -> tuple[list, list, int, float]:
+    """(start positions, [units left, of them gone, units added], epoch, about the bytes read again): the
+    units of the oldest epoch a saved reader is in that no reader has finished, dealt to n_readers
+    (balancing bytes) in positions that carry them (a reader's pool restarts: a part of a large unit,
+    or the first of a run of small units; what was read of it is read again). Readers that had gone on
+    to the next epoch had finished this one; what they read of the next is read again (the next epoch
+    is dealt anew), and counted. `old`: the units the saved readers were dealt, where the shards changed
+    since (saved_units): their unfinished units still there are dealt with those new since (with_new_units)."""
+    old = units if old is None else old
+    now = {identity(unit): i for i, unit in enumerate(units)}
     old_readers = reader_count(saved_order[WORKERS_KEY], saved_order["world_size"])
     way = saved_order[DEALING_KEY]  # how the saved epochs were dealt
     saved = {p["reader"]: p for p in saved_positions}
     # a reader that had not handed over a batch yet: at the start of the oldest epoch (a fresh run's first)
     start = {"epoch": min((p["epoch"] for p in saved_positions), default=0), "unit": 0, "part": 0}
     epoch = min(saved.get(reader, start)["epoch"] for reader in range(old_readers))
-    index = {(unit.file_key, unit.row_group): i for i, unit in enumerate(units)}
+    index = {(unit.file_key, unit.row_group): i for i, unit in enumerate(old)}
     dealing = None
-    left = []  # [index in units, first part, the stream's tokens before it]
+    left = []  # [index in old, first part, the stream's tokens before it]
     read_of_pools = 0.0  # of the pools being read, which are read again from their start: counted as read
     read_in_later_epochs, later = 0.0, {}  # what readers already in later epochs had read of them
     for reader in range(old_readers):
@@ -195,7 +213,7 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
             if "units" not in position:  # (a dealt rest of an epoch is never ahead: all readers share its epoch)
                 for ahead in range(epoch + 1, position["epoch"] + 1):
                     if ahead not in later:
-                        later[ahead] = dealing_with_bytes(units, ahead, saved_order["training.seed"], old_readers, way)
+                        later[ahead] = dealing_with_bytes(old, ahead, saved_order["training.seed"], old_readers, way)
                     assigned, cumulative = later[ahead][reader]
                     read_in_later_epochs += (bytes_read(assigned, cumulative, position) if ahead == position["epoch"]
                                              else float(cumulative[-1]))  # an epoch it finished: its whole share
@@ -203,18 +221,34 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers) -> tuple[list,
         if "units" in position:
             assigned = position["units"]
         else:
-            dealing = dealing or assign_units(units, epoch, saved_order["training.seed"], old_readers, shuffle=True,
+            dealing = dealing or assign_units(old, epoch, saved_order["training.seed"], old_readers, shuffle=True,
                                               way=way)
             assigned = [[index[(unit.file_key, unit.row_group)], 0] for unit in dealing[reader]]
         rest = still_to_read(assigned, position)
-        read_of_pools += pool_read(pool_of(units, rest, position), position) if rest else 0.0
+        if rest and identity(old[rest[0][0]]) in now:  # (a pool whose unit is gone is not read again)
+            read_of_pools += pool_read(pool_of(old, rest, position), position)
         left += rest
-    dealt, loads = deal(left, [bytes_left(units[index], part) for index, part, *_ in left], n_readers)
+    entries = [[now[identity(old[index])], *rest] for index, *rest in left if identity(old[index]) in now]
+    counts = [len(left), len(left) - len(entries), 0]
+    if old is not units:
+        entries, counts[2] = with_new_units(units, old, entries, saved_order["training.seed"], epoch)
+    dealt, loads = deal(entries, [bytes_left(units[index], part) for index, part, *_ in entries], n_readers)
     done = 1 - (sum(loads) - read_of_pools) / max(1, sum(unit.text_bytes for unit in units))  # for epochs_read
     positions = [{"reader": reader, "epoch": epoch, "unit": 0, "part": entries[0][1] if entries else 0,
                   "consumed": 0, "carry": entries[0][2] if entries else [], "units": entries, "epoch_done": done}
                  for reader, entries in enumerate(dealt)]
-    return positions, len(left), epoch, read_of_pools + read_in_later_epochs
+    return positions, counts, epoch, read_of_pools + read_in_later_epochs
+
+
+def with_new_units(units, old, entries, seed: int, epoch: int) -> tuple[list, int]:
+    """(`entries` (the rest of an epoch, [index in units, first part, carry]) with the units that are
+    not among `old`, the units it was dealt from: those of shards added, renamed or rewritten since,
+    read whole, in a shuffled order (new text mixed with the rest, not after it), how many were added)."""
+    known = {identity(unit) for unit in old}
+    added = [[i, 0, []] for i, unit in enumerate(units) if identity(unit) not in known]
+    together = entries + added
+    order = np.random.default_rng([seed, epoch, len(units)]).permutation(len(together))
+    return [together[i] for i in order], len(added)
 
 
 def dealt_alike(units, saved_order, saved_positions) -> bool:
@@ -236,11 +270,13 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
     """Where the training stream starts: (reader positions, batches consumed), from a checkpoint's
     data order, reader positions and batch count (none: the start). With the same data order the
     stream continues exactly, and so it does with the same number of readers laid out otherwise (2
-    processes x 1 worker, 1 x 2). With other readers, block size or seed but the same units, the rest of
-    the epoch in progress is dealt to the new readers (rest_of_epoch): no document is skipped.
-    Otherwise (other shards, text column or split) every reader starts afresh at the epoch after the
-    furthest one reached. Either way it says so. Those start positions are saved with the next
-    checkpoint like any other: a reader that has not yet handed over a batch then still resumes there."""
+    processes x 1 worker, 1 x 2). With other readers, block size, seed or shards but the same split and
+    text column, the rest of the epoch in progress (its unfinished units still there, and the units new
+    since) is dealt to the new readers (rest_of_epoch): no document is skipped. Otherwise (other
+    documents, or other shards since a checkpoint that did not list its units, before 0.5.1) every
+    reader starts afresh at the epoch after the furthest one reached. Either way it says so. Those
+    start positions are saved with the next checkpoint like any other: a reader that has not yet
+    handed over a batch then still resumes there."""
     if saved_order is None:
         return [], 0
     if "documents trained on" not in saved_order:  # written before 0.4.1: it named the folders instead
@@ -272,13 +308,19 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
         keeps = saved_order[WORKERS_KEY] if saved_order.get("world_size") == world_size else saved_readers // world_size
         changed[-1] += (f"; dataloader.num_workers={keeps} would keep its {saved_readers} "
                         f"reader{'s' * (saved_readers != 1)}, each continuing where it stopped")
-    same_units = all(k in saved_order and saved_order[k] == order.get(k) for k in SAME_UNITS
-                     if k in order or k in saved_order)
-    if same_units and all(k in saved_order for k in (WORKERS_KEY, "world_size", "training.seed")):
-        positions, left, epoch, read_again = rest_of_epoch(units, saved_order, saved_positions, n_readers)
+    same_documents = all(k in saved_order and saved_order[k] == order.get(k) for k in SAME_UNITS
+                         if k != SHARDS and (k in order or k in saved_order))
+    other_shards = saved_order.get(SHARDS) != order[SHARDS]
+    if (same_documents and (not other_shards or UNITS in saved_order)
+            and all(k in saved_order for k in (WORKERS_KEY, "world_size", "training.seed"))):
+        old = saved_units(saved_order) if other_shards else units
+        positions, (left, gone, added), epoch, read_again = rest_of_epoch(units, saved_order, saved_positions,
+                                                                          n_readers, old)
         share = read_again / max(1, sum(unit.text_bytes for unit in units))
+        gone = "" if not gone else " (gone now)" if gone == left else f" ({gone} of them gone now)"
+        added = f" and the {added} new or rewritten one{'s' * (added != 1)} (read whole)" * bool(added)
         print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): the {left} of "
-              f"{len(units)} (file, row group) units that epoch {epoch} has not finished are dealt anew "
+              f"{len(old)} (file, row group) units that epoch {epoch} has not finished{gone}{added} are dealt anew "
               f"to {n_readers} reader{'s' * (n_readers != 1)}, then the epochs continue as usual; the pools "
               f"being read start again, so about {byte_amount(read_again)} ({share:.1%} of the epoch) is read "
               f"twice")

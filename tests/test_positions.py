@@ -4,6 +4,7 @@ import dataclasses
 import itertools
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +17,8 @@ from checkpoint import load_checkpoint
 from config import Config
 from conftest import make_corpus, only_run, run_dirs, unit_of_tag, write_config, write_parquet
 from data import ParquetBatches, read_unit_tokens
-from positions import (DEALING_KEY, POOL_KEY, SHARDS, SHARDS_SEEN, WORKERS_KEY, bytes_left, data_order, epochs_read,
-                       order_changes, pool_read, rest_of_epoch, resume_point)
+from positions import (DEALING_KEY, POOL_KEY, SHARDS, SHARDS_SEEN, UNITS, WORKERS_KEY, bytes_left, data_order,
+                       epochs_read, order_changes, pool_read, rest_of_epoch, resume_point)
 from readers import EVEN_TEXT, IN_SHUFFLED_ORDER, LARGEST_FIRST, assign_units
 from shards import Holdout, ParquetFileCache, list_units
 from tokenizer import ByteTokenizer
@@ -121,12 +122,12 @@ def test_the_rest_of_an_epoch_is_dealt_to_other_readers(corpus, monkeypatch):
     saved = [list(ds.epoch_batches(cache, reader, 2, 0))[n][2] for reader, n in ((0, 5), (1, 40))]
     assert saved[1]["unit"] > 0 and any(p["part"] > 0 for p in saved)
     order = {WORKERS_KEY: 2, "world_size": 1, "training.seed": 0, DEALING_KEY: LARGEST_FIRST}
-    positions, left, epoch, _ = rest_of_epoch(units, order, saved, n_readers=3)
+    positions, (left, gone, added), epoch, _ = rest_of_epoch(units, order, saved, n_readers=3)
     index = {(u.file_key, u.row_group): i for i, u in enumerate(units)}
     finished = {index[(u.file_key, u.row_group)] for p in saved for u in old[p["reader"]][:p["unit"]]}
     being_read = {index[(u.file_key, u.row_group)]: p["part"] for p in saved for u in [old[p["reader"]][p["unit"]]]}
     dealt = [entry for p in positions for entry in p["units"]]
-    assert epoch == 0 and left == len(dealt) == len(units) - len(finished)
+    assert epoch == 0 and left == len(dealt) == len(units) - len(finished) and gone == added == 0
     assert sorted(i for i, *_ in dealt) == sorted(set(range(len(units))) - finished)
     assert all(part == being_read.get(i, 0) for i, part, _ in dealt)
     loads = [sum(bytes_left(units[i], part) for i, part, _ in p["units"]) for p in positions]
@@ -185,6 +186,52 @@ def test_the_rest_of_an_epoch_keeps_the_tokens_its_stopped_readers_carried(tmp_p
         assert not any(bytes(p["carry"]) * 2 + bytes(part[:8].tolist()) in stream for stream in streams)  # once
 
 
+def test_the_rest_of_an_epoch_goes_on_over_shards_added_removed_and_rewritten(tmp_path, monkeypatch, capsys):
+    """After a checkpoint a shard is removed, one rewritten and one added: the readers go on with the
+    units of the epoch that no reader finished and that are still there (from the part they were in),
+    and the new units (whole), each read once, mixed; the next epoch deals every unit."""
+    monkeypatch.setattr(shards, "READ_BYTES", 300)
+    corpus = make_corpus(tmp_path / "data", n_files=4, docs_per_file=32, rows_per_group=8, doc_len=60)
+    cfg = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}, "training": {"seed": 0}})
+    units = list_units(corpus, "text")
+    ds, cache = ParquetBatches(units, "train", 16, 2, 0, Holdout(0.2, 0), "text", 4, BYTES), ParquetFileCache(4)
+    saved = [next(p for _, _, p in list(ds.epoch_batches(cache, reader, 2, 0))[n:] if p["part"] > 0)
+             for reader, n in ((0, 5), (1, 30))]
+    cache.close()
+    old = assign_units(units, 0, seed=0, n_readers=2, shuffle=True)
+    unfinished = {(Path(u.path).name, u.row_group): p["part"] * (k == p["unit"])
+                  for p in saved for k, u in enumerate(old[p["reader"]]) if k >= p["unit"]}
+    assert len(unfinished) < len(units) and any(unfinished.values())
+    order = data_order(cfg, units, 2)
+    (corpus / "shard-1.parquet").unlink()
+    write_parquet(corpus / "shard-2.parquet", [f"<02-{r:03d}>" + "klmnopqrst" * 7 for r in range(24)], 8)
+    make_corpus(tmp_path / "more", n_files=5, docs_per_file=16, rows_per_group=8, doc_len=60)
+    (tmp_path / "more/shard-4.parquet").rename(corpus / "shard-4.parquet")
+    now = list_units(corpus, "text")
+    positions, consumed = resume_point(cfg, now, 2, 1, order, saved, 35)
+    kept = {key: part for key, part in unfinished.items() if key[0] in ("shard-0.parquet", "shard-3.parquet")}
+    new = {(Path(u.path).name, u.row_group): 0 for u in now
+           if Path(u.path).name in ("shard-2.parquet", "shard-4.parquet")}
+    dealt = {(Path(now[i].path).name, now[i].row_group): part for p in positions for i, part, _ in p["units"]}
+    assert consumed == 0 and dealt == {**kept, **new} and len(dealt) == sum(len(p["units"]) for p in positions)
+    out = capsys.readouterr().out
+    assert (f"the {len(unfinished)} of {len(units)} (file, row group) units that epoch 0 has not finished "
+            f"({len(unfinished) - len(kept)} of them gone now) and the {len(new)} new or rewritten ones (read whole) "
+            f"are dealt anew to 2 readers") in out
+    is_new = [[(Path(now[i].path).name, now[i].row_group) in new for i, *_ in p["units"]] for p in positions]
+    assert any(a and not b for flags in is_new for a, b in zip(flags, flags[1:]))  # new text mixed in, not last
+    stream = ParquetBatches(now, "train", 16, 2, 0, Holdout(0.2, 0), "text", 4, BYTES, positions=positions)
+    with ParquetFileCache(4) as cache:
+        for position in positions:
+            rest = list(stream.epoch_batches(cache, position["reader"], 2, 0, start=position))
+            read = {(f, int(r) // 8) for x, y, _ in rest
+                    for f, r in re.findall(rb"<(\d\d)-(\d\d\d)>", window_bytes(x[0], y[0]) + window_bytes(x[1], y[1]))}
+            assert read == {(f"{int(Path(now[i].path).stem[-1]):02d}".encode(), now[i].row_group)
+                            for i, *_ in position["units"]}  # the documents of its units, and only those
+    next_epoch = [b[2] for b in itertools.islice(stream, 400) if b[2]["epoch"] == 1]
+    assert next_epoch and "units" not in next_epoch[0]  # then the usual dealing, of every unit
+
+
 def test_the_rest_of_an_epoch_skips_readers_ahead_and_counts_missing_ones_whole(corpus):
     units = list_units(corpus, "text")
     order = {WORKERS_KEY: 3, "world_size": 1, "training.seed": 5, DEALING_KEY: LARGEST_FIRST}
@@ -192,7 +239,7 @@ def test_the_rest_of_an_epoch_skips_readers_ahead_and_counts_missing_ones_whole(
     index = {(u.file_key, u.row_group): i for i, u in enumerate(units)}
     saved = [{"reader": 0, "epoch": 3, "unit": 1, "part": 0, "consumed": 1, "carry": []},  # ahead: done with 2
              {"reader": 1, "epoch": 2, "unit": 1, "part": 0, "consumed": 1, "carry": []}]  # reader 2: none saved
-    positions, left, epoch, read_again = rest_of_epoch(units, order, saved, n_readers=2)
+    positions, (left, _, _), epoch, read_again = rest_of_epoch(units, order, saved, n_readers=2)
     expected = {index[(u.file_key, u.row_group)] for u in old[1][1:] + old[2]}
     assert epoch == 2 and left == len(expected) and {i for p in positions for i, *_ in p["units"]} == expected
     # reader 0's first unit of epoch 3, which is dealt anew after epoch 2; of the part reader 1 is in,
@@ -445,7 +492,17 @@ def test_shards_changed_in_the_same_folder_change_the_data_order(tmp_path, corpu
     assert (f"WARNING: the validation batches change on this resume (dataset.parquet_dir {str(corpus)!r}: its "
             f"shards changed): no document trained on is held out now (documents are held out by their text), but "
             f"the batches are taken from the shards as they are now, so losses from here on are not comparable") in out
-    # the new data starts a fresh epoch: the one left counts for what was read of it, not as a whole pass
+    assert "units that epoch 0 has not finished (5 of them gone now) are dealt anew to 1 reader" in out
+    # the epoch goes on over the units still there, and the passes logged go on from where they were
     [run] = run_dirs(tmp_path)
     epochs = [r["epochs"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "epochs" in r]
     assert len(epochs) == 3 and 0 < epochs[1] < epochs[2] < epochs[1] + 0.2
+
+
+def test_other_shards_since_a_checkpoint_that_did_not_list_its_units_start_a_new_pass(corpus, capsys):
+    cfg, units = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}}), list_units(corpus, "text")
+    saved = [{"reader": 0, "epoch": 2, "unit": 1, "part": 0, "consumed": 3, "carry": [1, 2]}]
+    before_0_5_1 = {k: v for k, v in data_order(cfg, units, 0).items() if k != UNITS}
+    positions, _ = resume_point(cfg, units[:-1], 0, 1, before_0_5_1, saved, 12)
+    assert [(p["epoch"], p["unit"], "units" in p) for p in positions] == [(3, 0, False)]
+    assert "training continues at the start of a new pass over the data" in capsys.readouterr().out
