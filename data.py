@@ -37,7 +37,7 @@ warnings.filterwarnings("ignore", message="This DataLoader will create")
 # a training reader that got no complete batch in its first this many epochs stops the run; once it
 # has had one, an epoch without one (its units dealt that way) is skipped, as an epoch's last partial
 # batch is, up to EMPTY_EPOCHS_AFTER_A_BATCH in a row (a resume with a batch_size too large for the data)
-EMPTY_EPOCHS_LIMIT = 4
+EMPTY_EPOCHS_BEFORE_A_BATCH = 4
 EMPTY_EPOCHS_AFTER_A_BATCH = 1000
 # training windows are shuffled across a run of a reader's small units (each read whole, in one part:
 # shards.READ_BYTES of the row group or less) until their tokens take this many bytes (as many bytes of text
@@ -101,7 +101,7 @@ class ParquetBatches(IterableDataset):
         cache = ParquetFileCache(self.max_cached_files)
         # an epoch may deal a reader less than a batch; a position after a batch has consumed windows (one
         # that resume_point makes up for a reader dealt anew has none)
-        empty_epochs, ever = 0, bool(resumed_at and resumed_at.get("consumed"))
+        empty_epochs, had_a_batch = 0, bool(resumed_at and resumed_at.get("consumed"))
 
         def all_pools(stop):  # per epoch: (epoch, (its units, where it starts)), then (epoch, pool) for each pool
             first_epoch = resumed_at["epoch"] if resumed_at else 0
@@ -121,10 +121,11 @@ class ParquetBatches(IterableDataset):
                     yield batch
                 if not self.shuffle:
                     return
-                ever = ever or produced
+                had_a_batch = had_a_batch or produced
                 # (the rest of a resumed epoch may hold no batch: it does not count)
                 empty_epochs = 0 if produced or start is not None else empty_epochs + 1
-                if empty_epochs == (EMPTY_EPOCHS_AFTER_A_BATCH if ever else EMPTY_EPOCHS_LIMIT):  # not forever
+                limit = EMPTY_EPOCHS_AFTER_A_BATCH if had_a_batch else EMPTY_EPOCHS_BEFORE_A_BATCH
+                if empty_epochs == limit:  # not forever
                     raise DataError(self.too_little_data(reader, n_readers, epoch, empty_epochs))
         finally:
             stream.close()  # (its thread ends before the files it reads are closed)

@@ -235,7 +235,7 @@ def load_saved_state(cfg, run, model, optimizer, scaler, tokenizer, progress: Pr
     if len(ckpt.rng) == ranks.world_size:
         set_rng_state(ckpt.rng[ranks.rank], device)
     else:  # another world size: the saved RNG states are one per rank (state_notes)
-        torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)
+        torch.manual_seed(cfg.training.seed + ranks.rank + 1000 * ckpt.step)  # per rank, and apart from other steps
     if progress.best_afresh:
         ranks.barrier()  # every rank has read the checkpoint, which may be that best.pt
         if kept := run.set_aside_best(ckpt.step):
@@ -362,19 +362,19 @@ def fine_tune_from_export(cfg, model, tokenizer):
 
 # ---- the commands a run prints: the one that resumes it, the one that trains it on
 
-def resuming(ranks: Ranks, train_command: str, where: Path) -> str:
+def resume_command_for(ranks: Ranks, train_command: str, where: Path) -> str:
     """The command that continues a run from `where`: its run directory (its newest checkpoint
     then), or a checkpoint file."""
     return f"{launcher(ranks)}{train_command} {shlex.quote(f'training.resume_from_checkpoint={where}')}"
 
 
-def extending(train_command: str, max_iters: int) -> str:
+def with_max_iters(train_command: str, max_iters: int) -> str:
     """train()'s `train_command` with max_iters set, for the command that trains a finished run on."""
     words = [word for word in shlex.split(train_command) if not word.startswith("training.max_iters=")]
     return shlex.join([*words, f"training.max_iters={max_iters}"])
 
 
-def using_checkpoint_dir(train_command: str, checkpoint_dir: str) -> str:
+def without_unused_checkpoint_dir(train_command: str, checkpoint_dir: str) -> str:
     """train()'s `train_command` without a training.checkpoint_dir other than the run's (`checkpoint_dir`),
     one a resume in place did not use: the commands it prints would say so again."""
     def unused(word):

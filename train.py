@@ -9,10 +9,12 @@ loops: step, log, evaluate (evaluation.py), checkpoint.
 import os
 import signal
 
-handlers_before_import = {}  # run as a script: the signal handlers main() gives back at the end
-if __name__ == "__main__":  # a signal while torch imports (seconds): one line, instead of a traceback from inside it
+# Ctrl-C during the slow `import torch` below: exit with one line, not a traceback from inside torch; a repeat of
+# the signal (a wrapper forwarding the same one) is ignored. main() gives the handlers back at the end.
+handlers_before_import = {}
+if __name__ == "__main__":
     def stop_while_importing(signum, _frame):
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (a wrapper's forwarded copy: one line)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         try:
             if os.environ.get("RANK", "0") == "0":  # under torchrun: once (every rank heard it)
@@ -57,8 +59,8 @@ from model import BDH
 from outputs import outputs_without_reader, put_back_outputs
 from positions import data_order
 from readers import loader_workers
-from resume import (Progress, checkpoint_size, extending, load_saved_state, resume, resume_target, resuming, save,
-                    set_rng_state, torch_rng_state, using_checkpoint_dir)
+from resume import (Progress, checkpoint_size, load_saved_state, resume, resume_command_for, resume_target, save,
+                    set_rng_state, torch_rng_state, with_max_iters, without_unused_checkpoint_dir)
 from resume_checks import check_run_data_given, command_line_record, data_settings_hint, keep_split_by_position
 from rundir import (RunDir, check_writable, clean_stale_temporaries, release_run_directories, remove_empty_runs,
                     unfinished_older_run, unfinished_run)
@@ -83,11 +85,12 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
     """`train_command`: train.py and the command line's, for the commands it prints: the resume after a
     signal, an error or running out of memory, and the one that trains a finished run further;
     `command_line`: its config file and the settings it gives (resume_checks.command_line_record);
-    `resume_named_in_file`: the config file, where it gives training.resume_from_checkpoint (resume_target)."""
+    `resume_named_in_file`: the config file, where training.resume_from_checkpoint comes from it (the command line
+    does not give it): resume_target refuses a checkpoint there whose run has gone on since."""
     training = cfg.training
     compute_dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
     # FP8 on a device or with a backend that cannot run it: refused before anything is read
-    fp8_products, fp8_recipe = fp8_matmuls(cfg.fp8, device) if cfg.low_precision.use_fp8 else (None, None)
+    matmuls, fp8_recipe = fp8_matmuls(cfg.fp8, device) if cfg.low_precision.use_fp8 else (None, None)
     compute = autocast(device, compute_dtype)
     if warning := emulated_dtype_warning(device, compute_dtype):
         print(warning)
@@ -126,10 +129,13 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
         print(note)
 
     # ---- resume: where the run stands (the checkpoint's weights are loaded once the model exists)
+    def resumable_from(where: Path):  # what a stop, an error or a lost peer prints from now on: the resume from `where`
+        resume_command[:] = [resume_command_for(ranks, train_command, where)]
+
     if training.resume_from_checkpoint:
         run, progress, start_positions = resume(cfg, tokenizer, units, workers, val_batches, ranks, device,
                                                 command_line)
-        train_command = using_checkpoint_dir(train_command, training.checkpoint_dir)
+        train_command = without_unused_checkpoint_dir(train_command, training.checkpoint_dir)
         if progress.step >= training.max_iters:
             print(f"nothing to do: the checkpoint {progress.last_saved} is at step {progress.step} and "
                   f"training.max_iters is {training.max_iters}; raise max_iters to train further")
@@ -140,7 +146,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
         if progress.last_saved:  # (a fine-tune of an export starts a run of its own)
             # the run's folder (its newest checkpoint) where the run goes on in it, else the file itself
             in_place = run.path == progress.last_saved.parent
-            resume_command[:] = [resuming(ranks, train_command, run.path if in_place else progress.last_saved)]
+            resumable_from(run.path if in_place else progress.last_saved)
     else:  # a new run, whose directory the first checkpoint creates
         run, progress = RunDir(training.checkpoint_dir, writer=ranks.main), Progress()
         start_positions = []
@@ -159,7 +165,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
     order = data_order(cfg, units, workers, ranks.world_size)
 
     # ---- model and optimizer
-    raw_model, qat_view, qat_start = build_model(cfg, device, fp8_products)  # same seed, same weights on every rank
+    raw_model, qat_view, qat_start = build_model(cfg, device, matmuls)  # same seed, same weights on every rank
     model = wrap(raw_model, ranks, device)  # DDP or FSDP under torchrun; the model itself otherwise
     optimizer = make_optimizer(raw_model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == "float16")
@@ -207,7 +213,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
             saved = "earlier checkpoints are intact"
             if best and run.path and saved_step(run.path / "best.pt") == at.step:  # written, then its copy failed
                 saved = "best.pt of this step is saved"
-                resume_command[:] = [resuming(ranks, train_command, run.path)]
+                resumable_from(run.path)
             raise CheckpointError(f"{e}; " + (f"{saved}: once that is fixed, resume with `{resume_command[0]}`"
                                              if resume_command else "no checkpoint was saved before")) from None
 
@@ -220,7 +226,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
         if not checked:  # (by this step's evaluation)
             check_weights(at)
         at.last_saved = save_checkpoint(at, best=best)
-        resume_command[:] = [resuming(ranks, train_command, at.last_saved.parent)]
+        resumable_from(at.last_saved.parent)
         run.prune(training.keep_last_n)
         metrics.flush(sync=True)  # the first checkpoint creates the run directory: what waited is written now
         if best:
@@ -253,7 +259,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
     def save_best(at: Progress):  # best.pt alone
         with paused(step_log, stop, SAVING, device):  # (timed as a checkpoint: the ETA counts evaluations apart)
             path = save_checkpoint(at, name="best.pt")
-        resume_command[:] = [resuming(ranks, train_command, path.parent)]  # (its folder: resumes from its newest)
+        resumable_from(path.parent)  # (its folder: resumes from its newest)
         print(f"saved {path} (best validation loss so far)", flush=True)
 
     if progress.evaluation_due and evaluate_step(progress):  # a stop saved this step before its evaluation
@@ -340,11 +346,11 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
             if step_log.steps:  # heard while evaluating or saving a step that was not logged: its line now
                 write_step_line(step_log, step, lr, progress)
             break
-    if not stop.last_words:  # max_iters reached
+    if progress.step >= training.max_iters:  # (not stopped early): the command that trains on, to twice the steps
         stop.closing(done_lines(progress, here=progress.step - step_log.first_step + 1, passes=step_log.passes_logged,
                                 seconds=time.perf_counter() - step_log.start,
-                                train_on=resuming(ranks, extending(train_command, 2 * progress.step),
-                                                  progress.last_saved.parent)))
+                                train_on=resume_command_for(ranks, with_max_iters(train_command, 2 * progress.step),
+                                                            progress.last_saved.parent)))
     stop_vote.settle()
     metrics.close()
     print(stop.last_words)
@@ -370,16 +376,17 @@ def build_model(cfg, device: torch.device, matmuls=None):
 
 @contextmanager
 def paused(step_log: StepLog, stop: GracefulStop, doing: str, device: torch.device):
-    """Time spent `doing` an evaluation or a checkpoint: left out of the next log line's speed; a
-    signal heard meanwhile lets it finish."""
+    """Time spent `doing` an evaluation or a checkpoint: left out of the next log line's speed; the
+    first signal heard meanwhile lets it finish (GracefulStop: what a second one does)."""
     start = device_clock(device)
     stop.doing = doing
     try:
         yield
     finally:
         stop.doing = STEPPING
-    step_log.paused_s += time.perf_counter() - start
-    step_log.took[doing] = time.perf_counter() - start  # the ETA counts those still to come
+    took = time.perf_counter() - start
+    step_log.paused_s += took
+    step_log.took[doing] = took  # the ETA counts those still to come
 
 
 def write_step_line(step_log: StepLog, step: int, lr: float, progress: Progress):

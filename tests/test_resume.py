@@ -26,7 +26,7 @@ from conftest import (DEVICES, ROOT, losses, make_corpus, only_run, run_dirs, st
                       write_parquet)
 from distributed import Ranks
 from evaluation import validation_fingerprint
-from resume import Progress, extending, launcher, load_saved_state, rng_state, set_rng_state
+from resume import Progress, launcher, load_saved_state, rng_state, set_rng_state, with_max_iters
 from locate import checkpoints_in, open_checkpoint
 from tokenizer import load_tokenizer
 from validation import validation_batches
@@ -771,7 +771,7 @@ def test_the_resume_command_starts_the_run_as_it_was_started(monkeypatch):
 
 
 def test_the_command_that_trains_a_run_on_sets_max_iters_once():
-    assert extending("train.py --config my.yaml training.max_iters=10 training.seed=3", 20) == (
+    assert with_max_iters("train.py --config my.yaml training.max_iters=10 training.seed=3", 20) == (
         "train.py --config my.yaml training.seed=3 training.max_iters=20")
 
 
