@@ -17,7 +17,7 @@ SAMPLE_PROMPT_TOKENS = 32  # the start of the first validation window
 
 def validation_fingerprint(val_batches) -> str:
     """A hash of the validation batches' tokens: equal fingerprints, the same losses measured
-    (resume_checks.validation_change), wherever the files are and however the settings are written."""
+    (resume_validation.validation_change), wherever the files are and however the settings are written."""
     digest = hashlib.blake2b(digest_size=8)
     for x, y in val_batches:
         digest.update(repr((tuple(x.shape), x.dtype)).encode())

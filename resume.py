@@ -28,8 +28,8 @@ from locate import (checkpoint_candidates, checkpoint_step, checkpoints_in, cont
                     found_newest, is_run_with_checkpoints, one_run_given, open_checkpoint, resumable_runs)
 from positions import SHARDS, data_order, resume_point
 from resume_checks import (carried_forward, check_run_given_again, check_same_model, check_same_tokenizer,
-                           continues_run, evaluated_weights, found_as_newest, global_batch_change, schedule_jump,
-                           tokens_before, validation_change, written_before)
+                           continues_run, found_as_newest, global_batch_change, schedule_jump, tokens_before)
+from resume_validation import evaluated_weights, short_batch_added, validation_change
 from rundir import RunDir, hold_auto_start
 from runtime import config_as_run, tensor_bytes
 
@@ -255,18 +255,6 @@ def state_notes(cfg, ckpt, ranks):
         if ranks.main and (reseeded or batch_note):
             print(f"note: {ranks.world_size} process{'es' * (ranks.world_size != 1)} where the checkpoint has "
                   f"{len(ckpt.rng)}{reseeded}{batch_note}")
-
-
-def short_batch_added(ckpt, val_batches: list) -> str | None:
-    """A note where the checkpoint's version (before 0.4.13) measured the same validation batches but
-    the short last one: validation text that ran out before eval_iters batches lost its last windows."""
-    last = len(val_batches[-1][0])
-    if (not written_before(ckpt, (0, 4, 13)) or last == len(val_batches[0][0])
-            or ckpt.validation_batches != validation_fingerprint(val_batches[:-1])):
-        return None
-    return (f"note: the validation loss now measures the validation text to its last window, {last} "
-            f"window{'s' * (last != 1)} more than the checkpoint's version did (a short last batch): best.pt starts "
-            f"afresh")
 
 
 def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreadable=(),

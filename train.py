@@ -61,7 +61,8 @@ from positions import data_order
 from readers import loader_workers
 from resume import (Progress, checkpoint_size, load_saved_state, resume, resume_command_for, resume_target, save,
                     set_rng_state, torch_rng_state, with_max_iters, without_unused_checkpoint_dir)
-from resume_checks import check_run_data_given, command_line_record, data_settings_hint, keep_split_by_position
+from resume_checks import check_run_data_given, command_line_record, data_settings_hint
+from resume_validation import keep_split_by_position
 from rundir import (RunDir, check_writable, clean_stale_temporaries, release_run_directories, remove_empty_runs,
                     unfinished_older_run, unfinished_run)
 from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_clock, emulated_dtype_warning, interrupted,
