@@ -54,7 +54,7 @@ from files import script_here
 from fp8 import FP8Error, fp8_matmuls
 from locate import found_newest
 from lowbit import LowBitError, quantization_aware_view
-from metrics import MetricsError, MetricsLog, StepLog, check_installed
+from metrics import MetricsError, MetricsLog, check_installed
 from model import BDH
 from outputs import outputs_without_reader, put_back_outputs
 from positions import data_order
@@ -69,6 +69,7 @@ from runtime import (DTYPES, DeviceError, autocast, check_host_memory, device_cl
                      memory_fix, one_line, out_of_memory, peak_flops, pick_device, prepare_compile,
                      resolve_compute_dtype, steady_host_memory)
 from shards import DataError
+from step_log import StepLog
 from stopping import (EVALUATING, SAVING, SIGNALS, STEPPING, GracefulStop, StepVote, StoppedWhileClosing, exit_with,
                       handle_signals, heard_at_once, interrupt_at_once, raise_if_heard, report_stopped_at_once,
                       resume_command, signal_of, signals_held, stop_loader_workers, swallowed_stops_unsaid,
