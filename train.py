@@ -206,6 +206,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
     progress.since = step_log.start
     model.train()
 
+    # ---- what the loop calls: checkpoints, evaluations
     def save_checkpoint(at: Progress, name=None, best=False) -> Path:  # every rank takes part; rank 0 writes
         at.passes = step_log.passes(at.positions.values())
         try:
