@@ -5,6 +5,7 @@ continues from the positions).
 import hashlib
 
 import numpy as np
+import torch
 
 import data
 import shards
@@ -23,7 +24,8 @@ HOLDOUT_FIELDS = ("dataset.val_fraction", "dataset.split_seed", "dataset.split_b
 SHARDS = "the shards (files, row groups, rows, bytes)"  # data_order's key of their fingerprint
 SHARDS_SEEN = "the shards"  # data_order's key of their counts, for messages only (SHARDS decides)
 # data_order's key of the units themselves, in their order: where the shards change, a resume deals on the epoch's
-# unfinished units that are still there (rest_of_epoch), since 0.5.1
+# unfinished units that are still there (rest_of_epoch), since 0.5.1. A tensor, one row a unit: a checkpoint maps it
+# (a list of a million units would take seconds to unpickle)
 UNITS = "units (file key, row group, rows, bytes, text bytes)"
 WORKERS_KEY = "dataloader.num_workers (effective)"
 # (a key that checkpoints hold: it keeps the name of the module READ_BYTES was in then, data.py, now shards.py,
@@ -51,14 +53,22 @@ def data_order(cfg, units, num_workers, world_size=1) -> dict:
     order.update({WORKERS_KEY: num_workers, "world_size": world_size, DEALING_KEY: EVEN_TEXT,
                   READ_BYTES_KEY: shards.READ_BYTES, POOL_KEY: data.POOL_BYTES,
                   SHARDS: fingerprint, SHARDS_SEEN: shards_seen(units),
-                  UNITS: [[u.file_key, u.row_group, u.num_rows, u.num_bytes, u.text_bytes] for u in units]})
+                  UNITS: units_listed(units)})
     return order
+
+
+def units_listed(units) -> torch.Tensor:
+    """UNITS: (file key, row group, rows, bytes, text bytes) of each unit, int64 (the file key's 64 bits as they are)."""
+    rows = np.array([(u.file_key, u.row_group, u.num_rows, u.num_bytes, u.text_bytes) for u in units],
+                    dtype=np.uint64).reshape(-1, 5)
+    return torch.from_numpy(rows.view(np.int64))
 
 
 def saved_units(saved_order) -> list[Unit]:
     """The units a data order lists (UNITS), as far as dealing and sizing them goes (their paths are not saved)."""
+    rows = saved_order[UNITS].numpy().view(np.uint64).tolist()
     return [Unit("", row_group, num_rows, num_bytes, file_key, text_bytes)
-            for file_key, row_group, num_rows, num_bytes, text_bytes in saved_order[UNITS]]
+            for file_key, row_group, num_rows, num_bytes, text_bytes in rows]
 
 
 def identity(unit: Unit) -> tuple:
@@ -158,15 +168,16 @@ def bytes_left(unit: Unit, part: int) -> float:
     return unit.text_bytes * (1 - min(1.0, part * rows_per_part(unit) / max(1, unit.num_rows)))
 
 
-def pool_read(pool: list[Unit], position) -> float:
+def pool_read(pool: list[Unit], position, kept=None) -> float:
     """About the bytes read of the pool a reader at `position` is in (data.py: a part of a unit, or
     the small units `pool`): the pool's share of windows used (positions saved before they counted
-    the windows: none)."""
+    the windows: none), of each unit alike (its windows are shuffled together); of the units that
+    `kept` (a flag for each) says are still there."""
     part = position.get("part", 0)
     share = position["consumed"] / position["windows"] if position.get("windows") else 0.0
-    if len(pool) > 1:
-        return (bytes_left(pool[0], part) + sum(unit.text_bytes for unit in pool[1:])) * share
-    return (bytes_left(pool[0], part) - bytes_left(pool[0], part + 1)) * share
+    sizes = [bytes_left(pool[0], part) - (bytes_left(pool[0], part + 1) if len(pool) == 1 else 0)]
+    sizes += [unit.text_bytes for unit in pool[1:]]
+    return sum(size for size, still_there in zip(sizes, kept or [True] * len(pool)) if still_there) * share
 
 
 def pool_of(units: list[Unit], rest: list, position) -> list[Unit]:
@@ -225,8 +236,9 @@ def rest_of_epoch(units, saved_order, saved_positions, n_readers, old=None) -> t
                                               way=way)
             assigned = [[index[(unit.file_key, unit.row_group)], 0] for unit in dealing[reader]]
         rest = still_to_read(assigned, position)
-        if rest and identity(old[rest[0][0]]) in now:  # (a pool whose unit is gone is not read again)
-            read_of_pools += pool_read(pool_of(old, rest, position), position)
+        if rest:  # (of a pool's units that are gone, nothing is read again)
+            pool = pool_of(old, rest, position)
+            read_of_pools += pool_read(pool, position, kept=[identity(unit) in now for unit in pool])
         left += rest
     entries = [[now[identity(old[index])], *rest] for index, *rest in left if identity(old[index]) in now]
     counts = [len(left), len(left) - len(entries), 0]
@@ -249,6 +261,21 @@ def with_new_units(units, old, entries, seed: int, epoch: int) -> tuple[list, in
     together = entries + added
     order = np.random.default_rng([seed, epoch, len(units)]).permutation(len(together))
     return [together[i] for i in order], len(added)
+
+
+def rest_dealt(n_units: int, left: int, gone: int, added: int, epoch: int, n_readers: int, read_again: float,
+               share: float) -> str:
+    """What rest_of_epoch did: `left` units of `n_units` unfinished, `gone` of them, `added` new."""
+    if left == gone and not added:
+        gone = f" (the {gone} it had not finished are gone now)" * bool(gone)
+        return (f"no (file, row group) unit of epoch {epoch} is left to read{gone}: training goes on with "
+                f"epoch {epoch + 1}")
+    gone = "" if not gone else " (gone now)" if gone == left else f" ({gone} of them gone now)"
+    new = f" and the {added} new or rewritten one{'s' * (added != 1)} (read whole)" * bool(added)
+    return (f"the {left} of {n_units} (file, row group) units that epoch {epoch} has not finished{gone}{new} are "
+            f"dealt anew to {n_readers} reader{'s' * (n_readers != 1)}, then the epochs continue as usual; the pools "
+            f"being read start again, so about {byte_amount(read_again)} ({share:.1%} of the epoch) is read twice"
+            + ", as is whatever had been read of any shard renamed or rewritten" * bool(added))
 
 
 def dealt_alike(units, saved_order, saved_positions) -> bool:
@@ -317,13 +344,8 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
         positions, (left, gone, added), epoch, read_again = rest_of_epoch(units, saved_order, saved_positions,
                                                                           n_readers, old)
         share = read_again / max(1, sum(unit.text_bytes for unit in units))
-        gone = "" if not gone else " (gone now)" if gone == left else f" ({gone} of them gone now)"
-        added = f" and the {added} new or rewritten one{'s' * (added != 1)} (read whole)" * bool(added)
-        print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): the {left} of "
-              f"{len(old)} (file, row group) units that epoch {epoch} has not finished{gone}{added} are dealt anew "
-              f"to {n_readers} reader{'s' * (n_readers != 1)}, then the epochs continue as usual; the pools "
-              f"being read start again, so about {byte_amount(read_again)} ({share:.1%} of the epoch) is read "
-              f"twice")
+        print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): "
+              + rest_dealt(len(old), left, gone, added, epoch, n_readers, read_again, share))
         return positions, 0
     first_epoch = 1 + max((p["epoch"] for p in saved_positions), default=-1)
     print(f"WARNING: the data order changes on this resume ({'; '.join(changed)}): training continues at the "

@@ -3,6 +3,7 @@ gradient norm, speed, MFU, the wait for data, the passes over the data, the time
 (console.step_line words them) and recorded (metrics.MetricsLog).
 """
 import collections
+import math
 import time
 
 import torch
@@ -45,12 +46,17 @@ class StepLog:
         self.whole_before = min((p["epoch"] + ("units" in p) for p in positions), default=0)
         self.sums = torch.zeros(4, device=device)  # indexed by LOSS, GRAD_NORM, SKIPPED, STEP_LOSS
         self.start = time.perf_counter()
-        # a resume on other data starts a fresh epoch: the one it left counts for what was read of it
-        # (saved_passes, the checkpoint's count), not as a whole pass
+        # the passes logged go on from the checkpoint's count (saved_passes). A resume on other documents starts a
+        # fresh epoch: the one it left counts for what was read of it, not as a whole pass. One that dealt the rest
+        # of an epoch anew (on shards added or removed: a share of other data now) reaches the epoch's end with it,
+        # the rest of that epoch counted in proportion
         begun = self.epochs_begun(positions)
-        self.unread = 0.0 if saved_passes is None else begun - saved_passes
+        self.saved_passes, self.begun, end = saved_passes, begun, math.floor(begun) + 1
+        redealt = ranks.any(any("units" in p for p in positions), device)
+        self.scaled_until = end if redealt and saved_passes is not None and saved_passes < end else None
+        self.unread = 0.0 if saved_passes is None or self.scaled_until else begun - saved_passes
         # the passes over the data (the text read over all of it) as of the last log line
-        self.epoch, self.passes_logged = self.epoch_all_are_in(positions), begun - self.unread
+        self.epoch, self.passes_logged = self.epoch_all_are_in(positions), self.counted(begun)
         self.epochs_ended = 0  # (measure() sets it for its line)
         self.took = {}  # seconds the last evaluation and the last checkpoint took (train.paused)
         self.recent, self.opening = collections.deque(), None  # (seconds, steps) of lines: eta()
@@ -80,7 +86,14 @@ class StepLog:
 
     def passes(self, positions) -> float:
         """About how many passes over the training data the readers at `positions` have made."""
-        return self.epochs_begun(positions) - self.unread
+        return self.counted(self.epochs_begun(positions))
+
+    def counted(self, read: float) -> float:
+        """The passes logged where the readers have made `read` passes (epochs_begun's)."""
+        end = self.scaled_until
+        if end is not None and read < end:
+            return end - (end - read) * (end - self.saved_passes) / (end - self.begun)
+        return read - self.unread
 
     def add_micro_batch(self, loss: torch.Tensor):
         self.sums[STEP_LOSS] += loss.detach()

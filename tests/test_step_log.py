@@ -119,6 +119,29 @@ def test_a_cpu_run_of_many_hours_points_at_the_cpu_config(tmp_path, corpus, caps
     assert abs(float(hours) - ms_per_step / 1000 * 20000 / 3600) < 0.051 and ms_per_step >= 200  # the loader's 0.2 s
 
 
+def test_the_passes_logged_after_the_rest_of_an_epoch_on_other_shards_reach_its_end_with_it():
+    """Shards added since the checkpoint (its count 3.7 passes): the 40% of epoch 3 read is now a smaller
+    share of the data (epochs_read: 3.4). The count goes on from 3.7, reaches 4 as the epoch ends, and
+    counts what is read from then on as it is."""
+    from distributed import Ranks
+    from shards import Unit
+    units = [Unit(f"{k}.parquet", 0, 10, 1000, k, 1000) for k in range(10)]
+    start = {"reader": 0, "epoch": 3, "unit": 0, "part": 0, "consumed": 0, "carry": [],
+             "units": [[k, 0, []] for k in range(4, 10)], "epoch_done": 0.4}  # 6 units left of 10
+
+    def passes_logged(saved_passes, start, *positions):
+        log = StepLog(Config(), None, Ranks(), torch.device("cpu"), units, 0, [start], first_step=1,
+                      compiling_steps=(), loss_scaled=False, peak=0, saved_passes=saved_passes)
+        return [log.passes_logged] + [log.passes([position]) for position in positions]
+    halfway, done = {**start, "unit": 3}, {**start, "unit": 6}
+    next_epoch = {"reader": 0, "epoch": 4, "unit": 5, "part": 0, "consumed": 0, "carry": []}
+    assert passes_logged(3.7, start, halfway, done, next_epoch) == pytest.approx([3.7, 3.85, 4, 4.5])
+    assert passes_logged(3.4, start, halfway, done) == pytest.approx([3.4, 3.7, 4])  # the same shards: as read
+    assert passes_logged(None, start, halfway) == pytest.approx([3.4, 3.7])  # a checkpoint before 0.4.2: as read
+    # a resume on other documents starts epoch 4 afresh: the 70% read of epoch 3 counts as such, not as a pass
+    assert passes_logged(3.7, {**next_epoch, "unit": 0}, next_epoch) == pytest.approx([3.7, 4.2])
+
+
 def test_the_passes_over_the_training_data_are_counted(tmp_path, corpus, capsys):
     """The corpus's training split holds about 5,600 tokens: 256 per step, so a pass takes about 22 steps."""
     from data import ParquetBatches
@@ -201,7 +224,7 @@ def test_mfu_is_the_achieved_training_flops_over_the_peak(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     step_log = StepLog(cfg, None, Ranks(), torch.device("cpu"), [], 0, [], first_step=1,
-                               compiling_steps=(1, 4), loss_scaled=False, peak=1e12)
+                       compiling_steps=(1, 4), loss_scaled=False, peak=1e12)
     for _ in range(2):  # two steps of two micro-batches in 3 s
         step_log.add_micro_batch(torch.tensor(2.0))
         step_log.add_micro_batch(torch.tensor(2.0))
@@ -228,8 +251,11 @@ def test_mfu_is_the_achieved_training_flops_over_the_peak(monkeypatch):
 
         def lowest(self, value, device):
             return value
+
+        def any(self, flag, device):
+            return flag
     step_log = StepLog(cfg, None, TwoRanksAlike(world_size=2), torch.device("cpu"), [], 0, [], first_step=1,
-                               compiling_steps=(), loss_scaled=False, peak=1e12)
+                       compiling_steps=(), loss_scaled=False, peak=1e12)
     step_log.add_micro_batch(torch.tensor(2.0))
     step_log.add_step(torch.tensor(0.5))
     clock[0] += 1.5
@@ -244,7 +270,7 @@ def test_only_the_first_line_s_wait_for_data_is_the_loader_starting(monkeypatch,
     clock = [100.0]
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     step_log = StepLog(Config(), SimpleNamespace(log=lambda record: None), Ranks(), torch.device("cpu"), [], 0,
-                               [], first_step=5, compiling_steps=(), loss_scaled=False, peak=0)  # resumed at step 4
+                       [], first_step=5, compiling_steps=(), loss_scaled=False, peak=0)  # resumed at step 4
     for step in (5, 6):
         step_log.add_micro_batch(torch.tensor(2.0))
         step_log.add_step(torch.tensor(0.5))
