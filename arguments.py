@@ -10,7 +10,7 @@ from pathlib import Path
 
 from config import Config, all_paths, config_sections, fsdp_problems
 from config_file import ALIASES, EPOCHS, ConfigError, in_file_order, read_yaml, suggest
-from distributed import first_process, launched_by_torchrun
+from distributed import first_process, several_processes
 from files import bom_encoding, tell_torchrun
 
 
@@ -54,7 +54,7 @@ def load_config(args) -> Config:
             print(f"note: {args.config} holds no settings: every setting not given on the command line has its "
                   f"default (config.yaml lists them: a model sized for a GPU; configs/tiny.yaml is for a CPU)",
                   file=sys.stderr)
-        sharded = cfg.training.distributed == "fsdp" and launched_by_torchrun()
+        sharded = cfg.training.distributed == "fsdp" and several_processes()
         if sharded and (problems := fsdp_problems(cfg)):
             raise ConfigError(problems)
         return cfg

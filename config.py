@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 
 from config_file import SEED, ConfigError, apply_override, as_yaml, dump_yaml, read_yaml, suggest, typed_section
-from distributed import launched_by_torchrun
+from distributed import several_processes
 from model import BDHConfig
 
 
@@ -306,7 +306,7 @@ class Config:
                                            "dataloader.num_workers is 0: the main process reads the batches"),
             "training.compile": (self.training.debug and self.training.compile is True,
                                  "training.debug runs the model uncompiled"),
-            **{f"training.{key}": (not launched_by_torchrun(), why) for key, why in (
+            **{f"training.{key}": (not several_processes(), why) for key, why in (
                 ("distributed", "one process trains unsharded (torchrun --nproc_per_node=N, N of 2 or more, shards)"),
                 ("distributed_timeout_s", "one process, no other ranks to wait for"))},
         }

@@ -84,7 +84,8 @@ class Ranks:
         return out
 
 
-def launched_by_torchrun() -> bool:
+def several_processes() -> bool:
+    """Whether torchrun started more than one process (by its environment, before the process group)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -96,7 +97,7 @@ def first_process() -> bool:
 def start(cfg, device: torch.device) -> tuple[Ranks, torch.device]:
     """Join the process group torchrun describes in the environment; (ranks, this rank's device)."""
     training = cfg.training
-    if not launched_by_torchrun():  # (config.unused_settings notes the settings for several)
+    if not several_processes():  # (config.unused_settings notes the settings for several)
         return Ranks(), device
     if missing := [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]:
         world = os.environ["WORLD_SIZE"]

@@ -48,7 +48,7 @@ from config_file import with_comments
 from console import describe_run, done_lines, evaluation_lines
 from data import prepare_data, rank_positions, train_loader
 from distributed import (DistributedError, Ranks, communication_failure, failed, first_process, gradient_sync,
-                         launched_by_torchrun, local_tensor, peers_lost, shutdown, start, wrap)
+                         several_processes, local_tensor, peers_lost, shutdown, start, wrap)
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
 from files import script_here
 from fp8 import FP8Error, fp8_matmuls
@@ -447,7 +447,7 @@ def rank_of(ranks: Ranks) -> str:
     """" (rank R)" under torchrun, also before the process group is joined (a device refused first)."""
     if ranks.enabled:
         return f" (rank {ranks.rank})"
-    return f" (rank {os.environ['RANK']})" if launched_by_torchrun() and "RANK" in os.environ else ""
+    return f" (rank {os.environ['RANK']})" if several_processes() and "RANK" in os.environ else ""
 
 
 def main(argv=None) -> int:
