@@ -3,7 +3,6 @@ gradient norm, speed, MFU, the wait for data, the passes over the data, the time
 (console.step_line words them) and recorded (metrics.MetricsLog).
 """
 import collections
-import math
 import time
 
 import torch
@@ -48,15 +47,16 @@ class StepLog:
         self.start = time.perf_counter()
         # the passes logged go on from the checkpoint's count (saved_passes). A resume on other documents starts a
         # fresh epoch: the one it left counts for what was read of it, not as a whole pass. One that dealt the rest
-        # of an epoch anew (on shards added or removed: a share of other data now) reaches the epoch's end with it,
-        # the rest of that epoch counted in proportion
-        begun = self.epochs_begun(positions)
-        self.saved_passes, self.begun, end = saved_passes, begun, math.floor(begun) + 1
+        # of an epoch anew (to other readers, or on shards added or removed: a share of other data now) reaches the
+        # epoch's end with it, the rest of that epoch counted in proportion
+        begun, self.epoch = self.epochs_begun(positions), self.epoch_all_are_in(positions)
+        self.saved_passes, self.begun, end = saved_passes, begun, self.epoch + 1
         redealt = ranks.any(any("units" in p for p in positions), device)
-        self.scaled_until = end if redealt and saved_passes is not None and saved_passes < end else None
-        self.unread = 0.0 if saved_passes is None or self.scaled_until else begun - saved_passes
+        ends_with_it = redealt and saved_passes is not None and saved_passes < end
+        self.scaled_until = end if ends_with_it and begun < end else None  # (nothing left of it: the count is end)
+        self.unread = 0.0 if saved_passes is None or ends_with_it else begun - saved_passes
         # the passes over the data (the text read over all of it) as of the last log line
-        self.epoch, self.passes_logged = self.epoch_all_are_in(positions), self.counted(begun)
+        self.passes_logged = self.counted(begun)
         self.epochs_ended = 0  # (measure() sets it for its line)
         self.took = {}  # seconds the last evaluation and the last checkpoint took (train.paused)
         self.recent, self.opening = collections.deque(), None  # (seconds, steps) of lines: eta()

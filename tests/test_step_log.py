@@ -138,6 +138,8 @@ def test_the_passes_logged_after_the_rest_of_an_epoch_on_other_shards_reach_its_
     assert passes_logged(3.7, start, halfway, done, next_epoch) == pytest.approx([3.7, 3.85, 4, 4.5])
     assert passes_logged(3.4, start, halfway, done) == pytest.approx([3.4, 3.7, 4])  # the same shards: as read
     assert passes_logged(None, start, halfway) == pytest.approx([3.4, 3.7])  # a checkpoint before 0.4.2: as read
+    nothing_left = {**start, "units": []}  # every unit epoch 3 had not finished is gone: epoch 4 is next
+    assert passes_logged(3.7, nothing_left, next_epoch) == pytest.approx([4, 4.5])
     # a resume on other documents starts epoch 4 afresh: the 70% read of epoch 3 counts as such, not as a pass
     assert passes_logged(3.7, {**next_epoch, "unit": 0}, next_epoch) == pytest.approx([3.7, 4.2])
 
