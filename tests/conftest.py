@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 import subprocess
@@ -116,6 +117,28 @@ def process_wide_state():
     release_run_directories()  # as train.main does: a RunDir a test created held its folder
     from stopping import heard_at_once
     heard_at_once.clear()  # (train.main clears it when it starts; a test may use the handlers without it)
+
+
+class PaddedCounter:
+    """TensorBoard names an event file by the second, host, process and a count of the process's writers, and reads
+    a folder's files sorted by name: in one second, writer 10 sorts before writer 9 and its steps seem to go back,
+    so TensorBoard drops points. Only a test process writes that many (a run's process writes a few); padded, they
+    sort in order."""
+
+    def __init__(self):
+        self.count = itertools.count()
+
+    def get(self) -> str:
+        return f"{next(self.count):09d}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def event_files_in_order():
+    try:
+        from tensorboard.summary.writer import event_file_writer
+    except ImportError:
+        return
+    event_file_writer._global_uid = PaddedCounter()
 
 
 @pytest.fixture

@@ -1,6 +1,14 @@
 """Whether a resume's validation losses compare with its run's: the documents, batches and weights they
 measure. (The split an old run's resume keeps, end to end: test_resume.py.)"""
-from resume_validation import evaluated_weights, validation_change
+from pathlib import Path
+
+import resume_validation
+from config import Config
+from distributed import Ranks
+from resume_validation import evaluated_weights, keep_split_by_position, run_split, validation_change
+
+BY_TEXT = {"training": {"seed": 1}, "dataset": {"parquet_dir": "d", "val_parquet_dir": None, "val_fraction": 0.05,
+                                                "split_seed": 1, "split_by": "text"}}
 
 
 def test_a_resume_that_changes_the_validation_documents_says_so():
@@ -56,3 +64,32 @@ def test_what_a_validation_loss_measured_tells_every_4bit_setting_apart():
     four_bit = {**plain, "use_4bit": True}
     assert len({evaluated_weights(four_bit), evaluated_weights({**four_bit, "use_double_quant": False}),
                 evaluated_weights({**four_bit, "quantization_type": "fp4"}), "as trained"}) == 4
+
+
+def test_what_a_changed_split_by_text_or_by_position_tells():
+    rewritten = validation_change(BY_TEXT, BY_TEXT, saved_batches="b", batches="other b")  # the shards, in place
+    assert rewritten == (
+        "WARNING: the validation batches change on this resume (dataset.parquet_dir 'd': its shards changed): no "
+        "document trained on is held out now (documents are held out by their text), but the batches are taken from "
+        "the shards as they are now, so losses from here on are not comparable with the earlier ones, and best.pt "
+        "starts afresh")
+    by_position = {**BY_TEXT, "dataset": {**BY_TEXT["dataset"], "split_by": "position", "parquet_dir": "e"}}
+    assert "held out by their place in the shards (dataset.split_by=position" in validation_change(BY_TEXT, by_position)
+    other_text = {**BY_TEXT, "dataset": {**BY_TEXT["dataset"], "parquet_dir": "e", "text_column": "content"}}
+    warning = validation_change(BY_TEXT, other_text)  # other documents: whether trained on is not known
+    assert "no document trained on" not in warning and warning.endswith(
+        "not comparable with the earlier ones, and best.pt starts afresh")
+
+
+def test_only_a_split_of_parquet_dir_by_position_is_kept(tmp_path, monkeypatch, capsys):
+    """A run that held out by place keeps doing so, but not where validation has a folder of its own
+    (then, or now), nor with a note where the config says position already."""
+    monkeypatch.setattr(resume_validation, "peek_checkpoint",
+                        lambda path: {"config": {"dataset": {"val_parquet_dir": "v", "split_by": "position"}}})
+    assert run_split(str(tmp_path / "checkpoint_2.pt"), str(tmp_path)) == (tmp_path / "checkpoint_2.pt", None)
+    monkeypatch.setattr(resume_validation, "run_split", lambda spec, folder: (Path(spec), "position"))
+    for dataset in ({"val_parquet_dir": "v"}, {"split_by": "position"}, {}):
+        cfg = Config.from_dict({"training": {"resume_from_checkpoint": "old.pt"}, "dataset": dataset})
+        keep_split_by_position(cfg, {"settings": {}}, Ranks(), None)
+        assert cfg.dataset.split_by == ("text" if dataset.get("val_parquet_dir") else "position")
+        assert ("held its validation documents out by their place" in capsys.readouterr().out) == (not dataset)

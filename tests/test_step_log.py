@@ -266,6 +266,34 @@ def test_mfu_is_the_achieved_training_flops_over_the_peak(monkeypatch):
         cfg.model.training_flops_per_token(64) * tokens_per_step / 1.5 / 1e12)
 
 
+def test_a_line_of_several_steps_averages_the_applied_steps_grad_norms_and_shares_its_wait(monkeypatch):
+    from distributed import Ranks
+    clock = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    step_log = StepLog(Config(), None, Ranks(), torch.device("cpu"), [], 0, [], first_step=1, compiling_steps=(),
+                       loss_scaled=True, peak=0)
+    for norm in (float("inf"), 0.5, 1.5, 2.0):  # float16: the scaler skipped the first
+        step_log.add_micro_batch(torch.tensor(2.0))
+        step_log.add_step(torch.tensor(norm))
+    step_log.data_wait_s, clock[0] = 1.0, clock[0] + 4.0
+    record = step_log.measure(4, 1e-3, 1024, [])
+    assert record["skipped_steps"] == 1 and record["grad_norm"] == pytest.approx(4.0 / 3)
+    assert record["data_wait"] == 0.25  # 1 s of the line's 4
+
+
+def test_the_passes_follow_every_reader_of_a_rest_of_an_epoch_and_a_pass_ends_with_the_slowest():
+    from distributed import Ranks
+    from shards import Unit
+    units = [Unit(f"{k}.parquet", 0, 10, size, k, size) for k, size in enumerate((1000, 2000, 7000))]
+    redealt = [{"reader": r, "epoch": 3, "unit": 0, "part": 0, "consumed": 0, "carry": [], "units": [[r, 0, []]],
+                "epoch_done": 0.5} for r in (0, 1)]
+    step_log = StepLog(Config(), None, Ranks(), torch.device("cpu"), units, 2, redealt, first_step=1,
+                       compiling_steps=(), loss_scaled=False, peak=0)
+    ahead = {"reader": 0, "epoch": 4, "unit": 0, "part": 0, "consumed": 0, "carry": []}  # epoch 3 done, 4 begun
+    assert step_log.passes([ahead, {**redealt[1], "unit": 1}]) == pytest.approx(4)
+    assert step_log.epoch == 3 and step_log.epoch_all_are_in([ahead, redealt[1]]) == 3  # (the slower one's)
+
+
 def test_only_the_first_line_s_wait_for_data_is_the_loader_starting(monkeypatch, capsys):
     from types import SimpleNamespace
     from distributed import Ranks
