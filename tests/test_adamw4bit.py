@@ -1,5 +1,6 @@
 """adamw4bit.py: the 4-bit moment format, the optimizer's update, resume and conversions."""
 import math
+import re
 
 import pytest
 import torch
@@ -215,6 +216,8 @@ def test_4bit_optimizer_trains_and_resumes_exactly(tmp_path, corpus, capsys):
     assert train.main(["--config", str(path), *flags]) == 0
     out = capsys.readouterr().out
     assert "optimizer AdamW4bit (m: dynamic, v^(1/4): linear, blocks of 128), state" in out and "x AdamW's" in out
+    state, ratio, full = map(float, re.search(r"state ([\d.]+) MiB = ([\d.]+) x AdamW's ([\d.]+) MiB", out).groups())
+    assert 0 < ratio < 1 and ratio == pytest.approx(state / full, abs=0.01)
     [run] = (tmp_path / "ck").iterdir()
     straight = load_checkpoint(run / "checkpoint_4.pt")
     assert straight.optimizer["state"]["encoder"]["exp_avg_sq_4bit"]["codes"].dtype == torch.uint8

@@ -5,6 +5,7 @@ import console
 import train
 from config import Config
 from conftest import ROOT, write_config, write_parquet
+from resume import Progress
 from shards import list_units
 
 
@@ -16,6 +17,7 @@ def test_the_step_line_says_what_the_record_holds():
     assert " | MFU 41.0% | " in console.step_line({**record, "mfu": 0.41}, 100, 0.081, elapsed=1)
     assert " | waiting for data 12% | " in console.step_line({**record, "data_wait": 0.123}, 100, 0.081, elapsed=1)
     assert "waiting" not in console.step_line({**record, "data_wait": 0.04}, 100, 0.081, elapsed=1)
+    assert " | waiting for data 5% | " in console.step_line({**record, "data_wait": 0.05}, 100, 0.081, elapsed=1)
     assert console.step_line(record, 100, None, elapsed=5).endswith("| eta after compilation")
     assert console.step_line(record, 100, 149.5, elapsed=5, at_least=True).endswith("| eta at least 0:02:29")
     last = {**record, "step": 100}
@@ -63,10 +65,32 @@ def test_the_data_line_names_the_subfolders_a_parent_folder_mixes(tmp_path):
 
 
 def test_the_done_line_shows_a_small_share_of_a_pass_by_its_figures(tmp_path):
-    from resume import Progress
     progress = Progress(step=50, last_saved=tmp_path / "checkpoint_50.pt")
     for passes, shown in ((2.345, "2.35 passes"), (0.1, "0.10 passes"), (0.0012345, "0.0012 passes"),
                           (6.1e-06, "0.0000061 passes"), (0.0999, "0.10 passes"), (0.00999, "0.010 passes"),
                           (0, "0.00")):
         line = console.done_lines(progress, here=50, passes=passes, seconds=61, train_on="python train.py ...")
         assert line.startswith(f"done: 50 steps ({shown}")
+
+
+def test_the_done_line_of_a_run_done_in_one_process_names_no_process_and_offers_twice_its_steps(tmp_path):
+    progress = Progress(step=50, last_saved=tmp_path / "checkpoint_50.pt")
+    line = console.done_lines(progress, here=50, passes=2.0, seconds=61, train_on="python train.py ...")
+    assert line.startswith("done: 50 steps (2.00 passes over the training data) in 0:01:01; final checkpoint ")
+    assert "in this process" not in line and "the whole run" not in line
+    assert "\nto train on, to step 100 say (" in line
+    resumed = console.done_lines(progress, here=20, passes=2.0, seconds=61, train_on="python train.py ...")
+    assert ", the last 20 in this process in 0:01:01 (the whole run: " in resumed
+
+
+def test_the_evaluation_lines_give_x_and_y_their_own_means():
+    record = {"step": 10, "val_loss": 2.5, "val_bits_per_byte": 3.6, "sparsity_x": [0.1, 0.3],
+              "sparsity_y": [0.02, 0.04], "sample_prompt": "Once", "sample": " upon"}
+    assert "active latents: x 20.0%, y 3.0% (mean over layers)\n" in console.evaluation_lines(record)
+
+
+def test_the_data_line_shows_five_subfolders_then_dots(tmp_path):
+    for folder in ("a", "b", "c", "d", "e", "f"):
+        write_parquet(tmp_path / "data" / folder / "x.parquet", ["some text"] * 4)
+    assert console.subfolders(str(tmp_path / "data"), list_units(tmp_path / "data", "text")) == (
+        " in 6 top-level folders: a/, b/, c/, d/, e/, ...")

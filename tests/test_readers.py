@@ -7,7 +7,8 @@ import pyarrow as pa
 import pytest
 
 from config import Config
-from readers import IN_SHUFFLED_ORDER, assign_units, loader_workers, read_in_order, uneven_readers
+from readers import (IN_SHUFFLED_ORDER, assign_units, loader_workers, read_in_order, short_of_a_batch,
+                     uneven_readers)
 from shards import READ_BYTES, Unit, list_units
 
 
@@ -142,3 +143,31 @@ def test_a_start_note_says_when_most_text_is_in_row_groups_read_in_their_order(c
     for folder, out in (("linked", "linked_small"), ("/one.parquet", os.path.relpath("/data_small"))):
         cfg = Config.from_dict({"dataset": {"parquet_dir": folder}})
         assert f"--from-parquet {folder} --out {out}` writes them" in read_in_order([big], cfg.dataset)
+
+
+def test_the_in_order_note_names_the_largest_of_several_large_row_groups():
+    units = [Unit("raw/one.parquet", 0, 4000, 5 * READ_BYTES, 0, 5 * READ_BYTES),
+             Unit("raw/two.parquet", 0, 8000, 9 * READ_BYTES, 0, 9 * READ_BYTES)]
+    note = read_in_order(units, Config.from_dict({"dataset": {"parquet_dir": "raw"}}).dataset)
+    assert "(the largest: row group 0 of raw/two.parquet, 72.0 MB of text)" in note
+
+
+def test_a_separate_validation_folder_holds_nothing_out_of_the_readers_shares():
+    units = [Unit("a.parquet", i, 3, 4100, 0, 4100) for i in range(2)]  # a batch: 8 x 512 + 1 = 4,097 tokens
+    assert short_of_a_batch(units, Config.from_dict({}), 2)  # 95% of 4,100 bytes each
+    assert short_of_a_batch(units, Config.from_dict({"dataset": {"val_parquet_dir": "val"}}), 2) == ""
+
+
+def test_the_warning_suggests_the_most_workers_that_share_evenly_and_counts_every_process_s_readers():
+    cfg = Config.from_dict({"dataset": {"parquet_dir": "corpus"}})
+    six = [Unit("a.parquet", i, 3, 100_000, 0, 100_000) for i in range(6)]  # 4 readers: 2, 2, 1, 1; 3 readers: even
+    assert "; dataloader.num_workers=3, or smaller row groups" in uneven_readers(six, 4, 1, cfg)
+    five = [Unit("a.parquet", i, 3, 1000, 0, 1000) for i in range(5)]  # 4 readers of 2 processes: 2, 1, 1, 1
+    assert "the smallest holds about 950 bytes of text, less than a batch" in uneven_readers(five, 2, 2, cfg)
+
+
+def test_a_row_group_only_a_little_past_an_even_share_is_not_blamed():
+    units = [Unit("a.parquet", 0, 3, 40_000, 0, 40_000)] + [Unit("a.parquet", i, 3, 30_000, 0, 30_000)
+                                                             for i in (1, 2)]
+    assert uneven_readers(units, 3, 1, Config.from_dict({})).startswith(
+        "WARNING: the 3 (file, row group) units of the training text, dealt whole, give one reader 1.33 times")

@@ -159,3 +159,14 @@ def test_validation_text_that_runs_out_is_measured_to_its_last_window(tmp_path, 
     cfg.training.batch_size = 8  # less than one batch: refused
     with pytest.raises(DataError, match=r"the validation documents hold 128 tokens, less than one batch"):
         validation_batches(cfg, list_units(corpus, "text"), BYTES)
+
+
+def test_validation_stretches_cover_all_its_files_when_they_outnumber_eval_iters(tmp_path, corpus):
+    val_dir = tmp_path / "val"
+    for f in range(8):  # 8 files, 4 batches: stretches of files 0-1, 2-3, 4-5, 6-7
+        write_parquet(val_dir / f"{f}.parquet", [f"<{f:02d}-{r:03d}>" + "abcdefghij" * 20 for r in range(40)], 40)
+    cfg = Config.from_dict({"dataset": {"parquet_dir": str(corpus), "val_parquet_dir": str(val_dir)},
+                            "training": {"block_size": 16, "batch_size": 3, "eval_iters": 4}})
+    files = [{int(f) for f in re.findall(rb"<(\d\d)-", bytes(x.flatten().tolist()))}
+             for x, _ in validation_batches(cfg, list_units(corpus, "text"), BYTES)]
+    assert files == [{0}, {2}, {4}, {6}]
