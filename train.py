@@ -48,7 +48,7 @@ from config_file import with_comments
 from console import describe_run, done_lines, evaluation_lines
 from data import prepare_data, rank_positions, train_loader
 from distributed import (DistributedError, Ranks, communication_failure, failed, first_process, gradient_sync,
-                         several_processes, local_tensor, peers_lost, shutdown, start, wrap)
+                         local_tensor, peers_lost, several_processes, shutdown, start, wrap)
 from evaluation import evaluate, tokens_per_byte, validation_fingerprint
 from files import script_here
 from fp8 import FP8Error, fp8_matmuls
