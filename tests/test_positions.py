@@ -18,9 +18,9 @@ from config import Config
 from conftest import make_corpus, only_run, run_dirs, unit_of_tag, write_config, write_parquet
 from data import ParquetBatches, read_unit_tokens
 from positions import (DEALING_KEY, POOL_KEY, SHARDS, SHARDS_SEEN, UNITS, WORKERS_KEY, bytes_left, data_order,
-                       epochs_read, order_changes, pool_read, rest_of_epoch, resume_point, saved_units)
+                       epochs_read, order_changes, pool_read, rest_dealt, rest_of_epoch, resume_point, saved_units)
 from readers import EVEN_TEXT, IN_SHUFFLED_ORDER, LARGEST_FIRST, assign_units
-from shards import Holdout, ParquetFileCache, list_units
+from shards import Holdout, ParquetFileCache, Unit, list_units
 from tokenizer import ByteTokenizer
 
 BYTES = ByteTokenizer()
@@ -31,7 +31,7 @@ def window_bytes(x, y):
 
 
 def test_passes_count_the_finished_parts_of_a_large_row_group():
-    from shards import READ_BYTES, Unit
+    from shards import READ_BYTES
     # 4 parts each; a quarter of the bytes is text
     units = [Unit(f"{name}.parquet", 0, 1000, 4 * READ_BYTES, k, READ_BYTES) for k, name in enumerate("ab")]
     passes = lambda **position: epochs_read([{"reader": 0, **position}], units, 0, 1, {})  # noqa: E731
@@ -75,7 +75,6 @@ def test_passes_are_whole_at_the_start_of_an_epoch_and_go_on_smoothly_past_a_res
     """Every reader at the start of epoch E: E exactly, not 0.999... below it (whatever the sizes); after a
     resume that dealt the rest of an epoch to other readers, a reader going on to the next epoch neither
     jumps nor goes back."""
-    from shards import Unit
     rng = np.random.default_rng(0)
     for trial in range(60):
         units = [Unit(f"{k}.parquet", 0, 10, int(size), k, int(size) // 2)
@@ -233,7 +232,6 @@ def test_the_rest_of_an_epoch_goes_on_over_shards_added_removed_and_rewritten(tm
 
 
 def test_what_was_read_of_a_pool_counts_only_its_units_still_there():
-    from shards import Unit
     old = [Unit(f"{k}.parquet", 0, 10, 1000, k, 1000) for k in range(6)]
     order = {WORKERS_KEY: 0, "world_size": 1, "training.seed": 0, DEALING_KEY: EVEN_TEXT}
     pool = assign_units(old, 0, 0, 1, shuffle=True)[0][:3]  # 90% of its windows used: 900 bytes of each unit read
@@ -258,7 +256,6 @@ def test_where_no_unit_of_the_epoch_is_left_the_next_one_starts(corpus, capsys):
 
 
 def test_a_checkpoint_maps_the_units_its_data_order_lists(tmp_path):
-    from shards import Unit
     units = [Unit("a.parquet", 3, 10, 1000, 2**64 - 1, 900), Unit("b.parquet", 0, 7, 2**40, 5, 2**39)]
     order = data_order(Config(), units, 0)
     torch.save({"data": {"order": order}}, tmp_path / "c.pt")
@@ -541,4 +538,78 @@ def test_other_shards_since_a_checkpoint_that_did_not_list_its_units_start_a_new
     before_0_5_1 = {k: v for k, v in data_order(cfg, units, 0).items() if k != UNITS}
     positions, _ = resume_point(cfg, units[:-1], 0, 1, before_0_5_1, saved, 12)
     assert [(p["epoch"], p["unit"], "units" in p) for p in positions] == [(3, 0, False)]
+    assert "training continues at the start of a new pass over the data" in capsys.readouterr().out
+
+
+def test_a_rest_whose_old_units_are_all_gone_still_deals_the_new_ones():
+    """Every unfinished unit gone, but shards added: the new units are dealt, not 'training goes on with epoch 1'."""
+    said = rest_dealt(10, 3, 3, 2, 0, 2, 0.0, 0.0)
+    assert "no (file, row group) unit of epoch 0 is left" not in said
+    assert "the 3 of 10 (file, row group) units that epoch 0 has not finished (gone now) and the 2 new or " \
+           "rewritten ones (read whole) are dealt anew to 2 readers" in said
+    assert rest_dealt(10, 3, 3, 0, 0, 2, 0.0, 0.0).startswith("no (file, row group) unit of epoch 0 is left")
+
+
+def test_no_workers_hint_where_no_count_keeps_the_saved_readers_over_the_processes(corpus, capsys):
+    """3 saved readers cannot be laid out over 2 processes: no 'num_workers=... would keep' hint."""
+    cfg, units = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}}), list_units(corpus, "text")
+    saved = [{"reader": r, "epoch": 0, "unit": 1, "part": 0, "consumed": 0, "carry": []} for r in range(3)]
+    resume_point(cfg, units, 1, 2, data_order(cfg, units, 3), saved, 12)
+    out = capsys.readouterr().out
+    assert "dealt anew to 2 readers" in out and "would keep" not in out
+
+
+@pytest.mark.parametrize("missing, split", [("dataset.split_seed", {"split_seed": 7}),
+                                            ("dataset.split_by", {"split_by": "position"})])
+def test_a_checkpoint_from_before_the_split_settings_resumes_exactly_with_the_split_it_used(corpus, capsys, missing,
+                                                                                            split):
+    """Before 0.4.6 the split's seed was training.seed; before 0.5.0 documents were split by place."""
+    cfg = Config.from_dict({"dataset": {"parquet_dir": str(corpus), **split}, "training": {"seed": 7}})
+    units = list_units(corpus, "text")
+    saved = [{"reader": 0, "epoch": 1, "unit": 2, "part": 0, "consumed": 1, "carry": []}]
+    older = {k: v for k, v in data_order(cfg, units, 0).items() if k != missing}
+    assert resume_point(cfg, units, 0, 1, older, saved, 9) == (saved, 9)
+    assert capsys.readouterr().out == ""
+
+
+def test_passes_count_the_whole_pool_of_small_units_a_reader_is_in():
+    """A reader that used 9 of the 10 windows of a pool of 3 small units (of 6 alike) has read 0.45 of a pass."""
+    units = [Unit(f"{k}.parquet", 0, 10, 1000, k, 1000) for k in range(6)]
+    position = {"reader": 0, "epoch": 0, "unit": 0, "part": 0, "consumed": 9, "windows": 10, "pooled": 3}
+    assert epochs_read([position], units, 0, 1, {}) == pytest.approx(0.45)
+    assert epochs_read([{**position, "epoch": 2, "unit": 3}], units, 0, 1, {}) == pytest.approx(2.95)
+
+
+def test_a_reader_dealt_nothing_of_the_rest_of_an_epoch_has_finished_it():
+    """One unit left of the epoch, two readers: the one dealt nothing counts as through the epoch, and
+    once the other is through too, the passes are whole."""
+    units = [Unit(f"{k}.parquet", 0, 10, 1000, k, 1000) for k in range(4)]
+    order = {WORKERS_KEY: 0, "world_size": 1, "training.seed": 0, DEALING_KEY: EVEN_TEXT}
+    saved = [{"reader": 0, "epoch": 1, "unit": 3, "part": 0, "consumed": 0, "windows": 4, "carry": []}]
+    positions, _, epoch, _ = rest_of_epoch(units, order, saved, 2)
+    assert sorted(len(p["units"]) for p in positions) == [0, 1] and epoch == 1
+    finished = [{**p, "unit": len(p["units"])} for p in positions]
+    assert epochs_read(finished, units, 0, 2, {}, whole_before=2) == pytest.approx(2.0)
+
+
+def test_a_second_change_of_readers_deals_on_the_units_left_of_the_rest_dealt_before(corpus):
+    """A rest of an epoch dealt to 3 readers, each 1 unit into its share; then 2 readers: they get exactly
+    the units of those shares not finished, not the ones a fresh dealing of the epoch would name."""
+    units = list_units(corpus, "text")
+    saved = [{"reader": r, "epoch": 0, "unit": 2, "part": 0, "consumed": 0, "carry": []} for r in range(2)]
+    order = {WORKERS_KEY: 2, "world_size": 1, "training.seed": 0, DEALING_KEY: EVEN_TEXT}
+    first = rest_of_epoch(units, order, saved, 3)[0]
+    on = [{**p, "unit": 1, "part": 0} for p in first]
+    assert all(len(p["units"]) > 1 for p in on)
+    again, (left, gone, added), epoch, _ = rest_of_epoch(units, {**order, WORKERS_KEY: 3}, on, 2)
+    expected = sorted(i for p in on for i, *_ in p["units"][1:])
+    assert epoch == 0 and sorted(i for p in again for i, *_ in p["units"]) == expected and left == len(expected)
+
+
+def test_a_checkpoint_without_its_readers_count_starts_a_new_pass_instead_of_failing(corpus, capsys):
+    cfg, units = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}}), list_units(corpus, "text")
+    saved = [{"reader": 0, "epoch": 1, "unit": 2, "part": 0, "consumed": 1, "carry": []}]
+    older = {k: v for k, v in data_order(cfg, units, 0).items() if k not in (WORKERS_KEY, "world_size")}
+    positions, consumed = resume_point(cfg, units, 0, 1, older, saved, 9)
+    assert consumed == 0 and [(p["epoch"], p["unit"], "units" in p) for p in positions] == [(2, 0, False)]
     assert "training continues at the start of a new pass over the data" in capsys.readouterr().out
