@@ -280,3 +280,59 @@ def test_the_text_bytes_are_the_top_level_text_columns_not_a_struct_field_of_the
     pq.write_table(table, tmp_path / "dotted.parquet")
     [unit] = shards.list_units(tmp_path, "a.b")
     assert unit.text_bytes < 100 < 1000 < unit.num_bytes
+
+
+def test_the_split_by_position_holds_out_the_same_rows_in_every_part_of_a_row_group(tmp_path, monkeypatch):
+    """A row group read in several parts: each row keeps its own place (row index from the start of the
+    row group), so validation holds out exactly validation_mask's rows and training the rest."""
+    monkeypatch.setattr(shards, "READ_BYTES", 2048)
+    docs = [f"document {i:04d} " + "w" * (i % 13) for i in range(600)]
+    write_parquet(tmp_path / "a.parquet", docs, rows_per_group=600)
+    [unit] = list_units(tmp_path, "text")
+    holdout = Holdout(0.3, 7, "position")
+    with shards.ParquetFileCache(1) as cache:
+        val_parts = list(shards.read_unit_documents(cache, unit, "text", "val", holdout))
+        train = [d.decode() for part in shards.read_unit_documents(cache, unit, "text", "train", holdout)
+                 for d in part.to_pylist()]
+    assert len(val_parts) > 2  # several parts
+    mask = validation_mask(unit, 7, 0.3)
+    assert [d.decode() for part in val_parts for d in part.to_pylist()] == [d for d, m in zip(docs, mask) if m]
+    assert train == [d for d, m in zip(docs, mask) if not m]
+
+
+def test_rows_per_part_is_read_bytes_worth_of_the_row_group():
+    unit = shards.Unit("x.parquet", 0, 1000, 4 * shards.READ_BYTES, 0, 0)
+    assert shards.rows_per_part(unit) == 250
+    assert shards.rows_per_part(shards.Unit("x.parquet", 0, 10, 100 * shards.READ_BYTES, 0, 0)) == 1
+    assert shards.rows_per_part(shards.Unit("x.parquet", 0, 10, 0, 0, 0)) == 10 * shards.READ_BYTES
+
+
+def test_a_part_that_spans_batches_still_ends_once_its_text_passes_the_limit(tmp_path, monkeypatch):
+    """Short repeated documents (dictionary-encoded: the metadata counts them once): each batch is under
+    the limit, so a part gathers several batches and must stop at the first row whose text passes it."""
+    monkeypatch.setattr(shards, "READ_BYTES", 4096)
+    docs = [chr(97 + k % 4) * 20 for k in range(5000)]
+    write_parquet(tmp_path / "a.parquet", docs, rows_per_group=5000)
+    [unit] = list_units(tmp_path, "text")
+    with shards.ParquetFileCache(1) as cache:
+        parts = list(shards.read_unit_documents(cache, unit, "text", "all"))
+    limit = shards.PART_TEXT_LIMIT * shards.READ_BYTES
+    assert [d for part in parts for d in part.to_pylist()] == [d.encode() for d in docs]
+    sizes = [sum(map(len, part.to_pylist())) for part in parts]
+    assert all(limit < size <= limit + 20 for size in sizes[:-1]), sizes
+
+
+def test_the_text_bytes_are_the_top_level_columns_not_a_struct_field_of_the_same_name(tmp_path):
+    table = pa.table({"meta": pa.array([{"text": "x" * 1000}] * 3), "text": ["short"] * 3})
+    pq.write_table(table, tmp_path / "a.parquet")
+    [unit] = list_units(tmp_path, "text")
+    assert unit.text_bytes < 100 < 1000 < unit.num_bytes
+
+
+def test_an_empty_row_group_is_no_unit(tmp_path):
+    with pq.ParquetWriter(tmp_path / "a.parquet", pa.schema([("text", pa.string())])) as writer:
+        writer.write_table(pa.table({"text": ["a", "b"]}))
+        writer.write_table(pa.table({"text": pa.array([], pa.string())}))
+        writer.write_table(pa.table({"text": ["c"]}))
+    assert pq.ParquetFile(tmp_path / "a.parquet").metadata.num_row_groups == 3  # (the empty one is written)
+    assert [(u.row_group, u.num_rows) for u in list_units(tmp_path, "text")] == [(0, 2), (2, 1)]
