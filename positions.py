@@ -293,7 +293,8 @@ def dealt_alike(units, saved_order, saved_positions) -> bool:
                == assign_units(units, epoch, seed, n_readers, shuffle=True) for epoch in epochs)
 
 
-def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_positions=(), batches_consumed=0):
+def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_positions=(), batches_consumed=0,
+                 order=None):
     """Where the training stream starts: (reader positions, batches consumed), from a checkpoint's
     data order, reader positions and batch count (none: the start). With the same data order the
     stream continues exactly, and so it does with the same number of readers laid out otherwise (2
@@ -303,7 +304,7 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
     documents, or other shards since a checkpoint that did not list its units, before 0.5.1) every
     reader starts afresh at the epoch after the furthest one reached. Either way it says so. Those
     start positions are saved with the next checkpoint like any other: a reader that has not yet
-    handed over a batch then still resumes there."""
+    handed over a batch then still resumes there. `order`: this run's data_order, where the caller has it."""
     if saved_order is None:
         return [], 0
     if "documents trained on" not in saved_order:  # written before 0.4.1: it named the folders instead
@@ -318,7 +319,7 @@ def resume_point(cfg, units, workers, world_size=1, saved_order=None, saved_posi
         saved_order = {**saved_order, DEALING_KEY: LARGEST_FIRST if one_reader else IN_SHUFFLED_ORDER}
     if saved_order[DEALING_KEY] != EVEN_TEXT and dealt_alike(units, saved_order, saved_positions):
         saved_order = {**saved_order, DEALING_KEY: EVEN_TEXT}  # (the positions hold as they are)
-    order = data_order(cfg, units, workers, world_size)
+    order = data_order(cfg, units, workers, world_size) if order is None else order
     changed_keys, changed = order_changes(saved_order, order)
     if not changed:
         return saved_positions, batches_consumed

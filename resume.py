@@ -26,7 +26,7 @@ from evaluation import validation_fingerprint
 from files import near_miss
 from locate import (checkpoint_candidates, checkpoint_step, checkpoints_in, continues_in_place, is_run_directory,
                     found_newest, is_run_with_checkpoints, one_run_given, open_checkpoint, resumable_runs)
-from positions import SHARDS, data_order, resume_point
+from positions import SHARDS, resume_point
 from resume_checks import (carried_forward, check_run_given_again, check_same_model, check_same_tokenizer,
                            continues_run, found_as_newest, global_batch_change, schedule_jump, tokens_before)
 from resume_validation import evaluated_weights, short_batch_added, validation_change
@@ -172,19 +172,20 @@ def check_resumable(cfg, path: Path, ckpt, tokenizer, shards: str, val_fingerpri
     return carried_forward(ckpt, cfg.to_dict(), command_line)
 
 
-def resume(cfg, tokenizer, units, workers, val_batches: list, ranks, device, command_line: dict):
+def resume(cfg, tokenizer, units, workers, order: dict, val_batches: list, ranks, device, command_line: dict):
     """Where the run of training.resume_from_checkpoint stands: (its run directory, Progress, the data
     stream's start positions), from the checkpoint, checked against this config. Its weights and
     optimizer state are loaded once the model exists (load_saved_state): the loader's workers start in
     between, before the model and its optimizer take their memory.
-    `val_batches`: this run's validation batches (validation.validation_batches);
+    `order`: this run's data order (positions.data_order); `val_batches`: its validation batches
+    (validation.validation_batches);
     `command_line`: its config file and the settings it gives (resume_checks.command_line_record)."""
     val_fingerprint = validation_fingerprint(val_batches)
     if is_export(cfg.training.resume_from_checkpoint):  # a fine-tune (load_saved_state checks the export)
         return RunDir(cfg.training.checkpoint_dir, writer=ranks.main), Progress(), []
     unreadable = []
     path, ckpt = open_checkpoint(cfg.training.resume_from_checkpoint, cfg.training.checkpoint_dir, skipped=unreadable)
-    shards = data_order(cfg, units, workers, ranks.world_size)[SHARDS]  # their fingerprint
+    shards = order[SHARDS]  # their fingerprint
     progress_command_line = check_resumable(cfg, path, ckpt, tokenizer, shards, val_fingerprint, command_line)
     tokens = ckpt.tokens if ckpt.tokens is not None else tokens_before(ckpt, cfg.training)
     best = math.inf if math.isnan(ckpt.best_val_loss) else ckpt.best_val_loss  # (up to 0.4.10 a NaN could be)
@@ -203,7 +204,7 @@ def resume(cfg, tokenizer, units, workers, val_batches: list, ranks, device, com
     if best_afresh:
         print("validation losses now measure other weights (use_4bit or its code book changed): best.pt starts afresh")
     positions, progress.batches_consumed = resume_point(
-        cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed)
+        cfg, units, workers, ranks.world_size, ckpt.data_order, ckpt.data_positions, ckpt.batches_consumed, order)
     if note := short_batch_added(ckpt, val_batches):
         print(note)
         best_afresh = True

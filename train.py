@@ -126,6 +126,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
         raise
     val_tokens_per_byte, val_fingerprint = tokens_per_byte(val_batches, tokenizer), validation_fingerprint(val_batches)
     workers = loader_workers(cfg, units, ranks.world_size, announce=ranks.main)
+    order = data_order(cfg, units, workers, ranks.world_size)  # what decides the batches' order: checkpoints save it
     if ranks.main and not training.resume_from_checkpoint and (
             note := unmeasured_validation(cfg, units, val_batches, val_tokens_per_byte, ranks.world_size)):
         print(note)
@@ -135,7 +136,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
         resume_command[:] = [resume_command_for(ranks, train_command, where)]
 
     if training.resume_from_checkpoint:
-        run, progress, start_positions = resume(cfg, tokenizer, units, workers, val_batches, ranks, device,
+        run, progress, start_positions = resume(cfg, tokenizer, units, workers, order, val_batches, ranks, device,
                                                 command_line)
         train_command = without_unused_checkpoint_dir(train_command, training.checkpoint_dir)
         if progress.step >= training.max_iters:
@@ -164,7 +165,6 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
                                    pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
                                    rank=ranks.rank, world_size=ranks.world_size))
     progress.positions = rank_positions(start_positions, ranks.rank, workers)
-    order = data_order(cfg, units, workers, ranks.world_size)
 
     # ---- model and optimizer
     raw_model, qat_view, qat_start = build_model(cfg, device, matmuls)  # same seed, same weights on every rank
