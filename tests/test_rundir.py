@@ -1,12 +1,15 @@
 """Run directories: their names, temporaries left by a kill, the hold of a run directory; whole runs
 resumed from an earlier step, while another process holds the run."""
+import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -255,8 +258,6 @@ def test_a_resume_records_its_changed_settings_and_drops_a_stale_record_of_the_s
 
 
 def test_a_full_disk_is_called_so(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
     def full_disk(*args, **kwargs):  # what torch.save says when the disk fills up mid-write
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
     monkeypatch.setattr(rundir.torch, "save", full_disk)
@@ -270,3 +271,113 @@ def test_a_full_disk_is_called_so(tmp_path, monkeypatch):
                                               r"as it was written: a limit on file size, ulimit -f, or a quota\?\); "
                                               r"1,024.0 MiB free on its disk, the checkpoint takes 4.0 MiB$"):
         RunDir(str(tmp_path / "ck")).save(ckpt, "{}")
+
+    def refused(*args, **kwargs):  # not the disk's fault, even on a nearly full disk: its own reason
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(rundir.torch, "save", refused)
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda folder: SimpleNamespace(free=2**20))
+    with pytest.raises(CheckpointError, match=r"^cannot write checkpoint for step 3 in .*: Permission denied; 1.0 MiB "
+                                              r"free on its disk, the checkpoint takes 4.0 MiB$"):
+        RunDir(str(tmp_path / "ck")).save(ckpt, "{}")
+
+
+# ---- found by mutating rundir.py: which run the notes name, a process that does not write, a file system
+# without locks, what a resume records and sets aside, when an empty run directory is settled
+
+def stopped_run(root, name, step, max_iters=10):
+    """A run directory whose only checkpoint is at `step` of `max_iters`."""
+    (root / name).mkdir(parents=True)
+    torch.save(Checkpoint(step=step, model={}, model_config={}, config={"training": {"max_iters": max_iters}}).to_dict(),
+               root / name / f"checkpoint_{step}.pt")
+    return root / name
+
+
+def test_the_notes_name_the_newest_stopped_run_past_runs_without_checkpoints_and_stray_files(tmp_path):
+    stopped_run(tmp_path, "run_20260101_000000", 3)
+    newest = stopped_run(tmp_path, "run_20260102_000000", 5)
+    (tmp_path / "run_20260103_000000").mkdir()  # no checkpoint (yet): not a run to continue
+    (tmp_path / "run_notes.txt").write_text("a file, sorted after the runs")
+    assert rundir.unfinished_run(str(tmp_path)) == (
+        f"note: the newest run in {tmp_path} stopped at step 5 of 10; this starts a new run (to continue that one "
+        f"instead: training.resume_from_checkpoint={newest})")
+    finished = stopped_run(tmp_path, "run_20260104_000000", 10)
+    assert rundir.unfinished_older_run(str(tmp_path), finished).startswith(
+        f"note: an older run, {newest}, stopped at step 5 of 10")  # the newest of the older ones
+
+
+def test_auto_start_creates_a_checkpoint_dir_whose_parents_do_not_exist(tmp_path):
+    rundir.hold_auto_start(str(tmp_path / "studies" / "a" / "ck"))
+    try:
+        assert rundir.held(tmp_path / "studies" / "a" / "ck" / ".auto.lock")
+    finally:
+        release_run_directories()
+
+
+def test_a_run_directory_is_named_by_the_second_it_started(tmp_path):
+    run = RunDir(str(tmp_path))
+    before = time.strftime("run_%Y%m%d_%H%M%S")
+    assert re.fullmatch(r"run_\d{8}_\d{6}", run.name) and run.name <= before
+    assert run.save(Checkpoint(step=1, model={}, model_config={}), "model: {}\n").parent == tmp_path / run.name
+
+
+def test_a_process_that_does_not_write_saves_prunes_and_sets_aside_nothing(tmp_path):
+    assert RunDir(str(tmp_path / "ck"), writer=False).save(Checkpoint(step=1, model={}, model_config={}), "{}") is None
+    assert not (tmp_path / "ck").exists()
+    run = RunDir(str(tmp_path / "ck"))
+    for step in (2, 4, 6):
+        run.save(Checkpoint(step=step, model={}, model_config={}), "model: {}\n")
+    other = RunDir(str(tmp_path / "ck"), path=run.path, writer=False)  # another rank of the same run
+    other.prune(1)
+    assert other.set_aside_after(2) == ([], None)
+    assert [p.name for p in checkpoints_in(run.path)] == ["checkpoint_2.pt", "checkpoint_4.pt", "checkpoint_6.pt"]
+
+
+def test_a_file_system_without_locks_trains_without_the_hold(tmp_path, monkeypatch):
+    def no_locks(handle, operation):  # some network file systems
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    run = RunDir(str(tmp_path))
+    assert run.save(Checkpoint(step=1, model={}, model_config={}), "model: {}\n") == run.path / "checkpoint_1.pt"
+    RunDir(str(tmp_path), path=run.path).lock()  # a resume: not refused
+    assert not rundir.held(run.path / ".lock")
+
+
+def test_a_resume_with_another_checkpoint_dir_records_no_changed_settings(tmp_path):
+    run = RunDir(str(tmp_path), path=tmp_path / "run_20260101_000000")
+    run.path.mkdir()
+    saved = {"training": {"max_iters": 4, "checkpoint_dir": "/old/ck"}}
+    resumed = {"training": {"max_iters": 4, "checkpoint_dir": "/new/ck"}}  # the run goes on in its own folder
+    assert run.record_resumed_config(3, saved, resumed, "training: {}\n") == []
+    assert not list(run.path.glob("config_resume_*.yaml"))
+
+
+def test_only_the_runs_own_unreadable_checkpoints_are_renamed(tmp_path):
+    run = RunDir(str(tmp_path / "ck"))
+    path = run.save(Checkpoint(step=2, model={}, model_config={}), "model: {}\n")
+    elsewhere = tmp_path / "copies" / "checkpoint_2.pt"  # not this run's: left as it is
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"cut short")
+    assert run.set_aside_unreadable([path, elsewhere]) == ["checkpoint_2.pt.unreadable"]
+    assert elsewhere.exists() and not path.exists()
+
+
+def test_a_branch_set_aside_says_a_copy_of_one_shared_file_and_copies_of_several(tmp_path):
+    run = RunDir(str(tmp_path))
+    for step in (2, 4, 6):
+        run.save(Checkpoint(step=step, model={}, model_config={}), "model: {}\n")
+    assert run.set_aside_after(4) == (["checkpoint_6.pt", "a copy of config.yaml"],
+                                      run.path / "abandoned_after_step_4")
+    (run.path / "metrics.jsonl").write_text('{"step": 2}\n')
+    assert run.set_aside_after(2) == (["checkpoint_4.pt", "copies of metrics.jsonl, config.yaml"],
+                                      run.path / "abandoned_after_step_2")
+
+
+def test_an_empty_run_directory_is_settled_after_a_minute(tmp_path):
+    for name, age_s in (("run_20260101_000000", 70), ("run_20260101_000001", 50)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".lock").write_text("")
+        (tmp_path / name / "config.yaml").write_text(RUN_CONFIG_HEADER + "model: {}\n")
+        for file in (tmp_path / name).iterdir():
+            os.utime(file, (time.time() - age_s,) * 2)
+    assert rundir.remove_empty_runs(tmp_path) == ["run_20260101_000000"]
+    assert (tmp_path / "run_20260101_000001").is_dir()
