@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -26,8 +28,10 @@ from conftest import (DEVICES, ROOT, losses, make_corpus, only_run, run_dirs, st
                       write_parquet)
 from distributed import Ranks
 from evaluation import validation_fingerprint
-from resume import Progress, launcher, load_saved_state, rng_state, set_rng_state, with_max_iters
+from resume import (Progress, checkpoint_size, launcher, load_saved_state, resolve_auto, resume_command_for, rng_state,
+                    set_rng_state, with_max_iters, without_unused_checkpoint_dir)
 from locate import checkpoints_in, open_checkpoint
+from runtime import tensor_bytes
 from tokenizer import load_tokenizer
 from validation import validation_batches
 
@@ -130,19 +134,19 @@ def test_a_checkpoint_the_config_file_names_is_refused_once_its_run_has_gone_on(
     assert train.main(["--config", str(path)]) == 0
     [run] = run_dirs(tmp_path)
     raw = yaml.safe_load(path.read_text())
-    raw["training"].update(resume_from_checkpoint=str(run / "checkpoint_2.pt"), max_iters=4)
+    raw["training"].update(resume_from_checkpoint=str(run / "checkpoint_2.pt"), max_iters=6)
     path.write_text(yaml.safe_dump(raw))
-    assert train.main(["--config", str(path)]) == 0  # nothing after it yet: resumed
-    raw["training"]["max_iters"] = 6
+    assert train.main(["--config", str(path)]) == 0  # nothing after it yet: resumed (to checkpoints 4 and 6)
+    raw["training"]["max_iters"] = 8
     path.write_text(yaml.safe_dump(raw))
     capsys.readouterr()
     assert train.main(["--config", str(path)]) == 1
     assert capsys.readouterr().err == (
         f"error: {path}: training.resume_from_checkpoint names {run / 'checkpoint_2.pt'} (step 2), and its run has "
-        f"gone on to checkpoint_4.pt: a resume from it again would start a new branch and set the later checkpoints "
+        f"gone on to checkpoint_6.pt: a resume from it again would start a new branch and set the later checkpoints "
         f"aside; to continue the run, write its directory ({run}) there instead; to branch from step 2 on "
         f"purpose, give training.resume_from_checkpoint={run / 'checkpoint_2.pt'} on the command line\n")
-    assert load_checkpoint(run / "checkpoint_4.pt").step == 4 and not list(run.glob("abandoned*"))
+    assert load_checkpoint(run / "checkpoint_6.pt").step == 6 and not list(run.glob("abandoned*"))
     assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}"]) == 0
     assert "a new branch from step 2" in capsys.readouterr().out
 
@@ -641,7 +645,6 @@ def test_extending_a_finished_run_says_that_the_learning_rate_jumps_and_takes_th
     assert re.search(r"note: the learning-rate schedule changed \(max_iters 4 -> 8\): step 5 runs at lr 3\.78e-03, "
                      r"where the checkpoint's schedule had 1\.00e-03; the loss may rise for a while after this "
                      r"jump up\n", out)
-    from types import SimpleNamespace
     from config import TrainingConfig
     from resume_checks import schedule_jump
     saved = SimpleNamespace(step=4, config={"training": {"learning_rate": 0.01, "min_lr": 0.001, "max_iters": 100}})
@@ -657,9 +660,11 @@ def test_extending_a_finished_run_says_that_the_learning_rate_jumps_and_takes_th
 def test_the_random_state_of_the_device_comes_back(device):
     device = torch.device(device)
     state = rng_state(device)
-    drawn = [torch.rand(4, device=device), torch.rand(4)]
+    drawn = [torch.rand(4, device=device), torch.rand(4), random.random(), np.random.rand(3)]
     set_rng_state(state, device)
-    assert all(torch.equal(a, b) for a, b in zip(drawn, [torch.rand(4, device=device), torch.rand(4)]))
+    again = [torch.rand(4, device=device), torch.rand(4), random.random(), np.random.rand(3)]
+    assert all(torch.equal(a, b) for a, b in zip(drawn[:2], again[:2]))
+    assert drawn[2] == again[2] and (drawn[3] == again[3]).all()  # Python's and numpy's come back too
 
 
 def test_a_resume_that_leaves_out_the_run_s_data_builds_no_sample_corpus(tmp_path, corpus, capsys, monkeypatch):
@@ -795,3 +800,152 @@ def test_loading_a_checkpoint_keeps_none_of_the_file_s_mapped_pages(tmp_path, co
         f.write(bytes(checkpoint.stat().st_size))
     assert all(torch.equal(a, b) for a, b in zip(loaded, moments()))
 
+
+# ---- found by mutating resume.py: the size a checkpoint is expected to take, the commands
+# printed, auto's hold, what a resume carries on (tokens, the scaler's scale) and where it continues
+
+def test_the_checkpoint_size_is_the_last_checkpoint_s_or_the_weights_and_adamw_s_moments(tmp_path):
+    """What the free-space warning expects a checkpoint to take: the last one written, else the weights and
+    AdamW's two moments (float32: twice the weights; 4-bit: a quarter of them together)."""
+    model = torch.nn.Linear(64, 32)
+    weights = tensor_bytes(model.state_dict())
+    assert checkpoint_size(model, SimpleNamespace(use_4bit_optimizer=False), None) == 3 * weights
+    assert checkpoint_size(model, SimpleNamespace(use_4bit_optimizer=True), None) == weights + weights // 4
+    last = tmp_path / "checkpoint_2.pt"
+    last.write_bytes(bytes(12345))
+    assert checkpoint_size(model, SimpleNamespace(use_4bit_optimizer=False), last) == 12345
+    # a last checkpoint since pruned or set aside: the estimate again
+    assert checkpoint_size(model, SimpleNamespace(use_4bit_optimizer=False), tmp_path / "gone.pt") == 3 * weights
+
+
+def test_the_resume_command_quotes_a_checkpoint_path_with_spaces(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    where = Path("/runs/my run/checkpoint_4.pt")
+    assert resume_command_for(Ranks(), "train.py --config exp.yaml", where) == (
+        "python train.py --config exp.yaml 'training.resume_from_checkpoint=/runs/my run/checkpoint_4.pt'")
+
+
+def test_an_auto_job_holds_its_checkpoint_dir_so_that_a_second_copy_is_refused(tmp_path):
+    """Two copies of an auto job started together would both find no run and train twice."""
+    folder = str(tmp_path / "ck")
+    assert resolve_auto(folder, Ranks(), torch.device("cpu")) is None  # a new run, the folder held
+    second = subprocess.run([sys.executable, "-c", f"import torch, resume, distributed; "
+                             f"resume.resolve_auto({folder!r}, distributed.Ranks(), torch.device('cpu'))"],
+                            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+    assert second.returncode != 0
+    assert "is running with training.resume_from_checkpoint=auto in this checkpoint_dir" in second.stderr
+
+
+def test_the_tokens_a_checkpoint_counted_carry_on_across_a_resume(tmp_path, corpus):
+    """The run's count (which a resume that changed the batch made other than steps x batch) is kept."""
+    path = write_config(tmp_path, corpus, max_iters=2)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    saved = torch.load(run / "checkpoint_2.pt", weights_only=True)
+    per_step = saved["tokens"] // 2
+    torch.save({**saved, "tokens": 1000 * per_step}, run / "checkpoint_2.pt")
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3"]) == 0
+    assert load_checkpoint(run / "checkpoint_3.pt").tokens == 1001 * per_step
+
+
+def test_on_another_number_of_processes_each_resumed_step_draws_its_own_dropout_masks(tmp_path, corpus):
+    """The saved RNG states are one per rank: reseeded, by the seed and the step (resumes from two steps
+    do not repeat each other's masks), the same way each time."""
+    path = write_config(tmp_path, corpus, max_iters=4)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+
+    def state_after_loading(name):
+        checkpoint = run / name
+        saved = torch.load(checkpoint, weights_only=True)
+        torch.save({**saved, "rng": saved["rng"] * 2}, checkpoint)  # as if 2 processes had saved it
+        cfg = Config.from_yaml(path, [f"training.resume_from_checkpoint={checkpoint}"])
+        model = train.build_model(cfg, torch.device("cpu"))[0]
+        optimizer = train.make_optimizer(model, cfg, torch.device("cpu"))
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        torch.manual_seed(0)
+        load_saved_state(cfg, None, model, optimizer, scaler, None, Progress(last_saved=checkpoint), Ranks(),
+                         torch.device("cpu"))
+        return torch.get_rng_state()
+
+    at_2 = state_after_loading("checkpoint_2.pt")
+    assert torch.equal(at_2, state_after_loading("checkpoint_2.pt"))
+    assert not torch.equal(at_2, state_after_loading("checkpoint_4.pt"))
+
+
+def test_a_float16_run_resumes_with_its_gradient_scaler_s_scale(tmp_path, corpus):
+    """The scale a float16 run has settled on (lowered after overflows, say) comes back, not a fresh one's."""
+    path = write_config(tmp_path, corpus, max_iters=2)
+    assert train.main(["--config", str(path), "low_precision.compute_dtype=float16"]) == 0
+    [run] = run_dirs(tmp_path)
+    saved = torch.load(run / "checkpoint_2.pt", weights_only=True)
+    assert saved["scaler"]["scale"] > 0
+    torch.save({**saved, "scaler": {**saved["scaler"], "scale": 128.0}}, run / "checkpoint_2.pt")
+    assert train.main(["--config", str(path), "low_precision.compute_dtype=float16", "training.max_iters=3",
+                       "training.resume_from_checkpoint=latest"]) == 0
+    assert load_checkpoint(run / "checkpoint_3.pt").scaler["scale"] in (64.0, 128.0)  # (halved after an overflow)
+
+
+def test_a_resume_with_nothing_to_do_says_nothing_of_converting_the_optimizer_state(tmp_path, corpus, capsys):
+    path = write_config(tmp_path, corpus, max_iters=2)
+    assert train.main(["--config", str(path)]) == 0
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest",
+                       "low_precision.use_4bit_optimizer=true"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("nothing to do: the checkpoint ") and "converting" not in out
+
+
+def test_a_run_named_with_another_checkpoint_dir_past_an_unreadable_newer_checkpoint_continues(tmp_path, corpus,
+                                                                                                capsys):
+    """A checkpoint cut short (kill -9 inside a write) is not a later checkpoint of the run: the newest one that
+    loads continues it, even where the command line names another checkpoint_dir (said not to be used)."""
+    path = write_config(tmp_path, corpus, max_iters=4)
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    (run / "checkpoint_6.pt").write_bytes(b"cut short")
+    elsewhere = tmp_path / "elsewhere"
+    capsys.readouterr()
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run}", "training.max_iters=5",
+                       f"training.checkpoint_dir={elsewhere}"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {run / 'checkpoint_4.pt'} at step 5" in out and "is not used" in out
+    assert load_checkpoint(run / "checkpoint_5.pt").step == 5 and not elsewhere.exists()
+
+
+def test_an_older_checkpoint_of_a_moved_run_given_its_own_checkpoint_dir_branches_in_the_run(tmp_path, corpus, capsys):
+    """The run's folder moved; the command that started it (training.checkpoint_dir=ck) names an older
+    checkpoint of it: a branch in the run itself, not another study's folder taking it over."""
+    path = write_config(tmp_path, corpus, max_iters=4)
+    ck = tmp_path / "ck"
+    assert train.main(["--config", str(path), f"training.checkpoint_dir={ck}"]) == 0
+    [run] = run_dirs(tmp_path)
+    moved = tmp_path / "moved" / run.name
+    moved.parent.mkdir()
+    run.rename(moved)
+    capsys.readouterr()
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={moved / 'checkpoint_2.pt'}",
+                       f"training.checkpoint_dir={ck}"]) == 0
+    out = capsys.readouterr().out
+    assert "a new branch from step 2" in out and load_checkpoint(moved / "checkpoint_4.pt").step == 4
+
+
+def test_a_run_resumed_in_place_keeps_its_checkpoint_dir_as_it_was_written(tmp_path, corpus, monkeypatch):
+    """A relative training.checkpoint_dir stays relative in the run's records when another config's
+    checkpoint_dir is given (it names the run's folder all the same)."""
+    monkeypatch.chdir(tmp_path)
+    path = write_config(tmp_path, corpus, max_iters=2, checkpoint_dir="ck")
+    assert train.main(["--config", str(path)]) == 0
+    [run] = run_dirs(tmp_path)
+    other = write_config(tmp_path, corpus, name="other.yaml", max_iters=3, checkpoint_dir=str(tmp_path / "other"))
+    assert train.main(["--config", str(other), f"training.resume_from_checkpoint={run}"]) == 0
+    assert load_checkpoint(run / "checkpoint_3.pt").config["training"]["checkpoint_dir"] == "ck"
+
+
+def test_the_printed_commands_keep_a_checkpoint_dir_that_is_the_run_s_own(tmp_path):
+    """Only another folder, one a resume in place did not use, is left out: the run's own stays, or the
+    printed command's `latest` would look in the config file's folder."""
+    ck = tmp_path / "ck"
+    command = f"train.py --config exp.yaml training.checkpoint_dir={ck} training.seed=3"
+    assert without_unused_checkpoint_dir(command, str(ck)) == command
+    assert without_unused_checkpoint_dir(command, str(tmp_path / "other")) == "train.py --config exp.yaml training.seed=3"
