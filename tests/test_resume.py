@@ -948,4 +948,5 @@ def test_the_printed_commands_keep_a_checkpoint_dir_that_is_the_run_s_own(tmp_pa
     ck = tmp_path / "ck"
     command = f"train.py --config exp.yaml training.checkpoint_dir={ck} training.seed=3"
     assert without_unused_checkpoint_dir(command, str(ck)) == command
-    assert without_unused_checkpoint_dir(command, str(tmp_path / "other")) == "train.py --config exp.yaml training.seed=3"
+    other = str(tmp_path / "other")
+    assert without_unused_checkpoint_dir(command, other) == "train.py --config exp.yaml training.seed=3"
