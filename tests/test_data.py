@@ -288,12 +288,82 @@ def test_too_little_training_data_is_an_error_not_a_hang(tmp_path):
     ds.positions = {0: position}
     with pytest.raises(DataError, match=r"no complete batch of 64 x 5 tokens in passes 2-1001 over the training "):
         next(iter(ds))
+    write_parquet(tmp_path / "two" / "a.parquet", ["tiny"] * 2, 1)  # a unit for each of two readers: they may be the cause
+    ds = ParquetBatches(list_units(tmp_path / "two", "text"), "train", 64, 4, 0, Holdout(1e-9, 0), "text", 4, BYTES,
+                        rank=1, world_size=2)
+    with pytest.raises(DataError, match=r"^reader 1 of 2 got no complete batch .*: too little training data for this "
+                                        r"many readers \(processes x workers\); lower dataloader.num_workers, the "
+                                        r"number of processes, training.batch_size or training.block_size, or add data$"):
+        next(iter(ds))
     write_parquet(tmp_path / "b" / "a.parquet", ["one small text file, cut into one document " * 50], 4)
     ds = batches_of(list_units(tmp_path / "b", "text"), T=16, B=1, val_fraction=0.999999)  # it goes to validation
     with pytest.raises(DataError, match=r"^reader 0 of 1: none of the 1 document of its \(file, row group\) units went "
                                         r"to training .* cut the text into more documents \(python prepare.py "
                                         r"--from-text ... with a smaller --chunk-bytes\), lower dataset.val_fraction"):
         next(iter(ds))
+
+
+def test_each_part_of_a_large_unit_is_shuffled_in_an_order_of_its_own(tmp_path, monkeypatch):
+    # 32 documents of 16 tokens (with the separator), one row group read in parts of 8 rows: after the first,
+    # every part's stream (the carried window and 8 documents) cuts into 8 windows, each starting at a document
+    write_parquet(tmp_path / "a.parquet", [f"doc{i:03d}" + "x" * 9 for i in range(32)], 32)
+    [unit] = list_units(tmp_path, "text")
+    monkeypatch.setattr(shards, "READ_BYTES", -(-8 * unit.num_bytes // unit.num_rows))
+    assert shards.rows_per_part(unit) == 8
+    batches = batches_of([unit], T=16, B=1, val_fraction=1e-9).epoch_batches(ParquetFileCache(4), 0, 1, 0)
+    orders = {}
+    for x, _, position in batches:
+        orders.setdefault(position["part"], []).append(int(bytes(x[0, 3:6].tolist())))
+    assert sorted(orders) == [0, 1, 2, 3] and all(len(orders[part]) == 8 for part in (1, 2, 3))
+    relative = [tuple(doc - min(docs) for doc in docs) for part, docs in orders.items() if part > 0]
+    assert all(sorted(order) == list(range(8)) for order in relative)  # each part's windows, once each
+    assert len(set(relative)) == 3  # not the same permutation in every part of the same size
+
+
+CARRIED = list(b"CARRIED-TOKENS")
+
+
+def dealt_anew(first_parts: list[int], carried_to: int, shuffle: bool, units):
+    """The stream of a reader that the rest of an epoch was dealt anew to (positions.resume_point): units 0, 1,
+    2 from the parts `first_parts`, unit `carried_to` bringing the tokens its old reader had carried."""
+    start = {"reader": 0, "epoch": 0, "unit": 0, "part": 0, "consumed": 0, "carry": [], "epoch_done": 0.0,
+             "units": [[unit, part, CARRIED if unit == carried_to else []] for unit, part in enumerate(first_parts)]}
+    dataset = ParquetBatches(units, "train", 4, 1, 0, Holdout(1e-9, 0), "text", 4, BYTES, shuffle=shuffle)
+    return list(dataset.epoch_batches(ParquetFileCache(4), 0, 1, 0, start=start))
+
+
+def test_tokens_carried_to_a_unit_with_no_part_left_go_on_to_the_next_unit_s_stream(tmp_path):
+    # unit 1 holds one part, all of it read (its first part, 1, is past its last): its carried tokens precede unit 2's
+    write_parquet(tmp_path / "a.parquet", ["first unit " * 3, "second unit " * 3, "third unit " * 3], 1)
+    batches = dealt_anew([0, 1, 0], 1, False, list_units(tmp_path, "text"))
+    text = bytes(token for x, _, _ in batches for token in x[0].tolist())
+    assert text.startswith(b"first unit ") and b"CARRIED-TOKENSthird unit " in text and b"second" not in text
+
+
+def test_tokens_carried_to_a_small_unit_within_a_pool_are_trained_on(tmp_path):
+    # unit 1, pooled with its neighbours, brings the tokens its old reader carried
+    write_parquet(tmp_path / "a.parquet", ["first unit " * 3, "second unit " * 3, "third unit " * 3], 1)
+    units = list_units(tmp_path, "text")
+    batches = dealt_anew([0, 0, 0], 1, True, units)
+    assert {position.get("pooled") for _, _, position in batches} == {3}
+    unit_tokens = [np.concatenate(list(read_unit_tokens(ParquetFileCache(4), unit, "text", "train", Holdout(1e-9, 0),
+                                                        BYTES))).tolist() for unit in units]
+    stream = unit_tokens[0] + CARRIED + unit_tokens[1] + unit_tokens[2]
+    n = (len(stream) - 1) // 4
+    assert len(batches) == n
+    assert sorted(token for x, _, _ in batches for token in x[0].tolist()) == sorted(stream[:n * 4])
+
+
+def test_tokens_carried_to_a_large_unit_precede_its_first_part_only(tmp_path, monkeypatch):
+    # unit 1, read in several parts, brings the tokens its old reader carried
+    write_parquet(tmp_path / "a.parquet", ["first unit " * 3], 1)
+    write_parquet(tmp_path / "b.parquet", [f"second unit {i} " * 3 for i in range(8)], 8)
+    write_parquet(tmp_path / "c.parquet", ["third unit " * 3], 1)
+    monkeypatch.setattr(shards, "READ_BYTES", 1)  # a part a row
+    batches = dealt_anew([0, 0, 0], 1, False, list_units(tmp_path, "text"))
+    assert max(position["part"] for _, _, position in batches) == 7
+    text = bytes(token for x, _, _ in batches for token in x[0].tolist())
+    assert text.count(b"CARRIED-TOKENS") == 1 and b"CARRIED-TOKENSsecond unit 0 " in text
 
 
 @pytest.mark.parametrize("read_bytes", [8 << 20, 300])  # one part per row group, or several
@@ -324,6 +394,13 @@ def test_dataloader_resumes_with_the_worker_whose_batch_was_due(corpus, tokenize
     it = iter(DataLoader(ds, batch_size=None, num_workers=2))
     resumed = [next(it) for _ in range(5)]
     assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed, straight[consumed:]))
+
+
+def test_a_process_keeps_the_positions_of_its_own_readers_only():
+    positions = [{"reader": reader, "epoch": 0} for reader in range(6)]
+    assert sorted(data.rank_positions(positions, rank=1, workers=3)) == [3, 4, 5]
+    assert sorted(data.rank_positions(positions, rank=0, workers=3)) == [0, 1, 2]
+    assert sorted(data.rank_positions(positions, rank=2, workers=0)) == [2]  # no workers: one reader a process
 
 
 MEMORY_PROBE = """
@@ -380,3 +457,13 @@ def test_more_processes_than_units_are_refused_up_front(corpus, capsys):
     with pytest.raises(DataError, match=r"1 \(file, row group\) unit for 2 processes, .* start at most 1 \(torchrun"):
         check_enough_units(cfg, units[:1], world_size=2)
     check_enough_units(cfg, units[:2], world_size=2)  # one each: enough
+
+
+def test_the_note_on_an_oversized_vocabulary_is_not_repeated_on_a_resume(corpus, tmp_path, capsys):
+    from distributed import Ranks
+    raw = {"dataset": {"parquet_dir": str(corpus)}, "model": {"vocab_size": 50304}}
+    data.prepare_data(Config.from_dict(raw), Ranks())
+    assert "model.vocab_size 50,304 is larger than" in capsys.readouterr().out
+    resumed = Config.from_dict({**raw, "training": {"resume_from_checkpoint": str(tmp_path / "ck.pt")}})
+    data.prepare_data(resumed, Ranks())  # (a resume cannot change it)
+    assert "model.vocab_size" not in capsys.readouterr().out
