@@ -288,12 +288,13 @@ def test_too_little_training_data_is_an_error_not_a_hang(tmp_path):
     ds.positions = {0: position}
     with pytest.raises(DataError, match=r"no complete batch of 64 x 5 tokens in passes 2-1001 over the training "):
         next(iter(ds))
-    write_parquet(tmp_path / "two" / "a.parquet", ["tiny"] * 2, 1)  # a unit for each of two readers: they may be the cause
+    write_parquet(tmp_path / "two" / "a.parquet", ["tiny"] * 2, 1)  # a unit for each of two readers, maybe the cause
     ds = ParquetBatches(list_units(tmp_path / "two", "text"), "train", 64, 4, 0, Holdout(1e-9, 0), "text", 4, BYTES,
                         rank=1, world_size=2)
     with pytest.raises(DataError, match=r"^reader 1 of 2 got no complete batch .*: too little training data for this "
                                         r"many readers \(processes x workers\); lower dataloader.num_workers, the "
-                                        r"number of processes, training.batch_size or training.block_size, or add data$"):
+                                        r"number of processes, training.batch_size or training.block_size, or add "
+                                        r"data$"):
         next(iter(ds))
     write_parquet(tmp_path / "b" / "a.parquet", ["one small text file, cut into one document " * 50], 4)
     ds = batches_of(list_units(tmp_path / "b", "text"), T=16, B=1, val_fraction=0.999999)  # it goes to validation
