@@ -54,11 +54,20 @@ def resumable_in(run_dir: Path) -> list[Path]:
     return found
 
 
+def holds_checkpoints(folder: Path) -> bool:
+    """Whether a folder holds checkpoints a run continues from; False where it cannot be listed (another
+    user's run, in a shared folder)."""
+    try:
+        return bool(resumable_in(folder))
+    except OSError:
+        return False
+
+
 def is_run_with_checkpoints(folder: Path) -> bool:
     """Whether a folder is one run's directory, with checkpoints to continue from."""
     try:
-        return is_run_directory(folder) and bool(resumable_in(folder))
-    except OSError:  # a folder that cannot be listed
+        return is_run_directory(folder) and holds_checkpoints(folder)
+    except OSError:  # its config.yaml cannot be looked at
         return False
 
 
@@ -173,7 +182,7 @@ def why_no_checkpoint(path: Path, setting: str) -> str:
     experiments, an export, a run stopped before its first checkpoint."""
     flag = setting.startswith("--")  # a script's --checkpoint, whose folder is --checkpoint-dir
     folder = "--checkpoint-dir" if flag else "training.checkpoint_dir"
-    runs = sorted(p.name for p in path.glob("run_*") if p.is_dir() and resumable_in(p))
+    runs = sorted(p.name for p in path.glob("run_*") if p.is_dir() and holds_checkpoints(p))
     with_it = f"--checkpoint-dir {path}" if flag else f"training.checkpoint_dir={path}"
     experiments = [] if runs else folders_of_runs(path)
     return (f": it holds runs; give one (e.g. {path / runs[-1]}), or `latest` with {with_it}" if runs
@@ -203,7 +212,7 @@ def not_found(spec: str, root: Path, setting: str) -> CheckpointError:
     step = checkpoint_step(path)
     removed = step is not None and kept and step < checkpoint_step(kept[0])  # older than the oldest kept
     words = ("latest",) if flag else ("latest", "auto")
-    near = (near_miss(path, keep=lambda entry: entry.is_dir() and resumable_in(entry))  # a run's name mistyped
+    near = (near_miss(path, keep=lambda entry: entry.is_dir() and holds_checkpoints(entry))  # a run's name mistyped
             if not bare and not kept else None)
     with_pt = Path(f"{path}.pt") if not path.suffix and Path(f"{path}.pt").is_file() else None  # run/best
     fix = (f"did you mean {with_pt}?" if with_pt else f"did you mean {runs[-1] / name}?" if runs else

@@ -11,7 +11,7 @@ import train
 from checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from conftest import ROOT, run_dirs, write_config
 from distributed import Ranks
-from locate import checkpoints_in, is_run_directory, load_model, open_checkpoint
+from locate import checkpoints_in, export_source, is_run_directory, load_model, open_checkpoint
 from resume import resolve_auto
 from rundir import RunDir, release_run_directories
 
@@ -134,6 +134,17 @@ def test_open_checkpoint_takes_the_newest_that_loads_and_names_the_setting(tmp_p
         open_checkpoint(str(run), str(tmp_path))
 
 
+def cannot_be_listed(folder, monkeypatch):
+    """Listing `folder` is refused, as for another user's run in a shared folder (chmod does not stop root)."""
+    real_iterdir = type(folder).iterdir
+
+    def iterdir(path):
+        if path == folder:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_iterdir(path)
+    monkeypatch.setattr(type(folder), "iterdir", iterdir)
+
+
 def test_latest_is_the_newest_run_and_names_an_older_run_written_since(tmp_path, capsys, monkeypatch):
     older, newer = tmp_path / "run_20260101_000000", tmp_path / "run_20260102_000000"
     for run, step in ((older, 80), (newer, 8)):
@@ -150,15 +161,14 @@ def test_latest_is_the_newest_run_and_names_an_older_run_written_since(tmp_path,
     os.utime(older / "checkpoint_80.pt", (1e8, 1e8))
     assert open_checkpoint("latest", str(tmp_path))[0] == newer / "checkpoint_8.pt"
     assert capsys.readouterr().err == ""
-    real_iterdir = type(newer).iterdir
-
-    def iterdir(path):  # another user's run in a shared folder (chmod does not stop root)
-        if path == newer:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_iterdir(path)
-    monkeypatch.setattr(type(newer), "iterdir", iterdir)
+    cannot_be_listed(newer, monkeypatch)
     assert open_checkpoint("latest", str(tmp_path))[0] == older / "checkpoint_80.pt"
     assert capsys.readouterr().err == f"note: {newer}: cannot be listed (Permission denied): skipped\n"
+    with pytest.raises(CheckpointError, match=re.escape(f"holds no checkpoint_<step>.pt: it holds runs; give one "
+                                                        f"(e.g. {older}), or `latest` with")):
+        open_checkpoint(str(tmp_path), str(tmp_path))  # the folder of runs given for one: the run that can be listed
+    with pytest.raises(CheckpointError, match=re.escape(f"did you mean {older}?")):
+        open_checkpoint(str(tmp_path / "run_20260101_00000"), str(tmp_path))  # a run's name mistyped
 
 
 def test_a_scripts_latest_names_an_older_run_that_trained_further(tmp_path, capsys):
@@ -292,3 +302,136 @@ def test_a_resume_from_a_name_that_does_not_exist_stops_before_the_data_is_read(
     assert capsys.readouterr().err.startswith("error: training.resume_from_checkpoint: lastest does not exist")
     assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest"]) == 1  # no run yet
     assert capsys.readouterr().err.startswith("error: training.resume_from_checkpoint: latest: there is no folder")
+
+
+# ---- found by mutating locate.py: the default folder of runs, which run an example names, a folder of
+# checkpoints that is not a run, notes that must not be printed, words and names near a meaning
+
+def save(path, step, **config):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(Checkpoint(step=step, model={}, model_config={}, config=config).to_dict(), path)
+
+
+def test_a_scripts_latest_without_checkpoint_dir_looks_in_checkpoints(tmp_path, monkeypatch):
+    save(tmp_path / "checkpoints" / "run_20260101_000000" / "checkpoint_2.pt", 2)
+    monkeypatch.chdir(tmp_path)
+    path = open_checkpoint("latest", None, setting="--checkpoint")[0]
+    assert path.resolve() == tmp_path / "checkpoints" / "run_20260101_000000" / "checkpoint_2.pt"
+
+
+def test_latest_notes_no_other_run_where_the_newest_run_holds_the_file_written_last(tmp_path, capsys):
+    run = tmp_path / "run_20260101_000000"
+    for step in (2, 4):
+        save(run / f"checkpoint_{step}.pt", step)
+    os.utime(run / "checkpoint_4.pt", (1e8, 1e8))  # its older checkpoint written after it (copied back, say)
+    assert open_checkpoint("latest", str(tmp_path))[0] == run / "checkpoint_4.pt"
+    assert capsys.readouterr().err == ""
+
+
+def test_a_folder_of_checkpoints_that_is_not_a_run_is_not_taken_for_a_run_directory(tmp_path):
+    """Checkpoint files copied into a folder without a run's config.yaml: neither `latest` nor `auto` calls
+    it a run directory given for the folder of runs."""
+    save(tmp_path / "copied" / "checkpoint_2.pt", 2)
+    with pytest.raises(CheckpointError, match=r"^--checkpoint: latest: no run with a checkpoint in .*copied"):
+        open_checkpoint("latest", str(tmp_path / "copied"), setting="--checkpoint")
+    assert resolve_auto(str(tmp_path / "copied"), Ranks(), torch.device("cpu")) is None  # a new run
+
+
+def test_a_folder_of_runs_given_for_a_checkpoint_names_its_newest_run_with_checkpoints(tmp_path):
+    for name in ("run_20260101_000000", "run_20260102_000000"):
+        save(tmp_path / name / "checkpoint_2.pt", 2)
+    (tmp_path / "run_20260103_000000").mkdir()  # stopped before its first checkpoint: not one to give
+    with pytest.raises(CheckpointError, match=re.escape(f"it holds runs; give one (e.g. "
+                                                        f"{tmp_path / 'run_20260102_000000'}), or `latest` with")):
+        open_checkpoint(str(tmp_path), str(tmp_path))
+    empty = tmp_path / "empty"
+    (empty / "run_20260101_000000").mkdir(parents=True)  # runs, none with a checkpoint: none offered
+    with pytest.raises(CheckpointError, match=r"empty holds no checkpoint_<step>.pt$"):
+        open_checkpoint(str(empty), str(tmp_path))
+
+
+def test_a_bare_file_name_is_looked_for_in_the_newest_run_that_holds_it(tmp_path):
+    for name in ("run_20260101_000000", "run_20260102_000000"):
+        save(tmp_path / name / "best.pt", 2)
+    (tmp_path / "run_20260103_000000").mkdir()  # newer, without one
+    newest = tmp_path / "run_20260102_000000" / "best.pt"
+    with pytest.raises(CheckpointError, match=re.escape(f"did you mean {newest}?")):
+        open_checkpoint("best", str(tmp_path))
+
+
+def test_a_missing_checkpoint_of_the_oldest_kept_step_is_not_said_to_be_pruned(tmp_path):
+    run = tmp_path / "run_20260101_000000"
+    for step in (2, 10):
+        save(run / f"checkpoint_{step}.pt", step)
+    with pytest.raises(CheckpointError, match=r"checkpoint_02.pt does not exist; its folder holds checkpoint_10.pt, "
+                                              r"checkpoint_2.pt$"):  # step 2 is kept: keep_last_n removed nothing
+        open_checkpoint(str(run / "checkpoint_02.pt"), str(tmp_path))
+
+
+def test_words_for_no_checkpoint_are_told_to_leave_it_out_for_training_only(tmp_path):
+    for word in ("no", "false", "off", "new", "NEW"):
+        with pytest.raises(CheckpointError, match=rf"{word} does not exist .*; for a new run, leave it out or give "
+                                                  r"null "):
+            open_checkpoint(word, str(tmp_path))
+        with pytest.raises(CheckpointError, match=r"; give a checkpoint file, a run directory or `latest`$"):
+            open_checkpoint(word, None, setting="--checkpoint")  # a script: no new run to start
+
+
+def test_a_name_only_loosely_like_latest_is_not_taken_for_a_typo_of_it(tmp_path):
+    with pytest.raises(CheckpointError, match=r"best does not exist .*; give a checkpoint file, a run directory, "
+                                              r"`latest` or `auto`$"):  # (no run holds a best.pt)
+        open_checkpoint("best", str(tmp_path))
+
+
+def test_a_scripts_latest_names_no_older_run_that_stopped_at_the_same_step(tmp_path, capsys):
+    older, newer = tmp_path / "run_20260101_000000", tmp_path / "run_20260102_000000"
+    for run in (older, newer):
+        save(run / "checkpoint_20.pt", 20, training={"max_iters": 500})
+    os.utime(older / "checkpoint_20.pt", (1e8, 1e8))
+    assert open_checkpoint("latest", str(tmp_path), setting="--checkpoint")[0] == newer / "checkpoint_20.pt"
+    assert capsys.readouterr().err == ""  # not further than the newest run
+
+
+def test_an_exports_config_json_that_records_no_checkpoint_path_names_none(tmp_path):
+    """A config.json edited by hand or by another tool: its bdh_export.checkpoint not a path is not named."""
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors").touch()
+    (export / "config.json").write_text('{"bdh_export": {"checkpoint": 5}}')
+    with pytest.raises(CheckpointError, match=r"holds no checkpoint_<step>.pt: export.py's output, not a checkpoint$"):
+        open_checkpoint(str(export), str(tmp_path))
+    (export / "model.safetensors").unlink()  # not an export, nor known to be one
+    with pytest.raises(CheckpointError, match=r"export holds no checkpoint_<step>.pt$"):
+        open_checkpoint(str(export), str(tmp_path))
+    assert export_source(export) is None
+
+
+def test_a_runs_only_checkpoint_unreadable_is_skipped_for_a_run_or_latest_and_refused_by_name(tmp_path, capsys):
+    run = tmp_path / "run_20260101_000000"
+    run.mkdir()
+    (run / "config.yaml").write_text("")
+    save(run / "checkpoint_2.pt", 2)
+    good = (run / "checkpoint_2.pt").read_bytes()
+    (run / "checkpoint_2.pt").write_bytes(good[: len(good) // 2])  # truncated: a disk that filled up, say
+    skipped = []
+    with pytest.raises(CheckpointError, match=r"^training.resume_from_checkpoint: the runs in .*: none of their 1 "
+                                              r"checkpoint\(s\) can be read \(see above\); to train anew"):
+        open_checkpoint("latest", str(tmp_path), skipped=skipped)
+    assert skipped == [run / "checkpoint_2.pt"]
+    assert capsys.readouterr().err.startswith(f"skipped {run / 'checkpoint_2.pt'}: not a readable checkpoint")
+    with pytest.raises(CheckpointError, match=r"^--checkpoint: .*run_20260101_000000: none of its 1 checkpoint"):
+        open_checkpoint(str(run), None, setting="--checkpoint")
+    with pytest.raises(CheckpointError, match=r"checkpoint_2.pt: not a readable checkpoint \(cut short or corrupt: "
+                                              r"[^;]*$"):  # no other in its run directory to point to
+        open_checkpoint(str(run / "checkpoint_2.pt"), None, setting="--checkpoint")
+
+
+def test_a_folder_of_experiments_names_its_folders_of_runs_past_a_run_that_cannot_be_listed(tmp_path, monkeypatch):
+    for experiment in ("bpe", "bytes"):
+        run = tmp_path / experiment / "run_20260101_000000"
+        save(run / "checkpoint_2.pt", 2)
+        (run / "config.yaml").touch()
+    cannot_be_listed(tmp_path / "bpe" / "run_20260101_000000", monkeypatch)
+    with pytest.raises(CheckpointError, match=re.escape(f"; set --checkpoint-dir to one of its folders of runs: "
+                                                        f"{tmp_path / 'bytes'}")):
+        open_checkpoint("latest", str(tmp_path), setting="--checkpoint")
