@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import weakref
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import stopping
 import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, losses, only_run, run_dirs, run_ranks, write_config
+from distributed import Ranks
 from files import script_here
 from metrics import MetricsLog
 from stopping import SAVING, SIGNALS, GracefulStop, StoppedWhileClosing, report_stopped_at_once
@@ -194,7 +196,10 @@ def test_an_ignored_signal_stays_ignored_nohups_sighup_a_background_jobs_sigint(
     assert stop.signal_name == "SIGHUP"
 
 
-def test_under_torchrun_repeated_signals_are_the_agent_forwarding_its_own(restore_handlers, capfd):
+def test_under_torchrun_repeated_signals_are_the_agent_forwarding_its_own(restore_handlers, capfd,
+                                                                         second_signal_at_once):
+    """(even where the agent's repeats come more than REPEAT_WITHIN_S apart, one of them while the checkpoint is
+    written: no "still saving ... kill -9" for a signal the user did not send)"""
     stop = GracefulStop(second_signal_stops=False, announce=True)
     for doing in ("the step", SAVING, "the step"):
         stop.doing = doing
@@ -653,3 +658,131 @@ def test_a_benchmark_ends_on_sigterm_as_on_ctrl_c_and_puts_the_handlers_back(cap
         assert ended.value.code == 128 + signal.SIGTERM and capsys.readouterr().err == "\nSIGTERM: stopped\n"
     finally:
         signal.signal(signal.SIGTERM, host[signal.SIGTERM])
+
+
+# ---- found by mutating stopping.py: who announces, teardown's clock, SIGCHLD, exit, the first signal named
+
+def test_a_rank_that_does_not_announce_says_nothing_of_any_signal(restore_handlers, capfd, second_signal_at_once):
+    """Under torchrun only rank 0 says what a signal does: the others (announce=False) print nothing, the first
+    signal or one while the checkpoint is written."""
+    stop = GracefulStop(second_signal_stops=True, announce=False)
+    stop.doing = SAVING
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # while saving: waits for the checkpoint
+    assert stop.signal_name == "SIGTERM" and capfd.readouterr().err == ""
+
+
+def test_in_teardown_a_second_ctrl_c_is_timed_from_the_first_not_from_forwarded_copies(restore_handlers,
+                                                                                      monkeypatch):
+    """Ctrl-C pressed again and again (under a second apart, each with a wrapper's copy) while a finished run
+    hangs in its teardown: one a second after the first ends it."""
+    clock, exits = [100.0], []
+    monkeypatch.setattr(stopping, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(os, "_exit", exits.append)
+    stopping.tearing_down(second_signal_stops=True)
+    handler = signal.getsignal(signal.SIGINT)
+    for at, ended in ((100.0, []), (100.6, []), (101.2, [130])):  # the first, a second Ctrl-C's copy..., a third
+        clock[0] = at
+        handler(signal.SIGINT, None)
+        assert exits == ended, at
+
+
+def test_stopping_the_loader_workers_silences_the_loaders_sigchld_handler_only_when_it_kills_some(restore_handlers):
+    """The DataLoader's SIGCHLD handler would report each killed worker as an error: it goes when workers are
+    killed, and stays (a calling program's own) when there were none to kill."""
+    def own(*_args):
+        pass
+    before = signal.signal(signal.SIGCHLD, own)
+    try:
+        stopping.stop_loader_workers(started_before=multiprocessing.active_children())  # none of the loader's
+        assert signal.getsignal(signal.SIGCHLD) is own
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        worker.start()
+        try:
+            stopping.stop_loader_workers()
+            assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL and not worker.is_alive()
+        finally:
+            worker.kill()
+            worker.join()
+    finally:
+        signal.signal(signal.SIGCHLD, before)
+
+
+def test_at_exit_signals_are_ignored_only_once_the_status_is_decided_and_no_child_is_waited_for(restore_handlers,
+                                                                                                 monkeypatch):
+    """Before exit_with decided the status (a program that only imported stopping), Ctrl-C still ends its exit;
+    and while children live (multiprocessing's exit function waits for them) it must still end that wait."""
+    def own(*_args):
+        pass
+    for sig in SIGNALS:
+        signal.signal(sig, own)
+    monkeypatch.setattr(stopping, "status_decided", [])
+    stopping.ignore_signals_at_exit()
+    assert [signal.getsignal(sig) for sig in SIGNALS] == [own] * len(SIGNALS)
+    monkeypatch.setattr(stopping, "status_decided", [0])
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    child.start()
+    try:
+        stopping.ignore_signals_at_exit()
+        assert [signal.getsignal(sig) for sig in SIGNALS] == [own] * len(SIGNALS)
+    finally:
+        child.kill()
+        child.join()
+    stopping.ignore_signals_at_exit()
+    assert [signal.getsignal(sig) for sig in SIGNALS] == [signal.SIG_IGN] * len(SIGNALS)
+
+
+def test_what_main_printed_comes_out_as_the_process_ends_at_once_signal_or_not():
+    """A rank (joined a process group) ends with os._exit, after the exit functions it runs itself; W&B closes its
+    run in one, and a SIGTERM then ends the process at once with main's status. Either way what main printed
+    (buffered: stdout is a pipe, as under torchrun) still comes out; in one process too."""
+    script = ("import atexit, os, signal, sys, time, distributed; from stopping import exit_with\n"
+              "distributed._JOINED.append(0) if sys.argv[1] == 'rank' else None\n"
+              "if sys.argv[2] == 'signal':\n"
+              "    atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)))\n"
+              "exit_with(lambda: print('done: 4 steps') or 0)\n")
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as train.py's output to a pipe
+    for joined in ("rank", "one process"):
+        for signalled in ("signal", "no signal"):
+            ended = subprocess.run([sys.executable, "-c", script, joined, signalled], cwd=ROOT, capture_output=True,
+                                   text=True, timeout=60, env=buffered)
+            assert (ended.returncode, ended.stdout) == (0, "done: 4 steps\n"), (joined, signalled)
+
+
+def test_a_benchmark_after_a_run_stopped_at_once_in_this_process_is_not_stopped_by_that_runs_signal(
+        restore_handlers):
+    """train.main stopped at once (in IPython, say) leaves its signal in heard_at_once: a benchmark run after it
+    in the same process starts afresh."""
+    stopping.heard_at_once.append(("SIGTERM", time.monotonic()))
+    ran = []
+    with stopping.ended_like_ctrl_c():
+        with stopping.signals_held():  # (where its loader's workers start)
+            ran.append(True)
+    assert ran == [True]
+
+
+def test_a_later_signal_while_stopping_at_once_still_names_the_first(second_signal_at_once):
+    """interrupt_at_once raises again for a later signal (the first one's stop swallowed); the stop is still the
+    first signal's: raise_if_heard names it."""
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        stopping.interrupt_at_once(signal.SIGTERM, None)
+    with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+        stopping.interrupt_at_once(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt, match="^SIGTERM$"):
+        stopping.raise_if_heard()
+
+
+def test_in_one_process_the_step_vote_is_the_flag_itself_without_delay():
+    vote = stopping.StepVote(Ranks())
+    assert [vote.ask(flag) for flag in (False, True, False)] == [False, True, False] and vote.settle() is False
+
+
+def test_a_benchmark_stopped_by_an_interrupt_that_names_no_signal_ends_as_ctrl_c_does(capsys):
+    """A KeyboardInterrupt whose message is not a signal's name (a library's own, StoppedWhileClosing's last words)
+    is Python's Ctrl-C: 130 and one line, not a KeyError's traceback."""
+    for interrupt in (KeyboardInterrupt("interrupted by the user"), stopping.StoppedWhileClosing("stopped by SIGINT")):
+        with pytest.raises(SystemExit) as ended:
+            with stopping.ended_like_ctrl_c():
+                raise interrupt
+        assert ended.value.code == 130 and capsys.readouterr().err == "\nSIGINT: stopped\n"
+    assert stopping.signal_of(KeyboardInterrupt("SIGHUP")) == "SIGHUP"
