@@ -161,11 +161,15 @@ class HFTokenizer:
 
     def _byte_lengths(self, vocab: dict) -> np.ndarray:
         """A byte-level BPE writes each byte of a token as one character of its 256-character
-        alphabet, so its length is its number of characters; added tokens are decoded."""
+        alphabet, so its length is its number of characters; an added token matches its text as it
+        is (its "café" is 5 bytes, though each of its letters is in that alphabet)."""
         alphabet = set(byte_level_alphabet())
+        added = {i: token.content for i, token in self.tok.get_added_tokens_decoder().items()}
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
         for token, i in vocab.items():
-            if alphabet.issuperset(token):
+            if i in added:
+                lengths[i] = len(added[i].encode("utf-8"))
+            elif alphabet.issuperset(token):
                 lengths[i] = len(token)
             else:
                 lengths[i] = len(self.tok.decode([i], skip_special_tokens=False).encode("utf-8"))

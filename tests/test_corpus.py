@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import corpus
+from config import Config
 from shards import DataError, list_units
 
 
@@ -130,3 +131,115 @@ def test_a_sample_corpus_that_cannot_be_built_is_a_data_error(tmp_path, monkeypa
     with pytest.raises(DataError, match=r"^dataset.parquet_dir data/stdlib: cannot build the built-in corpus there: "
                                         r".*; run from a folder where it can be written, or set dataset.parquet_dir to"):
         corpus.ensure_builtin_corpus(Config.from_dict({"dataset": {"parquet_dir": "data/stdlib"}}))
+
+
+# ---- found by mutating corpus.py: what the built-in corpus holds and when it is built, cuts, marks, hints
+
+def corpus_text(folder):
+    return [d for p in sorted(folder.iterdir()) for d in pq.read_table(p).column("text").to_pylist()]
+
+
+@pytest.fixture
+def stdlib(tmp_path, monkeypatch):
+    """A small standard library: the built-in corpus is built from it."""
+    lib = tmp_path / "lib"
+    for name, text in {"b.py": "b = 2\n", "a.py": "a = 1\n", "c.py": "c = 3\n", "test/t.py": "in a test\n",
+                       "pkg/tests/u.py": "in tests\n", "site-packages/s.py": "installed\n", "idlelib/i.py": "idle\n",
+                       "pkg/m.py": "m = 4\n", "notes.txt": "not python\n", "data.npy": "not python either\n"}.items():
+        (lib / name).parent.mkdir(parents=True, exist_ok=True)
+        (lib / name).write_text(text)
+    monkeypatch.setattr(corpus.sysconfig, "get_paths", lambda: {"stdlib": str(lib)})
+    return lib
+
+
+def test_the_built_in_corpus_is_the_python_sources_without_tests_in_sorted_order(tmp_path, stdlib):
+    assert corpus.build_stdlib_corpus(tmp_path / "out") == 4
+    assert corpus_text(tmp_path / "out") == ["a = 1\n", "b = 2\n", "c = 3\n", "m = 4\n"]
+
+
+def test_the_built_in_corpus_is_in_sorted_order_however_the_folder_lists_its_files(tmp_path, stdlib, monkeypatch):
+    monkeypatch.setattr(corpus.os, "walk", lambda top: iter([(str(top), [], ["c.py", "b.py", "a.py"])]))
+    corpus.build_stdlib_corpus(tmp_path / "out")
+    assert corpus_text(tmp_path / "out") == ["a = 1\n", "b = 2\n", "c = 3\n"]
+
+
+def test_the_built_in_corpus_stops_at_max_bytes_and_cuts_long_files_into_documents(tmp_path, monkeypatch):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    long = "".join(f"x_{i} = {i}\n" for i in range(3000))  # 39 KB: documents of about 8 KB
+    (lib / "a.py").write_text(long)
+    (lib / "b.py").write_text("b" * 40000 + "\n")  # past max_bytes: the corpus ends before it
+    (lib / "c.py").write_text("c = 3\n")  # (and after it: not taken either)
+    monkeypatch.setattr(corpus.sysconfig, "get_paths", lambda: {"stdlib": str(lib)})
+    n = corpus.build_stdlib_corpus(tmp_path / "out", max_bytes=50_000)
+    docs = corpus_text(tmp_path / "out")
+    assert "".join(docs) == long and n == len(docs) >= 4
+    assert all(corpus.DOCUMENT_BYTES <= len(d) < corpus.DOCUMENT_BYTES + 20 for d in docs[:-1])
+
+
+def test_a_built_in_corpus_built_already_is_kept(tmp_path, stdlib):
+    assert corpus.build_stdlib_corpus(tmp_path / "out") == 4
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    (stdlib / "d.py").write_text("d = 5\n")
+    assert corpus.build_stdlib_corpus(tmp_path / "out") is None  # (another process built it meanwhile)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_the_built_in_corpus_is_built_only_where_it_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    built = []
+    monkeypatch.setattr(corpus, "build_stdlib_corpus", lambda folder: built.append(folder))  # None: built meanwhile
+    cfg = Config.from_dict({"dataset": {"parquet_dir": "data/stdlib"}})
+    corpus.ensure_builtin_corpus(cfg)
+    assert built == ["data/stdlib"]
+    assert capsys.readouterr().out == ("building the built-in corpus in data/stdlib from the Python standard library "
+                                       "...\n  another process built it meanwhile\n")
+    (tmp_path / "data" / "stdlib").mkdir(parents=True)
+    corpus.ensure_builtin_corpus(cfg)
+    assert built == ["data/stdlib"] and capsys.readouterr().out == ""
+
+
+def test_split_text_never_cuts_a_character_whose_last_byte_is_0xbf():
+    raw = "a¿".encode() * 3000  # 61 C2 BF: no separator, a cut at 2 x 1000 bytes falls on the BF of a character
+    pieces = corpus.split_text(raw, 1000)
+    assert b"".join(pieces) == raw and len(pieces) > 2
+    assert all(p.decode() for p in pieces)
+
+
+def test_a_text_file_that_starts_with_a_nul_byte_is_refused(tmp_path):
+    (tmp_path / "be.txt").write_bytes("plain text\n".encode("utf-16-be"))  # UTF-16 big-endian, no mark: NUL first
+    with pytest.raises(DataError, match=r"be.txt: not text \(a NUL byte at byte 0: binary data, or UTF-16 without"):
+        corpus.text_files_to_parquet([tmp_path / "be.txt"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_byte_order_mark_that_is_not_followed_by_its_encoding_is_taken_as_bytes(capsys):
+    raw = b"\xff\xfeabc"  # the mark of UTF-16 LE, then an odd number of bytes: no UTF-16
+    assert corpus.as_utf8(raw, "odd.txt") == raw
+    assert "note: odd.txt is not UTF-8 (byte 0: b'\\xff')" in capsys.readouterr().out
+
+
+def test_a_folder_given_for_its_files_names_a_few_patterns_and_says_there_are_more(tmp_path):
+    for suffix in (".a", ".b", ".c", ".d", ".e", ".f", ".g"):
+        (tmp_path / f"x{suffix}").write_text("x")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "y.txt").write_text("y")
+    assert corpus.file_patterns(tmp_path) == ", e.g. " + " ".join(f"{tmp_path}/*.{s}" for s in "abcdef") + " ..."
+    assert corpus.file_patterns(tmp_path, most=7) == ", e.g. " + " ".join(f"{tmp_path}/*.{s}" for s in "abcdefg")
+
+
+def test_adding_to_shards_in_a_subfolder_is_suggested_only_where_it_would_work(tmp_path):
+    out = tmp_path / "out"
+    corpus.write_shards(["a"], out)
+    corpus.write_shards(["b"], out / "more")
+    with pytest.raises(DataError) as refused:
+        corpus.shards_to_folder(iter(["doc"]), out, False, None, "nothing")
+    assert str(refused.value).endswith(f"write them into a new subfolder: --out {out / 'more_2'}")
+    with pytest.raises(DataError) as refused:  # --replace refused (a subfolder): no suggestion of another --out
+        corpus.shards_to_folder(iter(["doc"]), out, True, None, "nothing")
+    assert str(refused.value).endswith("the folder also holds more; move it out or choose another --out")
+    (tmp_path / "others" / "sub").mkdir(parents=True)  # subfolders without shards: no shards to add to
+    (tmp_path / "others" / "sub" / "x.txt").write_text("x")
+    with pytest.raises(DataError) as refused:
+        corpus.shards_to_folder(iter(["doc"]), tmp_path / "others", False, None, "nothing")
+    assert str(refused.value).endswith("the folder holds sub already; move it out or choose another --out")

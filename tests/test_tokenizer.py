@@ -6,8 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tokenizer import (SEPARATOR_TOKEN, ByteTokenizer, HFTokenizer, TokenizerError, check_vocab_size,
-                       load_tokenizer, lost_text, note_prompt_change, separator_in_text, tokenizer_from_string)
+from tokenizer import (SEPARATOR_TOKEN, ByteTokenizer, HFTokenizer, TokenizerError, byte_level_alphabet,
+                       check_vocab_size, load_tokenizer, lost_text, note_prompt_change, printable, separator_in_text,
+                       text_change, tokenizer_from_string)
 
 DOCS = ["héllo wörld, some words", "and more words <|endoftext|> inside", "x"]
 
@@ -252,10 +253,11 @@ def test_padding_and_truncation_saved_in_the_file_are_turned_off(bpe_file):
 
 def test_text_is_printed_without_the_control_characters_a_terminal_would_act_on(bpe_file):
     """An undertrained model writes escape sequences, bells, shifts of character set: shown, not obeyed."""
-    text = "a\x1b[31mb\x07c\x0ed\x9be\tf\r\ng é"
-    shown = "a\\x1b[31mb\\x07c\\x0ed\\x9be\tf\r\ng é"
+    text = "a\x1b[31mb\x07c\x0ed\x9be\tf\r\ng é\x7fh"
+    shown = "a\\x1b[31mb\\x07c\\x0ed\\x9be\tf\r\ng é\\x7fh"
     assert load_tokenizer(str(bpe_file)).shown(text) == shown
     assert ByteTokenizer().shown("\x00" + text) == SEPARATOR_TOKEN + shown
+    assert printable("\x7f\x80\x9f\xa0") == "\\x7f\\x80\\x9f\xa0"  # DEL and C1 escaped, NBSP kept
 
 
 def test_a_template_that_adds_tokens_around_each_text_is_left_out_also_of_what_transformers_reads():
@@ -275,3 +277,118 @@ def test_a_template_that_adds_tokens_around_each_text_is_left_out_also_of_what_t
         assert (json.loads(loaded.to_hf_json())["post_processor"] or {}).get("type") == kept
         exported = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(loaded.to_hf_json()))
         assert exported("a ab")["input_ids"] == loaded.encode("a ab") == [2, 4]
+
+
+# ---- found by mutating tokenizer.py: the byte alphabet, the uint16 boundary, added tokens' bytes, messages
+
+def test_the_byte_tokens_exported_for_hugging_face_give_every_byte_its_own_id():
+    """export.py writes bytes as a byte-level BPE without merges: each of the 256 bytes must keep its id, or
+    Transformers drops the bytes its alphabet lacks (0xAE is the second byte of î, ®)."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    assert sorted(byte_level_alphabet()) == sorted(pre_tokenizers.ByteLevel.alphabet())
+    exported = Tokenizer.from_str(ByteTokenizer().to_hf_json())
+    every_byte = bytes(range(256)).decode("latin-1")  # (its UTF-8: every byte 0..255 appears)
+    for text in ("ünï ® î €", every_byte):
+        assert exported.encode(text).ids == list(text.encode())
+        assert exported.decode(list(text.encode())) == text
+
+
+def test_the_byte_tokens_export_is_refused_as_a_training_tokenizer_with_a_way_to_train_on_bytes(tmp_path):
+    (tmp_path / "tokenizer.json").write_text(ByteTokenizer().to_hf_json())
+    with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: .*tokenizer.json: the byte tokens, as export.py "
+                                             r"writes them for Hugging Face; to train on bytes, set "
+                                             r"dataset.tokenizer=bytes$"):
+        load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_byte_documents_of_a_slice_of_a_row_group_are_that_slice():
+    """A part of a unit is a slice of its documents' array (an offset into its buffers)."""
+    tokenizer = ByteTokenizer()
+    stream = tokenizer.encode_documents(documents(["first"] + DOCS)[1:3])
+    assert tokenizer.decode(stream) == f"{DOCS[0]}\0{DOCS[1]}\0"
+
+
+@pytest.mark.parametrize("largest_id,dtype", [(65_535, np.uint16), (65_536, np.uint32)])
+def test_ids_past_uint16_are_kept_whole_at_the_boundary(largest_id, dtype):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = Tokenizer(models.WordLevel({"[unk]": 0, "low": 1, "top": largest_id}, unk_token="[unk]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.add_special_tokens([SEPARATOR_TOKEN])
+    tokenizer = tokenizer_from_string(words.to_str())
+    stream = tokenizer.encode_documents(documents(["low top"]))
+    assert tokenizer.vocab_size == largest_id + 1 and stream.dtype == dtype
+    assert stream.tolist() == [1, largest_id, tokenizer.separator]
+
+
+def test_token_bytes_of_an_added_token_are_the_bytes_of_its_text(bpe_json):
+    """An added token counts the bytes of its text, whatever characters it has (a space, é)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_str(bpe_json)
+    tok.add_tokens(["<|im start|>", "café"])  # (each letter of café is in the alphabet, as a character, not a byte)
+    tokenizer = HFTokenizer(tok.to_str(), "t.json")
+    docs = ["a <|im start|> b", "words", "a café"]
+    stream = tokenizer.encode_documents(documents(docs))
+    assert {tok.token_to_id("<|im start|>"), tok.token_to_id("café")} <= set(stream.tolist())
+    assert tokenizer.token_bytes[stream].sum() == sum(len(d.encode()) + 1 for d in docs)
+
+
+def test_the_separator_decodes_to_its_text(bpe_file):
+    """What sample.py prints at a document boundary: the separator's text, not nothing."""
+    tokenizer = load_tokenizer(str(bpe_file))
+    assert tokenizer.decode([tokenizer.separator]) == SEPARATOR_TOKEN
+    assert tokenizer.decode(tokenizer.encode_documents(documents(DOCS[:1]))) == DOCS[0] + SEPARATOR_TOKEN
+
+
+def test_did_you_mean_bytes_is_said_for_bytes_written_otherwise_only():
+    for spec in ("BYTES", " bytes", "Bytes"):
+        with pytest.raises(TokenizerError, match=rf"^dataset.tokenizer: {spec} is no file: did you mean bytes\?$"):
+            load_tokenizer(spec)
+    for spec in ("byt5", "types"):  # a Hub model, a word: not bytes
+        with pytest.raises(TokenizerError) as refused:
+            load_tokenizer(spec)
+        assert "did you mean bytes" not in str(refused.value)
+
+
+def test_a_tokenizer_that_cannot_be_read_or_has_no_separator_is_named_as_dataset_tokenizer(tmp_path, bpe_json):
+    (tmp_path / "a.json").write_text(bpe_json)
+    with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: cannot read .*a.json/tokenizer.json \(Not a "
+                                             r"directory\); give the path of a tokenizer.json"):
+        load_tokenizer(str(tmp_path / "a.json" / "tokenizer.json"))
+    (tmp_path / "nosep.json").write_text(bpe_json.replace(SEPARATOR_TOKEN, "<|sep|>"))
+    with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: .*nosep.json: the tokenizer has no <\|endoftext\|> "
+                                             r"token, which separates documents"):
+        load_tokenizer(str(tmp_path / "nosep.json"))
+    for local in ("config.yaml", "tiny.yml", "weights.bin"):  # a file's name: no Hub hint
+        with pytest.raises(TokenizerError) as refused:
+            load_tokenizer(local)
+        assert "Hub name" not in str(refused.value)
+
+
+def test_ids_no_token_has_are_noted_from_a_tenth_of_the_vocabulary(bpe_json):
+    tokenizer = HFTokenizer(bpe_json, "tok.json")
+    tokenizer.vocab_size, tokenizer.n_tokens = 3000, 2800  # 200 ids without a token: under a tenth, quiet
+    assert check_vocab_size(tokenizer, 3008) is None
+    tokenizer.n_tokens = 2700  # 300: a tenth
+    assert check_vocab_size(tokenizer, 3008).startswith("note: dataset.tokenizer tok.json has 2,700 tokens, with ids "
+                                                       "up to 2,999: the 300 ids between")
+
+
+class Lossy(ByteTokenizer):
+    """Bytes that lower-case the text and drop a last line end: a tokenizer that does not give its text back."""
+    name = "lossy"
+
+    def encode(self, text):
+        return list(text.lower().removesuffix("\n").encode())
+
+
+def test_the_lost_text_is_shown_around_where_it_first_differs():
+    assert text_change(Lossy(), "a" * 100 + "B" + "c" * 100) == f"{'a' * 12 + 'B' + 'c' * 11!r} comes back as " \
+                                                                f"{'a' * 12 + 'b' + 'c' * 11!r}"
+    assert text_change(Lossy(), "x" * 100 + "\n") == f"{'x' * 12 + chr(10)!r} comes back as {'x' * 12!r}"
+    assert text_change(Lossy(), "same") is None
+
+
+def test_a_short_prompt_with_a_nul_is_not_taken_for_utf16(capsys):
+    note_prompt_change(ByteTokenizer(), "a\0")
+    assert capsys.readouterr().err == ("note: the prompt's NUL character is the model's document separator: the model "
+                                       "reads a document boundary there\n")
