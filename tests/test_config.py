@@ -1,3 +1,4 @@
+import math
 import re
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import yaml
 
 import train
 from conftest import ROOT, config_problems
-from config import NON_NEGATIVE, Config
+from config import NON_NEGATIVE, Config, TrainingConfig, learning_rate
 from model import BDHConfig
 
 
@@ -127,6 +128,9 @@ def test_environment_variables_in_paths_are_expanded_or_named_when_unset(monkeyp
     ({"training": {"weight_decay": 1000}}, "training.weight_decay: 1000 x learning_rate 0.001 = 1: each step would "
                                            "multiply the weights by 1 - 1, zeroing or flipping them"),
     ({"training": {"block_size": 1}}, "training.block_size: must be at least 2"),
+    ({"training": {"compile": "False"}}, "got 'False' (false in quotes is text: write it without them)"),
+    ({"training": {"device": "GPU"}}, "got 'GPU'; did you mean cuda?"),
+    ({"low_precision": {"compute_dtype": "float"}}, "got 'float'; did you mean float32?"),
 ])
 def test_value_checks(raw, fragment):
     assert any(fragment in p for p in config_problems(raw)), config_problems(raw)
@@ -159,6 +163,9 @@ def test_a_value_spelt_nothing_like_a_choice_gets_no_guess():
     ({"training": {"batch_size": 3, "block_size": 10}}, "training.batch_size * training.block_size = 30"),
     ({"low_precision": {"use_4bit": True}}, "cannot be combined with use_4bit"),
     ({"fp8": {"amax_history_len": 32}}, "fp8.amax_history_len: configures TransformerEngine"),
+    ({"fp8": {"amax_compute_algo": "most_recent"}}, "fp8.amax_compute_algo: configures TransformerEngine"),
+    ({"model": {"n_embd": 16, "mlp_internal_dim_multiplier": 1, "n_head": 2}},
+     "the latent size N = 8 must be a multiple"),
     ({"fp8": {"torchao_recipe": "rowwise"}}, "fp8.format: torchao's rowwise recipe uses E4M3"),
 ])
 def test_fp8_combinations_that_cannot_work_are_refused(raw, fragment):
@@ -256,3 +263,76 @@ def test_an_integer_past_2_to_the_53_is_refused_in_one_line_and_each_mistake_sai
         "got 1e+30",
         "training.eval_iters: must be at most 2**53 = 9,007,199,254,740,992 (an exponent too many?), got 1e+19",
         "model.vocab_size: must be > 0, got 0"]  # (not also: bytes need 256)
+
+
+# ---- found by mutating config.py: every bound written out, values at the edge, one line a setting
+
+@pytest.mark.parametrize("path,bad,bound", [
+    *[(p, 0, ">") for p in (
+        "model.n_layer", "model.n_embd", "model.n_head", "model.mlp_internal_dim_multiplier", "model.vocab_size",
+        "training.block_size", "training.batch_size", "training.max_iters", "training.learning_rate",
+        "training.log_freq", "training.test_freq", "training.checkpoint_freq", "training.gradient_accumulation_steps",
+        "training.eval_iters", "dataloader.prefetch_factor", "dataset.max_cached_files", "fp8.amax_history_len",
+        "training.distributed_timeout_s")],
+    *[(p, -1, ">=") for p in (
+        "training.keep_last_n", "training.weight_decay", "training.warmup_iters", "training.min_lr",
+        "training.grad_clip", "training.seed", "dataset.split_seed", "dataloader.num_workers")],
+])
+def test_each_count_and_rate_is_refused_past_its_bound(path, bad, bound):
+    """Written out, not read from POSITIVE / NON_NEGATIVE: a setting dropped from them would go unchecked."""
+    section, key = path.split(".")
+    assert any(re.fullmatch(rf"{re.escape(path)}: must be {bound} 0, got {bad}(\.0)?", p)
+               for p in config_problems({section: {key: bad}})), config_problems({section: {key: bad}})
+
+
+def test_values_at_the_edge_of_their_range_are_taken():
+    c = Config.from_dict({"training": {"max_iters": 2**53, "learning_rate": 1.0, "min_lr": 0.0},
+                          "low_precision": {"qat_start_fraction": 0.0},  # 0: quantization-aware from the first step
+                          "model": {"vocab_size": 100}, "dataset": {"tokenizer": "tok.json"}})  # (BPE: any vocab)
+    assert (c.training.max_iters, c.training.learning_rate, c.low_precision.qat_start_fraction, c.model.vocab_size) == (
+        2**53, 1.0, 0.0, 100)
+    assert config_problems({"low_precision": {"qat_start_fraction": -0.1}}) == [
+        "low_precision.qat_start_fraction: must be in [0, 1) (0: quantization-aware training from the first step), "
+        "got -0.1"]
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ({"training": {"seed": 2**60}}, "training.seed: must be below 2**32 = 4294967296 (NumPy's seeds), got "
+                                    f"{2**60}"),
+    ({"dataset": {"split_seed": 2**60}}, "dataset.split_seed: must be below 2**32 = 4294967296 (NumPy's seeds), got "
+                                         f"{2**60}"),
+    ({"training": {"distributed_timeout_s": 10**16}}, "training.distributed_timeout_s: must be at most 1000000000 "
+                                                      "(31 years: as good as no limit), got 10000000000000000"),
+    ({"training": {"min_lr": "x", "learning_rate": 1e-5}},  # the default min_lr then exceeds it: not said again
+     "training.min_lr: expected float, got str 'x'; write a plain number (3000, 0.05 or 3e-4: no commas, units or %)"),
+])
+def test_a_setting_with_a_bound_of_its_own_is_refused_in_one_line(raw, expected):
+    assert config_problems(raw) == [expected]
+
+
+def test_a_learning_rate_in_the_tens_gets_no_guess():
+    [problem] = config_problems({"training": {"learning_rate": 25.0}})
+    assert problem.endswith("AdamW trains at about 1e-4 to 1e-2")
+
+
+def test_fp8_with_no_heads_is_refused_in_one_line_not_a_traceback():
+    assert config_problems({"model": {"n_head": 0}, "low_precision": {"use_fp8": True}}) == [
+        "model.n_head: must be > 0, got 0"]
+
+
+@pytest.mark.parametrize("character", ["\x00", "\t"])
+def test_a_control_character_in_a_path_is_refused(character):
+    [problem] = config_problems({"training": {"checkpoint_dir": f"D:{character}x"}})
+    assert problem.startswith(f"training.checkpoint_dir: {'D:' + character + 'x'!r} holds the control character "
+                              f"{character!r}")
+
+
+def test_the_learning_rate_decays_by_cosine_over_the_steps_after_warmup():
+    t = TrainingConfig(learning_rate=1.0, min_lr=0.0, warmup_iters=10, max_iters=110)
+    assert learning_rate(5, t) == 0.5 and learning_rate(10, t) == 1.0
+    assert math.isclose(learning_rate(60, t), 0.5)  # halfway from warmup to max_iters
+    assert learning_rate(110, t) == learning_rate(500, t) == 0.0
+
+
+def test_compile_false_in_debug_is_not_noted():
+    assert Config.from_dict({"training": {"debug": True, "compile": False}}).unused_settings() == []
