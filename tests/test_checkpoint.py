@@ -1,10 +1,13 @@
 """Checkpoint files: the format, its older layouts, safe loading."""
+import json
 import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from checkpoint import PROJECT_VERSION, Checkpoint, CheckpointError, load_checkpoint
+from checkpoint import (PROJECT_VERSION, Checkpoint, CheckpointError, load_checkpoint, load_export,
+                        model_from_checkpoint, peek_checkpoint, saved_step)
 from config import Config
 from conftest import tiny_config_dict
 from model import BDH
@@ -44,7 +47,7 @@ def test_checkpoint_file_round_trip_and_version_0_1_layout(tmp_path):
     torch.save(old, tmp_path / "old.pt")
     loaded = load_checkpoint(tmp_path / "old.pt")
     assert isinstance(loaded.rng, list) and torch.equal(loaded.rng[0]["torch"], old["rng"]["torch"])
-    assert loaded.data_order is None and loaded.batches_consumed == 0
+    assert loaded.data_order is None and loaded.batches_consumed == 0 and loaded.data_positions == []
 
 
 def test_a_checkpoint_is_mapped_not_read_into_memory(tmp_path):
@@ -90,3 +93,61 @@ def test_a_checkpoint_with_a_flipped_byte_is_refused_not_loaded(tmp_path):
         load_checkpoint(tmp_path / "c.pt")
     # a resume's second read of the file it checked (load_saved_state) leaves the sums out
     assert load_checkpoint(tmp_path / "c.pt", check_sums=False).model["lm_head"][1000] != 1000
+
+
+# ---- found by mutating checkpoint.py: torch's legacy format, files that hold no dict, paths that cannot be
+# opened, a file cut short in one line, weights missing, an export's config.json edited
+
+def test_a_checkpoint_in_torch_saves_legacy_format_loads(tmp_path):
+    torch.save({"model": {"w": torch.ones(2)}, "model_config": {}, "step": 2}, tmp_path / "legacy.pt",
+               _use_new_zipfile_serialization=False)
+    loaded = load_checkpoint(tmp_path / "legacy.pt")
+    assert loaded.step == 2 and torch.equal(loaded.model["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("saved", [torch.zeros(3), 5, "model model_config step", [1]])
+def test_a_file_holding_no_dict_is_not_a_checkpoint_and_has_no_step(tmp_path, saved):
+    torch.save(saved, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match=r"x.pt: not a checkpoint of this project \(missing model, model_config, "
+                                              r"step\)$"):
+        load_checkpoint(tmp_path / "x.pt")
+    assert peek_checkpoint(tmp_path / "x.pt") is None and saved_step(tmp_path / "x.pt") == float("inf")
+
+
+def test_a_path_that_cannot_be_opened_is_called_so(tmp_path):
+    with pytest.raises(CheckpointError, match=r": cannot be read \(Is a directory\)$"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=r"gone.pt: cannot be read \(No such file or directory\)$"):
+        load_checkpoint(tmp_path / "gone.pt")
+
+
+def test_a_checkpoint_cut_short_is_refused_in_one_short_line(tmp_path):
+    torch.save(Checkpoint(step=1, model={"w": torch.arange(100000.0)}, model_config={}).to_dict(), tmp_path / "c.pt")
+    data = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "c.pt").write_bytes(data[:len(data) // 2])  # a copy interrupted
+    with pytest.raises(CheckpointError, match=r"c.pt: not a readable checkpoint \(cut short or corrupt: ") as info:
+        load_checkpoint(tmp_path / "c.pt")
+    why = str(info.value).split("cut short or corrupt: ", 1)[1]
+    assert "\n" not in why and len(why) <= 121  # torch's words, shortened to 120 characters, and ")"
+
+
+def test_a_checkpoint_missing_a_weight_does_not_make_a_model(tmp_path):
+    model = BDH(Config.from_dict(tiny_config_dict(tmp_path, tmp_path)).model)
+    weights = model.state_dict()
+    weights.pop("lm_head")
+    ckpt = Checkpoint(step=1, model=weights, model_config=vars(model.config))
+    with pytest.raises(RuntimeError, match="lm_head"):
+        model_from_checkpoint(ckpt)
+
+
+def test_an_export_whose_config_json_says_true_for_a_number_is_refused(tmp_path):
+    model = BDH(Config.from_dict(tiny_config_dict(tmp_path, tmp_path)).model)
+    out = tmp_path / "export"
+    out.mkdir()
+    save_file(model.state_dict(), out / "model.safetensors")
+    config = {**vars(model.config), "bdh_export": {"version": 2, "tokenizer": "bytes"}}
+    (out / "config.json").write_text(json.dumps(config))
+    assert load_export(out)[0].config == model.config
+    (out / "config.json").write_text(json.dumps({**config, "n_layer": True}))
+    with pytest.raises(CheckpointError, match=r"config.json's n_layer is True, not a whole number of at least 1"):
+        load_export(out)
