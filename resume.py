@@ -255,7 +255,7 @@ def state_notes(cfg, ckpt, ranks):
         batch_note = global_batch_change(ckpt, cfg.training, ranks.world_size)
         if ranks.main and (reseeded or batch_note):
             print(f"note: {ranks.world_size} process{'es' * (ranks.world_size != 1)} where the checkpoint has "
-                  f"{len(ckpt.rng)}{reseeded}{batch_note}")
+                  f"{len(ckpt.rng) or 'no random state'}{reseeded}{batch_note}")
 
 
 def reopen_run(cfg, path: Path, ckpt, progress: Progress, ranks, device, unreadable=(),

@@ -236,7 +236,8 @@ def global_batch_change(ckpt, training, world_size: int) -> str:
     """On another number of processes: how the tokens of a step change, and the batch_size and
     gradient_accumulation_steps that keep them (batch_size no larger than now: its memory), or else
     come nearest (within 1% of the nearest, the largest batch_size: fewer micro-batches)."""
-    before, now = step_tokens(saved_training(ckpt, training), len(ckpt.rng)), step_tokens(training, world_size)
+    # (a checkpoint without random states, written by hand from other weights: taken as one process's)
+    before, now = step_tokens(saved_training(ckpt, training), max(1, len(ckpt.rng))), step_tokens(training, world_size)
     if before == now:
         return ""
     row = now // (training.batch_size * training.gradient_accumulation_steps)  # one window on every process

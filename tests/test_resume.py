@@ -29,7 +29,7 @@ from conftest import (DEVICES, ROOT, losses, make_corpus, only_run, run_dirs, st
 from distributed import Ranks
 from evaluation import validation_fingerprint
 from resume import (Progress, checkpoint_size, launcher, load_saved_state, resolve_auto, resume_command_for, rng_state,
-                    set_rng_state, with_max_iters, without_unused_checkpoint_dir)
+                    set_rng_state, state_notes, with_max_iters, without_unused_checkpoint_dir)
 from locate import checkpoints_in, open_checkpoint
 from runtime import tensor_bytes
 from tokenizer import load_tokenizer
@@ -653,6 +653,16 @@ def test_extending_a_finished_run_says_that_the_learning_rate_jumps_and_takes_th
                      "0.0001): step 5 runs at lr 1.00e-04, where the checkpoint's schedule had 5.00e-04")
     slightly = schedule_jump(saved, TrainingConfig(learning_rate=0.0105, min_lr=0.001, max_iters=100))
     assert "runs at lr" in slightly and "jump up" not in slightly  # 5% up: said, without the alarm
+
+
+def test_a_checkpoint_without_random_states_is_resumed_with_a_note(capsys):
+    """A checkpoint written by hand from other weights (step, model, model_config): no process count to compare."""
+    cfg = Config.from_dict({"model": {"dropout": 0.1}})
+    ckpt = SimpleNamespace(rng=[], config={"training": {"batch_size": cfg.training.batch_size}},
+                           low_precision=lambda: {"use_4bit_optimizer": False})
+    state_notes(cfg, ckpt, Ranks())
+    assert capsys.readouterr().out == ("note: 1 process where the checkpoint has no random state: each rank's random "
+                                       "state (dropout masks) is seeded afresh\n")
 
 
 @pytest.mark.parametrize("device", DEVICES + [pytest.param("mps", marks=pytest.mark.skipif(
