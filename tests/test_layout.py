@@ -285,3 +285,65 @@ def test_a_setting_that_is_a_link_to_nothing_says_so(tmp_path):
         assert str(e.value) == (f"{tmp_path / name}: dataset.val_parquet_dir is a symbolic link to {target}, which "
                                 f"does not exist; restore its target (re-download it) or set dataset.val_parquet_dir "
                                 f"to where the data is")
+
+
+# ---- found by mutating layout.py: patterns, missing and empty files, what conversion advice names
+
+def test_a_pattern_with_only_brackets_is_a_glob_pattern(tmp_path):
+    for name in ("part-0.parquet", "part-1.parquet", "part-2.parquet"):
+        write_parquet(tmp_path / "d" / name, ["a"])
+    units = list_units(tmp_path / "d" / "part-[01].parquet", "text")
+    assert sorted({u.path.rsplit("/", 1)[1] for u in units}) == ["part-0.parquet", "part-1.parquet"]
+
+
+def test_a_missing_parquet_file_is_offered_prepare_into_that_name(tmp_path):
+    with pytest.raises(DataError, match=r"gone.parquet: dataset.parquet_dir does not exist; create it with `python "
+                                        r"prepare.py --from-text FILE --out \S*/gone.parquet`$"):
+        list_units(tmp_path / "gone.parquet", "text")
+
+
+def test_an_empty_parquet_file_is_to_be_re_created_not_converted_as_text(tmp_path):
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.parquet: not a readable parquet file \(.*\); remove or re-create it$"):
+        list_units(tmp_path, "text")
+
+
+def test_a_folder_of_empty_folders_is_told_to_convert_into_one_beside_it(tmp_path):
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"no .parquet files found \(searched recursively\); convert its text with "
+                                        r"`python prepare.py --from-text FILE ... --out \S*/data_parquet` and set "
+                                        r"dataset.parquet_dir=\S*/data_parquet$"):
+        list_units(tmp_path / "data", "text")
+
+
+def test_conversion_advice_ignores_names_starting_with_dot_or_underscore(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("some text")
+    (tmp_path / "data" / "_log.jsonl").write_text('{"a": 1}\n')  # not data: sorted first, but not the advice's
+    with pytest.raises(DataError, match=r"convert its text with `python prepare.py --from-text \S*data/\*.txt --out"):
+        list_units(tmp_path / "data", "text")
+
+
+@pytest.mark.parametrize("name", ["data.tsv", "DATA.JSONL", "data.CSV"])
+def test_records_of_every_kind_and_case_are_not_taken_for_text(tmp_path, name):
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / name).write_text("text\thi\n")
+    with pytest.raises(DataError, match=rf"; {name} holds records, not plain text: write them as parquet"):
+        list_units(tmp_path / "records", "text")
+
+
+def test_a_saved_dataset_dict_tells_the_validation_setting_its_validation_file(tmp_path):
+    (tmp_path / "saved" / "train").mkdir(parents=True)
+    (tmp_path / "saved" / "dataset_dict.json").write_text("{}")
+    with pytest.raises(DataError, match=r"for s in d\]\"`, and set dataset.val_parquet_dir="
+                                        r"\S*saved_parquet/validation.parquet$"):
+        list_units(tmp_path / "saved", "text", setting="dataset.val_parquet_dir")
+
+
+def test_a_pattern_that_matches_only_skipped_names_says_how_many(tmp_path):
+    write_parquet(tmp_path / "d" / "_part-0.parquet", ["a"])
+    write_parquet(tmp_path / "d" / ".part-1.parquet", ["a"])
+    write_parquet(tmp_path / "d" / "other.parquet", ["a"])
+    with pytest.raises(DataError, match=r"part-\*.parquet: dataset.parquet_dir matches no .parquet file \(2 name\(s\) "
+                                        r"starting with '.' or '_' skipped\)"):
+        list_units(tmp_path / "d" / "*part-*.parquet", "text")
