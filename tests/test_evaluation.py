@@ -1,11 +1,13 @@
 """evaluation.py: the validation loss, the share of active latents per layer, the sample."""
 import contextlib
+import math
 
 import pytest
 import torch
 
+import evaluation
 from distributed import Ranks
-from evaluation import generate_sample, validation_fingerprint, validation_loss
+from evaluation import evaluate, generate_sample, tokens_per_byte, validation_fingerprint, validation_loss
 from model import BDH, BDHConfig, layer_norm
 from reference import rope, rope_cos_sin
 from tokenizer import ByteTokenizer
@@ -98,3 +100,70 @@ def test_the_fingerprint_of_the_validation_batches_tells_every_token_apart():
                     (x, torch.cat([(x + 1)[:, :-1], torch.tensor([[98], [99]])], 1)),  # the last targets alone
                     (x.view(3, 4), (x + 1).view(3, 4))):  # the same tokens in other windows
         assert validation_fingerprint([changed]) != fingerprint
+    s = torch.arange(8)  # one window of 7, or two of 3: the very same bytes hashed, but for the windows' shape
+    one_window = [(s[:7].view(1, 7), s[1:].view(1, 7))]
+    two_windows = [(s[0:3].view(1, 3), s[1:4].view(1, 3)), (s[4:7].view(1, 3), s[5:8].view(1, 3))]
+    assert validation_fingerprint(one_window) != validation_fingerprint(two_windows)
+
+
+# ---- found by mutating evaluation.py: bytes of non-ASCII text, the sample's temperature and vocabulary, a
+# character split between prompt and continuation, the evaluation record
+
+CPU, PLAIN = torch.device("cpu"), contextlib.nullcontext()
+
+
+class TextTokenizer:
+    """A tokenizer whose windows are decoded as text (exact_bytes False): a token a byte, 0 the separator."""
+    exact_bytes, separator = False, 0
+
+    @staticmethod
+    def decode(ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_tokens_per_byte_counts_the_utf8_bytes_of_non_ascii_text_not_its_characters():
+    text = "café à la crème".encode()  # 15 characters, 18 bytes
+    targets = torch.tensor([list(text) + [0] + list(text) + [0]])
+    assert tokens_per_byte([(None, targets)], TextTokenizer()) == pytest.approx(1.0)  # a token a byte
+    assert tokens_per_byte([(None, targets)], ByteTokenizer()) == pytest.approx(1.0)
+
+
+def test_the_sample_is_the_models_own_continuation_at_temperature_0_8_below_the_tokenizers_vocabulary():
+    torch.manual_seed(0)
+    model = BDH(BDHConfig(n_layer=1, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4, vocab_size=320)).eval()
+    batches = [(torch.randint(1, 256, (2, 40), generator=torch.Generator().manual_seed(0)), None)]
+    _, continuation = generate_sample(model, batches, CPU, PLAIN, torch.Generator(), Ranks(), ByteTokenizer())
+    prompt = batches[0][0][:1, :evaluation.SAMPLE_PROMPT_TOKENS]
+    out = model.generate(prompt, evaluation.SAMPLE_TOKENS, temperature=0.8, generator=torch.Generator().manual_seed(0),
+                         vocab_limit=256)
+    assert continuation == ByteTokenizer.shown(ByteTokenizer().decode(out[0, prompt.shape[1]:].tolist()))
+
+
+class Writes:
+    """A model whose generation appends fixed tokens."""
+    def __init__(self, tokens):
+        self.tokens = torch.tensor([tokens])
+
+    def generate(self, prompt, *args, **kwargs):
+        return torch.cat([prompt, self.tokens], 1)
+
+
+def test_a_continuation_that_completes_the_prompts_last_character_shows_only_the_new_tokens():
+    prompt = list(b"x" * (evaluation.SAMPLE_PROMPT_TOKENS - 1)) + [0xC3]  # the first byte of an 'é'
+    batches = [(torch.tensor([prompt + [0x41] * 8]), None)]
+    shown_prompt, continuation = generate_sample(Writes([0xA9, 0x62, 0x63]), batches, CPU, PLAIN, torch.Generator(),
+                                                 Ranks(), ByteTokenizer())
+    assert shown_prompt == "x" * 31 + "\ufffd"
+    assert continuation == "\ufffdbc"  # the 'é' split: its second byte alone, not the whole text again
+
+
+def test_the_evaluation_record_has_the_a_latents_as_sparsity_x_and_the_bits_per_byte_in_bits():
+    torch.manual_seed(0)
+    model = BDH(BDHConfig(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4)).eval()
+    batches = [(torch.randint(0, 256, (2, 40)), torch.randint(0, 256, (2, 40))) for _ in range(2)]
+    loss, (active_x, active_y) = validation_loss(model, batches, CPU, PLAIN, Ranks())
+    record = evaluate(model, batches, CPU, PLAIN, torch.Generator(), Ranks(), ByteTokenizer(), 0.5)
+    assert active_x != active_y
+    assert (record["sparsity_x"], record["sparsity_y"]) == (active_x, active_y)
+    assert record["val_loss"] == loss
+    assert record["val_bits_per_byte"] == pytest.approx(loss * 0.5 / math.log(2), rel=1e-12)
