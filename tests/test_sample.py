@@ -9,7 +9,9 @@ import yaml
 import sample
 import train
 from checkpoint import load_checkpoint
-from conftest import ROOT, tiny_config_dict
+from conftest import NEEDS_CUDA, ROOT, tiny_config_dict
+from model import BDH
+from tokenizer import ByteTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +239,96 @@ def test_a_reader_that_leaves_early_ends_it_quietly(checkpoint):
     proc.stdout.close()  # what head does once it has its lines
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+# ---- found by mutating sample.py: the defaults, the start without a prompt, errors in one line, windows
+
+@pytest.fixture
+def stream_calls(monkeypatch):
+    """BDH.stream replaced by one that records what it was asked for and yields nothing."""
+    calls = []
+
+    def recorded(self, idx, max_new_tokens, **kwargs):
+        calls.append({"idx": idx.tolist(), "device": idx.device, "max_new_tokens": max_new_tokens, **kwargs})
+        return iter(())
+
+    monkeypatch.setattr(BDH, "stream", recorded)
+    return calls
+
+
+def test_defaults_are_500_new_tokens_seed_1337_and_all_tokens(checkpoint, capsys, stream_calls):
+    assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "x", "--device", "cpu"]) == 0
+    [call] = stream_calls
+    assert call["max_new_tokens"] == 500 and call["temperature"] == 0.8 and call["top_k"] is None
+    assert call["generator"].initial_seed() == 1337
+    assert call["vocab_limit"] == 256  # the byte tokenizer's ids, whatever the model's vocab_size
+
+
+def test_generation_without_prompt_starts_from_the_separator(checkpoint, capsys, stream_calls):
+    assert sample.main(["--checkpoint", str(checkpoint), "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert stream_calls[0]["idx"] == [[ByteTokenizer.separator]]
+    assert capsys.readouterr().out == "\n"  # the separator is not printed
+
+
+@NEEDS_CUDA
+def test_the_generator_is_on_the_model_s_device(checkpoint, capsys, stream_calls):
+    assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "x", "--max-new-tokens", "3", "--device",
+                        "cuda"]) == 0
+    [call] = stream_calls
+    assert call["generator"].device.type == call["device"].type == "cuda"
+
+
+def test_a_model_without_a_recorded_block_size_samples_without_a_note(checkpoint, capsys, monkeypatch, stream_calls):
+    """An export written before trained_block_size was recorded: nothing to compare the length with."""
+    real = sample.load_model
+    monkeypatch.setattr(sample, "load_model", lambda *args: (*real(*args)[:5], None))
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "x", "--max-new-tokens", "5000",
+                        "--device", "cpu"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_4bit_on_mps_is_refused_before_loading(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "pick_device", lambda *args, **kwargs: torch.device("mps"))
+    assert sample.main(["--checkpoint", str(checkpoint), "--4bit"]) == 1
+    assert "error: --4bit: bitsandbytes' 4-bit quantization runs on cpu or cuda; add --device cpu" \
+        in capsys.readouterr().err
+
+
+def test_a_checkpoint_whose_tokenizer_is_unreadable_is_a_clear_error(checkpoint, tmp_path, capsys):
+    state = torch.load(checkpoint, weights_only=True)
+    state["tokenizer"] = "{not a tokenizer"
+    torch.save(state, tmp_path / "bad.pt")
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(tmp_path / "bad.pt"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "tokenizer" in err and "Traceback" not in err
+
+
+def test_4bit_of_weights_in_4_bits_already_is_a_clear_error(checkpoint, capsys, monkeypatch):
+    real = sample.load_model
+
+    def exported_in_4bit(*args):
+        loaded = list(real(*args))
+        loaded[2] = {**loaded[2], "exported_in_4bit": True}
+        return tuple(loaded)
+
+    monkeypatch.setattr(sample, "load_model", exported_in_4bit)
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(checkpoint), "--4bit", "--device", "cpu"]) == 1
+    assert "holds 4-bit weights already (export.py --4bit): drop --4bit" in capsys.readouterr().err
+
+
+def test_a_window_restarts_at_each_line_end(monkeypatch):
+    """Short lines never make a window longer than a line (+ the token it starts from)."""
+    tokenizer = ByteTokenizer()
+    decoded = []
+    real = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda ids: decoded.append(len(ids)) or real(ids))
+    text = "ten chars\n" * 30
+    assert "".join(sample.text_as_it_comes(tokenizer, iter(tokenizer.encode(text)))) == text
+    assert max(decoded) <= len("ten chars\n") + 1
+    decoded.clear()
+    text = "x" * 1000
+    assert "".join(sample.text_as_it_comes(tokenizer, iter(tokenizer.encode(text)))) == text
+    assert max(decoded) == sample.DECODE_WINDOW == 64
