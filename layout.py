@@ -14,7 +14,7 @@ import re
 import shlex
 from pathlib import Path
 
-from files import ARROW_MAGICS, PARQUET_MAGIC, UTF_BOMS, relative_to_here
+from files import ARROW_MAGICS, PARQUET_MAGIC, UTF_BOMS, near_miss, relative_to_here
 from splits import held_out_only, mixed_splits
 
 
@@ -66,7 +66,8 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
                         f"shards: write them with `python prepare.py --from-text TEXT_FILE ... --out {out}` and "
                         f"{set_to(setting, out, small=True)}")
     else:
-        close = difflib.get_close_matches(root.name, folders_beside(root), 1, 0.75)
+        close = ([near.name] if root.suffix == ".parquet" and (near := near_miss(root, Path.is_file)) else
+                 difflib.get_close_matches(root.name, folders_beside(root), 1, 0.75))  # a shard's typo, or a folder's
         raise DataError(f"{root}: {what} does not exist{relative_to_here(root)}; "
                         + (f"did you mean {root.with_name(close[0])}? or " if close else "")
                         + f"create it with `python prepare.py --from-text FILE --out {shlex.quote(str(root))}`")

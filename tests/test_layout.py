@@ -296,10 +296,14 @@ def test_a_pattern_with_only_brackets_is_a_glob_pattern(tmp_path):
     assert sorted({u.path.rsplit("/", 1)[1] for u in units}) == ["part-0.parquet", "part-1.parquet"]
 
 
-def test_a_missing_parquet_file_is_offered_prepare_into_that_name(tmp_path):
+def test_a_missing_parquet_file_is_offered_prepare_into_that_name_or_a_shard_its_name_is_a_typo_of(tmp_path):
     with pytest.raises(DataError, match=r"gone.parquet: dataset.parquet_dir does not exist; create it with `python "
                                         r"prepare.py --from-text FILE --out \S*/gone.parquet`$"):
         list_units(tmp_path / "gone.parquet", "text")
+    write_parquet(tmp_path / "train_000.parquet", ["some text"])
+    with pytest.raises(DataError, match=rf"train_00.parquet: dataset.parquet_dir does not exist; did you mean "
+                                        rf"{tmp_path / 'train_000.parquet'}\? or create it with"):
+        list_units(tmp_path / "train_00.parquet", "text")
 
 
 def test_an_empty_parquet_file_is_to_be_re_created_not_converted_as_text(tmp_path):
