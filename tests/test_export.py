@@ -2,20 +2,25 @@
 weights, and what sample.py and train.py do with an exported folder."""
 import json
 import re
+import shutil
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import export
 import sample
 import train
-from checkpoint import EXPORT_VERSION, CheckpointError, is_export, load_checkpoint, load_export, model_from_checkpoint
+from checkpoint import (EXPORT_VERSION, Checkpoint, CheckpointError, is_export, load_checkpoint, load_export,
+                        model_from_checkpoint)
+from config import Config
 from conftest import write_config
 from locate import load_model
-from lowbit import dequantize, quantize
-from tokenizer import TokenizerError, load_tokenizer
+from lowbit import dequantize, export_4bit, quantize
+from tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,6 +32,11 @@ def trained(tmp_path, corpus, monkeypatch):
     assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
     [run] = (tmp_path / "ck").iterdir()
     return run / "checkpoint_4.pt"
+
+
+def tiny_checkpoint(**config) -> Checkpoint:
+    raw = Config.from_dict({"model": {"n_layer": 1, "n_embd": 32, "n_head": 2}, **config}).to_dict()
+    return Checkpoint(step=1, model={}, model_config=raw["model"], config=raw)
 
 
 def hf_model(folder, full_length=True):
@@ -46,7 +56,14 @@ def sample_text(capsys, *args):
 def test_export_holds_the_checkpoint_weights_and_transformers_generates_what_sample_does(trained, tmp_path, capsys):
     out = tmp_path / "export"
     assert export.main(["--checkpoint", str(trained.parent), "--out", str(out), "--hf"]) == 0
+    assert capsys.readouterr().out == f"exported step 4 of {trained} to {out} (a Hugging Face folder too)\n"
     ckpt = load_checkpoint(trained)
+    with safe_open(out / "model.safetensors", "pt") as f:  # older Transformers refuse a file that does not say so
+        assert f.metadata() == {"format": "pt"}
+    # bytes: the separator is the ordinary byte 0x00, no special token; generation pads with it
+    assert not {"bos_token", "eos_token"} & json.loads((out / "tokenizer_config.json").read_text()).keys()
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["pad_token_id"] == generation["eos_token_id"] == 0
     weights = load_file(out / "model.safetensors")
     assert weights.keys() == ckpt.model.keys()
     assert all(torch.equal(weights[k], ckpt.model[k]) for k in weights)
@@ -262,6 +279,26 @@ def test_the_card_names_a_start_only_where_a_run_started_from_a_model(tmp_path):
     assert export.started_from(loose) == []
 
 
+def test_config_json_records_the_tokenizer_s_own_size_and_separator_and_whether_it_trained_for_4_bits(tmp_path):
+    """A tokenizer of 320 tokens whose separator is id 7, for a model padded to 384 rows: config.json says the
+    tokenizer's (what generation may draw and stops at); sample.py reads use_4bit to say which weights were measured."""
+    ckpt = tiny_checkpoint(model={"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 384},
+                           low_precision={"use_4bit": True})
+    tokenizer = SimpleNamespace(vocab_size=320, separator=7, to_str=lambda: "{}")
+    config = export.config_json(ckpt, tokenizer, tmp_path / "checkpoint_1.pt", hf=False, four_bit=True)
+    assert (config["vocab_size"], config["tokenizer_vocab_size"], config["separator_token_id"]) == (384, 320, 7)
+    assert config["bdh_export"]["tokenizer"] == "tokenizer.json" and config["low_precision"]["use_4bit"] is True
+
+
+def test_4bit_weights_use_the_run_s_quantization_type():
+    ckpt = tiny_checkpoint(low_precision={"use_4bit": True, "quantization_type": "fp4"})
+    ckpt.model = {name: torch.randn(2, 32, 64) for name in ("encoder", "encoder_v", "decoder")}
+    tensors = export.weights(ckpt, four_bit=True)
+    expected = export_4bit(ckpt.model["encoder"], "fp4", ckpt.low_precision()["use_double_quant"])
+    assert torch.equal(tensors["quant_map"], expected["quant_map"])
+    assert torch.equal(tensors["encoder_4bit"], expected["codes"])
+
+
 def test_what_is_not_this_projects_is_refused_in_one_line(tmp_path, capsys):
     other = tmp_path / "pytorch_model.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, other)
@@ -324,9 +361,32 @@ def test_replace_replaces_an_earlier_export_but_never_a_run_directory(trained, t
     assert "post-training" not in capsys.readouterr().err
 
 
+def test_export_never_overwrites_unasked_and_a_file_or_a_full_disk_is_one_line(trained, tmp_path, capsys,
+                                                                                   monkeypatch):
+    out = tmp_path / "export"
+    assert export.main(["--checkpoint", str(trained), "--out", str(out)]) == 0
+    (out / "README.md").write_text("my own notes on this model")
+    assert export.main(["--checkpoint", str(trained), "--out", str(out)]) == 1
+    assert "add --replace" in capsys.readouterr().err
+    assert (out / "README.md").read_text() == "my own notes on this model"
+    (tmp_path / "afile").write_text("x")
+    assert export.main(["--checkpoint", str(trained), "--out", str(tmp_path / "afile")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'afile'}: is a file, not a folder; choose another --out\n"
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(export, "write_export", disk_full)
+    assert export.main(["--checkpoint", str(trained), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'out'}: cannot write (No space left on device)\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_exporting_a_run_whose_best_is_older_than_its_newest_checkpoint_says_how_to_export_the_best(trained, tmp_path,
                                                                                                     capsys):
     run = trained.parent
+    shutil.copyfile(trained, run / "best.pt")  # the last evaluation was the best: nothing to say
+    assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "newest")]) == 0
+    assert "best.pt" not in capsys.readouterr().err
     older = torch.load(trained, weights_only=True)
     older["step"] = 2
     torch.save(older, run / "best.pt")  # the last evaluation was no better than the one of step 2
@@ -341,12 +401,13 @@ def test_exporting_a_run_whose_best_is_older_than_its_newest_checkpoint_says_how
 
 
 def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp_path):
-    from checkpoint import Checkpoint
-    from config import Config
-    from tokenizer import ByteTokenizer
-    config = Config.from_dict({"model": {"n_layer": 1, "n_embd": 32, "n_head": 2}}).to_dict()
-    ckpt = Checkpoint(step=1, model={}, model_config=config["model"], config=config)
+    ckpt = tiny_checkpoint()
+    config = ckpt.config
     card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
+    assert card.startswith("# BDH (")  # the Hub's front matter only with --hf
+    assert "- weights: float32\n" in card and "- tokens: UTF-8 bytes\n" in card
+    assert "- weights: encoder, encoder_v, decoder in 4 bits (nf4, blocks of 64), the rest float32\n" in (
+        export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=True))
     assert ("), validation fraction 0.05 (split_seed 1337, held out by text), measured on up to 20 batches "
             "(training.eval_iters)\n") in card
     assert "- result: not evaluated yet (stopped before its first evaluation)" in card and "inf" not in card
@@ -358,9 +419,10 @@ def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp
             "4 bits: low_precision.use_4bit)\n") in export.model_card(
         ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
     metrics = tmp_path / "metrics.jsonl"  # the run's evaluation says what it measured, whatever a resume set since
-    metrics.write_text('{"step": 1, "val_loss": 2.4, "val_bits_per_byte": 3.0, "weights_4bit": false}\n')
-    assert "at step 1\n" in export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False,
-                                              four_bit=False)
+    metrics.write_text('{"step": 1, "val_loss": 3.0, "val_bits_per_byte": 4.0}\n{"step": 1, "train_loss": 2.9}\n'
+                       '{"step": 1, "val_loss": 2.4, "val_bits_per_byte": 3.0, "weights_4bit": false}\n')  # resumed
+    card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
+    assert "- result: validation loss 2.4000 nats per token, 3.0000 bits per byte, at step 1\n" in card
     ckpt.step = 3  # stopped after step 3, between evaluations: the loss is another step's weights'
     assert ("at step 1; the run's last evaluation: step 3's weights, exported here, were not measured (best.pt holds the "
             "best measured ones)\n") in export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_3.pt", "out",
@@ -374,7 +436,10 @@ def test_the_model_card_names_the_run_s_validation_data_processes_and_tokens(tmp
     config["dataset"]["val_parquet_dir"] = "data/held_out"
     card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out", hf=False, four_bit=False)
     assert "), validation data/held_out, measured on up to 20 batches" in card and "validation fraction" not in card
-    assert "accumulation 1\n" in card  # one process; a checkpoint older than token counting
+    assert "accumulation 1\n" in card  # a checkpoint older than random states and token counting
+    ckpt.rng = [{}]  # one process's generators
+    assert "accumulation 1\n" in export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "out",
+                                                   hf=False, four_bit=False)
     ckpt.rng, ckpt.tokens = [{}, {}], 40_960  # two processes under torchrun
     card = export.model_card(ckpt, ByteTokenizer(), tmp_path / "checkpoint_1.pt", "exports/out", hf=True,
                              four_bit=False)

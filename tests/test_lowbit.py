@@ -1,5 +1,6 @@
 """lowbit.py: 4-bit weights, quantization-aware training and 4-bit serving (bitsandbytes on CPU)."""
 import json
+import re
 
 import pytest
 import torch
@@ -8,8 +9,9 @@ import sample
 import train
 from checkpoint import load_checkpoint
 from conftest import write_config
-from lowbit import dequantize, quantization_aware_view, quantize, to_4bit
-from model import BDH, BDHConfig
+from lowbit import (LowBitError, dequantize, export_4bit, quantization_aware_view, quantize, serve_4bit_option,
+                    to_4bit)
+from model import BDH, BDHConfig, unpack_4bit
 
 SMALL = BDHConfig(n_layer=2, n_embd=64, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.0)
 
@@ -20,6 +22,9 @@ def test_blockwise_round_trip(quant_type, double_quant):
     x = torch.randn(10_000)
     q = quantize(x, quant_type, double_quant)
     assert q["codes"].dtype == torch.uint8 and q["codes"].numel() == 5_000  # two codes per byte
+    assert q["absmax"].numel() == 157  # one scale per 64 values, the last block partial
+    assert q["absmax"].dtype == (torch.uint8 if double_quant else torch.float32)  # double quant: scales in 8 bits
+    assert f"quant_state.bitsandbytes__{quant_type}" in q
     y = dequantize(q)
     assert y.shape == x.shape  # flattened, as x is
     blocks = x[:9984].view(-1, 64)
@@ -43,6 +48,20 @@ def test_quantization_aware_forward_uses_4bit_weights_and_passes_gradients_strai
         loss.backward()
     for name in ("encoder", "encoder_v", "decoder", "lm_head"):
         torch.testing.assert_close(getattr(qat, name).grad, getattr(plain, name).grad)
+    weight = torch.randn(2, 8, 64, dtype=torch.bfloat16, requires_grad=True)
+    assert qat.weight_view((weight,))[0].dtype == torch.bfloat16  # a bfloat16 model's layers get bfloat16
+
+
+def test_the_export_s_4bit_weights_unpack_to_the_bitsandbytes_round_trip_in_the_dtype_asked():
+    """model.unpack_4bit reads an export's 4-bit weights without bitsandbytes: high nibble first, the
+    double quantization of the scales undone, a partial last block (7 x 37 = 259 values)."""
+    weight = torch.randn(7, 37)
+    for quant_type, double_quant in (("nf4", True), ("fp4", False)):
+        packed = export_4bit(weight, quant_type, double_quant)
+        expected = dequantize(quantize(weight, quant_type, double_quant)).view(7, 37)
+        for dtype in (torch.float32, torch.bfloat16):
+            got = unpack_4bit(packed["codes"], packed["absmax"], packed["quant_map"], (7, 37), 64, dtype)
+            assert got.dtype == dtype and torch.equal(got, expected.to(dtype))
 
 
 def metrics(checkpoint_dir, key):
@@ -114,6 +133,29 @@ def test_quantization_aware_training_run_and_4bit_sampling(tmp_path, corpus, cap
     prompt = torch.tensor([list(b"<00-")])
     expected = model.eval().generate(prompt, 20, temperature=0)
     assert four_bit.out.strip() == bytes(expected[0].tolist()).decode("utf-8", "replace").strip()
+
+
+def test_serving_notes_say_which_weights_are_used():
+    """--4bit: post-training quantization is noted for a run known to have trained without use_4bit; without
+    --4bit, a use_4bit run is told its 4-bit weights are not the ones used unless the export holds them already."""
+    settings = {"quantization_type": "fp4", "use_double_quant": False}
+    [note] = serve_4bit_option(BDH(SMALL), {**settings, "use_4bit": None}, "ck", True)  # not known
+    assert note.startswith("4-bit weights (fp4): model ")
+    assert "post-training" in serve_4bit_option(BDH(SMALL), {**settings, "use_4bit": False}, "ck", True)[0]
+    assert "add --4bit" in serve_4bit_option(BDH(SMALL), {**settings, "use_4bit": True}, "ck", False)[0]
+    assert serve_4bit_option(BDH(SMALL), {**settings, "use_4bit": True, "exported_in_4bit": True}, "ck", False) == []
+    with pytest.raises(LowBitError, match="drop --4bit"):
+        serve_4bit_option(BDH(SMALL), {**settings, "exported_in_4bit": True}, "ck", True)
+
+
+def test_the_4bit_size_note_counts_the_packed_weights():
+    model = BDH(SMALL)
+    before = sum(p.numel() * 4 for p in model.parameters()) / 2**20
+    [note] = serve_4bit_option(model, {"quantization_type": "nf4", "use_double_quant": True}, "ck", True)
+    after, float32, ratio = map(float, re.search(r"model ([\d.]+) MiB, float32 ([\d.]+) MiB \(1/([\d.]+)\)",
+                                                 note).groups())
+    assert "(nf4, double quant)" in note and model.encoder.numel() == 0
+    assert float32 == round(before, 2) and 1 < ratio < 8 and after < float32
 
 
 def test_4bit_weights_take_about_a_seventh_of_float32_at_the_default_size():

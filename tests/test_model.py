@@ -171,6 +171,28 @@ def test_sampling_draws_from_the_softmax_of_the_logits_over_the_temperature_with
     assert torch.allclose(shares(1.0, top_k=1000), F.softmax(logits[0], dim=-1), atol=0.015)  # above the vocabulary
 
 
+def test_temperature_zero_is_greedy_between_near_ties_and_a_tiny_temperature_is_no_nan():
+    generator = torch.Generator().manual_seed(0)
+    drawn = BDH.sample_next(torch.tensor([[0.0, 1e-4, -1.0]]).repeat(2000, 1), 0, None, generator)
+    assert drawn.shape == (2000, 1) and torch.all(drawn == 1)
+    # the logits are shifted by their maximum before the division: no inf / inf = nan
+    drawn = BDH.sample_next(torch.tensor([[1.0, 3.0, 2.0], [5.0, -5.0, 4.0]]), 1e-40, None, generator)
+    assert drawn.flatten().tolist() == [1, 0]
+
+
+def test_generation_runs_no_step_after_the_last_token(monkeypatch):
+    """The prompt in chunks of prompt_chunk, then one step per new token but the last (nothing follows it)."""
+    real, calls = model_module.recurrent_forward, []
+
+    def recurrent_forward(model, tokens, *args, **kwargs):
+        calls.append(tokens.size(1))
+        return real(model, tokens, *args, **kwargs)
+    monkeypatch.setattr(model_module, "recurrent_forward", recurrent_forward)
+    model, _ = small_model()
+    assert model.generate(torch.zeros(1, 5, dtype=torch.long), 4, prompt_chunk=3).shape == (1, 9)
+    assert calls == [3, 2, 1, 1, 1]
+
+
 def test_generation_never_draws_the_padding_ids_past_the_tokenizer_s():
     torch.manual_seed(0)
     model = BDH(BDHConfig(n_layer=1, n_embd=32, mlp_internal_dim_multiplier=8, vocab_size=320)).eval()
@@ -180,11 +202,14 @@ def test_generation_never_draws_the_padding_ids_past_the_tokenizer_s():
     assert drawn.max() < 300
 
 
-def test_loss_is_cross_entropy_of_the_logits():
+def test_loss_is_cross_entropy_of_the_logits_in_float32_whatever_the_model_s_dtype():
     model, _ = small_model()
     idx, tgt = torch.randint(0, 256, (2, 9)), torch.randint(0, 256, (2, 9))
     logits, loss = model(idx, tgt)
     assert torch.allclose(loss, F.cross_entropy(logits.reshape(-1, 256), tgt.reshape(-1)))
+    logits, loss = model.to(torch.bfloat16)(idx, tgt)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert torch.equal(loss, F.cross_entropy(logits.float().reshape(-1, 256), tgt.reshape(-1)))
 
 
 def gradients(model, forward, idx, tgt):
@@ -339,6 +364,16 @@ def test_fast_path_under_low_precision_autocast_is_as_accurate_as_the_reference(
         if kind == "fast":
             fast_error, ref_error = sum(values) / 4, sum(errors[dtype, name, "reference"]) / 4
             assert fast_error < 1.5 * ref_error + 1e-3, (dtype, name, fast_error, ref_error)
+
+
+def test_rope_angles_are_reduced_to_one_turn_and_accurate_at_long_positions():
+    """2*pi*frac(t*f): at position 1,000,000 within 0.02 rad of the exact angle (2*pi*t*f in float32: 0.05 off)."""
+    freqs = rope_frequencies(64)[0::2]
+    t = torch.tensor([0, 1000, 1_000_000])
+    angles = rope_angles(freqs, t)
+    assert angles.min() >= 0 and angles.max() < 2 * math.pi
+    off = (angles.double() - (t.double()[:, None] * freqs.double()) % 1.0 * (2 * math.pi)) % (2 * math.pi)
+    assert torch.minimum(off, 2 * math.pi - off).max() < 0.02
 
 
 def test_the_rope_table_is_built_without_cpu_cos_and_sin(monkeypatch):

@@ -46,6 +46,9 @@ def test_from_text_cuts_a_short_text_finer_and_says_what_else_it_needs(tmp_path,
                       r"(\d+)\), or give", out)[1]
     assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "cut"), "--chunk-bytes", finer]) == 0
     assert capsys.readouterr().out == f"wrote 100 documents to {tmp_path / 'cut'}\n"
+    assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "whole"), "--chunk-bytes", "0"]) == 0
+    assert f"about 0.1 of these 1, and training needs the rest; cut the text finer (--chunk-bytes {finer}), or " in (
+        capsys.readouterr().out)
 
     notes.write_text("Some notes.\nMore notes here.\n" * 200)  # 5.8 KB: as fine as 256 bytes is still too few
     assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "short")]) == 0
@@ -65,14 +68,18 @@ def test_from_text_cuts_a_short_text_finer_and_says_what_else_it_needs(tmp_path,
     assert capsys.readouterr().out == (f"wrote 1 document to {tmp_path / 'tiny'}\nnote: 12 bytes of text is too little "
                                        f"to train on and hold validation documents out of: give more text (a few "
                                        f"hundred KB for a first model)\n")
+    notes.write_text("Some notes.\nMore notes here.\n" * 130)  # 3.8 KB: under 4 KB is too little too
+    assert prepare.main(["--from-text", str(notes), "--out", str(tmp_path / "few_kb")]) == 0
+    out = capsys.readouterr().out
+    assert "note: 3,770 bytes of text is too little to train on" in out and "val_fraction" not in out
 
 
 def test_from_text_keeps_many_small_files_whole_and_names_one_it_cannot_read(tmp_path, capsys, monkeypatch):
-    files = [tmp_path / f"note{k:03d}.txt" for k in range(210)]
+    files = [tmp_path / f"note{k:03d}.txt" for k in range(prepare.MIN_DOCUMENTS)]
     for k, f in enumerate(files):
-        f.write_text(f"note {k}\n" * 200)  # 1.6 KB each: 210 documents as they are, none cut
+        f.write_text(f"note {k}\n" * 200)  # 1.6 KB each: 200 documents as they are, enough: none cut
     assert prepare.main(["--from-text", *map(str, files), "--out", str(tmp_path / "out")]) == 0
-    assert capsys.readouterr().out == f"wrote 210 documents to {tmp_path / 'out'}\n"
+    assert capsys.readouterr().out == f"wrote 200 documents to {tmp_path / 'out'}\n"
     read_bytes = Path.read_bytes
     monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
                         if self.name == "note007.txt" else read_bytes(self))
@@ -194,7 +201,10 @@ def test_train_tokenizer_refuses_a_vocabulary_without_merges_or_past_any_in_use(
     (["--train-tokenizer"], "--out is required: the tokenizer.json to write"),
     (["--from-text", "a.txt"], "--out is required: the folder of the shards to write"),
     (["--from-text", "a.txt", "--out", "x", "--chunk-bytes", "-1"], "--chunk-bytes must be >= 0 (0: one document per "
-                                                                    "file), got -1")])
+                                                                    "file), got -1"),
+    (["--from-parquet", "a", "--out", "x", "dataset.text_column="],
+     "--from-parquet takes no config or vocabulary, and of the overrides only dataset.text_column=NAME (got "
+     "dataset.text_column=)")])
 def test_usage_errors_say_what_is_wrong(tmp_path, capsys, arguments, error):
     with pytest.raises(SystemExit):
         prepare.main(arguments)
@@ -338,7 +348,7 @@ def test_an_out_inside_a_folder_of_shards_is_noted(tmp_path, capsys):
     (tmp_path / "book.txt").write_text("a book\n" * 1000)
     write_parquet(tmp_path / "raw" / "new.parquet", ["more text"])
     for k, mode in enumerate((["--from-text", str(tmp_path / "book.txt")], ["--from-parquet", str(tmp_path / "raw")])):
-        out = tmp_path / "data" / "more" / str(k)
+        out = tmp_path / "data" / ("more" if k else "") / str(k)  # right inside the folder, and deeper
         assert prepare.main([*mode, "--out", str(out)]) == 0
         assert (f"\nnote: {tmp_path / 'data'} holds parquet shards too: training on it reads these with them; "
                 f"dataset.parquet_dir={out} reads these alone\n") in capsys.readouterr().out
@@ -415,6 +425,7 @@ def test_from_parquet_refuses_an_out_that_overlaps_its_shards_and_keeps_bytes_th
         (tmp_path / "raw" / linked).symlink_to(tmp_path / linked)
     write_parquet(tmp_path / "elsewhere" / "b.parquet", [b"more"], type_=pa.binary())
     write_parquet(tmp_path / "nested" / "sub" / "c.parquet", ["text"])
+    (tmp_path / "link").symlink_to(tmp_path / "raw")
     nested = ["--from-parquet", f"{tmp_path}/nested/**/*.parquet", "--out", str(tmp_path / "nested" / "x")]
     assert prepare.main(nested) == 1  # a pattern's folder holds no file itself: still the data's
     for given, out, replace in ((source.parent, tmp_path / "raw" / "small", []),  # training on raw would read both
@@ -422,10 +433,12 @@ def test_from_parquet_refuses_an_out_that_overlaps_its_shards_and_keeps_bytes_th
                                 (f"{tmp_path}/raw/*.parquet", tmp_path / "raw" / "small", []),
                                 (source.parent, tmp_path / "elsewhere" / "small", []),
                                 (source.parent, tmp_path / "raw" / "empty" / "small", []),
+                                (source.parent, tmp_path / "link" / "small", []),  # raw/small by another name
+                                (source.parent, tmp_path, []), (source.parent, tmp_path, ["--replace"]),  # holds raw
                                 (source, tmp_path / "raw", ["--replace"])):  # would delete a.parquet
         assert prepare.main(["--from-parquet", str(given), "--out", str(out), *replace]) == 1
         assert "overlaps the shards it is written from" in capsys.readouterr().err
-        assert sorted(p.name for p in source.parent.iterdir()) == ["a.parquet", "elsewhere", "empty"]
+        assert sorted(p.name for p in source.parent.iterdir()) == ["a.parquet", "elsewhere", "empty"], (given, out)
         assert source.read_bytes() == before and not any((tmp_path / "empty").iterdir())
     assert prepare.main(["--from-parquet", str(source), "--out", str(tmp_path / "small")]) == 0
     assert "(8 bytes of text, as bytes: a file holds them so)" in capsys.readouterr().out
@@ -457,3 +470,62 @@ def test_from_parquet_on_a_text_file_says_it_needs_no_rewrite(tmp_path, capsys):
         f"give their folder, a .parquet file or a glob pattern; to train on this file's text: `python prepare.py "
         f"--from-text {tmp_path / 'notes.txt'} --out {out}` and train with dataset.parquet_dir={out} (its row groups "
         f"are small already)\n")
+
+
+@pytest.mark.parametrize("column", [pa.array([b"caf\xe9", b"ok"], pa.large_binary()),
+                                    pa.array([b"caf\xe9", b"ok", b"caf\xe9"], pa.binary()).dictionary_encode()])
+def test_from_parquet_keeps_bytes_of_every_binary_kind_as_bytes(tmp_path, capsys, column):
+    write_parquet(tmp_path / "raw" / "a.parquet", column)
+    out = tmp_path / "small"
+    assert prepare.main(["--from-parquet", str(tmp_path / "raw"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "as bytes: a file holds them so" in printed and values_in(out) == column.to_pylist()
+    assert f"train on them with dataset.parquet_dir={out}\n" in printed  # (text_column: the default, not named)
+
+
+def test_from_parquet_replace_rewrites_an_earlier_rewrite(tmp_path, capsys):
+    write_parquet(tmp_path / "raw" / "a.parquet", ["first"])
+    out = tmp_path / "small"
+    assert prepare.main(["--from-parquet", str(tmp_path / "raw"), "--out", str(out)]) == 0
+    write_parquet(tmp_path / "raw" / "a.parquet", ["second"])
+    assert prepare.main(["--from-parquet", str(tmp_path / "raw"), "--out", str(out)]) == 1
+    assert "add --replace to replace them" in capsys.readouterr().err and values_in(out) == ["first"]
+    assert prepare.main(["--from-parquet", str(tmp_path / "raw"), "--out", str(out), "--replace"]) == 0
+    assert values_in(out) == ["second"]
+
+
+def test_train_tokenizer_says_what_it_could_not_learn_and_prints_a_command_with_the_new_tokenizer(tmp_path, corpus,
+                                                                                                  capsys):
+    config = write_config(tmp_path, corpus)
+    out = tmp_path / "t.json"
+    assert prepare.main(["--train-tokenizer", "--vocab-size", "100000", "--out", str(out), "--config", str(config),
+                         "dataset.tokenizer=bytes"]) == 0
+    printed = capsys.readouterr().out
+    size = load_tokenizer(str(out)).vocab_size
+    assert size < 100_000 and (f"note: the training text yields only {size - 257:,} merges, so the vocabulary has "
+                               f"{size:,} tokens, fewer than --vocab-size 100,000\n") in printed
+    command = re.search(r"python (.*train\.py.*)\n", printed)[1]  # with the new tokenizer, not the one given
+    assert "dataset.tokenizer=bytes" not in command and f"dataset.tokenizer={out} model.vocab_size=" in command
+
+
+def test_train_tokenizer_that_cannot_be_written_is_one_line(tmp_path, corpus, capsys, monkeypatch):
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(prepare, "atomic_write", disk_full)
+    out = tmp_path / "t.json"
+    assert prepare.main(["--train-tokenizer", "--vocab-size", "300", "--out", str(out), "--config",
+                         str(write_config(tmp_path, corpus))]) == 1
+    assert capsys.readouterr().err == f"error: --out {out}: cannot write (No space left on device)\n"
+
+
+def test_train_tokenizer_defaults_to_4096_tokens_from_config_yaml_and_takes_up_to_the_largest_vocabulary(
+        tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(prepare, "load_config", lambda args: args.config)
+    monkeypatch.setattr(prepare, "train_tokenizer", lambda config, vocab_size, out, arguments, replace: seen.append(
+        (config, vocab_size, arguments)) or "trained")
+    assert prepare.main(["--train-tokenizer", "--out", str(tmp_path / "t.json")]) == 0
+    assert prepare.main(["--train-tokenizer", "--out", str(tmp_path / "t.json"), "--vocab-size",
+                         str(prepare.MAX_VOCAB_SIZE)]) == 0
+    assert seen == [("config.yaml", 4096, ["--config", "config.yaml"]),
+                    ("config.yaml", prepare.MAX_VOCAB_SIZE, ["--config", "config.yaml"])]
