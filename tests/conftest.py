@@ -142,6 +142,15 @@ def event_files_in_order():
 
 
 @pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib figures a command draws, kept open (it closes each once written) to be looked into."""
+    import matplotlib.pyplot as plt
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    return kept
+
+
+@pytest.fixture
 def corpus(tmp_path):
     return make_corpus(tmp_path / "data", n_files=3, docs_per_file=40, rows_per_group=8, doc_len=60)
 

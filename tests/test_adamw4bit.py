@@ -1,4 +1,5 @@
 """adamw4bit.py: the 4-bit moment format, the optimizer's update, resume and conversions."""
+import copy
 import math
 import re
 
@@ -11,9 +12,10 @@ from adamw4bit import (MIN_QUANTIZED_NUMEL, AdamW4bit, MomentFormat, adamw_state
                        convert_adamw_state, decode, encode, make_optimizer, nearest_level)
 from checkpoint import load_checkpoint
 from config import Config
-from conftest import write_config
+from conftest import NEEDS_CUDA, write_config
 from lowbit import dequantize, quantize
 from model import BDH, BDHConfig
+from runtime import tensor_bytes
 
 
 @pytest.mark.parametrize("name", ["linear", "log", "dynamic", "nf4", "fp4"])
@@ -101,7 +103,7 @@ def test_a_large_tensor_is_updated_a_piece_at_a_time_as_it_would_be_whole(moment
         return params, optimizer.state_dict()["state"], max(decoded)
     real_decode = adamw4bit.decode
     whole, whole_state, most_whole = run(1 << 20)
-    pieces, pieces_state, most = run(1280)
+    pieces, pieces_state, most = run(1300)  # 10 blocks of 128; 39 of 33 would be an odd 1287, so 38
     expected = 21000 if moment_format.rank1 else 1254 if moment_format.block_size == 33 else 1280  # (even, 33 x 38)
     assert most_whole == 21000 and most == expected
     assert all(torch.equal(a, b) for a, b in zip(whole, pieces))
@@ -121,6 +123,24 @@ def test_a_parameter_that_is_not_contiguous_is_updated_as_it_is(monkeypatch):
             p.grad = grad.clone()
             optimizer.step()
     assert not transposed.is_contiguous() and torch.equal(contiguous, transposed)
+    a, b = torch.nn.Parameter(weights.clone()), torch.nn.Parameter(weights.clone())  # a gradient that is not
+    optimizers = [AdamW4bit([p], lr=1e-2) for p in (a, b)]
+    a.grad, b.grad = grad.t(), grad.t().contiguous()  # (a transposed view, as some backward functions give)
+    for optimizer in optimizers:
+        optimizer.step()
+    assert torch.equal(a, b)
+
+
+def test_a_step_decodes_at_most_a_piece_of_a_large_weight(monkeypatch):
+    """A step's float32 temporaries are a piece's (about a million elements), not the whole weight's:
+    what keeps AdamW4bit's peak memory below AdamW's."""
+    sizes, real_decode = [], adamw4bit.decode
+    monkeypatch.setattr(adamw4bit, "decode", lambda q, levels, shape, *rest: sizes.append(
+        shape.numel()) or real_decode(q, levels, shape, *rest))
+    p = torch.nn.Parameter(torch.zeros(3 << 20))
+    p.grad = torch.ones_like(p)
+    AdamW4bit([p]).step()
+    assert len(sizes) >= 6 and max(sizes) <= 1 << 20
 
 
 def test_small_tensors_keep_float32_state_and_match_torch_adamw():
@@ -136,6 +156,53 @@ def test_small_tensors_keep_float32_state_and_match_torch_adamw():
         ours.step()
         theirs.step()
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    p = torch.nn.Parameter(torch.zeros(MIN_QUANTIZED_NUMEL))  # from the threshold on: 4 bits, converted alike
+    assert "exp_avg_4bit" in AdamW4bit([p]).state[p] and "exp_avg" not in AdamW4bit([p]).state[p]
+    saved = {"state": {"w": {"step": torch.tensor(1.0), "exp_avg": torch.ones(MIN_QUANTIZED_NUMEL),
+                             "exp_avg_sq": torch.ones(MIN_QUANTIZED_NUMEL)}}, "param_groups": []}
+    convert_adamw_state(saved, {"w": p.shape}, to_4bit=True)
+    assert "exp_avg_4bit" in saved["state"]["w"] and "exp_avg" not in saved["state"]["w"]
+
+
+def test_without_hyperparameters_it_steps_as_torch_adamw_without_weight_decay():
+    """lr, betas and eps are torch's defaults: tiny gradients, where eps decides the step, included."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(100))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours, theirs = AdamW4bit([a]), torch.optim.AdamW([b], weight_decay=0.0)
+    for scale in (1.0, 1e-7, 1e-8, 1.0, 1e-9):
+        g = torch.randn_like(a) * scale
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("numel", [100, MIN_QUANTIZED_NUMEL])
+def test_a_zero_gradient_leaves_the_weights_as_they_are(numel):
+    """m = v = 0: the step is 0 / (0 + eps) = 0, not 0 / 0 (NaN), float32 moments or 4-bit ones."""
+    p = torch.nn.Parameter(torch.ones(numel))
+    optimizer = AdamW4bit([p], lr=1e-2)
+    for _ in range(2):
+        p.grad = torch.zeros_like(p)
+        optimizer.step()
+    assert torch.equal(p.detach(), torch.ones(numel))
+
+
+def test_a_step_skips_parameters_without_a_gradient_and_runs_a_closure_with_gradients():
+    """torch's contract: a parameter no loss reached (grad None) is left alone, its step count too;
+    step(closure) may call backward in the closure, and returns its loss."""
+    used, unused = torch.nn.Parameter(torch.ones(10)), torch.nn.Parameter(torch.ones(MIN_QUANTIZED_NUMEL))
+    optimizer = AdamW4bit([used, unused], lr=1e-2)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (used ** 2).sum()
+        loss.backward()
+        return loss
+    assert optimizer.step(closure).item() == 10.0
+    assert (used < 1).all() and torch.equal(unused.detach(), torch.ones(MIN_QUANTIZED_NUMEL))
+    assert optimizer.state[unused]["step"] == 0
 
 
 def test_quantized_updates_follow_adamw_closely():
@@ -187,6 +254,76 @@ def test_loading_a_state_leaves_its_4bit_codes_as_they_are():
     for name in ("exp_avg_4bit", "exp_avg_sq_4bit"):
         assert loaded.state[p][name]["codes"] is saved["state"][0][name]["codes"]
     assert loaded.state[p]["step"] == 1 and loaded.state_bytes() == optimizer.state_bytes()
+
+
+def test_a_loaded_state_carries_on_each_parameter_s_steps_and_a_parameter_without_one_starts_afresh():
+    """Two 4-bit weights of different sizes carry on exactly as the saved optimizer would; a weight
+    the saved state lacks (the model gained it since) starts its moments from zero, as a new optimizer's."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((64, 128), (32, 384), (10,))]
+    optimizer = AdamW4bit(params, lr=1e-2)
+    for p in params[:2]:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    saved = copy.deepcopy(optimizer.state_dict())  # (as from a file: tensors of its own)
+    del saved["state"][2]
+    new = torch.nn.Parameter(params[2].detach().clone())
+    loaded, fresh = AdamW4bit(copies, lr=1e-2), AdamW4bit([new], lr=1e-2)
+    loaded.load_state_dict(saved)
+    for p, q in zip(params, copies):
+        p.grad = q.grad = torch.randn_like(p)
+    new.grad = copies[2].grad.clone()
+    for each in (optimizer, loaded, fresh):
+        each.step()
+    assert torch.equal(params[0], copies[0]) and torch.equal(params[1], copies[1]) and torch.equal(copies[2], new)
+
+
+@NEEDS_CUDA
+def test_a_state_saved_on_the_cpu_loads_onto_the_parameter_s_device():
+    """A checkpoint loaded with map_location cpu, resumed on the GPU: the 4-bit codes and scales go where
+    the parameter is."""
+    p = torch.nn.Parameter(torch.randn(64, 128))
+    optimizer = AdamW4bit([p])
+    p.grad = torch.randn_like(p)
+    optimizer.step()
+    q = torch.nn.Parameter(p.detach().cuda())
+    loaded = AdamW4bit([q])
+    loaded.load_state_dict(optimizer.state_dict())
+    assert all(t.device == q.device for name in ("exp_avg_4bit", "exp_avg_sq_4bit")
+               for t in loaded.state[q][name].values())
+    q.grad = torch.randn_like(q)
+    loaded.step()
+
+
+def test_the_floor_keeps_v_at_the_smallest_positive_level_of_its_block():
+    """MomentFormat(floor=True) with a code book that has a 0 (nf4): a second moment far below its
+    block's maximum decodes to the smallest positive level x the block's scale, not to 0."""
+    optimizer = AdamW4bit([torch.nn.Parameter(torch.zeros(1))],
+                          moment_format=MomentFormat(v_code="nf4", v_form="v", floor=True))
+    v = torch.full((256,), 1e-12)
+    v[::128] = 2.0
+    decoded = optimizer._decode_v(optimizer._encode_v(v), v.shape)
+    smallest = code_book("nf4")[code_book("nf4") > 0].min()
+    torch.testing.assert_close(decoded[1:128], torch.full((127,), 2.0 * smallest.item()))
+
+
+def test_rank1_keeps_block_scales_for_a_one_dimensional_weight():
+    """rank1 scales a matrix by its rows and columns; a vector keeps per-block scales, not one scale
+    per element (a float32 per value: no saving)."""
+    p = torch.nn.Parameter(torch.zeros(MIN_QUANTIZED_NUMEL))
+    state = AdamW4bit([p], moment_format=MomentFormat(rank1=True)).state[p]["exp_avg_sq_4bit"]
+    assert set(state) == {"codes", "block"} and state["block"].numel() == MIN_QUANTIZED_NUMEL // 128
+
+
+def test_adamw_state_bytes_is_what_torch_adamw_keeps():
+    """The "x AdamW's" ratio a run prints divides by the bytes of torch AdamW's own state."""
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((3, 5), (7,), (4, 4, 2))]
+    optimizer = torch.optim.AdamW(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert adamw_state_bytes(params) == tensor_bytes(optimizer.state_dict()["state"])
 
 
 def test_a_second_moment_far_below_its_block_maximum_cannot_blow_up_the_step():
@@ -296,11 +433,14 @@ def test_a_checkpoint_of_the_earlier_bitsandbytes_format_resumes(tmp_path, corpu
 
 @pytest.mark.parametrize("use_4bit_optimizer", [False, True])
 def test_weight_decay_applies_to_the_matmul_weights_and_not_to_the_embedding(use_4bit_optimizer):
-    cfg = Config.from_dict({"model": {"n_layer": 1, "n_embd": 32, "n_head": 2}, "training": {"weight_decay": 0.3},
+    """Either optimizer: the same training.learning_rate and betas (0.9, 0.95); only the moments' storage differs."""
+    cfg = Config.from_dict({"model": {"n_layer": 1, "n_embd": 32, "n_head": 2},
+                            "training": {"weight_decay": 0.3, "learning_rate": 0.0123},
                             "low_precision": {"use_4bit_optimizer": use_4bit_optimizer}})
     model = BDH(cfg.model)
     model.gate = torch.nn.Parameter(torch.ones(4))  # a weight the model gains is trained too
     groups = make_optimizer(model, cfg, torch.device("cpu")).param_groups
+    assert {(group["lr"], tuple(group["betas"])) for group in groups} == {(0.0123, (0.9, 0.95))}
     decay = {id(p): group["weight_decay"] for group in groups for p in group["params"]}
     names = {id(p): name for name, p in model.named_parameters()}
     assert sorted(decay) == sorted(names)  # each parameter in one group

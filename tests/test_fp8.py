@@ -70,6 +70,59 @@ def test_fp8_forward_and_backward_against_bf16(monkeypatch, recipe, fmt):
     assert gemms == []  # evaluation runs in the compute dtype
 
 
+@pytest.mark.parametrize("capability,accepted", [((8, 9), True), ((9, 0), True), ((10, 0), True),
+                                                 ((8, 6), False), ((8, 0), False)])
+def test_fp8_is_accepted_from_compute_capability_8_9(monkeypatch, capability, accepted):
+    """Ada (8.9), Hopper (9.0) and Blackwell run FP8 GEMMs; an Ampere GPU (8.0, 8.6) is refused in one
+    line naming the GPU and its capability."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    if accepted:
+        fp8.check_device(torch.device("cuda"))
+    else:
+        with pytest.raises(fp8.FP8Error, match=f"Some GPU has {capability[0]}.{capability[1]}. Set "
+                                               "low_precision.use_fp8=false"):
+            fp8.check_device(torch.device("cuda"))
+
+
+def test_each_gemm_casts_its_gradient_operand_to_e5m2_in_hybrid(monkeypatch):
+    """hybrid: activations and weights in E4M3, gradients in E5M2 (its wider range), whichever operand
+    of the GEMM the gradient is: the first of grad_input (grad x weight), the second of grad_weight."""
+    gemms, real_scaled_mm = [], torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, *args, **kw: gemms.append(
+        (a.dtype, b.dtype)) or real_scaled_mm(a, b, *args, **kw))
+    cfg = Config().fp8
+    cfg.torchao_recipe, cfg.format = "tensorwise", "hybrid"
+    matmuls = fp8.torchao_matmuls(cfg)[0]
+    a, b = torch.randn(2, 16, 32), torch.randn(2, 32, 16)
+    e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
+    for role, expected in (("output", (e4m3, e4m3)), ("grad_input", (e5m2, e4m3))):
+        gemms.clear()
+        matmuls.product(a, b, role)
+        assert gemms == [expected, expected], role
+    gemms.clear()
+    total = torch.zeros(2, 16, 16)
+    matmuls.accumulate(total, a, b)
+    assert gemms == [(e4m3, e5m2)] * 2 and total.abs().sum() > 0
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
+def test_each_gemm_keeps_the_recipe_s_scale_rounding_and_accumulation(recipe):
+    """What torchao's recipe sets for each GEMM: power-of-2 scales (rowwise), and fast accumulation for
+    the forward GEMM only."""
+    from torchao.float8 import Float8LinearConfig
+    cfg = Config().fp8
+    cfg.torchao_recipe, cfg.format = recipe, "hybrid" if recipe == "tensorwise" else "e4m3"
+    matmuls = fp8.torchao_matmuls(cfg)[0]
+    reference = Float8LinearConfig.from_recipe_name(recipe)
+    gemms = {"output": reference.gemm_config_output, "grad_input": reference.gemm_config_grad_input,
+             "grad_weight": reference.gemm_config_grad_weight}
+    for role, (config, mm_config) in matmuls.roles.items():
+        assert config.round_scales_to_power_of_2 == reference.round_scales_to_power_of_2, role
+        assert mm_config.output.use_fast_accum == gemms[role].use_fast_accum, role
+    assert matmuls.roles["output"][1].output.use_fast_accum != matmuls.roles["grad_input"][1].output.use_fast_accum
+
+
 def test_fp8_training_is_refused_without_an_fp8_gpu(tmp_path, corpus, capsys, monkeypatch):
     if FP8_GPU:
         pytest.skip("this machine has an FP8 GPU")

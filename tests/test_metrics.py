@@ -334,3 +334,69 @@ def test_a_compiling_step_s_speed_stays_out_of_the_curves():
     record = {"step": 1, "train_loss": 5.5, "tokens_per_s": 300, "ms_per_step": 900.0, "data_wait": 0.0, "mfu": 0.001}
     assert {"speed/tokens_per_s", "speed/ms_per_step", "speed/mfu", "train/loss"} <= set(metrics.scalars(record))
     assert set(metrics.scalars({**record, "compiling": True})) == {"train/loss"}
+
+
+def test_each_figure_goes_to_its_tag_zeros_included_and_the_sparsity_mean_is_over_the_layers():
+    """A value of 0 (no skipped step, no wait for data) is a point of the curve; only None is left out.
+    An evaluation's tokens stay with its step's training record (data/tokens once per step)."""
+    record = {"step": 3, "train_loss": 2.5, "lr": 0.001, "grad_norm": None, "skipped_steps": 0, "tokens_per_s": 900,
+              "ms_per_step": 12.5, "mfu": 0.02, "data_wait": 0.0, "epochs": 0.0, "tokens": 192, "peak_memory_mib": 0.0}
+    assert metrics.scalars(record) == {
+        "train/loss": 2.5, "train/lr": 0.001, "train/skipped_steps": 0, "speed/tokens_per_s": 900,
+        "speed/ms_per_step": 12.5, "speed/mfu": 0.02, "speed/data_wait": 0.0, "data/epochs": 0.0, "data/tokens": 192,
+        "memory/peak_mib": 0.0}
+    evaluation = {"step": 4, "tokens": 256, "val_loss": 2.0, "val_bits_per_byte": 2.9, "sparsity_x": [0.1, 0.2, 0.6],
+                  "sparsity_y": [0.05, 0.15, 0.4], "sample": "bcd", "sample_prompt": "abc"}
+    values = metrics.scalars(evaluation)
+    assert values["sparsity/x_mean"] == sum([0.1, 0.2, 0.6]) / 3
+    assert values["sparsity/y_mean"] == sum([0.05, 0.15, 0.4]) / 3
+    assert [values[f"sparsity/x_layer{i}"] for i in range(3)] == [0.1, 0.2, 0.6]
+    assert values["val/loss"] == 2.0 and values["val/bits_per_byte"] == 2.9 and "data/tokens" not in values
+    values = metrics.wandb_values(evaluation)  # W&B shows the sample beside the validation text it continues
+    assert values["val/sample"] == "bcd" and values["val/sample_prompt"] == "abc"
+
+
+def test_metrics_jsonl_is_synced_at_a_checkpoint_and_at_the_end_not_at_every_line(tmp_path, monkeypatch):
+    """An fsync for every line slows a small model's steps: a record is written at once, synced to the
+    disk at a checkpoint (flush(sync=True)) and at close, even when nothing waits to be written."""
+    synced = []
+    monkeypatch.setattr(metrics.os, "fsync", synced.append)
+    log, _ = resumed_log(tmp_path, [], None, False)
+    log.log({"step": 1, "train_loss": 1.0})
+    assert records(log.run.path) == [{"step": 1, "train_loss": 1.0}] and synced == []
+    log.flush(sync=True)  # a checkpoint, nothing waiting
+    assert len(synced) == 1
+    log.log({"step": 2, "train_loss": 0.9})
+    log.close()
+    assert len(synced) == 2
+
+
+def resumed_log(tmp_path, logged: list, step, evaluation_due: bool) -> tuple[MetricsLog, list]:
+    """(a MetricsLog resuming at `step` a run that logged `logged`, the records it keeps)."""
+    cfg = Config()
+    cfg.logging.tensorboard = False
+    run = RunDir(str(tmp_path / "ck"), path=tmp_path / "ck" / "run_1")
+    run.path.mkdir(parents=True, exist_ok=True)
+    (run.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
+    log = MetricsLog(run, cfg, resumed_step=step, evaluation_due=evaluation_due)
+    return log, records(run.path)
+
+
+def test_a_resume_that_redoes_its_step_s_evaluation_drops_the_earlier_one(tmp_path):
+    """Each evaluation once in metrics.jsonl: a resume due to evaluate its step drops that step's
+    evaluation record (an earlier resume's) and keeps its training record; later steps go."""
+    logged = [{"step": 5, "train_loss": 2.0}, {"step": 6, "train_loss": 1.9}, {"step": 6, "val_loss": 2.1},
+              {"step": 7, "train_loss": 1.8}]
+    log, kept = resumed_log(tmp_path, logged, 6, evaluation_due=True)
+    assert kept == logged[:2] and log.logged_to == 7
+    assert resumed_log(tmp_path / "b", logged, 6, evaluation_due=False)[1] == logged[:3]
+
+
+def test_a_run_s_first_evaluation_measured_anew_is_no_break_in_its_curves(tmp_path):
+    """A run whose first evaluation was measured anew (a copied checkpoint, a new run directory): a later
+    resume logs its evaluations to the run's own curves; one measured anew after that starts its own."""
+    evaluations = [{"step": 2, "val_loss": 2.0, "measured_anew": True}, {"step": 4, "val_loss": 1.9}]
+    log, _ = resumed_log(tmp_path, evaluations, 4, evaluation_due=False)
+    assert log.measured_anew_at is None and log.evaluated
+    later = {"step": 6, "val_loss": 1.5, "measured_anew": True}
+    assert resumed_log(tmp_path / "b", [*evaluations, later], 6, evaluation_due=False)[0].measured_anew_at == 6

@@ -140,15 +140,12 @@ def test_an_out_that_cannot_be_a_picture_is_a_usage_error_before_the_model_loads
     assert f"error: --out {tmp_path / 'neurons.txt'}: give a file name ending in .png (or" in capsys.readouterr().err
 
 
-def test_every_layer_is_drawn_over_the_same_neurons_with_its_scale(tmp_path, monkeypatch):
+def test_every_layer_is_drawn_over_the_same_neurons_with_its_scale(tmp_path, figures):
     """The layers share their weights: column j is one neuron in every panel (those firing most over
     all layers first), so a neuron can be followed down the layers."""
-    import matplotlib.pyplot as plt
     first, second = torch.zeros(3, 6), torch.zeros(3, 6)
     first[:, 4], first[0, 1] = 1.0, 0.5  # neuron 4 fires for every token in layer 1
     second[:2, 1], second[:, 2], second[0, 4] = 2.0, 0.25, 0.1  # neurons 1 and 2 in layer 2, 4 once
-    figures = []
-    monkeypatch.setattr(plt, "close", figures.append)
     neurons.draw([(first, first), (second, second)], ["a", "b", "c"], tmp_path / "n.png", max_neurons=3)
     panels = [ax for ax in figures[0].axes if ax.images]
     order = [4, 1, 2]  # fire for 4, 3 (1 + 2) and 3 tokens over the layers (a tie: by index)
@@ -157,6 +154,42 @@ def test_every_layer_is_drawn_over_the_same_neurons_with_its_scale(tmp_path, mon
     assert len(figures[0].axes) == 4  # a colour scale beside each panel, the same one
     assert [panel.images[0].get_clim() for panel in panels] == [(0, 2.0), (0, 2.0)]
     assert panels[-1].get_xlabel().startswith("neurons: the 3 that fire most often over all layers")
+
+
+def test_silent_neurons_are_not_drawn_and_a_title_gives_each_latent_s_share(tmp_path, figures):
+    """Only neurons that fire for some token are columns, however large --max-neurons."""
+    x, y = torch.zeros(2, 8), torch.zeros(2, 8)
+    x[0, 3], x[1, 5] = 1.0, 0.5  # x: 2 of 16 active, neurons 3 and 5
+    y[:, :4] = 1.0  # y: half active
+    neurons.draw([(x, y)], ["a", "b"], tmp_path / "n.png", max_neurons=400)
+    [panel] = [ax for ax in figures[0].axes if ax.images]
+    assert panel.images[0].get_array().shape == (2, 2)
+    assert panel.get_title(loc="left").startswith(
+        "layer 0: the x latent a (drawn) is 12.5% active, the y latent 50.0%; 2 of 8 neurons fire for some token")
+
+
+def test_a_prompt_of_one_token_or_as_long_as_the_training_windows_has_no_note_and_an_empty_one_is_refused(
+        small_model, tmp_path, capsys):
+    assert neurons.main(["--prompt", "a", "--out", str(tmp_path / "n.png")]) == 0
+    printed = capsys.readouterr()
+    assert "\n1 token, 128 latent neurons per layer (H*N)\n" in printed.out and printed.err == ""
+    assert printed.out.splitlines()[-1] == f"wrote {tmp_path / 'n.png'}"  # every token drawn: no "first ... of"
+    assert neurons.main(["--prompt", "a" * 64, "--out", str(tmp_path / "n.png")]) == 0
+    assert capsys.readouterr().err == ""
+    assert neurons.main(["--prompt", "a" * 65, "--out", str(tmp_path / "n.png")]) == 0
+    assert "windows of 64 tokens and the prompt is 65" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        neurons.main(["--prompt-file", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "empty.png")])
+    assert stop.value.code == 2 and "error: the prompt is empty" in capsys.readouterr().err
+    assert not (tmp_path / "empty.png").exists()
+
+
+def test_a_space_and_a_line_end_are_labelled_as_visible_marks(small_model, tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(neurons, "draw", lambda found, labels, out, max_neurons: drawn.append(labels))
+    assert neurons.main(["--prompt", "a b\n", "--out", str(tmp_path / "n.png")]) == 0
+    assert drawn == [["a", "␣", "b", "\\n"]]
 
 
 def test_help_says_the_prompt_is_required(capsys):

@@ -5,10 +5,19 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 import plot
 import train
 from conftest import write_config
+
+
+def write_run(folder, records, config=None):
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if config is not None:
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder
 
 
 def test_plots_one_and_two_runs_and_refuses_a_folder_without_metrics(tmp_path, corpus, capsys):
@@ -91,14 +100,9 @@ def test_out_is_checked_first_and_damaged_records_are_skipped(tmp_path, corpus, 
 
 
 def test_the_runs_are_named_once_under_the_panels_and_a_run_without_evaluations_has_no_validation_legend(
-        tmp_path, monkeypatch):
-    import matplotlib.pyplot as plt
-    run = tmp_path / "run_a"
-    run.mkdir()
-    records = [{"step": s, "tokens": 64 * s, "train_loss": 5.0 - s, "lr": 1e-3, "tokens_per_s": 1000} for s in (1, 2)]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    figures = []
-    monkeypatch.setattr(plt, "close", figures.append)
+        tmp_path, figures):
+    run = write_run(tmp_path / "run_a", [{"step": s, "tokens": 64 * s, "train_loss": 5.0 - s, "lr": 1e-3,
+                                          "tokens_per_s": 1000} for s in (1, 2)])
     assert plot.main([str(run), "--out", str(tmp_path / "a.png")]) == 0
     legends = [axes.get_legend() for axes in figures[0].axes]
     assert [[text.get_text() for text in legend.get_texts()] if legend else None for legend in legends] == [
@@ -106,8 +110,7 @@ def test_the_runs_are_named_once_under_the_panels_and_a_run_without_evaluations_
     assert [[text.get_text() for text in legend.get_texts()] for legend in figures[0].legends] == [["run_a"]]
 
 
-def test_validation_lines_break_where_a_resume_changed_what_they_measure(tmp_path, corpus, monkeypatch, capsys):
-    import matplotlib.pyplot as plt
+def test_validation_lines_break_where_a_resume_changed_what_they_measure(tmp_path, corpus, figures, capsys):
     path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, test_freq=1)
     assert train.main(["--config", str(path), "logging.tensorboard=false"]) == 0
     [run] = (tmp_path / "ck").iterdir()
@@ -116,8 +119,6 @@ def test_validation_lines_break_where_a_resume_changed_what_they_measure(tmp_pat
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evaluations = [(r["step"], r.get("measured_anew")) for r in records if "val_loss" in r]
     assert evaluations == [(1, None), (2, None), (3, True), (4, None), (5, None), (6, None)]
-    figures = []
-    monkeypatch.setattr(plt, "close", figures.append)
     capsys.readouterr()
     assert plot.main([str(run), "--out", str(tmp_path / "a.png")]) == 0
     assert (f"note: {run.name}: a resume changed what validation measures (the evaluations from step 3): its "
@@ -147,9 +148,45 @@ def test_bits_per_byte_is_drawn_against_the_text_read_whatever_the_tokens():
     assert plot.text_read({"step": 3, "val_loss": 2.0, "val_bits_per_byte": 2.9}) is None  # (no tokens recorded)
 
 
-def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch):
-    import matplotlib.pyplot as plt
-    import yaml
+def test_the_panels_draw_what_the_records_say(tmp_path, figures):
+    """A mean over 10 steps at the middle of them; the speed without a compiling step's (a single point
+    still shows); the active latents as the mean over the layers, x and y; bits per byte against bytes;
+    one tokenizer: the loss in nats per token."""
+    run = write_run(tmp_path / "run_a", [
+        {"step": 1, "interval_steps": 1, "tokens": 64, "train_loss": 5.0, "lr": 1e-3, "tokens_per_s": 10,
+         "compiling": True},
+        {"step": 11, "interval_steps": 10, "tokens": 704, "train_loss": 4.0, "lr": 2e-3, "tokens_per_s": 1000},
+        {"step": 11, "tokens": 704, "val_loss": 3.5, "val_bits_per_byte": 5.0, "sparsity_x": [0.1, 0.3],
+         "sparsity_y": [0.2, 0.6]}], config={"dataset": {"tokenizer": "bytes"}})
+    assert plot.main([str(run), "--out", str(tmp_path / "a.png")]) == 0
+    loss_steps, _, bits_per_byte, lr, sparsity, speed = figures[0].axes[:6]
+    [train_line] = [line for line in loss_steps.get_lines() if line.get_linestyle() == "-"]
+    assert list(train_line.get_xdata()) == [1, 6.5] and loss_steps.get_ylabel() == "loss (nats per token)"
+    [speed_line] = speed.get_lines()
+    assert list(speed_line.get_xdata()) == [11] and list(speed_line.get_ydata()) == [1000]
+    assert speed_line.get_marker() == "o"  # one point: a marker, or nothing shows
+    assert [list(line.get_ydata()) for line in lr.get_lines()] == [[1e-3, 2e-3]]
+    assert [list(line.get_ydata()) for line in sparsity.get_lines()] == [[pytest.approx(0.2)], [pytest.approx(0.4)]]
+    assert bits_per_byte.xaxis.get_major_formatter().unit == "B"
+
+
+def test_a_run_with_only_evaluations_is_plotted(tmp_path, figures):
+    """A run that has evaluated and written no training line yet is not 'nothing logged'."""
+    evaluation = {"step": 0, "tokens": 0, "val_loss": 5.5, "val_bits_per_byte": 8.0}
+    run = write_run(tmp_path / "run_a", [evaluation])
+    assert plot.read_metrics(run) == ([], [evaluation])
+    assert plot.main([str(run), "--out", str(tmp_path / "a.png")]) == 0
+
+
+def test_the_note_names_each_resume_that_changed_validation_not_the_run_s_first_evaluation(tmp_path, figures, capsys):
+    run = write_run(tmp_path / "run_a", [{"step": s, "tokens": 64 * s, "val_loss": 3.0, "val_bits_per_byte": 4.0,
+                                          **({"measured_anew": True} if s in (1, 3, 5) else {})} for s in range(1, 6)])
+    assert plot.main([str(run), "--out", str(tmp_path / "a.png")]) == 0
+    assert ("note: run_a: resumes changed what validation measures (the evaluations from steps 3, 5): its "
+            "validation lines break there\n") in capsys.readouterr().err
+
+
+def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, figures):
     for name, tokenizer, lr in (("run_a", "bytes", 0.01), ("run_b", "bpe.json", 0.01), ("run_c", "bytes", 0.02)):
         run = tmp_path / name
         run.mkdir()
@@ -157,8 +194,6 @@ def test_runs_are_labelled_by_the_settings_they_differ_in(tmp_path, monkeypatch)
         config = {"dataset": {"tokenizer": tokenizer},  # (train.py writes every setting: a new run starts from none)
                   "training": {"learning_rate": lr, "checkpoint_dir": name, "resume_from_checkpoint": None}}
         (run / "config.yaml").write_text(yaml.safe_dump(config))
-    figures = []
-    monkeypatch.setattr(plt, "close", figures.append)
     assert plot.main([str(tmp_path), "--out", str(tmp_path / "a.png")]) == 0
     loss_steps, [runs] = figures[0].axes[0], figures[0].legends
     assert [text.get_text() for text in runs.get_texts()] == [  # (not checkpoint_dir: no learning)
@@ -257,11 +292,9 @@ def test_run_settings_are_what_the_run_used_as_it_ran(tmp_path):
         torch.device("cpu"), "auto")  # change from auto
 
 
-def test_experiments_of_their_own_folders_are_plotted_together_and_their_names_fit(tmp_path, monkeypatch, capsys):
+def test_experiments_of_their_own_folders_are_plotted_together_and_their_names_fit(tmp_path, figures, capsys):
     """checkpoint_dir=ck/<experiment> for each: `plot.py ck` finds their runs, names them by
     experiment, and the legend of long names stays inside the picture."""
-    import matplotlib.pyplot as plt
-    import yaml
     for experiment, vocab in (("bytes", 256), ("bpe512", 512), ("bpe2048", 2048)):
         run = tmp_path / "ck" / experiment / "run_20261124_023835"
         run.mkdir(parents=True)
@@ -271,8 +304,6 @@ def test_experiments_of_their_own_folders_are_plotted_together_and_their_names_f
         config = {"model": {"vocab_size": vocab}, "training": {"max_iters": 40 + vocab, "warmup_iters": vocab},
                   "dataset": {"tokenizer": f"tokenizers/{experiment}.json"}}
         (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    figures = []
-    monkeypatch.setattr(plt, "close", figures.append)
     assert plot.main([str(tmp_path / "ck"), "--out", str(tmp_path / "a.png")]) == 0
     [figure], [runs] = figures, figures[0].legends
     names = [text.get_text() for text in runs.get_texts()]
@@ -285,3 +316,35 @@ def test_experiments_of_their_own_folders_are_plotted_together_and_their_names_f
     for panel in figure.axes[:6]:  # steps, not 1.5; one evaluation (bits per byte): not 2.95, 3.0, 3.05
         assert all(tick == int(tick) for tick in panel.get_xticks()) or panel.get_xlabel() in (
             "tokens", "training text read (bytes)")
+
+
+def test_a_setting_a_resume_changed_back_shows_every_value(tmp_path):
+    run = write_run(tmp_path / "run_a", [{"step": 1, "train_loss": 1.0}], config={"training": {"learning_rate": 0.01}})
+    for step, lr in ((10, 0.005), (20, 0.01)):
+        (run / f"config_resume_{step}.yaml").write_text(yaml.safe_dump({"training": {"learning_rate": lr}}))
+    assert plot.run_settings(run)["training.learning_rate"] == "0.01→0.005→0.01"
+    assert plot.labels(["a"], [plot.run_settings(run)]) == ["a (learning_rate=0.01→0.005→0.01)"]  # three: not cut
+
+
+def test_up_to_four_differing_settings_are_named_in_every_label_and_beyond_what_most_runs_share_is_printed(
+        tmp_path, figures, capsys):
+    settings = [{"training.seed": seed, "training.learning_rate": lr, "training.batch_size": batch, "model.dropout": p}
+                for seed, lr, batch, p in ((1, 0.1, 4, 0.0), (2, 0.1, 4, 0.0), (3, 0.2, 8, 0.1))]
+    assert plot.labels(list("abc"), settings)[0] == "a (seed=1, learning_rate=0.1, batch_size=4, dropout=0.0)"
+    assert plot.shared_settings(settings) == ""
+    for setting, weight_decay in zip(settings, (0.1, 0.1, 0.5)):
+        setting["training.weight_decay"] = weight_decay
+    assert plot.labels(list("abc"), settings)[0] == "a (seed=1)"
+    assert plot.shared_settings(settings) == "learning_rate=0.1, batch_size=4, dropout=0.0, weight_decay=0.1"
+    base = {"training": {"seed": 0, "learning_rate": 0.1, "batch_size": 4, "weight_decay": 0.1},
+            "model": {"dropout": 0.0}}
+    for name, section, key, value in (("run_a", "training", "seed", 0), ("run_b", "training", "seed", 1),
+                                      ("run_c", "training", "learning_rate", 0.2),
+                                      ("run_d", "training", "batch_size", 8),
+                                      ("run_e", "training", "weight_decay", 0.5), ("run_f", "model", "dropout", 0.1)):
+        config = json.loads(json.dumps(base))
+        config[section][key] = value
+        write_run(tmp_path / "ck" / name, [{"step": 1, "train_loss": 1.0}], config)
+    assert plot.main([str(tmp_path / "ck"), "--out", str(tmp_path / "a.png")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "  most runs: dropout=0.0, batch_size=4, learning_rate=0.1, seed=0, weight_decay=0.1")  # (config.yaml's order)
