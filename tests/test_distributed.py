@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import distributed
 import stopping
@@ -16,6 +17,7 @@ import train
 from checkpoint import load_checkpoint
 from config import Config, fsdp_problems
 from conftest import ROOT, only_run, rendezvous, run_ranks, write_config
+from distributed import Ranks
 from model import BDH, BDHConfig
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -295,6 +297,10 @@ def test_a_process_given_part_of_torchrun_s_environment_says_what_is_missing(mon
                                         "29500, useIpv6: false, code: -98, name: EADDRINUSE, message: address already "
                                         "in use"),
      "the rendezvous address is taken (The server socket", False),
+    (torch.distributed.DistNetworkError("bind: Address already in use"), "the rendezvous address is taken (bind:",
+     False),  # said in words only
+    (torch.distributed.DistNetworkError("Connection refused (127.0.0.1, 1)"),  # rank 0's store gone
+     "joining the other ranks failed (Connection refused", True),
     (ValueError("invalid literal for int() with base 10: 'abc'"),
      "the process group could not start (invalid literal for int() with base 10: 'abc'); check torchrun's", False),
 ])
@@ -377,12 +383,16 @@ def test_print_config_under_torchrun_prints_it_once(tmp_path, corpus, monkeypatc
     "[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.0.0.2]:43144: No route to host",  # a node gone
     "[../third_party/gloo/gloo/transport/tcp/pair.cc:598] Write error [10.0.0.2]:43144: No route to host",  # a node gone
     "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 6000ms for recv operation",
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:598] send: Broken pipe",
 ])
 def test_a_lost_peer_is_told_in_one_line_and_other_errors_are_not(text, monkeypatch):
     monkeypatch.setattr(distributed, "_PEERS_LOST", [])
     failure = distributed.communication_failure(RuntimeError(f"gloo failed\n{text}"), distributed.Ranks(1, 2), 30)
     assert failure.startswith(f"communication with the other ranks failed ({text[:199]}")
     assert distributed._PEERS_LOST == [1]  # the exit will not wait on the lost peer
+    assert failure.endswith("once that is fixed, run the same command again (no checkpoint was saved)")
+    resumable = distributed.communication_failure(RuntimeError(text), Ranks(1, 2), 30, resume="python train.py x")
+    assert resumable.endswith("once that is fixed, resume with `python train.py x`")
     assert distributed.communication_failure(RuntimeError(text), distributed.Ranks(), 30) is None  # one process
     assert distributed.communication_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
                                              distributed.Ranks(1, 2), 30) is None
@@ -395,9 +405,10 @@ import os, sys, torch, torch.distributed as dist
 from distributed import Ranks
 dist.init_process_group("gloo")
 ranks = Ranks(dist.get_rank(), 2)
-print(ranks.lowest(ranks.rank + 0.5, "cpu"), ranks.mean(torch.tensor([ranks.rank + 1.0])).item(),
-      ranks.total(torch.tensor([ranks.rank + 1.0])).item(), ranks.any(ranks.rank == 1, "cpu"),
-      ranks.any(False, "cpu"), ranks.gather(ranks.rank * 10))
+own = torch.tensor([ranks.rank + 1.0])  # (reduced in a copy: the caller's stays its own)
+print(ranks.lowest(ranks.rank + 0.5, "cpu"), ranks.mean(own).item(), ranks.total(own).item(),
+      own.item() == ranks.rank + 1, ranks.any(ranks.rank == 1, "cpu"), ranks.any(False, "cpu"),
+      ranks.gather(ranks.rank * 10))
 dist.barrier()
 dist.destroy_process_group()
 sys.stdout.flush()
@@ -406,4 +417,110 @@ os._exit(0)  # as stopping.exit_with ends train.py
 
 
 def test_what_the_ranks_agree_on_is_the_slowest_the_mean_the_total_and_any():
-    assert run_ranks(RANKS) == ["0.5 1.5 3.0 True False [0, 10]\n"] * 2
+    assert run_ranks(RANKS) == ["0.5 1.5 3.0 True True False [0, 10]\n"] * 2
+
+
+@pytest.fixture
+def torchrun_env(monkeypatch):
+    """The environment torchrun gives rank 1 of 2, with the process group's calls recorded, not made."""
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "_JOINED", [])
+    monkeypatch.setattr(distributed, "_PEERS_LOST", [])
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # start() silences a rank other than 0: put it back after
+    calls = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: calls.update(init=(backend, kwargs)))
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: calls.setdefault("new_group", kwargs) or "gloo group")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.update(set_device=device))
+    return calls
+
+
+def test_each_rank_on_a_gpu_node_takes_its_local_gpu_with_nccl_and_a_gloo_group(torchrun_env, monkeypatch):
+    """LOCAL_RANK picks the GPU; NCCL carries the tensors with training.distributed_timeout_s, gloo the CPU votes."""
+    cfg = Config.from_dict({"training": {"distributed_timeout_s": 42}})
+    ranks, device = distributed.start(cfg, torch.device("cuda"))
+    assert device == torch.device("cuda", 1) and torchrun_env["set_device"] == device
+    backend, kwargs = torchrun_env["init"]
+    assert backend == "nccl" and kwargs["device_id"] == device and kwargs["timeout"].total_seconds() == 42
+    assert torchrun_env["new_group"]["backend"] == "gloo" and ranks.cpu_group is not None
+    assert (ranks.rank, ranks.world_size, ranks.local_rank) == (1, 2, 1)
+    monkeypatch.setenv("LOCAL_RANK", "2")  # GPUs 0 and 1
+    with pytest.raises(distributed.DistributedError, match=r"^local rank 2 has no GPU: this node has 2; lower"):
+        distributed.start(Config(), torch.device("cuda"))
+
+
+def test_cpu_ranks_use_gloo_only_rank_0_prints_and_mps_is_refused(torchrun_env, monkeypatch):
+    out = sys.stdout
+    ranks, device = distributed.start(Config(), torch.device("cpu"))
+    assert torchrun_env["init"][0] == "gloo" and torchrun_env["init"][1]["device_id"] is None
+    assert "new_group" not in torchrun_env and ranks.cpu_group is None
+    assert sys.stdout is not out and sys.stdout.name == os.devnull
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(sys, "stdout", out)
+    distributed.start(Config(), torch.device("cpu"))
+    assert sys.stdout is out and distributed.first_process()
+    monkeypatch.setenv("RANK", "1")
+    assert not distributed.first_process()
+    torchrun_env.clear()
+    with pytest.raises(distributed.DistributedError, match=r"no distributed backend runs on mps"):
+        distributed.start(Config(), torch.device("mps"))
+    assert "init" not in torchrun_env
+
+
+def test_a_process_that_lost_its_peers_does_not_tear_the_group_down(monkeypatch):
+    """destroy_process_group waits for the lost peer: the process would hang instead of ending."""
+    destroyed = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: destroyed.append(1))
+    monkeypatch.setattr(distributed, "_PEERS_LOST", [1])
+    distributed.shutdown()
+    assert destroyed == []
+    monkeypatch.setattr(distributed, "_PEERS_LOST", [])
+    distributed.shutdown()
+    assert destroyed == [1]
+
+
+class Wrapped:
+    """A DDP or FSDP model's calls, recorded."""
+    def __init__(self):
+        self.calls = []
+
+    def no_sync(self):
+        self.calls.append("no_sync")
+        return "no_sync context"
+
+    def set_requires_gradient_sync(self, sync):
+        self.calls.append(("sync", sync))
+
+    def unshard(self):
+        self.calls.append("unshard")
+
+    def reshard(self):
+        self.calls.append("reshard")
+
+
+def test_gradients_are_reduced_on_the_last_micro_step_only_and_fsdp_reshards_after_a_failed_generation():
+    ddp, fsdp = Wrapped(), Wrapped()
+    assert distributed.gradient_sync(ddp, Ranks(0, 2, mode="ddp"), sync=False) == "no_sync context"
+    assert distributed.gradient_sync(ddp, Ranks(0, 2, mode="ddp"), sync=True) != "no_sync context"
+    assert ddp.calls == ["no_sync"]
+    distributed.gradient_sync(fsdp, Ranks(0, 2, mode="fsdp"), sync=False)
+    distributed.gradient_sync(fsdp, Ranks(0, 2, mode="fsdp"), sync=True)
+    assert fsdp.calls == [("sync", False), ("sync", True)]
+    model = Wrapped()
+    with pytest.raises(ValueError):
+        with distributed.full_weights(model, Ranks(0, 2, mode="fsdp")):
+            raise ValueError("generation failed")
+    assert model.calls == ["unshard", "reshard"]
+
+
+def test_ddp_on_a_gpu_is_given_this_rank_s_device(monkeypatch):
+    made = []
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda model, device_ids: made.append(device_ids) or model)
+    model = torch.nn.Linear(2, 2)
+    assert distributed.wrap(model, Ranks(1, 2, 1, "ddp"), torch.device("cuda", 1)) is model
+    distributed.wrap(model, Ranks(1, 2, 1, "ddp"), torch.device("cpu"))
+    assert made == [[1], None]
