@@ -1,11 +1,13 @@
 """arguments.py: the scripts' command lines: --config and overrides (load_config), and the hints for a
 mistyped option, an override written as an option, or a checkpoint without --checkpoint."""
 import argparse
+import os
 
 import pytest
 
 import arguments
-from arguments import add_config_arguments, load_config, parse_arguments
+from arguments import (add_config_arguments, add_prompt_arguments, load_config, parse_arguments, prompt_argument,
+                       utf8_argument)
 from conftest import ROOT
 
 
@@ -149,3 +151,41 @@ def test_a_second_config_file_is_refused(tmp_path, capsys):
         parse_arguments(parser, ["--config", str(path), "--config", "config.yaml"])
     assert f"error: --config is given twice ({path}, then config.yaml)" in capsys.readouterr().err
     assert parse_arguments(parser, ["--config", str(path)]).config == str(path)
+
+
+def test_under_torchrun_the_fsdp_only_checks_refuse_fsdp_runs_not_ddp_runs(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = str(ROOT / "configs" / "tiny.yaml")
+    cfg = load_config(argparse.Namespace(config=config, overrides=["training.distributed=ddp",
+                                                                   "low_precision.use_4bit=true"]))
+    assert cfg.low_precision.use_4bit and cfg.training.distributed == "ddp"
+    with pytest.raises(SystemExit) as stop:
+        load_config(argparse.Namespace(config=config, overrides=["training.distributed=fsdp",
+                                                                 "low_precision.use_4bit=true"]))
+    assert stop.value.code == 2
+    assert "config error: low_precision.use_4bit with training.distributed=fsdp" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "3"], ["--lr", "1e-3"]])
+def test_a_script_without_settings_does_not_offer_a_setting(argv, capsys):
+    """sample.py takes no section.key=value: --epochs or --lr there is not told to write one."""
+    parser = argparse.ArgumentParser(prog="sample.py")
+    parser.add_argument("--checkpoint")
+    with pytest.raises(SystemExit):
+        parse_arguments(parser, argv)
+    err = capsys.readouterr().err
+    assert "unrecognized argument" in err and "section.key=value" not in err
+
+
+def test_a_prompt_file_is_read_without_a_byte_order_mark_and_one_not_utf8_is_a_usage_error(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="sample.py")
+    add_prompt_arguments(parser, required=True)
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfOnce upon\n")  # UTF-8 as a Windows editor saves it
+    assert prompt_argument(parser, parse_arguments(parser, ["--prompt-file", str(tmp_path / "p.txt")])) == "Once upon\n"
+    (tmp_path / "p.txt").write_bytes(b"ab\xe9c")  # Latin-1
+    with pytest.raises(SystemExit) as stop:
+        prompt_argument(parser, parse_arguments(parser, ["--prompt-file", str(tmp_path / "p.txt")]))
+    assert stop.value.code == 2 and "not UTF-8 text (an invalid byte at byte 2)" in capsys.readouterr().err
+    # --prompt given bytes that are not UTF-8: each becomes U+FFFD (not dropped), and a note says so
+    assert utf8_argument(os.fsdecode(b"caf\xe9 au lait"), "--prompt") == "caf\ufffd au lait"
+    assert "note: --prompt is not valid UTF-8 (byte 3: b'\\xe9')" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from config import Config, ConfigError
-from config_file import read_yaml
+from config_file import read_yaml, with_split_settings
 from conftest import config_problems, file_problems
 
 
@@ -278,6 +278,8 @@ def test_an_override_written_with_a_colon_spaces_or_a_hash_is_told_or_taken_as_w
                                (["training.learning_rate:=3e-4"], "training.learning_rate:=3e-4: an override is "
                                 "written with '=', not ':': training.learning_rate=3e-4"),
                                (["training.learning_rate = 3e-4"], "'training.learning_rate = 3e-4': no spaces around "
+                                "'=' in an override: training.learning_rate=3e-4"),
+                               (["training.learning_rate= 3e-4"], "'training.learning_rate= 3e-4': no spaces around "
                                 "'=' in an override: training.learning_rate=3e-4")):
         assert file_problems(path, overrides) == [problem]  # the override's, not the file's line 3
     for words in (["training.learning_rate", "=", "3e-4"], ["training.learning_rate=", "3e-4"],
@@ -300,3 +302,13 @@ def test_an_override_written_with_a_colon_spaces_or_a_hash_is_told_or_taken_as_w
     path.write_text("training:\n  batch_size: 4\n  max_iters: 0\n")  # an override that is a prefix of the problem's
     for overrides in ([""], ["training"]):
         assert file_problems(path, overrides)[-1] == f"{path}:3: training.max_iters: must be > 0, got 0"
+
+
+def test_an_old_config_keeps_the_validation_split_it_trained_with():
+    """Before dataset.split_seed: training.seed drew the split, by position; with val_parquet_dir, the defaults."""
+    old = with_split_settings({"dataset": {}, "training": {"seed": 7}})
+    assert (old["dataset"]["split_seed"], old["dataset"]["split_by"]) == (7, "position")
+    own_folder = with_split_settings({"dataset": {"val_parquet_dir": "val"}, "training": {"seed": 7}})
+    assert (own_folder["dataset"]["split_seed"], own_folder["dataset"]["split_by"]) == (1337, "text")
+    assert with_split_settings({"dataset": {"split_seed": 3, "split_by": "text"}})["dataset"] == {
+        "split_seed": 3, "split_by": "text"}

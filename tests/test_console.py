@@ -1,4 +1,8 @@
 """console.py: the lines a run prints, at its start and for its records."""
+import math
+from types import SimpleNamespace
+
+import torch
 import yaml
 
 import console
@@ -26,6 +30,9 @@ def test_the_step_line_says_what_the_record_holds():
     assert console.step_line(last, 100, 38.2, elapsed=5).endswith(
         "| final evaluation and checkpoint next, about 0:00:38")
     assert console.step_line(record, 100, 0.2, elapsed=5, at_least=True).endswith("| eta at least 0:00:00")
+    assert " | 3 step(s) skipped by the float16 loss scaler | " in console.step_line(
+        {**record, "skipped_steps": 3}, 100, 1.0, elapsed=1)
+    assert console.format_duration(3661) == "1:01:01" and console.format_duration(25 * 3600 + 59) == "25:00:59"
 
 
 def test_a_model_sized_for_a_gpu_is_noted_on_cpu(tmp_path, corpus, monkeypatch, capsys):
@@ -94,3 +101,27 @@ def test_the_data_line_shows_five_subfolders_then_dots(tmp_path):
         write_parquet(tmp_path / "data" / folder / "x.parquet", ["some text"] * 4)
     assert console.subfolders(str(tmp_path / "data"), list_units(tmp_path / "data", "text")) == (
         " in 6 top-level folders: a/, b/, c/, d/, e/, ...")
+
+
+def test_the_done_line_names_the_best_validation_loss_and_its_step(tmp_path, monkeypatch):
+    """best.pt's step where it can be read; the whole run's time only where known (an older checkpoint's is not)."""
+    progress = Progress(step=50, best_val_loss=2.34567, last_saved=tmp_path / "checkpoint_50.pt", seconds_before=None)
+    monkeypatch.setattr(console, "saved_step", lambda path: 30)
+    line = console.done_lines(progress, here=20, passes=1.0, seconds=61, train_on="python train.py ...")
+    assert ", the last 20 in this process in 0:01:01; best validation loss 2.3457 (best.pt, of step 30); final " in line
+    monkeypatch.setattr(console, "saved_step", lambda path: math.inf)  # unreadable
+    line = console.done_lines(progress, here=50, passes=1.0, seconds=61, train_on="python train.py ...")
+    assert "; best validation loss 2.3457 (best.pt); final checkpoint " in line
+
+
+def test_the_optimizer_line_of_a_sharded_or_4bit_run():
+    """FSDP's optimizer state is per rank (DDP's is whole on each); 4-bit QAT's first step is counted from 1."""
+    model = torch.nn.Linear(64, 64)
+    optimizer, ranks = torch.optim.AdamW(model.parameters()), SimpleNamespace(world_size=2)
+    tiny = ROOT / "configs" / "tiny.yaml"
+    line = console.optimizer_line(Config.from_yaml(tiny, ["training.distributed=fsdp"]), model, optimizer, ranks,
+                                  None, 0)
+    assert "MiB per rank (FSDP shards it)" in line
+    line = console.optimizer_line(Config.from_yaml(tiny, ["training.distributed=ddp", "low_precision.use_4bit=true"]),
+                                  model, optimizer, ranks, None, 99)
+    assert "per rank" not in line and "decoder from step 100;" in line

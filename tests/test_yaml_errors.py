@@ -67,9 +67,10 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path):
 
 def test_an_unquoted_glob_pattern_is_told_to_take_quotes(tmp_path):
     path = tmp_path / "glob.yaml"
-    path.write_text("dataset:\n  parquet_dir: **/train-*.parquet\n")
-    with pytest.raises(ConfigError, match=r"glob.yaml:2:.*such as a glob pattern, needs quotes"):
-        Config.from_yaml(path)
+    for pattern in ("**/train-*.parquet", "[ab]*.parquet", "{a,b}/*.parquet"):  # each YAML syntax unquoted
+        path.write_text(f"dataset:\n  parquet_dir: {pattern}\n")
+        with pytest.raises(ConfigError, match=r"glob.yaml:2:.*such as a glob pattern, needs quotes"):
+            Config.from_yaml(path)
     path.write_text('dataset:\n  parquet_dir: "**/train-*.parquet"\n')
     assert Config.from_yaml(path).dataset.parquet_dir == "**/train-*.parquet"
 
@@ -119,6 +120,10 @@ def test_an_invisible_character_is_named_with_its_line_and_column(tmp_path):
     assert (c.training.batch_size, c.logging.wandb_run_name) == (8, "caf\u00e9\u00a0run")
     path.write_text("training:\n  max_iters: 10\u00a0# steps\n")  # no comment: the no-break space is the value's
     assert file_problems(path)[0].startswith(f"{path}:2:16: U+00A0 (a no-break space")
+    path.write_text("logging:\n  wandb_run_name: run#\u00a02\n")  # a '#' inside a value starts no comment either
+    assert file_problems(path)[0].startswith(f"{path}:2:23: U+00A0 (a no-break space")
+    assert "U+00A0 (a no-break space, pasted from a web page?): replace it with a plain space" in config_problems(
+        {}, ["training.max_iters\u00a0=5"])[0]  # in an override's name
     assert config_problems({}, ["training.batch_size=\u00a08"]) == [
         "training.batch_size: expected int, got str '\\xa08'; it holds U+00A0 (a no-break space, pasted from a web "
         "page?): replace it with a plain space"]
