@@ -1,4 +1,5 @@
 """files.py: atomic writes, folders that appear whole, temporaries named after their writer."""
+import argparse
 import os
 import socket
 
@@ -16,6 +17,11 @@ def test_temporaries_of_dead_processes_on_this_host_only(monkeypatch):
     assert files.left_by_a_dead_process(f".ckpt.pt.tmp{dead}")  # the name earlier versions used
     assert not files.left_by_a_dead_process(f".ckpt.pt{files.temporary_suffix()}")  # alive: this one
     assert not files.left_by_a_dead_process(f".ckpt.pt.tmpother-node-{dead}")  # another host's: unknowable
+
+    def kill(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "kill", kill)  # another user's writer, alive: not signalled, not taken for dead
+    assert not files.left_by_a_dead_process(f".ckpt.pt.tmp{host}-12345")
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -129,6 +135,10 @@ def test_write_folder_replaces_only_what_its_command_writes_and_only_folders(tmp
         with pytest.raises(FileExistsError, match="give a new folder's name"):
             files.write_folder(name, write, replace=True, written_here=lambda path: True)
     assert sorted(p.name for p in out.iterdir()) == ["corpus.txt", "part-0.parquet"]
+    (out / "corpus.txt").unlink()
+    (out / ".DS_Store").mkdir()  # a folder of that name is no file browser's file
+    with pytest.raises(FileExistsError, match="holds .DS_Store"):
+        files.write_folder(out, write, replace=True, written_here=lambda path: path.suffix == ".parquet")
 
 
 def test_a_printed_command_names_the_script_so_that_it_runs_from_here(tmp_path, monkeypatch):
@@ -141,3 +151,37 @@ def test_a_printed_command_names_the_script_so_that_it_runs_from_here(tmp_path, 
 def test_byte_amounts_read_as_what_they_are():
     assert [files.byte_amount(n) for n in (1, 96, 1023, 1023.6, 1024, 2**20 - 1, 5 * 2**20 + 2**19)] == [
         "1 byte", "96 bytes", "1,023 bytes", "1 KB", "1 KB", "1.0 MB", "5.5 MB"]
+
+
+def test_an_output_path_is_checked_before_the_work(tmp_path, monkeypatch):
+    assert files.picture_path("PLOT.PNG").name == "PLOT.PNG"  # matplotlib writes it: the case of .png is no matter
+    with pytest.raises(ValueError, match="is a folder; give a file name in it"):  # not a file named results
+        files.output_path(f"{tmp_path}/results{os.sep}", "--out")
+    with pytest.raises(ValueError, match="cannot make its folder /proc/new"):  # (/proc takes no folders, even root's)
+        files.output_path("/proc/new/out.json", "--out")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):  # one file by two names: the second output would overwrite the first
+        files.check_outputs(argparse.ArgumentParser(), {"--out": "a.json", "--json": "./a.json"})
+
+
+def test_records_are_the_lines_with_a_whole_step(tmp_path):
+    """metrics.jsonl: a line cut short by a kill, or one without a whole-number step, is skipped and named."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n3\n{"step": "2"}\n{"step": null}\n{"step": 4, "lo\n{"step": 5}\n')
+    records, skipped = files.read_records(path)
+    assert [r["step"] for r in records] == [1, 5] and skipped == [2, 3, 4, 5]
+
+
+def test_a_close_name_is_offered_only_where_keep_takes_it(tmp_path):
+    """did you mean ...? names a file for a missing file, never a folder of a close name."""
+    (tmp_path / "tiny.yaml").mkdir()
+    assert files.near_miss(tmp_path / "tiny.yml", keep=lambda p: p.is_file()) is None
+    assert "did you mean" not in files.does_not_exist(tmp_path / "tiny.yml")
+    (tmp_path / "exp.yaml").write_text("x")
+    assert files.near_miss(tmp_path / "exp.yml", keep=lambda p: p.is_file()) == tmp_path / "exp.yaml"
+
+
+def test_byte_order_marks_name_utf32_before_utf16():
+    """UTF-32 LE's mark starts with UTF-16 LE's: the longer one is the encoding."""
+    assert files.bom_encoding(b"\xff\xfe\x00\x00a\x00\x00\x00") == "utf-32"
+    assert files.bom_encoding(b"\xff\xfea\x00") == "utf-16" and files.bom_encoding(b"abc") is None

@@ -61,3 +61,15 @@ def test_the_outputs_are_given_back_as_they_were(monkeypatch):
     assert isinstance(sys.stdout, OutputWithoutReader) and stdout.line_buffering and not stderr.line_buffering
     put_back_outputs(outputs)
     assert (sys.stdout, sys.stderr) == (stdout, stderr) and not stdout.line_buffering
+
+
+def test_a_line_whose_flush_fails_goes_to_the_fallback():
+    """A partial line (no newline yet) buffered when `| tee` ends: its flush fails, and it is shown on stderr."""
+    class BrokenOnFlush(io.StringIO):
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+    stderr = OutputWithoutReader(io.StringIO())
+    stdout = OutputWithoutReader(BrokenOnFlush(), fallback=stderr)
+    stdout.write("Resume with: python train.py --resume run")
+    stdout.flush()
+    assert stdout.gone and stderr.stream.getvalue() == "Resume with: python train.py --resume run"

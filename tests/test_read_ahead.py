@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+import read_ahead as reading
 from read_ahead import read_ahead
 from shards import DataError
 
@@ -41,3 +42,34 @@ def test_pools_are_made_ahead_by_a_thread_in_order_and_its_error_where_it_was_an
     assert next(endless) == 0
     endless.close()  # not wanted any more: its thread has ended (not left inside a library at exit)
     assert threading.active_count() == threads
+
+
+def test_a_stream_given_up_closes_its_generator_in_its_thread_and_is_forgotten():
+    """The generator's clean-up (its open files) runs in the reading thread as the stream closes."""
+    closed_in = []
+
+    def items(stop):
+        try:
+            yield from itertools.count()
+        finally:
+            closed_in.append(threading.current_thread())
+    before = set(reading.READING_AHEAD)
+    stream = read_ahead(items)
+    assert next(stream) == 0 and len(reading.READING_AHEAD) == len(before) + 1
+    stream.close()
+    assert len(closed_in) == 1 and closed_in[0] is not threading.current_thread()
+    assert reading.READING_AHEAD == before
+
+
+def test_at_exit_a_stream_nobody_closed_has_its_thread_stopped():
+    """A stream left open (an error elsewhere) does not hang the process at exit: its thread ends."""
+    stream = read_ahead(lambda stop: iter(range(10**9)), depth=1)
+    assert next(stream) == 0
+    stopper = threading.Thread(target=reading.stop_reading_ahead, daemon=True)
+    stopper.start()
+    stopper.join(timeout=5)
+    hung = stopper.is_alive()
+    for stop, _ in list(reading.READING_AHEAD):  # (release it, whatever happened)
+        stop.set()
+    stream.close()
+    assert not hung

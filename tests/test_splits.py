@@ -7,6 +7,7 @@ import pytest
 
 from conftest import hub_layout, write_parquet
 from shards import DataError, list_units
+from splits import every_file
 
 
 def test_training_on_a_held_out_split_alone_is_noted(tmp_path, capsys):
@@ -81,3 +82,10 @@ def test_splits_in_folders_and_names_that_only_contain_a_keyword(tmp_path):
     with pytest.raises(DataError, match=r"\(no split: 1, test: 1 files\).*; \S+/c/eval look like held-out splits \(by "
                                         r"their names\): move them out of the folder"):
         list_units(tmp_path / "c", "text")
+
+
+def test_every_file_of_a_pattern_in_the_current_folder_stays_relative():
+    """dataset.parquet_dir=*.parquet: the suggestion is **/*.parquet, not /**/*.parquet (the whole disk)."""
+    assert every_file("*.parquet") == "**/*.parquet"
+    assert every_file("data/*.parquet") == "data/**/*.parquet"
+    assert every_file("/d/wiki/") == "/d/**/wiki"
