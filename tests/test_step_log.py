@@ -61,6 +61,11 @@ def test_the_eta_goes_at_the_speed_of_the_last_lines_not_of_one():
         eta(step, 20.0)
     # one slow step moves it by its share of the minute (the last 20 lines' speed: 69 ms a step, not 20)
     assert eta(3001, 1000.0) == pytest.approx((20.0 * 2999 + 1000.0) / 3000 / 1000 * (10_000 - 3001), rel=1e-3)
+    log.steps, log.recent, log.recent_total = 10, collections.deque(), [0.0, 0]  # lines longer than the minute's
+    eta(10, 1000.0, first=True)
+    for step, ms in zip(range(20, 320, 10), [1000.0] * 20 + [100.0] * 10):  # 20 lines of 10 s, then 10 of 1 s
+        last = eta(step, ms)
+    assert last == pytest.approx(110 / 200 * (10_000 - 310)) and len(log.recent) == 20  # the last 20 lines
 
 
 def test_the_first_steps_are_logged_whatever_log_freq_says(tmp_path, corpus, capsys):
@@ -77,6 +82,9 @@ def test_the_first_steps_are_logged_whatever_log_freq_says(tmp_path, corpus, cap
     [run] = run_dirs(tmp_path)  # each record says how many steps its figures are the mean of (plot.averaged_at)
     assert [(r["step"], r["interval_steps"]) for r in records(run) if "train_loss" in r] == [
         (1, 1), (2, 1), (5, 3), (10, 5), (12, 2), (13, 1), (14, 1), (17, 3), (22, 5), (30, 8)]
+    from types import SimpleNamespace
+    debug = SimpleNamespace(cfg=Config.from_dict({"training": {"log_freq": 100, "debug": True}}), first_step=1)
+    assert all(StepLog.due(debug, step, ends_a_stretch=False) for step in range(1, 40))  # debug: every step
 
 
 def test_the_share_of_time_spent_waiting_for_batches_is_logged(tmp_path, corpus, capsys, monkeypatch):
