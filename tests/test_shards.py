@@ -10,7 +10,7 @@ import pytest
 
 import shards
 from conftest import write_parquet
-from shards import DataError, Holdout, list_units, validation_mask
+from shards import DataError, Holdout, first_documents, list_units, validation_mask
 
 
 def test_a_file_whose_column_holds_only_nulls_is_skipped_with_a_note(tmp_path, capsys):
@@ -336,3 +336,9 @@ def test_an_empty_row_group_is_no_unit(tmp_path):
         writer.write_table(pa.table({"text": ["c"]}))
     assert pq.ParquetFile(tmp_path / "a.parquet").metadata.num_row_groups == 3  # (the empty one is written)
     assert [(u.row_group, u.num_rows) for u in list_units(tmp_path, "text")] == [(0, 2), (2, 1)]
+
+
+def test_the_look_at_the_tokenizer_takes_only_the_first_n_documents_with_text(tmp_path):
+    """The start-up check of what the tokenizer loses reads a few documents, not a whole part (up to 8 MB)."""
+    write_parquet(tmp_path / "a.parquet", [None, "", "one", "two", None, "three", "four", "five"], 8)
+    assert first_documents(list_units(tmp_path, "text")[0], "text", 3) == ["one", "two", "three"]

@@ -120,6 +120,13 @@ def test_validation_documents_too_short_for_a_window_each_are_read_as_one_stream
                             "training": {"block_size": 16, "batch_size": 2, "eval_iters": 8}})
     validation = validation_batches(cfg, list_units(corpus, "text"), BYTES)
     assert [len(x) for x, _ in validation] == [2, 2, 1]  # 8 x 11 bytes: 5 windows of 16 (none from any one file)
+    for f in range(8):  # as many windows either way (two files of 21 bytes, 17 wanted): each file's first is measured
+        (val_dir / f"{f}.parquet").unlink()
+    for f in range(2):
+        write_parquet(val_dir / f"{f}.parquet", [f"<{f:02d}>" + "q" * 16])
+    cfg.training.batch_size, cfg.training.eval_iters = 1, 3
+    validation = validation_batches(cfg, list_units(corpus, "text"), BYTES, note_few=False)
+    assert [bytes(x.flatten().tolist())[:4] for x, _ in validation] == [b"<00>", b"<01>"]
 
 
 def test_a_validation_folder_is_named_in_its_errors(tmp_path):
