@@ -1,6 +1,7 @@
 """bench.py: it measures both implementations and reports what it measured (the figures themselves
 are in BENCHMARKS.md; no timing is asserted here)."""
 import json
+import math
 import signal
 import subprocess
 
@@ -98,3 +99,127 @@ def test_missing_data_is_one_line_before_any_timing(tmp_path, corpus, capsys, mo
     assert bench.main(["--config", str(config), "--skip", "memory", f"dataset.parquet_dir={tmp_path / 'nope'}"]) == 1
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: {tmp_path / 'nope'}: dataset.parquet_dir does not exist")
+
+
+def fake_clock(monkeypatch):
+    """bench.device_clock reads `now[0]`, which only the test's stand-ins move."""
+    now = [0.0]
+    monkeypatch.setattr(bench, "device_clock", lambda device: now[0])
+    return now
+
+
+def step_norms(tmp_path, corpus, monkeypatch, **training):
+    """The gradient norm of one step of model.py (the norm clip_grad_norm_ measures), and the max_norm it was given."""
+    seen = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, max_norm: seen.append(
+        (float(real_clip(p, max_norm)), max_norm)) or seen[-1][0])
+    cfg = Config.from_yaml(write_config(tmp_path, corpus, model={"dropout": 0.0}, **training),
+                           ["training.compile=false"])
+    step = bench.make_step(cfg, torch.device("cpu"), "model.py")
+    x = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    step(x, x)
+    return seen
+
+
+def test_accumulated_gradients_are_averaged_and_no_clip_is_no_limit(tmp_path, corpus, monkeypatch):
+    """As train.py: 3 micro-steps on one batch give its gradient (not 3 times it); grad_clip 0 clips nothing."""
+    [(one, limit)] = step_norms(tmp_path, corpus, monkeypatch, gradient_accumulation_steps=1, grad_clip=0.0)
+    [(three, _)] = step_norms(tmp_path, corpus, monkeypatch, gradient_accumulation_steps=3, grad_clip=0.0)
+    assert limit == math.inf and three == pytest.approx(one, rel=1e-4)
+
+
+def test_the_loss_scaler_is_on_in_float16_alone(tmp_path, corpus, monkeypatch):
+    seen = []
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler",
+                        lambda device, enabled: seen.append(enabled) or real(device, enabled=False))
+    config = write_config(tmp_path, corpus)
+    for dtype in ("float32", "bfloat16"):
+        bench.make_step(Config.from_yaml(config, [f"low_precision.compute_dtype={dtype}"]), torch.device("cpu"),
+                        "model.py")
+    assert seen == [False, False]
+
+
+def test_tokens_per_second_count_every_micro_step(tmp_path, corpus, monkeypatch):
+    """A step of 10 ms over batches of 4 x 16 tokens, accumulated twice: 12,800 tokens/s, the median step 10 ms."""
+    now = fake_clock(monkeypatch)
+    monkeypatch.setattr(bench, "make_step", lambda cfg, device, name: lambda x, y: now.__setitem__(0, now[0] + 0.01))
+    cfg = Config.from_yaml(write_config(tmp_path, corpus, gradient_accumulation_steps=2))
+    out = bench.bench_training(cfg, torch.device("cpu"), steps=3)
+    for name in bench.IMPLEMENTATIONS:
+        assert out[name]["ms_per_step"] == pytest.approx(10) and out[name]["tokens_per_s"] == pytest.approx(12_800)
+
+
+def test_full_recompute_is_timed_for_every_token_it_would_generate(tmp_path, corpus, monkeypatch):
+    """A forward pass whose time grows with its context as T ms: generating 9 tokens after a 10-token prompt by
+    full recompute runs passes over 10, 11, ... 18 tokens, 126 ms in all; the recurrent model is timed on the prompt."""
+    now, prompts = fake_clock(monkeypatch), []
+
+    class Model:
+        def __init__(self, config):
+            pass
+
+        def to(self, device):
+            return self
+
+        def eval(self):
+            return self
+
+        def generate(self, prompt, new_tokens, temperature):
+            prompts.append(prompt.shape[1])
+            now[0] += 0.5
+
+    monkeypatch.setattr(bench, "BDH", Model)
+    monkeypatch.setattr(bench, "reference_forward", lambda model, idx: now.__setitem__(0, now[0] + idx.shape[1] / 1000))
+    cfg = Config.from_yaml(write_config(tmp_path, corpus))
+    out = bench.bench_generation(cfg, torch.device("cpu"), prompt_len=10, new_tokens=9, samples=5)
+    assert prompts == [8, 10]
+    assert out["recurrent_tokens_per_s"] == pytest.approx(18)
+    assert out["full_recompute_tokens_per_s"] == pytest.approx(9 / 0.126)
+    assert list(out["full_recompute_forward_s"]) == [10, 12, 14, 16, 18]
+
+
+def test_the_profile_gives_the_wall_time_of_one_step(tmp_path, corpus, monkeypatch):
+    now = fake_clock(monkeypatch)
+    monkeypatch.setattr(bench, "make_step", lambda cfg, device, name: lambda x, y: now.__setitem__(0, now[0] + 0.01))
+    cfg = Config.from_yaml(write_config(tmp_path, corpus))
+    out = bench.profile_training(cfg, torch.device("cpu"), tmp_path / "table.txt", steps=3)
+    assert out["wall_ms"] == pytest.approx(10) and (tmp_path / "table.txt").is_file()
+
+
+def test_the_loader_is_compared_with_the_batches_the_model_takes(tmp_path, corpus, monkeypatch):
+    """40 ms a step of 2 micro-steps: the model takes 50 batches a second."""
+    monkeypatch.setattr(bench, "loader_workers", lambda cfg, units: 1)
+    monkeypatch.setattr(bench, "train_loader", lambda *args: iter(lambda: 1, None))
+    cfg = Config.from_yaml(write_config(tmp_path, corpus, gradient_accumulation_steps=2))
+    out = bench.loader_throughput(cfg, [], None, model_ms_per_step=40, seconds=0.05)
+    assert out["model_batches_per_s"] == pytest.approx(50)
+    assert out["loader_over_model"] == pytest.approx(out["batches_per_s"] / 50)
+
+
+def test_the_table_gives_model_py_over_reference(capsys):
+    """model.py twice as fast, half the memory above the start: ratios 2.00x and 0.50x."""
+    mib = 2**20
+    training = {"model.py": {"tokens_per_s": 2000, "ms_per_step": 5, "peak_memory_bytes": 300 * mib,
+                             "baseline_rss_bytes": 200 * mib},
+                "reference": {"tokens_per_s": 1000, "ms_per_step": 10, "peak_memory_bytes": 400 * mib,
+                              "baseline_rss_bytes": 200 * mib}}
+    bench.print_training(training, torch.device("cpu"), None)
+    out = capsys.readouterr().out
+    assert f"{'tokens/s':<16}{'2,000':>14}{'1,000':>14}{'2.00':>9}x" in out
+    assert f"{'step MiB':<16}{'100':>14}{'200':>14}{'0.50':>9}x" in out
+
+
+def test_no_timed_steps_is_refused(capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.arguments(["--steps", "0"])
+    assert stop.value.code == 2 and "--steps must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_skip_memory_starts_no_probe(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(bench, "memory_probe", lambda *args: pytest.fail("a memory probe was started"))
+    monkeypatch.setattr(bench, "bench_training", lambda cfg, device, steps: {
+        name: {"ms_per_step": 1.0, "tokens_per_s": 1.0} for name in bench.IMPLEMENTATIONS})
+    config = write_config(tmp_path, corpus)
+    assert bench.main(["--config", str(config), "--skip", "memory", "loader", "generation"]) == 0

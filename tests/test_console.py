@@ -125,3 +125,108 @@ def test_the_optimizer_line_of_a_sharded_or_4bit_run():
     line = console.optimizer_line(Config.from_yaml(tiny, ["training.distributed=ddp", "low_precision.use_4bit=true"]),
                                   model, optimizer, ranks, None, 99)
     assert "per rank" not in line and "decoder from step 100;" in line
+
+
+def start_lines(tmp_path, corpus, overrides=(), val_windows=8, run_path=None, compiled=False, fp8_recipe=None,
+                peak_source="", compute_dtype="float32", ranks=None, device="cpu", **training):
+    """describe_run's lines for the test config (write_config's), with `overrides` as on the command line."""
+    cfg = Config.from_yaml(write_config(tmp_path, corpus, **training), list(overrides))
+    model = torch.nn.Linear(8, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ranks = ranks or SimpleNamespace(enabled=False, world_size=1, mode="", main=True)
+    units = list_units(cfg.dataset.parquet_dir, cfg.dataset.text_column)
+    return console.describe_run(cfg, model, optimizer, ranks, torch.device(device), compute_dtype, units, val_windows,
+                                SimpleNamespace(path=run_path), compiled, fp8_recipe, 0, peak_source)
+
+
+def test_the_compute_dtype_auto_chose_is_marked_so(tmp_path, corpus):
+    """compute_dtype auto: the first line names the dtype it resolved to, and says it was chosen."""
+    assert "| float32 (auto) |" in start_lines(tmp_path, corpus, ["low_precision.compute_dtype=auto"])
+    assert "(auto)" not in start_lines(tmp_path, corpus, ["low_precision.compute_dtype=float32"])
+
+
+def test_the_data_line_counts_files_row_groups_and_rows(tmp_path, corpus):
+    """3 files of 40 documents in row groups of 8: 3 files, 15 row groups, 120 rows."""
+    data = start_lines(tmp_path, corpus).splitlines()[1]
+    assert "(3 files, 15 row groups, 120 rows, " in data
+
+
+def test_the_data_line_says_how_validation_is_held_out(tmp_path, corpus):
+    """A fraction of the documents, in percent; or a folder of its own, by its path."""
+    lines = start_lines(tmp_path, corpus)
+    assert "validation 20% of its documents (by " in lines
+    write_parquet(tmp_path / "val" / "v.parquet", ["held out text"] * 4)
+    lines = start_lines(tmp_path, corpus, [f"dataset.val_parquet_dir={tmp_path / 'val'}"])
+    assert f"validation {(tmp_path / 'val').resolve()}, measured on" in lines and "of its documents" not in lines
+
+
+def test_the_validation_windows_are_counted_in_batches_where_they_fill_them(tmp_path, corpus):
+    """8 windows in batches of 4: "2 x 4"; 9 windows (the last batch short): "9"."""
+    assert "measured on 2 x 4 windows taken across it" in start_lines(tmp_path, corpus, val_windows=8)
+    assert "measured on 9 windows taken across it" in start_lines(tmp_path, corpus, val_windows=9)
+
+
+def test_a_resumed_run_says_it_continues_in_its_own_directory(tmp_path, corpus):
+    """Not in training.checkpoint_dir, where a new run would go."""
+    run = tmp_path / "ck" / "run-1"
+    lines = start_lines(tmp_path, corpus, run_path=run)
+    assert f"| continues in {run.resolve()}" in lines
+    assert f"| runs in {(tmp_path / 'ck').resolve()}" in start_lines(tmp_path, corpus)
+
+
+def test_several_processes_are_named_with_the_global_batch_and_tokens(tmp_path, corpus):
+    """Under torchrun the first line gives the processes and the tokens of a step over all of them."""
+    ranks = SimpleNamespace(enabled=True, world_size=2, mode="ddp", main=True)
+    first = start_lines(tmp_path, corpus, ranks=ranks).splitlines()[0]
+    assert "| 128 tokens/step | 2 processes (ddp), global batch 4 x 1 x 2" in first
+    assert "processes" not in start_lines(tmp_path, corpus).splitlines()[0]
+
+
+def test_a_warmup_as_long_as_the_run_is_noted(tmp_path, corpus):
+    """warmup_iters == max_iters: the rate reaches its peak only at the last step and never decays."""
+    lines = start_lines(tmp_path, corpus, warmup_iters=4, max_iters=4)
+    assert "note: training.warmup_iters 4 >= max_iters 4: the learning rate rises to 0.01 at the last step" in lines
+    lines = start_lines(tmp_path, corpus, warmup_iters=8, max_iters=4)
+    assert "the learning rate rises only to 0.005 (learning_rate 0.01) and never decays" in lines
+    assert "warmup_iters" not in start_lines(tmp_path, corpus, warmup_iters=1, max_iters=4)
+
+
+def test_settings_that_do_nothing_are_noted(tmp_path, corpus):
+    """A setting the run ignores is a note among the start lines."""
+    cfg = Config.from_yaml(write_config(tmp_path, corpus))
+    lines = start_lines(tmp_path, corpus)
+    for line in cfg.unused_settings():
+        assert f"note: {line}" in lines
+    noted = start_lines(tmp_path, corpus, ["low_precision.use_double_quant=false"])
+    unused = Config.from_yaml(write_config(tmp_path, corpus),
+                              ["low_precision.use_double_quant=false"]).unused_settings()
+    assert unused and all(f"note: {line}" in noted for line in unused)
+
+
+def test_mfu_compile_and_debug_are_said_where_they_apply(tmp_path, corpus):
+    """MFU's yardstick where it is measured (and FP8's), the compiling first step, and debug mode."""
+    plain = start_lines(tmp_path, corpus)
+    assert "MFU" not in plain and "torch.compile" not in plain and "DEBUG" not in plain
+    lines = start_lines(tmp_path, corpus, ["training.debug=true"], compiled=True, peak_source="H100's bfloat16 peak",
+                        fp8_recipe="tensorwise", compute_dtype="bfloat16 (auto)")
+    assert "MFU against the H100's bfloat16 peak (FP8 too: the same bfloat16 (auto) yardstick)" not in lines
+    assert "MFU against the H100's bfloat16 peak (FP8 too: the same bfloat16 yardstick)" in lines
+    assert "torch.compile: the first step compiles the model and takes longer" in lines
+    assert "| DEBUG: anomaly detection" in lines
+    assert "FP8 too" not in start_lines(tmp_path, corpus, peak_source="H100's bfloat16 peak")
+
+
+def test_a_folder_given_by_a_relative_path_names_no_subfolders_rather_than_fail(tmp_path, monkeypatch):
+    """Units listed under another spelling of the folder (not below it as written): no subfolder list, no error."""
+    for folder in ("a", "b"):
+        write_parquet(tmp_path / "data" / folder / "x.parquet", ["some text"] * 4)
+    monkeypatch.chdir(tmp_path)
+    units = list_units(tmp_path / "data", "text")
+    assert console.subfolders("data", units) == ""
+
+
+def test_the_note_on_a_step_too_large_for_a_cpu_is_for_a_cpu_alone(tmp_path, corpus, monkeypatch):
+    """On a GPU the same step is no reason for a note (torch.device("cuda") is only named here, not used)."""
+    monkeypatch.setattr(console, "CPU_STEP_FLOPS", 0)
+    assert "sized for a GPU" in start_lines(tmp_path, corpus)
+    assert "sized for a GPU" not in start_lines(tmp_path, corpus, device="cuda")
