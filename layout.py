@@ -66,10 +66,11 @@ def shard_files(location, setting: str) -> tuple[Path, list[Path]]:
                         f"shards: write them with `python prepare.py --from-text TEXT_FILE ... --out {out}` and "
                         f"{set_to(setting, out, small=True)}")
     else:
-        close = ([near.name] if root.suffix == ".parquet" and (near := near_miss(root, Path.is_file)) else
-                 difflib.get_close_matches(root.name, folders_beside(root), 1, 0.75))  # a shard's typo, or a folder's
+        close = near_miss(root, Path.is_file) if root.suffix == ".parquet" else None  # a shard's name mistyped
+        if close is None and (folders := difflib.get_close_matches(root.name, folders_beside(root), 1, 0.75)):
+            close = root.with_name(folders[0])
         raise DataError(f"{root}: {what} does not exist{relative_to_here(root)}; "
-                        + (f"did you mean {root.with_name(close[0])}? or " if close else "")
+                        + (f"did you mean {close}? or " if close else "")
                         + f"create it with `python prepare.py --from-text FILE --out {shlex.quote(str(root))}`")
     if skipped:
         example = min(skipped, key=lambda path: (not path.name.endswith(".parquet"), path))  # a shard's name first

@@ -342,7 +342,7 @@ def test_torchrun_s_summary_shows_a_failed_rank_s_error(tmp_path, corpus, monkey
     monkeypatch.setattr(train, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("Connection closed by peer")))
     monkeypatch.setattr(distributed, "_PEERS_LOST", [])
     monkeypatch.setattr(distributed, "_JOINED", [])  # (exit_with below: as one process)
-    monkeypatch.setattr(train, "start", lambda cfg, device: (distributed.Ranks(0, 2), device))
+    monkeypatch.setattr(train, "start", lambda cfg, device: (Ranks(0, 2), device))
     before = int(time.time())
     assert train.main(["--config", str(write_config(tmp_path, corpus))]) == 1  # a lost peer: the other rank's fault
     assert "communication with the other ranks failed" in summary(1)
@@ -387,15 +387,15 @@ def test_print_config_under_torchrun_prints_it_once(tmp_path, corpus, monkeypatc
 ])
 def test_a_lost_peer_is_told_in_one_line_and_other_errors_are_not(text, monkeypatch):
     monkeypatch.setattr(distributed, "_PEERS_LOST", [])
-    failure = distributed.communication_failure(RuntimeError(f"gloo failed\n{text}"), distributed.Ranks(1, 2), 30)
+    failure = distributed.communication_failure(RuntimeError(f"gloo failed\n{text}"), Ranks(1, 2), 30)
     assert failure.startswith(f"communication with the other ranks failed ({text[:199]}")
     assert distributed._PEERS_LOST == [1]  # the exit will not wait on the lost peer
     assert failure.endswith("once that is fixed, run the same command again (no checkpoint was saved)")
     resumable = distributed.communication_failure(RuntimeError(text), Ranks(1, 2), 30, resume="python train.py x")
     assert resumable.endswith("once that is fixed, resume with `python train.py x`")
-    assert distributed.communication_failure(RuntimeError(text), distributed.Ranks(), 30) is None  # one process
+    assert distributed.communication_failure(RuntimeError(text), Ranks(), 30) is None  # one process
     assert distributed.communication_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
-                                             distributed.Ranks(1, 2), 30) is None
+                                             Ranks(1, 2), 30) is None
 
 
 
