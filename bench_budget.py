@@ -140,17 +140,19 @@ def main(argv=None) -> int:
         for part, piece in (("train", text[:cut]), ("heldout", text[cut:])):
             (Path(tmp) / f"{part}.txt").write_text(piece, encoding="utf-8")
             text_files_to_parquet([Path(tmp) / f"{part}.txt"], data / part, chunk_bytes=0)
-        for name, overrides in variants.items():
+        for i, (name, overrides) in enumerate(variants.items()):  # (a folder by number: a name may hold / or ..)
             try:
-                result = run_variant(args.config, overrides, args.seconds, data, text[cut:], Path(tmp) / name)
+                result = run_variant(args.config, overrides, args.seconds, data, text[cut:], Path(tmp) / f"variant{i}")
             except subprocess.CalledProcessError as e:
                 print(f"error: variant {name}: train.py stopped with status {e.returncode} (its error is above)",
                       file=sys.stderr)
                 return 1
             results["variants"][name] = result
+            speed = (f"{result['tokens_per_s']:,} tok/s" if result["tokens_per_s"] is not None else
+                     "tok/s not measured (too few steps)")
             print(f"{name}: held-out loss {result['heldout_loss']:.4f} after {result['seconds']:.0f} s, "
-                  f"{result['max_iters']} steps, {result['tokens']:,} tokens, {result['tokens_per_s']:,} tok/s; "
-                  f"curve {result['curve']}", flush=True)
+                  f"{result['max_iters']} steps, {result['tokens']:,} tokens, {speed}; curve {result['curve']}",
+                  flush=True)
             if args.json:  # after each variant: a later one that fails or is stopped leaves these
                 folder_made_for(args.json).write_text(json.dumps(results, indent=2))
     if args.json:

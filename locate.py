@@ -230,19 +230,30 @@ def not_found(spec: str, root: Path, setting: str) -> CheckpointError:
 
 def trained_further(found: list[Path], named: Path):
     """For a script's `latest` (the newest run's newest checkpoint, found[0]): a note naming an older
-    run that trained further, where the newest run stopped before its max_iters (a finished run of a
-    shorter experiment is what it is; a checkpoint that records no max_iters gets no note). `named`: a
-    run a note has named already."""
+    run of the same model (shape, tokenizer and training data) that trained further, where the newest run
+    stopped before its max_iters (a finished run of a shorter experiment is what it is; a checkpoint that
+    records no max_iters gets no note). `named`: a run a note has named already."""
     newest = peek_checkpoint(found[0]) or {}
     if not stopped_short(newest):
         return
     step = newest["step"]
-    older = [(checkpoint_step(path) or saved_step(path), path.parent) for path in found
-             if path.parent not in (found[0].parent, named)]
-    further, run = max(older, key=lambda step_run: step_run[0], default=(0, None))
-    if step < further < math.inf:  # (inf: a best.pt that cannot be read)
-        print(f"note: latest is the newest run, {found[0].parent.name}, stopped at step {step}; {run.name} trained "
-              f"further (step {further}): give --checkpoint {run} to use it", file=sys.stderr)
+    older = sorted(((checkpoint_step(path) or saved_step(path), path) for path in found
+                    if path.parent not in (found[0].parent, named)), key=lambda step_path: step_path[0], reverse=True)
+    for further, path in older:
+        if further <= step:
+            return
+        if further < math.inf and same_model(peek_checkpoint(path) or {}, newest):  # (inf: a best.pt not readable)
+            print(f"note: latest is the newest run, {found[0].parent.name}, stopped at step {step}; {path.parent.name} "
+                  f"trained further (step {further}): give --checkpoint {path.parent} to use it", file=sys.stderr)
+            return
+
+
+def same_model(saved: dict, other: dict) -> bool:
+    """Whether two checkpoints' dicts (peek_checkpoint) are of one model: its shape, tokenizer and training data."""
+    return (saved.get("model_config") == other.get("model_config")
+            and saved.get("tokenizer", "bytes") == other.get("tokenizer", "bytes")
+            and config_value(saved.get("config") or {}, "dataset.parquet_dir")
+            == config_value(other.get("config") or {}, "dataset.parquet_dir"))
 
 
 def export_source(folder: Path) -> str | None:

@@ -16,7 +16,7 @@ import logging
 import torch
 
 from model import LAYER_WEIGHTS
-from runtime import tensor_bytes
+from runtime import first_line, tensor_bytes
 
 BLOCKSIZE = 64  # weights (use_4bit, sample.py --4bit): the usual bitsandbytes block
 
@@ -31,10 +31,15 @@ def _bnb():
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as bnb_functional
-    except ImportError as e:
-        raise LowBitError(f"low_precision: the 4-bit modes need bitsandbytes ({e}); "
+    except (ImportError, OSError, RuntimeError) as e:  # (OSError, RuntimeError: an install whose library fails to load)
+        raise LowBitError(f"low_precision: the 4-bit modes need bitsandbytes ({first_line(e)}); "
                           f"pip install -r requirements.txt")
     return bnb_functional
+
+
+def check_bitsandbytes():
+    """use_4bit's package, as a run starts: its first use is the first 4-bit evaluation, perhaps hours in."""
+    _bnb()
 
 
 def quantize_4bit(x: torch.Tensor, quant_type: str, double_quant: bool, blocksize: int = BLOCKSIZE):

@@ -10,6 +10,7 @@ tokenizer is a byte-level BPE (Hugging Face tokenizers) trained on the training 
 config's shards, validation documents excluded.
 """
 import argparse
+import difflib
 import os
 import shlex
 import stat
@@ -355,9 +356,13 @@ def check_arguments(parser, args) -> str:
     text_column = "text"
     if args.from_parquet:
         for item in list(args.overrides):
-            if item.partition("=")[0] == "dataset.text_column" and item.partition("=")[2]:
-                text_column = item.partition("=")[2]
+            key, _, value = item.partition("=")
+            if key == "dataset.text_column" and value:
+                text_column = value
                 args.overrides.remove(item)
+            elif key != "dataset.text_column" and difflib.get_close_matches(key, ["dataset.text_column", "text_column"],
+                                                                             1, 0.8):  # a typo, not another setting
+                parser.error(f"{item}: did you mean dataset.text_column={value or 'NAME'}?")
     shards = modes[0] != "--train-tokenizer"
     if shards and (args.overrides or args.config or args.vocab_size is not None):
         given = " ".join([*(["--config"] * bool(args.config)), *(["--vocab-size"] * (args.vocab_size is not None)),

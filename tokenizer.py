@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from files import relative_to_here
+from files import near_miss, relative_to_here
 from runtime import first_line
 
 SEPARATOR_TOKEN = "<|endoftext|>"
@@ -229,6 +229,8 @@ def load_tokenizer(spec: str):
             raise TokenizerError(f"dataset.tokenizer: {spec} is no file: did you mean bytes?") from None
         if Path(f"{spec}.json").is_file():
             raise TokenizerError(f"dataset.tokenizer: {spec} does not exist; did you mean {spec}.json?") from None
+        if near := near_miss(spec, Path.is_file):  # tokenzer.json
+            raise TokenizerError(f"dataset.tokenizer: {spec} does not exist; did you mean {near}?") from None
         raise TokenizerError(f"dataset.tokenizer: {spec} does not exist{relative_to_here(spec)}{hub_hint(spec)}; "
                              f"{HOW_TO_NAME_ONE}") from None
     except OSError as e:

@@ -53,7 +53,7 @@ from evaluation import evaluate, tokens_per_byte, validation_fingerprint
 from files import script_here
 from fp8 import FP8Error, fp8_matmuls
 from locate import found_newest
-from lowbit import LowBitError, quantization_aware_view
+from lowbit import LowBitError, check_bitsandbytes, quantization_aware_view
 from metrics import MetricsError, MetricsLog, check_installed
 from model import BDH
 from outputs import outputs_without_reader, put_back_outputs
@@ -93,6 +93,8 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
     compute_dtype = resolve_compute_dtype(device, cfg.low_precision.compute_dtype)
     # FP8 on a device or with a backend that cannot run it: refused before anything is read
     matmuls, fp8_recipe = fp8_matmuls(cfg.fp8, device) if cfg.low_precision.use_fp8 else (None, None)
+    if cfg.low_precision.use_4bit:
+        check_bitsandbytes()
     compute = autocast(device, compute_dtype)
     if warning := emulated_dtype_warning(device, compute_dtype):
         print(warning)

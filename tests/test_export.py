@@ -19,6 +19,7 @@ from checkpoint import (EXPORT_VERSION, Checkpoint, CheckpointError, is_export, 
 from config import Config
 from conftest import write_config
 from locate import load_model
+from model import BDH, BDHConfig
 from lowbit import dequantize, export_4bit, quantize
 from tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
 
@@ -119,16 +120,25 @@ def test_transformers_fine_tunes_with_train_py_s_gradients_and_a_forward_with_gr
         model(idx[:, 30:], cache=model(idx[:, :30]).cache, labels=idx[:, 30:]).loss.backward()
     from transformers import AutoModelForCausalLM
     in_bf16 = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=torch.bfloat16)
-    in_bf16(idx, labels=idx).loss.backward()  # as Transformers users load a model: float32's gradients, rounded
+    out = in_bf16(idx, labels=idx)  # as Transformers users load a model: float32's gradients, rounded
+    assert (out.logits.dtype, out.loss.dtype) == (torch.bfloat16, torch.float32)
+    out.loss.backward()
     for name, weight in in_bf16.named_parameters():
         assert torch.cosine_similarity(weight.grad.float().flatten(), grads[name].grad.flatten(), dim=0) > 0.99, name
-    modeling, autocast_seen = sys.modules[type(model).__module__], []  # float32 weights in the caller's autocast
+    modeling, autocast_seen, recurrent = sys.modules[type(model).__module__], [], []  # (float32: the caller's autocast)
+    real_recurrent = modeling.recurrent_forward
+    monkeypatch.setattr(modeling, "recurrent_forward", lambda *args: recurrent.append(1) or real_recurrent(*args))
     real = modeling.parallel_forward
     monkeypatch.setattr(modeling, "parallel_forward", lambda *args: autocast_seen.append(
         torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None) or real(*args))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # (Trainer's bf16=True)
         model(idx, labels=idx)
     assert autocast_seen == [torch.bfloat16]
+    model(idx, use_cache=False)
+    model.train()
+    model(idx)
+    model.eval()
+    assert recurrent == []  # no cache filled (a second pass) where none may be used: with labels, in training
     monkeypatch.setattr(modeling, "parallel_forward", lambda *args: recomputed.append(args[4]) or real(*args))
     recomputed = []
     model.zero_grad()
@@ -138,6 +148,72 @@ def test_transformers_fine_tunes_with_train_py_s_gradients_and_a_forward_with_gr
     assert recomputed == [True]
     for name, weight in reference.named_parameters():
         assert torch.allclose(grads[name].grad, weight.grad, atol=1e-6), name
+
+
+@pytest.fixture(scope="module")
+def padded_export(tmp_path_factory):
+    """A tiny untrained model exported with --hf, its vocabulary padded to 320 rows past the 256 bytes, loaded
+    by Transformers."""
+    ckpt = tiny_checkpoint(model={"n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 320})
+    torch.manual_seed(0)
+    model = BDH(BDHConfig(**ckpt.model_config))
+    torch.nn.init.normal_(model.lm_head)  # (logits that differ from position to position)
+    ckpt.model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    folder = tmp_path_factory.mktemp("padded") / "export"
+    export.write_export(folder, ckpt, folder.parent / "checkpoint_1.pt", str(folder), hf=True, four_bit=False)
+    return hf_model(folder)[0]
+
+
+def test_the_transformers_configuration_defaults_as_model_py_and_keeps_what_it_is_given(padded_export):
+    config_class = type(padded_export.config)
+    default = config_class()
+    assert default.vocab_size == BDHConfig().vocab_size == default.tokenizer_vocab_size  # (none given: all of it)
+    assert default.separator_token_id == default.bos_token_id == default.eos_token_id == 0  # (bytes: 0x00)
+    given = config_class(n_layer=3, n_embd=48, vocab_size=400, tokenizer_vocab_size=390, separator_token_id=7,
+                         weights_4bit={"quant_type": "nf4", "blocksize": 64}, low_precision={"use_4bit": True})
+    assert (given.n_layer, given.n_embd, given.vocab_size, given.tokenizer_vocab_size) == (3, 48, 400, 390)
+    assert given.separator_token_id == given.bos_token_id == given.eos_token_id == 7  # a BPE's separator
+    assert (given.weights_4bit, given.low_precision) == ({"quant_type": "nf4", "blocksize": 64}, {"use_4bit": True})
+    assert (padded_export.config.tokenizer_vocab_size, padded_export.config.vocab_size) == (256, 320)
+    # the Trainer divides the loss by its accumulation steps (forward's loss is a mean, it takes no num_items_in_batch)
+    assert type(padded_export).accepts_loss_kwargs is False
+
+
+def test_a_transformers_forward_never_draws_padded_ids_refuses_padding_and_drops_out_only_in_training(padded_export):
+    model, idx = padded_export, torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        logits = model(idx).logits
+        assert logits.shape == (2, 12, 320)
+        assert torch.isneginf(logits[..., 256:]).all() and torch.isfinite(logits[..., :256]).all()
+        assert torch.equal(model(idx, attention_mask=torch.ones_like(idx)).logits, logits)  # a full mask: no padding
+        mask = torch.ones_like(idx)
+        mask[1, :3] = 0  # the second prompt padded on the left
+        with pytest.raises(ValueError, match="BDH has no padding mask: give prompts of equal length"):
+            model(idx, attention_mask=mask)
+    try:
+        model.train()
+        assert model.config.dropout > 0 and not torch.equal(model(idx).logits, model(idx).logits)
+    finally:
+        model.eval()
+    assert torch.equal(model(idx).logits, logits)
+
+
+def test_a_transformers_cache_goes_on_under_either_name_and_use_cache_false_returns_none(padded_export):
+    model, idx = padded_export, torch.randint(1, 256, (2, 20))
+    with torch.no_grad():
+        full = model(idx).logits
+        for name in ("past_key_values", "cache"):  # (Transformers 5.x renamed it; generate passes the output's name)
+            first = model(idx[:, :12], use_cache=True)
+            cache = getattr(first, "cache", None) or first.past_key_values
+            assert cache.get_seq_length() == 12
+            assert torch.allclose(model(idx[:, 12:], **{name: cache}).logits, full[:, 12:], atol=1e-5), name
+            assert cache.get_seq_length() == 20
+        out = model(idx, use_cache=False)
+    assert getattr(out, "cache", None) is None and getattr(out, "past_key_values", None) is None
+    prompt = idx[:1, :6]
+    cached = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+    assert cached.shape == (1, 14) and torch.equal(cached, model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False, use_cache=False))
 
 
 def test_transformers_stops_at_the_separator_and_starts_there_without_a_prompt(trained, tmp_path):

@@ -194,6 +194,13 @@ def test_a_scripts_latest_names_an_older_run_that_trained_further(tmp_path, caps
                stopped / "checkpoint_20.pt")  # a shorter experiment, finished: what it is
     open_checkpoint("latest", str(tmp_path), setting="--checkpoint")
     assert capsys.readouterr().err == ""
+    for other in ({"model_config": {"n_layer": 2}}, {"tokenizer": "{}"},  # another model: not offered for this one
+                  {"config": {"training": {"max_iters": 500}, "dataset": {"parquet_dir": "data/other"}}}):
+        torch.save(Checkpoint(**{"step": 20, "model": {}, "model_config": {},
+                                 "config": {"training": {"max_iters": 500}}, **other}).to_dict(),
+                   stopped / "checkpoint_20.pt")
+        open_checkpoint("latest", str(tmp_path), setting="--checkpoint")
+        assert capsys.readouterr().err == "", other
 
 
 def test_a_folder_of_experiments_names_its_folders_of_runs(tmp_path):

@@ -1,6 +1,7 @@
 """lowbit.py: 4-bit weights, quantization-aware training and 4-bit serving (bitsandbytes on CPU)."""
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -97,6 +98,18 @@ def test_at_least_the_last_step_trains_in_4bit(tmp_path, corpus, capsys):
     path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2, test_freq=100)
     assert train.main(["--config", str(path), "low_precision.use_4bit=true"]) == 0  # round(0.9 x 2) = 2
     assert "step 2: quantization-aware training starts" in capsys.readouterr().out
+
+
+def test_a_run_without_bitsandbytes_is_refused_before_it_trains(tmp_path, corpus, capsys, monkeypatch):
+    """Its first use is the first 4-bit evaluation: after test_freq steps, perhaps before any checkpoint."""
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)  # (what Python's import says of a missing one)
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=4, test_freq=2)
+    assert train.main(["--config", str(path), "low_precision.use_4bit=true"]) == 1
+    out, err = capsys.readouterr()
+    assert err == ("error: low_precision: the 4-bit modes need bitsandbytes (import of bitsandbytes.functional halted; "
+                   "None in sys.modules); pip install -r requirements.txt\n")
+    assert "step 1" not in out and not (tmp_path / "ck").exists()
+    assert train.main(["--config", str(path), "low_precision.use_4bit_optimizer=true"]) == 0  # (adamw4bit.py's)
 
 
 def test_switching_use_4bit_on_resume_starts_best_checkpoint_afresh(tmp_path, corpus, capsys):

@@ -268,6 +268,10 @@ def test_from_text_replace_keeps_an_input_file_in_the_out_folder_and_refuses_emp
                                                                "the overrides only dataset.text_column=NAME (got "
                                                                "training.seed=3)"),
     (["--from-parquet", "d", "--out", "o", "--chunk-bytes", "100"], "--chunk-bytes applies to --from-text only"),
+    (["--from-parquet", "d", "--out", "o", "dataset.text_colum=content"],
+     "dataset.text_colum=content: did you mean dataset.text_column=content?"),
+    (["--from-parquet", "d", "--out", "o", "text_column=content"], "text_column=content: did you mean "
+                                                                   "dataset.text_column=content?"),
     (["--from-parquet", "d", "--from-text", "a.txt", "--out", "o"], "give --from-text or --from-parquet, not both"),
     (["--from-parquet", "d", "--train-tokenizer", "--out", "o"], "--from-parquet and --train-tokenizer are two steps"),
 ])

@@ -80,6 +80,7 @@ def test_bad_tokenizer_files_are_one_line_errors(tmp_path, bpe_json, monkeypatch
         assert "Hub name" not in refusal(local)  # read as paths: a file's suffix, a folder here, an absolute path
     (tmp_path / "mine.json").write_text(bpe_json)
     assert refusal("mine") == "dataset.tokenizer: mine does not exist; did you mean mine.json?"
+    assert refusal("mine.jsn") == "dataset.tokenizer: mine.jsn does not exist; did you mean mine.json?"  # a typo
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(TokenizerError, match=r"^dataset.tokenizer: .*bad.json: not a Hugging Face tokenizer.json "
                                              r"\(not JSON: .*; give the path of a tokenizer.json"):
