@@ -81,9 +81,9 @@ class ParquetBatches(IterableDataset):
     """
 
     def __init__(self, units, split, block_size, batch_size, seed, holdout, text_column,
-                 max_cached_files, tokenizer, rank=0, world_size=1, positions=(), rotation=0, shuffle=None):
+                 max_cached_files, tokenizer, rank=0, world_size=1, positions=(), rotation=0, *, shuffle: bool):
         self.units, self.split, self.tokenizer = units, split, tokenizer
-        self.shuffle = split == "train" if shuffle is None else shuffle
+        self.shuffle = shuffle  # (given: training with val_parquet_dir reads split "all", shuffled)
         self.block_size, self.batch_size = block_size, batch_size
         self.seed, self.text_column = seed, text_column  # the shuffle's seed
         self.holdout = holdout  # the train/validation split

@@ -2,8 +2,9 @@
 latent neurons in each layer, and a generated sample. Give these the uncompiled model in eval mode
 (the caller switches it): eval mode and generation lengths would each make a compiled one recompile.
 
-The latents a and b of MODEL.md are the reference code's x_sparse and y_sparse: the log line and the
-metrics keep those names (active latents x, y; sparsity_x, sparsity_y)."""
+The latents a and b of MODEL.md are the paper's reference code's x_sparse and y_sparse: the log line and
+the metrics keep those names (active latents x, y; sparsity_x, sparsity_y, which hold the share of active
+latents: higher is denser)."""
 import hashlib
 import math
 

@@ -442,13 +442,13 @@ def parallel_forward(model, tokens: torch.Tensor, weights, dropout=0.0, recomput
     return LayerStack.apply(x, *weights, phases, model.config.n_layer, dropout, recompute, matmuls, observe)
 
 
-def recurrent_forward(model, tokens: torch.Tensor, states: list, t0: int, weights=None) -> torch.Tensor:
+def recurrent_forward(model, tokens: torch.Tensor, states: list, t0: int, weights: tuple) -> torch.Tensor:
     """The final hidden states (B, c, D) of tokens (B, c) at positions t0.., given each layer's
     state (H, B, N, D) = sum of rope(a_s) x_sᵀ over the earlier positions, which it updates: the
     recurrent form, a chunk at a time. `model` holds BDH's parameters (a BDH, or the Hugging Face
-    export's model); `weights` (encoder, encoder_v, decoder) default to its own."""
+    export's model); `weights`: the (encoder, encoder_v, decoder) to use, its own or a 4-bit view of them."""
     phases = rope_phases(model.rope_freqs, torch.arange(t0, t0 + tokens.size(1), device=tokens.device))
     x = layer_norm(model.embed(tokens))
     for state in states:
-        x, _ = layer_forward(x, *(weights or (model.encoder, model.encoder_v, model.decoder)), phases, state=state)
+        x, _ = layer_forward(x, *weights, phases, state=state)
     return x

@@ -45,7 +45,7 @@ def last_line(e: BaseException) -> str:
 
 
 def shortened(text: str, width: int) -> str:
-    """text, or its first `width` characters with ' ...', cut at a space among the last 30 of them
+    """text, or its start and ' ...' in at most `width` characters, cut at a space among the last 30 of them
     (mid-word if there is none)."""
     if len(text) <= width:
         return text
@@ -337,8 +337,8 @@ def device_clock(device) -> float:
 
 
 def out_of_memory(e: BaseException) -> str | None:
-    """What an allocation that failed asked for ('78.1 GiB'), or None if `e` is not one: CUDA's
-    OutOfMemoryError, the CPU allocator's and MPS's RuntimeErrors."""
+    """What an allocation that failed asked for ('78.1 GiB'; '' where the error does not say), or None if `e`
+    is not one: CUDA's OutOfMemoryError, the CPU allocator's and MPS's RuntimeErrors."""
     text = str(e)
     if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text):
         return None
@@ -346,7 +346,7 @@ def out_of_memory(e: BaseException) -> str | None:
         return f"{int(found[1]) / 2**30:.1f} GiB"
     if found := re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B)", text):
         return found[1]
-    return "memory"
+    return ""
 
 
 def memory_fix(cfg) -> str:

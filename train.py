@@ -272,7 +272,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
     while progress.step < training.max_iters:
         # ---- one optimizer step: gradient accumulation over micro-batches
         # what a data error in this step saves (one process): the progress, and the random state before
-        # dropout drew the step's first micro-batches' masks
+        # dropout drew the step's first micro-batches' masks (with one micro-batch, an error comes before any draw)
         before = replace(progress, positions=dict(progress.positions))
         rng_before = (torch_rng_state(device) if training.gradient_accumulation_steps > 1 and not ranks.enabled
                       else None)
@@ -309,9 +309,11 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
         scaler.step(optimizer)  # float16: skipped if the gradients are not finite (and the scale lowered)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if stop.at_once:  # (a KeyboardInterrupt raised in a callback torch.compile set is swallowed)
+        # until this process's first step is done a signal stops at once (GracefulStop's at_once); from here on the
+        # step is saved first. (A KeyboardInterrupt raised in a callback torch.compile set is swallowed: raised here.)
+        if stop.at_once:
             raise_if_heard()
-        stop.at_once = False  # a step is done: a signal from here on saves it
+        stop.at_once = False
         stopping = stop_vote.ask(stop.heard)
         evaluating = step % training.test_freq == 0 or step == training.max_iters
         saving = step % training.checkpoint_freq == 0 or step == training.max_iters
@@ -446,7 +448,8 @@ def resuming_a_run(cfg) -> bool:
 
 
 def rank_of(ranks: Ranks) -> str:
-    """" (rank R)" under torchrun, also before the process group is joined (a device refused first)."""
+    """The " (rank R)" of an error line under torchrun, also before the process group is joined (a device
+    refused first); "" in one process."""
     if ranks.enabled:
         return f" (rank {ranks.rank})"
     return f" (rank {os.environ['RANK']})" if several_processes() and "RANK" in os.environ else ""
@@ -493,7 +496,8 @@ def main(argv=None) -> int:
         if stop := interrupted(e):  # torch.compile wraps a KeyboardInterrupt raised while it compiles
             return report_stopped_at_once(resuming_a_run(cfg), signal_of(stop))
         if (request := out_of_memory(e)) is not None:
-            return failed(f"error{rank_of(ranks)}: out of memory on {device} (asked for {request}): {memory_fix(cfg)}; "
+            asked = f" (asked for {request})" if request else ""
+            return failed(f"error{rank_of(ranks)}: out of memory on {device}{asked}: {memory_fix(cfg)}; "
                           + (f"then resume with `{resume_command[0]}` and the new setting" if resume_command else
                              "no checkpoint was saved"))
         resume_line = resume_command[0] if resume_command else None

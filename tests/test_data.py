@@ -31,7 +31,8 @@ def tokenizer(request, bpe_json):
 
 
 def batches_of(units, split="train", T=16, B=2, seed=0, val_fraction=0.2, max_cached=4, tokenizer=BYTES, split_seed=0):
-    return ParquetBatches(units, split, T, B, seed, Holdout(val_fraction, split_seed), "text", max_cached, tokenizer)
+    return ParquetBatches(units, split, T, B, seed, Holdout(val_fraction, split_seed), "text", max_cached, tokenizer,
+                          shuffle=split == "train")
 
 
 def split_stream(units, split, split_seed=0, val_fraction=0.2, tokenizer=BYTES):
@@ -279,7 +280,7 @@ def test_too_little_training_data_is_an_error_not_a_hang(tmp_path):
         next(iter(ds))
     made_up = {"reader": 0, "epoch": 3, "unit": 0, "part": 0, "consumed": 0, "carry": []}  # resume_point's, dealt anew
     ds = ParquetBatches(list_units(tmp_path, "text"), "train", 64, 4, 0, Holdout(1e-9, 0), "text", 4, BYTES,
-                        positions=[made_up])
+                        positions=[made_up], shuffle=True)
     with pytest.raises(DataError, match=r"no complete batch of 4 x 65 tokens in passes 5-8 over the training data: "):
         next(iter(ds))
     ds = batches_of(list_units(tmp_path, "text"), T=4, B=1, val_fraction=1e-9)
@@ -290,7 +291,7 @@ def test_too_little_training_data_is_an_error_not_a_hang(tmp_path):
         next(iter(ds))
     write_parquet(tmp_path / "two" / "a.parquet", ["tiny"] * 2, 1)  # a unit for each of two readers, maybe the cause
     ds = ParquetBatches(list_units(tmp_path / "two", "text"), "train", 64, 4, 0, Holdout(1e-9, 0), "text", 4, BYTES,
-                        rank=1, world_size=2)
+                        rank=1, world_size=2, shuffle=True)
     with pytest.raises(DataError, match=r"^reader 1 of 2 got no complete batch .*: too little training data for this "
                                         r"many readers \(processes x workers\); lower dataloader.num_workers, the "
                                         r"number of processes, training.batch_size or training.block_size, or add "
@@ -391,7 +392,7 @@ def test_dataloader_resumes_with_the_worker_whose_batch_was_due(corpus, tokenize
         positions[p["reader"]] = p
     ds = ParquetBatches(units, "train", 16, 2, 0, Holdout(0.2, 0), "text", 4, tokenizer,
                         positions=list(positions.values()),
-                        rotation=consumed % 2)
+                        rotation=consumed % 2, shuffle=True)
     it = iter(DataLoader(ds, batch_size=None, num_workers=2))
     resumed = [next(it) for _ in range(5)]
     assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed, straight[consumed:]))
@@ -419,7 +420,7 @@ for folder in sys.argv[2:]:  # each in a child of its own: what one leaves alloc
         open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts from here
         start = kib("VmRSS")
         dataset = ParquetBatches(list_units(folder, "text"), "train", 256, 16, 0, Holdout(0.01, 0), "text", 4,
-                                 ByteTokenizer())
+                                 ByteTokenizer(), shuffle=True)
         sum(1 for _ in dataset.epoch_batches(ParquetFileCache(4), 0, 1, 0))
         print(kib("VmHWM") - start, flush=True)
         os._exit(0)

@@ -320,9 +320,10 @@ def test_a_bfloat16_model_keeps_its_generation_state_in_float32(monkeypatch):
     model, cfg = small_model(std=0.1)
     model, idx = model.bfloat16(), torch.randint(0, 256, (1, 100))
     at_once, stepwise = empty_states(cfg, 1, "cpu"), empty_states(cfg, 1, "cpu")
-    recurrent_forward(model, idx, at_once, 0)
+    weights = model.layer_weights()
+    recurrent_forward(model, idx, at_once, 0, weights)
     for t in range(idx.size(1)):
-        recurrent_forward(model, idx[:, t:t + 1], stepwise, t)
+        recurrent_forward(model, idx[:, t:t + 1], stepwise, t, weights)
     assert all(state.dtype == torch.float32 for state in stepwise)
     made = []  # generation's own states (BDH.stream's; the Hugging Face export's: tests/test_export.py)
     monkeypatch.setattr(model_module, "recurrent_forward", lambda m, tokens, states, *rest: made.extend(states)
@@ -334,9 +335,9 @@ def test_a_bfloat16_model_keeps_its_generation_state_in_float32(monkeypatch):
     model = model.float()  # under autocast too (as evaluation's samples are made): its products stay float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         at_once, stepwise = empty_states(cfg, 1, "cpu"), empty_states(cfg, 1, "cpu")
-        recurrent_forward(model, idx, at_once, 0)
+        recurrent_forward(model, idx, at_once, 0, weights)
         for t in range(idx.size(1)):
-            recurrent_forward(model, idx[:, t:t + 1], stepwise, t)
+            recurrent_forward(model, idx[:, t:t + 1], stepwise, t, weights)
     assert (stepwise[0] - at_once[0]).norm() < 1e-5 * at_once[0].norm()  # (bfloat16 products: 2e-3)
 
 

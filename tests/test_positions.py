@@ -30,6 +30,12 @@ def window_bytes(x, y):
     return bytes(torch.cat([x, y[-1:]]).tolist())
 
 
+def training_stream(units, seed=0, val_fraction=0.2, shuffle=True, **kwargs):
+    """The tests' training stream: windows of 16 tokens, batches of 2."""
+    return ParquetBatches(units, "train", 16, 2, seed, Holdout(val_fraction, 0), "text", 4, BYTES, shuffle=shuffle,
+                          **kwargs)
+
+
 def test_passes_count_the_finished_parts_of_a_large_row_group():
     from shards import READ_BYTES
     # 4 parts each; a quarter of the bytes is text
@@ -50,7 +56,7 @@ def test_passes_follow_the_bytes_read_when_one_row_group_holds_most_of_the_data(
     for name in "abcd":
         write_parquet(tmp_path / f"data/{name}.parquet", [f"{k:05d} " + "small " * 20 for k in range(10)], rows_per_group=10)
     units = list_units(tmp_path / "data", "text")  # seed 5: reader 0 has the small ones in epochs 0, 1
-    stream = ParquetBatches(units, "train", 16, 2, 5, Holdout(0.0, 0), "text", 4, BYTES)
+    stream = training_stream(units, seed=5, val_fraction=0.0)
     cache = ParquetFileCache(8)
     per_epoch = sum(len(list(stream.epoch_batches(cache, reader, 2, 0))) for reader in range(2))
 
@@ -102,7 +108,7 @@ def test_passes_grow_with_every_batch_of_a_row_group(corpus):
     """A corpus of a few row groups, each read in one part: the passes logged move at every batch,
     not only when a row group is finished."""
     units = list_units(corpus, "text")
-    stream = ParquetBatches(units, "train", 16, 2, 0, Holdout(0.2, 0), "text", 4, BYTES)
+    stream = training_stream(units)
     batches = list(stream.epoch_batches(ParquetFileCache(4), 0, 1, 0))
     first_unit = [position for _, _, position in batches if position["unit"] == 0]
     assert len(first_unit) > 2 and {position["part"] for position in first_unit} == {0}
@@ -116,7 +122,7 @@ def test_the_rest_of_an_epoch_is_dealt_to_other_readers(corpus, monkeypatch):
     documents, not others), resumably, before epoch 1; the passes logged go on from where they were."""
     monkeypatch.setattr(shards, "READ_BYTES", 300)  # several parts per unit
     units = list_units(corpus, "text")
-    ds, cache = ParquetBatches(units, "train", 16, 2, 0, Holdout(0.2, 0), "text", 4, BYTES), ParquetFileCache(4)
+    ds, cache = training_stream(units), ParquetFileCache(4)
     old = assign_units(units, 0, seed=0, n_readers=2, shuffle=True)
     saved = [list(ds.epoch_batches(cache, reader, 2, 0))[n][2] for reader, n in ((0, 5), (1, 40))]
     assert saved[1]["unit"] > 0 and any(p["part"] > 0 for p in saved)
@@ -154,7 +160,7 @@ def test_the_rest_of_an_epoch_is_dealt_to_other_readers(corpus, monkeypatch):
         again = list(ds.epoch_batches(cache, position["reader"], 3, 0, start=rest[middle][2]))
         assert len(again) == len(rest) - middle - 1
         assert all(torch.equal(a[0], b[0]) for a, b in zip(again, rest[middle + 1:]))
-    stream = ParquetBatches(units, "train", 16, 2, 0, Holdout(0.2, 0), "text", 4, BYTES, positions=positions)
+    stream = training_stream(units, positions=positions)
     next_epoch = next(b[2] for b in stream if b[2]["epoch"] == 1)  # reader 0 of 1: then the usual dealing
     assert "units" not in next_epoch
 
@@ -167,14 +173,13 @@ def test_the_rest_of_an_epoch_keeps_the_tokens_its_stopped_readers_carried(tmp_p
     for f in range(3):  # text that does not repeat: a carry read twice shows
         write_parquet(tmp_path / f"shard-{f}.parquet", ["".join(doc) for doc in letters[f]], rows_per_group=8)
     units = list_units(tmp_path, "text")
-    ds, cache = ParquetBatches(units, "train", 16, 2, 0, Holdout(0.2, 0), "text", 4, BYTES), ParquetFileCache(4)
+    ds, cache = training_stream(units), ParquetFileCache(4)
     # (carries of more than a separator: a separator alone follows every document, and would be seen "twice")
     saved = [next(p for _, _, p in list(ds.epoch_batches(cache, reader, 3, 0))[n:] if len(p["carry"]) > 1)
              for reader, n in ((0, 5), (1, 12), (2, 20))]
     order = {WORKERS_KEY: 3, "world_size": 1, "training.seed": 0, DEALING_KEY: LARGEST_FIRST}
     positions = rest_of_epoch(units, order, saved, n_readers=2)[0]
-    in_order = ParquetBatches(units, "train", 16, 2, 0, Holdout(0.2, 0), "text", 4, BYTES,
-                              shuffle=False)  # the stream as it is
+    in_order = training_stream(units, shuffle=False)  # the stream as it is
     streams = [b"".join(bytes(row.tolist()) for x, _, _ in in_order.epoch_batches(cache, p["reader"], 2, 0, start=p)
                         for row in x) for p in positions]
     old = assign_units(units, 0, seed=0, n_readers=3, shuffle=True)
@@ -193,7 +198,7 @@ def test_the_rest_of_an_epoch_goes_on_over_shards_added_removed_and_rewritten(tm
     corpus = make_corpus(tmp_path / "data", n_files=4, docs_per_file=32, rows_per_group=8, doc_len=60)
     cfg = Config.from_dict({"dataset": {"parquet_dir": str(corpus)}, "training": {"seed": 0}})
     units = list_units(corpus, "text")
-    ds, cache = ParquetBatches(units, "train", 16, 2, 0, Holdout(0.2, 0), "text", 4, BYTES), ParquetFileCache(4)
+    ds, cache = training_stream(units), ParquetFileCache(4)
     saved = [next(p for _, _, p in list(ds.epoch_batches(cache, reader, 2, 0))[n:] if p["part"] > 0)
              for reader, n in ((0, 5), (1, 30))]
     cache.close()
@@ -219,7 +224,7 @@ def test_the_rest_of_an_epoch_goes_on_over_shards_added_removed_and_rewritten(tm
             f"are dealt anew to 2 readers") in out
     is_new = [[(Path(now[i].path).name, now[i].row_group) in new for i, *_ in p["units"]] for p in positions]
     assert any(a and not b for flags in is_new for a, b in zip(flags, flags[1:]))  # new text mixed in, not last
-    stream = ParquetBatches(now, "train", 16, 2, 0, Holdout(0.2, 0), "text", 4, BYTES, positions=positions)
+    stream = training_stream(now, positions=positions)
     with ParquetFileCache(4) as cache:
         for position in positions:
             rest = list(stream.epoch_batches(cache, position["reader"], 2, 0, start=position))
@@ -251,7 +256,7 @@ def test_where_no_unit_of_the_epoch_is_left_the_next_one_starts(corpus, capsys):
     assert [p["units"] for p in positions] == [[]]
     assert (f"no (file, row group) unit of epoch 0 is left to read (the {len(units) - 5} it had not finished are gone "
             f"now): training goes on with epoch 1") in capsys.readouterr().out
-    stream = ParquetBatches(read, "train", 16, 2, 0, Holdout(0.0, 0), "text", 4, BYTES, positions=positions)
+    stream = training_stream(read, val_fraction=0.0, positions=positions)
     assert next(iter(stream))[2]["epoch"] == 1
 
 
