@@ -120,7 +120,7 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val
     n_files, n_rows = len({unit.path for unit in units}), sum(unit.num_rows for unit in units)
     data_size = (f"{n_files} file{'s' * (n_files != 1)}{subfolders(dataset.parquet_dir, units)}, {len(units)} row "
                  f"group{'s' * (len(units) != 1)}, {n_rows:,} row{'s' * (n_rows != 1)}, "
-                 f"{byte_amount(sum(unit.text_bytes for unit in units))} of text")
+                 f"{byte_amount(sum(unit.text_bytes for unit in units))} in its text column")  # (as parquet stores it)
     lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({data_size}; {validation}) | tokenizer {tokenizer} | "
                  f"{writes_to}")
     lines.append(optimizer_line(cfg, model, optimizer, ranks, fp8_recipe, qat_start))

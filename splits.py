@@ -68,8 +68,12 @@ def mixed_splits(root: Path, files: list[Path], pattern: str | None, setting: st
                     if len({t.name for t in train}) == 1 else ")")
     else:
         held_out = [str(selector) for split in ("validation", "test") for selector in selectors.get(split, [])]
+        beside = {path for path in files if path.parent == root}  # the files root/*.parquet matches
+        pattern_fix = (f": {override('parquet_dir', Path(glob.escape(str(root))) / '*.parquet')}"
+                       if not pattern and beside and all(split_of(root, path)[0] is None for path in beside) else "")
         fix = (f"{', '.join(held_out[:3])}{' ...' if len(held_out) > 3 else ''} look like held-out splits (by their "
-               f"names): move them out of the folder, or give {setting} a pattern of the training files only")
+               f"names): move them out of the folder, or give {setting} a pattern of the training files only"
+               f"{pattern_fix}")
     everything = override("parquet_dir", every_file(pattern) if pattern else
                           Path(glob.escape(str(root))) / "**" / "*.parquet")
     given = f"{pattern}: the files it matches have paths" if pattern else f"{root}: its files have paths"

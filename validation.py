@@ -5,12 +5,13 @@ import itertools
 import math
 import os
 
+import pyarrow.compute as pc
 import torch
 
 from config import step_tokens
 from data import ParquetBatches, count_documents, read_unit_tokens
 from files import byte_amount
-from shards import DataError, ParquetFileCache, holdout_of, list_units
+from shards import DataError, ParquetFileCache, holdout_of, list_units, read_unit_documents
 
 
 def validation_batches(cfg, units, tokenizer, note_few: bool = True) -> list:
@@ -76,6 +77,13 @@ def too_little_validation(cfg, units, folder, split: str, tokenizer) -> DataErro
                              f"the column with the text")
         if not val_documents and not dataset_cfg.val_parquet_dir:
             fraction = "" if documents == 1 else " raise dataset.val_fraction,"
+            texts = distinct_texts(cache, units, dataset_cfg.text_column) if dataset_cfg.split_by == "text" else None
+            if texts is not None and texts < documents:  # copies of one text: more of them cannot help
+                return DataError(f"{folder}: none of its {documents:,} documents went to validation: they hold "
+                                 f"{texts:,} distinct text{'s' * (texts != 1)}, and the copies of a text fall on one "
+                                 f"side of the split (dataset.split_by text: validation measures no text the model "
+                                 f"trains on); add documents of other texts,{fraction * (texts > 1)} or set "
+                                 f"dataset.val_parquet_dir")
             return DataError(f"{folder}: none of its {documents:,} document{'s' * (documents != 1)} went to "
                              f"validation (each goes with probability dataset.val_fraction "
                              f"{dataset_cfg.val_fraction}); cut the text into more documents (python prepare.py "
@@ -88,6 +96,17 @@ def too_little_validation(cfg, units, folder, split: str, tokenizer) -> DataErro
                      f"windows of {training.block_size + 1} tokens, each sharing one with the next, "
                      f"{training.batch_size * training.block_size + 1:,} in all; lower training.block_size or "
                      f"training.batch_size, or {more}")
+
+
+def distinct_texts(cache, units, text_column: str, limit: int = 10_000) -> int | None:
+    """How many distinct texts the non-empty documents of `units` hold, or None past `limit` (for a message)."""
+    seen = set()
+    for unit in units:
+        for docs in read_unit_documents(cache, unit, text_column, "all"):
+            seen.update(pc.unique(docs).to_pylist())
+            if len(seen) > limit:
+                return None
+    return len(seen)
 
 
 def check_held_out(val_units: list, train_units: list) -> list:

@@ -80,7 +80,13 @@ def test_splits_in_folders_and_names_that_only_contain_a_keyword(tmp_path):
     write_parquet(tmp_path / "c" / "part-0.parquet", ["x"])
     write_parquet(tmp_path / "c" / "eval" / "part-0.parquet", ["x"])  # no train split named: the held-out one is
     with pytest.raises(DataError, match=r"\(no split: 1, test: 1 files\).*; \S+/c/eval look like held-out splits \(by "
-                                        r"their names\): move them out of the folder"):
+                                        r"their names\): move them out of the folder, or give dataset.parquet_dir a "
+                                        r"pattern of the training files only: "
+                                        r"'dataset.parquet_dir=\S+/c/\*.parquet'; "):
+        list_units(tmp_path / "c", "text")
+    assert len(list_units(tmp_path / "c" / "*.parquet", "text")) == 1  # (what it offers works)
+    write_parquet(tmp_path / "c" / "test.parquet", ["x"])  # a held-out file beside them: no such pattern
+    with pytest.raises(DataError, match=r"pattern of the training files only; to train on every file anyway"):
         list_units(tmp_path / "c", "text")
 
 

@@ -241,22 +241,24 @@ def test_a_signal_once_the_run_has_ended_keeps_its_status(tmp_path, corpus, rest
     exits_on_sigterm = ("import atexit, os, signal, time; from stopping import exit_with; "
                         "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30))); "
                         "exit_with(lambda: 0)")  # (W&B closes its run in an exit function)
-    started = time.monotonic()
-    assert subprocess.run([sys.executable, "-c", exits_on_sigterm], cwd=ROOT, timeout=60).returncode == 0
-    assert time.monotonic() - started < 25  # at once, not after the exit function's 30 s
     finalizing = ("import os, signal, time; from stopping import exit_with\n"
                   "class Slow:\n    def __del__(self): os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5)\n"
                   "slow = Slow()\nexit_with(lambda: 0)")  # (Python's finalizing: once its signals are the defaults)
-    assert subprocess.run([sys.executable, "-c", finalizing], cwd=ROOT, timeout=60).returncode == 0
     hangs_in_teardown = ("import os, signal, time, stopping; from stopping import tearing_down; tearing_down(True); "
                          "stopping.REPEAT_WITHIN_S = 0; "
                          "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2); print('still tearing down', flush=True); "
                          "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)")  # a second signal: it ends at once
-    ended = subprocess.run([sys.executable, "-c", hangs_in_teardown], cwd=ROOT, timeout=60, capture_output=True, text=True)
-    assert (ended.returncode, ended.stdout) == (130, "still tearing down\n")
     forwarded = hangs_in_teardown.replace("tearing_down(True)", "tearing_down(False)").replace("time.sleep(30)",
                                                                                                "time.sleep(0.2)")
-    assert subprocess.run([sys.executable, "-c", forwarded], cwd=ROOT, timeout=60).returncode == 0  # torchrun's repeats
+    started = time.monotonic()  # (side by side: each takes a second or two to import torch)
+    scripts = {"exits on SIGTERM": exits_on_sigterm, "finalizing": finalizing, "hangs in teardown": hangs_in_teardown,
+               "forwarded": forwarded}  # (forwarded: torchrun's repeats of one signal)
+    ran = {name: subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+           for name, script in scripts.items()}
+    ended = {name: (proc.communicate(timeout=60)[0], proc.returncode) for name, proc in ran.items()}
+    assert ended == {"exits on SIGTERM": ("", 0), "finalizing": ("", 0),
+                     "hangs in teardown": ("still tearing down\n", 130), "forwarded": ("still tearing down\n", 0)}
+    assert time.monotonic() - started < 25  # at once, not after the exit function's 30 s
 
 
 def test_sigterm_finishes_the_step_and_saves_a_resumable_checkpoint(tmp_path, corpus):

@@ -40,7 +40,7 @@ def test_run_directory_holds_resolved_config_checkpoints_and_metrics(tmp_path, c
     assert "\n--- the model continues ---\n" in out
     units = list_units(corpus, "text")  # where the data comes from and where the runs go, resolved
     size, documents = byte_amount(sum(unit.text_bytes for unit in units)), sum(unit.num_rows for unit in units)
-    assert (f"data {corpus.resolve()} (3 files, {len(units)} row groups, {documents} rows, {size} of text; "
+    assert (f"data {corpus.resolve()} (3 files, {len(units)} row groups, {documents} rows, {size} in its text column; "
             f"validation 20% of its documents (by text, split_seed 1337), measured on "
             f"2 x 3 windows taken across it) | tokenizer bytes | runs in {(tmp_path / 'ck').resolve()}\n") in out
     [run] = run_dirs(tmp_path)

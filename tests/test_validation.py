@@ -38,12 +38,19 @@ def test_a_column_without_documents_says_so(tmp_path):
     cfg = Config.from_dict({"dataset": {"parquet_dir": str(tmp_path / "e")}, "training": {"block_size": 4096}})
     with pytest.raises(DataError, match=r"lower training.block_size or training.batch_size, or raise dataset.val_fraction"):
         validation_batches(cfg, list_units(tmp_path / "e", "text"), BYTES)
-    write_parquet(tmp_path / "f" / "a.parquet", ["a whole book " * 5000] * 3, 4)  # few, long documents
+    write_parquet(tmp_path / "f" / "a.parquet", [f"a whole book {i} " * 5000 for i in range(3)], 4)  # few, long ones
     cfg = Config.from_dict({"dataset": {"parquet_dir": str(tmp_path / "f"), "val_fraction": 1e-6}})
     with pytest.raises(DataError, match=r"none of its 3 documents went to validation \(each goes with probability "
                                         r"dataset.val_fraction 1e-06\); cut the text into more documents \(python "
                                         r"prepare.py --from-text ... with a smaller --chunk-bytes\), raise dataset.val_fraction,"):
         validation_batches(cfg, list_units(tmp_path / "f", "text"), BYTES)
+    write_parquet(tmp_path / "r" / "a.parquet", ["a line", "", "another line", "a line"] * 1000, 4)  # copies of 2 texts
+    cfg = Config.from_dict({"dataset": {"parquet_dir": str(tmp_path / "r"), "val_fraction": 0.01}})
+    with pytest.raises(DataError, match=r"none of its 3,000 documents went to validation: they hold 2 distinct texts, "
+                                        r"and the copies of a text fall on one side of the split \(dataset.split_by "
+                                        r"text: .*\); add documents of other texts, raise dataset.val_fraction, or set "
+                                        r"dataset.val_parquet_dir$"):
+        validation_batches(cfg, list_units(tmp_path / "r", "text"), BYTES)
     write_parquet(tmp_path / "g" / "a.parquet", ["one small text file, cut into one document " * 50], 4)
     cfg = Config.from_dict({"dataset": {"parquet_dir": str(tmp_path / "g")}, "training": {"seed": 0}})
     with pytest.raises(DataError, match=r"none of its 1 document went to validation .*--chunk-bytes\), or set "
