@@ -18,6 +18,7 @@ tail that does not fill a last batch is dropped. Where each reader stands is its
 import itertools
 import sys
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -59,6 +60,15 @@ def count_documents(cache: ParquetFileCache, units: list[Unit], text_column: str
     """The non-empty documents of `split` in `units` (for the messages of too little data)."""
     return sum(len(docs) for unit in units
                for docs in read_unit_documents(cache, unit, text_column, split, holdout))
+
+
+class Pool(NamedTuple):
+    """A run of a reader's small units whose windows are shuffled together, or one part of a large unit."""
+    unit: int  # the index of its first unit in the reader's epoch
+    part: int  # that unit's first part
+    lead: list  # token arrays to add to the stream before it (a re-dealt unit's from its old reader)
+    pieces: list  # its token arrays, in stream order
+    n_units: int  # how many units it holds
 
 
 class ParquetBatches(IterableDataset):
@@ -211,11 +221,9 @@ class ParquetBatches(IterableDataset):
             del stream, windows, pieces, lead, carry_in  # freed before the next pool is read
 
     def epoch_pools(self, cache, units, start=None, stop=None):
-        """The pools of an epoch's `units` ([unit, first part, tokens before it in an old reader's
-        stream]) from `start`'s on: (index of its first unit, that unit's first part, the tokens to
-        add to the carry before it, its token arrays in stream order, how many units it holds). A
-        pool is a run of small units (read whole, in one part) whose tokens reach POOL_BYTES, or one
-        part of a large unit; validation's stream is read a part at a time. What is small is decided
+        """The Pools of an epoch's `units` ([unit, first part, tokens before it in an old reader's
+        stream]) from `start`'s on. A pool is a run of small units (read whole, in one part) whose
+        tokens reach POOL_BYTES, or one part of a large unit; validation's stream is read a part at a time. What is small is decided
         by what is read, not by the metadata alone (dictionary-encoded text counts each repeated text
         once), so that a resume at a pool's first unit finds the same pools. `stop`: an Event that,
         once set, gives up the pool being read (read_ahead's)."""
@@ -238,10 +246,10 @@ class ParquetBatches(IterableDataset):
             lead, parts, one_part = read(k, skip)
             if not one_part:  # a large unit (or validation's stream): a pool per part
                 for part, piece in enumerate(parts, start=skip):
-                    yield k, part, lead, [piece], 1
+                    yield Pool(k, part, lead, [piece], 1)
                     lead = []
                 if lead:  # (no part left to read: its tokens go on to the next unit's stream)
-                    yield k, skip, lead, [], 1
+                    yield Pool(k, skip, lead, [], 1)
                 k += 1
                 continue
             pieces, end = list(parts), k + 1
@@ -256,7 +264,7 @@ class ParquetBatches(IterableDataset):
                 more = inner_lead + list(parts)
                 pieces.extend(more)
                 size, end = size + sum(piece.nbytes for piece in more), end + 1
-            yield k, skip, lead, pieces, end - k
+            yield Pool(k, skip, lead, pieces, end - k)
             k = end
 
 

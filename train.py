@@ -314,7 +314,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
         if stop.at_once:
             raise_if_heard()
         stop.at_once = False
-        stopping = stop_vote.ask(stop.heard)
+        stopping = stop_vote.ask(stop.heard)  # the same on every rank, as is each re-poll of it below (collectives)
         evaluating = step % training.test_freq == 0 or step == training.max_iters
         saving = step % training.checkpoint_freq == 0 or step == training.max_iters
 
