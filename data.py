@@ -223,10 +223,10 @@ class ParquetBatches(IterableDataset):
     def epoch_pools(self, cache, units, start=None, stop=None):
         """The Pools of an epoch's `units` ([unit, first part, tokens before it in an old reader's
         stream]) from `start`'s on. A pool is a run of small units (read whole, in one part) whose
-        tokens reach POOL_BYTES, or one part of a large unit; validation's stream is read a part at a time. What is small is decided
-        by what is read, not by the metadata alone (dictionary-encoded text counts each repeated text
-        once), so that a resume at a pool's first unit finds the same pools. `stop`: an Event that,
-        once set, gives up the pool being read (read_ahead's)."""
+        tokens reach POOL_BYTES, or one part of a large unit; validation's stream is read a part at a
+        time. What is small is decided by what is read, not by the metadata alone (dictionary-encoded
+        text counts each repeated text once), so that a resume at a pool's first unit finds the same
+        pools. `stop`: an Event that, once set, gives up the pool being read (read_ahead's)."""
         first = start["unit"] if start else 0
 
         def read(i, skip):
