@@ -98,6 +98,9 @@ def test_at_least_the_last_step_trains_in_4bit(tmp_path, corpus, capsys):
     path = write_config(tmp_path, corpus, max_iters=2, checkpoint_freq=2, test_freq=100)
     assert train.main(["--config", str(path), "low_precision.use_4bit=true"]) == 0  # round(0.9 x 2) = 2
     assert "step 2: quantization-aware training starts" in capsys.readouterr().out
+    assert train.main(["--config", str(path), "low_precision.use_4bit=true", "low_precision.qat_start_fraction=0"]) == 0
+    out = capsys.readouterr().out  # from the first step: nothing starts during the run
+    assert "step 2/2" in out and "quantization-aware training starts" not in out
 
 
 def test_a_run_without_bitsandbytes_is_refused_before_it_trains(tmp_path, corpus, capsys, monkeypatch):

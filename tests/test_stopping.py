@@ -441,12 +441,9 @@ def test_a_signal_while_the_loader_workers_start_still_stops_the_run(tmp_path, c
         assert ended.stderr == NOTHING_SAVED and "a step ran" not in ended.stdout and not (tmp_path / "ck").exists()
 
 
-def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_path, corpus, capsys, monkeypatch,
-                                                                         second_signal_at_once):
-    """The process's first step (a resume's too) is all a save then would keep, and under torchrun its
-    compilation can outlast the 30 s the agent waits: a signal during it stops at once, as in setting up."""
-    real = train.train_loader
-    signal_at = []
+def sigterm_at_batches(monkeypatch) -> list:
+    """train_loader's batches: a SIGTERM to this process as batch i is taken, once for each i in the list returned."""
+    real, signal_at = train.train_loader, []
 
     def loader(*args, **kwargs):
         for i, batch in enumerate(real(*args, **kwargs)):
@@ -455,6 +452,14 @@ def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_pat
                 time.sleep(0.5)  # the handler runs here
             yield batch
     monkeypatch.setattr(train, "train_loader", loader)
+    return signal_at
+
+
+def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_path, corpus, capsys, monkeypatch,
+                                                                         second_signal_at_once):
+    """The process's first step (a resume's too) is all a save then would keep, and under torchrun its
+    compilation can outlast the 30 s the agent waits: a signal during it stops at once, as in setting up."""
+    signal_at = sigterm_at_batches(monkeypatch)
     path = write_config(tmp_path, corpus, max_iters=20, checkpoint_freq=100, test_freq=100)
     signal_at[:] = [0]
     assert train.main(["--config", str(path)]) == 130
@@ -483,6 +488,25 @@ def test_a_signal_in_the_first_step_stops_at_once_and_one_after_it_saves(tmp_pat
     assert report_stopped_at_once(signal_name="SIGTERM") == 130 and capsys.readouterr().err == ""
     # torchrun's summary, which lists each rank that ended otherwise than 0, says why this one did
     assert json.loads((tmp_path / "error.json").read_text())["message"]["message"] == "SIGTERM: stopped at once"
+
+
+def test_a_signal_in_the_last_step_still_runs_its_evaluation_and_one_in_a_step_not_logged_logs_it(
+        tmp_path, corpus, capsys, monkeypatch):
+    """At max_iters the run is done as planned: its evaluation is not left to a resume."""
+    signal_at = sigterm_at_batches(monkeypatch)
+    signal_at[:] = [3]  # step 4 of 4
+    path = write_config(tmp_path, corpus, max_iters=4, test_freq=4, checkpoint_freq=4)
+    assert train.main(["--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "before the evaluation due" not in out and "stopped by" not in out
+    run = only_run(tmp_path / "ck")
+    assert [step for step, _ in validation(run)] == [4] and not load_checkpoint(run / "checkpoint_4.pt").evaluation_due
+    signal_at[:] = [2]  # step 3 of 20: no step to log, evaluate or save; its line comes before the checkpoint's
+    assert train.main(["--config", str(path), "training.max_iters=20", "training.log_freq=100",
+                       f"training.checkpoint_dir={tmp_path / 'b'}"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped by SIGTERM after step 3." in out
+    assert -1 < out.index("step 3/20") < out.index("SIGTERM: saving a checkpoint after step 3")
 
 
 def test_a_signal_in_the_first_step_whose_interrupt_is_swallowed_still_stops_it(tmp_path, corpus, capsys,

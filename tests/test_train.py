@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from config import Config
 from conftest import NEEDS_CUDA, ROOT, losses, only_run, run_dirs, write_config
 from files import byte_amount, script_here
 from model import BDH
-from locate import checkpoints_in
+from locate import RUN_CONFIG_HEADER, checkpoints_in
 from positions import UNITS
 from shards import DataError, list_units
 from stopping import SAVING
@@ -90,6 +91,42 @@ def test_no_run_directory_before_the_first_checkpoint(tmp_path, corpus, monkeypa
     captured = capsys.readouterr()
     assert "step 2/50" in captured.out and "Traceback" not in captured.err
     assert run_dirs(tmp_path) == []
+    # a run resumed from a checkpoint file of its run directory continues there: stopped before its first
+    # checkpoint, it is resumed from the run (its newest checkpoint then), not from the file given
+    monkeypatch.undo()
+    assert train.main(["--config", str(path), "training.max_iters=2"]) == 0
+    [run] = run_dirs(tmp_path)
+    monkeypatch.setattr(train, "learning_rate", interrupt_at_step_3)
+    capsys.readouterr()
+    assert train.main(["--config", str(path), f"training.resume_from_checkpoint={run / 'checkpoint_2.pt'}"]) == 130
+    assert capsys.readouterr().err.endswith(f" training.resume_from_checkpoint={run}\n")
+
+
+def test_leftovers_of_a_run_killed_while_writing_are_removed_and_said(tmp_path, corpus, capsys):
+    killed = tmp_path / "ck" / "run_20000101_000000"  # killed while it wrote its first checkpoint
+    killed.mkdir(parents=True)
+    (killed / ".lock").write_text("x")
+    (killed / "config.yaml").write_text(RUN_CONFIG_HEADER + "model: {}\n")
+    (killed / ".checkpoint_5.pt.tmp999999999").write_bytes(b"partial")
+    for file in killed.iterdir():
+        os.utime(file, (time.time() - 120,) * 2)  # (an empty run touched in the last minute may be filling)
+    assert train.main(["--config", str(write_config(tmp_path, corpus, max_iters=2))]) == 0
+    out = capsys.readouterr().out
+    assert "removed 1 temporary file(s) left by an interrupted checkpoint write\n" in out
+    assert "removed run_20000101_000000: empty, left by a run killed during its first checkpoint\n" in out
+    assert not killed.exists()
+
+
+def test_the_unmeasured_validation_note_is_for_a_new_run_and_records_say_whether_4bit_weights_were_measured(
+        tmp_path, corpus, monkeypatch, capsys):
+    monkeypatch.setattr(train, "unmeasured_validation", lambda *args: "note: NOT MEASURED")
+    path = write_config(tmp_path, corpus, max_iters=2)
+    assert train.main(["--config", str(path)]) == 0
+    assert "note: NOT MEASURED\n" in capsys.readouterr().out
+    records = [json.loads(line) for line in (only_run(tmp_path / "ck") / "metrics.jsonl").read_text().splitlines()]
+    assert [r["weights_4bit"] for r in records if "val_loss" in r] == [False]
+    assert train.main(["--config", str(path), "training.resume_from_checkpoint=latest", "training.max_iters=3"]) == 0
+    assert "NOT MEASURED" not in capsys.readouterr().out  # (said when the run began)
 
 
 def test_missing_data_is_one_line_error(tmp_path, capsys):
@@ -231,7 +268,8 @@ def test_a_shard_that_fails_mid_run_saves_the_steps_before_and_names_the_checkpo
     monkeypatch.setattr(train, "train_loader", fail_at_batch(9))  # step 5's first batch: step 4 is saved already
     assert train.main(["--config", str(path)]) == 1
     [regular] = run_dirs(tmp_path)
-    assert capsys.readouterr().err == error(regular, 5, 4)
+    captured = capsys.readouterr()
+    assert captured.err == error(regular, 5, 4) and captured.out.count(f"saved {regular / 'checkpoint_4.pt'}") == 1
 
     # step 5's second batch, with step 4 not saved: saved now, as a regular checkpoint has it (the random
     # state before step 5's first batch drew its dropout masks; the line of the steps not logged yet, without
@@ -333,10 +371,13 @@ def test_debug_logs_every_step_detects_anomalies_and_prints_the_first_batch(tmp_
     path = write_config(tmp_path, corpus, log_freq=100, max_iters=4, test_freq=4, checkpoint_freq=4)
     assert train.main(["--config", str(path)]) == 0
     assert anomaly_detection == [False] and "step 3/4" not in capsys.readouterr().out
-    assert train.main(["--config", str(path), "training.debug=true", f"training.checkpoint_dir={tmp_path}/debug"]) == 0
+    assert train.main(["--config", str(path), "training.debug=true", f"training.checkpoint_dir={tmp_path}/debug",
+                       "training.gradient_accumulation_steps=2"]) == 0
     out = capsys.readouterr().out
     assert anomaly_detection == [False, True] and "step 3/4" in out
-    # the first window of the first batch, as text: 16 bytes of the corpus's documents ("<ff-rrr>abcdefghij...")
+    # the first window of the first batch (once, not each micro-batch's), as text: 16 bytes of the corpus's
+    # documents ("<ff-rrr>abcdefghij...")
+    assert out.count("first batch (") == 1
     [start] = re.findall(r"\nfirst batch \(4, 16\), its first window's start: ('.*')\n", out)
     assert len(ast.literal_eval(start)) == 16 and set(ast.literal_eval(start)) <= set("<>-0123456789abcdefghij\0")
 
@@ -420,9 +461,10 @@ def test_a_failed_write_is_reported_and_earlier_checkpoints_survive(tmp_path, co
     assert not [p for p in run.iterdir() if ".tmp" in p.name]
 
 
-def test_keep_last_n_and_best_checkpoint(tmp_path, corpus, monkeypatch):
-    config = write_config(tmp_path, corpus, max_iters=8, checkpoint_freq=2, test_freq=2, keep_last_n=2)
-    losses, real_evaluate = iter([3.0, 1.0, 2.0, 4.0]), train.evaluate  # the best is not the last
+def test_keep_last_n_and_best_checkpoint(tmp_path, corpus, monkeypatch, capsys):
+    config = write_config(tmp_path, corpus, max_iters=8, checkpoint_freq=2, test_freq=1, keep_last_n=2)
+    val_losses = [3.0, 2.5, 1.0, 2.0, 1.5, 4.0, 5.0, 6.0]  # the best is not the last, nor at a checkpoint's step
+    losses, real_evaluate = iter(val_losses), train.evaluate
 
     def evaluate(*args):
         return {**real_evaluate(*args), "val_loss": next(losses)}
@@ -431,9 +473,12 @@ def test_keep_last_n_and_best_checkpoint(tmp_path, corpus, monkeypatch):
     run = only_run(tmp_path / "ck")
     assert [p.name for p in checkpoints_in(run)] == ["checkpoint_6.pt", "checkpoint_8.pt"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert {r["step"]: r["val_loss"] for r in records if "val_loss" in r} == {2: 3.0, 4: 1.0, 6: 2.0, 8: 4.0}
+    assert {r["step"]: r["val_loss"] for r in records if "val_loss" in r} == dict(enumerate(val_losses, start=1))
     best = load_checkpoint(run / "best.pt")
-    assert (best.step, best.best_val_loss) == (4, 1.0)
+    assert (best.step, best.best_val_loss) == (3, 1.0)
+    out = capsys.readouterr().out
+    step_3 = out[out.index("step 3/8"):out.index("step 4/8")]  # best.pt alone, said
+    assert f"saved {run / 'best.pt'} (best validation loss so far)\n" in step_3 and "checkpoint_" not in step_3
 
 
 def test_a_validation_loss_that_is_not_a_number_is_never_the_best(tmp_path, corpus, monkeypatch, capsys):
