@@ -11,6 +11,7 @@ import math
 import torch
 
 from distributed import Ranks, full_weights
+from model import SAMPLE_TEMPERATURE
 
 SAMPLE_TOKENS = 200
 SAMPLE_PROMPT_TOKENS = 32  # the start of the first validation window
@@ -83,12 +84,12 @@ def validation_loss(model, val_batches, device, compute, ranks: Ranks) -> tuple[
 @torch.no_grad()
 def generate_sample(model, val_batches, device, compute, generator, ranks: Ranks, tokenizer) -> tuple[str, str]:
     """(prompt, continuation): the first SAMPLE_PROMPT_TOKENS of the first validation window and the
-    SAMPLE_TOKENS the model writes after them, at temperature 0.8, with the same random draws at every
+    SAMPLE_TOKENS the model writes after them, at SAMPLE_TEMPERATURE, with the same random draws at every
     evaluation."""
     prompt = val_batches[0][0][:1, :SAMPLE_PROMPT_TOKENS].to(device)
     generator.manual_seed(0)
     with compute, full_weights(model, ranks):
-        out = model.generate(prompt, SAMPLE_TOKENS, temperature=0.8, top_k=None, generator=generator,
+        out = model.generate(prompt, SAMPLE_TOKENS, temperature=SAMPLE_TEMPERATURE, top_k=None, generator=generator,
                              vocab_limit=tokenizer.vocab_size)
     prompt_text, whole = tokenizer.decode(prompt[0].tolist()), tokenizer.decode(out[0].tolist())
     if whole.startswith(prompt_text):  # (a character split between the two decodes apart)

@@ -27,7 +27,7 @@ from checkpoint import EXPORT_VERSION, CheckpointError, saved_step
 from config_file import config_value
 from files import REPO, read_records, resumed_configs, write_folder
 from lowbit import BLOCKSIZE, LowBitError, export_4bit, full_precision_note, post_training_note
-from model import LAYER_WEIGHTS, BDHConfig
+from model import LAYER_WEIGHTS, SAMPLE_TEMPERATURE, BDHConfig
 from locate import add_checkpoint_arguments, is_run_directory, open_checkpoint
 from tokenizer import SEPARATOR_TOKEN, TokenizerError, tokenizer_from_string
 
@@ -189,9 +189,10 @@ def write_export(folder: Path, ckpt, source: Path, out: str, hf: bool, four_bit:
         for source_file, name in HF_FILES.items():
             shutil.copyfile(source_file, folder / name)
         # generate() reads these from here, not from config.json: stop at the separator, start there without a prompt;
-        # sample as sample.py does (temperature 1, no top-k): greedy decoding repeats itself on a small model
+        # sample as sample.py does (its temperature, no top-k): greedy decoding repeats itself on a small model
         generation = {"bos_token_id": tokenizer.separator, "eos_token_id": tokenizer.separator,
-                      "pad_token_id": tokenizer.separator, "do_sample": True, "top_k": 0}
+                      "pad_token_id": tokenizer.separator, "do_sample": True, "top_k": 0,
+                      "temperature": SAMPLE_TEMPERATURE}
         (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 

@@ -46,6 +46,7 @@ LN_EPS = 1e-5
 TILE = 64  # rows per tile of the causal attention
 CHUNK = 1024  # latent columns per slice where backward avoids a full (H, B*T, N) temporary for z
 LAYER_WEIGHTS = ("encoder", "encoder_v", "decoder")  # shared by all layers; the 4-bit modes quantize these
+SAMPLE_TEMPERATURE = 0.8  # sample.py's default, the evaluations' samples and an export's generate()
 
 
 @dataclass

@@ -20,6 +20,7 @@ from checkpoint import CheckpointError
 from files import stdout_reader_gone
 from lowbit import LowBitError, serve_4bit_option
 from locate import add_checkpoint_arguments, load_model, model_line
+from model import SAMPLE_TEMPERATURE
 from runtime import DeviceError, pick_device
 from tokenizer import TokenizerError, note_prompt_change, tokenizer_from_string
 
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
     add_checkpoint_arguments(parser)
     add_prompt_arguments(parser, required=False)
     parser.add_argument("--max-new-tokens", type=int, default=500, help="(default 500)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the likeliest token (default 0.8)")
+    parser.add_argument("--temperature", type=float, default=SAMPLE_TEMPERATURE,
+                        help=f"0 picks the likeliest token (default {SAMPLE_TEMPERATURE})")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens (0, the default: "
                                                              "all)")
     parser.add_argument("--seed", type=int, default=1337, help="(default 1337)")

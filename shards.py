@@ -46,7 +46,7 @@ class Unit:
     row_group: int
     num_rows: int
     num_bytes: int  # the row group's, all columns, uncompressed (its parts: rows_per_part)
-    file_key: int  # hash of the path relative to parquet_dir: seeds the split and the shuffle
+    file_key: int  # hash of the path relative to parquet_dir: seeds the shuffle (and split_by position's split)
     text_bytes: int  # its text column's alone, uncompressed: what the readers' shares and the passes count
 
 

@@ -93,8 +93,9 @@ def test_export_holds_the_checkpoint_weights_and_transformers_generates_what_sam
     assert tokenizer.decode(ids[0]) == sample_text(capsys, "--checkpoint", str(trained), "--prompt", "<00-")
     torch.manual_seed(0)
     assert model.generate(**inputs, max_new_tokens=20, do_sample=True, top_k=20).shape == (1, 24)
-    # by default it samples, as sample.py does (temperature 1, no top-k): greedy decoding loops on a small model
+    # by default it samples, as sample.py does (temperature 0.8, no top-k): greedy decoding loops on a small model
     assert (model.generation_config.do_sample, model.generation_config.top_k) == (True, 0)
+    assert model.generation_config.temperature == 0.8
     samples = {tuple(model.generate(**inputs, max_new_tokens=40)[0].tolist()) for _ in range(3)}
     assert len(samples) == 3 and tuple(ids[0, :44].tolist()) not in samples
 
