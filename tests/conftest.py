@@ -1,6 +1,7 @@
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,10 @@ from pathlib import Path
 # before torch starts: one thread for each test process and each training process a test starts
 # (pytest -n 2 on 2 cores: a third faster, and no step stalled behind a thread waiting for a core)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# a shell starts a background job (`pytest ... &`) with SIGINT ignored, and train.py keeps an ignored signal
+# ignored, as the shell asked: the tests that send SIGINT run with Python's own handler, as from a terminal
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -135,10 +135,10 @@ def test_the_loss_scaler_is_on_in_float16_alone(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr(torch.amp, "GradScaler",
                         lambda device, enabled: seen.append(enabled) or real(device, enabled=False))
     config = write_config(tmp_path, corpus)
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "float16"):
         bench.make_step(Config.from_yaml(config, [f"low_precision.compute_dtype={dtype}"]), torch.device("cpu"),
                         "model.py")
-    assert seen == [False, False]
+    assert seen == [False, False, True]
 
 
 def test_tokens_per_second_count_every_micro_step(tmp_path, corpus, monkeypatch):

@@ -69,7 +69,8 @@ def test_at_exit_a_stream_nobody_closed_has_its_thread_stopped():
     stopper.start()
     stopper.join(timeout=5)
     hung = stopper.is_alive()
+    left = [thread for _, thread in reading.READING_AHEAD if thread.is_alive()]  # (stop_reading_ahead's, joined)
     for stop, _ in list(reading.READING_AHEAD):  # (release it, whatever happened)
         stop.set()
     stream.close()
-    assert not hung
+    assert not hung and left == []
