@@ -27,6 +27,7 @@ import torch
 from adamw4bit import make_optimizer
 from arguments import add_config_arguments, load_config, parse_arguments
 from corpus import ensure_builtin_corpus
+from console import cpu_size_note
 from data import train_loader
 from files import check_outputs, folder_made_for
 from model import BDH
@@ -286,6 +287,9 @@ def measure(args) -> int:
     print(f"device {device} ({torch.get_num_threads()} threads) | {compute_dtype} | "
           f"compiled {wants_compile(training, device)} | L{model.n_layer} D{model.n_embd} H{model.n_head} N{model.n_latent} "
           f"| batch {training.batch_size} x T {training.block_size} | torch {torch.__version__}")
+    if note := cpu_size_note(cfg, device, f"bench.py times {args.steps} of them after 2 warm-up steps, for each of "
+                                          f"the two implementations"):
+        print(note, flush=True)
     results = {"device": str(device), "config": cfg.to_dict(), "torch": str(torch.__version__)}
     results["training"] = training = bench_training(cfg, device, args.steps)
     if device.type == "cuda":

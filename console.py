@@ -124,11 +124,8 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val
     lines.append(f"data {Path(dataset.parquet_dir).resolve()} ({data_size}; {validation}) | tokenizer {tokenizer} | "
                  f"{writes_to}")
     lines.append(optimizer_line(cfg, model, optimizer, ranks, fp8_recipe, qat_start))
-    step_flops = cfg.model.training_flops_per_token(training.block_size) * step_tokens(training, 1)  # per process
-    if device.type == "cpu" and step_flops > CPU_STEP_FLOPS:
-        lines.append(f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, seconds to minutes on a CPU "
-                     f"(the first step line comes after it): this model is sized for a GPU; configs/tiny.yaml "
-                     f"trains on a CPU in minutes")
+    if note := cpu_size_note(cfg, device, "the first step line comes after it"):
+        lines.append(note)
     if training.warmup_iters >= training.max_iters:
         reached = learning_rate(training.max_iters, training)
         peak = training.learning_rate
@@ -143,6 +140,16 @@ def describe_run(cfg, model, optimizer, ranks, device, compute_dtype, units, val
     if compiled:
         lines.append("torch.compile: the first step compiles the model and takes longer")
     return "\n".join(lines)
+
+
+def cpu_size_note(cfg, device, then: str) -> str | None:
+    """For a model and batch sized for a GPU, on a CPU: a step's FLOPs (one process's) and the config for a CPU.
+    `then`: what the wait delays."""
+    step_flops = cfg.model.training_flops_per_token(cfg.training.block_size) * step_tokens(cfg.training, 1)
+    if device.type != "cpu" or step_flops <= CPU_STEP_FLOPS:
+        return None
+    return (f"note: a step is {step_flops / 1e12:.1f} TFLOP per process, seconds to minutes on a CPU ({then}): this "
+            f"model is sized for a GPU; configs/tiny.yaml trains on a CPU in minutes")
 
 
 def optimizer_line(cfg, model, optimizer, ranks, fp8_recipe, qat_start) -> str:

@@ -11,7 +11,7 @@ import torch
 import bench
 from adamw4bit import AdamW4bit
 from config import Config
-from conftest import write_config
+from conftest import ROOT, write_config
 
 
 def test_both_implementations_are_timed_probed_and_profiled(tmp_path, corpus, capsys):
@@ -72,7 +72,23 @@ def test_a_signal_ends_it_in_one_line(tmp_path, corpus, capsys, monkeypatch):
             bench.main(["--config", str(write_config(tmp_path, corpus)), "--skip", "loader", "generation"])
     finally:
         signal.signal(signal.SIGTERM, host)
-    assert stop.value.code == 128 + signal.SIGTERM and capsys.readouterr().err.endswith("\nSIGTERM: stopped\n")
+    out, err = capsys.readouterr()
+    assert stop.value.code == 128 + signal.SIGTERM and err.endswith("\nSIGTERM: stopped\n")
+    assert "sized for a GPU" not in out  # (a model for a CPU)
+
+
+def test_a_model_sized_for_a_gpu_is_said_on_a_cpu_before_the_timing(capsys, monkeypatch):
+    class Timing(Exception):
+        pass
+
+    def timing(*args):
+        raise Timing
+    monkeypatch.setattr(bench, "bench_training", timing)
+    with pytest.raises(Timing):
+        bench.main(["--config", str(ROOT / "config.yaml"), "--skip", "loader", "generation", "memory",
+                    "training.device=cpu"])
+    assert ("TFLOP per process, seconds to minutes on a CPU (bench.py times 10 of them after 2 warm-up steps, for each "
+            "of the two implementations): this model is sized for a GPU; configs/tiny.yaml") in capsys.readouterr().out
 
 
 def test_the_step_is_train_py_s_and_modes_it_cannot_compare_are_refused(tmp_path, corpus, capsys, monkeypatch):
