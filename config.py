@@ -146,7 +146,8 @@ class Config:
         try:
             config = cls.from_dict(raw, overrides)
         except ConfigError as e:  # a problem with a setting of the file (not overridden): where it is
-            overridden, located = {item.partition("=")[0] for item in overrides}, []
+            overridden = {item.partition("=")[0] for item in overrides}
+            located = []
             for problem in e.problems:
                 name = problem.split(":", 1)[0]
                 of_override = any(problem.startswith((f"{item}:", f"{item!r}:", f"{item} ")) for item in overrides)
@@ -221,7 +222,9 @@ class Config:
             problems.append(f"model.dropout: must be in [0, 1), got {model.dropout}")
         latent_total = model.n_embd * model.mlp_internal_dim_multiplier
         if model.n_head > 0 and latent_total % model.n_head:
-            fitting = [h for h in range(1, latent_total + 1) if latent_total % h == 0 and latent_total // h % 2 == 0]
+            divisors = {d for small in range(1, math.isqrt(latent_total) + 1) if latent_total % small == 0
+                        for d in (small, latent_total // small)}  # (up to the root: a mistyped n_embd stays quick)
+            fitting = [h for h in sorted(divisors) if latent_total // h % 2 == 0]
             nearest = sorted(sorted(fitting, key=lambda h: abs(h - model.n_head))[:4])
             problems.append(f"model.n_head: n_embd * mlp_internal_dim_multiplier = {latent_total} must be "
                             f"divisible by n_head = {model.n_head}"

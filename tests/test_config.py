@@ -100,6 +100,10 @@ def test_environment_variables_in_paths_are_expanded_or_named_when_unset(monkeyp
     ({"training": {"batch_size": -1}}, "training.batch_size: must be > 0"),
     ({"model": {"dropout": 1.0}}, "model.dropout: must be in [0, 1)"),
     ({"model": {"n_head": 3}}, "must be divisible by n_head = 3; the nearest that fit: 1, 2, 4, 8"),
+    # a mistyped n_embd: its divisors found up to the square root (counting to 1.28e11 took hours)
+    ({"model": {"n_embd": 10**9, "n_head": 3}}, "= 128000000000 must be divisible by n_head = 3; the nearest that "
+                                                 "fit: 1, 2, 4, 5"),
+    ({"model": {"n_embd": 120, "n_head": 7, "mlp_internal_dim_multiplier": 1}}, "the nearest that fit: 4, 5, 6, 10"),
     ({"training": {"min_lr": 0.1}}, "training.min_lr: must be <= training.learning_rate"),
     ({"training": {"learning_rate": 3e4, "min_lr": 3e3}}, "AdamW trains at about 1e-4 to 1e-2; did you mean 3e-4?"),
     ({"training": {"device": "tpu"}}, "training.device: must be one of auto, cpu, cuda, mps"),
