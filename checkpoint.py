@@ -20,7 +20,7 @@ from files import ZIP_MAGIC
 from model import LAYER_WEIGHTS, BDH, BDHConfig, unpack_4bit
 from runtime import first_line, shortened
 
-PROJECT_VERSION = "0.5.1"
+PROJECT_VERSION = "0.5.2"
 
 
 class CheckpointError(Exception):
@@ -191,7 +191,8 @@ def load_export(folder) -> tuple[BDH, str, dict]:
             blocksize = config["weights_4bit"]["blocksize"]
             for name in LAYER_WEIGHTS:
                 shape = getattr(model, name).shape
-                codes = tensors.pop(f"{name}_4bit") if export["version"] >= 2 else tensors.pop(f"{name}_nf4")
+                suffix = "4bit" if export["version"] >= 2 else "nf4"  # (EXPORT_VERSION)
+                codes = tensors.pop(f"{name}_{suffix}")
                 tensors[name] = unpack_4bit(codes, tensors.pop(f"{name}_absmax"),
                                             tensors["quant_map"], shape, blocksize)
             tensors.pop("quant_map")

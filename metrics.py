@@ -42,6 +42,7 @@ class MetricsLog:
         resume from the same checkpoint may have recorded that evaluation, which then goes."""
         self.run, self.settings, self.resumed_step = run, cfg.logging, resumed_step
         self.config_yaml = cfg.to_yaml()  # TensorBoard's text: which run is which, and what a resume changed
+        self.hparams = hparams_of(cfg.to_dict())
         self.pending, self.tensorboard, self.wandb = [], None, None
         # the step of the evaluations' TensorBoard run since a resume measured anew (validation_from_step_<it>), and
         # whether the run evaluated before (its first evaluation, measured anew or not, has nothing to keep apart from)
@@ -91,6 +92,11 @@ class MetricsLog:
             self.tensorboard = SummaryWriter(str(self.run.path), purge_step=purge)
             # the config of each process, at its first step: what a resume changed shows in the text tab
             self.tensorboard.add_text("config", indented(self.config_yaml), purge)
+            # the HParams tab: the runs side by side, a column for each setting (those that differ first) and
+            # each curve's last value. TensorBoard keeps a run's first: the settings it started with.
+            from torch.utils.tensorboard.summary import hparams
+            _, session_start, _ = hparams(self.hparams, {})
+            self.tensorboard.file_writer.add_summary(session_start)
         if self.wandb is not None and not (self.run.path / "wandb_run_id").exists():
             atomic_write(self.run.path / "wandb_run_id", lambda f: f.write(self.wandb.id.encode()))
             if not self.settings.wandb_run_name and self.wandb.name != self.run.path.name:
@@ -219,6 +225,15 @@ def wandb_values(record: dict) -> dict:
         values["val/sample"] = record["sample"]
         values["val/sample_prompt"] = record["sample_prompt"]
     return values
+
+
+def hparams_of(config: dict) -> dict:
+    """The settings as TensorBoard's HParams tab takes them, {"model.n_layer": 3, ...}: numbers and
+    text, true/false and null as the config file writes them. Not logging's: where the curves go."""
+    shown = {None: "null", True: "true", False: "false"}
+    return {f"{section}.{key}": shown[value] if value is None or isinstance(value, bool) else
+            value if isinstance(value, (int, float, str)) else str(value)
+            for section, values in config.items() if section != "logging" for key, value in values.items()}
 
 
 def indented(text: str) -> str:

@@ -95,6 +95,14 @@ def test_a_resume_that_evaluates_its_step_first_redoes_the_validation_run_begun_
     assert val_steps(other) == [6, 8] and not list(other.glob("validation_from_step_*"))
 
 
+def hparams_shown(run) -> dict:
+    """The settings TensorBoard's HParams tab shows for a run (its server keeps a run's first)."""
+    from tensorboard.plugins.hparams import metadata
+    content = events(run, as_the_server_reads=True).SummaryMetadata(metadata.SESSION_START_INFO_TAG).plugin_data.content
+    shown = metadata.parse_session_start_info_plugin_data(content).hparams
+    return {name: getattr(value, value.WhichOneof("kind")) for name, value in shown.items()}
+
+
 def test_tensorboard_holds_the_scalars_and_samples_of_metrics_jsonl(tmp_path, corpus):
     path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=4)
     assert train.main(["--config", str(path)]) == 0
@@ -120,6 +128,13 @@ def test_tensorboard_holds_the_scalars_and_samples_of_metrics_jsonl(tmp_path, co
     [config] = logged.Tensors("config/text_summary")  # which run this is, in TensorBoard's text tab
     assert config.step == 0 and config.tensor_proto.string_val[0].decode() == (
         "    " + Config.from_yaml(path).to_yaml().replace("\n", "\n    "))
+    settings = Config.from_yaml(path).to_dict()  # and in its HParams tab, every setting but logging's
+    shown = hparams_shown(run)
+    assert set(shown) == {f"{section}.{key}" for section, values in settings.items() if section != "logging"
+                          for key in values}
+    assert (shown["model.n_layer"], shown["training.learning_rate"], shown["dataset.parquet_dir"]) == (
+        settings["model"]["n_layer"], settings["training"]["learning_rate"], settings["dataset"]["parquet_dir"])
+    assert (shown["training.debug"], shown["dataset.val_parquet_dir"]) == ("false", "null")  # as the file writes them
 
 
 def test_a_resumed_run_logs_each_step_once(tmp_path, corpus):
@@ -133,6 +148,7 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, corpus):
     assert [r["step"] for r in records(run) if "train_loss" in r] == [1, 2, 3, 4]
     assert [(r["step"], r["train_loss"]) for r in records(run) if "train_loss" in r] == \
         [(r["step"], r["train_loss"]) for r in first if "train_loss" in r]  # exact resume
+    assert hparams_shown(run)["training.resume_from_checkpoint"] == "null"  # the settings the run started with
     assert [e.step for e in events(run).Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.step for e in events(run, as_the_server_reads=True).Tensors("train/loss")] == [1, 2, 3, 4]
     assert [e.step for e in events(run).Tensors("config/text_summary")] == [0, 3]  # the resume's config too
