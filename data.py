@@ -64,11 +64,11 @@ def count_documents(cache: ParquetFileCache, units: list[Unit], text_column: str
 
 class Pool(NamedTuple):
     """A run of a reader's small units whose windows are shuffled together, or one part of a large unit."""
-    unit: int  # the index of its first unit in the reader's epoch
+    first_unit: int  # the index of its first unit in the reader's epoch
     part: int  # that unit's first part
     lead: list  # token arrays to add to the stream before it (a re-dealt unit's from its old reader)
     pieces: list  # its token arrays, in stream order
-    n_units: int  # how many units it holds
+    pooled: int  # how many units it holds
 
 
 class ParquetBatches(IterableDataset):
@@ -95,7 +95,8 @@ class ParquetBatches(IterableDataset):
         self.units, self.split, self.tokenizer = units, split, tokenizer
         self.shuffle = shuffle  # (given: training with val_parquet_dir reads split "all", shuffled)
         self.block_size, self.batch_size = block_size, batch_size
-        self.seed, self.text_column = seed, text_column  # the shuffle's seed
+        self.seed = seed  # the shuffle's
+        self.text_column = text_column
         self.holdout = holdout  # the train/validation split
         self.max_cached_files = max_cached_files
         self.rank, self.world_size = rank, world_size
@@ -189,8 +190,9 @@ class ParquetBatches(IterableDataset):
             read = units, self.epoch_pools(cache, units, start)
         units, pools = read
         carry = np.array(start["carry"] if start else [], dtype=self.tokenizer.dtype)
-        pending, first = [], (start["unit"], start.get("part", 0)) if start else None
-        for k, part, lead, pieces, pooled in pools:
+        pending = []
+        resumed_at = (start["unit"], start.get("part", 0)) if start else None
+        for k, part, lead, pieces, pooled in pools:  # k: the pool's first unit
             carry_in = np.concatenate([carry, *lead]) if lead else carry
             stream = np.concatenate([carry_in, *pieces])
             n_windows = max(0, (len(stream) - 1) // T)
@@ -200,10 +202,10 @@ class ParquetBatches(IterableDataset):
             windows = np.lib.stride_tricks.sliding_window_view(stream, T + 1)[::T][:n_windows]
             order = np.arange(n_windows)  # windows are copied a batch at a time, in this order
             if self.shuffle:
-                unit = units[k][0]
-                order = np.random.default_rng([self.seed, epoch, unit.file_key, unit.row_group, part]).permutation(
+                first = units[k][0]
+                order = np.random.default_rng([self.seed, epoch, first.file_key, first.row_group, part]).permutation(
                     n_windows)
-            used = start["consumed"] if (k, part) == first else 0
+            used = start["consumed"] if (k, part) == resumed_at else 0
             while n_windows - used >= B - len(pending):
                 take = B - len(pending)
                 pending.extend(windows[order[used:used + take]])

@@ -18,8 +18,8 @@ import torch
 from arguments import add_prompt_arguments, parse_arguments, prompt_argument
 from checkpoint import CheckpointError
 from files import stdout_reader_gone
-from lowbit import LowBitError, serve_4bit_option
 from locate import add_checkpoint_arguments, load_model, model_line
+from lowbit import LowBitError, serve_4bit_option
 from model import SAMPLE_TEMPERATURE
 from runtime import DeviceError, pick_device
 from tokenizer import TokenizerError, note_prompt_change, tokenizer_from_string
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
 
     prompt = tokenizer.encode(args.prompt) or [tokenizer.separator]
     note_prompt_change(tokenizer, args.prompt)
-    # (measured: BENCHMARKS.md) the model reads every token but the last one it writes
+    # the model reads every token but the last one it writes; past block_size its text gets worse (BENCHMARKS.md)
     if block_size and len(prompt) + args.max_new_tokens - 1 > block_size:
         start = f"the prompt's {len(prompt):,}" if args.prompt else "the separator it starts from"
         print(f"note: the model trained on windows of {block_size:,} tokens, and this text runs to "

@@ -126,7 +126,8 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
         if training.resume_from_checkpoint and (hint := data_settings_hint(cfg, e)):
             raise type(e)(f"{e}{hint}") from None
         raise
-    val_tokens_per_byte, val_fingerprint = tokens_per_byte(val_batches, tokenizer), validation_fingerprint(val_batches)
+    val_tokens_per_byte = tokens_per_byte(val_batches, tokenizer)
+    val_fingerprint = validation_fingerprint(val_batches)
     workers = loader_workers(cfg, units, ranks.world_size, announce=ranks.main)
     order = data_order(cfg, units, workers, ranks.world_size)  # what decides the batches' order: checkpoints save it
     if ranks.main and not training.resume_from_checkpoint and (
@@ -305,7 +306,9 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
         scaler.unscale_(optimizer)
         # the norm before clipping; max_norm inf leaves the gradients as they are
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), training.grad_clip or math.inf)
-        step_log.add_step(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        step_log.add_step(grad_norm)
         scaler.step(optimizer)  # float16: skipped if the gradients are not finite (and the scale lowered)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
