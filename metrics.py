@@ -20,8 +20,9 @@ import re
 import secrets
 import shutil
 
+from config_file import settings_as_run
 from files import atomic_write, read_records
-from runtime import first_line
+from runtime import config_as_run, first_line
 
 # metrics.jsonl key -> TensorBoard and W&B tag; the per-layer lists get one tag per layer and a mean
 TAGS = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
@@ -37,12 +38,14 @@ class MetricsError(Exception):
 
 
 class MetricsLog:
-    def __init__(self, run, cfg, resumed_step: int | None = None, evaluation_due: bool = False):
-        """evaluation_due: the resume evaluates resumed_step first (a stop saved before it): an earlier
-        resume from the same checkpoint may have recorded that evaluation, which then goes."""
+    def __init__(self, run, cfg, device, resumed_step: int | None = None, evaluation_due: bool = False):
+        """device: where the run computes, which decides its `auto` settings. evaluation_due: the resume
+        evaluates resumed_step first (a stop saved before it): an earlier resume from the same checkpoint may
+        have recorded that evaluation, which then goes."""
         self.run, self.settings, self.resumed_step = run, cfg.logging, resumed_step
-        self.config_yaml = cfg.to_yaml()  # TensorBoard's text: which run is which, and what a resume changed
-        self.hparams = hparams_of(cfg.to_dict())
+        # TensorBoard's text: which run is which, what its auto settings were here, and what a resume changed
+        self.config_yaml = config_as_run(cfg, device)
+        self.hparams = hparams_of(cfg.to_dict(), settings_as_run(self.config_yaml))
         self.pending, self.tensorboard, self.wandb = [], None, None
         # the step of the evaluations' TensorBoard run since a resume measured anew (validation_from_step_<it>), and
         # whether the run evaluated before (its first evaluation, measured anew or not, has nothing to keep apart from)
@@ -227,12 +230,14 @@ def wandb_values(record: dict) -> dict:
     return values
 
 
-def hparams_of(config: dict) -> dict:
+def hparams_of(config: dict, as_run: dict) -> dict:
     """The settings as TensorBoard's HParams tab takes them, {"model.n_layer": 3, ...}: numbers and
-    text, true/false and null as the config file writes them. Not logging's: where the curves go."""
+    text, true/false and null as the config file writes them, an `auto` setting as it resolved (`as_run`:
+    settings_as_run's). Not logging's: where the curves go."""
     shown = {None: "null", True: "true", False: "false"}
-    return {f"{section}.{key}": shown[value] if value is None or isinstance(value, bool) else
-            value if isinstance(value, (int, float, str)) else str(value)
+    return {f"{section}.{key}": as_run.get(f"{section}.{key}") or (
+                shown[value] if value is None or isinstance(value, bool) else
+                value if isinstance(value, (int, float, str)) else str(value))
             for section, values in config.items() if section != "logging" for key, value in values.items()}
 
 

@@ -190,7 +190,7 @@ def train(cfg, train_command: str, ranks: Ranks, device: torch.device, command_l
 
     # ---- describe the run
     continues_run_dir = run.path is not None
-    metrics = MetricsLog(run, cfg, resumed_step=progress.step if continues_run_dir else None,
+    metrics = MetricsLog(run, cfg, device, resumed_step=progress.step if continues_run_dir else None,
                          evaluation_due=progress.evaluation_due)
     val_windows = sum(len(x) for x, _ in val_batches)
     print(describe_run(cfg, raw_model, optimizer, ranks, device, compute_dtype, units, val_windows, run, compile_model,

@@ -18,7 +18,9 @@ from config import Config
 from conftest import write_config
 from metrics import MetricsLog
 from rundir import RunDir
+from runtime import config_as_run
 
+CPU = torch.device("cpu")
 TRAIN_TAGS = {"train/loss", "train/lr", "train/grad_norm", "speed/tokens_per_s", "speed/ms_per_step", "speed/data_wait",
               "memory/peak_mib", "data/epochs"}
 VAL_TAGS = {"val/loss", "val/bits_per_byte", "sparsity/x_layer0", "sparsity/x_layer1", "sparsity/y_layer0",
@@ -104,7 +106,7 @@ def hparams_shown(run) -> dict:
 
 
 def test_tensorboard_holds_the_scalars_and_samples_of_metrics_jsonl(tmp_path, corpus):
-    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=4)
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=4, compile="auto")
     assert train.main(["--config", str(path)]) == 0
     [run] = (tmp_path / "ck").iterdir()
     logged = events(run)
@@ -127,7 +129,7 @@ def test_tensorboard_holds_the_scalars_and_samples_of_metrics_jsonl(tmp_path, co
     assert all(0 < r["val_bits_per_byte"] and r["tokens"] == r["step"] * 4 * 16 for r in val_records)
     [config] = logged.Tensors("config/text_summary")  # which run this is, in TensorBoard's text tab
     assert config.step == 0 and config.tensor_proto.string_val[0].decode() == (
-        "    " + Config.from_yaml(path).to_yaml().replace("\n", "\n    "))
+        "    " + config_as_run(Config.from_yaml(path), CPU).replace("\n", "\n    "))
     settings = Config.from_yaml(path).to_dict()  # and in its HParams tab, every setting but logging's
     shown = hparams_shown(run)
     assert set(shown) == {f"{section}.{key}" for section, values in settings.items() if section != "logging"
@@ -135,6 +137,7 @@ def test_tensorboard_holds_the_scalars_and_samples_of_metrics_jsonl(tmp_path, co
     assert (shown["model.n_layer"], shown["training.learning_rate"], shown["dataset.parquet_dir"]) == (
         settings["model"]["n_layer"], settings["training"]["learning_rate"], settings["dataset"]["parquet_dir"])
     assert (shown["training.debug"], shown["dataset.val_parquet_dir"]) == ("false", "null")  # as the file writes them
+    assert shown["training.compile"] == "false"  # auto, as it resolved: not on a CPU
 
 
 def test_a_resumed_run_logs_each_step_once(tmp_path, corpus):
@@ -235,10 +238,10 @@ def test_a_resume_behind_what_wandb_logged_goes_to_a_new_wandb_run(tmp_path, cor
     run.path.mkdir(parents=True)
     (run.path / "wandb_run_id").write_text("first")
     logged = {"first": 4}
-    MetricsLog(run, cfg, resumed_step=4)
+    MetricsLog(run, cfg, CPU, resumed_step=4)
     assert started == [("first", "allow")] and "W&B" not in capsys.readouterr().out
     logged["first"] = 7
-    log = MetricsLog(run, cfg, resumed_step=4)
+    log = MetricsLog(run, cfg, CPU, resumed_step=4)
     [(_, resume), (new_id, fresh)] = started[1:]
     assert resume == "allow" and fresh is None and log.wandb.id == new_id != "first" and (run.path / "wandb_run_id").read_text() == new_id
     assert (f"W&B run first has logged up to step 7, past the checkpoint's step 4: the resumed run logs to a new "
@@ -246,7 +249,7 @@ def test_a_resume_behind_what_wandb_logged_goes_to_a_new_wandb_run(tmp_path, cor
     logged.clear()  # offline
     (run.path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)))
     del started[:]
-    assert MetricsLog(run, cfg, resumed_step=4).wandb.id not in ("first", new_id)
+    assert MetricsLog(run, cfg, CPU, resumed_step=4).wandb.id not in ("first", new_id)
     assert len(started) == 1 and started[0][0] != new_id  # the W&B run it left is not opened (offline: a folder to sync)
     assert [json.loads(line)["step"] for line in (run.path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
@@ -298,7 +301,7 @@ def test_wandb_names_the_run_after_its_directory_when_another_run_took_the_name(
     for name_setting, expected in ((None, "{run}_2"), ("mine", "mine")):
         cfg = Config.from_yaml(write_config(tmp_path, corpus), [f"logging.wandb_run_name={name_setting or 'null'}"])
         run = RunDir(str(tmp_path / "ck"))
-        log = MetricsLog(run, cfg)
+        log = MetricsLog(run, cfg, CPU)
         log.wandb = SimpleNamespace(id="abc123", name=name_setting or run.name, log=lambda *args, **kwargs: None)
         run.path = tmp_path / "ck" / f"{run.name}_2"  # what RunDir._create does when run_X exists
         run.path.mkdir(parents=True, exist_ok=True)
@@ -313,7 +316,7 @@ def test_only_the_writing_process_writes_records(tmp_path, corpus):
     cfg = Config.from_yaml(write_config(tmp_path, corpus))
     run = RunDir(str(tmp_path / "ck"), path=tmp_path / "ck" / "run_1", writer=False)
     run.path.mkdir(parents=True)
-    log = MetricsLog(run, cfg, resumed_step=4)
+    log = MetricsLog(run, cfg, CPU, resumed_step=4)
     log.flush(sync=True)
     log.close()
     assert list(run.path.iterdir()) == []
@@ -324,7 +327,7 @@ def test_records_that_cannot_be_written_are_one_line_and_kept(tmp_path, corpus):
     run = RunDir(str(tmp_path / "ck"))
     run.path = tmp_path / "ck" / run.name
     (run.path / "metrics.jsonl").mkdir(parents=True)  # not a file: open fails as on a full or read-only disk
-    log = MetricsLog(run, cfg)
+    log = MetricsLog(run, cfg, CPU)
     with pytest.raises(metrics.MetricsError, match=r"^.*ck/run_\S+: cannot write the run's records \(Is a directory\); "
                                                    r"the checkpoints written are intact: make room"):
         log.log({"step": 1, "train_loss": 1.0})
@@ -343,7 +346,7 @@ def test_records_that_cannot_be_cut_back_on_a_resume_are_one_line(tmp_path, corp
     monkeypatch.setattr(metrics, "atomic_write", full_disk)
     with pytest.raises(metrics.MetricsError, match=r"^.*ck/run_\S+/metrics.jsonl: cannot cut the run's records back "
                                                    r"to step 1 \(No space left on device\); the checkpoints are intact"):
-        MetricsLog(run, cfg, resumed_step=1)
+        MetricsLog(run, cfg, CPU, resumed_step=1)
 
 
 def test_a_compiling_step_s_speed_stays_out_of_the_curves():
@@ -394,7 +397,7 @@ def resumed_log(tmp_path, logged: list, step, evaluation_due: bool) -> tuple[Met
     run = RunDir(str(tmp_path / "ck"), path=tmp_path / "ck" / "run_1")
     run.path.mkdir(parents=True, exist_ok=True)
     (run.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
-    log = MetricsLog(run, cfg, resumed_step=step, evaluation_due=evaluation_due)
+    log = MetricsLog(run, cfg, CPU, resumed_step=step, evaluation_due=evaluation_due)
     return log, records(run.path)
 
 
