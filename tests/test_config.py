@@ -105,6 +105,7 @@ def test_environment_variables_in_paths_are_expanded_or_named_when_unset(monkeyp
                                                  "fit: 1, 2, 4, 5"),
     ({"model": {"n_embd": 120, "n_head": 7, "mlp_internal_dim_multiplier": 1}}, "the nearest that fit: 4, 5, 6, 10"),
     ({"model": {"n_embd": 144, "n_head": 11, "mlp_internal_dim_multiplier": 1}}, "the nearest that fit: 6, 8, 9, 12"),
+    ({"model": {"n_embd": 64, "n_head": 20, "mlp_internal_dim_multiplier": 1}}, "the nearest that fit: 4, 8, 16, 32"),
     ({"training": {"min_lr": 0.1}}, "training.min_lr: must be <= training.learning_rate"),
     ({"training": {"learning_rate": 3e4, "min_lr": 3e3}}, "AdamW trains at about 1e-4 to 1e-2; did you mean 3e-4?"),
     ({"training": {"device": "tpu"}}, "training.device: must be one of auto, cpu, cuda, mps"),
