@@ -20,7 +20,7 @@ import re
 import secrets
 import shutil
 
-from config_file import settings_as_run
+from config_file import read_scalar, settings_as_run
 from files import atomic_write, read_records
 from runtime import config_as_run, first_line
 
@@ -45,7 +45,7 @@ class MetricsLog:
         self.run, self.settings, self.resumed_step = run, cfg.logging, resumed_step
         # TensorBoard's text: which run is which, what its auto settings were here, and what a resume changed
         self.config_yaml = config_as_run(cfg, device)
-        self.hparams = hparams_of(cfg.to_dict(), settings_as_run(self.config_yaml))
+        self.config = resolved(cfg.to_dict(), self.config_yaml)  # W&B's config, TensorBoard's HParams
         self.pending, self.tensorboard, self.wandb = [], None, None
         # the step of the evaluations' TensorBoard run since a resume measured anew (validation_from_step_<it>), and
         # whether the run evaluated before (its first evaluation, measured anew or not, has nothing to keep apart from)
@@ -61,7 +61,7 @@ class MetricsLog:
                                    f"{resumed_step} ({e.strerror or first_line(e)}); the checkpoints are "
                                    f"intact: make room (or fix the folder), then resume again") from None
         if self.settings.wandb:
-            self._start_wandb(cfg)
+            self._start_wandb()
 
     def log(self, record: dict):
         """One record: a step, scalars, per-layer lists, the generated sample."""
@@ -98,7 +98,7 @@ class MetricsLog:
             # the HParams tab: the runs side by side, a column for each setting (those that differ first) and
             # each curve's last value. TensorBoard keeps a run's first: the settings it started with.
             from torch.utils.tensorboard.summary import hparams
-            _, session_start, _ = hparams(self.hparams, {})
+            _, session_start, _ = hparams(hparams_of(self.config), {})
             self.tensorboard.file_writer.add_summary(session_start)
         if self.wandb is not None and not (self.run.path / "wandb_run_id").exists():
             atomic_write(self.run.path / "wandb_run_id", lambda f: f.write(self.wandb.id.encode()))
@@ -166,7 +166,7 @@ class MetricsLog:
         atomic_write(path, lambda f: f.write("".join(json.dumps(record) + "\n" for record in kept).encode()))
         return max((record["step"] for record in records), default=-1)
 
-    def _start_wandb(self, cfg):
+    def _start_wandb(self):
         import wandb
         id_file = None if self.run.path is None else self.run.path / "wandb_run_id"
         continues = id_file is not None and id_file.exists()  # a resumed run that logged to W&B before
@@ -175,7 +175,7 @@ class MetricsLog:
         created = [path for path in (folder, *folder.parents) if not path.exists()]  # what mkdir makes, deepest first
         folder.mkdir(parents=True, exist_ok=True)
         settings = dict(project=self.settings.wandb_project, entity=self.settings.wandb_entity,
-                        name=self.settings.wandb_run_name or self.run.name, dir=str(folder), config=cfg.to_dict())
+                        name=self.settings.wandb_run_name or self.run.name, dir=str(folder), config=self.config)
         # W&B ignores a step below one the run has logged: the steps after the checkpoint, trained again, would be
         # lost. They go to a new W&B run of the same name. metrics.jsonl may say so already (offline, the only
         # record): then the old W&B run is not opened at all (offline, that would leave a folder to sync).
@@ -230,14 +230,21 @@ def wandb_values(record: dict) -> dict:
     return values
 
 
-def hparams_of(config: dict, as_run: dict) -> dict:
+def resolved(config: dict, config_yaml: str) -> dict:
+    """A config dict with its `auto` settings as they resolved on this machine (compute_dtype bfloat16),
+    as the comment of runtime.config_as_run's `config_yaml` says."""
+    for path, value in settings_as_run(config_yaml).items():
+        section, key = path.split(".")
+        config[section][key] = read_scalar(value)
+    return config
+
+
+def hparams_of(config: dict) -> dict:
     """The settings as TensorBoard's HParams tab takes them, {"model.n_layer": 3, ...}: numbers and
-    text, true/false and null as the config file writes them, an `auto` setting as it resolved (`as_run`:
-    settings_as_run's). Not logging's: where the curves go."""
+    text, true/false and null as the config file writes them. Not logging's: where the curves go."""
     shown = {None: "null", True: "true", False: "false"}
-    return {f"{section}.{key}": as_run.get(f"{section}.{key}") or (
-                shown[value] if value is None or isinstance(value, bool) else
-                value if isinstance(value, (int, float, str)) else str(value))
+    return {f"{section}.{key}": shown[value] if value is None or isinstance(value, bool) else
+            value if isinstance(value, (int, float, str)) else str(value)
             for section, values in config.items() if section != "logging" for key, value in values.items()}
 
 

@@ -195,7 +195,7 @@ def wandb_log_holds(logs, texts, seconds=30) -> bool:
 def test_logging_changes_no_loss_and_wandb_offline_holds_the_run(tmp_path, corpus, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, keep_last_n=0)
+    path = write_config(tmp_path, corpus, max_iters=4, checkpoint_freq=2, keep_last_n=0, compile="auto")
     assert train.main(["--config", str(path), "training.checkpoint_dir=" + str(tmp_path / "off"),
                        "logging.tensorboard=false"]) == 0
     assert train.main(["--config", str(path), "logging.wandb=true", "logging.wandb_run_name=tiny"]) == 0
@@ -209,6 +209,7 @@ def test_logging_changes_no_loss_and_wandb_offline_holds_the_run(tmp_path, corpu
     # W&B's offline record log (what `wandb sync` uploads) holds each key and its value as JSON text
     assert wandb_log_holds([offline / f"run-{run_id}.wandb"], TRAIN_TAGS | VAL_TAGS | {"val/sample", "val/sample_prompt"})
     assert wandb_log_holds([offline / f"run-{run_id}.wandb"], [json.dumps(records(on)[-1]["val_loss"])])
+    assert wandb_log_holds([offline / f"run-{run_id}.wandb"], ['"compile":false'])  # its config: auto as it resolved
     # a resume continues the same W&B run, in a second folder (W&B adds -1 to one started in the same second)
     assert train.main(["--config", str(path), "logging.wandb=true", f"training.resume_from_checkpoint={on}",
                        "training.max_iters=5"]) == 0
