@@ -377,6 +377,16 @@ def settings_as_run(config_text: str) -> dict[str, str]:
     return {}
 
 
+def with_settings_as_run(config: dict, config_text: str) -> dict:
+    """A config dict (changed in place) with the `auto` settings that config_as_run's comment in
+    `config_text` resolved as they resolved (compute_dtype bfloat16); those the dict has."""
+    for path, value in settings_as_run(config_text).items():
+        section, key = path.split(".")
+        if isinstance(config.get(section), dict) and key in config[section]:
+            config[section][key] = read_scalar(value)
+    return config
+
+
 def config_value(config: dict, path: str):
     """A setting of a config dict (a checkpoint's, say), by its dotted path; None if absent."""
     section, key = path.split(".")

@@ -20,7 +20,7 @@ import re
 import secrets
 import shutil
 
-from config_file import read_scalar, settings_as_run
+from config_file import with_settings_as_run
 from files import atomic_write, read_records
 from runtime import config_as_run, first_line
 
@@ -45,7 +45,7 @@ class MetricsLog:
         self.run, self.settings, self.resumed_step = run, cfg.logging, resumed_step
         # TensorBoard's text: which run is which, what its auto settings were here, and what a resume changed
         self.config_yaml = config_as_run(cfg, device)
-        self.config = resolved(cfg.to_dict(), self.config_yaml)  # W&B's config, TensorBoard's HParams
+        self.config = with_settings_as_run(cfg.to_dict(), self.config_yaml)  # W&B's config, TensorBoard's HParams
         self.pending, self.tensorboard, self.wandb = [], None, None
         # the step of the evaluations' TensorBoard run since a resume measured anew (validation_from_step_<it>), and
         # whether the run evaluated before (its first evaluation, measured anew or not, has nothing to keep apart from)
@@ -228,15 +228,6 @@ def wandb_values(record: dict) -> dict:
         values["val/sample"] = record["sample"]
         values["val/sample_prompt"] = record["sample_prompt"]
     return values
-
-
-def resolved(config: dict, config_yaml: str) -> dict:
-    """A config dict with its `auto` settings as they resolved on this machine (compute_dtype bfloat16),
-    as the comment of runtime.config_as_run's `config_yaml` says."""
-    for path, value in settings_as_run(config_yaml).items():
-        section, key = path.split(".")
-        config[section][key] = read_scalar(value)
-    return config
 
 
 def hparams_of(config: dict) -> dict:

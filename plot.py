@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from arguments import parse_arguments
-from config_file import ConfigError, read_scalar, settings_as_run, with_split_settings
+from config_file import ConfigError, settings_as_run, with_settings_as_run, with_split_settings
 from checkpoint import is_export
 from files import does_not_exist, folder_made_for, picture_path, read_records, resumed_configs
 from locate import export_source
@@ -121,13 +121,11 @@ def run_settings(run_dir: Path) -> dict:
             continue
         raw = with_split_settings(raw) if isinstance(raw, dict) else {}
         unused = not_used(raw) if unused is None else unused & not_used(raw)
-        as_run, low_precision = settings_as_run(text), raw.get("low_precision")
-        if not as_run and isinstance(low_precision, dict) and low_precision.get("compute_dtype") == "auto":
-            del low_precision["compute_dtype"]  # a run of an older version: what auto computed in is not known
-        for setting, value in as_run.items():
-            section, key = setting.split(".")
-            if isinstance(raw.get(section), dict) and key in raw[section]:
-                raw[section][key] = read_scalar(value)
+        low_precision = raw.get("low_precision")
+        older = not settings_as_run(text)  # a run of an older version: what auto computed in is not known
+        if older and isinstance(low_precision, dict) and low_precision.get("compute_dtype") == "auto":
+            del low_precision["compute_dtype"]
+        with_settings_as_run(raw, text)
         for section, values in raw.items():
             for key, value in (values if isinstance(values, dict) else {}).items():
                 values_seen = history.setdefault(f"{section}.{key}", [])
